@@ -1,0 +1,41 @@
+"""Pipelines: which passes run, in which order, for each target. Declared here only.
+
+A pipeline is a list of (name, pass) pairs; each pass is `fn(graph, ctx) -> graph` where `ctx`
+carries options and collects per-pass results for the report.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from gate2deploy.passes import ir
+from gate2deploy.passes.cleanup import cleanup
+from gate2deploy.passes.fold_masks import FoldResult, fold_static_masks
+
+
+@dataclass
+class PassContext:
+    unfoldable_policy: str = "error"  # "error" | "keep"
+    fold: FoldResult = field(default_factory=FoldResult)
+
+
+Pass = Callable[[gs.Graph, PassContext], gs.Graph]
+
+FOLD_PIPELINE: list[tuple[str, Pass]] = [
+    ("cleanup", lambda g, ctx: cleanup(g)),
+    ("fold_static_masks", lambda g, ctx: fold_static_masks(g, ctx.unfoldable_policy, ctx.fold)),
+]
+
+PIPELINES: dict[str, list[tuple[str, Pass]]] = {
+    "onnx": FOLD_PIPELINE,
+}
+
+
+def run_pipeline(model: onnx.ModelProto, target: str, ctx: PassContext) -> onnx.ModelProto:
+    graph = ir.import_graph(model)
+    for _name, fn in PIPELINES[target]:
+        graph = fn(graph, ctx)
+    return ir.export_model(graph)

@@ -1,0 +1,296 @@
+"""Pass: fold static channel masks (and channels already dead in the weights) into
+physically smaller layers.
+
+Expects: a toposorted, shape-inferred graph (static shapes) after `cleanup`, possibly with
+`gate2deploy::ChannelMask` nodes.
+
+Guarantees, for every input: the folded graph computes exactly what the masked graph
+computes, up to float rounding. A coupled channel group (see `channel_analysis`) is removed
+iff it is not pinned and its channels are known constants at every place they are mixed into
+other channels; then every producer's rows, per-channel parameter and consumer's columns of
+the group are sliced away, and a non-zero constant's contribution is added to the consumer's
+bias (or, where zero padding makes it vary over space, added as an exact constant map). A
+layer whose every input channel is removed becomes its constant output. ChannelMask nodes
+disappear once their zero channels are gone. Masked channels that cannot be removed are
+collected in `FoldResult.unfoldable` by node and reason; with policy "error" they raise
+`UnfoldableError`, with "keep" their masks stay in the graph as an exact `Mul`.
+With no masks and no dead channels the graph is unchanged.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import torch
+import torch.nn.functional as F
+
+from gate2deploy.errors import UnfoldableError
+
+from .channel_analysis import ChannelAnalysis, analyze
+from .ir import bypass, const_value, new_const, shape_of
+
+
+@dataclass
+class Unfoldable:
+    node: str
+    source: str
+    channels: int
+    reason: str
+
+
+@dataclass
+class FoldResult:
+    removed_channels: int = 0
+    removed_groups: int = 0
+    constant_folds: list[str] = field(default_factory=list)  # consumers that absorbed constants
+    removed_layers: list[str] = field(default_factory=list)  # layers replaced by constants
+    unfoldable: list[Unfoldable] = field(default_factory=list)
+
+
+def fold_static_masks(graph: gs.Graph, policy: str = "error", result: FoldResult | None = None) -> gs.Graph:
+    if policy not in ("error", "keep"):
+        raise ValueError(f"policy must be 'error' or 'keep', not {policy!r}")
+    result = result if result is not None else FoldResult()
+    ana = analyze(graph)
+    removable, why_kept = _decide(ana)
+    _check_masks(ana, removable, why_kept, policy, result)
+    if removable:
+        keep = {name: ~np.isin(ana.roots_of(name), list(removable)) for name in ana.maps}
+        _fold_constants_into_consumers(ana, keep, result)
+        _slice_parameters(ana, keep)
+        _fix_shape_attributes(ana, keep)
+        _replace_emptied_layers(ana, keep, result)
+        result.removed_groups = len(removable)
+        result.removed_channels = sum(int((~k).sum()) for name, k in keep.items()
+                                      if _is_conv_output(ana, name))
+    _retire_masks(graph, policy)
+    return graph.cleanup().toposort()
+
+
+def _is_conv_output(ana: ChannelAnalysis, name: str) -> bool:
+    t = ana.graph.tensors().get(name)
+    return t is not None and len(t.inputs) == 1 and t.inputs[0].op in ("Conv", "Gemm", "MatMul")
+
+
+def _decide(ana: ChannelAnalysis) -> tuple[set[int], dict[int, str]]:
+    why_kept: dict[int, str] = dict(ana.pinned_roots())
+    for site in ana.consume_sites:
+        cmap = ana.maps[site.tensor]
+        roots = ana.roots_of(site.tensor)
+        for root in set(roots[~cmap.known].tolist()):
+            why_kept.setdefault(root, f"live at the input of {site.node.name}")
+    all_roots = set()
+    for name in ana.maps:
+        all_roots.update(ana.roots_of(name).tolist())
+    # Only groups that some consume site or mask actually sees as known are worth removing.
+    candidates = set()
+    for site in ana.consume_sites:
+        cmap = ana.maps[site.tensor]
+        candidates.update(ana.roots_of(site.tensor)[cmap.known].tolist())
+    return {r for r in candidates if r not in why_kept}, why_kept
+
+
+def _check_masks(ana, removable, why_kept, policy, result: FoldResult) -> None:
+    for node in ana.graph.nodes:
+        if node.op != "ChannelMask" or node.inputs[0].name not in ana.maps:
+            continue
+        mask = const_value(node.inputs[1]).reshape(-1)
+        roots = ana.roots_of(node.inputs[0].name)
+        stuck = [(int(r)) for r, m in zip(roots, mask) if m == 0 and r not in removable]
+        if not stuck:
+            continue
+        source = node.attrs.get("source", "") or node.name
+        reason = why_kept.get(stuck[0], "not mixed into any layer")
+        if reason.startswith("live at"):
+            reason = f"masks disagree inside a coupled channel group: masked here but {reason}"
+        result.unfoldable.append(Unfoldable(node.name, source, len(stuck), reason))
+    if result.unfoldable and policy == "error":
+        u = result.unfoldable[0]
+        more = f" (and {len(result.unfoldable) - 1} more masks)" if len(result.unfoldable) > 1 else ""
+        raise UnfoldableError(
+            f"cannot fold mask {u.source}: {u.channels} masked channels cannot be removed: "
+            f"{u.reason}{more}; pass --keep-unfoldable to keep such masks as an exact Mul")
+
+
+def _fold_constants_into_consumers(ana: ChannelAnalysis, keep, result: FoldResult) -> None:
+    for site in ana.consume_sites:
+        cmap = ana.maps[site.tensor]
+        dropped = ~keep[site.tensor] & cmap.known & (cmap.value != 0)
+        if not dropped.any():
+            continue
+        node = site.node
+        if node.op == "Conv":
+            contribution = _conv_contribution(node, cmap, dropped)
+        elif node.op == "Gemm":
+            contribution = _gemm_contribution(node, cmap, dropped)
+        else:  # MatMul
+            contribution = np.where(dropped, cmap.value, 0.0) @ const_value(node.inputs[1]).astype(np.float64)
+        _add_to_output(ana, node, contribution.astype(np.float32))
+        result.constant_folds.append(node.name)
+
+
+def _conv_contribution(node: gs.Node, cmap, dropped) -> np.ndarray:
+    """What the dropped constant channels add to the conv's output: a [1, O, *spatial] map."""
+    ishape = shape_of(node.inputs[0])
+    weight = torch.from_numpy(const_value(node.inputs[1]).astype(np.float64))
+    x = torch.zeros((1, *ishape[1:]), dtype=torch.float64)
+    values = torch.from_numpy(np.where(dropped, cmap.value, 0.0))
+    x += values.view(1, -1, *([1] * (len(ishape) - 2)))
+    nd = len(ishape) - 2
+    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise UnfoldableError(f"Conv {node.name}: auto_pad={node.attrs['auto_pad']} is not supported by the fold")
+    pads = list(node.attrs.get("pads", [0] * 2 * nd))
+    torch_pad = []
+    for i in reversed(range(nd)):
+        torch_pad += [pads[i], pads[i + nd]]
+    x = F.pad(x, torch_pad)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    y = conv(x, weight, stride=list(node.attrs.get("strides", [1] * nd)),
+             dilation=list(node.attrs.get("dilations", [1] * nd)))
+    return y.numpy()
+
+
+def _gemm_contribution(node: gs.Node, cmap, dropped) -> np.ndarray:
+    weight = const_value(node.inputs[1]).astype(np.float64)
+    wmat = weight.T if node.attrs.get("transB", 0) else weight
+    return float(node.attrs.get("alpha", 1.0)) * (np.where(dropped, cmap.value, 0.0) @ wmat)
+
+
+def _add_to_output(ana: ChannelAnalysis, node: gs.Node, contribution: np.ndarray) -> None:
+    """Add a constant to a layer's output: into the bias when uniform, else as an Add."""
+    out = node.outputs[0]
+    c_out = contribution.shape[1] if node.op == "Conv" else contribution.shape[-1]
+    flat = contribution.reshape(c_out, -1) if node.op == "Conv" else contribution.reshape(1, -1)
+    uniform = node.op != "Conv" or np.all(flat == flat[:, :1])
+    if uniform and node.op in ("Conv", "Gemm"):
+        per_channel = flat[:, 0] if node.op == "Conv" else flat[0]
+        has_bias = len(node.inputs) > 2 and node.inputs[2].name
+        if node.op == "Gemm":
+            beta = float(node.attrs.get("beta", 1.0)) if has_bias else 1.0
+            old = np.broadcast_to(const_value(node.inputs[2]) * beta, per_channel.shape) if has_bias else 0.0
+            node.attrs["beta"] = 1.0
+        else:
+            old = const_value(node.inputs[2]) if has_bias else 0.0
+        bias = new_const(f"{node.name}_bias_folded", (old + per_channel).astype(np.float32))
+        if has_bias:
+            node.inputs[2] = bias
+        else:
+            node.inputs.append(bias)
+        # the bias is now an output parameter of this layer
+        ana.bindings.append(_binding(node, 2, 0, out.name))
+        return
+    # Non-uniform (zero padding) or MatMul: an explicit Add of the exact constant.
+    shape = [1, c_out, *contribution.shape[2:]] if node.op == "Conv" else [c_out]
+    const = new_const(f"{node.name}_const_contribution", contribution.reshape(shape))
+    pre = gs.Variable(f"{out.name}_before_const", dtype=out.dtype, shape=out.shape)
+    node.outputs[0] = pre
+    add = gs.Node("Add", f"{node.name}_add_const", inputs=[pre, const], outputs=[out])
+    ana.graph.nodes.append(add)
+    ana.maps[pre.name] = ana.maps[out.name]
+    ana.bindings.append(_binding(add, 1, 1 if node.op == "Conv" else 0, out.name))
+
+
+def _binding(node, index, axis, tensor):
+    from .channel_analysis import ParamBinding
+    return ParamBinding(node, index, axis, tensor)
+
+
+def _slice_parameters(ana: ChannelAnalysis, keep) -> None:
+    by_input = defaultdict(list)
+    for b in ana.bindings:
+        by_input[(id(b.node), b.index)].append(b)
+    for bindings in by_input.values():
+        node, index = bindings[0].node, bindings[0].index
+        if index >= len(node.inputs):
+            continue
+        value = const_value(node.inputs[index])
+        if value is None:
+            continue
+        changed = False
+        for axis in sorted({b.axis for b in bindings}):
+            b = next(b for b in bindings if b.axis == axis)
+            k = keep[b.tensor]
+            if value.shape[axis] != len(k):
+                raise AssertionError(f"binding {node.name}[{index}] axis {axis}: {value.shape} vs {len(k)}")
+            if not k.all():
+                value = np.take(value, np.flatnonzero(k), axis=axis)
+                changed = True
+        if changed:
+            node.inputs[index] = new_const(f"{node.name}_in{index}_folded", value)
+
+
+def _fix_shape_attributes(ana: ChannelAnalysis, keep) -> None:
+    for node in ana.graph.nodes:
+        if node.op == "Conv" and int(node.attrs.get("group", 1)) > 1:
+            cmap_in = ana.maps.get(node.inputs[0].name)
+            if cmap_in is not None and node.inputs[0].name in keep:
+                weight = const_value(node.inputs[1])
+                if int(node.attrs["group"]) == len(keep[node.inputs[0].name]):  # depthwise
+                    node.attrs["group"] = int(weight.shape[0])
+        elif node.op == "Split" and len(node.inputs) > 1 and node.inputs[1].name:
+            cmap = ana.maps.get(node.inputs[0].name)
+            axis = int(node.attrs.get("axis", 0)) % len(shape_of(node.inputs[0]))
+            if cmap is not None and cmap.axis == axis:
+                sizes = [int(keep[o.name].sum()) for o in node.outputs]
+                node.inputs[1] = new_const(f"{node.name}_split_folded", np.array(sizes, np.int64))
+        elif node.op == "Reshape":
+            out = node.outputs[0].name
+            target = const_value(node.inputs[1])
+            if out in ana.maps and target is not None and not keep[out].all():
+                axis = ana.maps[out].axis
+                target = target.copy()
+                if target[axis] > 0:
+                    target[axis] = int(keep[out].sum())
+                    node.inputs[1] = new_const(f"{node.name}_shape_folded", target)
+    for node, src in ana.channel_gathers:
+        out = node.outputs[0].name
+        indices = const_value(node.inputs[1]).astype(np.int64)
+        renumber = np.cumsum(keep[src]) - 1
+        new = renumber[indices[keep[out]] % len(keep[src])]
+        node.inputs[1] = new_const(f"{node.name}_indices_folded", new.astype(np.int64))
+
+
+def _replace_emptied_layers(ana: ChannelAnalysis, keep, result: FoldResult) -> None:
+    """A consumer whose every input channel was removed computes a constant: its bias plus
+    the folded contribution. Replace it by that constant, expanded to its output shape."""
+    for site in ana.consume_sites:
+        if keep[site.tensor].any():
+            continue
+        node = site.node
+        out = node.outputs[0]
+        oshape = shape_of(out)
+        if node.op == "Conv":
+            c_out = const_value(node.inputs[1]).shape[0]
+            bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(c_out)
+            value = np.broadcast_to(bias.reshape(1, -1, *([1] * (len(oshape) - 2))), (1, c_out, *oshape[2:]))
+        else:
+            wmat = const_value(node.inputs[1])
+            c_out = wmat.shape[0] if node.attrs.get("transB", 0) else wmat.shape[1]
+            bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(c_out)
+            value = np.broadcast_to(bias * float(node.attrs.get("beta", 1.0)), (1, c_out))
+        target = np.array([oshape[0], c_out, *oshape[2:]], np.int64)
+        node.op, node.domain, node.attrs = "Expand", "", {}
+        node.inputs[:] = [new_const(f"{node.name}_constant_output", value.astype(np.float32).copy()),
+                          new_const(f"{node.name}_constant_shape", target)]
+        result.removed_layers.append(node.name)
+    # Concat inputs that lost every channel are dropped from the Concat.
+    for node in ana.graph.nodes:
+        if node.op == "Concat":
+            kept = [t for t in node.inputs if t.name not in keep or keep[t.name].any()]
+            if len(kept) != len(node.inputs):
+                node.inputs[:] = kept
+
+
+def _retire_masks(graph: gs.Graph, policy: str) -> None:
+    for node in [n for n in graph.nodes if n.op == "ChannelMask"]:
+        mask = const_value(node.inputs[1])
+        if mask is None:
+            continue
+        if mask.size == 0 or np.all(mask == 1):
+            bypass(graph, node)
+        elif policy == "keep":
+            rank = len(shape_of(node.inputs[0]) or [0, 0])
+            node.op, node.domain, node.attrs = "Mul", "", {}
+            node.inputs[1] = new_const(f"{node.name}_mask", mask.reshape(-1, *([1] * (rank - 2))).astype(np.float32))

@@ -1,0 +1,70 @@
+"""Small helpers over onnx-graphsurgeon graphs shared by the passes."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from gate2deploy import capture
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph) -> onnx.ModelProto:
+    """Back to ONNX with fresh shape inference (shapes change when channels are removed)."""
+    graph.cleanup().toposort()
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
+            tensor.shape = None
+    model = gs.export_onnx(graph, do_type_check=False)
+    return capture.finalize(model)
+
+
+def const_value(tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant-node output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        attr = tensor.inputs[0].attrs.get("value")
+        if isinstance(attr, gs.Constant):
+            return attr.values
+        if attr is not None:
+            return np.asarray(attr)
+    return None
+
+
+def shape_of(tensor) -> tuple[int, ...] | None:
+    """Static shape, or None when unknown or symbolic."""
+    shape = getattr(tensor, "shape", None)
+    if shape is None or any(not isinstance(d, (int, np.integer)) for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def new_const(name: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(name, np.ascontiguousarray(values))
+
+
+def bypass(graph: gs.Graph, node: gs.Node) -> None:
+    """Remove a single-input single-output node, rewiring its consumers to its input."""
+    src, dst = node.inputs[0], node.outputs[0]
+    if dst in graph.outputs:
+        # Keep the graph output's name: make the producer of src write dst instead.
+        producer = src.inputs[0] if src.inputs else None
+        if producer is not None and len(src.outputs) == 1:
+            idx = producer.outputs.index(src)
+            producer.outputs[idx] = dst
+            node.outputs.clear()
+            node.inputs.clear()
+            return
+        node.op, node.attrs, node.domain = "Identity", {}, ""
+        del node.inputs[1:]
+        return
+    for consumer in list(dst.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is dst:
+                consumer.inputs[i] = src
+    node.outputs.clear()
+    node.inputs.clear()
