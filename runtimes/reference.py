@@ -1,0 +1,185 @@
+"""Reference implementations of the `gate2deploy` custom ops: the executable specification.
+
+Each function computes exactly what runtimes/OPS.md states, written plainly (whole-tensor
+numpy/torch, no skipping of work), so that the native ONNX Runtime kernels, the Triton kernels
+and the portable ONNX decomposition can all be tested against it, and it against the PyTorch
+modules in `gate2deploy.gated`.
+
+Conventions (as ONNX Conv): float32 numpy arrays in, float32 numpy arrays out, NCHW;
+`strides` (sh, sw), `pads` (top, left, bottom, right), `dilations` (dh, dw), `group`.
+Each function takes `return_gate=True` to also return its boolean gate, which tests use to
+count flipped gates (the gates are discontinuous; a flip is only acceptable at a tie).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["conv2d", "cg_conv_reference", "pg_conv_reference", "fbs_conv_reference",
+           "pg_split_activations", "fbs_active_channels"]
+
+
+def _f32(name: str, a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype != np.float32:
+        raise TypeError(f"{name} must be float32, not {a.dtype}")
+    return np.ascontiguousarray(a)
+
+
+def _check_conv_attrs(strides, pads, dilations) -> tuple[tuple[int, int], tuple[int, ...], tuple[int, int]]:
+    strides, pads, dilations = tuple(int(s) for s in strides), tuple(int(p) for p in pads), \
+        tuple(int(d) for d in dilations)
+    if len(strides) != 2 or min(strides) < 1:
+        raise ValueError(f"strides must be 2 positive ints, not {strides}")
+    if len(pads) != 4 or min(pads) < 0:
+        raise ValueError(f"pads must be 4 non-negative ints (top, left, bottom, right), not {pads}")
+    if len(dilations) != 2 or min(dilations) < 1:
+        raise ValueError(f"dilations must be 2 positive ints, not {dilations}")
+    return strides, pads, dilations
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+           group: int = 1) -> np.ndarray:
+    """ONNX Conv without bias (asymmetric pads allowed), float32."""
+    strides, pads, dilations = _check_conv_attrs(strides, pads, dilations)
+    x, w = _f32("X", x), _f32("W", w)
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"X and W must be 4-D, not {x.shape} and {w.shape}")
+    if x.shape[1] != w.shape[1] * group or w.shape[0] % group:
+        raise ValueError(f"X {x.shape} and W {w.shape} do not fit group={group}")
+    top, left, bottom, right = pads
+    xt = torch.from_numpy(x)
+    if (top, left) == (bottom, right):
+        padding = (top, left)
+    else:  # torch's conv2d only pads symmetrically: pad explicitly with zeros
+        xt, padding = F.pad(xt, (left, right, top, bottom)), (0, 0)
+    with torch.no_grad():
+        y = F.conv2d(xt, torch.from_numpy(w), None, strides, padding, dilations, group)
+    return y.numpy()
+
+
+def _per_channel(name: str, a, o: int) -> np.ndarray:
+    a = _f32(name, a).reshape(-1)
+    if a.size != o:
+        raise ValueError(f"{name} must have {o} values (one per output channel), not {a.size}")
+    return a.reshape(1, o, 1, 1)
+
+
+def cg_conv_reference(x, w, base_mask, threshold, strides=(1, 1), pads=(0, 0, 0, 0),
+                      dilations=(1, 1), return_gate: bool = False):
+    """CGConv (OPS.md, semantics §3): the partial sum Yp over the base-path channels decides,
+    per output element, whether the full sum Yf replaces it:
+
+        Yp = conv(X, W * base_mask[:, :, None, None]); Yf = conv(X, W)
+        Y = where(Yp > threshold[o], Yf, Yp)
+    """
+    x, w = _f32("X", x), _f32("W", w)
+    o, c = w.shape[:2]
+    base_mask = _f32("base_mask", base_mask)
+    if base_mask.shape != (o, c):
+        raise ValueError(f"base_mask must have shape {(o, c)}, not {base_mask.shape}")
+    thr = _per_channel("threshold", threshold, o)
+    yp = conv2d(x, w * base_mask[:, :, None, None], strides, pads, dilations)
+    yf = conv2d(x, w, strides, pads, dilations)
+    gate = yp > thr
+    y = np.where(gate, yf, yp).astype(np.float32)
+    return (y, gate) if return_gate else y
+
+
+def pg_split_activations(x, abits: int, pred_bits: int, static_scale: float = 0.0):
+    """PG's activation quantizer: (x_hb, x_lb, s), the MSB and LSB parts of X as floats.
+
+    s = static_scale if > 0 else max|X| + 1e-7 (over the whole tensor, batch included);
+    q = round_half_even(min(|X| / s, 1) * (2^B - 1)); q_hb keeps the top `pred_bits` bits.
+    The operation order follows the seed's TorchTruncate (divide by 2^B-1, then times s, then
+    times sign) so that the MSB part is bit-identical to the seed's.
+    """
+    x = _f32("X", x)
+    b, bh = int(abits), int(pred_bits)
+    if not 0 < bh < b:
+        raise ValueError(f"need 0 < pred_bits < abits, not pred_bits={bh}, abits={b}")
+    levels = np.float32(2.0 ** b - 1.0)
+    lsb_unit = np.float32(2.0 ** (b - bh))
+    sign = np.sign(x)
+    mag = np.abs(x)
+    if static_scale > 0:
+        s = np.float32(static_scale)
+    else:
+        s = np.float32(mag.max() if mag.size else 0.0) + np.float32(1e-7)
+    q = np.round(np.minimum(mag / s, np.float32(1.0)) * levels)  # np.round: half to even
+    q_hb = np.floor(q / lsb_unit) * lsb_unit
+    q_lb = q - q_hb
+    x_hb = (q_hb / levels) * s * sign
+    x_lb = (q_lb / levels) * s * sign
+    return x_hb.astype(np.float32), x_lb.astype(np.float32), float(s)
+
+
+def pg_conv_reference(x, w, threshold, abits: int, pred_bits: int, static_scale: float = 0.0,
+                      strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
+                      return_gate: bool = False):
+    """PGConv (OPS.md, semantics §4). W is already quantized (float values).
+
+        out_msb = conv(x_hb, W); gate = out_msb > threshold[o]
+        Y = out_msb + gate * conv(x_lb, W)
+    """
+    w = _f32("W", w)
+    thr = _per_channel("threshold", threshold, w.shape[0])
+    x_hb, x_lb, _ = pg_split_activations(x, abits, pred_bits, static_scale)
+    out_msb = conv2d(x_hb, w, strides, pads, dilations, group)
+    gate = out_msb > thr
+    out_lsb = conv2d(x_lb, w, strides, pads, dilations, group)
+    y = (out_msb + gate.astype(np.float32) * out_lsb).astype(np.float32)
+    return (y, gate) if return_gate else y
+
+
+def fbs_active_channels(g: np.ndarray, density: float) -> np.ndarray:
+    """Mayo's online top-k: per sample keep k = ceil(O * density) channels, active where
+    g > the (k+1)-th largest g of that sample; all active when k >= O. k is computed in
+    float64 from the given density (OPS.md)."""
+    n, o = g.shape
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], not {density}")
+    k = math.ceil(o * float(density))
+    if k >= o:
+        return np.ones_like(g, dtype=bool)
+    kth = np.sort(g, axis=1)[:, o - k - 1]  # ascending: index o-k-1 is the (k+1)-th largest
+    return g > kth[:, None]
+
+
+def fbs_conv_reference(x, w, fc_w, fc_b, bn_scale, bn_shift, beta, density: float,
+                       pool: str = "avg", strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                       return_gate: bool = False):
+    """FBSConv (OPS.md, semantics §5):
+
+        g = relu(pool_HW(X) @ fc_W.T + fc_b)                  [N, O]
+        active = online top-k of g (fbs_active_channels)
+        Y = relu(active * g * (bn_scale * conv(X, W) + bn_shift) + active * beta)
+    """
+    x, w = _f32("X", x), _f32("W", w)
+    o, c = w.shape[:2]
+    fc_w = _f32("fc_W", fc_w)
+    if fc_w.shape != (o, x.shape[1]):
+        raise ValueError(f"fc_W must have shape {(o, x.shape[1])}, not {fc_w.shape}")
+    fc_b = _f32("fc_b", fc_b).reshape(-1)
+    if fc_b.size != o:
+        raise ValueError(f"fc_b must have {o} values, not {fc_b.size}")
+    scale, shift, b = (_per_channel(n, a, o) for n, a in
+                       (("bn_scale", bn_scale), ("bn_shift", bn_shift), ("beta", beta)))
+    xt = torch.from_numpy(x)
+    if pool == "avg":
+        pooled = xt.mean(dim=(2, 3))
+    elif pool == "max":
+        pooled = xt.amax(dim=(2, 3))
+    else:
+        raise ValueError(f"pool must be 'avg' or 'max', not {pool!r}")
+    with torch.no_grad():
+        g = torch.relu(F.linear(pooled, torch.from_numpy(fc_w), torch.from_numpy(fc_b))).numpy()
+    active = fbs_active_channels(g, density)
+    act = active.astype(np.float32)[:, :, None, None]
+    y = conv2d(x, w, strides, pads, dilations)
+    out = np.maximum(act * g[:, :, None, None] * (scale * y + shift) + act * b, np.float32(0))
+    out = out.astype(np.float32)
+    return (out, active) if return_gate else out
