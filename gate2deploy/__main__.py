@@ -1,0 +1,5 @@
+import sys
+
+from gate2deploy.cli import main
+
+sys.exit(main())
