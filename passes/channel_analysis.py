@@ -349,6 +349,7 @@ def _broadcast_elementwise(ana: ChannelAnalysis, node: gs.Node) -> None:
         _pin_node(ana, node, f"{node.op} {node.name} without channel input")
         return
     size = full[0][1].size
+    const_zero_channels = np.zeros(size, bool)  # channels a per-channel constant zeroes
     # Every other input either broadcasts over the channel axis or is a per-channel constant.
     for i, t in enumerate(node.inputs):
         if t.name in ana.maps or t.name == "":
@@ -363,11 +364,14 @@ def _broadcast_elementwise(ana: ChannelAnalysis, node: gs.Node) -> None:
                 _pin_node(ana, node, f"{node.op} {node.name} reads a computed per-channel tensor {t.name}")
                 return
             ana.bindings.append(ParamBinding(node, i, local, node.inputs[full[0][0]].name))
+            channel_major = np.moveaxis(const_value(t), local, 0).reshape(size, -1)
+            const_zero_channels |= ~channel_major.any(axis=1)
     first = full[0][1]
     for _, other in full[1:]:
         ana.union_maps(first, other)
     known = np.logical_and.reduce([m.known for _, m in full])
-    if node.op == "Mul":  # 0 * anything is 0
+    if node.op == "Mul":  # 0 * anything is 0: a mask written as a Mul by a constant, too
+        known |= const_zero_channels
         for _, m in full:
             known |= m.known & (m.value == 0)
     value = np.zeros(size)
@@ -376,19 +380,19 @@ def _broadcast_elementwise(ana: ChannelAnalysis, node: gs.Node) -> None:
         # Inputs that broadcast over channels but are computed make values unknowable.
         computed = [i for i, t in enumerate(node.inputs)
                     if t.name and i not in probes and const_value(t) is None]
-        if computed:
-            known = np.zeros(size, bool)
+        if computed:  # only "0 * anything" survives an unknown factor
+            zero = np.zeros(size, bool)
             if node.op == "Mul":
+                zero = const_zero_channels.copy()
                 for _, m in full:
-                    known |= m.known & (m.value == 0)
-            value = np.zeros(size)
+                    zero |= m.known & (m.value == 0)
+            known, value = zero, np.zeros(size)
         else:
             try:
                 result = _evaluate_elementwise(node, probes, rank)
                 result = np.broadcast_to(result, [1] * (rank - result.ndim) + list(result.shape))
                 result = np.moveaxis(result, axis, 0).reshape(result.shape[axis], -1)
-                if result.shape[1] != 1 and not np.all(result == result[:, :1]):
-                    known = np.zeros(size, bool)  # a spatially varying constant: treat as live
+                known &= np.all(result == result[:, :1], axis=1)  # spatially varying: live
                 value = np.where(known, result[:, 0].astype(np.float64), 0.0)
             except Exception:  # noqa: BLE001
                 known = np.zeros(size, bool)
