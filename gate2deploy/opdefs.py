@@ -61,6 +61,73 @@ def channel_mask_schema():
     )
 
 
+
+# --- Dynamic gating ops (runtimes/OPS.md): conv-shaped output -----------------------------
+
+_INT, _INTS, _FLOAT, _STRING = (defs.OpSchema.AttrType.INT, defs.OpSchema.AttrType.INTS,
+                                defs.OpSchema.AttrType.FLOAT, defs.OpSchema.AttrType.STRING)
+_CONV_ATTRS = [("strides", _INTS, False), ("pads", _INTS, False), ("dilations", _INTS, False)]
+
+
+def _ints_attr(ctx, name, default):
+    attr = ctx.get_attribute(name)
+    return list(attr.ints) if attr is not None and len(attr.ints) else list(default)
+
+
+def conv_like_output(ctx) -> None:
+    """Y: [N, O, Ho, Wo] as ONNX Conv, from X [N, C, H, W] (input 0) and W [O, C/g, kh, kw]
+    (input 1) and the attributes strides, pads (top, left, bottom, right), dilations."""
+    x_type, w_type = ctx.get_input_type(0), ctx.get_input_type(1)
+    out = onnx.TypeProto()
+    out.tensor_type.elem_type = x_type.tensor_type.elem_type
+    if not (x_type.tensor_type.HasField("shape") and w_type.tensor_type.HasField("shape")):
+        ctx.set_output_type(0, out)
+        return
+    xd, wd = x_type.tensor_type.shape.dim, w_type.tensor_type.shape.dim
+    if len(xd) != 4 or len(wd) != 4:
+        raise onnx.shape_inference.InferenceError(
+            f"{ctx.get_display_name()}: X and W must be 4-D, not {len(xd)}-D and {len(wd)}-D")
+    strides = _ints_attr(ctx, "strides", [1, 1])
+    pads = _ints_attr(ctx, "pads", [0, 0, 0, 0])
+    dilations = _ints_attr(ctx, "dilations", [1, 1])
+    dims = out.tensor_type.shape.dim
+    dims.add().CopyFrom(xd[0])
+    dims.add().CopyFrom(wd[0])
+    for i in range(2):
+        d = dims.add()
+        size, k = xd[2 + i], wd[2 + i]
+        if size.HasField("dim_value") and k.HasField("dim_value"):
+            span = dilations[i] * (k.dim_value - 1) + 1
+            d.dim_value = (size.dim_value + pads[i] + pads[i + 2] - span) // strides[i] + 1
+    ctx.set_output_type(0, out)
+
+
+@schema
+def cg_conv_schema():
+    return make_schema(
+        "CGConv", [("X", "T"), ("W", "T"), ("base_mask", "T"), ("threshold", "T")], [("Y", "T")],
+        _CONV_ATTRS, infer=conv_like_output,
+        doc="Channel Gating: Yp = conv(X, W*base_mask); Y = where(Yp > threshold, conv(X, W), Yp).")
+
+
+@schema
+def pg_conv_schema():
+    return make_schema(
+        "PGConv", [("X", "T"), ("W", "T"), ("threshold", "T")], [("Y", "T")],
+        [("abits", _INT, True), ("pred_bits", _INT, True), ("static_scale", _FLOAT, False),
+         ("group", _INT, False), *_CONV_ATTRS], infer=conv_like_output,
+        doc="Precision Gating: Y = conv(x_msb, W) + [conv(x_msb, W) > threshold] * conv(x_lsb, W).")
+
+
+@schema
+def fbs_conv_schema():
+    return make_schema(
+        "FBSConv", [("X", "T"), ("W", "T"), ("fc_W", "T"), ("fc_b", "T"), ("bn_scale", "T"),
+                    ("bn_shift", "T"), ("beta", "T")], [("Y", "T")],
+        [("density", _FLOAT, True), ("pool", _STRING, False), *_CONV_ATTRS], infer=conv_like_output,
+        doc="FBS: per-sample top-k output channels by a pooled saliency; others exactly 0.")
+
+
 def register_all() -> None:
     global _registered
     if _registered:

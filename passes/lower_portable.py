@@ -1,0 +1,190 @@
+"""Pass: lower the dynamic-gating custom ops to standard ONNX ops (the `--target onnx` path).
+
+Expects: a graph possibly containing `gate2deploy::CGConv`, `PGConv` and `FBSConv` nodes
+(runtimes/OPS.md); their weights may be constants or computed tensors.
+
+Guarantees: no node of those three ops remains; each is replaced by a decomposition into
+standard ONNX ops (opset 17: Conv, Greater, Where, Abs, Sign, ReduceMax, Div, Min, Round,
+Floor, Mul, Sub, Add, Cast, ReduceMean, Gemm, Relu, TopK, Slice, Unsqueeze) that stock ONNX
+Runtime runs with no plugin, computing the same function as runtimes/reference.py with the
+same float32 operations in the same order (so outputs agree up to the convolution's own
+summation order, and gates flip only at ties). The output tensor of each op keeps its name.
+The decomposition computes every path (it is exact, not fast: speed needs `--target ort`).
+With `expose_gates=True` each op's boolean gate becomes an extra graph output named
+`<node name>/gate` ([N, O, Ho, Wo] for CG and PG, [N, O] for FBS), which
+`gate2deploy.gate_stats.onnx_gate_statistics` reads; the deployed model never has them.
+Other nodes are untouched.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .ir import const_value
+
+DOMAIN = "gate2deploy"
+LOWERED_OPS = ("CGConv", "PGConv", "FBSConv")
+
+
+@dataclass
+class LoweringResult:
+    lowered: list[tuple[str, str]] = field(default_factory=list)  # (node name, op)
+    gate_outputs: dict[str, str] = field(default_factory=dict)    # node name -> gate tensor name
+
+
+class _Builder:
+    """Appends standard nodes named under one prefix (the custom node's name)."""
+
+    def __init__(self, graph: gs.Graph, prefix: str):
+        self.graph, self.prefix, self.count = graph, prefix, 0
+
+    def _name(self, what: str) -> str:
+        self.count += 1
+        return f"{self.prefix}/{what}_{self.count}"
+
+    def const(self, what: str, value) -> gs.Constant:
+        return gs.Constant(self._name(what), np.ascontiguousarray(value))
+
+    def op(self, op_type: str, inputs, attrs=None, dtype=np.float32, out: gs.Variable | None = None,
+           out_name: str | None = None) -> gs.Variable:
+        if out is None:
+            out = gs.Variable(out_name or self._name(f"{op_type}_out"), dtype=dtype)
+        self.graph.nodes.append(gs.Node(op_type, self._name(op_type), attrs=attrs or {},
+                                        inputs=list(inputs), outputs=[out]))
+        return out
+
+    def per_channel(self, what: str, tensor) -> gs.Tensor:
+        """A per-output-channel vector [O] as [1, O, 1, 1] (folded if constant)."""
+        value = const_value(tensor)
+        if value is not None:
+            return self.const(what, np.asarray(value, dtype=np.float32).reshape(1, -1, 1, 1))
+        return self.op("Reshape", [tensor, self.const("shape", np.array([1, -1, 1, 1], np.int64))])
+
+    def conv(self, x, w, attrs, group: int = 1) -> gs.Variable:
+        return self.op("Conv", [x, w], {"strides": attrs["strides"], "pads": attrs["pads"],
+                                        "dilations": attrs["dilations"], "group": group})
+
+
+def _conv_attrs(node: gs.Node) -> dict[str, list[int]]:
+    return {"strides": list(node.attrs.get("strides", [1, 1])),
+            "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
+            "dilations": list(node.attrs.get("dilations", [1, 1]))}
+
+
+def _lower_cg(b: _Builder, node: gs.Node, y: gs.Variable) -> gs.Variable:
+    x, w, base_mask, threshold = node.inputs
+    attrs = _conv_attrs(node)
+    w_val, m_val = const_value(w), const_value(base_mask)
+    if w_val is not None and m_val is not None:
+        w_base = b.const("W_base", (w_val * m_val[:, :, None, None]).astype(np.float32))
+    else:
+        mask4 = b.op("Unsqueeze", [base_mask, b.const("axes", np.array([2, 3], np.int64))])
+        w_base = b.op("Mul", [w, mask4])
+    y_partial = b.conv(x, w_base, attrs)
+    y_full = b.conv(x, w, attrs)
+    gate = b.op("Greater", [y_partial, b.per_channel("threshold", threshold)], dtype=np.bool_,
+                out_name=f"{node.name}/gate")
+    b.op("Where", [gate, y_full, y_partial], out=y)
+    return gate
+
+
+def _lower_pg(b: _Builder, node: gs.Node, y: gs.Variable) -> gs.Variable:
+    x, w, threshold = node.inputs
+    attrs = _conv_attrs(node)
+    bits, pred_bits = int(node.attrs["abits"]), int(node.attrs["pred_bits"])
+    static_scale = float(node.attrs.get("static_scale", 0.0))
+    group = int(node.attrs.get("group", 1))
+    f32 = np.float32
+    levels = b.const("levels", f32(2.0 ** bits - 1.0))
+    lsb_unit = b.const("lsb_unit", f32(2.0 ** (bits - pred_bits)))
+    sign = b.op("Sign", [x])
+    mag = b.op("Abs", [x])
+    if static_scale > 0:
+        scale = b.const("static_scale", f32(static_scale))
+    else:  # the seed's dynamic scale: max|X| over the whole tensor, batch included
+        scale = b.op("Add", [b.op("ReduceMax", [mag], {"keepdims": 0}), b.const("eps", f32(1e-7))])
+    ratio = b.op("Min", [b.op("Div", [mag, scale]), b.const("one", f32(1.0))])
+    q = b.op("Round", [b.op("Mul", [ratio, levels])])  # ONNX Round: half to even
+    q_hb = b.op("Mul", [b.op("Floor", [b.op("Div", [q, lsb_unit])]), lsb_unit])
+    q_lb = b.op("Sub", [q, q_hb])
+
+    def dequantize(qv):  # (q / (2^B-1)) * s * sign, the reference's order
+        return b.op("Mul", [b.op("Mul", [b.op("Div", [qv, levels]), scale]), sign])
+
+    out_msb = b.conv(dequantize(q_hb), w, attrs, group)
+    gate = b.op("Greater", [out_msb, b.per_channel("threshold", threshold)], dtype=np.bool_,
+                out_name=f"{node.name}/gate")
+    out_lsb = b.conv(dequantize(q_lb), w, attrs, group)
+    gated_lsb = b.op("Mul", [b.op("Cast", [gate], {"to": 1}), out_lsb])
+    b.op("Add", [out_msb, gated_lsb], out=y)
+    return gate
+
+
+def _lower_fbs(b: _Builder, node: gs.Node, y: gs.Variable, expose_gates: bool) -> gs.Variable | None:
+    x, w, fc_w, fc_b, bn_scale, bn_shift, beta = node.inputs
+    attrs = _conv_attrs(node)
+    density, pool = float(node.attrs["density"]), node.attrs.get("pool", "avg")
+    if isinstance(pool, bytes):
+        pool = pool.decode()
+    w_shape = w.shape if w.shape is not None else const_value(w).shape
+    channels = int(w_shape[0])
+    reduce = {"avg": "ReduceMean", "max": "ReduceMax"}.get(pool)
+    if reduce is None:
+        raise ValueError(f"FBSConv {node.name}: pool must be 'avg' or 'max', not {pool!r}")
+    pooled = b.op(reduce, [x], {"axes": [2, 3], "keepdims": 0})
+    saliency = b.op("Relu", [b.op("Gemm", [pooled, fc_w, fc_b], {"transB": 1})])
+    k = math.ceil(channels * density)
+    axes23 = b.const("axes", np.array([2, 3], np.int64))
+    g4 = b.op("Unsqueeze", [saliency, axes23])
+    conv = b.conv(x, w, attrs)
+    normalized = b.op("Add", [b.op("Mul", [b.per_channel("bn_scale", bn_scale), conv]),
+                              b.per_channel("bn_shift", bn_shift)])
+    beta4 = b.per_channel("beta", beta)
+    gate = None
+    if k >= channels:  # every channel active: act = 1, and 1 * v == v exactly
+        pre = b.op("Add", [b.op("Mul", [g4, normalized]), beta4])
+        if expose_gates:
+            gate = b.op("GreaterOrEqual", [saliency, saliency], dtype=np.bool_, out_name=f"{node.name}/gate")
+    else:
+        top = b.op("TopK", [saliency, b.const("k", np.array([k + 1], np.int64))],
+                   {"axis": 1, "largest": 1, "sorted": 1})
+        # TopK has two outputs (values, indices): give it the indices output too.
+        indices = gs.Variable(b._name("TopK_indices"), dtype=np.int64)
+        b.graph.nodes[-1].outputs.append(indices)
+        kth = b.op("Slice", [top, b.const("start", np.array([k], np.int64)),
+                             b.const("end", np.array([k + 1], np.int64)),
+                             b.const("axis", np.array([1], np.int64))])
+        gate = b.op("Greater", [saliency, kth], dtype=np.bool_, out_name=f"{node.name}/gate")
+        act4 = b.op("Unsqueeze", [b.op("Cast", [gate], {"to": 1}), axes23])
+        pre = b.op("Add", [b.op("Mul", [b.op("Mul", [act4, g4]), normalized]),
+                           b.op("Mul", [act4, beta4])])
+    b.op("Relu", [pre], out=y)
+    return gate
+
+
+def lower_portable(graph: gs.Graph, result: LoweringResult | None = None,
+                   expose_gates: bool = False) -> gs.Graph:
+    result = result if result is not None else LoweringResult()
+    targets = [n for n in graph.nodes if n.domain == DOMAIN and n.op in LOWERED_OPS]
+    for index, node in enumerate(targets):
+        if not node.name:
+            node.name = f"{node.op}_{index}"
+        y = node.outputs[0]
+        node.outputs.clear()  # detach first so that the new nodes can write `y`
+        b = _Builder(graph, node.name)
+        if node.op == "CGConv":
+            gate = _lower_cg(b, node, y)
+        elif node.op == "PGConv":
+            gate = _lower_pg(b, node, y)
+        else:
+            gate = _lower_fbs(b, node, y, expose_gates)
+        node.inputs.clear()
+        result.lowered.append((node.name, node.op))
+        if expose_gates and gate is not None:
+            gate.shape = None
+            graph.outputs.append(gate)
+            result.gate_outputs[node.name] = gate.name
+    return graph.cleanup().toposort()
