@@ -56,3 +56,16 @@ def finalize(proto: onnx.ModelProto) -> onnx.ModelProto:
             proto.opset_import.extend(opdefs.opset_imports())
     del proto.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+
+
+def module_path(node_name: str) -> str:
+    """The PyTorch module path of a captured node: the TorchScript exporter names nodes
+    after their scopes, e.g. `/layer1/layer1.0/downsample/downsample.0/Conv` for
+    `layer1.0.downsample.0` (a child of a container is named `container.child`)."""
+    parts: list[str] = []
+    for scope in node_name.strip("/").split("/")[:-1]:
+        if parts and scope.startswith(parts[-1] + "."):
+            parts[-1] = scope
+        else:
+            parts.append(scope)
+    return ".".join(parts)
