@@ -29,7 +29,7 @@ IR_VERSION = 10
 
 def capture(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     opdefs.register_all()
-    model = model.eval()
+    model.eval()
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

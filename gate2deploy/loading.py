@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> Checkpoint:
             program = torch.export.load(str(path))
         except Exception as exc:  # noqa: BLE001 - any failure means "not loadable"
             raise UserError(f"{path} is not a loadable torch.export program: {_one_line(exc)}") from None
-        return Checkpoint(path, module=program.module(), meta={"format": "torch.export"})
+        return Checkpoint(path, module=ExportedProgramModule(program.module()), meta={"format": "torch.export"})
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
@@ -149,6 +149,22 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> No
     if problems:
         raise UserError(f"{what} does not fit the model: keys {'; '.join(problems)}")
     model.load_state_dict(sd, strict=True)
+
+
+class ExportedProgramModule(nn.Module):
+    """A torch.export program as a module. Its train/eval mode was fixed when it was
+    exported and it refuses `.train()`/`.eval()`, which the ONNX exporter calls: here
+    switching modes is a no-op."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def train(self, mode: bool = True):
+        return self
+
+    def forward(self, *args):
+        return self.inner(*args)
 
 
 def _is_exported_program(path: Path) -> bool:

@@ -93,7 +93,9 @@ class HardChannelGate(nn.Module):
             gate = (hard - soft).detach() + soft
             gate = gate * self.active_channels_mask.float()
             return x * _broadcast(gate, x)
-        return channel_mask(x, self.deterministic_mask(), "HardChannelGate")
+        # A fresh tensor from Python values: the exporter records the mask as a constant,
+        # not as the ops that compute it from the parameters.
+        return channel_mask(x, torch.tensor(self.deterministic_mask().tolist()), "HardChannelGate")
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,7 @@ class Unfoldable:
 
 @dataclass
 class FoldResult:
-    removed_channels: int = 0
-    removed_groups: int = 0
+    removed_channels: int = 0  # coupled channels removed (one per channel of a coupled group)
     constant_folds: list[str] = field(default_factory=list)  # consumers that absorbed constants
     removed_layers: list[str] = field(default_factory=list)  # layers replaced by constants
     unfoldable: list[Unfoldable] = field(default_factory=list)
@@ -62,16 +61,9 @@ def fold_static_masks(graph: gs.Graph, policy: str = "error", result: FoldResult
         _slice_parameters(ana, keep)
         _fix_shape_attributes(ana, keep)
         _replace_emptied_layers(ana, keep, result)
-        result.removed_groups = len(removable)
-        result.removed_channels = sum(int((~k).sum()) for name, k in keep.items()
-                                      if _is_conv_output(ana, name))
+        result.removed_channels = len(removable)
     _retire_masks(graph, policy)
     return graph.cleanup().toposort()
-
-
-def _is_conv_output(ana: ChannelAnalysis, name: str) -> bool:
-    t = ana.graph.tensors().get(name)
-    return t is not None and len(t.inputs) == 1 and t.inputs[0].op in ("Conv", "Gemm", "MatMul")
 
 
 def _decide(ana: ChannelAnalysis) -> tuple[set[int], dict[int, str]]:
@@ -96,7 +88,11 @@ def _check_masks(ana, removable, why_kept, policy, result: FoldResult) -> None:
     for node in ana.graph.nodes:
         if node.op != "ChannelMask" or node.inputs[0].name not in ana.maps:
             continue
-        mask = const_value(node.inputs[1]).reshape(-1)
+        mask = const_value(node.inputs[1])
+        if mask is None:
+            raise UnfoldableError(f"mask {node.attrs.get('source') or node.name} is computed in the graph, "
+                                  "not a constant: export it in eval mode with a fixed mask")
+        mask = mask.reshape(-1)
         roots = ana.roots_of(node.inputs[0].name)
         stuck = [(int(r)) for r, m in zip(roots, mask) if m == 0 and r not in removable]
         if not stuck:
@@ -244,6 +240,17 @@ def _fix_shape_attributes(ana: ChannelAnalysis, keep) -> None:
                 if target[axis] > 0:
                     target[axis] = int(keep[out].sum())
                     node.inputs[1] = new_const(f"{node.name}_shape_folded", target)
+    for node, src, start, end in ana.channel_slices:
+        # The kept channels of [start, end) are consecutive once the input is renumbered.
+        before = np.concatenate([[0], np.cumsum(keep[src])])
+        axes = const_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
+        rank = len(shape_of(node.inputs[0]))
+        axes = list(range(len(const_value(node.inputs[1])))) if axes is None else [int(a) % rank for a in axes.reshape(-1)]
+        k = axes.index(ana.maps[src].axis)
+        for index, bound in ((1, start), (2, end)):
+            values = const_value(node.inputs[index]).reshape(-1).copy()
+            values[k] = before[bound]
+            node.inputs[index] = new_const(f"{node.name}_in{index}_folded", values)
     for node, src in ana.channel_gathers:
         out = node.outputs[0].name
         indices = const_value(node.inputs[1]).astype(np.int64)
@@ -272,15 +279,17 @@ def _replace_emptied_layers(ana: ChannelAnalysis, keep, result: FoldResult) -> N
             value = np.broadcast_to(bias * float(node.attrs.get("beta", 1.0)), (1, c_out))
         target = np.array([oshape[0], c_out, *oshape[2:]], np.int64)
         node.op, node.domain, node.attrs = "Expand", "", {}
-        node.inputs[:] = [new_const(f"{node.name}_constant_output", value.astype(np.float32).copy()),
-                          new_const(f"{node.name}_constant_shape", target)]
+        node.inputs.clear()
+        node.inputs.extend([new_const(f"{node.name}_constant_output", value.astype(np.float32).copy()),
+                            new_const(f"{node.name}_constant_shape", target)])
         result.removed_layers.append(node.name)
     # Concat inputs that lost every channel are dropped from the Concat.
     for node in ana.graph.nodes:
         if node.op == "Concat":
             kept = [t for t in node.inputs if t.name not in keep or keep[t.name].any()]
             if len(kept) != len(node.inputs):
-                node.inputs[:] = kept
+                node.inputs.clear()
+                node.inputs.extend(kept)
 
 
 def _retire_masks(graph: gs.Graph, policy: str) -> None:
