@@ -188,6 +188,7 @@ class QuantizedConv2d(nn.Conv2d):
         self.wbits, self.abits = int(wbits), int(abits)
         k = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
         self.weight_rescale = math.sqrt(1.0 / (k ** 2 * in_channels)) if self.wbits == 1 else 1.0
+        self.static_scale: float = 0.0  # > 0: calibrated activation scale instead of max|x|
 
     def quantized_weight(self) -> torch.Tensor:
         if _exporting():  # a constant in the exported graph, not quantizer ops on the initializer
@@ -196,7 +197,8 @@ class QuantizedConv2d(nn.Conv2d):
         return quantize_sign_magnitude(self.weight, self.wbits) * self.weight_rescale
 
     def forward(self, x):
-        return F.conv2d(quantize_sign_magnitude(x, self.abits), self.quantized_weight(), self.bias,
+        scale = float(self.static_scale) if self.static_scale and self.static_scale > 0 else None
+        return F.conv2d(quantize_sign_magnitude(x, self.abits, scale), self.quantized_weight(), self.bias,
                         self.stride, self.padding, self.dilation, self.groups)
 
 

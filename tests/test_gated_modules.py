@@ -1,0 +1,330 @@
+"""CG / PG / FBS: module forward == the seed's formula; reference (runtimes/reference.py) ==
+module; capture gives one custom node per gated layer; the portable lowering run by stock
+onnxruntime == module.
+
+Tolerances: values are compared with atol = rtol = 1e-5 (float32 convolutions summed in a
+different order). Gates are discontinuous: a gate may differ between two implementations only
+at a tie, i.e. where its decision value is within TIE_EPS * max|decision| of the threshold
+(float rounding of the convolution), and such flips must be rare (at most 0.1% of gates, and
+at most 2 in absolute count when that is fewer); outputs are compared only where the gate agrees.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gate2deploy.capture import capture
+from gate2deploy.gated import (CGConv2d, FBSConv2d, PGConv2d, QuantizedConv2d, channel_shuffle,
+                               fbs_density_attribute)
+from gate2deploy.gate_stats import (calibrate_pg_scales, describe_gated_nodes, gate_statistics,
+                                    onnx_gate_statistics, pg_scale_modes)
+from gate2deploy.passes import ir
+from gate2deploy.passes.lower_portable import LoweringResult, lower_portable
+from gate2deploy.runtimes import reference as R
+
+ATOL = RTOL = 1e-5
+TIE_EPS = 1e-5
+
+
+# --------------------------------------------------------------------------- seed formulas
+# Written independently from gating-semantics.md §3-§5 (not from gate2deploy.gated).
+
+def seed_cg(m: CGConv2d, x):
+    if m.shuffle:
+        n, c, h, w = x.shape
+        x = x.view(n, m.p, c // m.p, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+    args = (None, m.stride, m.padding, m.dilation, m.groups)
+    yp = F.conv2d(x, m.weight * m.mask, *args)
+    bn = (yp - m.bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(m.bn.running_var.view(1, -1, 1, 1) + m.bn.eps)
+    d = (torch.sigmoid(m.alpha * (bn - m.threshold)) - 0.5 > 0).float()
+    return F.conv2d(x, m.weight, *args) * d + yp * (1 - d)
+
+
+def _seed_quant(x, b, s=None):
+    sign, mag = torch.sign(x), torch.abs(x)
+    s = mag.max() + 1e-7 if s is None else s
+    return torch.round(torch.clamp(mag / s, 0, 1) * (2.0 ** b - 1)) / (2.0 ** b - 1) * s * sign
+
+
+def _seed_trunc(x, b, bh, s=None):
+    sign, mag = torch.sign(x), torch.abs(x)
+    s = mag.max() + 1e-7 if s is None else s
+    q = torch.round(torch.clamp(mag / s, 0, 1) * (2.0 ** b - 1))
+    q = torch.floor(q / 2 ** (b - bh)) * 2 ** (b - bh)
+    return q / (2.0 ** b - 1) * s * sign
+
+
+def seed_pg(m: PGConv2d, x):
+    if m.wbits == 1:  # binarize to +-1, rescaled by sqrt(1 / (k^2 * C)) (McDonnell 2018)
+        w = (torch.round((torch.clamp(m.weight, -1, 1) + 1) / 2) * 2 - 1) * math.sqrt(
+            1.0 / (m.kernel_size[0] ** 2 * m.in_channels))
+    else:
+        w = _seed_quant(m.weight, m.wbits) if m.wbits > 1 else m.weight
+    args = (None, m.stride, m.padding, m.dilation, m.groups)
+    x_hb = _seed_trunc(x, m.abits, m.pred_bits)
+    out_msb = F.conv2d(x_hb, w, *args)
+    gate = (torch.sigmoid(m.alpha * (out_msb - m.threshold)) > 0.5).float()
+    return out_msb + gate * F.conv2d(_seed_quant(x, m.abits) - x_hb, w, *args)
+
+
+def seed_fbs(m: FBSConv2d, x):
+    pooled = x.mean(dim=(2, 3)) if m.pool == "avg" else x.amax(dim=(2, 3))
+    g = torch.relu(pooled @ m.gate.weight.T + m.gate.bias)
+    o = g.shape[1]
+    k = math.ceil(o * m.density)
+    active = torch.ones_like(g) if k >= o else (g > torch.sort(g, dim=1).values[:, -k - 1:-k]).float()
+    y = F.batch_norm(m.conv(x), m.bn.running_mean, m.bn.running_var, None, None, False, 0.0, m.bn.eps)
+    return torch.relu(active[:, :, None, None] * g[:, :, None, None] * y + active[:, :, None, None] * m.beta[None, :, None, None])
+
+
+# --------------------------------------------------------------------------- configurations
+
+CONV_CONFIGS = [  # (C, O, k, stride, padding, dilation, groups, N, H)
+    (8, 8, 3, 1, 1, 1, 1, 2, 9),
+    (16, 12, 3, 2, 1, 1, 1, 3, 10),
+    (8, 16, 1, 1, 0, 1, 1, 2, 7),
+    (12, 8, 3, 1, 2, 2, 1, 2, 11),
+    (16, 16, 5, 2, 2, 1, 1, 1, 13),
+    (8, 8, 3, 1, 1, 1, 2, 2, 8),  # groups: PG only
+]
+
+
+def _randomize_bn(bn):
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+
+
+def make_cg(cfg, use_group=False, shuffle=False, p=4):
+    c, o, k, s, pad, dil, groups, n, h = cfg
+    m = CGConv2d(c, o, k, stride=s, padding=pad, dilation=dil, p=p, use_group=use_group, shuffle=shuffle)
+    _randomize_bn(m.bn)
+    with torch.no_grad():
+        m.threshold.uniform_(-0.5, 0.8)
+    return m.eval(), torch.randn(n, c, h, h)
+
+
+def make_pg(cfg, abits=3, pred_bits=2, wbits=8):
+    c, o, k, s, pad, dil, groups, n, h = cfg
+    m = PGConv2d(c, o, k, stride=s, padding=pad, dilation=dil, groups=groups, wbits=wbits,
+                 abits=abits, pred_bits=pred_bits)
+    with torch.no_grad():
+        m.threshold.uniform_(-0.5, 1.0)
+    return m.eval(), torch.relu(torch.randn(n, c, h, h))  # PG inputs are PACT-clamped (>= 0)
+
+
+def make_fbs(cfg, density=0.5, pool="avg"):
+    c, o, k, s, pad, dil, groups, n, h = cfg
+    m = FBSConv2d(c, o, k, s, pad, dil, density=density, pool=pool)
+    _randomize_bn(m.bn)
+    with torch.no_grad():
+        m.gate.weight.normal_()
+        m.gate.bias.normal_()
+        m.beta.normal_(0, 0.3)
+    return m.eval(), torch.randn(n, c, h, h)
+
+
+def reference_of(m, x, return_gate=True):
+    """Run runtimes/reference.py on the module's exported constants."""
+    xn = x.detach().numpy()
+    if isinstance(m, CGConv2d):
+        if m.shuffle:
+            xn = channel_shuffle(x, m.p).numpy()
+        base, thr = m.export_constants()
+        conv = dict(strides=m.stride, pads=[*m.padding, *m.padding], dilations=m.dilation)
+        y, gate = R.cg_conv_reference(xn, m.weight.detach().numpy(), base.numpy(), thr.numpy(),
+                                      return_gate=True, **conv)
+        yp = R.conv2d(xn, (m.weight * m.mask).detach().numpy(), m.stride, [*m.padding, *m.padding], m.dilation)
+        return y, gate, yp, thr.numpy().reshape(1, -1, 1, 1)
+    if isinstance(m, PGConv2d):
+        wq = m.quantized_weight().detach().numpy()
+        conv = dict(strides=m.stride, pads=[*m.padding, *m.padding], dilations=m.dilation, group=m.groups)
+        y, gate = R.pg_conv_reference(xn, wq, m.threshold.detach().numpy().reshape(-1), m.abits,
+                                      m.pred_bits, float(m.static_scale), return_gate=True, **conv)
+        x_hb, _, _ = R.pg_split_activations(xn, m.abits, m.pred_bits, float(m.static_scale))
+        msb = R.conv2d(x_hb, wq, m.stride, [*m.padding, *m.padding], m.dilation, m.groups)
+        return y, gate, msb, m.threshold.detach().numpy().reshape(1, -1, 1, 1)
+    scale, shift = m.bn_scale_shift()
+    c = m.conv
+    y, active = R.fbs_conv_reference(
+        xn, c.weight.detach().numpy(), m.gate.weight.detach().numpy(), m.gate.bias.detach().numpy(),
+        scale.numpy(), shift.numpy(), m.beta.detach().numpy(), fbs_density_attribute(m.density, c.out_channels),
+        m.pool, c.stride, [*c.padding, *c.padding], c.dilation, return_gate=True)
+    pooled = xn.mean(axis=(2, 3)) if m.pool == "avg" else xn.max(axis=(2, 3))
+    g = np.maximum(pooled @ m.gate.weight.detach().numpy().T + m.gate.bias.detach().numpy(), 0)
+    o = g.shape[1]
+    k = math.ceil(o * m.density)
+    kth = np.sort(g, axis=1)[:, [max(o - k - 1, 0)]] if k < o else np.full((g.shape[0], 1), -np.inf)
+    return y, active, g, kth
+
+
+def module_gate(m, x) -> np.ndarray:
+    """The module's own gate decisions, by the seed's rule."""
+    with torch.no_grad():
+        if isinstance(m, CGConv2d):
+            xs = channel_shuffle(x, m.p) if m.shuffle else x
+            yp = F.conv2d(xs, m.weight * m.mask, None, m.stride, m.padding, m.dilation, m.groups)
+            bn = F.batch_norm(yp, m.bn.running_mean, m.bn.running_var, None, None, False, 0.0, m.bn.eps)
+            return (torch.sigmoid(m.alpha * (bn - m.threshold)) - 0.5 > 0).numpy()
+        if isinstance(m, PGConv2d):
+            from gate2deploy.gated import truncate_msb
+            s = float(m.static_scale) if m.static_scale > 0 else None
+            msb = F.conv2d(truncate_msb(x, m.abits, m.pred_bits, s), m.quantized_weight(), None,
+                           m.stride, m.padding, m.dilation, m.groups)
+            return (torch.sigmoid(m.alpha * (msb - m.threshold)) > 0.5).numpy()
+        pooled = x.mean(dim=(2, 3)) if m.pool == "avg" else x.amax(dim=(2, 3))
+        g = torch.relu(F.linear(pooled, m.gate.weight, m.gate.bias))
+        from gate2deploy.gated import _fbs_active
+        return _fbs_active(g, m.density).bool().numpy()
+
+
+def assert_equal_up_to_ties(actual, expected, gate_a, gate_e, decision, threshold, what):
+    """Values equal where gates agree; gates differ only at ties, and rarely. Returns #flips."""
+    flips = gate_a != gate_e
+    n_flips = int(flips.sum())
+    if n_flips:
+        dec = np.broadcast_to(decision, flips.shape)[flips]
+        thr = np.broadcast_to(threshold, flips.shape)[flips]
+        band = TIE_EPS * max(1.0, float(np.abs(decision).max()))
+        assert np.all(np.abs(dec - thr) <= band), (
+            f"{what}: {n_flips} gates differ away from a tie (|decision - threshold| up to "
+            f"{np.abs(dec - thr).max():.3g}, tie band {band:.3g})")
+        assert n_flips <= max(2, 1e-3 * flips.size), f"{what}: {n_flips} of {flips.size} gates flipped"
+    if flips.ndim == 2:  # FBS: a flipped gate is a whole output channel
+        flips = flips[:, :, None, None]
+    ok = np.isclose(actual, expected, atol=ATOL, rtol=RTOL) | np.broadcast_to(flips, actual.shape)
+    assert ok.all(), f"{what}: max |diff| {np.abs(actual - expected)[~ok].max():.3g} where the gates agree"
+    return n_flips
+
+
+def lowered_session(m, x, expose=True):
+    proto = capture(m, x)
+    result = LoweringResult()
+    graph = lower_portable(ir.import_graph(proto), result, expose_gates=expose)
+    model = ir.export_model(graph)
+    assert not [n for n in model.graph.node if n.domain == "gate2deploy"]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return proto, sess, result
+
+
+def _cases():
+    for i, cfg in enumerate(CONV_CONFIGS):
+        if cfg[6] == 1:
+            yield pytest.param("cg", cfg, {}, id=f"cg-{i}")
+            yield pytest.param("fbs", cfg, {"density": 0.5, "pool": "avg" if i % 2 else "max"}, id=f"fbs-{i}")
+        yield pytest.param("pg", cfg, {"abits": 3, "pred_bits": 2}, id=f"pg32-{i}")
+        yield pytest.param("pg", cfg, {"abits": 8, "pred_bits": 4, "wbits": 4}, id=f"pg84-{i}")
+    yield pytest.param("cg", CONV_CONFIGS[1], {"use_group": True, "shuffle": True}, id="cg-group-shuffle")
+    yield pytest.param("cg", CONV_CONFIGS[0], {"use_group": True, "p": 2}, id="cg-group-p2")
+    yield pytest.param("fbs", CONV_CONFIGS[1], {"density": 1.0}, id="fbs-dense")
+    yield pytest.param("fbs", CONV_CONFIGS[1], {"density": 0.3}, id="fbs-0.3")
+    yield pytest.param("pg", CONV_CONFIGS[0], {"wbits": 1}, id="pg-binary-weights")
+    yield pytest.param("pg", CONV_CONFIGS[0], {"wbits": 0}, id="pg-float-weights")
+
+
+MAKERS = {"cg": make_cg, "pg": make_pg, "fbs": make_fbs}
+SEEDS = {"cg": seed_cg, "pg": seed_pg, "fbs": seed_fbs}
+
+
+@pytest.mark.parametrize("kind,cfg,kw", list(_cases()))
+def test_module_reference_and_lowering_agree(kind, cfg, kw):
+    m, x = MAKERS[kind](cfg, **kw)
+    with torch.no_grad():
+        y_module = m(x).numpy()
+        # 1. The module's eval forward is the seed's formula (same float ops: bit-identical).
+        y_seed = SEEDS[kind](m, x).numpy()
+    np.testing.assert_array_equal(y_module, y_seed)
+    # 2. The reference implementation agrees with the module up to ties.
+    y_ref, gate_ref, decision, threshold = reference_of(m, x)
+    gate_mod = module_gate(m, x)
+    assert gate_ref.any() and (not gate_ref.all() or kind == "fbs" and kw.get("density") == 1.0), \
+        "the test data must switch some gates on and (except dense FBS) some off"
+    assert_equal_up_to_ties(y_module, y_ref, gate_mod, gate_ref, decision, threshold, "module vs reference")
+    # 3. One custom node per layer; the portable lowering in stock onnxruntime agrees.
+    proto, sess, result = lowered_session(m, x)
+    custom = [n.op_type for n in proto.graph.node if n.domain == "gate2deploy"]
+    assert custom == [{"cg": "CGConv", "pg": "PGConv", "fbs": "FBSConv"}[kind]]
+    outs = sess.run(None, {"input": x.numpy()})
+    y_ort, gate_ort = outs[0], outs[1]
+    assert y_ort.shape == y_module.shape
+    assert_equal_up_to_ties(y_ort, y_ref, gate_ort, gate_ref, decision, threshold, "onnx lowering vs reference")
+
+
+def test_fbs_inactive_channels_are_exact_zeros_and_k_per_sample():
+    m, x = make_fbs(CONV_CONFIGS[1], density=0.25)
+    with torch.no_grad():
+        y = m(x)
+    o = y.shape[1]
+    k = math.ceil(o * 0.25)
+    nonzero_channels = (y.abs().amax(dim=(2, 3)) > 0).sum(dim=1)
+    assert (nonzero_channels <= k).all() and (nonzero_channels > 0).all()
+
+
+def test_fbs_density_attribute_keeps_k():
+    for o in range(1, 300):
+        for density in (0.1, 0.3, 1 / 3, 0.7, 0.55):
+            k = math.ceil(o * density)
+            attr = float(np.float32(fbs_density_attribute(density, o)))
+            assert math.ceil(o * attr) == k, (o, density)
+
+
+def test_pg_static_scale_makes_outputs_batch_independent_and_is_exported():
+    m, x = make_pg(CONV_CONFIGS[0])
+    with torch.no_grad():
+        dynamic_single = m(x[:1]).numpy()
+        dynamic_batch = m(x).numpy()[:1]
+    assert not np.allclose(dynamic_single, dynamic_batch), "the dynamic scale depends on the batch"
+    scales = calibrate_pg_scales(m, [x[:1], x[1:]])
+    assert scales[""] == pytest.approx(float(x.abs().max()) + 1e-7, rel=1e-6)
+    assert pg_scale_modes(m)[""].startswith("static")
+    with torch.no_grad():
+        # (equal up to the conv's float summation, which differs between batch sizes)
+        np.testing.assert_allclose(m(x[:1]).numpy(), m(x).numpy()[:1], atol=ATOL, rtol=RTOL)
+    proto, sess, _ = lowered_session(m, x)
+    (desc,) = describe_gated_nodes(proto)
+    assert desc["scale"].startswith("static") and desc["attributes"]["static_scale"] == pytest.approx(scales[""], rel=1e-6)
+    y_ref, gate_ref, decision, threshold = reference_of(m, x)
+    y_ort, gate_ort = sess.run(None, {"input": x.numpy()})
+    assert_equal_up_to_ties(y_ort, y_ref, gate_ort, gate_ref, decision, threshold, "static-scale lowering")
+
+
+def test_quantized_conv_exports_as_standard_ops_with_constant_weights():
+    m = QuantizedConv2d(8, 8, 3, padding=1, bias=False, wbits=8, abits=3).eval()
+    x = torch.relu(torch.randn(2, 8, 6, 6))
+    proto = capture(m, x)
+    ops = [n.op_type for n in proto.graph.node]
+    assert "Conv" in ops and not [n for n in proto.graph.node if n.domain]
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    graph = ir.import_graph(proto)
+    w = next(n for n in graph.nodes if n.op == "Conv").inputs[1]
+    assert ir.const_value(w) is not None, f"quantized weight {conv.input[1]} is not a constant"
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(y, m(x).detach().numpy(), atol=ATOL, rtol=RTOL)
+
+
+def test_gate_statistics_torch_and_onnx_agree_and_imply_macs():
+    torch.manual_seed(1)
+    layers = torch.nn.Sequential(make_cg(CONV_CONFIGS[0])[0], make_fbs(CONV_CONFIGS[0])[0],
+                                 torch.nn.ReLU(), make_pg(CONV_CONFIGS[0])[0]).eval()
+    x = torch.randn(2, 8, 9, 9)
+    stats = gate_statistics(layers, [x, x * 0.5])
+    assert [s.op for s in stats] == ["CGConv", "FBSConv", "PGConv"]
+    dense = 8 * 9 * 9 * 8 * 9
+    for s in stats:
+        assert s.dense_macs == dense and 0 < s.gate_on_fraction < 1 and s.samples == 4
+    cg, fbs, pg = stats
+    assert cg.expected_macs == pytest.approx(dense * (0.25 + 0.75 * cg.gate_on_fraction))
+    assert pg.expected_macs == pytest.approx(dense * (1 + pg.gate_on_fraction))
+    assert pg.details["bit_weighted_macs"] == pytest.approx(dense * (2 + pg.gate_on_fraction) / 3)
+    assert fbs.gate_on_fraction == pytest.approx(0.5)
+    # The FBS layer's input is the CG output (all channels non-zero): in_density 1.
+    assert fbs.expected_macs == pytest.approx(dense * 0.5 + 64)
+    onnx_stats = onnx_gate_statistics(capture(layers, x), [x, x * 0.5])
+    for a, b in zip(stats, onnx_stats):
+        assert a.op == b.op and a.dense_macs == b.dense_macs
+        assert abs(a.gate_on_fraction - b.gate_on_fraction) <= 1e-3, (a, b)
