@@ -14,12 +14,14 @@ import onnx_graphsurgeon as gs
 from gate2deploy.passes import ir
 from gate2deploy.passes.cleanup import cleanup
 from gate2deploy.passes.fold_masks import FoldResult, fold_static_masks
+from gate2deploy.passes.lower_portable import LoweringResult, lower_portable
 
 
 @dataclass
 class PassContext:
     unfoldable_policy: str = "error"  # "error" | "keep"
     fold: FoldResult = field(default_factory=FoldResult)
+    lowering: LoweringResult = field(default_factory=LoweringResult)  # CG/PG/FBS -> standard ops
 
 
 Pass = Callable[[gs.Graph, PassContext], gs.Graph]
@@ -30,7 +32,10 @@ FOLD_PIPELINE: list[tuple[str, Pass]] = [
 ]
 
 PIPELINES: dict[str, list[tuple[str, Pass]]] = {
-    "onnx": FOLD_PIPELINE,
+    # Portable: every gate2deploy op becomes standard ONNX ops (stock onnxruntime, no plugin).
+    "onnx": FOLD_PIPELINE + [("lower_portable", lambda g, ctx: lower_portable(g, ctx.lowering))],
+    # ONNX Runtime with the gate2deploy custom-op library: CGConv/PGConv/FBSConv nodes stay.
+    "ort": list(FOLD_PIPELINE),
 }
 
 
