@@ -1,0 +1,138 @@
+// Shared machinery of the gated convolution kernels: attribute parsing and validation,
+// convolution geometry, im2col into the GEMM's packed layout, weight packing, the blocked
+// GEMM driver, and the "gated two-stage convolution" that CGConv and PGConv are both made of:
+//
+//   acc1 = W1 * X1                 (always: CG's base channels, PG's MSB activations)
+//   Y    = scale1 * acc1
+//   gate = Y > threshold[o]        (per output element)
+//   Y   += gate * scale2 * (W2 * X2)  only where gate is on
+//                                  (CG's remaining channels, PG's LSB activations)
+//
+// The second stage is computed per gated-on output element as a dot product of the weight
+// row with that pixel's receptive field (im2col transposed, so the field is contiguous);
+// above kDenseSecondStageFraction of elements on, a dense GEMM is cheaper and is used instead.
+//
+// Errors: validation throws OpError; each op's Compute catches it (and std::bad_alloc) and
+// returns an ONNX Runtime error status, so a bad model never takes the process down.
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "isa_kernels.h"
+
+namespace g2d {
+
+struct OpError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Above this fraction of gated-on output elements the second stage runs as a dense GEMM
+// (measured crossover of sparse dot products vs the blocked GEMM, tools/bench_gated_ops.py).
+constexpr double kDenseSecondStageFraction = 0.35;
+
+struct ConvAttrs {
+  std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
+  int64_t group = 1;
+};
+
+// Reads strides/pads/dilations/group (ONNX Conv defaults); a malformed value is recorded in
+// *error (kernel constructors must not throw) and reported by Compute.
+ConvAttrs ReadConvAttrs(const OrtKernelInfo* info, std::string* error);
+int64_t ReadIntAttr(const OrtKernelInfo* info, const char* name, int64_t dflt);
+float ReadFloatAttr(const OrtKernelInfo* info, const char* name, float dflt);
+std::string ReadStringAttr(const OrtKernelInfo* info, const char* name, const std::string& dflt);
+
+struct ConvGeom {
+  int64_t N, C, H, W;      // input
+  int64_t O, Cw, kh, kw;   // weight [O, Cw = C / group, kh, kw]
+  int64_t sh, sw, pt, pl, pb, pr, dh, dw, group;
+  int64_t OH, OW;
+  int64_t kk() const { return kh * kw; }
+  int64_t P() const { return OH * OW; }
+};
+
+// Validates ranks, channel counts and attributes; throws OpError naming `op`.
+ConvGeom MakeGeom(const char* op, const std::vector<int64_t>& x_shape,
+                  const std::vector<int64_t>& w_shape, const ConvAttrs& attrs);
+void ExpectShape(const char* op, const char* what, const std::vector<int64_t>& shape,
+                 const std::vector<int64_t>& expected);
+
+// Runs fn(i) for i in [0, total) on the session's intra-op thread pool. fn must not throw.
+void ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn);
+
+// Wraps a kernel body: OpError -> ORT_INVALID_ARGUMENT, anything else -> ORT_RUNTIME_EXCEPTION.
+Ort::Status Guarded(const char* op, const std::function<void()>& body);
+
+// Elements per packed k step: float packs single k, int16 packs k pairs (vpdpwssd/pmaddwd).
+template <class T> constexpr int PairOf() { return sizeof(T) == 2 ? 2 : 1; }
+inline int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Micro-tile sizes of the GEMM for element type T.
+template <class T> int TileRows(const IsaKernels& k);
+template <class T> int TileCols(const IsaKernels& k);
+
+// Packed weights of one GEMM: rows `outputs` of W[O, Cw, kh, kw], restricted to the input
+// channels `chans` (indices into Cw), laid out for the micro-kernel (see isa_kernels.h).
+template <class T>
+struct PackedWeights {
+  int64_t M = 0, K = 0, Kp = 0;
+  std::vector<T> data;
+};
+template <class T>
+PackedWeights<T> PackWeights(const IsaKernels& isa, const T* w, const ConvGeom& g,
+                             const std::vector<int>& outputs, const std::vector<int>& chans);
+
+// Weight rows for the per-element dot products: [M, Lpad], Lpad = K rounded up to 32 (zeros).
+template <class T>
+struct WeightRows {
+  int64_t M = 0, K = 0, Lpad = 0;
+  std::vector<T> data;
+};
+template <class T>
+WeightRows<T> MakeWeightRows(const T* w, const ConvGeom& g, const std::vector<int>& outputs,
+                             const std::vector<int>& chans);
+
+// im2col of one sample x[C, H, W] over input channels `chans` into the packed-B layout.
+template <class T>
+void Im2colPacked(OrtKernelContext* ctx, const IsaKernels& isa, const T* x, const ConvGeom& g,
+                  const std::vector<int>& chans, std::vector<T>& out);
+// Transposed im2col: out[p, 0:K] is output pixel p's receptive field, padded to Lpad.
+template <class T>
+void Im2colRows(OrtKernelContext* ctx, const T* x, const ConvGeom& g,
+                const std::vector<int>& chans, int64_t Lpad, std::vector<T>& out);
+
+// C[M, N] (row stride ldc) = A * B for packed operands; float -> float, int16 -> int32.
+void GemmPacked(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<float>& a,
+                const float* b, int64_t N, float* c, int64_t ldc);
+void GemmPacked(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<int16_t>& a,
+                const int16_t* b, int64_t N, int32_t* c, int64_t ldc);
+
+// One output group of a gated two-stage convolution (see the top of this file).
+template <class T>
+struct GatedStagePlan {
+  std::vector<int> outputs;       // output channels computed by this plan
+  std::vector<int> chans1, chans2;  // input channels read by stage 1 / stage 2
+  PackedWeights<T> w1, w2;        // stage weights for the GEMM
+  WeightRows<T> w2_rows;          // stage-2 weights for per-element dot products
+  float scale1 = 1.f, scale2 = 1.f;
+};
+
+struct GateCounts {
+  int64_t on = 0, total = 0;
+};
+
+// Computes y[o, :] for o in plan.outputs of one sample (y points at the sample's [O, P]).
+template <class T>
+void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
+                  const GatedStagePlan<T>& plan, const T* x1, const T* x2, const float* threshold,
+                  float* y, GateCounts* counts);
+
+}  // namespace g2d

@@ -1,0 +1,111 @@
+// FBSConv(X, W, fc_W, fc_b, bn_scale, bn_shift, beta) -> Y: Feature Boosting and Suppression
+// (runtimes/OPS.md, reference runtimes/reference.py::fbs_conv_reference).
+//
+// Per sample: the saliency g = relu(pool(X) @ fc_W^T + fc_b) picks the top-k output channels;
+// the kernel then runs one GEMM over only those output channels and only the input channels
+// that are not entirely zero in this sample (a preceding FBS layer zeroes its inactive
+// channels), so the work scales with out_density * in_density. Inactive outputs are written
+// as exact zeros.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "fbs_conv.h"
+
+namespace g2d {
+
+FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {
+  attrs_ = ReadConvAttrs(info, &attr_error_);
+  density_ = ReadFloatAttr(info, "density", -1.f);
+  const std::string pool = ReadStringAttr(info, "pool", "avg");
+  max_pool_ = pool == "max";
+  if (attr_error_.empty() && !(density_ > 0.f && density_ <= 1.f))
+    attr_error_ = "attribute density must be in (0, 1], got " + std::to_string(density_);
+  else if (attr_error_.empty() && pool != "avg" && pool != "max")
+    attr_error_ = "attribute pool must be \"avg\" or \"max\", got \"" + pool + "\"";
+}
+
+Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
+                                   const Ort::Custom::Tensor<float>& W,
+                                   const Ort::Custom::Tensor<float>& fc_W,
+                                   const Ort::Custom::Tensor<float>& fc_b,
+                                   const Ort::Custom::Tensor<float>& bn_scale,
+                                   const Ort::Custom::Tensor<float>& bn_shift,
+                                   const Ort::Custom::Tensor<float>& beta,
+                                   Ort::Custom::Tensor<float>& Y) {
+  return Guarded("FBSConv", [&] {
+    if (!attr_error_.empty()) throw OpError("FBSConv: " + attr_error_);
+    if (attrs_.group != 1) throw OpError("FBSConv: group must be 1 (W is [O, C, kh, kw])");
+    const ConvGeom g = MakeGeom("FBSConv", X.Shape(), W.Shape(), attrs_);
+    ExpectShape("FBSConv", "fc_W", fc_W.Shape(), {g.O, g.C});
+    ExpectShape("FBSConv", "fc_b", fc_b.Shape(), {g.O});
+    ExpectShape("FBSConv", "bn_scale", bn_scale.Shape(), {g.O});
+    ExpectShape("FBSConv", "bn_shift", bn_shift.Shape(), {g.O});
+    ExpectShape("FBSConv", "beta", beta.Shape(), {g.O});
+    if (g.H * g.W == 0) throw OpError("FBSConv: X has an empty spatial extent");
+
+    // k = ceil(O * density), density being the float32 attribute, product taken in double.
+    const int64_t k = int64_t(std::ceil(double(g.O) * double(density_)));
+    const IsaKernels& isa = BestKernels();
+    float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
+    const int64_t HW = g.H * g.W, Np = g.P();
+    std::vector<float> pooled(size_t(g.C)), gamma(size_t(g.O)), sorted, cols, out;
+
+    for (int64_t n = 0; n < g.N; ++n) {
+      const float* xn = X.Data() + n * g.C * HW;
+      float* yn = y + n * g.O * Np;
+      // Saliency, and which input channels carry anything at all.
+      std::vector<int> in_active;
+      for (int64_t c = 0; c < g.C; ++c) {
+        const float* xc = xn + c * HW;
+        double sum = 0.0;
+        float mx = xc[0];
+        bool nonzero = false;
+        for (int64_t i = 0; i < HW; ++i) {
+          sum += xc[i];
+          mx = std::max(mx, xc[i]);
+          nonzero |= xc[i] != 0.f;
+        }
+        pooled[c] = max_pool_ ? mx : float(sum / double(HW));
+        if (nonzero) in_active.push_back(int(c));
+      }
+      for (int64_t o = 0; o < g.O; ++o) {
+        float acc = 0.f;
+        const float* fo = fc_W.Data() + o * g.C;
+        for (int64_t c = 0; c < g.C; ++c) acc += pooled[c] * fo[c];
+        gamma[o] = std::max(acc + fc_b.Data()[o], 0.f);
+      }
+      std::vector<int> out_active;
+      if (k >= g.O) {
+        for (int64_t o = 0; o < g.O; ++o) out_active.push_back(int(o));
+      } else {
+        sorted = gamma;  // (k+1)-th largest = element k of the descending order
+        std::nth_element(sorted.begin(), sorted.begin() + k, sorted.end(), std::greater<float>());
+        const float cut = sorted[k];
+        for (int64_t o = 0; o < g.O; ++o)
+          if (gamma[o] > cut) out_active.push_back(int(o));
+      }
+      std::memset(yn, 0, sizeof(float) * g.O * Np);
+      if (out_active.empty()) continue;
+
+      // Only active outputs x active inputs: weights gathered and packed per sample.
+      const PackedWeights<float> w = PackWeights(isa, W.Data(), g, out_active, in_active);
+      Im2colPacked(ctx, isa, xn, g, in_active, cols);
+      out.resize(out_active.size() * size_t(Np));
+      if (in_active.empty())
+        std::fill(out.begin(), out.end(), 0.f);
+      else
+        GemmPacked(ctx, isa, w, cols.data(), Np, out.data(), Np);
+      for (size_t a = 0; a < out_active.size(); ++a) {
+        const int o = out_active[a];
+        const float ga = gamma[o], sc = bn_scale.Data()[o], sh = bn_shift.Data()[o],
+                    be = beta.Data()[o];
+        const float* src = out.data() + a * Np;
+        float* dst = yn + int64_t(o) * Np;
+        for (int64_t p = 0; p < Np; ++p) dst[p] = std::max(ga * (sc * src[p] + sh) + be, 0.f);
+      }
+    }
+  });
+}
+
+}  // namespace g2d

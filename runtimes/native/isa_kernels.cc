@@ -1,0 +1,190 @@
+// Vector inner loops, compiled once per instruction set (see isa_kernels.h). The build passes
+// -DG2D_ISA_NS=<namespace> and the matching -m flags; nothing here may be called unless the
+// CPU supports those flags (BestKernels() in conv_common.cc checks cpuid).
+#include <cstring>
+
+#include "isa_kernels.h"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#ifndef G2D_ISA_NS
+#error "compile with -DG2D_ISA_NS=isa_generic|isa_avx2|isa_avx512"
+#endif
+
+namespace g2d {
+namespace G2D_ISA_NS {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVW = 16;  // floats per vector register
+constexpr int kMR = 8, kIMR = 8;
+constexpr const char* kName = "avx512";
+#elif defined(__AVX2__)
+constexpr int kVW = 8;
+constexpr int kMR = 6, kIMR = 6;
+constexpr const char* kName = "avx2";
+#else
+constexpr int kVW = 4;
+constexpr int kMR = 4, kIMR = 4;
+constexpr const char* kName = "generic";
+#endif
+constexpr int kNR = 2 * kVW;   // two vectors of columns per micro-tile row
+constexpr int kINR = 2 * kVW;  // int32 lanes: one lane per column, each lane a pair of int16
+
+// GCC vector extension: one source for every width; may_alias + aligned(4) so any float*
+// can be loaded without alignment requirements.
+typedef float vf __attribute__((vector_size(kVW * 4), aligned(4), may_alias));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+
+void sgemm_micro(int64_t K, const float* a, const float* b, float* c, int64_t ldc, int m_valid,
+                 int n_valid, bool accumulate) {
+  vf acc[kMR][2];
+  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    const vf b0 = load(b + k * kNR), b1 = load(b + k * kNR + kVW);
+    const float* ak = a + k * kMR;
+    for (int r = 0; r < kMR; ++r) {
+      acc[r][0] += b0 * ak[r];
+      acc[r][1] += b1 * ak[r];
+    }
+  }
+  if (n_valid == kNR) {
+    for (int r = 0; r < m_valid; ++r) {
+      float* cr = c + r * ldc;
+      if (accumulate) {
+        store(cr, load(cr) + acc[r][0]);
+        store(cr + kVW, load(cr + kVW) + acc[r][1]);
+      } else {
+        store(cr, acc[r][0]);
+        store(cr + kVW, acc[r][1]);
+      }
+    }
+    return;
+  }
+  float tile[kNR];
+  for (int r = 0; r < m_valid; ++r) {
+    store(tile, acc[r][0]);
+    store(tile + kVW, acc[r][1]);
+    float* cr = c + r * ldc;
+    for (int j = 0; j < n_valid; ++j) cr[j] = accumulate ? cr[j] + tile[j] : tile[j];
+  }
+}
+
+void sdot_rows(const float* x, const float* const* rows, int nrows, int64_t len, float* out) {
+  vf acc[4] = {vf{}, vf{}, vf{}, vf{}};
+  if (nrows == 4) {  // the common case: one load of x feeds four rows
+    for (int64_t k = 0; k < len; k += kVW) {
+      const vf xv = load(x + k);
+      acc[0] += xv * load(rows[0] + k);
+      acc[1] += xv * load(rows[1] + k);
+      acc[2] += xv * load(rows[2] + k);
+      acc[3] += xv * load(rows[3] + k);
+    }
+  } else {
+    for (int i = 0; i < nrows; ++i)
+      for (int64_t k = 0; k < len; k += kVW) acc[i] += load(x + k) * load(rows[i] + k);
+  }
+  for (int i = 0; i < nrows; ++i) {
+    float lanes[kVW];
+    store(lanes, acc[i]);
+    float s = 0.f;
+    for (int l = 0; l < kVW; ++l) s += lanes[l];
+    out[i] = s;
+  }
+}
+
+#if defined(__AVX512F__)
+typedef __m512i vi;
+inline vi iload(const void* p) { return _mm512_loadu_si512(p); }
+inline vi madd_acc(vi acc, vi a, vi b) { return _mm512_dpwssd_epi32(acc, a, b); }
+inline vi ibroadcast(const int16_t* pair) {
+  int32_t v;
+  std::memcpy(&v, pair, 4);
+  return _mm512_set1_epi32(v);
+}
+inline void istore(int32_t* p, vi v) { _mm512_storeu_si512(p, v); }
+inline vi izero() { return _mm512_setzero_si512(); }
+#elif defined(__AVX2__)
+typedef __m256i vi;
+inline vi iload(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline vi madd_acc(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+inline vi ibroadcast(const int16_t* pair) {
+  int32_t v;
+  std::memcpy(&v, pair, 4);
+  return _mm256_set1_epi32(v);
+}
+inline void istore(int32_t* p, vi v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline vi izero() { return _mm256_setzero_si256(); }
+#endif
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+void igemm_micro(int64_t Kp, const int16_t* a, const int16_t* b, int32_t* c, int64_t ldc,
+                 int m_valid, int n_valid) {
+  vi acc[kIMR][2];
+  for (int r = 0; r < kIMR; ++r) acc[r][0] = acc[r][1] = izero();
+  for (int64_t kp = 0; kp < Kp / 2; ++kp) {
+    const int16_t* bk = b + kp * kINR * 2;
+    const vi b0 = iload(bk), b1 = iload(bk + kVW * 2);
+    const int16_t* ak = a + kp * kIMR * 2;
+    for (int r = 0; r < kIMR; ++r) {
+      const vi ar = ibroadcast(ak + 2 * r);
+      acc[r][0] = madd_acc(acc[r][0], ar, b0);
+      acc[r][1] = madd_acc(acc[r][1], ar, b1);
+    }
+  }
+  int32_t tile[kINR];
+  for (int r = 0; r < m_valid; ++r) {
+    istore(tile, acc[r][0]);
+    istore(tile + kVW, acc[r][1]);
+    std::memcpy(c + r * ldc, tile, sizeof(int32_t) * n_valid);
+  }
+}
+
+void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t len,
+               int32_t* out) {
+  constexpr int kStep = kVW * 2;  // int16 per vector
+  for (int i = 0; i < nrows; ++i) {
+    vi acc = izero();
+    for (int64_t k = 0; k < len; k += kStep) acc = madd_acc(acc, iload(x + k), iload(rows[i] + k));
+    int32_t lanes[kVW];
+    istore(lanes, acc);
+    int32_t s = 0;
+    for (int l = 0; l < kVW; ++l) s += lanes[l];
+    out[i] = s;
+  }
+}
+#else
+void igemm_micro(int64_t Kp, const int16_t* a, const int16_t* b, int32_t* c, int64_t ldc,
+                 int m_valid, int n_valid) {
+  int32_t acc[kIMR][kINR] = {};
+  for (int64_t kp = 0; kp < Kp / 2; ++kp) {
+    const int16_t* bk = b + kp * kINR * 2;
+    const int16_t* ak = a + kp * kIMR * 2;
+    for (int r = 0; r < kIMR; ++r)
+      for (int j = 0; j < kINR; ++j)
+        acc[r][j] += int32_t(ak[2 * r]) * bk[2 * j] + int32_t(ak[2 * r + 1]) * bk[2 * j + 1];
+  }
+  for (int r = 0; r < m_valid; ++r) std::memcpy(c + r * ldc, acc[r], sizeof(int32_t) * n_valid);
+}
+
+void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t len,
+               int32_t* out) {
+  for (int i = 0; i < nrows; ++i) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < len; ++k) s += int32_t(x[k]) * rows[i][k];
+    out[i] = s;
+  }
+}
+#endif
+
+}  // namespace
+
+extern const IsaKernels kKernels = {kName,       kMR,         kNR,       kIMR,     kINR,
+                                    sgemm_micro, igemm_micro, sdot_rows, idot_rows};
+
+}  // namespace G2D_ISA_NS
+}  // namespace g2d

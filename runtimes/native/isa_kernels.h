@@ -1,0 +1,43 @@
+// Inner loops that depend on the CPU's vector instruction set.
+//
+// isa_kernels.cc is compiled three times (generic x86-64, AVX2+FMA, AVX-512 with VNNI), each
+// copy in its own namespace; conv_common.cc picks one table at load time with a cpuid check
+// (__builtin_cpu_supports). So the library runs on any x86-64 CPU and still uses the widest
+// vectors the machine has. Everything outside this file is plain portable C++.
+//
+// Data layouts (shared by all ISAs, parameterised by the table's mr/nr):
+//   packed A (weights): panels of `mr` rows; panel i holds, for each k (or k pair), its mr
+//     values: a[i*Kp*mr + k*mr + r]. int16 uses pairs: a[(i*Kp/2 + k/2)*mr*2 + r*2 + k%2].
+//   packed B (im2col): panels of `nr` columns; b[j*Kp*nr + k*nr + c] (int16: pairs likewise).
+//   Kp = K rounded up to the pair size (1 for float, 2 for int16); padding is zero.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace g2d {
+
+struct IsaKernels {
+  const char* name;
+  int mr, nr;  // fp32 micro-tile: mr rows x nr columns
+  int imr, inr;  // int16 micro-tile
+  // C[m_valid x n_valid] (row stride ldc) = (or +=) A_panel(K) * B_panel(K)
+  void (*sgemm_micro)(int64_t K, const float* a, const float* b, float* c, int64_t ldc,
+                      int m_valid, int n_valid, bool accumulate);
+  // int32 C = int16 A * int16 B; Kp even, counts pairs of k
+  void (*igemm_micro)(int64_t Kp, const int16_t* a, const int16_t* b, int32_t* c, int64_t ldc,
+                      int m_valid, int n_valid);
+  // out[i] = dot(x, rows[i]) for i < nrows (nrows <= 4); len a multiple of 32, arrays 64-byte
+  // padded with zeros.
+  void (*sdot_rows)(const float* x, const float* const* rows, int nrows, int64_t len, float* out);
+  void (*idot_rows)(const int16_t* x, const int16_t* const* rows, int nrows, int64_t len,
+                    int32_t* out);
+};
+
+namespace isa_generic { extern const IsaKernels kKernels; }
+namespace isa_avx2 { extern const IsaKernels kKernels; }
+namespace isa_avx512 { extern const IsaKernels kKernels; }
+
+// The widest table this CPU supports (G2D_ISA=generic|avx2|avx512 forces one, for tests).
+const IsaKernels& BestKernels();
+
+}  // namespace g2d

@@ -1,0 +1,170 @@
+// PGConv(X, W, threshold) -> Y: Precision Gating (runtimes/OPS.md, reference
+// runtimes/reference.py::pg_conv_reference).
+//
+// X is quantized to abits B (sign-magnitude, per-tensor scale) and split into its top
+// pred_bits (MSB part) and the rest (LSB part). Stage 1 = conv of the MSB part for every
+// output; stage 2 = conv of the LSB part added only where out_msb > threshold[o].
+//
+// Integer arithmetic: W arrives de-quantized, but it lies on a grid step * q_w with
+// |q_w| <= 2^wbits - 1 (wbits <= 8). When that grid is found (checked exactly, below) and
+// B <= 8, both stages run as int16 x int16 -> int32 GEMMs / dot products (AVX-512 VNNI
+// vpdpwssd or AVX2 vpmaddwd: twice the multiply-adds per instruction of fp32) and are scaled
+// to float once per output. The integer sums are exact, so this is at least as accurate as
+// the fp32 reference. Otherwise (float weights, B > 8) the same stages run in fp32.
+#include <algorithm>
+#include <cmath>
+
+#include "pg_conv.h"
+
+namespace g2d {
+
+namespace {
+// Finds step and q with w == step * q (to 1e-3 of a step) for the smallest wbits in 1..8.
+bool FindWeightGrid(const float* w, int64_t n, std::vector<int16_t>* q, float* step) {
+  float wmax = 0.f;
+  for (int64_t i = 0; i < n; ++i) wmax = std::max(wmax, std::fabs(w[i]));
+  if (!std::isfinite(wmax)) return false;
+  q->assign(size_t(n), 0);
+  if (wmax == 0.f) {
+    *step = 1.f;
+    return true;
+  }
+  for (int bits = 1; bits <= 8; ++bits) {
+    const float levels = float((1 << bits) - 1), st = wmax / levels;
+    bool ok = true;
+    for (int64_t i = 0; i < n && ok; ++i) {
+      const float r = w[i] / st, ri = std::nearbyint(r);
+      ok = std::fabs(r - ri) <= 1e-3f && std::fabs(ri) <= levels;
+      (*q)[i] = int16_t(ri);
+    }
+    if (ok) {
+      *step = st;
+      return true;
+    }
+  }
+  return false;
+}
+}  // namespace
+
+PGConvKernel::PGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
+  attrs_ = ReadConvAttrs(info, &attr_error_);
+  abits_ = ReadIntAttr(info, "abits", -1);
+  pred_bits_ = ReadIntAttr(info, "pred_bits", -1);
+  static_scale_ = ReadFloatAttr(info, "static_scale", 0.f);
+  if (attr_error_.empty() && (abits_ < 2 || abits_ > 16))
+    attr_error_ = "attribute abits must be in [2, 16], got " + std::to_string(abits_);
+  else if (attr_error_.empty() && (pred_bits_ < 1 || pred_bits_ >= abits_))
+    attr_error_ = "attribute pred_bits must be in [1, abits - 1], got " + std::to_string(pred_bits_);
+  else if (attr_error_.empty() && !(static_scale_ >= 0.f && std::isfinite(static_scale_)))
+    attr_error_ = "attribute static_scale must be finite and >= 0";
+  // Constant weights: find the integer grid once, not per run.
+  int is_const = 0;
+  const OrtValue* w_value = nullptr;
+  OrtStatus* st = Ort::GetApi().KernelInfoGetConstantInput_tensor(info, 1, &is_const, &w_value);
+  if (st) {
+    Ort::GetApi().ReleaseStatus(st);
+  } else if (is_const && w_value) {
+    Ort::ConstValue v(w_value);
+    auto info_shape = v.GetTensorTypeAndShapeInfo();
+    if (info_shape.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      w_const_ = true;
+      w_int_ = FindWeightGrid(v.GetTensorData<float>(), int64_t(info_shape.GetElementCount()),
+                              &w_q_, &w_step_);
+    }
+  }
+}
+
+Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
+                                  const Ort::Custom::Tensor<float>& W,
+                                  const Ort::Custom::Tensor<float>& threshold,
+                                  Ort::Custom::Tensor<float>& Y) {
+  return Guarded("PGConv", [&] {
+    if (!attr_error_.empty()) throw OpError("PGConv: " + attr_error_);
+    const ConvGeom g = MakeGeom("PGConv", X.Shape(), W.Shape(), attrs_);
+    ExpectShape("PGConv", "threshold", threshold.Shape(), {g.O});
+    const int64_t B = abits_, Bh = pred_bits_, shift = B - Bh;
+    const int64_t nx = g.N * g.C * g.H * g.W, nw = g.O * g.Cw * g.kk();
+    const float* x = X.Data();
+
+    // Per-tensor scale over the whole batch (the seed's dynamic scale) unless static.
+    float s = static_scale_;
+    if (s <= 0.f) {
+      float amax = 0.f;
+      for (int64_t i = 0; i < nx; ++i) amax = std::max(amax, std::fabs(x[i]));
+      if (!std::isfinite(amax)) throw OpError("PGConv: X contains inf or NaN");
+      s = amax + 1e-7f;
+    }
+    const float levels = float((int64_t(1) << B) - 1);
+
+    std::vector<int16_t> w_q_local;
+    const std::vector<int16_t>* w_q = &w_q_;
+    float w_step = w_step_;
+    bool int_path = w_int_;
+    if (!w_const_) {
+      int_path = FindWeightGrid(W.Data(), nw, &w_q_local, &w_step);
+      w_q = &w_q_local;
+    }
+    // int16 operands and exact int32 sums: B <= 8 keeps |q| <= 255; bound the sum.
+    int_path = int_path && B <= 8 && double(g.Cw) * g.kk() * 255.0 * 255.0 < 2147483647.0;
+
+    float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
+    const IsaKernels& isa = BestKernels();
+    const int64_t Og = g.O / g.group;
+    GateCounts counts;
+
+    auto run = [&](auto zero, const auto* w_elems, float scale1, float scale2,
+                   auto quantize /* (float x, T* msb, T* lsb) */) {
+      using T = decltype(zero);
+      std::vector<T> msb(static_cast<size_t>(nx)), lsb(static_cast<size_t>(nx));
+      ParallelFor(ctx, size_t(g.N * g.C), [&](size_t plane) {
+        const int64_t off = int64_t(plane) * g.H * g.W;
+        for (int64_t i = off; i < off + g.H * g.W; ++i) quantize(x[i], &msb[i], &lsb[i]);
+      });
+      std::vector<GatedStagePlan<T>> plans(size_t(g.group));
+      for (int64_t gi = 0; gi < g.group; ++gi) {
+        auto& plan = plans[gi];
+        std::vector<int> w_chans;
+        for (int64_t o = gi * Og; o < (gi + 1) * Og; ++o) plan.outputs.push_back(int(o));
+        for (int64_t c = 0; c < g.Cw; ++c) {
+          w_chans.push_back(int(c));
+          plan.chans1.push_back(int(gi * g.Cw + c));
+        }
+        plan.chans2 = plan.chans1;
+        plan.w1 = PackWeights(isa, w_elems, g, plan.outputs, w_chans);
+        plan.w2 = plan.w1;
+        plan.w2_rows = MakeWeightRows(w_elems, g, plan.outputs, w_chans);
+        plan.scale1 = scale1;
+        plan.scale2 = scale2;
+      }
+      for (int64_t n = 0; n < g.N; ++n)
+        for (const auto& plan : plans)
+          RunGatedConv(ctx, isa, g, plan, msb.data() + n * g.C * g.H * g.W,
+                       lsb.data() + n * g.C * g.H * g.W, threshold.Data(), y + n * g.O * g.P(),
+                       &counts);
+    };
+
+    // q = round_half_even(min(|x| / s, 1) * (2^B - 1)), in fp32 as the reference does.
+    auto magnitude = [s, levels](float v) {
+      return int64_t(std::nearbyint(std::min(std::fabs(v) / s, 1.0f) * levels));
+    };
+    if (int_path) {
+      const float unit = s / levels * w_step;  // value of one activation step times one weight step
+      run(int16_t(0), w_q->data(), unit * float(int64_t(1) << shift), unit,
+          [&](float v, int16_t* hb, int16_t* lb) {
+            const int64_t q = magnitude(v), sign = v > 0.f ? 1 : (v < 0.f ? -1 : 0);
+            *hb = int16_t(sign * (q >> shift));
+            *lb = int16_t(sign * (q & ((int64_t(1) << shift) - 1)));
+          });
+    } else {
+      run(0.f, W.Data(), 1.f, 1.f, [&](float v, float* hb, float* lb) {
+        const int64_t q = magnitude(v);
+        const float sign = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
+        const float q_hb = float((q >> shift) << shift), q_lb = float(q) - q_hb;
+        *hb = (q_hb / levels) * s * sign;  // the reference's (and seed's) operation order
+        *lb = (q_lb / levels) * s * sign;
+      });
+    }
+  });
+}
+
+}  // namespace g2d

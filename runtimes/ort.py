@@ -1,0 +1,81 @@
+"""Open ONNX Runtime sessions that can run gate2deploy's custom ops.
+
+    from gate2deploy.runtimes.ort import open_session
+    sess = open_session("model.onnx", threads=2)
+    y = sess.run(None, {"x": x})[0]
+
+`open_session` builds the native custom-op library on first use (runtimes/native_build.py:
+g++ plus the ONNX Runtime headers fetched from Debian, cached under ~/.cache/gate2deploy),
+registers it, and opens a CPU session with `threads` intra-op threads (the kernels split
+their GEMMs and per-pixel loops over that same thread pool). `custom_ops_library_path()`
+returns the library's path for use with other tools
+(`SessionOptions.register_custom_ops_library`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from gate2deploy.errors import UserError
+
+from .native_build import build_library
+
+DOMAIN = "gate2deploy"
+
+
+def custom_ops_library_path(variant: str = "release") -> Path:
+    """Path of the compiled custom-op library (built and cached on first call).
+
+    GATE2DEPLOY_OPS_LIBRARY=/path/lib.so uses a prebuilt library instead."""
+    env = os.environ.get("GATE2DEPLOY_OPS_LIBRARY")
+    if env:
+        if not Path(env).is_file():
+            raise UserError(f"GATE2DEPLOY_OPS_LIBRARY={env} does not exist")
+        return Path(env)
+    return build_library(variant)
+
+
+def session_options(threads: int = 2, optimization: str = "all", library_variant: str = "release",
+                    profile: bool = False) -> ort.SessionOptions:
+    """SessionOptions with the custom ops registered and a fixed thread count."""
+    if threads < 1:
+        raise UserError(f"threads must be >= 1, not {threads}")
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if optimization not in levels:
+        raise UserError(f"optimization must be one of {sorted(levels)}, not {optimization!r}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = levels[optimization]
+    opts.log_severity_level = 3
+    opts.enable_profiling = profile
+    opts.register_custom_ops_library(str(custom_ops_library_path(library_variant)))
+    return opts
+
+
+def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: int = 2,
+                 optimization: str = "all", library_variant: str = "release",
+                 profile: bool = False) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for `model` (path, ModelProto or serialized bytes) with
+    gate2deploy's CGConv/PGConv/FBSConv kernels registered."""
+    if isinstance(model, onnx.ModelProto):
+        payload: str | bytes = model.SerializeToString()
+    elif isinstance(model, bytes):
+        payload = model
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist")
+        payload = str(path)
+    opts = session_options(threads, optimization, library_variant, profile)
+    try:
+        return ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for invalid models
+        first = (str(exc).strip().splitlines() or ["unknown error"])[0]
+        raise UserError(f"ONNX Runtime cannot open the model: {first}") from exc

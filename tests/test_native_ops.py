@@ -1,0 +1,346 @@
+"""Native ONNX Runtime kernels (runtimes/native/) vs the reference (runtimes/reference.py).
+
+Tolerance: |Y_kernel - Y_ref| <= 1e-4 * max|Y_ref| elementwise (fp32; the kernels use other
+summation orders, FMA, and for PG exact integer sums). The gates are discontinuous: an
+element beyond that tolerance counts as a flipped gate, and is accepted only if it is a tie
+(its stage-1 value is within 1e-5 * max|stage 1| of the threshold, or for FBS its saliency is
+within 1e-5 of the top-k cut) and flips are rare (<= 0.5% of gates).
+
+Gate-on fractions 0, ~0.2 (sparse second stage), ~0.6 (dense second stage) and 1 are set
+through the thresholds (per-channel quantiles of the reference's stage-1 output).
+
+The `sanitizer` test reruns the small cases of this file in a subprocess against the
+AddressSanitizer + UBSan build, with libasan preloaded; `isa` tests rerun them with the
+generic and AVX2 inner loops forced.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from gate2deploy.runtimes import reference as ref
+from gate2deploy.runtimes.ort import custom_ops_library_path, open_session
+
+RTOL = 1e-4
+TIE = 1e-5
+MAX_FLIP_FRACTION = 0.005
+IN_SUBPROCESS = os.environ.get("G2D_NATIVE_SUBPROCESS") == "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_library():
+    return custom_ops_library_path()
+
+
+def single_node_model(op: str, x_shape, initializers: list[np.ndarray], attrs: dict,
+                      dynamic_x: bool = False) -> onnx.ModelProto:
+    names = [f"in{i}" for i in range(len(initializers))]
+    node = helper.make_node(op, ["x", *names], ["y"], domain="gate2deploy", **attrs)
+    x_dims = ["n", "c", "h", "w"] if dynamic_x else list(x_shape)
+    graph = helper.make_graph(
+        [node], op,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel()) for n, a in zip(names, initializers)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("gate2deploy", 1)])
+    model.ir_version = 10
+    return model
+
+
+def run_node(op, x, initializers, attrs, dynamic_x=False):
+    sess = open_session(single_node_model(op, x.shape, initializers, attrs, dynamic_x), threads=2)
+    return sess.run(None, {"x": x})[0]
+
+
+def thresholds_for_fraction(stage1: np.ndarray, frac: float) -> np.ndarray:
+    """Per-channel thresholds putting about `frac` of each channel's stage-1 values above."""
+    per_channel = stage1.transpose(1, 0, 2, 3).reshape(stage1.shape[1], -1)
+    if frac <= 0:
+        return (per_channel.max(axis=1) + 1.0).astype(np.float32)
+    if frac >= 1:
+        return (per_channel.min(axis=1) - 1.0).astype(np.float32)
+    # Midway across a gap between values: PG's stage 1 takes few distinct values (integer
+    # sums, up to float rounding), and a threshold on one of them would manufacture ties.
+    gap = 1e-4 * float(np.abs(stage1).max())
+    thr = []
+    for values in per_channel:
+        q = np.quantile(values, 1.0 - frac)
+        below, above = values[values <= q + gap], values[values > q + gap]
+        thr.append((below.max() + above.min()) / 2 if above.size else q + gap)
+    return np.asarray(thr, np.float32)
+
+
+def assert_close_with_ties(y, y_ref, stage1, thr_per_channel):
+    assert y.shape == y_ref.shape
+    scale = max(float(np.abs(y_ref).max()), 1e-30)
+    bad = np.abs(y - y_ref) > RTOL * scale
+    if bad.any():
+        margin = np.abs(stage1 - thr_per_channel.reshape(1, -1, 1, 1))
+        tie_scale = max(float(np.abs(stage1).max()), 1e-30)
+        assert (margin[bad] <= TIE * tie_scale).all(), (
+            f"{bad.sum()} mismatches not at gate ties; worst margin {margin[bad].max():.3g}")
+        assert bad.mean() <= MAX_FLIP_FRACTION, f"{bad.sum()} flipped gates of {bad.size}"
+
+
+def conv_attrs(strides, pads, dilations, group=1):
+    return dict(strides=list(strides), pads=list(pads), dilations=list(dilations), group=group)
+
+
+# (N, C, O, H, W, k, strides, pads, dilations): small but covering the geometry
+GEOMETRIES = [
+    (1, 8, 8, 6, 6, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 12, 10, 9, 7, 3, (2, 1), (1, 0, 2, 1), (1, 1)),
+    (3, 16, 20, 11, 11, 3, (1, 2), (2, 2, 2, 2), (2, 2)),
+    (2, 8, 36, 5, 8, 1, (1, 1), (0, 0, 0, 0), (1, 1)),
+    (1, 32, 40, 14, 14, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 6, 7, 10, 9, 5, (3, 2), (2, 1, 0, 3), (1, 2)),
+]
+SMALL = GEOMETRIES[:3]
+FRACTIONS = [0.0, 0.2, 0.6, 1.0]
+
+
+def random_case(geom, seed):
+    n, c, o, h, w, k, s, p, d = geom
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = (rng.standard_normal((o, c, k, k)) / math.sqrt(c * k * k)).astype(np.float32)
+    return rng, x, wt, s, p, d
+
+
+# ----------------------------------------------------------------------------- CGConv
+
+def cg_base_mask(o, c, p, block_diagonal):
+    mask = np.zeros((o, c), np.float32)
+    if block_diagonal:  # output chunk i uses input chunk i (use_group=True)
+        for i in range(p):
+            mask[i * o // p:(i + 1) * o // p, i * c // p:(i + 1) * c // p] = 1
+    else:
+        mask[:, :max(1, c // p)] = 1
+    return mask
+
+
+@pytest.mark.parametrize("frac", FRACTIONS)
+@pytest.mark.parametrize("block_diagonal", [False, True])
+@pytest.mark.parametrize("gi", range(len(GEOMETRIES)))
+def test_cg_conv_matches_reference(gi, block_diagonal, frac):
+    geom = GEOMETRIES[gi]
+    if IN_SUBPROCESS and geom not in SMALL:
+        pytest.skip("small shapes only in the sanitizer/ISA reruns")
+    rng, x, w, s, p, d = random_case(geom, seed=gi)
+    o, c = w.shape[:2]
+    mask = cg_base_mask(o, c, 4 if c >= 8 else 2, block_diagonal)
+    yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
+    thr = thresholds_for_fraction(yp, frac)
+    y = run_node("CGConv", x, [w, mask, thr], conv_attrs(s, p, d))
+    y_ref = ref.cg_conv_reference(x, w, mask, thr, s, p, d)
+    assert_close_with_ties(y, y_ref, yp, thr)
+    if frac in (0.0, 1.0):  # no gate near its threshold: exact agreement expected
+        np.testing.assert_allclose(y, y_ref, rtol=0, atol=RTOL * np.abs(y_ref).max())
+
+
+def test_cg_conv_irregular_base_mask():
+    """Any 0/1 base mask is allowed (each output its own base set)."""
+    rng, x, w, s, p, d = random_case(GEOMETRIES[1], seed=7)
+    o, c = w.shape[:2]
+    mask = (rng.random((o, c)) < 0.4).astype(np.float32)
+    mask[0] = 0  # an output with an empty base path: its Yp is 0
+    mask[1] = 1  # one with everything in the base path
+    yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
+    thr = thresholds_for_fraction(yp, 0.3)
+    y = run_node("CGConv", x, [w, mask, thr], conv_attrs(s, p, d))
+    assert_close_with_ties(y, ref.cg_conv_reference(x, w, mask, thr, s, p, d), yp, thr)
+
+
+# ----------------------------------------------------------------------------- PGConv
+
+def quantize_weights(w, wbits):
+    """The seed's weight quantizer (sign-magnitude, per-tensor scale), float32."""
+    if wbits == 0:
+        return w
+    s = np.float32(np.abs(w).max()) + np.float32(1e-7)
+    levels = np.float32(2 ** wbits - 1)
+    q = np.round(np.abs(w) / s * levels)
+    return ((q / levels) * s * np.sign(w)).astype(np.float32)
+
+
+PG_BITS = [(3, 2, 8), (8, 4, 8), (4, 1, 4), (8, 4, 0), (12, 6, 8)]  # abits, pred_bits, wbits
+
+
+@pytest.mark.parametrize("frac", FRACTIONS)
+@pytest.mark.parametrize("bits", PG_BITS, ids=lambda b: f"a{b[0]}p{b[1]}w{b[2]}")
+@pytest.mark.parametrize("gi", range(len(GEOMETRIES)))
+def test_pg_conv_matches_reference(gi, bits, frac):
+    geom = GEOMETRIES[gi]
+    if IN_SUBPROCESS and geom not in SMALL:
+        pytest.skip("small shapes only in the sanitizer/ISA reruns")
+    abits, pred, wbits = bits
+    n, c, o, h, wd, k, s, p, d = geom
+    group = 2 if (c % 2 == 0 and o % 2 == 0 and gi % 2 == 0) else 1
+    rng = np.random.default_rng(gi)
+    x = np.clip(rng.standard_normal((n, c, h, wd)), 0, 2.5).astype(np.float32)  # after PACT
+    if gi == 1:
+        x = rng.standard_normal((n, c, h, wd)).astype(np.float32)  # negative inputs too
+    w = quantize_weights(rng.standard_normal((o, c // group, k, k)).astype(np.float32), wbits)
+    x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
+    msb = ref.conv2d(x_hb, w, s, p, d, group)
+    thr = thresholds_for_fraction(msb, frac)
+    attrs = dict(conv_attrs(s, p, d, group), abits=abits, pred_bits=pred, static_scale=0.0)
+    y = run_node("PGConv", x, [w, thr], attrs)
+    y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, s, p, d, group)
+    assert_close_with_ties(y, y_ref, msb, thr)
+
+
+def test_pg_conv_static_scale_and_dynamic_weights():
+    """static_scale > 0 replaces max|X|; W given as a graph input (not constant) also works."""
+    rng, x, w, s, p, d = random_case(GEOMETRIES[0], seed=3)
+    x = np.abs(x)
+    w = quantize_weights(w, 6)
+    x_hb, _, _ = ref.pg_split_activations(x, 4, 2, static_scale=1.5)
+    msb = ref.conv2d(x_hb, w, s, p, d)
+    thr = thresholds_for_fraction(msb, 0.3)
+    attrs = dict(conv_attrs(s, p, d), abits=4, pred_bits=2, static_scale=1.5)
+    y = run_node("PGConv", x, [w, thr], attrs)
+    assert_close_with_ties(y, ref.pg_conv_reference(x, w, thr, 4, 2, 1.5, s, p, d), msb, thr)
+
+    model = single_node_model("PGConv", x.shape, [thr], attrs)
+    node = model.graph.node[0]
+    node.input[:] = ["x", "w_in", "in0"]
+    model.graph.input.append(helper.make_tensor_value_info("w_in", TensorProto.FLOAT, w.shape))
+    y2 = open_session(model).run(None, {"x": x, "w_in": w})[0]
+    np.testing.assert_allclose(y2, y, rtol=0, atol=RTOL * np.abs(y).max())
+
+
+# ----------------------------------------------------------------------------- FBSConv
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.7, 1.0])
+@pytest.mark.parametrize("gi", range(len(GEOMETRIES)))
+def test_fbs_conv_matches_reference(gi, density, pool):
+    geom = GEOMETRIES[gi]
+    if IN_SUBPROCESS and geom not in SMALL:
+        pytest.skip("small shapes only in the sanitizer/ISA reruns")
+    rng, x, w, s, p, d = random_case(geom, seed=gi)
+    o, c = w.shape[:2]
+    x[:, rng.random(c) < 0.5] = 0.0  # inputs from a previous FBS layer: some channels all zero
+    x[0, 0] = 1.0  # ... but not the same ones in every sample
+    fc_w = rng.standard_normal((o, c)).astype(np.float32)
+    fc_b = (rng.standard_normal(o) + 0.5).astype(np.float32)
+    bn_scale, bn_shift, beta = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
+    attrs = dict(conv_attrs(s, p, d), density=float(np.float32(density)), pool=pool)
+    y = run_node("FBSConv", x, [w, fc_w, fc_b, bn_scale, bn_shift, beta], attrs)
+    y_ref, active = ref.fbs_conv_reference(x, w, fc_w, fc_b, bn_scale, bn_shift, beta,
+                                           float(np.float32(density)), pool, s, p, d,
+                                           return_gate=True)
+    scale = max(float(np.abs(y_ref).max()), 1e-30)
+    bad_channels = (np.abs(y - y_ref) > RTOL * scale).any(axis=(2, 3))
+    assert (y[~active & ~bad_channels] == 0).all()  # skipped channels are exact zeros
+    if bad_channels.any():  # only a top-k tie may select a different channel
+        pooled = x.mean(axis=(2, 3)) if pool == "avg" else x.max(axis=(2, 3))
+        g = np.maximum(pooled @ fc_w.T + fc_b, 0)
+        k = math.ceil(o * float(np.float32(density)))
+        cut = np.sort(g, axis=1)[:, o - k - 1:o - k]
+        assert (np.abs(g - cut)[bad_channels] <= TIE * np.abs(g).max()).all()
+        assert bad_channels.mean() <= 0.05
+
+
+def test_fbs_conv_all_inputs_zero_and_single_output():
+    x = np.zeros((2, 4, 5, 5), np.float32)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((1, 4, 3, 3)).astype(np.float32)
+    params = [rng.standard_normal(s).astype(np.float32) for s in [(1, 4), 1, 1, 1, 1]]
+    params[1][:] = 1.0  # g = relu(fc_b) = 1 > 0
+    attrs = dict(conv_attrs((1, 1), (1, 1, 1, 1), (1, 1)), density=1.0, pool="avg")
+    y = run_node("FBSConv", x, [w, *params], attrs)
+    np.testing.assert_allclose(y, ref.fbs_conv_reference(x, w, *params, 1.0, "avg", (1, 1),
+                                                         (1, 1, 1, 1), (1, 1)), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _cg_inputs(o=4, c=8, k=3):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((o, c, k, k)).astype(np.float32), cg_base_mask(o, c, 2, False),
+            np.zeros(o, np.float32))
+
+
+BAD_CASES = {
+    "cg_x_rank": ("CGConv", (1, 8, 5), list(_cg_inputs()), conv_attrs((1, 1), (0, 0, 0, 0), (1, 1))),
+    "cg_channels": ("CGConv", (1, 6, 5, 5), list(_cg_inputs()), conv_attrs((1, 1), (0, 0, 0, 0), (1, 1))),
+    "cg_mask_shape": ("CGConv", (1, 8, 5, 5), [_cg_inputs()[0], np.ones((4, 7), np.float32),
+                                               np.zeros(4, np.float32)], {}),
+    "cg_mask_values": ("CGConv", (1, 8, 5, 5), [_cg_inputs()[0], np.full((4, 8), 0.5, np.float32),
+                                                np.zeros(4, np.float32)], {}),
+    "cg_threshold": ("CGConv", (1, 8, 5, 5), [*_cg_inputs()[:2], np.zeros(3, np.float32)], {}),
+    "cg_group": ("CGConv", (1, 8, 5, 5), list(_cg_inputs()), {"group": 2}),
+    "cg_kernel_too_big": ("CGConv", (1, 8, 2, 2), list(_cg_inputs()), {}),
+    "cg_strides": ("CGConv", (1, 8, 5, 5), list(_cg_inputs()), {"strides": [0, 1]}),
+    "cg_pads": ("CGConv", (1, 8, 5, 5), list(_cg_inputs()), {"pads": [1, 1]}),
+    "pg_pred_bits": ("PGConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32)],
+                     {"abits": 4, "pred_bits": 4}),
+    "pg_missing_abits": ("PGConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32)], {}),
+    "pg_group": ("PGConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32)],
+                 {"abits": 4, "pred_bits": 2, "group": 3}),
+    "pg_static_scale": ("PGConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32)],
+                        {"abits": 4, "pred_bits": 2, "static_scale": -1.0}),
+    "fbs_density": ("FBSConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros((4, 8), np.float32)]
+                    + [np.zeros(4, np.float32)] * 4, {"density": 0.0}),
+    "fbs_pool": ("FBSConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros((4, 8), np.float32)]
+                 + [np.zeros(4, np.float32)] * 4, {"density": 0.5, "pool": "min"}),
+    "fbs_fc_shape": ("FBSConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros((4, 6), np.float32)]
+                     + [np.zeros(4, np.float32)] * 4, {"density": 0.5}),
+    "fbs_beta_shape": ("FBSConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros((4, 8), np.float32)]
+                       + [np.zeros(4, np.float32)] * 3 + [np.zeros(5, np.float32)], {"density": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_inputs_raise_runtime_error_not_crash(case):
+    op, x_shape, inits, attrs = BAD_CASES[case]
+    x = np.ones(x_shape, np.float32)
+    with pytest.raises(Exception) as info:
+        run_node(op, x, inits, attrs, dynamic_x=True)
+    assert op in str(info.value) or "Invalid" in str(info.value) or "INVALID" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- reruns
+
+def _rerun_small_cases(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, G2D_NATIVE_SUBPROCESS="1", **env_extra)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+           "-k", "not rerun and not sanitizer"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.sanitizer
+@pytest.mark.skipif(IN_SUBPROCESS, reason="already a rerun")
+def test_sanitizer_build_runs_kernel_tests_clean():
+    """The small cases under -fsanitize=address,undefined (ASan runtime preloaded)."""
+    from gate2deploy.runtimes.native_build import asan_preload, build_library
+
+    lib = build_library("asan")
+    proc = _rerun_small_cases({
+        "GATE2DEPLOY_OPS_LIBRARY": str(lib),
+        "LD_PRELOAD": asan_preload(),
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+    })
+    report = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    assert "ERROR: AddressSanitizer" not in proc.stderr and "runtime error:" not in proc.stderr, report
+    assert " passed" in proc.stdout, report
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+@pytest.mark.skipif(IN_SUBPROCESS, reason="already a rerun")
+def test_rerun_with_narrower_isa(isa):
+    """The generic and AVX2 inner loops (picked by cpuid on other machines) on this machine."""
+    proc = _rerun_small_cases({"G2D_ISA": isa})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
