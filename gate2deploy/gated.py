@@ -423,9 +423,8 @@ def _fbs_active(g: torch.Tensor, density: float) -> torch.Tensor:
     return (g > kth).to(g.dtype)
 
 
-def _fbs_eval(x, weight, conv_args, running_mean, running_var, eps, beta, gate_w, gate_b,
-              hidden_w, hidden_b, density, pool, training=False, counter=None):
-    """The FBS layer's forward (see FBSConv2d); `training` selects batch-statistics BN."""
+def _fbs_saliency(x, pool, gate_w, gate_b, hidden_w=None, hidden_b=None):
+    """gamma = relu(fc(pool_HW(x))) [N, O], with an optional hidden layer + ReLU."""
     if pool == "avg":
         pooled = x.mean(dim=(2, 3))
     elif pool == "max":
@@ -436,7 +435,13 @@ def _fbs_eval(x, weight, conv_args, running_mean, running_var, eps, beta, gate_w
         pooled = x.pow(2).mean(dim=(2, 3)).sqrt()
     if hidden_w is not None:
         pooled = torch.relu(F.linear(pooled, hidden_w, hidden_b))
-    g = torch.relu(F.linear(pooled, gate_w, gate_b))
+    return torch.relu(F.linear(pooled, gate_w, gate_b))
+
+
+def _fbs_eval(x, weight, conv_args, running_mean, running_var, eps, beta, gate_w, gate_b,
+              hidden_w, hidden_b, density, pool, training=False, counter=None):
+    """The FBS layer's forward (see FBSConv2d); `training` selects batch-statistics BN."""
+    g = _fbs_saliency(x, pool, gate_w, gate_b, hidden_w, hidden_b)
     active = _fbs_active(g.detach(), density)
     if counter is not None:
         counter.gates_on += float(active.sum())
@@ -532,6 +537,16 @@ class FBSConv2d(nn.Module):
         return _FBSConvFn.apply(x, w, fc_w, fc_b, scale, shift, beta, self.bn.running_mean,
                                 self.bn.running_var, self.bn.eps, self._conv_args(), attrs,
                                 self.density)
+
+    def saliency_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The predicted channel saliency gamma [N, O] for input x."""
+        hidden = self.gate_hidden
+        return _fbs_saliency(x, self.pool, self.gate.weight, self.gate.bias,
+                             hidden.weight if hidden else None, hidden.bias if hidden else None)
+
+    def top_k(self) -> int:
+        """Active output channels per sample: ceil(O * density)."""
+        return fbs_top_k(self.density, self.conv.out_channels)
 
     def bn_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """BN_noaffine(y) = y * scale + shift with scale = 1/sqrt(rv + eps), shift = -rm * scale."""

@@ -1,0 +1,188 @@
+"""Layer-by-layer verification of dynamically gated layers (CG, PG, FBS) in an exported model.
+
+Why not compare only the network outputs: the gates are discontinuous. A float rounding
+difference of 1e-7 in a partial sum that sits on its threshold flips a gate, and (for PG) a
+rounding difference of an activation that sits half-way between two quantization levels moves
+it by a whole level; later layers amplify that, so the network outputs of two correct
+implementations can differ visibly. What must hold is: every gated layer, fed the SAME input,
+computes what the PyTorch layer computes, except at ties.
+
+`verify_gated_layers` runs the compiled model with each gated layer's input and output exposed,
+runs each PyTorch gated module (eval) on the exported model's own input of that layer, and
+checks per layer:
+- where gates agree, |y_onnx - y_torch| <= rtol * max|y_torch| (default rtol 1e-4);
+- every element (CG, PG) or (sample, channel) (FBS) that differs more is a flipped gate at a
+  tie: its decision value (CG: the partial sum against rm + delta*sqrt(rv+eps); PG: out_msb
+  against delta; FBS: the saliency against the per-sample (k+1)-th largest) is within
+  tie_eps * max|decision| (default 1e-5) of its threshold;
+- flipped gates are rare: at most max(2, 0.1% of the layer's gates).
+The result lists, per layer, the number of gates, flips, and the largest error where gates
+agree; `passed` is the conjunction.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gated import (CGConv2d, FBSConv2d, PGConv2d, _cg_seed_eval, _fbs_active, _pg_seed_eval,
+                    truncate_msb)
+
+OPS = {CGConv2d: "CGConv", PGConv2d: "PGConv", FBSConv2d: "FBSConv"}
+
+
+@dataclass
+class GatedLayerCheck:
+    module: str
+    node: str
+    op: str
+    gates: int
+    flipped: int
+    flipped_off_tie: int          # flips NOT at a tie (must be 0)
+    max_abs_err_agreeing: float   # largest |diff| where the gates agree
+    scale: float                  # max|y_torch|
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class GatedVerifyResult:
+    layers: list[GatedLayerCheck] = field(default_factory=list)
+    output_max_abs_err: float = 0.0
+    output_max_rel_err: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(layer.passed for layer in self.layers)
+
+    @property
+    def flipped(self) -> int:
+        return sum(layer.flipped for layer in self.layers)
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "flipped_gates": self.flipped,
+                "output_max_abs_err": self.output_max_abs_err,
+                "output_max_rel_err": self.output_max_rel_err,
+                "layers": [vars(layer) for layer in self.layers]}
+
+
+def _execution_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    order: list[tuple[str, nn.Module]] = []
+    handles = [m.register_forward_pre_hook(lambda mod, inp, name=name: order.append((name, mod)) and None)
+               for name, m in model.named_modules() if isinstance(m, tuple(OPS))]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _layer_eval(module: nn.Module, x: torch.Tensor):
+    """(y, gate, decision, threshold) of a gated module on the input its exported node sees
+    (for CG that is after the channel shuffle, which is a separate node)."""
+    with torch.no_grad():
+        if isinstance(module, CGConv2d):
+            args = (module.stride, module.padding, module.dilation, module.groups)
+            y = _cg_seed_eval(x, module.weight, module.mask, module.threshold, module.bn.running_mean,
+                              module.bn.running_var, module.bn.eps, module.alpha, *args)
+            yp = F.conv2d(x, module.weight * module.mask, None, *args)
+            _, thr = module.export_constants()
+            bn = F.batch_norm(yp, module.bn.running_mean, module.bn.running_var, None, None, False, 0.0, module.bn.eps)
+            gate = torch.sigmoid(module.alpha * (bn - module.threshold)) - 0.5 > 0
+            return y, gate, yp, thr.view(1, -1, 1, 1)
+        if isinstance(module, PGConv2d):
+            args = (module.stride, module.padding, module.dilation, module.groups)
+            scale = module._scale()
+            wq = module.quantized_weight()
+            y = _pg_seed_eval(x, wq, module.threshold, module.abits, module.pred_bits, module.alpha, scale, *args)
+            msb = F.conv2d(truncate_msb(x, module.abits, module.pred_bits, scale), wq, None, *args)
+            gate = torch.sigmoid(module.alpha * (msb - module.threshold)) > 0.5
+            return y, gate, msb, module.threshold
+        y = module(x)
+        g = module.saliency_of(x)
+        o = g.shape[1]
+        active = _fbs_active(g, module.density).bool()
+        k = min(o - 1, module.top_k())
+        kth = torch.sort(g, dim=1).values[:, o - k - 1:o - k] if module.top_k() < o else torch.full_like(g[:, :1], -np.inf)
+        return y, active, g, kth
+
+
+def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: onnx.ModelProto,
+                        inputs: list[np.ndarray], make_session=None, rtol: float = 1e-4,
+                        tie_eps: float = 1e-5) -> GatedVerifyResult:
+    """Check every gated layer of `compiled` (the pipeline's output, either target) against the
+    PyTorch `model`, on `inputs` (arrays of the export's input shape). `captured` is the model
+    as captured (before the passes): it names each gated node's input and output tensors.
+    `make_session(proto)` opens a session (default: gate2deploy.verify.make_session, which
+    registers the custom-op library when the model still has gate2deploy nodes)."""
+    if make_session is None:
+        from .verify import make_session
+    nodes = [n for n in captured.graph.node if n.domain == "gate2deploy" and n.op_type in OPS.values()]
+    result = GatedVerifyResult()
+    if not nodes:
+        return result
+    order = _execution_order(model, torch.from_numpy(np.asarray(inputs[0], np.float32)))
+    if [OPS[type(m)] for _, m in order] != [n.op_type for n in nodes]:
+        raise ValueError("the gated modules and the captured gate2deploy nodes do not correspond one to one")
+    produced = {o for n in compiled.graph.node for o in n.output} | {i.name for i in compiled.graph.input}
+    probe = copy.deepcopy(compiled)
+    existing = {o.name for o in probe.graph.output}
+    wanted = []
+    for node in nodes:
+        for name in (node.input[0], node.output[0]):
+            if name in produced and name not in existing:
+                probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+                existing.add(name)
+            wanted.append(name)
+    session = make_session(probe)
+    out_names = [o.name for o in session.get_outputs()]
+    main_output = compiled.graph.output[0].name
+    per_layer: dict[int, dict] = {i: {"gates": 0, "flipped": 0, "off_tie": 0, "err": 0.0, "scale": 0.0}
+                                  for i in range(len(nodes))}
+    notes: dict[int, str] = {}
+    for array in inputs:
+        array = np.asarray(array, np.float32)
+        values = dict(zip(out_names, session.run(None, {session.get_inputs()[0].name: array})))
+        with torch.no_grad():
+            reference = model.eval()(torch.from_numpy(array)).numpy()
+        got = values[main_output]
+        err = float(np.abs(got - reference).max()) if np.isfinite(reference).all() else float("inf")
+        result.output_max_abs_err = max(result.output_max_abs_err, err)
+        result.output_max_rel_err = max(result.output_max_rel_err, err / max(float(np.abs(reference).max()), 1e-30))
+        for i, (node, (name, module)) in enumerate(zip(nodes, order)):
+            x_name, y_name = node.input[0], node.output[0]
+            if x_name not in values or y_name not in values:
+                notes[i] = "input or output tensor not present in the compiled model; not checked"
+                continue
+            y, gate, decision, threshold = (t.detach().numpy() for t in _layer_eval(module, torch.from_numpy(values[x_name])))
+            y_onnx = values[y_name]
+            stats = per_layer[i]
+            if not (np.isfinite(y).all() and np.isfinite(y_onnx).all()):
+                notes[i] = "non-finite values in the layer output; not comparable"
+                continue
+            scale = float(np.abs(y).max())
+            stats["scale"] = max(stats["scale"], scale)
+            differs = np.abs(y_onnx - y) > rtol * max(scale, 1e-30)
+            if gate.ndim == 2:  # FBS: a gate is a (sample, channel)
+                differs = differs.any(axis=(2, 3))
+            band = tie_eps * max(1.0, float(np.abs(decision).max()))
+            at_tie = np.abs(decision - threshold) <= band
+            stats["gates"] += gate.size
+            stats["flipped"] += int(differs.sum())
+            stats["off_tie"] += int((differs & ~at_tie).sum())
+            agree = ~differs if gate.ndim == 4 else np.broadcast_to(~differs[:, :, None, None], y.shape)
+            if agree.any():
+                stats["err"] = max(stats["err"], float(np.abs(y_onnx - y)[agree].max()))
+    for i, (node, (name, _module)) in enumerate(zip(nodes, order)):
+        s = per_layer[i]
+        ok = s["off_tie"] == 0 and s["flipped"] <= max(2, 1e-3 * s["gates"]) and i not in notes
+        result.layers.append(GatedLayerCheck(name, node.name, node.op_type, s["gates"], s["flipped"],
+                                             s["off_tie"], s["err"], s["scale"], ok, notes.get(i, "")))
+    return result
