@@ -1,0 +1,164 @@
+"""`gate2deploy profile`: measure per-layer latency on the target and write a latency LUT,
+Gator's latency-weighted pruning configuration, Gator's timing table and a report.
+
+    gate2deploy profile ckpt.pth --model torchvision.models:resnet50 --input-shape 1,3,224,224 \\
+        --target ort-cpu --threads 2 -o latency/
+    gate2deploy profile --predict latency/lut.json --channels cfg.json
+
+The checkpoint is optional (latency does not depend on weight values; without it the
+architecture is built from --model). A Gator checkpoint's own gates are read and its pruned
+latency is predicted too. Outputs in the -o folder: lut.json, gator_config.json,
+edge_multipliers_by_name.json, timing.csv, multipliers.png, latency_vs_flops.png,
+report.html (see gate2deploy.profiling for what each holds).
+
+`--channels` takes a JSON list of channel counts in edge order, {"edges": [...]}, {edge name:
+count} or Gator's nested channels_config.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..loading import build_model, load_checkpoint, load_weights
+from ..profiling.lut import DEFAULT_FRACTIONS, layer_latencies, load_lut, parse_channels, predict, table_of
+from ..profiling.measure import BACKENDS, Settings
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("profile", help="measure layer latency on the target: LUT, Gator config, report")
+    p.add_argument("checkpoint", nargs="?", help="state_dict / Gator checkpoint (optional: --model alone profiles "
+                   "the architecture), a .pt2 program, or a pickled module with --trust-pickle")
+    p.add_argument("--model", help="architecture: package.module:callable or file.py:callable")
+    p.add_argument("--model-kwargs", help="JSON keyword arguments for the --model callable")
+    p.add_argument("--input-shape", help="e.g. 1,3,224,224 (the batch size is the profiled batch)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that unpickle Python objects")
+    p.add_argument("--target", default="ort-cpu", choices=sorted(BACKENDS), help="runtime to measure on")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (ort-cpu)")
+    p.add_argument("-o", "--out", help="output folder (created if missing)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted profile in the same folder")
+    p.add_argument("--edges", choices=("auto", "gator", "groups"), default="auto",
+                   help="Gator hyper-edges (ResNet/VGG), channel-analysis groups, or auto")
+    p.add_argument("--widths", default=",".join(str(f) for f in DEFAULT_FRACTIONS),
+                   help="fractions of each prunable width to measure (plus each minus one channel on inputs)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--max-cv", type=float, default=0.05, help="re-measure entries less stable than this")
+    p.add_argument("--retries", type=int, default=2)
+    p.add_argument("--no-report", action="store_true", help="skip the PNG/HTML report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--criteria-weight", type=float, default=1.0, help="gator_config.json criteria_weight")
+    p.add_argument("--gradient-multiplier", type=float, default=1.0, help="gator_config.json gradient_multiplier")
+    p.add_argument("--gate-init-prob", type=float, default=0.99, help="gator_config.json gate_init_prob")
+    p.add_argument("--static-total-cost", type=float, default=None, help="gator_config.json static_total_cost")
+    p.add_argument("--predict", metavar="LUT", help="predict a configuration's latency from this lut.json")
+    p.add_argument("--channels", metavar="CFG", help="with --predict: channel configuration JSON")
+    p.add_argument("--per-layer", action="store_true", help="with --predict: print each layer's latency")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.predict:
+        return _predict(args)
+    if not args.out:
+        raise UserError("-o/--out is required (the folder to write the profile into)")
+    if not args.input_shape:
+        raise UserError("--input-shape is required, e.g. 1,3,224,224")
+    if args.checkpoint is None and not args.model:
+        raise UserError("give a checkpoint and/or --model to say what to profile")
+    from ..frontend import parse_shape
+    from ..profiling.runner import ProfileOptions, profile
+
+    shape = parse_shape(args.input_shape)
+    fractions = _fractions(args.widths)
+    if args.repeats < 3 or args.warmup < 0 or args.max_cv <= 0:
+        raise UserError("--repeats must be >= 3, --warmup >= 0 and --max-cv > 0")
+    model, current = _load(args)
+    example = torch.randn(shape)
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:  # noqa: BLE001 - the shape not fitting the model
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"--input-shape {args.input_shape} does not fit the model: {first}") from None
+    options = ProfileOptions(
+        target=args.target, threads=args.threads,
+        settings=Settings(warmup=args.warmup, repeats=args.repeats, max_cv=args.max_cv, retries=args.retries),
+        fractions=fractions, edges=args.edges, resume=args.resume, report=not args.no_report,
+        progress=not args.no_progress, criteria_weight=args.criteria_weight,
+        gradient_multiplier=args.gradient_multiplier, gate_init_prob=args.gate_init_prob,
+        static_total_cost=args.static_total_cost)
+    info = {"spec": args.model or str(args.checkpoint), "checkpoint": args.checkpoint, "input_shape": list(shape)}
+    result = profile(model, example, args.out, options, info, current)
+    cal = result.lut["calibration"]
+    print(f"profiled {len(result.table.layers)} layers, {len(result.table.edges)} edges ({result.table.edge_source}) "
+          f"in {result.seconds:.1f} s: {result.entries_measured} LUT entries measured"
+          + (f", {result.entries_resumed} resumed" if result.entries_resumed else "")
+          + f", {result.unstable} unstable")
+    print(f"whole model: measured {cal['whole_model_ms']:.3f} ms, layer sum {cal['layer_sum_ms']:.3f} ms, "
+          f"scale {cal['scale']:.3f}")
+    if result.current_ms is not None:
+        print(f"checkpoint's gated configuration: predicted {result.current_ms:.3f} ms")
+    print(f"wrote {', '.join(str(Path(args.out) / f) for f in result.files)}")
+    return 0
+
+
+def _predict(args) -> int:
+    if not args.channels:
+        raise UserError("--predict needs --channels CFG.json (the configuration to estimate)")
+    lut = load_lut(args.predict)
+    table = table_of(lut)
+    path = Path(args.channels)
+    if not path.is_file():
+        raise UserError(f"--channels {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--channels {path} is not JSON: {exc}") from None
+    channels = parse_channels(table, data)
+    ms = predict(lut, channels, table)
+    full = predict(lut, None, table)
+    if args.per_layer:
+        scale = float(lut.get("calibration", {}).get("scale", 1.0))
+        for name, key, layer_ms in layer_latencies(lut, channels, table):
+            print(f"{name}\t{key}\t{scale * layer_ms:.4f} ms")
+    print(f"predicted latency: {ms:.3f} ms (unpruned {full:.3f} ms, ratio {ms / full:.3f}) on {lut['target']}, "
+          f"{lut['threads']} threads, batch {lut['batch']}")
+    return 0
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--widths {text!r} is not a comma-separated list of fractions") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise UserError(f"--widths {text!r}: fractions must be in (0, 1]")
+    return values
+
+
+def _load(args):
+    """The unpruned model, and the checkpoint's Gator channel counts (or None)."""
+    current = None
+    if args.checkpoint is None:
+        model = build_model(args.model, args.model_kwargs)
+        return model.eval(), None
+    ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+    if ckpt.module is not None:
+        return ckpt.module.eval(), None
+    if not args.model:
+        raise UserError(f"{ckpt.path} holds only weights: pass --model package.module:callable to build the architecture")
+    model = build_model(args.model, args.model_kwargs)
+    weights = ckpt.state_dict
+    from ..importers import gator
+
+    if gator.is_gator(weights):
+        weights, masks = gator.split_checkpoint(weights)
+        load_weights(model, weights, str(ckpt.path))
+        gator.mask_specs(model, masks)  # validates gate count and sizes against the model
+        current = [max(1, int(masks[i].reshape(-1).bool().sum())) for i in sorted(masks)]
+    else:
+        load_weights(model, weights, str(ckpt.path))
+    return model.eval(), current

@@ -1,0 +1,286 @@
+"""Latency measurement on the target runtime: one layer at a time, or a whole model.
+
+Protocol, per entry: a session is built for a one-layer ONNX model (or the whole model),
+`warmup` untimed runs, then `repeats` runs timed one by one with a monotonic clock. Samples
+farther than `OUTLIER_MADS` median absolute deviations from the median are dropped (on a
+shared machine those are other processes taking the cores, not the layer). The entry's value
+is the median of the kept samples; its stability figure is their coefficient of variation
+(std / mean). An entry whose CV exceeds `max_cv` is measured again (`retries` times) and the
+attempt with the lowest median is kept - interference only ever adds time; if even that one
+is above `max_cv` the entry is flagged `unstable` in the LUT and the report.
+
+Back ends: `OrtCpuBackend` (ONNX Runtime, CPUExecutionProvider, the threads given, graph
+optimisations at their default level so layers run with the kernels and fusions the deployed
+model gets) and `TensorRTBackend` (TensorRT engines on an NVIDIA GPU, timed with CUDA events).
+TensorRT is imported only when that target is chosen; where it or a GPU is missing the
+profile stops with a one-line error.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..capture import IR_VERSION, OPSET
+from ..errors import UserError
+
+OUTLIER_MADS = 3.0
+
+
+@dataclass
+class Settings:
+    warmup: int = 3
+    repeats: int = 15
+    max_cv: float = 0.05
+    retries: int = 2
+
+
+@dataclass
+class Measurement:
+    ms: float  # median of the kept samples
+    cv: float  # coefficient of variation of the kept samples
+    kept: int
+    rejected: int
+    attempts: int
+    unstable: bool
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ms"], d["cv"] = round(self.ms, 5), round(self.cv, 4)
+        return d
+
+
+def summarize(samples_ms: list[float]) -> tuple[float, float, int, int]:
+    """(median, cv, kept, rejected) after dropping outliers by the MAD rule."""
+    x = np.asarray(samples_ms, dtype=np.float64)
+    med = float(np.median(x))
+    mad = float(np.median(np.abs(x - med))) * 1.4826
+    keep = np.abs(x - med) <= OUTLIER_MADS * mad if mad > 0 else np.ones(len(x), bool)
+    kept = x[keep]
+    cv = float(kept.std() / kept.mean()) if kept.mean() > 0 else 0.0
+    return float(np.median(kept)), cv, int(keep.sum()), int((~keep).sum())
+
+
+def measure(run, settings: Settings) -> Measurement:
+    """Time `run()` by the protocol above."""
+    best = None
+    attempts = 0
+    for _ in range(1 + max(0, settings.retries)):
+        attempts += 1
+        for _ in range(settings.warmup):
+            run()
+        samples = []
+        for _ in range(settings.repeats):
+            t0 = time.perf_counter()
+            run()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        ms, cv, kept, rejected = summarize(samples)
+        if best is None or ms < best[0]:
+            best = (ms, cv, kept, rejected)
+        if cv <= settings.max_cv:
+            break
+    ms, cv, kept, rejected = best
+    return Measurement(ms, cv, kept, rejected, attempts, cv > settings.max_cv)
+
+
+# ---------------------------------------------------------------------------------------
+# One-layer models
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerSpec:
+    """The geometry a LUT entry is measured for (see lut.layer_key)."""
+
+    op: str  # "Conv" | "Gemm"
+    batch: int
+    cin: int
+    cout: int
+    h: int
+    w: int
+    kh: int
+    kw: int
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+
+def layer_model(spec: LayerSpec, seed: int = 0) -> onnx.ModelProto:
+    """A one-node model computing `spec` with random weights (values do not change timing)."""
+    rng = np.random.default_rng(seed)
+    if spec.op == "Conv":
+        x_shape = [spec.batch, spec.cin, spec.h, spec.w]
+        w = rng.standard_normal((spec.cout, spec.cin // spec.groups, spec.kh, spec.kw)).astype(np.float32) * 0.05
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[spec.kh, spec.kw],
+                                strides=list(spec.stride), pads=list(spec.pads),
+                                dilations=list(spec.dilation), group=spec.groups)
+    else:
+        x_shape = [spec.batch, spec.cin]
+        w = rng.standard_normal((spec.cout, spec.cin)).astype(np.float32) * 0.05
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
+    b = np.zeros(spec.cout, np.float32)
+    graph = helper.make_graph(
+        [node], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+def _feeds(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    feeds = {}
+    for inp in model.graph.input:
+        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+# ---------------------------------------------------------------------------------------
+# Back ends
+# ---------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"hostname": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+
+
+class OrtCpuBackend:
+    name = "ort-cpu"
+
+    def __init__(self, threads: int, settings: Settings):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.threads = threads
+        self.settings = settings
+        self.rng = np.random.default_rng(0)
+
+    def runtime_info(self) -> dict:
+        return {"name": "onnxruntime", "version": self.ort.__version__, "provider": "CPUExecutionProvider",
+                "graph_optimization": "ORT_ENABLE_ALL"}
+
+    def _session(self, model: onnx.ModelProto, optimized_path: str | None = None):
+        so = self.ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        if optimized_path:
+            so.optimized_model_filepath = optimized_path
+        return self.ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def measure_model(self, model: onnx.ModelProto, settings: Settings | None = None) -> Measurement:
+        sess = self._session(model)
+        feeds = _feeds(model, self.rng)
+        return measure(lambda: sess.run(None, feeds), settings or self.settings)
+
+    def measure_layer(self, spec: LayerSpec) -> tuple[Measurement, str]:
+        """Time one layer; also report the kernel ONNX Runtime chose ("nchwc" blocked layout or
+        "nchw"), read from the optimised graph, which the predictor uses to interpolate
+        between like entries only."""
+        model = layer_model(spec)
+        with tempfile.TemporaryDirectory(prefix="g2d-profile-") as tmp:
+            opt = os.path.join(tmp, "optimized.onnx")
+            sess = self._session(model, opt)
+            ops = {n.op_type for n in onnx.load(opt, load_external_data=False).graph.node}
+        path = "nchwc" if "ReorderInput" in ops or "ReorderOutput" in ops else "nchw"
+        feeds = _feeds(model, self.rng)
+        return measure(lambda: sess.run(None, feeds), self.settings), path
+
+
+class TensorRTBackend:
+    """TensorRT engines timed on the GPU (per layer: a one-layer engine, median of CUDA-event
+    timings). Only usable where TensorRT and an NVIDIA GPU are present."""
+
+    name = "tensorrt"
+
+    def __init__(self, threads: int, settings: Settings):
+        try:
+            import tensorrt as trt  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - ImportError or a missing libnvinfer
+            raise UserError(f"--target tensorrt needs TensorRT and an NVIDIA GPU; import tensorrt failed: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--target tensorrt needs an NVIDIA GPU; none is visible (torch.cuda.is_available() is False)")
+        self.trt, self.torch = trt, torch
+        self.settings = settings
+        self.logger = trt.Logger(trt.Logger.ERROR)
+
+    def runtime_info(self) -> dict:
+        return {"name": "tensorrt", "version": self.trt.__version__,
+                "device": self.torch.cuda.get_device_name(0)}
+
+    def _engine(self, model: onnx.ModelProto):
+        trt = self.trt
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse(model.SerializeToString()):
+            raise UserError(f"TensorRT cannot parse the model: {parser.get_error(0)}")
+        config = builder.create_builder_config()
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise UserError("TensorRT failed to build an engine for the model")
+        return trt.Runtime(self.logger).deserialize_cuda_engine(blob)
+
+    def _timed_run(self, model: onnx.ModelProto) -> Measurement:
+        torch = self.torch
+        engine = self._engine(model)
+        context = engine.create_execution_context()
+        buffers = []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            t = torch.randn(tuple(engine.get_tensor_shape(name)), device="cuda")
+            context.set_tensor_address(name, t.data_ptr())
+            buffers.append(t)
+        stream = torch.cuda.Stream()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def run():
+            start.record(stream)
+            context.execute_async_v3(stream.cuda_stream)
+            end.record(stream)
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        best = None
+        for attempt in range(1 + self.settings.retries):
+            for _ in range(self.settings.warmup):
+                run()
+            ms, cv, kept, rejected = summarize([run() for _ in range(self.settings.repeats)])
+            if best is None or ms < best[0]:
+                best = (ms, cv, kept, rejected, attempt + 1)
+            if cv <= self.settings.max_cv:
+                break
+        ms, cv, kept, rejected, attempts = best
+        return Measurement(ms, cv, kept, rejected, attempts, cv > self.settings.max_cv)
+
+    def measure_model(self, model: onnx.ModelProto, settings: Settings | None = None) -> Measurement:
+        return self._timed_run(model)
+
+    def measure_layer(self, spec: LayerSpec) -> tuple[Measurement, str]:
+        return self._timed_run(layer_model(spec)), "tensorrt"
+
+
+BACKENDS = {"ort-cpu": OrtCpuBackend, "tensorrt": TensorRTBackend}
+
+
+def make_backend(target: str, threads: int, settings: Settings):
+    if target not in BACKENDS:
+        raise UserError(f"--target {target!r}: choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[target](threads, settings)

@@ -1,0 +1,179 @@
+"""One profile, start to finish: edges -> layer measurements -> LUT -> Gator files -> report.
+
+Resuming. Measured entries are saved every few seconds to `<out>/lut.partial.json` (and on
+Ctrl-C). `--resume` reloads them when the partial file was made for the same model, input
+shape, target, runtime version, threads and measurement settings, and measures only what is
+missing; anything else is refused with a one-line error rather than mixing incomparable
+timings. The partial file is removed once the outputs are written. Every output file is
+written atomically.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..fileio import write_text
+from . import gator_outputs as gout
+from . import report as rep
+from .edges import ModelTable, build_table
+from .lut import (DEFAULT_FRACTIONS, dumps, layer_latencies, new_lut, ort_cpu_kernel, parse_key,
+                  widths_to_measure)
+from .measure import Settings, machine_info, make_backend
+
+PARTIAL = "lut.partial.json"
+SAVE_EVERY_S = 5.0
+
+
+@dataclass
+class ProfileOptions:
+    target: str = "ort-cpu"
+    threads: int = 2
+    settings: Settings = field(default_factory=Settings)
+    fractions: tuple = DEFAULT_FRACTIONS
+    edges: str = "auto"
+    resume: bool = False
+    report: bool = True
+    progress: bool = True
+    criteria_weight: float = 1.0
+    gradient_multiplier: float = 1.0
+    gate_init_prob: float = 0.99
+    static_total_cost: float | None = None
+
+
+@dataclass
+class ProfileResult:
+    out_dir: Path
+    table: ModelTable
+    lut: dict
+    measured_ms: float
+    predicted_ms: float
+    entries_measured: int
+    entries_resumed: int
+    unstable: int
+    files: list[str]
+    seconds: float
+    current_ms: float | None = None  # predicted latency of the checkpoint's own gates
+
+
+def profile(model: nn.Module, example: torch.Tensor, out_dir: str | Path, options: ProfileOptions,
+            model_info: dict, current_channels: list[int] | None = None) -> ProfileResult:
+    start = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out}: exists and is not a directory")
+    if not out.parent.is_dir():
+        raise UserError(f"-o {out}: directory {out.parent} does not exist")
+    if options.threads < 1:
+        raise UserError("--threads must be at least 1")
+    backend = make_backend(options.target, options.threads, options.settings)
+    table, proto = build_table(model, example, options.edges)
+    if not table.edges:
+        raise UserError("the model has no prunable channel group (every group is pinned)")
+    out.mkdir(exist_ok=True)
+    settings = {**asdict(options.settings), "fractions": list(options.fractions)}
+    lut = new_lut(options.target, machine_info(), backend.runtime_info(), options.threads, table, settings, model_info)
+    resumed = _resume(out / PARTIAL, lut) if options.resume else 0
+
+    keys = widths_to_measure(table, options.fractions)
+    todo = [k for k in keys if k not in lut["entries"]]
+    last_save = time.perf_counter()
+    # The whole model is timed before and after the layers and the faster result kept, so a
+    # burst of load from other processes during one of them does not skew the calibration.
+    whole_settings = Settings(warmup=5, repeats=max(20, options.settings.repeats),
+                              max_cv=options.settings.max_cv, retries=options.settings.retries)
+    try:
+        if "whole_model" not in lut:
+            lut["whole_model"] = backend.measure_model(proto, whole_settings).to_json()
+        for key in _progress(todo, options.progress, "layers"):
+            measurement, kernel = backend.measure_layer(parse_key(key))
+            lut["entries"][key] = {**measurement.to_json(), "kernel": kernel}
+            if time.perf_counter() - last_save > SAVE_EVERY_S:
+                write_text(out / PARTIAL, dumps(lut))
+                last_save = time.perf_counter()
+        if todo or "whole_model_after" not in lut:
+            after = backend.measure_model(proto, whole_settings).to_json()
+            if after["ms"] < lut["whole_model"]["ms"]:
+                lut["whole_model"] = after
+            lut["whole_model_after"] = True
+    except KeyboardInterrupt:
+        write_text(out / PARTIAL, dumps(lut))
+        raise
+    write_text(out / PARTIAL, dumps(lut))
+
+    whole = lut.pop("whole_model")
+    lut.pop("whole_model_after", None)
+    layer_sum = sum(ms for _, _, ms in layer_latencies(lut, None, table))
+    lut["calibration"] = {"whole_model_ms": whole["ms"], "whole_model_cv": whole["cv"],
+                          "whole_model_unstable": whole["unstable"], "layer_sum_ms": round(layer_sum, 5),
+                          "scale": round(whole["ms"] / layer_sum, 6)}
+    if options.target == "ort-cpu":
+        lut["kernel_rule_mismatches"] = sorted(
+            k for k, e in lut["entries"].items() if e.get("kernel") != ort_cpu_kernel(parse_key(k)))
+    t0, f0, savings = gout.edge_savings(lut, table)
+    current_ms = None
+    if current_channels is not None and table.edge_source == "gator hyper-edges":
+        from .lut import predict
+        current_ms = predict(lut, current_channels, table)
+        lut["model"]["checkpoint_channels"] = current_channels
+        lut["model"]["checkpoint_predicted_ms"] = round(current_ms, 5)
+
+    files = []
+
+    def emit(name: str, text: str) -> None:
+        write_text(out / name, text)
+        files.append(name)
+
+    emit("lut.json", dumps(lut))
+    config = gout.gator_config(savings, options.criteria_weight, options.gradient_multiplier,
+                               options.gate_init_prob, options.static_total_cost)
+    emit("gator_config.json", json.dumps(config, indent=1))
+    emit("edge_multipliers_by_name.json", json.dumps(gout.named_multipliers(savings), indent=1))
+    emit("timing.csv", gout.timing_csv(whole["ms"], f0, savings))
+    if options.report:
+        files += rep.write_plots(out, savings)
+        emit("report.html", rep.render_html(lut, savings, ["multipliers.png", "latency_vs_flops.png"], t0))
+    (out / PARTIAL).unlink(missing_ok=True)
+    unstable = sum(1 for e in lut["entries"].values() if e.get("unstable"))
+    return ProfileResult(out, table, lut, whole["ms"], t0, len(todo), resumed, unstable, files,
+                         time.perf_counter() - start, current_ms)
+
+
+MUST_MATCH = ("target", "threads", "batch", "settings")
+
+
+def _resume(path: Path, lut: dict) -> int:
+    if not path.is_file():
+        return 0
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"--resume: {path} is damaged; delete it to start afresh") from None
+    for key in MUST_MATCH:
+        if old.get(key) != lut[key]:
+            raise UserError(f"--resume: {path} was made with another {key} ({old.get(key)!r}, now {lut[key]!r}); "
+                            "delete it or profile into another folder")
+    if old.get("runtime", {}).get("version") != lut["runtime"]["version"]:
+        raise UserError(f"--resume: {path} was measured with another runtime version")
+    if old.get("model", {}).get("input_shape") != lut["model"].get("input_shape") or \
+            old.get("table", {}).get("layers") != json.loads(json.dumps(lut["table"]["layers"])):
+        raise UserError(f"--resume: {path} was made for another model or input shape")
+    lut["entries"].update(old.get("entries", {}))
+    if "whole_model" in old:
+        lut["whole_model"] = old["whole_model"]
+    if "whole_model_after" in old:
+        lut["whole_model_after"] = old["whole_model_after"]
+    return len(old.get("entries", {}))
+
+
+def _progress(items: list, enabled: bool, unit: str):
+    if not enabled or not items:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, unit=unit, desc="profiling", leave=False, dynamic_ncols=True)

@@ -1,0 +1,399 @@
+"""`gate2deploy profile`: edges, LUT keys and interpolation, timing protocol, Gator files,
+predictor, resume, and bad input. Timing values are never asserted (speed and accuracy are
+measured by tools/bench_profile.py); the structure of everything built from them is."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from onnx import numpy_helper
+
+from gate2deploy.cli import main
+from gate2deploy.errors import UserError
+from gate2deploy.profiling import gator_outputs, lut as lutmod
+from gate2deploy.profiling.edges import build_table, layer_shapes, random_configuration
+from gate2deploy.profiling.measure import LayerSpec, OrtCpuBackend, Settings, measure, summarize
+from gate2deploy.profiling.prune import pruned_model
+
+TINY_NET = '''
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    """conv-bn-relu stem, one residual block, a depthwise conv, fc: every kind of edge."""
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(24, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.b(self.a(x)))
+        x = self.c(self.dw(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+'''
+
+FAST = ["--repeats", "3", "--warmup", "1", "--retries", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_net_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("net") / "tiny.py"
+    path.write_text(TINY_NET)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_net_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prof") / "tiny"
+    code = main(["profile", "--model", f"{tiny_net_file}:Net", "--input-shape", "1,3,32,32", "-o", str(out), *FAST])
+    assert code == 0
+    return out
+
+
+def _conv_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int, int]]:
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "Gemm"):
+            w = inits[n.input[1]]
+            group = next((a.i for a in n.attribute if a.name == "group"), 1)
+            out[n.name] = (w.shape[1] * group, w.shape[0], group) if n.op_type == "Conv" else (w.shape[1], w.shape[0], 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Edges
+# ---------------------------------------------------------------------------------------
+def test_resnet50_edges_are_gators_37_hyper_edges_in_order():
+    table, _ = build_table(torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224))
+    assert table.edge_source == "gator hyper-edges"
+    assert len(table.edges) == 37
+    names = [e.name for e in table.edges]
+    assert names[0] == "stem"
+    # layer1: 3 blocks x 2 inner edges, then its residual edge
+    assert names[1:7] == [f"layer1.{b}.conv{i}->conv{i + 1}" for b in range(3) for i in (1, 2)]
+    assert names[7] == "layer1.residual" and table.edges[7].channels == 256
+    assert names[-1] == "layer4.residual" and table.edges[-1].channels == 2048
+    # the residual edge of layer1 is produced by its downsample and every block's last conv
+    assert len(table.edges[7].producers) == 4
+    fc = next(lay for lay in table.layers if lay.op == "Gemm")
+    assert fc.in_parts == [[36, 2048]] and fc.out_parts == [[None, 1000]]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_layer_shapes_equal_what_the_fold_produces(arch):
+    """The predictor's pruned geometry is exactly the fold's, layer by layer."""
+    table, proto = build_table(getattr(torchvision.models, arch)().eval(), torch.randn(1, 3, 64, 64))
+    cfg = random_configuration(table, np.random.default_rng(7))
+    assert cfg != table.full_channels()
+    folded = _conv_shapes(pruned_model(proto, table, cfg))
+    predicted = {s.layer.name: (s.cin, s.cout, s.groups) for s in layer_shapes(table, cfg)}
+    assert predicted == folded
+
+
+def test_channel_groups_for_models_without_a_gator_map(tiny_net_file):
+    from gate2deploy.loading import build_model
+
+    table, _ = build_table(build_model(f"{tiny_net_file}:Net"), torch.randn(1, 3, 32, 32))
+    assert table.edge_source == "channel analysis"
+    # stem+residual (16, coupled through the add and the depthwise conv), a (24), c (32)
+    assert sorted(e.channels for e in table.edges) == [16, 24, 32]
+    dw = next(lay for lay in table.layers if lay.depthwise)
+    stem = table.edges[0]
+    assert dw.in_parts == dw.out_parts == [[stem.index, 16]]
+    assert len(stem.producers) == 2  # the stem conv and the block's last conv
+
+
+def test_configuration_out_of_range_is_a_user_error():
+    table, _ = build_table(torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32))
+    bad = table.full_channels()
+    bad[0] = bad[0] + 1
+    with pytest.raises(UserError, match="edge 0"):
+        layer_shapes(table, bad)
+    with pytest.raises(UserError, match="one per edge"):
+        layer_shapes(table, bad[:-1])
+
+
+# ---------------------------------------------------------------------------------------
+# Keys, interpolation, timing protocol
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", [
+    "Conv/b1/i64/o64/f56x56/k3x3/s1x1/g1", "Conv/b32/i3/o64/f224x224/k7x7/s2x2/g1",
+    "Conv/b1/i96/o96/f56x56/k3x3/s2x2/g96", "Gemm/b1/i2048/o1000",
+    "Conv/b1/i8/o8/f9x9/k3x3/s1x1/g1/p0,0,0,0", "Conv/b1/i8/o8/f9x9/k3x3/s1x1/g1/d2x2"])
+def test_layer_keys_round_trip(key):
+    assert lutmod.layer_key(lutmod.parse_key(key)) == key
+
+
+def test_bad_key_is_a_user_error():
+    with pytest.raises(UserError, match="not a LUT layer key"):
+        lutmod.parse_key("Conv/64x64")
+
+
+def _synthetic_lut(fn, cins, couts, kernel=lambda ci: "nchwc"):
+    entries = {}
+    for ci in cins:
+        for co in couts:
+            key = f"Conv/b1/i{ci}/o{co}/f14x14/k3x3/s1x1/g1"
+            entries[key] = {"ms": fn(ci, co), "kernel": kernel(ci)}
+    return {"format": lutmod.FORMAT, "target": "ort-cpu", "entries": entries}
+
+
+def test_interpolation_is_exact_for_bilinear_costs():
+    def fn(ci, co):
+        return 0.05 + 0.001 * ci + 0.002 * co + 1e-4 * ci * co
+    lut = _synthetic_lut(fn, [16, 32, 48, 64], [16, 32, 64])
+    for ci, co in [(20, 40), (44, 17), (64, 50), (16, 16)]:
+        assert lutmod.lut_latency(lut, f"Conv/b1/i{ci}/o{co}/f14x14/k3x3/s1x1/g1") == pytest.approx(fn(ci, co), rel=1e-9)
+    # outside the measured rectangle: the least-squares fit of the same form, still exact here
+    assert lutmod.lut_latency(lut, "Conv/b1/i80/o72/f14x14/k3x3/s1x1/g1") == pytest.approx(fn(80, 72), rel=1e-6)
+
+
+def test_interpolation_uses_entries_of_the_same_kernel_only():
+    """Input widths that are not a multiple of 4 run a slower kernel on ONNX Runtime CPU."""
+    def fn(ci, co):
+        return (3.0 if ci % 4 else 1.0) * 1e-3 * ci * co
+    lut = _synthetic_lut(fn, [16, 31, 32, 47, 48, 63, 64], [32, 64],
+                         kernel=lambda ci: "nchw" if ci % 4 else "nchwc")
+    slow = lutmod.lut_latency(lut, "Conv/b1/i37/o64/f14x14/k3x3/s1x1/g1")
+    fast = lutmod.lut_latency(lut, "Conv/b1/i36/o64/f14x14/k3x3/s1x1/g1")
+    assert slow == pytest.approx(3e-3 * 37 * 64, rel=1e-9)
+    assert fast == pytest.approx(1e-3 * 36 * 64, rel=1e-9)
+
+
+def test_unknown_layer_family_is_a_user_error():
+    lut = _synthetic_lut(lambda ci, co: 1.0, [16], [16])
+    with pytest.raises(UserError, match="no measurement of a layer like"):
+        lutmod.lut_latency(lut, "Conv/b1/i16/o16/f7x7/k3x3/s1x1/g1")
+
+
+def test_outliers_are_rejected_and_cv_reported():
+    ms, cv, kept, rejected = summarize([1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.0, 9.0])
+    assert rejected == 1 and kept == 7
+    assert ms == pytest.approx(1.0)
+    assert cv < 0.02
+
+
+def test_unstable_entries_are_remeasured_then_flagged():
+    calls = []
+
+    def jittery():  # alternates 0 and 4 ms: cv ~ 1 whatever the machine does
+        calls.append(1)
+        if len(calls) % 2:
+            time.sleep(0.004)
+
+    m = measure(jittery, Settings(warmup=1, repeats=6, max_cv=0.05, retries=2))
+    assert m.attempts == 3 and m.unstable
+    assert len(calls) == 3 * (1 + 6)
+
+    def steady():
+        time.sleep(0.003)
+
+    m = measure(steady, Settings(warmup=1, repeats=5, max_cv=0.5, retries=2))
+    assert m.attempts == 1 and not m.unstable and m.ms >= 3.0
+
+
+def test_ort_backend_reports_the_kernel_it_ran():
+    backend = OrtCpuBackend(1, Settings(warmup=1, repeats=3, retries=0))
+    spec = LayerSpec("Conv", 1, 64, 32, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    _, kernel = backend.measure_layer(spec)
+    assert kernel == lutmod.ort_cpu_kernel(spec) == "nchwc"
+    odd = LayerSpec("Conv", 1, 63, 32, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    _, kernel = backend.measure_layer(odd)
+    assert kernel == lutmod.ort_cpu_kernel(odd) == "nchw"
+
+
+# ---------------------------------------------------------------------------------------
+# The command and its files
+# ---------------------------------------------------------------------------------------
+def read_gator_config(path: Path, n_edges: int) -> dict:
+    """What Gator's training does with --gating_config_path: json.load, then the keys as
+    keyword arguments of its wrapper; edge_multipliers is indexed by hyper-edge position."""
+    config = json.loads(path.read_text())
+    assert set(config) == set(gator_outputs.GATOR_KEYS)
+    assert config["factor_type"] in ("flop_factor", "memory_factor")
+    for key in ("criteria_weight", "gradient_multiplier", "gate_init_prob"):
+        assert isinstance(config[key], float)
+    assert config["static_total_cost"] is None or isinstance(config["static_total_cost"], float)
+    assert isinstance(config["edge_multipliers"], list) and len(config["edge_multipliers"]) == n_edges
+    assert all(isinstance(m, float) and math.isfinite(m) for m in config["edge_multipliers"])
+    return config
+
+
+def test_profile_writes_every_output(tiny_profile):
+    names = {p.name for p in tiny_profile.iterdir()}
+    assert names == {"lut.json", "gator_config.json", "edge_multipliers_by_name.json", "timing.csv",
+                     "multipliers.png", "latency_vs_flops.png", "report.html"}
+    lut = lutmod.load_lut(tiny_profile / "lut.json")
+    for field in ("machine", "runtime", "threads", "batch", "date"):
+        assert lut[field]
+    assert lut["runtime"]["version"] == __import__("onnxruntime").__version__
+    assert lut["threads"] == 2 and lut["batch"] == 1
+    n_edges = len(lut["table"]["edges"])
+    config = read_gator_config(tiny_profile / "gator_config.json", n_edges)
+    named = json.loads((tiny_profile / "edge_multipliers_by_name.json").read_text())
+    assert list(named["edge_multipliers"].values()) == config["edge_multipliers"]
+    assert list(named["edge_multipliers"]) == [e["name"] for e in lut["table"]["edges"]]
+    # every layer is measured at several widths of each prunable side
+    widths = {(k.split("/")[2], k.split("/")[3]) for k in lut["entries"] if "/f32x32/k3x3/" in k and "/g1" in k}
+    assert len(widths) >= 8
+    for entry in lut["entries"].values():
+        assert entry["ms"] > 0 and entry["cv"] >= 0 and entry["kernel"] in ("nchwc", "nchw")
+
+
+def test_multipliers_follow_gators_rule(tiny_profile):
+    lut = lutmod.load_lut(tiny_profile / "lut.json")
+    table = lutmod.table_of(lut)
+    named = json.loads((tiny_profile / "edge_multipliers_by_name.json").read_text())
+    from gate2deploy.profiling.edges import total_macs
+    full = table.full_channels()
+    t0, f0 = lutmod.predict(lut, full, table), total_macs(table, full)
+    for edge, row in zip(table.edges, named["edges"]):
+        cfg = list(full)
+        cfg[edge.index] = edge.channels // 2
+        lat = (t0 - lutmod.predict(lut, cfg, table)) / t0
+        flops = (f0 - total_macs(table, cfg)) / f0
+        assert row["multiplier"] == pytest.approx(lat / flops, rel=1e-4, abs=1e-6)
+
+
+def test_timing_csv_has_gators_columns(tiny_profile):
+    lut = lutmod.load_lut(tiny_profile / "lut.json")
+    with open(tiny_profile / "timing.csv") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == gator_outputs.TIMING_COLUMNS
+    assert len(rows) == 2 + len(lut["table"]["edges"])
+    assert rows[1][:2] == ["-1", "100.0"]
+    assert float(rows[1][2]) == pytest.approx(lut["calibration"]["whole_model_ms"], rel=1e-3)
+    assert [int(r[0]) for r in rows[2:]] == list(range(len(lut["table"]["edges"])))
+    assert all(0 < float(r[1]) < 100 for r in rows[2:])
+
+
+def test_predict_command(tiny_profile, tmp_path, capsys):
+    lut = lutmod.load_lut(tiny_profile / "lut.json")
+    table = lutmod.table_of(lut)
+    half = [max(1, c // 2) for c in table.full_channels()]
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(half))
+    assert main(["profile", "--predict", str(tiny_profile / "lut.json"), "--channels", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    expected = lutmod.predict(lut, half, table)
+    assert f"predicted latency: {expected:.3f} ms" in text
+    # the same configuration by edge name
+    cfg.write_text(json.dumps({"edges": {e.name: c for e, c in zip(table.edges, half)}}))
+    assert main(["profile", "--predict", str(tiny_profile / "lut.json"), "--channels", str(cfg)]) == 0
+    assert f"predicted latency: {expected:.3f} ms" in capsys.readouterr().out
+
+
+def test_predict_bad_input(tiny_profile, tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text("[1, 2]")
+    assert main(["profile", "--predict", str(tiny_profile / "lut.json"), "--channels", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "one per edge" in err
+    assert main(["profile", "--predict", str(tmp_path / "missing.json"), "--channels", str(cfg)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_measures_only_what_is_missing(tiny_net_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = OrtCpuBackend.measure_layer
+    calls = []
+
+    def interrupted(self, spec):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(lutmod.layer_key(spec))
+        return real(self, spec)
+
+    monkeypatch.setattr(OrtCpuBackend, "measure_layer", interrupted)
+    args = ["profile", "--model", f"{tiny_net_file}:Net", "--input-shape", "1,3,32,32", "-o", str(out), *FAST]
+    assert main(args) == 130
+    assert not (out / "lut.json").exists()
+    partial = json.loads((out / "lut.partial.json").read_text())
+    assert sorted(partial["entries"]) == sorted(calls)
+
+    resumed = []
+
+    def counting(self, spec):
+        resumed.append(lutmod.layer_key(spec))
+        return real(self, spec)
+
+    monkeypatch.setattr(OrtCpuBackend, "measure_layer", counting)
+    assert main(args + ["--resume"]) == 0
+    lut = lutmod.load_lut(out / "lut.json")
+    assert not set(resumed) & set(calls)
+    assert set(resumed) | set(calls) == set(lut["entries"])
+    for key in calls:  # measured before the interruption, kept as they were
+        assert lut["entries"][key]["ms"] == partial["entries"][key]["ms"]
+    assert not (out / "lut.partial.json").exists()
+    # a resume with other settings is refused rather than mixing timings
+    (out / "lut.partial.json").write_text(json.dumps(partial))
+    assert main(args[:-7] + ["--repeats", "4", "--warmup", "1", "--retries", "0", "--no-progress", "--resume"]) == 2
+
+
+def test_gator_checkpoint_resnet50(tmp_path, capsys):
+    """A Gator-wrapped ResNet-50 checkpoint: 37 multipliers by position, its own gates predicted."""
+    net = torchvision.models.resnet50()
+    from gate2deploy.importers.gator import hyper_edges
+    edges = hyper_edges(net)
+    sd = {f"net.{k}": v for k, v in net.state_dict().items()}
+    rng = np.random.default_rng(0)
+    for i, e in enumerate(edges):
+        mask = torch.from_numpy(rng.random(e.channels) < 0.7)
+        mask[0] = True
+        sd[f"module.forward_hooks.{i}.gating_module.gating_weights"] = torch.where(mask, 1.0, -1.0)
+        sd[f"module.forward_hooks.{i}.gating_module.active_channels_mask"] = mask
+    sd = {k if k.startswith("module.") else f"module.{k}": v for k, v in sd.items()}
+    ckpt = tmp_path / "gator.pth"
+    torch.save({"epoch": 1, "arch": "resnet50", "state_dict": sd, "best_acc1": 0.0, "optimizer": {}}, ckpt)
+    out = tmp_path / "latency"
+    code = main(["profile", str(ckpt), "--model", "torchvision.models:resnet50", "--input-shape", "1,3,64,64",
+                 "--target", "ort-cpu", "-o", str(out), "--widths", "0.5,1", "--no-report", *FAST])
+    assert code == 0
+    assert "checkpoint's gated configuration: predicted" in capsys.readouterr().out
+    config = read_gator_config(out / "gator_config.json", 37)
+    assert len(config["edge_multipliers"]) == 37
+    lut = lutmod.load_lut(out / "lut.json")
+    kept = [int(sd[f"module.forward_hooks.{i}.gating_module.active_channels_mask"].sum()) for i in range(37)]
+    assert lut["model"]["checkpoint_channels"] == kept
+
+
+def test_tensorrt_target_fails_cleanly_without_tensorrt(tiny_net_file, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except Exception:  # noqa: BLE001
+        pass
+    out = tmp_path / "trt"
+    code = main(["profile", "--model", f"{tiny_net_file}:Net", "--input-shape", "1,3,32,32", "--target", "tensorrt",
+                 "-o", str(out), *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "TensorRT" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input-shape", "1,3"], "does not fit the model"),
+    (["--input-shape", "1,3,32,32", "--widths", "0,1"], "--widths"),
+    (["--input-shape", "1,3,32,32", "--threads", "0"], "--threads"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_net_file, tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    code = main(["profile", "--model", f"{tiny_net_file}:Net", "-o", str(out), *args, *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err
+    assert not out.exists()
