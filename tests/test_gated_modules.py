@@ -328,3 +328,39 @@ def test_gate_statistics_torch_and_onnx_agree_and_imply_macs():
     for a, b in zip(stats, onnx_stats):
         assert a.op == b.op and a.dense_macs == b.dense_macs
         assert abs(a.gate_on_fraction - b.gate_on_fraction) <= 1e-3, (a, b)
+
+
+@pytest.mark.parametrize("kind", ["cg", "pg", "fbs"])
+def test_training_mode_trains_like_the_seed(kind):
+    """Drop-in use for new models: gradients reach the weights and thresholds (straight-through
+    gates, as the seed), BatchNorm running statistics update in training mode only."""
+    m, x = MAKERS[kind](CONV_CONFIGS[0])
+    m.train()
+    bn = getattr(m, "bn", None)
+    before = bn.running_mean.clone() if bn is not None else None
+    m(x).square().mean().backward()
+    weight = m.conv.weight if kind == "fbs" else m.weight
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    if kind != "fbs":
+        assert m.threshold.grad is not None and m.threshold.grad.abs().sum() > 0
+    else:
+        assert m.gate.weight.grad.abs().sum() > 0 and m.beta.grad.abs().sum() > 0
+    if bn is not None:
+        assert not torch.equal(bn.running_mean, before) and int(bn.num_batches_tracked) == 1
+        m.eval()
+        frozen = bn.running_mean.clone()
+        with torch.no_grad():
+            m(x)
+        assert torch.equal(bn.running_mean, frozen)
+
+
+def test_unexportable_variants_are_refused_with_a_clear_error():
+    from gate2deploy.errors import UserError
+    fbs = FBSConv2d(8, 8, 3, padding=1, density=0.5, hidden=4).eval()
+    with pytest.raises(UserError, match="hidden layer"):
+        capture(fbs, torch.randn(1, 8, 6, 6))
+    cg = CGConv2d(8, 8, 3, padding=1).eval()
+    with torch.no_grad():
+        cg.mask[:, :, 0, 0] = 1 - cg.mask[:, :, 0, 0]  # not constant over the kernel window
+    with pytest.raises(UserError, match="varies over the kernel window"):
+        capture(cg, torch.randn(1, 8, 6, 6))
