@@ -33,7 +33,7 @@ from torch import nn
 from .gated import CGConv2d, FBSConv2d, GateCounter, PGConv2d, QuantizedConv2d
 
 __all__ = ["GateLayerStats", "gate_statistics", "onnx_gate_statistics", "calibrate_pg_scales",
-           "pg_scale_modes", "describe_gated_nodes", "summarize"]
+           "pg_scale_modes", "describe_gated_nodes", "summarize", "gate_report"]
 
 
 @dataclass
@@ -133,11 +133,24 @@ def gate_statistics(model: nn.Module, samples) -> list[GateLayerStats]:
 
 
 def summarize(stats: list[GateLayerStats]) -> dict:
-    """Totals over the gated layers: dense and expected MACs per sample, and their ratio."""
+    """Totals over the gated layers, per sample: dense MACs, expected multiply-adds, and the
+    bit-weighted MACs (PG's MSB+LSB cost in full-precision MAC equivalents; equal to the
+    expected MACs for CG and FBS), with their ratios to dense."""
     dense = sum(s.dense_macs for s in stats)
     expected = sum(s.expected_macs for s in stats)
+    weighted = sum(s.details.get("bit_weighted_macs", s.expected_macs) for s in stats)
+    ratio = (lambda v: v / dense) if dense else (lambda v: float("nan"))
     return {"gated_layers": len(stats), "dense_macs": dense, "expected_macs": expected,
-            "expected_over_dense": expected / dense if dense else float("nan")}
+            "expected_over_dense": ratio(expected), "bit_weighted_macs": weighted,
+            "bit_weighted_over_dense": ratio(weighted)}
+
+
+def gate_report(model: nn.Module, samples) -> dict:
+    """Everything the export report needs about the gated layers, from sample inputs:
+    {"layers": [per-layer statistics], "summary": summarize(...), "pg_scales": pg_scale_modes}."""
+    stats = gate_statistics(model, samples)
+    return {"layers": [s.as_dict() for s in stats], "summary": summarize(stats),
+            "pg_scales": pg_scale_modes(model)}
 
 
 # --------------------------------------------------------------------------- PG scales

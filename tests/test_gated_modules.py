@@ -364,3 +364,17 @@ def test_unexportable_variants_are_refused_with_a_clear_error():
         cg.mask[:, :, 0, 0] = 1 - cg.mask[:, :, 0, 0]  # not constant over the kernel window
     with pytest.raises(UserError, match="varies over the kernel window"):
         capture(cg, torch.randn(1, 8, 6, 6))
+
+
+def test_gate_report_summarizes_layers_and_scale_modes():
+    from gate2deploy.gate_stats import gate_report
+    layers = torch.nn.Sequential(make_cg(CONV_CONFIGS[0])[0], torch.nn.ReLU(), make_pg(CONV_CONFIGS[0])[0]).eval()
+    x = torch.randn(2, 8, 9, 9)
+    report = gate_report(layers, x)
+    assert [entry["op"] for entry in report["layers"]] == ["CGConv", "PGConv"]
+    assert report["pg_scales"] == {"2": "dynamic"}
+    cg, pg = report["layers"]
+    s = report["summary"]
+    assert s["dense_macs"] == cg["dense_macs"] + pg["dense_macs"]
+    assert s["expected_macs"] == pytest.approx(cg["expected_macs"] + pg["expected_macs"])
+    assert s["bit_weighted_macs"] == pytest.approx(cg["expected_macs"] + pg["details"]["bit_weighted_macs"])
