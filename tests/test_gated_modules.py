@@ -378,3 +378,27 @@ def test_gate_report_summarizes_layers_and_scale_modes():
     assert s["dense_macs"] == cg["dense_macs"] + pg["dense_macs"]
     assert s["expected_macs"] == pytest.approx(cg["expected_macs"] + pg["expected_macs"])
     assert s["bit_weighted_macs"] == pytest.approx(cg["expected_macs"] + pg["details"]["bit_weighted_macs"])
+
+
+@pytest.mark.parametrize("op", ["CGConv", "PGConv", "FBSConv"])
+def test_schema_shape_inference_matches_onnx_conv(op):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from gate2deploy import opdefs
+    opdefs.register_all()
+    conv_attrs = dict(strides=[2, 1], pads=[1, 0, 2, 1], dilations=[1, 2])
+    extra = {"CGConv": (["base_mask", "threshold"], {}),
+             "PGConv": (["threshold"], {"abits": 3, "pred_bits": 2}),
+             "FBSConv": (["fc_W", "fc_b", "bn_scale", "bn_shift", "beta"], {"density": 0.5})}[op]
+    node = helper.make_node(op, ["X", "W", *extra[0]], ["Y"], domain="gate2deploy", **conv_attrs, **extra[1])
+    ref = helper.make_node("Conv", ["X", "W"], ["Yref"], **conv_attrs)
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [3, 8, 11, 13]),
+              helper.make_tensor_value_info("W", TensorProto.FLOAT, [6, 8, 3, 3])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in extra[0]]
+    graph = helper.make_graph([node, ref], "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
+                                                           helper.make_tensor_value_info("Yref", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opdefs.opset_imports()])
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    dims = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in inferred.graph.output}
+    assert dims["Y"] == dims["Yref"] == [3, 6, 6, 10]  # (11+1+2-3)//2+1, (13+0+1-5)//1+1
