@@ -402,3 +402,56 @@ def test_schema_shape_inference_matches_onnx_conv(op):
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     dims = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in inferred.graph.output}
     assert dims["Y"] == dims["Yref"] == [3, 6, 6, 10]  # (11+1+2-3)//2+1, (13+0+1-5)//1+1
+
+
+def _single_node_model(op, arrays, attrs, x_shape):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gate2deploy import opdefs
+    opdefs.register_all()
+    names = list(arrays)
+    node = helper.make_node(op, ["input", *names], ["output"], name=op, domain="gate2deploy", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opdefs.opset_imports()])
+    model.ir_version = 10
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+@pytest.mark.parametrize("op", ["CGConv", "PGConv", "FBSConv"])
+def test_lowering_of_a_bare_node_with_asymmetric_pads_equals_the_reference(op):
+    rng = np.random.default_rng(3)
+    n, c, o, h = 3, 8, 6, 10
+    x = rng.standard_normal((n, c, h, h), dtype=np.float32)
+    w = rng.standard_normal((o, c, 3, 3), dtype=np.float32)
+    conv = dict(strides=[2, 1], pads=[1, 0, 2, 1], dilations=[1, 2])
+    if op == "CGConv":
+        base = np.zeros((o, c), np.float32)
+        base[:, :2] = 1
+        arrays = {"W": w, "base_mask": base, "threshold": rng.uniform(-1, 1, o).astype(np.float32)}
+        attrs = conv
+        y_ref, gate_ref = R.cg_conv_reference(x, w, base, arrays["threshold"], return_gate=True, **conv)
+        decision, thr = R.conv2d(x, w * base[:, :, None, None], conv["strides"], conv["pads"], conv["dilations"]), arrays["threshold"].reshape(1, -1, 1, 1)
+    elif op == "PGConv":
+        x = np.abs(x)
+        arrays = {"W": w, "threshold": rng.uniform(-1, 1, o).astype(np.float32)}
+        attrs = dict(conv, abits=4, pred_bits=2, static_scale=0.0, group=1)
+        y_ref, gate_ref = R.pg_conv_reference(x, w, arrays["threshold"], 4, 2, 0.0, return_gate=True, **conv)
+        x_hb, _, _ = R.pg_split_activations(x, 4, 2)
+        decision, thr = R.conv2d(x_hb, w, conv["strides"], conv["pads"], conv["dilations"]), arrays["threshold"].reshape(1, -1, 1, 1)
+    else:
+        arrays = {"W": w, "fc_W": rng.standard_normal((o, c), dtype=np.float32),
+                  "fc_b": rng.standard_normal(o, dtype=np.float32), "bn_scale": rng.uniform(0.5, 2, o).astype(np.float32),
+                  "bn_shift": rng.standard_normal(o, dtype=np.float32), "beta": rng.standard_normal(o, dtype=np.float32)}
+        attrs = dict(conv, density=0.5, pool="max")
+        y_ref, gate_ref = R.fbs_conv_reference(x, *arrays.values(), 0.5, "max", return_gate=True, **conv)
+        g = np.maximum(x.max(axis=(2, 3)) @ arrays["fc_W"].T + arrays["fc_b"], 0)
+        decision, thr = g, np.sort(g, axis=1)[:, [o - 3 - 1]]
+    model = _single_node_model(op, arrays, attrs, list(x.shape))
+    lowered = ir.export_model(lower_portable(ir.import_graph(model), expose_gates=True))
+    sess = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, gate = sess.run(None, {"input": x})
+    assert y.shape == y_ref.shape
+    assert_equal_up_to_ties(y, y_ref, gate, gate_ref, decision, thr, f"{op} bare node")
