@@ -455,3 +455,22 @@ def test_lowering_of_a_bare_node_with_asymmetric_pads_equals_the_reference(op):
     y, gate = sess.run(None, {"input": x})
     assert y.shape == y_ref.shape
     assert_equal_up_to_ties(y, y_ref, gate, gate_ref, decision, thr, f"{op} bare node")
+
+
+def test_load_sample_inputs_batches_and_refuses_bad_files(tmp_path):
+    from gate2deploy.errors import UserError
+    from gate2deploy.gate_stats import load_sample_inputs
+    data = np.random.default_rng(0).standard_normal((5, 3, 4, 4)).astype(np.float64)
+    np.save(tmp_path / "s.npy", data)
+    batches = load_sample_inputs(tmp_path / "s.npy", (2, 3, 4, 4))
+    assert [b.shape for b in batches] == [(2, 3, 4, 4)] * 2 and batches[0].dtype == np.float32
+    np.testing.assert_array_equal(batches[1], data[2:4].astype(np.float32))
+    torch.save(torch.from_numpy(data[0]).float(), tmp_path / "one.pt")
+    assert load_sample_inputs(tmp_path / "one.pt", (1, 3, 4, 4))[0].shape == (1, 3, 4, 4)
+    with pytest.raises(UserError, match="expected"):
+        load_sample_inputs(tmp_path / "s.npy", (1, 3, 8, 8))
+    with pytest.raises(UserError, match="fewer than one batch"):
+        load_sample_inputs(tmp_path / "s.npy", (8, 3, 4, 4))
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    with pytest.raises(UserError, match="cannot be read"):
+        load_sample_inputs(tmp_path / "bad.npy", (1, 3, 4, 4))
