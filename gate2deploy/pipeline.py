@@ -12,15 +12,19 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from gate2deploy.passes import ir
+from gate2deploy.passes.canonicalize_channel_shuffle import canonicalize_channel_shuffle
+from gate2deploy.passes.choose_widths import choose_padding
 from gate2deploy.passes.cleanup import cleanup
 from gate2deploy.passes.fold_masks import FoldResult, fold_static_masks
 from gate2deploy.passes.lower_portable import LoweringResult, lower_portable
+from gate2deploy.passes.resolve_static_shapes import resolve_static_shapes
 
 
 @dataclass
 class PassContext:
     unfoldable_policy: str = "error"  # "error" | "keep"
     fold: FoldResult = field(default_factory=FoldResult)
+    choose_widths: bool = False  # pad folded layers to fast physical widths (passes/choose_widths.py)
     lowering: LoweringResult = field(default_factory=LoweringResult)  # CG/PG/FBS -> standard ops
 
 
@@ -28,7 +32,10 @@ Pass = Callable[[gs.Graph, PassContext], gs.Graph]
 
 FOLD_PIPELINE: list[tuple[str, Pass]] = [
     ("cleanup", lambda g, ctx: cleanup(g)),
-    ("fold_static_masks", lambda g, ctx: fold_static_masks(g, ctx.unfoldable_policy, ctx.fold)),
+    ("resolve_static_shapes", lambda g, ctx: resolve_static_shapes(g)),
+    ("canonicalize_channel_shuffle", lambda g, ctx: canonicalize_channel_shuffle(g)),
+    ("fold_static_masks", lambda g, ctx: fold_static_masks(
+        g, ctx.unfoldable_policy, ctx.fold, choose_padding if ctx.choose_widths else None)),
 ]
 
 PIPELINES: dict[str, list[tuple[str, Pass]]] = {

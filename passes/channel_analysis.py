@@ -17,7 +17,7 @@ output row with all-zero weights is its bias; constants flow through elementwise
 constant channel through zero padding makes a non-uniform output, so that is Live.
 
 Consume sites are where channels of a group are mixed into other channels (the data input of
-a dense Conv, Gemm or MatMul). A group can be removed iff it is not pinned (graph inputs and
+a dense or grouped Conv, Gemm or MatMul). A group can be removed iff it is not pinned (graph inputs and
 outputs, ops whose channel semantics are not declared here) and its channels are known at
 every consume site: their contribution there is then a constant the fold moves into a bias.
 
@@ -111,6 +111,12 @@ class ChannelAnalysis:
     consume_sites: list[ConsumeSite] = field(default_factory=list)
     # Gather nodes on the channel axis: (node, input tensor name) - indices are re-numbered.
     channel_gathers: list[tuple[gs.Node, str]] = field(default_factory=list)
+    # Slice nodes cutting the channel axis: (node, input tensor name, start, end) with the
+    # normalised bounds; the fold rewrites them (the kept channels of [start, end) stay a range).
+    channel_slices: list[tuple[gs.Node, str, int, int]] = field(default_factory=list)
+    # Grouped (not depthwise) Convs: their group-local input columns are sliced by the fold,
+    # which keeps the same number of input and of output channels in every group.
+    grouped_convs: list[gs.Node] = field(default_factory=list)
 
     # -- results -----------------------------------------------------------------------
     def pinned_roots(self) -> dict[int, str]:
@@ -430,6 +436,17 @@ def _conv(ana: ChannelAnalysis, node: gs.Node) -> None:
         zero_in = cmap.known & (cmap.value == 0)
         outmap = ChannelMap(1, cmap.ids, np.zeros(c_out, bool), np.zeros(c_out))
         rows_zero = rows_zero | zero_in
+    elif cmap is not None and c_out % groups == 0:
+        # Grouped: output rows of group g read input channels of group g only. The input
+        # side is a consume site whose weight columns are group-local (not a ParamBinding):
+        # the fold slices them itself and keeps equal counts per group (`grouped_convs`).
+        outmap = ana.fresh_map(out)
+        ana.consume_sites.append(ConsumeSite(node, 0, x.name))
+        ana.grouped_convs.append(node)
+        zero_in = (cmap.known & (cmap.value == 0)).reshape(groups, 1, c_in // groups)
+        reads = (weight.reshape(groups, c_out // groups, c_in // groups, -1) != 0).any(axis=-1)
+        uses_live = (reads & ~zero_in).any(axis=-1).reshape(c_out)
+        rows_zero = rows_zero | ~uses_live
     else:
         _pin_node(ana, node, f"grouped Conv {node.name} (group={groups})")
         return
@@ -593,6 +610,59 @@ def _gather(ana: ChannelAnalysis, node: gs.Node) -> None:
         return
     ana.channel_gathers.append((node, node.inputs[0].name))
     ana.maps[node.outputs[0].name] = cmap.take(indices.astype(np.int64) % cmap.size)
+
+
+@rule("Slice")
+def _slice(ana: ChannelAnalysis, node: gs.Node) -> None:
+    """Slice with constant bounds (e.g. ShuffleNetV2's `chunk` once shapes are resolved).
+    Crops off the channel axis keep channels and their uniform values; a step-1 cut of the
+    channel axis selects a range of channels, re-cut by the fold."""
+    cmap = _in_map(ana, node)
+    shape = shape_of(node.inputs[0])
+    present = [i < len(node.inputs) and bool(node.inputs[i].name) for i in range(5)]
+    starts, ends, axes, steps = (const_value(node.inputs[i]) if present[i] else None for i in range(1, 5))
+    dynamic = any(present[i] and v is None for i, v in zip(range(1, 5), (starts, ends, axes, steps)))
+    if cmap is None or shape is None or dynamic or starts is None or ends is None:
+        _pin_node(ana, node, f"Slice {node.name} with dynamic bounds")
+        return
+    rank = len(shape)
+    axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes.reshape(-1)]
+    steps = [1] * len(axes) if steps is None else [int(v) for v in steps.reshape(-1)]
+    out = cmap
+    if cmap.axis in axes:
+        k = axes.index(cmap.axis)
+        if steps[k] != 1:
+            _pin_node(ana, node, f"Slice {node.name} cuts channels with step {steps[k]}")
+            return
+        start, end, _ = slice(int(starts.reshape(-1)[k]), int(ends.reshape(-1)[k])).indices(cmap.size)
+        end = max(start, end)
+        ana.channel_slices.append((node, node.inputs[0].name, start, end))
+        out = cmap.take(slice(start, end))
+    ana.maps[node.outputs[0].name] = out
+
+
+@rule("LayerNormalization")
+def _layer_norm(ana: ChannelAnalysis, node: gs.Node) -> None:
+    """LayerNorm over the channel axis (ConvNeXt) mixes its channels through the mean and
+    variance, and its scale must match the normalised shape: its input and output channels
+    are pinned (removing masked channels would change the statistics). The output map stays
+    on the input's channel axis so that channels created downstream (e.g. a channels-last
+    MatMul) are still found on the right axis."""
+    cmap = _in_map(ana, node)
+    shape = shape_of(node.inputs[0])
+    if cmap is None or shape is None:
+        _pin_node(ana, node, f"LayerNormalization {node.name}")
+        return
+    first_normalised = int(node.attrs.get("axis", -1)) % len(shape)
+    if cmap.axis < first_normalised:  # normalises within each channel: carries channels
+        ana.maps[node.outputs[0].name] = ChannelMap(cmap.axis, cmap.ids, np.zeros(cmap.size, bool),
+                                                    np.zeros(cmap.size))
+        return
+    reason = f"LayerNormalization {node.name} normalises over channels"
+    ana.pin(cmap, reason)
+    out = ana.fresh_map(node.outputs[0], axis=cmap.axis)
+    ana.pin(out, reason)
+    ana.maps[node.outputs[0].name] = out
 
 
 @rule("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1")

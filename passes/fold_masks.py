@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from gate2deploy.errors import UnfoldableError
 
-from .channel_analysis import ChannelAnalysis, analyze
+from .channel_analysis import ChannelAnalysis, ParamBinding, analyze
 from .ir import bypass, const_value, new_const, shape_of
 
 
@@ -48,7 +48,10 @@ class FoldResult:
     unfoldable: list[Unfoldable] = field(default_factory=list)
 
 
-def fold_static_masks(graph: gs.Graph, policy: str = "error", result: FoldResult | None = None) -> gs.Graph:
+def fold_static_masks(graph: gs.Graph, policy: str = "error", result: FoldResult | None = None,
+                      choose_padding=None) -> gs.Graph:
+    """`choose_padding(analysis, removable_roots) -> roots` (optional, e.g.
+    `choose_widths.choose_padding`) names removable channels to keep as padding."""
     if policy not in ("error", "keep"):
         raise ValueError(f"policy must be 'error' or 'keep', not {policy!r}")
     result = result if result is not None else FoldResult()
@@ -56,8 +59,19 @@ def fold_static_masks(graph: gs.Graph, policy: str = "error", result: FoldResult
     removable, why_kept = _decide(ana)
     _check_masks(ana, removable, why_kept, policy, result)
     if removable:
+        # Channels kept only to pad a layer to a faster physical width: removable channels
+        # left in place, their mask lifted, and their reads neutralised at every consume site.
+        padding = set(choose_padding(ana, removable)) & removable if choose_padding else set()
+        padding |= _equalise_groups(ana, removable, padding)
+        removable = removable - padding
         keep = {name: ~np.isin(ana.roots_of(name), list(removable)) for name in ana.maps}
-        _fold_constants_into_consumers(ana, keep, result)
+        neutral = {name: np.isin(ana.roots_of(name), list(padding)) for name in ana.maps} if padding else None
+        if neutral is not None:
+            _lift_masks(ana, neutral)
+        _fold_constants_into_consumers(ana, keep, result, neutral)
+        if neutral is not None:
+            _neutralise_padding(ana, neutral)
+        _slice_grouped_inputs(ana, keep)
         _slice_parameters(ana, keep)
         _fix_shape_attributes(ana, keep)
         _replace_emptied_layers(ana, keep, result)
@@ -110,10 +124,11 @@ def _check_masks(ana, removable, why_kept, policy, result: FoldResult) -> None:
             f"{u.reason}{more}; pass --keep-unfoldable to keep such masks as an exact Mul")
 
 
-def _fold_constants_into_consumers(ana: ChannelAnalysis, keep, result: FoldResult) -> None:
+def _fold_constants_into_consumers(ana: ChannelAnalysis, keep, result: FoldResult, neutral=None) -> None:
     for site in ana.consume_sites:
         cmap = ana.maps[site.tensor]
-        dropped = ~keep[site.tensor] & cmap.known & (cmap.value != 0)
+        gone = ~keep[site.tensor] if neutral is None else ~keep[site.tensor] | neutral[site.tensor]
+        dropped = gone & cmap.known & (cmap.value != 0)
         if not dropped.any():
             continue
         node = site.node
@@ -144,7 +159,7 @@ def _conv_contribution(node: gs.Node, cmap, dropped) -> np.ndarray:
     x = F.pad(x, torch_pad)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
     y = conv(x, weight, stride=list(node.attrs.get("strides", [1] * nd)),
-             dilation=list(node.attrs.get("dilations", [1] * nd)))
+             dilation=list(node.attrs.get("dilations", [1] * nd)), groups=int(node.attrs.get("group", 1)))
     return y.numpy()
 
 
@@ -175,7 +190,7 @@ def _add_to_output(ana: ChannelAnalysis, node: gs.Node, contribution: np.ndarray
         else:
             node.inputs.append(bias)
         # the bias is now an output parameter of this layer
-        ana.bindings.append(_binding(node, 2, 0, out.name))
+        ana.bindings.append(ParamBinding(node, 2, 0, out.name))
         return
     # Non-uniform (zero padding) or MatMul: an explicit Add of the exact constant.
     shape = [1, c_out, *contribution.shape[2:]] if node.op == "Conv" else [c_out]
@@ -185,12 +200,82 @@ def _add_to_output(ana: ChannelAnalysis, node: gs.Node, contribution: np.ndarray
     add = gs.Node("Add", f"{node.name}_add_const", inputs=[pre, const], outputs=[out])
     ana.graph.nodes.append(add)
     ana.maps[pre.name] = ana.maps[out.name]
-    ana.bindings.append(_binding(add, 1, 1 if node.op == "Conv" else 0, out.name))
+    ana.bindings.append(ParamBinding(add, 1, 1 if node.op == "Conv" else 0, out.name))
 
 
-def _binding(node, index, axis, tensor):
-    from .channel_analysis import ParamBinding
-    return ParamBinding(node, index, axis, tensor)
+def _lift_masks(ana: ChannelAnalysis, neutral) -> None:
+    """Padding channels stay physically: their mask entries become 1 (their value, whatever
+    it is, is never read: see `_neutralise_padding`), so no mask survives because of them."""
+    for node in ana.graph.nodes:
+        if node.op == "ChannelMask" and node.inputs[0].name in neutral and neutral[node.inputs[0].name].any():
+            mask = const_value(node.inputs[1]).copy()
+            mask.reshape(-1)[neutral[node.inputs[0].name]] = 1
+            node.inputs[1] = new_const(f"{node.name}_mask_padded", mask)
+
+
+def _neutralise_padding(ana: ChannelAnalysis, neutral) -> None:
+    """Zero the weights that read padding channels at every consume site. Their known
+    constant was already moved into the bias, so the layer computes what it computed before;
+    a padding channel reaches other channels only through consume sites (a group with any
+    other way out is pinned, hence not removable, hence never padding)."""
+    for site in ana.consume_sites:
+        columns = neutral[site.tensor]
+        if not columns.any():
+            continue
+        weight = const_value(site.node.inputs[1]).copy()
+        if site.node in ana.grouped_convs:  # rows of group g read that group's columns
+            groups = int(site.node.attrs["group"])
+            grouped = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+            for g, local in enumerate(columns.reshape(groups, -1)):
+                grouped[g][:, local] = 0
+        else:
+            binding = next(b for b in ana.bindings
+                           if b.node is site.node and b.index == 1 and b.tensor == site.tensor)
+            index = [slice(None)] * weight.ndim
+            index[binding.axis] = columns
+            weight[tuple(index)] = 0
+        site.node.inputs[1] = new_const(f"{site.node.name}_weight_padded", weight)
+
+
+def _equalise_groups(ana: ChannelAnalysis, removable: set[int], padding: set[int]) -> set[int]:
+    """Padding that gives every grouped Conv the same number of kept input channels and of
+    kept output channels in each group (what a Conv with `group` G can express): groups
+    with fewer kept channels keep some removable ones as padding. Iterated to a fixed point,
+    since a root may sit in several grouped Convs."""
+    extra: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for node in ana.grouped_convs:
+            groups = int(node.attrs["group"])
+            for tensor in (node.inputs[0].name, node.outputs[0].name):
+                roots = ana.roots_of(tensor).reshape(groups, -1)
+                gone = np.isin(roots, list(removable - padding - extra))
+                target = int((~gone).sum(axis=1).max())
+                for g in range(groups):
+                    for root in roots[g][gone[g]][:target - int((~gone[g]).sum())].tolist():
+                        extra.add(root)
+                        changed = True
+    return extra
+
+
+def _slice_grouped_inputs(ana: ChannelAnalysis, keep) -> None:
+    """Grouped Conv weights [O, C/G, k...]: rows of group g keep the columns of group g's
+    kept input channels (equal in number in every group, see `_equalise_groups`). Rows are
+    sliced afterwards by their ParamBinding like any Conv's."""
+    for node in ana.grouped_convs:
+        kept = keep[node.inputs[0].name]
+        if kept.all() or not kept.any():
+            continue  # untouched, or an emptied layer replaced by its constant
+        groups = int(node.attrs["group"])
+        local = kept.reshape(groups, -1)
+        counts = local.sum(axis=1)
+        if not np.all(counts == counts[0]):
+            raise AssertionError(f"grouped Conv {node.name}: unequal kept inputs per group {counts.tolist()}")
+        weight = const_value(node.inputs[1])
+        rows = weight.shape[0] // groups
+        sliced = np.concatenate([weight[g * rows:(g + 1) * rows][:, local[g]] for g in range(groups)])
+        node.inputs[1] = new_const(f"{node.name}_grouped_in_folded", sliced)
 
 
 def _slice_parameters(ana: ChannelAnalysis, keep) -> None:

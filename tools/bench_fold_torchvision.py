@@ -1,0 +1,296 @@
+"""Fold benchmark on torchvision classification models (issue 3).
+
+Per model: random 50% channel masks on every BatchNorm output (or its equivalent: ReLU
+outputs in SqueezeNet, the hidden MLP width in ConvNeXt), made consistent inside coupled
+channel groups the way a pruner's masks are (one random bit per group, drawn with the
+channel analysis), then captured, folded and timed with ONNX Runtime against the dense
+(unmasked) model.
+
+Prints per model: MACs ratio (what the masks leave, i.e. the fold without width padding,
+over dense), latency ratio (ORT CPU, 2 threads, batch 1,
+folded and dense timed interleaved in one run, medians), their quotient (goal <= 1.10), the physical MACs ratio of the timed model (with the
+padding `passes/choose_widths.py` adds),
+compile time excluding verification (capture + passes), and the equality error (max abs
+difference relative to max |reference|).
+
+    python tools/bench_fold_torchvision.py                 # every model, 224x224
+    python tools/bench_fold_torchvision.py resnet50 vgg11_bn --runs 50
+
+The model zoo and mask placement below are also used by tests/test_torchvision_fold.py.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from gate2deploy.capture import capture
+from gate2deploy.nn import MaskSpec, attach_masks, channel_mask
+from gate2deploy.passes import ir
+from gate2deploy.passes.channel_analysis import analyze
+from gate2deploy.pipeline import FOLD_PIPELINE, PassContext, run_pipeline
+from gate2deploy.report import model_cost
+
+
+class LastAxisMask(nn.Module):
+    """A channel mask over the last axis (channels-last MLPs such as ConvNeXt's blocks),
+    expressed with the one exportable mask op through a transpose pair."""
+
+    def __init__(self, mask: torch.Tensor, source: str):
+        super().__init__()
+        self.register_buffer("mask", mask.float())
+        self.source = source
+
+    def forward(self, x):
+        return channel_mask(x.permute(0, 3, 1, 2), self.mask, self.source).permute(0, 2, 3, 1)
+
+
+@dataclass
+class Case:
+    name: str
+    build: callable  # () -> nn.Module with random weights
+    test_size: int  # smallest convenient input side for the equality tests
+    bench_size: int = 224
+    small_head: bool = False  # tests may shrink VGG's 25088x4096 classifier (`build_model`)
+
+
+def _conv_outputs_except_classifier(model: nn.Module) -> list[str]:
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return convs[:-1]  # the last conv produces the logits (a graph output)
+
+
+def mask_sites(name: str, model: nn.Module) -> list[str]:
+    """Modules whose outputs get a channel mask: every BatchNorm (or equivalent)."""
+    if name.startswith("squeezenet"):
+        return _conv_outputs_except_classifier(model)
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.BatchNorm2d,))]
+
+
+CASES: dict[str, Case] = {c.name: c for c in [
+    Case("resnet18", lambda: tvm.resnet18(), 64),
+    Case("resnet50", lambda: tvm.resnet50(), 64),
+    Case("resnext50_32x4d", lambda: tvm.resnext50_32x4d(), 64),
+    Case("wide_resnet50_2", lambda: tvm.wide_resnet50_2(), 32),
+    Case("vgg11_bn", lambda: tvm.vgg11_bn(), 224, small_head=True),  # adaptive 7x7 pool needs 224
+    Case("mobilenet_v2", lambda: tvm.mobilenet_v2(), 64),
+    Case("mobilenet_v3_large", lambda: tvm.mobilenet_v3_large(), 64),
+    Case("efficientnet_b0", lambda: tvm.efficientnet_b0(), 64),
+    Case("densenet121", lambda: tvm.densenet121(), 64),
+    Case("shufflenet_v2_x1_0", lambda: tvm.shufflenet_v2_x1_0(), 64),
+    Case("regnet_y_400mf", lambda: tvm.regnet_y_400mf(), 64),
+    Case("convnext_tiny", lambda: tvm.convnext_tiny(), 64),
+    Case("googlenet", lambda: tvm.googlenet(aux_logits=False, init_weights=True), 64),
+    Case("inception_v3", lambda: tvm.inception_v3(aux_logits=False, init_weights=True), 75, 299),
+    Case("squeezenet1_0", lambda: tvm.squeezenet1_0(), 64),
+    Case("mnasnet1_0", lambda: tvm.mnasnet1_0(), 64),
+]}
+
+
+def build_model(name: str, seed: int = 0, small_head: bool = False) -> nn.Module:
+    """torchvision's definition with random weights; `small_head` swaps VGG's classifier
+    widths (4096) for 256 so that the tests do not spend their time slicing 400 MB."""
+    torch.manual_seed(seed)
+    model = CASES[name].build().eval()
+    if small_head and CASES[name].small_head:
+        model.classifier[0] = nn.Linear(model.classifier[0].in_features, 256)
+        model.classifier[3] = nn.Linear(256, 256)
+        model.classifier[6] = nn.Linear(256, 10)
+    # Random BN statistics so that folded BNs are not the identity and masked constants
+    # (beta != 0 channels) are exercised.
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            if m.weight is not None:
+                m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+def _convnext_hidden_masks(model: nn.Module, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """ConvNeXt blocks are channels-last MLPs with LayerNorm: mask the hidden width (the GELU
+    output), which is what prunes the MLP."""
+    masks = {}
+    for name, m in model.named_modules():
+        if type(m).__name__ == "CNBlock":
+            gelu_index = next(i for i, sub in enumerate(m.block) if isinstance(sub, nn.GELU))
+            hidden = m.block[gelu_index - 1].out_features
+            mask = torch.from_numpy(rng.random(hidden) < 0.5).float()
+            label = f"{name}.block.{gelu_index}"
+            m.block[gelu_index] = nn.Sequential(nn.GELU(), LastAxisMask(mask, label))
+            masks[label] = mask
+    return masks
+
+
+@dataclass
+class Prepared:
+    model: nn.Module  # the masked PyTorch model (hooks attached)
+    proto: onnx.ModelProto  # its capture
+    capture_s: float
+    n_masks: int
+
+
+def prepare(name: str, size: int, seed: int = 0, coupled: bool = True, small_head: bool = False) -> Prepared:
+    """Build `name` with random weights and random 50% masks, capture it.
+
+    coupled=True makes the masks agree inside each coupled channel group (one random bit
+    per group, as a pruner would); coupled=False leaves them independent, so that masks
+    which disagree inside a group must be reported and kept."""
+    model = build_model(name, seed, small_head)
+    rng = np.random.default_rng(seed)
+    specs = [MaskSpec(site, "out", torch.from_numpy(rng.random(_out_channels(model, site)) < 0.5).float(),
+                      f"mask {site}") for site in mask_sites(name, model)]
+    extra = _convnext_hidden_masks(model, rng) if name.startswith("convnext") else {}
+    handles = attach_masks(model, specs)
+    example = torch.randn(1, 3, size, size)
+    t0 = time.perf_counter()
+    proto = capture(model, example)
+    capture_s = time.perf_counter() - t0
+    if coupled:
+        by_source = _coupled_masks(proto, rng)
+        for h in handles:
+            h.remove()
+        specs = [MaskSpec(s.module, s.side, by_source.get(f"{s.source} (out {s.module})", s.mask), s.source)
+                 for s in specs]
+        attach_masks(model, specs)
+        for m in model.modules():
+            if isinstance(m, LastAxisMask) and m.source in by_source:
+                m.mask.copy_(by_source[m.source])
+        _set_onnx_masks(proto, by_source)
+    return Prepared(model, proto, capture_s, len(specs) + len(extra))
+
+
+def _out_channels(model: nn.Module, site: str) -> int:
+    m = dict(model.named_modules())[site]
+    return m.num_features if isinstance(m, nn.BatchNorm2d) else m.out_channels
+
+
+def _coupled_masks(proto: onnx.ModelProto, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """One random keep bit per coupled channel group; each mask node's new mask by source."""
+    graph = ir.import_graph(proto)
+    for name, run in FOLD_PIPELINE:  # the graph the fold will analyse
+        if name != "fold_static_masks":
+            graph = run(graph, PassContext())
+    ana = analyze(graph)
+    bit: dict[int, bool] = {}
+    out = {}
+    for node in graph.nodes:
+        if node.op != "ChannelMask" or node.inputs[0].name not in ana.maps:
+            continue
+        roots = ana.roots_of(node.inputs[0].name)
+        for r in roots.tolist():
+            bit.setdefault(r, bool(rng.random() < 0.5))
+        out[node.attrs["source"]] = torch.tensor([float(bit[r]) for r in roots.tolist()])
+    return out
+
+
+def _set_onnx_masks(proto: onnx.ModelProto, by_source: dict[str, torch.Tensor]) -> None:
+    """Point each mask node at a fresh initializer holding its new mask."""
+    for node in proto.graph.node:
+        if node.op_type != "ChannelMask":
+            continue
+        source = next(a.s.decode() for a in node.attribute if a.name == "source")
+        if source in by_source:
+            name = f"{node.name}_coupled_mask"
+            value = by_source[source].numpy().astype(np.float32)
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+            node.input[1] = name
+
+
+@dataclass
+class Row:
+    name: str
+    macs_ratio: float  # MACs the masks leave (fold without width padding) / dense
+    physical_macs_ratio: float  # MACs of the benchmarked folded model (with padding) / dense
+    latency_dense_ms: float
+    latency_folded_ms: float
+    compile_s: float
+    rel_err: float
+    unfoldable: int
+
+    @property
+    def latency_ratio(self) -> float:
+        return self.latency_folded_ms / self.latency_dense_ms
+
+    @property
+    def quotient(self) -> float:
+        return self.latency_ratio / self.macs_ratio
+
+
+def fold(prepared: Prepared, choose_widths: bool = True) -> tuple[onnx.ModelProto, PassContext, float]:
+    """The compiler's work on a captured model; seconds include the capture."""
+    ctx = PassContext(unfoldable_policy="keep", choose_widths=choose_widths)
+    t0 = time.perf_counter()
+    folded = run_pipeline(prepared.proto, "onnx", ctx)
+    return folded, ctx, prepared.capture_s + time.perf_counter() - t0
+
+
+def relative_error(prepared: Prepared, folded: onnx.ModelProto, size: int, seed: int = 1) -> float:
+    """max |ORT(folded) - masked PyTorch| / max |masked PyTorch| on a random normal input."""
+    from gate2deploy.verify import make_session
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = prepared.model(x).numpy()
+    got = make_session(folded).run(None, {"input": x.numpy()})[0]
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def bench(name: str, runs: int) -> Row:
+    from gate2deploy.benchmark import median_latencies_ms
+    size = CASES[name].bench_size
+    prepared = prepare(name, size)
+    folded, ctx, compile_s = fold(prepared)
+    unpadded, _, _ = fold(prepared, choose_widths=False)
+    dense = capture(build_model(name), torch.randn(1, 3, size, size))
+    err = relative_error(prepared, folded, size)
+    lat = median_latencies_ms({"dense": dense, "folded": folded}, (1, 3, size, size), repeats=runs)
+    dense_macs = model_cost(dense).macs
+    return Row(name, model_cost(unpadded).macs / dense_macs, model_cost(folded).macs / dense_macs,
+               lat["dense"], lat["folded"], compile_s, err, len(ctx.fold.unfoldable))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help=f"default: all of {', '.join(CASES)}")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per model and variant")
+    args = parser.parse_args(argv)
+    names = args.models or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown model(s): {', '.join(unknown)}")
+    torch.set_num_threads(2)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
+          f"{_cpu_name()}, ORT CPU 2 threads, batch 1, medians of {args.runs} interleaved runs")
+    print("| model | input | MACs ratio | latency ratio | quotient | physical MACs ratio | dense ms | folded ms "
+          "| compile s | rel. error | unfoldable masks |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        r = bench(name, args.runs)
+        size = CASES[name].bench_size
+        print(f"| {r.name} | {size} | {r.macs_ratio:.3f} | {r.latency_ratio:.3f} | {r.quotient:.2f} | "
+              f"{r.physical_macs_ratio:.3f} | {r.latency_dense_ms:.2f} | {r.latency_folded_ms:.2f} | {r.compile_s:.2f} | {r.rel_err:.1e} | "
+              f"{r.unfoldable} |", flush=True)
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
