@@ -21,10 +21,31 @@ the base-path `mask` itself is in the checkpoint.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..gated import CGConv2d, PactReLU, PGConv2d, QuantizedConv2d
+
+
+class _ChannelZeroPad(torch.autograd.Function):
+    """F.pad of `pad` zero channels on both sides of axis 1, exported as ONE ONNX Pad with
+    constant pads (the exporter's generic F.pad lowering computes the pads with shape ops,
+    which leaves every later shape unknown in the captured model)."""
+
+    @staticmethod
+    def forward(ctx, x, pad):
+        ctx.pad = pad
+        return F.pad(x, (0, 0, 0, 0, pad, pad), "constant", 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, ctx.pad:grad.shape[1] - ctx.pad], None
+
+    @staticmethod
+    def symbolic(g, x, pad):
+        pads = g.op("Constant", value_t=torch.tensor([0, pad, 0, 0, 0, pad, 0, 0], dtype=torch.int64))
+        return g.op("Pad", x, pads, mode_s="constant")
 
 
 class ShortcutA(nn.Module):
@@ -35,7 +56,7 @@ class ShortcutA(nn.Module):
         self.pad = planes // 4
 
     def forward(self, x):
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0)
+        return _ChannelZeroPad.apply(x[:, :, ::2, ::2], self.pad)
 
 
 def _shortcut(in_planes, planes, stride, option, conv_factory):
