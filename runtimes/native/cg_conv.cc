@@ -14,7 +14,34 @@ namespace g2d {
 
 CGConvKernel::CGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   attrs_ = ReadConvAttrs(info, &attr_error_);
+  weights_const_ = InputIsConstant(info, 1) && InputIsConstant(info, 2);
 }
+
+namespace {
+// Groups outputs by identical base channel sets and packs each group's weights.
+std::vector<GatedStagePlan<float>> BuildPlans(const float* w, const float* mask, const ConvGeom& g) {
+  std::map<std::vector<bool>, size_t> group_of;
+  std::vector<GatedStagePlan<float>> plans;
+  for (int64_t o = 0; o < g.O; ++o) {
+    std::vector<bool> key(mask + o * g.C, mask + (o + 1) * g.C);
+    auto it = group_of.find(key);
+    if (it == group_of.end()) {
+      it = group_of.emplace(key, plans.size()).first;
+      plans.emplace_back();
+      for (int64_t c = 0; c < g.C; ++c)
+        (key[c] ? plans.back().chans1 : plans.back().chans2).push_back(int(c));
+    }
+    plans[it->second].outputs.push_back(int(o));
+  }
+  const IsaKernels& isa = BestKernels();
+  for (auto& plan : plans) {  // group == 1: weight channel index == input channel index
+    plan.w1 = PackWeights(isa, w, g, plan.outputs, plan.chans1);
+    plan.w2 = PackWeights(isa, w, g, plan.outputs, plan.chans2);
+    plan.w2_rows = MakeWeightRows(w, g, plan.outputs, plan.chans2);
+  }
+  return plans;
+}
+}  // namespace
 
 Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
                                   const Ort::Custom::Tensor<float>& W,
@@ -32,33 +59,24 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
       if (mask[i] != 0.f && mask[i] != 1.f)
         throw OpError("CGConv: base_mask must contain only 0 and 1");
 
-    // Group outputs by identical base channel sets.
-    std::map<std::vector<bool>, size_t> group_of;
-    std::vector<GatedStagePlan<float>> plans;
-    for (int64_t o = 0; o < g.O; ++o) {
-      std::vector<bool> key(mask + o * g.C, mask + (o + 1) * g.C);
-      auto it = group_of.find(key);
-      if (it == group_of.end()) {
-        it = group_of.emplace(key, plans.size()).first;
-        plans.emplace_back();
-        for (int64_t c = 0; c < g.C; ++c) (key[c] ? plans.back().chans1 : plans.back().chans2).push_back(int(c));
-      }
-      plans[it->second].outputs.push_back(int(o));
+    std::shared_ptr<const std::vector<GatedStagePlan<float>>> plans;
+    if (weights_const_) {
+      std::lock_guard<std::mutex> lock(plans_mutex_);
+      if (!cached_plans_)
+        cached_plans_ = std::make_shared<const std::vector<GatedStagePlan<float>>>(
+            BuildPlans(W.Data(), mask, g));
+      plans = cached_plans_;
+    } else {
+      plans = std::make_shared<const std::vector<GatedStagePlan<float>>>(
+          BuildPlans(W.Data(), mask, g));
     }
     const IsaKernels& isa = BestKernels();
-    for (auto& plan : plans) {
-      plan.w1 = PackWeights(isa, W.Data(), g, plan.outputs, plan.chans1);
-      plan.w2 = PackWeights(isa, W.Data(), g, plan.outputs, plan.chans2);
-      plan.w2_rows = MakeWeightRows(W.Data(), g, plan.outputs, plan.chans2);
-    }
-
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
-    GateCounts counts;
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * g.H * g.W;
       float* yn = y + n * g.O * g.P();
-      for (const auto& plan : plans)
-        RunGatedConv(ctx, isa, g, plan, xn, xn, threshold.Data(), yn, &counts);
+      for (const auto& plan : *plans)
+        RunGatedConv(ctx, isa, g, plan, xn, xn, 1.f, 1.f, threshold.Data(), yn);
     }
   });
 }

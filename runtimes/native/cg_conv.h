@@ -2,6 +2,9 @@
 #include "conv_common.h"
 #include <onnxruntime_lite_custom_op.h>
 
+#include <memory>
+#include <mutex>
+
 namespace g2d {
 struct CGConvKernel {
   CGConvKernel(const OrtApi* api, const OrtKernelInfo* info);
@@ -11,5 +14,9 @@ struct CGConvKernel {
                       const Ort::Custom::Tensor<float>& threshold, Ort::Custom::Tensor<float>& Y);
   ConvAttrs attrs_;
   std::string attr_error_;
+  // W and base_mask constant initializers: plans (packed weights) are built once.
+  bool weights_const_ = false;
+  std::mutex plans_mutex_;
+  std::shared_ptr<const std::vector<GatedStagePlan<float>>> cached_plans_;
 };
 }  // namespace g2d

@@ -144,6 +144,17 @@ ConvGeom MakeGeom(const char* op, const std::vector<int64_t>& xs, const std::vec
   return g;
 }
 
+bool InputIsConstant(const OrtKernelInfo* info, size_t index) {
+  int is_const = 0;
+  const OrtValue* value = nullptr;
+  OrtStatus* st = Ort::GetApi().KernelInfoGetConstantInput_tensor(info, index, &is_const, &value);
+  if (st) {
+    Ort::GetApi().ReleaseStatus(st);
+    return false;
+  }
+  return is_const != 0 && value != nullptr;
+}
+
 // ---------------------------------------------------------------- threads and errors
 
 void ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
@@ -217,114 +228,92 @@ WeightRows<T> MakeWeightRows(const T* w, const ConvGeom& g, const std::vector<in
   return r;
 }
 
+// Column panel `col0 .. col0+nr-1` of the im2col matrix over channels `chans`, packed as the
+// micro-kernel's B operand: dst[(k/P)*nr*P + lane*P + k%P]. The panel's output pixels form
+// runs of constant oh; within a run the input pixels are a strided row of X (contiguous for
+// stride 1), and columns whose input falls into the padding are zero.
 template <class T>
-void Im2colPacked(OrtKernelContext* ctx, const IsaKernels& isa, const T* x, const ConvGeom& g,
-                  const std::vector<int>& chans, std::vector<T>& out) {
+static void Im2colPanel(const T* x, const ConvGeom& g, const std::vector<int>& chans,
+                        int64_t col0, int64_t nr, int64_t Kp, T* dst) {
   constexpr int P = PairOf<T>();
-  const int64_t nr = TileCols<T>(isa);
-  const int64_t K = int64_t(chans.size()) * g.kk(), Kp = RoundUp(K, P);
-  const int64_t Np = g.P(), panels = (Np + nr - 1) / nr;
-  out.resize(size_t(panels * Kp * nr));
-  // One task per packed k step: writes rows k..k+P-1 of every panel.
-  ParallelFor(ctx, size_t(Kp / P), [&](size_t kstep) {
-    for (int64_t k = int64_t(kstep) * P; k < int64_t(kstep) * P + P; ++k) {
-      T* dst = out.data() + (k / P) * nr * P + k % P;
-      if (k >= K) {
-        for (int64_t col = 0; col < panels * nr; ++col)
-          dst[(col / nr) * Kp * nr + (col % nr) * P] = T(0);
+  const int64_t K = int64_t(chans.size()) * g.kk(), Np = g.P();
+  const int64_t col_end = std::min(Np, col0 + nr);
+  struct Run { int64_t oh, ow0, count, lane0; };
+  Run runs[64];
+  int nruns = 0;
+  for (int64_t col = col0; col < col_end && nruns < 64;) {
+    const int64_t oh = col / g.OW, ow0 = col % g.OW;
+    const int64_t count = std::min(g.OW - ow0, col_end - col);
+    runs[nruns++] = {oh, ow0, count, col - col0};
+    col += count;
+  }
+  const int64_t n_valid = col_end - col0;
+  for (int64_t k = 0; k < Kp; ++k) {
+    T* row = dst + (k / P) * nr * P + k % P;
+    if (k >= K) {
+      for (int64_t t = 0; t < nr; ++t) row[t * P] = T(0);
+      continue;
+    }
+    const int64_t c = chans[k / g.kk()], i = (k % g.kk()) / g.kw, j = k % g.kw;
+    const T* xc = x + c * g.H * g.W;
+    const int64_t off = j * g.dw - g.pl;  // iw = ow * sw + off
+    // Valid ow for this tap: 0 <= ow * sw + off < W.
+    const int64_t ow_lo = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
+    const int64_t ow_hi = g.W - off > 0 ? (g.W - off + g.sw - 1) / g.sw : 0;
+    for (int r = 0; r < nruns; ++r) {
+      const Run& run = runs[r];
+      T* d = row + run.lane0 * P;
+      const int64_t ih = run.oh * g.sh - g.pt + i * g.dh;
+      if (ih < 0 || ih >= g.H) {
+        for (int64_t t = 0; t < run.count; ++t) d[t * P] = T(0);
         continue;
       }
-      const int64_t c = chans[k / g.kk()], i = (k % g.kk()) / g.kw, j = k % g.kw;
-      const T* xc = x + c * g.H * g.W;
-      int64_t col = 0;
-      for (int64_t oh = 0; oh < g.OH; ++oh) {
-        const int64_t ih = oh * g.sh - g.pt + i * g.dh;
-        const bool row_in = ih >= 0 && ih < g.H;
-        for (int64_t ow = 0; ow < g.OW; ++ow, ++col) {
-          const int64_t iw = ow * g.sw - g.pl + j * g.dw;
-          dst[(col / nr) * Kp * nr + (col % nr) * P] =
-              (row_in && iw >= 0 && iw < g.W) ? xc[ih * g.W + iw] : T(0);
-        }
+      const T* src = xc + ih * g.W + off;
+      const int64_t lo = std::clamp(ow_lo - run.ow0, int64_t(0), run.count);
+      const int64_t hi = std::clamp(ow_hi - run.ow0, lo, run.count);
+      for (int64_t t = 0; t < lo; ++t) d[t * P] = T(0);
+      if (g.sw == 1) {
+        const T* s1 = src + run.ow0;
+        for (int64_t t = lo; t < hi; ++t) d[t * P] = s1[t];
+      } else {
+        for (int64_t t = lo; t < hi; ++t) d[t * P] = src[(run.ow0 + t) * g.sw];
       }
-      for (; col < panels * nr; ++col) dst[(col / nr) * Kp * nr + (col % nr) * P] = T(0);
+      for (int64_t t = hi; t < run.count; ++t) d[t * P] = T(0);
     }
-  });
+    for (int64_t t = n_valid; t < nr; ++t) row[t * P] = T(0);
+  }
 }
 
+// fields[t, k] = panel element (k, t) for the first nv pixels of a packed im2col panel
+// (see Im2colPanel's layout), rows zero-padded from K to Lpad.
 template <class T>
-void Im2colRows(OrtKernelContext* ctx, const T* x, const ConvGeom& g,
-                const std::vector<int>& chans, int64_t Lpad, std::vector<T>& out) {
-  const int64_t K = int64_t(chans.size()) * g.kk();
-  out.resize(size_t(g.P() * Lpad));
-  ParallelFor(ctx, size_t(g.OH), [&](size_t oh_) {
-    const int64_t oh = int64_t(oh_);
-    for (int64_t ow = 0; ow < g.OW; ++ow) {
-      T* dst = out.data() + (oh * g.OW + ow) * Lpad;
-      int64_t k = 0;
-      for (int c : chans) {
-        const T* xc = x + int64_t(c) * g.H * g.W;
-        for (int64_t i = 0; i < g.kh; ++i) {
-          const int64_t ih = oh * g.sh - g.pt + i * g.dh;
-          for (int64_t j = 0; j < g.kw; ++j, ++k) {
-            const int64_t iw = ow * g.sw - g.pl + j * g.dw;
-            dst[k] = (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) ? xc[ih * g.W + iw] : T(0);
-          }
-        }
-      }
-      for (; k < Lpad; ++k) dst[k] = T(0);
-    }
-  });
+static void TransposePanel(const T* panel, int64_t K, int64_t nr, int64_t nv, int64_t Lpad,
+                           T* fields) {
+  constexpr int P = PairOf<T>();
+  for (int64_t k = 0; k < K; ++k) {
+    const T* row = panel + (k / P) * nr * P + k % P;
+    for (int64_t t = 0; t < nv; ++t) fields[t * Lpad + k] = row[t * P];
+  }
+  for (int64_t t = 0; t < nv; ++t)
+    for (int64_t k = K; k < Lpad; ++k) fields[t * Lpad + k] = T(0);
 }
-
-// ---------------------------------------------------------------- GEMM driver
-
-namespace {
-// Tasks are (column panel, run of row panels): the B panel stays in cache across the row
-// panels, and there are enough tasks for the thread pool even when N is small.
-template <class T, class Acc, class Micro>
-void GemmTasks(OrtKernelContext* ctx, int mr, int nr, const PackedWeights<T>& a, const T* b,
-               int64_t N, Acc* c, int64_t ldc, Micro micro) {
-  const int64_t m_panels = (a.M + mr - 1) / mr, n_panels = (N + nr - 1) / nr;
-  if (m_panels == 0 || n_panels == 0) return;
-  const int64_t want_tasks = 16;
-  int64_t m_chunks = std::min<int64_t>(m_panels, std::max<int64_t>(1, want_tasks / n_panels));
-  const int64_t per_chunk = (m_panels + m_chunks - 1) / m_chunks;
-  m_chunks = (m_panels + per_chunk - 1) / per_chunk;
-  ParallelFor(ctx, size_t(n_panels * m_chunks), [&](size_t task) {
-    const int64_t jp = int64_t(task) / m_chunks, chunk = int64_t(task) % m_chunks;
-    const T* bp = b + jp * a.Kp * nr;
-    const int n_valid = int(std::min<int64_t>(nr, N - jp * nr));
-    const int64_t ip_end = std::min(m_panels, (chunk + 1) * per_chunk);
-    for (int64_t ip = chunk * per_chunk; ip < ip_end; ++ip) {
-      const int m_valid = int(std::min<int64_t>(mr, a.M - ip * mr));
-      micro(a.data.data() + ip * a.Kp * mr, bp, c + ip * mr * ldc + jp * nr, m_valid, n_valid);
-    }
-  });
-}
-}  // namespace
-
-void GemmPacked(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<float>& a,
-                const float* b, int64_t N, float* c, int64_t ldc) {
-  GemmTasks(ctx, isa.mr, isa.nr, a, b, N, c, ldc,
-            [&](const float* ap, const float* bp, float* cp, int mv, int nv) {
-              isa.sgemm_micro(a.Kp, ap, bp, cp, ldc, mv, nv, false);
-            });
-}
-
-void GemmPacked(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<int16_t>& a,
-                const int16_t* b, int64_t N, int32_t* c, int64_t ldc) {
-  GemmTasks(ctx, isa.imr, isa.inr, a, b, N, c, ldc,
-            [&](const int16_t* ap, const int16_t* bp, int32_t* cp, int mv, int nv) {
-              isa.igemm_micro(a.Kp, ap, bp, cp, ldc, mv, nv);
-            });
-}
-
-// ---------------------------------------------------------------- gated two-stage conv
 
 namespace {
 template <class T> struct AccOf { using type = float; };
 template <> struct AccOf<int16_t> { using type = int32_t; };
 
+inline void Micro(const IsaKernels& isa, int64_t K, const float* a, const float* b, float* c,
+                  int64_t ldc, int mv, int nv, bool accumulate) {
+  isa.sgemm_micro(K, a, b, c, ldc, mv, nv, accumulate);
+}
+inline void Micro(const IsaKernels& isa, int64_t K, const int16_t* a, const int16_t* b,
+                  int32_t* c, int64_t ldc, int mv, int nv, bool accumulate) {
+  isa.igemm_micro(K, a, b, c, ldc, mv, nv, accumulate);
+}
+
+// k-block of the panel product: the B panel's kKc x nr block (32 KiB of fp32) stays in L1
+// while every row panel of A streams past it.
+constexpr int64_t kKc = 256;
 inline void DotRows(const IsaKernels& isa, const float* x, const float* const* rows, int n,
                     int64_t len, float* out) {
   isa.sdot_rows(x, rows, n, len, out);
@@ -333,86 +322,111 @@ inline void DotRows(const IsaKernels& isa, const int16_t* x, const int16_t* cons
                     int64_t len, int32_t* out) {
   isa.idot_rows(x, rows, n, len, out);
 }
+
+// acc[M_pad x nr] (row stride nr) = packed weights * im2col panel (built into `panel`).
+template <class T, class Acc>
+void PanelProduct(const IsaKernels& isa, const PackedWeights<T>& w, const T* x, const ConvGeom& g,
+                  const std::vector<int>& chans, int64_t col0, std::vector<T>& panel, Acc* acc,
+                  int64_t ldc) {
+  const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
+  const int nv = int(std::min<int64_t>(nr, g.P() - col0));
+  panel.resize(size_t(std::max<int64_t>(w.Kp, 1) * nr));
+  Im2colPanel(x, g, chans, col0, nr, w.Kp, panel.data());
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(w.Kp, 1); k0 += kKc) {
+    const int64_t kc = std::min(kKc, w.Kp - k0);
+    for (int64_t ip = 0; ip * mr < w.M; ++ip)
+      Micro(isa, kc, w.data.data() + ip * w.Kp * mr + k0 * mr, panel.data() + k0 * nr,
+            acc + ip * mr * ldc, ldc, int(std::min<int64_t>(mr, w.M - ip * mr)), nv, k0 > 0);
+  }
+}
 }  // namespace
 
 template <class T>
+void ConvByPanels(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<T>& w,
+                  const T* x, const ConvGeom& g, const std::vector<int>& chans,
+                  typename ConvAcc<T>::type* out) {
+  const int64_t nr = TileCols<T>(isa), Np = g.P();
+  ParallelFor(ctx, size_t((Np + nr - 1) / nr), [&](size_t jp) {
+    PanelProduct(isa, w, x, g, chans, int64_t(jp) * nr, Scratch<T, 0>(), out + int64_t(jp) * nr, Np);
+  });
+}
+
+template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
-                  const GatedStagePlan<T>& plan, const T* x1, const T* x2, const float* threshold,
-                  float* y, GateCounts* counts) {
+                  const GatedStagePlan<T>& plan, const T* x1, const T* x2, float scale1,
+                  float scale2, const float* threshold, float* y) {
   using Acc = typename AccOf<T>::type;
   const int64_t M = int64_t(plan.outputs.size()), Np = g.P();
+  const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
   if (M == 0 || Np == 0) return;
-  std::vector<T> cols;
-  std::vector<Acc> acc(static_cast<size_t>(M * Np));
-
-  // Stage 1 for every output element.
-  Im2colPacked(ctx, isa, x1, g, plan.chans1, cols);
-  GemmPacked(ctx, isa, plan.w1, cols.data(), Np, acc.data(), Np);
-
-  // Gate per element; remember which outputs are on at each pixel (CSR by pixel).
-  std::vector<int32_t> on_count(size_t(Np), 0);
-  int64_t on_total = 0;
-  for (int64_t m = 0; m < M; ++m) {
-    float* yo = y + int64_t(plan.outputs[m]) * Np;
-    const Acc* ao = acc.data() + m * Np;
-    const float thr = threshold[plan.outputs[m]];
-    for (int64_t p = 0; p < Np; ++p) {
-      const float v = plan.scale1 * float(ao[p]);
-      yo[p] = v;
-      if (v > thr) ++on_count[p];
-    }
-  }
-  for (int64_t p = 0; p < Np; ++p) on_total += on_count[p];
-  counts->on += on_total;
-  counts->total += M * Np;
-  if (on_total == 0 || plan.chans2.empty()) return;
-
-  const double frac = double(on_total) / double(M * Np);
-  if (frac > kDenseSecondStageFraction) {
-    // Dense second stage, then select: cheaper than dot products when most gates are on.
-    Im2colPacked(ctx, isa, x2, g, plan.chans2, cols);
-    std::vector<Acc> acc2(static_cast<size_t>(M * Np));
-    GemmPacked(ctx, isa, plan.w2, cols.data(), Np, acc2.data(), Np);
+  // One task per column panel of output pixels, start to finish (stage 1, gate, stage 2): a
+  // single parallel section per call, and each panel's data stays in this core's cache.
+  ParallelFor(ctx, size_t((Np + nr - 1) / nr), [&](size_t jp) {
+    const int64_t col0 = int64_t(jp) * nr, nv = std::min<int64_t>(nr, Np - col0);
+    std::vector<Acc>& tile = Scratch<Acc, 1>();
+    tile.resize(size_t(RoundUp(M, mr) * nr));
+    PanelProduct(isa, plan.w1, x1, g, plan.chans1, col0, Scratch<T, 0>(), tile.data(), nr);
+    // Stage 1 into y; count the gated-on outputs of each pixel of the panel.
+    std::vector<int32_t>& on_count = Scratch<int32_t, 3>();
+    on_count.assign(size_t(nr + 1), 0);
     for (int64_t m = 0; m < M; ++m) {
-      float* yo = y + int64_t(plan.outputs[m]) * Np;
-      const Acc* a2 = acc2.data() + m * Np;
+      float* yo = y + int64_t(plan.outputs[m]) * Np + col0;
+      const Acc* am = tile.data() + m * nr;
       const float thr = threshold[plan.outputs[m]];
-      for (int64_t p = 0; p < Np; ++p)
-        if (yo[p] > thr) yo[p] += plan.scale2 * float(a2[p]);
+      for (int64_t t = 0; t < nv; ++t) {
+        const float v = scale1 * float(am[t]);
+        yo[t] = v;
+        on_count[t + 1] += v > thr;
+      }
     }
-    return;
-  }
-
-  // Sparse second stage: one dot product per gated-on element, four outputs per pass so one
-  // load of the receptive field feeds four weight rows.
-  std::vector<int64_t> start(size_t(Np + 1), 0);
-  for (int64_t p = 0; p < Np; ++p) start[p + 1] = start[p] + on_count[p];
-  std::vector<int32_t> on_rows(static_cast<size_t>(on_total));
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < nv; ++t) on_count[t + 1] += on_count[t];  // prefix sums
+    const int64_t on = on_count[nv];
+    if (on == 0 || plan.chans2.empty()) return;
+    if (double(on) > kDenseSecondStageFraction * double(M * nv)) {
+      // Most gates on: the whole panel's second stage as a GEMM, then select.
+      PanelProduct(isa, plan.w2, x2, g, plan.chans2, col0, Scratch<T, 0>(), tile.data(), nr);
+      for (int64_t m = 0; m < M; ++m) {
+        float* yo = y + int64_t(plan.outputs[m]) * Np + col0;
+        const Acc* am = tile.data() + m * nr;
+        const float thr = threshold[plan.outputs[m]];
+        for (int64_t t = 0; t < nv; ++t) yo[t] += yo[t] > thr ? scale2 * float(am[t]) : 0.f;
+      }
+      return;
+    }
+    // Few gates on: one dot product per gated-on element; four outputs per pass, so one load
+    // of the pixel's receptive field feeds four weight rows. on_rows lists, pixel by pixel,
+    // the gated-on outputs (CSR with offsets on_count).
+    std::vector<int32_t>& on_rows = Scratch<int32_t, 4>();
+    std::vector<int32_t>& fill = Scratch<int32_t, 5>();
+    on_rows.resize(size_t(on));
+    fill.assign(on_count.begin(), on_count.begin() + nv);
     for (int64_t m = 0; m < M; ++m) {
-      const float* yo = y + int64_t(plan.outputs[m]) * Np;
+      const float* yo = y + int64_t(plan.outputs[m]) * Np + col0;
       const float thr = threshold[plan.outputs[m]];
-      for (int64_t p = 0; p < Np; ++p)
-        if (yo[p] > thr) on_rows[fill[p]++] = int32_t(m);
+      for (int64_t t = 0; t < nv; ++t)
+        if (yo[t] > thr) on_rows[fill[t]++] = int32_t(m);
     }
-  }
-  const WeightRows<T>& rows = plan.w2_rows;
-  std::vector<T> fields;
-  Im2colRows(ctx, x2, g, plan.chans2, rows.Lpad, fields);
-  const int64_t pix_per_task = 16;
-  ParallelFor(ctx, size_t((Np + pix_per_task - 1) / pix_per_task), [&](size_t task) {
-    const int64_t p_end = std::min(Np, int64_t(task + 1) * pix_per_task);
-    for (int64_t p = int64_t(task) * pix_per_task; p < p_end; ++p) {
-      const T* field = fields.data() + p * rows.Lpad;
-      for (int64_t e = start[p]; e < start[p + 1]; e += 4) {
-        const int n = int(std::min<int64_t>(4, start[p + 1] - e));
+    // Receptive fields of the panel's pixels over the stage-2 channels, one contiguous row
+    // per pixel: the im2col panel (k-major) transposed, loads contiguous per k.
+    const WeightRows<T>& rows = plan.w2_rows;
+    std::vector<T>& panel = Scratch<T, 0>();
+    const int64_t K2p = RoundUp(rows.K, PairOf<T>());
+    panel.resize(size_t(std::max<int64_t>(K2p, 1) * nr));
+    Im2colPanel(x2, g, plan.chans2, col0, nr, K2p, panel.data());
+    std::vector<T>& fields = Scratch<T, 2>();
+    fields.resize(size_t(nr * rows.Lpad));
+    TransposePanel(panel.data(), rows.K, nr, nv, rows.Lpad, fields.data());
+    for (int64_t t = 0; t < nv; ++t) {
+      const int64_t begin = on_count[t], end = on_count[t + 1];
+      const T* field = fields.data() + t * rows.Lpad;
+      for (int64_t e = begin; e < end; e += 4) {
+        const int n = int(std::min<int64_t>(4, end - e));
         const T* wrows[4];
         Acc dots[4];
         for (int i = 0; i < n; ++i) wrows[i] = rows.data.data() + on_rows[e + i] * rows.Lpad;
         DotRows(isa, field, wrows, n, rows.Lpad, dots);
         for (int i = 0; i < n; ++i)
-          y[int64_t(plan.outputs[on_rows[e + i]]) * Np + p] += plan.scale2 * float(dots[i]);
+          y[int64_t(plan.outputs[on_rows[e + i]]) * Np + col0 + t] += scale2 * float(dots[i]);
       }
     }
   });
@@ -424,13 +438,12 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
                                            const std::vector<int>&, const std::vector<int>&);    \
   template WeightRows<T> MakeWeightRows<T>(const T*, const ConvGeom&, const std::vector<int>&,   \
                                            const std::vector<int>&);                             \
-  template void Im2colPacked<T>(OrtKernelContext*, const IsaKernels&, const T*, const ConvGeom&, \
-                                const std::vector<int>&, std::vector<T>&);                       \
-  template void Im2colRows<T>(OrtKernelContext*, const T*, const ConvGeom&,                      \
-                              const std::vector<int>&, int64_t, std::vector<T>&);                \
+  template void ConvByPanels<T>(OrtKernelContext*, const IsaKernels&, const PackedWeights<T>&,   \
+                                const T*, const ConvGeom&, const std::vector<int>&,             \
+                                typename ConvAcc<T>::type*);                                     \
   template void RunGatedConv<T>(OrtKernelContext*, const IsaKernels&, const ConvGeom&,           \
-                                const GatedStagePlan<T>&, const T*, const T*, const float*,      \
-                                float*, GateCounts*);
+                                const GatedStagePlan<T>&, const T*, const T*, float, float,      \
+                                const float*, float*);
 G2D_INSTANTIATE(float)
 G2D_INSTANTIATE(int16_t)
 #undef G2D_INSTANTIATE

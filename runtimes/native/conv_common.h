@@ -8,9 +8,10 @@
 //   Y   += gate * scale2 * (W2 * X2)  only where gate is on
 //                                  (CG's remaining channels, PG's LSB activations)
 //
-// The second stage is computed per gated-on output element as a dot product of the weight
-// row with that pixel's receptive field (im2col transposed, so the field is contiguous);
-// above kDenseSecondStageFraction of elements on, a dense GEMM is cheaper and is used instead.
+// Work is split by column panels of output pixels (the GEMM's nr columns); per panel, the
+// second stage is computed per gated-on output element as a dot product of the weight row
+// with that pixel's receptive field (gathered contiguously); above kDenseSecondStageFraction
+// of the panel's elements on, a dense panel GEMM is cheaper and is used instead.
 //
 // Errors: validation throws OpError; each op's Compute catches it (and std::bad_alloc) and
 // returns an ONNX Runtime error status, so a bad model never takes the process down.
@@ -36,7 +37,7 @@ struct OpError : std::runtime_error {
 
 // Above this fraction of gated-on output elements the second stage runs as a dense GEMM
 // (measured crossover of sparse dot products vs the blocked GEMM, tools/bench_gated_ops.py).
-constexpr double kDenseSecondStageFraction = 0.35;
+constexpr double kDenseSecondStageFraction = 0.15;
 
 struct ConvAttrs {
   std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
@@ -100,20 +101,16 @@ template <class T>
 WeightRows<T> MakeWeightRows(const T* w, const ConvGeom& g, const std::vector<int>& outputs,
                              const std::vector<int>& chans);
 
-// im2col of one sample x[C, H, W] over input channels `chans` into the packed-B layout.
-template <class T>
-void Im2colPacked(OrtKernelContext* ctx, const IsaKernels& isa, const T* x, const ConvGeom& g,
-                  const std::vector<int>& chans, std::vector<T>& out);
-// Transposed im2col: out[p, 0:K] is output pixel p's receptive field, padded to Lpad.
-template <class T>
-void Im2colRows(OrtKernelContext* ctx, const T* x, const ConvGeom& g,
-                const std::vector<int>& chans, int64_t Lpad, std::vector<T>& out);
+template <class T> struct ConvAcc { using type = float; };
+template <> struct ConvAcc<int16_t> { using type = int32_t; };
 
-// C[M, N] (row stride ldc) = A * B for packed operands; float -> float, int16 -> int32.
-void GemmPacked(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<float>& a,
-                const float* b, int64_t N, float* c, int64_t ldc);
-void GemmPacked(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<int16_t>& a,
-                const int16_t* b, int64_t N, int32_t* c, int64_t ldc);
+// out[M, P] (row stride P) = conv of one sample x[C, H, W], input channels `chans`, with the
+// packed weights: im2col and GEMM fused per column panel of output pixels, one parallel
+// section (float -> float, int16 -> int32).
+template <class T>
+void ConvByPanels(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<T>& w,
+                  const T* x, const ConvGeom& g, const std::vector<int>& chans,
+                  typename ConvAcc<T>::type* out);
 
 // One output group of a gated two-stage convolution (see the top of this file).
 template <class T>
@@ -122,17 +119,24 @@ struct GatedStagePlan {
   std::vector<int> chans1, chans2;  // input channels read by stage 1 / stage 2
   PackedWeights<T> w1, w2;        // stage weights for the GEMM
   WeightRows<T> w2_rows;          // stage-2 weights for per-element dot products
-  float scale1 = 1.f, scale2 = 1.f;
 };
 
-struct GateCounts {
-  int64_t on = 0, total = 0;
-};
-
-// Computes y[o, :] for o in plan.outputs of one sample (y points at the sample's [O, P]).
+// Computes y[o, :] for o in plan.outputs of one sample (y points at the sample's [O, P]);
+// stage sums are multiplied by scale1 / scale2 (PG's integer-to-float factors; 1 for CG).
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
-                  const GatedStagePlan<T>& plan, const T* x1, const T* x2, const float* threshold,
-                  float* y, GateCounts* counts);
+                  const GatedStagePlan<T>& plan, const T* x1, const T* x2, float scale1,
+                  float scale2, const float* threshold, float* y);
+
+// Scratch buffers that live as long as the calling thread: re-used across runs so that the
+// large im2col buffers are not page-faulted in again on every call. `Slot` separates uses.
+template <class T, int Slot>
+std::vector<T>& Scratch() {
+  static thread_local std::vector<T> buffer;
+  return buffer;
+}
+
+// True if input `index` of the node is a constant initializer (weights can be prepared once).
+bool InputIsConstant(const OrtKernelInfo* info, size_t index);
 
 }  // namespace g2d

@@ -49,7 +49,8 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     const IsaKernels& isa = BestKernels();
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const int64_t HW = g.H * g.W, Np = g.P();
-    std::vector<float> pooled(size_t(g.C)), gamma(size_t(g.O)), sorted, cols, out;
+    std::vector<float> pooled(size_t(g.C)), gamma(size_t(g.O)), sorted;
+    std::vector<float>& out = Scratch<float, 21>();
 
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * HW;
@@ -90,12 +91,8 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
 
       // Only active outputs x active inputs: weights gathered and packed per sample.
       const PackedWeights<float> w = PackWeights(isa, W.Data(), g, out_active, in_active);
-      Im2colPacked(ctx, isa, xn, g, in_active, cols);
       out.resize(out_active.size() * size_t(Np));
-      if (in_active.empty())
-        std::fill(out.begin(), out.end(), 0.f);
-      else
-        GemmPacked(ctx, isa, w, cols.data(), Np, out.data(), Np);
+      ConvByPanels(ctx, isa, w, xn, g, in_active, out.data());
       for (size_t a = 0; a < out_active.size(); ++a) {
         const int o = out_active[a];
         const float ga = gamma[o], sc = bn_scale.Data()[o], sh = bn_shift.Data()[o],

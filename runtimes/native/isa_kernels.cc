@@ -75,19 +75,20 @@ void sgemm_micro(int64_t K, const float* a, const float* b, float* c, int64_t ld
 }
 
 void sdot_rows(const float* x, const float* const* rows, int nrows, int64_t len, float* out) {
-  vf acc[4] = {vf{}, vf{}, vf{}, vf{}};
-  if (nrows == 4) {  // the common case: one load of x feeds four rows
-    for (int64_t k = 0; k < len; k += kVW) {
-      const vf xv = load(x + k);
-      acc[0] += xv * load(rows[0] + k);
-      acc[1] += xv * load(rows[1] + k);
-      acc[2] += xv * load(rows[2] + k);
-      acc[3] += xv * load(rows[3] + k);
-    }
-  } else {
-    for (int i = 0; i < nrows; ++i)
-      for (int64_t k = 0; k < len; k += kVW) acc[i] += load(x + k) * load(rows[i] + k);
+  // Four independent accumulators in registers; rows beyond nrows repeat row 0 (discarded).
+  const float* r0 = rows[0];
+  const float* r1 = nrows > 1 ? rows[1] : r0;
+  const float* r2 = nrows > 2 ? rows[2] : r0;
+  const float* r3 = nrows > 3 ? rows[3] : r0;
+  vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+  for (int64_t k = 0; k < len; k += kVW) {
+    const vf xv = load(x + k);
+    a0 += xv * load(r0 + k);
+    a1 += xv * load(r1 + k);
+    a2 += xv * load(r2 + k);
+    a3 += xv * load(r3 + k);
   }
+  const vf acc[4] = {a0, a1, a2, a3};
   for (int i = 0; i < nrows; ++i) {
     float lanes[kVW];
     store(lanes, acc[i]);
@@ -123,7 +124,7 @@ inline vi izero() { return _mm256_setzero_si256(); }
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 void igemm_micro(int64_t Kp, const int16_t* a, const int16_t* b, int32_t* c, int64_t ldc,
-                 int m_valid, int n_valid) {
+                 int m_valid, int n_valid, bool accumulate) {
   vi acc[kIMR][2];
   for (int r = 0; r < kIMR; ++r) acc[r][0] = acc[r][1] = izero();
   for (int64_t kp = 0; kp < Kp / 2; ++kp) {
@@ -140,18 +141,30 @@ void igemm_micro(int64_t Kp, const int16_t* a, const int16_t* b, int32_t* c, int
   for (int r = 0; r < m_valid; ++r) {
     istore(tile, acc[r][0]);
     istore(tile + kVW, acc[r][1]);
-    std::memcpy(c + r * ldc, tile, sizeof(int32_t) * n_valid);
+    int32_t* cr = c + r * ldc;
+    for (int j = 0; j < n_valid; ++j) cr[j] = accumulate ? cr[j] + tile[j] : tile[j];
   }
 }
 
 void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t len,
                int32_t* out) {
   constexpr int kStep = kVW * 2;  // int16 per vector
+  const int16_t* r0 = rows[0];
+  const int16_t* r1 = nrows > 1 ? rows[1] : r0;
+  const int16_t* r2 = nrows > 2 ? rows[2] : r0;
+  const int16_t* r3 = nrows > 3 ? rows[3] : r0;
+  vi a0 = izero(), a1 = izero(), a2 = izero(), a3 = izero();
+  for (int64_t k = 0; k < len; k += kStep) {
+    const vi xv = iload(x + k);
+    a0 = madd_acc(a0, xv, iload(r0 + k));
+    a1 = madd_acc(a1, xv, iload(r1 + k));
+    a2 = madd_acc(a2, xv, iload(r2 + k));
+    a3 = madd_acc(a3, xv, iload(r3 + k));
+  }
+  const vi acc[4] = {a0, a1, a2, a3};
   for (int i = 0; i < nrows; ++i) {
-    vi acc = izero();
-    for (int64_t k = 0; k < len; k += kStep) acc = madd_acc(acc, iload(x + k), iload(rows[i] + k));
     int32_t lanes[kVW];
-    istore(lanes, acc);
+    istore(lanes, acc[i]);
     int32_t s = 0;
     for (int l = 0; l < kVW; ++l) s += lanes[l];
     out[i] = s;
@@ -159,7 +172,7 @@ void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t 
 }
 #else
 void igemm_micro(int64_t Kp, const int16_t* a, const int16_t* b, int32_t* c, int64_t ldc,
-                 int m_valid, int n_valid) {
+                 int m_valid, int n_valid, bool accumulate) {
   int32_t acc[kIMR][kINR] = {};
   for (int64_t kp = 0; kp < Kp / 2; ++kp) {
     const int16_t* bk = b + kp * kINR * 2;
@@ -168,7 +181,8 @@ void igemm_micro(int64_t Kp, const int16_t* a, const int16_t* b, int32_t* c, int
       for (int j = 0; j < kINR; ++j)
         acc[r][j] += int32_t(ak[2 * r]) * bk[2 * j] + int32_t(ak[2 * r + 1]) * bk[2 * j + 1];
   }
-  for (int r = 0; r < m_valid; ++r) std::memcpy(c + r * ldc, acc[r], sizeof(int32_t) * n_valid);
+  for (int r = 0; r < m_valid; ++r)
+    for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = accumulate ? c[r * ldc + j] + acc[r][j] : acc[r][j];
 }
 
 void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t len,

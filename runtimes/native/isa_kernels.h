@@ -25,7 +25,7 @@ struct IsaKernels {
                       int m_valid, int n_valid, bool accumulate);
   // int32 C = int16 A * int16 B; Kp even, counts pairs of k
   void (*igemm_micro)(int64_t Kp, const int16_t* a, const int16_t* b, int32_t* c, int64_t ldc,
-                      int m_valid, int n_valid);
+                      int m_valid, int n_valid, bool accumulate);
   // out[i] = dot(x, rows[i]) for i < nrows (nrows <= 4); len a multiple of 32, arrays 64-byte
   // padded with zeros.
   void (*sdot_rows)(const float* x, const float* const* rows, int nrows, int64_t len, float* out);

@@ -13,6 +13,7 @@
 // the fp32 reference. Otherwise (float weights, B > 8) the same stages run in fp32.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "pg_conv.h"
 
@@ -43,6 +44,38 @@ bool FindWeightGrid(const float* w, int64_t n, std::vector<int16_t>* q, float* s
     }
   }
   return false;
+}
+// One plan per convolution group: both stages read the group's input channels with the same
+// weights (stage 1 the MSB activations, stage 2 the LSB activations).
+template <class T>
+std::vector<GatedStagePlan<T>> BuildPlans(const T* w, const ConvGeom& g) {
+  const IsaKernels& isa = BestKernels();
+  const int64_t Og = g.O / g.group;
+  std::vector<GatedStagePlan<T>> plans(size_t(g.group));
+  for (int64_t gi = 0; gi < g.group; ++gi) {
+    auto& plan = plans[gi];
+    std::vector<int> w_chans;  // channel indices within W's Cw dimension
+    for (int64_t o = gi * Og; o < (gi + 1) * Og; ++o) plan.outputs.push_back(int(o));
+    for (int64_t c = 0; c < g.Cw; ++c) {
+      w_chans.push_back(int(c));
+      plan.chans1.push_back(int(gi * g.Cw + c));  // input channel indices within X
+    }
+    plan.chans2 = plan.chans1;
+    plan.w1 = PackWeights(isa, w, g, plan.outputs, w_chans);
+    plan.w2 = plan.w1;
+    plan.w2_rows = MakeWeightRows(w, g, plan.outputs, w_chans);
+  }
+  return plans;
+}
+
+template <class T>
+std::shared_ptr<const std::vector<GatedStagePlan<T>>> PlansFor(
+    bool cacheable, std::mutex& mu, std::shared_ptr<const std::vector<GatedStagePlan<T>>>& cache,
+    const T* w, const ConvGeom& g) {
+  if (!cacheable) return std::make_shared<const std::vector<GatedStagePlan<T>>>(BuildPlans(w, g));
+  std::lock_guard<std::mutex> lock(mu);
+  if (!cache) cache = std::make_shared<const std::vector<GatedStagePlan<T>>>(BuildPlans(w, g));
+  return cache;
 }
 }  // namespace
 
@@ -109,38 +142,23 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
 
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const IsaKernels& isa = BestKernels();
-    const int64_t Og = g.O / g.group;
-    GateCounts counts;
 
-    auto run = [&](auto zero, const auto* w_elems, float scale1, float scale2,
-                   auto quantize /* (float x, T* msb, T* lsb) */) {
-      using T = decltype(zero);
-      std::vector<T> msb(static_cast<size_t>(nx)), lsb(static_cast<size_t>(nx));
+    // Quantize X into MSB/LSB planes (thread-local scratch), then run every sample and group.
+    auto run = [&](const auto& plans, float scale1, float scale2, auto quantize) {
+      using T = typename std::decay_t<decltype(plans[0].w1.data)>::value_type;
+      std::vector<T>& msb = Scratch<T, 10>();
+      std::vector<T>& lsb = Scratch<T, 11>();
+      msb.resize(size_t(nx));
+      lsb.resize(size_t(nx));
       ParallelFor(ctx, size_t(g.N * g.C), [&](size_t plane) {
         const int64_t off = int64_t(plane) * g.H * g.W;
         for (int64_t i = off; i < off + g.H * g.W; ++i) quantize(x[i], &msb[i], &lsb[i]);
       });
-      std::vector<GatedStagePlan<T>> plans(size_t(g.group));
-      for (int64_t gi = 0; gi < g.group; ++gi) {
-        auto& plan = plans[gi];
-        std::vector<int> w_chans;
-        for (int64_t o = gi * Og; o < (gi + 1) * Og; ++o) plan.outputs.push_back(int(o));
-        for (int64_t c = 0; c < g.Cw; ++c) {
-          w_chans.push_back(int(c));
-          plan.chans1.push_back(int(gi * g.Cw + c));
-        }
-        plan.chans2 = plan.chans1;
-        plan.w1 = PackWeights(isa, w_elems, g, plan.outputs, w_chans);
-        plan.w2 = plan.w1;
-        plan.w2_rows = MakeWeightRows(w_elems, g, plan.outputs, w_chans);
-        plan.scale1 = scale1;
-        plan.scale2 = scale2;
-      }
       for (int64_t n = 0; n < g.N; ++n)
         for (const auto& plan : plans)
           RunGatedConv(ctx, isa, g, plan, msb.data() + n * g.C * g.H * g.W,
-                       lsb.data() + n * g.C * g.H * g.W, threshold.Data(), y + n * g.O * g.P(),
-                       &counts);
+                       lsb.data() + n * g.C * g.H * g.W, scale1, scale2, threshold.Data(),
+                       y + n * g.O * g.P());
     };
 
     // q = round_half_even(min(|x| / s, 1) * (2^B - 1)), in fp32 as the reference does.
@@ -148,15 +166,17 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
       return int64_t(std::nearbyint(std::min(std::fabs(v) / s, 1.0f) * levels));
     };
     if (int_path) {
-      const float unit = s / levels * w_step;  // value of one activation step times one weight step
-      run(int16_t(0), w_q->data(), unit * float(int64_t(1) << shift), unit,
+      const auto plans = PlansFor<int16_t>(w_const_, plans_mutex_, int_plans_, w_q->data(), g);
+      const float unit = s / levels * w_step;  // one activation step times one weight step
+      run(*plans, unit * float(int64_t(1) << shift), unit,
           [&](float v, int16_t* hb, int16_t* lb) {
             const int64_t q = magnitude(v), sign = v > 0.f ? 1 : (v < 0.f ? -1 : 0);
             *hb = int16_t(sign * (q >> shift));
             *lb = int16_t(sign * (q & ((int64_t(1) << shift) - 1)));
           });
     } else {
-      run(0.f, W.Data(), 1.f, 1.f, [&](float v, float* hb, float* lb) {
+      const auto plans = PlansFor<float>(w_const_, plans_mutex_, float_plans_, W.Data(), g);
+      run(*plans, 1.f, 1.f, [&](float v, float* hb, float* lb) {
         const int64_t q = magnitude(v);
         const float sign = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
         const float q_hb = float((q >> shift) << shift), q_lb = float(q) - q_hb;

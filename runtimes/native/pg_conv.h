@@ -2,6 +2,9 @@
 #include "conv_common.h"
 #include <onnxruntime_lite_custom_op.h>
 
+#include <memory>
+#include <mutex>
+
 namespace g2d {
 struct PGConvKernel {
   PGConvKernel(const OrtApi* api, const OrtKernelInfo* info);
@@ -16,5 +19,9 @@ struct PGConvKernel {
   bool w_const_ = false, w_int_ = false;
   std::vector<int16_t> w_q_;
   float w_step_ = 1.f;
+  // Packed weights, built on the first run when W is constant (one of the two is used).
+  std::mutex plans_mutex_;
+  std::shared_ptr<const std::vector<GatedStagePlan<int16_t>>> int_plans_;
+  std::shared_ptr<const std::vector<GatedStagePlan<float>>> float_plans_;
 };
 }  // namespace g2d
