@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
