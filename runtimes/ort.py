@@ -39,7 +39,7 @@ def custom_ops_library_path(variant: str = "release") -> Path:
 
 
 def session_options(threads: int = 2, optimization: str = "all", library_variant: str = "release",
-                    profile: bool = False) -> ort.SessionOptions:
+                    profile: bool = False, log_severity: int = 3) -> ort.SessionOptions:
     """SessionOptions with the custom ops registered and a fixed thread count."""
     if threads < 1:
         raise UserError(f"threads must be >= 1, not {threads}")
@@ -53,7 +53,7 @@ def session_options(threads: int = 2, optimization: str = "all", library_variant
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = levels[optimization]
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_severity  # 3: errors only; 4: silent (caller reports errors)
     opts.enable_profiling = profile
     opts.register_custom_ops_library(str(custom_ops_library_path(library_variant)))
     return opts
@@ -61,7 +61,7 @@ def session_options(threads: int = 2, optimization: str = "all", library_variant
 
 def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: int = 2,
                  optimization: str = "all", library_variant: str = "release",
-                 profile: bool = False) -> ort.InferenceSession:
+                 profile: bool = False, log_severity: int = 3) -> ort.InferenceSession:
     """An ONNX Runtime CPU session for `model` (path, ModelProto or serialized bytes) with
     gate2deploy's CGConv/PGConv/FBSConv kernels registered."""
     if isinstance(model, onnx.ModelProto):
@@ -73,7 +73,7 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: in
         if not path.is_file():
             raise UserError(f"model file {path} does not exist")
         payload = str(path)
-    opts = session_options(threads, optimization, library_variant, profile)
+    opts = session_options(threads, optimization, library_variant, profile, log_severity)
     try:
         return ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for invalid models

@@ -43,7 +43,7 @@ def single_node_model(op: str, x_shape, initializers: list[np.ndarray], attrs: d
                       dynamic_x: bool = False) -> onnx.ModelProto:
     names = [f"in{i}" for i in range(len(initializers))]
     node = helper.make_node(op, ["x", *names], ["y"], domain="gate2deploy", **attrs)
-    x_dims = ["n", "c", "h", "w"] if dynamic_x else list(x_shape)
+    x_dims = ["n", "c", "h", "w"] if dynamic_x else list(x_shape)  # x_shape unused if dynamic
     graph = helper.make_graph(
         [node], op,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims)],
@@ -310,12 +310,48 @@ def test_bad_inputs_raise_runtime_error_not_crash(case):
     assert op in str(info.value) or "Invalid" in str(info.value) or "INVALID" in str(info.value)
 
 
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_run_and_bench_custom_op_model(cli, tmp_path):
+    w, mask, thr = _cg_inputs()
+    path = tmp_path / "cg.onnx"
+    onnx.save(single_node_model("CGConv", None, [w, mask, thr], {"pads": [1, 1, 1, 1]},
+                                dynamic_x=True), str(path))
+    out = tmp_path / "out.npz"
+    code, stdout, stderr = cli("run", path, "--input-shape", "2x8x6x6", "--bench", "3",
+                               "--save-outputs", out)
+    assert code == 0, stderr
+    assert "output y: float32 [2, 4, 6, 6]" in stdout and "median" in stdout
+    x = np.random.default_rng(0).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(np.load(out)["y"], ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1)),
+                               rtol=0, atol=1e-4 * 30)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input-shape", "2x5x6x6"], "X has 5 channels"),
+    ([], "symbolic shape"),
+    (["--input-shape", "2xAx6"], "expected dimensions"),
+])
+def test_cli_run_errors_are_one_line(cli, tmp_path, args, message):
+    w, mask, thr = _cg_inputs()
+    path = tmp_path / "cg.onnx"
+    onnx.save(single_node_model("CGConv", None, [w, mask, thr], {}, dynamic_x=True), str(path))
+    code, stdout, stderr = cli("run", path, *args)
+    assert code == 2
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_cli_run_missing_file(cli, tmp_path):
+    code, _, stderr = cli("run", tmp_path / "nope.onnx")
+    assert code == 2 and "does not exist" in stderr
+
+
 # ----------------------------------------------------------------------------- reruns
 
 def _rerun_small_cases(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, G2D_NATIVE_SUBPROCESS="1", **env_extra)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-           "-k", "not rerun and not sanitizer"]
+           "-k", "not rerun and not sanitizer and not cli"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
