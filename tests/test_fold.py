@@ -111,9 +111,23 @@ def test_depthwise_follows_its_input_channels():
     assert max_rel_err(model, folded, (1, 3, 8, 8)) <= RTOL
 
 
-def test_grouped_conv_channels_are_reported_not_folded():
-    model = randomize(nn.Sequential(cbr(3, 8), mask(8, [0]), cbr(8, 8, groups=2)))
-    with pytest.raises(UnfoldableError, match="grouped Conv"):
+@pytest.mark.parametrize("zeros,kept_in", [([0, 5], 6), ([0, 1], 8)])
+def test_grouped_conv_keeps_equal_channel_counts_per_group(zeros, kept_in):
+    """groups=2 over 8 channels: masking one channel in each group slices both groups to 3;
+    masking two in one group pads it back to the other group's 4 (zero reads, exact)."""
+    model = randomize(nn.Sequential(cbr(3, 8), mask(8, zeros), cbr(8, 8, groups=2)))
+    _, folded, result = fold(model, (1, 3, 8, 8))
+    grouped = next(n for n in folded.graph.node if n.op_type == "Conv"
+                   and any(a.name == "group" and a.i == 2 for a in n.attribute))
+    weight = next(numpy_helper.to_array(i) for i in folded.graph.initializer if i.name == grouped.input[1])
+    assert weight.shape[1] * 2 == kept_in
+    assert "ChannelMask" not in ops(folded) and not result.unfoldable
+    assert max_rel_err(model, folded, (1, 3, 8, 8)) <= RTOL
+
+
+def test_channels_on_the_graph_output_are_reported_not_folded():
+    model = randomize(nn.Sequential(cbr(3, 8), mask(8, [0])))
+    with pytest.raises(UnfoldableError, match="graph output"):
         fold(model, (1, 3, 8, 8))
     _, folded, result = fold(model, (1, 3, 8, 8), policy="keep")
     assert len(result.unfoldable) == 1 and "Mul" in ops(folded)
