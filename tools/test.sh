@@ -10,4 +10,7 @@ python -m pip install -q -e '.[test]'
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# Build (or find cached) the native custom-op library up front, so a missing compiler or
+# header download fails here with one clear line (runtimes/native_build.py).
+python -m gate2deploy.runtimes.native_build
 python -m pytest -q
