@@ -9,6 +9,9 @@ ordinary `Mul` nodes.
 `attach_masks` puts masks on an existing model without editing its code: an "out" mask
 multiplies a module's output, an "in" mask its (first) input. This is how the Gator and
 network-slimming importers express their gates.
+
+The dynamic gates (Channel Gating, Precision Gating, FBS) live in `gate2deploy.gated` and are
+re-exported here, so `gate2deploy.nn` is the one place to take drop-in modules from.
 """
 from __future__ import annotations
 
@@ -126,3 +129,7 @@ def attach_masks(model: nn.Module, specs: list[MaskSpec]) -> list:
         else:
             raise ValueError(f"mask side must be 'in' or 'out', not {spec.side!r}")
     return handles
+
+
+# Re-exported drop-in dynamic gates (defined in gate2deploy.gated, which needs nothing from here).
+from .gated import CGConv2d, FBSConv2d, PactReLU, PGConv2d, QuantizedConv2d  # noqa: E402,F401

@@ -51,8 +51,11 @@ def model_cost(model: onnx.ModelProto) -> ModelCost:
     shapes = _shapes(model)
     for name, t in tensors.items():
         shapes.setdefault(name, tuple(t.dims))
-    params = int(sum(np.prod(t.dims) for t in inits.values()
-                     if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)))
+    # Weights may be initializers or Constant nodes (the exporter emits quantized weights so);
+    # static masks are not parameters of the deployed model.
+    masks = {n.input[1] for n in model.graph.node if n.op_type == "ChannelMask"}
+    params = int(sum(np.prod(t.dims) for name, t in tensors.items()
+                     if name not in masks and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)))
     layers = {}
     for node in model.graph.node:
         if node.op_type not in LAYER_OPS and node.domain != "gate2deploy":

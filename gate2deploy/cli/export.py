@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import time
 
+import torch
+
+from .. import gate_stats
 from .. import report as rep
 from ..capture import capture
 from ..errors import UserError
 from ..fileio import atomic_path, check_writable, write_text
 from ..frontend import add_model_arguments, build_gated_model
 from ..pipeline import PIPELINES, PassContext, run_pipeline
-from ..verify import DEFAULT_RTOL, verify
+from ..verify import DEFAULT_RTOL, check_export
 
 TARGETS = ("onnx", "ort", "trt")
 
@@ -32,6 +35,10 @@ def add_parser(sub) -> None:
                    help="verification tolerance: max|onnx - torch| / max|torch| (default %(default)g)")
     p.add_argument("--keep-unfoldable", action="store_true",
                    help="keep masks the fold cannot remove as an exact Mul instead of failing")
+    add_sample_arguments(p)
+    p.add_argument("--pg-static-scale", action="store_true",
+                   help="Precision Gating: replace the per-batch dynamic activation scale by one calibrated "
+                        "on --sample-inputs (outputs then no longer depend on the rest of the batch)")
     p.set_defaults(func=run)
 
 
@@ -51,20 +58,24 @@ def run(args) -> int:
     check_writable(args.output)
     if args.report:
         check_writable(args.report)
+    if args.pg_static_scale and not args.sample_inputs:
+        raise UserError("--pg-static-scale needs --sample-inputs to calibrate on")
     pipeline = _pipeline_target(args.target)
     gated = build_gated_model(args)
+    samples = load_samples(args, gated)
+    if args.pg_static_scale:
+        gate_stats.calibrate_pg_scales(gated.model, [torch.from_numpy(b) for b in samples])
     start = time.perf_counter()
     captured = capture(gated.model, gated.example)
     ctx = PassContext(unfoldable_policy="keep" if args.keep_unfoldable else "error")
     compiled = run_pipeline(captured, pipeline, ctx)
     compile_seconds = time.perf_counter() - start
 
-    result = None
+    check = None
     if not args.no_verify:
-        result = verify(gated.model, compiled, tuple(gated.example.shape), rtol=args.rtol)
-        if not result.passed:
-            raise UserError(f"verification failed: max relative error {result.max_rel_err:.3g} > {args.rtol:g} "
-                            f"(max abs {result.max_abs_err:.3g}); nothing written")
+        check = check_export(gated.model, captured, compiled, tuple(gated.example.shape), args.rtol, samples)
+        if not check.passed:
+            raise UserError(f"verification failed: {check.summary()}; nothing written")
 
     before, after = rep.model_cost(captured), rep.model_cost(compiled)
     layers = rep.compare(before, after)
@@ -72,9 +83,11 @@ def run(args) -> int:
         "target": args.target,
         "macs_before": before.macs, "macs_after": after.macs,
         "params_before": before.params, "params_after": after.params,
-        "max_abs_err": result.max_abs_err if result else None,
-        "max_rel_err": result.max_rel_err if result else None,
-        "tolerance": args.rtol if result else None,
+        "max_abs_err": check.output.max_abs_err if check else None,
+        "max_rel_err": check.output.max_rel_err if check else None,
+        "tolerance": args.rtol if check else None,
+        "verification": check.summary() if check else "skipped (--no-verify)",
+        "gated_layer_check": check.gated if check else None,
         "compile_seconds": round(compile_seconds, 3),
         "mask_sources": gated.sources,
         "fold": {
@@ -84,6 +97,7 @@ def run(args) -> int:
             "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
         },
         "layers": layers,
+        **gated_layer_report(gated, captured, samples),
     }
     if args.target == "trt":
         from ..runtimes.tensorrt_plugins import build_engine
@@ -100,13 +114,38 @@ def run(args) -> int:
     return 0
 
 
+def add_sample_arguments(p) -> None:
+    p.add_argument("--sample-inputs", help="representative inputs (.npy/.npz/.pt, shape (M, *input shape[1:])) "
+                   "for gate statistics of CG/PG/FBS layers and PG calibration; also used for verification")
+
+
+def load_samples(args, gated):
+    if not args.sample_inputs:
+        return None
+    return gate_stats.load_sample_inputs(args.sample_inputs, tuple(gated.example.shape))
+
+
+def gated_layer_report(gated, captured, samples) -> dict:
+    """Report fields for dynamic gates: each gated node and its PG scale mode; with sample
+    inputs, each layer's gate-on fraction and the MACs it implies."""
+    nodes = gate_stats.describe_gated_nodes(captured)
+    if not nodes:
+        return {}
+    out = {"gated_layers": nodes, "pg_scales": gate_stats.pg_scale_modes(gated.model)}
+    if samples:
+        out["gate_statistics"] = gate_stats.gate_report(gated.model, [torch.from_numpy(b) for b in samples])
+    return out
+
+
 def print_summary(s: dict) -> None:
     ratio = lambda a, b: a / b if b else 1.0  # noqa: E731
     print(f"MACs   {s['macs_before']:,} -> {s['macs_after']:,} ({ratio(s['macs_after'], s['macs_before']):.3f}x)")
     print(f"params {s['params_before']:,} -> {s['params_after']:,} ({ratio(s['params_after'], s['params_before']):.3f}x)")
-    if s["max_abs_err"] is not None:
-        print(f"verified vs PyTorch: max abs err {s['max_abs_err']:.3g}, max rel err {s['max_rel_err']:.3g} "
-              f"(tolerance {s['tolerance']:g})")
+    print(f"verified vs PyTorch: {s['verification']}")
+    if s.get("gate_statistics"):
+        g = s["gate_statistics"]["summary"]
+        print(f"gated layers: {g['gated_layers']}, expected MACs {g['expected_over_dense']:.3f}x of dense "
+              f"on the sample inputs")
     for u in s["fold"]["unfoldable"]:
         print(f"kept as Mul (not foldable): {u['source']}: {u['channels']} channels: {u['reason']}")
     print(f"compile time {s['compile_seconds']:.2f} s")
