@@ -97,8 +97,8 @@ def run(args) -> int:
           f"in {result.seconds:.1f} s: {result.entries_measured} LUT entries measured"
           + (f", {result.entries_resumed} resumed" if result.entries_resumed else "")
           + f", {result.unstable} unstable")
-    print(f"whole model: measured {cal['whole_model_ms']:.3f} ms, layer sum {cal['layer_sum_ms']:.3f} ms, "
-          f"scale {cal['scale']:.3f}")
+    print(f"whole model: {cal['whole_model_ms']:.3f} ms ({cal['whole_model_method']}), "
+          f"layer sum {cal['layer_sum_ms']:.3f} ms, in-graph scales {cal['scales']}")
     if result.current_ms is not None:
         print(f"checkpoint's gated configuration: predicted {result.current_ms:.3f} ms")
     print(f"wrote {', '.join(str(Path(args.out) / f) for f in result.files)}")
@@ -121,9 +121,8 @@ def _predict(args) -> int:
     ms = predict(lut, channels, table)
     full = predict(lut, None, table)
     if args.per_layer:
-        scale = float(lut.get("calibration", {}).get("scale", 1.0))
-        for name, key, layer_ms in layer_latencies(lut, channels, table):
-            print(f"{name}\t{key}\t{scale * layer_ms:.4f} ms")
+        for name, key, kernel, layer_ms in layer_latencies(lut, channels, table):
+            print(f"{name}\t{key}\t{kernel}\t{layer_ms:.4f} ms")
     print(f"predicted latency: {ms:.3f} ms (unpruned {full:.3f} ms, ratio {ms / full:.3f}) on {lut['target']}, "
           f"{lut['threads']} threads, batch {lut['batch']}")
     return 0

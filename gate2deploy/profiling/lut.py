@@ -19,10 +19,11 @@ geometry family (everything but the channel counts) that ran the same kernel: bi
 (in, out) channels inside a measured rectangle, else a least-squares fit of
 a + b*in + c*out + d*in*out over the family, else the nearest entry scaled by MACs.
 
-Predictor. A model's latency for a channel configuration is `scale * sum(layer latencies)`,
-where `scale` = whole-model latency / sum of its layers' entries, both measured on the
-unpruned model during the profile: it carries what one-layer timing leaves out (pooling,
-residual adds, layout reorders, per-run overhead) as a proportion.
+Predictor. A model's latency for a channel configuration is the sum of its layers' entries,
+each times the in-graph scale of its kernel class (`calibrate`): whole-model latency over
+the layer sum, solved from two whole models measured during the profile (unpruned, and every
+edge one channel narrower). The scales carry what one-layer timing leaves out (pooling,
+residual adds, layout reorders between kernels, per-run overhead) as proportions.
 """
 from __future__ import annotations
 
@@ -243,20 +244,67 @@ def table_of(lut: dict) -> ModelTable:
     return ModelTable.from_json(lut["table"])
 
 
-def layer_latencies(lut: dict, channels: list[int] | None = None, table: ModelTable | None = None) -> list[tuple[str, str, float]]:
-    """(layer name, key, ms) of every layer of the profiled model for `channels`."""
+def layer_kernel(lut: dict, key: str) -> str:
+    """The kernel class a layer runs with: as measured when the key is in the LUT, else by
+    ONNX Runtime's rule on ort-cpu, else one class for all."""
+    entry = lut["entries"].get(key)
+    if entry is not None and entry.get("kernel"):
+        return entry["kernel"]
+    return ort_cpu_kernel(parse_key(key)) if lut.get("target") == "ort-cpu" else "all"
+
+
+def kernel_scale(lut: dict, kernel: str) -> float:
+    scales = lut.get("calibration", {}).get("scales", {})
+    return float(scales.get(kernel, scales.get("all", 1.0)))
+
+
+def layer_latencies(lut: dict, channels: list[int] | None = None, table: ModelTable | None = None,
+                    calibrated: bool = True) -> list[tuple[str, str, str, float]]:
+    """(layer name, key, kernel, ms) of every layer of the profiled model for `channels`;
+    calibrated: times the kernel class' in-graph scale (see `calibrate`)."""
     table = table or table_of(lut)
     out = []
     for shape in layer_shapes(table, channels):
         key = layer_key(spec_of(shape))
-        out.append((shape.layer.name, key, lut_latency(lut, key)))
+        kernel = layer_kernel(lut, key)
+        ms = lut_latency(lut, key)
+        out.append((shape.layer.name, key, kernel, ms * kernel_scale(lut, kernel) if calibrated else ms))
     return out
+
+
+def kernel_sums(lut: dict, channels: list[int] | None = None, table: ModelTable | None = None) -> dict[str, float]:
+    """Uncalibrated layer latency summed per kernel class."""
+    sums: dict[str, float] = {}
+    for _, _, kernel, ms in layer_latencies(lut, channels, table, calibrated=False):
+        sums[kernel] = sums.get(kernel, 0.0) + ms
+    return sums
+
+
+def calibrate(observations: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """In-graph scale per kernel class from whole-model measurements.
+
+    Each observation is (layer-sum per kernel class, measured whole-model ms). With the
+    unpruned model (blocked kernels nearly everywhere) and the model one channel narrower on
+    every edge (plain kernels wherever the input width decides), two scales are solved for:
+    a layer's in-graph time differs from its one-layer time in opposite directions for the two
+    (the blocked kernel's one-layer model pays layout reorders the graph mostly avoids, the
+    plain kernel's pays none but the graph adds them around it). When the system is
+    degenerate or gives a non-positive scale, one scale for all classes is used."""
+    total_scale = observations[0][1] / max(sum(observations[0][0].values()), 1e-9)
+    kinds = sorted({k for sums, _ in observations for k in sums})
+    if len(observations) >= 2 and kinds == ["nchw", "nchwc"]:
+        a = np.array([[sums.get(k, 0.0) for k in kinds] for sums, _ in observations[:2]])
+        y = np.array([t for _, t in observations[:2]])
+        if abs(np.linalg.det(a)) > 1e-6 * np.abs(a).max() ** 2:
+            solved = np.linalg.solve(a, y)
+            if np.all(solved > 0.5) and np.all(solved < 2.0):
+                return {k: round(float(v), 6) for k, v in zip(kinds, solved)}
+    return {"all": round(total_scale, 6)}
 
 
 def predict(lut: dict, channels: list[int] | None = None, table: ModelTable | None = None) -> float:
     """Predicted whole-model latency (ms) of the profiled model with `channels` per edge."""
-    total = sum(ms for _, _, ms in layer_latencies(lut, channels, table))
-    return float(lut.get("calibration", {}).get("scale", 1.0)) * total
+    return float(sum(ms for *_, ms in layer_latencies(lut, channels, table)))
 
 
 def parse_channels(table: ModelTable, data) -> list[int]:

@@ -78,7 +78,8 @@ target <b>{esc(lut['target'])}</b> ({esc(runtime.get('name', ''))} {esc(str(runt
 {esc(lut['date'])}.</p>
 <p id="whole-model">Whole model: measured <b>{cal.get('whole_model_ms', float('nan')):.3f} ms</b>
 (cv {cal.get('whole_model_cv', float('nan')):.3f}); sum of layer entries {cal.get('layer_sum_ms', float('nan')):.3f} ms;
-scale {cal.get('scale', float('nan')):.3f}; predicted {predicted_ms:.3f} ms.
+in-graph scales {esc(str(cal.get('scales')))}; predicted {predicted_ms:.3f} ms.
+({esc(str(cal.get('whole_model_method', '')))}.)
 LUT: {len(lut['entries'])} entries, {len(unstable)} unstable (cv above {lut['settings'].get('max_cv')}).</p>
 <h2>Edges ({len(savings)}, {esc(lut['table']['edge_source'])})</h2>
 {imgs}

@@ -22,8 +22,9 @@ from ..fileio import write_text
 from . import gator_outputs as gout
 from . import report as rep
 from .edges import ModelTable, build_table
-from .lut import (DEFAULT_FRACTIONS, dumps, layer_latencies, new_lut, ort_cpu_kernel, parse_key,
+from .lut import (DEFAULT_FRACTIONS, calibrate, dumps, kernel_sums, new_lut, ort_cpu_kernel, parse_key, predict,
                   widths_to_measure)
+from .prune import pruned_model
 from .measure import Settings, machine_info, make_backend
 
 PARTIAL = "lut.partial.json"
@@ -83,42 +84,58 @@ def profile(model: nn.Module, example: torch.Tensor, out_dir: str | Path, option
     keys = widths_to_measure(table, options.fractions)
     todo = [k for k in keys if k not in lut["entries"]]
     last_save = time.perf_counter()
-    # The whole model is timed before and after the layers and the faster result kept, so a
-    # burst of load from other processes during one of them does not skew the calibration.
-    whole_settings = Settings(warmup=5, repeats=max(20, options.settings.repeats),
+    # Calibration models: the unpruned one and the one a channel narrower on every edge (see
+    # lut.calibrate). Each is timed before and after the layers and the faster result kept,
+    # so a burst of load from other processes during one of them does not skew the scales.
+    narrow = [max(1, c - 1) for c in table.full_channels()]
+    calibration_models = {"full": proto, "narrow": _narrow_model(proto, table, narrow)}
+    whole_settings = Settings(warmup=5, repeats=max(30, options.settings.repeats),
                               max_cv=options.settings.max_cv, retries=options.settings.retries)
+
+    def time_whole_models() -> None:
+        timings = lut.setdefault("whole_models", {})
+        for name, model in calibration_models.items():
+            if model is None:
+                continue
+            m = backend.measure_whole(model, whole_settings).to_json()
+            if name not in timings or m["ms"] < timings[name]["ms"]:
+                timings[name] = m
+
     try:
-        if "whole_model" not in lut:
-            lut["whole_model"] = backend.measure_model(proto, whole_settings).to_json()
+        if "whole_models" not in lut:
+            time_whole_models()
         for key in _progress(todo, options.progress, "layers"):
             measurement, kernel = backend.measure_layer(parse_key(key))
             lut["entries"][key] = {**measurement.to_json(), "kernel": kernel}
             if time.perf_counter() - last_save > SAVE_EVERY_S:
                 write_text(out / PARTIAL, dumps(lut))
                 last_save = time.perf_counter()
-        if todo or "whole_model_after" not in lut:
-            after = backend.measure_model(proto, whole_settings).to_json()
-            if after["ms"] < lut["whole_model"]["ms"]:
-                lut["whole_model"] = after
-            lut["whole_model_after"] = True
+        if todo or not lut.get("whole_models_after"):
+            time_whole_models()
+            lut["whole_models_after"] = True
     except KeyboardInterrupt:
         write_text(out / PARTIAL, dumps(lut))
         raise
     write_text(out / PARTIAL, dumps(lut))
 
-    whole = lut.pop("whole_model")
-    lut.pop("whole_model_after", None)
-    layer_sum = sum(ms for _, _, ms in layer_latencies(lut, None, table))
-    lut["calibration"] = {"whole_model_ms": whole["ms"], "whole_model_cv": whole["cv"],
-                          "whole_model_unstable": whole["unstable"], "layer_sum_ms": round(layer_sum, 5),
-                          "scale": round(whole["ms"] / layer_sum, 6)}
+    timings = lut.pop("whole_models")
+    lut.pop("whole_models_after", None)
+    observations = [(kernel_sums(lut, None, table), timings["full"]["ms"])]
+    if "narrow" in timings:
+        observations.append((kernel_sums(lut, narrow, table), timings["narrow"]["ms"]))
+    whole = timings["full"]
+    lut["calibration"] = {
+        "whole_model_ms": whole["ms"], "whole_model_cv": whole["cv"], "whole_model_unstable": whole["unstable"],
+        "whole_model_method": backend.whole_method,
+        "narrow_model_ms": timings.get("narrow", {}).get("ms"),
+        "layer_sum_ms": round(sum(observations[0][0].values()), 5),
+        "scales": calibrate(observations)}
     if options.target == "ort-cpu":
         lut["kernel_rule_mismatches"] = sorted(
             k for k, e in lut["entries"].items() if e.get("kernel") != ort_cpu_kernel(parse_key(k)))
     t0, f0, savings = gout.edge_savings(lut, table)
     current_ms = None
     if current_channels is not None and table.edge_source == "gator hyper-edges":
-        from .lut import predict
         current_ms = predict(lut, current_channels, table)
         lut["model"]["checkpoint_channels"] = current_channels
         lut["model"]["checkpoint_predicted_ms"] = round(current_ms, 5)
@@ -164,11 +181,19 @@ def _resume(path: Path, lut: dict) -> int:
             old.get("table", {}).get("layers") != json.loads(json.dumps(lut["table"]["layers"])):
         raise UserError(f"--resume: {path} was made for another model or input shape")
     lut["entries"].update(old.get("entries", {}))
-    if "whole_model" in old:
-        lut["whole_model"] = old["whole_model"]
-    if "whole_model_after" in old:
-        lut["whole_model_after"] = old["whole_model_after"]
+    for key in ("whole_models", "whole_models_after"):
+        if key in old:
+            lut[key] = old[key]
     return len(old.get("entries", {}))
+
+
+def _narrow_model(proto, table: ModelTable, narrow: list[int]):
+    """The calibration model one channel narrower on every edge, or None if the fold cannot
+    make it (then one scale serves all kernels)."""
+    try:
+        return pruned_model(proto, table, narrow)
+    except UserError:
+        return None
 
 
 def _progress(items: list, enabled: bool, unit: str):
