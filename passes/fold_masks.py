@@ -64,8 +64,9 @@ def fold_static_masks(graph: gs.Graph, policy: str = "error", result: FoldResult
         padding = set(choose_padding(ana, removable)) & removable if choose_padding else set()
         padding |= _equalise_groups(ana, removable, padding)
         removable = removable - padding
-        keep = {name: ~np.isin(ana.roots_of(name), list(removable)) for name in ana.maps}
-        neutral = {name: np.isin(ana.roots_of(name), list(padding)) for name in ana.maps} if padding else None
+        removable_ids, padding_ids = np.array(sorted(removable), np.int64), np.array(sorted(padding), np.int64)
+        keep = {name: ~np.isin(ana.roots_of(name), removable_ids) for name in ana.maps}
+        neutral = {name: np.isin(ana.roots_of(name), padding_ids) for name in ana.maps} if padding else None
         if neutral is not None:
             _lift_masks(ana, neutral)
         _fold_constants_into_consumers(ana, keep, result, neutral)

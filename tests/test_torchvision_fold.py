@@ -26,7 +26,7 @@ from gate2deploy.errors import UnfoldableError
 from gate2deploy.nn import ChannelMask, MaskSpec, attach_masks
 from gate2deploy.passes import ir
 from gate2deploy.passes.canonicalize_channel_shuffle import canonicalize_channel_shuffle
-from gate2deploy.passes.choose_widths import choose_padding
+from gate2deploy.passes.choose_widths import BLOCK, choose_padding
 from gate2deploy.passes.cleanup import cleanup
 from gate2deploy.passes.resolve_static_shapes import resolve_static_shapes
 from gate2deploy.pipeline import PassContext, run_pipeline
@@ -121,15 +121,10 @@ def test_torchvision_model_folds_exactly(name):
     assert max_rel_err(prepared.model, padded, shape, seeds=(2,)) <= RTOL
     assert "ChannelMask" not in ops(padded)
     full = _layer_widths(prepared.proto)
-    block = zoo_block()
+    block = BLOCK
     for conv, width in _layer_widths(padded).items():
         if conv in expected and conv in full and full[conv] >= block and not grouped_related:
             assert width % block == 0 or width == full[conv], (conv, width)
-
-
-def zoo_block():
-    from gate2deploy.passes.choose_widths import BLOCK
-    return BLOCK
 
 
 # --------------------------------------------------------------------------------------
@@ -302,7 +297,7 @@ def test_width_padding_is_exact_and_rounds_to_the_block():
     assert max_rel_err(model, padded, (1, 3, 8, 8)) <= RTOL
     assert "ChannelMask" not in ops(padded) and "Mul" not in ops(padded)
     for width in list(_conv_out_channels(padded).values())[:2]:
-        assert width % 16 == 0 or width % 8 == 0
+        assert width % BLOCK == 0
     assert macs(plain) < macs(padded) <= macs(proto)
 
 
@@ -317,3 +312,15 @@ def test_choose_padding_only_names_removable_channels():
     padding = choose_padding(ana, removable, block=8)
     assert padding <= removable
     assert len(padding) == 16 - 10  # 10 kept, rounded up to 16
+
+
+def test_union_find_roots_follow_later_unions():
+    from gate2deploy.passes.channel_analysis import UnionFind
+    uf = UnionFind()
+    a, b = uf.fresh(3), uf.fresh(3)
+    assert uf.roots(b).tolist() == b.tolist()  # cached table ...
+    uf.union(int(a[1]), int(b[2]))
+    uf.union(int(b[2]), int(b[0]))
+    assert uf.roots(b).tolist() == [a[1], b[1], a[1]]  # ... refreshed after a union
+    c = uf.fresh(2)
+    assert uf.roots(np.concatenate([a, c])).tolist() == [*a.tolist(), *c.tolist()]
