@@ -1,16 +1,18 @@
 """Physical width choice: which removable channels the fold keeps, as padding, so that each
 layer runs at a width the CPU kernels are fast at.
 
-Why: ONNX Runtime's CPU convolutions (MLAS) are fast in a channel-blocked layout (NCHWc),
-which its graph optimiser uses only for convolutions whose channel counts are multiples of 4
-(the kernels pad to their 8/16-channel block internally); any other count falls back to a
-plain im2col kernel and adds layout reorders around it. Measured on this project's machine
+Why: ONNX Runtime's CPU convolutions (MLAS) are fast in a channel-blocked layout (NCHWc,
+blocks of 16 channels with AVX-512, 8 with AVX2), which its graph optimiser uses only for
+convolutions whose channel counts are multiples of 4; any other count falls back to a plain
+im2col kernel and adds layout reorders around it. Measured on this project's machine
 (AVX-512, ORT 1.31, 2 threads, a 3x3 conv at 56x56 between two 1x1 convs, median kernel
-time): 32 channels 358 us, 31 channels 680 us (no NCHWc); at 28x28, 36, 40 and 48 channels
-all run NCHWc in 186-193 us. On whole models (tools/bench_fold_torchvision.py, latency
-folded / dense, same masks): mobilenet_v2 0.81 unpadded, 0.52 rounded to 4, 0.50 rounded
-to 16; efficientnet_b0 0.73 / 0.43 / 0.44. Rounding to 4 gets the speed with the least
-padding, hence `BLOCK = 4`.
+time): 32 channels 358 us, 31 channels 680 us (no NCHWc). The blocked kernels pad to a whole
+block internally (at 28x28, 36, 40 and 48 channels all take 186-193 us), and the other
+blocked ops (MaxPool, GlobalAveragePool) need whole blocks: a ResNet-50 stem folded to 36
+channels got a ReorderOutput/ReorderInput pair around its MaxPool. So widths are rounded up to
+the whole block, which costs no conv time. On whole models (tools/bench_fold_torchvision.py,
+latency folded / dense, same masks): mobilenet_v2 0.81 unpadded, 0.50 rounded to 16;
+efficientnet_b0 0.73 unpadded, 0.44 rounded to 16.
 
 Contract: `choose_padding(analysis, removable)` returns a subset of `removable` (root ids of
 coupled channel groups the fold would remove) that the fold keeps physically instead. For
@@ -30,7 +32,17 @@ import numpy as np
 from .channel_analysis import ChannelAnalysis
 
 
-BLOCK = 4  # MLAS NCHWc eligibility (see above)
+def _nchwc_block() -> int:
+    """MLAS's NCHWc block: 16 channels on AVX-512 machines, else 8."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return 16 if " avx512f" in flags else 8
+
+
+BLOCK = _nchwc_block()
 CREATING_OPS = ("Conv", "Gemm", "MatMul")
 
 
