@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 
 namespace g2d {
 
@@ -310,10 +311,6 @@ inline void Micro(const IsaKernels& isa, int64_t K, const int16_t* a, const int1
                   int32_t* c, int64_t ldc, int mv, int nv, bool accumulate) {
   isa.igemm_micro(K, a, b, c, ldc, mv, nv, accumulate);
 }
-
-// k-block of the panel product: the B panel's kKc x nr block (32 KiB of fp32) stays in L1
-// while every row panel of A streams past it.
-constexpr int64_t kKc = 256;
 inline void DotRows(const IsaKernels& isa, const float* x, const float* const* rows, int n,
                     int64_t len, float* out) {
   isa.sdot_rows(x, rows, n, len, out);
@@ -323,15 +320,87 @@ inline void DotRows(const IsaKernels& isa, const int16_t* x, const int16_t* cons
   isa.idot_rows(x, rows, n, len, out);
 }
 
-// acc[M_pad x nr] (row stride nr) = packed weights * im2col panel (built into `panel`).
+// k-block of the panel product: the B panel's kKc x nr block (32 KiB of fp32) stays in L1
+// while every row panel of A streams past it.
+constexpr int64_t kKc = 256;
+
+// Where a panel's columns come from. Stride-1 fp32 convolutions read the GEMM's B operand in
+// place from a zero-padded copy of the sample ("indirect": row k of a panel starting at
+// column q0 is the nr floats at xpad + q0 + off[k], with columns q = oh * Wp + ow over the
+// padded width; columns with ow >= OW are computed and dropped, ~(Wp-OW)/Wp extra work).
+// Everything else packs an im2col panel (column q = output pixel q).
+template <class T>
+struct ColumnSource {
+  const ConvGeom* g = nullptr;
+  const T* x = nullptr;
+  bool indirect = false;
+  const float* xpad = nullptr;
+  int64_t Wp = 0, plane = 0, columns = 0;
+  int64_t Pixel(int64_t q) const {
+    if (!indirect) return q;
+    const int64_t ow = q % Wp;
+    return ow < g->OW ? (q / Wp) * g->OW + ow : -1;
+  }
+};
+
+template <class T>
+ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, std::vector<float>& pad_buf) {
+  ColumnSource<T> src;
+  src.g = &g;
+  src.x = x;
+  src.columns = g.P();
+  if constexpr (std::is_same<T, float>::value) {
+    if (g.sh == 1 && g.sw == 1) {
+      const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
+      src.indirect = true;
+      src.Wp = Wp;
+      src.plane = Hp * Wp;
+      src.columns = (g.OH - 1) * Wp + g.OW;
+      // Slack after the last plane: a panel's last columns may read up to nr floats past it.
+      pad_buf.assign(size_t(g.C * src.plane + nr + 16), 0.f);
+      for (int64_t c = 0; c < g.C; ++c)
+        for (int64_t h = 0; h < g.H; ++h)
+          std::memcpy(&pad_buf[c * src.plane + (h + g.pt) * Wp + g.pl], x + (c * g.H + h) * g.W,
+                      sizeof(float) * g.W);
+      src.xpad = pad_buf.data();
+    }
+  }
+  return src;
+}
+
+template <class T>
+std::vector<int64_t> Offsets(const ColumnSource<T>& src, const std::vector<int>& chans) {
+  std::vector<int64_t> off;
+  if (!src.indirect) return off;
+  const ConvGeom& g = *src.g;
+  off.reserve(chans.size() * g.kk());
+  for (int c : chans)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) off.push_back(c * src.plane + i * g.dh * src.Wp + j * g.dw);
+  return off;
+}
+
+// acc[M_pad x nr] (row stride ldc) = packed weights * the panel of columns q0 .. q0+nr-1.
 template <class T, class Acc>
-void PanelProduct(const IsaKernels& isa, const PackedWeights<T>& w, const T* x, const ConvGeom& g,
-                  const std::vector<int>& chans, int64_t col0, std::vector<T>& panel, Acc* acc,
-                  int64_t ldc) {
+void PanelProduct(const IsaKernels& isa, const PackedWeights<T>& w, const ColumnSource<T>& src,
+                  const std::vector<int>& chans, const std::vector<int64_t>& off, int64_t q0,
+                  std::vector<T>& panel, Acc* acc, int64_t ldc) {
   const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
-  const int nv = int(std::min<int64_t>(nr, g.P() - col0));
+  const int nv = int(std::min<int64_t>(nr, src.columns - q0));
+  if constexpr (std::is_same<T, float>::value) {
+    if (src.indirect) {
+      for (int64_t k0 = 0; k0 < std::max<int64_t>(w.Kp, 1); k0 += kKc) {
+        const int64_t kc = std::min(kKc, w.Kp - k0);
+        for (int64_t ip = 0; ip * mr < w.M; ++ip)
+          isa.sgemm_indirect_micro(kc, w.data.data() + ip * w.Kp * mr + k0 * mr, src.xpad + q0,
+                                   off.data() + k0, acc + ip * mr * ldc, ldc,
+                                   int(std::min<int64_t>(mr, w.M - ip * mr)), nv, k0 > 0);
+      }
+      return;
+    }
+  }
   panel.resize(size_t(std::max<int64_t>(w.Kp, 1) * nr));
-  Im2colPanel(x, g, chans, col0, nr, w.Kp, panel.data());
+  Im2colPanel(src.x, *src.g, chans, q0, nr, w.Kp, panel.data());
   for (int64_t k0 = 0; k0 < std::max<int64_t>(w.Kp, 1); k0 += kKc) {
     const int64_t kc = std::min(kKc, w.Kp - k0);
     for (int64_t ip = 0; ip * mr < w.M; ++ip)
@@ -339,15 +408,48 @@ void PanelProduct(const IsaKernels& isa, const PackedWeights<T>& w, const T* x, 
             acc + ip * mr * ldc, ldc, int(std::min<int64_t>(mr, w.M - ip * mr)), nv, k0 > 0);
   }
 }
+
+// fields[t, 0:Lpad] = receptive field of the panel's column t over `chans` (zero-padded).
+template <class T>
+void PanelFields(const IsaKernels& isa, const ColumnSource<T>& src, const std::vector<int>& chans,
+                 const std::vector<int64_t>& off, int64_t q0, int64_t nr, int64_t nv, int64_t K,
+                 int64_t Lpad, std::vector<T>& panel, T* fields) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (src.indirect) {  // all nr rows are written; rows >= nv are never read
+      isa.gather_fields(src.xpad + q0, off.data(), K, Lpad, fields);
+      return;
+    }
+  }
+  const int64_t Kp = RoundUp(K, PairOf<T>());
+  panel.resize(size_t(std::max<int64_t>(Kp, 1) * nr));
+  Im2colPanel(src.x, *src.g, chans, q0, nr, Kp, panel.data());
+  TransposePanel(panel.data(), K, nr, nv, Lpad, fields);
+}
 }  // namespace
 
 template <class T>
 void ConvByPanels(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<T>& w,
                   const T* x, const ConvGeom& g, const std::vector<int>& chans,
                   typename ConvAcc<T>::type* out) {
-  const int64_t nr = TileCols<T>(isa), Np = g.P();
-  ParallelFor(ctx, size_t((Np + nr - 1) / nr), [&](size_t jp) {
-    PanelProduct(isa, w, x, g, chans, int64_t(jp) * nr, Scratch<T, 0>(), out + int64_t(jp) * nr, Np);
+  using Acc = typename ConvAcc<T>::type;
+  const int64_t nr = TileCols<T>(isa), mr = TileRows<T>(isa), Np = g.P();
+  const ColumnSource<T> src = MakeSource(x, g, int(nr), Scratch<float, 7>());
+  const std::vector<int64_t> off = Offsets(src, chans);
+  ParallelFor(ctx, size_t((src.columns + nr - 1) / nr), [&](size_t jp) {
+    const int64_t q0 = int64_t(jp) * nr, nv = std::min<int64_t>(nr, src.columns - q0);
+    if (!src.indirect) {  // columns are pixels: write straight into out
+      PanelProduct(isa, w, src, chans, off, q0, Scratch<T, 0>(), out + q0, Np);
+      return;
+    }
+    std::vector<Acc>& tile = Scratch<Acc, 1>();
+    tile.resize(size_t(RoundUp(std::max<int64_t>(w.M, 1), mr) * nr));
+    PanelProduct(isa, w, src, chans, off, q0, Scratch<T, 0>(), tile.data(), nr);
+    const Acc* const acc = tile.data();
+    for (int64_t t = 0; t < nv; ++t) {
+      const int64_t p = src.Pixel(q0 + t);
+      if (p < 0) continue;
+      for (int64_t m = 0; m < w.M; ++m) out[m * Np + p] = acc[m * nr + t];
+    }
   });
 }
 
@@ -359,74 +461,91 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   const int64_t M = int64_t(plan.outputs.size()), Np = g.P();
   const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
   if (M == 0 || Np == 0) return;
-  // One task per column panel of output pixels, start to finish (stage 1, gate, stage 2): a
-  // single parallel section per call, and each panel's data stays in this core's cache.
-  ParallelFor(ctx, size_t((Np + nr - 1) / nr), [&](size_t jp) {
-    const int64_t col0 = int64_t(jp) * nr, nv = std::min<int64_t>(nr, Np - col0);
+  const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>());
+  const ColumnSource<T> src2 = x2 == x1 ? src1 : MakeSource(x2, g, nr, Scratch<float, 8>());
+  const std::vector<int64_t> off1 = Offsets(src1, plan.chans1), off2 = Offsets(src2, plan.chans2);
+  // One task per panel of nr columns (output pixels), start to finish (stage 1, gate,
+  // stage 2): a single parallel section per call, and the panel's data stays in cache.
+  ParallelFor(ctx, size_t((src1.columns + nr - 1) / nr), [&](size_t jp) {
+    const int64_t q0 = int64_t(jp) * nr, nv = std::min<int64_t>(nr, src1.columns - q0);
+    int64_t pix[64];
+    for (int64_t t = 0; t < nv; ++t) pix[t] = src1.Pixel(q0 + t);
     std::vector<Acc>& tile = Scratch<Acc, 1>();
     tile.resize(size_t(RoundUp(M, mr) * nr));
-    PanelProduct(isa, plan.w1, x1, g, plan.chans1, col0, Scratch<T, 0>(), tile.data(), nr);
-    // Stage 1 into y; count the gated-on outputs of each pixel of the panel.
+    PanelProduct(isa, plan.w1, src1, plan.chans1, off1, q0, Scratch<T, 0>(), tile.data(), nr);
+    // Stage 1 into y; count the gated-on outputs of each column of the panel.
     std::vector<int32_t>& on_count = Scratch<int32_t, 3>();
     on_count.assign(size_t(nr + 1), 0);
+    std::vector<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * nr + t]
+    gate_buf.assign(size_t(M * nr), 0);
+    // Raw pointers: thread_local vectors behind byte stores (which may alias anything) would
+    // otherwise be re-fetched through __tls_get_addr inside the loops.
+    uint8_t* const gate = gate_buf.data();
+    int32_t* const counts = on_count.data();
+    const Acc* const acc1 = tile.data();
     for (int64_t m = 0; m < M; ++m) {
-      float* yo = y + int64_t(plan.outputs[m]) * Np + col0;
-      const Acc* am = tile.data() + m * nr;
+      float* yo = y + int64_t(plan.outputs[m]) * Np;
+      const Acc* am = acc1 + m * nr;
       const float thr = threshold[plan.outputs[m]];
+      uint8_t* gm = gate + m * nr;
       for (int64_t t = 0; t < nv; ++t) {
+        if (pix[t] < 0) continue;
         const float v = scale1 * float(am[t]);
-        yo[t] = v;
-        on_count[t + 1] += v > thr;
+        yo[pix[t]] = v;
+        const uint8_t on = v > thr;
+        gm[t] = on;
+        counts[t + 1] += on;
       }
     }
-    for (int64_t t = 0; t < nv; ++t) on_count[t + 1] += on_count[t];  // prefix sums
-    const int64_t on = on_count[nv];
+    for (int64_t t = 0; t < nv; ++t) counts[t + 1] += counts[t];  // prefix sums
+    const int64_t on = counts[nv];
     if (on == 0 || plan.chans2.empty()) return;
     if (double(on) > kDenseSecondStageFraction * double(M * nv)) {
       // Most gates on: the whole panel's second stage as a GEMM, then select.
-      PanelProduct(isa, plan.w2, x2, g, plan.chans2, col0, Scratch<T, 0>(), tile.data(), nr);
+      PanelProduct(isa, plan.w2, src2, plan.chans2, off2, q0, Scratch<T, 0>(), tile.data(), nr);
       for (int64_t m = 0; m < M; ++m) {
-        float* yo = y + int64_t(plan.outputs[m]) * Np + col0;
-        const Acc* am = tile.data() + m * nr;
-        const float thr = threshold[plan.outputs[m]];
-        for (int64_t t = 0; t < nv; ++t) yo[t] += yo[t] > thr ? scale2 * float(am[t]) : 0.f;
+        float* yo = y + int64_t(plan.outputs[m]) * Np;
+        const Acc* am = acc1 + m * nr;
+        const uint8_t* gm = gate + m * nr;
+        for (int64_t t = 0; t < nv; ++t)
+          if (gm[t]) yo[pix[t]] += scale2 * float(am[t]);
       }
       return;
     }
     // Few gates on: one dot product per gated-on element; four outputs per pass, so one load
-    // of the pixel's receptive field feeds four weight rows. on_rows lists, pixel by pixel,
-    // the gated-on outputs (CSR with offsets on_count).
+    // of the pixel's receptive field feeds four weight rows. on_rows lists, column by
+    // column, the gated-on outputs (CSR with offsets on_count).
     std::vector<int32_t>& on_rows = Scratch<int32_t, 4>();
     std::vector<int32_t>& fill = Scratch<int32_t, 5>();
-    on_rows.resize(size_t(on));
+    on_rows.resize(size_t(on + 1));  // slot `on` absorbs the writes of gated-off elements
     fill.assign(on_count.begin(), on_count.begin() + nv);
+    int32_t* const rows_p = on_rows.data();
+    int32_t* const fill_p = fill.data();
     for (int64_t m = 0; m < M; ++m) {
-      const float* yo = y + int64_t(plan.outputs[m]) * Np + col0;
-      const float thr = threshold[plan.outputs[m]];
-      for (int64_t t = 0; t < nv; ++t)
-        if (yo[t] > thr) on_rows[fill[t]++] = int32_t(m);
+      const uint8_t* gm = gate + m * nr;
+      for (int64_t t = 0; t < nv; ++t) {  // branch-free: gates are unpredictable
+        const int32_t pos = gm[t] ? fill_p[t] : int32_t(on);
+        rows_p[pos] = int32_t(m);
+        fill_p[t] += gm[t];
+      }
     }
-    // Receptive fields of the panel's pixels over the stage-2 channels, one contiguous row
-    // per pixel: the im2col panel (k-major) transposed, loads contiguous per k.
     const WeightRows<T>& rows = plan.w2_rows;
-    std::vector<T>& panel = Scratch<T, 0>();
-    const int64_t K2p = RoundUp(rows.K, PairOf<T>());
-    panel.resize(size_t(std::max<int64_t>(K2p, 1) * nr));
-    Im2colPanel(x2, g, plan.chans2, col0, nr, K2p, panel.data());
     std::vector<T>& fields = Scratch<T, 2>();
     fields.resize(size_t(nr * rows.Lpad));
-    TransposePanel(panel.data(), rows.K, nr, nv, rows.Lpad, fields.data());
+    PanelFields(isa, src2, plan.chans2, off2, q0, nr, nv, rows.K, rows.Lpad, Scratch<T, 0>(),
+                fields.data());
+    const T* const fields_p = fields.data();
     for (int64_t t = 0; t < nv; ++t) {
-      const int64_t begin = on_count[t], end = on_count[t + 1];
-      const T* field = fields.data() + t * rows.Lpad;
+      const int64_t begin = counts[t], end = counts[t + 1];
+      const T* field = fields_p + t * rows.Lpad;
       for (int64_t e = begin; e < end; e += 4) {
         const int n = int(std::min<int64_t>(4, end - e));
         const T* wrows[4];
         Acc dots[4];
-        for (int i = 0; i < n; ++i) wrows[i] = rows.data.data() + on_rows[e + i] * rows.Lpad;
+        for (int i = 0; i < n; ++i) wrows[i] = rows.data.data() + rows_p[e + i] * rows.Lpad;
         DotRows(isa, field, wrows, n, rows.Lpad, dots);
         for (int i = 0; i < n; ++i)
-          y[int64_t(plan.outputs[on_rows[e + i]]) * Np + col0 + t] += scale2 * float(dots[i]);
+          y[int64_t(plan.outputs[rows_p[e + i]]) * Np + pix[t]] += scale2 * float(dots[i]);
       }
     }
   });

@@ -37,7 +37,7 @@ struct OpError : std::runtime_error {
 
 // Above this fraction of gated-on output elements the second stage runs as a dense GEMM
 // (measured crossover of sparse dot products vs the blocked GEMM, tools/bench_gated_ops.py).
-constexpr double kDenseSecondStageFraction = 0.15;
+constexpr double kDenseSecondStageFraction = 0.10;
 
 struct ConvAttrs {
   std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};

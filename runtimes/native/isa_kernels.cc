@@ -40,12 +40,15 @@ typedef float vf __attribute__((vector_size(kVW * 4), aligned(4), may_alias));
 inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
 
-void sgemm_micro(int64_t K, const float* a, const float* b, float* c, int64_t ldc, int m_valid,
-                 int n_valid, bool accumulate) {
+// C tile (+)= A panel * B panel; row k of B comes from b_row(k) (two vectors of columns).
+template <class BRow>
+inline void sgemm_tile(int64_t K, const float* a, BRow b_row, float* c, int64_t ldc, int m_valid,
+                       int n_valid, bool accumulate) {
   vf acc[kMR][2];
   for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = vf{};
   for (int64_t k = 0; k < K; ++k) {
-    const vf b0 = load(b + k * kNR), b1 = load(b + k * kNR + kVW);
+    const float* bk = b_row(k);
+    const vf b0 = load(bk), b1 = load(bk + kVW);
     const float* ak = a + k * kMR;
     for (int r = 0; r < kMR; ++r) {
       acc[r][0] += b0 * ak[r];
@@ -74,6 +77,17 @@ void sgemm_micro(int64_t K, const float* a, const float* b, float* c, int64_t ld
   }
 }
 
+void sgemm_micro(int64_t K, const float* a, const float* b, float* c, int64_t ldc, int m_valid,
+                 int n_valid, bool accumulate) {
+  sgemm_tile(K, a, [b](int64_t k) { return b + k * kNR; }, c, ldc, m_valid, n_valid, accumulate);
+}
+
+void sgemm_indirect_micro(int64_t K, const float* a, const float* base, const int64_t* off,
+                          float* c, int64_t ldc, int m_valid, int n_valid, bool accumulate) {
+  sgemm_tile(K, a, [base, off](int64_t k) { return base + off[k]; }, c, ldc, m_valid, n_valid,
+             accumulate);
+}
+
 void sdot_rows(const float* x, const float* const* rows, int nrows, int64_t len, float* out) {
   // Four independent accumulators in registers; rows beyond nrows repeat row 0 (discarded).
   const float* r0 = rows[0];
@@ -97,6 +111,59 @@ void sdot_rows(const float* x, const float* const* rows, int nrows, int64_t len,
     out[i] = s;
   }
 }
+
+#if defined(__AVX512F__)
+// In-register transpose of 16 rows of 16 floats (rows r[0..15] -> columns).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {  // rows 4q .. 4q+3
+    u[4 * q + 0] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0x44);
+    u[4 * q + 1] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0xEE);
+    u[4 * q + 2] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44);
+    u[4 * q + 3] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE);
+  }
+  // u[4q + e] holds, in 128-bit lane L, rows 4q..4q+3 at column 4L + e.
+  for (int e = 0; e < 4; ++e) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
+    r[e] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[8 + e] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[4 + e] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + e] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpad, float* fields) {
+  int64_t k0 = 0;
+  for (; k0 + 16 <= K; k0 += 16) {
+    for (int tb = 0; tb < kNR; tb += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(base + off[k0 + i] + tb);
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(fields + (tb + j) * Lpad + k0, r[j]);
+    }
+  }
+  for (int t = 0; t < kNR; ++t) {
+    for (int64_t k = k0; k < K; ++k) fields[t * Lpad + k] = base[off[k] + t];
+    for (int64_t k = K; k < Lpad; ++k) fields[t * Lpad + k] = 0.f;
+  }
+}
+#else
+void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpad, float* fields) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float* s = base + off[k];
+    for (int t = 0; t < kNR; ++t) fields[t * Lpad + k] = s[t];
+  }
+  for (int t = 0; t < kNR; ++t)
+    for (int64_t k = K; k < Lpad; ++k) fields[t * Lpad + k] = 0.f;
+}
+#endif
 
 #if defined(__AVX512F__)
 typedef __m512i vi;
@@ -197,8 +264,9 @@ void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t 
 
 }  // namespace
 
-extern const IsaKernels kKernels = {kName,       kMR,         kNR,       kIMR,     kINR,
-                                    sgemm_micro, igemm_micro, sdot_rows, idot_rows};
+extern const IsaKernels kKernels = {kName,       kMR,       kNR,       kIMR,
+                                    kINR,        sgemm_micro, sgemm_indirect_micro,
+                                    igemm_micro, gather_fields, sdot_rows, idot_rows};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

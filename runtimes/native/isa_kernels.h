@@ -23,11 +23,20 @@ struct IsaKernels {
   // C[m_valid x n_valid] (row stride ldc) = (or +=) A_panel(K) * B_panel(K)
   void (*sgemm_micro)(int64_t K, const float* a, const float* b, float* c, int64_t ldc,
                       int m_valid, int n_valid, bool accumulate);
+  // The same with B read in place: row k of the panel is the nr floats at base + off[k]
+  // (stride-1 convolutions over a zero-padded input: no im2col copy).
+  void (*sgemm_indirect_micro)(int64_t K, const float* a, const float* base, const int64_t* off,
+                               float* c, int64_t ldc, int m_valid, int n_valid, bool accumulate);
   // int32 C = int16 A * int16 B; Kp even, counts pairs of k
   void (*igemm_micro)(int64_t Kp, const int16_t* a, const int16_t* b, int32_t* c, int64_t ldc,
                       int m_valid, int n_valid, bool accumulate);
   // out[i] = dot(x, rows[i]) for i < nrows (nrows <= 4); len a multiple of 32, arrays 64-byte
   // padded with zeros.
+  // fields[t * Lpad + k] = base[off[k] + t] for t < nr, k < K; zeros for K <= k < Lpad:
+  // the receptive fields of a panel's columns, one contiguous row each (AVX-512: 16 x 16
+  // register transposes).
+  void (*gather_fields)(const float* base, const int64_t* off, int64_t K, int64_t Lpad,
+                        float* fields);
   void (*sdot_rows)(const float* x, const float* const* rows, int nrows, int64_t len, float* out);
   void (*idot_rows)(const int16_t* x, const int16_t* const* rows, int nrows, int64_t len,
                     int32_t* out);

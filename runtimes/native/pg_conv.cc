@@ -162,8 +162,12 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     };
 
     // q = round_half_even(min(|x| / s, 1) * (2^B - 1)), in fp32 as the reference does.
+    // Rounding: for 0 <= r < 2^23, (r + 2^23) - 2^23 is r rounded half-to-even in the FPU's
+    // default mode, inline (std::nearbyint is a libm call on baseline x86-64; without
+    // -ffast-math the compiler may not fold the expression).
     auto magnitude = [s, levels](float v) {
-      return int64_t(std::nearbyint(std::min(std::fabs(v) / s, 1.0f) * levels));
+      const float r = std::min(std::fabs(v) / s, 1.0f) * levels;
+      return int64_t((r + 8388608.0f) - 8388608.0f);
     };
     if (int_path) {
       const auto plans = PlansFor<int16_t>(w_const_, plans_mutex_, int_plans_, w_q->data(), g);
