@@ -59,13 +59,30 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       std::vector<int> in_active;
       for (int64_t c = 0; c < g.C; ++c) {
         const float* xc = xn + c * HW;
+        // 16 independent partial sums/maxima (vectorizable), combined in double.
+        constexpr int kLanes = 16;
+        float part[kLanes] = {}, mxp[kLanes];
+        int nz[kLanes] = {};
+        for (int l = 0; l < kLanes; ++l) mxp[l] = xc[0];
+        int64_t i = 0;
+        for (; i + kLanes <= HW; i += kLanes)
+          for (int l = 0; l < kLanes; ++l) {
+            part[l] += xc[i + l];
+            mxp[l] = std::max(mxp[l], xc[i + l]);
+            nz[l] |= xc[i + l] != 0.f;
+          }
+        for (int l = 0; i < HW; ++i, ++l) {
+          part[l] += xc[i];
+          mxp[l] = std::max(mxp[l], xc[i]);
+          nz[l] |= xc[i] != 0.f;
+        }
         double sum = 0.0;
-        float mx = xc[0];
+        float mx = mxp[0];
         bool nonzero = false;
-        for (int64_t i = 0; i < HW; ++i) {
-          sum += xc[i];
-          mx = std::max(mx, xc[i]);
-          nonzero |= xc[i] != 0.f;
+        for (int l = 0; l < kLanes; ++l) {
+          sum += part[l];
+          mx = std::max(mx, mxp[l]);
+          nonzero |= nz[l] != 0;
         }
         pooled[c] = max_pool_ ? mx : float(sum / double(HW));
         if (nonzero) in_active.push_back(int(c));
