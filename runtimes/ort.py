@@ -39,8 +39,10 @@ def custom_ops_library_path(variant: str = "release") -> Path:
 
 
 def session_options(threads: int = 2, optimization: str = "all", library_variant: str = "release",
-                    profile: bool = False, log_severity: int = 3) -> ort.SessionOptions:
-    """SessionOptions with the custom ops registered and a fixed thread count."""
+                    profile: bool = False, log_severity: int = 3,
+                    config: dict[str, str] | None = None) -> ort.SessionOptions:
+    """SessionOptions with the custom ops registered and a fixed thread count; `config`
+    entries go to add_session_config_entry (e.g. {"session.intra_op.allow_spinning": "0"})."""
     if threads < 1:
         raise UserError(f"threads must be >= 1, not {threads}")
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -55,13 +57,16 @@ def session_options(threads: int = 2, optimization: str = "all", library_variant
     opts.graph_optimization_level = levels[optimization]
     opts.log_severity_level = log_severity  # 3: errors only; 4: silent (caller reports errors)
     opts.enable_profiling = profile
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     opts.register_custom_ops_library(str(custom_ops_library_path(library_variant)))
     return opts
 
 
 def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: int = 2,
                  optimization: str = "all", library_variant: str = "release",
-                 profile: bool = False, log_severity: int = 3) -> ort.InferenceSession:
+                 profile: bool = False, log_severity: int = 3,
+                 config: dict[str, str] | None = None) -> ort.InferenceSession:
     """An ONNX Runtime CPU session for `model` (path, ModelProto or serialized bytes) with
     gate2deploy's CGConv/PGConv/FBSConv kernels registered."""
     if isinstance(model, onnx.ModelProto):
@@ -73,7 +78,7 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: in
         if not path.is_file():
             raise UserError(f"model file {path} does not exist")
         payload = str(path)
-    opts = session_options(threads, optimization, library_variant, profile, log_severity)
+    opts = session_options(threads, optimization, library_variant, profile, log_severity, config)
     try:
         return ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for invalid models

@@ -15,6 +15,12 @@ so that machine noise hits both alike; medians reported. The gate-on fraction is
 It prints the speed-up (dense time / op time) per fraction and the crossover (the gate-on
 fraction above which the op is slower than dense, linearly interpolated).
 
+Thread pools: each session has its own intra-op pool, and ONNX Runtime's workers spin after
+a run. Interleaving two sessions on a busy 2-core machine, one session's spinning worker
+starves the other's (runs of ~20 ms in either session). `--spin off` (the default here)
+disables spinning in BOTH sessions (session.intra_op.allow_spinning=0), which keeps the
+comparison fair; `--spin on` measures with ONNX Runtime's default.
+
     python tools/bench_gated_ops.py                 # 128 ch, 28x28, 3x3, batch 1, 2 threads
     python tools/bench_gated_ops.py --ops cg --repeats 50 --channels 64 --size 56
 """
@@ -49,13 +55,22 @@ def node_model(op, domain, x_shape, inits, attrs) -> onnx.ModelProto:
     return model
 
 
+SESSION_CONFIG: dict[str, str] = {}
+
+
 def dense_session(w, x_shape, threads, conv_attrs):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    for key, value in SESSION_CONFIG.items():
+        opts.add_session_config_entry(key, value)
     model = node_model("Conv", "", x_shape, [w], conv_attrs)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def custom_session(model, threads):
+    return open_session(model, threads, config=SESSION_CONFIG)
 
 
 def time_pair(dense, op, x, repeats, warmup=5):
@@ -129,7 +144,11 @@ def main(argv=None) -> int:
     p.add_argument("--fbs-in-density", type=float, default=None,
                    help="FBS: fraction of non-zero input channels (default: = output density)")
     p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=FRACTIONS)
+    p.add_argument("--spin", choices=["on", "off"], default="off",
+                   help="ONNX Runtime intra-op thread spinning in both sessions (default off)")
     args = p.parse_args(argv)
+    if args.spin == "off":
+        SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"
 
     c = o = args.channels
     k, hw = args.kernel, args.size
@@ -150,7 +169,7 @@ def main(argv=None) -> int:
         yp = ref.conv2d(x, w * mask[:, :, None, None], pads=conv["pads"])
         dense = dense_session(w, x_shape, args.threads, conv)
         sweep(f"CGConv p={args.cg_p} (base path = first 1/{args.cg_p} of input channels)",
-              lambda f: open_session(node_model("CGConv", "gate2deploy", x_shape,
+              lambda f: custom_session(node_model("CGConv", "gate2deploy", x_shape,
                                                 [w, mask, thresholds(yp, f)], conv), args.threads),
               dense, x, args, goal=(0.2, 1.6))
 
@@ -163,7 +182,7 @@ def main(argv=None) -> int:
             msb = ref.conv2d(x_hb, wq, pads=conv["pads"])
             attrs = dict(conv, abits=abits, pred_bits=pred, static_scale=0.0)
             sweep(f"PGConv abits {abits} / pred {pred}, wbits {args.wbits or 'float'}",
-                  lambda f: open_session(node_model("PGConv", "gate2deploy", x_shape,
+                  lambda f: custom_session(node_model("PGConv", "gate2deploy", x_shape,
                                                     [wq, thresholds(msb, f)], attrs), args.threads),
                   dense, xa, args, goal=(0.2, 1.3))
 
@@ -181,7 +200,7 @@ def main(argv=None) -> int:
             xf = x.copy()
             xf[:, int(round(c * in_density)):] = 0.0  # channels a previous FBS layer switched off
             attrs = dict(conv, density=float(frac), pool="avg")
-            op = open_session(node_model("FBSConv", "gate2deploy", x_shape,
+            op = custom_session(node_model("FBSConv", "gate2deploy", x_shape,
                                          [w, fc_w, fc_b, scale, shift, beta], attrs), args.threads)
             td, to = time_pair(dense, op, xf, args.repeats)
             rows.append((frac, td / to))
