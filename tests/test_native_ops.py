@@ -301,6 +301,23 @@ BAD_CASES = {
 }
 
 
+def test_fbs_nan_input_is_an_error_not_a_crash():
+    w, _, _ = _cg_inputs()
+    x = np.ones((1, 8, 5, 5), np.float32)
+    x[0, 3, 2, 2] = np.nan
+    inits = [w, np.ones((4, 8), np.float32)] + [np.ones(4, np.float32)] * 4
+    with pytest.raises(Exception, match="saliency is NaN"):
+        run_node("FBSConv", x, inits, {"density": 0.5})
+
+
+def test_pg_inf_input_is_an_error_not_a_crash():
+    w, _, _ = _cg_inputs()
+    x = np.ones((1, 8, 5, 5), np.float32)
+    x[0, 1, 0, 0] = np.inf
+    with pytest.raises(Exception, match="inf or NaN"):
+        run_node("PGConv", x, [w, np.zeros(4, np.float32)], {"abits": 4, "pred_bits": 2})
+
+
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_inputs_raise_runtime_error_not_crash(case):
     op, x_shape, inits, attrs = BAD_CASES[case]

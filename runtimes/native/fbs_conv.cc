@@ -92,6 +92,9 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
         const float* fo = fc_W.Data() + o * g.C;
         for (int64_t c = 0; c < g.C; ++c) acc += pooled[c] * fo[c];
         gamma[o] = std::max(acc + fc_b.Data()[o], 0.f);
+        // NaN would break the ordering nth_element relies on (and has no top-k meaning).
+        if (std::isnan(gamma[o]))
+          throw OpError("FBSConv: the saliency is NaN (NaN or inf in X, fc_W or fc_b)");
       }
       std::vector<int> out_active;
       if (k >= g.O) {
