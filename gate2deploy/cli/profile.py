@@ -99,6 +99,11 @@ def run(args) -> int:
           + f", {result.unstable} unstable")
     print(f"whole model: {cal['whole_model_ms']:.3f} ms ({cal['whole_model_method']}), "
           f"layer sum {cal['layer_sum_ms']:.3f} ms, in-graph scales {cal['scales']}")
+    config = json.loads((Path(args.out) / "gator_config.json").read_text())
+    slower = [str(i) for i, m in enumerate(config["edge_multipliers"]) if m <= 0]
+    if slower:
+        print(f"warning: halving edge(s) {', '.join(slower)} does not make the model faster on this target "
+              "(multiplier <= 0, kept as measured; see report.html)")
     if result.current_ms is not None:
         print(f"checkpoint's gated configuration: predicted {result.current_ms:.3f} ms")
     print(f"wrote {', '.join(str(Path(args.out) / f) for f in result.files)}")

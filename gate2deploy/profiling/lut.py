@@ -11,7 +11,8 @@ Widths. Each layer is measured at several widths of every prunable side: fractio
 full width (0.25, 0.5, 0.75, 1 by default) and, for the input side, the same widths minus one.
 The second set is there because ONNX Runtime's CPU convolution is fast only for some input
 widths (it uses the blocked NCHWc kernels when the input channel count is small or a multiple
-of 4; other widths run a plain im2col kernel up to 3x slower): a pruned width is predicted
+of 4, depthwise ones when it is a multiple of 4; other widths run plain NCHW kernels, up to
+3x slower, with layout reorders around them in a graph): a pruned width is predicted
 from measured widths that ran the same kernel.
 
 `lut_latency(lut, key)`: the entry when measured, else interpolated among entries of the same
@@ -97,12 +98,10 @@ def _family(spec: LayerSpec) -> tuple:
 def ort_cpu_kernel(spec: LayerSpec) -> str:
     """Which convolution kernel ONNX Runtime 1.31's CPU provider picks (checked against every
     measured entry during a profile: mismatches are counted in the LUT)."""
-    if spec.op != "Conv":
+    if spec.op != "Conv" or (spec.groups > 1 and not _depthwise(spec)):
         return "nchw"
     if _depthwise(spec):
-        return "nchwc"
-    if spec.groups > 1:
-        return "nchw"
+        return "nchwc" if spec.cin % 4 == 0 else "nchw"
     return "nchwc" if spec.cin < 16 or spec.cin % 4 == 0 else "nchw"
 
 

@@ -85,11 +85,11 @@ def profile(model: nn.Module, example: torch.Tensor, out_dir: str | Path, option
     todo = [k for k in keys if k not in lut["entries"]]
     last_save = time.perf_counter()
     # Calibration models: the unpruned one and the one a channel narrower on every edge (see
-    # lut.calibrate). Each is timed before and after the layers and the faster result kept,
+    # lut.calibrate). Each is timed twice before and once after the layers, the fastest kept,
     # so a burst of load from other processes during one of them does not skew the scales.
     narrow = [max(1, c - 1) for c in table.full_channels()]
     calibration_models = {"full": proto, "narrow": _narrow_model(proto, table, narrow)}
-    whole_settings = Settings(warmup=5, repeats=max(30, options.settings.repeats),
+    whole_settings = Settings(warmup=3, repeats=max(20, options.settings.repeats),
                               max_cv=options.settings.max_cv, retries=options.settings.retries)
 
     def time_whole_models() -> None:
@@ -103,6 +103,7 @@ def profile(model: nn.Module, example: torch.Tensor, out_dir: str | Path, option
 
     try:
         if "whole_models" not in lut:
+            time_whole_models()
             time_whole_models()
         for key in _progress(todo, options.progress, "layers"):
             measurement, kernel = backend.measure_layer(parse_key(key))
