@@ -59,33 +59,35 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       std::vector<int> in_active;
       for (int64_t c = 0; c < g.C; ++c) {
         const float* xc = xn + c * HW;
-        // 16 independent partial sums/maxima (vectorizable), combined in double.
-        constexpr int kLanes = 16;
-        float part[kLanes] = {}, mxp[kLanes];
-        int nz[kLanes] = {};
-        for (int l = 0; l < kLanes; ++l) mxp[l] = xc[0];
-        int64_t i = 0;
-        for (; i + kLanes <= HW; i += kLanes)
-          for (int l = 0; l < kLanes; ++l) {
-            part[l] += xc[i + l];
-            mxp[l] = std::max(mxp[l], xc[i + l]);
-            nz[l] |= xc[i + l] != 0.f;
-          }
-        for (int l = 0; i < HW; ++i, ++l) {
-          part[l] += xc[i];
-          mxp[l] = std::max(mxp[l], xc[i]);
-          nz[l] |= xc[i] != 0.f;
-        }
-        double sum = 0.0;
-        float mx = mxp[0];
+        // Channels switched off upstream are all zero: found by a scan that stops at the first
+        // non-zero value, so live channels cost almost nothing here.
         bool nonzero = false;
-        for (int l = 0; l < kLanes; ++l) {
-          sum += part[l];
-          mx = std::max(mx, mxp[l]);
-          nonzero |= nz[l] != 0;
+        for (int64_t i = 0; i < HW && !nonzero; ++i) nonzero = xc[i] != 0.f;
+        if (!nonzero) {
+          pooled[c] = 0.f;  // mean and max of zeros
+          continue;
         }
-        pooled[c] = max_pool_ ? mx : float(sum / double(HW));
-        if (nonzero) in_active.push_back(int(c));
+        in_active.push_back(int(c));
+        constexpr int kLanes = 16;  // independent partials (vectorizable), combined at the end
+        int64_t i = 0;
+        if (max_pool_) {
+          float mxp[kLanes];
+          for (int l = 0; l < kLanes; ++l) mxp[l] = xc[0];
+          for (; i + kLanes <= HW; i += kLanes)
+            for (int l = 0; l < kLanes; ++l) mxp[l] = mxp[l] < xc[i + l] ? xc[i + l] : mxp[l];
+          float mx = xc[0];
+          for (; i < HW; ++i) mx = std::max(mx, xc[i]);
+          for (int l = 0; l < kLanes; ++l) mx = std::max(mx, mxp[l]);
+          pooled[c] = mx;
+        } else {
+          float part[kLanes] = {};
+          for (; i + kLanes <= HW; i += kLanes)
+            for (int l = 0; l < kLanes; ++l) part[l] += xc[i + l];
+          double sum = 0.0;
+          for (; i < HW; ++i) sum += xc[i];
+          for (int l = 0; l < kLanes; ++l) sum += part[l];
+          pooled[c] = float(sum / double(HW));
+        }
       }
       for (int64_t o = 0; o < g.O; ++o) {
         float acc = 0.f;
@@ -106,7 +108,16 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
         for (int64_t o = 0; o < g.O; ++o)
           if (gamma[o] > cut) out_active.push_back(int(o));
       }
-      std::memset(yn, 0, sizeof(float) * g.O * Np);
+      {  // inactive output channels are exact zeros; active ones are written below
+        size_t a = 0;
+        for (int64_t o = 0; o < g.O; ++o) {
+          if (a < out_active.size() && out_active[a] == o) {
+            ++a;
+            continue;
+          }
+          std::memset(yn + o * Np, 0, sizeof(float) * Np);
+        }
+      }
       if (out_active.empty()) continue;
 
       // Only active outputs x active inputs: weights gathered and packed per sample.
