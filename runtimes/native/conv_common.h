@@ -1,6 +1,8 @@
 // Shared machinery of the gated convolution kernels: attribute parsing and validation,
-// convolution geometry, im2col into the GEMM's packed layout, weight packing, the blocked
-// GEMM driver, and the "gated two-stage convolution" that CGConv and PGConv are both made of:
+// convolution geometry, weight packing, the panel-wise convolution (GEMM micro-kernels fed
+// either in place from a zero-padded copy of the input for stride-1 fp32, or from packed
+// im2col panels otherwise), and the "gated two-stage convolution" that CGConv and PGConv
+// are both made of:
 //
 //   acc1 = W1 * X1                 (always: CG's base channels, PG's MSB activations)
 //   Y    = scale1 * acc1
@@ -35,8 +37,10 @@ struct OpError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Above this fraction of gated-on output elements the second stage runs as a dense GEMM
-// (measured crossover of sparse dot products vs the blocked GEMM, tools/bench_gated_ops.py).
+// Above this fraction of gated-on output elements (per panel) the second stage runs as a
+// dense GEMM. Measured (CGConv, 128 ch, 28x28, p=4, 1 thread): the per-element dot products
+// stream a 3.4 KiB weight row from L2 for each gated-on element and reach ~1/8 of the GEMM's
+// per-MAC speed, so they only win below ~10% gated on (tools/bench_gated_ops.py).
 constexpr double kDenseSecondStageFraction = 0.10;
 
 struct ConvAttrs {
