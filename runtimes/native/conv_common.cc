@@ -324,6 +324,13 @@ inline void DotRows(const IsaKernels& isa, const int16_t* x, const int16_t* cons
 // while every row panel of A streams past it.
 constexpr int64_t kKc = 256;
 
+// Block length for a K of Kp: blocks of at most kKc, equal in size (even, for int16 pairs),
+// so that no tiny last block pays a full pass of C-tile loads and stores.
+inline int64_t KBlock(int64_t Kp) {
+  const int64_t blocks = std::max<int64_t>(1, (Kp + kKc - 1) / kKc);
+  return std::max<int64_t>(2, RoundUp((Kp + blocks - 1) / blocks, 2));
+}
+
 // Where a panel's columns come from. Stride-1 fp32 convolutions read the GEMM's B operand in
 // place from a zero-padded copy of the sample ("indirect": row k of a panel starting at
 // column q0 is the nr floats at xpad + q0 + off[k], with columns q = oh * Wp + ow over the
@@ -389,8 +396,9 @@ void PanelProduct(const IsaKernels& isa, const PackedWeights<T>& w, const Column
   const int nv = int(std::min<int64_t>(nr, src.columns - q0));
   if constexpr (std::is_same<T, float>::value) {
     if (src.indirect) {
-      for (int64_t k0 = 0; k0 < std::max<int64_t>(w.Kp, 1); k0 += kKc) {
-        const int64_t kc = std::min(kKc, w.Kp - k0);
+      const int64_t kb = KBlock(w.Kp);
+      for (int64_t k0 = 0; k0 < std::max<int64_t>(w.Kp, 1); k0 += kb) {
+        const int64_t kc = std::min(kb, w.Kp - k0);
         for (int64_t ip = 0; ip * mr < w.M; ++ip)
           isa.sgemm_indirect_micro(kc, w.data.data() + ip * w.Kp * mr + k0 * mr, src.xpad + q0,
                                    off.data() + k0, acc + ip * mr * ldc, ldc,
@@ -401,8 +409,9 @@ void PanelProduct(const IsaKernels& isa, const PackedWeights<T>& w, const Column
   }
   panel.resize(size_t(std::max<int64_t>(w.Kp, 1) * nr));
   Im2colPanel(src.x, *src.g, chans, q0, nr, w.Kp, panel.data());
-  for (int64_t k0 = 0; k0 < std::max<int64_t>(w.Kp, 1); k0 += kKc) {
-    const int64_t kc = std::min(kKc, w.Kp - k0);
+  const int64_t kb = KBlock(w.Kp);
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(w.Kp, 1); k0 += kb) {
+    const int64_t kc = std::min(kb, w.Kp - k0);
     for (int64_t ip = 0; ip * mr < w.M; ++ip)
       Micro(isa, kc, w.data.data() + ip * w.Kp * mr + k0 * mr, panel.data() + k0 * nr,
             acc + ip * mr * ldc, ldc, int(std::min<int64_t>(mr, w.M - ip * mr)), nv, k0 > 0);
@@ -460,6 +469,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   using Acc = typename AccOf<T>::type;
   const int64_t M = int64_t(plan.outputs.size()), Np = g.P();
   const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
+  const float s1 = scale1, s2 = scale2;  // locals: stores through y cannot alias them
   if (M == 0 || Np == 0) return;
   const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>());
   const ColumnSource<T> src2 = x2 == x1 ? src1 : MakeSource(x2, g, nr, Scratch<float, 8>());
@@ -490,7 +500,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       uint8_t* gm = gate + m * nr;
       for (int64_t t = 0; t < nv; ++t) {
         if (pix[t] < 0) continue;
-        const float v = scale1 * float(am[t]);
+        const float v = s1 * float(am[t]);
         yo[pix[t]] = v;
         const uint8_t on = v > thr;
         gm[t] = on;
@@ -507,8 +517,18 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         float* yo = y + int64_t(plan.outputs[m]) * Np;
         const Acc* am = acc1 + m * nr;
         const uint8_t* gm = gate + m * nr;
-        for (int64_t t = 0; t < nv; ++t)
-          if (gm[t]) yo[pix[t]] += scale2 * float(am[t]);
+        for (int64_t t = 0; t < nv; ++t) {
+          if (pix[t] < 0) continue;
+          // A bitwise select, not a branch: the gates are unpredictable (a mispredicted branch
+          // per element cost more than the whole second-stage GEMM at 50% gated on).
+          const float before = yo[pix[t]], after = before + s2 * float(am[t]);
+          uint32_t b, a;
+          std::memcpy(&b, &before, 4);
+          std::memcpy(&a, &after, 4);
+          const uint32_t mask = 0u - uint32_t(gm[t]);
+          const uint32_t r = (a & mask) | (b & ~mask);
+          std::memcpy(&yo[pix[t]], &r, 4);
+        }
       }
       return;
     }
@@ -545,7 +565,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         for (int i = 0; i < n; ++i) wrows[i] = rows.data.data() + rows_p[e + i] * rows.Lpad;
         DotRows(isa, field, wrows, n, rows.Lpad, dots);
         for (int i = 0; i < n; ++i)
-          y[int64_t(plan.outputs[rows_p[e + i]]) * Np + pix[t]] += scale2 * float(dots[i]);
+          y[int64_t(plan.outputs[rows_p[e + i]]) * Np + pix[t]] += s2 * float(dots[i]);
       }
     }
   });
