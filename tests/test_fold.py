@@ -4,6 +4,7 @@ import onnx
 import pytest
 import torch
 from fold_helpers import RTOL, fold, macs, max_rel_err, ops
+from models.cifar_nets import randomize_batchnorm
 from onnx import numpy_helper
 from torch import nn
 
@@ -20,14 +21,7 @@ def cbr(cin, cout, k=3, groups=1):
 
 
 def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.3, generator=g)
-            m.running_var.uniform_(0.5, 2, generator=g)
-            m.weight.data.normal_(1, 0.3, generator=g)
-            m.bias.data.normal_(0, 0.3, generator=g)
-    return model.eval()
+    return randomize_batchnorm(model, seed, gamma_mean=1.0, gamma_std=0.3, beta_std=0.3)
 
 
 def mask(n, zeros):

@@ -4,6 +4,7 @@ ONNX model equals the masked PyTorch model (normwise relative error <= 1e-4), ne
 more MACs, and removes every mask it does not report as unfoldable."""
 import torch
 from fold_helpers import RTOL, fold, macs, max_rel_err, ops
+from models.cifar_nets import randomize_batchnorm
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -96,17 +97,8 @@ class SE(nn.Module):
 
 
 def randomize(model, draw):
-    seed = draw(st.integers(0, 2**16))
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.3, generator=g)
-            m.running_var.uniform_(0.5, 2, generator=g)
-            m.weight.data.normal_(1, 0.3, generator=g)
-            m.bias.data.normal_(0, 0.5, generator=g)
-            dead = torch.rand(m.num_features, generator=g) < 0.15  # gamma = 0: constant channels
-            m.weight.data[dead] = 0
-    return model.eval()
+    return randomize_batchnorm(model, draw(st.integers(0, 2**16)), gamma_mean=1.0, gamma_std=0.3,
+                               beta_std=0.5, dead_fraction=0.15)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True,

@@ -58,13 +58,18 @@ def resnet20(num_classes: int = 10) -> nn.Module:
     return CifarResNet(20, num_classes)
 
 
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Trained-looking BN statistics and scales (some gammas near zero, as slimming makes)."""
+def randomize_batchnorm(model: nn.Module, seed: int = 0, gamma_mean: float = 0.0, gamma_std: float = 1.0,
+                        beta_std: float = 0.2, dead_fraction: float = 0.0) -> nn.Module:
+    """Trained-looking BN statistics, scales and shifts, so that a folding mistake shows.
+    The default spread of gamma (around 0) is what network slimming's L1 penalty leaves;
+    `dead_fraction` of the channels get gamma = 0 exactly: constant channels (relu(beta))."""
     gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2, generator=gen)
+            m.running_mean.normal_(0, 0.3, generator=gen)
             m.running_var.uniform_(0.5, 2.0, generator=gen)
-            m.weight.data.normal_(0, 1, generator=gen)
-            m.bias.data.normal_(0, 0.2, generator=gen)
-    return model
+            m.weight.data.normal_(gamma_mean, gamma_std, generator=gen)
+            m.bias.data.normal_(0, beta_std, generator=gen)
+            if dead_fraction:
+                m.weight.data[torch.rand(m.num_features, generator=gen) < dead_fraction] = 0
+    return model.eval()
