@@ -16,9 +16,16 @@ efficientnet_b0 0.73 unpadded, 0.44 rounded to 16.
 
 Contract: `choose_padding(analysis, removable)` returns a subset of `removable` (root ids of
 coupled channel groups the fold would remove) that the fold keeps physically instead. For
-every channel-creating tensor (the output of a Conv, Gemm or MatMul) it rounds the number of
-kept channels up to a multiple of `block` (never beyond the layer's full width), choosing
-the lowest-index removed channels. Padding is exact by construction of the fold (padding
+every channel-creating tensor (the output of a Conv, Gemm or MatMul), then every tensor such
+a layer reads (rounds repeated while they change something, at most 3), it rounds the number of
+kept channels up to a multiple of `block` (of 4 for layers narrower than a block, which
+MLAS still runs blocked, e.g. squeeze-excitation convs), never beyond the layer's full
+width, choosing the lowest-index removed channels. For a grouped Conv whose full group width
+is a whole number of blocks (ResNeXt's later stages), every group of its input and output
+is padded to the same whole number of blocks: MLAS runs grouped convs blocked only then
+(measured: with ragged groups 7 of ResNeXt-50's grouped convs fell back to im2col); other
+grouped convs get equal groups whose total is a multiple of 4, so that their neighbours stay
+blocked (RegNet-Y-400MF: 13 groups of 5 = 65 channels unblocked the 1x1 convs reading them). Padding is exact by construction of the fold (padding
 channels are never read: their weights at every consume site are zero and their constant
 is in the consumer's bias); it only costs the MACs it adds, which the report counts.
 
@@ -43,29 +50,62 @@ def _nchwc_block() -> int:
 
 
 BLOCK = _nchwc_block()
+MIN_MULTIPLE = 4  # NCHWc eligibility for layers narrower than a block
 CREATING_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _round_up(kept: int, width: int, block: int) -> int:
+    multiple = block if width >= block else MIN_MULTIPLE
+    return min(width, -(-kept // multiple) * multiple)
+
+
+def _pad(roots: np.ndarray, gone: np.ndarray, need: int, padding: set[int]) -> None:
+    """Add removed roots of `roots` (in order) to `padding` until `need` positions return."""
+    for root in roots[gone].tolist():
+        if need <= 0:
+            break
+        if root not in padding:
+            padding.add(root)
+            need -= int((roots == root).sum())  # a root may sit at several positions
 
 
 def choose_padding(ana: ChannelAnalysis, removable: set[int], block: int = BLOCK) -> set[int]:
     removable_sorted = np.array(sorted(removable), dtype=np.int64)
     padding: set[int] = set()
-    for node in ana.graph.nodes:
-        if node.op not in CREATING_OPS or not node.outputs or node.outputs[0].name not in ana.maps:
-            continue
-        roots = ana.roots_of(node.outputs[0].name)
-        gone = np.isin(roots, removable_sorted) & ~np.isin(roots, list(padding))
-        width, kept = len(roots), int((~gone).sum())
-        if width < block or kept == 0:
-            continue
-        target = min(width, -(-kept // block) * block)
-        need = target - kept
-        if need <= 0:
-            continue
-        # Distinct roots only: a root appearing twice in one tensor pads twice.
-        for root in roots[gone].tolist():
-            if need <= 0:
-                break
-            if root not in padding:
-                padding.add(root)
-                need -= int((roots == root).sum())
+
+    def gone_of(roots):
+        return np.isin(roots, removable_sorted) & ~np.isin(roots, np.array(sorted(padding), np.int64))
+
+    # Layer outputs, then layer inputs (a Slice/Gather/Concat can mix channels of several
+    # layers into a ragged count, e.g. ShuffleNetV2's split halves); padding one tensor can
+    # make another ragged, so a few rounds.
+    sized = [node.outputs[0].name for node in ana.graph.nodes
+             if node.op in CREATING_OPS and node.outputs and node.outputs[0].name in ana.maps]
+    sized += [site.tensor for site in ana.consume_sites if site.tensor not in sized]
+    for _ in range(3):
+        before = len(padding)
+        for tensor in sized:
+            roots = ana.roots_of(tensor)
+            gone = gone_of(roots)
+            kept = int((~gone).sum())
+            if kept:
+                _pad(roots, gone, _round_up(kept, len(roots), block) - kept, padding)
+        if len(padding) == before:
+            break
+    # Grouped convs run blocked only with whole blocks per group: where the full group width
+    # is a multiple of the block, every group is padded to the same whole number of blocks.
+    for node in ana.grouped_convs:
+        groups = int(node.attrs["group"])
+        for tensor in (node.inputs[0].name, node.outputs[0].name):
+            roots = ana.roots_of(tensor).reshape(groups, -1)
+            per_group = roots.shape[1]
+            gone = gone_of(roots.reshape(-1)).reshape(groups, -1)
+            target = int((~gone).sum(axis=1).max())
+            if per_group % block == 0:
+                target = _round_up(target, per_group, block)
+            else:  # not blocked anyway; keep the whole tensor a multiple of 4 for its neighbours
+                while (target * groups) % MIN_MULTIPLE and target < per_group:
+                    target += 1
+            for g in range(groups):
+                _pad(roots[g], gone[g], target - int((~gone[g]).sum()), padding)
     return padding

@@ -6,6 +6,7 @@ Tolerance everywhere: max |ORT(folded) - masked PyTorch| / max |masked PyTorch| 
 random normal inputs. Masks: random 50% on every BatchNorm output (or equivalent, see
 tools/bench_fold_torchvision.py, which shares the model zoo and mask placement).
 """
+import collections
 import importlib.util
 import sys
 from pathlib import Path
@@ -324,3 +325,30 @@ def test_union_find_roots_follow_later_unions():
     assert uf.roots(b).tolist() == [a[1], b[1], a[1]]  # ... refreshed after a union
     c = uf.fresh(2)
     assert uf.roots(np.concatenate([a, c])).tolist() == [*a.tolist(), *c.tolist()]
+
+
+def _ort_optimized_ops(model) -> collections.Counter:
+    """Op kinds of the graph ONNX Runtime actually runs (CPU, all optimisations)."""
+    import tempfile
+
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath, opts.log_severity_level = f"{tmp}/opt.onnx", 3
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return collections.Counter(f"{n.domain}:{n.op_type}" for n in onnx.load(f"{tmp}/opt.onnx").graph.node)
+
+
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "regnet_y_400mf", "shufflenet_v2_x1_0"])
+def test_padded_widths_keep_ort_fusions_and_blocked_kernels(name):
+    """With physical width padding, ONNX Runtime fuses and blocks the folded model at least
+    as well as the dense one: no more unblocked convs (`FusedConv`/plain `Conv`: im2col
+    kernels), and no activation or residual Add left unfused."""
+    size = zoo.CASES[name].test_size
+    prepared = zoo.prepare(name, size)
+    padded, _ = _run(prepared.proto, choose_widths=True)
+    dense = _ort_optimized_ops(capture(zoo.build_model(name), torch.randn(1, 3, size, size)))
+    folded = _ort_optimized_ops(padded)
+    for kind in ("com.microsoft:FusedConv", ":Conv", ":Relu", ":Add", ":Clip"):
+        assert folded[kind] <= dense[kind], (kind, folded[kind], dense[kind])
+    assert folded["com.microsoft.nchwc:Conv"] >= dense["com.microsoft.nchwc:Conv"]
