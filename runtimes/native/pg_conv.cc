@@ -155,10 +155,11 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
       std::vector<T>& lsb = Scratch<T, 11>();
       msb.resize(size_t(nx));
       lsb.resize(size_t(nx));
-      ParallelFor(ctx, size_t(g.N * g.C), [&](size_t plane) {
-        const int64_t off = int64_t(plane) * g.H * g.W;
-        for (int64_t i = off; i < off + g.H * g.W; ++i) quantize(x[i], &msb[i], &lsb[i]);
-      });
+      // Serial: a few ns per element, cheaper than another parallel section (each section
+      // can stall on a descheduled pool thread when the machine is oversubscribed).
+      T* const hb = msb.data();
+      T* const lb = lsb.data();
+      for (int64_t i = 0; i < nx; ++i) quantize(x[i], &hb[i], &lb[i]);
       for (int64_t n = 0; n < g.N; ++n)
         for (const auto& plan : plans)
           RunGatedConv(ctx, isa, g, plan, msb.data() + n * g.C * g.H * g.W,
