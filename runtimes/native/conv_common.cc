@@ -351,7 +351,7 @@ struct ColumnSource {
 };
 
 template <class T>
-ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, std::vector<float>& pad_buf) {
+ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<float>& pad_buf) {
   ColumnSource<T> src;
   src.g = &g;
   src.x = x;
@@ -391,7 +391,7 @@ std::vector<int64_t> Offsets(const ColumnSource<T>& src, const std::vector<int>&
 template <class T, class Acc>
 void PanelProduct(const IsaKernels& isa, const PackedWeights<T>& w, const ColumnSource<T>& src,
                   const std::vector<int>& chans, const std::vector<int64_t>& off, int64_t q0,
-                  std::vector<T>& panel, Acc* acc, int64_t ldc) {
+                  AlignedVec<T>& panel, Acc* acc, int64_t ldc) {
   const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
   const int nv = int(std::min<int64_t>(nr, src.columns - q0));
   if constexpr (std::is_same<T, float>::value) {
@@ -422,7 +422,7 @@ void PanelProduct(const IsaKernels& isa, const PackedWeights<T>& w, const Column
 template <class T>
 void PanelFields(const IsaKernels& isa, const ColumnSource<T>& src, const std::vector<int>& chans,
                  const std::vector<int64_t>& off, int64_t q0, int64_t nr, int64_t nv, int64_t K,
-                 int64_t Lpad, std::vector<T>& panel, T* fields) {
+                 int64_t Lpad, AlignedVec<T>& panel, T* fields) {
   if constexpr (std::is_same<T, float>::value) {
     if (src.indirect) {  // all nr rows are written; rows >= nv are never read
       isa.gather_fields(src.xpad + q0, off.data(), K, Lpad, fields);
@@ -450,7 +450,7 @@ void ConvByPanels(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeig
       PanelProduct(isa, w, src, chans, off, q0, Scratch<T, 0>(), out + q0, Np);
       return;
     }
-    std::vector<Acc>& tile = Scratch<Acc, 1>();
+    AlignedVec<Acc>& tile = Scratch<Acc, 1>();
     tile.resize(size_t(RoundUp(std::max<int64_t>(w.M, 1), mr) * nr));
     PanelProduct(isa, w, src, chans, off, q0, Scratch<T, 0>(), tile.data(), nr);
     const Acc* const acc = tile.data();
@@ -480,13 +480,13 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     const int64_t q0 = int64_t(jp) * nr, nv = std::min<int64_t>(nr, src1.columns - q0);
     int64_t pix[64];
     for (int64_t t = 0; t < nv; ++t) pix[t] = src1.Pixel(q0 + t);
-    std::vector<Acc>& tile = Scratch<Acc, 1>();
+    AlignedVec<Acc>& tile = Scratch<Acc, 1>();
     tile.resize(size_t(RoundUp(M, mr) * nr));
     PanelProduct(isa, plan.w1, src1, plan.chans1, off1, q0, Scratch<T, 0>(), tile.data(), nr);
     // Stage 1 into y; count the gated-on outputs of each column of the panel.
-    std::vector<int32_t>& on_count = Scratch<int32_t, 3>();
+    AlignedVec<int32_t>& on_count = Scratch<int32_t, 3>();
     on_count.assign(size_t(nr + 1), 0);
-    std::vector<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * nr + t]
+    AlignedVec<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * nr + t]
     gate_buf.assign(size_t(M * nr), 0);
     // Raw pointers: thread_local vectors behind byte stores (which may alias anything) would
     // otherwise be re-fetched through __tls_get_addr inside the loops.
@@ -512,7 +512,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     if (on == 0 || plan.chans2.empty()) return;
     if (double(on) > kDenseSecondStageFraction * double(M * nv)) {
       // Most gates on: the whole panel's second stage as a GEMM, then select.
-      PanelProduct(isa, plan.w2, src2, plan.chans2, off2, q0, Scratch<T, 0>(), tile.data(), nr);
+      PanelProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0,
+                   Scratch<T, 0>(), tile.data(), nr);
       for (int64_t m = 0; m < M; ++m) {
         float* yo = y + int64_t(plan.outputs[m]) * Np;
         const Acc* am = acc1 + m * nr;
@@ -535,8 +536,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     // Few gates on: one dot product per gated-on element; four outputs per pass, so one load
     // of the pixel's receptive field feeds four weight rows. on_rows lists, column by
     // column, the gated-on outputs (CSR with offsets on_count).
-    std::vector<int32_t>& on_rows = Scratch<int32_t, 4>();
-    std::vector<int32_t>& fill = Scratch<int32_t, 5>();
+    AlignedVec<int32_t>& on_rows = Scratch<int32_t, 4>();
+    AlignedVec<int32_t>& fill = Scratch<int32_t, 5>();
     on_rows.resize(size_t(on + 1));  // slot `on` absorbs the writes of gated-off elements
     fill.assign(on_count.begin(), on_count.begin() + nv);
     int32_t* const rows_p = on_rows.data();
@@ -550,7 +551,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       }
     }
     const WeightRows<T>& rows = plan.w2_rows;
-    std::vector<T>& fields = Scratch<T, 2>();
+    AlignedVec<T>& fields = Scratch<T, 2>();
     fields.resize(size_t(nr * rows.Lpad));
     PanelFields(isa, src2, plan.chans2, off2, q0, nr, nv, rows.K, rows.Lpad, Scratch<T, 0>(),
                 fields.data());

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -36,6 +37,24 @@ namespace g2d {
 struct OpError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// 64-byte aligned storage: vector loads from a 64-byte aligned base never split a cache
+// line (plain std::vector memory is only 16-byte aligned, and the split-load penalty then
+// varies from run to run with where malloc happened to put the buffer).
+template <class T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <class U> AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(size_t n) {
+    void* p = ::operator new(n * sizeof(T), std::align_val_t(64));
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U> bool operator==(const AlignedAllocator<U>&) const { return true; }
+  template <class U> bool operator!=(const AlignedAllocator<U>&) const { return false; }
+};
+template <class T> using AlignedVec = std::vector<T, AlignedAllocator<T>>;
 
 // Above this fraction of gated-on output elements (per panel) the second stage runs as a
 // dense GEMM. Measured (CGConv, 128 ch, 28x28, p=4, 1 thread): the per-element dot products
@@ -89,7 +108,7 @@ template <class T> int TileCols(const IsaKernels& k);
 template <class T>
 struct PackedWeights {
   int64_t M = 0, K = 0, Kp = 0;
-  std::vector<T> data;
+  AlignedVec<T> data;
 };
 template <class T>
 PackedWeights<T> PackWeights(const IsaKernels& isa, const T* w, const ConvGeom& g,
@@ -99,7 +118,7 @@ PackedWeights<T> PackWeights(const IsaKernels& isa, const T* w, const ConvGeom& 
 template <class T>
 struct WeightRows {
   int64_t M = 0, K = 0, Lpad = 0;
-  std::vector<T> data;
+  AlignedVec<T> data;
 };
 template <class T>
 WeightRows<T> MakeWeightRows(const T* w, const ConvGeom& g, const std::vector<int>& outputs,
@@ -122,6 +141,8 @@ struct GatedStagePlan {
   std::vector<int> outputs;       // output channels computed by this plan
   std::vector<int> chans1, chans2;  // input channels read by stage 1 / stage 2
   PackedWeights<T> w1, w2;        // stage weights for the GEMM
+  bool w2_is_w1 = false;          // PG: both stages use the same weights (w2 left empty,
+                                  // so the packed weights are in cache once, not twice)
   WeightRows<T> w2_rows;          // stage-2 weights for per-element dot products
 };
 
@@ -132,11 +153,12 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
                   const GatedStagePlan<T>& plan, const T* x1, const T* x2, float scale1,
                   float scale2, const float* threshold, float* y);
 
+
 // Scratch buffers that live as long as the calling thread: re-used across runs so that the
-// large im2col buffers are not page-faulted in again on every call. `Slot` separates uses.
+// large buffers are not page-faulted in again on every call. `Slot` separates uses.
 template <class T, int Slot>
-std::vector<T>& Scratch() {
-  static thread_local std::vector<T> buffer;
+AlignedVec<T>& Scratch() {
+  static thread_local AlignedVec<T> buffer;
   return buffer;
 }
 

@@ -50,7 +50,7 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const int64_t HW = g.H * g.W, Np = g.P();
     std::vector<float> pooled(size_t(g.C)), gamma(size_t(g.O)), sorted;
-    std::vector<float>& out = Scratch<float, 21>();
+    AlignedVec<float>& out = Scratch<float, 21>();
 
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * HW;

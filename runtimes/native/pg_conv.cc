@@ -67,7 +67,7 @@ std::vector<GatedStagePlan<T>> BuildPlans(const T* w, const ConvGeom& g) {
     }
     plan.chans2 = plan.chans1;
     plan.w1 = PackWeights(isa, w, g, plan.outputs, w_chans);
-    plan.w2 = plan.w1;
+    plan.w2_is_w1 = true;
     plan.w2_rows = MakeWeightRows(w, g, plan.outputs, w_chans);
   }
   return plans;
@@ -151,8 +151,8 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     // Quantize X into MSB/LSB planes (thread-local scratch), then run every sample and group.
     auto run = [&](const auto& plans, float scale1, float scale2, auto quantize) {
       using T = typename std::decay_t<decltype(plans[0].w1.data)>::value_type;
-      std::vector<T>& msb = Scratch<T, 10>();
-      std::vector<T>& lsb = Scratch<T, 11>();
+      AlignedVec<T>& msb = Scratch<T, 10>();
+      AlignedVec<T>& lsb = Scratch<T, 11>();
       msb.resize(size_t(nx));
       lsb.resize(size_t(nx));
       // Serial: a few ns per element, cheaper than another parallel section (each section
