@@ -213,6 +213,10 @@ def test_ort_backend_reports_the_kernel_it_ran():
     odd = LayerSpec("Conv", 1, 63, 32, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1)
     _, kernel = backend.measure_layer(odd)
     assert kernel == lutmod.ort_cpu_kernel(odd) == "nchw"
+    for channels, expected in [(96, "nchwc"), (100, "nchwc"), (87, "nchw")]:
+        dw = LayerSpec("Conv", 1, channels, channels, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), channels)
+        _, kernel = backend.measure_layer(dw)
+        assert kernel == lutmod.ort_cpu_kernel(dw) == expected
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,6 +255,9 @@ def test_profile_writes_every_output(tiny_profile):
     assert len(widths) >= 8
     for entry in lut["entries"].values():
         assert entry["ms"] > 0 and entry["cv"] >= 0 and entry["kernel"] in ("nchwc", "nchw")
+    # the kernel rule the predictor interpolates by agrees with what ONNX Runtime ran
+    assert lut["kernel_rule_mismatches"] == []
+    assert {e["kernel"] for e in lut["entries"].values()} == {"nchwc", "nchw"}
 
 
 def test_multipliers_follow_gators_rule(tiny_profile):

@@ -87,12 +87,19 @@ def measure(run, settings: Settings) -> Measurement:
             run()
             samples.append((time.perf_counter() - t0) * 1e3)
         ms, cv, kept, rejected, unstable = _verdict(samples, settings.max_cv)
-        if best is None or ms < best.ms:
-            best = Measurement(ms, cv, kept, rejected, attempt + 1, unstable)
-        best.attempts = attempt + 1
+        best = _keep(best, Measurement(ms, cv, kept, rejected, attempt + 1, unstable))
         if not unstable:
-            best.unstable = False
             break
+    return best
+
+
+def _keep(best: Measurement | None, new: Measurement) -> Measurement:
+    """The fastest attempt so far (interference only adds time), with its own verdict; the
+    caller stops at the first stable attempt."""
+    attempts = new.attempts
+    if best is None or new.ms < best.ms:
+        best = new
+    best.attempts = attempts
     return best
 
 
@@ -311,10 +318,8 @@ class TensorRTBackend:
                 run()
             samples = [run() for _ in range(self.settings.repeats)]
             ms, cv, kept, rejected, unstable = _verdict(samples, self.settings.max_cv)
-            if best is None or ms < best.ms:
-                best = Measurement(ms, cv, kept, rejected, attempt + 1, unstable)
+            best = _keep(best, Measurement(ms, cv, kept, rejected, attempt + 1, unstable))
             if not unstable:
-                best.unstable = False
                 break
         return best
 
