@@ -339,7 +339,7 @@ def _ort_optimized_ops(model) -> collections.Counter:
         return collections.Counter(f"{n.domain}:{n.op_type}" for n in onnx.load(f"{tmp}/opt.onnx").graph.node)
 
 
-@pytest.mark.parametrize("name", ["resnext50_32x4d", "regnet_y_400mf", "shufflenet_v2_x1_0"])
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "regnet_y_400mf", "mobilenet_v2"])
 def test_padded_widths_keep_ort_fusions_and_blocked_kernels(name):
     """With physical width padding, ONNX Runtime fuses and blocks the folded model at least
     as well as the dense one: no more unblocked convs (`FusedConv`/plain `Conv`: im2col
