@@ -218,6 +218,24 @@ def test_pg_conv_static_scale_and_dynamic_weights():
     np.testing.assert_allclose(y2, y, rtol=0, atol=RTOL * np.abs(y).max())
 
 
+@pytest.mark.parametrize("frac", [0.05, 0.2, 0.45])
+@pytest.mark.parametrize("geom", [(1, 48, 20, 9, 11, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+                                  (2, 40, 12, 8, 9, 3, (2, 1), (1, 0, 1, 1), (1, 1))],
+                         ids=["stride1", "im2col"])
+def test_cg_conv_sparse_second_stage_long_rows(geom, frac):
+    """The sparse second stage (sampled dense-dense product, up to 50% gated on) with weight
+    rows longer than one register chunk (36 channels x 9 taps = 324 floats: several chunks
+    whose lane sums carry over), on the in-place (stride 1) and the im2col column source,
+    and every tail length of a row's gated-on column list."""
+    rng, x, w, s, p, d = random_case(geom, seed=11)
+    o, c = w.shape[:2]
+    mask = cg_base_mask(o, c, 4, False)
+    yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
+    thr = thresholds_for_fraction(yp, frac)
+    y = run_node("CGConv", x, [w, mask, thr], conv_attrs(s, p, d))
+    assert_close_with_ties(y, ref.cg_conv_reference(x, w, mask, thr, s, p, d), yp, thr)
+
+
 # ----------------------------------------------------------------------------- FBSConv
 
 @pytest.mark.parametrize("pool", ["avg", "max"])

@@ -37,7 +37,7 @@ std::vector<GatedStagePlan<float>> BuildPlans(const float* w, const float* mask,
   for (auto& plan : plans) {  // group == 1: weight channel index == input channel index
     plan.w1 = PackWeights(isa, w, g, plan.outputs, plan.chans1);
     plan.w2 = PackWeights(isa, w, g, plan.outputs, plan.chans2);
-    plan.w2_rows = MakeWeightRows(w, g, plan.outputs, plan.chans2);
+    plan.w2_rows = MakeWeightRows(isa, w, g, plan.outputs, plan.chans2);
   }
   return plans;
 }

@@ -214,12 +214,21 @@ PackedWeights<T> PackWeights(const IsaKernels& isa, const T* w, const ConvGeom& 
 }
 
 template <class T>
-WeightRows<T> MakeWeightRows(const T* w, const ConvGeom& g, const std::vector<int>& outputs,
-                             const std::vector<int>& chans) {
+WeightRows<T> MakeWeightRows(const IsaKernels& isa, const T* w, const ConvGeom& g,
+                             const std::vector<int>& outputs, const std::vector<int>& chans) {
   WeightRows<T> r;
   r.M = int64_t(outputs.size());
   r.K = int64_t(chans.size()) * g.kk();
-  r.Lpad = RoundUp(std::max<int64_t>(r.K, 1), 32);
+  if constexpr (std::is_same<T, float>::value) {
+    // Equal chunks (the fewest that fit in registers), so padding is under one vector each.
+    const int64_t vecs = std::max<int64_t>(1, (r.K + isa.vw - 1) / isa.vw);
+    const int64_t chunks = (vecs + isa.sddmm_max_vecs - 1) / isa.sddmm_max_vecs;
+    r.chunk = (vecs + chunks - 1) / chunks * isa.vw;
+    r.Lpad = chunks * r.chunk;
+  } else {
+    r.Lpad = RoundUp(std::max<int64_t>(r.K, 1), 32);
+    r.chunk = r.Lpad;
+  }
   r.data.assign(r.M * r.Lpad, T(0));
   for (int64_t m = 0; m < r.M; ++m) {
     const T* wo = w + int64_t(outputs[m]) * g.Cw * g.kk();
@@ -311,10 +320,6 @@ inline void Micro(const IsaKernels& isa, int64_t K, const int16_t* a, const int1
                   int32_t* c, int64_t ldc, int mv, int nv, bool accumulate) {
   isa.igemm_micro(K, a, b, c, ldc, mv, nv, accumulate);
 }
-inline void DotRows(const IsaKernels& isa, const float* x, const float* const* rows, int n,
-                    int64_t len, float* out) {
-  isa.sdot_rows(x, rows, n, len, out);
-}
 inline void DotRows(const IsaKernels& isa, const int16_t* x, const int16_t* const* rows, int n,
                     int64_t len, int32_t* out) {
   isa.idot_rows(x, rows, n, len, out);
@@ -343,6 +348,7 @@ struct ColumnSource {
   bool indirect = false;
   const float* xpad = nullptr;
   int64_t Wp = 0, plane = 0, columns = 0;
+  std::vector<int64_t> plane_base;  // channel c's padded plane starts at xpad + plane_base[c]
   int64_t Pixel(int64_t q) const {
     if (!indirect) return q;
     const int64_t ow = q % Wp;
@@ -350,8 +356,12 @@ struct ColumnSource {
   }
 };
 
+// `only`: if non-null, only these input channels are copied (the others are never read), so a
+// sample whose channels are half zero pays for half the copy. Only the padding border is
+// zeroed (the buffer is reused, the interior is overwritten).
 template <class T>
-ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<float>& pad_buf) {
+ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<float>& pad_buf,
+                           const std::vector<int>* only = nullptr) {
   ColumnSource<T> src;
   src.g = &g;
   src.x = x;
@@ -363,13 +373,32 @@ ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<flo
       src.Wp = Wp;
       src.plane = Hp * Wp;
       src.columns = (g.OH - 1) * Wp + g.OW;
+      std::vector<int> all;
+      if (!only) {
+        all.resize(size_t(g.C));
+        for (int64_t c = 0; c < g.C; ++c) all[c] = int(c);
+      }
+      const std::vector<int>& chans = only ? *only : all;
+      src.plane_base.assign(size_t(g.C), -1);
       // Slack after the last plane: a panel's last columns may read up to nr floats past it.
-      pad_buf.assign(size_t(g.C * src.plane + nr + 16), 0.f);
-      for (int64_t c = 0; c < g.C; ++c)
-        for (int64_t h = 0; h < g.H; ++h)
-          std::memcpy(&pad_buf[c * src.plane + (h + g.pt) * Wp + g.pl], x + (c * g.H + h) * g.W,
-                      sizeof(float) * g.W);
-      src.xpad = pad_buf.data();
+      const int64_t used = int64_t(chans.size()) * src.plane;
+      pad_buf.resize(size_t(used + nr + 16));
+      float* const buf = pad_buf.data();
+      for (size_t slot = 0; slot < chans.size(); ++slot) {
+        const int64_t c = chans[slot];
+        float* plane = buf + int64_t(slot) * src.plane;
+        src.plane_base[c] = int64_t(slot) * src.plane;
+        std::memset(plane, 0, sizeof(float) * size_t(g.pt * Wp));
+        for (int64_t h = 0; h < g.H; ++h) {
+          float* row = plane + (h + g.pt) * Wp;
+          for (int64_t j = 0; j < g.pl; ++j) row[j] = 0.f;
+          std::memcpy(row + g.pl, x + (c * g.H + h) * g.W, sizeof(float) * g.W);
+          for (int64_t j = g.pl + g.W; j < Wp; ++j) row[j] = 0.f;
+        }
+        std::memset(plane + (g.pt + g.H) * Wp, 0, sizeof(float) * size_t(g.pb * Wp));
+      }
+      std::memset(buf + used, 0, sizeof(float) * size_t(nr + 16));
+      src.xpad = buf;
     }
   }
   return src;
@@ -383,7 +412,8 @@ std::vector<int64_t> Offsets(const ColumnSource<T>& src, const std::vector<int>&
   off.reserve(chans.size() * g.kk());
   for (int c : chans)
     for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < g.kw; ++j) off.push_back(c * src.plane + i * g.dh * src.Wp + j * g.dw);
+      for (int64_t j = 0; j < g.kw; ++j)
+        off.push_back(src.plane_base[c] + i * g.dh * src.Wp + j * g.dw);
   return off;
 }
 
@@ -439,27 +469,146 @@ void PanelFields(const IsaKernels& isa, const ColumnSource<T>& src, const std::v
 template <class T>
 void ConvByPanels(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<T>& w,
                   const T* x, const ConvGeom& g, const std::vector<int>& chans,
-                  typename ConvAcc<T>::type* out) {
+                  const RowEpilogue& ep) {
   using Acc = typename ConvAcc<T>::type;
-  const int64_t nr = TileCols<T>(isa), mr = TileRows<T>(isa), Np = g.P();
-  const ColumnSource<T> src = MakeSource(x, g, int(nr), Scratch<float, 7>());
+  const int64_t nr = TileCols<T>(isa), mr = TileRows<T>(isa);
+  const ColumnSource<T> src = MakeSource(x, g, int(nr), Scratch<float, 7>(), &chans);
   const std::vector<int64_t> off = Offsets(src, chans);
   ParallelFor(ctx, size_t((src.columns + nr - 1) / nr), [&](size_t jp) {
     const int64_t q0 = int64_t(jp) * nr, nv = std::min<int64_t>(nr, src.columns - q0);
-    if (!src.indirect) {  // columns are pixels: write straight into out
-      PanelProduct(isa, w, src, chans, off, q0, Scratch<T, 0>(), out + q0, Np);
-      return;
-    }
     AlignedVec<Acc>& tile = Scratch<Acc, 1>();
     tile.resize(size_t(RoundUp(std::max<int64_t>(w.M, 1), mr) * nr));
     PanelProduct(isa, w, src, chans, off, q0, Scratch<T, 0>(), tile.data(), nr);
-    const Acc* const acc = tile.data();
-    for (int64_t t = 0; t < nv; ++t) {
-      const int64_t p = src.Pixel(q0 + t);
-      if (p < 0) continue;
-      for (int64_t m = 0; m < w.M; ++m) out[m * Np + p] = acc[m * nr + t];
+    // Runs of consecutive output pixels (indirect panels skip the padding columns).
+    for (int64_t t0 = 0; t0 < nv;) {
+      const int64_t p0 = src.Pixel(q0 + t0);
+      if (p0 < 0) {
+        ++t0;
+        continue;
+      }
+      int64_t len = 1;
+      while (t0 + len < nv && src.Pixel(q0 + t0 + len) == p0 + len) ++len;
+      for (int64_t m = 0; m < w.M; ++m) {
+        const Acc* a = tile.data() + m * nr + t0;
+        float* dst = ep.y + int64_t(ep.rows[m]) * ep.ld + p0;
+        const float gain = ep.gain[m], scale = ep.scale[m], shift = ep.shift[m], bias = ep.bias[m];
+        for (int64_t t = 0; t < len; ++t)
+          dst[t] = std::max(gain * (scale * float(a[t]) + shift) + bias, 0.f);
+      }
+      t0 += len;
     }
   });
+}
+
+// dst[0:n] = src[0:n] for short runs: fixed-size copies (inlined vector moves) instead of a
+// memcpy call per run (a call cost more than copying a 28-float row).
+inline void CopyFloats(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) std::memcpy(dst + i, src + i, 8 * sizeof(float));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+// Sparse second stage, fp32: a sampled dense-dense product (SDDMM). The gated-on elements
+// of the panel are listed row by row (per output channel, its gated-on columns); the
+// receptive fields of the panel's nr columns are gathered once into `fields` [nr, Lpad]. Per
+// chunk of K (fields chunk: nr x chunk floats, L1-resident) and per output row, the row's
+// weight chunk is loaded into registers once and every gated-on column of that row streams
+// past it (isa.sddmm_chunk): one weight load per row and chunk instead of per element.
+template <class T>
+void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
+                           const ColumnSource<T>& src2, const std::vector<int64_t>& off2,
+                           int64_t q0, int64_t nv, const uint8_t* gate, float s2, float* out) {
+  const int64_t M = int64_t(plan.outputs.size()), nr = TileCols<T>(isa);
+  const WeightRows<T>& rows = plan.w2_rows;
+  AlignedVec<int32_t>& cols_buf = Scratch<int32_t, 4>();  // gated-on columns, row by row
+  AlignedVec<int32_t>& start_buf = Scratch<int32_t, 5>();  // row m: cols[start[m] .. start[m+1])
+  cols_buf.resize(size_t(M * nr + 1));
+  start_buf.resize(size_t(M + 1));
+  int32_t* const cols = cols_buf.data();
+  int32_t* const start = start_buf.data();
+  int32_t pos = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    start[m] = pos;
+    const uint8_t* gm = gate + m * nr;
+    for (int64_t t = 0; t < nv; ++t) {  // branch-free: gates are unpredictable
+      cols[pos] = int32_t(t);
+      pos += gm[t];
+    }
+  }
+  start[M] = pos;
+  AlignedVec<float>& fields = Scratch<float, 2>();
+  fields.resize(size_t(nr * rows.Lpad));
+  PanelFields(isa, src2, plan.chans2, off2, q0, nr, nv, rows.K, rows.Lpad, Scratch<T, 0>(),
+              fields.data());
+  AlignedVec<float>& partial = Scratch<float, 12>();  // per element, one vector of lane sums
+  AlignedVec<float>& dots = Scratch<float, 13>();
+  const int64_t chunks = rows.Lpad / rows.chunk;
+  partial.resize(size_t(pos + 1) * isa.vw);  // read and written only when chunks > 1
+  dots.resize(size_t(pos));
+  const int nvec = int(rows.chunk / isa.vw);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const bool last = c + 1 == chunks;
+    for (int64_t m = 0; m < M; ++m) {
+      const int n = start[m + 1] - start[m];
+      if (n == 0) continue;
+      isa.sddmm_chunk(nvec, rows.data.data() + m * rows.Lpad + c * rows.chunk,
+                      fields.data() + c * rows.chunk, rows.Lpad, cols + start[m], n,
+                      partial.data() + int64_t(start[m]) * isa.vw, c > 0,
+                      last ? dots.data() + start[m] : nullptr);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    float* om = out + m * nr;
+    for (int32_t e = start[m]; e < start[m + 1]; ++e) om[cols[e]] += s2 * dots[e];
+  }
+}
+
+// Sparse second stage, int16 (PG): one dot product per gated-on element; four outputs per
+// pass, so one load of the pixel's receptive field feeds four weight rows. on_rows lists,
+// column by column, the gated-on outputs (CSR with offsets counts).
+template <class T>
+void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
+                           const ColumnSource<T>& src2, const std::vector<int64_t>& off2,
+                           int64_t q0, int64_t nv, const uint8_t* gate, float s2, float* out) {
+  using Acc = typename AccOf<T>::type;
+  const int64_t M = int64_t(plan.outputs.size()), nr = TileCols<T>(isa);
+  int32_t counts[65] = {};  // prefix sums of the gated-on outputs per column
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t t = 0; t < nv; ++t) counts[t + 1] += gate[m * nr + t];
+  for (int64_t t = 0; t < nv; ++t) counts[t + 1] += counts[t];
+  const int64_t on = counts[nv];
+  AlignedVec<int32_t>& on_rows = Scratch<int32_t, 4>();
+  AlignedVec<int32_t>& fill = Scratch<int32_t, 5>();
+  on_rows.resize(size_t(on + 1));  // slot `on` absorbs the writes of gated-off elements
+  fill.assign(counts, counts + nv);
+  int32_t* const rows_p = on_rows.data();
+  int32_t* const fill_p = fill.data();
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* gm = gate + m * nr;
+    for (int64_t t = 0; t < nv; ++t) {  // branch-free: gates are unpredictable
+      const int32_t pos = gm[t] ? fill_p[t] : int32_t(on);
+      rows_p[pos] = int32_t(m);
+      fill_p[t] += gm[t];
+    }
+  }
+  const WeightRows<T>& rows = plan.w2_rows;
+  AlignedVec<T>& fields = Scratch<T, 2>();
+  fields.resize(size_t(nr * rows.Lpad));
+  PanelFields(isa, src2, plan.chans2, off2, q0, nr, nv, rows.K, rows.Lpad, Scratch<T, 0>(),
+              fields.data());
+  const T* const fields_p = fields.data();
+  for (int64_t t = 0; t < nv; ++t) {
+    const int64_t begin = counts[t], end = counts[t + 1];
+    const T* field = fields_p + t * rows.Lpad;
+    for (int64_t e = begin; e < end; e += 4) {
+      const int n = int(std::min<int64_t>(4, end - e));
+      const T* wrows[4];
+      Acc dots[4];
+      for (int i = 0; i < n; ++i) wrows[i] = rows.data.data() + rows_p[e + i] * rows.Lpad;
+      DotRows(isa, field, wrows, n, rows.Lpad, dots);
+      for (int i = 0; i < n; ++i) out[rows_p[e + i] * nr + t] += s2 * float(dots[i]);
+    }
+  }
 }
 
 template <class T>
@@ -474,100 +623,81 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>());
   const ColumnSource<T> src2 = x2 == x1 ? src1 : MakeSource(x2, g, nr, Scratch<float, 8>());
   const std::vector<int64_t> off1 = Offsets(src1, plan.chans1), off2 = Offsets(src2, plan.chans2);
+  std::vector<float> row_threshold(static_cast<size_t>(M));
+  for (int64_t m = 0; m < M; ++m) row_threshold[m] = threshold[plan.outputs[m]];
   // One task per panel of nr columns (output pixels), start to finish (stage 1, gate,
-  // stage 2): a single parallel section per call, and the panel's data stays in cache.
+  // stage 2): a single parallel section per call, and the panel's data stays in cache. The
+  // panel's outputs are assembled in `out` [M, nr] (contiguous, so the gate and select loops
+  // vectorize) and copied to y once, run by run of consecutive pixels.
   ParallelFor(ctx, size_t((src1.columns + nr - 1) / nr), [&](size_t jp) {
     const int64_t q0 = int64_t(jp) * nr, nv = std::min<int64_t>(nr, src1.columns - q0);
     int64_t pix[64];
-    for (int64_t t = 0; t < nv; ++t) pix[t] = src1.Pixel(q0 + t);
+    uint8_t valid[64];  // column is an output pixel (indirect panels skip the padding columns)
+    for (int64_t t = 0; t < nr; ++t) {
+      pix[t] = t < nv ? src1.Pixel(q0 + t) : -1;
+      valid[t] = pix[t] >= 0;
+    }
     AlignedVec<Acc>& tile = Scratch<Acc, 1>();
     tile.resize(size_t(RoundUp(M, mr) * nr));
     PanelProduct(isa, plan.w1, src1, plan.chans1, off1, q0, Scratch<T, 0>(), tile.data(), nr);
-    // Stage 1 into y; count the gated-on outputs of each column of the panel.
-    AlignedVec<int32_t>& on_count = Scratch<int32_t, 3>();
-    on_count.assign(size_t(nr + 1), 0);
+    AlignedVec<float>& out_buf = Scratch<float, 14>();
+    out_buf.resize(size_t(M * nr));
     AlignedVec<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * nr + t]
-    gate_buf.assign(size_t(M * nr), 0);
+    gate_buf.resize(size_t(M * nr));
     // Raw pointers: thread_local vectors behind byte stores (which may alias anything) would
     // otherwise be re-fetched through __tls_get_addr inside the loops.
     uint8_t* const gate = gate_buf.data();
-    int32_t* const counts = on_count.data();
+    float* const out = out_buf.data();
     const Acc* const acc1 = tile.data();
-    for (int64_t m = 0; m < M; ++m) {
-      float* yo = y + int64_t(plan.outputs[m]) * Np;
-      const Acc* am = acc1 + m * nr;
-      const float thr = threshold[plan.outputs[m]];
-      uint8_t* gm = gate + m * nr;
-      for (int64_t t = 0; t < nv; ++t) {
-        if (pix[t] < 0) continue;
-        const float v = s1 * float(am[t]);
-        yo[pix[t]] = v;
-        const uint8_t on = v > thr;
-        gm[t] = on;
-        counts[t + 1] += on;
-      }
-    }
-    for (int64_t t = 0; t < nv; ++t) counts[t + 1] += counts[t];  // prefix sums
-    const int64_t on = counts[nv];
-    if (on == 0 || plan.chans2.empty()) return;
-    if (double(on) > kDenseSecondStageFraction * double(M * nv)) {
-      // Most gates on: the whole panel's second stage as a GEMM, then select.
-      PanelProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0,
-                   Scratch<T, 0>(), tile.data(), nr);
+    // Stage 1 and the gate over all nr columns, branch-free.
+    int64_t on = 0;
+    if constexpr (std::is_same<Acc, float>::value) {
+      on = isa.gate_panel(acc1, M, s1, row_threshold.data(), valid, out, gate);
+    } else {
+      const float scale_1 = s1;  // a local copy: the lambda's captures are references
+      const int64_t n_cols = nr;
       for (int64_t m = 0; m < M; ++m) {
-        float* yo = y + int64_t(plan.outputs[m]) * Np;
-        const Acc* am = acc1 + m * nr;
-        const uint8_t* gm = gate + m * nr;
-        for (int64_t t = 0; t < nv; ++t) {
-          if (pix[t] < 0) continue;
-          // A bitwise select, not a branch: the gates are unpredictable (a mispredicted branch
-          // per element cost more than the whole second-stage GEMM at 50% gated on).
-          const float before = yo[pix[t]], after = before + s2 * float(am[t]);
-          uint32_t b, a;
-          std::memcpy(&b, &before, 4);
-          std::memcpy(&a, &after, 4);
-          const uint32_t mask = 0u - uint32_t(gm[t]);
-          const uint32_t r = (a & mask) | (b & ~mask);
-          std::memcpy(&yo[pix[t]], &r, 4);
+        const float t_m = row_threshold[m];
+        for (int64_t t = 0; t < n_cols; ++t) {
+          const float v = scale_1 * float(acc1[m * n_cols + t]);
+          out[m * n_cols + t] = v;
+          gate[m * n_cols + t] = uint8_t(v > t_m) & valid[t];
+          on += gate[m * n_cols + t];
         }
       }
-      return;
     }
-    // Few gates on: one dot product per gated-on element; four outputs per pass, so one load
-    // of the pixel's receptive field feeds four weight rows. on_rows lists, column by
-    // column, the gated-on outputs (CSR with offsets on_count).
-    AlignedVec<int32_t>& on_rows = Scratch<int32_t, 4>();
-    AlignedVec<int32_t>& fill = Scratch<int32_t, 5>();
-    on_rows.resize(size_t(on + 1));  // slot `on` absorbs the writes of gated-off elements
-    fill.assign(on_count.begin(), on_count.begin() + nv);
-    int32_t* const rows_p = on_rows.data();
-    int32_t* const fill_p = fill.data();
-    for (int64_t m = 0; m < M; ++m) {
-      const uint8_t* gm = gate + m * nr;
-      for (int64_t t = 0; t < nv; ++t) {  // branch-free: gates are unpredictable
-        const int32_t pos = gm[t] ? fill_p[t] : int32_t(on);
-        rows_p[pos] = int32_t(m);
-        fill_p[t] += gm[t];
+    if (on > 0 && !plan.chans2.empty()) {
+      const double dense_above = std::is_same<T, float>::value ? kDenseSecondStageFraction
+                                                               : kDenseSecondStageFractionInt16;
+      if (double(on) > dense_above * double(M * nv)) {
+        // Most gates on: the whole panel's second stage as a GEMM, then select.
+        PanelProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0,
+                     Scratch<T, 0>(), tile.data(), nr);
+        for (int64_t m = 0; m < M; ++m) {
+          float* om = out + m * nr;
+          const Acc* am = acc1 + m * nr;
+          const uint8_t* gm = gate + m * nr;
+          // A select, not a branch: the gates are unpredictable (a mispredicted branch per
+          // element cost more than the whole second-stage GEMM at 50% gated on).
+          for (int64_t t = 0; t < nr; ++t) om[t] += gm[t] ? s2 * float(am[t]) : 0.f;
+        }
+      } else if constexpr (std::is_same<T, float>::value) {
+        SparseSecondStageRows(isa, plan, src2, off2, q0, nv, gate, s2, out);
+      } else {
+        SparseSecondStageDots(isa, plan, src2, off2, q0, nv, gate, s2, out);
       }
     }
-    const WeightRows<T>& rows = plan.w2_rows;
-    AlignedVec<T>& fields = Scratch<T, 2>();
-    fields.resize(size_t(nr * rows.Lpad));
-    PanelFields(isa, src2, plan.chans2, off2, q0, nr, nv, rows.K, rows.Lpad, Scratch<T, 0>(),
-                fields.data());
-    const T* const fields_p = fields.data();
-    for (int64_t t = 0; t < nv; ++t) {
-      const int64_t begin = counts[t], end = counts[t + 1];
-      const T* field = fields_p + t * rows.Lpad;
-      for (int64_t e = begin; e < end; e += 4) {
-        const int n = int(std::min<int64_t>(4, end - e));
-        const T* wrows[4];
-        Acc dots[4];
-        for (int i = 0; i < n; ++i) wrows[i] = rows.data.data() + rows_p[e + i] * rows.Lpad;
-        DotRows(isa, field, wrows, n, rows.Lpad, dots);
-        for (int i = 0; i < n; ++i)
-          y[int64_t(plan.outputs[rows_p[e + i]]) * Np + pix[t]] += s2 * float(dots[i]);
+    // Copy out to y, run by run of consecutive output pixels.
+    for (int64_t t0 = 0; t0 < nv;) {
+      if (pix[t0] < 0) {
+        ++t0;
+        continue;
       }
+      int64_t len = 1;
+      while (t0 + len < nv && pix[t0 + len] == pix[t0] + len) ++len;
+      for (int64_t m = 0; m < M; ++m)
+        CopyFloats(out + m * nr + t0, y + int64_t(plan.outputs[m]) * Np + pix[t0], len);
+      t0 += len;
     }
   });
 }
@@ -576,11 +706,11 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
 #define G2D_INSTANTIATE(T)                                                                      \
   template PackedWeights<T> PackWeights<T>(const IsaKernels&, const T*, const ConvGeom&,         \
                                            const std::vector<int>&, const std::vector<int>&);    \
-  template WeightRows<T> MakeWeightRows<T>(const T*, const ConvGeom&, const std::vector<int>&,   \
-                                           const std::vector<int>&);                             \
+  template WeightRows<T> MakeWeightRows<T>(const IsaKernels&, const T*, const ConvGeom&,         \
+                                           const std::vector<int>&, const std::vector<int>&);    \
   template void ConvByPanels<T>(OrtKernelContext*, const IsaKernels&, const PackedWeights<T>&,   \
                                 const T*, const ConvGeom&, const std::vector<int>&,             \
-                                typename ConvAcc<T>::type*);                                     \
+                                const RowEpilogue&);                                             \
   template void RunGatedConv<T>(OrtKernelContext*, const IsaKernels&, const ConvGeom&,           \
                                 const GatedStagePlan<T>&, const T*, const T*, float, float,      \
                                 const float*, float*);

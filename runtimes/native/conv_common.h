@@ -57,10 +57,12 @@ struct AlignedAllocator {
 template <class T> using AlignedVec = std::vector<T, AlignedAllocator<T>>;
 
 // Above this fraction of gated-on output elements (per panel) the second stage runs as a
-// dense GEMM. Measured (CGConv, 128 ch, 28x28, p=4, 1 thread): the per-element dot products
-// stream a 3.4 KiB weight row from L2 for each gated-on element and reach ~1/8 of the GEMM's
-// per-MAC speed, so they only win below ~10% gated on (tools/bench_gated_ops.py).
-constexpr double kDenseSecondStageFraction = 0.10;
+// dense GEMM + select. fp32 uses the sampled dense-dense product (weights chunk in registers,
+// gated-on pixels streamed from L1); int16 (PG) still uses per-element dot products, which
+// stream a weight row from L2 per element (~1/8 of the GEMM's per-MAC speed).
+// Measured with tools/bench_gated_ops.py (128 ch, 28x28, 3x3, p=4, 2 threads).
+constexpr double kDenseSecondStageFraction = 0.50;
+constexpr double kDenseSecondStageFractionInt16 = 0.10;
 
 struct ConvAttrs {
   std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
@@ -114,26 +116,39 @@ template <class T>
 PackedWeights<T> PackWeights(const IsaKernels& isa, const T* w, const ConvGeom& g,
                              const std::vector<int>& outputs, const std::vector<int>& chans);
 
-// Weight rows for the per-element dot products: [M, Lpad], Lpad = K rounded up to 32 (zeros).
+// Weight rows of the sparse second stage: [M, Lpad], zero-padded. fp32 (sampled dense-dense
+// product, isa.sddmm_chunk): K is cut into equal chunks of `chunk` floats (a whole number of
+// vectors, at most isa.sddmm_max_vecs), Lpad = chunks * chunk. int16 (per-element dot
+// products): Lpad = K rounded up to 32, one chunk.
 template <class T>
 struct WeightRows {
-  int64_t M = 0, K = 0, Lpad = 0;
+  int64_t M = 0, K = 0, Lpad = 0, chunk = 0;
   AlignedVec<T> data;
 };
 template <class T>
-WeightRows<T> MakeWeightRows(const T* w, const ConvGeom& g, const std::vector<int>& outputs,
-                             const std::vector<int>& chans);
+WeightRows<T> MakeWeightRows(const IsaKernels& isa, const T* w, const ConvGeom& g,
+                             const std::vector<int>& outputs, const std::vector<int>& chans);
 
 template <class T> struct ConvAcc { using type = float; };
 template <> struct ConvAcc<int16_t> { using type = int32_t; };
 
-// out[M, P] (row stride P) = conv of one sample x[C, H, W], input channels `chans`, with the
-// packed weights: im2col and GEMM fused per column panel of output pixels, one parallel
-// section (float -> float, int16 -> int32).
+// Where ConvByPanels writes row m of the product acc (one sample's [M, P]):
+//   y[rows[m] * ld + p] = max(gain[m] * (scale[m] * acc[m, p] + shift[m]) + bias[m], 0)
+// (FBS's epilogue, applied while the panel is in cache: no intermediate [M, P] buffer).
+struct RowEpilogue {
+  const int* rows;
+  float* y;
+  int64_t ld;
+  const float *gain, *scale, *shift, *bias;
+};
+
+// Conv of one sample x[C, H, W] over input channels `chans` (only those are read or copied),
+// with the packed weights: im2col and GEMM fused per column panel of output pixels, one
+// parallel section, results written through `ep`.
 template <class T>
 void ConvByPanels(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<T>& w,
                   const T* x, const ConvGeom& g, const std::vector<int>& chans,
-                  typename ConvAcc<T>::type* out);
+                  const RowEpilogue& ep);
 
 // One output group of a gated two-stage convolution (see the top of this file).
 template <class T>
@@ -155,7 +170,9 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
 
 
 // Scratch buffers that live as long as the calling thread: re-used across runs so that the
-// large buffers are not page-faulted in again on every call. `Slot` separates uses.
+// large buffers are not page-faulted in again on every call. `Slot` separates uses; a slot
+// must not be shared by two buffers alive at once (in use: 0-2, 4-8, 12-14 conv_common.cc;
+// 10-11 pg_conv.cc).
 template <class T, int Slot>
 AlignedVec<T>& Scratch() {
   static thread_local AlignedVec<T> buffer;

@@ -50,7 +50,6 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const int64_t HW = g.H * g.W, Np = g.P();
     std::vector<float> pooled(size_t(g.C)), gamma(size_t(g.O)), sorted;
-    AlignedVec<float>& out = Scratch<float, 21>();
 
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * HW;
@@ -122,16 +121,18 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
 
       // Only active outputs x active inputs: weights gathered and packed per sample.
       const PackedWeights<float> w = PackWeights(isa, W.Data(), g, out_active, in_active);
-      out.resize(out_active.size() * size_t(Np));
-      ConvByPanels(ctx, isa, w, xn, g, in_active, out.data());
-      for (size_t a = 0; a < out_active.size(); ++a) {
+      const size_t na = out_active.size();
+      std::vector<float> gain(na), scale(na), shift(na), bias(na);
+      for (size_t a = 0; a < na; ++a) {
         const int o = out_active[a];
-        const float ga = gamma[o], sc = bn_scale.Data()[o], sh = bn_shift.Data()[o],
-                    be = beta.Data()[o];
-        const float* src = out.data() + a * Np;
-        float* dst = yn + int64_t(o) * Np;
-        for (int64_t p = 0; p < Np; ++p) dst[p] = std::max(ga * (sc * src[p] + sh) + be, 0.f);
+        gain[a] = gamma[o];
+        scale[a] = bn_scale.Data()[o];
+        shift[a] = bn_shift.Data()[o];
+        bias[a] = beta.Data()[o];
       }
+      const RowEpilogue ep{out_active.data(), yn, Np, gain.data(), scale.data(), shift.data(),
+                           bias.data()};
+      ConvByPanels(ctx, isa, w, xn, g, in_active, ep);
     }
   });
 }

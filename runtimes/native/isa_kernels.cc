@@ -2,6 +2,7 @@
 // -DG2D_ISA_NS=<namespace> and the matching -m flags; nothing here may be called unless the
 // CPU supports those flags (BestKernels() in conv_common.cc checks cpuid).
 #include <cstring>
+#include <utility>
 
 #include "isa_kernels.h"
 
@@ -88,28 +89,111 @@ void sgemm_indirect_micro(int64_t K, const float* a, const float* base, const in
              accumulate);
 }
 
-void sdot_rows(const float* x, const float* const* rows, int nrows, int64_t len, float* out) {
-  // Four independent accumulators in registers; rows beyond nrows repeat row 0 (discarded).
-  const float* r0 = rows[0];
-  const float* r1 = nrows > 1 ? rows[1] : r0;
-  const float* r2 = nrows > 2 ? rows[2] : r0;
-  const float* r3 = nrows > 3 ? rows[3] : r0;
-  vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
-  for (int64_t k = 0; k < len; k += kVW) {
-    const vf xv = load(x + k);
-    a0 += xv * load(r0 + k);
-    a1 += xv * load(r1 + k);
-    a2 += xv * load(r2 + k);
-    a3 += xv * load(r3 + k);
+int64_t gate_panel(const float* acc, int64_t M, float scale, const float* thr,
+                   const uint8_t* valid, float* out, uint8_t* gate) {
+  typedef int32_t vi32 __attribute__((vector_size(kVW * 4)));
+  typedef uint8_t vu8 __attribute__((vector_size(kVW)));
+  vi32 valid_mask[2];
+  for (int h = 0; h < 2; ++h)
+    for (int l = 0; l < kVW; ++l) valid_mask[h][l] = valid[h * kVW + l] ? -1 : 0;
+  vi32 count = vi32{};
+  for (int64_t m = 0; m < M; ++m) {
+    const vf tv = vf{} + thr[m];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = m * kNR + h * kVW;
+      const vf v = load(acc + i) * scale;
+      store(out + i, v);
+      const vi32 on = (v > tv) & valid_mask[h];  // -1 where gated on
+      count -= on;
+      const vu8 bytes = __builtin_convertvector(-on, vu8);
+      std::memcpy(gate + i, &bytes, kVW);
+    }
   }
-  const vf acc[4] = {a0, a1, a2, a3};
-  for (int i = 0; i < nrows; ++i) {
-    float lanes[kVW];
-    store(lanes, acc[i]);
-    float s = 0.f;
-    for (int l = 0; l < kVW; ++l) s += lanes[l];
-    out[i] = s;
+  int64_t total = 0;
+  for (int l = 0; l < kVW; ++l) total += count[l];
+  return total;
+}
+
+// Horizontal sum of one vector.
+inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(__m512(v));
+#else
+  float lanes[kVW];
+  store(lanes, v);
+  float s = 0.f;
+  for (int l = 0; l < kVW; ++l) s += lanes[l];
+  return s;
+#endif
+}
+
+// Registers: NV weight vectors + 8 accumulators: 8 independent FMA chains (the FMA latency x
+// ports) whether 4, 2 or 1 pixels are in flight (CH = 8 / NP chains per pixel, each over
+// every CH-th weight vector).
+#if defined(__AVX512F__)
+constexpr int kSddmmMaxVecs = 16;  // 16 weights + 8 accumulators + temporaries <= 32 zmm
+#else
+constexpr int kSddmmMaxVecs = 6;   // 16 ymm/xmm registers
+#endif
+
+// NP pixels (fields rows f[0..NP-1]) against the NV weight vectors wv.
+template <int NV, int NP>
+inline void sddmm_group(const vf* wv, const float* const* f, float* partial, bool accumulate,
+                        float* out) {
+  constexpr int CH = 8 / NP;
+  vf acc[NP][CH];
+  for (int p = 0; p < NP; ++p)
+    for (int c = 0; c < CH; ++c) acc[p][c] = vf{};
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v)
+    for (int p = 0; p < NP; ++p) acc[p][v % CH] += wv[v] * load(f[p] + v * kVW);
+  for (int p = 0; p < NP; ++p) {
+    vf sum = acc[p][0];
+    for (int c = 1; c < CH; ++c) sum += acc[p][c];
+    if (accumulate) sum += load(partial + p * kVW);
+    if (out)
+      out[p] = hsum(sum);
+    else
+      store(partial + p * kVW, sum);
   }
+}
+
+template <int NV>
+void sddmm_chunk_n(const float* w, const float* fields, int64_t ld, const int32_t* cols, int n,
+                   float* partial, bool accumulate, float* out) {
+  vf wv[NV];
+  for (int v = 0; v < NV; ++v) wv[v] = load(w + v * kVW);  // stays in registers for the row
+  int i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float* f[4] = {fields + cols[i] * ld, fields + cols[i + 1] * ld,
+                         fields + cols[i + 2] * ld, fields + cols[i + 3] * ld};
+    sddmm_group<NV, 4>(wv, f, partial + i * kVW, accumulate, out ? out + i : nullptr);
+  }
+  if (i + 2 <= n) {
+    const float* f[2] = {fields + cols[i] * ld, fields + cols[i + 1] * ld};
+    sddmm_group<NV, 2>(wv, f, partial + i * kVW, accumulate, out ? out + i : nullptr);
+    i += 2;
+  }
+  if (i < n) {
+    const float* f[1] = {fields + cols[i] * ld};
+    sddmm_group<NV, 1>(wv, f, partial + i * kVW, accumulate, out ? out + i : nullptr);
+  }
+}
+
+template <int... V>
+void sddmm_dispatch(std::integer_sequence<int, V...>, int nvec, const float* w,
+                    const float* fields, int64_t ld, const int32_t* cols, int n, float* partial,
+                    bool accumulate, float* out) {
+  using Fn = void (*)(const float*, const float*, int64_t, const int32_t*, int, float*, bool,
+                      float*);
+  static constexpr Fn table[] = {sddmm_chunk_n<V + 1>...};
+  table[nvec - 1](w, fields, ld, cols, n, partial, accumulate, out);
+}
+
+void sddmm_chunk(int nvec, const float* w, const float* fields, int64_t ld, const int32_t* cols,
+                 int n, float* partial, bool accumulate, float* out) {
+  sddmm_dispatch(std::make_integer_sequence<int, kSddmmMaxVecs>{}, nvec, w, fields, ld, cols, n,
+                 partial, accumulate, out);
 }
 
 #if defined(__AVX512F__)
@@ -264,9 +348,11 @@ void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t 
 
 }  // namespace
 
-extern const IsaKernels kKernels = {kName,       kMR,       kNR,       kIMR,
-                                    kINR,        sgemm_micro, sgemm_indirect_micro,
-                                    igemm_micro, gather_fields, sdot_rows, idot_rows};
+extern const IsaKernels kKernels = {kName,         kMR,         kNR,
+                                    kIMR,          kINR,        kVW,
+                                    kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
+                                    igemm_micro,   gather_fields, gate_panel,
+                                    sddmm_chunk,   idot_rows};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

@@ -20,6 +20,8 @@ struct IsaKernels {
   const char* name;
   int mr, nr;  // fp32 micro-tile: mr rows x nr columns
   int imr, inr;  // int16 micro-tile
+  int vw;              // floats per vector register
+  int sddmm_max_vecs;  // longest weight chunk sddmm_chunk holds in registers, in vectors
   // C[m_valid x n_valid] (row stride ldc) = (or +=) A_panel(K) * B_panel(K)
   void (*sgemm_micro)(int64_t K, const float* a, const float* b, float* c, int64_t ldc,
                       int m_valid, int n_valid, bool accumulate);
@@ -30,14 +32,26 @@ struct IsaKernels {
   // int32 C = int16 A * int16 B; Kp even, counts pairs of k
   void (*igemm_micro)(int64_t Kp, const int16_t* a, const int16_t* b, int32_t* c, int64_t ldc,
                       int m_valid, int n_valid, bool accumulate);
-  // out[i] = dot(x, rows[i]) for i < nrows (nrows <= 4); len a multiple of 32, arrays 64-byte
-  // padded with zeros.
   // fields[t * Lpad + k] = base[off[k] + t] for t < nr, k < K; zeros for K <= k < Lpad:
   // the receptive fields of a panel's columns, one contiguous row each (AVX-512: 16 x 16
   // register transposes).
   void (*gather_fields)(const float* base, const int64_t* off, int64_t K, int64_t Lpad,
                         float* fields);
-  void (*sdot_rows)(const float* x, const float* const* rows, int nrows, int64_t len, float* out);
+  // Stage 1 epilogue of a gated convolution over one panel [M, nr] (row stride nr):
+  // out = scale * acc; gate[m, t] = out[m, t] > thr[m] and valid[t] (0/1 bytes); returns
+  // the number of gated-on elements.
+  int64_t (*gate_panel)(const float* acc, int64_t M, float scale, const float* thr,
+                        const uint8_t* valid, float* out, uint8_t* gate);
+  // Sampled dense-dense product, one weight row chunk at a time: for i < n,
+  //   acc_i = lanewise sum over v < nvec of w[v*vw ..] * fields[cols[i]*ld + v*vw ..]
+  //   (+ partial[i*vw ..] if accumulate); then out[i] = horizontal sum of acc_i if out is
+  //   non-null, else partial[i*vw ..] = acc_i.
+  // The nvec (<= sddmm_max_vecs) weight vectors stay in registers while the row's gated-on
+  // pixels stream past them, so each weight load serves every gated-on pixel of the panel.
+  void (*sddmm_chunk)(int nvec, const float* w, const float* fields, int64_t ld,
+                      const int32_t* cols, int n, float* partial, bool accumulate, float* out);
+  // out[i] = dot(x, rows[i]) for i < nrows (nrows <= 4); len a multiple of 32, arrays 64-byte
+  // padded with zeros.
   void (*idot_rows)(const int16_t* x, const int16_t* const* rows, int nrows, int64_t len,
                     int32_t* out);
 };

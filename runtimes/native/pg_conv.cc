@@ -68,7 +68,7 @@ std::vector<GatedStagePlan<T>> BuildPlans(const T* w, const ConvGeom& g) {
     plan.chans2 = plan.chans1;
     plan.w1 = PackWeights(isa, w, g, plan.outputs, w_chans);
     plan.w2_is_w1 = true;
-    plan.w2_rows = MakeWeightRows(w, g, plan.outputs, w_chans);
+    plan.w2_rows = MakeWeightRows(isa, w, g, plan.outputs, w_chans);
   }
   return plans;
 }
