@@ -15,6 +15,12 @@ disappear once their zero channels are gone. Masked channels that cannot be remo
 collected in `FoldResult.unfoldable` by node and reason; with policy "error" they raise
 `UnfoldableError`, with "keep" their masks stay in the graph as an exact `Mul`.
 With no masks and no dead channels the graph is unchanged.
+
+Padding: some removable channels may be kept physically instead (a grouped Conv needs the
+same number of kept channels in every group; `choose_padding`, e.g. `choose_widths`, asks
+for faster widths). A padding channel's mask entry becomes 1 and its value is never read:
+its constant goes into each consumer's bias and the consumer's weights for it are zeroed,
+so the result stays exact; removable channels are only removed or padded, never reported.
 """
 from __future__ import annotations
 
