@@ -62,7 +62,8 @@ def test_gator_resnet50_exports_exactly_with_macs_of_the_masks(tmp_path, cli, dd
     assert len(masks) == 37
     out, report = tmp_path / "r50.onnx", tmp_path / "r50.json"
     code, stdout, err = cli("export", ckpt, "--model", "torchvision.models:resnet50", "--target", "onnx",
-                            "-o", out, "--input-shape", "1,3,64,64", "--report", report)
+                            "-o", out, "--input-shape", "1,3,64,64", "--report", report,
+                            "--physical-widths", "exact")
     assert code == 0, err
     r = json.loads(report.read_text())
     assert r["mask_sources"]["gator"]["edges"] == 37
@@ -92,7 +93,8 @@ def test_netslim_vgg_mayo_rule(tmp_path, cli):
     torch.save({"model_state_dict": model.state_dict(), "epoch": 3}, ckpt)
     out, report = tmp_path / "vgg.onnx", tmp_path / "vgg.json"
     code, _, err = cli("export", ckpt, "--model", f"{CIFAR}:vgg16_bn", "--model-kwargs", '{"width": 0.25}',
-                       "--netslim-density", "0.5", "-o", out, "--input-shape", "2,3,32,32", "--report", report)
+                       "--netslim-density", "0.5", "-o", out, "--input-shape", "2,3,32,32", "--report", report,
+                       "--physical-widths", "exact")
     assert code == 0, err
     r = json.loads(report.read_text())
     ns = r["mask_sources"]["netslim"]
@@ -147,3 +149,28 @@ def test_info_yaml_and_json(tmp_path, cli):
         assert layer["in_after"] < layer["in_before"] == 64
         assert layer["params_after"] < layer["params_before"]
         assert "effective" in stdout
+
+
+def test_fast_physical_widths_round_up_to_blocks_and_stay_exact(tmp_path, cli):
+    """The default rounds each folded layer up to a kernel-friendly width (never below the
+    kept channels, never above the dense width) and still verifies."""
+    from gate2deploy.passes.choose_widths import BLOCK
+    ckpt = tmp_path / "g.pth"
+    masks = make_gator_checkpoint(ckpt, keep=0.5, seed=7, arch="resnet18")
+    exact_json, fast_json = tmp_path / "exact.json", tmp_path / "fast.json"
+    for mode, report in (("exact", exact_json), ("fast", fast_json)):
+        code, _, err = cli("export", ckpt, "--model", "torchvision.models:resnet18", "-o", tmp_path / f"{mode}.onnx",
+                           "--input-shape", "1,3,64,64", "--report", report, "--physical-widths", mode)
+        assert code == 0, err
+    exact, fast = json.loads(exact_json.read_text()), json.loads(fast_json.read_text())
+    assert exact["macs_after"] <= fast["macs_after"] < fast["macs_before"]
+    assert fast["max_rel_err"] <= 1e-4
+    rows = {r["layer"]: r for r in exact["layers"]}
+    for row in fast["layers"]:
+        if row["op"] != "Conv":
+            continue
+        kept, wide, dense = rows[row["layer"]]["out_after"], row["out_after"], row["out_before"]
+        assert kept <= wide <= dense
+        assert wide == dense or wide % (BLOCK if dense >= BLOCK else 4) == 0, row
+    assert any(r["out_after"] > rows[r["layer"]]["out_after"] for r in fast["layers"]), "nothing was padded"
+    assert len(masks) == 12

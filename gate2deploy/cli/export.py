@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
                    help="verification tolerance: max|onnx - torch| / max|torch| (default %(default)g)")
     p.add_argument("--keep-unfoldable", action="store_true",
                    help="keep masks the fold cannot remove as an exact Mul instead of failing")
-    add_sample_arguments(p)
+    add_compile_arguments(p)
     p.add_argument("--pg-static-scale", action="store_true",
                    help="Precision Gating: replace the per-batch dynamic activation scale by one calibrated "
                         "on --sample-inputs (outputs then no longer depend on the rest of the batch)")
@@ -67,7 +67,8 @@ def run(args) -> int:
         gate_stats.calibrate_pg_scales(gated.model, [torch.from_numpy(b) for b in samples])
     start = time.perf_counter()
     captured = capture(gated.model, gated.example)
-    ctx = PassContext(unfoldable_policy="keep" if args.keep_unfoldable else "error")
+    ctx = PassContext(unfoldable_policy="keep" if args.keep_unfoldable else "error",
+                      choose_widths=args.physical_widths == "fast")
     compiled = run_pipeline(captured, pipeline, ctx)
     compile_seconds = time.perf_counter() - start
 
@@ -114,7 +115,12 @@ def run(args) -> int:
     return 0
 
 
-def add_sample_arguments(p) -> None:
+def add_compile_arguments(p) -> None:
+    """Options shared by `export` and `info` (which reports what `export` would build)."""
+    p.add_argument("--physical-widths", choices=("fast", "exact"), default="fast",
+                   help="fast (default): round folded layers up to widths ONNX Runtime's blocked CPU kernels "
+                        "run fast (zero padding channels, still exact; passes/choose_widths.py); "
+                        "exact: every layer exactly as wide as its kept channels")
     p.add_argument("--sample-inputs", help="representative inputs (.npy/.npz/.pt, shape (M, *input shape[1:])) "
                    "for gate statistics of CG/PG/FBS layers and PG calibration; also used for verification")
 

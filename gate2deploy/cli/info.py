@@ -17,14 +17,14 @@ from ..errors import UserError
 from ..fileio import check_writable, write_text
 from ..frontend import add_model_arguments, build_gated_model
 from ..pipeline import PassContext, run_pipeline
-from .export import add_sample_arguments, gated_layer_report, load_samples
+from .export import add_compile_arguments, gated_layer_report, load_samples
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="per-layer MACs and params of a gated model, dense vs effective")
     add_model_arguments(p)
     p.add_argument("--out", help="write the table as .yaml/.yml or .json")
-    add_sample_arguments(p)
+    add_compile_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -35,7 +35,7 @@ def run(args) -> int:
             raise UserError(f"--out {args.out}: use a .yaml, .yml or .json file name")
     gated = build_gated_model(args)
     captured = capture(gated.model, gated.example)
-    ctx = PassContext(unfoldable_policy="keep")
+    ctx = PassContext(unfoldable_policy="keep", choose_widths=args.physical_widths == "fast")
     effective = run_pipeline(captured, "onnx", ctx)
     dense, eff = rep.model_cost(captured), rep.model_cost(effective)
     layers = []
