@@ -15,6 +15,23 @@ so that machine noise hits both alike; medians reported. The gate-on fraction is
 It prints the speed-up (dense time / op time) per fraction and the crossover (the gate-on
 fraction above which the op is slower than dense, linearly interpolated).
 
+Whole networks (`--networks cg,pg,fbs`, batch 1): the seed's CIFAR ResNet-20 with Channel
+Gating (gate2deploy.models.dnn_gating.resnet20_cg, p = 4, block-diagonal base paths: CG on
+conv1 of each block) and with Precision Gating (resnet20_pg, abits 3 / pred 2, wbits 8), at
+32x32; and the FBS ResNet-18 (gate2deploy.models.fbs, weights: torchvision ResNet-18 with
+random init and random BatchNorm statistics, mapped by fbs_state_dict_from_dense: the
+saliency of a channel is its BN scale, so each layer keeps the same top-k channels for every
+input) at 224x224. Each is exported with
+`--target ort` (custom ops, run with the native kernels) and `--target onnx` (portable
+lowering, stock ONNX Runtime) and timed interleaved against the dense equivalent network:
+the same exported graph with every gated node replaced by a plain ONNX Conv of the same
+weight shape and attributes (for PG, the quantized weights in fp32). The gate-on fraction of
+a whole network comes from its thresholds: CG and PG add an offset to every gated layer's
+threshold (sweeping the fraction), FBS sets the density; the printed on% is the measured
+MAC-weighted gate-on fraction over the gated layers (gate2deploy.gate_stats on the
+benchmark input; FBS: the density). Weights are random (kaiming init), so fractions come
+from the offsets, not from training.
+
 Thread pools: each session has its own intra-op pool, and ONNX Runtime's workers spin after
 a run. Interleaving two sessions on a busy 2-core machine, one session's spinning worker
 starves the other's (runs of ~20 ms in either session). `--spin off` (the default here)
@@ -23,6 +40,7 @@ comparison fair; `--spin on` measures with ONNX Runtime's default.
 
     python tools/bench_gated_ops.py                 # 128 ch, 28x28, 3x3, batch 1, 2 threads
     python tools/bench_gated_ops.py --ops cg --repeats 50 --channels 64 --size 56
+    python tools/bench_gated_ops.py --ops none --networks cg,pg,fbs --repeats 21
 """
 from __future__ import annotations
 
@@ -130,6 +148,162 @@ def sweep(name, make_op, dense, x, args, goal=None):
     return rows
 
 
+# ----------------------------------------------------------------------------- whole networks
+
+CG_OFFSETS = [4.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.5, -4.0]  # added to CG's threshold (BN units)
+PG_OFFSETS = [50.0, 2.0, 1.0, 0.5, 0.25, 0.0, -0.5, -50.0]  # added to PG's threshold
+FBS_DENSITIES = [0.25, 0.5, 0.75, 1.0]
+
+
+def dense_equivalent(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with every gate2deploy node replaced by a plain Conv(X, W) of the same
+    weight and conv attributes: the dense network the gated kernels are compared against."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    conv_attrs = {"strides", "pads", "dilations", "group"}
+    nodes = []
+    for node in out.graph.node:
+        if node.domain != "gate2deploy":
+            nodes.append(node)
+            continue
+        conv = helper.make_node("Conv", list(node.input[:2]), list(node.output),
+                                name=node.name + "_dense")
+        conv.attribute.extend(a for a in node.attribute if a.name in conv_attrs)
+        nodes.append(conv)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    keep = [o for o in out.opset_import if o.domain != "gate2deploy"]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
+
+
+def plain_session(model: onnx.ModelProto, threads: int):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    for key, value in SESSION_CONFIG.items():
+        opts.add_session_config_entry(key, value)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def time_interleaved(sessions, feed, repeats, warmup=3):
+    """Median ms of each session, timed round-robin (one run of each per repeat)."""
+    for _ in range(warmup):
+        for sess in sessions:
+            sess.run(None, feed)
+    times = [[] for _ in sessions]
+    for _ in range(repeats):
+        for i, sess in enumerate(sessions):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def export_both(model, x):
+    from gate2deploy.capture import capture
+    from gate2deploy.pipeline import PassContext, run_pipeline
+
+    captured = capture(model, x)
+    return run_pipeline(captured, "ort", PassContext()), run_pipeline(captured, "onnx", PassContext())
+
+
+def gated_on_fraction(model, x) -> float:
+    """MAC-weighted gate-on fraction over the gated layers (for CG: of the second stage)."""
+    from gate2deploy.gate_stats import gate_statistics
+
+    stats = gate_statistics(model, x)
+    total = sum(s.dense_macs for s in stats)
+    return sum(s.gate_on_fraction * s.dense_macs for s in stats) / max(total, 1)
+
+
+def network_sweep(title, points, args):
+    """points: iterable of (label fraction, ort model, portable model); prints one row each."""
+    print(f"\n{title}")
+    print(f"  {'on%':>5} {'dense ms':>9} {'ort ms':>9} {'onnx ms':>9} {'ort x':>7} {'onnx x':>7}")
+    rows = []
+    for frac, x, ort_model, portable in points:
+        sessions = [plain_session(dense_equivalent(ort_model), args.threads),
+                    custom_session(ort_model, args.threads),
+                    plain_session(portable, args.threads)]
+        td, to, tp = time_interleaved(sessions, {sessions[0].get_inputs()[0].name: x}, args.repeats)
+        rows.append((frac, td / to))
+        print(f"  {frac * 100:5.1f} {td:9.3f} {to:9.3f} {tp:9.3f} {td / to:7.2f} {td / tp:7.2f}",
+              flush=True)
+    rows.sort()
+    c = crossover(rows)
+    print(f"  crossover (--target ort slower than dense above): "
+          f"{'never (faster at 100%)' if c is None else f'{c * 100:.0f}% gated on'}")
+
+
+def with_threshold_offset(model, offset):
+    import copy
+
+    import torch
+
+    from gate2deploy.gated import CGConv2d, PGConv2d
+
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in shifted.modules():
+            if isinstance(m, (CGConv2d, PGConv2d)):
+                m.threshold.add_(offset)
+    return shifted
+
+
+def network_benchmarks(args) -> None:
+    import torch
+
+    nets = args.networks.split(",")
+    torch.manual_seed(0)
+    if "cg" in nets or "pg" in nets:
+        from gate2deploy.models.dnn_gating import resnet20_cg, resnet20_pg
+
+        x = torch.randn(1, 3, 32, 32)
+        for name, build, offsets in [("cg", lambda: resnet20_cg(partitions=4), CG_OFFSETS),
+                                     ("pg", lambda: resnet20_pg(wbits=8, abits=3, pred_bits=2),
+                                      PG_OFFSETS)]:
+            if name not in nets:
+                continue
+            base = build().eval()
+            points = []
+            for offset in offsets:
+                model = with_threshold_offset(base, offset)
+                ort_model, portable = export_both(model, x)
+                points.append((gated_on_fraction(model, x), x.numpy(), ort_model, portable))
+            label = ("ResNet-20 CG (p = 4, block-diagonal; 9 CGConv)" if name == "cg" else
+                     "ResNet-20 PG (abits 3 / pred 2, wbits 8; 9 PGConv)")
+            network_sweep(f"{label}, batch 1, 32x32", points, args)
+    if "fbs" in nets:
+        import torchvision
+
+        from gate2deploy.importers.fbs import fbs_state_dict_from_dense
+        from gate2deploy.models.fbs import fbs_resnet18
+
+        sd = torchvision.models.resnet18(weights=None).state_dict()
+        gen = torch.Generator().manual_seed(0)
+        for key in [k for k in sd if k.endswith("running_var")]:
+            # torchvision initializes every BN scale to 1: FBS's saliency (= the BN scale
+            # here) would tie everywhere and top-k would keep no channel. Random BN instead.
+            bn = key[: -len("running_var")]
+            c = sd[key].numel()
+            sd[bn + "weight"] = torch.empty(c).uniform_(0.5, 1.5, generator=gen)
+            sd[bn + "bias"] = torch.empty(c).uniform_(-0.1, 0.1, generator=gen)
+            sd[bn + "running_mean"] = torch.empty(c).uniform_(-0.1, 0.1, generator=gen)
+            sd[key] = torch.empty(c).uniform_(0.5, 2.0, generator=gen)
+        dense_sd = fbs_state_dict_from_dense(sd)
+        x = torch.randn(1, 3, 224, 224)
+        points = []
+        for density in FBS_DENSITIES:
+            model = fbs_resnet18(density=density).eval()
+            model.load_state_dict(dense_sd)
+            ort_model, portable = export_both(model, x)
+            points.append((density, x.numpy(), ort_model, portable))
+        network_sweep("FBS ResNet-18 (9 FBSConv), batch 1, 224x224; on% = density", points, args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default="cg,pg,fbs")
@@ -144,6 +318,8 @@ def main(argv=None) -> int:
     p.add_argument("--fbs-in-density", type=float, default=None,
                    help="FBS: fraction of non-zero input channels (default: = output density)")
     p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=FRACTIONS)
+    p.add_argument("--networks", default="",
+                   help="whole networks to sweep: any of cg,pg,fbs (default: none)")
     p.add_argument("--spin", choices=["on", "off"], default="off",
                    help="ONNX Runtime intra-op thread spinning in both sessions (default off)")
     args = p.parse_args(argv)
@@ -211,6 +387,8 @@ def main(argv=None) -> int:
         cx = crossover(rows)
         print(f"  crossover (op slower than dense above): "
               f"{'never (faster at 100%)' if cx is None else f'{cx * 100:.0f}% density'}")
+    if args.networks:
+        network_benchmarks(args)
     return 0
 
 

@@ -75,8 +75,7 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * g.H * g.W;
       float* yn = y + n * g.O * g.P();
-      for (const auto& plan : *plans)
-        RunGatedConv(ctx, isa, g, plan, xn, xn, 1.f, 1.f, threshold.Data(), yn);
+      RunGatedConv(ctx, isa, g, *plans, xn, xn, 1.f, 1.f, threshold.Data(), yn);
     }
   });
 }

@@ -613,91 +613,105 @@ void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
 
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
-                  const GatedStagePlan<T>& plan, const T* x1, const T* x2, float scale1,
-                  float scale2, const float* threshold, float* y) {
+                  const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
+                  float scale1, float scale2, const float* threshold, float* y) {
   using Acc = typename AccOf<T>::type;
-  const int64_t M = int64_t(plan.outputs.size()), Np = g.P();
+  const int64_t Np = g.P();
   const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
   const float s1 = scale1, s2 = scale2;  // locals: stores through y cannot alias them
-  if (M == 0 || Np == 0) return;
+  if (plans.empty() || Np == 0) return;
+  // One padded copy of the sample for all plans (block-diagonal CG has p plans).
   const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>());
   const ColumnSource<T> src2 = x2 == x1 ? src1 : MakeSource(x2, g, nr, Scratch<float, 8>());
-  const std::vector<int64_t> off1 = Offsets(src1, plan.chans1), off2 = Offsets(src2, plan.chans2);
-  std::vector<float> row_threshold(static_cast<size_t>(M));
-  for (int64_t m = 0; m < M; ++m) row_threshold[m] = threshold[plan.outputs[m]];
-  // One task per panel of nr columns (output pixels), start to finish (stage 1, gate,
-  // stage 2): a single parallel section per call, and the panel's data stays in cache. The
-  // panel's outputs are assembled in `out` [M, nr] (contiguous, so the gate and select loops
-  // vectorize) and copied to y once, run by run of consecutive pixels.
+  std::vector<std::vector<int64_t>> offs1, offs2;
+  std::vector<std::vector<float>> thresholds;
+  for (const auto& plan : plans) {
+    offs1.push_back(Offsets(src1, plan.chans1));
+    offs2.push_back(Offsets(src2, plan.chans2));
+    thresholds.emplace_back();
+    for (int o : plan.outputs) thresholds.back().push_back(threshold[o]);
+  }
+  // One task per panel of nr columns (output pixels), start to finish for every plan (stage
+  // 1, gate, stage 2): a single parallel section per call, and the panel's data stays in
+  // cache. The panel's outputs are assembled in `out` [M, nr] (contiguous, so the gate and
+  // select loops vectorize) and copied to y once, run by run of consecutive pixels.
   ParallelFor(ctx, size_t((src1.columns + nr - 1) / nr), [&](size_t jp) {
-    const int64_t q0 = int64_t(jp) * nr, nv = std::min<int64_t>(nr, src1.columns - q0);
-    int64_t pix[64];
-    uint8_t valid[64];  // column is an output pixel (indirect panels skip the padding columns)
-    for (int64_t t = 0; t < nr; ++t) {
-      pix[t] = t < nv ? src1.Pixel(q0 + t) : -1;
-      valid[t] = pix[t] >= 0;
-    }
-    AlignedVec<Acc>& tile = Scratch<Acc, 1>();
-    tile.resize(size_t(RoundUp(M, mr) * nr));
-    PanelProduct(isa, plan.w1, src1, plan.chans1, off1, q0, Scratch<T, 0>(), tile.data(), nr);
-    AlignedVec<float>& out_buf = Scratch<float, 14>();
-    out_buf.resize(size_t(M * nr));
-    AlignedVec<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * nr + t]
-    gate_buf.resize(size_t(M * nr));
-    // Raw pointers: thread_local vectors behind byte stores (which may alias anything) would
-    // otherwise be re-fetched through __tls_get_addr inside the loops.
-    uint8_t* const gate = gate_buf.data();
-    float* const out = out_buf.data();
-    const Acc* const acc1 = tile.data();
-    // Stage 1 and the gate over all nr columns, branch-free.
-    int64_t on = 0;
-    if constexpr (std::is_same<Acc, float>::value) {
-      on = isa.gate_panel(acc1, M, s1, row_threshold.data(), valid, out, gate);
-    } else {
-      const float scale_1 = s1;  // a local copy: the lambda's captures are references
-      const int64_t n_cols = nr;
-      for (int64_t m = 0; m < M; ++m) {
-        const float t_m = row_threshold[m];
-        for (int64_t t = 0; t < n_cols; ++t) {
-          const float v = scale_1 * float(acc1[m * n_cols + t]);
-          out[m * n_cols + t] = v;
-          gate[m * n_cols + t] = uint8_t(v > t_m) & valid[t];
-          on += gate[m * n_cols + t];
-        }
+    for (size_t pi = 0; pi < plans.size(); ++pi) {
+      const GatedStagePlan<T>& plan = plans[pi];
+      const std::vector<int64_t>& off1 = offs1[pi];
+      const std::vector<int64_t>& off2 = offs2[pi];
+      const std::vector<float>& row_threshold = thresholds[pi];
+      const int64_t M = int64_t(plan.outputs.size());
+      if (M == 0) continue;
+      const int64_t q0 = int64_t(jp) * nr, nv = std::min<int64_t>(nr, src1.columns - q0);
+      int64_t pix[64];
+      uint8_t valid[64];  // column is an output pixel (indirect panels skip the padding columns)
+      for (int64_t t = 0; t < nr; ++t) {
+        pix[t] = t < nv ? src1.Pixel(q0 + t) : -1;
+        valid[t] = pix[t] >= 0;
       }
-    }
-    if (on > 0 && !plan.chans2.empty()) {
-      const double dense_above = std::is_same<T, float>::value ? kDenseSecondStageFraction
-                                                               : kDenseSecondStageFractionInt16;
-      if (double(on) > dense_above * double(M * nv)) {
-        // Most gates on: the whole panel's second stage as a GEMM, then select.
-        PanelProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0,
-                     Scratch<T, 0>(), tile.data(), nr);
-        for (int64_t m = 0; m < M; ++m) {
-          float* om = out + m * nr;
-          const Acc* am = acc1 + m * nr;
-          const uint8_t* gm = gate + m * nr;
-          // A select, not a branch: the gates are unpredictable (a mispredicted branch per
-          // element cost more than the whole second-stage GEMM at 50% gated on).
-          for (int64_t t = 0; t < nr; ++t) om[t] += gm[t] ? s2 * float(am[t]) : 0.f;
-        }
-      } else if constexpr (std::is_same<T, float>::value) {
-        SparseSecondStageRows(isa, plan, src2, off2, q0, nv, gate, s2, out);
+      AlignedVec<Acc>& tile = Scratch<Acc, 1>();
+      tile.resize(size_t(RoundUp(M, mr) * nr));
+      PanelProduct(isa, plan.w1, src1, plan.chans1, off1, q0, Scratch<T, 0>(), tile.data(), nr);
+      AlignedVec<float>& out_buf = Scratch<float, 14>();
+      out_buf.resize(size_t(M * nr));
+      AlignedVec<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * nr + t]
+      gate_buf.resize(size_t(M * nr));
+      // Raw pointers: thread_local vectors behind byte stores (which may alias anything) would
+      // otherwise be re-fetched through __tls_get_addr inside the loops.
+      uint8_t* const gate = gate_buf.data();
+      float* const out = out_buf.data();
+      const Acc* const acc1 = tile.data();
+      // Stage 1 and the gate over all nr columns, branch-free.
+      int64_t on = 0;
+      if constexpr (std::is_same<Acc, float>::value) {
+        on = isa.gate_panel(acc1, M, s1, row_threshold.data(), valid, out, gate);
       } else {
-        SparseSecondStageDots(isa, plan, src2, off2, q0, nv, gate, s2, out);
+        const float scale_1 = s1;  // a local copy: the lambda's captures are references
+        const int64_t n_cols = nr;
+        for (int64_t m = 0; m < M; ++m) {
+          const float t_m = row_threshold[m];
+          for (int64_t t = 0; t < n_cols; ++t) {
+            const float v = scale_1 * float(acc1[m * n_cols + t]);
+            out[m * n_cols + t] = v;
+            gate[m * n_cols + t] = uint8_t(v > t_m) & valid[t];
+            on += gate[m * n_cols + t];
+          }
+        }
       }
-    }
-    // Copy out to y, run by run of consecutive output pixels.
-    for (int64_t t0 = 0; t0 < nv;) {
-      if (pix[t0] < 0) {
-        ++t0;
-        continue;
+      if (on > 0 && !plan.chans2.empty()) {
+        const double dense_above = std::is_same<T, float>::value ? kDenseSecondStageFraction
+                                                                 : kDenseSecondStageFractionInt16;
+        if (double(on) > dense_above * double(M * nv)) {
+          // Most gates on: the whole panel's second stage as a GEMM, then select.
+          PanelProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0,
+                       Scratch<T, 0>(), tile.data(), nr);
+          for (int64_t m = 0; m < M; ++m) {
+            float* om = out + m * nr;
+            const Acc* am = acc1 + m * nr;
+            const uint8_t* gm = gate + m * nr;
+            // A select, not a branch: the gates are unpredictable (a mispredicted branch per
+            // element cost more than the whole second-stage GEMM at 50% gated on).
+            for (int64_t t = 0; t < nr; ++t) om[t] += gm[t] ? s2 * float(am[t]) : 0.f;
+          }
+        } else if constexpr (std::is_same<T, float>::value) {
+          SparseSecondStageRows(isa, plan, src2, off2, q0, nv, gate, s2, out);
+        } else {
+          SparseSecondStageDots(isa, plan, src2, off2, q0, nv, gate, s2, out);
+        }
       }
-      int64_t len = 1;
-      while (t0 + len < nv && pix[t0 + len] == pix[t0] + len) ++len;
-      for (int64_t m = 0; m < M; ++m)
-        CopyFloats(out + m * nr + t0, y + int64_t(plan.outputs[m]) * Np + pix[t0], len);
-      t0 += len;
+      // Copy out to y, run by run of consecutive output pixels.
+      for (int64_t t0 = 0; t0 < nv;) {
+        if (pix[t0] < 0) {
+          ++t0;
+          continue;
+        }
+        int64_t len = 1;
+        while (t0 + len < nv && pix[t0 + len] == pix[t0] + len) ++len;
+        for (int64_t m = 0; m < M; ++m)
+          CopyFloats(out + m * nr + t0, y + int64_t(plan.outputs[m]) * Np + pix[t0], len);
+        t0 += len;
+      }
     }
   });
 }
@@ -712,7 +726,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
                                 const T*, const ConvGeom&, const std::vector<int>&,             \
                                 const RowEpilogue&);                                             \
   template void RunGatedConv<T>(OrtKernelContext*, const IsaKernels&, const ConvGeom&,           \
-                                const GatedStagePlan<T>&, const T*, const T*, float, float,      \
+                                const std::vector<GatedStagePlan<T>>&, const T*, const T*,       \
+                                float, float,                                                    \
                                 const float*, float*);
 G2D_INSTANTIATE(float)
 G2D_INSTANTIATE(int16_t)

@@ -161,12 +161,13 @@ struct GatedStagePlan {
   WeightRows<T> w2_rows;          // stage-2 weights for per-element dot products
 };
 
-// Computes y[o, :] for o in plan.outputs of one sample (y points at the sample's [O, P]);
-// stage sums are multiplied by scale1 / scale2 (PG's integer-to-float factors; 1 for CG).
+// Computes y[o, :] for o in every plan's outputs of one sample (y points at the sample's
+// [O, P]); stage sums are multiplied by scale1 / scale2 (PG's integer-to-float factors; 1 for
+// CG). All plans share one padded copy of the input and one parallel section.
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
-                  const GatedStagePlan<T>& plan, const T* x1, const T* x2, float scale1,
-                  float scale2, const float* threshold, float* y);
+                  const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
+                  float scale1, float scale2, const float* threshold, float* y);
 
 
 // Scratch buffers that live as long as the calling thread: re-used across runs so that the

@@ -161,10 +161,9 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
       T* const lb = lsb.data();
       for (int64_t i = 0; i < nx; ++i) quantize(x[i], &hb[i], &lb[i]);
       for (int64_t n = 0; n < g.N; ++n)
-        for (const auto& plan : plans)
-          RunGatedConv(ctx, isa, g, plan, msb.data() + n * g.C * g.H * g.W,
-                       lsb.data() + n * g.C * g.H * g.W, scale1, scale2, threshold.Data(),
-                       y + n * g.O * g.P());
+        RunGatedConv(ctx, isa, g, plans, msb.data() + n * g.C * g.H * g.W,
+                     lsb.data() + n * g.C * g.H * g.W, scale1, scale2, threshold.Data(),
+                     y + n * g.O * g.P());
     };
 
     // q = round_half_even(min(|x| / s, 1) * (2^B - 1)), in fp32 as the reference does.
