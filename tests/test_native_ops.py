@@ -269,6 +269,33 @@ def test_fbs_conv_matches_reference(gi, density, pool):
         assert bad_channels.mean() <= 0.05
 
 
+def test_fbs_conv_packed_weight_cache_follows_the_active_channels():
+    """FBSConv keeps the last packed weights (constant W) keyed by the active output and
+    input channel lists: one session, inputs whose active sets differ, repeat and alternate,
+    every run equal to the reference (tolerance as above; saliencies are far from ties)."""
+    rng, x, w, s, p, d = random_case(GEOMETRIES[4], seed=5)
+    o, c = w.shape[:2]
+    fc_w = rng.standard_normal((o, c)).astype(np.float32)
+    fc_b = (rng.standard_normal(o) + 4.0).astype(np.float32)
+    bn_scale, bn_shift, beta = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
+    attrs = dict(conv_attrs(s, p, d), density=0.5, pool="avg")
+    sess = open_session(single_node_model("FBSConv", x.shape, [w, fc_w, fc_b, bn_scale, bn_shift,
+                                                                beta], attrs), threads=2)
+    inputs = []
+    for seed in range(3):
+        xi = np.random.default_rng(100 + seed).standard_normal(x.shape).astype(np.float32)
+        xi[:, np.random.default_rng(seed).random(c) < 0.5] = 0.0  # different live inputs
+        inputs.append(xi)
+    actives = []
+    for xi in inputs + inputs[::-1] + inputs[:1]:
+        y = sess.run(None, {"x": xi})[0]
+        y_ref, active = ref.fbs_conv_reference(xi, w, fc_w, fc_b, bn_scale, bn_shift, beta,
+                                               0.5, "avg", s, p, d, return_gate=True)
+        np.testing.assert_allclose(y, y_ref, rtol=0, atol=RTOL * np.abs(y_ref).max())
+        actives.append(active.tobytes())
+    assert len(set(actives)) > 1, "the inputs should switch different output channels on"
+
+
 def test_fbs_conv_all_inputs_zero_and_single_output():
     x = np.zeros((2, 4, 5, 5), np.float32)
     rng = np.random.default_rng(0)

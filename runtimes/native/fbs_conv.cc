@@ -14,11 +14,33 @@
 
 namespace g2d {
 
+namespace {
+// True if any x[i] != 0 (-0.0 counts as zero, NaN as non-zero, as with `x[i] != 0.f`). Blocks
+// of 64 values OR their bit patterns without the sign bit (a loop the compiler vectorizes;
+// a per-element early exit does not, and zero channels are scanned to the end).
+bool HasNonZero(const float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    uint32_t any = 0;
+    for (int j = 0; j < 64; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, x + i + j, 4);
+      any |= bits & 0x7fffffffu;
+    }
+    if (any) return true;
+  }
+  for (; i < n; ++i)
+    if (x[i] != 0.f) return true;
+  return false;
+}
+}  // namespace
+
 FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   attrs_ = ReadConvAttrs(info, &attr_error_);
   density_ = ReadFloatAttr(info, "density", -1.f);
   const std::string pool = ReadStringAttr(info, "pool", "avg");
   max_pool_ = pool == "max";
+  w_const_ = InputIsConstant(info, 1);
   if (attr_error_.empty() && !(density_ > 0.f && density_ <= 1.f))
     attr_error_ = "attribute density must be in (0, 1], got " + std::to_string(density_);
   else if (attr_error_.empty() && pool != "avg" && pool != "max")
@@ -60,9 +82,7 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
         const float* xc = xn + c * HW;
         // Channels switched off upstream are all zero: found by a scan that stops at the first
         // non-zero value, so live channels cost almost nothing here.
-        bool nonzero = false;
-        for (int64_t i = 0; i < HW && !nonzero; ++i) nonzero = xc[i] != 0.f;
-        if (!nonzero) {
+        if (!HasNonZero(xc, HW)) {
           pooled[c] = 0.f;  // mean and max of zeros
           continue;
         }
@@ -120,7 +140,20 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       if (out_active.empty()) continue;
 
       // Only active outputs x active inputs: weights gathered and packed per sample.
-      const PackedWeights<float> w = PackWeights(isa, W.Data(), g, out_active, in_active);
+      std::shared_ptr<const PackedWeights<float>> w;
+      if (w_const_) {
+        std::lock_guard<std::mutex> lock(cache_mutex_);
+        if (!cached_w_ || cached_out_ != out_active || cached_in_ != in_active) {
+          cached_w_ = std::make_shared<const PackedWeights<float>>(
+              PackWeights(isa, W.Data(), g, out_active, in_active));
+          cached_out_ = out_active;
+          cached_in_ = in_active;
+        }
+        w = cached_w_;
+      } else {
+        w = std::make_shared<const PackedWeights<float>>(
+            PackWeights(isa, W.Data(), g, out_active, in_active));
+      }
       const size_t na = out_active.size();
       std::vector<float> gain(na), scale(na), shift(na), bias(na);
       for (size_t a = 0; a < na; ++a) {
@@ -132,7 +165,7 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       }
       const RowEpilogue ep{out_active.data(), yn, Np, gain.data(), scale.data(), shift.data(),
                            bias.data()};
-      ConvByPanels(ctx, isa, w, xn, g, in_active, ep);
+      ConvByPanels(ctx, isa, *w, xn, g, in_active, ep);
     }
   });
 }

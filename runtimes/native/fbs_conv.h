@@ -2,6 +2,9 @@
 #include "conv_common.h"
 #include <onnxruntime_lite_custom_op.h>
 
+#include <memory>
+#include <mutex>
+
 namespace g2d {
 struct FBSConvKernel {
   FBSConvKernel(const OrtApi* api, const OrtKernelInfo* info);
@@ -15,5 +18,12 @@ struct FBSConvKernel {
   std::string attr_error_;
   float density_;
   bool max_pool_ = false;
+  // W a constant initializer: the last packing (its active output / input channel lists and
+  // packed weights) is kept, so a run whose active sets repeat (typical: saliencies change
+  // slowly between inputs) skips the gather + pack.
+  bool w_const_ = false;
+  std::mutex cache_mutex_;
+  std::vector<int> cached_out_, cached_in_;
+  std::shared_ptr<const PackedWeights<float>> cached_w_;
 };
 }  // namespace g2d
