@@ -10,10 +10,13 @@
 //   Y   += gate * scale2 * (W2 * X2)  only where gate is on
 //                                  (CG's remaining channels, PG's LSB activations)
 //
-// Work is split by column panels of output pixels (the GEMM's nr columns); per panel, the
-// second stage is computed per gated-on output element as a dot product of the weight row
-// with that pixel's receptive field (gathered contiguously); above kDenseSecondStageFraction
-// of the panel's elements on, a dense panel GEMM is cheaper and is used instead.
+// Work is split by column panels of output pixels (the GEMM's nr columns); one parallel
+// section per sample covers every plan (output group) of the layer. Per panel, the second
+// stage is a sampled dense-dense product (fp32): the panel's receptive fields are gathered
+// once ([nr, K] rows), each output row's weights are held in registers a K-chunk at a time,
+// and that row's gated-on pixels stream past them (isa.sddmm_chunk). int16 (PG) computes one
+// dot product per gated-on element instead. Above kDenseSecondStageFraction of the panel's
+// elements on, a dense panel GEMM + select is cheaper and is used instead.
 //
 // Errors: validation throws OpError; each op's Compute catches it (and std::bad_alloc) and
 // returns an ONNX Runtime error status, so a bad model never takes the process down.
@@ -158,7 +161,7 @@ struct GatedStagePlan {
   PackedWeights<T> w1, w2;        // stage weights for the GEMM
   bool w2_is_w1 = false;          // PG: both stages use the same weights (w2 left empty,
                                   // so the packed weights are in cache once, not twice)
-  WeightRows<T> w2_rows;          // stage-2 weights for per-element dot products
+  WeightRows<T> w2_rows;          // stage-2 weight rows for the sparse second stage
 };
 
 // Computes y[o, :] for o in every plan's outputs of one sample (y points at the sample's
