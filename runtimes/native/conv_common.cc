@@ -361,7 +361,8 @@ struct ColumnSource {
 // zeroed (the buffer is reused, the interior is overwritten).
 template <class T>
 ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<float>& pad_buf,
-                           const std::vector<int>* only = nullptr) {
+                           const std::vector<int>* only = nullptr,
+                           OrtKernelContext* parallel_ctx = nullptr) {
   ColumnSource<T> src;
   src.g = &g;
   src.x = x;
@@ -384,19 +385,32 @@ ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<flo
       const int64_t used = int64_t(chans.size()) * src.plane;
       pad_buf.resize(size_t(used + nr + 16));
       float* const buf = pad_buf.data();
-      for (size_t slot = 0; slot < chans.size(); ++slot) {
-        const int64_t c = chans[slot];
-        float* plane = buf + int64_t(slot) * src.plane;
-        src.plane_base[c] = int64_t(slot) * src.plane;
-        std::memset(plane, 0, sizeof(float) * size_t(g.pt * Wp));
-        for (int64_t h = 0; h < g.H; ++h) {
-          float* row = plane + (h + g.pt) * Wp;
-          for (int64_t j = 0; j < g.pl; ++j) row[j] = 0.f;
-          std::memcpy(row + g.pl, x + (c * g.H + h) * g.W, sizeof(float) * g.W);
-          for (int64_t j = g.pl + g.W; j < Wp; ++j) row[j] = 0.f;
+      for (size_t slot = 0; slot < chans.size(); ++slot)
+        src.plane_base[chans[slot]] = int64_t(slot) * src.plane;
+      const int64_t plane_size = src.plane;
+      // Split over the thread pool when asked (in blocks of channels, so a small copy stays on
+      // one thread): the copy is otherwise a serial step before the parallel GEMM.
+      constexpr size_t kChannelsPerTask = 8;
+      auto copy_block = [&](size_t block) {
+        const size_t end = std::min(chans.size(), (block + 1) * kChannelsPerTask);
+        for (size_t slot = block * kChannelsPerTask; slot < end; ++slot) {
+          const int64_t c = chans[slot];
+          float* plane = buf + int64_t(slot) * plane_size;
+          std::memset(plane, 0, sizeof(float) * size_t(g.pt * Wp));
+          for (int64_t h = 0; h < g.H; ++h) {
+            float* row = plane + (h + g.pt) * Wp;
+            for (int64_t j = 0; j < g.pl; ++j) row[j] = 0.f;
+            std::memcpy(row + g.pl, x + (c * g.H + h) * g.W, sizeof(float) * g.W);
+            for (int64_t j = g.pl + g.W; j < Wp; ++j) row[j] = 0.f;
+          }
+          std::memset(plane + (g.pt + g.H) * Wp, 0, sizeof(float) * size_t(g.pb * Wp));
         }
-        std::memset(plane + (g.pt + g.H) * Wp, 0, sizeof(float) * size_t(g.pb * Wp));
-      }
+      };
+      const size_t blocks = (chans.size() + kChannelsPerTask - 1) / kChannelsPerTask;
+      if (parallel_ctx)
+        ParallelFor(parallel_ctx, blocks, copy_block);
+      else
+        for (size_t b = 0; b < blocks; ++b) copy_block(b);
       std::memset(buf + used, 0, sizeof(float) * size_t(nr + 16));
       src.xpad = buf;
     }
@@ -472,7 +486,7 @@ void ConvByPanels(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeig
                   const RowEpilogue& ep) {
   using Acc = typename ConvAcc<T>::type;
   const int64_t nr = TileCols<T>(isa), mr = TileRows<T>(isa);
-  const ColumnSource<T> src = MakeSource(x, g, int(nr), Scratch<float, 7>(), &chans);
+  const ColumnSource<T> src = MakeSource(x, g, int(nr), Scratch<float, 7>(), &chans, ctx);
   const std::vector<int64_t> off = Offsets(src, chans);
   ParallelFor(ctx, size_t((src.columns + nr - 1) / nr), [&](size_t jp) {
     const int64_t q0 = int64_t(jp) * nr, nv = std::min<int64_t>(nr, src.columns - q0);
@@ -621,8 +635,9 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   const float s1 = scale1, s2 = scale2;  // locals: stores through y cannot alias them
   if (plans.empty() || Np == 0) return;
   // One padded copy of the sample for all plans (block-diagonal CG has p plans).
-  const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>());
-  const ColumnSource<T> src2 = x2 == x1 ? src1 : MakeSource(x2, g, nr, Scratch<float, 8>());
+  const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>(), nullptr, ctx);
+  const ColumnSource<T> src2 =
+      x2 == x1 ? src1 : MakeSource(x2, g, nr, Scratch<float, 8>(), nullptr, ctx);
   std::vector<std::vector<int64_t>> offs1, offs2;
   std::vector<std::vector<float>> thresholds;
   for (const auto& plan : plans) {
