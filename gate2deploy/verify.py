@@ -38,15 +38,20 @@ def random_inputs(shape, n: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
 
 
-def make_session(model: onnx.ModelProto, threads: int = 2) -> ort.InferenceSession:
-    """An ONNX Runtime session with gate2deploy's custom ops registered when the model uses them."""
-    uses_custom = any(n.domain == "gate2deploy" for n in model.graph.node)
-    if uses_custom:
+def make_session(model: onnx.ModelProto, threads: int = 2, spinning: bool = True) -> ort.InferenceSession:
+    """An ONNX Runtime session with gate2deploy's custom ops registered when the model uses
+    them. `spinning=False` stops the intra-op workers from spinning after a run: needed when
+    several sessions are timed interleaved, where one session's spinning workers would steal
+    the cores from the next session's run."""
+    config = {} if spinning else {"session.intra_op.allow_spinning": "0"}
+    if any(n.domain == "gate2deploy" for n in model.graph.node):
         from gate2deploy.runtimes import ort as g2d_ort  # built on demand; only when needed
-        return g2d_ort.open_session(model, threads=threads)
+        return g2d_ort.open_session(model, threads=threads, config=config)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    for key, value in config.items():
+        opts.add_session_config_entry(key, value)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

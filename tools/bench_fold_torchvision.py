@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
+from gate2deploy.benchmark import interleaved_latencies_ms
 from gate2deploy.capture import capture
 from gate2deploy.nn import MaskSpec, attach_masks, channel_mask
 from gate2deploy.passes import ir
@@ -275,23 +275,6 @@ def bench(name: str, runs: int) -> Row:
     dense_macs = model_cost(dense).macs
     return Row(name, model_cost(unpadded).macs / dense_macs, model_cost(folded).macs / dense_macs,
                lat["dense"], lat["folded"], fastest["folded"] / fastest["dense"], compile_s, prepared.capture_s, err, len(ctx.fold.unfoldable))
-
-
-def interleaved_latencies_ms(models: dict[str, onnx.ModelProto], shape, runs: int):
-    """Median and minimum wall-clock latency per model, sessions timed round-robin in one
-    run (as gate2deploy.benchmark.median_latencies_ms, plus the minimum: on a machine shared
-    with other jobs the fastest run is the one least disturbed)."""
-    from gate2deploy.verify import make_session
-    sessions = {name: make_session(m) for name, m in models.items()}
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for i in range(runs + 3):
-        for name, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, {"input": x})
-            if i >= 3:  # warm-up runs are not timed
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return ({n: statistics.median(t) for n, t in times.items()}, {n: min(t) for n, t in times.items()})
 
 
 def main(argv=None) -> int:
