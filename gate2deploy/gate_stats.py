@@ -59,6 +59,21 @@ def _batches(samples) -> Iterable[torch.Tensor]:
         yield torch.as_tensor(batch)
 
 
+def _run_with_hooks(model: nn.Module, samples, handles: list) -> None:
+    """Run `model` (eval, no grad) over `samples`, then remove the hooks in `handles` and
+    restore the model's train/eval mode, even on error."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in _batches(samples):
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def conv_macs(out_shape, weight_shape, group: int = 1) -> int:
     """Dense MACs per sample of a conv with output [N, O, Ho, Wo] and weight [O, C/g, kh, kw]."""
     _, o, ho, wo = out_shape
@@ -92,7 +107,7 @@ def gate_statistics(model: nn.Module, samples) -> list[GateLayerStats]:
     gated = [(n, m) for n, m in model.named_modules() if isinstance(m, (CGConv2d, PGConv2d, FBSConv2d))]
     shapes: dict[str, tuple] = {}
     handles = []
-    was_training = model.training
+
     def record_shape(name):
         def hook(module, inputs, output):  # returns None: the output is left unchanged
             shapes.setdefault(name, tuple(output.shape))
@@ -101,15 +116,7 @@ def gate_statistics(model: nn.Module, samples) -> list[GateLayerStats]:
     for name, module in gated:
         module.gate_counter = GateCounter()
         handles.append(module.register_forward_hook(record_shape(name)))
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in _batches(samples):
-                model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _run_with_hooks(model, samples, handles)
     stats = []
     for name, module in gated:
         counter, module.gate_counter = module.gate_counter, None
@@ -224,16 +231,7 @@ def calibrate_pg_scales(model: nn.Module, samples, include_quantized_convs: bool
     for name, module in targets.items():
         module.static_scale = 0.0
         handles.append(module.register_forward_pre_hook(record_max(name)))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in _batches(samples):
-                model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _run_with_hooks(model, samples, handles)
     scales = {}
     for name, module in targets.items():
         s = float(np.float32(maxima[name]) + np.float32(1e-7))

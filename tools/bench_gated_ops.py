@@ -77,14 +77,7 @@ SESSION_CONFIG: dict[str, str] = {}
 
 
 def dense_session(w, x_shape, threads, conv_attrs):
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    for key, value in SESSION_CONFIG.items():
-        opts.add_session_config_entry(key, value)
-    model = node_model("Conv", "", x_shape, [w], conv_attrs)
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return plain_session(node_model("Conv", "", x_shape, [w], conv_attrs), threads)
 
 
 def custom_session(model, threads):

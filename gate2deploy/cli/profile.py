@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..fileio import read_json
 from ..loading import build_model, load_checkpoint, load_weights
 from ..profiling.lut import DEFAULT_FRACTIONS, layer_latencies, load_lut, parse_channels, predict, table_of
 from ..profiling.measure import BACKENDS, Settings
@@ -115,13 +116,7 @@ def _predict(args) -> int:
         raise UserError("--predict needs --channels CFG.json (the configuration to estimate)")
     lut = load_lut(args.predict)
     table = table_of(lut)
-    path = Path(args.channels)
-    if not path.is_file():
-        raise UserError(f"--channels {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"--channels {path} is not JSON: {exc}") from None
+    data = read_json(args.channels, "--channels")
     channels = parse_channels(table, data)
     ms = predict(lut, channels, table)
     full = predict(lut, None, table)

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import read_json
 from .edges import LayerShape, ModelTable, layer_shapes
 from .measure import LayerSpec
 
@@ -373,12 +374,7 @@ def dumps(lut: dict) -> str:
 
 def load_lut(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"LUT {path} does not exist")
-    try:
-        lut = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not JSON: {exc}") from None
+    lut = read_json(path, "LUT")
     if not isinstance(lut, dict) or lut.get("format") != FORMAT or not isinstance(lut.get("entries"), dict):
         raise UserError(f"{path} is not a gate2deploy LUT (format {FORMAT})")
     return lut
