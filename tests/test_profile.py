@@ -403,3 +403,17 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_net_file, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err
     assert not out.exists()
+
+
+def test_calibrate_recovers_scales_and_fixed_cost_from_three_models():
+    """Full, one-narrower and half-width models: per-class scales and the fixed per-graph
+    cost are solved exactly; an implausible solution falls back to the two-scale fit."""
+    from gate2deploy.profiling.lut import INTERCEPT, calibrate
+    scales, fixed = {"nchw": 1.2, "nchwc": 0.7}, 0.25
+    sums = [{"nchw": 0.5, "nchwc": 4.0}, {"nchw": 3.5, "nchwc": 0.6}, {"nchw": 0.4, "nchwc": 1.1}]
+    obs = [(s, sum(scales[k] * v for k, v in s.items()) + fixed) for s in sums]
+    got = calibrate(obs)
+    assert got["nchw"] == pytest.approx(1.2) and got["nchwc"] == pytest.approx(0.7)
+    assert got[INTERCEPT] == pytest.approx(0.25)
+    negative = [(s, sum(scales[k] * v for k, v in s.items()) - 1.0) for s in sums]  # fixed cost < 0
+    assert INTERCEPT not in calibrate(negative)

@@ -88,7 +88,9 @@ def profile(model: nn.Module, example: torch.Tensor, out_dir: str | Path, option
     # lut.calibrate). Each is timed twice before and once after the layers, the fastest kept,
     # so a burst of load from other processes during one of them does not skew the scales.
     narrow = [max(1, c - 1) for c in table.full_channels()]
-    calibration_models = {"full": proto, "narrow": _narrow_model(proto, table, narrow)}
+    half = [max(1, c // 2) for c in table.full_channels()]
+    calibration_models = {"full": proto, "narrow": _narrow_model(proto, table, narrow),
+                          "half": _narrow_model(proto, table, half)}
     whole_settings = Settings(warmup=3, repeats=max(20, options.settings.repeats),
                               max_cv=options.settings.max_cv, retries=options.settings.retries)
 
@@ -124,11 +126,14 @@ def profile(model: nn.Module, example: torch.Tensor, out_dir: str | Path, option
     observations = [(kernel_sums(lut, None, table), timings["full"]["ms"])]
     if "narrow" in timings:
         observations.append((kernel_sums(lut, narrow, table), timings["narrow"]["ms"]))
+        if "half" in timings:
+            observations.append((kernel_sums(lut, half, table), timings["half"]["ms"]))
     whole = timings["full"]
     lut["calibration"] = {
         "whole_model_ms": whole["ms"], "whole_model_cv": whole["cv"], "whole_model_unstable": whole["unstable"],
         "whole_model_method": backend.whole_method,
         "narrow_model_ms": timings.get("narrow", {}).get("ms"),
+        "half_model_ms": timings.get("half", {}).get("ms"),
         "layer_sum_ms": round(sum(observations[0][0].values()), 5),
         "scales": calibrate(observations)}
     if options.target == "ort-cpu":
