@@ -80,9 +80,11 @@ if triton is not None:
         return tl.reduce(flags.to(tl.int32), 0, _max_combine) > 0
 
     @triton.jit
-    def _conv_tap_sum(x_ptr, w_ptr, n, o, oh, ow, cin, cw_idx, valid, C, H, W, CW,
-                      KH: tl.constexpr, KW: tl.constexpr, sh, sw, pt, pl, dh, dw):
-        """Sum over the kh x kw taps of input channel `cin` (weight channel `cw_idx`)."""
+    def _tap_sum(x_ptr, w_ptr, n, o, oh, ow, cin, cw_idx, valid, C, H, W, CW,
+                 KH: tl.constexpr, KW: tl.constexpr, sh, sw, pt, pl, dh, dw,
+                 scale, levels, unit, PART: tl.constexpr):
+        """Sum over the kh x kw taps of input channel `cin` (weight channel `cw_idx`) of the
+        input itself (PART 0) or of its PG-quantized MSB (PART 1) or LSB (PART 2) part."""
         acc = tl.full(valid.shape, 0.0, tl.float32)
         for i in tl.static_range(KH):
             for j in tl.static_range(KW):
@@ -90,9 +92,21 @@ if triton is not None:
                 iw = ow * sw - pl + j * dw
                 inside = valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 xv = tl.load(x_ptr + ((n * C + cin) * H + ih) * W + iw, mask=inside, other=0.0)
+                if PART != 0:
+                    q = _round_half_even(tl.minimum(tl.abs(xv) / scale, 1.0) * levels)
+                    q_hb = tl.floor(q / unit) * unit
+                    part = q_hb if PART == 1 else q - q_hb
+                    sign = tl.where(xv > 0, 1.0, tl.where(xv < 0, -1.0, 0.0))
+                    xv = (part / levels) * scale * sign  # the reference's operation order
                 wv = tl.load(w_ptr + ((o * CW + cw_idx) * KH + i) * KW + j, mask=valid, other=0.0)
                 acc += xv * wv
         return acc
+
+    @triton.jit
+    def _conv_tap_sum(x_ptr, w_ptr, n, o, oh, ow, cin, cw_idx, valid, C, H, W, CW,
+                      KH: tl.constexpr, KW: tl.constexpr, sh, sw, pt, pl, dh, dw):
+        return _tap_sum(x_ptr, w_ptr, n, o, oh, ow, cin, cw_idx, valid, C, H, W, CW,
+                        KH, KW, sh, sw, pt, pl, dh, dw, 1.0, 1.0, 1.0, 0)
 
     @triton.jit
     def _cg_conv_kernel(x_ptr, w_ptr, mask_ptr, thr_ptr, y_ptr, total, C, H, W, O, OH, OW,
@@ -129,27 +143,6 @@ if triton is not None:
         return tl.where(tie & odd, r - 1.0, r)
 
     @triton.jit
-    def _pg_part_tap_sum(x_ptr, w_ptr, n, o, oh, ow, cin, cw_idx, valid, C, H, W, CW,
-                         KH: tl.constexpr, KW: tl.constexpr, sh, sw, pt, pl, dh, dw,
-                         scale, levels, unit, WANT_MSB: tl.constexpr):
-        """Like _conv_tap_sum on the MSB (or LSB) part of the quantized input."""
-        acc = tl.full(valid.shape, 0.0, tl.float32)
-        for i in tl.static_range(KH):
-            for j in tl.static_range(KW):
-                ih = oh * sh - pt + i * dh
-                iw = ow * sw - pl + j * dw
-                inside = valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                xv = tl.load(x_ptr + ((n * C + cin) * H + ih) * W + iw, mask=inside, other=0.0)
-                q = _round_half_even(tl.minimum(tl.abs(xv) / scale, 1.0) * levels)
-                q_hb = tl.floor(q / unit) * unit
-                part = q_hb if WANT_MSB else q - q_hb
-                sign = tl.where(xv > 0, 1.0, tl.where(xv < 0, -1.0, 0.0))
-                xq = (part / levels) * scale * sign  # the reference's operation order
-                wv = tl.load(w_ptr + ((o * CW + cw_idx) * KH + i) * KW + j, mask=valid, other=0.0)
-                acc += xq * wv
-        return acc
-
-    @triton.jit
     def _pg_conv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, total, C, H, W, O, OH, OW, CW, OG,
                         KH: tl.constexpr, KW: tl.constexpr, sh, sw, pt, pl, dh, dw,
                         scale, levels, unit, BLOCK_SIZE: tl.constexpr):
@@ -162,15 +155,15 @@ if triton is not None:
         c0 = (o // OG) * CW  # first input channel of o's group
         msb = tl.full((BLOCK_SIZE,), 0.0, tl.float32)
         for c in range(0, CW):
-            msb += _pg_part_tap_sum(x_ptr, w_ptr, n, o, oh, ow, c0 + c, c, valid, C, H, W, CW,
-                                    KH, KW, sh, sw, pt, pl, dh, dw, scale, levels, unit, True)
+            msb += _tap_sum(x_ptr, w_ptr, n, o, oh, ow, c0 + c, c, valid, C, H, W, CW,
+                            KH, KW, sh, sw, pt, pl, dh, dw, scale, levels, unit, 1)
         thr = tl.load(thr_ptr + o, mask=valid, other=0.0)
         gate = valid & (msb > thr)
         lsb = tl.full((BLOCK_SIZE,), 0.0, tl.float32)
         if _any(gate):
             for c in range(0, CW):
-                lsb += _pg_part_tap_sum(x_ptr, w_ptr, n, o, oh, ow, c0 + c, c, gate, C, H, W, CW,
-                                        KH, KW, sh, sw, pt, pl, dh, dw, scale, levels, unit, False)
+                lsb += _tap_sum(x_ptr, w_ptr, n, o, oh, ow, c0 + c, c, gate, C, H, W, CW,
+                                KH, KW, sh, sw, pt, pl, dh, dw, scale, levels, unit, 2)
         tl.store(y_ptr + idx, msb + lsb, mask=valid)
 
     @triton.jit
