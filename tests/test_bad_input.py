@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from gate2deploy.cli.demo import make_gator_checkpoint
+from gate2deploy.importers.gator import make_gator_checkpoint
 
 CIFAR = "tests/models/cifar_nets.py"
 

@@ -11,8 +11,7 @@ import torchvision
 import yaml
 
 from gate2deploy.capture import module_path
-from gate2deploy.cli.demo import make_gator_checkpoint
-from gate2deploy.importers.gator import hyper_edges
+from gate2deploy.importers.gator import hyper_edges, make_gator_checkpoint
 
 CIFAR = "tests/models/cifar_nets.py"
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from gate2deploy.benchmark import median_latencies_ms  # noqa: E402
 from gate2deploy.capture import capture  # noqa: E402
 from gate2deploy.cli import main as cli  # noqa: E402
-from gate2deploy.cli.demo import make_gator_checkpoint  # noqa: E402
+from gate2deploy.importers.gator import make_gator_checkpoint  # noqa: E402
 from gate2deploy.loading import build_model  # noqa: E402
 
 

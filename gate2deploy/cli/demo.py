@@ -24,39 +24,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def make_gator_checkpoint(path: Path, keep: float, seed: int = 0, arch: str = "resnet18",
-                          ddp_prefix: bool = False) -> list[torch.Tensor]:
-    """A torchvision model wrapped the way Gator saves it, with random gates; returns the
-    gate masks in hyper-edge order. `ddp_prefix` adds DataParallel's `module.` prefix."""
-    import torchvision
-
-    from ..importers.gator import hyper_edges
-
-    gen = torch.Generator().manual_seed(seed)
-    model = getattr(torchvision.models, arch)()
-    for m in model.modules():  # non-trivial BN statistics, so folding mistakes would show
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1, generator=gen)
-            m.running_var.uniform_(0.5, 1.5, generator=gen)
-            m.weight.data.uniform_(0.5, 1.5, generator=gen)
-            m.bias.data.normal_(0, 0.1, generator=gen)
-    state = {f"net.{k}": v for k, v in model.state_dict().items()}
-    masks = []
-    for i, edge in enumerate(hyper_edges(model)):
-        logits = torch.randn(edge.channels, generator=gen) + torch.special.logit(torch.tensor(keep))
-        state[f"forward_hooks.{i}.gating_module.gating_weights"] = logits
-        state[f"forward_hooks.{i}.gating_module.active_channels_mask"] = logits >= 0
-        masks.append(logits >= 0)
-    if ddp_prefix:
-        state = {f"module.{k}": v for k, v in state.items()}
-    torch.save({"epoch": 90, "arch": arch, "state_dict": state, "best_acc1": 0.0, "optimizer": {}}, path)
-    return masks
-
-
 def run(args) -> int:
     from ..benchmark import median_latencies_ms
     from ..capture import capture
     from ..frontend import parse_shape
+    from ..importers.gator import make_gator_checkpoint
     from . import main as cli_main
 
     if not 0 < args.keep <= 1:

@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import UserError
 from ..nn import MaskSpec
 
+GATE_KEY = "forward_hooks.{index}.gating_module.{field}"  # as Gator's wrapper names them
 HOOK_KEY = re.compile(r"^forward_hooks\.(\d+)\.gating_module\.(gating_weights|active_channels_mask)$")
 
 
@@ -140,3 +141,32 @@ def mask_specs(model: nn.Module, masks: dict[int, torch.Tensor]) -> list[MaskSpe
         for module in edge.in_modules:
             specs.append(MaskSpec(module, "in", mask.float(), f"gator edge {i} {edge.name}"))
     return specs
+
+
+def make_gator_checkpoint(path, keep: float, seed: int = 0, arch: str = "resnet18",
+                          ddp_prefix: bool = False) -> list[torch.Tensor]:
+    """Write a torchvision model wrapped the way Gator saves it (the layout this module
+    reads), with random weights, non-trivial BN statistics and random gates keeping about
+    `keep` of each hyper-edge; returns the gate masks in hyper-edge order. `ddp_prefix` adds
+    DataParallel's `module.` prefix. For the demo, tests and benchmarks."""
+    import torchvision
+
+    gen = torch.Generator().manual_seed(seed)
+    model = getattr(torchvision.models, arch)()
+    for m in model.modules():  # non-trivial BN statistics, so folding mistakes would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1, generator=gen)
+            m.running_var.uniform_(0.5, 1.5, generator=gen)
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+            m.bias.data.normal_(0, 0.1, generator=gen)
+    state = {f"net.{k}": v for k, v in model.state_dict().items()}
+    masks = []
+    for i, edge in enumerate(hyper_edges(model)):
+        logits = torch.randn(edge.channels, generator=gen) + torch.special.logit(torch.tensor(keep))
+        state[GATE_KEY.format(index=i, field="gating_weights")] = logits
+        state[GATE_KEY.format(index=i, field="active_channels_mask")] = logits >= 0
+        masks.append(logits >= 0)
+    if ddp_prefix:
+        state = {f"module.{k}": v for k, v in state.items()}
+    torch.save({"epoch": 90, "arch": arch, "state_dict": state, "best_acc1": 0.0, "optimizer": {}}, path)
+    return masks
