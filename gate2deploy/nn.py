@@ -110,6 +110,11 @@ class MaskSpec:
     mask: torch.Tensor
     source: str  # human-readable origin, e.g. "gator edge 3" or "netslim layer1.0.bn1"
 
+    @property
+    def label(self) -> str:
+        """What the captured ChannelMask node carries as its `source` attribute."""
+        return f"{self.source} ({self.side} {self.module})"
+
 
 def attach_masks(model: nn.Module, specs: list[MaskSpec]) -> list:
     """Register hooks applying `specs` to `model`; returns the handles (call .remove())."""
@@ -119,7 +124,7 @@ def attach_masks(model: nn.Module, specs: list[MaskSpec]) -> list:
         if spec.module not in modules:
             raise KeyError(f"mask target {spec.module!r} is not a module of the model")
         mod = modules[spec.module]
-        mask, label = spec.mask.detach().float(), f"{spec.source} ({spec.side} {spec.module})"
+        mask, label = spec.mask.detach().float(), spec.label
         if spec.side == "out":
             handles.append(mod.register_forward_hook(
                 lambda m, i, o, mask=mask, label=label: channel_mask(o, mask, label)))

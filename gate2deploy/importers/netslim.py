@@ -65,8 +65,9 @@ def independent_batchnorms(model: nn.Module, example: torch.Tensor) -> tuple[lis
     from ..passes.cleanup import cleanup
     from ..passes.ir import import_graph
 
-    bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    probes = [MaskSpec(n, "out", torch.ones(dict(model.named_modules())[n].num_features), n) for n in bns]
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    probes = [MaskSpec(n, "out", torch.ones(m.num_features), n) for n, m in bns.items()]
+    bn_of_label = {p.label: p.module for p in probes}
     handles = attach_masks(model, probes)
     try:
         graph = cleanup(import_graph(capture(model, example)))
@@ -79,7 +80,7 @@ def independent_batchnorms(model: nn.Module, example: torch.Tensor) -> tuple[lis
     roots_of_bn: dict[str, set[int]] = {}
     for node in graph.nodes:
         if node.op == "ChannelMask" and node.inputs[0].name in ana.maps:
-            bn = node.attrs["source"].split(" (", 1)[0]
+            bn = bn_of_label[node.attrs["source"]]
             roots = set(ana.roots_of(node.inputs[0].name).tolist())
             roots_of_bn[bn] = roots
             for r in roots:
