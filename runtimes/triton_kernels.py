@@ -109,15 +109,17 @@ if triton is not None:
                         KH, KW, sh, sw, pt, pl, dh, dw, 1.0, 1.0, 1.0, 0)
 
     @triton.jit
+    def _output_coords(idx, O, OH, OW):
+        """(n, o, oh, ow) of flat NCHW output indices."""
+        return idx // (OW * OH * O), (idx // (OW * OH)) % O, (idx // OW) % OH, idx % OW
+
+    @triton.jit
     def _cg_conv_kernel(x_ptr, w_ptr, mask_ptr, thr_ptr, y_ptr, total, C, H, W, O, OH, OW,
                         KH: tl.constexpr, KW: tl.constexpr, sh, sw, pt, pl, dh, dw,
                         BLOCK_SIZE: tl.constexpr):
         idx = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         valid = idx < total
-        ow = idx % OW
-        oh = (idx // OW) % OH
-        o = (idx // (OW * OH)) % O
-        n = idx // (OW * OH * O)
+        n, o, oh, ow = _output_coords(idx, O, OH, OW)
         partial = tl.full((BLOCK_SIZE,), 0.0, tl.float32)
         for c in range(0, C):  # stage 1: base-path channels only
             base = tl.load(mask_ptr + o * C + c, mask=valid, other=0.0)
@@ -148,10 +150,7 @@ if triton is not None:
                         scale, levels, unit, BLOCK_SIZE: tl.constexpr):
         idx = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         valid = idx < total
-        ow = idx % OW
-        oh = (idx // OW) % OH
-        o = (idx // (OW * OH)) % O
-        n = idx // (OW * OH * O)
+        n, o, oh, ow = _output_coords(idx, O, OH, OW)
         c0 = (o // OG) * CW  # first input channel of o's group
         msb = tl.full((BLOCK_SIZE,), 0.0, tl.float32)
         for c in range(0, CW):

@@ -107,6 +107,14 @@ SMALL = GEOMETRIES[:3]
 FRACTIONS = [0.0, 0.05, 0.6, 1.0]  # 0.05: sparse second stage, 0.6: dense
 
 
+def geometry(gi):
+    """GEOMETRIES[gi]; the sanitizer/ISA reruns (a subprocess) use the small shapes only."""
+    geom = GEOMETRIES[gi]
+    if IN_SUBPROCESS and geom not in SMALL:
+        pytest.skip("small shapes only in the sanitizer/ISA reruns")
+    return geom
+
+
 def random_case(geom, seed):
     n, c, o, h, w, k, s, p, d = geom
     rng = np.random.default_rng(seed)
@@ -131,9 +139,7 @@ def cg_base_mask(o, c, p, block_diagonal):
 @pytest.mark.parametrize("block_diagonal", [False, True])
 @pytest.mark.parametrize("gi", range(len(GEOMETRIES)))
 def test_cg_conv_matches_reference(gi, block_diagonal, frac):
-    geom = GEOMETRIES[gi]
-    if IN_SUBPROCESS and geom not in SMALL:
-        pytest.skip("small shapes only in the sanitizer/ISA reruns")
+    geom = geometry(gi)
     rng, x, w, s, p, d = random_case(geom, seed=gi)
     o, c = w.shape[:2]
     mask = cg_base_mask(o, c, 4 if c >= 8 else 2, block_diagonal)
@@ -178,9 +184,7 @@ PG_BITS = [(3, 2, 8), (8, 4, 8), (4, 1, 4), (8, 4, 0), (12, 6, 8)]  # abits, pre
 @pytest.mark.parametrize("bits", PG_BITS, ids=lambda b: f"a{b[0]}p{b[1]}w{b[2]}")
 @pytest.mark.parametrize("gi", range(len(GEOMETRIES)))
 def test_pg_conv_matches_reference(gi, bits, frac):
-    geom = GEOMETRIES[gi]
-    if IN_SUBPROCESS and geom not in SMALL:
-        pytest.skip("small shapes only in the sanitizer/ISA reruns")
+    geom = geometry(gi)
     abits, pred, wbits = bits
     n, c, o, h, wd, k, s, p, d = geom
     group = 2 if (c % 2 == 0 and o % 2 == 0 and gi % 2 == 0) else 1
@@ -242,9 +246,7 @@ def test_cg_conv_sparse_second_stage_long_rows(geom, frac):
 @pytest.mark.parametrize("density", [0.25, 0.5, 0.7, 1.0])
 @pytest.mark.parametrize("gi", range(len(GEOMETRIES)))
 def test_fbs_conv_matches_reference(gi, density, pool):
-    geom = GEOMETRIES[gi]
-    if IN_SUBPROCESS and geom not in SMALL:
-        pytest.skip("small shapes only in the sanitizer/ISA reruns")
+    geom = geometry(gi)
     rng, x, w, s, p, d = random_case(geom, seed=gi)
     o, c = w.shape[:2]
     x[:, rng.random(c) < 0.5] = 0.0  # inputs from a previous FBS layer: some channels all zero
