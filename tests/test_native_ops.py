@@ -242,15 +242,13 @@ def test_cg_conv_sparse_second_stage_long_rows(geom, frac):
 
 # ----------------------------------------------------------------------------- FBSConv
 
-@pytest.mark.parametrize("pool", ["avg", "max"])
-@pytest.mark.parametrize("density", [0.25, 0.5, 0.7, 1.0])
-@pytest.mark.parametrize("gi", range(len(GEOMETRIES)))
-def test_fbs_conv_matches_reference(gi, density, pool):
-    geom = geometry(gi)
-    rng, x, w, s, p, d = random_case(geom, seed=gi)
+def check_fbs_against_reference(geom, density, pool, seed, zero_channels):
+    """FBSConv on random data vs the reference; input channels in `zero_channels` are all zero
+    (a previous FBS layer switched them off), except channel 0 of sample 0."""
+    rng, x, w, s, p, d = random_case(geom, seed=seed)
     o, c = w.shape[:2]
-    x[:, rng.random(c) < 0.5] = 0.0  # inputs from a previous FBS layer: some channels all zero
-    x[0, 0] = 1.0  # ... but not the same ones in every sample
+    x[:, zero_channels] = 0.0
+    x[0, 0] = 1.0  # ... so the active inputs differ between samples
     fc_w = rng.standard_normal((o, c)).astype(np.float32)
     fc_b = (rng.standard_normal(o) + 0.5).astype(np.float32)
     bn_scale, bn_shift, beta = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
@@ -269,6 +267,46 @@ def test_fbs_conv_matches_reference(gi, density, pool):
         cut = np.sort(g, axis=1)[:, o - k - 1:o - k]
         assert (np.abs(g - cut)[bad_channels] <= TIE * np.abs(g).max()).all()
         assert bad_channels.mean() <= 0.05
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.7, 1.0])
+@pytest.mark.parametrize("gi", range(len(GEOMETRIES)))
+def test_fbs_conv_matches_reference(gi, density, pool):
+    geom = geometry(gi)
+    c = geom[1]
+    zero = np.random.default_rng(100 + gi).random(c) < 0.5
+    check_fbs_against_reference(geom, density, pool, gi, zero)
+
+
+def delegated_conv_runs() -> int:
+    """Convolutions the native library has handed to ONNX Runtime's NCHWc conv so far."""
+    import ctypes
+
+    fn = ctypes.CDLL(str(custom_ops_library_path())).G2DDelegatedConvRuns
+    fn.restype = ctypes.c_int64
+    return fn()
+
+
+ORT_CONV_EXPECTED = (os.environ.get("G2D_ORT_CONV") != "0"
+                     and " avx2 " in " " + open("/proc/cpuinfo").read().replace("\n", " ") + " ")
+
+
+@pytest.mark.parametrize("density", [0.25, 0.5])
+@pytest.mark.parametrize("geom", [
+    (1, 64, 64, 12, 12, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 64, 64, 13, 11, 3, (2, 1), (1, 0, 2, 1), (2, 1)),
+    (1, 48, 64, 9, 9, 1, (1, 1), (0, 0, 0, 0), (1, 1)),
+])
+def test_fbs_conv_wide_layers_run_on_ort_nchwc_conv(geom, density):
+    """Whole channel blocks of active outputs and inputs: the conv is delegated to ONNX
+    Runtime's NCHWc conv (after its self-check), and the result still equals the reference."""
+    before = delegated_conv_runs()
+    c = geom[1]
+    zero = np.arange(c) >= 32  # 32 live input channels: two or four whole blocks
+    check_fbs_against_reference(geom, density, "avg", 7, zero)
+    if ORT_CONV_EXPECTED:
+        assert delegated_conv_runs() > before
 
 
 def test_fbs_conv_packed_weight_cache_follows_the_active_channels():
@@ -441,6 +479,7 @@ def test_sanitizer_build_runs_kernel_tests_clean():
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 @pytest.mark.skipif(IN_SUBPROCESS, reason="already a rerun")
 def test_rerun_with_narrower_isa(isa):
-    """The generic and AVX2 inner loops (picked by cpuid on other machines) on this machine."""
-    proc = _rerun_small_cases({"G2D_ISA": isa})
+    """The generic and AVX2 inner loops (picked by cpuid on other machines) on this machine,
+    with the dense sub-convolutions on our own GEMM instead of ONNX Runtime's NCHWc conv."""
+    proc = _rerun_small_cases({"G2D_ISA": isa, "G2D_ORT_CONV": "0"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -143,6 +143,19 @@ struct RowEpilogue {
   float* y;
   int64_t ld;
   const float *gain, *scale, *shift, *bias;
+  // The value written for accumulator `acc` of row m (one expression for every code path, so
+  // they agree bit for bit).
+  static float Affine(float g, float s, float sh, float b, float acc) {
+    const float v = g * (s * acc + sh) + b;
+    return v > 0.f ? v : 0.f;
+  }
+  float Apply(int64_t m, float acc) const { return Affine(gain[m], scale[m], shift[m], bias[m], acc); }
+  // v[0:n] = Apply(m, v[0:n]), with the row's factors in registers (v may alias nothing the
+  // compiler can prove, so a plain loop over Apply would reload them per element).
+  void ApplyInPlace(int64_t m, float* v, int64_t n) const {
+    const float g = gain[m], s = scale[m], sh = shift[m], b = bias[m];
+    for (int64_t i = 0; i < n; ++i) v[i] = Affine(g, s, sh, b, v[i]);
+  }
 };
 
 // Conv of one sample x[C, H, W] over input channels `chans` (only those are read or copied),

@@ -33,6 +33,30 @@ bool HasNonZero(const float* x, int64_t n) {
     if (x[i] != 0.f) return true;
   return false;
 }
+
+// Global average (or max) of one channel's n > 0 values: 16 independent partials (a loop the
+// compiler vectorizes), combined at the end (the sum in double).
+float Pool(const float* x, int64_t n, bool max_pool) {
+  constexpr int kLanes = 16;
+  int64_t i = 0;
+  if (max_pool) {
+    float mxp[kLanes];
+    for (int l = 0; l < kLanes; ++l) mxp[l] = x[0];
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) mxp[l] = mxp[l] < x[i + l] ? x[i + l] : mxp[l];
+    float mx = x[0];
+    for (; i < n; ++i) mx = std::max(mx, x[i]);
+    for (int l = 0; l < kLanes; ++l) mx = std::max(mx, mxp[l]);
+    return mx;
+  }
+  float part[kLanes] = {};
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += x[i + l];
+  double sum = 0.0;
+  for (; i < n; ++i) sum += x[i];
+  for (int l = 0; l < kLanes; ++l) sum += part[l];
+  return float(sum / double(n));
+}
 }  // namespace
 
 FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {
@@ -41,6 +65,7 @@ FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   const std::string pool = ReadStringAttr(info, "pool", "avg");
   max_pool_ = pool == "max";
   w_const_ = InputIsConstant(info, 1);
+  nchwc_ = std::make_unique<NchwcConv>(info, attrs_);
   if (attr_error_.empty() && !(density_ > 0.f && density_ <= 1.f))
     attr_error_ = "attribute density must be in (0, 1], got " + std::to_string(density_);
   else if (attr_error_.empty() && pool != "avg" && pool != "max")
@@ -76,37 +101,15 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * HW;
       float* yn = y + n * g.O * Np;
-      // Saliency, and which input channels carry anything at all.
+      // Saliency, and which input channels carry anything at all (channels switched off
+      // upstream are all zero; the scan stops at the first non-zero value of a live channel).
+      // Serial: cheaper than waking a pool thread for a parallel section.
       std::vector<int> in_active;
       for (int64_t c = 0; c < g.C; ++c) {
         const float* xc = xn + c * HW;
-        // Channels switched off upstream are all zero: found by a scan that stops at the first
-        // non-zero value, so live channels cost almost nothing here.
-        if (!HasNonZero(xc, HW)) {
-          pooled[c] = 0.f;  // mean and max of zeros
-          continue;
-        }
-        in_active.push_back(int(c));
-        constexpr int kLanes = 16;  // independent partials (vectorizable), combined at the end
-        int64_t i = 0;
-        if (max_pool_) {
-          float mxp[kLanes];
-          for (int l = 0; l < kLanes; ++l) mxp[l] = xc[0];
-          for (; i + kLanes <= HW; i += kLanes)
-            for (int l = 0; l < kLanes; ++l) mxp[l] = mxp[l] < xc[i + l] ? xc[i + l] : mxp[l];
-          float mx = xc[0];
-          for (; i < HW; ++i) mx = std::max(mx, xc[i]);
-          for (int l = 0; l < kLanes; ++l) mx = std::max(mx, mxp[l]);
-          pooled[c] = mx;
-        } else {
-          float part[kLanes] = {};
-          for (; i + kLanes <= HW; i += kLanes)
-            for (int l = 0; l < kLanes; ++l) part[l] += xc[i + l];
-          double sum = 0.0;
-          for (; i < HW; ++i) sum += xc[i];
-          for (int l = 0; l < kLanes; ++l) sum += part[l];
-          pooled[c] = float(sum / double(HW));
-        }
+        const bool live = HasNonZero(xc, HW);
+        pooled[size_t(c)] = live ? Pool(xc, HW, max_pool_) : 0.f;  // mean and max of zeros: 0
+        if (live) in_active.push_back(int(c));
       }
       for (int64_t o = 0; o < g.O; ++o) {
         float acc = 0.f;
@@ -139,21 +142,8 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       }
       if (out_active.empty()) continue;
 
-      // Only active outputs x active inputs: weights gathered and packed per sample.
-      std::shared_ptr<const PackedWeights<float>> w;
-      if (w_const_) {
-        std::lock_guard<std::mutex> lock(cache_mutex_);
-        if (!cached_w_ || cached_out_ != out_active || cached_in_ != in_active) {
-          cached_w_ = std::make_shared<const PackedWeights<float>>(
-              PackWeights(isa, W.Data(), g, out_active, in_active));
-          cached_out_ = out_active;
-          cached_in_ = in_active;
-        }
-        w = cached_w_;
-      } else {
-        w = std::make_shared<const PackedWeights<float>>(
-            PackWeights(isa, W.Data(), g, out_active, in_active));
-      }
+      // Only active outputs x active inputs: a dense conv over the gathered channels, with
+      // the weights for this pair of active sets prepared once (cached) per W.
       const size_t na = out_active.size();
       std::vector<float> gain(na), scale(na), shift(na), bias(na);
       for (size_t a = 0; a < na; ++a) {
@@ -165,6 +155,32 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       }
       const RowEpilogue ep{out_active.data(), yn, Np, gain.data(), scale.data(), shift.data(),
                            bias.data()};
+      if (nchwc_->Suits(ctx, int64_t(na), int64_t(in_active.size()))) {
+        auto make = [&] { return nchwc_->PackFilter(W.Data(), g, out_active, in_active); };
+        const auto f = w_const_ ? filter_cache_.Get(out_active, in_active, make)
+                                : std::make_shared<const NchwcFilter>(make());
+        AlignedVec<float>& xb = Scratch<float, 16>();
+        AlignedVec<float>& yb = Scratch<float, 17>();
+        xb.resize(size_t(f->C * HW));
+        yb.resize(size_t(f->O * Np));
+        nchwc_->GatherBlocked(isa, xn, g, in_active, xb.data());
+        nchwc_->Run(ctx, g, *f, xb.data(), yb.data());
+        const int64_t B = nchwc_->Block();
+        // Back from the blocked layout to the active rows, then the epilogue on each row.
+        ParallelFor(nullptr, size_t(f->O / B), [&](size_t blk) {
+          const int64_t a0 = int64_t(blk) * B;
+          const int valid = int(std::min<int64_t>(B, int64_t(na) - a0));
+          if (valid <= 0) return;
+          float* rows[64];
+          for (int l = 0; l < valid; ++l) rows[l] = yn + int64_t(out_active[size_t(a0 + l)]) * Np;
+          isa.scatter_lanes(yb.data() + a0 * Np, B, Np, rows, valid);
+          for (int l = 0; l < valid; ++l) ep.ApplyInPlace(a0 + l, rows[l], Np);
+        });
+        continue;
+      }
+      auto make = [&] { return PackWeights(isa, W.Data(), g, out_active, in_active); };
+      const auto w = w_const_ ? packed_cache_.Get(out_active, in_active, make)
+                              : std::make_shared<const PackedWeights<float>>(make());
       ConvByPanels(ctx, isa, *w, xn, g, in_active, ep);
     }
   });

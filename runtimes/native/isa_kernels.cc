@@ -1,6 +1,7 @@
 // Vector inner loops, compiled once per instruction set (see isa_kernels.h). The build passes
 // -DG2D_ISA_NS=<namespace> and the matching -m flags; nothing here may be called unless the
 // CPU supports those flags (BestKernels() in conv_common.cc checks cpuid).
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -238,7 +239,28 @@ void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpa
     for (int64_t k = K; k < Lpad; ++k) fields[t * Lpad + k] = 0.f;
   }
 }
+
+void scatter_lanes(const float* src, int64_t ld, int64_t n, float* const* dst, int lanes) {
+  int64_t t0 = 0;
+  if (ld == 16 && lanes == 16) {
+    for (; t0 + 16 <= n; t0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (t0 + i) * 16);
+      transpose16(r);
+      for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst[l] + t0, r[l]);
+    }
+  }
+  for (int l = 0; l < lanes; ++l)
+    for (int64_t t = t0; t < n; ++t) dst[l][t] = src[t * ld + l];
+}
 #else
+void scatter_lanes(const float* src, int64_t ld, int64_t n, float* const* dst, int lanes) {
+  constexpr int64_t kTile = 64;  // the tile's source rows stay in L1 while each lane is written
+  for (int64_t t0 = 0; t0 < n; t0 += kTile)
+    for (int l = 0; l < lanes; ++l)
+      for (int64_t t = t0; t < std::min(n, t0 + kTile); ++t) dst[l][t] = src[t * ld + l];
+}
+
 void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpad, float* fields) {
   for (int64_t k = 0; k < K; ++k) {
     const float* s = base + off[k];
@@ -352,7 +374,7 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kIMR,          kINR,        kVW,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
                                     igemm_micro,   gather_fields, gate_panel,
-                                    sddmm_chunk,   idot_rows};
+                                    sddmm_chunk,   idot_rows,   scatter_lanes};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

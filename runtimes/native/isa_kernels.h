@@ -54,6 +54,9 @@ struct IsaKernels {
   // padded with zeros.
   void (*idot_rows)(const int16_t* x, const int16_t* const* rows, int nrows, int64_t len,
                     int32_t* out);
+  // dst[l][t] = src[t * ld + l] for l < lanes, t < n: a pixel-major blocked tile (e.g. an
+  // NCHWc channel block) back to `lanes` separate channel rows (AVX-512: 16 x 16 transposes).
+  void (*scatter_lanes)(const float* src, int64_t ld, int64_t n, float* const* dst, int lanes);
 };
 
 namespace isa_generic { extern const IsaKernels kKernels; }

@@ -1,0 +1,167 @@
+// See nchwc_conv.h.
+#include "nchwc_conv.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+namespace g2d {
+
+namespace {
+std::atomic<int64_t> delegated_runs{0};
+}  // namespace
+
+int NchwcBlock() {
+  // Mirrors MLAS's platform choice (NchwcBlockSize): AVX-512F -> 16, AVX2 -> 8, else none.
+  static const int block = [] {
+    if (__builtin_cpu_supports("avx512f")) return 16;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 8;
+    return 0;
+  }();
+  return block;
+}
+
+NchwcConv::NchwcConv(const OrtKernelInfo* info, const ConvAttrs& attrs) : attrs_(attrs) {
+  block_ = NchwcBlock();
+  if (block_ == 0 || attrs.group != 1) return;
+  try {
+    std::vector<Ort::OpAttr> op_attrs;
+    op_attrs.emplace_back("strides", attrs.strides.data(), int(attrs.strides.size()),
+                          ORT_OP_ATTR_INTS);
+    op_attrs.emplace_back("pads", attrs.pads.data(), int(attrs.pads.size()), ORT_OP_ATTR_INTS);
+    op_attrs.emplace_back("dilations", attrs.dilations.data(), int(attrs.dilations.size()),
+                          ORT_OP_ATTR_INTS);
+    const char* type_names[] = {"T"};
+    const ONNXTensorElementDataType type_values[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    op_ = Ort::Op::Create(info, "Conv", "com.microsoft.nchwc", 1, type_names, type_values, 1,
+                          op_attrs.data(), op_attrs.size(), 2, 1);
+  } catch (const std::exception&) {
+    op_ = Ort::Op{nullptr};  // not in this ONNX Runtime build: callers use their own kernels
+  }
+}
+
+NchwcFilter NchwcConv::PackFilter(const float* w, const ConvGeom& g,
+                                  const std::vector<int>& outputs,
+                                  const std::vector<int>& chans) const {
+  const int64_t B = block_, kk = g.kk();
+  NchwcFilter f;
+  f.O = Padded(int64_t(outputs.size()));
+  f.C = Padded(int64_t(chans.size()));
+  f.kh = g.kh;
+  f.kw = g.kw;
+  f.data.assign(size_t(f.O * f.C * kk), 0.f);
+  for (size_t a = 0; a < outputs.size(); ++a) {
+    const int64_t ob = int64_t(a) / B, lo = int64_t(a) % B;
+    const float* wo = w + int64_t(outputs[a]) * g.Cw * kk;
+    for (size_t b = 0; b < chans.size(); ++b) {
+      const int64_t ib = int64_t(b) / B, li = int64_t(b) % B;
+      const float* wc = wo + int64_t(chans[b]) * kk;
+      float* dst = f.data.data() + ((ob * (f.C / B) + ib) * kk) * B * B + li * B + lo;
+      for (int64_t t = 0; t < kk; ++t) dst[t * B * B] = wc[t];
+    }
+  }
+  return f;
+}
+
+void NchwcConv::GatherBlocked(const IsaKernels& isa, const float* x, const ConvGeom& g,
+                              const std::vector<int>& chans, float* xb) const {
+  // Serial: a few microseconds, less than waking a pool thread. Whole panels of isa.nr pixels
+  // go through the ISA's register transpose (isa.gather_fields); the tail pixels are copied.
+  const int64_t B = block_, HW = g.H * g.W, nc = int64_t(chans.size());
+  std::vector<int64_t> off(static_cast<size_t>(B));
+  for (int64_t blk = 0; blk * B < nc; ++blk) {
+    const int64_t valid = std::min(B, nc - blk * B);
+    for (int64_t l = 0; l < valid; ++l) off[size_t(l)] = int64_t(chans[size_t(blk * B + l)]) * HW;
+    float* dst = xb + blk * HW * B;
+    int64_t p0 = 0;
+    for (; p0 + isa.nr <= HW; p0 += isa.nr) isa.gather_fields(x + p0, off.data(), valid, B, dst + p0 * B);
+    for (; p0 < HW; ++p0)
+      for (int64_t l = 0; l < B; ++l) dst[p0 * B + l] = l < valid ? x[off[size_t(l)] + p0] : 0.f;
+  }
+}
+
+void NchwcConv::Run(OrtKernelContext* ctx, const ConvGeom& g, const NchwcFilter& f,
+                    const float* xb, float* yb) const {
+  const Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
+  const int64_t x_shape[] = {1, f.C, g.H, g.W};
+  const int64_t w_shape[] = {f.O, f.C, f.kh, f.kw};
+  const int64_t y_shape[] = {1, f.O, g.OH, g.OW};
+  // The op reads X and W only; the casts are what the C API's Value wrapper asks for.
+  Ort::Value inputs[] = {
+      Ort::Value::CreateTensor<float>(mem, const_cast<float*>(xb), size_t(f.C * g.H * g.W),
+                                      x_shape, 4),
+      Ort::Value::CreateTensor<float>(mem, const_cast<float*>(f.data.data()), f.data.size(),
+                                      w_shape, 4)};
+  Ort::Value outputs[] = {
+      Ort::Value::CreateTensor<float>(mem, yb, size_t(f.O * g.OH * g.OW), y_shape, 4)};
+  const_cast<Ort::Op&>(op_).Invoke(ctx, inputs, 2, outputs, 1);
+  delegated_runs.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool NchwcConv::Available(OrtKernelContext* ctx) const {
+  static const bool disabled = [] {
+    const char* v = std::getenv("G2D_ORT_CONV");
+    return v != nullptr && std::strcmp(v, "0") == 0;
+  }();
+  if (!op_ || disabled) return false;
+  std::call_once(checked_, [&] { ok_ = SelfCheck(ctx); });
+  return ok_;
+}
+
+bool NchwcConv::Suits(OrtKernelContext* ctx, int64_t outputs, int64_t inputs) const {
+  if (outputs < 1 || inputs < 1) return false;
+  const double padded = double(Padded(outputs)) * double(Padded(inputs));
+  return padded <= 1.25 * double(outputs) * double(inputs) && Available(ctx);
+}
+
+// One small convolution through the delegate against a direct loop: catches a block size or
+// filter layout that differs from what this file assumes (they are ONNX Runtime internals).
+bool NchwcConv::SelfCheck(OrtKernelContext* ctx) const {
+  try {
+    const int64_t C = block_ + 3, O = block_ + 5, k = 3;  // not whole blocks: padding is used
+    const int64_t H = 2 * (k - 1) * attrs_.dilations[0] + 5;
+    const int64_t Wd = 2 * (k - 1) * attrs_.dilations[1] + 4;
+    const ConvGeom g = MakeGeom("NchwcConv self-check", {1, C, H, Wd}, {O, C, k, k}, attrs_);
+    if (g.OH < 1 || g.OW < 1) return false;
+    std::vector<float> x(size_t(C * H * Wd)), w(size_t(O * C * k * k));
+    for (size_t i = 0; i < x.size(); ++i) x[i] = float(int(i * 7 % 13) - 6);
+    for (size_t i = 0; i < w.size(); ++i) w[i] = float(int(i * 5 % 11) - 5) * 0.25f;
+    std::vector<int> outputs(static_cast<size_t>(O)), chans(static_cast<size_t>(C));
+    for (int64_t i = 0; i < O; ++i) outputs[size_t(i)] = int(O - 1 - i);  // reordered rows
+    for (int64_t i = 0; i < C; ++i) chans[size_t(i)] = int(i);
+    const NchwcFilter f = PackFilter(w.data(), g, outputs, chans);
+    AlignedVec<float> xb(size_t(f.C * H * Wd)), yb(size_t(f.O * g.P()));
+    GatherBlocked(BestKernels(), x.data(), g, chans, xb.data());
+    Run(ctx, g, f, xb.data(), yb.data());
+    const int64_t B = block_;
+    for (int64_t a = 0; a < O; ++a) {
+      const int64_t o = outputs[size_t(a)];
+      for (int64_t oy = 0; oy < g.OH; ++oy)
+        for (int64_t ox = 0; ox < g.OW; ++ox) {
+          double ref = 0.0;  // small integers and quarters: exact in fp32 and double
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t i = 0; i < k; ++i)
+              for (int64_t j = 0; j < k; ++j) {
+                const int64_t iy = oy * g.sh - g.pt + i * g.dh, ix = ox * g.sw - g.pl + j * g.dw;
+                if (iy < 0 || iy >= H || ix < 0 || ix >= Wd) continue;
+                ref += double(x[size_t((c * H + iy) * Wd + ix)]) *
+                       double(w[size_t(((o * C + c) * k + i) * k + j)]);
+              }
+          const float got = yb[size_t(((a / B) * g.P() + oy * g.OW + ox) * B + a % B)];
+          if (std::fabs(double(got) - ref) > 1e-3) return false;
+        }
+    }
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // namespace g2d
+
+// How many convolutions this process has delegated (tests check a path was really taken;
+// read with ctypes from the same library file the session loaded).
+extern "C" __attribute__((visibility("default"))) int64_t G2DDelegatedConvRuns() {
+  return g2d::delegated_runs.load(std::memory_order_relaxed);
+}

@@ -1,0 +1,79 @@
+// Dense sub-convolutions delegated to ONNX Runtime's own blocked (NCHWc) convolution.
+//
+// Why: once a gate has decided which channels take part (FBS: a sample's active outputs and
+// inputs; CG: the base channels), what is left is an ordinary dense convolution over fewer
+// channels. ONNX Runtime's MLAS runs that best in its NCHWc layout (channels in blocks of 16
+// on AVX-512, 8 on AVX2): measured here, 64->64 channels 28x28 3x3 in 0.35 of the dense
+// 128->128 time including both layout reorders, where our own im2col-free GEMM needed ~0.47.
+// So instead of re-writing MLAS, the kernels call it through the custom-op API's
+// "invoke a built-in op" hook (OrtApi::CreateOp / InvokeOp) on the session's thread pool.
+//
+// The op is `com.microsoft.nchwc:Conv`, an internal op of ONNX Runtime's CPU provider (the
+// NCHWc layout transformer emits it). Its operands:
+//   X  [1, Cb, H, W] holding channel block b, pixel p, lane l at ((b * H*W) + p) * B + l
+//   W  [Ob, Cb, kh, kw] in "OIHWBiBo": for output block ob and input block ib, each tap holds
+//      B x B values, input lane major, output lane minor
+//   Y  [1, Ob, OH, OW] in the same blocked layout as X
+// with Cb, Ob the channel counts padded with zeros to multiples of B.
+//
+// Because the layout and block size are internal to ONNX Runtime, the first call checks the
+// delegate against a plain direct convolution on a small problem; if it disagrees or the op
+// cannot be created (another ONNX Runtime build, a CPU without AVX2), available() is false and
+// callers use their own kernels. The delegate never changes results beyond fp32 summation
+// order.
+#pragma once
+
+#include <atomic>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "conv_common.h"
+
+namespace g2d {
+
+// Channel block of MLAS's NCHWc kernels on this CPU: 16 with AVX-512F, 8 with AVX2+FMA, 0
+// when MLAS has no NCHWc kernels here.
+int NchwcBlock();
+
+// A filter in OIHWBiBo for output rows `outputs` and input channels `chans` of W (indices
+// into W's channel dimension), zero-padded to whole blocks.
+struct NchwcFilter {
+  int64_t O = 0, C = 0;  // padded counts
+  int64_t kh = 0, kw = 0;
+  AlignedVec<float> data;
+};
+
+class NchwcConv {
+ public:
+  // Creates the ORT op with the conv attributes (group must be 1; otherwise unavailable).
+  NchwcConv(const OrtKernelInfo* info, const ConvAttrs& attrs);
+
+  // True when the op exists and passed its one-time check (done on the first call, with ctx).
+  // The environment variable G2D_ORT_CONV=0 turns delegation off (tests of the own kernels).
+  bool Available(OrtKernelContext* ctx) const;
+  // Available, and worth it for a conv of `outputs` x `inputs` channels: padding both to
+  // whole blocks adds at most a quarter to its MACs (else the own kernels are faster).
+  bool Suits(OrtKernelContext* ctx, int64_t outputs, int64_t inputs) const;
+  int Block() const { return block_; }
+  int64_t Padded(int64_t n) const { return RoundUp(n, block_); }
+
+  NchwcFilter PackFilter(const float* w, const ConvGeom& g, const std::vector<int>& outputs,
+                         const std::vector<int>& chans) const;
+  // xb[Padded(chans.size()) * H * W] = channels `chans` of the sample x[C, H, W], blocked.
+  void GatherBlocked(const IsaKernels& isa, const float* x, const ConvGeom& g,
+                     const std::vector<int>& chans, float* xb) const;
+  // yb[f.O * OH * OW] (blocked) = conv of xb with f, geometry from g (C, O taken from f).
+  void Run(OrtKernelContext* ctx, const ConvGeom& g, const NchwcFilter& f, const float* xb,
+           float* yb) const;
+
+ private:
+  bool SelfCheck(OrtKernelContext* ctx) const;
+  ConvAttrs attrs_;
+  int block_ = 0;
+  Ort::Op op_{nullptr};
+  mutable std::once_flag checked_;
+  mutable std::atomic<bool> ok_{false};
+};
+
+}  // namespace g2d
