@@ -128,6 +128,15 @@ def fbs_conv_schema():
         doc="FBS: per-sample top-k output channels by a pooled saliency; others exactly 0.")
 
 
+
+@schema
+def sparse_input_conv_schema():
+    return make_schema(
+        "SparseInputConv", [("X", "T"), ("W", "T"), ("B", "T")], [("Y", "T")],
+        _CONV_ATTRS, infer=conv_like_output,
+        doc="Exactly ONNX Conv (group 1, bias B); the kernel reads only each sample's non-zero "
+            "input channels (the consumer of an FBS layer).")
+
 def register_all() -> None:
     global _registered
     if _registered:

@@ -18,6 +18,7 @@ from gate2deploy.passes.cleanup import cleanup
 from gate2deploy.passes.fold_masks import FoldResult, fold_static_masks
 from gate2deploy.passes.lower_portable import LoweringResult, lower_portable
 from gate2deploy.passes.resolve_static_shapes import resolve_static_shapes
+from gate2deploy.passes.sparse_fbs_consumers import sparse_fbs_consumers
 
 
 @dataclass
@@ -26,6 +27,7 @@ class PassContext:
     fold: FoldResult = field(default_factory=FoldResult)
     choose_widths: bool = False  # pad folded layers to fast physical widths (passes/choose_widths.py)
     lowering: LoweringResult = field(default_factory=LoweringResult)  # CG/PG/FBS -> standard ops
+    sparse_input_convs: list[str] = field(default_factory=list)  # Conv after FBS -> SparseInputConv
 
 
 Pass = Callable[[gs.Graph, PassContext], gs.Graph]
@@ -38,11 +40,19 @@ FOLD_PIPELINE: list[tuple[str, Pass]] = [
         g, ctx.unfoldable_policy, ctx.fold, choose_padding if ctx.choose_widths else None)),
 ]
 
+def _sparse_fbs_consumers(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+    ctx.sparse_input_convs.extend(sparse_fbs_consumers(graph))
+    return graph
+
+
 PIPELINES: dict[str, list[tuple[str, Pass]]] = {
     # Portable: every gate2deploy op becomes standard ONNX ops (stock onnxruntime, no plugin).
     "onnx": FOLD_PIPELINE + [("lower_portable", lambda g, ctx: lower_portable(g, ctx.lowering))],
-    # ONNX Runtime with the gate2deploy custom-op library: CGConv/PGConv/FBSConv nodes stay.
-    "ort": list(FOLD_PIPELINE),
+    # ONNX Runtime with the gate2deploy custom-op library: CGConv/PGConv/FBSConv nodes stay,
+    # and plain convs reading an FBS output skip its zero channels (CPU-only op).
+    "ort": FOLD_PIPELINE + [("sparse_fbs_consumers", _sparse_fbs_consumers)],
+    # TensorRT with the gate2deploy plugins: CGConv/PGConv/FBSConv nodes stay.
+    "trt": list(FOLD_PIPELINE),
 }
 
 

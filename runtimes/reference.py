@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["conv2d", "cg_conv_reference", "pg_conv_reference", "fbs_conv_reference",
+           "sparse_input_conv_reference",
            "pg_split_activations", "fbs_active_channels"]
 
 
@@ -183,3 +184,12 @@ def fbs_conv_reference(x, w, fc_w, fc_b, bn_scale, bn_shift, beta, density: floa
     out = np.maximum(act * g[:, :, None, None] * (scale * y + shift) + act * b, np.float32(0))
     out = out.astype(np.float32)
     return (out, active) if return_gate else out
+
+
+def sparse_input_conv_reference(x, w, b, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)):
+    """SparseInputConv (OPS.md): exactly ONNX Conv with bias, group 1."""
+    b = _f32("B", b).reshape(-1)
+    if b.size != np.asarray(w).shape[0]:
+        raise ValueError(f"B must have {np.asarray(w).shape[0]} values, not {b.size}")
+    y = conv2d(x, w, strides, pads, dilations)
+    return (y + b[None, :, None, None]).astype(np.float32)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -26,6 +27,7 @@ from gate2deploy.gate_stats import gate_statistics, onnx_gate_statistics
 from gate2deploy.gated_verify import verify_gated_layers
 from gate2deploy.loading import build_model, load_checkpoint, load_weights
 from gate2deploy.pipeline import PassContext, run_pipeline
+from gate2deploy.runtimes.ort import open_session
 
 STAGES = [(16, 1), (32, 2), (64, 2)]  # (planes, stride of the first block), 3 blocks each
 
@@ -173,7 +175,18 @@ def test_fbs_resnet18_from_dense_weights_exports_with_both_lowerings():
     load_weights(model, sd, "fbs")
     captured = capture(model, x)
     assert Counter(n.op_type for n in captured.graph.node if n.domain == "gate2deploy") == {"FBSConv": 9}
-    assert Counter(n.op_type for n in run_pipeline(captured, "ort", PassContext()).graph.node
+    # --target ort: conv2 of each of the 8 blocks reads an FBS output -> SparseInputConv
+    ctx = PassContext()
+    compiled = run_pipeline(captured, "ort", ctx)
+    assert Counter(n.op_type for n in compiled.graph.node
+                   if n.domain == "gate2deploy") == {"FBSConv": 9, "SparseInputConv": 8}
+    assert sorted(ctx.sparse_input_convs) == sorted(
+        n.name for n in compiled.graph.node if n.op_type == "SparseInputConv")
+    native = open_session(compiled).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(native - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert Counter(n.op_type for n in run_pipeline(captured, "trt", PassContext()).graph.node
                    if n.domain == "gate2deploy") == {"FBSConv": 9}
     portable = run_pipeline(captured, "onnx", PassContext())
     session = lambda proto: ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731

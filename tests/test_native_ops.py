@@ -309,6 +309,36 @@ def test_fbs_conv_wide_layers_run_on_ort_nchwc_conv(geom, density):
         assert delegated_conv_runs() > before
 
 
+# ----------------------------------------------------------------------------- SparseInputConv
+
+SPARSE_GEOMETRIES = GEOMETRIES + [
+    (2, 64, 48, 12, 10, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (3, 64, 64, 13, 11, 3, (2, 1), (1, 0, 2, 1), (2, 1)),
+]
+
+
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("gi", range(len(SPARSE_GEOMETRIES)))
+def test_sparse_input_conv_is_exactly_conv(gi, zero_fraction):
+    """Conv + bias whatever input channels are zero (a different set per sample), including
+    all of them (the output is then the bias)."""
+    geom = geometry(gi) if gi < len(GEOMETRIES) else SPARSE_GEOMETRIES[gi]
+    rng, x, w, s, p, d = random_case(geom, seed=200 + gi)
+    n, c = x.shape[:2]
+    for i in range(n):
+        x[i, rng.permutation(c)[:int(round(zero_fraction * c))]] = 0.0
+    b = rng.standard_normal(w.shape[0]).astype(np.float32)
+    before = delegated_conv_runs()
+    y = run_node("SparseInputConv", x, [w, b], conv_attrs(s, p, d))
+    y_ref = ref.sparse_input_conv_reference(x, w, b, s, p, d)
+    assert y.shape == y_ref.shape
+    assert np.abs(y - y_ref).max() <= RTOL * max(float(np.abs(y_ref).max()), 1e-30)
+    if zero_fraction == 1.0:
+        assert (y == b[None, :, None, None]).all()
+    if ORT_CONV_EXPECTED and gi >= len(GEOMETRIES) and zero_fraction == 0.5:
+        assert delegated_conv_runs() > before  # 32 live inputs, whole blocks of outputs
+
+
 def test_fbs_conv_packed_weight_cache_follows_the_active_channels():
     """FBSConv keeps the last packed weights (constant W) keyed by the active output and
     input channel lists: one session, inputs whose active sets differ, repeat and alternate,
@@ -383,6 +413,10 @@ BAD_CASES = {
                      + [np.zeros(4, np.float32)] * 4, {"density": 0.5}),
     "fbs_beta_shape": ("FBSConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros((4, 8), np.float32)]
                        + [np.zeros(4, np.float32)] * 3 + [np.zeros(5, np.float32)], {"density": 0.5}),
+    "sparse_bias_shape": ("SparseInputConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(3, np.float32)], {}),
+    "sparse_group": ("SparseInputConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32)],
+                     {"group": 2}),
+    "sparse_channels": ("SparseInputConv", (1, 6, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32)], {}),
 }
 
 

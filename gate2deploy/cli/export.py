@@ -48,7 +48,6 @@ def _pipeline_target(target: str) -> str:
         problem = tensorrt_available()
         if problem:
             raise UserError(f"--target trt: {problem}")
-        return "ort"
     if target not in PIPELINES:
         raise UserError(f"--target {target} is not available in this build")
     return target
@@ -97,6 +96,7 @@ def run(args) -> int:
             "removed_layers": ctx.fold.removed_layers,
             "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
         },
+        "sparse_input_convs": ctx.sparse_input_convs,
         "layers": layers,
         **gated_layer_report(gated, captured, samples),
     }

@@ -135,26 +135,32 @@ WeightRows<T> MakeWeightRows(const IsaKernels& isa, const T* w, const ConvGeom& 
 template <class T> struct ConvAcc { using type = float; };
 template <> struct ConvAcc<int16_t> { using type = int32_t; };
 
-// Where ConvByPanels writes row m of the product acc (one sample's [M, P]):
-//   y[rows[m] * ld + p] = max(gain[m] * (scale[m] * acc[m, p] + shift[m]) + bias[m], 0)
-// (FBS's epilogue, applied while the panel is in cache: no intermediate [M, P] buffer).
+// Where ConvByPanels / SubsetConv write row m of the product acc (one sample's [M, P]):
+//   y[rows[m] * ld + p] = act(gain[m] * (scale[m] * acc[m, p] + shift[m]) + bias[m])
+// with act = ReLU if `relu`, else identity (FBS's epilogue; a plain conv's bias with gain =
+// scale = 1, shift = 0), applied while the panel is in cache: no intermediate [M, P] buffer.
 struct RowEpilogue {
   const int* rows;
   float* y;
   int64_t ld;
   const float *gain, *scale, *shift, *bias;
-  // The value written for accumulator `acc` of row m (one expression for every code path, so
-  // they agree bit for bit).
-  static float Affine(float g, float s, float sh, float b, float acc) {
+  bool relu = true;
+  // One expression for every code path, so they agree bit for bit.
+  static float Affine(float g, float s, float sh, float b, bool relu, float acc) {
     const float v = g * (s * acc + sh) + b;
-    return v > 0.f ? v : 0.f;
+    return relu && !(v > 0.f) ? 0.f : v;
   }
-  float Apply(int64_t m, float acc) const { return Affine(gain[m], scale[m], shift[m], bias[m], acc); }
-  // v[0:n] = Apply(m, v[0:n]), with the row's factors in registers (v may alias nothing the
-  // compiler can prove, so a plain loop over Apply would reload them per element).
+  float Apply(int64_t m, float acc) const {
+    return Affine(gain[m], scale[m], shift[m], bias[m], relu, acc);
+  }
+  // v[0:n] = Apply(m, v[0:n]), with the row's factors in registers (a plain loop over Apply
+  // would reload them per element: v may alias them as far as the compiler knows).
   void ApplyInPlace(int64_t m, float* v, int64_t n) const {
     const float g = gain[m], s = scale[m], sh = shift[m], b = bias[m];
-    for (int64_t i = 0; i < n; ++i) v[i] = Affine(g, s, sh, b, v[i]);
+    if (relu)
+      for (int64_t i = 0; i < n; ++i) v[i] = Affine(g, s, sh, b, true, v[i]);
+    else
+      for (int64_t i = 0; i < n; ++i) v[i] = Affine(g, s, sh, b, false, v[i]);
   }
 };
 

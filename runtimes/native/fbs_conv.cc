@@ -15,25 +15,6 @@
 namespace g2d {
 
 namespace {
-// True if any x[i] != 0 (-0.0 counts as zero, NaN as non-zero, as with `x[i] != 0.f`). Blocks
-// of 64 values OR their bit patterns without the sign bit (a loop the compiler vectorizes;
-// a per-element early exit does not, and zero channels are scanned to the end).
-bool HasNonZero(const float* x, int64_t n) {
-  int64_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    uint32_t any = 0;
-    for (int j = 0; j < 64; ++j) {
-      uint32_t bits;
-      std::memcpy(&bits, x + i + j, 4);
-      any |= bits & 0x7fffffffu;
-    }
-    if (any) return true;
-  }
-  for (; i < n; ++i)
-    if (x[i] != 0.f) return true;
-  return false;
-}
-
 // Global average (or max) of one channel's n > 0 values: 16 independent partials (a loop the
 // compiler vectorizes), combined at the end (the sum in double).
 float Pool(const float* x, int64_t n, bool max_pool) {
@@ -65,7 +46,7 @@ FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   const std::string pool = ReadStringAttr(info, "pool", "avg");
   max_pool_ = pool == "max";
   w_const_ = InputIsConstant(info, 1);
-  nchwc_ = std::make_unique<NchwcConv>(info, attrs_);
+  conv_ = std::make_unique<SubsetConv>(info, attrs_, w_const_);
   if (attr_error_.empty() && !(density_ > 0.f && density_ <= 1.f))
     attr_error_ = "attribute density must be in (0, 1], got " + std::to_string(density_);
   else if (attr_error_.empty() && pool != "avg" && pool != "max")
@@ -142,8 +123,7 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       }
       if (out_active.empty()) continue;
 
-      // Only active outputs x active inputs: a dense conv over the gathered channels, with
-      // the weights for this pair of active sets prepared once (cached) per W.
+      // Only active outputs x active inputs: a dense conv over those channels.
       const size_t na = out_active.size();
       std::vector<float> gain(na), scale(na), shift(na), bias(na);
       for (size_t a = 0; a < na; ++a) {
@@ -155,33 +135,7 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       }
       const RowEpilogue ep{out_active.data(), yn, Np, gain.data(), scale.data(), shift.data(),
                            bias.data()};
-      if (nchwc_->Suits(ctx, int64_t(na), int64_t(in_active.size()))) {
-        auto make = [&] { return nchwc_->PackFilter(W.Data(), g, out_active, in_active); };
-        const auto f = w_const_ ? filter_cache_.Get(out_active, in_active, make)
-                                : std::make_shared<const NchwcFilter>(make());
-        AlignedVec<float>& xb = Scratch<float, 16>();
-        AlignedVec<float>& yb = Scratch<float, 17>();
-        xb.resize(size_t(f->C * HW));
-        yb.resize(size_t(f->O * Np));
-        nchwc_->GatherBlocked(isa, xn, g, in_active, xb.data());
-        nchwc_->Run(ctx, g, *f, xb.data(), yb.data());
-        const int64_t B = nchwc_->Block();
-        // Back from the blocked layout to the active rows, then the epilogue on each row.
-        ParallelFor(nullptr, size_t(f->O / B), [&](size_t blk) {
-          const int64_t a0 = int64_t(blk) * B;
-          const int valid = int(std::min<int64_t>(B, int64_t(na) - a0));
-          if (valid <= 0) return;
-          float* rows[64];
-          for (int l = 0; l < valid; ++l) rows[l] = yn + int64_t(out_active[size_t(a0 + l)]) * Np;
-          isa.scatter_lanes(yb.data() + a0 * Np, B, Np, rows, valid);
-          for (int l = 0; l < valid; ++l) ep.ApplyInPlace(a0 + l, rows[l], Np);
-        });
-        continue;
-      }
-      auto make = [&] { return PackWeights(isa, W.Data(), g, out_active, in_active); };
-      const auto w = w_const_ ? packed_cache_.Get(out_active, in_active, make)
-                              : std::make_shared<const PackedWeights<float>>(make());
-      ConvByPanels(ctx, isa, *w, xn, g, in_active, ep);
+      conv_->Run(ctx, isa, W.Data(), xn, g, out_active, in_active, ep);
     }
   });
 }

@@ -1,6 +1,6 @@
 // Entry point ONNX Runtime calls when the library is registered
-// (SessionOptions.register_custom_ops_library): adds CGConv, PGConv and FBSConv to the
-// `gate2deploy` domain for the CPU execution provider.
+// (SessionOptions.register_custom_ops_library): adds CGConv, PGConv, FBSConv and
+// SparseInputConv to the `gate2deploy` domain for the CPU execution provider.
 //
 // Built against the ONNX Runtime 1.21 headers (ORT_API_VERSION 21); the C API is versioned
 // and backward compatible, so the library loads into newer runtimes (1.31 tested).
@@ -10,6 +10,7 @@
 #include "cg_conv.h"
 #include "fbs_conv.h"
 #include "pg_conv.h"
+#include "sparse_input_conv.h"
 
 namespace {
 // The op objects must outlive every session that uses them: keep them for the process.
@@ -20,11 +21,15 @@ struct Registry {
       Ort::Custom::CreateLiteCustomOp<g2d::PGConvKernel>("PGConv", "CPUExecutionProvider")};
   std::unique_ptr<Ort::Custom::OrtLiteCustomOp> fbs{
       Ort::Custom::CreateLiteCustomOp<g2d::FBSConvKernel>("FBSConv", "CPUExecutionProvider")};
+  std::unique_ptr<Ort::Custom::OrtLiteCustomOp> sparse_input{
+      Ort::Custom::CreateLiteCustomOp<g2d::SparseInputConvKernel>("SparseInputConv",
+                                                                  "CPUExecutionProvider")};
   Ort::CustomOpDomain domain{"gate2deploy"};
   Registry() {
     domain.Add(cg.get());
     domain.Add(pg.get());
     domain.Add(fbs.get());
+    domain.Add(sparse_input.get());
   }
 };
 }  // namespace

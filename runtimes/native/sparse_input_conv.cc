@@ -1,0 +1,45 @@
+// SparseInputConv(X, W, B) -> Y: exactly ONNX Conv (group 1, with bias) (runtimes/OPS.md,
+// reference runtimes/reference.py::sparse_input_conv_reference), for inputs whose channels
+// are often entirely zero per sample: the output of an FBS layer, whose inactive channels are
+// exact zeros. Per sample, only the input channels holding a non-zero value are read and
+// multiplied (a zero channel adds exactly 0 to every sum), so the work scales with the
+// sample's input channel density.
+#include "sparse_input_conv.h"
+
+namespace g2d {
+
+SparseInputConvKernel::SparseInputConvKernel(const OrtApi*, const OrtKernelInfo* info) {
+  attrs_ = ReadConvAttrs(info, &attr_error_);
+  conv_ = std::make_unique<SubsetConv>(info, attrs_, InputIsConstant(info, 1));
+}
+
+Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
+                                           const Ort::Custom::Tensor<float>& X,
+                                           const Ort::Custom::Tensor<float>& W,
+                                           const Ort::Custom::Tensor<float>& B,
+                                           Ort::Custom::Tensor<float>& Y) {
+  return Guarded("SparseInputConv", [&] {
+    if (!attr_error_.empty()) throw OpError("SparseInputConv: " + attr_error_);
+    if (attrs_.group != 1) throw OpError("SparseInputConv: group must be 1 (W is [O, C, kh, kw])");
+    const ConvGeom g = MakeGeom("SparseInputConv", X.Shape(), W.Shape(), attrs_);
+    ExpectShape("SparseInputConv", "B", B.Shape(), {g.O});
+    const IsaKernels& isa = BestKernels();
+    float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
+    const int64_t HW = g.H * g.W, Np = g.P();
+    std::vector<int> outputs(static_cast<size_t>(g.O));
+    for (int64_t o = 0; o < g.O; ++o) outputs[size_t(o)] = int(o);
+    const std::vector<float> ones(size_t(g.O), 1.f), zeros(size_t(g.O), 0.f);
+    for (int64_t n = 0; n < g.N; ++n) {
+      const float* xn = X.Data() + n * g.C * HW;
+      std::vector<int> live;
+      for (int64_t c = 0; c < g.C; ++c)
+        if (HasNonZero(xn + c * HW, HW)) live.push_back(int(c));
+      RowEpilogue ep{outputs.data(), y + n * g.O * Np, Np, ones.data(), ones.data(),
+                     zeros.data(), B.Data()};
+      ep.relu = false;
+      conv_->Run(ctx, isa, W.Data(), xn, g, outputs, live, ep);
+    }
+  });
+}
+
+}  // namespace g2d

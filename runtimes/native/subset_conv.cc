@@ -1,0 +1,63 @@
+// See subset_conv.h.
+#include "subset_conv.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace g2d {
+
+bool HasNonZero(const float* x, int64_t n) {
+  // Blocks of 64 values OR their bit patterns without the sign bit (a loop the compiler
+  // vectorizes; a per-element early exit does not, and zero channels are scanned to the end).
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    uint32_t any = 0;
+    for (int j = 0; j < 64; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, x + i + j, 4);
+      any |= bits & 0x7fffffffu;
+    }
+    if (any) return true;
+  }
+  for (; i < n; ++i)
+    if (x[i] != 0.f) return true;
+  return false;
+}
+
+SubsetConv::SubsetConv(const OrtKernelInfo* info, const ConvAttrs& attrs, bool w_const)
+    : w_const_(w_const), nchwc_(info, attrs) {}
+
+void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* w,
+                     const float* x, const ConvGeom& g, const std::vector<int>& outputs,
+                     const std::vector<int>& chans, const RowEpilogue& ep) {
+  const int64_t na = int64_t(outputs.size()), Np = g.P();
+  if (na == 0) return;
+  if (nchwc_.Suits(ctx, na, int64_t(chans.size()))) {
+    auto make = [&] { return nchwc_.PackFilter(w, g, outputs, chans); };
+    const auto f = w_const_ ? filter_cache_.Get(outputs, chans, make)
+                            : std::make_shared<const NchwcFilter>(make());
+    AlignedVec<float>& xb = Scratch<float, 16>();
+    AlignedVec<float>& yb = Scratch<float, 17>();
+    xb.resize(size_t(f->C * g.H * g.W));
+    yb.resize(size_t(f->O * Np));
+    nchwc_.GatherBlocked(isa, x, g, chans, xb.data());
+    nchwc_.Run(ctx, g, *f, xb.data(), yb.data());
+    // Back from the blocked layout to the destination rows, then the epilogue on each row.
+    // Serial: a few microseconds, less than waking a pool thread.
+    const int64_t B = nchwc_.Block();
+    float* rows[64];
+    for (int64_t a0 = 0; a0 < na; a0 += B) {
+      const int valid = int(std::min<int64_t>(B, na - a0));
+      for (int l = 0; l < valid; ++l) rows[l] = ep.y + int64_t(ep.rows[a0 + l]) * ep.ld;
+      isa.scatter_lanes(yb.data() + a0 * Np, B, Np, rows, valid);
+      for (int l = 0; l < valid; ++l) ep.ApplyInPlace(a0 + l, rows[l], Np);
+    }
+    return;
+  }
+  auto make = [&] { return PackWeights(isa, w, g, outputs, chans); };
+  const auto packed = w_const_ ? packed_cache_.Get(outputs, chans, make)
+                               : std::make_shared<const PackedWeights<float>>(make());
+  ConvByPanels(ctx, isa, *packed, x, g, chans, ep);
+}
+
+}  // namespace g2d

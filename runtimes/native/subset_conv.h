@@ -1,0 +1,64 @@
+// A dense convolution over a subset of W's output rows and input channels: what is left of a
+// gated layer once its gate has decided (FBS: a sample's active outputs and its non-zero
+// inputs; SparseInputConv: every output, the non-zero inputs).
+//
+// Runs on ONNX Runtime's NCHWc conv where that suits (whole channel blocks, nchwc_conv.h),
+// else on our own GEMM (ConvByPanels). Either way the weights for a subset pair are prepared
+// once and, when W is a constant initializer, kept for the next run with the same subsets
+// (typical: active sets change slowly between inputs). Results go through a RowEpilogue.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "conv_common.h"
+#include "nchwc_conv.h"
+
+namespace g2d {
+
+// The value last prepared for one (outputs, inputs) subset pair.
+template <class V>
+class LastSubsetCache {
+ public:
+  template <class Make>
+  std::shared_ptr<const V> Get(const std::vector<int>& out, const std::vector<int>& in,
+                               Make make) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!value_ || out != out_ || in != in_) {
+      value_ = std::make_shared<const V>(make());
+      out_ = out;
+      in_ = in;
+    }
+    return value_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<int> out_, in_;
+  std::shared_ptr<const V> value_;
+};
+
+class SubsetConv {
+ public:
+  // attrs.group must be 1; w_const: W is a constant initializer (prepared weights cached).
+  SubsetConv(const OrtKernelInfo* info, const ConvAttrs& attrs, bool w_const);
+
+  // For one sample x[C, H, W]: row a of the product of W[outputs, chans] and x[chans] is
+  // written through ep as row a (ep.rows[a] is its destination row). chans may be empty (the
+  // product is then zero).
+  void Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* w, const float* x,
+           const ConvGeom& g, const std::vector<int>& outputs, const std::vector<int>& chans,
+           const RowEpilogue& ep);
+
+ private:
+  bool w_const_;
+  NchwcConv nchwc_;
+  LastSubsetCache<PackedWeights<float>> packed_cache_;
+  LastSubsetCache<NchwcFilter> filter_cache_;
+};
+
+// True if any x[i] != 0 (-0.0 counts as zero, NaN as non-zero, as with `x[i] != 0.f`).
+bool HasNonZero(const float* x, int64_t n);
+
+}  // namespace g2d
