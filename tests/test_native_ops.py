@@ -297,13 +297,15 @@ ORT_CONV_EXPECTED = (os.environ.get("G2D_ORT_CONV") != "0"
     (1, 64, 64, 12, 12, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
     (2, 64, 64, 13, 11, 3, (2, 1), (1, 0, 2, 1), (2, 1)),
     (1, 48, 64, 9, 9, 1, (1, 1), (0, 0, 0, 0), (1, 1)),
+    (2, 3, 64, 23, 21, 7, (2, 2), (3, 3, 3, 3), (1, 1)),  # a stem: NCHW input form
 ])
 def test_fbs_conv_wide_layers_run_on_ort_nchwc_conv(geom, density):
-    """Whole channel blocks of active outputs and inputs: the conv is delegated to ONNX
-    Runtime's NCHWc conv (after its self-check), and the result still equals the reference."""
+    """Whole channel blocks of active outputs, and whole blocks of inputs or fewer inputs than
+    one block: the conv is delegated to ONNX Runtime's NCHWc conv (after its self-check), and
+    the result still equals the reference."""
     before = delegated_conv_runs()
     c = geom[1]
-    zero = np.arange(c) >= 32  # 32 live input channels: two or four whole blocks
+    zero = np.arange(c) >= 32  # 32 live input channels: two or four whole blocks (or all 3)
     check_fbs_against_reference(geom, density, "avg", 7, zero)
     if ORT_CONV_EXPECTED:
         assert delegated_conv_runs() > before

@@ -15,6 +15,20 @@
 namespace g2d {
 
 namespace {
+// sum(a[i] * b[i]) in 16 independent partial sums (a loop the compiler vectorizes; one
+// running sum is a chain of dependent adds: ~0.35 ms for a 512 x 512 predictor).
+float Dot(const float* a, const float* b, int64_t n) {
+  constexpr int kLanes = 16;
+  float part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += a[i + l] * b[i + l];
+  float sum = 0.f;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int l = 0; l < kLanes; ++l) sum += part[l];
+  return sum;
+}
+
 // Global average (or max) of one channel's n > 0 values: 16 independent partials (a loop the
 // compiler vectorizes), combined at the end (the sum in double).
 float Pool(const float* x, int64_t n, bool max_pool) {
@@ -78,24 +92,23 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const int64_t HW = g.H * g.W, Np = g.P();
     std::vector<float> pooled(size_t(g.C)), gamma(size_t(g.O)), sorted;
+    std::vector<uint8_t> live(size_t(g.C));
 
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * HW;
       float* yn = y + n * g.O * Np;
       // Saliency, and which input channels carry anything at all (channels switched off
       // upstream are all zero; the scan stops at the first non-zero value of a live channel).
-      // Serial: cheaper than waking a pool thread for a parallel section.
+      ParallelFor(ParallelIfLarge(ctx, g.C * HW), size_t(g.C), [&](size_t c) {
+        const float* xc = xn + int64_t(c) * HW;
+        live[c] = HasNonZero(xc, HW);
+        pooled[c] = live[c] ? Pool(xc, HW, max_pool_) : 0.f;  // mean and max of zeros: 0
+      });
       std::vector<int> in_active;
-      for (int64_t c = 0; c < g.C; ++c) {
-        const float* xc = xn + c * HW;
-        const bool live = HasNonZero(xc, HW);
-        pooled[size_t(c)] = live ? Pool(xc, HW, max_pool_) : 0.f;  // mean and max of zeros: 0
-        if (live) in_active.push_back(int(c));
-      }
+      for (int64_t c = 0; c < g.C; ++c)
+        if (live[size_t(c)]) in_active.push_back(int(c));
       for (int64_t o = 0; o < g.O; ++o) {
-        float acc = 0.f;
-        const float* fo = fc_W.Data() + o * g.C;
-        for (int64_t c = 0; c < g.C; ++c) acc += pooled[c] * fo[c];
+        const float acc = Dot(pooled.data(), fc_W.Data() + o * g.C, g.C);
         gamma[o] = std::max(acc + fc_b.Data()[o], 0.f);
         // NaN would break the ordering nth_element relies on (and has no top-k meaning).
         if (std::isnan(gamma[o]))
@@ -111,16 +124,16 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
         for (int64_t o = 0; o < g.O; ++o)
           if (gamma[o] > cut) out_active.push_back(int(o));
       }
-      {  // inactive output channels are exact zeros; active ones are written below
-        size_t a = 0;
-        for (int64_t o = 0; o < g.O; ++o) {
-          if (a < out_active.size() && out_active[a] == o) {
-            ++a;
-            continue;
-          }
-          std::memset(yn + o * Np, 0, sizeof(float) * Np);
-        }
+      // Inactive output channels are exact zeros; active ones are written by the conv below.
+      std::vector<int> inactive;
+      for (int64_t o = 0, a = 0; o < g.O; ++o) {
+        if (a < int64_t(out_active.size()) && out_active[size_t(a)] == o)
+          ++a;
+        else
+          inactive.push_back(int(o));
       }
+      ParallelFor(ParallelIfLarge(ctx, int64_t(inactive.size()) * Np), inactive.size(),
+                  [&](size_t i) { std::memset(yn + inactive[i] * Np, 0, sizeof(float) * Np); });
       if (out_active.empty()) continue;
 
       // Only active outputs x active inputs: a dense conv over those channels.

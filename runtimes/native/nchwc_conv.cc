@@ -44,41 +44,59 @@ NchwcConv::NchwcConv(const OrtKernelInfo* info, const ConvAttrs& attrs) : attrs_
 NchwcFilter NchwcConv::PackFilter(const float* w, const ConvGeom& g,
                                   const std::vector<int>& outputs,
                                   const std::vector<int>& chans) const {
-  const int64_t B = block_, kk = g.kk();
+  const int64_t B = block_, kk = g.kk(), nc = int64_t(chans.size());
+  const bool nchw_input = nc < B;  // "OIHWBo": [O/B][C][kh][kw][B]; else "OIHWBiBo"
   NchwcFilter f;
   f.O = Padded(int64_t(outputs.size()));
-  f.C = Padded(int64_t(chans.size()));
+  f.C = nchw_input ? nc : Padded(nc);
   f.kh = g.kh;
   f.kw = g.kw;
   f.data.assign(size_t(f.O * f.C * kk), 0.f);
   for (size_t a = 0; a < outputs.size(); ++a) {
     const int64_t ob = int64_t(a) / B, lo = int64_t(a) % B;
     const float* wo = w + int64_t(outputs[a]) * g.Cw * kk;
-    for (size_t b = 0; b < chans.size(); ++b) {
-      const int64_t ib = int64_t(b) / B, li = int64_t(b) % B;
-      const float* wc = wo + int64_t(chans[b]) * kk;
-      float* dst = f.data.data() + ((ob * (f.C / B) + ib) * kk) * B * B + li * B + lo;
-      for (int64_t t = 0; t < kk; ++t) dst[t * B * B] = wc[t];
+    for (int64_t b = 0; b < nc; ++b) {
+      const float* wc = wo + int64_t(chans[size_t(b)]) * kk;
+      float* dst;
+      int64_t tap_stride;
+      if (nchw_input) {
+        dst = f.data.data() + (ob * f.C + b) * kk * B + lo;
+        tap_stride = B;
+      } else {
+        const int64_t ib = b / B, li = b % B;
+        dst = f.data.data() + ((ob * (f.C / B) + ib) * kk) * B * B + li * B + lo;
+        tap_stride = B * B;
+      }
+      for (int64_t t = 0; t < kk; ++t) dst[t * tap_stride] = wc[t];
     }
   }
   return f;
 }
 
-void NchwcConv::GatherBlocked(const IsaKernels& isa, const float* x, const ConvGeom& g,
-                              const std::vector<int>& chans, float* xb) const {
-  // Serial: a few microseconds, less than waking a pool thread. Whole panels of isa.nr pixels
-  // go through the ISA's register transpose (isa.gather_fields); the tail pixels are copied.
+void NchwcConv::GatherBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,
+                              const ConvGeom& g, const std::vector<int>& chans,
+                              float* xb) const {
+  // Whole panels of isa.nr pixels go through the ISA's register transpose
+  // (isa.gather_fields); the tail pixels are copied. Parallel over blocks only when large.
   const int64_t B = block_, HW = g.H * g.W, nc = int64_t(chans.size());
-  std::vector<int64_t> off(static_cast<size_t>(B));
-  for (int64_t blk = 0; blk * B < nc; ++blk) {
-    const int64_t valid = std::min(B, nc - blk * B);
-    for (int64_t l = 0; l < valid; ++l) off[size_t(l)] = int64_t(chans[size_t(blk * B + l)]) * HW;
+  OrtKernelContext* par = ParallelIfLarge(ctx, nc * HW);
+  if (nc < B) {  // the NCHW-input form: the channels' rows, in order
+    ParallelFor(par, size_t(nc), [&](size_t c) {
+      std::memcpy(xb + int64_t(c) * HW, x + int64_t(chans[c]) * HW, sizeof(float) * size_t(HW));
+    });
+    return;
+  }
+  ParallelFor(par, size_t((nc + B - 1) / B), [&](size_t blk_index) {
+    const int64_t blk = int64_t(blk_index), valid = std::min(B, nc - blk * B);
+    int64_t off[64];
+    for (int64_t l = 0; l < valid; ++l) off[l] = int64_t(chans[size_t(blk * B + l)]) * HW;
     float* dst = xb + blk * HW * B;
     int64_t p0 = 0;
-    for (; p0 + isa.nr <= HW; p0 += isa.nr) isa.gather_fields(x + p0, off.data(), valid, B, dst + p0 * B);
+    for (; p0 + isa.nr <= HW; p0 += isa.nr)
+      isa.gather_fields(x + p0, off, valid, B, dst + p0 * B);
     for (; p0 < HW; ++p0)
-      for (int64_t l = 0; l < B; ++l) dst[p0 * B + l] = l < valid ? x[off[size_t(l)] + p0] : 0.f;
-  }
+      for (int64_t l = 0; l < B; ++l) dst[p0 * B + l] = l < valid ? x[off[l] + p0] : 0.f;
+  });
 }
 
 void NchwcConv::Run(OrtKernelContext* ctx, const ConvGeom& g, const NchwcFilter& f,
@@ -111,15 +129,20 @@ bool NchwcConv::Available(OrtKernelContext* ctx) const {
 
 bool NchwcConv::Suits(OrtKernelContext* ctx, int64_t outputs, int64_t inputs) const {
   if (outputs < 1 || inputs < 1) return false;
-  const double padded = double(Padded(outputs)) * double(Padded(inputs));
+  const double padded = double(Padded(outputs)) * double(inputs < block_ ? inputs : Padded(inputs));
   return padded <= 1.25 * double(outputs) * double(inputs) && Available(ctx);
 }
 
 // One small convolution through the delegate against a direct loop: catches a block size or
 // filter layout that differs from what this file assumes (they are ONNX Runtime internals).
 bool NchwcConv::SelfCheck(OrtKernelContext* ctx) const {
+  // Both input forms: whole blocks (with padding) and NCHW input (fewer channels than a block).
+  return SelfCheckWith(ctx, block_ + 3) && SelfCheckWith(ctx, 3);
+}
+
+bool NchwcConv::SelfCheckWith(OrtKernelContext* ctx, int64_t C) const {
   try {
-    const int64_t C = block_ + 3, O = block_ + 5, k = 3;  // not whole blocks: padding is used
+    const int64_t O = block_ + 5, k = 3;  // not a whole block of outputs: padding is used
     const int64_t H = 2 * (k - 1) * attrs_.dilations[0] + 5;
     const int64_t Wd = 2 * (k - 1) * attrs_.dilations[1] + 4;
     const ConvGeom g = MakeGeom("NchwcConv self-check", {1, C, H, Wd}, {O, C, k, k}, attrs_);
@@ -132,7 +155,7 @@ bool NchwcConv::SelfCheck(OrtKernelContext* ctx) const {
     for (int64_t i = 0; i < C; ++i) chans[size_t(i)] = int(i);
     const NchwcFilter f = PackFilter(w.data(), g, outputs, chans);
     AlignedVec<float> xb(size_t(f.C * H * Wd)), yb(size_t(f.O * g.P()));
-    GatherBlocked(BestKernels(), x.data(), g, chans, xb.data());
+    GatherBlocked(nullptr, BestKernels(), x.data(), g, chans, xb.data());
     Run(ctx, g, f, xb.data(), yb.data());
     const int64_t B = block_;
     for (int64_t a = 0; a < O; ++a) {

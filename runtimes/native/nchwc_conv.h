@@ -14,7 +14,9 @@
 //   W  [Ob, Cb, kh, kw] in "OIHWBiBo": for output block ob and input block ib, each tap holds
 //      B x B values, input lane major, output lane minor
 //   Y  [1, Ob, OH, OW] in the same blocked layout as X
-// with Cb, Ob the channel counts padded with zeros to multiples of B.
+// with Cb, Ob the channel counts padded with zeros to multiples of B. With fewer than B input
+// channels (a network's first conv) X is plain NCHW instead and W is "OIHWBo"
+// ([Ob/B][C][kh][kw][B]), as ONNX Runtime's NCHWc transformer does for such convs.
 //
 // Because the layout and block size are internal to ONNX Runtime, the first call checks the
 // delegate against a plain direct convolution on a small problem; if it disagrees or the op
@@ -60,15 +62,17 @@ class NchwcConv {
 
   NchwcFilter PackFilter(const float* w, const ConvGeom& g, const std::vector<int>& outputs,
                          const std::vector<int>& chans) const;
-  // xb[Padded(chans.size()) * H * W] = channels `chans` of the sample x[C, H, W], blocked.
-  void GatherBlocked(const IsaKernels& isa, const float* x, const ConvGeom& g,
-                     const std::vector<int>& chans, float* xb) const;
+  // xb = channels `chans` of the sample x[C, H, W] in the delegate's input form: blocked,
+  // Padded(chans.size()) * H * W floats, or NCHW (chans.size() * H * W) below one block.
+  void GatherBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,
+                     const ConvGeom& g, const std::vector<int>& chans, float* xb) const;
   // yb[f.O * OH * OW] (blocked) = conv of xb with f, geometry from g (C, O taken from f).
   void Run(OrtKernelContext* ctx, const ConvGeom& g, const NchwcFilter& f, const float* xb,
            float* yb) const;
 
  private:
   bool SelfCheck(OrtKernelContext* ctx) const;
+  bool SelfCheckWith(OrtKernelContext* ctx, int64_t channels) const;
   ConvAttrs attrs_;
   int block_ = 0;
   Ort::Op op_{nullptr};

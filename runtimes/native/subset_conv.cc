@@ -40,18 +40,18 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
     AlignedVec<float>& yb = Scratch<float, 17>();
     xb.resize(size_t(f->C * g.H * g.W));
     yb.resize(size_t(f->O * Np));
-    nchwc_.GatherBlocked(isa, x, g, chans, xb.data());
+    nchwc_.GatherBlocked(ctx, isa, x, g, chans, xb.data());
     nchwc_.Run(ctx, g, *f, xb.data(), yb.data());
     // Back from the blocked layout to the destination rows, then the epilogue on each row.
-    // Serial: a few microseconds, less than waking a pool thread.
     const int64_t B = nchwc_.Block();
-    float* rows[64];
-    for (int64_t a0 = 0; a0 < na; a0 += B) {
+    ParallelFor(ParallelIfLarge(ctx, na * Np), size_t((na + B - 1) / B), [&](size_t blk) {
+      const int64_t a0 = int64_t(blk) * B;
       const int valid = int(std::min<int64_t>(B, na - a0));
+      float* rows[64];
       for (int l = 0; l < valid; ++l) rows[l] = ep.y + int64_t(ep.rows[a0 + l]) * ep.ld;
       isa.scatter_lanes(yb.data() + a0 * Np, B, Np, rows, valid);
       for (int l = 0; l < valid; ++l) ep.ApplyInPlace(a0 + l, rows[l], Np);
-    }
+    });
     return;
   }
   auto make = [&] { return PackWeights(isa, w, g, outputs, chans); };
