@@ -11,7 +11,9 @@ so that machine noise hits both alike; medians reported. The gate-on fraction is
   FBS:    the density attribute (fraction of active output channels per sample); the input
           has a fraction `--fbs-in-density` of its channels non-zero (default: the same as
           the output density, i.e. the input came from an FBS layer of the same density;
-          Mayo's MACs = conv MACs x in_density x out_density).
+          Mayo's MACs = conv MACs x in_density x out_density). "speed-up" repeats one input
+          (the active sets, and the op's prepared-weight cache, stay the same); "sets vary"
+          cycles through four inputs with different saliencies, as real data does.
 It prints the speed-up (dense time / op time) per fraction and the crossover (the gate-on
 fraction above which the op is slower than dense, linearly interpolated).
 
@@ -85,12 +87,14 @@ def custom_session(model, threads):
 
 
 def time_pair(dense, op, x, repeats, warmup=5):
-    feed = {"x": x}
-    for _ in range(warmup):
-        dense.run(None, feed)
-        op.run(None, feed)
+    """Median ms of dense and op, interleaved; x is one input or a list cycled through."""
+    feeds = [{"x": v} for v in (x if isinstance(x, list) else [x])]
+    for i in range(warmup):
+        dense.run(None, feeds[i % len(feeds)])
+        op.run(None, feeds[i % len(feeds)])
     td, to = [], []
-    for _ in range(repeats):
+    for i in range(repeats):
+        feed = feeds[i % len(feeds)]
         t = time.perf_counter()
         dense.run(None, feed)
         td.append(time.perf_counter() - t)
@@ -362,21 +366,31 @@ def main(argv=None) -> int:
         dense = dense_session(w, x_shape, args.threads, conv)
         print("\nFBSConv (on% = density; input channel density "
               f"{'= output density' if args.fbs_in_density is None else args.fbs_in_density})")
-        print(f"  {'on%':>5} {'dense ms':>9} {'op ms':>9} {'speed-up':>9}")
+        print(f"  {'on%':>5} {'dense ms':>9} {'op ms':>9} {'speed-up':>9} {'sets vary':>10}")
         rows = []
         for frac in [f for f in args.fractions if f > 0]:
             in_density = frac if args.fbs_in_density is None else args.fbs_in_density
-            xf = x.copy()
-            xf[:, int(round(c * in_density)):] = 0.0  # channels a previous FBS layer switched off
+            live = int(round(c * in_density))
+            # Inputs with channels >= live switched off by a previous FBS layer. Four such
+            # inputs drawn independently give four different saliencies, so the active sets
+            # change from run to run ("sets vary": the op's packed-weight cache misses), as
+            # with real data; repeating one input keeps the sets (and the cache) fixed.
+            varied = [rng.standard_normal(x_shape).astype(np.float32) for _ in range(4)]
+            for v in varied:
+                v[:, live:] = 0.0
             attrs = dict(conv, density=float(frac), pool="avg")
             op = custom_session(node_model("FBSConv", "gate2deploy", x_shape,
                                          [w, fc_w, fc_b, scale, shift, beta], attrs), args.threads)
+            xf = x.copy()
+            xf[:, live:] = 0.0
             td, to = time_pair(dense, op, xf, args.repeats)
+            tdv, tov = time_pair(dense, op, varied, args.repeats)
             rows.append((frac, td / to))
             mark = ""
             if abs(frac - 0.5) < 1e-9:
                 mark = f"   goal >= 2.5x: {'MET' if td / to >= 2.5 else 'MISSED'}"
-            print(f"  {frac * 100:5.0f} {td:9.3f} {to:9.3f} {td / to:9.2f}{mark}", flush=True)
+            print(f"  {frac * 100:5.0f} {td:9.3f} {to:9.3f} {td / to:9.2f} {tdv / tov:10.2f}{mark}",
+                  flush=True)
         cx = crossover(rows)
         print(f"  crossover (op slower than dense above): "
               f"{'never (faster at 100%)' if cx is None else f'{cx * 100:.0f}% density'}")

@@ -41,34 +41,45 @@ NchwcConv::NchwcConv(const OrtKernelInfo* info, const ConvAttrs& attrs) : attrs_
   }
 }
 
-NchwcFilter NchwcConv::PackFilter(const float* w, const ConvGeom& g,
+TapMajorWeights MakeTapMajor(const float* w, const ConvGeom& g) {
+  TapMajorWeights wt;
+  wt.O = g.O;
+  wt.C = g.Cw;
+  wt.kk = g.kk();
+  wt.data.resize(size_t(wt.O * wt.C * wt.kk));
+  for (int64_t o = 0; o < wt.O; ++o)
+    for (int64_t c = 0; c < wt.C; ++c)
+      for (int64_t t = 0; t < wt.kk; ++t)
+        wt.data[size_t((c * wt.kk + t) * wt.O + o)] = w[(o * wt.C + c) * wt.kk + t];
+  return wt;
+}
+
+NchwcFilter NchwcConv::PackFilter(const TapMajorWeights& wt, const ConvGeom& g,
                                   const std::vector<int>& outputs,
                                   const std::vector<int>& chans) const {
-  const int64_t B = block_, kk = g.kk(), nc = int64_t(chans.size());
+  const int64_t B = block_, kk = wt.kk, na = int64_t(outputs.size()), nc = int64_t(chans.size());
   const bool nchw_input = nc < B;  // "OIHWBo": [O/B][C][kh][kw][B]; else "OIHWBiBo"
   NchwcFilter f;
-  f.O = Padded(int64_t(outputs.size()));
+  f.O = Padded(na);
   f.C = nchw_input ? nc : Padded(nc);
   f.kh = g.kh;
   f.kw = g.kw;
   f.data.assign(size_t(f.O * f.C * kk), 0.f);
-  for (size_t a = 0; a < outputs.size(); ++a) {
-    const int64_t ob = int64_t(a) / B, lo = int64_t(a) % B;
-    const float* wo = w + int64_t(outputs[a]) * g.Cw * kk;
-    for (int64_t b = 0; b < nc; ++b) {
-      const float* wc = wo + int64_t(chans[size_t(b)]) * kk;
-      float* dst;
-      int64_t tap_stride;
-      if (nchw_input) {
-        dst = f.data.data() + (ob * f.C + b) * kk * B + lo;
-        tap_stride = B;
-      } else {
-        const int64_t ib = b / B, li = b % B;
-        dst = f.data.data() + ((ob * (f.C / B) + ib) * kk) * B * B + li * B + lo;
-        tap_stride = B * B;
-      }
-      for (int64_t t = 0; t < kk; ++t) dst[t * tap_stride] = wc[t];
-    }
+  // dst rows of B outputs, in storage order; each gathered from the tap-major row of
+  // (channel, tap). Padding outputs and channels stay zero.
+  float* dst = f.data.data();
+  const int64_t lanes_in = nchw_input ? 1 : B;  // input channels per (block, tap) group
+  for (int64_t ob = 0; ob < f.O / B; ++ob) {
+    const int64_t valid_out = std::min(B, na - ob * B);
+    const int* out_idx = outputs.data() + ob * B;
+    for (int64_t cb = 0; cb < f.C / lanes_in; ++cb)
+      for (int64_t t = 0; t < kk; ++t)
+        for (int64_t li = 0; li < lanes_in; ++li, dst += B) {
+          const int64_t b = cb * lanes_in + li;
+          if (b >= nc) continue;
+          const float* src = wt.data.data() + (int64_t(chans[size_t(b)]) * kk + t) * wt.O;
+          for (int64_t lo = 0; lo < valid_out; ++lo) dst[lo] = src[out_idx[lo]];
+        }
   }
   return f;
 }
@@ -153,7 +164,7 @@ bool NchwcConv::SelfCheckWith(OrtKernelContext* ctx, int64_t C) const {
     std::vector<int> outputs(static_cast<size_t>(O)), chans(static_cast<size_t>(C));
     for (int64_t i = 0; i < O; ++i) outputs[size_t(i)] = int(O - 1 - i);  // reordered rows
     for (int64_t i = 0; i < C; ++i) chans[size_t(i)] = int(i);
-    const NchwcFilter f = PackFilter(w.data(), g, outputs, chans);
+    const NchwcFilter f = PackFilter(MakeTapMajor(w.data(), g), g, outputs, chans);
     AlignedVec<float> xb(size_t(f.C * H * Wd)), yb(size_t(f.O * g.P()));
     GatherBlocked(nullptr, BestKernels(), x.data(), g, chans, xb.data());
     Run(ctx, g, f, xb.data(), yb.data());
