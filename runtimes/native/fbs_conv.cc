@@ -2,10 +2,10 @@
 // (runtimes/OPS.md, reference runtimes/reference.py::fbs_conv_reference).
 //
 // Per sample: the saliency g = relu(pool(X) @ fc_W^T + fc_b) picks the top-k output channels;
-// the kernel then runs one GEMM over only those output channels and only the input channels
-// that are not entirely zero in this sample (a preceding FBS layer zeroes its inactive
-// channels), so the work scales with out_density * in_density. Inactive outputs are written
-// as exact zeros.
+// the kernel then runs one dense conv (SubsetConv: ONNX Runtime's NCHWc conv or our GEMM)
+// over only those output channels and only the input channels that are not entirely zero in
+// this sample (a preceding FBS layer zeroes its inactive channels), so the work scales with
+// out_density * in_density. Inactive outputs are written as exact zeros.
 #include <algorithm>
 #include <cmath>
 #include <cstring>

@@ -1,0 +1,62 @@
+"""passes/sparse_fbs_consumers.py: which convs after an FBS layer become SparseInputConv.
+
+The positive case on a whole network (FBS ResNet-18, 8 rewritten convs, outputs equal to
+PyTorch under the native kernels) is in test_dnn_gating_import.py; here, small graphs check
+the pattern's edges: what must not be rewritten, and that a bias-less conv gets a zero bias.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from gate2deploy.passes.sparse_fbs_consumers import sparse_fbs_consumers
+
+
+def fbs_then(consumer: str, group: int = 1, bias: bool = True, weight_is_input: bool = False):
+    """x -> FBSConv -> [MaxPool ->] Conv -> y; returns (graph, the Conv node)."""
+    rng = np.random.default_rng(0)
+    x = gs.Variable("x", np.float32, (1, 8, 6, 6))
+    w1 = gs.Constant("w1", rng.standard_normal((8, 8, 3, 3)).astype(np.float32))
+    fbs_params = [gs.Constant(n, rng.standard_normal(s).astype(np.float32))
+                  for n, s in [("fc_w", (8, 8)), ("fc_b", (8,)), ("bs", (8,)), ("bh", (8,)), ("be", (8,))]]
+    h = gs.Variable("h", np.float32)
+    nodes = [gs.Node("FBSConv", "fbs", {"density": 0.5, "pads": [1, 1, 1, 1]},
+                     inputs=[x, w1, *fbs_params], outputs=[h], domain="gate2deploy")]
+    if consumer == "through_maxpool":
+        pooled = gs.Variable("pooled", np.float32)
+        nodes.append(gs.Node("MaxPool", "pool", {"kernel_shape": [2, 2]}, inputs=[h], outputs=[pooled]))
+        h = pooled
+    w2 = (gs.Variable("w2", np.float32, (8, 8 // group, 3, 3)) if weight_is_input else
+          gs.Constant("w2", rng.standard_normal((8, 8 // group, 3, 3)).astype(np.float32)))
+    inputs = [h, w2] + ([gs.Constant("b2", rng.standard_normal(8).astype(np.float32))] if bias else [])
+    y = gs.Variable("y", np.float32)
+    conv = gs.Node("Conv", "conv", {"group": group, "pads": [1, 1, 1, 1], "kernel_shape": [3, 3]},
+                   inputs=inputs, outputs=[y])
+    nodes.append(conv)
+    graph_inputs = [x] + ([w2] if weight_is_input else [])
+    return gs.Graph(nodes=nodes, inputs=graph_inputs, outputs=[y]), conv
+
+
+def test_direct_consumer_is_rewritten_with_the_same_tensors_and_attributes():
+    graph, conv = fbs_then("direct")
+    x, w, b, y = conv.inputs[0], conv.inputs[1], conv.inputs[2], conv.outputs[0]
+    assert sparse_fbs_consumers(graph) == ["conv"]
+    assert (conv.op, conv.domain) == ("SparseInputConv", "gate2deploy")
+    assert conv.inputs == [x, w, b] and conv.outputs == [y]
+    assert conv.attrs == {"pads": [1, 1, 1, 1]}
+
+
+def test_bias_less_conv_gets_a_zero_bias():
+    graph, conv = fbs_then("direct", bias=False)
+    assert sparse_fbs_consumers(graph) == ["conv"]
+    assert conv.inputs[2].values.shape == (8,) and not conv.inputs[2].values.any()
+
+
+@pytest.mark.parametrize("case", ["through_maxpool", "grouped", "weight_is_a_graph_input"])
+def test_other_convs_are_left_alone(case):
+    graph, conv = fbs_then("through_maxpool" if case == "through_maxpool" else "direct",
+                           group=2 if case == "grouped" else 1,
+                           weight_is_input=case == "weight_is_a_graph_input")
+    assert sparse_fbs_consumers(graph) == []
+    assert (conv.op, conv.domain) in {("Conv", ""), ("Conv", None)}
