@@ -60,6 +60,19 @@ def run_node(op, x, initializers, attrs, dynamic_x=False):
     return sess.run(None, {"x": x})[0]
 
 
+def delegated_conv_runs() -> int:
+    """Convolutions the native library has handed to ONNX Runtime's NCHWc conv so far."""
+    import ctypes
+
+    fn = ctypes.CDLL(str(custom_ops_library_path())).G2DDelegatedConvRuns
+    fn.restype = ctypes.c_int64
+    return fn()
+
+
+ORT_CONV_EXPECTED = (os.environ.get("G2D_ORT_CONV") != "0"
+                     and " avx2 " in " " + open("/proc/cpuinfo").read().replace("\n", " ") + " ")
+
+
 def thresholds_for_fraction(stage1: np.ndarray, frac: float) -> np.ndarray:
     """Per-channel thresholds putting about `frac` of each channel's stage-1 values above."""
     per_channel = stage1.transpose(1, 0, 2, 3).reshape(stage1.shape[1], -1)
@@ -202,6 +215,55 @@ def test_pg_conv_matches_reference(gi, bits, frac):
     assert_close_with_ties(y, y_ref, msb, thr)
 
 
+@pytest.mark.parametrize("frac", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("bits", [(3, 2, 8), (8, 4, 8)], ids=lambda b: f"a{b[0]}p{b[1]}w{b[2]}")
+@pytest.mark.parametrize("geom", [
+    (1, 32, 48, 12, 10, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 16, 32, 11, 13, 3, (2, 1), (1, 0, 2, 1), (2, 1)),
+])
+def test_pg_conv_wide_layers_run_on_ort_nchwc_conv(geom, bits, frac):
+    """Whole channel blocks: both integer stages run as fp32 convs on ONNX Runtime's NCHWc
+    conv (integer-valued operands, sums below 2^24: exact), negative inputs included."""
+    abits, pred, wbits = bits
+    n, c, o, h, wd, k, s, p, d = geom
+    rng = np.random.default_rng(c + o)
+    x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
+    w = quantize_weights(rng.standard_normal((o, c, k, k)).astype(np.float32), wbits)
+    x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
+    msb = ref.conv2d(x_hb, w, s, p, d)
+    thr = thresholds_for_fraction(msb, frac)
+    before = delegated_conv_runs()
+    attrs = dict(conv_attrs(s, p, d), abits=abits, pred_bits=pred, static_scale=0.0)
+    y = run_node("PGConv", x, [w, thr], attrs)
+    y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, s, p, d)
+    assert_close_with_ties(y, y_ref, msb, thr)
+    if ORT_CONV_EXPECTED:
+        assert delegated_conv_runs() >= before + n * (1 if frac == 0.0 else 2)
+
+
+@pytest.mark.skipif(IN_SUBPROCESS or not ORT_CONV_EXPECTED, reason="needs the NCHWc delegate")
+def test_pg_conv_on_ort_nchwc_conv_is_bitwise_the_int16_path(tmp_path):
+    """The fp32 stages on integer-valued operands are exact, so the output equals, bit for
+    bit, the int16 GEMM path (run in a subprocess with G2D_ORT_CONV=0)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 32, 12, 12)).astype(np.float32)
+    w = quantize_weights(rng.standard_normal((32, 32, 3, 3)).astype(np.float32), 8)
+    thr = np.full(32, 0.2, np.float32)
+    model = single_node_model("PGConv", x.shape, [w, thr], dict(pads=[1, 1, 1, 1], abits=8, pred_bits=4))
+    onnx.save(model, str(tmp_path / "pg.onnx"))
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np; from gate2deploy.runtimes.ort import open_session; "
+              "d = sys.argv[1]; s = open_session(d + '/pg.onnx', threads=2); "
+              "np.save(d + '/y.npy', s.run(None, {'x': np.load(d + '/x.npy')})[0])")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          env=dict(os.environ, G2D_ORT_CONV="0"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = delegated_conv_runs()
+    y = open_session(str(tmp_path / "pg.onnx"), threads=2).run(None, {"x": x})[0]
+    assert delegated_conv_runs() > before
+    assert np.array_equal(y, np.load(tmp_path / "y.npy"))
+
+
 def test_pg_conv_static_scale_and_dynamic_weights():
     """static_scale > 0 replaces max|X|; W given as a graph input (not constant) also works."""
     rng, x, w, s, p, d = random_case(GEOMETRIES[0], seed=3)
@@ -277,19 +339,6 @@ def test_fbs_conv_matches_reference(gi, density, pool):
     c = geom[1]
     zero = np.random.default_rng(100 + gi).random(c) < 0.5
     check_fbs_against_reference(geom, density, pool, gi, zero)
-
-
-def delegated_conv_runs() -> int:
-    """Convolutions the native library has handed to ONNX Runtime's NCHWc conv so far."""
-    import ctypes
-
-    fn = ctypes.CDLL(str(custom_ops_library_path())).G2DDelegatedConvRuns
-    fn.restype = ctypes.c_int64
-    return fn()
-
-
-ORT_CONV_EXPECTED = (os.environ.get("G2D_ORT_CONV") != "0"
-                     and " avx2 " in " " + open("/proc/cpuinfo").read().replace("\n", " ") + " ")
 
 
 @pytest.mark.parametrize("density", [0.25, 0.5])

@@ -2,6 +2,7 @@
 // -DG2D_ISA_NS=<namespace> and the matching -m flags; nothing here may be called unless the
 // CPU supports those flags (BestKernels() in conv_common.cc checks cpuid).
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <utility>
 
@@ -370,11 +371,24 @@ void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t 
 
 }  // namespace
 
+void pg_split(const float* x, int64_t n, float s, float levels, int shift, float* hb,
+              float* lb) {
+  const int32_t low_mask = (int32_t(1) << shift) - 1;
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = std::min(std::fabs(x[i]) / s, 1.0f) * levels;
+    // (r + 2^23) - 2^23 rounds 0 <= r < 2^23 half to even in the default rounding mode.
+    const int32_t q = int32_t((r + 8388608.0f) - 8388608.0f);
+    hb[i] = std::copysign(float(q >> shift), x[i]);
+    lb[i] = std::copysign(float(q & low_mask), x[i]);
+  }
+}
+
 extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kIMR,          kINR,        kVW,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
                                     igemm_micro,   gather_fields, gate_panel,
-                                    sddmm_chunk,   idot_rows,   scatter_lanes};
+                                    sddmm_chunk,   idot_rows,   scatter_lanes,
+                                    pg_split};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

@@ -57,6 +57,12 @@ struct IsaKernels {
   // dst[l][t] = src[t * ld + l] for l < lanes, t < n: a pixel-major blocked tile (e.g. an
   // NCHWc channel block) back to `lanes` separate channel rows (AVX-512: 16 x 16 transposes).
   void (*scatter_lanes)(const float* src, int64_t ld, int64_t n, float* const* dst, int lanes);
+  // PG's activation split (runtimes/OPS.md), as integer-valued floats: for i < n,
+  //   q = round_half_even(min(|x[i]| / s, 1) * levels)   (q < 2^16)
+  //   hb[i] = copysign(q >> shift, x[i]), lb[i] = copysign(q & (2^shift - 1), x[i]).
+  // Plain C++ the compiler vectorizes with the table's ISA.
+  void (*pg_split)(const float* x, int64_t n, float s, float levels, int shift, float* hb,
+                   float* lb);
 };
 
 namespace isa_generic { extern const IsaKernels kKernels; }

@@ -1,5 +1,6 @@
 #pragma once
 #include "conv_common.h"
+#include "subset_conv.h"
 #include <onnxruntime_lite_custom_op.h>
 
 #include <memory>
@@ -23,5 +24,8 @@ struct PGConvKernel {
   std::mutex plans_mutex_;
   std::shared_ptr<const std::vector<GatedStagePlan<int16_t>>> int_plans_;
   std::shared_ptr<const std::vector<GatedStagePlan<float>>> float_plans_;
+  // Integer weights as floats (exact), for the stages run as fp32 convs (see pg_conv.cc).
+  std::vector<float> w_qf_;
+  std::unique_ptr<SubsetConv> conv_;
 };
 }  // namespace g2d

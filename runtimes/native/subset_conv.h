@@ -44,6 +44,11 @@ class SubsetConv {
   // attrs.group must be 1; w_const: W is a constant initializer (prepared weights cached).
   SubsetConv(const OrtKernelInfo* info, const ConvAttrs& attrs, bool w_const);
 
+  // True if Run would use ONNX Runtime's NCHWc conv for this many outputs and inputs.
+  bool Delegates(OrtKernelContext* ctx, int64_t outputs, int64_t inputs) const {
+    return nchwc_.Suits(ctx, outputs, inputs);
+  }
+
   // For one sample x[C, H, W]: row a of the product of W[outputs, chans] and x[chans] is
   // written through ep as row a (ep.rows[a] is its destination row). chans may be empty (the
   // product is then zero).
