@@ -195,6 +195,8 @@ struct GatedStagePlan {
 // Computes y[o, :] for o in every plan's outputs of one sample (y points at the sample's
 // [O, P]); stage sums are multiplied by scale1 / scale2 (PG's integer-to-float factors; 1 for
 // CG). All plans share one padded copy of the input and one parallel section.
+// (Measured: CG's stage 1 on ONNX Runtime's NCHWc conv, fed back into these panels, was
+// slower than computing it in-panel: 1.49x vs 2.0x dense at 0% on, 128 ch 28x28, p = 4.)
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
                   const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
@@ -204,7 +206,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
 // Scratch buffers that live as long as the calling thread: re-used across runs so that the
 // large buffers are not page-faulted in again on every call. `Slot` separates uses; a slot
 // must not be shared by two buffers alive at once (in use: 0-2, 4-8, 12-14 conv_common.cc;
-// 10-11 pg_conv.cc).
+// 10-11, 15 pg_conv.cc; 16-17 subset_conv.cc).
 template <class T, int Slot>
 AlignedVec<T>& Scratch() {
   static thread_local AlignedVec<T> buffer;

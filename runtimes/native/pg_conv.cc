@@ -214,7 +214,7 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
       }
       AlignedVec<float>& msb = Scratch<float, 10>();
       AlignedVec<float>& lsb = Scratch<float, 11>();
-      AlignedVec<float>& stage2 = Scratch<float, 12>();
+      AlignedVec<float>& stage2 = Scratch<float, 15>();
       msb.resize(size_t(nx));
       lsb.resize(size_t(nx));
       isa.pg_split(x, nx, s, levels, int(shift), msb.data(), lsb.data());
