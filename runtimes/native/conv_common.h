@@ -31,6 +31,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "isa_kernels.h"
@@ -58,6 +59,21 @@ struct AlignedAllocator {
   template <class U> bool operator!=(const AlignedAllocator<U>&) const { return false; }
 };
 template <class T> using AlignedVec = std::vector<T, AlignedAllocator<T>>;
+
+// The same storage, but resize() leaves new elements uninitialized (default-init): for
+// buffers that are about to be overwritten in full (no zero-fill pass over megabytes).
+template <class T>
+struct UninitAlignedAllocator : AlignedAllocator<T> {
+  using value_type = T;
+  template <class U> struct rebind { using other = UninitAlignedAllocator<U>; };
+  UninitAlignedAllocator() = default;
+  template <class U> UninitAlignedAllocator(const UninitAlignedAllocator<U>&) {}
+  template <class U> void construct(U* p) noexcept { ::new (static_cast<void*>(p)) U; }
+  template <class U, class... Args> void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <class T> using UninitAlignedVec = std::vector<T, UninitAlignedAllocator<T>>;
 
 // Above this fraction of gated-on output elements (per panel) the second stage runs as a
 // dense GEMM + select. fp32 uses the sampled dense-dense product (weights chunk in registers,

@@ -371,6 +371,15 @@ void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t 
 
 }  // namespace
 
+void gather_indexed(const float* src, const int32_t* idx, int64_t n, float* dst) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_i32gather_ps(_mm512_loadu_si512(idx + i), src, 4));
+#endif
+  for (; i < n; ++i) dst[i] = src[idx[i]];
+}
+
 void pg_split(const float* x, int64_t n, float s, float levels, int shift, float* hb,
               float* lb) {
   const int32_t low_mask = (int32_t(1) << shift) - 1;
@@ -388,7 +397,7 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
                                     igemm_micro,   gather_fields, gate_panel,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
-                                    pg_split};
+                                    gather_indexed, pg_split};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

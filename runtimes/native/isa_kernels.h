@@ -57,6 +57,9 @@ struct IsaKernels {
   // dst[l][t] = src[t * ld + l] for l < lanes, t < n: a pixel-major blocked tile (e.g. an
   // NCHWc channel block) back to `lanes` separate channel rows (AVX-512: 16 x 16 transposes).
   void (*scatter_lanes)(const float* src, int64_t ld, int64_t n, float* const* dst, int lanes);
+  // dst[i] = src[idx[i]] for i < n (AVX-512: vgatherdps, 16 at a time). Packing a filter
+  // for a channel subset is made of these (nchwc_conv.cc).
+  void (*gather_indexed)(const float* src, const int32_t* idx, int64_t n, float* dst);
   // PG's activation split (runtimes/OPS.md), as integer-valued floats: for i < n,
   //   q = round_half_even(min(|x[i]| / s, 1) * levels)   (q < 2^16)
   //   hb[i] = copysign(q >> shift, x[i]), lb[i] = copysign(q & (2^shift - 1), x[i]).

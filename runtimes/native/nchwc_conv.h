@@ -53,7 +53,7 @@ TapMajorWeights MakeTapMajor(const float* w, const ConvGeom& g);
 struct NchwcFilter {
   int64_t O = 0, C = 0;  // padded counts
   int64_t kh = 0, kw = 0;
-  AlignedVec<float> data;
+  UninitAlignedVec<float> data;
 };
 
 class NchwcConv {
