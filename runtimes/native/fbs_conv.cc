@@ -29,29 +29,6 @@ float Dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// Global average (or max) of one channel's n > 0 values: 16 independent partials (a loop the
-// compiler vectorizes), combined at the end (the sum in double).
-float Pool(const float* x, int64_t n, bool max_pool) {
-  constexpr int kLanes = 16;
-  int64_t i = 0;
-  if (max_pool) {
-    float mxp[kLanes];
-    for (int l = 0; l < kLanes; ++l) mxp[l] = x[0];
-    for (; i + kLanes <= n; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) mxp[l] = mxp[l] < x[i + l] ? x[i + l] : mxp[l];
-    float mx = x[0];
-    for (; i < n; ++i) mx = std::max(mx, x[i]);
-    for (int l = 0; l < kLanes; ++l) mx = std::max(mx, mxp[l]);
-    return mx;
-  }
-  float part[kLanes] = {};
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) part[l] += x[i + l];
-  double sum = 0.0;
-  for (; i < n; ++i) sum += x[i];
-  for (int l = 0; l < kLanes; ++l) sum += part[l];
-  return float(sum / double(n));
-}
 }  // namespace
 
 FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {
@@ -101,8 +78,8 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       // upstream are all zero; the scan stops at the first non-zero value of a live channel).
       ParallelFor(ParallelIfLarge(ctx, g.C * HW), size_t(g.C), [&](size_t c) {
         const float* xc = xn + int64_t(c) * HW;
-        live[c] = HasNonZero(xc, HW);
-        pooled[c] = live[c] ? Pool(xc, HW, max_pool_) : 0.f;  // mean and max of zeros: 0
+        live[c] = isa.has_nonzero(xc, HW);
+        pooled[c] = live[c] ? isa.pool_channel(xc, HW, max_pool_) : 0.f;  // of zeros: 0
       });
       std::vector<int> in_active;
       for (int64_t c = 0; c < g.C; ++c)

@@ -371,6 +371,47 @@ void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t 
 
 }  // namespace
 
+bool has_nonzero(const float* x, int64_t n) {
+  // Blocks of 64 values OR their bit patterns without the sign bit (a loop the compiler
+  // vectorizes; a per-element early exit does not, and zero channels are scanned to the end).
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    uint32_t any = 0;
+    for (int j = 0; j < 64; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, x + i + j, 4);
+      any |= bits & 0x7fffffffu;
+    }
+    if (any) return true;
+  }
+  for (; i < n; ++i)
+    if (x[i] != 0.f) return true;
+  return false;
+}
+
+// Global average (or max) of one channel's n > 0 values: 16 independent partials (a loop the
+// compiler vectorizes), combined at the end (the sum in double).
+float pool_channel(const float* x, int64_t n, bool max_pool) {
+  constexpr int kLanes = 16;
+  int64_t i = 0;
+  if (max_pool) {
+    float mxp[kLanes];
+    for (int l = 0; l < kLanes; ++l) mxp[l] = x[0];
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) mxp[l] = mxp[l] < x[i + l] ? x[i + l] : mxp[l];
+    float mx = x[0];
+    for (; i < n; ++i) mx = std::max(mx, x[i]);
+    for (int l = 0; l < kLanes; ++l) mx = std::max(mx, mxp[l]);
+    return mx;
+  }
+  float part[kLanes] = {};
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += x[i + l];
+  double sum = 0.0;
+  for (; i < n; ++i) sum += x[i];
+  for (int l = 0; l < kLanes; ++l) sum += part[l];
+  return float(sum / double(n));
+}
 void gather_indexed(const float* src, const int32_t* idx, int64_t n, float* dst) {
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -397,7 +438,7 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
                                     igemm_micro,   gather_fields, gate_panel,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
-                                    gather_indexed, pg_split};
+                                    gather_indexed, has_nonzero, pool_channel, pg_split};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

@@ -60,6 +60,12 @@ struct IsaKernels {
   // dst[i] = src[idx[i]] for i < n (AVX-512: vgatherdps, 16 at a time). Packing a filter
   // for a channel subset is made of these (nchwc_conv.cc).
   void (*gather_indexed)(const float* src, const int32_t* idx, int64_t n, float* dst);
+  // True if any x[i] != 0 (-0.0 counts as zero, NaN as non-zero, as with `x[i] != 0.f`):
+  // which input channels a previous FBS layer switched off.
+  bool (*has_nonzero)(const float* x, int64_t n);
+  // Global average (or max) of one channel's n > 0 values; the same result on every ISA
+  // (16 lane-wise partials, combined in a fixed order).
+  float (*pool_channel)(const float* x, int64_t n, bool max_pool);
   // PG's activation split (runtimes/OPS.md), as integer-valued floats: for i < n,
   //   q = round_half_even(min(|x[i]| / s, 1) * levels)   (q < 2^16)
   //   hb[i] = copysign(q >> shift, x[i]), lb[i] = copysign(q & (2^shift - 1), x[i]).

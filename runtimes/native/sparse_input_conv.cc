@@ -33,7 +33,7 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
       const float* xn = X.Data() + n * g.C * HW;
       std::vector<int> live;
       for (int64_t c = 0; c < g.C; ++c)
-        if (HasNonZero(xn + c * HW, HW)) live.push_back(int(c));
+        if (isa.has_nonzero(xn + c * HW, HW)) live.push_back(int(c));
       RowEpilogue ep{outputs.data(), y + n * g.O * Np, Np, ones.data(), ones.data(),
                      zeros.data(), B.Data()};
       ep.relu = false;

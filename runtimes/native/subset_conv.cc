@@ -6,23 +6,6 @@
 
 namespace g2d {
 
-bool HasNonZero(const float* x, int64_t n) {
-  // Blocks of 64 values OR their bit patterns without the sign bit (a loop the compiler
-  // vectorizes; a per-element early exit does not, and zero channels are scanned to the end).
-  int64_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    uint32_t any = 0;
-    for (int j = 0; j < 64; ++j) {
-      uint32_t bits;
-      std::memcpy(&bits, x + i + j, 4);
-      any |= bits & 0x7fffffffu;
-    }
-    if (any) return true;
-  }
-  for (; i < n; ++i)
-    if (x[i] != 0.f) return true;
-  return false;
-}
 
 SubsetConv::SubsetConv(const OrtKernelInfo* info, const ConvAttrs& attrs, bool w_const)
     : w_const_(w_const), nchwc_(info, attrs) {}

@@ -67,7 +67,4 @@ class SubsetConv {
   LastSubsetCache<NchwcFilter> filter_cache_;
 };
 
-// True if any x[i] != 0 (-0.0 counts as zero, NaN as non-zero, as with `x[i] != 0.f`).
-bool HasNonZero(const float* x, int64_t n);
-
 }  // namespace g2d
