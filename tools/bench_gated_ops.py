@@ -185,16 +185,18 @@ def plain_session(model: onnx.ModelProto, threads: int):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def time_interleaved(sessions, feed, repeats, warmup=3):
-    """Median ms of each session, timed round-robin (one run of each per repeat)."""
-    for _ in range(warmup):
+def time_interleaved(sessions, feeds, repeats, warmup=3):
+    """Median ms of each session, timed round-robin (one run of each per repeat); `feeds` is
+    one feed dict or a list cycled through from repeat to repeat."""
+    feeds = feeds if isinstance(feeds, list) else [feeds]
+    for r in range(warmup):
         for sess in sessions:
-            sess.run(None, feed)
+            sess.run(None, feeds[r % len(feeds)])
     times = [[] for _ in sessions]
-    for _ in range(repeats):
+    for r in range(repeats):
         for i, sess in enumerate(sessions):
             t = time.perf_counter()
-            sess.run(None, feed)
+            sess.run(None, feeds[r % len(feeds)])
             times[i].append(time.perf_counter() - t)
     return [statistics.median(t) * 1e3 for t in times]
 
@@ -217,7 +219,8 @@ def gated_on_fraction(model, x) -> float:
 
 
 def network_sweep(title, points, args):
-    """points: iterable of (label fraction, ort model, portable model); prints one row each."""
+    """points: iterable of (label fraction, input or list of inputs, ort model, portable model);
+    prints one row each."""
     print(f"\n{title}")
     print(f"  {'on%':>5} {'dense ms':>9} {'ort ms':>9} {'onnx ms':>9} {'ort x':>7} {'onnx x':>7}")
     rows = []
@@ -225,7 +228,9 @@ def network_sweep(title, points, args):
         sessions = [plain_session(dense_equivalent(ort_model), args.threads),
                     custom_session(ort_model, args.threads),
                     plain_session(portable, args.threads)]
-        td, to, tp = time_interleaved(sessions, {sessions[0].get_inputs()[0].name: x}, args.repeats)
+        name = sessions[0].get_inputs()[0].name
+        feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
+        td, to, tp = time_interleaved(sessions, feeds, args.repeats)
         rows.append((frac, td / to))
         print(f"  {frac * 100:5.1f} {td:9.3f} {to:9.3f} {tp:9.3f} {td / to:7.2f} {td / tp:7.2f}",
               flush=True)
@@ -299,6 +304,21 @@ def network_benchmarks(args) -> None:
             ort_model, portable = export_both(model, x)
             points.append((density, x.numpy(), ort_model, portable))
         network_sweep("FBS ResNet-18 (9 FBSConv), batch 1, 224x224; on% = density", points, args)
+        # Input-dependent saliencies (random predictor weights, as a trained FBS layer has):
+        # four inputs cycled, so the active channels change from run to run, as with data.
+        varying_sd = dict(dense_sd)
+        for key, t in dense_sd.items():
+            if key.endswith("gate.weight"):
+                varying_sd[key] = torch.randn(t.shape, generator=gen) * 0.5 / t.shape[1] ** 0.5
+        inputs = [torch.randn(1, 3, 224, 224, generator=gen) for _ in range(4)]
+        points = []
+        for density in FBS_DENSITIES:
+            model = fbs_resnet18(density=density).eval()
+            model.load_state_dict(varying_sd)
+            ort_model, portable = export_both(model, inputs[0])
+            points.append((density, [v.numpy() for v in inputs], ort_model, portable))
+        network_sweep("FBS ResNet-18, input-dependent saliency (active channels vary per input)",
+                      points, args)
 
 
 def main(argv=None) -> int:

@@ -54,7 +54,8 @@ TapMajorWeights MakeTapMajor(const float* w, const ConvGeom& g) {
   return wt;
 }
 
-NchwcFilter NchwcConv::PackFilter(const TapMajorWeights& wt, const ConvGeom& g,
+NchwcFilter NchwcConv::PackFilter(OrtKernelContext* ctx, const TapMajorWeights& wt,
+                                  const ConvGeom& g,
                                   const std::vector<int>& outputs,
                                   const std::vector<int>& chans) const {
   const int64_t B = block_, kk = wt.kk, na = int64_t(outputs.size()), nc = int64_t(chans.size());
@@ -75,8 +76,10 @@ NchwcFilter NchwcConv::PackFilter(const TapMajorWeights& wt, const ConvGeom& g,
   const IsaKernels& isa = BestKernels();
   const int64_t lanes_in = nchw_input ? 1 : B;  // input channels per (block, tap) group
   const int64_t blocks_in = f.C / lanes_in;
-  for (int64_t b = 0; b < nc; ++b) {
-    const int64_t ib = b / lanes_in, li = b % lanes_in;
+  // Parallel over input channels when large (disjoint destinations): FBS repacks on every
+  // run whose active sets changed, and on a 7x7 layer that costs as much as the conv.
+  ParallelFor(ParallelIfLarge(ctx, na * nc * kk), size_t(nc), [&](size_t b_index) {
+    const int64_t b = int64_t(b_index), ib = b / lanes_in, li = b % lanes_in;
     for (int64_t t = 0; t < kk; ++t) {
       const float* src = wt.data.data() + (int64_t(chans[size_t(b)]) * kk + t) * wt.O;
       for (int64_t ob = 0; ob < f.O / B; ++ob) {
@@ -84,7 +87,7 @@ NchwcFilter NchwcConv::PackFilter(const TapMajorWeights& wt, const ConvGeom& g,
         isa.gather_indexed(src, outputs.data() + ob * B, std::min(B, na - ob * B), dst);
       }
     }
-  }
+  });
   return f;
 }
 
@@ -168,7 +171,7 @@ bool NchwcConv::SelfCheckWith(OrtKernelContext* ctx, int64_t C) const {
     std::vector<int> outputs(static_cast<size_t>(O)), chans(static_cast<size_t>(C));
     for (int64_t i = 0; i < O; ++i) outputs[size_t(i)] = int(O - 1 - i);  // reordered rows
     for (int64_t i = 0; i < C; ++i) chans[size_t(i)] = int(i);
-    const NchwcFilter f = PackFilter(MakeTapMajor(w.data(), g), g, outputs, chans);
+    const NchwcFilter f = PackFilter(nullptr, MakeTapMajor(w.data(), g), g, outputs, chans);
     AlignedVec<float> xb(size_t(f.C * H * Wd)), yb(size_t(f.O * g.P()));
     GatherBlocked(nullptr, BestKernels(), x.data(), g, chans, xb.data());
     Run(ctx, g, f, xb.data(), yb.data());

@@ -70,7 +70,7 @@ class NchwcConv {
   int Block() const { return block_; }
   int64_t Padded(int64_t n) const { return RoundUp(n, block_); }
 
-  NchwcFilter PackFilter(const TapMajorWeights& wt, const ConvGeom& g,
+  NchwcFilter PackFilter(OrtKernelContext* ctx, const TapMajorWeights& wt, const ConvGeom& g,
                          const std::vector<int>& outputs, const std::vector<int>& chans) const;
   // xb = channels `chans` of the sample x[C, H, W] in the delegate's input form: blocked,
   // Padded(chans.size()) * H * W floats, or NCHW (chans.size() * H * W) below one block.

@@ -41,6 +41,9 @@ class LastSubsetCache {
 
 class SubsetConv {
  public:
+  // Above this fraction of live input channels, all inputs are read (see Run).
+  static constexpr double kReadAllInputsAbove = 0.75;
+
   // attrs.group must be 1; w_const: W is a constant initializer (prepared weights cached).
   SubsetConv(const OrtKernelInfo* info, const ConvAttrs& attrs, bool w_const);
 
