@@ -412,13 +412,29 @@ float pool_channel(const float* x, int64_t n, bool max_pool) {
   for (int l = 0; l < kLanes; ++l) sum += part[l];
   return float(sum / double(n));
 }
-void gather_indexed(const float* src, const int32_t* idx, int64_t n, float* dst) {
-  int64_t i = 0;
+void pack_filter_tile(const float* w, const int64_t* out_off, int n_out, const int32_t* in_off,
+                      int n_in, int64_t kk, int B, float* dst) {
 #if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_i32gather_ps(_mm512_loadu_si512(idx + i), src, 4));
+  if (B == 16) {
+    const __mmask16 in_mask = __mmask16((1u << n_in) - 1u);
+    const __m512i idx = _mm512_maskz_loadu_epi32(in_mask, in_off);
+    for (int64_t t = 0; t < kk; ++t) {
+      __m512 r[16];  // r[lo][li] = w[out_off[lo] + in_off[li] + t]
+      for (int lo = 0; lo < 16; ++lo)
+        r[lo] = lo < n_out ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in_mask, idx,
+                                                      w + out_off[lo] + t, 4)
+                           : _mm512_setzero_ps();
+      transpose16(r);  // r[li][lo]
+      for (int li = 0; li < 16; ++li) _mm512_storeu_ps(dst + (t * 16 + li) * 16, r[li]);
+    }
+    return;
+  }
 #endif
-  for (; i < n; ++i) dst[i] = src[idx[i]];
+  for (int64_t t = 0; t < kk; ++t)
+    for (int li = 0; li < B; ++li)
+      for (int lo = 0; lo < B; ++lo)
+        dst[(t * B + li) * B + lo] =
+            li < n_in && lo < n_out ? w[out_off[lo] + in_off[li] + t] : 0.f;
 }
 
 void pg_split(const float* x, int64_t n, float s, float levels, int shift, float* hb,
@@ -438,7 +454,7 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
                                     igemm_micro,   gather_fields, gate_panel,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
-                                    gather_indexed, has_nonzero, pool_channel, pg_split};
+                                    pack_filter_tile, has_nonzero, pool_channel, pg_split};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

@@ -57,9 +57,14 @@ struct IsaKernels {
   // dst[l][t] = src[t * ld + l] for l < lanes, t < n: a pixel-major blocked tile (e.g. an
   // NCHWc channel block) back to `lanes` separate channel rows (AVX-512: 16 x 16 transposes).
   void (*scatter_lanes)(const float* src, int64_t ld, int64_t n, float* const* dst, int lanes);
-  // dst[i] = src[idx[i]] for i < n (AVX-512: vgatherdps, 16 at a time). Packing a filter
-  // for a channel subset is made of these (nchwc_conv.cc).
-  void (*gather_indexed)(const float* src, const int32_t* idx, int64_t n, float* dst);
+  // One (output block, input block) of an NCHWc filter, for taps t < kk:
+  //   dst[(t * B + li) * B + lo] = w[out_off[lo] + in_off[li] + t]  for lo < n_out, li < n_in,
+  //   0 for the other lanes of the B x B tile.
+  // w is OIHW (out_off = o * C * kk, in_off = c * kk). AVX-512 with B = 16: per tap, 16
+  // gathers (one per output row) and a 16 x 16 register transpose; reads only the weights
+  // the subset needs (nchwc_conv.cc packs FBS's per-input filters with it).
+  void (*pack_filter_tile)(const float* w, const int64_t* out_off, int n_out,
+                           const int32_t* in_off, int n_in, int64_t kk, int B, float* dst);
   // True if any x[i] != 0 (-0.0 counts as zero, NaN as non-zero, as with `x[i] != 0.f`):
   // which input channels a previous FBS layer switched off.
   bool (*has_nonzero)(const float* x, int64_t n);

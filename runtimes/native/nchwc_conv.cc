@@ -41,52 +41,42 @@ NchwcConv::NchwcConv(const OrtKernelInfo* info, const ConvAttrs& attrs) : attrs_
   }
 }
 
-TapMajorWeights MakeTapMajor(const float* w, const ConvGeom& g) {
-  TapMajorWeights wt;
-  wt.O = g.O;
-  wt.C = g.Cw;
-  wt.kk = g.kk();
-  wt.data.resize(size_t(wt.O * wt.C * wt.kk));
-  for (int64_t o = 0; o < wt.O; ++o)
-    for (int64_t c = 0; c < wt.C; ++c)
-      for (int64_t t = 0; t < wt.kk; ++t)
-        wt.data[size_t((c * wt.kk + t) * wt.O + o)] = w[(o * wt.C + c) * wt.kk + t];
-  return wt;
-}
-
-NchwcFilter NchwcConv::PackFilter(OrtKernelContext* ctx, const TapMajorWeights& wt,
-                                  const ConvGeom& g,
+NchwcFilter NchwcConv::PackFilter(OrtKernelContext* ctx, const float* w, const ConvGeom& g,
                                   const std::vector<int>& outputs,
                                   const std::vector<int>& chans) const {
-  const int64_t B = block_, kk = wt.kk, na = int64_t(outputs.size()), nc = int64_t(chans.size());
-  const bool nchw_input = nc < B;  // "OIHWBo": [O/B][C][kh][kw][B]; else "OIHWBiBo"
+  const int64_t B = block_, kk = g.kk(), na = int64_t(outputs.size()), nc = int64_t(chans.size());
   NchwcFilter f;
   f.O = Padded(na);
-  f.C = nchw_input ? nc : Padded(nc);
+  f.C = nc < B ? nc : Padded(nc);
   f.kh = g.kh;
   f.kw = g.kw;
-  // Zeros only where padding leaves holes; otherwise every element is written below.
-  if (f.O != na || f.C != nc)
-    f.data.assign(size_t(f.O * f.C * kk), 0.f);
-  else
-    f.data.resize(size_t(f.O * f.C * kk));
-  // Channel- and tap-major: each row of the tap-major copy is read once (while in L1) and
-  // gathered by every output block's indices (AVX-512: vgatherdps). Output-block-major order
-  // re-read the whole copy once per block (16x the traffic on a 512 x 512 layer).
+  f.data.resize(size_t(f.O * f.C * kk));  // every element is written below (padding as 0)
+  const int64_t row = g.Cw * kk;           // W is OIHW: output o starts at o * row
+  if (nc < B) {  // "OIHWBo" ([O/B][C][kh][kw][B]): small (a network's first conv); plain loops
+    for (int64_t ob = 0; ob < f.O / B; ++ob)
+      for (int64_t b = 0; b < nc; ++b)
+        for (int64_t t = 0; t < kk; ++t)
+          for (int64_t lo = 0; lo < B; ++lo) {
+            const int64_t a = ob * B + lo;
+            f.data[size_t(((ob * nc + b) * kk + t) * B + lo)] =
+                a < na ? w[outputs[size_t(a)] * row + int64_t(chans[size_t(b)]) * kk + t] : 0.f;
+          }
+    return f;
+  }
+  // "OIHWBiBo": one B x B tile per (output block, input block, tap), read from W directly
+  // (only the weights the subsets need; FBS repacks on every run whose active sets changed,
+  // and on a 7x7 layer that costs as much as the conv). Parallel over tiles when large.
   const IsaKernels& isa = BestKernels();
-  const int64_t lanes_in = nchw_input ? 1 : B;  // input channels per (block, tap) group
-  const int64_t blocks_in = f.C / lanes_in;
-  // Parallel over input channels when large (disjoint destinations): FBS repacks on every
-  // run whose active sets changed, and on a 7x7 layer that costs as much as the conv.
-  ParallelFor(ParallelIfLarge(ctx, na * nc * kk), size_t(nc), [&](size_t b_index) {
-    const int64_t b = int64_t(b_index), ib = b / lanes_in, li = b % lanes_in;
-    for (int64_t t = 0; t < kk; ++t) {
-      const float* src = wt.data.data() + (int64_t(chans[size_t(b)]) * kk + t) * wt.O;
-      for (int64_t ob = 0; ob < f.O / B; ++ob) {
-        float* dst = f.data.data() + ((ob * blocks_in + ib) * kk + t) * lanes_in * B + li * B;
-        isa.gather_indexed(src, outputs.data() + ob * B, std::min(B, na - ob * B), dst);
-      }
-    }
+  const int64_t blocks_out = f.O / B, blocks_in = f.C / B;
+  ParallelFor(ParallelIfLarge(ctx, na * nc * kk), size_t(blocks_out * blocks_in), [&](size_t i) {
+    const int64_t ob = int64_t(i) / blocks_in, ib = int64_t(i) % blocks_in;
+    const int n_out = int(std::min(B, na - ob * B)), n_in = int(std::min(B, nc - ib * B));
+    int64_t out_off[64];
+    int32_t in_off[64];
+    for (int lo = 0; lo < n_out; ++lo) out_off[lo] = int64_t(outputs[size_t(ob * B + lo)]) * row;
+    for (int li = 0; li < n_in; ++li) in_off[li] = int32_t(chans[size_t(ib * B + li)] * kk);
+    isa.pack_filter_tile(w, out_off, n_out, in_off, n_in, kk, int(B),
+                         f.data.data() + (ob * blocks_in + ib) * kk * B * B);
   });
   return f;
 }
@@ -171,7 +161,7 @@ bool NchwcConv::SelfCheckWith(OrtKernelContext* ctx, int64_t C) const {
     std::vector<int> outputs(static_cast<size_t>(O)), chans(static_cast<size_t>(C));
     for (int64_t i = 0; i < O; ++i) outputs[size_t(i)] = int(O - 1 - i);  // reordered rows
     for (int64_t i = 0; i < C; ++i) chans[size_t(i)] = int(i);
-    const NchwcFilter f = PackFilter(nullptr, MakeTapMajor(w.data(), g), g, outputs, chans);
+    const NchwcFilter f = PackFilter(nullptr, w.data(), g, outputs, chans);
     AlignedVec<float> xb(size_t(f.C * H * Wd)), yb(size_t(f.O * g.P()));
     GatherBlocked(nullptr, BestKernels(), x.data(), g, chans, xb.data());
     Run(ctx, g, f, xb.data(), yb.data());

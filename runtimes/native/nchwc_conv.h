@@ -38,16 +38,6 @@ namespace g2d {
 // when MLAS has no NCHWc kernels here.
 int NchwcBlock();
 
-// W [O, C, kh, kw] transposed to [C][kh*kw][O]: for each input channel and tap, the row over
-// all outputs. Made once per W; a filter for any subset is then packed with sequential
-// writes, each block row of B outputs gathered from one short row (FBS's active sets change
-// from input to input, so the packing is on the per-run path).
-struct TapMajorWeights {
-  int64_t O = 0, C = 0, kk = 0;
-  AlignedVec<float> data;
-};
-TapMajorWeights MakeTapMajor(const float* w, const ConvGeom& g);
-
 // A filter in OIHWBiBo for output rows `outputs` and input channels `chans` of W (indices
 // into W's channel dimension), zero-padded to whole blocks.
 struct NchwcFilter {
@@ -70,7 +60,8 @@ class NchwcConv {
   int Block() const { return block_; }
   int64_t Padded(int64_t n) const { return RoundUp(n, block_); }
 
-  NchwcFilter PackFilter(OrtKernelContext* ctx, const TapMajorWeights& wt, const ConvGeom& g,
+  // From W itself (OIHW, [O, C, kh, kw]); outputs and chans index its first two dimensions.
+  NchwcFilter PackFilter(OrtKernelContext* ctx, const float* w, const ConvGeom& g,
                          const std::vector<int>& outputs, const std::vector<int>& chans) const;
   // xb = channels `chans` of the sample x[C, H, W] in the delegate's input form: blocked,
   // Padded(chans.size()) * H * W floats, or NCHW (chans.size() * H * W) below one block.

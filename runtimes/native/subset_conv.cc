@@ -10,14 +10,6 @@ namespace g2d {
 SubsetConv::SubsetConv(const OrtKernelInfo* info, const ConvAttrs& attrs, bool w_const)
     : w_const_(w_const), nchwc_(info, attrs) {}
 
-std::shared_ptr<const TapMajorWeights> SubsetConv::TapMajorFor(const float* w,
-                                                               const ConvGeom& g) {
-  if (!w_const_) return std::make_shared<const TapMajorWeights>(MakeTapMajor(w, g));
-  std::lock_guard<std::mutex> lock(tap_major_mutex_);
-  if (!tap_major_) tap_major_ = std::make_shared<const TapMajorWeights>(MakeTapMajor(w, g));
-  return tap_major_;
-}
-
 void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* w,
                      const float* x, const ConvGeom& g, const std::vector<int>& outputs,
                      const std::vector<int>& chans, const RowEpilogue& ep) {
@@ -36,8 +28,7 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
   }
   const std::vector<int>& in = read_all ? all_chans : chans;
   if (nchwc_.Suits(ctx, na, int64_t(in.size()))) {
-    const auto wt = TapMajorFor(w, g);
-    auto make = [&] { return nchwc_.PackFilter(ctx, *wt, g, outputs, in); };
+    auto make = [&] { return nchwc_.PackFilter(ctx, w, g, outputs, in); };
     const auto f = w_const_ ? filter_cache_.Get(outputs, in, make)
                             : std::make_shared<const NchwcFilter>(make());
     AlignedVec<float>& xb = Scratch<float, 16>();

@@ -60,12 +60,8 @@ class SubsetConv {
            const RowEpilogue& ep);
 
  private:
-  // W in the delegate's tap-major form: made once when W is constant (else per run).
-  std::shared_ptr<const TapMajorWeights> TapMajorFor(const float* w, const ConvGeom& g);
   bool w_const_;
   NchwcConv nchwc_;
-  std::mutex tap_major_mutex_;
-  std::shared_ptr<const TapMajorWeights> tap_major_;
   LastSubsetCache<PackedWeights<float>> packed_cache_;
   LastSubsetCache<NchwcFilter> filter_cache_;
 };
