@@ -4,8 +4,10 @@
 //
 // Runs on ONNX Runtime's NCHWc conv where that suits (whole channel blocks, nchwc_conv.h),
 // else on our own GEMM (ConvByPanels). Either way the weights for a subset pair are prepared
-// once and, when W is a constant initializer, kept for the next run with the same subsets
-// (typical: active sets change slowly between inputs). Results go through a RowEpilogue.
+// (packed from W) and, when W is a constant initializer, kept for the next run with the same
+// subsets. With real inputs FBS's active sets change from run to run, so packing is on the
+// per-run path: it reads only the weights the subsets need, and when nearly every input is
+// live all inputs are used so that the key does not change. Results go through a RowEpilogue.
 #pragma once
 
 #include <memory>
