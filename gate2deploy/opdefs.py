@@ -132,10 +132,11 @@ def fbs_conv_schema():
 @schema
 def sparse_input_conv_schema():
     return make_schema(
-        "SparseInputConv", [("X", "T"), ("W", "T"), ("B", "T")], [("Y", "T")],
-        _CONV_ATTRS, infer=conv_like_output,
-        doc="Exactly ONNX Conv (group 1, bias B); the kernel reads only each sample's non-zero "
-            "input channels (the consumer of an FBS layer).")
+        "SparseInputConv", [("X", "T"), ("W", "T"), ("B", "T"), ("R?", "T")], [("Y", "T")],
+        [("activation", _STRING, False), *_CONV_ATTRS], infer=conv_like_output,
+        doc="Y = act(Conv(X, W, B) + R): ONNX Conv (group 1, bias B), optional residual R, "
+            "activation 'Relu' or none; the kernel reads only each sample's non-zero input "
+            "channels (the consumer of an FBS layer).")
 
 def register_all() -> None:
     global _registered

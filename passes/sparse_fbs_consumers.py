@@ -11,15 +11,23 @@ exactly the same Conv but reads only each sample's non-zero input channels.
 Expects: a graph after the fold pipeline; may contain `gate2deploy::FBSConv` nodes.
 
 Guarantees: every node matching the pattern below is replaced by a SparseInputConv node with
-the same X and W, B (a zero constant when the Conv had no bias), strides, pads and dilations,
-and the same output tensor; the function computed is unchanged (OPS.md: SparseInputConv is
-exactly Conv). Every other node is untouched. Returns the rewritten nodes' names.
+the same X and W, B (a zero constant when the Conv had no bias), strides, pads and dilations;
+the function computed is unchanged (OPS.md: SparseInputConv is exactly Conv, plus what it
+fuses). Every other node is untouched. Returns the rewritten nodes' names.
 
 Pattern (what is rewritten, declared as data):
     Conv(X = FBSConv(...), W = constant 4-D float32, B = constant or absent)
     with group 1, no auto_pad, 2-D kernel.
 A Conv reached through other ops (pooling, residual Add) is left as it is: there the zero
 channels are not guaranteed.
+
+Fused epilogue (the ResNet block's `relu(bn2(conv2(h)) + shortcut)`, BN already folded into
+the conv by the exporter): when the conv's output feeds only an `Add` with another tensor of
+the same static shape, the Add becomes input R; when that Add's output in turn feeds only a
+`Relu`, it becomes `activation="Relu"`. The node then writes the last fused op's output
+tensor; the fused nodes are removed. Graph outputs are never fused away (they must exist).
+Why: ONNX Runtime fuses Conv + Add + Relu for its own convs, not for a custom op; unfused they
+are two more full passes over the tensor per block.
 """
 from __future__ import annotations
 
@@ -59,6 +67,37 @@ def _matches(node: gs.Node) -> bool:
     return True
 
 
+def _sole_consumer(graph: gs.Graph, tensor: gs.Tensor, op: str) -> gs.Node | None:
+    """The only node reading `tensor`, if it is an `op` and `tensor` is not a graph output."""
+    if tensor in graph.outputs or len(tensor.outputs) != 1:
+        return None
+    node = tensor.outputs[0]
+    return node if node.op == op and node.domain in ("", "ai.onnx", None) else None
+
+
+def _fuse_epilogue(graph: gs.Graph, node: gs.Node) -> None:
+    """Fold a following residual Add (and then Relu) into the SparseInputConv `node`."""
+    y = node.outputs[0]
+    add = _sole_consumer(graph, y, "Add")
+    if add is None or len(add.inputs) != 2:
+        return
+    residual = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    if residual is y or residual.shape is None or y.shape is None or \
+            tuple(residual.shape) != tuple(y.shape) or not all(isinstance(d, int) for d in y.shape):
+        return
+    last = add
+    relu = _sole_consumer(graph, add.outputs[0], "Relu")
+    if relu is not None:
+        node.attrs["activation"] = "Relu"
+        last = relu
+    node.inputs.append(residual)
+    node.outputs = [last.outputs[0]]
+    for fused in (add, relu) if relu is not None else (add,):
+        fused.inputs.clear()
+        fused.outputs.clear()
+        graph.nodes.remove(fused)
+
+
 def sparse_fbs_consumers(graph: gs.Graph) -> list[str]:
     rewritten = []
     for node in [n for n in graph.nodes if _matches(n)]:
@@ -70,5 +109,6 @@ def sparse_fbs_consumers(graph: gs.Graph) -> list[str]:
         node.op, node.domain = "SparseInputConv", DOMAIN
         node.inputs = [node.inputs[0], node.inputs[1], bias]
         node.attrs = attrs
+        _fuse_epilogue(graph, node)
         rewritten.append(node.name)
     return rewritten

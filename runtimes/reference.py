@@ -186,10 +186,20 @@ def fbs_conv_reference(x, w, fc_w, fc_b, bn_scale, bn_shift, beta, density: floa
     return (out, active) if return_gate else out
 
 
-def sparse_input_conv_reference(x, w, b, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)):
-    """SparseInputConv (OPS.md): exactly ONNX Conv with bias, group 1."""
+def sparse_input_conv_reference(x, w, b, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                                residual=None, activation: str | None = None):
+    """SparseInputConv (OPS.md): act(Conv(X, W, B) + R), ONNX Conv with group 1."""
     b = _f32("B", b).reshape(-1)
     if b.size != np.asarray(w).shape[0]:
         raise ValueError(f"B must have {np.asarray(w).shape[0]} values, not {b.size}")
-    y = conv2d(x, w, strides, pads, dilations)
-    return (y + b[None, :, None, None]).astype(np.float32)
+    if activation not in (None, "", "Relu"):
+        raise ValueError(f"activation must be 'Relu' or none, not {activation!r}")
+    y = conv2d(x, w, strides, pads, dilations) + b[None, :, None, None]
+    if residual is not None:
+        residual = _f32("R", residual)
+        if residual.shape != y.shape:
+            raise ValueError(f"R must have shape {y.shape}, not {residual.shape}")
+        y = y + residual
+    if activation == "Relu":
+        y = np.maximum(y, np.float32(0))
+    return y.astype(np.float32)

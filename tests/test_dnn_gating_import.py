@@ -182,6 +182,11 @@ def test_fbs_resnet18_from_dense_weights_exports_with_both_lowerings():
                    if n.domain == "gate2deploy") == {"FBSConv": 9, "SparseInputConv": 8}
     assert sorted(ctx.sparse_input_convs) == sorted(
         n.name for n in compiled.graph.node if n.op_type == "SparseInputConv")
+    # ... each with its block's residual Add and ReLU fused in
+    fused = [n for n in compiled.graph.node if n.op_type == "SparseInputConv"]
+    assert all(len(n.input) == 4 and any(a.s == b"Relu" for a in n.attribute) for n in fused)
+    assert Counter(n.op_type for n in compiled.graph.node)["Add"] == 0
+    assert Counter(n.op_type for n in captured.graph.node)["Add"] == 8
     native = open_session(compiled).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         expected = model(x).numpy()

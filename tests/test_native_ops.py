@@ -390,6 +390,28 @@ def test_sparse_input_conv_is_exactly_conv(gi, zero_fraction):
         assert delegated_conv_runs() > before  # 32 live inputs, whole blocks of outputs
 
 
+@pytest.mark.parametrize("activation", [None, "Relu"])
+@pytest.mark.parametrize("gi", [0, 1, len(GEOMETRIES), len(GEOMETRIES) + 1])
+def test_sparse_input_conv_fused_residual_and_relu(gi, activation):
+    """Y = act(Conv(X, W, B) + R): the residual Add and ReLU the pass fuses (own GEMM and
+    ONNX Runtime's conv paths)."""
+    geom = geometry(gi) if gi < len(GEOMETRIES) else SPARSE_GEOMETRIES[gi]
+    rng, x, w, s, p, d = random_case(geom, seed=300 + gi)
+    x[:, rng.permutation(x.shape[1])[: x.shape[1] // 2]] = 0.0
+    b = rng.standard_normal(w.shape[0]).astype(np.float32)
+    y_shape = ref.sparse_input_conv_reference(x, w, b, s, p, d).shape
+    r = rng.standard_normal(y_shape).astype(np.float32)
+    attrs = dict(conv_attrs(s, p, d), **({"activation": activation} if activation else {}))
+    model = single_node_model("SparseInputConv", x.shape, [w, b], attrs)
+    model.graph.input.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, list(y_shape)))
+    model.graph.node[0].input.append("r")
+    y = open_session(model, threads=2).run(None, {"x": x, "r": r})[0]
+    y_ref = ref.sparse_input_conv_reference(x, w, b, s, p, d, residual=r, activation=activation)
+    assert np.abs(y - y_ref).max() <= RTOL * float(np.abs(y_ref).max())
+    if activation:
+        assert (y >= 0).all() and (y[y_ref == 0] == 0).all()
+
+
 def test_fbs_conv_packed_weight_cache_follows_the_active_channels():
     """FBSConv keeps the last packed weights (constant W) keyed by the active output and
     input channel lists: one session, inputs whose active sets differ, repeat and alternate,
@@ -468,6 +490,10 @@ BAD_CASES = {
     "sparse_group": ("SparseInputConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32)],
                      {"group": 2}),
     "sparse_channels": ("SparseInputConv", (1, 6, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32)], {}),
+    "sparse_activation": ("SparseInputConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32)],
+                          {"activation": "Sigmoid"}),
+    "sparse_residual_shape": ("SparseInputConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32),
+                                                                np.zeros((1, 4, 2, 2), np.float32)], {}),
 }
 
 

@@ -38,6 +38,36 @@ def fbs_then(consumer: str, group: int = 1, bias: bool = True, weight_is_input: 
     return gs.Graph(nodes=nodes, inputs=graph_inputs, outputs=[y]), conv
 
 
+def test_residual_add_and_relu_after_the_conv_are_fused():
+    graph, conv = fbs_then("direct")
+    y = conv.outputs[0]
+    graph.outputs = []
+    shortcut = gs.Variable("shortcut", np.float32, (1, 8, 6, 6))
+    y.shape = (1, 8, 6, 6)
+    s, out = gs.Variable("s", np.float32, (1, 8, 6, 6)), gs.Variable("out", np.float32, (1, 8, 6, 6))
+    graph.inputs.append(shortcut)
+    graph.nodes += [gs.Node("Add", "add", inputs=[shortcut, y], outputs=[s]),
+                    gs.Node("Relu", "relu", inputs=[s], outputs=[out])]
+    graph.outputs = [out]
+    assert sparse_fbs_consumers(graph) == ["conv"]
+    assert conv.attrs["activation"] == "Relu" and conv.inputs[3] is shortcut and conv.outputs == [out]
+    assert [n.op for n in graph.nodes] == ["FBSConv", "SparseInputConv"]
+
+
+def test_add_with_a_second_reader_or_a_broadcast_operand_is_not_fused():
+    for case in ("two_readers", "broadcast"):
+        graph, conv = fbs_then("direct")
+        y = conv.outputs[0]
+        y.shape = (1, 8, 6, 6)
+        other = gs.Variable("other", np.float32, (1, 8, 1, 1) if case == "broadcast" else (1, 8, 6, 6))
+        s = gs.Variable("s", np.float32, (1, 8, 6, 6))
+        graph.inputs.append(other)
+        graph.nodes.append(gs.Node("Add", "add", inputs=[y, other], outputs=[s]))
+        graph.outputs = [s] + ([y] if case == "two_readers" else [])
+        assert sparse_fbs_consumers(graph) == ["conv"]
+        assert "activation" not in conv.attrs and len(conv.inputs) == 3 and conv.outputs == [y]
+
+
 def test_direct_consumer_is_rewritten_with_the_same_tensors_and_attributes():
     graph, conv = fbs_then("direct")
     x, w, b, y = conv.inputs[0], conv.inputs[1], conv.inputs[2], conv.outputs[0]

@@ -161,31 +161,28 @@ template <class T> struct ConvAcc { using type = float; };
 template <> struct ConvAcc<int16_t> { using type = int32_t; };
 
 // Where ConvByPanels / SubsetConv write row m of the product acc (one sample's [M, P]):
-//   y[rows[m] * ld + p] = act(gain[m] * (scale[m] * acc[m, p] + shift[m]) + bias[m])
-// with act = ReLU if `relu`, else identity (FBS's epilogue; a plain conv's bias with gain =
-// scale = 1, shift = 0), applied while the panel is in cache: no intermediate [M, P] buffer.
+//   y[rows[m] * ld + p] = act(gain[m] * (scale[m] * acc[m, p] + shift[m]) + bias[m] + r)
+// with act = ReLU if `relu`, else identity, and r = residual[rows[m] * ld + p] if `residual`
+// is set, else nothing added (FBS's epilogue; a plain conv's bias with gain = scale = 1,
+// shift = 0; SparseInputConv's fused residual Add + ReLU), applied while the panel is in
+// cache: no intermediate [M, P] buffer.
 struct RowEpilogue {
   const int* rows;
   float* y;
   int64_t ld;
   const float *gain, *scale, *shift, *bias;
   bool relu = true;
-  // One expression for every code path, so they agree bit for bit.
-  static float Affine(float g, float s, float sh, float b, bool relu, float acc) {
-    const float v = g * (s * acc + sh) + b;
+  const float* residual = nullptr;  // same layout as y
+  // The value for accumulator `acc` of row m at pixel p (SubsetConv applies the same formula
+  // a row at a time with isa.epilogue_row, vectorized; the two may differ in the last bit
+  // where the compiler contracts into FMAs, as the accumulators of the two paths do anyway).
+  float Apply(int64_t m, float acc, int64_t p) const {
+    float v = gain[m] * (scale[m] * acc + shift[m]) + bias[m];
+    if (residual) v += residual[int64_t(rows[m]) * ld + p];
     return relu && !(v > 0.f) ? 0.f : v;
   }
-  float Apply(int64_t m, float acc) const {
-    return Affine(gain[m], scale[m], shift[m], bias[m], relu, acc);
-  }
-  // v[0:n] = Apply(m, v[0:n]), with the row's factors in registers (a plain loop over Apply
-  // would reload them per element: v may alias them as far as the compiler knows).
-  void ApplyInPlace(int64_t m, float* v, int64_t n) const {
-    const float g = gain[m], s = scale[m], sh = shift[m], b = bias[m];
-    if (relu)
-      for (int64_t i = 0; i < n; ++i) v[i] = Affine(g, s, sh, b, true, v[i]);
-    else
-      for (int64_t i = 0; i < n; ++i) v[i] = Affine(g, s, sh, b, false, v[i]);
+  const float* ResidualRow(int64_t m) const {
+    return residual ? residual + int64_t(rows[m]) * ld : nullptr;
   }
 };
 

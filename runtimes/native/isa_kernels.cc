@@ -371,6 +371,19 @@ void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t 
 
 }  // namespace
 
+void epilogue_row(float* v, int64_t n, float g, float s, float sh, float b, const float* r,
+                  bool relu) {
+  // Four loops without branches inside, so each vectorizes.
+  if (r && relu)
+    for (int64_t i = 0; i < n; ++i) v[i] = std::max(g * (s * v[i] + sh) + b + r[i], 0.f);
+  else if (r)
+    for (int64_t i = 0; i < n; ++i) v[i] = g * (s * v[i] + sh) + b + r[i];
+  else if (relu)
+    for (int64_t i = 0; i < n; ++i) v[i] = std::max(g * (s * v[i] + sh) + b, 0.f);
+  else
+    for (int64_t i = 0; i < n; ++i) v[i] = g * (s * v[i] + sh) + b;
+}
+
 bool has_nonzero(const float* x, int64_t n) {
   // Blocks of 64 values OR their bit patterns without the sign bit (a loop the compiler
   // vectorizes; a per-element early exit does not, and zero channels are scanned to the end).
@@ -454,7 +467,8 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
                                     igemm_micro,   gather_fields, gate_panel,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
-                                    pack_filter_tile, has_nonzero, pool_channel, pg_split};
+                                    pack_filter_tile, epilogue_row, has_nonzero, pool_channel,
+                                    pg_split};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

@@ -65,6 +65,10 @@ struct IsaKernels {
   // the subset needs (nchwc_conv.cc packs FBS's per-input filters with it).
   void (*pack_filter_tile)(const float* w, const int64_t* out_off, int n_out,
                            const int32_t* in_off, int n_in, int64_t kk, int B, float* dst);
+  // v[i] = act(g * (s * v[i] + sh) + b (+ r[i] if r)), act = ReLU if relu, for i < n: the
+  // RowEpilogue (conv_common.h) over one row, vectorized with the table's ISA.
+  void (*epilogue_row)(float* v, int64_t n, float g, float s, float sh, float b, const float* r,
+                       bool relu);
   // True if any x[i] != 0 (-0.0 counts as zero, NaN as non-zero, as with `x[i] != 0.f`):
   // which input channels a previous FBS layer switched off.
   bool (*has_nonzero)(const float* x, int64_t n);

@@ -1,15 +1,20 @@
-// SparseInputConv(X, W, B) -> Y: exactly ONNX Conv (group 1, with bias) (runtimes/OPS.md,
-// reference runtimes/reference.py::sparse_input_conv_reference), for inputs whose channels
-// are often entirely zero per sample: the output of an FBS layer, whose inactive channels are
-// exact zeros. Per sample, only the input channels holding a non-zero value are read and
-// multiplied (a zero channel adds exactly 0 to every sum), so the work scales with the
-// sample's input channel density.
+// SparseInputConv(X, W, B[, R]) -> Y: exactly ONNX Conv (group 1, with bias), plus the
+// optional residual R and activation ("Relu") the pass fuses from a following Add and Relu
+// (runtimes/OPS.md, reference runtimes/reference.py::sparse_input_conv_reference), for inputs
+// whose channels are often entirely zero per sample: the output of an FBS layer, whose
+// inactive channels are exact zeros. Per sample, only the input channels holding a non-zero
+// value are read and multiplied (a zero channel adds exactly 0 to every sum), so the work
+// scales with the sample's input channel density.
 #include "sparse_input_conv.h"
 
 namespace g2d {
 
 SparseInputConvKernel::SparseInputConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   attrs_ = ReadConvAttrs(info, &attr_error_);
+  const std::string activation = ReadStringAttr(info, "activation", "");
+  relu_ = activation == "Relu";
+  if (attr_error_.empty() && !activation.empty() && !relu_)
+    attr_error_ = "attribute activation must be \"Relu\" or absent, got \"" + activation + "\"";
   conv_ = std::make_unique<SubsetConv>(info, attrs_, InputIsConstant(info, 1));
 }
 
@@ -17,12 +22,18 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
                                            const Ort::Custom::Tensor<float>& X,
                                            const Ort::Custom::Tensor<float>& W,
                                            const Ort::Custom::Tensor<float>& B,
+                                           std::optional<const Ort::Custom::Tensor<float>*> R,
                                            Ort::Custom::Tensor<float>& Y) {
   return Guarded("SparseInputConv", [&] {
     if (!attr_error_.empty()) throw OpError("SparseInputConv: " + attr_error_);
     if (attrs_.group != 1) throw OpError("SparseInputConv: group must be 1 (W is [O, C, kh, kw])");
     const ConvGeom g = MakeGeom("SparseInputConv", X.Shape(), W.Shape(), attrs_);
     ExpectShape("SparseInputConv", "B", B.Shape(), {g.O});
+    const float* residual = nullptr;
+    if (R.has_value() && *R != nullptr) {
+      ExpectShape("SparseInputConv", "R", (*R)->Shape(), {g.N, g.O, g.OH, g.OW});
+      residual = (*R)->Data();
+    }
     const IsaKernels& isa = BestKernels();
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const int64_t HW = g.H * g.W, Np = g.P();
@@ -36,7 +47,8 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
         if (isa.has_nonzero(xn + c * HW, HW)) live.push_back(int(c));
       RowEpilogue ep{outputs.data(), y + n * g.O * Np, Np, ones.data(), ones.data(),
                      zeros.data(), B.Data()};
-      ep.relu = false;
+      ep.relu = relu_;
+      if (residual) ep.residual = residual + n * g.O * Np;
       conv_->Run(ctx, isa, W.Data(), xn, g, outputs, live, ep);
     }
   });
