@@ -42,10 +42,11 @@ NchwcConv::NchwcConv(const OrtKernelInfo* info, const ConvAttrs& attrs) : attrs_
 }
 
 NchwcFilter NchwcConv::PackFilter(OrtKernelContext* ctx, const float* w, const ConvGeom& g,
-                                  const std::vector<int>& outputs,
-                                  const std::vector<int>& chans) const {
+                                  const std::vector<int>& outputs, const std::vector<int>& chans,
+                                  NchwcFilter* reuse) const {
   const int64_t B = block_, kk = g.kk(), na = int64_t(outputs.size()), nc = int64_t(chans.size());
   NchwcFilter f;
+  if (reuse) f.data = std::move(reuse->data);  // resize below keeps its capacity
   f.O = Padded(na);
   f.C = nc < B ? nc : Padded(nc);
   f.kh = g.kh;
@@ -68,6 +69,8 @@ NchwcFilter NchwcConv::PackFilter(OrtKernelContext* ctx, const float* w, const C
   // and on a 7x7 layer that costs as much as the conv). Parallel over tiles when large.
   const IsaKernels& isa = BestKernels();
   const int64_t blocks_out = f.O / B, blocks_in = f.C / B;
+  // (Measured: prefetching the next tile's row segments did not help when W streams from
+  // memory, as in a whole network; the pack is then bound by memory bandwidth.)
   ParallelFor(ParallelIfLarge(ctx, na * nc * kk), size_t(blocks_out * blocks_in), [&](size_t i) {
     const int64_t ob = int64_t(i) / blocks_in, ib = int64_t(i) % blocks_in;
     const int n_out = int(std::min(B, na - ob * B)), n_in = int(std::min(B, nc - ib * B));
@@ -76,7 +79,7 @@ NchwcFilter NchwcConv::PackFilter(OrtKernelContext* ctx, const float* w, const C
     for (int lo = 0; lo < n_out; ++lo) out_off[lo] = int64_t(outputs[size_t(ob * B + lo)]) * row;
     for (int li = 0; li < n_in; ++li) in_off[li] = int32_t(chans[size_t(ib * B + li)] * kk);
     isa.pack_filter_tile(w, out_off, n_out, in_off, n_in, kk, int(B),
-                         f.data.data() + (ob * blocks_in + ib) * kk * B * B);
+                         f.data.data() + int64_t(i) * kk * B * B);
   });
   return f;
 }

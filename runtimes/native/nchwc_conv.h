@@ -61,8 +61,10 @@ class NchwcConv {
   int64_t Padded(int64_t n) const { return RoundUp(n, block_); }
 
   // From W itself (OIHW, [O, C, kh, kw]); outputs and chans index its first two dimensions.
+  // The storage of `reuse` (may be null) is taken over when given.
   NchwcFilter PackFilter(OrtKernelContext* ctx, const float* w, const ConvGeom& g,
-                         const std::vector<int>& outputs, const std::vector<int>& chans) const;
+                         const std::vector<int>& outputs, const std::vector<int>& chans,
+                         NchwcFilter* reuse = nullptr) const;
   // xb = channels `chans` of the sample x[C, H, W] in the delegate's input form: blocked,
   // Padded(chans.size()) * H * W floats, or NCHW (chans.size() * H * W) below one block.
   void GatherBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,

@@ -28,9 +28,9 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
   }
   const std::vector<int>& in = read_all ? all_chans : chans;
   if (nchwc_.Suits(ctx, na, int64_t(in.size()))) {
-    auto make = [&] { return nchwc_.PackFilter(ctx, w, g, outputs, in); };
+    auto make = [&](NchwcFilter* reuse) { return nchwc_.PackFilter(ctx, w, g, outputs, in, reuse); };
     const auto f = w_const_ ? filter_cache_.Get(outputs, in, make)
-                            : std::make_shared<const NchwcFilter>(make());
+                            : std::make_shared<const NchwcFilter>(make(nullptr));
     AlignedVec<float>& xb = Scratch<float, 16>();
     AlignedVec<float>& yb = Scratch<float, 17>();
     xb.resize(size_t(f->C * g.H * g.W));
@@ -53,9 +53,9 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
     });
     return;
   }
-  auto make = [&] { return PackWeights(isa, w, g, outputs, in); };
+  auto make = [&](PackedWeights<float>*) { return PackWeights(isa, w, g, outputs, in); };
   const auto packed = w_const_ ? packed_cache_.Get(outputs, in, make)
-                               : std::make_shared<const PackedWeights<float>>(make());
+                               : std::make_shared<const PackedWeights<float>>(make(nullptr));
   ConvByPanels(ctx, isa, *packed, x, g, in, ep);
 }
 
