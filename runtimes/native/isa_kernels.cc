@@ -457,8 +457,10 @@ void pg_split(const float* x, int64_t n, float s, float levels, int shift, float
     const float r = std::min(std::fabs(x[i]) / s, 1.0f) * levels;
     // (r + 2^23) - 2^23 rounds 0 <= r < 2^23 half to even in the default rounding mode.
     const int32_t q = int32_t((r + 8388608.0f) - 8388608.0f);
-    hb[i] = std::copysign(float(q >> shift), x[i]);
-    lb[i] = std::copysign(float(q & low_mask), x[i]);
+    // sign(x) as the reference's: 0 for 0 (and for NaN, whose q is meaningless).
+    const float sign = x[i] > 0.f ? 1.f : (x[i] < 0.f ? -1.f : 0.f);
+    hb[i] = sign * float(q >> shift);
+    lb[i] = sign * float(q & low_mask);
   }
 }
 

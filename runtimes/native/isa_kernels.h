@@ -77,7 +77,7 @@ struct IsaKernels {
   float (*pool_channel)(const float* x, int64_t n, bool max_pool);
   // PG's activation split (runtimes/OPS.md), as integer-valued floats: for i < n,
   //   q = round_half_even(min(|x[i]| / s, 1) * levels)   (q < 2^16)
-  //   hb[i] = copysign(q >> shift, x[i]), lb[i] = copysign(q & (2^shift - 1), x[i]).
+  //   hb[i] = sign(x[i]) * (q >> shift), lb[i] = sign(x[i]) * (q & (2^shift - 1)).
   // Plain C++ the compiler vectorizes with the table's ISA.
   void (*pg_split)(const float* x, int64_t n, float s, float levels, int shift, float* hb,
                    float* lb);

@@ -171,32 +171,29 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const IsaKernels& isa = BestKernels();
 
-    // Quantize X into MSB/LSB planes (thread-local scratch), then run every sample and group.
-    auto run = [&](const auto& plans, float scale1, float scale2, auto quantize) {
-      using T = typename std::decay_t<decltype(plans[0].w1.data)>::value_type;
-      AlignedVec<T>& msb = Scratch<T, 10>();
-      AlignedVec<T>& lsb = Scratch<T, 11>();
-      msb.resize(size_t(nx));
-      lsb.resize(size_t(nx));
-      // Serial: a few ns per element, cheaper than another parallel section (each section
-      // can stall on a descheduled pool thread when the machine is oversubscribed).
-      T* const hb = msb.data();
-      T* const lb = lsb.data();
-      for (int64_t i = 0; i < nx; ++i) quantize(x[i], &hb[i], &lb[i]);
+    // Quantize X once, as the reference does (q = round_half_even(min(|x| / s, 1) * (2^B-1))
+    // in fp32; isa.pg_split, vectorized): integer-valued planes sign(x) * (q >> shift) and
+    // sign(x) * (q & (2^shift - 1)). Each path below takes them as they are, as int16 or
+    // de-quantized.
+    AlignedVec<float>& msb = Scratch<float, 10>();
+    AlignedVec<float>& lsb = Scratch<float, 11>();
+    msb.resize(size_t(nx));
+    lsb.resize(size_t(nx));
+    isa.pg_split(x, nx, s, levels, int(shift), msb.data(), lsb.data());
+
+    // The two-stage convolution on our GEMM, every sample and group (int16 or float planes).
+    auto run = [&](const auto& plans, float scale1, float scale2, const auto* hb,
+                   const auto* lb) {
       for (int64_t n = 0; n < g.N; ++n)
-        RunGatedConv(ctx, isa, g, plans, msb.data() + n * g.C * g.H * g.W,
-                     lsb.data() + n * g.C * g.H * g.W, scale1, scale2, threshold.Data(),
-                     y + n * g.O * g.P());
+        RunGatedConv(ctx, isa, g, plans, hb + n * g.C * g.H * g.W, lb + n * g.C * g.H * g.W,
+                     scale1, scale2, threshold.Data(), y + n * g.O * g.P());
     };
 
-    // q = round_half_even(min(|x| / s, 1) * (2^B - 1)), in fp32 as the reference does.
-    // Rounding: for 0 <= r < 2^23, (r + 2^23) - 2^23 is r rounded half-to-even in the FPU's
-    // default mode, inline (std::nearbyint is a libm call on baseline x86-64; without
-    // -ffast-math the compiler may not fold the expression).
-    auto magnitude = [s, levels](float v) {
-      const float r = std::min(std::fabs(v) / s, 1.0f) * levels;
-      return int64_t((r + 8388608.0f) - 8388608.0f);
-    };
+    // Integer paths: stage sums times one activation step times one weight step (the MSB
+    // plane counts in units of 2^shift steps).
+    const float unit = s / levels * w_step;
+    const float scale1 = unit * float(int64_t(1) << shift), scale2 = unit;
+
     // Integer stages as fp32 convs on ONNX Runtime's NCHWc kernel: with integer-valued
     // operands and every partial sum below 2^24 in magnitude, fp32 sums are exact in any
     // order, so this equals the int16 path bit for bit, at MLAS's speed. Both stages are
@@ -212,14 +209,7 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
         w_qf_local.assign(w_q->begin(), w_q->end());
         wq = w_qf_local.data();
       }
-      AlignedVec<float>& msb = Scratch<float, 10>();
-      AlignedVec<float>& lsb = Scratch<float, 11>();
       AlignedVec<float>& stage2 = Scratch<float, 15>();
-      msb.resize(size_t(nx));
-      lsb.resize(size_t(nx));
-      isa.pg_split(x, nx, s, levels, int(shift), msb.data(), lsb.data());
-      const float unit = s / levels * w_step;
-      const float scale1 = unit * float(int64_t(1) << shift), scale2 = unit;
       const int64_t Np = g.P(), HW = g.H * g.W;
       std::vector<int> outputs(static_cast<size_t>(g.O)), chans(static_cast<size_t>(g.C));
       for (int64_t o = 0; o < g.O; ++o) outputs[size_t(o)] = int(o);
@@ -262,24 +252,26 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
       }
       return;
     }
-    if (int_path) {
+    if (int_path) {  // the planes as int16 (exact: |values| <= 255)
       const auto plans = PlansFor<int16_t>(w_const_, plans_mutex_, int_plans_, w_q->data(), g);
-      const float unit = s / levels * w_step;  // one activation step times one weight step
-      run(*plans, unit * float(int64_t(1) << shift), unit,
-          [&](float v, int16_t* hb, int16_t* lb) {
-            const int64_t q = magnitude(v), sign = v > 0.f ? 1 : (v < 0.f ? -1 : 0);
-            *hb = int16_t(sign * (q >> shift));
-            *lb = int16_t(sign * (q & ((int64_t(1) << shift) - 1)));
-          });
-    } else {
+      AlignedVec<int16_t>& hb = Scratch<int16_t, 21>();
+      AlignedVec<int16_t>& lb = Scratch<int16_t, 22>();
+      hb.resize(size_t(nx));
+      lb.resize(size_t(nx));
+      for (int64_t i = 0; i < nx; ++i) {
+        hb[size_t(i)] = int16_t(msb[size_t(i)]);
+        lb[size_t(i)] = int16_t(lsb[size_t(i)]);
+      }
+      run(*plans, scale1, scale2, hb.data(), lb.data());
+    } else {  // float weights: de-quantized planes, in the reference's (and seed's) order
       const auto plans = PlansFor<float>(w_const_, plans_mutex_, float_plans_, W.Data(), g);
-      run(*plans, 1.f, 1.f, [&](float v, float* hb, float* lb) {
-        const int64_t q = magnitude(v);
-        const float sign = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
-        const float q_hb = float((q >> shift) << shift), q_lb = float(q) - q_hb;
-        *hb = (q_hb / levels) * s * sign;  // the reference's (and seed's) operation order
-        *lb = (q_lb / levels) * s * sign;
-      });
+      const float hb_step = float(int64_t(1) << shift);
+      for (int64_t i = 0; i < nx; ++i) {
+        const float h = msb[size_t(i)], l = lsb[size_t(i)];
+        msb[size_t(i)] = std::copysign((std::fabs(h) * hb_step / levels) * s, h);
+        lsb[size_t(i)] = std::copysign((std::fabs(l) / levels) * s, l);
+      }
+      run(*plans, 1.f, 1.f, msb.data(), lsb.data());
     }
   });
 }
