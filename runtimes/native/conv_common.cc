@@ -374,11 +374,7 @@ ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<flo
       src.Wp = Wp;
       src.plane = Hp * Wp;
       src.columns = (g.OH - 1) * Wp + g.OW;
-      std::vector<int> all;
-      if (!only) {
-        all.resize(size_t(g.C));
-        for (int64_t c = 0; c < g.C; ++c) all[c] = int(c);
-      }
+      const std::vector<int> all = only ? std::vector<int>() : Indices(g.C);
       const std::vector<int>& chans = only ? *only : all;
       src.plane_base.assign(size_t(g.C), -1);
       // Slack after the last plane: a panel's last columns may read up to nr floats past it.

@@ -128,6 +128,12 @@ Ort::Status Guarded(const char* op, const std::function<void()>& body);
 // Elements per packed k step: float packs single k, int16 packs k pairs (vpdpwssd/pmaddwd).
 template <class T> constexpr int PairOf() { return sizeof(T) == 2 ? 2 : 1; }
 inline int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+// 0, 1, ..., n - 1: "every channel" as a channel list.
+inline std::vector<int> Indices(int64_t n) {
+  std::vector<int> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) v[size_t(i)] = int(i);
+  return v;
+}
 
 // Micro-tile sizes of the GEMM for element type T.
 template <class T> int TileRows(const IsaKernels& k);

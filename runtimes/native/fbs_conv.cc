@@ -93,7 +93,7 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       }
       std::vector<int> out_active;
       if (k >= g.O) {
-        for (int64_t o = 0; o < g.O; ++o) out_active.push_back(int(o));
+        out_active = Indices(g.O);
       } else {
         sorted = gamma;  // (k+1)-th largest = element k of the descending order
         std::nth_element(sorted.begin(), sorted.begin() + k, sorted.end(), std::greater<float>());

@@ -211,9 +211,7 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
       }
       AlignedVec<float>& stage2 = Scratch<float, 15>();
       const int64_t Np = g.P(), HW = g.H * g.W;
-      std::vector<int> outputs(static_cast<size_t>(g.O)), chans(static_cast<size_t>(g.C));
-      for (int64_t o = 0; o < g.O; ++o) outputs[size_t(o)] = int(o);
-      for (int64_t c = 0; c < g.C; ++c) chans[size_t(c)] = int(c);
+      const std::vector<int> outputs = Indices(g.O), chans = Indices(g.C);
       const std::vector<float> ones(size_t(g.O), 1.f), zeros(size_t(g.O), 0.f);
       const std::vector<float> s1(size_t(g.O), scale1);
       const float* thr = threshold.Data();

@@ -37,8 +37,7 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
     const IsaKernels& isa = BestKernels();
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const int64_t HW = g.H * g.W, Np = g.P();
-    std::vector<int> outputs(static_cast<size_t>(g.O));
-    for (int64_t o = 0; o < g.O; ++o) outputs[size_t(o)] = int(o);
+    const std::vector<int> outputs = Indices(g.O);
     const std::vector<float> ones(size_t(g.O), 1.f), zeros(size_t(g.O), 0.f);
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * HW;

@@ -19,18 +19,14 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
   // dead ones would save little and key the prepared weights on a set that changes from input
   // to input (measured: FBS ResNet-18 at density 1 with input-dependent saliency ran at half
   // speed, repacking every layer's weights on every run).
-  std::vector<int> all_chans;
   const bool read_all = double(chans.size()) > kReadAllInputsAbove * double(g.C) &&
                         int64_t(chans.size()) < g.C && g.group == 1;
-  if (read_all) {
-    all_chans.resize(size_t(g.C));
-    for (int64_t c = 0; c < g.C; ++c) all_chans[size_t(c)] = int(c);
-  }
+  const std::vector<int> all_chans = read_all ? Indices(g.C) : std::vector<int>();
   const std::vector<int>& in = read_all ? all_chans : chans;
   if (nchwc_.Suits(ctx, na, int64_t(in.size()))) {
-    auto make = [&](NchwcFilter* reuse) { return nchwc_.PackFilter(ctx, w, g, outputs, in, reuse); };
-    const auto f = w_const_ ? filter_cache_.Get(outputs, in, make)
-                            : std::make_shared<const NchwcFilter>(make(nullptr));
+    const auto f = filter_cache_.Get(w_const_, outputs, in, [&](NchwcFilter* reuse) {
+      return nchwc_.PackFilter(ctx, w, g, outputs, in, reuse);
+    });
     AlignedVec<float>& xb = Scratch<float, 16>();
     AlignedVec<float>& yb = Scratch<float, 17>();
     xb.resize(size_t(f->C * g.H * g.W));
@@ -53,9 +49,9 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
     });
     return;
   }
-  auto make = [&](PackedWeights<float>*) { return PackWeights(isa, w, g, outputs, in); };
-  const auto packed = w_const_ ? packed_cache_.Get(outputs, in, make)
-                               : std::make_shared<const PackedWeights<float>>(make(nullptr));
+  const auto packed = packed_cache_.Get(w_const_, outputs, in, [&](PackedWeights<float>*) {
+    return PackWeights(isa, w, g, outputs, in);
+  });
   ConvByPanels(ctx, isa, *packed, x, g, in, ep);
 }
 

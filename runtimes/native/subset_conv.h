@@ -20,7 +20,8 @@
 namespace g2d {
 
 // The value last prepared for one (outputs, inputs) subset pair. make(V* reuse) builds a new
-// value; `reuse` is the value it replaces when nobody else holds it any more (else null), so
+// value (every call when `keep` is false: W is not constant, nothing may be kept); `reuse` is
+// the value it replaces when nobody else holds it any more (else null), so
 // that its storage can be taken over: a fresh multi-megabyte buffer per run (FBS repacks on
 // every run whose active sets changed) is mapped and page-faulted in by the OS each time,
 // which measured more than the conv itself on ResNet-18's last layers.
@@ -28,8 +29,9 @@ template <class V>
 class LastSubsetCache {
  public:
   template <class Make>
-  std::shared_ptr<const V> Get(const std::vector<int>& out, const std::vector<int>& in,
+  std::shared_ptr<const V> Get(bool keep, const std::vector<int>& out, const std::vector<int>& in,
                                Make make) {
+    if (!keep) return std::make_shared<const V>(make(nullptr));
     std::lock_guard<std::mutex> lock(mu_);
     if (!value_ || out != out_ || in != in_) {
       std::shared_ptr<V> old = std::move(value_);
