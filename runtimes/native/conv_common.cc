@@ -501,7 +501,8 @@ void ConvByPanels(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeig
       for (int64_t m = 0; m < w.M; ++m) {
         const Acc* a = tile.data() + m * nr + t0;
         float* dst = ep.y + int64_t(ep.rows[m]) * ep.ld + p0;
-        for (int64_t t = 0; t < len; ++t) dst[t] = ep.Apply(m, float(a[t]), p0 + t);
+        for (int64_t t = 0; t < len; ++t) dst[t] = float(a[t]);
+        ep.ApplyToRun(isa, m, dst, p0, len);
       }
       t0 += len;
     }

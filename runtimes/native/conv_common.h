@@ -179,16 +179,11 @@ struct RowEpilogue {
   const float *gain, *scale, *shift, *bias;
   bool relu = true;
   const float* residual = nullptr;  // same layout as y
-  // The value for accumulator `acc` of row m at pixel p (SubsetConv applies the same formula
-  // a row at a time with isa.epilogue_row, vectorized; the two may differ in the last bit
-  // where the compiler contracts into FMAs, as the accumulators of the two paths do anyway).
-  float Apply(int64_t m, float acc, int64_t p) const {
-    float v = gain[m] * (scale[m] * acc + shift[m]) + bias[m];
-    if (residual) v += residual[int64_t(rows[m]) * ld + p];
-    return relu && !(v > 0.f) ? 0.f : v;
-  }
-  const float* ResidualRow(int64_t m) const {
-    return residual ? residual + int64_t(rows[m]) * ld : nullptr;
+  // Applies the epilogue to n accumulators of row m already stored at v (pixels p0 ..
+  // p0 + n - 1 of the row): isa.epilogue_row, the one vectorized implementation.
+  void ApplyToRun(const IsaKernels& isa, int64_t m, float* v, int64_t p0, int64_t n) const {
+    const float* r = residual ? residual + int64_t(rows[m]) * ld + p0 : nullptr;
+    isa.epilogue_row(v, n, gain[m], scale[m], shift[m], bias[m], r, relu);
   }
 };
 

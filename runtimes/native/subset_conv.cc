@@ -41,11 +41,7 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
       float* rows[64];
       for (int l = 0; l < valid; ++l) rows[l] = ep.y + int64_t(ep.rows[a0 + l]) * ep.ld;
       isa.scatter_lanes(yb.data() + a0 * Np, B, Np, rows, valid);
-      for (int l = 0; l < valid; ++l) {
-        const int64_t a = a0 + l;
-        isa.epilogue_row(rows[l], Np, ep.gain[a], ep.scale[a], ep.shift[a], ep.bias[a],
-                         ep.ResidualRow(a), ep.relu);
-      }
+      for (int l = 0; l < valid; ++l) ep.ApplyToRun(isa, a0 + l, rows[l], 0, Np);
     });
     return;
   }
