@@ -128,7 +128,6 @@ def fbs_conv_schema():
         doc="FBS: per-sample top-k output channels by a pooled saliency; others exactly 0.")
 
 
-
 @schema
 def sparse_input_conv_schema():
     return make_schema(
@@ -137,6 +136,7 @@ def sparse_input_conv_schema():
         doc="Y = act(Conv(X, W, B) + R): ONNX Conv (group 1, bias B), optional residual R, "
             "activation 'Relu' or none; the kernel reads only each sample's non-zero input "
             "channels (the consumer of an FBS layer).")
+
 
 def register_all() -> None:
     global _registered

@@ -40,6 +40,7 @@ FOLD_PIPELINE: list[tuple[str, Pass]] = [
         g, ctx.unfoldable_policy, ctx.fold, choose_padding if ctx.choose_widths else None)),
 ]
 
+
 def _sparse_fbs_consumers(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
     ctx.sparse_input_convs.extend(sparse_fbs_consumers(graph))
     return graph

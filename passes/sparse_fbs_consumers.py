@@ -44,6 +44,13 @@ PATTERN = {
 }
 
 
+def _bias(node: gs.Node) -> gs.Tensor | None:
+    """The Conv's bias input, or None when it has none (absent or an empty name)."""
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        return node.inputs[2]
+    return None
+
+
 def _matches(node: gs.Node) -> bool:
     if node.op != PATTERN["op"] or node.domain not in ("", "ai.onnx", None):
         return False
@@ -60,8 +67,8 @@ def _matches(node: gs.Node) -> bool:
     w = const_value(node.inputs[1])
     if w is None or w.ndim != 4 or w.dtype != np.float32:
         return False
-    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-        b = const_value(node.inputs[2])
+    if _bias(node) is not None:
+        b = const_value(_bias(node))
         if b is None or b.dtype != np.float32:
             return False
     return True
@@ -102,9 +109,9 @@ def sparse_fbs_consumers(graph: gs.Graph) -> list[str]:
     rewritten = []
     for node in [n for n in graph.nodes if _matches(n)]:
         w = const_value(node.inputs[1])
-        has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name
-        bias = node.inputs[2] if has_bias else gs.Constant(
-            f"{node.name}/zero_bias", np.zeros(w.shape[0], np.float32))
+        bias = _bias(node)
+        if bias is None:
+            bias = gs.Constant(f"{node.name}/zero_bias", np.zeros(w.shape[0], np.float32))
         attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations") if k in node.attrs}
         node.op, node.domain = "SparseInputConv", DOMAIN
         node.inputs = [node.inputs[0], node.inputs[1], bias]

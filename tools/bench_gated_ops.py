@@ -89,19 +89,7 @@ def custom_session(model, threads):
 def time_pair(dense, op, x, repeats, warmup=5):
     """Median ms of dense and op, interleaved; x is one input or a list cycled through."""
     feeds = [{"x": v} for v in (x if isinstance(x, list) else [x])]
-    for i in range(warmup):
-        dense.run(None, feeds[i % len(feeds)])
-        op.run(None, feeds[i % len(feeds)])
-    td, to = [], []
-    for i in range(repeats):
-        feed = feeds[i % len(feeds)]
-        t = time.perf_counter()
-        dense.run(None, feed)
-        td.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        op.run(None, feed)
-        to.append(time.perf_counter() - t)
-    return statistics.median(td) * 1e3, statistics.median(to) * 1e3
+    return time_interleaved([dense, op], feeds, repeats, warmup)
 
 
 def thresholds(stage1, frac):
