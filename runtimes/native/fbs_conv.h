@@ -4,7 +4,6 @@
 #include <onnxruntime_lite_custom_op.h>
 
 #include <memory>
-#include <mutex>
 
 namespace g2d {
 struct FBSConvKernel {
