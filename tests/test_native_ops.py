@@ -23,8 +23,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
+from gate2deploy.capture import IR_VERSION
 from gate2deploy.runtimes import reference as ref
 from gate2deploy.runtimes.ort import custom_ops_library_path, open_session
 
@@ -51,7 +52,7 @@ def single_node_model(op: str, x_shape, initializers: list[np.ndarray], attrs: d
         [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel()) for n, a in zip(names, initializers)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("gate2deploy", 1)])
-    model.ir_version = 10
+    model.ir_version = IR_VERSION
     return model
 
 
@@ -69,8 +70,18 @@ def delegated_conv_runs() -> int:
     return fn()
 
 
-ORT_CONV_EXPECTED = (os.environ.get("G2D_ORT_CONV") != "0"
-                     and " avx2 " in " " + open("/proc/cpuinfo").read().replace("\n", " ") + " ")
+def amx_conv_runs() -> int:
+    """Samples PGConv has run on AMX int8 tiles so far (runtimes/native/pg_amx.h)."""
+    import ctypes
+
+    fn = ctypes.CDLL(str(custom_ops_library_path())).G2DAmxConvRuns
+    fn.restype = ctypes.c_int64
+    return fn()
+
+
+CPU_FLAGS = set(open("/proc/cpuinfo").read().split())
+ORT_CONV_EXPECTED = os.environ.get("G2D_ORT_CONV") != "0" and "avx2" in CPU_FLAGS
+AMX_EXPECTED = os.environ.get("G2D_AMX") != "0" and {"amx_tile", "amx_int8"} <= CPU_FLAGS
 
 
 def thresholds_for_fraction(stage1: np.ndarray, frac: float) -> np.ndarray:
@@ -221,9 +232,10 @@ def test_pg_conv_matches_reference(gi, bits, frac):
     (1, 32, 48, 12, 10, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
     (2, 16, 32, 11, 13, 3, (2, 1), (1, 0, 2, 1), (2, 1)),
 ])
-def test_pg_conv_wide_layers_run_on_ort_nchwc_conv(geom, bits, frac):
-    """Whole channel blocks: both integer stages run as fp32 convs on ONNX Runtime's NCHWc
-    conv (integer-valued operands, sums below 2^24: exact), negative inputs included."""
+def test_pg_conv_wide_layers_run_on_a_fast_path(geom, bits, frac):
+    """Group-1 layers run their integer stages on AMX int8 tiles where the CPU has them, else
+    (whole channel blocks) as fp32 convs on ONNX Runtime's NCHWc conv; both exact. Negative
+    inputs included."""
     abits, pred, wbits = bits
     n, c, o, h, wd, k, s, p, d = geom
     rng = np.random.default_rng(c + o)
@@ -232,36 +244,81 @@ def test_pg_conv_wide_layers_run_on_ort_nchwc_conv(geom, bits, frac):
     x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
     msb = ref.conv2d(x_hb, w, s, p, d)
     thr = thresholds_for_fraction(msb, frac)
-    before = delegated_conv_runs()
+    amx_before, delegated_before = amx_conv_runs(), delegated_conv_runs()
     attrs = dict(conv_attrs(s, p, d), abits=abits, pred_bits=pred, static_scale=0.0)
     y = run_node("PGConv", x, [w, thr], attrs)
     y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, s, p, d)
     assert_close_with_ties(y, y_ref, msb, thr)
-    if ORT_CONV_EXPECTED:
-        assert delegated_conv_runs() >= before + n * (1 if frac == 0.0 else 2)
+    if AMX_EXPECTED:
+        assert amx_conv_runs() == amx_before + n
+    elif ORT_CONV_EXPECTED:
+        assert delegated_conv_runs() >= delegated_before + n * (1 if frac == 0.0 else 2)
 
 
-@pytest.mark.skipif(IN_SUBPROCESS or not ORT_CONV_EXPECTED, reason="needs the NCHWc delegate")
-def test_pg_conv_on_ort_nchwc_conv_is_bitwise_the_int16_path(tmp_path):
-    """The fp32 stages on integer-valued operands are exact, so the output equals, bit for
-    bit, the int16 GEMM path (run in a subprocess with G2D_ORT_CONV=0)."""
+def pg_path_cases_model(tmp_path) -> tuple[str, dict[str, np.ndarray]]:
+    """Several PGConv layers in one model, chosen to cover the AMX path's layout cases: K split
+    into several chunks and a short one, output channels not a multiple of 16 or 32, stride,
+    asymmetric padding, dilation, 1x1, weights within int8 (no split), batch 2."""
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 32, 12, 12)).astype(np.float32)
-    w = quantize_weights(rng.standard_normal((32, 32, 3, 3)).astype(np.float32), 8)
-    thr = np.full(32, 0.2, np.float32)
-    model = single_node_model("PGConv", x.shape, [w, thr], dict(pads=[1, 1, 1, 1], abits=8, pred_bits=4))
-    onnx.save(model, str(tmp_path / "pg.onnx"))
-    np.save(tmp_path / "x.npy", x)
+    feeds = {"x": rng.standard_normal((2, 36, 13, 11)).astype(np.float32),
+             "x5": np.clip(rng.standard_normal((1, 5, 9, 9)), 0, None).astype(np.float32)}
+    layers = [  # input, O, k, strides, pads, dilations, abits, pred_bits, wbits
+        ("x", 40, 3, (1, 1), (1, 1, 1, 1), (1, 1), 8, 4, 8),
+        ("x", 16, 3, (2, 1), (1, 0, 2, 1), (2, 1), 3, 2, 8),
+        ("x", 24, 1, (2, 2), (0, 0, 0, 0), (1, 1), 3, 2, 6),
+        ("x5", 8, 3, (1, 1), (1, 1, 1, 1), (1, 1), 8, 4, 8),
+    ]
+    nodes, inits, outputs = [], [], []
+    for i, (src, o, k, s, p, d, abits, pred, wbits) in enumerate(layers):
+        xs = feeds[src]
+        w = quantize_weights(rng.standard_normal((o, xs.shape[1], k, k)).astype(np.float32), wbits)
+        x_hb, _, _ = ref.pg_split_activations(xs, abits, pred)
+        thr = thresholds_for_fraction(ref.conv2d(x_hb, w, s, p, d), 0.3)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(thr, f"t{i}")]
+        nodes.append(helper.make_node("PGConv", [src, f"w{i}", f"t{i}"], [f"y{i}"], domain="gate2deploy",
+                                      strides=list(s), pads=list(p), dilations=list(d),
+                                      abits=abits, pred_bits=pred))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(v.shape)) for name, v in feeds.items()]
+    graph = helper.make_graph(nodes, "pg_paths", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                     helper.make_opsetid("gate2deploy", 1)])
+    model.ir_version = IR_VERSION
+    path = str(tmp_path / "pg_paths.onnx")
+    onnx.save(model, path)
+    return path, feeds
+
+
+@pytest.mark.skipif(IN_SUBPROCESS or not (AMX_EXPECTED or ORT_CONV_EXPECTED),
+                    reason="needs AMX or the NCHWc delegate")
+@pytest.mark.parametrize("other", [
+    {"G2D_AMX": "0", "G2D_ORT_CONV": "0"},  # int16 GEMMs and dot products
+    {"G2D_AMX": "0"},                       # fp32 stages on ONNX Runtime's NCHWc conv
+], ids=["int16", "nchwc"])
+def test_pg_conv_fast_paths_are_bitwise_equal(tmp_path, other):
+    """Every integer path computes the same int32 sums and the same float epilogue, so the
+    outputs are equal bit for bit: this process's path (AMX where present) against another
+    path, run in a subprocess with the others disabled."""
+    if other == {"G2D_AMX": "0"} and not (AMX_EXPECTED and ORT_CONV_EXPECTED):
+        pytest.skip("compares AMX with the NCHWc delegate: needs both")
+    path, feeds = pg_path_cases_model(tmp_path)
+    np.savez(tmp_path / "feeds.npz", **feeds)
     script = ("import sys, numpy as np; from gate2deploy.runtimes.ort import open_session; "
-              "d = sys.argv[1]; s = open_session(d + '/pg.onnx', threads=2); "
-              "np.save(d + '/y.npy', s.run(None, {'x': np.load(d + '/x.npy')})[0])")
+              "d = sys.argv[1]; s = open_session(d + '/pg_paths.onnx', threads=2); "
+              "f = dict(np.load(d + '/feeds.npz')); "
+              "np.savez(d + '/y.npz', *s.run(None, f))")
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                          env=dict(os.environ, G2D_ORT_CONV="0"), timeout=300)
+                          env=dict(os.environ, **other), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    before = delegated_conv_runs()
-    y = open_session(str(tmp_path / "pg.onnx"), threads=2).run(None, {"x": x})[0]
-    assert delegated_conv_runs() > before
-    assert np.array_equal(y, np.load(tmp_path / "y.npy"))
+    expected = np.load(tmp_path / "y.npz")
+    amx_before, delegated_before = amx_conv_runs(), delegated_conv_runs()
+    ys = open_session(path, threads=2).run(None, feeds)
+    if AMX_EXPECTED:
+        assert amx_conv_runs() == amx_before + 2 + 2 + 2 + 1  # every layer, every sample
+    else:
+        assert delegated_conv_runs() > delegated_before
+    for i, y in enumerate(ys):
+        assert np.array_equal(y, expected[f"arr_{i}"]), f"layer {i}"
 
 
 def test_pg_conv_static_scale_and_dynamic_weights():
@@ -591,6 +648,7 @@ def test_sanitizer_build_runs_kernel_tests_clean():
 @pytest.mark.skipif(IN_SUBPROCESS, reason="already a rerun")
 def test_rerun_with_narrower_isa(isa):
     """The generic and AVX2 inner loops (picked by cpuid on other machines) on this machine,
-    with the dense sub-convolutions on our own GEMM instead of ONNX Runtime's NCHWc conv."""
-    proc = _rerun_small_cases({"G2D_ISA": isa, "G2D_ORT_CONV": "0"})
+    with the dense sub-convolutions on our own GEMM instead of ONNX Runtime's NCHWc conv, and
+    PG's stages off AMX."""
+    proc = _rerun_small_cases({"G2D_ISA": isa, "G2D_ORT_CONV": "0", "G2D_AMX": "0"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

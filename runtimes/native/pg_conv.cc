@@ -8,22 +8,23 @@
 // Integer arithmetic: W arrives de-quantized, but it lies on a grid step * q_w with
 // |q_w| <= 2^wbits - 1 (wbits <= 8). When that grid is found (checked exactly, below) and
 // B <= 8, both stages are integer sums scaled to float once per output, so they are exact
-// (at least as accurate as the fp32 reference). Three ways to run them, first that applies:
-//  1. ONNX Runtime's NCHWc fp32 conv (subset_conv.h), on integer-valued float operands: every
-//     partial sum is an integer below 2^24, so fp32 sums are exact in any order and the result
-//     equals path 2 bit for bit (tested). Both stages dense; stage 2 only if some gate is on;
-//     a per-element select. Needs group 1 and whole channel blocks (SubsetConv::Delegates).
-//     Measured (128 ch, 28x28): 0.87x dense at 0% on, 0.48x at 20% (was 0.48x / 0.30x).
-//  2. int16 x int16 -> int32 GEMMs / dot products (AVX-512 VNNI vpdpwssd or AVX2 vpmaddwd).
-//  3. Float weights or B > 8: the same stages in fp32 on our GEMM.
-// Either way stage 1 is a full convolution: PG cannot beat a dense fp32 conv on this CPU
-// without a cheaper MSB pass. ONNX Runtime's u8 x s8 integer GEMM (MatMulInteger, AMX/VNNI)
-// measured 0.16 ms for this layer's stage 1 with |q_w| <= 127 (vs 0.76 ms dense fp32), but
-// wbits = 8 weights (|q_w| <= 255) need two GEMMs or a split K, and the u8 im2col costs as
-// much again: an estimated 1.0-1.2x at best, not attempted.
-#include <algorithm>
-#include <cmath>
-#include <type_traits>
+// (at least as accurate as the fp32 reference). Paths 1-3 below compute the same integers
+// and the same float epilogue, so they agree bit for bit (tested); the first that applies
+// runs:
+//  1. Intel AMX int8 tiles (pg_amx.h): group 1, activation counts within int8 (the 9-bit
+//     weights are split in two). Both stages on tiles, stage 2 skipped per block of 32
+//     positions x 32 outputs with no gate on. Measured (128 ch, 28x28, 3x3,
+//     tools/bench_gated_ops.py --ops pg): 1.5x dense fp32 at 20% on, 1.9-2.1x at 0%.
+//  2. ONNX Runtime's NCHWc fp32 conv (subset_conv.h), on integer-valued float operands: every
+//     partial sum is an integer below 2^24, so fp32 sums are exact in any order. Both stages
+//     dense; stage 2 only if some gate is on; a per-element select. Needs group 1 and whole
+//     channel blocks (SubsetConv::Delegates). Measured: 0.87x dense at 0% on, 0.48x at 20%:
+//     stage 1 is a full fp32 convolution, so without integer tiles PG cannot beat a dense
+//     fp32 conv on this CPU.
+//  3. int16 x int16 -> int32 GEMMs / dot products (AVX-512 VNNI vpdpwssd or AVX2 vpmaddwd).
+//  4. Float weights or B > 8: the same stages in fp32 on our GEMM.
+// (ONNX Runtime's MatMulInteger was measured before AMX tiles were used directly: fast for
+// int8 weights, but wbits = 8 needs two GEMMs plus a u8 im2col, an estimated 1.0-1.2x.)
 
 #include "pg_conv.h"
 
@@ -193,6 +194,26 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     // plane counts in units of 2^shift steps).
     const float unit = s / levels * w_step;
     const float scale1 = unit * float(int64_t(1) << shift), scale2 = unit;
+
+    // Integer stages on AMX int8 tiles (pg_amx.h): exact int32 sums, so the same result.
+    const int64_t msb_count_max = (int64_t(1) << Bh) - 1, lsb_count_max = (int64_t(1) << shift) - 1;
+    if (int_path && g.group == 1 && AmxAvailable()) {
+      std::shared_ptr<const PGAmxWeights> amx_w;
+      if (w_const_) {
+        std::lock_guard<std::mutex> lock(plans_mutex_);
+        if (!amx_packed_) amx_w_ = PackPGAmxWeights(w_q->data(), g), amx_packed_ = true;
+        amx_w = amx_w_;
+      } else {
+        amx_w = PackPGAmxWeights(w_q->data(), g);
+      }
+      if (amx_w && std::max(msb_count_max, lsb_count_max) <= amx_w->MaxActivation()) {
+        const int64_t HW = g.H * g.W;
+        for (int64_t n = 0; n < g.N; ++n)
+          RunPGAmx(ctx, *amx_w, g, msb.data() + n * g.C * HW, lsb.data() + n * g.C * HW, scale1,
+                   scale2, threshold.Data(), y + n * g.O * g.P());
+        return;
+      }
+    }
 
     // Integer stages as fp32 convs on ONNX Runtime's NCHWc kernel: with integer-valued
     // operands and every partial sum below 2^24 in magnitude, fp32 sums are exact in any

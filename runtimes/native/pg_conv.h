@@ -1,5 +1,6 @@
 #pragma once
 #include "conv_common.h"
+#include "pg_amx.h"
 #include "subset_conv.h"
 #include <onnxruntime_lite_custom_op.h>
 
@@ -27,5 +28,9 @@ struct PGConvKernel {
   // Integer weights as floats (exact), for the stages run as fp32 convs (see pg_conv.cc).
   std::vector<float> w_qf_;
   std::unique_ptr<SubsetConv> conv_;
+  // AMX int8 weights (pg_amx.h), packed on the first run when W is constant (null if the
+  // layer does not fit that path).
+  bool amx_packed_ = false;
+  std::shared_ptr<const PGAmxWeights> amx_w_;
 };
 }  // namespace g2d

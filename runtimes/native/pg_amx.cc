@@ -1,0 +1,390 @@
+// See pg_amx.h.
+//
+// Only the functions marked G2D_AMX_TARGET use AMX / AVX-512 instructions, through GCC/Clang
+// target attributes rather than file-wide -m flags: the library's inline and template code
+// compiled in this file (std::vector, std::function) must stay baseline x86-64, because the
+// linker may keep this file's copy of it for the whole library.
+#include "pg_amx.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define G2D_HAVE_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define G2D_AMX_TARGET \
+  __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq")))
+#else
+#define G2D_HAVE_AMX 0
+#endif
+
+namespace g2d {
+
+namespace {
+
+constexpr int64_t kBlockPositions = 32;  // two tiles of 16 output positions
+constexpr int64_t kBlocksPerTask = 4;
+std::atomic<int64_t> amx_runs{0};
+
+#if G2D_HAVE_AMX
+bool DetectAmx() {
+  const char* env = std::getenv("G2D_AMX");
+  if (env && std::string(env) == "0") return false;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool avx512bw = (b >> 30) & 1, amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
+  if (!(avx512bw && amx_tile && amx_int8)) return false;
+  // The OS must save the tile state (XCR0 bits 17, 18) ...
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if (((lo >> 17) & 3) != 3) return false;
+  // ... and, on Linux, grant it to this process (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+#endif
+
+// Where one sample's int8 activations live (see pg_amx.h): [phase][C / 4][position][4] bytes.
+struct ActLayout {
+  int64_t phases, Ws, nq, blocks, plane_len, groups;
+  int64_t PlaneBytes() const { return plane_len * 4; }
+  int64_t Bytes() const { return phases * groups * PlaneBytes(); }
+};
+
+ActLayout MakeLayout(const PGAmxWeights& w, const ConvGeom& g, std::vector<int64_t>* tap_off) {
+  ActLayout L;
+  const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
+  const int64_t Hs = (Hp + g.sh - 1) / g.sh;
+  L.Ws = (Wp + g.sw - 1) / g.sw;
+  L.phases = g.sh * g.sw;
+  L.groups = w.Cxp / 4;
+  L.nq = g.OH * L.Ws;
+  L.blocks = (L.nq + kBlockPositions - 1) / kBlockPositions;
+  int64_t max_shift = 0;
+  std::vector<int64_t> phase(size_t(g.kk())), shift(size_t(g.kk()));
+  for (int64_t dy = 0; dy < g.kh; ++dy)
+    for (int64_t dx = 0; dx < g.kw; ++dx) {
+      const int64_t hy = dy * g.dh, wx = dx * g.dw, t = dy * g.kw + dx;
+      phase[size_t(t)] = (hy % g.sh) * g.sw + wx % g.sw;
+      shift[size_t(t)] = (hy / g.sh) * L.Ws + wx / g.sw;
+      max_shift = std::max(max_shift, shift[size_t(t)]);
+    }
+  // Every tile load stays inside the plane: the last block's last position plus any shift.
+  L.plane_len = RoundUp(std::max(Hs * L.Ws, L.blocks * kBlockPositions + max_shift), 16);
+  tap_off->resize(size_t(g.kk()));
+  for (int64_t t = 0; t < g.kk(); ++t)
+    (*tap_off)[size_t(t)] = (phase[size_t(t)] * L.groups * L.plane_len + shift[size_t(t)]) * 4;
+  return L;
+}
+
+#if G2D_HAVE_AMX
+
+// Writes channels 4 * c4 .. 4 * c4 + 3 of plane x [C, H, W], times `mul`, into the int8
+// layout at channel offset `chan0` (a multiple of 4): per run of 16 input pixels of a row,
+// the 4 x 16 values are converted and interleaved in registers (16 positions x 4 channels,
+// one int32 lane each); with a column stride the lanes of each stride phase are compressed
+// into that phase's row.
+G2D_AMX_TARGET void FillGroup(const float* x, const ConvGeom& g, const ActLayout& L,
+                              int64_t c4, float mul, int64_t chan0, int8_t* buf) {
+  const int64_t group = chan0 / 4 + c4;
+  const __m512 m = _mm512_set1_ps(mul);
+  for (int64_t h = 0; h < g.H; ++h) {
+    const int64_t hp = h + g.pt;
+    const int64_t row_phase = (hp % g.sh) * g.sw, row_pos = (hp / g.sh) * L.Ws;
+    for (int64_t w0 = 0; w0 < g.W; w0 += 16) {
+      const int n = int(std::min<int64_t>(16, g.W - w0));
+      const __mmask16 lanes = __mmask16((1u << n) - 1);
+      __m128i b[4];
+      for (int i = 0; i < 4; ++i) {
+        const int64_t c = 4 * c4 + i;
+        if (c < g.C) {
+          const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + (c * g.H + h) * g.W + w0), m);
+          b[i] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v));
+        } else {
+          b[i] = _mm_setzero_si128();
+        }
+      }
+      // 4 channels x 16 positions -> 16 positions x 4 channels.
+      const __m128i t0 = _mm_unpacklo_epi8(b[0], b[1]), t1 = _mm_unpackhi_epi8(b[0], b[1]);
+      const __m128i t2 = _mm_unpacklo_epi8(b[2], b[3]), t3 = _mm_unpackhi_epi8(b[2], b[3]);
+      __m512i z = _mm512_castsi128_si512(_mm_unpacklo_epi16(t0, t2));
+      z = _mm512_inserti32x4(z, _mm_unpackhi_epi16(t0, t2), 1);
+      z = _mm512_inserti32x4(z, _mm_unpacklo_epi16(t1, t3), 2);
+      z = _mm512_inserti32x4(z, _mm_unpackhi_epi16(t1, t3), 3);
+      for (int64_t r = 0; r < g.sw; ++r) {
+        // Lanes i with (w0 + i + pl) % sw == r, the first of them at lane `first`.
+        const int64_t first = ((r - (w0 + g.pl)) % g.sw + g.sw) % g.sw;
+        if (first >= n) continue;
+        __mmask16 phase_lanes = 0;
+        for (int64_t i = first; i < n; i += g.sw) phase_lanes |= __mmask16(1u << i);
+        const int64_t wp = w0 + first + g.pl;
+        int8_t* dst = buf + (((row_phase + r) * L.groups + group) * L.plane_len + row_pos + wp / g.sw) * 4;
+        _mm512_mask_compressstoreu_epi32(dst, phase_lanes, z);
+      }
+    }
+  }
+}
+
+#endif  // G2D_HAVE_AMX
+
+// Everything the block loop needs, computed once per sample.
+struct BlockJob {
+  const PGAmxWeights* w;
+  const int8_t *act1, *act2;
+  const int64_t* tap_off;
+  const int32_t* out_index;   // per position tile: 16 output pixel indices
+  const uint16_t* out_valid;  // per position tile: lanes that are real output pixels
+  int64_t kk, chunk_bytes, plane_bytes, ntiles, P;
+  float scale1, scale2;
+  const float* thr;
+  float* y;
+};
+
+#if G2D_HAVE_AMX
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0-3 int32 sums (output tile n, position tile p at 2n + p), 4-5 weights (output
+// tiles), 6-7 activations (position tiles).
+G2D_AMX_TARGET void LoadTileConfig(int64_t Kc) {
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  for (int t = 4; t < 6; ++t) cfg.colsb[t] = uint16_t(Kc), cfg.rows[t] = 16;
+  for (int t = 6; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = uint8_t(Kc / 4);
+  _tile_loadconfig(&cfg);
+}
+
+// One stage over a block: sums[(2n + p) * 256 + r * 16 + i] = the int32 sum of output
+// channel (ot0 + n) * 16 + r at position q0 + 16 p + i.
+template <int NB>
+G2D_AMX_TARGET void StageTiles(const BlockJob& j, const int8_t* act, int64_t ot0, int64_t q0,
+                               int32_t* sums) {
+  const PGAmxWeights& w = *j.w;
+  const int64_t tile_bytes = 16 * w.Kc, next_otile = j.kk * w.nk * tile_bytes;
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (NB == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int8_t* wa = w.data.data() + ot0 * next_otile;
+  for (int64_t t = 0; t < j.kk; ++t) {
+    const int8_t* xa = act + j.tap_off[t] + q0 * 4;
+    for (int64_t c = 0; c < w.nk; ++c) {
+      _tile_loadd(4, wa, w.Kc);
+      if constexpr (NB == 2) _tile_loadd(5, wa + next_otile, w.Kc);
+      _tile_loadd(6, xa, j.plane_bytes);
+      _tile_loadd(7, xa + 64, j.plane_bytes);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      if constexpr (NB == 2) {
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+      }
+      wa += tile_bytes;
+      xa += j.chunk_bytes;
+    }
+  }
+  _tile_stored(0, sums, 64);
+  _tile_stored(1, sums + 256, 64);
+  if constexpr (NB == 2) {
+    _tile_stored(2, sums + 512, 64);
+    _tile_stored(3, sums + 768, 64);
+  }
+}
+
+// Blocks [b0, b1) of output tiles ot0 .. ot0 + NB - 1.
+template <int NB>
+G2D_AMX_TARGET void RunBlocks(const BlockJob& j, int64_t ot0, int64_t b0, int64_t b1) {
+  alignas(64) int32_t sums1[1024], sums2[1024];
+  __mmask16 gates[2 * NB * 16];
+  const int64_t O = j.w->O;
+  const __m512 s1 = _mm512_set1_ps(j.scale1), s2 = _mm512_set1_ps(j.scale2);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t q0 = b * kBlockPositions;
+    StageTiles<NB>(j, j.act1, ot0, q0, sums1);
+    // Gates of stage 1 (real output pixels and channels only).
+    bool any_on = false;
+    for (int p = 0; p < 2; ++p) {
+      const int64_t tile = q0 / 16 + p;
+      const __mmask16 valid = tile < j.ntiles ? j.out_valid[tile] : 0;
+      for (int n = 0; n < NB; ++n)
+        for (int r = 0; r < 16; ++r) {
+          const int64_t o = (ot0 + n) * 16 + r;
+          __mmask16& gate = gates[(2 * n + p) * 16 + r];
+          gate = 0;
+          if (o >= O || !valid) continue;
+          const __m512 v = _mm512_mul_ps(
+              s1, _mm512_cvtepi32_ps(_mm512_load_si512(sums1 + (2 * n + p) * 256 + r * 16)));
+          gate = _mm512_mask_cmp_ps_mask(valid, v, _mm512_set1_ps(j.thr[o]), _CMP_GT_OQ);
+          any_on |= gate != 0;
+        }
+    }
+    if (any_on) StageTiles<NB>(j, j.act2, ot0, q0, sums2);
+    // y = v + [gate] * (scale2 * acc2), written to the real output pixels.
+    for (int p = 0; p < 2; ++p) {
+      const int64_t tile = q0 / 16 + p;
+      if (tile >= j.ntiles || !j.out_valid[tile]) continue;
+      const __mmask16 valid = j.out_valid[tile];
+      const __m512i index = _mm512_loadu_si512(j.out_index + tile * 16);
+      for (int n = 0; n < NB; ++n)
+        for (int r = 0; r < 16; ++r) {
+          const int64_t o = (ot0 + n) * 16 + r;
+          if (o >= O) break;
+          const int at = (2 * n + p) * 256 + r * 16;
+          __m512 v = _mm512_mul_ps(s1, _mm512_cvtepi32_ps(_mm512_load_si512(sums1 + at)));
+          const __mmask16 gate = gates[(2 * n + p) * 16 + r];
+          if (gate)
+            v = _mm512_add_ps(v, _mm512_maskz_mul_ps(
+                                     gate, s2, _mm512_cvtepi32_ps(_mm512_load_si512(sums2 + at))));
+          _mm512_mask_i32scatter_ps(j.y + o * j.P, valid, index, v, 4);
+        }
+    }
+  }
+}
+
+G2D_AMX_TARGET void RunTask(const BlockJob& j, int64_t ot0, int nb_tiles, int64_t b0, int64_t b1) {
+  LoadTileConfig(j.w->Kc);
+  if (nb_tiles == 2)
+    RunBlocks<2>(j, ot0, b0, b1);
+  else
+    RunBlocks<1>(j, ot0, b0, b1);
+  _tile_release();
+}
+
+#endif  // G2D_HAVE_AMX
+
+}  // namespace
+
+bool AmxAvailable() {
+#if G2D_HAVE_AMX
+  static const bool available = DetectAmx();
+  return available;
+#else
+  return false;
+#endif
+}
+
+std::shared_ptr<const PGAmxWeights> PackPGAmxWeights(const int16_t* w_q, const ConvGeom& g) {
+  if (g.group != 1 || g.Cw != g.C) return nullptr;
+  const int64_t kk = g.kk(), n = g.O * g.C * kk;
+  int max_abs = 0;
+  for (int64_t i = 0; i < n; ++i) max_abs = std::max(max_abs, std::abs(int(w_q[i])));
+  if (max_abs > 255) return nullptr;
+  auto w = std::make_shared<PGAmxWeights>();
+  w->O = g.O;
+  w->C = g.C;
+  w->kk = kk;
+  w->split = max_abs > 127;
+  const int64_t C4 = RoundUp(g.C, 4);
+  w->lo_offset = w->split ? C4 : 0;
+  const int64_t Cx = w->split ? 2 * C4 : C4;
+  w->Kc = std::min<int64_t>(Cx, 64);
+  w->Cxp = RoundUp(Cx, w->Kc);
+  w->nk = w->Cxp / w->Kc;
+  w->otiles = (g.O + 15) / 16;
+  // int32 sums stay exact: |sum| <= K * 127 * 127.
+  if (double(w->Cxp) * double(kk) * 127.0 * 127.0 >= 2147483647.0) return nullptr;
+  w->data.assign(size_t(w->otiles * kk * w->nk * 16 * w->Kc), 0);
+  int8_t* out = w->data.data();
+  for (int64_t ot = 0; ot < w->otiles; ++ot)
+    for (int64_t t = 0; t < kk; ++t)
+      for (int64_t c = 0; c < w->nk; ++c)
+        for (int64_t r = 0; r < 16; ++r)
+          for (int64_t col = 0; col < w->Kc; ++col, ++out) {
+            const int64_t o = ot * 16 + r, k = c * w->Kc + col;
+            if (o >= g.O) continue;
+            if (k < g.C) {
+              const int q = w_q[(o * g.C + k) * kk + t];
+              *out = int8_t(w->split ? (q >> 1) : q);  // floor(q / 2): arithmetic shift
+            } else if (w->split && k >= w->lo_offset && k < w->lo_offset + g.C) {
+              const int q = w_q[(o * g.C + k - w->lo_offset) * kk + t];
+              *out = int8_t(q - 2 * (q >> 1));
+            }
+          }
+  return w;
+}
+
+void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, const float* hb,
+              const float* lb, float scale1, float scale2, const float* threshold, float* y) {
+#if G2D_HAVE_AMX
+  std::vector<int64_t> tap_off;
+  const ActLayout L = MakeLayout(w, g, &tap_off);
+
+  // Both stages' activations, zero-padded (re-zeroed each call: the scratch buffers are
+  // shared with other layers of other shapes).
+  AlignedVec<int8_t>& act1 = Scratch<int8_t, 23>();
+  AlignedVec<int8_t>& act2 = Scratch<int8_t, 24>();
+  for (AlignedVec<int8_t>* a : {&act1, &act2}) {
+    a->resize(size_t(L.Bytes()));
+    std::memset(a->data(), 0, a->size());
+  }
+  const int64_t c4s = (g.C + 3) / 4;
+  const float hi_mul = w.split ? 2.f : 1.f;
+  // Task i: stage i % 2, copy (i / 2) % copies, channel group i / (2 * copies).
+  const int64_t copies = w.split ? 2 : 1;
+  ParallelFor(ParallelIfLarge(ctx, 2 * copies * g.C * g.H * g.W), size_t(c4s * 2 * copies),
+              [&](size_t i) {
+                const bool lo_copy = (i / 2) % copies == 1;
+                FillGroup(i % 2 ? lb : hb, g, L, int64_t(i) / (2 * copies), lo_copy ? 1.f : hi_mul,
+                          lo_copy ? w.lo_offset : 0, i % 2 ? act2.data() : act1.data());
+              });
+
+  // Output pixel of each position (padding columns and the tail are not output pixels).
+  const int64_t ntiles = L.blocks * kBlockPositions / 16;
+  AlignedVec<int32_t>& out_index = Scratch<int32_t, 25>();
+  AlignedVec<uint16_t>& out_valid = Scratch<uint16_t, 26>();
+  out_index.assign(size_t(ntiles * 16), 0);
+  out_valid.assign(size_t(ntiles), 0);
+  for (int64_t q = 0; q < L.nq; ++q) {
+    const int64_t oh = q / L.Ws, ow = q % L.Ws;
+    if (ow >= g.OW) continue;
+    out_index[size_t(q)] = int32_t(oh * g.OW + ow);
+    out_valid[size_t(q / 16)] |= uint16_t(1u << (q % 16));
+  }
+
+  BlockJob job{&w,
+               act1.data(),
+               act2.data(),
+               tap_off.data(),
+               out_index.data(),
+               out_valid.data(),
+               g.kk(),
+               (w.Kc / 4) * L.PlaneBytes(),
+               L.PlaneBytes(),
+               ntiles,
+               g.P(),
+               scale1,
+               scale2,
+               threshold,
+               y};
+  const int64_t pairs = (w.otiles + 1) / 2;
+  const int64_t chunks = (L.blocks + kBlocksPerTask - 1) / kBlocksPerTask;
+  ParallelFor(ctx, size_t(pairs * chunks), [&](size_t i) {
+    const int64_t pair = int64_t(i) / chunks, chunk = int64_t(i) % chunks;
+    const int64_t ot0 = 2 * pair;
+    const int64_t b0 = chunk * kBlocksPerTask, b1 = std::min(L.blocks, b0 + kBlocksPerTask);
+    RunTask(job, ot0, ot0 + 1 < w.otiles ? 2 : 1, b0, b1);
+  });
+  amx_runs.fetch_add(1, std::memory_order_relaxed);
+#else
+  throw OpError("PGConv: AMX path called on a build without AMX support");
+#endif
+}
+
+}  // namespace g2d
+
+// How many samples PGConv has run on AMX in this process (tests check the path was taken).
+extern "C" __attribute__((visibility("default"))) int64_t G2DAmxConvRuns() {
+  return g2d::amx_runs.load(std::memory_order_relaxed);
+}
