@@ -84,53 +84,117 @@ ActLayout MakeLayout(const PGAmxWeights& w, const ConvGeom& g, std::vector<int64
 
 #if G2D_HAVE_AMX
 
-// Writes channels 4 * c4 .. 4 * c4 + 3 of plane x [C, H, W], times `mul`, into the int8
-// layout at channel offset `chan0` (a multiple of 4): per run of 16 input pixels of a row,
-// the 4 x 16 values are converted and interleaved in registers (16 positions x 4 channels,
-// one int32 lane each); with a column stride the lanes of each stride phase are compressed
-// into that phase's row.
-G2D_AMX_TARGET void FillGroup(const float* x, const ConvGeom& g, const ActLayout& L,
-                              int64_t c4, float mul, int64_t chan0, int8_t* buf) {
-  const int64_t group = chan0 / 4 + c4;
-  const __m512 m = _mm512_set1_ps(mul);
+// One run of 16 pixels of 4 channel rows (rows[i] + at, n valid; integer-valued floats) as
+// 16 positions x 4 int8 channels: one int32 lane per position.
+G2D_AMX_TARGET inline __m512i InterleaveRun(const float* const rows[4], int64_t at, int n) {
+  const __mmask16 lanes = __mmask16((1u << n) - 1);
+  __m128i b[4];
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_maskz_loadu_ps(lanes, rows[i] + at)));
+  const __m128i t0 = _mm_unpacklo_epi8(b[0], b[1]), t1 = _mm_unpackhi_epi8(b[0], b[1]);
+  const __m128i t2 = _mm_unpacklo_epi8(b[2], b[3]), t3 = _mm_unpackhi_epi8(b[2], b[3]);
+  __m512i z = _mm512_castsi128_si512(_mm_unpacklo_epi16(t0, t2));
+  z = _mm512_inserti32x4(z, _mm_unpackhi_epi16(t0, t2), 1);
+  z = _mm512_inserti32x4(z, _mm_unpacklo_epi16(t1, t3), 2);
+  return _mm512_inserti32x4(z, _mm_unpackhi_epi16(t1, t3), 3);
+}
+
+// Stores the lanes of one input row run (pixels w0 .. w0 + n - 1 of padded row hp) at their
+// positions of group `group` of buf. With a column stride the lanes of each stride phase are
+// compressed into that phase's row.
+G2D_AMX_TARGET inline void StoreRun(__m512i z, const ConvGeom& g, const ActLayout& L,
+                                    int64_t hp, int64_t w0, int n, int64_t group, int8_t* buf) {
+  const int64_t row_phase = (hp % g.sh) * g.sw, row_pos = (hp / g.sh) * L.Ws;
+  if (g.sw == 1) {
+    int8_t* dst = buf + ((row_phase * L.groups + group) * L.plane_len + row_pos + w0 + g.pl) * 4;
+    _mm512_mask_storeu_epi32(dst, __mmask16((1u << n) - 1), z);
+    return;
+  }
+  for (int64_t r = 0; r < g.sw; ++r) {
+    // Lanes i with (w0 + i + pl) % sw == r, the first of them at lane `first`.
+    const int64_t first = ((r - (w0 + g.pl)) % g.sw + g.sw) % g.sw;
+    if (first >= n) continue;
+    __mmask16 phase_lanes = 0;
+    for (int64_t i = first; i < n; i += g.sw) phase_lanes |= __mmask16(1u << i);
+    int8_t* dst = buf + (((row_phase + r) * L.groups + group) * L.plane_len + row_pos +
+                         (w0 + first + g.pl) / g.sw) * 4;
+    _mm512_mask_compressstoreu_epi32(dst, phase_lanes, z);
+  }
+}
+
+// Stride 1: zeroes the positions of one group's plane that no input pixel is written to
+// (the padding rows and columns and the tail).
+void ZeroPadding(const ConvGeom& g, const ActLayout& L, int64_t group, int8_t* buf) {
+  int8_t* plane = buf + group * L.PlaneBytes();
+  int64_t pos = 0;  // positions before `pos` are written or zeroed
   for (int64_t h = 0; h < g.H; ++h) {
-    const int64_t hp = h + g.pt;
-    const int64_t row_phase = (hp % g.sh) * g.sw, row_pos = (hp / g.sh) * L.Ws;
-    for (int64_t w0 = 0; w0 < g.W; w0 += 16) {
-      const int n = int(std::min<int64_t>(16, g.W - w0));
-      const __mmask16 lanes = __mmask16((1u << n) - 1);
-      __m128i b[4];
-      for (int i = 0; i < 4; ++i) {
-        const int64_t c = 4 * c4 + i;
-        if (c < g.C) {
-          const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + (c * g.H + h) * g.W + w0), m);
-          b[i] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v));
+    const int64_t start = (h + g.pt) * L.Ws + g.pl;
+    std::memset(plane + pos * 4, 0, size_t(start - pos) * 4);
+    pos = start + g.W;
+  }
+  std::memset(plane + pos * 4, 0, size_t(L.plane_len - pos) * 4);
+}
+
+// Quantizes channels 4 * c4 .. 4 * c4 + 3 of the sample x [C, H, W] with isa.pg_split (the
+// one implementation of PG's activation split; a few rows at a time, so the counts stay in
+// L1) and writes both stages' int8 activations: the MSB counts to act1, the LSB counts to
+// act2; when the weights are split, as the 2x copy (group c4) and the 1x copy.
+G2D_AMX_TARGET void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split,
+                              const PGAmxWeights& w, const ConvGeom& g, const ActLayout& L,
+                              int64_t c4, int8_t* act1, int8_t* act2) {
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(g.H, 2048 / g.W));
+  const int64_t chunk = rows * g.W;
+  std::vector<float> counts(size_t(8 * chunk), 0.f);  // [channel i][MSB, LSB][chunk]
+  const float* hb[4];
+  const float* lb[4];
+  for (int i = 0; i < 4; ++i) {
+    hb[i] = counts.data() + (2 * i) * chunk;
+    lb[i] = counts.data() + (2 * i + 1) * chunk;
+  }
+  const int64_t lo_group = w.lo_offset / 4 + c4;
+  if (L.phases == 1)
+    for (int8_t* buf : {act1, act2}) {
+      ZeroPadding(g, L, c4, buf);
+      if (w.split) ZeroPadding(g, L, lo_group, buf);
+    }
+  for (int64_t h0 = 0; h0 < g.H; h0 += rows) {
+    const int64_t nrows = std::min(rows, g.H - h0);
+    for (int i = 0; i < 4; ++i) {  // channels past C keep their zeros
+      const int64_t c = 4 * c4 + i;
+      if (c < g.C)
+        isa.pg_split(x + (c * g.H + h0) * g.W, nrows * g.W, split.s, split.levels, split.shift,
+                     counts.data() + (2 * i) * chunk, counts.data() + (2 * i + 1) * chunk);
+    }
+    for (int64_t h = h0; h < h0 + nrows; ++h)
+      for (int64_t w0 = 0; w0 < g.W; w0 += 16) {
+        const int n = int(std::min<int64_t>(16, g.W - w0));
+        const int64_t at = (h - h0) * g.W + w0;
+        const __m512i zh = InterleaveRun(hb, at, n), zl = InterleaveRun(lb, at, n);
+        if (w.split) {  // |2 x count| <= 126: no int8 overflow
+          StoreRun(_mm512_add_epi8(zh, zh), g, L, h + g.pt, w0, n, c4, act1);
+          StoreRun(_mm512_add_epi8(zl, zl), g, L, h + g.pt, w0, n, c4, act2);
+          StoreRun(zh, g, L, h + g.pt, w0, n, lo_group, act1);
+          StoreRun(zl, g, L, h + g.pt, w0, n, lo_group, act2);
         } else {
-          b[i] = _mm_setzero_si128();
+          StoreRun(zh, g, L, h + g.pt, w0, n, c4, act1);
+          StoreRun(zl, g, L, h + g.pt, w0, n, c4, act2);
         }
       }
-      // 4 channels x 16 positions -> 16 positions x 4 channels.
-      const __m128i t0 = _mm_unpacklo_epi8(b[0], b[1]), t1 = _mm_unpackhi_epi8(b[0], b[1]);
-      const __m128i t2 = _mm_unpacklo_epi8(b[2], b[3]), t3 = _mm_unpackhi_epi8(b[2], b[3]);
-      __m512i z = _mm512_castsi128_si512(_mm_unpacklo_epi16(t0, t2));
-      z = _mm512_inserti32x4(z, _mm_unpackhi_epi16(t0, t2), 1);
-      z = _mm512_inserti32x4(z, _mm_unpacklo_epi16(t1, t3), 2);
-      z = _mm512_inserti32x4(z, _mm_unpackhi_epi16(t1, t3), 3);
-      for (int64_t r = 0; r < g.sw; ++r) {
-        // Lanes i with (w0 + i + pl) % sw == r, the first of them at lane `first`.
-        const int64_t first = ((r - (w0 + g.pl)) % g.sw + g.sw) % g.sw;
-        if (first >= n) continue;
-        __mmask16 phase_lanes = 0;
-        for (int64_t i = first; i < n; i += g.sw) phase_lanes |= __mmask16(1u << i);
-        const int64_t wp = w0 + first + g.pl;
-        int8_t* dst = buf + (((row_phase + r) * L.groups + group) * L.plane_len + row_pos + wp / g.sw) * 4;
-        _mm512_mask_compressstoreu_epi32(dst, phase_lanes, z);
-      }
-    }
   }
 }
 
 #endif  // G2D_HAVE_AMX
+
+// Where the 16 positions of a position tile go in the output plane: up to kMaxRuns runs of
+// consecutive output pixels (lane mask, and the output index of lane 0 of the run), written
+// with masked vector stores. Tiles with more runs (outputs narrower than a few pixels) use
+// a scatter through `index`.
+constexpr int kMaxRuns = 4;
+struct TileRuns {
+  int32_t count;  // -1: more than kMaxRuns runs
+  uint16_t mask[kMaxRuns];
+  int32_t base[kMaxRuns];  // output index of lane 0 (lanes before the run are masked off)
+};
 
 // Everything the block loop needs, computed once per sample.
 struct BlockJob {
@@ -139,6 +203,7 @@ struct BlockJob {
   const int64_t* tap_off;
   const int32_t* out_index;   // per position tile: 16 output pixel indices
   const uint16_t* out_valid;  // per position tile: lanes that are real output pixels
+  const TileRuns* out_runs;   // per position tile
   int64_t kk, chunk_bytes, plane_bytes, ntiles, P;
   float scale1, scale2;
   const float* thr;
@@ -237,6 +302,7 @@ G2D_AMX_TARGET void RunBlocks(const BlockJob& j, int64_t ot0, int64_t b0, int64_
       if (tile >= j.ntiles || !j.out_valid[tile]) continue;
       const __mmask16 valid = j.out_valid[tile];
       const __m512i index = _mm512_loadu_si512(j.out_index + tile * 16);
+      const TileRuns& runs = j.out_runs[tile];
       for (int n = 0; n < NB; ++n)
         for (int r = 0; r < 16; ++r) {
           const int64_t o = (ot0 + n) * 16 + r;
@@ -247,7 +313,12 @@ G2D_AMX_TARGET void RunBlocks(const BlockJob& j, int64_t ot0, int64_t b0, int64_
           if (gate)
             v = _mm512_add_ps(v, _mm512_maskz_mul_ps(
                                      gate, s2, _mm512_cvtepi32_ps(_mm512_load_si512(sums2 + at))));
-          _mm512_mask_i32scatter_ps(j.y + o * j.P, valid, index, v, 4);
+          float* yo = j.y + o * j.P;
+          if (runs.count < 0)
+            _mm512_mask_i32scatter_ps(yo, valid, index, v, 4);
+          else
+            for (int k = 0; k < runs.count; ++k)
+              _mm512_mask_storeu_ps(yo + runs.base[k], runs.mask[k], v);
         }
     }
   }
@@ -315,30 +386,30 @@ std::shared_ptr<const PGAmxWeights> PackPGAmxWeights(const int16_t* w_q, const C
   return w;
 }
 
-void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, const float* hb,
-              const float* lb, float scale1, float scale2, const float* threshold, float* y) {
+void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, const float* x,
+              const PGSplit& split, float scale1, float scale2, const float* threshold,
+              float* y) {
 #if G2D_HAVE_AMX
   std::vector<int64_t> tap_off;
   const ActLayout L = MakeLayout(w, g, &tap_off);
 
-  // Both stages' activations, zero-padded (re-zeroed each call: the scratch buffers are
-  // shared with other layers of other shapes).
+  // Both stages' activations, zero-padded. The scratch buffers are shared with layers of
+  // other shapes, so the zeros are written on every call: with stride 1, FillGroup zeroes
+  // the padding positions of the groups it writes, and only the unused groups are cleared
+  // here; strided layouts are cleared whole.
   AlignedVec<int8_t>& act1 = Scratch<int8_t, 23>();
   AlignedVec<int8_t>& act2 = Scratch<int8_t, 24>();
+  const int64_t c4s = (g.C + 3) / 4, used_groups = w.split ? 2 * c4s : c4s;
+  const bool stride1 = L.phases == 1;
   for (AlignedVec<int8_t>* a : {&act1, &act2}) {
     a->resize(size_t(L.Bytes()));
-    std::memset(a->data(), 0, a->size());
+    const int64_t from = stride1 ? used_groups * L.PlaneBytes() : 0;
+    std::memset(a->data() + from, 0, size_t(L.Bytes() - from));
   }
-  const int64_t c4s = (g.C + 3) / 4;
-  const float hi_mul = w.split ? 2.f : 1.f;
-  // Task i: stage i % 2, copy (i / 2) % copies, channel group i / (2 * copies).
-  const int64_t copies = w.split ? 2 : 1;
-  ParallelFor(ParallelIfLarge(ctx, 2 * copies * g.C * g.H * g.W), size_t(c4s * 2 * copies),
-              [&](size_t i) {
-                const bool lo_copy = (i / 2) % copies == 1;
-                FillGroup(i % 2 ? lb : hb, g, L, int64_t(i) / (2 * copies), lo_copy ? 1.f : hi_mul,
-                          lo_copy ? w.lo_offset : 0, i % 2 ? act2.data() : act1.data());
-              });
+  const IsaKernels& isa = BestKernels();
+  ParallelFor(ParallelIfLarge(ctx, 4 * g.C * g.H * g.W), size_t(c4s), [&](size_t c4) {
+    FillGroup(isa, x, split, w, g, L, int64_t(c4), act1.data(), act2.data());
+  });
 
   // Output pixel of each position (padding columns and the tail are not output pixels).
   const int64_t ntiles = L.blocks * kBlockPositions / 16;
@@ -346,11 +417,33 @@ void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, c
   AlignedVec<uint16_t>& out_valid = Scratch<uint16_t, 26>();
   out_index.assign(size_t(ntiles * 16), 0);
   out_valid.assign(size_t(ntiles), 0);
-  for (int64_t q = 0; q < L.nq; ++q) {
-    const int64_t oh = q / L.Ws, ow = q % L.Ws;
-    if (ow >= g.OW) continue;
-    out_index[size_t(q)] = int32_t(oh * g.OW + ow);
-    out_valid[size_t(q / 16)] |= uint16_t(1u << (q % 16));
+  for (int64_t oh = 0; oh < g.OH; ++oh)
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      const int64_t q = oh * L.Ws + ow;
+      out_index[size_t(q)] = int32_t(oh * g.OW + ow);
+      out_valid[size_t(q / 16)] |= uint16_t(1u << (q % 16));
+    }
+  AlignedVec<TileRuns>& out_runs = Scratch<TileRuns, 27>();
+  out_runs.resize(size_t(ntiles));
+  for (int64_t tile = 0; tile < ntiles; ++tile) {
+    TileRuns& r = out_runs[size_t(tile)];
+    r.count = 0;
+    const int32_t* index = out_index.data() + tile * 16;
+    for (int i = 0; i < 16 && r.count >= 0; ++i) {
+      if (!((out_valid[size_t(tile)] >> i) & 1)) continue;
+      const bool extends = r.count > 0 && ((r.mask[r.count - 1] >> (i - 1)) & 1) &&
+                           index[i] == index[i - 1] + 1;
+      if (!extends) {
+        if (r.count == kMaxRuns) {
+          r.count = -1;
+          break;
+        }
+        r.mask[r.count] = 0;
+        r.base[r.count] = index[i] - i;
+        ++r.count;
+      }
+      r.mask[r.count - 1] |= uint16_t(1u << i);
+    }
   }
 
   BlockJob job{&w,
@@ -359,6 +452,7 @@ void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, c
                tap_off.data(),
                out_index.data(),
                out_valid.data(),
+               out_runs.data(),
                g.kk(),
                (w.Kc / 4) * L.PlaneBytes(),
                L.PlaneBytes(),

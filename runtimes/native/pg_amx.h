@@ -51,10 +51,18 @@ struct PGAmxWeights {
 // Packs integer weights q_w[O, C, kh, kw] (|q_w| <= 255) of a group-1 convolution.
 std::shared_ptr<const PGAmxWeights> PackPGAmxWeights(const int16_t* w_q, const ConvGeom& g);
 
-// Both stages of one sample: hb and lb are the MSB and LSB activation planes [C, H, W]
-// (integer-valued floats, |value| <= w.MaxActivation()); writes y[O, OH, OW]:
+// PG's activation split (isa.pg_split): q = round_half_even(min(|x| / s, 1) * levels);
+// MSB count q >> shift, LSB count q & (2^shift - 1), both times sign(x).
+struct PGSplit {
+  float s, levels;
+  int shift;
+};
+
+// Both stages of one sample x [C, H, W] (split into MSB and LSB counts as it is read; each
+// count must satisfy |count| <= w.MaxActivation()); writes y[O, OH, OW]:
 //   v = scale1 * acc1;  y = v + [v > threshold[o]] * (scale2 * acc2).
-void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, const float* hb,
-              const float* lb, float scale1, float scale2, const float* threshold, float* y);
+void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, const float* x,
+              const PGSplit& split, float scale1, float scale2, const float* threshold,
+              float* y);
 
 }  // namespace g2d
