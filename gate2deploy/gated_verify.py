@@ -32,6 +32,7 @@ from torch import nn
 
 from .gated import (CGConv2d, FBSConv2d, PGConv2d, _cg_seed_eval, _fbs_active, _pg_seed_eval,
                     truncate_msb)
+from .runtimes.reference import gated_post_epilogue
 
 OPS = {CGConv2d: "CGConv", PGConv2d: "PGConv", FBSConv2d: "FBSConv"}
 
@@ -114,6 +115,37 @@ def _layer_eval(module: nn.Module, x: torch.Tensor):
         return y, active, g, kth
 
 
+@dataclass
+class _Epilogue:
+    output: str
+    scale: np.ndarray | None
+    shift: np.ndarray | None
+    activation: str
+
+
+def _fused_epilogue(compiled: onnx.ModelProto, captured_node) -> _Epilogue | None:
+    """The epilogue passes/fuse_gated_epilogue.py gave the compiled twin of a captured CG/PG
+    node (same name), or None: the compiled node then writes the BatchNorm (+ Relu) output,
+    and the check compares it with the PyTorch layer's output put through the same epilogue."""
+    twin = next((n for n in compiled.graph.node if n.name == captured_node.name
+                 and n.domain == "gate2deploy"), None)
+    if twin is None or twin.op_type not in ("CGConv", "PGConv"):
+        return None
+    plain = 4 if twin.op_type == "CGConv" else 3
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in twin.attribute}
+    activation = attrs.get("activation", b"")
+    activation = activation.decode() if isinstance(activation, bytes) else activation
+    if len(twin.input) <= plain and not activation:
+        return None
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in compiled.graph.initializer}
+    scale = shift = None
+    if len(twin.input) > plain:
+        if twin.input[plain] not in inits or twin.input[plain + 1] not in inits:
+            return None
+        scale, shift = inits[twin.input[plain]], inits[twin.input[plain + 1]]
+    return _Epilogue(twin.output[0], scale, shift, activation)
+
+
 def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: onnx.ModelProto,
                         inputs: list[np.ndarray], make_session=None, rtol: float = 1e-4,
                         tie_eps: float = 1e-5) -> GatedVerifyResult:
@@ -132,11 +164,12 @@ def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: o
     if [OPS[type(m)] for _, m in order] != [n.op_type for n in nodes]:
         raise ValueError("the gated modules and the captured gate2deploy nodes do not correspond one to one")
     produced = {o for n in compiled.graph.node for o in n.output} | {i.name for i in compiled.graph.input}
+    epilogues = [_fused_epilogue(compiled, node) for node in nodes]
     probe = copy.deepcopy(compiled)
     existing = {o.name for o in probe.graph.output}
     wanted = []
-    for node in nodes:
-        for name in (node.input[0], node.output[0]):
+    for node, epilogue in zip(nodes, epilogues):
+        for name in (node.input[0], epilogue.output if epilogue else node.output[0]):
             if name in produced and name not in existing:
                 probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
                 existing.add(name)
@@ -157,11 +190,14 @@ def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: o
         result.output_max_abs_err = max(result.output_max_abs_err, err)
         result.output_max_rel_err = max(result.output_max_rel_err, err / max(float(np.abs(reference).max()), 1e-30))
         for i, (node, (name, module)) in enumerate(zip(nodes, order)):
-            x_name, y_name = node.input[0], node.output[0]
+            epilogue = epilogues[i]
+            x_name, y_name = node.input[0], epilogue.output if epilogue else node.output[0]
             if x_name not in values or y_name not in values:
                 notes[i] = "input or output tensor not present in the compiled model; not checked"
                 continue
             y, gate, decision, threshold = (t.detach().numpy() for t in _layer_eval(module, torch.from_numpy(values[x_name])))
+            if epilogue:  # the fused BatchNorm (+ Relu) after the layer, on the PyTorch side too
+                y = gated_post_epilogue(y, epilogue.scale, epilogue.shift, epilogue.activation)
             y_onnx = values[y_name]
             stats = per_layer[i]
             if not (np.isfinite(y).all() and np.isfinite(y_onnx).all()):

@@ -67,6 +67,10 @@ def channel_mask_schema():
 _INT, _INTS, _FLOAT, _STRING = (defs.OpSchema.AttrType.INT, defs.OpSchema.AttrType.INTS,
                                 defs.OpSchema.AttrType.FLOAT, defs.OpSchema.AttrType.STRING)
 _CONV_ATTRS = [("strides", _INTS, False), ("pads", _INTS, False), ("dilations", _INTS, False)]
+# CGConv / PGConv's optional epilogue (a following BatchNormalization and Relu, fused for
+# --target ort by passes/fuse_gated_epilogue.py): per-channel [O] vectors and "Relu" or none.
+_POST_INPUTS = [("post_scale?", "T"), ("post_shift?", "T")]
+_POST_ATTRS = [("activation", _STRING, False)]
 
 
 def _ints_attr(ctx, name, default):
@@ -105,18 +109,20 @@ def conv_like_output(ctx) -> None:
 @schema
 def cg_conv_schema():
     return make_schema(
-        "CGConv", [("X", "T"), ("W", "T"), ("base_mask", "T"), ("threshold", "T")], [("Y", "T")],
-        _CONV_ATTRS, infer=conv_like_output,
-        doc="Channel Gating: Yp = conv(X, W*base_mask); Y = where(Yp > threshold, conv(X, W), Yp).")
+        "CGConv", [("X", "T"), ("W", "T"), ("base_mask", "T"), ("threshold", "T"), *_POST_INPUTS],
+        [("Y", "T")], [*_POST_ATTRS, *_CONV_ATTRS], infer=conv_like_output,
+        doc="Channel Gating: Yp = conv(X, W*base_mask); Y = where(Yp > threshold, conv(X, W), Yp); "
+            "then act(post_scale * Y + post_shift) when given (OPS.md).")
 
 
 @schema
 def pg_conv_schema():
     return make_schema(
-        "PGConv", [("X", "T"), ("W", "T"), ("threshold", "T")], [("Y", "T")],
+        "PGConv", [("X", "T"), ("W", "T"), ("threshold", "T"), *_POST_INPUTS], [("Y", "T")],
         [("abits", _INT, True), ("pred_bits", _INT, True), ("static_scale", _FLOAT, False),
-         ("group", _INT, False), *_CONV_ATTRS], infer=conv_like_output,
-        doc="Precision Gating: Y = conv(x_msb, W) + [conv(x_msb, W) > threshold] * conv(x_lsb, W).")
+         ("group", _INT, False), *_POST_ATTRS, *_CONV_ATTRS], infer=conv_like_output,
+        doc="Precision Gating: Y = conv(x_msb, W) + [conv(x_msb, W) > threshold] * conv(x_lsb, W); "
+            "then act(post_scale * Y + post_shift) when given (OPS.md).")
 
 
 @schema

@@ -16,6 +16,7 @@ from gate2deploy.passes.canonicalize_channel_shuffle import canonicalize_channel
 from gate2deploy.passes.choose_widths import choose_padding
 from gate2deploy.passes.cleanup import cleanup
 from gate2deploy.passes.fold_masks import FoldResult, fold_static_masks
+from gate2deploy.passes.fuse_gated_epilogue import fuse_gated_epilogue
 from gate2deploy.passes.lower_portable import LoweringResult, lower_portable
 from gate2deploy.passes.resolve_static_shapes import resolve_static_shapes
 from gate2deploy.passes.sparse_fbs_consumers import sparse_fbs_consumers
@@ -28,6 +29,7 @@ class PassContext:
     choose_widths: bool = False  # pad folded layers to fast physical widths (passes/choose_widths.py)
     lowering: LoweringResult = field(default_factory=LoweringResult)  # CG/PG/FBS -> standard ops
     sparse_input_convs: list[str] = field(default_factory=list)  # Conv after FBS -> SparseInputConv
+    fused_epilogues: list[str] = field(default_factory=list)  # CG/PG nodes that took BN (+ Relu)
 
 
 Pass = Callable[[gs.Graph, PassContext], gs.Graph]
@@ -46,12 +48,19 @@ def _sparse_fbs_consumers(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
     return graph
 
 
+def _fuse_gated_epilogue(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+    ctx.fused_epilogues.extend(fuse_gated_epilogue(graph))
+    return graph
+
+
 PIPELINES: dict[str, list[tuple[str, Pass]]] = {
     # Portable: every gate2deploy op becomes standard ONNX ops (stock onnxruntime, no plugin).
     "onnx": FOLD_PIPELINE + [("lower_portable", lambda g, ctx: lower_portable(g, ctx.lowering))],
     # ONNX Runtime with the gate2deploy custom-op library: CGConv/PGConv/FBSConv nodes stay,
-    # and plain convs reading an FBS output skip its zero channels (CPU-only op).
-    "ort": FOLD_PIPELINE + [("sparse_fbs_consumers", _sparse_fbs_consumers)],
+    # plain convs reading an FBS output skip its zero channels, and the BatchNorm + Relu after
+    # a CG/PG node join it as its epilogue (CPU-only features of the native kernels).
+    "ort": FOLD_PIPELINE + [("sparse_fbs_consumers", _sparse_fbs_consumers),
+                            ("fuse_gated_epilogue", _fuse_gated_epilogue)],
     # TensorRT with the gate2deploy plugins: CGConv/PGConv/FBSConv nodes stay.
     "trt": list(FOLD_PIPELINE),
 }

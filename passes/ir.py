@@ -43,6 +43,15 @@ def shape_of(tensor) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape)
 
 
+def sole_consumer(graph: gs.Graph, tensor: gs.Tensor, op: str) -> gs.Node | None:
+    """The only node reading `tensor`, if it is a standard-domain `op` and `tensor` is not a
+    graph output (so fusing that node into the producer changes nothing else)."""
+    if tensor in graph.outputs or len(tensor.outputs) != 1:
+        return None
+    node = tensor.outputs[0]
+    return node if node.op == op and node.domain in ("", "ai.onnx", None) else None
+
+
 def new_const(name: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(name, np.ascontiguousarray(values))
 

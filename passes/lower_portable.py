@@ -10,6 +10,8 @@ Runtime runs with no plugin, computing the same function as runtimes/reference.p
 same float32 operations in the same order (so outputs agree up to the convolution's own
 summation order, and gates flip only at ties). The output tensor of each op keeps its name.
 The decomposition computes every path (it is exact, not fast: speed needs `--target ort`).
+CG/PG's optional epilogue (post_scale, post_shift, activation: only `--target ort` emits it)
+becomes Mul, Add and Relu after the lowered op.
 With `expose_gates=True` each op's boolean gate becomes an extra graph output named
 `<node name>/gate` ([N, O, Ho, Wo] for CG and PG, [N, O] for FBS), which
 `gate2deploy.gate_stats.onnx_gate_statistics` reads; the deployed model never has them.
@@ -75,7 +77,7 @@ def _conv_attrs(node: gs.Node) -> dict[str, list[int]]:
 
 
 def _lower_cg(b: _Builder, node: gs.Node, y: gs.Variable) -> gs.Variable:
-    x, w, base_mask, threshold = node.inputs
+    x, w, base_mask, threshold = node.inputs[:4]
     attrs = _conv_attrs(node)
     w_val, m_val = const_value(w), const_value(base_mask)
     if w_val is not None and m_val is not None:
@@ -92,7 +94,7 @@ def _lower_cg(b: _Builder, node: gs.Node, y: gs.Variable) -> gs.Variable:
 
 
 def _lower_pg(b: _Builder, node: gs.Node, y: gs.Variable) -> gs.Variable:
-    x, w, threshold = node.inputs
+    x, w, threshold = node.inputs[:3]
     attrs = _conv_attrs(node)
     bits, pred_bits = int(node.attrs["abits"]), int(node.attrs["pred_bits"])
     static_scale = float(node.attrs.get("static_scale", 0.0))
@@ -165,6 +167,31 @@ def _lower_fbs(b: _Builder, node: gs.Node, y: gs.Variable, expose_gates: bool) -
     return gate
 
 
+POST_INPUTS_AT = {"CGConv": 4, "PGConv": 3}  # where the optional epilogue's inputs start
+
+
+def _epilogue_target(b: _Builder, node: gs.Node, y: gs.Variable):
+    """(tensor the gated op's lowering writes, function finishing y) for CG/PG's optional
+    epilogue (OPS.md: act(post_scale * Y + post_shift)); (y, None) without one."""
+    at = POST_INPUTS_AT.get(node.op)
+    activation = node.attrs.get("activation", "")
+    activation = activation.decode() if isinstance(activation, bytes) else activation
+    if at is None or (len(node.inputs) <= at and not activation):
+        return y, None
+    pre = gs.Variable(b._name("pre_epilogue"), dtype=np.float32)
+
+    def finish():
+        v = pre
+        if len(node.inputs) > at:
+            v = b.op("Add", [b.op("Mul", [b.per_channel("post_scale", node.inputs[at]), v]),
+                             b.per_channel("post_shift", node.inputs[at + 1])])
+        if activation == "Relu":
+            b.op("Relu", [v], out=y)
+        else:
+            b.op("Identity", [v], out=y)
+    return pre, finish
+
+
 def lower_portable(graph: gs.Graph, result: LoweringResult | None = None,
                    expose_gates: bool = False) -> gs.Graph:
     result = result if result is not None else LoweringResult()
@@ -175,12 +202,15 @@ def lower_portable(graph: gs.Graph, result: LoweringResult | None = None,
         y = node.outputs[0]
         node.outputs.clear()  # detach first so that the new nodes can write `y`
         b = _Builder(graph, node.name)
+        target, finish = _epilogue_target(b, node, y)
         if node.op == "CGConv":
-            gate = _lower_cg(b, node, y)
+            gate = _lower_cg(b, node, target)
         elif node.op == "PGConv":
-            gate = _lower_pg(b, node, y)
+            gate = _lower_pg(b, node, target)
         else:
             gate = _lower_fbs(b, node, y, expose_gates)
+        if finish is not None:
+            finish()
         node.inputs.clear()
         result.lowered.append((node.name, node.op))
         if expose_gates and gate is not None:

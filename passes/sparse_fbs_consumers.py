@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .ir import const_value
+from .ir import const_value, sole_consumer
 
 DOMAIN = "gate2deploy"
 PATTERN = {
@@ -74,18 +74,10 @@ def _matches(node: gs.Node) -> bool:
     return True
 
 
-def _sole_consumer(graph: gs.Graph, tensor: gs.Tensor, op: str) -> gs.Node | None:
-    """The only node reading `tensor`, if it is an `op` and `tensor` is not a graph output."""
-    if tensor in graph.outputs or len(tensor.outputs) != 1:
-        return None
-    node = tensor.outputs[0]
-    return node if node.op == op and node.domain in ("", "ai.onnx", None) else None
-
-
 def _fuse_epilogue(graph: gs.Graph, node: gs.Node) -> None:
     """Fold a following residual Add (and then Relu) into the SparseInputConv `node`."""
     y = node.outputs[0]
-    add = _sole_consumer(graph, y, "Add")
+    add = sole_consumer(graph, y, "Add")
     if add is None or len(add.inputs) != 2:
         return
     residual = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
@@ -93,7 +85,7 @@ def _fuse_epilogue(graph: gs.Graph, node: gs.Node) -> None:
             tuple(residual.shape) != tuple(y.shape) or not all(isinstance(d, int) for d in y.shape):
         return
     last = add
-    relu = _sole_consumer(graph, add.outputs[0], "Relu")
+    relu = sole_consumer(graph, add.outputs[0], "Relu")
     if relu is not None:
         node.attrs["activation"] = "Relu"
         last = relu

@@ -69,13 +69,34 @@ def _per_channel(name: str, a, o: int) -> np.ndarray:
     return a.reshape(1, o, 1, 1)
 
 
+def gated_post_epilogue(y, post_scale=None, post_shift=None, activation: str | None = None):
+    """The optional epilogue of CGConv and PGConv (OPS.md): act(post_scale[o] * Y +
+    post_shift[o]), act = ReLU for activation "Relu"; Y unchanged without it. A following
+    BatchNormalization (and Relu) fused by passes/fuse_gated_epilogue.py."""
+    if activation not in (None, "", "Relu"):
+        raise ValueError(f"activation must be 'Relu' or none, not {activation!r}")
+    if (post_scale is None) != (post_shift is None):
+        raise ValueError("post_scale and post_shift come together")
+    if post_scale is not None:
+        o = y.shape[1]
+        a = _per_channel("post_scale", post_scale, o)
+        b = _per_channel("post_shift", post_shift, o)
+        y = a * y + b
+    if activation == "Relu":
+        y = np.maximum(y, np.float32(0))
+    return y.astype(np.float32)
+
+
 def cg_conv_reference(x, w, base_mask, threshold, strides=(1, 1), pads=(0, 0, 0, 0),
-                      dilations=(1, 1), return_gate: bool = False):
+                      dilations=(1, 1), return_gate: bool = False, post_scale=None,
+                      post_shift=None, activation: str | None = None):
     """CGConv (OPS.md, semantics §3): the partial sum Yp over the base-path channels decides,
     per output element, whether the full sum Yf replaces it:
 
         Yp = conv(X, W * base_mask[:, :, None, None]); Yf = conv(X, W)
         Y = where(Yp > threshold[o], Yf, Yp)
+
+    then the optional epilogue (gated_post_epilogue).
     """
     x, w = _f32("X", x), _f32("W", w)
     o, c = w.shape[:2]
@@ -86,7 +107,8 @@ def cg_conv_reference(x, w, base_mask, threshold, strides=(1, 1), pads=(0, 0, 0,
     yp = conv2d(x, w * base_mask[:, :, None, None], strides, pads, dilations)
     yf = conv2d(x, w, strides, pads, dilations)
     gate = yp > thr
-    y = np.where(gate, yf, yp).astype(np.float32)
+    y = gated_post_epilogue(np.where(gate, yf, yp).astype(np.float32), post_scale, post_shift,
+                            activation)
     return (y, gate) if return_gate else y
 
 
@@ -120,11 +142,14 @@ def pg_split_activations(x, abits: int, pred_bits: int, static_scale: float = 0.
 
 def pg_conv_reference(x, w, threshold, abits: int, pred_bits: int, static_scale: float = 0.0,
                       strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
-                      return_gate: bool = False):
+                      return_gate: bool = False, post_scale=None, post_shift=None,
+                      activation: str | None = None):
     """PGConv (OPS.md, semantics §4). W is already quantized (float values).
 
         out_msb = conv(x_hb, W); gate = out_msb > threshold[o]
         Y = out_msb + gate * conv(x_lb, W)
+
+    then the optional epilogue (gated_post_epilogue).
     """
     w = _f32("W", w)
     thr = _per_channel("threshold", threshold, w.shape[0])
@@ -133,6 +158,7 @@ def pg_conv_reference(x, w, threshold, abits: int, pred_bits: int, static_scale:
     gate = out_msb > thr
     out_lsb = conv2d(x_lb, w, strides, pads, dilations, group)
     y = (out_msb + gate.astype(np.float32) * out_lsb).astype(np.float32)
+    y = gated_post_epilogue(y, post_scale, post_shift, activation)
     return (y, gate) if return_gate else y
 
 

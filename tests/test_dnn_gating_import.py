@@ -112,8 +112,14 @@ def test_seed_checkpoint_loads_and_exports_with_both_lowerings(tmp_path, kind, d
     captured = capture(model, x)
     assert Counter(n.op_type for n in captured.graph.node if n.domain == "gate2deploy") == {op: count}
 
-    ort_model = run_pipeline(captured, "ort", PassContext())
+    ort_ctx = PassContext()
+    ort_model = run_pipeline(captured, "ort", ort_ctx)
     assert Counter(n.op_type for n in ort_model.graph.node if n.domain == "gate2deploy") == {op: count}
+    # Every gated conv is followed by its BatchNorm, fused into it (with the ReLU after conv1).
+    assert len(ort_ctx.fused_epilogues) == count
+    gated_outputs = {n.output[0] for n in ort_model.graph.node if n.domain == "gate2deploy"}
+    assert not [n for n in ort_model.graph.node
+                if n.op_type == "BatchNormalization" and n.input[0] in gated_outputs]
 
     ctx = PassContext()
     portable = run_pipeline(captured, "onnx", ctx)
@@ -129,6 +135,11 @@ def test_seed_checkpoint_loads_and_exports_with_both_lowerings(tmp_path, kind, d
         assert layer.gates > 0 and layer.max_abs_err_agreeing <= 1e-4 * max(layer.scale, 1.0)
     if kind != "pg":
         assert result.output_max_rel_err <= 1e-4, result.output_max_rel_err
+    # The same per-layer check on the ort model (native kernels, fused epilogues): each fused
+    # layer's output is compared with the PyTorch layer's output put through its BN (+ ReLU).
+    native = verify_gated_layers(model, captured, ort_model, inputs)
+    assert native.passed, [vars(layer) for layer in native.layers if not layer.passed]
+    assert all(layer.gates > 0 for layer in native.layers)
 
     stats = gate_statistics(model, torch.from_numpy(inputs[0]))
     assert len(stats) == count and all(0.0 < s.gate_on_fraction < 1.0 for s in stats), \

@@ -176,6 +176,47 @@ def test_cg_conv_matches_reference(gi, block_diagonal, frac):
         np.testing.assert_allclose(y, y_ref, rtol=0, atol=RTOL * np.abs(y_ref).max())
 
 
+@pytest.mark.parametrize("op", ["CGConv", "PGConv"])
+@pytest.mark.parametrize("affine, activation", [(True, "Relu"), (True, ""), (False, "Relu")])
+def test_gated_ops_apply_the_fused_epilogue(op, affine, activation):
+    """The optional epilogue (a BatchNorm and Relu fused by passes/fuse_gated_epilogue.py):
+    act(post_scale * Y + post_shift), applied after the gate decided, on every path (AMX and
+    the delegate for wide PG, our GEMM for CG); scales of both signs, a zero scale."""
+    rng = np.random.default_rng(11)
+    for geom in [(2, 32, 48, 12, 10, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+                 (1, 8, 12, 9, 7, 3, (2, 1), (1, 0, 2, 1), (1, 2))]:
+        n, c, o, h, wd, k, s, p, d = geom
+        x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
+        w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+        post_scale = rng.uniform(-2, 2, o).astype(np.float32)
+        post_scale[0] = 0.0
+        post_shift = rng.standard_normal(o).astype(np.float32)
+        post = dict(post_scale=post_scale, post_shift=post_shift) if affine else {}
+        attrs = dict(conv_attrs(s, p, d), **({"activation": activation} if activation else {}))
+        if op == "CGConv":
+            mask = cg_base_mask(o, c, 4, False)
+            yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
+            thr = thresholds_for_fraction(yp, 0.3)
+            y = run_node(op, x, [w, mask, thr, *post.values()], attrs)
+            y_ref = ref.cg_conv_reference(x, w, mask, thr, s, p, d, activation=activation, **post)
+        else:
+            w = quantize_weights(w, 8)
+            x_hb, _, _ = ref.pg_split_activations(x, 8, 4)
+            yp = ref.conv2d(x_hb, w, s, p, d)
+            thr = thresholds_for_fraction(yp, 0.3)
+            attrs.update(abits=8, pred_bits=4)
+            y = run_node(op, x, [w, thr, *post.values()], attrs)
+            y_ref = ref.pg_conv_reference(x, w, thr, 8, 4, 0.0, s, p, d, activation=activation, **post)
+        if activation == "Relu":
+            assert (y >= 0).all() and (y == 0).any()
+        # Gates flip only at ties (assert_close_with_ties); pre-epilogue decisions are yp.
+        y_plain = (ref.cg_conv_reference(x, w, mask, thr, s, p, d) if op == "CGConv" else
+                   ref.pg_conv_reference(x, w, thr, 8, 4, 0.0, s, p, d))
+        expected = ref.gated_post_epilogue(y_plain, *(post.values() or (None, None)), activation)
+        np.testing.assert_array_equal(expected, y_ref)
+        assert_close_with_ties(y, y_ref, yp, thr)
+
+
 def test_cg_conv_irregular_base_mask():
     """Any 0/1 base mask is allowed (each output its own base set)."""
     rng, x, w, s, p, d = random_case(GEOMETRIES[1], seed=7)
@@ -554,6 +595,15 @@ BAD_CASES = {
                           {"activation": "Sigmoid"}),
     "sparse_residual_shape": ("SparseInputConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32),
                                                                 np.zeros((1, 4, 2, 2), np.float32)], {}),
+    "cg_post_scale_alone": ("CGConv", (1, 8, 5, 5), [*_cg_inputs(), np.ones(4, np.float32)], {}),
+    "cg_post_shape": ("CGConv", (1, 8, 5, 5), [*_cg_inputs(), np.ones(4, np.float32),
+                                               np.zeros(3, np.float32)], {}),
+    "cg_activation": ("CGConv", (1, 8, 5, 5), list(_cg_inputs()), {"activation": "Tanh"}),
+    "pg_post_shape": ("PGConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32),
+                                               np.ones(5, np.float32), np.zeros(4, np.float32)],
+                      {"abits": 4, "pred_bits": 2}),
+    "pg_activation": ("PGConv", (1, 8, 5, 5), [_cg_inputs()[0], np.zeros(4, np.float32)],
+                      {"abits": 4, "pred_bits": 2, "activation": "relu"}),
 }
 
 

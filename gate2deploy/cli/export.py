@@ -97,6 +97,7 @@ def run(args) -> int:
             "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
         },
         "sparse_input_convs": ctx.sparse_input_convs,
+        "fused_epilogues": ctx.fused_epilogues,
         "layers": layers,
         **gated_layer_report(gated, captured, samples),
     }

@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <mutex>
+#include <optional>
 
 namespace g2d {
 struct CGConvKernel {
@@ -11,9 +12,13 @@ struct CGConvKernel {
   Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
                       const Ort::Custom::Tensor<float>& W,
                       const Ort::Custom::Tensor<float>& base_mask,
-                      const Ort::Custom::Tensor<float>& threshold, Ort::Custom::Tensor<float>& Y);
+                      const Ort::Custom::Tensor<float>& threshold,
+                      std::optional<const Ort::Custom::Tensor<float>*> post_scale,
+                      std::optional<const Ort::Custom::Tensor<float>*> post_shift,
+                      Ort::Custom::Tensor<float>& Y);
   ConvAttrs attrs_;
   std::string attr_error_;
+  bool relu_ = false;  // attribute activation = "Relu" (the optional epilogue, OPS.md)
   // W and base_mask constant initializers: plans (packed weights) are built once.
   bool weights_const_ = false;
   std::mutex plans_mutex_;

@@ -171,6 +171,40 @@ void ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(s
       ctx, trampoline, total, 0, const_cast<std::function<void(size_t)>*>(&fn)));
 }
 
+bool ReadReluAttr(const OrtKernelInfo* info, std::string* error) {
+  const std::string activation = ReadStringAttr(info, "activation", "");
+  if (error->empty() && !activation.empty() && activation != "Relu")
+    *error = "attribute activation must be \"Relu\" or absent, got \"" + activation + "\"";
+  return activation == "Relu";
+}
+
+PostEpilogue MakePostEpilogue(const char* op, const float* scale,
+                              const std::vector<int64_t>* scale_shape, const float* shift,
+                              const std::vector<int64_t>* shift_shape, int64_t O, bool relu) {
+  if ((scale == nullptr) != (shift == nullptr))
+    throw OpError(std::string(op) + ": post_scale and post_shift must be given together");
+  if (scale) {
+    ExpectShape(op, "post_scale", *scale_shape, {O});
+    ExpectShape(op, "post_shift", *shift_shape, {O});
+  }
+  PostEpilogue post;
+  post.scale = scale;
+  post.shift = shift;
+  post.relu = relu;
+  return post;
+}
+
+void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostEpilogue& post,
+                       float* y, int64_t N, int64_t O, int64_t P) {
+  if (!post.Active()) return;
+  ParallelFor(ParallelIfLarge(ctx, N * O * P), size_t(N * O), [&](size_t i) {
+    const int64_t o = int64_t(i) % O;
+    // act(1 * (scale * v + 0) + shift): the one vectorized epilogue implementation.
+    isa.epilogue_row(y + int64_t(i) * P, P, 1.f, post.scale ? post.scale[o] : 1.f, 0.f,
+                     post.shift ? post.shift[o] : 0.f, nullptr, post.relu);
+  });
+}
+
 Ort::Status Guarded(const char* op, const std::function<void()>& body) {
   try {
     body();

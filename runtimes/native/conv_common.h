@@ -217,6 +217,24 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
                   float scale1, float scale2, const float* threshold, float* y);
 
 
+// CGConv / PGConv's optional epilogue (OPS.md): y[n, o, :] <- act(scale[o] * y + shift[o]),
+// act = ReLU if relu; a fused BatchNormalization (+ Relu). Applied after the op's gated
+// computation (the gate is decided before it), with isa.epilogue_row.
+struct PostEpilogue {
+  const float* scale = nullptr;  // with shift; both null: no affine part
+  const float* shift = nullptr;
+  bool relu = false;
+  bool Active() const { return scale != nullptr || relu; }
+};
+// Reads the "activation" attribute ("Relu" or absent); a bad value goes to *error.
+bool ReadReluAttr(const OrtKernelInfo* info, std::string* error);
+// Validates the optional post_scale / post_shift inputs ([O] each, both or neither).
+PostEpilogue MakePostEpilogue(const char* op, const float* scale,
+                              const std::vector<int64_t>* scale_shape, const float* shift,
+                              const std::vector<int64_t>* shift_shape, int64_t O, bool relu);
+void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostEpilogue& post,
+                       float* y, int64_t N, int64_t O, int64_t P);
+
 // Scratch buffers that live as long as the calling thread: re-used across runs so that the
 // large buffers are not page-faulted in again on every call. `Slot` separates uses; a slot
 // must not be shared by two buffers alive at once (in use: 0-2, 4-8, 12-14 conv_common.cc;

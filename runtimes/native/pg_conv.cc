@@ -112,6 +112,7 @@ PGConvKernel::PGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   abits_ = ReadIntAttr(info, "abits", -1);
   pred_bits_ = ReadIntAttr(info, "pred_bits", -1);
   static_scale_ = ReadFloatAttr(info, "static_scale", 0.f);
+  relu_ = ReadReluAttr(info, &attr_error_);
   if (attr_error_.empty() && (abits_ < 2 || abits_ > 16))
     attr_error_ = "attribute abits must be in [2, 16], got " + std::to_string(abits_);
   else if (attr_error_.empty() && (pred_bits_ < 1 || pred_bits_ >= abits_))
@@ -140,160 +141,173 @@ PGConvKernel::PGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
 Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
                                   const Ort::Custom::Tensor<float>& W,
                                   const Ort::Custom::Tensor<float>& threshold,
+                                  std::optional<const Ort::Custom::Tensor<float>*> post_scale,
+                                  std::optional<const Ort::Custom::Tensor<float>*> post_shift,
                                   Ort::Custom::Tensor<float>& Y) {
   return Guarded("PGConv", [&] {
     if (!attr_error_.empty()) throw OpError("PGConv: " + attr_error_);
     const ConvGeom g = MakeGeom("PGConv", X.Shape(), W.Shape(), attrs_);
     ExpectShape("PGConv", "threshold", threshold.Shape(), {g.O});
-    const int64_t B = abits_, Bh = pred_bits_, shift = B - Bh;
-    const int64_t nx = g.N * g.C * g.H * g.W, nw = g.O * g.Cw * g.kk();
-    const float* x = X.Data();
-
-    // Per-tensor scale over the whole batch (the seed's dynamic scale) unless static.
-    float s = static_scale_;
-    if (s <= 0.f) {
-      const float amax = AbsMax(x, nx);
-      if (!std::isfinite(amax)) throw OpError("PGConv: X contains inf or NaN");
-      s = amax + 1e-7f;
-    }
-    const float levels = float((int64_t(1) << B) - 1);
-
-    std::vector<int16_t> w_q_local;
-    const std::vector<int16_t>* w_q = &w_q_;
-    float w_step = w_step_;
-    bool int_path = w_int_;
-    if (!w_const_) {
-      int_path = FindWeightGrid(W.Data(), nw, &w_q_local, &w_step);
-      w_q = &w_q_local;
-    }
-    // int16 operands and exact int32 sums: B <= 8 keeps |q| <= 255; bound the sum.
-    int_path = int_path && B <= 8 && double(g.Cw) * g.kk() * 255.0 * 255.0 < 2147483647.0;
-
+    const PostEpilogue post = MakePostEpilogue(
+        "PGConv", post_scale ? (*post_scale)->Data() : nullptr,
+        post_scale ? &(*post_scale)->Shape() : nullptr, post_shift ? (*post_shift)->Data() : nullptr,
+        post_shift ? &(*post_shift)->Shape() : nullptr, g.O, relu_);
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const IsaKernels& isa = BestKernels();
+    RunStages(ctx, isa, g, X.Data(), W.Data(), threshold.Data(), y);
+    ApplyPostEpilogue(ctx, isa, post, y, g.N, g.O, g.P());
+  });
+}
 
-    // Integer paths: stage sums times one activation step times one weight step (the MSB
-    // plane counts in units of 2^shift steps).
-    const float unit = s / levels * w_step;
-    const float scale1 = unit * float(int64_t(1) << shift), scale2 = unit;
+// Both stages into y, on the first path that applies (see the top of this file).
+void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
+                             const float* x, const float* w_data, const float* thr_data,
+                             float* y) {
+  const int64_t B = abits_, Bh = pred_bits_, shift = B - Bh;
+  const int64_t nx = g.N * g.C * g.H * g.W, nw = g.O * g.Cw * g.kk();
 
-    // Integer stages on AMX int8 tiles (pg_amx.h): exact int32 sums, so the same result. It
-    // splits X itself (isa.pg_split, row by row, straight into its int8 layout).
-    const int64_t msb_count_max = (int64_t(1) << Bh) - 1, lsb_count_max = (int64_t(1) << shift) - 1;
-    if (int_path && g.group == 1 && AmxAvailable()) {
-      std::shared_ptr<const PGAmxWeights> amx_w;
-      if (w_const_) {
-        std::lock_guard<std::mutex> lock(plans_mutex_);
-        if (!amx_packed_) amx_w_ = PackPGAmxWeights(w_q->data(), g), amx_packed_ = true;
-        amx_w = amx_w_;
-      } else {
-        amx_w = PackPGAmxWeights(w_q->data(), g);
-      }
-      if (amx_w && std::max(msb_count_max, lsb_count_max) <= amx_w->MaxActivation()) {
-        const PGSplit split{s, levels, int(shift)};
-        for (int64_t n = 0; n < g.N; ++n)
-          RunPGAmx(ctx, *amx_w, g, x + n * g.C * g.H * g.W, split, scale1, scale2,
-                   threshold.Data(), y + n * g.O * g.P());
-        return;
-      }
+  // Per-tensor scale over the whole batch (the seed's dynamic scale) unless static.
+  float s = static_scale_;
+  if (s <= 0.f) {
+    const float amax = AbsMax(x, nx);
+    if (!std::isfinite(amax)) throw OpError("PGConv: X contains inf or NaN");
+    s = amax + 1e-7f;
+  }
+  const float levels = float((int64_t(1) << B) - 1);
+
+  std::vector<int16_t> w_q_local;
+  const std::vector<int16_t>* w_q = &w_q_;
+  float w_step = w_step_;
+  bool int_path = w_int_;
+  if (!w_const_) {
+    int_path = FindWeightGrid(w_data, nw, &w_q_local, &w_step);
+    w_q = &w_q_local;
+  }
+  // int16 operands and exact int32 sums: B <= 8 keeps |q| <= 255; bound the sum.
+  int_path = int_path && B <= 8 && double(g.Cw) * g.kk() * 255.0 * 255.0 < 2147483647.0;
+
+
+  // Integer paths: stage sums times one activation step times one weight step (the MSB
+  // plane counts in units of 2^shift steps).
+  const float unit = s / levels * w_step;
+  const float scale1 = unit * float(int64_t(1) << shift), scale2 = unit;
+
+  // Integer stages on AMX int8 tiles (pg_amx.h): exact int32 sums, so the same result. It
+  // splits X itself (isa.pg_split, row by row, straight into its int8 layout).
+  const int64_t msb_count_max = (int64_t(1) << Bh) - 1, lsb_count_max = (int64_t(1) << shift) - 1;
+  if (int_path && g.group == 1 && AmxAvailable()) {
+    std::shared_ptr<const PGAmxWeights> amx_w;
+    if (w_const_) {
+      std::lock_guard<std::mutex> lock(plans_mutex_);
+      if (!amx_packed_) amx_w_ = PackPGAmxWeights(w_q->data(), g), amx_packed_ = true;
+      amx_w = amx_w_;
+    } else {
+      amx_w = PackPGAmxWeights(w_q->data(), g);
     }
-
-    // Quantize X once, as the reference does (q = round_half_even(min(|x| / s, 1) * (2^B-1))
-    // in fp32; isa.pg_split, vectorized): integer-valued planes sign(x) * (q >> shift) and
-    // sign(x) * (q & (2^shift - 1)). Each path below takes them as they are, as int16 or
-    // de-quantized.
-    AlignedVec<float>& msb = Scratch<float, 10>();
-    AlignedVec<float>& lsb = Scratch<float, 11>();
-    msb.resize(size_t(nx));
-    lsb.resize(size_t(nx));
-    isa.pg_split(x, nx, s, levels, int(shift), msb.data(), lsb.data());
-
-    // The two-stage convolution on our GEMM, every sample and group (int16 or float planes).
-    auto run = [&](const auto& plans, float scale1, float scale2, const auto* hb,
-                   const auto* lb) {
+    if (amx_w && std::max(msb_count_max, lsb_count_max) <= amx_w->MaxActivation()) {
+      const PGSplit split{s, levels, int(shift)};
       for (int64_t n = 0; n < g.N; ++n)
-        RunGatedConv(ctx, isa, g, plans, hb + n * g.C * g.H * g.W, lb + n * g.C * g.H * g.W,
-                     scale1, scale2, threshold.Data(), y + n * g.O * g.P());
-    };
-
-    // Integer stages as fp32 convs on ONNX Runtime's NCHWc kernel: with integer-valued
-    // operands and every partial sum below 2^24 in magnitude, fp32 sums are exact in any
-    // order, so this equals the int16 path bit for bit, at MLAS's speed. Both stages are
-    // dense convs (stage 2 only when some gate is on) and the gate selects per element.
-    const double kk_c = double(g.Cw) * double(g.kk());
-    const double msb_max = double((int64_t(1) << Bh) - 1), lsb_max = double((int64_t(1) << shift) - 1);
-    const double w_max = double((int64_t(1) << 8) - 1);
-    if (int_path && g.group == 1 && kk_c * std::max(msb_max, lsb_max) * w_max < 16777216.0 &&
-        conv_->Delegates(ctx, g.O, g.C)) {
-      std::vector<float> w_qf_local;
-      const float* wq = w_qf_.data();
-      if (!w_const_) {
-        w_qf_local.assign(w_q->begin(), w_q->end());
-        wq = w_qf_local.data();
-      }
-      AlignedVec<float>& stage2 = Scratch<float, 15>();
-      const int64_t Np = g.P(), HW = g.H * g.W;
-      const std::vector<int> outputs = Indices(g.O), chans = Indices(g.C);
-      const std::vector<float> ones(size_t(g.O), 1.f), zeros(size_t(g.O), 0.f);
-      const std::vector<float> s1(size_t(g.O), scale1);
-      const float* thr = threshold.Data();
-      stage2.resize(size_t(g.O * Np));
-      for (int64_t n = 0; n < g.N; ++n) {
-        float* yn = y + n * g.O * Np;
-        // out_msb = scale1 * acc1 (as the int16 path: gain 1 x (scale1 x acc + 0) + 0).
-        RowEpilogue ep1{outputs.data(), yn, Np, ones.data(), s1.data(), zeros.data(), zeros.data()};
-        ep1.relu = false;
-        conv_->Run(ctx, isa, wq, msb.data() + n * g.C * HW, g, outputs, chans, ep1);
-        bool any_on = false;
-        for (int64_t o = 0; o < g.O && !any_on; ++o)
-          for (int64_t p = 0; p < Np; ++p)
-            if (yn[o * Np + p] > thr[o]) {
-              any_on = true;
-              break;
-            }
-        if (!any_on) continue;
-        RowEpilogue ep2{outputs.data(), stage2.data(), Np, ones.data(), ones.data(), zeros.data(),
-                        zeros.data()};
-        ep2.relu = false;
-        conv_->Run(ctx, isa, wq, lsb.data() + n * g.C * HW, g, outputs, chans, ep2);
-        ParallelFor(ParallelIfLarge(ctx, g.O * Np), size_t(g.O), [&](size_t o) {
-          float* __restrict yo = yn + int64_t(o) * Np;
-          const float* __restrict zo = stage2.data() + int64_t(o) * Np;
-          const float t_o = thr[o], sc2 = scale2;
-          // Arithmetic, not a branch (the gates are unpredictable: as a branch, this loop cost
-          // a third of the stage-2 conv at 20% on); restrict lets the compiler vectorize it.
-          // A gate is 0 or 1, so v + gate * add is v or v + add (add is finite: both operands
-          // are bounded integers times a finite scale).
-          for (int64_t p = 0; p < Np; ++p) {
-            const float v = yo[p];
-            yo[p] = v + float(v > t_o) * (sc2 * zo[p]);
-          }
-        });
-      }
+        RunPGAmx(ctx, *amx_w, g, x + n * g.C * g.H * g.W, split, scale1, scale2,
+                 thr_data, y + n * g.O * g.P());
       return;
     }
-    if (int_path) {  // the planes as int16 (exact: |values| <= 255)
-      const auto plans = PlansFor<int16_t>(w_const_, plans_mutex_, int_plans_, w_q->data(), g);
-      AlignedVec<int16_t>& hb = Scratch<int16_t, 21>();
-      AlignedVec<int16_t>& lb = Scratch<int16_t, 22>();
-      hb.resize(size_t(nx));
-      lb.resize(size_t(nx));
-      for (int64_t i = 0; i < nx; ++i) {
-        hb[size_t(i)] = int16_t(msb[size_t(i)]);
-        lb[size_t(i)] = int16_t(lsb[size_t(i)]);
-      }
-      run(*plans, scale1, scale2, hb.data(), lb.data());
-    } else {  // float weights: de-quantized planes, in the reference's (and seed's) order
-      const auto plans = PlansFor<float>(w_const_, plans_mutex_, float_plans_, W.Data(), g);
-      const float hb_step = float(int64_t(1) << shift);
-      for (int64_t i = 0; i < nx; ++i) {
-        const float h = msb[size_t(i)], l = lsb[size_t(i)];
-        msb[size_t(i)] = std::copysign((std::fabs(h) * hb_step / levels) * s, h);
-        lsb[size_t(i)] = std::copysign((std::fabs(l) / levels) * s, l);
-      }
-      run(*plans, 1.f, 1.f, msb.data(), lsb.data());
+  }
+
+  // Quantize X once, as the reference does (q = round_half_even(min(|x| / s, 1) * (2^B-1))
+  // in fp32; isa.pg_split, vectorized): integer-valued planes sign(x) * (q >> shift) and
+  // sign(x) * (q & (2^shift - 1)). Each path below takes them as they are, as int16 or
+  // de-quantized.
+  AlignedVec<float>& msb = Scratch<float, 10>();
+  AlignedVec<float>& lsb = Scratch<float, 11>();
+  msb.resize(size_t(nx));
+  lsb.resize(size_t(nx));
+  isa.pg_split(x, nx, s, levels, int(shift), msb.data(), lsb.data());
+
+  // The two-stage convolution on our GEMM, every sample and group (int16 or float planes).
+  auto run = [&](const auto& plans, float scale1, float scale2, const auto* hb,
+                 const auto* lb) {
+    for (int64_t n = 0; n < g.N; ++n)
+      RunGatedConv(ctx, isa, g, plans, hb + n * g.C * g.H * g.W, lb + n * g.C * g.H * g.W,
+                   scale1, scale2, thr_data, y + n * g.O * g.P());
+  };
+
+  // Integer stages as fp32 convs on ONNX Runtime's NCHWc kernel: with integer-valued
+  // operands and every partial sum below 2^24 in magnitude, fp32 sums are exact in any
+  // order, so this equals the int16 path bit for bit, at MLAS's speed. Both stages are
+  // dense convs (stage 2 only when some gate is on) and the gate selects per element.
+  const double kk_c = double(g.Cw) * double(g.kk());
+  const double msb_max = double((int64_t(1) << Bh) - 1), lsb_max = double((int64_t(1) << shift) - 1);
+  const double w_max = double((int64_t(1) << 8) - 1);
+  if (int_path && g.group == 1 && kk_c * std::max(msb_max, lsb_max) * w_max < 16777216.0 &&
+      conv_->Delegates(ctx, g.O, g.C)) {
+    std::vector<float> w_qf_local;
+    const float* wq = w_qf_.data();
+    if (!w_const_) {
+      w_qf_local.assign(w_q->begin(), w_q->end());
+      wq = w_qf_local.data();
     }
-  });
+    AlignedVec<float>& stage2 = Scratch<float, 15>();
+    const int64_t Np = g.P(), HW = g.H * g.W;
+    const std::vector<int> outputs = Indices(g.O), chans = Indices(g.C);
+    const std::vector<float> ones(size_t(g.O), 1.f), zeros(size_t(g.O), 0.f);
+    const std::vector<float> s1(size_t(g.O), scale1);
+    const float* thr = thr_data;
+    stage2.resize(size_t(g.O * Np));
+    for (int64_t n = 0; n < g.N; ++n) {
+      float* yn = y + n * g.O * Np;
+      // out_msb = scale1 * acc1 (as the int16 path: gain 1 x (scale1 x acc + 0) + 0).
+      RowEpilogue ep1{outputs.data(), yn, Np, ones.data(), s1.data(), zeros.data(), zeros.data()};
+      ep1.relu = false;
+      conv_->Run(ctx, isa, wq, msb.data() + n * g.C * HW, g, outputs, chans, ep1);
+      bool any_on = false;
+      for (int64_t o = 0; o < g.O && !any_on; ++o)
+        for (int64_t p = 0; p < Np; ++p)
+          if (yn[o * Np + p] > thr[o]) {
+            any_on = true;
+            break;
+          }
+      if (!any_on) continue;
+      RowEpilogue ep2{outputs.data(), stage2.data(), Np, ones.data(), ones.data(), zeros.data(),
+                      zeros.data()};
+      ep2.relu = false;
+      conv_->Run(ctx, isa, wq, lsb.data() + n * g.C * HW, g, outputs, chans, ep2);
+      ParallelFor(ParallelIfLarge(ctx, g.O * Np), size_t(g.O), [&](size_t o) {
+        float* __restrict yo = yn + int64_t(o) * Np;
+        const float* __restrict zo = stage2.data() + int64_t(o) * Np;
+        const float t_o = thr[o], sc2 = scale2;
+        // Arithmetic, not a branch (the gates are unpredictable: as a branch, this loop cost
+        // a third of the stage-2 conv at 20% on); restrict lets the compiler vectorize it.
+        // A gate is 0 or 1, so v + gate * add is v or v + add (add is finite: both operands
+        // are bounded integers times a finite scale).
+        for (int64_t p = 0; p < Np; ++p) {
+          const float v = yo[p];
+          yo[p] = v + float(v > t_o) * (sc2 * zo[p]);
+        }
+      });
+    }
+    return;
+  }
+  if (int_path) {  // the planes as int16 (exact: |values| <= 255)
+    const auto plans = PlansFor<int16_t>(w_const_, plans_mutex_, int_plans_, w_q->data(), g);
+    AlignedVec<int16_t>& hb = Scratch<int16_t, 21>();
+    AlignedVec<int16_t>& lb = Scratch<int16_t, 22>();
+    hb.resize(size_t(nx));
+    lb.resize(size_t(nx));
+    for (int64_t i = 0; i < nx; ++i) {
+      hb[size_t(i)] = int16_t(msb[size_t(i)]);
+      lb[size_t(i)] = int16_t(lsb[size_t(i)]);
+    }
+    run(*plans, scale1, scale2, hb.data(), lb.data());
+  } else {  // float weights: de-quantized planes, in the reference's (and seed's) order
+    const auto plans = PlansFor<float>(w_const_, plans_mutex_, float_plans_, w_data, g);
+    const float hb_step = float(int64_t(1) << shift);
+    for (int64_t i = 0; i < nx; ++i) {
+      const float h = msb[size_t(i)], l = lsb[size_t(i)];
+      msb[size_t(i)] = std::copysign((std::fabs(h) * hb_step / levels) * s, h);
+      lsb[size_t(i)] = std::copysign((std::fabs(l) / levels) * s, l);
+    }
+    run(*plans, 1.f, 1.f, msb.data(), lsb.data());
+  }
 }
 
 }  // namespace g2d

@@ -6,15 +6,23 @@
 
 #include <memory>
 #include <mutex>
+#include <optional>
 
 namespace g2d {
 struct PGConvKernel {
   PGConvKernel(const OrtApi* api, const OrtKernelInfo* info);
   Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
                       const Ort::Custom::Tensor<float>& W,
-                      const Ort::Custom::Tensor<float>& threshold, Ort::Custom::Tensor<float>& Y);
+                      const Ort::Custom::Tensor<float>& threshold,
+                      std::optional<const Ort::Custom::Tensor<float>*> post_scale,
+                      std::optional<const Ort::Custom::Tensor<float>*> post_shift,
+                      Ort::Custom::Tensor<float>& Y);
+  // Both stages into y (every sample), on the first path that applies.
+  void RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g, const float* x,
+                 const float* w_data, const float* thr_data, float* y);
   ConvAttrs attrs_;
   std::string attr_error_;
+  bool relu_ = false;  // attribute activation = "Relu" (the optional epilogue, OPS.md)
   int64_t abits_, pred_bits_;
   float static_scale_;
   // Integer weights found at session creation when W is a constant initializer.
