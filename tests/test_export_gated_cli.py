@@ -37,6 +37,9 @@ def test_pg_checkpoint_with_calibrated_static_scale(tmp_path, cli, samples, targ
     assert stats["bit_weighted_over_dense"] < 1.0
     nodes = [n for n in onnx.load(str(out)).graph.node if n.domain == "gate2deploy"]
     assert len(nodes) == custom_nodes
+    # --target ort fuses each PG layer's BatchNorm + ReLU into it (and still verifies above).
+    assert len(r["fused_epilogues"]) == custom_nodes
+    assert all(n.attribute and len(n.input) == 5 for n in nodes)
     assert "gated layers: 9" in stdout
 
 
