@@ -551,38 +551,52 @@ inline void CopyFloats(const float* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
-// Sparse second stage, fp32: a sampled dense-dense product (SDDMM). The gated-on elements
-// of the panel are listed row by row (per output channel, its gated-on columns); the
-// receptive fields of the panel's nr columns are gathered once into `fields` [nr, Lpad]. Per
-// chunk of K (fields chunk: nr x chunk floats, L1-resident) and per output row, the row's
-// weight chunk is loaded into registers once and every gated-on column of that row streams
-// past it (isa.sddmm_chunk): one weight load per row and chunk instead of per element.
+// The receptive fields of `ncols` consecutive columns from q0 (one panel of nr columns at a
+// time) into fields [RoundUp(ncols, nr), Lpad].
+template <class T>
+void SpanFields(const IsaKernels& isa, const ColumnSource<T>& src2, const std::vector<int>& chans,
+                const std::vector<int64_t>& off2, int64_t q0, int64_t ncols, int64_t K,
+                int64_t Lpad, T* fields) {
+  const int64_t nr = TileCols<T>(isa);
+  for (int64_t c0 = 0; c0 < ncols; c0 += nr)
+    PanelFields(isa, src2, chans, off2, q0 + c0, nr, std::min(nr, ncols - c0), K, Lpad,
+                Scratch<T, 0>(), fields + c0 * Lpad);
+}
+
+// Sparse second stage, fp32: a sampled dense-dense product (SDDMM) over a span of `ncols`
+// columns (gate and out are [M, ld]). The gated-on elements are listed row by row (per output
+// channel, its gated-on columns); the receptive fields of the span's columns are gathered
+// once into `fields` [ncols, Lpad]. Per chunk of K and per output row, the row's weight chunk
+// is loaded into registers once and every gated-on column of that row streams past it
+// (isa.sddmm_chunk): one weight load per row and chunk instead of per element. The span is
+// kSecondStagePanels panels wide: each (row, chunk) call has a fixed cost, which a wider
+// span shares among more gated-on columns.
 template <class T>
 void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
                            const ColumnSource<T>& src2, const std::vector<int64_t>& off2,
-                           int64_t q0, int64_t nv, const uint8_t* gate, float s2, float* out) {
-  const int64_t M = int64_t(plan.outputs.size()), nr = TileCols<T>(isa);
+                           int64_t q0, int64_t ncols, int64_t ld, const uint8_t* gate, float s2,
+                           float* out) {
+  const int64_t M = int64_t(plan.outputs.size());
   const WeightRows<T>& rows = plan.w2_rows;
   AlignedVec<int32_t>& cols_buf = Scratch<int32_t, 4>();  // gated-on columns, row by row
   AlignedVec<int32_t>& start_buf = Scratch<int32_t, 5>();  // row m: cols[start[m] .. start[m+1])
-  cols_buf.resize(size_t(M * nr + 1));
+  cols_buf.resize(size_t(M * ncols + 1));
   start_buf.resize(size_t(M + 1));
   int32_t* const cols = cols_buf.data();
   int32_t* const start = start_buf.data();
   int32_t pos = 0;
   for (int64_t m = 0; m < M; ++m) {
     start[m] = pos;
-    const uint8_t* gm = gate + m * nr;
-    for (int64_t t = 0; t < nv; ++t) {  // branch-free: gates are unpredictable
+    const uint8_t* gm = gate + m * ld;
+    for (int64_t t = 0; t < ncols; ++t) {  // branch-free: gates are unpredictable
       cols[pos] = int32_t(t);
       pos += gm[t];
     }
   }
   start[M] = pos;
   AlignedVec<float>& fields = Scratch<float, 2>();
-  fields.resize(size_t(nr * rows.Lpad));
-  PanelFields(isa, src2, plan.chans2, off2, q0, nr, nv, rows.K, rows.Lpad, Scratch<T, 0>(),
-              fields.data());
+  fields.resize(size_t(RoundUp(ncols, TileCols<T>(isa)) * rows.Lpad));
+  SpanFields(isa, src2, plan.chans2, off2, q0, ncols, rows.K, rows.Lpad, fields.data());
   AlignedVec<float>& partial = Scratch<float, 12>();  // per element, one vector of lane sums
   AlignedVec<float>& dots = Scratch<float, 13>();
   const int64_t chunks = rows.Lpad / rows.chunk;
@@ -601,7 +615,7 @@ void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
     }
   }
   for (int64_t m = 0; m < M; ++m) {
-    float* om = out + m * nr;
+    float* om = out + m * ld;
     for (int32_t e = start[m]; e < start[m + 1]; ++e) om[cols[e]] += s2 * dots[e];
   }
 }
@@ -612,23 +626,24 @@ void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
 template <class T>
 void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
                            const ColumnSource<T>& src2, const std::vector<int64_t>& off2,
-                           int64_t q0, int64_t nv, const uint8_t* gate, float s2, float* out) {
+                           int64_t q0, int64_t ncols, int64_t ld, const uint8_t* gate, float s2,
+                           float* out) {
   using Acc = typename AccOf<T>::type;
-  const int64_t M = int64_t(plan.outputs.size()), nr = TileCols<T>(isa);
-  int32_t counts[65] = {};  // prefix sums of the gated-on outputs per column
+  const int64_t M = int64_t(plan.outputs.size());
+  std::vector<int32_t> counts(size_t(ncols + 1), 0);  // prefix sums of gated-on outputs per column
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t t = 0; t < nv; ++t) counts[t + 1] += gate[m * nr + t];
-  for (int64_t t = 0; t < nv; ++t) counts[t + 1] += counts[t];
-  const int64_t on = counts[nv];
+    for (int64_t t = 0; t < ncols; ++t) counts[size_t(t + 1)] += gate[m * ld + t];
+  for (int64_t t = 0; t < ncols; ++t) counts[size_t(t + 1)] += counts[size_t(t)];
+  const int64_t on = counts[size_t(ncols)];
   AlignedVec<int32_t>& on_rows = Scratch<int32_t, 4>();
   AlignedVec<int32_t>& fill = Scratch<int32_t, 5>();
   on_rows.resize(size_t(on + 1));  // slot `on` absorbs the writes of gated-off elements
-  fill.assign(counts, counts + nv);
+  fill.assign(counts.begin(), counts.begin() + ncols);
   int32_t* const rows_p = on_rows.data();
   int32_t* const fill_p = fill.data();
   for (int64_t m = 0; m < M; ++m) {
-    const uint8_t* gm = gate + m * nr;
-    for (int64_t t = 0; t < nv; ++t) {  // branch-free: gates are unpredictable
+    const uint8_t* gm = gate + m * ld;
+    for (int64_t t = 0; t < ncols; ++t) {  // branch-free: gates are unpredictable
       const int32_t pos = gm[t] ? fill_p[t] : int32_t(on);
       rows_p[pos] = int32_t(m);
       fill_p[t] += gm[t];
@@ -636,12 +651,11 @@ void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
   }
   const WeightRows<T>& rows = plan.w2_rows;
   AlignedVec<T>& fields = Scratch<T, 2>();
-  fields.resize(size_t(nr * rows.Lpad));
-  PanelFields(isa, src2, plan.chans2, off2, q0, nr, nv, rows.K, rows.Lpad, Scratch<T, 0>(),
-              fields.data());
+  fields.resize(size_t(RoundUp(ncols, TileCols<T>(isa)) * rows.Lpad));
+  SpanFields(isa, src2, plan.chans2, off2, q0, ncols, rows.K, rows.Lpad, fields.data());
   const T* const fields_p = fields.data();
-  for (int64_t t = 0; t < nv; ++t) {
-    const int64_t begin = counts[t], end = counts[t + 1];
+  for (int64_t t = 0; t < ncols; ++t) {
+    const int64_t begin = counts[size_t(t)], end = counts[size_t(t + 1)];
     const T* field = fields_p + t * rows.Lpad;
     for (int64_t e = begin; e < end; e += 4) {
       const int n = int(std::min<int64_t>(4, end - e));
@@ -649,7 +663,7 @@ void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
       Acc dots[4];
       for (int i = 0; i < n; ++i) wrows[i] = rows.data.data() + rows_p[e + i] * rows.Lpad;
       DotRows(isa, field, wrows, n, rows.Lpad, dots);
-      for (int i = 0; i < n; ++i) out[rows_p[e + i] * nr + t] += s2 * float(dots[i]);
+      for (int i = 0; i < n; ++i) out[rows_p[e + i] * ld + t] += s2 * float(dots[i]);
     }
   }
 }
@@ -675,11 +689,23 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     thresholds.emplace_back();
     for (int o : plan.outputs) thresholds.back().push_back(threshold[o]);
   }
-  // One task per panel of nr columns (output pixels), start to finish for every plan (stage
-  // 1, gate, stage 2): a single parallel section per call, and the panel's data stays in
-  // cache. The panel's outputs are assembled in `out` [M, nr] (contiguous, so the gate and
-  // select loops vectorize) and copied to y once, run by run of consecutive pixels.
-  ParallelFor(ctx, size_t((src1.columns + nr - 1) / nr), [&](size_t jp) {
+  // One task per span of 1 or kSecondStagePanels panels of nr columns (output pixels), start to
+  // finish for every plan: stage 1 and the gate panel by panel, then stage 2 over the span
+  // (wider than a panel: its sparse form has a fixed cost per output row and K chunk), in a
+  // single parallel section per call, the span's data in cache. The span's outputs are
+  // assembled in `out` [M, NR] (contiguous rows, so the gate and select loops vectorize) and
+  // copied to y once, run by run of consecutive pixels.
+  const int64_t panels = (src1.columns + nr - 1) / nr;
+  const int64_t NR = (panels >= kWideSpanMinPanels ? kSecondStagePanels : 1) * nr;
+  ParallelFor(ctx, size_t((src1.columns + NR - 1) / NR), [&](size_t span) {
+    const int64_t q0 = int64_t(span) * NR, ncols = std::min<int64_t>(NR, src1.columns - q0);
+    int64_t pix[kSecondStagePanels * 64];
+    uint8_t valid[kSecondStagePanels * 64];  // column is an output pixel (indirect panels skip
+                                             // the padding columns)
+    for (int64_t t = 0; t < NR; ++t) {
+      pix[t] = t < ncols ? src1.Pixel(q0 + t) : -1;
+      valid[t] = pix[t] >= 0;
+    }
     for (size_t pi = 0; pi < plans.size(); ++pi) {
       const GatedStagePlan<T>& plan = plans[pi];
       const std::vector<int64_t>& off1 = offs1[pi];
@@ -687,73 +713,82 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       const std::vector<float>& row_threshold = thresholds[pi];
       const int64_t M = int64_t(plan.outputs.size());
       if (M == 0) continue;
-      const int64_t q0 = int64_t(jp) * nr, nv = std::min<int64_t>(nr, src1.columns - q0);
-      int64_t pix[64];
-      uint8_t valid[64];  // column is an output pixel (indirect panels skip the padding columns)
-      for (int64_t t = 0; t < nr; ++t) {
-        pix[t] = t < nv ? src1.Pixel(q0 + t) : -1;
-        valid[t] = pix[t] >= 0;
-      }
       AlignedVec<Acc>& tile = Scratch<Acc, 1>();
       tile.resize(size_t(RoundUp(M, mr) * nr));
-      PanelProduct(isa, plan.w1, src1, plan.chans1, off1, q0, Scratch<T, 0>(), tile.data(), nr);
       AlignedVec<float>& out_buf = Scratch<float, 14>();
-      out_buf.resize(size_t(M * nr));
-      AlignedVec<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * nr + t]
-      gate_buf.resize(size_t(M * nr));
+      out_buf.resize(size_t(M * NR));
+      AlignedVec<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * NR + t]
+      gate_buf.resize(size_t(M * NR));
+      AlignedVec<float>& panel_out = Scratch<float, 29>();  // one panel's [M, nr]
+      AlignedVec<uint8_t>& panel_gate = Scratch<uint8_t, 30>();
+      panel_out.resize(size_t(M * nr));
+      panel_gate.resize(size_t(M * nr));
       // Raw pointers: thread_local vectors behind byte stores (which may alias anything) would
       // otherwise be re-fetched through __tls_get_addr inside the loops.
       uint8_t* const gate = gate_buf.data();
       float* const out = out_buf.data();
       const Acc* const acc1 = tile.data();
-      // Stage 1 and the gate over all nr columns, branch-free.
+      // Stage 1 and the gate, panel by panel, branch-free.
       int64_t on = 0;
-      if constexpr (std::is_same<Acc, float>::value) {
-        on = isa.gate_panel(acc1, M, s1, row_threshold.data(), valid, out, gate);
-      } else {
-        const float scale_1 = s1;  // a local copy: the lambda's captures are references
-        const int64_t n_cols = nr;
-        for (int64_t m = 0; m < M; ++m) {
-          const float t_m = row_threshold[m];
-          for (int64_t t = 0; t < n_cols; ++t) {
-            const float v = scale_1 * float(acc1[m * n_cols + t]);
-            out[m * n_cols + t] = v;
-            gate[m * n_cols + t] = uint8_t(v > t_m) & valid[t];
-            on += gate[m * n_cols + t];
+      for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
+        PanelProduct(isa, plan.w1, src1, plan.chans1, off1, q0 + c0, Scratch<T, 0>(), tile.data(),
+                     nr);
+        if constexpr (std::is_same<Acc, float>::value) {
+          on += isa.gate_panel(acc1, M, s1, row_threshold.data(), valid + c0, panel_out.data(),
+                               panel_gate.data());
+          for (int64_t m = 0; m < M; ++m) {
+            std::memcpy(out + m * NR + c0, panel_out.data() + m * nr, sizeof(float) * nr);
+            std::memcpy(gate + m * NR + c0, panel_gate.data() + m * nr, size_t(nr));
+          }
+        } else {
+          const float scale_1 = s1;  // a local copy: the lambda's captures are references
+          const int64_t n_cols = nr;
+          for (int64_t m = 0; m < M; ++m) {
+            const float t_m = row_threshold[m];
+            float* om = out + m * NR + c0;
+            uint8_t* gm = gate + m * NR + c0;
+            for (int64_t t = 0; t < n_cols; ++t) {
+              const float v = scale_1 * float(acc1[m * n_cols + t]);
+              om[t] = v;
+              gm[t] = uint8_t(v > t_m) & valid[c0 + t];
+              on += gm[t];
+            }
           }
         }
       }
       if (on > 0 && !plan.chans2.empty()) {
         const double dense_above = std::is_same<T, float>::value ? kDenseSecondStageFraction
                                                                  : kDenseSecondStageFractionInt16;
-        if (double(on) > dense_above * double(M * nv)) {
-          // Most gates on: the whole panel's second stage as a GEMM, then select.
-          PanelProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0,
-                       Scratch<T, 0>(), tile.data(), nr);
-          for (int64_t m = 0; m < M; ++m) {
-            float* om = out + m * nr;
-            const Acc* am = acc1 + m * nr;
-            const uint8_t* gm = gate + m * nr;
-            // A select, not a branch: the gates are unpredictable (a mispredicted branch per
-            // element cost more than the whole second-stage GEMM at 50% gated on).
-            for (int64_t t = 0; t < nr; ++t) om[t] += gm[t] ? s2 * float(am[t]) : 0.f;
+        if (double(on) > dense_above * double(M * ncols)) {
+          // Most gates on: each panel's second stage as a GEMM, then select.
+          for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
+            PanelProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0 + c0,
+                         Scratch<T, 0>(), tile.data(), nr);
+            for (int64_t m = 0; m < M; ++m) {
+              float* om = out + m * NR + c0;
+              const Acc* am = acc1 + m * nr;
+              const uint8_t* gm = gate + m * NR + c0;
+              // A select, not a branch: the gates are unpredictable (a mispredicted branch per
+              // element cost more than the whole second-stage GEMM at 50% gated on).
+              for (int64_t t = 0; t < nr; ++t) om[t] += gm[t] ? s2 * float(am[t]) : 0.f;
+            }
           }
         } else if constexpr (std::is_same<T, float>::value) {
-          SparseSecondStageRows(isa, plan, src2, off2, q0, nv, gate, s2, out);
+          SparseSecondStageRows(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
         } else {
-          SparseSecondStageDots(isa, plan, src2, off2, q0, nv, gate, s2, out);
+          SparseSecondStageDots(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
         }
       }
       // Copy out to y, run by run of consecutive output pixels.
-      for (int64_t t0 = 0; t0 < nv;) {
+      for (int64_t t0 = 0; t0 < ncols;) {
         if (pix[t0] < 0) {
           ++t0;
           continue;
         }
         int64_t len = 1;
-        while (t0 + len < nv && pix[t0 + len] == pix[t0] + len) ++len;
+        while (t0 + len < ncols && pix[t0 + len] == pix[t0] + len) ++len;
         for (int64_t m = 0; m < M; ++m)
-          CopyFloats(out + m * nr + t0, y + int64_t(plan.outputs[m]) * Np + pix[t0], len);
+          CopyFloats(out + m * NR + t0, y + int64_t(plan.outputs[m]) * Np + pix[t0], len);
         t0 += len;
       }
     }

@@ -10,13 +10,14 @@
 //   Y   += gate * scale2 * (W2 * X2)  only where gate is on
 //                                  (CG's remaining channels, PG's LSB activations)
 //
-// Work is split by column panels of output pixels (the GEMM's nr columns); one parallel
-// section per sample covers every plan (output group) of the layer. Per panel, the second
-// stage is a sampled dense-dense product (fp32): the panel's receptive fields are gathered
-// once ([nr, K] rows), each output row's weights are held in registers a K-chunk at a time,
-// and that row's gated-on pixels stream past them (isa.sddmm_chunk). int16 (PG) computes one
-// dot product per gated-on element instead. Above kDenseSecondStageFraction of the panel's
-// elements on, a dense panel GEMM + select is cheaper and is used instead.
+// Work is split by spans of one or a few column panels of output pixels (the GEMM's nr
+// columns); one parallel section per sample covers every plan (output group) of the layer.
+// Per span, the second stage is a sampled dense-dense product (fp32): the span's receptive
+// fields are gathered once ([columns, K] rows), each output row's weights are held in
+// registers a K-chunk at a time, and that row's gated-on pixels stream past them
+// (isa.sddmm_chunk). int16 (PG) computes one dot product per gated-on element instead. Above
+// kDenseSecondStageFraction of the span's elements on, a dense panel GEMM + select is cheaper
+// and is used instead.
 //
 // Errors: validation throws OpError; each op's Compute catches it (and std::bad_alloc) and
 // returns an ONNX Runtime error status, so a bad model never takes the process down.
@@ -82,6 +83,16 @@ template <class T> using UninitAlignedVec = std::vector<T, UninitAlignedAllocato
 // Measured with tools/bench_gated_ops.py (128 ch, 28x28, 3x3, p=4, 2 threads).
 constexpr double kDenseSecondStageFraction = 0.50;
 constexpr double kDenseSecondStageFractionInt16 = 0.10;
+
+// The second stage runs over spans of this many panels (of TileCols columns) when the layer
+// has at least kWideSpanMinPanels panels: its sparse form has a fixed cost per output row and
+// K chunk (the row's weight chunk loaded into registers), shared among the row's gated-on
+// columns of the span. Measured (tools/bench_gated_ops.py --ops cg, 128 ch 28x28, p = 4): 2
+// panels 1.20x / 1.01x / 0.91x dense at 10 / 20 / 30% on, against 1.05x / 0.94x / 0.85x
+// with 1; 4 panels lost at 30% and above (the span's fields no longer fit L1). Small layers
+// keep 1-panel tasks: fewer, wider tasks left one of the two threads idle (ResNet-20 CG).
+constexpr int kSecondStagePanels = 2;
+constexpr int64_t kWideSpanMinPanels = 24;
 
 struct ConvAttrs {
   std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
@@ -237,7 +248,7 @@ void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostE
 
 // Scratch buffers that live as long as the calling thread: re-used across runs so that the
 // large buffers are not page-faulted in again on every call. `Slot` separates uses; a slot
-// must not be shared by two buffers alive at once (in use: 0-2, 4-8, 12-14 conv_common.cc;
+// must not be shared by two buffers alive at once (in use: 0-2, 4-8, 12-14, 29-30 conv_common.cc;
 // 10-11, 15, 21-22 pg_conv.cc; 16-17 subset_conv.cc; 23-28 pg_amx.cc).
 template <class T, int Slot>
 AlignedVec<T>& Scratch() {
