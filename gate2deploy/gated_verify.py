@@ -137,12 +137,13 @@ def _fused_epilogue(compiled: onnx.ModelProto, captured_node) -> _Epilogue | Non
     activation = activation.decode() if isinstance(activation, bytes) else activation
     if len(twin.input) <= plain and not activation:
         return None
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in compiled.graph.initializer}
     scale = shift = None
     if len(twin.input) > plain:
-        if twin.input[plain] not in inits or twin.input[plain + 1] not in inits:
+        names = twin.input[plain:plain + 2]
+        found = {t.name: t for t in compiled.graph.initializer if t.name in names}
+        if len(found) != 2:
             return None
-        scale, shift = inits[twin.input[plain]], inits[twin.input[plain + 1]]
+        scale, shift = (onnx.numpy_helper.to_array(found[name]) for name in names)
     return _Epilogue(twin.output[0], scale, shift, activation)
 
 

@@ -48,8 +48,7 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
                                   const Ort::Custom::Tensor<float>& W,
                                   const Ort::Custom::Tensor<float>& base_mask,
                                   const Ort::Custom::Tensor<float>& threshold,
-                                  std::optional<const Ort::Custom::Tensor<float>*> post_scale,
-                                  std::optional<const Ort::Custom::Tensor<float>*> post_shift,
+                                  OptionalTensor post_scale, OptionalTensor post_shift,
                                   Ort::Custom::Tensor<float>& Y) {
   return Guarded("CGConv", [&] {
     if (!attr_error_.empty()) throw OpError("CGConv: " + attr_error_);
@@ -57,10 +56,7 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     const ConvGeom g = MakeGeom("CGConv", X.Shape(), W.Shape(), attrs_);
     ExpectShape("CGConv", "base_mask", base_mask.Shape(), {g.O, g.C});
     ExpectShape("CGConv", "threshold", threshold.Shape(), {g.O});
-    const PostEpilogue post = MakePostEpilogue(
-        "CGConv", post_scale ? (*post_scale)->Data() : nullptr,
-        post_scale ? &(*post_scale)->Shape() : nullptr, post_shift ? (*post_shift)->Data() : nullptr,
-        post_shift ? &(*post_shift)->Shape() : nullptr, g.O, relu_);
+    const PostEpilogue post = MakePostEpilogue("CGConv", post_scale, post_shift, g.O, relu_);
     const float* mask = base_mask.Data();
     for (int64_t i = 0; i < g.O * g.C; ++i)
       if (mask[i] != 0.f && mask[i] != 1.f)

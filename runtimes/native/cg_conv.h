@@ -4,7 +4,6 @@
 
 #include <memory>
 #include <mutex>
-#include <optional>
 
 namespace g2d {
 struct CGConvKernel {
@@ -13,8 +12,7 @@ struct CGConvKernel {
                       const Ort::Custom::Tensor<float>& W,
                       const Ort::Custom::Tensor<float>& base_mask,
                       const Ort::Custom::Tensor<float>& threshold,
-                      std::optional<const Ort::Custom::Tensor<float>*> post_scale,
-                      std::optional<const Ort::Custom::Tensor<float>*> post_shift,
+                      OptionalTensor post_scale, OptionalTensor post_shift,
                       Ort::Custom::Tensor<float>& Y);
   ConvAttrs attrs_;
   std::string attr_error_;

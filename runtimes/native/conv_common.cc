@@ -178,19 +178,20 @@ bool ReadReluAttr(const OrtKernelInfo* info, std::string* error) {
   return activation == "Relu";
 }
 
-PostEpilogue MakePostEpilogue(const char* op, const float* scale,
-                              const std::vector<int64_t>* scale_shape, const float* shift,
-                              const std::vector<int64_t>* shift_shape, int64_t O, bool relu) {
+PostEpilogue MakePostEpilogue(const char* op, const OptionalTensor& post_scale,
+                              const OptionalTensor& post_shift, int64_t O, bool relu) {
+  const Ort::Custom::Tensor<float>* scale = OptionalInput(post_scale);
+  const Ort::Custom::Tensor<float>* shift = OptionalInput(post_shift);
   if ((scale == nullptr) != (shift == nullptr))
     throw OpError(std::string(op) + ": post_scale and post_shift must be given together");
-  if (scale) {
-    ExpectShape(op, "post_scale", *scale_shape, {O});
-    ExpectShape(op, "post_shift", *shift_shape, {O});
-  }
   PostEpilogue post;
-  post.scale = scale;
-  post.shift = shift;
   post.relu = relu;
+  if (scale) {
+    ExpectShape(op, "post_scale", scale->Shape(), {O});
+    ExpectShape(op, "post_shift", shift->Shape(), {O});
+    post.scale = scale->Data();
+    post.shift = shift->Data();
+  }
   return post;
 }
 
@@ -630,15 +631,17 @@ void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
                            float* out) {
   using Acc = typename AccOf<T>::type;
   const int64_t M = int64_t(plan.outputs.size());
-  std::vector<int32_t> counts(size_t(ncols + 1), 0);  // prefix sums of gated-on outputs per column
+  // Prefix sums of the gated-on outputs per column (a span has at most kSecondStagePanels
+  // panels of at most 64 columns).
+  int32_t counts[kSecondStagePanels * 64 + 1] = {};
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t t = 0; t < ncols; ++t) counts[size_t(t + 1)] += gate[m * ld + t];
-  for (int64_t t = 0; t < ncols; ++t) counts[size_t(t + 1)] += counts[size_t(t)];
-  const int64_t on = counts[size_t(ncols)];
+    for (int64_t t = 0; t < ncols; ++t) counts[t + 1] += gate[m * ld + t];
+  for (int64_t t = 0; t < ncols; ++t) counts[t + 1] += counts[t];
+  const int64_t on = counts[ncols];
   AlignedVec<int32_t>& on_rows = Scratch<int32_t, 4>();
   AlignedVec<int32_t>& fill = Scratch<int32_t, 5>();
   on_rows.resize(size_t(on + 1));  // slot `on` absorbs the writes of gated-off elements
-  fill.assign(counts.begin(), counts.begin() + ncols);
+  fill.assign(counts, counts + ncols);
   int32_t* const rows_p = on_rows.data();
   int32_t* const fill_p = fill.data();
   for (int64_t m = 0; m < M; ++m) {
@@ -655,7 +658,7 @@ void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
   SpanFields(isa, src2, plan.chans2, off2, q0, ncols, rows.K, rows.Lpad, fields.data());
   const T* const fields_p = fields.data();
   for (int64_t t = 0; t < ncols; ++t) {
-    const int64_t begin = counts[size_t(t)], end = counts[size_t(t + 1)];
+    const int64_t begin = counts[t], end = counts[t + 1];
     const T* field = fields_p + t * rows.Lpad;
     for (int64_t e = begin; e < end; e += 4) {
       const int n = int(std::min<int64_t>(4, end - e));

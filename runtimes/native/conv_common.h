@@ -25,11 +25,13 @@
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
+#include <onnxruntime_lite_custom_op.h>
 #undef ORT_API_MANUAL_INIT
 
 #include <cstdint>
 #include <functional>
 #include <new>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -239,10 +241,15 @@ struct PostEpilogue {
 };
 // Reads the "activation" attribute ("Relu" or absent); a bad value goes to *error.
 bool ReadReluAttr(const OrtKernelInfo* info, std::string* error);
+// An optional input of a lite custom op, as ONNX Runtime passes it; OptionalInput gives its
+// tensor, or null when the node leaves the input out.
+using OptionalTensor = std::optional<const Ort::Custom::Tensor<float>*>;
+inline const Ort::Custom::Tensor<float>* OptionalInput(const OptionalTensor& t) {
+  return t.has_value() ? *t : nullptr;
+}
 // Validates the optional post_scale / post_shift inputs ([O] each, both or neither).
-PostEpilogue MakePostEpilogue(const char* op, const float* scale,
-                              const std::vector<int64_t>* scale_shape, const float* shift,
-                              const std::vector<int64_t>* shift_shape, int64_t O, bool relu);
+PostEpilogue MakePostEpilogue(const char* op, const OptionalTensor& post_scale,
+                              const OptionalTensor& post_shift, int64_t O, bool relu);
 void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostEpilogue& post,
                        float* y, int64_t N, int64_t O, int64_t P);
 

@@ -151,7 +151,8 @@ G2D_AMX_TARGET void FillGroup(const IsaKernels& isa, const float* x, const PGSpl
   AlignedVec<float>& counts = Scratch<float, 28>();  // [channel i][MSB, LSB][chunk]
   counts.resize(size_t(8 * chunk));
   for (int i = 0; i < 4; ++i)  // channels past C read as zeros
-    if (4 * c4 + i >= g.C) std::fill(counts.begin() + 2 * i * chunk, counts.begin() + (2 * i + 2) * chunk, 0.f);
+    if (4 * c4 + i >= g.C)
+      std::fill(counts.begin() + 2 * i * chunk, counts.begin() + (2 * i + 2) * chunk, 0.f);
   const float* hb[4];
   const float* lb[4];
   for (int i = 0; i < 4; ++i) {
@@ -211,7 +212,7 @@ struct BlockJob {
   const int32_t* out_index;   // per position tile: 16 output pixel indices
   const uint16_t* out_valid;  // per position tile: lanes that are real output pixels
   const TileRuns* out_runs;   // per position tile
-  int64_t kk, chunk_bytes, plane_bytes, ntiles, P;
+  int64_t kk, chunk_bytes, plane_bytes, P;
   float scale1, scale2;
   const float* thr;
   float* y;
@@ -289,7 +290,7 @@ G2D_AMX_TARGET void RunBlocks(const BlockJob& j, int64_t ot0, int64_t b0, int64_
     bool any_on = false;
     for (int p = 0; p < 2; ++p) {
       const int64_t tile = q0 / 16 + p;
-      const __mmask16 valid = tile < j.ntiles ? j.out_valid[tile] : 0;
+      const __mmask16 valid = j.out_valid[tile];
       for (int n = 0; n < NB; ++n)
         for (int r = 0; r < 16; ++r) {
           const int64_t o = (ot0 + n) * 16 + r;
@@ -306,8 +307,8 @@ G2D_AMX_TARGET void RunBlocks(const BlockJob& j, int64_t ot0, int64_t b0, int64_
     // y = v + [gate] * (scale2 * acc2), written to the real output pixels.
     for (int p = 0; p < 2; ++p) {
       const int64_t tile = q0 / 16 + p;
-      if (tile >= j.ntiles || !j.out_valid[tile]) continue;
       const __mmask16 valid = j.out_valid[tile];
+      if (!valid) continue;
       const __m512i index = _mm512_loadu_si512(j.out_index + tile * 16);
       const TileRuns& runs = j.out_runs[tile];
       for (int n = 0; n < NB; ++n)
@@ -401,7 +402,7 @@ void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, c
   const ActLayout L = MakeLayout(w, g, &tap_off);
 
   // Both stages' activations, zero-padded. The scratch buffers are shared with layers of
-  // other shapes, so the zeros are written on every call: with stride 1, FillGroup zeroes
+  // other shapes, so the zeros are written on every call (once for all samples): with stride 1, FillGroup zeroes
   // the padding positions of the groups it writes, and only the unused groups are cleared
   // here; strided layouts are cleared whole.
   AlignedVec<int8_t>& act1 = Scratch<int8_t, 23>();
@@ -413,11 +414,6 @@ void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, c
     const int64_t from = stride1 ? used_groups * L.PlaneBytes() : 0;
     std::memset(a->data() + from, 0, size_t(L.Bytes() - from));
   }
-  const IsaKernels& isa = BestKernels();
-  ParallelFor(ParallelIfLarge(ctx, 4 * g.C * g.H * g.W), size_t(c4s), [&](size_t c4) {
-    FillGroup(isa, x, split, w, g, L, int64_t(c4), act1.data(), act2.data());
-  });
-
   // Output pixel of each position (padding columns and the tail are not output pixels).
   const int64_t ntiles = L.blocks * kBlockPositions / 16;
   AlignedVec<int32_t>& out_index = Scratch<int32_t, 25>();
@@ -453,33 +449,40 @@ void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, c
     }
   }
 
-  BlockJob job{&w,
-               act1.data(),
-               act2.data(),
-               tap_off.data(),
-               out_index.data(),
-               out_valid.data(),
-               out_runs.data(),
-               g.kk(),
-               (w.Kc / 4) * L.PlaneBytes(),
-               L.PlaneBytes(),
-               ntiles,
-               g.P(),
-               scale1,
-               scale2,
-               threshold,
-               y};
+  const IsaKernels& isa = BestKernels();
   const int64_t pairs = (w.otiles + 1) / 2;
   const int64_t chunks = (L.blocks + kBlocksPerTask - 1) / kBlocksPerTask;
   const int64_t tile_products = pairs * L.blocks * g.kk() * w.nk * 4;
-  ParallelFor(tile_products >= kParallelTileProducts ? ctx : nullptr, size_t(pairs * chunks),
-              [&](size_t i) {
-                const int64_t pair = int64_t(i) / chunks, chunk = int64_t(i) % chunks;
-                const int64_t ot0 = 2 * pair, b0 = chunk * kBlocksPerTask;
-                RunTask(job, ot0, ot0 + 1 < w.otiles ? 2 : 1, b0,
-                        std::min(L.blocks, b0 + kBlocksPerTask));
-              });
-  amx_runs.fetch_add(1, std::memory_order_relaxed);
+  for (int64_t n = 0; n < g.N; ++n) {
+    // Every sample writes the same positions of the buffers: the zeros above stay.
+    const float* xn = x + n * g.C * g.H * g.W;
+    ParallelFor(ParallelIfLarge(ctx, 4 * g.C * g.H * g.W), size_t(c4s), [&](size_t c4) {
+      FillGroup(isa, xn, split, w, g, L, int64_t(c4), act1.data(), act2.data());
+    });
+    const BlockJob job{&w,
+                       act1.data(),
+                       act2.data(),
+                       tap_off.data(),
+                       out_index.data(),
+                       out_valid.data(),
+                       out_runs.data(),
+                       g.kk(),
+                       (w.Kc / 4) * L.PlaneBytes(),
+                       L.PlaneBytes(),
+                       g.P(),
+                       scale1,
+                       scale2,
+                       threshold,
+                       y + n * g.O * g.P()};
+    ParallelFor(tile_products >= kParallelTileProducts ? ctx : nullptr, size_t(pairs * chunks),
+                [&](size_t i) {
+                  const int64_t pair = int64_t(i) / chunks, chunk = int64_t(i) % chunks;
+                  const int64_t ot0 = 2 * pair, b0 = chunk * kBlocksPerTask;
+                  RunTask(job, ot0, ot0 + 1 < w.otiles ? 2 : 1, b0,
+                          std::min(L.blocks, b0 + kBlocksPerTask));
+                });
+    amx_runs.fetch_add(1, std::memory_order_relaxed);
+  }
 #else
   throw OpError("PGConv: AMX path called on a build without AMX support");
 #endif

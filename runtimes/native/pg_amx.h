@@ -65,9 +65,10 @@ struct PGSplit {
   int shift;
 };
 
-// Both stages of one sample x [C, H, W] (split into MSB and LSB counts as it is read; each
-// count must satisfy |count| <= w.MaxActivation()); writes y[O, OH, OW]:
+// Both stages of every sample of x [N, C, H, W] (split into MSB and LSB counts as it is read;
+// each count must satisfy |count| <= w.MaxActivation()); writes y [N, O, OH, OW]:
 //   v = scale1 * acc1;  y = v + [v > threshold[o]] * (scale2 * acc2).
+// The layout and the output tables are built once per call, for all samples.
 void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, const float* x,
               const PGSplit& split, float scale1, float scale2, const float* threshold,
               float* y);

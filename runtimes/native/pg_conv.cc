@@ -141,17 +141,13 @@ PGConvKernel::PGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
 Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
                                   const Ort::Custom::Tensor<float>& W,
                                   const Ort::Custom::Tensor<float>& threshold,
-                                  std::optional<const Ort::Custom::Tensor<float>*> post_scale,
-                                  std::optional<const Ort::Custom::Tensor<float>*> post_shift,
+                                  OptionalTensor post_scale, OptionalTensor post_shift,
                                   Ort::Custom::Tensor<float>& Y) {
   return Guarded("PGConv", [&] {
     if (!attr_error_.empty()) throw OpError("PGConv: " + attr_error_);
     const ConvGeom g = MakeGeom("PGConv", X.Shape(), W.Shape(), attrs_);
     ExpectShape("PGConv", "threshold", threshold.Shape(), {g.O});
-    const PostEpilogue post = MakePostEpilogue(
-        "PGConv", post_scale ? (*post_scale)->Data() : nullptr,
-        post_scale ? &(*post_scale)->Shape() : nullptr, post_shift ? (*post_shift)->Data() : nullptr,
-        post_shift ? &(*post_shift)->Shape() : nullptr, g.O, relu_);
+    const PostEpilogue post = MakePostEpilogue("PGConv", post_scale, post_shift, g.O, relu_);
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const IsaKernels& isa = BestKernels();
     RunStages(ctx, isa, g, X.Data(), W.Data(), threshold.Data(), y);
@@ -186,15 +182,16 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
   // int16 operands and exact int32 sums: B <= 8 keeps |q| <= 255; bound the sum.
   int_path = int_path && B <= 8 && double(g.Cw) * g.kk() * 255.0 * 255.0 < 2147483647.0;
 
-
   // Integer paths: stage sums times one activation step times one weight step (the MSB
   // plane counts in units of 2^shift steps).
   const float unit = s / levels * w_step;
   const float scale1 = unit * float(int64_t(1) << shift), scale2 = unit;
 
+  // Largest |MSB count| and |LSB count| of the split activations.
+  const int64_t msb_max = (int64_t(1) << Bh) - 1, lsb_max = (int64_t(1) << shift) - 1;
+
   // Integer stages on AMX int8 tiles (pg_amx.h): exact int32 sums, so the same result. It
   // splits X itself (isa.pg_split, row by row, straight into its int8 layout).
-  const int64_t msb_count_max = (int64_t(1) << Bh) - 1, lsb_count_max = (int64_t(1) << shift) - 1;
   if (int_path && g.group == 1 && AmxAvailable()) {
     std::shared_ptr<const PGAmxWeights> amx_w;
     if (w_const_) {
@@ -204,11 +201,8 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
     } else {
       amx_w = PackPGAmxWeights(w_q->data(), g);
     }
-    if (amx_w && std::max(msb_count_max, lsb_count_max) <= amx_w->MaxActivation()) {
-      const PGSplit split{s, levels, int(shift)};
-      for (int64_t n = 0; n < g.N; ++n)
-        RunPGAmx(ctx, *amx_w, g, x + n * g.C * g.H * g.W, split, scale1, scale2,
-                 thr_data, y + n * g.O * g.P());
+    if (amx_w && std::max(msb_max, lsb_max) <= amx_w->MaxActivation()) {
+      RunPGAmx(ctx, *amx_w, g, x, PGSplit{s, levels, int(shift)}, scale1, scale2, thr_data, y);
       return;
     }
   }
@@ -236,9 +230,9 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
   // order, so this equals the int16 path bit for bit, at MLAS's speed. Both stages are
   // dense convs (stage 2 only when some gate is on) and the gate selects per element.
   const double kk_c = double(g.Cw) * double(g.kk());
-  const double msb_max = double((int64_t(1) << Bh) - 1), lsb_max = double((int64_t(1) << shift) - 1);
   const double w_max = double((int64_t(1) << 8) - 1);
-  if (int_path && g.group == 1 && kk_c * std::max(msb_max, lsb_max) * w_max < 16777216.0 &&
+  if (int_path && g.group == 1 &&
+      kk_c * double(std::max(msb_max, lsb_max)) * w_max < 16777216.0 &&
       conv_->Delegates(ctx, g.O, g.C)) {
     std::vector<float> w_qf_local;
     const float* wq = w_qf_.data();

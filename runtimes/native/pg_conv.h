@@ -6,7 +6,6 @@
 
 #include <memory>
 #include <mutex>
-#include <optional>
 
 namespace g2d {
 struct PGConvKernel {
@@ -14,8 +13,7 @@ struct PGConvKernel {
   Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
                       const Ort::Custom::Tensor<float>& W,
                       const Ort::Custom::Tensor<float>& threshold,
-                      std::optional<const Ort::Custom::Tensor<float>*> post_scale,
-                      std::optional<const Ort::Custom::Tensor<float>*> post_shift,
+                      OptionalTensor post_scale, OptionalTensor post_shift,
                       Ort::Custom::Tensor<float>& Y);
   // Both stages into y (every sample), on the first path that applies.
   void RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g, const float* x,

@@ -11,10 +11,7 @@ namespace g2d {
 
 SparseInputConvKernel::SparseInputConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   attrs_ = ReadConvAttrs(info, &attr_error_);
-  const std::string activation = ReadStringAttr(info, "activation", "");
-  relu_ = activation == "Relu";
-  if (attr_error_.empty() && !activation.empty() && !relu_)
-    attr_error_ = "attribute activation must be \"Relu\" or absent, got \"" + activation + "\"";
+  relu_ = ReadReluAttr(info, &attr_error_);
   conv_ = std::make_unique<SubsetConv>(info, attrs_, InputIsConstant(info, 1));
 }
 
@@ -22,17 +19,16 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
                                            const Ort::Custom::Tensor<float>& X,
                                            const Ort::Custom::Tensor<float>& W,
                                            const Ort::Custom::Tensor<float>& B,
-                                           std::optional<const Ort::Custom::Tensor<float>*> R,
-                                           Ort::Custom::Tensor<float>& Y) {
+                                           OptionalTensor R, Ort::Custom::Tensor<float>& Y) {
   return Guarded("SparseInputConv", [&] {
     if (!attr_error_.empty()) throw OpError("SparseInputConv: " + attr_error_);
     if (attrs_.group != 1) throw OpError("SparseInputConv: group must be 1 (W is [O, C, kh, kw])");
     const ConvGeom g = MakeGeom("SparseInputConv", X.Shape(), W.Shape(), attrs_);
     ExpectShape("SparseInputConv", "B", B.Shape(), {g.O});
     const float* residual = nullptr;
-    if (R.has_value() && *R != nullptr) {
-      ExpectShape("SparseInputConv", "R", (*R)->Shape(), {g.N, g.O, g.OH, g.OW});
-      residual = (*R)->Data();
+    if (const Ort::Custom::Tensor<float>* r = OptionalInput(R)) {
+      ExpectShape("SparseInputConv", "R", r->Shape(), {g.N, g.O, g.OH, g.OW});
+      residual = r->Data();
     }
     const IsaKernels& isa = BestKernels();
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});

@@ -3,15 +3,13 @@
 #include <onnxruntime_lite_custom_op.h>
 
 #include <memory>
-#include <optional>
 
 namespace g2d {
 struct SparseInputConvKernel {
   SparseInputConvKernel(const OrtApi* api, const OrtKernelInfo* info);
   Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
                       const Ort::Custom::Tensor<float>& W, const Ort::Custom::Tensor<float>& B,
-                      std::optional<const Ort::Custom::Tensor<float>*> R,
-                      Ort::Custom::Tensor<float>& Y);
+                      OptionalTensor R, Ort::Custom::Tensor<float>& Y);
   ConvAttrs attrs_;
   std::string attr_error_;
   bool relu_ = false;  // attribute activation = "Relu"
