@@ -1,7 +1,25 @@
-"""Latency measurement for comparisons made in one run: sessions are timed interleaved
-(round-robin, so machine noise hits all of them alike) with ONNX Runtime's worker spinning
-off (a spinning pool would steal the cores from the next session's run), and medians (and
-minima, the least disturbed runs) are reported."""
+"""Latency measurement for comparisons made in one run (dense vs folded, dense vs gated).
+
+How: the sessions are timed in alternating blocks (A x block, B x block, A x block, ...),
+each block opened by `settle_s` seconds of untimed runs, under ONNX Runtime's default
+threading (intra-op workers spin between ops, as in a deployment). Medians and minima over
+all timed runs are reported; the machine's noise falls on every session alike because the
+blocks alternate throughout the run.
+
+Why blocks with a settling time, not round-robin single runs (this project's earlier method):
+- A session's spinning workers keep spinning for ~25 ms after its last run (measured on this
+  project's 2-vCPU machine: the first ten 1.7 ms runs of MobileNetV2 after a block of another
+  session took up to 4x longer). Run right after another session, a run competes with those
+  spinners for the two cores. The settling runs absorb that.
+- A deployment runs one model back to back, its weights warm in the caches. Round-robin
+  evicts the smaller model's weights with the larger one's and charges the smaller model for
+  it (folded ResNet-18: 3.84 ms round-robin, 3.46 ms in blocks, same session).
+- Turning spinning off in every session (`spinning=False`) also keeps sessions from starving
+  each other, but then every op's parallel section wakes a sleeping worker; that penalises
+  models of many small ops, which folded models are (MobileNetV2 folded: 2.67 ms without
+  spinning, 1.69 ms with). It is kept as an option, as the figure for hosts that run with
+  spinning off.
+"""
 from __future__ import annotations
 
 import statistics
@@ -11,26 +29,34 @@ import numpy as np
 import onnx
 
 
-def interleaved_latencies_ms(models: dict[str, onnx.ModelProto], input_shape, repeats: int = 30,
-                             warmup: int = 5, threads: int = 2) -> tuple[dict[str, float], dict[str, float]]:
-    """(median, minimum) latency in ms per model, sessions timed round-robin in one run."""
+def time_sessions(sessions: dict, feeds: dict[str, list[dict]], rounds: int = 6, block: int = 10,
+                  settle_s: float = 0.1) -> dict[str, list[float]]:
+    """Timed run durations in ms per session, `rounds` x `block` runs each, in alternating
+    blocks. `feeds[name]` is a list of feed dicts cycled through from run to run (one entry
+    repeats the same input)."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            inputs = feeds[name]
+            start = time.perf_counter()
+            runs = 0
+            while runs < 2 or time.perf_counter() - start < settle_s:
+                session.run(None, inputs[runs % len(inputs)])
+                runs += 1
+            for i in range(block):
+                t0 = time.perf_counter()
+                session.run(None, inputs[i % len(inputs)])
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def latencies_ms(models: dict[str, onnx.ModelProto], input_shape, rounds: int = 6, block: int = 10,
+                 threads: int = 2, spinning: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+    """(median, minimum) latency in ms per model on one random normal input."""
     from .verify import make_session
 
-    sessions = {name: make_session(m, threads=threads, spinning=False) for name, m in models.items()}
+    sessions = {name: make_session(m, threads=threads, spinning=spinning) for name, m in models.items()}
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-    feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
-    for _ in range(warmup):
-        for name, s in sessions.items():
-            s.run(None, feeds[name])
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(repeats):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds[name])
-            times[name].append((time.perf_counter() - start) * 1e3)
+    feeds = {name: [{s.get_inputs()[0].name: x}] for name, s in sessions.items()}
+    times = time_sessions(sessions, feeds, rounds, block)
     return ({n: statistics.median(t) for n, t in times.items()}, {n: min(t) for n, t in times.items()})
-
-
-def median_latencies_ms(models: dict[str, onnx.ModelProto], input_shape, repeats: int = 30,
-                        warmup: int = 5, threads: int = 2) -> dict[str, float]:
-    return interleaved_latencies_ms(models, input_shape, repeats, warmup, threads)[0]

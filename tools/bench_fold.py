@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the compiler core (issue 2): export the issue's scenarios through the real
-CLI, then time dense vs folded in ONNX Runtime CPU in one interleaved run (medians).
+CLI, then time dense vs folded in ONNX Runtime CPU in one run, in alternating blocks (medians;
+gate2deploy/benchmark.py says why).
 
 Scenarios: a Gator-gated torchvision ResNet-50 (37 random gates keeping ~50%), and
 network-slimmed CIFAR VGG-16 and ResNet-20 (Mayo's rule, density 0.5). Prints per model:
@@ -22,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from gate2deploy.benchmark import median_latencies_ms  # noqa: E402
+from gate2deploy.benchmark import latencies_ms  # noqa: E402
 from gate2deploy.capture import capture  # noqa: E402
 from gate2deploy.cli import main as cli  # noqa: E402
 from gate2deploy.importers.gator import make_gator_checkpoint  # noqa: E402
@@ -45,7 +46,7 @@ def scenarios(tmp: Path):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=30, help="timed runs per model, in blocks of 10")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     rows = []
@@ -61,12 +62,12 @@ def main() -> int:
             r = json.loads(report.read_text())
             dims = tuple(int(v) for v in shape.split(","))
             dense = capture(build_model(spec).eval(), torch.randn(dims))
-            t = median_latencies_ms({"dense": dense, "folded": onnx.load(str(out))}, dims,
-                                    repeats=args.repeats, threads=args.threads)
+            t, _ = latencies_ms({"dense": dense, "folded": onnx.load(str(out))}, dims,
+                                rounds=max(1, args.repeats // 10), threads=args.threads)
             macs = r["macs_after"] / r["macs_before"]
             lat = t["folded"] / t["dense"]
             rows.append((name, macs, t["dense"], t["folded"], lat, lat / macs, r["compile_seconds"], r["max_rel_err"]))
-    print(f"\nONNX Runtime CPU, {args.threads} threads, batch 1, median of {args.repeats} interleaved runs")
+    print(f"\nONNX Runtime CPU, {args.threads} threads, batch 1, median of {max(1, args.repeats // 10) * 10} runs in alternating blocks of 10")
     print(f"{'model':18} {'MACs':>6} {'dense ms':>9} {'folded ms':>9} {'latency':>8} {'lat/MACs':>8} {'compile s':>9} {'rel err':>9}")
     for name, macs, td, tf, lat, q, cs, err in rows:
         print(f"{name:18} {macs:6.3f} {td:9.2f} {tf:9.2f} {lat:8.3f} {q:8.2f} {cs:9.2f} {err:9.2e}")

@@ -9,8 +9,9 @@ passes/choose_widths.py) and timed with ONNX Runtime against the dense (unmasked
 
 Columns: MACs kept (fold without padding / dense: what the masks leave), physical MACs
 (the timed folded model / dense, padding included), latency ratio (ORT CPU, 2 threads,
-batch 1, folded and dense sessions timed interleaved in one run, medians; the ratio of the
-fastest runs is printed too), the quotient
+batch 1, ORT's default threading, folded and dense sessions timed in alternating blocks in
+one run, medians; gate2deploy/benchmark.py says why blocks; the ratio of the fastest runs is
+printed too), the quotient
 latency ratio / physical MACs ratio (the issue's goal: <= 1.10) and latency ratio / MACs
 kept (stricter: padding counted as waste), compile time excluding verification (capture +
 passes), and the equality error (max |ORT(folded) - masked PyTorch| / max |masked PyTorch|).
@@ -30,11 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 import torchvision.models as tvm
 from torch import nn
 
-from gate2deploy.benchmark import interleaved_latencies_ms
+from gate2deploy.benchmark import latencies_ms
 from gate2deploy.capture import capture
 from gate2deploy.nn import MaskSpec, attach_masks, channel_mask
 from gate2deploy.passes import ir
@@ -264,14 +266,15 @@ def relative_error(prepared: Prepared, folded: onnx.ModelProto, size: int, seed:
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-def bench(name: str, runs: int) -> Row:
+def bench(name: str, runs: int, spinning: bool = True) -> Row:
     size = CASES[name].bench_size
     prepared = prepare(name, size)
     folded, ctx, compile_s = fold(prepared)
     unpadded, _, _ = fold(prepared, choose_widths=False)
     dense = capture(build_model(name), torch.randn(1, 3, size, size))
     err = relative_error(prepared, folded, size)
-    lat, fastest = interleaved_latencies_ms({"dense": dense, "folded": folded}, (1, 3, size, size), runs)
+    lat, fastest = latencies_ms({"dense": dense, "folded": folded}, (1, 3, size, size),
+                                rounds=max(1, runs // 10), spinning=spinning)
     dense_macs = model_cost(dense).macs
     return Row(name, model_cost(unpadded).macs / dense_macs, model_cost(folded).macs / dense_macs,
                lat["dense"], lat["folded"], fastest["folded"] / fastest["dense"], compile_s, prepared.capture_s, err, len(ctx.fold.unfoldable))
@@ -280,7 +283,9 @@ def bench(name: str, runs: int) -> Row:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help=f"default: all of {', '.join(CASES)}")
-    parser.add_argument("--runs", type=int, default=30, help="timed runs per model and variant")
+    parser.add_argument("--runs", type=int, default=60, help="timed runs per model and variant, in blocks of 10")
+    parser.add_argument("--no-spin", action="store_true",
+                        help="ONNX Runtime's intra-op workers do not spin (both sessions)")
     args = parser.parse_args(argv)
     names = args.models or list(CASES)
     unknown = [n for n in names if n not in CASES]
@@ -288,13 +293,14 @@ def main(argv=None) -> int:
         parser.error(f"unknown model(s): {', '.join(unknown)}")
     torch.set_num_threads(2)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
-          f"{_cpu_name()}, ORT CPU 2 threads, batch 1, medians of {args.runs} interleaved runs")
+          f"{_cpu_name()}, ORT {ort.__version__} CPU 2 threads (spinning {'off' if args.no_spin else 'on'}), "
+          f"batch 1, medians of {max(1, args.runs // 10) * 10} runs in alternating blocks of 10")
     print("| model | input | MACs kept | physical MACs | latency ratio | quotient | quotient vs kept "
           "| dense ms | folded ms | min-latency ratio | compile s (capture + passes) | rel. error "
           "| unfoldable masks |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
-        r = bench(name, args.runs)
+        r = bench(name, args.runs, spinning=not args.no_spin)
         size = CASES[name].bench_size
         print(f"| {r.name} | {size} | {r.macs_ratio:.3f} | {r.physical_macs_ratio:.3f} | {r.latency_ratio:.3f} "
               f"| {r.quotient:.2f} | {r.quotient_kept:.2f} | {r.latency_dense_ms:.2f} | {r.latency_folded_ms:.2f} "

@@ -3,8 +3,9 @@
 
 For each op (CGConv, PGConv, FBSConv) this builds single-node ONNX models (the custom op and
 a plain Conv of the same shape, no bias), opens both in ONNX Runtime CPU with the same
-thread count, and times them in one run: interleaved repeats (dense, op, dense, op, ...)
-so that machine noise hits both alike; medians reported. The gate-on fraction is swept from
+thread count, and times them in one run, in alternating blocks (dense x 10, op x 10, ...,
+each block after a settling time; gate2deploy/benchmark.py says why), so that machine noise
+hits both alike; medians reported. The gate-on fraction is swept from
 0% to 100%:
   CG, PG: per-channel thresholds at quantiles of the stage-1 output (Yp / out_msb) of the
           benchmark input, so exactly that fraction of output elements is gated on;
@@ -25,7 +26,7 @@ random init and random BatchNorm statistics, mapped by fbs_state_dict_from_dense
 saliency of a channel is its BN scale, so each layer keeps the same top-k channels for every
 input) at 224x224. Each is exported with
 `--target ort` (custom ops, run with the native kernels) and `--target onnx` (portable
-lowering, stock ONNX Runtime) and timed interleaved against the dense equivalent network:
+lowering, stock ONNX Runtime) and timed in alternating blocks against the dense equivalent network:
 the same exported graph with every gated node replaced by a plain ONNX Conv of the same
 weight shape and attributes (for PG, the quantized weights in fp32). The gate-on fraction of
 a whole network comes from its thresholds: CG and PG add an offset to every gated layer's
@@ -34,11 +35,8 @@ MAC-weighted gate-on fraction over the gated layers (gate2deploy.gate_stats on t
 benchmark input; FBS: the density). Weights are random (kaiming init), so fractions come
 from the offsets, not from training.
 
-Thread pools: each session has its own intra-op pool, and ONNX Runtime's workers spin after
-a run. Interleaving two sessions on a busy 2-core machine, one session's spinning worker
-starves the other's (runs of ~20 ms in either session). `--spin off` (the default here)
-disables spinning in BOTH sessions (session.intra_op.allow_spinning=0), which keeps the
-comparison fair; `--spin on` measures with ONNX Runtime's default.
+Threading: ONNX Runtime's default (intra-op workers spin between ops, as in a deployment);
+`--spin off` disables spinning in every session, the figure for hosts that run so.
 
     python tools/bench_gated_ops.py                 # 128 ch, 28x28, 3x3, batch 1, 2 threads
     python tools/bench_gated_ops.py --ops cg --repeats 50 --channels 64 --size 56
@@ -56,6 +54,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from gate2deploy.benchmark import time_sessions
 from gate2deploy.runtimes import reference as ref
 from gate2deploy.runtimes.ort import open_session
 
@@ -86,10 +85,10 @@ def custom_session(model, threads):
     return open_session(model, threads, config=SESSION_CONFIG)
 
 
-def time_pair(dense, op, x, repeats, warmup=5):
-    """Median ms of dense and op, interleaved; x is one input or a list cycled through."""
+def time_pair(dense, op, x, repeats):
+    """Median ms of dense and op, timed in one run; x is one input or a list cycled through."""
     feeds = [{"x": v} for v in (x if isinstance(x, list) else [x])]
-    return time_interleaved([dense, op], feeds, repeats, warmup)
+    return time_interleaved([dense, op], feeds, repeats)
 
 
 def thresholds(stage1, frac):
@@ -173,20 +172,14 @@ def plain_session(model: onnx.ModelProto, threads: int):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def time_interleaved(sessions, feeds, repeats, warmup=3):
-    """Median ms of each session, timed round-robin (one run of each per repeat); `feeds` is
-    one feed dict or a list cycled through from repeat to repeat."""
+def time_interleaved(sessions, feeds, repeats):
+    """Median ms of each session, timed in alternating blocks of 10 runs with a settling time
+    at each switch (gate2deploy.benchmark.time_sessions says why); `repeats` timed runs per
+    session, rounded up to whole blocks. `feeds` is one feed dict or a list cycled through."""
     feeds = feeds if isinstance(feeds, list) else [feeds]
-    for r in range(warmup):
-        for sess in sessions:
-            sess.run(None, feeds[r % len(feeds)])
-    times = [[] for _ in sessions]
-    for r in range(repeats):
-        for i, sess in enumerate(sessions):
-            t = time.perf_counter()
-            sess.run(None, feeds[r % len(feeds)])
-            times[i].append(time.perf_counter() - t)
-    return [statistics.median(t) * 1e3 for t in times]
+    by_index = dict(enumerate(sessions))
+    times = time_sessions(by_index, {i: feeds for i in by_index}, rounds=max(1, -(-repeats // 10)))
+    return [statistics.median(times[i]) for i in by_index]
 
 
 def export_both(model, x):
@@ -325,8 +318,8 @@ def main(argv=None) -> int:
     p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=FRACTIONS)
     p.add_argument("--networks", default="",
                    help="whole networks to sweep: any of cg,pg,fbs (default: none)")
-    p.add_argument("--spin", choices=["on", "off"], default="off",
-                   help="ONNX Runtime intra-op thread spinning in both sessions (default off)")
+    p.add_argument("--spin", choices=["on", "off"], default="on",
+                   help="ONNX Runtime intra-op thread spinning in every session (default on, as ORT)")
     args = p.parse_args(argv)
     if args.spin == "off":
         SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"
@@ -342,7 +335,7 @@ def main(argv=None) -> int:
     ops = args.ops.split(",")
     print(f"layer: batch {args.batch}, {c}->{o} channels, {hw}x{hw}, {k}x{k}, pad {pad}; "
           f"ONNX Runtime {ort.__version__} CPU, {args.threads} threads; "
-          f"medians of {args.repeats} interleaved repeats")
+          f"spinning {args.spin}; medians of {max(1, -(-args.repeats // 10)) * 10} runs in alternating blocks of 10")
 
     if "cg" in ops:
         mask = np.zeros((o, c), np.float32)

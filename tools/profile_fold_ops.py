@@ -6,9 +6,18 @@ models of `tools/bench_fold_torchvision.py` (same random weights, same random 50
 masks, same fold with fast physical widths), ONNX Runtime's own kernel time per op kind
 (from its profiler: no session or Python overhead), dense vs folded, and each kind's ratio
 next to the whole model's MACs ratio. Convolutions are split into dense convs and grouped /
-depthwise convs (read from the optimized graph ONNX Runtime runs). Kinds whose time ratio
-stays well above the MACs ratio are what keeps the latency ratio up: memory-bound ops scale
-with channels x pixels, not with MACs.
+depthwise convs (read from the optimized graph ONNX Runtime runs). ONNX Runtime's default
+threading (workers spin), as in tools/bench_fold_torchvision.py.
+
+Each kind also gets its *work ratio*, folded / dense: the MACs ratio of its layers for
+convolutions and Gemm/MatMul, and for every other kind (pooling, concat, element-wise ops,
+layout reorders: memory-bound, their work is the activations they read and write) the ratio
+of activation elements, summed over every tensor of the graph. From those, the *floor*: the
+kernel time ratio if every kind's time shrank exactly with its work, and the quotient it
+implies (floor / physical MACs ratio). A floor quotient above the goal (1.10) means no choice
+of widths reaches the goal under these kernels; only a different op mix (fusions) could.
+Kinds whose time ratio stays well above their work ratio are kernels that lose efficiency
+at the smaller widths.
 
     python tools/profile_fold_ops.py mobilenet_v2 efficientnet_b0 --runs 60
 """
@@ -39,7 +48,6 @@ def kernel_ms_by_kind(model: onnx.ModelProto, x: np.ndarray, runs: int) -> dict[
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "profile")
         opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
@@ -50,16 +58,44 @@ def kernel_ms_by_kind(model: onnx.ModelProto, x: np.ndarray, runs: int) -> dict[
         with open(session.end_profiling()) as f:
             events = json.load(f)
         optimized = onnx.load(os.path.join(tmp, "optimized.onnx"))
-    grouped = {n.name for n in optimized.graph.node if n.op_type == "Conv"
+    grouped = {n.name for n in optimized.graph.node if n.op_type in ("Conv", "FusedConv")
                and next((a.i for a in n.attribute if a.name == "group"), 1) > 1}
     totals: dict[str, float] = collections.defaultdict(float)
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
         node, op = e["name"][: -len("_kernel_time")], e["args"].get("op_name", "?")
-        kind = ("grouped/depthwise Conv" if node in grouped else "dense Conv") if op == "Conv" else op
+        kind = (GROUPED if node in grouped else DENSE) if op in ("Conv", "FusedConv") else op
         totals[kind] += e["dur"] / 1e3 / runs
     return dict(totals)
+
+
+DENSE, GROUPED = "dense Conv", "grouped/depthwise Conv"
+
+
+def work(model: onnx.ModelProto) -> dict[str, float]:
+    """MACs per layer kind (DENSE, GROUPED, Gemm), and activation elements ("elements") summed
+    over every tensor the graph computes."""
+    cost = model_cost(model)
+    groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in model.graph.node}
+    out = collections.defaultdict(float)
+    for layer in cost.layers.values():
+        kind = "Gemm" if layer.op in ("Gemm", "MatMul") else GROUPED if groups.get(layer.name, 1) > 1 else DENSE
+        out[kind] += layer.macs
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            out["elements"] += float(np.prod([d.dim_value for d in dims]))
+    return dict(out)
+
+
+def work_ratio(kind: str, dense: dict[str, float], folded: dict[str, float]) -> float:
+    """A kind's work ratio. Layer kinds the source graph does not have are ONNX Runtime's own
+    rewrites of memory-bound ops (it runs a BatchNormalization it cannot fuse as a 1x1
+    depthwise conv, e.g. DenseNet's after each concat): their work is activation elements."""
+    key = kind if dense.get(kind) else "elements"
+    return folded.get(key, 0.0) / dense[key]
 
 
 def main(argv=None) -> int:
@@ -72,7 +108,7 @@ def main(argv=None) -> int:
         p.error(f"unknown model(s): {', '.join(unknown)}")
     torch.set_num_threads(2)
     print(f"# ONNX Runtime {ort.__version__} CPU, 2 threads, batch 1, kernel time per run "
-          f"(profiler, mean of {args.runs} runs)")
+          f"(profiler, mean of {args.runs} runs; workers spin, ORT's default)")
     for name in args.models:
         size = bf.CASES[name].bench_size
         prepared = bf.prepare(name, size)
@@ -80,14 +116,18 @@ def main(argv=None) -> int:
         dense = capture(bf.build_model(name), torch.randn(1, 3, size, size))
         x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
         d, f = kernel_ms_by_kind(dense, x, args.runs), kernel_ms_by_kind(folded, x, args.runs)
+        wd, wf = work(dense), work(folded)
         macs = model_cost(folded).macs / model_cost(dense).macs
-        print(f"\n{name} ({size}x{size}): physical MACs ratio {macs:.3f}, "
-              f"kernel time ratio {sum(f.values()) / sum(d.values()):.3f}")
-        print(f"  {'op kind':24} {'dense ms':>9} {'folded ms':>9} {'ratio':>6}")
+        measured = sum(f.values()) / sum(d.values())
+        floor = sum(t * work_ratio(k, wd, wf) for k, t in d.items()) / sum(d.values())
+        print(f"\n{name} ({size}x{size}): physical MACs ratio {macs:.3f}; kernel time ratio "
+              f"{measured:.3f} (quotient {measured / macs:.2f}); floor {floor:.3f} (quotient {floor / macs:.2f})")
+        print(f"  {'op kind':24} {'dense ms':>9} {'folded ms':>9} {'ratio':>6} {'work':>6}")
         for kind in sorted(d, key=lambda k: -d[k]):
             if d[kind] < 0.01 * sum(d.values()):
                 continue
-            print(f"  {kind:24} {d[kind]:9.3f} {f.get(kind, 0.0):9.3f} {f.get(kind, 0.0) / d[kind]:6.3f}")
+            print(f"  {kind:24} {d[kind]:9.3f} {f.get(kind, 0.0):9.3f} {f.get(kind, 0.0) / d[kind]:6.3f} "
+                  f"{work_ratio(kind, wd, wf):6.3f}")
     return 0
 
 

@@ -1,0 +1,54 @@
+"""The timing primitive the benchmarks share (gate2deploy.benchmark): alternating blocks, each
+opened by settling runs, feeds cycled, one timed duration per timed run."""
+import itertools
+import time
+
+import onnx
+from onnx import TensorProto, helper
+
+from gate2deploy.benchmark import latencies_ms, time_sessions
+
+
+class FakeSession:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def run(self, outputs, feed):
+        self.log.append((self.name, feed["x"]))
+
+
+def test_blocks_alternate_with_settling_runs_and_feeds_cycle():
+    log = []
+    sessions = {"a": FakeSession("a", log), "b": FakeSession("b", log)}
+    feeds = {"a": [{"x": 0}, {"x": 1}, {"x": 2}], "b": [{"x": 9}]}
+    times = time_sessions(sessions, feeds, rounds=3, block=4, settle_s=0.0)
+
+    assert {n: len(t) for n, t in times.items()} == {"a": 12, "b": 12}
+    assert all(t >= 0 for t in itertools.chain(*times.values()))
+    blocks = [(name, [x for _, x in group]) for name, group in itertools.groupby(log, key=lambda e: e[0])]
+    assert [name for name, _ in blocks] == ["a", "b"] * 3
+    for name, xs in blocks:
+        assert len(xs) == 2 + 4  # two settling runs (settle_s=0), then the timed block
+        if name == "a":
+            assert xs[2:] == [0, 1, 2, 0]  # the timed runs cycle through the feeds from the first
+
+
+def test_settling_lasts_at_least_settle_s():
+    log = []
+    sessions = {"a": FakeSession("a", log)}
+    t0 = time.perf_counter()
+    time_sessions(sessions, {"a": [{"x": 0}]}, rounds=2, block=1, settle_s=0.02)
+    assert time.perf_counter() - t0 >= 0.04
+    assert len(log) > 2 * (2 + 1)  # more settling runs than the minimum of two per block
+
+
+def test_latencies_of_real_sessions():
+    node = helper.make_node("Relu", ["input"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    medians, minima = latencies_ms({"one": model, "two": model}, (1, 4), rounds=2, block=3)
+    assert set(medians) == set(minima) == {"one", "two"}
+    assert all(0 < minima[n] <= medians[n] for n in medians)
