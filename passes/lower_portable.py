@@ -5,11 +5,13 @@ Expects: a graph possibly containing `gate2deploy::CGConv`, `PGConv` and `FBSCon
 
 Guarantees: no node of those three ops remains; each is replaced by a decomposition into
 standard ONNX ops (opset 17: Conv, Greater, Where, Abs, Sign, ReduceMax, Div, Min, Round,
-Floor, Mul, Sub, Add, Cast, ReduceMean, Gemm, Relu, TopK, Slice, Unsqueeze) that stock ONNX
+Floor, Mul, Sub, Add, Cast, ReduceMean, Gemm, Relu, TopK, Slice, Gather, Unsqueeze) that stock ONNX
 Runtime runs with no plugin, computing the same function as runtimes/reference.py with the
 same float32 operations in the same order (so outputs agree up to the convolution's own
 summation order, and gates flip only at ties). The output tensor of each op keeps its name.
-The decomposition computes every path (it is exact, not fast: speed needs `--target ort`).
+The decomposition computes every path (it is exact, not fast: speed needs `--target ort`);
+CG's base path is a physically smaller conv where its constant mask has structure (one
+channel subset for all outputs, or block-diagonal), the full-size masked conv otherwise.
 CG/PG's optional epilogue (post_scale, post_shift, activation: only `--target ort` emits it)
 becomes Mul, Add and Relu after the lowered op.
 With `expose_gates=True` each op's boolean gate becomes an extra graph output named
@@ -76,16 +78,52 @@ def _conv_attrs(node: gs.Node) -> dict[str, list[int]]:
             "dilations": list(node.attrs.get("dilations", [1, 1]))}
 
 
+def _base_structure(mask: np.ndarray) -> tuple[str, object]:
+    """How a constant base mask [O, C] can be computed without its zeros: ("columns", S) when
+    every output reads the same input channels S; ("blocks", g) when it is block-diagonal with
+    g equal blocks (CG's use_group variant); ("dense", None) otherwise."""
+    rows = mask != 0
+    if (rows == rows[:1]).all():
+        return "columns", np.flatnonzero(rows[0])
+    o, c = rows.shape
+    width = int(rows[0].sum())  # input channels per block, if block-diagonal
+    g = c // width if width and c % width == 0 else 0
+    if g > 1 and o % g == 0 and np.array_equal(
+            rows, np.kron(np.eye(g, dtype=bool), np.ones((o // g, width), dtype=bool))):
+        return "blocks", g
+    return "dense", None
+
+
+def _base_path(b: _Builder, x, w, base_mask, attrs) -> gs.Variable:
+    """Yp = conv(x, W * base_mask), as a physically smaller conv where the mask has structure
+    (the dropped terms are exact zeros: the same sum, one conv of 1/p the MACs instead of a
+    full-size conv); as the full-size masked conv otherwise."""
+    w_val, m_val = const_value(w), const_value(base_mask)
+    if w_val is None or m_val is None:
+        mask4 = b.op("Unsqueeze", [base_mask, b.const("axes", np.array([2, 3], np.int64))])
+        return b.conv(x, b.op("Mul", [w, mask4]), attrs)
+    kind, detail = _base_structure(m_val)
+    if kind == "columns" and 0 < len(detail) < m_val.shape[1]:
+        chans = detail
+        if np.array_equal(chans, np.arange(chans[0], chans[-1] + 1)):  # a contiguous range
+            x_base = b.op("Slice", [x, b.const("starts", np.array([chans[0]], np.int64)),
+                                    b.const("ends", np.array([chans[-1] + 1], np.int64)),
+                                    b.const("axes", np.array([1], np.int64))])
+        else:
+            x_base = b.op("Gather", [x, b.const("channels", chans.astype(np.int64))], {"axis": 1})
+        return b.conv(x_base, b.const("W_base", w_val[:, chans].astype(np.float32)), attrs)
+    if kind == "blocks":
+        o, c = m_val.shape
+        blocks = [w_val[i * (o // detail):(i + 1) * (o // detail), i * (c // detail):(i + 1) * (c // detail)]
+                  for i in range(detail)]
+        return b.conv(x, b.const("W_base", np.concatenate(blocks).astype(np.float32)), attrs, group=detail)
+    return b.conv(x, b.const("W_base", (w_val * m_val[:, :, None, None]).astype(np.float32)), attrs)
+
+
 def _lower_cg(b: _Builder, node: gs.Node, y: gs.Variable) -> gs.Variable:
     x, w, base_mask, threshold = node.inputs[:4]
     attrs = _conv_attrs(node)
-    w_val, m_val = const_value(w), const_value(base_mask)
-    if w_val is not None and m_val is not None:
-        w_base = b.const("W_base", (w_val * m_val[:, :, None, None]).astype(np.float32))
-    else:
-        mask4 = b.op("Unsqueeze", [base_mask, b.const("axes", np.array([2, 3], np.int64))])
-        w_base = b.op("Mul", [w, mask4])
-    y_partial = b.conv(x, w_base, attrs)
+    y_partial = _base_path(b, x, w, base_mask, attrs)
     y_full = b.conv(x, w, attrs)
     gate = b.op("Greater", [y_partial, b.per_channel("threshold", threshold)], dtype=np.bool_,
                 out_name=f"{node.name}/gate")

@@ -255,6 +255,41 @@ def test_module_reference_and_lowering_agree(kind, cfg, kw):
     assert_equal_up_to_ties(y_ort, y_ref, gate_ort, gate_ref, decision, threshold, "onnx lowering vs reference")
 
 
+@pytest.mark.parametrize("use_group,p,expect", [(False, 4, "Slice"), (True, 4, 4), (True, 2, 2)])
+def test_portable_cg_base_path_is_a_smaller_conv(use_group, p, expect):
+    """The base path Yp = conv(x, W * mask) is lowered without the mask's zeros: a Slice of the
+    base channels (first C/p) or a grouped conv (block-diagonal), 1/p of the MACs."""
+    m, x = make_cg(CONV_CONFIGS[1], use_group=use_group, p=p)
+    proto, sess, _ = lowered_session(m, x)
+    model = ir.export_model(lower_portable(ir.import_graph(proto)))
+    inits = {i.name: i for i in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 2
+    gate_inputs = {name for n in model.graph.node if n.op_type == "Greater" for name in n.input}
+    base = next(n for n in convs if n.output[0] in gate_inputs)
+    c = CONV_CONFIGS[1][0]
+    group = next((a.i for a in base.attribute if a.name == "group"), 1)
+    assert list(inits[base.input[1]].dims)[1] * group == (c // p if expect == "Slice" else c)
+    if expect == "Slice":
+        assert group == 1 and any(n.op_type == "Slice" for n in model.graph.node)
+    else:
+        assert group == expect
+    y_ref, gate_ref, decision, threshold = reference_of(m, x)
+    y_ort, gate_ort = sess.run(None, {"input": x.numpy()})[:2]
+    assert_equal_up_to_ties(y_ort, y_ref, gate_ort, gate_ref, decision, threshold, "onnx lowering vs reference")
+
+
+def test_portable_cg_base_structure_of_masks():
+    from gate2deploy.passes.lower_portable import _base_structure
+    rng = np.random.default_rng(0)
+    kind, chans = _base_structure(np.tile(rng.random(12) < 0.5, (8, 1)).astype(np.float32))
+    assert kind == "columns" and 0 < len(chans) < 12
+    assert _base_structure(np.kron(np.eye(3), np.ones((2, 4))))[0:2] == ("blocks", 3)
+    ragged = np.kron(np.eye(3), np.ones((2, 4)))
+    ragged[0, 5] = 1  # one extra channel: no structure, the full-size masked conv
+    assert _base_structure(ragged)[0] == "dense"
+
+
 def test_fbs_inactive_channels_are_exact_zeros_and_k_per_sample():
     m, x = make_fbs(CONV_CONFIGS[1], density=0.25)
     with torch.no_grad():
