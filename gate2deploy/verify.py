@@ -40,9 +40,9 @@ def random_inputs(shape, n: int, seed: int = 0) -> list[np.ndarray]:
 
 def make_session(model: onnx.ModelProto, threads: int = 2, spinning: bool = True) -> ort.InferenceSession:
     """An ONNX Runtime session with gate2deploy's custom ops registered when the model uses
-    them. `spinning=False` stops the intra-op workers from spinning after a run: needed when
-    several sessions are timed interleaved, where one session's spinning workers would steal
-    the cores from the next session's run."""
+    them. `spinning=False` stops the intra-op workers from spinning between ops and after a
+    run (ONNX Runtime's default is to spin): the setting of hosts that cannot spare the cores
+    (gate2deploy/benchmark.py times both)."""
     config = {} if spinning else {"session.intra_op.allow_spinning": "0"}
     if any(n.domain == "gate2deploy" for n in model.graph.node):
         from gate2deploy.runtimes import ort as g2d_ort  # built on demand; only when needed

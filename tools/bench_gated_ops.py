@@ -88,7 +88,7 @@ def custom_session(model, threads):
 def time_pair(dense, op, x, repeats):
     """Median ms of dense and op, timed in one run; x is one input or a list cycled through."""
     feeds = [{"x": v} for v in (x if isinstance(x, list) else [x])]
-    return time_interleaved([dense, op], feeds, repeats)
+    return median_ms_in_blocks([dense, op], feeds, repeats)
 
 
 def thresholds(stage1, frac):
@@ -172,7 +172,7 @@ def plain_session(model: onnx.ModelProto, threads: int):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def time_interleaved(sessions, feeds, repeats):
+def median_ms_in_blocks(sessions, feeds, repeats):
     """Median ms of each session, timed in alternating blocks of 10 runs with a settling time
     at each switch (gate2deploy.benchmark.time_sessions says why); `repeats` timed runs per
     session, rounded up to whole blocks. `feeds` is one feed dict or a list cycled through."""
@@ -211,7 +211,7 @@ def network_sweep(title, points, args):
                     plain_session(portable, args.threads)]
         name = sessions[0].get_inputs()[0].name
         feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
-        td, to, tp = time_interleaved(sessions, feeds, args.repeats)
+        td, to, tp = median_ms_in_blocks(sessions, feeds, args.repeats)
         rows.append((frac, td / to))
         print(f"  {frac * 100:5.1f} {td:9.3f} {to:9.3f} {tp:9.3f} {td / to:7.2f} {td / tp:7.2f}",
               flush=True)
