@@ -176,6 +176,24 @@ def test_cg_conv_matches_reference(gi, block_diagonal, frac):
         np.testing.assert_allclose(y, y_ref, rtol=0, atol=RTOL * np.abs(y_ref).max())
 
 
+@pytest.mark.parametrize("frac", [0.1, 0.3, 0.7])
+def test_cg_conv_with_irregular_base_groups(frac):
+    """Outputs in three groups of unequal size, each with its own scattered quarter of the
+    input channels as base path: the kernel's joint second stage (one pass for all groups,
+    zero weights on each group's own base channels) must equal the reference."""
+    rng = np.random.default_rng(5)
+    n, c, o, h, wd = 2, 24, 20, 11, 9
+    x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
+    w = (rng.standard_normal((o, c, 3, 3)) / math.sqrt(c * 9)).astype(np.float32)
+    patterns = [rng.permutation(c) < c // 4 for _ in range(3)]
+    mask = np.stack([patterns[g] for g in rng.integers(0, 3, o)]).astype(np.float32)
+    yp = ref.conv2d(x, w * mask[:, :, None, None], (1, 1), (1, 1, 1, 1), (1, 1))
+    thr = thresholds_for_fraction(yp, frac)
+    y = run_node("CGConv", x, [w, mask, thr], conv_attrs((1, 1), (1, 1, 1, 1), (1, 1)))
+    y_ref = ref.cg_conv_reference(x, w, mask, thr, (1, 1), (1, 1, 1, 1), (1, 1))
+    assert_close_with_ties(y, y_ref, yp, thr)
+
+
 @pytest.mark.parametrize("op", ["CGConv", "PGConv"])
 @pytest.mark.parametrize("affine, activation", [(True, "Relu"), (True, ""), (False, "Relu")])
 def test_gated_ops_apply_the_fused_epilogue(op, affine, activation):

@@ -4,7 +4,10 @@
 // Output channels are grouped by their base-path channel set (one group when the base path
 // is the first C/p channels, p groups for the block-diagonal variant). Per group and sample:
 // stage 1 = conv over the base channels (the partial sum Yp, kept where the gate is off);
-// stage 2 = conv over the remaining channels, added only where Yp > threshold[o].
+// stage 2 = conv over the remaining channels, added only where Yp > threshold[o]. With
+// several groups, the sparse stage 2 runs once for all of them (RunGatedConv's joint second
+// stage; BuildPlans says when).
+#include <algorithm>
 #include <map>
 
 #include "cg_conv.h"
@@ -19,10 +22,13 @@ CGConvKernel::CGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
 }
 
 namespace {
-// Groups outputs by identical base channel sets and packs each group's weights.
-std::vector<GatedStagePlan<float>> BuildPlans(const float* w, const float* mask, const ConvGeom& g) {
+// Groups outputs by identical base channel sets and packs each group's weights; with several
+// groups whose second stages read overlapping channels (block-diagonal: each reads 1 - 1/p of
+// them), also the joint second stage over all groups.
+CGPlans BuildPlans(const float* w, const float* mask, const ConvGeom& g) {
   std::map<std::vector<bool>, size_t> group_of;
-  std::vector<GatedStagePlan<float>> plans;
+  CGPlans out;
+  std::vector<GatedStagePlan<float>>& plans = out.groups;
   for (int64_t o = 0; o < g.O; ++o) {
     std::vector<bool> key(mask + o * g.C, mask + (o + 1) * g.C);
     auto it = group_of.find(key);
@@ -40,7 +46,31 @@ std::vector<GatedStagePlan<float>> BuildPlans(const float* w, const float* mask,
     plan.w2 = PackWeights(isa, w, g, plan.outputs, plan.chans2);
     plan.w2_rows = MakeWeightRows(isa, w, g, plan.outputs, plan.chans2);
   }
-  return plans;
+  // A joint second stage gathers each span's receptive fields once instead of once per group,
+  // at the price of the MACs on the zeros (each group's own base channels). It pays when the
+  // groups' stage-2 channel lists add up to at least twice their union (block-diagonal p >= 3;
+  // p = 2 gathers the same amount either way and would double the MACs).
+  std::vector<bool> in_union(size_t(g.C), false);
+  size_t listed = 0;
+  for (const auto& plan : plans) {
+    listed += plan.chans2.size();
+    for (int c : plan.chans2) in_union[size_t(c)] = true;
+  }
+  const size_t union_size = size_t(std::count(in_union.begin(), in_union.end(), true));
+  if (plans.size() > 1 && union_size > 0 && listed >= 2 * union_size) {
+    auto joint = std::make_unique<GatedStagePlan<float>>();
+    for (const auto& plan : plans)
+      joint->outputs.insert(joint->outputs.end(), plan.outputs.begin(), plan.outputs.end());
+    for (int64_t c = 0; c < g.C; ++c)
+      if (in_union[size_t(c)]) joint->chans2.push_back(int(c));
+    std::vector<float> w_rest(w, w + g.O * g.C * g.kk());  // W with each output's base zeroed
+    for (int64_t o = 0; o < g.O; ++o)
+      for (int64_t c = 0; c < g.C; ++c)
+        if (mask[o * g.C + c] != 0.f) std::fill_n(&w_rest[size_t((o * g.C + c) * g.kk())], g.kk(), 0.f);
+    joint->w2_rows = MakeWeightRows(isa, w_rest.data(), g, joint->outputs, joint->chans2);
+    out.joint_second = std::move(joint);
+  }
+  return out;
 }
 }  // namespace
 
@@ -62,23 +92,21 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
       if (mask[i] != 0.f && mask[i] != 1.f)
         throw OpError("CGConv: base_mask must contain only 0 and 1");
 
-    std::shared_ptr<const std::vector<GatedStagePlan<float>>> plans;
+    std::shared_ptr<const CGPlans> plans;
     if (weights_const_) {
       std::lock_guard<std::mutex> lock(plans_mutex_);
-      if (!cached_plans_)
-        cached_plans_ = std::make_shared<const std::vector<GatedStagePlan<float>>>(
-            BuildPlans(W.Data(), mask, g));
+      if (!cached_plans_) cached_plans_ = std::make_shared<const CGPlans>(BuildPlans(W.Data(), mask, g));
       plans = cached_plans_;
     } else {
-      plans = std::make_shared<const std::vector<GatedStagePlan<float>>>(
-          BuildPlans(W.Data(), mask, g));
+      plans = std::make_shared<const CGPlans>(BuildPlans(W.Data(), mask, g));
     }
     const IsaKernels& isa = BestKernels();
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * g.H * g.W;
       float* yn = y + n * g.O * g.P();
-      RunGatedConv(ctx, isa, g, *plans, xn, xn, 1.f, 1.f, threshold.Data(), yn);
+      RunGatedConv(ctx, isa, g, plans->groups, xn, xn, 1.f, 1.f, threshold.Data(), yn,
+                   plans->joint_second.get());
     }
     ApplyPostEpilogue(ctx, isa, post, y, g.N, g.O, g.P());
   });

@@ -6,6 +6,13 @@
 #include <mutex>
 
 namespace g2d {
+// Output channels grouped by their base-path channel set (one group, or p for block-diagonal
+// CG), and for several groups a joint second stage over all of them (RunGatedConv).
+struct CGPlans {
+  std::vector<GatedStagePlan<float>> groups;
+  std::unique_ptr<GatedStagePlan<float>> joint_second;  // null: stage 2 per group
+};
+
 struct CGConvKernel {
   CGConvKernel(const OrtApi* api, const OrtKernelInfo* info);
   Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
@@ -20,6 +27,6 @@ struct CGConvKernel {
   // W and base_mask constant initializers: plans (packed weights) are built once.
   bool weights_const_ = false;
   std::mutex plans_mutex_;
-  std::shared_ptr<const std::vector<GatedStagePlan<float>>> cached_plans_;
+  std::shared_ptr<const CGPlans> cached_plans_;
 };
 }  // namespace g2d

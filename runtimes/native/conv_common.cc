@@ -674,7 +674,8 @@ void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
                   const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
-                  float scale1, float scale2, const float* threshold, float* y) {
+                  float scale1, float scale2, const float* threshold, float* y,
+                  const GatedStagePlan<T>* joint_second) {
   using Acc = typename AccOf<T>::type;
   const int64_t Np = g.P();
   const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
@@ -686,12 +687,20 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       x2 == x1 ? src1 : MakeSource(x2, g, nr, Scratch<float, 8>(), nullptr, ctx);
   std::vector<std::vector<int64_t>> offs1, offs2;
   std::vector<std::vector<float>> thresholds;
+  int64_t max_rows = 0, all_rows = 0;
   for (const auto& plan : plans) {
     offs1.push_back(Offsets(src1, plan.chans1));
     offs2.push_back(Offsets(src2, plan.chans2));
     thresholds.emplace_back();
     for (int o : plan.outputs) thresholds.back().push_back(threshold[o]);
+    max_rows = std::max<int64_t>(max_rows, int64_t(plan.outputs.size()));
+    all_rows += int64_t(plan.outputs.size());
   }
+  const std::vector<int64_t> joint_off2 =
+      joint_second ? Offsets(src2, joint_second->chans2) : std::vector<int64_t>();
+  // With a joint second stage, every plan's stage 1 writes its rows of one [all_rows, NR]
+  // span buffer (rows in plan order, joint_second->outputs' order), and stage 2 runs once.
+  const int64_t buffer_rows = joint_second ? all_rows : max_rows;
   // One task per span of 1 or kSecondStagePanels panels of nr columns (output pixels), start to
   // finish for every plan: stage 1 and the gate panel by panel, then stage 2 over the span
   // (wider than a panel: its sparse form has a fixed cost per output row and K chunk), in a
@@ -709,56 +718,24 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       pix[t] = t < ncols ? src1.Pixel(q0 + t) : -1;
       valid[t] = pix[t] >= 0;
     }
-    for (size_t pi = 0; pi < plans.size(); ++pi) {
-      const GatedStagePlan<T>& plan = plans[pi];
-      const std::vector<int64_t>& off1 = offs1[pi];
-      const std::vector<int64_t>& off2 = offs2[pi];
-      const std::vector<float>& row_threshold = thresholds[pi];
+    AlignedVec<Acc>& tile = Scratch<Acc, 1>();
+    tile.resize(size_t(RoundUp(buffer_rows, mr) * nr));
+    AlignedVec<float>& out_buf = Scratch<float, 14>();
+    out_buf.resize(size_t(buffer_rows * NR));
+    AlignedVec<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * NR + t]
+    gate_buf.resize(size_t(buffer_rows * NR));
+    AlignedVec<float>& panel_out = Scratch<float, 29>();  // one panel's [M, nr]
+    AlignedVec<uint8_t>& panel_gate = Scratch<uint8_t, 30>();
+    panel_out.resize(size_t(max_rows * nr));
+    panel_gate.resize(size_t(max_rows * nr));
+    // Raw pointers: thread_local vectors behind byte stores (which may alias anything) would
+    // otherwise be re-fetched through __tls_get_addr inside the loops.
+    Acc* const acc = tile.data();
+
+    // Stage 2 over `plan`'s rows of out / gate (`on` of them gated on), then the copy to y.
+    auto second_stage_and_store = [&](const GatedStagePlan<T>& plan, const std::vector<int64_t>& off2,
+                                      uint8_t* gate, float* out, int64_t on) {
       const int64_t M = int64_t(plan.outputs.size());
-      if (M == 0) continue;
-      AlignedVec<Acc>& tile = Scratch<Acc, 1>();
-      tile.resize(size_t(RoundUp(M, mr) * nr));
-      AlignedVec<float>& out_buf = Scratch<float, 14>();
-      out_buf.resize(size_t(M * NR));
-      AlignedVec<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * NR + t]
-      gate_buf.resize(size_t(M * NR));
-      AlignedVec<float>& panel_out = Scratch<float, 29>();  // one panel's [M, nr]
-      AlignedVec<uint8_t>& panel_gate = Scratch<uint8_t, 30>();
-      panel_out.resize(size_t(M * nr));
-      panel_gate.resize(size_t(M * nr));
-      // Raw pointers: thread_local vectors behind byte stores (which may alias anything) would
-      // otherwise be re-fetched through __tls_get_addr inside the loops.
-      uint8_t* const gate = gate_buf.data();
-      float* const out = out_buf.data();
-      const Acc* const acc1 = tile.data();
-      // Stage 1 and the gate, panel by panel, branch-free.
-      int64_t on = 0;
-      for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
-        PanelProduct(isa, plan.w1, src1, plan.chans1, off1, q0 + c0, Scratch<T, 0>(), tile.data(),
-                     nr);
-        if constexpr (std::is_same<Acc, float>::value) {
-          on += isa.gate_panel(acc1, M, s1, row_threshold.data(), valid + c0, panel_out.data(),
-                               panel_gate.data());
-          for (int64_t m = 0; m < M; ++m) {
-            std::memcpy(out + m * NR + c0, panel_out.data() + m * nr, sizeof(float) * nr);
-            std::memcpy(gate + m * NR + c0, panel_gate.data() + m * nr, size_t(nr));
-          }
-        } else {
-          const float scale_1 = s1;  // a local copy: the lambda's captures are references
-          const int64_t n_cols = nr;
-          for (int64_t m = 0; m < M; ++m) {
-            const float t_m = row_threshold[m];
-            float* om = out + m * NR + c0;
-            uint8_t* gm = gate + m * NR + c0;
-            for (int64_t t = 0; t < n_cols; ++t) {
-              const float v = scale_1 * float(acc1[m * n_cols + t]);
-              om[t] = v;
-              gm[t] = uint8_t(v > t_m) & valid[c0 + t];
-              on += gm[t];
-            }
-          }
-        }
-      }
       if (on > 0 && !plan.chans2.empty()) {
         const double dense_above = std::is_same<T, float>::value ? kDenseSecondStageFraction
                                                                  : kDenseSecondStageFractionInt16;
@@ -766,10 +743,10 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
           // Most gates on: each panel's second stage as a GEMM, then select.
           for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
             PanelProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0 + c0,
-                         Scratch<T, 0>(), tile.data(), nr);
+                         Scratch<T, 0>(), acc, nr);
             for (int64_t m = 0; m < M; ++m) {
               float* om = out + m * NR + c0;
-              const Acc* am = acc1 + m * nr;
+              const Acc* am = acc + m * nr;
               const uint8_t* gm = gate + m * NR + c0;
               // A select by bit mask, not a branch: the gates are unpredictable, and the ternary
               // this replaces compiled to a branch here (the file is built for baseline x86-64),
@@ -804,6 +781,65 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
           CopyFloats(out + m * NR + t0, y + int64_t(plan.outputs[m]) * Np + pix[t0], len);
         t0 += len;
       }
+    };
+
+    AlignedVec<int64_t>& group_on = Scratch<int64_t, 31>();  // joint: gates on per plan
+    group_on.assign(plans.size(), 0);
+    int64_t row0 = 0, on_all = 0;
+    for (size_t pi = 0; pi < plans.size(); ++pi) {
+      const GatedStagePlan<T>& plan = plans[pi];
+      const std::vector<int64_t>& off1 = offs1[pi];
+      const std::vector<float>& row_threshold = thresholds[pi];
+      const int64_t M = int64_t(plan.outputs.size());
+      if (M == 0) continue;
+      uint8_t* const gate = gate_buf.data() + row0 * NR;
+      float* const out = out_buf.data() + row0 * NR;
+      // Stage 1 and the gate, panel by panel, branch-free.
+      int64_t on = 0;
+      for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
+        PanelProduct(isa, plan.w1, src1, plan.chans1, off1, q0 + c0, Scratch<T, 0>(), acc, nr);
+        if constexpr (std::is_same<Acc, float>::value) {
+          on += isa.gate_panel(acc, M, s1, row_threshold.data(), valid + c0, panel_out.data(),
+                               panel_gate.data());
+          for (int64_t m = 0; m < M; ++m) {
+            std::memcpy(out + m * NR + c0, panel_out.data() + m * nr, sizeof(float) * nr);
+            std::memcpy(gate + m * NR + c0, panel_gate.data() + m * nr, size_t(nr));
+          }
+        } else {
+          const float scale_1 = s1;  // a local copy: the lambda's captures are references
+          const int64_t n_cols = nr;
+          for (int64_t m = 0; m < M; ++m) {
+            const float t_m = row_threshold[m];
+            float* om = out + m * NR + c0;
+            uint8_t* gm = gate + m * NR + c0;
+            for (int64_t t = 0; t < n_cols; ++t) {
+              const float v = scale_1 * float(acc[m * n_cols + t]);
+              om[t] = v;
+              gm[t] = uint8_t(v > t_m) & valid[c0 + t];
+              on += gm[t];
+            }
+          }
+        }
+      }
+      if (joint_second) {
+        row0 += M;
+        on_all += on;
+        group_on[pi] = on;
+      } else {
+        second_stage_and_store(plan, offs2[pi], gate, out, on);
+      }
+    }
+    if (!joint_second) return;
+    if (double(on_all) > kDenseSecondStageFraction * double(all_rows * ncols)) {
+      // Most gates on: per-plan GEMMs, which skip the joint weights' zeros.
+      row0 = 0;
+      for (size_t pi = 0; pi < plans.size(); ++pi) {
+        second_stage_and_store(plans[pi], offs2[pi], gate_buf.data() + row0 * NR,
+                               out_buf.data() + row0 * NR, group_on[pi]);
+        row0 += int64_t(plans[pi].outputs.size());
+      }
+    } else {
+      second_stage_and_store(*joint_second, joint_off2, gate_buf.data(), out_buf.data(), on_all);
     }
   });
 }
@@ -819,8 +855,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
                                 const RowEpilogue&);                                             \
   template void RunGatedConv<T>(OrtKernelContext*, const IsaKernels&, const ConvGeom&,           \
                                 const std::vector<GatedStagePlan<T>>&, const T*, const T*,       \
-                                float, float,                                                    \
-                                const float*, float*);
+                                float, float, const float*, float*,                              \
+                                const GatedStagePlan<T>*);
 G2D_INSTANTIATE(float)
 G2D_INSTANTIATE(int16_t)
 #undef G2D_INSTANTIATE

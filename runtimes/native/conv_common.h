@@ -221,13 +221,20 @@ struct GatedStagePlan {
 
 // Computes y[o, :] for o in every plan's outputs of one sample (y points at the sample's
 // [O, P]); stage sums are multiplied by scale1 / scale2 (PG's integer-to-float factors; 1 for
-// CG). All plans share one padded copy of the input and one parallel section.
+// CG). All plans share one padded copy of the input and one parallel section. With
+// `joint_second` (fp32 only), a span's sparse second stage runs once for all plans with that
+// plan's weight rows (its outputs: every plan's, in plan order; its chans2 and w2_rows: their
+// union, zero where a plan's stage 2 does not read a channel), instead of once per plan:
+// block-diagonal CG's p plans each read a different 1 - 1/p of the channels, and gathering
+// those fields p times per span cost more than the zeros' extra MACs (16 ch 32x32, p = 4,
+// 10-40% on: 1.3x faster). Spans with most gates on still run per-plan GEMMs.
 // (Measured: CG's stage 1 on ONNX Runtime's NCHWc conv, fed back into these panels, was
 // slower than computing it in-panel: 1.49x vs 2.0x dense at 0% on, 128 ch 28x28, p = 4.)
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
                   const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
-                  float scale1, float scale2, const float* threshold, float* y);
+                  float scale1, float scale2, const float* threshold, float* y,
+                  const GatedStagePlan<T>* joint_second = nullptr);
 
 
 // CGConv / PGConv's optional epilogue (OPS.md): y[n, o, :] <- act(scale[o] * y + shift[o]),
@@ -255,7 +262,7 @@ void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostE
 
 // Scratch buffers that live as long as the calling thread: re-used across runs so that the
 // large buffers are not page-faulted in again on every call. `Slot` separates uses; a slot
-// must not be shared by two buffers alive at once (in use: 0-2, 4-8, 12-14, 29-30 conv_common.cc;
+// must not be shared by two buffers alive at once (in use: 0-2, 4-8, 12-14, 29-31 conv_common.cc;
 // 10-11, 15, 21-22 pg_conv.cc; 16-17 subset_conv.cc; 23-28 pg_amx.cc).
 template <class T, int Slot>
 AlignedVec<T>& Scratch() {
