@@ -88,17 +88,19 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     ExpectShape("CGConv", "threshold", threshold.Shape(), {g.O});
     const PostEpilogue post = MakePostEpilogue("CGConv", post_scale, post_shift, g.O, relu_);
     const float* mask = base_mask.Data();
-    for (int64_t i = 0; i < g.O * g.C; ++i)
-      if (mask[i] != 0.f && mask[i] != 1.f)
-        throw OpError("CGConv: base_mask must contain only 0 and 1");
-
+    auto checked_plans = [&] {  // a constant mask is checked once, with its cached plans
+      for (int64_t i = 0; i < g.O * g.C; ++i)
+        if (mask[i] != 0.f && mask[i] != 1.f)
+          throw OpError("CGConv: base_mask must contain only 0 and 1");
+      return std::make_shared<const CGPlans>(BuildPlans(W.Data(), mask, g));
+    };
     std::shared_ptr<const CGPlans> plans;
     if (weights_const_) {
       std::lock_guard<std::mutex> lock(plans_mutex_);
-      if (!cached_plans_) cached_plans_ = std::make_shared<const CGPlans>(BuildPlans(W.Data(), mask, g));
+      if (!cached_plans_) cached_plans_ = checked_plans();
       plans = cached_plans_;
     } else {
-      plans = std::make_shared<const CGPlans>(BuildPlans(W.Data(), mask, g));
+      plans = checked_plans();
     }
     const IsaKernels& isa = BestKernels();
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});

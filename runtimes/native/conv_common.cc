@@ -451,14 +451,14 @@ ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<flo
 
 template <class T>
 std::vector<int64_t> Offsets(const ColumnSource<T>& src, const std::vector<int>& chans) {
-  std::vector<int64_t> off;
-  if (!src.indirect) return off;
+  if (!src.indirect) return {};
   const ConvGeom& g = *src.g;
-  off.reserve(chans.size() * g.kk());
+  std::vector<int64_t> off(chans.size() * size_t(g.kk()));
+  int64_t* o = off.data();  // filled by pointer: push_back's capacity checks cost more than
+                            // the small layers' stage 1 (perf, 64 ch 8x8)
   for (int c : chans)
     for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < g.kw; ++j)
-        off.push_back(src.plane_base[c] + i * g.dh * src.Wp + j * g.dw);
+      for (int64_t j = 0; j < g.kw; ++j) *o++ = src.plane_base[c] + i * g.dh * src.Wp + j * g.dw;
   return off;
 }
 
