@@ -279,6 +279,34 @@ def test_portable_cg_base_path_is_a_smaller_conv(use_group, p, expect):
     assert_equal_up_to_ties(y_ort, y_ref, gate_ort, gate_ref, decision, threshold, "onnx lowering vs reference")
 
 
+def test_portable_cg_scattered_base_channels_are_gathered():
+    """A base path of scattered channels shared by all outputs (a CGConv node written by
+    hand: the seed's modules only make the first C/p or block-diagonal) is lowered to a Gather
+    of those channels and a smaller conv, equal to the reference."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(3)
+    c, o = 12, 10
+    x = rng.standard_normal((2, c, 9, 9)).astype(np.float32)
+    w = (rng.standard_normal((o, c, 3, 3)) / math.sqrt(c * 9)).astype(np.float32)
+    mask = np.tile(np.isin(np.arange(c), [1, 4, 5, 10]), (o, 1)).astype(np.float32)
+    yp = R.conv2d(x, w * mask[:, :, None, None], (1, 1), (1, 1, 1, 1), (1, 1))
+    thr = np.quantile(yp.transpose(1, 0, 2, 3).reshape(o, -1), 0.7, axis=1).astype(np.float32)
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel())
+             for n, a in (("W", w), ("mask", mask), ("thr", thr))]
+    node = helper.make_node("CGConv", ["input", "W", "mask", "thr"], ["y"], domain="gate2deploy",
+                            name="cg", pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("gate2deploy", 1)])
+    model.ir_version = 10
+    lowered = ir.export_model(lower_portable(ir.import_graph(model)))
+    assert [n.op_type for n in lowered.graph.node].count("Gather") == 1
+    sess = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"input": x})[0]
+    y_ref = R.cg_conv_reference(x, w, mask, thr, (1, 1), (1, 1, 1, 1), (1, 1))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
+
+
 def test_portable_cg_base_structure_of_masks():
     from gate2deploy.passes.lower_portable import _base_structure
     rng = np.random.default_rng(0)
