@@ -4,11 +4,12 @@
 Issue 3's goal asks a folded model to keep the dense model's speed per MAC. This measures the
 floor under that for single layers: a conv (+ ReLU, as ORT fuses it) at full width and at
 narrower widths (input and output channels both scaled by `width`, rounded to 16 as the
-fold's `--physical-widths fast` does), timed interleaved in one run (medians, worker spinning
-off), and prints the layer-level quotient (time ratio / MACs ratio). Times are the conv
-node's own kernel time from ONNX Runtime's profiler (no session or Python overhead, no copy of
-the output). A quotient above 1 at the layer level cannot be removed by any graph pass: it is
-the runtime's kernel efficiency at that width.
+fold's `--physical-widths fast` does), timed in one run in alternating blocks under ONNX
+Runtime's default threading (gate2deploy/benchmark.py), medians of wall time per run (a
+one-node session: the session's own overhead, a few microseconds, is in every figure), and
+prints the layer-level quotient (time ratio / MACs ratio). A quotient above 1 at the layer
+level cannot be removed by any graph pass: it is the runtime's kernel efficiency at that
+width.
 
     python tools/bench_conv_widths.py                 # ResNet-18's conv shapes, widths 1, 0.75, 0.5
     python tools/bench_conv_widths.py --runs 200 --widths 1,0.5,0.25
@@ -16,8 +17,6 @@ the runtime's kernel efficiency at that width.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -25,6 +24,8 @@ import time
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from gate2deploy.benchmark import time_sessions
 
 # (name, in channels, out channels, input size, kernel, stride): ResNet-18 at 224x224.
 LAYERS = [
@@ -50,23 +51,8 @@ def conv_session(cin: int, cout: int, size: int, k: int, stride: int, threads: i
     model.ir_version = 10
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.enable_profiling = True
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return session, {"x": rng.standard_normal((1, cin, size, size)).astype(np.float32)}
-
-
-def _median_conv_ms(session) -> float:
-    """Median kernel time of the session's Conv node (fused with ReLU), skipping 5 warm-ups."""
-    path = session.end_profiling()
-    try:
-        with open(path) as f:
-            events = json.load(f)
-    finally:
-        os.remove(path)
-    times = [e["dur"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-             and e["args"].get("op_name") == "Conv"]
-    return statistics.median(times[5:]) / 1e3
 
 
 def narrowed(channels: int, width: float) -> int:
@@ -83,15 +69,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     widths = [float(w) for w in args.widths.split(",")]
     print(f"# ONNX Runtime {ort.__version__} CPU, {args.threads} threads, batch 1, Conv+ReLU, "
-          f"medians of {args.runs} interleaved runs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"default threading, medians of {max(1, args.runs // 10) * 10} runs in alternating blocks, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"{'layer':22} {'width':>5} {'in>out':>9} {'ms':>7} {'time ratio':>10} {'MACs ratio':>10} {'quotient':>8}")
     for name, cin, cout, size, k, stride in LAYERS:
         shapes = [(narrowed(cin, w), narrowed(cout, w)) for w in widths]
-        sessions = [conv_session(ci, co, size, k, stride, args.threads) for ci, co in shapes]
-        for i in range(args.runs + 5):
-            for s, feed in sessions:
-                s.run(None, feed)
-        med = [_median_conv_ms(s) for s, _ in sessions]
+        sessions = dict(enumerate(conv_session(ci, co, size, k, stride, args.threads) for ci, co in shapes))
+        times = time_sessions({i: s for i, (s, _) in sessions.items()},
+                              {i: [feed] for i, (_, feed) in sessions.items()}, rounds=max(1, args.runs // 10))
+        med = [statistics.median(times[i]) for i in sessions]
         full_macs = shapes[0][0] * shapes[0][1]
         for w, (ci, co), ms in zip(widths, shapes, med):
             t_ratio, m_ratio = ms / med[0], ci * co / full_macs
