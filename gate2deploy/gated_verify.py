@@ -32,6 +32,7 @@ from torch import nn
 
 from .gated import (CGConv2d, FBSConv2d, PGConv2d, _cg_seed_eval, _fbs_active, _pg_seed_eval,
                     truncate_msb)
+from .passes.fuse_gated_epilogue import EPILOGUE_INPUTS_AT, activation_name
 from .runtimes.reference import gated_post_epilogue
 
 OPS = {CGConv2d: "CGConv", PGConv2d: "PGConv", FBSConv2d: "FBSConv"}
@@ -129,12 +130,11 @@ def _fused_epilogue(compiled: onnx.ModelProto, captured_node) -> _Epilogue | Non
     and the check compares it with the PyTorch layer's output put through the same epilogue."""
     twin = next((n for n in compiled.graph.node if n.name == captured_node.name
                  and n.domain == "gate2deploy"), None)
-    if twin is None or twin.op_type not in ("CGConv", "PGConv"):
+    if twin is None or twin.op_type not in EPILOGUE_INPUTS_AT:
         return None
-    plain = 4 if twin.op_type == "CGConv" else 3
+    plain = EPILOGUE_INPUTS_AT[twin.op_type]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in twin.attribute}
-    activation = attrs.get("activation", b"")
-    activation = activation.decode() if isinstance(activation, bytes) else activation
+    activation = activation_name(attrs.get("activation"))
     if len(twin.input) <= plain and not activation:
         return None
     scale = shift = None

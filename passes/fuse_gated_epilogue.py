@@ -28,14 +28,23 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .ir import const_value, sole_consumer
+from .ir import const_value, remove_fused, sole_consumer
 
 DOMAIN = "gate2deploy"
+# Where CGConv / PGConv's optional epilogue inputs (post_scale, post_shift) start (OPS.md):
+# the op's input count without an epilogue. Read also by the portable lowering and gated_verify.
+EPILOGUE_INPUTS_AT = {"CGConv": 4, "PGConv": 3}
 PATTERN = {
-    "producers": {(DOMAIN, "CGConv"): 4, (DOMAIN, "PGConv"): 3},  # op -> inputs without epilogue
+    "producers": {(DOMAIN, op): at for op, at in EPILOGUE_INPUTS_AT.items()},
     "op": "BatchNormalization",
     "then": "Relu",
 }
+
+
+def activation_name(value) -> str:
+    """The `activation` attribute as a str ("" when absent); ONNX string attributes may arrive
+    as bytes."""
+    return value.decode() if isinstance(value, bytes) else (value or "")
 
 
 def _folded_batchnorm(bn: gs.Node, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -81,9 +90,6 @@ def fuse_gated_epilogue(graph: gs.Graph) -> list[str]:
         node.inputs.extend([gs.Constant(f"{node.name}/post_scale", folded[0]),
                             gs.Constant(f"{node.name}/post_shift", folded[1])])
         node.outputs = [removed[-1].outputs[0]]
-        for n in removed:
-            n.inputs.clear()
-            n.outputs.clear()
-            graph.nodes.remove(n)
+        remove_fused(graph, removed)
         fused.append(node.name)
     return fused

@@ -52,6 +52,15 @@ def sole_consumer(graph: gs.Graph, tensor: gs.Tensor, op: str) -> gs.Node | None
     return node if node.op == op and node.domain in ("", "ai.onnx", None) else None
 
 
+def remove_fused(graph: gs.Graph, nodes) -> None:
+    """Detach and remove nodes a fusion has taken over (their output tensors are now written
+    by the fused node)."""
+    for node in nodes:
+        node.inputs.clear()
+        node.outputs.clear()
+        graph.nodes.remove(node)
+
+
 def new_const(name: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(name, np.ascontiguousarray(values))
 

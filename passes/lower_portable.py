@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .fuse_gated_epilogue import EPILOGUE_INPUTS_AT, activation_name
 from .ir import const_value
 
 DOMAIN = "gate2deploy"
@@ -205,15 +206,11 @@ def _lower_fbs(b: _Builder, node: gs.Node, y: gs.Variable, expose_gates: bool) -
     return gate
 
 
-POST_INPUTS_AT = {"CGConv": 4, "PGConv": 3}  # where the optional epilogue's inputs start
-
-
 def _epilogue_target(b: _Builder, node: gs.Node, y: gs.Variable):
     """(tensor the gated op's lowering writes, function finishing y) for CG/PG's optional
     epilogue (OPS.md: act(post_scale * Y + post_shift)); (y, None) without one."""
-    at = POST_INPUTS_AT.get(node.op)
-    activation = node.attrs.get("activation", "")
-    activation = activation.decode() if isinstance(activation, bytes) else activation
+    at = EPILOGUE_INPUTS_AT.get(node.op)
+    activation = activation_name(node.attrs.get("activation"))
     if at is None or (len(node.inputs) <= at and not activation):
         return y, None
     pre = gs.Variable(b._name("pre_epilogue"), dtype=np.float32)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .ir import const_value, sole_consumer
+from .ir import const_value, remove_fused, sole_consumer
 
 DOMAIN = "gate2deploy"
 PATTERN = {
@@ -91,10 +91,7 @@ def _fuse_epilogue(graph: gs.Graph, node: gs.Node) -> None:
         last = relu
     node.inputs.append(residual)
     node.outputs = [last.outputs[0]]
-    for fused in (add, relu) if relu is not None else (add,):
-        fused.inputs.clear()
-        fused.outputs.clear()
-        graph.nodes.remove(fused)
+    remove_fused(graph, (add, relu) if relu is not None else (add,))
 
 
 def sparse_fbs_consumers(graph: gs.Graph) -> list[str]:

@@ -69,12 +69,17 @@ def _per_channel(name: str, a, o: int) -> np.ndarray:
     return a.reshape(1, o, 1, 1)
 
 
+def _activation(y: np.ndarray, activation: str | None) -> np.ndarray:
+    """act(y) for the ops' `activation` attribute: "Relu", or none (None / "")."""
+    if activation not in (None, "", "Relu"):
+        raise ValueError(f"activation must be 'Relu' or none, not {activation!r}")
+    return np.maximum(y, np.float32(0)) if activation == "Relu" else y
+
+
 def gated_post_epilogue(y, post_scale=None, post_shift=None, activation: str | None = None):
     """The optional epilogue of CGConv and PGConv (OPS.md): act(post_scale[o] * Y +
     post_shift[o]), act = ReLU for activation "Relu"; Y unchanged without it. A following
     BatchNormalization (and Relu) fused by passes/fuse_gated_epilogue.py."""
-    if activation not in (None, "", "Relu"):
-        raise ValueError(f"activation must be 'Relu' or none, not {activation!r}")
     if (post_scale is None) != (post_shift is None):
         raise ValueError("post_scale and post_shift come together")
     if post_scale is not None:
@@ -82,9 +87,7 @@ def gated_post_epilogue(y, post_scale=None, post_shift=None, activation: str | N
         a = _per_channel("post_scale", post_scale, o)
         b = _per_channel("post_shift", post_shift, o)
         y = a * y + b
-    if activation == "Relu":
-        y = np.maximum(y, np.float32(0))
-    return y.astype(np.float32)
+    return _activation(y, activation).astype(np.float32)
 
 
 def cg_conv_reference(x, w, base_mask, threshold, strides=(1, 1), pads=(0, 0, 0, 0),
@@ -218,14 +221,10 @@ def sparse_input_conv_reference(x, w, b, strides=(1, 1), pads=(0, 0, 0, 0), dila
     b = _f32("B", b).reshape(-1)
     if b.size != np.asarray(w).shape[0]:
         raise ValueError(f"B must have {np.asarray(w).shape[0]} values, not {b.size}")
-    if activation not in (None, "", "Relu"):
-        raise ValueError(f"activation must be 'Relu' or none, not {activation!r}")
     y = conv2d(x, w, strides, pads, dilations) + b[None, :, None, None]
     if residual is not None:
         residual = _f32("R", residual)
         if residual.shape != y.shape:
             raise ValueError(f"R must have shape {y.shape}, not {residual.shape}")
         y = y + residual
-    if activation == "Relu":
-        y = np.maximum(y, np.float32(0))
-    return y.astype(np.float32)
+    return _activation(y, activation).astype(np.float32)
