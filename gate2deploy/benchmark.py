@@ -29,13 +29,22 @@ import numpy as np
 import onnx
 
 
-def time_sessions(sessions: dict, feeds: dict[str, list[dict]], rounds: int = 6, block: int = 10,
+BLOCK = 10  # timed runs per block
+
+
+def whole_blocks(runs: int, block: int = BLOCK) -> int:
+    """The number of timed runs per session that time_sessions makes for `runs`: rounded up
+    to whole blocks, at least one."""
+    return max(1, -(-runs // block)) * block
+
+
+def time_sessions(sessions: dict, feeds: dict[str, list[dict]], runs: int = 60, block: int = BLOCK,
                   settle_s: float = 0.1) -> dict[str, list[float]]:
-    """Timed run durations in ms per session, `rounds` x `block` runs each, in alternating
-    blocks. `feeds[name]` is a list of feed dicts cycled through from run to run (one entry
-    repeats the same input)."""
+    """Timed run durations in ms per session, whole_blocks(runs, block) runs each, in
+    alternating blocks. `feeds[name]` is a list of feed dicts cycled through from run to run
+    (one entry repeats the same input)."""
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(rounds):
+    for _ in range(whole_blocks(runs, block) // block):
         for name, session in sessions.items():
             inputs = feeds[name]
             start = time.perf_counter()
@@ -50,7 +59,7 @@ def time_sessions(sessions: dict, feeds: dict[str, list[dict]], rounds: int = 6,
     return times
 
 
-def latencies_ms(models: dict[str, onnx.ModelProto], input_shape, rounds: int = 6, block: int = 10,
+def latencies_ms(models: dict[str, onnx.ModelProto], input_shape, runs: int = 60, block: int = BLOCK,
                  threads: int = 2, spinning: bool = True) -> tuple[dict[str, float], dict[str, float]]:
     """(median, minimum) latency in ms per model on one random normal input."""
     from .verify import make_session
@@ -58,5 +67,5 @@ def latencies_ms(models: dict[str, onnx.ModelProto], input_shape, rounds: int = 
     sessions = {name: make_session(m, threads=threads, spinning=spinning) for name, m in models.items()}
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
     feeds = {name: [{s.get_inputs()[0].name: x}] for name, s in sessions.items()}
-    times = time_sessions(sessions, feeds, rounds, block)
+    times = time_sessions(sessions, feeds, runs, block)
     return ({n: statistics.median(t) for n, t in times.items()}, {n: min(t) for n, t in times.items()})

@@ -6,7 +6,7 @@ import time
 import onnx
 from onnx import TensorProto, helper
 
-from gate2deploy.benchmark import latencies_ms, time_sessions
+from gate2deploy.benchmark import latencies_ms, time_sessions, whole_blocks
 
 
 class FakeSession:
@@ -21,9 +21,10 @@ def test_blocks_alternate_with_settling_runs_and_feeds_cycle():
     log = []
     sessions = {"a": FakeSession("a", log), "b": FakeSession("b", log)}
     feeds = {"a": [{"x": 0}, {"x": 1}, {"x": 2}], "b": [{"x": 9}]}
-    times = time_sessions(sessions, feeds, rounds=3, block=4, settle_s=0.0)
+    times = time_sessions(sessions, feeds, runs=12, block=4, settle_s=0.0)
 
     assert {n: len(t) for n, t in times.items()} == {"a": 12, "b": 12}
+    assert (whole_blocks(12, 4), whole_blocks(13, 4), whole_blocks(0, 4)) == (12, 16, 4)
     assert all(t >= 0 for t in itertools.chain(*times.values()))
     blocks = [(name, [x for _, x in group]) for name, group in itertools.groupby(log, key=lambda e: e[0])]
     assert [name for name, _ in blocks] == ["a", "b"] * 3
@@ -37,7 +38,7 @@ def test_settling_lasts_at_least_settle_s():
     log = []
     sessions = {"a": FakeSession("a", log)}
     t0 = time.perf_counter()
-    time_sessions(sessions, {"a": [{"x": 0}]}, rounds=2, block=1, settle_s=0.02)
+    time_sessions(sessions, {"a": [{"x": 0}]}, runs=2, block=1, settle_s=0.02)
     assert time.perf_counter() - t0 >= 0.04
     assert len(log) > 2 * (2 + 1)  # more settling runs than the minimum of two per block
 
@@ -49,6 +50,6 @@ def test_latencies_of_real_sessions():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     onnx.checker.check_model(model)
-    medians, minima = latencies_ms({"one": model, "two": model}, (1, 4), rounds=2, block=3)
+    medians, minima = latencies_ms({"one": model, "two": model}, (1, 4), runs=6, block=3)
     assert set(medians) == set(minima) == {"one", "two"}
     assert all(0 < minima[n] <= medians[n] for n in medians)

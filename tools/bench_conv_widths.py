@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from gate2deploy.benchmark import time_sessions
+from gate2deploy.benchmark import time_sessions, whole_blocks
 
 # (name, in channels, out channels, input size, kernel, stride): ResNet-18 at 224x224.
 LAYERS = [
@@ -69,14 +69,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     widths = [float(w) for w in args.widths.split(",")]
     print(f"# ONNX Runtime {ort.__version__} CPU, {args.threads} threads, batch 1, Conv+ReLU, "
-          f"default threading, medians of {max(1, args.runs // 10) * 10} runs in alternating blocks, "
+          f"default threading, medians of {whole_blocks(args.runs)} runs in alternating blocks, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"{'layer':22} {'width':>5} {'in>out':>9} {'ms':>7} {'time ratio':>10} {'MACs ratio':>10} {'quotient':>8}")
     for name, cin, cout, size, k, stride in LAYERS:
         shapes = [(narrowed(cin, w), narrowed(cout, w)) for w in widths]
         sessions = dict(enumerate(conv_session(ci, co, size, k, stride, args.threads) for ci, co in shapes))
         times = time_sessions({i: s for i, (s, _) in sessions.items()},
-                              {i: [feed] for i, (_, feed) in sessions.items()}, rounds=max(1, args.runs // 10))
+                              {i: [feed] for i, (_, feed) in sessions.items()}, runs=args.runs)
         med = [statistics.median(times[i]) for i in sessions]
         full_macs = shapes[0][0] * shapes[0][1]
         for w, (ci, co), ms in zip(widths, shapes, med):

@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from gate2deploy.benchmark import latencies_ms  # noqa: E402
+from gate2deploy.benchmark import latencies_ms, whole_blocks  # noqa: E402
 from gate2deploy.capture import capture  # noqa: E402
 from gate2deploy.cli import main as cli  # noqa: E402
 from gate2deploy.importers.gator import make_gator_checkpoint  # noqa: E402
@@ -63,11 +63,11 @@ def main() -> int:
             dims = tuple(int(v) for v in shape.split(","))
             dense = capture(build_model(spec).eval(), torch.randn(dims))
             t, _ = latencies_ms({"dense": dense, "folded": onnx.load(str(out))}, dims,
-                                rounds=max(1, args.repeats // 10), threads=args.threads)
+                                runs=args.repeats, threads=args.threads)
             macs = r["macs_after"] / r["macs_before"]
             lat = t["folded"] / t["dense"]
             rows.append((name, macs, t["dense"], t["folded"], lat, lat / macs, r["compile_seconds"], r["max_rel_err"]))
-    print(f"\nONNX Runtime CPU, {args.threads} threads, batch 1, median of {max(1, args.repeats // 10) * 10} runs in alternating blocks of 10")
+    print(f"\nONNX Runtime CPU, {args.threads} threads, batch 1, median of {whole_blocks(args.repeats)} runs in alternating blocks of 10")
     print(f"{'model':18} {'MACs':>6} {'dense ms':>9} {'folded ms':>9} {'latency':>8} {'lat/MACs':>8} {'compile s':>9} {'rel err':>9}")
     for name, macs, td, tf, lat, q, cs, err in rows:
         print(f"{name:18} {macs:6.3f} {td:9.2f} {tf:9.2f} {lat:8.3f} {q:8.2f} {cs:9.2f} {err:9.2e}")

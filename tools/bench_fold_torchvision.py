@@ -36,7 +36,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from gate2deploy.benchmark import latencies_ms
+from gate2deploy.benchmark import latencies_ms, whole_blocks
 from gate2deploy.capture import capture
 from gate2deploy.nn import MaskSpec, attach_masks, channel_mask
 from gate2deploy.passes import ir
@@ -274,7 +274,7 @@ def bench(name: str, runs: int, spinning: bool = True) -> Row:
     dense = capture(build_model(name), torch.randn(1, 3, size, size))
     err = relative_error(prepared, folded, size)
     lat, fastest = latencies_ms({"dense": dense, "folded": folded}, (1, 3, size, size),
-                                rounds=max(1, runs // 10), spinning=spinning)
+                                runs=runs, spinning=spinning)
     dense_macs = model_cost(dense).macs
     return Row(name, model_cost(unpadded).macs / dense_macs, model_cost(folded).macs / dense_macs,
                lat["dense"], lat["folded"], fastest["folded"] / fastest["dense"], compile_s, prepared.capture_s, err, len(ctx.fold.unfoldable))
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
           f"{_cpu_name()}, ORT {ort.__version__} CPU 2 threads (spinning {'off' if args.no_spin else 'on'}), "
-          f"batch 1, medians of {max(1, args.runs // 10) * 10} runs in alternating blocks of 10")
+          f"batch 1, medians of {whole_blocks(args.runs)} runs in alternating blocks of 10")
     print("| model | input | MACs kept | physical MACs | latency ratio | quotient | quotient vs kept "
           "| dense ms | folded ms | min-latency ratio | compile s (capture + passes) | rel. error "
           "| unfoldable masks |")

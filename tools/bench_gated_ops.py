@@ -54,7 +54,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from gate2deploy.benchmark import time_sessions
+from gate2deploy.benchmark import time_sessions, whole_blocks
 from gate2deploy.runtimes import reference as ref
 from gate2deploy.runtimes.ort import open_session
 
@@ -178,7 +178,7 @@ def median_ms_in_blocks(sessions, feeds, repeats):
     session, rounded up to whole blocks. `feeds` is one feed dict or a list cycled through."""
     feeds = feeds if isinstance(feeds, list) else [feeds]
     by_index = dict(enumerate(sessions))
-    times = time_sessions(by_index, {i: feeds for i in by_index}, rounds=max(1, -(-repeats // 10)))
+    times = time_sessions(by_index, {i: feeds for i in by_index}, runs=repeats)
     return [statistics.median(times[i]) for i in by_index]
 
 
@@ -335,7 +335,7 @@ def main(argv=None) -> int:
     ops = args.ops.split(",")
     print(f"layer: batch {args.batch}, {c}->{o} channels, {hw}x{hw}, {k}x{k}, pad {pad}; "
           f"ONNX Runtime {ort.__version__} CPU, {args.threads} threads; "
-          f"spinning {args.spin}; medians of {max(1, -(-args.repeats // 10)) * 10} runs in alternating blocks of 10")
+          f"spinning {args.spin}; medians of {whole_blocks(args.repeats)} runs in alternating blocks of 10")
 
     if "cg" in ops:
         mask = np.zeros((o, c), np.float32)

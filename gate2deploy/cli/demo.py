@@ -51,7 +51,7 @@ def run(args) -> int:
     import torchvision
     shape = parse_shape(args.input_shape)
     dense = capture(torchvision.models.resnet18().eval(), torch.randn(shape))
-    times, _ = latencies_ms({"dense": dense, "folded": onnx.load(str(onnx_path))}, shape, rounds=4)
+    times, _ = latencies_ms({"dense": dense, "folded": onnx.load(str(onnx_path))}, shape, runs=40)
     print(f"ONNX Runtime CPU, 2 threads, median of 40 runs in alternating blocks: dense {times['dense']:.2f} ms, "
           f"folded {times['folded']:.2f} ms ({times['folded'] / times['dense']:.3f}x)")
     print(f"wrote {onnx_path} and {report}")
