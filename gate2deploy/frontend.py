@@ -42,6 +42,16 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netslim-rule", choices=RULES, default="mayo",
                    help="mayo: raw gamma, keep > (k+1)-th largest; abs: |gamma| percentile (Liu et al.)")
     p.add_argument("--netslim-scope", choices=SCOPES, default="global", help="one threshold for all layers, or per layer")
+    add_gator_arguments(p)
+
+
+def add_gator_arguments(p: argparse.ArgumentParser) -> None:
+    """Gator's options that its checkpoints do not store (importers/gator.py)."""
+    p.add_argument("--gator-no-last-conv", metavar="true|false",
+                   help="Gator's no_last_conv (no gate on the last residual stream / last conv); "
+                        "unstated, the checkpoint's gate count decides")
+    p.add_argument("--gator-config", metavar="JSON",
+                   help="the gating config given to Gator's --gating_config_path (its no_last_conv is read)")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -68,11 +78,12 @@ def build_gated_model(args: argparse.Namespace) -> GatedModel:
         model = build_model(args.model, args.model_kwargs)
         weights = ckpt.state_dict
         if gator.is_gator(weights):
-            weights, gate_masks = gator.split_checkpoint(weights)
+            weights, gates = gator.split_checkpoint(weights)
             load_weights(model, weights, str(ckpt.path))
-            specs += gator.mask_specs(model, gate_masks)
-            sources["gator"] = {"edges": len(gate_masks), "arch": ckpt.meta.get("arch"),
-                                "kept_channels": [int(m.sum()) for _, m in sorted(gate_masks.items())]}
+            no_last_conv = gator.parse_no_last_conv(args.gator_no_last_conv, args.gator_config)
+            gator_specs, summary = gator.mask_specs(model, gates, no_last_conv)
+            specs += gator_specs
+            sources["gator"] = {"arch": ckpt.meta.get("arch"), **summary}
         else:
             load_weights(model, weights, str(ckpt.path))
     model.eval()

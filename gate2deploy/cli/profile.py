@@ -23,6 +23,8 @@ import torch
 
 from ..errors import UserError
 from ..fileio import read_json
+from ..frontend import add_gator_arguments
+from ..importers import gator
 from ..loading import build_model, load_checkpoint, load_weights
 from ..profiling.lut import DEFAULT_FRACTIONS, layer_latencies, load_lut, parse_channels, predict, table_of
 from ..profiling.measure import BACKENDS, Settings
@@ -42,6 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted profile in the same folder")
     p.add_argument("--edges", choices=("auto", "gator", "groups"), default="auto",
                    help="Gator hyper-edges (ResNet/VGG), channel-analysis groups, or auto")
+    add_gator_arguments(p)
     p.add_argument("--widths", default=",".join(str(f) for f in DEFAULT_FRACTIONS),
                    help="fractions of each prunable width to measure (plus each minus one channel on inputs)")
     p.add_argument("--warmup", type=int, default=3)
@@ -76,7 +79,7 @@ def run(args) -> int:
     fractions = _fractions(args.widths)
     if args.repeats < 3 or args.warmup < 0 or args.max_cv <= 0:
         raise UserError("--repeats must be >= 3, --warmup >= 0 and --max-cv > 0")
-    model, current = _load(args)
+    model, current, no_last_conv = _load(args)
     example = torch.randn(shape)
     try:
         with torch.no_grad():
@@ -87,7 +90,7 @@ def run(args) -> int:
     options = ProfileOptions(
         target=args.target, threads=args.threads,
         settings=Settings(warmup=args.warmup, repeats=args.repeats, max_cv=args.max_cv, retries=args.retries),
-        fractions=fractions, edges=args.edges, resume=args.resume, report=not args.no_report,
+        fractions=fractions, edges=args.edges, gator_no_last_conv=no_last_conv, resume=args.resume, report=not args.no_report,
         progress=not args.no_progress, criteria_weight=args.criteria_weight,
         gradient_multiplier=args.gradient_multiplier, gate_init_prob=args.gate_init_prob,
         static_total_cost=args.static_total_cost)
@@ -139,25 +142,26 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 def _load(args):
-    """The unpruned model, and the checkpoint's Gator channel counts (or None)."""
+    """The unpruned model, the checkpoint's Gator channel counts (or None), and Gator's
+    no_last_conv (as stated, else as the checkpoint's gate count says, else False)."""
     current = None
+    stated = gator.parse_no_last_conv(args.gator_no_last_conv, args.gator_config)
     if args.checkpoint is None:
         model = build_model(args.model, args.model_kwargs)
-        return model.eval(), None
+        return model.eval(), None, bool(stated)
     ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
     if ckpt.module is not None:
-        return ckpt.module.eval(), None
+        return ckpt.module.eval(), None, bool(stated)
     if not args.model:
         raise UserError(f"{ckpt.path} holds only weights: pass --model package.module:callable to build the architecture")
     model = build_model(args.model, args.model_kwargs)
     weights = ckpt.state_dict
-    from ..importers import gator
-
     if gator.is_gator(weights):
-        weights, masks = gator.split_checkpoint(weights)
+        weights, gates = gator.split_checkpoint(weights)
         load_weights(model, weights, str(ckpt.path))
-        gator.mask_specs(model, masks)  # validates gate count and sizes against the model
-        current = [max(1, int(masks[i].reshape(-1).bool().sum())) for i in sorted(masks)]
+        _, summary = gator.mask_specs(model, gates, stated)  # checks gate count and sizes against the model
+        stated = summary["no_last_conv"]
+        current = [max(1, c) for c in summary["kept_channels"]]
     else:
         load_weights(model, weights, str(ckpt.path))
-    return model.eval(), current
+    return model.eval(), current, bool(stated)

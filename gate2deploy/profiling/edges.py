@@ -137,11 +137,14 @@ def total_macs(table: ModelTable, channels: list[int] | None = None) -> int:
 # ---------------------------------------------------------------------------------------
 # Building the table
 # ---------------------------------------------------------------------------------------
-def build_table(model: nn.Module, example: torch.Tensor, edges: str = "auto") -> tuple[ModelTable, onnx.ModelProto]:
+def build_table(model: nn.Module, example: torch.Tensor, edges: str = "auto",
+                no_last_conv: bool = False) -> tuple[ModelTable, onnx.ModelProto]:
     """Capture `model` and return its layer table and the captured (unpruned) ONNX model.
 
-    edges: "auto" (Gator's hyper-edges where known, else channel groups), "gator" (required),
-    "groups" (channel groups only).
+    edges: "auto" (Gator's hyper-edges for ResNets and VGG-style `features` chains, else
+    channel groups), "gator" (required; Gator's naive sequential order for other models),
+    "groups" (channel groups only). no_last_conv: Gator's option of that name (the last edge
+    is then not prunable and gets no multiplier).
     """
     model = model.eval()
     proto = capture(model, example)
@@ -153,7 +156,7 @@ def build_table(model: nn.Module, example: torch.Tensor, edges: str = "auto") ->
 
     gator_edges = None
     if edges in ("auto", "gator"):
-        gator_edges = _gator_hyper_edges(model, required=edges == "gator")
+        gator_edges = _gator_hyper_edges(model, required=edges == "gator", no_last_conv=no_last_conv)
     if gator_edges is not None:
         node_of_module, conv_of_bn = _module_maps(model, example, trace_order)
         root_order, names, modules = _match_gator_edges(gator_edges, groups, graph, node_of_module, conv_of_bn)
@@ -287,15 +290,17 @@ def _layer(node, channel_groups: _ChannelGroups, index_of_root: dict[int, int]) 
 # ---------------------------------------------------------------------------------------
 # Gator's hyper-edges: matched to channel groups through the modules they name
 # ---------------------------------------------------------------------------------------
-def _gator_hyper_edges(model: nn.Module, required: bool):
+def _gator_hyper_edges(model: nn.Module, required: bool, no_last_conv: bool = False):
     try:
         from ..importers import gator
     except ImportError:
         if required:
             raise UserError("Gator hyper-edges need gate2deploy.importers.gator, which is not installed") from None
         return None
+    if not required and not (gator.is_resnet(model) or _vgg_chain(model)):
+        return None  # "auto": Gator's naive order only where the convs form a chain (VGGs)
     try:
-        edges = gator.hyper_edges(model)
+        edges = gator.hyper_edges(model, no_last_conv)
     except UserError:
         if required:
             raise
@@ -303,6 +308,16 @@ def _gator_hyper_edges(model: nn.Module, required: bool):
     if not edges and required:
         raise UserError(f"Gator's hyper-edge map finds no edges in {type(model).__name__}")
     return edges or None
+
+
+def _vgg_chain(model: nn.Module) -> bool:
+    """Every conv is a direct child of a `features` Sequential: a chain, VGG-style."""
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential):
+        return False
+    direct = {id(m) for m in features.children()}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return bool(convs) and all(id(m) in direct for m in convs)
 
 
 def _module_maps(model: nn.Module, example: torch.Tensor, trace_order: list[str]):

@@ -38,6 +38,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..fileio import read_json
+from ..passes.choose_widths import BLOCK as NCHWC_BLOCK
 from .edges import LayerShape, ModelTable, layer_shapes
 from .measure import LayerSpec
 
@@ -103,7 +104,8 @@ def ort_cpu_kernel(spec: LayerSpec) -> str:
         return "nchw"
     if _depthwise(spec):
         return "nchwc" if spec.cin % 4 == 0 else "nchw"
-    return "nchwc" if spec.cin < 16 or spec.cin % 4 == 0 else "nchw"
+    # narrower than MLAS's NCHWc block (16 with AVX-512, 8 with AVX2): blocked at any count
+    return "nchwc" if spec.cin < NCHWC_BLOCK or spec.cin % 4 == 0 else "nchw"
 
 
 def macs(spec: LayerSpec) -> float:

@@ -38,6 +38,7 @@ class ProfileOptions:
     settings: Settings = field(default_factory=Settings)
     fractions: tuple = DEFAULT_FRACTIONS
     edges: str = "auto"
+    gator_no_last_conv: bool = False  # Gator's option (importers/gator.py): no edge for the last stream
     resume: bool = False
     report: bool = True
     progress: bool = True
@@ -73,7 +74,7 @@ def profile(model: nn.Module, example: torch.Tensor, out_dir: str | Path, option
     if options.threads < 1:
         raise UserError("--threads must be at least 1")
     backend = make_backend(options.target, options.threads, options.settings)
-    table, proto = build_table(model, example, options.edges)
+    table, proto = build_table(model, example, options.edges, options.gator_no_last_conv)
     if not table.edges:
         raise UserError("the model has no prunable channel group (every group is pinned)")
     out.mkdir(exist_ok=True)
