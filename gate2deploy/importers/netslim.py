@@ -1,9 +1,12 @@
 """Network slimming (seed 000 and Liu et al. 2017): masks from BatchNorm scales.
 
 Two selection rules, named in the report:
-- "mayo" (Mayo's NetworkSlimmer, the default): raw gamma (not |gamma|). With density d over n
-  values, k = ceil(n * d); if k == n nothing is pruned; threshold = sorted(values)[-k-1] (the
-  (k+1)-th largest); keep gamma > threshold.
+- "mayo" (Mayo's NetworkSlimmer, the default; mayo/override/prune/netslim.py
+  `NetworkSlimmer._threshold` and `_updated_mask`): raw gamma (not |gamma|). With density d over
+  n values, k = ceil(n * d); threshold = sorted(values)[-k-1] (the (k+1)-th largest), or 0 when
+  k == n; keep gamma > threshold. So density 1 (Mayo's own default in
+  models/override/prune/netslim.yaml) still removes the channels whose gamma is <= 0, as Mayo
+  does (gating-semantics.md §1 says "nothing is pruned" there; Mayo's code returns 0).
 - "abs" (Liu et al.'s PyTorch code): |gamma|, threshold = sorted(|gamma|)[int(n * (1 - d))],
   keep |gamma| > threshold. (d >= 1 prunes nothing; Liu's code would still drop the minimum.)
 Both "global" (one threshold over all participating layers, the default) or "layer" (each
@@ -50,9 +53,7 @@ def _threshold(values: np.ndarray, density: float, rule: str) -> float | None:
     n = len(values)
     if rule == "mayo":
         k = math.ceil(n * density)
-        if k >= n:
-            return None
-        return float(np.sort(values)[-k - 1])
+        return 0.0 if k >= n else float(np.sort(values)[-k - 1])
     if density >= 1:
         return None
     return float(np.sort(values)[min(int(n * (1 - density)), n - 1)])
