@@ -20,15 +20,15 @@ import warnings
 import onnx
 import torch
 
-from . import opdefs
+from . import ops
 from .errors import UserError
 
 OPSET = 17
-IR_VERSION = 10
+IR_VERSION = ops.IR_VERSION
 
 
 def capture(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
-    opdefs.register_all()
+    ops.register_all()
     model.eval()
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -48,14 +48,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     return finalize(proto)
 
 
-def finalize(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Set the IR version ORT accepts, add our opset import, infer shapes."""
-    proto.ir_version = IR_VERSION
-    if not any(o.domain == opdefs.DOMAIN for o in proto.opset_import):
-        if any(n.domain == opdefs.DOMAIN for n in proto.graph.node):
-            proto.opset_import.extend(opdefs.opset_imports())
-    del proto.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+finalize = ops.finalize
 
 
 def module_path(node_name: str) -> str:

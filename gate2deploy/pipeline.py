@@ -1,12 +1,25 @@
-"""Pipelines: which passes run, in which order, for each target. Declared here only.
+"""Passes and the pass manager: one protocol, one manager, the pipelines of every target.
 
-A pipeline is a list of (name, pass) pairs; each pass is `fn(graph, ctx) -> graph` where `ctx`
-carries options and collects per-pass results for the report.
+A pass is an object with a `name`, the names of the passes it `requires` to have run
+before it (its preconditions: e.g. the fold needs static shapes), and
+`__call__(graph, ctx) -> graph` over an onnx-graphsurgeon graph. `ctx` (PassContext) carries
+the options and collects each pass's results for the report. Each pass's contract is the
+docstring of its module in passes/; this file only adapts them to the protocol (`GraphPass`)
+and declares which run, in which order, per target (`PIPELINES`, read by targets.py).
+
+`PassManager` (after torch.fx's PassManager: a list of callables run in order, with checks
+between them) runs a pipeline: it checks every pass's preconditions before any runs, times
+each pass (`ctx.timings`, in the report), names the failing pass in the error, and with
+`debug_dir` (`--debug-passes DIR`) writes the graph after every pass and re-checks it
+(onnx.checker and strict shape inference), so a pass that breaks the graph is caught where
+it does.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -21,6 +34,8 @@ from gate2deploy.passes.lower_portable import LoweringResult, lower_portable
 from gate2deploy.passes.resolve_static_shapes import resolve_static_shapes
 from gate2deploy.passes.sparse_fbs_consumers import sparse_fbs_consumers
 
+from .errors import UserError
+
 
 @dataclass
 class PassContext:
@@ -30,44 +45,99 @@ class PassContext:
     lowering: LoweringResult = field(default_factory=LoweringResult)  # CG/PG/FBS -> standard ops
     sparse_input_convs: list[str] = field(default_factory=list)  # Conv after FBS -> SparseInputConv
     fused_epilogues: list[str] = field(default_factory=list)  # CG/PG nodes that took BN (+ Relu)
+    timings: dict[str, float] = field(default_factory=dict)  # pass name -> seconds
+    debug_dir: str | None = None  # --debug-passes: dump and re-check the graph after each pass
 
 
-Pass = Callable[[gs.Graph, PassContext], gs.Graph]
+@dataclass(frozen=True)
+class GraphPass:
+    """A pass: `run(graph, ctx) -> graph`, run only after the passes it requires."""
 
-FOLD_PIPELINE: list[tuple[str, Pass]] = [
-    ("cleanup", lambda g, ctx: cleanup(g)),
-    ("resolve_static_shapes", lambda g, ctx: resolve_static_shapes(g)),
-    ("canonicalize_channel_shuffle", lambda g, ctx: canonicalize_channel_shuffle(g)),
-    ("fold_static_masks", lambda g, ctx: fold_static_masks(
-        g, ctx.unfoldable_policy, ctx.fold, choose_padding if ctx.choose_widths else None)),
-]
+    name: str
+    run: Callable[[gs.Graph, PassContext], gs.Graph]
+    requires: tuple[str, ...] = ()
 
-
-def _sparse_fbs_consumers(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-    ctx.sparse_input_convs.extend(sparse_fbs_consumers(graph))
-    return graph
+    def __call__(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+        return self.run(graph, ctx)
 
 
-def _fuse_gated_epilogue(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-    ctx.fused_epilogues.extend(fuse_gated_epilogue(graph))
-    return graph
+class PassFailure(RuntimeError):
+    """A pass raised something other than a user error, or left an invalid graph: a bug in
+    gate2deploy, reported with the pass's name (and the traceback)."""
 
 
-PIPELINES: dict[str, list[tuple[str, Pass]]] = {
+def _collect(into: str, fn: Callable[[gs.Graph], list]) -> Callable[[gs.Graph, PassContext], gs.Graph]:
+    """Adapt a pass that returns what it did (a list) to the protocol: the list goes to ctx."""
+    def run(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+        getattr(ctx, into).extend(fn(graph))
+        return graph
+    return run
+
+
+CLEANUP = GraphPass("cleanup", lambda g, ctx: cleanup(g))
+RESOLVE_STATIC_SHAPES = GraphPass("resolve_static_shapes", lambda g, ctx: resolve_static_shapes(g), ("cleanup",))
+CANONICALIZE_CHANNEL_SHUFFLE = GraphPass("canonicalize_channel_shuffle",
+                                         lambda g, ctx: canonicalize_channel_shuffle(g), ("resolve_static_shapes",))
+FOLD_STATIC_MASKS = GraphPass(
+    "fold_static_masks",
+    lambda g, ctx: fold_static_masks(g, ctx.unfoldable_policy, ctx.fold, choose_padding if ctx.choose_widths else None),
+    ("resolve_static_shapes", "canonicalize_channel_shuffle"))
+LOWER_PORTABLE = GraphPass("lower_portable", lambda g, ctx: lower_portable(g, ctx.lowering), ("fold_static_masks",))
+SPARSE_FBS_CONSUMERS = GraphPass("sparse_fbs_consumers", _collect("sparse_input_convs", sparse_fbs_consumers),
+                                 ("fold_static_masks",))
+FUSE_GATED_EPILOGUE = GraphPass("fuse_gated_epilogue", _collect("fused_epilogues", fuse_gated_epilogue),
+                                ("fold_static_masks",))
+
+FOLD_PIPELINE = [CLEANUP, RESOLVE_STATIC_SHAPES, CANONICALIZE_CHANNEL_SHUFFLE, FOLD_STATIC_MASKS]
+
+PIPELINES: dict[str, list[GraphPass]] = {
     # Portable: every gate2deploy op becomes standard ONNX ops (stock onnxruntime, no plugin).
-    "onnx": FOLD_PIPELINE + [("lower_portable", lambda g, ctx: lower_portable(g, ctx.lowering))],
+    "onnx": FOLD_PIPELINE + [LOWER_PORTABLE],
     # ONNX Runtime with the gate2deploy custom-op library: CGConv/PGConv/FBSConv nodes stay,
     # plain convs reading an FBS output skip its zero channels, and the BatchNorm + Relu after
     # a CG/PG node join it as its epilogue (CPU-only features of the native kernels).
-    "ort": FOLD_PIPELINE + [("sparse_fbs_consumers", _sparse_fbs_consumers),
-                            ("fuse_gated_epilogue", _fuse_gated_epilogue)],
+    "ort": FOLD_PIPELINE + [SPARSE_FBS_CONSUMERS, FUSE_GATED_EPILOGUE],
     # TensorRT with the gate2deploy plugins: CGConv/PGConv/FBSConv nodes stay.
     "trt": list(FOLD_PIPELINE),
 }
 
 
+class PassManager:
+    def __init__(self, passes: list[GraphPass]):
+        done: set[str] = set()
+        for p in passes:  # preconditions are checked before anything runs
+            missing = [r for r in p.requires if r not in done]
+            if missing:
+                raise PassFailure(f"pass {p.name} requires {', '.join(missing)} to run before it")
+            done.add(p.name)
+        self.passes = passes
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        graph = ir.import_graph(model)
+        for index, p in enumerate(self.passes):
+            start = time.perf_counter()
+            try:
+                graph = p(graph, ctx)
+            except UserError:
+                raise  # the user's input (e.g. a mask the fold cannot honour): already one line
+            except Exception as exc:  # noqa: BLE001 - a bug: name the pass, keep the traceback
+                raise PassFailure(f"pass {p.name} failed: {type(exc).__name__}: {exc}") from exc
+            ctx.timings[p.name] = round(ctx.timings.get(p.name, 0.0) + time.perf_counter() - start, 4)
+            if ctx.debug_dir:
+                self._dump_and_check(graph, p.name, index, Path(ctx.debug_dir))
+        return ir.export_model(graph)
+
+    @staticmethod
+    def _dump_and_check(graph: gs.Graph, name: str, index: int, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            model = ir.export_model(graph.copy())  # strict shape inference runs here
+            onnx.checker.check_model(model)
+        except Exception as exc:  # noqa: BLE001
+            raise PassFailure(f"graph invalid after pass {name}: {type(exc).__name__}: "
+                              f"{(str(exc).strip().splitlines() or [''])[0]}") from exc
+        onnx.save(model, str(folder / f"{index:02d}_{name}.onnx"))
+
+
 def run_pipeline(model: onnx.ModelProto, target: str, ctx: PassContext) -> onnx.ModelProto:
-    graph = ir.import_graph(model)
-    for _name, fn in PIPELINES[target]:
-        graph = fn(graph, ctx)
-    return ir.export_model(graph)
+    return PassManager(PIPELINES[target]).run(model, ctx)

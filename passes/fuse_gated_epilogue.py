@@ -28,9 +28,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from gate2deploy.ops import DOMAIN
+
 from .ir import const_value, remove_fused, sole_consumer
 
-DOMAIN = "gate2deploy"
 # Where CGConv / PGConv's optional epilogue inputs (post_scale, post_shift) start (OPS.md):
 # the op's input count without an epilogue. Read also by the portable lowering and gated_verify.
 EPILOGUE_INPUTS_AT = {"CGConv": 4, "PGConv": 3}

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from gate2deploy import capture
+from gate2deploy import ops
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -19,7 +19,7 @@ def export_model(graph: gs.Graph) -> onnx.ModelProto:
         if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
             tensor.shape = None
     model = gs.export_onnx(graph, do_type_check=False)
-    return capture.finalize(model)
+    return ops.finalize(model)
 
 
 def const_value(tensor) -> np.ndarray | None:

@@ -34,9 +34,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from gate2deploy.ops import DOMAIN
+
 from .ir import const_value, remove_fused, sole_consumer
 
-DOMAIN = "gate2deploy"
 PATTERN = {
     "op": "Conv",
     "input_producer": (DOMAIN, "FBSConv"),

@@ -448,8 +448,8 @@ def test_schema_shape_inference_matches_onnx_conv(op):
     import onnx
     from onnx import TensorProto, helper
 
-    from gate2deploy import opdefs
-    opdefs.register_all()
+    from gate2deploy import ops
+    ops.register_all()
     conv_attrs = dict(strides=[2, 1], pads=[1, 0, 2, 1], dilations=[1, 2])
     extra = {"CGConv": (["base_mask", "threshold"], {}),
              "PGConv": (["threshold"], {"abits": 3, "pred_bits": 2}),
@@ -461,7 +461,7 @@ def test_schema_shape_inference_matches_onnx_conv(op):
     inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in extra[0]]
     graph = helper.make_graph([node, ref], "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
                                                            helper.make_tensor_value_info("Yref", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opdefs.opset_imports()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *ops.opset_imports()])
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     dims = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in inferred.graph.output}
     assert dims["Y"] == dims["Yref"] == [3, 6, 6, 10]  # (11+1+2-3)//2+1, (13+0+1-5)//1+1
@@ -471,14 +471,14 @@ def _single_node_model(op, arrays, attrs, x_shape):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from gate2deploy import opdefs
-    opdefs.register_all()
+    from gate2deploy import ops
+    ops.register_all()
     names = list(arrays)
     node = helper.make_node(op, ["input", *names], ["output"], name=op, domain="gate2deploy", **attrs)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
                               initializer=[numpy_helper.from_array(a, n) for n, a in arrays.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opdefs.opset_imports()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *ops.opset_imports()])
     model.ir_version = 10
     return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import opdefs
+from .. import ops
 from ..passes import ir
 from ..passes.cleanup import cleanup
 from ..passes.fold_masks import fold_static_masks
@@ -35,7 +35,7 @@ def pruned_model(proto: onnx.ModelProto, table: ModelTable, channels: list[int])
             graph.nodes.append(gs.Node("ChannelMask", f"{producer}_profile_mask",
                                        attrs={"source": f"profile edge {edge.index}"},
                                        inputs=[masked, gs.Constant(f"{producer}_profile_mask_value", mask)],
-                                       outputs=[out], domain=opdefs.DOMAIN))
+                                       outputs=[out], domain=ops.DOMAIN))
     graph.toposort()
     graph = fold_static_masks(graph, policy="error")
     return ir.export_model(graph)
