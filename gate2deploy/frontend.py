@@ -1,6 +1,6 @@
 """Front end shared by the subcommands: checkpoint + flags -> PyTorch model with its masks.
 
-`add_model_arguments` declares the flags; `build_gated_model` loads the checkpoint (safe by
+`build_gated_model` (options: gate2deploy.options.ModelOptions) loads the checkpoint (safe by
 default), builds the architecture, recognises the mask sources and attaches them:
 - gate2deploy.nn modules inside the user's model: nothing to do, they capture themselves;
 - Gator checkpoints (recognised from their `forward_hooks.*.gating_module.*` keys);
@@ -9,17 +9,17 @@ default), builds the architecture, recognises the mask sources and attaches them
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import OptionError, UserError
 from .importers import gator
-from .importers.netslim import RULES, SCOPES, NetslimReport, netslim_specs
+from .importers.netslim import NetslimReport, netslim_specs
 from .loading import build_model, load_checkpoint, load_weights
 from .nn import MaskSpec, attach_masks
+from .options import ModelOptions
 
 
 @dataclass
@@ -30,74 +30,67 @@ class GatedModel:
     sources: dict = field(default_factory=dict)  # for the report: what supplied the masks
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a .pt2 torch.export program, a state_dict checkpoint "
-                   "(with --model), or a pickled module (with --trust-pickle)")
-    p.add_argument("--model", help="architecture for a state_dict: package.module:callable or file.py:callable")
-    p.add_argument("--model-kwargs", help="JSON keyword arguments for the --model callable")
-    p.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224 (the batch size is fixed in the export)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow checkpoints that unpickle Python objects (runs code from the file)")
-    p.add_argument("--netslim-density", type=float, help="network slimming: fraction of BN channels to keep")
-    p.add_argument("--netslim-rule", choices=RULES, default="mayo",
-                   help="mayo: raw gamma, keep > (k+1)-th largest; abs: |gamma| percentile (Liu et al.)")
-    p.add_argument("--netslim-scope", choices=SCOPES, default="global", help="one threshold for all layers, or per layer")
-    add_gator_arguments(p)
-
-
-def add_gator_arguments(p: argparse.ArgumentParser) -> None:
-    """Gator's options that its checkpoints do not store (importers/gator.py)."""
-    p.add_argument("--gator-no-last-conv", metavar="true|false",
-                   help="Gator's no_last_conv (no gate on the last residual stream / last conv); "
-                        "unstated, the checkpoint's gate count decides")
-    p.add_argument("--gator-config", metavar="JSON",
-                   help="the gating config given to Gator's --gating_config_path (its no_last_conv is read)")
-
-
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
-        raise UserError(f"--input-shape {text!r} is not a comma-separated list of integers") from None
+        raise OptionError(f"--input-shape {text!r} is not a comma-separated list of integers") from None
     if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise UserError(f"--input-shape {text!r} needs at least 2 positive dimensions (batch first)")
+        raise OptionError(f"--input-shape {text!r} needs at least 2 positive dimensions (batch first)")
     return shape
 
 
-def build_gated_model(args: argparse.Namespace) -> GatedModel:
-    shape = parse_shape(args.input_shape)
-    ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
-    sources: dict = {"checkpoint": str(ckpt.path), "format": ckpt.meta.get("format", "state_dict")}
+def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
+                      example: torch.Tensor | None = None) -> GatedModel:
+    """The gated PyTorch model and its static masks, from a checkpoint (`opts.checkpoint`,
+    `opts.model`, ...) or from a model object the caller already has (`module`, as
+    gate2deploy.compile receives it). `example` (else a normal sample of
+    `opts.input_shape`) is the capture's example input."""
+    if example is None:
+        if not opts.input_shape:
+            raise OptionError("an input shape is needed: --input-shape N,C,H,W (or example inputs)")
+        example = torch.randn(parse_shape(opts.input_shape))
     specs: list[MaskSpec] = []
-    if ckpt.module is not None:
-        model = ckpt.module
+    if module is not None:
+        model, sources = module, {"checkpoint": None, "format": "module"}
     else:
-        if not args.model:
-            raise UserError(f"{ckpt.path} holds only weights: pass --model package.module:callable "
-                            "(or file.py:callable) to build the architecture")
-        model = build_model(args.model, args.model_kwargs)
-        weights = ckpt.state_dict
-        if gator.is_gator(weights):
-            weights, gates = gator.split_checkpoint(weights)
-            load_weights(model, weights, str(ckpt.path))
-            no_last_conv = gator.parse_no_last_conv(args.gator_no_last_conv, args.gator_config)
-            gator_specs, summary = gator.mask_specs(model, gates, no_last_conv)
-            specs += gator_specs
-            sources["gator"] = {"arch": ckpt.meta.get("arch"), **summary}
-        else:
-            load_weights(model, weights, str(ckpt.path))
+        model, specs, sources = _load(opts)
     model.eval()
-    example = torch.randn(shape)
-    _check_runs(model, example)
-    if args.netslim_density is not None:
-        slim_specs, report = netslim_specs(model, example, args.netslim_density, args.netslim_rule, args.netslim_scope)
+    check_runs(model, example)
+    if opts.netslim_density is not None:
+        slim_specs, report = netslim_specs(model, example, opts.netslim_density, opts.netslim_rule, opts.netslim_scope)
         specs += slim_specs
         sources["netslim"] = _netslim_summary(report)
     attach_masks(model, specs)
     return GatedModel(model, example, specs, sources)
 
 
-def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
+def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict]:
+    if not opts.checkpoint:
+        raise OptionError("no checkpoint given")
+    ckpt = load_checkpoint(opts.checkpoint, trust_pickle=opts.trust_pickle)
+    sources: dict = {"checkpoint": str(ckpt.path), "format": ckpt.meta.get("format", "state_dict")}
+    specs: list[MaskSpec] = []
+    if ckpt.module is not None:
+        return ckpt.module, specs, sources
+    if not opts.model:
+        raise OptionError(f"{ckpt.path} holds only weights: pass --model package.module:callable "
+                          "(or file.py:callable) to build the architecture")
+    model = build_model(opts.model, opts.model_kwargs)
+    weights = ckpt.state_dict
+    if gator.is_gator(weights):
+        weights, gates = gator.split_checkpoint(weights)
+        load_weights(model, weights, str(ckpt.path))
+        no_last_conv = gator.parse_no_last_conv(opts.gator_no_last_conv, opts.gator_config)
+        gator_specs, summary = gator.mask_specs(model, gates, no_last_conv)
+        specs += gator_specs
+        sources["gator"] = {"arch": ckpt.meta.get("arch"), **summary}
+    else:
+        load_weights(model, weights, str(ckpt.path))
+    return model, specs, sources
+
+
+def check_runs(model: nn.Module, example: torch.Tensor) -> None:
     try:
         with torch.no_grad():
             model(example)

@@ -300,9 +300,9 @@ def onnx_gate_statistics(model: onnx.ModelProto, samples) -> list[GateLayerStats
     The custom nodes are lowered (`lower_portable`) with their gates and FBS inputs exposed as
     extra outputs; the model given is not modified."""
     import onnx_graphsurgeon as gs
-    import onnxruntime as ort
 
     from .passes import ir
+    from .runtimes.ort import open_session
     from .passes.lower_portable import LoweringResult, lower_portable
 
     model = onnx.shape_inference.infer_shapes(copy.deepcopy(model))
@@ -324,7 +324,7 @@ def onnx_gate_statistics(model: onnx.ModelProto, samples) -> list[GateLayerStats
         if isinstance(t, gs.Variable) and t.dtype is None:
             t.dtype = np.float32
     lowered = ir.export_model(graph)
-    session = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = open_session(lowered, threads=2)
     input_name = session.get_inputs()[0].name
     out_names = [o.name for o in session.get_outputs()]
     on = dict.fromkeys(nodes, 0.0)

@@ -23,7 +23,7 @@ from gate2deploy.errors import UserError
 
 from .native_build import build_library
 
-DOMAIN = "gate2deploy"
+from gate2deploy.ops import DOMAIN
 
 
 def custom_ops_library_path(variant: str = "release") -> Path:
@@ -40,9 +40,12 @@ def custom_ops_library_path(variant: str = "release") -> Path:
 
 def session_options(threads: int = 2, optimization: str = "all", library_variant: str = "release",
                     profile: bool = False, log_severity: int = 3,
-                    config: dict[str, str] | None = None) -> ort.SessionOptions:
-    """SessionOptions with the custom ops registered and a fixed thread count; `config`
-    entries go to add_session_config_entry (e.g. {"session.intra_op.allow_spinning": "0"})."""
+                    config: dict[str, str] | None = None, custom_ops: bool = True,
+                    profile_prefix: str | None = None, optimized_path: str | None = None) -> ort.SessionOptions:
+    """SessionOptions with a fixed thread count and (`custom_ops`) the custom ops registered;
+    `config` entries go to add_session_config_entry (e.g. {"session.intra_op.allow_spinning":
+    "0"}); `profile_prefix` / `optimized_path`: where ONNX Runtime writes its profile / the
+    optimized graph."""
     if threads < 1:
         raise UserError(f"threads must be >= 1, not {threads}")
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -57,28 +60,46 @@ def session_options(threads: int = 2, optimization: str = "all", library_variant
     opts.graph_optimization_level = levels[optimization]
     opts.log_severity_level = log_severity  # 3: errors only; 4: silent (caller reports errors)
     opts.enable_profiling = profile
+    if profile_prefix:
+        opts.profile_file_prefix = profile_prefix
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
-    opts.register_custom_ops_library(str(custom_ops_library_path(library_variant)))
+    if custom_ops:
+        opts.register_custom_ops_library(str(custom_ops_library_path(library_variant)))
     return opts
+
+
+def uses_custom_ops(model: onnx.ModelProto) -> bool:
+    return any(n.domain == DOMAIN for n in model.graph.node)
 
 
 def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: int = 2,
                  optimization: str = "all", library_variant: str = "release",
                  profile: bool = False, log_severity: int = 3,
-                 config: dict[str, str] | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session for `model` (path, ModelProto or serialized bytes) with
-    gate2deploy's CGConv/PGConv/FBSConv kernels registered."""
+                 config: dict[str, str] | None = None, custom_ops: bool | str = "auto",
+                 profile_prefix: str | None = None, optimized_path: str | None = None) -> ort.InferenceSession:
+    """THE ONNX Runtime CPU session factory of gate2deploy: a session for `model` (path,
+    ModelProto or serialized bytes) with gate2deploy's kernels registered when it uses them
+    (`custom_ops="auto"`; True / False force it: the native library is compiled on first
+    registration, so stock models do not pay for it)."""
     if isinstance(model, onnx.ModelProto):
         payload: str | bytes = model.SerializeToString()
+        proto = model
     elif isinstance(model, bytes):
-        payload = model
+        payload, proto = model, None
     else:
         path = Path(model)
         if not path.is_file():
             raise UserError(f"model file {path} does not exist")
-        payload = str(path)
-    opts = session_options(threads, optimization, library_variant, profile, log_severity, config)
+        payload, proto = str(path), None
+    if custom_ops == "auto":
+        if proto is None:
+            proto = onnx.load_from_string(payload) if isinstance(payload, bytes) else onnx.load(payload, load_external_data=False)
+        custom_ops = uses_custom_ops(proto)
+    opts = session_options(threads, optimization, library_variant, profile, log_severity, config, bool(custom_ops),
+                           profile_prefix, optimized_path)
     try:
         return ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for invalid models

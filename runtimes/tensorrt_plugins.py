@@ -26,10 +26,11 @@ import onnx
 from onnx import helper
 
 from gate2deploy.errors import UserError
+from gate2deploy.ops import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 from . import tensorrt_available
 
-NAMESPACE = "gate2deploy"
+NAMESPACE = PLUGIN_NAMESPACE  # the op catalog's (gate2deploy/ops.py)
 OPS = ("CGConv", "PGConv", "FBSConv")
 _registered = False
 
@@ -48,7 +49,7 @@ def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
         if "plugin_namespace" not in names:
             node.attribute.append(helper.make_attribute("plugin_namespace", NAMESPACE))
         if "plugin_version" not in names:
-            node.attribute.append(helper.make_attribute("plugin_version", "1"))
+            node.attribute.append(helper.make_attribute("plugin_version", PLUGIN_VERSION))
     return out
 
 
@@ -104,14 +105,13 @@ def register_plugins() -> None:
     @trtp.register(f"{NAMESPACE}::CGConv")
     def _cg_desc(x: trtp.TensorDesc, w: trtp.TensorDesc, base_mask: trtp.TensorDesc,
                  threshold: trtp.TensorDesc, strides: npt.NDArray[np.int64],
-                 pads: npt.NDArray[np.int64], dilations: npt.NDArray[np.int64],
-                 group: int) -> trtp.TensorDesc:
+                 pads: npt.NDArray[np.int64], dilations: npt.NDArray[np.int64]) -> trtp.TensorDesc:
         return conv_desc(x, w, strides, pads, dilations)
 
     @trtp.impl(f"{NAMESPACE}::CGConv")
     def _cg_impl(x: trtp.Tensor, w: trtp.Tensor, base_mask: trtp.Tensor, threshold: trtp.Tensor,
                  strides: npt.NDArray[np.int64], pads: npt.NDArray[np.int64],
-                 dilations: npt.NDArray[np.int64], group: int,
+                 dilations: npt.NDArray[np.int64],
                  outputs: Tuple[trtp.Tensor], stream: int) -> None:
         y = tk.cg_conv(cuda(x), cuda(w), cuda(base_mask), cuda(threshold),
                        *geometry(strides, pads, dilations))
@@ -138,14 +138,14 @@ def register_plugins() -> None:
                   fc_b: trtp.TensorDesc, bn_scale: trtp.TensorDesc, bn_shift: trtp.TensorDesc,
                   beta: trtp.TensorDesc, density: float, pool: str,
                   strides: npt.NDArray[np.int64], pads: npt.NDArray[np.int64],
-                  dilations: npt.NDArray[np.int64], group: int) -> trtp.TensorDesc:
+                  dilations: npt.NDArray[np.int64]) -> trtp.TensorDesc:
         return conv_desc(x, w, strides, pads, dilations)
 
     @trtp.impl(f"{NAMESPACE}::FBSConv")
     def _fbs_impl(x: trtp.Tensor, w: trtp.Tensor, fc_w: trtp.Tensor, fc_b: trtp.Tensor,
                   bn_scale: trtp.Tensor, bn_shift: trtp.Tensor, beta: trtp.Tensor, density: float,
                   pool: str, strides: npt.NDArray[np.int64], pads: npt.NDArray[np.int64],
-                  dilations: npt.NDArray[np.int64], group: int,
+                  dilations: npt.NDArray[np.int64],
                   outputs: Tuple[trtp.Tensor], stream: int) -> None:
         y = tk.fbs_conv(cuda(x), cuda(w), cuda(fc_w), cuda(fc_b), cuda(bn_scale), cuda(bn_shift),
                         cuda(beta), density, pool, *geometry(strides, pads, dilations))

@@ -13,4 +13,6 @@ fi
 # Build (or find cached) the native custom-op library up front, so a missing compiler or
 # header download fails here with one clear line (runtimes/native_build.py).
 python -m gate2deploy.runtimes.native_build
+# The one-way layering contract (import-linter; pyproject.toml [tool.importlinter]).
+bash tools/lint_imports.sh
 python -m pytest -q

@@ -12,12 +12,11 @@ from __future__ import annotations
 import yaml
 
 from .. import report as rep
-from ..capture import capture
+from ..api import info as compute_info
 from ..errors import UserError
 from ..fileio import check_writable, write_text
-from ..frontend import add_model_arguments, build_gated_model
-from ..pipeline import PassContext, run_pipeline
-from .export import add_compile_arguments, gated_layer_report, load_samples
+from ..options import InfoOptions, from_namespace
+from .args import add_compile_arguments, add_model_arguments
 
 
 def add_parser(sub) -> None:
@@ -33,28 +32,11 @@ def run(args) -> int:
         check_writable(args.out)
         if not args.out.endswith((".yaml", ".yml", ".json")):
             raise UserError(f"--out {args.out}: use a .yaml, .yml or .json file name")
-    gated = build_gated_model(args)
-    captured = capture(gated.model, gated.example)
-    ctx = PassContext(unfoldable_policy="keep", choose_widths=args.physical_widths == "fast")
-    effective = run_pipeline(captured, "onnx", ctx)
-    dense, eff = rep.model_cost(captured), rep.model_cost(effective)
-    layers = []
-    for row in rep.compare(dense, eff):
-        d = dense.layers[row["layer"]]
-        e = eff.layers.get(row["layer"])
-        layers.append({**row, "params_before": d.params, "params_after": e.params if e else 0})
-    info = {
-        "input_shape": list(gated.example.shape),
-        "mask_sources": gated.sources,
-        "dense": {"macs": dense.macs, "params": dense.params},
-        "effective": {"macs": eff.macs, "params": eff.params},
-        "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
-        "layers": layers,
-        **gated_layer_report(gated, captured, load_samples(args, gated)),
-    }
+    info = compute_info(_options=from_namespace(InfoOptions, args))
+    layers = info["layers"]
     print(rep.format_table(layers))
-    print(f"MACs   dense {dense.macs:,}  effective {eff.macs:,}")
-    print(f"params dense {dense.params:,}  effective {eff.params:,}")
+    print(f"MACs   dense {info['dense']['macs']:,}  effective {info['effective']['macs']:,}")
+    print(f"params dense {info['dense']['params']:,}  effective {info['effective']['params']:,}")
     if info.get("gate_statistics"):
         for layer in info["gate_statistics"]["layers"]:
             print(f"gated {layer['name']}: gate-on {layer['gate_on_fraction']:.3f}, "

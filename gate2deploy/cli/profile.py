@@ -2,7 +2,7 @@
 Gator's latency-weighted pruning configuration, Gator's timing table and a report.
 
     gate2deploy profile ckpt.pth --model torchvision.models:resnet50 --input-shape 1,3,224,224 \\
-        --target ort-cpu --threads 2 -o latency/
+        --target ort --threads 2 -o latency/
     gate2deploy profile --predict latency/lut.json --channels cfg.json
 
 The checkpoint is optional (latency does not depend on weight values; without it the
@@ -19,15 +19,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
+from .. import api
 from ..errors import UserError
 from ..fileio import read_json
-from ..frontend import add_gator_arguments
-from ..importers import gator
-from ..loading import build_model, load_checkpoint, load_weights
 from ..profiling.lut import DEFAULT_FRACTIONS, layer_latencies, load_lut, parse_channels, predict, table_of
-from ..profiling.measure import BACKENDS, Settings
+from ..profiling.measure import Settings
+from ..targets import ALIASES, TARGETS
+from .args import add_gator_arguments
 
 
 def add_parser(sub) -> None:
@@ -38,8 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model-kwargs", help="JSON keyword arguments for the --model callable")
     p.add_argument("--input-shape", help="e.g. 1,3,224,224 (the batch size is the profiled batch)")
     p.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that unpickle Python objects")
-    p.add_argument("--target", default="ort-cpu", choices=sorted(BACKENDS), help="runtime to measure on")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads (ort-cpu)")
+    p.add_argument("--target", default="ort", choices=[*TARGETS, *ALIASES],
+                   help="runtime to measure on (ort-cpu and tensorrt: earlier names of ort and trt)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (onnx, ort)")
     p.add_argument("-o", "--out", help="output folder (created if missing)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted profile in the same folder")
     p.add_argument("--edges", choices=("auto", "gator", "groups"), default="auto",
@@ -66,36 +65,18 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.predict:
         return _predict(args)
-    if not args.out:
-        raise UserError("-o/--out is required (the folder to write the profile into)")
-    if not args.input_shape:
-        raise UserError("--input-shape is required, e.g. 1,3,224,224")
-    if args.checkpoint is None and not args.model:
-        raise UserError("give a checkpoint and/or --model to say what to profile")
-    from ..frontend import parse_shape
-    from ..profiling.runner import ProfileOptions, profile
-
-    shape = parse_shape(args.input_shape)
     fractions = _fractions(args.widths)
     if args.repeats < 3 or args.warmup < 0 or args.max_cv <= 0:
         raise UserError("--repeats must be >= 3, --warmup >= 0 and --max-cv > 0")
-    model, current, no_last_conv = _load(args)
-    example = torch.randn(shape)
-    try:
-        with torch.no_grad():
-            model(example)
-    except Exception as exc:  # noqa: BLE001 - the shape not fitting the model
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"--input-shape {args.input_shape} does not fit the model: {first}") from None
-    options = ProfileOptions(
+    result = api.profile(
+        args.checkpoint, args.input_shape, args.out, model=args.model, model_kwargs=args.model_kwargs,
+        trust_pickle=args.trust_pickle, gator_no_last_conv=args.gator_no_last_conv, gator_config=args.gator_config,
         target=args.target, threads=args.threads,
         settings=Settings(warmup=args.warmup, repeats=args.repeats, max_cv=args.max_cv, retries=args.retries),
-        fractions=fractions, edges=args.edges, gator_no_last_conv=no_last_conv, resume=args.resume, report=not args.no_report,
+        fractions=fractions, edges=args.edges, resume=args.resume, report=not args.no_report,
         progress=not args.no_progress, criteria_weight=args.criteria_weight,
         gradient_multiplier=args.gradient_multiplier, gate_init_prob=args.gate_init_prob,
         static_total_cost=args.static_total_cost)
-    info = {"spec": args.model or str(args.checkpoint), "checkpoint": args.checkpoint, "input_shape": list(shape)}
-    result = profile(model, example, args.out, options, info, current)
     cal = result.lut["calibration"]
     print(f"profiled {len(result.table.layers)} layers, {len(result.table.edges)} edges ({result.table.edge_source}) "
           f"in {result.seconds:.1f} s: {result.entries_measured} LUT entries measured"
@@ -139,29 +120,3 @@ def _fractions(text: str) -> tuple[float, ...]:
     if not values or any(not 0 < v <= 1 for v in values):
         raise UserError(f"--widths {text!r}: fractions must be in (0, 1]")
     return values
-
-
-def _load(args):
-    """The unpruned model, the checkpoint's Gator channel counts (or None), and Gator's
-    no_last_conv (as stated, else as the checkpoint's gate count says, else False)."""
-    current = None
-    stated = gator.parse_no_last_conv(args.gator_no_last_conv, args.gator_config)
-    if args.checkpoint is None:
-        model = build_model(args.model, args.model_kwargs)
-        return model.eval(), None, bool(stated)
-    ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
-    if ckpt.module is not None:
-        return ckpt.module.eval(), None, bool(stated)
-    if not args.model:
-        raise UserError(f"{ckpt.path} holds only weights: pass --model package.module:callable to build the architecture")
-    model = build_model(args.model, args.model_kwargs)
-    weights = ckpt.state_dict
-    if gator.is_gator(weights):
-        weights, gates = gator.split_checkpoint(weights)
-        load_weights(model, weights, str(ckpt.path))
-        _, summary = gator.mask_specs(model, gates, stated)  # checks gate count and sizes against the model
-        stated = summary["no_last_conv"]
-        current = [max(1, c) for c in summary["kept_channels"]]
-    else:
-        load_weights(model, weights, str(ckpt.path))
-    return model.eval(), current, bool(stated)

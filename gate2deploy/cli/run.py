@@ -52,7 +52,6 @@ def _parse_dims(text: str) -> tuple[int, ...]:
 
 def _open(model_path: str, threads: int):
     import onnx
-    import onnxruntime as ort
 
     path = Path(model_path)
     if not path.is_file():
@@ -63,16 +62,9 @@ def _open(model_path: str, threads: int):
         raise UserError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0] if str(exc) else exc}") from None
     if threads < 1:
         raise UserError("--threads must be >= 1")
-    if any(n.domain == "gate2deploy" for n in model.graph.node):
-        from ..runtimes.ort import open_session
-        return open_session(path, threads=threads, log_severity=4)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 4  # errors are reported by `run` itself, on one line
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"ONNX Runtime cannot open {path}: {str(exc).strip().splitlines()[0]}") from None
+    from ..runtimes.ort import open_session
+    # log severity 4: errors are reported by `run` itself, on one line
+    return open_session(path, threads=threads, log_severity=4)
 
 
 def _feeds(sess, shapes: list[str], files: list[str]) -> dict[str, np.ndarray]:

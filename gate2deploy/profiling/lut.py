@@ -39,6 +39,7 @@ import numpy as np
 from ..errors import UserError
 from ..fileio import read_json
 from ..passes.choose_widths import BLOCK as NCHWC_BLOCK
+from ..targets import canonical_name
 from .edges import LayerShape, ModelTable, layer_shapes
 from .measure import LayerSpec
 
@@ -95,6 +96,11 @@ def _depthwise(spec: LayerSpec) -> bool:
 def _family(spec: LayerSpec) -> tuple:
     return (spec.op, spec.batch, spec.h, spec.w, spec.kh, spec.kw, tuple(spec.stride), tuple(spec.pads),
             tuple(spec.dilation), _depthwise(spec), spec.groups if not _depthwise(spec) else -1)
+
+
+def _on_ort_cpu(lut: dict) -> bool:
+    """Measured by ONNX Runtime's CPU provider (target onnx or ort; "ort-cpu" in older LUTs)."""
+    return canonical_name(lut.get("target", "")) in ("onnx", "ort")
 
 
 def ort_cpu_kernel(spec: LayerSpec) -> str:
@@ -167,7 +173,7 @@ def lut_latency(lut: dict, layer_key: str) -> float:
     if not family:
         raise UserError(f"the LUT has no measurement of a layer like {layer_key} (same kernel, stride, "
                         "feature size and batch); profile a model containing it")
-    kernel = ort_cpu_kernel(spec) if lut.get("target") == "ort-cpu" else None
+    kernel = ort_cpu_kernel(spec) if _on_ort_cpu(lut) else None
     points = [p for p in family if kernel is None or p[3] == kernel] or family
     return _interpolate(spec, points)
 
@@ -252,7 +258,7 @@ def layer_kernel(lut: dict, key: str) -> str:
     entry = lut["entries"].get(key)
     if entry is not None and entry.get("kernel"):
         return entry["kernel"]
-    return ort_cpu_kernel(parse_key(key)) if lut.get("target") == "ort-cpu" else "all"
+    return ort_cpu_kernel(parse_key(key)) if _on_ort_cpu(lut) else "all"
 
 
 def kernel_scale(lut: dict, kernel: str) -> float:

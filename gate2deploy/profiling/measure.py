@@ -172,7 +172,7 @@ def machine_info() -> dict:
 
 
 class OrtCpuBackend:
-    name = "ort-cpu"
+    name = "ort"
     whole_method = "sum of per-node undisturbed medians (ONNX Runtime profiler)"
 
     def __init__(self, threads: int, settings: Settings):
@@ -188,14 +188,8 @@ class OrtCpuBackend:
                 "graph_optimization": "ORT_ENABLE_ALL"}
 
     def _session(self, model: onnx.ModelProto, optimized_path: str | None = None):
-        so = self.ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
-        if optimized_path:
-            so.optimized_model_filepath = optimized_path
-        return self.ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        from ..runtimes.ort import open_session
+        return open_session(model, threads=self.threads, optimized_path=optimized_path)
 
     def measure_model(self, model: onnx.ModelProto, settings: Settings | None = None) -> Measurement:
         sess = self._session(model)
@@ -210,16 +204,10 @@ class OrtCpuBackend:
         idle machine this is the wall time less the microseconds between nodes. cv and the
         undisturbed fraction are time-weighted over the nodes."""
         settings = settings or self.settings
-        so = self.ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
-        so.enable_profiling = True
+        from ..runtimes.ort import open_session
         runs = max(3, settings.repeats)
         with tempfile.TemporaryDirectory(prefix="g2d-profile-") as tmp:
-            so.profile_file_prefix = os.path.join(tmp, "ort")
-            sess = self.ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            sess = open_session(model, threads=self.threads, profile=True, profile_prefix=os.path.join(tmp, "ort"))
             feeds = _feeds(model, self.rng)
             for _ in range(settings.warmup + runs):
                 sess.run(None, feeds)
@@ -258,19 +246,19 @@ class TensorRTBackend:
     """TensorRT engines timed on the GPU (per layer: a one-layer engine, median of CUDA-event
     timings). Only usable where TensorRT and an NVIDIA GPU are present."""
 
-    name = "tensorrt"
+    name = "trt"
     whole_method = "median wall time (CUDA events)"
 
     def __init__(self, threads: int, settings: Settings):
         try:
             import tensorrt as trt  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - ImportError or a missing libnvinfer
-            raise UserError(f"--target tensorrt needs TensorRT and an NVIDIA GPU; import tensorrt failed: "
+            raise UserError(f"--target trt needs TensorRT and an NVIDIA GPU; import tensorrt failed: "
                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError("--target tensorrt needs an NVIDIA GPU; none is visible (torch.cuda.is_available() is False)")
+            raise UserError("--target trt needs an NVIDIA GPU; none is visible (torch.cuda.is_available() is False)")
         self.trt, self.torch = trt, torch
         self.settings = settings
         self.logger = trt.Logger(trt.Logger.ERROR)
@@ -333,10 +321,12 @@ class TensorRTBackend:
         return self._timed_run(layer_model(spec)), "tensorrt"
 
 
-BACKENDS = {"ort-cpu": OrtCpuBackend, "tensorrt": TensorRTBackend}
+BACKENDS = {"onnx": OrtCpuBackend, "ort": OrtCpuBackend, "trt": TensorRTBackend}  # targets.py names
 
 
 def make_backend(target: str, threads: int, settings: Settings):
+    from ..targets import canonical_name
+    target = canonical_name(target)
     if target not in BACKENDS:
         raise UserError(f"--target {target!r}: choose one of {', '.join(BACKENDS)}")
     return BACKENDS[target](threads, settings)

@@ -33,7 +33,7 @@ SAVE_EVERY_S = 5.0
 
 @dataclass
 class ProfileOptions:
-    target: str = "ort-cpu"
+    target: str = "ort"  # targets.py names
     threads: int = 2
     settings: Settings = field(default_factory=Settings)
     fractions: tuple = DEFAULT_FRACTIONS
@@ -137,7 +137,7 @@ def profile(model: nn.Module, example: torch.Tensor, out_dir: str | Path, option
         "half_model_ms": timings.get("half", {}).get("ms"),
         "layer_sum_ms": round(sum(observations[0][0].values()), 5),
         "scales": calibrate(observations)}
-    if options.target == "ort-cpu":
+    if options.target in ("onnx", "ort"):
         lut["kernel_rule_mismatches"] = sorted(
             k for k, e in lut["entries"].items() if e.get("kernel") != ort_cpu_kernel(parse_key(k)))
     t0, f0, savings = gout.edge_savings(lut, table)

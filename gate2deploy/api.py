@@ -1,0 +1,244 @@
+"""The Python front door: gate2deploy.compile / info / profile. The CLI is a thin layer over
+these (gate2deploy/cli), so a notebook and a shell get the same compiler.
+
+    import torch, torchvision, gate2deploy
+    net = torchvision.models.resnet18()            # with gate2deploy.nn masks, or seed layers
+    compiled = gate2deploy.compile(net, torch.randn(1, 3, 224, 224), target="ort")
+    compiled.report["macs_after"], compiled.run(x), compiled.save("r18.onnx")
+
+    # or from a checkpoint, with the CLI's options by name:
+    compiled = gate2deploy.compile("gator_r18.pth", input_shape="1,3,224,224",
+                                   model="torchvision.models:resnet18", target="onnx")
+
+Options are the fields of gate2deploy.options.CompileOptions (the flags' names with
+underscores). Errors are gate2deploy.errors.UserError subclasses (the CLI's exit codes).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from . import gate_stats
+from . import report as rep
+from .capture import capture
+from .errors import OptionError, VerificationError
+from .frontend import GatedModel, check_runs, build_gated_model
+from .options import CompileOptions, InfoOptions, from_kwargs
+from .pipeline import PassContext, run_pipeline
+from .targets import Target, get_target
+from .verify import check_export
+
+
+@dataclass
+class CompiledModel:
+    """A compiled, verified model: `onnx_model` for `target`, and the export report."""
+
+    onnx_model: onnx.ModelProto
+    target: Target
+    report: dict
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model (atomically) as the target writes it."""
+        return self.target.write(self.onnx_model, path)
+
+    def session(self, threads: int = 2):
+        """An ONNX Runtime session of the compiled model (custom ops registered)."""
+        return self.target.session(self.onnx_model, threads)
+
+    def run(self, inputs, threads: int = 2) -> list[np.ndarray]:
+        """Run once: `inputs` a tensor/array for the single input, or {name: array}."""
+        sess = self.session(threads)
+        if not isinstance(inputs, dict):
+            inputs = {sess.get_inputs()[0].name: inputs}
+        feeds = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                 for k, v in inputs.items()}
+        return sess.run(None, feeds)
+
+
+def _example(example_inputs) -> torch.Tensor | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(d, int) for d in example_inputs):
+        return torch.randn(tuple(example_inputs))  # a shape
+    if isinstance(example_inputs, (tuple, list)):
+        if len(example_inputs) != 1:
+            raise OptionError(f"models with one input are supported; got {len(example_inputs)} example inputs")
+        example_inputs = example_inputs[0]
+    if not isinstance(example_inputs, torch.Tensor):
+        raise OptionError(f"example inputs must be a tensor or a shape, not {type(example_inputs).__name__}")
+    return example_inputs.detach().float()
+
+
+def _gated(model_or_checkpoint, example_inputs, opts) -> GatedModel:
+    example = _example(example_inputs)
+    if isinstance(model_or_checkpoint, nn.Module):
+        return build_gated_model(opts, module=model_or_checkpoint, example=example)
+    if model_or_checkpoint is not None:
+        opts.checkpoint = str(model_or_checkpoint)
+    return build_gated_model(opts, example=example)
+
+
+def compile(model_or_checkpoint, example_inputs=None, target: str = "ort", **options) -> CompiledModel:  # noqa: A001
+    """Compile a gated / pruned model for `target` ("onnx", "ort", "trt"), verified against
+    the PyTorch model. `model_or_checkpoint`: an nn.Module or a checkpoint path;
+    `example_inputs`: a tensor (or a shape), else `input_shape=` in options."""
+    opts = options.pop("_options", None) or from_kwargs(CompileOptions, target=target, **options)
+    return compile_with(model_or_checkpoint, example_inputs, opts)
+
+
+def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> CompiledModel:
+    tgt = get_target(opts.target)
+    tgt.check_available()
+    if opts.pg_static_scale and not opts.sample_inputs:
+        raise OptionError("--pg-static-scale needs --sample-inputs to calibrate on")
+    gated = _gated(model_or_checkpoint, example_inputs, opts)
+    samples = load_samples(opts.sample_inputs, gated)
+    if opts.pg_static_scale:
+        gate_stats.calibrate_pg_scales(gated.model, [torch.from_numpy(b) for b in samples])
+    start = time.perf_counter()
+    captured = capture(gated.model, gated.example)
+    ctx = PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
+                      choose_widths=opts.physical_widths == "fast", debug_dir=opts.debug_passes)
+    compiled = run_pipeline(captured, tgt.pipeline, ctx)
+    compile_seconds = time.perf_counter() - start
+
+    check = None
+    if opts.verify:
+        check = check_export(gated.model, captured, compiled, tuple(gated.example.shape), opts.rtol, samples)
+        if not check.passed:
+            raise VerificationError(f"verification failed: {check.summary()}; nothing written")
+    before, after = rep.model_cost(captured), rep.model_cost(compiled)
+    report = {
+        "target": tgt.name,
+        "macs_before": before.macs, "macs_after": after.macs,
+        "params_before": before.params, "params_after": after.params,
+        "max_abs_err": check.output.max_abs_err if check else None,
+        "max_rel_err": check.output.max_rel_err if check else None,
+        "tolerance": opts.rtol if check else None,
+        "verification": check.summary() if check else "skipped (--no-verify)",
+        "gated_layer_check": check.gated if check else None,
+        "compile_seconds": round(compile_seconds, 3),
+        "pass_seconds": ctx.timings,
+        "mask_sources": gated.sources,
+        "fold": {
+            "removed_channels": ctx.fold.removed_channels,
+            "constant_folds": ctx.fold.constant_folds,
+            "removed_layers": ctx.fold.removed_layers,
+            "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
+        },
+        "sparse_input_convs": ctx.sparse_input_convs,
+        "fused_epilogues": ctx.fused_epilogues,
+        "layers": rep.compare(before, after),
+        **gated_layer_report(gated, captured, samples),
+    }
+    return CompiledModel(compiled, tgt, report)
+
+
+def info(model_or_checkpoint=None, example_inputs=None, **options) -> dict:
+    """Per-layer MACs and parameters, dense (as trained) vs effective (what the fold leaves),
+    and gate statistics with `sample_inputs`; what `gate2deploy info` prints and writes."""
+    opts = options.pop("_options", None) or from_kwargs(InfoOptions, **options)
+    gated = _gated(model_or_checkpoint, example_inputs, opts)
+    captured = capture(gated.model, gated.example)
+    ctx = PassContext(unfoldable_policy="keep", choose_widths=opts.physical_widths == "fast")
+    effective = run_pipeline(captured, "onnx", ctx)
+    dense, eff = rep.model_cost(captured), rep.model_cost(effective)
+    layers = []
+    for row in rep.compare(dense, eff):
+        d = dense.layers[row["layer"]]
+        e = eff.layers.get(row["layer"])
+        layers.append({**row, "params_before": d.params, "params_after": e.params if e else 0})
+    return {
+        "input_shape": list(gated.example.shape),
+        "mask_sources": gated.sources,
+        "dense": {"macs": dense.macs, "params": dense.params},
+        "effective": {"macs": eff.macs, "params": eff.params},
+        "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
+        "layers": layers,
+        **gated_layer_report(gated, captured, load_samples(opts.sample_inputs, gated)),
+    }
+
+
+def profile(model_or_checkpoint=None, input_shape: str | None = None, out: str | os.PathLike | None = None,
+            model: str | None = None, model_kwargs: str | None = None, trust_pickle: bool = False,
+            gator_no_last_conv: str | None = None, gator_config: str | None = None, **options):
+    """Per-layer latency on the target, written to `out` as a LUT, Gator's config and a report
+    (what `gate2deploy profile` does). `options`: the fields of profiling.runner.ProfileOptions
+    (target, threads, settings, fractions, edges, ...). Returns the ProfileResult."""
+    from .frontend import parse_shape
+    from .profiling.runner import ProfileOptions, profile as run_profile
+
+    if out is None:
+        raise OptionError("-o/--out is required (the folder to write the profile into)")
+    if not input_shape:
+        raise OptionError("--input-shape is required, e.g. 1,3,224,224")
+    if model_or_checkpoint is None and not model:
+        raise OptionError("give a checkpoint and/or --model to say what to profile")
+    net, current, no_last_conv = _profile_model(model_or_checkpoint, model, model_kwargs, trust_pickle,
+                                                gator_no_last_conv, gator_config)
+    example = torch.randn(parse_shape(input_shape))
+    check_runs(net, example)
+    unknown = set(options) - set(ProfileOptions.__dataclass_fields__)
+    if unknown:
+        raise OptionError(f"unknown profile option {sorted(unknown)[0]!r}")
+    popts = ProfileOptions(**{**options, "target": get_target(options.get("target", "ort")).name,
+                              "gator_no_last_conv": no_last_conv})
+    spec = model or str(model_or_checkpoint)
+    info = {"spec": spec, "checkpoint": None if isinstance(model_or_checkpoint, nn.Module) else model_or_checkpoint,
+            "input_shape": list(example.shape)}
+    return run_profile(net, example, out, popts, info, current)
+
+
+def _profile_model(model_or_checkpoint, model, model_kwargs, trust_pickle, gator_no_last_conv, gator_config):
+    """The unpruned model, the checkpoint's Gator channel counts (or None), and Gator's
+    no_last_conv (as stated, else as the checkpoint's gate count says, else False)."""
+    from .importers import gator
+    from .loading import build_model, load_checkpoint, load_weights
+
+    stated = gator.parse_no_last_conv(gator_no_last_conv, gator_config)
+    if isinstance(model_or_checkpoint, nn.Module):
+        return model_or_checkpoint.eval(), None, bool(stated)
+    if model_or_checkpoint is None:
+        return build_model(model, model_kwargs).eval(), None, bool(stated)
+    ckpt = load_checkpoint(model_or_checkpoint, trust_pickle=trust_pickle)
+    if ckpt.module is not None:
+        return ckpt.module.eval(), None, bool(stated)
+    if not model:
+        raise OptionError(f"{ckpt.path} holds only weights: pass --model package.module:callable to build "
+                          "the architecture")
+    net = build_model(model, model_kwargs)
+    weights, current = ckpt.state_dict, None
+    if gator.is_gator(weights):
+        weights, gates = gator.split_checkpoint(weights)
+        load_weights(net, weights, str(ckpt.path))
+        _, summary = gator.mask_specs(net, gates, stated)  # checks gate count and sizes against the model
+        stated = summary["no_last_conv"]
+        current = [max(1, c) for c in summary["kept_channels"]]
+    else:
+        load_weights(net, weights, str(ckpt.path))
+    return net.eval(), current, bool(stated)
+
+
+def load_samples(path: str | None, gated: GatedModel):
+    if not path:
+        return None
+    return gate_stats.load_sample_inputs(path, tuple(gated.example.shape))
+
+
+def gated_layer_report(gated: GatedModel, captured: onnx.ModelProto, samples) -> dict:
+    """Report fields for dynamic gates: each gated node and its PG scale mode; with sample
+    inputs, each layer's gate-on fraction and the MACs it implies."""
+    nodes = gate_stats.describe_gated_nodes(captured)
+    if not nodes:
+        return {}
+    out = {"gated_layers": nodes, "pg_scales": gate_stats.pg_scale_modes(gated.model)}
+    if samples:
+        out["gate_statistics"] = gate_stats.gate_report(gated.model, [torch.from_numpy(b) for b in samples])
+    return out

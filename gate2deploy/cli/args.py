@@ -1,0 +1,42 @@
+"""Argument groups shared by the subcommands (Polygraphy's tools/args): each declares flags
+whose names are the fields of gate2deploy.options' dataclasses, which the subcommand builds
+from the parsed arguments (options.from_namespace)."""
+from __future__ import annotations
+
+import argparse
+
+from ..importers.netslim import RULES, SCOPES
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a .pt2 torch.export program, a state_dict checkpoint "
+                   "(with --model), or a pickled module (with --trust-pickle)")
+    p.add_argument("--model", help="architecture for a state_dict: package.module:callable or file.py:callable")
+    p.add_argument("--model-kwargs", help="JSON keyword arguments for the --model callable")
+    p.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224 (the batch size is fixed in the export)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoints that unpickle Python objects (runs code from the file)")
+    p.add_argument("--netslim-density", type=float, help="network slimming: fraction of BN channels to keep")
+    p.add_argument("--netslim-rule", choices=RULES, default="mayo",
+                   help="mayo: raw gamma, keep > (k+1)-th largest; abs: |gamma| percentile (Liu et al.)")
+    p.add_argument("--netslim-scope", choices=SCOPES, default="global", help="one threshold for all layers, or per layer")
+    add_gator_arguments(p)
+
+
+def add_gator_arguments(p: argparse.ArgumentParser) -> None:
+    """Gator's options that its checkpoints do not store (importers/gator.py)."""
+    p.add_argument("--gator-no-last-conv", metavar="true|false",
+                   help="Gator's no_last_conv (no gate on the last residual stream / last conv); "
+                        "unstated, the checkpoint's gate count decides")
+    p.add_argument("--gator-config", metavar="JSON",
+                   help="the gating config given to Gator's --gating_config_path (its no_last_conv is read)")
+
+
+def add_compile_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by `export` and `info` (which reports what `export` would build)."""
+    p.add_argument("--physical-widths", choices=("fast", "exact"), default="fast",
+                   help="fast (default): round folded layers up to widths ONNX Runtime's blocked CPU kernels "
+                        "run fast (zero padding channels, still exact; passes/choose_widths.py); "
+                        "exact: every layer exactly as wide as its kept channels")
+    p.add_argument("--sample-inputs", help="representative inputs (.npy/.npz/.pt, shape (M, *input shape[1:])) "
+                   "for gate statistics of CG/PG/FBS layers and PG calibration; also used for verification")

@@ -1,0 +1,71 @@
+"""Options of each command as typed dataclasses, shared by the Python API and the CLI.
+
+The CLI's argparse builds them (`from_namespace`); nothing below the CLI sees an argparse
+Namespace. Python callers pass the same names as keyword arguments to gate2deploy.compile /
+info (`from_kwargs`, which refuses unknown names with the list of known ones).
+Field names are the flags' names with dashes as underscores (`--netslim-density` ->
+`netslim_density`), so a flag and its option are found by the same word.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from .errors import OptionError
+
+
+@dataclass
+class ModelOptions:
+    """How to get the gated PyTorch model: checkpoint, architecture, mask sources."""
+
+    checkpoint: str | None = None  # a path (.pt2, state_dict, trusted pickle)
+    model: str | None = None  # package.module:callable or file.py:callable
+    model_kwargs: str | None = None  # JSON keyword arguments for the model callable
+    input_shape: str | None = None  # "1,3,224,224"
+    trust_pickle: bool = False
+    netslim_density: float | None = None
+    netslim_rule: str = "mayo"
+    netslim_scope: str = "global"
+    gator_no_last_conv: str | None = None  # "true" | "false" | None (the gate count decides)
+    gator_config: str | None = None
+
+
+@dataclass
+class CompileOptions(ModelOptions):
+    """`export` / gate2deploy.compile: the model options plus what the compiler does."""
+
+    target: str = "ort"
+    verify: bool = True
+    rtol: float = 1e-4
+    keep_unfoldable: bool = False
+    physical_widths: str = "fast"  # "fast" | "exact"
+    sample_inputs: str | None = None
+    pg_static_scale: bool = False
+    debug_passes: str | None = None  # folder: dump and re-check the graph after each pass
+
+
+@dataclass
+class InfoOptions(ModelOptions):
+    physical_widths: str = "fast"
+    sample_inputs: str | None = None
+
+
+def from_namespace(cls, args) -> object:
+    """The dataclass `cls` filled from an argparse Namespace (fields it lacks keep defaults);
+    `--no-verify` maps to verify=False."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    if "verify" in {f.name for f in fields(cls)} and getattr(args, "no_verify", False):
+        values["verify"] = False
+    return cls(**values)
+
+
+def from_kwargs(cls, **kwargs) -> object:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise OptionError(f"unknown option {unknown[0]!r}; options are: {', '.join(sorted(known))}")
+    return cls(**kwargs)
+
+
+def replace(options, **changes):
+    return dataclasses.replace(options, **changes)
