@@ -3,6 +3,8 @@
 `add_model_arguments` declares the flags; `build_gated_model` loads the checkpoint (safe by
 default), builds the architecture, recognises the mask sources and attaches them:
 - gate2deploy.nn modules inside the user's model: nothing to do, they capture themselves;
+- the seeds' own gated layer classes (dnn-gating CG/PG/PACT, PyTorch-FBS): replaced by
+  gate2deploy's equivalents (importers/seed_layers.py), or named as not lowered;
 - Gator checkpoints (recognised from their `forward_hooks.*.gating_module.*` keys);
 - network slimming from BatchNorm scales (`--netslim-density`);
 - channels dead in the weights need no source: the fold finds them in the graph.
@@ -17,6 +19,7 @@ from torch import nn
 
 from .errors import UserError
 from .importers import gator
+from .importers import seed_layers
 from .importers.netslim import RULES, SCOPES, NetslimReport, netslim_specs
 from .loading import build_model, load_checkpoint, load_weights
 from .nn import MaskSpec, attach_masks
@@ -42,6 +45,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netslim-rule", choices=RULES, default="mayo",
                    help="mayo: raw gamma, keep > (k+1)-th largest; abs: |gamma| percentile (Liu et al.)")
     p.add_argument("--netslim-scope", choices=SCOPES, default="global", help="one threshold for all layers, or per layer")
+    seed_layers.add_arguments(p)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -77,6 +81,7 @@ def build_gated_model(args: argparse.Namespace) -> GatedModel:
             load_weights(model, weights, str(ckpt.path))
     model.eval()
     example = torch.randn(shape)
+    sources.update(seed_layers.lower_seed_layers(model, example, getattr(args, "fbs_rate", None)))
     _check_runs(model, example)
     if args.netslim_density is not None:
         slim_specs, report = netslim_specs(model, example, args.netslim_density, args.netslim_rule, args.netslim_scope)

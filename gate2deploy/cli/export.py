@@ -90,6 +90,8 @@ def run(args) -> int:
         "gated_layer_check": check.gated if check else None,
         "compile_seconds": round(compile_seconds, 3),
         "mask_sources": gated.sources,
+        # gated layers exported as a generic graph (warned on stderr by the front end)
+        "unlowered_gated_layers": gated.sources.get("seed_layers", {}).get("unlowered", []),
         "fold": {
             "removed_channels": ctx.fold.removed_channels,
             "constant_folds": ctx.fold.constant_folds,
