@@ -198,3 +198,16 @@ def test_builtin_builder_without_numerics_deciding_kwargs_exits_2(tmp_path, cli,
                        json.dumps(kwargs), "--target", "ort", "-o", out, "--input-shape", "1,3,32,32")
     assert code == 2 and named in err and "--model-kwargs" in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gate_gradient_follows_the_seeds_sparse_bp(sparse):
+    """Training: cg_utils.py / pg_utils.py GreaterThan passes the gate's gradient through
+    unchanged; SparseGreaterThan (sparse_bp=True) zeroes it where the input is below the
+    threshold (`grad_input[input < threshold] = 0`)."""
+    from gate2deploy.gated import _gate_greater
+    z = torch.tensor([-1.0, 0.25, 0.5, 2.0], requires_grad=True)
+    hard = _gate_greater(z, 0.5, sparse)
+    hard.backward(torch.ones(4))
+    assert hard.tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert z.grad.tolist() == ([0.0, 0.0, 1.0, 1.0] if sparse else [1.0, 1.0, 1.0, 1.0])
