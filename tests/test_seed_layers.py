@@ -107,6 +107,7 @@ def test_dnn_gating_seed_layers_lower_to_gated_ops_exactly(tmp_path, cli, case):
     assert _gated_nodes(out) == {op: count}
     r = json.loads(report.read_text())
     assert r["unlowered_gated_layers"] == []
+    assert r["mask_sources"]["seed_layers"]["max_rel_err_vs_seed_layers_on_example"] <= 1e-6
     lowered = [e for e in r["mask_sources"]["seed_layers"]["lowered"] if e["as"] == op.replace("Conv", "Conv2d")]
     assert len(lowered) == count
     # the hyper-parameters were read from the user's objects, not defaulted

@@ -14,7 +14,10 @@ the checkpoint's weights are loaded and the model is in eval mode, before it is 
    an attribute the rule needs and the object lacks leaves the layer unlowered (below).
 3. Each replacement is checked on the example input: fed the input the seed layer received in
    one forward of the whole model, it must return the seed layer's output (max|diff| <=
-   PROBE_RTOL * max|seed output|); otherwise the seed layer stays as it is.
+   PROBE_RTOL * max|seed output|); otherwise the seed layer stays as it is. The whole model's
+   output with and without the replacements on the example is reported too
+   (`max_rel_err_vs_seed_layers_on_example`), since export's own verification then compares
+   the compiled model with the model that holds the replacements.
 4. A module that is gated (a recognised CG/PG/FBS layer) or looks gated (class name hint, or a
    `threshold`/`mask`/`gate` tensor or a `gate` sub-module) but is not lowered is named in a
    warning on stderr and in the export report (`unlowered_gated_layers`); it is then exported
@@ -278,10 +281,11 @@ def _walk(module: nn.Module, prefix: str, fbs_rate: float | None, out: list[_Fou
 
 # --------------------------------------------------------------------------- lowering
 
-def _probe(model: nn.Module, example: torch.Tensor, modules: list[nn.Module]) -> dict[int, tuple] | None:
-    """One forward of the model recording each module's first (input, output); None when the
-    model does not run on the example (the front end reports that itself)."""
-    seen: dict[int, tuple] = {}
+def _probe(model: nn.Module, example: torch.Tensor, modules: list[nn.Module]) -> dict | None:
+    """One forward of the model recording each module's first (input, output), and the
+    model's output under the key "model"; None when the model does not run on the example
+    (the front end reports that itself)."""
+    seen: dict = {}
 
     def hook(mod, args, output):
         if id(mod) not in seen and len(args) == 1 and isinstance(output, torch.Tensor):
@@ -290,7 +294,7 @@ def _probe(model: nn.Module, example: torch.Tensor, modules: list[nn.Module]) ->
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
         with torch.no_grad():
-            model(example)
+            seen["model"] = model(example)
     except Exception:  # noqa: BLE001 - reported by the front end's own run
         return None
     finally:
@@ -369,6 +373,14 @@ def lower_seed_layers(model: nn.Module, example: torch.Tensor, fbs_rate: float |
         lowered.append({"name": f.name, "seed_class": type(f.module).__name__, "as": type(new).__name__,
                         **f.hyper})
     _replace(model, swaps)
+    check = None
+    if swaps and isinstance(probe.get("model"), torch.Tensor):
+        # The whole model, seed layers vs their replacements, on the example (reported; each
+        # layer was already checked on its own input, so only a gate at a tie can differ).
+        with torch.no_grad():
+            after, before = model(example), probe["model"]
+        scale = float(before.abs().max()) if before.numel() else 0.0
+        check = float((after - before).abs().max()) / scale if scale > 0 else float((after - before).abs().max())
 
     unlowered = [f for f in found if f.build is None and f.gated and f.reason != "dense"]
     for f in unlowered:
@@ -376,6 +388,7 @@ def lower_seed_layers(model: nn.Module, example: torch.Tensor, fbs_rate: float |
               "it is exported as a generic graph of its own forward", file=sys.stderr)
     return {"seed_layers": {
         "lowered": lowered,
+        "max_rel_err_vs_seed_layers_on_example": check,
         "unlowered": [{"name": f.name, "class": type(f.module).__name__, "reason": f.reason} for f in unlowered],
         "not_replaced": [{"name": f.name, "class": type(f.module).__name__, "reason": f.reason}
                          for f in not_replaced if not f.gated],
