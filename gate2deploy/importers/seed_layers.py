@@ -91,7 +91,7 @@ def add_arguments(p) -> None:
 class _Found:
     name: str
     module: nn.Module
-    kind: str                                  # cg | pg | qconv | pact | pytorch-fbs | gate-like
+    kind: str  # cg | pg | qconv | pact | pytorch-fbs | dense (PyTorch-FBS dropping nothing) | gate-like
     build: Callable[[], nn.Module] | None = None
     reason: str = ""
     hyper: dict = field(default_factory=dict)
@@ -229,7 +229,7 @@ def _as_pytorch_fbs(name: str, m: nn.Module, fbs_rate: float | None) -> _Found:
     k = int(m.out_channels * (1.0 - rate))  # custom.py ChannelPruning.forward
     hyper = {"rate": rate, "suppressed_channels": k, "out_channels": m.out_channels}
     if k <= 0:
-        return _Found(name, m, "pytorch-fbs", reason="dense", hyper=hyper)
+        return _Found(name, m, "dense", hyper=hyper)
     return _Found(name, m, "pytorch-fbs", hyper=hyper, reason=(
         f"PyTorch-FBS ChannelPruning at rate {rate:g} (drops {k} of {m.out_channels} channels): the FBSConv op "
         "computes Mayo's FBS, which pools x not |x| and has no per-sample renormalisation O/sum(kept saliency)"))
@@ -345,7 +345,7 @@ def lower_seed_layers(model: nn.Module, example: torch.Tensor, fbs_rate: float |
         raise UserError(f"--fbs-rate {fbs_rate:g} is not in (0, 1] (the fraction of channels PyTorch-FBS keeps)")
     found: list[_Found] = []
     _walk(model, "", fbs_rate, found)
-    fbs = [f for f in found if f.kind == "pytorch-fbs"]
+    fbs = [f for f in found if f.kind in ("pytorch-fbs", "dense")]
     if fbs_rate is not None and not fbs:
         raise UserError("--fbs-rate is given but the model has no PyTorch-FBS ChannelPruning block")
     placeholder = [f.name for f in fbs if fbs_rate is None and f.hyper["rate"] == 1.0]
@@ -382,7 +382,7 @@ def lower_seed_layers(model: nn.Module, example: torch.Tensor, fbs_rate: float |
         scale = float(before.abs().max()) if before.numel() else 0.0
         check = float((after - before).abs().max()) / scale if scale > 0 else float((after - before).abs().max())
 
-    unlowered = [f for f in found if f.build is None and f.gated and f.reason != "dense"]
+    unlowered = [f for f in found if f.build is None and f.gated]
     for f in unlowered:
         print(f"warning: gated layer {f.name} ({type(f.module).__name__}) is not lowered to a gated op: {f.reason}; "
               "it is exported as a generic graph of its own forward", file=sys.stderr)
@@ -393,5 +393,5 @@ def lower_seed_layers(model: nn.Module, example: torch.Tensor, fbs_rate: float |
         "not_replaced": [{"name": f.name, "class": type(f.module).__name__, "reason": f.reason}
                          for f in not_replaced if not f.gated],
         "dense": [{"name": f.name, "class": type(f.module).__name__, **f.hyper}
-                  for f in found if f.reason == "dense"],
+                  for f in found if f.kind == "dense"],
     }}
