@@ -127,6 +127,8 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
         "compile_seconds": round(compile_seconds, 3),
         "pass_seconds": ctx.timings,
         "mask_sources": gated.sources,
+        # gated layers exported as a generic graph (warned on stderr by the front end)
+        "unlowered_gated_layers": gated.sources.get("seed_layers", {}).get("unlowered", []),
         "fold": {
             "removed_channels": ctx.fold.removed_channels,
             "constant_folds": ctx.fold.constant_folds,

@@ -3,6 +3,8 @@
 `build_gated_model` (options: gate2deploy.options.ModelOptions) loads the checkpoint (safe by
 default), builds the architecture, recognises the mask sources and attaches them:
 - gate2deploy.nn modules inside the user's model: nothing to do, they capture themselves;
+- the seeds' own gated layer classes (dnn-gating CG/PG/PACT, PyTorch-FBS): replaced by
+  gate2deploy's equivalents (importers/seed_layers.py), or named as not lowered;
 - Gator checkpoints (recognised from their `forward_hooks.*.gating_module.*` keys);
 - network slimming from BatchNorm scales (`--netslim-density`);
 - channels dead in the weights need no source: the fold finds them in the graph.
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import OptionError, UserError
-from .importers import gator
+from .importers import gator, seed_layers
 from .importers.netslim import NetslimReport, netslim_specs
 from .loading import build_model, load_checkpoint, load_weights
 from .nn import MaskSpec, attach_masks
@@ -56,6 +58,7 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
     else:
         model, specs, sources = _load(opts)
     model.eval()
+    sources.update(seed_layers.lower_seed_layers(model, example, opts.fbs_rate))
     check_runs(model, example)
     if opts.netslim_density is not None:
         slim_specs, report = netslim_specs(model, example, opts.netslim_density, opts.netslim_rule, opts.netslim_scope)

@@ -65,12 +65,15 @@ def _ste(fn, x: torch.Tensor) -> torch.Tensor:
     return x + (fn(x) - x).detach()
 
 
-def _gate_greater(z: torch.Tensor, threshold) -> torch.Tensor:
-    """float(z > threshold) with an identity gradient (the seed's GreaterThan)."""
+def _gate_greater(z: torch.Tensor, threshold, sparse: bool = False) -> torch.Tensor:
+    """float(z > threshold) with an identity gradient (the seed's GreaterThan), or with
+    `sparse` the gradient zeroed where z < threshold (the seed's SparseGreaterThan, chosen by
+    its `sparse_bp`; cg_utils.py / pg_utils.py)."""
     hard = torch.gt(z, threshold).float()
     if not z.requires_grad:
         return hard
-    return z + (hard - z).detach()
+    through = z * (z >= threshold).float() if sparse else z
+    return through + (hard - through).detach()
 
 
 def onnx_conv_attributes(conv: nn.Conv2d) -> dict[str, list[int]]:
@@ -276,7 +279,7 @@ class CGConv2d(nn.Conv2d):
         if self.training:
             yp = F.conv2d(x, self.weight * self.mask, self.bias, *self._conv_args())
             z = torch.sigmoid(self.alpha * (self.bn(yp) - self.threshold)) - 0.5 * torch.ones_like(yp)
-            d = _gate_greater(z, 0.0)
+            d = _gate_greater(z, 0.0, self.sparse_bp)
             y = F.conv2d(x, self.weight, self.bias, *self._conv_args())
             return y * d + yp * (torch.ones_like(d) - d)
         if self.bias is not None:
@@ -312,10 +315,10 @@ class CGConv2d(nn.Conv2d):
 # --------------------------------------------------------------------------- PG
 
 def _pg_seed_eval(x, wq, threshold, abits, pred_bits, alpha, scale, stride, padding, dilation,
-                  groups, counter=None):
+                  groups, counter=None, sparse=False):
     x_hb = truncate_msb(x, abits, pred_bits, scale)
     out_msb = F.conv2d(x_hb, wq, None, stride, padding, dilation, groups)
-    gate = _gate_greater(torch.sigmoid(alpha * (out_msb - threshold)), 0.5)
+    gate = _gate_greater(torch.sigmoid(alpha * (out_msb - threshold)), 0.5, sparse)
     if counter is not None:
         counter.gates_on += float(gate.sum())
         counter.gates_total += gate.numel()
@@ -387,7 +390,8 @@ class PGConv2d(nn.Conv2d):
         if not _exporting():
             counter = None if self.training else self.gate_counter
             return _pg_seed_eval(x, self.quantized_weight(), self.threshold, self.abits,
-                                 self.pred_bits, self.alpha, self._scale(), *conv_args, counter=counter)
+                                 self.pred_bits, self.alpha, self._scale(), *conv_args, counter=counter,
+                                 sparse=self.sparse_bp)
         if not self.alpha > 0:
             raise UserError(f"PGConv2d alpha must be > 0 to export, not {self.alpha}")
         with torch.no_grad():

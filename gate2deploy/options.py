@@ -28,6 +28,7 @@ class ModelOptions:
     netslim_scope: str = "global"
     gator_no_last_conv: str | None = None  # "true" | "false" | None (the gate count decides)
     gator_config: str | None = None
+    fbs_rate: float | None = None  # PyTorch-FBS blocks' rate (importers/seed_layers.py)
 
 
 @dataclass

@@ -88,8 +88,9 @@ def seed_resnet20_state_dict(kind: str, p: int = 4, seed: int = 0) -> dict[str, 
 
 CASES = {
     "pg": ("gate2deploy.models.dnn_gating:resnet20_pg", '{"wbits": 8, "abits": 3, "pred_bits": 2}', "PGConv", 9),
-    "cg": ("gate2deploy.models.dnn_gating:resnet20_cg", '{"partitions": 4}', "CGConv", 9),
-    "cg_postact": ("gate2deploy.models.dnn_gating:resnet20_cg_postact", '{"partitions": 2}', "CGConv", 18),
+    "cg": ("gate2deploy.models.dnn_gating:resnet20_cg", '{"partitions": 4, "shuffle": false}', "CGConv", 9),
+    "cg_postact": ("gate2deploy.models.dnn_gating:resnet20_cg_postact", '{"partitions": 2, "shuffle": false}',
+                   "CGConv", 18),
 }
 
 
@@ -153,7 +154,7 @@ def test_seed_checkpoint_loads_and_exports_with_both_lowerings(tmp_path, kind, d
 def test_wrong_hyper_parameters_fail_with_a_clear_error(tmp_path):
     from gate2deploy.errors import UserError
     sd = seed_resnet20_state_dict("cg")
-    model = build_model("gate2deploy.models.dnn_gating:resnet20_cg_postact")
+    model = build_model("gate2deploy.models.dnn_gating:resnet20_cg_postact", '{"partitions": 4, "shuffle": false}')
     with pytest.raises(UserError, match="does not fit the model"):
         load_weights(model, sd, "ckpt")
 

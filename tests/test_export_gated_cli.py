@@ -10,6 +10,9 @@ from test_dnn_gating_import import seed_resnet20_state_dict
 
 PG = "gate2deploy.models.dnn_gating:resnet20_pg"
 CG = "gate2deploy.models.dnn_gating:resnet20_cg"
+# the hyper-parameters seed_resnet20_state_dict's checkpoints were "trained" with (not stored in them)
+PG_KWARGS = '{"wbits": 8, "abits": 3, "pred_bits": 2}'
+CG_KWARGS = '{"partitions": 4, "shuffle": false}'
 
 
 @pytest.fixture
@@ -24,7 +27,8 @@ def test_pg_checkpoint_with_calibrated_static_scale(tmp_path, cli, samples, targ
     ckpt = tmp_path / "pg.pth"
     torch.save(seed_resnet20_state_dict("pg"), ckpt)
     out, report = tmp_path / "pg.onnx", tmp_path / "pg.json"
-    code, stdout, err = cli("export", ckpt, "--model", PG, "--target", target, "-o", out,
+    code, stdout, err = cli("export", ckpt, "--model", PG, "--model-kwargs", PG_KWARGS, "--target", target,
+                            "-o", out,
                             "--input-shape", "2,3,32,32", "--sample-inputs", samples, "--pg-static-scale",
                             "--report", report)
     assert code == 0, err
@@ -46,7 +50,8 @@ def test_pg_checkpoint_with_calibrated_static_scale(tmp_path, cli, samples, targ
 def test_pg_static_scale_without_samples_is_refused_early(tmp_path, cli):
     ckpt = tmp_path / "pg.pth"
     torch.save(seed_resnet20_state_dict("pg"), ckpt)
-    code, _, err = cli("export", ckpt, "--model", PG, "-o", tmp_path / "x.onnx", "--input-shape", "1,3,32,32",
+    code, _, err = cli("export", ckpt, "--model", PG, "--model-kwargs", PG_KWARGS, "-o", tmp_path / "x.onnx",
+                       "--input-shape", "1,3,32,32",
                        "--pg-static-scale")
     assert code == 2 and "--sample-inputs" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
@@ -56,7 +61,7 @@ def test_cg_info_reports_gate_on_fractions(tmp_path, cli, samples):
     ckpt = tmp_path / "cg.pth"
     torch.save(seed_resnet20_state_dict("cg"), ckpt)
     out = tmp_path / "info.yaml"
-    code, stdout, err = cli("info", ckpt, "--model", CG, "--input-shape", "2,3,32,32",
+    code, stdout, err = cli("info", ckpt, "--model", CG, "--model-kwargs", CG_KWARGS, "--input-shape", "2,3,32,32",
                             "--sample-inputs", samples, "--out", out)
     assert code == 0, err
     info = yaml.safe_load(out.read_text())

@@ -245,7 +245,7 @@ def network_benchmarks(args) -> None:
         from gate2deploy.models.dnn_gating import resnet20_cg, resnet20_pg
 
         x = torch.randn(1, 3, 32, 32)
-        for name, build, offsets in [("cg", lambda: resnet20_cg(partitions=4), CG_OFFSETS),
+        for name, build, offsets in [("cg", lambda: resnet20_cg(partitions=4, shuffle=False), CG_OFFSETS),
                                      ("pg", lambda: resnet20_pg(wbits=8, abits=3, pred_bits=2),
                                       PG_OFFSETS)]:
             if name not in nets:

@@ -21,6 +21,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="mayo: raw gamma, keep > (k+1)-th largest; abs: |gamma| percentile (Liu et al.)")
     p.add_argument("--netslim-scope", choices=SCOPES, default="global", help="one threshold for all layers, or per layer")
     add_gator_arguments(p)
+    p.add_argument("--fbs-rate", type=float,
+                   help="PyTorch-FBS: the `rate` (fraction of channels kept) the ChannelPruning blocks were "
+                        "trained at, which the checkpoint does not store (main.py writes it into the file name)")
 
 
 def add_gator_arguments(p: argparse.ArgumentParser) -> None:

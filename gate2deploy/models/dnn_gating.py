@@ -15,9 +15,14 @@ option B), `linear.weight/bias`; PACT adds `relu.upper_bound` and `layerX.Y.relu
   relu(bn2(conv2(.))) + shortcut (no ReLU after the addition).
 
 The seed saves `net.state_dict()` (with `module.` prefixes under DataParallel; the loader strips
-them). Hyper-parameters that are not in the checkpoint (p, use_group, shuffle, alpha, bit widths)
-must be passed as builder arguments (`--model-kwargs`), as given to the seed's training script;
-the base-path `mask` itself is in the checkpoint.
+them). Hyper-parameters that are not in the checkpoint and decide the output have no default
+and must be passed (`--model-kwargs`), as given to the seed's training script: `partitions`
+and `shuffle` for CG (cg-cifar10.py `-pt`, `-shuffle`), `wbits`, `abits`, `pred_bits` for PG
+(pg-cifar10.py `-w`, `-a`, `-pb`); a build without them is refused naming them. The others
+keep the seed scripts' defaults because a loaded checkpoint fixes or overrides them: the
+base-path `mask` (so `use_group`) and `threshold` (so `ginit`) are in the checkpoint, `pact`
+and `option` change the checkpoint's keys (a mismatch is a load error), `alpha` only scales
+the gate's sigmoid (the decision is z > 0 for any alpha > 0), `sparse_bp` is training-only.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..gated import CGConv2d, PactReLU, PGConv2d, QuantizedConv2d
+from . import require_stated
 
 
 class _ChannelZeroPad(torch.autograd.Function):
@@ -152,30 +158,38 @@ class CifarResNet(nn.Module):
         return self.linear(out.view(out.size(0), -1))
 
 
-def resnet20_pg(num_classes: int = 10, wbits: int = 8, abits: int = 3, pred_bits: int = 2,
-                pact: bool = True, sparse_bp: bool = False, option: str = "A") -> CifarResNet:
-    """dnn-gating ResNet-20 with Precision Gating (defaults: the seed's train_pg_pact.sh)."""
+def resnet20_pg(num_classes: int = 10, wbits: int | None = None, abits: int | None = None,
+                pred_bits: int | None = None, pact: bool = True, sparse_bp: bool = False,
+                option: str = "A") -> CifarResNet:
+    """dnn-gating ResNet-20 with Precision Gating (the seed's train_pg_pact.sh: wbits 8, abits
+    3, pred_bits 2, PACT)."""
+    require_stated("dnn_gating:resnet20_pg", '{"wbits": 8, "abits": 3, "pred_bits": 2}',
+                   wbits=wbits, abits=abits, pred_bits=pred_bits)
     return CifarResNet(lambda i, o, s: PGBasicBlock(i, o, s, option, wbits=wbits, abits=abits,
                                                     pred_bits=pred_bits, pact=pact, sparse_bp=sparse_bp),
                        num_classes=num_classes, pact=pact)
 
 
-def resnet20_cg(num_classes: int = 10, partitions: int = 4, ginit: float = 0.0, alpha: float = 2.0,
-                use_group: bool = True, shuffle: bool = False, sparse_bp: bool = False,
-                option: str = "A") -> CifarResNet:
+def resnet20_cg(num_classes: int = 10, partitions: int | None = None, ginit: float = 0.0,
+                alpha: float = 2.0, use_group: bool = True, shuffle: bool | None = None,
+                sparse_bp: bool = False, option: str = "A") -> CifarResNet:
     """dnn-gating ResNet-20 with Channel Gating on conv1 of each block (train_cg.sh: -pt 4
-    --use_group)."""
+    --use_group, no -shuffle)."""
+    require_stated("dnn_gating:resnet20_cg", '{"partitions": 4, "shuffle": false}',
+                   partitions=partitions, shuffle=shuffle)
     return CifarResNet(lambda i, o, s: CGBasicBlock(i, o, s, option, partitions=partitions, ginit=ginit,
                                                     alpha=alpha, use_group=use_group, shuffle=shuffle,
                                                     sparse_bp=sparse_bp),
                        num_classes=num_classes)
 
 
-def resnet20_cg_postact(num_classes: int = 10, partitions: int = 2, ginit: float = 0.0,
-                        alpha: float = 2.0, use_group: bool = True, shuffle: bool = False,
+def resnet20_cg_postact(num_classes: int = 10, partitions: int | None = None, ginit: float = 0.0,
+                        alpha: float = 2.0, use_group: bool = True, shuffle: bool | None = None,
                         sparse_bp: bool = False, option: str = "A") -> CifarResNet:
     """Post-activated ResNet-20 with Channel Gating on both convs of each block
-    (train_cg_postact.sh: -pt 2 --use_group)."""
+    (train_cg_postact.sh: -pt 2 --use_group, no -shuffle)."""
+    require_stated("dnn_gating:resnet20_cg_postact", '{"partitions": 2, "shuffle": false}',
+                   partitions=partitions, shuffle=shuffle)
     return CifarResNet(lambda i, o, s: CGBasicBlock(i, o, s, option, partitions=partitions, ginit=ginit,
                                                     alpha=alpha, use_group=use_group, shuffle=shuffle,
                                                     sparse_bp=sparse_bp, postact=True),

@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..gated import FBSConv2d
+from . import require_stated
 
 
 class FBSBasicBlock(nn.Module):
@@ -59,6 +60,9 @@ class FBSResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def fbs_resnet18(num_classes: int = 1000, density: float = 0.5, pool: str = "avg") -> FBSResNet:
-    """FBS ResNet-18; `density` is the fraction of output channels kept per sample."""
+def fbs_resnet18(num_classes: int = 1000, density: float | None = None, pool: str = "avg") -> FBSResNet:
+    """FBS ResNet-18; `density` (required: not in the checkpoint, decides the output) is the
+    fraction of output channels kept per sample; `pool` defaults to the seed config's `avg`
+    (models/gate/resnet18.yaml `_gate.pool`)."""
+    require_stated("fbs:fbs_resnet18", '{"density": 0.5}', density=density)
     return FBSResNet((2, 2, 2, 2), num_classes, density, pool)
