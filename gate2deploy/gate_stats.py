@@ -30,6 +30,7 @@ import onnx
 import torch
 from torch import nn
 
+from . import ops
 from .gated import CGConv2d, FBSConv2d, GateCounter, PGConv2d, QuantizedConv2d
 
 __all__ = ["GateLayerStats", "gate_statistics", "onnx_gate_statistics", "calibrate_pg_scales",
@@ -75,9 +76,8 @@ def _run_with_hooks(model: nn.Module, samples, handles: list) -> None:
 
 
 def conv_macs(out_shape, weight_shape, group: int = 1) -> int:
-    """Dense MACs per sample of a conv with output [N, O, Ho, Wo] and weight [O, C/g, kh, kw]."""
-    _, o, ho, wo = out_shape
-    return int(o * ho * wo * weight_shape[1] * weight_shape[2] * weight_shape[3])
+    """Dense MACs per sample (the op catalog's count, for one sample of the batch)."""
+    return ops.conv_macs((1, *out_shape[1:]), weight_shape)
 
 
 def _cg_stats(name, dense, r, base_fraction, samples):
@@ -257,7 +257,7 @@ def describe_gated_nodes(model: onnx.ModelProto) -> list[dict]:
     PG's `scale` says "dynamic" or "static <value>"."""
     out = []
     for node in model.graph.node:
-        if node.domain != "gate2deploy" or node.op_type not in ("CGConv", "PGConv", "FBSConv"):
+        if node.domain != ops.DOMAIN or node.op_type not in ops.GATED_OPS:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
@@ -307,7 +307,7 @@ def onnx_gate_statistics(model: onnx.ModelProto, samples) -> list[GateLayerStats
 
     model = onnx.shape_inference.infer_shapes(copy.deepcopy(model))
     nodes = {n.name: n for n in model.graph.node
-             if n.domain == "gate2deploy" and n.op_type in ("CGConv", "PGConv", "FBSConv")}
+             if n.domain == ops.DOMAIN and n.op_type in ops.GATED_OPS}
     if not nodes:
         return []
     shapes = _shape_map(model)

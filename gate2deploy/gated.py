@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-
-DOMAIN = "gate2deploy"
+from .ops import DOMAIN
 
 __all__ = ["CGConv2d", "PGConv2d", "FBSConv2d", "PactReLU", "QuantizedConv2d", "GateCounter",
            "GATED_TYPES", "channel_shuffle", "quantize_sign_magnitude", "truncate_msb"]

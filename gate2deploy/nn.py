@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-MASK_DOMAIN = "gate2deploy"
+from .ops import DOMAIN as MASK_DOMAIN
 
 
 def _broadcast(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -168,6 +168,15 @@ CATALOG: dict[str, OpSpec] = {spec.name: spec for spec in [
 GATED_OPS = ("CGConv", "PGConv", "FBSConv")  # the dynamic gates
 
 
+def conv_macs(out_shape, weight_shape) -> int:
+    """Dense MACs of a conv-shaped node (the "conv" MACs kind; ONNX Conv too): every output
+    element [N, O, Ho, Wo] takes C/group * kh * kw multiply-accumulates (weight [O, C/g, kh, kw])."""
+    total = 1
+    for d in list(out_shape) + list(weight_shape[1:]):
+        total *= int(d)
+    return total
+
+
 def is_custom(node) -> bool:
     """A node of the gate2deploy domain (onnx NodeProto or onnx-graphsurgeon Node)."""
     return getattr(node, "domain", "") == DOMAIN

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import ops
+
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -58,9 +60,10 @@ def model_cost(model: onnx.ModelProto) -> ModelCost:
                      if name not in masks and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)))
     layers = {}
     for node in model.graph.node:
-        if node.op_type not in LAYER_OPS and node.domain != "gate2deploy":
-            continue
-        if node.domain == "gate2deploy" and node.op_type == "ChannelMask":
+        if node.domain == ops.DOMAIN:
+            if ops.CATALOG[node.op_type].macs == "none":  # e.g. ChannelMask
+                continue
+        elif node.op_type not in LAYER_OPS:
             continue
         w = shapes.get(node.input[1]) if len(node.input) > 1 else None
         y = shapes.get(node.output[0])
@@ -77,7 +80,7 @@ def model_cost(model: onnx.ModelProto) -> ModelCost:
         else:  # Conv and conv-shaped custom ops: weight [O, I/g, k...]
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
             c_in, c_out = w[1] * group, w[0]
-            macs = int(np.prod(y)) * int(np.prod(w[1:]))
+            macs = ops.conv_macs(y, w)
         layers[node.name] = LayerCost(node.name, node.op_type, int(c_in), int(c_out), macs, n_params)
     return ModelCost(sum(lc.macs for lc in layers.values()), params, layers)
 

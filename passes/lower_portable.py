@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from gate2deploy.ops import DOMAIN, GATED_OPS
+
 from .fuse_gated_epilogue import EPILOGUE_INPUTS_AT, activation_name
 from .ir import const_value
 
-DOMAIN = "gate2deploy"
-LOWERED_OPS = ("CGConv", "PGConv", "FBSConv")
+LOWERED_OPS = GATED_OPS
 
 
 @dataclass
