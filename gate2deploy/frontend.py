@@ -106,4 +106,4 @@ def _netslim_summary(r: NetslimReport) -> dict:
     total = sum(r.kept.values())
     return {"rule": r.rule, "scope": r.scope, "density": r.density,
             "participating_layers": len(r.participating), "kept_channels": total,
-            "excluded": r.excluded}
+            "excluded": r.excluded, "emptied_layers": r.emptied}

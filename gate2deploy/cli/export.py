@@ -8,8 +8,12 @@ engine; needs TensorRT and a GPU, exit 3 otherwise).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from .. import report as rep
 from ..api import compile_with
+from ..errors import OptionError
 from ..fileio import check_writable, write_text
 from ..options import CompileOptions, from_namespace
 from ..targets import TARGETS
@@ -38,9 +42,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    for flag, path in (("-o", args.output), ("--report", args.report)):
+        if path and (str(path).endswith(("/", os.sep)) or Path(path).is_dir()):
+            raise OptionError(f"{flag} {path}: names a folder; give a file name")
     check_writable(args.output)
     if args.report:
         check_writable(args.report)
+        if Path(args.report).resolve() == Path(args.output).resolve():
+            raise OptionError(f"--report {args.report} is the model's own path (-o); give the report another name")
     opts = from_namespace(CompileOptions, args)
     compiled = compile_with(None, None, opts)
     compiled.save(args.output)

@@ -17,6 +17,7 @@ count} or Gator's nested channels_config.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .. import api
@@ -68,6 +69,10 @@ def run(args) -> int:
     fractions = _fractions(args.widths)
     if args.repeats < 3 or args.warmup < 0 or args.max_cv <= 0:
         raise UserError("--repeats must be >= 3, --warmup >= 0 and --max-cv > 0")
+    for flag in ("criteria_weight", "gradient_multiplier", "gate_init_prob", "static_total_cost"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):  # JSON has no NaN: Gator could not read it
+            raise UserError(f"--{flag.replace('_', '-')} must be a finite number, not {value}")
     result = api.profile(
         args.checkpoint, args.input_shape, args.out, model=args.model, model_kwargs=args.model_kwargs,
         trust_pickle=args.trust_pickle, gator_no_last_conv=args.gator_no_last_conv, gator_config=args.gator_config,

@@ -25,6 +25,7 @@ identical for activations with act(0) = 0 (ReLU, ReLU6, SiLU, Hardswish, GELU, L
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ class NetslimReport:
     participating: list[str] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)  # BN name -> why
     kept: dict[str, int] = field(default_factory=dict)  # BN name -> kept channels
+    emptied: list[str] = field(default_factory=list)  # BNs that keep no channel (warned)
 
 
 def _threshold(values: np.ndarray, density: float, rule: str) -> float | None:
@@ -130,4 +132,10 @@ def netslim_specs(model: nn.Module, example: torch.Tensor, density: float, rule:
         if not keep.all():
             specs.append(MaskSpec(n, "out", torch.from_numpy(keep.astype(np.float32)),
                                   f"netslim {rule}/{scope} d={density}"))
+    emptied = [n for n in names if report.kept[n] == 0]
+    if emptied:
+        report.emptied = emptied
+        print(f"warning: network slimming at density {density} keeps no channel of {len(emptied)} layer(s) "
+              f"({emptied[0]}{', ...' if len(emptied) > 1 else ''}): what follows them no longer depends on "
+              "the input", file=sys.stderr)
     return specs, report

@@ -400,4 +400,8 @@ def load_lut(path: str | Path) -> dict:
     lut = read_json(path, "LUT")
     if not isinstance(lut, dict) or lut.get("format") != FORMAT or not isinstance(lut.get("entries"), dict):
         raise UserError(f"{path} is not a gate2deploy LUT (format {FORMAT})")
+    for key, entry in lut["entries"].items():
+        ms = entry.get("ms") if isinstance(entry, dict) else None
+        if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not math.isfinite(ms) or ms < 0:
+            raise UserError(f"{path}: entry {key} has timing {ms!r}; a LUT's timings are finite and >= 0 ms")
     return lut

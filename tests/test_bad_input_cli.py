@@ -1,0 +1,57 @@
+"""Clumsy-user probes of issue 17 (item 7) at the command line: each gives one line and exit
+2 (or the named warning), and leaves nothing behind."""
+import json
+from pathlib import Path
+
+import torch
+
+from models.cifar_nets import randomize_batchnorm, vgg16_bn
+
+CIFAR = Path(__file__).parent / "models" / "cifar_nets.py"
+
+
+def _ckpt(tmp_path):
+    ckpt = tmp_path / "v.pt"
+    torch.save(randomize_batchnorm(vgg16_bn(width=0.125), seed=1).state_dict(), ckpt)
+    return ckpt
+
+
+def _export(cli, ckpt, *extra):
+    return cli("export", ckpt, "--model", f"{CIFAR}:vgg16_bn", "--model-kwargs", '{"width": 0.125}',
+               "--input-shape", "1,3,32,32", *extra)
+
+
+def test_report_onto_the_model_path_is_refused(tmp_path, cli):
+    out = tmp_path / "m.onnx"
+    code, _, err = _export(cli, _ckpt(tmp_path), "-o", out, "--report", out)
+    assert code == 2 and "--report" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_output_naming_a_folder_is_refused(tmp_path, cli):
+    code, _, err = _export(cli, _ckpt(tmp_path), "-o", f"{tmp_path / 'newdir'}/")
+    assert code == 2 and "names a folder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "newdir").exists()
+
+
+def test_netslim_density_zero_warns_by_name(tmp_path, cli):
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    code, _, err = _export(cli, _ckpt(tmp_path), "-o", out, "--netslim-density", "0", "--report", report)
+    assert code == 0 and "keeps no channel" in err
+    assert json.loads(report.read_text())["mask_sources"]["netslim"]["emptied_layers"]
+
+
+def test_profile_nan_criteria_weight_is_refused(tmp_path, cli):
+    code, _, err = cli("profile", "--model", f"{CIFAR}:resnet20", "--input-shape", "1,3,32,32", "-o",
+                       tmp_path / "lat", "--criteria-weight", "nan")
+    assert code == 2 and "--criteria-weight must be a finite number" in err
+    assert not (tmp_path / "lat").exists()
+
+
+def test_predict_with_nan_or_negative_timings_is_refused(tmp_path, cli):
+    from gate2deploy.profiling.lut import FORMAT
+    for bad in (float("nan"), -1.0):
+        lut = tmp_path / "lut.json"
+        lut.write_text(json.dumps({"format": FORMAT, "entries": {"Conv/x": {"ms": bad}}}))
+        code, _, err = cli("profile", "--predict", lut, "--channels", tmp_path / "cfg.json")
+        assert code == 2 and "timing" in err and len(err.strip().splitlines()) == 1, err
