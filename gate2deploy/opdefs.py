@@ -67,6 +67,9 @@ def channel_mask_schema():
 _INT, _INTS, _FLOAT, _STRING = (defs.OpSchema.AttrType.INT, defs.OpSchema.AttrType.INTS,
                                 defs.OpSchema.AttrType.FLOAT, defs.OpSchema.AttrType.STRING)
 _CONV_ATTRS = [("strides", _INTS, False), ("pads", _INTS, False), ("dilations", _INTS, False)]
+# OPS.md's common conv attributes include `group`; CGConv, FBSConv and SparseInputConv accept
+# only 1 (the kernels check the value), PGConv any divisor.
+_GROUP_ATTR = [("group", _INT, False)]
 # CGConv / PGConv's optional epilogue (a following BatchNormalization and Relu, fused for
 # --target ort by passes/fuse_gated_epilogue.py): per-channel [O] vectors and "Relu" or none.
 _POST_INPUTS = [("post_scale?", "T"), ("post_shift?", "T")]
@@ -110,7 +113,7 @@ def conv_like_output(ctx) -> None:
 def cg_conv_schema():
     return make_schema(
         "CGConv", [("X", "T"), ("W", "T"), ("base_mask", "T"), ("threshold", "T"), *_POST_INPUTS],
-        [("Y", "T")], [*_POST_ATTRS, *_CONV_ATTRS], infer=conv_like_output,
+        [("Y", "T")], [*_POST_ATTRS, *_CONV_ATTRS, *_GROUP_ATTR], infer=conv_like_output,
         doc="Channel Gating: Yp = conv(X, W*base_mask); Y = where(Yp > threshold, conv(X, W), Yp); "
             "then act(post_scale * Y + post_shift) when given (OPS.md).")
 
@@ -120,7 +123,7 @@ def pg_conv_schema():
     return make_schema(
         "PGConv", [("X", "T"), ("W", "T"), ("threshold", "T"), *_POST_INPUTS], [("Y", "T")],
         [("abits", _INT, True), ("pred_bits", _INT, True), ("static_scale", _FLOAT, False),
-         ("group", _INT, False), *_POST_ATTRS, *_CONV_ATTRS], infer=conv_like_output,
+         *_GROUP_ATTR, *_POST_ATTRS, *_CONV_ATTRS], infer=conv_like_output,
         doc="Precision Gating: Y = conv(x_msb, W) + [conv(x_msb, W) > threshold] * conv(x_lsb, W); "
             "then act(post_scale * Y + post_shift) when given (OPS.md).")
 
@@ -130,7 +133,7 @@ def fbs_conv_schema():
     return make_schema(
         "FBSConv", [("X", "T"), ("W", "T"), ("fc_W", "T"), ("fc_b", "T"), ("bn_scale", "T"),
                     ("bn_shift", "T"), ("beta", "T")], [("Y", "T")],
-        [("density", _FLOAT, True), ("pool", _STRING, False), *_CONV_ATTRS], infer=conv_like_output,
+        [("density", _FLOAT, True), ("pool", _STRING, False), *_CONV_ATTRS, *_GROUP_ATTR], infer=conv_like_output,
         doc="FBS: per-sample top-k output channels by a pooled saliency; others exactly 0.")
 
 
@@ -138,7 +141,7 @@ def fbs_conv_schema():
 def sparse_input_conv_schema():
     return make_schema(
         "SparseInputConv", [("X", "T"), ("W", "T"), ("B", "T"), ("R?", "T")], [("Y", "T")],
-        [("activation", _STRING, False), *_CONV_ATTRS], infer=conv_like_output,
+        [("activation", _STRING, False), *_CONV_ATTRS, *_GROUP_ATTR], infer=conv_like_output,
         doc="Y = act(Conv(X, W, B) + R): ONNX Conv (group 1, bias B), optional residual R, "
             "activation 'Relu' or none; the kernel reads only each sample's non-zero input "
             "channels (the consumer of an FBS layer).")

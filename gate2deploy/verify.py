@@ -7,6 +7,15 @@ inputs). The error measure is normwise: max|onnx - torch| / max|torch| per outpu
 stays meaningful where individual outputs are near zero. The default tolerance 1e-4 is the
 contract for folded models (float reassociation in smaller layers and fused BN, nothing
 more); a mismatch fails the export.
+
+Non-finite values (NaN is never "equal"): an element where the reference (PyTorch) is finite
+and the exported model is not, or the reverse, or where both are non-finite but differ (NaN vs
+inf, or infs of opposite sign), is a mismatch and fails verification outright (error inf); an
+element that is NaN in both, or the same inf in both, agrees. The errors are measured over the
+elements finite in both (`compare_outputs`), so a NaN can never vanish into a maximum. A
+PyTorch model that itself produces non-finite outputs on the verification inputs is refused
+(`NonFiniteReference`, a UserError) unless the caller allows it (`export --allow-nonfinite`):
+such outputs certify nothing about the exported model.
 """
 from __future__ import annotations
 
@@ -18,7 +27,52 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from .errors import UserError
+
 DEFAULT_RTOL = 1e-4
+
+
+@dataclass
+class OutputComparison:
+    """One output compared elementwise (see the module docstring)."""
+
+    max_abs_err: float       # over elements finite in both; inf if any non-finite mismatch
+    scale: float             # max |reference| over its finite elements (0 if none)
+    nonfinite_mismatches: int
+    reference_nonfinite: int  # NaN / inf elements of the reference
+
+    @property
+    def max_rel_err(self) -> float:
+        return self.max_abs_err / self.scale if self.scale > 0 else self.max_abs_err
+
+
+def nonfinite_agree(reference: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Elementwise: both NaN, or both the same infinity."""
+    return (np.isnan(reference) & np.isnan(got)) | (np.isinf(reference) & (reference == got))
+
+
+def nonfinite_mismatch(reference: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Elementwise: a non-finite value on either side that the other side does not match."""
+    either = ~np.isfinite(reference) | ~np.isfinite(got)
+    return either & ~nonfinite_agree(reference, got)
+
+
+def compare_outputs(reference, got) -> OutputComparison:
+    """NaN-aware comparison of one output (same shape required)."""
+    r, g = np.asarray(reference, np.float64), np.asarray(got, np.float64)
+    if r.shape != g.shape:
+        raise ValueError(f"shapes differ: {r.shape} vs {g.shape}")
+    both = np.isfinite(r) & np.isfinite(g)
+    mismatches = int(nonfinite_mismatch(r, g).sum())
+    diff = np.abs(r[both] - g[both])
+    abs_err = float("inf") if mismatches else (float(diff.max()) if diff.size else 0.0)
+    finite_ref = np.abs(r[np.isfinite(r)])
+    return OutputComparison(abs_err, float(finite_ref.max()) if finite_ref.size else 0.0,
+                            mismatches, int((~np.isfinite(r)).sum()))
+
+
+class NonFiniteReference(UserError):
+    """The PyTorch model's own outputs are not finite on the verification inputs."""
 
 
 @dataclass
@@ -27,10 +81,13 @@ class VerifyResult:
     max_rel_err: float
     rtol: float
     n_inputs: int
+    nonfinite_mismatches: int = 0  # elements non-finite on one side only (or different)
+    reference_nonfinite: int = 0   # NaN / inf elements in the PyTorch outputs
 
     @property
     def passed(self) -> bool:
-        return bool(np.isfinite(self.max_rel_err)) and self.max_rel_err <= self.rtol
+        return (self.nonfinite_mismatches == 0 and bool(np.isfinite(self.max_rel_err))
+                and self.max_rel_err <= self.rtol)
 
 
 def random_inputs(shape, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -98,17 +155,19 @@ def verify(torch_model: torch.nn.Module, model: onnx.ModelProto, inputs: list[np
     feeds = [{input_name: x} for x in inputs]
     results = Comparator.run(runners, data_loader=feeds)
     (_, ref_iters), (_, got_iters) = results[0], results[1]
-    max_abs, max_rel = 0.0, 0.0
+    # Every error below is a number or inf, never NaN (compare_outputs), so max() is safe.
+    result = VerifyResult(0.0, 0.0, rtol, len(inputs))
     for ref, got in zip(ref_iters, got_iters):
         for name in output_names:
-            r, g = np.asarray(ref[name], np.float64), np.asarray(got[name], np.float64)
+            r, g = np.asarray(ref[name]), np.asarray(got[name])
             if r.shape != g.shape:
                 return VerifyResult(float("inf"), float("inf"), rtol, len(inputs))
-            abs_err = float(np.max(np.abs(r - g))) if r.size else 0.0
-            scale = float(np.max(np.abs(r))) if r.size else 0.0
-            max_abs = max(max_abs, abs_err)
-            max_rel = max(max_rel, abs_err / scale if scale > 0 else abs_err)
-    return VerifyResult(max_abs, max_rel, rtol, len(inputs))
+            c = compare_outputs(r, g)
+            result.max_abs_err = max(result.max_abs_err, c.max_abs_err)
+            result.max_rel_err = max(result.max_rel_err, c.max_rel_err)
+            result.nonfinite_mismatches += c.nonfinite_mismatches
+            result.reference_nonfinite += c.reference_nonfinite
+    return result
 
 
 @dataclass
@@ -122,6 +181,10 @@ class ExportCheck:
     def summary(self) -> str:
         text = (f"max abs err {self.output.max_abs_err:.3g}, max rel err {self.output.max_rel_err:.3g} "
                 f"(tolerance {self.output.rtol:g})")
+        if self.output.nonfinite_mismatches:
+            text += f"; {self.output.nonfinite_mismatches} NaN/inf outputs not matching PyTorch"
+        if self.output.reference_nonfinite:
+            text += f"; PyTorch itself gives {self.output.reference_nonfinite} NaN/inf outputs"
         if self.gated is not None:
             text += f"; gated layers: {self.gated['flipped_gates']} flipped gates" + (
                 " (all at ties)" if self.passed else " (NOT only at ties)")
@@ -129,7 +192,8 @@ class ExportCheck:
 
 
 def check_export(torch_model: torch.nn.Module, captured: onnx.ModelProto, compiled: onnx.ModelProto,
-                 input_shape, rtol: float = DEFAULT_RTOL, samples: list[np.ndarray] | None = None) -> ExportCheck:
+                 input_shape, rtol: float = DEFAULT_RTOL, samples: list[np.ndarray] | None = None,
+                 allow_nonfinite: bool = False) -> ExportCheck:
     """Verify a compiled model against PyTorch.
 
     Static folds: the output-level normwise error must be <= rtol. Dynamic gates (CG, PG, FBS)
@@ -139,12 +203,22 @@ def check_export(torch_model: torch.nn.Module, captured: onnx.ModelProto, compil
     decisive check is layer by layer (`gated_verify`): each gated layer, fed the exported
     model's own input, must agree within rtol, with flipped gates only at ties and rare. The
     output-level error is still measured and reported.
+
+    A PyTorch model with non-finite outputs on the inputs raises NonFiniteReference unless
+    `allow_nonfinite`; then its NaN / inf must be matched element for element.
     """
     inputs = samples if samples else random_inputs(input_shape, 3)
     output = verify(torch_model, compiled, inputs, rtol=rtol)
+    if output.reference_nonfinite and not allow_nonfinite:
+        raise NonFiniteReference(
+            f"the PyTorch model itself produces {output.reference_nonfinite} NaN/inf output "
+            f"values on the verification inputs (NaN or inf weights?); nothing verified, nothing "
+            f"written (--allow-nonfinite exports it anyway, NaN/inf matched element for element)")
     has_gates = any(n.domain == "gate2deploy" and n.op_type != "ChannelMask" for n in captured.graph.node)
     if not has_gates:
         return ExportCheck(output, None, output.passed)
     from .gated_verify import verify_gated_layers
     gated = verify_gated_layers(torch_model, captured, compiled, inputs, rtol=rtol)
-    return ExportCheck(output, gated.as_dict(), gated.passed)
+    # A gate flipped at a tie moves finite values only: a NaN/inf where PyTorch has none (or the
+    # reverse) fails the export even when every gated layer agrees (it came from elsewhere).
+    return ExportCheck(output, gated.as_dict(), gated.passed and output.nonfinite_mismatches == 0)

@@ -99,7 +99,11 @@ def cg_conv_reference(x, w, base_mask, threshold, strides=(1, 1), pads=(0, 0, 0,
         Yp = conv(X, W * base_mask[:, :, None, None]); Yf = conv(X, W)
         Y = where(Yp > threshold[o], Yf, Yp)
 
-    then the optional epilogue (gated_post_epilogue).
+    then the optional epilogue (gated_post_epilogue). Evaluated as the seed (and
+    gate2deploy.gated's CGConv2d) writes it, Y = Yf * d + Yp * (1 - d) with d = (Yp > thr):
+    the same values for finite data, and NaN wherever Yp or Yf is NaN or inf (0 * inf), as
+    PyTorch gives; a plain `where` would keep a finite Yp beside a NaN Yf. (Changed from
+    `where` to match the PyTorch module on non-finite inputs.)
     """
     x, w = _f32("X", x), _f32("W", w)
     o, c = w.shape[:2]
@@ -110,8 +114,10 @@ def cg_conv_reference(x, w, base_mask, threshold, strides=(1, 1), pads=(0, 0, 0,
     yp = conv2d(x, w * base_mask[:, :, None, None], strides, pads, dilations)
     yf = conv2d(x, w, strides, pads, dilations)
     gate = yp > thr
-    y = gated_post_epilogue(np.where(gate, yf, yp).astype(np.float32), post_scale, post_shift,
-                            activation)
+    d = gate.astype(np.float32)
+    with np.errstate(invalid="ignore"):  # 0 * inf -> NaN is the intended result
+        y = (yf * d + yp * (np.float32(1) - d)).astype(np.float32)
+    y = gated_post_epilogue(y, post_scale, post_shift, activation)
     return (y, gate) if return_gate else y
 
 

@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch (not recommended)")
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
                    help="verification tolerance: max|onnx - torch| / max|torch| (default %(default)g)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export even if the PyTorch model itself outputs NaN/inf on the verification "
+                        "inputs (refused by default); its NaN/inf must then be matched exactly")
     p.add_argument("--keep-unfoldable", action="store_true",
                    help="keep masks the fold cannot remove as an exact Mul instead of failing")
     add_compile_arguments(p)
@@ -73,7 +76,8 @@ def run(args) -> int:
 
     check = None
     if not args.no_verify:
-        check = check_export(gated.model, captured, compiled, tuple(gated.example.shape), args.rtol, samples)
+        check = check_export(gated.model, captured, compiled, tuple(gated.example.shape), args.rtol, samples,
+                             allow_nonfinite=args.allow_nonfinite)
         if not check.passed:
             raise UserError(f"verification failed: {check.summary()}; nothing written")
 
