@@ -52,6 +52,24 @@ def conv2d(x: np.ndarray, w: np.ndarray, strides=(1, 1), pads=(0, 0, 0, 0), dila
     if x.shape[1] != w.shape[1] * group or w.shape[0] % group:
         raise ValueError(f"X {x.shape} and W {w.shape} do not fit group={group}")
     top, left, bottom, right = pads
+    odd = ~np.isfinite(w)
+    if odd.any():
+        # A NaN / inf weight times the zero padding: PyTorch's conv2d (the modules' semantics)
+        # and ONNX Runtime's Conv never multiply the padding, so it adds nothing there, while
+        # the explicit F.pad below would make it NaN. Those weights' products are added over
+        # the taps that read the input only.
+        y = conv2d(x, np.where(odd, np.float32(0), w), strides, pads, dilations, group)
+        og, cw = w.shape[0] // group, w.shape[1]
+        oh, ow = np.meshgrid(np.arange(y.shape[2]), np.arange(y.shape[3]), indexing="ij")
+        for o, ci, i, j in zip(*np.nonzero(odd)):
+            ih = oh * strides[0] - top + i * dilations[0]
+            iw = ow * strides[1] - left + j * dilations[1]
+            valid = (ih >= 0) & (ih < x.shape[2]) & (iw >= 0) & (iw < x.shape[3])
+            rows, cols = np.nonzero(valid)
+            c = (o // og) * cw + ci
+            with np.errstate(invalid="ignore", over="ignore"):
+                y[:, o, rows, cols] += w[o, ci, i, j] * x[:, c, ih[valid], iw[valid]]
+        return y
     xt = torch.from_numpy(x)
     if (top, left) == (bottom, right):
         padding = (top, left)

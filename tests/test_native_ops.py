@@ -719,6 +719,30 @@ def test_cg_and_sparse_nonfinite_input_follow_the_reference(op):
     assert normwise_error(y, y_ref) <= RTOL
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("op", ["CGConv", "PGConv", "SparseInputConv"])
+def test_nonfinite_weight_follows_the_reference(op, value):
+    """A NaN / inf weight on a masked-out (CG) or otherwise skipped input channel: the
+    reference multiplies it by 0 or by the zero padding, which is NaN."""
+    w, mask, thr = _cg_inputs()
+    w = w.copy()
+    w[1, 6, 0, 0] = value  # channel 6: outside output 1's CG base path (the first 4)
+    x = np.random.default_rng(4).standard_normal((2, 8, 5, 5)).astype(np.float32)
+    x[0, 6] = 0  # an all-zero channel, which SparseInputConv would skip
+    pads = {"pads": [1, 1, 1, 1]}
+    with np.errstate(invalid="ignore", over="ignore"):
+        if op == "CGConv":
+            y, y_ref = run_node(op, x, [w, mask, thr], pads), ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1))
+        elif op == "PGConv":
+            y = run_node(op, x, [w, thr], {"abits": 4, "pred_bits": 2, **pads})
+            y_ref = ref.pg_conv_reference(x, w, thr, 4, 2, pads=(1, 1, 1, 1))
+        else:
+            y, y_ref = run_node(op, x, [w, thr], pads), ref.sparse_input_conv_reference(x, w, thr, pads=(1, 1, 1, 1))
+    assert not np.isfinite(y_ref[:, 1]).all()
+    assert_nonfinite_match(y, y_ref)
+    assert normwise_error(y, y_ref) <= RTOL
+
+
 # Attributes: overflowing geometry and mistyped or unknown attributes are errors through ONNX
 # Runtime (never a crash, never a silently wrong shape). Before: pads / dilations near 2^62
 # wrapped int64 (a [1, 4, 5, 3] output from a 5x5 input, or a crash), and a float group, a

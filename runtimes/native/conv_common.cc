@@ -640,6 +640,31 @@ void ConvByPanels(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeig
 
 void DenseConvSample(OrtKernelContext* ctx, const IsaKernels& isa, const float* w, const float* x,
                      const ConvGeom& g, float* y) {
+  // Non-finite weights: the GEMM would multiply them by the zero padding too (inf * 0 = NaN)
+  // where PyTorch's and ONNX Runtime's convs never read the padding. So they are zeroed for
+  // the GEMM and their products added here over the taps that read the input only.
+  const int64_t kk = g.kk(), nw = g.O * g.Cw * kk;
+  if (!AllFinite(w, nw)) {
+    std::vector<float> finite_w(w, w + nw);
+    std::vector<int64_t> odd;
+    for (int64_t i = 0; i < nw; ++i)
+      if (!std::isfinite(w[i])) finite_w[size_t(i)] = 0.f, odd.push_back(i);
+    DenseConvSample(ctx, isa, finite_w.data(), x, g, y);
+    const int64_t Og = g.O / g.group;
+    for (int64_t idx : odd) {
+      const int64_t o = idx / (g.Cw * kk), ci = idx / kk % g.Cw, i = idx % kk / g.kw, j = idx % g.kw;
+      const float* xc = x + ((o / Og) * g.Cw + ci) * g.H * g.W;
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+        if (ih < 0 || ih >= g.H) continue;
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const int64_t iw = ow * g.sw - g.pl + j * g.dw;
+          if (iw >= 0 && iw < g.W) y[o * g.P() + oh * g.OW + ow] += w[idx] * xc[ih * g.W + iw];
+        }
+      }
+    }
+    return;
+  }
   const int64_t Og = g.O / g.group;
   const std::vector<float> ones(size_t(Og), 1.f), zeros(size_t(Og), 0.f);
   for (int64_t gi = 0; gi < g.group; ++gi) {
