@@ -6,6 +6,9 @@ element beyond that tolerance counts as a flipped gate, and is accepted only if 
 (its stage-1 value is within 1e-5 * max|stage 1| of the threshold, or for FBS its saliency is
 within 1e-5 of the top-k cut) and flips are rare (<= 0.5% of gates).
 
+Comparisons are NaN-aware (tests/nan_compare.py): a NaN or inf must be matched by the same
+NaN or inf in the reference, never excused by a tolerance.
+
 Gate-on fractions 0, ~0.05 (sparse second stage), ~0.6 (dense second stage) and 1 are set
 through the thresholds (per-channel quantiles of the reference's stage-1 output).
 
