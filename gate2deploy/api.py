@@ -111,7 +111,8 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
 
     check = None
     if opts.verify:
-        check = check_export(gated.model, captured, compiled, tuple(gated.example.shape), opts.rtol, samples)
+        check = check_export(gated.model, captured, compiled, tuple(gated.example.shape), opts.rtol, samples,
+                             allow_nonfinite=opts.allow_nonfinite)
         if not check.passed:
             raise VerificationError(f"verification failed: {check.summary()}; nothing written")
     before, after = rep.model_cost(captured), rep.model_cost(compiled)

@@ -15,7 +15,11 @@ checks per layer:
   tie: its decision value (CG: the partial sum against rm + delta*sqrt(rv+eps); PG: out_msb
   against delta; FBS: the saliency against the per-sample (k+1)-th largest) is within
   tie_eps * max|decision| (default 1e-5) of its threshold;
-- flipped gates are rare: at most max(2, 0.1% of the layer's gates).
+- flipped gates are rare: at most max(2, 0.1% of the layer's gates);
+- non-finite values match: an element NaN or inf on one side only (or NaN against inf, or
+  infs of opposite sign) fails the layer outright (counted as a flip off any tie); NaN in
+  both, or the same inf in both, agrees (compare.nonfinite_mismatch). Errors and scales are
+  taken over the finite elements, so a NaN never disappears into a maximum.
 The result lists, per layer, the number of gates, flips, and the largest error where gates
 agree; `passed` is the conjunction.
 """
@@ -30,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .gated import (CGConv2d, FBSConv2d, PGConv2d, _cg_seed_eval, _fbs_active, _pg_seed_eval,
                     truncate_msb)
 from .passes.fuse_gated_epilogue import EPILOGUE_INPUTS_AT, activation_name
 from .runtimes.reference import gated_post_epilogue
+from .compare import compare_outputs, nonfinite_agree, nonfinite_mismatch
 
 OPS = {CGConv2d: "CGConv", PGConv2d: "PGConv", FBSConv2d: "FBSConv"}
 
@@ -129,7 +135,7 @@ def _fused_epilogue(compiled: onnx.ModelProto, captured_node) -> _Epilogue | Non
     node (same name), or None: the compiled node then writes the BatchNorm (+ Relu) output,
     and the check compares it with the PyTorch layer's output put through the same epilogue."""
     twin = next((n for n in compiled.graph.node if n.name == captured_node.name
-                 and n.domain == "gate2deploy"), None)
+                 and n.domain == ops.DOMAIN), None)
     if twin is None or twin.op_type not in EPILOGUE_INPUTS_AT:
         return None
     plain = EPILOGUE_INPUTS_AT[twin.op_type]
@@ -153,11 +159,11 @@ def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: o
     """Check every gated layer of `compiled` (the pipeline's output, either target) against the
     PyTorch `model`, on `inputs` (arrays of the export's input shape). `captured` is the model
     as captured (before the passes): it names each gated node's input and output tensors.
-    `make_session(proto)` opens a session (default: gate2deploy.verify.make_session, which
+    `make_session(proto)` opens a session (default: runtimes.ort.open_session, which
     registers the custom-op library when the model still has gate2deploy nodes)."""
     if make_session is None:
-        from .verify import make_session
-    nodes = [n for n in captured.graph.node if n.domain == "gate2deploy" and n.op_type in OPS.values()]
+        from .runtimes.ort import open_session as make_session
+    nodes = [n for n in captured.graph.node if n.domain == ops.DOMAIN and n.op_type in OPS.values()]
     result = GatedVerifyResult()
     if not nodes:
         return result
@@ -186,10 +192,10 @@ def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: o
         values = dict(zip(out_names, session.run(None, {session.get_inputs()[0].name: array})))
         with torch.no_grad():
             reference = model.eval()(torch.from_numpy(array)).numpy()
-        got = values[main_output]
-        err = float(np.abs(got - reference).max()) if np.isfinite(reference).all() else float("inf")
-        result.output_max_abs_err = max(result.output_max_abs_err, err)
-        result.output_max_rel_err = max(result.output_max_rel_err, err / max(float(np.abs(reference).max()), 1e-30))
+        output = compare_outputs(reference, values[main_output])
+        result.output_max_abs_err = max(result.output_max_abs_err, output.max_abs_err)
+        result.output_max_rel_err = max(result.output_max_rel_err,
+                                        output.max_abs_err / max(output.scale, 1e-30))
         for i, (node, (name, module)) in enumerate(zip(nodes, order)):
             epilogue = epilogues[i]
             x_name, y_name = node.input[0], epilogue.output if epilogue else node.output[0]
@@ -201,20 +207,24 @@ def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: o
                 y = gated_post_epilogue(y, epilogue.scale, epilogue.shift, epilogue.activation)
             y_onnx = values[y_name]
             stats = per_layer[i]
-            if not (np.isfinite(y).all() and np.isfinite(y_onnx).all()):
-                notes[i] = "non-finite values in the layer output; not comparable"
-                continue
-            scale = float(np.abs(y).max())
+            finite_y = np.abs(y[np.isfinite(y)])
+            scale = float(finite_y.max()) if finite_y.size else 0.0
             stats["scale"] = max(stats["scale"], scale)
-            differs = np.abs(y_onnx - y) > rtol * max(scale, 1e-30)
+            broken = nonfinite_mismatch(y, y_onnx)  # never excused as a tie
+            with np.errstate(invalid="ignore"):  # inf - inf where both agree: masked below
+                differs = (np.abs(y_onnx - y) > rtol * max(scale, 1e-30)) | broken
+            differs &= ~nonfinite_agree(y, y_onnx)
             if gate.ndim == 2:  # FBS: a gate is a (sample, channel)
                 differs = differs.any(axis=(2, 3))
-            band = tie_eps * max(1.0, float(np.abs(decision).max()))
-            at_tie = np.abs(decision - threshold) <= band
+                broken = broken.any(axis=(2, 3))
+            finite_decision = np.abs(decision[np.isfinite(decision)])
+            band = tie_eps * max(1.0, float(finite_decision.max()) if finite_decision.size else 1.0)
+            at_tie = (np.abs(decision - threshold) <= band) & ~broken
             stats["gates"] += gate.size
             stats["flipped"] += int(differs.sum())
             stats["off_tie"] += int((differs & ~at_tie).sum())
             agree = ~differs if gate.ndim == 4 else np.broadcast_to(~differs[:, :, None, None], y.shape)
+            agree = agree & np.isfinite(y) & np.isfinite(y_onnx)
             if agree.any():
                 stats["err"] = max(stats["err"], float(np.abs(y_onnx - y)[agree].max()))
     for i, (node, (name, _module)) in enumerate(zip(nodes, order)):

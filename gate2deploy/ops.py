@@ -129,7 +129,9 @@ def conv_like_output(ctx) -> None:
     ctx.set_output_type(0, out)
 
 
-_CONV_ATTRS = (Attr("strides", "ints"), Attr("pads", "ints"), Attr("dilations", "ints"))
+# OPS.md's common conv attributes include `group`; CGConv, FBSConv and SparseInputConv accept
+# only 1 (the kernels check the value), PGConv any divisor.
+_CONV_ATTRS = (Attr("strides", "ints"), Attr("pads", "ints"), Attr("dilations", "ints"), Attr("group", "int"))
 # CGConv / PGConv's optional epilogue (a following BatchNormalization and Relu, fused for
 # --target ort by passes/fuse_gated_epilogue.py): per-channel [O] vectors and "Relu" or none.
 _POST_INPUTS = ("post_scale?", "post_shift?")
@@ -147,7 +149,7 @@ CATALOG: dict[str, OpSpec] = {spec.name: spec for spec in [
            reference="cg_conv_reference"),
     OpSpec("PGConv", ("X", "W", "threshold", *_POST_INPUTS),
            (Attr("abits", "int", True), Attr("pred_bits", "int", True), Attr("static_scale", "float"),
-            Attr("group", "int"), *_POST_ATTRS, *_CONV_ATTRS),
+            *_POST_ATTRS, *_CONV_ATTRS),
            "Precision Gating: Y = conv(x_msb, W) + [conv(x_msb, W) > threshold] * conv(x_lsb, W); "
            "then act(post_scale * Y + post_shift) when given (OPS.md).",
            conv_like_output, channel_rule="conv", macs="conv", runtimes=_GATED_RUNTIMES,

@@ -38,6 +38,7 @@ class CompileOptions(ModelOptions):
     target: str = "ort"
     verify: bool = True
     rtol: float = 1e-4
+    allow_nonfinite: bool = False  # verify even if the PyTorch model's outputs are NaN/Inf
     keep_unfoldable: bool = False
     physical_widths: str = "fast"  # "fast" | "exact"
     sample_inputs: str | None = None

@@ -7,6 +7,15 @@ inputs). The error measure is normwise: max|onnx - torch| / max|torch| per outpu
 stays meaningful where individual outputs are near zero. The default tolerance 1e-4 is the
 contract for folded models (float reassociation in smaller layers and fused BN, nothing
 more); a mismatch fails the export.
+
+Non-finite values (NaN is never "equal"): an element where the reference (PyTorch) is finite
+and the exported model is not, or the reverse, or where both are non-finite but differ (NaN vs
+inf, or infs of opposite sign), is a mismatch and fails verification outright (error inf); an
+element that is NaN in both, or the same inf in both, agrees. The errors are measured over the
+elements finite in both (`compare_outputs`), so a NaN can never vanish into a maximum. A
+PyTorch model that itself produces non-finite outputs on the verification inputs is refused
+(`NonFiniteReference`, a UserError) unless the caller allows it (`export --allow-nonfinite`):
+such outputs certify nothing about the exported model.
 """
 from __future__ import annotations
 
@@ -18,7 +27,15 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from . import ops
+from .compare import OutputComparison, compare_outputs, nonfinite_agree, nonfinite_mismatch  # noqa: F401
+from .errors import UserError
+
 DEFAULT_RTOL = 1e-4
+
+
+class NonFiniteReference(UserError):
+    """The PyTorch model's own outputs are not finite on the verification inputs."""
 
 
 @dataclass
@@ -27,10 +44,13 @@ class VerifyResult:
     max_rel_err: float
     rtol: float
     n_inputs: int
+    nonfinite_mismatches: int = 0  # elements non-finite on one side only (or different)
+    reference_nonfinite: int = 0   # NaN / inf elements in the PyTorch outputs
 
     @property
     def passed(self) -> bool:
-        return bool(np.isfinite(self.max_rel_err)) and self.max_rel_err <= self.rtol
+        return (self.nonfinite_mismatches == 0 and bool(np.isfinite(self.max_rel_err))
+                and self.max_rel_err <= self.rtol)
 
 
 def random_inputs(shape, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -43,16 +63,9 @@ def make_session(model: onnx.ModelProto, threads: int = 2, spinning: bool = True
     them. `spinning=False` stops the intra-op workers from spinning between ops and after a
     run (ONNX Runtime's default is to spin): the setting of hosts that cannot spare the cores
     (gate2deploy/benchmark.py times both)."""
+    from gate2deploy.runtimes.ort import open_session  # the library is built only when the model needs it
     config = {} if spinning else {"session.intra_op.allow_spinning": "0"}
-    if any(n.domain == "gate2deploy" for n in model.graph.node):
-        from gate2deploy.runtimes import ort as g2d_ort  # built on demand; only when needed
-        return g2d_ort.open_session(model, threads=threads, config=config)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    for key, value in config.items():
-        opts.add_session_config_entry(key, value)
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return open_session(model, threads=threads, config=config)
 
 
 def _torch_cpu_runner(torch_model: torch.nn.Module, input_name: str, input_shape, output_names: list[str]):
@@ -98,17 +111,19 @@ def verify(torch_model: torch.nn.Module, model: onnx.ModelProto, inputs: list[np
     feeds = [{input_name: x} for x in inputs]
     results = Comparator.run(runners, data_loader=feeds)
     (_, ref_iters), (_, got_iters) = results[0], results[1]
-    max_abs, max_rel = 0.0, 0.0
+    # Every error below is a number or inf, never NaN (compare_outputs), so max() is safe.
+    result = VerifyResult(0.0, 0.0, rtol, len(inputs))
     for ref, got in zip(ref_iters, got_iters):
         for name in output_names:
-            r, g = np.asarray(ref[name], np.float64), np.asarray(got[name], np.float64)
+            r, g = np.asarray(ref[name]), np.asarray(got[name])
             if r.shape != g.shape:
                 return VerifyResult(float("inf"), float("inf"), rtol, len(inputs))
-            abs_err = float(np.max(np.abs(r - g))) if r.size else 0.0
-            scale = float(np.max(np.abs(r))) if r.size else 0.0
-            max_abs = max(max_abs, abs_err)
-            max_rel = max(max_rel, abs_err / scale if scale > 0 else abs_err)
-    return VerifyResult(max_abs, max_rel, rtol, len(inputs))
+            c = compare_outputs(r, g)
+            result.max_abs_err = max(result.max_abs_err, c.max_abs_err)
+            result.max_rel_err = max(result.max_rel_err, c.max_rel_err)
+            result.nonfinite_mismatches += c.nonfinite_mismatches
+            result.reference_nonfinite += c.reference_nonfinite
+    return result
 
 
 @dataclass
@@ -122,6 +137,10 @@ class ExportCheck:
     def summary(self) -> str:
         text = (f"max abs err {self.output.max_abs_err:.3g}, max rel err {self.output.max_rel_err:.3g} "
                 f"(tolerance {self.output.rtol:g})")
+        if self.output.nonfinite_mismatches:
+            text += f"; {self.output.nonfinite_mismatches} NaN/inf outputs not matching PyTorch"
+        if self.output.reference_nonfinite:
+            text += f"; PyTorch itself gives {self.output.reference_nonfinite} NaN/inf outputs"
         if self.gated is not None:
             text += f"; gated layers: {self.gated['flipped_gates']} flipped gates" + (
                 " (all at ties)" if self.passed else " (NOT only at ties)")
@@ -129,7 +148,8 @@ class ExportCheck:
 
 
 def check_export(torch_model: torch.nn.Module, captured: onnx.ModelProto, compiled: onnx.ModelProto,
-                 input_shape, rtol: float = DEFAULT_RTOL, samples: list[np.ndarray] | None = None) -> ExportCheck:
+                 input_shape, rtol: float = DEFAULT_RTOL, samples: list[np.ndarray] | None = None,
+                 allow_nonfinite: bool = False) -> ExportCheck:
     """Verify a compiled model against PyTorch.
 
     Static folds: the output-level normwise error must be <= rtol. Dynamic gates (CG, PG, FBS)
@@ -139,12 +159,22 @@ def check_export(torch_model: torch.nn.Module, captured: onnx.ModelProto, compil
     decisive check is layer by layer (`gated_verify`): each gated layer, fed the exported
     model's own input, must agree within rtol, with flipped gates only at ties and rare. The
     output-level error is still measured and reported.
+
+    A PyTorch model with non-finite outputs on the inputs raises NonFiniteReference unless
+    `allow_nonfinite`; then its NaN / inf must be matched element for element.
     """
     inputs = samples if samples else random_inputs(input_shape, 3)
     output = verify(torch_model, compiled, inputs, rtol=rtol)
-    has_gates = any(n.domain == "gate2deploy" and n.op_type != "ChannelMask" for n in captured.graph.node)
+    if output.reference_nonfinite and not allow_nonfinite:
+        raise NonFiniteReference(
+            f"the PyTorch model itself produces {output.reference_nonfinite} NaN/inf output "
+            f"values on the verification inputs (NaN or inf weights?); nothing verified, nothing "
+            f"written (--allow-nonfinite exports it anyway, NaN/inf matched element for element)")
+    has_gates = any(n.domain == ops.DOMAIN and n.op_type != "ChannelMask" for n in captured.graph.node)
     if not has_gates:
         return ExportCheck(output, None, output.passed)
     from .gated_verify import verify_gated_layers
     gated = verify_gated_layers(torch_model, captured, compiled, inputs, rtol=rtol)
-    return ExportCheck(output, gated.as_dict(), gated.passed)
+    # A gate flipped at a tie moves finite values only: a NaN/inf where PyTorch has none (or the
+    # reverse) fails the export even when every gated layer agrees (it came from elsewhere).
+    return ExportCheck(output, gated.as_dict(), gated.passed and output.nonfinite_mismatches == 0)

@@ -10,6 +10,17 @@ registers it, and opens a CPU session with `threads` intra-op threads (the kerne
 their GEMMs and per-pixel loops over that same thread pool). `custom_ops_library_path()`
 returns the library's path for use with other tools
 (`SessionOptions.register_custom_ops_library`).
+
+Attributes: before a session is created, `check_custom_op_attributes` checks every
+gate2deploy node's attributes against the op catalog (gate2deploy/ops.py, which states
+runtimes/OPS.md): an unknown attribute name (a typo, or ONNX Conv's `auto_pad` /
+`kernel_shape`, which these ops do not take), a wrong type (`group` as a float) or a missing
+required attribute is a UserError naming the node. This check lives here, at graph level,
+because the kernels cannot do it: ONNX Runtime's C API (OrtKernelInfo) reads an attribute by
+name but cannot list a node's attributes, so a name the kernel does not ask for is invisible
+to it. The kernels themselves check the type and range of every attribute they read (and
+refuse auto_pad and a kernel_shape that disagrees with W), so a model opened by other tools
+without this check still gets an error, never a silently ignored value, for those.
 """
 from __future__ import annotations
 
@@ -23,7 +34,40 @@ from gate2deploy.errors import UserError
 
 from .native_build import build_library
 
-from gate2deploy.ops import DOMAIN
+from gate2deploy.ops import CATALOG, DOMAIN
+
+
+def _nodes(graph: onnx.GraphProto):
+    """Every node of `graph`, its subgraphs' (If/Loop/Scan bodies) included."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                        attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                yield from _nodes(sub)
+
+
+def check_custom_op_attributes(model: onnx.ModelProto) -> None:
+    """UserError unless every gate2deploy node's attributes are exactly what its catalog
+    entry allows (names, types, required ones present; TensorRT's plugin_namespace /
+    plugin_version are allowed on any: a TensorRT-ready model is verified here too)."""
+    nodes = list(_nodes(model.graph))
+    for function in model.functions:
+        nodes.extend(function.node)
+    for node in nodes:
+        if node.domain != DOMAIN:
+            continue
+        where = f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node"
+        spec = CATALOG.get(node.op_type)
+        if spec is None:
+            raise UserError(f"{where}: {node.op_type} is not an op of the {DOMAIN} domain")
+        names = [a.name for a in node.attribute]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice:
+            raise UserError(f"{where}: attribute {twice!r} given twice")
+        problems = spec.check_node(node, plugin_attributes=True)
+        if problems:
+            raise UserError(f"{where}: {problems[0]} (allowed: {', '.join(a.name for a in spec.attributes)})")
 
 
 def custom_ops_library_path(variant: str = "release") -> Path:
@@ -72,7 +116,16 @@ def session_options(threads: int = 2, optimization: str = "all", library_variant
 
 
 def uses_custom_ops(model: onnx.ModelProto) -> bool:
-    return any(n.domain == DOMAIN for n in model.graph.node)
+    return any(n.domain == DOMAIN for n in _nodes(model.graph))
+
+
+def _parse(data: bytes) -> onnx.ModelProto | None:
+    """The model's graph (external weights not loaded), or None when it does not parse: ONNX
+    Runtime then gives its own error."""
+    try:
+        return onnx.load_from_string(data)
+    except Exception:  # noqa: BLE001 - any parse failure is reported by ONNX Runtime below
+        return None
 
 
 def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: int = 2,
@@ -88,16 +141,16 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: in
         payload: str | bytes = model.SerializeToString()
         proto = model
     elif isinstance(model, bytes):
-        payload, proto = model, None
+        payload, proto = model, _parse(model)
     else:
         path = Path(model)
         if not path.is_file():
             raise UserError(f"model file {path} does not exist")
-        payload, proto = str(path), None
+        payload, proto = str(path), _parse(path.read_bytes())
+    if proto is not None:
+        check_custom_op_attributes(proto)
     if custom_ops == "auto":
-        if proto is None:
-            proto = onnx.load_from_string(payload) if isinstance(payload, bytes) else onnx.load(payload, load_external_data=False)
-        custom_ops = uses_custom_ops(proto)
+        custom_ops = proto is not None and uses_custom_ops(proto)
     opts = session_options(threads, optimization, library_variant, profile, log_severity, config, bool(custom_ops),
                            profile_prefix, optimized_path)
     try:

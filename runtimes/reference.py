@@ -52,6 +52,24 @@ def conv2d(x: np.ndarray, w: np.ndarray, strides=(1, 1), pads=(0, 0, 0, 0), dila
     if x.shape[1] != w.shape[1] * group or w.shape[0] % group:
         raise ValueError(f"X {x.shape} and W {w.shape} do not fit group={group}")
     top, left, bottom, right = pads
+    odd = ~np.isfinite(w)
+    if odd.any():
+        # A NaN / inf weight times the zero padding: PyTorch's conv2d (the modules' semantics)
+        # and ONNX Runtime's Conv never multiply the padding, so it adds nothing there, while
+        # the explicit F.pad below would make it NaN. Those weights' products are added over
+        # the taps that read the input only.
+        y = conv2d(x, np.where(odd, np.float32(0), w), strides, pads, dilations, group)
+        og, cw = w.shape[0] // group, w.shape[1]
+        oh, ow = np.meshgrid(np.arange(y.shape[2]), np.arange(y.shape[3]), indexing="ij")
+        for o, ci, i, j in zip(*np.nonzero(odd)):
+            ih = oh * strides[0] - top + i * dilations[0]
+            iw = ow * strides[1] - left + j * dilations[1]
+            valid = (ih >= 0) & (ih < x.shape[2]) & (iw >= 0) & (iw < x.shape[3])
+            rows, cols = np.nonzero(valid)
+            c = (o // og) * cw + ci
+            with np.errstate(invalid="ignore", over="ignore"):
+                y[:, o, rows, cols] += w[o, ci, i, j] * x[:, c, ih[valid], iw[valid]]
+        return y
     xt = torch.from_numpy(x)
     if (top, left) == (bottom, right):
         padding = (top, left)
@@ -99,7 +117,11 @@ def cg_conv_reference(x, w, base_mask, threshold, strides=(1, 1), pads=(0, 0, 0,
         Yp = conv(X, W * base_mask[:, :, None, None]); Yf = conv(X, W)
         Y = where(Yp > threshold[o], Yf, Yp)
 
-    then the optional epilogue (gated_post_epilogue).
+    then the optional epilogue (gated_post_epilogue). Evaluated as the seed (and
+    gate2deploy.gated's CGConv2d) writes it, Y = Yf * d + Yp * (1 - d) with d = (Yp > thr):
+    the same values for finite data, and NaN wherever Yp or Yf is NaN or inf (0 * inf), as
+    PyTorch gives; a plain `where` would keep a finite Yp beside a NaN Yf. (Changed from
+    `where` to match the PyTorch module on non-finite inputs.)
     """
     x, w = _f32("X", x), _f32("W", w)
     o, c = w.shape[:2]
@@ -110,8 +132,10 @@ def cg_conv_reference(x, w, base_mask, threshold, strides=(1, 1), pads=(0, 0, 0,
     yp = conv2d(x, w * base_mask[:, :, None, None], strides, pads, dilations)
     yf = conv2d(x, w, strides, pads, dilations)
     gate = yp > thr
-    y = gated_post_epilogue(np.where(gate, yf, yp).astype(np.float32), post_scale, post_shift,
-                            activation)
+    d = gate.astype(np.float32)
+    with np.errstate(invalid="ignore"):  # 0 * inf -> NaN is the intended result
+        y = (yf * d + yp * (np.float32(1) - d)).astype(np.float32)
+    y = gated_post_epilogue(y, post_scale, post_shift, activation)
     return (y, gate) if return_gate else y
 
 

@@ -6,6 +6,9 @@ element beyond that tolerance counts as a flipped gate, and is accepted only if 
 (its stage-1 value is within 1e-5 * max|stage 1| of the threshold, or for FBS its saliency is
 within 1e-5 of the top-k cut) and flips are rare (<= 0.5% of gates).
 
+Comparisons are NaN-aware (tests/nan_compare.py): a NaN or inf must be matched by the same
+NaN or inf in the reference, never excused by a tolerance.
+
 Gate-on fractions 0, ~0.05 (sparse second stage), ~0.6 (dense second stage) and 1 are set
 through the thresholds (per-channel quantiles of the reference's stage-1 output).
 
@@ -26,8 +29,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gate2deploy.capture import IR_VERSION
+from gate2deploy.errors import UserError
 from gate2deploy.runtimes import reference as ref
 from gate2deploy.runtimes.ort import custom_ops_library_path, open_session
+from nan_compare import assert_nonfinite_match, normwise_error
 
 RTOL = 1e-4
 TIE = 1e-5
@@ -104,8 +109,11 @@ def thresholds_for_fraction(stage1: np.ndarray, frac: float) -> np.ndarray:
 
 def assert_close_with_ties(y, y_ref, stage1, thr_per_channel):
     assert y.shape == y_ref.shape
-    scale = max(float(np.abs(y_ref).max()), 1e-30)
-    bad = np.abs(y - y_ref) > RTOL * scale
+    assert_nonfinite_match(y, y_ref)  # a NaN never passes as "close" (nan_compare.py)
+    finite = np.isfinite(y_ref)
+    scale = max(float(np.abs(y_ref[finite]).max()) if finite.any() else 0.0, 1e-30)
+    with np.errstate(invalid="ignore"):
+        bad = (np.abs(y - y_ref) > RTOL * scale) & finite
     if bad.any():
         margin = np.abs(stage1 - thr_per_channel.reshape(1, -1, 1, 1))
         tie_scale = max(float(np.abs(stage1).max()), 1e-30)
@@ -625,21 +633,220 @@ BAD_CASES = {
 }
 
 
-def test_fbs_nan_input_is_an_error_not_a_crash():
-    w, _, _ = _cg_inputs()
-    x = np.ones((1, 8, 5, 5), np.float32)
-    x[0, 3, 2, 2] = np.nan
-    inits = [w, np.ones((4, 8), np.float32)] + [np.ones(4, np.float32)] * 4
-    with pytest.raises(Exception, match="saliency is NaN"):
-        run_node("FBSConv", x, inits, {"density": 0.5})
+# Non-finite inputs: the kernels compute what the reference (and the PyTorch module, see
+# reference.py) computes, NaN and inf included; compared with nan_compare (NaN matches only NaN,
+# inf only the same inf). Before: PGConv refused inf with the dynamic scale and mapped NaN to
+# finite values with a static scale; FBSConv refused NaN and wrote 0 for channels the reference
+# makes NaN.
+
+def _with_nonfinite(value, positions):
+    x = np.random.default_rng(7).standard_normal((2, 8, 5, 5)).astype(np.float32)
+    for pos in positions:
+        x[pos] = value
+    return x
 
 
-def test_pg_inf_input_is_an_error_not_a_crash():
+NONFINITE = [np.nan, np.inf, -np.inf]
+SPOTS = [[(0, 3, 2, 2)], [(0, 1, 0, 0), (1, 6, 4, 3)]]
+
+
+@pytest.mark.parametrize("spots", SPOTS)
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("static_scale", [0.0, 1.5])
+@pytest.mark.parametrize("integer_weights", [False, True])  # fp32 path / integer paths
+def test_pg_nonfinite_input_follows_the_reference(value, spots, static_scale, integer_weights):
     w, _, _ = _cg_inputs()
+    if integer_weights:  # on a 4-bit grid: the kernel's integer paths apply to finite inputs
+        w = (np.round(w / np.abs(w).max() * 7) / 7 * np.abs(w).max()).astype(np.float32)
+    x = _with_nonfinite(value, spots)
+    thr = np.full(4, 0.1, np.float32)
+    attrs = {"abits": 4, "pred_bits": 2, "static_scale": static_scale, "pads": [3, 3, 3, 3],
+             "dilations": [2, 2]}  # the padding rows' outputs see no input: finite everywhere
+    y = run_node("PGConv", x, [w, thr], attrs)
+    with np.errstate(invalid="ignore"):
+        y_ref = ref.pg_conv_reference(x, w, thr, 4, 2, static_scale, pads=(3, 3, 3, 3),
+                                      dilations=(2, 2))
+    assert_nonfinite_match(y, y_ref)
+    if static_scale == 0 or np.isnan(value):
+        assert np.isnan(y_ref).any()  # the case is not vacuous
+    assert normwise_error(y, y_ref) <= RTOL
+
+
+@pytest.mark.parametrize("spots", SPOTS)
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_fbs_nonfinite_input_follows_the_reference(value, spots, pool):
+    w, _, _ = _cg_inputs()
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal(4).astype(np.float32),
+              np.ones(4, np.float32), np.full(4, 0.1, np.float32), np.zeros(4, np.float32)]
+    x = _with_nonfinite(value, spots)
+    y = run_node("FBSConv", x, [w, *params], {"density": 0.5, "pool": pool, "pads": [1, 1, 1, 1]})
+    with np.errstate(invalid="ignore", over="ignore"):
+        y_ref = ref.fbs_conv_reference(x, w, *params, 0.5, pool, pads=(1, 1, 1, 1))
+    assert_nonfinite_match(y, y_ref)
+    assert not np.isfinite(y_ref).all()
+    assert normwise_error(y, y_ref) <= RTOL
+
+
+def test_fbs_nonfinite_parameter_follows_the_reference():
+    """An inf bn_shift on a channel the top-k switches off: 0 * inf is NaN in the reference."""
+    w, _, _ = _cg_inputs()
+    x = np.random.default_rng(1).standard_normal((2, 8, 5, 5)).astype(np.float32)
+    fc_w = np.zeros((4, 8), np.float32)
+    fc_b = np.array([4, 3, 2, 1], np.float32)  # channels 0, 1 active at density 0.5
+    shift = np.array([0, 0, 0, np.inf], np.float32)
+    params = [fc_w, fc_b, np.ones(4, np.float32), shift, np.zeros(4, np.float32)]
+    y = run_node("FBSConv", x, [w, *params], {"density": 0.5})
+    with np.errstate(invalid="ignore"):
+        y_ref = ref.fbs_conv_reference(x, w, *params, 0.5)
+    assert np.isnan(y_ref[:, 3]).all() and (y_ref[:, 2] == 0).all()
+    assert_nonfinite_match(y, y_ref)
+    assert normwise_error(y, y_ref) <= RTOL
+
+
+@pytest.mark.parametrize("op", ["CGConv", "SparseInputConv"])
+def test_cg_and_sparse_nonfinite_input_follow_the_reference(op):
+    w, mask, thr = _cg_inputs()
+    x = _with_nonfinite(np.nan, SPOTS[1])
+    x[1, 2, 2, 2] = np.inf
+    if op == "CGConv":
+        y = run_node(op, x, [w, mask, thr], {"pads": [1, 1, 1, 1]})
+        y_ref = ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1))
+    else:
+        b = np.linspace(-1, 1, 4).astype(np.float32)
+        y = run_node(op, x, [w, b], {"pads": [1, 1, 1, 1]})
+        y_ref = ref.sparse_input_conv_reference(x, w, b, pads=(1, 1, 1, 1))
+    assert_nonfinite_match(y, y_ref)
+    assert np.isnan(y_ref).any()
+    assert normwise_error(y, y_ref) <= RTOL
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("op", ["CGConv", "PGConv", "SparseInputConv"])
+def test_nonfinite_weight_follows_the_reference(op, value):
+    """A NaN / inf weight on a masked-out (CG) or otherwise skipped input channel: the
+    reference multiplies it by 0 or by the zero padding, which is NaN."""
+    w, mask, thr = _cg_inputs()
+    w = w.copy()
+    w[1, 6, 0, 0] = value  # channel 6: outside output 1's CG base path (the first 4)
+    x = np.random.default_rng(4).standard_normal((2, 8, 5, 5)).astype(np.float32)
+    x[0, 6] = 0  # an all-zero channel, which SparseInputConv would skip
+    pads = {"pads": [1, 1, 1, 1]}
+    with np.errstate(invalid="ignore", over="ignore"):
+        if op == "CGConv":
+            y, y_ref = run_node(op, x, [w, mask, thr], pads), ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1))
+        elif op == "PGConv":
+            y = run_node(op, x, [w, thr], {"abits": 4, "pred_bits": 2, **pads})
+            y_ref = ref.pg_conv_reference(x, w, thr, 4, 2, pads=(1, 1, 1, 1))
+        else:
+            y, y_ref = run_node(op, x, [w, thr], pads), ref.sparse_input_conv_reference(x, w, thr, pads=(1, 1, 1, 1))
+    assert not np.isfinite(y_ref[:, 1]).all()
+    assert_nonfinite_match(y, y_ref)
+    assert normwise_error(y, y_ref) <= RTOL
+
+
+# Attributes: overflowing geometry and mistyped or unknown attributes are errors through ONNX
+# Runtime (never a crash, never a silently wrong shape). Before: pads / dilations near 2^62
+# wrapped int64 (a [1, 4, 5, 3] output from a 5x5 input, or a crash), and a float group, a
+# wrong kernel_shape or auto_pad were ignored.
+
+def raw_session(model: onnx.ModelProto):
+    """A session with the library registered but WITHOUT runtimes/ort.py's graph-level
+    attribute check: what the kernels alone do when another tool opens the model."""
+    import onnxruntime as ort
+    from gate2deploy.runtimes.ort import session_options
+
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads=2),
+                                providers=["CPUExecutionProvider"])
+
+
+OVERFLOW_ATTRS = {
+    "pads_2^62": {"pads": [2**62, 0, 2**62, 0]},
+    "pads_max": {"pads": [2**63 - 1, 2**63 - 1, 2**63 - 1, 2**63 - 1]},
+    "dilation_2^62": {"dilations": [2**62, 1], "pads": [2**62, 0, 2**62, 0]},
+    "dilation_max": {"dilations": [2**63 - 1, 2**63 - 1]},
+    "stride_max": {"strides": [2**63 - 1, 1]},
+    "pads_2^31": {"pads": [2**31, 0, 0, 0]},
+    "pads_huge_output": {"pads": [0, 0, 0, 2**31 - 1]},
+    "pads_huge_padded_input": {"pads": [2**30, 2**30, 2**30, 2**30], "dilations": [2**30, 2**30]},
+    "negative_pad": {"pads": [-(2**63), 0, 0, 0]},
+}
+
+
+@pytest.mark.parametrize("op", ["CGConv", "PGConv", "FBSConv", "SparseInputConv"])
+@pytest.mark.parametrize("case", sorted(OVERFLOW_ATTRS))
+def test_overflowing_conv_attributes_are_errors(op, case):
+    w, mask, thr = _cg_inputs()
+    inits = {"CGConv": [w, mask, thr], "PGConv": [w, thr],
+             "FBSConv": [w, np.ones((4, 8), np.float32)] + [np.ones(4, np.float32)] * 4,
+             "SparseInputConv": [w, thr]}[op]
+    attrs = dict(OVERFLOW_ATTRS[case])
+    attrs.update({"PGConv": {"abits": 4, "pred_bits": 2}, "FBSConv": {"density": 0.5}}.get(op, {}))
     x = np.ones((1, 8, 5, 5), np.float32)
-    x[0, 1, 0, 0] = np.inf
-    with pytest.raises(Exception, match="inf or NaN"):
-        run_node("PGConv", x, [w, np.zeros(4, np.float32)], {"abits": 4, "pred_bits": 2})
+    with pytest.raises(Exception, match=op):
+        raw_session(single_node_model(op, x.shape, inits, attrs)).run(None, {"x": x})
+
+
+MISTYPED = {
+    "group_float": ({"group": 1.0}, "group must be an int"),
+    "pads_floats": ({"pads": [1.0, 1.0, 1.0, 1.0]}, "pads must be a list of ints"),
+    "strides_int": ({"strides": 1}, "strides must be a list of ints"),
+    "kernel_shape_wrong": ({"kernel_shape": [5, 5]}, "kernel_shape"),
+    "auto_pad": ({"auto_pad": "SAME_UPPER"}, "auto_pad"),
+    "activation_int": ({"activation": 1}, "activation must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISTYPED))
+def test_kernels_refuse_mistyped_attributes(case):
+    attrs, message = MISTYPED[case]
+    x = np.ones((1, 8, 5, 5), np.float32)
+    with pytest.raises(Exception, match=message):
+        raw_session(single_node_model("CGConv", x.shape, list(_cg_inputs()), attrs)).run(None, {"x": x})
+
+
+def test_kernels_refuse_mistyped_op_attributes():
+    w, _, thr = _cg_inputs()
+    x = np.ones((1, 8, 5, 5), np.float32)
+    for op, inits, attrs, message in [
+            ("PGConv", [w, thr], {"abits": 4.0, "pred_bits": 2}, "abits must be an int"),
+            ("PGConv", [w, thr], {"pred_bits": 2}, "abits and pred_bits are required"),
+            ("FBSConv", [w, np.ones((4, 8), np.float32)] + [np.ones(4, np.float32)] * 4,
+             {"density": "0.5"}, "density must be a float")]:
+        with pytest.raises(Exception, match=message):
+            raw_session(single_node_model(op, x.shape, inits, attrs)).run(None, {"x": x})
+
+
+def test_kernel_shape_equal_to_w_is_accepted_by_the_kernel():
+    w, mask, thr = _cg_inputs()
+    x = np.random.default_rng(0).standard_normal((1, 8, 5, 5)).astype(np.float32)
+    y = raw_session(single_node_model("CGConv", x.shape, [w, mask, thr], {"kernel_shape": [3, 3]})
+                    ).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, ref.cg_conv_reference(x, w, mask, thr), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"kernel_shape": [3, 3]}, "unknown attribute 'kernel_shape'"),
+    ({"auto_pad": "NOTSET"}, "unknown attribute 'auto_pad'"),
+    ({"padz": [1, 1, 1, 1]}, "unknown attribute 'padz'"),
+    ({"group": 1.0}, "attribute 'group' must be INT, not FLOAT"),
+    ({"pads": [1.0, 1.0, 1.0, 1.0]}, "attribute 'pads' must be INTS, not FLOATS"),
+])
+def test_open_session_checks_attributes_against_the_schema(attrs, message):
+    """Unknown names can only be caught at graph level (the C API cannot list attributes)."""
+    x = np.ones((1, 8, 5, 5), np.float32)
+    with pytest.raises(UserError, match=message):
+        open_session(single_node_model("CGConv", x.shape, list(_cg_inputs()), attrs))
+
+
+def test_open_session_allows_the_tensorrt_parser_attributes():
+    w, mask, thr = _cg_inputs()
+    x = np.random.default_rng(0).standard_normal((1, 8, 5, 5)).astype(np.float32)
+    model = single_node_model("CGConv", x.shape, [w, mask, thr],
+                              {"plugin_namespace": "gate2deploy", "plugin_version": "1"})
+    np.testing.assert_allclose(open_session(model).run(None, {"x": x})[0],
+                               ref.cg_conv_reference(x, w, mask, thr), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch (not recommended)")
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
                    help="verification tolerance: max|onnx - torch| / max|torch| (default %(default)g)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export even when the PyTorch model itself outputs NaN/Inf on the verification inputs "
+                        "(the outputs must then still agree, NaN for NaN)")
     p.add_argument("--keep-unfoldable", action="store_true",
                    help="keep masks the fold cannot remove as an exact Mul instead of failing")
     add_compile_arguments(p)

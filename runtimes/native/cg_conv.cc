@@ -74,6 +74,27 @@ CGPlans BuildPlans(const float* w, const float* mask, const ConvGeom& g) {
 }
 }  // namespace
 
+// The seed's formula, element for element: Y = Yf * d + Yp * (1 - d) with Yp = conv(X, W *
+// base_mask) over every channel, Yf = conv(X, W), d = Yp > threshold. For finite data this is
+// where(d, Yf, Yp), which the two-stage kernel computes without the masked-out channels; with
+// NaN or inf in X or W it is NaN wherever Yp or Yf is not finite (0 * inf, 0 * NaN), which
+// only the full products give.
+void CGConvKernel::NonFiniteSample(OrtKernelContext* ctx, const IsaKernels& isa,
+                                   const ConvGeom& g, const float* w, const float* mask,
+                                   const float* threshold, const float* xn, float* yn) {
+  const int64_t kk = g.kk(), P = g.P();
+  std::vector<float> w_base(size_t(g.O * g.C * kk)), yp(size_t(g.O * P));
+  for (int64_t oc = 0; oc < g.O * g.C; ++oc)
+    for (int64_t t = 0; t < kk; ++t) w_base[size_t(oc * kk + t)] = w[oc * kk + t] * mask[oc];
+  DenseConvSample(ctx, isa, w_base.data(), xn, g, yp.data());
+  DenseConvSample(ctx, isa, w, xn, g, yn);  // Yf
+  for (int64_t o = 0; o < g.O; ++o)
+    for (int64_t p = 0; p < P; ++p) {
+      const float vp = yp[size_t(o * P + p)], d = vp > threshold[o] ? 1.f : 0.f;
+      yn[o * P + p] = yn[o * P + p] * d + vp * (1.f - d);
+    }
+}
+
 Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
                                   const Ort::Custom::Tensor<float>& W,
                                   const Ort::Custom::Tensor<float>& base_mask,
@@ -104,11 +125,22 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     }
     const IsaKernels& isa = BestKernels();
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
+    bool w_finite;
+    if (weights_const_) {
+      int known = w_finite_.load(std::memory_order_acquire);  // constant W: scanned once
+      if (known < 0) w_finite_.store(known = AllFinite(W.Data(), g.O * g.C * g.kk()) ? 1 : 0);
+      w_finite = known == 1;
+    } else {
+      w_finite = AllFinite(W.Data(), g.O * g.C * g.kk());
+    }
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * g.H * g.W;
       float* yn = y + n * g.O * g.P();
-      RunGatedConv(ctx, isa, g, plans->groups, xn, xn, 1.f, 1.f, threshold.Data(), yn,
-                   plans->joint_second.get());
+      if (w_finite && AllFinite(xn, g.C * g.H * g.W))
+        RunGatedConv(ctx, isa, g, plans->groups, xn, xn, 1.f, 1.f, threshold.Data(), yn,
+                     plans->joint_second.get());
+      else
+        NonFiniteSample(ctx, isa, g, W.Data(), mask, threshold.Data(), xn, yn);
     }
     ApplyPostEpilogue(ctx, isa, post, y, g.N, g.O, g.P());
   });

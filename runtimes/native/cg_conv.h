@@ -2,6 +2,7 @@
 #include "conv_common.h"
 #include <onnxruntime_lite_custom_op.h>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 
@@ -21,6 +22,11 @@ struct CGConvKernel {
                       const Ort::Custom::Tensor<float>& threshold,
                       OptionalTensor post_scale, OptionalTensor post_shift,
                       Ort::Custom::Tensor<float>& Y);
+  // One sample with NaN or inf in X or W, as the reference computes it (see cg_conv.cc).
+  void NonFiniteSample(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
+                       const float* w, const float* mask, const float* threshold,
+                       const float* xn, float* yn);
+  std::atomic<int> w_finite_{-1};  // constant W: all finite (1) or not (0); -1 not scanned
   ConvAttrs attrs_;
   std::string attr_error_;
   bool relu_ = false;  // attribute activation = "Relu" (the optional epilogue, OPS.md)

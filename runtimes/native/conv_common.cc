@@ -29,74 +29,140 @@ const IsaKernels& BestKernels() {
 // ---------------------------------------------------------------- attributes and geometry
 
 namespace {
+// Reads attribute `name` as R (int64_t, float, std::string, std::vector<int64_t> or
+// std::vector<float>); false if the node has no such attribute of that type.
 template <class R>
 bool TryAttr(const OrtKernelInfo* info, const char* name, R* out) {
-  size_t size = 0;
-  // Probe first: a missing attribute is not an error (ONNX defaults apply).
+  const OrtApi& api = Ort::GetApi();
   OrtStatus* st = nullptr;
+  size_t size = 0;
   if constexpr (std::is_same<R, int64_t>::value) {
-    st = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, out);
+    st = api.KernelInfoGetAttribute_int64(info, name, out);
   } else if constexpr (std::is_same<R, float>::value) {
-    st = Ort::GetApi().KernelInfoGetAttribute_float(info, name, out);
-  } else {
-    st = Ort::GetApi().KernelInfoGetAttribute_string(info, name, nullptr, &size);
+    st = api.KernelInfoGetAttribute_float(info, name, out);
+  } else if constexpr (std::is_same<R, std::string>::value) {
+    st = api.KernelInfoGetAttribute_string(info, name, nullptr, &size);
     if (!st) {
       std::string s(size, '\0');
-      st = Ort::GetApi().KernelInfoGetAttribute_string(info, name, s.data(), &size);
+      st = api.KernelInfoGetAttribute_string(info, name, s.data(), &size);
       if (!st) *out = s.c_str();
+    }
+  } else if constexpr (std::is_same<R, std::vector<int64_t>>::value) {
+    st = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &size);
+    if (!st) {
+      R v(size);
+      st = api.KernelInfoGetAttributeArray_int64(info, name, v.data(), &size);
+      if (!st) *out = std::move(v);
+    }
+  } else {
+    static_assert(std::is_same<R, std::vector<float>>::value, "unsupported attribute type");
+    st = api.KernelInfoGetAttributeArray_float(info, name, nullptr, &size);
+    if (!st) {
+      R v(size);
+      st = api.KernelInfoGetAttributeArray_float(info, name, v.data(), &size);
+      if (!st) *out = std::move(v);
     }
   }
   if (st) {
-    Ort::GetApi().ReleaseStatus(st);
+    api.ReleaseStatus(st);
     return false;
   }
   return true;
 }
 
-bool TryInts(const OrtKernelInfo* info, const char* name, std::vector<int64_t>* out) {
-  size_t size = 0;
-  OrtStatus* st = Ort::GetApi().KernelInfoGetAttributeArray_int64(info, name, nullptr, &size);
-  if (st) {
-    Ort::GetApi().ReleaseStatus(st);
-    return false;
+template <class R> const char* TypeName();
+template <> const char* TypeName<int64_t>() { return "an int"; }
+template <> const char* TypeName<float>() { return "a float"; }
+template <> const char* TypeName<std::string>() { return "a string"; }
+template <> const char* TypeName<std::vector<int64_t>>() { return "a list of ints"; }
+
+void SetError(std::string* error, const std::string& message) {
+  if (error->empty()) *error = message;
+}
+
+// Reads `name` as R into *out (left as is when absent); an attribute of another type is an
+// error, never a silent default.
+template <class R>
+void ReadTyped(const OrtKernelInfo* info, const char* name, R* out, std::string* error) {
+  R value;
+  if (TryAttr(info, name, &value)) {
+    if constexpr (std::is_same<R, std::vector<int64_t>>::value) {
+      // ONNX Runtime reads a list attribute of any type as a list of ints, empty unless it is
+      // one: an empty result may be an int, float, string or float list in disguise.
+      int64_t i;
+      float f;
+      std::string str;
+      std::vector<float> floats;
+      if (value.empty() && (TryAttr(info, name, &i) || TryAttr(info, name, &f) ||
+                            TryAttr(info, name, &str) ||
+                            (TryAttr(info, name, &floats) && !floats.empty()))) {
+        SetError(error, std::string("attribute ") + name + " must be " + TypeName<R>());
+        return;
+      }
+    }
+    *out = std::move(value);
+    return;
   }
-  out->assign(size, 0);
-  st = Ort::GetApi().KernelInfoGetAttributeArray_int64(info, name, out->data(), &size);
-  if (st) {
-    Ort::GetApi().ReleaseStatus(st);
-    return false;
-  }
-  return true;
+  if (HasAttr(info, name))
+    SetError(error, std::string("attribute ") + name + " must be " + TypeName<R>());
 }
 }  // namespace
 
-int64_t ReadIntAttr(const OrtKernelInfo* info, const char* name, int64_t dflt) {
+bool HasAttr(const OrtKernelInfo* info, const char* name) {
+  int64_t i;
+  float f;
+  std::string s;
+  std::vector<int64_t> ints;
+  std::vector<float> floats;
+  return TryAttr(info, name, &i) || TryAttr(info, name, &f) || TryAttr(info, name, &s) ||
+         TryAttr(info, name, &ints) || TryAttr(info, name, &floats);
+}
+
+int64_t ReadIntAttr(const OrtKernelInfo* info, const char* name, int64_t dflt, std::string* error) {
   int64_t v = dflt;
-  return TryAttr(info, name, &v) ? v : dflt;
+  ReadTyped(info, name, &v, error);
+  return v;
 }
-float ReadFloatAttr(const OrtKernelInfo* info, const char* name, float dflt) {
+float ReadFloatAttr(const OrtKernelInfo* info, const char* name, float dflt, std::string* error) {
   float v = dflt;
-  return TryAttr(info, name, &v) ? v : dflt;
+  ReadTyped(info, name, &v, error);
+  return v;
 }
-std::string ReadStringAttr(const OrtKernelInfo* info, const char* name, const std::string& dflt) {
+std::string ReadStringAttr(const OrtKernelInfo* info, const char* name, const std::string& dflt,
+                           std::string* error) {
   std::string v = dflt;
-  return TryAttr(info, name, &v) ? v : dflt;
+  ReadTyped(info, name, &v, error);
+  return v;
 }
 
 ConvAttrs ReadConvAttrs(const OrtKernelInfo* info, std::string* error) {
   ConvAttrs a;
-  TryInts(info, "strides", &a.strides);
-  TryInts(info, "pads", &a.pads);
-  TryInts(info, "dilations", &a.dilations);
-  a.group = ReadIntAttr(info, "group", 1);
-  if (a.strides.size() != 2 || a.strides[0] < 1 || a.strides[1] < 1)
-    *error = "attribute strides must be 2 positive ints";
-  else if (a.dilations.size() != 2 || a.dilations[0] < 1 || a.dilations[1] < 1)
-    *error = "attribute dilations must be 2 positive ints";
-  else if (a.pads.size() != 4 || *std::min_element(a.pads.begin(), a.pads.end()) < 0)
-    *error = "attribute pads must be 4 non-negative ints (top, left, bottom, right)";
-  else if (a.group < 1)
-    *error = "attribute group must be >= 1";
+  ReadTyped(info, "strides", &a.strides, error);
+  ReadTyped(info, "pads", &a.pads, error);
+  ReadTyped(info, "dilations", &a.dilations, error);
+  ReadTyped(info, "kernel_shape", &a.kernel_shape, error);
+  a.group = ReadIntAttr(info, "group", 1, error);
+  auto in_range = [](const std::vector<int64_t>& v, size_t n, int64_t lo) {
+    return v.size() == n && std::all_of(v.begin(), v.end(), [lo](int64_t x) {
+             return x >= lo && x <= kMaxConvAttr;
+           });
+  };
+  const std::string max = std::to_string(kMaxConvAttr);
+  if (!in_range(a.strides, 2, 1))
+    SetError(error, "attribute strides must be 2 ints in [1, " + max + "]");
+  else if (!in_range(a.dilations, 2, 1))
+    SetError(error, "attribute dilations must be 2 ints in [1, " + max + "]");
+  else if (!in_range(a.pads, 4, 0))
+    SetError(error, "attribute pads must be 4 ints in [0, " + max + "] (top, left, bottom, right)");
+  else if (a.group < 1 || a.group > kMaxConvAttr)
+    SetError(error, "attribute group must be in [1, " + max + "]");
+  else if (HasAttr(info, "kernel_shape") && !in_range(a.kernel_shape, 2, 1))
+    SetError(error, "attribute kernel_shape must be 2 positive ints (W's kh, kw)");
+  // auto_pad is ONNX Conv's, not these ops' (their pads are always explicit): honouring it
+  // silently as NOTSET would compute a different shape than the model asks for.
+  std::string auto_pad = "NOTSET";
+  if (HasAttr(info, "auto_pad") && !(TryAttr(info, "auto_pad", &auto_pad) && auto_pad == "NOTSET"))
+    SetError(error, "attribute auto_pad is not supported (give explicit pads)");
   return a;
 }
 
@@ -113,6 +179,25 @@ void ExpectShape(const char* op, const char* what, const std::vector<int64_t>& s
                   ", expected " + ShapeStr(expected));
 }
 
+namespace {
+// a + b and a * b of non-negative int64 values, or an OpError naming `op` on overflow.
+int64_t Add(const std::string& op, int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r)) throw OpError(op + ": layer geometry overflows int64");
+  return r;
+}
+int64_t Mul(const std::string& op, int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) throw OpError(op + ": layer geometry overflows int64");
+  return r;
+}
+void Bounded(const std::string& op, const char* what, int64_t elements) {
+  if (elements > kMaxBufferElements)
+    throw OpError(op + ": " + what + " would have " + std::to_string(elements) +
+                  " elements, more than the limit " + std::to_string(kMaxBufferElements));
+}
+}  // namespace
+
 ConvGeom MakeGeom(const char* op, const std::vector<int64_t>& xs, const std::vector<int64_t>& ws,
                   const ConvAttrs& a) {
   const std::string o = op;
@@ -128,20 +213,29 @@ ConvGeom MakeGeom(const char* op, const std::vector<int64_t>& xs, const std::vec
   g.sh = a.strides[0], g.sw = a.strides[1];
   g.pt = a.pads[0], g.pl = a.pads[1], g.pb = a.pads[2], g.pr = a.pads[3];
   g.dh = a.dilations[0], g.dw = a.dilations[1], g.group = a.group;
-  if (g.C != g.Cw * g.group)
+  if (!a.kernel_shape.empty() && (a.kernel_shape[0] != g.kh || a.kernel_shape[1] != g.kw))
+    throw OpError(o + ": attribute kernel_shape " + ShapeStr(a.kernel_shape) +
+                  " disagrees with W's kernel [" + std::to_string(g.kh) + ", " +
+                  std::to_string(g.kw) + "]");
+  if (g.C != Mul(o, g.Cw, g.group))
     throw OpError(o + ": X has " + std::to_string(g.C) + " channels but W expects " +
                   std::to_string(g.Cw) + " x group " + std::to_string(g.group));
   if (g.O % g.group != 0)
     throw OpError(o + ": output channels " + std::to_string(g.O) + " not divisible by group");
-  const int64_t eff_h = (g.kh - 1) * g.dh + 1, eff_w = (g.kw - 1) * g.dw + 1;
-  const int64_t ph = g.H + g.pt + g.pb, pw = g.W + g.pl + g.pr;
+  // Every attribute is at most kMaxConvAttr (< 2^31) and every dimension at most 2^63 - 1, but
+  // their sums and products can still overflow: each step is checked.
+  const int64_t eff_h = Add(o, Mul(o, g.kh - 1, g.dh), 1), eff_w = Add(o, Mul(o, g.kw - 1, g.dw), 1);
+  const int64_t ph = Add(o, Add(o, g.H, g.pt), g.pb), pw = Add(o, Add(o, g.W, g.pl), g.pr);
   if (ph < eff_h || pw < eff_w)
     throw OpError(o + ": kernel (with dilation) is larger than the padded input");
   g.OH = (ph - eff_h) / g.sh + 1;
   g.OW = (pw - eff_w) / g.sw + 1;
+  // Buffers: the output [N, O, OH, OW] and the zero-padded copy of one sample [C, ph, pw].
+  Bounded(o, "the output", Mul(o, Mul(o, g.N, g.O), Mul(o, g.OH, g.OW)));
+  Bounded(o, "the padded input", Mul(o, g.C, Mul(o, ph, pw)));
   // Scratch buffers hold K x P elements; refuse sizes whose products could overflow.
-  const double work = double(g.Cw) * g.kk() * g.OH * g.OW;
-  if (work > double(1LL << 34)) throw OpError(o + ": layer too large for the im2col buffer");
+  const int64_t work = Mul(o, Mul(o, g.Cw, Mul(o, g.kh, g.kw)), g.P());
+  if (work > (int64_t(1) << 34)) throw OpError(o + ": layer too large for the im2col buffer");
   return g;
 }
 
@@ -172,9 +266,9 @@ void ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(s
 }
 
 bool ReadReluAttr(const OrtKernelInfo* info, std::string* error) {
-  const std::string activation = ReadStringAttr(info, "activation", "");
-  if (error->empty() && !activation.empty() && activation != "Relu")
-    *error = "attribute activation must be \"Relu\" or absent, got \"" + activation + "\"";
+  const std::string activation = ReadStringAttr(info, "activation", "", error);
+  if (!activation.empty() && activation != "Relu")
+    SetError(error, "attribute activation must be \"Relu\" or absent, got \"" + activation + "\"");
   return activation == "Relu";
 }
 
@@ -542,6 +636,49 @@ void ConvByPanels(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeig
       t0 += len;
     }
   });
+}
+
+void DenseConvSample(OrtKernelContext* ctx, const IsaKernels& isa, const float* w, const float* x,
+                     const ConvGeom& g, float* y) {
+  // Non-finite weights: the GEMM would multiply them by the zero padding too (inf * 0 = NaN)
+  // where PyTorch's and ONNX Runtime's convs never read the padding. So they are zeroed for
+  // the GEMM and their products added here over the taps that read the input only.
+  const int64_t kk = g.kk(), nw = g.O * g.Cw * kk;
+  if (!AllFinite(w, nw)) {
+    std::vector<float> finite_w(w, w + nw);
+    std::vector<int64_t> odd;
+    for (int64_t i = 0; i < nw; ++i)
+      if (!std::isfinite(w[i])) finite_w[size_t(i)] = 0.f, odd.push_back(i);
+    DenseConvSample(ctx, isa, finite_w.data(), x, g, y);
+    const int64_t Og = g.O / g.group;
+    for (int64_t idx : odd) {
+      const int64_t o = idx / (g.Cw * kk), ci = idx / kk % g.Cw, i = idx % kk / g.kw, j = idx % g.kw;
+      const float* xc = x + ((o / Og) * g.Cw + ci) * g.H * g.W;
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+        if (ih < 0 || ih >= g.H) continue;
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const int64_t iw = ow * g.sw - g.pl + j * g.dw;
+          if (iw >= 0 && iw < g.W) y[o * g.P() + oh * g.OW + ow] += w[idx] * xc[ih * g.W + iw];
+        }
+      }
+    }
+    return;
+  }
+  const int64_t Og = g.O / g.group;
+  const std::vector<float> ones(size_t(Og), 1.f), zeros(size_t(Og), 0.f);
+  for (int64_t gi = 0; gi < g.group; ++gi) {
+    std::vector<int> outputs, w_chans, x_chans;
+    for (int64_t o = gi * Og; o < (gi + 1) * Og; ++o) outputs.push_back(int(o));
+    for (int64_t c = 0; c < g.Cw; ++c) {
+      w_chans.push_back(int(c));
+      x_chans.push_back(int(gi * g.Cw + c));
+    }
+    const PackedWeights<float> pw = PackWeights(isa, w, g, outputs, w_chans);
+    RowEpilogue ep{outputs.data(), y, g.P(), ones.data(), ones.data(), zeros.data(), zeros.data()};
+    ep.relu = false;
+    ConvByPanels(ctx, isa, pw, x, g, x_chans, ep);
+  }
 }
 
 // dst[0:n] = src[0:n] for short runs: fixed-size copies (inlined vector moves) instead of a

@@ -29,6 +29,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <new>
 #include <optional>
@@ -99,14 +100,30 @@ constexpr int64_t kWideSpanMinPanels = 24;
 struct ConvAttrs {
   std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
   int64_t group = 1;
+  std::vector<int64_t> kernel_shape;  // optional (ONNX Conv's); if given, must equal W's kh, kw
 };
 
-// Reads strides/pads/dilations/group (ONNX Conv defaults); a malformed value is recorded in
-// *error (kernel constructors must not throw) and reported by Compute.
+// Attribute validation. Every attribute a kernel reads is checked for its type (an attribute
+// present with another type, e.g. `group` given as a float, is an error, not "absent") and its
+// range; the conv attributes are bounded by kMaxConvAttr so that the geometry arithmetic below
+// cannot overflow, and auto_pad (not part of the ops' schema) is refused rather than ignored.
+// Attribute NAMES cannot be checked here: ONNX Runtime's C API (OrtKernelInfo, which the lite
+// custom-op API wraps) can read an attribute by name but cannot list a node's attributes, so
+// an unknown or misspelt name is invisible to the kernel. runtimes/ort.py
+// (check_custom_op_attributes) validates every gate2deploy node against its ONNX schema
+// (gate2deploy/opdefs.py) before a session is created; the kernels validate what they read.
+// Errors are recorded in *error (kernel constructors must not throw; the first error wins)
+// and reported by Compute as ORT_INVALID_ARGUMENT.
+constexpr int64_t kMaxConvAttr = (int64_t(1) << 31) - 1;
+// Reads strides/pads/dilations/group/kernel_shape (ONNX Conv defaults) and refuses auto_pad.
 ConvAttrs ReadConvAttrs(const OrtKernelInfo* info, std::string* error);
-int64_t ReadIntAttr(const OrtKernelInfo* info, const char* name, int64_t dflt);
-float ReadFloatAttr(const OrtKernelInfo* info, const char* name, float dflt);
-std::string ReadStringAttr(const OrtKernelInfo* info, const char* name, const std::string& dflt);
+int64_t ReadIntAttr(const OrtKernelInfo* info, const char* name, int64_t dflt, std::string* error);
+float ReadFloatAttr(const OrtKernelInfo* info, const char* name, float dflt, std::string* error);
+std::string ReadStringAttr(const OrtKernelInfo* info, const char* name, const std::string& dflt,
+                           std::string* error);
+// True if the node has an attribute `name` of any type the kernels know (int, float, string,
+// ints, floats).
+bool HasAttr(const OrtKernelInfo* info, const char* name);
 
 struct ConvGeom {
   int64_t N, C, H, W;      // input
@@ -117,7 +134,13 @@ struct ConvGeom {
   int64_t P() const { return OH * OW; }
 };
 
-// Validates ranks, channel counts and attributes; throws OpError naming `op`.
+// Largest number of elements of any buffer a kernel allocates for one call (the output, the
+// zero-padded input copy): 2^31 floats (8 GiB). Larger layers are refused with an error
+// (absurd pads or dilations would otherwise ask for terabytes).
+constexpr int64_t kMaxBufferElements = int64_t(1) << 31;
+
+// Validates ranks, channel counts and attributes; throws OpError naming `op`. All geometry
+// arithmetic is overflow-checked (an overflow or a layer over the limits is an OpError).
 ConvGeom MakeGeom(const char* op, const std::vector<int64_t>& x_shape,
                   const std::vector<int64_t>& w_shape, const ConvAttrs& attrs);
 void ExpectShape(const char* op, const char* what, const std::vector<int64_t>& shape,
@@ -207,6 +230,25 @@ template <class T>
 void ConvByPanels(OrtKernelContext* ctx, const IsaKernels& isa, const PackedWeights<T>& w,
                   const T* x, const ConvGeom& g, const std::vector<int>& chans,
                   const RowEpilogue& ep);
+
+// y[o, :] = conv(x, w)[o, :] for every output o of one sample x[C, H, W] (y is its [O, P]),
+// over every input channel and tap, groups included: a plain dense conv on our GEMM. The
+// kernels' path for data with NaN or inf, where the fast paths' shortcuts (a stage or channel
+// skipped because its weights or inputs are zero, padding taps not multiplied) would lose the
+// reference's NaN from 0 * inf.
+void DenseConvSample(OrtKernelContext* ctx, const IsaKernels& isa, const float* w, const float* x,
+                     const ConvGeom& g, float* y);
+
+// True if every x[i] is finite (a loop the compiler vectorizes: no early exit).
+inline bool AllFinite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    bad |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
 
 // One output group of a gated two-stage convolution (see the top of this file).
 template <class T>

@@ -29,19 +29,55 @@ float Dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// "a ranks before b" in descending order with NaN above everything (numpy's and torch's sort
+// put NaN last in ascending order): a strict weak order even with NaN, which std::greater is
+// not, so nth_element stays defined and the cut is the reference's.
+bool RanksBefore(float a, float b) { return a != a ? b == b : a > b; }
+
+// max(v, 0) that keeps NaN (np.maximum and torch.relu do).
+inline float Relu(float v) { return v < 0.f ? 0.f : v; }
 }  // namespace
 
 FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   attrs_ = ReadConvAttrs(info, &attr_error_);
-  density_ = ReadFloatAttr(info, "density", -1.f);
-  const std::string pool = ReadStringAttr(info, "pool", "avg");
+  density_ = ReadFloatAttr(info, "density", -1.f, &attr_error_);
+  const std::string pool = ReadStringAttr(info, "pool", "avg", &attr_error_);
   max_pool_ = pool == "max";
   w_const_ = InputIsConstant(info, 1);
   conv_ = std::make_unique<SubsetConv>(info, attrs_, w_const_);
-  if (attr_error_.empty() && !(density_ > 0.f && density_ <= 1.f))
+  if (attr_error_.empty() && !HasAttr(info, "density"))
+    attr_error_ = "attribute density is required";
+  else if (attr_error_.empty() && !(density_ > 0.f && density_ <= 1.f))
     attr_error_ = "attribute density must be in (0, 1], got " + std::to_string(density_);
   else if (attr_error_.empty() && pool != "avg" && pool != "max")
     attr_error_ = "attribute pool must be \"avg\" or \"max\", got \"" + pool + "\"";
+}
+
+bool FBSConvKernel::WeightsFinite(const float* w, int64_t n) {
+  if (!w_const_) return AllFinite(w, n);
+  int known = w_finite_.load(std::memory_order_acquire);  // constant W: scanned once
+  if (known < 0) {
+    known = AllFinite(w, n) ? 1 : 0;
+    w_finite_.store(known, std::memory_order_release);
+  }
+  return known == 1;
+}
+
+void FBSConvKernel::ReferenceSample(OrtKernelContext* ctx, const IsaKernels& isa, const float* w,
+                                    const float* xn, const ConvGeom& g,
+                                    const std::vector<float>& gamma,
+                                    const std::vector<int>& out_active, const float* bn_scale,
+                                    const float* bn_shift, const float* beta, float* yn) {
+  const int64_t Np = g.P();
+  // conv(X, W) for every output channel, into y; then the reference's formula in place.
+  DenseConvSample(ctx, isa, w, xn, g, yn);
+  std::vector<float> act(size_t(g.O), 0.f);
+  for (int o : out_active) act[size_t(o)] = 1.f;
+  for (int64_t o = 0; o < g.O; ++o) {
+    const float a = act[size_t(o)], ag = a * gamma[size_t(o)], ab = a * beta[o];
+    float* yo = yn + o * Np;
+    for (int64_t p = 0; p < Np; ++p) yo[p] = Relu(ag * (bn_scale[o] * yo[p] + bn_shift[o]) + ab);
+  }
 }
 
 Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
@@ -71,35 +107,62 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     std::vector<float> pooled(size_t(g.C)), gamma(size_t(g.O)), sorted;
     std::vector<uint8_t> live(size_t(g.C));
 
+    // Non-finite values follow the reference (and the PyTorch module): an inactive channel is
+    // 0 * g * (bn_scale * conv + bn_shift) + 0 * beta, which is NaN, not 0, where g or that
+    // sum is not finite, and NaN in X or g must reach the top-k as the reference's sort sees
+    // it. A sample whose X, saliency or parameters hold a non-finite value is therefore
+    // computed as the reference writes it (every output channel convolved, over every input
+    // channel: a zero channel times an inf weight is NaN); finite samples take the fast path.
+    const bool params_finite =
+        WeightsFinite(W.Data(), g.O * g.Cw * g.kk()) && AllFinite(fc_W.Data(), g.O * g.C) &&
+        AllFinite(fc_b.Data(), g.O) && AllFinite(bn_scale.Data(), g.O) &&
+        AllFinite(bn_shift.Data(), g.O) && AllFinite(beta.Data(), g.O);
+    std::vector<uint8_t> channel_finite(size_t(g.C));
+
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * HW;
       float* yn = y + n * g.O * Np;
       // Saliency, and which input channels carry anything at all (channels switched off
       // upstream are all zero; the scan stops at the first non-zero value of a live channel).
+      // An average pool is non-finite iff some value is; a max pool may skip NaN and -inf, so
+      // its channels are scanned.
       ParallelFor(ParallelIfLarge(ctx, g.C * HW), size_t(g.C), [&](size_t c) {
         const float* xc = xn + int64_t(c) * HW;
         live[c] = isa.has_nonzero(xc, HW);
         pooled[c] = live[c] ? isa.pool_channel(xc, HW, max_pool_) : 0.f;  // of zeros: 0
+        channel_finite[c] = !live[c] || (max_pool_ ? AllFinite(xc, HW) : std::isfinite(pooled[c]));
       });
+      bool finite = params_finite;
+      for (int64_t c = 0; c < g.C && finite; ++c) finite = channel_finite[size_t(c)];
+      if (!finite && max_pool_) {  // the reference's max: NaN if any value is NaN
+        for (int64_t c = 0; c < g.C; ++c) {
+          const float* xc = xn + c * HW;
+          for (int64_t i = 0; i < HW; ++i)
+            if (xc[i] != xc[i]) pooled[size_t(c)] = xc[i];
+        }
+      }
       std::vector<int> in_active;
       for (int64_t c = 0; c < g.C; ++c)
         if (live[size_t(c)]) in_active.push_back(int(c));
       for (int64_t o = 0; o < g.O; ++o) {
         const float acc = Dot(pooled.data(), fc_W.Data() + o * g.C, g.C);
-        gamma[o] = std::max(acc + fc_b.Data()[o], 0.f);
-        // NaN would break the ordering nth_element relies on (and has no top-k meaning).
-        if (std::isnan(gamma[o]))
-          throw OpError("FBSConv: the saliency is NaN (NaN or inf in X, fc_W or fc_b)");
+        gamma[o] = std::max(acc + fc_b.Data()[o], 0.f);  // keeps NaN, as torch.relu
+        finite = finite && std::isfinite(gamma[o]);
       }
       std::vector<int> out_active;
       if (k >= g.O) {
         out_active = Indices(g.O);
       } else {
         sorted = gamma;  // (k+1)-th largest = element k of the descending order
-        std::nth_element(sorted.begin(), sorted.begin() + k, sorted.end(), std::greater<float>());
+        std::nth_element(sorted.begin(), sorted.begin() + k, sorted.end(), RanksBefore);
         const float cut = sorted[k];
         for (int64_t o = 0; o < g.O; ++o)
           if (gamma[o] > cut) out_active.push_back(int(o));
+      }
+      if (!finite) {
+        ReferenceSample(ctx, isa, W.Data(), xn, g, gamma, out_active, bn_scale.Data(),
+                        bn_shift.Data(), beta.Data(), yn);
+        continue;
       }
       // Inactive output channels are exact zeros; active ones are written by the conv below.
       std::vector<int> inactive;

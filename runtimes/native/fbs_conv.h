@@ -3,6 +3,7 @@
 #include "subset_conv.h"
 #include <onnxruntime_lite_custom_op.h>
 
+#include <atomic>
 #include <memory>
 
 namespace g2d {
@@ -14,6 +15,13 @@ struct FBSConvKernel {
                       const Ort::Custom::Tensor<float>& bn_scale,
                       const Ort::Custom::Tensor<float>& bn_shift,
                       const Ort::Custom::Tensor<float>& beta, Ort::Custom::Tensor<float>& Y);
+  // Reference semantics for a sample with non-finite values (see Compute).
+  void ReferenceSample(OrtKernelContext* ctx, const IsaKernels& isa, const float* w,
+                       const float* xn, const ConvGeom& g, const std::vector<float>& gamma,
+                       const std::vector<int>& out_active, const float* bn_scale,
+                       const float* bn_shift, const float* beta, float* yn);
+  bool WeightsFinite(const float* w, int64_t n);  // cached when W is constant
+  std::atomic<int> w_finite_{-1};                 // -1: not scanned yet
   ConvAttrs attrs_;
   std::string attr_error_;
   float density_;

@@ -454,10 +454,13 @@ void pg_split(const float* x, int64_t n, float s, float levels, int shift, float
               float* lb) {
   const int32_t low_mask = (int32_t(1) << shift) - 1;
   for (int64_t i = 0; i < n; ++i) {
-    const float r = std::min(std::fabs(x[i]) / s, 1.0f) * levels;
+    const float r0 = std::min(std::fabs(x[i]) / s, 1.0f) * levels;
+    // NaN (a NaN x, or s NaN or inf) would make the int conversion below undefined: 0 instead,
+    // and the caller (PGConv's fp32 path) writes the reference's NaN planes itself.
+    const float r = r0 == r0 ? r0 : 0.f;
     // (r + 2^23) - 2^23 rounds 0 <= r < 2^23 half to even in the default rounding mode.
     const int32_t q = int32_t((r + 8388608.0f) - 8388608.0f);
-    // sign(x) as the reference's: 0 for 0 (and for NaN, whose q is meaningless).
+    // sign(x) as the reference's: 0 for 0 (and for NaN, see above).
     const float sign = x[i] > 0.f ? 1.f : (x[i] < 0.f ? -1.f : 0.f);
     hb[i] = sign * float(q >> shift);
     lb[i] = sign * float(q & low_mask);

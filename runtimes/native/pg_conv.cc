@@ -28,6 +28,8 @@
 
 #include "pg_conv.h"
 
+#include <limits>
+
 namespace g2d {
 
 namespace {
@@ -57,20 +59,26 @@ bool FindWeightGrid(const float* w, int64_t n, std::vector<int16_t>* q, float* s
   return false;
 }
 // max |x[i]| (0 for n = 0), in 16 independent lanes: a loop the compiler vectorizes (one
-// running maximum is a chain of dependent operations). NaN is skipped as by std::max.
+// running maximum is a chain of dependent operations). NaN-sticky, as the reference's (and
+// PyTorch's) max: a NaN anywhere gives NaN (std::max would skip it).
 float AbsMax(const float* x, int64_t n) {
   constexpr int kLanes = 16;
   float lane[kLanes] = {};
+  auto take = [](float m, float a) { return (m < a || a != a) ? a : m; };  // NaN stays NaN
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const float a = std::fabs(x[i + l]);
-      lane[l] = lane[l] < a ? a : lane[l];
-    }
+    for (int l = 0; l < kLanes; ++l) lane[l] = take(lane[l], std::fabs(x[i + l]));
   float m = 0.f;
-  for (; i < n; ++i) m = std::max(m, std::fabs(x[i]));
-  for (int l = 0; l < kLanes; ++l) m = std::max(m, lane[l]);
+  for (; i < n; ++i) m = take(m, std::fabs(x[i]));
+  for (int l = 0; l < kLanes; ++l) m = take(m, lane[l]);
   return m;
+}
+
+// True if some x[i] is NaN (a loop the compiler vectorizes: no early exit).
+bool HasNaN(const float* x, int64_t n) {
+  int nan = 0;
+  for (int64_t i = 0; i < n; ++i) nan |= x[i] != x[i];
+  return nan != 0;
 }
 
 // One plan per convolution group: both stages read the group's input channels with the same
@@ -109,11 +117,13 @@ std::shared_ptr<const std::vector<GatedStagePlan<T>>> PlansFor(
 
 PGConvKernel::PGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   attrs_ = ReadConvAttrs(info, &attr_error_);
-  abits_ = ReadIntAttr(info, "abits", -1);
-  pred_bits_ = ReadIntAttr(info, "pred_bits", -1);
-  static_scale_ = ReadFloatAttr(info, "static_scale", 0.f);
+  abits_ = ReadIntAttr(info, "abits", -1, &attr_error_);
+  pred_bits_ = ReadIntAttr(info, "pred_bits", -1, &attr_error_);
+  static_scale_ = ReadFloatAttr(info, "static_scale", 0.f, &attr_error_);
   relu_ = ReadReluAttr(info, &attr_error_);
-  if (attr_error_.empty() && (abits_ < 2 || abits_ > 16))
+  if (attr_error_.empty() && (!HasAttr(info, "abits") || !HasAttr(info, "pred_bits")))
+    attr_error_ = "attributes abits and pred_bits are required";
+  else if (attr_error_.empty() && (abits_ < 2 || abits_ > 16))
     attr_error_ = "attribute abits must be in [2, 16], got " + std::to_string(abits_);
   else if (attr_error_.empty() && (pred_bits_ < 1 || pred_bits_ >= abits_))
     attr_error_ = "attribute pred_bits must be in [1, abits - 1], got " + std::to_string(pred_bits_);
@@ -136,6 +146,13 @@ PGConvKernel::PGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
     }
   }
   conv_ = std::make_unique<SubsetConv>(info, attrs_, w_const_);
+}
+
+bool PGConvKernel::WeightsFinite(const float* w, int64_t n) {
+  if (!w_const_) return AllFinite(w, n);
+  int known = w_finite_.load(std::memory_order_acquire);  // constant W: scanned once
+  if (known < 0) w_finite_.store(known = AllFinite(w, n) ? 1 : 0, std::memory_order_release);
+  return known == 1;
 }
 
 Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
@@ -163,11 +180,20 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
   const int64_t nx = g.N * g.C * g.H * g.W, nw = g.O * g.Cw * g.kk();
 
   // Per-tensor scale over the whole batch (the seed's dynamic scale) unless static.
+  // Non-finite X, as the reference (and the PyTorch module) computes it: with the dynamic
+  // scale, a NaN or inf anywhere makes s NaN or inf, and every quantized activation
+  // (q / (2^B-1)) * s * sign is then NaN (0 * inf included); with a static scale, inf clamps
+  // to the top level (finite) and only a NaN activation is NaN. NaN planes cannot be integers:
+  // such runs take the fp32 path below, and NaN propagates through its convolutions (outputs
+  // whose receptive field lies in the zero padding stay finite, as in the reference).
   float s = static_scale_;
+  bool nan_planes = false;
   if (s <= 0.f) {
     const float amax = AbsMax(x, nx);
-    if (!std::isfinite(amax)) throw OpError("PGConv: X contains inf or NaN");
+    nan_planes = !std::isfinite(amax);
     s = amax + 1e-7f;
+  } else {
+    nan_planes = HasNaN(x, nx);
   }
   const float levels = float((int64_t(1) << B) - 1);
 
@@ -180,7 +206,8 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
     w_q = &w_q_local;
   }
   // int16 operands and exact int32 sums: B <= 8 keeps |q| <= 255; bound the sum.
-  int_path = int_path && B <= 8 && double(g.Cw) * g.kk() * 255.0 * 255.0 < 2147483647.0;
+  int_path = int_path && !nan_planes && B <= 8 &&
+             double(g.Cw) * g.kk() * 255.0 * 255.0 < 2147483647.0;
 
   // Integer paths: stage sums times one activation step times one weight step (the MSB
   // plane counts in units of 2^shift steps).
@@ -293,13 +320,35 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
     }
     run(*plans, scale1, scale2, hb.data(), lb.data());
   } else {  // float weights: de-quantized planes, in the reference's (and seed's) order
-    const auto plans = PlansFor<float>(w_const_, plans_mutex_, float_plans_, w_data, g);
     const float hb_step = float(int64_t(1) << shift);
     for (int64_t i = 0; i < nx; ++i) {
       const float h = msb[size_t(i)], l = lsb[size_t(i)];
       msb[size_t(i)] = std::copysign((std::fabs(h) * hb_step / levels) * s, h);
       lsb[size_t(i)] = std::copysign((std::fabs(l) / levels) * s, l);
     }
+    if (nan_planes && std::isfinite(s))  // (a non-finite s made every plane value NaN above)
+      for (int64_t i = 0; i < nx; ++i)
+        if (x[i] != x[i]) msb[size_t(i)] = lsb[size_t(i)] = std::numeric_limits<float>::quiet_NaN();
+    if (nan_planes || !WeightsFinite(w_data, nw)) {
+      // The reference's Y = out_msb + gate * out_lsb element for element: gate * out_lsb is
+      // NaN where out_lsb is, even with the gate off (0 * NaN), which the two-stage kernel
+      // (stage 2 only where the gate is on) would not give.
+      AlignedVec<float>& out_lsb = Scratch<float, 15>();
+      out_lsb.resize(size_t(g.O * g.P()));
+      for (int64_t n = 0; n < g.N; ++n) {
+        const int64_t xo = n * g.C * g.H * g.W, P = g.P();
+        float* yn = y + n * g.O * P;
+        DenseConvSample(ctx, isa, w_data, msb.data() + xo, g, yn);
+        DenseConvSample(ctx, isa, w_data, lsb.data() + xo, g, out_lsb.data());
+        for (int64_t o = 0; o < g.O; ++o)
+          for (int64_t p = 0; p < P; ++p) {
+            const float gate = yn[o * P + p] > thr_data[o] ? 1.f : 0.f;
+            yn[o * P + p] += gate * out_lsb[size_t(o * P + p)];
+          }
+      }
+      return;
+    }
+    const auto plans = PlansFor<float>(w_const_, plans_mutex_, float_plans_, w_data, g);
     run(*plans, 1.f, 1.f, msb.data(), lsb.data());
   }
 }

@@ -4,6 +4,7 @@
 #include "subset_conv.h"
 #include <onnxruntime_lite_custom_op.h>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 
@@ -18,6 +19,8 @@ struct PGConvKernel {
   // Both stages into y (every sample), on the first path that applies.
   void RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g, const float* x,
                  const float* w_data, const float* thr_data, float* y);
+  bool WeightsFinite(const float* w, int64_t n);  // cached when W is constant
+  std::atomic<int> w_finite_{-1};                 // -1: not scanned yet
   ConvAttrs attrs_;
   std::string attr_error_;
   bool relu_ = false;  // attribute activation = "Relu" (the optional epilogue, OPS.md)

@@ -12,7 +12,8 @@ namespace g2d {
 SparseInputConvKernel::SparseInputConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   attrs_ = ReadConvAttrs(info, &attr_error_);
   relu_ = ReadReluAttr(info, &attr_error_);
-  conv_ = std::make_unique<SubsetConv>(info, attrs_, InputIsConstant(info, 1));
+  w_const_ = InputIsConstant(info, 1);
+  conv_ = std::make_unique<SubsetConv>(info, attrs_, w_const_);
 }
 
 Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
@@ -35,15 +36,27 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
     const int64_t HW = g.H * g.W, Np = g.P();
     const std::vector<int> outputs = Indices(g.O);
     const std::vector<float> ones(size_t(g.O), 1.f), zeros(size_t(g.O), 0.f);
+    // A NaN or inf weight makes a zero channel (and a padding tap) contribute NaN (0 * inf),
+    // as in the reference: then every channel and tap is multiplied (DenseConvSample).
+    int w_finite = w_finite_.load(std::memory_order_acquire);
+    if (w_finite < 0) {
+      w_finite = AllFinite(W.Data(), g.O * g.C * g.kk()) ? 1 : 0;
+      if (w_const_) w_finite_.store(w_finite, std::memory_order_release);  // scanned once
+    }
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * HW;
-      std::vector<int> live;
-      for (int64_t c = 0; c < g.C; ++c)
-        if (isa.has_nonzero(xn + c * HW, HW)) live.push_back(int(c));
       RowEpilogue ep{outputs.data(), y + n * g.O * Np, Np, ones.data(), ones.data(),
                      zeros.data(), B.Data()};
       ep.relu = relu_;
       if (residual) ep.residual = residual + n * g.O * Np;
+      if (!w_finite) {
+        DenseConvSample(ctx, isa, W.Data(), xn, g, ep.y);
+        for (int64_t o = 0; o < g.O; ++o) ep.ApplyToRun(isa, o, ep.y + o * Np, 0, Np);
+        continue;
+      }
+      std::vector<int> live;
+      for (int64_t c = 0; c < g.C; ++c)
+        if (isa.has_nonzero(xn + c * HW, HW)) live.push_back(int(c));
       conv_->Run(ctx, isa, W.Data(), xn, g, outputs, live, ep);
     }
   });

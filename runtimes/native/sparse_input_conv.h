@@ -2,6 +2,7 @@
 #include "subset_conv.h"  // first: conv_common.h sets ORT_API_MANUAL_INIT for the ORT headers
 #include <onnxruntime_lite_custom_op.h>
 
+#include <atomic>
 #include <memory>
 
 namespace g2d {
@@ -13,6 +14,8 @@ struct SparseInputConvKernel {
   ConvAttrs attrs_;
   std::string attr_error_;
   bool relu_ = false;  // attribute activation = "Relu"
+  bool w_const_ = false;
+  std::atomic<int> w_finite_{-1};  // constant W: all finite (1) or not (0); -1 not scanned
   std::unique_ptr<SubsetConv> conv_;  // all outputs x the sample's non-zero inputs
 };
 }  // namespace g2d
