@@ -83,7 +83,8 @@ class OpSpec:
                 if not (plugin_attributes and attr.name in PLUGIN_ATTRIBUTES):
                     problems.append(f"unknown attribute {attr.name!r}")
             elif attr.type != _PROTO_TYPES[spec.type]:
-                problems.append(f"attribute {attr.name!r} must be {spec.type}")
+                want, got = (onnx.AttributeProto.AttributeType.Name(t) for t in (_PROTO_TYPES[spec.type], attr.type))
+                problems.append(f"attribute {attr.name!r} must be {want}, not {got}")
         given = {a.name for a in node.attribute}
         problems += [f"missing attribute {a.name!r}" for a in self.attributes if a.required and a.name not in given]
         required = sum(not i.endswith("?") for i in self.inputs)

@@ -100,4 +100,4 @@ def test_check_node_reports_unknown_and_mistyped_attributes():
     node = helper.make_node("PGConv", ["x", "w", "t"], ["y"], abits=4.0, kernel_shape=[3, 3])
     problems = spec.check_node(node)
     assert "unknown attribute 'kernel_shape'" in problems
-    assert "attribute 'abits' must be int" in problems and "missing attribute 'pred_bits'" in problems
+    assert "attribute 'abits' must be INT, not FLOAT" in problems and "missing attribute 'pred_bits'" in problems
