@@ -2,6 +2,10 @@
 
 A pipeline is a list of (name, pass) pairs; each pass is `fn(graph, ctx) -> graph` where `ctx`
 carries options and collects per-pass results for the report.
+
+Every pipeline runs at the captured (static) batch. With `ctx.batch_axis` the batch dimension
+is relaxed afterwards (passes/dynamic_batch.py); where that cannot be done exactly the model
+keeps its static batch and `ctx.batch_note` says why.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from gate2deploy.passes import ir
 from gate2deploy.passes.canonicalize_channel_shuffle import canonicalize_channel_shuffle
 from gate2deploy.passes.choose_widths import choose_padding
 from gate2deploy.passes.cleanup import cleanup
+from gate2deploy.passes.dynamic_batch import BatchAxisError, relax_batch
 from gate2deploy.passes.fold_masks import FoldResult, fold_static_masks
 from gate2deploy.passes.fuse_gated_epilogue import fuse_gated_epilogue
 from gate2deploy.passes.lower_portable import LoweringResult, lower_portable
@@ -30,6 +35,8 @@ class PassContext:
     lowering: LoweringResult = field(default_factory=LoweringResult)  # CG/PG/FBS -> standard ops
     sparse_input_convs: list[str] = field(default_factory=list)  # Conv after FBS -> SparseInputConv
     fused_epilogues: list[str] = field(default_factory=list)  # CG/PG nodes that took BN (+ Relu)
+    batch_axis: bool = False  # relax the batch dimension at the end (passes/dynamic_batch.py)
+    batch_note: str | None = None  # why the batch stayed static although batch_axis was asked
 
 
 Pass = Callable[[gs.Graph, PassContext], gs.Graph]
@@ -70,4 +77,17 @@ def run_pipeline(model: onnx.ModelProto, target: str, ctx: PassContext) -> onnx.
     graph = ir.import_graph(model)
     for _name, fn in PIPELINES[target]:
         graph = fn(graph, ctx)
-    return ir.export_model(graph)
+    compiled = ir.export_model(graph)
+    if ctx.batch_axis:
+        compiled = _dynamic_batch(compiled, ctx)
+    return compiled
+
+
+def _dynamic_batch(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Last step of every pipeline when asked: on a ModelProto, as it needs onnx's shape
+    inference with a symbolic batch between its rewrites."""
+    try:
+        return relax_batch(model)
+    except BatchAxisError as exc:
+        ctx.batch_note = str(exc)
+        return model
