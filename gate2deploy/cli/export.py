@@ -3,12 +3,22 @@
 Steps: build the gated PyTorch model (frontend) -> capture to ONNX -> the target's pipeline
 (gate2deploy.pipeline) -> verify against PyTorch (on by default; a mismatch fails) -> write
 the model and the report atomically. Targets: `onnx` (portable: standard ops only),
-`ort` (custom ops run by gate2deploy's native ONNX Runtime library), `trt` (TensorRT engine;
-needs TensorRT and a GPU, refused cleanly otherwise).
+`ort` (custom ops run by gate2deploy's native ONNX Runtime library), `trt` (TensorRT: always
+writes `<name>.trt.onnx` + `<name>.trt.json` beside `-o <name>.engine`, verified on ONNX
+Runtime CPU; builds and checks the engine where TensorRT and a GPU exist, else exits 3 with
+the `gate2deploy build-engine` command to run on a GPU host; cli/build_engine.py).
+
+Batch: every export has a dynamic batch axis (passes/dynamic_batch.py) unless
+`--static-batch`; the model is verified at `--input-shape`'s batch N and, when the axis is
+dynamic, once more at batch N + 1 (a second size proves the relaxed shapes; PG's dynamic scale
+is over the whole batch, in PyTorch too). A model whose batch cannot be relaxed exactly keeps
+it static, says why, and records it in the report (`batch`).
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,9 +27,10 @@ from .. import report as rep
 from ..capture import capture
 from ..errors import UserError
 from ..fileio import atomic_path, check_writable, write_text
-from ..frontend import add_model_arguments, build_gated_model
+from ..frontend import add_model_arguments, build_gated_model, parse_shape
 from ..pipeline import PIPELINES, PassContext, run_pipeline
-from ..verify import DEFAULT_RTOL, check_export
+from ..passes.dynamic_batch import pin_batch
+from ..verify import DEFAULT_RTOL, check_export, random_inputs
 
 TARGETS = ("onnx", "ort", "trt")
 
@@ -36,6 +47,12 @@ def add_parser(sub) -> None:
     p.add_argument("--keep-unfoldable", action="store_true",
                    help="keep masks the fold cannot remove as an exact Mul instead of failing")
     add_compile_arguments(p)
+    p.add_argument("--static-batch", action="store_true",
+                   help="pin the batch to --input-shape's first dimension (default: a dynamic batch axis)")
+    p.add_argument("--batch", metavar="MIN,OPT,MAX",
+                   help="--target trt: the engine's optimisation profile batch sizes (default 1,N,max(N,32); "
+                        "N,N,N with --static-batch)")
+    p.add_argument("--fp16", action="store_true", help="--target trt: build the engine in FP16")
     p.add_argument("--pg-static-scale", action="store_true",
                    help="Precision Gating: replace the per-batch dynamic activation scale by one calibrated "
                         "on --sample-inputs (outputs then no longer depend on the rest of the batch)")
@@ -43,11 +60,6 @@ def add_parser(sub) -> None:
 
 
 def _pipeline_target(target: str) -> str:
-    if target == "trt":
-        from ..runtimes import tensorrt_available  # import-guarded, never imports TensorRT eagerly
-        problem = tensorrt_available()
-        if problem:
-            raise UserError(f"--target trt: {problem}")
     if target not in PIPELINES:
         raise UserError(f"--target {target} is not available in this build")
     return target
@@ -60,6 +72,9 @@ def run(args) -> int:
     if args.pg_static_scale and not args.sample_inputs:
         raise UserError("--pg-static-scale needs --sample-inputs to calibrate on")
     pipeline = _pipeline_target(args.target)
+    trt = _trt_plan(args) if args.target == "trt" else None
+    if trt is None and (args.batch or args.fp16):
+        raise UserError("--batch and --fp16 are TensorRT build options: only with --target trt")
     gated = build_gated_model(args)
     samples = load_samples(args, gated)
     if args.pg_static_scale:
@@ -67,17 +82,29 @@ def run(args) -> int:
     start = time.perf_counter()
     captured = capture(gated.model, gated.example)
     ctx = PassContext(unfoldable_policy="keep" if args.keep_unfoldable else "error",
-                      choose_widths=args.physical_widths == "fast")
+                      choose_widths=args.physical_widths == "fast", batch_axis=not args.static_batch)
     compiled = run_pipeline(captured, pipeline, ctx)
+    if trt is not None:  # what is verified below is exactly what model.trt.onnx holds
+        from ..runtimes.tensorrt_plugins import prepare_for_tensorrt
+        compiled = prepare_for_tensorrt(compiled)
     compile_seconds = time.perf_counter() - start
+    shape = tuple(gated.example.shape)
+    dynamic = not args.static_batch and ctx.batch_note is None
+    if ctx.batch_note:
+        print(f"note: the batch stays static at {shape[0]}: {ctx.batch_note}")
 
-    check = None
+    check = second = None
     if not args.no_verify:
-        check = check_export(gated.model, captured, compiled, tuple(gated.example.shape), args.rtol, samples)
-        if not check.passed:
-            raise UserError(f"verification failed: {check.summary()}; nothing written")
+        check = check_export(gated.model, captured, compiled, shape, args.rtol, samples)
+        if check.passed and dynamic:  # the relaxed batch axis, at another size
+            other = (shape[0] + 1, *shape[1:])
+            second = check_export(gated.model, captured, compiled, other, args.rtol, random_inputs(other, 1))
+        for c in (check, second):
+            if c is not None and not c.passed:
+                raise UserError(f"verification failed: {c.summary()}; nothing written")
 
-    before, after = rep.model_cost(captured), rep.model_cost(compiled)
+    before = rep.model_cost(captured)
+    after = rep.model_cost(pin_batch(compiled, shape[0]) if dynamic else compiled)
     layers = rep.compare(before, after)
     summary = {
         "target": args.target,
@@ -99,20 +126,89 @@ def run(args) -> int:
         "sparse_input_convs": ctx.sparse_input_convs,
         "fused_epilogues": ctx.fused_epilogues,
         "layers": layers,
+        "batch": {"axis": "dynamic" if dynamic else "static", "captured": shape[0],
+                  "verified": [] if check is None else [shape[0]] + ([shape[0] + 1] if second else []),
+                  **({"note": ctx.batch_note} if ctx.batch_note else {})},
         **gated_layer_report(gated, captured, samples),
     }
-    if args.target == "trt":
-        from ..runtimes.tensorrt_plugins import build_engine
-        with atomic_path(args.output) as tmp:
-            build_engine(compiled, tmp)
-    else:
-        import onnx
-        with atomic_path(args.output) as tmp:
-            onnx.save(compiled, str(tmp))
+    if trt is not None:
+        return _export_trt(args, trt, gated, compiled, samples, summary, layers)
+    import onnx
+    with atomic_path(args.output) as tmp:
+        onnx.save(compiled, str(tmp))
+    _report_and_print(args, summary, layers)
+    return 0
+
+
+def _report_and_print(args, summary: dict, layers: list) -> None:
     if args.report:
         write_text(args.report, rep.to_json(summary))
     print(rep.format_table(layers, limit=25))
     print_summary(summary)
+
+
+@dataclass
+class _TrtPlan:
+    onnx_path: Path  # model.trt.onnx beside -o model.engine
+    json_path: Path  # model.trt.json
+    engine_path: Path
+    batch: tuple[int, int, int]  # the optimisation profile's min, opt, max batch
+
+
+def _trt_plan(args) -> _TrtPlan:
+    """--target trt's outputs and profile, checked before any expensive work."""
+    from .build_engine import parse_batch_profile, trt_paths
+
+    onnx_path, json_path = trt_paths(args.output)
+    for path in (onnx_path, json_path):
+        check_writable(path)
+    batch = parse_batch_profile(args.batch, parse_shape(args.input_shape)[0], args.static_batch)
+    return _TrtPlan(onnx_path, json_path, Path(args.output), batch)
+
+
+def _export_trt(args, plan: _TrtPlan, gated, compiled, samples, summary: dict, layers: list) -> int:
+    """Write model.trt.onnx + model.trt.json (always); build and check the engine where
+    TensorRT and a GPU exist, else exit code 3 with the command for a GPU host."""
+    import json
+
+    import onnx
+
+    from ..runtimes import TensorRTUnavailable, tensorrt_available
+    from .build_engine import GPU_HOST, build_config, check_engine, gpu_host_command
+
+    shape = tuple(gated.example.shape)
+    static = summary["batch"]["axis"] == "static"
+    batch = (shape[0],) * 3 if static else plan.batch  # a batch that could not be relaxed pins it
+    config = build_config(plan.onnx_path, plan.engine_path, compiled, shape, batch, args.fp16, args.rtol, static)
+    with atomic_path(plan.onnx_path) as tmp:
+        onnx.save(compiled, str(tmp))
+    write_text(plan.json_path, json.dumps(config, indent=1) + "\n")
+    problem = tensorrt_available()
+    summary["tensorrt"] = {"onnx": str(plan.onnx_path), "config": str(plan.json_path),
+                           "precision": config["precision"], "profile": config["inputs"],
+                           "engine": None if problem else str(plan.engine_path), "not_built": problem}
+    if problem:
+        _report_and_print(args, summary, layers)
+        raise TensorRTUnavailable(
+            f"{problem}; wrote {plan.onnx_path} and {plan.json_path}; on {GPU_HOST} run: "
+            f"{gpu_host_command(plan.onnx_path, plan.engine_path, args.fp16)}")
+    from ..runtimes.tensorrt_plugins import build_engine
+
+    name = compiled.graph.input[0].name
+    profile = config["inputs"][name]
+    build_engine(plan.onnx_path, plan.engine_path, {name: (profile["min"], profile["opt"], profile["max"])},
+                 args.fp16)
+    if not args.no_verify:
+        def reference(x):
+            with torch.no_grad():
+                out = gated.model(torch.from_numpy(x))
+            return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+
+        inputs = samples if samples else random_inputs(shape, 3)
+        summary["tensorrt"]["engine_max_rel_err"] = check_engine(plan.engine_path, reference, inputs, name,
+                                                                 config["rtol"])
+        summary["tensorrt"]["engine_tolerance"] = config["rtol"]
+    _report_and_print(args, summary, layers)
     return 0
 
 
@@ -149,6 +245,9 @@ def print_summary(s: dict) -> None:
     print(f"MACs   {s['macs_before']:,} -> {s['macs_after']:,} ({ratio(s['macs_after'], s['macs_before']):.3f}x)")
     print(f"params {s['params_before']:,} -> {s['params_after']:,} ({ratio(s['params_after'], s['params_before']):.3f}x)")
     print(f"verified vs PyTorch: {s['verification']}")
+    b = s["batch"]
+    print(f"batch axis: {b['axis']}" + (f" (verified at batch {', '.join(map(str, b['verified']))})"
+                                        if b["verified"] else ""))
     if s.get("gate_statistics"):
         g = s["gate_statistics"]["summary"]
         print(f"gated layers: {g['gated_layers']}, expected MACs {g['expected_over_dense']:.3f}x of dense "
