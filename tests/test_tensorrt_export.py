@@ -259,3 +259,18 @@ def test_pg_batch_of_8_is_not_8_batches_of_1(tiny_ckpt, tmp_path):
         torch_together = tiny_model()(torch.from_numpy(x)).numpy()
     assert not np.allclose(together, alone, rtol=0, atol=1e-4 * np.abs(alone).max())
     np.testing.assert_allclose(together, torch_together, rtol=0, atol=1e-4 * np.abs(torch_together).max())
+
+
+def test_a_model_that_only_runs_at_its_batch_keeps_it_static_and_says_why(tmp_path):
+    """A torch.export program traced at batch 1 guards its batch: PyTorch cannot be compared at
+    another batch, so the export keeps batch 1 (and verifies there) instead of an unverified axis."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2)).eval()
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(1, 3, 8, 8),)), str(path))
+    out, report = tmp_path / "net.onnx", tmp_path / "r.json"
+    code, stdout, err = run_cli("export", path, "-o", out, "--input-shape", "1,3,8,8", "--report", report)
+    assert code == 0, err
+    batch = json.loads(report.read_text())["batch"]
+    assert batch["axis"] == "static" and batch["verified"] == [1] and "does not run at batch 2" in batch["note"]
+    assert "note: the batch stays static at 1" in stdout
+    assert batch_dim(onnx.load(str(out)).graph.input[0]) == 1

@@ -79,19 +79,22 @@ def run(args) -> int:
     samples = load_samples(args, gated)
     if args.pg_static_scale:
         gate_stats.calibrate_pg_scales(gated.model, [torch.from_numpy(b) for b in samples])
+    batch_note = None if args.static_batch else _other_batch_problem(gated.model, gated.example)
     start = time.perf_counter()
     captured = capture(gated.model, gated.example)
     ctx = PassContext(unfoldable_policy="keep" if args.keep_unfoldable else "error",
-                      choose_widths=args.physical_widths == "fast", batch_axis=not args.static_batch)
+                      choose_widths=args.physical_widths == "fast",
+                      batch_axis=not args.static_batch and batch_note is None)
     compiled = run_pipeline(captured, pipeline, ctx)
     if trt is not None:  # what is verified below is exactly what model.trt.onnx holds
         from ..runtimes.tensorrt_plugins import prepare_for_tensorrt
         compiled = prepare_for_tensorrt(compiled)
     compile_seconds = time.perf_counter() - start
     shape = tuple(gated.example.shape)
-    dynamic = not args.static_batch and ctx.batch_note is None
-    if ctx.batch_note:
-        print(f"note: the batch stays static at {shape[0]}: {ctx.batch_note}")
+    batch_note = batch_note or ctx.batch_note
+    dynamic = not args.static_batch and batch_note is None
+    if batch_note:
+        print(f"note: the batch stays static at {shape[0]}: {batch_note}")
 
     check = second = None
     if not args.no_verify:
@@ -128,7 +131,7 @@ def run(args) -> int:
         "layers": layers,
         "batch": {"axis": "dynamic" if dynamic else "static", "captured": shape[0],
                   "verified": [] if check is None else [shape[0]] + ([shape[0] + 1] if second else []),
-                  **({"note": ctx.batch_note} if ctx.batch_note else {})},
+                  **({"note": batch_note} if batch_note else {})},
         **gated_layer_report(gated, captured, samples),
     }
     if trt is not None:
@@ -138,6 +141,20 @@ def run(args) -> int:
         onnx.save(compiled, str(tmp))
     _report_and_print(args, summary, layers)
     return 0
+
+
+def _other_batch_problem(model, example: torch.Tensor) -> str | None:
+    """Why the PyTorch model cannot be verified at batch N + 1 (e.g. a torch.export program
+    traced at batch N guards it), or None. The export then keeps the static batch: a batch
+    axis PyTorch cannot be compared on is not verified."""
+    other = torch.randn((example.shape[0] + 1, *example.shape[1:]))
+    try:
+        with torch.no_grad():
+            model(other)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not at another batch"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"the PyTorch model does not run at batch {other.shape[0]}: {first}"
+    return None
 
 
 def _report_and_print(args, summary: dict, layers: list) -> None:
