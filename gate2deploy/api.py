@@ -33,16 +33,22 @@ from .frontend import GatedModel, check_runs, build_gated_model
 from .options import CompileOptions, InfoOptions, from_kwargs
 from .pipeline import PassContext, run_pipeline
 from .targets import Target, get_target
-from .verify import check_export
+from .passes.dynamic_batch import pin_batch
+from .verify import check_export, random_inputs
 
 
 @dataclass
 class CompiledModel:
-    """A compiled, verified model: `onnx_model` for `target`, and the export report."""
+    """A compiled, verified model: `onnx_model` for `target`, and the export report; the
+    PyTorch model it was verified against and the inputs used (for the TensorRT engine's own
+    check where one is built)."""
 
     onnx_model: onnx.ModelProto
     target: Target
     report: dict
+    torch_model: nn.Module | None = None
+    input_shape: tuple = ()
+    samples: list | None = None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model (atomically) as the target writes it."""
@@ -95,27 +101,39 @@ def compile(model_or_checkpoint, example_inputs=None, target: str = "ort", **opt
 
 def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> CompiledModel:
     tgt = get_target(opts.target)
-    tgt.check_available()
+    if tgt.name != "trt" and (opts.batch or opts.fp16):
+        raise OptionError("--batch and --fp16 are TensorRT build options: only with --target trt")
     if opts.pg_static_scale and not opts.sample_inputs:
         raise OptionError("--pg-static-scale needs --sample-inputs to calibrate on")
     gated = _gated(model_or_checkpoint, example_inputs, opts)
     samples = load_samples(opts.sample_inputs, gated)
     if opts.pg_static_scale:
         gate_stats.calibrate_pg_scales(gated.model, [torch.from_numpy(b) for b in samples])
+    batch_note = None if opts.static_batch else _other_batch_problem(gated.model, gated.example)
     start = time.perf_counter()
     captured = capture(gated.model, gated.example)
     ctx = PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
-                      choose_widths=opts.physical_widths == "fast", debug_dir=opts.debug_passes)
-    compiled = run_pipeline(captured, tgt.pipeline, ctx)
+                      choose_widths=opts.physical_widths == "fast", debug_dir=opts.debug_passes,
+                      batch_axis=not opts.static_batch and batch_note is None)
+    compiled = tgt.prepare(run_pipeline(captured, tgt.pipeline, ctx))  # verified below as written
     compile_seconds = time.perf_counter() - start
+    shape = tuple(gated.example.shape)
+    batch_note = batch_note or ctx.batch_note
+    dynamic = not opts.static_batch and batch_note is None
 
-    check = None
+    check = second = None
     if opts.verify:
-        check = check_export(gated.model, captured, compiled, tuple(gated.example.shape), opts.rtol, samples,
+        check = check_export(gated.model, captured, compiled, shape, opts.rtol, samples,
                              allow_nonfinite=opts.allow_nonfinite)
-        if not check.passed:
-            raise VerificationError(f"verification failed: {check.summary()}; nothing written")
-    before, after = rep.model_cost(captured), rep.model_cost(compiled)
+        if check.passed and dynamic:  # the relaxed batch axis, at another size
+            other = (shape[0] + 1, *shape[1:])
+            second = check_export(gated.model, captured, compiled, other, opts.rtol, random_inputs(other, 1),
+                                  allow_nonfinite=opts.allow_nonfinite)
+        for c in (check, second):
+            if c is not None and not c.passed:
+                raise VerificationError(f"verification failed: {c.summary()}; nothing written")
+    before = rep.model_cost(captured)
+    after = rep.model_cost(pin_batch(compiled, shape[0]) if dynamic else compiled)
     report = {
         "target": tgt.name,
         "macs_before": before.macs, "macs_after": after.macs,
@@ -139,9 +157,26 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
         "sparse_input_convs": ctx.sparse_input_convs,
         "fused_epilogues": ctx.fused_epilogues,
         "layers": rep.compare(before, after),
+        "batch": {"axis": "dynamic" if dynamic else "static", "captured": shape[0],
+                  "verified": [] if check is None else [shape[0]] + ([shape[0] + 1] if second else []),
+                  **({"note": batch_note} if batch_note else {})},
         **gated_layer_report(gated, captured, samples),
     }
-    return CompiledModel(compiled, tgt, report)
+    return CompiledModel(compiled, tgt, report, gated.model, shape, samples)
+
+
+def _other_batch_problem(model: nn.Module, example: torch.Tensor) -> str | None:
+    """Why the PyTorch model cannot be verified at batch N + 1 (e.g. a torch.export program
+    traced at batch N guards it), or None. The export then keeps the static batch: a batch
+    axis PyTorch cannot be compared on is not verified."""
+    other = torch.randn((example.shape[0] + 1, *example.shape[1:]))
+    try:
+        with torch.no_grad():
+            model(other)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not at another batch"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"the PyTorch model does not run at batch {other.shape[0]}: {first}"
+    return None
 
 
 def info(model_or_checkpoint=None, example_inputs=None, **options) -> dict:

@@ -44,6 +44,9 @@ class CompileOptions(ModelOptions):
     sample_inputs: str | None = None
     pg_static_scale: bool = False
     debug_passes: str | None = None  # folder: dump and re-check the graph after each pass
+    static_batch: bool = False  # pin the batch (default: a dynamic batch axis, passes/dynamic_batch.py)
+    batch: str | None = None  # trt: the engine profile's "min,opt,max" batch sizes
+    fp16: bool = False  # trt: build the engine in FP16
 
 
 @dataclass

@@ -13,6 +13,11 @@ each pass (`ctx.timings`, in the report), names the failing pass in the error, a
 `debug_dir` (`--debug-passes DIR`) writes the graph after every pass and re-checks it
 (onnx.checker and strict shape inference), so a pass that breaks the graph is caught where
 it does.
+
+Every pipeline runs at the captured (static) batch. With `ctx.batch_axis` the batch dimension
+is relaxed afterwards (passes/dynamic_batch.py, on the ModelProto: it needs onnx's shape
+inference with a symbolic batch between its rewrites); where that cannot be done exactly the
+model keeps its static batch and `ctx.batch_note` says why.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from gate2deploy.passes import ir
 from gate2deploy.passes.canonicalize_channel_shuffle import canonicalize_channel_shuffle
 from gate2deploy.passes.choose_widths import choose_padding
 from gate2deploy.passes.cleanup import cleanup
+from gate2deploy.passes.dynamic_batch import BatchAxisError, relax_batch
 from gate2deploy.passes.fold_masks import FoldResult, fold_static_masks
 from gate2deploy.passes.fuse_gated_epilogue import fuse_gated_epilogue
 from gate2deploy.passes.lower_portable import LoweringResult, lower_portable
@@ -47,6 +53,8 @@ class PassContext:
     fused_epilogues: list[str] = field(default_factory=list)  # CG/PG nodes that took BN (+ Relu)
     timings: dict[str, float] = field(default_factory=dict)  # pass name -> seconds
     debug_dir: str | None = None  # --debug-passes: dump and re-check the graph after each pass
+    batch_axis: bool = False  # relax the batch dimension at the end (passes/dynamic_batch.py)
+    batch_note: str | None = None  # why the batch stayed static although batch_axis was asked
 
 
 @dataclass(frozen=True)
@@ -140,4 +148,19 @@ class PassManager:
 
 
 def run_pipeline(model: onnx.ModelProto, target: str, ctx: PassContext) -> onnx.ModelProto:
-    return PassManager(PIPELINES[target]).run(model, ctx)
+    compiled = PassManager(PIPELINES[target]).run(model, ctx)
+    if ctx.batch_axis:
+        compiled = _dynamic_batch(compiled, ctx)
+    return compiled
+
+
+def _dynamic_batch(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """The last step of every pipeline when asked (module docstring)."""
+    start = time.perf_counter()
+    try:
+        return relax_batch(model)
+    except BatchAxisError as exc:
+        ctx.batch_note = str(exc)
+        return model
+    finally:
+        ctx.timings["dynamic_batch"] = round(time.perf_counter() - start, 4)

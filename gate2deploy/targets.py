@@ -37,6 +37,10 @@ class Target:
     def check_available(self) -> None:
         """Raise TargetUnavailableError when this machine cannot build / run the target."""
 
+    def prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """The compiled model as this target writes it (what verification then runs)."""
+        return model
+
     def write(self, model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         """Write the compiled model atomically (temporary file, then rename)."""
         with atomic_path(path) as tmp:
@@ -60,6 +64,12 @@ class OrtTarget(Target):
 
 
 class TrtTarget(Target):
+    """The compiled model is the TensorRT-ready ONNX (gated ops as plugin nodes, verified on
+    ONNX Runtime CPU with the native ops); `write` saves that. Building the engine needs the
+    optimisation profile and precision: `gate2deploy export --target trt` writes
+    model.trt.onnx + model.trt.json and builds the engine where TensorRT and a GPU exist
+    (cli/export.py, cli/build_engine.py), else exits 3 with the command for a GPU host."""
+
     name = "trt"
     description = "TensorRT engine with gate2deploy's plugins"
 
@@ -69,14 +79,9 @@ class TrtTarget(Target):
         if problem:
             raise TargetUnavailableError(f"--target trt: {problem}")
 
-    def write(self, model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-        self.check_available()
-        from .runtimes.tensorrt_plugins import build_engine
-        onnx_path = Path(path).with_suffix(".trt.onnx")
-        super().write(model, onnx_path)
-        with atomic_path(path) as tmp:
-            build_engine(onnx_path, tmp)
-        return Path(path)
+    def prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        from .runtimes.tensorrt_plugins import prepare_for_tensorrt
+        return prepare_for_tensorrt(model)
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), OrtTarget(), TrtTarget())}

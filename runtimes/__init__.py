@@ -7,6 +7,15 @@ from __future__ import annotations
 
 import importlib.util
 
+from gate2deploy.errors import TargetUnavailableError
+
+MIN_TENSORRT = "10.6"  # tensorrt.plugin, the Python "quickly deployable plugins"
+
+
+class TensorRTUnavailable(TargetUnavailableError):
+    """TensorRT or a GPU is missing (not bad input): exit code 3, distinct from 2, so a
+    script can tell "run this elsewhere" from "fix your input"."""
+
 
 def tensorrt_available() -> str | None:
     """None if TensorRT and a GPU can be used, else a one-line reason."""

@@ -1,68 +1,150 @@
 """TensorRT path for the gate2deploy custom ops (import-guarded; needs TensorRT >= 10.6 and an
 NVIDIA GPU, neither of which this project's machines have).
 
+* `PLUGINS`: the declaration every other piece follows: per op, the plugin's tensor inputs
+  (in order) and its attributes (ONNX type, default or required). `register_plugins` builds
+  the plugins' Python signatures from it, `prepare_for_tensorrt` writes the ONNX nodes to it,
+  and tests/test_tensorrt_export.py checks an exported `model.trt.onnx` against it.
 * `prepare_for_tensorrt(model)`: TensorRT's ONNX parser turns an unknown node into a plugin
   named after its op_type, with version = attribute `plugin_version` (default "1") and
-  namespace = attribute `plugin_namespace` (default ""). This adds
-  `plugin_namespace="gate2deploy"`, `plugin_version="1"` to every gate2deploy node so the
-  parser finds the plugins registered below. Pure ONNX; works (and is tested) anywhere.
+  namespace = attribute `plugin_namespace` (default ""); it then reads the plugin's declared
+  fields from the node's attributes (fields a node lacks are not passed, so defaults are
+  written out here). ONNX Runtime ignores the two extra attributes, so the same file runs
+  on the native CPU library (the export verifies it there). Pure ONNX; works anywhere.
 * `register_plugins()`: registers CGConv, PGConv, FBSConv as TensorRT "quickly deployable"
   Python plugins (`tensorrt.plugin`): shape functions from the ONNX Conv output-size formula,
   implementations that call the Triton kernels of runtimes/triton_kernels.py on the plugin's
-  CUDA tensors (a JIT plugin: the engine needs this Python process to run; an AOT plugin
-  embedding the compiled Triton kernels is future work).
-* `build_engine(onnx_path, engine_path)`: parse + build + write the serialized engine
-  atomically.
+  CUDA tensors. These are JIT plugins: the engine needs a Python process that imported this
+  module (`REGISTRATION_MODULE`) to run. AOT plugins (TensorRT >= 10.9, the compiled Triton
+  kernel embedded in the engine) are not written yet.
+* `build_engine(onnx_path, engine_path, profile, fp16)`: parse the file + build with one
+  optimisation profile + write the serialized engine atomically. `run_engine` runs one on
+  numpy inputs; `profile_engine_layers` times its layers with TensorRT's IProfiler.
 
-Where TensorRT or a GPU is missing every entry point that needs them raises a one-line
-`UserError` (the reason comes from `gate2deploy.runtimes.tensorrt_available`). These paths
-have never run on a GPU here: only the clean failure and `prepare_for_tensorrt` are tested.
+Where TensorRT or a GPU is missing every entry point that needs them raises
+`TensorRTUnavailable` (a UserError with exit code 3; the reason comes from
+`gate2deploy.runtimes.tensorrt_available`). These paths have never run on a GPU: only the
+clean failure, `prepare_for_tensorrt` and the signatures built from `PLUGINS` are tested.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: tensorrt.plugin reads the plugin functions'
+# annotations as objects (inspect.signature), and postponed (string) annotations would hide them.
+import inspect
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import helper
 
 from gate2deploy.errors import UserError
 from gate2deploy.ops import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-from . import tensorrt_available
+from . import MIN_TENSORRT, TensorRTUnavailable, tensorrt_available
 
 NAMESPACE = PLUGIN_NAMESPACE  # the op catalog's (gate2deploy/ops.py)
-OPS = ("CGConv", "PGConv", "FBSConv")
+VERSION = PLUGIN_VERSION
+REGISTRATION_MODULE = __name__
+REGISTER_FUNCTION = "register_plugins"
+REQUIRED = object()  # attribute without a default
+_CONV = (("strides", "ints", (1, 1)), ("pads", "ints", (0, 0, 0, 0)), ("dilations", "ints", (1, 1)))
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    op: str
+    inputs: tuple  # tensor input names, in ONNX input order
+    attributes: tuple  # (name, "ints" | "int" | "float" | "string", default or REQUIRED)
+    kernel: str  # the runtimes.triton_kernels function; takes the inputs, then the attributes by name
+
+
+# The ops as runtimes/OPS.md defines them, without the CPU-only epilogue inputs/attribute
+# (passes/fuse_gated_epilogue.py runs for --target ort only): the subset of each op catalog
+# entry (gate2deploy/ops.py) the plugins take, with TensorRT's defaults; tests/test_op_catalog.py
+# checks these against the catalog.
+PLUGINS = {
+    "CGConv": PluginSpec("CGConv", ("X", "W", "base_mask", "threshold"), _CONV, "cg_conv"),
+    "PGConv": PluginSpec("PGConv", ("X", "W", "threshold"),
+                         (("abits", "int", REQUIRED), ("pred_bits", "int", REQUIRED),
+                          ("static_scale", "float", 0.0), ("group", "int", 1), *_CONV), "pg_conv"),
+    "FBSConv": PluginSpec("FBSConv", ("X", "W", "fc_W", "fc_b", "bn_scale", "bn_shift", "beta"),
+                          (("density", "float", REQUIRED), ("pool", "string", "avg"), *_CONV), "fbs_conv"),
+}
+OPS = tuple(PLUGINS)
 _registered = False
 
 
+def _attribute(name: str, kind: str, value) -> onnx.AttributeProto:
+    if kind == "ints":
+        return helper.make_attribute(name, [int(v) for v in value])
+    if kind == "int":
+        return helper.make_attribute(name, int(value))
+    if kind == "float":
+        return helper.make_attribute(name, float(value))
+    return helper.make_attribute(name, str(value))
+
+
 def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose gate2deploy nodes carry the plugin namespace/version attributes."""
+    """A copy of `model` whose gate2deploy nodes are what the TensorRT plugins declare: the
+    plugin namespace/version attributes, every declared attribute written out (defaults
+    filled in), and no input or attribute the plugin does not take."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for node in out.graph.node:
         if node.domain != NAMESPACE:
             continue
-        if node.op_type not in OPS:
-            raise UserError(f"node {node.name or node.op_type}: {NAMESPACE}::{node.op_type} has no "
-                            "TensorRT plugin")
-        names = {a.name for a in node.attribute}
-        if "plugin_namespace" not in names:
+        where = f"node {node.name or node.op_type}: {NAMESPACE}::{node.op_type}"
+        spec = PLUGINS.get(node.op_type)
+        if spec is None:
+            raise UserError(f"{where} has no TensorRT plugin")
+        if len(node.input) != len(spec.inputs):
+            raise UserError(f"{where} has {len(node.input)} inputs; its TensorRT plugin takes "
+                            f"{len(spec.inputs)} ({', '.join(spec.inputs)})")
+        have = {a.name: a for a in node.attribute}
+        declared = {name for name, _, _ in spec.attributes} | {"plugin_namespace", "plugin_version"}
+        extra = sorted(set(have) - declared)
+        if extra:
+            raise UserError(f"{where}: attribute {extra[0]} is not taken by its TensorRT plugin")
+        for name, kind, default in spec.attributes:
+            if name in have:
+                continue
+            if default is REQUIRED:
+                raise UserError(f"{where} lacks its required attribute {name}")
+            node.attribute.append(_attribute(name, kind, default))
+        if "plugin_namespace" not in have:
             node.attribute.append(helper.make_attribute("plugin_namespace", NAMESPACE))
-        if "plugin_version" not in names:
-            node.attribute.append(helper.make_attribute("plugin_version", PLUGIN_VERSION))
+        if "plugin_version" not in have:
+            node.attribute.append(helper.make_attribute("plugin_version", VERSION))
     return out
+
+
+def plugin_signature(spec: PluginSpec, kind: str, types: dict) -> inspect.Signature:
+    """The Python signature tensorrt.plugin reads for `spec`'s shape function (`kind`
+    "desc") or implementation ("impl"). `types` maps "desc", "tensor", "ints", "int",
+    "float", "string", "outputs", "stream" and "return" to the annotation objects
+    (tensorrt.plugin's own types at registration; anything in a test)."""
+    tensor = types["desc"] if kind == "desc" else types["tensor"]
+    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=tensor)
+              for name in spec.inputs]
+    params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types[k])
+               for name, k, _ in spec.attributes]
+    if kind == "desc":
+        return inspect.Signature(params, return_annotation=types["return"])
+    params += [inspect.Parameter("outputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types["outputs"]),
+               inspect.Parameter("stream", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types["stream"])]
+    return inspect.Signature(params, return_annotation=None)
 
 
 def _require_tensorrt():
     problem = tensorrt_available()
     if problem:
-        raise UserError(f"TensorRT path unavailable: {problem}")
-    import tensorrt as trt  # noqa: PLC0415 - guarded import
+        raise TensorRTUnavailable(f"TensorRT path unavailable: {problem}")
+    import tensorrt as trt
 
     try:
-        import tensorrt.plugin  # noqa: F401,PLC0415 - TensorRT >= 10.6
+        import tensorrt.plugin  # noqa: F401 - TensorRT >= 10.6
     except ImportError:
-        raise UserError(f"TensorRT {trt.__version__} has no tensorrt.plugin (need >= 10.6)") from None
+        raise TensorRTUnavailable(f"TensorRT {trt.__version__} has no tensorrt.plugin "
+                                  f"(need >= {MIN_TENSORRT})") from None
     return trt
 
 
@@ -71,110 +153,168 @@ def _out_dim(size, k, stride, pad_a, pad_b, dil):
     return (size + (pad_a + pad_b) - ((k - 1) * dil + 1)) // stride + 1
 
 
+def _plugin_functions(spec: PluginSpec, types: dict, kernels, to_cuda):
+    """(shape function, implementation) for `spec`, with the signatures of `plugin_signature`."""
+    desc_sig, impl_sig = plugin_signature(spec, "desc", types), plugin_signature(spec, "impl", types)
+    attr_names = [name for name, _, _ in spec.attributes]
+    kernel = getattr(kernels, spec.kernel)
+
+    def desc(*args, **kwargs):
+        a = desc_sig.bind(*args, **kwargs).arguments
+        x, w = a["X"], a["W"]
+        strides, pads, dilations = a["strides"], a["pads"], a["dilations"]
+        y = x.like()
+        y.shape_expr[1] = w.shape_expr[0]
+        for i in range(2):
+            y.shape_expr[2 + i] = _out_dim(x.shape_expr[2 + i], int(w.shape_expr[2 + i]), int(strides[i]),
+                                           int(pads[i]), int(pads[i + 2]), int(dilations[i]))
+        return y
+
+    def impl(*args, **kwargs):
+        a = impl_sig.bind(*args, **kwargs).arguments
+        tensors = [to_cuda(a[name]) for name in spec.inputs]
+        attrs = {}
+        for name in attr_names:
+            v = a[name]
+            attrs[name] = tuple(int(i) for i in v) if isinstance(v, np.ndarray) else v
+        y = kernel(*tensors, **attrs)
+        to_cuda(a["outputs"][0]).copy_(y)
+
+    desc.__signature__, impl.__signature__ = desc_sig, impl_sig
+    desc.__name__, impl.__name__ = f"{spec.op}_desc", f"{spec.op}_impl"
+    return desc, impl
+
+
 def register_plugins() -> None:
     """Register the three plugins with TensorRT (idempotent)."""
     global _registered
     _require_tensorrt()
     if _registered:
         return
-    from typing import Tuple  # noqa: PLC0415
+    from typing import Tuple
 
-    import numpy as np  # noqa: PLC0415
-    import numpy.typing as npt  # noqa: PLC0415
-    import tensorrt.plugin as trtp  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import numpy.typing as npt
+    import tensorrt.plugin as trtp
+    import torch
 
-    from . import triton_kernels as tk  # noqa: PLC0415
+    from . import triton_kernels
 
-    def conv_desc(x, w, strides, pads, dilations):
-        y = x.like()
-        y.shape_expr[1] = w.shape_expr[0]
-        y.shape_expr[2] = _out_dim(x.shape_expr[2], int(w.shape_expr[2]), int(strides[0]),
-                                   int(pads[0]), int(pads[2]), int(dilations[0]))
-        y.shape_expr[3] = _out_dim(x.shape_expr[3], int(w.shape_expr[3]), int(strides[1]),
-                                   int(pads[1]), int(pads[3]), int(dilations[1]))
-        return y
+    types = {"desc": trtp.TensorDesc, "tensor": trtp.Tensor, "ints": npt.NDArray[np.int64], "int": int,
+             "float": float, "string": str, "outputs": Tuple[trtp.Tensor], "stream": int,
+             "return": trtp.TensorDesc}
 
-    def geometry(strides, pads, dilations):
-        return (tuple(int(v) for v in strides), tuple(int(v) for v in pads),
-                tuple(int(v) for v in dilations))
-
-    def cuda(t):
+    def to_cuda(t):
         return torch.as_tensor(t, device="cuda")
 
-    @trtp.register(f"{NAMESPACE}::CGConv")
-    def _cg_desc(x: trtp.TensorDesc, w: trtp.TensorDesc, base_mask: trtp.TensorDesc,
-                 threshold: trtp.TensorDesc, strides: npt.NDArray[np.int64],
-                 pads: npt.NDArray[np.int64], dilations: npt.NDArray[np.int64]) -> trtp.TensorDesc:
-        return conv_desc(x, w, strides, pads, dilations)
-
-    @trtp.impl(f"{NAMESPACE}::CGConv")
-    def _cg_impl(x: trtp.Tensor, w: trtp.Tensor, base_mask: trtp.Tensor, threshold: trtp.Tensor,
-                 strides: npt.NDArray[np.int64], pads: npt.NDArray[np.int64],
-                 dilations: npt.NDArray[np.int64],
-                 outputs: Tuple[trtp.Tensor], stream: int) -> None:
-        y = tk.cg_conv(cuda(x), cuda(w), cuda(base_mask), cuda(threshold),
-                       *geometry(strides, pads, dilations))
-        cuda(outputs[0]).copy_(y)
-
-    @trtp.register(f"{NAMESPACE}::PGConv")
-    def _pg_desc(x: trtp.TensorDesc, w: trtp.TensorDesc, threshold: trtp.TensorDesc, abits: int,
-                 pred_bits: int, static_scale: float, strides: npt.NDArray[np.int64],
-                 pads: npt.NDArray[np.int64], dilations: npt.NDArray[np.int64],
-                 group: int) -> trtp.TensorDesc:
-        return conv_desc(x, w, strides, pads, dilations)
-
-    @trtp.impl(f"{NAMESPACE}::PGConv")
-    def _pg_impl(x: trtp.Tensor, w: trtp.Tensor, threshold: trtp.Tensor, abits: int,
-                 pred_bits: int, static_scale: float, strides: npt.NDArray[np.int64],
-                 pads: npt.NDArray[np.int64], dilations: npt.NDArray[np.int64], group: int,
-                 outputs: Tuple[trtp.Tensor], stream: int) -> None:
-        y = tk.pg_conv(cuda(x), cuda(w), cuda(threshold), abits, pred_bits, static_scale,
-                       *geometry(strides, pads, dilations), group)
-        cuda(outputs[0]).copy_(y)
-
-    @trtp.register(f"{NAMESPACE}::FBSConv")
-    def _fbs_desc(x: trtp.TensorDesc, w: trtp.TensorDesc, fc_w: trtp.TensorDesc,
-                  fc_b: trtp.TensorDesc, bn_scale: trtp.TensorDesc, bn_shift: trtp.TensorDesc,
-                  beta: trtp.TensorDesc, density: float, pool: str,
-                  strides: npt.NDArray[np.int64], pads: npt.NDArray[np.int64],
-                  dilations: npt.NDArray[np.int64]) -> trtp.TensorDesc:
-        return conv_desc(x, w, strides, pads, dilations)
-
-    @trtp.impl(f"{NAMESPACE}::FBSConv")
-    def _fbs_impl(x: trtp.Tensor, w: trtp.Tensor, fc_w: trtp.Tensor, fc_b: trtp.Tensor,
-                  bn_scale: trtp.Tensor, bn_shift: trtp.Tensor, beta: trtp.Tensor, density: float,
-                  pool: str, strides: npt.NDArray[np.int64], pads: npt.NDArray[np.int64],
-                  dilations: npt.NDArray[np.int64],
-                  outputs: Tuple[trtp.Tensor], stream: int) -> None:
-        y = tk.fbs_conv(cuda(x), cuda(w), cuda(fc_w), cuda(fc_b), cuda(bn_scale), cuda(bn_shift),
-                        cuda(beta), density, pool, *geometry(strides, pads, dilations))
-        cuda(outputs[0]).copy_(y)
-
+    for spec in PLUGINS.values():
+        desc, impl = _plugin_functions(spec, types, triton_kernels, to_cuda)
+        trtp.register(f"{NAMESPACE}::{spec.op}")(desc)
+        trtp.impl(f"{NAMESPACE}::{spec.op}")(impl)
     _registered = True
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
+def build_engine(onnx_path, engine_path, profile: dict | None = None, fp16: bool = False,
                  workspace_mib: int = 1024) -> None:
-    """Parse `onnx_path` (gate2deploy nodes as plugins) and write a serialized engine."""
+    """Parse the ONNX file `onnx_path` (gate2deploy nodes as plugins) and write a serialized
+    engine to `engine_path`. `profile`: {input name: (min shape, opt shape, max shape)}, one
+    optimisation profile (needed for a dynamic batch axis)."""
     trt = _require_tensorrt()
-    from gate2deploy.fileio import atomic_path, check_writable  # noqa: PLC0415
+    from gate2deploy.fileio import atomic_path, check_writable
 
     check_writable(engine_path)
     register_plugins()
-    model = prepare_for_tensorrt(onnx.load(str(onnx_path)))
+    model = prepare_for_tensorrt(onnx.load(str(onnx_path)))  # idempotent on a model.trt.onnx
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(model.SerializeToString()):
+    if not parser.parse(model.SerializeToString(), str(onnx_path)):
         first = parser.get_error(0) if parser.num_errors else "unknown error"
         raise UserError(f"TensorRT cannot parse {onnx_path}: {first}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if profile:
+        opt_profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.items():
+            opt_profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+        config.add_optimization_profile(opt_profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(f"TensorRT could not build an engine for {onnx_path}")
     with atomic_path(engine_path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(serialized)
+
+
+class _Engine:
+    """A deserialized engine with an execution context, run on torch CUDA tensors."""
+
+    def __init__(self, engine_path, profiler=None):
+        trt = _require_tensorrt()
+        import torch
+
+        register_plugins()  # JIT plugins: their Python implementations must be registered
+        self.trt, self.torch = trt, torch
+        logger = trt.Logger(trt.Logger.WARNING)
+        with open(engine_path, "rb") as fh:
+            self.engine = trt.Runtime(logger).deserialize_cuda_engine(fh.read())
+        if self.engine is None:
+            raise UserError(f"TensorRT cannot load the engine {engine_path}")
+        self.context = self.engine.create_execution_context()
+        if profiler is not None:
+            self.context.profiler = profiler
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def run(self, feeds: dict) -> list:
+        torch = self.torch
+        keep = []
+        for name in self.inputs:
+            t = torch.as_tensor(np.ascontiguousarray(feeds[name]), device="cuda")
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+            keep.append(t)
+        outs = []
+        for name in self.outputs:
+            dtype = torch.float16 if self.engine.get_tensor_dtype(name) == self.trt.DataType.HALF else torch.float32
+            t = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, t.data_ptr())
+            outs.append(t)
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise UserError("TensorRT failed to run the engine")
+        stream.synchronize()
+        return [o.float().cpu().numpy() for o in outs]
+
+
+def run_engine(engine_path, feeds: dict) -> list:
+    """Run the engine once on numpy inputs {name: array}; outputs as float32 numpy arrays."""
+    return _Engine(engine_path).run(feeds)
+
+
+def profile_engine_layers(engine_path, feeds: dict, warmup: int = 3, repeats: int = 15) -> dict:
+    """Per-layer latency of an engine from TensorRT's layer profiler (IProfiler): {layer name:
+    [ms per run]} over `repeats` runs after `warmup` untimed ones."""
+    trt = _require_tensorrt()
+
+    class _LayerTimes(trt.IProfiler):
+        def __init__(self):
+            trt.IProfiler.__init__(self)
+            self.times: dict = {}
+            self.recording = False
+
+        def report_layer_time(self, layer_name, ms):
+            if self.recording:
+                self.times.setdefault(layer_name, []).append(float(ms))
+
+    profiler = _LayerTimes()
+    engine = _Engine(engine_path, profiler)
+    for _ in range(warmup):
+        engine.run(feeds)
+    profiler.recording = True
+    for _ in range(repeats):
+        engine.run(feeds)
+    return profiler.times

@@ -11,10 +11,17 @@ written to skip the gated work the same way the CPU kernels do:
        the kernel's grid covers only the active (sample, channel) pairs, and input channels
        that are all zero in a sample are skipped; everything else stays exactly 0.
 
+Precision: X and W may be float32 or float16 (the same for both); every product is
+accumulated in float32, gates are decided on the float32 sums (so an fp16 model gates like
+the reference run on the same fp16 values), and Y has X's dtype. The other inputs (masks,
+thresholds, FBS's saliency layer and BN vectors) are used in float32; FBS's saliency is
+computed in float32 from X.
+
 No GPU is available to this project: the kernels are tested numerically on the CPU with
-Triton's interpreter (TRITON_INTERPRET=1 must be set before this module is imported; fp32,
-bfloat16 returns NaN there). Without the interpreter the wrappers need CUDA tensors and say
-so with a UserError. `reference.py` is the specification the tests compare against.
+Triton's interpreter (TRITON_INTERPRET=1 must be set before this module is imported; fp32 and
+fp16, bfloat16 returns NaN there). Without the interpreter the wrappers need CUDA tensors and
+say so with a UserError. `reference.py` is the specification the tests compare against;
+tools/gpu_check.sh runs the same comparison on a GPU.
 """
 from __future__ import annotations
 
@@ -39,16 +46,27 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton"
 BLOCK = 128
 
 
-def _check_device(*tensors: torch.Tensor) -> None:
+DTYPES = (torch.float32, torch.float16)
+
+
+def _check_device(x: torch.Tensor, w: torch.Tensor, *params: torch.Tensor) -> None:
+    """X and W: float32 or float16, the same; parameters: any float dtype (used as float32)."""
     if _TRITON_ERROR:
         raise UserError(_TRITON_ERROR)
-    for t in tensors:
-        if t.dtype != torch.float32:
-            raise UserError(f"the Triton kernels take float32 tensors, not {t.dtype}")
-    on_cuda = all(t.is_cuda for t in tensors)
+    if x.dtype not in DTYPES or w.dtype != x.dtype:
+        raise UserError(f"the Triton kernels take X and W both float32 or both float16, not "
+                        f"{x.dtype} and {w.dtype}")
+    for t in params:
+        if not t.dtype.is_floating_point:
+            raise UserError(f"the Triton kernels take float parameters, not {t.dtype}")
+    on_cuda = all(t.is_cuda for t in (x, w, *params))
     if not INTERPRETED and not on_cuda:
         raise UserError("the Triton kernels need CUDA tensors on a GPU (or TRITON_INTERPRET=1 "
                         "set before import, to run them on the CPU interpreter)")
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
 
 
 def _geometry(x, w, strides, pads, dilations, group):
@@ -91,14 +109,16 @@ if triton is not None:
                 ih = oh * sh - pt + i * dh
                 iw = ow * sw - pl + j * dw
                 inside = valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                xv = tl.load(x_ptr + ((n * C + cin) * H + ih) * W + iw, mask=inside, other=0.0)
+                xv = tl.load(x_ptr + ((n * C + cin) * H + ih) * W + iw, mask=inside,
+                             other=0.0).to(tl.float32)
                 if PART != 0:
                     q = _round_half_even(tl.minimum(tl.abs(xv) / scale, 1.0) * levels)
                     q_hb = tl.floor(q / unit) * unit
                     part = q_hb if PART == 1 else q - q_hb
                     sign = tl.where(xv > 0, 1.0, tl.where(xv < 0, -1.0, 0.0))
                     xv = (part / levels) * scale * sign  # the reference's operation order
-                wv = tl.load(w_ptr + ((o * CW + cw_idx) * KH + i) * KW + j, mask=valid, other=0.0)
+                wv = tl.load(w_ptr + ((o * CW + cw_idx) * KH + i) * KW + j, mask=valid,
+                             other=0.0).to(tl.float32)
                 acc += xv * wv
         return acc
 
@@ -135,7 +155,8 @@ if triton is not None:
                 use = gate & (base == 0.0)
                 rest += _conv_tap_sum(x_ptr, w_ptr, n, o, oh, ow, c, c, use, C, H, W, C, KH, KW,
                                       sh, sw, pt, pl, dh, dw)
-        tl.store(y_ptr + idx, tl.where(gate, partial + rest, partial), mask=valid)
+        tl.store(y_ptr + idx, tl.where(gate, partial + rest, partial).to(y_ptr.dtype.element_ty),
+                 mask=valid)
 
     @triton.jit
     def _round_half_even(v):
@@ -163,7 +184,7 @@ if triton is not None:
             for c in range(0, CW):
                 lsb += _tap_sum(x_ptr, w_ptr, n, o, oh, ow, c0 + c, c, gate, C, H, W, CW,
                                 KH, KW, sh, sw, pt, pl, dh, dw, scale, levels, unit, 2)
-        tl.store(y_ptr + idx, msb + lsb, mask=valid)
+        tl.store(y_ptr + idx, (msb + lsb).to(y_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _fbs_conv_kernel(x_ptr, w_ptr, pairs_ptr, gamma_ptr, nonzero_ptr, scale_ptr, shift_ptr,
@@ -186,7 +207,8 @@ if triton is not None:
                                      KH, KW, sh, sw, pt, pl, dh, dw)
         g = tl.load(gamma_ptr + n * O + o)
         out = g * (tl.load(scale_ptr + o) * acc + tl.load(shift_ptr + o)) + tl.load(beta_ptr + o)
-        tl.store(y_ptr + ((n * O + o) * OH + oh) * OW + ow, tl.maximum(out, 0.0), mask=valid)
+        tl.store(y_ptr + ((n * O + o) * OH + oh) * OW + ow,
+                 tl.maximum(out, 0.0).to(y_ptr.dtype.element_ty), mask=valid)
 
 
 def cg_conv(x: torch.Tensor, w: torch.Tensor, base_mask: torch.Tensor, threshold: torch.Tensor,
@@ -197,10 +219,10 @@ def cg_conv(x: torch.Tensor, w: torch.Tensor, base_mask: torch.Tensor, threshold
         x, w, strides, pads, dilations, 1)
     if tuple(base_mask.shape) != (o, c) or threshold.numel() != o:
         raise UserError(f"base_mask must be {(o, c)} and threshold have {o} values")
-    y = torch.empty((n, o, oh, ow), dtype=torch.float32, device=x.device)
+    y = torch.empty((n, o, oh, ow), dtype=x.dtype, device=x.device)
     total = y.numel()
     _cg_conv_kernel[(triton.cdiv(total, BLOCK),)](
-        x.contiguous(), w.contiguous(), base_mask.contiguous(), threshold.contiguous().view(-1), y,
+        x.contiguous(), w.contiguous(), _f32(base_mask), _f32(threshold).view(-1), y,
         total, c, h, wd, o, oh, ow, kh, kw, sh, sw, pt, pl, dh, dw, BLOCK_SIZE=BLOCK)
     return y
 
@@ -220,10 +242,10 @@ def pg_conv(x: torch.Tensor, w: torch.Tensor, threshold: torch.Tensor, abits: in
         scale = float(torch.tensor(static_scale, dtype=torch.float32))
     else:
         scale = float(x.abs().max().to(torch.float32) + torch.tensor(1e-7, dtype=torch.float32))
-    y = torch.empty((n, o, oh, ow), dtype=torch.float32, device=x.device)
+    y = torch.empty((n, o, oh, ow), dtype=x.dtype, device=x.device)
     total = y.numel()
     _pg_conv_kernel[(triton.cdiv(total, BLOCK),)](
-        x.contiguous(), w.contiguous(), threshold.contiguous().view(-1), y, total, c, h, wd, o,
+        x.contiguous(), w.contiguous(), _f32(threshold).view(-1), y, total, c, h, wd, o,
         oh, ow, cw, o // group, kh, kw, sh, sw, pt, pl, dh, dw, scale, float(2 ** abits - 1),
         float(2 ** (abits - pred_bits)), BLOCK_SIZE=BLOCK)
     return y
@@ -238,8 +260,9 @@ def fbs_conv(x: torch.Tensor, w: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.T
         raise UserError(f"density must be in (0, 1] and pool avg|max, not {density}, {pool!r}")
     n, c, h, wd, o, cw, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow = _geometry(
         x, w, strides, pads, dilations, 1)
-    pooled = x.mean(dim=(2, 3)) if pool == "avg" else x.amax(dim=(2, 3))
-    gamma = torch.relu(pooled @ fc_w.t() + fc_b)
+    xf = x.to(torch.float32)
+    pooled = xf.mean(dim=(2, 3)) if pool == "avg" else xf.amax(dim=(2, 3))
+    gamma = torch.relu(pooled @ _f32(fc_w).t() + _f32(fc_b))
     k = math.ceil(o * float(density))
     if k >= o:
         active = torch.ones_like(gamma, dtype=torch.bool)
@@ -248,11 +271,11 @@ def fbs_conv(x: torch.Tensor, w: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.T
         active = gamma > cut
     pairs = active.nonzero().to(torch.int32).contiguous()  # [(n, o)] of active channels
     nonzero = (x != 0).flatten(2).any(dim=2).to(torch.int32).contiguous()
-    y = torch.zeros((n, o, oh, ow), dtype=torch.float32, device=x.device)
+    y = torch.zeros((n, o, oh, ow), dtype=x.dtype, device=x.device)
     if pairs.shape[0]:
         grid = (pairs.shape[0], triton.cdiv(oh * ow, BLOCK))
         _fbs_conv_kernel[grid](
             x.contiguous(), w.contiguous(), pairs, gamma.contiguous(), nonzero,
-            bn_scale.contiguous().view(-1), bn_shift.contiguous().view(-1), beta.contiguous().view(-1),
+            _f32(bn_scale).view(-1), _f32(bn_shift).view(-1), _f32(beta).view(-1),
             y, c, h, wd, o, oh, ow, kh, kw, sh, sw, pt, pl, dh, dw, BLOCK_SIZE=BLOCK)
     return y

@@ -36,7 +36,8 @@ def test_compile_a_module_in_python():
     assert np.isfinite(got).all()
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
     assert compiled.report["target"] == "ort" and compiled.report["macs_after"] < compiled.report["macs_before"]
-    assert set(compiled.report["pass_seconds"]) == {p.name for p in PIPELINES["ort"]}
+    assert set(compiled.report["pass_seconds"]) == {p.name for p in PIPELINES["ort"]} | {"dynamic_batch"}
+    assert compiled.report["batch"]["axis"] == "dynamic" and compiled.report["batch"]["verified"] == [2, 3]
 
 
 def test_compile_a_checkpoint_with_cli_options_and_save(tmp_path):

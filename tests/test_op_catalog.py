@@ -3,7 +3,6 @@ library's registration (runtimes/native/register_ops.cc), the TensorRT plugin de
 (runtimes/tensorrt_plugins.py, read as source: TensorRT is not installable here), and, for
 every entry with an "ort" kernel, a single-node model built from the entry alone that runs
 on the native library and matches the entry's reference implementation."""
-import ast
 import re
 from pathlib import Path
 
@@ -26,35 +25,18 @@ def test_native_registration_matches_the_catalog():
     assert registered == {name for name, spec in ops.CATALOG.items() if "ort" in spec.runtimes}
 
 
-def _plugin_declarations():
-    """{op: (tensor parameter names, attribute parameter names)} of each @trtp.register."""
-    tree = ast.parse((RUNTIMES / "tensorrt_plugins.py").read_text())
-    value = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                 and any(getattr(t, "id", None) == "NAMESPACE" for t in node.targets))
-    # a literal, or the catalog's own constant imported by name
-    namespace = value.value if isinstance(value, ast.Constant) else getattr(ops, value.id)
-    found = {}
-    for fn in ast.walk(tree):
-        if not isinstance(fn, ast.FunctionDef):
-            continue
-        for dec in fn.decorator_list:
-            if isinstance(dec, ast.Call) and getattr(dec.func, "attr", "") == "register":
-                name = ast.unparse(dec.args[0]).split("::")[-1].strip("\"'")
-                tensors = [a.arg for a in fn.args.args if "TensorDesc" in ast.unparse(a.annotation)]
-                attrs = [a.arg for a in fn.args.args if "TensorDesc" not in ast.unparse(a.annotation)]
-                found[name] = (tensors, attrs)
-    return namespace, found
-
-
 def test_tensorrt_plugins_match_the_catalog():
-    namespace, plugins = _plugin_declarations()
-    assert namespace == ops.PLUGIN_NAMESPACE == ops.DOMAIN
-    assert set(plugins) == {name for name, spec in ops.CATALOG.items() if "trt" in spec.runtimes}
-    for name, (tensors, attrs) in plugins.items():
+    from gate2deploy.runtimes import tensorrt_plugins as trt  # plain Python: no TensorRT needed
+    assert trt.NAMESPACE == ops.PLUGIN_NAMESPACE == ops.DOMAIN and trt.VERSION == ops.PLUGIN_VERSION
+    assert set(trt.PLUGINS) == {name for name, spec in ops.CATALOG.items() if "trt" in spec.runtimes}
+    for name, plugin in trt.PLUGINS.items():
         spec = ops.CATALOG[name]
-        required = [i.lower() for i in spec.inputs if not i.endswith("?")]
-        assert [t.lower() for t in tensors] == required, name
-        assert set(attrs) <= {a.name for a in spec.attributes}, (name, set(attrs) - {a.name for a in spec.attributes})
+        assert list(plugin.inputs) == [i for i in spec.inputs if not i.endswith("?")], name
+        types = {a.name: a.type for a in spec.attributes}
+        for attr, kind, _default in plugin.attributes:
+            assert types.get(attr) == kind, (name, attr, kind, types.get(attr))
+        required = {a.name for a in spec.attributes if a.required}
+        assert required <= {a for a, _, d in plugin.attributes if d is trt.REQUIRED}, name
 
 
 # One example per entry with an "ort" kernel: input shapes and attributes. A new catalog

@@ -377,18 +377,19 @@ def test_gator_checkpoint_resnet50(tmp_path, capsys):
     assert lut["model"]["checkpoint_channels"] == kept
 
 
-def test_tensorrt_target_fails_cleanly_without_tensorrt(tiny_net_file, tmp_path, capsys):
+@pytest.mark.parametrize("target", ["trt", "tensorrt"])
+def test_tensorrt_target_fails_cleanly_without_tensorrt(tiny_net_file, tmp_path, capsys, target):
+    """Missing TensorRT/GPU is exit code 3 (not bad input, 2), one line, nothing written."""
     pytest.importorskip("onnxruntime")
-    try:
-        import tensorrt  # noqa: F401
-        pytest.skip("TensorRT is installed here")
-    except Exception:  # noqa: BLE001
-        pass
+    from gate2deploy.runtimes import tensorrt_available
+
+    if tensorrt_available() is None:
+        pytest.skip("TensorRT and a GPU are available here")
     out = tmp_path / "trt"
-    code = main(["profile", "--model", f"{tiny_net_file}:Net", "--input-shape", "1,3,32,32", "--target", "tensorrt",
+    code = main(["profile", "--model", f"{tiny_net_file}:Net", "--input-shape", "1,3,32,32", "--target", target,
                  "-o", str(out), *FAST])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "TensorRT" in err
+    assert code == 3 and len(err.splitlines()) == 1 and "TensorRT" in err
     assert not out.exists()
 
 

@@ -1,8 +1,13 @@
 """Triton kernels (runtimes/triton_kernels.py) vs the reference, on the CPU interpreter.
 
-TRITON_INTERPRET=1 is set before the kernels module is imported (fp32 only: bfloat16 gives
-NaN under the interpreter). Tolerance and gate-tie accounting as in test_native_ops.py:
-|Y - Y_ref| <= 1e-4 * max|Y_ref|, except flipped gates that sit at a tie.
+TRITON_INTERPRET=1 is set before the kernels module is imported (fp32 and fp16: bfloat16
+gives NaN under the interpreter). Tolerance and gate-tie accounting as in test_native_ops.py:
+|Y - Y_ref| <= 1e-4 * max|Y_ref|, except flipped gates that sit at a tie. In fp16 the inputs
+are rounded to fp16 first and the reference runs on those same values in fp32 (the kernels
+accumulate in fp32 and decide gates there); Y is fp16, so an element within one fp16 rounding
+step of the reference (|Y_ref| * 2^-10) counts as equal before the tie accounting.
+Gate-on fractions 0, 0.2 and 1 for CG and PG; FBS at densities 0.2 and 1 and with every
+channel's saliency at 0 (no channel on).
 Also: the TensorRT plugin path fails cleanly (one-line UserError) where TensorRT or a GPU is
 missing, which is always the case on this project's machines.
 """
@@ -50,56 +55,91 @@ GEOMS = [
 ]
 
 
+DTYPES = {"fp32": (np.float32, torch.float32), "fp16": (np.float16, torch.float16)}
+FP16_STEP = 2.0 ** -10  # fp16's relative spacing: rounding the output moves it at most half of it
+
+
 def T(a):
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+def as_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
+    """`a` rounded to `dtype` and back to float32: the values the kernel really sees."""
+    return a.astype(DTYPES[dtype][0]).astype(np.float32)
+
+
+def run_out(y: torch.Tensor, dtype: str, y_ref: np.ndarray) -> np.ndarray:
+    """The kernel's output as float32, with fp16 rounding of the output forgiven (see the
+    module docstring); the dtype itself is checked too."""
+    assert y.dtype == DTYPES[dtype][1]
+    out = y.to(torch.float32).numpy()
+    if dtype == "fp16":
+        out = np.where(np.abs(out - y_ref) <= np.abs(y_ref) * FP16_STEP, y_ref, out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("frac", [0.0, 0.2, 1.0])
 @pytest.mark.parametrize("gi", range(len(GEOMS)))
-def test_triton_cg_conv(tk, gi, frac):
+def test_triton_cg_conv(tk, gi, frac, dtype):
     n, c, o, h, w, k, s, p, d = GEOMS[gi]
     rng = np.random.default_rng(gi)
-    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-    wt = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    x = as_dtype(rng.standard_normal((n, c, h, w)), dtype)
+    wt = as_dtype(rng.standard_normal((o, c, k, k)), dtype)
     mask = cg_base_mask(o, c, 2, block_diagonal=gi == 1)
     yp = ref.conv2d(x, wt * mask[:, :, None, None], s, p, d)
     thr = thresholds_for_fraction(yp, frac)
-    y = tk.cg_conv(T(x), T(wt), T(mask), T(thr), s, p, d).numpy()
-    assert_close_with_ties(y, ref.cg_conv_reference(x, wt, mask, thr, s, p, d), yp, thr)
+    np_dtype = DTYPES[dtype][0]
+    y_ref = ref.cg_conv_reference(x, wt, mask, thr, s, p, d)
+    y = tk.cg_conv(T(x.astype(np_dtype)), T(wt.astype(np_dtype)), T(mask), T(thr), s, p, d)
+    assert_close_with_ties(run_out(y, dtype, y_ref), y_ref, yp, thr)
+    on = (yp > thr.reshape(1, -1, 1, 1)).mean()
+    assert on == frac if frac in (0.0, 1.0) else 0.1 < on < 0.3  # the gate-on fraction asked for
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [(3, 2), (8, 4)])
-@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("frac", [0.0, 0.2, 1.0])
 @pytest.mark.parametrize("gi", range(len(GEOMS)))
-def test_triton_pg_conv(tk, gi, frac, bits):
+def test_triton_pg_conv(tk, gi, frac, bits, dtype):
     n, c, o, h, w, k, s, p, d = GEOMS[gi]
     group = 2 if gi == 0 else 1
     rng = np.random.default_rng(gi)
-    x = rng.standard_normal((n, c, h, w)).astype(np.float32)  # signs too
-    wt = quantize_weights(rng.standard_normal((o, c // group, k, k)).astype(np.float32), 8)
+    x = as_dtype(rng.standard_normal((n, c, h, w)), dtype)  # signs too
+    wt = as_dtype(quantize_weights(rng.standard_normal((o, c // group, k, k)).astype(np.float32), 8), dtype)
     x_hb, _, _ = ref.pg_split_activations(x, *bits)
     msb = ref.conv2d(x_hb, wt, s, p, d, group)
     thr = thresholds_for_fraction(msb, frac)
-    y = tk.pg_conv(T(x), T(wt), T(thr), *bits, 0.0, s, p, d, group).numpy()
-    assert_close_with_ties(y, ref.pg_conv_reference(x, wt, thr, *bits, 0.0, s, p, d, group), msb, thr)
+    np_dtype = DTYPES[dtype][0]
+    y_ref = ref.pg_conv_reference(x, wt, thr, *bits, 0.0, s, p, d, group)
+    y = tk.pg_conv(T(x.astype(np_dtype)), T(wt.astype(np_dtype)), T(thr), *bits, 0.0, s, p, d, group)
+    assert_close_with_ties(run_out(y, dtype, y_ref), y_ref, msb, thr)
 
 
-@pytest.mark.parametrize("density", [0.5, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["density0.2", "density1", "all_off"])
 @pytest.mark.parametrize("gi", range(len(GEOMS)))
-def test_triton_fbs_conv(tk, gi, density):
+def test_triton_fbs_conv(tk, gi, case, dtype):
     n, c, o, h, w, k, s, p, d = GEOMS[gi]
     rng = np.random.default_rng(gi)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     x[:, 1] = 0.0  # a channel switched off by a previous layer
-    wt = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    x = as_dtype(x, dtype)
+    wt = as_dtype(rng.standard_normal((o, c, k, k)), dtype)
     fc_w = rng.standard_normal((o, c)).astype(np.float32)
-    fc_b = (rng.standard_normal(o) + 1).astype(np.float32)
+    # all_off: every saliency relu(...) is 0, so no channel is above the (k+1)-th largest
+    fc_b = np.full(o, -1e3, np.float32) if case == "all_off" else (rng.standard_normal(o) + 1).astype(np.float32)
+    density = 0.2 if case == "density0.2" else 1.0 if case == "density1" else 0.5
     sc, sh, be = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
-    y = tk.fbs_conv(T(x), T(wt), T(fc_w), T(fc_b), T(sc), T(sh), T(be), density, "avg", s, p, d).numpy()
+    np_dtype = DTYPES[dtype][0]
     y_ref, active = ref.fbs_conv_reference(x, wt, fc_w, fc_b, sc, sh, be, density, "avg", s, p, d,
                                            return_gate=True)
-    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-4 * np.abs(y_ref).max())
+    y = tk.fbs_conv(T(x.astype(np_dtype)), T(wt.astype(np_dtype)), T(fc_w), T(fc_b), T(sc), T(sh),
+                    T(be), density, "avg", s, p, d)
+    y = run_out(y, dtype, y_ref)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-4 * max(np.abs(y_ref).max(), 1e-30))
     assert (y[~active] == 0).all()
+    assert active.any() == (case != "all_off") and active.all() == (case == "density1")
 
 
 def test_triton_rejects_bad_input(tk):
@@ -108,6 +148,8 @@ def test_triton_rejects_bad_input(tk):
         tk.cg_conv(x, torch.zeros((2, 3, 3, 3)), torch.zeros((2, 3)), torch.zeros(2))
     with pytest.raises(UserError, match="float32"):
         tk.cg_conv(x.double(), torch.zeros((2, 4, 3, 3)), torch.zeros((2, 4)), torch.zeros(2))
+    with pytest.raises(UserError, match="float16"):  # X and W in different precisions
+        tk.cg_conv(x.half(), torch.zeros((2, 4, 3, 3)), torch.zeros((2, 4)), torch.zeros(2))
 
 
 def test_tensorrt_plugins_fail_cleanly_without_tensorrt():

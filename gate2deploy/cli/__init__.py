@@ -11,7 +11,7 @@ import sys
 
 from ..errors import UserError
 
-SUBCOMMANDS = ["export", "info", "demo", "run", "profile"]
+SUBCOMMANDS = ["export", "info", "demo", "run", "profile", "build_engine"]
 
 
 def main(argv: list[str] | None = None) -> int:

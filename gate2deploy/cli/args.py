@@ -13,7 +13,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "(with --model), or a pickled module (with --trust-pickle)")
     p.add_argument("--model", help="architecture for a state_dict: package.module:callable or file.py:callable")
     p.add_argument("--model-kwargs", help="JSON keyword arguments for the --model callable")
-    p.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224 (the batch size is fixed in the export)")
+    p.add_argument("--input-shape", required=True,
+                   help="e.g. 1,3,224,224: the shape the model is captured and verified at (export: the batch "
+                        "axis stays dynamic unless --static-batch)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that unpickle Python objects (runs code from the file)")
     p.add_argument("--netslim-density", type=float, help="network slimming: fraction of BN channels to keep")

@@ -217,16 +217,7 @@ class OrtCpuBackend:
         for ev in events:
             if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
                 per_node.setdefault(ev["name"], []).append(ev["dur"] / 1e3)
-        total = cv_weighted = undisturbed = 0.0
-        for durs in per_node.values():
-            ms, cv, kept, _ = summarize(durs[-runs:])  # the warm-up runs come first
-            total += ms
-            cv_weighted += cv * ms
-            undisturbed += ms * kept / len(durs[-runs:])
-        cv = cv_weighted / total if total else 0.0
-        fraction = undisturbed / total if total else 1.0
-        kept = int(round(fraction * runs))
-        return Measurement(total, cv, kept, runs - kept, 1, cv > settings.max_cv or fraction < MIN_UNDISTURBED)
+        return sum_of_node_medians(per_node, runs, settings.max_cv)
 
     def measure_layer(self, spec: LayerSpec) -> tuple[Measurement, str]:
         """Time one layer; also report the kernel ONNX Runtime chose ("nchwc" blocked layout or
@@ -242,23 +233,42 @@ class OrtCpuBackend:
         return measure(lambda: sess.run(None, feeds), self.settings), path
 
 
+def sum_of_node_medians(per_node: dict[str, list[float]], runs: int, max_cv: float) -> Measurement:
+    """Whole-model time as the sum over nodes (layers) of each one's undisturbed-runs median,
+    from a profiler's per-node durations in ms (the last `runs` of each list count; warm-up
+    runs come first). cv and the undisturbed fraction are time-weighted over the nodes."""
+    total = cv_weighted = undisturbed = 0.0
+    for durs in per_node.values():
+        ms, cv, kept, _ = summarize(durs[-runs:])
+        total += ms
+        cv_weighted += cv * ms
+        undisturbed += ms * kept / len(durs[-runs:])
+    cv = cv_weighted / total if total else 0.0
+    fraction = undisturbed / total if total else 1.0
+    kept = int(round(fraction * runs))
+    return Measurement(total, cv, kept, runs - kept, 1, cv > max_cv or fraction < MIN_UNDISTURBED)
+
+
 class TensorRTBackend:
-    """TensorRT engines timed on the GPU (per layer: a one-layer engine, median of CUDA-event
-    timings). Only usable where TensorRT and an NVIDIA GPU are present."""
+    """TensorRT engines on the GPU (`--target trt`, alias `tensorrt`): a LUT entry is a
+    one-layer engine timed with CUDA events; the whole model is the sum of its layers'
+    undisturbed medians from TensorRT's layer profiler (IProfiler), as the CPU back end sums
+    ONNX Runtime's per-node profile. Only usable where TensorRT and an NVIDIA GPU are present;
+    elsewhere the profile stops before writing anything, exit code 3 (TensorRTUnavailable).
+    Never run on a GPU in this project."""
 
     name = "trt"
-    whole_method = "median wall time (CUDA events)"
+    whole_method = "sum of per-layer undisturbed medians (TensorRT IProfiler)"
 
     def __init__(self, threads: int, settings: Settings):
-        try:
-            import tensorrt as trt  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - ImportError or a missing libnvinfer
-            raise UserError(f"--target trt needs TensorRT and an NVIDIA GPU; import tensorrt failed: "
-                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        from ..runtimes import TensorRTUnavailable, tensorrt_available
+
+        problem = tensorrt_available()
+        if problem:
+            raise TensorRTUnavailable(f"--target trt needs TensorRT and an NVIDIA GPU: {problem}")
+        import tensorrt as trt
         import torch
 
-        if not torch.cuda.is_available():
-            raise UserError("--target trt needs an NVIDIA GPU; none is visible (torch.cuda.is_available() is False)")
         self.trt, self.torch = trt, torch
         self.settings = settings
         self.logger = trt.Logger(trt.Logger.ERROR)
@@ -280,16 +290,21 @@ class TensorRTBackend:
             raise UserError("TensorRT failed to build an engine for the model")
         return trt.Runtime(self.logger).deserialize_cuda_engine(blob)
 
-    def _timed_run(self, model: onnx.ModelProto) -> Measurement:
-        torch = self.torch
+    def _context(self, model: onnx.ModelProto):
+        """An execution context with random CUDA buffers bound (kept alive with it)."""
         engine = self._engine(model)
         context = engine.create_execution_context()
         buffers = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
-            t = torch.randn(tuple(engine.get_tensor_shape(name)), device="cuda")
+            t = self.torch.randn(tuple(engine.get_tensor_shape(name)), device="cuda")
             context.set_tensor_address(name, t.data_ptr())
             buffers.append(t)
+        return engine, context, buffers
+
+    def _timed_run(self, model: onnx.ModelProto) -> Measurement:
+        torch = self.torch
+        engine, context, buffers = self._context(model)
         stream = torch.cuda.Stream()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -315,13 +330,29 @@ class TensorRTBackend:
         return self._timed_run(model)
 
     def measure_whole(self, model: onnx.ModelProto, settings: Settings | None = None) -> Measurement:
-        return self._timed_run(model)
+        settings = settings or self.settings
+        trt = self.trt
+        per_layer: dict[str, list[float]] = {}
+
+        class LayerTimes(trt.IProfiler):
+            def report_layer_time(self, layer_name, ms):
+                per_layer.setdefault(layer_name, []).append(float(ms))
+
+        engine, context, buffers = self._context(model)
+        profiler = LayerTimes()
+        context.profiler = profiler
+        stream = self.torch.cuda.Stream()
+        runs = max(3, settings.repeats)
+        for _ in range(settings.warmup + runs):
+            context.execute_async_v3(stream.cuda_stream)
+            stream.synchronize()
+        return sum_of_node_medians(per_layer, runs, settings.max_cv)
 
     def measure_layer(self, spec: LayerSpec) -> tuple[Measurement, str]:
         return self._timed_run(layer_model(spec)), "tensorrt"
 
 
-BACKENDS = {"onnx": OrtCpuBackend, "ort": OrtCpuBackend, "trt": TensorRTBackend}  # targets.py names
+BACKENDS = {"onnx": OrtCpuBackend, "ort": OrtCpuBackend, "trt": TensorRTBackend}  # targets.py names (aliases: targets.ALIASES)
 
 
 def make_backend(target: str, threads: int, settings: Settings):
