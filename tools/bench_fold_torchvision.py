@@ -193,9 +193,9 @@ def _out_channels(model: nn.Module, site: str) -> int:
 def _coupled_masks(proto: onnx.ModelProto, rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """One random keep bit per coupled channel group; each mask node's new mask by source."""
     graph = ir.import_graph(proto)
-    for name, run in FOLD_PIPELINE:  # the graph the fold will analyse
-        if name != "fold_static_masks":
-            graph = run(graph, PassContext())
+    for p in FOLD_PIPELINE:  # the graph the fold will analyse
+        if p.name != "fold_static_masks":
+            graph = p(graph, PassContext())
     ana = analyze(graph)
     bit: dict[int, bool] = {}
     out = {}
