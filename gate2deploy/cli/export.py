@@ -60,6 +60,17 @@ def print_summary(s: dict) -> None:
         g = s["gate_statistics"]["summary"]
         print(f"gated layers: {g['gated_layers']}, expected MACs {g['expected_over_dense']:.3f}x of dense "
               f"on the sample inputs")
+    if s["mask_sources"].get("slimmable"):
+        print(slimmable_summary(s["mask_sources"]["slimmable"]))
     for u in s["fold"]["unfoldable"]:
         print(f"kept as Mul (not foldable): {u['source']}: {u['channels']} channels: {u['reason']}")
     print(f"compile time {s['compile_seconds']:.2f} s")
+
+
+def slimmable_summary(sl: dict) -> str:
+    sel = sl["selection"]
+    what = {"uniform": lambda: f"uniform width {sel['width']:g}",
+            "vector": lambda: f"width vector {sel['path']}",
+            "population": lambda: f"population entry {sel['index']} (loss {sel['loss']}, ratio {sel['ratio']})"}[sel["kind"]]()
+    return (f"slimmable {sl['family']}: {what}; conv MACs {sl['conv_macs']:,} per sample = "
+            f"{sl['conv_macs_ratio']:.3f}x full width; BatchNorm statistics: {sl['bn_statistics']}")
