@@ -317,28 +317,37 @@ def test_info_lists_population(cli, r20):
     assert float(row[3]) == pytest.approx(r20["population"][1]["ratio"], abs=1e-3)
 
 
-def test_mobilenetv2_width_half_and_population(cli, tmp_path):
+@pytest.fixture(scope="module")
+def mbv2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mbv2")
     sd = random_state_dict(built_in.mobilenetv2, num_classes=10)
-    shape = (1, 3, 32, 32)
-    wm_other = list(np.linspace(0.35, 1.0, 24))
-    population = write_checkpoint(tmp_path / "mb.pt", sd, [[0.5] * 24, wm_other], decode_mbv2, mbv2_forward, shape)
+    vectors = [[0.5] * 24, list(np.linspace(0.35, 1.0, 24))]
+    population = write_checkpoint(folder / "mb.pt", sd, vectors, decode_mbv2, mbv2_forward, (1, 3, 32, 32))
     samples = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(12))
-    np.save(tmp_path / "calib.npy", samples.numpy())
-    case = {"ckpt": tmp_path / "mb.pt", "shape": shape}
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
-    for flags, real, entry in [(("--width", "0.5"), decode_mbv2([0.5] * 24), population[0]),
-                               (("--population", "1"), population[1]["filters"], population[1])]:
-        out = tmp_path / f"m{flags[0]}.onnx"
-        report, _, _ = export(cli, case, out, *flags, "--sample-inputs", tmp_path / "calib.npy",
-                              "--model-kwargs", '{"num_classes": 10}', model=MBV2)
-        expected = seed_output(mbv2_forward, sd, real, x, [samples])
-        assert_close(onnx_output(out, x), expected)
-        sl = report["mask_sources"]["slimmable"]
-        # the seed's FLOPs count only convolutions; the report's MACs add the Linear classifier
-        assert sl["conv_macs"] == entry["flops"] == seed_flops(mbv2_forward, sd, real, shape)
-        assert report["macs_after"] == entry["flops"] + 1280 * 10
-        widths = conv_out_widths(out)
-        assert widths[0] == real[0] and widths[-1] == 1280 and real[2][0] in widths
+    np.save(folder / "calib.npy", samples.numpy())
+    # batch 4: 4 verification runs over the 16 samples, not 16
+    return {"ckpt": folder / "mb.pt", "shape": (4, 3, 32, 32), "sd": sd, "population": population,
+            "samples": samples, "calib": folder / "calib.npy"}
+
+
+@pytest.mark.parametrize("flags", [("--width", "0.5"), ("--population", "1")])
+def test_mobilenetv2(cli, mbv2, tmp_path, flags):
+    sd, population = mbv2["sd"], mbv2["population"]
+    real, entry = ((decode_mbv2([0.5] * 24), population[0]) if flags[0] == "--width"
+                   else (population[1]["filters"], population[1]))
+    out = tmp_path / "m.onnx"
+    report, _, _ = export(cli, mbv2, out, *flags, "--sample-inputs", mbv2["calib"],
+                          "--model-kwargs", '{"num_classes": 10}', model=MBV2)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    expected = seed_output(mbv2_forward, sd, real, x, [mbv2["samples"]])
+    assert_close(onnx_output(out, x), expected)
+    sl = report["mask_sources"]["slimmable"]
+    # the seed's FLOPs count only convolutions, per sample; the report's MACs are per batch
+    # of 4 and add the Linear classifier
+    assert sl["conv_macs"] == entry["flops"] == seed_flops(mbv2_forward, sd, real, (1, 3, 32, 32))
+    assert report["macs_after"] == 4 * (entry["flops"] + 1280 * 10)
+    widths = conv_out_widths(out)
+    assert widths[0] == real[0] and widths[-1] == 1280 and real[2][0] in widths
 
 
 @pytest.mark.xfail(strict=False, reason="needs the loader's numpy allow-list")
