@@ -394,3 +394,29 @@ def test_bad_input(cli, r20, tmp_path, flags, message):
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_population_all_sweep(cli, r20, tmp_path):
+    code, out, err = cli("export", r20["ckpt"], "--model", R20, "--input-shape", "1,3,32,32",
+                         "--population", "all", "-o", tmp_path / "r20.onnx")
+    assert code == 0, err
+    sweep = json.loads((tmp_path / "r20_sweep.json").read_text())
+    assert [p["point"] for p in sweep["points"]] == ["pop0", "pop1"]
+    for point, entry in zip(sweep["points"], r20["population"]):
+        assert point["macs"] == point["checkpoint_flops"] == entry["flops"]
+        assert point["latency_ms_median"] > 0
+        assert conv_out_widths(point["file"]) == _r20_widths(entry["filters"])
+    assert (tmp_path / "r20_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "pop1" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--width-sweep", "0.5,2"), "outside (0, 1]"),
+    (("--width-sweep", "0.5,0.05"), "decodes to 0 channels"),
+    (("--width-sweep", "0.5", "--width", "0.5"), "drop --width"),
+])
+def test_bad_sweep_writes_nothing(cli, r20, tmp_path, flags, message):
+    code, _, err = cli("export", r20["ckpt"], "--model", R20, "--input-shape", "1,3,32,32", *flags,
+                       "-o", tmp_path / "r20.onnx")
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []

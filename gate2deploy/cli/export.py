@@ -112,7 +112,9 @@ def run_sweep(args) -> int:
     stem, report_path, plot_path = sweep_paths(args.output, args.report)
     opts = from_namespace(CompileOptions, args)
     if args.width_sweep is not None:
-        points = [(f"w{w:g}", {"width": w, "population": None}) for w in uniform_sweep(args.width_sweep)]
+        widths = uniform_sweep(args.width_sweep)
+        check_decodes(opts, widths)
+        points = [(f"w{w:g}", {"width": w, "population": None}) for w in widths]
     else:
         entries = population_entries(load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle).meta)
         if not entries:
@@ -150,6 +152,21 @@ def run_sweep(args) -> int:
     print(format_sweep(rows))
     print(f"wrote {len(files)} models ({files[0].name} ...), {report_path}" + (f", {plot_path}" if median else ""))
     return 0
+
+
+def check_decodes(opts: CompileOptions, widths: list[float]) -> None:
+    """Every width decodes to channels on the architecture, before any point is compiled."""
+    from ..importers.slimmable import decode, is_slimmable, search_space
+    from ..loading import build_model
+
+    if not opts.model:
+        return  # a pickled module: each point is checked when it is compiled
+    arch = build_model(opts.model, opts.model_kwargs)
+    if not is_slimmable(arch):
+        raise OptionError(f"--width-sweep needs a slimmable model (Joslim's channel_space and set_real_ch); "
+                          f"{type(arch).__name__} is not one")
+    for w in widths:
+        decode(arch, [w] * len(search_space(arch)))
 
 
 def format_sweep(rows: list[dict]) -> str:
