@@ -56,18 +56,19 @@ def decode_resnet20(wm):
 
 
 def decode_mbv2(wm):
-    space = [32, [16]]
+    """SlimMobileNetV2.decode_wm reads wm[0] for the stem without advancing its index, so the
+    separable block's width also reads wm[0] and the stages start at wm[1]."""
+    space = [[16]]
     cin = 16
     for t, c, n, s in MBV2_SETTING:
         space.append([c, cin * t] + [c * t] * (n - 1))
         cin = c
-    flat_space = [32, 16] + sum(space[2:], [])
-    counts = [int(w * c) for w, c in zip(wm, flat_space)]
-    stages, i = [], 2
-    for entry in space[2:]:
+    counts = [int(w * c) for w, c in zip(wm, sum(space, []))]
+    stages, i = [], 1
+    for entry in space[1:]:
         stages.append(counts[i:i + len(entry)])
         i += len(entry)
-    return [counts[0], [counts[1]]] + _expand_stages(stages)
+    return [int(wm[0] * 32), [counts[0]]] + _expand_stages(stages)
 
 
 # --- the seed's forward at one width -----------------------------------------------------

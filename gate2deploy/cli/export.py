@@ -156,7 +156,7 @@ def run_sweep(args) -> int:
 
 def check_decodes(opts: CompileOptions, widths: list[float]) -> None:
     """Every width decodes to channels on the architecture, before any point is compiled."""
-    from ..importers.slimmable import decode, is_slimmable, search_space
+    from ..importers.slimmable import decode, is_slimmable, search_dim
     from ..loading import build_model
 
     if not opts.model:
@@ -166,7 +166,7 @@ def check_decodes(opts: CompileOptions, widths: list[float]) -> None:
         raise OptionError(f"--width-sweep needs a slimmable model (Joslim's channel_space and set_real_ch); "
                           f"{type(arch).__name__} is not one")
     for w in widths:
-        decode(arch, [w] * len(search_space(arch)))
+        decode(arch, [w] * search_dim(arch))
 
 
 def format_sweep(rows: list[dict]) -> str:

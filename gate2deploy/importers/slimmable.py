@@ -22,8 +22,10 @@ model/slim_mbv2.py, class methods of SlimResNet / SlimMobileNetV2):
   and is not a stage width). Each stage lists its residual width first, then one inner width
   per block;
 - MobileNetV2: the stem, the depthwise-separable block's output, then per stage its output
-  (residual) width first and each block's expanded width; the last 1x1 conv (1280) and the
-  classifier keep their full width;
+  (residual) width first and each block's expanded width; the stem and the separable block
+  both read wm[0] (SlimMobileNetV2.decode_wm does not advance its index past the stem), so
+  the vector's last entry (of 24) is never read; the last 1x1 conv (1280) and the classifier
+  keep their full width;
 - per stage, from the first residual stage on, the residual width is raised to at least the
   previous stage's (the zero-padded shortcut cannot narrow), and the stage expands to
   `[inner_0, residual, inner_1, residual, ...]`, two counts per block, which `set_real_ch`
@@ -95,36 +97,44 @@ def _is_bottleneck(model: nn.Module) -> bool:
 
 
 def search_space(model: nn.Module) -> list[int]:
-    """The full channel count of each search dimension, in width-vector order."""
+    """The full channel count of each channel_space entry, flattened."""
     out = []
     for entry in model.channel_space:
         out += list(entry) if isinstance(entry, (list, tuple)) else [entry]
     return [int(c) for c in out]
 
 
-def _stages(model: nn.Module, counts: list[int]) -> list:
-    """Per-dimension counts grouped as the seed's decode_wm groups them (before decode_ch)."""
-    fam = family(model)
+def search_dim(model: nn.Module) -> int:
+    """The width vector's length (the seed's `search_dim`)."""
+    dim = getattr(model, "search_dim", None)
+    return int(dim) if isinstance(dim, int) else len(search_space(model))
+
+
+def _slots(model: nn.Module) -> list:
+    """(width-vector index, full channels) per count, grouped as the seed's decode_wm groups
+    them before decode_ch. Single-count entries (the stems) take the multiplier of the index
+    the next entry starts at: ResNet's decode_wm reads wm[0] for its stem, MobileNetV2's
+    does not advance its index past the stem (so its separable block shares wm[0] and the
+    vector's last entry is never read)."""
     space = model.channel_space
     grouped: list = []
     i = 0
-    if fam == "resnet":
-        grouped.append(counts[0])  # the stem shares wm[0]
+    if family(model) == "resnet":
+        grouped.append((0, int(space[0][0])))
         for si, stage in enumerate(space):
             local = []
-            for ci in range(len(stage)):
-                if not (si == 0 and ci == 0 and _is_bottleneck(model)):
-                    local.append(counts[i])
+            for ci, c in enumerate(stage):
+                if not (si == 0 and ci == 0 and _is_bottleneck(model)):  # bottleneck: the stem's entry
+                    local.append((i, int(c)))
                 i += 1
             grouped.append(local)
     else:
         for entry in space:
             if isinstance(entry, (list, tuple)):
-                grouped.append(counts[i:i + len(entry)])
+                grouped.append([(i + j, int(c)) for j, c in enumerate(entry)])
                 i += len(entry)
             else:
-                grouped.append(counts[i])
-                i += 1
+                grouped.append((i, int(entry)))
     return grouped
 
 
@@ -145,14 +155,17 @@ def _expand(grouped: list, first_residual_stage: int) -> list:
 
 def decode(model: nn.Module, wm) -> list:
     """Per-layer channel counts (set_real_ch's argument) of width vector `wm`."""
-    space = search_space(model)
-    counts = [int(float(w) * c) for w, c in zip(wm, space)]
-    grouped = _stages(model, counts)
+    slots = _slots(model)
+
+    def count(slot):
+        return int(float(wm[slot[0]]) * slot[1])
+    grouped = [[count(s) for s in g] if isinstance(g, list) else count(g) for g in slots]
     real = _expand(grouped, 1 if family(model) == "resnet" else 2)
     if min(_flat(real)) < 1:
-        dim = next(i for i, c in enumerate(counts) if c < 1)
-        raise OptionError(f"width {float(wm[dim]):g} of search dimension {dim} ({space[dim]} channels) decodes to "
-                          f"0 channels; the smallest width that keeps a channel there is {1 / space[dim]:.4g}")
+        flat_slots = [s for g in slots for s in (g if isinstance(g, list) else [g])]
+        dim, channels = next(s for s in flat_slots if count(s) < 1)
+        raise OptionError(f"width {float(wm[dim]):g} of search dimension {dim} ({channels} channels) decodes to "
+                          f"0 channels; the smallest width that keeps a channel there is {1 / channels:.4g}")
     return real
 
 
@@ -167,7 +180,7 @@ def check_real_ch(model: nn.Module, real, what: str) -> list:
     """`real` (e.g. a population entry's filters) as plain ints, if it has the structure of the
     model's full-width decode, every count in 1..full and residual widths that shortcuts can
     pad (non-decreasing)."""
-    full = decode(model, [1.0] * len(search_space(model)))
+    full = decode(model, [1.0] * search_dim(model))
 
     def fail(reason):
         raise UserError(f"{what} do not fit the model: {reason}")
@@ -354,7 +367,7 @@ def select_width(model: nn.Module, opts, meta: dict | None, example: torch.Tenso
     chosen = [n for n in ("width", "width_vector", "population") if getattr(opts, n, None) is not None]
     if len(chosen) > 1:
         raise OptionError(f"--{chosen[0].replace('_', '-')} and --{chosen[1].replace('_', '-')} both choose the width; give one")
-    dim = len(search_space(model))
+    dim = search_dim(model)
     entries = population(meta or {})
     section: dict = {"family": fam, "search_dim": dim, "population_size": len(entries)}
     if opts.population is not None:
