@@ -65,8 +65,8 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
     model.eval()
     if slimmable.is_slimmable(model) or _width_chosen(opts):
         if not slimmable.is_slimmable(model):
-            raise OptionError(f"--width/--width-vector/--population need a slimmable model (Joslim's channel_space "
-                              f"and set_real_ch); {type(model).__name__} is not one")
+            raise OptionError(f"--width/--width-vector/--population/--recalibration-* need a slimmable model "
+                              f"(Joslim's channel_space and set_real_ch); {type(model).__name__} is not one")
         model, sources["slimmable"] = slimmable.select_width(model, opts, meta, example, _all_samples(opts, example))
     sources.update(seed_layers.lower_seed_layers(model, example, opts.fbs_rate))
     check_runs(model, example)
@@ -87,7 +87,8 @@ def _all_samples(opts: ModelOptions, example: torch.Tensor):
 
 
 def _width_chosen(opts: ModelOptions) -> bool:
-    return any(v is not None for v in (opts.width, opts.width_vector, opts.population))
+    return any(v is not None for v in (opts.width, opts.width_vector, opts.population, opts.recalibration_batches,
+                                       opts.recalibration_batch_size))
 
 
 def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict, dict]:

@@ -382,6 +382,7 @@ def test_numpy_checkpoint_loads(cli, tmp_path):
     (("--width", "0.5", "--population", "0"), "give one"),
     (("--sample-inputs", "BADSHAPE", "--width", "0.5"), "expected (M, 3, 32, 32)"),
     (("--sample-inputs", "CALIB", "--recalibration-batches", "9"), "make only"),
+    (("--recalibration-batches", "2"), "need --sample-inputs"),
 ])
 def test_bad_input(cli, r20, tmp_path, flags, message):
     files = {"SHORT": [0.5] * 3, "ZERO": [0.5] * 11 + [0.0]}
@@ -440,3 +441,13 @@ def test_python_api_width_on_a_model_object():
     assert sl["channels"] == decode_resnet20([0.25] * 12) == [4, [4] * 6, [8] * 6, [16] * 6]
     x = torch.randn(1, 3, 32, 32)
     assert_close(compiled.run(x)[0], seed_output(resnet20_forward, net.state_dict(), sl["channels"], x))
+
+
+def test_width_on_a_model_that_is_not_slimmable(cli, tmp_path):
+    from models.cifar_nets import resnet20
+
+    torch.save(resnet20().state_dict(), tmp_path / "plain.pt")
+    code, _, err = cli("export", tmp_path / "plain.pt", "--model", Path(__file__).parent / "models" / "cifar_nets.py:resnet20",
+                       "--input-shape", "1,3,32,32", "--width", "0.5", "-o", tmp_path / "m.onnx")
+    assert code == 2 and err.count("\n") == 1 and "need a slimmable model" in err, err
+    assert not (tmp_path / "m.onnx").exists()

@@ -388,6 +388,8 @@ def select_width(model: nn.Module, opts, meta: dict | None, example: torch.Tenso
 
     samples_path = getattr(opts, "sample_inputs", None)
     batches = None
+    if samples is None and (opts.recalibration_batches is not None or opts.recalibration_batch_size is not None):
+        raise OptionError("--recalibration-batches / --recalibration-batch-size need --sample-inputs to recalibrate on")
     if samples is not None:
         batches, size = recalibration_batches(samples, opts.recalibration_batch_size, opts.recalibration_batches)
 
