@@ -3,8 +3,9 @@ narrow dense model.
 
 Which models: any module with the seed's `DynModel` interface (`channel_space`,
 `set_real_ch`) whose family is known: gate2deploy.models.slimmable's `resnet20`..`resnet50`
-and `mobilenetv2`, and the seed's own `slim_resnet*` / `slim_mobilenetv2` classes
-(`--model model/slim_resnet.py:slim_resnet20` from a Joslim checkout). A slimmable model
+and `mobilenetv2`, and the seed's own `slim_resnet*` / `slim_mobilenetv2` /
+`slim_mobilenetv3_large` classes (`--model model.slim_resnet:slim_resnet20` with a Joslim
+checkout on PYTHONPATH; MobileNetV3 has no built-in equivalent yet, its decode is v2's). A slimmable model
 always goes through this importer; without a width flag it exports at full width.
 
 Choosing the width (one of):
@@ -53,7 +54,7 @@ a warning on stderr and in the report (`bn_statistics`, `warnings`), because Jos
 statistics do not match any one width.
 
 MACs in the seed's scope (`conv_macs`): `DynModel.get_flops_from_wm` (model/dyn_model.py)
-counts every SlimConv2d, `k_h * k_w * in * out * H_out * W_out / groups`, per sample, at the
+counts every SlimConv2d (not a plain nn.Conv2d such as MobileNetV3's last 1x1), `k_h * k_w * in * out * H_out * W_out / groups`, per sample, at the
 training input size; no Linear layer, no BN, pooling or adds. The report gives it for the
 exported input shape; for a population entry the checkpoint's own `flops` is listed beside it.
 """
@@ -68,7 +69,7 @@ from torch import nn
 
 from ..errors import OptionError, UserError
 
-FAMILIES = ("resnet", "mobilenetv2")
+FAMILIES = ("resnet", "mobilenetv2", "mobilenetv3")  # v3: the seed's own SlimMobileNetV3 class only
 DEFAULT_RECALIBRATION_BATCH = 32  # eval_checkpoints.py --batch_size default
 
 
@@ -84,6 +85,8 @@ def family(model: nn.Module) -> str | None:
         return "resnet"
     if "SlimMobileNetV2" in names:
         return "mobilenetv2"
+    if "SlimMobileNetV3" in names:  # model/slim_mbv3.py: the same decode_wm / decode_ch as v2
+        return "mobilenetv3"
     return None
 
 
@@ -287,6 +290,7 @@ def narrow_copy(model: nn.Module) -> nn.Module:
             new = nn.Conv2d(w.shape[1] * groups, out_k, tuple(w.shape[2:]), m.stride, m.padding, m.dilation,
                             groups, bias=False)
             new.weight.data.copy_(w)
+            new.narrowed_from_slimmable = True  # conv_macs counts these (the seed's FLOPs scope)
         elif _is_slim_bn(m):
             k = int(m.active_ch)
             new = nn.BatchNorm2d(k, eps=m.eps, momentum=m.momentum)
@@ -319,14 +323,22 @@ def recalibrate(model: nn.Module, batches: list[torch.Tensor]) -> int:
     return len(bns)
 
 
+def _counted(m: nn.Module) -> bool:
+    """The seed's FLOPs scope: SlimConv2d layers (a plain nn.Conv2d of the seed's, such as
+    MobileNetV3's last 1x1, is not counted)."""
+    return _is_slim_conv(m) or getattr(m, "narrowed_from_slimmable", False)
+
+
 def conv_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """MACs per sample of every Conv2d (the seed's FLOPs scope), at the example's size."""
+    """MACs per sample of the slimmable convolutions at their active widths, at the example's
+    size: k_h * k_w * in/groups * out * H_out * W_out each (DynModel.get_flops_from_wm)."""
     total = [0]
 
     def hook(m, inputs, out):
-        k = int(np.prod(m.weight.shape[2:]))
-        total[0] += k * m.weight.shape[1] * m.out_channels * int(np.prod(out.shape[2:]))
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+        x = inputs[0]
+        groups = int(getattr(m, "active_groups", m.groups))
+        total[0] += int(np.prod(m.weight.shape[2:])) * (x.shape[1] // groups) * out.shape[1] * int(np.prod(out.shape[2:]))
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d) and _counted(m)]
     try:
         with torch.no_grad():
             model(example[:1])
