@@ -451,3 +451,17 @@ def test_width_on_a_model_that_is_not_slimmable(cli, tmp_path):
                        "--input-shape", "1,3,32,32", "--width", "0.5", "-o", tmp_path / "m.onnx")
     assert code == 2 and err.count("\n") == 1 and "need a slimmable model" in err, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("filters, message", [
+    ([8, [8] * 5, [16] * 6, [32] * 6], "group 1 should list 6 counts"),
+    ([8, [8] * 6, [16] * 6, [32] * 5 + [99]], "not a channel count in 1..64"),
+    ([8, [16] * 6, [8] * 6, [32] * 6], "decrease from a stage to the next"),
+])
+def test_population_filters_that_do_not_fit(cli, r20, tmp_path, filters, message):
+    torch.save({"model_state_dict": r20["sd"], "population_data": [{"loss": 1.0, "flops": 1.0, "ratio": 0.1,
+                                                                     "filters": filters}]}, tmp_path / "c.pt")
+    code, _, err = cli("export", tmp_path / "c.pt", "--model", R20, "--input-shape", "1,3,32,32",
+                       "--population", "0", "-o", tmp_path / "m.onnx")
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "m.onnx").exists()

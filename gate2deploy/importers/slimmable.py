@@ -74,8 +74,8 @@ DEFAULT_RECALIBRATION_BATCH = 32  # eval_checkpoints.py --batch_size default
 
 
 def family(model: nn.Module) -> str | None:
-    """'resnet' / 'mobilenetv2' for a slimmable model of a known family, else None."""
-    if not (hasattr(model, "channel_space") and callable(getattr(model, "set_real_ch", None))):
+    """One of FAMILIES for a slimmable model of a known family, else None."""
+    if not is_slimmable(model):
         return None
     own = getattr(model, "family", None)
     if own in FAMILIES:
@@ -406,13 +406,19 @@ def select_width(model: nn.Module, opts, meta: dict | None, example: torch.Tenso
         batches, size = recalibration_batches(samples, opts.recalibration_batch_size, opts.recalibration_batches)
 
     model.eval()
-    model.set_real_ch(copy.deepcopy(real))
+    try:
+        model.set_real_ch(copy.deepcopy(real))
+        with torch.no_grad():
+            reference = model(example)
+    except Exception as exc:  # noqa: BLE001 - e.g. hand-edited filters whose residual widths disagree
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"the model does not run at channels {real}: {first}") from None
     narrow = narrow_copy(model)
     leftover = [n for n, m in narrow.named_modules() if _is_slim_conv(m) or _is_slim_bn(m)]
     if leftover:
         raise UserError(f"slimmable layer {leftover[0]} was not narrowed")
     with torch.no_grad():
-        reference, got = model(example), narrow(example)
+        got = narrow(example)
     scale = float(reference.abs().max()) or 1.0
     section["narrow_vs_slimmable_max_rel_err"] = float((reference - got).abs().max()) / scale
     if not section["narrow_vs_slimmable_max_rel_err"] <= 1e-5:
