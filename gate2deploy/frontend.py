@@ -7,17 +7,21 @@ default), builds the architecture, recognises the mask sources and attaches them
   gate2deploy's equivalents (importers/seed_layers.py), or named as not lowered;
 - Gator checkpoints (recognised from their `forward_hooks.*.gating_module.*` keys);
 - network slimming from BatchNorm scales (`--netslim-density`);
+- slimmable networks (Joslim): one width (`--width`, `--width-vector`, `--population`) as a
+  physically narrow model with recalibrated BatchNorm statistics (importers/slimmable.py);
 - channels dead in the weights need no source: the fold finds them in the graph.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from .errors import OptionError, UserError
-from .importers import gator, seed_layers
+from .gate_stats import load_sample_inputs
+from .importers import gator, seed_layers, slimmable
 from .importers.netslim import NetslimReport, netslim_specs
 from .loading import build_model, load_checkpoint, load_weights
 from .nn import MaskSpec, attach_masks
@@ -53,11 +57,17 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
             raise OptionError("an input shape is needed: --input-shape N,C,H,W (or example inputs)")
         example = torch.randn(parse_shape(opts.input_shape))
     specs: list[MaskSpec] = []
+    meta: dict = {}
     if module is not None:
         model, sources = module, {"checkpoint": None, "format": "module"}
     else:
-        model, specs, sources = _load(opts)
+        model, specs, sources, meta = _load(opts)
     model.eval()
+    if slimmable.is_slimmable(model) or _width_chosen(opts):
+        if not slimmable.is_slimmable(model):
+            raise OptionError(f"--width/--width-vector/--population/--recalibration-* need a slimmable model "
+                              f"(Joslim's channel_space and set_real_ch); {type(model).__name__} is not one")
+        model, sources["slimmable"] = slimmable.select_width(model, opts, meta, example, _all_samples(opts, example))
     sources.update(seed_layers.lower_seed_layers(model, example, opts.fbs_rate))
     check_runs(model, example)
     if opts.netslim_density is not None:
@@ -68,14 +78,27 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
     return GatedModel(model, example, specs, sources)
 
 
-def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict]:
+def _all_samples(opts: ModelOptions, example: torch.Tensor):
+    """Every sample of --sample-inputs (shape-checked against the example), or None."""
+    path = getattr(opts, "sample_inputs", None)  # a field of the compile / info options
+    if not path:
+        return None
+    return np.concatenate(load_sample_inputs(path, (1, *example.shape[1:])))
+
+
+def _width_chosen(opts: ModelOptions) -> bool:
+    return any(v is not None for v in (opts.width, opts.width_vector, opts.population, opts.recalibration_batches,
+                                       opts.recalibration_batch_size))
+
+
+def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict, dict]:
     if not opts.checkpoint:
         raise OptionError("no checkpoint given")
     ckpt = load_checkpoint(opts.checkpoint, trust_pickle=opts.trust_pickle)
     sources: dict = {"checkpoint": str(ckpt.path), "format": ckpt.meta.get("format", "state_dict")}
     specs: list[MaskSpec] = []
     if ckpt.module is not None:
-        return ckpt.module, specs, sources
+        return ckpt.module, specs, sources, ckpt.meta
     if not opts.model:
         raise OptionError(f"{ckpt.path} holds only weights: pass --model package.module:callable "
                           "(or file.py:callable) to build the architecture")
@@ -90,7 +113,7 @@ def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict]:
         sources["gator"] = {"arch": ckpt.meta.get("arch"), **summary}
     else:
         load_weights(model, weights, str(ckpt.path))
-    return model, specs, sources
+    return model, specs, sources, ckpt.meta
 
 
 def check_runs(model: nn.Module, example: torch.Tensor) -> None:

@@ -29,6 +29,12 @@ class ModelOptions:
     gator_no_last_conv: str | None = None  # "true" | "false" | None (the gate count decides)
     gator_config: str | None = None
     fbs_rate: float | None = None  # PyTorch-FBS blocks' rate (importers/seed_layers.py)
+    # slimmable networks (importers/slimmable.py): at most one of width / width_vector / population
+    width: float | None = None  # uniform width multiplier in (0, 1]
+    width_vector: str | None = None  # JSON file: one multiplier per search dimension
+    population: int | str | None = None  # index into the checkpoint's population_data
+    recalibration_batches: int | None = None  # BN recalibration passes over --sample-inputs (None: all)
+    recalibration_batch_size: int | None = None  # None: min(32, number of samples)
 
 
 @dataclass

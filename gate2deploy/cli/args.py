@@ -26,6 +26,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fbs-rate", type=float,
                    help="PyTorch-FBS: the `rate` (fraction of channels kept) the ChannelPruning blocks were "
                         "trained at, which the checkpoint does not store (main.py writes it into the file name)")
+    add_slimmable_arguments(p)
+
+
+def add_slimmable_arguments(p: argparse.ArgumentParser) -> None:
+    """Slimmable networks (Joslim; importers/slimmable.py): which width to export."""
+    p.add_argument("--width", help="slimmable model: uniform width multiplier in (0, 1]")
+    p.add_argument("--width-vector", metavar="JSON",
+                   help="slimmable model: a JSON list with one width multiplier per search dimension, "
+                        "decoded to channels as Joslim does")
+    p.add_argument("--population", metavar="N",
+                   help="slimmable model: the N-th configuration stored in the checkpoint's population_data "
+                        "(`info` lists them)")
+    p.add_argument("--recalibration-batches", type=int,
+                   help="slimmable model: BatchNorm recalibration passes over --sample-inputs (default: all batches)")
+    p.add_argument("--recalibration-batch-size", type=int,
+                   help="slimmable model: samples per recalibration pass (default: min(32, number of samples))")
 
 
 def add_gator_arguments(p: argparse.ArgumentParser) -> None:

@@ -26,9 +26,11 @@ import torch
 from .. import report as rep
 from ..api import CompiledModel, compile_with
 from ..errors import OptionError
-from ..fileio import check_writable, write_text
+from ..fileio import atomic_path, check_writable, write_text
 from ..frontend import parse_shape
-from ..options import CompileOptions, from_namespace
+from ..importers.slimmable import population as population_entries
+from ..importers.slimmable import uniform_sweep
+from ..options import CompileOptions, from_namespace, replace
 from ..targets import TARGETS
 from ..verify import DEFAULT_RTOL, random_inputs
 from .args import add_compile_arguments, add_model_arguments
@@ -58,12 +60,18 @@ def add_parser(sub) -> None:
     p.add_argument("--pg-static-scale", action="store_true",
                    help="Precision Gating: replace the per-batch dynamic activation scale by one calibrated "
                         "on --sample-inputs (outputs then no longer depend on the rest of the batch)")
+    p.add_argument("--width-sweep", metavar="W1,W2,...",
+                   help="slimmable model: export one model per uniform width (e.g. 0.25,0.5,0.75,1.0; "
+                        "--population all: one per stored configuration) with a MACs/params/latency table, "
+                        "a JSON report and a latency-vs-MACs plot; -o names the files (see README)")
     p.add_argument("--debug-passes", metavar="DIR",
                    help="write the graph after every pass to DIR and re-check it (onnx checker, shapes)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.width_sweep is not None or str(args.population).lower() == "all":
+        return run_sweep(args)
     for flag, path in (("-o", args.output), ("--report", args.report)):
         if path and (str(path).endswith(("/", os.sep)) or Path(path).is_dir()):
             raise OptionError(f"{flag} {path}: names a folder; give a file name")
@@ -163,6 +171,129 @@ def print_summary(s: dict) -> None:
         g = s["gate_statistics"]["summary"]
         print(f"gated layers: {g['gated_layers']}, expected MACs {g['expected_over_dense']:.3f}x of dense "
               f"on the sample inputs")
+    if s["mask_sources"].get("slimmable"):
+        print(slimmable_summary(s["mask_sources"]["slimmable"]))
     for u in s["fold"]["unfoldable"]:
         print(f"kept as Mul (not foldable): {u['source']}: {u['channels']} channels: {u['reason']}")
     print(f"compile time {s['compile_seconds']:.2f} s")
+
+
+def slimmable_summary(sl: dict) -> str:
+    sel = sl["selection"]
+    what = {"uniform": lambda: f"uniform width {sel['width']:g}",
+            "vector": lambda: f"width vector {sel['path']}",
+            "population": lambda: f"population entry {sel['index']} (loss {sel['loss']}, ratio {sel['ratio']})"}[sel["kind"]]()
+    return (f"slimmable {sl['family']}: {what}; conv MACs {sl['conv_macs']:,} per sample = "
+            f"{sl['conv_macs_ratio']:.3f}x full width; BatchNorm statistics: {sl['bn_statistics']}")
+
+
+SWEEP_RUNS = 60  # timed runs per model (benchmark.time_sessions, alternating blocks)
+
+
+def sweep_paths(output: str, report: str | None) -> tuple[Path, Path, Path]:
+    """`-o r20.onnx` -> the per-point models r20_<point>.onnx, r20_sweep.json (or --report)
+    and r20_sweep.png."""
+    out = Path(output)
+    stem = out.with_suffix("")
+    return stem, Path(report) if report else Path(f"{stem}_sweep.json"), Path(f"{stem}_sweep.png")
+
+
+def run_sweep(args) -> int:
+    """One model per width (or population entry), all compiled and verified before anything
+    is written, then the models, the table, the JSON report and the plot."""
+    from ..benchmark import latencies_ms
+    from ..loading import load_checkpoint
+
+    if args.width is not None or args.width_vector is not None:
+        raise OptionError("--width-sweep / --population all choose the widths; drop --width / --width-vector")
+    if args.width_sweep is not None and args.population is not None:
+        raise OptionError("--width-sweep and --population both choose the widths; give one")
+    stem, report_path, plot_path = sweep_paths(args.output, args.report)
+    opts = from_namespace(CompileOptions, args)
+    if args.width_sweep is not None:
+        widths = uniform_sweep(args.width_sweep)
+        check_decodes(opts, widths)
+        points = [(f"w{w:g}", {"width": w, "population": None}) for w in widths]
+    else:
+        entries = population_entries(load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle).meta)
+        if not entries:
+            raise OptionError("--population all: the checkpoint holds no population_data entries")
+        points = [(f"pop{e['index']}", {"population": e["index"], "width": None}) for e in entries]
+    files = [Path(f"{stem}_{label}{Path(args.output).suffix or '.onnx'}") for label, _ in points]
+    for path in files + [report_path, plot_path]:
+        check_writable(path)
+    compiled = [compile_with(None, None, replace(opts, **change)) for _, change in points]
+    input_shape = parse_shape(args.input_shape)
+    median = minimum = {}
+    if opts.target != "trt":
+        median, minimum = latencies_ms({label: c.onnx_model for (label, _), c in zip(points, compiled)},
+                                       input_shape, runs=SWEEP_RUNS)
+    rows = []
+    for (label, change), c, path in zip(points, compiled, files):
+        sl = c.report["mask_sources"]["slimmable"]
+        rows.append({"point": label, **{k: v for k, v in change.items() if v is not None},
+                     "file": str(path), "channels": sl["channels"], "macs": c.report["macs_after"],
+                     "conv_macs_per_sample": sl["conv_macs"], "conv_macs_ratio": sl["conv_macs_ratio"],
+                     "params": c.report["params_after"], "latency_ms_median": median.get(label),
+                     "latency_ms_min": minimum.get(label), "verification": c.report["verification"],
+                     "bn_statistics": sl["bn_statistics"],
+                     "checkpoint_flops": sl["selection"].get("checkpoint_flops"),
+                     "loss": sl["selection"].get("loss")})
+    sweep = {"input_shape": list(input_shape), "target": opts.target,
+             "latency": {"runs_per_model": SWEEP_RUNS, "method": "gate2deploy/benchmark.py time_sessions "
+                         "(alternating blocks, ONNX Runtime CPU, 2 threads)"} if median else None,
+             "points": rows, "reports": [c.report for c in compiled]}
+    for c, path in zip(compiled, files):
+        c.save(path)
+    write_text(report_path, rep.to_json(sweep))
+    if median:
+        write_plot(rows, plot_path, str(args.checkpoint))
+    print(format_sweep(rows))
+    print(f"wrote {len(files)} models ({files[0].name} ...), {report_path}" + (f", {plot_path}" if median else ""))
+    return 0
+
+
+def check_decodes(opts: CompileOptions, widths: list[float]) -> None:
+    """Every width decodes to channels on the architecture, before any point is compiled."""
+    from ..importers.slimmable import decode, is_slimmable, search_dim
+    from ..loading import build_model
+
+    if not opts.model:
+        return  # a pickled module: each point is checked when it is compiled
+    arch = build_model(opts.model, opts.model_kwargs)
+    if not is_slimmable(arch):
+        raise OptionError(f"--width-sweep needs a slimmable model (Joslim's channel_space and set_real_ch); "
+                          f"{type(arch).__name__} is not one")
+    for w in widths:
+        decode(arch, [w] * search_dim(arch))
+
+
+def format_sweep(rows: list[dict]) -> str:
+    head = f"{'point':>8} {'MACs':>14} {'conv ratio':>10} {'params':>10} {'median ms':>10} {'min ms':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lat = (f"{r['latency_ms_median']:>10.3f} {r['latency_ms_min']:>8.3f}" if r["latency_ms_median"] is not None
+               else f"{'-':>10} {'-':>8}")
+        lines.append(f"{r['point']:>8} {r['macs']:>14,} {r['conv_macs_ratio']:>10.3f} {r['params']:>10,} {lat}")
+    return "\n".join(lines)
+
+
+def write_plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    macs = [r["macs"] / 1e6 for r in rows]
+    lat = [r["latency_ms_median"] for r in rows]
+    ax.plot(macs, lat, "o-" if len(rows) < 20 else "o")
+    for r, x, y in zip(rows, macs, lat):
+        ax.annotate(r["point"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("MACs (millions, per inference)")
+    ax.set_ylabel("latency, median (ms)")
+    ax.set_title(f"{Path(title).name}: latency vs MACs", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

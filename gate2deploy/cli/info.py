@@ -41,8 +41,27 @@ def run(args) -> int:
         for layer in info["gate_statistics"]["layers"]:
             print(f"gated {layer['name']}: gate-on {layer['gate_on_fraction']:.3f}, "
                   f"expected MACs {layer['expected_macs']:,} of {layer['dense_macs']:,}")
+    if info["mask_sources"].get("slimmable"):
+        print_population(info["mask_sources"]["slimmable"])
     if args.out:
         text = rep.to_json(info) if args.out.endswith(".json") else yaml.safe_dump(
             yaml.safe_load(rep.to_json(info)), sort_keys=False)
         write_text(args.out, text)
     return 0
+
+
+def print_population(sl: dict) -> None:
+    """The checkpoint's stored width configurations, for `export --population N`."""
+    from .export import slimmable_summary
+
+    print(slimmable_summary(sl))
+    entries = sl.get("population") or []
+    if not entries:
+        print("population: the checkpoint stores no configurations (population_data)")
+        return
+    print(f"population: {len(entries)} configurations (export one with --population N)")
+    print(f"{'N':>5} {'loss':>10} {'MFLOPs':>10} {'ratio':>7}")
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+    for e in entries:
+        flops = e["flops"] / 1e6 if e["flops"] is not None else None
+        print(f"{e['index']:>5} {fmt(e['loss'], '10.4f')} {fmt(flops, '10.3f')} {fmt(e['ratio'], '7.3f')}")

@@ -4,6 +4,8 @@ their checkpoints load with `--model gate2deploy.models.<module>:<builder>`:
 - `dnn_gating`: the CIFAR ResNet-20 of dnn-gating with Precision Gating (`resnet20_pg`) and
   Channel Gating (`resnet20_cg`, and the post-activated `resnet20_cg_postact`).
 - `fbs`: an ImageNet ResNet-18 with Feature Boosting and Suppression (`fbs_resnet18`).
+- `slimmable`: Joslim's slimmable ResNets (`resnet20`, ..., `resnet50`) and `mobilenetv2`
+  (exported at one width by importers/slimmable.py).
 
 Hyper-parameters that decide the output and are not stored in a checkpoint (CG `partitions`
 and `shuffle`, PG `wbits`/`abits`/`pred_bits`, FBS `density`) have no default: a builder
