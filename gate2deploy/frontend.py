@@ -7,17 +7,21 @@ default), builds the architecture, recognises the mask sources and attaches them
   gate2deploy's equivalents (importers/seed_layers.py), or named as not lowered;
 - Gator checkpoints (recognised from their `forward_hooks.*.gating_module.*` keys);
 - network slimming from BatchNorm scales (`--netslim-density`);
-- channels dead in the weights need no source: the fold finds them in the graph.
+- channels dead in the weights need no source: the fold finds them in the graph;
+- sensAI class-group models (`--sensai-grouping`, several files or a folder): combined into
+  one module, equal structures fused (importers/sensai.py).
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .errors import OptionError, UserError
-from .importers import gator, seed_layers
+from .importers import gator, sensai, seed_layers
 from .importers.netslim import NetslimReport, netslim_specs
 from .loading import build_model, load_checkpoint, load_weights
 from .nn import MaskSpec, attach_masks
@@ -55,6 +59,8 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
     specs: list[MaskSpec] = []
     if module is not None:
         model, sources = module, {"checkpoint": None, "format": "module"}
+    elif opts.sensai_grouping:
+        model, sources = _load_sensai(opts, example)
     else:
         model, specs, sources = _load(opts)
     model.eval()
@@ -69,9 +75,11 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
 
 
 def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict]:
-    if not opts.checkpoint:
-        raise OptionError("no checkpoint given")
-    ckpt = load_checkpoint(opts.checkpoint, trust_pickle=opts.trust_pickle)
+    paths = checkpoint_paths(opts)
+    if len(paths) > 1:
+        raise OptionError(f"{len(paths)} checkpoints given; several are read only as sensAI group models "
+                          "(with --sensai-grouping)")
+    ckpt = load_checkpoint(paths[0], trust_pickle=opts.trust_pickle)
     sources: dict = {"checkpoint": str(ckpt.path), "format": ckpt.meta.get("format", "state_dict")}
     specs: list[MaskSpec] = []
     if ckpt.module is not None:
@@ -91,6 +99,37 @@ def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict]:
     else:
         load_weights(model, weights, str(ckpt.path))
     return model, specs, sources
+
+
+def checkpoint_paths(opts: ModelOptions) -> list[str]:
+    """`opts.checkpoint` as a list: the CLI's positional takes one or more paths."""
+    paths = [opts.checkpoint] if isinstance(opts.checkpoint, (str, os.PathLike)) else list(opts.checkpoint or [])
+    if not paths:
+        raise OptionError("no checkpoint given")
+    return [str(p) for p in paths]
+
+
+def _load_sensai(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, dict]:
+    """sensAI group models (whole pickled modules) + grouping -> the combined module."""
+    if opts.model:
+        raise OptionError("--model is not used with --sensai-grouping: sensAI group models are whole "
+                          "pickled modules (pass --trust-pickle)")
+    groups = sensai.load_grouping(opts.sensai_grouping)
+    sensai.check_grouping(groups)
+    files = sensai.group_files(checkpoint_paths(opts), len(groups))
+    models = []
+    for f in files:
+        ckpt = load_checkpoint(f, trust_pickle=opts.trust_pickle)
+        if ckpt.module is None:
+            raise UserError(f"{f} holds only weights; sensAI group models are whole modules (torch.save(model))")
+        models.append(ckpt.module)
+    grouped = sensai.grouped_model(models, groups, example, names=[f.name for f in files])
+    plan = grouped.plan
+    if plan["branches"] and len(groups) > 1:
+        print(f"gate2deploy: sensAI groups {plan['branches']} run as parallel branches, not fused: "
+              f"{'; '.join(plan['not_fused_because'])}", file=sys.stderr)
+    return grouped, {"checkpoint": [str(f) for f in files], "format": "sensAI group models",
+                     "sensai": {"grouping": str(opts.sensai_grouping), **plan}}
 
 
 def check_runs(model: nn.Module, example: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from .errors import OptionError
 class ModelOptions:
     """How to get the gated PyTorch model: checkpoint, architecture, mask sources."""
 
-    checkpoint: str | None = None  # a path (.pt2, state_dict, trusted pickle)
+    checkpoint: str | list[str] | None = None  # a path (.pt2, state_dict, trusted pickle); several: sensAI
     model: str | None = None  # package.module:callable or file.py:callable
     model_kwargs: str | None = None  # JSON keyword arguments for the model callable
     input_shape: str | None = None  # "1,3,224,224"
@@ -29,6 +29,7 @@ class ModelOptions:
     gator_no_last_conv: str | None = None  # "true" | "false" | None (the gate count decides)
     gator_config: str | None = None
     fbs_rate: float | None = None  # PyTorch-FBS blocks' rate (importers/seed_layers.py)
+    sensai_grouping: str | None = None  # grouping_config.npy / .json: checkpoint = sensAI group models
 
 
 @dataclass

@@ -1,0 +1,519 @@
+"""sensAI (seed 004, GuanhuaWang/sensAI): N class-group models -> ONE module that computes the
+seed's grouped evaluation, with the groups of equal structure fused into one wide model.
+
+What sensAI writes and how it combines it (read from the seed; gating-semantics.md §7):
+- `grouping_config.npy` (group_selection.py `np.save(..., groups)`; copied next to the pruned
+  models by prune_and_get_model.py `main`): an int array n_groups x group_size, row g = the
+  classes of group g. JSON (a list of lists, groups may differ in size) is accepted too.
+- Group models are whole pickled modules (`torch.save(model)`): prune_and_get_model.py
+  `prune_cifar_worker` writes `<arch>_<g>_pruned_model.pth`, the retraining script
+  cifar_group.py `main` writes `<arch>_<g>_pruned_group_model.pth` (what evaluate.py reads).
+  The group index g is the number between the architecture and `_pruned`.
+- Heads (prune_utils/layer_prune.py `prune_output_linear_layer_`): a multi-class group keeps
+  the rows `[0] + group classes` (row 0 re-initialised: the "other" output); a single-class
+  group (`use_bce`, set when groups have one class: prune_and_get_model.py `main`,
+  cifar_group.py `main`) keeps one row, its class's logit.
+- Combination (evaluate.py `GroupedModel.forward`): multi-class groups: per group
+  `softmax(model(x), dim=1)[:, 1:]`, concatenated in group order, then
+  `mm(., eye(n)[perm])` with perm = the groups' classes concatenated, i.e. the column of
+  class perm[j] is concatenated column j. Single-logit mode (`args.bce`): the logit
+  `model(x)[:, 0]` of every group stacked to (B, N) and softmaxed across the groups, then the
+  same permutation.
+
+Decisions where the seed is silent or wrong:
+- The mode follows the heads: every head one row (every group one class) -> single-logit
+  mode; every head `len(group) + 1` rows -> multi-class mode; anything else is refused (the
+  seed's evaluate.py decides by a flag / "10 groups on CIFAR-10", which a file cannot carry).
+- evaluate.py's single-logit mode `.squeeze()`s the stacked (B, N) logits, which at batch 1
+  leaves a vector and `softmax(dim=1)` fails; here the (B, N) shape is kept at every batch.
+- The permutation is applied as an index (Gather), not a matmul with eye(n)[perm]: the same
+  numbers exactly (each output is one probability times 1 plus zeros).
+- A folder holds the group models under the names above (other files are ignored), ordered
+  by their group index, which must be 0..N-1 once each. Explicit files: ordered by the group
+  index in their names when every name carries one, otherwise in the order given.
+
+Horizontal fusion (`fuse_groups`), done at the PyTorch level: group models of the same
+structure (the same module classes at the same module paths, the same layer hyper-parameters
+apart from widths) become one model whose every tensor holds all groups' channels side by
+side, each group's block zero-padded to the widest group. The model's own forward runs on
+these wide tensors. Per layer:
+- a Conv2d reading the shared input: output channels concatenated (one dense conv);
+- a Conv2d reading grouped channels: one conv with group=N, group g's weights in its block;
+- BatchNorm2d: per channel, the padding channels get weight 0, bias 0, mean 0, var 1 (so
+  they stay exactly 0);
+- Linear reading grouped features: a grouped 1x1 conv (group=N), not a block-diagonal matrix
+  (which costs N times the MACs); reading the shared input: rows concatenated;
+- parameter-free layers (ReLU, pooling, dropout, ...) equal in every group: kept as they are.
+Padding channels are zero at every layer, so each group computes what its own model computes
+(float summation order aside). The fused model is checked against the group models on two
+inputs; a forward that is not width-agnostic (hard-coded widths, channel concat/split) fails
+that check and the groups run as parallel branches instead, as do groups whose structure has
+no partner. `GroupedModel.plan` records which groups were fused and why others were not (the
+export report's `mask_sources.sensai`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, OptionError, UserError
+
+# <arch>_<group>_pruned_group_model.pth (cifar_group.py) or <arch>_<group>_pruned_model.pth
+# (prune_and_get_model.py)
+GROUP_FILE = re.compile(r"^(?P<arch>.+)_(?P<group>\d+)_pruned(?:_group)?_model\.pth$")
+
+# The fused model against the group models: normwise max|fused - group| / max|group| of the
+# logits. Summation order is all that may differ; gate2deploy.verify's default contract.
+FUSE_RTOL = 1e-4
+
+SINGLE = "single-logit"
+MULTI = "multi-class"
+
+
+# --------------------------------------------------------------------------- inputs
+
+def load_grouping(path: str | Path) -> list[list[int]]:
+    """The class groups from grouping_config.npy (n_groups x group_size ints) or a JSON list
+    of lists of ints."""
+    path = Path(path)
+    if not path.is_file():
+        raise OptionError(f"--sensai-grouping {path} does not exist")
+    if path.suffix.lower() == ".json":
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise OptionError(f"--sensai-grouping {path} is not valid JSON: {exc}") from None
+    else:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - np.load fails in many ways on foreign bytes
+            raise OptionError(f"--sensai-grouping {path} is not a .npy array (or .json): "
+                              f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+            raise OptionError(f"--sensai-grouping {path}: expected an integer array n_groups x group_size, "
+                              f"got {array.dtype} {array.shape}")
+        raw = array.tolist()
+    if (not isinstance(raw, list) or not raw
+            or not all(isinstance(g, list) and g and all(type(c) is int for c in g) for g in raw)):
+        raise OptionError(f"--sensai-grouping {path}: expected a non-empty list of non-empty lists of "
+                          "class indices")
+    return raw
+
+
+def check_grouping(groups: list[list[int]]) -> int:
+    """The number of classes; every class 0..n-1 must be in exactly one group."""
+    flat = [c for g in groups for c in g]
+    n = len(flat)
+    seen: dict[int, int] = {}
+    for g, classes in enumerate(groups):
+        for c in classes:
+            if c in seen:
+                raise OptionError(f"sensAI grouping: class {c} is in group {seen[c]} and group {g}; "
+                                  "each class must be in exactly one group")
+            seen[c] = g
+    outside = sorted(c for c in flat if not 0 <= c < n)
+    if outside:
+        missing = sorted(set(range(n)) - set(flat))
+        raise OptionError(f"sensAI grouping: {len(groups)} groups of {n} classes must cover classes 0..{n - 1}; "
+                          f"class {outside[0]} is outside, class {missing[0]} missing")
+    return n
+
+
+def group_files(paths: list[str | Path], n_groups: int) -> list[Path]:
+    """The group model files in group order, from one folder or from several files."""
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        files = sorted(p for p in folder.iterdir() if p.is_file() and GROUP_FILE.match(p.name))
+        if not files:
+            raise CheckpointError(f"{folder} holds no sensAI group models (<arch>_<group>_pruned_group_model.pth)")
+        return _by_index(files, n_groups, str(folder))
+    for p in paths:
+        if p.is_dir():
+            raise CheckpointError(f"{p} is a folder: give one folder of group models or several files, not both")
+    if all(GROUP_FILE.match(p.name) for p in paths):
+        return _by_index(paths, n_groups, "the group model files")
+    if len(paths) != n_groups:
+        raise OptionError(f"{len(paths)} group model files for {n_groups} groups in the grouping")
+    return paths
+
+
+def _by_index(files: list[Path], n_groups: int, where: str) -> list[Path]:
+    by_group: dict[int, Path] = {}
+    for f in files:
+        g = int(GROUP_FILE.match(f.name)["group"])
+        if g in by_group:
+            raise CheckpointError(f"{where}: two models for group {g}: {by_group[g].name} and {f.name}")
+        by_group[g] = f
+    extra = sorted(g for g in by_group if g >= n_groups)
+    if extra:
+        raise OptionError(f"{where}: a model for group {extra[0]} ({by_group[extra[0]].name}), but the grouping "
+                          f"has {n_groups} groups")
+    missing = [g for g in range(n_groups) if g not in by_group]
+    if missing:
+        raise CheckpointError(f"{where}: no model for group {missing[0]} (of {n_groups} groups in the grouping)")
+    return [by_group[g] for g in range(n_groups)]
+
+
+def head_rows(models: list[nn.Module], groups: list[list[int]], example: torch.Tensor,
+              names: list[str] | None = None) -> tuple[list[int], str]:
+    """Each group model's output size on `example`, and the combination mode the heads imply."""
+    names = names or [f"group {g}" for g in range(len(models))]
+    rows = []
+    for g, (m, name) in enumerate(zip(models, names)):
+        m.eval()
+        try:
+            with torch.no_grad():
+                out = m(example)
+        except Exception as exc:  # noqa: BLE001 - any failure here is the input not fitting
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"sensAI group {g} ({name}) does not run on input shape "
+                            f"{tuple(example.shape)}: {first}") from None
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != example.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UserError(f"sensAI group {g} ({name}) returns {shape}, not (batch, logits)")
+        rows.append(int(out.shape[1]))
+    if all(r == 1 for r in rows) and all(len(c) == 1 for c in groups):
+        return rows, SINGLE
+    for g, (r, classes) in enumerate(zip(rows, groups)):
+        if r != len(classes) + 1:
+            raise UserError(f"sensAI group {g} ({names[g]}) has {r} outputs; its group {classes} needs "
+                            f"{len(classes) + 1} ([0] + group classes)"
+                            + (" or 1 (single-logit, with every group of one class)" if len(classes) == 1 else ""))
+    return rows, MULTI
+
+
+# --------------------------------------------------------------------------- combination
+
+class SensaiCombine(nn.Module):
+    """evaluate.py GroupedModel.forward's combination of per-group logits into class-ordered
+    probabilities (module docstring). Input: (B, N, R) when every head has R rows, else a list
+    of (B, rows_g) in group order."""
+
+    def __init__(self, groups: list[list[int]], mode: str):
+        super().__init__()
+        self.mode = mode
+        perm = [c for g in groups for c in g]
+        order = [0] * len(perm)
+        for j, c in enumerate(perm):
+            order[c] = j  # class c is concatenated column j
+        self.register_buffer("order", torch.tensor(order, dtype=torch.long), persistent=False)
+
+    def forward(self, logits):
+        packed = isinstance(logits, torch.Tensor)
+        if self.mode == SINGLE:
+            z = logits[:, :, 0] if packed else torch.stack([z[:, 0] for z in logits], dim=1)
+            probs = torch.softmax(z, dim=1)  # (B, N) at every batch size, batch 1 included
+        elif packed:
+            probs = torch.softmax(logits, dim=2)[:, :, 1:].flatten(1)
+        else:
+            probs = torch.cat([torch.softmax(z, dim=1)[:, 1:] for z in logits], dim=1)
+        return probs.index_select(1, self.order)
+
+
+@dataclass
+class Body:
+    """Groups `members` computed by `module` (one model, maybe fused): (B, len(members), rows)."""
+
+    members: list[int]
+    module: nn.Module
+    fused: bool
+
+
+class FusedBody(nn.Module):
+    """A fused model's flat output (B, N * R) -> (B, N, R)."""
+
+    def __init__(self, model: nn.Module, n: int):
+        super().__init__()
+        self.model, self.n = model, n
+
+    def forward(self, x):
+        out = self.model(x)
+        return out.reshape(out.shape[0], self.n, -1)
+
+
+class BranchBody(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).unsqueeze(1)
+
+
+class GroupedModel(nn.Module):
+    """All groups and their combination: input (B, ...) -> (B, n_classes) probabilities in
+    class order, as evaluate.py's GroupedModel computes them."""
+
+    def __init__(self, bodies: list[Body], groups: list[list[int]], rows: list[int], mode: str, plan: dict):
+        super().__init__()
+        self.bodies = nn.ModuleList(b.module for b in bodies)
+        self.members = [b.members for b in bodies]
+        self.rows = rows
+        self.combine = SensaiCombine(groups, mode)
+        self.plan = plan
+        self._whole = len(bodies) == 1 and self.members[0] == list(range(len(groups)))
+        self._equal_rows = len(set(rows)) == 1
+
+    def forward(self, x):
+        parts = [body(x) for body in self.bodies]
+        if self._whole and self._equal_rows:
+            return self.combine(parts[0])
+        per_group: list = [None] * len(self.rows)
+        for part, members in zip(parts, self.members):
+            for i, g in enumerate(members):
+                per_group[g] = part[:, i, :self.rows[g]]
+        return self.combine(torch.stack(per_group, dim=1) if self._equal_rows else per_group)
+
+
+def grouped_model(models: list[nn.Module], groups: list[list[int]], example: torch.Tensor,
+                  fuse: bool = True, names: list[str] | None = None) -> GroupedModel:
+    """The combined module of sensAI group models (`models[g]` for `groups[g]`), with groups
+    of equal structure fused (`fuse=False`: every group its own branch)."""
+    if len(models) != len(groups):
+        raise OptionError(f"{len(models)} group models for {len(groups)} groups in the grouping")
+    n_classes = check_grouping(groups)
+    rows, mode = head_rows(models, groups, example, names)
+    bodies, notes = [], []
+    for members in _same_structure(models) if fuse else [[g] for g in range(len(models))]:
+        fused, why = (fuse_groups([models[g] for g in members], example) if len(members) > 1
+                      else (None, "no other group of the same structure" if fuse else "fusion off"))
+        if fused is not None:
+            bodies.append(Body(members, FusedBody(fused, len(members)), True))
+            continue
+        if len(members) > 1:
+            notes.append(f"groups {members}: {why}")
+        elif fuse:
+            notes.append(f"group {members[0]}: {why}")
+        bodies.extend(Body([g], BranchBody(models[g]), False) for g in members)
+    plan = {"groups": len(groups), "classes": n_classes, "mode": mode, "head_rows": rows,
+            "fused": [b.members for b in bodies if b.fused],
+            "branches": [b.members[0] for b in bodies if not b.fused],
+            "not_fused_because": notes if fuse else ["fusion off"]}
+    return GroupedModel(bodies, groups, rows, mode, plan).eval()
+
+
+# --------------------------------------------------------------------------- fusion
+
+def _signature(model: nn.Module) -> tuple:
+    return tuple((name, type(m)) for name, m in model.named_modules())
+
+
+def _same_structure(models: list[nn.Module]) -> list[list[int]]:
+    clusters: dict[tuple, list[int]] = {}
+    for g, m in enumerate(models):
+        clusters.setdefault(_signature(m), []).append(g)
+    return sorted(clusters.values())
+
+
+@dataclass
+class _Calls:
+    """How the leaf modules of a model are called on one input."""
+
+    reads_input: set[str] = field(default_factory=set)  # parametric leaves reading the shared input
+    reads_groups: set[str] = field(default_factory=set)  # parametric leaves reading group channels
+    input_dims: dict[str, int] = field(default_factory=dict)
+
+
+def _trace_calls(model: nn.Module, example: torch.Tensor) -> _Calls:
+    """Follow the shared input through parameter-free leaves (ReLU, pooling) to the layers
+    that read it; every other parametric layer reads per-group channels."""
+    calls = _Calls()
+    shared = {id(example)}
+    keep = [example]  # hold tensors so their ids are not reused
+    hooks = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            first = inputs[0] if inputs else None
+            if not isinstance(first, torch.Tensor):
+                calls.reads_groups.add(name)
+                return
+            on_input = id(first) in shared
+            has_state = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+            if has_state:
+                (calls.reads_input if on_input else calls.reads_groups).add(name)
+                calls.input_dims[name] = first.dim()
+            elif on_input and isinstance(output, torch.Tensor):
+                shared.add(id(output))
+                keep.append(output)
+        return fn
+
+    for name, m in model.named_modules():
+        if not list(m.children()):
+            hooks.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+class GroupedLinear(nn.Module):
+    """N Linear layers on the N feature blocks of (B, N * F): one grouped 1x1 convolution."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x.reshape(x.shape[0], -1, 1, 1)).flatten(1)
+
+
+class _NotFusable(Exception):
+    pass
+
+
+def _pad_stack(tensors: list[torch.Tensor], sizes: tuple[int, ...], fill: float = 0.0) -> torch.Tensor:
+    """Stack tensors into (N, *sizes), each in the leading corner, the rest `fill`."""
+    out = torch.full((len(tensors), *sizes), fill, dtype=tensors[0].dtype)
+    for i, t in enumerate(tensors):
+        out[(i, *(slice(0, s) for s in t.shape))] = t
+    return out
+
+
+def _same(layers: list[nn.Module], *attrs: str) -> None:
+    for a in attrs:
+        values = {repr(getattr(m, a)) for m in layers}
+        if len(values) > 1:
+            raise _NotFusable(f"{type(layers[0]).__name__} {a} differs between groups ({', '.join(sorted(values))})")
+
+
+def _fuse_conv(layers: list[nn.Conv2d], reads_input: bool) -> nn.Conv2d:
+    _same(layers, "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    if layers[0].groups != 1 or any((m.bias is None) != (layers[0].bias is None) for m in layers):
+        raise _NotFusable("grouped convolutions or mixed conv biases inside the group models")
+    n = len(layers)
+    cout = max(m.out_channels for m in layers)
+    cin = max(m.in_channels for m in layers)
+    if reads_input and len({m.in_channels for m in layers}) > 1:
+        raise _NotFusable("the first convolutions read different numbers of input channels")
+    w = _pad_stack([m.weight.detach() for m in layers], (cout, cin, *layers[0].kernel_size))
+    fused = nn.Conv2d(cin if reads_input else n * cin, n * cout, layers[0].kernel_size, layers[0].stride,
+                      layers[0].padding, layers[0].dilation, 1 if reads_input else n,
+                      bias=layers[0].bias is not None, padding_mode=layers[0].padding_mode)
+    fused.weight.data = w.reshape(n * cout, cin, *layers[0].kernel_size)
+    if layers[0].bias is not None:
+        fused.bias.data = _pad_stack([m.bias.detach() for m in layers], (cout,)).reshape(-1)
+    return fused
+
+
+def _fuse_bn(layers: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
+    _same(layers, "eps", "affine", "track_running_stats")
+    if layers[0].running_mean is None:
+        raise _NotFusable("BatchNorm without running statistics")
+    n, c = len(layers), max(m.num_features for m in layers)
+    fused = nn.BatchNorm2d(n * c, eps=layers[0].eps, affine=layers[0].affine)
+    fused.running_mean.data = _pad_stack([m.running_mean for m in layers], (c,)).reshape(-1)
+    fused.running_var.data = _pad_stack([m.running_var for m in layers], (c,), fill=1.0).reshape(-1)
+    if layers[0].affine:  # padding channels: weight 0, bias 0 -> exactly 0
+        fused.weight.data = _pad_stack([m.weight.detach() for m in layers], (c,)).reshape(-1)
+        fused.bias.data = _pad_stack([m.bias.detach() for m in layers], (c,)).reshape(-1)
+    return fused
+
+
+def _fuse_linear(layers: list[nn.Linear], reads_input: bool, input_dim: int) -> nn.Module:
+    n = len(layers)
+    out_f, in_f = max(m.out_features for m in layers), max(m.in_features for m in layers)
+    has_bias = layers[0].bias is not None
+    if any((m.bias is not None) != has_bias for m in layers):
+        raise _NotFusable("mixed Linear biases")
+    w = _pad_stack([m.weight.detach() for m in layers], (out_f, in_f))
+    b = _pad_stack([m.bias.detach() for m in layers], (out_f,)) if has_bias else None
+    if reads_input:
+        if len({m.in_features for m in layers}) > 1:
+            raise _NotFusable("the first Linear layers read different numbers of input features")
+        fused = nn.Linear(in_f, n * out_f, bias=has_bias)
+        fused.weight.data = w.reshape(n * out_f, in_f)
+        if has_bias:
+            fused.bias.data = b.reshape(-1)
+        return fused
+    if input_dim != 2:
+        raise _NotFusable(f"a Linear on {input_dim}-d grouped features")
+    conv = nn.Conv2d(n * in_f, n * out_f, 1, groups=n, bias=has_bias)
+    conv.weight.data = w.reshape(n * out_f, in_f, 1, 1)
+    if has_bias:
+        conv.bias.data = b.reshape(-1)
+    return GroupedLinear(conv)
+
+
+def _fuse_leaf(name: str, layers: list[nn.Module], calls: _Calls) -> nn.Module | None:
+    """The fused replacement of one leaf (None: keep group 0's, equal in every group)."""
+    first = layers[0]
+    stateful = any(True for _ in first.parameters(recurse=False)) or any(True for _ in first.buffers(recurse=False))
+    if not stateful:
+        _same(layers, "__class__")
+        reprs = {m.extra_repr() for m in layers}
+        if len(reprs) > 1:
+            raise _NotFusable(f"{name} ({type(first).__name__}) differs between groups")
+        return None
+    if name not in calls.reads_input and name not in calls.reads_groups:
+        return None  # never called on the way to the output
+    if name in calls.reads_input and name in calls.reads_groups:
+        raise _NotFusable(f"{name} reads both the shared input and per-group channels")
+    reads_input = name in calls.reads_input
+    if type(first) is nn.Conv2d:
+        return _fuse_conv(layers, reads_input)
+    if type(first) is nn.BatchNorm2d and not reads_input:
+        return _fuse_bn(layers)
+    if type(first) is nn.Linear:
+        return _fuse_linear(layers, reads_input, calls.input_dims.get(name, 2))
+    raise _NotFusable(f"{name} ({type(first).__name__}) has no fused form"
+                      + (" on the shared input" if reads_input else ""))
+
+
+def fuse_groups(models: list[nn.Module], example: torch.Tensor) -> tuple[nn.Module | None, str]:
+    """One model computing all `models` (of one structure) side by side: output (B, N * R),
+    group g's logits in columns [g*R, g*R + rows_g). (None, why) where that cannot be done
+    exactly."""
+    try:
+        calls = _trace_calls(models[0], example)
+        fused = copy.deepcopy(models[0])
+        leaves = {name: [dict(m.named_modules())[name] for m in models]
+                  for name, mod in models[0].named_modules() if not list(mod.children())}
+        for name, layers in leaves.items():
+            replacement = _fuse_leaf(name, layers, calls)
+            if replacement is not None:
+                parent_name, _, attr = name.rpartition(".")
+                setattr(fused.get_submodule(parent_name) if parent_name else fused, attr, replacement)
+        fused.eval()
+    except _NotFusable as exc:
+        return None, str(exc)
+    err = _fused_error(fused, models, example)
+    if err is None or not err <= FUSE_RTOL:
+        return None, ("the fused model does not run (the forward is not width-agnostic)" if err is None else
+                      f"the fused model differs from the group models (rel. error {err:.2e}): "
+                      "the forward is not width-agnostic")
+    return fused, ""
+
+
+def _fused_error(fused: nn.Module, models: list[nn.Module], example: torch.Tensor) -> float | None:
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for x in (example, torch.randn(example.shape, generator=gen)):
+        with torch.no_grad():
+            try:
+                out = fused(x)
+                out = out.reshape(out.shape[0], len(models), -1)
+            except Exception:  # noqa: BLE001 - the forward does not accept the wide tensors
+                return None
+            for g, m in enumerate(models):
+                ref = m(x)
+                if ref.shape[1] > out.shape[2]:
+                    return None
+                got = out[:, g, :ref.shape[1]]
+                scale = float(ref.abs().max()) or 1.0
+                err = float((got - ref).abs().max()) / scale
+                if not np.isfinite(err):
+                    return float("inf")
+                worst = max(worst, err)
+    return worst

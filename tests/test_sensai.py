@@ -1,0 +1,224 @@
+"""sensAI (seed 004): group models written as sensAI writes them -> one ONNX model equal to
+the seed's grouped evaluation (gate2deploy/importers/sensai.py)."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import gate2deploy
+from models.sensai_nets import ResNet, group_models
+from test_bad_input import _assert_clean_failure
+
+GROUPS5 = [[1, 3], [0, 2], [5, 4], [7, 6], [9, 8]]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """PyTorch's CPU convolutions crawl with 2 threads on this shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def seed_grouped_eval(models, groups, x):
+    """evaluate.py GroupedModel.forward, written anew: multi-class groups
+    softmax(model(x))[:, 1:] concatenated; single-class groups (args.bce) the logits
+    model(x)[:, 0] stacked and softmaxed across models; then mm with eye(n)[perm], perm the
+    groups' classes concatenated. The seed `.squeeze()`s the stacked logits, which breaks
+    batch 1; the (B, N) shape is kept here instead (the same numbers at B > 1)."""
+    perm = [c for g in groups for c in g]
+    eye = torch.eye(len(perm))[perm]
+    with torch.no_grad():
+        if all(len(g) == 1 for g in groups):
+            out = torch.softmax(torch.stack([m(x)[:, 0] for m in models], dim=1), dim=1)
+        else:
+            out = torch.cat([torch.softmax(m(x), dim=1)[:, 1:] for m in models], 1)
+        return torch.mm(out, eye).numpy()
+
+
+def save_group_models(folder, arch, models, groups, npy=True):
+    """As cifar_group.py saves them: torch.save(model) to <arch>_<g>_pruned_group_model.pth,
+    and the grouping as grouping_config.npy (prune_and_get_model.py main)."""
+    (folder / arch).mkdir(parents=True)
+    files = []
+    for g, m in enumerate(models):
+        files.append(folder / arch / f"{arch}_{g}_pruned_group_model.pth")
+        torch.save(m, files[-1])
+    if npy:
+        grouping = folder / "grouping_config.npy"
+        np.save(grouping, np.array(groups))
+    else:
+        grouping = folder / "grouping.json"
+        grouping.write_text(json.dumps(groups))
+    return folder / arch, files, grouping
+
+
+def run_onnx(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def export(cli, ckpts, grouping, out, batch, *extra):
+    return cli("export", *ckpts, "--sensai-grouping", grouping, "--target", "onnx", "-o", out,
+               "--input-shape", f"{batch},3,32,32", "--trust-pickle", "--report", f"{out}.json", *extra)
+
+
+def conv_groups(path):
+    return [next((a.i for a in n.attribute if a.name == "group"), 1)
+            for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_vgg_folder_fused_matches_seed_evaluation(tmp_path, cli, batch):
+    models = group_models("vgg", GROUPS5, 10)
+    folder, _, grouping = save_group_models(tmp_path, "vgg19_bn", models, GROUPS5)
+    out = tmp_path / "m.onnx"
+    code, stdout, err = export(cli, [folder], grouping, out, batch)
+    assert code == 0, err
+    x = torch.randn(batch, 3, 32, 32)
+    got = run_onnx(out, x)
+    assert got.shape == (batch, 10)
+    np.testing.assert_allclose(got, seed_grouped_eval(models, GROUPS5, x), rtol=0, atol=1e-5)
+    plan = json.loads((tmp_path / "m.onnx.json").read_text())["mask_sources"]["sensai"]
+    assert plan["fused"] == [[0, 1, 2, 3, 4]] and plan["branches"] == [] and plan["mode"] == "multi-class"
+    # one model, not five: the first conv dense, every later conv (and the head) group=5
+    groups = conv_groups(out)
+    assert len(groups) == 6 and groups[0] == 1 and set(groups[1:]) == {5}, groups
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_single_class_groups_any_batch(tmp_path, cli, batch):
+    """Ten one-class groups with one-logit heads (the seed's bce mode), given as files in
+    shuffled order (paired by the group index in their names) and a JSON grouping."""
+    groups = [[c] for c in (3, 1, 4, 0, 5, 9, 2, 6, 8, 7)]
+    models = group_models("vgg", groups, 10, seed=2)
+    _, files, grouping = save_group_models(tmp_path, "vgg19_bn", models, groups, npy=False)
+    out = tmp_path / "m.onnx"
+    code, _, err = export(cli, files[::-1], grouping, out, batch)
+    assert code == 0, err
+    x = torch.randn(batch, 3, 32, 32)
+    got = run_onnx(out, x)
+    np.testing.assert_allclose(got, seed_grouped_eval(models, groups, x), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["mask_sources"]["sensai"]["mode"] == "single-logit"
+
+
+def test_resnet_uneven_groups_python_api(tmp_path):
+    """Bottleneck ResNet groups of different sizes (JSON), through gate2deploy.compile."""
+    groups = [[1, 3, 0], [2, 5, 4, 8], [7, 6, 9]]
+    models = group_models("resnet", groups, 10, seed=3, depth=11)
+    _, files, grouping = save_group_models(tmp_path, "resnet110", models, groups, npy=False)
+    compiled = gate2deploy.compile([str(f) for f in files], input_shape="2,3,32,32", target="onnx",
+                                   sensai_grouping=str(grouping), trust_pickle=True)
+    x = torch.randn(2, 3, 32, 32)
+    np.testing.assert_allclose(compiled.run(x)[0], seed_grouped_eval(models, groups, x), rtol=0, atol=1e-5)
+    assert compiled.report["mask_sources"]["sensai"]["fused"] == [[0, 1, 2]]
+
+
+def test_different_structures_run_as_branches(tmp_path, cli):
+    groups = [[0, 1], [2, 3], [4, 5]]
+    vgg = group_models("vgg", groups, 6, seed=4)
+    res = group_models("resnet", groups, 6, seed=5, depth=11)
+    models = [vgg[0], res[1], vgg[2]]
+    folder, _, grouping = save_group_models(tmp_path, "mixed", models, groups)
+    out = tmp_path / "m.onnx"
+    code, _, err = export(cli, [folder], grouping, out, 1)
+    assert code == 0, err
+    assert "branches" in err  # the front end says which groups were not fused
+    plan = json.loads((tmp_path / "m.onnx.json").read_text())["mask_sources"]["sensai"]
+    assert plan["fused"] == [[0, 2]] and plan["branches"] == [1], plan
+    x = torch.randn(1, 3, 32, 32)
+    np.testing.assert_allclose(run_onnx(out, x), seed_grouped_eval(models, groups, x), rtol=0, atol=1e-5)
+
+
+class TestBadInput:
+    @pytest.fixture
+    def saved(self, tmp_path):
+        models = group_models("vgg", GROUPS5, 10, seed=6)
+        return save_group_models(tmp_path, "vgg19_bn", models, GROUPS5)
+
+    @pytest.fixture(autouse=True)
+    def _out(self, tmp_path):
+        (tmp_path / "out").mkdir()
+
+    def _grouping(self, tmp_path, groups):
+        path = tmp_path / "vgg19_bn" / "bad.json"
+        path.write_text(json.dumps(groups))
+        return path
+
+    def test_class_twice(self, tmp_path, cli, saved):
+        folder, _, _ = saved
+        bad = self._grouping(tmp_path, [[1, 3], [0, 2], [5, 4], [7, 6], [9, 1]])
+        _assert_clean_failure(export(cli, [folder], bad, tmp_path / "out" / "m.onnx", 1), tmp_path / "out",
+                              "class 1", "exactly one group")
+
+    def test_class_missing(self, tmp_path, cli, saved):
+        folder, _, _ = saved
+        bad = self._grouping(tmp_path, [[1, 3], [0, 2], [5, 4], [7, 6], [9, 10]])
+        _assert_clean_failure(export(cli, [folder], bad, tmp_path / "out" / "m.onnx", 1), tmp_path / "out", "class 8 missing")
+
+    def test_head_does_not_match_group(self, tmp_path, cli, saved):
+        folder, _, _ = saved
+        bad = self._grouping(tmp_path, [[1, 3], [0, 2], [5, 4], [7, 6, 9], [8]])
+        _assert_clean_failure(export(cli, [folder], bad, tmp_path / "out" / "m.onnx", 1), tmp_path / "out",
+                              "group 3", "3 outputs", "needs 4")
+
+    def test_input_shape_mismatch(self, tmp_path, cli, saved):
+        folder, _, grouping = saved
+        result = cli("export", folder, "--sensai-grouping", grouping, "-o", tmp_path / "out" / "m.onnx",
+                     "--input-shape", "1,1,32,32", "--trust-pickle")
+        _assert_clean_failure(result, tmp_path / "out", "group 0", "does not run on input shape")
+
+    def test_models_of_different_inputs(self, tmp_path, cli):
+        groups = [[0, 1], [2, 3]]
+        models = group_models("vgg", groups, 4, seed=7)
+        gray = group_models("vgg", groups, 4, seed=7)[1]
+        gray.features[0].weight.data = gray.features[0].weight.data[:, :1]  # a 1-channel input model
+        gray.features[0].in_channels = 1
+        folder, _, grouping = save_group_models(tmp_path, "vgg", [models[0], gray], groups)
+        _assert_clean_failure(export(cli, [folder], grouping, tmp_path / "out" / "m.onnx", 1), tmp_path / "out",
+                              "group 1", "does not run on input shape")
+
+    def test_missing_group_file(self, tmp_path, cli, saved):
+        folder, files, grouping = saved
+        files[2].unlink()
+        _assert_clean_failure(export(cli, [folder], grouping, tmp_path / "out" / "m.onnx", 1), tmp_path / "out",
+                              "no model for group 2")
+
+    def test_pickle_needs_trust(self, tmp_path, cli, saved):
+        folder, _, grouping = saved
+        result = cli("export", folder, "--sensai-grouping", grouping, "-o", tmp_path / "out" / "m.onnx",
+                     "--input-shape", "1,3,32,32")
+        _assert_clean_failure(result, tmp_path / "out", "--trust-pickle")
+
+    def test_several_checkpoints_need_grouping(self, tmp_path, cli, saved):
+        _, files, _ = saved
+        result = cli("export", *files[:2], "-o", tmp_path / "out" / "m.onnx", "--input-shape", "1,3,32,32", "--trust-pickle")
+        _assert_clean_failure(result, tmp_path / "out", "--sensai-grouping")
+
+    def test_grouping_not_integers(self, tmp_path, cli, saved):
+        folder, _, _ = saved
+        bad = tmp_path / "g.npy"
+        np.save(bad, np.zeros((5, 2), dtype=np.float32))
+        _assert_clean_failure(export(cli, [folder], bad, tmp_path / "out" / "m.onnx", 1), tmp_path / "out", "integer array")
+
+
+def test_fusion_pads_groups_exactly():
+    """Groups pruned to different widths: the fused model's logits are each group's own."""
+    from gate2deploy.importers.sensai import fuse_groups
+
+    models = group_models("resnet", [[0, 1]] * 3, 2, seed=8, depth=11)
+    widths = {tuple(m.layer1[0].conv1.weight.shape[:1]) for m in models}
+    assert len(widths) > 1  # the padding is exercised
+    x = torch.randn(3, 3, 32, 32)
+    fused, why = fuse_groups(models, x)
+    assert fused is not None, why
+    with torch.no_grad():
+        out = fused(x).reshape(3, 3, -1)
+        for g, m in enumerate(models):
+            np.testing.assert_allclose(out[:, g].numpy(), m(x).numpy(), rtol=1e-5, atol=1e-5)
+    assert isinstance(models[0], ResNet)
