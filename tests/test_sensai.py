@@ -222,3 +222,93 @@ def test_fusion_pads_groups_exactly():
         for g, m in enumerate(models):
             np.testing.assert_allclose(out[:, g].numpy(), m(x).numpy(), rtol=1e-5, atol=1e-5)
     assert isinstance(models[0], ResNet)
+
+
+def seed_apoz_candidates(model, batches):
+    """apoz_policy.py, written anew: hooks on every ReLU (call order); per batch
+    apoz = 100 * mean over (N, H, W) of |a| <= 0.005 and avg = mean |a|; both averaged over the
+    batches; candidates = {apoz > 73} minus {avg >= 0.01} (generate_pruned_candidates)."""
+    sums = []
+
+    def hook(module, inputs, output):
+        a = output.abs()
+        stats = ((a <= 0.005).float().mean(dim=(0, 2, 3)) * 100, a.mean(dim=(0, 2, 3)))
+        if len(sums) <= hook.k:
+            sums.append([torch.zeros_like(s) for s in stats])
+        for acc, s in zip(sums[hook.k], stats):
+            acc += s
+        hook.k += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    with torch.no_grad():
+        for x in batches:
+            hook.k = 0
+            model(x)
+    for h in handles:
+        h.remove()
+    out = []
+    for apoz, avg in sums:
+        apoz, avg = apoz / len(batches), avg / len(batches)
+        out.append(sorted(set(torch.nonzero(apoz > 73).flatten().tolist())
+                          - set(torch.nonzero(avg >= 0.01).flatten().tolist())))
+    return out
+
+
+def test_sensai_prune_then_export(tmp_path, cli):
+    import copy
+
+    from models.sensai_nets import VGG, prune_vgg, randomize
+
+    base = randomize(VGG(num_classes=6), seed=9)
+    g = torch.Generator().manual_seed(9)
+    for m in base.features:  # channels that stay off, more or less, depending on the image
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.bias.data = torch.rand(m.num_features, generator=g) * 4 - 3.2
+    groups = [[0, 3], [1, 4], [2, 5]]
+    labels = np.arange(60) % 6
+    images = (torch.randn(60, 3, 32, 32, generator=g) + torch.from_numpy(labels).float().view(-1, 1, 1, 1) * 0.4).numpy()
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", labels)
+    np.save(tmp_path / "groups.npy", np.array(groups))
+    torch.save(base, tmp_path / "base.pth")
+    out = tmp_path / "pruned"
+    code, stdout, err = cli("sensai-prune", tmp_path / "base.pth", "--trust-pickle", "--sensai-grouping",
+                            tmp_path / "groups.npy", "--sample-inputs", tmp_path / "x.npy", "--labels",
+                            tmp_path / "y.npy", "--batch-size", "7", "--arch", "vgg19_bn", "-o", out)
+    assert code == 0, err
+    expected_models, all_cands = [], []
+    for gi, group in enumerate(groups):
+        idx = np.nonzero(np.isin(labels, group))[0]
+        batches = [torch.from_numpy(images[idx[i:i + 7]]) for i in range(0, len(idx), 7)]
+        cands = seed_apoz_candidates(base, batches)
+        all_cands.append(cands)
+        expected = prune_vgg(copy.deepcopy(base), cands, group)
+        expected_models.append(expected)
+        got = torch.load(out / "vgg19_bn" / f"vgg19_bn_{gi}_pruned_model.pth", weights_only=False)
+        want_sd, got_sd = expected.state_dict(), got.state_dict()
+        assert want_sd.keys() == got_sd.keys()
+        for k in want_sd:
+            w, v = want_sd[k], got_sd[k]
+            if k == "classifier.weight":  # row 0 is re-drawn at random, as in the seed
+                w, v = w[1:], v[1:]
+            assert w.shape == v.shape and torch.equal(w, v), k
+    assert any(any(c) for c in all_cands[0]) and all_cands[0] != all_cands[1]  # the rule did something
+    code, _, err = export(cli, [out / "vgg19_bn"], out / "grouping_config.npy", tmp_path / "m.onnx", 1)
+    assert code == 0, err
+    models = [torch.load(out / "vgg19_bn" / f"vgg19_bn_{gi}_pruned_model.pth", weights_only=False) for gi in range(3)]
+    x = torch.randn(1, 3, 32, 32)
+    np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", x), seed_grouped_eval(models, groups, x), atol=1e-5)
+
+
+def test_sensai_prune_bad_labels(tmp_path, cli):
+    from models.sensai_nets import VGG
+
+    torch.save(VGG(num_classes=4), tmp_path / "base.pth")
+    np.save(tmp_path / "x.npy", np.zeros((8, 3, 32, 32), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(7) % 4)
+    (tmp_path / "g.json").write_text("[[0, 1], [2, 3]]")
+    (tmp_path / "out").mkdir()
+    result = cli("sensai-prune", tmp_path / "base.pth", "--trust-pickle", "--sensai-grouping", tmp_path / "g.json",
+                 "--sample-inputs", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "-o", tmp_path / "out" / "p")
+    _assert_clean_failure(result, tmp_path / "out", "8 images but 7 labels")
+    assert not (tmp_path / "out" / "p").exists()

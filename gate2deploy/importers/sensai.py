@@ -517,3 +517,184 @@ def _fused_error(fused: nn.Module, models: list[nn.Module], example: torch.Tenso
                     return float("inf")
                 worst = max(worst, err)
     return worst
+
+
+# --------------------------------------------------------------------------- APoZ pruning
+
+APOZ_ZERO = 0.005  # apoz_policy.py apoz_scoring: |a| <= 0.005 counts as zero
+APOZ_THRESHOLD = 73.0  # apoz_policy.py generate_pruned_candidates (CIFAR): APoZ % > 73 ...
+MEAN_THRESHOLD = 0.01  # ... and mean |a| < 0.01 (candidates with mean |a| >= 0.01 are kept)
+APOZ_BATCH = 1000  # get_prune_candidates.py: DataLoader(batch_size=1000) over the group's images
+
+
+def relu_scores(model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per ReLU call (in call order, as apoz_policy.py ActivationRecord hooks every module
+    named ReLU): (APoZ %, mean |a|) per channel, each the mean over batches of the batch's
+    mean over samples and positions (the seed averages batch scores, unweighted)."""
+    scores: list[list[np.ndarray]] = []
+    call = [0]
+
+    def hook(module, inputs, output):
+        if output.dim() != 4:
+            raise UserError(f"sensai-prune: a ReLU output of shape {tuple(output.shape)}; the seed's rule "
+                            "scores (N, C, H, W) maps")
+        a = output.detach().abs()
+        apoz = (a <= APOZ_ZERO).float().mean(dim=(0, 2, 3)).mul(100).numpy()
+        mean = a.mean(dim=(0, 2, 3)).numpy()
+        if call[0] == len(scores):
+            scores.append([apoz * 0, mean * 0])
+        scores[call[0]][0] += apoz
+        scores[call[0]][1] += mean
+        call[0] += 1
+
+    model.eval()
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if type(m).__name__ == "ReLU"]
+    try:
+        with torch.no_grad():
+            for x in batches:
+                call[0] = 0
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(apoz / len(batches), mean / len(batches)) for apoz, mean in scores]
+
+
+def prune_candidates(scores, apoz_threshold: float = APOZ_THRESHOLD,
+                     mean_threshold: float = MEAN_THRESHOLD) -> list[list[int]]:
+    """Channels to prune per ReLU call: APoZ above the threshold and mean |a| below the other."""
+    return [sorted(int(i) for i in np.nonzero((apoz > apoz_threshold) & ~(mean >= mean_threshold))[0])
+            for apoz, mean in scores]
+
+
+def _keep(n: int, drop: list[int]) -> list[int]:
+    drop_set = set(drop)
+    keep = [i for i in range(n) if i not in drop_set]
+    if not keep:  # a layer must keep a channel (the seed would build an empty conv)
+        keep = [0]
+    return keep
+
+
+def _slice_out(conv: nn.Conv2d, bn: nn.BatchNorm2d, keep: list[int]) -> None:
+    conv.weight.data = conv.weight.data[keep].clone()
+    if conv.bias is not None:
+        conv.bias.data = conv.bias.data[keep].clone()
+    conv.out_channels = len(keep)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(bn, name)
+        if t is not None:
+            t.data = t.data[keep].clone()
+    bn.num_features = len(keep)
+
+
+def _slice_in(conv: nn.Conv2d, keep: list[int]) -> None:
+    conv.weight.data = conv.weight.data[:, keep].clone()
+    conv.in_channels = len(keep)
+
+
+def prune_head(linear: nn.Linear, group: list[int], single: bool, generator: torch.Generator) -> None:
+    """prune_utils/layer_prune.py prune_output_linear_layer_: rows [0] + group (row 0's weight
+    re-drawn from N(0, 0.01), its bias kept), or the group's one row (single-logit)."""
+    rows = list(group) if single else [0] + list(group)
+    linear.weight.data = linear.weight.data[rows].clone()
+    linear.bias.data = linear.bias.data[rows].clone()
+    if not single:
+        linear.weight.data[0] = torch.randn(linear.in_features, generator=generator) * 0.01
+    linear.out_features = len(rows)
+
+
+def _vgg_parts(model: nn.Module):
+    feats, head = getattr(model, "features", None), getattr(model, "classifier", None)
+    if not isinstance(feats, nn.Sequential) or not isinstance(head, nn.Linear):
+        return None
+    convs = [i for i, m in enumerate(feats) if isinstance(m, nn.Conv2d)]
+    if not convs or any(not isinstance(feats[i + 1], nn.BatchNorm2d) for i in convs if i + 1 < len(feats)):
+        return None
+    return feats, head, convs
+
+
+def _bottlenecks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if all(isinstance(getattr(m, a, None), nn.Conv2d) for a in ("conv1", "conv2", "conv3"))
+            and all(isinstance(getattr(m, a, None), nn.BatchNorm2d) for a in ("bn1", "bn2"))]
+
+
+def prune_group_model(model: nn.Module, candidates: list[list[int]], group: list[int], single: bool,
+                      generator: torch.Generator) -> nn.Module:
+    """A copy of `model` pruned as prune_and_get_model.py does: VGG (`features` +
+    `classifier`, `prune_vgg`): every conv's candidate outputs (its BN, the next conv's inputs,
+    the classifier's inputs after the last conv); bottleneck ResNet (`prune_resnet`): only
+    block-internal widths, candidates indexed per ReLU call (stem 0, then three calls per
+    block: after bn1, after bn2, after the add). Then the head (`prune_head`)."""
+    model = copy.deepcopy(model)
+    vgg = _vgg_parts(model)
+    if vgg is not None:
+        feats, head, convs = vgg
+        if len(candidates) != len(convs):
+            raise UserError(f"sensai-prune: {len(candidates)} ReLU calls for {len(convs)} convolutions in "
+                            "features; the VGG rule needs Conv-BN-ReLU layers")
+        for k, i in enumerate(convs):
+            width = feats[i].out_channels
+            keep = _keep(width, candidates[k])
+            _slice_out(feats[i], feats[i + 1], keep)
+            if k + 1 < len(convs):
+                _slice_in(feats[convs[k + 1]], keep)
+            else:  # classifier inputs: params_per_input_channel per channel, channel-major
+                if head.in_features % width:
+                    raise UserError(f"sensai-prune: the classifier's {head.in_features} inputs are not a "
+                                    f"multiple of the last conv's {width} channels")
+                per = head.in_features // width
+                cols = [c * per + j for c in keep for j in range(per)]
+                head.weight.data = head.weight.data[:, cols].clone()
+                head.in_features = len(cols)
+        prune_head(head, group, single, generator)
+        return model
+    blocks = _bottlenecks(model)
+    fc = getattr(model, "fc", None)
+    if blocks and isinstance(fc, nn.Linear):
+        if len(candidates) != 1 + 3 * len(blocks):
+            raise UserError(f"sensai-prune: {len(candidates)} ReLU calls for {len(blocks)} bottleneck blocks; "
+                            "the ResNet rule needs a stem ReLU and three per block")
+        for b, block in enumerate(blocks):
+            keep = _keep(block.conv1.out_channels, candidates[1 + 3 * b])
+            _slice_out(block.conv1, block.bn1, keep)
+            _slice_in(block.conv2, keep)
+            keep = _keep(block.conv2.out_channels, candidates[2 + 3 * b])
+            _slice_out(block.conv2, block.bn2, keep)
+            _slice_in(block.conv3, keep)
+        prune_head(fc, group, single, generator)
+        return model
+    raise UserError(f"sensai-prune: {type(model).__name__} is neither of sensAI's CIFAR layouts: a VGG "
+                    "(`features` Conv-BN-ReLU + a Linear `classifier`) or a bottleneck ResNet (blocks with "
+                    "conv1-3/bn1-2, a Linear `fc`)")
+
+
+def prune_groups(model: nn.Module, groups: list[list[int]], images: np.ndarray, labels: np.ndarray,
+                 apoz_threshold: float = APOZ_THRESHOLD, mean_threshold: float = MEAN_THRESHOLD,
+                 batch_size: int = APOZ_BATCH, seed: int = 0) -> list[tuple[nn.Module, list[list[int]]]]:
+    """Per group (get_prune_candidates.py + prune_and_get_model.py): score the ReLUs on the
+    group's own images (those whose label is in the group, in file order, in batches of
+    `batch_size`), prune the candidates, cut the head. Returns (pruned model, candidates)."""
+    check_grouping(groups)
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(images):
+        raise UserError(f"sensai-prune: {len(images)} images but {len(labels)} labels")
+    single = all(len(g) == 1 for g in groups)
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for g, group in enumerate(groups):
+        idx = np.nonzero(np.isin(labels, group))[0]
+        if not len(idx):
+            raise UserError(f"sensai-prune: no sample image of group {g} (classes {group})")
+        batches = [torch.from_numpy(np.ascontiguousarray(images[idx[i:i + batch_size]], dtype=np.float32))
+                   for i in range(0, len(idx), batch_size)]
+        try:
+            scores = relu_scores(model, batches)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the images do not fit the model
+            raise UserError(f"sensai-prune: the model does not run on the images of shape "
+                            f"{tuple(images.shape[1:])}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        candidates = prune_candidates(scores, apoz_threshold, mean_threshold)
+        out.append((prune_group_model(model, candidates, group, single, generator), candidates))
+    return out
