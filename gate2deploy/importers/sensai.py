@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, OptionError, UserError
+from ..passes.choose_widths import BLOCK, MIN_MULTIPLE
 
 # <arch>_<group>_pruned_group_model.pth (cifar_group.py) or <arch>_<group>_pruned_model.pth
 # (prune_and_get_model.py)
@@ -225,6 +226,7 @@ class Body:
     members: list[int]
     module: nn.Module
     fused: bool
+    width: int = 0  # its output's rows per group (a fused model's may exceed a head's rows)
 
 
 class FusedBody(nn.Module):
@@ -259,12 +261,14 @@ class GroupedModel(nn.Module):
         self.rows = rows
         self.combine = SensaiCombine(groups, mode)
         self.plan = plan
-        self._whole = len(bodies) == 1 and self.members[0] == list(range(len(groups)))
         self._equal_rows = len(set(rows)) == 1
+        # one body computing all groups in order, exactly their rows: its output is the input
+        self._whole = (len(bodies) == 1 and self.members[0] == list(range(len(groups)))
+                       and self._equal_rows and bodies[0].width == rows[0])
 
     def forward(self, x):
         parts = [body(x) for body in self.bodies]
-        if self._whole and self._equal_rows:
+        if self._whole:
             return self.combine(parts[0])
         per_group: list = [None] * len(self.rows)
         for part, members in zip(parts, self.members):
@@ -286,13 +290,15 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
         fused, why = (fuse_groups([models[g] for g in members], example) if len(members) > 1
                       else (None, "no other group of the same structure" if fuse else "fusion off"))
         if fused is not None:
-            bodies.append(Body(members, FusedBody(fused, len(members)), True))
+            with torch.no_grad():
+                width = fused(example).shape[1] // len(members)
+            bodies.append(Body(members, FusedBody(fused, len(members)), True, width))
             continue
         if len(members) > 1:
             notes.append(f"groups {members}: {why}")
         elif fuse:
             notes.append(f"group {members[0]}: {why}")
-        bodies.extend(Body([g], BranchBody(models[g]), False) for g in members)
+        bodies.extend(Body([g], BranchBody(models[g]), False, rows[g]) for g in members)
     plan = {"groups": len(groups), "classes": n_classes, "mode": mode, "head_rows": rows,
             "fused": [b.members for b in bodies if b.fused],
             "branches": [b.members[0] for b in bodies if not b.fused],
@@ -317,6 +323,7 @@ def _same_structure(models: list[nn.Module]) -> list[list[int]]:
 class _Calls:
     """How the leaf modules of a model are called on one input."""
 
+    order: list[str] = field(default_factory=list)  # parametric leaves in call order
     reads_input: set[str] = field(default_factory=set)  # parametric leaves reading the shared input
     reads_groups: set[str] = field(default_factory=set)  # parametric leaves reading group channels
     input_dims: dict[str, int] = field(default_factory=dict)
@@ -340,6 +347,8 @@ def _trace_calls(model: nn.Module, example: torch.Tensor) -> _Calls:
             has_state = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
             if has_state:
                 (calls.reads_input if on_input else calls.reads_groups).add(name)
+                if name not in calls.order:
+                    calls.order.append(name)
                 calls.input_dims[name] = first.dim()
             elif on_input and isinstance(output, torch.Tensor):
                 shared.add(id(output))
@@ -381,6 +390,16 @@ def _pad_stack(tensors: list[torch.Tensor], sizes: tuple[int, ...], fill: float 
     return out
 
 
+def _block_width(c: int) -> int:
+    """Each group's channel block: the widest group's width rounded up to ONNX Runtime's NCHWc
+    block (passes/choose_widths.py; 4 below a block). MLAS runs a grouped conv in the blocked
+    layout only when every group's channels are whole blocks, otherwise im2col (measured, ORT
+    1.31, AVX2, 10 groups of 3x3 at 8x8, no spinning: 56 channels 0.85 ms, 64 1.04 ms, 60
+    1.52 ms); the padding costs only its MACs."""
+    step = BLOCK if c >= BLOCK else MIN_MULTIPLE
+    return -(-c // step) * step
+
+
 def _same(layers: list[nn.Module], *attrs: str) -> None:
     for a in attrs:
         values = {repr(getattr(m, a)) for m in layers}
@@ -393,8 +412,8 @@ def _fuse_conv(layers: list[nn.Conv2d], reads_input: bool) -> nn.Conv2d:
     if layers[0].groups != 1 or any((m.bias is None) != (layers[0].bias is None) for m in layers):
         raise _NotFusable("grouped convolutions or mixed conv biases inside the group models")
     n = len(layers)
-    cout = max(m.out_channels for m in layers)
-    cin = max(m.in_channels for m in layers)
+    cout = _block_width(max(m.out_channels for m in layers))
+    cin = max(m.in_channels for m in layers) if reads_input else _block_width(max(m.in_channels for m in layers))
     if reads_input and len({m.in_channels for m in layers}) > 1:
         raise _NotFusable("the first convolutions read different numbers of input channels")
     w = _pad_stack([m.weight.detach() for m in layers], (cout, cin, *layers[0].kernel_size))
@@ -411,7 +430,7 @@ def _fuse_bn(layers: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     _same(layers, "eps", "affine", "track_running_stats")
     if layers[0].running_mean is None:
         raise _NotFusable("BatchNorm without running statistics")
-    n, c = len(layers), max(m.num_features for m in layers)
+    n, c = len(layers), _block_width(max(m.num_features for m in layers))
     fused = nn.BatchNorm2d(n * c, eps=layers[0].eps, affine=layers[0].affine)
     fused.running_mean.data = _pad_stack([m.running_mean for m in layers], (c,)).reshape(-1)
     fused.running_var.data = _pad_stack([m.running_var for m in layers], (c,), fill=1.0).reshape(-1)
@@ -421,9 +440,13 @@ def _fuse_bn(layers: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     return fused
 
 
-def _fuse_linear(layers: list[nn.Linear], reads_input: bool, input_dim: int) -> nn.Module:
+def _fuse_linear(layers: list[nn.Linear], reads_input: bool, input_dim: int, in_block: int | None = None) -> nn.Module:
+    """Outputs not rounded to blocks: a head's rows are the logits the combination reads.
+    `in_block`: each group's input block (what the fused layers before produce)."""
     n = len(layers)
-    out_f, in_f = max(m.out_features for m in layers), max(m.in_features for m in layers)
+    out_f, in_f = max(m.out_features for m in layers), in_block or max(m.in_features for m in layers)
+    if in_f < max(m.in_features for m in layers):
+        raise _NotFusable("a Linear reads fewer features than its group models")
     has_bias = layers[0].bias is not None
     if any((m.bias is not None) != has_bias for m in layers):
         raise _NotFusable("mixed Linear biases")
@@ -446,7 +469,7 @@ def _fuse_linear(layers: list[nn.Linear], reads_input: bool, input_dim: int) -> 
     return GroupedLinear(conv)
 
 
-def _fuse_leaf(name: str, layers: list[nn.Module], calls: _Calls) -> nn.Module | None:
+def _fuse_leaf(name: str, layers: list[nn.Module], calls: _Calls, in_block: int | None = None) -> nn.Module | None:
     """The fused replacement of one leaf (None: keep group 0's, equal in every group)."""
     first = layers[0]
     stateful = any(True for _ in first.parameters(recurse=False)) or any(True for _ in first.buffers(recurse=False))
@@ -466,7 +489,7 @@ def _fuse_leaf(name: str, layers: list[nn.Module], calls: _Calls) -> nn.Module |
     if type(first) is nn.BatchNorm2d and not reads_input:
         return _fuse_bn(layers)
     if type(first) is nn.Linear:
-        return _fuse_linear(layers, reads_input, calls.input_dims.get(name, 2))
+        return _fuse_linear(layers, reads_input, calls.input_dims.get(name, 2), in_block)
     raise _NotFusable(f"{name} ({type(first).__name__}) has no fused form"
                       + (" on the shared input" if reads_input else ""))
 
@@ -480,11 +503,17 @@ def fuse_groups(models: list[nn.Module], example: torch.Tensor) -> tuple[nn.Modu
         fused = copy.deepcopy(models[0])
         leaves = {name: [dict(m.named_modules())[name] for m in models]
                   for name, mod in models[0].named_modules() if not list(mod.children())}
+        late = [name for name in calls.order
+                if type(leaves[name][0]) is nn.Linear and name in calls.reads_groups]
         for name, layers in leaves.items():
-            replacement = _fuse_leaf(name, layers, calls)
-            if replacement is not None:
-                parent_name, _, attr = name.rpartition(".")
-                setattr(fused.get_submodule(parent_name) if parent_name else fused, attr, replacement)
+            if name not in late:
+                _replace(fused, name, _fuse_leaf(name, layers, calls))
+        fused.eval()  # new BatchNorms start in training mode: a run would update their statistics
+        for name in late:  # in call order: each reads what the fused layers before it produce
+            width = _input_width(fused, name, example)
+            if width % len(models):
+                raise _NotFusable(f"{name} reads {width} features, not N equal blocks")
+            _replace(fused, name, _fuse_leaf(name, leaves[name], calls, width // len(models)))
         fused.eval()
     except _NotFusable as exc:
         return None, str(exc)
@@ -494,6 +523,39 @@ def fuse_groups(models: list[nn.Module], example: torch.Tensor) -> tuple[nn.Modu
                       f"the fused model differs from the group models (rel. error {err:.2e}): "
                       "the forward is not width-agnostic")
     return fused, ""
+
+
+def _replace(model: nn.Module, name: str, replacement: nn.Module | None) -> None:
+    if replacement is not None:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement)
+
+
+class _Reached(Exception):
+    pass
+
+
+def _input_width(model: nn.Module, name: str, example: torch.Tensor) -> int:
+    """The last dimension of what `name` receives in `model` (run up to that layer)."""
+    seen: list[int] = []
+
+    def stop(module, inputs):
+        seen.append(int(inputs[0].shape[-1]))
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_pre_hook(stop)
+    try:
+        with torch.no_grad():
+            model(example)
+    except _Reached:
+        pass
+    except Exception as exc:  # noqa: BLE001 - the forward does not take the wide tensors
+        raise _NotFusable(f"the fused layers before {name} do not run: {type(exc).__name__}") from None
+    finally:
+        handle.remove()
+    if not seen:
+        raise _NotFusable(f"{name} is not reached in the fused model")
+    return seen[0]
 
 
 def _fused_error(fused: nn.Module, models: list[nn.Module], example: torch.Tensor) -> float | None:

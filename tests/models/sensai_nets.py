@@ -187,28 +187,43 @@ def relu_widths(model: nn.Module) -> list[int]:
     return widths
 
 
-def random_candidates(model: nn.Module, seed: int, fraction: float = 0.4) -> list[list[int]]:
-    """Random prune candidates per ReLU call (each group drops a different number)."""
+def random_candidates(model: nn.Module, seed: int, fraction: float = 0.4,
+                      layer_fractions: list[float] | None = None) -> list[list[int]]:
+    """Random prune candidates per ReLU call: a number drawn from [0, fraction * width], or,
+    with `layer_fractions`, that fraction of the layer +- `fraction` (a layer's sparsity is
+    mostly the layer's, the groups differing a little, as APoZ pruning tends to give)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for w in relu_widths(model):
-        k = int(torch.randint(0, max(1, int(w * fraction)) + 1, (1,), generator=g))
+    for i, w in enumerate(relu_widths(model)):
+        if layer_fractions is None:
+            k = int(torch.randint(0, max(1, int(w * fraction)) + 1, (1,), generator=g))
+        else:
+            f = layer_fractions[i] + (float(torch.rand(1, generator=g)) * 2 - 1) * fraction
+            k = min(w - 1, max(0, round(w * f)))
         out.append(torch.randperm(w, generator=g)[:k].tolist())
     return out
 
 
-def group_models(arch: str, groups: list[list[int]], num_classes: int, seed: int = 0, **kwargs) -> list[nn.Module]:
+def group_models(arch: str, groups: list[list[int]], num_classes: int, seed: int = 0,
+                 layer_spread: float | None = None, **kwargs) -> list[nn.Module]:
     """One pruned group model per group from one base model, as prune_and_get_model.py does
-    (random candidates stand in for the APoZ ones)."""
+    (random candidates stand in for the APoZ ones; `layer_spread`: per-layer fractions in
+    [0.3, 0.7] shared by the groups, each group +- layer_spread)."""
     import copy
 
     base = randomize(VGG(num_classes=num_classes, **kwargs) if arch == "vgg" else
                      ResNet(num_classes=num_classes, **kwargs), seed)
     bce = all(len(g) == 1 for g in groups)
     prune = prune_vgg if arch == "vgg" else prune_resnet
+    fractions = None
+    if layer_spread is not None:
+        gen = torch.Generator().manual_seed(seed + 7)
+        fractions = (torch.rand(len(relu_widths(base)), generator=gen) * 0.4 + 0.3).tolist()
     models = []
     for i, group in enumerate(groups):
         m = copy.deepcopy(base)
-        prune(m, random_candidates(base, seed * 100 + i), group, bce)
+        cands = (random_candidates(base, seed * 100 + i) if fractions is None else
+                 random_candidates(base, seed * 100 + i, layer_spread, fractions))
+        prune(m, cands, group, bce)
         models.append(m.eval())
     return models
