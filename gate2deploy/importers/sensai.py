@@ -35,8 +35,12 @@ Decisions where the seed is silent or wrong:
 Horizontal fusion (`fuse_groups`), done at the PyTorch level: group models of the same
 structure (the same module classes at the same module paths, the same layer hyper-parameters
 apart from widths) become one model whose every tensor holds all groups' channels side by
-side, each group's block zero-padded to the widest group. The model's own forward runs on
-these wide tensors. Per layer:
+side, each group's block zero-padded to the widest group rounded up to ONNX Runtime's NCHWc
+channel block (`_block_width`: a grouped conv runs in the fast blocked layout only with
+whole blocks per group). The model's own forward runs on these wide tensors. Why at the
+PyTorch level and not on the ONNX graph: the fused module is an ordinary model, so the usual
+capture, fold and verification apply unchanged, and its check against the group models is
+a PyTorch run. Per layer:
 - a Conv2d reading the shared input: output channels concatenated (one dense conv);
 - a Conv2d reading grouped channels: one conv with group=N, group g's weights in its block;
 - BatchNorm2d: per channel, the padding channels get weight 0, bias 0, mean 0, var 1 (so
