@@ -114,18 +114,16 @@ def _load_sensai(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, 
     if opts.model:
         raise OptionError("--model is not used with --sensai-grouping: sensAI group models are whole "
                           "pickled modules (pass --trust-pickle)")
-    groups = sensai.load_grouping(opts.sensai_grouping)
-    sensai.check_grouping(groups)
-    files = sensai.group_files(checkpoint_paths(opts), len(groups))
-    models = []
-    for f in files:
-        ckpt = load_checkpoint(f, trust_pickle=opts.trust_pickle)
+
+    def load(path) -> nn.Module:
+        ckpt = load_checkpoint(path, trust_pickle=opts.trust_pickle)
         if ckpt.module is None:
-            raise UserError(f"{f} holds only weights; sensAI group models are whole modules (torch.save(model))")
-        models.append(ckpt.module)
-    grouped = sensai.grouped_model(models, groups, example, names=[f.name for f in files])
+            raise UserError(f"{path} holds only weights; sensAI group models are whole modules (torch.save(model))")
+        return ckpt.module
+
+    grouped, files = sensai.from_files(checkpoint_paths(opts), opts.sensai_grouping, load, example)
     plan = grouped.plan
-    if plan["branches"] and len(groups) > 1:
+    if plan["branches"] and len(plan["head_rows"]) > 1:
         print(f"gate2deploy: sensAI groups {plan['branches']} run as parallel branches, not fused: "
               f"{'; '.join(plan['not_fused_because'])}", file=sys.stderr)
     return grouped, {"checkpoint": [str(f) for f in files], "format": "sensAI group models",
