@@ -121,9 +121,10 @@ def _load_sensai(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, 
             raise UserError(f"{path} holds only weights; sensAI group models are whole modules (torch.save(model))")
         return ckpt.module
 
-    grouped, files = sensai.from_files(checkpoint_paths(opts), opts.sensai_grouping, load, example)
+    grouped, files = sensai.from_files(checkpoint_paths(opts), opts.sensai_grouping, load, example,
+                                       fuse=not opts.sensai_no_fuse)
     plan = grouped.plan
-    if plan["branches"] and len(plan["head_rows"]) > 1:
+    if plan["branches"] and len(plan["head_rows"]) > 1 and not opts.sensai_no_fuse:
         print(f"gate2deploy: sensAI groups {plan['branches']} run as parallel branches, not fused: "
               f"{'; '.join(plan['not_fused_because'])}", file=sys.stderr)
     return grouped, {"checkpoint": [str(f) for f in files], "format": "sensAI group models",

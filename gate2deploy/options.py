@@ -30,6 +30,7 @@ class ModelOptions:
     gator_config: str | None = None
     fbs_rate: float | None = None  # PyTorch-FBS blocks' rate (importers/seed_layers.py)
     sensai_grouping: str | None = None  # grouping_config.npy / .json: checkpoint = sensAI group models
+    sensai_no_fuse: bool = False  # every sensAI group its own branch (no horizontal fusion)
 
 
 @dataclass

@@ -90,6 +90,19 @@ def test_vgg_folder_fused_matches_seed_evaluation(tmp_path, cli, batch):
     assert len(groups) == 6 and groups[0] == 1 and set(groups[1:]) == {5}, groups
 
 
+def test_no_fuse_flag_gives_branches(tmp_path, cli):
+    models = group_models("vgg", GROUPS5, 10, seed=11)
+    folder, _, grouping = save_group_models(tmp_path, "vgg19_bn", models, GROUPS5)
+    out = tmp_path / "m.onnx"
+    code, _, err = export(cli, [folder], grouping, out, 2, "--sensai-no-fuse")
+    assert code == 0, err
+    plan = json.loads((tmp_path / "m.onnx.json").read_text())["mask_sources"]["sensai"]
+    assert plan["fused"] == [] and plan["branches"] == [0, 1, 2, 3, 4]
+    assert set(conv_groups(out)) == {1} and len(conv_groups(out)) == 5 * 5  # five convs per group
+    x = torch.randn(2, 3, 32, 32)
+    np.testing.assert_allclose(run_onnx(out, x), seed_grouped_eval(models, GROUPS5, x), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 def test_single_class_groups_any_batch(tmp_path, cli, batch):
     """Ten one-class groups with one-logit heads (the seed's bce mode), given as files in

@@ -28,6 +28,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sensai-grouping", metavar="NPY|JSON",
                    help="sensAI: the class groups (grouping_config.npy, or JSON lists); the checkpoints are "
                         "then the group models, combined as sensAI's grouped evaluation into one model")
+    p.add_argument("--sensai-no-fuse", action="store_true",
+                   help="sensAI: run every group as its own branch instead of fusing groups of equal structure "
+                        "into grouped convolutions (fusion pads every group to the widest; for big compute-bound "
+                        "groups with spread widths that padding can cost more than fusion saves)")
 
 
 def add_gator_arguments(p: argparse.ArgumentParser) -> None:

@@ -195,7 +195,8 @@ def head_rows(models: list[nn.Module], groups: list[list[int]], example: torch.T
     return rows, MULTI
 
 
-def from_files(paths: list[str], grouping: str | Path, load, example: torch.Tensor) -> tuple["GroupedModel", list[Path]]:
+def from_files(paths: list[str], grouping: str | Path, load, example: torch.Tensor,
+               fuse: bool = True) -> tuple["GroupedModel", list[Path]]:
     """The combined module from group model files (a folder or several files) and the
     grouping file; `load(path) -> nn.Module` reads one group model (the front end's safe
     loader). Returns it and the files in group order."""
@@ -203,7 +204,7 @@ def from_files(paths: list[str], grouping: str | Path, load, example: torch.Tens
     check_grouping(groups)
     files = group_files(paths, len(groups))
     models = [load(f) for f in files]
-    return grouped_model(models, groups, example, names=[f.name for f in files]), files
+    return grouped_model(models, groups, example, fuse, names=[f.name for f in files]), files
 
 
 # --------------------------------------------------------------------------- combination
