@@ -267,14 +267,16 @@ def seed_apoz_candidates(model, batches):
     return out
 
 
-def test_sensai_prune_then_export(tmp_path, cli):
+@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+def test_sensai_prune_then_export(tmp_path, cli, arch):
     import copy
 
-    from models.sensai_nets import VGG, prune_vgg, randomize
+    from models.sensai_nets import VGG, prune_resnet, prune_vgg, randomize
 
-    base = randomize(VGG(num_classes=6), seed=9)
+    base = randomize(VGG(num_classes=6) if arch == "vgg" else ResNet(depth=11, num_classes=6), seed=9)
+    prune, head = (prune_vgg, "classifier.weight") if arch == "vgg" else (prune_resnet, "fc.weight")
     g = torch.Generator().manual_seed(9)
-    for m in base.features:  # channels that stay off, more or less, depending on the image
+    for m in base.modules():  # channels that stay off, more or less, depending on the image
         if isinstance(m, torch.nn.BatchNorm2d):
             m.bias.data = torch.rand(m.num_features, generator=g) * 4 - 3.2
     groups = [[0, 3], [1, 4], [2, 5]]
@@ -295,14 +297,14 @@ def test_sensai_prune_then_export(tmp_path, cli):
         batches = [torch.from_numpy(images[idx[i:i + 7]]) for i in range(0, len(idx), 7)]
         cands = seed_apoz_candidates(base, batches)
         all_cands.append(cands)
-        expected = prune_vgg(copy.deepcopy(base), cands, group)
+        expected = prune(copy.deepcopy(base), cands, group)
         expected_models.append(expected)
         got = torch.load(out / "vgg19_bn" / f"vgg19_bn_{gi}_pruned_model.pth", weights_only=False)
         want_sd, got_sd = expected.state_dict(), got.state_dict()
         assert want_sd.keys() == got_sd.keys()
         for k in want_sd:
             w, v = want_sd[k], got_sd[k]
-            if k == "classifier.weight":  # row 0 is re-drawn at random, as in the seed
+            if k == head:  # row 0 is re-drawn at random, as in the seed
                 w, v = w[1:], v[1:]
             assert w.shape == v.shape and torch.equal(w, v), k
     assert any(any(c) for c in all_cands[0]) and all_cands[0] != all_cands[1]  # the rule did something

@@ -703,7 +703,9 @@ def prune_group_model(model: nn.Module, candidates: list[list[int]], group: list
     `classifier`, `prune_vgg`): every conv's candidate outputs (its BN, the next conv's inputs,
     the classifier's inputs after the last conv); bottleneck ResNet (`prune_resnet`): only
     block-internal widths, candidates indexed per ReLU call (stem 0, then three calls per
-    block: after bn1, after bn2, after the add). Then the head (`prune_head`)."""
+    block: after bn1, after bn2, after the add). Then the head (`prune_head`). Where the rule
+    would remove every channel of a layer, channel 0 stays (the seed would build an empty
+    layer)."""
     model = copy.deepcopy(model)
     vgg = _vgg_parts(model)
     if vgg is not None:
@@ -752,7 +754,9 @@ def prune_groups(model: nn.Module, groups: list[list[int]], images: np.ndarray, 
                  batch_size: int = APOZ_BATCH, seed: int = 0) -> list[tuple[nn.Module, list[list[int]]]]:
     """Per group (get_prune_candidates.py + prune_and_get_model.py): score the ReLUs on the
     group's own images (those whose label is in the group, in file order, in batches of
-    `batch_size`), prune the candidates, cut the head. Returns (pruned model, candidates)."""
+    `batch_size`), prune the candidates, cut the head. Returns (pruned model, candidates).
+    The images are used as given: the seed scores augmented training images (its CIFAR
+    training-set wrapper crops and flips at random), which the caller may do beforehand."""
     check_grouping(groups)
     labels = np.asarray(labels).reshape(-1)
     if len(labels) != len(images):
