@@ -327,3 +327,29 @@ def test_sensai_prune_bad_labels(tmp_path, cli):
                  "--sample-inputs", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "-o", tmp_path / "out" / "p")
     _assert_clean_failure(result, tmp_path / "out", "8 images but 7 labels")
     assert not (tmp_path / "out" / "p").exists()
+
+
+class _FixedWidth(torch.nn.Module):
+    """A forward that is not width-agnostic: channel 0 (by number) is subtracted from all."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, rows)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc((h - h[:, :1]).mean(dim=(2, 3)))
+
+
+def test_forward_not_width_agnostic_falls_back_to_branches():
+    from gate2deploy.importers.sensai import grouped_model
+
+    groups = [[0, 2], [1, 3]]
+    models = [_FixedWidth(3).eval(), _FixedWidth(3).eval()]
+    x = torch.randn(2, 3, 32, 32)
+    gm = grouped_model(models, groups, x)
+    assert gm.plan["fused"] == [] and gm.plan["branches"] == [0, 1]
+    assert "width-agnostic" in gm.plan["not_fused_because"][0]
+    with torch.no_grad():
+        np.testing.assert_allclose(gm(x).numpy(), seed_grouped_eval(models, groups, x), rtol=0, atol=1e-6)
