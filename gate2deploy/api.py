@@ -87,7 +87,8 @@ def _gated(model_or_checkpoint, example_inputs, opts) -> GatedModel:
     if isinstance(model_or_checkpoint, nn.Module):
         return build_gated_model(opts, module=model_or_checkpoint, example=example)
     if model_or_checkpoint is not None:
-        opts.checkpoint = str(model_or_checkpoint)
+        opts.checkpoint = ([str(p) for p in model_or_checkpoint] if isinstance(model_or_checkpoint, (list, tuple))
+                           else str(model_or_checkpoint))  # several: sensAI group models
     return build_gated_model(opts, example=example)
 
 

@@ -9,10 +9,14 @@ default), builds the architecture, recognises the mask sources and attaches them
 - network slimming from BatchNorm scales (`--netslim-density`);
 - slimmable networks (Joslim): one width (`--width`, `--width-vector`, `--population`) as a
   physically narrow model with recalibrated BatchNorm statistics (importers/slimmable.py);
-- channels dead in the weights need no source: the fold finds them in the graph.
+- channels dead in the weights need no source: the fold finds them in the graph;
+- sensAI class-group models (`--sensai-grouping`, several files or a folder): combined into
+  one module, equal structures fused (importers/sensai.py).
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +25,7 @@ from torch import nn
 
 from .errors import OptionError, UserError
 from .gate_stats import load_sample_inputs
-from .importers import gator, seed_layers, slimmable
+from .importers import gator, sensai, seed_layers, slimmable
 from .importers.netslim import NetslimReport, netslim_specs
 from .loading import build_model, load_checkpoint, load_weights
 from .nn import MaskSpec, attach_masks
@@ -60,6 +64,8 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
     meta: dict = {}
     if module is not None:
         model, sources = module, {"checkpoint": None, "format": "module"}
+    elif opts.sensai_grouping:
+        model, sources = _load_sensai(opts, example)
     else:
         model, specs, sources, meta = _load(opts)
     model.eval()
@@ -92,9 +98,11 @@ def _width_chosen(opts: ModelOptions) -> bool:
 
 
 def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict, dict]:
-    if not opts.checkpoint:
-        raise OptionError("no checkpoint given")
-    ckpt = load_checkpoint(opts.checkpoint, trust_pickle=opts.trust_pickle)
+    paths = checkpoint_paths(opts)
+    if len(paths) > 1:
+        raise OptionError(f"{len(paths)} checkpoints given; several are read only as sensAI group models "
+                          "(with --sensai-grouping)")
+    ckpt = load_checkpoint(paths[0], trust_pickle=opts.trust_pickle)
     sources: dict = {"checkpoint": str(ckpt.path), "format": ckpt.meta.get("format", "state_dict")}
     specs: list[MaskSpec] = []
     if ckpt.module is not None:
@@ -114,6 +122,36 @@ def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict, dict]:
     else:
         load_weights(model, weights, str(ckpt.path))
     return model, specs, sources, ckpt.meta
+
+
+def checkpoint_paths(opts: ModelOptions) -> list[str]:
+    """`opts.checkpoint` as a list: the CLI's positional takes one or more paths."""
+    paths = [opts.checkpoint] if isinstance(opts.checkpoint, (str, os.PathLike)) else list(opts.checkpoint or [])
+    if not paths:
+        raise OptionError("no checkpoint given")
+    return [str(p) for p in paths]
+
+
+def _load_sensai(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, dict]:
+    """sensAI group models (whole pickled modules) + grouping -> the combined module."""
+    if opts.model:
+        raise OptionError("--model is not used with --sensai-grouping: sensAI group models are whole "
+                          "pickled modules (pass --trust-pickle)")
+
+    def load(path) -> nn.Module:
+        ckpt = load_checkpoint(path, trust_pickle=opts.trust_pickle)
+        if ckpt.module is None:
+            raise UserError(f"{path} holds only weights; sensAI group models are whole modules (torch.save(model))")
+        return ckpt.module
+
+    grouped, files = sensai.from_files(checkpoint_paths(opts), opts.sensai_grouping, load, example,
+                                       fuse=not opts.sensai_no_fuse)
+    plan = grouped.plan
+    if plan["branches"] and len(plan["head_rows"]) > 1 and not opts.sensai_no_fuse:
+        print(f"gate2deploy: sensAI groups {plan['branches']} run as parallel branches, not fused: "
+              f"{'; '.join(plan['not_fused_because'])}", file=sys.stderr)
+    return grouped, {"checkpoint": [str(f) for f in files], "format": "sensAI group models",
+                     "sensai": {"grouping": str(opts.sensai_grouping), **plan}}
 
 
 def check_runs(model: nn.Module, example: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from .errors import OptionError
 class ModelOptions:
     """How to get the gated PyTorch model: checkpoint, architecture, mask sources."""
 
-    checkpoint: str | None = None  # a path (.pt2, state_dict, trusted pickle)
+    checkpoint: str | list[str] | None = None  # a path (.pt2, state_dict, trusted pickle); several: sensAI
     model: str | None = None  # package.module:callable or file.py:callable
     model_kwargs: str | None = None  # JSON keyword arguments for the model callable
     input_shape: str | None = None  # "1,3,224,224"
@@ -35,6 +35,8 @@ class ModelOptions:
     population: int | str | None = None  # index into the checkpoint's population_data
     recalibration_batches: int | None = None  # BN recalibration passes over --sample-inputs (None: all)
     recalibration_batch_size: int | None = None  # None: min(32, number of samples)
+    sensai_grouping: str | None = None  # grouping_config.npy / .json: checkpoint = sensAI group models
+    sensai_no_fuse: bool = False  # every sensAI group its own branch (no horizontal fusion)
 
 
 @dataclass

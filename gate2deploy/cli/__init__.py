@@ -11,7 +11,7 @@ import sys
 
 from ..errors import UserError
 
-SUBCOMMANDS = ["export", "info", "demo", "run", "profile", "build_engine"]
+SUBCOMMANDS = ["export", "info", "demo", "run", "profile", "build_engine", "sensai_prune"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,9 @@ from ..importers.netslim import RULES, SCOPES
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a .pt2 torch.export program, a state_dict checkpoint "
-                   "(with --model), or a pickled module (with --trust-pickle)")
+    p.add_argument("checkpoint", nargs="+", help="a .pt2 torch.export program, a state_dict checkpoint "
+                   "(with --model), or a pickled module (with --trust-pickle); with --sensai-grouping: "
+                   "a folder of sensAI group models or several group model files")
     p.add_argument("--model", help="architecture for a state_dict: package.module:callable or file.py:callable")
     p.add_argument("--model-kwargs", help="JSON keyword arguments for the --model callable")
     p.add_argument("--input-shape", required=True,
@@ -26,6 +27,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fbs-rate", type=float,
                    help="PyTorch-FBS: the `rate` (fraction of channels kept) the ChannelPruning blocks were "
                         "trained at, which the checkpoint does not store (main.py writes it into the file name)")
+    p.add_argument("--sensai-grouping", metavar="NPY|JSON",
+                   help="sensAI: the class groups (grouping_config.npy, or JSON lists); the checkpoints are "
+                        "then the group models, combined as sensAI's grouped evaluation into one model")
+    p.add_argument("--sensai-no-fuse", action="store_true",
+                   help="sensAI: run every group as its own branch instead of fusing groups of equal structure "
+                        "into grouped convolutions (fusion pads every group to the widest; for big compute-bound "
+                        "groups with spread widths that padding can cost more than fusion saves)")
     add_slimmable_arguments(p)
 
 

@@ -1,0 +1,117 @@
+"""`gate2deploy sensai-prune`: a trained model + class groups + sample images -> sensAI's
+per-group pruned group models, as the export (`--sensai-grouping`) reads them.
+
+The seed's steps get_prune_candidates.py (APoZ statistics per group on that group's
+images) and prune_and_get_model.py (cut the candidates, keep the head rows [0] + group)
+in one command; the rules and thresholds are in gate2deploy/importers/sensai.py. Written:
+OUT/grouping_config.npy (.json when the groups differ in size) and
+OUT/<arch>/<arch>_<g>_pruned_model.pth (whole pickled modules, as the seed saves them: their
+classes must be importable where they are loaded). sensAI retrains these before serving
+(cifar_group.py); gate2deploy exports them as they are.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import OptionError, UserError
+from ..importers import sensai
+from ..loading import build_model, load_checkpoint, load_weights
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sensai-prune", help="sensAI: per-class-group APoZ pruning into group models for export")
+    p.add_argument("checkpoint", help="the trained model: a pickled module (with --trust-pickle) or a "
+                   "state_dict (with --model)")
+    p.add_argument("--model", help="architecture for a state_dict: package.module:callable or file.py:callable")
+    p.add_argument("--model-kwargs", help="JSON keyword arguments for the --model callable")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoints that unpickle Python objects (runs code from the file)")
+    p.add_argument("--sensai-grouping", required=True, metavar="NPY|JSON",
+                   help="the class groups (grouping_config.npy or JSON lists)")
+    p.add_argument("--sample-inputs", required=True, help="images, .npy of shape (M, C, H, W), preprocessed")
+    p.add_argument("--labels", required=True, help="their class labels, .npy of M integers")
+    p.add_argument("-o", "--out", required=True, help="output folder (created; existing files are replaced)")
+    p.add_argument("--arch", help="the name in the files <arch>_<g>_pruned_model.pth (default: the model's class)")
+    p.add_argument("--apoz-threshold", type=float, default=sensai.APOZ_THRESHOLD,
+                   help="prune channels whose APoZ %% is above this (default %(default)g, the seed's CIFAR value)")
+    p.add_argument("--mean-threshold", type=float, default=sensai.MEAN_THRESHOLD,
+                   help="... and whose mean |activation| is below this (default %(default)g)")
+    p.add_argument("--batch-size", type=int, default=sensai.APOZ_BATCH,
+                   help="images per statistics batch (the seed averages per-batch scores; default %(default)d)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the re-drawn 'other' head row")
+    p.set_defaults(func=run)
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    if not Path(path).is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{what} {path} is not a .npy array: {(str(exc).splitlines() or [''])[0]}") from None
+
+
+def run(args) -> int:
+    if args.batch_size < 1:
+        raise OptionError("--batch-size must be at least 1")
+    groups = sensai.load_grouping(args.sensai_grouping)
+    sensai.check_grouping(groups)
+    images = _load_npy(args.sample_inputs, "--sample-inputs")
+    labels = _load_npy(args.labels, "--labels")
+    if images.ndim != 4:
+        raise UserError(f"--sample-inputs {args.sample_inputs}: expected (M, C, H, W) images, got {images.shape}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"--labels {args.labels}: expected a 1-d integer array, got {labels.dtype} {labels.shape}")
+    ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+    model = ckpt.module
+    if model is None:
+        if not args.model:
+            raise OptionError(f"{ckpt.path} holds only weights: pass --model package.module:callable")
+        model = build_model(args.model, args.model_kwargs)
+        load_weights(model, ckpt.state_dict, str(ckpt.path))
+    arch = args.arch or type(model).__name__.lower()
+    pruned = sensai.prune_groups(model, groups, images, labels, args.apoz_threshold, args.mean_threshold,
+                                 args.batch_size, args.seed)
+    _write(Path(args.out), arch, groups, [m for m, _ in pruned])
+    for g, (m, cands) in enumerate(pruned):
+        kept = sum(p.numel() for p in m.parameters())
+        print(f"group {g} {groups[g]}: pruned {sum(len(c) for c in cands)} channels, {kept:,} parameters")
+    print(f"wrote {len(pruned)} group models to {Path(args.out) / arch}")
+    return 0
+
+
+def _write(out: Path, arch: str, groups: list[list[int]], models) -> None:
+    """Everything into a temporary folder beside `out`, then moved in: no partial output."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} is a file, not a folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {out}: directory {parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    try:
+        (tmp / arch).mkdir()
+        if len({len(g) for g in groups}) == 1:
+            np.save(tmp / "grouping_config.npy", np.array(groups, dtype=np.int64))
+        else:
+            (tmp / "grouping_config.json").write_text(json.dumps(groups))
+        for g, m in enumerate(models):
+            buf = io.BytesIO()
+            torch.save(m, buf)  # the seed's format: the whole module
+            (tmp / arch / f"{arch}_{g}_pruned_model.pth").write_bytes(buf.getvalue())
+        out.mkdir(exist_ok=True)
+        for src in sorted(tmp.rglob("*")):
+            dst = out / src.relative_to(tmp)
+            if src.is_dir():
+                dst.mkdir(exist_ok=True)
+            else:
+                os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
