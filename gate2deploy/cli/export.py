@@ -27,7 +27,7 @@ from .. import report as rep
 from ..api import CompiledModel, compile_with
 from ..errors import OptionError
 from ..fileio import atomic_path, check_writable, write_text
-from ..frontend import parse_shape
+from ..frontend import checkpoint_paths, parse_shape
 from ..importers.slimmable import population as population_entries
 from ..importers.slimmable import uniform_sweep
 from ..options import CompileOptions, from_namespace, replace
@@ -215,7 +215,7 @@ def run_sweep(args) -> int:
         check_decodes(opts, widths)
         points = [(f"w{w:g}", {"width": w, "population": None}) for w in widths]
     else:
-        entries = population_entries(load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle).meta)
+        entries = population_entries(load_checkpoint(checkpoint_paths(opts)[0], trust_pickle=args.trust_pickle).meta)
         if not entries:
             raise OptionError("--population all: the checkpoint holds no population_data entries")
         points = [(f"pop{e['index']}", {"population": e["index"], "width": None}) for e in entries]
@@ -247,7 +247,7 @@ def run_sweep(args) -> int:
         c.save(path)
     write_text(report_path, rep.to_json(sweep))
     if median:
-        write_plot(rows, plot_path, str(args.checkpoint))
+        write_plot(rows, plot_path, checkpoint_paths(opts)[0])
     print(format_sweep(rows))
     print(f"wrote {len(files)} models ({files[0].name} ...), {report_path}" + (f", {plot_path}" if median else ""))
     return 0
