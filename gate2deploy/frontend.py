@@ -35,6 +35,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "(with --model), or a pickled module (with --trust-pickle)")
     p.add_argument("--model", help="architecture for a state_dict: package.module:callable or file.py:callable")
     p.add_argument("--model-kwargs", help="JSON keyword arguments for the --model callable")
+    p.add_argument("--model-path", action="append", default=[], metavar="DIR",
+                   help="folder to import --model's and pickled modules' code from (repeatable); a "
+                        "--model file.py finds its own repository's root without it")
     p.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224 (the batch size is fixed in the export)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that unpickle Python objects (runs code from the file)")
@@ -56,7 +59,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def build_gated_model(args: argparse.Namespace) -> GatedModel:
     shape = parse_shape(args.input_shape)
-    ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+    ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle, model_paths=args.model_path)
     sources: dict = {"checkpoint": str(ckpt.path), "format": ckpt.meta.get("format", "state_dict")}
     specs: list[MaskSpec] = []
     if ckpt.module is not None:
@@ -65,7 +68,7 @@ def build_gated_model(args: argparse.Namespace) -> GatedModel:
         if not args.model:
             raise UserError(f"{ckpt.path} holds only weights: pass --model package.module:callable "
                             "(or file.py:callable) to build the architecture")
-        model = build_model(args.model, args.model_kwargs)
+        model = build_model(args.model, args.model_kwargs, args.model_path)
         weights = ckpt.state_dict
         if gator.is_gator(weights):
             weights, gate_masks = gator.split_checkpoint(weights)
