@@ -14,7 +14,10 @@ IR version 10 (what onnxruntime 1.31 accepts), one input `input` and one output 
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import sys
 import warnings
 
 import onnx
@@ -31,7 +34,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     opdefs.register_all()
     model.eval()
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_native_stderr():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -45,7 +48,41 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
                 f"the model does not run on an input of shape {tuple(example.shape)}: {first}"
             ) from None
     proto = onnx.load_from_string(buf.getvalue())
+    _refuse_foreign_ops(proto)
     return finalize(proto)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """The exporter's C++ side writes warnings straight to file descriptor 2 (e.g. "shape
+    inference of custom::X is missing"), past Python's warning filters; errors come back as
+    exceptions, so its stderr is dropped to keep the CLI's one-line error contract."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2: nothing to quiet
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            sys.stderr.flush()
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _refuse_foreign_ops(proto: onnx.ModelProto) -> None:
+    """An op outside the standard and gate2deploy domains (an `autograd.Function` with its own
+    `symbolic`, e.g. a PACT clip exported as `custom::PactClip`) runs on no target, so the
+    export could be neither verified nor deployed: refuse it by name. Without `symbolic` the
+    exporter traces the Function's forward into standard ops, which is what is wanted."""
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx", opdefs.DOMAIN):
+            raise UserError(
+                f"the model exports op {node.domain}::{node.op_type} (node {node.name}), which no "
+                "gate2deploy target runs: remove its autograd.Function's `symbolic` so that its forward "
+                "is traced into standard ops")
 
 
 def finalize(proto: onnx.ModelProto) -> onnx.ModelProto:

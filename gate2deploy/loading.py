@@ -115,15 +115,16 @@ def _numpy_safe_globals() -> list:
 
 
 def _needs_trust_message(path: Path, exc: BaseException) -> str:
-    """Name what in the file needs trust: the Python objects the safe loader refused."""
+    """Name what in the file needs trust: the object the safe loader refused (from torch's
+    message) and the other globals the pickle names that are not allowed."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"got <class '([\w.]+)'>", str(exc))
+    names = [found.group(1)] if found else []
     try:
-        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-                 if n not in _NUMPY_NAMES]
-    except Exception:  # noqa: BLE001 - legacy format: fall back to torch's message
-        names = []
-    if not names:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"got <class '([\w.]+)'>", str(exc))
-        names = [found.group(1)] if found else []
+        allowed = {_global_name(g) for g in _numpy_safe_globals()}
+        names += [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+                  if n not in allowed and n not in names]
+    except Exception:  # noqa: BLE001 - legacy format: torch's message is all there is
+        pass
     if not names:  # nothing in the file needs trust: the pickle itself is broken
         return f"{path} is not a readable PyTorch checkpoint (truncated or damaged): {_one_line(exc)}"
     # The user's own classes first: they are what needs trust (and what must be importable).
@@ -136,7 +137,10 @@ def _needs_trust_message(path: Path, exc: BaseException) -> str:
             "loaded: pass --trust-pickle if you trust it")
 
 
-_NUMPY_NAMES = {f"numpy.{sub}multiarray.{fn}" for sub in ("core.", "_core.") for fn in ("_reconstruct", "scalar")}
+def _global_name(entry) -> str:
+    if isinstance(entry, tuple):
+        return entry[1]
+    return f"{entry.__module__}.{entry.__qualname__}"
 
 
 def _load_trusted(path: Path, model_paths: Sequence[str | Path]):
@@ -174,10 +178,18 @@ def _holds_module(folder: Path, name: str) -> bool:
     return (folder / name).is_dir() or (folder / f"{name}.py").is_file()
 
 
+def _module_location(module) -> str:
+    """Where a module was imported from: its file, or a namespace package's first folder."""
+    return getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or []), "")
+
+
 @contextlib.contextmanager
 def _on_sys_path(folders: Sequence[Path]):
-    """Put `folders` first on sys.path (in order) for the duration."""
+    """Put `folders` first on sys.path (in order) for the duration, and afterwards forget
+    the modules imported from them: the next build (another repository with its own `utils`
+    or `models`, in the same process) imports its own. Objects already built keep theirs."""
     added = [str(f.resolve()) for f in folders]
+    before = set(sys.modules)
     sys.path[:0] = added
     try:
         yield
@@ -185,6 +197,10 @@ def _on_sys_path(folders: Sequence[Path]):
         for entry in added:
             if entry in sys.path:
                 sys.path.remove(entry)
+        for name in set(sys.modules) - before:
+            where = _module_location(sys.modules[name])
+            if where and any(Path(where).resolve().is_relative_to(a) for a in added):
+                del sys.modules[name]
 
 
 def _interpret(path: Path, obj) -> Checkpoint:
@@ -338,16 +354,16 @@ def _forget_shadowed(file: Path, folders: list[Path]) -> None:
     """A package of the same name imported earlier from elsewhere (a sibling seed's `utils`,
     a test tree's `models`) would be reused by `import` from sys.modules; the user's
     repository shadows it, as it would when run from its root."""
-    for folder in folders:
-        for name in top_level_imports(file):
-            loaded = sys.modules.get(name)
-            if loaded is None or not _holds_module(folder, name):
-                continue
-            where = getattr(loaded, "__file__", None) or next(iter(getattr(loaded, "__path__", [])), "")
-            installed = any(part in ("site-packages", "dist-packages") for part in Path(where).parts)
-            if where and not installed and not Path(where).resolve().is_relative_to(folder.resolve()):
-                for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-                    del sys.modules[key]
+    for name in top_level_imports(file):
+        loaded = sys.modules.get(name)
+        folder = next((f for f in folders if _holds_module(f, name)), None)
+        if loaded is None or folder is None:
+            continue
+        where = _module_location(loaded)
+        installed = any(part in ("site-packages", "dist-packages") for part in Path(where).parts)
+        if where and not installed and not Path(where).resolve().is_relative_to(folder.resolve()):
+            for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+                del sys.modules[key]
 
 
 def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:

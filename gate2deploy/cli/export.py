@@ -95,6 +95,7 @@ def run(args) -> int:
             "constant_folds": ctx.fold.constant_folds,
             "removed_layers": ctx.fold.removed_layers,
             "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
+            "pinned_ops": [vars(o) for o in ctx.fold.pinned_ops],
         },
         "sparse_input_convs": ctx.sparse_input_convs,
         "fused_epilogues": ctx.fused_epilogues,
@@ -155,4 +156,6 @@ def print_summary(s: dict) -> None:
               f"on the sample inputs")
     for u in s["fold"]["unfoldable"]:
         print(f"kept as Mul (not foldable): {u['source']}: {u['channels']} channels: {u['reason']}")
+    for o in s["fold"]["pinned_ops"]:
+        print(f"channels kept around {o['op']} {o['node']} (the fold cannot reason about it): {o['reason']}")
     print(f"compile time {s['compile_seconds']:.2f} s")
