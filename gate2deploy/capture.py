@@ -30,9 +30,13 @@ OPSET = 17
 IR_VERSION = 10
 
 
+PROTOBUF_LIMIT = 2**31  # bytes: one serialized ONNX protobuf cannot be larger
+
+
 def capture(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     opdefs.register_all()
     model.eval()
+    _check_fits_one_protobuf(model)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), _quiet_native_stderr():
         warnings.simplefilter("ignore")
@@ -70,6 +74,16 @@ def _quiet_native_stderr():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def _check_fits_one_protobuf(model: torch.nn.Module) -> None:
+    """Weights over 2 GiB (torchvision's vit_h_14 and regnet_y_128gf) do not fit one ONNX
+    protobuf, and every pass here works on in-memory protobufs; the exporter would fail with
+    a message about file paths. Refuse by size, before the (long) export."""
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if size >= PROTOBUF_LIMIT:
+        raise UserError(f"the model's weights take {size / 2**30:.2f} GiB; an ONNX model in one file holds "
+                        "less than 2 GiB, and gate2deploy does not write ONNX external data")
 
 
 def _refuse_foreign_ops(proto: onnx.ModelProto) -> None:

@@ -68,3 +68,21 @@ def test_models_over_the_protobuf_limit(cli, tmp_path, name):
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "2 GiB" in err, err
     assert not out.exists()
+
+
+def test_weights_over_the_protobuf_limit_are_refused_before_export():
+    # A 2.4 GB parameter that takes 4 bytes of memory (an expanded view): what vit_h_14 and
+    # regnet_y_128gf reach with real weights.
+    from gate2deploy.capture import capture
+    from gate2deploy.errors import UserError
+
+    class Huge(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1).expand(600_000_000), requires_grad=False)
+
+        def forward(self, x):
+            return x * self.w[0]
+
+    with pytest.raises(UserError, match=r"2\.24 GiB.*less than 2 GiB"):
+        capture(Huge(), torch.randn(1, 3))
