@@ -274,10 +274,14 @@ def build_model(spec: str, kwargs_json: str | None = None, model_paths: Sequence
             raise UserError(f"--model file {file} does not exist")
         root = import_root(file)
         folders += [root] if root is not None else []
-        folders.append(file.parent)  # as `python file.py` would: the script's own folder
+        package_root, dotted = package_of(file)
+        # A file inside a package (Joslim's model/slim_resnet.py: `from .dyn_model import`) is
+        # imported as `model.slim_resnet` from above the package, as its repository does;
+        # a loose file as `python file.py` would run it, its own folder on the path.
+        folders.append(package_root if dotted else file.parent)
     # Kept on sys.path while the builder runs too: builders may import lazily.
     with _on_sys_path(folders):
-        module = _import_file(file, folders) if target.endswith(".py") else _import_module(target)
+        module = _import_file(file, folders, dotted) if target.endswith(".py") else _import_module(target)
         fn = getattr(module, attr, None)
         if fn is None or not callable(fn):
             raise UserError(f"--model: {target} has no callable {attr!r}")
@@ -297,21 +301,34 @@ def _import_module(target: str):
         raise UserError(f"--model module {target!r} cannot be imported: {_one_line(exc)}") from None
 
 
-def _import_file(file: Path, folders: list[Path]):
-    mod_name = f"gate2deploy_user_{file.stem}"
-    module_spec = importlib.util.spec_from_file_location(mod_name, file)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[mod_name] = module
-    _forget_shadowed(file, folders)
+def _import_file(file: Path, folders: list[Path], dotted: str | None):
+    names = top_level_imports(file) + ([dotted.split(".")[0]] if dotted else [])
+    _forget_shadowed(names, folders)
     try:
+        if dotted:
+            return importlib.import_module(dotted)
+        mod_name = f"gate2deploy_user_{file.stem}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, file)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module  # dataclasses look their module up there
         module_spec.loader.exec_module(module)
+        return module
     except ModuleNotFoundError as exc:
         missing = exc.name or _one_line(exc)
         raise UserError(f"--model file {file} imports module {missing!r}, which cannot be found: "
                         f"{_where_hint(missing, [file.parent])}") from None
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"--model file {file} fails to import: {_one_line(exc)}") from None
-    return module
+
+
+def package_of(file: Path) -> tuple[Path, str | None]:
+    """(folder above the outermost package holding `file`, dotted module name), or
+    (file's folder, None) when its folder is not a package (no `__init__.py`)."""
+    folder, parts = file.resolve().parent, [file.stem]
+    while (folder / "__init__.py").is_file() and folder.name.isidentifier():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return (folder, ".".join(parts)) if len(parts) > 1 else (file.resolve().parent, None)
 
 
 def top_level_imports(file: Path) -> list[str]:
@@ -350,14 +367,14 @@ def import_root(file: Path) -> Path | None:
     return None
 
 
-def _forget_shadowed(file: Path, folders: list[Path]) -> None:
+def _forget_shadowed(names: list[str], folders: list[Path]) -> None:
     """A package of the same name imported earlier from elsewhere (a sibling seed's `utils`,
     a test tree's `models`) would be reused by `import` from sys.modules; the user's
     repository shadows it, as it would when run from its root."""
-    for name in top_level_imports(file):
+    for name in names:
         loaded = sys.modules.get(name)
         folder = next((f for f in folders if _holds_module(f, name)), None)
-        if loaded is None or folder is None:
+        if loaded is None or folder is None or name == __name__.split(".")[0]:
             continue
         where = _module_location(loaded)
         installed = any(part in ("site-packages", "dist-packages") for part in Path(where).parts)

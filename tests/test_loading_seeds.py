@@ -280,3 +280,14 @@ def test_model_path_must_be_a_folder(tmp_path, cli):
 def test_import_root_of_a_self_contained_file(tmp_path):
     (tmp_path / "solo.py").write_text("import torch\nimport collections\nimport numpy\n")
     assert import_root(tmp_path / "solo.py") is None
+
+
+def test_model_file_inside_a_package_uses_relative_imports(tmp_path):
+    # Joslim's layout: model/__init__.py, model/slim_resnet.py with `from .dyn_model import`.
+    pkg = tmp_path / "repo" / "model"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "blocks.py").write_text("from torch import nn\nclass Block(nn.Conv2d):\n    pass\n")
+    (pkg / "net.py").write_text("from .blocks import Block\ndef build():\n    return Block(3, 5, 1)\n")
+    model = build_model(f"{pkg / 'net.py'}:build")
+    assert type(model).__module__ == "model.blocks" and model.out_channels == 5
