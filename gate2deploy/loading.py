@@ -82,8 +82,12 @@ def _check_torch_save_format(path: Path) -> None:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z:
-                if any(n.endswith("data.pkl") for n in z.namelist()):
-                    return
+                names = z.namelist()
+            if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+                raise UserError(f"{path} is a TorchScript archive (torch.jit.save), which gate2deploy does not "
+                                "read: save a torch.export program (.pt2) or the state_dict")
+            if any(n.endswith("data.pkl") for n in names):
+                return
         except zipfile.BadZipFile:
             pass
         raise UserError(f"{path} is not a PyTorch checkpoint: a zip archive without torch.save's data.pkl")

@@ -291,3 +291,9 @@ def test_model_file_inside_a_package_uses_relative_imports(tmp_path):
     (pkg / "net.py").write_text("from .blocks import Block\ndef build():\n    return Block(3, 5, 1)\n")
     model = build_model(f"{pkg / 'net.py'}:build")
     assert type(model).__module__ == "model.blocks" and model.out_channels == 5
+
+
+def test_torchscript_archive_is_named(tmp_path, cli):
+    torch.jit.save(torch.jit.trace(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 4, 4)), tmp_path / "ts.pt")
+    _one_line_exit_2(cli("export", tmp_path / "ts.pt", "--input-shape", "1,3,4,4", "-o", tmp_path / "m.onnx"),
+                     "TorchScript archive", absent=["--trust-pickle", "truncated"])
