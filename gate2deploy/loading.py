@@ -9,6 +9,20 @@ Three kinds of checkpoint (chosen by content, not by file name):
   `trust_pickle=True` (CLI `--trust-pickle`), because unpickling runs arbitrary code.
 
 Everything else is refused with a one-line `UserError`.
+
+Decisions (issue 12):
+- The safe loader (`weights_only=True`) also accepts numpy arrays, numpy scalars and their
+  dtypes (numeric, bool, string; not object arrays) through an allow-list of numpy's
+  reconstructors (`_numpy_safe_globals`): seed checkpoints keep search histories in them
+  (Joslim). That is not `--trust-pickle`: nothing on the list runs code from the file.
+- A refusal names what needs trust: the classes/functions the pickle refers to, the user's
+  own first. A file that is neither torch.save's zip nor a pickle is "not a PyTorch
+  checkpoint", never "needs trust".
+- The state dict's `_metadata` (module versions) travels with it through unwrapping and
+  prefix stripping: modules read it in `_load_from_state_dict`.
+- `--model file.py` imports the file as its repository runs it (`import_root`,
+  `package_of`); `--model-path DIR` adds folders for other layouts and for the classes of a
+  trusted pickle. Modules imported from those folders are forgotten after the build.
 """
 from __future__ import annotations
 
