@@ -172,12 +172,14 @@ def _load_trusted(path: Path, model_paths: Sequence[str | Path]):
             missing = exc.name or _one_line(exc)
             raise UserError(f"{path} pickles classes from module {missing!r}, which cannot be imported: "
                             f"{_where_hint(missing, [path.parent, Path.cwd()])}") from None
+        except ImportError as exc:  # the module is there but fails to import
+            raise UserError(f"{path} pickles classes whose module fails to import ({_one_line(exc)}): "
+                            "pass --model-path DIR with the code the file was saved with") from None
         except AttributeError as exc:  # the module exists but lacks the pickled class
             raise UserError(f"{path} pickles a class its module does not define ({_one_line(exc)}): "
                             "pass --model-path DIR with the code the file was saved with") from None
-        except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on foreign bytes
-            raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or damaged): "
-                            f"{_one_line(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - damaged files, or the pickled code itself failing
+            raise UserError(f"{path} could not be unpickled: {_one_line(exc)}") from None
 
 
 def _where_hint(missing: str, starts: Sequence[Path]) -> str:
