@@ -307,8 +307,11 @@ def build_model(spec: str, kwargs_json: str | None = None, model_paths: Sequence
             raise UserError(f"--model: {target} has no callable {attr!r}")
         try:
             model = fn(**kwargs)
+        except KeyError as exc:  # seed builders read their options as kwargs['wbits']
+            raise UserError(f"--model {spec} failed to build: it reads option {exc} that was not given: "
+                            "pass it in --model-kwargs") from None
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"--model {spec} failed to build: {_one_line(exc)}") from None
+            raise UserError(f"--model {spec} failed to build: {type(exc).__name__}: {_one_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
     return model

@@ -297,3 +297,12 @@ def test_torchscript_archive_is_named(tmp_path, cli):
     torch.jit.save(torch.jit.trace(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 4, 4)), tmp_path / "ts.pt")
     _one_line_exit_2(cli("export", tmp_path / "ts.pt", "--input-shape", "1,3,4,4", "-o", tmp_path / "m.onnx"),
                      "TorchScript archive", absent=["--trust-pickle", "truncated"])
+
+
+def test_builder_option_missing_from_model_kwargs_is_named(tmp_path):
+    # dnn-gating's builders read their options as kwargs['partitions'] (model/cg_cifar10_resnet.py).
+    (tmp_path / "seed.py").write_text("from torch import nn\ndef resnet20(**kwargs):\n"
+                                      "    return nn.Conv2d(3, kwargs['partitions'], 1)\n")
+    with pytest.raises(UserError, match=r"option 'partitions' that was not given: pass it in --model-kwargs"):
+        build_model(f"{tmp_path / 'seed.py'}:resnet20")
+    assert build_model(f"{tmp_path / 'seed.py'}:resnet20", '{"partitions": 4}').out_channels == 4
