@@ -38,7 +38,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     model.eval()
     _check_fits_one_protobuf(model)
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad(), _quiet_native_stderr():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_native_stderr(), _unfused_attention():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -46,14 +46,33 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
                 input_names=["input"], output_names=["output"],
                 do_constant_folding=True,
             )
+        except torch.onnx.errors.UnsupportedOperatorError as exc:
+            raise UserError(f"the ONNX exporter cannot capture the model: {_first_line(exc)}") from None
         except RuntimeError as exc:  # shape errors inside the model's forward
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(
-                f"the model does not run on an input of shape {tuple(example.shape)}: {first}"
+                f"the model does not run on an input of shape {tuple(example.shape)}: {_first_line(exc)}"
             ) from None
     proto = onnx.load_from_string(buf.getvalue())
     _refuse_foreign_ops(proto)
     return finalize(proto)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _unfused_attention():
+    """nn.MultiheadAttention (torchvision's ViT encoder) in eval mode without grad takes a
+    fused kernel, `aten::_native_multi_head_attention`, that the TorchScript exporter has no
+    translation for; with the fast path off, the same attention is traced as the standard
+    ops it is made of."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @contextlib.contextmanager

@@ -137,7 +137,7 @@ def test_export_report_names_the_pinned_op(tmp_path, cli):
     assert code == 0, err
     pinned = json.loads((tmp_path / "r.json").read_text())["fold"]["pinned_ops"]
     assert [p["op"] for p in pinned] == ["CumSum"] and "no channel rule" in pinned[0]["reason"]
-    assert "channels kept around CumSum" in stdout
+    assert "channels kept around 1 CumSum node" in stdout
     # Exact: the running sum over channels sees the masked (zero) channels as zeros.
     model = MaskedPactNet(ChannelCumSum()).eval()
     model.load_state_dict(torch.load(tmp_path / "c.pt"))

@@ -4,7 +4,8 @@ exports exactly with no masks (`export`, default --target onnx, verification on)
 Random weights (each builder's own initialisation, nothing downloaded), input 1x3x224x224,
 Inception-v3 at 299 (its stem needs 75 px or more; 299 is its native size). Verification
 inside `export` compares ONNX Runtime with the PyTorch model on random inputs at the default
-tolerance; the test additionally checks that nothing was folded (no masks, no dead channels
+tolerance (parameters a builder initialises to zero get random values, so that no output
+is identically zero); the test additionally checks that nothing was folded (no masks, no dead channels
 in random weights) and that the report says verified.
 
 CI time: only the models measured under ~15 s each (export + verification, on the shared
@@ -37,6 +38,12 @@ def _case(name):
 
 def _export(cli, tmp_path, name):
     model = torchvision.models.get_model(name)
+    with torch.no_grad():
+        # Zero-initialised parameters (ViT's head) would make the output identically zero
+        # and the comparison vacuous.
+        for p in model.parameters():
+            if p.is_floating_point() and not p.any():
+                p.normal_(0, 0.02)
     ckpt = tmp_path / f"{name}.pt"
     torch.save(model.state_dict(), ckpt)
     del model
@@ -90,3 +97,21 @@ def test_weights_over_the_protobuf_limit_are_refused_before_export():
 
     with pytest.raises(UserError, match=r"2\.24 GiB.*less than 2 GiB"):
         capture(Huge(), torch.randn(1, 3))
+
+
+def test_small_vit_exports_exactly(cli, tmp_path):
+    # nn.MultiheadAttention's eval-mode fast path (`_native_multi_head_attention`) has no
+    # ONNX translation; capture turns it off. A 1-layer ViT keeps this in the default suite.
+    from torchvision.models.vision_transformer import VisionTransformer
+    kwargs = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5)
+    model = VisionTransformer(**kwargs)
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 0.5)  # zero-initialised by torchvision
+    torch.save(model.state_dict(), tmp_path / "vit.pt")
+    code, _, err = cli("export", tmp_path / "vit.pt", "--model", "torchvision.models.vision_transformer:VisionTransformer",
+                       "--model-kwargs", json.dumps(kwargs), "--input-shape", "1,3,32,32", "-o", tmp_path / "vit.onnx",
+                       "--report", tmp_path / "r.json")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["max_rel_err"] <= summary["tolerance"]
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after capture

@@ -8,6 +8,7 @@ needs TensorRT and a GPU, refused cleanly otherwise).
 """
 from __future__ import annotations
 
+import collections
 import time
 
 import torch
@@ -156,6 +157,8 @@ def print_summary(s: dict) -> None:
               f"on the sample inputs")
     for u in s["fold"]["unfoldable"]:
         print(f"kept as Mul (not foldable): {u['source']}: {u['channels']} channels: {u['reason']}")
-    for o in s["fold"]["pinned_ops"]:
-        print(f"channels kept around {o['op']} {o['node']} (the fold cannot reason about it): {o['reason']}")
+    pinned = collections.Counter((o["op"], o["reason"]) for o in s["fold"]["pinned_ops"])
+    for (op, reason), n in pinned.items():
+        print(f"channels kept around {n} {op} node{'s' * (n > 1)} (the fold cannot reason about them: "
+              f"{reason}; listed in the report's fold.pinned_ops)")
     print(f"compile time {s['compile_seconds']:.2f} s")
