@@ -49,6 +49,7 @@ def run(args) -> int:
         "dense": {"macs": dense.macs, "params": dense.params},
         "effective": {"macs": eff.macs, "params": eff.params},
         "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
+        "pinned_ops": [vars(o) for o in ctx.fold.pinned_ops],
         "layers": layers,
         **gated_layer_report(gated, captured, load_samples(args, gated)),
     }
