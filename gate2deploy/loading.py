@@ -385,9 +385,16 @@ def import_root(file: Path) -> Path | None:
     names = top_level_imports(file)
     for folder in (file.resolve().parent, *file.resolve().parent.parents):
         local = [n for n in names if _holds_module(folder, n)]
-        if local and all(n in local or importlib.util.find_spec(n) is not None for n in names):
+        if local and all(n in local or _installed(n) for n in names):
             return folder
     return None
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _forget_shadowed(names: list[str], folders: list[Path]) -> None:
