@@ -168,6 +168,7 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
             "constant_folds": ctx.fold.constant_folds,
             "removed_layers": ctx.fold.removed_layers,
             "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
+            "pinned_ops": [vars(o) for o in ctx.fold.pinned_ops],
         },
         "sparse_input_convs": ctx.sparse_input_convs,
         "fused_epilogues": ctx.fused_epilogues,
@@ -214,6 +215,7 @@ def info(model_or_checkpoint=None, example_inputs=None, **options) -> dict:
         "dense": {"macs": dense.macs, "params": dense.params},
         "effective": {"macs": eff.macs, "params": eff.params},
         "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
+        "pinned_ops": [vars(o) for o in ctx.fold.pinned_ops],
         "layers": layers,
         **gated_layer_report(gated, captured, load_samples(opts.sample_inputs, gated)),
     }

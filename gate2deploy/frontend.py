@@ -102,7 +102,7 @@ def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict, dict]:
     if len(paths) > 1:
         raise OptionError(f"{len(paths)} checkpoints given; several are read only as sensAI group models "
                           "(with --sensai-grouping)")
-    ckpt = load_checkpoint(paths[0], trust_pickle=opts.trust_pickle)
+    ckpt = load_checkpoint(paths[0], trust_pickle=opts.trust_pickle, model_paths=opts.model_path)
     sources: dict = {"checkpoint": str(ckpt.path), "format": ckpt.meta.get("format", "state_dict")}
     specs: list[MaskSpec] = []
     if ckpt.module is not None:
@@ -110,7 +110,7 @@ def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict, dict]:
     if not opts.model:
         raise OptionError(f"{ckpt.path} holds only weights: pass --model package.module:callable "
                           "(or file.py:callable) to build the architecture")
-    model = build_model(opts.model, opts.model_kwargs)
+    model = build_model(opts.model, opts.model_kwargs, opts.model_path)
     weights = ckpt.state_dict
     if gator.is_gator(weights):
         weights, gates = gator.split_checkpoint(weights)
@@ -139,7 +139,7 @@ def _load_sensai(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, 
                           "pickled modules (pass --trust-pickle)")
 
     def load(path) -> nn.Module:
-        ckpt = load_checkpoint(path, trust_pickle=opts.trust_pickle)
+        ckpt = load_checkpoint(path, trust_pickle=opts.trust_pickle, model_paths=opts.model_path)
         if ckpt.module is None:
             raise UserError(f"{path} holds only weights; sensAI group models are whole modules (torch.save(model))")
         return ckpt.module

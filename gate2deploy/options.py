@@ -9,7 +9,7 @@ Field names are the flags' names with dashes as underscores (`--netslim-density`
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .errors import OptionError
 
@@ -21,6 +21,7 @@ class ModelOptions:
     checkpoint: str | list[str] | None = None  # a path (.pt2, state_dict, trusted pickle); several: sensAI
     model: str | None = None  # package.module:callable or file.py:callable
     model_kwargs: str | None = None  # JSON keyword arguments for the model callable
+    model_path: list[str] = field(default_factory=list)  # folders to import model code from
     input_shape: str | None = None  # "1,3,224,224"
     trust_pickle: bool = False
     netslim_density: float | None = None

@@ -23,6 +23,14 @@ every consume site: their contribution there is then a constant the fold moves i
 
 The per-op behaviour is declared in `RULES` (op type -> rule); ops not listed pin their
 channels, so an unknown op can make the fold do less but never do something wrong.
+
+Never crash: whatever the analysis cannot reason about - an op without a rule (a custom op,
+an autograd.Function exported under its own name), an op whose output shape shape inference
+could not give, a rule failing on an unforeseen form - pins the channels of its inputs and
+outputs (nothing folds across it) and is listed in `ChannelAnalysis.opaque` with the reason;
+the fold copies the list into its result and `export` into its report. A tensor left without
+a map (the output of such an op with an unknown shape) carries no channel identities: ops
+reading it next to mapped tensors pin those, and a Conv reading only it creates fresh ones.
 """
 from __future__ import annotations
 
@@ -112,6 +120,15 @@ class UnionFind:
 
 
 @dataclass
+class OpaqueOp:
+    """A node the analysis could not reason about; its channels are pinned."""
+
+    node: str
+    op: str  # op type, with its domain when not the standard one
+    reason: str
+
+
+@dataclass
 class ChannelAnalysis:
     graph: gs.Graph
     maps: dict[str, ChannelMap] = field(default_factory=dict)
@@ -127,6 +144,7 @@ class ChannelAnalysis:
     # Grouped (not depthwise) Convs: their group-local input columns are sliced by the fold,
     # which keeps the same number of input and of output channels in every group.
     grouped_convs: list[gs.Node] = field(default_factory=list)
+    opaque: list[OpaqueOp] = field(default_factory=list)
 
     # -- results -----------------------------------------------------------------------
     def pinned_roots(self) -> dict[int, str]:
@@ -189,16 +207,45 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
         mapped_inputs = [t for t in node.inputs if t.name in ana.maps]
         if not mapped_inputs and node.op not in ("Conv", "Gemm", "MatMul"):
             continue  # constant or shape sub-computation: no channels involved
+        unknown = [t.name for t in node.outputs if (t.outputs or t in graph.outputs) and shape_of(t) is None]
+        if unknown and not mapped_inputs:
+            continue  # downstream of an opaque op: no channel identities to carry
         handler = RULES.get(node.op) if (node.domain or "") in ("", "ai.onnx") else None
         if node.domain == "gate2deploy" and node.op == "ChannelMask":
             handler = _channel_mask
-        if handler is None:
-            _pin_node(ana, node, f"{node.op} node {node.name} (no channel rule)")
+        if unknown:
+            _opaque(ana, node, f"shape inference gives no static shape for {unknown[0]}")
+        elif handler is None and node.domain == "gate2deploy":
+            # Gated layers (CG/PG/FBS) choose their computation per input: deliberately kept.
+            _pin_node(ana, node, f"gated layer {node.op} {node.name}")
+        elif handler is None:
+            _opaque(ana, node, "no channel rule for this op")
         else:
-            handler(ana, node)
+            _apply(ana, node, handler)
     for tensor in graph.outputs:
         ana.pin(ana.maps.get(tensor.name), f"graph output {tensor.name}")
     return ana
+
+
+_RECORDS = ("bindings", "consume_sites", "channel_gathers", "channel_slices", "grouped_convs")
+
+
+def _apply(ana: ChannelAnalysis, node: gs.Node, handler: Rule) -> None:
+    """Run a rule; if it fails, undo what it recorded and treat the node as opaque (unions
+    it made stay, which only couples more channels; pinning covers them)."""
+    lengths = {name: len(getattr(ana, name)) for name in _RECORDS}
+    try:
+        handler(ana, node)
+    except Exception as exc:  # noqa: BLE001 - never crash: an unforeseen form pins instead
+        for name, n in lengths.items():
+            del getattr(ana, name)[n:]
+        _opaque(ana, node, f"the {node.op} rule failed on it ({type(exc).__name__}: {exc})")
+
+
+def _opaque(ana: ChannelAnalysis, node: gs.Node, reason: str) -> None:
+    op = node.op if (node.domain or "") in ("", "ai.onnx") else f"{node.domain}::{node.op}"
+    ana.opaque.append(OpaqueOp(node.name, op, reason))
+    _pin_node(ana, node, f"{op} node {node.name}: {reason}")
 
 
 def _pin_node(ana: ChannelAnalysis, node: gs.Node, reason: str) -> None:
@@ -209,6 +256,8 @@ def _pin_node(ana: ChannelAnalysis, node: gs.Node, reason: str) -> None:
         if cmap is not None:
             ana.maps[t.name] = cmap
             ana.pin(cmap, reason)
+        else:  # no static shape: no channel identities (drops what a failed rule stored)
+            ana.maps.pop(t.name, None)
 
 
 def _in_map(ana, node, index=0) -> ChannelMap | None:
@@ -283,7 +332,11 @@ def _unary(ana: ChannelAnalysis, node: gs.Node) -> None:
 
 @rule("Identity", "Dropout")
 def _identity(ana: ChannelAnalysis, node: gs.Node) -> None:
-    ana.maps[node.outputs[0].name] = _in_map(ana, node)
+    cmap = _in_map(ana, node)
+    if cmap is None:
+        _pin_node(ana, node, f"{node.op} {node.name} reads channels not on its first input")
+        return
+    ana.maps[node.outputs[0].name] = cmap
 
 
 def _channel_mask(ana: ChannelAnalysis, node: gs.Node) -> None:

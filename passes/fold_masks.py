@@ -12,7 +12,8 @@ the group are sliced away, and a non-zero constant's contribution is added to th
 bias (or, where zero padding makes it vary over space, added as an exact constant map). A
 layer whose every input channel is removed becomes its constant output. ChannelMask nodes
 disappear once their zero channels are gone. Masked channels that cannot be removed are
-collected in `FoldResult.unfoldable` by node and reason; with policy "error" they raise
+collected in `FoldResult.unfoldable` by node and reason (and the ops the analysis could not
+reason about, whose channels are kept, in `FoldResult.pinned_ops`); with policy "error" they raise
 `UnfoldableError`, with "keep" their masks stay in the graph as an exact `Mul`.
 With no masks and no dead channels the graph is unchanged.
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from gate2deploy.errors import UnfoldableError
 
-from .channel_analysis import ChannelAnalysis, ParamBinding, analyze
+from .channel_analysis import ChannelAnalysis, OpaqueOp, ParamBinding, analyze
 from .ir import bypass, const_value, new_const, shape_of
 
 
@@ -52,6 +53,8 @@ class FoldResult:
     constant_folds: list[str] = field(default_factory=list)  # consumers that absorbed constants
     removed_layers: list[str] = field(default_factory=list)  # layers replaced by constants
     unfoldable: list[Unfoldable] = field(default_factory=list)
+    # Ops the channel analysis could not reason about: their channels were kept (pinned).
+    pinned_ops: list[OpaqueOp] = field(default_factory=list)
 
 
 def fold_static_masks(graph: gs.Graph, policy: str = "error", result: FoldResult | None = None,
@@ -62,6 +65,7 @@ def fold_static_masks(graph: gs.Graph, policy: str = "error", result: FoldResult
         raise ValueError(f"policy must be 'error' or 'keep', not {policy!r}")
     result = result if result is not None else FoldResult()
     ana = analyze(graph)
+    result.pinned_ops.extend(ana.opaque)
     removable, why_kept = _decide(ana)
     _check_masks(ana, removable, why_kept, policy, result)
     if removable:

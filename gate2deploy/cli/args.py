@@ -14,6 +14,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "a folder of sensAI group models or several group model files")
     p.add_argument("--model", help="architecture for a state_dict: package.module:callable or file.py:callable")
     p.add_argument("--model-kwargs", help="JSON keyword arguments for the --model callable")
+    p.add_argument("--model-path", action="append", default=[], metavar="DIR",
+                   help="folder to import --model's and pickled modules' code from (repeatable); a "
+                        "--model file.py finds its own repository's root without it")
     p.add_argument("--input-shape", required=True,
                    help="e.g. 1,3,224,224: the shape the model is captured and verified at (export: the batch "
                         "axis stays dynamic unless --static-batch)")

@@ -16,6 +16,7 @@ it static, says why, and records it in the report (`batch`).
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 from dataclasses import dataclass
@@ -175,6 +176,14 @@ def print_summary(s: dict) -> None:
         print(slimmable_summary(s["mask_sources"]["slimmable"]))
     for u in s["fold"]["unfoldable"]:
         print(f"kept as Mul (not foldable): {u['source']}: {u['channels']} channels: {u['reason']}")
+    pinned = collections.Counter((o["op"], o["reason"]) for o in s["fold"]["pinned_ops"])
+    for (op, reason), n in pinned.items():
+        print(f"channels kept around {n} {op} node{'s' * (n > 1)} (the fold cannot reason about them: "
+              f"{reason}; listed in the report's fold.pinned_ops)")
+    pinned = collections.Counter((o["op"], o["reason"]) for o in s["fold"]["pinned_ops"])
+    for (op, reason), n in pinned.items():
+        print(f"channels kept around {n} {op} node{'s' * (n > 1)} (the fold cannot reason about them: "
+              f"{reason}; listed in the report's fold.pinned_ops)")
     print(f"compile time {s['compile_seconds']:.2f} s")
 
 
