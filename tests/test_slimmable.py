@@ -357,7 +357,6 @@ def test_mobilenetv2(cli, mbv2, tmp_path, flags):
     assert widths[0] == real[0] and widths[-1] == 1280 and real[2][0] in widths
 
 
-@pytest.mark.xfail(strict=False, reason="needs the loader's numpy allow-list")
 def test_numpy_checkpoint_loads(cli, tmp_path):
     """Joslim's own X is a numpy array (the other tests store it as lists for now)."""
     sd = random_state_dict(built_in.resnet20)
