@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from gate2deploy.importers.gator import make_gator_checkpoint
+from cli_checks import assert_one_line_exit_2
 
 CIFAR = "tests/models/cifar_nets.py"
 
@@ -18,12 +19,7 @@ def _export(cli, ckpt, out, *extra, model=f"{CIFAR}:resnet20", shape="1,3,32,32"
 
 
 def _assert_clean_failure(result, out_dir, *words):
-    code, stdout, err = result
-    assert code == 2, (stdout, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for w in words:
-        assert w in lines[0], lines[0]
+    assert_one_line_exit_2(result, *words)
     left = [p for p in os.listdir(out_dir) if p.endswith((".onnx", ".json", ".tmp")) or p.startswith(".")]
     assert not left, left
 

@@ -25,18 +25,9 @@ from torch import nn
 
 from gate2deploy.errors import UserError
 from gate2deploy.loading import build_model, import_root, load_checkpoint, load_weights
+from cli_checks import assert_one_line_exit_2
 
 
-def _one_line_exit_2(result, *words, absent=()):
-    code, stdout, err = result
-    assert code == 2, (stdout, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for w in words:
-        assert w in lines[0], lines[0]
-    for w in absent:
-        assert w not in lines[0], lines[0]
-    return lines[0]
 
 
 # -- state_dict metadata ----------------------------------------------------------------
@@ -91,7 +82,7 @@ def test_a_module_refusing_its_weights_is_one_line(tmp_path, cli):
         sys.path.insert(0, %r)
         from test_loading_seeds import Holder
     ''' % os.path.dirname(__file__)))
-    _one_line_exit_2(cli("export", tmp_path / "old.pt", "--model", f"{tmp_path / 'holder.py'}:Holder",
+    assert_one_line_exit_2(cli("export", tmp_path / "old.pt", "--model", f"{tmp_path / 'holder.py'}:Holder",
                          "--input-shape", "1,3,4,4", "-o", tmp_path / "m.onnx"),
                      "does not load into the model", "version")
 
@@ -134,7 +125,7 @@ def test_numpy_object_arrays_still_need_trust(tmp_path, cli):
     from models.cifar_nets import resnet20
     torch.save({"state_dict": resnet20().state_dict(), "extra": np.array([{"a": 1}], dtype=object)},
                tmp_path / "obj.pt")
-    _one_line_exit_2(cli("export", tmp_path / "obj.pt", "--model", "tests/models/cifar_nets.py:resnet20",
+    assert_one_line_exit_2(cli("export", tmp_path / "obj.pt", "--model", "tests/models/cifar_nets.py:resnet20",
                          "--input-shape", "1,3,32,32", "-o", tmp_path / "m.onnx"),
                      "ObjectDType", "--trust-pickle")
 
@@ -173,14 +164,14 @@ def _export_pickled(cli, ckpt, out, *extra):
 
 
 def test_pickled_module_refusal_names_the_class(sensai_repo, tmp_path, cli):
-    line = _one_line_exit_2(_export_pickled(cli, sensai_repo / "checkpoint" / "group0.pth", tmp_path / "m.onnx"),
+    line = assert_one_line_exit_2(_export_pickled(cli, sensai_repo / "checkpoint" / "group0.pth", tmp_path / "m.onnx"),
                             "groupnets.cifar.vgg.VGG", "--trust-pickle", "whole module")
     assert not (tmp_path / "m.onnx").exists(), line
 
 
 def test_trusted_pickle_with_missing_class_names_the_module(sensai_repo, tmp_path, cli):
     ckpt = sensai_repo / "checkpoint" / "group0.pth"
-    line = _one_line_exit_2(_export_pickled(cli, ckpt, tmp_path / "m.onnx", "--trust-pickle"),
+    line = assert_one_line_exit_2(_export_pickled(cli, ckpt, tmp_path / "m.onnx", "--trust-pickle"),
                             "'groupnets'", "--model-path", absent=["not a readable"])
     assert str(sensai_repo) in line  # the folder above the checkpoint that holds groupnets/
     code, _, err = _export_pickled(cli, ckpt, tmp_path / "m.onnx", "--trust-pickle", "--model-path", sensai_repo)
@@ -193,7 +184,7 @@ def test_trusted_pickle_with_missing_class_names_the_module(sensai_repo, tmp_pat
 def test_non_checkpoints_are_not_called_pickles(tmp_path, cli, content):
     bad = tmp_path / "model.pt"
     bad.write_bytes(content)
-    _one_line_exit_2(cli("export", bad, "--model", "tests/models/cifar_nets.py:resnet20",
+    assert_one_line_exit_2(cli("export", bad, "--model", "tests/models/cifar_nets.py:resnet20",
                          "--input-shape", "1,3,32,32", "-o", tmp_path / "m.onnx"),
                      "not a", "PyTorch checkpoint", absent=["--trust-pickle", "pickles"])
 
@@ -264,7 +255,7 @@ def test_model_file_elsewhere_needs_model_path(tmp_path, cli):
     model = build_model(spec, model_paths=[tmp_path / "lib"])
     torch.save(model.state_dict(), tmp_path / "net.pt")
     args = ["export", tmp_path / "net.pt", "--model", spec, "--input-shape", "1,3,8,8", "-o", tmp_path / "m.onnx"]
-    _one_line_exit_2(cli(*args), "'utils'", "--model-path")
+    assert_one_line_exit_2(cli(*args), "'utils'", "--model-path")
     code, _, err = cli(*args, "--model-path", tmp_path / "lib")
     assert code == 0, err
 
@@ -272,7 +263,7 @@ def test_model_file_elsewhere_needs_model_path(tmp_path, cli):
 def test_model_path_must_be_a_folder(tmp_path, cli):
     from models.cifar_nets import resnet20
     torch.save(resnet20().state_dict(), tmp_path / "r.pt")
-    _one_line_exit_2(cli("export", tmp_path / "r.pt", "--model", "tests/models/cifar_nets.py:resnet20",
+    assert_one_line_exit_2(cli("export", tmp_path / "r.pt", "--model", "tests/models/cifar_nets.py:resnet20",
                          "--model-path", tmp_path / "nope", "--input-shape", "1,3,32,32", "-o", tmp_path / "m.onnx"),
                      "--model-path", "is not a folder")
 
@@ -295,7 +286,7 @@ def test_model_file_inside_a_package_uses_relative_imports(tmp_path):
 
 def test_torchscript_archive_is_named(tmp_path, cli):
     torch.jit.save(torch.jit.trace(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 4, 4)), tmp_path / "ts.pt")
-    _one_line_exit_2(cli("export", tmp_path / "ts.pt", "--input-shape", "1,3,4,4", "-o", tmp_path / "m.onnx"),
+    assert_one_line_exit_2(cli("export", tmp_path / "ts.pt", "--input-shape", "1,3,4,4", "-o", tmp_path / "m.onnx"),
                      "TorchScript archive", absent=["--trust-pickle", "truncated"])
 
 

@@ -29,6 +29,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
+
+def _kaiming_init(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def _chain_widths(features: nn.Sequential, real_ch) -> int:
+    """features[0] is the stem (width real_ch[0]); features[i] takes real_ch[i] as its output
+    widths and the previous one's last width as its input (the seeds' set_real_ch). Returns the
+    last stage's output width."""
+    features[0].set_out_ch(real_ch[0])
+    prev = real_ch[0]
+    for i, ch in enumerate(real_ch[1:], start=1):
+        features[i].set_out_ch(ch)
+        features[i].set_in_ch(prev)
+        prev = ch[-1]
+    return prev
+
 class SlimConv2d(nn.Conv2d):
     """A conv that runs on its first `active_in_ch` inputs and `active_out_ch` filters."""
 
@@ -271,22 +290,11 @@ class SlimResNet(nn.Module):
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(SlimConv2d(in_ch, num_classes, 1))  # bias stored, unused
         self.num_classes = num_classes
-        self._init()
-
-    def _init(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _kaiming_init(self)
 
     def set_real_ch(self, real_ch) -> None:
         """real_ch: [stem, stage_1 widths, ..., stage_n widths] (importers/slimmable.py)."""
-        self.features[0].set_out_ch(real_ch[0])
-        prev = real_ch[0]
-        for i, stage_ch in enumerate(real_ch[1:], start=1):
-            self.features[i].set_out_ch(stage_ch)
-            self.features[i].set_in_ch(prev)
-            prev = stage_ch[-1]
-        self.classifier[0].set_in_ch(prev)
+        self.classifier[0].set_in_ch(_chain_widths(self.features, real_ch))
 
     def forward(self, x):
         return self.classifier(self.features(x)).flatten(1)
@@ -398,19 +406,12 @@ class SlimMobileNetV2(nn.Module):
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(last_channel, num_classes))
         self.search_dim = 1 + sum(len(s) for s in self.channel_space[1:])
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _kaiming_init(self)
 
     def set_real_ch(self, real_ch) -> None:
         """real_ch: [stem, [separable out], stage widths...] (importers/slimmable.py)."""
-        self.features[0].set_out_ch(real_ch[0])
-        prev = real_ch[0]
-        for i, ch in enumerate(real_ch[1:], start=1):
-            self.features[i].set_out_ch(ch)
-            self.features[i].set_in_ch(prev)
-            prev = ch[-1]
-        self.features[len(real_ch)].set_in_ch(prev)  # the last 1x1 ConvBN: its output stays full
+        # the last 1x1 ConvBN after the stages: its output stays full
+        self.features[len(real_ch)].set_in_ch(_chain_widths(self.features, real_ch))
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))
