@@ -31,7 +31,7 @@ from .capture import capture
 from .errors import OptionError, VerificationError
 from .frontend import GatedModel, check_runs, build_gated_model
 from .options import CompileOptions, InfoOptions, from_kwargs
-from .pipeline import PassContext, run_pipeline
+from .pipeline import PassContext, run_pipeline, with_static_shapes
 from .targets import Target, get_target
 from .passes.dynamic_batch import pin_batch
 from .verify import check_export, random_inputs
@@ -147,7 +147,7 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
         for c in (check, second):
             if c is not None and not c.passed:
                 raise VerificationError(f"verification failed: {c.summary()}; nothing written")
-    before = rep.model_cost(captured)
+    before = rep.model_cost(with_static_shapes(captured))
     after = rep.model_cost(pin_batch(compiled, shape[0]) if dynamic else compiled)
     report = {
         "target": tgt.name,
@@ -203,7 +203,7 @@ def info(model_or_checkpoint=None, example_inputs=None, **options) -> dict:
     captured = capture(gated.model, gated.example)
     ctx = PassContext(unfoldable_policy="keep", choose_widths=opts.physical_widths == "fast")
     effective = run_pipeline(captured, "onnx", ctx)
-    dense, eff = rep.model_cost(captured), rep.model_cost(effective)
+    dense, eff = rep.model_cost(with_static_shapes(captured)), rep.model_cost(effective)
     layers = []
     for row in rep.compare(dense, eff):
         d = dense.layers[row["layer"]]

@@ -147,6 +147,13 @@ class PassManager:
         onnx.save(model, str(folder / f"{index:02d}_{name}.onnx"))
 
 
+def with_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The captured model with every shape resolved and nothing folded: what the dense
+    MACs are counted on (ONNX shape inference alone stops at ops such as a strided-slice
+    shortcut, and the layers after it would not be counted)."""
+    return PassManager([CLEANUP, RESOLVE_STATIC_SHAPES]).run(model, PassContext())
+
+
 def run_pipeline(model: onnx.ModelProto, target: str, ctx: PassContext) -> onnx.ModelProto:
     compiled = PassManager(PIPELINES[target]).run(model, ctx)
     if ctx.batch_axis:

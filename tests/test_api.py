@@ -114,3 +114,24 @@ def test_profile_old_target_names_are_aliases():
     assert get_target("ort-cpu").name == "ort" and get_target("tensorrt").name == "trt"
     from gate2deploy.profiling.lut import _on_ort_cpu
     assert _on_ort_cpu({"target": "ort-cpu"}) and _on_ort_cpu({"target": "ort"})
+
+
+def test_dense_macs_count_layers_after_a_shape_losing_shortcut():
+    """The option-A shortcut of dnn-gating's CIFAR ResNet-20 (LambdaLayer: strided slice and
+    F.pad of zero channels) stops ONNX shape inference; the layers after it still count."""
+    from models.seed_layers import resnet20_cg
+    net = resnet20_cg(partitions=4, shuffle=False, ginit=0.0, use_group=False, sparse_bp=False, alpha=2.0).eval()
+    x = torch.randn(1, 3, 32, 32)
+    expected, outs = 0, {}  # counted from PyTorch, independently of the report
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: outs.__setitem__(n, o.shape))
+             for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    net(x)
+    for h in hooks:
+        h.remove()
+    for n, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            expected += int(np.prod(outs[n])) * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            expected += int(np.prod(outs[n])) * m.in_features
+    info = gate2deploy.info(net, x)
+    assert info["dense"]["macs"] == expected
