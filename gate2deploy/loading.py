@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import io
 import importlib.util
 import json
 import pickle
@@ -67,6 +68,10 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
     if not path.is_file():
         raise UserError(f"checkpoint {path} is not a file")
     if _is_exported_program(path):
+        reason = _exported_program_pickles(path)
+        if reason and not trust_pickle:
+            raise UserError(f"{path}: a torch.export archive whose {reason}; loading it runs code from the file: "
+                            "pass --trust-pickle if you trust it")
         try:
             program = torch.export.load(str(path))
         except Exception as exc:  # noqa: BLE001 - any failure means "not loadable"
@@ -460,6 +465,32 @@ def _is_exported_program(path: Path) -> bool:
                        for n in z.namelist())
     except zipfile.BadZipFile:
         return False
+
+
+def _exported_program_pickles(path: Path) -> str | None:
+    """What in a .pt2 archive torch.export.load would unpickle with weights_only=False (torch
+    2.14, torch/export/pt2_archive/_package.py and _export/serde/serialize.py): weights or
+    constants saved with `use_pickle`, script / opaque object constants, and sample inputs the
+    safe loader refuses (torch retries them unsafely). None: nothing but tensors and JSON."""
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            if name.endswith(("data/weights/model_weights_config.json", "data/constants/model_constants_config.json")):
+                try:
+                    config = json.loads(z.read(name)).get("config", {})
+                except (ValueError, AttributeError):
+                    return f"{name} is not valid JSON"
+                for fqn, meta in (config.items() if isinstance(config, dict) else []):
+                    meta = meta if isinstance(meta, dict) else {}
+                    if meta.get("use_pickle"):
+                        return f"entry {fqn!r} is stored as a pickle"
+                    if "constants" in name and not str(meta.get("path_name", "tensor_")).startswith("tensor_"):
+                        return f"constant {fqn!r} is a pickled object ({meta.get('path_name')})"
+            elif "/data/sample_inputs/" in name and not name.endswith("/"):
+                try:
+                    torch.load(io.BytesIO(z.read(name)), weights_only=True)
+                except Exception:  # noqa: BLE001 - anything the safe loader refuses
+                    return f"sample inputs {name} are a pickle the safe loader refuses"
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
