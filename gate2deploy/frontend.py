@@ -40,14 +40,31 @@ class GatedModel:
     sources: dict = field(default_factory=dict)  # for the report: what supplied the masks
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
+MAX_INPUT_ELEMENTS = 2**27  # 512 MiB of float32: the default bound of --max-input-elements
+
+
+def parse_shape(text: str, max_elements: int = MAX_INPUT_ELEMENTS) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         raise OptionError(f"--input-shape {text!r} is not a comma-separated list of integers") from None
     if len(shape) < 2 or any(d <= 0 for d in shape):
         raise OptionError(f"--input-shape {text!r} needs at least 2 positive dimensions (batch first)")
+    check_input_elements(shape, max_elements)
     return shape
+
+
+def check_input_elements(shape, max_elements: int = MAX_INPUT_ELEMENTS) -> None:
+    """Refuse an input shape above the bound before anything is allocated: activations
+    (what export, verification and run hold in memory) grow with it, and an absurd shape
+    otherwise ends in minutes of swapping or the kernel's OOM killer, not an error."""
+    elements = 1
+    for d in shape:
+        elements *= int(d)  # Python ints: no overflow
+    if elements > max_elements:
+        raise OptionError(f"input shape {'x'.join(map(str, shape))} has {elements:,} elements ({elements * 4 / 2**30:.1f} "
+                          f"GiB of float32), above the limit of {max_elements:,}; raise --max-input-elements "
+                          "if the machine has the memory")
 
 
 def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
@@ -59,7 +76,7 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
     if example is None:
         if not opts.input_shape:
             raise OptionError("an input shape is needed: --input-shape N,C,H,W (or example inputs)")
-        example = torch.randn(parse_shape(opts.input_shape))
+        example = torch.randn(parse_shape(opts.input_shape, opts.max_input_elements))
     specs: list[MaskSpec] = []
     meta: dict = {}
     if module is not None:

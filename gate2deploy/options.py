@@ -23,6 +23,7 @@ class ModelOptions:
     model_kwargs: str | None = None  # JSON keyword arguments for the model callable
     model_path: list[str] = field(default_factory=list)  # folders to import model code from
     input_shape: str | None = None  # "1,3,224,224"
+    max_input_elements: int = 2**27  # refuse larger inputs before allocating (frontend.check_input_elements)
     trust_pickle: bool = False
     netslim_density: float | None = None
     netslim_rule: str = "mayo"

@@ -92,6 +92,9 @@ def session_options(threads: int = 2, optimization: str = "all", library_variant
     optimized graph."""
     if threads < 1:
         raise UserError(f"threads must be >= 1, not {threads}")
+    cores = os.cpu_count() or 1
+    if threads > cores:  # more intra-op threads than cores only adds contention (and 10^5 hang)
+        raise UserError(f"threads {threads}: this machine has {cores} cores; use at most {cores}")
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

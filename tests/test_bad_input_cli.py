@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from cli_checks import assert_one_line_exit_2
 from models.cifar_nets import randomize_batchnorm, vgg16_bn
 
 CIFAR = Path(__file__).parent / "models" / "cifar_nets.py"
@@ -55,3 +56,26 @@ def test_predict_with_nan_or_negative_timings_is_refused(tmp_path, cli):
         lut.write_text(json.dumps({"format": FORMAT, "entries": {"Conv/x": {"ms": bad}}}))
         code, _, err = cli("profile", "--predict", lut, "--channels", tmp_path / "cfg.json")
         assert code == 2 and "timing" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_absurd_input_shapes_are_refused_before_allocating(tmp_path, cli):
+    ckpt = _ckpt(tmp_path)
+    for shape in ("1,3,99999999999999999999,2", "1,3,20000,20000"):
+        result = cli("export", ckpt, "--model", f"{CIFAR}:vgg16_bn", "--model-kwargs", '{"width": 0.125}',
+                     "--input-shape", shape, "-o", tmp_path / "m.onnx")
+        assert_one_line_exit_2(result, "--max-input-elements")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_run_refuses_huge_shapes_and_thread_counts(tmp_path, cli):
+    out = tmp_path / "m.onnx"
+    code, _, err = _export(cli, _ckpt(tmp_path), "-o", out)
+    assert code == 0, err
+    assert_one_line_exit_2(cli("run", out, "--input-shape", "100000x3x32x32"), "--max-input-elements")
+    assert_one_line_exit_2(cli("run", out, "--threads", "100000"), "cores")
+
+
+def test_demo_into_an_unwritable_place_is_one_line(tmp_path, cli):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_exit_2(cli("demo", "-o", blocker / "sub"), "cannot create")

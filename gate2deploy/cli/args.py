@@ -20,6 +20,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", required=True,
                    help="e.g. 1,3,224,224: the shape the model is captured and verified at (export: the batch "
                         "axis stays dynamic unless --static-batch)")
+    p.add_argument("--max-input-elements", type=int, default=2**27,
+                   help="refuse an --input-shape with more elements than this before allocating (default %(default)s)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that unpickle Python objects (runs code from the file)")
     p.add_argument("--netslim-density", type=float, help="network slimming: fraction of BN channels to keep")

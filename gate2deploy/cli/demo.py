@@ -33,8 +33,12 @@ def run(args) -> int:
 
     if not 0 < args.keep <= 1:
         raise UserError(f"--keep must be in (0, 1], not {args.keep}")
+    shape = parse_shape(args.input_shape)  # before the 45 MB checkpoint is written
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"-o {out}: cannot create the folder: {exc.strerror or exc}") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"cannot write to {out}")
     ckpt, onnx_path, report = out / "resnet18_gator.pth", out / "resnet18_folded.onnx", out / "report.json"
@@ -49,7 +53,6 @@ def run(args) -> int:
 
     import onnx
     import torchvision
-    shape = parse_shape(args.input_shape)
     dense = capture(torchvision.models.resnet18().eval(), torch.randn(shape))
     times, _ = latencies_ms({"dense": dense, "folded": onnx.load(str(onnx_path))}, shape, runs=40)
     print(f"ONNX Runtime CPU, 2 threads, median of 40 runs in alternating blocks: dense {times['dense']:.2f} ms, "

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..frontend import MAX_INPUT_ELEMENTS, check_input_elements
 
 ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64,
                  "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -36,17 +37,20 @@ def add_parser(sub) -> None:
     p.add_argument("--bench", type=int, default=0, metavar="N", help="time N runs (after --warmup)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default %(default)s)")
+    p.add_argument("--max-input-elements", type=int, default=MAX_INPUT_ELEMENTS,
+                   help="refuse an input with more elements than this before allocating (default %(default)s)")
     p.add_argument("--save-outputs", metavar="FILE.npz", help="write the outputs of one run here")
     p.set_defaults(func=run)
 
 
-def _parse_dims(text: str) -> tuple[int, ...]:
+def _parse_dims(text: str, max_elements: int) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x"))
     except ValueError:
         raise UserError(f"--input-shape {text!r}: expected dimensions like 1x3x32x32") from None
     if not dims or min(dims) < 0:
         raise UserError(f"--input-shape {text!r}: dimensions must be non-negative integers")
+    check_input_elements(dims, max_elements)
     return dims
 
 
@@ -67,7 +71,7 @@ def _open(model_path: str, threads: int):
     return open_session(path, threads=threads, log_severity=4)
 
 
-def _feeds(sess, shapes: list[str], files: list[str]) -> dict[str, np.ndarray]:
+def _feeds(sess, shapes: list[str], files: list[str], max_elements: int = MAX_INPUT_ELEMENTS) -> dict[str, np.ndarray]:
     inputs = sess.get_inputs()
     names = [i.name for i in inputs]
     given: dict[str, tuple[int, ...]] = {}
@@ -80,7 +84,7 @@ def _feeds(sess, shapes: list[str], files: list[str]) -> dict[str, np.ndarray]:
             name = names[0]
         if name not in names:
             raise UserError(f"--input-shape {spec}: no input named {name!r} (inputs: {', '.join(names)})")
-        given[name] = _parse_dims(dims)
+        given[name] = _parse_dims(dims, max_elements)
     loaded: dict[str, np.ndarray] = {}
     for spec in files:
         name, sep, file = spec.partition("=")
@@ -129,7 +133,7 @@ def run(args) -> int:
         from ..fileio import check_writable
         check_writable(args.save_outputs)
     sess = _open(args.model, args.threads)
-    feeds = _feeds(sess, args.input_shape, args.input)
+    feeds = _feeds(sess, args.input_shape, args.input, args.max_input_elements)
     outputs = _run_once(sess, feeds)
     names = [o.name for o in sess.get_outputs()]
     for name, value in zip(names, outputs):
