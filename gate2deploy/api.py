@@ -96,8 +96,7 @@ def compile(model_or_checkpoint, example_inputs=None, target: str = "ort", **opt
     """Compile a gated / pruned model for `target` ("onnx", "ort", "trt"), verified against
     the PyTorch model. `model_or_checkpoint`: an nn.Module or a checkpoint path;
     `example_inputs`: a tensor (or a shape), else `input_shape=` in options."""
-    opts = options.pop("_options", None) or from_kwargs(CompileOptions, target=target, **options)
-    return compile_with(model_or_checkpoint, example_inputs, opts)
+    return compile_with(model_or_checkpoint, example_inputs, from_kwargs(CompileOptions, target=target, **options))
 
 
 def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> CompiledModel:
@@ -198,7 +197,11 @@ def _other_batch_problem(model: nn.Module, example: torch.Tensor) -> str | None:
 def info(model_or_checkpoint=None, example_inputs=None, **options) -> dict:
     """Per-layer MACs and parameters, dense (as trained) vs effective (what the fold leaves),
     and gate statistics with `sample_inputs`; what `gate2deploy info` prints and writes."""
-    opts = options.pop("_options", None) or from_kwargs(InfoOptions, **options)
+    return info_with(model_or_checkpoint, example_inputs, from_kwargs(InfoOptions, **options))
+
+
+def info_with(model_or_checkpoint, example_inputs, opts: InfoOptions) -> dict:
+    """info() with its options already built (the CLI's path)."""
     gated = _gated(model_or_checkpoint, example_inputs, opts)
     captured = capture(gated.model, gated.example)
     ctx = PassContext(unfoldable_policy="keep", choose_widths=opts.physical_widths == "fast")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import yaml
 
 from .. import report as rep
-from ..api import info as compute_info
+from ..api import info_with
 from ..errors import UserError
 from ..fileio import check_writable, write_text
 from ..options import InfoOptions, from_namespace
@@ -32,7 +32,7 @@ def run(args) -> int:
         check_writable(args.out)
         if not args.out.endswith((".yaml", ".yml", ".json")):
             raise UserError(f"--out {args.out}: use a .yaml, .yml or .json file name")
-    info = compute_info(_options=from_namespace(InfoOptions, args))
+    info = info_with(None, None, from_namespace(InfoOptions, args))
     layers = info["layers"]
     print(rep.format_table(layers))
     print(f"MACs   dense {info['dense']['macs']:,}  effective {info['effective']['macs']:,}")
