@@ -252,3 +252,23 @@ def sparse_input_conv_reference(x, w, b, strides=(1, 1), pads=(0, 0, 0, 0), dila
             raise ValueError(f"R must have shape {y.shape}, not {residual.shape}")
         y = y + residual
     return _activation(y, activation).astype(np.float32)
+
+
+def thresholds_for_fraction(stage1: np.ndarray, frac: float) -> np.ndarray:
+    """Per-channel gate thresholds putting about `frac` of each channel's stage-1 values (CG's
+    partial sums, PG's MSB outputs) above: the inputs tests and benchmarks drive the gated ops
+    with, at a chosen gate-on fraction. Not part of any op's semantics."""
+    per_channel = stage1.transpose(1, 0, 2, 3).reshape(stage1.shape[1], -1)
+    if frac <= 0:
+        return (per_channel.max(axis=1) + 1.0).astype(np.float32)
+    if frac >= 1:
+        return (per_channel.min(axis=1) - 1.0).astype(np.float32)
+    # Midway across a gap between values: PG's stage 1 takes few distinct values (integer
+    # sums, up to float rounding), and a threshold on one of them would manufacture ties.
+    gap = 1e-4 * float(np.abs(stage1).max())
+    thr = []
+    for values in per_channel:
+        q = np.quantile(values, 1.0 - frac)
+        below, above = values[values <= q + gap], values[values > q + gap]
+        thr.append((below.max() + above.min()) / 2 if above.size else q + gap)
+    return np.asarray(thr, np.float32)

@@ -89,24 +89,6 @@ ORT_CONV_EXPECTED = os.environ.get("G2D_ORT_CONV") != "0" and "avx2" in CPU_FLAG
 AMX_EXPECTED = os.environ.get("G2D_AMX") != "0" and {"amx_tile", "amx_int8"} <= CPU_FLAGS
 
 
-def thresholds_for_fraction(stage1: np.ndarray, frac: float) -> np.ndarray:
-    """Per-channel thresholds putting about `frac` of each channel's stage-1 values above."""
-    per_channel = stage1.transpose(1, 0, 2, 3).reshape(stage1.shape[1], -1)
-    if frac <= 0:
-        return (per_channel.max(axis=1) + 1.0).astype(np.float32)
-    if frac >= 1:
-        return (per_channel.min(axis=1) - 1.0).astype(np.float32)
-    # Midway across a gap between values: PG's stage 1 takes few distinct values (integer
-    # sums, up to float rounding), and a threshold on one of them would manufacture ties.
-    gap = 1e-4 * float(np.abs(stage1).max())
-    thr = []
-    for values in per_channel:
-        q = np.quantile(values, 1.0 - frac)
-        below, above = values[values <= q + gap], values[values > q + gap]
-        thr.append((below.max() + above.min()) / 2 if above.size else q + gap)
-    return np.asarray(thr, np.float32)
-
-
 def assert_close_with_ties(y, y_ref, stage1, thr_per_channel):
     assert y.shape == y_ref.shape
     assert_nonfinite_match(y, y_ref)  # a NaN never passes as "close" (nan_compare.py)
@@ -176,7 +158,7 @@ def test_cg_conv_matches_reference(gi, block_diagonal, frac):
     o, c = w.shape[:2]
     mask = cg_base_mask(o, c, 4 if c >= 8 else 2, block_diagonal)
     yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
-    thr = thresholds_for_fraction(yp, frac)
+    thr = ref.thresholds_for_fraction(yp, frac)
     y = run_node("CGConv", x, [w, mask, thr], conv_attrs(s, p, d))
     y_ref = ref.cg_conv_reference(x, w, mask, thr, s, p, d)
     assert_close_with_ties(y, y_ref, yp, thr)
@@ -196,7 +178,7 @@ def test_cg_conv_with_irregular_base_groups(frac):
     patterns = [rng.permutation(c) < c // 4 for _ in range(3)]
     mask = np.stack([patterns[g] for g in rng.integers(0, 3, o)]).astype(np.float32)
     yp = ref.conv2d(x, w * mask[:, :, None, None], (1, 1), (1, 1, 1, 1), (1, 1))
-    thr = thresholds_for_fraction(yp, frac)
+    thr = ref.thresholds_for_fraction(yp, frac)
     y = run_node("CGConv", x, [w, mask, thr], conv_attrs((1, 1), (1, 1, 1, 1), (1, 1)))
     y_ref = ref.cg_conv_reference(x, w, mask, thr, (1, 1), (1, 1, 1, 1), (1, 1))
     assert_close_with_ties(y, y_ref, yp, thr)
@@ -222,14 +204,14 @@ def test_gated_ops_apply_the_fused_epilogue(op, affine, activation):
         if op == "CGConv":
             mask = cg_base_mask(o, c, 4, False)
             yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
-            thr = thresholds_for_fraction(yp, 0.3)
+            thr = ref.thresholds_for_fraction(yp, 0.3)
             y = run_node(op, x, [w, mask, thr, *post.values()], attrs)
             y_ref = ref.cg_conv_reference(x, w, mask, thr, s, p, d, activation=activation, **post)
         else:
             w = quantize_weights(w, 8)
             x_hb, _, _ = ref.pg_split_activations(x, 8, 4)
             yp = ref.conv2d(x_hb, w, s, p, d)
-            thr = thresholds_for_fraction(yp, 0.3)
+            thr = ref.thresholds_for_fraction(yp, 0.3)
             attrs.update(abits=8, pred_bits=4)
             y = run_node(op, x, [w, thr, *post.values()], attrs)
             y_ref = ref.pg_conv_reference(x, w, thr, 8, 4, 0.0, s, p, d, activation=activation, **post)
@@ -251,7 +233,7 @@ def test_cg_conv_irregular_base_mask():
     mask[0] = 0  # an output with an empty base path: its Yp is 0
     mask[1] = 1  # one with everything in the base path
     yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
-    thr = thresholds_for_fraction(yp, 0.3)
+    thr = ref.thresholds_for_fraction(yp, 0.3)
     y = run_node("CGConv", x, [w, mask, thr], conv_attrs(s, p, d))
     assert_close_with_ties(y, ref.cg_conv_reference(x, w, mask, thr, s, p, d), yp, thr)
 
@@ -286,7 +268,7 @@ def test_pg_conv_matches_reference(gi, bits, frac):
     w = quantize_weights(rng.standard_normal((o, c // group, k, k)).astype(np.float32), wbits)
     x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
     msb = ref.conv2d(x_hb, w, s, p, d, group)
-    thr = thresholds_for_fraction(msb, frac)
+    thr = ref.thresholds_for_fraction(msb, frac)
     attrs = dict(conv_attrs(s, p, d, group), abits=abits, pred_bits=pred, static_scale=0.0)
     y = run_node("PGConv", x, [w, thr], attrs)
     y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, s, p, d, group)
@@ -310,7 +292,7 @@ def test_pg_conv_wide_layers_run_on_a_fast_path(geom, bits, frac):
     w = quantize_weights(rng.standard_normal((o, c, k, k)).astype(np.float32), wbits)
     x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
     msb = ref.conv2d(x_hb, w, s, p, d)
-    thr = thresholds_for_fraction(msb, frac)
+    thr = ref.thresholds_for_fraction(msb, frac)
     amx_before, delegated_before = amx_conv_runs(), delegated_conv_runs()
     attrs = dict(conv_attrs(s, p, d), abits=abits, pred_bits=pred, static_scale=0.0)
     y = run_node("PGConv", x, [w, thr], attrs)
@@ -343,7 +325,7 @@ def pg_path_cases_model(tmp_path) -> tuple[str, dict[str, np.ndarray]]:
         xs = feeds[src]
         w = quantize_weights(rng.standard_normal((o, xs.shape[1], k, k)).astype(np.float32), wbits)
         x_hb, _, _ = ref.pg_split_activations(xs, abits, pred)
-        thr = thresholds_for_fraction(ref.conv2d(x_hb, w, s, p, d), 0.3)
+        thr = ref.thresholds_for_fraction(ref.conv2d(x_hb, w, s, p, d), 0.3)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(thr, f"t{i}")]
         nodes.append(helper.make_node("PGConv", [src, f"w{i}", f"t{i}"], [f"y{i}"], domain="gate2deploy",
                                       strides=list(s), pads=list(p), dilations=list(d),
@@ -398,7 +380,7 @@ def test_pg_conv_static_scale_and_dynamic_weights():
     w = quantize_weights(w, 6)
     x_hb, _, _ = ref.pg_split_activations(x, 4, 2, static_scale=1.5)
     msb = ref.conv2d(x_hb, w, s, p, d)
-    thr = thresholds_for_fraction(msb, 0.3)
+    thr = ref.thresholds_for_fraction(msb, 0.3)
     attrs = dict(conv_attrs(s, p, d), abits=4, pred_bits=2, static_scale=1.5)
     y = run_node("PGConv", x, [w, thr], attrs)
     assert_close_with_ties(y, ref.pg_conv_reference(x, w, thr, 4, 2, 1.5, s, p, d), msb, thr)
@@ -424,7 +406,7 @@ def test_cg_conv_sparse_second_stage_long_rows(geom, frac):
     o, c = w.shape[:2]
     mask = cg_base_mask(o, c, 4, False)
     yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
-    thr = thresholds_for_fraction(yp, frac)
+    thr = ref.thresholds_for_fraction(yp, frac)
     y = run_node("CGConv", x, [w, mask, thr], conv_attrs(s, p, d))
     assert_close_with_ties(y, ref.cg_conv_reference(x, w, mask, thr, s, p, d), yp, thr)
 

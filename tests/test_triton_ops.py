@@ -24,8 +24,7 @@ import torch
 from gate2deploy.errors import UserError
 from gate2deploy.runtimes import reference as ref
 
-from test_native_ops import (assert_close_with_ties, cg_base_mask, quantize_weights,
-                             thresholds_for_fraction)
+from test_native_ops import assert_close_with_ties, cg_base_mask, quantize_weights
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +87,7 @@ def test_triton_cg_conv(tk, gi, frac, dtype):
     wt = as_dtype(rng.standard_normal((o, c, k, k)), dtype)
     mask = cg_base_mask(o, c, 2, block_diagonal=gi == 1)
     yp = ref.conv2d(x, wt * mask[:, :, None, None], s, p, d)
-    thr = thresholds_for_fraction(yp, frac)
+    thr = ref.thresholds_for_fraction(yp, frac)
     np_dtype = DTYPES[dtype][0]
     y_ref = ref.cg_conv_reference(x, wt, mask, thr, s, p, d)
     y = tk.cg_conv(T(x.astype(np_dtype)), T(wt.astype(np_dtype)), T(mask), T(thr), s, p, d)
@@ -109,7 +108,7 @@ def test_triton_pg_conv(tk, gi, frac, bits, dtype):
     wt = as_dtype(quantize_weights(rng.standard_normal((o, c // group, k, k)).astype(np.float32), 8), dtype)
     x_hb, _, _ = ref.pg_split_activations(x, *bits)
     msb = ref.conv2d(x_hb, wt, s, p, d, group)
-    thr = thresholds_for_fraction(msb, frac)
+    thr = ref.thresholds_for_fraction(msb, frac)
     np_dtype = DTYPES[dtype][0]
     y_ref = ref.pg_conv_reference(x, wt, thr, *bits, 0.0, s, p, d, group)
     y = tk.pg_conv(T(x.astype(np_dtype)), T(wt.astype(np_dtype)), T(thr), *bits, 0.0, s, p, d, group)

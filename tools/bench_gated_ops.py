@@ -91,15 +91,6 @@ def time_pair(dense, op, x, repeats):
     return median_ms_in_blocks([dense, op], feeds, repeats)
 
 
-def thresholds(stage1, frac):
-    per = stage1.transpose(1, 0, 2, 3).reshape(stage1.shape[1], -1)
-    if frac <= 0:
-        return (per.max(axis=1) + 1).astype(np.float32)
-    if frac >= 1:
-        return (per.min(axis=1) - 1).astype(np.float32)
-    return np.quantile(per, 1 - frac, axis=1).astype(np.float32)
-
-
 def quantize(w, bits):
     s = np.float32(np.abs(w).max()) + np.float32(1e-7)
     levels = np.float32(2 ** bits - 1)
@@ -344,7 +335,7 @@ def main(argv=None) -> int:
         dense = dense_session(w, x_shape, args.threads, conv)
         sweep(f"CGConv p={args.cg_p} (base path = first 1/{args.cg_p} of input channels)",
               lambda f: custom_session(node_model("CGConv", "gate2deploy", x_shape,
-                                                [w, mask, thresholds(yp, f)], conv), args.threads),
+                                                [w, mask, ref.thresholds_for_fraction(yp, f)], conv), args.threads),
               dense, x, args, goal=(0.2, 1.6))
 
     if "pg" in ops:
@@ -357,7 +348,7 @@ def main(argv=None) -> int:
             attrs = dict(conv, abits=abits, pred_bits=pred, static_scale=0.0)
             sweep(f"PGConv abits {abits} / pred {pred}, wbits {args.wbits or 'float'}",
                   lambda f: custom_session(node_model("PGConv", "gate2deploy", x_shape,
-                                                    [wq, thresholds(msb, f)], attrs), args.threads),
+                                                    [wq, ref.thresholds_for_fraction(msb, f)], attrs), args.threads),
                   dense, xa, args, goal=(0.2, 1.3))
 
     if "fbs" in ops:

@@ -51,16 +51,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def thresholds(stage1: np.ndarray, frac: float) -> np.ndarray:
-    """Per-channel thresholds with about `frac` of each channel's stage-1 values above."""
-    per_channel = stage1.transpose(1, 0, 2, 3).reshape(stage1.shape[1], -1)
-    if frac <= 0:
-        return (per_channel.max(axis=1) + 1.0).astype(np.float32)
-    if frac >= 1:
-        return (per_channel.min(axis=1) - 1.0).astype(np.float32)
-    return np.quantile(per_channel, 1.0 - frac, axis=1).astype(np.float32) + np.float32(1e-6)
-
-
 def compare(y: np.ndarray, y_ref: np.ndarray, stage1=None, thr=None, fp16=False) -> tuple[bool, str]:
     """(exact, description): |y - y_ref| <= TOL x max|y_ref| except flipped gates at ties."""
     if not np.isfinite(y).all():
@@ -153,7 +143,7 @@ def main(argv=None) -> int:
         mask[:, : c // 4] = 1
         yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
         for frac in (0.0, 0.2, 1.0):
-            thr = thresholds(yp, frac)
+            thr = ref.thresholds_for_fraction(yp, frac)
             y_ref = ref.cg_conv_reference(x, w, mask, thr, s, p, d)
             mt, tt = T(mask, torch.float32), T(thr, torch.float32)
             y = tk.cg_conv(xt, wt, mt, tt, s, p, d).float().cpu().numpy()
@@ -168,7 +158,7 @@ def main(argv=None) -> int:
         x_hb, _, _ = ref.pg_split_activations(x_relu, 8, 4)
         msb = ref.conv2d(x_hb, wq, s, p, d)
         for frac in (0.0, 0.2, 1.0):
-            thr = thresholds(msb, frac)
+            thr = ref.thresholds_for_fraction(msb, frac)
             y_ref = ref.pg_conv_reference(x_relu, wq, thr, 8, 4, 0.0, s, p, d)
             tt = T(thr, torch.float32)
             y = tk.pg_conv(xq, wqt, tt, 8, 4, 0.0, s, p, d).float().cpu().numpy()
@@ -302,7 +292,7 @@ def aot_check(workdir: Path, ref, rng, n, c, o, hw, k, s, p, d) -> bool:
     mask = np.zeros((o, c), np.float32)
     mask[:, : c // 4] = 1
     yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
-    thr = thresholds(yp, 0.2)
+    thr = ref.thresholds_for_fraction(yp, 0.2)
     sig = [("x_ptr", "*fp32", x), ("w_ptr", "*fp32", w), ("mask_ptr", "*fp32", mask), ("thr_ptr", "*fp32", thr),
            ("y_ptr", "*fp32", None), ("total", "i32", total), ("C", "i32", c), ("H", "i32", hw),
            ("W", "i32", hw), ("O", "i32", o), ("OH", "i32", oh), ("OW", "i32", ow), ("KH", k, None),
@@ -316,7 +306,7 @@ def aot_check(workdir: Path, ref, rng, n, c, o, hw, k, s, p, d) -> bool:
     scale = np.float32(np.abs(xr).max()) + np.float32(1e-7)
     x_hb, _, _ = ref.pg_split_activations(xr, 8, 4)
     msb = ref.conv2d(x_hb, w, s, p, d)
-    thr = thresholds(msb, 0.2)
+    thr = ref.thresholds_for_fraction(msb, 0.2)
     sig = [("x_ptr", "*fp32", xr), ("w_ptr", "*fp32", w), ("thr_ptr", "*fp32", thr), ("y_ptr", "*fp32", None),
            ("total", "i32", total), ("C", "i32", c), ("H", "i32", hw), ("W", "i32", hw), ("O", "i32", o),
            ("OH", "i32", oh), ("OW", "i32", ow), ("CW", "i32", c), ("OG", "i32", o), ("KH", k, None),
