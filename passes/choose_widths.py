@@ -40,14 +40,20 @@ import numpy as np
 from .channel_analysis import ChannelAnalysis
 
 
-def _nchwc_block() -> int:
-    """MLAS's NCHWc block: 16 channels on AVX-512 machines, else 8."""
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU feature flags (/proc/cpuinfo; empty where there is none). Also read
+    by the profiler's device identity (profiling/device.py)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        flags = ""
-    return 16 if " avx512f" in flags else 8
+        line = ""
+    return frozenset(line.partition(":")[2].split())
+
+
+def _nchwc_block() -> int:
+    """MLAS's NCHWc block: 16 channels on AVX-512 machines, else 8."""
+    return 16 if "avx512f" in cpu_flags() else 8
 
 
 BLOCK = _nchwc_block()

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import sys
 
 from .. import api
 from ..errors import UserError
 from ..fileio import read_json
 from ..profiling.lut import DEFAULT_FRACTIONS, layer_latencies, load_lut, parse_channels, predict, table_of
-from ..profiling.measure import Settings
+from ..profiling.device import differences
+from ..profiling.measure import Settings, machine_info
 from ..targets import ALIASES, TARGETS
 from .args import add_gator_arguments
 
@@ -42,6 +43,12 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (onnx, ort)")
     p.add_argument("-o", "--out", help="output folder (created if missing)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted profile in the same folder")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="measure on a Ray cluster (HOST:PORT of its head, ray://HOST:PORT or auto): one LUT per "
+                        "device class, written to OUT/<class>/ (pip install 'gate2deploy[ray]'; README)")
+    p.add_argument("--device-class", action="append", default=[], metavar="NAME",
+                   help="with --ray: profile on the nodes offering resource device:NAME (repeatable or "
+                        "comma-separated; default: every class the cluster offers)")
     p.add_argument("--edges", choices=("auto", "gator", "groups"), default="auto",
                    help="Gator hyper-edges (ResNet/VGG), channel-analysis groups, or auto")
     add_gator_arguments(p)
@@ -60,6 +67,9 @@ def add_parser(sub) -> None:
     p.add_argument("--predict", metavar="LUT", help="predict a configuration's latency from this lut.json")
     p.add_argument("--channels", metavar="CFG", help="with --predict: channel configuration JSON")
     p.add_argument("--per-layer", action="store_true", help="with --predict: print each layer's latency")
+    p.add_argument("--allow-other-device", action="store_true",
+                   help="with --predict: only warn (instead of refusing) when the LUT was measured on another "
+                        "device than this machine (CPU model, ISA tiers; the GPU for trt)")
     p.set_defaults(func=run)
 
 
@@ -81,7 +91,22 @@ def run(args) -> int:
         fractions=fractions, edges=args.edges, resume=args.resume, report=not args.no_report,
         progress=not args.no_progress, criteria_weight=args.criteria_weight,
         gradient_multiplier=args.gradient_multiplier, gate_init_prob=args.gate_init_prob,
-        static_total_cost=args.static_total_cost)
+        static_total_cost=args.static_total_cost, ray=args.ray, device_classes=tuple(args.device_class))
+    if isinstance(result, dict):  # --ray: one profile per device class
+        for cls, one in result.items():
+            print(f"== device class {cls} ({_nodes_text(one.lut)})")
+            _print_result(one)
+        return 0
+    _print_result(result)
+    return 0
+
+
+def _nodes_text(lut: dict) -> str:
+    nodes = lut["fleet"]["nodes"]
+    return ", ".join(f"{n['hostname']} node {node[:8]}: {n['jobs']} jobs" for node, n in nodes.items()) or "resumed"
+
+
+def _print_result(result) -> None:
     cal = result.lut["calibration"]
     print(f"profiled {len(result.table.layers)} layers, {len(result.table.edges)} edges ({result.table.edge_source}) "
           f"in {result.seconds:.1f} s: {result.entries_measured} LUT entries measured"
@@ -89,21 +114,21 @@ def run(args) -> int:
           + f", {result.unstable} unstable")
     print(f"whole model: {cal['whole_model_ms']:.3f} ms ({cal['whole_model_method']}), "
           f"layer sum {cal['layer_sum_ms']:.3f} ms, in-graph scales {cal['scales']}")
-    config = json.loads((Path(args.out) / "gator_config.json").read_text())
+    config = json.loads((result.out_dir / "gator_config.json").read_text())
     slower = [str(i) for i, m in enumerate(config["edge_multipliers"]) if m <= 0]
     if slower:
         print(f"warning: halving edge(s) {', '.join(slower)} does not make the model faster on this target "
               "(multiplier <= 0, kept as measured; see report.html)")
     if result.current_ms is not None:
         print(f"checkpoint's gated configuration: predicted {result.current_ms:.3f} ms")
-    print(f"wrote {', '.join(str(Path(args.out) / f) for f in result.files)}")
-    return 0
+    print(f"wrote {', '.join(str(result.out_dir / f) for f in result.files)}")
 
 
 def _predict(args) -> int:
     if not args.channels:
         raise UserError("--predict needs --channels CFG.json (the configuration to estimate)")
     lut = load_lut(args.predict)
+    _check_device(args, lut)
     table = table_of(lut)
     data = read_json(args.channels, "--channels")
     channels = parse_channels(table, data)
@@ -115,6 +140,18 @@ def _predict(args) -> int:
     print(f"predicted latency: {ms:.3f} ms (unpruned {full:.3f} ms, ratio {ms / full:.3f}) on {lut['target']}, "
           f"{lut['threads']} threads, batch {lut['batch']}")
     return 0
+
+
+def _check_device(args, lut: dict) -> None:
+    """A LUT is true for the device it was measured on: refuse another one unless
+    --allow-other-device (then one warning line)."""
+    differ = differences(lut.get("machine", {}), machine_info(), lut.get("target", ""))
+    if not differ:
+        return
+    what = f"{args.predict} was measured on another device ({'; '.join(differ)})"
+    if not args.allow_other_device:
+        raise UserError(f"--predict: {what}; predict on that device, or pass --allow-other-device")
+    print(f"warning: {what}; predicting for that device", file=sys.stderr)
 
 
 def _fractions(text: str) -> tuple[float, ...]:

@@ -400,8 +400,22 @@ def load_lut(path: str | Path) -> dict:
     lut = read_json(path, "LUT")
     if not isinstance(lut, dict) or lut.get("format") != FORMAT or not isinstance(lut.get("entries"), dict):
         raise UserError(f"{path} is not a gate2deploy LUT (format {FORMAT})")
-    for key, entry in lut["entries"].items():
-        ms = entry.get("ms") if isinstance(entry, dict) else None
-        if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not math.isfinite(ms) or ms < 0:
-            raise UserError(f"{path}: entry {key} has timing {ms!r}; a LUT's timings are finite and >= 0 ms")
+    check_entries(lut["entries"], str(path))
     return lut
+
+
+def valid_ms(ms) -> bool:
+    return isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms) and ms >= 0
+
+
+def check_entries(entries, where: str, keys: bool = False) -> None:
+    """Refuse (UserError naming `where`) timings that are not finite and >= 0 ms, and with
+    `keys` entry keys that are not LUT layer keys."""
+    if not isinstance(entries, dict):
+        raise UserError(f"{where}: 'entries' is not a JSON object")
+    for key, entry in entries.items():
+        ms = entry.get("ms") if isinstance(entry, dict) else None
+        if not valid_ms(ms):
+            raise UserError(f"{where}: entry {key} has timing {ms!r}; a LUT's timings are finite and >= 0 ms")
+        if keys:
+            parse_key(key)

@@ -168,7 +168,10 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    return {"hostname": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+    from .device import identity
+
+    return {"hostname": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(),
+            **identity()}
 
 
 class OrtCpuBackend:

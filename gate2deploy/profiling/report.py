@@ -76,6 +76,8 @@ td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}}img{{max-width:100%
 target <b>{esc(lut['target'])}</b> ({esc(runtime.get('name', ''))} {esc(str(runtime.get('version', '')))}),
 {lut['threads']} threads, batch {lut['batch']}, on {esc(machine.get('cpu', ''))} ({esc(str(machine.get('cores', '')))} cores),
 {esc(lut['date'])}.</p>
+<p id="device">Device: ISA {esc('+'.join(machine.get('isa') or []) or 'none recorded')},
+GPU {esc(str(machine.get('gpu') or 'none'))}{esc(_fleet_note(lut))}.</p>
 <p id="whole-model">Whole model: measured <b>{cal.get('whole_model_ms', float('nan')):.3f} ms</b>
 (cv {cal.get('whole_model_cv', float('nan')):.3f}); sum of layer entries {cal.get('layer_sum_ms', float('nan')):.3f} ms;
 in-graph scales {esc(str(cal.get('scales')))}; predicted {predicted_ms:.3f} ms.
@@ -100,3 +102,11 @@ window.addEventListener("load", function () {{
 </script>
 </body></html>
 """
+
+
+def _fleet_note(lut: dict) -> str:
+    fleet = lut.get("fleet")
+    if not fleet:
+        return ""
+    return (f"; device class {fleet['device_class']} (Ray resource {fleet['resource']}), "
+            f"measured on {len(fleet['nodes'])} node(s)")

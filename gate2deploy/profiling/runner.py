@@ -10,6 +10,7 @@ written atomically.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +23,11 @@ from ..fileio import write_text
 from . import gator_outputs as gout
 from . import report as rep
 from .edges import ModelTable, build_table
-from .lut import (DEFAULT_FRACTIONS, calibrate, dumps, kernel_sums, new_lut, ort_cpu_kernel, parse_key, predict,
-                  widths_to_measure)
+from ..targets import canonical_name
+from .lut import (DEFAULT_FRACTIONS, FORMAT, calibrate, check_entries, dumps, kernel_sums, new_lut, ort_cpu_kernel,
+                  parse_key, predict, valid_ms, widths_to_measure)
 from .prune import pruned_model
-from .measure import Settings, machine_info, make_backend
+from .measure import BACKENDS, Settings, machine_info, make_backend
 
 PARTIAL = "lut.partial.json"
 SAVE_EVERY_S = 5.0
@@ -46,6 +48,8 @@ class ProfileOptions:
     gradient_multiplier: float = 1.0
     gate_init_prob: float = 0.99
     static_total_cost: float | None = None
+    ray: str | None = None  # Ray head address: measure on the cluster's device classes (profiling/fleet.py)
+    device_classes: tuple = ()  # with ray: the classes to measure on (default: every one offered)
 
 
 @dataclass
@@ -64,43 +68,34 @@ class ProfileResult:
 
 
 def profile(model: nn.Module, example: torch.Tensor, out_dir: str | Path, options: ProfileOptions,
-            model_info: dict, current_channels: list[int] | None = None) -> ProfileResult:
+            model_info: dict, current_channels: list[int] | None = None):
+    """Profile locally (a ProfileResult), or with `options.ray` on every device class asked
+    for (profiling/fleet.py; {device class: ProfileResult}, each written to out/<class>/)."""
     start = time.perf_counter()
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"-o {out}: exists and is not a directory")
-    if not out.parent.is_dir():
-        raise UserError(f"-o {out}: directory {out.parent} does not exist")
+    check_out_dir(out)
     if options.threads < 1:
         raise UserError("--threads must be at least 1")
+    if options.ray:
+        return _profile_fleet(model, example, out, options, model_info, current_channels, start)
+    if options.device_classes:
+        raise UserError("--device-class needs --ray ADDRESS (the cluster whose nodes offer the classes)")
     backend = make_backend(options.target, options.threads, options.settings)
-    table, proto = build_table(model, example, options.edges, options.gator_no_last_conv)
-    if not table.edges:
-        raise UserError("the model has no prunable channel group (every group is pinned)")
+    plan = _plan(model, example, options)
     out.mkdir(exist_ok=True)
-    settings = {**asdict(options.settings), "fractions": list(options.fractions)}
-    lut = new_lut(options.target, machine_info(), backend.runtime_info(), options.threads, table, settings, model_info)
+    lut = new_lut(options.target, machine_info(), backend.runtime_info(), options.threads, plan.table,
+                  plan.settings, model_info)
     resumed = _resume(out / PARTIAL, lut) if options.resume else 0
 
-    keys = widths_to_measure(table, options.fractions)
-    todo = [k for k in keys if k not in lut["entries"]]
+    todo = [k for k in plan.keys if k not in lut["entries"]]
     last_save = time.perf_counter()
-    # Calibration models: the unpruned one and the one a channel narrower on every edge (see
-    # lut.calibrate). Each is timed twice before and once after the layers, the fastest kept,
-    # so a burst of load from other processes during one of them does not skew the scales.
-    narrow = [max(1, c - 1) for c in table.full_channels()]
-    half = [max(1, c // 2) for c in table.full_channels()]
-    calibration_models = {"full": proto, "narrow": _narrow_model(proto, table, narrow),
-                          "half": _narrow_model(proto, table, half)}
-    whole_settings = Settings(warmup=3, repeats=max(20, options.settings.repeats),
-                              max_cv=options.settings.max_cv, retries=options.settings.retries)
 
     def time_whole_models() -> None:
         timings = lut.setdefault("whole_models", {})
-        for name, model in calibration_models.items():
+        for name, model in plan.calibration_models.items():
             if model is None:
                 continue
-            m = backend.measure_whole(model, whole_settings).to_json()
+            m = backend.measure_whole(model, plan.whole_settings).to_json()
             if name not in timings or m["ms"] < timings[name]["ms"]:
                 timings[name] = m
 
@@ -121,18 +116,90 @@ def profile(model: nn.Module, example: torch.Tensor, out_dir: str | Path, option
         write_text(out / PARTIAL, dumps(lut))
         raise
     write_text(out / PARTIAL, dumps(lut))
+    return finish(lut, plan, out, options, current_channels, len(todo), resumed, start)
 
+
+def _profile_fleet(model, example, out: Path, options: ProfileOptions, model_info: dict,
+                   current_channels: list[int] | None, start: float) -> dict[str, ProfileResult]:
+    from .fleet import Fleet
+
+    fleet = Fleet.connect(options.ray, options.device_classes, options.target)  # checked before any work
+    try:
+        plan = _plan(model, example, options)
+    except BaseException:
+        fleet.close()
+        raise
+    luts = fleet.measure(plan, out, options, model_info)  # closes the connection
+    results = {}
+    for cls, lut in luts.items():
+        resumed = lut["fleet"]["resumed_entries"]
+        results[cls] = finish(lut, plan, out / cls, options, current_channels, len(plan.keys) - resumed, resumed,
+                              start)
+    return results
+
+
+@dataclass
+class Plan:
+    """What a profile measures: the layer table, the LUT keys, the calibration models."""
+
+    table: ModelTable
+    keys: list[str]
+    calibration_models: dict  # name -> ONNX model or None (the fold could not make it)
+    narrow: list[int]
+    half: list[int]
+    settings: dict  # the LUT's "settings"
+    whole_settings: Settings
+
+
+def _plan(model: nn.Module, example: torch.Tensor, options: ProfileOptions) -> Plan:
+    table, proto = build_table(model, example, options.edges, options.gator_no_last_conv)
+    if not table.edges:
+        raise UserError("the model has no prunable channel group (every group is pinned)")
+    # Calibration models: the unpruned one and the one a channel narrower on every edge (see
+    # lut.calibrate). Each is timed twice before and once after the layers, the fastest kept,
+    # so a burst of load from other processes during one of them does not skew the scales.
+    narrow = [max(1, c - 1) for c in table.full_channels()]
+    half = [max(1, c // 2) for c in table.full_channels()]
+    calibration_models = {"full": proto, "narrow": _narrow_model(proto, table, narrow),
+                          "half": _narrow_model(proto, table, half)}
+    whole_settings = Settings(warmup=3, repeats=max(20, options.settings.repeats),
+                              max_cv=options.settings.max_cv, retries=options.settings.retries)
+    settings = {**asdict(options.settings), "fractions": list(options.fractions)}
+    return Plan(table, widths_to_measure(table, options.fractions), calibration_models, narrow, half, settings,
+                whole_settings)
+
+
+def check_out_dir(out: Path) -> None:
+    """-o must be a folder we can create or write into: checked before any work, so a
+    read-only place is one line and nothing is written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out}: exists and is not a directory")
+    if not out.parent.is_dir():
+        raise UserError(f"-o {out}: directory {out.parent} does not exist")
+    where = out if out.is_dir() else out.parent
+    try:  # os.access says yes to root on a read-only mount; creating a file tells the truth
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as exc:
+        raise UserError(f"-o {out}: cannot write into {where} ({exc.strerror or exc})") from None
+
+
+def finish(lut: dict, plan: Plan, out: Path, options: ProfileOptions, current_channels: list[int] | None,
+           measured: int, resumed: int, start: float) -> ProfileResult:
+    """Calibration, Gator's files and the report from a LUT whose entries and whole-model
+    timings are complete; removes the partial file."""
+    table = plan.table
     timings = lut.pop("whole_models")
     lut.pop("whole_models_after", None)
     observations = [(kernel_sums(lut, None, table), timings["full"]["ms"])]
     if "narrow" in timings:
-        observations.append((kernel_sums(lut, narrow, table), timings["narrow"]["ms"]))
+        observations.append((kernel_sums(lut, plan.narrow, table), timings["narrow"]["ms"]))
         if "half" in timings:
-            observations.append((kernel_sums(lut, half, table), timings["half"]["ms"]))
+            observations.append((kernel_sums(lut, plan.half, table), timings["half"]["ms"]))
     whole = timings["full"]
     lut["calibration"] = {
         "whole_model_ms": whole["ms"], "whole_model_cv": whole["cv"], "whole_model_unstable": whole["unstable"],
-        "whole_model_method": backend.whole_method,
+        "whole_model_method": BACKENDS[canonical_name(options.target)].whole_method,
         "narrow_model_ms": timings.get("narrow", {}).get("ms"),
         "half_model_ms": timings.get("half", {}).get("ms"),
         "layer_sum_ms": round(sum(observations[0][0].values()), 5),
@@ -164,7 +231,7 @@ def profile(model: nn.Module, example: torch.Tensor, out_dir: str | Path, option
         emit("report.html", rep.render_html(lut, savings, ["multipliers.png", "latency_vs_flops.png"], t0))
     (out / PARTIAL).unlink(missing_ok=True)
     unstable = sum(1 for e in lut["entries"].values() if e.get("unstable"))
-    return ProfileResult(out, table, lut, whole["ms"], t0, len(todo), resumed, unstable, files,
+    return ProfileResult(out, table, lut, whole["ms"], t0, measured, resumed, unstable, files,
                          time.perf_counter() - start, current_ms)
 
 
@@ -172,12 +239,16 @@ MUST_MATCH = ("target", "threads", "batch", "settings")
 
 
 def _resume(path: Path, lut: dict) -> int:
+    """Load the entries (and whole-model timings) of a partial file made with the same model,
+    target and settings into `lut`; the number of entries loaded."""
     if not path.is_file():
         return 0
     try:
         old = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"--resume: {path} is damaged; delete it to start afresh") from None
+        _check_partial(old)
+    except (json.JSONDecodeError, UnicodeDecodeError, UserError) as exc:
+        raise UserError(f"--resume: {path} is damaged ({str(exc).splitlines()[0]}); delete it to start afresh") \
+            from None
     for key in MUST_MATCH:
         if old.get(key) != lut[key]:
             raise UserError(f"--resume: {path} was made with another {key} ({old.get(key)!r}, now {lut[key]!r}); "
@@ -192,6 +263,18 @@ def _resume(path: Path, lut: dict) -> int:
         if key in old:
             lut[key] = old[key]
     return len(old.get("entries", {}))
+
+
+def _check_partial(old) -> None:
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        raise UserError(f"not a partial LUT (format {FORMAT})")
+    check_entries(old.get("entries"), "entries", keys=True)
+    whole = old.get("whole_models", {})
+    if not isinstance(whole, dict) or not all(isinstance(m, dict) and valid_ms(m.get("ms")) for m in whole.values()):
+        raise UserError("its whole-model timings are not finite and >= 0 ms")
+    for key in ("runtime", "model", "table"):
+        if not isinstance(old.get(key, {}), dict):
+            raise UserError(f"its {key!r} is not a JSON object")
 
 
 def _narrow_model(proto, table: ModelTable, narrow: list[int]):
