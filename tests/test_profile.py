@@ -418,3 +418,89 @@ def test_calibrate_recovers_scales_and_fixed_cost_from_three_models():
     assert got[INTERCEPT] == pytest.approx(0.25)
     negative = [(s, sum(scales[k] * v for k, v in s.items()) - 1.0) for s in sums]  # fixed cost < 0
     assert INTERCEPT not in calibrate(negative)
+
+
+# ---------------------------------------------------------------------------------------
+# Device identity (issue 20) and hostile input (issue 17)
+# ---------------------------------------------------------------------------------------
+def test_lut_and_report_record_the_device(tiny_profile):
+    """ISA tiers re-derived from /proc/cpuinfo here (the native build's variants,
+    runtimes/native_build.py ISA_VARIANTS; AMX as tests/test_native_ops.py checks it)."""
+    flags = set(open("/proc/cpuinfo").read().split())
+    expected = [tier for tier, ok in (("amx", {"amx_tile", "amx_int8"} <= flags),
+                                      ("avx512_vnni", {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags),
+                                      ("avx512", "avx512f" in flags), ("avx2", {"avx2", "fma"} <= flags)) if ok]
+    machine = lutmod.load_lut(tiny_profile / "lut.json")["machine"]
+    assert machine["isa"] == expected
+    assert machine["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    html = (tiny_profile / "report.html").read_text()
+    assert f"ISA {'+'.join(expected) or 'none recorded'}" in html
+
+
+def test_predict_refuses_a_lut_from_another_device(tiny_profile, tmp_path, cli):
+    from cli_checks import assert_one_line_exit_2
+
+    lut = json.loads((tiny_profile / "lut.json").read_text())
+    lut["machine"]["cpu"] = "Imaginary CPU 9000"
+    lut["machine"]["isa"] = ["amx", "avx512_vnni", "avx512", "avx2"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(lut))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(lutmod.table_of(lut).full_channels()))
+    line = assert_one_line_exit_2(cli("profile", "--predict", other, "--channels", cfg), "another device",
+                                  "Imaginary CPU 9000", "--allow-other-device")
+    assert "amx+avx512_vnni+avx512+avx2" in line
+    code, out, err = cli("profile", "--predict", other, "--channels", cfg, "--allow-other-device")
+    assert code == 0 and "predicted latency" in out
+    assert len(err.strip().splitlines()) == 1 and err.startswith("warning:") and "another device" in err
+    # the LUT's own machine is this one: no word
+    code, _, err = cli("profile", "--predict", tiny_profile / "lut.json", "--channels", cfg)
+    assert code == 0 and err == ""
+
+
+def test_profile_into_a_read_only_folder_is_one_line(tiny_net_file, tmp_path, cli):
+    """Issue 17: `profile -o` where nothing can be written ended in a PermissionError traceback.
+    /proc refuses new files even to root; a chmod 555 folder refuses them to everyone else."""
+    from cli_checks import assert_one_line_exit_2
+    import os
+
+    targets = [Path("/proc/g2d-profile")]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() != 0:
+        targets += [locked / "lat", locked]
+    try:
+        for out in targets:
+            assert_one_line_exit_2(cli("profile", "--model", f"{tiny_net_file}:Net", "--input-shape", "1,3,32,32",
+                                       "-o", out, *FAST), f"-o {out}", "cannot write")
+            assert not (locked / "lat").exists() and not list(locked.iterdir())
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("[1, 2, 3]", ["not a partial LUT"]),
+    ('{"format": "gate2deploy-lut/1", "entries": [1]}', ["'entries' is not a JSON object"]),
+    ('{"format": "gate2deploy-lut/1", "entries": {"Conv/b1/i3/o16/f32x32/k3x3/s1x1/g1": {"ms": NaN}}}',
+     ["timing nan"]),
+    ('{"format": "gate2deploy-lut/1", "entries": {"Conv/b1/i3/o16/f32x32/k3x3/s1x1/g1": {"ms": -1}}}',
+     ["timing -1"]),
+    ('{"format": "gate2deploy-lut/1", "entries": {"bogus": {"ms": 1.0}}}', ["'bogus' is not a LUT layer key"]),
+    ('{"format": "gate2deploy-lut/1", "entries": {}, "whole_models": {"full": {"ms": "x"}}}', ["whole-model"]),
+    ('{"format": "gate2deploy-lut/1", "entries": {}, "runtime": 7}', ["'runtime'"]),
+    ("\x00\xff garbage", ["damaged"]),
+])
+def test_resume_with_a_malformed_partial_file_is_one_line(tiny_net_file, tmp_path, cli, damage, words):
+    """Issue 17: a malformed lut.partial.json ended in an AttributeError/TypeError traceback
+    (or was merged, NaN timings and all)."""
+    from cli_checks import assert_one_line_exit_2
+
+    out = tmp_path / "run"
+    out.mkdir()
+    partial = out / "lut.partial.json"
+    partial.write_text(damage, encoding="latin-1")
+    assert_one_line_exit_2(cli("profile", "--model", f"{tiny_net_file}:Net", "--input-shape", "1,3,32,32", "-o", out,
+                               "--resume", *FAST), "--resume", "damaged", "delete it", *words)
+    assert sorted(p.name for p in out.iterdir()) == ["lut.partial.json"]  # nothing written, the file kept
+    assert partial.read_text(encoding="latin-1") == damage
