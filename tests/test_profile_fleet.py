@@ -134,3 +134,26 @@ def test_device_class_no_node_offers_is_one_line(cluster, net, tmp_path, cli):
     assert not out.exists()
     assert_one_line_exit_2(_profile(cli, net, out, "--device-class", "a"), "--device-class needs --ray")
     assert not out.exists()
+
+
+def test_width_sweep_is_timed_on_the_class_asked_for(cluster, tmp_path, cli):
+    import torch
+    from test_slimmable import R20, random_state_dict
+
+    from gate2deploy.models import slimmable as built_in
+
+    ckpt = tmp_path / "r20.pt"
+    torch.save(random_state_dict(built_in.resnet20), ckpt)
+    sweep = ["export", ckpt, "--model", R20, "--input-shape", "1,3,32,32", "--width-sweep", "0.5,1.0",
+             "--ray", cluster.address, "-o", tmp_path / "s" / "r20.onnx"]
+    (tmp_path / "s").mkdir()
+    # two classes offered: which one to time on must be said
+    assert_one_line_exit_2(cli(*sweep), "--device-class", "offered: a, b")
+    assert list((tmp_path / "s").iterdir()) == []
+    code, out, err = cli(*sweep, "--device-class", "a")
+    assert code == 0, err
+    report = json.loads((tmp_path / "s" / "r20_sweep.json").read_text())
+    device = report["latency"]["device"]
+    assert device["device_class"] == "a" and device["node"] == cluster.nodes_by_class["a"].node_id
+    assert all(p["latency_ms_median"] > 0 for p in report["points"])
+    assert (tmp_path / "s" / "r20_sweep.png").is_file()

@@ -65,6 +65,11 @@ def add_parser(sub) -> None:
                    help="slimmable model: export one model per uniform width (e.g. 0.25,0.5,0.75,1.0; "
                         "--population all: one per stored configuration) with a MACs/params/latency table, "
                         "a JSON report and a latency-vs-MACs plot; -o names the files (see README)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="with --width-sweep / --population all: time the points on a node of a Ray cluster's "
+                        "device class (see `profile --ray`; compiled here)")
+    p.add_argument("--device-class", action="append", default=[], metavar="NAME",
+                   help="with --ray: the device class (resource device:NAME) to time the sweep on")
     p.add_argument("--debug-passes", metavar="DIR",
                    help="write the graph after every pass to DIR and re-check it (onnx checker, shapes)")
     p.set_defaults(func=run)
@@ -73,6 +78,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.width_sweep is not None or str(args.population).lower() == "all":
         return run_sweep(args)
+    if args.ray or args.device_class:
+        raise OptionError("--ray / --device-class time a sweep: only with --width-sweep or --population all")
     for flag, path in (("-o", args.output), ("--report", args.report)):
         if path and (str(path).endswith(("/", os.sep)) or Path(path).is_dir()):
             raise OptionError(f"{flag} {path}: names a folder; give a file name")
@@ -212,6 +219,7 @@ def run_sweep(args) -> int:
     is written, then the models, the table, the JSON report and the plot."""
     from ..benchmark import latencies_ms
     from ..loading import load_checkpoint
+    from ..profiling.measure import machine_info
 
     if args.width is not None or args.width_vector is not None:
         raise OptionError("--width-sweep / --population all choose the widths; drop --width / --width-vector")
@@ -231,12 +239,28 @@ def run_sweep(args) -> int:
     files = [Path(f"{stem}_{label}{Path(args.output).suffix or '.onnx'}") for label, _ in points]
     for path in files + [report_path, plot_path]:
         check_writable(path)
-    compiled = [compile_with(None, None, replace(opts, **change)) for _, change in points]
+    fleet = device = None
+    if args.ray:  # connected and the class checked before anything is compiled
+        from ..profiling.fleet import Fleet
+        if opts.target == "trt":
+            raise OptionError("--ray times a sweep with ONNX Runtime: not with --target trt")
+        fleet = Fleet.connect(args.ray, args.device_class, opts.target)
+        fleet.one_class("--width-sweep / --population all")
+    elif args.device_class:
+        raise OptionError("--device-class needs --ray ADDRESS")
+    try:
+        compiled = [compile_with(None, None, replace(opts, **change)) for _, change in points]
+    except BaseException:
+        if fleet is not None:
+            fleet.close()
+        raise
     input_shape = parse_shape(args.input_shape)
     median = minimum = {}
-    if opts.target != "trt":
-        median, minimum = latencies_ms({label: c.onnx_model for (label, _), c in zip(points, compiled)},
-                                       input_shape, runs=SWEEP_RUNS)
+    models = {label: c.onnx_model for (label, _), c in zip(points, compiled)}
+    if fleet is not None:
+        median, minimum, device = fleet.time_models(models, input_shape, SWEEP_RUNS)
+    elif opts.target != "trt":
+        median, minimum = latencies_ms(models, input_shape, runs=SWEEP_RUNS)
     rows = []
     for (label, change), c, path in zip(points, compiled, files):
         sl = c.report["mask_sources"]["slimmable"]
@@ -250,7 +274,8 @@ def run_sweep(args) -> int:
                      "loss": sl["selection"].get("loss")})
     sweep = {"input_shape": list(input_shape), "target": opts.target,
              "latency": {"runs_per_model": SWEEP_RUNS, "method": "gate2deploy/benchmark.py time_sessions "
-                         "(alternating blocks, ONNX Runtime CPU, 2 threads)"} if median else None,
+                         "(alternating blocks, ONNX Runtime CPU, 2 threads)",
+                         "device": device or machine_info()} if median else None,
              "points": rows, "reports": [c.report for c in compiled]}
     for c, path in zip(compiled, files):
         c.save(path)

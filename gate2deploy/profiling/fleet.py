@@ -243,6 +243,35 @@ class Fleet:
                                 "has joined")
 
 
+    # -----------------------------------------------------------------------------------
+    # Sweeps: several compiled models timed together on one class
+    # -----------------------------------------------------------------------------------
+    def one_class(self, flag: str) -> str:
+        """The single class a sweep measures on: the one asked for, or the cluster's only one."""
+        if len(self.classes) != 1:
+            self.close()
+            raise UserError(f"{flag} --ray: name the one device class to measure on with --device-class "
+                            f"(offered: {', '.join(self.classes)})")
+        return self.classes[0]
+
+    def time_models(self, models: dict, input_shape, runs: int) -> tuple[dict, dict, dict]:
+        """(median, minimum, machine) of ONNX `models` timed in one job on a node of the class
+        (benchmark.latencies_ms: alternating blocks, so the points are compared in one run)."""
+        ray = self.ray
+        device_class = self.one_class("sweep")
+        blobs = {name: m.SerializeToString() for name, m in models.items()}
+        job = ray.remote(_sweep_job).options(resources={RESOURCE_PREFIX + device_class: 1}, num_cpus=0,
+                                             max_retries=SYSTEM_RETRIES)
+        pending = {job.remote(blobs, list(input_shape), runs): (device_class, ("sweep", ""))}
+        try:
+            result = self._collect(pending, lambda c, j: job.remote(blobs, list(input_shape), runs),
+                                   lambda c, j, r: None, lambda: None)[device_class]
+        finally:
+            self.close()
+        machine = {**result["machine"], "node": result["node"], "device_class": device_class}
+        return result["median"], result["minimum"], machine
+
+
 def _save_every() -> float:
     from .runner import SAVE_EVERY_S
 
@@ -291,6 +320,17 @@ def _probe(address: str) -> None:
 # ---------------------------------------------------------------------------------------
 # On the worker node
 # ---------------------------------------------------------------------------------------
+def _sweep_job(blobs: dict, input_shape: list, runs: int) -> dict:
+    import onnx
+    import ray
+
+    from ..benchmark import latencies_ms
+
+    median, minimum = latencies_ms({n: onnx.load_from_string(b) for n, b in blobs.items()}, tuple(input_shape), runs)
+    return {"node": ray.get_runtime_context().get_node_id(), "machine": machine_info(), "median": median,
+            "minimum": minimum}
+
+
 _BACKENDS: dict = {}
 
 
