@@ -229,7 +229,10 @@ def profile(model_or_checkpoint=None, input_shape: str | None = None, out: str |
             gator_no_last_conv: str | None = None, gator_config: str | None = None, **options):
     """Per-layer latency on the target, written to `out` as a LUT, Gator's config and a report
     (what `gate2deploy profile` does). `options`: the fields of profiling.runner.ProfileOptions
-    (target, threads, settings, fractions, edges, ...). Returns the ProfileResult."""
+    (target, threads, settings, fractions, edges, ray, device_classes, ...). Returns the
+    ProfileResult; with ray=ADDRESS a {device class: ProfileResult}. Several Gator checkpoints
+    of one architecture (a list): one LUT, and each checkpoint's predicted latency in
+    checkpoints.csv / checkpoints.png beside it."""
     from .frontend import parse_shape
     from .profiling.runner import ProfileOptions, profile as run_profile
 
@@ -239,8 +242,18 @@ def profile(model_or_checkpoint=None, input_shape: str | None = None, out: str |
         raise OptionError("--input-shape is required, e.g. 1,3,224,224")
     if model_or_checkpoint is None and not model:
         raise OptionError("give a checkpoint and/or --model to say what to profile")
-    net, current, no_last_conv = _profile_model(model_or_checkpoint, model, model_kwargs, trust_pickle,
-                                                gator_no_last_conv, gator_config)
+    several = isinstance(model_or_checkpoint, (list, tuple)) and len(model_or_checkpoint) > 1
+    if isinstance(model_or_checkpoint, (list, tuple)) and not several:
+        model_or_checkpoint = model_or_checkpoint[0] if model_or_checkpoint else None
+    checkpoints = list(model_or_checkpoint) if several else [model_or_checkpoint]
+    loaded = [_profile_model(c, model, model_kwargs, trust_pickle, gator_no_last_conv, gator_config)
+              for c in checkpoints]
+    net, current, no_last_conv = loaded[0]
+    if several:  # one architecture, one LUT; each checkpoint's own gates predicted from it
+        for c, (_, kept, _) in zip(checkpoints, loaded):
+            if kept is None:
+                raise OptionError(f"{c}: several checkpoints are compared by their Gator gates, and this one has "
+                                  "none (profile it on its own)")
     example = torch.randn(parse_shape(input_shape))
     check_runs(net, example)
     unknown = set(options) - set(ProfileOptions.__dataclass_fields__)
@@ -249,9 +262,17 @@ def profile(model_or_checkpoint=None, input_shape: str | None = None, out: str |
     popts = ProfileOptions(**{**options, "target": get_target(options.get("target", "ort")).name,
                               "gator_no_last_conv": no_last_conv})
     spec = model or str(model_or_checkpoint)
-    info = {"spec": spec, "checkpoint": None if isinstance(model_or_checkpoint, nn.Module) else model_or_checkpoint,
+    info = {"spec": spec, "checkpoint": [str(c) for c in checkpoints] if several else
+            None if isinstance(model_or_checkpoint, nn.Module) else model_or_checkpoint,
             "input_shape": list(example.shape)}
-    return run_profile(net, example, out, popts, info, current)
+    result = run_profile(net, example, out, popts, info, current)
+    if several:
+        from .profiling.runner import compare_checkpoints
+
+        kept = {str(c): channels for c, (_, channels, _) in zip(checkpoints, loaded)}
+        for one in result.values() if isinstance(result, dict) else [result]:
+            compare_checkpoints(one, kept)
+    return result
 
 
 def _profile_model(model_or_checkpoint, model, model_kwargs, trust_pickle, gator_no_last_conv, gator_config):

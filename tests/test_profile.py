@@ -504,3 +504,49 @@ def test_resume_with_a_malformed_partial_file_is_one_line(tiny_net_file, tmp_pat
                                "--resume", *FAST), "--resume", "damaged", "delete it", *words)
     assert sorted(p.name for p in out.iterdir()) == ["lut.partial.json"]  # nothing written, the file kept
     assert partial.read_text(encoding="latin-1") == damage
+
+
+def _gator_resnet18_checkpoint(path: Path, keep: float, seed: int) -> list[int]:
+    """A Gator-wrapped ResNet-18 checkpoint keeping about `keep` of each hyper-edge's channels
+    (Gator's key layout, as test_gator_checkpoint_resnet50 writes it); the kept counts."""
+    from gate2deploy.importers.gator import hyper_edges
+
+    net = torchvision.models.resnet18()
+    sd = {f"module.net.{k}": v for k, v in net.state_dict().items()}
+    rng = np.random.default_rng(seed)
+    kept = []
+    for i, e in enumerate(hyper_edges(net)):
+        mask = torch.from_numpy(rng.random(e.channels) < keep)
+        mask[0] = True
+        sd[f"module.forward_hooks.{i}.gating_module.gating_weights"] = torch.where(mask, 1.0, -1.0)
+        sd[f"module.forward_hooks.{i}.gating_module.active_channels_mask"] = mask
+        kept.append(int(mask.sum()))
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": sd, "best_acc1": 0.0, "optimizer": {}}, path)
+    return kept
+
+
+def test_several_checkpoints_one_lut_one_table(tmp_path, cli):
+    """Gator prune-profile iterations in one call: one LUT, each checkpoint's gates predicted."""
+    kept = {}
+    for name, keep in (("it1.pth", 0.9), ("it2.pth", 0.5)):
+        kept[str(tmp_path / name)] = _gator_resnet18_checkpoint(tmp_path / name, keep, seed=len(kept))
+    out = tmp_path / "lat"
+    code, stdout, err = cli("profile", *kept, "--model", "torchvision.models:resnet18", "--input-shape", "1,3,32,32",
+                            "-o", out, "--widths", "1", "--no-report", *FAST)
+    assert code == 0, err
+    rows = list(csv.DictReader((out / "checkpoints.csv").open()))
+    assert [r["checkpoint"] for r in rows] == list(kept)
+    assert (out / "checkpoints.png").read_bytes()[:4] == b"\x89PNG"
+    for row, channels in zip(rows, kept.values()):
+        assert int(row["channels"]) == sum(channels)
+        cfg = tmp_path / "cfg.json"
+        cfg.write_text(json.dumps(channels))
+        code, text, _ = cli("profile", "--predict", out / "lut.json", "--channels", cfg)
+        assert f"predicted latency: {float(row['predicted_ms']):.3f} ms" in text
+    # a checkpoint without Gator gates cannot be compared by them
+    plain = tmp_path / "plain.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), plain)
+    from cli_checks import assert_one_line_exit_2
+    assert_one_line_exit_2(cli("profile", next(iter(kept)), plain, "--model", "torchvision.models:resnet18",
+                               "--input-shape", "1,3,32,32", "-o", tmp_path / "no", *FAST), "plain.pth", "Gator gates")
+    assert not (tmp_path / "no").exists()

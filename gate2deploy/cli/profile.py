@@ -32,8 +32,9 @@ from .args import add_gator_arguments
 
 def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="measure layer latency on the target: LUT, Gator config, report")
-    p.add_argument("checkpoint", nargs="?", help="state_dict / Gator checkpoint (optional: --model alone profiles "
-                   "the architecture), a .pt2 program, or a pickled module with --trust-pickle")
+    p.add_argument("checkpoint", nargs="*", help="state_dict / Gator checkpoint (optional: --model alone profiles "
+                   "the architecture), a .pt2 program, or a pickled module with --trust-pickle; several Gator "
+                   "checkpoints of one architecture: one LUT and each one's predicted latency (checkpoints.csv)")
     p.add_argument("--model", help="architecture: package.module:callable or file.py:callable")
     p.add_argument("--model-kwargs", help="JSON keyword arguments for the --model callable")
     p.add_argument("--input-shape", help="e.g. 1,3,224,224 (the batch size is the profiled batch)")
@@ -83,8 +84,9 @@ def run(args) -> int:
         value = getattr(args, flag)
         if value is not None and not math.isfinite(value):  # JSON has no NaN: Gator could not read it
             raise UserError(f"--{flag.replace('_', '-')} must be a finite number, not {value}")
+    checkpoint = args.checkpoint if len(args.checkpoint) > 1 else (args.checkpoint or [None])[0]
     result = api.profile(
-        args.checkpoint, args.input_shape, args.out, model=args.model, model_kwargs=args.model_kwargs,
+        checkpoint, args.input_shape, args.out, model=args.model, model_kwargs=args.model_kwargs,
         trust_pickle=args.trust_pickle, gator_no_last_conv=args.gator_no_last_conv, gator_config=args.gator_config,
         target=args.target, threads=args.threads,
         settings=Settings(warmup=args.warmup, repeats=args.repeats, max_cv=args.max_cv, retries=args.retries),
@@ -119,7 +121,9 @@ def _print_result(result) -> None:
     if slower:
         print(f"warning: halving edge(s) {', '.join(slower)} does not make the model faster on this target "
               "(multiplier <= 0, kept as measured; see report.html)")
-    if result.current_ms is not None:
+    if "checkpoints.csv" in result.files:
+        print((result.out_dir / "checkpoints.csv").read_text().rstrip())
+    elif result.current_ms is not None:
         print(f"checkpoint's gated configuration: predicted {result.current_ms:.3f} ms")
     print(f"wrote {', '.join(str(result.out_dir / f) for f in result.files)}")
 

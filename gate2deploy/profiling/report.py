@@ -53,6 +53,24 @@ def write_plots(folder: Path, savings: list[EdgeSaving]) -> list[str]:
     return ["multipliers.png", "latency_vs_flops.png"]
 
 
+def write_checkpoint_plot(path: Path, rows: list[dict]) -> None:
+    """Predicted latency per checkpoint (profile of several checkpoints in one call)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(rows) + 2), 4.0))
+    ax.bar(range(len(rows)), [r["predicted_ms"] for r in rows], color="#3b6ea5")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([Path(r["checkpoint"]).name for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title("Checkpoints' gated configurations")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def render_html(lut: dict, savings: list[EdgeSaving], images: list[str], predicted_ms: float) -> str:
     esc = html.escape
     cal = lut.get("calibration", {})

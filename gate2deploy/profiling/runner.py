@@ -265,6 +265,24 @@ def _resume(path: Path, lut: dict) -> int:
     return len(old.get("entries", {}))
 
 
+def compare_checkpoints(result: ProfileResult, channels: dict[str, list[int]]) -> list[dict]:
+    """Several checkpoints of one architecture profiled in one call: each one's gated
+    configuration predicted from the one LUT, written as checkpoints.csv and checkpoints.png
+    beside it."""
+    full = predict(result.lut, None, result.table)
+    rows = []
+    for name, kept in channels.items():
+        ms = predict(result.lut, kept, result.table)
+        rows.append({"checkpoint": name, "predicted_ms": round(ms, 5), "ratio": round(ms / full, 4),
+                     "channels": sum(kept), "full_channels": sum(result.table.full_channels())})
+    lines = ["checkpoint,predicted_ms,ratio_to_unpruned,channels,full_channels"]
+    lines += [f"{r['checkpoint']},{r['predicted_ms']},{r['ratio']},{r['channels']},{r['full_channels']}" for r in rows]
+    write_text(result.out_dir / "checkpoints.csv", "\n".join(lines) + "\n")
+    rep.write_checkpoint_plot(result.out_dir / "checkpoints.png", rows)
+    result.files += ["checkpoints.csv", "checkpoints.png"]
+    return rows
+
+
 def _check_partial(old) -> None:
     if not isinstance(old, dict) or old.get("format") != FORMAT:
         raise UserError(f"not a partial LUT (format {FORMAT})")
