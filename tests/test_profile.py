@@ -550,3 +550,15 @@ def test_several_checkpoints_one_lut_one_table(tmp_path, cli):
     assert_one_line_exit_2(cli("profile", next(iter(kept)), plain, "--model", "torchvision.models:resnet18",
                                "--input-shape", "1,3,32,32", "-o", tmp_path / "no", *FAST), "plain.pth", "Gator gates")
     assert not (tmp_path / "no").exists()
+
+
+def test_ray_missing_is_one_line(tiny_net_file, tmp_path, cli, monkeypatch):
+    import sys
+
+    from cli_checks import assert_one_line_exit_2
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    out = tmp_path / "p"
+    assert_one_line_exit_2(cli("profile", "--model", f"{tiny_net_file}:Net", "--input-shape", "1,3,32,32", "-o", out,
+                               "--ray", "127.0.0.1:6379", *FAST), "pip install 'gate2deploy[ray]'")
+    assert not out.exists()

@@ -19,7 +19,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from gate2deploy.profiling import fleet  # noqa: E402
 from gate2deploy.profiling.lut import load_lut  # noqa: E402
 
-FLEET_FAST = [*FAST, "--no-report"]
+FLEET_FAST = [*FAST, "--no-report", "--widths", "0.5,1"]  # 32 LUT entries
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,37 @@ def test_a_node_killed_mid_run_loses_no_finished_entry(cluster, net, tmp_path, c
     assert set(finished_before_kill) < set(lut["entries"])
     assert state["new_node"].node_id in lut["fleet"]["nodes"]  # the rest ran on the replacement
     assert not (out / "a").exists()
+
+
+def test_a_class_left_without_nodes_stops_and_resumes(cluster, net, tmp_path, cli, monkeypatch):
+    """No node of the class for NODE_GRACE_S: one line, exit 2, finished entries kept in the
+    partial file; once a node has joined, --resume measures only the rest."""
+    out = tmp_path / "stopped"
+    seen = []
+
+    def kill_b_after_eight(device_class, job):
+        seen.append(job)
+        if len(seen) == 8:
+            cluster.remove_node(cluster.nodes_by_class["b"])
+
+    monkeypatch.setattr(fleet, "_after_result", kill_b_after_eight)
+    monkeypatch.setattr(fleet, "NODE_GRACE_S", 2.0)
+    assert_one_line_exit_2(_profile(cli, net, out, "--ray", cluster.address, "--device-class", "b"),
+                           "device class b", "no live node offers device:b", "--resume")
+    partial = json.loads((out / "b" / "lut.partial.json").read_text())
+    assert not (out / "b" / "lut.json").exists()
+    finished = {**partial["entries"], **partial.get("whole_models", {})}
+    assert len(finished) >= 8
+
+    cluster.nodes_by_class["b"] = cluster.add_node(num_cpus=1, resources={"device:b": 1})
+    monkeypatch.setattr(fleet, "_after_result", lambda *a: None)
+    code, stdout, err = _profile(cli, net, out, "--ray", cluster.address, "--device-class", "b", "--resume")
+    assert code == 0, err
+    lut = load_lut(out / "b" / "lut.json")
+    assert f"{len(partial['entries'])} resumed" in stdout
+    for key, entry in partial["entries"].items():
+        assert lut["entries"][key] == entry
+    assert set(lut["fleet"]["nodes"]) == {cluster.nodes_by_class["b"].node_id}  # the rest, on the new node
 
 
 def test_unreachable_address_is_one_line(net, tmp_path, cli):
