@@ -9,6 +9,8 @@ written atomically.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import tempfile
 import time
@@ -275,9 +277,12 @@ def compare_checkpoints(result: ProfileResult, channels: dict[str, list[int]]) -
         ms = predict(result.lut, kept, result.table)
         rows.append({"checkpoint": name, "predicted_ms": round(ms, 5), "ratio": round(ms / full, 4),
                      "channels": sum(kept), "full_channels": sum(result.table.full_channels())})
-    lines = ["checkpoint,predicted_ms,ratio_to_unpruned,channels,full_channels"]
-    lines += [f"{r['checkpoint']},{r['predicted_ms']},{r['ratio']},{r['channels']},{r['full_channels']}" for r in rows]
-    write_text(result.out_dir / "checkpoints.csv", "\n".join(lines) + "\n")
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["checkpoint", "predicted_ms", "ratio_to_unpruned", "channels", "full_channels"])
+    writer.writerows([r["checkpoint"], r["predicted_ms"], r["ratio"], r["channels"], r["full_channels"]]
+                     for r in rows)
+    write_text(result.out_dir / "checkpoints.csv", text.getvalue())
     rep.write_checkpoint_plot(result.out_dir / "checkpoints.png", rows)
     result.files += ["checkpoints.csv", "checkpoints.png"]
     return rows
