@@ -188,3 +188,29 @@ def test_width_sweep_is_timed_on_the_class_asked_for(cluster, tmp_path, cli):
     assert device["device_class"] == "a" and device["node"] == cluster.nodes_by_class["a"].node_id
     assert all(p["latency_ms_median"] > 0 for p in report["points"])
     assert (tmp_path / "s" / "r20_sweep.png").is_file()
+
+
+def test_a_node_offering_more_than_one_unit_is_warned_about(cluster, capsys):
+    node = cluster.add_node(num_cpus=1, resources={"device:c": 2})
+    cluster.wait_for_nodes()
+    try:
+        fl = fleet.Fleet.connect(cluster.address, ["c"], "ort")
+        fl.close()
+        err = capsys.readouterr().err
+        assert "warning" in err and "2 units of device:c" in err and "give each node 1" in err
+    finally:
+        cluster.remove_node(node)
+
+
+def test_an_error_on_the_node_keeps_its_exit_code(cluster, net, tmp_path, cli):
+    """--target trt where the class' node has no TensorRT: exit 3 (as locally), one line naming
+    the class, nothing written."""
+    from gate2deploy.runtimes import tensorrt_available
+
+    if tensorrt_available() is None:
+        pytest.skip("TensorRT and a GPU are available here")
+    out = tmp_path / "trt"
+    code, _, err = _profile(cli, net, out, "--ray", cluster.address, "--device-class", "a", "--target", "trt")
+    assert code == 3 and len(err.strip().splitlines()) == 1, err
+    assert "device class a" in err and "TensorRT" in err
+    assert not out.exists()

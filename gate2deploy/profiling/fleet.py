@@ -211,8 +211,8 @@ class Fleet:
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # the job itself raised
                     cause = getattr(exc, "cause", None)
-                    if isinstance(cause, UserError):
-                        raise UserError(f"device class {c}: {cause}") from None
+                    if isinstance(cause, UserError):  # keeps its kind (TensorRT missing there: exit 3)
+                        raise type(cause)(f"device class {c}: {cause}") from None
                     raise
                 except ray.exceptions.RayError as exc:  # its node or worker died: run it again
                     failures[(c, job)] = failures.get((c, job), 0) + 1
