@@ -114,10 +114,13 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
     captured = capture(gated.model, gated.example)
 
     def run_passes(batch_axis: bool) -> tuple[onnx.ModelProto, PassContext]:
-        ctx = PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
-                          choose_widths=opts.physical_widths == "fast", debug_dir=opts.debug_passes,
-                          batch_axis=batch_axis)
-        return tgt.prepare(run_pipeline(captured, tgt.pipeline, ctx)), ctx  # verified below as written
+        def make_ctx():
+            return PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
+                               choose_widths=opts.physical_widths == "fast", debug_dir=opts.debug_passes,
+                               batch_axis=batch_axis)
+        folded, ctx = _fold(captured, tgt.pipeline, tgt.name, opts.physical_widths, make_ctx,
+                            tuple(gated.example.shape))
+        return tgt.prepare(folded), ctx  # verified below as written
 
     compiled, ctx = run_passes(not opts.static_batch and batch_note is None)
     compile_seconds = time.perf_counter() - start
@@ -169,6 +172,7 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
             "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
             "pinned_ops": [vars(o) for o in ctx.fold.pinned_ops],
         },
+        "physical_widths": ctx.widths,
         "sparse_input_convs": ctx.sparse_input_convs,
         "fused_epilogues": ctx.fused_epilogues,
         "layers": rep.compare(before, after),
@@ -178,6 +182,26 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
         **gated_layer_report(gated, captured, samples),
     }
     return CompiledModel(compiled, tgt, report, gated.model, shape, samples)
+
+
+PHYSICAL_WIDTHS = ("fast", "exact", "measured")
+
+
+def _fold(captured: onnx.ModelProto, pipeline: str, target: str, physical_widths: str, make_ctx,
+          input_shape) -> tuple[onnx.ModelProto, PassContext]:
+    """The pipeline with the asked physical widths; ctx.widths says what was used (and, for
+    `measured`, what was timed: gate2deploy/measure_widths.py)."""
+    if physical_widths not in PHYSICAL_WIDTHS:
+        raise OptionError(f"physical_widths must be one of {', '.join(PHYSICAL_WIDTHS)}, not {physical_widths!r}")
+    if physical_widths != "measured":
+        ctx = make_ctx()
+        compiled = run_pipeline(captured, pipeline, ctx)
+        ctx.widths = {"asked": physical_widths, "used": physical_widths}
+        return compiled, ctx
+    from .measure_widths import fold_measured
+    compiled, ctx, widths = fold_measured(captured, pipeline, make_ctx, target, input_shape)
+    ctx.widths = widths.as_dict()
+    return compiled, ctx
 
 
 def _other_batch_problem(model: nn.Module, example: torch.Tensor) -> str | None:
@@ -204,8 +228,9 @@ def info_with(model_or_checkpoint, example_inputs, opts: InfoOptions) -> dict:
     """info() with its options already built (the CLI's path)."""
     gated = _gated(model_or_checkpoint, example_inputs, opts)
     captured = capture(gated.model, gated.example)
-    ctx = PassContext(unfoldable_policy="keep", choose_widths=opts.physical_widths == "fast")
-    effective = run_pipeline(captured, "onnx", ctx)
+    effective, ctx = _fold(captured, "onnx", "onnx", opts.physical_widths,
+                           lambda: PassContext(unfoldable_policy="keep", choose_widths=opts.physical_widths == "fast"),
+                           tuple(gated.example.shape))
     dense, eff = rep.model_cost(with_static_shapes(captured)), rep.model_cost(effective)
     layers = []
     for row in rep.compare(dense, eff):
