@@ -30,7 +30,7 @@ from . import report as rep
 from .capture import capture
 from .errors import OptionError, VerificationError
 from .frontend import GatedModel, check_runs, build_gated_model
-from .options import CompileOptions, InfoOptions, from_kwargs
+from .options import PHYSICAL_WIDTHS, CompileOptions, InfoOptions, from_kwargs
 from .pipeline import PassContext, run_pipeline, with_static_shapes
 from .targets import Target, get_target
 from .passes.dynamic_batch import pin_batch
@@ -101,6 +101,7 @@ def compile(model_or_checkpoint, example_inputs=None, target: str = "ort", **opt
 
 def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> CompiledModel:
     tgt = get_target(opts.target)
+    _check_physical_widths(opts.physical_widths)
     if tgt.name != "trt" and (opts.batch or opts.fp16):
         raise OptionError("--batch and --fp16 are TensorRT build options: only with --target trt")
     if opts.pg_static_scale and not opts.sample_inputs:
@@ -184,15 +185,16 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
     return CompiledModel(compiled, tgt, report, gated.model, shape, samples)
 
 
-PHYSICAL_WIDTHS = ("fast", "exact", "measured")
+def _check_physical_widths(value: str) -> None:
+    """Before any work: the Python API has no argparse to refuse a bad value."""
+    if value not in PHYSICAL_WIDTHS:
+        raise OptionError(f"physical_widths must be one of {', '.join(PHYSICAL_WIDTHS)}, not {value!r}")
 
 
 def _fold(captured: onnx.ModelProto, pipeline: str, target: str, physical_widths: str, make_ctx,
           input_shape) -> tuple[onnx.ModelProto, PassContext]:
     """The pipeline with the asked physical widths; ctx.widths says what was used (and, for
     `measured`, what was timed: gate2deploy/measure_widths.py)."""
-    if physical_widths not in PHYSICAL_WIDTHS:
-        raise OptionError(f"physical_widths must be one of {', '.join(PHYSICAL_WIDTHS)}, not {physical_widths!r}")
     if physical_widths != "measured":
         ctx = make_ctx()
         compiled = run_pipeline(captured, pipeline, ctx)
@@ -226,6 +228,7 @@ def info(model_or_checkpoint=None, example_inputs=None, **options) -> dict:
 
 def info_with(model_or_checkpoint, example_inputs, opts: InfoOptions) -> dict:
     """info() with its options already built (the CLI's path)."""
+    _check_physical_widths(opts.physical_widths)
     gated = _gated(model_or_checkpoint, example_inputs, opts)
     captured = capture(gated.model, gated.example)
     effective, ctx = _fold(captured, "onnx", "onnx", opts.physical_widths,

@@ -4,20 +4,26 @@ candidate widths on the target, exact semantics kept.
 What is timed. The fold (passes/fold_masks.py) asks a width chooser which removable channels
 to keep as padding (never-read zero channels: exact by construction, passes/choose_widths.py).
 `measured` walks the channel-creating tensors in graph order, as `fast` does, and for each
-one that the masks narrow (kept < full width) times candidate widths: the kept count itself,
-and the kept count rounded up to 4, 8 and the NCHWc block (capped at the full width; `fast`'s
-choice is always among them). The timed model is the layer's neighbourhood at that width:
+one that the masks narrow (kept < full width) times candidate widths: the kept count rounded
+up to 4, 8 and the NCHWc block (capped at the full width; `fast`'s choice is always among
+them). Widths that are not multiples of 4 are not candidates: they take the tensor out of
+ONNX Runtime's blocked (NCHWc) chain, which adds layout reorders on both sides in the whole
+graph, but a small timed model has those reorders at its boundaries for every candidate
+and cannot see that cost (measured: MobileNetV2 with such widths picked by the small models
+ran 2.5x slower whole than with fast's). The timed model is the layer's neighbourhood at that width:
 its producing Conv (the real kernel, strides, pads, dilations, input width and spatial size)
-and every Conv reading the tensor, directly or through single-input ops that keep its shape
-(BatchNorm, activations): a dense reader at its own output width as `fast` would make it, a
-depthwise reader at the candidate width. A candidate width changes the producer's output and
+and every Conv reading the tensor's channels: directly, or through ops that keep its shape
+(BatchNorm, activations, a residual Add, a squeeze-excitation Mul) and through max/average
+pooling (copied into the timed model); a dense reader at its own output width as `fast`
+would make it, a depthwise reader at the candidate width. A candidate width changes the producer's output and
 the readers' input, which is where MLAS's blocked/unblocked choice and its layout reorders
 fall. Tensors produced by another op (Gemm, MatMul), by a grouped conv, or read by a grouped
 (not depthwise) conv keep `fast`'s rule; so do grouped convs' per-group widths (MLAS runs
 them blocked only with whole blocks per group, measured, see choose_widths.py).
 
 Timing: ONNX Runtime CPU sessions (the threads of the benchmark, 2, spinning on), all
-candidates of one tensor in alternating blocks (gate2deploy/benchmark.py), median; the
+candidates of one tensor in alternating blocks (gate2deploy/benchmark.py), the median of the
+undisturbed runs (profiling/measure.py's rule: within a band of the fastest run); the
 fastest wins, `fast`'s choice on a tie within `TIE` (noise must not buy padding changes).
 Timings are cached per CPU model, ONNX Runtime version and thread count in
 `$GATE2DEPLOY_CACHE` (default ~/.cache/gate2deploy)/widths/<cpu>.json, keyed by the layer
@@ -43,7 +49,6 @@ import json
 import os
 import platform
 import re
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,15 +116,18 @@ Timer = Callable[[dict[str, onnx.ModelProto], tuple[int, ...], int], dict[str, f
 
 
 def ort_timer(models: dict[str, onnx.ModelProto], input_shape: tuple[int, ...], runs: int) -> dict[str, float]:
-    """Median ms per model on ONNX Runtime CPU, timed in alternating blocks in one run."""
+    """Median ms per model of its undisturbed runs (profiling/measure.py's `summarize`: a
+    shared machine's interference only ever adds time) on ONNX Runtime CPU, timed in
+    alternating blocks in one run."""
     from .benchmark import time_sessions
+    from .profiling.measure import summarize
     from .verify import make_session
 
     sessions = {name: make_session(m, threads=THREADS) for name, m in models.items()}
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
     feeds = {name: [{s.get_inputs()[0].name: x}] for name, s in sessions.items()}
     times = time_sessions(sessions, feeds, runs, settle_s=0.02)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: summarize(t)[0] for name, t in times.items()}
 
 
 @dataclass
@@ -153,9 +161,12 @@ class WidthReport:
 
 # -- the per-layer chooser -------------------------------------------------------------------
 
+def _attrs(node, names) -> dict:
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in node.attrs.items() if k in names}
+
+
 def _conv_attrs(node) -> dict:
-    keep = ("strides", "pads", "dilations", "auto_pad")
-    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in node.attrs.items() if k in keep}
+    return _attrs(node, ("strides", "pads", "dilations", "auto_pad"))
 
 
 def _dense_or_depthwise(conv) -> bool:
@@ -163,20 +174,29 @@ def _dense_or_depthwise(conv) -> bool:
     return weight is not None and (group == 1 or (weight[1] == 1 and group == weight[0]))
 
 
-def _readers(tensor) -> list | None:
-    """Convs reading `tensor` directly or through shape-keeping single-input ops; None if a
-    reader is something the neighbourhood model does not cover (grouped conv)."""
-    convs, frontier, seen = [], list(tensor.outputs), set()
+POOL_OPS = ("MaxPool", "AveragePool")
+JOIN_OPS = ("Add", "Mul", "Sub")  # residual sums, squeeze-excitation scaling: same channels out
+
+
+def _readers(tensor) -> list[tuple]:
+    """(Conv, pooling nodes on the way) for each Conv reading `tensor`'s channels: directly,
+    or through ops that keep the channels (BatchNorm, activations, masks), residual Adds and
+    squeeze-excitation Muls whose output has the tensor's shape, and spatial pooling."""
+    found, seen = [], set()
+    frontier = [(node, (), shape_of(tensor)) for node in tensor.outputs]
     while frontier:
-        node = frontier.pop()
+        node, pools, shape = frontier.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
+        out = shape_of(node.outputs[0]) if node.outputs else None
         if node.op == "Conv":
-            convs.append(node)
-        elif node.op in CARRY_OPS and node.outputs and shape_of(node.outputs[0]) == shape_of(tensor):
-            frontier.extend(node.outputs[0].outputs)
-    return convs
+            found.append((node, pools))
+        elif node.op in POOL_OPS and out is not None and len(pools) < 2:
+            frontier.extend((n, (*pools, node), out) for n in node.outputs[0].outputs)
+        elif (node.op in CARRY_OPS or node.op in JOIN_OPS) and out is not None and out == shape:
+            frontier.extend((n, pools, out) for n in node.outputs[0].outputs)
+    return found
 
 
 class _Planner:
@@ -204,12 +224,15 @@ class _Planner:
 
 
 def _candidates(kept: int, full: int, block: int) -> list[int]:
-    return sorted({min(full, -(-kept // m) * m) for m in (1, MIN_MULTIPLE, 8, block)})
+    """Widths that keep the tensor in ONNX Runtime's NCHWc chain (multiples of 4, module
+    docstring), from the kept count up to fast's whole block."""
+    return sorted({min(full, -(-kept // m) * m) for m in (MIN_MULTIPLE, 8, block)})
 
 
 def _neighbourhood(producer, readers, c_in: int, width: int, reader_out: list[int]):
-    """The producer Conv at `width` output channels and its reader Convs, random weights;
-    returns the model, its cache key (shapes and attributes only) and its input shape."""
+    """The producer Conv at `width` output channels (+ Relu) and its readers (pooling on the
+    way, then the reader Conv), random weights; returns the model, its cache key (shapes and
+    attributes only) and its input shape."""
     x_shape = list(shape_of(producer.inputs[0]))
     x_shape[1] = c_in
     kernel = list(shape_of(producer.inputs[1]))[2:]
@@ -227,14 +250,21 @@ def _neighbourhood(producer, readers, c_in: int, width: int, reader_out: list[in
     conv("p", "x", width, c_in, kernel, p_attrs)
     nodes.append(helper.make_node("Relu", ["p"], ["t"]))
     key = {"x": x_shape, "k": kernel, "a": p_attrs, "w": width, "r": []}
-    for i, (reader, out) in enumerate(zip(readers, reader_out)):
+    for i, ((reader, pools), out) in enumerate(zip(readers, reader_out)):
+        src, pool_keys = "t", []
+        for j, pool in enumerate(pools):
+            attrs = _attrs(pool, ("kernel_shape", "strides", "pads", "dilations", "ceil_mode", "auto_pad",
+                                  "count_include_pad"))
+            nodes.append(helper.make_node(pool.op, [src], [f"r{i}_pool{j}"], **attrs))
+            src = f"r{i}_pool{j}"
+            pool_keys.append([pool.op, attrs])
         rk = list(shape_of(reader.inputs[1]))[2:]
         r_attrs = _conv_attrs(reader)
         depthwise = int(reader.attrs.get("group", 1)) > 1
         c_out = width if depthwise else out
-        conv(f"r{i}", "t", c_out, 1 if depthwise else width, rk, r_attrs, group=width if depthwise else 1)
+        conv(f"r{i}", src, c_out, 1 if depthwise else width, rk, r_attrs, group=width if depthwise else 1)
         outputs.append(helper.make_tensor_value_info(f"r{i}", TensorProto.FLOAT, None))
-        key["r"].append({"k": rk, "a": r_attrs, "dw": depthwise, "o": c_out})
+        key["r"].append({"pool": pool_keys, "k": rk, "a": r_attrs, "dw": depthwise, "o": c_out})
     if not readers:
         outputs.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "width_candidate",
@@ -249,24 +279,26 @@ def measured_chooser(timer: Timer, cache: TimingCache, report: WidthReport, bloc
 
     def choose(ana: ChannelAnalysis, removable: set[int]) -> set[int]:
         plan = _Planner(ana, removable, block)
+        decided: set[int] = set()
         for node in ana.graph.nodes:
             if node.op not in ("Conv", "Gemm", "MatMul") or not node.outputs or node.outputs[0].name not in ana.maps:
                 continue
             name = node.outputs[0].name
             roots, gone = plan.gone(name)
             kept, full = int((~gone).sum()), len(roots)
-            if not kept or kept == full:
-                continue
+            if not kept or kept == full or decided.issuperset(roots.tolist()):
+                continue  # nothing to choose, or chosen already (a depthwise conv's output, a stream)
+            decided.update(roots.tolist())
             fast = _round_up(kept, full, block)
             chosen = fast
             readers = _readers(node.outputs[0]) if node.op == "Conv" else None
             timeable = (readers is not None and int(node.attrs.get("group", 1)) == 1
-                        and shape_of(node.inputs[0]) is not None and all(_dense_or_depthwise(r) for r in readers))
+                        and shape_of(node.inputs[0]) is not None and all(_dense_or_depthwise(r) for r, _ in readers))
             candidates = _candidates(kept, full, block)
             if timeable and len(candidates) > 1:
                 c_in = plan.width(node.inputs[0].name)
                 reader_out = [plan.fast_width(r.outputs[0].name) if r.outputs[0].name in ana.maps
-                              else shape_of(r.outputs[0])[1] for r in readers]
+                              else shape_of(r.outputs[0])[1] for r, _ in readers]
                 ms = _time_candidates(node, readers, c_in, candidates, reader_out,
                                       timer, cache, report)
                 best = min(ms, key=ms.get)
@@ -331,7 +363,7 @@ def guard(fast_model: onnx.ModelProto, measured_model: onnx.ModelProto, input_sh
     else:
         report.cached += 2
     report.whole_model_ms = {k: round(v, 4) for k, v in ms.items()}
-    return ms["measured"] <= ms["fast"]
+    return ms["measured"] < ms["fast"] * (1 - TIE)
 
 
 def fold_measured(model: onnx.ModelProto, pipeline: str, make_ctx: Callable[[], "PassContext"], target: str,
@@ -345,8 +377,8 @@ def fold_measured(model: onnx.ModelProto, pipeline: str, make_ctx: Callable[[], 
     fast = run_pipeline(model, pipeline, fast_ctx)
     if target not in TIMED_TARGETS:
         report.used = "fast"
-        report.note = (f"target {target} cannot be timed here (measured widths time ONNX Runtime CPU "
-                       f"kernels: targets {', '.join(TIMED_TARGETS)}); used fast")
+        report.note = (f"target {target} is not timed (measured widths time ONNX Runtime CPU kernels, "
+                       f"for targets {', '.join(TIMED_TARGETS)}); used fast")
         return fast, fast_ctx, report
     cache = cache if cache is not None else TimingCache()
     ctx = make_ctx()

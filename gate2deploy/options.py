@@ -14,6 +14,9 @@ from dataclasses import dataclass, field, fields
 from .errors import OptionError
 
 
+PHYSICAL_WIDTHS = ("fast", "exact", "measured")  # --physical-widths / physical_widths=
+
+
 @dataclass
 class ModelOptions:
     """How to get the gated PyTorch model: checkpoint, architecture, mask sources."""

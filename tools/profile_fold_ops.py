@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     for name in args.models:
         size = bf.CASES[name].bench_size
         prepared = bf.prepare(name, size)
-        folded, _, _ = bf.fold(prepared)
+        folded, _, _, _ = bf.fold(prepared)
         dense = capture(bf.build_model(name), torch.randn(1, 3, size, size))
         x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
         d, f = kernel_ms_by_kind(dense, x, args.runs), kernel_ms_by_kind(folded, x, args.runs)
