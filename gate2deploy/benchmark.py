@@ -70,32 +70,3 @@ def latencies_ms(models: dict[str, onnx.ModelProto], input_shape, runs: int = 60
     times = time_sessions(sessions, feeds, runs, block)
     return ({n: statistics.median(t) for n, t in times.items()}, {n: min(t) for n, t in times.items()})
 
-
-def kernel_floor_ms(model: onnx.ModelProto, input_shape, runs: int = 60, threads: int = 2) -> float:
-    """The kernel-time floor of a model's latency, in ms: ONNX Runtime's profiler times every
-    node's kernel (its `*_kernel_time` events: no session.run entry, no scheduling, allocation
-    or thread hand-off between nodes); per node the median over its undisturbed runs (those
-    within the profiler module's band of its fastest, profiling/measure.py), summed over the
-    nodes. The wall-clock latency minus this floor is the framework's per-node overhead, which
-    no choice of layer widths removes (tools/bench_fold_torchvision.py's floor quotient)."""
-    import json
-    import math
-    import os
-    import tempfile
-
-    from .profiling.measure import sum_of_node_medians
-    from .runtimes.ort import open_session
-
-    x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-    with tempfile.TemporaryDirectory(prefix="g2d-floor-") as tmp:
-        session = open_session(model, threads=threads, profile=True, profile_prefix=os.path.join(tmp, "ort"))
-        feeds = {session.get_inputs()[0].name: x}
-        for _ in range(runs + 5):  # the first five warm the caches and the allocator
-            session.run(None, feeds)
-        with open(session.end_profiling()) as f:
-            events = json.load(f)
-    per_node: dict[str, list[float]] = {}
-    for ev in events:
-        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-            per_node.setdefault(ev["name"], []).append(ev["dur"] / 1e3)
-    return sum_of_node_medians(per_node, runs, math.inf).ms

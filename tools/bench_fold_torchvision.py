@@ -7,14 +7,24 @@ channel groups the way a pruner's masks are (one random bit per group, drawn wit
 channel analysis), then captured, folded (with physical width padding,
 passes/choose_widths.py) and timed with ONNX Runtime against the dense (unmasked) model.
 
+Three folds per model: `exact` (no padding), `fast` (the default widths, the model the
+quotient columns describe) and `measured` (widths timed per layer on this machine,
+gate2deploy/measure_widths.py, cached under $GATE2DEPLOY_CACHE; its compile seconds include
+the timing on a cold cache).
+
 Columns: MACs kept (fold without padding / dense: what the masks leave), physical MACs
-(the timed folded model / dense, padding included), latency ratio (ORT CPU, 2 threads,
-batch 1, ORT's default threading, folded and dense sessions timed in alternating blocks in
-one run, medians; gate2deploy/benchmark.py says why blocks; the ratio of the fastest runs is
-printed too), the quotient
-latency ratio / physical MACs ratio (the issue's goal: <= 1.10) and latency ratio / MACs
-kept (stricter: padding counted as waste), compile time excluding verification (capture +
-passes), and the equality error (max |ORT(folded) - masked PyTorch| / max |masked PyTorch|).
+(the fast-folded model / dense, padding included), latency ratio (ORT CPU, 2 threads,
+batch 1, ORT's default threading, the dense, exact, fast and measured sessions timed in
+alternating blocks in one run, medians; gate2deploy/benchmark.py says why blocks; the ratio
+of the fastest runs is printed too), the quotient latency ratio / physical MACs ratio, the
+floor quotient and the kernel-time quotient from ONNX Runtime's profiler in the same run
+(gate2deploy/kernel_floor.py defines both: the floor is the latency ratio if every op kind's
+dense kernel time shrank exactly with its own work), the goal (issue 18: quotient <= 1.10,
+or within 0.05 of the floor quotient), latency ratio / MACs kept (stricter: padding counted
+as waste), the latencies of exact / fast / measured side by side with measured / fast
+(issue 18: measured must not be slower than fast on any model) and what the measured
+chooser did, compile time excluding verification (capture + passes), and the equality
+error (max |ORT(folded) - masked PyTorch| / max |masked PyTorch|, worst of the three folds).
 
     python tools/bench_fold_torchvision.py                 # every model, 224x224 (299 Inception)
     python tools/bench_fold_torchvision.py resnet50 vgg11_bn --runs 50
@@ -36,7 +46,8 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from gate2deploy.benchmark import kernel_floor_ms, latencies_ms, whole_blocks
+from gate2deploy.benchmark import latencies_ms, whole_blocks
+from gate2deploy.kernel_floor import floor_ratio, kernel_ms_by_kind, work
 from gate2deploy.capture import capture
 from gate2deploy.nn import MaskSpec, attach_masks, channel_mask
 from gate2deploy.measure_widths import cpu_name, fold_measured
@@ -229,7 +240,8 @@ class Row:
     macs_ratio: float  # MACs the masks leave (fold without width padding) / dense
     physical_macs_ratio: float  # MACs of the fast-width folded model (with padding) / dense
     latency_ms: dict[str, float]  # medians: dense, exact, fast, measured
-    floor_ms: dict[str, float]  # kernel-time floor (module docstring): dense, fast
+    kernel_ratio: float  # profiler kernel time, fast-folded / dense (gate2deploy/kernel_floor.py)
+    floor_ratio: float  # the kernel-time floor of the latency ratio (gate2deploy/kernel_floor.py)
     min_ratio: float  # fastest fast-folded run / fastest dense run (least disturbed by other load)
     compile_s: float  # fast widths
     capture_s: float
@@ -248,7 +260,11 @@ class Row:
 
     @property
     def floor_quotient(self) -> float:
-        return self.floor_ms["fast"] / self.floor_ms["dense"] / self.physical_macs_ratio
+        return self.floor_ratio / self.physical_macs_ratio
+
+    @property
+    def kernel_quotient(self) -> float:
+        return self.kernel_ratio / self.physical_macs_ratio
 
     @property
     def quotient_kept(self) -> float:
@@ -305,9 +321,13 @@ def bench(name: str, runs: int, spinning: bool = True) -> Row:
     shape = (1, 3, size, size)
     lat, fastest = latencies_ms(models, shape, runs=runs, spinning=spinning)
     lat.setdefault("measured", lat["fast"])  # the same graph: timed once
-    floor = {k: kernel_floor_ms(models[k], shape, runs) for k in ("dense", "fast")}
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    kernel_ms = {k: kernel_ms_by_kind(models[k], x, runs) for k in ("dense", "fast")}
+    kernel_ratio = sum(kernel_ms["fast"].values()) / sum(kernel_ms["dense"].values())
+    floor = floor_ratio(kernel_ms["dense"], work(dense), work(fast))
     dense_macs = model_cost(dense).macs
-    return Row(name, model_cost(exact).macs / dense_macs, model_cost(fast).macs / dense_macs, lat, floor,
+    return Row(name, model_cost(exact).macs / dense_macs, model_cost(fast).macs / dense_macs, lat,
+               kernel_ratio, floor,
                fastest["fast"] / fastest["dense"], compile_s, prepared.capture_s, measured_s - prepared.capture_s,
                note + (" (= fast's graph)" if same else ""), err, len(ctx.fold.unfoldable))
 
@@ -328,10 +348,11 @@ def main(argv=None) -> int:
           f"{cpu_name()}, ORT {ort.__version__} CPU 2 threads (spinning {'off' if args.no_spin else 'on'}), "
           f"batch 1, medians of {whole_blocks(args.runs)} runs in alternating blocks of 10; "
           f"goal: quotient <= {GOAL_QUOTIENT} or within {GOAL_FLOOR_GAP} of the kernel floor quotient")
-    print("| model | input | MACs kept | physical MACs | latency ratio | quotient | floor quotient | goal "
+    print("| model | input | MACs kept | physical MACs | latency ratio | quotient | floor quotient "
+          "| kernel-time quotient | goal "
           "| quotient vs kept | dense ms | exact ms | fast ms | measured ms | measured / fast | measured widths "
           "| min-latency ratio | compile s (capture + passes) | measured passes s | rel. error | unfoldable masks |")
-    print("|" + "---|" * 20)
+    print("|" + "---|" * 21)
     met = 0
     for name in names:
         r = bench(name, args.runs, spinning=not args.no_spin)
@@ -339,7 +360,7 @@ def main(argv=None) -> int:
         met += r.goal_met
         lat = r.latency_ms
         print(f"| {r.name} | {size} | {r.macs_ratio:.3f} | {r.physical_macs_ratio:.3f} | {r.latency_ratio:.3f} "
-              f"| {r.quotient:.2f} | {r.floor_quotient:.2f} | {'met' if r.goal_met else 'NOT met'} "
+              f"| {r.quotient:.2f} | {r.floor_quotient:.2f} | {r.kernel_quotient:.2f} | {'met' if r.goal_met else 'NOT met'} "
               f"| {r.quotient_kept:.2f} | {lat['dense']:.2f} | {lat['exact']:.2f} | {lat['fast']:.2f} "
               f"| {lat['measured']:.2f} | {lat['measured'] / lat['fast']:.3f} | {r.measured_note} "
               f"| {r.min_ratio:.3f} "
