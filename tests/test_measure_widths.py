@@ -45,15 +45,15 @@ def _net():
 
 class FakeTimer:
     """Narrow models are faster (ms = total Conv output channels); the measured whole model
-    is reported `whole_factor` times fast's. Counts its calls."""
+    is reported `whole_factors[i]` times fast's in the i-th whole-model timing. Counts calls."""
 
-    def __init__(self, whole_factor=0.5):
-        self.calls, self.whole_factor = 0, whole_factor
+    def __init__(self, *whole_factors):
+        self.calls, self.whole_factors = 0, list(whole_factors or (0.5, 0.5))
 
     def __call__(self, models, input_shape, runs):
         self.calls += 1
         if set(models) == {"fast", "measured"}:
-            return {"fast": 1.0, "measured": self.whole_factor}
+            return {"fast": 1.0, "measured": self.whole_factors.pop(0)}
         return {name: float(sum(_conv_widths(m))) for name, m in models.items()}
 
 
@@ -111,12 +111,14 @@ def test_default_cache_file_is_named_by_the_cpu(tmp_path, monkeypatch):
     assert cpu_name().split()[0] in path.name
 
 
-def test_guard_keeps_fast_when_the_measured_model_is_slower(tmp_path):
+@pytest.mark.parametrize("factors, rounds", [((1.5,), 1), ((0.5, 0.99), 2)])
+def test_guard_keeps_fast_unless_measured_wins_every_round(tmp_path, factors, rounds):
+    """Slower in the first timing, or faster then within the 5% tie band in the second."""
     net, _ = _net()
     x = torch.randn(1, 3, 12, 12)
-    model, _, report = _fold(net, x, FakeTimer(whole_factor=1.5), TimingCache(tmp_path / "c.json"))
-    assert report.used == "fast" and "slower" in report.note
-    assert report.whole_model_ms == {"fast": 1.0, "measured": 1.5}
+    model, _, report = _fold(net, x, FakeTimer(*factors), TimingCache(tmp_path / "c.json"))
+    assert report.used == "fast" and "not faster" in report.note
+    assert report.whole_model_ms == {"fast": [1.0] * rounds, "measured": list(factors)}
     assert model.SerializeToString() == _fast(net, x).SerializeToString()
 
 

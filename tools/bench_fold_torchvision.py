@@ -288,7 +288,8 @@ def fold(prepared: Prepared, widths: str = "fast") -> tuple[onnx.ModelProto, Pas
                                             "onnx", shape)
         changed = sum(c.chosen != c.fast for c in report.layers)
         note = (f"{report.used}: {changed}/{len(report.layers)} timed layers differ from fast"
-                + (f", whole {report.whole_model_ms['measured']:.2f} vs {report.whole_model_ms['fast']:.2f} ms"
+                + (", whole " + ", ".join(f"{m:.2f} vs {f:.2f}" for m, f in zip(report.whole_model_ms["measured"],
+                                                                                 report.whole_model_ms["fast"])) + " ms"
                    if report.whole_model_ms else ""))
     else:
         ctx = PassContext(unfoldable_policy="keep", choose_widths=widths == "fast")
