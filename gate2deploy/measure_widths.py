@@ -72,11 +72,8 @@ CARRY_OPS = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine() or "unknown CPU"
+    from .profiling.measure import machine_info
+    return machine_info()["cpu"] or platform.machine() or "unknown CPU"
 
 
 class TimingCache:
@@ -93,17 +90,11 @@ class TimingCache:
             self.entries: dict[str, float | list[float]] = json.loads(self.path.read_text())
         except (OSError, ValueError):
             self.entries = {}
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: str) -> float | list[float] | None:
-        value = self.entries.get(key)
-        if value is not None:
-            self.hits += 1
-        return value
+        return self.entries.get(key)
 
     def put(self, key: str, ms: float | list[float]) -> None:
-        self.misses += 1
         self.entries[key] = ms
 
     def save(self) -> None:
