@@ -247,6 +247,7 @@ def info_with(model_or_checkpoint, example_inputs, opts: InfoOptions) -> dict:
         "effective": {"macs": eff.macs, "params": eff.params},
         "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
         "pinned_ops": [vars(o) for o in ctx.fold.pinned_ops],
+        "physical_widths": ctx.widths,
         "layers": layers,
         **gated_layer_report(gated, captured, load_samples(opts.sample_inputs, gated)),
     }

@@ -142,6 +142,19 @@ def test_compile_api_reports_measured_widths_and_trt_fallback(tmp_path, monkeypa
     assert exact.report["physical_widths"] == {"asked": "exact", "used": "exact"}
 
 
+def test_info_times_on_this_machine_and_writes_the_cache(tmp_path, monkeypatch):
+    """The real ONNX Runtime timer end to end (no speed asserted: the machine is shared)."""
+    monkeypatch.setenv("GATE2DEPLOY_CACHE", str(tmp_path))
+    net, kept = _net()
+    info = gate2deploy.info(net, torch.randn(1, 3, 12, 12), physical_widths="measured")
+    widths = info["physical_widths"]
+    assert widths["asked"] == "measured" and widths["used"] in ("measured", "fast")
+    layer = next(row for row in widths["layers"] if row["kept"] == kept)
+    assert set(layer["ms"]) >= {str(-(-kept // 4) * 4), str(layer["fast"])}
+    assert all(ms > 0 for ms in layer["ms"].values())
+    assert json.loads((tmp_path / "widths" / widths["cache"].rsplit("/", 1)[1]).read_text())
+
+
 def test_bad_physical_widths_are_refused(cli, capsys):
     with pytest.raises(SystemExit) as exc:
         cli("info", "--model", "torchvision.models:resnet18", "--input-shape", "1,3,32,32",
