@@ -30,7 +30,7 @@ from . import report as rep
 from .capture import capture
 from .errors import OptionError, VerificationError
 from .frontend import GatedModel, check_runs, build_gated_model
-from .options import CompileOptions, InfoOptions, from_kwargs
+from .options import PHYSICAL_WIDTHS, CompileOptions, InfoOptions, from_kwargs
 from .pipeline import PassContext, run_pipeline, with_static_shapes
 from .targets import Target, get_target
 from .passes.dynamic_batch import pin_batch
@@ -101,6 +101,7 @@ def compile(model_or_checkpoint, example_inputs=None, target: str = "ort", **opt
 
 def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> CompiledModel:
     tgt = get_target(opts.target)
+    _check_physical_widths(opts.physical_widths)
     if tgt.name != "trt" and (opts.batch or opts.fp16):
         raise OptionError("--batch and --fp16 are TensorRT build options: only with --target trt")
     if opts.pg_static_scale and not opts.sample_inputs:
@@ -114,10 +115,13 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
     captured = capture(gated.model, gated.example)
 
     def run_passes(batch_axis: bool) -> tuple[onnx.ModelProto, PassContext]:
-        ctx = PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
-                          choose_widths=opts.physical_widths == "fast", debug_dir=opts.debug_passes,
-                          batch_axis=batch_axis)
-        return tgt.prepare(run_pipeline(captured, tgt.pipeline, ctx)), ctx  # verified below as written
+        def make_ctx():
+            return PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
+                               choose_widths=opts.physical_widths == "fast", debug_dir=opts.debug_passes,
+                               batch_axis=batch_axis)
+        folded, ctx = _fold(captured, tgt.pipeline, tgt.name, opts.physical_widths, make_ctx,
+                            tuple(gated.example.shape))
+        return tgt.prepare(folded), ctx  # verified below as written
 
     compiled, ctx = run_passes(not opts.static_batch and batch_note is None)
     compile_seconds = time.perf_counter() - start
@@ -169,6 +173,7 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
             "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
             "pinned_ops": [vars(o) for o in ctx.fold.pinned_ops],
         },
+        "physical_widths": ctx.widths,
         "sparse_input_convs": ctx.sparse_input_convs,
         "fused_epilogues": ctx.fused_epilogues,
         "layers": rep.compare(before, after),
@@ -178,6 +183,27 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
         **gated_layer_report(gated, captured, samples),
     }
     return CompiledModel(compiled, tgt, report, gated.model, shape, samples)
+
+
+def _check_physical_widths(value: str) -> None:
+    """Before any work: the Python API has no argparse to refuse a bad value."""
+    if value not in PHYSICAL_WIDTHS:
+        raise OptionError(f"physical_widths must be one of {', '.join(PHYSICAL_WIDTHS)}, not {value!r}")
+
+
+def _fold(captured: onnx.ModelProto, pipeline: str, target: str, physical_widths: str, make_ctx,
+          input_shape) -> tuple[onnx.ModelProto, PassContext]:
+    """The pipeline with the asked physical widths; ctx.widths says what was used (and, for
+    `measured`, what was timed: gate2deploy/measure_widths.py)."""
+    if physical_widths != "measured":
+        ctx = make_ctx()
+        compiled = run_pipeline(captured, pipeline, ctx)
+        ctx.widths = {"asked": physical_widths, "used": physical_widths}
+        return compiled, ctx
+    from .measure_widths import fold_measured
+    compiled, ctx, widths = fold_measured(captured, pipeline, make_ctx, target, input_shape)
+    ctx.widths = widths.as_dict()
+    return compiled, ctx
 
 
 def _other_batch_problem(model: nn.Module, example: torch.Tensor) -> str | None:
@@ -202,10 +228,12 @@ def info(model_or_checkpoint=None, example_inputs=None, **options) -> dict:
 
 def info_with(model_or_checkpoint, example_inputs, opts: InfoOptions) -> dict:
     """info() with its options already built (the CLI's path)."""
+    _check_physical_widths(opts.physical_widths)
     gated = _gated(model_or_checkpoint, example_inputs, opts)
     captured = capture(gated.model, gated.example)
-    ctx = PassContext(unfoldable_policy="keep", choose_widths=opts.physical_widths == "fast")
-    effective = run_pipeline(captured, "onnx", ctx)
+    effective, ctx = _fold(captured, "onnx", "onnx", opts.physical_widths,
+                           lambda: PassContext(unfoldable_policy="keep", choose_widths=opts.physical_widths == "fast"),
+                           tuple(gated.example.shape))
     dense, eff = rep.model_cost(with_static_shapes(captured)), rep.model_cost(effective)
     layers = []
     for row in rep.compare(dense, eff):
@@ -219,6 +247,7 @@ def info_with(model_or_checkpoint, example_inputs, opts: InfoOptions) -> dict:
         "effective": {"macs": eff.macs, "params": eff.params},
         "unfoldable": [vars(u) for u in ctx.fold.unfoldable],
         "pinned_ops": [vars(o) for o in ctx.fold.pinned_ops],
+        "physical_widths": ctx.widths,
         "layers": layers,
         **gated_layer_report(gated, captured, load_samples(opts.sample_inputs, gated)),
     }

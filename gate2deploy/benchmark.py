@@ -69,3 +69,4 @@ def latencies_ms(models: dict[str, onnx.ModelProto], input_shape, runs: int = 60
     feeds = {name: [{s.get_inputs()[0].name: x}] for name, s in sessions.items()}
     times = time_sessions(sessions, feeds, runs, block)
     return ({n: statistics.median(t) for n, t in times.items()}, {n: min(t) for n, t in times.items()})
+

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field, fields
 from .errors import OptionError
 
 
+PHYSICAL_WIDTHS = ("fast", "exact", "measured")  # --physical-widths / physical_widths=
+
+
 @dataclass
 class ModelOptions:
     """How to get the gated PyTorch model: checkpoint, architecture, mask sources."""
@@ -50,7 +53,7 @@ class CompileOptions(ModelOptions):
     rtol: float = 1e-4
     allow_nonfinite: bool = False  # verify even if the PyTorch model's outputs are NaN/Inf
     keep_unfoldable: bool = False
-    physical_widths: str = "fast"  # "fast" | "exact"
+    physical_widths: str = "fast"  # "fast" | "exact" | "measured"
     sample_inputs: str | None = None
     pg_static_scale: bool = False
     debug_passes: str | None = None  # folder: dump and re-check the graph after each pass

@@ -48,6 +48,9 @@ class PassContext:
     unfoldable_policy: str = "error"  # "error" | "keep"
     fold: FoldResult = field(default_factory=FoldResult)
     choose_widths: bool = False  # pad folded layers to fast physical widths (passes/choose_widths.py)
+    # a choose_padding-like callable that overrides choose_widths (gate2deploy/measure_widths.py)
+    width_chooser: Callable | None = None
+    widths: dict | None = None  # what physical widths were asked and used (the report's physical_widths)
     lowering: LoweringResult = field(default_factory=LoweringResult)  # CG/PG/FBS -> standard ops
     sparse_input_convs: list[str] = field(default_factory=list)  # Conv after FBS -> SparseInputConv
     fused_epilogues: list[str] = field(default_factory=list)  # CG/PG nodes that took BN (+ Relu)
@@ -88,7 +91,8 @@ CANONICALIZE_CHANNEL_SHUFFLE = GraphPass("canonicalize_channel_shuffle",
                                          lambda g, ctx: canonicalize_channel_shuffle(g), ("resolve_static_shapes",))
 FOLD_STATIC_MASKS = GraphPass(
     "fold_static_masks",
-    lambda g, ctx: fold_static_masks(g, ctx.unfoldable_policy, ctx.fold, choose_padding if ctx.choose_widths else None),
+    lambda g, ctx: fold_static_masks(g, ctx.unfoldable_policy, ctx.fold,
+                                     ctx.width_chooser or (choose_padding if ctx.choose_widths else None)),
     ("resolve_static_shapes", "canonicalize_channel_shuffle"))
 LOWER_PORTABLE = GraphPass("lower_portable", lambda g, ctx: lower_portable(g, ctx.lowering), ("fold_static_masks",))
 SPARSE_FBS_CONSUMERS = GraphPass("sparse_fbs_consumers", _collect("sparse_input_convs", sparse_fbs_consumers),

@@ -7,14 +7,24 @@ channel groups the way a pruner's masks are (one random bit per group, drawn wit
 channel analysis), then captured, folded (with physical width padding,
 passes/choose_widths.py) and timed with ONNX Runtime against the dense (unmasked) model.
 
+Three folds per model: `exact` (no padding), `fast` (the default widths, the model the
+quotient columns describe) and `measured` (widths timed per layer on this machine,
+gate2deploy/measure_widths.py, cached under $GATE2DEPLOY_CACHE; its compile seconds include
+the timing on a cold cache).
+
 Columns: MACs kept (fold without padding / dense: what the masks leave), physical MACs
-(the timed folded model / dense, padding included), latency ratio (ORT CPU, 2 threads,
-batch 1, ORT's default threading, folded and dense sessions timed in alternating blocks in
-one run, medians; gate2deploy/benchmark.py says why blocks; the ratio of the fastest runs is
-printed too), the quotient
-latency ratio / physical MACs ratio (the issue's goal: <= 1.10) and latency ratio / MACs
-kept (stricter: padding counted as waste), compile time excluding verification (capture +
-passes), and the equality error (max |ORT(folded) - masked PyTorch| / max |masked PyTorch|).
+(the fast-folded model / dense, padding included), latency ratio (ORT CPU, 2 threads,
+batch 1, ORT's default threading, the dense, exact, fast and measured sessions timed in
+alternating blocks in one run, medians; gate2deploy/benchmark.py says why blocks; the ratio
+of the fastest runs is printed too), the quotient latency ratio / physical MACs ratio, the
+floor quotient and the kernel-time quotient from ONNX Runtime's profiler in the same run
+(gate2deploy/kernel_floor.py defines both: the floor is the latency ratio if every op kind's
+dense kernel time shrank exactly with its own work), the goal (issue 18: quotient <= 1.10,
+or within 0.05 of the floor quotient), latency ratio / MACs kept (stricter: padding counted
+as waste), the latencies of exact / fast / measured side by side with measured / fast
+(issue 18: measured must not be slower than fast on any model) and what the measured
+chooser did, compile time excluding verification (capture + passes), and the equality
+error (max |ORT(folded) - masked PyTorch| / max |masked PyTorch|, worst of the three folds).
 
     python tools/bench_fold_torchvision.py                 # every model, 224x224 (299 Inception)
     python tools/bench_fold_torchvision.py resnet50 vgg11_bn --runs 50
@@ -37,8 +47,10 @@ import torchvision.models as tvm
 from torch import nn
 
 from gate2deploy.benchmark import latencies_ms, whole_blocks
+from gate2deploy.kernel_floor import floor_ratio, kernel_ms_by_kind, work
 from gate2deploy.capture import capture
 from gate2deploy.nn import MaskSpec, attach_masks, channel_mask
+from gate2deploy.measure_widths import cpu_name, fold_measured
 from gate2deploy.passes import ir
 from gate2deploy.passes.channel_analysis import analyze
 from gate2deploy.pipeline import FOLD_PIPELINE, PassContext, run_pipeline
@@ -226,34 +238,63 @@ def _set_onnx_masks(proto: onnx.ModelProto, by_source: dict[str, torch.Tensor]) 
 class Row:
     name: str
     macs_ratio: float  # MACs the masks leave (fold without width padding) / dense
-    physical_macs_ratio: float  # MACs of the benchmarked folded model (with padding) / dense
-    latency_dense_ms: float  # medians
-    latency_folded_ms: float
-    min_ratio: float  # fastest folded run / fastest dense run (least disturbed by other load)
-    compile_s: float
+    physical_macs_ratio: float  # MACs of the fast-width folded model (with padding) / dense
+    latency_ms: dict[str, float]  # medians: dense, exact, fast, measured
+    kernel_ratio: float  # profiler kernel time, fast-folded / dense (gate2deploy/kernel_floor.py)
+    floor_ratio: float  # the kernel-time floor of the latency ratio (gate2deploy/kernel_floor.py)
+    min_ratio: float  # fastest fast-folded run / fastest dense run (least disturbed by other load)
+    compile_s: float  # fast widths
     capture_s: float
-    rel_err: float
+    measured_s: float  # compile with measured widths (timing included; cached timings are free)
+    measured_note: str  # what the measured chooser did
+    rel_err: float  # worst of the three folded models
     unfoldable: int
 
     @property
     def latency_ratio(self) -> float:
-        return self.latency_folded_ms / self.latency_dense_ms
+        return self.latency_ms["fast"] / self.latency_ms["dense"]
 
     @property
     def quotient(self) -> float:
         return self.latency_ratio / self.physical_macs_ratio
 
     @property
+    def floor_quotient(self) -> float:
+        return self.floor_ratio / self.physical_macs_ratio
+
+    @property
+    def kernel_quotient(self) -> float:
+        return self.kernel_ratio / self.physical_macs_ratio
+
+    @property
     def quotient_kept(self) -> float:
         return self.latency_ratio / self.macs_ratio
 
+    @property
+    def goal_met(self) -> bool:
+        return self.quotient <= GOAL_QUOTIENT or self.quotient - self.floor_quotient <= GOAL_FLOOR_GAP
 
-def fold(prepared: Prepared, choose_widths: bool = True) -> tuple[onnx.ModelProto, PassContext, float]:
-    """The compiler's work on a captured model; seconds include the capture."""
-    ctx = PassContext(unfoldable_policy="keep", choose_widths=choose_widths)
+
+GOAL_QUOTIENT, GOAL_FLOOR_GAP = 1.10, 0.05  # issue 18: quotient <= 1.10 or within 0.05 of the floor
+
+
+def fold(prepared: Prepared, widths: str = "fast") -> tuple[onnx.ModelProto, PassContext, float, str]:
+    """The compiler's work on a captured model with `widths` ("exact", "fast", "measured");
+    seconds include the capture; the last item says what `measured` chose (else "")."""
     t0 = time.perf_counter()
-    folded = run_pipeline(prepared.proto, "onnx", ctx)
-    return folded, ctx, prepared.capture_s + time.perf_counter() - t0
+    if widths == "measured":
+        shape = tuple(d.dim_value for d in prepared.proto.graph.input[0].type.tensor_type.shape.dim)
+        folded, ctx, report = fold_measured(prepared.proto, "onnx", lambda: PassContext(unfoldable_policy="keep"),
+                                            "onnx", shape)
+        changed = sum(c.chosen != c.fast for c in report.layers)
+        note = (f"{report.used}: {changed}/{len(report.layers)} timed layers differ from fast"
+                + (", whole " + ", ".join(f"{m:.2f} vs {f:.2f}" for m, f in zip(report.whole_model_ms["measured"],
+                                                                                 report.whole_model_ms["fast"])) + " ms"
+                   if report.whole_model_ms else ""))
+    else:
+        ctx = PassContext(unfoldable_policy="keep", choose_widths=widths == "fast")
+        folded, note = run_pipeline(prepared.proto, "onnx", ctx), ""
+    return folded, ctx, prepared.capture_s + time.perf_counter() - t0, note
 
 
 def relative_error(prepared: Prepared, folded: onnx.ModelProto, size: int, seed: int = 1) -> float:
@@ -269,15 +310,27 @@ def relative_error(prepared: Prepared, folded: onnx.ModelProto, size: int, seed:
 def bench(name: str, runs: int, spinning: bool = True) -> Row:
     size = CASES[name].bench_size
     prepared = prepare(name, size)
-    folded, ctx, compile_s = fold(prepared)
-    unpadded, _, _ = fold(prepared, choose_widths=False)
+    fast, ctx, compile_s, _ = fold(prepared)
+    exact, _, _, _ = fold(prepared, "exact")
+    measured, _, measured_s, note = fold(prepared, "measured")
     dense = capture(build_model(name), torch.randn(1, 3, size, size))
-    err = relative_error(prepared, folded, size)
-    lat, fastest = latencies_ms({"dense": dense, "folded": folded}, (1, 3, size, size),
-                                runs=runs, spinning=spinning)
+    err = max(relative_error(prepared, m, size) for m in (exact, fast, measured))
+    models = {"dense": dense, "exact": exact, "fast": fast}
+    same = measured.SerializeToString() == fast.SerializeToString()
+    if not same:
+        models["measured"] = measured
+    shape = (1, 3, size, size)
+    lat, fastest = latencies_ms(models, shape, runs=runs, spinning=spinning)
+    lat.setdefault("measured", lat["fast"])  # the same graph: timed once
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    kernel_ms = {k: kernel_ms_by_kind(models[k], x, runs) for k in ("dense", "fast")}
+    kernel_ratio = sum(kernel_ms["fast"].values()) / sum(kernel_ms["dense"].values())
+    floor = floor_ratio(kernel_ms["dense"], work(dense), work(fast))
     dense_macs = model_cost(dense).macs
-    return Row(name, model_cost(unpadded).macs / dense_macs, model_cost(folded).macs / dense_macs,
-               lat["dense"], lat["folded"], fastest["folded"] / fastest["dense"], compile_s, prepared.capture_s, err, len(ctx.fold.unfoldable))
+    return Row(name, model_cost(exact).macs / dense_macs, model_cost(fast).macs / dense_macs, lat,
+               kernel_ratio, floor,
+               fastest["fast"] / fastest["dense"], compile_s, prepared.capture_s, measured_s - prepared.capture_s,
+               note + (" (= fast's graph)" if same else ""), err, len(ctx.fold.unfoldable))
 
 
 def main(argv=None) -> int:
@@ -293,28 +346,29 @@ def main(argv=None) -> int:
         parser.error(f"unknown model(s): {', '.join(unknown)}")
     torch.set_num_threads(2)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
-          f"{_cpu_name()}, ORT {ort.__version__} CPU 2 threads (spinning {'off' if args.no_spin else 'on'}), "
-          f"batch 1, medians of {whole_blocks(args.runs)} runs in alternating blocks of 10")
-    print("| model | input | MACs kept | physical MACs | latency ratio | quotient | quotient vs kept "
-          "| dense ms | folded ms | min-latency ratio | compile s (capture + passes) | rel. error "
-          "| unfoldable masks |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{cpu_name()}, ORT {ort.__version__} CPU 2 threads (spinning {'off' if args.no_spin else 'on'}), "
+          f"batch 1, medians of {whole_blocks(args.runs)} runs in alternating blocks of 10; "
+          f"goal: quotient <= {GOAL_QUOTIENT} or within {GOAL_FLOOR_GAP} of the kernel floor quotient")
+    print("| model | input | MACs kept | physical MACs | latency ratio | quotient | floor quotient "
+          "| kernel-time quotient | goal "
+          "| quotient vs kept | dense ms | exact ms | fast ms | measured ms | measured / fast | measured widths "
+          "| min-latency ratio | compile s (capture + passes) | measured passes s | rel. error | unfoldable masks |")
+    print("|" + "---|" * 21)
+    met = 0
     for name in names:
         r = bench(name, args.runs, spinning=not args.no_spin)
         size = CASES[name].bench_size
+        met += r.goal_met
+        lat = r.latency_ms
         print(f"| {r.name} | {size} | {r.macs_ratio:.3f} | {r.physical_macs_ratio:.3f} | {r.latency_ratio:.3f} "
-              f"| {r.quotient:.2f} | {r.quotient_kept:.2f} | {r.latency_dense_ms:.2f} | {r.latency_folded_ms:.2f} "
+              f"| {r.quotient:.2f} | {r.floor_quotient:.2f} | {r.kernel_quotient:.2f} | {'met' if r.goal_met else 'NOT met'} "
+              f"| {r.quotient_kept:.2f} | {lat['dense']:.2f} | {lat['exact']:.2f} | {lat['fast']:.2f} "
+              f"| {lat['measured']:.2f} | {lat['measured'] / lat['fast']:.3f} | {r.measured_note} "
               f"| {r.min_ratio:.3f} "
-              f"| {r.compile_s:.2f} ({r.capture_s:.2f} + {r.compile_s - r.capture_s:.2f}) | {r.rel_err:.1e} | {r.unfoldable} |", flush=True)
+              f"| {r.compile_s:.2f} ({r.capture_s:.2f} + {r.compile_s - r.capture_s:.2f}) | {r.measured_s:.2f} "
+              f"| {r.rel_err:.1e} | {r.unfoldable} |", flush=True)
+    print(f"# goal met by {met} of {len(names)} families")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -24,15 +24,10 @@ at the smaller widths.
 from __future__ import annotations
 
 import argparse
-import collections
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
@@ -40,62 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fold_torchvision as bf  # noqa: E402  (the same models, masks and fold)
 
 from gate2deploy.capture import capture  # noqa: E402
+from gate2deploy.kernel_floor import floor_ratio, kernel_ms_by_kind, work, work_ratio  # noqa: E402
 from gate2deploy.report import model_cost  # noqa: E402
-
-
-def kernel_ms_by_kind(model: onnx.ModelProto, x: np.ndarray, runs: int) -> dict[str, float]:
-    """Mean kernel ms per run for each op kind of the graph ONNX Runtime actually runs."""
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "profile")
-        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        for _ in range(runs):
-            session.run(None, {"input": x})
-        with open(session.end_profiling()) as f:
-            events = json.load(f)
-        optimized = onnx.load(os.path.join(tmp, "optimized.onnx"))
-    grouped = {n.name for n in optimized.graph.node if n.op_type in ("Conv", "FusedConv")
-               and next((a.i for a in n.attribute if a.name == "group"), 1) > 1}
-    totals: dict[str, float] = collections.defaultdict(float)
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
-        node, op = e["name"][: -len("_kernel_time")], e["args"].get("op_name", "?")
-        kind = (GROUPED if node in grouped else DENSE) if op in ("Conv", "FusedConv") else op
-        totals[kind] += e["dur"] / 1e3 / runs
-    return dict(totals)
-
-
-DENSE, GROUPED = "dense Conv", "grouped/depthwise Conv"
-
-
-def work(model: onnx.ModelProto) -> dict[str, float]:
-    """MACs per layer kind (DENSE, GROUPED, Gemm), and activation elements ("elements") summed
-    over every tensor the graph computes."""
-    cost = model_cost(model)
-    groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in model.graph.node}
-    out = collections.defaultdict(float)
-    for layer in cost.layers.values():
-        kind = "Gemm" if layer.op in ("Gemm", "MatMul") else GROUPED if groups.get(layer.name, 1) > 1 else DENSE
-        out[kind] += layer.macs
-    inferred = onnx.shape_inference.infer_shapes(model)
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            out["elements"] += float(np.prod([d.dim_value for d in dims]))
-    return dict(out)
-
-
-def work_ratio(kind: str, dense: dict[str, float], folded: dict[str, float]) -> float:
-    """A kind's work ratio. Layer kinds the source graph does not have are ONNX Runtime's own
-    rewrites of memory-bound ops (it runs a BatchNormalization it cannot fuse as a 1x1
-    depthwise conv, e.g. DenseNet's after each concat): their work is activation elements."""
-    key = kind if dense.get(kind) else "elements"
-    return folded.get(key, 0.0) / dense[key]
 
 
 def main(argv=None) -> int:
@@ -108,18 +49,18 @@ def main(argv=None) -> int:
         p.error(f"unknown model(s): {', '.join(unknown)}")
     torch.set_num_threads(2)
     print(f"# ONNX Runtime {ort.__version__} CPU, 2 threads, batch 1, kernel time per run "
-          f"(profiler, mean of {args.runs} runs; workers spin, ORT's default)")
+          f"(profiler, per node the median of its undisturbed runs of {args.runs}; workers spin, ORT's default)")
     for name in args.models:
         size = bf.CASES[name].bench_size
         prepared = bf.prepare(name, size)
-        folded, _, _ = bf.fold(prepared)
+        folded, _, _, _ = bf.fold(prepared)
         dense = capture(bf.build_model(name), torch.randn(1, 3, size, size))
         x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
         d, f = kernel_ms_by_kind(dense, x, args.runs), kernel_ms_by_kind(folded, x, args.runs)
         wd, wf = work(dense), work(folded)
         macs = model_cost(folded).macs / model_cost(dense).macs
         measured = sum(f.values()) / sum(d.values())
-        floor = sum(t * work_ratio(k, wd, wf) for k, t in d.items()) / sum(d.values())
+        floor = floor_ratio(d, wd, wf)
         print(f"\n{name} ({size}x{size}): physical MACs ratio {macs:.3f}; kernel time ratio "
               f"{measured:.3f} (quotient {measured / macs:.2f}); floor {floor:.3f} (quotient {floor / macs:.2f})")
         print(f"  {'op kind':24} {'dense ms':>9} {'folded ms':>9} {'ratio':>6} {'work':>6}")

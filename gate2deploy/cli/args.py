@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..importers.netslim import RULES, SCOPES
+from ..options import PHYSICAL_WIDTHS
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,9 +69,12 @@ def add_gator_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_compile_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by `export` and `info` (which reports what `export` would build)."""
-    p.add_argument("--physical-widths", choices=("fast", "exact"), default="fast",
+    p.add_argument("--physical-widths", choices=PHYSICAL_WIDTHS, default="fast",
                    help="fast (default): round folded layers up to widths ONNX Runtime's blocked CPU kernels "
                         "run fast (zero padding channels, still exact; passes/choose_widths.py); "
-                        "exact: every layer exactly as wide as its kept channels")
+                        "exact: every layer exactly as wide as its kept channels; "
+                        "measured: time candidate widths per layer on this machine's ONNX Runtime CPU, "
+                        "cached per CPU, and keep the whole model only if not slower than fast's "
+                        "(trt: not timed, uses fast; gate2deploy/measure_widths.py)")
     p.add_argument("--sample-inputs", help="representative inputs (.npy/.npz/.pt, shape (M, *input shape[1:])) "
                    "for gate statistics of CG/PG/FBS layers and PG calibration; also used for verification")
