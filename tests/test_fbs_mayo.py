@@ -363,3 +363,25 @@ def test_tensorrt_takes_activation_and_pool_pads_and_refuses_the_fixed_threshold
     with_threshold = single_node_model("FBSConv", x.shape, _fbs_inits(), {"density": 0.5, "threshold": 0.25})
     with pytest.raises(UserError, match="attribute threshold is not taken by its TensorRT plugin"):
         prepare_for_tensorrt(with_threshold)
+
+
+def test_plain_conv_after_an_identity_fbs_layer_still_reads_only_active_channels():
+    """passes/sparse_fbs_consumers.py relies on inactive channels being exact zeros, not on
+    Y >= 0: with activation None the active channels go negative, the inactive stay 0, so the
+    consumer conv becomes SparseInputConv and the result is unchanged."""
+    torch.manual_seed(7)
+    fbs = FBSConv2d(4, 8, 3, 1, 1, density=0.5, activation=None, pool="l1", pool_pads=(1, 1, 1, 1))
+    with torch.no_grad():
+        fbs.bn.running_mean.normal_()
+        fbs.beta.normal_()
+    net = nn.Sequential(fbs, nn.Conv2d(8, 6, 3, padding=1)).eval()
+    x = torch.randn(2, 4, 9, 9)
+    compiled = gate2deploy.compile(net, x, target="ort")
+    ops = [n.op_type for n in compiled.onnx_model.graph.node]
+    assert ops.count("FBSConv") == 1 and ops.count("SparseInputConv") == 1 and "Conv" not in ops
+    with torch.no_grad():
+        hidden = fbs(x)
+        expected = net(x).numpy()
+    assert (hidden < 0).any()
+    got = compiled.run(x)[0]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
