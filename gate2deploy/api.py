@@ -226,10 +226,13 @@ def info_with(model_or_checkpoint, example_inputs, opts: InfoOptions) -> dict:
 
 def profile(model_or_checkpoint=None, input_shape: str | None = None, out: str | os.PathLike | None = None,
             model: str | None = None, model_kwargs: str | None = None, trust_pickle: bool = False,
-            gator_no_last_conv: str | None = None, gator_config: str | None = None, **options):
+            gator_no_last_conv: str | None = None, gator_config: str | None = None,
+            mayo_model=(), mayo_set=(), mayo_root: str | None = None, mayo_dataset: str | None = None,
+            mayo_overriders_update: bool = False, **options):
     """Per-layer latency on the target, written to `out` as a LUT, Gator's config and a report
     (what `gate2deploy profile` does). `options`: the fields of profiling.runner.ProfileOptions
-    (target, threads, settings, fractions, edges, ...). Returns the ProfileResult."""
+    (target, threads, settings, fractions, edges, ...). `mayo_*`: a Mayo TensorFlow checkpoint
+    with its YAML, as for compile (importers/mayo.py). Returns the ProfileResult."""
     from .frontend import parse_shape
     from .profiling.runner import ProfileOptions, profile as run_profile
 
@@ -239,9 +242,19 @@ def profile(model_or_checkpoint=None, input_shape: str | None = None, out: str |
         raise OptionError("--input-shape is required, e.g. 1,3,224,224")
     if model_or_checkpoint is None and not model:
         raise OptionError("give a checkpoint and/or --model to say what to profile")
-    net, current, no_last_conv = _profile_model(model_or_checkpoint, model, model_kwargs, trust_pickle,
-                                                gator_no_last_conv, gator_config)
     example = torch.randn(parse_shape(input_shape))
+    if mayo_model:
+        if model:
+            raise OptionError("--model is not used with --mayo-model: the architecture comes from Mayo's YAML")
+        from .importers import mayo
+
+        net = mayo.without_slim_masks(mayo.build(str(model_or_checkpoint), list(mayo_model), list(mayo_set),
+                                                 mayo_root, example, dataset=mayo_dataset,
+                                                 update_slimmers=mayo_overriders_update).model)
+        current, no_last_conv = None, False
+    else:
+        net, current, no_last_conv = _profile_model(model_or_checkpoint, model, model_kwargs, trust_pickle,
+                                                    gator_no_last_conv, gator_config)
     check_runs(net, example)
     unknown = set(options) - set(ProfileOptions.__dataclass_fields__)
     if unknown:

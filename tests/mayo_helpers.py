@@ -184,6 +184,32 @@ YAMLS = {
             fc: null
             logits: null
         """,
+    "models/gate/cifarnet.yaml": """
+        ---
+        _import: ../cifarnet.yaml
+        _trainable: true
+        _gate:
+            enable: true
+            policy: parametric
+            density: 1.0
+            pool: avg
+            regularizer: {}
+            threshold: online
+        model:
+            layers:
+                _gated_conv: &gated_conv
+                    type: gated_convolution
+                    gate_params: $(_gate)
+                    trainable: $(_trainable)
+                conv0: {<<: *gated_conv}
+                conv1: {<<: *gated_conv}
+                conv2: {<<: *gated_conv}
+                conv3: {<<: *gated_conv}
+                conv4: {<<: *gated_conv}
+                conv5: {<<: *gated_conv}
+                conv6: {<<: *gated_conv}
+                conv7: {<<: *gated_conv}
+        """,
     # a gated + slimmed composition Mayo can run: odd convs gated, even convs slimmed (a
     # NetworkSlimmer on a gated conv cannot run in Mayo: see importers/mayo.py)
     "models/gate/cifarnet_slim_mix.yaml": """
@@ -318,13 +344,14 @@ def ref_conv(a, scope, x, stride, padding, eps, act=True, slim=False):
     return tf.nn.relu(y) if act else y
 
 
-def ref_gated(a, scope, x, stride, padding, eps, density, act=True):
+def ref_gated(a, scope, x, stride, padding, eps, density, act=True, pool="avg"):
     """Mayo's ParametricGatedConvolution with threshold online (gate/base.py subsample,
     _predictor, _find_threshold, bool_actives; parametric.py normalize, activate)."""
     if isinstance(padding, int):
         x = tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
         padding = "VALID"
-    pooled = tf.reduce_mean(x, axis=[1, 2])  # avg pool over the (padded) input
+    # subsample: avg pool over the (numerically padded) input; l1 of |x|, l2 of x^2 (no root)
+    pooled = tf.reduce_mean({"avg": x, "l1": tf.abs(x), "l2": tf.square(x)}[pool], axis=[1, 2])
     gamma = tf.matmul(pooled, a[f"{scope}/gate/weights"][0, 0]) + a[f"{scope}/gate/biases"]
     if act:
         gamma = tf.nn.relu(gamma)

@@ -23,6 +23,7 @@ from mayo_helpers import (Arrays, add_conv, add_gated, ref_conv, ref_gated, writ
 CIFAR_WIDTHS = [8, 8, 16, 16, 16, 24, 24, 24]
 CIFAR_SET = [f"model.layers.conv{i}.num_outputs={w}" for i, w in enumerate(CIFAR_WIDTHS)]
 R18_DEPTHS = {"b11": 8, "b12": 8, "b21": 16, "b22": 16, "b31": 16, "b32": 16, "b41": 32, "b42": 32}
+R18_DOWNSAMPLE = ("b21", "b31", "b41")  # shortcut: downsample, stride 2 (models/resnet18.yaml)
 R18_SET = ["model.layers.conv1.num_outputs=8"] + [f"model.layers.{b}.depth={d}" for b, d in R18_DEPTHS.items()]
 
 
@@ -61,7 +62,7 @@ def cifarnet_arrays(seed, slimmed=range(8), gated=(), keep_fraction=0.6):
     return a
 
 
-def cifarnet_reference(a, x_nchw, gated=(), density=0.5):
+def cifarnet_reference(a, x_nchw, gated=(), density=0.5, pool="avg"):
     """models/cifarnet.yaml: conv0 valid, others SAME (conv2/conv5 stride 2), dropout off,
     avg pool 8 (VALID), logits 1x1 conv with biases, squeeze [1, 2]."""
     x = tf.transpose(x_nchw, [0, 2, 3, 1])
@@ -69,7 +70,7 @@ def cifarnet_reference(a, x_nchw, gated=(), density=0.5):
         scope, stride = f"cifarnet/conv{i}", 2 if i in (2, 5) else 1
         padding = "VALID" if i == 0 else "SAME"
         if i in gated:
-            x = ref_gated(a, scope, x, stride, padding, 0.001, density)
+            x = ref_gated(a, scope, x, stride, padding, 0.001, density, pool=pool)
         else:
             x = ref_conv(a, scope, x, stride, padding, 0.001, slim=f"{scope}/activations/NetworkSlimmer.mask" in a)
     x = tf.nn.avg_pool2d(x, 8, 2, "VALID")
@@ -134,7 +135,7 @@ def resnet18_arrays(seed):
     for b, d in R18_DEPTHS.items():
         add_gated(a, f"resnet18/{b}/conv1", 3, cin, d)
         add_gated(a, f"resnet18/{b}/conv2", 3, d, d)
-        if cin != d:
+        if b in R18_DOWNSAMPLE:
             add_gated(a, f"resnet18/{b}/downsample_shortcut", 1, cin, d)
         cin = d
     a.add("resnet18/fc5/weights", (cin, 10))
@@ -151,11 +152,11 @@ def resnet18_reference(a, x_nchw, density):
     x = tf.nn.max_pool2d(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]), 3, 2, "VALID")
     cin = 8
     for b, d in R18_DEPTHS.items():
-        stride = 2 if cin != d else 1
+        stride = 2 if b in R18_DOWNSAMPLE else 1
         y = ref_gated(a, f"resnet18/{b}/conv1", x, stride, 1, eps, density)
         y = ref_gated(a, f"resnet18/{b}/conv2", y, 1, 1, eps, density, act=False)
         s = ref_gated(a, f"resnet18/{b}/downsample_shortcut", x, stride, "VALID", eps, density, act=False) \
-            if cin != d else x
+            if b in R18_DOWNSAMPLE else x
         x = tf.nn.relu(y + s)
         cin = d
     h = x.shape[1]
@@ -265,3 +266,28 @@ def test_missing_tensorflow_names_the_extra(root, tmp_path, cli, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tf)
     code, _, err = cli("export", prefix, *_slim_args(root), "-o", tmp_path / "m.onnx")
     assert code == 2 and "pip install gate2deploy[mayo]" in err, err
+
+
+def test_info_follows_mayos_estimate_rules(root, tmp_path, cli):
+    """Expected numbers written from mayo/net/tf/estimate.py (_estimate_convolution,
+    apply_sparsity) and NetworkSlimmer.estimate: conv macs Ho*Wo*Cout*9*Cin scaled by the
+    input's and its own slim density; weights 9*Cin*Cout + Cout scaled by the kept fraction;
+    dropout passes no density on (generic_estimate returns {})."""
+    a = cifarnet_arrays(7)
+    prefix = write_checkpoint(tmp_path / "ckpt" / "checkpoint-1", a, a.trainable)
+    out = tmp_path / "info.yaml"
+    code, stdout, err = cli("info", prefix, *_slim_args(root), "--out", out)
+    assert code == 0, err
+    import yaml
+
+    table = yaml.safe_load(out.read_text())["mask_sources"]["mayo"]["info"]
+    rows = {r["layer"]: r for r in table["items"]}
+    kept = [float(a[f"cifarnet/conv{i}/activations/NetworkSlimmer.mask"].mean()) for i in range(8)]
+    sizes = [30, 30, 15, 15, 15, 8, 8, 8]
+    cin, d_in = 3, 1.0
+    for i, w in enumerate(CIFAR_WIDTHS):
+        macs = int(int(sizes[i] ** 2 * w * 9 * cin * d_in) * kept[i])
+        weights = int((9 * cin * w + w) * kept[i])
+        assert (rows[f"cifarnet/conv{i}"]["macs"], rows[f"cifarnet/conv{i}"]["weights"]) == (macs, weights), i
+        cin, d_in = w, (1.0 if i in (3, 6) else kept[i])  # conv3 / conv6 feed a dropout
+    assert "Mayo info" in stdout and "cifarnet/conv7" in stdout

@@ -26,7 +26,7 @@ from ..fileio import read_json
 from ..profiling.lut import DEFAULT_FRACTIONS, layer_latencies, load_lut, parse_channels, predict, table_of
 from ..profiling.measure import Settings
 from ..targets import ALIASES, TARGETS
-from .args import add_gator_arguments
+from .args import add_gator_arguments, add_mayo_arguments
 
 
 def add_parser(sub) -> None:
@@ -60,6 +60,7 @@ def add_parser(sub) -> None:
     p.add_argument("--predict", metavar="LUT", help="predict a configuration's latency from this lut.json")
     p.add_argument("--channels", metavar="CFG", help="with --predict: channel configuration JSON")
     p.add_argument("--per-layer", action="store_true", help="with --predict: print each layer's latency")
+    add_mayo_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -81,7 +82,8 @@ def run(args) -> int:
         fractions=fractions, edges=args.edges, resume=args.resume, report=not args.no_report,
         progress=not args.no_progress, criteria_weight=args.criteria_weight,
         gradient_multiplier=args.gradient_multiplier, gate_init_prob=args.gate_init_prob,
-        static_total_cost=args.static_total_cost)
+        static_total_cost=args.static_total_cost, mayo_model=args.mayo_model, mayo_set=args.mayo_set,
+        mayo_root=args.mayo_root, mayo_dataset=args.mayo_dataset, mayo_overriders_update=args.mayo_overriders_update)
     cal = result.lut["calibration"]
     print(f"profiled {len(result.table.layers)} layers, {len(result.table.edges)} edges ({result.table.edge_source}) "
           f"in {result.seconds:.1f} s: {result.entries_measured} LUT entries measured"

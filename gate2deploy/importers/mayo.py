@@ -851,6 +851,83 @@ class Builder:
         return Pad(pads) if pads else nn.Identity()
 
 
+def mayo_info(layers: list, model: nn.Module) -> dict:
+    """Per-layer MACs and weights by Mayo's own `info` rules, in its plumbing layout
+    ({items: [...], footer: {macs}}; mayo/net/tf/base.py `_layer_info`, Table.plumb):
+    - convolution (mayo/net/tf/estimate.py `_estimate_convolution`): macs = Ho*Wo*Cout*kh*kw*Cin,
+      weights = kh*kw*Cin*Cout + Cout (a bias counted even under BatchNorm); depthwise:
+      kh*kw*Cout weights, Ho*Wo*Cout*kh*kw macs; fully_connected: macs = weights = in * out;
+    - `apply_sparsity`: macs *= density(input) * density(output), weights *= active(in) *
+      active(out) (depthwise: the output's only), truncated to int;
+    - NetworkSlimmer.estimate (override/prune/netslim.py): density = active = kept / C,
+      macs and weights scaled by them, and the next layer sees that density;
+    - gated_convolution (net/tf/gate/layers.py `estimate_gated_convolution`,
+      `_estimate_overhead`): the conv's cost at the gate's density, plus the gate's FC
+      (int(Cin * density_in) * int(Cout * active) MACs and as many weights + int(Cout * active))
+      and the gamma multiplication (Ho*Wo*Cout MACs). Mayo measures density and active from
+      the eval run's gate history; here the online gate's nominal density ceil(C*d)/C is used
+      and active = 1 (any channel is on for some input), local/global thresholds count as 1;
+    - every other layer (pools, activations, dropout, flatten, add, ...) has no MACs and does
+      not pass densities on (NetBase.generic_estimate returns {}); `add` joins masks in Mayo,
+      which without per-sample masks is taken as dense here.
+    """
+    modules = dict(model.named_modules())
+    info: dict[str, dict] = {}
+    items, total = [], 0
+    for step, name, in_shapes, out_shape in layers:
+        t = step.params.get("type")
+        src = step.inputs[0]
+        src_info = {} if isinstance(src, list) else info.get(src, {})
+        d_in, a_in = src_info.get("density", 1.0), src_info.get("active", 1.0)
+        nhwc = [out_shape[1], out_shape[2], out_shape[0]] if len(out_shape) == 3 else list(out_shape)
+        row = {"layer": step.scope, "shape": nhwc}
+        out = {}
+        if t in ("convolution", "gated_convolution", "depthwise_convolution"):
+            mod = modules[name]
+            core = mod.op if isinstance(mod, Layer) else mod  # Layer(conv | FBSConv2d) or FBSConv2d
+            conv = core.conv if isinstance(core, FBSConv2d) else core
+            kh, kw = conv.kernel_size
+            cin, cout, ho, wo = in_shapes[0][0], out_shape[0], out_shape[1], out_shape[2]
+            depthwise = t == "depthwise_convolution"
+            macs = ho * wo * cout * kh * kw * (1 if depthwise else cin)
+            weights = kh * kw * cout if depthwise else kh * kw * cin * cout + cout
+            d_out = a_out = 1.0
+            if isinstance(core, FBSConv2d) and core.threshold is None:
+                d_out = math.ceil(cout * core.density) / cout
+            full = d_out if depthwise else d_in * d_out
+            macs_i = int(macs * full)
+            weights_i = int(weights * a_out * (1 if depthwise else a_in))
+            if t == "gated_convolution":
+                fc = int(cin * d_in) * int(cout * a_out)
+                macs_i += fc + ho * wo * cout
+                weights_i += fc + int(cout * a_out)
+            mask = getattr(mod, "mask", None)
+            if isinstance(mask, ChannelMask):
+                kept = float(mask.mask.mean())
+                macs_i, weights_i, d_out, a_out = int(macs_i * kept), int(weights_i * kept), kept, kept
+            out = {"density": d_out, "active": a_out}
+            row.update(macs=macs_i, weights=weights_i, density=d_out, active=a_out)
+            total += macs_i
+        elif t == "fully_connected":
+            cin, cout = in_shapes[0][0], out_shape[0]
+            macs = cin * cout
+            row.update(macs=int(macs * d_in), weights=int(macs * a_in), density=1.0, active=1.0)
+            total += row["macs"]
+            out = {"density": 1.0, "active": 1.0}
+        info[step.output] = out
+        items.append(row)
+    return {"items": items, "footer": {"macs": total}}
+
+
+def without_slim_masks(model: nn.Module) -> nn.Module:
+    """The model with its NetworkSlimmer masks taken out (`profile` measures the dense
+    layers at the widths it sweeps; the masks are a configuration, not an op to time)."""
+    for m in model.modules():
+        if isinstance(m, Layer) and isinstance(m.mask, ChannelMask):
+            m.mask = nn.Identity()
+    return model
+
+
 def _recompute_slim_masks(slimmers: list[dict]) -> dict:
     """Mayo's `overriders-update` for NetworkSlimmer (mayo/override/prune/netslim.py
     `_threshold`, `_global_threshold`, `_updated_mask`)."""
@@ -919,4 +996,5 @@ def build(checkpoint: str, yamls: list[str], overrides: list[str], root: str | N
     }
     if thresholds is not None:
         summary["netslim_thresholds"] = thresholds
+    summary["info"] = mayo_info(layers, net)
     return MayoBuild(net.eval(), summary, layers)
