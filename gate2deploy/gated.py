@@ -417,7 +417,12 @@ def fbs_density_attribute(density: float, channels: int) -> float:
     return (k - 0.5) / channels
 
 
-def _fbs_active(g: torch.Tensor, density: float) -> torch.Tensor:
+def _fbs_active(g: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+    """Mayo's bool_actives (mayo/net/tf/gate/base.py): with a fixed `threshold` (thresholds
+    `local` / `global`, a stored scalar) g > threshold; else (`online`) g > the (k+1)-th
+    largest g per sample, k = ceil(O * density), everything active when k >= O."""
+    if threshold is not None:
+        return (g > threshold).to(g.dtype)
     o = g.shape[1]
     k = fbs_top_k(density, o)
     if k >= o:
@@ -426,26 +431,46 @@ def _fbs_active(g: torch.Tensor, density: float) -> torch.Tensor:
     return (g > kth).to(g.dtype)
 
 
-def _fbs_saliency(x, pool, gate_w, gate_b, hidden_w=None, hidden_b=None):
-    """gamma = relu(fc(pool_HW(x))) [N, O], with an optional hidden layer + ReLU."""
+NO_POOL_PADS = (0, 0, 0, 0)
+
+
+def _fbs_activation(t: torch.Tensor, activation: str | None) -> torch.Tensor:
+    return torch.relu(t) if activation == "relu" else t
+
+
+def _fbs_pool(x: torch.Tensor, pool: str, pool_pads=NO_POOL_PADS) -> torch.Tensor:
+    """Mayo's GatedConvolutionBase.subsample over the whole H x W (mayo/net/tf/gate/base.py):
+    avg mean(x), max max(x), l1 mean(|x|), l2 mean(x^2) (no square root), of x zero-padded by
+    pool_pads (top, left, bottom, right): the padded zeros count in the mean's area and in
+    the max."""
+    if any(pool_pads):
+        top, left, bottom, right = pool_pads
+        x = F.pad(x, (left, right, top, bottom))
     if pool == "avg":
-        pooled = x.mean(dim=(2, 3))
-    elif pool == "max":
-        pooled = x.amax(dim=(2, 3))
-    elif pool == "l1":
-        pooled = x.abs().mean(dim=(2, 3))
-    else:
-        pooled = x.pow(2).mean(dim=(2, 3)).sqrt()
+        return x.mean(dim=(2, 3))
+    if pool == "max":
+        return x.amax(dim=(2, 3))
+    if pool == "l1":
+        return x.abs().mean(dim=(2, 3))
+    return x.pow(2).mean(dim=(2, 3))
+
+
+def _fbs_saliency(x, pool, gate_w, gate_b, hidden_w=None, hidden_b=None, activation="relu",
+                  pool_pads=NO_POOL_PADS):
+    """gamma = act(fc(pool_HW(x))) [N, O], with an optional hidden layer + act (Mayo's
+    _predictor: both 1x1 convs use the layer's activation_fn)."""
+    pooled = _fbs_pool(x, pool, pool_pads)
     if hidden_w is not None:
-        pooled = torch.relu(F.linear(pooled, hidden_w, hidden_b))
-    return torch.relu(F.linear(pooled, gate_w, gate_b))
+        pooled = _fbs_activation(F.linear(pooled, hidden_w, hidden_b), activation)
+    return _fbs_activation(F.linear(pooled, gate_w, gate_b), activation)
 
 
 def _fbs_eval(x, weight, conv_args, running_mean, running_var, eps, beta, gate_w, gate_b,
-              hidden_w, hidden_b, density, pool, training=False, counter=None):
+              hidden_w, hidden_b, density, pool, training=False, counter=None, activation="relu",
+              pool_pads=NO_POOL_PADS, threshold=None):
     """The FBS layer's forward (see FBSConv2d); `training` selects batch-statistics BN."""
-    g = _fbs_saliency(x, pool, gate_w, gate_b, hidden_w, hidden_b)
-    active = _fbs_active(g.detach(), density)
+    g = _fbs_saliency(x, pool, gate_w, gate_b, hidden_w, hidden_b, activation, pool_pads)
+    active = _fbs_active(g.detach(), density, threshold)
     if counter is not None:
         counter.gates_on += float(active.sum())
         counter.gates_total += active.numel()
@@ -455,7 +480,7 @@ def _fbs_eval(x, weight, conv_args, running_mean, running_var, eps, beta, gate_w
     y = F.conv2d(x, weight, None, *conv_args)
     y = F.batch_norm(y, running_mean, running_var, None, None, training, 0.1, eps)
     a4 = active[:, :, None, None]
-    return torch.relu(a4 * g[:, :, None, None] * y + a4 * beta[None, :, None, None])
+    return _fbs_activation(a4 * g[:, :, None, None] * y + a4 * beta[None, :, None, None], activation)
 
 
 class _FBSConvFn(torch.autograd.Function):
@@ -466,40 +491,71 @@ class _FBSConvFn(torch.autograd.Function):
     def forward(ctx, x, weight, gate_w, gate_b, bn_scale, bn_shift, beta, running_mean,
                 running_var, eps, conv_args, onnx_attrs, density):
         return _fbs_eval(x, weight, conv_args, running_mean, running_var, eps, beta, gate_w,
-                         gate_b, None, None, density, onnx_attrs["pool"])
+                         gate_b, None, None, density, onnx_attrs["pool"],
+                         activation=onnx_attrs["activation"], pool_pads=onnx_attrs["pool_pads"],
+                         threshold=onnx_attrs["threshold"])
 
     @staticmethod
     def symbolic(g, x, weight, gate_w, gate_b, bn_scale, bn_shift, beta, running_mean,
                  running_var, eps, conv_args, onnx_attrs, density):
+        # The Mayo options are written only when they differ from the op's defaults, so a
+        # default layer exports the same node as before they existed.
+        options = {}
+        if onnx_attrs["activation"] is None:
+            options["activation_s"] = "Identity"
+        if any(onnx_attrs["pool_pads"]):
+            options["pool_pads_i"] = list(onnx_attrs["pool_pads"])
+        if onnx_attrs["threshold"] is not None:
+            options["threshold_f"] = onnx_attrs["threshold"]
         out = g.op(f"{DOMAIN}::FBSConv", x, weight, gate_w, gate_b, bn_scale, bn_shift, beta,
                    density_f=onnx_attrs["density"], pool_s=onnx_attrs["pool"],
                    strides_i=onnx_attrs["strides"], pads_i=onnx_attrs["pads"],
-                   dilations_i=onnx_attrs["dilations"])
+                   dilations_i=onnx_attrs["dilations"], **options)
         out.setType(_conv_out_type(g, x, onnx_attrs["weight_shape"], onnx_attrs))
         return out
 
 
 class FBSConv2d(nn.Module):
-    """FBS gated conv + BN + ReLU (Mayo `_gate`, policy `parametric`, threshold `online`).
+    """FBS gated conv + BN + activation (Mayo `_gate`, policy `parametric`; mayo/net/tf/gate/
+    base.py and parametric.py).
 
-        gamma = relu(fc(pool_HW(x)))   (pool avg|max|l1|l2; optional hidden layer + ReLU)
-        active = per sample, gamma > the (k+1)-th largest gamma, k = ceil(O * density)
-        out = relu(active * gamma * BN_noaffine(conv(x)) + active * beta)
+        gamma = act(fc(pool_HW(pad(x, pool_pads))))   (pool avg|max|l1|l2; optional hidden
+                                                        layer + act)
+        active = online (threshold None): per sample, gamma > the (k+1)-th largest gamma,
+                 k = ceil(O * density); fixed (Mayo's `local`/`global` stored threshold, a
+                 float): gamma > threshold
+        out = act(active * gamma * BN_noaffine(conv(x)) + active * beta)
+
+    `activation` is "relu" (default) or None (Mayo's `activation_fn: null`: no ReLU on the
+    gate nor on the output). Pools as Mayo's `subsample`: l2 is mean(x^2) without a square
+    root. `pool_pads` (top, left, bottom, right) zero-pads x for the saliency only (Mayo pads
+    before the gated conv, so its pool sees the zeros: they count in the mean's area and in
+    the max). `threshold` and `pool_pads` are not in the state dict (Mayo's threshold variable
+    is read by its importer).
 
     Keys: `conv.weight`, `bn.running_mean/var/num_batches_tracked`, `beta`, `gate.weight`,
     `gate.bias` (and `gate_hidden.weight/bias` with a hidden layer). Exports as one FBSConv node
-    (avg/max pool, no hidden layer; the others are reported as not exportable).
+    (a hidden layer is reported as not exportable).
     """
 
     POOLS = ("avg", "max", "l1", "l2")
+    ACTIVATIONS = ("relu", None)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 density: float = 1.0, pool: str = "avg", hidden: int | None = None, eps: float = 1e-5):
+                 density: float = 1.0, pool: str = "avg", hidden: int | None = None, eps: float = 1e-5,
+                 activation: str | None = "relu", pool_pads=NO_POOL_PADS, threshold: float | None = None):
         super().__init__()
         if pool not in self.POOLS:
             raise ValueError(f"pool must be one of {self.POOLS}, not {pool!r}")
         if not 0.0 < float(density) <= 1.0:
             raise ValueError(f"density must be in (0, 1], not {density}")
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"activation must be 'relu' or None, not {activation!r}")
+        pool_pads = tuple(pool_pads)
+        if len(pool_pads) != 4 or not all(isinstance(p, int) and p >= 0 for p in pool_pads):
+            raise ValueError(f"pool_pads must be 4 ints >= 0 (top, left, bottom, right), not {pool_pads!r}")
+        if threshold is not None and not math.isfinite(float(threshold)):
+            raise ValueError(f"threshold must be a finite float or None, not {threshold!r}")
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, affine=False, eps=eps)
         self.beta = nn.Parameter(torch.zeros(out_channels))
@@ -507,11 +563,18 @@ class FBSConv2d(nn.Module):
         self.gate = nn.Linear(hidden or in_channels, out_channels)
         nn.init.constant_(self.gate.bias, 1.0)  # start with every channel salient
         self.density, self.pool = float(density), pool
+        self.activation, self.pool_pads = activation, pool_pads
+        # float32, as the op's attribute and Mayo's variable: the comparison is the same
+        # in the module and in the exported node.
+        self.threshold = None if threshold is None else float(torch.tensor(float(threshold), dtype=torch.float32))
         self.gate_counter: GateCounter | None = None
 
     def _conv_args(self):
         c = self.conv
         return (c.stride, c.padding, c.dilation, c.groups)
+
+    def _gate_options(self) -> dict:
+        return dict(activation=self.activation, pool_pads=self.pool_pads, threshold=self.threshold)
 
     def forward(self, x):
         hidden = self.gate_hidden
@@ -520,20 +583,18 @@ class FBSConv2d(nn.Module):
             # Running statistics are updated as BatchNorm2d does, through the module.
             if self.training:
                 self.bn.num_batches_tracked += 1
-                return _fbs_eval(x, self.conv.weight, self._conv_args(), self.bn.running_mean,
-                                 self.bn.running_var, self.bn.eps, self.beta, self.gate.weight,
-                                 self.gate.bias, hidden.weight if hidden else None,
-                                 hidden.bias if hidden else None, self.density, self.pool, True)
             return _fbs_eval(x, self.conv.weight, self._conv_args(), self.bn.running_mean,
                              self.bn.running_var, self.bn.eps, self.beta, self.gate.weight,
                              self.gate.bias, hidden.weight if hidden else None,
-                             hidden.bias if hidden else None, self.density, self.pool, False, counter)
-        if self.pool not in ("avg", "max") or hidden is not None:
-            raise UserError(f"FBSConv2d with pool={self.pool!r}{' and a hidden layer' if hidden is not None else ''} "
-                            "cannot be exported as FBSConv (avg/max pool, one layer only)")
+                             hidden.bias if hidden else None, self.density, self.pool,
+                             self.training, counter, **self._gate_options())
+        if hidden is not None:
+            raise UserError("FBSConv2d with a hidden layer (Mayo `factor` > 0) cannot be "
+                            "exported as FBSConv (one gate layer only)")
         scale, shift = self.bn_scale_shift()
         attrs = dict(onnx_conv_attributes(self.conv), weight_shape=tuple(self.conv.weight.shape),
-                     density=fbs_density_attribute(self.density, self.conv.out_channels), pool=self.pool)
+                     density=fbs_density_attribute(self.density, self.conv.out_channels), pool=self.pool,
+                     **self._gate_options())
         with torch.no_grad():
             w, fc_w, fc_b, beta = (t.data.clone() for t in (self.conv.weight, self.gate.weight,
                                                            self.gate.bias, self.beta))
@@ -545,7 +606,8 @@ class FBSConv2d(nn.Module):
         """The predicted channel saliency gamma [N, O] for input x."""
         hidden = self.gate_hidden
         return _fbs_saliency(x, self.pool, self.gate.weight, self.gate.bias,
-                             hidden.weight if hidden else None, hidden.bias if hidden else None)
+                             hidden.weight if hidden else None, hidden.bias if hidden else None,
+                             self.activation, self.pool_pads)
 
     def top_k(self) -> int:
         """Active output channels per sample: ceil(O * density)."""

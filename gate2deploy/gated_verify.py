@@ -116,7 +116,9 @@ def _layer_eval(module: nn.Module, x: torch.Tensor):
         y = module(x)
         g = module.saliency_of(x)
         o = g.shape[1]
-        active = _fbs_active(g, module.density).bool()
+        active = _fbs_active(g, module.density, module.threshold).bool()
+        if module.threshold is not None:  # a fixed threshold (Mayo's local / global)
+            return y, active, g, torch.full_like(g[:, :1], module.threshold)
         k = min(o - 1, module.top_k())
         kth = torch.sort(g, dim=1).values[:, o - k - 1:o - k] if module.top_k() < o else torch.full_like(g[:, :1], -np.inf)
         return y, active, g, kth
