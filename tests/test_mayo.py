@@ -271,7 +271,8 @@ def test_missing_tensorflow_names_the_extra(root, tmp_path, cli, monkeypatch):
 def test_info_follows_mayos_estimate_rules(root, tmp_path, cli):
     """Expected numbers written from mayo/net/tf/estimate.py (_estimate_convolution,
     apply_sparsity) and NetworkSlimmer.estimate: conv macs Ho*Wo*Cout*9*Cin scaled by the
-    input's and its own slim density; weights 9*Cin*Cout + Cout scaled by the kept fraction;
+    input's and its own slim density; weights 9*Cin*Cout + Cout scaled by the input's active
+    fraction, then by its own kept fraction (slimmed: density = active = kept);
     dropout passes no density on (generic_estimate returns {})."""
     a = cifarnet_arrays(7)
     prefix = write_checkpoint(tmp_path / "ckpt" / "checkpoint-1", a, a.trainable)
@@ -287,7 +288,7 @@ def test_info_follows_mayos_estimate_rules(root, tmp_path, cli):
     cin, d_in = 3, 1.0
     for i, w in enumerate(CIFAR_WIDTHS):
         macs = int(int(sizes[i] ** 2 * w * 9 * cin * d_in) * kept[i])
-        weights = int((9 * cin * w + w) * kept[i])
+        weights = int(int((9 * cin * w + w) * d_in) * kept[i])  # apply_sparsity: x active(in), then own
         assert (rows[f"cifarnet/conv{i}"]["macs"], rows[f"cifarnet/conv{i}"]["weights"]) == (macs, weights), i
         cin, d_in = w, (1.0 if i in (3, 6) else kept[i])  # conv3 / conv6 feed a dropout
     assert "Mayo info" in stdout and "cifarnet/conv7" in stdout
