@@ -138,6 +138,12 @@ _CONV_ATTRS = (Attr("strides", "ints"), Attr("pads", "ints"), Attr("dilations", 
 _POST_INPUTS = ("post_scale?", "post_shift?")
 _POST_ATTRS = (Attr("activation", "string"),)
 _GATED_RUNTIMES = frozenset({"ort", "trt", "portable"})
+# FBSConv's Mayo options (OPS.md), each optional with the behaviour before they existed as
+# its default: `activation` "Relu" (default) | "Identity", `pool_pads` 4 ints (default
+# zeros), `threshold` float (absent: the online top-k by `density`).
+FBS_GATE_ATTRS = (Attr("activation", "string"), Attr("pool_pads", "ints"), Attr("threshold", "float"))
+FBS_POOLS = ("avg", "max", "l1", "l2")
+FBS_ACTIVATIONS = ("Relu", "Identity")
 
 CATALOG: dict[str, OpSpec] = {spec.name: spec for spec in [
     OpSpec("ChannelMask", ("X", "mask"), (Attr("source", "string"),),
@@ -156,8 +162,9 @@ CATALOG: dict[str, OpSpec] = {spec.name: spec for spec in [
            conv_like_output, channel_rule="conv", macs="conv", runtimes=_GATED_RUNTIMES,
            reference="pg_conv_reference"),
     OpSpec("FBSConv", ("X", "W", "fc_W", "fc_b", "bn_scale", "bn_shift", "beta"),
-           (Attr("density", "float", True), Attr("pool", "string"), *_CONV_ATTRS),
-           "FBS: per-sample top-k output channels by a pooled saliency; others exactly 0.",
+           (Attr("density", "float", True), Attr("pool", "string"), *FBS_GATE_ATTRS, *_CONV_ATTRS),
+           "FBS: per-sample top-k (or fixed-threshold) output channels by a pooled saliency; "
+           "others exactly 0 (OPS.md).",
            conv_like_output, channel_rule="conv", macs="conv", runtimes=_GATED_RUNTIMES,
            reference="fbs_conv_reference"),
     OpSpec("SparseInputConv", ("X", "W", "B", "R?"), (Attr("activation", "string"), *_CONV_ATTRS),

@@ -5,7 +5,8 @@ Expects: a graph possibly containing `gate2deploy::CGConv`, `PGConv` and `FBSCon
 
 Guarantees: no node of those three ops remains; each is replaced by a decomposition into
 standard ONNX ops (opset 17: Conv, Greater, Where, Abs, Sign, ReduceMax, Div, Min, Round,
-Floor, Mul, Sub, Add, Cast, ReduceMean, Gemm, Relu, TopK, Slice, Gather, Unsqueeze) that stock ONNX
+Floor, Mul, Sub, Add, Cast, ReduceMean, Gemm, Relu, TopK, Slice, Gather, Unsqueeze, Pad,
+Identity) that stock ONNX
 Runtime runs with no plugin, computing the same function as runtimes/reference.py with the
 same float32 operations in the same order (so outputs agree up to the convolution's own
 summation order, and gates flip only at ties). The output tensor of each op keeps its name.
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from gate2deploy.ops import DOMAIN, GATED_OPS
+from gate2deploy.ops import DOMAIN, FBS_ACTIVATIONS, FBS_POOLS, GATED_OPS
 
 from .fuse_gated_epilogue import EPILOGUE_INPUTS_AT, activation_name
 from .ir import const_value
@@ -165,19 +166,43 @@ def _lower_pg(b: _Builder, node: gs.Node, y: gs.Variable) -> gs.Variable:
     return gate
 
 
+def _string_attr(node: gs.Node, name: str, default: str) -> str:
+    value = node.attrs.get(name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _lower_fbs(b: _Builder, node: gs.Node, y: gs.Variable, expose_gates: bool) -> gs.Variable | None:
     x, w, fc_w, fc_b, bn_scale, bn_shift, beta = node.inputs
     attrs = _conv_attrs(node)
-    density, pool = float(node.attrs["density"]), node.attrs.get("pool", "avg")
-    if isinstance(pool, bytes):
-        pool = pool.decode()
+    density, pool = float(node.attrs["density"]), _string_attr(node, "pool", "avg")
+    activation = _string_attr(node, "activation", "Relu")
+    pool_pads = [int(p) for p in node.attrs.get("pool_pads", [0, 0, 0, 0])]
+    threshold = node.attrs.get("threshold")
+    if activation not in FBS_ACTIVATIONS:
+        raise ValueError(f"FBSConv {node.name}: activation must be 'Relu' or 'Identity', not {activation!r}")
+    if len(pool_pads) != 4 or min(pool_pads) < 0:
+        raise ValueError(f"FBSConv {node.name}: pool_pads must be 4 ints >= 0, not {pool_pads}")
     w_shape = w.shape if w.shape is not None else const_value(w).shape
     channels = int(w_shape[0])
-    reduce = {"avg": "ReduceMean", "max": "ReduceMax"}.get(pool)
-    if reduce is None:
-        raise ValueError(f"FBSConv {node.name}: pool must be 'avg' or 'max', not {pool!r}")
-    pooled = b.op(reduce, [x], {"axes": [2, 3], "keepdims": 0})
-    saliency = b.op("Relu", [b.op("Gemm", [pooled, fc_w, fc_b], {"transB": 1})])
+    if pool not in FBS_POOLS:
+        raise ValueError(f"FBSConv {node.name}: pool must be one of {FBS_POOLS}, not {pool!r}")
+
+    def act(v):
+        return b.op("Relu", [v]) if activation == "Relu" else v
+
+    # The saliency pools X zero-padded by pool_pads (OPS.md), as the reference: Pad, then
+    # the reduction over the padded tensor.
+    source = x
+    if any(pool_pads):
+        top, left, bottom, right = pool_pads
+        source = b.op("Pad", [x, b.const("pool_pads", np.array([0, 0, top, left, 0, 0, bottom, right], np.int64))])
+    if pool == "l1":
+        source = b.op("Abs", [source])
+    elif pool == "l2":
+        source = b.op("Mul", [source, source])
+    reduce = "ReduceMax" if pool == "max" else "ReduceMean"
+    pooled = b.op(reduce, [source], {"axes": [2, 3], "keepdims": 0})
+    saliency = act(b.op("Gemm", [pooled, fc_w, fc_b], {"transB": 1}))
     k = math.ceil(channels * density)
     axes23 = b.const("axes", np.array([2, 3], np.int64))
     g4 = b.op("Unsqueeze", [saliency, axes23])
@@ -186,24 +211,27 @@ def _lower_fbs(b: _Builder, node: gs.Node, y: gs.Variable, expose_gates: bool) -
                               b.per_channel("bn_shift", bn_shift)])
     beta4 = b.per_channel("beta", beta)
     gate = None
-    if k >= channels:  # every channel active: act = 1, and 1 * v == v exactly
+    if threshold is None and k >= channels:  # every channel active: act = 1, and 1 * v == v exactly
         pre = b.op("Add", [b.op("Mul", [g4, normalized]), beta4])
         if expose_gates:
             gate = b.op("GreaterOrEqual", [saliency, saliency], dtype=np.bool_, out_name=f"{node.name}/gate")
     else:
-        top = b.op("TopK", [saliency, b.const("k", np.array([k + 1], np.int64))],
-                   {"axis": 1, "largest": 1, "sorted": 1})
-        # TopK has two outputs (values, indices): give it the indices output too.
-        indices = gs.Variable(b._name("TopK_indices"), dtype=np.int64)
-        b.graph.nodes[-1].outputs.append(indices)
-        kth = b.op("Slice", [top, b.const("start", np.array([k], np.int64)),
-                             b.const("end", np.array([k + 1], np.int64)),
-                             b.const("axis", np.array([1], np.int64))])
-        gate = b.op("Greater", [saliency, kth], dtype=np.bool_, out_name=f"{node.name}/gate")
+        if threshold is not None:  # Mayo's local / global threshold
+            cut = b.const("threshold", np.array(threshold, np.float32))
+        else:
+            top = b.op("TopK", [saliency, b.const("k", np.array([k + 1], np.int64))],
+                       {"axis": 1, "largest": 1, "sorted": 1})
+            # TopK has two outputs (values, indices): give it the indices output too.
+            indices = gs.Variable(b._name("TopK_indices"), dtype=np.int64)
+            b.graph.nodes[-1].outputs.append(indices)
+            cut = b.op("Slice", [top, b.const("start", np.array([k], np.int64)),
+                                 b.const("end", np.array([k + 1], np.int64)),
+                                 b.const("axis", np.array([1], np.int64))])
+        gate = b.op("Greater", [saliency, cut], dtype=np.bool_, out_name=f"{node.name}/gate")
         act4 = b.op("Unsqueeze", [b.op("Cast", [gate], {"to": 1}), axes23])
         pre = b.op("Add", [b.op("Mul", [b.op("Mul", [act4, g4]), normalized]),
                            b.op("Mul", [act4, beta4])])
-    b.op("Relu", [pre], out=y)
+    b.op("Relu" if activation == "Relu" else "Identity", [pre], out=y)
     return gate
 
 

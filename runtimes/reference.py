@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["conv2d", "cg_conv_reference", "pg_conv_reference", "fbs_conv_reference",
            "sparse_input_conv_reference",
-           "pg_split_activations", "fbs_active_channels"]
+           "pg_split_activations", "fbs_active_channels", "fbs_pool"]
 
 
 def _f32(name: str, a) -> np.ndarray:
@@ -189,13 +189,16 @@ def pg_conv_reference(x, w, threshold, abits: int, pred_bits: int, static_scale:
     return (y, gate) if return_gate else y
 
 
-def fbs_active_channels(g: np.ndarray, density: float) -> np.ndarray:
-    """Mayo's online top-k: per sample keep k = ceil(O * density) channels, active where
-    g > the (k+1)-th largest g of that sample; all active when k >= O. k is computed in
-    float64 from the given density (OPS.md)."""
+def fbs_active_channels(g: np.ndarray, density: float, threshold: float | None = None) -> np.ndarray:
+    """Mayo's bool_actives (mayo/net/tf/gate/base.py). Online (threshold None): per sample
+    keep k = ceil(O * density) channels, active where g > the (k+1)-th largest g of that
+    sample; all active when k >= O. k is computed in float64 from the given density (OPS.md).
+    Fixed (Mayo's `local` / `global` stored threshold): active where g > float32(threshold)."""
     n, o = g.shape
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], not {density}")
+    if threshold is not None:
+        return g > np.float32(threshold)
     k = math.ceil(o * float(density))
     if k >= o:
         return np.ones_like(g, dtype=bool)
@@ -203,14 +206,39 @@ def fbs_active_channels(g: np.ndarray, density: float) -> np.ndarray:
     return g > kth[:, None]
 
 
+def fbs_pool(x: np.ndarray, pool: str = "avg", pool_pads=(0, 0, 0, 0)) -> np.ndarray:
+    """FBSConv's saliency pool [N, C] (OPS.md; Mayo's subsample): of X zero-padded by
+    pool_pads (top, left, bottom, right), avg mean(x), max max(x), l1 mean(|x|), l2 mean(x^2)."""
+    xt = torch.from_numpy(_f32("X", x))
+    top, left, bottom, right = (int(p) for p in pool_pads)
+    if min(top, left, bottom, right) < 0:
+        raise ValueError(f"pool_pads must be >= 0, not {tuple(pool_pads)}")
+    if top or left or bottom or right:
+        xt = F.pad(xt, (left, right, top, bottom))
+    if pool == "avg":
+        pooled = xt.mean(dim=(2, 3))
+    elif pool == "max":
+        pooled = xt.amax(dim=(2, 3))
+    elif pool == "l1":
+        pooled = xt.abs().mean(dim=(2, 3))
+    elif pool == "l2":
+        pooled = (xt * xt).mean(dim=(2, 3))
+    else:
+        raise ValueError(f"pool must be 'avg', 'max', 'l1' or 'l2', not {pool!r}")
+    return pooled.numpy()
+
+
 def fbs_conv_reference(x, w, fc_w, fc_b, bn_scale, bn_shift, beta, density: float,
                        pool: str = "avg", strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
-                       return_gate: bool = False):
+                       return_gate: bool = False, activation: str = "Relu",
+                       pool_pads=(0, 0, 0, 0), threshold: float | None = None):
     """FBSConv (OPS.md, semantics §5):
 
-        g = relu(pool_HW(X) @ fc_W.T + fc_b)                  [N, O]
-        active = online top-k of g (fbs_active_channels)
-        Y = relu(active * g * (bn_scale * conv(X, W) + bn_shift) + active * beta)
+        g = act(pool_HW(pad(X, pool_pads)) @ fc_W.T + fc_b)     [N, O]
+        active = online top-k of g, or g > threshold (fbs_active_channels)
+        Y = act(active * g * (bn_scale * conv(X, W) + bn_shift) + active * beta)
+
+    act = ReLU for activation "Relu", identity for "Identity".
     """
     x, w = _f32("X", x), _f32("W", w)
     o, c = w.shape[:2]
@@ -220,21 +248,20 @@ def fbs_conv_reference(x, w, fc_w, fc_b, bn_scale, bn_shift, beta, density: floa
     fc_b = _f32("fc_b", fc_b).reshape(-1)
     if fc_b.size != o:
         raise ValueError(f"fc_b must have {o} values, not {fc_b.size}")
+    if activation not in ("Relu", "Identity"):
+        raise ValueError(f"activation must be 'Relu' or 'Identity', not {activation!r}")
     scale, shift, b = (_per_channel(n, a, o) for n, a in
                        (("bn_scale", bn_scale), ("bn_shift", bn_shift), ("beta", beta)))
-    xt = torch.from_numpy(x)
-    if pool == "avg":
-        pooled = xt.mean(dim=(2, 3))
-    elif pool == "max":
-        pooled = xt.amax(dim=(2, 3))
-    else:
-        raise ValueError(f"pool must be 'avg' or 'max', not {pool!r}")
+    pooled = torch.from_numpy(fbs_pool(x, pool, pool_pads))
     with torch.no_grad():
-        g = torch.relu(F.linear(pooled, torch.from_numpy(fc_w), torch.from_numpy(fc_b))).numpy()
-    active = fbs_active_channels(g, density)
+        g = F.linear(pooled, torch.from_numpy(fc_w), torch.from_numpy(fc_b))
+        g = (torch.relu(g) if activation == "Relu" else g).numpy()
+    active = fbs_active_channels(g, density, threshold)
     act = active.astype(np.float32)[:, :, None, None]
     y = conv2d(x, w, strides, pads, dilations)
-    out = np.maximum(act * g[:, :, None, None] * (scale * y + shift) + act * b, np.float32(0))
+    out = act * g[:, :, None, None] * (scale * y + shift) + act * b
+    if activation == "Relu":
+        out = np.maximum(out, np.float32(0))
     out = out.astype(np.float32)
     return (out, active) if return_gate else out
 

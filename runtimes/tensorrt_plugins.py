@@ -60,14 +60,18 @@ class PluginSpec:
 # The ops as runtimes/OPS.md defines them, without the CPU-only epilogue inputs/attribute
 # (passes/fuse_gated_epilogue.py runs for --target ort only): the subset of each op catalog
 # entry (gate2deploy/ops.py) the plugins take, with TensorRT's defaults; tests/test_op_catalog.py
-# checks these against the catalog.
+# checks these against the catalog. FBSConv's fixed `threshold` (Mayo's local / global) is
+# not declared: a plugin field cannot be absent once prepare_for_tensorrt writes the defaults,
+# and no finite default means "online top-k"; such a node is refused by name instead.
 PLUGINS = {
     "CGConv": PluginSpec("CGConv", ("X", "W", "base_mask", "threshold"), _CONV, "cg_conv"),
     "PGConv": PluginSpec("PGConv", ("X", "W", "threshold"),
                          (("abits", "int", REQUIRED), ("pred_bits", "int", REQUIRED),
                           ("static_scale", "float", 0.0), ("group", "int", 1), *_CONV), "pg_conv"),
     "FBSConv": PluginSpec("FBSConv", ("X", "W", "fc_W", "fc_b", "bn_scale", "bn_shift", "beta"),
-                          (("density", "float", REQUIRED), ("pool", "string", "avg"), *_CONV), "fbs_conv"),
+                          (("density", "float", REQUIRED), ("pool", "string", "avg"),
+                           ("activation", "string", "Relu"), ("pool_pads", "ints", (0, 0, 0, 0)),
+                           *_CONV), "fbs_conv"),
 }
 OPS = tuple(PLUGINS)
 _registered = False

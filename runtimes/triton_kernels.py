@@ -30,6 +30,7 @@ import math
 import torch
 
 from gate2deploy.errors import UserError
+from gate2deploy.ops import FBS_ACTIVATIONS, FBS_POOLS
 
 try:  # Triton is a dependency of the CUDA torch build, but keep the import guarded.
     import triton
@@ -189,7 +190,8 @@ if triton is not None:
     @triton.jit
     def _fbs_conv_kernel(x_ptr, w_ptr, pairs_ptr, gamma_ptr, nonzero_ptr, scale_ptr, shift_ptr,
                          beta_ptr, y_ptr, C, H, W, O, OH, OW, KH: tl.constexpr,
-                         KW: tl.constexpr, sh, sw, pt, pl, dh, dw, BLOCK_SIZE: tl.constexpr):
+                         KW: tl.constexpr, sh, sw, pt, pl, dh, dw, RELU: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr):
         # Grid: (active (n, o) pair, block of output pixels). Inactive pairs never run.
         pair = tl.program_id(0)
         n = tl.load(pairs_ptr + 2 * pair)
@@ -207,8 +209,10 @@ if triton is not None:
                                      KH, KW, sh, sw, pt, pl, dh, dw)
         g = tl.load(gamma_ptr + n * O + o)
         out = g * (tl.load(scale_ptr + o) * acc + tl.load(shift_ptr + o)) + tl.load(beta_ptr + o)
-        tl.store(y_ptr + ((n * O + o) * OH + oh) * OW + ow,
-                 tl.maximum(out, 0.0).to(y_ptr.dtype.element_ty), mask=valid)
+        if RELU:
+            out = tl.maximum(out, 0.0)
+        tl.store(y_ptr + ((n * O + o) * OH + oh) * OW + ow, out.to(y_ptr.dtype.element_ty),
+                 mask=valid)
 
 
 def cg_conv(x: torch.Tensor, w: torch.Tensor, base_mask: torch.Tensor, threshold: torch.Tensor,
@@ -253,18 +257,37 @@ def pg_conv(x: torch.Tensor, w: torch.Tensor, threshold: torch.Tensor, abits: in
 
 def fbs_conv(x: torch.Tensor, w: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.Tensor,
              bn_scale: torch.Tensor, bn_shift: torch.Tensor, beta: torch.Tensor, density: float,
-             pool: str = "avg", strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)) -> torch.Tensor:
-    """FBSConv (OPS.md) with Triton: only active (sample, channel) pairs are computed."""
+             pool: str = "avg", strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+             activation: str = "Relu", pool_pads=(0, 0, 0, 0), threshold: float | None = None) -> torch.Tensor:
+    """FBSConv (OPS.md) with Triton: only active (sample, channel) pairs are computed; the
+    saliency (pool, predictor, top-k or fixed threshold) is a few whole-tensor torch ops."""
     _check_device(x, w, fc_w, fc_b, bn_scale, bn_shift, beta)
-    if not 0.0 < density <= 1.0 or pool not in ("avg", "max"):
-        raise UserError(f"density must be in (0, 1] and pool avg|max, not {density}, {pool!r}")
+    if not 0.0 < density <= 1.0 or pool not in FBS_POOLS:
+        raise UserError(f"density must be in (0, 1] and pool one of {FBS_POOLS}, not {density}, {pool!r}")
+    if activation not in FBS_ACTIVATIONS:
+        raise UserError(f"activation must be one of {FBS_ACTIVATIONS}, not {activation!r}")
+    if len(pool_pads) != 4 or min(pool_pads) < 0:
+        raise UserError(f"pool_pads must be 4 ints >= 0, not {tuple(pool_pads)}")
+    if threshold is not None and not math.isfinite(threshold):
+        raise UserError(f"threshold must be finite, not {threshold}")
     n, c, h, wd, o, cw, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow = _geometry(
         x, w, strides, pads, dilations, 1)
     xf = x.to(torch.float32)
-    pooled = xf.mean(dim=(2, 3)) if pool == "avg" else xf.amax(dim=(2, 3))
-    gamma = torch.relu(pooled @ _f32(fc_w).t() + _f32(fc_b))
+    if any(pool_pads):
+        top, left, bottom, right = (int(p) for p in pool_pads)
+        xf = torch.nn.functional.pad(xf, (left, right, top, bottom))
+    if pool == "l1":
+        xf = xf.abs()
+    elif pool == "l2":
+        xf = xf * xf
+    pooled = xf.amax(dim=(2, 3)) if pool == "max" else xf.mean(dim=(2, 3))
+    gamma = pooled @ _f32(fc_w).t() + _f32(fc_b)
+    if activation == "Relu":
+        gamma = torch.relu(gamma)
     k = math.ceil(o * float(density))
-    if k >= o:
+    if threshold is not None:
+        active = gamma > float(torch.tensor(threshold, dtype=torch.float32))
+    elif k >= o:
         active = torch.ones_like(gamma, dtype=torch.bool)
     else:
         cut = torch.sort(gamma, dim=1).values[:, o - k - 1:o - k]
@@ -277,5 +300,6 @@ def fbs_conv(x: torch.Tensor, w: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.T
         _fbs_conv_kernel[grid](
             x.contiguous(), w.contiguous(), pairs, gamma.contiguous(), nonzero,
             _f32(bn_scale).view(-1), _f32(bn_shift).view(-1), _f32(beta).view(-1),
-            y, c, h, wd, o, oh, ow, kh, kw, sh, sw, pt, pl, dh, dw, BLOCK_SIZE=BLOCK)
+            y, c, h, wd, o, oh, ow, kh, kw, sh, sw, pt, pl, dh, dw, RELU=activation == "Relu",
+            BLOCK_SIZE=BLOCK)
     return y

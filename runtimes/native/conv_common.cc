@@ -135,6 +135,13 @@ std::string ReadStringAttr(const OrtKernelInfo* info, const char* name, const st
   return v;
 }
 
+std::vector<int64_t> ReadIntsAttr(const OrtKernelInfo* info, const char* name,
+                                  const std::vector<int64_t>& dflt, std::string* error) {
+  std::vector<int64_t> v = dflt;
+  ReadTyped(info, name, &v, error);
+  return v;
+}
+
 ConvAttrs ReadConvAttrs(const OrtKernelInfo* info, std::string* error) {
   ConvAttrs a;
   ReadTyped(info, "strides", &a.strides, error);

@@ -121,6 +121,8 @@ int64_t ReadIntAttr(const OrtKernelInfo* info, const char* name, int64_t dflt, s
 float ReadFloatAttr(const OrtKernelInfo* info, const char* name, float dflt, std::string* error);
 std::string ReadStringAttr(const OrtKernelInfo* info, const char* name, const std::string& dflt,
                            std::string* error);
+std::vector<int64_t> ReadIntsAttr(const OrtKernelInfo* info, const char* name,
+                                  const std::vector<int64_t>& dflt, std::string* error);
 // True if the node has an attribute `name` of any type the kernels know (int, float, string,
 // ints, floats).
 bool HasAttr(const OrtKernelInfo* info, const char* name);

@@ -1,7 +1,8 @@
 // FBSConv(X, W, fc_W, fc_b, bn_scale, bn_shift, beta) -> Y: Feature Boosting and Suppression
 // (runtimes/OPS.md, reference runtimes/reference.py::fbs_conv_reference).
 //
-// Per sample: the saliency g = relu(pool(X) @ fc_W^T + fc_b) picks the top-k output channels;
+// Per sample: the saliency g = act(pool(X) @ fc_W^T + fc_b) picks the top-k output channels
+// (or those above a fixed threshold);
 // the kernel then runs one dense conv (SubsetConv: ONNX Runtime's NCHWc conv or our GEMM)
 // over only those output channels and only the input channels that are not entirely zero in
 // this sample (a preceding FBS layer zeroes its inactive channels), so the work scales with
@@ -42,15 +43,31 @@ FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   attrs_ = ReadConvAttrs(info, &attr_error_);
   density_ = ReadFloatAttr(info, "density", -1.f, &attr_error_);
   const std::string pool = ReadStringAttr(info, "pool", "avg", &attr_error_);
-  max_pool_ = pool == "max";
+  const std::string activation = ReadStringAttr(info, "activation", "Relu", &attr_error_);
+  pool_pads_ = ReadIntsAttr(info, "pool_pads", {0, 0, 0, 0}, &attr_error_);
+  fixed_threshold_ = HasAttr(info, "threshold");
+  threshold_ = ReadFloatAttr(info, "threshold", 0.f, &attr_error_);
+  pool_ = pool == "max" ? kPoolMax : pool == "l1" ? kPoolAbsSum : pool == "l2" ? kPoolSquareSum : kPoolSum;
+  relu_ = activation == "Relu";
   w_const_ = InputIsConstant(info, 1);
   conv_ = std::make_unique<SubsetConv>(info, attrs_, w_const_);
-  if (attr_error_.empty() && !HasAttr(info, "density"))
+  const bool pads_ok = pool_pads_.size() == 4 &&
+                       std::all_of(pool_pads_.begin(), pool_pads_.end(),
+                                   [](int64_t p) { return p >= 0 && p <= kMaxConvAttr; });
+  if (!attr_error_.empty()) return;
+  if (!HasAttr(info, "density"))
     attr_error_ = "attribute density is required";
-  else if (attr_error_.empty() && !(density_ > 0.f && density_ <= 1.f))
+  else if (!(density_ > 0.f && density_ <= 1.f))
     attr_error_ = "attribute density must be in (0, 1], got " + std::to_string(density_);
-  else if (attr_error_.empty() && pool != "avg" && pool != "max")
-    attr_error_ = "attribute pool must be \"avg\" or \"max\", got \"" + pool + "\"";
+  else if (pool != "avg" && pool != "max" && pool != "l1" && pool != "l2")
+    attr_error_ = "attribute pool must be \"avg\", \"max\", \"l1\" or \"l2\", got \"" + pool + "\"";
+  else if (activation != "Relu" && activation != "Identity")
+    attr_error_ = "attribute activation must be \"Relu\" or \"Identity\", got \"" + activation + "\"";
+  else if (!pads_ok)
+    attr_error_ = "attribute pool_pads must be 4 ints in [0, " + std::to_string(kMaxConvAttr) +
+                  "] (top, left, bottom, right)";
+  else if (fixed_threshold_ && !std::isfinite(threshold_))
+    attr_error_ = "attribute threshold must be finite, got " + std::to_string(threshold_);
 }
 
 bool FBSConvKernel::WeightsFinite(const float* w, int64_t n) {
@@ -76,7 +93,10 @@ void FBSConvKernel::ReferenceSample(OrtKernelContext* ctx, const IsaKernels& isa
   for (int64_t o = 0; o < g.O; ++o) {
     const float a = act[size_t(o)], ag = a * gamma[size_t(o)], ab = a * beta[o];
     float* yo = yn + o * Np;
-    for (int64_t p = 0; p < Np; ++p) yo[p] = Relu(ag * (bn_scale[o] * yo[p] + bn_shift[o]) + ab);
+    if (relu_)
+      for (int64_t p = 0; p < Np; ++p) yo[p] = Relu(ag * (bn_scale[o] * yo[p] + bn_shift[o]) + ab);
+    else
+      for (int64_t p = 0; p < Np; ++p) yo[p] = ag * (bn_scale[o] * yo[p] + bn_shift[o]) + ab;
   }
 }
 
@@ -104,6 +124,15 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     const IsaKernels& isa = BestKernels();
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const int64_t HW = g.H * g.W, Np = g.P();
+    // The saliency pools X zero-padded by pool_pads: the mean divides by the padded area
+    // (checked: pads up to 2^31 - 1 each), the max also sees the zeros.
+    int64_t pool_h, pool_w, pool_area;
+    if (__builtin_add_overflow(g.H, pool_pads_[0] + pool_pads_[2], &pool_h) ||
+        __builtin_add_overflow(g.W, pool_pads_[1] + pool_pads_[3], &pool_w) ||
+        __builtin_mul_overflow(pool_h, pool_w, &pool_area))
+      throw OpError("FBSConv: pool_pads make the pooled area overflow int64");
+    const bool pool_padded = pool_area != HW;
+    const bool max_pool = pool_ == kPoolMax;
     std::vector<float> pooled(size_t(g.C)), gamma(size_t(g.O)), sorted;
     std::vector<uint8_t> live(size_t(g.C));
 
@@ -129,28 +158,36 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       ParallelFor(ParallelIfLarge(ctx, g.C * HW), size_t(g.C), [&](size_t c) {
         const float* xc = xn + int64_t(c) * HW;
         live[c] = isa.has_nonzero(xc, HW);
-        pooled[c] = live[c] ? isa.pool_channel(xc, HW, max_pool_) : 0.f;  // of zeros: 0
-        channel_finite[c] = !live[c] || (max_pool_ ? AllFinite(xc, HW) : std::isfinite(pooled[c]));
+        // Of zeros every pool is 0. A sum of |x| or x * x is non-finite iff some value is or
+        // it overflows (then the sample takes the reference path, which is exact anyway).
+        const double r = live[c] ? isa.pool_channel(xc, HW, pool_) : 0.0;
+        pooled[c] = max_pool ? float(r) : float(r / double(pool_area));
+        channel_finite[c] = !live[c] || (max_pool ? AllFinite(xc, HW) : std::isfinite(pooled[c]));
       });
       bool finite = params_finite;
       for (int64_t c = 0; c < g.C && finite; ++c) finite = channel_finite[size_t(c)];
-      if (!finite && max_pool_) {  // the reference's max: NaN if any value is NaN
+      if (!finite && max_pool) {  // the reference's max: NaN if any value is NaN
         for (int64_t c = 0; c < g.C; ++c) {
           const float* xc = xn + c * HW;
           for (int64_t i = 0; i < HW; ++i)
             if (xc[i] != xc[i]) pooled[size_t(c)] = xc[i];
         }
       }
+      if (max_pool && pool_padded)  // the padding's zeros, NaN kept
+        for (float& v : pooled) v = Relu(v);
       std::vector<int> in_active;
       for (int64_t c = 0; c < g.C; ++c)
         if (live[size_t(c)]) in_active.push_back(int(c));
       for (int64_t o = 0; o < g.O; ++o) {
         const float acc = Dot(pooled.data(), fc_W.Data() + o * g.C, g.C);
-        gamma[o] = std::max(acc + fc_b.Data()[o], 0.f);  // keeps NaN, as torch.relu
+        gamma[o] = relu_ ? Relu(acc + fc_b.Data()[o]) : acc + fc_b.Data()[o];
         finite = finite && std::isfinite(gamma[o]);
       }
       std::vector<int> out_active;
-      if (k >= g.O) {
+      if (fixed_threshold_) {  // Mayo's local / global threshold: NaN is never above it
+        for (int64_t o = 0; o < g.O; ++o)
+          if (gamma[o] > threshold_) out_active.push_back(int(o));
+      } else if (k >= g.O) {
         out_active = Indices(g.O);
       } else {
         sorted = gamma;  // (k+1)-th largest = element k of the descending order
@@ -186,8 +223,9 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
         shift[a] = bn_shift.Data()[o];
         bias[a] = beta.Data()[o];
       }
-      const RowEpilogue ep{out_active.data(), yn, Np, gain.data(), scale.data(), shift.data(),
-                           bias.data()};
+      RowEpilogue ep{out_active.data(), yn, Np, gain.data(), scale.data(), shift.data(),
+                     bias.data()};
+      ep.relu = relu_;
       conv_->Run(ctx, isa, W.Data(), xn, g, out_active, in_active, ep);
     }
   });

@@ -20,12 +20,18 @@ struct FBSConvKernel {
                        const float* xn, const ConvGeom& g, const std::vector<float>& gamma,
                        const std::vector<int>& out_active, const float* bn_scale,
                        const float* bn_shift, const float* beta, float* yn);
+  // Per-sample saliency gamma [O] of sample xn; also marks the input channels with a
+  // non-zero value (`live`) and returns whether every value it read was finite.
   bool WeightsFinite(const float* w, int64_t n);  // cached when W is constant
   std::atomic<int> w_finite_{-1};                 // -1: not scanned yet
   ConvAttrs attrs_;
   std::string attr_error_;
   float density_;
-  bool max_pool_ = false;
+  int pool_ = kPoolSum;        // PoolKind (isa_kernels.h): avg = kPoolSum / area
+  bool relu_ = true;           // activation "Relu" (default) or "Identity"
+  std::vector<int64_t> pool_pads_{0, 0, 0, 0};  // saliency-only zero padding (t, l, b, r)
+  bool fixed_threshold_ = false;  // attribute threshold given: active = g > threshold_
+  float threshold_ = 0.f;
   bool w_const_ = false;  // W a constant initializer: prepared weights are cached
   std::unique_ptr<SubsetConv> conv_;  // active outputs x active inputs
 };

@@ -402,28 +402,40 @@ bool has_nonzero(const float* x, int64_t n) {
   return false;
 }
 
-// Global average (or max) of one channel's n > 0 values: 16 independent partials (a loop the
-// compiler vectorizes), combined at the end (the sum in double).
-float pool_channel(const float* x, int64_t n, bool max_pool) {
+// pool_channel (isa_kernels.h): 16 independent partials (a loop the compiler vectorizes),
+// combined at the end (the sum in double).
+template <int kKind>
+double SumChannel(const float* x, int64_t n) {
   constexpr int kLanes = 16;
+  auto term = [](float v) {
+    if constexpr (kKind == kPoolAbsSum) return std::fabs(v);
+    else if constexpr (kKind == kPoolSquareSum) return v * v;
+    else return v;
+  };
   int64_t i = 0;
-  if (max_pool) {
-    float mxp[kLanes];
-    for (int l = 0; l < kLanes; ++l) mxp[l] = x[0];
-    for (; i + kLanes <= n; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) mxp[l] = mxp[l] < x[i + l] ? x[i + l] : mxp[l];
-    float mx = x[0];
-    for (; i < n; ++i) mx = std::max(mx, x[i]);
-    for (int l = 0; l < kLanes; ++l) mx = std::max(mx, mxp[l]);
-    return mx;
-  }
   float part[kLanes] = {};
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) part[l] += x[i + l];
+    for (int l = 0; l < kLanes; ++l) part[l] += term(x[i + l]);
   double sum = 0.0;
-  for (; i < n; ++i) sum += x[i];
+  for (; i < n; ++i) sum += term(x[i]);
   for (int l = 0; l < kLanes; ++l) sum += part[l];
-  return float(sum / double(n));
+  return sum;
+}
+
+double pool_channel(const float* x, int64_t n, int kind) {
+  if (kind == kPoolAbsSum) return SumChannel<kPoolAbsSum>(x, n);
+  if (kind == kPoolSquareSum) return SumChannel<kPoolSquareSum>(x, n);
+  if (kind != kPoolMax) return SumChannel<kPoolSum>(x, n);
+  constexpr int kLanes = 16;
+  int64_t i = 0;
+  float mxp[kLanes];
+  for (int l = 0; l < kLanes; ++l) mxp[l] = x[0];
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) mxp[l] = mxp[l] < x[i + l] ? x[i + l] : mxp[l];
+  float mx = x[0];
+  for (; i < n; ++i) mx = std::max(mx, x[i]);
+  for (int l = 0; l < kLanes; ++l) mx = std::max(mx, mxp[l]);
+  return mx;
 }
 void pack_filter_tile(const float* w, const int64_t* out_off, int n_out, const int32_t* in_off,
                       int n_in, int64_t kk, int B, float* dst) {

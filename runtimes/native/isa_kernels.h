@@ -16,6 +16,8 @@
 
 namespace g2d {
 
+enum PoolKind { kPoolSum = 0, kPoolMax = 1, kPoolAbsSum = 2, kPoolSquareSum = 3 };
+
 struct IsaKernels {
   const char* name;
   int mr, nr;  // fp32 micro-tile: mr rows x nr columns
@@ -72,9 +74,11 @@ struct IsaKernels {
   // True if any x[i] != 0 (-0.0 counts as zero, NaN as non-zero, as with `x[i] != 0.f`):
   // which input channels a previous FBS layer switched off.
   bool (*has_nonzero)(const float* x, int64_t n);
-  // Global average (or max) of one channel's n > 0 values; the same result on every ISA
-  // (16 lane-wise partials, combined in a fixed order).
-  float (*pool_channel)(const float* x, int64_t n, bool max_pool);
+  // One channel's n > 0 values reduced for FBSConv's saliency pool: kPoolMax their max, else
+  // the sum of x (kPoolSum), |x| (kPoolAbsSum) or x * x (kPoolSquareSum), accumulated in
+  // float partials and returned in double (the caller divides by the pooled area). The same
+  // result on every ISA (16 lane-wise partials, combined in a fixed order).
+  double (*pool_channel)(const float* x, int64_t n, int kind);
   // PG's activation split (runtimes/OPS.md), as integer-valued floats: for i < n,
   //   q = round_half_even(min(|x[i]| / s, 1) * levels)   (q < 2^16)
   //   hb[i] = sign(x[i]) * (q >> shift), lb[i] = sign(x[i]) * (q & (2^shift - 1)).
