@@ -903,7 +903,7 @@ def mayo_info(layers: list, model: nn.Module) -> dict:
                 weights_i += fc + int(cout * a_out)
             mask = getattr(mod, "mask", None)
             if isinstance(mask, ChannelMask):
-                kept = float(mask.mask.mean())
+                kept = int(mask.mask.sum()) / mask.mask.numel()  # Mayo: valids / totals, a Python float
                 macs_i, weights_i, d_out, a_out = int(macs_i * kept), int(weights_i * kept), kept, kept
             out = {"density": d_out, "active": a_out}
             row.update(macs=macs_i, weights=weights_i, density=d_out, active=a_out)
