@@ -348,7 +348,7 @@ def ref_conv(a, scope, x, stride, padding, eps, act=True, slim=False):
     return tf.nn.relu(y) if act else y
 
 
-def ref_gated(a, scope, x, stride, padding, eps, density, act=True, pool="avg"):
+def ref_gated(a, scope, x, stride, padding, eps, density, act=True, pool="avg", threshold=None):
     """Mayo's ParametricGatedConvolution with threshold online (gate/base.py subsample,
     _predictor, _find_threshold, bool_actives; parametric.py normalize, activate)."""
     if isinstance(padding, int):
@@ -361,7 +361,9 @@ def ref_gated(a, scope, x, stride, padding, eps, density, act=True, pool="avg"):
         gamma = tf.nn.relu(gamma)
     c = gamma.shape[-1]
     k = math.ceil(c * density)
-    if k == c:
+    if threshold is not None:  # `local` / `global`: the stored EMA threshold (bool_actives)
+        active = tf.cast(gamma > threshold, tf.float32)
+    elif k == c:
         active = tf.ones_like(gamma)
     else:
         top, _ = tf.nn.top_k(gamma, k=k + 1)

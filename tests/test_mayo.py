@@ -62,7 +62,7 @@ def cifarnet_arrays(seed, slimmed=range(8), gated=(), keep_fraction=0.6):
     return a
 
 
-def cifarnet_reference(a, x_nchw, gated=(), density=0.5, pool="avg"):
+def cifarnet_reference(a, x_nchw, gated=(), density=0.5, pool="avg", threshold=False):
     """models/cifarnet.yaml: conv0 valid, others SAME (conv2/conv5 stride 2), dropout off,
     avg pool 8 (VALID), logits 1x1 conv with biases, squeeze [1, 2]."""
     x = tf.transpose(x_nchw, [0, 2, 3, 1])
@@ -70,7 +70,8 @@ def cifarnet_reference(a, x_nchw, gated=(), density=0.5, pool="avg"):
         scope, stride = f"cifarnet/conv{i}", 2 if i in (2, 5) else 1
         padding = "VALID" if i == 0 else "SAME"
         if i in gated:
-            x = ref_gated(a, scope, x, stride, padding, 0.001, density, pool=pool)
+            thr = float(a[f"{scope}/gate/threshold"]) if threshold else None
+            x = ref_gated(a, scope, x, stride, padding, 0.001, density, pool=pool, threshold=thr)
         else:
             x = ref_conv(a, scope, x, stride, padding, 0.001, slim=f"{scope}/activations/NetworkSlimmer.mask" in a)
     x = tf.nn.avg_pool2d(x, 8, 2, "VALID")
@@ -199,6 +200,44 @@ def test_gated_and_slimmed_cifarnet(root, tmp_path, cli):
         _compare(_run_onnx(out, x), cifarnet_reference(a, x, gated=gated, density=0.5))
     model = onnx.load(str(out))
     assert [n.op_type for n in model.graph.node].count("FBSConv") == 4
+    # the slimmed convs' masked channels are gone, and the gated convs reading them are narrower
+    exact = tmp_path / "exact.onnx"
+    code, _, err = cli("export", prefix, "--mayo-model", root / "models/gate/cifarnet_slim_mix.yaml",
+                       "--mayo-model", root / "models/override/prune/netslim.yaml",
+                       *sum((["--mayo-set", s] for s in CIFAR_SET), []), "--input-shape", "1,3,32,32",
+                       "--target", "ort", "--physical-widths", "exact", "-o", exact)
+    assert code == 0, err
+    model = onnx.load(str(exact))
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = [inits[n.input[1]].dims for n in model.graph.node if n.op_type in ("Conv", "FBSConv", "SparseInputConv")]
+    for i in range(8):
+        if i in gated:  # input channels = what the slimmed conv before it keeps
+            assert weights[i][1] == int(a[f"cifarnet/conv{i - 1}/activations/NetworkSlimmer.mask"].sum()), i
+        else:
+            assert weights[i][0] == int(a[f"cifarnet/conv{i}/activations/NetworkSlimmer.mask"].sum()), i
+    _compare(_run_onnx(exact, _inputs(2)), cifarnet_reference(a, _inputs(2), gated=gated, density=0.5))
+
+
+@pytest.mark.parametrize("pool, threshold", [("l1", "online"), ("l2", "local")])
+def test_gated_cifarnet_pools_thresholds_and_asymmetric_same(root, tmp_path, cli, pool, threshold):
+    """models/gate/cifarnet.yaml: every conv gated; conv2 is stride 2 SAME on 30x30, TensorFlow's
+    asymmetric padding (0 before, 1 after), which the saliency does not see."""
+    a = cifarnet_arrays(8, slimmed=(), gated=range(8))
+    if threshold == "local":  # <layer>/gate/threshold (gate/base.py _threshold_variable)
+        for i in range(8):
+            a[f"cifarnet/conv{i}/gate/threshold"] = np.array(0.9, np.float32)
+    prefix = write_checkpoint(tmp_path / "ckpt" / "checkpoint-4", a, a.trainable)
+    out = tmp_path / "g.onnx"
+    code, _, err = cli("export", prefix, "--mayo-model", root / "models/gate/cifarnet.yaml",
+                       "--mayo-set", "_gate.density=0.5", "--mayo-set", f"_gate.pool={pool}",
+                       "--mayo-set", f"_gate.threshold={threshold}",
+                       *sum((["--mayo-set", s] for s in CIFAR_SET), []), "--input-shape", "1,3,32,32",
+                       "--target", "ort", "-o", out)
+    assert code == 0, err
+    x = _inputs(8, seed=20)
+    expected = cifarnet_reference(a, x, gated=range(8), density=0.5, pool=pool, threshold=threshold == "local")
+    _compare(_run_onnx(out, x), expected)
+    assert [n.op_type for n in onnx.load(str(out)).graph.node].count("FBSConv") == 8
 
 
 # ---- bad input -----------------------------------------------------------------------
