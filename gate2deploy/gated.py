@@ -5,9 +5,10 @@ ONE `gate2deploy` ONNX node (runtimes/OPS.md).
 - `PGConv2d`: Precision Gating (dnn-gating, §4) -> `gate2deploy::PGConv`; with `PactReLU`
   (PACT clipping, learned `upper_bound`) and `QuantizedConv2d` (the seed's statically
   quantized conv, which exports as standard ONNX ops).
-- `FBSConv2d`: Feature Boosting and Suppression (Mayo `_gate`, policy parametric, online
-  top-k, §5) -> `gate2deploy::FBSConv`; the conv, its affine-free BatchNorm, the saliency
-  predictor and the ReLU are one module and one node.
+- `FBSConv2d`: Feature Boosting and Suppression (Mayo `_gate`, policy parametric, §5; online
+  top-k or a fixed threshold, pools avg/max/l1/l2, activation relu or none) ->
+  `gate2deploy::FBSConv`; the conv, its affine-free BatchNorm, the saliency predictor and the
+  activation are one module and one node.
 
 State-dict keys and shapes equal the seed's (`weight`, `mask`, `threshold` [1, O, 1, 1],
 `bn.running_mean/var/num_batches_tracked` for CG; `weight`, `threshold` for PG;
@@ -554,8 +555,6 @@ class FBSConv2d(nn.Module):
         pool_pads = tuple(pool_pads)
         if len(pool_pads) != 4 or not all(isinstance(p, int) and p >= 0 for p in pool_pads):
             raise ValueError(f"pool_pads must be 4 ints >= 0 (top, left, bottom, right), not {pool_pads!r}")
-        if threshold is not None and not math.isfinite(float(threshold)):
-            raise ValueError(f"threshold must be a finite float or None, not {threshold!r}")
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, affine=False, eps=eps)
         self.beta = nn.Parameter(torch.zeros(out_channels))
@@ -564,10 +563,21 @@ class FBSConv2d(nn.Module):
         nn.init.constant_(self.gate.bias, 1.0)  # start with every channel salient
         self.density, self.pool = float(density), pool
         self.activation, self.pool_pads = activation, pool_pads
-        # float32, as the op's attribute and Mayo's variable: the comparison is the same
-        # in the module and in the exported node.
-        self.threshold = None if threshold is None else float(torch.tensor(float(threshold), dtype=torch.float32))
+        self.threshold = threshold
         self.gate_counter: GateCounter | None = None
+
+    @property
+    def threshold(self) -> float | None:
+        """The fixed gate threshold, or None for the online top-k."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        if value is not None and not math.isfinite(float(value)):
+            raise ValueError(f"threshold must be a finite float or None, not {value!r}")
+        # float32, as the op's attribute and Mayo's variable: the comparison is the same in
+        # the module and in the exported node.
+        self._threshold = None if value is None else float(torch.tensor(float(value), dtype=torch.float32))
 
     def _conv_args(self):
         c = self.conv

@@ -4,8 +4,9 @@
 Mayo is a TensorFlow code base, so there is no PyTorch checkpoint layout to match; this model
 keeps torchvision's ResNet-18 names wherever a layer is unchanged. Gated layers (an
 `FBSConv2d`, which contains the conv, its BatchNorm and the ReLU): the stem conv and conv1 of
-each BasicBlock (9 layers). conv2 of each block stays a plain conv + BN, because its output is
-added to the shortcut before the ReLU, which the FBS op (ReLU inside) does not express.
+each BasicBlock (9 layers). conv2 of each block stays a plain conv + BN (the layout this
+builder's checkpoints have); Mayo's own gated ResNet-18 also gates conv2 and the downsample
+shortcut, which `FBSConv2d(activation=None)` expresses (no ReLU before the residual add).
 
 Keys: `conv1.conv.weight`, `conv1.bn.running_mean/var/num_batches_tracked`, `conv1.beta`,
 `conv1.gate.weight/bias`; `layerS.B.conv1.*` likewise; `layerS.B.conv2.weight`, `.bn2.*`,
