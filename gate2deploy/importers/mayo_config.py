@@ -240,7 +240,7 @@ def replace_kwargs(value, kwargs: dict):
     """`^(name)` of a module's layers and graph replaced by its keyword arguments; inner
     modules replace their own (after theirs are replaced by ours)."""
     if isinstance(value, dict):
-        if value.get("type") == "module" and value is not kwargs.get("__self__"):
+        if value.get("type") == "module":
             inner = {k: replace_kwargs(v, kwargs) for k, v in value.items() if k in (value.get("kwargs") or {})}
             return {**value, **inner}  # its own layers are replaced when the module is built
         return {k: replace_kwargs(v, kwargs) for k, v in value.items()}
