@@ -333,3 +333,23 @@ def test_info_follows_mayos_estimate_rules(root, tmp_path, cli):
         assert (rows[f"cifarnet/conv{i}"]["macs"], rows[f"cifarnet/conv{i}"]["weights"]) == (macs, weights), i
         cin, d_in = w, (1.0 if i in (3, 6) else kept[i])  # conv3 / conv6 feed a dropout
     assert "Mayo info" in stdout and "cifarnet/conv7" in stdout
+
+
+def test_yaml_code_tags_are_refused(root, tmp_path, cli):
+    prefix = _small_cifarnet(tmp_path)
+    evil = root / "models" / "evil.yaml"
+    evil.write_text("---\n_import: cifarnet.yaml\n_x: !exec \"import os\"\n")
+    code, _, err = cli("export", prefix, "--mayo-model", evil, "--input-shape", "1,3,32,32", "-o", tmp_path / "m.onnx")
+    assert code == 2 and "!exec runs Python code" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_profile_takes_mayo_inputs(root, tmp_path, cli):
+    prefix = _small_cifarnet(tmp_path)
+    out = tmp_path / "prof"
+    code, stdout, err = cli("profile", prefix, *_slim_args(root), "-o", out, "--repeats", "3", "--warmup", "1",
+                            "--widths", "1,0.5", "--no-report", "--no-progress")
+    assert code == 0, err
+    import json
+
+    lut = json.loads((out / "lut.json").read_text())
+    assert "profiled 9 layers" in stdout and lut
