@@ -255,13 +255,16 @@ def info_with(model_or_checkpoint, example_inputs, opts: InfoOptions) -> dict:
 
 def profile(model_or_checkpoint=None, input_shape: str | None = None, out: str | os.PathLike | None = None,
             model: str | None = None, model_kwargs: str | None = None, trust_pickle: bool = False,
-            gator_no_last_conv: str | None = None, gator_config: str | None = None, **options):
+            gator_no_last_conv: str | None = None, gator_config: str | None = None,
+            mayo_model=(), mayo_set=(), mayo_root: str | None = None, mayo_dataset: str | None = None,
+            mayo_overriders_update: bool = False, **options):
     """Per-layer latency on the target, written to `out` as a LUT, Gator's config and a report
     (what `gate2deploy profile` does). `options`: the fields of profiling.runner.ProfileOptions
     (target, threads, settings, fractions, edges, ray, device_classes, ...). Returns the
     ProfileResult; with ray=ADDRESS a {device class: ProfileResult}. Several Gator checkpoints
     of one architecture (a list): one LUT, and each checkpoint's predicted latency in
-    checkpoints.csv / checkpoints.png beside it."""
+    checkpoints.csv / checkpoints.png beside it. `mayo_*`: a Mayo TensorFlow checkpoint with
+    its YAML, as for compile (importers/mayo.py)."""
     from .frontend import parse_shape
     from .profiling.runner import ProfileOptions, profile as run_profile
 
@@ -275,15 +278,27 @@ def profile(model_or_checkpoint=None, input_shape: str | None = None, out: str |
     if isinstance(model_or_checkpoint, (list, tuple)) and not several:
         model_or_checkpoint = model_or_checkpoint[0] if model_or_checkpoint else None
     checkpoints = list(model_or_checkpoint) if several else [model_or_checkpoint]
-    loaded = [_profile_model(c, model, model_kwargs, trust_pickle, gator_no_last_conv, gator_config)
-              for c in checkpoints]
-    net, current, no_last_conv = loaded[0]
+    example = torch.randn(parse_shape(input_shape))
+    if mayo_model:
+        if model:
+            raise OptionError("--model is not used with --mayo-model: the architecture comes from Mayo's YAML")
+        if several:
+            raise OptionError("--mayo-model takes one checkpoint (several are compared by their Gator gates)")
+        from .importers import mayo
+
+        net = mayo.without_slim_masks(mayo.build(str(model_or_checkpoint), list(mayo_model), list(mayo_set),
+                                                 mayo_root, example, dataset=mayo_dataset,
+                                                 update_slimmers=mayo_overriders_update).model)
+        current, no_last_conv = None, False
+    else:
+        loaded = [_profile_model(c, model, model_kwargs, trust_pickle, gator_no_last_conv, gator_config)
+                  for c in checkpoints]
+        net, current, no_last_conv = loaded[0]
     if several:  # one architecture, one LUT; each checkpoint's own gates predicted from it
         for c, (_, kept, _) in zip(checkpoints, loaded):
             if kept is None:
                 raise OptionError(f"{c}: several checkpoints are compared by their Gator gates, and this one has "
                                   "none (profile it on its own)")
-    example = torch.randn(parse_shape(input_shape))
     check_runs(net, example)
     unknown = set(options) - set(ProfileOptions.__dataclass_fields__)
     if unknown:

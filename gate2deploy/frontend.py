@@ -11,7 +11,9 @@ default), builds the architecture, recognises the mask sources and attaches them
   physically narrow model with recalibrated BatchNorm statistics (importers/slimmable.py);
 - channels dead in the weights need no source: the fold finds them in the graph;
 - sensAI class-group models (`--sensai-grouping`, several files or a folder): combined into
-  one module, equal structures fused (importers/sensai.py).
+  one module, equal structures fused (importers/sensai.py);
+- Mayo TensorFlow checkpoints (`--mayo-model YAML`): the network rebuilt from Mayo's YAML,
+  FBS gated convolutions as FBSConv2d, NetworkSlimmer masks as ChannelMask (importers/mayo.py).
 """
 from __future__ import annotations
 
@@ -83,6 +85,8 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
         model, sources = module, {"checkpoint": None, "format": "module"}
     elif opts.sensai_grouping:
         model, sources = _load_sensai(opts, example)
+    elif opts.mayo_model:
+        model, sources = _load_mayo(opts, example)
     else:
         model, specs, sources, meta = _load(opts)
     model.eval()
@@ -169,6 +173,20 @@ def _load_sensai(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, 
               f"{'; '.join(plan['not_fused_because'])}", file=sys.stderr)
     return grouped, {"checkpoint": [str(f) for f in files], "format": "sensAI group models",
                      "sensai": {"grouping": str(opts.sensai_grouping), **plan}}
+
+
+def _load_mayo(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, dict]:
+    from .importers import mayo
+
+    if opts.model:
+        raise OptionError("--model is not used with --mayo-model: the architecture comes from Mayo's YAML")
+    paths = checkpoint_paths(opts)
+    if len(paths) > 1:
+        raise OptionError(f"{len(paths)} checkpoints given; a Mayo model reads one TensorFlow checkpoint")
+    built = mayo.build(paths[0], opts.mayo_model, opts.mayo_set, opts.mayo_root, example,
+                       dataset=opts.mayo_dataset, update_slimmers=opts.mayo_overriders_update)
+    return built.model, {"checkpoint": built.summary["checkpoint"], "format": "Mayo TensorFlow checkpoint",
+                         "mayo": built.summary}
 
 
 def check_runs(model: nn.Module, example: torch.Tensor) -> None:

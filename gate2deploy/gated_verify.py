@@ -124,6 +124,39 @@ def _layer_eval(module: nn.Module, x: torch.Tensor):
         return y, active, g, kth
 
 
+def _unfolded_input(module: nn.Module, x: np.ndarray, compiled: onnx.ModelProto, captured_node) -> np.ndarray:
+    """The gated layer's input at the module's width and channel order. The fold may have
+    removed input channels of an FBS layer (passes/channel_analysis.py `_fbs_conv`: only
+    channels known to be exactly zero) and the width choice may have appended zero channels;
+    the compiled weight's columns are then a subset of the module's (plus zero columns),
+    which names where each compiled channel came from; removed channels were zeros."""
+    if not isinstance(module, FBSConv2d):
+        return x
+    twin = next((n for n in compiled.graph.node if n.name == captured_node.name and n.domain == ops.DOMAIN), None)
+    inits = {t.name: t for t in compiled.graph.initializer}
+    full_w = module.conv.weight.detach().numpy()
+    if twin is None:  # the portable lowering: its Conv reads the same input with the same weight
+        twin = next((n for n in compiled.graph.node if n.op_type == "Conv" and n.input[0] == captured_node.input[0]
+                     and n.input[1] in inits and inits[n.input[1]].dims[0] == full_w.shape[0]), None)
+    if twin is None or twin.input[1] not in inits:
+        return x
+    kept_w = onnx.numpy_helper.to_array(inits[twin.input[1]])
+    if kept_w.shape == full_w.shape and np.array_equal(kept_w, full_w):
+        return x
+    full = np.zeros((x.shape[0], full_w.shape[1], *x.shape[2:]), x.dtype)
+    used: set[int] = set()
+    for c in range(min(kept_w.shape[1], x.shape[1])):
+        match = next((i for i in range(full_w.shape[1]) if i not in used
+                      and np.array_equal(full_w[:, i], kept_w[:, c])), None)
+        if match is None:
+            if kept_w[:, c].any():
+                return x  # not a slice of the module's weight: left to the checks as it is
+            continue  # a zero padding column: its channel carries nothing
+        used.add(match)
+        full[:, match] = x[:, c]
+    return full
+
+
 @dataclass
 class _Epilogue:
     output: str
@@ -204,7 +237,8 @@ def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: o
             if x_name not in values or y_name not in values:
                 notes[i] = "input or output tensor not present in the compiled model; not checked"
                 continue
-            y, gate, decision, threshold = (t.detach().numpy() for t in _layer_eval(module, torch.from_numpy(values[x_name])))
+            x_in = _unfolded_input(module, values[x_name], compiled, node)
+            y, gate, decision, threshold = (t.detach().numpy() for t in _layer_eval(module, torch.from_numpy(x_in)))
             if epilogue:  # the fused BatchNorm (+ Relu) after the layer, on the PyTorch side too
                 y = gated_post_epilogue(y, epilogue.scale, epilogue.shift, epilogue.activation)
             y_onnx = values[y_name]

@@ -42,6 +42,12 @@ class ModelOptions:
     recalibration_batch_size: int | None = None  # None: min(32, number of samples)
     sensai_grouping: str | None = None  # grouping_config.npy / .json: checkpoint = sensAI group models
     sensai_no_fuse: bool = False  # every sensAI group its own branch (no horizontal fusion)
+    # Mayo (importers/mayo.py): the checkpoint is a TensorFlow checkpoint prefix or folder
+    mayo_model: list[str] = field(default_factory=list)  # Mayo YAMLs, merged in order
+    mayo_set: list[str] = field(default_factory=list)  # Mayo `key.path=value` overrides
+    mayo_root: str | None = None  # default: the nearest folder above the YAML holding models/
+    mayo_dataset: str | None = None  # a Mayo dataset YAML (num_classes), merged first
+    mayo_overriders_update: bool = False  # recompute NetworkSlimmer masks as `overriders-update` does
 
 
 @dataclass

@@ -213,6 +213,8 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
         handler = RULES.get(node.op) if (node.domain or "") in ("", "ai.onnx") else None
         if node.domain == "gate2deploy" and node.op == "ChannelMask":
             handler = _channel_mask
+        if node.domain == "gate2deploy" and node.op == "FBSConv":
+            handler = _fbs_conv
         if unknown:
             _opaque(ana, node, f"shape inference gives no static shape for {unknown[0]}")
         elif handler is None and node.domain == "gate2deploy":
@@ -519,6 +521,33 @@ def _conv(ana: ChannelAnalysis, node: gs.Node) -> None:
     outmap.known = rows_zero
     outmap.value = np.where(rows_zero, b.astype(np.float64), 0.0)
     ana.maps[out.name] = outmap
+
+
+def _fbs_conv(ana: ChannelAnalysis, node: gs.Node) -> None:
+    """FBSConv(X, W, fc_W, ...) reads X like a dense Conv (W's and fc_W's axis 1 follow X's
+    channels), so an input channel known to be exactly zero can go: it adds 0 to the conv and
+    to every saliency pool (avg, max, l1, l2 of a zero channel, zero-padded, is 0), and its
+    fc_W column then multiplies 0. A known NON-zero constant channel would change the pooled
+    saliency (not a bias the fold can move), so those stay. The output channels are chosen per
+    input by the gate: pinned. (Mayo's gated + network-slimmed models, importers/mayo.py.)"""
+    x = node.inputs[0]
+    cmap = ana.maps.get(x.name)
+    weight, fc_w = const_value(node.inputs[1]), const_value(node.inputs[2])
+    if cmap is None or cmap.axis != 1 or weight is None or fc_w is None or int(node.attrs.get("group", 1)) != 1:
+        _pin_node(ana, node, f"gated layer {node.op} {node.name}")
+        return
+    nonzero = cmap.known & (cmap.value != 0)
+    if nonzero.any():
+        ana.pin(ChannelMap(1, cmap.ids[nonzero], nonzero[nonzero], cmap.value[nonzero]),
+                f"constant non-zero channel at the input of gated layer {node.op} {node.name}")
+    ana.consume_sites.append(ConsumeSite(node, 0, x.name))
+    ana.bindings.append(ParamBinding(node, 1, 1, x.name))
+    ana.bindings.append(ParamBinding(node, 2, 1, x.name))
+    for t in node.outputs:
+        outmap = ana.fresh_map(t)
+        if outmap is not None:
+            ana.maps[t.name] = outmap
+            ana.pin(outmap, f"gated layer {node.op} {node.name}")
 
 
 @rule("Gemm")

@@ -246,6 +246,10 @@ def _neutralise_padding(ana: ChannelAnalysis, neutral) -> None:
             index[binding.axis] = columns
             weight[tuple(index)] = 0
         site.node.inputs[1] = new_const(f"{site.node.name}_weight_padded", weight)
+        if site.node.op == "FBSConv":  # the saliency reads the input through fc_W too
+            fc_w = const_value(site.node.inputs[2]).copy()
+            fc_w[:, columns] = 0
+            site.node.inputs[2] = new_const(f"{site.node.name}_fc_weight_padded", fc_w)
 
 
 def _equalise_groups(ana: ChannelAnalysis, removable: set[int], padding: set[int]) -> set[int]:

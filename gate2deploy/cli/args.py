@@ -41,6 +41,26 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "into grouped convolutions (fusion pads every group to the widest; for big compute-bound "
                         "groups with spread widths that padding can cost more than fusion saves)")
     add_slimmable_arguments(p)
+    add_mayo_arguments(p)
+
+
+def add_mayo_arguments(p: argparse.ArgumentParser) -> None:
+    """Mayo (TensorFlow) checkpoints (importers/mayo.py); needs `pip install gate2deploy[mayo]`."""
+    p.add_argument("--mayo-model", action="append", default=[], metavar="YAML",
+                   help="Mayo: the model YAML (e.g. models/gate/resnet18.yaml; repeat to merge more YAMLs in "
+                        "order, as on Mayo's command line, e.g. models/override/prune/netslim.yaml); the "
+                        "checkpoint is then a TensorFlow checkpoint prefix or folder")
+    p.add_argument("--mayo-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="Mayo: a config override as on Mayo's command line (e.g. _gate.density=0.5), repeatable")
+    p.add_argument("--mayo-root", metavar="DIR",
+                   help="Mayo: the repository root relative YAML paths are found from (default: the nearest "
+                        "folder above the YAML that holds models/)")
+    p.add_argument("--mayo-dataset", metavar="YAML",
+                   help="Mayo: the dataset YAML (e.g. datasets/cifar10.yaml) for $(dataset.task.num_classes); "
+                        "without it the classifier's width is read from the checkpoint")
+    p.add_argument("--mayo-overriders-update", action="store_true",
+                   help="Mayo: recompute NetworkSlimmer masks from the stored BatchNorm gammas as Mayo's "
+                        "overriders-update does, instead of using the masks stored in the checkpoint")
 
 
 def add_slimmable_arguments(p: argparse.ArgumentParser) -> None:

@@ -41,6 +41,8 @@ def run(args) -> int:
         for layer in info["gate_statistics"]["layers"]:
             print(f"gated {layer['name']}: gate-on {layer['gate_on_fraction']:.3f}, "
                   f"expected MACs {layer['expected_macs']:,} of {layer['dense_macs']:,}")
+    if info["mask_sources"].get("mayo"):
+        print_mayo_info(info["mask_sources"]["mayo"]["info"])
     if info["mask_sources"].get("slimmable"):
         print_population(info["mask_sources"]["slimmable"])
     if args.out:
@@ -48,6 +50,19 @@ def run(args) -> int:
             yaml.safe_load(rep.to_json(info)), sort_keys=False)
         write_text(args.out, text)
     return 0
+
+
+def print_mayo_info(table: dict) -> None:
+    """Mayo's own per-layer table (importers/mayo.py `mayo_info`: Mayo's estimate rules)."""
+    print("Mayo info (Mayo's estimate rules: mayo/net/tf/estimate.py, gate/layers.py):")
+    print(f"{'layer':<40} {'shape (NHWC)':<16} {'macs':>12} {'weights':>10} {'density':>8} {'active':>7}")
+    for r in table["items"]:
+        if "macs" not in r:
+            continue
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['layer']:<40} {shape:<16} {r['macs']:>12,} {r['weights']:>10,} {r['density']:>8.3f} "
+              f"{r['active']:>7.3f}")
+    print(f"{'total':<40} {'':<16} {table['footer']['macs']:>12,}")
 
 
 def print_population(sl: dict) -> None:

@@ -27,7 +27,7 @@ from ..profiling.lut import DEFAULT_FRACTIONS, layer_latencies, load_lut, parse_
 from ..profiling.device import differences
 from ..profiling.measure import Settings, machine_info
 from ..targets import ALIASES, TARGETS
-from .args import add_gator_arguments
+from .args import add_gator_arguments, add_mayo_arguments
 
 
 def add_parser(sub) -> None:
@@ -71,6 +71,7 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-other-device", action="store_true",
                    help="with --predict: only warn (instead of refusing) when the LUT was measured on another "
                         "device than this machine (CPU model, ISA tiers; the GPU for trt)")
+    add_mayo_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -93,7 +94,9 @@ def run(args) -> int:
         fractions=fractions, edges=args.edges, resume=args.resume, report=not args.no_report,
         progress=not args.no_progress, criteria_weight=args.criteria_weight,
         gradient_multiplier=args.gradient_multiplier, gate_init_prob=args.gate_init_prob,
-        static_total_cost=args.static_total_cost, ray=args.ray, device_classes=tuple(args.device_class))
+        static_total_cost=args.static_total_cost, ray=args.ray, device_classes=tuple(args.device_class),
+        mayo_model=args.mayo_model, mayo_set=args.mayo_set, mayo_root=args.mayo_root,
+        mayo_dataset=args.mayo_dataset, mayo_overriders_update=args.mayo_overriders_update)
     if isinstance(result, dict):  # --ray: one profile per device class
         for cls, one in result.items():
             print(f"== device class {cls} ({_nodes_text(one.lut)})")
