@@ -113,15 +113,30 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
     batch_note = None if opts.static_batch else _other_batch_problem(gated.model, gated.example)
     start = time.perf_counter()
     captured = capture(gated.model, gated.example)
+    if opts.gated_kernels not in ("native", "measured"):
+        raise OptionError(f"--gated-kernels must be native or measured, not {opts.gated_kernels!r}")
+    if opts.gated_kernels == "measured" and tgt.name != "ort":
+        raise OptionError("--gated-kernels measured times the native kernels: only with --target ort")
+    if opts.kernel_threads < 1:
+        raise OptionError(f"--kernel-threads must be at least 1, not {opts.kernel_threads}")
+    kernel_report: dict = {}
+    twins: list[onnx.ModelProto | None] = [None]  # the pipeline's model before the kernel choice
 
     def run_passes(batch_axis: bool) -> tuple[onnx.ModelProto, PassContext]:
         def make_ctx():
             return PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
                                choose_widths=opts.physical_widths == "fast", debug_dir=opts.debug_passes,
                                batch_axis=batch_axis)
-        folded, ctx = _fold(captured, tgt.pipeline, tgt.name, opts.physical_widths, make_ctx,
-                            tuple(gated.example.shape))
-        return tgt.prepare(folded), ctx  # verified below as written
+        compiled, ctx = _fold(captured, tgt.pipeline, tgt.name, opts.physical_widths, make_ctx,
+                              tuple(gated.example.shape))
+        twins[0] = None
+        if opts.gated_kernels == "measured":
+            from .kernel_choice import choose_gated_kernels
+
+            twins[0] = compiled  # its custom nodes give the verification their fused epilogues
+            compiled, kernel_report["kernel_choice"] = choose_gated_kernels(
+                compiled, gated.example.numpy(), threads=opts.kernel_threads)
+        return tgt.prepare(compiled), ctx  # verified below as written
 
     compiled, ctx = run_passes(not opts.static_batch and batch_note is None)
     compile_seconds = time.perf_counter() - start
@@ -132,12 +147,12 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
     check = second = None
     if opts.verify:
         check = check_export(gated.model, captured, compiled, shape, opts.rtol, samples,
-                             allow_nonfinite=opts.allow_nonfinite)
+                             allow_nonfinite=opts.allow_nonfinite, twins=twins[0])
         if check.passed and dynamic:  # the relaxed batch axis, at another size
             other = (shape[0] + 1, *shape[1:])
             try:
                 second = check_export(gated.model, captured, compiled, other, opts.rtol, random_inputs(other, 1),
-                                      allow_nonfinite=opts.allow_nonfinite)
+                                      allow_nonfinite=opts.allow_nonfinite, twins=twins[0])
             except Exception as exc:  # noqa: BLE001 - the relaxed graph does not run at N + 1
                 # (a constant with the batch baked in that the batch pass did not recognise,
                 # e.g. a ScatterElements' indices): keep the static batch, verified at N above
@@ -146,7 +161,7 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
                 dynamic = False
                 compiled, ctx = run_passes(False)
                 check = check_export(gated.model, captured, compiled, shape, opts.rtol, samples,
-                                     allow_nonfinite=opts.allow_nonfinite)
+                                     allow_nonfinite=opts.allow_nonfinite, twins=twins[0])
         for c in (check, second):
             if c is not None and not c.passed:
                 raise VerificationError(f"verification failed: {c.summary()}; nothing written")
@@ -181,6 +196,7 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
                   "verified": [] if check is None else [shape[0]] + ([shape[0] + 1] if second else []),
                   **({"note": batch_note} if batch_note else {})},
         **gated_layer_report(gated, captured, samples),
+        **kernel_report,
     }
     return CompiledModel(compiled, tgt, report, gated.model, shape, samples)
 

@@ -190,12 +190,15 @@ def _fused_epilogue(compiled: onnx.ModelProto, captured_node) -> _Epilogue | Non
 
 def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: onnx.ModelProto,
                         inputs: list[np.ndarray], make_session=None, rtol: float = 1e-4,
-                        tie_eps: float = 1e-5) -> GatedVerifyResult:
+                        tie_eps: float = 1e-5, twins: onnx.ModelProto | None = None) -> GatedVerifyResult:
     """Check every gated layer of `compiled` (the pipeline's output, either target) against the
     PyTorch `model`, on `inputs` (arrays of the export's input shape). `captured` is the model
     as captured (before the passes): it names each gated node's input and output tensors.
     `make_session(proto)` opens a session (default: runtimes.ort.open_session, which
-    registers the custom-op library when the model still has gate2deploy nodes)."""
+    registers the custom-op library when the model still has gate2deploy nodes). `twins`: the
+    model the fused epilogues are read from, when `compiled` no longer has some of the custom
+    nodes (gate2deploy.kernel_choice lowered them after the pipeline; the lowered form writes
+    the same output tensor); default `compiled`."""
     if make_session is None:
         from .runtimes.ort import open_session as make_session
     nodes = [n for n in captured.graph.node if n.domain == ops.DOMAIN and n.op_type in OPS.values()]
@@ -206,7 +209,7 @@ def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: o
     if [OPS[type(m)] for _, m in order] != [n.op_type for n in nodes]:
         raise ValueError("the gated modules and the captured gate2deploy nodes do not correspond one to one")
     produced = {o for n in compiled.graph.node for o in n.output} | {i.name for i in compiled.graph.input}
-    epilogues = [_fused_epilogue(compiled, node) for node in nodes]
+    epilogues = [_fused_epilogue(twins if twins is not None else compiled, node) for node in nodes]
     probe = copy.deepcopy(compiled)
     existing = {o.name for o in probe.graph.output}
     wanted = []

@@ -60,6 +60,8 @@ class CompileOptions(ModelOptions):
     allow_nonfinite: bool = False  # verify even if the PyTorch model's outputs are NaN/Inf
     keep_unfoldable: bool = False
     physical_widths: str = "fast"  # "fast" | "exact" | "measured"
+    gated_kernels: str = "native"  # "native" | "measured" (gate2deploy/kernel_choice.py; --target ort)
+    kernel_threads: int = 2  # intra-op threads the measured choice times with (the deployment's)
     sample_inputs: str | None = None
     pg_static_scale: bool = False
     debug_passes: str | None = None  # folder: dump and re-check the graph after each pass

@@ -149,8 +149,8 @@ class ExportCheck:
 
 def check_export(torch_model: torch.nn.Module, captured: onnx.ModelProto, compiled: onnx.ModelProto,
                  input_shape, rtol: float = DEFAULT_RTOL, samples: list[np.ndarray] | None = None,
-                 allow_nonfinite: bool = False) -> ExportCheck:
-    """Verify a compiled model against PyTorch.
+                 allow_nonfinite: bool = False, twins: onnx.ModelProto | None = None) -> ExportCheck:
+    """Verify a compiled model against PyTorch (`twins`: see gated_verify.verify_gated_layers).
 
     Static folds: the output-level normwise error must be <= rtol. Dynamic gates (CG, PG, FBS)
     are discontinuous: a gate decided on the other side of its threshold by float rounding
@@ -174,7 +174,7 @@ def check_export(torch_model: torch.nn.Module, captured: onnx.ModelProto, compil
     if not has_gates:
         return ExportCheck(output, None, output.passed)
     from .gated_verify import verify_gated_layers
-    gated = verify_gated_layers(torch_model, captured, compiled, inputs, rtol=rtol)
+    gated = verify_gated_layers(torch_model, captured, compiled, inputs, rtol=rtol, twins=twins)
     # A gate flipped at a tie moves finite values only: a NaN/inf where PyTorch has none (or the
     # reverse) fails the export even when every gated layer agrees (it came from elsewhere).
     return ExportCheck(output, gated.as_dict(), gated.passed and output.nonfinite_mismatches == 0)

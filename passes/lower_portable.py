@@ -257,9 +257,12 @@ def _epilogue_target(b: _Builder, node: gs.Node, y: gs.Variable):
 
 
 def lower_portable(graph: gs.Graph, result: LoweringResult | None = None,
-                   expose_gates: bool = False) -> gs.Graph:
+                   expose_gates: bool = False, only: set[str] | None = None) -> gs.Graph:
+    """Lowers every gated op, or with `only` just the nodes of those names (the layers for
+    which gate2deploy.kernel_choice measured the standard ops faster than the native kernel)."""
     result = result if result is not None else LoweringResult()
-    targets = [n for n in graph.nodes if n.domain == DOMAIN and n.op in LOWERED_OPS]
+    targets = [n for n in graph.nodes if n.domain == DOMAIN and n.op in LOWERED_OPS
+               and (only is None or n.name in only)]
     for index, node in enumerate(targets):
         if not node.name:
             node.name = f"{node.op}_{index}"

@@ -35,6 +35,23 @@ MAC-weighted gate-on fraction over the gated layers (gate2deploy.gate_stats on t
 benchmark input; FBS: the density). Weights are random (kaiming init), so fractions come
 from the offsets, not from training.
 
+Kernel paths: the first line prints the native library's configuration (ISA table: avx512 /
+avx2 / generic, AMX, ONNX Runtime NCHWc delegation, second-stage setting; G2D_ISA, G2D_AMX=0,
+G2D_ORT_CONV=0 and G2D_SECOND_STAGE=sparse|dense force narrower paths, for numerics on tiers
+the machine lacks: their speed there says nothing about the tier). Each layer row says which
+paths ran while it was timed: second-stage spans sparse (s) / dense GEMM + select (d), convs
+delegated to ONNX Runtime's NCHWc conv (nchwc), samples on AMX tiles (amx); "bound" is the
+layer's MAC bound (CG: 1 / (1/p + (1 - 1/p) r); PG: abits / (pred + (abits - pred) r), in
+abits-bit MAC equivalents, gate_stats' bit_weighted_macs; FBS: 1 / (in x out density)).
+
+Networks print, beside each speed-up, the network's MAC bound: dense MACs / MACs the gated
+network executes at that gate-on fraction (CG: gate_stats' expected MACs; PG: its
+bit-weighted MACs), the non-gated layers counted dense in both; and a third variant, "meas":
+the `--target ort` graph after `--gated-kernels measured` (gate2deploy/kernel_choice.py: each
+CG/PG layer keeps the faster of its native kernel and its standard-op form on this machine).
+`--net-batches 1,8 --net-threads 1,2` sweep batch and threads (defaults 1 and --threads);
+`--net-points` picks offsets by index (default all).
+
 Threading: ONNX Runtime's default (intra-op workers spin between ops, as in a deployment);
 `--spin off` disables spinning in every session, the figure for hosts that run so.
 
@@ -77,6 +94,31 @@ def node_model(op, domain, x_shape, inits, attrs) -> onnx.ModelProto:
 SESSION_CONFIG: dict[str, str] = {}
 
 
+def _native():
+    import ctypes
+
+    from gate2deploy.runtimes.ort import custom_ops_library_path
+
+    lib = ctypes.CDLL(str(custom_ops_library_path()))
+    for name in ("G2DSecondStageRuns", "G2DDelegatedConvRuns", "G2DAmxConvRuns"):
+        getattr(lib, name).restype = ctypes.c_int64
+    lib.G2DKernelConfig.restype = ctypes.c_char_p
+    return lib
+
+
+def path_counts() -> dict[str, int]:
+    """The native library's per-path run counters (conv_common.cc, nchwc_conv.cc, pg_amx.cc)."""
+    lib = _native()
+    return {"s": lib.G2DSecondStageRuns(0), "d": lib.G2DSecondStageRuns(1),
+            "nchwc": lib.G2DDelegatedConvRuns(), "amx": lib.G2DAmxConvRuns()}
+
+
+def paths_since(before: dict[str, int]) -> str:
+    """Which paths ran since `before` (path_counts()), e.g. "s+d+nchwc"; "-" for none."""
+    after = path_counts()
+    return "+".join(k for k in before if after[k] > before[k]) or "-"
+
+
 def dense_session(w, x_shape, threads, conv_attrs):
     return plain_session(node_model("Conv", "", x_shape, [w], conv_attrs), threads)
 
@@ -105,18 +147,21 @@ def crossover(rows):
     return None if rows[-1][1] >= 1 else rows[0][0]
 
 
-def sweep(name, make_op, dense, x, args, goal=None):
+def sweep(name, make_op, dense, x, args, goal=None, bound=None):
     print(f"\n{name}")
-    print(f"  {'on%':>5} {'dense ms':>9} {'op ms':>9} {'speed-up':>9}")
+    print(f"  {'on%':>5} {'dense ms':>9} {'op ms':>9} {'speed-up':>9} {'bound':>6}  path")
     rows = []
     for frac in args.fractions:
         op = make_op(frac)
+        before = path_counts()
         td, to = time_pair(dense, op, x, args.repeats)
+        path = paths_since(before)
         rows.append((frac, td / to))
         mark = ""
         if goal and abs(frac - goal[0]) < 1e-9:
             mark = f"   goal >= {goal[1]}x: {'MET' if td / to >= goal[1] else 'MISSED'}"
-        print(f"  {frac * 100:5.0f} {td:9.3f} {to:9.3f} {td / to:9.2f}{mark}", flush=True)
+        b = f"{bound(frac):6.2f}" if bound else f"{'':6}"
+        print(f"  {frac * 100:5.0f} {td:9.3f} {to:9.3f} {td / to:9.2f} {b}  {path}{mark}", flush=True)
     c = crossover(rows)
     print(f"  crossover (op slower than dense above): "
           f"{'never (faster at 100%)' if c is None else f'{c * 100:.0f}% gated on'}")
@@ -183,29 +228,50 @@ def export_both(model, x):
 
 def gated_on_fraction(model, x) -> float:
     """MAC-weighted gate-on fraction over the gated layers (for CG: of the second stage)."""
+    return gate_figures(model, x, None)[0]
+
+
+def gate_figures(model, x, ort_model) -> tuple[float, float | None]:
+    """(MAC-weighted gate-on fraction over the gated layers, the network's MAC bound: dense
+    MACs / executed MACs, per sample; None without ort_model). Executed: the gated layers'
+    expected MACs (PG: bit-weighted, in abits-bit MAC equivalents), every other layer dense."""
     from gate2deploy.gate_stats import gate_statistics
+    from gate2deploy.report import model_cost
 
     stats = gate_statistics(model, x)
     total = sum(s.dense_macs for s in stats)
-    return sum(s.gate_on_fraction * s.dense_macs for s in stats) / max(total, 1)
+    fraction = sum(s.gate_on_fraction * s.dense_macs for s in stats) / max(total, 1)
+    if ort_model is None:
+        return fraction, None
+    network = model_cost(dense_equivalent(ort_model)).macs / x.shape[0]
+    executed = network - total + sum(s.details.get("bit_weighted_macs", s.expected_macs) for s in stats)
+    return fraction, network / executed
 
 
 def network_sweep(title, points, args):
-    """points: iterable of (label fraction, input or list of inputs, ort model, portable model);
-    prints one row each."""
+    """points: iterable of (label fraction, MAC bound or None, input or list of inputs, ort
+    model, portable model, measured-choice model or None); prints one row each."""
     print(f"\n{title}")
-    print(f"  {'on%':>5} {'dense ms':>9} {'ort ms':>9} {'onnx ms':>9} {'ort x':>7} {'onnx x':>7}")
+    print(f"  {'on%':>5} {'bound':>6} {'dense ms':>9} {'ort ms':>9} {'onnx ms':>9} {'meas ms':>9} "
+          f"{'ort x':>7} {'onnx x':>7} {'meas x':>7}  native paths")
     rows = []
-    for frac, x, ort_model, portable in points:
+    for frac, bound, x, ort_model, portable, measured in points:
         sessions = [plain_session(dense_equivalent(ort_model), args.threads),
                     custom_session(ort_model, args.threads),
                     plain_session(portable, args.threads)]
+        if measured is not None:
+            sessions.append(custom_session(measured, args.threads))
         name = sessions[0].get_inputs()[0].name
         feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
-        td, to, tp = median_ms_in_blocks(sessions, feeds, args.repeats)
+        before = path_counts()
+        times = median_ms_in_blocks(sessions, feeds, args.repeats)
+        path = paths_since(before)
+        td, to, tp = times[:3]
+        tm = times[3] if measured is not None else float("nan")
         rows.append((frac, td / to))
-        print(f"  {frac * 100:5.1f} {td:9.3f} {to:9.3f} {tp:9.3f} {td / to:7.2f} {td / tp:7.2f}",
-              flush=True)
+        b = f"{bound:6.2f}" if bound else f"{'':6}"
+        print(f"  {frac * 100:5.1f} {b} {td:9.3f} {to:9.3f} {tp:9.3f} {tm:9.3f} {td / to:7.2f} {td / tp:7.2f} "
+              f"{td / tm:7.2f}  {path}", flush=True)
     rows.sort()
     c = crossover(rows)
     print(f"  crossover (--target ort slower than dense above): "
@@ -235,21 +301,33 @@ def network_benchmarks(args) -> None:
     if "cg" in nets or "pg" in nets:
         from gate2deploy.models.dnn_gating import resnet20_cg, resnet20_pg
 
-        x = torch.randn(1, 3, 32, 32)
+        from gate2deploy.kernel_choice import choose_gated_kernels
+
         for name, build, offsets in [("cg", lambda: resnet20_cg(partitions=4, shuffle=False), CG_OFFSETS),
                                      ("pg", lambda: resnet20_pg(wbits=8, abits=3, pred_bits=2),
                                       PG_OFFSETS)]:
             if name not in nets:
                 continue
             base = build().eval()
-            points = []
-            for offset in offsets:
-                model = with_threshold_offset(base, offset)
-                ort_model, portable = export_both(model, x)
-                points.append((gated_on_fraction(model, x), x.numpy(), ort_model, portable))
-            label = ("ResNet-20 CG (p = 4, block-diagonal; 9 CGConv)" if name == "cg" else
-                     "ResNet-20 PG (abits 3 / pred 2, wbits 8; 9 PGConv)")
-            network_sweep(f"{label}, batch 1, 32x32", points, args)
+            if args.net_points:
+                offsets = [offsets[i] for i in args.net_points]
+            for batch in args.net_batches:
+                x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+                exported = []
+                for offset in offsets:
+                    model = with_threshold_offset(base, offset)
+                    ort_model, portable = export_both(model, x)
+                    exported.append((model, ort_model, portable))
+                for threads in args.net_threads:
+                    args.threads = threads
+                    points = []
+                    for model, ort_model, portable in exported:
+                        frac, bound = gate_figures(model, x, ort_model)
+                        measured, _ = choose_gated_kernels(ort_model, x.numpy(), threads=threads)
+                        points.append((frac, bound, x.numpy(), ort_model, portable, measured))
+                    label = ("ResNet-20 CG (p = 4, block-diagonal; 9 CGConv)" if name == "cg" else
+                             "ResNet-20 PG (abits 3 / pred 2, wbits 8; 9 PGConv)")
+                    network_sweep(f"{label}, batch {batch}, {threads} threads, 32x32", points, args)
     if "fbs" in nets:
         import torchvision
 
@@ -274,7 +352,7 @@ def network_benchmarks(args) -> None:
             model = fbs_resnet18(density=density).eval()
             model.load_state_dict(dense_sd)
             ort_model, portable = export_both(model, x)
-            points.append((density, x.numpy(), ort_model, portable))
+            points.append((density, None, x.numpy(), ort_model, portable, None))
         network_sweep("FBS ResNet-18 (9 FBSConv), batch 1, 224x224; on% = density", points, args)
         # Input-dependent saliencies (random predictor weights, as a trained FBS layer has):
         # four inputs cycled, so the active channels change from run to run, as with data.
@@ -288,7 +366,7 @@ def network_benchmarks(args) -> None:
             model = fbs_resnet18(density=density).eval()
             model.load_state_dict(varying_sd)
             ort_model, portable = export_both(model, inputs[0])
-            points.append((density, [v.numpy() for v in inputs], ort_model, portable))
+            points.append((density, None, [v.numpy() for v in inputs], ort_model, portable, None))
         network_sweep("FBS ResNet-18, input-dependent saliency (active channels vary per input)",
                       points, args)
 
@@ -309,9 +387,15 @@ def main(argv=None) -> int:
     p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=FRACTIONS)
     p.add_argument("--networks", default="",
                    help="whole networks to sweep: any of cg,pg,fbs (default: none)")
+    ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
+    p.add_argument("--net-batches", type=ints, default=[1], help="networks: batch sizes (default 1)")
+    p.add_argument("--net-threads", type=ints, default=None, help="networks: thread counts (default --threads)")
+    p.add_argument("--net-points", type=ints, default=None,
+                   help="networks: indices into the threshold offsets to run (default all)")
     p.add_argument("--spin", choices=["on", "off"], default="on",
                    help="ONNX Runtime intra-op thread spinning in every session (default on, as ORT)")
     args = p.parse_args(argv)
+    args.net_threads = args.net_threads or [args.threads]
     if args.spin == "off":
         SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"
 
@@ -324,6 +408,8 @@ def main(argv=None) -> int:
     pad = k // 2
     conv = dict(strides=[1, 1], pads=[pad] * 4, dilations=[1, 1])
     ops = args.ops.split(",")
+    print(f"native kernels: {_native().G2DKernelConfig().decode()}; CPU: "
+          f"{__import__('gate2deploy.kernel_choice', fromlist=['cpu_model']).cpu_model()}")
     print(f"layer: batch {args.batch}, {c}->{o} channels, {hw}x{hw}, {k}x{k}, pad {pad}; "
           f"ONNX Runtime {ort.__version__} CPU, {args.threads} threads; "
           f"spinning {args.spin}; medians of {whole_blocks(args.repeats)} runs in alternating blocks of 10")
@@ -336,7 +422,8 @@ def main(argv=None) -> int:
         sweep(f"CGConv p={args.cg_p} (base path = first 1/{args.cg_p} of input channels)",
               lambda f: custom_session(node_model("CGConv", "gate2deploy", x_shape,
                                                 [w, mask, ref.thresholds_for_fraction(yp, f)], conv), args.threads),
-              dense, x, args, goal=(0.2, 1.6))
+              dense, x, args, goal=(0.2, 1.6),
+              bound=lambda f: 1 / (1 / args.cg_p + (1 - 1 / args.cg_p) * f))
 
     if "pg" in ops:
         xa = np.clip(x, 0, None).astype(np.float32)  # PG inputs come after the PACT clamp
@@ -349,7 +436,8 @@ def main(argv=None) -> int:
             sweep(f"PGConv abits {abits} / pred {pred}, wbits {args.wbits or 'float'}",
                   lambda f: custom_session(node_model("PGConv", "gate2deploy", x_shape,
                                                     [wq, ref.thresholds_for_fraction(msb, f)], attrs), args.threads),
-                  dense, xa, args, goal=(0.2, 1.3))
+                  dense, xa, args, goal=(0.2, 1.3),
+                  bound=lambda f, a=abits, p=pred: a / (p + (a - p) * f))
 
     if "fbs" in ops:
         fc_w = rng.standard_normal((o, c)).astype(np.float32)

@@ -58,6 +58,12 @@ def add_parser(sub) -> None:
                    help="--target trt: the engine's optimisation profile batch sizes (default 1,N,max(N,32); "
                         "N,N,N with --static-batch)")
     p.add_argument("--fp16", action="store_true", help="--target trt: build the engine in FP16")
+    p.add_argument("--gated-kernels", choices=("native", "measured"), default="native",
+                   help="--target ort: native (default): CG/PG layers run the native kernels; measured: time each "
+                        "CG/PG layer's native kernel against its standard-op form on this machine and keep the "
+                        "faster (gate2deploy/kernel_choice.py; choices and timings in the report, cached per CPU)")
+    p.add_argument("--kernel-threads", type=int, default=2,
+                   help="intra-op threads --gated-kernels measured times with (default %(default)s)")
     p.add_argument("--pg-static-scale", action="store_true",
                    help="Precision Gating: replace the per-batch dynamic activation scale by one calibrated "
                         "on --sample-inputs (outputs then no longer depend on the rest of the batch)")

@@ -1,11 +1,14 @@
 // See conv_common.h.
 #include "conv_common.h"
+#include "pg_amx.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <string>
 #include <type_traits>
 
 namespace g2d {
@@ -25,6 +28,24 @@ const IsaKernels& BestKernels() {
   }();
   return *chosen;
 }
+
+namespace {
+std::atomic<int64_t> second_stage_runs[2];
+}  // namespace
+
+double DenseSecondStageAbove(bool int16) {
+  static const int forced = [] {  // 0 auto, 1 sparse, 2 dense
+    const char* v = std::getenv("G2D_SECOND_STAGE");
+    if (v && std::strcmp(v, "sparse") == 0) return 1;
+    if (v && std::strcmp(v, "dense") == 0) return 2;
+    return 0;
+  }();
+  if (forced == 1) return 2.0;   // `on > 2 * elements` never holds
+  if (forced == 2) return -1.0;  // any span with a gate on runs dense
+  return int16 ? kDenseSecondStageFractionInt16 : kDenseSecondStageFraction;
+}
+
+void CountSecondStage(bool dense) { second_stage_runs[dense ? 1 : 0].fetch_add(1, std::memory_order_relaxed); }
 
 // ---------------------------------------------------------------- attributes and geometry
 
@@ -881,9 +902,10 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
                                       uint8_t* gate, float* out, int64_t on) {
       const int64_t M = int64_t(plan.outputs.size());
       if (on > 0 && !plan.chans2.empty()) {
-        const double dense_above = std::is_same<T, float>::value ? kDenseSecondStageFraction
-                                                                 : kDenseSecondStageFractionInt16;
-        if (double(on) > dense_above * double(M * ncols)) {
+        const double dense_above = DenseSecondStageAbove(!std::is_same<T, float>::value);
+        const bool dense = double(on) > dense_above * double(M * ncols);
+        CountSecondStage(dense);
+        if (dense) {
           // Most gates on: each panel's second stage as a GEMM, then select.
           for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
             PanelProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0 + c0,
@@ -974,7 +996,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       }
     }
     if (!joint_second) return;
-    if (double(on_all) > kDenseSecondStageFraction * double(all_rows * ncols)) {
+    if (double(on_all) > DenseSecondStageAbove(false) * double(all_rows * ncols)) {
       // Most gates on: per-plan GEMMs, which skip the joint weights' zeros.
       row0 = 0;
       for (size_t pi = 0; pi < plans.size(); ++pi) {
@@ -1006,3 +1028,24 @@ G2D_INSTANTIATE(int16_t)
 #undef G2D_INSTANTIATE
 
 }  // namespace g2d
+
+// Which kernel paths this process uses and has used, for benchmarks and tests (ctypes):
+// the ISA table (G2D_ISA may force a narrower one), whether AMX tiles and ONNX Runtime's
+// NCHWc conv may be used, and the second-stage setting (G2D_SECOND_STAGE).
+extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() {
+  static const std::string text = [] {
+    const char* stage = std::getenv("G2D_SECOND_STAGE");
+    const char* ort_conv = std::getenv("G2D_ORT_CONV");
+    return std::string("isa=") + g2d::BestKernels().name +
+           " amx=" + (g2d::AmxAvailable() ? "yes" : "no") +
+           " ort_nchwc_conv=" + (ort_conv && std::strcmp(ort_conv, "0") == 0 ? "off" : "on") +
+           " second_stage=" + (stage && (std::strcmp(stage, "sparse") == 0 || std::strcmp(stage, "dense") == 0) ? stage : "auto");
+  }();
+  return text.c_str();
+}
+
+// Second-stage spans run sparse (dense = 0) or as a dense GEMM + select (dense = 1).
+extern "C" __attribute__((visibility("default"))) int64_t G2DSecondStageRuns(int dense) {
+  return g2d::second_stage_runs[dense ? 1 : 0].load(std::memory_order_relaxed);
+}
+

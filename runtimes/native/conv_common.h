@@ -86,6 +86,12 @@ template <class T> using UninitAlignedVec = std::vector<T, UninitAlignedAllocato
 // Measured with tools/bench_gated_ops.py (128 ch, 28x28, 3x3, p=4, 2 threads).
 constexpr double kDenseSecondStageFraction = 0.50;
 constexpr double kDenseSecondStageFractionInt16 = 0.10;
+// The fraction actually used: the constants above, or with G2D_SECOND_STAGE=sparse (never
+// dense) / =dense (always dense) one path forced, so that tests and benchmarks can run each
+// path on any machine (both compute the same function; see RunGatedConv).
+double DenseSecondStageAbove(bool int16);
+// Spans whose second stage ran sparse (0) / dense (1) since load (G2DSecondStageRuns).
+void CountSecondStage(bool dense);
 
 // The second stage runs over spans of this many panels (of TileCols columns) when the layer
 // has at least kWideSpanMinPanels panels: its sparse form has a fixed cost per output row and

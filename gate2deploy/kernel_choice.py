@@ -1,0 +1,277 @@
+"""Per-layer kernel choice for `--target ort` (`--gated-kernels measured`, issue 18).
+
+Whether a gated layer's native kernel (CGConv / PGConv of runtimes/native) beats ONNX
+Runtime's own kernels depends on the processor (AMX, AVX-512 VNNI or AVX2 only), the
+thread count and the layer's shape and gate-on fraction: on an AVX2-only 2-core AMD EPYC the
+native CG kernel of a 16-channel 32x32 CIFAR layer took 3-4x the time of MLAS's dense conv
+(per-node ONNX Runtime profile of the CG ResNet-20), while MLAS computing the layer's
+standard-op form (passes/lower_portable.py: base-path conv, full conv, Greater, Where; PG:
+MSB and LSB convs and the select) costs about 1.3-2 dense convs. So each gated layer is
+timed both ways, on this machine, on the activations the export's example input gives
+it, and keeps the faster:
+
+- "native": the custom node as the pipeline left it;
+- "standard": that node lowered to standard ONNX ops (lower_portable with `only`), which
+  compute the reference's function with the same float operations in the same order (the
+  `--target onnx` path): equal to the native kernel up to convolution summation order and
+  gate ties, the contract runtimes/OPS.md gives every implementation, and the export's
+  verification checks the chosen network afterwards like any other.
+
+Decisions (the issue leaves them open):
+- Timing: the two single-node models in alternating blocks (gate2deploy.benchmark), medians;
+  "standard" must be faster by more than `MARGIN` (5%) to replace the native kernel, so that
+  noise does not flip choices between exports.
+- Only CGConv and PGConv are candidates (FBSConv's native kernel meets its goal on every tier
+  measured and its kernel belongs to another part of the project), and only nodes whose
+  weights, masks and thresholds are constants (a computed weight has no fixed cost to time).
+- Cache: `$GATE2DEPLOY_CACHE/kernel_choice.json` (default ~/.cache/gate2deploy), keyed by the
+  CPU model, the native library's kernel configuration (ISA table, AMX), ONNX Runtime's
+  version and the thread count; inside, by a hash of the node (op, attributes, constant
+  inputs) and of its measured input. A re-export of the same model on the same machine
+  reuses the choice and its timings instead of timing again.
+- A layer timed alone is not the layer in its network (layout reorders around non-NCHWc ops,
+  the unfused epilogue): when some layer chose "standard", the whole network is timed the
+  same way as all native, with the per-layer choices, and with every timed layer standard,
+  and the fastest is kept (a non-native one only if faster than all-native by more than
+  MARGIN); report: `network` (`kept` and the three medians), each overridden layer's `why`.
+- The choices and timings go into the export report (`kernel_choice`).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .benchmark import time_sessions
+from .ops import DOMAIN
+
+CHOOSABLE_OPS = ("CGConv", "PGConv")
+MARGIN = 0.05  # "standard" replaces "native" only when faster by more than this fraction
+RUNS = 20      # timed runs per candidate (two alternating blocks of 10)
+
+
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo), or platform.processor() elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def kernel_config() -> str:
+    """The native library's kernel configuration: ISA table, AMX, ONNX Runtime NCHWc
+    delegation and the second-stage setting (G2DKernelConfig in conv_common.cc)."""
+    from .runtimes.ort import custom_ops_library_path
+
+    fn = ctypes.CDLL(str(custom_ops_library_path())).G2DKernelConfig
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+def machine_key(threads: int) -> str:
+    import onnxruntime as ort
+
+    return f"{cpu_model()} | {kernel_config()} | onnxruntime {ort.__version__} | {threads} threads"
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("GATE2DEPLOY_CACHE") or Path.home() / ".cache" / "gate2deploy"
+    return Path(root) / "kernel_choice.json"
+
+
+def _load_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_cache(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)  # atomic: a concurrent export reads the old or the new file
+    except OSError:
+        pass  # a read-only cache only costs re-timing next time
+
+
+def _gated_inputs(model: onnx.ModelProto, nodes: list[onnx.NodeProto], example: np.ndarray,
+                  threads: int) -> dict[str, np.ndarray]:
+    """The activation each node receives when the model runs on `example`."""
+    from .runtimes.ort import open_session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = list(dict.fromkeys(n.input[0] for n in nodes))
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    session = open_session(probe, threads=threads)
+    values = session.run(names, {session.get_inputs()[0].name: example})
+    return dict(zip(names, values))
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every constant tensor of the graph by name: initializers and Constant nodes' values."""
+    out = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value":
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(a.t)
+                    tensor.name = node.output[0]
+                    out[node.output[0]] = tensor
+    return out
+
+
+def _single_node(model: onnx.ModelProto, node: onnx.NodeProto, x: np.ndarray) -> onnx.ModelProto:
+    """A model of `node` alone: input "x" (x's shape), its constant inputs as initializers."""
+    inits = _constants(model)
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.input[0] = "x"
+    copy.output[:] = ["y"]
+    graph = helper.make_graph(
+        [copy], node.name or node.op_type,
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [inits[name] for name in dict.fromkeys(node.input[1:]) if name])
+    single = helper.make_model(graph, opset_imports=list(model.opset_import))
+    single.ir_version = model.ir_version
+    return single
+
+
+def _lowered(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    from gate2deploy.passes.ir import export_model, import_graph
+    from gate2deploy.passes.lower_portable import lower_portable
+
+    return export_model(lower_portable(import_graph(model), only=names))
+
+
+def _signature(model: onnx.ModelProto, node: onnx.NodeProto, x: np.ndarray) -> str:
+    inits = _constants(model)
+    h = hashlib.sha256()
+    h.update(node.op_type.encode())
+    for a in sorted(node.attribute, key=lambda a: a.name):
+        h.update(a.SerializeToString(deterministic=True))
+    for name in node.input[1:]:
+        h.update(name.encode() if name not in inits else numpy_helper.to_array(inits[name]).tobytes())
+    h.update(str(x.shape).encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _time_candidates(native: onnx.ModelProto, standard: onnx.ModelProto, x: np.ndarray,
+                     threads: int) -> tuple[float, float]:
+    from .runtimes.ort import open_session
+
+    sessions = {"native": open_session(native, threads=threads),
+                "standard": open_session(standard, threads=threads)}
+    feeds = {k: [{"x": x}] for k in sessions}
+    times = time_sessions(sessions, feeds, runs=RUNS)
+    return statistics.median(times["native"]), statistics.median(times["standard"])
+
+
+def choose_gated_kernels(model: onnx.ModelProto, example: np.ndarray, threads: int = 2,
+                         cache_path: Path | None = None) -> tuple[onnx.ModelProto, dict]:
+    """(model with each CG/PG node that runs faster as standard ops lowered, the report
+    entry: machine key and per layer its choice, both medians in ms and whether cached)."""
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in CHOOSABLE_OPS]
+    key = machine_key(threads)
+    entry: dict = {"machine": key, "layers": []}
+    if not nodes:
+        return model, entry
+    inits = set(_constants(model))
+    cache_path = cache_path or _cache_path()
+    cache = _load_cache(cache_path)
+    seen = cache.setdefault(key, {})
+    inputs = _gated_inputs(model, nodes, np.asarray(example, np.float32), threads)
+    chosen: set[str] = set()
+    for node in nodes:
+        row = {"node": node.name, "op": node.op_type}
+        if not node.name:
+            entry["layers"].append({**row, "choice": "native", "why": "unnamed node: not timed"})
+            continue
+        if not all(name in inits for name in node.input[1:] if name):
+            entry["layers"].append({**row, "choice": "native", "why": "computed weights: not timed"})
+            continue
+        x = inputs[node.input[0]]
+        sig = _signature(model, node, x)
+        if sig in seen and seen[sig].get("choice") in ("native", "standard"):
+            result = {**seen[sig], "cached": True}
+        else:
+            single = _single_node(model, node, x)
+            t_native, t_standard = _time_candidates(single, _lowered(single, {node.name}), x, threads)
+            choice = "standard" if t_standard < (1 - MARGIN) * t_native else "native"
+            result = {"choice": choice, "native_ms": round(t_native, 4),
+                      "standard_ms": round(t_standard, 4)}
+            seen[sig] = result
+            result = {**result, "cached": False}
+        if result["choice"] == "standard":
+            chosen.add(node.name)
+        entry["layers"].append({**row, **result})
+    out = model
+    timed = {row["node"] for row in entry["layers"] if "native_ms" in row}
+    if chosen:
+        # A layer timed alone is not the layer in its network: there the standard ops' Greater /
+        # Where and unfused epilogue leave ONNX Runtime's NCHWc chain (reorders), where the
+        # native node had one reorder pair. Measured on the CG ResNet-20 (AVX2, 2 threads): 8
+        # of 9 layers faster alone as standard ops, the network with them slower than native,
+        # and the network with every layer standard faster than either at 1 thread. So the
+        # whole network is timed three ways (all native, the per-layer choices, every timed
+        # layer standard) and the fastest kept; a non-native one must win by MARGIN.
+        variants = {"native": model, "per_layer": _lowered(model, chosen)}
+        if timed != chosen:
+            variants["all_standard"] = _lowered(model, timed)
+        sig = _network_signature(model, chosen, example)
+        if sig in seen and seen[sig].get("kept") in variants:  # else an older format: re-time
+            net = {**seen[sig], "cached": True}
+        else:
+            ms = _time_networks(variants, np.asarray(example, np.float32), threads)
+            best = min(ms, key=ms.get)
+            if ms[best] >= (1 - MARGIN) * ms["native"]:
+                best = "native"
+            net = {"kept": best, **{f"{k}_ms": round(v, 4) for k, v in ms.items()}}
+            seen[sig] = net
+            net = {**net, "cached": False}
+        entry["network"] = net
+        final = {"native": set(), "per_layer": chosen, "all_standard": timed}[net["kept"]]
+        out = variants.get(net["kept"], model) if final else model
+        for row in entry["layers"]:
+            if "native_ms" not in row:
+                continue
+            was = row["choice"]
+            row["choice"] = "standard" if row["node"] in final else "native"
+            if row["choice"] != was:
+                row["why"] = f"the network ran fastest as {net['kept'].replace('_', ' ')}"
+    _store_cache(cache_path, cache)
+    return out, entry
+
+
+def _network_signature(model: onnx.ModelProto, chosen: set[str], example) -> str:
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    h.update(",".join(sorted(chosen)).encode())
+    h.update(np.ascontiguousarray(example, np.float32).tobytes())
+    return "network:" + h.hexdigest()[:32]
+
+
+def _time_networks(variants: dict[str, onnx.ModelProto], x: np.ndarray, threads: int) -> dict[str, float]:
+    from .runtimes.ort import open_session
+
+    sessions = {k: open_session(m, threads=threads) for k, m in variants.items()}
+    name = sessions["native"].get_inputs()[0].name
+    times = time_sessions(sessions, {k: [{name: x}] for k in sessions}, runs=RUNS)
+    return {k: statistics.median(t) for k, t in times.items()}

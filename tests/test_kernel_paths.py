@@ -1,0 +1,148 @@
+"""Each native kernel path this machine supports, forced, against runtimes/reference.py (issue 18:
+"a test forces each path the machine supports and checks numerics").
+
+Paths: the ISA table (G2D_ISA=generic|avx2; avx512 and AMX where the CPU has them: tiers the
+machine lacks are skipped, the test runs there on a machine that has them) x the second stage
+of CGConv / PGConv's integer path (G2D_SECOND_STAGE=sparse|dense, conv_common.cc), PG on its
+int16 stages (G2D_ORT_CONV=0) or, for the AMX tier, on tiles. Each combination runs in a
+subprocess (the settings are read once per process) that computes CG and PG layers at gate-on
+fractions where the automatic choice would take the other path, compares them with the
+reference (tests/test_native_ops.py's tolerance and tie rule), and reports the library's path
+counters (G2DSecondStageRuns, G2DAmxConvRuns), so the test also proves the forced path ran.
+
+Also: gate2deploy.kernel_choice keeps a network's function (the export's verification passes
+with layers lowered) and records its choice per layer.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+FLAGS = cpu_flags()
+TIERS = {
+    "generic": (True, {"G2D_ISA": "generic", "G2D_AMX": "0"}),
+    "avx2": ({"avx2", "fma"} <= FLAGS, {"G2D_ISA": "avx2", "G2D_AMX": "0"}),
+    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= FLAGS, {"G2D_AMX": "0"}),
+    "amx": ({"amx_tile", "amx_int8", "avx512bw"} <= FLAGS, {}),
+}
+
+
+def _child(stage: str) -> None:
+    """Runs in the subprocess: CG and PG cases vs the reference; prints the path counters."""
+    sys.path.insert(0, str(HERE))
+    import test_native_ops as t
+    from gate2deploy.runtimes import reference as ref
+    from gate2deploy.runtimes.ort import custom_ops_library_path
+
+    rng = np.random.default_rng(7)
+    # fractions on both sides of the automatic switch (fp32 0.5, int16 0.1 of a span's gates)
+    for frac in (0.05, 0.3, 0.8):
+        for c, o, hw, block_diagonal in [(16, 24, 9, False), (32, 32, 12, True)]:
+            x = rng.standard_normal((2, c, hw, hw)).astype(np.float32)
+            w = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+            mask = t.cg_base_mask(o, c, 4, block_diagonal)
+            yp = ref.conv2d(x, w * mask[:, :, None, None], (1, 1), (1, 1, 1, 1), (1, 1))
+            thr = ref.thresholds_for_fraction(yp, frac)
+            y = t.run_node("CGConv", x, [w, mask, thr], t.conv_attrs((1, 1), (1, 1, 1, 1), (1, 1)))
+            t.assert_close_with_ties(y, ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1)), yp, thr)
+        for abits, pred in [(3, 2), (8, 4)]:
+            x = np.clip(rng.standard_normal((1, 32, 10, 10)), 0, 2.5).astype(np.float32)
+            w = t.quantize_weights(rng.standard_normal((48, 32, 3, 3)).astype(np.float32), 8)
+            x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
+            msb = ref.conv2d(x_hb, w, (1, 1), (1, 1, 1, 1), (1, 1))
+            thr = ref.thresholds_for_fraction(msb, frac)
+            attrs = dict(t.conv_attrs((1, 1), (1, 1, 1, 1), (1, 1)), abits=abits, pred_bits=pred, static_scale=0.0)
+            y = t.run_node("PGConv", x, [w, thr], attrs)
+            y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+            t.assert_close_with_ties(y, y_ref, msb, thr)
+    lib = ctypes.CDLL(str(custom_ops_library_path()))
+    for name in ("G2DSecondStageRuns", "G2DAmxConvRuns"):
+        getattr(lib, name).restype = ctypes.c_int64
+    lib.G2DKernelConfig.restype = ctypes.c_char_p
+    print(json.dumps({"config": lib.G2DKernelConfig().decode(), "sparse": lib.G2DSecondStageRuns(0),
+                      "dense": lib.G2DSecondStageRuns(1), "amx": lib.G2DAmxConvRuns()}))
+
+
+@pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
+@pytest.mark.parametrize("stage", ["sparse", "dense"])
+@pytest.mark.parametrize("tier", list(TIERS))
+def test_forced_kernel_path_matches_reference(tier, stage):
+    supported, env_tier = TIERS[tier]
+    if not supported:
+        pytest.skip(f"this CPU lacks the {tier} tier; the test runs on a machine that has it")
+    env = dict(os.environ, G2D_SECOND_STAGE=stage, G2D_ORT_CONV="0", **env_tier)
+    proc = subprocess.run([sys.executable, __file__, stage], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=HERE.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected_isa = {"generic": "generic", "avx2": "avx2"}.get(tier, "avx512")
+    assert f"isa={expected_isa}" in counts["config"] and f"second_stage={stage}" in counts["config"], counts
+    # the forced second stage ran, the other never did (AMX runs PG on tiles, outside it)
+    assert counts[stage] > 0 and counts["dense" if stage == "sparse" else "sparse"] == 0, counts
+    assert (counts["amx"] > 0) == (tier == "amx"), counts
+
+
+def test_measured_kernel_choice_keeps_the_function(tmp_path, monkeypatch):
+    """--gated-kernels measured on a small CG network: each layer gets a recorded choice with
+    both timings, the export's own verification (each gated layer against PyTorch) passes,
+    and a second export reads the choices from the cache instead of timing again."""
+    import torch
+
+    from gate2deploy.api import compile as g2d_compile
+    from gate2deploy.gated import CGConv2d
+
+    import gate2deploy.kernel_choice as kc
+
+    # a fresh choice cache (not a fresh GATE2DEPLOY_CACHE: that would rebuild the library)
+    monkeypatch.setattr(kc, "_cache_path", lambda: tmp_path / "kernel_choice.json")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+        CGConv2d(16, 16, 3, padding=1, p=4, th=0.0), torch.nn.ReLU(),
+        CGConv2d(16, 16, 3, padding=1, p=4, use_group=True, th=0.0)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    first = g2d_compile(model, x, target="ort", gated_kernels="measured")
+    layers = first.report["kernel_choice"]["layers"]
+    assert len(layers) == 2 and all(r["choice"] in ("native", "standard") for r in layers), layers
+    assert all(r["native_ms"] > 0 and r["standard_ms"] > 0 and not r["cached"] for r in layers), layers
+    assert first.report["gated_layer_check"]["passed"], first.report["gated_layer_check"]
+    # a layer chose "standard" exactly when its custom node is gone from the deployed graph
+    remaining = {n.name for n in first.onnx_model.graph.node if n.op_type == "CGConv"}
+    assert {r["node"] for r in layers if r["choice"] == "native"} == remaining, (layers, remaining)
+    second = g2d_compile(model, x, target="ort", gated_kernels="measured")
+    again = second.report["kernel_choice"]["layers"]
+    assert [r["choice"] for r in again] == [r["choice"] for r in layers] and all(r["cached"] for r in again)
+
+
+def test_measured_kernel_choice_only_for_ort():
+    import torch
+
+    from gate2deploy.api import compile as g2d_compile
+    from gate2deploy.errors import UserError
+
+    with pytest.raises(UserError, match="--gated-kernels measured"):
+        g2d_compile(torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8), target="onnx",
+                    gated_kernels="measured")
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
