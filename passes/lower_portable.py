@@ -12,7 +12,8 @@ same float32 operations in the same order (so outputs agree up to the convolutio
 summation order, and gates flip only at ties). The output tensor of each op keeps its name.
 The decomposition computes every path (it is exact, not fast: speed needs `--target ort`);
 CG's base path is a physically smaller conv where its constant mask has structure (one
-channel subset for all outputs, or block-diagonal), the full-size masked conv otherwise.
+channel subset for all outputs, or block-diagonal), the full-size masked conv otherwise; with
+one channel subset, the full path is base + the complement conv (one dense conv's MACs in all).
 CG/PG's optional epilogue (post_scale, post_shift, activation: only `--target ort` emits it)
 becomes Mul, Add and Relu after the lowered op.
 With `expose_gates=True` each op's boolean gate becomes an extra graph output named
@@ -107,14 +108,7 @@ def _base_path(b: _Builder, x, w, base_mask, attrs) -> gs.Variable:
         return b.conv(x, b.op("Mul", [w, mask4]), attrs)
     kind, detail = _base_structure(m_val)
     if kind == "columns" and 0 < len(detail) < m_val.shape[1]:
-        chans = detail
-        if np.array_equal(chans, np.arange(chans[0], chans[-1] + 1)):  # a contiguous range
-            x_base = b.op("Slice", [x, b.const("starts", np.array([chans[0]], np.int64)),
-                                    b.const("ends", np.array([chans[-1] + 1], np.int64)),
-                                    b.const("axes", np.array([1], np.int64))])
-        else:
-            x_base = b.op("Gather", [x, b.const("channels", chans.astype(np.int64))], {"axis": 1})
-        return b.conv(x_base, b.const("W_base", w_val[:, chans].astype(np.float32)), attrs)
+        return b.conv(_channels(b, x, detail), b.const("W_base", w_val[:, detail].astype(np.float32)), attrs)
     if kind == "blocks":
         o, c = m_val.shape
         blocks = [w_val[i * (o // detail):(i + 1) * (o // detail), i * (c // detail):(i + 1) * (c // detail)]
@@ -123,11 +117,35 @@ def _base_path(b: _Builder, x, w, base_mask, attrs) -> gs.Variable:
     return b.conv(x, b.const("W_base", (w_val * m_val[:, :, None, None]).astype(np.float32)), attrs)
 
 
+def _channels(b: _Builder, x, chans: np.ndarray) -> gs.Variable:
+    """x[:, chans] (a Slice for a contiguous range, a Gather otherwise)."""
+    if np.array_equal(chans, np.arange(chans[0], chans[-1] + 1)):
+        return b.op("Slice", [x, b.const("starts", np.array([chans[0]], np.int64)),
+                              b.const("ends", np.array([chans[-1] + 1], np.int64)),
+                              b.const("axes", np.array([1], np.int64))])
+    return b.op("Gather", [x, b.const("channels", chans.astype(np.int64))], {"axis": 1})
+
+
+def _full_path(b: _Builder, x, w, base_mask, attrs, y_partial) -> gs.Variable:
+    """conv(x, W) for the gated outputs. Where every output's base path reads one channel
+    subset S, it is Yp + conv(x[:, ~S], W[:, ~S]): the complement conv does the remaining
+    (p-1)/p of the MACs, so the decomposition costs one dense conv in all instead of 1 + 1/p
+    (the same terms, summed as the native kernels sum them: base part first)."""
+    w_val, m_val = const_value(w), const_value(base_mask)
+    if w_val is not None and m_val is not None:
+        kind, chans = _base_structure(m_val)
+        if kind == "columns" and 0 < len(chans) < m_val.shape[1]:
+            rest = np.setdiff1d(np.arange(m_val.shape[1]), chans)
+            y_rest = b.conv(_channels(b, x, rest), b.const("W_rest", w_val[:, rest].astype(np.float32)), attrs)
+            return b.op("Add", [y_partial, y_rest])
+    return b.conv(x, w, attrs)
+
+
 def _lower_cg(b: _Builder, node: gs.Node, y: gs.Variable) -> gs.Variable:
     x, w, base_mask, threshold = node.inputs[:4]
     attrs = _conv_attrs(node)
     y_partial = _base_path(b, x, w, base_mask, attrs)
-    y_full = b.conv(x, w, attrs)
+    y_full = _full_path(b, x, w, base_mask, attrs, y_partial)
     gate = b.op("Greater", [y_partial, b.per_channel("threshold", threshold)], dtype=np.bool_,
                 out_name=f"{node.name}/gate")
     b.op("Where", [gate, y_full, y_partial], out=y)

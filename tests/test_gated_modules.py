@@ -282,7 +282,8 @@ def test_portable_cg_base_path_is_a_smaller_conv(use_group, p, expect):
 def test_portable_cg_scattered_base_channels_are_gathered():
     """A base path of scattered channels shared by all outputs (a CGConv node written by
     hand: the seed's modules only make the first C/p or block-diagonal) is lowered to a Gather
-    of those channels and a smaller conv, equal to the reference."""
+    of those channels and a smaller conv, the full path to base + a conv of the complement
+    channels (one dense conv's weights in all, not 1 + 1/p), equal to the reference."""
     from onnx import TensorProto, helper
     rng = np.random.default_rng(3)
     c, o = 12, 10
@@ -300,7 +301,10 @@ def test_portable_cg_scattered_base_channels_are_gathered():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("gate2deploy", 1)])
     model.ir_version = 10
     lowered = ir.export_model(lower_portable(ir.import_graph(model)))
-    assert [n.op_type for n in lowered.graph.node].count("Gather") == 1
+    assert [n.op_type for n in lowered.graph.node].count("Gather") == 2
+    init_shapes = {i.name: tuple(i.dims) for i in lowered.graph.initializer}
+    conv_in_channels = sorted(init_shapes[n.input[1]][1] for n in lowered.graph.node if n.op_type == "Conv")
+    assert conv_in_channels == [4, c - 4]
     sess = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"input": x})[0]
     y_ref = R.cg_conv_reference(x, w, mask, thr, (1, 1), (1, 1, 1, 1), (1, 1))
