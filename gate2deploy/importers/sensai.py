@@ -54,6 +54,26 @@ inputs; a forward that is not width-agnostic (hard-coded widths, channel concat/
 that check and the groups run as parallel branches instead, as do groups whose structure has
 no partner. `GroupedModel.plan` records which groups were fused and why others were not (the
 export report's `mask_sources.sensai`).
+
+Forms and the choice between them (`grouped_model(form=...)`, `--sensai-form`):
+- fused: as above. Padding costs MACs: with group widths a few % apart, rounding every group
+  up to the widest (and to whole NCHWc blocks) costs up to ~1.5x MACs in a layer, and at
+  batch 1 on big maps that is time (VGG-19-BN 64->64 at 32x32, 10 groups of 29-35 channels
+  padded to 40: grouped 7.5 ms vs 3.6 ms per group, 1 thread).
+- hybrid: fused, with each grouped conv that runs faster per group replaced by a SplitConv:
+  the groups' own convs (and their own BatchNorm right after, which ORT fuses into the conv)
+  on their real channels, outputs padded back to the block width, so the fused layers
+  around it are unchanged. Per layer, both forms are timed alone on ONNX Runtime at the
+  layer's input shape; where timing fails, a MAC rule (SPLIT_MAC_RATIO,
+  SPLIT_MIN_GROUP_MACS). Checked against the group models like the fused model.
+- branches: every group its own model in one graph.
+- auto (default): every available form is built and timed on ONNX Runtime CPU
+  (`time_forms`: captured as the export captures, default spinning, `threads` threads,
+  the export's batch, interleaved blocks, median); the fastest is kept. Where timing fails
+  (capture or ORT errors), the fewest MACs win, ties going to the fewer ops
+  (FORM_PREFERENCE). Timing is on the machine that exports: export on the deployment
+  machine (or pass --sensai-form) when they differ. The plan lists every candidate's MACs
+  and time, the form kept and how it was chosen.
 """
 from __future__ import annotations
 
