@@ -350,12 +350,13 @@ def test_forward_not_width_agnostic_falls_back_to_branches():
     x = torch.randn(2, 3, 32, 32)
     gm = grouped_model(models, groups, x)
     assert gm.plan["fused"] == [] and gm.plan["branches"] == [0, 1]
-    assert "width-agnostic" in gm.plan["not_fused_because"][0]
+    assert "width-agnostic" in gm.plan["not_fused_because"][0] and len(gm.plan["not_fused_because"]) == 1
+    assert gm.plan["form"] == "branches" and list(gm.plan["candidates"]) == ["branches"]
     with torch.no_grad():
         np.testing.assert_allclose(gm(x).numpy(), seed_grouped_eval(models, groups, x), rtol=0, atol=1e-6)
 
 
-def split_everything(modules, example, threads, runs=None, settle_s=None):
+def split_everything(modules, example, threads, **timing):
     """A timer for grouped_model that makes every layer faster per group, and each whole form
     as fast as listed in FORM_MS (so the choice is known in advance)."""
     if set(modules) == {"grouped", "split"}:

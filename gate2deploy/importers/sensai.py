@@ -346,7 +346,7 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
     rows, mode = head_rows(models, groups, example, names)
     timer = timer or time_forms
     clusters = [[g] for g in range(len(models))] if form == "branches" else _same_structure(models)
-    # per cluster: (members, fused module or None, hybrid module or None, split layers, notes)
+    # per cluster: (members, fused module or None, hybrid module or None, its split layers)
     built, notes, hybrid_notes = [], [], []
     for members in clusters:
         if len(members) == 1:
@@ -386,7 +386,9 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
         candidates["hybrid"] = assemble("hybrid")
     macs = {k: module_macs(m, example) for k, m in candidates.items()}
     timings, chosen_by = {}, "requested"
-    if form == "auto" and len(candidates) > 1:
+    if form == "auto" and len(candidates) == 1:
+        chosen, chosen_by = "branches", "the only form (no groups to fuse)"
+    elif form == "auto":
         timings, failure = timer(candidates, example, threads)
         if timings:
             chosen = min(timings, key=timings.get)
@@ -768,7 +770,7 @@ def hybridize(fused: nn.Module, models: list[nn.Module], example: torch.Tensor, 
               timer=None) -> tuple[nn.Module | None, list[str], str]:
     """The hybrid form of a fused model: each grouped conv (with the BatchNorm after it) that
     runs faster per group is replaced by a SplitConv. Per layer, both forms are timed alone
-    on ONNX Runtime at the layer's input shape (`timer`, default `time_forms`); where that
+    on ONNX Runtime at the layer's input shape (`timer`, default `time_forms`, fastest run); where that
     fails, the MAC rule (SPLIT_MAC_RATIO, SPLIT_MIN_GROUP_MACS). Returns (module, split
     layers, "") or (None, [], why) when no layer is faster split or the result is not exact."""
     timer = timer or time_forms
@@ -795,8 +797,10 @@ def hybridize(fused: nn.Module, models: list[nn.Module], example: torch.Tensor, 
         bn = pairs.get(name)
         grouped_layer = nn.Sequential(wide, fused.get_submodule(bn)) if bn else wide
         split_layer = _split_layer(name, bn, fused, models)
+        # minimum, not median: a layer's runs take ~1 ms, and on a busy host a median of so
+        # few is mostly other processes' time slices (its layer choices varied run to run)
         timings, _ = timer({"grouped": grouped_layer, "split": split_layer}, torch.randn(shapes[name][0]),
-                           threads, runs=10, settle_s=0.02)
+                           threads, runs=10, settle_s=0.02, stat=np.min)
         if timings:
             if timings["split"] < timings["grouped"]:
                 split.append(name)
@@ -847,10 +851,10 @@ def module_macs(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def time_forms(modules: dict[str, nn.Module], example: torch.Tensor, threads: int = TIMING_THREADS,
-               runs: int = TIMING_RUNS, settle_s: float = 0.1) -> tuple[dict[str, float], str]:
-    """Median ms per module on ONNX Runtime CPU (captured as the export captures, default
-    spinning, `threads` threads), timed in interleaved blocks; ({}, why) where they cannot
-    be timed."""
+               runs: int = TIMING_RUNS, settle_s: float = 0.1, stat=np.median) -> tuple[dict[str, float], str]:
+    """`stat` (median) of the ms per module on ONNX Runtime CPU (captured as the export
+    captures, default spinning, `threads` threads), timed in interleaved blocks; ({}, why)
+    where they cannot be timed."""
     from ..benchmark import time_sessions
     from ..capture import capture
     from ..verify import make_session
@@ -861,7 +865,7 @@ def time_forms(modules: dict[str, nn.Module], example: torch.Tensor, threads: in
         times = time_sessions(sessions, {k: feed for k in sessions}, runs=runs, block=5, settle_s=settle_s)
     except Exception as exc:  # noqa: BLE001 - capture or ONNX Runtime failing here only costs the timing
         return {}, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return {k: float(np.median(t)) for k, t in times.items()}, ""
+    return {k: float(stat(t)) for k, t in times.items()}, ""
 
 
 # --------------------------------------------------------------------------- APoZ pruning
