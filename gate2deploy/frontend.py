@@ -165,11 +165,19 @@ def _load_sensai(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, 
             raise UserError(f"{path} holds only weights; sensAI group models are whole modules (torch.save(model))")
         return ckpt.module
 
+    if opts.sensai_no_fuse and opts.sensai_form not in ("auto", "branches"):
+        raise OptionError(f"--sensai-no-fuse contradicts --sensai-form {opts.sensai_form}")
+    if opts.sensai_threads < 1:
+        raise OptionError(f"--sensai-threads {opts.sensai_threads}: expected at least 1")
+    form = "branches" if opts.sensai_no_fuse else opts.sensai_form
     grouped, files = sensai.from_files(checkpoint_paths(opts), opts.sensai_grouping, load, example,
-                                       fuse=not opts.sensai_no_fuse)
+                                       form=form, threads=opts.sensai_threads)
     plan = grouped.plan
-    if plan["branches"] and len(plan["head_rows"]) > 1 and not opts.sensai_no_fuse:
-        print(f"gate2deploy: sensAI groups {plan['branches']} run as parallel branches, not fused: "
+    timed = ", ".join(f"{k} {v['ms']:.2f} ms" for k, v in plan["candidates"].items() if "ms" in v)
+    print(f"gate2deploy: sensAI form {plan['form']} ({plan['chosen_by']}{': ' + timed if timed else ''})",
+          file=sys.stderr)
+    if plan["branches"] and len(plan["head_rows"]) > 1 and plan["not_fused_because"] and form != "branches":
+        print(f"gate2deploy: sensAI groups {plan['branches']} run as parallel branches: "
               f"{'; '.join(plan['not_fused_because'])}", file=sys.stderr)
     return grouped, {"checkpoint": [str(f) for f in files], "format": "sensAI group models",
                      "sensai": {"grouping": str(opts.sensai_grouping), **plan}}

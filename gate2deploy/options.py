@@ -41,7 +41,9 @@ class ModelOptions:
     recalibration_batches: int | None = None  # BN recalibration passes over --sample-inputs (None: all)
     recalibration_batch_size: int | None = None  # None: min(32, number of samples)
     sensai_grouping: str | None = None  # grouping_config.npy / .json: checkpoint = sensAI group models
-    sensai_no_fuse: bool = False  # every sensAI group its own branch (no horizontal fusion)
+    sensai_no_fuse: bool = False  # every sensAI group its own branch (no horizontal fusion): --sensai-form branches
+    sensai_form: str = "auto"  # importers/sensai.py FORMS: auto = the fastest form, timed on ONNX Runtime CPU
+    sensai_threads: int = 2  # ONNX Runtime threads the auto form is timed with
     # Mayo (importers/mayo.py): the checkpoint is a TensorFlow checkpoint prefix or folder
     mayo_model: list[str] = field(default_factory=list)  # Mayo YAMLs, merged in order
     mayo_set: list[str] = field(default_factory=list)  # Mayo `key.path=value` overrides

@@ -77,7 +77,7 @@ def test_vgg_folder_fused_matches_seed_evaluation(tmp_path, cli, batch):
     models = group_models("vgg", GROUPS5, 10)
     folder, _, grouping = save_group_models(tmp_path, "vgg19_bn", models, GROUPS5)
     out = tmp_path / "m.onnx"
-    code, stdout, err = export(cli, [folder], grouping, out, batch)
+    code, stdout, err = export(cli, [folder], grouping, out, batch, "--sensai-form", "fused")
     assert code == 0, err
     x = torch.randn(batch, 3, 32, 32)
     got = run_onnx(out, x)
@@ -126,7 +126,7 @@ def test_resnet_uneven_groups_python_api(tmp_path):
     models = group_models("resnet", groups, 10, seed=3, depth=11)
     _, files, grouping = save_group_models(tmp_path, "resnet110", models, groups, npy=False)
     compiled = gate2deploy.compile([str(f) for f in files], input_shape="2,3,32,32", target="onnx",
-                                   sensai_grouping=str(grouping), trust_pickle=True)
+                                   sensai_grouping=str(grouping), trust_pickle=True, sensai_form="fused")
     x = torch.randn(2, 3, 32, 32)
     np.testing.assert_allclose(compiled.run(x)[0], seed_grouped_eval(models, groups, x), rtol=0, atol=1e-5)
     assert compiled.report["mask_sources"]["sensai"]["fused"] == [[0, 1, 2]]
@@ -139,7 +139,7 @@ def test_different_structures_run_as_branches(tmp_path, cli):
     models = [vgg[0], res[1], vgg[2]]
     folder, _, grouping = save_group_models(tmp_path, "mixed", models, groups)
     out = tmp_path / "m.onnx"
-    code, _, err = export(cli, [folder], grouping, out, 1)
+    code, _, err = export(cli, [folder], grouping, out, 1, "--sensai-form", "fused")
     assert code == 0, err
     assert "branches" in err  # the front end says which groups were not fused
     plan = json.loads((tmp_path / "m.onnx.json").read_text())["mask_sources"]["sensai"]
@@ -350,6 +350,80 @@ def test_forward_not_width_agnostic_falls_back_to_branches():
     x = torch.randn(2, 3, 32, 32)
     gm = grouped_model(models, groups, x)
     assert gm.plan["fused"] == [] and gm.plan["branches"] == [0, 1]
-    assert "width-agnostic" in gm.plan["not_fused_because"][0]
+    assert "width-agnostic" in gm.plan["not_fused_because"][0] and len(gm.plan["not_fused_because"]) == 1
+    assert gm.plan["form"] == "branches" and list(gm.plan["candidates"]) == ["branches"]
     with torch.no_grad():
         np.testing.assert_allclose(gm(x).numpy(), seed_grouped_eval(models, groups, x), rtol=0, atol=1e-6)
+
+
+def split_everything(modules, example, threads, **timing):
+    """A timer for grouped_model that makes every layer faster per group, and each whole form
+    as fast as listed in FORM_MS (so the choice is known in advance)."""
+    if set(modules) == {"grouped", "split"}:
+        return {"grouped": 2.0, "split": 1.0}, ""
+    return {k: FORM_MS[k] for k in modules}, ""
+
+
+FORM_MS = {"fused": 3.0, "hybrid": 1.0, "branches": 2.0}
+
+
+@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+def test_hybrid_form_matches_seed_evaluation(tmp_path, arch):
+    """Every grouped conv split back into the groups' own convs (+ their own BN): the exported
+    model still equals the seed's grouped evaluation at batch 1 and 8."""
+    from gate2deploy.importers.sensai import SplitConv, grouped_model
+
+    groups = [[0, 1], [2, 3], [4, 5]]
+    models = (group_models("vgg", groups, 6, seed=21) if arch == "vgg" else
+              group_models("resnet", groups, 6, seed=22, depth=11))
+    x1 = torch.randn(1, 3, 32, 32)
+    gm = grouped_model(models, groups, x1, form="hybrid", timer=split_everything)
+    assert gm.plan["form"] == "hybrid" and gm.plan["hybrid_split_layers"], gm.plan
+    splits = [m for m in gm.modules() if isinstance(m, SplitConv)]
+    assert len(splits) == len(gm.plan["hybrid_split_layers"])
+    compiled = gate2deploy.compile(gm, x1, target="onnx")
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 32, 32)
+        np.testing.assert_allclose(compiled.run(x)[0], seed_grouped_eval(models, groups, x), rtol=0, atol=1e-5)
+
+
+def test_auto_keeps_the_fastest_form_and_reports_timings():
+    from gate2deploy.importers.sensai import grouped_model
+
+    models = group_models("vgg", GROUPS5, 10, seed=23)
+    x = torch.randn(1, 3, 32, 32)
+    gm = grouped_model(models, GROUPS5, x, timer=split_everything)
+    plan = gm.plan
+    assert plan["form"] == "hybrid" and plan["chosen_by"].startswith("timing")
+    assert {k: v["ms"] for k, v in plan["candidates"].items()} == FORM_MS
+    with torch.no_grad():
+        np.testing.assert_allclose(gm(x).numpy(), seed_grouped_eval(models, GROUPS5, x), rtol=0, atol=1e-5)
+
+
+def dense_macs_small_vgg(model):
+    """CFG_SMALL VGG on 32x32 (tests/models/sensai_nets.py): conv k spatial 32 / 2**k (a max
+    pool after every conv), 3x3 kernels, and the classifier; from the layer widths alone."""
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    return (sum(c.in_channels * c.out_channels * 9 * (32 >> k) ** 2 for k, c in enumerate(convs))
+            + model.classifier.in_features * model.classifier.out_features)
+
+
+def test_auto_falls_back_to_fewest_macs_when_it_cannot_time():
+    from gate2deploy.importers.sensai import grouped_model
+
+    models = group_models("vgg", GROUPS5, 10, seed=24)
+    x = torch.randn(1, 3, 32, 32)
+    gm = grouped_model(models, GROUPS5, x, timer=lambda *a, **k: ({}, "no runtime"))
+    plan = gm.plan
+    assert plan["chosen_by"] == "MACs (timing failed: no runtime)"
+    assert plan["candidates"]["branches"]["macs"] == sum(dense_macs_small_vgg(m) for m in models)
+    assert plan["form"] == min(plan["candidates"], key=lambda k: plan["candidates"][k]["macs"])
+    assert all("ms" not in v for v in plan["candidates"].values())
+
+
+def test_no_fuse_contradicting_form(tmp_path, cli):
+    models = group_models("vgg", GROUPS5, 10, seed=25)
+    folder, _, grouping = save_group_models(tmp_path, "vgg19_bn", models, GROUPS5)
+    (tmp_path / "out").mkdir()
+    _assert_clean_failure(export(cli, [folder], grouping, tmp_path / "out" / "m.onnx", 1, "--sensai-no-fuse",
+                                 "--sensai-form", "fused"), tmp_path / "out", "--sensai-no-fuse")

@@ -2,19 +2,23 @@
 """Benchmark of the sensAI export (issue 16): 10 class groups of a CIFAR VGG-19-BN-style and
 a CIFAR bottleneck-ResNet-style model (CIFAR-100, 10 classes per group, each group pruned to
 its own widths as prune_and_get_model.py does; random candidates stand in for APoZ ones),
-batch 1, ONNX Runtime CPU, the same thread count everywhere:
+batch 1 (--batch 1 8 for both), ONNX Runtime CPU, the same thread count everywhere:
 
-- fused:      the exported model, equal-structure groups fused into grouped convolutions;
+- fused:      equal-structure groups fused into grouped convolutions (padded to the widest);
+- hybrid:     fused, with the layers that time faster per group split back into the groups'
+              own convolutions (importers/sensai.py hybridize; per-layer timing as the export);
 - branches:   the same N group models as parallel branches of one ONNX graph (ONNX
               Runtime's default sequential execution);
 - sequential: the N group models as N ONNX models run one after another (plus the
               combination in numpy), as sensAI's evaluate.py runs them.
+The export's default (--sensai-form auto) keeps the fastest of fused / hybrid / branches,
+timed the same way; the "chosen" line is that choice on this run's figures.
 
 Every model goes through gate2deploy.compile (target onnx, verified). Timing: alternating
-blocks, medians (gate2deploy/benchmark.py). Also checks that the fused model's output equals
-the seed's combination of the group models' outputs.
+blocks, medians (minima in brackets; gate2deploy/benchmark.py). Also checks that every
+form's output equals the seed's combination of the group models' own outputs (1e-5).
 
-    python tools/bench_sensai.py [--repeats 30] [--threads 2] [--resnet-depth 56]
+    python tools/bench_sensai.py [--repeats 30] [--threads 2] [--batch 1 8] [--spinning both]
 """
 from __future__ import annotations
 
@@ -64,43 +68,59 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def bench(name, models, threads, repeats):
+FORMS = ("fused", "hybrid", "branches")
+
+
+def bench(name, models, threads, repeats, batches, spin_modes):
     example = torch.randn(1, 3, 32, 32)
-    fused_module = grouped_model(models, GROUPS, example)
-    assert fused_module.plan["fused"] == [list(range(10))], fused_module.plan
-    fused = gate2deploy.compile(fused_module, example, target="onnx")
-    branches = gate2deploy.compile(grouped_model(models, GROUPS, example, fuse=False), example, target="onnx")
-    singles = [gate2deploy.compile(m, example, target="onnx").onnx_model for m in models]
-    sessions = {}
-    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    # ONNX Runtime's workers spin after a run by default; with several sessions run one after
-    # another (sequential), or on a busy host, that spinning competes with the next run
-    # (gate2deploy/benchmark.py). Every configuration is timed both ways.
-    for spin in (True, False):
-        tag = "" if spin else "-nospin"
-        sessions["fused" + tag] = make_session(fused.onnx_model, threads=threads, spinning=spin)
-        sessions["branches" + tag] = make_session(branches.onnx_model, threads=threads, spinning=spin)
-        sessions["sequential" + tag] = Sequential([make_session(m, threads=threads, spinning=spin) for m in singles],
-                                                  GROUPS)
-    outs = {k: s.run(None, {"input": x})[0] for k, s in sessions.items()}
-    err = max(float(np.abs(outs["fused"] - outs[k]).max()) for k in ("branches", "sequential"))
-    times = time_sessions(sessions, {k: [{"input": x}] for k in sessions}, runs=repeats)
-    med = {k: statistics.median(t) for k, t in times.items()}
-    print(f"{name}: MACs fused {fused.report['macs_after'] / 1e6:.0f} M vs the groups' {branches.report['macs_after'] / 1e6:.0f} M "
-          f"(padding to the widest group: {fused.report['macs_after'] / branches.report['macs_after']:.2f}x); "
-          f"max |fused - seed combination| {err:.1e}")
-    for tag, what in (("", "spinning (default)"), ("-nospin", "no spinning")):
-        f = med["fused" + tag]
-        print(f"  {what:18s}: fused {f:7.2f} ms | branches {med['branches' + tag]:7.2f} ms | sequential "
-              f"{med['sequential' + tag]:7.2f} ms || sequential/fused {med['sequential' + tag] / f:.2f}x (goal >= 2), "
-              f"branches/fused {med['branches' + tag] / f:.2f}x (goal >= 1.3)")
-    return med
+    built = {form: grouped_model(models, GROUPS, example, form=form, threads=threads) for form in FORMS}
+    assert built["fused"].plan["fused"] == [list(range(10))], built["fused"].plan
+    split = built["hybrid"].plan["hybrid_split_layers"]
+    print(f"{name}: hybrid form splits {len(split)} layer(s) per group"
+          + (f" ({', '.join(split)})" if split else " (none faster per group: hybrid = fused)"))
+    for batch in batches:
+        x_t = torch.randn(batch, 3, 32, 32)
+        compiled = {form: gate2deploy.compile(m, x_t, target="onnx") for form, m in built.items()
+                    if form != "hybrid" or split}
+        singles = [gate2deploy.compile(m, x_t, target="onnx").onnx_model for m in models]
+        macs = {form: c.report["macs_after"] for form, c in compiled.items()}
+        x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        sessions = {}
+        for spin in spin_modes:
+            tag = "" if spin else "-nospin"
+            for form, c in compiled.items():
+                sessions[form + tag] = make_session(c.onnx_model, threads=threads, spinning=spin)
+            sessions["sequential" + tag] = Sequential([make_session(m, threads=threads, spinning=spin)
+                                                       for m in singles], GROUPS)
+        outs = {k: s.run(None, {"input": x})[0] for k, s in sessions.items()}
+        # the seed's combination of the group models' own outputs (Sequential) is the reference
+        ref = outs["sequential" + ("" if spin_modes[0] else "-nospin")]
+        err = max(float(np.abs(o - ref).max()) for o in outs.values())
+        assert err <= 1e-5, f"outputs differ from the seed combination by {err:.1e}"
+        times = time_sessions(sessions, {k: [{"input": x}] for k in sessions}, runs=repeats)
+        med = {k: statistics.median(t) for k, t in times.items()}
+        low = {k: min(t) for k, t in times.items()}
+        print(f"  batch {batch}: MACs " + ", ".join(f"{f} {v / 1e6:.0f} M" for f, v in macs.items())
+              + f"; max |any form - seed combination| {err:.1e}")
+        for spin in spin_modes:
+            tag = "" if spin else "-nospin"
+            forms = [f for f in FORMS if f in compiled]
+            chosen = min(forms, key=lambda f: med[f + tag])
+            c, seq, br = med[chosen + tag], med["sequential" + tag], med["branches" + tag]
+            print(f"    {'spinning (default)' if spin else 'no spinning':18s} median (min) ms: "
+                  + " | ".join(f"{k} {med[k + tag]:.2f} ({low[k + tag]:.2f})" for k in ["sequential", *forms]))
+            print(f"      chosen (fastest, as the export's auto form picks): {chosen}; sequential/{chosen} "
+                  f"{seq / c:.2f}x (goal >= 2), branches/{chosen} {br / c:.2f}x (goal >= 1.3); "
+                  f"sequential/fused {seq / med['fused' + tag]:.2f}x, branches/fused {br / med['fused' + tag]:.2f}x")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30, help="timed runs per configuration, in blocks of 10")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (e.g. 1 8)")
+    ap.add_argument("--spinning", choices=("on", "off", "both"), default="both",
+                    help="ONNX Runtime's intra-op spinning (default on); both: every configuration both ways")
     ap.add_argument("--resnet-depth", type=int, default=56, help="bottleneck ResNet depth 9n+2 (seed: 110, 164)")
     ap.add_argument("--spread", type=float, default=0.05,
                     help="group models pruned per layer 30-70%% +- this per group (how far the groups' widths "
@@ -109,14 +129,15 @@ def main() -> int:
     from models.sensai_nets import CFG_E, group_models
 
     torch.set_num_threads(1)  # PyTorch only builds and checks the models here
-    print(f"CPU: {cpu_name()}; ONNX Runtime threads {args.threads}; batch 1; 10 groups x 10 classes")
+    spin_modes = {"on": [True], "off": [False], "both": [True, False]}[args.spinning]
+    print(f"CPU: {cpu_name()}; ONNX Runtime threads {args.threads}; batch {args.batch}; 10 groups x 10 classes")
     spread = None if args.spread < 0 else args.spread
     print(f"pruning: {'uniform 0-40% per group and layer' if spread is None else f'per layer 30-70%, +-{spread:.0%} per group'}")
     bench("VGG-19-BN", group_models("vgg", GROUPS, 100, seed=1, layer_spread=spread, cfg=CFG_E),
-          args.threads, args.repeats)
+          args.threads, args.repeats, args.batch, spin_modes)
     bench(f"ResNet-{args.resnet_depth} (bottleneck)",
           group_models("resnet", GROUPS, 100, seed=2, layer_spread=spread, depth=args.resnet_depth),
-          args.threads, args.repeats)
+          args.threads, args.repeats, args.batch, spin_modes)
     return 0
 
 

@@ -36,10 +36,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sensai-grouping", metavar="NPY|JSON",
                    help="sensAI: the class groups (grouping_config.npy, or JSON lists); the checkpoints are "
                         "then the group models, combined as sensAI's grouped evaluation into one model")
-    p.add_argument("--sensai-no-fuse", action="store_true",
-                   help="sensAI: run every group as its own branch instead of fusing groups of equal structure "
-                        "into grouped convolutions (fusion pads every group to the widest; for big compute-bound "
-                        "groups with spread widths that padding can cost more than fusion saves)")
+    p.add_argument("--sensai-form", choices=("auto", "fused", "hybrid", "branches"), default="auto",
+                   help="sensAI: fused (groups of equal structure as one model of grouped convolutions, each group "
+                        "padded to the widest), hybrid (fused, the layers that run faster per group split back into "
+                        "per-group convolutions), branches (every group its own model), or auto (default: the "
+                        "fastest of them, timed on ONNX Runtime CPU at the export's batch)")
+    p.add_argument("--sensai-threads", type=int, default=2,
+                   help="sensAI: ONNX Runtime threads the auto form is timed with (default 2)")
+    p.add_argument("--sensai-no-fuse", action="store_true", help="sensAI: the same as --sensai-form branches")
     add_slimmable_arguments(p)
     add_mayo_arguments(p)
 

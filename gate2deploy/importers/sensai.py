@@ -54,6 +54,26 @@ inputs; a forward that is not width-agnostic (hard-coded widths, channel concat/
 that check and the groups run as parallel branches instead, as do groups whose structure has
 no partner. `GroupedModel.plan` records which groups were fused and why others were not (the
 export report's `mask_sources.sensai`).
+
+Forms and the choice between them (`grouped_model(form=...)`, `--sensai-form`):
+- fused: as above. Padding costs MACs: with group widths a few % apart, rounding every group
+  up to the widest (and to whole NCHWc blocks) costs up to ~1.5x MACs in a layer, and at
+  batch 1 on big maps that is time (VGG-19-BN 64->64 at 32x32, 10 groups of 29-35 channels
+  padded to 40: grouped 7.5 ms vs 3.6 ms per group, 1 thread).
+- hybrid: fused, with each grouped conv that runs faster per group replaced by a SplitConv:
+  the groups' own convs (and their own BatchNorm right after, which ORT fuses into the conv)
+  on their real channels, outputs padded back to the block width, so the fused layers
+  around it are unchanged. Per layer, both forms are timed alone on ONNX Runtime at the
+  layer's input shape; where timing fails, a MAC rule (SPLIT_MAC_RATIO,
+  SPLIT_MIN_GROUP_MACS). Checked against the group models like the fused model.
+- branches: every group its own model in one graph.
+- auto (default): every available form is built and timed on ONNX Runtime CPU
+  (`time_forms`: captured as the export captures, default spinning, `threads` threads,
+  the export's batch, interleaved blocks, median); the fastest is kept. Where timing fails
+  (capture or ORT errors), the fewest MACs win, ties going to the fewer ops
+  (FORM_PREFERENCE). Timing is on the machine that exports: export on the deployment
+  machine (or pass --sensai-form) when they differ. The plan lists every candidate's MACs
+  and time, the form kept and how it was chosen.
 """
 from __future__ import annotations
 
@@ -77,6 +97,21 @@ GROUP_FILE = re.compile(r"^(?P<arch>.+)_(?P<group>\d+)_pruned(?:_group)?_model\.
 # The fused model against the group models: normwise max|fused - group| / max|group| of the
 # logits. Summation order is all that may differ; gate2deploy.verify's default contract.
 FUSE_RTOL = 1e-4
+
+# The forms of the grouped model (grouped_model): "fused" every layer of equal-structure groups
+# one grouped layer; "hybrid" the same with chosen layers run per group on their real widths
+# (SplitConv); "branches" every group its own model; "auto" the fastest of them, timed.
+FORMS = ("auto", "fused", "hybrid", "branches")
+FORM_PREFERENCE = ("fused", "hybrid", "branches")  # MAC ties: fewer ops first
+TIMING_THREADS = 2  # CompiledModel.session's default
+TIMING_RUNS = 20  # per candidate, interleaved in blocks (gate2deploy/benchmark.py)
+# The MAC rule of a layer when it cannot be timed: run it per group when padding to the block
+# width costs more than this factor in MACs and a group's layer is big enough (real MACs per
+# group) that its own op's overhead does not dominate (tools/bench_sensai.py, 10 groups,
+# AVX2, 1 thread: 64->64 3x3 at 32x32, widths 29-35 padded to 40: grouped 7.5 ms, per group
+# 3.6 ms; 16->16 at 8x8 padded 9 -> 16: grouped 0.08 ms, per group 0.13 ms).
+SPLIT_MAC_RATIO = 1.15
+SPLIT_MIN_GROUP_MACS = 1e6
 
 SINGLE = "single-logit"
 MULTI = "multi-class"
@@ -196,7 +231,7 @@ def head_rows(models: list[nn.Module], groups: list[list[int]], example: torch.T
 
 
 def from_files(paths: list[str], grouping: str | Path, load, example: torch.Tensor,
-               fuse: bool = True) -> tuple["GroupedModel", list[Path]]:
+               form: str = "auto", threads: int = TIMING_THREADS) -> tuple["GroupedModel", list[Path]]:
     """The combined module from group model files (a folder or several files) and the
     grouping file; `load(path) -> nn.Module` reads one group model (the front end's safe
     loader). Returns it and the files in group order."""
@@ -204,7 +239,7 @@ def from_files(paths: list[str], grouping: str | Path, load, example: torch.Tens
     check_grouping(groups)
     files = group_files(paths, len(groups))
     models = [load(f) for f in files]
-    return grouped_model(models, groups, example, fuse, names=[f.name for f in files]), files
+    return grouped_model(models, groups, example, names=[f.name for f in files], form=form, threads=threads), files
 
 
 # --------------------------------------------------------------------------- combination
@@ -274,6 +309,7 @@ class GroupedModel(nn.Module):
         super().__init__()
         self.bodies = nn.ModuleList(b.module for b in bodies)
         self.members = [b.members for b in bodies]
+        self.fused = [b.fused for b in bodies]
         self.rows = rows
         self.combine = SensaiCombine(groups, mode)
         self.plan = plan
@@ -294,32 +330,92 @@ class GroupedModel(nn.Module):
 
 
 def grouped_model(models: list[nn.Module], groups: list[list[int]], example: torch.Tensor,
-                  fuse: bool = True, names: list[str] | None = None) -> GroupedModel:
-    """The combined module of sensAI group models (`models[g]` for `groups[g]`), with groups
-    of equal structure fused (`fuse=False`: every group its own branch)."""
+                  fuse: bool = True, names: list[str] | None = None, form: str = "auto",
+                  threads: int = TIMING_THREADS, timer=None) -> GroupedModel:
+    """The combined module of sensAI group models (`models[g]` for `groups[g]`) in `form`
+    (FORMS; `fuse=False` is form "branches"). "auto" builds the fused, hybrid and branch forms
+    and keeps the fastest on ONNX Runtime CPU at `example`'s batch with `threads` threads
+    (`timer`, default `time_forms`; where timing fails, the fewest MACs). The plan records the
+    form, how it was chosen and every candidate's time and MACs."""
+    if form not in FORMS:
+        raise OptionError(f"--sensai-form {form!r}: expected one of {', '.join(FORMS)}")
+    form = form if fuse else "branches"
     if len(models) != len(groups):
         raise OptionError(f"{len(models)} group models for {len(groups)} groups in the grouping")
     n_classes = check_grouping(groups)
     rows, mode = head_rows(models, groups, example, names)
-    bodies, notes = [], []
-    for members in _same_structure(models) if fuse else [[g] for g in range(len(models))]:
-        fused, why = (fuse_groups([models[g] for g in members], example) if len(members) > 1
-                      else (None, "no other group of the same structure" if fuse else "fusion off"))
-        if fused is not None:
-            with torch.no_grad():
-                width = fused(example).shape[1] // len(members)
-            bodies.append(Body(members, FusedBody(fused, len(members)), True, width))
+    timer = timer or time_forms
+    clusters = [[g] for g in range(len(models))] if form == "branches" else _same_structure(models)
+    # per cluster: (members, fused module or None, hybrid module or None, its split layers)
+    built, notes, hybrid_notes = [], [], []
+    for members in clusters:
+        if len(members) == 1:
+            if form != "branches":
+                notes.append(f"group {members[0]}: no other group of the same structure")
+            built.append((members, None, None, []))
             continue
-        if len(members) > 1:
+        sub = [models[g] for g in members]
+        fused, why = fuse_groups(sub, example)
+        if fused is None:
             notes.append(f"groups {members}: {why}")
-        elif fuse:
-            notes.append(f"group {members[0]}: {why}")
-        bodies.extend(Body([g], BranchBody(models[g]), False, rows[g]) for g in members)
-    plan = {"groups": len(groups), "classes": n_classes, "mode": mode, "head_rows": rows,
-            "fused": [b.members for b in bodies if b.fused],
-            "branches": [b.members[0] for b in bodies if not b.fused],
-            "not_fused_because": notes if fuse else ["fusion off"]}
-    return GroupedModel(bodies, groups, rows, mode, plan).eval()
+            built.append((members, None, None, []))
+            continue
+        hybrid, split, why = (None, [], "")
+        if form in ("auto", "hybrid"):
+            hybrid, split, why = hybridize(fused, sub, example, threads, timer)
+            if why:
+                hybrid_notes.append(f"groups {members}: {why}")
+        built.append((members, fused, hybrid, split))
+
+    def assemble(kind: str) -> GroupedModel:
+        bodies = []
+        for members, fused, hybrid, _ in built:
+            module = {"fused": fused, "hybrid": hybrid or fused, "branches": None}[kind]
+            if module is None:
+                bodies.extend(Body([g], BranchBody(models[g]), False, rows[g]) for g in members)
+                continue
+            with torch.no_grad():
+                width = module(example).shape[1] // len(members)
+            bodies.append(Body(members, FusedBody(module, len(members)), True, width))
+        return GroupedModel(bodies, groups, rows, mode, {}).eval()
+
+    candidates = {"branches": assemble("branches")}
+    if any(f is not None for _, f, _, _ in built):
+        candidates["fused"] = assemble("fused")
+    if any(h is not None for _, _, h, _ in built):
+        candidates["hybrid"] = assemble("hybrid")
+    macs = {k: module_macs(m, example) for k, m in candidates.items()}
+    timings, chosen_by = {}, "requested"
+    if form == "auto" and len(candidates) == 1:
+        chosen, chosen_by = "branches", "the only form (no groups to fuse)"
+    elif form == "auto":
+        timings, failure = timer(candidates, example, threads)
+        if timings:
+            chosen = min(timings, key=timings.get)
+            chosen_by = (f"timing: ONNX Runtime CPU, {threads} threads, batch {example.shape[0]}, "
+                         "median of interleaved runs")
+        else:
+            chosen = min(candidates, key=lambda k: (macs[k], FORM_PREFERENCE.index(k)))
+            chosen_by = f"MACs (timing failed: {failure})"
+    else:
+        chosen = form if form in candidates else ("fused" if form == "hybrid" and "fused" in candidates
+                                                  else "branches")
+        if chosen != form:
+            notes.append(f"form {form} not available; {chosen} used")
+    grouped = candidates[chosen]
+    grouped.plan = {
+        "groups": len(groups), "classes": n_classes, "mode": mode, "head_rows": rows,
+        "form": chosen, "chosen_by": chosen_by,
+        "candidates": {k: {"macs": macs[k], **({"ms": round(timings[k], 3)} if k in timings else {})}
+                       for k in candidates},
+        "fused": [m for m, f in zip(grouped.members, grouped.fused) if f],
+        "branches": [m[0] for m, f in zip(grouped.members, grouped.fused) if not f],
+        # the hybrid candidate's per-group layers (whichever form was chosen)
+        "hybrid_split_layers": [name for _, _, hybrid, split in built if hybrid is not None for name in split],
+        "no_hybrid_because": hybrid_notes,
+        "not_fused_because": notes if form != "branches" else ["fusion off"],
+    }
+    return grouped
 
 
 # --------------------------------------------------------------------------- fusion
@@ -595,6 +691,181 @@ def _fused_error(fused: nn.Module, models: list[nn.Module], example: torch.Tenso
                     return float("inf")
                 worst = max(worst, err)
     return worst
+
+
+# --------------------------------------------------------------------------- hybrid form and choice
+
+class SplitConv(nn.Module):
+    """One layer of the hybrid form: each group's own conv (and its own BatchNorm right after
+    it) on the group's real input channels, sliced out of the wide tensor; each output
+    zero-padded to the block width the fused layers around it use, then concatenated. The
+    same numbers as the group's own layers (no padding MACs), at the price of N small ops."""
+
+    def __init__(self, convs: list[nn.Conv2d], bns: list[nn.BatchNorm2d] | None, in_block: int, out_block: int):
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.bns = nn.ModuleList(bns) if bns else None
+        self.in_block, self.out_block = in_block, out_block
+
+    def forward(self, x):
+        outs = []
+        for g, conv in enumerate(self.convs):
+            start = g * self.in_block
+            y = conv(x[:, start:start + conv.in_channels])
+            if self.bns is not None:
+                y = self.bns[g](y)
+            if y.shape[1] < self.out_block:
+                y = nn.functional.pad(y, (0, 0, 0, 0, 0, self.out_block - y.shape[1]))
+            outs.append(y)
+        return torch.cat(outs, dim=1)
+
+
+def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """Conv2d -> the BatchNorm2d that reads its output, where both are called once."""
+    out_of: dict[int, str] = {}
+    counts: dict[str, int] = {}
+    pairs: dict[str, str] = {}
+    keep = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            counts[name] = counts.get(name, 0) + 1
+            keep.append(output)
+            if type(module) is nn.Conv2d:
+                out_of[id(output)] = name
+            elif type(module) is nn.BatchNorm2d and inputs and id(inputs[0]) in out_of:
+                pairs[out_of[id(inputs[0])]] = name
+        return fn
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {c: b for c, b in pairs.items() if counts[c] == 1 and counts[b] == 1}
+
+
+def _layer_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
+    """(input shape, output shape) of each named leaf on `example`."""
+    shapes: dict[str, tuple] = {}
+
+    def record(name):
+        def fn(module, inputs, output):  # returns None: the output stays as it is
+            shapes.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
+        return fn
+
+    hooks = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def hybridize(fused: nn.Module, models: list[nn.Module], example: torch.Tensor, threads: int = TIMING_THREADS,
+              timer=None) -> tuple[nn.Module | None, list[str], str]:
+    """The hybrid form of a fused model: each grouped conv (with the BatchNorm after it) that
+    runs faster per group is replaced by a SplitConv. Per layer, both forms are timed alone
+    on ONNX Runtime at the layer's input shape (`timer`, default `time_forms`, fastest run); where that
+    fails, the MAC rule (SPLIT_MAC_RATIO, SPLIT_MIN_GROUP_MACS). Returns (module, split
+    layers, "") or (None, [], why) when no layer is faster split or the result is not exact."""
+    timer = timer or time_forms
+    n = len(models)
+    originals = dict(models[0].named_modules())
+    convs = [name for name, m in fused.named_modules()  # not a grouped Linear's conv: no such layer in a group
+             if type(m) is nn.Conv2d and m.groups == n > 1 and type(originals.get(name)) is nn.Conv2d]
+    if not convs:
+        return None, [], "no grouped convolution"
+    pairs = _conv_bn_pairs(models[0], example)
+    shapes = _layer_shapes(fused, convs, example)
+    split: list[str] = []
+    layers = {name: [m.get_submodule(name) for m in models] for name in convs}
+    for name in convs:
+        wide = fused.get_submodule(name)
+        out_shape = shapes[name][1]
+        own = layers[name]
+        spatial = out_shape[2] * out_shape[3] if len(out_shape) == 4 else 1
+        k = wide.kernel_size[0] * wide.kernel_size[1]
+        real = sum(c.in_channels * c.out_channels for c in own) * k * spatial
+        padded = wide.in_channels // n * wide.out_channels * k * spatial
+        if padded == real:
+            continue  # nothing to save
+        bn = pairs.get(name)
+        grouped_layer = nn.Sequential(wide, fused.get_submodule(bn)) if bn else wide
+        split_layer = _split_layer(name, bn, fused, models)
+        # minimum, not median: a layer's runs take ~1 ms, and on a busy host a median of so
+        # few is mostly other processes' time slices (its layer choices varied run to run)
+        timings, _ = timer({"grouped": grouped_layer, "split": split_layer}, torch.randn(shapes[name][0]),
+                           threads, runs=10, settle_s=0.02, stat=np.min)
+        if timings:
+            if timings["split"] < timings["grouped"]:
+                split.append(name)
+        elif padded > SPLIT_MAC_RATIO * real and real / n >= SPLIT_MIN_GROUP_MACS:
+            split.append(name)
+    if not split:
+        return None, [], "no layer is faster per group"
+    hybrid = copy.deepcopy(fused)
+    for name in split:
+        bn = pairs.get(name)
+        _replace(hybrid, name, _split_layer(name, bn, fused, models))
+        if bn:
+            _replace(hybrid, bn, nn.Identity())
+    hybrid.eval()
+    err = _fused_error(hybrid, models, example)
+    if err is None or not err <= FUSE_RTOL:
+        return None, [], "the per-group layers do not reproduce the group models (a conv's output read " \
+                         "by more than its BatchNorm?)"
+    return hybrid, split, ""
+
+
+def _split_layer(name: str, bn: str | None, fused: nn.Module, models: list[nn.Module]) -> SplitConv:
+    n = len(models)
+    wide = fused.get_submodule(name)
+    return SplitConv([copy.deepcopy(m.get_submodule(name)) for m in models],
+                     [copy.deepcopy(m.get_submodule(bn)) for m in models] if bn else None,
+                     wide.in_channels // n, wide.out_channels // n).eval()
+
+
+def module_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of the Conv2d and Linear layers a forward on `example` calls."""
+    total = [0]
+
+    def hook(m, inputs, output):
+        if type(m) is nn.Conv2d:
+            total[0] += output.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            total[0] += output.numel() * m.in_features
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return int(total[0])
+
+
+def time_forms(modules: dict[str, nn.Module], example: torch.Tensor, threads: int = TIMING_THREADS,
+               runs: int = TIMING_RUNS, settle_s: float = 0.1, stat=np.median) -> tuple[dict[str, float], str]:
+    """`stat` (median) of the ms per module on ONNX Runtime CPU (captured as the export
+    captures, default spinning, `threads` threads), timed in interleaved blocks; ({}, why)
+    where they cannot be timed."""
+    from ..benchmark import time_sessions
+    from ..capture import capture
+    from ..verify import make_session
+
+    try:
+        sessions = {k: make_session(capture(m.eval(), example), threads=threads) for k, m in modules.items()}
+        feed = [{"input": example.numpy()}]
+        times = time_sessions(sessions, {k: feed for k in sessions}, runs=runs, block=5, settle_s=settle_s)
+    except Exception as exc:  # noqa: BLE001 - capture or ONNX Runtime failing here only costs the timing
+        return {}, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return {k: float(stat(t)) for k, t in times.items()}, ""
 
 
 # --------------------------------------------------------------------------- APoZ pruning
