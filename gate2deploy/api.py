@@ -31,7 +31,7 @@ from .capture import capture
 from .errors import OptionError, VerificationError
 from .frontend import GatedModel, check_runs, build_gated_model
 from .options import PHYSICAL_WIDTHS, CompileOptions, InfoOptions, from_kwargs
-from .pipeline import PassContext, run_pipeline, with_static_shapes
+from .pipeline import FOLD_ONLY, PassContext, run_pipeline, with_static_shapes
 from .targets import Target, get_target
 from .passes.dynamic_batch import pin_batch
 from .verify import check_export, random_inputs
@@ -247,7 +247,7 @@ def info_with(model_or_checkpoint, example_inputs, opts: InfoOptions) -> dict:
     _check_physical_widths(opts.physical_widths)
     gated = _gated(model_or_checkpoint, example_inputs, opts)
     captured = capture(gated.model, gated.example)
-    effective, ctx = _fold(captured, "onnx", "onnx", opts.physical_widths,
+    effective, ctx = _fold(captured, FOLD_ONLY, "onnx", opts.physical_widths,
                            lambda: PassContext(unfoldable_policy="keep", choose_widths=opts.physical_widths == "fast"),
                            tuple(gated.example.shape))
     dense, eff = rep.model_cost(with_static_shapes(captured)), rep.model_cost(effective)

@@ -112,6 +112,10 @@ PIPELINES: dict[str, list[GraphPass]] = {
     # TensorRT with the gate2deploy plugins: CGConv/PGConv/FBSConv nodes stay.
     "trt": list(FOLD_PIPELINE),
 }
+# What the static fold leaves, every gated op as it is: `info`'s "effective" model (a
+# lowering would rename the gated layers and count each of its paths as a layer of its own).
+FOLD_ONLY = "fold"
+PIPELINES[FOLD_ONLY] = list(FOLD_PIPELINE)
 
 
 class PassManager:

@@ -65,6 +65,23 @@ def test_info_in_python_counts_effective_macs():
     assert info["effective"]["macs"] < info["dense"]["macs"]
 
 
+def test_info_keeps_gated_layers_as_layers():
+    """A dynamic gate has no static mask to fold: info must report each gated layer with its
+    full channels and MACs (the effective model is the fold's, not a lowering of the gates,
+    which used to show every FBSConv as removed, 3>0, and more effective MACs than dense).
+    Expected counts from the layer shapes here: conv MACs = O * C/g * kh * kw * Ho * Wo."""
+    from gate2deploy.gated import FBSConv2d
+    torch.manual_seed(0)
+    net = nn.Sequential(FBSConv2d(3, 8, 3, padding=1, density=0.5), FBSConv2d(8, 6, 3, stride=2, padding=1,
+                                                                                 density=0.5)).eval()
+    info = gate2deploy.info(net, torch.randn(1, 3, 8, 8))
+    rows = [r for r in info["layers"] if r["op"] == "FBSConv"]
+    assert [(r["in_before"], r["in_after"], r["out_before"], r["out_after"]) for r in rows] == \
+        [(3, 3, 8, 8), (8, 8, 6, 6)]
+    assert [r["macs_after"] for r in rows] == [8 * 3 * 9 * 8 * 8, 6 * 8 * 9 * 4 * 4]
+    assert info["effective"]["macs"] <= info["dense"]["macs"]
+
+
 def test_unknown_option_and_bad_target_are_typed_errors():
     net, _ = _masked_net()
     with pytest.raises(OptionError, match="unknown option 'netslim_densty'"):
