@@ -86,6 +86,7 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
     else:
         model, specs, sources, meta = _load(opts)
     model.eval()
+    _check_real(model)
     if slimmable.is_slimmable(model) or _width_chosen(opts):
         if not slimmable.is_slimmable(model):
             raise OptionError(f"--width/--width-vector/--population/--recalibration-* need a slimmable model "
@@ -131,13 +132,15 @@ def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict, dict]:
     weights = ckpt.state_dict
     if gator.is_gator(weights):
         weights, gates = gator.split_checkpoint(weights)
-        load_weights(model, weights, str(ckpt.path))
+        notes = load_weights(model, weights, str(ckpt.path))
         no_last_conv = gator.parse_no_last_conv(opts.gator_no_last_conv, opts.gator_config)
         gator_specs, summary = gator.mask_specs(model, gates, no_last_conv)
         specs += gator_specs
         sources["gator"] = {"arch": ckpt.meta.get("arch"), **summary}
     else:
-        load_weights(model, weights, str(ckpt.path))
+        notes = load_weights(model, weights, str(ckpt.path))
+    if notes:
+        sources["weight_dtype_conversions"] = notes
     return model, specs, sources, ckpt.meta
 
 
@@ -169,6 +172,14 @@ def _load_sensai(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, 
               f"{'; '.join(plan['not_fused_because'])}", file=sys.stderr)
     return grouped, {"checkpoint": [str(f) for f in files], "format": "sensAI group models",
                      "sensai": {"grouping": str(opts.sensai_grouping), **plan}}
+
+
+def _check_real(model: nn.Module) -> None:
+    """A complex parameter or buffer (a pickled module's, a builder's) is refused by name: the
+    exporters cast it to real, dropping the imaginary part."""
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_complex():
+            raise UserError(f"the model's {name} is complex ({tensor.dtype}); gate2deploy compiles real-valued models")
 
 
 def check_runs(model: nn.Module, example: torch.Tensor) -> None:

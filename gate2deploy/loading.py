@@ -418,8 +418,9 @@ def _forget_shadowed(names: list[str], folders: list[Path]) -> None:
                 del sys.modules[key]
 
 
-def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict with a one-line summary of what does not fit."""
+def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> list[str]:
+    """load_state_dict with a one-line summary of what does not fit. Returns notes on the
+    exact dtype conversions made (for the report; `weight_dtype_conversions`)."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -434,10 +435,53 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> No
         problems.append(f"{len(wrong)} of another shape (e.g. {'; '.join(wrong[:2])})")
     if problems:
         raise UserError(f"{what} does not fit the model: keys {'; '.join(problems)}")
+    notes = weight_dtype_conversions(own, sd, what)
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as exc:  # noqa: BLE001 - a module's own _load_from_state_dict refusing
         raise UserError(f"{what} does not load into the model: {_one_line(exc)}") from None
+    return notes
+
+
+def weight_dtype_conversions(own: dict, sd: dict, what: str) -> list[str]:
+    """The dtype policy for checkpoint tensors loaded into the model's tensors
+    (load_state_dict would cast silently: issue 17 item 7):
+    - complex: refused by name (the cast drops the imaginary part);
+    - a float stored narrower than the model's (float16/bfloat16 into float32): every such
+      value is exactly a float32, so the conversion is exact; noted in the report;
+    - float64 into float32: accepted only when every value rounds to itself (exact),
+      otherwise refused by name: never a silent approximation;
+    - integers or bool into a float tensor: refused by name (quantized weights without their
+      scale would be read as raw codes); a model whose own tensor is integer (a quantized
+      layer's codes, BatchNorm's num_batches_tracked) takes integers as they are."""
+    converted: dict[tuple, int] = {}
+    for key, target in own.items():
+        src = sd.get(key)
+        if not isinstance(src, torch.Tensor) or src.dtype == target.dtype:
+            continue
+        if src.is_complex():
+            raise UserError(f"{what}: {key} holds complex values ({src.dtype}); gate2deploy compiles real-valued "
+                            "models and will not drop the imaginary part")
+        if not target.is_floating_point():
+            if src.is_floating_point():
+                raise UserError(f"{what}: {key} holds {src.dtype} values where the model keeps {target.dtype}")
+            continue  # integer into integer (num_batches_tracked and the like)
+        if not src.is_floating_point():
+            raise UserError(f"{what}: {key} holds integer values ({src.dtype}) for a {target.dtype} tensor: "
+                            "a quantized checkpoint? gate2deploy reads float weights (dequantize them first) "
+                            "or a model whose layer stores its integer codes itself")
+        if torch.finfo(src.dtype).bits > torch.finfo(target.dtype).bits or (
+                src.dtype == torch.bfloat16 and target.dtype == torch.float16) or (
+                src.dtype == torch.float16 and target.dtype == torch.bfloat16):
+            rounded = src.to(target.dtype).to(src.dtype)
+            same = (rounded == src) | (torch.isnan(rounded) & torch.isnan(src))
+            if not bool(same.all()):
+                raise UserError(f"{what}: {key} holds {src.dtype} values that {target.dtype} cannot represent "
+                                f"exactly; convert the checkpoint to {target.dtype} yourself if that rounding "
+                                "is acceptable")
+        converted[(src.dtype, target.dtype)] = converted.get((src.dtype, target.dtype), 0) + 1
+    return [f"{n} tensors stored as {str(a).replace('torch.', '')} converted exactly to {str(b).replace('torch.', '')}"
+            for (a, b), n in converted.items()]
 
 
 class ExportedProgramModule(nn.Module):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import read_array
 from ..frontend import MAX_INPUT_ELEMENTS, check_input_elements
 
 ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64,
@@ -90,10 +91,7 @@ def _feeds(sess, shapes: list[str], files: list[str], max_elements: int = MAX_IN
         name, sep, file = spec.partition("=")
         if not sep or name not in names:
             raise UserError(f"--input {spec}: expected NAME=FILE.npy with NAME one of {', '.join(names)}")
-        try:
-            loaded[name] = np.load(file, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"--input {spec}: cannot read {file}: {exc}") from None
+        loaded[name] = read_array(file, f"--input {name}:", kinds=(".npy", ".npz"))
     rng = np.random.default_rng(0)
     feeds = {}
     for inp in inputs:
