@@ -36,6 +36,7 @@ import pickle
 import re
 import sys
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,7 +69,11 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
     if not path.is_file():
         raise UserError(f"checkpoint {path} is not a file")
     if _is_exported_program(path):
-        reason = _exported_program_pickles(path)
+        try:
+            reason = _exported_program_pickles(path)
+        except (zipfile.BadZipFile, zlib.error, UnicodeDecodeError, ValueError, OSError, EOFError) as exc:
+            raise UserError(f"{path} is not a loadable torch.export program: a damaged archive "
+                            f"({_one_line(exc)})") from None
         if reason and not trust_pickle:
             raise UserError(f"{path}: a torch.export archive whose {reason}; loading it runs code from the file: "
                             "pass --trust-pickle if you trust it")
@@ -107,8 +112,9 @@ def _check_torch_save_format(path: Path) -> None:
                                 "read: save a torch.export program (.pt2) or the state_dict")
             if any(n.endswith("data.pkl") for n in names):
                 return
-        except zipfile.BadZipFile:
-            pass
+        except (zipfile.BadZipFile, UnicodeDecodeError, ValueError, OSError, EOFError):
+            # a damaged central directory (bit flips: undecodable names, bad offsets)
+            raise UserError(f"{path} is not a readable PyTorch checkpoint: a damaged zip archive") from None
         raise UserError(f"{path} is not a PyTorch checkpoint: a zip archive without torch.save's data.pkl")
     if head[:2] == b"PK":
         raise UserError(f"{path} is not a readable PyTorch checkpoint: a truncated or damaged zip archive")
@@ -507,8 +513,8 @@ def _is_exported_program(path: Path) -> bool:
         with zipfile.ZipFile(path) as z:
             return any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json")
                        for n in z.namelist())
-    except zipfile.BadZipFile:
-        return False
+    except (zipfile.BadZipFile, UnicodeDecodeError, ValueError, OSError, EOFError):
+        return False  # damaged: _check_torch_save_format names it
 
 
 def _exported_program_pickles(path: Path) -> str | None:

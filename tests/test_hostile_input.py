@@ -183,3 +183,27 @@ def test_sigterm_during_the_final_write_leaves_no_tmp(tiny):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert len(err.strip().splitlines()) == 1 and "SIGTERM" in err, err
     assert list(out_dir.iterdir()) == []
+
+
+def test_zip_archives_damaged_in_their_directory_or_data_are_one_line(tmp_path, cli):
+    """Found by the corpus fuzzer (tests/cli_fuzz.py): a bit flip that makes a member name
+    undecodable (UnicodeDecodeError in zipfile) or breaks a member's CRC (BadZipFile on read)
+    escaped the loader as a traceback."""
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/\u00e9/data.pkl", b"\x80\x02}q\x00.")  # a non-ASCII name: zip's UTF-8 flag set
+    names_broken = buf.getvalue().replace("\u00e9".encode(), b"\xe8A")  # now invalid UTF-8
+    (tmp_path / "names.pt").write_bytes(names_broken)
+    assert_one_line_exit_2(cli("info", tmp_path / "names.pt", "--input-shape", "1,4"), "names.pt", "damaged")
+
+    pt2 = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(nn.Linear(4, 2), (torch.randn(1, 4),)), str(pt2))
+    data = bytearray(pt2.read_bytes())
+    at = data.index(b'"config"')  # inside the stored weights config: its CRC no longer matches
+    data[at + 1] ^= 0x01
+    (tmp_path / "crc.pt2").write_bytes(bytes(data))
+    assert_one_line_exit_2(cli("export", tmp_path / "crc.pt2", "--input-shape", "1,4", "-o", tmp_path / "m.onnx"),
+                           "crc.pt2", "damaged")
+    assert not (tmp_path / "m.onnx").exists()
