@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import memory
 from .errors import OptionError, UserError
 from .gate_stats import load_sample_inputs
 from .importers import gator, sensai, seed_layers, slimmable
@@ -93,6 +94,9 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
                               f"(Joslim's channel_space and set_real_ch); {type(model).__name__} is not one")
         model, sources["slimmable"] = slimmable.select_width(model, opts, meta, example, _all_samples(opts, example))
     sources.update(seed_layers.lower_seed_layers(model, example, opts.fbs_rate))
+    # export verifies a dynamic batch at N + 1 as well (cli/export.py): the estimate takes the larger
+    batch = example.shape[0] + (0 if getattr(opts, "static_batch", True) else 1)
+    memory.check(model, (batch, *example.shape[1:]), opts.max_memory)
     check_runs(model, example)
     if opts.netslim_density is not None:
         slim_specs, report = netslim_specs(model, example, opts.netslim_density, opts.netslim_rule, opts.netslim_scope)

@@ -32,9 +32,11 @@ import importlib
 import io
 import importlib.util
 import json
+import logging
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -78,7 +80,11 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
             raise UserError(f"{path}: a torch.export archive whose {reason}; loading it runs code from the file: "
                             "pass --trust-pickle if you trust it")
         try:
-            program = torch.export.load(str(path))
+            # torch logs a failed deserialization with its traceback (then tries the old format):
+            # the refusal below is the one line the user gets
+            with _quiet_logger("torch.export"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.load(str(path))
         except Exception as exc:  # noqa: BLE001 - any failure means "not loadable"
             raise UserError(f"{path} is not a loadable torch.export program: {_one_line(exc)}") from None
         return Checkpoint(path, module=ExportedProgramModule(program.module()), meta={"format": "torch.export"})
@@ -535,12 +541,25 @@ def _exported_program_pickles(path: Path) -> str | None:
                         return f"entry {fqn!r} is stored as a pickle"
                     if "constants" in name and not str(meta.get("path_name", "tensor_")).startswith("tensor_"):
                         return f"constant {fqn!r} is a pickled object ({meta.get('path_name')})"
-            elif "/data/sample_inputs/" in name and not name.endswith("/"):
+            elif ("/data/sample_inputs/" in name and not name.endswith("/")) or name.rsplit("/", 1)[-1] in (
+                    "serialized_state_dict.pt", "serialized_constants.pt", "serialized_example_inputs.pt"):
+                # (the last three: torch 2.7's format, which torch.export.load falls back to)
                 try:
                     torch.load(io.BytesIO(z.read(name)), weights_only=True)
                 except Exception:  # noqa: BLE001 - anything the safe loader refuses
                     return f"sample inputs {name} are a pickle the safe loader refuses"
     return None
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -212,8 +212,18 @@ class Outcome:
 def run_cli(argv) -> tuple[int, str, str]:
     from gate2deploy.cli import main
 
+    import logging
+
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    # what libraries log goes to stderr outside pytest (logging's last resort); pytest's log
+    # capture would hide it, so the probe collects it as stderr lines itself
+    handler = logging.StreamHandler(err)
+    handler.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    with contextlib.ExitStack() as stack:
+        stack.callback(logging.getLogger().removeHandler, handler)
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
         try:
             code = main([str(a) for a in argv])
         except SystemExit as exc:  # argparse's usage errors

@@ -207,3 +207,45 @@ def test_zip_archives_damaged_in_their_directory_or_data_are_one_line(tmp_path, 
     assert_one_line_exit_2(cli("export", tmp_path / "crc.pt2", "--input-shape", "1,4", "-o", tmp_path / "m.onnx"),
                            "crc.pt2", "damaged")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_memory_estimate_is_the_peak_of_live_activations(tiny):
+    from gate2deploy.memory import estimate
+    _, module = tiny
+    est = estimate(module.net().eval(), (3, 3, 40, 40))
+    # by hand: the peak is while BatchNorm runs: conv1's output and BN's output, both
+    # (3, 8, 40, 40) float32, are alive; every later tensor is smaller
+    assert est.activation_bytes == 2 * 3 * 8 * 40 * 40 * 4
+    assert est.input_bytes == 3 * 3 * 40 * 40 * 4 and est.batch == 3
+
+
+def test_export_refused_above_max_memory_at_the_verified_batch(tiny, cli):
+    tmp_path, _ = tiny
+    ckpt = tmp_path / "ok.pt"
+    # 1x3x512x512: the dynamic batch is verified at 2 as well -> 2 x (2*8*512*512*4 B) of activations
+    # (PyTorch and ORT) = 64 MiB plus weights and input: above 0.05 GiB
+    args = ("export", ckpt, "--model", f"{tmp_path / 'tiny.py'}:net", "--input-shape", "1,3,512,512",
+            "-o", tmp_path / "m.onnx")
+    assert_one_line_exit_2(cli(*args, "--max-memory", "0.05"), "--max-memory", "batch 2")
+    # static: 2 x (2*1*8*512*512*4 B) + input = 35 MiB: above 0.03 GiB, below 0.05 GiB
+    assert_one_line_exit_2(cli(*args, "--max-memory", "0.03", "--static-batch"), "batch 1")
+    assert not (tmp_path / "m.onnx").exists()
+    code, _, err = cli(*args, "--max-memory", "0.05", "--static-batch")
+    assert code == 0, err
+
+
+def test_pt2_whose_weight_is_cut_short_is_one_line(tmp_path, cli):
+    """Found by the corpus fuzzer: torch.export.load logs the failed deserialization with its
+    traceback on stderr before raising; the refusal must stay one line."""
+    import zipfile
+    pt2 = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(nn.Linear(4, 2), (torch.randn(1, 4),)), str(pt2))
+    with zipfile.ZipFile(pt2) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(tmp_path / "cut.pt2", "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data[:4] if "/data/weights/weight_" in name else data)
+    # a subprocess: in-process, pytest's log capture would swallow the logged traceback
+    proc = subprocess.run([sys.executable, "-m", "gate2deploy", "info", str(tmp_path / "cut.pt2"), "--input-shape",
+                           "1,4"], capture_output=True, text=True)
+    assert_one_line_exit_2((proc.returncode, proc.stdout, proc.stderr), "cut.pt2")
