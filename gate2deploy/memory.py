@@ -122,3 +122,47 @@ def check(model: nn.Module, shape: tuple[int, ...], max_memory_gib: float | None
              f"the {limit / GIB:.1f} GiB of memory available on this machine")
     raise OptionError(f"the export at input shape {'x'.join(map(str, shape))} needs an estimated {est.describe()}, "
                       f"more than {where}; raise --max-memory (GiB) if the estimate is too cautious")
+
+
+def check_onnx_run(model_path, feeds: dict, max_memory_gib: float | None) -> int | None:
+    """`run`: refuse (OptionError) when one inference of the ONNX model on `feeds` is
+    estimated above the limit. Estimate: the initializers, the inputs and every intermediate
+    tensor whose size ONNX shape inference finds at the feeds' shapes (an upper bound: ONNX
+    Runtime reuses buffers; custom ops' outputs, which inference cannot size, are not
+    counted). Returns the estimate in bytes (None where the model cannot be inferred)."""
+    import numpy as np
+    import onnx
+
+    if max_memory_gib is not None and not max_memory_gib > 0:
+        raise OptionError(f"--max-memory must be a positive number of GiB, not {max_memory_gib}")
+    limit = max_memory_gib * GIB if max_memory_gib is not None else available_bytes()
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+        for inp in model.graph.input:
+            if inp.name in feeds:
+                dims = inp.type.tensor_type.shape.dim
+                for d, size in zip(dims, feeds[inp.name].shape):
+                    d.ClearField("dim_param")
+                    d.dim_value = int(size)
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - no estimate; ONNX Runtime reports what is wrong
+        return None
+    total = sum(int(np.prod(t.dims, dtype=object)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                for t in model.graph.initializer)
+    total += sum(int(a.nbytes) for a in feeds.values())
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        shape = info.type.tensor_type.shape
+        if not all(d.HasField("dim_value") for d in shape.dim):
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type).itemsize
+        except Exception:  # noqa: BLE001 - an element type numpy lacks: not counted
+            continue
+        total += int(np.prod([d.dim_value for d in shape.dim], dtype=object)) * itemsize
+    if limit is not None and total > limit:
+        where = (f"--max-memory {max_memory_gib:g} GiB" if max_memory_gib is not None else
+                 f"the {limit / GIB:.1f} GiB of memory available on this machine")
+        raise OptionError(f"one run at these input shapes needs an estimated {total / GIB:.2f} GiB (weights, inputs "
+                          f"and every intermediate tensor), more than {where}; raise --max-memory (GiB) if the "
+                          "estimate is too cautious")
+    return total

@@ -249,3 +249,19 @@ def test_pt2_whose_weight_is_cut_short_is_one_line(tmp_path, cli):
     proc = subprocess.run([sys.executable, "-m", "gate2deploy", "info", str(tmp_path / "cut.pt2"), "--input-shape",
                            "1,4"], capture_output=True, text=True)
     assert_one_line_exit_2((proc.returncode, proc.stdout, proc.stderr), "cut.pt2")
+
+
+def test_run_memory_estimate_and_refusal(tiny, cli):
+    tmp_path, _ = tiny
+    code, _, err = _export(cli, tmp_path, tmp_path / "ok.pt")
+    assert code == 0, err
+    from gate2deploy.memory import check_onnx_run
+    feeds = {"input": np.zeros((8, 3, 8, 8), np.float32)}
+    # by hand, the folded graph Conv(BN folded) -> Relu -> Conv -> GlobalAveragePool -> Flatten at batch 8:
+    # weights (8*3*9 + 8 + 4*8*9 + 4) floats, input 8*3*8*8, two 8x8x8x8 tensors, 8x4x6x6, two 8x4
+    expected = 4 * ((8 * 3 * 9 + 8 + 4 * 8 * 9 + 4) + 8 * 3 * 8 * 8 + 2 * 8 * 8 * 8 * 8 + 8 * 4 * 6 * 6 + 2 * 8 * 4)
+    assert check_onnx_run(tmp_path / "m.onnx", feeds, None) == expected
+    assert_one_line_exit_2(cli("run", tmp_path / "m.onnx", "--input-shape", "8x3x8x8", "--max-memory", "1e-5"),
+                           "--max-memory")
+    code, _, err = cli("run", tmp_path / "m.onnx", "--input-shape", "8x3x8x8", "--max-memory", "1e-4")
+    assert code == 0, err
