@@ -114,7 +114,11 @@ def read_array(path: str | os.PathLike, what: str, kinds=(".npy", ".npz", ".pt",
     except UserError:
         raise
     except (pickle.UnpicklingError, ValueError) as exc:
-        if not isinstance(exc, pickle.UnpicklingError) and "allow_pickle" not in str(exc):
+        # numpy says "allow_pickle" both for object arrays and for any bytes that are not .npy
+        # (it would try them as a pickle): only the first, or a pickle stream, "pickles objects"
+        with open(path, "rb") as f:
+            starts_as_pickle = f.read(1) == b"\x80"
+        if not (isinstance(exc, pickle.UnpicklingError) or "Object arrays" in str(exc) or starts_as_pickle):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"{what} {path} cannot be read (truncated or damaged?): {first[:200]}") from None
         raise UserError(f"{what} {path} pickles Python objects, which data files are never allowed to "
