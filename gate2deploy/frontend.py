@@ -77,7 +77,11 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
     if example is None:
         if not opts.input_shape:
             raise OptionError("an input shape is needed: --input-shape N,C,H,W (or example inputs)")
-        example = torch.randn(parse_shape(opts.input_shape, opts.max_input_elements))
+        shape = parse_shape(opts.input_shape, opts.max_input_elements)
+        # a sensAI grouping needs the example to build; everything else gets it after the memory check
+        example = torch.randn(shape) if opts.sensai_grouping else None
+    else:
+        shape = tuple(example.shape)
     specs: list[MaskSpec] = []
     meta: dict = {}
     if module is not None:
@@ -88,15 +92,19 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
         model, specs, sources, meta = _load(opts)
     model.eval()
     _check_real(model)
+    # before the first real forward (and before the example is allocated): export verifies a
+    # dynamic batch at N + 1 as well (cli/export.py), so the estimate takes the larger. The
+    # model as loaded: a slimmable one is estimated at full width (an upper bound).
+    batch = shape[0] + (0 if getattr(opts, "static_batch", True) else 1)
+    memory.check(model, (batch, *shape[1:]), opts.max_memory)
+    if example is None:
+        example = torch.randn(shape)
     if slimmable.is_slimmable(model) or _width_chosen(opts):
         if not slimmable.is_slimmable(model):
             raise OptionError(f"--width/--width-vector/--population/--recalibration-* need a slimmable model "
                               f"(Joslim's channel_space and set_real_ch); {type(model).__name__} is not one")
         model, sources["slimmable"] = slimmable.select_width(model, opts, meta, example, _all_samples(opts, example))
     sources.update(seed_layers.lower_seed_layers(model, example, opts.fbs_rate))
-    # export verifies a dynamic batch at N + 1 as well (cli/export.py): the estimate takes the larger
-    batch = example.shape[0] + (0 if getattr(opts, "static_batch", True) else 1)
-    memory.check(model, (batch, *example.shape[1:]), opts.max_memory)
     check_runs(model, example)
     if opts.netslim_density is not None:
         slim_specs, report = netslim_specs(model, example, opts.netslim_density, opts.netslim_rule, opts.netslim_scope)
