@@ -29,17 +29,30 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path; on success rename it to `path`, on failure delete it."""
+    """Yield a temporary path; on success rename it to `path`, on failure delete it.
+
+    The result gets the mode a plain `open()` would give it (0666 less the umask), not
+    mkstemp's private 0600. Any exception, KeyboardInterrupt and the CLI's SIGTERM
+    (cli.Terminated) included, removes the temporary file."""
     path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -58,3 +71,66 @@ def read_json(path: str | os.PathLike, what: str):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{what} {path} is not JSON: {exc}") from None
+
+
+def read_array(path: str | os.PathLike, what: str, kinds=(".npy", ".npz", ".pt", ".pth")):
+    """The one loader for arrays the user names (sample inputs, `run --input`, groupings):
+    .npy, .npz (its only array, or the first) or a .pt/.pth tensor, as a numpy array.
+
+    Nothing is unpickled unsafely: numpy with allow_pickle=False, torch with
+    weights_only=True; there is no trust flag for data files (save plain arrays instead).
+    Any failure on damaged bytes is one UserError naming `what` and the file; library
+    warnings raised while reading are not passed on (they would make the error several
+    lines). Complex, object and string arrays are refused by name: callers cast to their
+    input's real dtype, which would drop the imaginary part silently."""
+    import pickle
+    import warnings
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in kinds:
+        raise UserError(f"{what} {path}: use a {', '.join(kinds[:-1])} or {kinds[-1]} file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if suffix == ".npy":
+                data = np.load(path, allow_pickle=False)
+            elif suffix == ".npz":
+                with np.load(path, allow_pickle=False) as z:
+                    if not z.files:
+                        raise UserError(f"{what} {path}: the .npz holds no array")
+                    data = z[z.files[0]]
+            else:
+                import torch
+
+                data = torch.load(str(path), map_location="cpu", weights_only=True)
+                if not isinstance(data, torch.Tensor):
+                    raise UserError(f"{what} {path} holds a {type(data).__name__}, not a tensor")
+                data = data.numpy(force=True) if data.dtype != torch.bfloat16 else data.float().numpy()
+    except UserError:
+        raise
+    except (pickle.UnpicklingError, ValueError) as exc:
+        # numpy says "allow_pickle" both for object arrays and for any bytes that are not .npy
+        # (it would try them as a pickle): only the first, or a pickle stream, "pickles objects"
+        with open(path, "rb") as f:
+            starts_as_pickle = f.read(1) == b"\x80"
+        if not (isinstance(exc, pickle.UnpicklingError) or "Object arrays" in str(exc) or starts_as_pickle):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{what} {path} cannot be read (truncated or damaged?): {first[:200]}") from None
+        raise UserError(f"{what} {path} pickles Python objects, which data files are never allowed to "
+                        "(loading them runs code): save a plain array (.npy) or tensor") from None
+    except Exception as exc:  # noqa: BLE001 - numpy, zipfile and torch fail in many ways on damaged bytes
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{what} {path} cannot be read (truncated or damaged?): {first[:200]}") from None
+    if not isinstance(data, np.ndarray):
+        raise UserError(f"{what} {path} does not hold an array")
+    if np.iscomplexobj(data):
+        raise UserError(f"{what} {path} holds complex values ({data.dtype}); gate2deploy will not drop "
+                        "the imaginary part")
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
+        raise UserError(f"{what} {path} holds {data.dtype} values, not numbers")
+    return data

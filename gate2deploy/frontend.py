@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import memory
 from .errors import OptionError, UserError
 from .gate_stats import load_sample_inputs
 from .importers import gator, sensai, seed_layers, slimmable
@@ -78,7 +79,12 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
     if example is None:
         if not opts.input_shape:
             raise OptionError("an input shape is needed: --input-shape N,C,H,W (or example inputs)")
-        example = torch.randn(parse_shape(opts.input_shape, opts.max_input_elements))
+        shape = parse_shape(opts.input_shape, opts.max_input_elements)
+        # a sensAI grouping and a Mayo net need the example to build; everything else gets it
+        # after the memory check
+        example = torch.randn(shape) if opts.sensai_grouping or opts.mayo_model else None
+    else:
+        shape = tuple(example.shape)
     specs: list[MaskSpec] = []
     meta: dict = {}
     if module is not None:
@@ -90,6 +96,14 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
     else:
         model, specs, sources, meta = _load(opts)
     model.eval()
+    _check_real(model)
+    # before the first real forward (and before the example is allocated): export verifies a
+    # dynamic batch at N + 1 as well (cli/export.py), so the estimate takes the larger. The
+    # model as loaded: a slimmable one is estimated at full width (an upper bound).
+    batch = shape[0] + (0 if getattr(opts, "static_batch", True) else 1)
+    memory.check(model, (batch, *shape[1:]), opts.max_memory)
+    if example is None:
+        example = torch.randn(shape)
     if slimmable.is_slimmable(model) or _width_chosen(opts):
         if not slimmable.is_slimmable(model):
             raise OptionError(f"--width/--width-vector/--population/--recalibration-* need a slimmable model "
@@ -135,13 +149,15 @@ def _load(opts: ModelOptions) -> tuple[nn.Module, list[MaskSpec], dict, dict]:
     weights = ckpt.state_dict
     if gator.is_gator(weights):
         weights, gates = gator.split_checkpoint(weights)
-        load_weights(model, weights, str(ckpt.path))
+        notes = load_weights(model, weights, str(ckpt.path))
         no_last_conv = gator.parse_no_last_conv(opts.gator_no_last_conv, opts.gator_config)
         gator_specs, summary = gator.mask_specs(model, gates, no_last_conv)
         specs += gator_specs
         sources["gator"] = {"arch": ckpt.meta.get("arch"), **summary}
     else:
-        load_weights(model, weights, str(ckpt.path))
+        notes = load_weights(model, weights, str(ckpt.path))
+    if notes:
+        sources["weight_dtype_conversions"] = notes
     return model, specs, sources, ckpt.meta
 
 
@@ -195,6 +211,14 @@ def _load_mayo(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, di
                        dataset=opts.mayo_dataset, update_slimmers=opts.mayo_overriders_update)
     return built.model, {"checkpoint": built.summary["checkpoint"], "format": "Mayo TensorFlow checkpoint",
                          "mayo": built.summary}
+
+
+def _check_real(model: nn.Module) -> None:
+    """A complex parameter or buffer (a pickled module's, a builder's) is refused by name: the
+    exporters cast it to real, dropping the imaginary part."""
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_complex():
+            raise UserError(f"the model's {name} is complex ({tensor.dtype}); gate2deploy compiles real-valued models")
 
 
 def check_runs(model: nn.Module, example: torch.Tensor) -> None:

@@ -167,36 +167,14 @@ def load_sample_inputs(path, input_shape) -> list[np.ndarray]:
     input_shape[1:] (or exactly one sample without the batch axis). Returns float32 batches of
     the export's batch size input_shape[0] (a remainder of fewer samples is dropped, so that
     the same batches also run through the exported model)."""
-    from pathlib import Path
-
     from .errors import UserError
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sample inputs {path} do not exist")
-    try:
-        if path.suffix == ".npy":
-            data = np.load(path, allow_pickle=False)
-        elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                if not z.files:
-                    raise UserError(f"sample inputs {path}: the .npz holds no array")
-                data = z[z.files[0]]
-        elif path.suffix in (".pt", ".pth"):
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-            if not isinstance(data, torch.Tensor):
-                raise UserError(f"sample inputs {path} hold a {type(data).__name__}, not a tensor")
-            data = data.numpy()
-        else:
-            raise UserError(f"sample inputs {path}: use a .npy, .npz or .pt file")
-    except (ValueError, OSError, RuntimeError) as exc:
-        raise UserError(f"sample inputs {path} cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    from .fileio import read_array
+    data = read_array(path, "sample inputs")
     sample_shape = tuple(input_shape[1:])
     if tuple(data.shape) == sample_shape:
         data = data[None]
     if data.ndim != len(input_shape) or tuple(data.shape[1:]) != sample_shape:
         raise UserError(f"sample inputs {path} have shape {tuple(data.shape)}; expected (M, {', '.join(map(str, sample_shape))})")
-    if not np.issubdtype(data.dtype, np.number):
-        raise UserError(f"sample inputs {path} are of type {data.dtype}, not numbers")
     batch = int(input_shape[0])
     if data.shape[0] < batch:
         raise UserError(f"sample inputs {path} hold {data.shape[0]} samples, fewer than one batch of {batch}")

@@ -32,10 +32,13 @@ import importlib
 import io
 import importlib.util
 import json
+import logging
 import pickle
 import re
 import sys
+import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,12 +71,20 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
     if not path.is_file():
         raise UserError(f"checkpoint {path} is not a file")
     if _is_exported_program(path):
-        reason = _exported_program_pickles(path)
+        try:
+            reason = _exported_program_pickles(path)
+        except (zipfile.BadZipFile, zlib.error, UnicodeDecodeError, ValueError, OSError, EOFError) as exc:
+            raise UserError(f"{path} is not a loadable torch.export program: a damaged archive "
+                            f"({_one_line(exc)})") from None
         if reason and not trust_pickle:
             raise UserError(f"{path}: a torch.export archive whose {reason}; loading it runs code from the file: "
                             "pass --trust-pickle if you trust it")
         try:
-            program = torch.export.load(str(path))
+            # torch logs a failed deserialization with its traceback (then tries the old format):
+            # the refusal below is the one line the user gets
+            with _quiet_logger("torch.export"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.load(str(path))
         except Exception as exc:  # noqa: BLE001 - any failure means "not loadable"
             raise UserError(f"{path} is not a loadable torch.export program: {_one_line(exc)}") from None
         return Checkpoint(path, module=ExportedProgramModule(program.module()), meta={"format": "torch.export"})
@@ -107,8 +118,9 @@ def _check_torch_save_format(path: Path) -> None:
                                 "read: save a torch.export program (.pt2) or the state_dict")
             if any(n.endswith("data.pkl") for n in names):
                 return
-        except zipfile.BadZipFile:
-            pass
+        except (zipfile.BadZipFile, UnicodeDecodeError, ValueError, OSError, EOFError):
+            # a damaged central directory (bit flips: undecodable names, bad offsets)
+            raise UserError(f"{path} is not a readable PyTorch checkpoint: a damaged zip archive") from None
         raise UserError(f"{path} is not a PyTorch checkpoint: a zip archive without torch.save's data.pkl")
     if head[:2] == b"PK":
         raise UserError(f"{path} is not a readable PyTorch checkpoint: a truncated or damaged zip archive")
@@ -418,8 +430,9 @@ def _forget_shadowed(names: list[str], folders: list[Path]) -> None:
                 del sys.modules[key]
 
 
-def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict with a one-line summary of what does not fit."""
+def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> list[str]:
+    """load_state_dict with a one-line summary of what does not fit. Returns notes on the
+    exact dtype conversions made (for the report; `weight_dtype_conversions`)."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -434,10 +447,53 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> No
         problems.append(f"{len(wrong)} of another shape (e.g. {'; '.join(wrong[:2])})")
     if problems:
         raise UserError(f"{what} does not fit the model: keys {'; '.join(problems)}")
+    notes = weight_dtype_conversions(own, sd, what)
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as exc:  # noqa: BLE001 - a module's own _load_from_state_dict refusing
         raise UserError(f"{what} does not load into the model: {_one_line(exc)}") from None
+    return notes
+
+
+def weight_dtype_conversions(own: dict, sd: dict, what: str) -> list[str]:
+    """The dtype policy for checkpoint tensors loaded into the model's tensors
+    (load_state_dict would cast silently: issue 17 item 7):
+    - complex: refused by name (the cast drops the imaginary part);
+    - a float stored narrower than the model's (float16/bfloat16 into float32): every such
+      value is exactly a float32, so the conversion is exact; noted in the report;
+    - float64 into float32: accepted only when every value rounds to itself (exact),
+      otherwise refused by name: never a silent approximation;
+    - integers or bool into a float tensor: refused by name (quantized weights without their
+      scale would be read as raw codes); a model whose own tensor is integer (a quantized
+      layer's codes, BatchNorm's num_batches_tracked) takes integers as they are."""
+    converted: dict[tuple, int] = {}
+    for key, target in own.items():
+        src = sd.get(key)
+        if not isinstance(src, torch.Tensor) or src.dtype == target.dtype:
+            continue
+        if src.is_complex():
+            raise UserError(f"{what}: {key} holds complex values ({src.dtype}); gate2deploy compiles real-valued "
+                            "models and will not drop the imaginary part")
+        if not target.is_floating_point():
+            if src.is_floating_point():
+                raise UserError(f"{what}: {key} holds {src.dtype} values where the model keeps {target.dtype}")
+            continue  # integer into integer (num_batches_tracked and the like)
+        if not src.is_floating_point():
+            raise UserError(f"{what}: {key} holds integer values ({src.dtype}) for a {target.dtype} tensor: "
+                            "a quantized checkpoint? gate2deploy reads float weights (dequantize them first) "
+                            "or a model whose layer stores its integer codes itself")
+        if torch.finfo(src.dtype).bits > torch.finfo(target.dtype).bits or (
+                src.dtype == torch.bfloat16 and target.dtype == torch.float16) or (
+                src.dtype == torch.float16 and target.dtype == torch.bfloat16):
+            rounded = src.to(target.dtype).to(src.dtype)
+            same = (rounded == src) | (torch.isnan(rounded) & torch.isnan(src))
+            if not bool(same.all()):
+                raise UserError(f"{what}: {key} holds {src.dtype} values that {target.dtype} cannot represent "
+                                f"exactly; convert the checkpoint to {target.dtype} yourself if that rounding "
+                                "is acceptable")
+        converted[(src.dtype, target.dtype)] = converted.get((src.dtype, target.dtype), 0) + 1
+    return [f"{n} tensors stored as {str(a).replace('torch.', '')} converted exactly to {str(b).replace('torch.', '')}"
+            for (a, b), n in converted.items()]
 
 
 class ExportedProgramModule(nn.Module):
@@ -463,8 +519,8 @@ def _is_exported_program(path: Path) -> bool:
         with zipfile.ZipFile(path) as z:
             return any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json")
                        for n in z.namelist())
-    except zipfile.BadZipFile:
-        return False
+    except (zipfile.BadZipFile, UnicodeDecodeError, ValueError, OSError, EOFError):
+        return False  # damaged: _check_torch_save_format names it
 
 
 def _exported_program_pickles(path: Path) -> str | None:
@@ -485,12 +541,25 @@ def _exported_program_pickles(path: Path) -> str | None:
                         return f"entry {fqn!r} is stored as a pickle"
                     if "constants" in name and not str(meta.get("path_name", "tensor_")).startswith("tensor_"):
                         return f"constant {fqn!r} is a pickled object ({meta.get('path_name')})"
-            elif "/data/sample_inputs/" in name and not name.endswith("/"):
+            elif ("/data/sample_inputs/" in name and not name.endswith("/")) or name.rsplit("/", 1)[-1] in (
+                    "serialized_state_dict.pt", "serialized_constants.pt", "serialized_example_inputs.pt"):
+                # (the last three: torch 2.7's format, which torch.export.load falls back to)
                 try:
                     torch.load(io.BytesIO(z.read(name)), weights_only=True)
                 except Exception:  # noqa: BLE001 - anything the safe loader refuses
                     return f"sample inputs {name} are a pickle the safe loader refuses"
     return None
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -27,6 +27,7 @@ class ModelOptions:
     model_path: list[str] = field(default_factory=list)  # folders to import model code from
     input_shape: str | None = None  # "1,3,224,224"
     max_input_elements: int = 2**27  # refuse larger inputs before allocating (frontend.check_input_elements)
+    max_memory: float | None = None  # GiB; refuse an export estimated above it (memory.py; None: available memory)
     trust_pickle: bool = False
     netslim_density: float | None = None
     netslim_rule: str = "mayo"

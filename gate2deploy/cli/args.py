@@ -23,6 +23,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "axis stays dynamic unless --static-batch)")
     p.add_argument("--max-input-elements", type=int, default=2**27,
                    help="refuse an --input-shape with more elements than this before allocating (default %(default)s)")
+    p.add_argument("--max-memory", type=float, metavar="GIB",
+                   help="refuse when the export's estimated memory (weights and activations at the batch "
+                        "verified, traced on fake tensors before anything is allocated) exceeds this many GiB "
+                        "(default: the memory available on this machine)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that unpickle Python objects (runs code from the file)")
     p.add_argument("--netslim-density", type=float, help="network slimming: fraction of BN channels to keep")

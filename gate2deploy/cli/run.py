@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import memory
 from ..errors import UserError
+from ..fileio import read_array
 from ..frontend import MAX_INPUT_ELEMENTS, check_input_elements
 
 ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64,
@@ -39,6 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default %(default)s)")
     p.add_argument("--max-input-elements", type=int, default=MAX_INPUT_ELEMENTS,
                    help="refuse an input with more elements than this before allocating (default %(default)s)")
+    p.add_argument("--max-memory", type=float, metavar="GIB",
+                   help="refuse a run estimated (weights, inputs, every intermediate tensor by ONNX shape "
+                        "inference) above this many GiB (default: the memory available on this machine)")
     p.add_argument("--save-outputs", metavar="FILE.npz", help="write the outputs of one run here")
     p.set_defaults(func=run)
 
@@ -90,10 +95,7 @@ def _feeds(sess, shapes: list[str], files: list[str], max_elements: int = MAX_IN
         name, sep, file = spec.partition("=")
         if not sep or name not in names:
             raise UserError(f"--input {spec}: expected NAME=FILE.npy with NAME one of {', '.join(names)}")
-        try:
-            loaded[name] = np.load(file, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"--input {spec}: cannot read {file}: {exc}") from None
+        loaded[name] = read_array(file, f"--input {name}:", kinds=(".npy", ".npz"))
     rng = np.random.default_rng(0)
     feeds = {}
     for inp in inputs:
@@ -134,6 +136,7 @@ def run(args) -> int:
         check_writable(args.save_outputs)
     sess = _open(args.model, args.threads)
     feeds = _feeds(sess, args.input_shape, args.input, args.max_input_elements)
+    memory.check_onnx_run(args.model, feeds, args.max_memory)
     outputs = _run_once(sess, feeds)
     names = [o.name for o in sess.get_outputs()]
     for name, value in zip(names, outputs):

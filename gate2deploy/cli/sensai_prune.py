@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import OptionError, UserError
+from ..fileio import read_array
 from ..importers import sensai
 from ..loading import build_model, load_checkpoint, load_weights
 
@@ -51,12 +52,7 @@ def add_parser(sub) -> None:
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:
-    if not Path(path).is_file():
-        raise UserError(f"{what} {path} does not exist")
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{what} {path} is not a .npy array: {(str(exc).splitlines() or [''])[0]}") from None
+    return read_array(path, what, kinds=(".npy", ".npz"))
 
 
 def run(args) -> int:

@@ -88,6 +88,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, OptionError, UserError
+from ..fileio import read_array
 from ..passes.choose_widths import BLOCK, MIN_MULTIPLE
 
 # <arch>_<group>_pruned_group_model.pth (cifar_group.py) or <arch>_<group>_pruned_model.pth
@@ -131,11 +132,7 @@ def load_grouping(path: str | Path) -> list[list[int]]:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise OptionError(f"--sensai-grouping {path} is not valid JSON: {exc}") from None
     else:
-        try:
-            array = np.load(path, allow_pickle=False)
-        except Exception as exc:  # noqa: BLE001 - np.load fails in many ways on foreign bytes
-            raise OptionError(f"--sensai-grouping {path} is not a .npy array (or .json): "
-                              f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        array = read_array(path, "--sensai-grouping", kinds=(".npy", ".npz"))
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
             raise OptionError(f"--sensai-grouping {path}: expected an integer array n_groups x group_size, "
                               f"got {array.dtype} {array.shape}")
