@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import triton  # noqa: E402,F401 - before TensorFlow, or loading it later crashes (importers/mayo.py _tensorflow)
 import tensorflow as tf  # noqa: E402
 
 # ---- Mayo YAMLs (abridged from the repository: initializers/regularizers/preprocessing left

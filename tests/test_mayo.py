@@ -13,6 +13,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import triton  # noqa: E402,F401 - before TensorFlow, or loading it later crashes (importers/mayo.py _tensorflow)
+
 pytest.importorskip("tensorflow")
 import tensorflow as tf  # noqa: E402
 
@@ -183,6 +185,27 @@ def test_gated_resnet18_matches_mayo(root, tmp_path, cli, density):
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     # stem + 2 per block + 3 downsample shortcuts, all on the custom op
     assert ops.count("FBSConv") == 1 + 2 * 8 + 3, sorted(set(ops))
+
+
+def test_mayo_export_in_a_fresh_process(root, tmp_path):
+    """The command as a user runs it: a new interpreter that reads the checkpoint with
+    TensorFlow and then imports triton through torch (the memory check's fake-tensor trace).
+    Triton loaded after TensorFlow crashed the process with SIGSEGV (exit -11), which an
+    in-process test, where pytest had loaded triton long before, could not see."""
+    import subprocess
+    import sys
+
+    a = resnet18_arrays(5)
+    write_checkpoint(tmp_path / "ckpt" / "checkpoint-1", a, a.trainable)
+    out = tmp_path / "r18.onnx"
+    proc = subprocess.run([sys.executable, "-m", "gate2deploy", "export", str(tmp_path / "ckpt"),
+                           "--mayo-model", "models/gate/resnet18.yaml", "--mayo-root", str(root),
+                           "--mayo-set=_gate.density=0.5", *sum((["--mayo-set", s] for s in R18_SET), []),
+                           "--input-shape", "1,3,32,32", "--target", "ort", "-o", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    x = _inputs(2, seed=4)
+    _compare(_run_onnx(out, x), resnet18_reference(a, x, 0.5))
 
 
 def test_gated_and_slimmed_cifarnet(root, tmp_path, cli):

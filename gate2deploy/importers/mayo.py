@@ -112,6 +112,14 @@ class MayoBuild:
 
 def _tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # Triton's native library must be loaded before TensorFlow's: loaded after it (torch
+    # imports triton lazily, e.g. for the fake-tensor trace of the memory check), it crashes
+    # the process with SIGSEGV (tensorflow-cpu 2.21 + triton 3.8; their bundled LLVMs clash).
+    # Loaded first, both work (tests/test_mayo.py runs the CLI in a fresh process to check).
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
     try:
         import tensorflow as tf
     except ImportError:
@@ -621,15 +629,7 @@ class Builder:
         conv = nn.Conv2d(cin, cout, kernel, stride, conv_pad, rate, bias=bool(use_bias))
         with torch.no_grad():
             conv.weight.copy_(w)
-            if use_bias:
-                conv.bias.copy_(self.weight(f"{scope}/biases", layer, (cout,)))
-        o = self.overriders(p, layer, gated=False)
-        mask = None
-        if o is not None:
-            has_gamma = norm is not None and bool((p.get("normalizer_params") or {}).get("scale", False))
-            mask = self.slim_mask(o, scope, layer, cout, has_gamma)
-        _, act = _activation(p, layer)
-        return Layer(conv, Pad(pads) if pads else None, norm, mask, act)
+        return self._plain_layer(p, layer, conv, pads, norm, use_bias)
 
     def layer_depthwise_convolution(self, step, p, x):
         layer = scope = step.scope
@@ -644,15 +644,7 @@ class Builder:
         conv = nn.Conv2d(c, c * m, kernel, stride, conv_pad, rate, groups=c, bias=bool(use_bias))
         with torch.no_grad():
             conv.weight.copy_(w)
-            if use_bias:
-                conv.bias.copy_(self.weight(f"{scope}/biases", layer, (c * m,)))
-        o = self.overriders(p, layer, gated=False)
-        mask = None
-        if o is not None:
-            has_gamma = norm is not None and bool((p.get("normalizer_params") or {}).get("scale", False))
-            mask = self.slim_mask(o, scope, layer, c * m, has_gamma)
-        _, act = _activation(p, layer)
-        return Layer(conv, Pad(pads) if pads else None, norm, mask, act)
+        return self._plain_layer(p, layer, conv, pads, norm, use_bias)
 
     def layer_fully_connected(self, step, p, x):
         layer = scope = step.scope
@@ -665,15 +657,23 @@ class Builder:
         fc = nn.Linear(cin, cout, bias=bool(use_bias))
         with torch.no_grad():
             fc.weight.copy_(self.weight(f"{scope}/weights", layer, (cin, cout)).t())
-            if use_bias:
-                fc.bias.copy_(self.weight(f"{scope}/biases", layer, (cout,)))
+        return self._plain_layer(p, layer, fc, None, norm, use_bias)
+
+    def _plain_layer(self, p, layer, op, pads, norm, use_bias) -> Layer:
+        """A conv / depthwise / fully-connected layer's common tail (scope = layer name): its
+        biases (only without a normalizer, as slim does), the netslim mask of its overrider,
+        its activation."""
+        cout = op.weight.shape[0]
+        if use_bias:
+            with torch.no_grad():
+                op.bias.copy_(self.weight(f"{layer}/biases", layer, (cout,)))
         o = self.overriders(p, layer, gated=False)
         mask = None
         if o is not None:
             has_gamma = norm is not None and bool((p.get("normalizer_params") or {}).get("scale", False))
-            mask = self.slim_mask(o, scope, layer, cout, has_gamma)
+            mask = self.slim_mask(o, layer, layer, cout, has_gamma)
         _, act = _activation(p, layer)
-        return Layer(fc, None, norm, mask, act)
+        return Layer(op, Pad(pads) if pads else None, norm, mask, act)
 
     def layer_gated_convolution(self, step, p, x):
         layer = scope = step.scope
