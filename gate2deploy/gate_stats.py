@@ -60,9 +60,9 @@ def _batches(samples) -> Iterable[torch.Tensor]:
         yield torch.as_tensor(batch)
 
 
-def _run_with_hooks(model: nn.Module, samples, handles: list) -> None:
-    """Run `model` (eval, no grad) over `samples`, then remove the hooks in `handles` and
-    restore the model's train/eval mode, even on error."""
+def run_with_hooks(model: nn.Module, samples, handles: list) -> None:
+    """Run `model` (eval, no grad) over `samples` (one tensor or batches), then remove the
+    hooks in `handles` and restore the model's train/eval mode, even on error."""
     was_training = model.training
     try:
         model.eval()
@@ -116,7 +116,7 @@ def gate_statistics(model: nn.Module, samples) -> list[GateLayerStats]:
     for name, module in gated:
         module.gate_counter = GateCounter()
         handles.append(module.register_forward_hook(record_shape(name)))
-    _run_with_hooks(model, samples, handles)
+    run_with_hooks(model, samples, handles)
     stats = []
     for name, module in gated:
         counter, module.gate_counter = module.gate_counter, None
@@ -209,7 +209,7 @@ def calibrate_pg_scales(model: nn.Module, samples, include_quantized_convs: bool
     for name, module in targets.items():
         module.static_scale = 0.0
         handles.append(module.register_forward_pre_hook(record_max(name)))
-    _run_with_hooks(model, samples, handles)
+    run_with_hooks(model, samples, handles)
     scales = {}
     for name, module in targets.items():
         s = float(np.float32(maxima[name]) + np.float32(1e-7))

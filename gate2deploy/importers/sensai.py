@@ -89,6 +89,7 @@ from torch import nn
 
 from ..errors import CheckpointError, OptionError, UserError
 from ..fileio import read_array
+from ..gate_stats import run_with_hooks
 from ..passes.choose_widths import BLOCK, MIN_MULTIPLE
 
 # <arch>_<group>_pruned_group_model.pth (cifar_group.py) or <arch>_<group>_pruned_model.pth
@@ -467,12 +468,7 @@ def _trace_calls(model: nn.Module, example: torch.Tensor) -> _Calls:
     for name, m in model.named_modules():
         if not list(m.children()):
             hooks.append(m.register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, example, hooks)
     return calls
 
 
@@ -735,12 +731,7 @@ def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
         return fn
 
     hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.BatchNorm2d)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, example, hooks)
     return {c: b for c, b in pairs.items() if counts[c] == 1 and counts[b] == 1}
 
 
@@ -754,12 +745,7 @@ def _layer_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> 
         return fn
 
     hooks = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, example, hooks)
     return shapes
 
 
@@ -838,12 +824,7 @@ def module_macs(model: nn.Module, example: torch.Tensor) -> int:
             total[0] += output.numel() * m.in_features
 
     hooks = [m.register_forward_hook(hook) for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, example, hooks)
     return int(total[0])
 
 
