@@ -157,8 +157,11 @@ def _out_dim(size, k, stride, pad_a, pad_b, dil):
     return (size + (pad_a + pad_b) - ((k - 1) * dil + 1)) // stride + 1
 
 
-def _plugin_functions(spec: PluginSpec, types: dict, kernels, to_cuda):
-    """(shape function, implementation) for `spec`, with the signatures of `plugin_signature`."""
+def _plugin_functions(spec: PluginSpec, types: dict, kernels, to_cuda, on_stream):
+    """(shape function, implementation) for `spec`, with the signatures of `plugin_signature`.
+    `on_stream(stream)`: a context in which work is queued on TensorRT's CUDA stream (the
+    handle the implementation receives); the kernels and the copy into the output run in it,
+    so they are ordered with the engine's other layers (torch's current stream is not)."""
     desc_sig, impl_sig = plugin_signature(spec, "desc", types), plugin_signature(spec, "impl", types)
     attr_names = [name for name, _, _ in spec.attributes]
     kernel = getattr(kernels, spec.kernel)
@@ -181,8 +184,9 @@ def _plugin_functions(spec: PluginSpec, types: dict, kernels, to_cuda):
         for name in attr_names:
             v = a[name]
             attrs[name] = tuple(int(i) for i in v) if isinstance(v, np.ndarray) else v
-        y = kernel(*tensors, **attrs)
-        to_cuda(a["outputs"][0]).copy_(y)
+        with on_stream(a["stream"]):
+            y = kernel(*tensors, **attrs)
+            to_cuda(a["outputs"][0]).copy_(y)
 
     desc.__signature__, impl.__signature__ = desc_sig, impl_sig
     desc.__name__, impl.__name__ = f"{spec.op}_desc", f"{spec.op}_impl"
@@ -210,8 +214,11 @@ def register_plugins() -> None:
     def to_cuda(t):
         return torch.as_tensor(t, device="cuda")
 
+    def on_stream(stream):
+        return torch.cuda.stream(torch.cuda.ExternalStream(stream))
+
     for spec in PLUGINS.values():
-        desc, impl = _plugin_functions(spec, types, triton_kernels, to_cuda)
+        desc, impl = _plugin_functions(spec, types, triton_kernels, to_cuda, on_stream)
         trtp.register(f"{NAMESPACE}::{spec.op}")(desc)
         trtp.impl(f"{NAMESPACE}::{spec.op}")(impl)
     _registered = True

@@ -177,6 +177,44 @@ def test_trt_onnx_plugin_nodes_match_the_plugin_declaration(trt_export):
     assert (cfg["plugins"]["namespace"], cfg["plugins"]["version"]) == (tp.NAMESPACE, tp.VERSION)
 
 
+def test_plugin_implementation_runs_the_kernel_on_tensorrts_stream():
+    """The JIT plugin's implementation queues the kernel and the copy into TensorRT's output on
+    the stream TensorRT hands it (torch's current stream is not ordered with the engine's
+    other layers); attributes reach the kernel by name, ints arrays as tuples."""
+    import numpy as np
+
+    from gate2deploy.runtimes import tensorrt_plugins as tp
+
+    log = []
+
+    class Scope:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            log.append(("enter", self.stream))
+
+        def __exit__(self, *exc):
+            log.append(("exit", self.stream))
+
+    class Out:
+        def copy_(self, y):
+            log.append(("copy", y))
+
+    class Kernels:
+        @staticmethod
+        def cg_conv(x, w, mask, thr, strides, pads, dilations):
+            log.append(("kernel", x, strides, pads, dilations))
+            return "Y"
+
+    sentinel = {k: k for k in ("desc", "tensor", "ints", "int", "float", "string", "outputs", "stream", "return")}
+    out = Out()
+    _, impl = tp._plugin_functions(tp.PLUGINS["CGConv"], sentinel, Kernels, lambda t: t, Scope)
+    impl("X", "W", "M", "T", np.array([2, 2]), np.array([1, 1, 1, 1]), np.array([1, 1]), (out,), 1234)
+    assert log == [("enter", 1234), ("kernel", "X", (2, 2), (1, 1, 1, 1), (1, 1)), ("copy", "Y"),
+                   ("exit", 1234)]
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 def test_trt_onnx_runs_on_ort_at_batch_1_and_8_against_pytorch(trt_export, batch):
     """model.trt.onnx, with its plugin attributes, on ONNX Runtime CPU with the native ops."""
