@@ -134,3 +134,27 @@ def read_array(path: str | os.PathLike, what: str, kinds=(".npy", ".npz", ".pt",
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
         raise UserError(f"{what} {path} holds {data.dtype} values, not numbers")
     return data
+
+
+def cast_values(data, dtype, what: str):
+    """`data` (from read_array) as `dtype`, the precision the model computes in. A conversion
+    that changes values (float64 rounded to float32, integers beyond float32's 2^24, values
+    out of range) is not silent: one `warning:` line on stderr says how far the largest value
+    moved. NaN stays NaN and counts as unchanged."""
+    import sys
+
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    out = data.astype(dtype, copy=False)
+    if out.dtype == data.dtype or data.size == 0:
+        return out
+    back = out.astype(np.float64)
+    orig = data.astype(np.float64)
+    moved = ~((back == orig) | (np.isnan(back) & np.isnan(orig)))
+    if moved.any():
+        change = np.abs(back[moved] - orig[moved]) / np.maximum(np.abs(orig[moved]), np.finfo(np.float64).tiny)
+        largest = float(np.nanmax(change)) if np.isfinite(change).any() else float("inf")
+        print(f"warning: {what}: {int(moved.sum())} of {data.size} {data.dtype} values change when "
+              f"converted to the model's {dtype} (largest relative change {largest:.2g})", file=sys.stderr)
+    return out

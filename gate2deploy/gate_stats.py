@@ -168,7 +168,7 @@ def load_sample_inputs(path, input_shape) -> list[np.ndarray]:
     the export's batch size input_shape[0] (a remainder of fewer samples is dropped, so that
     the same batches also run through the exported model)."""
     from .errors import UserError
-    from .fileio import read_array
+    from .fileio import cast_values, read_array
     data = read_array(path, "sample inputs")
     sample_shape = tuple(input_shape[1:])
     if tuple(data.shape) == sample_shape:
@@ -178,7 +178,7 @@ def load_sample_inputs(path, input_shape) -> list[np.ndarray]:
     batch = int(input_shape[0])
     if data.shape[0] < batch:
         raise UserError(f"sample inputs {path} hold {data.shape[0]} samples, fewer than one batch of {batch}")
-    data = data.astype(np.float32)
+    data = cast_values(data, np.float32, f"sample inputs {path}")
     return [data[i:i + batch] for i in range(0, data.shape[0] - batch + 1, batch)]
 
 

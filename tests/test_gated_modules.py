@@ -524,6 +524,27 @@ def test_lowering_of_a_bare_node_with_asymmetric_pads_equals_the_reference(op):
     assert_equal_up_to_ties(y, y_ref, gate, gate_ref, decision, thr, f"{op} bare node")
 
 
+def test_sample_inputs_rounded_to_float32_say_so(tmp_path, capsys):
+    """float64 samples that float32 cannot hold are rounded (the model computes in float32),
+    with one warning line giving the count and the largest relative change; samples float32
+    holds exactly (small integers, float64 copies of float32 values) convert silently."""
+    from gate2deploy.gate_stats import load_sample_inputs
+    exact = np.arange(2 * 3 * 4 * 4, dtype=np.int64).reshape(2, 3, 4, 4)
+    np.save(tmp_path / "ints.npy", exact)
+    np.save(tmp_path / "f32.npy", exact.astype(np.float32).astype(np.float64) / 8)
+    for name in ("ints.npy", "f32.npy"):
+        load_sample_inputs(tmp_path / name, (1, 3, 4, 4))
+        assert capsys.readouterr().err == ""
+    data = np.full((1, 3, 4, 4), 1.0, np.float64)
+    data[0, 0, 0, :2] = 1.0 + 2.0 ** -30  # between float32's 1 and its next value
+    np.save(tmp_path / "f64.npy", data)
+    out = load_sample_inputs(tmp_path / "f64.npy", (1, 3, 4, 4))[0]
+    assert out[0, 0, 0, 0] == np.float32(1.0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: sample inputs") and "2 of 48 float64" in err[0]
+    assert "9.3e-10" in err[0]  # 2^-30 / (1 + 2^-30), computed by hand
+
+
 def test_load_sample_inputs_batches_and_refuses_bad_files(tmp_path):
     from gate2deploy.errors import UserError
     from gate2deploy.gate_stats import load_sample_inputs

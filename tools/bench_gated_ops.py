@@ -346,29 +346,34 @@ def network_benchmarks(args) -> None:
             sd[bn + "running_mean"] = torch.empty(c).uniform_(-0.1, 0.1, generator=gen)
             sd[key] = torch.empty(c).uniform_(0.5, 2.0, generator=gen)
         dense_sd = fbs_state_dict_from_dense(sd)
-        x = torch.randn(1, 3, 224, 224)
-        points = []
-        for density in FBS_DENSITIES:
-            model = fbs_resnet18(density=density).eval()
-            model.load_state_dict(dense_sd)
-            ort_model, portable = export_both(model, x)
-            points.append((density, None, x.numpy(), ort_model, portable, None))
-        network_sweep("FBS ResNet-18 (9 FBSConv), batch 1, 224x224; on% = density", points, args)
         # Input-dependent saliencies (random predictor weights, as a trained FBS layer has):
         # four inputs cycled, so the active channels change from run to run, as with data.
         varying_sd = dict(dense_sd)
         for key, t in dense_sd.items():
             if key.endswith("gate.weight"):
                 varying_sd[key] = torch.randn(t.shape, generator=gen) * 0.5 / t.shape[1] ** 0.5
-        inputs = [torch.randn(1, 3, 224, 224, generator=gen) for _ in range(4)]
-        points = []
-        for density in FBS_DENSITIES:
-            model = fbs_resnet18(density=density).eval()
-            model.load_state_dict(varying_sd)
-            ort_model, portable = export_both(model, inputs[0])
-            points.append((density, None, [v.numpy() for v in inputs], ort_model, portable, None))
-        network_sweep("FBS ResNet-18, input-dependent saliency (active channels vary per input)",
-                      points, args)
+        for batch in args.net_batches:
+            x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+            inputs = [torch.randn(batch, 3, 224, 224, generator=gen) for _ in range(4)]
+            for title, state, feeds in [
+                    ("FBS ResNet-18 (9 FBSConv), fixed saliency", dense_sd, None),
+                    ("FBS ResNet-18, input-dependent saliency (active channels vary per input)",
+                     varying_sd, inputs)]:
+                exported = []
+                for density in FBS_DENSITIES:
+                    model = fbs_resnet18(density=density).eval()
+                    model.load_state_dict(state)
+                    example = x if feeds is None else feeds[0]
+                    ort_model, portable = export_both(model, example)
+                    # the bound: dense MACs / the MACs the active channels execute (input x
+                    # output density per layer, gate_stats' FBS rule), on the (first) timed input
+                    _, bound = gate_figures(model, example, ort_model)
+                    exported.append((density, bound, example.numpy() if feeds is None else
+                                     [v.numpy() for v in feeds], ort_model, portable, None))
+                for threads in args.net_threads:
+                    args.threads = threads
+                    network_sweep(f"{title}, batch {batch}, {threads} threads, 224x224; "
+                                  f"on% = density", exported, args)
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import memory
 from ..errors import UserError
-from ..fileio import read_array
+from ..fileio import cast_values, read_array
 from ..frontend import MAX_INPUT_ELEMENTS, check_input_elements
 
 ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64,
@@ -103,7 +103,7 @@ def _feeds(sess, shapes: list[str], files: list[str], max_elements: int = MAX_IN
         if dtype is None:
             raise UserError(f"input {inp.name} has type {inp.type}, which `run` cannot generate")
         if inp.name in loaded:
-            feeds[inp.name] = loaded[inp.name].astype(dtype, copy=False)
+            feeds[inp.name] = cast_values(loaded[inp.name], dtype, f"--input {inp.name}")
             continue
         if inp.name in given:
             shape = given[inp.name]
