@@ -488,3 +488,40 @@ def fbs_conv(x: torch.Tensor, w: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.T
         s, c, h, wd, o, oh, ow, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw,
         RELU=activation == "Relu", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return y
+
+
+# ------------------------------------------------------------------------------------------
+# Signatures for ahead-of-time compilation (tests/test_triton_compile.py, tools/gpu_check.py)
+# ------------------------------------------------------------------------------------------
+_GEOMETRY_ARGS = ("sh", "sw", "pt", "pl", "dh", "dw")
+
+
+def kernel_signatures(dtype: str = "fp32", kh: int = 3, kw: int = 3, block_m: int = BLOCK_M,
+                      block_n: int = BLOCK_N, abits: int = 8, pred_bits: int = 4,
+                      relu: bool = True) -> dict:
+    """{kernel name: [(argument, Triton type or constexpr value)]}, in argument order, for
+    X / W / Y of `dtype` ("fp32" or "fp16"): what triton.compile's ASTSource and
+    triton.tools.compile take. Scalars are i32 or pointers (PG's scale is a *fp32): no fp32
+    scalar argument, which Triton >= 3.4's AOT launcher would pass as a C double. Boolean
+    constexprs are written as 0 / 1 (the AOT compiler parses constexprs as numbers)."""
+    t = f"*{dtype}"
+    ints = lambda *names: [(name, "i32") for name in names]  # noqa: E731
+    blocks = [("KH", kh), ("KW", kw)]
+    tiles = [("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", BLOCK_K)]
+    levels, unit = pg_levels(abits, pred_bits)
+    int_levels = pg_int_levels(torch.float16 if dtype == "fp16" else torch.float32, abits, pred_bits)
+    return {
+        "_cg_conv_kernel": [
+            ("x_ptr", t), ("w1_ptr", t), ("w2_ptr", t), ("chan_ptr", "*i32"), ("count_ptr", "*i32"),
+            ("thr_ptr", "*fp32"), ("y_ptr", t), *ints("M", "C", "H", "W", "O", "OH", "OW"),
+            *ints(*_GEOMETRY_ARGS), *blocks, *tiles],
+        "_pg_conv_kernel": [
+            ("x_ptr", t), ("w_ptr", t), ("thr_ptr", "*fp32"), ("scale_ptr", "*fp32"), ("y_ptr", t),
+            *ints("M", "C", "H", "W", "O", "OH", "OW", "CW", "OG"), *ints(*_GEOMETRY_ARGS), *blocks,
+            ("LEVELS", levels), ("UNIT", unit), ("INT_LEVELS", int(int_levels)), *tiles],
+        "_fbs_conv_kernel": [
+            ("x_ptr", t), ("w_ptr", t), ("slot_ptr", "*i32"), ("valid_ptr", "*i32"),
+            ("gamma_ptr", "*fp32"), ("scale_ptr", "*fp32"), ("shift_ptr", "*fp32"),
+            ("beta_ptr", "*fp32"), ("y_ptr", t), *ints("S", "C", "H", "W", "O", "OH", "OW"),
+            *ints(*_GEOMETRY_ARGS), *blocks, ("RELU", int(relu)), *tiles],
+    }
