@@ -241,6 +241,67 @@ def check_shape(shape, args, tk, ref, rng, bench, torch, F):
     return rows, all_exact, dense_times
 
 
+# (N, C, O, H, W, k, strides, pads, dilations, PG group): the odd geometries of
+# tests/test_triton_ops.py and a larger one, run compiled on the GPU (the tests run them on
+# the interpreter only)
+GEOMETRIES = [
+    (2, 4, 6, 5, 6, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2),
+    (1, 6, 4, 7, 7, 3, (2, 1), (0, 1, 2, 0), (1, 2), 1),
+    (3, 48, 40, 13, 11, 3, (2, 2), (1, 0, 2, 1), (2, 1), 4),
+    (2, 24, 24, 9, 9, 5, (1, 1), (2, 2, 2, 2), (1, 1), 24),
+]
+
+
+def geometry_check(tk, ref, torch, dev, rng) -> bool:
+    """CG, PG (groups), FBS (pools, Identity, pool_pads, fixed threshold) on odd geometries,
+    fp32 and fp16, gate-on 20% (FBS density 0.5): exactness only."""
+    ok_all, lines = True, []
+    for gi, (n, c, o, h, w, k, s, p, d, group) in enumerate(GEOMETRIES):
+        for dtype_name, np_dtype, dtype in (("fp32", np.float32, torch.float32), ("fp16", np.float16, torch.float16)):
+            def T(a, dt=dtype):
+                return torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=dt)
+
+            def rounded(a):
+                return np.asarray(a, np.float32).astype(np_dtype).astype(np.float32)
+
+            fp16, results = dtype_name == "fp16", []
+            x = rounded(rng.standard_normal((n, c, h, w)))
+            wt = rounded(rng.standard_normal((o, c, k, k)) * 0.1)
+            mask = (rng.random((o, c)) < 0.4).astype(np.float32)  # a general base mask
+            yp = ref.conv2d(x, wt * mask[:, :, None, None], s, p, d)
+            thr = ref.thresholds_for_fraction(yp, 0.2)
+            y = tk.cg_conv(T(x), T(wt), T(mask, torch.float32), T(thr, torch.float32), s, p, d)
+            results.append(("CG",) + compare(y.float().cpu().numpy(), ref.cg_conv_reference(x, wt, mask, thr, s, p, d),
+                                             yp, thr, fp16))
+            wg = rounded(rng.standard_normal((o, c // group, k, k)) * 0.1)
+            x_hb, _, _ = ref.pg_split_activations(x, 6, 3)
+            msb = ref.conv2d(x_hb, wg, s, p, d, group)
+            thr = ref.thresholds_for_fraction(msb, 0.2)
+            y = tk.pg_conv(T(x), T(wg), T(thr, torch.float32), 6, 3, 0.0, s, p, d, group)
+            results.append((f"PG g={group}",) + compare(y.float().cpu().numpy(),
+                                                       ref.pg_conv_reference(x, wg, thr, 6, 3, 0.0, s, p, d, group),
+                                                       msb, thr, fp16))
+            fc_w = rng.standard_normal((o, c)).astype(np.float32)
+            fc_b = rng.standard_normal(o).astype(np.float32)
+            sc, sh, be = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
+            for pool, act, pool_pads, threshold in (("max", "Relu", (0, 0, 0, 0), None),
+                                                    ("l2", "Identity", (1, 2, 0, 1), None),
+                                                    ("l1", "Relu", (0, 0, 0, 0), 0.3)):
+                y_ref = ref.fbs_conv_reference(x, wt, fc_w, fc_b, sc, sh, be, 0.5, pool, s, p, d,
+                                               activation=act, pool_pads=pool_pads, threshold=threshold)
+                y = tk.fbs_conv(T(x), T(wt), *(T(a, torch.float32) for a in (fc_w, fc_b, sc, sh, be)), 0.5, pool,
+                                s, p, d, act, pool_pads, threshold)
+                results.append((f"FBS {pool}/{act}{'/thr' if threshold is not None else ''}",)
+                               + compare(y.float().cpu().numpy(), y_ref, fp16=fp16))
+            ok_all &= all(ok for _, ok, _ in results)
+            lines.append(f"  geometry {gi} {dtype_name}: " + "; ".join(
+                f"{name} {'exact' if ok else 'NOT EXACT'} ({text})" for name, ok, text in results))
+    print("\nOdd geometries (stride 2, asymmetric pads, dilation, groups, general CG mask, FBS options), "
+          "20% on / density 0.5:")
+    print("\n".join(lines))
+    return ok_all
+
+
 def print_table(shape, rows, dense_times):
     n, c, h, w = shape
     dense = ", ".join(f"{k} {v:.4f} ms" for k, v in dense_times.items())
@@ -280,6 +341,7 @@ def main(argv=None) -> int:
         print_table(shape, rows, dense_times)
         all_exact &= exact
         sys.stdout.flush()
+    all_exact &= geometry_check(tk, ref, torch, args.device, rng)
     print(f"\n(kernel checks and timings: {time.perf_counter() - t_start:.0f} s, compiles included)")
 
     if args.aot:
