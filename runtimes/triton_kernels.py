@@ -153,13 +153,22 @@ if triton is not None:
 
     @triton.jit
     def _pg_part(x, scale, LEVELS: tl.constexpr, UNIT: tl.constexpr, PART: tl.constexpr,
-                 INT_LEVELS: tl.constexpr):
+                 INT_LEVELS: tl.constexpr, RINT_ASM: tl.constexpr):
         """PG's MSB (PART 1) or LSB (PART 2) part of the X tile `x` (reference
         pg_split_activations). INT_LEVELS: the integer levels sign * q_hb / UNIT or
         sign * q_lb as float16 (the caller scales the sum); else the dequantized value in
-        float32, in the reference's operation order (q / levels) * s * sign."""
+        float32, in the reference's operation order (q / levels) * s * sign.
+        RINT_ASM: round half to even with PTX's cvt.rni. Compiled, floor(v + 0.5) would be
+        contracted with v's multiply into one fma (Triton enables fp fusion), which rounds
+        differently from numpy's two roundings; the inline asm is opaque to that. The
+        interpreter (numpy, no fusion) uses the floor formula."""
         xv = x.to(tl.float32)
-        q = _round_half_even(tl.minimum(tl.div_rn(tl.abs(xv), scale), 1.0) * LEVELS)
+        v = tl.minimum(tl.div_rn(tl.abs(xv), scale), 1.0) * LEVELS
+        if RINT_ASM:
+            q = tl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=f,f", [v],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            q = _round_half_even(v)
         q_hb = tl.floor(q * (1.0 / UNIT)) * UNIT  # UNIT is a power of two: exact
         sign = tl.where(xv > 0, 1.0, tl.where(xv < 0, -1.0, 0.0))
         if INT_LEVELS:
@@ -187,34 +196,39 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _conv_tile(acc, x_ptr, w_ptr, chan_ptr, n, oh, ow, m_ok, o, o_ok, k_len, w_row, c0,
+    def _conv_tile(acc, x_ptr, w_ptr, chan_ptr, n, oh, ow, m_ok, o, o_ok, c_len, w_tap, c0,
                    C, H, W, sh, sw, pt, pl, dh, dw, scale,
                    KH: tl.constexpr, KW: tl.constexpr, GATHER: tl.constexpr,
                    PART: tl.constexpr, LEVELS: tl.constexpr, UNIT: tl.constexpr,
-                   INT_LEVELS: tl.constexpr, BLOCK_K: tl.constexpr):
-        """acc[m, j] + sum_{k < k_len} im2col(X)[m, k] * W[o[j], k] (W rows `w_row` apart).
+                   INT_LEVELS: tl.constexpr, RINT_ASM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc[m, j] + sum over taps t = (i, j) and list positions ci < c_len of
+        X[n, chan(ci), ih, iw] * W[o[j], t, ci], W laid out [O, KH, KW, w_tap] (channels
+        innermost). chan(ci) = chan_ptr[ci] (GATHER) or c0 + ci. PART 1 / 2: X replaced by
+        its PG MSB / LSB part.
 
-        k = (ci, i, j) flattened as W's [C, KH, KW] layout; input channel ci is
-        chan_ptr[ci] (GATHER) or c0 + ci; PART 1 / 2: X replaced by its PG MSB / LSB part."""
-        for k0 in range(0, k_len, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < k_len
-            ci = kk // (KH * KW)
-            tap = kk % (KH * KW)
+        One flat loop over (tap, chunk of BLOCK_K channels), so that Triton pipelines it:
+        the tap's input row (ih, iw, padding mask) is a BLOCK_M vector, and a channel chunk
+        adds a BLOCK_K vector of channel offsets (no per-element im2col division)."""
+        chunks = (c_len + BLOCK_K - 1) // BLOCK_K
+        x_n = n * (C * H * W)
+        for it in range(0, KH * KW * chunks):
+            tap = it // chunks
+            ci = (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = ci < c_len
+            i = tap // KW
+            ih = oh * sh - pt + i * dh
+            iw = ow * sw - pl + (tap - i * KW) * dw
+            inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             if GATHER:
                 c = tl.load(chan_ptr + ci, mask=k_ok, other=0)
             else:
                 c = c0 + ci
-            ih = oh[:, None] * sh - pt + ((tap // KW) * dh)[None, :]
-            iw = ow[:, None] * sw - pl + ((tap % KW) * dw)[None, :]
-            inside = (m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
-                      & (iw < W))
-            a = tl.load(x_ptr + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw,
-                        mask=inside, other=0.0)
-            b = tl.load(w_ptr + o[None, :] * w_row + kk[:, None],
+            a = tl.load(x_ptr + (x_n + ih * W + iw)[:, None] + (c * (H * W))[None, :],
+                        mask=inside[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + (o * (KH * KW * w_tap) + tap * w_tap)[None, :] + ci[:, None],
                         mask=k_ok[:, None] & o_ok[None, :], other=0.0)
             if PART != 0:
-                a = _pg_part(a, scale, LEVELS, UNIT, PART, INT_LEVELS)
+                a = _pg_part(a, scale, LEVELS, UNIT, PART, INT_LEVELS, RINT_ASM)
             acc = _mma(a, b, acc)
         return acc
 
@@ -232,22 +246,21 @@ if triton is not None:
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # chan_ptr: [2, C] int32, the base-channel list then the rest list (each padded to
         # C); count_ptr: their lengths; w1 / w2: W * mask / W * (1 - mask), columns gathered
-        # to those lists ([O, C, KH, KW], rows C * KH * KW apart).
+        # to those lists and laid out [O, KH, KW, C].
         n, oh, ow, m_ok = _rows(tl.program_id(0), M, OH, OW, BLOCK_M)
         o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         o_ok = o < O
-        w_row = C * KH * KW
         acc1 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         acc1 = _conv_tile(acc1, x_ptr, w1_ptr, chan_ptr, n, oh, ow, m_ok, o, o_ok,
-                          tl.load(count_ptr) * (KH * KW), w_row, 0, C, H, W, sh, sw, pt, pl,
-                          dh, dw, 1.0, KH, KW, True, 0, 1.0, 1.0, False, BLOCK_K)
+                          tl.load(count_ptr), C, 0, C, H, W, sh, sw, pt, pl, dh, dw, 1.0,
+                          KH, KW, True, 0, 1.0, 1.0, False, False, BLOCK_K)
         thr = tl.load(thr_ptr + o, mask=o_ok, other=0.0)
         gate = (acc1 > thr[None, :]) & m_ok[:, None] & o_ok[None, :]
         acc2 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         if _any(gate):  # stage 2 only in tiles where some gate is on
             acc2 = _conv_tile(acc2, x_ptr, w2_ptr, chan_ptr + C, n, oh, ow, m_ok, o, o_ok,
-                              tl.load(count_ptr + 1) * (KH * KW), w_row, 0, C, H, W, sh, sw,
-                              pt, pl, dh, dw, 1.0, KH, KW, True, 0, 1.0, 1.0, False, BLOCK_K)
+                              tl.load(count_ptr + 1), C, 0, C, H, W, sh, sw, pt, pl, dh, dw,
+                              1.0, KH, KW, True, 0, 1.0, 1.0, False, False, BLOCK_K)
         y = tl.where(gate, acc1 + acc2, acc1)
         out = ((n[:, None] * O + o[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
         tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
@@ -256,7 +269,7 @@ if triton is not None:
     def _pg_conv_kernel(x_ptr, w_ptr, thr_ptr, scale_ptr, y_ptr, M, C, H, W, O, OH, OW, CW, OG,
                         sh, sw, pt, pl, dh, dw, KH: tl.constexpr, KW: tl.constexpr,
                         LEVELS: tl.constexpr, UNIT: tl.constexpr, INT_LEVELS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        RINT_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Grid axis 1: (group, tile of BLOCK_N channels within the group).
         n, oh, ow, m_ok = _rows(tl.program_id(0), M, OH, OW, BLOCK_M)
         tiles = (OG + BLOCK_N - 1) // BLOCK_N
@@ -265,20 +278,19 @@ if triton is not None:
         o_ok = o_in < OG
         o = g * OG + o_in
         scale = tl.load(scale_ptr)
-        k_len = CW * KH * KW
         msb = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        msb = _conv_tile(msb, x_ptr, w_ptr, x_ptr, n, oh, ow, m_ok, o, o_ok, k_len, k_len,
-                         g * CW, C, H, W, sh, sw, pt, pl, dh, dw, scale, KH, KW, False, 1,
-                         LEVELS, UNIT, INT_LEVELS, BLOCK_K)
+        msb = _conv_tile(msb, x_ptr, w_ptr, x_ptr, n, oh, ow, m_ok, o, o_ok, CW, CW, g * CW,
+                         C, H, W, sh, sw, pt, pl, dh, dw, scale, KH, KW, False, 1, LEVELS, UNIT,
+                         INT_LEVELS, RINT_ASM, BLOCK_K)
         if INT_LEVELS:  # the sums of integer levels, scaled as one dequantized value
             msb = msb * (scale * (UNIT / LEVELS))
         thr = tl.load(thr_ptr + o, mask=o_ok, other=0.0)
         gate = (msb > thr[None, :]) & m_ok[:, None] & o_ok[None, :]
         lsb = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         if _any(gate):
-            lsb = _conv_tile(lsb, x_ptr, w_ptr, x_ptr, n, oh, ow, m_ok, o, o_ok, k_len, k_len,
-                             g * CW, C, H, W, sh, sw, pt, pl, dh, dw, scale, KH, KW, False, 2,
-                             LEVELS, UNIT, INT_LEVELS, BLOCK_K)
+            lsb = _conv_tile(lsb, x_ptr, w_ptr, x_ptr, n, oh, ow, m_ok, o, o_ok, CW, CW, g * CW,
+                             C, H, W, sh, sw, pt, pl, dh, dw, scale, KH, KW, False, 2, LEVELS,
+                             UNIT, INT_LEVELS, RINT_ASM, BLOCK_K)
             if INT_LEVELS:
                 lsb = lsb * tl.div_rn(scale, LEVELS)
         y = msb + tl.where(gate, lsb, 0.0)
@@ -300,10 +312,9 @@ if triton is not None:
             nv = tl.full((BLOCK_M,), 0, tl.int32) + n
             _, oh, ow, m_ok = _rows(tl.program_id(0), OH * OW, OH, OW, BLOCK_M)
             acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-            k_len = C * KH * KW
-            acc = _conv_tile(acc, x_ptr, w_ptr, x_ptr, nv, oh, ow, m_ok, o, active, k_len, k_len,
-                             0, C, H, W, sh, sw, pt, pl, dh, dw, 1.0, KH, KW, False, 0, 1.0, 1.0,
-                             False, BLOCK_K)
+            acc = _conv_tile(acc, x_ptr, w_ptr, x_ptr, nv, oh, ow, m_ok, o, active, C, C, 0,
+                             C, H, W, sh, sw, pt, pl, dh, dw, 1.0, KH, KW, False, 0, 1.0, 1.0,
+                             False, False, BLOCK_K)
             g = tl.load(gamma_ptr + n * O + o, mask=active, other=0.0)
             bn_scale = tl.load(scale_ptr + o, mask=active, other=0.0)
             bn_shift = tl.load(shift_ptr + o, mask=active, other=0.0)
@@ -319,8 +330,32 @@ if triton is not None:
 # ------------------------------------------------------------------------------------------
 # CG's plan: base / rest channel lists and the weights gathered to them
 # ------------------------------------------------------------------------------------------
-_CG_PLANS: dict = {}
-_CG_PLANS_MAX = 64
+_DERIVED: dict = {}
+_DERIVED_MAX = 64
+
+
+def _derived(kind: str, tensors: tuple, build):
+    """build(), cached per `kind` and tensor objects: weak references (so a freed tensor's
+    address reused by another never hits) and the tensors' in-place versions. A caller
+    that wraps the same memory in a new tensor each call (TensorRT's plugin) just rebuilds,
+    with device ops only."""
+    key = (kind, *(id(t) for t in tensors))
+    versions = tuple(t._version for t in tensors)
+    hit = _DERIVED.get(key)
+    if hit is not None:
+        refs, old_versions, value = hit
+        if all(r() is t for r, t in zip(refs, tensors)) and old_versions == versions:
+            return value
+    value = build()
+    if len(_DERIVED) >= _DERIVED_MAX:
+        _DERIVED.pop(next(iter(_DERIVED)))
+    _DERIVED[key] = (tuple(weakref.ref(t) for t in tensors), versions, value)
+    return value
+
+
+def channels_last_weights(w: torch.Tensor) -> torch.Tensor:
+    """W [O, C, KH, KW] as the kernels read it: [O, KH, KW, C] contiguous (cached)."""
+    return _derived("channels_last", (w,), lambda: w.permute(0, 2, 3, 1).contiguous())
 
 
 def cg_plan(w: torch.Tensor, base_mask: torch.Tensor) -> tuple:
@@ -328,33 +363,24 @@ def cg_plan(w: torch.Tensor, base_mask: torch.Tensor) -> tuple:
     synchronisation): chans [2, C] int32 = the channels that are base for some output (in
     channel order, then padding) and those that are not base for some output; counts [2]
     int32 their numbers; w1 = W * mask and w2 = W * (1 - mask) with the columns gathered to
-    those lists. Written with `where` so that a weight of the other path is exactly 0.
+    those lists, laid out [O, KH, KW, C]. Written with `where` so that a weight of the other
+    path is exactly 0. Cached per (W, base_mask) (_derived)."""
+    def build():
+        on = base_mask != 0
+        in_base = on.any(dim=0)
+        in_rest = (~on).any(dim=0)
+        # stable argsort of "not in the list": the list's channels first, in channel order
+        order_b = torch.argsort((~in_base).to(torch.int32), stable=True)
+        order_r = torch.argsort((~in_rest).to(torch.int32), stable=True)
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        on4 = on[:, :, None, None]
+        w1 = torch.where(on4, w, zero)[:, order_b].permute(0, 2, 3, 1).contiguous()
+        w2 = torch.where(on4, zero, w)[:, order_r].permute(0, 2, 3, 1).contiguous()
+        chans = torch.stack([order_b, order_r]).to(torch.int32).contiguous()
+        counts = torch.stack([in_base.sum(), in_rest.sum()]).to(torch.int32)
+        return w1, w2, chans, counts
 
-    Cached per (W, base_mask) tensor objects (weak references, so a freed tensor's address
-    reused by another never hits) and their in-place versions."""
-    key = (id(w), id(base_mask))
-    hit = _CG_PLANS.get(key)
-    if hit is not None:
-        w_ref, m_ref, versions, plan = hit
-        if w_ref() is w and m_ref() is base_mask and versions == (w._version, base_mask._version):
-            return plan
-    on = base_mask != 0
-    in_base = on.any(dim=0)
-    in_rest = (~on).any(dim=0)
-    # stable argsort of "not in the list": the list's channels first, in channel order
-    order_b = torch.argsort((~in_base).to(torch.int32), stable=True)
-    order_r = torch.argsort((~in_rest).to(torch.int32), stable=True)
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    on4 = on[:, :, None, None]
-    w1 = torch.where(on4, w, zero)[:, order_b].contiguous()
-    w2 = torch.where(on4, zero, w)[:, order_r].contiguous()
-    chans = torch.stack([order_b, order_r]).to(torch.int32).contiguous()
-    counts = torch.stack([in_base.sum(), in_rest.sum()]).to(torch.int32)
-    plan = (w1, w2, chans, counts)
-    if len(_CG_PLANS) >= _CG_PLANS_MAX:
-        _CG_PLANS.pop(next(iter(_CG_PLANS)))
-    _CG_PLANS[key] = (weakref.ref(w), weakref.ref(base_mask), (w._version, base_mask._version), plan)
-    return plan
+    return _derived("cg_plan", (w, base_mask), build)
 
 
 def cg_conv(x: torch.Tensor, w: torch.Tensor, base_mask: torch.Tensor, threshold: torch.Tensor,
@@ -365,7 +391,7 @@ def cg_conv(x: torch.Tensor, w: torch.Tensor, base_mask: torch.Tensor, threshold
         x, w, strides, pads, dilations, 1)
     if tuple(base_mask.shape) != (o, c) or threshold.numel() != o:
         raise UserError(f"base_mask must be {(o, c)} and threshold have {o} values")
-    w1, w2, chans, counts = cg_plan(w.contiguous(), base_mask)
+    w1, w2, chans, counts = cg_plan(w, base_mask)
     y = torch.empty((n, o, oh, ow), dtype=x.dtype, device=x.device)
     m = n * oh * ow
     if y.numel() == 0:
@@ -417,9 +443,10 @@ def pg_conv(x: torch.Tensor, w: torch.Tensor, threshold: torch.Tensor, abits: in
     bm, bn = tile_sizes(m, og, group)
     grid = (triton.cdiv(m, bm), group * triton.cdiv(og, bn))
     _pg_conv_kernel[grid](
-        x.contiguous(), w.contiguous(), _f32(threshold).view(-1), pg_scale(x, static_scale), y,
+        x.contiguous(), channels_last_weights(w), _f32(threshold).view(-1), pg_scale(x, static_scale), y,
         m, c, h, wd, o, oh, ow, cw, og, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw, LEVELS=levels,
-        UNIT=unit, INT_LEVELS=pg_int_levels(x.dtype, abits, pred_bits), BLOCK_M=bm, BLOCK_N=bn,
+        UNIT=unit, INT_LEVELS=pg_int_levels(x.dtype, abits, pred_bits), RINT_ASM=not INTERPRETED,
+        BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return y
 
@@ -483,7 +510,7 @@ def fbs_conv(x: torch.Tensor, w: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.T
     s = slots.shape[1]
     bm, bn = tile_sizes(oh * ow, s, n)
     _fbs_conv_kernel[(triton.cdiv(oh * ow, bm), triton.cdiv(s, bn), n)](
-        x.contiguous(), w.contiguous(), slots, valid, gamma.contiguous(),
+        x.contiguous(), channels_last_weights(w), slots, valid, gamma.contiguous(),
         _f32(bn_scale).view(-1), _f32(bn_shift).view(-1), _f32(beta).view(-1), y,
         s, c, h, wd, o, oh, ow, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw,
         RELU=activation == "Relu", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
@@ -518,7 +545,7 @@ def kernel_signatures(dtype: str = "fp32", kh: int = 3, kw: int = 3, block_m: in
         "_pg_conv_kernel": [
             ("x_ptr", t), ("w_ptr", t), ("thr_ptr", "*fp32"), ("scale_ptr", "*fp32"), ("y_ptr", t),
             *ints("M", "C", "H", "W", "O", "OH", "OW", "CW", "OG"), *ints(*_GEOMETRY_ARGS), *blocks,
-            ("LEVELS", levels), ("UNIT", unit), ("INT_LEVELS", int(int_levels)), *tiles],
+            ("LEVELS", levels), ("UNIT", unit), ("INT_LEVELS", int(int_levels)), ("RINT_ASM", 1), *tiles],
         "_fbs_conv_kernel": [
             ("x_ptr", t), ("w_ptr", t), ("slot_ptr", "*i32"), ("valid_ptr", "*i32"),
             ("gamma_ptr", "*fp32"), ("scale_ptr", "*fp32"), ("shift_ptr", "*fp32"),

@@ -483,7 +483,8 @@ def aot_check(workdir: Path, ref, tk, torch, rng, shape) -> bool:
     x_hb, _, _ = ref.pg_split_activations(xr, 8, 4)
     msb = ref.conv2d(x_hb, w, S, P, D)
     thr = ref.thresholds_for_fraction(msb, 0.2)
-    run("_pg_conv_kernel", {"x_ptr": xr, "w_ptr": w, "thr_ptr": thr, "scale_ptr": scale, **dims,
+    w_cl = np.ascontiguousarray(w.transpose(0, 2, 3, 1))  # the kernels read W as [O, KH, KW, C]
+    run("_pg_conv_kernel", {"x_ptr": xr, "w_ptr": w_cl, "thr_ptr": thr, "scale_ptr": scale, **dims,
                             "CW": c, "OG": o}, o, msb, thr,
         ref.pg_conv_reference(xr, w, thr, 8, 4, 0.0, S, P, D), "PGConv AOT, 20% on (scale by pointer)")
 
@@ -494,7 +495,7 @@ def aot_check(workdir: Path, ref, tk, torch, rng, shape) -> bool:
     gamma = torch.relu(torch.nn.functional.linear(torch.from_numpy(ref.fbs_pool(x)), torch.from_numpy(fc_w),
                                                   torch.from_numpy(fc_b))).numpy()
     slots, valid = (t.numpy() for t in tk.fbs_slots(torch.from_numpy(gamma), 0.5))
-    run("_fbs_conv_kernel", {"x_ptr": x, "w_ptr": w, "slot_ptr": slots, "valid_ptr": valid, "gamma_ptr": gamma,
+    run("_fbs_conv_kernel", {"x_ptr": x, "w_ptr": w_cl, "slot_ptr": slots, "valid_ptr": valid, "gamma_ptr": gamma,
                              "scale_ptr": sc, "shift_ptr": sh, "beta_ptr": be, **dims, "S": slots.shape[1]},
         slots.shape[1], y_ref=ref.fbs_conv_reference(x, w, fc_w, fc_b, sc, sh, be, 0.5, "avg", S, P, D),
         label="FBSConv AOT, density 0.5 (kernel only; slots from torch)")
