@@ -74,7 +74,7 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton"
     INTERPRETED = False
     _TRITON_ERROR = f"Triton is not usable: {str(exc).splitlines()[0] if str(exc) else exc}"
 
-BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS = 64, 64, 32, 4
+BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 64, 32, 4, 3
 MIN_BLOCK = 32  # the smallest tile side the size heuristic picks (tl.dot needs >= 16)
 SM_COUNT = 132  # H100 SXM / H200: the tile heuristic aims at one full wave at least
 FP16_EXACT_INT = 2048  # integers up to this are exact in float16 (11 significant bits)
@@ -400,7 +400,7 @@ def cg_conv(x: torch.Tensor, w: torch.Tensor, base_mask: torch.Tensor, threshold
     _cg_conv_kernel[(triton.cdiv(m, bm), triton.cdiv(o, bn))](
         x.contiguous(), w1, w2, chans, counts, _f32(threshold).view(-1), y,
         m, c, h, wd, o, oh, ow, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
 
 
@@ -447,7 +447,7 @@ def pg_conv(x: torch.Tensor, w: torch.Tensor, threshold: torch.Tensor, abits: in
         m, c, h, wd, o, oh, ow, cw, og, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw, LEVELS=levels,
         UNIT=unit, INT_LEVELS=pg_int_levels(x.dtype, abits, pred_bits), RINT_ASM=not INTERPRETED,
         BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+        BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
 
 
@@ -513,7 +513,7 @@ def fbs_conv(x: torch.Tensor, w: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.T
         x.contiguous(), channels_last_weights(w), slots, valid, gamma.contiguous(),
         _f32(bn_scale).view(-1), _f32(bn_shift).view(-1), _f32(beta).view(-1), y,
         s, c, h, wd, o, oh, ow, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw,
-        RELU=activation == "Relu", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+        RELU=activation == "Relu", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
 
 
