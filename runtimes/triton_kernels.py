@@ -2,9 +2,10 @@
 
 Each op is a tiled implicit-GEMM convolution: a program computes a tile of BLOCK_M output
 positions (n, oh, ow flattened; FBS: (oh, ow) of one sample) x BLOCK_N output channels with
-`tl.dot`, looping over K = (input channel, kh, kw) in BLOCK_K chunks; the im2col addresses
-are computed in the kernel and the zero padding is a load mask. The gated work is skipped
-per tile:
+`tl.dot`, looping over K = (kh, kw, input channel) as (tap, chunk of BLOCK_K channels) with
+W read channels-last ([O, KH, KW, C], a cached copy); the im2col addresses are computed in
+the kernel (per tap a BLOCK_M row vector, plus a BLOCK_K channel-offset vector) and the zero
+padding is a load mask. The gated work is skipped per tile:
   CG:  stage 1 runs over the union of the base-path channels only (W * base_mask gathered to
        that list), the gate is decided per element on the fp32 sum, stage 2 runs over the
        union of the remaining channels (W * (1 - base_mask) gathered) only in tiles where
@@ -40,17 +41,22 @@ equals the reference up to float32 rounding; wider levels fall back to an fp32 i
 the dequantized values. The other inputs (masks, thresholds, FBS's saliency layer and BN
 vectors) are used in float32; FBS's saliency is computed in float32 from X.
 Divisions that the reference does in IEEE float32 (|X| / s, q / levels) use tl.div_rn:
-Triton's `/` on float32 is the approximate div.full.f32 on NVIDIA GPUs.
+Triton's `/` on float32 is the approximate div.full.f32 on NVIDIA GPUs. PG's round half to
+even is PTX's cvt.rni (inline asm) when compiled: Triton's fp fusion turned floor(v + 0.5)
+into an fma with v's multiply, which flipped quantization levels on the H200 (gate "flips"
+not at ties, 2026-12-04); the interpreter keeps the floor formula (numpy, no fusion).
 
-Tile sizes: BLOCK_M x BLOCK_N = 64 x 64 (BLOCK_K 32, 4 warps), halved to 32 along M then N
-while a 64 x 64 grid would leave most of an H100/H200's 132 SMs idle (batch-1 layers).
+Tile sizes: BLOCK_M x BLOCK_N = 128 x 64 (BLOCK_K 32, 4 warps, 3 stages), halved along M
+(down to 32) then N while the grid has fewer tiles than an H100/H200 has SMs (132): a
+batch-1 layer on 7 x 2 tiles would idle 90% of the GPU.
 
-Where it ran: here (no GPU) the kernels are tested numerically on Triton's interpreter
-(TRITON_INTERPRET=1 must be set before this module is imported; fp32 and fp16, bfloat16
-returns NaN there) and compiled for sm_90 with Triton's bundled ptxas
+Where it ran: on the development machines (no GPU) the kernels are tested numerically on
+Triton's interpreter (TRITON_INTERPRET=1 must be set before this module is imported; fp32
+and fp16, bfloat16 returns NaN there) and compiled for sm_90 with Triton's bundled ptxas
 (tests/test_triton_compile.py). Without the interpreter the wrappers need CUDA tensors and
 say so with a UserError. `reference.py` is the specification the tests compare against;
-tools/gpu_check.sh runs the same comparison, the timings and the AOT build on a GPU.
+tools/gpu_check.sh runs the same comparison, the timings and the AOT build on a GPU (it ran
+on an H200 with Triton 3.6 on 2026-12-04: all exact; README "TensorRT ... GPU kernels").
 """
 from __future__ import annotations
 
@@ -74,7 +80,9 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton"
     INTERPRETED = False
     _TRITON_ERROR = f"Triton is not usable: {str(exc).splitlines()[0] if str(exc) else exc}"
 
-BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 64, 32, 4, 3
+# Defaults from a sweep on the H200 (graph-replayed CG / PG at 8x128x28x28 and 32x64x56x56,
+# fp32 and fp16): 128 x 64 x 32 with 4 warps, 3 stages was the best or within 5% everywhere.
+BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 64, 32, 4, 3
 MIN_BLOCK = 32  # the smallest tile side the size heuristic picks (tl.dot needs >= 16)
 SM_COUNT = 132  # H100 SXM / H200: the tile heuristic aims at one full wave at least
 FP16_EXACT_INT = 2048  # integers up to this are exact in float16 (11 significant bits)
@@ -118,9 +126,10 @@ def _geometry(x, w, strides, pads, dilations, group):
 
 
 def tile_sizes(m: int, cols: int, tiles_per_col_group: int = 1) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for an output of `m` positions x `cols` channels: 64 x 64, halved
-    (M first) while the grid has fewer than SM_COUNT tiles. Smaller tiles reuse each loaded
-    X / W value less, but a batch-1 layer on 13 x 2 tiles of 64 would idle 80% of the GPU."""
+    """(BLOCK_M, BLOCK_N) for an output of `m` positions x `cols` channels (per group, times
+    `tiles_per_col_group` groups / samples): BLOCK_M x BLOCK_N, halved (M first, down to
+    MIN_BLOCK) while the grid has fewer than SM_COUNT tiles. Smaller tiles reuse each loaded
+    X / W value less, but a batch-1 layer on 7 x 2 tiles would idle 90% of the GPU."""
     bm, bn = BLOCK_M, BLOCK_N
     while bm > MIN_BLOCK and triton.cdiv(m, bm) * triton.cdiv(cols, bn) * tiles_per_col_group < SM_COUNT:
         bm //= 2
