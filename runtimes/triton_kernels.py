@@ -1,31 +1,67 @@
 """Triton kernels for CGConv, PGConv and FBSConv (runtimes/OPS.md): the GPU path.
 
-Each op is a direct convolution over a block of output elements (flattened n, o, oh, ow),
-written to skip the gated work the same way the CPU kernels do:
-  CG:  loop 1 accumulates the base-path channels; the gate is decided per element; loop 2
-       (the remaining channels) loads only where the gate is on and is skipped for blocks
-       where no gate is on.
-  PG:  X is split on the fly into its MSB and LSB parts (per-tensor scale computed first);
-       the LSB convolution is masked and skipped the same way.
-  FBS: the saliency, top-k and active-channel list are computed first (small, in torch);
-       the kernel's grid covers only the active (sample, channel) pairs, and input channels
-       that are all zero in a sample are skipped; everything else stays exactly 0.
+Each op is a tiled implicit-GEMM convolution: a program computes a tile of BLOCK_M output
+positions (n, oh, ow flattened; FBS: (oh, ow) of one sample) x BLOCK_N output channels with
+`tl.dot`, looping over K = (kh, kw, input channel) as (tap, chunk of BLOCK_K channels) with
+W read channels-last ([O, KH, KW, C], a cached copy); the im2col addresses are computed in
+the kernel (per tap a BLOCK_M row vector, plus a BLOCK_K channel-offset vector) and the zero
+padding is a load mask. The gated work is skipped per tile:
+  CG:  stage 1 runs over the union of the base-path channels only (W * base_mask gathered to
+       that list), the gate is decided per element on the fp32 sum, stage 2 runs over the
+       union of the remaining channels (W * (1 - base_mask) gathered) only in tiles where
+       some gate is on; Y = where(gate, acc1 + acc2, acc1). For the usual mask (the same
+       first C/p channels base for every output) no multiply-add is wasted; any 0/1 mask
+       stays exact (a channel that is base for some outputs only is in both lists, with
+       zero weights where it does not belong). The plan (lists, gathered weights, counts)
+       is built with device ops only and cached per (W, base_mask) tensor objects.
+  PG:  the per-tensor scale (max|X| + 1e-7, or static_scale) is reduced on the device and
+       passed as a pointer to one float32 (no fp32 scalar kernel argument: since Triton 3.4
+       the AOT C launcher passes an fp32 scalar as a C double, which the cubin misreads);
+       `levels` and `unit` are constexprs. The loaded X tile is quantized on the fly in
+       the reference's operation order: stage 1 = conv of the MSB part, stage 2 = LSB part,
+       skipped per tile with no gate on; Y = acc1 + (gate ? acc2 : 0). Groups: a tile's
+       output channels lie within one group.
+  FBS: the saliency (pool, predictor) and each sample's active channels are a few torch ops
+       on the device: a fixed-size grid of channel slots per sample (the top k = ceil(O *
+       density) by saliency, or all O sorted by saliency for a fixed threshold) with a
+       validity flag = the reference's rule (g > the (k+1)-th largest, ties excluded; or
+       g > threshold). The kernel gathers the valid slots' weight rows, skips tiles with
+       no valid slot, and scatters act(g * (bn_scale * acc + bn_shift) + beta) to Y, which
+       is zero-initialised, so inactive channels are exactly 0.
+No wrapper synchronises with the host (no .item(), float() of a device value, nonzero()):
+they run inside TensorRT plugins on TensorRT's stream.
 
 Precision: X and W may be float32 or float16 (the same for both); every product is
-accumulated in float32, gates are decided on the float32 sums (so an fp16 model gates like
-the reference run on the same fp16 values), and Y has X's dtype. The other inputs (masks,
-thresholds, FBS's saliency layer and BN vectors) are used in float32; FBS's saliency is
-computed in float32 from X.
+accumulated in float32, gates are decided on the float32 sums, and Y has X's dtype. fp32
+dots use input_precision="ieee" (TF32 would break the 1e-4 relative contract); fp16 dots
+use the tensor cores with fp32 accumulation. PG in fp16 feeds the integer quantization
+levels (sign * q_hb / unit, sign * q_lb: exact in fp16 while they fit in 11 bits) to the
+tensor cores and applies the scale s * unit / levels (or s / levels) to the fp32 sum, which
+equals the reference up to float32 rounding; wider levels fall back to an fp32 ieee dot of
+the dequantized values. The other inputs (masks, thresholds, FBS's saliency layer and BN
+vectors) are used in float32; FBS's saliency is computed in float32 from X.
+Divisions that the reference does in IEEE float32 (|X| / s, q / levels) use tl.div_rn:
+Triton's `/` on float32 is the approximate div.full.f32 on NVIDIA GPUs. PG's round half to
+even is PTX's cvt.rni (inline asm) when compiled: Triton's fp fusion turned floor(v + 0.5)
+into an fma with v's multiply, which flipped quantization levels on the H200 (gate "flips"
+not at ties, 2026-12-04); the interpreter keeps the floor formula (numpy, no fusion).
 
-No GPU is available to this project: the kernels are tested numerically on the CPU with
-Triton's interpreter (TRITON_INTERPRET=1 must be set before this module is imported; fp32 and
-fp16, bfloat16 returns NaN there). Without the interpreter the wrappers need CUDA tensors and
+Tile sizes: BLOCK_M x BLOCK_N = 128 x 64 (BLOCK_K 32, 4 warps, 3 stages), halved along M
+(down to 32) then N while the grid has fewer tiles than an H100/H200 has SMs (132): a
+batch-1 layer on 7 x 2 tiles would idle 90% of the GPU.
+
+Where it ran: on the development machines (no GPU) the kernels are tested numerically on
+Triton's interpreter (TRITON_INTERPRET=1 must be set before this module is imported; fp32
+and fp16, bfloat16 returns NaN there) and compiled for sm_90 with Triton's bundled ptxas
+(tests/test_triton_compile.py). Without the interpreter the wrappers need CUDA tensors and
 say so with a UserError. `reference.py` is the specification the tests compare against;
-tools/gpu_check.sh runs the same comparison on a GPU.
+tools/gpu_check.sh runs the same comparison, the timings and the AOT build on a GPU (it ran
+on an H200 with Triton 3.6 on 2026-12-04: all exact; README "TensorRT ... GPU kernels").
 """
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -44,8 +80,12 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton"
     INTERPRETED = False
     _TRITON_ERROR = f"Triton is not usable: {str(exc).splitlines()[0] if str(exc) else exc}"
 
-BLOCK = 128
-
+# Defaults from a sweep on the H200 (graph-replayed CG / PG at 8x128x28x28 and 32x64x56x56,
+# fp32 and fp16): 128 x 64 x 32 with 4 warps, 3 stages was the best or within 5% everywhere.
+BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 64, 32, 4, 3
+MIN_BLOCK = 32  # the smallest tile side the size heuristic picks (tl.dot needs >= 16)
+SM_COUNT = 132  # H100 SXM / H200: the tile heuristic aims at one full wave at least
+FP16_EXACT_INT = 2048  # integers up to this are exact in float16 (11 significant bits)
 
 DTYPES = (torch.float32, torch.float16)
 
@@ -85,6 +125,19 @@ def _geometry(x, w, strides, pads, dilations, group):
     return n, c, h, wd, o, cw, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow
 
 
+def tile_sizes(m: int, cols: int, tiles_per_col_group: int = 1) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for an output of `m` positions x `cols` channels (per group, times
+    `tiles_per_col_group` groups / samples): BLOCK_M x BLOCK_N, halved (M first, down to
+    MIN_BLOCK) while the grid has fewer than SM_COUNT tiles. Smaller tiles reuse each loaded
+    X / W value less, but a batch-1 layer on 7 x 2 tiles would idle 90% of the GPU."""
+    bm, bn = BLOCK_M, BLOCK_N
+    while bm > MIN_BLOCK and triton.cdiv(m, bm) * triton.cdiv(cols, bn) * tiles_per_col_group < SM_COUNT:
+        bm //= 2
+    while bn > MIN_BLOCK and triton.cdiv(m, bm) * triton.cdiv(cols, bn) * tiles_per_col_group < SM_COUNT:
+        bn //= 2
+    return bm, bn
+
+
 if triton is not None:
 
     @triton.jit
@@ -93,71 +146,12 @@ if triton is not None:
 
     @triton.jit
     def _any(flags):
-        """True if any lane is set. (tl.reduce with our own combine function rather than
-        tl.max: the standard library's jit functions are compiled-mode objects when triton
-        was imported before TRITON_INTERPRET was set, as in a test session.)"""
-        return tl.reduce(flags.to(tl.int32), 0, _max_combine) > 0
-
-    @triton.jit
-    def _tap_sum(x_ptr, w_ptr, n, o, oh, ow, cin, cw_idx, valid, C, H, W, CW,
-                 KH: tl.constexpr, KW: tl.constexpr, sh, sw, pt, pl, dh, dw,
-                 scale, levels, unit, PART: tl.constexpr):
-        """Sum over the kh x kw taps of input channel `cin` (weight channel `cw_idx`) of the
-        input itself (PART 0) or of its PG-quantized MSB (PART 1) or LSB (PART 2) part."""
-        acc = tl.full(valid.shape, 0.0, tl.float32)
-        for i in tl.static_range(KH):
-            for j in tl.static_range(KW):
-                ih = oh * sh - pt + i * dh
-                iw = ow * sw - pl + j * dw
-                inside = valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                xv = tl.load(x_ptr + ((n * C + cin) * H + ih) * W + iw, mask=inside,
-                             other=0.0).to(tl.float32)
-                if PART != 0:
-                    q = _round_half_even(tl.minimum(tl.abs(xv) / scale, 1.0) * levels)
-                    q_hb = tl.floor(q / unit) * unit
-                    part = q_hb if PART == 1 else q - q_hb
-                    sign = tl.where(xv > 0, 1.0, tl.where(xv < 0, -1.0, 0.0))
-                    xv = (part / levels) * scale * sign  # the reference's operation order
-                wv = tl.load(w_ptr + ((o * CW + cw_idx) * KH + i) * KW + j, mask=valid,
-                             other=0.0).to(tl.float32)
-                acc += xv * wv
-        return acc
-
-    @triton.jit
-    def _conv_tap_sum(x_ptr, w_ptr, n, o, oh, ow, cin, cw_idx, valid, C, H, W, CW,
-                      KH: tl.constexpr, KW: tl.constexpr, sh, sw, pt, pl, dh, dw):
-        return _tap_sum(x_ptr, w_ptr, n, o, oh, ow, cin, cw_idx, valid, C, H, W, CW,
-                        KH, KW, sh, sw, pt, pl, dh, dw, 1.0, 1.0, 1.0, 0)
-
-    @triton.jit
-    def _output_coords(idx, O, OH, OW):
-        """(n, o, oh, ow) of flat NCHW output indices."""
-        return idx // (OW * OH * O), (idx // (OW * OH)) % O, (idx // OW) % OH, idx % OW
-
-    @triton.jit
-    def _cg_conv_kernel(x_ptr, w_ptr, mask_ptr, thr_ptr, y_ptr, total, C, H, W, O, OH, OW,
-                        KH: tl.constexpr, KW: tl.constexpr, sh, sw, pt, pl, dh, dw,
-                        BLOCK_SIZE: tl.constexpr):
-        idx = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        valid = idx < total
-        n, o, oh, ow = _output_coords(idx, O, OH, OW)
-        partial = tl.full((BLOCK_SIZE,), 0.0, tl.float32)
-        for c in range(0, C):  # stage 1: base-path channels only
-            base = tl.load(mask_ptr + o * C + c, mask=valid, other=0.0)
-            use = valid & (base != 0.0)
-            partial += _conv_tap_sum(x_ptr, w_ptr, n, o, oh, ow, c, c, use, C, H, W, C, KH, KW,
-                                     sh, sw, pt, pl, dh, dw)
-        thr = tl.load(thr_ptr + o, mask=valid, other=0.0)
-        gate = valid & (partial > thr)
-        rest = tl.full((BLOCK_SIZE,), 0.0, tl.float32)
-        if _any(gate):  # stage 2 only if some gate in the block is on
-            for c in range(0, C):
-                base = tl.load(mask_ptr + o * C + c, mask=gate, other=1.0)
-                use = gate & (base == 0.0)
-                rest += _conv_tap_sum(x_ptr, w_ptr, n, o, oh, ow, c, c, use, C, H, W, C, KH, KW,
-                                      sh, sw, pt, pl, dh, dw)
-        tl.store(y_ptr + idx, tl.where(gate, partial + rest, partial).to(y_ptr.dtype.element_ty),
-                 mask=valid)
+        """True if any element of the 2-D `flags` is set. (tl.reduce with our own combine
+        function rather than tl.max: the standard library's jit functions are compiled-mode
+        objects when triton was imported before TRITON_INTERPRET was set, as in a test
+        session.)"""
+        per_row = tl.reduce(flags.to(tl.int32), 1, _max_combine)
+        return tl.reduce(per_row, 0, _max_combine) > 0
 
     @triton.jit
     def _round_half_even(v):
@@ -167,52 +161,235 @@ if triton is not None:
         return tl.where(tie & odd, r - 1.0, r)
 
     @triton.jit
-    def _pg_conv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, total, C, H, W, O, OH, OW, CW, OG,
-                        KH: tl.constexpr, KW: tl.constexpr, sh, sw, pt, pl, dh, dw,
-                        scale, levels, unit, BLOCK_SIZE: tl.constexpr):
-        idx = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        valid = idx < total
-        n, o, oh, ow = _output_coords(idx, O, OH, OW)
-        c0 = (o // OG) * CW  # first input channel of o's group
-        msb = tl.full((BLOCK_SIZE,), 0.0, tl.float32)
-        for c in range(0, CW):
-            msb += _tap_sum(x_ptr, w_ptr, n, o, oh, ow, c0 + c, c, valid, C, H, W, CW,
-                            KH, KW, sh, sw, pt, pl, dh, dw, scale, levels, unit, 1)
-        thr = tl.load(thr_ptr + o, mask=valid, other=0.0)
-        gate = valid & (msb > thr)
-        lsb = tl.full((BLOCK_SIZE,), 0.0, tl.float32)
-        if _any(gate):
-            for c in range(0, CW):
-                lsb += _tap_sum(x_ptr, w_ptr, n, o, oh, ow, c0 + c, c, gate, C, H, W, CW,
-                                KH, KW, sh, sw, pt, pl, dh, dw, scale, levels, unit, 2)
-        tl.store(y_ptr + idx, (msb + lsb).to(y_ptr.dtype.element_ty), mask=valid)
+    def _pg_part(x, scale, LEVELS: tl.constexpr, UNIT: tl.constexpr, PART: tl.constexpr,
+                 INT_LEVELS: tl.constexpr, RINT_ASM: tl.constexpr):
+        """PG's MSB (PART 1) or LSB (PART 2) part of the X tile `x` (reference
+        pg_split_activations). INT_LEVELS: the integer levels sign * q_hb / UNIT or
+        sign * q_lb as float16 (the caller scales the sum); else the dequantized value in
+        float32, in the reference's operation order (q / levels) * s * sign.
+        RINT_ASM: round half to even with PTX's cvt.rni. Compiled, floor(v + 0.5) would be
+        contracted with v's multiply into one fma (Triton enables fp fusion), which rounds
+        differently from numpy's two roundings; the inline asm is opaque to that. The
+        interpreter (numpy, no fusion) uses the floor formula."""
+        xv = x.to(tl.float32)
+        v = tl.minimum(tl.div_rn(tl.abs(xv), scale), 1.0) * LEVELS
+        if RINT_ASM:
+            q = tl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=f,f", [v],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            q = _round_half_even(v)
+        q_hb = tl.floor(q * (1.0 / UNIT)) * UNIT  # UNIT is a power of two: exact
+        sign = tl.where(xv > 0, 1.0, tl.where(xv < 0, -1.0, 0.0))
+        if INT_LEVELS:
+            if PART == 1:
+                part = (q_hb * (1.0 / UNIT)) * sign
+            else:
+                part = (q - q_hb) * sign
+            out = part.to(tl.float16)
+        else:
+            if PART == 1:
+                part = q_hb
+            else:
+                part = q - q_hb
+            out = tl.div_rn(part, LEVELS) * scale * sign
+        return out
 
     @triton.jit
-    def _fbs_conv_kernel(x_ptr, w_ptr, pairs_ptr, gamma_ptr, nonzero_ptr, scale_ptr, shift_ptr,
-                         beta_ptr, y_ptr, C, H, W, O, OH, OW, KH: tl.constexpr,
-                         KW: tl.constexpr, sh, sw, pt, pl, dh, dw, RELU: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr):
-        # Grid: (active (n, o) pair, block of output pixels). Inactive pairs never run.
-        pair = tl.program_id(0)
-        n = tl.load(pairs_ptr + 2 * pair)
-        o = tl.load(pairs_ptr + 2 * pair + 1)
-        pix = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        valid = pix < OH * OW
-        oh = pix // OW
-        ow = pix % OW
-        nv = tl.full((BLOCK_SIZE,), 0, tl.int32) + n
-        ov = tl.full((BLOCK_SIZE,), 0, tl.int32) + o
-        acc = tl.full((BLOCK_SIZE,), 0.0, tl.float32)
-        for c in range(0, C):
-            if tl.load(nonzero_ptr + n * C + c) != 0:  # input channel switched off: skip it
-                acc += _conv_tap_sum(x_ptr, w_ptr, nv, ov, oh, ow, c, c, valid, C, H, W, C,
-                                     KH, KW, sh, sw, pt, pl, dh, dw)
-        g = tl.load(gamma_ptr + n * O + o)
-        out = g * (tl.load(scale_ptr + o) * acc + tl.load(shift_ptr + o)) + tl.load(beta_ptr + o)
-        if RELU:
-            out = tl.maximum(out, 0.0)
-        tl.store(y_ptr + ((n * O + o) * OH + oh) * OW + ow, out.to(y_ptr.dtype.element_ty),
-                 mask=valid)
+    def _mma(a, b, acc):
+        """acc + a @ b with fp32 accumulation: IEEE fp32 products for fp32 operands (never
+        TF32), the tensor cores for fp16."""
+        if a.dtype == tl.float32:
+            acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.to(a.dtype), acc)
+        return acc
+
+    @triton.jit
+    def _conv_tile(acc, x_ptr, w_ptr, chan_ptr, n, oh, ow, m_ok, o, o_ok, c_len, w_tap, c0,
+                   C, H, W, sh, sw, pt, pl, dh, dw, scale,
+                   KH: tl.constexpr, KW: tl.constexpr, GATHER: tl.constexpr,
+                   PART: tl.constexpr, LEVELS: tl.constexpr, UNIT: tl.constexpr,
+                   INT_LEVELS: tl.constexpr, RINT_ASM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc[m, j] + sum over taps t = (i, j) and list positions ci < c_len of
+        X[n, chan(ci), ih, iw] * W[o[j], t, ci], W laid out [O, KH, KW, w_tap] (channels
+        innermost). chan(ci) = chan_ptr[ci] (GATHER) or c0 + ci. PART 1 / 2: X replaced by
+        its PG MSB / LSB part.
+
+        One flat loop over (tap, chunk of BLOCK_K channels), so that Triton pipelines it:
+        the tap's input row (ih, iw, padding mask) is a BLOCK_M vector, and a channel chunk
+        adds a BLOCK_K vector of channel offsets (no per-element im2col division)."""
+        chunks = (c_len + BLOCK_K - 1) // BLOCK_K
+        x_n = n * (C * H * W)
+        for it in range(0, KH * KW * chunks):
+            tap = it // chunks
+            ci = (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = ci < c_len
+            i = tap // KW
+            ih = oh * sh - pt + i * dh
+            iw = ow * sw - pl + (tap - i * KW) * dw
+            inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            if GATHER:
+                c = tl.load(chan_ptr + ci, mask=k_ok, other=0)
+            else:
+                c = c0 + ci
+            a = tl.load(x_ptr + (x_n + ih * W + iw)[:, None] + (c * (H * W))[None, :],
+                        mask=inside[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + (o * (KH * KW * w_tap) + tap * w_tap)[None, :] + ci[:, None],
+                        mask=k_ok[:, None] & o_ok[None, :], other=0.0)
+            if PART != 0:
+                a = _pg_part(a, scale, LEVELS, UNIT, PART, INT_LEVELS, RINT_ASM)
+            acc = _mma(a, b, acc)
+        return acc
+
+    @triton.jit
+    def _rows(pid_m, M, OH, OW, BLOCK_M: tl.constexpr):
+        """(n, oh, ow, valid) of the tile's flattened output positions."""
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pos = rows % (OH * OW)
+        return rows // (OH * OW), pos // OW, pos % OW, rows < M
+
+    @triton.jit
+    def _cg_conv_kernel(x_ptr, w1_ptr, w2_ptr, chan_ptr, count_ptr, thr_ptr, y_ptr,
+                        M, C, H, W, O, OH, OW, sh, sw, pt, pl, dh, dw,
+                        KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # chan_ptr: [2, C] int32, the base-channel list then the rest list (each padded to
+        # C); count_ptr: their lengths; w1 / w2: W * mask / W * (1 - mask), columns gathered
+        # to those lists and laid out [O, KH, KW, C].
+        n, oh, ow, m_ok = _rows(tl.program_id(0), M, OH, OW, BLOCK_M)
+        o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_ok = o < O
+        acc1 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc1 = _conv_tile(acc1, x_ptr, w1_ptr, chan_ptr, n, oh, ow, m_ok, o, o_ok,
+                          tl.load(count_ptr), C, 0, C, H, W, sh, sw, pt, pl, dh, dw, 1.0,
+                          KH, KW, True, 0, 1.0, 1.0, False, False, BLOCK_K)
+        thr = tl.load(thr_ptr + o, mask=o_ok, other=0.0)
+        gate = (acc1 > thr[None, :]) & m_ok[:, None] & o_ok[None, :]
+        acc2 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        if _any(gate):  # stage 2 only in tiles where some gate is on
+            acc2 = _conv_tile(acc2, x_ptr, w2_ptr, chan_ptr + C, n, oh, ow, m_ok, o, o_ok,
+                              tl.load(count_ptr + 1), C, 0, C, H, W, sh, sw, pt, pl, dh, dw,
+                              1.0, KH, KW, True, 0, 1.0, 1.0, False, False, BLOCK_K)
+        y = tl.where(gate, acc1 + acc2, acc1)
+        out = ((n[:, None] * O + o[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
+        tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+
+    @triton.jit
+    def _pg_conv_kernel(x_ptr, w_ptr, thr_ptr, scale_ptr, y_ptr, M, C, H, W, O, OH, OW, CW, OG,
+                        sh, sw, pt, pl, dh, dw, KH: tl.constexpr, KW: tl.constexpr,
+                        LEVELS: tl.constexpr, UNIT: tl.constexpr, INT_LEVELS: tl.constexpr,
+                        RINT_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Grid axis 1: (group, tile of BLOCK_N channels within the group).
+        n, oh, ow, m_ok = _rows(tl.program_id(0), M, OH, OW, BLOCK_M)
+        tiles = (OG + BLOCK_N - 1) // BLOCK_N
+        g = tl.program_id(1) // tiles
+        o_in = (tl.program_id(1) % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_ok = o_in < OG
+        o = g * OG + o_in
+        scale = tl.load(scale_ptr)
+        msb = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        msb = _conv_tile(msb, x_ptr, w_ptr, x_ptr, n, oh, ow, m_ok, o, o_ok, CW, CW, g * CW,
+                         C, H, W, sh, sw, pt, pl, dh, dw, scale, KH, KW, False, 1, LEVELS, UNIT,
+                         INT_LEVELS, RINT_ASM, BLOCK_K)
+        if INT_LEVELS:  # the sums of integer levels, scaled as one dequantized value
+            msb = msb * (scale * (UNIT / LEVELS))
+        thr = tl.load(thr_ptr + o, mask=o_ok, other=0.0)
+        gate = (msb > thr[None, :]) & m_ok[:, None] & o_ok[None, :]
+        lsb = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        if _any(gate):
+            lsb = _conv_tile(lsb, x_ptr, w_ptr, x_ptr, n, oh, ow, m_ok, o, o_ok, CW, CW, g * CW,
+                             C, H, W, sh, sw, pt, pl, dh, dw, scale, KH, KW, False, 2, LEVELS,
+                             UNIT, INT_LEVELS, RINT_ASM, BLOCK_K)
+            if INT_LEVELS:
+                lsb = lsb * tl.div_rn(scale, LEVELS)
+        y = msb + tl.where(gate, lsb, 0.0)
+        out = ((n[:, None] * O + o[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
+        tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+
+    @triton.jit
+    def _fbs_conv_kernel(x_ptr, w_ptr, slot_ptr, valid_ptr, gamma_ptr, scale_ptr, shift_ptr,
+                         beta_ptr, y_ptr, S, C, H, W, O, OH, OW, sh, sw, pt, pl, dh, dw,
+                         KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Grid: (tile of output positions, tile of channel slots, sample). slot_ptr / valid_ptr:
+        # [N, S] channel index and validity of each slot; invalid slots are never computed.
+        n = tl.program_id(2)
+        s = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        active = tl.load(valid_ptr + n * S + s, mask=s < S, other=0) != 0
+        if _any(active[None, :]):
+            o = tl.load(slot_ptr + n * S + s, mask=active, other=0)
+            nv = tl.full((BLOCK_M,), 0, tl.int32) + n
+            _, oh, ow, m_ok = _rows(tl.program_id(0), OH * OW, OH, OW, BLOCK_M)
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            acc = _conv_tile(acc, x_ptr, w_ptr, x_ptr, nv, oh, ow, m_ok, o, active, C, C, 0,
+                             C, H, W, sh, sw, pt, pl, dh, dw, 1.0, KH, KW, False, 0, 1.0, 1.0,
+                             False, False, BLOCK_K)
+            g = tl.load(gamma_ptr + n * O + o, mask=active, other=0.0)
+            bn_scale = tl.load(scale_ptr + o, mask=active, other=0.0)
+            bn_shift = tl.load(shift_ptr + o, mask=active, other=0.0)
+            beta = tl.load(beta_ptr + o, mask=active, other=0.0)
+            out = g[None, :] * (bn_scale[None, :] * acc + bn_shift[None, :]) + beta[None, :]
+            if RELU:
+                out = tl.maximum(out, 0.0)
+            dst = ((n * O + o[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
+            tl.store(y_ptr + dst, out.to(y_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & active[None, :])
+
+
+# ------------------------------------------------------------------------------------------
+# CG's plan: base / rest channel lists and the weights gathered to them
+# ------------------------------------------------------------------------------------------
+_DERIVED: dict = {}
+_DERIVED_MAX = 64
+
+
+def _derived(kind: str, tensors: tuple, build):
+    """build(), cached per `kind` and tensor objects: weak references (so a freed tensor's
+    address reused by another never hits) and the tensors' in-place versions. A caller
+    that wraps the same memory in a new tensor each call (TensorRT's plugin) just rebuilds,
+    with device ops only."""
+    key = (kind, *(id(t) for t in tensors))
+    versions = tuple(t._version for t in tensors)
+    hit = _DERIVED.get(key)
+    if hit is not None:
+        refs, old_versions, value = hit
+        if all(r() is t for r, t in zip(refs, tensors)) and old_versions == versions:
+            return value
+    value = build()
+    if len(_DERIVED) >= _DERIVED_MAX:
+        _DERIVED.pop(next(iter(_DERIVED)))
+    _DERIVED[key] = (tuple(weakref.ref(t) for t in tensors), versions, value)
+    return value
+
+
+def channels_last_weights(w: torch.Tensor) -> torch.Tensor:
+    """W [O, C, KH, KW] as the kernels read it: [O, KH, KW, C] contiguous (cached)."""
+    return _derived("channels_last", (w,), lambda: w.permute(0, 2, 3, 1).contiguous())
+
+
+def cg_plan(w: torch.Tensor, base_mask: torch.Tensor) -> tuple:
+    """(w1, w2, chans, counts) for _cg_conv_kernel, built with device ops only (no host
+    synchronisation): chans [2, C] int32 = the channels that are base for some output (in
+    channel order, then padding) and those that are not base for some output; counts [2]
+    int32 their numbers; w1 = W * mask and w2 = W * (1 - mask) with the columns gathered to
+    those lists, laid out [O, KH, KW, C]. Written with `where` so that a weight of the other
+    path is exactly 0. Cached per (W, base_mask) (_derived)."""
+    def build():
+        on = base_mask != 0
+        in_base = on.any(dim=0)
+        in_rest = (~on).any(dim=0)
+        # stable argsort of "not in the list": the list's channels first, in channel order
+        order_b = torch.argsort((~in_base).to(torch.int32), stable=True)
+        order_r = torch.argsort((~in_rest).to(torch.int32), stable=True)
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        on4 = on[:, :, None, None]
+        w1 = torch.where(on4, w, zero)[:, order_b].permute(0, 2, 3, 1).contiguous()
+        w2 = torch.where(on4, zero, w)[:, order_r].permute(0, 2, 3, 1).contiguous()
+        chans = torch.stack([order_b, order_r]).to(torch.int32).contiguous()
+        counts = torch.stack([in_base.sum(), in_rest.sum()]).to(torch.int32)
+        return w1, w2, chans, counts
+
+    return _derived("cg_plan", (w, base_mask), build)
 
 
 def cg_conv(x: torch.Tensor, w: torch.Tensor, base_mask: torch.Tensor, threshold: torch.Tensor,
@@ -223,18 +400,43 @@ def cg_conv(x: torch.Tensor, w: torch.Tensor, base_mask: torch.Tensor, threshold
         x, w, strides, pads, dilations, 1)
     if tuple(base_mask.shape) != (o, c) or threshold.numel() != o:
         raise UserError(f"base_mask must be {(o, c)} and threshold have {o} values")
+    w1, w2, chans, counts = cg_plan(w, base_mask)
     y = torch.empty((n, o, oh, ow), dtype=x.dtype, device=x.device)
-    total = y.numel()
-    _cg_conv_kernel[(triton.cdiv(total, BLOCK),)](
-        x.contiguous(), w.contiguous(), _f32(base_mask), _f32(threshold).view(-1), y,
-        total, c, h, wd, o, oh, ow, kh, kw, sh, sw, pt, pl, dh, dw, BLOCK_SIZE=BLOCK)
+    m = n * oh * ow
+    if y.numel() == 0:
+        return y
+    bm, bn = tile_sizes(m, o)
+    _cg_conv_kernel[(triton.cdiv(m, bm), triton.cdiv(o, bn))](
+        x.contiguous(), w1, w2, chans, counts, _f32(threshold).view(-1), y,
+        m, c, h, wd, o, oh, ow, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
+
+
+def pg_scale(x: torch.Tensor, static_scale: float = 0.0) -> torch.Tensor:
+    """PG's per-tensor scale as a 1-element float32 device tensor (no host sync):
+    static_scale if > 0, else max|X| + 1e-7 in float32 (reference.pg_split_activations)."""
+    if static_scale > 0:
+        return torch.full((1,), static_scale, dtype=torch.float32, device=x.device)
+    return (x.abs().amax().to(torch.float32) + torch.tensor(1e-7, dtype=torch.float32)).reshape(1)
+
+
+def pg_levels(abits: int, pred_bits: int) -> tuple[float, float]:
+    """(levels, unit) = (2^abits - 1, 2^(abits - pred_bits)): the kernel's constexprs."""
+    return float(2 ** abits - 1), float(2 ** (abits - pred_bits))
+
+
+def pg_int_levels(dtype: torch.dtype, abits: int, pred_bits: int) -> bool:
+    """Whether an fp16 PG kernel feeds the integer levels to the tensor cores (both parts'
+    largest level exact in float16); fp32 always uses the dequantized values."""
+    return (dtype == torch.float16 and 2 ** pred_bits - 1 <= FP16_EXACT_INT
+            and 2 ** (abits - pred_bits) - 1 <= FP16_EXACT_INT)
 
 
 def pg_conv(x: torch.Tensor, w: torch.Tensor, threshold: torch.Tensor, abits: int,
             pred_bits: int, static_scale: float = 0.0, strides=(1, 1), pads=(0, 0, 0, 0),
             dilations=(1, 1), group: int = 1) -> torch.Tensor:
-    """PGConv (OPS.md) with Triton; the dynamic scale max|X| + 1e-7 is reduced first."""
+    """PGConv (OPS.md) with Triton; the dynamic scale max|X| + 1e-7 is reduced on the device."""
     _check_device(x, w, threshold)
     if not 0 < pred_bits < abits:
         raise UserError(f"need 0 < pred_bits < abits, not pred_bits={pred_bits}, abits={abits}")
@@ -242,25 +444,51 @@ def pg_conv(x: torch.Tensor, w: torch.Tensor, threshold: torch.Tensor, abits: in
         x, w, strides, pads, dilations, group)
     if threshold.numel() != o:
         raise UserError(f"threshold must have {o} values")
-    if static_scale > 0:
-        scale = float(torch.tensor(static_scale, dtype=torch.float32))
-    else:
-        scale = float(x.abs().max().to(torch.float32) + torch.tensor(1e-7, dtype=torch.float32))
     y = torch.empty((n, o, oh, ow), dtype=x.dtype, device=x.device)
-    total = y.numel()
-    _pg_conv_kernel[(triton.cdiv(total, BLOCK),)](
-        x.contiguous(), w.contiguous(), _f32(threshold).view(-1), y, total, c, h, wd, o,
-        oh, ow, cw, o // group, kh, kw, sh, sw, pt, pl, dh, dw, scale, float(2 ** abits - 1),
-        float(2 ** (abits - pred_bits)), BLOCK_SIZE=BLOCK)
+    if y.numel() == 0:
+        return y
+    m, og = n * oh * ow, o // group
+    levels, unit = pg_levels(abits, pred_bits)
+    bm, bn = tile_sizes(m, og, group)
+    grid = (triton.cdiv(m, bm), group * triton.cdiv(og, bn))
+    _pg_conv_kernel[grid](
+        x.contiguous(), channels_last_weights(w), _f32(threshold).view(-1), pg_scale(x, static_scale), y,
+        m, c, h, wd, o, oh, ow, cw, og, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw, LEVELS=levels,
+        UNIT=unit, INT_LEVELS=pg_int_levels(x.dtype, abits, pred_bits), RINT_ASM=not INTERPRETED,
+        BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
+
+
+def fbs_slots(gamma: torch.Tensor, density: float, threshold: float | None = None):
+    """(slots, valid): per sample a fixed number of channel slots [N, S] int32 and their
+    validity [N, S] int32, on the device without a host sync. Online: the top k = ceil(O *
+    density) channels by g, valid where g > the (k+1)-th largest g (reference
+    fbs_active_channels: ties at the cut are excluded, so some of the k slots may be
+    invalid); all O valid when k >= O. Fixed threshold: all O channels sorted by g
+    (descending, so the valid ones come first and whole tiles of invalid slots are skipped),
+    valid where g > float32(threshold)."""
+    n, o = gamma.shape
+    k = math.ceil(o * float(density))
+    if threshold is not None:
+        values, slots = torch.sort(gamma, dim=1, descending=True)
+        valid = values > float(torch.tensor(threshold, dtype=torch.float32))
+    elif k >= o:
+        slots = torch.arange(o, device=gamma.device).expand(n, o)
+        valid = torch.ones((n, o), dtype=torch.bool, device=gamma.device)
+    else:
+        values, slots = torch.topk(gamma, k + 1, dim=1)  # descending; values[:, k] = the cut
+        valid = values[:, :k] > values[:, k:]
+        slots = slots[:, :k]
+    return slots.to(torch.int32).contiguous(), valid.to(torch.int32).contiguous()
 
 
 def fbs_conv(x: torch.Tensor, w: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.Tensor,
              bn_scale: torch.Tensor, bn_shift: torch.Tensor, beta: torch.Tensor, density: float,
              pool: str = "avg", strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
              activation: str = "Relu", pool_pads=(0, 0, 0, 0), threshold: float | None = None) -> torch.Tensor:
-    """FBSConv (OPS.md) with Triton: only active (sample, channel) pairs are computed; the
-    saliency (pool, predictor, top-k or fixed threshold) is a few whole-tensor torch ops."""
+    """FBSConv (OPS.md) with Triton: only the active (sample, channel) pairs are computed;
+    the saliency (pool, predictor, channel slots) is a few whole-tensor torch ops."""
     _check_device(x, w, fc_w, fc_b, bn_scale, bn_shift, beta)
     if not 0.0 < density <= 1.0 or pool not in FBS_POOLS:
         raise UserError(f"density must be in (0, 1] and pool one of {FBS_POOLS}, not {density}, {pool!r}")
@@ -272,6 +500,9 @@ def fbs_conv(x: torch.Tensor, w: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.T
         raise UserError(f"threshold must be finite, not {threshold}")
     n, c, h, wd, o, cw, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow = _geometry(
         x, w, strides, pads, dilations, 1)
+    y = torch.zeros((n, o, oh, ow), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
     xf = x.to(torch.float32)
     if any(pool_pads):
         top, left, bottom, right = (int(p) for p in pool_pads)
@@ -284,22 +515,49 @@ def fbs_conv(x: torch.Tensor, w: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.T
     gamma = pooled @ _f32(fc_w).t() + _f32(fc_b)
     if activation == "Relu":
         gamma = torch.relu(gamma)
-    k = math.ceil(o * float(density))
-    if threshold is not None:
-        active = gamma > float(torch.tensor(threshold, dtype=torch.float32))
-    elif k >= o:
-        active = torch.ones_like(gamma, dtype=torch.bool)
-    else:
-        cut = torch.sort(gamma, dim=1).values[:, o - k - 1:o - k]
-        active = gamma > cut
-    pairs = active.nonzero().to(torch.int32).contiguous()  # [(n, o)] of active channels
-    nonzero = (x != 0).flatten(2).any(dim=2).to(torch.int32).contiguous()
-    y = torch.zeros((n, o, oh, ow), dtype=x.dtype, device=x.device)
-    if pairs.shape[0]:
-        grid = (pairs.shape[0], triton.cdiv(oh * ow, BLOCK))
-        _fbs_conv_kernel[grid](
-            x.contiguous(), w.contiguous(), pairs, gamma.contiguous(), nonzero,
-            _f32(bn_scale).view(-1), _f32(bn_shift).view(-1), _f32(beta).view(-1),
-            y, c, h, wd, o, oh, ow, kh, kw, sh, sw, pt, pl, dh, dw, RELU=activation == "Relu",
-            BLOCK_SIZE=BLOCK)
+    slots, valid = fbs_slots(gamma, density, threshold)
+    s = slots.shape[1]
+    bm, bn = tile_sizes(oh * ow, s, n)
+    _fbs_conv_kernel[(triton.cdiv(oh * ow, bm), triton.cdiv(s, bn), n)](
+        x.contiguous(), channels_last_weights(w), slots, valid, gamma.contiguous(),
+        _f32(bn_scale).view(-1), _f32(bn_shift).view(-1), _f32(beta).view(-1), y,
+        s, c, h, wd, o, oh, ow, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw,
+        RELU=activation == "Relu", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
+
+
+# ------------------------------------------------------------------------------------------
+# Signatures for ahead-of-time compilation (tests/test_triton_compile.py, tools/gpu_check.py)
+# ------------------------------------------------------------------------------------------
+_GEOMETRY_ARGS = ("sh", "sw", "pt", "pl", "dh", "dw")
+
+
+def kernel_signatures(dtype: str = "fp32", kh: int = 3, kw: int = 3, block_m: int = BLOCK_M,
+                      block_n: int = BLOCK_N, abits: int = 8, pred_bits: int = 4,
+                      relu: bool = True) -> dict:
+    """{kernel name: [(argument, Triton type or constexpr value)]}, in argument order, for
+    X / W / Y of `dtype` ("fp32" or "fp16"): what triton.compile's ASTSource and
+    triton.tools.compile take. Scalars are i32 or pointers (PG's scale is a *fp32): no fp32
+    scalar argument, which Triton >= 3.4's AOT launcher would pass as a C double. Boolean
+    constexprs are written as 0 / 1 (the AOT compiler parses constexprs as numbers)."""
+    t = f"*{dtype}"
+    ints = lambda *names: [(name, "i32") for name in names]  # noqa: E731
+    blocks = [("KH", kh), ("KW", kw)]
+    tiles = [("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", BLOCK_K)]
+    levels, unit = pg_levels(abits, pred_bits)
+    int_levels = pg_int_levels(torch.float16 if dtype == "fp16" else torch.float32, abits, pred_bits)
+    return {
+        "_cg_conv_kernel": [
+            ("x_ptr", t), ("w1_ptr", t), ("w2_ptr", t), ("chan_ptr", "*i32"), ("count_ptr", "*i32"),
+            ("thr_ptr", "*fp32"), ("y_ptr", t), *ints("M", "C", "H", "W", "O", "OH", "OW"),
+            *ints(*_GEOMETRY_ARGS), *blocks, *tiles],
+        "_pg_conv_kernel": [
+            ("x_ptr", t), ("w_ptr", t), ("thr_ptr", "*fp32"), ("scale_ptr", "*fp32"), ("y_ptr", t),
+            *ints("M", "C", "H", "W", "O", "OH", "OW", "CW", "OG"), *ints(*_GEOMETRY_ARGS), *blocks,
+            ("LEVELS", levels), ("UNIT", unit), ("INT_LEVELS", int(int_levels)), ("RINT_ASM", 1), *tiles],
+        "_fbs_conv_kernel": [
+            ("x_ptr", t), ("w_ptr", t), ("slot_ptr", "*i32"), ("valid_ptr", "*i32"),
+            ("gamma_ptr", "*fp32"), ("scale_ptr", "*fp32"), ("shift_ptr", "*fp32"),
+            ("beta_ptr", "*fp32"), ("y_ptr", t), *ints("S", "C", "H", "W", "O", "OH", "OW"),
+            *ints(*_GEOMETRY_ARGS), *blocks, ("RELU", int(relu)), *tiles],
+    }

@@ -177,3 +177,37 @@ def test_prepare_for_tensorrt_adds_plugin_attributes():
     bad.graph.node[0].op_type = "Mystery"
     with pytest.raises(UserError, match="no TensorRT plugin"):
         prepare_for_tensorrt(bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_fbs_ties_threshold_and_options(tk, dtype):
+    """The fixed slot grid (runtimes.triton_kernels.fbs_slots) keeps the reference's rule:
+    saliency ties AT the cut are excluded (some of the k top slots are invalid), a fixed
+    threshold (Mayo) activates g > threshold only; with the max / l2 pools, Identity and
+    pool_pads. Expected values: reference.fbs_conv_reference (Mayo's bool_actives)."""
+    n, c, o, h, w = 2, 4, 8, 5, 5
+    rng = np.random.default_rng(7)
+    x = as_dtype(rng.standard_normal((n, c, h, w)), dtype)
+    wt = as_dtype(rng.standard_normal((o, c, 3, 3)), dtype)
+    sc, sh, be = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
+    # fc_W = 0: g = act(fc_b) for every sample; values 3, 2, 2, 2, 1, ...: with density 0.25
+    # (k = 2) the cut (3rd largest) is 2, so only the channel with 3 is active, not the ties
+    fc_w = np.zeros((o, c), np.float32)
+    fc_b = np.array([1, 2, 3, 2, 0.5, 2, 0.25, 0.1], np.float32)
+    np_dtype = DTYPES[dtype][0]
+    cases = [dict(density=0.25), dict(density=0.5, threshold=0.3, pool="max"),
+             dict(density=0.5, activation="Identity", pool="l2", pool_pads=(1, 0, 2, 1))]
+    for case in cases:
+        density = case["density"]
+        kw = {k: v for k, v in case.items() if k != "density"}
+        y_ref, active = ref.fbs_conv_reference(x, wt, fc_w, fc_b, sc, sh, be, density, kw.pop("pool", "avg"),
+                                               return_gate=True, **kw)
+        y = tk.fbs_conv(T(x.astype(np_dtype)), T(wt.astype(np_dtype)), T(fc_w), T(fc_b), T(sc), T(sh), T(be),
+                        density, case.get("pool", "avg"), **{k: v for k, v in case.items()
+                                                             if k not in ("density", "pool")})
+        y = run_out(y, dtype, y_ref)
+        np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-4 * max(np.abs(y_ref).max(), 1e-30))
+        assert (y[~active] == 0).all()
+    # the tie case really has ties at the cut and excludes them: one channel on per sample
+    _, active = ref.fbs_conv_reference(x, wt, fc_w, fc_b, sc, sh, be, 0.25, return_gate=True)
+    assert active.sum(axis=1).tolist() == [1, 1]

@@ -1,27 +1,43 @@
 #!/usr/bin/env python
 """GPU check of the Triton kernels (runtimes/triton_kernels.py) and their ahead-of-time build;
-run by tools/gpu_check.sh on a host with an NVIDIA GPU (no TensorRT needed). Minutes.
+run by tools/gpu_check.sh on a host with an NVIDIA GPU (no TensorRT needed). ~2-3 minutes.
 
-1. Exactness: CGConv, PGConv, FBSConv on CUDA against runtimes/reference.py (numpy, fp64-free
-   float32 as the CPU kernels' tests), in fp32 and fp16 (inputs rounded to fp16 first; the
-   reference runs on those values; fp16 outputs are allowed their own rounding step), at
-   gate-on 0, 20 and 100% (CG, PG: per-channel thresholds at quantiles of the stage-1 output;
-   FBS: density 0.2, 0.5, 1). Outputs that differ more than 1e-4 x max|Y_ref| must be flipped
-   gates at a tie (the decision value within 1e-5 x its range of the threshold), as in
-   tests/test_native_ops.py.
-2. Speed: each op timed with CUDA events (median of --repeats after warm-up; the op's whole
-   call, host work included: PG's max|X|, FBS's top-k) against a dense cuDNN convolution of
-   the same shape through PyTorch (torch.backends.cudnn.benchmark on), same dtype. Goal
-   (issue 19): gated faster than dense at 20% gate-on (CG, PG) and density 0.5 (FBS).
-3. AOT (--aot DIR): CG's and PG's kernels compiled ahead of time by Triton's AOT compiler
-   (triton.tools.compile: C source embedding the cubin), a small C harness generated here,
-   built with nvcc against the CUDA driver API, run on files written here, and its output
-   compared with the reference the same way. FBS is not built AOT: its channel selection
-   (pooling, saliency, top-k) runs in torch before the kernel.
+For each shape of --shapes (N x C x H x W, C = O, 3x3, stride 1, pad 1; default
+1x128x28x28, 8x128x28x28, 8x256x14x14, 32x64x56x56):
+1. Exactness: CGConv, PGConv, FBSConv on CUDA against runtimes/reference.py (numpy /
+   torch-CPU float32), in fp32 and fp16 (inputs rounded to fp16 first; the reference runs on
+   those values; fp16 outputs are allowed their own rounding step), at gate-on 0, 20 and 100%
+   (CG, PG: per-channel thresholds at quantiles of the stage-1 output, on random data; FBS:
+   density 0.2, 0.5, 1), plus a "clustered 20%" row for CG and PG (below). Outputs that differ
+   more than 1e-4 x max|Y_ref| must be flipped gates at a tie (the decision value within
+   1e-5 x its range of the threshold), as in tests/test_native_ops.py.
+2. Speed: each op timed with CUDA events (median of --repeats after 5 warm-up calls; the op's
+   whole call, host and device-side work included: CG's cached plan, PG's max|X| reduction,
+   FBS's saliency and top-k) against a dense cuDNN convolution of the same shape through
+   PyTorch (torch.backends.cudnn.benchmark on), printed per shape as fp32 with TF32 OFF (the
+   same precision as our fp32 kernels, which use IEEE fp32 dots: the speed-up column of fp32
+   rows is against this one), fp32 with TF32 ON (PyTorch's default for cuDNN convs; column
+   "vs TF32"), and fp16 (the speed-up of fp16 rows). Goal (issue 19): gated faster than dense
+   at 20% gate-on (CG, PG) and density 0.5 (FBS).
+   "stage-2 tiles": the fraction of the kernel's (BLOCK_M x BLOCK_N) output tiles holding at
+   least one gate that is on, i.e. those that run stage 2; the rest skip it. Random gates at
+   20% leave almost no tile without a gate on. Real channel gating is spatially clustered
+   (whole image regions on or off), so the "clustered 20%" rows use inputs whose gate map is
+   blocky: X = noise + a large offset in randomly chosen 8x8 regions (~22% of the regions of
+   each sample, the same for all channels) and W with a positive mean on the stage-1 part,
+   so the stage-1 sums, hence the gates, are high in those regions; thresholds are still the
+   per-channel 20% quantiles. Their own data, so their dense time is the same shape's.
+3. AOT (--aot DIR, fp32, the first shape): the three kernels compiled ahead of time by Triton's
+   AOT compiler (triton.tools.compile: C source embedding the cubin), a small C harness
+   generated here, built with nvcc against the CUDA driver API, run on files written here, and
+   its output compared with the reference the same way. PG's scale goes in as a pointer to a
+   float (an fp32 scalar argument is passed as a C double by Triton >= 3.4's launcher and was
+   misread); levels and unit are compiled in. The host-side parts (CG's plan, FBS's channel
+   slots) are computed here with the same torch functions the wrappers use.
 
-Prints one table; exit status 1 if any check is not exact. `--device cpu` runs steps 1-2 on
-Triton's interpreter at a small size (TRITON_INTERPRET=1 is set here): a smoke test of this
-script on a machine without a GPU, timings meaningless.
+Prints one table per shape; exit status 1 if any check is not exact. `--device cpu` runs
+steps 1-2 on Triton's interpreter at a small size (TRITON_INTERPRET=1 is set here): a smoke
+test of this script on a machine without a GPU, timings meaningless.
 """
 from __future__ import annotations
 
@@ -38,15 +54,28 @@ import numpy as np
 TOL = 1e-4
 TIE = 1e-5
 FP16_STEP = 2.0 ** -10
+DEFAULT_SHAPES = "1x128x28x28,8x128x28x28,8x256x14x14,32x64x56x56"
+WARMUP = 5
+K, S, P, D = 3, (1, 1), (1, 1, 1, 1), (1, 1)
+REGION = 8  # the clustered pattern's region side
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"a shape is NxCxHxW with positive ints, not {item!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--channels", type=int, default=128)
-    p.add_argument("--size", type=int, default=28)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES),
+                   help=f"comma-separated NxCxHxW (C = O, 3x3, pad 1); default {DEFAULT_SHAPES}")
+    p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--aot", metavar="DIR", help="also build and run the AOT kernels (needs nvcc) in DIR")
     return p.parse_args(argv)
 
@@ -70,6 +99,19 @@ def compare(y: np.ndarray, y_ref: np.ndarray, stage1=None, thr=None, fp16=False)
     return bool(at_tie.all()), f"{worst:.1e}, {int(bad.sum())} flips ({int((~at_tie).sum())} not at ties)"
 
 
+def stage2_tiles(gate: np.ndarray, tk, group: int = 1) -> float:
+    """Fraction of the kernel's output tiles (flattened (n, oh, ow) x channels within a
+    group, the wrappers' tile sizes) with some gate on."""
+    n, o, oh, ow = gate.shape
+    m, og = n * oh * ow, o // group
+    bm, bn = tk.tile_sizes(m, og, group)
+    g = gate.transpose(0, 2, 3, 1).reshape(m, o)
+    mt, nt = -(-m // bm), -(-og // bn)
+    padded = np.zeros((mt * bm, group, nt * bn), bool)
+    padded[:m, :, :og] = g.reshape(m, group, og)
+    return float(padded.reshape(mt, bm, group, nt, bn).any(axis=(1, 4)).mean())
+
+
 class Bench:
     def __init__(self, device: str, repeats: int):
         import torch
@@ -78,31 +120,239 @@ class Bench:
         if device == "cuda":
             torch.backends.cudnn.benchmark = True
 
-    def ms(self, fn) -> float:
+    def ms(self, fn) -> tuple:
+        """(eager ms, CUDA-graph ms or None): medians of self.repeats timed calls after WARMUP.
+        Eager: the Python call as a user makes it (Triton's launcher and the torch ops'
+        host overhead included; at small sizes that dominates). Graph: the same call captured
+        once in a CUDA graph and replayed: GPU time only, what an engine that launches the
+        compiled kernels (TensorRT AOT plugins) would see. The wrappers never synchronise
+        with the host, which is what makes them capturable."""
         torch = self.torch
-        for _ in range(5):
+        for _ in range(WARMUP):
             fn()
-        times = []
-        for _ in range(self.repeats):
-            if self.device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+        eager = statistics.median(self._timed(fn) for _ in range(self.repeats))
+        if self.device != "cuda":
+            return eager, None
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
                 fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+            for _ in range(WARMUP):
+                graph.replay()
+            replay = statistics.median(self._timed(graph.replay) for _ in range(self.repeats))
+        except Exception as exc:  # noqa: BLE001 - report, keep the eager figure
+            print(f"  (CUDA graph capture failed: {str(exc).splitlines()[0][:100]})")
+            replay = None
+        return eager, replay
+
+    def _timed(self, fn) -> float:
+        torch = self.torch
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def clustered_offset(rng, n: int, h: int, w: int) -> np.ndarray:
+    """[N, 1, H, W]: 1 in about 22% of each sample's REGION x REGION regions, else 0."""
+    rh, rw = -(-h // REGION), -(-w // REGION)
+    on = rng.random((n, 1, rh, rw)) < 0.22
+    on[:, :, 0, 0] |= ~on.reshape(n, -1).any(axis=1)[:, None]  # at least one region per sample
+    return np.kron(on, np.ones((1, 1, REGION, REGION)))[:, :, :h, :w].astype(np.float32)
+
+
+def check_shape(shape, args, tk, ref, rng, bench, torch, F):
+    """Rows (op, dtype, gate-on, exact text, ms, dense ms, TF32 dense ms or None, tiles) and
+    the exactness of every row, for one NxCxHxW shape."""
+    dev = args.device
+    n, c, hw_h, hw_w = shape
+    o = c
+    rows, all_exact = [], True
+
+    def T(a, dtype):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=dtype)
+
+    def dense_ms(x, w, tf32):
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            return bench.ms(lambda: F.conv2d(x, w, None, 1, 1))
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
+
+    dense_times = {}
+    for dtype_name, np_dtype, dtype in (("fp32", np.float32, torch.float32), ("fp16", np.float16, torch.float16)):
+        def rounded(a):
+            return np.asarray(a, np.float32).astype(np_dtype).astype(np.float32)
+
+        fp16 = dtype_name == "fp16"
+        x = rounded(rng.standard_normal((n, c, hw_h, hw_w)))
+        w = rounded(rng.standard_normal((o, c, K, K)) * 0.05)
+        xt, wt = T(x, dtype), T(w, dtype)
+        dense = dense_ms(xt, wt, False)
+        tf32 = dense_ms(xt, wt, True) if dtype_name == "fp32" and dev == "cuda" else None
+        dense_times[dtype_name] = dense
+        if tf32 is not None:
+            dense_times["fp32 TF32"] = tf32
+        region = clustered_offset(rng, n, hw_h, hw_w)
+
+        def row(op, on, ok, text, ms, tiles=None):
+            nonlocal all_exact
+            rows.append((op, dtype_name, on, text, ms, dense, tf32, tiles))
+            all_exact &= ok
+
+        # CG: p = 4, base path = the first quarter of the input channels
+        mask = np.zeros((o, c), np.float32)
+        mask[:, : c // 4] = 1
+        mt = T(mask, torch.float32)
+        w_cl = rounded(w + mask[:, :, None, None] * 0.02)  # positive mean on the base part
+        x_cl = rounded(x + 4.0 * region)
+        cases = [(f"{f:.0%}", x, w, xt, wt, f) for f in (0.0, 0.2, 1.0)]
+        cases.append(("clust20%", x_cl, w_cl, T(x_cl, dtype), T(w_cl, dtype), 0.2))
+        for label, xa, wa, xa_t, wa_t, frac in cases:
+            yp = ref.conv2d(xa, wa * mask[:, :, None, None], S, P, D)
+            thr = ref.thresholds_for_fraction(yp, frac)
+            y_ref = ref.cg_conv_reference(xa, wa, mask, thr, S, P, D)
+            tt = T(thr, torch.float32)
+            y = tk.cg_conv(xa_t, wa_t, mt, tt, S, P, D).float().cpu().numpy()
+            ok, text = compare(y, y_ref, yp, thr, fp16)
+            ms = bench.ms(lambda: tk.cg_conv(xa_t, wa_t, mt, tt, S, P, D))
+            row("CGConv", label, ok, text, ms, stage2_tiles(yp > thr.reshape(1, -1, 1, 1), tk))
+
+        # PG: abits 8, pred_bits 4, on non-negative (post-ReLU) inputs, weights 8-bit
+        def q8(a):
+            return rounded(np.round(a / np.abs(a).max() * 127) / 127 * np.abs(a).max())
+
+        x_relu = np.maximum(x, 0)
+        wq = q8(w)
+        xr_cl = rounded(np.maximum(x, 0) + 4.0 * region)
+        wq_cl = q8(w + 0.02)
+        cases = [(f"{f:.0%}", x_relu, wq, f) for f in (0.0, 0.2, 1.0)] + [("clust20%", xr_cl, wq_cl, 0.2)]
+        for label, xa, wa, frac in cases:
+            xa_t, wa_t = T(xa, dtype), T(wa, dtype)
+            x_hb, _, _ = ref.pg_split_activations(xa, 8, 4)
+            msb = ref.conv2d(x_hb, wa, S, P, D)
+            thr = ref.thresholds_for_fraction(msb, frac)
+            y_ref = ref.pg_conv_reference(xa, wa, thr, 8, 4, 0.0, S, P, D)
+            tt = T(thr, torch.float32)
+            y = tk.pg_conv(xa_t, wa_t, tt, 8, 4, 0.0, S, P, D).float().cpu().numpy()
+            ok, text = compare(y, y_ref, msb, thr, fp16)
+            ms = bench.ms(lambda: tk.pg_conv(xa_t, wa_t, tt, 8, 4, 0.0, S, P, D))
+            row("PGConv", label, ok, text, ms, stage2_tiles(msb > thr.reshape(1, -1, 1, 1), tk))
+
+        # FBS: density = fraction of output channels on per sample
+        fc_w = rng.standard_normal((o, c)).astype(np.float32)
+        fc_b = (rng.standard_normal(o) + 1).astype(np.float32)
+        sc, sh, be = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
+        params = [T(a, torch.float32) for a in (fc_w, fc_b, sc, sh, be)]
+        for density in (0.2, 0.5, 1.0):
+            y_ref = ref.fbs_conv_reference(x, w, fc_w, fc_b, sc, sh, be, density, "avg", S, P, D)
+            y = tk.fbs_conv(xt, wt, *params, density, "avg", S, P, D).float().cpu().numpy()
+            ok, text = compare(y, y_ref, fp16=fp16)
+            ms = bench.ms(lambda: tk.fbs_conv(xt, wt, *params, density, "avg", S, P, D))
+            row("FBSConv", f"d={density:g}", ok, text, ms)
+    return rows, all_exact, dense_times
+
+
+# (N, C, O, H, W, k, strides, pads, dilations, PG group): the odd geometries of
+# tests/test_triton_ops.py and a larger one, run compiled on the GPU (the tests run them on
+# the interpreter only)
+GEOMETRIES = [
+    (2, 4, 6, 5, 6, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2),
+    (1, 6, 4, 7, 7, 3, (2, 1), (0, 1, 2, 0), (1, 2), 1),
+    (3, 48, 40, 13, 11, 3, (2, 2), (1, 0, 2, 1), (2, 1), 4),
+    (2, 24, 24, 9, 9, 5, (1, 1), (2, 2, 2, 2), (1, 1), 24),
+]
+
+
+def geometry_check(tk, ref, torch, dev, rng) -> bool:
+    """CG, PG (groups), FBS (pools, Identity, pool_pads, fixed threshold) on odd geometries,
+    fp32 and fp16, gate-on 20% (FBS density 0.5): exactness only."""
+    ok_all, lines = True, []
+    for gi, (n, c, o, h, w, k, s, p, d, group) in enumerate(GEOMETRIES):
+        for dtype_name, np_dtype, dtype in (("fp32", np.float32, torch.float32), ("fp16", np.float16, torch.float16)):
+            def T(a, dt=dtype):
+                return torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=dt)
+
+            def rounded(a):
+                return np.asarray(a, np.float32).astype(np_dtype).astype(np.float32)
+
+            fp16, results = dtype_name == "fp16", []
+            x = rounded(rng.standard_normal((n, c, h, w)))
+            wt = rounded(rng.standard_normal((o, c, k, k)) * 0.1)
+            mask = (rng.random((o, c)) < 0.4).astype(np.float32)  # a general base mask
+            yp = ref.conv2d(x, wt * mask[:, :, None, None], s, p, d)
+            thr = ref.thresholds_for_fraction(yp, 0.2)
+            y = tk.cg_conv(T(x), T(wt), T(mask, torch.float32), T(thr, torch.float32), s, p, d)
+            results.append(("CG",) + compare(y.float().cpu().numpy(), ref.cg_conv_reference(x, wt, mask, thr, s, p, d),
+                                             yp, thr, fp16))
+            wg = rounded(rng.standard_normal((o, c // group, k, k)) * 0.1)
+            x_hb, _, _ = ref.pg_split_activations(x, 6, 3)
+            msb = ref.conv2d(x_hb, wg, s, p, d, group)
+            thr = ref.thresholds_for_fraction(msb, 0.2)
+            y = tk.pg_conv(T(x), T(wg), T(thr, torch.float32), 6, 3, 0.0, s, p, d, group)
+            results.append((f"PG g={group}",) + compare(y.float().cpu().numpy(),
+                                                       ref.pg_conv_reference(x, wg, thr, 6, 3, 0.0, s, p, d, group),
+                                                       msb, thr, fp16))
+            fc_w = rng.standard_normal((o, c)).astype(np.float32)
+            fc_b = rng.standard_normal(o).astype(np.float32)
+            sc, sh, be = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
+            for pool, act, pool_pads, threshold in (("max", "Relu", (0, 0, 0, 0), None),
+                                                    ("l2", "Identity", (1, 2, 0, 1), None),
+                                                    ("l1", "Relu", (0, 0, 0, 0), 0.3)):
+                y_ref = ref.fbs_conv_reference(x, wt, fc_w, fc_b, sc, sh, be, 0.5, pool, s, p, d,
+                                               activation=act, pool_pads=pool_pads, threshold=threshold)
+                y = tk.fbs_conv(T(x), T(wt), *(T(a, torch.float32) for a in (fc_w, fc_b, sc, sh, be)), 0.5, pool,
+                                s, p, d, act, pool_pads, threshold)
+                results.append((f"FBS {pool}/{act}{'/thr' if threshold is not None else ''}",)
+                               + compare(y.float().cpu().numpy(), y_ref, fp16=fp16))
+            ok_all &= all(ok for _, ok, _ in results)
+            lines.append(f"  geometry {gi} {dtype_name}: " + "; ".join(
+                f"{name} {'exact' if ok else 'NOT EXACT'} ({text})" for name, ok, text in results))
+    print("\nOdd geometries (stride 2, asymmetric pads, dilation, groups, general CG mask, FBS options), "
+          "20% on / density 0.5:")
+    print("\n".join(lines))
+    return ok_all
+
+
+def _fmt_ms(t) -> str:
+    return "n/a" if t is None else f"{t:.4f}"
+
+
+def _ratio(dense, ours) -> str:
+    return "" if dense is None or ours is None else f"{dense / ours:.2f}x"
+
+
+def print_table(shape, rows, dense_times):
+    n, c, h, w = shape
+    dense = ", ".join(f"{k} {_fmt_ms(v[0])} ms (graph {_fmt_ms(v[1])})" for k, v in dense_times.items())
+    print(f"\n== N={n} C=O={c} {h}x{w} 3x3 pad 1 ==   dense cuDNN: {dense}")
+    print(f"{'op':8} {'dtype':5} {'gate-on':8} {'exact (err/max, flips)':34} {'ms':>7} {'speed-up':>8} "
+          f"{'graph ms':>8} {'speed-up':>8} {'vs TF32':>7} {'stage-2 tiles':>13}")
+    for op, dt, on, text, ms, dense_ms, tf32, tiles in rows:
+        tiles_text = f"{tiles:.0%}" if tiles is not None else ""
+        print(f"{op:8} {dt:5} {on:8} {text:34} {_fmt_ms(ms[0]):>7} {_ratio(dense_ms[0], ms[0]):>8} "
+              f"{_fmt_ms(ms[1]):>8} {_ratio(dense_ms[1], ms[1]):>8} "
+              f"{_ratio(tf32[1] if tf32 else None, ms[1]):>7} {tiles_text:>13}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton_kernels is imported
-        args.channels, args.size, args.repeats = min(args.channels, 8), min(args.size, 6), min(args.repeats, 3)
+        args.shapes = [(min(s[0], 2), min(s[1], 8), min(s[2], 6), min(s[3], 6)) for s in args.shapes[:1]]
+        args.repeats = min(args.repeats, 3)
     import torch
     import torch.nn.functional as F
 
@@ -112,84 +362,28 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU is visible (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    dev = args.device
-    bench = Bench(dev, args.repeats)
-    n, c, o, hw, k = args.batch, args.channels, args.channels, args.size, 3
-    s, p, d = (1, 1), (1, 1, 1, 1), (1, 1)
+    bench = Bench(args.device, args.repeats)
     rng = np.random.default_rng(19)
-    rows, all_exact = [], True
-    name = torch.cuda.get_device_name(0) if dev == "cuda" else "CPU (Triton interpreter)"
-    print(f"device: {name}; torch {torch.__version__}; shape N={n} C=O={c} {hw}x{hw} k={k}; "
-          f"median of {args.repeats} runs")
-
-    def T(a, dtype):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=dtype)
-
-    def dense_ms(x, w):
-        return bench.ms(lambda: F.conv2d(x, w, None, 1, 1))
-
-    for dtype_name, np_dtype, dtype in (("fp32", np.float32, torch.float32), ("fp16", np.float16, torch.float16)):
-        def rounded(a):
-            return a.astype(np_dtype).astype(np.float32)
-
-        x = rounded(rng.standard_normal((n, c, hw, hw)))
-        x_relu = np.maximum(x, 0)
-        w = rounded(rng.standard_normal((o, c, k, k)) * 0.05)
-        xt, wt = T(x, dtype), T(w, dtype)
-        dense = dense_ms(xt, wt)
-
-        # CG: p = 4, base path = the first quarter of the input channels
-        mask = np.zeros((o, c), np.float32)
-        mask[:, : c // 4] = 1
-        yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
-        for frac in (0.0, 0.2, 1.0):
-            thr = ref.thresholds_for_fraction(yp, frac)
-            y_ref = ref.cg_conv_reference(x, w, mask, thr, s, p, d)
-            mt, tt = T(mask, torch.float32), T(thr, torch.float32)
-            y = tk.cg_conv(xt, wt, mt, tt, s, p, d).float().cpu().numpy()
-            ok, text = compare(y, y_ref, yp, thr, dtype_name == "fp16")
-            ms = bench.ms(lambda: tk.cg_conv(xt, wt, mt, tt, s, p, d))
-            rows.append(("CGConv", dtype_name, f"{frac:.0%}", text, ms, dense))
-            all_exact &= ok
-
-        # PG: abits 8, pred_bits 4, on non-negative (post-ReLU) inputs, weights 8-bit
-        wq = rounded(np.round(w / np.abs(w).max() * 127) / 127 * np.abs(w).max())
-        xq, wqt = T(x_relu, dtype), T(wq, dtype)
-        x_hb, _, _ = ref.pg_split_activations(x_relu, 8, 4)
-        msb = ref.conv2d(x_hb, wq, s, p, d)
-        for frac in (0.0, 0.2, 1.0):
-            thr = ref.thresholds_for_fraction(msb, frac)
-            y_ref = ref.pg_conv_reference(x_relu, wq, thr, 8, 4, 0.0, s, p, d)
-            tt = T(thr, torch.float32)
-            y = tk.pg_conv(xq, wqt, tt, 8, 4, 0.0, s, p, d).float().cpu().numpy()
-            ok, text = compare(y, y_ref, msb, thr, dtype_name == "fp16")
-            ms = bench.ms(lambda: tk.pg_conv(xq, wqt, tt, 8, 4, 0.0, s, p, d))
-            rows.append(("PGConv", dtype_name, f"{frac:.0%}", text, ms, dense))
-            all_exact &= ok
-
-        # FBS: density = fraction of output channels on per sample
-        fc_w = rng.standard_normal((o, c)).astype(np.float32)
-        fc_b = (rng.standard_normal(o) + 1).astype(np.float32)
-        sc, sh, be = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
-        params = [T(a, torch.float32) for a in (fc_w, fc_b, sc, sh, be)]
-        for density in (0.2, 0.5, 1.0):
-            y_ref = ref.fbs_conv_reference(x, w, fc_w, fc_b, sc, sh, be, density, "avg", s, p, d)
-            y = tk.fbs_conv(xt, wt, *params, density, "avg", s, p, d).float().cpu().numpy()
-            ok, text = compare(y, y_ref, fp16=dtype_name == "fp16")
-            ms = bench.ms(lambda: tk.fbs_conv(xt, wt, *params, density, "avg", s, p, d))
-            rows.append(("FBSConv", dtype_name, f"d={density:g}", text, ms, dense))
-            all_exact &= ok
-
-    print(f"\n{'op':8} {'dtype':5} {'gate-on':8} {'exact (err/max, flips)':34} {'triton ms':>10} "
-          f"{'dense ms':>9} {'speed-up':>8}")
-    for op, dt, on, text, ms, dense in rows:
-        print(f"{op:8} {dt:5} {on:8} {text:34} {ms:10.4f} {dense:9.4f} {dense / ms:8.2f}x")
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (Triton interpreter)"
+    print(f"device: {name}; torch {torch.__version__}; median of {args.repeats} runs after {WARMUP} "
+          f"warm-up; speed-up = dense / ours, same precision (fp32 rows: cuDNN with TF32 off; "
+          f"'vs TF32': graph time of cuDNN fp32 with TF32 on / ours); 'ms': the eager Python call, "
+          f"'graph ms': replayed CUDA graph (GPU time only)")
+    all_exact = True
+    t_start = time.perf_counter()
+    for shape in args.shapes:
+        rows, exact, dense_times = check_shape(shape, args, tk, ref, rng, bench, torch, F)
+        print_table(shape, rows, dense_times)
+        all_exact &= exact
+        sys.stdout.flush()
+    all_exact &= geometry_check(tk, ref, torch, args.device, rng)
+    print(f"\n(kernel checks and timings: {time.perf_counter() - t_start:.0f} s, compiles included)")
 
     if args.aot:
-        if dev != "cuda":
+        if args.device != "cuda":
             print("AOT: skipped (needs a GPU)")
         else:
-            all_exact &= aot_check(Path(args.aot), ref, rng, n, c, o, hw, k, s, p, d)
+            all_exact &= aot_check(Path(args.aot), ref, tk, torch, rng, args.shapes[0])
     print("\nALL EXACT" if all_exact else "\nNOT EXACT: see the table")
     return 0 if all_exact else 1
 
@@ -225,6 +419,7 @@ int main(void) {{
 {uploads}
   CUdeviceptr out; size_t out_bytes = {out_bytes};
   cuMemAlloc(&out, out_bytes);
+  cuMemsetD8(out, 0, out_bytes);  /* FBS leaves inactive channels untouched: Y starts at 0 */
   CUresult r = {kernel}(0, {call_args});
   if (r != CUDA_SUCCESS || cuCtxSynchronize() != CUDA_SUCCESS) {{ fprintf(stderr, "launch failed: %d\n", (int)r); return 1; }}
   void *host = malloc(out_bytes);
@@ -236,38 +431,41 @@ int main(void) {{
 """
 
 
-def aot_build_and_run(workdir: Path, kernel: str, signature: list[tuple[str, str, object]], grid: str,
+def aot_build_and_run(workdir: Path, kernel: str, signature: list, values: dict, grid: str,
                       out_elems: int) -> np.ndarray:
-    """Compile runtimes.triton_kernels.`kernel` AOT with `signature` [(arg name, type or
-    constexpr value, numpy array for inputs / scalar value / None for the output)], build a
-    harness with nvcc, run it, return the output (float32)."""
+    """Compile runtimes.triton_kernels.`kernel` AOT with `signature` [(argument, Triton type
+    or constexpr value)] (triton_kernels.kernel_signatures), build a harness with nvcc, run
+    it with `values` {argument: numpy array for an input pointer / int for an i32; the
+    output pointer absent}, return the output (float32)."""
     from triton.tools.compile import CompileArgs, compile_kernel
 
     import gate2deploy.runtimes.triton_kernels as tk
 
     workdir.mkdir(parents=True, exist_ok=True)
-    sig_text = ", ".join(str(t) for _, t, _ in signature)
+    sig_text = ", ".join(str(t) for _, t in signature)
     func, files = compile_kernel(CompileArgs(path=tk.__file__, kernel_name=kernel, signature=sig_text,
-                                             grid=grid, num_warps=4, num_stages=3, out_name=kernel,
-                                             out_path=workdir / kernel))
+                                             grid=grid, num_warps=tk.NUM_WARPS, num_stages=tk.NUM_STAGES,
+                                             out_name=kernel, out_path=workdir / kernel))
     header = next(f for f in files if f.suffix == ".h")
     source = next(f for f in files if f.suffix == ".c")
     uploads, call_args = [], []
     out_path = workdir / f"{kernel}.out.bin"
-    for name, typ, value in signature:
+    for name, typ in signature:
         if not isinstance(typ, str):
             continue  # a constexpr: compiled in
-        if typ.startswith("*") and value is None:
+        if typ.startswith("*") and name not in values:
             call_args.append("out")
         elif typ.startswith("*"):
             path = workdir / f"{kernel}.{name}.bin"
-            np.ascontiguousarray(value, np.float32).tofile(path)
+            array = np.ascontiguousarray(values[name])
+            expected = {"*fp32": np.float32, "*i32": np.int32}[typ]
+            assert array.dtype == expected, f"{name}: {array.dtype} for {typ}"
+            array.tofile(path)
             uploads.append(f'  CUdeviceptr {name} = upload("{path}", &bytes);')
             call_args.append(name)
-        elif typ == "i32":
-            call_args.append(f"(int32_t){int(value)}")
         else:
-            call_args.append(f"(float){float(value)!r}f")
+            assert typ == "i32", f"{name}: scalar type {typ} (only i32 scalars are passed)"
+            call_args.append(f"(int32_t){int(values[name])}")
     harness = workdir / f"{kernel}_harness.c"
     harness.write_text(HARNESS.format(header=header.name, uploads="\n".join(uploads), out_bytes=out_elems * 4,
                                       kernel=func, call_args=", ".join(call_args), out_path=out_path))
@@ -279,43 +477,64 @@ def aot_build_and_run(workdir: Path, kernel: str, signature: list[tuple[str, str
     return np.fromfile(out_path, np.float32)
 
 
-def aot_check(workdir: Path, ref, rng, n, c, o, hw, k, s, p, d) -> bool:
-    print("\nAOT (triton.tools.compile + nvcc harness, fp32):")
-    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
-    w = (rng.standard_normal((o, c, k, k)) * 0.05).astype(np.float32)
-    oh = ow = hw  # 3x3, stride 1, pad 1
+def aot_check(workdir: Path, ref, tk, torch, rng, shape) -> bool:
+    n, c, h, w_ = shape
+    o = c
+    print(f"\nAOT (triton.tools.compile + nvcc harness, fp32, N={n} C=O={c} {h}x{w_}):")
+    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
+    w = (rng.standard_normal((o, c, K, K)) * 0.05).astype(np.float32)
+    oh, ow = h, w_  # 3x3, stride 1, pad 1
+    m = n * oh * ow
     total = n * o * oh * ow
-    grid = "(total + 127) / 128, 1, 1"
-    geometry = [("sh", "i32", s[0]), ("sw", "i32", s[1]), ("pt", "i32", p[0]), ("pl", "i32", p[1]),
-                ("dh", "i32", d[0]), ("dw", "i32", d[1])]
+    geometry = {"sh": S[0], "sw": S[1], "pt": P[0], "pl": P[1], "dh": D[0], "dw": D[1]}
+    dims = {"M": m, "C": c, "H": h, "W": w_, "O": o, "OH": oh, "OW": ow, **geometry}
     ok_all = True
+
+    def run(kernel, values, cols, stage1=None, thr=None, y_ref=None, label=""):
+        nonlocal ok_all
+        bm, bn = tk.tile_sizes(m if kernel != "_fbs_conv_kernel" else oh * ow, cols, 1 if kernel != "_fbs_conv_kernel" else n)
+        sig = tk.kernel_signatures("fp32", K, K, bm, bn, 8, 4)[kernel]
+        rows = "M" if kernel != "_fbs_conv_kernel" else "OH * OW"
+        third = "1" if kernel != "_fbs_conv_kernel" else str(n)  # N is not an argument
+        cols_arg = {"_cg_conv_kernel": "O", "_pg_conv_kernel": "OG", "_fbs_conv_kernel": "S"}[kernel]
+        groups = " * (O / OG)" if kernel == "_pg_conv_kernel" else ""
+        grid = f"({rows} + {bm - 1}) / {bm}, ({cols_arg} + {bn - 1}) / {bn}{groups}, {third}"
+        y = aot_build_and_run(workdir, kernel, sig, values, grid, total).reshape(n, o, oh, ow)
+        ok, text = compare(y, y_ref, stage1, thr)
+        print(f"  {label}: {'exact' if ok else 'NOT EXACT'} ({text})")
+        ok_all &= ok
+
     mask = np.zeros((o, c), np.float32)
     mask[:, : c // 4] = 1
-    yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
+    yp = ref.conv2d(x, w * mask[:, :, None, None], S, P, D)
     thr = ref.thresholds_for_fraction(yp, 0.2)
-    sig = [("x_ptr", "*fp32", x), ("w_ptr", "*fp32", w), ("mask_ptr", "*fp32", mask), ("thr_ptr", "*fp32", thr),
-           ("y_ptr", "*fp32", None), ("total", "i32", total), ("C", "i32", c), ("H", "i32", hw),
-           ("W", "i32", hw), ("O", "i32", o), ("OH", "i32", oh), ("OW", "i32", ow), ("KH", k, None),
-           ("KW", k, None), *geometry, ("BLOCK_SIZE", 128, None)]
-    y = aot_build_and_run(workdir, "_cg_conv_kernel", sig, grid, total).reshape(n, o, oh, ow)
-    ok, text = compare(y, ref.cg_conv_reference(x, w, mask, thr, s, p, d), yp, thr)
-    print(f"  CGConv AOT, 20% on: {'exact' if ok else 'NOT EXACT'} ({text})")
-    ok_all &= ok
+    w1, w2, chans, counts = (t.numpy() for t in tk.cg_plan(torch.from_numpy(w), torch.from_numpy(mask)))
+    run("_cg_conv_kernel", {"x_ptr": x, "w1_ptr": w1, "w2_ptr": w2, "chan_ptr": chans, "count_ptr": counts,
+                            "thr_ptr": thr, **dims}, o, yp, thr,
+        ref.cg_conv_reference(x, w, mask, thr, S, P, D), "CGConv AOT, 20% on")
 
     xr = np.maximum(x, 0)
-    scale = np.float32(np.abs(xr).max()) + np.float32(1e-7)
+    scale = tk.pg_scale(torch.from_numpy(xr)).numpy()
     x_hb, _, _ = ref.pg_split_activations(xr, 8, 4)
-    msb = ref.conv2d(x_hb, w, s, p, d)
+    msb = ref.conv2d(x_hb, w, S, P, D)
     thr = ref.thresholds_for_fraction(msb, 0.2)
-    sig = [("x_ptr", "*fp32", xr), ("w_ptr", "*fp32", w), ("thr_ptr", "*fp32", thr), ("y_ptr", "*fp32", None),
-           ("total", "i32", total), ("C", "i32", c), ("H", "i32", hw), ("W", "i32", hw), ("O", "i32", o),
-           ("OH", "i32", oh), ("OW", "i32", ow), ("CW", "i32", c), ("OG", "i32", o), ("KH", k, None),
-           ("KW", k, None), *geometry, ("scale", "fp32", scale), ("levels", "fp32", 255.0),
-           ("unit", "fp32", 16.0), ("BLOCK_SIZE", 128, None)]
-    y = aot_build_and_run(workdir, "_pg_conv_kernel", sig, grid, total).reshape(n, o, oh, ow)
-    ok, text = compare(y, ref.pg_conv_reference(xr, w, thr, 8, 4, 0.0, s, p, d), msb, thr)
-    print(f"  PGConv AOT, 20% on: {'exact' if ok else 'NOT EXACT'} ({text})")
-    return ok_all and ok
+    w_cl = np.ascontiguousarray(w.transpose(0, 2, 3, 1))  # the kernels read W as [O, KH, KW, C]
+    run("_pg_conv_kernel", {"x_ptr": xr, "w_ptr": w_cl, "thr_ptr": thr, "scale_ptr": scale, **dims,
+                            "CW": c, "OG": o}, o, msb, thr,
+        ref.pg_conv_reference(xr, w, thr, 8, 4, 0.0, S, P, D), "PGConv AOT, 20% on (scale by pointer)")
+
+    fc_w = rng.standard_normal((o, c)).astype(np.float32)
+    fc_b = (rng.standard_normal(o) + 1).astype(np.float32)
+    sc, sh, be = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
+    # g exactly as the reference computes it, so that both select the same channels
+    gamma = torch.relu(torch.nn.functional.linear(torch.from_numpy(ref.fbs_pool(x)), torch.from_numpy(fc_w),
+                                                  torch.from_numpy(fc_b))).numpy()
+    slots, valid = (t.numpy() for t in tk.fbs_slots(torch.from_numpy(gamma), 0.5))
+    run("_fbs_conv_kernel", {"x_ptr": x, "w_ptr": w_cl, "slot_ptr": slots, "valid_ptr": valid, "gamma_ptr": gamma,
+                             "scale_ptr": sc, "shift_ptr": sh, "beta_ptr": be, **dims, "S": slots.shape[1]},
+        slots.shape[1], y_ref=ref.fbs_conv_reference(x, w, fc_w, fc_b, sc, sh, be, 0.5, "avg", S, P, D),
+        label="FBSConv AOT, density 0.5 (kernel only; slots from torch)")
+    return ok_all
 
 
 if __name__ == "__main__":

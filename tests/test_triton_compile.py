@@ -1,0 +1,77 @@
+"""The Triton kernels compiled for an H100/H200 (sm_90) here, without a GPU.
+
+Triton's interpreter (tests/test_triton_ops.py) runs the kernels as numpy and accepts code
+the real compiler rejects (tl.dot's shape and dtype rules, constexpr misuse, ...). Triton
+compiles for a GPU target without a GPU, with its bundled ptxas, so each kernel is compiled
+for sm_90 in its fp32 and fp16 signatures (runtimes.triton_kernels.kernel_signatures, the
+same ones tools/gpu_check.py builds ahead of time), in a subprocess where TRITON_INTERPRET is
+unset. Checked from the PTX: fp16 dots run on the tensor cores (mma), fp32 dots never use
+TF32 (the 1e-4 relative contract), and no kernel takes an fp32 scalar argument (Triton >= 3.4's
+AOT launcher passes those as C doubles; PG's scale is a pointer).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from gate2deploy.runtimes import triton_kernels as tk
+
+out = {}
+for dtype in ("fp32", "fp16"):
+    for name, sig in tk.kernel_signatures(dtype).items():
+        fn = getattr(tk, name)
+        src = triton.compiler.ASTSource(
+            fn=fn, signature={a: v if isinstance(v, str) else "constexpr" for a, v in sig},
+            constexprs={a: v for a, v in sig if not isinstance(v, str)})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        ptx = kernel.asm["ptx"]
+        out[f"{name}/{dtype}"] = {"arg_names": fn.arg_names, "sig": [a for a, _ in sig],
+                                  "cubin": len(kernel.asm["cubin"]), "mma": ptx.count("mma.sync") + ptx.count("wgmma"),
+                                  "tf32": ptx.count("tf32"), "scalar_types": [v for _, v in sig if isinstance(v, str) and not v.startswith("*")]}
+print(json.dumps(out))
+"""
+
+
+def _bundled_ptxas() -> Path | None:
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - no usable Triton: nothing to compile
+        return None
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return ptxas if ptxas.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if _bundled_ptxas() is None:
+        pytest.skip("Triton's bundled ptxas is absent: cannot compile for sm_90 here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+KERNELS = ("_cg_conv_kernel", "_pg_conv_kernel", "_fbs_conv_kernel")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_compiles_for_sm90(compiled, kernel, dtype):
+    info = compiled[f"{kernel}/{dtype}"]
+    assert info["cubin"] > 0
+    assert info["sig"] == info["arg_names"]  # the AOT signature lists every argument in order
+    assert set(info["scalar_types"]) == {"i32"}  # no fp32 scalar argument
+    if dtype == "fp16":
+        assert info["mma"] > 0, "fp16 dots should run on the tensor cores"
+    else:
+        assert info["mma"] == 0 and info["tf32"] == 0, "fp32 dots must be IEEE fp32, never TF32"
