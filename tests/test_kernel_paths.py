@@ -128,18 +128,22 @@ INT8_TIERS = {  # supported, environment, the int8 kernel expected
 
 
 @pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
+@pytest.mark.parametrize("stage", ["sparse", "dense"])
 @pytest.mark.parametrize("tier", list(INT8_TIERS))
-def test_forced_pg_int8_path_matches_reference(tier):
+def test_forced_pg_int8_path_matches_reference(tier, stage):
+    """The int8 kernels with stage 2 forced to dot products (sparse) or whole blocks (dense)."""
     supported, env_tier, kernel = INT8_TIERS[tier]
     if not supported:
         pytest.skip(f"this CPU lacks the {tier} tier; the test runs on a machine that has it")
-    proc = subprocess.run([sys.executable, __file__, "pg_int8"], env=dict(os.environ, **env_tier),
+    proc = subprocess.run([sys.executable, __file__, "pg_int8"],
+                          env=dict(os.environ, G2D_SECOND_STAGE=stage, **env_tier),
                           capture_output=True, text=True, timeout=300, cwd=HERE.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert f"pg_int8={kernel}" in counts["config"], counts
     # every sample of every case (3 fractions x 2 signs x 2 weight widths x 2 bit splits x batch 2)
     assert counts["int8"] == 48 and counts["amx"] == 0, counts
+    assert counts[stage] > 0 and counts["dense" if stage == "sparse" else "sparse"] == 0, counts
 
 
 @pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")

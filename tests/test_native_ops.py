@@ -421,8 +421,9 @@ def pg_bound_case(abits, pred, wbits, sign):
     w = np.ones((o, 20, 3, 3), np.float32)
     w[:, -1, -1, -1] = 1 / (2 ** wbits - 1)  # one weight at level 1: the grid needs all wbits bits
     w = quantize_weights(w * w_sign[:, None, None, None], wbits)
-    # exact gates: 2 of 3 channels on, the rest off
-    thr = np.where(np.arange(o) % 3 == 2, 1e30, -1e30).astype(np.float32)
+    # exact gates: channels 0, 1, 2, 4, 8 on (the int8 kernels' blocks of 4 output channels:
+    # 3 of 4 on, stage 2 as a block; 1 of 4 on, stage 2 as dot products), the rest off
+    thr = np.where(np.isin(np.arange(o), [0, 1, 2, 4, 8]), -1e30, 1e30).astype(np.float32)
     return x, w, thr
 
 

@@ -30,6 +30,9 @@ constexpr int kVec = 8;                // positions per vector (int32 lanes of a
 constexpr int kP = 2;                  // position vectors per block
 constexpr int64_t kBlock = kVec * kP;  // positions per block
 constexpr int64_t kBlocksPerTask = 8;
+// Stage 2 of a block runs as dot products when at most this fraction of its gates is on
+// (a dot product costs about 1/3 of what one output's share of the dense block costs).
+constexpr double kSparseFraction = 0.375;
 // Layers below this many multiply-adds per stage run on the calling thread (waking a pool
 // thread costs more than it takes over).
 constexpr double kParallelMacs = double(1 << 20);
@@ -44,9 +47,16 @@ struct VecRuns {
   int32_t mask[2][kVec];
 };
 
+struct Job;
+using DotFn = void (*)(const Job&, int64_t o, const int32_t* q, int n, int32_t* out);
+
 struct Job {
   const PGInt8Weights* w;
   const int8_t *act1, *act2;
+  const int8_t* act2_rows;   // LSB counts position-major: [phase][position][Cp]
+  const int64_t* row_off;    // per tap: byte offset in act2_rows from a position's own
+  DotFn dot;
+  int sparse_max;            // most gates on in a block for its stage 2 as dot products
   const int64_t* koff;       // per k step: byte offset of (group, tap) from a position's own
   const int32_t* out_index;  // per position: output pixel, -1 for none
   const int32_t* valid;      // per position: -1 if an output pixel, else 0
@@ -137,9 +147,93 @@ G2D_INT8_VNNI void StageVnni(const Job& j, const int8_t* act, int64_t ob, int64_
       _mm256_store_si256(reinterpret_cast<__m256i*>(sums + r * kBlock + p * kVec), acc[r][p]);
 }
 
+// Stage 2 of output o at positions q[0 .. N-1]: dot products of o's weight row with the LSB
+// counts of each position's receptive field, 32 channels of a tap per step; each weight load
+// serves the N positions (int16 partial sums as StageAvx2).
+template <int N>
+G2D_INT8_AVX2 inline void DotsAvx2(const Job& j, int64_t o, const int32_t* q, int32_t* out) {
+  const PGInt8Weights& w = *j.w;
+  const uint8_t* wm = w.row_mag.data() + o * w.kk * w.Cp;
+  const int8_t* ws = w.row_sgn.data() + o * w.kk * w.Cp;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[N], total[N];
+  for (int i = 0; i < N; ++i) acc[i] = total[i] = _mm256_setzero_si256();
+  int steps = 0;
+  for (int64_t t = 0; t < w.kk; ++t) {
+    const int8_t* xt = j.act2_rows + j.row_off[t];
+    for (int64_t c = 0; c < w.Cp; c += 32, wm += 32, ws += 32) {
+      const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(wm));
+      const __m256i s = _mm256_load_si256(reinterpret_cast<const __m256i*>(ws));
+      for (int i = 0; i < N; ++i) {
+        const __m256i x =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + q[i] * w.Cp + c));
+        acc[i] = _mm256_add_epi16(acc[i], _mm256_maddubs_epi16(a, _mm256_sign_epi8(x, s)));
+      }
+      if (++steps == j.m2) {
+        for (int i = 0; i < N; ++i) {
+          total[i] = _mm256_add_epi32(total[i], _mm256_madd_epi16(acc[i], ones));
+          acc[i] = _mm256_setzero_si256();
+        }
+        steps = 0;
+      }
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    const __m256i v = _mm256_add_epi32(total[i], _mm256_madd_epi16(acc[i], ones));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+    out[i] = _mm_cvtsi128_si32(h);
+  }
+}
+
+template <int N>
+G2D_INT8_VNNI inline void DotsVnni(const Job& j, int64_t o, const int32_t* q, int32_t* out) {
+  const PGInt8Weights& w = *j.w;
+  const uint8_t* wm = w.row_mag.data() + o * w.kk * w.Cp;
+  const int8_t* ws = w.row_sgn.data() + o * w.kk * w.Cp;
+  __m256i total[N];
+  for (int i = 0; i < N; ++i) total[i] = _mm256_setzero_si256();
+  for (int64_t t = 0; t < w.kk; ++t) {
+    const int8_t* xt = j.act2_rows + j.row_off[t];
+    for (int64_t c = 0; c < w.Cp; c += 32, wm += 32, ws += 32) {
+      const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(wm));
+      const __m256i s = _mm256_load_si256(reinterpret_cast<const __m256i*>(ws));
+      for (int i = 0; i < N; ++i) {
+        const __m256i x =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + q[i] * w.Cp + c));
+        total[i] = _mm256_dpbusd_epi32(total[i], a, _mm256_sign_epi8(x, s));
+      }
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(total[i]),
+                              _mm256_extracti128_si256(total[i], 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+    out[i] = _mm_cvtsi128_si32(h);
+  }
+}
+
+// Stage 2 of output o at n positions q (out[i] for q[i]), four at a time.
+G2D_INT8_AVX2 void DotAvx2(const Job& j, int64_t o, const int32_t* q, int n, int32_t* out) {
+  for (; n >= 4; n -= 4, q += 4, out += 4) DotsAvx2<4>(j, o, q, out);
+  if (n == 3) DotsAvx2<3>(j, o, q, out);
+  if (n == 2) DotsAvx2<2>(j, o, q, out);
+  if (n == 1) DotsAvx2<1>(j, o, q, out);
+}
+
+G2D_INT8_VNNI void DotVnni(const Job& j, int64_t o, const int32_t* q, int n, int32_t* out) {
+  for (; n >= 4; n -= 4, q += 4, out += 4) DotsVnni<4>(j, o, q, out);
+  if (n == 3) DotsVnni<3>(j, o, q, out);
+  if (n == 2) DotsVnni<2>(j, o, q, out);
+  if (n == 1) DotsVnni<1>(j, o, q, out);
+}
+
 // Blocks [b0, b1) of output block ob: stage 1, the gate, stage 2 where some gate is on, the
 // epilogue (mul then add, no FMA: this function's target has none).
 G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0, int64_t b1) {
+  bool ran[2] = {false, false};  // stage 2 as dot products / as a block, for the counters
   alignas(32) int32_t s1[kR * kBlock], s2[kR * kBlock];
   alignas(32) float lanes[kVec];
   const int64_t O = j.w->O;
@@ -149,7 +243,7 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0
     const int64_t q0 = b * kBlock;
     stage(j, j.act1, ob, q0, j.m1, s1);
     __m256 v[kR][kP], gate[kR][kP];
-    int any_on = 0;
+    int any_on = 0, on = 0;
     for (int r = 0; r < rows; ++r) {
       const __m256 t = _mm256_set1_ps(j.thr[ob * kR + r]);
       for (int p = 0; p < kP; ++p) {
@@ -158,11 +252,30 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0
         const __m256 valid = _mm256_castsi256_ps(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.valid + q0 + p * kVec)));
         gate[r][p] = _mm256_and_ps(valid, _mm256_cmp_ps(v[r][p], t, _CMP_GT_OQ));
-        any_on |= _mm256_movemask_ps(gate[r][p]);
+        const int bits = _mm256_movemask_ps(gate[r][p]);
+        any_on |= bits;
+        on += __builtin_popcount(unsigned(bits));
       }
     }
     if (any_on) {
-      stage(j, j.act2, ob, q0, j.m2, s2);
+      ran[on > j.sparse_max] = true;
+      if (on > j.sparse_max) {
+        stage(j, j.act2, ob, q0, j.m2, s2);
+      } else {  // only the gated-on sums (the others are masked off below)
+        for (int r = 0; r < rows; ++r) {
+          int32_t lane[kBlock], q[kBlock], sum[kBlock];
+          int n = 0;
+          for (int p = 0; p < kP; ++p)
+            for (unsigned bits = unsigned(_mm256_movemask_ps(gate[r][p])); bits; bits &= bits - 1) {
+              lane[n] = p * kVec + __builtin_ctz(bits);
+              q[n] = int32_t(q0 + lane[n]);
+              ++n;
+            }
+          if (n == 0) continue;
+          j.dot(j, ob * kR + r, q, n, sum);
+          for (int i = 0; i < n; ++i) s2[r * kBlock + lane[i]] = sum[i];
+        }
+      }
       for (int r = 0; r < rows; ++r)
         for (int p = 0; p < kP; ++p) {
           const __m256 add = _mm256_mul_ps(sc2, _mm256_cvtepi32_ps(_mm256_load_si256(
@@ -191,6 +304,8 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0
       }
     }
   }
+  for (int dense = 0; dense < 2; ++dense)
+    if (ran[dense]) CountSecondStage(dense == 1);
 }
 
 // Channels 4 * c4 .. 4 * c4 + 3 of the sample x [C, H, W], split by isa.pg_split (the one
@@ -198,8 +313,8 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0
 // as int8 words of 4 channels into group c4 of act1 (MSB counts) and act2 (LSB counts). The
 // buffers are zero beforehand (padding).
 G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split,
-                             const ConvGeom& g, const PGActLayout& L, int64_t c4, int8_t* act1,
-                             int8_t* act2) {
+                             const ConvGeom& g, const PGActLayout& L, int64_t c4, int64_t Cp,
+                             int8_t* act1, int8_t* act2, int8_t* act2_rows) {
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(g.H, 2048 / g.W));
   const int64_t chunk = rows * g.W, stride = chunk + kVec;  // slack: whole-vector loads
   AlignedVec<float>& counts = Scratch<float, 40>();  // [channel i][MSB, LSB][stride]
@@ -228,6 +343,13 @@ G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSpli
             word = _mm256_or_si256(
                 word, _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0xff)), 8 * i));
           }
+          _mm256_store_si256(reinterpret_cast<__m256i*>(words), word);
+          if (plane == 1)  // the LSB counts position-major too, for stage 2's dot products
+            for (int i = 0; i < n; ++i) {
+              const int64_t wp = w0 + i + g.pl;
+              const int64_t pos = (row_phase + wp % g.sw) * L.plane_len + row_pos + wp / g.sw;
+              std::memcpy(act2_rows + pos * Cp + 4 * c4, &words[i], 4);
+            }
           if (g.sw == 1) {
             int32_t* dst = out[plane] + (row_phase * L.groups + c4) * L.plane_len + row_pos +
                            w0 + g.pl;
@@ -239,7 +361,6 @@ G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSpli
             }
             continue;
           }
-          _mm256_store_si256(reinterpret_cast<__m256i*>(words), word);
           for (int i = 0; i < n; ++i) {
             const int64_t wp = w0 + i + g.pl;
             out[plane][((row_phase + wp % g.sw) * L.groups + c4) * L.plane_len + row_pos +
@@ -305,6 +426,17 @@ std::shared_ptr<const PGInt8Weights> PackPGInt8Weights(const int16_t* w_q, const
           w->mag[size_t(at)] = int32_t(mag);
           w->sgn[size_t(at)] = int32_t(sgn);
         }
+  w->Cp = RoundUp(g.C, 32);
+  w->row_mag.assign(size_t(g.O * w->kk * w->Cp), 0);
+  w->row_sgn.assign(size_t(g.O * w->kk * w->Cp), 0);
+  for (int64_t o = 0; o < g.O; ++o)
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t t = 0; t < w->kk; ++t) {
+        const int q = w_q[(o * g.C + c) * w->kk + t];
+        const size_t at = size_t((o * w->kk + t) * w->Cp + c);
+        w->row_mag[at] = uint8_t(std::abs(q));
+        w->row_sgn[at] = int8_t(q > 0 ? 1 : q < 0 ? -1 : 0);
+      }
   return w;
 }
 
@@ -327,8 +459,15 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
       koff[size_t(c4 * w.kk + t)] = c4 * L.PlaneBytes() + tap_off[size_t(t)];
   AlignedVec<int8_t>& act1 = Scratch<int8_t, 41>();
   AlignedVec<int8_t>& act2 = Scratch<int8_t, 42>();
+  AlignedVec<int8_t>& act2_rows = Scratch<int8_t, 45>();
   act1.resize(size_t(L.Bytes()));
   act2.resize(size_t(L.Bytes()));
+  act2_rows.resize(size_t(L.phases * L.plane_len * w.Cp));
+  // Position-major offsets: the same layout with one channel group (plane_len does not depend
+  // on the channel count), in positions, times Cp bytes.
+  std::vector<int64_t> row_off;
+  MakePGActLayout(g, 4, kBlock, &row_off);
+  for (int64_t& off : row_off) off = off / 4 * w.Cp;
 
   // Output pixel of each position (padding columns and the tail are none), and each
   // vector's runs of consecutive output pixels.
@@ -368,20 +507,40 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
     return int(std::max<int64_t>(1, std::min<int64_t>(w.K, 32767 / pair)));
   };
   const StageFn stage = k == PGInt8Isa::kVnni ? StageVnni : StageAvx2;
+  const DotFn dot = k == PGInt8Isa::kVnni ? DotVnni : DotAvx2;
+  double dense_above = DenseSecondStageAbove(false);  // forced (G2D_SECOND_STAGE) or auto
+  if (dense_above >= 0.0 && dense_above <= 1.0) dense_above = kSparseFraction;
+  const int sparse_max = int(std::min(double(kR * kBlock), dense_above * double(kR * kBlock)));
   const IsaKernels& isa = BestKernels();
   const int64_t chunks = (L.blocks + kBlocksPerTask - 1) / kBlocksPerTask;
   const bool parallel = double(g.O) * double(g.C) * double(g.kk()) * double(L.nq) >= kParallelMacs;
   for (int64_t n = 0; n < g.N; ++n) {
     std::memset(act1.data(), 0, act1.size());
     std::memset(act2.data(), 0, act2.size());
+    std::memset(act2_rows.data(), 0, act2_rows.size());
     const float* xn = x + n * g.C * g.H * g.W;
     ParallelFor(ParallelIfLarge(ctx, 4 * g.C * g.H * g.W), size_t(w.groups), [&](size_t c4) {
-      FillGroup(isa, xn, split, g, L, int64_t(c4), act1.data(), act2.data());
+      FillGroup(isa, xn, split, g, L, int64_t(c4), w.Cp, act1.data(), act2.data(),
+                act2_rows.data());
     });
-    const Job job{&w,          act1.data(),       act2.data(), koff.data(),
-                  out_index.data(), valid.data(), runs.data(), g.P(),
-                  steps(msb_max), steps(lsb_max), scale1,      scale2,
-                  threshold,   y + n * g.O * g.P()};
+    const Job job{&w,
+                  act1.data(),
+                  act2.data(),
+                  act2_rows.data(),
+                  row_off.data(),
+                  dot,
+                  sparse_max,
+                  koff.data(),
+                  out_index.data(),
+                  valid.data(),
+                  runs.data(),
+                  g.P(),
+                  steps(msb_max),
+                  steps(lsb_max),
+                  scale1,
+                  scale2,
+                  threshold,
+                  y + n * g.O * g.P()};
     ParallelFor(parallel ? ctx : nullptr, size_t(w.oblocks * chunks), [&](size_t i) {
       const int64_t ob = int64_t(i) / chunks, b0 = (int64_t(i) % chunks) * kBlocksPerTask;
       RunBlocks(job, stage, ob, b0, std::min(L.blocks, b0 + kBlocksPerTask));

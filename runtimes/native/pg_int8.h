@@ -19,10 +19,14 @@
 // ([phase][channel / 4][position][4]): one 32-byte load is 8 positions x 4 channels, and a tap
 // is a constant offset, so no im2col. Weights: [output block of 4][k = group * kk + tap][4
 // outputs] as int32 words of 4 channels' |q_w| bytes (and a twin of sign bytes), broadcast per
-// output. A block is 4 output channels x 16 positions: stage 1 in registers, the gate, stage
-// 2 only if some gate of the block is on, then the epilogue (v = scale1 * acc1; y = v +
-// [v > threshold] * (scale2 * acc2), the same float operations as the other integer paths,
-// no FMA), written to NCHW output with masked stores of each vector's runs of output pixels.
+// output. A block is 4 output channels x 16 positions: stage 1 in registers, the gate, then
+// stage 2: nothing if no gate of the block is on; for a few gates on (at most
+// kSparseFraction of the block's 64), one dot product per gated-on output over the LSB
+// counts stored a second time position-major ([phase][position][Cp], 32 channels of a tap
+// per load, against the output's weight row); else the block as in stage 1. Then the
+// epilogue (v = scale1 * acc1; y = v + [v > threshold] * (scale2 * acc2), the same float
+// operations as the other integer paths, no FMA), written to NCHW output with masked stores
+// of each vector's runs of output pixels. G2D_SECOND_STAGE=sparse|dense forces one kind.
 #pragma once
 #include "conv_common.h"
 #include "pg_amx.h"
@@ -47,6 +51,10 @@ struct PGInt8Weights {
   int64_t oblocks = 0;  // output blocks of 4
   int32_t wmax = 0;     // max |q_w|
   AlignedVec<int32_t> mag, sgn;  // [oblock][k][4 outputs]: 4 bytes |q_w| / sign(q_w)
+  // The same per output row, for stage 2's sparse dot products: [o][tap][Cp] bytes.
+  int64_t Cp = 0;  // C rounded up to 32
+  AlignedVec<uint8_t> row_mag;
+  AlignedVec<int8_t> row_sgn;
 };
 
 // Packs integer weights q_w[O, C, kh, kw] (|q_w| <= 255) of a group-1 convolution; null if
