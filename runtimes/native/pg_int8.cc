@@ -30,9 +30,14 @@ constexpr int kVec = 8;                // positions per vector (int32 lanes of a
 constexpr int kP = 2;                  // position vectors per block
 constexpr int64_t kBlock = kVec * kP;  // positions per block
 constexpr int64_t kBlocksPerTask = 8;
-// Stage 2 of a block runs as dot products when at most this fraction of its gates is on
-// (a dot product costs about 1/3 of what one output's share of the dense block costs).
-constexpr double kSparseFraction = 0.375;
+// Stage 2 of a block runs as dot products when that costs less than the whole block. Cost
+// model (cycles, AVX2 on Zen 3, fitted to tools/bench_gated_ops.py and perf runs of 16-128
+// channel layers): a block costs kBlockStep per k step (K = C/4 * kk steps for its 64
+// outputs); a dot product kDotStep per 32 channels of a tap plus kDotFixed (horizontal sum,
+// gathering the gates). At 128 channels 3x3 a dot product costs about 1.85x its share of
+// the block (break-even near half the block on); at 16 channels (one 32-channel step
+// half empty) about 6.5x (break-even near 15%).
+constexpr double kBlockStep = 12.0, kDotStep = 2.1, kDotFixed = 25.0;
 // Layers below this many multiply-adds per stage run on the calling thread (waking a pool
 // thread costs more than it takes over).
 constexpr double kParallelMacs = double(1 << 20);
@@ -509,7 +514,9 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
   const StageFn stage = k == PGInt8Isa::kVnni ? StageVnni : StageAvx2;
   const DotFn dot = k == PGInt8Isa::kVnni ? DotVnni : DotAvx2;
   double dense_above = DenseSecondStageAbove(false);  // forced (G2D_SECOND_STAGE) or auto
-  if (dense_above >= 0.0 && dense_above <= 1.0) dense_above = kSparseFraction;
+  if (dense_above >= 0.0 && dense_above <= 1.0)
+    dense_above = double(w.K) * kBlockStep /
+                  (double(w.Cp / 32 * w.kk) * kDotStep + kDotFixed) / double(kR * kBlock);
   const int sparse_max = int(std::min(double(kR * kBlock), dense_above * double(kR * kBlock)));
   const IsaKernels& isa = BestKernels();
   const int64_t chunks = (L.blocks + kBlocksPerTask - 1) / kBlocksPerTask;
