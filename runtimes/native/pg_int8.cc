@@ -323,7 +323,11 @@ G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSpli
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(g.H, 2048 / g.W));
   const int64_t chunk = rows * g.W, stride = chunk + kVec;  // slack: whole-vector loads
   AlignedVec<float>& counts = Scratch<float, 40>();  // [channel i][MSB, LSB][stride]
-  counts.assign(size_t(8 * stride), 0.f);            // channels past C stay zero
+  // Channels past C are zeros; the slack past a row chunk's end is read but never stored.
+  counts.resize(size_t(8 * stride));
+  for (int i = 0; i < 4; ++i)
+    if (4 * c4 + i >= g.C)
+      std::fill(counts.begin() + 2 * i * stride, counts.begin() + (2 * i + 2) * stride, 0.f);
   int32_t* out[2] = {reinterpret_cast<int32_t*>(act1), reinterpret_cast<int32_t*>(act2)};
   alignas(32) int32_t words[kVec];
   for (int64_t h0 = 0; h0 < g.H; h0 += rows) {
