@@ -94,7 +94,8 @@ def print_counts() -> None:
 
 def _child_pg_int8() -> None:
     """Runs in the subprocess: PG layers at gate-on 0, 0.2 and 1, signed and post-ReLU inputs,
-    weights within int8 (wbits 7) and 9-bit (wbits 8), stride 1 and 2, vs the reference."""
+    weights within int8 (wbits 7) and 9-bit (wbits 8), dilation 1 and 2, vs the reference (the
+    int8 kernels take stride-1 layers only)."""
     sys.path.insert(0, str(HERE))
     import test_native_ops as t
     from gate2deploy.runtimes import reference as ref
@@ -102,19 +103,19 @@ def _child_pg_int8() -> None:
     rng = np.random.default_rng(9)
     for frac in (0.0, 0.2, 1.0):
         for signed in (False, True):
-            for wbits, stride in [(7, (2, 2)), (8, (1, 1))]:
+            for wbits, dil in [(7, (2, 2)), (8, (1, 1))]:
                 for abits, pred in [(3, 2), (8, 4)]:
                     x = rng.standard_normal((2, 24, 10, 9)).astype(np.float32)
                     if not signed:
                         x = np.clip(x, 0, 2.5)
                     w = t.quantize_weights(rng.standard_normal((20, 24, 3, 3)).astype(np.float32), wbits)
                     x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
-                    msb = ref.conv2d(x_hb, w, stride, (1, 1, 1, 1), (1, 1))
+                    msb = ref.conv2d(x_hb, w, (1, 1), (2, 1, 2, 1), dil)
                     thr = ref.thresholds_for_fraction(msb, frac)
-                    attrs = dict(t.conv_attrs(stride, (1, 1, 1, 1), (1, 1)), abits=abits, pred_bits=pred,
+                    attrs = dict(t.conv_attrs((1, 1), (2, 1, 2, 1), dil), abits=abits, pred_bits=pred,
                                  static_scale=0.0)
                     y = t.run_node("PGConv", x, [w, thr], attrs)
-                    y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, stride, (1, 1, 1, 1), (1, 1), 1)
+                    y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, (1, 1), (2, 1, 2, 1), dil, 1)
                     t.assert_close_with_ties(y, y_ref, msb, thr)
     print_counts()
 

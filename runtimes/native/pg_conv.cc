@@ -16,7 +16,8 @@
 //     weights are split in two). Both stages on tiles, stage 2 skipped per block of 32
 //     positions x 32 outputs with no gate on. Measured: 1.8x dense fp32 at 20% on, 2.5x at 0%.
 //  2. int8 SIMD where AMX is absent (pg_int8.h): AVX-512 VNNI vpdpbusd under the avx512
-//     table, AVX2 vpmaddubsw under the avx2 table; group 1, |counts| <= 127 and, on AVX2,
+//     table, AVX2 vpmaddubsw under the avx2 table; group 1, stride 1 (measured: strided
+//     layers ran slower than on path 3), |counts| <= 127 and, on AVX2,
 //     2 * max|q_w| * max|count| <= 32767 (its saturating int16 pair sums). Stage 2 per block
 //     of 4 outputs x 16 positions: skipped with no gate on, dot products of the gated-on
 //     outputs up to half the block on, else whole. Measured on AVX2 (AMD EPYC, Zen 3,
@@ -248,7 +249,11 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
   // Integer stages on 8-bit SIMD (pg_int8.h: AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd): exact
   // int32 sums, the same result. Where AMX is absent, the fastest exact path measured at
   // every gate-on fraction (see the top of this file).
-  const PGInt8Isa int8 = int_path && g.group == 1 ? PGInt8For(isa) : PGInt8Isa::kNone;
+  // Strided layers stay on the paths below: measured on ResNet-20's 16 -> 32 channel stride-2
+  // layer (32x32), the int8 kernel's stride-phase layout fill took longer than the whole
+  // dense conv (0.44x dense at 0% on, against 0.56x on the NCHWc path).
+  const bool int8_fits = int_path && g.group == 1 && g.sh == 1 && g.sw == 1;
+  const PGInt8Isa int8 = int8_fits ? PGInt8For(isa) : PGInt8Isa::kNone;
   if (int8 != PGInt8Isa::kNone) {
     std::shared_ptr<const PGInt8Weights> w8;
     if (w_const_) {

@@ -58,7 +58,7 @@ using DotFn = void (*)(const Job&, int64_t o, const int32_t* q, int n, int32_t* 
 struct Job {
   const PGInt8Weights* w;
   const int8_t *act1, *act2;
-  const int8_t* act2_rows;   // LSB counts position-major: [phase][position][Cp]
+  const int8_t* act2_rows;   // LSB counts position-major: [position][Cp]
   const int64_t* row_off;    // per tap: byte offset in act2_rows from a position's own
   DotFn dot;
   int sparse_max;            // most gates on in a block for its stage 2 as dot products
@@ -339,12 +339,11 @@ G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSpli
                      counts.data() + (2 * i + 1) * stride);
     for (int plane = 0; plane < 2; ++plane)
       for (int64_t h = h0; h < h0 + nrows; ++h) {
-        const int64_t hp = h + g.pt;
-        const int64_t row_phase = (hp % g.sh) * g.sw, row_pos = (hp / g.sh) * L.Ws;
+        const int64_t row_pos = (h + g.pt) * L.Ws + g.pl;  // stride 1: one phase
         for (int64_t w0 = 0; w0 < g.W; w0 += kVec) {
           const int n = int(std::min<int64_t>(kVec, g.W - w0));
           const int64_t at = (h - h0) * g.W + w0;
-          // Integer-valued floats (|count| <= 64) to bytes, 4 channels per int32 word.
+          // Integer-valued floats (|count| <= 127) to bytes, 4 channels per int32 word.
           __m256i word = _mm256_setzero_si256();
           for (int i = 0; i < 4; ++i) {
             const __m256i c =
@@ -352,28 +351,17 @@ G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSpli
             word = _mm256_or_si256(
                 word, _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0xff)), 8 * i));
           }
-          _mm256_store_si256(reinterpret_cast<__m256i*>(words), word);
-          if (plane == 1)  // the LSB counts position-major too, for stage 2's dot products
-            for (int i = 0; i < n; ++i) {
-              const int64_t wp = w0 + i + g.pl;
-              const int64_t pos = (row_phase + wp % g.sw) * L.plane_len + row_pos + wp / g.sw;
-              std::memcpy(act2_rows + pos * Cp + 4 * c4, &words[i], 4);
-            }
-          if (g.sw == 1) {
-            int32_t* dst = out[plane] + (row_phase * L.groups + c4) * L.plane_len + row_pos +
-                           w0 + g.pl;
-            if (n == kVec) {
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), word);
-            } else {
-              const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-              _mm256_maskstore_epi32(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane), word);
-            }
-            continue;
+          if (plane == 1) {  // the LSB counts position-major too, for stage 2's dot products
+            _mm256_store_si256(reinterpret_cast<__m256i*>(words), word);
+            for (int i = 0; i < n; ++i)
+              std::memcpy(act2_rows + (row_pos + w0 + i) * Cp + 4 * c4, &words[i], 4);
           }
-          for (int i = 0; i < n; ++i) {
-            const int64_t wp = w0 + i + g.pl;
-            out[plane][((row_phase + wp % g.sw) * L.groups + c4) * L.plane_len + row_pos +
-                       wp / g.sw] = words[i];
+          int32_t* dst = out[plane] + c4 * L.plane_len + row_pos + w0;
+          if (n == kVec) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), word);
+          } else {
+            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            _mm256_maskstore_epi32(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane), word);
           }
         }
       }
@@ -460,6 +448,7 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
                const float* x, const PGSplit& split, int64_t msb_max, int64_t lsb_max,
                float scale1, float scale2, const float* threshold, float* y) {
 #if G2D_HAVE_INT8
+  if (g.sh != 1 || g.sw != 1) throw OpError("PGConv: int8 path called for a strided layer");
   std::vector<int64_t> tap_off;
   const PGActLayout L = MakePGActLayout(g, 4 * w.groups, kBlock, &tap_off);
   std::vector<int64_t> koff(size_t(w.K));

@@ -16,14 +16,14 @@
 // int32 total is below K * 255 * max|count| < 2^31 (checked).
 //
 // Layout: the activations are written once per sample as int8 in pg_amx.h's PGActLayout
-// ([phase][channel / 4][position][4]): one 32-byte load is 8 positions x 4 channels, and a tap
-// is a constant offset, so no im2col. Weights: [output block of 4][k = group * kk + tap][4
+// ([channel / 4][position][4]; stride 1 only, see pg_conv.cc): one 32-byte load is 8
+// positions x 4 channels, and a tap (any dilation) is a constant offset, so no im2col. Weights: [output block of 4][k = group * kk + tap][4
 // outputs] as int32 words of 4 channels' |q_w| bytes (and a twin of sign bytes), broadcast per
 // output. A block is 4 output channels x 16 positions: stage 1 in registers, the gate, then
 // stage 2: nothing if no gate of the block is on; for a few gates on (fewer than a cost
 // model in pg_int8.cc puts at break-even: about half the block's 64 at 128 channels, 15% at
 // 16), one dot product per gated-on output over the LSB
-// counts stored a second time position-major ([phase][position][Cp], 32 channels of a tap
+// counts stored a second time position-major ([position][Cp], 32 channels of a tap
 // per load, against the output's weight row); else the block as in stage 1. Then the
 // epilogue (v = scale1 * acc1; y = v + [v > threshold] * (scale2 * acc2), the same float
 // operations as the other integer paths, no FMA), written to NCHW output with masked stores
@@ -65,8 +65,8 @@ std::shared_ptr<const PGInt8Weights> PackPGInt8Weights(const int16_t* w_q, const
 // True if kernel k computes both stages exactly for counts up to max_count (bounds above).
 bool PGInt8Fits(const PGInt8Weights& w, PGInt8Isa k, int64_t max_count);
 
-// Both stages of every sample of x [N, C, H, W] into y [N, O, OH, OW] (as RunPGAmx);
-// msb_max / lsb_max bound the stages' |counts|.
+// Both stages of every sample of x [N, C, H, W] into y [N, O, OH, OW] (as RunPGAmx), for a
+// stride-1 layer; msb_max / lsb_max bound the stages' |counts|.
 void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const ConvGeom& g,
                const float* x, const PGSplit& split, int64_t msb_max, int64_t lsb_max,
                float scale1, float scale2, const float* threshold, float* y);
