@@ -34,9 +34,11 @@ constexpr int64_t kBlocksPerTask = 8;
 // model (cycles, AVX2 on Zen 3, fitted to tools/bench_gated_ops.py and perf runs of 16-128
 // channel layers): a block costs kBlockStep per k step (K = C/4 * kk steps for its 64
 // outputs); a dot product kDotStep per 32 channels of a tap plus kDotFixed (horizontal sum,
-// gathering the gates). At 128 channels 3x3 a dot product costs about 1.85x its share of
-// the block (break-even near half the block on); at 16 channels (one 32-channel step
-// half empty) about 6.5x (break-even near 15%).
+// gathering the gates). At 128 channels 3x3 the model puts a dot product at about 1.85x its
+// share of the block (break-even near half the block on; fitted with one position per dot:
+// sharing each weight load among 4 positions since made dot products as cheap as the
+// whole block up to ~65% on, so the model errs toward whole blocks, within a few percent
+// there); at 16 channels (one 32-channel step half empty) about 6.5x (break-even near 15%).
 constexpr double kBlockStep = 12.0, kDotStep = 2.1, kDotFixed = 25.0;
 // Layers below this many multiply-adds per stage run on the calling thread (waking a pool
 // thread costs more than it takes over).
