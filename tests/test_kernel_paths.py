@@ -4,7 +4,9 @@
 Paths: the ISA table (G2D_ISA=generic|avx2; avx512 and AMX where the CPU has them: tiers the
 machine lacks are skipped, the test runs there on a machine that has them) x the second stage
 of CGConv / PGConv's integer path (G2D_SECOND_STAGE=sparse|dense, conv_common.cc), PG on its
-int16 stages (G2D_ORT_CONV=0) or, for the AMX tier, on tiles. Each combination runs in a
+int16 stages (G2D_ORT_CONV=0, G2D_PG_INT8=0) or, for the AMX tier, on tiles; and PG's int8
+kernels (runtimes/native/pg_int8.h: AVX2, AVX-512 VNNI, and the AVX2 kernel under the avx512
+table with G2D_PG_INT8=avx2). Each combination runs in a
 subprocess (the settings are read once per process) that computes CG and PG layers at gate-on
 fractions where the automatic choice would take the other path, compares them with the
 reference (tests/test_native_ops.py's tolerance and tie rule), and reports the library's path
@@ -52,7 +54,6 @@ def _child(stage: str) -> None:
     sys.path.insert(0, str(HERE))
     import test_native_ops as t
     from gate2deploy.runtimes import reference as ref
-    from gate2deploy.runtimes.ort import custom_ops_library_path
 
     rng = np.random.default_rng(7)
     # fractions on both sides of the automatic switch (fp32 0.5, int16 0.1 of a span's gates)
@@ -75,12 +76,75 @@ def _child(stage: str) -> None:
             y = t.run_node("PGConv", x, [w, thr], attrs)
             y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, (1, 1), (1, 1, 1, 1), (1, 1), 1)
             t.assert_close_with_ties(y, y_ref, msb, thr)
+    print_counts()
+
+
+def print_counts() -> None:
+    """Prints the library configuration and its path counters as one JSON line."""
+    from gate2deploy.runtimes.ort import custom_ops_library_path
+
     lib = ctypes.CDLL(str(custom_ops_library_path()))
-    for name in ("G2DSecondStageRuns", "G2DAmxConvRuns"):
+    for name in ("G2DSecondStageRuns", "G2DAmxConvRuns", "G2DPGInt8Runs"):
         getattr(lib, name).restype = ctypes.c_int64
     lib.G2DKernelConfig.restype = ctypes.c_char_p
     print(json.dumps({"config": lib.G2DKernelConfig().decode(), "sparse": lib.G2DSecondStageRuns(0),
-                      "dense": lib.G2DSecondStageRuns(1), "amx": lib.G2DAmxConvRuns()}))
+                      "dense": lib.G2DSecondStageRuns(1), "amx": lib.G2DAmxConvRuns(),
+                      "int8": lib.G2DPGInt8Runs()}))
+
+
+def _child_pg_int8() -> None:
+    """Runs in the subprocess: PG layers at gate-on 0, 0.2 and 1, signed and post-ReLU inputs,
+    weights within int8 (wbits 7) and 9-bit (wbits 8), dilation 1 and 2, vs the reference (the
+    int8 kernels take stride-1 layers only)."""
+    sys.path.insert(0, str(HERE))
+    import test_native_ops as t
+    from gate2deploy.runtimes import reference as ref
+
+    rng = np.random.default_rng(9)
+    for frac in (0.0, 0.2, 1.0):
+        for signed in (False, True):
+            for wbits, dil in [(7, (2, 2)), (8, (1, 1))]:
+                for abits, pred in [(3, 2), (8, 4)]:
+                    x = rng.standard_normal((2, 24, 10, 9)).astype(np.float32)
+                    if not signed:
+                        x = np.clip(x, 0, 2.5)
+                    w = t.quantize_weights(rng.standard_normal((20, 24, 3, 3)).astype(np.float32), wbits)
+                    x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
+                    msb = ref.conv2d(x_hb, w, (1, 1), (2, 1, 2, 1), dil)
+                    thr = ref.thresholds_for_fraction(msb, frac)
+                    attrs = dict(t.conv_attrs((1, 1), (2, 1, 2, 1), dil), abits=abits, pred_bits=pred,
+                                 static_scale=0.0)
+                    y = t.run_node("PGConv", x, [w, thr], attrs)
+                    y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, (1, 1), (2, 1, 2, 1), dil, 1)
+                    t.assert_close_with_ties(y, y_ref, msb, thr)
+    print_counts()
+
+
+AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= FLAGS
+INT8_TIERS = {  # supported, environment, the int8 kernel expected
+    "avx2": ({"avx2", "fma"} <= FLAGS, {"G2D_ISA": "avx2", "G2D_AMX": "0"}, "avx2"),
+    "avx512-vnni": (AVX512, {"G2D_AMX": "0"}, "vnni"),
+    "avx512-avx2": (AVX512, {"G2D_AMX": "0", "G2D_PG_INT8": "avx2"}, "avx2"),
+}
+
+
+@pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
+@pytest.mark.parametrize("stage", ["sparse", "dense"])
+@pytest.mark.parametrize("tier", list(INT8_TIERS))
+def test_forced_pg_int8_path_matches_reference(tier, stage):
+    """The int8 kernels with stage 2 forced to dot products (sparse) or whole blocks (dense)."""
+    supported, env_tier, kernel = INT8_TIERS[tier]
+    if not supported:
+        pytest.skip(f"this CPU lacks the {tier} tier; the test runs on a machine that has it")
+    proc = subprocess.run([sys.executable, __file__, "pg_int8"],
+                          env=dict(os.environ, G2D_SECOND_STAGE=stage, **env_tier),
+                          capture_output=True, text=True, timeout=300, cwd=HERE.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"pg_int8={kernel}" in counts["config"], counts
+    # every sample of every case (3 fractions x 2 signs x 2 weight widths x 2 bit splits x batch 2)
+    assert counts["int8"] == 48 and counts["amx"] == 0, counts
+    assert counts[stage] > 0 and counts["dense" if stage == "sparse" else "sparse"] == 0, counts
 
 
 @pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
@@ -90,7 +154,7 @@ def test_forced_kernel_path_matches_reference(tier, stage):
     supported, env_tier = TIERS[tier]
     if not supported:
         pytest.skip(f"this CPU lacks the {tier} tier; the test runs on a machine that has it")
-    env = dict(os.environ, G2D_SECOND_STAGE=stage, G2D_ORT_CONV="0", **env_tier)
+    env = dict(os.environ, G2D_SECOND_STAGE=stage, G2D_ORT_CONV="0", G2D_PG_INT8="0", **env_tier)
     proc = subprocess.run([sys.executable, __file__, stage], env=env, capture_output=True, text=True,
                           timeout=300, cwd=HERE.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -145,4 +209,4 @@ def test_measured_kernel_choice_only_for_ort():
                     gated_kernels="measured")
 
 if __name__ == "__main__":
-    _child(sys.argv[1])
+    _child_pg_int8() if sys.argv[1] == "pg_int8" else _child(sys.argv[1])

@@ -84,9 +84,30 @@ def amx_conv_runs() -> int:
     return fn()
 
 
+def pg_int8_runs() -> int:
+    """Samples PGConv has run on its int8 kernels (AVX2 / VNNI) so far (runtimes/native/pg_int8.h)."""
+    import ctypes
+
+    fn = ctypes.CDLL(str(custom_ops_library_path())).G2DPGInt8Runs
+    fn.restype = ctypes.c_int64
+    return fn()
+
+
+def pg_int8_kernel() -> str:
+    """Which int8 PG kernel this process runs: "avx2", "vnni" or "off" (G2DKernelConfig)."""
+    import ctypes
+
+    fn = ctypes.CDLL(str(custom_ops_library_path())).G2DKernelConfig
+    fn.restype = ctypes.c_char_p
+    return dict(kv.split("=", 1) for kv in fn().decode().split())["pg_int8"]
+
+
 CPU_FLAGS = set(open("/proc/cpuinfo").read().split())
 ORT_CONV_EXPECTED = os.environ.get("G2D_ORT_CONV") != "0" and "avx2" in CPU_FLAGS
 AMX_EXPECTED = os.environ.get("G2D_AMX") != "0" and {"amx_tile", "amx_int8"} <= CPU_FLAGS
+# PG's int8 kernels run where AMX does not, under the avx2 / avx512 ISA tables.
+INT8_EXPECTED = (not AMX_EXPECTED and os.environ.get("G2D_PG_INT8") != "0" and "avx2" in CPU_FLAGS
+                 and os.environ.get("G2D_ISA") != "generic")
 
 
 def assert_close_with_ties(y, y_ref, stage1, thr_per_channel):
@@ -283,8 +304,8 @@ def test_pg_conv_matches_reference(gi, bits, frac):
 ])
 def test_pg_conv_wide_layers_run_on_a_fast_path(geom, bits, frac):
     """Group-1 layers run their integer stages on AMX int8 tiles where the CPU has them, else
-    (whole channel blocks) as fp32 convs on ONNX Runtime's NCHWc conv; both exact. Negative
-    inputs included."""
+    on the int8 AVX2 / VNNI kernels (stride 1), else (whole channel blocks) as fp32 convs on
+    ONNX Runtime's NCHWc conv; all exact. Negative inputs included."""
     abits, pred, wbits = bits
     n, c, o, h, wd, k, s, p, d = geom
     rng = np.random.default_rng(c + o)
@@ -293,13 +314,15 @@ def test_pg_conv_wide_layers_run_on_a_fast_path(geom, bits, frac):
     x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
     msb = ref.conv2d(x_hb, w, s, p, d)
     thr = ref.thresholds_for_fraction(msb, frac)
-    amx_before, delegated_before = amx_conv_runs(), delegated_conv_runs()
+    amx_before, delegated_before, int8_before = amx_conv_runs(), delegated_conv_runs(), pg_int8_runs()
     attrs = dict(conv_attrs(s, p, d), abits=abits, pred_bits=pred, static_scale=0.0)
     y = run_node("PGConv", x, [w, thr], attrs)
     y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, s, p, d)
     assert_close_with_ties(y, y_ref, msb, thr)
     if AMX_EXPECTED:
         assert amx_conv_runs() == amx_before + n
+    elif INT8_EXPECTED and s == (1, 1):  # the int8 kernels take stride-1 layers only
+        assert pg_int8_runs() == int8_before + n
     elif ORT_CONV_EXPECTED:
         assert delegated_conv_runs() >= delegated_before + n * (1 if frac == 0.0 else 2)
 
@@ -341,18 +364,22 @@ def pg_path_cases_model(tmp_path) -> tuple[str, dict[str, np.ndarray]]:
     return path, feeds
 
 
-@pytest.mark.skipif(IN_SUBPROCESS or not (AMX_EXPECTED or ORT_CONV_EXPECTED),
-                    reason="needs AMX or the NCHWc delegate")
+@pytest.mark.skipif(IN_SUBPROCESS or not (AMX_EXPECTED or INT8_EXPECTED or ORT_CONV_EXPECTED),
+                    reason="needs AMX, the int8 kernels or the NCHWc delegate")
 @pytest.mark.parametrize("other", [
-    {"G2D_AMX": "0", "G2D_ORT_CONV": "0"},  # int16 GEMMs and dot products
-    {"G2D_AMX": "0"},                       # fp32 stages on ONNX Runtime's NCHWc conv
-], ids=["int16", "nchwc"])
+    {"G2D_AMX": "0", "G2D_PG_INT8": "0", "G2D_ORT_CONV": "0"},  # int16 GEMMs and dot products
+    {"G2D_AMX": "0", "G2D_PG_INT8": "0"},  # fp32 stages on ONNX Runtime's NCHWc conv
+    {"G2D_AMX": "0", "G2D_PG_INT8": "avx2"},  # the AVX2 int8 kernel (also under AVX-512)
+], ids=["int16", "nchwc", "int8-avx2"])
 def test_pg_conv_fast_paths_are_bitwise_equal(tmp_path, other):
     """Every integer path computes the same int32 sums and the same float epilogue, so the
-    outputs are equal bit for bit: this process's path (AMX where present) against another
-    path, run in a subprocess with the others disabled."""
-    if other == {"G2D_AMX": "0"} and not (AMX_EXPECTED and ORT_CONV_EXPECTED):
-        pytest.skip("compares AMX with the NCHWc delegate: needs both")
+    outputs are equal bit for bit: this process's path (AMX where present, else the int8
+    kernel) against another path, run in a subprocess with the others disabled."""
+    if other.get("G2D_PG_INT8") == "0" and "G2D_ORT_CONV" not in other and not (
+            (AMX_EXPECTED or INT8_EXPECTED) and ORT_CONV_EXPECTED):
+        pytest.skip("compares AMX or int8 with the NCHWc delegate: needs both")
+    if other.get("G2D_PG_INT8") == "avx2" and not (AMX_EXPECTED or pg_int8_kernel() == "vnni"):
+        pytest.skip("this process runs the AVX2 int8 kernel itself")
     path, feeds = pg_path_cases_model(tmp_path)
     np.savez(tmp_path / "feeds.npz", **feeds)
     script = ("import sys, numpy as np; from gate2deploy.runtimes.ort import open_session; "
@@ -363,14 +390,78 @@ def test_pg_conv_fast_paths_are_bitwise_equal(tmp_path, other):
                           env=dict(os.environ, **other), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = np.load(tmp_path / "y.npz")
-    amx_before, delegated_before = amx_conv_runs(), delegated_conv_runs()
+    amx_before, delegated_before, int8_before = amx_conv_runs(), delegated_conv_runs(), pg_int8_runs()
     ys = open_session(path, threads=2).run(None, feeds)
     if AMX_EXPECTED:
         assert amx_conv_runs() == amx_before + 2 + 2 + 2 + 1 + 1  # every layer, every sample
+    elif INT8_EXPECTED:
+        assert pg_int8_runs() == int8_before + 2 + 1 + 1  # the stride-1 layers, every sample
     else:
         assert delegated_conv_runs() > delegated_before
     for i, y in enumerate(ys):
         assert np.array_equal(y, expected[f"arr_{i}"]), f"layer {i}"
+
+
+# abits, pred_bits, wbits, input sign. A constant input puts every activation at the top level
+# (q = 2^abits - 1: both stages' counts at their largest) and equal-magnitude weights put every
+# |q_w| at 2^wbits - 1 (but one, at 1), one sign per output channel: the int8 kernels' sums as
+# large as they get.
+PG_INT8_BOUND_CASES = [
+    (8, 2, 8, 1.0),   # LSB counts 63, |q_w| 255: AVX2 pair sums 32130 <= 32767, one k-step per int16 sum
+    (8, 1, 7, -1.0),  # LSB counts -127, |q_w| 127: pair sums -32258, negative inputs
+    (8, 1, 8, 1.0),   # 127 x 255 x 2 > 32767: the AVX2 kernel must leave this layer to another path
+    (3, 2, 8, -1.0),  # small counts, 9-bit weights: many k-steps per int16 sum
+]
+
+
+def pg_bound_case(abits, pred, wbits, sign):
+    x = np.full((1, 20, 9, 7), 0.75 * sign, np.float32)
+    o = 12
+    w_sign = np.where(np.arange(o) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    w = np.ones((o, 20, 3, 3), np.float32)
+    w[:, -1, -1, -1] = 1 / (2 ** wbits - 1)  # one weight at level 1: the grid needs all wbits bits
+    w = quantize_weights(w * w_sign[:, None, None, None], wbits)
+    # exact gates: channels 0, 1, 2, 4, 8 on (the int8 kernels' blocks of 4 output channels:
+    # 3 of 4 on, stage 2 as a block; 1 of 4 on, stage 2 as dot products), the rest off
+    thr = np.where(np.isin(np.arange(o), [0, 1, 2, 4, 8]), -1e30, 1e30).astype(np.float32)
+    return x, w, thr
+
+
+@pytest.mark.skipif(IN_SUBPROCESS, reason="runs a subprocess itself")
+def test_pg_conv_int8_counts_at_the_saturation_bound(tmp_path):
+    """Layers whose int8 sums reach the kernels' bounds: each matches the reference and, bit for
+    bit, the int16 path (a subprocess with the int8 kernels and AMX off); the int8 kernel runs
+    exactly where its bound (recomputed here from pg_int8.h's rule: AVX2 needs
+    2 * max|q_w| * max|count| <= 32767, VNNI has no int16 step) holds and AMX did not take it."""
+    kernel = pg_int8_kernel() if INT8_EXPECTED or AMX_EXPECTED else "off"
+    xs, ys = [], []
+    for i, (abits, pred, wbits, sign) in enumerate(PG_INT8_BOUND_CASES):
+        x, w, thr = pg_bound_case(abits, pred, wbits, sign)
+        xs.append(x)
+        attrs = dict(conv_attrs((1, 1), (1, 1, 1, 1), (1, 1)), abits=abits, pred_bits=pred, static_scale=0.0)
+        onnx.save(single_node_model("PGConv", x.shape, [w, thr], attrs), str(tmp_path / f"m{i}.onnx"))
+        before = pg_int8_runs()
+        y = run_node("PGConv", x, [w, thr], attrs)
+        max_count = max(2 ** pred - 1, 2 ** (abits - pred) - 1)
+        wmax = 2 ** wbits - 1
+        amx_takes = AMX_EXPECTED and max_count <= (63 if wmax > 127 else 127)
+        int8_takes = not amx_takes and (kernel == "vnni" or (kernel == "avx2" and 2 * wmax * max_count <= 32767))
+        assert (pg_int8_runs() - before == 1) == int8_takes, (abits, pred, wbits, kernel)
+        y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, (1, 1), (1, 1, 1, 1), (1, 1))
+        x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
+        assert_close_with_ties(y, y_ref, ref.conv2d(x_hb, w, (1, 1), (1, 1, 1, 1), (1, 1)), thr)
+        ys.append(y)
+    np.savez(tmp_path / "x.npz", *xs)
+    script = ("import sys, numpy as np; from gate2deploy.runtimes.ort import open_session; "
+              "d = sys.argv[1]; xs = np.load(d + '/x.npz'); "
+              "np.savez(d + '/y.npz', *[open_session(f'{d}/m{i}.onnx', threads=2).run("
+              "None, {'x': xs[f'arr_{i}']})[0] for i in range(len(xs.files))])")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, G2D_AMX="0", G2D_PG_INT8="0", G2D_ORT_CONV="0"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = np.load(tmp_path / "y.npz")
+    for i, y in enumerate(ys):
+        assert np.array_equal(y, expected[f"arr_{i}"]), PG_INT8_BOUND_CASES[i]
 
 
 def test_pg_conv_static_scale_and_dynamic_weights():

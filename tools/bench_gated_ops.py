@@ -36,11 +36,13 @@ benchmark input; FBS: the density). Weights are random (kaiming init), so fracti
 from the offsets, not from training.
 
 Kernel paths: the first line prints the native library's configuration (ISA table: avx512 /
-avx2 / generic, AMX, ONNX Runtime NCHWc delegation, second-stage setting; G2D_ISA, G2D_AMX=0,
-G2D_ORT_CONV=0 and G2D_SECOND_STAGE=sparse|dense force narrower paths, for numerics on tiers
+avx2 / generic, AMX, PG's int8 kernel (pg_int8=avx2|vnni|off), ONNX Runtime NCHWc delegation,
+second-stage setting; G2D_ISA, G2D_AMX=0, G2D_PG_INT8=0|avx2, G2D_ORT_CONV=0 and
+G2D_SECOND_STAGE=sparse|dense force narrower paths, for numerics on tiers
 the machine lacks: their speed there says nothing about the tier). Each layer row says which
 paths ran while it was timed: second-stage spans sparse (s) / dense GEMM + select (d), convs
-delegated to ONNX Runtime's NCHWc conv (nchwc), samples on AMX tiles (amx); "bound" is the
+delegated to ONNX Runtime's NCHWc conv (nchwc), samples on AMX tiles (amx) or on PG's int8
+kernel (int8); "bound" is the
 layer's MAC bound (CG: 1 / (1/p + (1 - 1/p) r); PG: abits / (pred + (abits - pred) r), in
 abits-bit MAC equivalents, gate_stats' bit_weighted_macs; FBS: 1 / (in x out density)).
 
@@ -100,17 +102,19 @@ def _native():
     from gate2deploy.runtimes.ort import custom_ops_library_path
 
     lib = ctypes.CDLL(str(custom_ops_library_path()))
-    for name in ("G2DSecondStageRuns", "G2DDelegatedConvRuns", "G2DAmxConvRuns"):
+    for name in ("G2DSecondStageRuns", "G2DDelegatedConvRuns", "G2DAmxConvRuns", "G2DPGInt8Runs"):
         getattr(lib, name).restype = ctypes.c_int64
     lib.G2DKernelConfig.restype = ctypes.c_char_p
     return lib
 
 
 def path_counts() -> dict[str, int]:
-    """The native library's per-path run counters (conv_common.cc, nchwc_conv.cc, pg_amx.cc)."""
+    """The native library's per-path run counters (conv_common.cc, nchwc_conv.cc, pg_amx.cc,
+    pg_int8.cc)."""
     lib = _native()
     return {"s": lib.G2DSecondStageRuns(0), "d": lib.G2DSecondStageRuns(1),
-            "nchwc": lib.G2DDelegatedConvRuns(), "amx": lib.G2DAmxConvRuns()}
+            "nchwc": lib.G2DDelegatedConvRuns(), "amx": lib.G2DAmxConvRuns(),
+            "int8": lib.G2DPGInt8Runs()}
 
 
 def paths_since(before: dict[str, int]) -> str:

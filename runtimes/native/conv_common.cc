@@ -1,6 +1,7 @@
 // See conv_common.h.
 #include "conv_common.h"
 #include "pg_amx.h"
+#include "pg_int8.h"
 
 #include <algorithm>
 #include <atomic>
@@ -1038,6 +1039,7 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
     const char* ort_conv = std::getenv("G2D_ORT_CONV");
     return std::string("isa=") + g2d::BestKernels().name +
            " amx=" + (g2d::AmxAvailable() ? "yes" : "no") +
+           " pg_int8=" + g2d::PGInt8Name(g2d::PGInt8For(g2d::BestKernels())) +
            " ort_nchwc_conv=" + (ort_conv && std::strcmp(ort_conv, "0") == 0 ? "off" : "on") +
            " second_stage=" + (stage && (std::strcmp(stage, "sparse") == 0 || std::strcmp(stage, "dense") == 0) ? stage : "auto");
   }();

@@ -313,7 +313,7 @@ void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostE
 // Scratch buffers that live as long as the calling thread: re-used across runs so that the
 // large buffers are not page-faulted in again on every call. `Slot` separates uses; a slot
 // must not be shared by two buffers alive at once (in use: 0-2, 4-8, 12-14, 29-31 conv_common.cc;
-// 10-11, 15, 21-22 pg_conv.cc; 16-17 subset_conv.cc; 23-28 pg_amx.cc).
+// 10-11, 15, 21-22 pg_conv.cc; 16-17 subset_conv.cc; 23-28 pg_amx.cc; 40-45 pg_int8.cc).
 template <class T, int Slot>
 AlignedVec<T>& Scratch() {
   static thread_local AlignedVec<T> buffer;

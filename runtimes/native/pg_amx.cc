@@ -29,6 +29,7 @@ namespace g2d {
 namespace {
 
 constexpr int64_t kBlockPositions = 32;  // two tiles of 16 output positions
+using ActLayout = PGActLayout;
 constexpr int64_t kBlocksPerTask = 4;
 // Below this many tile products per stage the blocks run on the calling thread: waking a pool
 // thread cost more than the work it would take over (measured on 64 ch 8x8 layers of the
@@ -52,39 +53,6 @@ bool DetectAmx() {
   return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
 }
 #endif
-
-// Where one sample's int8 activations live (see pg_amx.h): [phase][C / 4][position][4] bytes.
-struct ActLayout {
-  int64_t phases, Ws, nq, blocks, plane_len, groups;
-  int64_t PlaneBytes() const { return plane_len * 4; }
-  int64_t Bytes() const { return phases * groups * PlaneBytes(); }
-};
-
-ActLayout MakeLayout(const PGAmxWeights& w, const ConvGeom& g, std::vector<int64_t>* tap_off) {
-  ActLayout L;
-  const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
-  const int64_t Hs = (Hp + g.sh - 1) / g.sh;
-  L.Ws = (Wp + g.sw - 1) / g.sw;
-  L.phases = g.sh * g.sw;
-  L.groups = w.Cxp / 4;
-  L.nq = g.OH * L.Ws;
-  L.blocks = (L.nq + kBlockPositions - 1) / kBlockPositions;
-  int64_t max_shift = 0;
-  std::vector<int64_t> phase(size_t(g.kk())), shift(size_t(g.kk()));
-  for (int64_t dy = 0; dy < g.kh; ++dy)
-    for (int64_t dx = 0; dx < g.kw; ++dx) {
-      const int64_t hy = dy * g.dh, wx = dx * g.dw, t = dy * g.kw + dx;
-      phase[size_t(t)] = (hy % g.sh) * g.sw + wx % g.sw;
-      shift[size_t(t)] = (hy / g.sh) * L.Ws + wx / g.sw;
-      max_shift = std::max(max_shift, shift[size_t(t)]);
-    }
-  // Every tile load stays inside the plane: the last block's last position plus any shift.
-  L.plane_len = RoundUp(std::max(Hs * L.Ws, L.blocks * kBlockPositions + max_shift), 16);
-  tap_off->resize(size_t(g.kk()));
-  for (int64_t t = 0; t < g.kk(); ++t)
-    (*tap_off)[size_t(t)] = (phase[size_t(t)] * L.groups * L.plane_len + shift[size_t(t)]) * 4;
-  return L;
-}
 
 #if G2D_HAVE_AMX
 
@@ -345,6 +313,33 @@ G2D_AMX_TARGET void RunTask(const BlockJob& j, int64_t ot0, int nb_tiles, int64_
 
 }  // namespace
 
+PGActLayout MakePGActLayout(const ConvGeom& g, int64_t stored_channels, int64_t block_positions,
+                            std::vector<int64_t>* tap_off) {
+  PGActLayout L;
+  const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
+  const int64_t Hs = (Hp + g.sh - 1) / g.sh;
+  L.Ws = (Wp + g.sw - 1) / g.sw;
+  L.phases = g.sh * g.sw;
+  L.groups = stored_channels / 4;
+  L.nq = g.OH * L.Ws;
+  L.blocks = (L.nq + block_positions - 1) / block_positions;
+  int64_t max_shift = 0;
+  std::vector<int64_t> phase(size_t(g.kk())), shift(size_t(g.kk()));
+  for (int64_t dy = 0; dy < g.kh; ++dy)
+    for (int64_t dx = 0; dx < g.kw; ++dx) {
+      const int64_t hy = dy * g.dh, wx = dx * g.dw, t = dy * g.kw + dx;
+      phase[size_t(t)] = (hy % g.sh) * g.sw + wx % g.sw;
+      shift[size_t(t)] = (hy / g.sh) * L.Ws + wx / g.sw;
+      max_shift = std::max(max_shift, shift[size_t(t)]);
+    }
+  // Every block's loads stay inside the plane: the last block's last position plus any shift.
+  L.plane_len = RoundUp(std::max(Hs * L.Ws, L.blocks * block_positions + max_shift), 16);
+  tap_off->resize(size_t(g.kk()));
+  for (int64_t t = 0; t < g.kk(); ++t)
+    (*tap_off)[size_t(t)] = (phase[size_t(t)] * L.groups * L.plane_len + shift[size_t(t)]) * 4;
+  return L;
+}
+
 bool AmxAvailable() {
 #if G2D_HAVE_AMX
   static const bool available = DetectAmx();
@@ -399,7 +394,7 @@ void RunPGAmx(OrtKernelContext* ctx, const PGAmxWeights& w, const ConvGeom& g, c
               float* y) {
 #if G2D_HAVE_AMX
   std::vector<int64_t> tap_off;
-  const ActLayout L = MakeLayout(w, g, &tap_off);
+  const ActLayout L = MakePGActLayout(g, w.Cxp, kBlockPositions, &tap_off);
 
   // Both stages' activations, zero-padded. The scratch buffers are shared with layers of
   // other shapes, so the zeros are written on every call (once for all samples): with stride 1, FillGroup zeroes

@@ -55,6 +55,19 @@ struct PGAmxWeights {
   int64_t MaxActivation() const { return split ? 63 : 127; }
 };
 
+// Where one sample's int8 activations live (shared with pg_int8.h): [phase][channel / 4]
+// [position][4] bytes over the zero-padded input split into stride phases; a convolution tap
+// is the constant byte offset tap_off[t] from an output position's own offset (position * 4)
+// within a group's plane. Positions q = oh * Ws + ow (ow < Ws; ow >= OW are padding columns),
+// computed in blocks of block_positions.
+struct PGActLayout {
+  int64_t phases, Ws, nq, blocks, plane_len, groups;
+  int64_t PlaneBytes() const { return plane_len * 4; }
+  int64_t Bytes() const { return phases * groups * PlaneBytes(); }
+};
+PGActLayout MakePGActLayout(const ConvGeom& g, int64_t stored_channels, int64_t block_positions,
+                            std::vector<int64_t>* tap_off);
+
 // Packs integer weights q_w[O, C, kh, kw] (|q_w| <= 255) of a group-1 convolution.
 std::shared_ptr<const PGAmxWeights> PackPGAmxWeights(const int16_t* w_q, const ConvGeom& g);
 

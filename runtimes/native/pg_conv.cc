@@ -8,21 +8,39 @@
 // Integer arithmetic: W arrives de-quantized, but it lies on a grid step * q_w with
 // |q_w| <= 2^wbits - 1 (wbits <= 8). When that grid is found (checked exactly, below) and
 // B <= 8, both stages are integer sums scaled to float once per output, so they are exact
-// (at least as accurate as the fp32 reference). Paths 1-3 below compute the same integers
+// (at least as accurate as the fp32 reference). Paths 1-4 below compute the same integers
 // and the same float epilogue, so they agree bit for bit (tested); the first that applies
-// runs:
+// runs. The order is the speed measured on each tier (figures: dense fp32 conv time / PG
+// time, 128 ch, 28x28, 3x3, batch 1; tools/bench_gated_ops.py --ops pg, and for path 2
+// interleaved single-thread runs of the same layer):
 //  1. Intel AMX int8 tiles (pg_amx.h): group 1, activation counts within int8 (the 9-bit
 //     weights are split in two). Both stages on tiles, stage 2 skipped per block of 32
-//     positions x 32 outputs with no gate on. Measured (128 ch, 28x28, 3x3,
-//     tools/bench_gated_ops.py --ops pg): 1.8x dense fp32 at 20% on, 2.5x at 0%.
-//  2. ONNX Runtime's NCHWc fp32 conv (subset_conv.h), on integer-valued float operands: every
+//     positions x 32 outputs with no gate on. Measured: 1.8x dense fp32 at 20% on, 2.5x at 0%.
+//  2. int8 SIMD where AMX is absent (pg_int8.h): AVX-512 VNNI vpdpbusd under the avx512
+//     table, AVX2 vpmaddubsw under the avx2 table; group 1, stride 1 (measured: strided
+//     layers ran slower than on path 3), |counts| <= 127 and, on AVX2,
+//     2 * max|q_w| * max|count| <= 32767 (its saturating int16 pair sums). Stage 2 per block
+//     of 4 outputs x 16 positions: skipped with no gate on, dot products of the gated-on
+//     outputs while a cost model says that is cheaper, else whole. Measured on AVX2 (AMD
+//     EPYC, Zen 3; abits 3 / pred 2, wbits 8; 1 thread, min of 60 interleaved runs, the
+//     2-thread bench being swamped by other load): 1.12x dense at 0% on, 0.83x at 20%, 0.68x
+//     at 50%, 0.62x at 100%, against 0.91 / 0.49 / 0.48 / 0.49x for path 3 and 0.61 / 0.32 /
+//     0.32 / 0.33x for path 4; ResNet-20's 16-64 channel stride-1 layers 15-35% faster than on
+//     path 3, its stride-2 layers slower (0.44x dense against 0.56x at 16 -> 32 ch, 0.67x
+//     against 0.79x at 128 ch 28x28; the stride-phase fill of the whole input costs more
+//     than the quartered conv saves), so strided layers take path 3. An int8 stage costs
+//     about one dense fp32 conv here: per 32 multiply-adds vpsignb + vpmaddubsw + vpaddw
+//     against four FMAs on Zen 3's two full-rate FMA pipes, so the gain is stage 2's skipped
+//     work, not stage 1. The VNNI kernel is checked for numerics only (no AVX-512 machine
+//     was at hand to time it).
+//  3. ONNX Runtime's NCHWc fp32 conv (subset_conv.h), on integer-valued float operands: every
 //     partial sum is an integer below 2^24, so fp32 sums are exact in any order. Both stages
 //     dense; stage 2 only if some gate is on; a per-element select. Needs group 1 and whole
-//     channel blocks (SubsetConv::Delegates). Measured: 0.87x dense at 0% on, 0.48x at 20%:
-//     stage 1 is a full fp32 convolution, so without integer tiles PG cannot beat a dense
-//     fp32 conv on this CPU.
-//  3. int16 x int16 -> int32 GEMMs / dot products (AVX-512 VNNI vpdpwssd or AVX2 vpmaddwd).
-//  4. Float weights or B > 8: the same stages in fp32 on our GEMM.
+//     channel blocks (SubsetConv::Delegates): where paths 1-2 do not apply (strided layers
+//     without AMX, counts past the int8 bounds).
+//  4. int16 x int16 -> int32 GEMMs / dot products (AVX-512 VNNI vpdpwssd or AVX2 vpmaddwd).
+//  5. Float weights or B > 8: the same stages in fp32 on our GEMM.
+// G2D_AMX=0, G2D_PG_INT8=0|avx2 and G2D_ORT_CONV=0 switch paths off (tests, other tiers).
 // (ONNX Runtime's MatMulInteger was measured before AMX tiles were used directly: fast for
 // int8 weights, but wbits = 8 needs two GEMMs plus a u8 im2col, an estimated 1.0-1.2x.)
 
@@ -230,6 +248,30 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
     }
     if (amx_w && std::max(msb_max, lsb_max) <= amx_w->MaxActivation()) {
       RunPGAmx(ctx, *amx_w, g, x, PGSplit{s, levels, int(shift)}, scale1, scale2, thr_data, y);
+      return;
+    }
+  }
+
+  // Integer stages on 8-bit SIMD (pg_int8.h: AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd): exact
+  // int32 sums, the same result. Where AMX is absent, the fastest exact path measured at
+  // every gate-on fraction (see the top of this file).
+  // Strided layers stay on the paths below: measured on ResNet-20's 16 -> 32 channel stride-2
+  // layer (32x32), the int8 kernel's stride-phase layout fill took longer than the whole
+  // dense conv (0.44x dense at 0% on, against 0.56x on the NCHWc path).
+  const bool int8_fits = int_path && g.group == 1 && g.sh == 1 && g.sw == 1;
+  const PGInt8Isa int8 = int8_fits ? PGInt8For(isa) : PGInt8Isa::kNone;
+  if (int8 != PGInt8Isa::kNone) {
+    std::shared_ptr<const PGInt8Weights> w8;
+    if (w_const_) {
+      std::lock_guard<std::mutex> lock(plans_mutex_);
+      if (!int8_packed_) int8_w_ = PackPGInt8Weights(w_q->data(), g), int8_packed_ = true;
+      w8 = int8_w_;
+    } else {
+      w8 = PackPGInt8Weights(w_q->data(), g);
+    }
+    if (w8 && PGInt8Fits(*w8, int8, std::max(msb_max, lsb_max))) {
+      RunPGInt8(ctx, int8, *w8, g, x, PGSplit{s, levels, int(shift)}, msb_max, lsb_max, scale1,
+                scale2, thr_data, y);
       return;
     }
   }

@@ -1,6 +1,7 @@
 #pragma once
 #include "conv_common.h"
 #include "pg_amx.h"
+#include "pg_int8.h"
 #include "subset_conv.h"
 #include <onnxruntime_lite_custom_op.h>
 
@@ -41,5 +42,8 @@ struct PGConvKernel {
   // layer does not fit that path).
   bool amx_packed_ = false;
   std::shared_ptr<const PGAmxWeights> amx_w_;
+  // int8 weights for AVX2 / AVX-512 VNNI (pg_int8.h), likewise.
+  bool int8_packed_ = false;
+  std::shared_ptr<const PGInt8Weights> int8_w_;
 };
 }  // namespace g2d

@@ -1,0 +1,562 @@
+// See pg_int8.h.
+//
+// As in pg_amx.cc, only the functions marked G2D_INT8_AVX2 / G2D_INT8_VNNI use those
+// instructions (target attributes, not file-wide -m flags: the inline and template code the
+// library shares must stay baseline x86-64). The epilogue is compiled for AVX2 without FMA so
+// that v + scale2 * acc2 is a rounded product then a rounded sum, as on the other paths.
+#include "pg_int8.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 9)
+#define G2D_HAVE_INT8 1
+#include <immintrin.h>
+#define G2D_INT8_AVX2 __attribute__((target("avx2")))
+#define G2D_INT8_VNNI __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni")))
+#else
+#define G2D_HAVE_INT8 0
+#endif
+
+namespace g2d {
+
+namespace {
+
+constexpr int kR = 4;                  // output channels per block (StageAvx2 names 4 rows)
+constexpr int kVec = 8;                // positions per vector (int32 lanes of a ymm)
+constexpr int kP = 2;                  // position vectors per block
+constexpr int64_t kBlock = kVec * kP;  // positions per block
+constexpr int64_t kBlocksPerTask = 8;
+// Stage 2 of a block runs as dot products when that costs less than the whole block. Cost
+// model (cycles, AVX2 on Zen 3, fitted to tools/bench_gated_ops.py and perf runs of 16-128
+// channel layers): a block costs kBlockStep per k step (K = C/4 * kk steps for its 64
+// outputs); a dot product kDotStep per 32 channels of a tap plus kDotFixed (horizontal sum,
+// gathering the gates). At 128 channels 3x3 the model puts a dot product at about 1.85x its
+// share of the block (break-even near half the block on; fitted with one position per dot:
+// sharing each weight load among 4 positions since made dot products as cheap as the
+// whole block up to ~65% on, so the model errs toward whole blocks, within a few percent
+// there); at 16 channels (one 32-channel step half empty) about 6.5x (break-even near 15%).
+constexpr double kBlockStep = 12.0, kDotStep = 2.1, kDotFixed = 25.0;
+// Layers below this many multiply-adds per stage run on the calling thread (waking a pool
+// thread costs more than it takes over).
+constexpr double kParallelMacs = double(1 << 20);
+std::atomic<int64_t> int8_runs{0};
+
+// Where the 8 positions of one vector go in the output plane: up to two runs of consecutive
+// output pixels (a vector crosses at most one row end when OW >= 8), stored with masked
+// stores; other vectors (narrow outputs, strides) go lane by lane through the index.
+struct VecRuns {
+  int32_t count;    // -1: lane by lane
+  int32_t base[2];  // output index of lane 0 (masked lanes before the run are not written)
+  int32_t mask[2][kVec];
+};
+
+struct Job;
+using DotFn = void (*)(const Job&, int64_t o, const int32_t* q, int n, int32_t* out);
+
+struct Job {
+  const PGInt8Weights* w;
+  const int8_t *act1, *act2;
+  const int8_t* act2_rows;   // LSB counts position-major: [position][Cp]
+  const int64_t* row_off;    // per tap: byte offset in act2_rows from a position's own
+  DotFn dot;
+  int sparse_max;            // most gates on in a block for its stage 2 as dot products
+  const int64_t* koff;       // per k step: byte offset of (group, tap) from a position's own
+  const int32_t* out_index;  // per position: output pixel, -1 for none
+  const int32_t* valid;      // per position: -1 if an output pixel, else 0
+  const VecRuns* runs;       // per position vector
+  int64_t P;
+  int m1, m2;  // AVX2: k steps per int16 accumulation, per stage
+  float scale1, scale2;
+  const float* thr;
+  float* y;
+};
+
+using StageFn = void (*)(const Job&, const int8_t* act, int64_t ob, int64_t q0, int m,
+                         int32_t* sums);
+
+#if G2D_HAVE_INT8
+
+// One stage of a block: sums[r * kBlock + i] = the int32 sum of output ob * kR + r at position
+// q0 + i. int16 partial sums over m k-steps (no saturation: PGInt8Fits), then widened.
+G2D_INT8_AVX2 void StageAvx2(const Job& j, const int8_t* act, int64_t ob, int64_t q0, int m,
+                             int32_t* sums) {
+  const PGInt8Weights& w = *j.w;
+  const int32_t* wm = w.mag.data() + ob * w.K * kR;
+  const int32_t* ws = w.sgn.data() + ob * w.K * kR;
+  const int8_t* base = act + q0 * 4;
+  const __m256i ones = _mm256_set1_epi16(1);
+  // The int32 totals live in `sums` (memory), not in registers: 8 int16 accumulators, the two
+  // activation vectors and the broadcasts fill the 16 registers; with the totals in registers
+  // too, the compiler spilled an int16 accumulator and the loop waited on store forwarding.
+  for (int i = 0; i < kR * kBlock; i += kVec)
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sums + i), _mm256_setzero_si256());
+  for (int64_t k0 = 0; k0 < w.K; k0 += m) {
+    const int64_t k1 = std::min<int64_t>(w.K, k0 + m);
+    // Named accumulators, one output row at a time (arrays of them made GCC shuffle and
+    // spill registers in this loop).
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00,
+            a21 = a00, a30 = a00, a31 = a00;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int8_t* xa = base + j.koff[k];
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + 32));
+      const int32_t* mk = wm + k * kR;
+      const int32_t* sk = ws + k * kR;
+#define G2D_PG_INT8_ROW(r)                                                               \
+  {                                                                                      \
+    const __m256i a = _mm256_set1_epi32(mk[r]), s = _mm256_set1_epi32(sk[r]);            \
+    a##r##0 = _mm256_add_epi16(a##r##0, _mm256_maddubs_epi16(a, _mm256_sign_epi8(x0, s))); \
+    a##r##1 = _mm256_add_epi16(a##r##1, _mm256_maddubs_epi16(a, _mm256_sign_epi8(x1, s))); \
+  }
+      G2D_PG_INT8_ROW(0)
+      G2D_PG_INT8_ROW(1)
+      G2D_PG_INT8_ROW(2)
+      G2D_PG_INT8_ROW(3)
+#undef G2D_PG_INT8_ROW
+    }
+    const __m256i acc[kR][kP] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    for (int r = 0; r < kR; ++r)
+      for (int p = 0; p < kP; ++p) {
+        __m256i* total = reinterpret_cast<__m256i*>(sums + r * kBlock + p * kVec);
+        _mm256_store_si256(total, _mm256_add_epi32(_mm256_load_si256(total),
+                                                   _mm256_madd_epi16(acc[r][p], ones)));
+      }
+  }
+}
+
+// The same with vpdpbusd: u8 x s8 products summed into int32 directly (no saturation).
+G2D_INT8_VNNI void StageVnni(const Job& j, const int8_t* act, int64_t ob, int64_t q0, int,
+                             int32_t* sums) {
+  const PGInt8Weights& w = *j.w;
+  const int32_t* wm = w.mag.data() + ob * w.K * kR;
+  const int32_t* ws = w.sgn.data() + ob * w.K * kR;
+  const int8_t* base = act + q0 * 4;
+  __m256i acc[kR][kP];
+  for (int r = 0; r < kR; ++r)
+    for (int p = 0; p < kP; ++p) acc[r][p] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < w.K; ++k) {
+    const int8_t* xa = base + j.koff[k];
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + 32));
+    for (int r = 0; r < kR; ++r) {
+      const __m256i a = _mm256_set1_epi32(wm[k * kR + r]);
+      const __m256i s = _mm256_set1_epi32(ws[k * kR + r]);
+      acc[r][0] = _mm256_dpbusd_epi32(acc[r][0], a, _mm256_sign_epi8(x0, s));
+      acc[r][1] = _mm256_dpbusd_epi32(acc[r][1], a, _mm256_sign_epi8(x1, s));
+    }
+  }
+  for (int r = 0; r < kR; ++r)
+    for (int p = 0; p < kP; ++p)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sums + r * kBlock + p * kVec), acc[r][p]);
+}
+
+// Stage 2 of output o at positions q[0 .. N-1]: dot products of o's weight row with the LSB
+// counts of each position's receptive field, 32 channels of a tap per step; each weight load
+// serves the N positions (int16 partial sums as StageAvx2).
+template <int N>
+G2D_INT8_AVX2 inline void DotsAvx2(const Job& j, int64_t o, const int32_t* q, int32_t* out) {
+  const PGInt8Weights& w = *j.w;
+  const uint8_t* wm = w.row_mag.data() + o * w.kk * w.Cp;
+  const int8_t* ws = w.row_sgn.data() + o * w.kk * w.Cp;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[N], total[N];
+  for (int i = 0; i < N; ++i) acc[i] = total[i] = _mm256_setzero_si256();
+  int steps = 0;
+  for (int64_t t = 0; t < w.kk; ++t) {
+    const int8_t* xt = j.act2_rows + j.row_off[t];
+    for (int64_t c = 0; c < w.Cp; c += 32, wm += 32, ws += 32) {
+      const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(wm));
+      const __m256i s = _mm256_load_si256(reinterpret_cast<const __m256i*>(ws));
+      for (int i = 0; i < N; ++i) {
+        const __m256i x =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + q[i] * w.Cp + c));
+        acc[i] = _mm256_add_epi16(acc[i], _mm256_maddubs_epi16(a, _mm256_sign_epi8(x, s)));
+      }
+      if (++steps == j.m2) {
+        for (int i = 0; i < N; ++i) {
+          total[i] = _mm256_add_epi32(total[i], _mm256_madd_epi16(acc[i], ones));
+          acc[i] = _mm256_setzero_si256();
+        }
+        steps = 0;
+      }
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    const __m256i v = _mm256_add_epi32(total[i], _mm256_madd_epi16(acc[i], ones));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+    out[i] = _mm_cvtsi128_si32(h);
+  }
+}
+
+template <int N>
+G2D_INT8_VNNI inline void DotsVnni(const Job& j, int64_t o, const int32_t* q, int32_t* out) {
+  const PGInt8Weights& w = *j.w;
+  const uint8_t* wm = w.row_mag.data() + o * w.kk * w.Cp;
+  const int8_t* ws = w.row_sgn.data() + o * w.kk * w.Cp;
+  __m256i total[N];
+  for (int i = 0; i < N; ++i) total[i] = _mm256_setzero_si256();
+  for (int64_t t = 0; t < w.kk; ++t) {
+    const int8_t* xt = j.act2_rows + j.row_off[t];
+    for (int64_t c = 0; c < w.Cp; c += 32, wm += 32, ws += 32) {
+      const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(wm));
+      const __m256i s = _mm256_load_si256(reinterpret_cast<const __m256i*>(ws));
+      for (int i = 0; i < N; ++i) {
+        const __m256i x =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + q[i] * w.Cp + c));
+        total[i] = _mm256_dpbusd_epi32(total[i], a, _mm256_sign_epi8(x, s));
+      }
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(total[i]),
+                              _mm256_extracti128_si256(total[i], 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+    out[i] = _mm_cvtsi128_si32(h);
+  }
+}
+
+// Stage 2 of output o at n positions q (out[i] for q[i]), four at a time.
+G2D_INT8_AVX2 void DotAvx2(const Job& j, int64_t o, const int32_t* q, int n, int32_t* out) {
+  for (; n >= 4; n -= 4, q += 4, out += 4) DotsAvx2<4>(j, o, q, out);
+  if (n == 3) DotsAvx2<3>(j, o, q, out);
+  if (n == 2) DotsAvx2<2>(j, o, q, out);
+  if (n == 1) DotsAvx2<1>(j, o, q, out);
+}
+
+G2D_INT8_VNNI void DotVnni(const Job& j, int64_t o, const int32_t* q, int n, int32_t* out) {
+  for (; n >= 4; n -= 4, q += 4, out += 4) DotsVnni<4>(j, o, q, out);
+  if (n == 3) DotsVnni<3>(j, o, q, out);
+  if (n == 2) DotsVnni<2>(j, o, q, out);
+  if (n == 1) DotsVnni<1>(j, o, q, out);
+}
+
+// Blocks [b0, b1) of output block ob: stage 1, the gate, stage 2 where some gate is on, the
+// epilogue (mul then add, no FMA: this function's target has none).
+G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0, int64_t b1) {
+  bool ran[2] = {false, false};  // stage 2 as dot products / as a block, for the counters
+  alignas(32) int32_t s1[kR * kBlock], s2[kR * kBlock];
+  alignas(32) float lanes[kVec];
+  const int64_t O = j.w->O;
+  const int rows = int(std::min<int64_t>(kR, O - ob * kR));
+  const __m256 sc1 = _mm256_set1_ps(j.scale1), sc2 = _mm256_set1_ps(j.scale2);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t q0 = b * kBlock;
+    stage(j, j.act1, ob, q0, j.m1, s1);
+    __m256 v[kR][kP], gate[kR][kP];
+    int any_on = 0, on = 0;
+    for (int r = 0; r < rows; ++r) {
+      const __m256 t = _mm256_set1_ps(j.thr[ob * kR + r]);
+      for (int p = 0; p < kP; ++p) {
+        v[r][p] = _mm256_mul_ps(sc1, _mm256_cvtepi32_ps(_mm256_load_si256(
+                                         reinterpret_cast<const __m256i*>(s1 + r * kBlock + p * kVec))));
+        const __m256 valid = _mm256_castsi256_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.valid + q0 + p * kVec)));
+        gate[r][p] = _mm256_and_ps(valid, _mm256_cmp_ps(v[r][p], t, _CMP_GT_OQ));
+        const int bits = _mm256_movemask_ps(gate[r][p]);
+        any_on |= bits;
+        on += __builtin_popcount(unsigned(bits));
+      }
+    }
+    if (any_on) {
+      ran[on > j.sparse_max] = true;
+      if (on > j.sparse_max) {
+        stage(j, j.act2, ob, q0, j.m2, s2);
+      } else {  // only the gated-on sums (the others are masked off below)
+        for (int r = 0; r < rows; ++r) {
+          int32_t lane[kBlock], q[kBlock], sum[kBlock];
+          int n = 0;
+          for (int p = 0; p < kP; ++p)
+            for (unsigned bits = unsigned(_mm256_movemask_ps(gate[r][p])); bits; bits &= bits - 1) {
+              lane[n] = p * kVec + __builtin_ctz(bits);
+              q[n] = int32_t(q0 + lane[n]);
+              ++n;
+            }
+          if (n == 0) continue;
+          j.dot(j, ob * kR + r, q, n, sum);
+          for (int i = 0; i < n; ++i) s2[r * kBlock + lane[i]] = sum[i];
+        }
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int p = 0; p < kP; ++p) {
+          const __m256 add = _mm256_mul_ps(sc2, _mm256_cvtepi32_ps(_mm256_load_si256(
+                                                    reinterpret_cast<const __m256i*>(s2 + r * kBlock + p * kVec))));
+          v[r][p] = _mm256_add_ps(v[r][p], _mm256_and_ps(gate[r][p], add));  // off: v + 0
+        }
+    }
+    for (int p = 0; p < kP; ++p) {
+      const int64_t vec = q0 / kVec + p;
+      const VecRuns& runs = j.runs[vec];
+      if (runs.count == 0) continue;
+      for (int r = 0; r < rows; ++r) {
+        float* yo = j.y + (ob * kR + r) * j.P;
+        if (runs.count < 0) {
+          _mm256_store_ps(lanes, v[r][p]);
+          for (int i = 0; i < kVec; ++i) {
+            const int32_t at = j.out_index[vec * kVec + i];
+            if (at >= 0) yo[at] = lanes[i];
+          }
+          continue;
+        }
+        for (int k = 0; k < runs.count; ++k)
+          _mm256_maskstore_ps(yo + runs.base[k],
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(runs.mask[k])),
+                              v[r][p]);
+      }
+    }
+  }
+  for (int dense = 0; dense < 2; ++dense)
+    if (ran[dense]) CountSecondStage(dense == 1);
+}
+
+// Channels 4 * c4 .. 4 * c4 + 3 of the sample x [C, H, W], split by isa.pg_split (the one
+// implementation of PG's activation split; a few rows at a time so the counts stay in L1),
+// as int8 words of 4 channels into group c4 of act1 (MSB counts) and act2 (LSB counts). The
+// buffers are zero beforehand (padding).
+G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split,
+                             const ConvGeom& g, const PGActLayout& L, int64_t c4, int64_t Cp,
+                             int8_t* act1, int8_t* act2, int8_t* act2_rows) {
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(g.H, 2048 / g.W));
+  const int64_t chunk = rows * g.W, stride = chunk + kVec;  // slack: whole-vector loads
+  AlignedVec<float>& counts = Scratch<float, 40>();  // [channel i][MSB, LSB][stride]
+  // Channels past C are zeros; the slack past a row chunk's end is read but never stored.
+  counts.resize(size_t(8 * stride));
+  for (int i = 0; i < 4; ++i)
+    if (4 * c4 + i >= g.C)
+      std::fill(counts.begin() + 2 * i * stride, counts.begin() + (2 * i + 2) * stride, 0.f);
+  int32_t* out[2] = {reinterpret_cast<int32_t*>(act1), reinterpret_cast<int32_t*>(act2)};
+  alignas(32) int32_t words[kVec];
+  for (int64_t h0 = 0; h0 < g.H; h0 += rows) {
+    const int64_t nrows = std::min(rows, g.H - h0);
+    for (int i = 0; i < 4; ++i)
+      if (4 * c4 + i < g.C)
+        isa.pg_split(x + ((4 * c4 + i) * g.H + h0) * g.W, nrows * g.W, split.s, split.levels,
+                     split.shift, counts.data() + (2 * i) * stride,
+                     counts.data() + (2 * i + 1) * stride);
+    for (int plane = 0; plane < 2; ++plane)
+      for (int64_t h = h0; h < h0 + nrows; ++h) {
+        const int64_t row_pos = (h + g.pt) * L.Ws + g.pl;  // stride 1: one phase
+        for (int64_t w0 = 0; w0 < g.W; w0 += kVec) {
+          const int n = int(std::min<int64_t>(kVec, g.W - w0));
+          const int64_t at = (h - h0) * g.W + w0;
+          // Integer-valued floats (|count| <= 127) to bytes, 4 channels per int32 word.
+          __m256i word = _mm256_setzero_si256();
+          for (int i = 0; i < 4; ++i) {
+            const __m256i c =
+                _mm256_cvtps_epi32(_mm256_loadu_ps(counts.data() + (2 * i + plane) * stride + at));
+            word = _mm256_or_si256(
+                word, _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0xff)), 8 * i));
+          }
+          if (plane == 1) {  // the LSB counts position-major too, for stage 2's dot products
+            _mm256_store_si256(reinterpret_cast<__m256i*>(words), word);
+            for (int i = 0; i < n; ++i)
+              std::memcpy(act2_rows + (row_pos + w0 + i) * Cp + 4 * c4, &words[i], 4);
+          }
+          int32_t* dst = out[plane] + c4 * L.plane_len + row_pos + w0;
+          if (n == kVec) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), word);
+          } else {
+            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            _mm256_maskstore_epi32(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane), word);
+          }
+        }
+      }
+  }
+}
+
+#endif  // G2D_HAVE_INT8
+
+}  // namespace
+
+PGInt8Isa PGInt8For(const IsaKernels& isa) {
+#if G2D_HAVE_INT8
+  static const int setting = [] {  // 0 off, 1 AVX2 even where VNNI, 2 auto
+    const char* env = std::getenv("G2D_PG_INT8");
+    if (env && std::string(env) == "0") return 0;
+    if (env && std::string(env) == "avx2") return 1;
+    return 2;
+  }();
+  const std::string name = isa.name;
+  if (setting == 0 || name == "generic") return PGInt8Isa::kNone;
+  if (name == "avx512" && setting == 2) return PGInt8Isa::kVnni;  // the table implies VNNI
+  return PGInt8Isa::kAvx2;
+#else
+  return PGInt8Isa::kNone;
+#endif
+}
+
+const char* PGInt8Name(PGInt8Isa k) {
+  return k == PGInt8Isa::kVnni ? "vnni" : k == PGInt8Isa::kAvx2 ? "avx2" : "off";
+}
+
+std::shared_ptr<const PGInt8Weights> PackPGInt8Weights(const int16_t* w_q, const ConvGeom& g) {
+  if (g.group != 1 || g.Cw != g.C) return nullptr;
+  auto w = std::make_shared<PGInt8Weights>();
+  w->O = g.O;
+  w->C = g.C;
+  w->kk = g.kk();
+  w->groups = (g.C + 3) / 4;
+  w->K = w->groups * w->kk;
+  w->oblocks = (g.O + kR - 1) / kR;
+  const int64_t n = g.O * g.C * w->kk;
+  for (int64_t i = 0; i < n; ++i) w->wmax = std::max<int32_t>(w->wmax, std::abs(int32_t(w_q[i])));
+  if (w->wmax > 255) return nullptr;
+  w->mag.assign(size_t(w->oblocks * w->K * kR), 0);
+  w->sgn.assign(size_t(w->oblocks * w->K * kR), 0);
+  for (int64_t ob = 0; ob < w->oblocks; ++ob)
+    for (int64_t c4 = 0; c4 < w->groups; ++c4)
+      for (int64_t t = 0; t < w->kk; ++t)
+        for (int64_t r = 0; r < kR; ++r) {
+          const int64_t o = ob * kR + r, at = (ob * w->K + c4 * w->kk + t) * kR + r;
+          uint32_t mag = 0, sgn = 0;
+          for (int64_t i = 0; i < 4; ++i) {
+            const int64_t c = 4 * c4 + i;
+            if (o >= g.O || c >= g.C) continue;
+            const int q = w_q[(o * g.C + c) * w->kk + t];
+            mag |= uint32_t(std::abs(q)) << (8 * i);
+            sgn |= uint32_t(uint8_t(q > 0 ? 1 : q < 0 ? -1 : 0)) << (8 * i);
+          }
+          w->mag[size_t(at)] = int32_t(mag);
+          w->sgn[size_t(at)] = int32_t(sgn);
+        }
+  w->Cp = RoundUp(g.C, 32);
+  w->row_mag.assign(size_t(g.O * w->kk * w->Cp), 0);
+  w->row_sgn.assign(size_t(g.O * w->kk * w->Cp), 0);
+  for (int64_t o = 0; o < g.O; ++o)
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t t = 0; t < w->kk; ++t) {
+        const int q = w_q[(o * g.C + c) * w->kk + t];
+        const size_t at = size_t((o * w->kk + t) * w->Cp + c);
+        w->row_mag[at] = uint8_t(std::abs(q));
+        w->row_sgn[at] = int8_t(q > 0 ? 1 : q < 0 ? -1 : 0);
+      }
+  return w;
+}
+
+bool PGInt8Fits(const PGInt8Weights& w, PGInt8Isa k, int64_t max_count) {
+  if (k == PGInt8Isa::kNone || max_count > 127) return false;  // counts as int8
+  if (double(w.K) * 4.0 * w.wmax * double(max_count) >= 2147483647.0) return false;
+  // vpmaddubsw's saturating int16 pair sum (VNNI has none).
+  return k == PGInt8Isa::kVnni || 2 * int64_t(w.wmax) * max_count <= 32767;
+}
+
+void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const ConvGeom& g,
+               const float* x, const PGSplit& split, int64_t msb_max, int64_t lsb_max,
+               float scale1, float scale2, const float* threshold, float* y) {
+#if G2D_HAVE_INT8
+  if (g.sh != 1 || g.sw != 1) throw OpError("PGConv: int8 path called for a strided layer");
+  std::vector<int64_t> tap_off;
+  const PGActLayout L = MakePGActLayout(g, 4 * w.groups, kBlock, &tap_off);
+  std::vector<int64_t> koff(size_t(w.K));
+  for (int64_t c4 = 0; c4 < w.groups; ++c4)
+    for (int64_t t = 0; t < w.kk; ++t)
+      koff[size_t(c4 * w.kk + t)] = c4 * L.PlaneBytes() + tap_off[size_t(t)];
+  AlignedVec<int8_t>& act1 = Scratch<int8_t, 41>();
+  AlignedVec<int8_t>& act2 = Scratch<int8_t, 42>();
+  AlignedVec<int8_t>& act2_rows = Scratch<int8_t, 45>();
+  act1.resize(size_t(L.Bytes()));
+  act2.resize(size_t(L.Bytes()));
+  act2_rows.resize(size_t(L.phases * L.plane_len * w.Cp));
+  // Position-major offsets: the same layout with one channel group (plane_len does not depend
+  // on the channel count), in positions, times Cp bytes.
+  std::vector<int64_t> row_off;
+  MakePGActLayout(g, 4, kBlock, &row_off);
+  for (int64_t& off : row_off) off = off / 4 * w.Cp;
+
+  // Output pixel of each position (padding columns and the tail are none), and each
+  // vector's runs of consecutive output pixels.
+  const int64_t npos = L.blocks * kBlock, nvec = npos / kVec;
+  AlignedVec<int32_t>& out_index = Scratch<int32_t, 43>();
+  AlignedVec<int32_t>& valid = Scratch<int32_t, 44>();
+  out_index.assign(size_t(npos), -1);
+  valid.assign(size_t(npos), 0);
+  for (int64_t oh = 0; oh < g.OH; ++oh)
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      out_index[size_t(oh * L.Ws + ow)] = int32_t(oh * g.OW + ow);
+      valid[size_t(oh * L.Ws + ow)] = -1;
+    }
+  std::vector<VecRuns> runs(static_cast<size_t>(nvec));
+  for (int64_t v = 0; v < nvec; ++v) {
+    VecRuns& run = runs[size_t(v)];
+    std::memset(&run, 0, sizeof(run));
+    const int32_t* index = out_index.data() + v * kVec;
+    for (int i = 0; i < kVec && run.count >= 0; ++i) {
+      if (index[i] < 0) continue;
+      const bool extends = run.count > 0 && i > 0 && index[i - 1] >= 0 &&
+                           index[i] == index[i - 1] + 1;
+      if (!extends) {
+        if (run.count == 2) {
+          run.count = -1;
+          break;
+        }
+        run.base[run.count] = index[i] - i;
+        ++run.count;
+      }
+      run.mask[run.count - 1][i] = -1;
+    }
+  }
+
+  auto steps = [&](int64_t max_count) {  // AVX2: k steps whose int16 sums cannot saturate
+    const int64_t pair = std::max<int64_t>(1, 2 * int64_t(w.wmax) * max_count);
+    return int(std::max<int64_t>(1, std::min<int64_t>(w.K, 32767 / pair)));
+  };
+  const StageFn stage = k == PGInt8Isa::kVnni ? StageVnni : StageAvx2;
+  const DotFn dot = k == PGInt8Isa::kVnni ? DotVnni : DotAvx2;
+  double dense_above = DenseSecondStageAbove(false);  // forced (G2D_SECOND_STAGE) or auto
+  if (dense_above >= 0.0 && dense_above <= 1.0)
+    dense_above = double(w.K) * kBlockStep /
+                  (double(w.Cp / 32 * w.kk) * kDotStep + kDotFixed) / double(kR * kBlock);
+  const int sparse_max = int(std::min(double(kR * kBlock), dense_above * double(kR * kBlock)));
+  const IsaKernels& isa = BestKernels();
+  const int64_t chunks = (L.blocks + kBlocksPerTask - 1) / kBlocksPerTask;
+  const bool parallel = double(g.O) * double(g.C) * double(g.kk()) * double(L.nq) >= kParallelMacs;
+  for (int64_t n = 0; n < g.N; ++n) {
+    std::memset(act1.data(), 0, act1.size());
+    std::memset(act2.data(), 0, act2.size());
+    std::memset(act2_rows.data(), 0, act2_rows.size());
+    const float* xn = x + n * g.C * g.H * g.W;
+    ParallelFor(ParallelIfLarge(ctx, 4 * g.C * g.H * g.W), size_t(w.groups), [&](size_t c4) {
+      FillGroup(isa, xn, split, g, L, int64_t(c4), w.Cp, act1.data(), act2.data(),
+                act2_rows.data());
+    });
+    const Job job{&w,
+                  act1.data(),
+                  act2.data(),
+                  act2_rows.data(),
+                  row_off.data(),
+                  dot,
+                  sparse_max,
+                  koff.data(),
+                  out_index.data(),
+                  valid.data(),
+                  runs.data(),
+                  g.P(),
+                  steps(msb_max),
+                  steps(lsb_max),
+                  scale1,
+                  scale2,
+                  threshold,
+                  y + n * g.O * g.P()};
+    ParallelFor(parallel ? ctx : nullptr, size_t(w.oblocks * chunks), [&](size_t i) {
+      const int64_t ob = int64_t(i) / chunks, b0 = (int64_t(i) % chunks) * kBlocksPerTask;
+      RunBlocks(job, stage, ob, b0, std::min(L.blocks, b0 + kBlocksPerTask));
+    });
+    int8_runs.fetch_add(1, std::memory_order_relaxed);
+  }
+#else
+  throw OpError("PGConv: int8 path called on a build without x86 SIMD support");
+#endif
+}
+
+}  // namespace g2d
+
+// How many samples PGConv has run on the int8 kernels in this process (tests check the path).
+extern "C" __attribute__((visibility("default"))) int64_t G2DPGInt8Runs() {
+  return g2d::int8_runs.load(std::memory_order_relaxed);
+}

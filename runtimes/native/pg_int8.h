@@ -1,0 +1,74 @@
+// PG's two integer stages on 8-bit SIMD where AMX is absent: AVX2 (vpmaddubsw) and AVX-512
+// VNNI (vpdpbusd, on 256-bit vectors).
+//
+// Both stages are integer sums of activation counts (|count| <= 2^pred_bits - 1 for the MSB
+// stage, 2^(abits - pred_bits) - 1 for the LSB stage) times the weights' grid integers q_w
+// (|q_w| <= 255). vpmaddubsw / vpdpbusd multiply an UNSIGNED byte by a signed byte; neither
+// operand is unsigned here, and q_w needs 9 bits. So the unsigned operand is |q_w| (u8 holds
+// 255) and the signed one is the count with q_w's sign applied (vpsignb, one cheap ALU
+// instruction per product vector): |q_w| * (sign(q_w) * count) = q_w * count, exact, with no
+// weight split and no activation bias.
+//
+// Exactness bounds (checked per call; PGInt8Fits): AVX2's vpmaddubsw adds two products into a
+// SATURATING int16, so 2 * max|q_w| * max|count| <= 32767 (counts up to 64 with 8-bit
+// weights); its int16 sums are then accumulated for m k-steps with m * 2 * max|q_w| * max|count|
+// <= 32767 and widened to int32 (vpmaddwd with ones). VNNI sums into int32 directly. Every
+// int32 total is below K * 255 * max|count| < 2^31 (checked).
+//
+// Layout: the activations are written once per sample as int8 in pg_amx.h's PGActLayout
+// ([channel / 4][position][4]; stride 1 only, see pg_conv.cc): one 32-byte load is 8
+// positions x 4 channels, and a tap (any dilation) is a constant offset, so no im2col. Weights: [output block of 4][k = group * kk + tap][4
+// outputs] as int32 words of 4 channels' |q_w| bytes (and a twin of sign bytes), broadcast per
+// output. A block is 4 output channels x 16 positions: stage 1 in registers, the gate, then
+// stage 2: nothing if no gate of the block is on; for a few gates on (fewer than a cost
+// model in pg_int8.cc puts at break-even: about half the block's 64 at 128 channels, 15% at
+// 16), one dot product per gated-on output over the LSB
+// counts stored a second time position-major ([position][Cp], 32 channels of a tap
+// per load, against the output's weight row); else the block as in stage 1. Then the
+// epilogue (v = scale1 * acc1; y = v + [v > threshold] * (scale2 * acc2), the same float
+// operations as the other integer paths, no FMA), written to NCHW output with masked stores
+// of each vector's runs of output pixels. G2D_SECOND_STAGE=sparse|dense forces one kind.
+#pragma once
+#include "conv_common.h"
+#include "pg_amx.h"
+
+#include <cstdint>
+#include <memory>
+
+namespace g2d {
+
+enum class PGInt8Isa { kNone = 0, kAvx2 = 1, kVnni = 2 };
+
+// Which int8 kernel this process runs for ISA table `isa`: VNNI under the avx512 table, AVX2
+// under the avx2 table (or avx512 with G2D_PG_INT8=avx2, for its numerics), none under the
+// generic table or with G2D_PG_INT8=0 (tests use it to force the other paths).
+PGInt8Isa PGInt8For(const IsaKernels& isa);
+const char* PGInt8Name(PGInt8Isa k);
+
+struct PGInt8Weights {
+  int64_t O = 0, C = 0, kk = 0;
+  int64_t groups = 0;   // channel groups of 4
+  int64_t K = 0;        // k steps: groups * kk
+  int64_t oblocks = 0;  // output blocks of 4
+  int32_t wmax = 0;     // max |q_w|
+  AlignedVec<int32_t> mag, sgn;  // [oblock][k][4 outputs]: 4 bytes |q_w| / sign(q_w)
+  // The same per output row, for stage 2's sparse dot products: [o][tap][Cp] bytes.
+  int64_t Cp = 0;  // C rounded up to 32
+  AlignedVec<uint8_t> row_mag;
+  AlignedVec<int8_t> row_sgn;
+};
+
+// Packs integer weights q_w[O, C, kh, kw] (|q_w| <= 255) of a group-1 convolution; null if
+// the layer does not fit (group != 1 or |q_w| > 255).
+std::shared_ptr<const PGInt8Weights> PackPGInt8Weights(const int16_t* w_q, const ConvGeom& g);
+
+// True if kernel k computes both stages exactly for counts up to max_count (bounds above).
+bool PGInt8Fits(const PGInt8Weights& w, PGInt8Isa k, int64_t max_count);
+
+// Both stages of every sample of x [N, C, H, W] into y [N, O, OH, OW] (as RunPGAmx), for a
+// stride-1 layer; msb_max / lsb_max bound the stages' |counts|.
+void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const ConvGeom& g,
+               const float* x, const PGSplit& split, int64_t msb_max, int64_t lsb_max,
+               float scale1, float scale2, const float* threshold, float* y);
+
+}  // namespace g2d
