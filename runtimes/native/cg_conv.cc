@@ -8,6 +8,8 @@
 // several groups, the sparse stage 2 runs once for all of them (RunGatedConv's joint second
 // stage; BuildPlans says when).
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 
 #include "cg_conv.h"
@@ -22,6 +24,17 @@ CGConvKernel::CGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
 }
 
 namespace {
+// The sparse second stage reads the stage-2 channels channel-last (isa.sparse_dots, w2_taps),
+// unless G2D_CG_SECOND=fields asks for the gathered-fields form (isa.sddmm_chunk, w2_rows):
+// both compute the same function; the variable lets tests and benchmarks run either.
+bool TapSecondStage() {
+  static const bool taps = [] {
+    const char* v = std::getenv("G2D_CG_SECOND");
+    return !(v && std::strcmp(v, "fields") == 0);
+  }();
+  return taps;
+}
+
 // Groups outputs by identical base channel sets and packs each group's weights; with several
 // groups whose second stages read overlapping channels (block-diagonal: each reads 1 - 1/p of
 // them), also the joint second stage over all groups.
@@ -44,7 +57,10 @@ CGPlans BuildPlans(const float* w, const float* mask, const ConvGeom& g) {
   for (auto& plan : plans) {  // group == 1: weight channel index == input channel index
     plan.w1 = PackWeights(isa, w, g, plan.outputs, plan.chans1);
     plan.w2 = PackWeights(isa, w, g, plan.outputs, plan.chans2);
-    plan.w2_rows = MakeWeightRows(isa, w, g, plan.outputs, plan.chans2);
+    if (TapSecondStage())
+      plan.w2_taps = MakeTapRows(isa, w, g, plan.outputs, plan.chans2);
+    else
+      plan.w2_rows = MakeWeightRows(isa, w, g, plan.outputs, plan.chans2);
   }
   // A joint second stage gathers each span's receptive fields once instead of once per group,
   // at the price of the MACs on the zeros (each group's own base channels). It pays when the
@@ -67,7 +83,10 @@ CGPlans BuildPlans(const float* w, const float* mask, const ConvGeom& g) {
     for (int64_t o = 0; o < g.O; ++o)
       for (int64_t c = 0; c < g.C; ++c)
         if (mask[o * g.C + c] != 0.f) std::fill_n(&w_rest[size_t((o * g.C + c) * g.kk())], g.kk(), 0.f);
-    joint->w2_rows = MakeWeightRows(isa, w_rest.data(), g, joint->outputs, joint->chans2);
+    if (TapSecondStage())
+      joint->w2_taps = MakeTapRows(isa, w_rest.data(), g, joint->outputs, joint->chans2);
+    else
+      joint->w2_rows = MakeWeightRows(isa, w_rest.data(), g, joint->outputs, joint->chans2);
     out.joint_second = std::move(joint);
   }
   return out;

@@ -3,6 +3,8 @@
 #include "pg_amx.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -10,6 +12,7 @@
 #include <new>
 #include <string>
 #include <type_traits>
+#include <x86intrin.h>
 
 namespace g2d {
 
@@ -43,6 +46,22 @@ double DenseSecondStageAbove(bool int16) {
   if (forced == 1) return 2.0;   // `on > 2 * elements` never holds
   if (forced == 2) return -1.0;  // any span with a gate on runs dense
   return int16 ? kDenseSecondStageFractionInt16 : kDenseSecondStageFraction;
+}
+
+namespace {
+std::atomic<uint64_t> stage_cycles[kStageTimers];
+}  // namespace
+
+bool StageTimesOn() {
+  static const bool on = [] {
+    const char* v = std::getenv("G2D_STAGE_TIMES");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+uint64_t StageClockNow() { return StageTimesOn() ? __rdtsc() : 0; }
+void AddStageTime(StageTimer which, uint64_t since) {
+  if (StageTimesOn()) stage_cycles[which].fetch_add(__rdtsc() - since, std::memory_order_relaxed);
 }
 
 void CountSecondStage(bool dense) { second_stage_runs[dense ? 1 : 0].fetch_add(1, std::memory_order_relaxed); }
@@ -451,6 +470,22 @@ static void Im2colPanel(const T* x, const ConvGeom& g, const std::vector<int>& c
   }
 }
 
+TapRows MakeTapRows(const IsaKernels& isa, const float* w, const ConvGeom& g,
+                    const std::vector<int>& outputs, const std::vector<int>& chans) {
+  TapRows r;
+  r.M = int64_t(outputs.size());
+  r.kk = g.kk();
+  r.Cs = RoundUp(std::max<int64_t>(int64_t(chans.size()), 1), isa.vw);
+  r.data.assign(size_t(r.M * r.kk * r.Cs), 0.f);
+  for (int64_t m = 0; m < r.M; ++m) {
+    const float* wo = w + int64_t(outputs[m]) * g.Cw * g.kk();
+    for (int64_t i = 0; i < int64_t(chans.size()); ++i)
+      for (int64_t t = 0; t < g.kk(); ++t)
+        r.data[size_t((m * r.kk + t) * r.Cs + i)] = wo[chans[i] * g.kk() + t];
+  }
+  return r;
+}
+
 // fields[t, k] = panel element (k, t) for the first nv pixels of a packed im2col panel
 // (see Im2colPanel's layout), rows zero-padded from K to Lpad.
 template <class T>
@@ -746,6 +781,7 @@ void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
   const WeightRows<T>& rows = plan.w2_rows;
   AlignedVec<int32_t>& cols_buf = Scratch<int32_t, 4>();  // gated-on columns, row by row
   AlignedVec<int32_t>& start_buf = Scratch<int32_t, 5>();  // row m: cols[start[m] .. start[m+1])
+  uint64_t clock = StageClockNow();
   cols_buf.resize(size_t(M * ncols + 1));
   start_buf.resize(size_t(M + 1));
   int32_t* const cols = cols_buf.data();
@@ -760,9 +796,13 @@ void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
     }
   }
   start[M] = pos;
+  AddStageTime(kTimeLists, clock);
+  clock = StageClockNow();
   AlignedVec<float>& fields = Scratch<float, 2>();
   fields.resize(size_t(RoundUp(ncols, TileCols<T>(isa)) * rows.Lpad));
   SpanFields(isa, src2, plan.chans2, off2, q0, ncols, rows.K, rows.Lpad, fields.data());
+  AddStageTime(kTimeGather, clock);
+  clock = StageClockNow();
   AlignedVec<float>& partial = Scratch<float, 12>();  // per element, one vector of lane sums
   AlignedVec<float>& dots = Scratch<float, 13>();
   const int64_t chunks = rows.Lpad / rows.chunk;
@@ -780,10 +820,87 @@ void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
                       last ? dots.data() + start[m] : nullptr);
     }
   }
+  AddStageTime(kTimeSparse, clock);
+  clock = StageClockNow();
   for (int64_t m = 0; m < M; ++m) {
     float* om = out + m * ld;
     for (int32_t e = start[m]; e < start[m + 1]; ++e) om[cols[e]] += s2 * dots[e];
   }
+  AddStageTime(kTimeScatter, clock);
+}
+
+// The stage-2 channels of one sample, zero-padded by the conv's pads, channel-last:
+// x[(h * Wp + w) * Cs + i] = X[chans[i], h - pt, w - pl] (zero in the padding and for
+// chans.size() <= i < Cs). Output pixel (oh, ow)'s tap (i, j) is the run of Cs floats at
+// (Base(oh, ow) + toff[i * kw + j]) * Cs: the receptive field is read in place.
+struct ChannelLast {
+  const float* x = nullptr;
+  int64_t Cs = 0, Wp = 0;
+  std::vector<int64_t> toff;
+};
+
+ChannelLast MakeChannelLast(const IsaKernels& isa, const float* x, const ConvGeom& g,
+                            const std::vector<int>& chans, int64_t Cs, float* dst,
+                            OrtKernelContext* ctx) {
+  ChannelLast cl;
+  cl.x = dst;
+  cl.Cs = Cs;
+  const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr, nc = int64_t(chans.size());
+  cl.Wp = Wp;
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) cl.toff.push_back(i * g.dh * Wp + j * g.dw);
+  std::vector<int64_t> off(static_cast<size_t>(nc));
+  for (int64_t i = 0; i < nc; ++i) off[size_t(i)] = int64_t(chans[size_t(i)]) * g.H * g.W;
+  const int64_t nr = isa.nr;
+  ParallelFor(ParallelIfLarge(ctx, Cs * Hp * Wp), size_t(Hp), [&](size_t hi) {
+    const int64_t h = int64_t(hi), ih = h - g.pt;
+    float* row = dst + h * Wp * Cs;
+    if (ih < 0 || ih >= g.H) {
+      std::memset(row, 0, sizeof(float) * size_t(Wp * Cs));
+      return;
+    }
+    std::memset(row, 0, sizeof(float) * size_t(g.pl * Cs));
+    std::memset(row + (g.pl + g.W) * Cs, 0, sizeof(float) * size_t(g.pr * Cs));
+    // Whole runs of nr pixels through the ISA's transpose (it reads nr pixels of every
+    // channel and writes nr rows of Cs); the rest pixel by pixel.
+    int64_t w0 = 0;
+    for (; w0 + nr <= g.W; w0 += nr)
+      isa.gather_fields(x + ih * g.W + w0, off.data(), nc, Cs, row + (g.pl + w0) * Cs);
+    for (; w0 < g.W; ++w0) {
+      float* px = row + (g.pl + w0) * Cs;
+      for (int64_t i = 0; i < nc; ++i) px[i] = x[off[size_t(i)] + ih * g.W + w0];
+      for (int64_t i = nc; i < Cs; ++i) px[i] = 0.f;
+    }
+  });
+  return cl;
+}
+
+// Sparse second stage from the channel-last copy (fp32, plans with w2_taps): per output row,
+// its gated-on columns of the span (base[t]: column t's output pixel as a channel-last pixel
+// index), dot products by isa.sparse_dots, added into out [M, ld].
+void SparseSecondStageTaps(const IsaKernels& isa, const TapRows& rows, const ChannelLast& cl,
+                           const int32_t* base, int64_t ncols, int64_t ld, const uint8_t* gate,
+                           float s2, float* out) {
+  uint64_t clock = StageClockNow();
+  const int64_t M = rows.M;
+  int32_t cols[kMaxSpanPanels * 64], bases[kMaxSpanPanels * 64];
+  float dots[kMaxSpanPanels * 64];
+  const int64_t row_len = rows.kk * rows.Cs;
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* gm = gate + m * ld;
+    int n = 0;
+    for (int64_t t = 0; t < ncols; ++t) {  // branch-free: gates are unpredictable
+      cols[n] = int32_t(t);
+      bases[n] = base[t];
+      n += gm[t];
+    }
+    if (n == 0) continue;
+    isa.sparse_dots(rows.data.data() + m * row_len, rows.Cs, int(rows.kk), cl.toff.data(), cl.x,
+                    bases, n, dots);
+    float* om = out + m * ld;
+    for (int i = 0; i < n; ++i) om[cols[i]] += s2 * dots[i];
+  }
+  AddStageTime(kTimeSparse, clock);
 }
 
 // Sparse second stage, int16 (PG): one dot product per gated-on element; four outputs per
@@ -798,7 +915,7 @@ void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
   const int64_t M = int64_t(plan.outputs.size());
   // Prefix sums of the gated-on outputs per column (a span has at most kSecondStagePanels
   // panels of at most 64 columns).
-  int32_t counts[kSecondStagePanels * 64 + 1] = {};
+  int32_t counts[kMaxSpanPanels * 64 + 1] = {};
   for (int64_t m = 0; m < M; ++m)
     for (int64_t t = 0; t < ncols; ++t) counts[t + 1] += gate[m * ld + t];
   for (int64_t t = 0; t < ncols; ++t) counts[t + 1] += counts[t];
@@ -846,6 +963,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
   const float s1 = scale1, s2 = scale2;  // locals: stores through y cannot alias them
   if (plans.empty() || Np == 0) return;
+  const uint64_t call_clock = StageClockNow();
+  uint64_t pad_clock = StageClockNow();
   // One padded copy of the sample for all plans (block-diagonal CG has p plans).
   const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>(), nullptr, ctx);
   const ColumnSource<T> src2 =
@@ -863,6 +982,33 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   }
   const std::vector<int64_t> joint_off2 =
       joint_second ? Offsets(src2, joint_second->chans2) : std::vector<int64_t>();
+  // Channel-last copies of the stage-2 channels for the plans that read them (w2_taps), one
+  // per plan (and one for the joint second stage), in one buffer.
+  std::vector<ChannelLast> channel_last(plans.size() + 1);
+  bool uses_taps = false;
+  if constexpr (std::is_same<T, float>::value) {
+    const int64_t plane = (g.H + g.pt + g.pb) * (g.W + g.pl + g.pr);
+    std::vector<int64_t> at(plans.size() + 2, 0);
+    auto plan_at = [&](size_t i) -> const GatedStagePlan<T>* {
+      return i < plans.size() ? &plans[i] : joint_second;
+    };
+    for (size_t i = 0; i <= plans.size(); ++i) {
+      const GatedStagePlan<T>* plan = plan_at(i);
+      at[i + 1] = at[i] + (plan && !plan->w2_taps.empty() ? plan->w2_taps.Cs * plane : 0);
+    }
+    if (at.back() > 0) {
+      uses_taps = true;
+      AlignedVec<float>& buf = Scratch<float, 32>();
+      buf.resize(size_t(at.back()));
+      for (size_t i = 0; i <= plans.size(); ++i) {
+        const GatedStagePlan<T>* plan = plan_at(i);
+        if (plan && !plan->w2_taps.empty())
+          channel_last[i] = MakeChannelLast(isa, x2, g, plan->chans2, plan->w2_taps.Cs,
+                                            buf.data() + at[i], ctx);
+      }
+    }
+  }
+  AddStageTime(kTimePad, pad_clock);
   // With a joint second stage, every plan's stage 1 writes its rows of one [all_rows, NR]
   // span buffer (rows in plan order, joint_second->outputs' order), and stage 2 runs once.
   const int64_t buffer_rows = joint_second ? all_rows : max_rows;
@@ -873,15 +1019,20 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   // assembled in `out` [M, NR] (contiguous rows, so the gate and select loops vectorize) and
   // copied to y once, run by run of consecutive pixels.
   const int64_t panels = (src1.columns + nr - 1) / nr;
-  const int64_t NR = (panels >= kWideSpanMinPanels ? kSecondStagePanels : 1) * nr;
+  const int64_t NR =
+      (panels >= kWideSpanMinPanels ? (uses_taps ? kTapSpanPanels : kSecondStagePanels) : 1) * nr;
   ParallelFor(ctx, size_t((src1.columns + NR - 1) / NR), [&](size_t span) {
     const int64_t q0 = int64_t(span) * NR, ncols = std::min<int64_t>(NR, src1.columns - q0);
-    int64_t pix[kSecondStagePanels * 64];
-    uint8_t valid[kSecondStagePanels * 64];  // column is an output pixel (indirect panels skip
+    int64_t pix[kMaxSpanPanels * 64];
+    uint8_t valid[kMaxSpanPanels * 64];  // column is an output pixel (indirect panels skip
                                              // the padding columns)
+    int32_t base[kMaxSpanPanels * 64];  // channel-last pixel index of column t (w2_taps)
     for (int64_t t = 0; t < NR; ++t) {
       pix[t] = t < ncols ? src1.Pixel(q0 + t) : -1;
       valid[t] = pix[t] >= 0;
+      base[t] = valid[t] ? int32_t((pix[t] / g.OW) * g.sh * (g.W + g.pl + g.pr) +
+                                   (pix[t] % g.OW) * g.sw)
+                         : 0;
     }
     AlignedVec<Acc>& tile = Scratch<Acc, 1>();
     tile.resize(size_t(RoundUp(buffer_rows, mr) * nr));
@@ -899,13 +1050,15 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
 
     // Stage 2 over `plan`'s rows of out / gate (`on` of them gated on), then the copy to y.
     auto second_stage_and_store = [&](const GatedStagePlan<T>& plan, const std::vector<int64_t>& off2,
-                                      uint8_t* gate, float* out, int64_t on) {
+                                      const ChannelLast& cl, uint8_t* gate, float* out,
+                                      int64_t on) {
       const int64_t M = int64_t(plan.outputs.size());
       if (on > 0 && !plan.chans2.empty()) {
         const double dense_above = DenseSecondStageAbove(!std::is_same<T, float>::value);
         const bool dense = double(on) > dense_above * double(M * ncols);
         CountSecondStage(dense);
         if (dense) {
+          const uint64_t dense_clock = StageClockNow();
           // Most gates on: each panel's second stage as a GEMM, then select.
           for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
             PanelProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0 + c0,
@@ -929,13 +1082,18 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
               }
             }
           }
+          AddStageTime(kTimeDense2, dense_clock);
         } else if constexpr (std::is_same<T, float>::value) {
-          SparseSecondStageRows(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
+          if (!plan.w2_taps.empty())
+            SparseSecondStageTaps(isa, plan.w2_taps, cl, base, ncols, NR, gate, s2, out);
+          else
+            SparseSecondStageRows(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
         } else {
           SparseSecondStageDots(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
         }
       }
       // Copy out to y, run by run of consecutive output pixels.
+      const uint64_t store_clock = StageClockNow();
       for (int64_t t0 = 0; t0 < ncols;) {
         if (pix[t0] < 0) {
           ++t0;
@@ -947,6 +1105,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
           CopyFloats(out + m * NR + t0, y + int64_t(plan.outputs[m]) * Np + pix[t0], len);
         t0 += len;
       }
+      AddStageTime(kTimeStore, store_clock);
     };
 
     AlignedVec<int64_t>& group_on = Scratch<int64_t, 31>();  // joint: gates on per plan
@@ -963,7 +1122,10 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       // Stage 1 and the gate, panel by panel, branch-free.
       int64_t on = 0;
       for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
+        uint64_t clock = StageClockNow();
         PanelProduct(isa, plan.w1, src1, plan.chans1, off1, q0 + c0, Scratch<T, 0>(), acc, nr);
+        AddStageTime(kTimeStage1, clock);
+        clock = StageClockNow();
         if constexpr (std::is_same<Acc, float>::value) {
           on += isa.gate_panel(acc, M, s1, row_threshold.data(), valid + c0, panel_out.data(),
                                panel_gate.data());
@@ -986,13 +1148,14 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
             }
           }
         }
+        AddStageTime(kTimeGate, clock);
       }
       if (joint_second) {
         row0 += M;
         on_all += on;
         group_on[pi] = on;
       } else {
-        second_stage_and_store(plan, offs2[pi], gate, out, on);
+        second_stage_and_store(plan, offs2[pi], channel_last[pi], gate, out, on);
       }
     }
     if (!joint_second) return;
@@ -1000,14 +1163,16 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       // Most gates on: per-plan GEMMs, which skip the joint weights' zeros.
       row0 = 0;
       for (size_t pi = 0; pi < plans.size(); ++pi) {
-        second_stage_and_store(plans[pi], offs2[pi], gate_buf.data() + row0 * NR,
+        second_stage_and_store(plans[pi], offs2[pi], channel_last[pi], gate_buf.data() + row0 * NR,
                                out_buf.data() + row0 * NR, group_on[pi]);
         row0 += int64_t(plans[pi].outputs.size());
       }
     } else {
-      second_stage_and_store(*joint_second, joint_off2, gate_buf.data(), out_buf.data(), on_all);
+      second_stage_and_store(*joint_second, joint_off2, channel_last[plans.size()], gate_buf.data(),
+                             out_buf.data(), on_all);
     }
   });
+  AddStageTime(kTimeCall, call_clock);
 }
 
 // Explicit instantiations for the two element types the kernels use.
@@ -1049,3 +1214,31 @@ extern "C" __attribute__((visibility("default"))) int64_t G2DSecondStageRuns(int
   return g2d::second_stage_runs[dense ? 1 : 0].load(std::memory_order_relaxed);
 }
 
+
+// Per-stage cycles since the last reset (G2D_STAGE_TIMES=1), as "name=us_per_call ...":
+// `calls` divides the totals; the TSC rate comes from a 20 ms calibration at the first report.
+extern "C" __attribute__((visibility("default"))) const char* G2DStageTimesReport(int calls) {
+  static const double tsc_per_us = [] {
+    const auto t0 = std::chrono::steady_clock::now();
+    const uint64_t c0 = __rdtsc();
+    while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(20)) {
+    }
+    const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    return double(__rdtsc() - c0) / us;
+  }();
+  static const char* names[] = {"pad", "stage1", "gate", "lists", "gather", "sparse2",
+                                "scatter", "dense2", "store", "call"};
+  static thread_local std::string text;
+  text.clear();
+  for (int i = 0; i < g2d::kStageTimers; ++i) {
+    char item[64];
+    std::snprintf(item, sizeof item, "%s=%.1f ", names[i],
+                  double(g2d::stage_cycles[i].load()) / tsc_per_us / std::max(calls, 1));
+    text += item;
+  }
+  text += "(us per call, summed over threads)";
+  return text.c_str();
+}
+extern "C" __attribute__((visibility("default"))) void G2DStageTimesReset() {
+  for (auto& c : g2d::stage_cycles) c.store(0);
+}

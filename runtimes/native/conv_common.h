@@ -93,6 +93,17 @@ double DenseSecondStageAbove(bool int16);
 // Spans whose second stage ran sparse (0) / dense (1) since load (G2DSecondStageRuns).
 void CountSecondStage(bool dense);
 
+// Where a gated convolution's time goes, per stage (G2D_STAGE_TIMES=1; off by default, then
+// one predictable branch per stage): TSC cycles summed over all threads, read through
+// G2DStageTimesReport (tools and the per-stage breakdown in cg_conv.cc's header comment).
+enum StageTimer {
+  kTimePad, kTimeStage1, kTimeGate, kTimeLists, kTimeGather, kTimeSparse, kTimeScatter,
+  kTimeDense2, kTimeStore, kTimeCall, kStageTimers
+};
+bool StageTimesOn();
+uint64_t StageClockNow();  // TSC, or 0 when the timers are off
+void AddStageTime(StageTimer which, uint64_t since);  // adds now - since (timers on only)
+
 // The second stage runs over spans of this many panels (of TileCols columns) when the layer
 // has at least kWideSpanMinPanels panels: its sparse form has a fixed cost per output row and
 // K chunk (the row's weight chunk loaded into registers), shared among the row's gated-on
@@ -102,6 +113,11 @@ void CountSecondStage(bool dense);
 // keep 1-panel tasks: fewer, wider tasks left one of the two threads idle (ResNet-20 CG).
 constexpr int kSecondStagePanels = 2;
 constexpr int64_t kWideSpanMinPanels = 24;
+// The channel-last sparse second stage (TapRows) reads no gathered fields, so its spans can
+// be wider (its cost per output row and span, a call and a stream of the row's weights, is
+// shared among more gated-on columns); at most kMaxSpanPanels.
+constexpr int kTapSpanPanels = 4;
+constexpr int kMaxSpanPanels = 4;
 
 struct ConvAttrs {
   std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
@@ -207,6 +223,17 @@ template <class T>
 WeightRows<T> MakeWeightRows(const IsaKernels& isa, const T* w, const ConvGeom& g,
                              const std::vector<int>& outputs, const std::vector<int>& chans);
 
+// Stage-2 weight rows for the channel-last sparse second stage (fp32; isa.sparse_dots):
+// [M, kk, Cs], row m's tap t holding W[outputs[m], chans[i], t] at i, zeros from chans.size()
+// to Cs = chans.size() rounded up to the vector width.
+struct TapRows {
+  int64_t M = 0, Cs = 0, kk = 0;
+  AlignedVec<float> data;
+  bool empty() const { return data.empty(); }
+};
+TapRows MakeTapRows(const IsaKernels& isa, const float* w, const ConvGeom& g,
+                    const std::vector<int>& outputs, const std::vector<int>& chans);
+
 template <class T> struct ConvAcc { using type = float; };
 template <> struct ConvAcc<int16_t> { using type = int32_t; };
 
@@ -267,6 +294,10 @@ struct GatedStagePlan {
   bool w2_is_w1 = false;          // PG: both stages use the same weights (w2 left empty,
                                   // so the packed weights are in cache once, not twice)
   WeightRows<T> w2_rows;          // stage-2 weight rows for the sparse second stage
+  // fp32 only, optional (CG builds it): the sparse second stage reads a channel-last copy of
+  // the stage-2 channels with these rows (isa.sparse_dots) instead of gathering receptive
+  // fields for isa.sddmm_chunk (w2_rows is then unused).
+  TapRows w2_taps;
 };
 
 // Computes y[o, :] for o in every plan's outputs of one sample (y points at the sample's

@@ -479,13 +479,59 @@ void pg_split(const float* x, int64_t n, float s, float levels, int shift, float
   }
 }
 
+namespace {
+// NP pixels (bases p[0..NP-1], in units of cs floats) of sparse_dots; two FMA chains per pixel
+// when NP < 4 so that at least 4 chains hide the FMA latency.
+template <int NP>
+inline void sparse_dots_group(const float* w, int64_t cs, int ntaps, const int64_t* toff,
+                              const float* x, const int32_t* pix, float* out) {
+  constexpr int CH = NP == 4 ? 2 : 4 / NP;
+  vf acc[NP][CH];
+  for (int p = 0; p < NP; ++p)
+    for (int c = 0; c < CH; ++c) acc[p][c] = vf{};
+  const int64_t nv = cs / kVW;
+  for (int t = 0; t < ntaps; ++t) {
+    const float* wt = w + t * cs;
+    const float* xp[NP];
+    for (int p = 0; p < NP; ++p) xp[p] = x + (int64_t(pix[p]) + toff[t]) * cs;
+    int64_t v = 0;
+    for (; v + CH <= nv; v += CH)
+#pragma GCC unroll 4
+      for (int c = 0; c < CH; ++c) {
+        const vf wv = load(wt + (v + c) * kVW);
+        for (int p = 0; p < NP; ++p) acc[p][c] += wv * load(xp[p] + (v + c) * kVW);
+      }
+    for (; v < nv; ++v) {
+      const vf wv = load(wt + v * kVW);
+      for (int p = 0; p < NP; ++p) acc[p][0] += wv * load(xp[p] + v * kVW);
+    }
+  }
+  for (int p = 0; p < NP; ++p) {
+    vf sum = acc[p][0];
+    for (int c = 1; c < CH; ++c) sum += acc[p][c];
+    out[p] = hsum(sum);
+  }
+}
+}  // namespace
+
+void sparse_dots(const float* w, int64_t cs, int ntaps, const int64_t* toff, const float* x,
+                 const int32_t* pix, int n, float* out) {
+  int i = 0;
+  for (; i + 4 <= n; i += 4) sparse_dots_group<4>(w, cs, ntaps, toff, x, pix + i, out + i);
+  if (i + 2 <= n) {
+    sparse_dots_group<2>(w, cs, ntaps, toff, x, pix + i, out + i);
+    i += 2;
+  }
+  if (i < n) sparse_dots_group<1>(w, cs, ntaps, toff, x, pix + i, out + i);
+}
+
 extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kIMR,          kINR,        kVW,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
                                     igemm_micro,   gather_fields, gate_panel,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
                                     pack_filter_tile, epilogue_row, has_nonzero, pool_channel,
-                                    pg_split};
+                                    pg_split,      sparse_dots};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

@@ -85,6 +85,13 @@ struct IsaKernels {
   // Plain C++ the compiler vectorizes with the table's ISA.
   void (*pg_split)(const float* x, int64_t n, float s, float levels, int shift, float* hb,
                    float* lb);
+  // Sampled dense-dense product read from a channel-last (NHWC) copy of the input, for i < n:
+  //   out[i] = sum over t < ntaps, c < cs of w[t * cs + c] * x[(pix[i] + toff[t]) * cs + c]
+  // cs a multiple of vw. A pixel's field is ntaps contiguous runs of cs channels, read in
+  // place (no gather); four pixels per pass share each weight load, and the whole dot product
+  // is kept in registers (no partial sums through memory).
+  void (*sparse_dots)(const float* w, int64_t cs, int ntaps, const int64_t* toff,
+                      const float* x, const int32_t* pix, int n, float* out);
 };
 
 namespace isa_generic { extern const IsaKernels kKernels; }
