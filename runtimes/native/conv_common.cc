@@ -883,22 +883,39 @@ void SparseSecondStageTaps(const IsaKernels& isa, const TapRows& rows, const Cha
                            float s2, float* out) {
   uint64_t clock = StageClockNow();
   const int64_t M = rows.M;
-  int32_t cols[kMaxSpanPanels * 64], bases[kMaxSpanPanels * 64];
-  float dots[kMaxSpanPanels * 64];
+  AlignedVec<int32_t>& cols_buf = Scratch<int32_t, 4>();  // gated-on columns, row by row
+  AlignedVec<int32_t>& bases_buf = Scratch<int32_t, 5>();  // their channel-last pixels
+  AlignedVec<int32_t>& start_buf = Scratch<int32_t, 12>();  // row m: [start[m], start[m + 1])
+  AlignedVec<float>& dots_buf = Scratch<float, 13>();
+  cols_buf.resize(size_t(M * ncols + 1));
+  bases_buf.resize(size_t(M * ncols + 1));
+  start_buf.resize(size_t(M + 1));
+  int32_t* const cols = cols_buf.data();
+  int32_t* const bases = bases_buf.data();
+  int32_t* const start = start_buf.data();
+  int32_t pos = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    start[m] = pos;
+    const uint8_t* gm = gate + m * ld;
+    for (int64_t t = 0; t < ncols; ++t) {  // branch-free: gates are unpredictable
+      cols[pos] = int32_t(t);
+      bases[pos] = base[t];
+      pos += gm[t];
+    }
+  }
+  start[M] = pos;
+  dots_buf.resize(size_t(pos) + 1);
+  float* const dots = dots_buf.data();
+  AddStageTime(kTimeLists, clock);
+  clock = StageClockNow();
   const int64_t row_len = rows.kk * rows.Cs;
   for (int64_t m = 0; m < M; ++m) {
-    const uint8_t* gm = gate + m * ld;
-    int n = 0;
-    for (int64_t t = 0; t < ncols; ++t) {  // branch-free: gates are unpredictable
-      cols[n] = int32_t(t);
-      bases[n] = base[t];
-      n += gm[t];
-    }
+    const int n = start[m + 1] - start[m];
     if (n == 0) continue;
-    isa.sparse_dots(rows.data.data() + m * row_len, rows.Cs, int(rows.kk), cl.toff.data(), cl.x,
-                    bases, n, dots);
+    isa.sparse_dots(rows.data.data() + m * row_len, rows.Cs, rows.Cs, int(rows.kk),
+                    cl.toff.data(), cl.x, bases + start[m], n, dots + start[m]);
     float* om = out + m * ld;
-    for (int i = 0; i < n; ++i) om[cols[i]] += s2 * dots[i];
+    for (int32_t e = start[m]; e < start[m + 1]; ++e) om[cols[e]] += s2 * dots[e];
   }
   AddStageTime(kTimeSparse, clock);
 }
@@ -1020,7 +1037,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   // copied to y once, run by run of consecutive pixels.
   const int64_t panels = (src1.columns + nr - 1) / nr;
   const int64_t NR =
-      (panels >= kWideSpanMinPanels ? (uses_taps ? kTapSpanPanels : kSecondStagePanels) : 1) * nr;
+      (panels >= kWideSpanMinPanels ? (uses_taps ? (getenv("TSP") ? atoi(getenv("TSP")) : kTapSpanPanels) : kSecondStagePanels) : 1) * nr;
   ParallelFor(ctx, size_t((src1.columns + NR - 1) / NR), [&](size_t span) {
     const int64_t q0 = int64_t(span) * NR, ncols = std::min<int64_t>(NR, src1.columns - q0);
     int64_t pix[kMaxSpanPanels * 64];
@@ -1040,10 +1057,6 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     out_buf.resize(size_t(buffer_rows * NR));
     AlignedVec<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * NR + t]
     gate_buf.resize(size_t(buffer_rows * NR));
-    AlignedVec<float>& panel_out = Scratch<float, 29>();  // one panel's [M, nr]
-    AlignedVec<uint8_t>& panel_gate = Scratch<uint8_t, 30>();
-    panel_out.resize(size_t(max_rows * nr));
-    panel_gate.resize(size_t(max_rows * nr));
     // Raw pointers: thread_local vectors behind byte stores (which may alias anything) would
     // otherwise be re-fetched through __tls_get_addr inside the loops.
     Acc* const acc = tile.data();
@@ -1127,12 +1140,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         AddStageTime(kTimeStage1, clock);
         clock = StageClockNow();
         if constexpr (std::is_same<Acc, float>::value) {
-          on += isa.gate_panel(acc, M, s1, row_threshold.data(), valid + c0, panel_out.data(),
-                               panel_gate.data());
-          for (int64_t m = 0; m < M; ++m) {
-            std::memcpy(out + m * NR + c0, panel_out.data() + m * nr, sizeof(float) * nr);
-            std::memcpy(gate + m * NR + c0, panel_gate.data() + m * nr, size_t(nr));
-          }
+          on += isa.gate_panel(acc, M, s1, row_threshold.data(), valid + c0, out + c0,
+                               gate + c0, NR);
         } else {
           const float scale_1 = s1;  // a local copy: the lambda's captures are references
           const int64_t n_cols = nr;

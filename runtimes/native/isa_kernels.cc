@@ -92,7 +92,7 @@ void sgemm_indirect_micro(int64_t K, const float* a, const float* base, const in
 }
 
 int64_t gate_panel(const float* acc, int64_t M, float scale, const float* thr,
-                   const uint8_t* valid, float* out, uint8_t* gate) {
+                   const uint8_t* valid, float* out, uint8_t* gate, int64_t ld) {
   typedef int32_t vi32 __attribute__((vector_size(kVW * 4)));
   typedef uint8_t vu8 __attribute__((vector_size(kVW)));
   vi32 valid_mask[2];
@@ -102,8 +102,8 @@ int64_t gate_panel(const float* acc, int64_t M, float scale, const float* thr,
   for (int64_t m = 0; m < M; ++m) {
     const vf tv = vf{} + thr[m];
     for (int h = 0; h < 2; ++h) {
-      const int64_t i = m * kNR + h * kVW;
-      const vf v = load(acc + i) * scale;
+      const int64_t i = m * ld + h * kVW;
+      const vf v = load(acc + m * kNR + h * kVW) * scale;
       store(out + i, v);
       const vi32 on = (v > tv) & valid_mask[h];  // -1 where gated on
       count -= on;
@@ -480,20 +480,33 @@ void pg_split(const float* x, int64_t n, float s, float levels, int shift, float
 }
 
 namespace {
-// NP pixels (bases p[0..NP-1], in units of cs floats) of sparse_dots; two FMA chains per pixel
+// Four horizontal sums: out[p] = sum of the lanes of s[p].
+inline void hsum4(const vf s[4], float* out) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m256 h01 = _mm256_hadd_ps(__m256(s[0]), __m256(s[1]));
+  const __m256 h23 = _mm256_hadd_ps(__m256(s[2]), __m256(s[3]));
+  const __m256 h = _mm256_hadd_ps(h01, h23);  // lanes 0-3 and 4-7: halves of the 4 sums
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+  for (int p = 0; p < 4; ++p) out[p] = hsum(s[p]);
+#endif
+}
+
+// NP pixels (channel-last bases pix[0..NP-1]) of sparse_dots; two FMA chains per pixel
 // when NP < 4 so that at least 4 chains hide the FMA latency.
 template <int NP>
-inline void sparse_dots_group(const float* w, int64_t cs, int ntaps, const int64_t* toff,
-                              const float* x, const int32_t* pix, float* out) {
+inline void sparse_dots_group(const float* w, int64_t ld, int64_t len, int ntaps,
+                              const int64_t* toff, const float* x, const int32_t* pix,
+                              float* out) {
   constexpr int CH = NP == 4 ? 2 : 4 / NP;
   vf acc[NP][CH];
   for (int p = 0; p < NP; ++p)
     for (int c = 0; c < CH; ++c) acc[p][c] = vf{};
-  const int64_t nv = cs / kVW;
+  const int64_t nv = len / kVW;
   for (int t = 0; t < ntaps; ++t) {
-    const float* wt = w + t * cs;
+    const float* wt = w + t * len;
     const float* xp[NP];
-    for (int p = 0; p < NP; ++p) xp[p] = x + (int64_t(pix[p]) + toff[t]) * cs;
+    for (int p = 0; p < NP; ++p) xp[p] = x + (int64_t(pix[p]) + toff[t]) * ld;
     int64_t v = 0;
     for (; v + CH <= nv; v += CH)
 #pragma GCC unroll 4
@@ -506,23 +519,29 @@ inline void sparse_dots_group(const float* w, int64_t cs, int ntaps, const int64
       for (int p = 0; p < NP; ++p) acc[p][0] += wv * load(xp[p] + v * kVW);
     }
   }
+  vf sum[NP];
   for (int p = 0; p < NP; ++p) {
-    vf sum = acc[p][0];
-    for (int c = 1; c < CH; ++c) sum += acc[p][c];
-    out[p] = hsum(sum);
+    sum[p] = acc[p][0];
+    for (int c = 1; c < CH; ++c) sum[p] += acc[p][c];
+  }
+  if constexpr (NP == 4) {
+    hsum4(sum, out);
+  } else {
+    for (int p = 0; p < NP; ++p) out[p] = hsum(sum[p]);
   }
 }
 }  // namespace
 
-void sparse_dots(const float* w, int64_t cs, int ntaps, const int64_t* toff, const float* x,
-                 const int32_t* pix, int n, float* out) {
+void sparse_dots(const float* w, int64_t ld, int64_t len, int ntaps, const int64_t* toff,
+                 const float* x, const int32_t* pix, int n, float* out) {
   int i = 0;
-  for (; i + 4 <= n; i += 4) sparse_dots_group<4>(w, cs, ntaps, toff, x, pix + i, out + i);
+  for (; i + 4 <= n; i += 4)
+    sparse_dots_group<4>(w, ld, len, ntaps, toff, x, pix + i, out + i);
   if (i + 2 <= n) {
-    sparse_dots_group<2>(w, cs, ntaps, toff, x, pix + i, out + i);
+    sparse_dots_group<2>(w, ld, len, ntaps, toff, x, pix + i, out + i);
     i += 2;
   }
-  if (i < n) sparse_dots_group<1>(w, cs, ntaps, toff, x, pix + i, out + i);
+  if (i < n) sparse_dots_group<1>(w, ld, len, ntaps, toff, x, pix + i, out + i);
 }
 
 extern const IsaKernels kKernels = {kName,         kMR,         kNR,
