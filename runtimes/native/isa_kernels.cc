@@ -263,7 +263,34 @@ void scatter_lanes(const float* src, int64_t ld, int64_t n, float* const* dst, i
 }
 
 void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpad, float* fields) {
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k0 = 0;
+#if defined(__AVX2__)
+  // 8 x 8 register transposes (unpack, shuffle, 128-bit permute); the scalar loop below did
+  // one strided store per value (CGConv's channel-last copy, FBS's NCHWc gather).
+  for (; k0 + 8 <= K; k0 += 8) {
+    for (int tb = 0; tb < kNR; tb += 8) {
+      __m256 r[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(base + off[k0 + i] + tb);
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int q = 0; q < 2; ++q) {  // rows 4q .. 4q+3
+        u[4 * q + 0] = _mm256_shuffle_ps(t[4 * q], t[4 * q + 2], 0x44);
+        u[4 * q + 1] = _mm256_shuffle_ps(t[4 * q], t[4 * q + 2], 0xEE);
+        u[4 * q + 2] = _mm256_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44);
+        u[4 * q + 3] = _mm256_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE);
+      }
+      // u[4q + e] holds rows 4q..4q+3 at columns e (low 128 bits) and 4 + e (high).
+      for (int e = 0; e < 4; ++e) {
+        _mm256_storeu_ps(fields + (tb + e) * Lpad + k0, _mm256_permute2f128_ps(u[e], u[4 + e], 0x20));
+        _mm256_storeu_ps(fields + (tb + 4 + e) * Lpad + k0,
+                         _mm256_permute2f128_ps(u[e], u[4 + e], 0x31));
+      }
+    }
+  }
+#endif
+  for (int64_t k = k0; k < K; ++k) {
     const float* s = base + off[k];
     for (int t = 0; t < kNR; ++t) fields[t * Lpad + k] = s[t];
   }
