@@ -12,6 +12,7 @@
 #include <new>
 #include <string>
 #include <type_traits>
+#include <emmintrin.h>
 #include <x86intrin.h>
 
 namespace g2d {
@@ -930,7 +931,21 @@ void SparseSecondStageTaps(const IsaKernels& isa, const TapRows& rows, const Cha
   for (int64_t m = 0; m < M; ++m) {
     start[m] = pos;
     const uint8_t* gm = gate + m * ld;
-    for (int64_t t = 0; t < ncols; ++t) {  // branch-free: gates are unpredictable
+    // 16 gates at a time to a bit mask (SSE2: the gates are 0/1 bytes), then only the set bits
+    // are visited: a fifth of the columns at 20% on, where a loop over every column cost 15%
+    // of the sparse product itself.
+    int64_t t0 = 0;
+    for (; t0 + 16 <= ncols; t0 += 16) {
+      const __m128i g16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gm + t0));
+      for (uint32_t bits = uint32_t(_mm_movemask_epi8(_mm_slli_epi16(g16, 7))); bits != 0;
+           bits &= bits - 1) {
+        const int64_t t = t0 + __builtin_ctz(bits);
+        cols[pos] = int32_t(t);
+        bases[pos] = base[t];
+        ++pos;
+      }
+    }
+    for (int64_t t = t0; t < ncols; ++t) {
       cols[pos] = int32_t(t);
       bases[pos] = base[t];
       pos += gm[t];
