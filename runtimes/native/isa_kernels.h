@@ -89,7 +89,7 @@ struct IsaKernels {
   // Sampled dense-dense product read from a channel-last (NHWC) copy of the input, for i < n:
   //   out[i] = sum over t < ntaps, c < len of w[t * len + c] * x[(pix[i] + toff[t]) * ld + c]
   // len a multiple of vw (ld: floats from one pixel to the next). A pixel's field is ntaps
-  // contiguous runs of len channels, read in place (no gather); four pixels per pass share
+  // contiguous runs of len channels, read in place (no gather); up to eight pixels per pass share
   // each weight load, and the whole dot product stays in registers (no partial sums through
   // memory).
   void (*sparse_dots)(const float* w, int64_t ld, int64_t len, int ntaps, const int64_t* toff,
