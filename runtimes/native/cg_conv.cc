@@ -57,10 +57,6 @@ CGPlans BuildPlans(const float* w, const float* mask, const ConvGeom& g) {
   for (auto& plan : plans) {  // group == 1: weight channel index == input channel index
     plan.w1 = PackWeights(isa, w, g, plan.outputs, plan.chans1);
     plan.w2 = PackWeights(isa, w, g, plan.outputs, plan.chans2);
-    if (TapSecondStage())
-      plan.w2_taps = MakeTapRows(isa, w, g, plan.outputs, plan.chans2);
-    else
-      plan.w2_rows = MakeWeightRows(isa, w, g, plan.outputs, plan.chans2);
   }
   // A joint second stage gathers each span's receptive fields once instead of once per group,
   // at the price of the MACs on the zeros (each group's own base channels). It pays when the
@@ -88,6 +84,16 @@ CGPlans BuildPlans(const float* w, const float* mask, const ConvGeom& g) {
     else
       joint->w2_rows = MakeWeightRows(isa, w_rest.data(), g, joint->outputs, joint->chans2);
     out.joint_second = std::move(joint);
+  }
+  // The groups' own sparse second stages: channel-last rows, except beside a joint second
+  // stage, where a group's sparse stage runs only in the rare span with most gates on overall
+  // but few in that group: the gathered-fields form then, so that no channel-last copy of each
+  // group's channels is made on every call for it.
+  for (auto& plan : plans) {
+    if (TapSecondStage() && !out.joint_second)
+      plan.w2_taps = MakeTapRows(isa, w, g, plan.outputs, plan.chans2);
+    else
+      plan.w2_rows = MakeWeightRows(isa, w, g, plan.outputs, plan.chans2);
   }
   return out;
 }

@@ -866,11 +866,14 @@ void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
 // The stage-2 channels of one sample, zero-padded by the conv's pads, channel-last:
 // x[(h * Wp + w) * Cs + i] = X[chans[i], h - pt, w - pl] (zero in the padding and for
 // chans.size() <= i < Cs). Output pixel (oh, ow)'s tap (i, j) is the run of Cs floats at
-// (Base(oh, ow) + toff[i * kw + j]) * Cs: the receptive field is read in place.
+// (Base(oh, ow) + i * dh * Wp + j * dw) * Cs: the receptive field is read in place. Without
+// dilation along the width (dw = 1) a kernel row's kw taps are adjacent pixels, one run of
+// kw * Cs floats: the field is kh runs (toff[i] = i * dh * Wp, run_len = kw * Cs), matching
+// TapRows' [kh, kw, Cs] order; else kh * kw runs of Cs.
 struct ChannelLast {
   const float* x = nullptr;
-  int64_t Cs = 0, Wp = 0;
-  std::vector<int64_t> toff;
+  int64_t Cs = 0, Wp = 0, run_len = 0;
+  std::vector<int64_t> toff;  // one entry per run
 };
 
 ChannelLast MakeChannelLast(const IsaKernels& isa, const float* x, const ConvGeom& g,
@@ -881,8 +884,9 @@ ChannelLast MakeChannelLast(const IsaKernels& isa, const float* x, const ConvGeo
   cl.Cs = Cs;
   const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr, nc = int64_t(chans.size());
   cl.Wp = Wp;
+  cl.run_len = g.dw == 1 ? g.kw * Cs : Cs;
   for (int64_t i = 0; i < g.kh; ++i)
-    for (int64_t j = 0; j < g.kw; ++j) cl.toff.push_back(i * g.dh * Wp + j * g.dw);
+    for (int64_t j = 0; j < (g.dw == 1 ? 1 : g.kw); ++j) cl.toff.push_back(i * g.dh * Wp + j * g.dw);
   std::vector<int64_t> off(static_cast<size_t>(nc));
   for (int64_t i = 0; i < nc; ++i) off[size_t(i)] = int64_t(chans[size_t(i)]) * g.H * g.W;
   const int64_t nr = isa.nr;
@@ -960,7 +964,7 @@ void SparseSecondStageTaps(const IsaKernels& isa, const TapRows& rows, const Cha
   for (int64_t m = 0; m < M; ++m) {
     const int n = start[m + 1] - start[m];
     if (n == 0) continue;
-    isa.sparse_dots(rows.data.data() + m * row_len, rows.Cs, rows.Cs, int(rows.kk),
+    isa.sparse_dots(rows.data.data() + m * row_len, rows.Cs, cl.run_len, int(cl.toff.size()),
                     cl.toff.data(), cl.x, bases + start[m], n, dots + start[m]);
     float* om = out + m * ld;
     for (int32_t e = start[m]; e < start[m + 1]; ++e) om[cols[e]] += s2 * dots[e];
