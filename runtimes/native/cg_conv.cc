@@ -8,8 +8,6 @@
 // several groups, the sparse stage 2 runs once for all of them (RunGatedConv's joint second
 // stage; BuildPlans says when).
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 
 #include "cg_conv.h"
@@ -24,17 +22,6 @@ CGConvKernel::CGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
 }
 
 namespace {
-// The sparse second stage reads the stage-2 channels channel-last (isa.sparse_dots, w2_taps),
-// unless G2D_CG_SECOND=fields asks for the gathered-fields form (isa.sddmm_chunk, w2_rows):
-// both compute the same function; the variable lets tests and benchmarks run either.
-bool TapSecondStage() {
-  static const bool taps = [] {
-    const char* v = std::getenv("G2D_CG_SECOND");
-    return !(v && std::strcmp(v, "fields") == 0);
-  }();
-  return taps;
-}
-
 // Groups outputs by identical base channel sets and packs each group's weights; with several
 // groups whose second stages read overlapping channels (block-diagonal: each reads 1 - 1/p of
 // them), also the joint second stage over all groups.
@@ -79,7 +66,7 @@ CGPlans BuildPlans(const float* w, const float* mask, const ConvGeom& g) {
     for (int64_t o = 0; o < g.O; ++o)
       for (int64_t c = 0; c < g.C; ++c)
         if (mask[o * g.C + c] != 0.f) std::fill_n(&w_rest[size_t((o * g.C + c) * g.kk())], g.kk(), 0.f);
-    if (TapSecondStage())
+    if (CGTapSecondStage())
       joint->w2_taps = MakeTapRows(isa, w_rest.data(), g, joint->outputs, joint->chans2);
     else
       joint->w2_rows = MakeWeightRows(isa, w_rest.data(), g, joint->outputs, joint->chans2);
@@ -90,7 +77,7 @@ CGPlans BuildPlans(const float* w, const float* mask, const ConvGeom& g) {
   // but few in that group: the gathered-fields form then, so that no channel-last copy of each
   // group's channels is made on every call for it.
   for (auto& plan : plans) {
-    if (TapSecondStage() && !out.joint_second)
+    if (CGTapSecondStage() && !out.joint_second)
       plan.w2_taps = MakeTapRows(isa, w, g, plan.outputs, plan.chans2);
     else
       plan.w2_rows = MakeWeightRows(isa, w, g, plan.outputs, plan.chans2);

@@ -34,7 +34,7 @@ const IsaKernels& BestKernels() {
 }
 
 namespace {
-std::atomic<int64_t> second_stage_runs[2];
+std::atomic<int64_t> second_stage_runs[3];  // sparse, dense, sparse from channel-last rows
 }  // namespace
 
 double DenseSecondStageAbove(bool int16) {
@@ -63,6 +63,14 @@ bool StageTimesOn() {
 uint64_t StageClockNow() { return StageTimesOn() ? __rdtsc() : 0; }
 void AddStageTime(StageTimer which, uint64_t since) {
   if (StageTimesOn()) stage_cycles[which].fetch_add(__rdtsc() - since, std::memory_order_relaxed);
+}
+
+bool CGTapSecondStage() {
+  static const bool taps = [] {
+    const char* v = std::getenv("G2D_CG_SECOND");
+    return !(v && std::strcmp(v, "fields") == 0);
+  }();
+  return taps;
 }
 
 void CountSecondStage(bool dense) { second_stage_runs[dense ? 1 : 0].fetch_add(1, std::memory_order_relaxed); }
@@ -1150,10 +1158,12 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
           }
           AddStageTime(kTimeDense2, dense_clock);
         } else if constexpr (std::is_same<T, float>::value) {
-          if (!plan.w2_taps.empty())
+          if (!plan.w2_taps.empty()) {
+            second_stage_runs[2].fetch_add(1, std::memory_order_relaxed);
             SparseSecondStageTaps(isa, plan.w2_taps, cl, base, ncols, NR, gate, s2, out);
-          else
+          } else {
             SparseSecondStageRows(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
+          }
         } else {
           SparseSecondStageDots(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
         }
@@ -1267,14 +1277,16 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
     return std::string("isa=") + g2d::BestKernels().name +
            " amx=" + (g2d::AmxAvailable() ? "yes" : "no") +
            " ort_nchwc_conv=" + (ort_conv && std::strcmp(ort_conv, "0") == 0 ? "off" : "on") +
-           " second_stage=" + (stage && (std::strcmp(stage, "sparse") == 0 || std::strcmp(stage, "dense") == 0) ? stage : "auto");
+           " second_stage=" + (stage && (std::strcmp(stage, "sparse") == 0 || std::strcmp(stage, "dense") == 0) ? stage : "auto") +
+           " cg_second=" + (g2d::CGTapSecondStage() ? "taps" : "fields");
   }();
   return text.c_str();
 }
 
-// Second-stage spans run sparse (dense = 0) or as a dense GEMM + select (dense = 1).
+// Second-stage spans run sparse (dense = 0) or as a dense GEMM + select (dense = 1); 2: the
+// sparse ones that read channel-last rows (CGConv, isa.sparse_dots).
 extern "C" __attribute__((visibility("default"))) int64_t G2DSecondStageRuns(int dense) {
-  return g2d::second_stage_runs[dense ? 1 : 0].load(std::memory_order_relaxed);
+  return g2d::second_stage_runs[dense == 2 ? 2 : dense ? 1 : 0].load(std::memory_order_relaxed);
 }
 
 

@@ -92,6 +92,10 @@ constexpr double kDenseSecondStageFractionInt16 = 0.10;
 double DenseSecondStageAbove(bool int16);
 // Spans whose second stage ran sparse (0) / dense (1) since load (G2DSecondStageRuns).
 void CountSecondStage(bool dense);
+// CGConv's sparse second stage on channel-last rows (TapRows, isa.sparse_dots): true unless
+// G2D_CG_SECOND=fields asks for the gathered-fields form (isa.sddmm_chunk), so that tests and
+// benchmarks can run either (same function).
+bool CGTapSecondStage();
 
 // Where a gated convolution's time goes, per stage (G2D_STAGE_TIMES=1; off by default, then
 // one predictable branch per stage): TSC cycles summed over all threads, read through
