@@ -15,9 +15,13 @@
 // Per span, the second stage is a sampled dense-dense product (fp32): the span's receptive
 // fields are gathered once ([columns, K] rows), each output row's weights are held in
 // registers a K-chunk at a time, and that row's gated-on pixels stream past them
-// (isa.sddmm_chunk). int16 (PG) computes one dot product per gated-on element instead. Above
-// kDenseSecondStageFraction of the span's elements on, a dense panel GEMM + select is cheaper
-// and is used instead.
+// (isa.sddmm_chunk). CG's plans (w2_taps) instead read a channel-last copy of the stage-2
+// channels made once per call: a gated-on pixel's receptive field is kh runs of kw * C2
+// contiguous floats, read in place (no gather), and each output row's weights stream past up
+// to eight of its gated-on pixels at a time with the whole dot product in registers
+// (isa.sparse_dots). int16 (PG) computes one dot product per gated-on element instead. Above
+// kDenseSecondStageFraction of the span's elements on, a dense GEMM + select over the span
+// is cheaper and is used instead.
 //
 // Errors: validation throws OpError; each op's Compute catches it (and std::bad_alloc) and
 // returns an ONNX Runtime error status, so a bad model never takes the process down.
