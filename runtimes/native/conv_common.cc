@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <string>
 #include <type_traits>
@@ -557,13 +558,50 @@ struct ColumnSource {
   }
 };
 
+// Copies the channels `chans` (those MakeSource laid out) of src.x into src's padded planes.
+// Only the padding border is zeroed (the buffer is reused, the interior is overwritten).
+template <class T>
+void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
+                OrtKernelContext* parallel_ctx) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (!src.indirect) return;
+    const ConvGeom& g = *src.g;
+    const T* const x = src.x;
+    const int64_t Wp = src.Wp, plane_size = src.plane;
+    float* const buf = const_cast<float*>(src.xpad);  // the caller's scratch buffer
+    // Split over the thread pool when asked (in blocks of channels, so a small copy stays on
+    // one thread): the copy is otherwise a serial step before the parallel GEMM.
+    constexpr size_t kChannelsPerTask = 8;
+    auto copy_block = [&](size_t block) {
+      const size_t end = std::min(chans.size(), (block + 1) * kChannelsPerTask);
+      for (size_t slot = block * kChannelsPerTask; slot < end; ++slot) {
+        const int64_t c = chans[slot];
+        float* plane = buf + int64_t(slot) * plane_size;
+        std::memset(plane, 0, sizeof(float) * size_t(g.pt * Wp));
+        for (int64_t h = 0; h < g.H; ++h) {
+          float* row = plane + (h + g.pt) * Wp;
+          for (int64_t j = 0; j < g.pl; ++j) row[j] = 0.f;
+          std::memcpy(row + g.pl, x + (c * g.H + h) * g.W, sizeof(float) * g.W);
+          for (int64_t j = g.pl + g.W; j < Wp; ++j) row[j] = 0.f;
+        }
+        std::memset(plane + (g.pt + g.H) * Wp, 0, sizeof(float) * size_t(g.pb * Wp));
+      }
+    };
+    const size_t blocks = (chans.size() + kChannelsPerTask - 1) / kChannelsPerTask;
+    if (parallel_ctx)
+      ParallelFor(parallel_ctx, blocks, copy_block);
+    else
+      for (size_t b = 0; b < blocks; ++b) copy_block(b);
+  }
+}
+
 // `only`: if non-null, only these input channels are copied (the others are never read), so a
-// sample whose channels are half zero pays for half the copy. Only the padding border is
-// zeroed (the buffer is reused, the interior is overwritten).
+// sample whose channels are half zero pays for half the copy. `defer_copy`: the planes are
+// laid out but not filled; FillSource(src, *only) fills them before the first read.
 template <class T>
 ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<float>& pad_buf,
                            const std::vector<int>* only = nullptr,
-                           OrtKernelContext* parallel_ctx = nullptr) {
+                           OrtKernelContext* parallel_ctx = nullptr, bool defer_copy = false) {
   ColumnSource<T> src;
   src.g = &g;
   src.x = x;
@@ -584,32 +622,9 @@ ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<flo
       float* const buf = pad_buf.data();
       for (size_t slot = 0; slot < chans.size(); ++slot)
         src.plane_base[chans[slot]] = int64_t(slot) * src.plane;
-      const int64_t plane_size = src.plane;
-      // Split over the thread pool when asked (in blocks of channels, so a small copy stays on
-      // one thread): the copy is otherwise a serial step before the parallel GEMM.
-      constexpr size_t kChannelsPerTask = 8;
-      auto copy_block = [&](size_t block) {
-        const size_t end = std::min(chans.size(), (block + 1) * kChannelsPerTask);
-        for (size_t slot = block * kChannelsPerTask; slot < end; ++slot) {
-          const int64_t c = chans[slot];
-          float* plane = buf + int64_t(slot) * plane_size;
-          std::memset(plane, 0, sizeof(float) * size_t(g.pt * Wp));
-          for (int64_t h = 0; h < g.H; ++h) {
-            float* row = plane + (h + g.pt) * Wp;
-            for (int64_t j = 0; j < g.pl; ++j) row[j] = 0.f;
-            std::memcpy(row + g.pl, x + (c * g.H + h) * g.W, sizeof(float) * g.W);
-            for (int64_t j = g.pl + g.W; j < Wp; ++j) row[j] = 0.f;
-          }
-          std::memset(plane + (g.pt + g.H) * Wp, 0, sizeof(float) * size_t(g.pb * Wp));
-        }
-      };
-      const size_t blocks = (chans.size() + kChannelsPerTask - 1) / kChannelsPerTask;
-      if (parallel_ctx)
-        ParallelFor(parallel_ctx, blocks, copy_block);
-      else
-        for (size_t b = 0; b < blocks; ++b) copy_block(b);
       std::memset(buf + used, 0, sizeof(float) * size_t(nr + 16));
       src.xpad = buf;
+      if (!defer_copy) FillSource(src, chans, parallel_ctx);
     }
   }
   return src;
@@ -1043,9 +1058,38 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   const uint64_t call_clock = StageClockNow();
   uint64_t pad_clock = StageClockNow();
   // One padded copy of the sample for all plans (block-diagonal CG has p plans).
-  const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>(), nullptr, ctx);
+  bool uses_taps = joint_second && !joint_second->w2_taps.empty();
+  for (const auto& plan : plans) uses_taps = uses_taps || !plan.w2_taps.empty();
+  // CG with channel-last second stages: the padded planes hold stage 1's channels; stage 2's
+  // are laid out in a second buffer but copied only when a span first needs them (a dense
+  // second stage, a group's gathered-fields stage): at low gate-on fractions no span does,
+  // and the copy of the other (p - 1) / p of the channels was a quarter of the call's fixed
+  // cost (128 ch 28x28).
+  const bool split_sources = uses_taps && x2 == x1;
+  std::vector<int> chans1_used, chans2_used;
+  if (split_sources) {
+    std::vector<bool> in1(size_t(g.C), false), in2(size_t(g.C), false);
+    for (const auto& plan : plans) {
+      for (int c : plan.chans1) in1[size_t(c)] = true;
+      for (int c : plan.chans2) in2[size_t(c)] = true;
+    }
+    if (joint_second)
+      for (int c : joint_second->chans2) in2[size_t(c)] = true;
+    for (int c = 0; c < int(g.C); ++c) {
+      if (in1[size_t(c)]) chans1_used.push_back(c);
+      if (in2[size_t(c)]) chans2_used.push_back(c);
+    }
+  }
+  const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>(),
+                                          split_sources ? &chans1_used : nullptr, ctx);
   const ColumnSource<T> src2 =
-      x2 == x1 ? src1 : MakeSource(x2, g, nr, Scratch<float, 8>(), nullptr, ctx);
+      split_sources ? MakeSource(x2, g, nr, Scratch<float, 8>(), &chans2_used, ctx, true)
+      : x2 == x1    ? src1
+                    : MakeSource(x2, g, nr, Scratch<float, 8>(), nullptr, ctx);
+  std::once_flag src2_filled;
+  auto need_src2 = [&] {  // before any read of src2's planes
+    if (split_sources) std::call_once(src2_filled, [&] { FillSource(src2, chans2_used, nullptr); });
+  };
   std::vector<std::vector<int64_t>> offs1, offs2;
   std::vector<std::vector<float>> thresholds;
   int64_t max_rows = 0, all_rows = 0;
@@ -1062,7 +1106,6 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   // Channel-last copies of the stage-2 channels for the plans that read them (w2_taps), one
   // per plan (and one for the joint second stage), in one buffer.
   std::vector<ChannelLast> channel_last(plans.size() + 1);
-  bool uses_taps = false;
   if constexpr (std::is_same<T, float>::value) {
     const int64_t plane = (g.H + g.pt + g.pb) * (g.W + g.pl + g.pr);
     std::vector<int64_t> at(plans.size() + 2, 0);
@@ -1074,7 +1117,6 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       at[i + 1] = at[i] + (plan && !plan->w2_taps.empty() ? plan->w2_taps.Cs * plane : 0);
     }
     if (at.back() > 0) {
-      uses_taps = true;
       AlignedVec<float>& buf = Scratch<float, 32>();
       buf.resize(size_t(at.back()));
       for (size_t i = 0; i <= plans.size(); ++i) {
@@ -1134,6 +1176,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         if (dense) {
           const uint64_t dense_clock = StageClockNow();
           // Most gates on: the span's second stage as a GEMM, then select.
+          need_src2();
           SpanProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0, ncols,
                       Scratch<T, 0>(), acc, stride);
           for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
@@ -1162,6 +1205,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
             second_stage_runs[2].fetch_add(1, std::memory_order_relaxed);
             SparseSecondStageTaps(isa, plan.w2_taps, cl, base, ncols, NR, gate, s2, out);
           } else {
+            need_src2();
             SparseSecondStageRows(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
           }
         } else {
