@@ -1158,7 +1158,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   // copied to y once, run by run of consecutive pixels.
   const int64_t panels = (src1.columns + nr - 1) / nr;
   const int64_t NR =
-      (panels >= kWideSpanMinPanels ? (uses_taps ? (getenv("TSP") ? atoi(getenv("TSP")) : kTapSpanPanels) : kSecondStagePanels) : 1) * nr;
+      (panels >= kWideSpanMinPanels ? (uses_taps ? kTapSpanPanels : kSecondStagePanels) : 1) * nr;
   ParallelFor(ctx, size_t((src1.columns + NR - 1) / NR), [&](size_t span) {
     const int64_t q0 = int64_t(span) * NR, ncols = std::min<int64_t>(NR, src1.columns - q0);
     int64_t pix[kMaxSpanPanels * 64];
