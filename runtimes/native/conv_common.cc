@@ -38,7 +38,7 @@ namespace {
 std::atomic<int64_t> second_stage_runs[3];  // sparse, dense, sparse from channel-last rows
 }  // namespace
 
-double DenseSecondStageAbove(bool int16) {
+double DenseSecondStageAbove(bool int16, bool taps) {
   static const int forced = [] {  // 0 auto, 1 sparse, 2 dense
     const char* v = std::getenv("G2D_SECOND_STAGE");
     if (v && std::strcmp(v, "sparse") == 0) return 1;
@@ -47,7 +47,9 @@ double DenseSecondStageAbove(bool int16) {
   }();
   if (forced == 1) return 2.0;   // `on > 2 * elements` never holds
   if (forced == 2) return -1.0;  // any span with a gate on runs dense
-  return int16 ? kDenseSecondStageFractionInt16 : kDenseSecondStageFraction;
+  return int16 ? kDenseSecondStageFractionInt16
+         : taps ? kDenseSecondStageFractionTaps
+                : kDenseSecondStageFraction;
 }
 
 namespace {
@@ -1189,7 +1191,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
                                       int64_t on) {
       const int64_t M = int64_t(plan.outputs.size());
       if (on > 0 && !plan.chans2.empty()) {
-        const double dense_above = DenseSecondStageAbove(!std::is_same<T, float>::value);
+        const double dense_above =
+            DenseSecondStageAbove(!std::is_same<T, float>::value, !plan.w2_taps.empty());
         const bool dense = double(on) > dense_above * double(M * ncols);
         CountSecondStage(dense);
         if (dense) {
@@ -1295,7 +1298,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       }
     }
     if (!joint_second) return;
-    if (double(on_all) > DenseSecondStageAbove(false) * double(all_rows * ncols)) {
+    if (double(on_all) >
+        DenseSecondStageAbove(false, !joint_second->w2_taps.empty()) * double(all_rows * ncols)) {
       // Most gates on: per-plan GEMMs, which skip the joint weights' zeros.
       row0 = 0;
       for (size_t pi = 0; pi < plans.size(); ++pi) {

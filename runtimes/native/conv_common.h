@@ -90,10 +90,14 @@ template <class T> using UninitAlignedVec = std::vector<T, UninitAlignedAllocato
 // Measured with tools/bench_gated_ops.py (128 ch, 28x28, 3x3, p=4, 2 threads).
 constexpr double kDenseSecondStageFraction = 0.50;
 constexpr double kDenseSecondStageFractionInt16 = 0.10;
+// CG's channel-last sparse form (TapRows) stays ahead of the GEMM + select up to ~60% on
+// (measured, 128 ch 28x28, 1 thread: 0.94x / 0.96x dense at 50% on and 0.81x / 0.87x at 60%
+// with the switch at 0.5 / 0.6; at 70% the GEMM wins).
+constexpr double kDenseSecondStageFractionTaps = 0.60;
 // The fraction actually used: the constants above, or with G2D_SECOND_STAGE=sparse (never
 // dense) / =dense (always dense) one path forced, so that tests and benchmarks can run each
 // path on any machine (both compute the same function; see RunGatedConv).
-double DenseSecondStageAbove(bool int16);
+double DenseSecondStageAbove(bool int16, bool taps = false);
 // Spans whose second stage ran sparse (0) / dense (1) since load (G2DSecondStageRuns).
 void CountSecondStage(bool dense);
 // CGConv's sparse second stage on channel-last rows (TapRows, isa.sparse_dots): true unless
