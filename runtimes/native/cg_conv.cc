@@ -18,7 +18,7 @@
 // lists 52 us, copy to Y 39 us, gate 17 us; the dense conv 2.45 ms. Before (the gathered-fields
 // form, per-panel GEMMs, scalar gather and gate packing): stage 1 781, stage 2 2020, gather
 // 324, gate 155 us. Layer speed-up vs dense (same machine, 1 thread, min of interleaved runs):
-// 0% 2.53x -> 3.0x, 10% 0.84x -> 1.9x, 20% 0.80x -> 1.5-1.55x, 50% 0.59x -> 0.95x,
+// 0% 2.53x -> 3.0x, 10% 0.84x -> 1.9x, 20% 0.80x -> 1.5-1.55x, 50% 0.59x -> 0.95-0.97x,
 // 100% 0.77x -> 0.8x (at 100% both stages are full GEMMs at ~87% of MLAS's rate plus the
 // gate: below 1x whatever the sparse form does).
 #include <algorithm>
