@@ -208,5 +208,69 @@ def test_measured_kernel_choice_only_for_ort():
         g2d_compile(torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8), target="onnx",
                     gated_kernels="measured")
 
+def _cg_forms_child() -> None:
+    """Runs in the subprocess: CG layers whose sparse second stage takes the channel-last rows
+    (or, with G2D_CG_SECOND=fields, the gathered fields) vs the reference; prints the counters."""
+    sys.path.insert(0, str(HERE))
+    import test_native_ops as t
+    from gate2deploy.runtimes import reference as ref
+    from gate2deploy.runtimes.ort import custom_ops_library_path
+
+    rng = np.random.default_rng(11)
+    # base path = first C/4 (one group), block-diagonal p = 2 (two groups, each with its own
+    # sparse stage) and p = 4 (joint second stage); 3x3 with and without width dilation (one
+    # run per kernel row / per tap), stride 2, a 5x5 kernel; 30 x 30 makes wide spans.
+    cases = [(16, 24, 30, 4, False, 3, (1, 1), (1, 1)), (16, 16, 12, 2, True, 3, (1, 1), (1, 1)),
+             (32, 32, 12, 4, True, 3, (1, 1), (1, 1)), (24, 16, 11, 4, False, 3, (1, 1), (1, 2)),
+             (8, 12, 13, 4, False, 5, (2, 2), (1, 1))]
+    for c, o, hw, p, block_diagonal, k, strides, dilations in cases:
+        for frac in (0.05, 0.3):
+            x = rng.standard_normal((2, c, hw, hw)).astype(np.float32)
+            w = (rng.standard_normal((o, c, k, k)) / np.sqrt(k * k * c)).astype(np.float32)
+            mask = t.cg_base_mask(o, c, p, block_diagonal)
+            pads = (k // 2,) * 4
+            yp = ref.conv2d(x, w * mask[:, :, None, None], strides, pads, dilations)
+            thr = ref.thresholds_for_fraction(yp, frac)
+            y = t.run_node("CGConv", x, [w, mask, thr], t.conv_attrs(strides, pads, dilations))
+            y_ref = ref.cg_conv_reference(x, w, mask, thr, strides=strides, pads=pads, dilations=dilations)
+            t.assert_close_with_ties(y, y_ref, yp, thr)
+    lib = ctypes.CDLL(str(custom_ops_library_path()))
+    lib.G2DSecondStageRuns.restype = ctypes.c_int64
+    lib.G2DKernelConfig.restype = ctypes.c_char_p
+    print(json.dumps({"config": lib.G2DKernelConfig().decode(), "sparse": lib.G2DSecondStageRuns(0),
+                      "taps": lib.G2DSecondStageRuns(2)}))
+
+
+@pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
+@pytest.mark.parametrize("form", ["taps", "fields"])
+@pytest.mark.parametrize("tier", ["generic", "avx2", "avx512"])
+def test_cg_sparse_second_stage_forms_match_reference(tier, form):
+    """CGConv's two sparse second stages (conv_common.cc: SparseSecondStageTaps on a
+    channel-last copy, the default; SparseSecondStageRows on gathered fields with
+    G2D_CG_SECOND=fields), forced sparse on each ISA tier the CPU has, against the reference;
+    the counters prove which form ran."""
+    supported, env_tier = TIERS[tier]
+    if not supported:
+        pytest.skip(f"this CPU lacks the {tier} tier; the test runs on a machine that has it")
+    env = dict(os.environ, G2D_SECOND_STAGE="sparse", G2D_ORT_CONV="0", **env_tier)
+    env.pop("G2D_CG_SECOND", None)
+    if form == "fields":
+        env["G2D_CG_SECOND"] = "fields"
+    proc = subprocess.run([sys.executable, __file__, "cg-forms"], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=HERE.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"cg_second={form}" in counts["config"], counts
+    # every case has spans with gates on; the fields form never reads channel-last rows, the
+    # taps form does (the p = 2 groups and the joint stage included)
+    assert counts["sparse"] > 0, counts
+    assert (counts["taps"] > 0) == (form == "taps"), counts
+
+
 if __name__ == "__main__":
-    _child_pg_int8() if sys.argv[1] == "pg_int8" else _child(sys.argv[1])
+    if sys.argv[1] == "cg-forms":
+        _cg_forms_child()
+    elif sys.argv[1] == "pg_int8":
+        _child_pg_int8()
+    else:
+        _child(sys.argv[1])

@@ -139,7 +139,7 @@ GEOMETRIES = [
     (2, 6, 7, 10, 9, 5, (3, 2), (2, 1, 0, 3), (1, 2)),
 ]
 SMALL = GEOMETRIES[:3]
-FRACTIONS = [0.0, 0.05, 0.6, 1.0]  # 0.05: sparse second stage, 0.6: dense
+FRACTIONS = [0.0, 0.05, 0.6, 1.0]  # 0.05: sparse second stage, 0.6: dense (CG: at its switch, both)
 
 
 def geometry(gi):

@@ -4,13 +4,18 @@
 #include "pg_int8.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <string>
 #include <type_traits>
+#include <emmintrin.h>
+#include <x86intrin.h>
 
 namespace g2d {
 
@@ -31,10 +36,10 @@ const IsaKernels& BestKernels() {
 }
 
 namespace {
-std::atomic<int64_t> second_stage_runs[2];
+std::atomic<int64_t> second_stage_runs[3];  // sparse, dense, sparse from channel-last rows
 }  // namespace
 
-double DenseSecondStageAbove(bool int16) {
+double DenseSecondStageAbove(bool int16, bool taps) {
   static const int forced = [] {  // 0 auto, 1 sparse, 2 dense
     const char* v = std::getenv("G2D_SECOND_STAGE");
     if (v && std::strcmp(v, "sparse") == 0) return 1;
@@ -43,7 +48,33 @@ double DenseSecondStageAbove(bool int16) {
   }();
   if (forced == 1) return 2.0;   // `on > 2 * elements` never holds
   if (forced == 2) return -1.0;  // any span with a gate on runs dense
-  return int16 ? kDenseSecondStageFractionInt16 : kDenseSecondStageFraction;
+  return int16 ? kDenseSecondStageFractionInt16
+         : taps ? kDenseSecondStageFractionTaps
+                : kDenseSecondStageFraction;
+}
+
+namespace {
+std::atomic<uint64_t> stage_cycles[kStageTimers];
+}  // namespace
+
+bool StageTimesOn() {
+  static const bool on = [] {
+    const char* v = std::getenv("G2D_STAGE_TIMES");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+uint64_t StageClockNow() { return StageTimesOn() ? __rdtsc() : 0; }
+void AddStageTime(StageTimer which, uint64_t since) {
+  if (StageTimesOn()) stage_cycles[which].fetch_add(__rdtsc() - since, std::memory_order_relaxed);
+}
+
+bool CGTapSecondStage() {
+  static const bool taps = [] {
+    const char* v = std::getenv("G2D_CG_SECOND");
+    return !(v && std::strcmp(v, "fields") == 0);
+  }();
+  return taps;
 }
 
 void CountSecondStage(bool dense) { second_stage_runs[dense ? 1 : 0].fetch_add(1, std::memory_order_relaxed); }
@@ -452,6 +483,22 @@ static void Im2colPanel(const T* x, const ConvGeom& g, const std::vector<int>& c
   }
 }
 
+TapRows MakeTapRows(const IsaKernels& isa, const float* w, const ConvGeom& g,
+                    const std::vector<int>& outputs, const std::vector<int>& chans) {
+  TapRows r;
+  r.M = int64_t(outputs.size());
+  r.kk = g.kk();
+  r.Cs = RoundUp(std::max<int64_t>(int64_t(chans.size()), 1), isa.vw);
+  r.data.assign(size_t(r.M * r.kk * r.Cs), 0.f);
+  for (int64_t m = 0; m < r.M; ++m) {
+    const float* wo = w + int64_t(outputs[m]) * g.Cw * g.kk();
+    for (int64_t i = 0; i < int64_t(chans.size()); ++i)
+      for (int64_t t = 0; t < g.kk(); ++t)
+        r.data[size_t((m * r.kk + t) * r.Cs + i)] = wo[chans[i] * g.kk() + t];
+  }
+  return r;
+}
+
 // fields[t, k] = panel element (k, t) for the first nv pixels of a packed im2col panel
 // (see Im2colPanel's layout), rows zero-padded from K to Lpad.
 template <class T>
@@ -514,13 +561,50 @@ struct ColumnSource {
   }
 };
 
+// Copies the channels `chans` (those MakeSource laid out) of src.x into src's padded planes.
+// Only the padding border is zeroed (the buffer is reused, the interior is overwritten).
+template <class T>
+void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
+                OrtKernelContext* parallel_ctx) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (!src.indirect) return;
+    const ConvGeom& g = *src.g;
+    const T* const x = src.x;
+    const int64_t Wp = src.Wp, plane_size = src.plane;
+    float* const buf = const_cast<float*>(src.xpad);  // the caller's scratch buffer
+    // Split over the thread pool when asked (in blocks of channels, so a small copy stays on
+    // one thread): the copy is otherwise a serial step before the parallel GEMM.
+    constexpr size_t kChannelsPerTask = 8;
+    auto copy_block = [&](size_t block) {
+      const size_t end = std::min(chans.size(), (block + 1) * kChannelsPerTask);
+      for (size_t slot = block * kChannelsPerTask; slot < end; ++slot) {
+        const int64_t c = chans[slot];
+        float* plane = buf + int64_t(slot) * plane_size;
+        std::memset(plane, 0, sizeof(float) * size_t(g.pt * Wp));
+        for (int64_t h = 0; h < g.H; ++h) {
+          float* row = plane + (h + g.pt) * Wp;
+          for (int64_t j = 0; j < g.pl; ++j) row[j] = 0.f;
+          std::memcpy(row + g.pl, x + (c * g.H + h) * g.W, sizeof(float) * g.W);
+          for (int64_t j = g.pl + g.W; j < Wp; ++j) row[j] = 0.f;
+        }
+        std::memset(plane + (g.pt + g.H) * Wp, 0, sizeof(float) * size_t(g.pb * Wp));
+      }
+    };
+    const size_t blocks = (chans.size() + kChannelsPerTask - 1) / kChannelsPerTask;
+    if (parallel_ctx)
+      ParallelFor(parallel_ctx, blocks, copy_block);
+    else
+      for (size_t b = 0; b < blocks; ++b) copy_block(b);
+  }
+}
+
 // `only`: if non-null, only these input channels are copied (the others are never read), so a
-// sample whose channels are half zero pays for half the copy. Only the padding border is
-// zeroed (the buffer is reused, the interior is overwritten).
+// sample whose channels are half zero pays for half the copy. `defer_copy`: the planes are
+// laid out but not filled; FillSource(src, *only) fills them before the first read.
 template <class T>
 ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<float>& pad_buf,
                            const std::vector<int>* only = nullptr,
-                           OrtKernelContext* parallel_ctx = nullptr) {
+                           OrtKernelContext* parallel_ctx = nullptr, bool defer_copy = false) {
   ColumnSource<T> src;
   src.g = &g;
   src.x = x;
@@ -541,32 +625,9 @@ ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<flo
       float* const buf = pad_buf.data();
       for (size_t slot = 0; slot < chans.size(); ++slot)
         src.plane_base[chans[slot]] = int64_t(slot) * src.plane;
-      const int64_t plane_size = src.plane;
-      // Split over the thread pool when asked (in blocks of channels, so a small copy stays on
-      // one thread): the copy is otherwise a serial step before the parallel GEMM.
-      constexpr size_t kChannelsPerTask = 8;
-      auto copy_block = [&](size_t block) {
-        const size_t end = std::min(chans.size(), (block + 1) * kChannelsPerTask);
-        for (size_t slot = block * kChannelsPerTask; slot < end; ++slot) {
-          const int64_t c = chans[slot];
-          float* plane = buf + int64_t(slot) * plane_size;
-          std::memset(plane, 0, sizeof(float) * size_t(g.pt * Wp));
-          for (int64_t h = 0; h < g.H; ++h) {
-            float* row = plane + (h + g.pt) * Wp;
-            for (int64_t j = 0; j < g.pl; ++j) row[j] = 0.f;
-            std::memcpy(row + g.pl, x + (c * g.H + h) * g.W, sizeof(float) * g.W);
-            for (int64_t j = g.pl + g.W; j < Wp; ++j) row[j] = 0.f;
-          }
-          std::memset(plane + (g.pt + g.H) * Wp, 0, sizeof(float) * size_t(g.pb * Wp));
-        }
-      };
-      const size_t blocks = (chans.size() + kChannelsPerTask - 1) / kChannelsPerTask;
-      if (parallel_ctx)
-        ParallelFor(parallel_ctx, blocks, copy_block);
-      else
-        for (size_t b = 0; b < blocks; ++b) copy_block(b);
       std::memset(buf + used, 0, sizeof(float) * size_t(nr + 16));
       src.xpad = buf;
+      if (!defer_copy) FillSource(src, chans, parallel_ctx);
     }
   }
   return src;
@@ -614,6 +675,39 @@ void PanelProduct(const IsaKernels& isa, const PackedWeights<T>& w, const Column
       Micro(isa, kc, w.data.data() + ip * w.Kp * mr + k0 * mr, panel.data() + k0 * nr,
             acc + ip * mr * ldc, ldc, int(std::min<int64_t>(mr, w.M - ip * mr)), nv, k0 > 0);
   }
+}
+
+// The panels of columns q0 .. q0+ncols-1 (one span), panel j's product in acc + j * stride
+// ([M_pad x nr] each, row stride nr). Indirect fp32 runs K block by K block and row panel by
+// row panel over all the span's column panels, so each mr x kc block of the weights is read
+// once per span from L2 and reused from L1 by every panel: with per-panel products, stage
+// 2's weights (128 x 864 floats, 442 KB: more than L2 beside the input) streamed from L3 once
+// per panel, and the dense second stage ran at ~65% of ONNX Runtime's dense conv per MAC.
+template <class T, class Acc>
+void SpanProduct(const IsaKernels& isa, const PackedWeights<T>& w, const ColumnSource<T>& src,
+                 const std::vector<int>& chans, const std::vector<int64_t>& off, int64_t q0,
+                 int64_t ncols, AlignedVec<T>& panel, Acc* acc, int64_t stride) {
+  const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
+  if constexpr (std::is_same<T, float>::value) {
+    if (src.indirect) {
+      const int64_t kb = KBlock(w.Kp);
+      for (int64_t k0 = 0; k0 < std::max<int64_t>(w.Kp, 1); k0 += kb) {
+        const int64_t kc = std::min(kb, w.Kp - k0);
+        for (int64_t ip = 0; ip * mr < w.M; ++ip) {
+          const int mv = int(std::min<int64_t>(mr, w.M - ip * mr));
+          for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
+            const int nv = int(std::min<int64_t>(nr, src.columns - q0 - c0));
+            isa.sgemm_indirect_micro(kc, w.data.data() + ip * w.Kp * mr + k0 * mr,
+                                     src.xpad + q0 + c0, off.data() + k0,
+                                     acc + (c0 / nr) * stride + ip * mr * nr, nr, mv, nv, k0 > 0);
+          }
+        }
+      }
+      return;
+    }
+  }
+  for (int64_t c0 = 0; c0 < ncols; c0 += nr)
+    PanelProduct(isa, w, src, chans, off, q0 + c0, panel, acc + (c0 / nr) * stride, nr);
 }
 
 // fields[t, 0:Lpad] = receptive field of the panel's column t over `chans` (zero-padded).
@@ -747,6 +841,7 @@ void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
   const WeightRows<T>& rows = plan.w2_rows;
   AlignedVec<int32_t>& cols_buf = Scratch<int32_t, 4>();  // gated-on columns, row by row
   AlignedVec<int32_t>& start_buf = Scratch<int32_t, 5>();  // row m: cols[start[m] .. start[m+1])
+  uint64_t clock = StageClockNow();
   cols_buf.resize(size_t(M * ncols + 1));
   start_buf.resize(size_t(M + 1));
   int32_t* const cols = cols_buf.data();
@@ -761,9 +856,13 @@ void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
     }
   }
   start[M] = pos;
+  AddStageTime(kTimeLists, clock);
+  clock = StageClockNow();
   AlignedVec<float>& fields = Scratch<float, 2>();
   fields.resize(size_t(RoundUp(ncols, TileCols<T>(isa)) * rows.Lpad));
   SpanFields(isa, src2, plan.chans2, off2, q0, ncols, rows.K, rows.Lpad, fields.data());
+  AddStageTime(kTimeGather, clock);
+  clock = StageClockNow();
   AlignedVec<float>& partial = Scratch<float, 12>();  // per element, one vector of lane sums
   AlignedVec<float>& dots = Scratch<float, 13>();
   const int64_t chunks = rows.Lpad / rows.chunk;
@@ -781,10 +880,141 @@ void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
                       last ? dots.data() + start[m] : nullptr);
     }
   }
+  AddStageTime(kTimeSparse, clock);
+  clock = StageClockNow();
   for (int64_t m = 0; m < M; ++m) {
     float* om = out + m * ld;
     for (int32_t e = start[m]; e < start[m + 1]; ++e) om[cols[e]] += s2 * dots[e];
   }
+  AddStageTime(kTimeScatter, clock);
+}
+
+// The stage-2 channels of one sample, zero-padded by the conv's pads, channel-last:
+// x[(h * Wp + w) * Cs + i] = X[chans[i], h - pt, w - pl] (zero in the padding and for
+// chans.size() <= i < Cs). Output pixel (oh, ow)'s tap (i, j) is the run of Cs floats at
+// (Base(oh, ow) + i * dh * Wp + j * dw) * Cs: the receptive field is read in place. Without
+// dilation along the width (dw = 1) a kernel row's kw taps are adjacent pixels, one run of
+// kw * Cs floats: the field is kh runs (toff[i] = i * dh * Wp, run_len = kw * Cs), matching
+// TapRows' [kh, kw, Cs] order; else kh * kw runs of Cs.
+struct ChannelLast {
+  const float* x = nullptr;
+  int64_t Cs = 0, Wp = 0, run_len = 0;
+  std::vector<int64_t> toff;  // one entry per run
+};
+
+ChannelLast MakeChannelLast(const IsaKernels& isa, const float* x, const ConvGeom& g,
+                            const std::vector<int>& chans, int64_t Cs, float* dst,
+                            OrtKernelContext* ctx) {
+  ChannelLast cl;
+  cl.x = dst;
+  cl.Cs = Cs;
+  const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr, nc = int64_t(chans.size());
+  cl.Wp = Wp;
+  cl.run_len = g.dw == 1 ? g.kw * Cs : Cs;
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < (g.dw == 1 ? 1 : g.kw); ++j) cl.toff.push_back(i * g.dh * Wp + j * g.dw);
+  std::vector<int64_t> off(static_cast<size_t>(nc));
+  for (int64_t i = 0; i < nc; ++i) off[size_t(i)] = int64_t(chans[size_t(i)]) * g.H * g.W;
+  const int64_t nr = isa.nr;
+  ParallelFor(ParallelIfLarge(ctx, Cs * Hp * Wp), size_t(Hp), [&](size_t hi) {
+    const int64_t h = int64_t(hi), ih = h - g.pt;
+    float* row = dst + h * Wp * Cs;
+    if (ih < 0 || ih >= g.H) {
+      std::memset(row, 0, sizeof(float) * size_t(Wp * Cs));
+      return;
+    }
+    std::memset(row, 0, sizeof(float) * size_t(g.pl * Cs));
+    std::memset(row + (g.pl + g.W) * Cs, 0, sizeof(float) * size_t(g.pr * Cs));
+    // Whole runs of nr pixels through the ISA's transpose (it reads nr pixels of every
+    // channel and writes nr rows of Cs); the rest pixel by pixel.
+    int64_t w0 = 0;
+    for (; w0 + nr <= g.W; w0 += nr)
+      isa.gather_fields(x + ih * g.W + w0, off.data(), nc, Cs, row + (g.pl + w0) * Cs);
+    for (; w0 < g.W; ++w0) {
+      float* px = row + (g.pl + w0) * Cs;
+      for (int64_t i = 0; i < nc; ++i) px[i] = x[off[size_t(i)] + ih * g.W + w0];
+      for (int64_t i = nc; i < Cs; ++i) px[i] = 0.f;
+    }
+  });
+  return cl;
+}
+
+// Sparse second stage from the channel-last copy (fp32, plans with w2_taps): per output row,
+// its gated-on columns of the span (base[t]: column t's output pixel as a channel-last pixel
+// index), dot products by isa.sparse_dots, added into out [M, ld].
+// For each byte value: the positions of its set bits, in order (padded to 8), and their count.
+struct SetBitTable {
+  alignas(16) int32_t at[256][8];
+  int32_t count[256];
+  SetBitTable() {
+    for (int v = 0; v < 256; ++v) {
+      int n = 0;
+      for (int b = 0; b < 8; ++b)
+        if (v >> b & 1) at[v][n++] = b;
+      for (int k = n; k < 8; ++k) at[v][k] = 0;
+      count[v] = n;
+    }
+  }
+};
+const SetBitTable kSetBitPositions;
+
+void SparseSecondStageTaps(const IsaKernels& isa, const TapRows& rows, const ChannelLast& cl,
+                           const int32_t* base, int64_t ncols, int64_t ld, const uint8_t* gate,
+                           float s2, float* out) {
+  uint64_t clock = StageClockNow();
+  const int64_t M = rows.M;
+  AlignedVec<int32_t>& cols_buf = Scratch<int32_t, 4>();  // gated-on columns, row by row
+  AlignedVec<int32_t>& bases_buf = Scratch<int32_t, 5>();  // their channel-last pixels
+  AlignedVec<int32_t>& start_buf = Scratch<int32_t, 12>();  // row m: [start[m], start[m + 1])
+  AlignedVec<float>& dots_buf = Scratch<float, 13>();
+  cols_buf.resize(size_t(M * ncols + 8));  // the table's stores write up to 8 past the end
+  bases_buf.resize(size_t(M * ncols + 8));
+  start_buf.resize(size_t(M + 1));
+  int32_t* const cols = cols_buf.data();
+  int32_t* const bases = bases_buf.data();
+  int32_t* const start = start_buf.data();
+  int32_t pos = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    start[m] = pos;
+    const uint8_t* gm = gate + m * ld;
+    // 16 gates at a time to a bit mask (SSE2: the gates are 0/1 bytes); each byte of it
+    // appends its set columns with two 16-byte stores from a table of positions (branch-free:
+    // a loop over the set bits mispredicted its exit once per 16 columns, and a loop over
+    // every column cost 15% of the sparse product itself).
+    int64_t t0 = 0;
+    for (; t0 + 16 <= ncols; t0 += 16) {
+      const __m128i g16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gm + t0));
+      const uint32_t bits = uint32_t(_mm_movemask_epi8(_mm_slli_epi16(g16, 7)));
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t byte = (bits >> (8 * half)) & 0xffu;
+        const __m128i at = _mm_set1_epi32(int32_t(t0 + 8 * half));
+        const __m128i* entry = reinterpret_cast<const __m128i*>(kSetBitPositions.at[byte]);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cols + pos), _mm_add_epi32(entry[0], at));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cols + pos + 4), _mm_add_epi32(entry[1], at));
+        pos += kSetBitPositions.count[byte];
+      }
+    }
+    for (int64_t t = t0; t < ncols; ++t) {
+      cols[pos] = int32_t(t);
+      pos += gm[t];
+    }
+    for (int32_t e = start[m]; e < pos; ++e) bases[e] = base[cols[e]];
+  }
+  start[M] = pos;
+  dots_buf.resize(size_t(pos) + 1);
+  float* const dots = dots_buf.data();
+  AddStageTime(kTimeLists, clock);
+  clock = StageClockNow();
+  const int64_t row_len = rows.kk * rows.Cs;
+  for (int64_t m = 0; m < M; ++m) {
+    const int n = start[m + 1] - start[m];
+    if (n == 0) continue;
+    isa.sparse_dots(rows.data.data() + m * row_len, rows.Cs, cl.run_len, int(cl.toff.size()),
+                    cl.toff.data(), cl.x, bases + start[m], n, dots + start[m]);
+    float* om = out + m * ld;
+    for (int32_t e = start[m]; e < start[m + 1]; ++e) om[cols[e]] += s2 * dots[e];
+  }
+  AddStageTime(kTimeSparse, clock);
 }
 
 // Sparse second stage, int16 (PG): one dot product per gated-on element; four outputs per
@@ -799,7 +1029,7 @@ void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
   const int64_t M = int64_t(plan.outputs.size());
   // Prefix sums of the gated-on outputs per column (a span has at most kSecondStagePanels
   // panels of at most 64 columns).
-  int32_t counts[kSecondStagePanels * 64 + 1] = {};
+  int32_t counts[kMaxSpanPanels * 64 + 1] = {};
   for (int64_t m = 0; m < M; ++m)
     for (int64_t t = 0; t < ncols; ++t) counts[t + 1] += gate[m * ld + t];
   for (int64_t t = 0; t < ncols; ++t) counts[t + 1] += counts[t];
@@ -847,10 +1077,41 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
   const float s1 = scale1, s2 = scale2;  // locals: stores through y cannot alias them
   if (plans.empty() || Np == 0) return;
+  const uint64_t call_clock = StageClockNow();
+  uint64_t pad_clock = StageClockNow();
   // One padded copy of the sample for all plans (block-diagonal CG has p plans).
-  const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>(), nullptr, ctx);
+  bool uses_taps = joint_second && !joint_second->w2_taps.empty();
+  for (const auto& plan : plans) uses_taps = uses_taps || !plan.w2_taps.empty();
+  // CG with channel-last second stages: the padded planes hold stage 1's channels; stage 2's
+  // are laid out in a second buffer but copied only when a span first needs them (a dense
+  // second stage, a group's gathered-fields stage): at low gate-on fractions no span does,
+  // and the copy of the other (p - 1) / p of the channels was a quarter of the call's fixed
+  // cost (128 ch 28x28).
+  const bool split_sources = uses_taps && x2 == x1;
+  std::vector<int> chans1_used, chans2_used;
+  if (split_sources) {
+    std::vector<bool> in1(size_t(g.C), false), in2(size_t(g.C), false);
+    for (const auto& plan : plans) {
+      for (int c : plan.chans1) in1[size_t(c)] = true;
+      for (int c : plan.chans2) in2[size_t(c)] = true;
+    }
+    if (joint_second)
+      for (int c : joint_second->chans2) in2[size_t(c)] = true;
+    for (int c = 0; c < int(g.C); ++c) {
+      if (in1[size_t(c)]) chans1_used.push_back(c);
+      if (in2[size_t(c)]) chans2_used.push_back(c);
+    }
+  }
+  const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>(),
+                                          split_sources ? &chans1_used : nullptr, ctx);
   const ColumnSource<T> src2 =
-      x2 == x1 ? src1 : MakeSource(x2, g, nr, Scratch<float, 8>(), nullptr, ctx);
+      split_sources ? MakeSource(x2, g, nr, Scratch<float, 8>(), &chans2_used, ctx, true)
+      : x2 == x1    ? src1
+                    : MakeSource(x2, g, nr, Scratch<float, 8>(), nullptr, ctx);
+  std::once_flag src2_filled;
+  auto need_src2 = [&] {  // before any read of src2's planes
+    if (split_sources) std::call_once(src2_filled, [&] { FillSource(src2, chans2_used, nullptr); });
+  };
   std::vector<std::vector<int64_t>> offs1, offs2;
   std::vector<std::vector<float>> thresholds;
   int64_t max_rows = 0, all_rows = 0;
@@ -864,6 +1125,31 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   }
   const std::vector<int64_t> joint_off2 =
       joint_second ? Offsets(src2, joint_second->chans2) : std::vector<int64_t>();
+  // Channel-last copies of the stage-2 channels for the plans that read them (w2_taps), one
+  // per plan (and one for the joint second stage), in one buffer.
+  std::vector<ChannelLast> channel_last(plans.size() + 1);
+  if constexpr (std::is_same<T, float>::value) {
+    const int64_t plane = (g.H + g.pt + g.pb) * (g.W + g.pl + g.pr);
+    std::vector<int64_t> at(plans.size() + 2, 0);
+    auto plan_at = [&](size_t i) -> const GatedStagePlan<T>* {
+      return i < plans.size() ? &plans[i] : joint_second;
+    };
+    for (size_t i = 0; i <= plans.size(); ++i) {
+      const GatedStagePlan<T>* plan = plan_at(i);
+      at[i + 1] = at[i] + (plan && !plan->w2_taps.empty() ? plan->w2_taps.Cs * plane : 0);
+    }
+    if (at.back() > 0) {
+      AlignedVec<float>& buf = Scratch<float, 32>();
+      buf.resize(size_t(at.back()));
+      for (size_t i = 0; i <= plans.size(); ++i) {
+        const GatedStagePlan<T>* plan = plan_at(i);
+        if (plan && !plan->w2_taps.empty())
+          channel_last[i] = MakeChannelLast(isa, x2, g, plan->chans2, plan->w2_taps.Cs,
+                                            buf.data() + at[i], ctx);
+      }
+    }
+  }
+  AddStageTime(kTimePad, pad_clock);
   // With a joint second stage, every plan's stage 1 writes its rows of one [all_rows, NR]
   // span buffer (rows in plan order, joint_second->outputs' order), and stage 2 runs once.
   const int64_t buffer_rows = joint_second ? all_rows : max_rows;
@@ -874,46 +1160,52 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   // assembled in `out` [M, NR] (contiguous rows, so the gate and select loops vectorize) and
   // copied to y once, run by run of consecutive pixels.
   const int64_t panels = (src1.columns + nr - 1) / nr;
-  const int64_t NR = (panels >= kWideSpanMinPanels ? kSecondStagePanels : 1) * nr;
+  const int64_t NR =
+      (panels >= kWideSpanMinPanels ? (uses_taps ? kTapSpanPanels : kSecondStagePanels) : 1) * nr;
   ParallelFor(ctx, size_t((src1.columns + NR - 1) / NR), [&](size_t span) {
     const int64_t q0 = int64_t(span) * NR, ncols = std::min<int64_t>(NR, src1.columns - q0);
-    int64_t pix[kSecondStagePanels * 64];
-    uint8_t valid[kSecondStagePanels * 64];  // column is an output pixel (indirect panels skip
+    int64_t pix[kMaxSpanPanels * 64];
+    uint8_t valid[kMaxSpanPanels * 64];  // column is an output pixel (indirect panels skip
                                              // the padding columns)
+    int32_t base[kMaxSpanPanels * 64];  // channel-last pixel index of column t (w2_taps)
     for (int64_t t = 0; t < NR; ++t) {
       pix[t] = t < ncols ? src1.Pixel(q0 + t) : -1;
       valid[t] = pix[t] >= 0;
+      base[t] = valid[t] ? int32_t((pix[t] / g.OW) * g.sh * (g.W + g.pl + g.pr) +
+                                   (pix[t] % g.OW) * g.sw)
+                         : 0;
     }
-    AlignedVec<Acc>& tile = Scratch<Acc, 1>();
-    tile.resize(size_t(RoundUp(buffer_rows, mr) * nr));
+    AlignedVec<Acc>& tile = Scratch<Acc, 1>();  // panel j's [M_pad, nr] at j * stride
+    const int64_t stride = RoundUp(buffer_rows, mr) * nr;
+    tile.resize(size_t(stride * (NR / nr)));
     AlignedVec<float>& out_buf = Scratch<float, 14>();
     out_buf.resize(size_t(buffer_rows * NR));
     AlignedVec<uint8_t>& gate_buf = Scratch<uint8_t, 6>();  // gate[m * NR + t]
     gate_buf.resize(size_t(buffer_rows * NR));
-    AlignedVec<float>& panel_out = Scratch<float, 29>();  // one panel's [M, nr]
-    AlignedVec<uint8_t>& panel_gate = Scratch<uint8_t, 30>();
-    panel_out.resize(size_t(max_rows * nr));
-    panel_gate.resize(size_t(max_rows * nr));
     // Raw pointers: thread_local vectors behind byte stores (which may alias anything) would
     // otherwise be re-fetched through __tls_get_addr inside the loops.
     Acc* const acc = tile.data();
 
     // Stage 2 over `plan`'s rows of out / gate (`on` of them gated on), then the copy to y.
     auto second_stage_and_store = [&](const GatedStagePlan<T>& plan, const std::vector<int64_t>& off2,
-                                      uint8_t* gate, float* out, int64_t on) {
+                                      const ChannelLast& cl, uint8_t* gate, float* out,
+                                      int64_t on) {
       const int64_t M = int64_t(plan.outputs.size());
       if (on > 0 && !plan.chans2.empty()) {
-        const double dense_above = DenseSecondStageAbove(!std::is_same<T, float>::value);
+        const double dense_above =
+            DenseSecondStageAbove(!std::is_same<T, float>::value, !plan.w2_taps.empty());
         const bool dense = double(on) > dense_above * double(M * ncols);
         CountSecondStage(dense);
         if (dense) {
-          // Most gates on: each panel's second stage as a GEMM, then select.
+          const uint64_t dense_clock = StageClockNow();
+          // Most gates on: the span's second stage as a GEMM, then select.
+          need_src2();
+          SpanProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0, ncols,
+                      Scratch<T, 0>(), acc, stride);
           for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
-            PanelProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0 + c0,
-                         Scratch<T, 0>(), acc, nr);
             for (int64_t m = 0; m < M; ++m) {
               float* om = out + m * NR + c0;
-              const Acc* am = acc + m * nr;
+              const Acc* am = acc + (c0 / nr) * stride + m * nr;
               const uint8_t* gm = gate + m * NR + c0;
               // A select by bit mask, not a branch: the gates are unpredictable, and the ternary
               // this replaces compiled to a branch here (the file is built for baseline x86-64),
@@ -930,13 +1222,21 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
               }
             }
           }
+          AddStageTime(kTimeDense2, dense_clock);
         } else if constexpr (std::is_same<T, float>::value) {
-          SparseSecondStageRows(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
+          if (!plan.w2_taps.empty()) {
+            second_stage_runs[2].fetch_add(1, std::memory_order_relaxed);
+            SparseSecondStageTaps(isa, plan.w2_taps, cl, base, ncols, NR, gate, s2, out);
+          } else {
+            need_src2();
+            SparseSecondStageRows(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
+          }
         } else {
           SparseSecondStageDots(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
         }
       }
       // Copy out to y, run by run of consecutive output pixels.
+      const uint64_t store_clock = StageClockNow();
       for (int64_t t0 = 0; t0 < ncols;) {
         if (pix[t0] < 0) {
           ++t0;
@@ -948,6 +1248,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
           CopyFloats(out + m * NR + t0, y + int64_t(plan.outputs[m]) * Np + pix[t0], len);
         t0 += len;
       }
+      AddStageTime(kTimeStore, store_clock);
     };
 
     AlignedVec<int64_t>& group_on = Scratch<int64_t, 31>();  // joint: gates on per plan
@@ -963,15 +1264,15 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       float* const out = out_buf.data() + row0 * NR;
       // Stage 1 and the gate, panel by panel, branch-free.
       int64_t on = 0;
+      uint64_t clock = StageClockNow();
+      SpanProduct(isa, plan.w1, src1, plan.chans1, off1, q0, ncols, Scratch<T, 0>(), acc, stride);
+      AddStageTime(kTimeStage1, clock);
+      clock = StageClockNow();
       for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
-        PanelProduct(isa, plan.w1, src1, plan.chans1, off1, q0 + c0, Scratch<T, 0>(), acc, nr);
+        const Acc* acc_panel = acc + (c0 / nr) * stride;
         if constexpr (std::is_same<Acc, float>::value) {
-          on += isa.gate_panel(acc, M, s1, row_threshold.data(), valid + c0, panel_out.data(),
-                               panel_gate.data());
-          for (int64_t m = 0; m < M; ++m) {
-            std::memcpy(out + m * NR + c0, panel_out.data() + m * nr, sizeof(float) * nr);
-            std::memcpy(gate + m * NR + c0, panel_gate.data() + m * nr, size_t(nr));
-          }
+          on += isa.gate_panel(acc_panel, M, s1, row_threshold.data(), valid + c0, out + c0,
+                               gate + c0, NR);
         } else {
           const float scale_1 = s1;  // a local copy: the lambda's captures are references
           const int64_t n_cols = nr;
@@ -980,7 +1281,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
             float* om = out + m * NR + c0;
             uint8_t* gm = gate + m * NR + c0;
             for (int64_t t = 0; t < n_cols; ++t) {
-              const float v = scale_1 * float(acc[m * n_cols + t]);
+              const float v = scale_1 * float(acc_panel[m * n_cols + t]);
               om[t] = v;
               gm[t] = uint8_t(v > t_m) & valid[c0 + t];
               on += gm[t];
@@ -988,27 +1289,31 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
           }
         }
       }
+      AddStageTime(kTimeGate, clock);
       if (joint_second) {
         row0 += M;
         on_all += on;
         group_on[pi] = on;
       } else {
-        second_stage_and_store(plan, offs2[pi], gate, out, on);
+        second_stage_and_store(plan, offs2[pi], channel_last[pi], gate, out, on);
       }
     }
     if (!joint_second) return;
-    if (double(on_all) > DenseSecondStageAbove(false) * double(all_rows * ncols)) {
+    if (double(on_all) >
+        DenseSecondStageAbove(false, !joint_second->w2_taps.empty()) * double(all_rows * ncols)) {
       // Most gates on: per-plan GEMMs, which skip the joint weights' zeros.
       row0 = 0;
       for (size_t pi = 0; pi < plans.size(); ++pi) {
-        second_stage_and_store(plans[pi], offs2[pi], gate_buf.data() + row0 * NR,
+        second_stage_and_store(plans[pi], offs2[pi], channel_last[pi], gate_buf.data() + row0 * NR,
                                out_buf.data() + row0 * NR, group_on[pi]);
         row0 += int64_t(plans[pi].outputs.size());
       }
     } else {
-      second_stage_and_store(*joint_second, joint_off2, gate_buf.data(), out_buf.data(), on_all);
+      second_stage_and_store(*joint_second, joint_off2, channel_last[plans.size()], gate_buf.data(),
+                             out_buf.data(), on_all);
     }
   });
+  AddStageTime(kTimeCall, call_clock);
 }
 
 // Explicit instantiations for the two element types the kernels use.
@@ -1041,13 +1346,43 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
            " amx=" + (g2d::AmxAvailable() ? "yes" : "no") +
            " pg_int8=" + g2d::PGInt8Name(g2d::PGInt8For(g2d::BestKernels())) +
            " ort_nchwc_conv=" + (ort_conv && std::strcmp(ort_conv, "0") == 0 ? "off" : "on") +
-           " second_stage=" + (stage && (std::strcmp(stage, "sparse") == 0 || std::strcmp(stage, "dense") == 0) ? stage : "auto");
+           " second_stage=" + (stage && (std::strcmp(stage, "sparse") == 0 || std::strcmp(stage, "dense") == 0) ? stage : "auto") +
+           " cg_second=" + (g2d::CGTapSecondStage() ? "taps" : "fields");
   }();
   return text.c_str();
 }
 
-// Second-stage spans run sparse (dense = 0) or as a dense GEMM + select (dense = 1).
+// Second-stage spans run sparse (dense = 0) or as a dense GEMM + select (dense = 1); 2: the
+// sparse ones that read channel-last rows (CGConv, isa.sparse_dots).
 extern "C" __attribute__((visibility("default"))) int64_t G2DSecondStageRuns(int dense) {
-  return g2d::second_stage_runs[dense ? 1 : 0].load(std::memory_order_relaxed);
+  return g2d::second_stage_runs[dense == 2 ? 2 : dense ? 1 : 0].load(std::memory_order_relaxed);
 }
 
+
+// Per-stage cycles since the last reset (G2D_STAGE_TIMES=1), as "name=us_per_call ...":
+// `calls` divides the totals; the TSC rate comes from a 20 ms calibration at the first report.
+extern "C" __attribute__((visibility("default"))) const char* G2DStageTimesReport(int calls) {
+  static const double tsc_per_us = [] {
+    const auto t0 = std::chrono::steady_clock::now();
+    const uint64_t c0 = __rdtsc();
+    while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(20)) {
+    }
+    const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    return double(__rdtsc() - c0) / us;
+  }();
+  static const char* names[] = {"pad", "stage1", "gate", "lists", "gather", "sparse2",
+                                "scatter", "dense2", "store", "call"};
+  static thread_local std::string text;
+  text.clear();
+  for (int i = 0; i < g2d::kStageTimers; ++i) {
+    char item[64];
+    std::snprintf(item, sizeof item, "%s=%.1f ", names[i],
+                  double(g2d::stage_cycles[i].load()) / tsc_per_us / std::max(calls, 1));
+    text += item;
+  }
+  text += "(us per call, summed over threads)";
+  return text.c_str();
+}
+extern "C" __attribute__((visibility("default"))) void G2DStageTimesReset() {
+  for (auto& c : g2d::stage_cycles) c.store(0);
+}

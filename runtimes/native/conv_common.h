@@ -15,9 +15,13 @@
 // Per span, the second stage is a sampled dense-dense product (fp32): the span's receptive
 // fields are gathered once ([columns, K] rows), each output row's weights are held in
 // registers a K-chunk at a time, and that row's gated-on pixels stream past them
-// (isa.sddmm_chunk). int16 (PG) computes one dot product per gated-on element instead. Above
-// kDenseSecondStageFraction of the span's elements on, a dense panel GEMM + select is cheaper
-// and is used instead.
+// (isa.sddmm_chunk). CG's plans (w2_taps) instead read a channel-last copy of the stage-2
+// channels made once per call: a gated-on pixel's receptive field is kh runs of kw * C2
+// contiguous floats, read in place (no gather), and each output row's weights stream past up
+// to eight of its gated-on pixels at a time with the whole dot product in registers
+// (isa.sparse_dots). int16 (PG) computes one dot product per gated-on element instead. Above
+// kDenseSecondStageFraction of the span's elements on, a dense GEMM + select over the span
+// is cheaper and is used instead.
 //
 // Errors: validation throws OpError; each op's Compute catches it (and std::bad_alloc) and
 // returns an ONNX Runtime error status, so a bad model never takes the process down.
@@ -86,12 +90,31 @@ template <class T> using UninitAlignedVec = std::vector<T, UninitAlignedAllocato
 // Measured with tools/bench_gated_ops.py (128 ch, 28x28, 3x3, p=4, 2 threads).
 constexpr double kDenseSecondStageFraction = 0.50;
 constexpr double kDenseSecondStageFractionInt16 = 0.10;
+// CG's channel-last sparse form (TapRows) stays ahead of the GEMM + select up to ~60% on
+// (measured, 128 ch 28x28, 1 thread: 0.94x / 0.96x dense at 50% on and 0.81x / 0.87x at 60%
+// with the switch at 0.5 / 0.6; at 70% the GEMM wins).
+constexpr double kDenseSecondStageFractionTaps = 0.60;
 // The fraction actually used: the constants above, or with G2D_SECOND_STAGE=sparse (never
 // dense) / =dense (always dense) one path forced, so that tests and benchmarks can run each
 // path on any machine (both compute the same function; see RunGatedConv).
-double DenseSecondStageAbove(bool int16);
+double DenseSecondStageAbove(bool int16, bool taps = false);
 // Spans whose second stage ran sparse (0) / dense (1) since load (G2DSecondStageRuns).
 void CountSecondStage(bool dense);
+// CGConv's sparse second stage on channel-last rows (TapRows, isa.sparse_dots): true unless
+// G2D_CG_SECOND=fields asks for the gathered-fields form (isa.sddmm_chunk), so that tests and
+// benchmarks can run either (same function).
+bool CGTapSecondStage();
+
+// Where a gated convolution's time goes, per stage (G2D_STAGE_TIMES=1; off by default, then
+// one predictable branch per stage): TSC cycles summed over all threads, read through
+// G2DStageTimesReport (tools and the per-stage breakdown in cg_conv.cc's header comment).
+enum StageTimer {
+  kTimePad, kTimeStage1, kTimeGate, kTimeLists, kTimeGather, kTimeSparse, kTimeScatter,
+  kTimeDense2, kTimeStore, kTimeCall, kStageTimers
+};
+bool StageTimesOn();
+uint64_t StageClockNow();  // TSC, or 0 when the timers are off
+void AddStageTime(StageTimer which, uint64_t since);  // adds now - since (timers on only)
 
 // The second stage runs over spans of this many panels (of TileCols columns) when the layer
 // has at least kWideSpanMinPanels panels: its sparse form has a fixed cost per output row and
@@ -102,6 +125,16 @@ void CountSecondStage(bool dense);
 // keep 1-panel tasks: fewer, wider tasks left one of the two threads idle (ResNet-20 CG).
 constexpr int kSecondStagePanels = 2;
 constexpr int64_t kWideSpanMinPanels = 24;
+// The channel-last sparse second stage (TapRows) reads no gathered fields, so its spans can
+// be wider (its cost per output row and span, a call and a stream of the row's weights, is
+// shared among more gated-on columns). Measured (128 ch 28x28, 20% on, 1 thread): 4 and 8
+// panels alike; 4 keeps 14 tasks for two threads.
+constexpr int kTapSpanPanels = 4;
+// (Measured, 128 ch 28x28, 20% on: cutting the channels into blocks whose input band fits in
+// L1 made the product slower, 1.21-1.24x dense against 1.40x unblocked: the calls and the
+// scatter-adds per block cost more than the L2 reads they save.)
+// Widest span, for the span's fixed-size column arrays.
+constexpr int kMaxSpanPanels = kTapSpanPanels > kSecondStagePanels ? kTapSpanPanels : kSecondStagePanels;
 
 struct ConvAttrs {
   std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
@@ -207,6 +240,17 @@ template <class T>
 WeightRows<T> MakeWeightRows(const IsaKernels& isa, const T* w, const ConvGeom& g,
                              const std::vector<int>& outputs, const std::vector<int>& chans);
 
+// Stage-2 weight rows for the channel-last sparse second stage (fp32; isa.sparse_dots):
+// [M, kk, Cs], row m's tap t holding W[outputs[m], chans[i], t] at i, zeros from chans.size()
+// to Cs = chans.size() rounded up to the vector width.
+struct TapRows {
+  int64_t M = 0, Cs = 0, kk = 0;
+  AlignedVec<float> data;
+  bool empty() const { return data.empty(); }
+};
+TapRows MakeTapRows(const IsaKernels& isa, const float* w, const ConvGeom& g,
+                    const std::vector<int>& outputs, const std::vector<int>& chans);
+
 template <class T> struct ConvAcc { using type = float; };
 template <> struct ConvAcc<int16_t> { using type = int32_t; };
 
@@ -267,6 +311,10 @@ struct GatedStagePlan {
   bool w2_is_w1 = false;          // PG: both stages use the same weights (w2 left empty,
                                   // so the packed weights are in cache once, not twice)
   WeightRows<T> w2_rows;          // stage-2 weight rows for the sparse second stage
+  // fp32 only, optional (CG builds it): the sparse second stage reads a channel-last copy of
+  // the stage-2 channels with these rows (isa.sparse_dots) instead of gathering receptive
+  // fields for isa.sddmm_chunk (w2_rows is then unused).
+  TapRows w2_taps;
 };
 
 // Computes y[o, :] for o in every plan's outputs of one sample (y points at the sample's
@@ -312,7 +360,7 @@ void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostE
 
 // Scratch buffers that live as long as the calling thread: re-used across runs so that the
 // large buffers are not page-faulted in again on every call. `Slot` separates uses; a slot
-// must not be shared by two buffers alive at once (in use: 0-2, 4-8, 12-14, 29-31 conv_common.cc;
+// must not be shared by two buffers alive at once (in use: 0-2, 4-8, 12-14, 31-32 conv_common.cc;
 // 10-11, 15, 21-22 pg_conv.cc; 16-17 subset_conv.cc; 23-28 pg_amx.cc; 40-45 pg_int8.cc).
 template <class T, int Slot>
 AlignedVec<T>& Scratch() {

@@ -92,7 +92,7 @@ void sgemm_indirect_micro(int64_t K, const float* a, const float* base, const in
 }
 
 int64_t gate_panel(const float* acc, int64_t M, float scale, const float* thr,
-                   const uint8_t* valid, float* out, uint8_t* gate) {
+                   const uint8_t* valid, float* out, uint8_t* gate, int64_t ld) {
   typedef int32_t vi32 __attribute__((vector_size(kVW * 4)));
   typedef uint8_t vu8 __attribute__((vector_size(kVW)));
   vi32 valid_mask[2];
@@ -101,15 +101,25 @@ int64_t gate_panel(const float* acc, int64_t M, float scale, const float* thr,
   vi32 count = vi32{};
   for (int64_t m = 0; m < M; ++m) {
     const vf tv = vf{} + thr[m];
+    vi32 on[2];
     for (int h = 0; h < 2; ++h) {
-      const int64_t i = m * kNR + h * kVW;
-      const vf v = load(acc + i) * scale;
-      store(out + i, v);
-      const vi32 on = (v > tv) & valid_mask[h];  // -1 where gated on
-      count -= on;
-      const vu8 bytes = __builtin_convertvector(-on, vu8);
-      std::memcpy(gate + i, &bytes, kVW);
+      const vf v = load(acc + m * kNR + h * kVW) * scale;
+      store(out + m * ld + h * kVW, v);
+      on[h] = (v > tv) & valid_mask[h];  // -1 where gated on
+      count -= on[h];
     }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    // The 16 masks to 16 bytes with saturating packs (the generic conversion below compiles
+    // to one lane extract and shift per byte with AVX2: it was most of the gate's time).
+    const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(__m256i(on[0]), __m256i(on[1])), 0xD8);
+    const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(gate + m * ld), _mm_and_si128(bytes, _mm_set1_epi8(1)));
+#else
+    for (int h = 0; h < 2; ++h) {
+      const vu8 bytes = __builtin_convertvector(-on[h], vu8);
+      std::memcpy(gate + m * ld + h * kVW, &bytes, kVW);
+    }
+#endif
   }
   int64_t total = 0;
   for (int l = 0; l < kVW; ++l) total += count[l];
@@ -263,7 +273,34 @@ void scatter_lanes(const float* src, int64_t ld, int64_t n, float* const* dst, i
 }
 
 void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpad, float* fields) {
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k0 = 0;
+#if defined(__AVX2__)
+  // 8 x 8 register transposes (unpack, shuffle, 128-bit permute); the scalar loop below did
+  // one strided store per value (CGConv's channel-last copy, FBS's NCHWc gather).
+  for (; k0 + 8 <= K; k0 += 8) {
+    for (int tb = 0; tb < kNR; tb += 8) {
+      __m256 r[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(base + off[k0 + i] + tb);
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int q = 0; q < 2; ++q) {  // rows 4q .. 4q+3
+        u[4 * q + 0] = _mm256_shuffle_ps(t[4 * q], t[4 * q + 2], 0x44);
+        u[4 * q + 1] = _mm256_shuffle_ps(t[4 * q], t[4 * q + 2], 0xEE);
+        u[4 * q + 2] = _mm256_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44);
+        u[4 * q + 3] = _mm256_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE);
+      }
+      // u[4q + e] holds rows 4q..4q+3 at columns e (low 128 bits) and 4 + e (high).
+      for (int e = 0; e < 4; ++e) {
+        _mm256_storeu_ps(fields + (tb + e) * Lpad + k0, _mm256_permute2f128_ps(u[e], u[4 + e], 0x20));
+        _mm256_storeu_ps(fields + (tb + 4 + e) * Lpad + k0,
+                         _mm256_permute2f128_ps(u[e], u[4 + e], 0x31));
+      }
+    }
+  }
+#endif
+  for (int64_t k = k0; k < K; ++k) {
     const float* s = base + off[k];
     for (int t = 0; t < kNR; ++t) fields[t * Lpad + k] = s[t];
   }
@@ -496,13 +533,81 @@ void pg_split(const float* x, int64_t n, float s, float levels, int shift, float
   }
 }
 
+namespace {
+// Four horizontal sums: out[p] = sum of the lanes of s[p].
+inline void hsum4(const vf s[4], float* out) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m256 h01 = _mm256_hadd_ps(__m256(s[0]), __m256(s[1]));
+  const __m256 h23 = _mm256_hadd_ps(__m256(s[2]), __m256(s[3]));
+  const __m256 h = _mm256_hadd_ps(h01, h23);  // lanes 0-3 and 4-7: halves of the 4 sums
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+  for (int p = 0; p < 4; ++p) out[p] = hsum(s[p]);
+#endif
+}
+
+// NP pixels (channel-last bases pix[0..NP-1]) of sparse_dots: 8 FMA chains for NP = 8 and 4
+// (one and two per pixel), at least 4 for the tails.
+template <int NP>
+inline void sparse_dots_group(const float* w, int64_t ld, int64_t len, int ntaps,
+                              const int64_t* toff, const float* x, const int32_t* pix,
+                              float* out) {
+  constexpr int CH = NP >= 8 ? 1 : NP == 4 ? 2 : 4 / NP;
+  vf acc[NP][CH];
+  for (int p = 0; p < NP; ++p)
+    for (int c = 0; c < CH; ++c) acc[p][c] = vf{};
+  const int64_t nv = len / kVW;
+  for (int t = 0; t < ntaps; ++t) {
+    const float* wt = w + t * len;
+    const float* xp[NP];
+    for (int p = 0; p < NP; ++p) xp[p] = x + (int64_t(pix[p]) + toff[t]) * ld;
+    int64_t v = 0;
+    for (; v + CH <= nv; v += CH)
+#pragma GCC unroll 4
+      for (int c = 0; c < CH; ++c) {
+        const vf wv = load(wt + (v + c) * kVW);
+        for (int p = 0; p < NP; ++p) acc[p][c] += wv * load(xp[p] + (v + c) * kVW);
+      }
+    for (; v < nv; ++v) {
+      const vf wv = load(wt + v * kVW);
+      for (int p = 0; p < NP; ++p) acc[p][0] += wv * load(xp[p] + v * kVW);
+    }
+  }
+  vf sum[NP];
+  for (int p = 0; p < NP; ++p) {
+    sum[p] = acc[p][0];
+    for (int c = 1; c < CH; ++c) sum[p] += acc[p][c];
+  }
+  if constexpr (NP % 4 == 0) {
+    for (int p = 0; p < NP; p += 4) hsum4(sum + p, out + p);
+  } else {
+    for (int p = 0; p < NP; ++p) out[p] = hsum(sum[p]);
+  }
+}
+}  // namespace
+
+void sparse_dots(const float* w, int64_t ld, int64_t len, int ntaps, const int64_t* toff,
+                 const float* x, const int32_t* pix, int n, float* out) {
+  // Eight pixels per weight load where the row has them (measured 5% faster than four: 9
+  // loads per 8 FMAs instead of 10), then four, two, one.
+  int i = 0;
+  for (; i + 8 <= n; i += 8) sparse_dots_group<8>(w, ld, len, ntaps, toff, x, pix + i, out + i);
+  for (; i + 4 <= n; i += 4)
+    sparse_dots_group<4>(w, ld, len, ntaps, toff, x, pix + i, out + i);
+  if (i + 2 <= n) {
+    sparse_dots_group<2>(w, ld, len, ntaps, toff, x, pix + i, out + i);
+    i += 2;
+  }
+  if (i < n) sparse_dots_group<1>(w, ld, len, ntaps, toff, x, pix + i, out + i);
+}
+
 extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kIMR,          kINR,        kVW,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
                                     igemm_micro,   gather_fields, gate_panel,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
                                     pack_filter_tile, epilogue_row, has_nonzero, pool_channel,
-                                    pg_split};
+                                    pg_split,      sparse_dots};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

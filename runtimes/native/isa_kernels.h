@@ -39,11 +39,12 @@ struct IsaKernels {
   // register transposes).
   void (*gather_fields)(const float* base, const int64_t* off, int64_t K, int64_t Lpad,
                         float* fields);
-  // Stage 1 epilogue of a gated convolution over one panel [M, nr] (row stride nr):
+  // Stage 1 epilogue of a gated convolution over one panel [M, nr] (acc's row stride nr; out
+  // and gate rows ld apart, so they land in the caller's span buffers directly):
   // out = scale * acc; gate[m, t] = out[m, t] > thr[m] and valid[t] (0/1 bytes); returns
   // the number of gated-on elements.
   int64_t (*gate_panel)(const float* acc, int64_t M, float scale, const float* thr,
-                        const uint8_t* valid, float* out, uint8_t* gate);
+                        const uint8_t* valid, float* out, uint8_t* gate, int64_t ld);
   // Sampled dense-dense product, one weight row chunk at a time: for i < n,
   //   acc_i = lanewise sum over v < nvec of w[v*vw ..] * fields[cols[i]*ld + v*vw ..]
   //   (+ partial[i*vw ..] if accumulate); then out[i] = horizontal sum of acc_i if out is
@@ -85,6 +86,14 @@ struct IsaKernels {
   // Plain C++ the compiler vectorizes with the table's ISA.
   void (*pg_split)(const float* x, int64_t n, float s, float levels, int shift, float* hb,
                    float* lb);
+  // Sampled dense-dense product read from a channel-last (NHWC) copy of the input, for i < n:
+  //   out[i] = sum over t < ntaps, c < len of w[t * len + c] * x[(pix[i] + toff[t]) * ld + c]
+  // len a multiple of vw (ld: floats from one pixel to the next). A pixel's field is ntaps
+  // contiguous runs of len channels, read in place (no gather); up to eight pixels per pass share
+  // each weight load, and the whole dot product stays in registers (no partial sums through
+  // memory).
+  void (*sparse_dots)(const float* w, int64_t ld, int64_t len, int ntaps, const int64_t* toff,
+                      const float* x, const int32_t* pix, int n, float* out);
 };
 
 namespace isa_generic { extern const IsaKernels kKernels; }
