@@ -157,6 +157,14 @@ G2D_INT8_VNNI void StageVnni(const Job& j, const int8_t* act, int64_t ob, int64_
 // Stage 2 of output o at positions q[0 .. N-1]: dot products of o's weight row with the LSB
 // counts of each position's receptive field, 32 channels of a tap per step; each weight load
 // serves the N positions (int16 partial sums as StageAvx2).
+// The sum of the 8 int32 lanes of v (the end of each stage-2 dot product, both kernels).
+G2D_INT8_AVX2 inline int32_t SumLanes(__m256i v) {
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+  return _mm_cvtsi128_si32(h);
+}
+
 template <int N>
 G2D_INT8_AVX2 inline void DotsAvx2(const Job& j, int64_t o, const int32_t* q, int32_t* out) {
   const PGInt8Weights& w = *j.w;
@@ -185,13 +193,8 @@ G2D_INT8_AVX2 inline void DotsAvx2(const Job& j, int64_t o, const int32_t* q, in
       }
     }
   }
-  for (int i = 0; i < N; ++i) {
-    const __m256i v = _mm256_add_epi32(total[i], _mm256_madd_epi16(acc[i], ones));
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-    out[i] = _mm_cvtsi128_si32(h);
-  }
+  for (int i = 0; i < N; ++i)
+    out[i] = SumLanes(_mm256_add_epi32(total[i], _mm256_madd_epi16(acc[i], ones)));
 }
 
 template <int N>
@@ -213,13 +216,7 @@ G2D_INT8_VNNI inline void DotsVnni(const Job& j, int64_t o, const int32_t* q, in
       }
     }
   }
-  for (int i = 0; i < N; ++i) {
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(total[i]),
-                              _mm256_extracti128_si256(total[i], 1));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-    out[i] = _mm_cvtsi128_si32(h);
-  }
+  for (int i = 0; i < N; ++i) out[i] = SumLanes(total[i]);
 }
 
 // Stage 2 of output o at n positions q (out[i] for q[i]), four at a time.
