@@ -25,8 +25,8 @@ Decisions (the issue leaves them open):
   measured and its kernel belongs to another part of the project), and only nodes whose
   weights, masks and thresholds are constants (a computed weight has no fixed cost to time).
 - Cache: `$GATE2DEPLOY_CACHE/kernel_choice.json` (default ~/.cache/gate2deploy), keyed by the
-  CPU model, the native library's kernel configuration (ISA table, AMX), ONNX Runtime's
-  version and the thread count; inside, by a hash of the node (op, attributes, constant
+  CPU model, the native library's kernel configuration (ISA table, AMX) and a digest of its
+  file (a rebuilt kernel is timed again), ONNX Runtime's version and the thread count; inside, by a hash of the node (op, attributes, constant
   inputs) and of its measured input. A re-export of the same model on the same machine
   reuses the choice and its timings instead of timing again.
 - A layer timed alone is not the layer in its network (layout reorders around non-NCHWc ops,
@@ -79,10 +79,29 @@ def kernel_config() -> str:
     return fn().decode()
 
 
+_LIBRARY_IDS: dict[tuple, str] = {}
+
+
+def library_identity() -> str:
+    """A digest of the native library file the sessions load: choices and timings belong to
+    that build. Its configuration string (kernel_config) names the paths, not their code: a
+    faster kernel under the same configuration had kept reusing choices timed with the old
+    one (the CG ResNet-20's measured network ran slower than both of its candidates)."""
+    from .runtimes.ort import custom_ops_library_path
+
+    path = custom_ops_library_path()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _LIBRARY_IDS:
+        _LIBRARY_IDS[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return _LIBRARY_IDS[key]
+
+
 def machine_key(threads: int) -> str:
     import onnxruntime as ort
 
-    return f"{cpu_model()} | {kernel_config()} | onnxruntime {ort.__version__} | {threads} threads"
+    return (f"{cpu_model()} | {kernel_config()} | library {library_identity()} | "
+            f"onnxruntime {ort.__version__} | {threads} threads")
 
 
 def _cache_path() -> Path:

@@ -196,6 +196,12 @@ def test_measured_kernel_choice_keeps_the_function(tmp_path, monkeypatch):
     second = g2d_compile(model, x, target="ort", gated_kernels="measured")
     again = second.report["kernel_choice"]["layers"]
     assert [r["choice"] for r in again] == [r["choice"] for r in layers] and all(r["cached"] for r in again)
+    # another build of the native library (same configuration string): timed again, never the
+    # old build's choices
+    monkeypatch.setattr(kc, "library_identity", lambda: "another-build")
+    third = g2d_compile(model, x, target="ort", gated_kernels="measured")
+    assert not any(r["cached"] for r in third.report["kernel_choice"]["layers"])
+    assert "library another-build" in third.report["kernel_choice"]["machine"]
 
 
 def test_measured_kernel_choice_only_for_ort():

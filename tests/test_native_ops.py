@@ -486,13 +486,15 @@ def test_pg_conv_static_scale_and_dynamic_weights():
 
 @pytest.mark.parametrize("frac", [0.05, 0.2, 0.45])
 @pytest.mark.parametrize("geom", [(1, 48, 20, 9, 11, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
-                                  (2, 40, 12, 8, 9, 3, (2, 1), (1, 0, 1, 1), (1, 1))],
-                         ids=["stride1", "im2col"])
+                                  (2, 40, 12, 8, 9, 3, (2, 1), (1, 0, 1, 1), (1, 1)),
+                                  (1, 36, 12, 13, 12, 3, (5, 1), (1, 1, 1, 1), (1, 1))],
+                         ids=["stride1", "phase_planes", "im2col"])
 def test_cg_conv_sparse_second_stage_long_rows(geom, frac):
     """The sparse second stage (sampled dense-dense product, up to 50% gated on) with weight
     rows longer than one register chunk (36 channels x 9 taps = 324 floats: several chunks
-    whose lane sums carry over), on the in-place (stride 1) and the im2col column source,
-    and every tail length of a row's gated-on column list."""
+    whose lane sums carry over), on each column source of conv_common.cc's ColumnSource (in
+    place at stride 1, phase planes at strides 2-4, im2col panels above), and every tail
+    length of a row's gated-on column list."""
     rng, x, w, s, p, d = random_case(geom, seed=11)
     o, c = w.shape[:2]
     mask = cg_base_mask(o, c, 4, False)

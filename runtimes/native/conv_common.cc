@@ -541,19 +541,26 @@ inline int64_t KBlock(int64_t Kp) {
   return std::max<int64_t>(2, RoundUp((Kp + blocks - 1) / blocks, 2));
 }
 
-// Where a panel's columns come from. Stride-1 fp32 convolutions read the GEMM's B operand in
-// place from a zero-padded copy of the sample ("indirect": row k of a panel starting at
-// column q0 is the nr floats at xpad + q0 + off[k], with columns q = oh * Wp + ow over the
-// padded width; columns with ow >= OW are computed and dropped, ~(Wp-OW)/Wp extra work).
-// Everything else packs an im2col panel (column q = output pixel q).
+// Where a panel's columns come from. fp32 convolutions read the GEMM's B operand in place
+// from a zero-padded copy of the sample ("indirect": row k of a panel starting at column q0 is
+// the nr floats at xpad + q0 + off[k]). Stride 1: columns q = oh * Wp + ow over the padded
+// width; columns with ow >= OW are computed and dropped, ~(Wp-OW)/Wp extra work. Stride
+// (sh, sw) > 1: each channel's padded plane is split into sh * sw phase planes, phase (a, b)
+// holding padded pixels (r * sh + a, s * sw + b) at row r, column s (Hph x Wph, Hph = ceil(Hp
+// / sh), Wph = ceil(Wp / sw)); tap (i, j) of output (oh, ow) reads padded pixel (oh * sh + i *
+// dh, ow * sw + j * dw) = phase ((i * dh) % sh, (j * dw) % sw) at row oh + (i * dh) / sh,
+// column ow + (j * dw) / sw: unit stride again, so q = oh * Wph + ow and the same in-place
+// product serves every stride (strided stage 1 of CG ResNet-20's downsampling layers had
+// spent more time packing im2col panels than multiplying). int16 (PG) and strides above 4
+// pack an im2col panel (column q = output pixel q).
 template <class T>
 struct ColumnSource {
   const ConvGeom* g = nullptr;
   const T* x = nullptr;
   bool indirect = false;
   const float* xpad = nullptr;
-  int64_t Wp = 0, plane = 0, columns = 0;
-  std::vector<int64_t> plane_base;  // channel c's padded plane starts at xpad + plane_base[c]
+  int64_t Wp = 0, Hp = 0, plane = 0, columns = 0;  // Wp, Hp, plane: of one phase plane
+  std::vector<int64_t> plane_base;  // channel c's first (phase) plane starts at xpad + plane_base[c]
   int64_t Pixel(int64_t q) const {
     if (!indirect) return q;
     const int64_t ow = q % Wp;
@@ -579,15 +586,44 @@ void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
       const size_t end = std::min(chans.size(), (block + 1) * kChannelsPerTask);
       for (size_t slot = block * kChannelsPerTask; slot < end; ++slot) {
         const int64_t c = chans[slot];
-        float* plane = buf + int64_t(slot) * plane_size;
-        std::memset(plane, 0, sizeof(float) * size_t(g.pt * Wp));
-        for (int64_t h = 0; h < g.H; ++h) {
-          float* row = plane + (h + g.pt) * Wp;
-          for (int64_t j = 0; j < g.pl; ++j) row[j] = 0.f;
-          std::memcpy(row + g.pl, x + (c * g.H + h) * g.W, sizeof(float) * g.W);
-          for (int64_t j = g.pl + g.W; j < Wp; ++j) row[j] = 0.f;
+        float* plane = buf + src.plane_base[size_t(c)];
+        const float* xc = x + c * g.H * g.W;
+        if (g.sh == 1 && g.sw == 1) {
+          std::memset(plane, 0, sizeof(float) * size_t(g.pt * Wp));
+          for (int64_t h = 0; h < g.H; ++h) {
+            float* row = plane + (h + g.pt) * Wp;
+            for (int64_t j = 0; j < g.pl; ++j) row[j] = 0.f;
+            std::memcpy(row + g.pl, xc + h * g.W, sizeof(float) * g.W);
+            for (int64_t j = g.pl + g.W; j < Wp; ++j) row[j] = 0.f;
+          }
+          std::memset(plane + (g.pt + g.H) * Wp, 0, sizeof(float) * size_t(g.pb * Wp));
+          continue;
         }
-        std::memset(plane + (g.pt + g.H) * Wp, 0, sizeof(float) * size_t(g.pb * Wp));
+        // Phase planes: (a, b) at plane + (a * sw + b) * plane_size, padded pixel (r * sh + a,
+        // s * sw + b) at row r, column s; outside the input (padding, the round-up) zero.
+        for (int64_t a = 0; a < g.sh; ++a)
+          for (int64_t b = 0; b < g.sw; ++b) {
+            float* ph = plane + (a * g.sw + b) * plane_size;
+            // Columns s whose input column s * sw + b - pl lies in [0, W).
+            const int64_t s_lo = std::max<int64_t>(0, (g.pl - b + g.sw - 1) / g.sw);
+            const int64_t s_hi = std::clamp<int64_t>((g.W + g.pl - b + g.sw - 1) / g.sw, s_lo, Wp);
+            for (int64_t r = 0; r < src.Hp; ++r) {
+              float* row = ph + r * Wp;
+              const int64_t ih = r * g.sh + a - g.pt;
+              if (ih < 0 || ih >= g.H) {
+                std::memset(row, 0, sizeof(float) * size_t(Wp));
+                continue;
+              }
+              const float* in = xc + ih * g.W + (s_lo * g.sw + b - g.pl);
+              for (int64_t t = 0; t < s_lo; ++t) row[t] = 0.f;
+              if (g.sw == 2) {  // the common stride, as a constant (the loop vectorizes)
+                for (int64_t t = s_lo; t < s_hi; ++t) row[t] = in[(t - s_lo) * 2];
+              } else {
+                for (int64_t t = s_lo; t < s_hi; ++t) row[t] = in[(t - s_lo) * g.sw];
+              }
+              for (int64_t t = s_hi; t < Wp; ++t) row[t] = 0.f;
+            }
+          }
       }
     };
     const size_t blocks = (chans.size() + kChannelsPerTask - 1) / kChannelsPerTask;
@@ -610,21 +646,25 @@ ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<flo
   src.x = x;
   src.columns = g.P();
   if constexpr (std::is_same<T, float>::value) {
-    if (g.sh == 1 && g.sw == 1) {
+    // Strides above 4 keep im2col panels: the phase planes would be mostly padding (and
+    // their count, sh * sw, unbounded).
+    if (g.sh <= 4 && g.sw <= 4) {
       const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
       src.indirect = true;
-      src.Wp = Wp;
-      src.plane = Hp * Wp;
-      src.columns = (g.OH - 1) * Wp + g.OW;
+      src.Hp = (Hp + g.sh - 1) / g.sh;  // one phase plane (the whole padded plane at stride 1)
+      src.Wp = (Wp + g.sw - 1) / g.sw;
+      src.plane = src.Hp * src.Wp;
+      src.columns = (g.OH - 1) * src.Wp + g.OW;
+      const int64_t phases = g.sh * g.sw;
       const std::vector<int> all = only ? std::vector<int>() : Indices(g.C);
       const std::vector<int>& chans = only ? *only : all;
       src.plane_base.assign(size_t(g.C), -1);
       // Slack after the last plane: a panel's last columns may read up to nr floats past it.
-      const int64_t used = int64_t(chans.size()) * src.plane;
+      const int64_t used = int64_t(chans.size()) * phases * src.plane;
       pad_buf.resize(size_t(used + nr + 16));
       float* const buf = pad_buf.data();
       for (size_t slot = 0; slot < chans.size(); ++slot)
-        src.plane_base[chans[slot]] = int64_t(slot) * src.plane;
+        src.plane_base[chans[slot]] = int64_t(slot) * phases * src.plane;
       std::memset(buf + used, 0, sizeof(float) * size_t(nr + 16));
       src.xpad = buf;
       if (!defer_copy) FillSource(src, chans, parallel_ctx);
@@ -638,11 +678,21 @@ std::vector<int64_t> Offsets(const ColumnSource<T>& src, const std::vector<int>&
   if (!src.indirect) return {};
   const ConvGeom& g = *src.g;
   std::vector<int64_t> off(chans.size() * size_t(g.kk()));
+  // Each tap's offset within a channel's planes (phase plane and position, ColumnSource),
+  // once: per-entry divisions had made this loop a tenth of a 64-channel 8x8 layer's time.
+  std::vector<int64_t> tap(size_t(g.kk()));
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t ri = i * g.dh, cj = j * g.dw;
+      tap[size_t(i * g.kw + j)] =
+          ((ri % g.sh) * g.sw + cj % g.sw) * src.plane + (ri / g.sh) * src.Wp + cj / g.sw;
+    }
   int64_t* o = off.data();  // filled by pointer: push_back's capacity checks cost more than
                             // the small layers' stage 1 (perf, 64 ch 8x8)
-  for (int c : chans)
-    for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < g.kw; ++j) *o++ = src.plane_base[c] + i * g.dh * src.Wp + j * g.dw;
+  for (int c : chans) {
+    const int64_t base = src.plane_base[size_t(c)];
+    for (int64_t t = 0; t < g.kk(); ++t) *o++ = base + tap[size_t(t)];
+  }
   return off;
 }
 

@@ -1,8 +1,8 @@
 // Shared machinery of the gated convolution kernels: attribute parsing and validation,
 // convolution geometry, weight packing, the panel-wise convolution (GEMM micro-kernels fed
-// either in place from a zero-padded copy of the input for stride-1 fp32, or from packed
-// im2col panels otherwise), and the "gated two-stage convolution" that CGConv and PGConv
-// are both made of:
+// either in place from a zero-padded copy of the input for fp32 (split into phase planes at
+// strides 2-4), or from packed im2col panels otherwise), and the "gated two-stage convolution"
+// that CGConv and PGConv are both made of:
 //
 //   acc1 = W1 * X1                 (always: CG's base channels, PG's MSB activations)
 //   Y    = scale1 * acc1

@@ -28,7 +28,8 @@ struct IsaKernels {
   void (*sgemm_micro)(int64_t K, const float* a, const float* b, float* c, int64_t ldc,
                       int m_valid, int n_valid, bool accumulate);
   // The same with B read in place: row k of the panel is the nr floats at base + off[k]
-  // (stride-1 convolutions over a zero-padded input: no im2col copy).
+  // (fp32 convolutions over a zero-padded input, strided ones over its phase planes: no
+  // im2col copy).
   void (*sgemm_indirect_micro)(int64_t K, const float* a, const float* base, const int64_t* off,
                                float* c, int64_t ldc, int m_valid, int n_valid, bool accumulate);
   // int32 C = int16 A * int16 B; Kp even, counts pairs of k
