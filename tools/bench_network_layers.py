@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Where a gated network's time goes, layer by layer (issue 18): each gated node of the CG or
+PG ResNet-20 (tools/bench_gated_ops.py's networks, batch 1, 32x32) timed alone on the
+activation it receives in the network, against a plain ONNX Conv of the same weight (the
+dense twin's layer), with the native kernel's per-stage times (G2D_STAGE_TIMES=1: padded /
+channel-last copies, stage 1, gate, gated-on lists, sparse and dense stage 2, copy to Y).
+
+`--baseline-library old.so` adds a before/after column: the same node run by another build
+of the native library (e.g. the main branch's, from ~/.cache/gate2deploy/native), timed in
+the same alternating blocks, with the largest output difference between the two builds. PG's int8 path (pg_int8.cc)
+has no stage timers: its rows show the wall times only.
+
+Timing: the sessions of one layer in alternating blocks of 10 runs (gate2deploy.benchmark),
+medians; 1 intra-op thread by default. Stage times come from `--repeats` further runs of the
+gated node (summed, divided by the count); they cover the kernel call only (the session's own overhead is in
+the wall times of both the gated and the dense node).
+
+    python tools/bench_network_layers.py --net cg --offset 1.0        # ~20% gated on
+    python tools/bench_network_layers.py --net cg --baseline-library ~/.cache/gate2deploy/native/libgate2deploy_ops-release-<old>.so
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("G2D_STAGE_TIMES", "1")  # read once by the library, before it loads
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnx import helper  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gated_ops as nets  # noqa: E402  (the networks, their export and dense twin)
+
+from gate2deploy.benchmark import time_sessions  # noqa: E402
+from gate2deploy.kernel_choice import _constants, _gated_inputs, _single_node  # noqa: E402
+from gate2deploy.runtimes.ort import custom_ops_library_path  # noqa: E402
+
+
+def session(model: onnx.ModelProto, library: str | None, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if library:
+        opts.register_custom_ops_library(library)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def dense_twin(model: onnx.ModelProto, node: onnx.NodeProto, x: np.ndarray) -> onnx.ModelProto:
+    """The node's dense twin alone: Conv(x, W) with its conv attributes (bench_gated_ops'
+    dense_equivalent, on the single-node model)."""
+    return nets.dense_equivalent(_single_node(model, node, x))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--net", choices=["cg", "pg"], default="cg")
+    p.add_argument("--offset", type=float, default=None,
+                   help="added to every gated layer's threshold (default: CG 1.0, PG 0.5: ~20%%/36%% on)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=200, help="timed runs per session")
+    p.add_argument("--baseline-library", default=None, help="another build of the native library")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from gate2deploy.models.dnn_gating import resnet20_cg, resnet20_pg
+
+    torch.manual_seed(0)
+    base = (resnet20_cg(partitions=4, shuffle=False) if args.net == "cg"
+            else resnet20_pg(wbits=8, abits=3, pred_bits=2)).eval()
+    offset = args.offset if args.offset is not None else (1.0 if args.net == "cg" else 0.5)
+    model = nets.with_threshold_offset(base, offset)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ort_model, _ = nets.export_both(model, x)
+    frac, bound = nets.gate_figures(model, x, ort_model)
+    library = str(custom_ops_library_path())
+    lib = ctypes.CDLL(library)
+    lib.G2DStageTimesReport.restype = ctypes.c_char_p
+    lib.G2DKernelConfig.restype = ctypes.c_char_p
+    op = "CGConv" if args.net == "cg" else "PGConv"
+    nodes = [n for n in ort_model.graph.node if n.op_type == op]
+    acts = _gated_inputs(ort_model, nodes, x.numpy(), args.threads)
+    consts = _constants(ort_model)
+    print(f"native kernels: {lib.G2DKernelConfig().decode()}; library {Path(library).name}")
+    print(f"ResNet-20 {args.net.upper()}, batch 1, {args.threads} thread(s): gate-on {frac * 100:.1f}% "
+          f"(MAC-weighted), network MAC bound {bound:.2f}; medians of {args.repeats} runs, us")
+    head = f"  {'layer':26s} {'W':>14s} {'in':>6s} {'s':>3s} {'dense':>7s} {'gated':>7s} {'x':>5s}"
+    if args.baseline_library:
+        head += f" {'before':>7s} {'x':>5s} {'new/old':>7s} {'max|d|':>8s}"
+    print(head + "  stages (us per call)")
+    for node in nodes:
+        a = acts[node.input[0]]
+        single = _single_node(ort_model, node, a)
+        sessions = {"dense": session(dense_twin(ort_model, node, a), None, args.threads),
+                    "gated": session(single, library, args.threads)}
+        if args.baseline_library:
+            sessions["before"] = session(single, args.baseline_library, args.threads)
+        feed = [{"x": a}]
+        times = time_sessions(sessions, {k: feed for k in sessions}, runs=args.repeats)
+        ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+        lib.G2DStageTimesReset()  # stage times: runs of their own (the timing above settles
+        for _ in range(args.repeats):  # each block with untimed runs)
+            sessions["gated"].run(None, feed[0])
+        stages = lib.G2DStageTimesReport(args.repeats).decode()
+        stages = " ".join(f for f in stages.split() if "=" in f and not f.endswith("=0.0"))
+        w = consts[node.input[1]].dims
+        strides = next((list(at.ints) for at in node.attribute if at.name == "strides"), [1, 1])
+        row = (f"  {node.name[-26:]:26s} {str(list(w)):>14s} {a.shape[2]:>3d}x{a.shape[3]:<2d} "
+               f"{strides[0]:>3d} {ms['dense']:7.1f} {ms['gated']:7.1f} {ms['dense'] / ms['gated']:5.2f}")
+        if args.baseline_library:
+            diff = np.abs(sessions["gated"].run(None, feed[0])[0] - sessions["before"].run(None, feed[0])[0]).max()
+            row += (f" {ms['before']:7.1f} {ms['dense'] / ms['before']:5.2f} "
+                    f"{ms['before'] / ms['gated']:7.2f} {diff:8.1e}")
+        print(row + "  " + stages, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
