@@ -1,6 +1,6 @@
 """Per-layer kernel choice for `--target ort` (`--gated-kernels measured`, issue 18).
 
-Whether a gated layer's native kernel (CGConv / PGConv of runtimes/native) beats ONNX
+Whether a gated layer's native kernel (CGConv / PGConv / FBSConv of runtimes/native) beats ONNX
 Runtime's own kernels depends on the processor (AMX, AVX-512 VNNI or AVX2 only), the
 thread count and the layer's shape and gate-on fraction: on an AVX2-only 2-core AMD EPYC the
 native CG kernel of a 16-channel 32x32 CIFAR layer took 3-4x the time of MLAS's dense conv
@@ -21,9 +21,11 @@ Decisions (the issue leaves them open):
 - Timing: the two single-node models in alternating blocks (gate2deploy.benchmark), medians;
   "standard" must be faster by more than `MARGIN` (5%) to replace the native kernel, so that
   noise does not flip choices between exports.
-- Only CGConv and PGConv are candidates (FBSConv's native kernel meets its goal on every tier
-  measured and its kernel belongs to another part of the project), and only nodes whose
-  weights, masks and thresholds are constants (a computed weight has no fixed cost to time).
+- Candidates: CGConv, PGConv and FBSConv nodes whose weights, masks and thresholds are
+  constants (a computed weight has no fixed cost to time). FBSConv joined later: its native
+  kernel meets its layer goal at density 0.5, but at density 1 (every channel kept: nothing
+  to skip) the FBS ResNet-18 ran at 0.78x dense with it, where the standard form (a dense
+  conv, the saliency and a mask) costs about the dense conv.
 - Cache: `$GATE2DEPLOY_CACHE/kernel_choice.json` (default ~/.cache/gate2deploy), keyed by the
   CPU model, the native library's kernel configuration (ISA table, AMX) and a digest of its
   file (a rebuilt kernel is timed again), ONNX Runtime's version and the thread count; inside, by a hash of the node (op, attributes, constant
@@ -53,7 +55,7 @@ from onnx import helper, numpy_helper
 from .benchmark import time_sessions
 from .ops import DOMAIN
 
-CHOOSABLE_OPS = ("CGConv", "PGConv")
+CHOOSABLE_OPS = ("CGConv", "PGConv", "FBSConv", "SparseInputConv")
 MARGIN = 0.05  # "standard" replaces "native" only when faster by more than this fraction
 RUNS = 20      # timed runs per candidate (two alternating blocks of 10)
 
@@ -127,14 +129,24 @@ def _store_cache(path: Path, data: dict) -> None:
         pass  # a read-only cache only costs re-timing next time
 
 
+# Inputs that carry activations (fed from the network run when a node is timed alone); every
+# other input is a weight and must be constant. SparseInputConv's residual R is an activation.
+ACTIVATION_INPUTS = {"SparseInputConv": (0, 3)}
+
+
+def activation_inputs(node: onnx.NodeProto) -> list[str]:
+    at = ACTIVATION_INPUTS.get(node.op_type, (0,))
+    return [name for i, name in enumerate(node.input) if i in at and name]
+
+
 def _gated_inputs(model: onnx.ModelProto, nodes: list[onnx.NodeProto], example: np.ndarray,
                   threads: int) -> dict[str, np.ndarray]:
-    """The activation each node receives when the model runs on `example`."""
+    """The activations the nodes receive when the model runs on `example`, by tensor name."""
     from .runtimes.ort import open_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    names = list(dict.fromkeys(n.input[0] for n in nodes))
+    names = list(dict.fromkeys(name for n in nodes for name in activation_inputs(n)))
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in known)
     session = open_session(probe, threads=threads)
@@ -156,18 +168,18 @@ def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return out
 
 
-def _single_node(model: onnx.ModelProto, node: onnx.NodeProto, x: np.ndarray) -> onnx.ModelProto:
-    """A model of `node` alone: input "x" (x's shape), its constant inputs as initializers."""
+def _single_node(model: onnx.ModelProto, node: onnx.NodeProto,
+                 feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A model of `node` alone: its activation inputs (activation_inputs, shapes from `feeds`)
+    as graph inputs under their own names, its constant inputs as initializers."""
     inits = _constants(model)
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    copy.input[0] = "x"
-    copy.output[:] = ["y"]
+    acts = activation_inputs(node)
     graph = helper.make_graph(
-        [copy], node.name or node.op_type,
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [inits[name] for name in dict.fromkeys(node.input[1:]) if name])
+        [node], node.name or node.op_type,
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(feeds[name].shape))
+         for name in acts],
+        [helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)],
+        [inits[name] for name in dict.fromkeys(node.input) if name and name not in acts])
     single = helper.make_model(graph, opset_imports=list(model.opset_import))
     single.ir_version = model.ir_version
     return single
@@ -180,7 +192,7 @@ def _lowered(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     return export_model(lower_portable(import_graph(model), only=names))
 
 
-def _signature(model: onnx.ModelProto, node: onnx.NodeProto, x: np.ndarray) -> str:
+def _signature(model: onnx.ModelProto, node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> str:
     inits = _constants(model)
     h = hashlib.sha256()
     h.update(node.op_type.encode())
@@ -188,25 +200,25 @@ def _signature(model: onnx.ModelProto, node: onnx.NodeProto, x: np.ndarray) -> s
         h.update(a.SerializeToString(deterministic=True))
     for name in node.input[1:]:
         h.update(name.encode() if name not in inits else numpy_helper.to_array(inits[name]).tobytes())
-    h.update(str(x.shape).encode())
-    h.update(np.ascontiguousarray(x).tobytes())
+    for name in activation_inputs(node):
+        h.update(str(feeds[name].shape).encode())
+        h.update(np.ascontiguousarray(feeds[name]).tobytes())
     return h.hexdigest()[:32]
 
 
-def _time_candidates(native: onnx.ModelProto, standard: onnx.ModelProto, x: np.ndarray,
-                     threads: int) -> tuple[float, float]:
+def _time_candidates(native: onnx.ModelProto, standard: onnx.ModelProto,
+                     feeds: dict[str, np.ndarray], threads: int) -> tuple[float, float]:
     from .runtimes.ort import open_session
 
     sessions = {"native": open_session(native, threads=threads),
                 "standard": open_session(standard, threads=threads)}
-    feeds = {k: [{"x": x}] for k in sessions}
-    times = time_sessions(sessions, feeds, runs=RUNS)
+    times = time_sessions(sessions, {k: [feeds] for k in sessions}, runs=RUNS)
     return statistics.median(times["native"]), statistics.median(times["standard"])
 
 
 def choose_gated_kernels(model: onnx.ModelProto, example: np.ndarray, threads: int = 2,
                          cache_path: Path | None = None) -> tuple[onnx.ModelProto, dict]:
-    """(model with each CG/PG node that runs faster as standard ops lowered, the report
+    """(model with each CG/PG/FBS node that runs faster as standard ops lowered, the report
     entry: machine key and per layer its choice, both medians in ms and whether cached)."""
     nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in CHOOSABLE_OPS]
     key = machine_key(threads)
@@ -224,16 +236,17 @@ def choose_gated_kernels(model: onnx.ModelProto, example: np.ndarray, threads: i
         if not node.name:
             entry["layers"].append({**row, "choice": "native", "why": "unnamed node: not timed"})
             continue
-        if not all(name in inits for name in node.input[1:] if name):
+        acts = activation_inputs(node)
+        if not all(name in inits for name in node.input if name and name not in acts):
             entry["layers"].append({**row, "choice": "native", "why": "computed weights: not timed"})
             continue
-        x = inputs[node.input[0]]
-        sig = _signature(model, node, x)
+        feeds = {name: inputs[name] for name in acts}
+        sig = _signature(model, node, feeds)
         if sig in seen and seen[sig].get("choice") in ("native", "standard"):
             result = {**seen[sig], "cached": True}
         else:
-            single = _single_node(model, node, x)
-            t_native, t_standard = _time_candidates(single, _lowered(single, {node.name}), x, threads)
+            single = _single_node(model, node, feeds)
+            t_native, t_standard = _time_candidates(single, _lowered(single, {node.name}), feeds, threads)
             choice = "standard" if t_standard < (1 - MARGIN) * t_native else "native"
             result = {"choice": choice, "native_ms": round(t_native, 4),
                       "standard_ms": round(t_standard, 4)}

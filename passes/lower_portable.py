@@ -1,9 +1,12 @@
 """Pass: lower the dynamic-gating custom ops to standard ONNX ops (the `--target onnx` path).
 
 Expects: a graph possibly containing `gate2deploy::CGConv`, `PGConv` and `FBSConv` nodes
-(runtimes/OPS.md); their weights may be constants or computed tensors.
+(runtimes/OPS.md); their weights may be constants or computed tensors. Also
+`SparseInputConv` (only `--target ort` emits it, for an FBS layer's consumer; lowered when
+gate2deploy.kernel_choice finds the plain Conv faster, e.g. at FBS density 1).
 
-Guarantees: no node of those three ops remains; each is replaced by a decomposition into
+Guarantees: no node of those ops remains (SparseInputConv becomes exactly what it is: Conv,
+then Add of R and Relu when it has them); each gated op is replaced by a decomposition into
 standard ONNX ops (opset 17: Conv, Greater, Where, Abs, Sign, ReduceMax, Div, Min, Round,
 Floor, Mul, Sub, Add, Cast, ReduceMean, Gemm, Relu, TopK, Slice, Gather, Unsqueeze, Pad,
 Identity) that stock ONNX
@@ -34,7 +37,7 @@ from gate2deploy.ops import DOMAIN, FBS_ACTIVATIONS, FBS_POOLS, GATED_OPS
 from .fuse_gated_epilogue import EPILOGUE_INPUTS_AT, activation_name
 from .ir import const_value
 
-LOWERED_OPS = GATED_OPS
+LOWERED_OPS = (*GATED_OPS, "SparseInputConv")
 
 
 @dataclass
@@ -253,6 +256,21 @@ def _lower_fbs(b: _Builder, node: gs.Node, y: gs.Variable, expose_gates: bool) -
     return gate
 
 
+def _lower_sparse_input_conv(b: _Builder, node: gs.Node, y: gs.Variable) -> None:
+    """SparseInputConv (OPS.md: act(Conv(X, W, B) + R)) as the ops it stands for: a plain
+    Conv reads the zero input channels it skips, same function. No gate."""
+    x, w, bias = node.inputs[:3]
+    r = node.inputs[3] if len(node.inputs) > 3 else None
+    relu = activation_name(node.attrs.get("activation")) == "Relu"
+    attrs = {**_conv_attrs(node), "group": 1}
+    v = b.op("Conv", [x, w, bias], attrs, out=y if r is None and not relu else None)
+    if r is not None:
+        v = b.op("Add", [v, r], out=y if not relu else None)
+    if relu:
+        b.op("Relu", [v], out=y)
+    return None
+
+
 def _epilogue_target(b: _Builder, node: gs.Node, y: gs.Variable):
     """(tensor the gated op's lowering writes, function finishing y) for CG/PG's optional
     epilogue (OPS.md: act(post_scale * Y + post_shift)); (y, None) without one."""
@@ -292,8 +310,10 @@ def lower_portable(graph: gs.Graph, result: LoweringResult | None = None,
             gate = _lower_cg(b, node, target)
         elif node.op == "PGConv":
             gate = _lower_pg(b, node, target)
-        else:
+        elif node.op == "FBSConv":
             gate = _lower_fbs(b, node, y, expose_gates)
+        else:
+            gate = _lower_sparse_input_conv(b, node, y)
         if finish is not None:
             finish()
         node.inputs.clear()

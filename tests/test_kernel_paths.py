@@ -204,6 +204,40 @@ def test_measured_kernel_choice_keeps_the_function(tmp_path, monkeypatch):
     assert "library another-build" in third.report["kernel_choice"]["machine"]
 
 
+def test_measured_kernel_choice_fbs(tmp_path, monkeypatch):
+    """FBSConv layers and the SparseInputConv reading an FBS layer's output are candidates too
+    (the latter timed on its real, partly zero input): each gets its recorded choice and both
+    timings, the custom node stays exactly where "native" was kept, and the export's
+    verification of the chosen graph (each gated layer against PyTorch, the output) passes."""
+    import torch
+
+    from gate2deploy.api import compile as g2d_compile
+    from gate2deploy.gated import FBSConv2d
+
+    import gate2deploy.kernel_choice as kc
+
+    monkeypatch.setattr(kc, "_cache_path", lambda: tmp_path / "kernel_choice.json")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+        FBSConv2d(16, 24, 3, padding=1, density=0.5),
+        FBSConv2d(24, 16, 3, padding=1, density=1.0),
+        torch.nn.Conv2d(16, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    result = g2d_compile(model, x, target="ort", gated_kernels="measured")
+    layers = result.report["kernel_choice"]["layers"]
+    assert [r["op"] for r in layers] == ["FBSConv", "FBSConv", "SparseInputConv"], layers
+    assert all(r["choice"] in ("native", "standard") and r["native_ms"] > 0 and r["standard_ms"] > 0
+               for r in layers), layers
+    assert result.report["gated_layer_check"]["passed"], result.report["gated_layer_check"]
+    with torch.no_grad():  # the chosen graph against PyTorch on another input
+        x2 = torch.randn(1, 3, 16, 16)
+        expected = model(x2).numpy()
+    np.testing.assert_allclose(result.run(x2)[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    remaining = {n.name for n in result.onnx_model.graph.node if n.op_type in kc.CHOOSABLE_OPS}
+    assert {r["node"] for r in layers if r["choice"] == "native"} == remaining, (layers, remaining)
+
+
 def test_measured_kernel_choice_only_for_ort():
     import torch
 

@@ -90,3 +90,40 @@ def test_other_convs_are_left_alone(case):
                            weight_is_input=case == "weight_is_a_graph_input")
     assert sparse_fbs_consumers(graph) == []
     assert (conv.op, conv.domain) in {("Conv", ""), ("Conv", None)}
+
+
+@pytest.mark.parametrize("residual,activation", [(False, ""), (True, ""), (True, "Relu"), (False, "Relu")])
+def test_lowering_back_to_standard_ops_is_the_reference(residual, activation):
+    """passes/lower_portable.py lowers SparseInputConv (the measured kernel choice keeps the
+    plain Conv where it is faster) to Conv [+ Add R] [+ Relu]; on stock ONNX Runtime it matches
+    runtimes/reference.py's sparse_input_conv_reference (written from OPS.md) on an input with
+    zero channels, stride 2 and asymmetric pads, and no gate2deploy node is left."""
+    from gate2deploy.capture import IR_VERSION
+    from gate2deploy.passes import ir
+    from gate2deploy.passes.lower_portable import lower_portable
+    from gate2deploy.runtimes import reference as ref
+    from gate2deploy.runtimes.ort import open_session
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 9, 8)).astype(np.float32)
+    x[:, [1, 4]] = 0.0  # channels an FBS layer switched off
+    w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    attrs = {"strides": [2, 1], "pads": [1, 0, 0, 1], "dilations": [1, 1]}
+    y_ref = ref.sparse_input_conv_reference(x, w, b, attrs["strides"], attrs["pads"], attrs["dilations"])
+    r = rng.standard_normal(y_ref.shape).astype(np.float32)
+    expected = ref.sparse_input_conv_reference(x, w, b, attrs["strides"], attrs["pads"], attrs["dilations"],
+                                               residual=r if residual else None,
+                                               activation=activation or None)
+    xv, rv, yv = gs.Variable("x", np.float32, x.shape), gs.Variable("r", np.float32, r.shape), gs.Variable("y", np.float32)
+    inputs = [xv, gs.Constant("w", w), gs.Constant("b", b)] + ([rv] if residual else [])
+    node = gs.Node("SparseInputConv", "sic", {**attrs, "activation": activation}, inputs=inputs,
+                   outputs=[yv], domain="gate2deploy")
+    graph = gs.Graph(nodes=[node], inputs=[xv] + ([rv] if residual else []), outputs=[yv], opset=17)
+    lowered = lower_portable(graph, only={"sic"})
+    assert not [n for n in lowered.nodes if n.domain == "gate2deploy"]
+    model = ir.export_model(lowered)
+    model.ir_version = IR_VERSION
+    feeds = {"x": x, **({"r": r} if residual else {})}
+    got = open_session(model, custom_ops=False).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

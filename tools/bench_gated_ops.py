@@ -50,7 +50,7 @@ Networks print, beside each speed-up, the network's MAC bound: dense MACs / MACs
 network executes at that gate-on fraction (CG: gate_stats' expected MACs; PG: its
 bit-weighted MACs), the non-gated layers counted dense in both; and a third variant, "meas":
 the `--target ort` graph after `--gated-kernels measured` (gate2deploy/kernel_choice.py: each
-CG/PG layer keeps the faster of its native kernel and its standard-op form on this machine).
+CG/PG/FBS layer keeps the faster of its native kernel and its standard-op form on this machine).
 `--net-batches 1,8 --net-threads 1,2` sweep batch and threads (defaults 1 and --threads);
 `--net-points` picks offsets by index (default all).
 
@@ -300,12 +300,12 @@ def with_threshold_offset(model, offset):
 def network_benchmarks(args) -> None:
     import torch
 
+    from gate2deploy.kernel_choice import choose_gated_kernels
+
     nets = args.networks.split(",")
     torch.manual_seed(0)
     if "cg" in nets or "pg" in nets:
         from gate2deploy.models.dnn_gating import resnet20_cg, resnet20_pg
-
-        from gate2deploy.kernel_choice import choose_gated_kernels
 
         for name, build, offsets in [("cg", lambda: resnet20_cg(partitions=4, shuffle=False), CG_OFFSETS),
                                      ("pg", lambda: resnet20_pg(wbits=8, abits=3, pred_bits=2),
@@ -372,12 +372,17 @@ def network_benchmarks(args) -> None:
                     # the bound: dense MACs / the MACs the active channels execute (input x
                     # output density per layer, gate_stats' FBS rule), on the (first) timed input
                     _, bound = gate_figures(model, example, ort_model)
-                    exported.append((density, bound, example.numpy() if feeds is None else
-                                     [v.numpy() for v in feeds], ort_model, portable, None))
+                    exported.append((density, bound, example, feeds, ort_model, portable))
                 for threads in args.net_threads:
                     args.threads = threads
+                    points = []
+                    for density, bound, example, feeds, ort_model, portable in exported:
+                        # the measured choice times on the (first) example input
+                        measured, _ = choose_gated_kernels(ort_model, example.numpy(), threads=threads)
+                        points.append((density, bound, example.numpy() if feeds is None else
+                                       [v.numpy() for v in feeds], ort_model, portable, measured))
                     network_sweep(f"{title}, batch {batch}, {threads} threads, 224x224; "
-                                  f"on% = density", exported, args)
+                                  f"on% = density", points, args)
 
 
 def main(argv=None) -> int:

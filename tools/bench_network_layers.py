@@ -52,10 +52,10 @@ def session(model: onnx.ModelProto, library: str | None, threads: int) -> ort.In
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def dense_twin(model: onnx.ModelProto, node: onnx.NodeProto, x: np.ndarray) -> onnx.ModelProto:
-    """The node's dense twin alone: Conv(x, W) with its conv attributes (bench_gated_ops'
+def dense_twin(model: onnx.ModelProto, node: onnx.NodeProto, feeds: dict) -> onnx.ModelProto:
+    """The node's dense twin alone: Conv(X, W) with its conv attributes (bench_gated_ops'
     dense_equivalent, on the single-node model)."""
-    return nets.dense_equivalent(_single_node(model, node, x))
+    return nets.dense_equivalent(_single_node(model, node, feeds))
 
 
 def main(argv=None) -> int:
@@ -97,12 +97,12 @@ def main(argv=None) -> int:
     print(head + "  stages (us per call)")
     for node in nodes:
         a = acts[node.input[0]]
-        single = _single_node(ort_model, node, a)
-        sessions = {"dense": session(dense_twin(ort_model, node, a), None, args.threads),
+        feed = [{node.input[0]: a}]
+        single = _single_node(ort_model, node, feed[0])
+        sessions = {"dense": session(dense_twin(ort_model, node, feed[0]), None, args.threads),
                     "gated": session(single, library, args.threads)}
         if args.baseline_library:
             sessions["before"] = session(single, args.baseline_library, args.threads)
-        feed = [{"x": a}]
         times = time_sessions(sessions, {k: feed for k in sessions}, runs=args.repeats)
         ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
         lib.G2DStageTimesReset()  # stage times: runs of their own (the timing above settles

@@ -59,8 +59,8 @@ def add_parser(sub) -> None:
                         "N,N,N with --static-batch)")
     p.add_argument("--fp16", action="store_true", help="--target trt: build the engine in FP16")
     p.add_argument("--gated-kernels", choices=("native", "measured"), default="native",
-                   help="--target ort: native (default): CG/PG layers run the native kernels; measured: time each "
-                        "CG/PG layer's native kernel against its standard-op form on this machine and keep the "
+                   help="--target ort: native (default): CG/PG/FBS layers run the native kernels; measured: time each "
+                        "CG/PG/FBS layer's native kernel against its standard-op form on this machine and keep the "
                         "faster (gate2deploy/kernel_choice.py; choices and timings in the report, cached per CPU)")
     p.add_argument("--kernel-threads", type=int, default=2,
                    help="intra-op threads --gated-kernels measured times with (default %(default)s)")
