@@ -3,7 +3,8 @@
 # flags), every kernel path the CPU supports forced and checked against runtimes/reference.py
 # (tests/test_kernel_paths.py, plus the native op tests), then the layer benchmark
 # (tools/bench_gated_ops.py: dense ONNX Runtime conv vs CGConv / PGConv / FBSConv, same thread
-# count, the path that ran printed per row). Meant for a machine of a tier the development
+# count, the path that ran printed per row) and the CG ResNet-20 layer by layer
+# (tools/bench_network_layers.py; LAYERS=0 skips it). Meant for a machine of a tier the development
 # machine lacks (AVX-512 VNNI, AMX): speed figures count only for the tier that ran them.
 #
 #   bash tools/cpu_tier_check.sh                      # 2 threads, 15 repeats
@@ -16,4 +17,8 @@ python -c "import onnxruntime, torch; print('onnxruntime', onnxruntime.__version
 status=0
 python -m pytest -q -p no:cacheprovider tests/test_kernel_paths.py || status=1
 python tools/bench_gated_ops.py --fractions 0,0.2,0.5,1 --repeats "${REPEATS:-15}" --threads "${THREADS:-2}" || status=1
+# The CG ResNet-20 layer by layer on this tier (each gated node vs its dense twin, per stage).
+if [ "${LAYERS:-1}" = 1 ]; then
+    python tools/bench_network_layers.py --net cg --repeats 50 --threads 1 || status=1
+fi
 exit $status
