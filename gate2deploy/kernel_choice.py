@@ -21,16 +21,18 @@ Decisions (the issue leaves them open):
 - Timing: the two single-node models in alternating blocks (gate2deploy.benchmark), medians;
   "standard" must be faster by more than `MARGIN` (5%) to replace the native kernel, so that
   noise does not flip choices between exports.
-- Candidates: CGConv, PGConv and FBSConv nodes whose weights, masks and thresholds are
-  constants (a computed weight has no fixed cost to time). FBSConv joined later: its native
-  kernel meets its layer goal at density 0.5, but at density 1 (every channel kept: nothing
-  to skip) the FBS ResNet-18 ran at 0.78x dense with it, where the standard form (a dense
-  conv, the saliency and a mask) costs about the dense conv.
+- Candidates: CGConv, PGConv, FBSConv and SparseInputConv nodes whose weights, masks and
+  thresholds are constants (a computed weight has no fixed cost to time). FBSConv and
+  SparseInputConv (an FBS layer's plain-conv consumer) joined later: FBS's native kernel
+  meets its layer goal at density 0.5, but at density 1 (every channel kept: nothing to skip)
+  the FBS ResNet-18 ran at 0.78x dense with it, and an "all standard" network that lowered
+  the FBSConvs still ran its 8 SparseInputConvs natively on dense inputs.
 - Cache: `$GATE2DEPLOY_CACHE/kernel_choice.json` (default ~/.cache/gate2deploy), keyed by the
   CPU model, the native library's kernel configuration (ISA table, AMX) and a digest of its
-  file (a rebuilt kernel is timed again), ONNX Runtime's version and the thread count; inside, by a hash of the node (op, attributes, constant
-  inputs) and of its measured input. A re-export of the same model on the same machine
-  reuses the choice and its timings instead of timing again.
+  file (a rebuilt kernel is timed again), ONNX Runtime's version and the thread count;
+  inside, by a hash of the node (op, attributes, constant inputs) and of its measured
+  input(s). A re-export of the same model on the same machine reuses the choice and its
+  timings instead of timing again.
 - A layer timed alone is not the layer in its network (layout reorders around non-NCHWc ops,
   the unfused epilogue): when some layer chose "standard", the whole network is timed the
   same way as all native, with the per-layer choices, and with every timed layer standard,
@@ -53,7 +55,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .benchmark import time_sessions
-from .ops import DOMAIN
+from .ops import CATALOG, DOMAIN
 
 CHOOSABLE_OPS = ("CGConv", "PGConv", "FBSConv", "SparseInputConv")
 MARGIN = 0.05  # "standard" replaces "native" only when faster by more than this fraction
@@ -129,14 +131,16 @@ def _store_cache(path: Path, data: dict) -> None:
         pass  # a read-only cache only costs re-timing next time
 
 
-# Inputs that carry activations (fed from the network run when a node is timed alone); every
-# other input is a weight and must be constant. SparseInputConv's residual R is an activation.
-ACTIVATION_INPUTS = {"SparseInputConv": (0, 3)}
+# The op catalog's input slots that carry activations (fed from the network run when a node
+# is timed alone): X, and SparseInputConv's residual R. Every other input is a weight and must
+# be constant.
+ACTIVATION_SLOTS = ("X", "R")
 
 
 def activation_inputs(node: onnx.NodeProto) -> list[str]:
-    at = ACTIVATION_INPUTS.get(node.op_type, (0,))
-    return [name for i, name in enumerate(node.input) if i in at and name]
+    slots = CATALOG[node.op_type].inputs
+    return [name for i, name in enumerate(node.input)
+            if name and i < len(slots) and slots[i].rstrip("?") in ACTIVATION_SLOTS]
 
 
 def _gated_inputs(model: onnx.ModelProto, nodes: list[onnx.NodeProto], example: np.ndarray,
