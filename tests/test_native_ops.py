@@ -66,31 +66,28 @@ def run_node(op, x, initializers, attrs, dynamic_x=False):
     return sess.run(None, {"x": x})[0]
 
 
-def delegated_conv_runs() -> int:
-    """Convolutions the native library has handed to ONNX Runtime's NCHWc conv so far."""
+def native_counter(symbol: str) -> int:
+    """One of the native library's int64 run counters (exported C functions, read via ctypes)."""
     import ctypes
 
-    fn = ctypes.CDLL(str(custom_ops_library_path())).G2DDelegatedConvRuns
+    fn = getattr(ctypes.CDLL(str(custom_ops_library_path())), symbol)
     fn.restype = ctypes.c_int64
     return fn()
+
+
+def delegated_conv_runs() -> int:
+    """Convolutions the native library has handed to ONNX Runtime's NCHWc conv so far."""
+    return native_counter("G2DDelegatedConvRuns")
 
 
 def amx_conv_runs() -> int:
     """Samples PGConv has run on AMX int8 tiles so far (runtimes/native/pg_amx.h)."""
-    import ctypes
-
-    fn = ctypes.CDLL(str(custom_ops_library_path())).G2DAmxConvRuns
-    fn.restype = ctypes.c_int64
-    return fn()
+    return native_counter("G2DAmxConvRuns")
 
 
 def pg_int8_runs() -> int:
     """Samples PGConv has run on its int8 kernels (AVX2 / VNNI) so far (runtimes/native/pg_int8.h)."""
-    import ctypes
-
-    fn = ctypes.CDLL(str(custom_ops_library_path())).G2DPGInt8Runs
-    fn.restype = ctypes.c_int64
-    return fn()
+    return native_counter("G2DPGInt8Runs")
 
 
 def pg_int8_kernel() -> str:

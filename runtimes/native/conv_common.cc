@@ -588,19 +588,9 @@ void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
         const int64_t c = chans[slot];
         float* plane = buf + src.plane_base[size_t(c)];
         const float* xc = x + c * g.H * g.W;
-        if (g.sh == 1 && g.sw == 1) {
-          std::memset(plane, 0, sizeof(float) * size_t(g.pt * Wp));
-          for (int64_t h = 0; h < g.H; ++h) {
-            float* row = plane + (h + g.pt) * Wp;
-            for (int64_t j = 0; j < g.pl; ++j) row[j] = 0.f;
-            std::memcpy(row + g.pl, xc + h * g.W, sizeof(float) * g.W);
-            for (int64_t j = g.pl + g.W; j < Wp; ++j) row[j] = 0.f;
-          }
-          std::memset(plane + (g.pt + g.H) * Wp, 0, sizeof(float) * size_t(g.pb * Wp));
-          continue;
-        }
-        // Phase planes: (a, b) at plane + (a * sw + b) * plane_size, padded pixel (r * sh + a,
-        // s * sw + b) at row r, column s; outside the input (padding, the round-up) zero.
+        // Phase planes (stride 1: the one padded plane): (a, b) at plane + (a * sw + b) *
+        // plane_size, padded pixel (r * sh + a, s * sw + b) at row r, column s; outside the
+        // input (padding, the round-up) zero.
         for (int64_t a = 0; a < g.sh; ++a)
           for (int64_t b = 0; b < g.sw; ++b) {
             float* ph = plane + (a * g.sw + b) * plane_size;
@@ -616,7 +606,9 @@ void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
               }
               const float* in = xc + ih * g.W + (s_lo * g.sw + b - g.pl);
               for (int64_t t = 0; t < s_lo; ++t) row[t] = 0.f;
-              if (g.sw == 2) {  // the common stride, as a constant (the loop vectorizes)
+              if (g.sw == 1) {
+                std::memcpy(row + s_lo, in, sizeof(float) * size_t(s_hi - s_lo));
+              } else if (g.sw == 2) {  // the common stride, as a constant (the loop vectorizes)
                 for (int64_t t = s_lo; t < s_hi; ++t) row[t] = in[(t - s_lo) * 2];
               } else {
                 for (int64_t t = s_lo; t < s_hi; ++t) row[t] = in[(t - s_lo) * g.sw];

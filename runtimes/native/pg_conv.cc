@@ -131,6 +131,17 @@ std::shared_ptr<const std::vector<GatedStagePlan<T>>> PlansFor(
   if (!cache) cache = std::make_shared<const std::vector<GatedStagePlan<T>>>(BuildPlans(w, g));
   return cache;
 }
+
+// A kernel's packed weights: for constant W packed once per node (under `mutex`; `packed`
+// because a packer returns null where its layout does not fit the layer), else per call.
+template <class Packed, class Pack>
+std::shared_ptr<const Packed> PackedWeightsOnce(bool w_const, std::mutex& mutex, bool& packed,
+                                                std::shared_ptr<const Packed>& cached, Pack pack) {
+  if (!w_const) return pack();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!packed) cached = pack(), packed = true;
+  return cached;
+}
 }  // namespace
 
 PGConvKernel::PGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
@@ -238,14 +249,8 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
   // Integer stages on AMX int8 tiles (pg_amx.h): exact int32 sums, so the same result. It
   // splits X itself (isa.pg_split, row by row, straight into its int8 layout).
   if (int_path && g.group == 1 && AmxAvailable()) {
-    std::shared_ptr<const PGAmxWeights> amx_w;
-    if (w_const_) {
-      std::lock_guard<std::mutex> lock(plans_mutex_);
-      if (!amx_packed_) amx_w_ = PackPGAmxWeights(w_q->data(), g), amx_packed_ = true;
-      amx_w = amx_w_;
-    } else {
-      amx_w = PackPGAmxWeights(w_q->data(), g);
-    }
+    const std::shared_ptr<const PGAmxWeights> amx_w = PackedWeightsOnce(
+        w_const_, plans_mutex_, amx_packed_, amx_w_, [&] { return PackPGAmxWeights(w_q->data(), g); });
     if (amx_w && std::max(msb_max, lsb_max) <= amx_w->MaxActivation()) {
       RunPGAmx(ctx, *amx_w, g, x, PGSplit{s, levels, int(shift)}, scale1, scale2, thr_data, y);
       return;
@@ -261,14 +266,8 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
   const bool int8_fits = int_path && g.group == 1 && g.sh == 1 && g.sw == 1;
   const PGInt8Isa int8 = int8_fits ? PGInt8For(isa) : PGInt8Isa::kNone;
   if (int8 != PGInt8Isa::kNone) {
-    std::shared_ptr<const PGInt8Weights> w8;
-    if (w_const_) {
-      std::lock_guard<std::mutex> lock(plans_mutex_);
-      if (!int8_packed_) int8_w_ = PackPGInt8Weights(w_q->data(), g), int8_packed_ = true;
-      w8 = int8_w_;
-    } else {
-      w8 = PackPGInt8Weights(w_q->data(), g);
-    }
+    const std::shared_ptr<const PGInt8Weights> w8 = PackedWeightsOnce(
+        w_const_, plans_mutex_, int8_packed_, int8_w_, [&] { return PackPGInt8Weights(w_q->data(), g); });
     if (w8 && PGInt8Fits(*w8, int8, std::max(msb_max, lsb_max))) {
       RunPGInt8(ctx, int8, *w8, g, x, PGSplit{s, levels, int(shift)}, msb_max, lsb_max, scale1,
                 scale2, thr_data, y);
