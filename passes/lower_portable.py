@@ -268,7 +268,6 @@ def _lower_sparse_input_conv(b: _Builder, node: gs.Node, y: gs.Variable) -> None
         v = b.op("Add", [v, r], out=y if not relu else None)
     if relu:
         b.op("Relu", [v], out=y)
-    return None
 
 
 def _epilogue_target(b: _Builder, node: gs.Node, y: gs.Variable):

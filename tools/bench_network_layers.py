@@ -39,14 +39,13 @@ import bench_gated_ops as nets  # noqa: E402  (the networks, their export and de
 
 from gate2deploy.benchmark import time_sessions  # noqa: E402
 from gate2deploy.kernel_choice import _constants, _gated_inputs, _single_node  # noqa: E402
-from gate2deploy.runtimes.ort import custom_ops_library_path  # noqa: E402
+from gate2deploy.runtimes.ort import custom_ops_library_path, session_options  # noqa: E402
 
 
 def session(model: onnx.ModelProto, library: str | None, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    """The project's session options (runtimes/ort.py) with `library` (a build of the native
+    library, maybe not this checkout's) registered: the same options for every build compared."""
+    opts = session_options(threads=threads, custom_ops=False)
     if library:
         opts.register_custom_ops_library(library)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
