@@ -17,10 +17,12 @@ padding is a load mask. The gated work is skipped per tile:
   PG:  the per-tensor scale (max|X| + 1e-7, or static_scale) is reduced on the device and
        passed as a pointer to one float32 (no fp32 scalar kernel argument: since Triton 3.4
        the AOT C launcher passes an fp32 scalar as a C double, which the cubin misreads);
-       `levels` and `unit` are constexprs. The loaded X tile is quantized on the fly in
-       the reference's operation order: stage 1 = conv of the MSB part, stage 2 = LSB part,
-       skipped per tile with no gate on; Y = acc1 + (gate ? acc2 : 0). Groups: a tile's
-       output channels lie within one group.
+       `levels` and `unit` are constexprs. X is quantized once per call in the reference's
+       operation order (_pg_split_kernel: its MSB and LSB parts, fp16 integer levels or fp32
+       values; quantizing each loaded X tile inside the conv, as before, redid it for every
+       output-channel tile and both stages, and PG ran at 0.1-0.17x cuDNN on the H200):
+       stage 1 = conv of the MSB part, stage 2 = LSB part, skipped per tile with no gate on;
+       Y = acc1 + (gate ? acc2 : 0). Groups: a tile's output channels lie within one group.
   FBS: the saliency (pool, predictor) and each sample's active channels are a few torch ops
        on the device: a fixed-size grid of channel slots per sample (the top k = ceil(O *
        density) by saliency, or all O sorted by saliency for a fixed threshold) with a
@@ -83,6 +85,7 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton"
 # Defaults from a sweep on the H200 (graph-replayed CG / PG at 8x128x28x28 and 32x64x56x56,
 # fp32 and fp16): 128 x 64 x 32 with 4 warps, 3 stages was the best or within 5% everywhere.
 BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 64, 32, 4, 3
+SPLIT_BLOCK = 1024  # elements per program of PG's quantization kernel
 MIN_BLOCK = 32  # the smallest tile side the size heuristic picks (tl.dot needs >= 16)
 SM_COUNT = 132  # H100 SXM / H200: the tile heuristic aims at one full wave at least
 FP16_EXACT_INT = 2048  # integers up to this are exact in float16 (11 significant bits)
@@ -122,6 +125,11 @@ def _geometry(x, w, strides, pads, dilations, group):
     ow = (wd + pl + pr - (kw - 1) * dw - 1) // sw + 1
     if oh < 1 or ow < 1:
         raise UserError("kernel (with dilation) is larger than the padded input")
+    # The kernels index with int32 (Triton's program ids and aranges; the AOT signatures' i32)
+    largest = max(x.numel(), w.numel(), n * o * oh * ow)
+    if largest >= 2 ** 31:
+        raise UserError(f"tensor of {largest} elements: the Triton kernels index with int32 "
+                        f"(at most {2 ** 31 - 1} elements per tensor); split the batch")
     return n, c, h, wd, o, cw, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow
 
 
@@ -275,10 +283,27 @@ if triton is not None:
         tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
     @triton.jit
-    def _pg_conv_kernel(x_ptr, w_ptr, thr_ptr, scale_ptr, y_ptr, M, C, H, W, O, OH, OW, CW, OG,
-                        sh, sw, pt, pl, dh, dw, KH: tl.constexpr, KW: tl.constexpr,
+    def _pg_split_kernel(x_ptr, scale_ptr, msb_ptr, lsb_ptr, NUMEL, LEVELS: tl.constexpr,
+                         UNIT: tl.constexpr, INT_LEVELS: tl.constexpr, RINT_ASM: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        # X's MSB and LSB parts (_pg_part), once per call: the conv kernel reads them instead
+        # of quantizing every loaded X tile for each of its output-channel tiles and stages.
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < NUMEL
+        x = tl.load(x_ptr + i, mask=ok, other=0.0)
+        scale = tl.load(scale_ptr)
+        msb = _pg_part(x, scale, LEVELS, UNIT, 1, INT_LEVELS, RINT_ASM)
+        lsb = _pg_part(x, scale, LEVELS, UNIT, 2, INT_LEVELS, RINT_ASM)
+        tl.store(msb_ptr + i, msb.to(msb_ptr.dtype.element_ty), mask=ok)
+        tl.store(lsb_ptr + i, lsb.to(lsb_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _pg_conv_kernel(msb_ptr, lsb_ptr, w_ptr, thr_ptr, scale_ptr, y_ptr, M, C, H, W, O, OH,
+                        OW, CW, OG, sh, sw, pt, pl, dh, dw, KH: tl.constexpr, KW: tl.constexpr,
                         LEVELS: tl.constexpr, UNIT: tl.constexpr, INT_LEVELS: tl.constexpr,
-                        RINT_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # msb_ptr / lsb_ptr: X's parts from _pg_split_kernel ([N, C, H, W]; float16 integer
+        # levels with INT_LEVELS, else float32 dequantized values).
         # Grid axis 1: (group, tile of BLOCK_N channels within the group).
         n, oh, ow, m_ok = _rows(tl.program_id(0), M, OH, OW, BLOCK_M)
         tiles = (OG + BLOCK_N - 1) // BLOCK_N
@@ -288,18 +313,18 @@ if triton is not None:
         o = g * OG + o_in
         scale = tl.load(scale_ptr)
         msb = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        msb = _conv_tile(msb, x_ptr, w_ptr, x_ptr, n, oh, ow, m_ok, o, o_ok, CW, CW, g * CW,
-                         C, H, W, sh, sw, pt, pl, dh, dw, scale, KH, KW, False, 1, LEVELS, UNIT,
-                         INT_LEVELS, RINT_ASM, BLOCK_K)
+        msb = _conv_tile(msb, msb_ptr, w_ptr, msb_ptr, n, oh, ow, m_ok, o, o_ok, CW, CW, g * CW,
+                         C, H, W, sh, sw, pt, pl, dh, dw, 1.0, KH, KW, False, 0, 1.0, 1.0,
+                         False, False, BLOCK_K)
         if INT_LEVELS:  # the sums of integer levels, scaled as one dequantized value
             msb = msb * (scale * (UNIT / LEVELS))
         thr = tl.load(thr_ptr + o, mask=o_ok, other=0.0)
         gate = (msb > thr[None, :]) & m_ok[:, None] & o_ok[None, :]
         lsb = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         if _any(gate):
-            lsb = _conv_tile(lsb, x_ptr, w_ptr, x_ptr, n, oh, ow, m_ok, o, o_ok, CW, CW, g * CW,
-                             C, H, W, sh, sw, pt, pl, dh, dw, scale, KH, KW, False, 2, LEVELS,
-                             UNIT, INT_LEVELS, RINT_ASM, BLOCK_K)
+            lsb = _conv_tile(lsb, lsb_ptr, w_ptr, lsb_ptr, n, oh, ow, m_ok, o, o_ok, CW, CW,
+                             g * CW, C, H, W, sh, sw, pt, pl, dh, dw, 1.0, KH, KW, False, 0,
+                             1.0, 1.0, False, False, BLOCK_K)
             if INT_LEVELS:
                 lsb = lsb * tl.div_rn(scale, LEVELS)
         y = msb + tl.where(gate, lsb, 0.0)
@@ -433,6 +458,22 @@ def pg_int_levels(dtype: torch.dtype, abits: int, pred_bits: int) -> bool:
             and 2 ** (abits - pred_bits) - 1 <= FP16_EXACT_INT)
 
 
+def pg_parts(x: torch.Tensor, scale: torch.Tensor, abits: int, pred_bits: int) -> torch.Tensor:
+    """X's PG parts [2, *X.shape] (MSB, LSB; reference.pg_split_activations), quantized once
+    per call for pg_conv's kernel: float16 integer levels (sign * q_hb / unit, sign * q_lb)
+    where pg_int_levels says the tensor cores take them, else float32 dequantized values.
+    `scale`: pg_scale's device tensor."""
+    levels, unit = pg_levels(abits, pred_bits)
+    int_levels = pg_int_levels(x.dtype, abits, pred_bits)
+    x = x.contiguous()
+    parts = torch.empty((2, *x.shape), dtype=torch.float16 if int_levels else torch.float32, device=x.device)
+    if x.numel():
+        _pg_split_kernel[(triton.cdiv(x.numel(), SPLIT_BLOCK),)](
+            x, scale, parts[0], parts[1], x.numel(), LEVELS=levels, UNIT=unit, INT_LEVELS=int_levels,
+            RINT_ASM=not INTERPRETED, BLOCK=SPLIT_BLOCK, num_warps=NUM_WARPS)
+    return parts
+
+
 def pg_conv(x: torch.Tensor, w: torch.Tensor, threshold: torch.Tensor, abits: int,
             pred_bits: int, static_scale: float = 0.0, strides=(1, 1), pads=(0, 0, 0, 0),
             dilations=(1, 1), group: int = 1) -> torch.Tensor:
@@ -449,13 +490,15 @@ def pg_conv(x: torch.Tensor, w: torch.Tensor, threshold: torch.Tensor, abits: in
         return y
     m, og = n * oh * ow, o // group
     levels, unit = pg_levels(abits, pred_bits)
+    int_levels = pg_int_levels(x.dtype, abits, pred_bits)
+    scale = pg_scale(x, static_scale)
+    parts = pg_parts(x, scale, abits, pred_bits)
     bm, bn = tile_sizes(m, og, group)
     grid = (triton.cdiv(m, bm), group * triton.cdiv(og, bn))
     _pg_conv_kernel[grid](
-        x.contiguous(), channels_last_weights(w), _f32(threshold).view(-1), pg_scale(x, static_scale), y,
+        parts[0], parts[1], channels_last_weights(w), _f32(threshold).view(-1), scale, y,
         m, c, h, wd, o, oh, ow, cw, og, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw, LEVELS=levels,
-        UNIT=unit, INT_LEVELS=pg_int_levels(x.dtype, abits, pred_bits), RINT_ASM=not INTERPRETED,
-        BLOCK_M=bm, BLOCK_N=bn,
+        UNIT=unit, INT_LEVELS=int_levels, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
 
@@ -546,15 +589,20 @@ def kernel_signatures(dtype: str = "fp32", kh: int = 3, kw: int = 3, block_m: in
     tiles = [("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", BLOCK_K)]
     levels, unit = pg_levels(abits, pred_bits)
     int_levels = pg_int_levels(torch.float16 if dtype == "fp16" else torch.float32, abits, pred_bits)
+    parts = "*fp16" if int_levels else "*fp32"  # PG's quantized X parts (pg_conv)
     return {
         "_cg_conv_kernel": [
             ("x_ptr", t), ("w1_ptr", t), ("w2_ptr", t), ("chan_ptr", "*i32"), ("count_ptr", "*i32"),
             ("thr_ptr", "*fp32"), ("y_ptr", t), *ints("M", "C", "H", "W", "O", "OH", "OW"),
             *ints(*_GEOMETRY_ARGS), *blocks, *tiles],
+        "_pg_split_kernel": [
+            ("x_ptr", t), ("scale_ptr", "*fp32"), ("msb_ptr", parts), ("lsb_ptr", parts), *ints("NUMEL"),
+            ("LEVELS", levels), ("UNIT", unit), ("INT_LEVELS", int(int_levels)), ("RINT_ASM", 1),
+            ("BLOCK", SPLIT_BLOCK)],
         "_pg_conv_kernel": [
-            ("x_ptr", t), ("w_ptr", t), ("thr_ptr", "*fp32"), ("scale_ptr", "*fp32"), ("y_ptr", t),
-            *ints("M", "C", "H", "W", "O", "OH", "OW", "CW", "OG"), *ints(*_GEOMETRY_ARGS), *blocks,
-            ("LEVELS", levels), ("UNIT", unit), ("INT_LEVELS", int(int_levels)), ("RINT_ASM", 1), *tiles],
+            ("msb_ptr", parts), ("lsb_ptr", parts), ("w_ptr", t), ("thr_ptr", "*fp32"), ("scale_ptr", "*fp32"),
+            ("y_ptr", t), *ints("M", "C", "H", "W", "O", "OH", "OW", "CW", "OG"), *ints(*_GEOMETRY_ARGS),
+            *blocks, ("LEVELS", levels), ("UNIT", unit), ("INT_LEVELS", int(int_levels)), *tiles],
         "_fbs_conv_kernel": [
             ("x_ptr", t), ("w_ptr", t), ("slot_ptr", "*i32"), ("valid_ptr", "*i32"),
             ("gamma_ptr", "*fp32"), ("scale_ptr", "*fp32"), ("shift_ptr", "*fp32"),

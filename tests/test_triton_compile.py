@@ -61,7 +61,17 @@ def compiled():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-KERNELS = ("_cg_conv_kernel", "_pg_conv_kernel", "_fbs_conv_kernel")
+CONV_KERNELS = ("_cg_conv_kernel", "_pg_conv_kernel", "_fbs_conv_kernel")
+KERNELS = (*CONV_KERNELS, "_pg_split_kernel")  # PG's quantization: elementwise, no dot
+
+
+def test_every_kernel_has_a_signature():
+    from gate2deploy.runtimes import triton_kernels as tk
+
+    if tk.triton is None:
+        pytest.skip("Triton is not importable here")
+    assert set(tk.kernel_signatures("fp32")) == set(KERNELS)
+    assert {name for name in dir(tk) if name.startswith("_") and name.endswith("_kernel")} == set(KERNELS)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -71,7 +81,9 @@ def test_kernel_compiles_for_sm90(compiled, kernel, dtype):
     assert info["cubin"] > 0
     assert info["sig"] == info["arg_names"]  # the AOT signature lists every argument in order
     assert set(info["scalar_types"]) == {"i32"}  # no fp32 scalar argument
-    if dtype == "fp16":
+    if kernel not in CONV_KERNELS:
+        assert info["mma"] == 0
+    elif dtype == "fp16":
         assert info["mma"] > 0, "fp16 dots should run on the tensor cores"
     else:
         assert info["mma"] == 0 and info["tf32"] == 0, "fp32 dots must be IEEE fp32, never TF32"

@@ -116,6 +116,42 @@ def test_triton_pg_conv(tk, gi, frac, bits, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [(3, 2), (8, 4), (12, 1)])
+def test_triton_pg_parts_are_the_reference_parts(tk, bits, dtype):
+    """pg_conv quantizes X once (pg_parts) and convolves the parts: the parts must be the
+    reference's x_hb / x_lb bit for bit (float32 values), or, where the fp16 kernel feeds the
+    tensor cores integer levels, exactly those levels (x_hb = level * s * unit / levels)."""
+    rng = np.random.default_rng(7)
+    x = as_dtype(rng.standard_normal((2, 3, 5, 7)) * 3, dtype)
+    x[0, 0, 0, :3] = [0.0, -0.0, float(np.abs(x).max())]  # zeros and the scale's own element
+    x_hb, x_lb, s = ref.pg_split_activations(x, *bits)
+    xt = T(x.astype(DTYPES[dtype][0]))
+    parts = tk.pg_parts(xt, tk.pg_scale(xt), *bits)
+    levels, unit = 2.0 ** bits[0] - 1, 2.0 ** (bits[0] - bits[1])
+    if tk.pg_int_levels(xt.dtype, *bits):
+        assert parts.dtype == torch.float16
+        # the reference's q levels from its own parts (exact: powers of two and small integers)
+        q_hb = np.round(np.abs(x_hb) / np.float32(s) * levels) * np.sign(x_hb)
+        q_lb = np.round(np.abs(x_lb) / np.float32(s) * levels) * np.sign(x_lb)
+        np.testing.assert_array_equal(parts[0].float().numpy(), q_hb / unit)
+        np.testing.assert_array_equal(parts[1].float().numpy(), q_lb)
+    else:
+        assert parts.dtype == torch.float32
+        np.testing.assert_array_equal(parts[0].numpy(), x_hb)
+        np.testing.assert_array_equal(parts[1].numpy(), x_lb)
+
+
+def test_triton_kernels_refuse_tensors_beyond_int32_indexing(tk):
+    """The kernels index with int32: a tensor of 2^31 elements or more is refused with one
+    line before any launch (meta tensors: nothing is allocated)."""
+    x = torch.empty((1, 1, 2 ** 16, 2 ** 15), device="meta")
+    w = torch.empty((1, 1, 1, 1), device="meta")
+    thr = torch.empty(1, device="meta")
+    with pytest.raises(UserError, match="int32"):
+        tk.pg_conv(x, w, thr, 3, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["density0.2", "density1", "all_off"])
 @pytest.mark.parametrize("gi", range(len(GEOMS)))
 def test_triton_fbs_conv(tk, gi, case, dtype):

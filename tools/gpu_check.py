@@ -519,7 +519,21 @@ def aot_check(workdir: Path, ref, tk, torch, rng, shape) -> bool:
     msb = ref.conv2d(x_hb, w, S, P, D)
     thr = ref.thresholds_for_fraction(msb, 0.2)
     w_cl = np.ascontiguousarray(w.transpose(0, 2, 3, 1))  # the kernels read W as [O, KH, KW, C]
-    run("_pg_conv_kernel", {"x_ptr": xr, "w_ptr": w_cl, "thr_ptr": thr, "scale_ptr": scale, **dims,
+    # PG is two launches, as the wrapper makes them: the quantization kernel (X's MSB and LSB
+    # parts; the harness reads back one output per run, so it runs twice), checked bit for bit
+    # against the reference's parts, then the conv on the parts it wrote.
+    _, x_lb, _ = ref.pg_split_activations(xr, 8, 4)
+    split_sig = tk.kernel_signatures("fp32", K, K, tk.BLOCK_M, tk.BLOCK_N, 8, 4)["_pg_split_kernel"]
+    split_grid = f"({xr.size} + {tk.SPLIT_BLOCK - 1}) / {tk.SPLIT_BLOCK}, 1, 1"
+    split_in = {"x_ptr": xr, "scale_ptr": scale, "NUMEL": xr.size}
+    parts = {}
+    for name, other in (("msb_ptr", "lsb_ptr"), ("lsb_ptr", "msb_ptr")):
+        parts[name] = aot_build_and_run(workdir, "_pg_split_kernel", split_sig,
+                                        {**split_in, other: np.zeros_like(xr)}, split_grid, xr.size).reshape(xr.shape)
+    split_exact = np.array_equal(parts["msb_ptr"], x_hb) and np.array_equal(parts["lsb_ptr"], x_lb)
+    print(f"  PG quantization AOT: {'bit-identical to' if split_exact else 'DIFFERS from'} the reference's parts")
+    ok_all &= split_exact
+    run("_pg_conv_kernel", {**parts, "w_ptr": w_cl, "thr_ptr": thr, "scale_ptr": scale, **dims,
                             "CW": c, "OG": o}, o, msb, thr,
         ref.pg_conv_reference(xr, w, thr, 8, 4, 0.0, S, P, D), "PGConv AOT, 20% on (scale by pointer)")
 
