@@ -364,7 +364,7 @@ def split_everything(modules, example, threads, **timing):
     return {k: FORM_MS[k] for k in modules}, ""
 
 
-FORM_MS = {"fused": 3.0, "hybrid": 1.0, "branches": 2.0}
+FORM_MS = {"fused": 3.0, "hybrid": 1.0, "padded": 2.5, "branches": 2.0}
 
 
 @pytest.mark.parametrize("arch", ["vgg", "resnet"])
@@ -382,6 +382,41 @@ def test_hybrid_form_matches_seed_evaluation(tmp_path, arch):
     splits = [m for m in gm.modules() if isinstance(m, SplitConv)]
     assert len(splits) == len(gm.plan["hybrid_split_layers"])
     compiled = gate2deploy.compile(gm, x1, target="onnx")
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 32, 32)
+        np.testing.assert_allclose(compiled.run(x)[0], seed_grouped_eval(models, groups, x), rtol=0, atol=1e-5)
+
+
+def conv_widths(model: onnx.ModelProto, skip: list[str]) -> list[int]:
+    """Every Conv's output channel count (from its weight initializer), except nodes whose
+    name contains one of `skip`."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    return [dims[n.input[1]][0] for n in model.graph.node
+            if n.op_type == "Conv" and not any(s in n.name for s in skip)]
+
+
+@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+def test_padded_form_rounds_widths_to_blocks_and_matches_seed_evaluation(arch):
+    """--sensai-form padded: every group its own branch, every conv's width a whole NCHWc
+    block (passes/choose_widths.py BLOCK; 4 below a block), the group models' own widths
+    ragged; the export equals the seed's grouped evaluation at batch 1 and 8."""
+    from gate2deploy.importers.sensai import grouped_model
+    from gate2deploy.passes.choose_widths import BLOCK
+
+    groups = [[0, 1], [2, 3], [4, 5]]
+    models = (group_models("vgg", groups, 6, seed=26) if arch == "vgg" else
+              group_models("resnet", groups, 6, seed=27, depth=11))
+    own = [m.out_channels for model in models for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert any(c % 4 for c in own)  # the fixture's pruned widths are ragged
+    x1 = torch.randn(1, 3, 32, 32)
+    gm = grouped_model(models, groups, x1, form="padded")
+    assert gm.plan["form"] == "padded" and gm.plan["padded"] == [0, 1, 2] and gm.plan["fused"] == []
+    compiled = gate2deploy.compile(gm, x1, target="onnx")
+    # the heads (Linear layers, exported as 1x1 convs) keep their rows: the logits
+    heads = {name for name, m in models[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    widths = conv_widths(compiled.onnx_model, skip=[f"/{h}/" for h in heads])
+    assert len(widths) == len(own)  # every group's convs
+    assert all(w % (BLOCK if w >= BLOCK else 4) == 0 for w in widths), widths
     for batch in (1, 8):
         x = torch.randn(batch, 3, 32, 32)
         np.testing.assert_allclose(compiled.run(x)[0], seed_grouped_eval(models, groups, x), rtol=0, atol=1e-5)

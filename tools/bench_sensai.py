@@ -7,12 +7,17 @@ batch 1 (--batch 1 8 for both), ONNX Runtime CPU, the same thread count everywhe
 - fused:      equal-structure groups fused into grouped convolutions (padded to the widest);
 - hybrid:     fused, with the layers that time faster per group split back into the groups'
               own convolutions (importers/sensai.py hybridize; per-layer timing as the export);
+- padded:     the N group models as parallel branches, each one's widths rounded up to
+              whole NCHWc blocks (importers/sensai.py: pruned widths run im2col otherwise);
 - branches:   the same N group models as parallel branches of one ONNX graph (ONNX
               Runtime's default sequential execution);
 - sequential: the N group models as N ONNX models run one after another (plus the
               combination in numpy), as sensAI's evaluate.py runs them.
-The export's default (--sensai-form auto) keeps the fastest of fused / hybrid / branches,
+The export's default (--sensai-form auto) keeps the fastest of fused / hybrid / padded / branches,
 timed the same way; the "chosen" line is that choice on this run's figures.
+
+Beside the goals, the machine's peak multiply-add rate (large dense convs, timed in the same
+blocks) and the ceiling it puts on any form: the groups' MACs at that rate.
 
 Every model goes through gate2deploy.compile (target onnx, verified). Timing: alternating
 blocks, medians (minima in brackets; gate2deploy/benchmark.py). Also checks that every
@@ -68,7 +73,34 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-FORMS = ("fused", "hybrid", "branches")
+FORMS = ("fused", "hybrid", "padded", "branches")
+
+
+def peak_sessions(threads: int) -> tuple[dict, dict, dict]:
+    """Sessions that measure the best multiply-add rate ONNX Runtime reaches on this machine at
+    `threads` threads: large 3x3 convolutions alone (MLAS's NCHWc kernels at their most
+    efficient, no per-op overhead to speak of). Timed in the same alternating blocks as the
+    forms (this machine's speed changes by up to 2x within minutes when its neighbours are
+    busy), the fastest shape's rate is the peak: no form of the grouped model can run its
+    multiply-adds faster, so the groups' MACs / peak is a floor on any form's time and
+    sequential ms / that floor a ceiling on its speed-up (printed beside the goals: issue 16).
+    Returns (sessions, feeds, MACs per run), keyed "peak <shape>"."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    sessions, feeds, macs = {}, {}, {}
+    for c, side in [(256, 32), (128, 32), (256, 16)]:  # (channels in = out, side)
+        w = (rng.standard_normal((c, c, 3, 3)) * 0.05).astype(np.float32)
+        node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+        graph = helper.make_graph([node], "peak", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, side, side])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(w, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        key = f"peak 3x3 conv {c} ch {side}x{side}"
+        sessions[key] = make_session(model, threads=threads)
+        feeds[key] = [{"x": rng.standard_normal((1, c, side, side)).astype(np.float32)}]
+        macs[key] = c * c * 9 * side * side
+    return sessions, feeds, macs
 
 
 def bench(name, models, threads, repeats, batches, spin_modes):
@@ -97,9 +129,16 @@ def bench(name, models, threads, repeats, batches, spin_modes):
         ref = outs["sequential" + ("" if spin_modes[0] else "-nospin")]
         err = max(float(np.abs(o - ref).max()) for o in outs.values())
         assert err <= 1e-5, f"outputs differ from the seed combination by {err:.1e}"
-        times = time_sessions(sessions, {k: [{"input": x}] for k in sessions}, runs=repeats)
+        feeds = {k: [{"input": x}] for k in sessions}
+        peak_s, peak_feeds, peak_macs = peak_sessions(threads)
+        times = time_sessions({**sessions, **peak_s}, {**feeds, **peak_feeds}, runs=repeats)
         med = {k: statistics.median(t) for k, t in times.items()}
         low = {k: min(t) for k, t in times.items()}
+        rates = {k: peak_macs[k] / med[k] / 1e6 for k in peak_s}  # GMAC/s (times in ms)
+        peak_key = max(rates, key=rates.get)
+        peak = rates[peak_key]
+        print(f"    machine peak in this run: {peak:.1f} GMAC/s ({peak_key[5:]}, {threads} threads, "
+              f"median; the shapes: {', '.join(f'{r:.1f}' for r in rates.values())})")
         print(f"  batch {batch}: MACs " + ", ".join(f"{f} {v / 1e6:.0f} M" for f, v in macs.items())
               + f"; max |any form - seed combination| {err:.1e}")
         for spin in spin_modes:
@@ -112,6 +151,14 @@ def bench(name, models, threads, repeats, batches, spin_modes):
             print(f"      chosen (fastest, as the export's auto form picks): {chosen}; sequential/{chosen} "
                   f"{seq / c:.2f}x (goal >= 2), branches/{chosen} {br / c:.2f}x (goal >= 1.3); "
                   f"sequential/fused {seq / med['fused' + tag]:.2f}x, branches/fused {br / med['fused' + tag]:.2f}x")
+            # The ceiling: the group models' own MACs (no padding; the report counts the whole
+            # batch) at the machine's peak rate.
+            floor_ms = macs["branches"] / (peak * 1e6)
+            print(f"      ceiling at this machine's peak ({peak:.1f} GMAC/s): the groups' {macs['branches'] / 1e6:.0f} M "
+                  f"MACs take >= {floor_ms:.2f} ms, so sequential/any form <= {seq / floor_ms:.2f}x "
+                  f"(goal 2: {'reachable' if seq / floor_ms >= 2 else 'NOT reachable here'}), branches/any "
+                  f"form <= {br / floor_ms:.2f}x (goal 1.3: {'reachable' if br / floor_ms >= 1.3 else 'NOT reachable here'}); "
+                  f"sequential ran at {macs['branches'] / (seq * 1e6):.1f} GMAC/s")
 
 
 def main() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..importers.netslim import RULES, SCOPES
+from ..importers.sensai import FORMS as SENSAI_FORMS
 from ..options import PHYSICAL_WIDTHS
 
 
@@ -40,10 +41,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sensai-grouping", metavar="NPY|JSON",
                    help="sensAI: the class groups (grouping_config.npy, or JSON lists); the checkpoints are "
                         "then the group models, combined as sensAI's grouped evaluation into one model")
-    p.add_argument("--sensai-form", choices=("auto", "fused", "hybrid", "branches"), default="auto",
+    p.add_argument("--sensai-form", choices=SENSAI_FORMS, default="auto",
                    help="sensAI: fused (groups of equal structure as one model of grouped convolutions, each group "
                         "padded to the widest), hybrid (fused, the layers that run faster per group split back into "
-                        "per-group convolutions), branches (every group its own model), or auto (default: the "
+                        "per-group convolutions), padded (every group its own model, its widths rounded up to whole "
+                        "NCHWc blocks), branches (every group its own model as it is), or auto (default: the "
                         "fastest of them, timed on ONNX Runtime CPU at the export's batch)")
     p.add_argument("--sensai-threads", type=int, default=2,
                    help="sensAI: ONNX Runtime threads the auto form is timed with (default 2)")

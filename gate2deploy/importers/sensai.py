@@ -66,6 +66,13 @@ Forms and the choice between them (`grouped_model(form=...)`, `--sensai-form`):
   around it are unchanged. Per layer, both forms are timed alone on ONNX Runtime at the
   layer's input shape; where timing fails, a MAC rule (SPLIT_MAC_RATIO,
   SPLIT_MIN_GROUP_MACS). Checked against the group models like the fused model.
+- padded: every group its own model in one graph, each layer's width rounded up to whole
+  NCHWc blocks (the fusion of one group: zero channels, exact). APoZ pruning leaves widths
+  such as 20, 47, 79: ONNX Runtime runs a conv in its blocked layout only when the width is a
+  multiple of the block (passes/choose_widths.py), so 11 of a pruned VGG-19 group model's 16
+  convs ran im2col (measured, ORT 1.31, AVX2, 2 threads, 10 groups at batch 1: VGG-19-BN
+  branches 32.1 ms, padded 28.5 ms; bottleneck ResNet-56 37.6 ms vs 18.6 ms). Groups that
+  cannot be fused at all (width-dependent forwards) stay as they are.
 - branches: every group its own model in one graph.
 - auto (default): every available form is built and timed on ONNX Runtime CPU
   (`time_forms`: captured as the export captures, default spinning, `threads` threads,
@@ -102,9 +109,10 @@ FUSE_RTOL = 1e-4
 
 # The forms of the grouped model (grouped_model): "fused" every layer of equal-structure groups
 # one grouped layer; "hybrid" the same with chosen layers run per group on their real widths
-# (SplitConv); "branches" every group its own model; "auto" the fastest of them, timed.
-FORMS = ("auto", "fused", "hybrid", "branches")
-FORM_PREFERENCE = ("fused", "hybrid", "branches")  # MAC ties: fewer ops first
+# (SplitConv); "padded" every group its own model with its widths rounded up to whole NCHWc
+# blocks; "branches" every group its own model as it is; "auto" the fastest of them, timed.
+FORMS = ("auto", "fused", "hybrid", "padded", "branches")
+FORM_PREFERENCE = ("fused", "hybrid", "branches", "padded")  # MAC ties: fewer ops, then no padding
 TIMING_THREADS = 2  # CompiledModel.session's default
 TIMING_RUNS = 20  # per candidate, interleaved in blocks (gate2deploy/benchmark.py)
 # The MAC rule of a layer when it cannot be timed: run it per group when padding to the block
@@ -346,6 +354,15 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
     clusters = [[g] for g in range(len(models))] if form == "branches" else _same_structure(models)
     # per cluster: (members, fused module or None, hybrid module or None, its split layers)
     built, notes, hybrid_notes = [], [], []
+    # padded[g]: group g's model with its widths rounded up to whole blocks (fuse_groups of
+    # that group alone), for the padded form
+    padded: list[nn.Module | None] = [None] * len(models)
+    pad_notes: list[str] = []
+    if form in ("auto", "padded"):
+        for g, model in enumerate(models):
+            padded[g], why = fuse_groups([model], example)
+            if padded[g] is None:
+                pad_notes.append(f"group {g}: {why}")
     for members in clusters:
         if len(members) == 1:
             if form != "branches":
@@ -367,6 +384,10 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
 
     def assemble(kind: str) -> GroupedModel:
         bodies = []
+        if kind == "padded":
+            bodies = [Body([g], FusedBody(padded[g], 1) if padded[g] is not None else BranchBody(models[g]),
+                           False, rows[g]) for g in range(len(models))]
+            return GroupedModel(bodies, groups, rows, mode, {}).eval()
         for members, fused, hybrid, _ in built:
             module = {"fused": fused, "hybrid": hybrid or fused, "branches": None}[kind]
             if module is None:
@@ -382,7 +403,11 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
         candidates["fused"] = assemble("fused")
     if any(h is not None for _, _, h, _ in built):
         candidates["hybrid"] = assemble("hybrid")
+    if any(p is not None for p in padded):
+        candidates["padded"] = assemble("padded")
     macs = {k: module_macs(m, example) for k, m in candidates.items()}
+    if "padded" in candidates and macs["padded"] == macs["branches"] and form != "padded":
+        del candidates["padded"], macs["padded"]  # every width already whole blocks: the branches
     timings, chosen_by = {}, "requested"
     if form == "auto" and len(candidates) == 1:
         chosen, chosen_by = "branches", "the only form (no groups to fuse)"
@@ -397,7 +422,7 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
             chosen_by = f"MACs (timing failed: {failure})"
     else:
         chosen = form if form in candidates else ("fused" if form == "hybrid" and "fused" in candidates
-                                                  else "branches")
+                                                  else "branches")  # padded: no group could be
         if chosen != form:
             notes.append(f"form {form} not available; {chosen} used")
     grouped = candidates[chosen]
@@ -411,6 +436,8 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
         # the hybrid candidate's per-group layers (whichever form was chosen)
         "hybrid_split_layers": [name for _, _, hybrid, split in built if hybrid is not None for name in split],
         "no_hybrid_because": hybrid_notes,
+        "padded": [g for g, p in enumerate(padded) if p is not None] if chosen == "padded" else [],
+        "not_padded_because": pad_notes,
         "not_fused_because": notes if form != "branches" else ["fusion off"],
     }
     return grouped
