@@ -7,7 +7,8 @@ channel-last copies, stage 1, gate, gated-on lists, sparse and dense stage 2, co
 
 `--baseline-library old.so` adds a before/after column: the same node run by another build
 of the native library (e.g. the main branch's, from ~/.cache/gate2deploy/native), timed in
-the same alternating blocks, with the largest output difference between the two builds. PG's int8 path (pg_int8.cc)
+the same alternating blocks, with the largest output difference between the two builds, and
+that build's stage times after the new one's ("| before:"). PG's int8 path (pg_int8.cc)
 has no stage timers: its rows show the wall times only.
 
 Timing: the sessions of one layer in alternating blocks of 10 runs (gate2deploy.benchmark),
@@ -57,6 +58,16 @@ def dense_twin(model: onnx.ModelProto, node: onnx.NodeProto, feeds: dict) -> onn
     return nets.dense_equivalent(_single_node(model, node, feeds))
 
 
+def stage_times(lib, sess: ort.InferenceSession, feed: dict, repeats: int) -> str:
+    """The per-stage times of `repeats` runs of `sess`, from `lib` (the build that runs it):
+    runs of their own (the timing before settles each block with untimed runs)."""
+    lib.G2DStageTimesReset()
+    for _ in range(repeats):
+        sess.run(None, feed)
+    stages = lib.G2DStageTimesReport(repeats).decode()
+    return " ".join(f for f in stages.split() if "=" in f and not f.endswith("=0.0"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--net", choices=["cg", "pg"], default="cg")
@@ -83,6 +94,10 @@ def main(argv=None) -> int:
     lib = ctypes.CDLL(library)
     lib.G2DStageTimesReport.restype = ctypes.c_char_p
     lib.G2DKernelConfig.restype = ctypes.c_char_p
+    base_lib = None
+    if args.baseline_library:
+        base_lib = ctypes.CDLL(args.baseline_library)  # the handle ONNX Runtime loads too
+        base_lib.G2DStageTimesReport.restype = ctypes.c_char_p
     op = "CGConv" if args.net == "cg" else "PGConv"
     nodes = [n for n in ort_model.graph.node if n.op_type == op]
     acts = _gated_inputs(ort_model, nodes, x.numpy(), args.threads)
@@ -104,11 +119,9 @@ def main(argv=None) -> int:
             sessions["before"] = session(single, args.baseline_library, args.threads)
         times = time_sessions(sessions, {k: feed for k in sessions}, runs=args.repeats)
         ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
-        lib.G2DStageTimesReset()  # stage times: runs of their own (the timing above settles
-        for _ in range(args.repeats):  # each block with untimed runs)
-            sessions["gated"].run(None, feed[0])
-        stages = lib.G2DStageTimesReport(args.repeats).decode()
-        stages = " ".join(f for f in stages.split() if "=" in f and not f.endswith("=0.0"))
+        stages = stage_times(lib, sessions["gated"], feed[0], args.repeats)
+        if args.baseline_library:
+            stages += "  | before: " + stage_times(base_lib, sessions["before"], feed[0], args.repeats)
         w = consts[node.input[1]].dims
         strides = next((list(at.ints) for at in node.attribute if at.name == "strides"), [1, 1])
         row = (f"  {node.name[-26:]:26s} {str(list(w)):>14s} {a.shape[2]:>3d}x{a.shape[3]:<2d} "
