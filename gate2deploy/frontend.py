@@ -192,7 +192,9 @@ def _load_sensai(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, 
     timed = ", ".join(f"{k} {v['ms']:.2f} ms" for k, v in plan["candidates"].items() if "ms" in v)
     print(f"gate2deploy: sensAI form {plan['form']} ({plan['chosen_by']}{': ' + timed if timed else ''})",
           file=sys.stderr)
-    if plan["branches"] and len(plan["head_rows"]) > 1 and plan["not_fused_because"] and form != "branches":
+    if plan["form"] == "padded" and plan["not_padded_because"]:
+        print(f"gate2deploy: sensAI groups not padded: {'; '.join(plan['not_padded_because'])}", file=sys.stderr)
+    elif plan["branches"] and len(plan["head_rows"]) > 1 and plan["not_fused_because"] and form != "branches":
         print(f"gate2deploy: sensAI groups {plan['branches']} run as parallel branches: "
               f"{'; '.join(plan['not_fused_because'])}", file=sys.stderr)
     return grouped, {"checkpoint": [str(f) for f in files], "format": "sensAI group models",

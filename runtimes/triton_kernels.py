@@ -125,12 +125,15 @@ def _geometry(x, w, strides, pads, dilations, group):
     ow = (wd + pl + pr - (kw - 1) * dw - 1) // sw + 1
     if oh < 1 or ow < 1:
         raise UserError("kernel (with dilation) is larger than the padded input")
-    # The kernels index with int32 (Triton's program ids and aranges; the AOT signatures' i32)
-    largest = max(x.numel(), w.numel(), n * o * oh * ow)
+    _check_int32_size(max(x.numel(), w.numel(), n * o * oh * ow))
+    return n, c, h, wd, o, cw, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow
+
+
+def _check_int32_size(largest: int) -> None:
+    """The kernels index with int32 (Triton's program ids and aranges; the AOT signatures' i32)."""
     if largest >= 2 ** 31:
         raise UserError(f"tensor of {largest} elements: the Triton kernels index with int32 "
                         f"(at most {2 ** 31 - 1} elements per tensor); split the batch")
-    return n, c, h, wd, o, cw, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow
 
 
 def tile_sizes(m: int, cols: int, tiles_per_col_group: int = 1) -> tuple[int, int]:
@@ -214,14 +217,12 @@ if triton is not None:
 
     @triton.jit
     def _conv_tile(acc, x_ptr, w_ptr, chan_ptr, n, oh, ow, m_ok, o, o_ok, c_len, w_tap, c0,
-                   C, H, W, sh, sw, pt, pl, dh, dw, scale,
-                   KH: tl.constexpr, KW: tl.constexpr, GATHER: tl.constexpr,
-                   PART: tl.constexpr, LEVELS: tl.constexpr, UNIT: tl.constexpr,
-                   INT_LEVELS: tl.constexpr, RINT_ASM: tl.constexpr, BLOCK_K: tl.constexpr):
+                   C, H, W, sh, sw, pt, pl, dh, dw,
+                   KH: tl.constexpr, KW: tl.constexpr, GATHER: tl.constexpr, BLOCK_K: tl.constexpr):
         """acc[m, j] + sum over taps t = (i, j) and list positions ci < c_len of
         X[n, chan(ci), ih, iw] * W[o[j], t, ci], W laid out [O, KH, KW, w_tap] (channels
-        innermost). chan(ci) = chan_ptr[ci] (GATHER) or c0 + ci. PART 1 / 2: X replaced by
-        its PG MSB / LSB part.
+        innermost). chan(ci) = chan_ptr[ci] (GATHER) or c0 + ci. X's dtype decides the dot
+        (_mma): PG passes its quantized parts here in place of X.
 
         One flat loop over (tap, chunk of BLOCK_K channels), so that Triton pipelines it:
         the tap's input row (ih, iw, padding mask) is a BLOCK_M vector, and a channel chunk
@@ -244,8 +245,6 @@ if triton is not None:
                         mask=inside[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptr + (o * (KH * KW * w_tap) + tap * w_tap)[None, :] + ci[:, None],
                         mask=k_ok[:, None] & o_ok[None, :], other=0.0)
-            if PART != 0:
-                a = _pg_part(a, scale, LEVELS, UNIT, PART, INT_LEVELS, RINT_ASM)
             acc = _mma(a, b, acc)
         return acc
 
@@ -269,15 +268,15 @@ if triton is not None:
         o_ok = o < O
         acc1 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         acc1 = _conv_tile(acc1, x_ptr, w1_ptr, chan_ptr, n, oh, ow, m_ok, o, o_ok,
-                          tl.load(count_ptr), C, 0, C, H, W, sh, sw, pt, pl, dh, dw, 1.0,
-                          KH, KW, True, 0, 1.0, 1.0, False, False, BLOCK_K)
+                          tl.load(count_ptr), C, 0, C, H, W, sh, sw, pt, pl, dh, dw,
+                          KH, KW, True, BLOCK_K)
         thr = tl.load(thr_ptr + o, mask=o_ok, other=0.0)
         gate = (acc1 > thr[None, :]) & m_ok[:, None] & o_ok[None, :]
         acc2 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         if _any(gate):  # stage 2 only in tiles where some gate is on
             acc2 = _conv_tile(acc2, x_ptr, w2_ptr, chan_ptr + C, n, oh, ow, m_ok, o, o_ok,
                               tl.load(count_ptr + 1), C, 0, C, H, W, sh, sw, pt, pl, dh, dw,
-                              1.0, KH, KW, True, 0, 1.0, 1.0, False, False, BLOCK_K)
+                              KH, KW, True, BLOCK_K)
         y = tl.where(gate, acc1 + acc2, acc1)
         out = ((n[:, None] * O + o[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
         tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
@@ -314,8 +313,7 @@ if triton is not None:
         scale = tl.load(scale_ptr)
         msb = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         msb = _conv_tile(msb, msb_ptr, w_ptr, msb_ptr, n, oh, ow, m_ok, o, o_ok, CW, CW, g * CW,
-                         C, H, W, sh, sw, pt, pl, dh, dw, 1.0, KH, KW, False, 0, 1.0, 1.0,
-                         False, False, BLOCK_K)
+                         C, H, W, sh, sw, pt, pl, dh, dw, KH, KW, False, BLOCK_K)
         if INT_LEVELS:  # the sums of integer levels, scaled as one dequantized value
             msb = msb * (scale * (UNIT / LEVELS))
         thr = tl.load(thr_ptr + o, mask=o_ok, other=0.0)
@@ -323,8 +321,7 @@ if triton is not None:
         lsb = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         if _any(gate):
             lsb = _conv_tile(lsb, lsb_ptr, w_ptr, lsb_ptr, n, oh, ow, m_ok, o, o_ok, CW, CW,
-                             g * CW, C, H, W, sh, sw, pt, pl, dh, dw, 1.0, KH, KW, False, 0,
-                             1.0, 1.0, False, False, BLOCK_K)
+                             g * CW, C, H, W, sh, sw, pt, pl, dh, dw, KH, KW, False, BLOCK_K)
             if INT_LEVELS:
                 lsb = lsb * tl.div_rn(scale, LEVELS)
         y = msb + tl.where(gate, lsb, 0.0)
@@ -347,8 +344,7 @@ if triton is not None:
             _, oh, ow, m_ok = _rows(tl.program_id(0), OH * OW, OH, OW, BLOCK_M)
             acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
             acc = _conv_tile(acc, x_ptr, w_ptr, x_ptr, nv, oh, ow, m_ok, o, active, C, C, 0,
-                             C, H, W, sh, sw, pt, pl, dh, dw, 1.0, KH, KW, False, 0, 1.0, 1.0,
-                             False, False, BLOCK_K)
+                             C, H, W, sh, sw, pt, pl, dh, dw, KH, KW, False, BLOCK_K)
             g = tl.load(gamma_ptr + n * O + o, mask=active, other=0.0)
             bn_scale = tl.load(scale_ptr + o, mask=active, other=0.0)
             bn_shift = tl.load(shift_ptr + o, mask=active, other=0.0)
@@ -463,6 +459,8 @@ def pg_parts(x: torch.Tensor, scale: torch.Tensor, abits: int, pred_bits: int) -
     per call for pg_conv's kernel: float16 integer levels (sign * q_hb / unit, sign * q_lb)
     where pg_int_levels says the tensor cores take them, else float32 dequantized values.
     `scale`: pg_scale's device tensor."""
+    _check_device(x, x, scale)
+    _check_int32_size(x.numel())
     levels, unit = pg_levels(abits, pred_bits)
     int_levels = pg_int_levels(x.dtype, abits, pred_bits)
     x = x.contiguous()

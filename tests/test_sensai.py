@@ -422,6 +422,47 @@ def test_padded_form_rounds_widths_to_blocks_and_matches_seed_evaluation(arch):
         np.testing.assert_allclose(compiled.run(x)[0], seed_grouped_eval(models, groups, x), rtol=0, atol=1e-5)
 
 
+class _Depthwise(torch.nn.Module):
+    """A model with a depthwise conv, which has no padded (fused) form: width 6 is ragged."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.dw = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.fc = torch.nn.Linear(6, rows)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.dw(torch.relu(self.conv(x)))).mean(dim=(2, 3)))
+
+
+def test_padded_form_falls_back_to_branches_when_no_group_pads():
+    from gate2deploy.importers.sensai import grouped_model
+
+    groups = [[0, 2], [1, 3]]
+    models = [_Depthwise(3).eval(), _Depthwise(3).eval()]
+    x = torch.randn(2, 3, 32, 32)
+    gm = grouped_model(models, groups, x, form="padded")
+    plan = gm.plan
+    assert plan["form"] == "branches" and plan["padded"] == [] and len(plan["not_padded_because"]) == 2
+    assert any("form padded not available (group 0: grouped convolutions" in n for n in plan["not_fused_because"])
+    with torch.no_grad():
+        np.testing.assert_allclose(gm(x).numpy(), seed_grouped_eval(models, groups, x), rtol=0, atol=1e-6)
+
+
+def test_auto_keeps_padded_when_it_times_fastest():
+    from gate2deploy.importers.sensai import grouped_model
+
+    models = group_models("vgg", GROUPS5, 10, seed=28)
+    x = torch.randn(1, 3, 32, 32)
+    gm = grouped_model(models, GROUPS5, x, timer=lambda modules, *a, **k: (
+        {"grouped": 1.0, "split": 2.0} if set(modules) == {"grouped", "split"} else
+        {k: (0.5 if k == "padded" else 1.0) for k in modules}, ""))
+    assert gm.plan["form"] == "padded" and gm.plan["padded"] == list(range(len(GROUPS5)))
+    assert gm.plan["candidates"]["padded"]["macs"] > gm.plan["candidates"]["branches"]["macs"]
+    with torch.no_grad():
+        np.testing.assert_allclose(gm(x).numpy(), seed_grouped_eval(models, GROUPS5, x), rtol=0, atol=1e-5)
+
+
 def test_auto_keeps_the_fastest_form_and_reports_timings():
     from gate2deploy.importers.sensai import grouped_model
 

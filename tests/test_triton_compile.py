@@ -26,15 +26,20 @@ from triton.backends.compiler import GPUTarget
 from gate2deploy.runtimes import triton_kernels as tk
 
 out = {}
-for dtype in ("fp32", "fp16"):
-    for name, sig in tk.kernel_signatures(dtype).items():
+# (label, dtype, PG abits, pred_bits): fp16 PG at (14, 2) has levels beyond fp16's exact
+# integers, so its parts are fp32 values and the dot is an ieee fp32 one
+for label, dtype, abits, pred in (("fp32", "fp32", 8, 4), ("fp16", "fp16", 8, 4), ("fp16-float-parts", "fp16", 14, 2)):
+    sigs = tk.kernel_signatures(dtype, abits=abits, pred_bits=pred)
+    for name, sig in sigs.items():
+        if label == "fp16-float-parts" and not name.startswith("_pg_"):
+            continue
         fn = getattr(tk, name)
         src = triton.compiler.ASTSource(
             fn=fn, signature={a: v if isinstance(v, str) else "constexpr" for a, v in sig},
             constexprs={a: v for a, v in sig if not isinstance(v, str)})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         ptx = kernel.asm["ptx"]
-        out[f"{name}/{dtype}"] = {"arg_names": fn.arg_names, "sig": [a for a, _ in sig],
+        out[f"{name}/{label}"] = {"arg_names": fn.arg_names, "sig": [a for a, _ in sig],
                                   "cubin": len(kernel.asm["cubin"]), "mma": ptx.count("mma.sync") + ptx.count("wgmma"),
                                   "tf32": ptx.count("tf32"), "scalar_types": [v for _, v in sig if isinstance(v, str) and not v.startswith("*")]}
 print(json.dumps(out))
@@ -87,3 +92,12 @@ def test_kernel_compiles_for_sm90(compiled, kernel, dtype):
         assert info["mma"] > 0, "fp16 dots should run on the tensor cores"
     else:
         assert info["mma"] == 0 and info["tf32"] == 0, "fp32 dots must be IEEE fp32, never TF32"
+
+
+@pytest.mark.parametrize("kernel", ["_pg_split_kernel", "_pg_conv_kernel"])
+def test_pg_fp16_with_float_parts_compiles_for_sm90(compiled, kernel):
+    """fp16 X whose levels do not fit fp16's exact integers (abits 14): PG's parts are float32
+    values and its dots IEEE fp32 (no tensor cores, no TF32)."""
+    info = compiled[f"{kernel}/fp16-float-parts"]
+    assert info["cubin"] > 0 and info["sig"] == info["arg_names"]
+    assert info["mma"] == 0 and info["tf32"] == 0

@@ -97,7 +97,7 @@ def test_triton_cg_conv(tk, gi, frac, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bits", [(3, 2), (8, 4)])
+@pytest.mark.parametrize("bits", [(3, 2), (8, 4), (14, 2)])  # (14, 2): fp16 takes fp32 parts
 @pytest.mark.parametrize("frac", [0.0, 0.2, 1.0])
 @pytest.mark.parametrize("gi", range(len(GEOMS)))
 def test_triton_pg_conv(tk, gi, frac, bits, dtype):
@@ -116,7 +116,7 @@ def test_triton_pg_conv(tk, gi, frac, bits, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bits", [(3, 2), (8, 4), (12, 1)])
+@pytest.mark.parametrize("bits", [(3, 2), (8, 4), (12, 1), (14, 2)])  # (14, 2): fp16 X, fp32 parts
 def test_triton_pg_parts_are_the_reference_parts(tk, bits, dtype):
     """pg_conv quantizes X once (pg_parts) and convolves the parts: the parts must be the
     reference's x_hb / x_lb bit for bit (float32 values), or, where the fp16 kernel feeds the

@@ -84,6 +84,8 @@ def peak_sessions(threads: int) -> tuple[dict, dict, dict]:
     busy), the fastest shape's rate is the peak: no form of the grouped model can run its
     multiply-adds faster, so the groups' MACs / peak is a floor on any form's time and
     sequential ms / that floor a ceiling on its speed-up (printed beside the goals: issue 16).
+    An estimate: the peak is these shapes' rate at batch 1, which another shape or batch
+    might exceed a little.
     Returns (sessions, feeds, MACs per run), keyed "peak <shape>"."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -137,10 +139,10 @@ def bench(name, models, threads, repeats, batches, spin_modes):
         rates = {k: peak_macs[k] / med[k] / 1e6 for k in peak_s}  # GMAC/s (times in ms)
         peak_key = max(rates, key=rates.get)
         peak = rates[peak_key]
-        print(f"    machine peak in this run: {peak:.1f} GMAC/s ({peak_key[5:]}, {threads} threads, "
-              f"median; the shapes: {', '.join(f'{r:.1f}' for r in rates.values())})")
         print(f"  batch {batch}: MACs " + ", ".join(f"{f} {v / 1e6:.0f} M" for f, v in macs.items())
               + f"; max |any form - seed combination| {err:.1e}")
+        print(f"    machine peak in this run: {peak:.1f} GMAC/s ({peak_key[5:]}, {threads} threads, "
+              f"median; the shapes: {', '.join(f'{r:.1f}' for r in rates.values())})")
         for spin in spin_modes:
             tag = "" if spin else "-nospin"
             forms = [f for f in FORMS if f in compiled]
@@ -154,7 +156,7 @@ def bench(name, models, threads, repeats, batches, spin_modes):
             # The ceiling: the group models' own MACs (no padding; the report counts the whole
             # batch) at the machine's peak rate.
             floor_ms = macs["branches"] / (peak * 1e6)
-            print(f"      ceiling at this machine's peak ({peak:.1f} GMAC/s): the groups' {macs['branches'] / 1e6:.0f} M "
+            print(f"      estimated ceiling at this machine's peak ({peak:.1f} GMAC/s): the groups' {macs['branches'] / 1e6:.0f} M "
                   f"MACs take >= {floor_ms:.2f} ms, so sequential/any form <= {seq / floor_ms:.2f}x "
                   f"(goal 2: {'reachable' if seq / floor_ms >= 2 else 'NOT reachable here'}), branches/any "
                   f"form <= {br / floor_ms:.2f}x (goal 1.3: {'reachable' if br / floor_ms >= 1.3 else 'NOT reachable here'}); "

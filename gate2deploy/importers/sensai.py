@@ -339,7 +339,7 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
                   fuse: bool = True, names: list[str] | None = None, form: str = "auto",
                   threads: int = TIMING_THREADS, timer=None) -> GroupedModel:
     """The combined module of sensAI group models (`models[g]` for `groups[g]`) in `form`
-    (FORMS; `fuse=False` is form "branches"). "auto" builds the fused, hybrid and branch forms
+    (FORMS; `fuse=False` is form "branches"). "auto" builds the fused, hybrid, padded and branch forms
     and keeps the fastest on ONNX Runtime CPU at `example`'s batch with `threads` threads
     (`timer`, default `time_forms`; where timing fails, the fewest MACs). The plan records the
     form, how it was chosen and every candidate's time and MACs."""
@@ -351,7 +351,8 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
     n_classes = check_grouping(groups)
     rows, mode = head_rows(models, groups, example, names)
     timer = timer or time_forms
-    clusters = [[g] for g in range(len(models))] if form == "branches" else _same_structure(models)
+    clusters = ([[g] for g in range(len(models))] if form in ("branches", "padded")
+                else _same_structure(models))
     # per cluster: (members, fused module or None, hybrid module or None, its split layers)
     built, notes, hybrid_notes = [], [], []
     # padded[g]: group g's model with its widths rounded up to whole blocks (fuse_groups of
@@ -407,7 +408,8 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
         candidates["padded"] = assemble("padded")
     macs = {k: module_macs(m, example) for k, m in candidates.items()}
     if "padded" in candidates and macs["padded"] == macs["branches"] and form != "padded":
-        del candidates["padded"], macs["padded"]  # every width already whole blocks: the branches
+        del candidates["padded"], macs["padded"]
+        pad_notes.append("every width already whole blocks: padded = branches (not timed)")
     timings, chosen_by = {}, "requested"
     if form == "auto" and len(candidates) == 1:
         chosen, chosen_by = "branches", "the only form (no groups to fuse)"
@@ -422,9 +424,10 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
             chosen_by = f"MACs (timing failed: {failure})"
     else:
         chosen = form if form in candidates else ("fused" if form == "hybrid" and "fused" in candidates
-                                                  else "branches")  # padded: no group could be
+                                                  else "branches")  # padded: no group could be padded
         if chosen != form:
-            notes.append(f"form {form} not available; {chosen} used")
+            why = f" ({'; '.join(pad_notes)})" if form == "padded" and pad_notes else ""
+            notes.append(f"form {form} not available{why}; {chosen} used")
     grouped = candidates[chosen]
     grouped.plan = {
         "groups": len(groups), "classes": n_classes, "mode": mode, "head_rows": rows,
@@ -438,7 +441,7 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
         "no_hybrid_because": hybrid_notes,
         "padded": [g for g, p in enumerate(padded) if p is not None] if chosen == "padded" else [],
         "not_padded_because": pad_notes,
-        "not_fused_because": notes if form != "branches" else ["fusion off"],
+        "not_fused_because": notes if form not in ("branches", "padded") else [f"fusion off (form {form})"] + notes,
     }
     return grouped
 
