@@ -37,7 +37,9 @@ Decisions (the issue leaves them open):
   the unfused epilogue): when some layer chose "standard", the whole network is timed the
   same way as all native, with the per-layer choices, and with every timed layer standard,
   and the fastest is kept (a non-native one only if faster than all-native by more than
-  MARGIN); report: `network` (`kept` and the three medians), each overridden layer's `why`.
+  MARGIN, in that round and again in a second round of native against it alone: one round
+  on a shared machine let transients pick a slower network); report: `network` (`kept`, the
+  three medians, the confirming round's `confirm_ms`), each overridden layer's `why`.
 - The choices and timings go into the export report (`kernel_choice`).
 """
 from __future__ import annotations
@@ -276,11 +278,21 @@ def choose_gated_kernels(model: onnx.ModelProto, example: np.ndarray, threads: i
         if sig in seen and seen[sig].get("kept") in variants:  # else an older format: re-time
             net = {**seen[sig], "cached": True}
         else:
-            ms = _time_networks(variants, np.asarray(example, np.float32), threads)
+            x = np.asarray(example, np.float32)
+            ms = _time_networks(variants, x, threads)
             best = min(ms, key=ms.get)
-            if ms[best] >= (1 - MARGIN) * ms["native"]:
+            net = {**{f"{k}_ms": round(v, 4) for k, v in ms.items()}}
+            if best != "native" and ms[best] < (1 - MARGIN) * ms["native"]:
+                # Confirmed in a second round (native against the winner only): on a shared
+                # machine one round's transient made a non-native network "win" that then ran
+                # slower than native (CG ResNet-20, 20% on: meas 0.66x dense, native 0.73x).
+                again = _time_networks({"native": model, best: variants[best]}, x, threads)
+                net["confirm_ms"] = {k: round(v, 4) for k, v in again.items()}
+                if again[best] >= (1 - MARGIN) * again["native"]:
+                    best = "native"
+            else:
                 best = "native"
-            net = {"kept": best, **{f"{k}_ms": round(v, 4) for k, v in ms.items()}}
+            net = {"kept": best, **net}
             seen[sig] = net
             net = {**net, "cached": False}
         entry["network"] = net

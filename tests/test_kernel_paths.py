@@ -204,6 +204,44 @@ def test_measured_kernel_choice_keeps_the_function(tmp_path, monkeypatch):
     assert "library another-build" in third.report["kernel_choice"]["machine"]
 
 
+@pytest.mark.parametrize("confirmed", [True, False])
+def test_measured_network_choice_needs_a_confirming_round(tmp_path, monkeypatch, confirmed):
+    """A non-native network is kept only if it beats all-native by MARGIN in the first round
+    AND in a second round of the two alone (stub timers: the layer and network timings are
+    given, so the expected choice is known); else every layer stays native."""
+    import torch
+
+    from gate2deploy.api import compile as g2d_compile
+    from gate2deploy.gated import CGConv2d
+
+    import gate2deploy.kernel_choice as kc
+
+    monkeypatch.setattr(kc, "_cache_path", lambda: tmp_path / "kernel_choice.json")
+    monkeypatch.setattr(kc, "_time_candidates", lambda *a, **k: (1.0, 0.5))  # every layer: standard
+    rounds = []
+
+    def networks(variants, x, threads):
+        rounds.append(sorted(variants))
+        if len(rounds) == 1:  # first round: per-layer choices 20% faster than native
+            return {k: {"native": 1.0, "per_layer": 0.8, "all_standard": 0.9}[k] for k in variants}
+        return {"native": 1.0, "per_layer": 0.8 if confirmed else 0.99}
+
+    monkeypatch.setattr(kc, "_time_networks", networks)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+        CGConv2d(16, 16, 3, padding=1, p=4, th=0.0), torch.nn.ReLU(),
+        CGConv2d(16, 16, 3, padding=1, p=4, use_group=True, th=0.0)).eval()
+    result = g2d_compile(model, torch.randn(1, 3, 16, 16), target="ort", gated_kernels="measured")
+    entry = result.report["kernel_choice"]
+    assert rounds == [["native", "per_layer"], ["native", "per_layer"]], rounds
+    assert entry["network"]["kept"] == ("per_layer" if confirmed else "native"), entry["network"]
+    assert entry["network"]["confirm_ms"]["native"] == 1.0
+    custom = [n for n in result.onnx_model.graph.node if n.op_type == "CGConv"]
+    assert len(custom) == (0 if confirmed else 2)
+    assert all(r["choice"] == ("standard" if confirmed else "native") for r in entry["layers"]), entry["layers"]
+
+
 def test_measured_kernel_choice_fbs(tmp_path, monkeypatch):
     """FBSConv layers and the SparseInputConv reading an FBS layer's output are candidates too
     (the latter timed on its real, partly zero input): each gets its recorded choice and both
