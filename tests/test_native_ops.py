@@ -18,6 +18,7 @@ generic and AVX2 inner loops forced.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -459,6 +460,64 @@ def test_pg_conv_int8_counts_at_the_saturation_bound(tmp_path):
     expected = np.load(tmp_path / "y.npz")
     for i, y in enumerate(ys):
         assert np.array_equal(y, expected[f"arr_{i}"]), PG_INT8_BOUND_CASES[i]
+
+
+STAGE_TIMES_SCRIPT = r"""
+import ctypes, json, sys
+import numpy as np
+from gate2deploy.runtimes.ort import custom_ops_library_path, open_session
+lib = ctypes.CDLL(str(custom_ops_library_path()))
+lib.G2DStageTimesReport.restype = ctypes.c_char_p
+lib.G2DPGInt8Runs.restype = ctypes.c_int64
+d = sys.argv[1]
+out = {}
+for name in ("cg", "pg"):
+    x = np.load(f"{d}/{name}_x.npy")
+    session = open_session(f"{d}/{name}.onnx", threads=1)
+    session.run(None, {"x": x})  # warm-up, then measured runs only
+    lib.G2DStageTimesReset()
+    int8_before = lib.G2DPGInt8Runs()
+    for _ in range(5):
+        session.run(None, {"x": x})
+    text = lib.G2DStageTimesReport(5).decode()
+    out[name] = {"int8": lib.G2DPGInt8Runs() - int8_before,
+                 "stages": {k: float(v) for k, v in (f.split("=") for f in text.split(" (")[0].split())}}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(IN_SUBPROCESS, reason="runs a subprocess itself")
+def test_stage_timers_report_where_the_time_goes(tmp_path):
+    """G2D_STAGE_TIMES=1 (read once per process: a subprocess): CGConv and PGConv runs report
+    their stages (tools/bench_network_layers.py reads them); each stage is part of the call
+    (one thread: the parts add up to at most the whole call), and PG's int8 kernel, where it
+    runs, times its own stages too."""
+    cases = {"cg": ("CGConv", lambda x, w: [w, cg_base_mask(w.shape[0], w.shape[1], 4, False),
+                                            ref.thresholds_for_fraction(ref.conv2d(
+                                                x, w * cg_base_mask(w.shape[0], w.shape[1], 4, False)[:, :, None, None],
+                                                (1, 1), (1, 1, 1, 1), (1, 1)), 0.2)], {}),
+             "pg": ("PGConv", lambda x, w: [quantize_weights(w, 8), np.zeros(w.shape[0], np.float32)],
+                    dict(abits=3, pred_bits=2, static_scale=0.0))}
+    rng = np.random.default_rng(11)
+    for name, (op, inits, extra) in cases.items():
+        x = np.abs(rng.standard_normal((1, 32, 24, 24))).astype(np.float32)
+        w = (rng.standard_normal((32, 32, 3, 3)) / 17).astype(np.float32)
+        model = single_node_model(op, x.shape, inits(x, w), {**conv_attrs((1, 1), (1, 1, 1, 1), (1, 1)), **extra})
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+        np.save(tmp_path / f"{name}_x.npy", x)
+    proc = subprocess.run([sys.executable, "-c", STAGE_TIMES_SCRIPT, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, G2D_STAGE_TIMES="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("cg", "pg"):
+        stages = out[name]["stages"]
+        if name == "pg" and not out[name]["int8"]:
+            continue  # AMX or another path ran PG: those have no stage timers
+        assert stages["call"] > 0 and stages["stage1"] > 0 and stages["pad"] > 0, (name, stages)
+        parts = sum(v for k, v in stages.items() if k != "call")
+        assert parts <= stages["call"] * 1.02, (name, stages)
+    if INT8_EXPECTED:
+        assert out["pg"]["int8"] == 5
 
 
 def test_pg_conv_static_scale_and_dynamic_weights():

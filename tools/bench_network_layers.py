@@ -9,7 +9,9 @@ channel-last copies, stage 1, gate, gated-on lists, sparse and dense stage 2, co
 of the native library (e.g. the main branch's, from ~/.cache/gate2deploy/native), timed in
 the same alternating blocks, with the largest output difference between the two builds, and
 that build's stage times after the new one's ("| before:"). PG's int8 path (pg_int8.cc)
-has no stage timers: its rows show the wall times only.
+times pad (its tables and int8 layout fill), stage1 (MSB), gate, sparse2 (dot products) /
+dense2 (block) for the LSB stage, store and call; its strided layers (the NCHWc delegate)
+show the wall times only.
 
 Timing: the sessions of one layer in alternating blocks of 10 runs (gate2deploy.benchmark),
 medians; 1 intra-op thread by default. Stage times come from `--repeats` further runs of the

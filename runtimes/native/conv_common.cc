@@ -68,6 +68,9 @@ uint64_t StageClockNow() { return StageTimesOn() ? __rdtsc() : 0; }
 void AddStageTime(StageTimer which, uint64_t since) {
   if (StageTimesOn()) stage_cycles[which].fetch_add(__rdtsc() - since, std::memory_order_relaxed);
 }
+void AddStageCycles(StageTimer which, uint64_t cycles) {
+  if (cycles) stage_cycles[which].fetch_add(cycles, std::memory_order_relaxed);
+}
 
 bool CGTapSecondStage() {
   static const bool taps = [] {

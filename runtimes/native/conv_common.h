@@ -115,6 +115,7 @@ enum StageTimer {
 bool StageTimesOn();
 uint64_t StageClockNow();  // TSC, or 0 when the timers are off
 void AddStageTime(StageTimer which, uint64_t since);  // adds now - since (timers on only)
+void AddStageCycles(StageTimer which, uint64_t cycles);  // adds cycles summed by the caller
 
 // The second stage runs over spans of this many panels (of TileCols columns) when the layer
 // has at least kWideSpanMinPanels panels: its sparse form has a fixed cost per output row and

@@ -238,6 +238,17 @@ G2D_INT8_VNNI void DotVnni(const Job& j, int64_t o, const int32_t* q, int n, int
 // epilogue (mul then add, no FMA: this function's target has none).
 G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0, int64_t b1) {
   bool ran[2] = {false, false};  // stage 2 as dot products / as a block, for the counters
+  // Per-stage cycles (G2D_STAGE_TIMES=1), summed here and added once: a block is too short
+  // for an atomic add per stage. Off: one predictable branch per stage.
+  const bool timing = StageTimesOn();
+  uint64_t cycles[kStageTimers] = {}, clock = timing ? __rdtsc() : 0;
+  auto lap = [&](StageTimer which) {
+    if (timing) {
+      const uint64_t now = __rdtsc();
+      cycles[which] += now - clock;
+      clock = now;
+    }
+  };
   alignas(32) int32_t s1[kR * kBlock], s2[kR * kBlock];
   alignas(32) float lanes[kVec];
   const int64_t O = j.w->O;
@@ -246,6 +257,7 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t q0 = b * kBlock;
     stage(j, j.act1, ob, q0, j.m1, s1);
+    lap(kTimeStage1);
     __m256 v[kR][kP], gate[kR][kP];
     int any_on = 0, on = 0;
     for (int r = 0; r < rows; ++r) {
@@ -261,10 +273,12 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0
         on += __builtin_popcount(unsigned(bits));
       }
     }
+    lap(kTimeGate);
     if (any_on) {
       ran[on > j.sparse_max] = true;
       if (on > j.sparse_max) {
         stage(j, j.act2, ob, q0, j.m2, s2);
+        lap(kTimeDense2);
       } else {  // only the gated-on sums (the others are masked off below)
         for (int r = 0; r < rows; ++r) {
           int32_t lane[kBlock], q[kBlock], sum[kBlock];
@@ -279,6 +293,7 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0
           j.dot(j, ob * kR + r, q, n, sum);
           for (int i = 0; i < n; ++i) s2[r * kBlock + lane[i]] = sum[i];
         }
+        lap(kTimeSparse);
       }
       for (int r = 0; r < rows; ++r)
         for (int p = 0; p < kP; ++p) {
@@ -307,9 +322,11 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0
                               v[r][p]);
       }
     }
+    lap(kTimeStore);
   }
   for (int dense = 0; dense < 2; ++dense)
     if (ran[dense]) CountSecondStage(dense == 1);
+  for (int t = 0; t < kStageTimers; ++t) AddStageCycles(StageTimer(t), cycles[t]);
 }
 
 // Channels 4 * c4 .. 4 * c4 + 3 of the sample x [C, H, W], split by isa.pg_split (the one
@@ -448,6 +465,8 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
                float scale1, float scale2, const float* threshold, float* y) {
 #if G2D_HAVE_INT8
   if (g.sh != 1 || g.sw != 1) throw OpError("PGConv: int8 path called for a strided layer");
+  const uint64_t call_clock = StageClockNow();
+  uint64_t pad_clock = call_clock;  // "pad": the tables and each sample's int8 layout fill
   std::vector<int64_t> tap_off;
   const PGActLayout L = MakePGActLayout(g, 4 * w.groups, kBlock, &tap_off);
   std::vector<int64_t> koff(size_t(w.K));
@@ -514,6 +533,7 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
   const int64_t chunks = (L.blocks + kBlocksPerTask - 1) / kBlocksPerTask;
   const bool parallel = double(g.O) * double(g.C) * double(g.kk()) * double(L.nq) >= kParallelMacs;
   for (int64_t n = 0; n < g.N; ++n) {
+    if (n > 0) pad_clock = StageClockNow();
     std::memset(act1.data(), 0, act1.size());
     std::memset(act2.data(), 0, act2.size());
     std::memset(act2_rows.data(), 0, act2_rows.size());
@@ -522,6 +542,7 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
       FillGroup(isa, xn, split, g, L, int64_t(c4), w.Cp, act1.data(), act2.data(),
                 act2_rows.data());
     });
+    AddStageTime(kTimePad, pad_clock);
     const Job job{&w,
                   act1.data(),
                   act2.data(),
@@ -546,6 +567,7 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
     });
     int8_runs.fetch_add(1, std::memory_order_relaxed);
   }
+  AddStageTime(kTimeCall, call_clock);
 #else
   throw OpError("PGConv: int8 path called on a build without x86 SIMD support");
 #endif
