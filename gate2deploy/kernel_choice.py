@@ -275,13 +275,16 @@ def choose_gated_kernels(model: onnx.ModelProto, example: np.ndarray, threads: i
         if timed != chosen:
             variants["all_standard"] = _lowered(model, timed)
         sig = _network_signature(model, chosen, example)
-        if sig in seen and seen[sig].get("kept") in variants:  # else an older format: re-time
-            net = {**seen[sig], "cached": True}
+        # Cached choices are reused, except an older format's and a non-native one made in a
+        # single round (before the confirming round below): those are timed again.
+        cached = seen.get(sig, {})
+        if cached.get("kept") in variants and (cached["kept"] == "native" or "confirm_ms" in cached):
+            net = {**cached, "cached": True}
         else:
             x = np.asarray(example, np.float32)
             ms = _time_networks(variants, x, threads)
             best = min(ms, key=ms.get)
-            net = {**{f"{k}_ms": round(v, 4) for k, v in ms.items()}}
+            net = {f"{k}_ms": round(v, 4) for k, v in ms.items()}
             if best != "native" and ms[best] < (1 - MARGIN) * ms["native"]:
                 # Confirmed in a second round (native against the winner only): on a shared
                 # machine one round's transient made a non-native network "win" that then ran

@@ -488,9 +488,9 @@ def pg_conv(x: torch.Tensor, w: torch.Tensor, threshold: torch.Tensor, abits: in
         return y
     m, og = n * oh * ow, o // group
     levels, unit = pg_levels(abits, pred_bits)
-    int_levels = pg_int_levels(x.dtype, abits, pred_bits)
     scale = pg_scale(x, static_scale)
     parts = pg_parts(x, scale, abits, pred_bits)
+    int_levels = parts.dtype == torch.float16  # the parts hold integer levels (pg_parts)
     bm, bn = tile_sizes(m, og, group)
     grid = (triton.cdiv(m, bm), group * triton.cdiv(og, bn))
     _pg_conv_kernel[grid](

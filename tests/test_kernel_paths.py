@@ -232,7 +232,8 @@ def test_measured_network_choice_needs_a_confirming_round(tmp_path, monkeypatch,
         torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
         CGConv2d(16, 16, 3, padding=1, p=4, th=0.0), torch.nn.ReLU(),
         CGConv2d(16, 16, 3, padding=1, p=4, use_group=True, th=0.0)).eval()
-    result = g2d_compile(model, torch.randn(1, 3, 16, 16), target="ort", gated_kernels="measured")
+    x = torch.randn(1, 3, 16, 16)
+    result = g2d_compile(model, x, target="ort", gated_kernels="measured")
     entry = result.report["kernel_choice"]
     assert rounds == [["native", "per_layer"], ["native", "per_layer"]], rounds
     assert entry["network"]["kept"] == ("per_layer" if confirmed else "native"), entry["network"]
@@ -240,6 +241,19 @@ def test_measured_network_choice_needs_a_confirming_round(tmp_path, monkeypatch,
     custom = [n for n in result.onnx_model.graph.node if n.op_type == "CGConv"]
     assert len(custom) == (0 if confirmed else 2)
     assert all(r["choice"] == ("standard" if confirmed else "native") for r in entry["layers"]), entry["layers"]
+    if confirmed:
+        # the same input: a confirmed choice is reused from the cache; one made in a single
+        # round (a cache written before the confirming round existed) is timed again
+        again = g2d_compile(model, x, target="ort", gated_kernels="measured")
+        assert again.report["kernel_choice"]["network"]["cached"] and len(rounds) == 2
+        cache = json.loads((tmp_path / "kernel_choice.json").read_text())
+        for choices in cache.values():
+            for value in choices.values():
+                value.pop("confirm_ms", None)
+        (tmp_path / "kernel_choice.json").write_text(json.dumps(cache))
+        rounds.clear()
+        third = g2d_compile(model, x, target="ort", gated_kernels="measured")
+        assert not third.report["kernel_choice"]["network"]["cached"] and len(rounds) == 2
 
 
 def test_measured_kernel_choice_fbs(tmp_path, monkeypatch):

@@ -87,17 +87,13 @@ def peak_sessions(threads: int) -> tuple[dict, dict, dict]:
     An estimate: the peak is these shapes' rate at batch 1, which another shape or batch
     might exceed a little.
     Returns (sessions, feeds, MACs per run), keyed "peak <shape>"."""
-    from onnx import TensorProto, helper, numpy_helper
+    from bench_gated_ops import node_model  # the one-node models of the layer benchmark
 
     rng = np.random.default_rng(0)
     sessions, feeds, macs = {}, {}, {}
     for c, side in [(256, 32), (128, 32), (256, 16)]:  # (channels in = out, side)
         w = (rng.standard_normal((c, c, 3, 3)) * 0.05).astype(np.float32)
-        node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
-        graph = helper.make_graph([node], "peak", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, side, side])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                                  [numpy_helper.from_array(w, "w")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        model = node_model("Conv", "", (1, c, side, side), [w], {"pads": [1, 1, 1, 1]})
         key = f"peak 3x3 conv {c} ch {side}x{side}"
         sessions[key] = make_session(model, threads=threads)
         feeds[key] = [{"x": rng.standard_normal((1, c, side, side)).astype(np.float32)}]

@@ -515,14 +515,13 @@ def aot_check(workdir: Path, ref, tk, torch, rng, shape) -> bool:
 
     xr = np.maximum(x, 0)
     scale = tk.pg_scale(torch.from_numpy(xr)).numpy()
-    x_hb, _, _ = ref.pg_split_activations(xr, 8, 4)
+    x_hb, x_lb, _ = ref.pg_split_activations(xr, 8, 4)
     msb = ref.conv2d(x_hb, w, S, P, D)
     thr = ref.thresholds_for_fraction(msb, 0.2)
     w_cl = np.ascontiguousarray(w.transpose(0, 2, 3, 1))  # the kernels read W as [O, KH, KW, C]
     # PG is two launches, as the wrapper makes them: the quantization kernel (X's MSB and LSB
     # parts; the harness reads back one output per run, so it runs twice), checked bit for bit
     # against the reference's parts, then the conv on the parts it wrote.
-    _, x_lb, _ = ref.pg_split_activations(xr, 8, 4)
     split_sig = tk.kernel_signatures("fp32", K, K, tk.BLOCK_M, tk.BLOCK_N, 8, 4)["_pg_split_kernel"]
     split_grid = f"({xr.size} + {tk.SPLIT_BLOCK - 1}) / {tk.SPLIT_BLOCK}, 1, 1"
     split_in = {"x_ptr": xr, "scale_ptr": scale, "NUMEL": xr.size}

@@ -366,7 +366,7 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
                 pad_notes.append(f"group {g}: {why}")
     for members in clusters:
         if len(members) == 1:
-            if form != "branches":
+            if form not in ("branches", "padded"):
                 notes.append(f"group {members[0]}: no other group of the same structure")
             built.append((members, None, None, []))
             continue
