@@ -71,7 +71,7 @@ Forms and the choice between them (`grouped_model(form=...)`, `--sensai-form`):
   such as 20, 47, 79: ONNX Runtime runs a conv in its blocked layout only when the width is a
   multiple of the block (passes/choose_widths.py), so 11 of a pruned VGG-19 group model's 16
   convs ran im2col (tools/bench_sensai.py, ORT 1.31, AVX2, 2 threads, 10 groups at batch 1,
-  branches / padded: VGG-19-BN 1.03-1.13x, bottleneck ResNet-56 1.4-2.0x; fused stays faster
+  branches / padded: VGG-19-BN 1.03-1.04x, bottleneck ResNet-56 1.43-1.56x; fused stays faster
   for ResNet). Groups that cannot be fused at all (width-dependent forwards) stay as they are.
 - branches: every group its own model in one graph.
 - auto (default): every available form is built and timed on ONNX Runtime CPU
