@@ -10,6 +10,10 @@ import importlib.util
 from gate2deploy.errors import TargetUnavailableError
 
 MIN_TENSORRT = "10.6"  # tensorrt.plugin, the Python "quickly deployable plugins"
+MIN_TENSORRT_AOT = "10.9"  # tensorrt.plugin.aot_impl: plugins whose compiled kernel is in the engine
+# the gated ops' TensorRT plugins (tensorrt_plugins.build_engine, `--plugins`): the kernels compiled into the
+# engine (tensorrt_aot.py), Python plugins calling them, or aot where the TensorRT has it
+PLUGIN_KINDS = ("auto", "aot", "jit")
 
 
 class TensorRTUnavailable(TargetUnavailableError):

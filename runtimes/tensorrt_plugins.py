@@ -39,7 +39,7 @@ from onnx import helper
 from gate2deploy.errors import UserError
 from gate2deploy.ops import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-from . import MIN_TENSORRT, TensorRTUnavailable, tensorrt_available
+from . import MIN_TENSORRT, MIN_TENSORRT_AOT, PLUGIN_KINDS, TensorRTUnavailable, tensorrt_available
 
 NAMESPACE = PLUGIN_NAMESPACE  # the op catalog's (gate2deploy/ops.py)
 VERSION = PLUGIN_VERSION
@@ -123,16 +123,23 @@ def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def plugin_signature(spec: PluginSpec, kind: str, types: dict) -> inspect.Signature:
     """The Python signature tensorrt.plugin reads for `spec`'s shape function (`kind`
-    "desc") or implementation ("impl"). `types` maps "desc", "tensor", "ints", "int",
-    "float", "string", "outputs", "stream" and "return" to the annotation objects
-    (tensorrt.plugin's own types at registration; anything in a test)."""
-    tensor = types["desc"] if kind == "desc" else types["tensor"]
+    "desc"), implementation ("impl") or AOT implementation ("aot"; an AOT_PLUGINS spec).
+    `types` maps "desc", "tensor", "ints", "int", "float", "string", "outputs", "stream",
+    "return" (and for "aot" "desc_outputs", "tactic", "aot_return"; for an AOT spec with
+    several outputs "returns") to the annotation objects (tensorrt.plugin's own types at
+    registration; anything in a test)."""
+    tensor = types["tensor"] if kind == "impl" else types["desc"]
     params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=tensor)
               for name in spec.inputs]
     params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types[k])
                for name, k, _ in spec.attributes]
     if kind == "desc":
-        return inspect.Signature(params, return_annotation=types["return"])
+        several = len(getattr(spec, "outputs", ("Y",))) > 1
+        return inspect.Signature(params, return_annotation=types["returns" if several else "return"])
+    if kind == "aot":
+        params += [inspect.Parameter("outputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types["desc_outputs"]),
+                   inspect.Parameter("tactic", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types["tactic"])]
+        return inspect.Signature(params, return_annotation=types["aot_return"])
     params += [inspect.Parameter("outputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types["outputs"]),
                inspect.Parameter("stream", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types["stream"])]
     return inspect.Signature(params, return_annotation=None)
@@ -193,8 +200,85 @@ def _plugin_functions(spec: PluginSpec, types: dict, kernels, to_cuda, on_stream
     return desc, impl
 
 
+_INT32_TENSORS = {"chans", "counts", "slots", "valid"}  # the AOT plugins' int32 inputs; all else fp32
+
+
+def aot_type_combination(spec) -> str:
+    """The AOT plugin's one I/O type combination (tensorrt.plugin.AutoTuneCombination, inputs
+    then outputs): FP32 and INT32 only, so that TensorRT reformats at the plugin's boundary
+    in an FP16 engine and every kernel runs in fp32."""
+    return ", ".join("INT32" if name in _INT32_TENSORS else "FP32" for name in (*spec.inputs, *spec.outputs))
+
+
+def _aot_plugin_functions(spec, types: dict, trtp, to_cuda, on_stream):
+    """(shape function, autotune, JIT implementation, AOT implementation) of an AOT_PLUGINS
+    spec (runtimes/tensorrt_aot.py). The AOT implementation compiles the kernel of
+    `aot_launch` for the GPU TensorRT builds on and returns its PTX, grid and int32 extra
+    arguments; the JIT implementation launches the same kernel with the same arguments from
+    Python (tensorrt_aot.launch), for builds that do not take the AOT path."""
+    from . import tensorrt_aot as aot
+
+    desc_sig, impl_sig, aot_sig = (plugin_signature(spec, kind, types) for kind in ("desc", "impl", "aot"))
+    attr_names = [name for name, _, _ in spec.attributes]
+
+    def attributes(a):
+        return {k: tuple(int(i) for i in a[k]) if isinstance(a[k], np.ndarray) else a[k] for k in attr_names}
+
+    def desc(*args, **kwargs):
+        a = desc_sig.bind(*args, **kwargs).arguments
+        x = a[spec.inputs[0]]
+        if spec.op == "PGSplit":
+            return x.like(), x.like()
+        w = a["W1" if spec.op == "CGConvPlanned" else "W"]  # channels-last [O, KH, KW, C]
+        attrs = attributes(a)
+        y = x.like()
+        y.shape_expr[1] = w.shape_expr[0]
+        for i in range(2):
+            y.shape_expr[2 + i] = _out_dim(x.shape_expr[2 + i], int(w.shape_expr[1 + i]), int(attrs["strides"][i]),
+                                           int(attrs["pads"][i]), int(attrs["pads"][i + 2]),
+                                           int(attrs["dilations"][i]))
+        return y
+
+    def autotune(*args, **kwargs):
+        return [trtp.AutoTuneCombination(aot_type_combination(spec))]
+
+    def impl(*args, **kwargs):
+        a = impl_sig.bind(*args, **kwargs).arguments
+        with on_stream(a["stream"]):
+            results = aot.launch(spec.op, [to_cuda(a[name]) for name in spec.inputs], attributes(a))
+            for out, y in zip(a["outputs"], results):
+                to_cuda(out).copy_(y)
+
+    def aot_impl(*args, **kwargs):
+        a = aot_sig.bind(*args, **kwargs).arguments
+        shapes = {name: [a[name].shape_expr[i] for i in range(a[name].ndim)] for name in spec.inputs}
+        plan = aot.aot_launch(spec.op, shapes, attributes(a), cdiv=trtp.cdiv)
+        name, ptx, threads, shared = aot.compile_for_aot(plan)
+        params = trtp.KernelLaunchParams()
+        params.grid_x, params.grid_y, params.grid_z = plan.grid
+        params.block_x, params.shared_mem = threads, shared
+        extras = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in plan.extras])
+        return name.encode(), ptx.encode(), params, extras
+
+    desc.__signature__, impl.__signature__, aot_impl.__signature__ = desc_sig, impl_sig, aot_sig
+    for f, what in ((desc, "desc"), (autotune, "autotune"), (impl, "impl"), (aot_impl, "aot_impl")):
+        f.__name__ = f"{spec.op}_{what}"
+    return desc, autotune, impl, aot_impl
+
+
+def aot_plugins_available() -> str | None:
+    """None where this TensorRT has AOT plugins (tensorrt.plugin.aot_impl), else the reason."""
+    _require_tensorrt()
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    return None if hasattr(trtp, "aot_impl") else (
+        f"TensorRT {trt.__version__} has no AOT plugins (tensorrt.plugin.aot_impl, TensorRT >= {MIN_TENSORRT_AOT})")
+
+
 def register_plugins() -> None:
-    """Register the three plugins with TensorRT (idempotent)."""
+    """Register the three plugins with TensorRT, and the AOT plugins where this TensorRT has
+    them (idempotent)."""
     global _registered
     _require_tensorrt()
     if _registered:
@@ -221,20 +305,48 @@ def register_plugins() -> None:
         desc, impl = _plugin_functions(spec, types, triton_kernels, to_cuda, on_stream)
         trtp.register(f"{NAMESPACE}::{spec.op}")(desc)
         trtp.impl(f"{NAMESPACE}::{spec.op}")(impl)
+    if hasattr(trtp, "aot_impl"):
+        from typing import Union
+
+        from .tensorrt_aot import AOT_PLUGINS
+
+        types.update(returns=Tuple[trtp.TensorDesc, trtp.TensorDesc], desc_outputs=Tuple[trtp.TensorDesc],
+                     tactic=int, aot_return=Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
+                                                  trtp.SymExprs])
+        for spec in AOT_PLUGINS.values():
+            desc, autotune, impl, aot_impl = _aot_plugin_functions(spec, types, trtp, to_cuda, on_stream)
+            plugin_id = f"{NAMESPACE}::{spec.op}"
+            trtp.register(plugin_id)(desc)
+            trtp.autotune(plugin_id)(autotune)
+            trtp.impl(plugin_id)(impl)
+            trtp.aot_impl(plugin_id)(aot_impl)
     _registered = True
 
 
 def build_engine(onnx_path, engine_path, profile: dict | None = None, fp16: bool = False,
-                 workspace_mib: int = 1024) -> None:
+                 workspace_mib: int = 1024, plugins: str = "auto") -> str:
     """Parse the ONNX file `onnx_path` (gate2deploy nodes as plugins) and write a serialized
     engine to `engine_path`. `profile`: {input name: (min shape, opt shape, max shape)}, one
-    optimisation profile (needed for a dynamic batch axis)."""
+    optimisation profile (needed for a dynamic batch axis). `plugins`: "aot" (the gated
+    nodes lowered to AOT plugins, tensorrt_aot.lower_for_aot: the engine runs without
+    Python), "jit" (the Python plugins) or "auto" (AOT where this TensorRT has it). Returns
+    the kind used."""
     trt = _require_tensorrt()
     from gate2deploy.fileio import atomic_path, check_writable
 
+    if plugins not in PLUGIN_KINDS:
+        raise UserError(f"plugins must be one of {', '.join(PLUGIN_KINDS)}, not {plugins!r}")
     check_writable(engine_path)
     register_plugins()
     model = prepare_for_tensorrt(onnx.load(str(onnx_path)))  # idempotent on a model.trt.onnx
+    no_aot = aot_plugins_available()
+    if plugins == "aot" and no_aot:
+        raise TensorRTUnavailable(f"{no_aot}; build with --plugins jit")
+    kind = "jit" if plugins == "jit" or no_aot else "aot"
+    if kind == "aot":
+        from .tensorrt_aot import lower_for_aot
+
+        model = lower_for_aot(model)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -257,6 +369,7 @@ def build_engine(onnx_path, engine_path, profile: dict | None = None, fp16: bool
     with atomic_path(engine_path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(serialized)
+    return kind
 
 
 class _Engine:

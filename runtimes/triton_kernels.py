@@ -256,8 +256,8 @@ if triton is not None:
         return rows // (OH * OW), pos // OW, pos % OW, rows < M
 
     @triton.jit
-    def _cg_conv_kernel(x_ptr, w1_ptr, w2_ptr, chan_ptr, count_ptr, thr_ptr, y_ptr,
-                        M, C, H, W, O, OH, OW, sh, sw, pt, pl, dh, dw,
+    def _cg_conv_kernel(x_ptr, w1_ptr, w2_ptr, chan_ptr, count_ptr, thr_ptr,
+                        M, C, H, W, O, OH, OW, sh, sw, pt, pl, dh, dw, y_ptr,
                         KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # chan_ptr: [2, C] int32, the base-channel list then the rest list (each padded to
@@ -282,7 +282,7 @@ if triton is not None:
         tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
     @triton.jit
-    def _pg_split_kernel(x_ptr, scale_ptr, msb_ptr, lsb_ptr, NUMEL, LEVELS: tl.constexpr,
+    def _pg_split_kernel(x_ptr, scale_ptr, NUMEL, msb_ptr, lsb_ptr, LEVELS: tl.constexpr,
                          UNIT: tl.constexpr, INT_LEVELS: tl.constexpr, RINT_ASM: tl.constexpr,
                          BLOCK: tl.constexpr):
         # X's MSB and LSB parts (_pg_part), once per call: the conv kernel reads them instead
@@ -297,8 +297,8 @@ if triton is not None:
         tl.store(lsb_ptr + i, lsb.to(lsb_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _pg_conv_kernel(msb_ptr, lsb_ptr, w_ptr, thr_ptr, scale_ptr, y_ptr, M, C, H, W, O, OH,
-                        OW, CW, OG, sh, sw, pt, pl, dh, dw, KH: tl.constexpr, KW: tl.constexpr,
+    def _pg_conv_kernel(msb_ptr, lsb_ptr, w_ptr, thr_ptr, scale_ptr, M, C, H, W, O, OH,
+                        OW, CW, OG, sh, sw, pt, pl, dh, dw, y_ptr, KH: tl.constexpr, KW: tl.constexpr,
                         LEVELS: tl.constexpr, UNIT: tl.constexpr, INT_LEVELS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # msb_ptr / lsb_ptr: X's parts from _pg_split_kernel ([N, C, H, W]; float16 integer
@@ -330,18 +330,24 @@ if triton is not None:
 
     @triton.jit
     def _fbs_conv_kernel(x_ptr, w_ptr, slot_ptr, valid_ptr, gamma_ptr, scale_ptr, shift_ptr,
-                         beta_ptr, y_ptr, S, C, H, W, O, OH, OW, sh, sw, pt, pl, dh, dw,
+                         beta_ptr, S, C, H, W, O, OH, OW, sh, sw, pt, pl, dh, dw, y_ptr,
                          KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         ZERO_INVALID: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Grid: (tile of output positions, tile of channel slots, sample). slot_ptr / valid_ptr:
         # [N, S] channel index and validity of each slot; invalid slots are never computed.
+        # ZERO_INVALID: the slots hold every channel once (a permutation) and invalid ones are
+        # written as 0, for a caller whose Y is not zero-initialised (TensorRT's AOT plugin:
+        # one kernel, no memset); else they are not written at all.
         n = tl.program_id(2)
         s = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        active = tl.load(valid_ptr + n * S + s, mask=s < S, other=0) != 0
+        in_range = s < S
+        active = tl.load(valid_ptr + n * S + s, mask=in_range, other=0) != 0
+        o = tl.load(slot_ptr + n * S + s, mask=in_range, other=0)
+        _, oh, ow, m_ok = _rows(tl.program_id(0), OH * OW, OH, OW, BLOCK_M)
+        dst = ((n * O + o[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
         if _any(active[None, :]):
-            o = tl.load(slot_ptr + n * S + s, mask=active, other=0)
             nv = tl.full((BLOCK_M,), 0, tl.int32) + n
-            _, oh, ow, m_ok = _rows(tl.program_id(0), OH * OW, OH, OW, BLOCK_M)
             acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
             acc = _conv_tile(acc, x_ptr, w_ptr, x_ptr, nv, oh, ow, m_ok, o, active, C, C, 0,
                              C, H, W, sh, sw, pt, pl, dh, dw, KH, KW, False, BLOCK_K)
@@ -352,9 +358,15 @@ if triton is not None:
             out = g[None, :] * (bn_scale[None, :] * acc + bn_shift[None, :]) + beta[None, :]
             if RELU:
                 out = tl.maximum(out, 0.0)
-            dst = ((n * O + o[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
-            tl.store(y_ptr + dst, out.to(y_ptr.dtype.element_ty),
-                     mask=m_ok[:, None] & active[None, :])
+            if ZERO_INVALID:
+                tl.store(y_ptr + dst, tl.where(active[None, :], out, 0.0).to(y_ptr.dtype.element_ty),
+                         mask=m_ok[:, None] & in_range[None, :])
+            else:
+                tl.store(y_ptr + dst, out.to(y_ptr.dtype.element_ty),
+                         mask=m_ok[:, None] & active[None, :])
+        elif ZERO_INVALID:
+            zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            tl.store(y_ptr + dst, zero.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & in_range[None, :])
 
 
 # ------------------------------------------------------------------------------------------
@@ -428,8 +440,8 @@ def cg_conv(x: torch.Tensor, w: torch.Tensor, base_mask: torch.Tensor, threshold
         return y
     bm, bn = tile_sizes(m, o)
     _cg_conv_kernel[(triton.cdiv(m, bm), triton.cdiv(o, bn))](
-        x.contiguous(), w1, w2, chans, counts, _f32(threshold).view(-1), y,
-        m, c, h, wd, o, oh, ow, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw,
+        x.contiguous(), w1, w2, chans, counts, _f32(threshold).view(-1),
+        m, c, h, wd, o, oh, ow, sh, sw, pt, pl, dh, dw, y, KH=kh, KW=kw,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
 
@@ -467,7 +479,7 @@ def pg_parts(x: torch.Tensor, scale: torch.Tensor, abits: int, pred_bits: int) -
     parts = torch.empty((2, *x.shape), dtype=torch.float16 if int_levels else torch.float32, device=x.device)
     if x.numel():
         _pg_split_kernel[(triton.cdiv(x.numel(), SPLIT_BLOCK),)](
-            x, scale, parts[0], parts[1], x.numel(), LEVELS=levels, UNIT=unit, INT_LEVELS=int_levels,
+            x, scale, x.numel(), parts[0], parts[1], LEVELS=levels, UNIT=unit, INT_LEVELS=int_levels,
             RINT_ASM=not INTERPRETED, BLOCK=SPLIT_BLOCK, num_warps=NUM_WARPS)
     return parts
 
@@ -494,8 +506,8 @@ def pg_conv(x: torch.Tensor, w: torch.Tensor, threshold: torch.Tensor, abits: in
     bm, bn = tile_sizes(m, og, group)
     grid = (triton.cdiv(m, bm), group * triton.cdiv(og, bn))
     _pg_conv_kernel[grid](
-        parts[0], parts[1], channels_last_weights(w), _f32(threshold).view(-1), scale, y,
-        m, c, h, wd, o, oh, ow, cw, og, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw, LEVELS=levels,
+        parts[0], parts[1], channels_last_weights(w), _f32(threshold).view(-1), scale,
+        m, c, h, wd, o, oh, ow, cw, og, sh, sw, pt, pl, dh, dw, y, KH=kh, KW=kw, LEVELS=levels,
         UNIT=unit, INT_LEVELS=int_levels, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
@@ -561,9 +573,9 @@ def fbs_conv(x: torch.Tensor, w: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.T
     bm, bn = tile_sizes(oh * ow, s, n)
     _fbs_conv_kernel[(triton.cdiv(oh * ow, bm), triton.cdiv(s, bn), n)](
         x.contiguous(), channels_last_weights(w), slots, valid, gamma.contiguous(),
-        _f32(bn_scale).view(-1), _f32(bn_shift).view(-1), _f32(beta).view(-1), y,
-        s, c, h, wd, o, oh, ow, sh, sw, pt, pl, dh, dw, KH=kh, KW=kw,
-        RELU=activation == "Relu", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        _f32(bn_scale).view(-1), _f32(bn_shift).view(-1), _f32(beta).view(-1),
+        s, c, h, wd, o, oh, ow, sh, sw, pt, pl, dh, dw, y, KH=kh, KW=kw,
+        RELU=activation == "Relu", ZERO_INVALID=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
 
 
@@ -575,10 +587,12 @@ _GEOMETRY_ARGS = ("sh", "sw", "pt", "pl", "dh", "dw")
 
 def kernel_signatures(dtype: str = "fp32", kh: int = 3, kw: int = 3, block_m: int = BLOCK_M,
                       block_n: int = BLOCK_N, abits: int = 8, pred_bits: int = 4,
-                      relu: bool = True) -> dict:
+                      relu: bool = True, zero_invalid: bool = False) -> dict:
     """{kernel name: [(argument, Triton type or constexpr value)]}, in argument order, for
     X / W / Y of `dtype` ("fp32" or "fp16"): what triton.compile's ASTSource and
-    triton.tools.compile take. Scalars are i32 or pointers (PG's scale is a *fp32): no fp32
+    triton.tools.compile take. Every kernel takes its input pointers, then its i32 scalars,
+    then its output pointers (then the constexprs): the order in which TensorRT's AOT
+    plugins launch a kernel (runtimes/tensorrt_aot.py), so the same kernel serves both. Scalars are i32 or pointers (PG's scale is a *fp32): no fp32
     scalar argument, which Triton >= 3.4's AOT launcher would pass as a C double. Boolean
     constexprs are written as 0 / 1 (the AOT compiler parses constexprs as numbers)."""
     t = f"*{dtype}"
@@ -591,19 +605,20 @@ def kernel_signatures(dtype: str = "fp32", kh: int = 3, kw: int = 3, block_m: in
     return {
         "_cg_conv_kernel": [
             ("x_ptr", t), ("w1_ptr", t), ("w2_ptr", t), ("chan_ptr", "*i32"), ("count_ptr", "*i32"),
-            ("thr_ptr", "*fp32"), ("y_ptr", t), *ints("M", "C", "H", "W", "O", "OH", "OW"),
-            *ints(*_GEOMETRY_ARGS), *blocks, *tiles],
+            ("thr_ptr", "*fp32"), *ints("M", "C", "H", "W", "O", "OH", "OW"),
+            *ints(*_GEOMETRY_ARGS), ("y_ptr", t), *blocks, *tiles],
         "_pg_split_kernel": [
-            ("x_ptr", t), ("scale_ptr", "*fp32"), ("msb_ptr", parts), ("lsb_ptr", parts), *ints("NUMEL"),
+            ("x_ptr", t), ("scale_ptr", "*fp32"), *ints("NUMEL"), ("msb_ptr", parts), ("lsb_ptr", parts),
             ("LEVELS", levels), ("UNIT", unit), ("INT_LEVELS", int(int_levels)), ("RINT_ASM", 1),
             ("BLOCK", SPLIT_BLOCK)],
         "_pg_conv_kernel": [
             ("msb_ptr", parts), ("lsb_ptr", parts), ("w_ptr", t), ("thr_ptr", "*fp32"), ("scale_ptr", "*fp32"),
-            ("y_ptr", t), *ints("M", "C", "H", "W", "O", "OH", "OW", "CW", "OG"), *ints(*_GEOMETRY_ARGS),
+            *ints("M", "C", "H", "W", "O", "OH", "OW", "CW", "OG"), *ints(*_GEOMETRY_ARGS), ("y_ptr", t),
             *blocks, ("LEVELS", levels), ("UNIT", unit), ("INT_LEVELS", int(int_levels)), *tiles],
         "_fbs_conv_kernel": [
             ("x_ptr", t), ("w_ptr", t), ("slot_ptr", "*i32"), ("valid_ptr", "*i32"),
             ("gamma_ptr", "*fp32"), ("scale_ptr", "*fp32"), ("shift_ptr", "*fp32"),
-            ("beta_ptr", "*fp32"), ("y_ptr", t), *ints("S", "C", "H", "W", "O", "OH", "OW"),
-            *ints(*_GEOMETRY_ARGS), *blocks, ("RELU", int(relu)), *tiles],
+            ("beta_ptr", "*fp32"), *ints("S", "C", "H", "W", "O", "OH", "OW"),
+            *ints(*_GEOMETRY_ARGS), ("y_ptr", t), *blocks, ("RELU", int(relu)),
+            ("ZERO_INVALID", int(zero_invalid)), *tiles],
     }

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..fileio import check_writable, read_json
+from ..runtimes import PLUGIN_KINDS
 
 FORMAT = "gate2deploy.trt/1"
 FP16_RTOL = 1e-2  # half precision keeps 11 significant bits; products and sums round there
@@ -40,6 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--fp16", action="store_true", help="build in FP16 (default: the precision model.trt.json gives)")
     p.add_argument("--batch", help="optimisation profile min,opt,max batch (default: model.trt.json's)")
     p.add_argument("--rtol", type=float, help="tolerance of the engine check (default: model.trt.json's)")
+    p.add_argument("--plugins", choices=PLUGIN_KINDS,
+                   help="aot (the gated ops' Triton kernels compiled into the engine; TensorRT >= 10.9), jit (Python "
+                        "plugins) or auto (aot where this TensorRT has it) (default: model.trt.json's)")
     p.add_argument("--no-verify", action="store_true", help="skip the engine check against ONNX Runtime")
     p.set_defaults(func=run)
 
@@ -85,7 +89,7 @@ def profile_shapes(shape, batch: tuple[int, int, int]) -> dict:
 
 
 def build_config(onnx_path: Path, engine_path: Path, model, input_shape, batch, fp16: bool,
-                 rtol: float, static: bool) -> dict:
+                 rtol: float, static: bool, plugins: str = "auto") -> dict:
     from ..runtimes import MIN_TENSORRT
     from ..runtimes import tensorrt_plugins as tp
 
@@ -95,7 +99,10 @@ def build_config(onnx_path: Path, engine_path: Path, model, input_shape, batch, 
         "onnx": onnx_path.name,
         "engine": engine_path.name,
         "plugins": {"namespace": tp.NAMESPACE, "version": tp.VERSION, "ops": ops,
-                    "kind": "JIT (Python tensorrt.plugin with Triton kernels)",
+                    "implementation": plugins,
+                    "kind": "aot: the Triton kernels compiled into the engine (tensorrt.plugin.aot_impl, "
+                            "runtimes/tensorrt_aot.py); jit: Python tensorrt.plugin calling them; auto: aot where "
+                            "the TensorRT has it",
                     "registration_module": tp.REGISTRATION_MODULE,
                     "register_function": tp.REGISTER_FUNCTION, "min_tensorrt": MIN_TENSORRT},
         "inputs": {model.graph.input[0].name: profile_shapes(input_shape, batch)},
@@ -106,8 +113,9 @@ def build_config(onnx_path: Path, engine_path: Path, model, input_shape, batch, 
     }
 
 
-def gpu_host_command(onnx_path: Path, engine_path: Path, fp16: bool) -> str:
-    return f"gate2deploy build-engine {onnx_path} -o {engine_path}" + (" --fp16" if fp16 else "")
+def gpu_host_command(onnx_path: Path, engine_path: Path, fp16: bool, plugins: str = "auto") -> str:
+    return (f"gate2deploy build-engine {onnx_path} -o {engine_path}" + (" --fp16" if fp16 else "")
+            + (f" --plugins {plugins}" if plugins != "auto" else ""))
 
 
 def normwise_error(ref: list, got: list) -> float:
@@ -179,15 +187,19 @@ def run(args) -> int:
     if args.batch:
         captured = int(cfg["verification_shape"][0])
         shapes = profile_shapes(shapes["opt"], parse_batch_profile(args.batch, captured, static))
+    plugins = args.plugins or (cfg.get("plugins") or {}).get("implementation", "auto")
+    if plugins not in PLUGIN_KINDS:
+        raise UserError(f"{cfg_path}: plugins.implementation {plugins!r} is not one of {', '.join(PLUGIN_KINDS)}")
     problem = tensorrt_available()
     if problem:
         raise TensorRTUnavailable(f"{problem}; run on {GPU_HOST}: "
-                                  f"{gpu_host_command(onnx_path, engine_path, fp16)}")
+                                  f"{gpu_host_command(onnx_path, engine_path, fp16, plugins)}")
     from ..runtimes.tensorrt_plugins import build_engine
 
-    build_engine(onnx_path, engine_path, {name: (shapes["min"], shapes["opt"], shapes["max"])}, fp16)
+    kind = build_engine(onnx_path, engine_path, {name: (shapes["min"], shapes["opt"], shapes["max"])}, fp16,
+                        plugins=plugins)
     print(f"wrote {engine_path} ({'fp16' if fp16 else 'fp32'}, batch {shapes['min'][0]}..{shapes['max'][0]}, "
-          f"opt {shapes['opt'][0]})")
+          f"opt {shapes['opt'][0]}, {kind} plugins)")
     if args.no_verify:
         print("engine check skipped (--no-verify)")
         return 0

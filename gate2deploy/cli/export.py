@@ -32,6 +32,7 @@ from ..frontend import checkpoint_paths, parse_shape
 from ..importers.slimmable import population as population_entries
 from ..importers.slimmable import uniform_sweep
 from ..options import CompileOptions, from_namespace, replace
+from ..runtimes import PLUGIN_KINDS
 from ..targets import TARGETS
 from ..verify import DEFAULT_RTOL, random_inputs
 from .args import add_compile_arguments, add_model_arguments
@@ -58,6 +59,10 @@ def add_parser(sub) -> None:
                    help="--target trt: the engine's optimisation profile batch sizes (default 1,N,max(N,32); "
                         "N,N,N with --static-batch)")
     p.add_argument("--fp16", action="store_true", help="--target trt: build the engine in FP16")
+    p.add_argument("--plugins", choices=PLUGIN_KINDS, default="auto",
+                   help="--target trt: the gated ops' TensorRT plugins: aot (their Triton kernels compiled into the "
+                        "engine; it runs without Python; TensorRT >= 10.9), jit (Python plugins calling the Triton "
+                        "kernels) or auto (default: aot where the TensorRT has it); recorded in model.trt.json")
     p.add_argument("--gated-kernels", choices=("native", "measured"), default="native",
                    help="--target ort: native (default): CG/PG/FBS layers run the native kernels; measured: time each "
                         "CG/PG/FBS layer's native kernel against its standard-op form on this machine and keep the "
@@ -141,7 +146,8 @@ def _export_trt(args, plan: _TrtPlan, compiled: CompiledModel) -> int:
     summary, shape, model = compiled.report, compiled.input_shape, compiled.onnx_model
     static = summary["batch"]["axis"] == "static"
     batch = (shape[0],) * 3 if static else plan.batch  # a batch that could not be relaxed pins it
-    config = build_config(plan.onnx_path, plan.engine_path, model, shape, batch, args.fp16, args.rtol, static)
+    config = build_config(plan.onnx_path, plan.engine_path, model, shape, batch, args.fp16, args.rtol, static,
+                          args.plugins)
     compiled.save(plan.onnx_path)
     write_text(plan.json_path, json.dumps(config, indent=1) + "\n")
     problem = tensorrt_available()
@@ -152,13 +158,14 @@ def _export_trt(args, plan: _TrtPlan, compiled: CompiledModel) -> int:
         _report_and_print(args, summary)
         raise TensorRTUnavailable(
             f"{problem}; wrote {plan.onnx_path} and {plan.json_path}; on {GPU_HOST} run: "
-            f"{gpu_host_command(plan.onnx_path, plan.engine_path, args.fp16)}")
+            f"{gpu_host_command(plan.onnx_path, plan.engine_path, args.fp16, args.plugins)}")
     from ..runtimes.tensorrt_plugins import build_engine
 
     name = model.graph.input[0].name
     profile = config["inputs"][name]
-    build_engine(plan.onnx_path, plan.engine_path, {name: (profile["min"], profile["opt"], profile["max"])},
-                 args.fp16)
+    summary["tensorrt"]["plugins"] = build_engine(
+        plan.onnx_path, plan.engine_path, {name: (profile["min"], profile["opt"], profile["max"])}, args.fp16,
+        plugins=args.plugins)
     if not args.no_verify:
         def reference(x):
             with torch.no_grad():
@@ -189,10 +196,6 @@ def print_summary(s: dict) -> None:
         print(slimmable_summary(s["mask_sources"]["slimmable"]))
     for u in s["fold"]["unfoldable"]:
         print(f"kept as Mul (not foldable): {u['source']}: {u['channels']} channels: {u['reason']}")
-    pinned = collections.Counter((o["op"], o["reason"]) for o in s["fold"]["pinned_ops"])
-    for (op, reason), n in pinned.items():
-        print(f"channels kept around {n} {op} node{'s' * (n > 1)} (the fold cannot reason about them: "
-              f"{reason}; listed in the report's fold.pinned_ops)")
     pinned = collections.Counter((o["op"], o["reason"]) for o in s["fold"]["pinned_ops"])
     for (op, reason), n in pinned.items():
         print(f"channels kept around {n} {op} node{'s' * (n > 1)} (the fold cannot reason about them: "
