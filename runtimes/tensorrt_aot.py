@@ -175,18 +175,23 @@ def launch(op: str, inputs: list, attrs: dict):
     shapes = dict(zip(spec.inputs, (tuple(t.shape) for t in inputs)))
     plan = aot_launch(op, shapes, attrs)
     inputs = [t.contiguous() for t in inputs]
-    if op == "PGSplit":
-        outputs = [torch.empty_like(inputs[0], dtype=torch.float32) for _ in range(2)]
-    else:
-        v = plan.values
-        outputs = [torch.empty((inputs[0].shape[0], v["O"], v["OH"], v["OW"]), dtype=torch.float32,
-                               device=inputs[0].device)]
+    outputs = output_tensors(op, plan, inputs)
     constexprs = plan.constexprs
     if "RINT_ASM" in constexprs:  # PTX inline asm: not on the interpreter (pg_parts does the same)
         constexprs["RINT_ASM"] = int(not tk.INTERPRETED)
     if all(g > 0 for g in plan.grid):
         getattr(tk, plan.kernel)[plan.grid](*inputs, *plan.extras, *outputs, **constexprs, num_warps=tk.NUM_WARPS)
     return outputs
+
+
+def output_tensors(op: str, plan: AotLaunch, inputs: list) -> list:
+    """Uninitialised float32 outputs of plugin `op` for torch `inputs` (its shape function)."""
+    import torch
+
+    if op == "PGSplit":
+        return [torch.empty_like(inputs[0], dtype=torch.float32) for _ in range(2)]
+    v = plan.values
+    return [torch.empty((inputs[0].shape[0], v["O"], v["OH"], v["OW"]), dtype=torch.float32, device=inputs[0].device)]
 
 
 def compile_for_aot(launch_plan: AotLaunch, target=None) -> tuple[str, str, int, int]:

@@ -15,16 +15,21 @@ NVIDIA GPU, neither of which this project's machines have).
   Python plugins (`tensorrt.plugin`): shape functions from the ONNX Conv output-size formula,
   implementations that call the Triton kernels of runtimes/triton_kernels.py on the plugin's
   CUDA tensors. These are JIT plugins: the engine needs a Python process that imported this
-  module (`REGISTRATION_MODULE`) to run. AOT plugins (TensorRT >= 10.9, the compiled Triton
-  kernel embedded in the engine) are not written yet.
-* `build_engine(onnx_path, engine_path, profile, fp16)`: parse the file + build with one
-  optimisation profile + write the serialized engine atomically. `run_engine` runs one on
+  module (`REGISTRATION_MODULE`) to run. Where this TensorRT has AOT plugins (>= 10.9,
+  `tensorrt.plugin.aot_impl`) it also registers the one-kernel plugins of
+  runtimes/tensorrt_aot.py (AOT_PLUGINS: shape function, FP32/INT32 autotune, the AOT
+  implementation returning the compiled kernel's PTX and launch, and a JIT implementation of
+  the same launch).
+* `build_engine(onnx_path, engine_path, profile, fp16, plugins)`: parse the file (lowered by
+  tensorrt_aot.lower_for_aot for AOT plugins) + build with one optimisation profile + write
+  the serialized engine atomically. `run_engine` runs one on
   numpy inputs; `profile_engine_layers` times its layers with TensorRT's IProfiler.
 
 Where TensorRT or a GPU is missing every entry point that needs them raises
 `TensorRTUnavailable` (a UserError with exit code 3; the reason comes from
-`gate2deploy.runtimes.tensorrt_available`). These paths have never run on a GPU: only the
-clean failure, `prepare_for_tensorrt` and the signatures built from `PLUGINS` are tested.
+`gate2deploy.runtimes.tensorrt_available`). These paths have never run with TensorRT: the
+clean failure, `prepare_for_tensorrt`, the signatures built from `PLUGINS` / `AOT_PLUGINS`
+and the AOT implementation's launch (with stand-ins for tensorrt.plugin's types) are tested.
 """
 # No `from __future__ import annotations` here: tensorrt.plugin reads the plugin functions'
 # annotations as objects (inspect.signature), and postponed (string) annotations would hide them.

@@ -29,7 +29,9 @@ padding is a load mask. The gated work is skipped per tile:
        validity flag = the reference's rule (g > the (k+1)-th largest, ties excluded; or
        g > threshold). The kernel gathers the valid slots' weight rows, skips tiles with
        no valid slot, and scatters act(g * (bn_scale * acc + bn_shift) + beta) to Y, which
-       is zero-initialised, so inactive channels are exactly 0.
+       is zero-initialised, so inactive channels are exactly 0 (or, for TensorRT's AOT plugin,
+       whose output is not initialised: every channel is a slot and the kernel writes the
+       invalid ones as 0, ZERO_INVALID).
 No wrapper synchronises with the host (no .item(), float() of a device value, nonzero()):
 they run inside TensorRT plugins on TensorRT's stream.
 

@@ -379,6 +379,8 @@ def main(argv=None) -> int:
     all_exact &= geometry_check(tk, ref, torch, args.device, rng)
     print(f"\n(kernel checks and timings: {time.perf_counter() - t_start:.0f} s, compiles included)")
 
+    if args.device == "cuda":
+        all_exact &= trt_aot_plugin_check(torch)
     if args.aot:
         if args.device != "cuda":
             print("AOT: skipped (needs a GPU)")
@@ -386,6 +388,94 @@ def main(argv=None) -> int:
             all_exact &= aot_check(Path(args.aot), ref, tk, torch, rng, args.shapes[0])
     print("\nALL EXACT" if all_exact else "\nNOT EXACT: see the table")
     return 0 if all_exact else 1
+
+
+# ------------------------------------------------------------------------------------------
+# TensorRT's AOT plugin launch, without TensorRT
+# ------------------------------------------------------------------------------------------
+def trt_aot_plugin_check(torch) -> bool:
+    """The gated tiny model (tests/models/gated_tiny.py) exported with --target trt, lowered for
+    TensorRT's AOT plugins (runtimes/tensorrt_aot.py) and run with onnx's reference evaluator
+    for the standard ops and every plugin node launched as TensorRT launches an AOT plugin:
+    the PTX of compile_for_aot loaded with the CUDA driver (cuModuleLoadData) and launched
+    with cuLaunchKernel on aot_launch's grid, block and shared memory with exactly (input
+    pointers, int32 extras, output pointers). Compared with the PyTorch model at batch 1 and 8."""
+    import contextlib
+    import ctypes
+    import io
+    import tempfile
+
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    from gate2deploy.cli import main as cli_main
+    from gate2deploy.runtimes import tensorrt_aot as aot
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_tensorrt_export import TINY, tiny_model  # the model and its BN / threshold set-up
+
+    print("\nTensorRT AOT plugins, launched as TensorRT does (PTX via cuModuleLoadData + cuLaunchKernel, "
+          "inputs / int32 extras / outputs), gated tiny model vs PyTorch:")
+    cuda = ctypes.CDLL("libcuda.so.1")
+    torch.zeros(1, device="cuda")  # the primary context is current on this thread
+    loaded = {}
+
+    def check(result, what):
+        if result != 0:
+            raise RuntimeError(f"{what} failed: CUresult {result}")
+
+    def ptx_launch(op, inputs, attrs):
+        spec = aot.AOT_PLUGINS[op]
+        inputs = [t.contiguous() for t in inputs]
+        plan = aot.aot_launch(op, dict(zip(spec.inputs, (tuple(t.shape) for t in inputs))), attrs)
+        key = (plan.kernel, repr(plan.signature))
+        if key not in loaded:
+            name, ptx, threads, shared = aot.compile_for_aot(plan)
+            module, func = ctypes.c_void_p(), ctypes.c_void_p()
+            check(cuda.cuModuleLoadData(ctypes.byref(module), ptx.encode() + b"\0"), "cuModuleLoadData")
+            check(cuda.cuModuleGetFunction(ctypes.byref(func), module, name.encode()), "cuModuleGetFunction")
+            loaded[key] = (func, threads, shared)
+        func, threads, shared = loaded[key]
+        outputs = aot.output_tensors(op, plan, inputs)
+        args = ([ctypes.c_uint64(t.data_ptr()) for t in inputs] + [ctypes.c_int32(int(v)) for v in plan.extras]
+                + [ctypes.c_uint64(t.data_ptr()) for t in outputs])
+        params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
+        gx, gy, gz = (int(g) for g in plan.grid)
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        check(cuda.cuLaunchKernel(func, gx, gy, gz, threads, 1, 1, shared, stream, params, None), "cuLaunchKernel")
+        torch.cuda.synchronize()
+        return outputs
+
+    def plugin_class(spec):
+        def _run(self, *inputs, **_):
+            attrs = {n: getattr(self, n) for n, _, _ in spec.attributes if getattr(self, n, None) is not None}
+            attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+            outs = ptx_launch(spec.op, [torch.from_numpy(np.array(i)).cuda() for i in inputs], attrs)
+            return tuple(o.cpu().numpy() for o in outs)
+
+        return type(spec.op, (OpRun,), {"op_domain": aot.PLUGIN_NAMESPACE, "_run": _run})
+
+    ok_all = True
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "tiny.pth"
+        torch.save(tiny_model().state_dict(), ckpt)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            cli_main(["export", str(ckpt), "--model", TINY, "--input-shape", "1,3,8,8", "--target", "trt",
+                      "-o", str(Path(tmp) / "m.engine"), "--physical-widths", "exact", "--plugins", "aot"])
+        lowered = aot.lower_for_aot(onnx.load(str(Path(tmp) / "m.trt.onnx")))
+    session = ReferenceEvaluator(lowered, new_ops=[plugin_class(s) for s in aot.AOT_PLUGINS.values()])
+    for batch in (1, 8):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 8, 8)).astype(np.float32)
+        (y,) = session.run(None, {lowered.graph.input[0].name: x})
+        with torch.no_grad():
+            y_ref = tiny_model()(torch.from_numpy(x)).numpy()
+        rel = float(np.max(np.abs(y - y_ref)) / np.max(np.abs(y_ref)))
+        ok = rel <= 1e-4
+        print(f"  batch {batch}: {'exact' if ok else 'NOT EXACT'} (max rel err {rel:.2e}); kernels loaded: "
+              f"{', '.join(sorted({k for k, _ in loaded}))}")
+        ok_all &= ok
+    return ok_all
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 # Triton kernels of runtimes/triton_kernels.py on CUDA against runtimes/reference.py in fp32
 # and fp16 at gate-on 0/20/100% plus a spatially clustered 20% (FBS: density 0.2/0.5/1), timed
 # against a dense cuDNN conv of the same shape through PyTorch (fp32 TF32 off / on, fp16), for
-# several shapes; then the three kernels compiled ahead of time (Triton's AOT compiler + a C
-# harness built with nvcc) and run without Python. Prints one table per shape; exit 1 if
+# several shapes; then the gated tiny model lowered for TensorRT's AOT plugins with every plugin
+# launched as TensorRT launches it (PTX via the CUDA driver, no TensorRT), against PyTorch; then
+# the three kernels compiled ahead of time (Triton's AOT compiler + a C harness built with nvcc)
+# and run without Python. Prints one table per shape; exit 1 if
 # anything is not exact. tools/gpu_check.py says what each column means.
 #
 #   bash tools/gpu_check.sh                 # 1x128x28x28, 8x128x28x28, 8x256x14x14, 32x64x56x56
