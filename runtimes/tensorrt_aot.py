@@ -55,6 +55,9 @@ from gate2deploy.errors import UserError
 from gate2deploy.ops import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 SHARED_LIMIT = 48 * 1024  # bytes of static shared memory a kernel launch gets by default
+TOPK_LIMIT = 3840  # TensorRT's TopK takes K <= 3840: FBS layers wider than that stay JIT plugins
+FP32_MARK = "/aot_fp32/"  # in the names of the standard nodes the lowering adds: pinned to fp32 in an
+# --fp16 build (tensorrt_plugins.build_engine), as the reference and the JIT plugins compute them
 _CONV = (("strides", "ints", (1, 1)), ("pads", "ints", (0, 0, 0, 0)), ("dilations", "ints", (1, 1)))
 
 
@@ -102,9 +105,11 @@ def _int_cdiv(a, b):
 
 
 def _static(v, what: str) -> int:
+    from .tensorrt_plugins import dim_value
+
     try:
-        return int(v)
-    except Exception:  # noqa: BLE001 - a symbolic TensorRT shape expression
+        return dim_value(v)
+    except UserError:
         raise UserError(f"AOT plugin: {what} must be static (only the batch may be dynamic)") from None
 
 
@@ -120,9 +125,8 @@ def aot_launch(op: str, shapes: dict, attrs: dict, cdiv=_int_cdiv) -> AotLaunch:
     a.update(attrs)
     if op == "PGSplit":
         x = shapes["X"]
-        numel = x[0]
-        for d in x[1:]:
-            numel = numel * d
+        # the batch (maybe symbolic) times the static rest: ShapeExpr * int only (no __rmul__)
+        numel = x[0] * math.prod(_static(d, f"PGSplit input dimension {i + 1}") for i, d in enumerate(x[1:]))
         sig = tk.kernel_signatures("fp32", abits=int(a["abits"]), pred_bits=int(a["pred_bits"]))[spec.kernel]
         return AotLaunch(spec.kernel, sig, (cdiv(numel, tk.SPLIT_BLOCK), 1, 1), {"NUMEL": numel})
     x, w = shapes["MSB" if op == "PGConvParts" else "X"], shapes["W" if op != "CGConvPlanned" else "W1"]
@@ -296,8 +300,13 @@ def lower_for_aot(model: onnx.ModelProto) -> onnx.ModelProto:
 
     def std(op: str, inputs: list, n_out: int, prefix: str, **kw) -> list:
         outs = [fresh(f"{prefix}_{op.lower()}{i or ''}") for i in range(n_out)]
-        new_nodes.append(helper.make_node(op, inputs, outs, name=fresh(f"{prefix}/{op}"), **kw))
+        new_nodes.append(helper.make_node(op, inputs, outs, name=fresh(f"{prefix}{FP32_MARK}{op}"), **kw))
         return outs
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= 18:  # ReduceMean / ReduceMax take `axes` as an attribute only before opset 18
+        raise UserError(f"the AOT lowering writes opset-17 reductions; this model is opset {opset} "
+                        f"(export writes 17; use --plugins jit)")
 
     for node in graph.node:
         if node.domain != PLUGIN_NAMESPACE:
@@ -313,6 +322,8 @@ def lower_for_aot(model: onnx.ModelProto) -> onnx.ModelProto:
                    list(node.output), conv, p)
         elif node.op_type == "PGConv":
             w = weight(node, 1, "W")
+            if not 0 < int(a["pred_bits"]) < int(a["abits"]):
+                raise UserError(f"node {p}: need 0 < pred_bits < abits, not {a['pred_bits']}, {a['abits']}")
             if float(a.get("static_scale", 0.0)) > 0:
                 scale = const(f"{p}_scale", np.array([a["static_scale"]], np.float32))
             else:  # max|X| + 1e-7 over the whole tensor, in float32 (reference.pg_split_activations)
@@ -328,13 +339,19 @@ def lower_for_aot(model: onnx.ModelProto) -> onnx.ModelProto:
         elif node.op_type == "FBSConv":
             w, fc_w = weight(node, 1, "W"), weight(node, 2, "fc_W")
             o = w.shape[0]
+            pool, density = a.get("pool", "avg"), float(a["density"])
+            if pool not in ("avg", "max", "l1", "l2") or not 0.0 < density <= 1.0:
+                raise UserError(f"node {p}: pool {pool!r} / density {density} is not an FBSConv's "
+                                f"(avg, max, l1, l2; 0 < density <= 1)")
+            if o > TOPK_LIMIT:
+                raise UserError(f"node {p}: {o} output channels; TensorRT's TopK takes at most {TOPK_LIMIT} "
+                                f"(use --plugins jit)")
             x = node.input[0]
             pool_pads = [int(v) for v in a.get("pool_pads", (0, 0, 0, 0))]
             if any(pool_pads):
                 top, left, bottom, right = pool_pads
                 (x,) = std("Pad", [x, const(f"{p}_pool_pads", np.array([0, 0, top, left, 0, 0, bottom, right],
                                                                         np.int64))], 1, p)
-            pool = a.get("pool", "avg")
             if pool == "l1":
                 (x,) = std("Abs", [x], 1, p)
             elif pool == "l2":
@@ -343,7 +360,7 @@ def lower_for_aot(model: onnx.ModelProto) -> onnx.ModelProto:
             (g,) = std("Gemm", [pooled, const(f"{p}_fc_W", fc_w), node.input[3]], 1, p, transB=1)
             if a.get("activation", "Relu") == "Relu":
                 (g,) = std("Relu", [g], 1, p)
-            k = math.ceil(o * float(a["density"]))
+            k = math.ceil(o * density)
             values, order = std("TopK", [g, const(f"{p}_O", np.array([o], np.int64))], 2, p, axis=1)
             (slots,) = std("Cast", [order], 1, p, to=TensorProto.INT32)
             if k >= o:  # every channel on: valid = 1 for each slot

@@ -130,8 +130,8 @@ def plugin_signature(spec: PluginSpec, kind: str, types: dict) -> inspect.Signat
     """The Python signature tensorrt.plugin reads for `spec`'s shape function (`kind`
     "desc"), implementation ("impl") or AOT implementation ("aot"; an AOT_PLUGINS spec).
     `types` maps "desc", "tensor", "ints", "int", "float", "string", "outputs", "stream",
-    "return" (and for "aot" "desc_outputs", "tactic", "aot_return"; for an AOT spec with
-    several outputs "returns") to the annotation objects (tensorrt.plugin's own types at
+    "return" (and for "aot" "desc_outputs", "tactic", "aot_return"; for "autotune"
+    "desc_outputs", "autotune_return"; for an AOT spec with several outputs "returns") to the annotation objects (tensorrt.plugin's own types at
     registration; anything in a test)."""
     tensor = types["tensor"] if kind == "impl" else types["desc"]
     params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=tensor)
@@ -141,6 +141,10 @@ def plugin_signature(spec: PluginSpec, kind: str, types: dict) -> inspect.Signat
     if kind == "desc":
         several = len(getattr(spec, "outputs", ("Y",))) > 1
         return inspect.Signature(params, return_annotation=types["returns" if several else "return"])
+    if kind == "autotune":  # (inputs..., outputs) -> List[AutoTuneCombination]; attributes optional
+        return inspect.Signature(params[:len(spec.inputs)] + [inspect.Parameter(
+            "outputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types["desc_outputs"])],
+            return_annotation=types["autotune_return"])
     if kind == "aot":
         params += [inspect.Parameter("outputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types["desc_outputs"]),
                    inspect.Parameter("tactic", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types["tactic"])]
@@ -164,6 +168,16 @@ def _require_tensorrt():
     return trt
 
 
+def dim_value(v) -> int:
+    """An int from a dimension: an int, or a constant TensorRT shape expression (ShapeExpr has
+    `is_constant` / `constant_value()` and no __int__); a symbolic one is refused."""
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if getattr(v, "is_constant", False):
+        return int(v.constant_value())
+    raise UserError("a TensorRT plugin needs this dimension static (only the batch may be dynamic)")
+
+
 def _out_dim(size, k, stride, pad_a, pad_b, dil):
     """ONNX Conv output size on TensorRT shape expressions (or ints)."""
     return (size + (pad_a + pad_b) - ((k - 1) * dil + 1)) // stride + 1
@@ -185,7 +199,7 @@ def _plugin_functions(spec: PluginSpec, types: dict, kernels, to_cuda, on_stream
         y = x.like()
         y.shape_expr[1] = w.shape_expr[0]
         for i in range(2):
-            y.shape_expr[2 + i] = _out_dim(x.shape_expr[2 + i], int(w.shape_expr[2 + i]), int(strides[i]),
+            y.shape_expr[2 + i] = _out_dim(x.shape_expr[2 + i], dim_value(w.shape_expr[2 + i]), int(strides[i]),
                                            int(pads[i]), int(pads[i + 2]), int(dilations[i]))
         return y
 
@@ -223,7 +237,8 @@ def _aot_plugin_functions(spec, types: dict, trtp, to_cuda, on_stream):
     Python (tensorrt_aot.launch), for builds that do not take the AOT path."""
     from . import tensorrt_aot as aot
 
-    desc_sig, impl_sig, aot_sig = (plugin_signature(spec, kind, types) for kind in ("desc", "impl", "aot"))
+    desc_sig, impl_sig, aot_sig, tune_sig = (plugin_signature(spec, kind, types)
+                                             for kind in ("desc", "impl", "aot", "autotune"))
     attr_names = [name for name, _, _ in spec.attributes]
 
     def attributes(a):
@@ -239,7 +254,7 @@ def _aot_plugin_functions(spec, types: dict, trtp, to_cuda, on_stream):
         y = x.like()
         y.shape_expr[1] = w.shape_expr[0]
         for i in range(2):
-            y.shape_expr[2 + i] = _out_dim(x.shape_expr[2 + i], int(w.shape_expr[1 + i]), int(attrs["strides"][i]),
+            y.shape_expr[2 + i] = _out_dim(x.shape_expr[2 + i], dim_value(w.shape_expr[1 + i]), int(attrs["strides"][i]),
                                            int(attrs["pads"][i]), int(attrs["pads"][i + 2]),
                                            int(attrs["dilations"][i]))
         return y
@@ -266,6 +281,7 @@ def _aot_plugin_functions(spec, types: dict, trtp, to_cuda, on_stream):
         return name.encode(), ptx.encode(), params, extras
 
     desc.__signature__, impl.__signature__, aot_impl.__signature__ = desc_sig, impl_sig, aot_sig
+    autotune.__signature__ = tune_sig  # tensorrt.plugin checks the names: the inputs, then `outputs`
     for f, what in ((desc, "desc"), (autotune, "autotune"), (impl, "impl"), (aot_impl, "aot_impl")):
         f.__name__ = f"{spec.op}_{what}"
     return desc, autotune, impl, aot_impl
@@ -311,11 +327,12 @@ def register_plugins() -> None:
         trtp.register(f"{NAMESPACE}::{spec.op}")(desc)
         trtp.impl(f"{NAMESPACE}::{spec.op}")(impl)
     if hasattr(trtp, "aot_impl"):
-        from typing import Union
+        from typing import List, Union
 
         from .tensorrt_aot import AOT_PLUGINS
 
         types.update(returns=Tuple[trtp.TensorDesc, trtp.TensorDesc], desc_outputs=Tuple[trtp.TensorDesc],
+                     autotune_return=List[trtp.AutoTuneCombination],
                      tactic=int, aot_return=Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
                                                   trtp.SymExprs])
         for spec in AOT_PLUGINS.values():
@@ -351,7 +368,12 @@ def build_engine(onnx_path, engine_path, profile: dict | None = None, fp16: bool
     if kind == "aot":
         from .tensorrt_aot import lower_for_aot
 
-        model = lower_for_aot(model)
+        try:
+            model = lower_for_aot(model)
+        except UserError as exc:  # a node the AOT plugins cannot take: auto keeps the JIT plugins
+            if plugins == "aot":
+                raise
+            kind = f"jit (AOT not possible: {exc})"
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -363,6 +385,17 @@ def build_engine(onnx_path, engine_path, profile: dict | None = None, fp16: bool
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+        if kind == "aot":  # the lowering's scale / saliency ops stay fp32, as the JIT plugins compute them
+            from .tensorrt_aot import FP32_MARK
+
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            for i in range(network.num_layers):
+                layer = network.get_layer(i)
+                if FP32_MARK in layer.name:
+                    layer.precision = trt.float32
+                    for j in range(layer.num_outputs):
+                        if layer.get_output(j).dtype in (trt.float32, trt.float16):
+                            layer.set_output_type(j, trt.float32)
     if profile:
         opt_profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile.items():

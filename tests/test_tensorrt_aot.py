@@ -17,6 +17,7 @@ No TensorRT ran here: what TensorRT does with the PTX is unchecked.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -214,46 +215,154 @@ def test_launch_order_is_inputs_then_int32_extras_then_outputs():
     assert aot.aot_launch("FBSConvSlots", shapes["FBSConvSlots"], {}).constexprs["ZERO_INVALID"] == 1
 
 
-def test_aot_implementation_hands_tensorrt_the_launch(monkeypatch):
-    """The registered AOT implementation (with stand-ins for tensorrt.plugin's types): the
-    kernel name and PTX of compile_for_aot, the grid and block, and the int32 extras in the
-    kernel's order, from the TensorDescs' shapes and the attributes."""
-    pytest.importorskip("triton")
-    from gate2deploy.runtimes import tensorrt_plugins as tp
+class Expr:
+    """A stand-in for tensorrt.plugin's ShapeExpr (TensorRT 10.9+, tensorrt/plugin/_tensor.py):
+    constant or symbolic, arithmetic with ints on the left operand only, `is_constant` and
+    `constant_value()`, and no __int__ / __index__ (int() of a real ShapeExpr raises)."""
 
-    class Params:
+    def __init__(self, value, constant=True):
+        self.value, self.is_constant = value, constant
+
+    def constant_value(self):
+        assert self.is_constant, "constant_value() of a symbolic expression"
+        return self.value
+
+    def _op(self, other, f):
+        if isinstance(other, Expr):
+            return Expr(f(self.value, other.value), self.is_constant and other.is_constant)
+        assert isinstance(other, (int, np.integer)), type(other)
+        return Expr(f(self.value, int(other)), self.is_constant)
+
+    def __add__(self, o):
+        return self._op(o, lambda a, b: a + b)
+
+    def __sub__(self, o):
+        return self._op(o, lambda a, b: a - b)
+
+    def __mul__(self, o):
+        return self._op(o, lambda a, b: a * b)
+
+    def __floordiv__(self, o):
+        return self._op(o, lambda a, b: a // b)
+
+
+class Desc:
+    """A stand-in for tensorrt.plugin.TensorDesc: shape_expr of Exprs (dimension 0 symbolic)."""
+
+    def __init__(self, shape, batch_symbolic=True):
+        self.shape_expr = [Expr(v, not (i == 0 and batch_symbolic)) for i, v in enumerate(shape)]
+        self.ndim = len(shape)
+
+    def like(self):
+        copy = Desc(())
+        copy.shape_expr, copy.ndim = list(self.shape_expr), self.ndim
+        return copy
+
+
+class Trtp:
+    """Stand-ins for the tensorrt.plugin names the AOT implementation uses; cdiv, like the real
+    one, takes an expression (not two ints)."""
+
+    class KernelLaunchParams:
         pass
 
-    class Trtp:
-        KernelLaunchParams = Params
-        AutoTuneCombination = staticmethod(lambda text: ("combination", text))
-        cdiv = staticmethod(lambda a, b: -(-a // b))
-        SymInt32 = staticmethod(lambda v: ("i32", v))
+    AutoTuneCombination = staticmethod(lambda text: ("combination", text))
+    SymInt32 = staticmethod(lambda v: ("i32", v))
 
-        class SymIntExprs:
-            from_tuple = staticmethod(list)
+    @staticmethod
+    def cdiv(a, b):
+        assert isinstance(a, Expr) and isinstance(b, int)
+        return Expr(-(-a.value // b), a.is_constant)
 
-    class Desc:
-        def __init__(self, shape):
-            self.shape_expr, self.ndim = list(shape), len(shape)
+    class SymIntExprs:
+        from_tuple = staticmethod(list)
+
+
+TYPE_KEYS = ("desc", "tensor", "ints", "int", "float", "string", "outputs", "stream", "return", "returns",
+             "desc_outputs", "tactic", "aot_return", "autotune_return")
+
+
+def test_plugin_function_signatures_are_what_tensorrt_validates():
+    """tensorrt.plugin checks each registered function's parameter names (tensorrt/plugin/
+    _validate.py): shape function (inputs, attributes), impl (inputs, attributes, outputs,
+    stream), aot_impl (inputs, attributes, outputs, tactic), autotune (inputs, outputs)."""
+    from gate2deploy.runtimes import tensorrt_plugins as tp
+
+    for spec in aot.AOT_PLUGINS.values():
+        attrs = [name for name, _, _ in spec.attributes]
+        desc, autotune, impl, aot_impl = tp._aot_plugin_functions(spec, {k: k for k in TYPE_KEYS}, Trtp, None, None)
+        names = lambda f: list(inspect.signature(f).parameters)  # noqa: E731
+        assert names(desc) == [*spec.inputs, *attrs]
+        assert names(impl) == [*spec.inputs, *attrs, "outputs", "stream"]
+        assert names(aot_impl) == [*spec.inputs, *attrs, "outputs", "tactic"]
+        assert names(autotune) == [*spec.inputs, "outputs"]
+        assert inspect.signature(desc).return_annotation == ("returns" if len(spec.outputs) > 1 else "return")
+
+
+def test_shape_functions_take_tensorrt_shape_expressions():
+    """The shape functions (JIT CGConv and AOT CGConvPlanned) on ShapeExpr stand-ins without
+    __int__: output [N, O, OH, OW] with the batch kept symbolic and OH, OW by the ONNX Conv
+    formula floor((H + pad_begin + pad_end - dilation * (K - 1) - 1) / stride) + 1."""
+    from gate2deploy.runtimes import tensorrt_plugins as tp
+
+    geometry = (np.array([2, 1]), np.array([1, 0, 0, 1]), np.array([1, 2]))
+    kernels = type("Kernels", (), {"cg_conv": None})  # the shape function never calls the kernel
+    jit_desc, _ = tp._plugin_functions(tp.PLUGINS["CGConv"], {k: k for k in TYPE_KEYS}, kernels, None, None)
+    y = jit_desc(Desc((3, 6, 7, 9)), Desc((5, 6, 3, 3), False), Desc((5, 6), False), Desc((5,), False), *geometry)
+    aot_desc, *_ = tp._aot_plugin_functions(aot.AOT_PLUGINS["CGConvPlanned"], {k: k for k in TYPE_KEYS}, Trtp,
+                                            None, None)
+    y_aot = aot_desc(Desc((3, 6, 7, 9)), *(Desc(s, False) for s in ((5, 3, 3, 6), (5, 3, 3, 6), (2, 6), (2,), (5,))),
+                     *geometry)
+    for out in (y, y_aot):
+        assert [e.value for e in out.shape_expr] == [3, 5, (7 + 1 + 0 - 2 - 1) // 2 + 1, (9 + 0 + 1 - 4 - 1) + 1]
+        assert [e.is_constant for e in out.shape_expr] == [False, True, True, True]
+
+
+def test_aot_implementation_hands_tensorrt_the_launch(monkeypatch):
+    """The registered AOT implementation on ShapeExpr stand-ins (batch symbolic): the kernel
+    name and PTX of compile_for_aot, grid and block, and the int32 extras in the order of the
+    kernel's own i32 parameters (written out here from _cg_conv_kernel's definition)."""
+    pytest.importorskip("triton")
+    from gate2deploy.runtimes import tensorrt_plugins as tp
+    from gate2deploy.runtimes import triton_kernels as tk
 
     monkeypatch.setattr(aot, "compile_for_aot", lambda plan: (plan.kernel, "PTX", 128, 4096))
-    keys = ("desc", "tensor", "ints", "int", "float", "string", "outputs", "stream", "return", "returns",
-            "desc_outputs", "tactic", "aot_return")
     spec = aot.AOT_PLUGINS["CGConvPlanned"]
-    _, autotune, _, aot_impl = tp._aot_plugin_functions(spec, {k: k for k in keys}, Trtp, None, None)
-    name, ptx, params, extras = aot_impl(Desc((3, 6, 7, 9)), Desc((5, 3, 3, 6)), Desc((5, 3, 3, 6)), Desc((2, 6)),
-                                         Desc((2,)), Desc((5,)), np.array([2, 1]), np.array([1, 0, 0, 1]),
-                                         np.array([1, 2]), (Desc((3, 5, 3, 6)),), 0)
-    plan = aot.aot_launch("CGConvPlanned", {"X": (3, 6, 7, 9), "W1": (5, 3, 3, 6)},
-                          {"strides": (2, 1), "pads": (1, 0, 0, 1), "dilations": (1, 2)})
-    assert (name, ptx) == (b"_cg_conv_kernel", b"PTX")
-    assert (params.grid_x, params.grid_y, params.grid_z, params.block_x, params.shared_mem) == (*plan.grid, 128, 4096)
-    assert extras == [("i32", v) for v in plan.extras]
-    # ONNX Conv: floor((H + pad_begin + pad_end - dilation * (K - 1) - 1) / stride) + 1
-    assert plan.values["OH"] == (7 + 1 + 0 - 2 - 1) // 2 + 1 == 3 and plan.values["OW"] == (9 + 0 + 1 - 4 - 1) + 1 == 6
-    assert plan.values["M"] == 3 * 3 * 6
-    assert autotune() == [("combination", "FP32, FP32, FP32, INT32, INT32, FP32, FP32")]
+    _, autotune, _, aot_impl = tp._aot_plugin_functions(spec, {k: k for k in TYPE_KEYS}, Trtp, None, None)
+    name, ptx, params, extras = aot_impl(Desc((3, 6, 7, 9)), *(Desc(s, False) for s in ((5, 3, 3, 6), (5, 3, 3, 6),
+                                                                                     (2, 6), (2,), (5,))),
+                                         np.array([2, 1]), np.array([1, 0, 0, 1]), np.array([1, 2]),
+                                         (Desc((3, 5, 3, 6)),), 0)
+    assert (name, ptx, params.block_x, params.shared_mem) == (b"_cg_conv_kernel", b"PTX", 128, 4096)
+    oh, ow = 3, 6  # as in test_shape_functions_take_tensorrt_shape_expressions
+    bm, bn = tk.tile_sizes(oh * ow, 5)  # the tile policy (batch 1)
+    assert isinstance(params.grid_x, Expr) and not params.grid_x.is_constant  # follows the runtime batch
+    assert params.grid_x.value == -(-3 * oh * ow // bm) and (params.grid_y, params.grid_z) == (-(-5 // bn), 1)
+    # _cg_conv_kernel(x, w1, w2, chan, count, thr, M, C, H, W, O, OH, OW, sh, sw, pt, pl, dh, dw, y, ...)
+    expected = [3 * oh * ow, 6, 7, 9, 5, oh, ow, 2, 1, 1, 0, 1, 2]
+    assert [v.value if isinstance(v, Expr) else v for _, v in extras] == expected
+    assert not extras[0][1].is_constant  # M = N * OH * OW stays symbolic
+    assert autotune(*(Desc(()) for _ in spec.inputs), ()) == [
+        ("combination", "FP32, FP32, FP32, INT32, INT32, FP32, FP32")]
+
+
+def test_lowering_pins_its_standard_ops_and_refuses_what_it_cannot_take():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    fbs = {"W": w, "fc_W": rng.standard_normal((4, 3)), "fc_b": np.zeros(4), "bn_scale": np.ones(4),
+           "bn_shift": np.zeros(4), "beta": np.zeros(4)}
+    lowered = aot.lower_for_aot(single_node_model("FBSConv", (1, 3, 5, 5), fbs, density=0.5))
+    added = [n for n in lowered.graph.node if n.domain != aot.PLUGIN_NAMESPACE]
+    assert added and all(aot.FP32_MARK in n.name for n in added)  # build_engine keeps these fp32 in --fp16
+    with pytest.raises(UserError, match="pool 'median'"):
+        aot.lower_for_aot(single_node_model("FBSConv", (1, 3, 5, 5), fbs, density=0.5, pool="median"))
+    with pytest.raises(UserError, match="pred_bits < abits"):
+        aot.lower_for_aot(single_node_model("PGConv", (1, 3, 5, 5), {"W": w, "threshold": np.zeros(4)},
+                                            abits=4, pred_bits=4))
+    model = single_node_model("CGConv", (1, 3, 5, 5), {"W": w, "base_mask": np.ones((4, 3)), "threshold": np.zeros(4)})
+    model.opset_import[0].version = 18
+    with pytest.raises(UserError, match="opset 18"):
+        aot.lower_for_aot(model)
 
 
 def test_strip_scratch_params_refuses_a_read_hidden_parameter():
