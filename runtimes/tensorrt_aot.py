@@ -210,8 +210,11 @@ def compile_for_aot(launch_plan: AotLaunch, target=None) -> tuple[str, str, int,
     fn = getattr(tk, launch_plan.kernel)
     sig = {a: v if isinstance(v, str) else "constexpr" for a, v in launch_plan.signature}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=launch_plan.constexprs)
+    ptx_version = aot_ptx_version(target)
     for stages in range(tk.NUM_STAGES, 0, -1):
         options = {"num_warps": tk.NUM_WARPS, "num_stages": stages}
+        if ptx_version is not None:
+            options["ptx_version"] = ptx_version
         kernel = triton.compile(src, target=target, options=options) if target else triton.compile(src, options=options)
         if kernel.metadata.shared <= SHARED_LIMIT:
             break
@@ -225,6 +228,39 @@ def compile_for_aot(launch_plan: AotLaunch, target=None) -> tuple[str, str, int,
     declared = sum(isinstance(t, str) for _, t in launch_plan.signature)  # pointers and i32s, no constexprs
     ptx = strip_scratch_params(kernel.asm["ptx"], kernel.metadata.name, declared)
     return kernel.metadata.name, ptx, tk.NUM_WARPS * 32, kernel.metadata.shared
+
+
+def driver_cuda_version() -> str | None:
+    """The CUDA version of the installed driver ("12.4"), or None where there is none."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    v = ctypes.c_int(0)
+    if lib.cuDriverGetVersion(ctypes.byref(v)) != 0 or v.value <= 0:
+        return None
+    return f"{v.value // 1000}.{v.value % 1000 // 10}"
+
+
+def aot_ptx_version(target=None, driver: str | None = None) -> int | None:
+    """The PTX ISA version to compile an AOT kernel to: TensorRT hands an AOT plugin's PTX to the
+    CUDA driver, which JIT-compiles only PTX up to its own CUDA version (Triton's default
+    follows its bundled ptxas, e.g. PTX 8.8 for CUDA 12.9, which a CUDA 12.4 driver refuses).
+    The lower of the driver's and the bundled ptxas's versions (Triton's own mapping,
+    ptx_get_version); None (Triton's default) where no driver is installed."""
+    from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+    driver = driver or driver_cuda_version()
+    if driver is None:
+        return None
+    if target is None:  # the GPU this build runs on, as triton.compile picks it
+        import triton
+
+        target = triton.runtime.driver.active.get_current_target()
+    arch = target.arch if isinstance(target.arch, int) else 90
+    return min(ptx_get_version(driver), ptx_get_version(get_ptxas(arch).version))
 
 
 def strip_scratch_params(ptx: str, name: str, declared: int) -> str:

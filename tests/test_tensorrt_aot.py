@@ -402,6 +402,17 @@ for op, shape in shapes.items():
                              capture_output=True, text=True)
     out[op] = {"name": name, "params": entry.count(".param"), "declared": declared, "threads": threads,
                "shared": shared, "ptxas_rc": run.returncode, "ptxas_err": run.stderr[-500:]}
+# a host whose driver is CUDA 12.4: the PTX is written for it
+aot.driver_cuda_version = lambda: "12.4"
+plan = aot.aot_launch("PGSplit", shapes["PGSplit"], {})
+name, ptx, _, _ = aot.compile_for_aot(plan, target=GPUTarget("cuda", 90, 32))
+with tempfile.TemporaryDirectory() as d:
+    src = Path(d) / "k.ptx"
+    src.write_text(ptx)
+    run = subprocess.run([str(ptxas), "-arch=sm_90a", str(src), "-o", str(Path(d) / "k.cubin")],
+                         capture_output=True, text=True)
+out["driver_12.4"] = {"version_line": next(l for l in ptx.splitlines() if l.startswith(".version")),
+                      "ptxas_rc": run.returncode, "ptxas_err": run.stderr[-500:]}
 print(json.dumps(out))
 """
 
@@ -425,6 +436,10 @@ def test_aot_kernels_compile_for_sm90_with_exactly_their_declared_parameters():
         assert got["params"] == got["declared"], got
         assert got["ptxas_rc"] == 0, got["ptxas_err"]
         assert 0 <= got["shared"] <= aot.SHARED_LIMIT and got["threads"] == 128
+    # TensorRT hands the PTX to the driver, which JIT-compiles PTX ISA up to its CUDA version:
+    # CUDA 12.4 <-> PTX ISA 8.4 (NVIDIA's PTX ISA release history table)
+    assert info["driver_12.4"]["version_line"] == ".version 8.4"
+    assert info["driver_12.4"]["ptxas_rc"] == 0, info["driver_12.4"]["ptxas_err"]
 
 
 def test_plugins_flag_is_recorded_and_named_in_the_gpu_host_command(tiny_ckpt, tmp_path):
