@@ -54,11 +54,12 @@ from onnx import TensorProto, helper, numpy_helper
 from gate2deploy.errors import UserError
 from gate2deploy.ops import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
+from .tensorrt_plugins import CONV_ATTRIBUTES, conv_out_dim, dim_value
+
 SHARED_LIMIT = 48 * 1024  # bytes of static shared memory a kernel launch gets by default
 TOPK_LIMIT = 3840  # TensorRT's TopK takes K <= 3840: FBS layers wider than that stay JIT plugins
 FP32_MARK = "/aot_fp32/"  # in the names of the standard nodes the lowering adds: pinned to fp32 in an
 # --fp16 build (tensorrt_plugins.build_engine), as the reference and the JIT plugins compute them
-_CONV = (("strides", "ints", (1, 1)), ("pads", "ints", (0, 0, 0, 0)), ("dilations", "ints", (1, 1)))
 
 
 @dataclass(frozen=True)
@@ -68,18 +69,20 @@ class AotSpec:
     outputs: tuple  # tensor outputs, in order (the kernel's pointers after its int32 scalars)
     attributes: tuple  # (name, "ints" | "int" | "string", default)
     kernel: str  # runtimes.triton_kernels kernel
+    int32: tuple = ()  # the int32 tensors (autotune); every other tensor is fp32
 
 
 AOT_PLUGINS = {
     "CGConvPlanned": AotSpec("CGConvPlanned", ("X", "W1", "W2", "chans", "counts", "threshold"), ("Y",),
-                             _CONV, "_cg_conv_kernel"),
+                             CONV_ATTRIBUTES, "_cg_conv_kernel", int32=("chans", "counts")),
     "PGSplit": AotSpec("PGSplit", ("X", "scale"), ("MSB", "LSB"),
                        (("abits", "int", 8), ("pred_bits", "int", 4)), "_pg_split_kernel"),
     "PGConvParts": AotSpec("PGConvParts", ("MSB", "LSB", "W", "threshold", "scale"), ("Y",),
-                           (("abits", "int", 8), ("pred_bits", "int", 4), ("group", "int", 1), *_CONV),
+                           (("abits", "int", 8), ("pred_bits", "int", 4), ("group", "int", 1), *CONV_ATTRIBUTES),
                            "_pg_conv_kernel"),
     "FBSConvSlots": AotSpec("FBSConvSlots", ("X", "W", "slots", "valid", "gamma", "bn_scale", "bn_shift", "beta"),
-                            ("Y",), (("activation", "string", "Relu"), *_CONV), "_fbs_conv_kernel"),
+                            ("Y",), (("activation", "string", "Relu"), *CONV_ATTRIBUTES), "_fbs_conv_kernel",
+                            int32=("slots", "valid")),
 }
 
 
@@ -105,8 +108,6 @@ def _int_cdiv(a, b):
 
 
 def _static(v, what: str) -> int:
-    from .tensorrt_plugins import dim_value
-
     try:
         return dim_value(v)
     except UserError:
@@ -118,8 +119,6 @@ def aot_launch(op: str, shapes: dict, attrs: dict, cdiv=_int_cdiv) -> AotLaunch:
     or TensorRT shape expressions whose batch may be symbolic) and attributes {name: value}
     (defaults filled in from the spec). fp32 I/O (the plugins declare FP32 only)."""
     from . import triton_kernels as tk
-    from .tensorrt_plugins import _out_dim
-
     spec = AOT_PLUGINS[op]
     a = {name: default for name, _, default in spec.attributes}
     a.update(attrs)
@@ -136,7 +135,7 @@ def aot_launch(op: str, shapes: dict, attrs: dict, cdiv=_int_cdiv) -> AotLaunch:
     sh, sw = (int(v) for v in a["strides"])
     pt, pl, pb, pr = (int(v) for v in a["pads"])
     dh, dw = (int(v) for v in a["dilations"])
-    oh, ow = _out_dim(h, kh, sh, pt, pb, dh), _out_dim(wd, kw, sw, pl, pr, dw)
+    oh, ow = conv_out_dim(h, kh, sh, pt, pb, dh), conv_out_dim(wd, kw, sw, pl, pr, dw)
     if oh <= 0 or ow <= 0:
         raise UserError(f"AOT plugin {op}: empty output ({oh}x{ow})")
     values = {"C": c, "H": h, "W": wd, "O": o, "OH": oh, "OW": ow, "M": n * (oh * ow),

@@ -51,7 +51,8 @@ VERSION = PLUGIN_VERSION
 REGISTRATION_MODULE = __name__
 REGISTER_FUNCTION = "register_plugins"
 REQUIRED = object()  # attribute without a default
-_CONV = (("strides", "ints", (1, 1)), ("pads", "ints", (0, 0, 0, 0)), ("dilations", "ints", (1, 1)))
+# the ONNX Conv geometry attributes every plugin takes, with ONNX's defaults
+CONV_ATTRIBUTES = (("strides", "ints", (1, 1)), ("pads", "ints", (0, 0, 0, 0)), ("dilations", "ints", (1, 1)))
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,14 @@ class PluginSpec:
 # not declared: a plugin field cannot be absent once prepare_for_tensorrt writes the defaults,
 # and no finite default means "online top-k"; such a node is refused by name instead.
 PLUGINS = {
-    "CGConv": PluginSpec("CGConv", ("X", "W", "base_mask", "threshold"), _CONV, "cg_conv"),
+    "CGConv": PluginSpec("CGConv", ("X", "W", "base_mask", "threshold"), CONV_ATTRIBUTES, "cg_conv"),
     "PGConv": PluginSpec("PGConv", ("X", "W", "threshold"),
                          (("abits", "int", REQUIRED), ("pred_bits", "int", REQUIRED),
-                          ("static_scale", "float", 0.0), ("group", "int", 1), *_CONV), "pg_conv"),
+                          ("static_scale", "float", 0.0), ("group", "int", 1), *CONV_ATTRIBUTES), "pg_conv"),
     "FBSConv": PluginSpec("FBSConv", ("X", "W", "fc_W", "fc_b", "bn_scale", "bn_shift", "beta"),
                           (("density", "float", REQUIRED), ("pool", "string", "avg"),
                            ("activation", "string", "Relu"), ("pool_pads", "ints", (0, 0, 0, 0)),
-                           *_CONV), "fbs_conv"),
+                           *CONV_ATTRIBUTES), "fbs_conv"),
 }
 OPS = tuple(PLUGINS)
 _registered = False
@@ -178,7 +179,7 @@ def dim_value(v) -> int:
     raise UserError("a TensorRT plugin needs this dimension static (only the batch may be dynamic)")
 
 
-def _out_dim(size, k, stride, pad_a, pad_b, dil):
+def conv_out_dim(size, k, stride, pad_a, pad_b, dil):
     """ONNX Conv output size on TensorRT shape expressions (or ints)."""
     return (size + (pad_a + pad_b) - ((k - 1) * dil + 1)) // stride + 1
 
@@ -199,7 +200,7 @@ def _plugin_functions(spec: PluginSpec, types: dict, kernels, to_cuda, on_stream
         y = x.like()
         y.shape_expr[1] = w.shape_expr[0]
         for i in range(2):
-            y.shape_expr[2 + i] = _out_dim(x.shape_expr[2 + i], dim_value(w.shape_expr[2 + i]), int(strides[i]),
+            y.shape_expr[2 + i] = conv_out_dim(x.shape_expr[2 + i], dim_value(w.shape_expr[2 + i]), int(strides[i]),
                                            int(pads[i]), int(pads[i + 2]), int(dilations[i]))
         return y
 
@@ -219,14 +220,11 @@ def _plugin_functions(spec: PluginSpec, types: dict, kernels, to_cuda, on_stream
     return desc, impl
 
 
-_INT32_TENSORS = {"chans", "counts", "slots", "valid"}  # the AOT plugins' int32 inputs; all else fp32
-
-
 def aot_type_combination(spec) -> str:
     """The AOT plugin's one I/O type combination (tensorrt.plugin.AutoTuneCombination, inputs
     then outputs): FP32 and INT32 only, so that TensorRT reformats at the plugin's boundary
     in an FP16 engine and every kernel runs in fp32."""
-    return ", ".join("INT32" if name in _INT32_TENSORS else "FP32" for name in (*spec.inputs, *spec.outputs))
+    return ", ".join("INT32" if name in spec.int32 else "FP32" for name in (*spec.inputs, *spec.outputs))
 
 
 def _aot_plugin_functions(spec, types: dict, trtp, to_cuda, on_stream):
@@ -254,7 +252,7 @@ def _aot_plugin_functions(spec, types: dict, trtp, to_cuda, on_stream):
         y = x.like()
         y.shape_expr[1] = w.shape_expr[0]
         for i in range(2):
-            y.shape_expr[2 + i] = _out_dim(x.shape_expr[2 + i], dim_value(w.shape_expr[1 + i]), int(attrs["strides"][i]),
+            y.shape_expr[2 + i] = conv_out_dim(x.shape_expr[2 + i], dim_value(w.shape_expr[1 + i]), int(attrs["strides"][i]),
                                            int(attrs["pads"][i]), int(attrs["pads"][i + 2]),
                                            int(attrs["dilations"][i]))
         return y
