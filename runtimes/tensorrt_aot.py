@@ -19,7 +19,7 @@ Guarantees: the same function (OPS.md semantics), every gated node replaced by:
   PGConv(X, W, thr)             -> scale = static_scale, or ReduceMax(Abs(X)) + 1e-7 as [1]
         (msb, lsb) = PGSplit(X, scale); Y = PGConvParts(msb, lsb, W channels-last, thr, scale)
   FBSConv(X, W, fc_W, fc_b, bn_scale, bn_shift, beta)
-        -> g = act(Gemm(pool(Pad(X, pool_pads)), fc_W^T) + fc_b)   (standard ops, [N, O])
+        -> g = act(MatMul(pool(Pad(X, pool_pads)), fc_W^T) + fc_b)   (standard ops, [N, O])
            (values, slots) = TopK(g, O): every channel once, by saliency descending
            valid = values > values[:, k] (k = ceil(O * density): the reference's rule, ties at
            the cut excluded); all valid when k >= O
@@ -392,7 +392,10 @@ def lower_for_aot(model: onnx.ModelProto) -> onnx.ModelProto:
             elif pool == "l2":
                 (x,) = std("Mul", [x, x], 1, p)
             (pooled,) = std("ReduceMax" if pool == "max" else "ReduceMean", [x], 1, p, axes=[2, 3], keepdims=0)
-            (g,) = std("Gemm", [pooled, const(f"{p}_fc_W", fc_w), node.input[3]], 1, p, transB=1)
+            # MatMul + Add, not Gemm: TensorRT's parser names only a Gemm's matrix-multiply layer
+            # after the node, so its bias add would escape the fp32 pinning (FP32_MARK)
+            (g,) = std("MatMul", [pooled, const(f"{p}_fc_W_t", np.ascontiguousarray(fc_w.T))], 1, p)
+            (g,) = std("Add", [g, node.input[3]], 1, p)
             if a.get("activation", "Relu") == "Relu":
                 (g,) = std("Relu", [g], 1, p)
             k = math.ceil(o * density)

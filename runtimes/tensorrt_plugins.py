@@ -180,8 +180,40 @@ def dim_value(v) -> int:
 
 
 def conv_out_dim(size, k, stride, pad_a, pad_b, dil):
-    """ONNX Conv output size on TensorRT shape expressions (or ints)."""
+    """ONNX Conv output size on TensorRT shape expressions (or ints); `size` and `k` may both be
+    expressions (a shape function must not read a dimension's value: TensorRT first calls it
+    on placeholder shapes whose `is_constant` raises), the rest ints."""
     return (size + (pad_a + pad_b) - ((k - 1) * dil + 1)) // stride + 1
+
+
+def attribute_values(spec, a: dict) -> dict:
+    """The plugin's attributes as the kernels take them, from what tensorrt.plugin passes:
+    "ints" as a tuple of ints; "int" / "float" as a number (declared as 1-element numpy
+    arrays: tensorrt.plugin converts a scalar field with int(array), which NumPy >= 2.4
+    refuses for a 1-element array); "string" without the trailing NUL that TensorRT's ONNX
+    parser writes into string fields (and decoded if bytes)."""
+    out = {}
+    for name, kind, _ in spec.attributes:
+        v = a[name]
+        if kind == "ints":
+            out[name] = tuple(int(i) for i in np.asarray(v).reshape(-1))
+        elif kind in ("int", "float"):
+            scalar = np.asarray(v).reshape(-1)[0]
+            out[name] = int(scalar) if kind == "int" else float(scalar)
+        else:
+            out[name] = (v.decode() if isinstance(v, bytes) else str(v)).rstrip("\0")
+    return out
+
+
+def _conv_shape(x, w, attrs: dict, kh_axis: int):
+    """The shape function of a conv-like plugin: y like x with [N, O, OH, OW] from x's and w's
+    shape expressions (O = w's dimension 0, KH / KW at kh_axis, kh_axis + 1)."""
+    y = x.like()
+    y.shape_expr[1] = w.shape_expr[0]
+    for i in range(2):
+        y.shape_expr[2 + i] = conv_out_dim(x.shape_expr[2 + i], w.shape_expr[kh_axis + i], attrs["strides"][i],
+                                           attrs["pads"][i], attrs["pads"][i + 2], attrs["dilations"][i])
+    return y
 
 
 def _plugin_functions(spec: PluginSpec, types: dict, kernels, to_cuda, on_stream):
@@ -190,27 +222,16 @@ def _plugin_functions(spec: PluginSpec, types: dict, kernels, to_cuda, on_stream
     handle the implementation receives); the kernels and the copy into the output run in it,
     so they are ordered with the engine's other layers (torch's current stream is not)."""
     desc_sig, impl_sig = plugin_signature(spec, "desc", types), plugin_signature(spec, "impl", types)
-    attr_names = [name for name, _, _ in spec.attributes]
     kernel = getattr(kernels, spec.kernel)
 
     def desc(*args, **kwargs):
         a = desc_sig.bind(*args, **kwargs).arguments
-        x, w = a["X"], a["W"]
-        strides, pads, dilations = a["strides"], a["pads"], a["dilations"]
-        y = x.like()
-        y.shape_expr[1] = w.shape_expr[0]
-        for i in range(2):
-            y.shape_expr[2 + i] = conv_out_dim(x.shape_expr[2 + i], dim_value(w.shape_expr[2 + i]), int(strides[i]),
-                                           int(pads[i]), int(pads[i + 2]), int(dilations[i]))
-        return y
+        return _conv_shape(a["X"], a["W"], attribute_values(spec, a), 2)
 
     def impl(*args, **kwargs):
         a = impl_sig.bind(*args, **kwargs).arguments
         tensors = [to_cuda(a[name]) for name in spec.inputs]
-        attrs = {}
-        for name in attr_names:
-            v = a[name]
-            attrs[name] = tuple(int(i) for i in v) if isinstance(v, np.ndarray) else v
+        attrs = attribute_values(spec, a)
         with on_stream(a["stream"]):
             y = kernel(*tensors, **attrs)
             to_cuda(a["outputs"][0]).copy_(y)
@@ -237,10 +258,8 @@ def _aot_plugin_functions(spec, types: dict, trtp, to_cuda, on_stream):
 
     desc_sig, impl_sig, aot_sig, tune_sig = (plugin_signature(spec, kind, types)
                                              for kind in ("desc", "impl", "aot", "autotune"))
-    attr_names = [name for name, _, _ in spec.attributes]
-
     def attributes(a):
-        return {k: tuple(int(i) for i in a[k]) if isinstance(a[k], np.ndarray) else a[k] for k in attr_names}
+        return attribute_values(spec, a)
 
     def desc(*args, **kwargs):
         a = desc_sig.bind(*args, **kwargs).arguments
@@ -248,14 +267,7 @@ def _aot_plugin_functions(spec, types: dict, trtp, to_cuda, on_stream):
         if spec.op == "PGSplit":
             return x.like(), x.like()
         w = a["W1" if spec.op == "CGConvPlanned" else "W"]  # channels-last [O, KH, KW, C]
-        attrs = attributes(a)
-        y = x.like()
-        y.shape_expr[1] = w.shape_expr[0]
-        for i in range(2):
-            y.shape_expr[2 + i] = conv_out_dim(x.shape_expr[2 + i], dim_value(w.shape_expr[1 + i]), int(attrs["strides"][i]),
-                                           int(attrs["pads"][i]), int(attrs["pads"][i + 2]),
-                                           int(attrs["dilations"][i]))
-        return y
+        return _conv_shape(x, w, attributes(a), 1)
 
     def autotune(*args, **kwargs):
         return [trtp.AutoTuneCombination(aot_type_combination(spec))]
@@ -310,9 +322,10 @@ def register_plugins() -> None:
 
     from . import triton_kernels
 
-    types = {"desc": trtp.TensorDesc, "tensor": trtp.Tensor, "ints": npt.NDArray[np.int64], "int": int,
-             "float": float, "string": str, "outputs": Tuple[trtp.Tensor], "stream": int,
-             "return": trtp.TensorDesc}
+    # scalar int / float fields as 1-element arrays (attribute_values says why)
+    types = {"desc": trtp.TensorDesc, "tensor": trtp.Tensor, "ints": npt.NDArray[np.int64],
+             "int": npt.NDArray[np.int32], "float": npt.NDArray[np.float32], "string": str,
+             "outputs": Tuple[trtp.Tensor], "stream": int, "return": trtp.TensorDesc}
 
     def to_cuda(t):
         return torch.as_tensor(t, device="cuda")
@@ -382,18 +395,26 @@ def build_engine(onnx_path, engine_path, profile: dict | None = None, fp16: bool
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     if fp16:
+        if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11 builds strongly typed networks only
+            raise TensorRTUnavailable(f"TensorRT {trt.__version__} has no FP16 builder flag (strongly typed "
+                                      f"networks only); build without --fp16")
         config.set_flag(trt.BuilderFlag.FP16)
         if kind == "aot":  # the lowering's scale / saliency ops stay fp32, as the JIT plugins compute them
             from .tensorrt_aot import FP32_MARK
 
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            floats = (trt.float32, trt.float16)
             for i in range(network.num_layers):
                 layer = network.get_layer(i)
-                if FP32_MARK in layer.name:
-                    layer.precision = trt.float32
-                    for j in range(layer.num_outputs):
-                        if layer.get_output(j).dtype in (trt.float32, trt.float16):
-                            layer.set_output_type(j, trt.float32)
+                # the lowering's layers that compute on floats (not its int casts)
+                if FP32_MARK not in layer.name or not any(
+                        layer.get_input(j) is not None and layer.get_input(j).dtype in floats
+                        for j in range(layer.num_inputs)):
+                    continue
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    if layer.get_output(j).dtype in floats:
+                        layer.set_output_type(j, trt.float32)
     if profile:
         opt_profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile.items():

@@ -217,11 +217,19 @@ def test_launch_order_is_inputs_then_int32_extras_then_outputs():
 
 class Expr:
     """A stand-in for tensorrt.plugin's ShapeExpr (TensorRT 10.9+, tensorrt/plugin/_tensor.py):
-    constant or symbolic, arithmetic with ints on the left operand only, `is_constant` and
-    `constant_value()`, and no __int__ / __index__ (int() of a real ShapeExpr raises)."""
+    constant or symbolic, arithmetic with an int or expression on the right only (no __rmul__),
+    `is_constant` and `constant_value()`, no __int__ / __index__ (int() of a real ShapeExpr
+    raises); `fake`: the placeholder TensorRT first calls shape functions with, whose
+    `is_constant` raises RuntimeError. `value` is what the stand-in tracks for the test."""
 
-    def __init__(self, value, constant=True):
-        self.value, self.is_constant = value, constant
+    def __init__(self, value, constant=True, fake=False):
+        self.value, self._constant, self.fake = value, constant, fake
+
+    @property
+    def is_constant(self):
+        if self.fake:
+            raise RuntimeError("Not accessible for fake 'ShapeExpr's")
+        return self._constant
 
     def constant_value(self):
         assert self.is_constant, "constant_value() of a symbolic expression"
@@ -229,9 +237,9 @@ class Expr:
 
     def _op(self, other, f):
         if isinstance(other, Expr):
-            return Expr(f(self.value, other.value), self.is_constant and other.is_constant)
+            return Expr(f(self.value, other.value), self._constant and other._constant, self.fake or other.fake)
         assert isinstance(other, (int, np.integer)), type(other)
-        return Expr(f(self.value, int(other)), self.is_constant)
+        return Expr(f(self.value, int(other)), self._constant, self.fake)
 
     def __add__(self, o):
         return self._op(o, lambda a, b: a + b)
@@ -247,10 +255,11 @@ class Expr:
 
 
 class Desc:
-    """A stand-in for tensorrt.plugin.TensorDesc: shape_expr of Exprs (dimension 0 symbolic)."""
+    """A stand-in for tensorrt.plugin.TensorDesc: shape_expr of Exprs (dimension 0 symbolic;
+    every dimension a placeholder with `fake`)."""
 
-    def __init__(self, shape, batch_symbolic=True):
-        self.shape_expr = [Expr(v, not (i == 0 and batch_symbolic)) for i, v in enumerate(shape)]
+    def __init__(self, shape, batch_symbolic=True, fake=False):
+        self.shape_expr = [Expr(v, not (i == 0 and batch_symbolic), fake) for i, v in enumerate(shape)]
         self.ndim = len(shape)
 
     def like(self):
@@ -299,23 +308,46 @@ def test_plugin_function_signatures_are_what_tensorrt_validates():
         assert inspect.signature(desc).return_annotation == ("returns" if len(spec.outputs) > 1 else "return")
 
 
-def test_shape_functions_take_tensorrt_shape_expressions():
+@pytest.mark.parametrize("fake", [False, True])
+def test_shape_functions_take_tensorrt_shape_expressions(fake):
     """The shape functions (JIT CGConv and AOT CGConvPlanned) on ShapeExpr stand-ins without
-    __int__: output [N, O, OH, OW] with the batch kept symbolic and OH, OW by the ONNX Conv
-    formula floor((H + pad_begin + pad_end - dilation * (K - 1) - 1) / stride) + 1."""
+    __int__, and on the placeholder shapes TensorRT calls them with first (reading a
+    dimension's value raises): output [N, O, OH, OW] with the batch kept symbolic and OH, OW
+    by the ONNX Conv formula floor((H + pad_begin + pad_end - dilation * (K - 1) - 1) / stride) + 1."""
     from gate2deploy.runtimes import tensorrt_plugins as tp
 
     geometry = (np.array([2, 1]), np.array([1, 0, 0, 1]), np.array([1, 2]))
     kernels = type("Kernels", (), {"cg_conv": None})  # the shape function never calls the kernel
     jit_desc, _ = tp._plugin_functions(tp.PLUGINS["CGConv"], {k: k for k in TYPE_KEYS}, kernels, None, None)
-    y = jit_desc(Desc((3, 6, 7, 9)), Desc((5, 6, 3, 3), False), Desc((5, 6), False), Desc((5,), False), *geometry)
+    y = jit_desc(Desc((3, 6, 7, 9), fake=fake), Desc((5, 6, 3, 3), False, fake), Desc((5, 6), False, fake),
+                 Desc((5,), False, fake), *geometry)
     aot_desc, *_ = tp._aot_plugin_functions(aot.AOT_PLUGINS["CGConvPlanned"], {k: k for k in TYPE_KEYS}, Trtp,
                                             None, None)
-    y_aot = aot_desc(Desc((3, 6, 7, 9)), *(Desc(s, False) for s in ((5, 3, 3, 6), (5, 3, 3, 6), (2, 6), (2,), (5,))),
-                     *geometry)
+    y_aot = aot_desc(Desc((3, 6, 7, 9), fake=fake),
+                     *(Desc(s, False, fake) for s in ((5, 3, 3, 6), (5, 3, 3, 6), (2, 6), (2,), (5,))), *geometry)
     for out in (y, y_aot):
         assert [e.value for e in out.shape_expr] == [3, 5, (7 + 1 + 0 - 2 - 1) // 2 + 1, (9 + 0 + 1 - 4 - 1) + 1]
-        assert [e.is_constant for e in out.shape_expr] == [False, True, True, True]
+        if not fake:
+            assert [e.is_constant for e in out.shape_expr] == [False, True, True, True]
+
+
+def test_attributes_as_tensorrt_passes_them():
+    """tensorrt.plugin passes ints arrays as numpy arrays, the scalar fields (declared as
+    1-element arrays: int(array) of a 1-element array fails with NumPy >= 2.4) as arrays, and
+    strings as TensorRT's ONNX parser wrote them, with a trailing NUL (onnx-tensorrt's
+    copyField counts it in the field's length)."""
+    from gate2deploy.runtimes import tensorrt_plugins as tp
+
+    got = tp.attribute_values(tp.PLUGINS["FBSConv"], {
+        "density": np.array([0.5], np.float32), "pool": "avg\0", "activation": b"Relu\0",
+        "pool_pads": np.array([0, 1, 0, 1], np.int64), "strides": np.array([1, 1]), "pads": np.array([1, 1, 1, 1]),
+        "dilations": np.array([1, 1])})
+    assert got == {"density": 0.5, "pool": "avg", "activation": "Relu", "pool_pads": (0, 1, 0, 1),
+                   "strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1)}
+    pg = tp.attribute_values(tp.PLUGINS["PGConv"], {"abits": np.array([8], np.int32), "pred_bits": 4,
+                                                    "static_scale": np.array([0.0], np.float32), "group": 2,
+                                                    "strides": (1, 1), "pads": (0, 0, 0, 0), "dilations": (1, 1)})
+    assert (pg["abits"], pg["pred_bits"], pg["group"]) == (8, 4, 2) and type(pg["abits"]) is int
 
 
 def test_aot_implementation_hands_tensorrt_the_launch(monkeypatch):
