@@ -187,6 +187,33 @@ def launch(op: str, inputs: list, attrs: dict):
     return outputs
 
 
+def evaluate_lowered(model: onnx.ModelProto, feeds: dict, launcher=None, device: str = "cpu") -> list:
+    """Run a lowered model without TensorRT: onnx's reference evaluator for the standard ops,
+    every AOT plugin node by `launcher(op, torch inputs on `device`, attributes)` (default
+    `launch`: the AOT launch through Triton). The tests run it on Triton's interpreter;
+    tools/gpu_check.py on a GPU with the PTX launched as TensorRT launches it."""
+    import torch
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    from .tensorrt_plugins import attribute_values
+
+    launcher = launcher or launch
+
+    def plugin_class(spec):
+        def _run(self, *inputs, **_):
+            present = {k: getattr(self, k) for k, _, _ in spec.attributes if getattr(self, k, None) is not None}
+            defaults = {k: d for k, _, d in spec.attributes}
+            attrs = attribute_values(spec, {**defaults, **present})
+            outs = launcher(spec.op, [torch.from_numpy(np.array(i)).to(device) for i in inputs], attrs)
+            return tuple(o.cpu().numpy() for o in outs)
+
+        return type(spec.op, (OpRun,), {"op_domain": PLUGIN_NAMESPACE, "_run": _run})
+
+    session = ReferenceEvaluator(model, new_ops=[plugin_class(s) for s in AOT_PLUGINS.values()])
+    return session.run(None, feeds)
+
+
 def output_tensors(op: str, plan: AotLaunch, inputs: list) -> list:
     """Uninitialised float32 outputs of plugin `op` for torch `inputs` (its shape function)."""
     import torch

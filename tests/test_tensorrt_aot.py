@@ -60,21 +60,9 @@ def interpreted():
 
 
 def run_lowered(model: onnx.ModelProto, feeds: dict) -> list:
-    """onnx's reference evaluator for the standard ops, every AOT plugin node launched through
-    tensorrt_aot.launch (the AOT launch: kernel, grid, argument order)."""
-    from onnx.reference import ReferenceEvaluator
-    from onnx.reference.op_run import OpRun
-
-    def plugin_class(spec):
-        def _run(self, *inputs, **_):
-            attrs = {name: getattr(self, name) for name, _, _ in spec.attributes if getattr(self, name, None) is not None}
-            attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}  # TensorRT passes str
-            outs = aot.launch(spec.op, [torch.from_numpy(np.array(i)) for i in inputs], attrs)
-            return tuple(o.numpy() for o in outs)
-
-        return type(spec.op, (OpRun,), {"op_domain": aot.PLUGIN_NAMESPACE, "_run": _run})
-
-    return ReferenceEvaluator(model, new_ops=[plugin_class(s) for s in aot.AOT_PLUGINS.values()]).run(None, feeds)
+    """The lowered model with every AOT plugin node launched through tensorrt_aot.launch (the
+    AOT launch: kernel, grid, argument order) and the standard ops on onnx's evaluator."""
+    return aot.evaluate_lowered(model, feeds)
 
 
 @pytest.fixture(scope="module")
@@ -496,3 +484,14 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt_aot") / "tiny.pth"
     torch.save(tiny_model().state_dict(), path)
     return path
+
+
+def test_gpu_checks_aot_launch_scaffolding_runs_on_the_interpreter(interpreted, capsys):
+    """tools/gpu_check.py's TensorRT-AOT check (export, lowering, evaluation, comparison with
+    PyTorch) with the CPU launcher: what the next GPU session runs, less the PTX launch itself
+    (ptx_launcher), which needs the CUDA driver."""
+    sys.path.insert(0, str(HERE.parent / "tools"))
+    gpu_check = importlib.import_module("gpu_check")
+    assert gpu_check.trt_aot_plugin_check(torch, "cpu")
+    out = capsys.readouterr().out
+    assert out.count("exact (max rel err") == 2 and "NOT EXACT" not in out

@@ -379,8 +379,7 @@ def main(argv=None) -> int:
     all_exact &= geometry_check(tk, ref, torch, args.device, rng)
     print(f"\n(kernel checks and timings: {time.perf_counter() - t_start:.0f} s, compiles included)")
 
-    if args.device == "cuda":
-        all_exact &= trt_aot_plugin_check(torch)
+    all_exact &= trt_aot_plugin_check(torch, args.device)
     if args.aot:
         if args.device != "cuda":
             print("AOT: skipped (needs a GPU)")
@@ -393,21 +392,20 @@ def main(argv=None) -> int:
 # ------------------------------------------------------------------------------------------
 # TensorRT's AOT plugin launch, without TensorRT
 # ------------------------------------------------------------------------------------------
-def trt_aot_plugin_check(torch) -> bool:
+def trt_aot_plugin_check(torch, device: str = "cuda") -> bool:
     """The gated tiny model (tests/models/gated_tiny.py) exported with --target trt, lowered for
     TensorRT's AOT plugins (runtimes/tensorrt_aot.py) and run with onnx's reference evaluator
     for the standard ops and every plugin node launched as TensorRT launches an AOT plugin:
     the PTX of compile_for_aot loaded with the CUDA driver (cuModuleLoadData) and launched
     with cuLaunchKernel on aot_launch's grid, block and shared memory with exactly (input
-    pointers, int32 extras, output pointers). Compared with the PyTorch model at batch 1 and 8."""
+    pointers, int32 extras, output pointers). Compared with the PyTorch model at batch 1 and 8.
+    On "cpu" (Triton's interpreter) the plugins run through tensorrt_aot.launch instead (the
+    same kernels, grid and argument order, from Python)."""
     import contextlib
-    import ctypes
     import io
     import tempfile
 
     import onnx
-    from onnx.reference import ReferenceEvaluator
-    from onnx.reference.op_run import OpRun
 
     from gate2deploy.cli import main as cli_main
     from gate2deploy.runtimes import tensorrt_aot as aot
@@ -415,8 +413,40 @@ def trt_aot_plugin_check(torch) -> bool:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from test_tensorrt_export import TINY, tiny_model  # the model and its BN / threshold set-up
 
-    print("\nTensorRT AOT plugins, launched as TensorRT does (PTX via cuModuleLoadData + cuLaunchKernel, "
-          "inputs / int32 extras / outputs), gated tiny model vs PyTorch:")
+    how = ("PTX via cuModuleLoadData + cuLaunchKernel" if device == "cuda"
+           else "tensorrt_aot.launch on the interpreter")
+    print(f"\nTensorRT AOT plugins, launched as TensorRT does ({how}; inputs / int32 extras / outputs), "
+          f"gated tiny model vs PyTorch:")
+    launcher = ptx_launcher(torch) if device == "cuda" else aot.launch
+    ok_all = True
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "tiny.pth"
+        torch.save(tiny_model().state_dict(), ckpt)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            cli_main(["export", str(ckpt), "--model", TINY, "--input-shape", "1,3,8,8", "--target", "trt",
+                      "-o", str(Path(tmp) / "m.engine"), "--physical-widths", "exact", "--plugins", "aot"])
+        lowered = aot.lower_for_aot(onnx.load(str(Path(tmp) / "m.trt.onnx")))
+    for batch in (1, 8):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 8, 8)).astype(np.float32)
+        (y,) = aot.evaluate_lowered(lowered, {lowered.graph.input[0].name: x}, launcher, device)
+        with torch.no_grad():
+            y_ref = tiny_model()(torch.from_numpy(x)).numpy()
+        rel = float(np.max(np.abs(y - y_ref)) / np.max(np.abs(y_ref)))
+        ok = rel <= 1e-4
+        print(f"  batch {batch}: {'exact' if ok else 'NOT EXACT'} (max rel err {rel:.2e})")
+        ok_all &= ok
+    return ok_all
+
+
+def ptx_launcher(torch):
+    """launcher(op, CUDA tensors, attributes) -> outputs: the plugin's kernel compiled as the AOT
+    implementation compiles it (compile_for_aot: PTX without Triton's scratch parameters),
+    loaded with the CUDA driver and launched with exactly (inputs, int32 extras, outputs) on
+    aot_launch's grid, block and shared memory, on torch's current stream."""
+    import ctypes
+
+    from gate2deploy.runtimes import tensorrt_aot as aot
+
     cuda = ctypes.CDLL("libcuda.so.1")
     torch.zeros(1, device="cuda")  # the primary context is current on this thread
     loaded = {}
@@ -425,7 +455,7 @@ def trt_aot_plugin_check(torch) -> bool:
         if result != 0:
             raise RuntimeError(f"{what} failed: CUresult {result}")
 
-    def ptx_launch(op, inputs, attrs):
+    def launch(op, inputs, attrs):
         spec = aot.AOT_PLUGINS[op]
         inputs = [t.contiguous() for t in inputs]
         plan = aot.aot_launch(op, dict(zip(spec.inputs, (tuple(t.shape) for t in inputs))), attrs)
@@ -447,35 +477,7 @@ def trt_aot_plugin_check(torch) -> bool:
         torch.cuda.synchronize()
         return outputs
 
-    def plugin_class(spec):
-        def _run(self, *inputs, **_):
-            attrs = {n: getattr(self, n) for n, _, _ in spec.attributes if getattr(self, n, None) is not None}
-            attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
-            outs = ptx_launch(spec.op, [torch.from_numpy(np.array(i)).cuda() for i in inputs], attrs)
-            return tuple(o.cpu().numpy() for o in outs)
-
-        return type(spec.op, (OpRun,), {"op_domain": aot.PLUGIN_NAMESPACE, "_run": _run})
-
-    ok_all = True
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "tiny.pth"
-        torch.save(tiny_model().state_dict(), ckpt)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            cli_main(["export", str(ckpt), "--model", TINY, "--input-shape", "1,3,8,8", "--target", "trt",
-                      "-o", str(Path(tmp) / "m.engine"), "--physical-widths", "exact", "--plugins", "aot"])
-        lowered = aot.lower_for_aot(onnx.load(str(Path(tmp) / "m.trt.onnx")))
-    session = ReferenceEvaluator(lowered, new_ops=[plugin_class(s) for s in aot.AOT_PLUGINS.values()])
-    for batch in (1, 8):
-        x = np.random.default_rng(batch).standard_normal((batch, 3, 8, 8)).astype(np.float32)
-        (y,) = session.run(None, {lowered.graph.input[0].name: x})
-        with torch.no_grad():
-            y_ref = tiny_model()(torch.from_numpy(x)).numpy()
-        rel = float(np.max(np.abs(y - y_ref)) / np.max(np.abs(y_ref)))
-        ok = rel <= 1e-4
-        print(f"  batch {batch}: {'exact' if ok else 'NOT EXACT'} (max rel err {rel:.2e}); kernels loaded: "
-              f"{', '.join(sorted({k for k, _ in loaded}))}")
-        ok_all &= ok
-    return ok_all
+    return launch
 
 
 # ------------------------------------------------------------------------------------------
