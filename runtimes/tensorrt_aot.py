@@ -187,6 +187,53 @@ def launch(op: str, inputs: list, attrs: dict):
     return outputs
 
 
+def preflight(model: onnx.ModelProto, target=None) -> int:
+    """Compile, before TensorRT builds anything, every kernel the AOT plugins of `model` (a
+    model.trt.onnx, not yet lowered) will ask for, for the GPU of this build: a refusal of
+    compile_for_aot (shared memory, scratch) inside TensorRT's build would only fail the
+    build, while here `--plugins auto` can still keep the JIT plugins. Triton caches the
+    compiled kernels, so TensorRT's own calls of the AOT implementation reuse them. Shapes
+    from the model's value_info at batch 1 (the tile sizes and kernels do not depend on the
+    batch); a node whose input shape is not recorded is left to the build. Returns the number
+    of kernels compiled; raises UserError naming the node."""
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in (*model.graph.value_info, *model.graph.input)}
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            inits[node.output[0]] = tuple(node.attribute[0].t.dims)
+    compiled = 0
+    for node in model.graph.node:
+        if node.domain != PLUGIN_NAMESPACE:
+            continue
+        x = shapes.get(node.input[0])
+        w = inits.get(node.input[1])
+        if not x or len(x) != 4 or None in x[1:] or w is None or len(w) != 4:
+            continue
+        x = (1, *x[1:])
+        w_cl = (w[0], w[2], w[3], w[1])  # the plugins read W channels-last
+        a = _attrs(node)
+        conv = {k: a[k] for k in ("strides", "pads", "dilations") if k in a}
+        if node.op_type == "CGConv":
+            plans = [aot_launch("CGConvPlanned", {"X": x, "W1": (w[0], w[2], w[3], x[1])}, conv)]
+        elif node.op_type == "PGConv":
+            bits = {k: a[k] for k in ("abits", "pred_bits")}
+            plans = [aot_launch("PGSplit", {"X": x}, bits),
+                     aot_launch("PGConvParts", {"MSB": x, "W": w_cl}, {**bits, "group": a.get("group", 1), **conv})]
+        elif node.op_type == "FBSConv":
+            plans = [aot_launch("FBSConvSlots", {"X": x, "W": w_cl, "slots": (1, w[0])},
+                                {"activation": a.get("activation", "Relu"), **conv})]
+        else:
+            continue
+        for plan in plans:
+            try:
+                compile_for_aot(plan, target)
+            except UserError as exc:
+                raise UserError(f"node {node.name or node.op_type}: {exc}") from None
+            compiled += 1
+    return compiled
+
+
 def evaluate_lowered(model: onnx.ModelProto, feeds: dict, launcher=None, device: str = "cpu") -> list:
     """Run a lowered model without TensorRT: onnx's reference evaluator for the standard ops,
     every AOT plugin node by `launcher(op, torch inputs on `device`, attributes)` (default

@@ -377,9 +377,10 @@ def build_engine(onnx_path, engine_path, profile: dict | None = None, fp16: bool
         raise TensorRTUnavailable(f"{no_aot}; build with --plugins jit")
     kind = "jit" if plugins == "jit" or no_aot else "aot"
     if kind == "aot":
-        from .tensorrt_aot import lower_for_aot
+        from .tensorrt_aot import lower_for_aot, preflight
 
         try:
+            preflight(model)  # kernel refusals surface here, not as a failed TensorRT build
             model = lower_for_aot(model)
         except UserError as exc:  # a node the AOT plugins cannot take: auto keeps the JIT plugins
             if plugins == "aot":

@@ -495,3 +495,37 @@ def test_gpu_checks_aot_launch_scaffolding_runs_on_the_interpreter(interpreted, 
     assert gpu_check.trt_aot_plugin_check(torch, "cpu")
     out = capsys.readouterr().out
     assert out.count("exact (max rel err") == 2 and "NOT EXACT" not in out
+
+
+PREFLIGHT = r"""
+import sys
+import onnx
+from triton.backends.compiler import GPUTarget
+from gate2deploy.errors import UserError
+from gate2deploy.runtimes import tensorrt_aot as aot
+
+model = onnx.load(sys.argv[1])
+print("compiled", aot.preflight(model, GPUTarget("cuda", 90, 32)))
+aot.SHARED_LIMIT = 1  # no conv kernel fits: the refusal names its node
+try:
+    aot.preflight(model, GPUTarget("cuda", 90, 32))
+except UserError as exc:
+    print("refused", exc)
+"""
+
+
+def test_preflight_compiles_every_aot_kernel_and_names_a_refused_node(tiny_trt):
+    """build_engine's preflight on the tiny model's model.trt.onnx for sm_90: one kernel for CG,
+    two for PG (split, conv), one for FBS; a kernel compile_for_aot refuses is reported with
+    its node before TensorRT builds anything (so --plugins auto can keep the JIT plugins)."""
+    from test_triton_compile import _bundled_ptxas
+
+    if _bundled_ptxas() is None:
+        pytest.skip("Triton's bundled ptxas is absent: cannot compile for sm_90 here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", PREFLIGHT, str(tiny_trt / "model.trt.onnx")], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == "compiled 4"
+    assert lines[1].startswith("refused node /cg/CGConv: _cg_conv_kernel:") and "shared memory" in lines[1]
