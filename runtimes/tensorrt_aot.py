@@ -27,7 +27,8 @@ Guarantees: the same function (OPS.md semantics), every gated node replaced by:
         FBSConvSlots writes invalid slots as 0 (_fbs_conv_kernel's ZERO_INVALID): an AOT
         plugin's output is not zero-initialised and there is no second kernel to clear it.
   Plugin nodes carry `plugin_namespace`, `plugin_version` and `aot` = 1 (TensorRT's ONNX
-  parser: use the plugin's AOT implementation).
+  parser: use the plugin's AOT implementation). The added tensors a plugin's launch depends
+  on (PG's parts, FBS's slots) get value_info where X's shape is recorded (for `preflight`).
 What it does not prove: that TensorRT launches the kernels as `aot_launch` describes. The
 tests run the lowered graph with every plugin node launched through `launch` (the same
 kernels, argument order and grid as `aot_launch` gives TensorRT) on Triton's interpreter and
@@ -69,20 +70,21 @@ class AotSpec:
     outputs: tuple  # tensor outputs, in order (the kernel's pointers after its int32 scalars)
     attributes: tuple  # (name, "ints" | "int" | "string", default)
     kernel: str  # runtimes.triton_kernels kernel
+    shaped: tuple  # the inputs whose shapes aot_launch reads
     int32: tuple = ()  # the int32 tensors (autotune); every other tensor is fp32
 
 
 AOT_PLUGINS = {
     "CGConvPlanned": AotSpec("CGConvPlanned", ("X", "W1", "W2", "chans", "counts", "threshold"), ("Y",),
-                             CONV_ATTRIBUTES, "_cg_conv_kernel", int32=("chans", "counts")),
+                             CONV_ATTRIBUTES, "_cg_conv_kernel", ("X", "W1"), int32=("chans", "counts")),
     "PGSplit": AotSpec("PGSplit", ("X", "scale"), ("MSB", "LSB"),
-                       (("abits", "int", 8), ("pred_bits", "int", 4)), "_pg_split_kernel"),
+                       (("abits", "int", 8), ("pred_bits", "int", 4)), "_pg_split_kernel", ("X",)),
     "PGConvParts": AotSpec("PGConvParts", ("MSB", "LSB", "W", "threshold", "scale"), ("Y",),
                            (("abits", "int", 8), ("pred_bits", "int", 4), ("group", "int", 1), *CONV_ATTRIBUTES),
-                           "_pg_conv_kernel"),
+                           "_pg_conv_kernel", ("MSB", "W")),
     "FBSConvSlots": AotSpec("FBSConvSlots", ("X", "W", "slots", "valid", "gamma", "bn_scale", "bn_shift", "beta"),
                             ("Y",), (("activation", "string", "Relu"), *CONV_ATTRIBUTES), "_fbs_conv_kernel",
-                            int32=("slots", "valid")),
+                            ("X", "W", "slots"), int32=("slots", "valid")),
 }
 
 
@@ -170,15 +172,9 @@ def launch(op: str, inputs: list, attrs: dict):
     on its grid with (inputs, extras, outputs); torch tensors in, the output tensors out.
     The tests run lowered graphs through this (on the interpreter); the plugins' JIT
     implementation (register_aot_plugins) too."""
-    import torch
-
     from . import triton_kernels as tk
 
-    spec = AOT_PLUGINS[op]
-    shapes = dict(zip(spec.inputs, (tuple(t.shape) for t in inputs)))
-    plan = aot_launch(op, shapes, attrs)
-    inputs = [t.contiguous() for t in inputs]
-    outputs = output_tensors(op, plan, inputs)
+    inputs, plan, outputs = prepare_launch(op, inputs, attrs)
     constexprs = plan.constexprs
     if "RINT_ASM" in constexprs:  # PTX inline asm: not on the interpreter (pg_parts does the same)
         constexprs["RINT_ASM"] = int(not tk.INTERPRETED)
@@ -188,49 +184,39 @@ def launch(op: str, inputs: list, attrs: dict):
 
 
 def preflight(model: onnx.ModelProto, target=None) -> int:
-    """Compile, before TensorRT builds anything, every kernel the AOT plugins of `model` (a
-    model.trt.onnx, not yet lowered) will ask for, for the GPU of this build: a refusal of
-    compile_for_aot (shared memory, scratch) inside TensorRT's build would only fail the
-    build, while here `--plugins auto` can still keep the JIT plugins. Triton caches the
-    compiled kernels, so TensorRT's own calls of the AOT implementation reuse them. Shapes
-    from the model's value_info at batch 1 (the tile sizes and kernels do not depend on the
-    batch); a node whose input shape is not recorded is left to the build. Returns the number
-    of kernels compiled; raises UserError naming the node."""
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in (*model.graph.value_info, *model.graph.input)}
-    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            inits[node.output[0]] = tuple(node.attribute[0].t.dims)
+    """Compile, before TensorRT builds anything, the kernel of every AOT plugin node of `model`
+    (lowered by lower_for_aot) for the GPU of this build: a refusal of compile_for_aot (shared
+    memory, scratch) inside TensorRT's build would only fail the build, while here `--plugins
+    auto` can still keep the JIT plugins. Triton caches the compiled kernels, so TensorRT's own
+    calls of the AOT implementation reuse them. The shapes aot_launch reads (AotSpec.shaped)
+    come from the initializers and the value_info (lower_for_aot records its own tensors'),
+    at batch 1 (tiles and kernels do not depend on the batch); a node with a shape not
+    recorded is left to the build. Returns the number of kernels compiled; raises UserError
+    naming the node."""
+    recorded = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+                for v in (*model.graph.value_info, *model.graph.input)}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
     compiled = 0
     for node in model.graph.node:
-        if node.domain != PLUGIN_NAMESPACE:
+        spec = AOT_PLUGINS.get(node.op_type) if node.domain == PLUGIN_NAMESPACE else None
+        if spec is None:
             continue
-        x = shapes.get(node.input[0])
-        w = inits.get(node.input[1])
-        if not x or len(x) != 4 or None in x[1:] or w is None or len(w) != 4:
+        tensors = dict(zip(spec.inputs, node.input))
+        shapes = {}
+        for name in spec.shaped:
+            tensor = tensors[name]
+            if tensor in weights:
+                shapes[name] = weights[tensor]
+            elif recorded.get(tensor) and None not in recorded[tensor][1:]:
+                shapes[name] = [1, *recorded[tensor][1:]]
+        if len(shapes) < len(spec.shaped):
             continue
-        x = (1, *x[1:])
-        w_cl = (w[0], w[2], w[3], w[1])  # the plugins read W channels-last
         a = _attrs(node)
-        conv = {k: a[k] for k in ("strides", "pads", "dilations") if k in a}
-        if node.op_type == "CGConv":
-            plans = [aot_launch("CGConvPlanned", {"X": x, "W1": (w[0], w[2], w[3], x[1])}, conv)]
-        elif node.op_type == "PGConv":
-            bits = {k: a[k] for k in ("abits", "pred_bits")}
-            plans = [aot_launch("PGSplit", {"X": x}, bits),
-                     aot_launch("PGConvParts", {"MSB": x, "W": w_cl}, {**bits, "group": a.get("group", 1), **conv})]
-        elif node.op_type == "FBSConv":
-            plans = [aot_launch("FBSConvSlots", {"X": x, "W": w_cl, "slots": (1, w[0])},
-                                {"activation": a.get("activation", "Relu"), **conv})]
-        else:
-            continue
-        for plan in plans:
-            try:
-                compile_for_aot(plan, target)
-            except UserError as exc:
-                raise UserError(f"node {node.name or node.op_type}: {exc}") from None
-            compiled += 1
+        try:
+            compile_for_aot(aot_launch(spec.op, shapes, {k: a[k] for k, _, _ in spec.attributes if k in a}), target)
+        except UserError as exc:
+            raise UserError(f"node {node.name or node.op_type}: {exc}") from None
+        compiled += 1
     return compiled
 
 
@@ -261,7 +247,15 @@ def evaluate_lowered(model: onnx.ModelProto, feeds: dict, launcher=None, device:
     return session.run(None, feeds)
 
 
-def output_tensors(op: str, plan: AotLaunch, inputs: list) -> list:
+def prepare_launch(op: str, inputs: list, attrs: dict) -> tuple[list, AotLaunch, list]:
+    """(contiguous inputs, aot_launch's plan, uninitialised float32 outputs) of plugin `op` on
+    torch `inputs`: what `launch` and tools/gpu_check.py's driver launch both start from."""
+    inputs = [t.contiguous() for t in inputs]
+    plan = aot_launch(op, dict(zip(AOT_PLUGINS[op].inputs, (tuple(t.shape) for t in inputs))), attrs)
+    return inputs, plan, _output_tensors(op, plan, inputs)
+
+
+def _output_tensors(op: str, plan: AotLaunch, inputs: list) -> list:
     """Uninitialised float32 outputs of plugin `op` for torch `inputs` (its shape function)."""
     import torch
 
@@ -377,8 +371,17 @@ def lower_for_aot(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type == "Constant" and not node.domain and len(node.attribute) == 1 \
                 and node.attribute[0].name == "value":
             inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    new_nodes, new_inits = [], []
+    new_nodes, new_inits, new_infos = [], [], []
     taken = {n for node in graph.node for n in (*node.input, *node.output)} | set(inits)
+    known = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in v.type.tensor_type.shape.dim] for v in (*graph.value_info, *graph.input)}
+
+    def record(name: str, elem_type: int, like: str, channels: int | None = None) -> None:
+        """value_info of a tensor the lowering adds: `like`'s shape, or [its batch, channels]
+        (preflight reads the plugins' input shapes from it)."""
+        if like in known:
+            dims = known[like] if channels is None else [known[like][0], channels]
+            new_infos.append(helper.make_tensor_value_info(name, elem_type, dims))
 
     def const(name: str, value: np.ndarray) -> str:
         name = fresh(name)
@@ -442,6 +445,8 @@ def lower_for_aot(model: onnx.ModelProto) -> onnx.ModelProto:
                 (scale,) = std("Reshape", [s, const(f"{p}_one", np.array([1], np.int64))], 1, p)
             bits = {k: a[k] for k in ("abits", "pred_bits")}
             msb, lsb = fresh(f"{p}_msb"), fresh(f"{p}_lsb")
+            for part in (msb, lsb):
+                record(part, TensorProto.FLOAT, node.input[0])
             plugin("PGSplit", [node.input[0], scale], [msb, lsb], bits, f"{p}/split")
             plugin("PGConvParts", [msb, lsb, const(f"{p}_W_cl", w.transpose(0, 2, 3, 1)), node.input[2], scale],
                    list(node.output), {**bits, "group": a.get("group", 1), **conv}, p)
@@ -475,6 +480,7 @@ def lower_for_aot(model: onnx.ModelProto) -> onnx.ModelProto:
             k = math.ceil(o * density)
             values, order = std("TopK", [g, const(f"{p}_O", np.array([o], np.int64))], 2, p, axis=1)
             (slots,) = std("Cast", [order], 1, p, to=TensorProto.INT32)
+            record(slots, TensorProto.INT32, node.input[0], o)
             if k >= o:  # every channel on: valid = 1 for each slot
                 (valid,) = std("Cast", [std("GreaterOrEqual", [order, order], 1, p)[0]], 1, p, to=TensorProto.INT32)
             else:
@@ -493,6 +499,7 @@ def lower_for_aot(model: onnx.ModelProto) -> onnx.ModelProto:
                  if not (node.op_type == "Constant" and not node.domain and node.output[0] not in used)]
     del graph.node[:]
     graph.node.extend(new_nodes)
+    graph.value_info.extend(new_infos)
     kept = [t for t in (*graph.initializer, *new_inits) if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)

@@ -132,8 +132,8 @@ def plugin_signature(spec: PluginSpec, kind: str, types: dict) -> inspect.Signat
     "desc"), implementation ("impl") or AOT implementation ("aot"; an AOT_PLUGINS spec).
     `types` maps "desc", "tensor", "ints", "int", "float", "string", "outputs", "stream",
     "return" (and for "aot" "desc_outputs", "tactic", "aot_return"; for "autotune"
-    "desc_outputs", "autotune_return"; for an AOT spec with several outputs "returns") to the annotation objects (tensorrt.plugin's own types at
-    registration; anything in a test)."""
+    "desc_outputs", "autotune_return"; for an AOT spec with several outputs "returns") to
+    the annotation objects (tensorrt.plugin's own types at registration; anything in a test)."""
     tensor = types["tensor"] if kind == "impl" else types["desc"]
     params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=tensor)
               for name in spec.inputs]
@@ -258,8 +258,6 @@ def _aot_plugin_functions(spec, types: dict, trtp, to_cuda, on_stream):
 
     desc_sig, impl_sig, aot_sig, tune_sig = (plugin_signature(spec, kind, types)
                                              for kind in ("desc", "impl", "aot", "autotune"))
-    def attributes(a):
-        return attribute_values(spec, a)
 
     def desc(*args, **kwargs):
         a = desc_sig.bind(*args, **kwargs).arguments
@@ -267,7 +265,7 @@ def _aot_plugin_functions(spec, types: dict, trtp, to_cuda, on_stream):
         if spec.op == "PGSplit":
             return x.like(), x.like()
         w = a["W1" if spec.op == "CGConvPlanned" else "W"]  # channels-last [O, KH, KW, C]
-        return _conv_shape(x, w, attributes(a), 1)
+        return _conv_shape(x, w, attribute_values(spec, a), 1)
 
     def autotune(*args, **kwargs):
         return [trtp.AutoTuneCombination(aot_type_combination(spec))]
@@ -275,14 +273,14 @@ def _aot_plugin_functions(spec, types: dict, trtp, to_cuda, on_stream):
     def impl(*args, **kwargs):
         a = impl_sig.bind(*args, **kwargs).arguments
         with on_stream(a["stream"]):
-            results = aot.launch(spec.op, [to_cuda(a[name]) for name in spec.inputs], attributes(a))
+            results = aot.launch(spec.op, [to_cuda(a[name]) for name in spec.inputs], attribute_values(spec, a))
             for out, y in zip(a["outputs"], results):
                 to_cuda(out).copy_(y)
 
     def aot_impl(*args, **kwargs):
         a = aot_sig.bind(*args, **kwargs).arguments
         shapes = {name: [a[name].shape_expr[i] for i in range(a[name].ndim)] for name in spec.inputs}
-        plan = aot.aot_launch(spec.op, shapes, attributes(a), cdiv=trtp.cdiv)
+        plan = aot.aot_launch(spec.op, shapes, attribute_values(spec, a), cdiv=trtp.cdiv)
         name, ptx, threads, shared = aot.compile_for_aot(plan)
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y, params.grid_z = plan.grid
@@ -369,6 +367,9 @@ def build_engine(onnx_path, engine_path, profile: dict | None = None, fp16: bool
 
     if plugins not in PLUGIN_KINDS:
         raise UserError(f"plugins must be one of {', '.join(PLUGIN_KINDS)}, not {plugins!r}")
+    if fp16 and not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11 builds strongly typed networks only
+        raise TensorRTUnavailable(f"TensorRT {trt.__version__} has no FP16 builder flag (strongly typed "
+                                  f"networks only); build without --fp16")
     check_writable(engine_path)
     register_plugins()
     model = prepare_for_tensorrt(onnx.load(str(onnx_path)))  # idempotent on a model.trt.onnx
@@ -380,8 +381,8 @@ def build_engine(onnx_path, engine_path, profile: dict | None = None, fp16: bool
         from .tensorrt_aot import lower_for_aot, preflight
 
         try:
-            preflight(model)  # kernel refusals surface here, not as a failed TensorRT build
             model = lower_for_aot(model)
+            preflight(model)  # kernel refusals surface here, not as a failed TensorRT build
         except UserError as exc:  # a node the AOT plugins cannot take: auto keeps the JIT plugins
             if plugins == "aot":
                 raise
@@ -396,9 +397,6 @@ def build_engine(onnx_path, engine_path, profile: dict | None = None, fp16: bool
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     if fp16:
-        if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11 builds strongly typed networks only
-            raise TensorRTUnavailable(f"TensorRT {trt.__version__} has no FP16 builder flag (strongly typed "
-                                      f"networks only); build without --fp16")
         config.set_flag(trt.BuilderFlag.FP16)
         if kind == "aot":  # the lowering's scale / saliency ops stay fp32, as the JIT plugins compute them
             from .tensorrt_aot import FP32_MARK

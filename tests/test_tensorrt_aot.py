@@ -504,7 +504,7 @@ from triton.backends.compiler import GPUTarget
 from gate2deploy.errors import UserError
 from gate2deploy.runtimes import tensorrt_aot as aot
 
-model = onnx.load(sys.argv[1])
+model = aot.lower_for_aot(onnx.load(sys.argv[1]))
 print("compiled", aot.preflight(model, GPUTarget("cuda", 90, 32)))
 aot.SHARED_LIMIT = 1  # no conv kernel fits: the refusal names its node
 try:
@@ -515,7 +515,7 @@ except UserError as exc:
 
 
 def test_preflight_compiles_every_aot_kernel_and_names_a_refused_node(tiny_trt):
-    """build_engine's preflight on the tiny model's model.trt.onnx for sm_90: one kernel for CG,
+    """build_engine's preflight on the tiny model's lowered model.trt.onnx for sm_90: one kernel for CG,
     two for PG (split, conv), one for FBS; a kernel compile_for_aot refuses is reported with
     its node before TensorRT builds anything (so --plugins auto can keep the JIT plugins)."""
     from test_triton_compile import _bundled_ptxas

@@ -456,9 +456,7 @@ def ptx_launcher(torch):
             raise RuntimeError(f"{what} failed: CUresult {result}")
 
     def launch(op, inputs, attrs):
-        spec = aot.AOT_PLUGINS[op]
-        inputs = [t.contiguous() for t in inputs]
-        plan = aot.aot_launch(op, dict(zip(spec.inputs, (tuple(t.shape) for t in inputs))), attrs)
+        inputs, plan, outputs = aot.prepare_launch(op, inputs, attrs)
         key = (plan.kernel, repr(plan.signature))
         if key not in loaded:
             name, ptx, threads, shared = aot.compile_for_aot(plan)
@@ -467,7 +465,6 @@ def ptx_launcher(torch):
             check(cuda.cuModuleGetFunction(ctypes.byref(func), module, name.encode()), "cuModuleGetFunction")
             loaded[key] = (func, threads, shared)
         func, threads, shared = loaded[key]
-        outputs = aot.output_tensors(op, plan, inputs)
         args = ([ctypes.c_uint64(t.data_ptr()) for t in inputs] + [ctypes.c_int32(int(v)) for v in plan.extras]
                 + [ctypes.c_uint64(t.data_ptr()) for t in outputs])
         params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
