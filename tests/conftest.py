@@ -1,3 +1,5 @@
+import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -23,3 +25,24 @@ def cli(capsys):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def triton_interpreted():
+    """runtimes.triton_kernels imported and run under Triton's interpreter (TRITON_INTERPRET=1
+    is read both when the kernels are decorated and when they launch, so the module is
+    re-imported), the environment and module restored afterwards."""
+    pytest.importorskip("triton")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.modules.pop("gate2deploy.runtimes.triton_kernels", None)
+    try:
+        module = importlib.import_module("gate2deploy.runtimes.triton_kernels")
+        assert module.INTERPRETED
+        yield module
+    finally:
+        sys.modules.pop("gate2deploy.runtimes.triton_kernels", None)
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old

@@ -166,25 +166,32 @@ def test_forced_kernel_path_matches_reference(tier, stage):
     assert (counts["amx"] > 0) == (tier == "amx"), counts
 
 
-def test_measured_kernel_choice_keeps_the_function(tmp_path, monkeypatch):
-    """--gated-kernels measured on a small CG network: each layer gets a recorded choice with
-    both timings, the export's own verification (each gated layer against PyTorch) passes,
-    and a second export reads the choices from the cache instead of timing again."""
+def two_cg_layer_model():
+    """(model, input) of the kernel-choice tests: a conv and two CG layers (p = 4, one with the
+    seed's grouped base path), 16 channels at 16x16."""
     import torch
 
-    from gate2deploy.api import compile as g2d_compile
     from gate2deploy.gated import CGConv2d
 
-    import gate2deploy.kernel_choice as kc
-
-    # a fresh choice cache (not a fresh GATE2DEPLOY_CACHE: that would rebuild the library)
-    monkeypatch.setattr(kc, "_cache_path", lambda: tmp_path / "kernel_choice.json")
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
         CGConv2d(16, 16, 3, padding=1, p=4, th=0.0), torch.nn.ReLU(),
         CGConv2d(16, 16, 3, padding=1, p=4, use_group=True, th=0.0)).eval()
-    x = torch.randn(1, 3, 16, 16)
+    return model, torch.randn(1, 3, 16, 16)
+
+
+def test_measured_kernel_choice_keeps_the_function(tmp_path, monkeypatch):
+    """--gated-kernels measured on a small CG network: each layer gets a recorded choice with
+    both timings, the export's own verification (each gated layer against PyTorch) passes,
+    and a second export reads the choices from the cache instead of timing again."""
+    from gate2deploy.api import compile as g2d_compile
+
+    import gate2deploy.kernel_choice as kc
+
+    # a fresh choice cache (not a fresh GATE2DEPLOY_CACHE: that would rebuild the library)
+    monkeypatch.setattr(kc, "_cache_path", lambda: tmp_path / "kernel_choice.json")
+    model, x = two_cg_layer_model()
     first = g2d_compile(model, x, target="ort", gated_kernels="measured")
     layers = first.report["kernel_choice"]["layers"]
     assert len(layers) == 2 and all(r["choice"] in ("native", "standard") for r in layers), layers
@@ -209,10 +216,7 @@ def test_measured_network_choice_needs_a_confirming_round(tmp_path, monkeypatch,
     """A non-native network is kept only if it beats all-native by MARGIN in the first round
     AND in a second round of the two alone (stub timers: the layer and network timings are
     given, so the expected choice is known); else every layer stays native."""
-    import torch
-
     from gate2deploy.api import compile as g2d_compile
-    from gate2deploy.gated import CGConv2d
 
     import gate2deploy.kernel_choice as kc
 
@@ -227,12 +231,7 @@ def test_measured_network_choice_needs_a_confirming_round(tmp_path, monkeypatch,
         return {"native": 1.0, "per_layer": 0.8 if confirmed else 0.99}
 
     monkeypatch.setattr(kc, "_time_networks", networks)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
-        CGConv2d(16, 16, 3, padding=1, p=4, th=0.0), torch.nn.ReLU(),
-        CGConv2d(16, 16, 3, padding=1, p=4, use_group=True, th=0.0)).eval()
-    x = torch.randn(1, 3, 16, 16)
+    model, x = two_cg_layer_model()
     result = g2d_compile(model, x, target="ort", gated_kernels="measured")
     entry = result.report["kernel_choice"]
     assert rounds == [["native", "per_layer"], ["native", "per_layer"]], rounds

@@ -34,29 +34,9 @@ from gate2deploy.errors import UserError
 from gate2deploy.runtimes import reference as ref
 from gate2deploy.runtimes import tensorrt_aot as aot
 
-from test_tensorrt_export import TINY, run_cli, tiny_model
+from test_tensorrt_export import TINY, run_cli, tiny_ckpt, tiny_model  # noqa: F401 - tiny_ckpt: a fixture
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def interpreted():
-    """tensorrt_aot's kernels on Triton's interpreter: triton_kernels re-imported with
-    TRITON_INTERPRET=1 (it is read at import and launch), the environment restored after."""
-    pytest.importorskip("triton")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    sys.modules.pop("gate2deploy.runtimes.triton_kernels", None)
-    try:
-        tk = importlib.import_module("gate2deploy.runtimes.triton_kernels")
-        assert tk.INTERPRETED
-        yield tk
-    finally:
-        sys.modules.pop("gate2deploy.runtimes.triton_kernels", None)
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
 
 
 def run_lowered(model: onnx.ModelProto, feeds: dict) -> list:
@@ -94,7 +74,7 @@ def test_lowering_replaces_every_gated_node_by_one_kernel_plugins(tiny_trt):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_lowered_model_equals_pytorch(interpreted, tiny_trt, batch):
+def test_lowered_model_equals_pytorch(triton_interpreted, tiny_trt, batch):
     """The whole lowered graph (standard ops + AOT plugins as launched for TensorRT) against the
     PyTorch model on the same batch (PG's scale is over the whole batch, as in the seed)."""
     lowered = aot.lower_for_aot(onnx.load(str(tiny_trt / "model.trt.onnx")))
@@ -123,7 +103,7 @@ def close(y, y_ref):
 GEOMETRY = {"strides": [2, 1], "pads": [1, 0, 0, 1], "dilations": [1, 2]}
 
 
-def test_cg_node_with_a_ragged_mask_equals_the_reference(interpreted):
+def test_cg_node_with_a_ragged_mask_equals_the_reference(triton_interpreted):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 6, 7, 9)).astype(np.float32)
     w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
@@ -138,7 +118,7 @@ def test_cg_node_with_a_ragged_mask_equals_the_reference(interpreted):
 
 
 @pytest.mark.parametrize("static_scale", [0.0, 1.7])
-def test_pg_node_with_groups_and_static_scale_equals_the_reference(interpreted, static_scale):
+def test_pg_node_with_groups_and_static_scale_equals_the_reference(triton_interpreted, static_scale):
     rng = np.random.default_rng(1)
     x = np.abs(rng.standard_normal((3, 4, 6, 6))).astype(np.float32)
     w = np.round(rng.standard_normal((6, 2, 3, 3)) * 8).astype(np.float32) / 8
@@ -154,7 +134,7 @@ def test_pg_node_with_groups_and_static_scale_equals_the_reference(interpreted, 
 
 @pytest.mark.parametrize("density,pool,activation", [(1.0, "max", "Identity"), (0.4, "l2", "Relu"),
                                                      (0.25, "avg", "Relu")])
-def test_fbs_node_equals_the_reference(interpreted, density, pool, activation):
+def test_fbs_node_equals_the_reference(triton_interpreted, density, pool, activation):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 5, 6, 6)).astype(np.float32)
     o = 9
@@ -479,14 +459,7 @@ def test_plugins_flag_is_recorded_and_named_in_the_gpu_host_command(tiny_ckpt, t
     assert exc.value.code == 2
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt_aot") / "tiny.pth"
-    torch.save(tiny_model().state_dict(), path)
-    return path
-
-
-def test_gpu_checks_aot_launch_scaffolding_runs_on_the_interpreter(interpreted, capsys):
+def test_gpu_checks_aot_launch_scaffolding_runs_on_the_interpreter(triton_interpreted, capsys):
     """tools/gpu_check.py's TensorRT-AOT check (export, lowering, evaluation, comparison with
     PyTorch) with the CPU launcher: what the next GPU session runs, less the PTX launch itself
     (ptx_launcher), which needs the CUDA driver."""

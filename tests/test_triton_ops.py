@@ -13,9 +13,6 @@ missing, which is always the case on this project's machines.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -28,23 +25,9 @@ from test_native_ops import assert_close_with_ties, cg_base_mask, quantize_weigh
 
 
 @pytest.fixture(scope="module")
-def tk():
-    """runtimes.triton_kernels imported and run under the interpreter (the decoration and the
-    launches both read TRITON_INTERPRET), restoring the environment afterwards."""
-    pytest.importorskip("triton")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    sys.modules.pop("gate2deploy.runtimes.triton_kernels", None)
-    try:
-        module = importlib.import_module("gate2deploy.runtimes.triton_kernels")
-        assert module.INTERPRETED
-        yield module
-    finally:
-        sys.modules.pop("gate2deploy.runtimes.triton_kernels", None)
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+def tk(triton_interpreted):
+    """runtimes.triton_kernels on the interpreter (conftest.triton_interpreted)."""
+    return triton_interpreted
 
 
 # (N, C, O, H, W, k, strides, pads, dilations): kept small, the interpreter is slow
