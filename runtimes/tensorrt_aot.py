@@ -171,7 +171,7 @@ def launch(op: str, inputs: list, attrs: dict):
     """Run plugin `op` with Triton as TensorRT's AOT launch would: the kernel of `aot_launch`
     on its grid with (inputs, extras, outputs); torch tensors in, the output tensors out.
     The tests run lowered graphs through this (on the interpreter); the plugins' JIT
-    implementation (register_aot_plugins) too."""
+    implementation (tensorrt_plugins._aot_plugin_functions) too."""
     from . import triton_kernels as tk
 
     inputs, plan, outputs = prepare_launch(op, inputs, attrs)
@@ -193,8 +193,7 @@ def preflight(model: onnx.ModelProto, target=None) -> int:
     at batch 1 (tiles and kernels do not depend on the batch); a node with a shape not
     recorded is left to the build. Returns the number of kernels compiled; raises UserError
     naming the node."""
-    recorded = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-                for v in (*model.graph.value_info, *model.graph.input)}
+    recorded = _recorded_dims(model.graph)
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
     compiled = 0
     for node in model.graph.node:
@@ -207,7 +206,7 @@ def preflight(model: onnx.ModelProto, target=None) -> int:
             tensor = tensors[name]
             if tensor in weights:
                 shapes[name] = weights[tensor]
-            elif recorded.get(tensor) and None not in recorded[tensor][1:]:
+            elif recorded.get(tensor) and all(isinstance(d, int) for d in recorded[tensor][1:]):
                 shapes[name] = [1, *recorded[tensor][1:]]
         if len(shapes) < len(spec.shaped):
             continue
@@ -351,6 +350,12 @@ def strip_scratch_params(ptx: str, name: str, declared: int) -> str:
 # ------------------------------------------------------------------------------------------
 # The rewrite of model.trt.onnx
 # ------------------------------------------------------------------------------------------
+def _recorded_dims(graph: onnx.GraphProto) -> dict:
+    """{tensor: [dimension: int, its symbolic name, or None]} of the graph's inputs and value_info."""
+    return {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in v.type.tensor_type.shape.dim] for v in (*graph.value_info, *graph.input)}
+
+
 def _attrs(node) -> dict:
     values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}  # STRING attributes
@@ -373,8 +378,7 @@ def lower_for_aot(model: onnx.ModelProto) -> onnx.ModelProto:
             inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     new_nodes, new_inits, new_infos = [], [], []
     taken = {n for node in graph.node for n in (*node.input, *node.output)} | set(inits)
-    known = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                      for d in v.type.tensor_type.shape.dim] for v in (*graph.value_info, *graph.input)}
+    known = _recorded_dims(graph)
 
     def record(name: str, elem_type: int, like: str, channels: int | None = None) -> None:
         """value_info of a tensor the lowering adds: `like`'s shape, or [its batch, channels]
