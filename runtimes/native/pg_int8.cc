@@ -339,10 +339,13 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0
 // Channels 4 * c4 .. 4 * c4 + 3 of the sample x [C, H, W], split by isa.pg_split (the one
 // implementation of PG's activation split; a few rows at a time so the counts stay in L1),
 // as int8 words of 4 channels into group c4 of act1 (MSB counts) and act2 (LSB counts). The
-// buffers are zero beforehand (padding).
+// buffers are zero beforehand (padding). The position-major copy of the LSB counts is made
+// afterwards (TransposeLsbCounts), not here: groups filled on different threads writing
+// their 4 bytes into the same 64-byte lines of it made the fill 3x slower with 2 threads
+// than with 1 (false sharing; G2D_STAGE_TIMES "pad", 128 ch 28x28 on AMD EPYC Zen 4).
 G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split,
-                             const ConvGeom& g, const PGActLayout& L, int64_t c4, int64_t Cp,
-                             int8_t* act1, int8_t* act2, int8_t* act2_rows) {
+                             const ConvGeom& g, const PGActLayout& L, int64_t c4,
+                             int8_t* act1, int8_t* act2) {
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(g.H, 2048 / g.W));
   const int64_t chunk = rows * g.W, stride = chunk + kVec;  // slack: whole-vector loads
   AlignedVec<float>& counts = Scratch<float, 40>();  // [channel i][MSB, LSB][stride]
@@ -352,7 +355,6 @@ G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSpli
     if (4 * c4 + i >= g.C)
       std::fill(counts.begin() + 2 * i * stride, counts.begin() + (2 * i + 2) * stride, 0.f);
   int32_t* out[2] = {reinterpret_cast<int32_t*>(act1), reinterpret_cast<int32_t*>(act2)};
-  alignas(32) int32_t words[kVec];
   for (int64_t h0 = 0; h0 < g.H; h0 += rows) {
     const int64_t nrows = std::min(rows, g.H - h0);
     for (int i = 0; i < 4; ++i)
@@ -374,11 +376,6 @@ G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSpli
             word = _mm256_or_si256(
                 word, _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0xff)), 8 * i));
           }
-          if (plane == 1) {  // the LSB counts position-major too, for stage 2's dot products
-            _mm256_store_si256(reinterpret_cast<__m256i*>(words), word);
-            for (int i = 0; i < n; ++i)
-              std::memcpy(act2_rows + (row_pos + w0 + i) * Cp + 4 * c4, &words[i], 4);
-          }
           int32_t* dst = out[plane] + c4 * L.plane_len + row_pos + w0;
           if (n == kVec) {
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), word);
@@ -388,6 +385,19 @@ G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSpli
           }
         }
       }
+  }
+}
+
+// act2_rows [position][Cp bytes] from act2 [group][position][4 bytes] (stride 1: one phase):
+// every word written, the channels past C as zeros, so the buffer needs no clearing.
+void TransposeLsbCounts(const PGActLayout& L, int64_t Cp, const int8_t* act2, int8_t* act2_rows) {
+  const int32_t* src = reinterpret_cast<const int32_t*>(act2);
+  int32_t* dst = reinterpret_cast<int32_t*>(act2_rows);
+  const int64_t words = Cp / 4;
+  for (int64_t q = 0; q < L.plane_len; ++q) {
+    int32_t* row = dst + q * words;
+    for (int64_t c4 = 0; c4 < L.groups; ++c4) row[c4] = src[c4 * L.plane_len + q];
+    for (int64_t c4 = L.groups; c4 < words; ++c4) row[c4] = 0;
   }
 }
 
@@ -544,12 +554,11 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
     if (n > 0) pad_clock = StageClockNow();
     std::memset(act1.data(), 0, act1.size());
     std::memset(act2.data(), 0, act2.size());
-    std::memset(act2_rows.data(), 0, act2_rows.size());
     const float* xn = x + n * g.C * g.H * g.W;
     ParallelFor(ParallelIfLarge(ctx, 4 * g.C * g.H * g.W), size_t(w.groups), [&](size_t c4) {
-      FillGroup(isa, xn, split, g, L, int64_t(c4), w.Cp, act1.data(), act2.data(),
-                act2_rows.data());
+      FillGroup(isa, xn, split, g, L, int64_t(c4), act1.data(), act2.data());
     });
+    TransposeLsbCounts(L, w.Cp, act2.data(), act2_rows.data());
     AddStageTime(kTimePad, pad_clock);
     const Job job{&w,
                   act1.data(),
