@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #include "isa_kernels.h"
@@ -492,6 +493,35 @@ double pool_channel(const float* x, int64_t n, int kind) {
   for (int l = 0; l < kLanes; ++l) mx = std::max(mx, mxp[l]);
   return mx;
 }
+// abs_max: 16 independent lanes, a loop the compiler vectorizes (one running maximum is a
+// chain of dependent operations), NaN-sticky as the reference's (and PyTorch's) max: a NaN
+// anywhere gives NaN (std::max would skip it). The NaN test is a separate flag, not part of
+// the comparison: `m < a || a != a` compiled to scalar branches (slower than the baseline
+// build's loop).
+float abs_max(const float* x, int64_t n) {
+  constexpr int kLanes = 16;
+  float lane[kLanes] = {};
+  int32_t nan[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float a = std::fabs(x[i + l]);
+      lane[l] = lane[l] < a ? a : lane[l];
+      nan[l] |= int32_t(a != a);
+    }
+  float m = 0.f;
+  int32_t any_nan = 0;
+  for (; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    m = m < a ? a : m;
+    any_nan |= int32_t(a != a);
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    m = m < lane[l] ? lane[l] : m;
+    any_nan |= nan[l];
+  }
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
 void pack_filter_tile(const float* w, const int64_t* out_off, int n_out, const int32_t* in_off,
                       int n_in, int64_t kk, int B, float* dst) {
 #if defined(__AVX512F__)
@@ -625,7 +655,7 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     igemm_micro,   gather_fields, gate_panel,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
                                     pack_filter_tile, epilogue_row, has_nonzero, pool_channel,
-                                    pg_split,      sparse_dots};
+                                    pg_split,      sparse_dots, abs_max};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

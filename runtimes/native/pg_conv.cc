@@ -76,21 +76,6 @@ bool FindWeightGrid(const float* w, int64_t n, std::vector<int16_t>* q, float* s
   }
   return false;
 }
-// max |x[i]| (0 for n = 0), in 16 independent lanes: a loop the compiler vectorizes (one
-// running maximum is a chain of dependent operations). NaN-sticky, as the reference's (and
-// PyTorch's) max: a NaN anywhere gives NaN (std::max would skip it).
-float AbsMax(const float* x, int64_t n) {
-  constexpr int kLanes = 16;
-  float lane[kLanes] = {};
-  auto take = [](float m, float a) { return (m < a || a != a) ? a : m; };  // NaN stays NaN
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] = take(lane[l], std::fabs(x[i + l]));
-  float m = 0.f;
-  for (; i < n; ++i) m = take(m, std::fabs(x[i]));
-  for (int l = 0; l < kLanes; ++l) m = take(m, lane[l]);
-  return m;
-}
 
 // True if some x[i] is NaN (a loop the compiler vectorizes: no early exit).
 bool HasNaN(const float* x, int64_t n) {
@@ -218,7 +203,7 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
   float s = static_scale_;
   bool nan_planes = false;
   if (s <= 0.f) {
-    const float amax = AbsMax(x, nx);
+    const float amax = isa.abs_max(x, nx);
     nan_planes = !std::isfinite(amax);
     s = amax + 1e-7f;
   } else {
