@@ -665,8 +665,7 @@ ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<flo
         src.plane_base[chans[slot]] = int64_t(slot) * phases * src.plane;
       std::memset(buf + used, 0, sizeof(float) * size_t(nr + 16));
       src.xpad = buf;
-      if (!defer_copy)
-        FillSource(src, chans, ParallelIfLarge(parallel_ctx, used));
+      if (!defer_copy) FillSource(src, chans, parallel_ctx);
     }
   }
   return src;
