@@ -17,7 +17,10 @@ The export's default (--sensai-form auto) keeps the fastest of fused / hybrid / 
 timed the same way; the "chosen" line is that choice on this run's figures.
 
 Beside the goals, the machine's peak multiply-add rate (large dense convs, timed in the same
-blocks) and the ceiling it puts on any form: the groups' MACs at that rate.
+blocks) and the ceiling it puts on any form: the groups' MACs at that rate; and a roofline
+ceiling that also counts memory: each conv of the group models takes at least its MACs at
+the peak rate or its weights read at the machine's read bandwidth (a ReduceSum over 256 MiB,
+timed in the same blocks), whichever is longer.
 
 Every model goes through gate2deploy.compile (target onnx, verified). Timing: alternating
 blocks, medians (minima in brackets; gate2deploy/benchmark.py). Also checks that every
@@ -28,6 +31,7 @@ form's output equals the seed's combination of the group models' own outputs (1e
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import subprocess
@@ -101,6 +105,50 @@ def peak_sessions(threads: int) -> tuple[dict, dict, dict]:
     return sessions, feeds, macs
 
 
+STREAM_FLOATS = 64 * 2**20  # 256 MiB: well past any last-level cache here (the weights' size)
+
+
+def stream_session(threads: int):
+    """A session that reads its input of STREAM_FLOATS floats once per run (ReduceSum; an
+    input, not a constant, which ONNX Runtime would fold away): ONNX Runtime's read bandwidth
+    from memory, timed in the same blocks as the forms. Returns (session, feeds)."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0)
+    graph = helper.make_graph([node], "stream",
+                              [helper.make_tensor_value_info("big", TensorProto.FLOAT, [STREAM_FLOATS])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return make_session(model, threads=threads), [{"big": np.ones(STREAM_FLOATS, np.float32)}]
+
+
+def conv_roofline(model, example_shape) -> list[tuple[int, int]]:
+    """(MACs, weight bytes) of every Conv of an ONNX model at input shape `example_shape`
+    (shape inference gives each output's size)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = copy.deepcopy(model)
+    for d, n in zip(model.graph.input[0].type.tensor_type.shape.dim, example_shape):
+        d.dim_value = int(n)  # a concrete batch: the exported batch dimension is symbolic
+    m = onnx.shape_inference.infer_shapes(model)
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(m.graph.value_info) + list(m.graph.output)}
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    out = []
+    for node in m.graph.node:
+        if node.op_type != "Conv" or node.input[1] not in inits:
+            continue
+        w = inits[node.input[1]]
+        y = dims.get(node.output[0])
+        if not y or any(d <= 0 for d in y):
+            continue
+        macs = int(np.prod(y)) * int(np.prod(w.shape[1:]))  # N*O*OH*OW * (C/group)*kh*kw
+        out.append((macs, int(w.nbytes)))
+    return out
+
+
 def bench(name, models, threads, repeats, batches, spin_modes):
     example = torch.randn(1, 3, 32, 32)
     built = {form: grouped_model(models, GROUPS, example, form=form, threads=threads) for form in FORMS}
@@ -129,16 +177,27 @@ def bench(name, models, threads, repeats, batches, spin_modes):
         assert err <= 1e-5, f"outputs differ from the seed combination by {err:.1e}"
         feeds = {k: [{"input": x}] for k in sessions}
         peak_s, peak_feeds, peak_macs = peak_sessions(threads)
+        peak_s["stream"], peak_feeds["stream"] = stream_session(threads)
         times = time_sessions({**sessions, **peak_s}, {**feeds, **peak_feeds}, runs=repeats)
         med = {k: statistics.median(t) for k, t in times.items()}
         low = {k: min(t) for k, t in times.items()}
-        rates = {k: peak_macs[k] / med[k] / 1e6 for k in peak_s}  # GMAC/s (times in ms)
+        rates = {k: peak_macs[k] / med[k] / 1e6 for k in peak_s if k != "stream"}  # GMAC/s (times in ms)
+        bandwidth = STREAM_FLOATS * 4 / med["stream"] / 1e6  # GB/s
         peak_key = max(rates, key=rates.get)
         peak = rates[peak_key]
         print(f"  batch {batch}: MACs " + ", ".join(f"{f} {v / 1e6:.0f} M" for f, v in macs.items())
               + f"; max |any form - seed combination| {err:.1e}")
         print(f"    machine peak in this run: {peak:.1f} GMAC/s ({peak_key[5:]}, {threads} threads, "
-              f"median; the shapes: {', '.join(f'{r:.1f}' for r in rates.values())})")
+              f"median; the shapes: {', '.join(f'{r:.1f}' for r in rates.values())}); "
+              f"read bandwidth {bandwidth:.1f} GB/s (ReduceSum of {STREAM_FLOATS * 4 >> 20} MiB)")
+        # The roofline floor of the groups' own convolutions (the branches form: no padding):
+        # each conv takes at least its MACs at the peak rate and at least its weights read from
+        # memory once per run (at batch 1 the late layers' weights, used for 4 or 16 output
+        # pixels, are far larger than the last-level cache: sensAI's VGG group models hold
+        # ~220 MB of conv weights, read on every inference however the groups are arranged).
+        roof = conv_roofline(compiled["branches"].onnx_model, x.shape)
+        roof_ms = sum(max(m / (peak * 1e6), b / (bandwidth * 1e6)) for m, b in roof)
+        wbytes = sum(b for _, b in roof)
         for spin in spin_modes:
             tag = "" if spin else "-nospin"
             forms = [f for f in FORMS if f in compiled]
@@ -157,6 +216,10 @@ def bench(name, models, threads, repeats, batches, spin_modes):
                   f"(goal 2: {'reachable' if seq / floor_ms >= 2 else 'NOT reachable here'}), branches/any "
                   f"form <= {br / floor_ms:.2f}x (goal 1.3: {'reachable' if br / floor_ms >= 1.3 else 'NOT reachable here'}); "
                   f"sequential ran at {macs['branches'] / (seq * 1e6):.1f} GMAC/s")
+            print(f"      roofline ceiling (each conv: max(MACs at peak, its weights at {bandwidth:.1f} GB/s); "
+                  f"{wbytes / 1e6:.0f} MB of conv weights): >= {roof_ms:.2f} ms, so sequential/any form <= "
+                  f"{seq / roof_ms:.2f}x (goal 2: {'reachable' if seq / roof_ms >= 2 else 'NOT reachable here'}), "
+                  f"branches/any form <= {br / roof_ms:.2f}x")
 
 
 def main() -> int:
