@@ -345,7 +345,7 @@ def ref_conv(a, scope, x, stride, padding, eps, act=True, slim=False):
         y = (y - a[f"{scope}/BatchNorm/moving_mean"]) / tf.sqrt(a[f"{scope}/BatchNorm/moving_variance"] + eps)
         y = y * a[f"{scope}/BatchNorm/gamma"] + a[f"{scope}/BatchNorm/beta"]
     if slim and bool(a[f"{scope}/activations/NetworkSlimmer.enable"]):
-        y = y * tf.cast(a[f"{scope}/activations/NetworkSlimmer.mask"], tf.float32)
+        y = y * tf.cast(a[f"{scope}/activations/NetworkSlimmer.mask"], y.dtype)
     return tf.nn.relu(y) if act else y
 
 
@@ -363,12 +363,12 @@ def ref_gated(a, scope, x, stride, padding, eps, density, act=True, pool="avg", 
     c = gamma.shape[-1]
     k = math.ceil(c * density)
     if threshold is not None:  # `local` / `global`: the stored EMA threshold (bool_actives)
-        active = tf.cast(gamma > threshold, tf.float32)
+        active = tf.cast(gamma > threshold, gamma.dtype)
     elif k == c:
         active = tf.ones_like(gamma)
     else:
         top, _ = tf.nn.top_k(gamma, k=k + 1)
-        active = tf.cast(gamma > tf.reduce_min(top, axis=1, keepdims=True), tf.float32)
+        active = tf.cast(gamma > tf.reduce_min(top, axis=1, keepdims=True), gamma.dtype)
     y = tf.nn.conv2d(x, a[f"{scope}/weights"], stride, padding)
     y = (y - a[f"{scope}/BatchNorm/moving_mean"]) / tf.sqrt(a[f"{scope}/BatchNorm/moving_variance"] + eps)
     y = y * (active * gamma)[:, None, None, :] + (active * a[f"{scope}/gate/shift"])[:, None, None, :]

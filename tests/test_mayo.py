@@ -36,10 +36,17 @@ def _run_onnx(path, x_nchw):
     return sess.run(None, {sess.get_inputs()[0].name: x_nchw})[0]
 
 
-def _compare(got, expected):
+def _rel(got, expected):
+    return float(np.abs(np.asarray(got, np.float64) - expected).max() / np.abs(expected).max())
+
+
+def _compare(got, expected, fp32_reference=None):
+    """got within 1e-5 of expected's range; with `fp32_reference` (the same reference run in
+    TensorFlow's float32, `expected` in float64), within max(1e-5, 4x TensorFlow's own fp32
+    error): deep gated nets in fp32 drift by ~1e-5 of their range whoever computes them."""
     assert np.isfinite(got).all() and np.isfinite(expected).all()
-    rel = np.abs(got - expected).max() / np.abs(expected).max()
-    assert rel <= 1e-5, rel
+    bound = 1e-5 if fp32_reference is None else max(1e-5, 4 * _rel(fp32_reference, expected))
+    assert _rel(got, expected) <= bound, (_rel(got, expected), bound)
 
 
 def _inputs(batch, seed=0):
@@ -64,10 +71,17 @@ def cifarnet_arrays(seed, slimmed=range(8), gated=(), keep_fraction=0.6):
     return a
 
 
-def cifarnet_reference(a, x_nchw, gated=(), density=0.5, pool="avg", threshold=False):
+def cifarnet_reference(a, x_nchw, gated=(), density=0.5, pool="avg", threshold=False, dtype=np.float64):
     """models/cifarnet.yaml: conv0 valid, others SAME (conv2/conv5 stride 2), dropout off,
-    avg pool 8 (VALID), logits 1x1 conv with biases, squeeze [1, 2]."""
-    x = tf.transpose(x_nchw, [0, 2, 3, 1])
+    avg pool 8 (VALID), logits 1x1 conv with biases, squeeze [1, 2].
+
+    In float64 by default (the checkpoint's float32 values, exactly widened), so that the
+    comparison measures the export's fp32 error, not that plus TensorFlow's: on an AVX-512
+    machine (AMD EPYC Zen 4) the two fp32 implementations' rounding added up to 1.06e-5 of the
+    range of the 8-layer gated CifarNet with l2 pooling, for each of the native ops' ISA tables."""
+    a = {k: (v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype == np.float32 else v)
+         for k, v in a.items()}
+    x = tf.transpose(np.asarray(x_nchw, dtype), [0, 2, 3, 1])
     for i in range(8):
         scope, stride = f"cifarnet/conv{i}", 2 if i in (2, 5) else 1
         padding = "VALID" if i == 0 else "SAME"
@@ -258,8 +272,9 @@ def test_gated_cifarnet_pools_thresholds_and_asymmetric_same(root, tmp_path, cli
                        "--target", "ort", "-o", out)
     assert code == 0, err
     x = _inputs(8, seed=20)
-    expected = cifarnet_reference(a, x, gated=range(8), density=0.5, pool=pool, threshold=threshold == "local")
-    _compare(_run_onnx(out, x), expected)
+    ref = dict(gated=range(8), density=0.5, pool=pool, threshold=threshold == "local")
+    _compare(_run_onnx(out, x), cifarnet_reference(a, x, **ref),
+             fp32_reference=cifarnet_reference(a, x, **ref, dtype=np.float32))
     assert [n.op_type for n in onnx.load(str(out)).graph.node].count("FBSConv") == 8
 
 
