@@ -32,8 +32,9 @@ them), so a second compile of the same shapes times nothing.
 
 The whole-model guard (the issue's rule: judged by latency, never by MACs): a per-layer
 choice ignores the layers' interplay (reorders between neighbours choosing differently), so
-the folded model with the measured widths and the one with `fast`'s are both timed whole
-(same method) and the faster is kept; identical graphs are not timed. The whole-model
+the folded model with the measured widths, the one with `fast`'s and the unpadded one
+(`exact`) are timed whole (same method) and the fastest is kept (`fast`'s unless another
+beats it by more than TIE in every round); identical graphs are not timed. The whole-model
 timings are cached too (keyed by the two models' bytes), so a second compile of the same
 model times nothing and picks the same.
 
@@ -135,7 +136,7 @@ class LayerChoice:
 @dataclass
 class WidthReport:
     asked: str = "measured"
-    used: str = "measured"  # "measured" | "fast" (guard or fallback)
+    used: str = "measured"  # "measured" | "fast" (guard or fallback) | "exact" (guard)
     note: str | None = None
     layers: list[LayerChoice] = field(default_factory=list)
     whole_model_ms: dict[str, list[float]] = field(default_factory=dict)  # per guard round
@@ -337,33 +338,45 @@ def _time_candidates(node, readers, c_in, widths, reader_out, timer, cache, repo
 
 # -- the whole-model guard ---------------------------------------------------------------------
 
-def guard(fast_model: onnx.ModelProto, measured_model: onnx.ModelProto, input_shape, timer: Timer,
-          cache: TimingCache, report: WidthReport) -> bool:
-    """True when the measured model is kept: identical to fast's, or faster than it by more
-    than TIE in each of GUARD_ROUNDS independent whole-model timings (a burst of load on a
-    shared machine can make one round lie; it rarely makes two lie the same way)."""
-    a, b = fast_model.SerializeToString(), measured_model.SerializeToString()
-    if a == b:
+def guard(candidates: dict[str, onnx.ModelProto], input_shape, timer: Timer, cache: TimingCache,
+          report: WidthReport) -> str:
+    """The name of the candidate kept: "fast" (the incumbent) unless another whole model is
+    faster than it by more than TIE in each of GUARD_ROUNDS independent whole-model timings
+    (a burst of load on a shared machine can make one round lie; it rarely makes two lie the
+    same way); among several such, the fastest over the rounds. A candidate whose graph is
+    fast's (or an earlier candidate's) is not timed: "measured" identical to fast's is kept
+    as "measured" (its widths are fast's)."""
+    fast = candidates["fast"].SerializeToString()
+    distinct: dict[str, bytes] = {"fast": fast}
+    for name, model in candidates.items():
+        data = model.SerializeToString()
+        if data not in distinct.values():
+            distinct[name] = data
+    if len(distinct) == 1:
         report.note = "the measured widths are fast's"
-        return True
-    digest = hashlib.sha256(a + b"|" + b).hexdigest()
-    keys = {"fast": f"model:{digest}:fast", "measured": f"model:{digest}:measured"}
+        return "measured"
+    digest = hashlib.sha256(b"|".join(distinct.values())).hexdigest()
+    keys = {name: f"model:{digest}:{name}" for name in distinct}
     rounds = {name: cache.get(key) for name, key in keys.items()}
     if any(v is None for v in rounds.values()):
-        rounds = {"fast": [], "measured": []}
+        rounds = {name: [] for name in distinct}
+        racing = [name for name in distinct if name != "fast"]
         for _ in range(GUARD_ROUNDS):
-            ms = timer({"fast": fast_model, "measured": measured_model}, tuple(input_shape), MODEL_RUNS)
-            report.timed += 2
+            ms = timer({name: candidates[name] for name in distinct}, tuple(input_shape), MODEL_RUNS)
+            report.timed += len(distinct)
             for name in rounds:
                 rounds[name].append(round(ms[name], 4))
-            if not _faster(ms["measured"], ms["fast"]):
-                break  # one lost round decides: keep fast's
+            racing = [name for name in racing if _faster(ms[name], ms["fast"])]
+            if not racing:
+                break  # every challenger lost a round: keep fast's
         for name, key in keys.items():
             cache.put(key, rounds[name])
     else:
-        report.cached += 2 * len(rounds["fast"])
+        report.cached += sum(len(v) for v in rounds.values())
     report.whole_model_ms = rounds
-    return len(rounds["fast"]) == GUARD_ROUNDS and all(map(_faster, rounds["measured"], rounds["fast"]))
+    winners = [name for name in rounds if name != "fast" and len(rounds[name]) == GUARD_ROUNDS
+               and all(map(_faster, rounds[name], rounds["fast"]))]
+    return min(winners, key=lambda name: sum(rounds[name])) if winners else "fast"
 
 
 def _faster(ms: float, than: float) -> bool:
@@ -388,12 +401,25 @@ def fold_measured(model: onnx.ModelProto, pipeline: str, make_ctx: Callable[[], 
     ctx = make_ctx()
     ctx.width_chooser = measured_chooser(timer, cache, report)
     measured = run_pipeline(model, pipeline, ctx)
-    keep = guard(fast, measured, input_shape, timer, cache, report)
+    # The unpadded fold is a whole-model candidate too: on an AVX-512 machine (AMD EPYC Zen 4,
+    # 2026-12-05, tools/bench_fold_torchvision.py) it ran faster than fast's widths for
+    # ResNeXt-50, VGG-11, RegNetY-400MF and ConvNeXt-T, and no per-layer timing had found it.
+    exact_ctx = make_ctx()
+    exact_ctx.choose_widths = False
+    exact = run_pipeline(model, pipeline, exact_ctx)
+    kept = guard({"fast": fast, "measured": measured, "exact": exact}, input_shape, timer, cache, report)
     cache.save()
     report.cache = str(cache.path)
-    if keep:
+    if kept == "fast" and measured.SerializeToString() == fast.SerializeToString():
+        kept = "measured"  # the measured widths are fast's; only the unpadded model was timed
+        report.note = "the measured widths are fast's; the model without padding was not faster"
+    report.used = kept
+    if kept == "measured":
         return measured, ctx, report
-    report.used = "fast"
-    report.note = (f"the whole model with the measured widths was not faster than with fast's by more than "
-                   f"{TIE:.0%} in every timing; kept fast's")
+    if kept == "exact":
+        report.note = (f"the whole model without padding (exact widths) was faster than fast's by more than "
+                       f"{TIE:.0%} in every timing, and than the measured widths'; kept exact")
+        return exact, exact_ctx, report
+    report.note = (f"the whole models with the measured widths and without padding were not faster than with "
+                   f"fast's by more than {TIE:.0%} in every timing; kept fast's")
     return fast, fast_ctx, report

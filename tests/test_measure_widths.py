@@ -44,16 +44,20 @@ def _net():
 
 
 class FakeTimer:
-    """Narrow models are faster (ms = total Conv output channels); the measured whole model
-    is reported `whole_factors[i]` times fast's in the i-th whole-model timing. Counts calls."""
+    """Narrow models are faster (ms = total Conv output channels); in the whole-model guard
+    the measured model is reported `whole_factors[i]` times fast's in the i-th timing and the
+    unpadded (exact) one `exact` times fast's. Counts calls."""
 
-    def __init__(self, *whole_factors):
-        self.calls, self.whole_factors = 0, list(whole_factors or (0.5, 0.5))
+    def __init__(self, *whole_factors, exact=1.5):
+        self.calls, self.whole_factors, self.exact = 0, list(whole_factors or (0.5, 0.5)), exact
 
     def __call__(self, models, input_shape, runs):
         self.calls += 1
-        if set(models) == {"fast", "measured"}:
-            return {"fast": 1.0, "measured": self.whole_factors.pop(0)}
+        if "fast" in models:  # the whole-model guard
+            whole = {"fast": 1.0, "exact": self.exact}
+            if "measured" in models:
+                whole["measured"] = self.whole_factors.pop(0)
+            return {name: whole[name] for name in models}
         return {name: float(sum(_conv_widths(m))) for name, m in models.items()}
 
 
@@ -118,8 +122,24 @@ def test_guard_keeps_fast_unless_measured_wins_every_round(tmp_path, factors, ro
     x = torch.randn(1, 3, 12, 12)
     model, _, report = _fold(net, x, FakeTimer(*factors), TimingCache(tmp_path / "c.json"))
     assert report.used == "fast" and "not faster" in report.note
-    assert report.whole_model_ms == {"fast": [1.0] * rounds, "measured": list(factors)}
+    assert report.whole_model_ms == {"fast": [1.0] * rounds, "measured": list(factors), "exact": [1.5] * rounds}
     assert model.SerializeToString() == _fast(net, x).SerializeToString()
+
+
+def test_guard_keeps_the_unpadded_model_when_it_is_fastest(tmp_path):
+    """The exact fold (no padding) is a whole-model candidate: kept when it beats fast's in
+    every round and is faster than the measured widths' too; still equal to PyTorch."""
+    net, _ = _net()
+    x = torch.randn(2, 3, 12, 12)
+    model, ctx, report = _fold(net, x, FakeTimer(0.9, 0.9, exact=0.5), TimingCache(tmp_path / "c.json"))
+    assert report.used == "exact" and "exact" in report.note
+    assert report.whole_model_ms["exact"] == [0.5, 0.5] and report.whole_model_ms["measured"] == [0.9, 0.9]
+    exact = run_pipeline(capture(net, x), "onnx", PassContext(choose_widths=False))
+    assert model.SerializeToString() == exact.SerializeToString() != _fast(net, x).SerializeToString()
+    with torch.no_grad():
+        expected = net(x).numpy()
+    got = make_session(model).run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_untimed_target_falls_back_to_fast_with_a_note(tmp_path):

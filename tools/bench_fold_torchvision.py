@@ -287,10 +287,10 @@ def fold(prepared: Prepared, widths: str = "fast") -> tuple[onnx.ModelProto, Pas
         folded, ctx, report = fold_measured(prepared.proto, "onnx", lambda: PassContext(unfoldable_policy="keep"),
                                             "onnx", shape)
         changed = sum(c.chosen != c.fast for c in report.layers)
+        whole = report.whole_model_ms  # per candidate, per guard round
         note = (f"{report.used}: {changed}/{len(report.layers)} timed layers differ from fast"
-                + (", whole " + ", ".join(f"{m:.2f} vs {f:.2f}" for m, f in zip(report.whole_model_ms["measured"],
-                                                                                 report.whole_model_ms["fast"])) + " ms"
-                   if report.whole_model_ms else ""))
+                + (", whole " + "; ".join(f"{name} " + "/".join(f"{ms:.2f}" for ms in rounds)
+                                          for name, rounds in whole.items()) + " ms" if whole else ""))
     else:
         ctx = PassContext(unfoldable_policy="keep", choose_widths=widths == "fast")
         folded, note = run_pipeline(prepared.proto, "onnx", ctx), ""
