@@ -35,7 +35,7 @@ choice ignores the layers' interplay (reorders between neighbours choosing diffe
 the folded model with the measured widths, the one with `fast`'s and the unpadded one
 (`exact`) are timed whole (same method) and the fastest is kept (`fast`'s unless another
 beats it by more than TIE in every round); identical graphs are not timed. The whole-model
-timings are cached too (keyed by the two models' bytes), so a second compile of the same
+timings are cached too (keyed by the candidates' bytes), so a second compile of the same
 model times nothing and picks the same.
 
 Targets: `ort` and `onnx` are timed with ONNX Runtime CPU on this machine (the `onnx`
@@ -344,17 +344,26 @@ def guard(candidates: dict[str, onnx.ModelProto], input_shape, timer: Timer, cac
     faster than it by more than TIE in each of GUARD_ROUNDS independent whole-model timings
     (a burst of load on a shared machine can make one round lie; it rarely makes two lie the
     same way); among several such, the fastest over the rounds. A candidate whose graph is
-    fast's (or an earlier candidate's) is not timed: "measured" identical to fast's is kept
-    as "measured" (its widths are fast's)."""
-    fast = candidates["fast"].SerializeToString()
-    distinct: dict[str, bytes] = {"fast": fast}
+    fast's (or an earlier candidate's) is not timed; when "measured" is fast's graph and fast's
+    is kept, the answer is "measured" (its widths are fast's)."""
+    distinct: dict[str, bytes] = {}
     for name, model in candidates.items():
         data = model.SerializeToString()
         if data not in distinct.values():
             distinct[name] = data
-    if len(distinct) == 1:
-        report.note = "the measured widths are fast's"
+    kept = "fast"
+    if len(distinct) > 1:
+        kept = _race(distinct, candidates, input_shape, timer, cache, report)
+    if kept == "fast" and "measured" not in distinct:
+        report.note = "the measured widths are fast's" + (
+            "; the model without padding was not faster" if len(distinct) > 1 else "")
         return "measured"
+    return kept
+
+
+def _race(distinct: dict[str, bytes], candidates: dict[str, onnx.ModelProto], input_shape, timer: Timer,
+          cache: TimingCache, report: WidthReport) -> str:
+    """guard's timings of the distinct candidates (cached by their bytes): the winner's name."""
     digest = hashlib.sha256(b"|".join(distinct.values())).hexdigest()
     keys = {name: f"model:{digest}:{name}" for name in distinct}
     rounds = {name: cache.get(key) for name, key in keys.items()}
@@ -410,9 +419,6 @@ def fold_measured(model: onnx.ModelProto, pipeline: str, make_ctx: Callable[[], 
     kept = guard({"fast": fast, "measured": measured, "exact": exact}, input_shape, timer, cache, report)
     cache.save()
     report.cache = str(cache.path)
-    if kept == "fast" and measured.SerializeToString() == fast.SerializeToString():
-        kept = "measured"  # the measured widths are fast's; only the unpadded model was timed
-        report.note = "the measured widths are fast's; the model without padding was not faster"
     report.used = kept
     if kept == "measured":
         return measured, ctx, report

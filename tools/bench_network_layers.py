@@ -45,15 +45,12 @@ from gate2deploy.kernel_choice import _constants, _gated_inputs, _single_node  #
 from gate2deploy.runtimes.ort import custom_ops_library_path, session_options  # noqa: E402
 
 
-SPIN = {"on": True}
-
-
 def session(model: onnx.ModelProto, library: str | None, threads: int) -> ort.InferenceSession:
     """The project's session options (runtimes/ort.py) with `library` (a build of the native
     library, maybe not this checkout's) registered: the same options for every build compared."""
     opts = session_options(threads=threads, custom_ops=False)
-    if not SPIN["on"]:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in nets.SESSION_CONFIG.items():  # --spin off (bench_gated_ops' setting)
+        opts.add_session_config_entry(key, value)
     if library:
         opts.register_custom_ops_library(library)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -88,7 +85,8 @@ def main(argv=None) -> int:
                         "machine with as many cores, the idle sessions' spinning workers compete with the "
                         "timed one in the alternating blocks: off separates the kernels' own cost")
     args = p.parse_args(argv)
-    SPIN["on"] = args.spin == "on"
+    if args.spin == "off":
+        nets.SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"
 
     import torch
 
