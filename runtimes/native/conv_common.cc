@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <string>
@@ -571,6 +572,22 @@ struct ColumnSource {
   }
 };
 
+// dst[0:n] = src[0:n] for short runs: fixed-size copies (inlined vector moves) instead of a
+// memcpy call per run (a call cost more than copying a 28-float row).
+inline void CopyFloats(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) std::memcpy(dst + i, src + i, 8 * sizeof(float));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+// dst[0:n] = 0 for short runs, for the same reason (a plain zeroing loop is turned into a
+// memset call by the compiler).
+inline void ZeroFloats(float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(dst + i, _mm_setzero_ps());
+  for (; i < n; ++i) _mm_store_ss(dst + i, _mm_setzero_ps());
+}
+
 // Copies the channels `chans` (those MakeSource laid out) of src.x into src's padded planes.
 // Only the padding border is zeroed (the buffer is reused, the interior is overwritten).
 template <class T>
@@ -591,6 +608,21 @@ void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
         const int64_t c = chans[slot];
         float* plane = buf + src.plane_base[size_t(c)];
         const float* xc = x + c * g.H * g.W;
+        if (g.sh == 1 && g.sw == 1) {
+          // Stride 1: one plane of [pl zeros | W inputs | pr zeros] rows, one row's right
+          // padding and the next one's left adjacent. Inline copies and zero runs, not a
+          // memcpy and a memset call per row: CIFAR rows are 8-32 floats, and the calls made
+          // this copy ~4 us of a 50 us ResNet-20 CG layer (G2D_STAGE_TIMES, 1 thread).
+          const int64_t W = g.W, gap = g.pr + g.pl;
+          float* row = plane + g.pt * Wp + g.pl;
+          std::fill_n(plane, g.pt * Wp + g.pl, 0.f);
+          for (int64_t ih = 0; ih < g.H; ++ih, row += Wp) {
+            CopyFloats(xc + ih * W, row, W);
+            ZeroFloats(row + W, ih + 1 < g.H ? gap : g.pr);
+          }
+          std::fill_n(plane + (g.pt + g.H) * Wp, g.pb * Wp, 0.f);
+          continue;
+        }
         // Phase planes (stride 1: the one padded plane): (a, b) at plane + (a * sw + b) *
         // plane_size, padded pixel (r * sh + a, s * sw + b) at row r, column s; outside the
         // input (padding, the round-up) zero.
@@ -851,14 +883,6 @@ void DenseConvSample(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
     ep.relu = false;
     ConvByPanels(ctx, isa, pw, x, g, x_chans, ep);
   }
-}
-
-// dst[0:n] = src[0:n] for short runs: fixed-size copies (inlined vector moves) instead of a
-// memcpy call per run (a call cost more than copying a 28-float row).
-inline void CopyFloats(const float* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) std::memcpy(dst + i, src + i, 8 * sizeof(float));
-  for (; i < n; ++i) dst[i] = src[i];
 }
 
 // The receptive fields of `ncols` consecutive columns from q0 (one panel of nr columns at a
@@ -1161,19 +1185,28 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   auto need_src2 = [&] {  // before any read of src2's planes
     if (split_sources) std::call_once(src2_filled, [&] { FillSource(src2, chans2_used, nullptr); });
   };
-  std::vector<std::vector<int64_t>> offs1, offs2;
+  std::vector<std::vector<int64_t>> offs1;
   std::vector<std::vector<float>> thresholds;
   int64_t max_rows = 0, all_rows = 0;
   for (const auto& plan : plans) {
     offs1.push_back(Offsets(src1, plan.chans1));
-    offs2.push_back(Offsets(src2, plan.chans2));
     thresholds.emplace_back();
     for (int o : plan.outputs) thresholds.back().push_back(threshold[o]);
     max_rows = std::max<int64_t>(max_rows, int64_t(plan.outputs.size()));
     all_rows += int64_t(plan.outputs.size());
   }
-  const std::vector<int64_t> joint_off2 =
-      joint_second ? Offsets(src2, joint_second->chans2) : std::vector<int64_t>();
+  // Stage 2's offsets (plan i; i == plans.size(): the joint second stage), computed when a
+  // span first reads src2's planes: the channel-last sparse form never does, and with p = 4
+  // block-diagonal plans these lists were most of the offsets' cost (1.5-4.5 us of a 50 us
+  // ResNet-20 CG layer, G2D_STAGE_TIMES).
+  std::vector<std::vector<int64_t>> offs2(plans.size() + 1);
+  std::unique_ptr<std::once_flag[]> offs2_made(new std::once_flag[plans.size() + 1]);
+  auto off2_of = [&](size_t i) -> const std::vector<int64_t>& {
+    std::call_once(offs2_made[i], [&] {
+      offs2[i] = Offsets(src2, i < plans.size() ? plans[i].chans2 : joint_second->chans2);
+    });
+    return offs2[i];
+  };
   // Channel-last copies of the stage-2 channels for the plans that read them (w2_taps), one
   // per plan (and one for the joint second stage), in one buffer.
   std::vector<ChannelLast> channel_last(plans.size() + 1);
@@ -1236,7 +1269,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     Acc* const acc = tile.data();
 
     // Stage 2 over `plan`'s rows of out / gate (`on` of them gated on), then the copy to y.
-    auto second_stage_and_store = [&](const GatedStagePlan<T>& plan, const std::vector<int64_t>& off2,
+    // plan_index: the plan's index in plans, plans.size() for the joint second stage.
+    auto second_stage_and_store = [&](const GatedStagePlan<T>& plan, size_t plan_index,
                                       const ChannelLast& cl, uint8_t* gate, float* out,
                                       int64_t on) {
       const int64_t M = int64_t(plan.outputs.size());
@@ -1249,7 +1283,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
           const uint64_t dense_clock = StageClockNow();
           // Most gates on: the span's second stage as a GEMM, then select.
           need_src2();
-          SpanProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2, q0, ncols,
+          SpanProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2_of(plan_index), q0, ncols,
                       Scratch<T, 0>(), acc, stride);
           for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
             for (int64_t m = 0; m < M; ++m) {
@@ -1278,10 +1312,10 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
             SparseSecondStageTaps(isa, plan.w2_taps, cl, base, ncols, NR, gate, s2, out);
           } else {
             need_src2();
-            SparseSecondStageRows(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
+            SparseSecondStageRows(isa, plan, src2, off2_of(plan_index), q0, ncols, NR, gate, s2, out);
           }
         } else {
-          SparseSecondStageDots(isa, plan, src2, off2, q0, ncols, NR, gate, s2, out);
+          SparseSecondStageDots(isa, plan, src2, off2_of(plan_index), q0, ncols, NR, gate, s2, out);
         }
       }
       // Copy out to y, run by run of consecutive output pixels.
@@ -1344,7 +1378,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         on_all += on;
         group_on[pi] = on;
       } else {
-        second_stage_and_store(plan, offs2[pi], channel_last[pi], gate, out, on);
+        second_stage_and_store(plan, pi, channel_last[pi], gate, out, on);
       }
     }
     if (!joint_second) return;
@@ -1353,12 +1387,12 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       // Most gates on: per-plan GEMMs, which skip the joint weights' zeros.
       row0 = 0;
       for (size_t pi = 0; pi < plans.size(); ++pi) {
-        second_stage_and_store(plans[pi], offs2[pi], channel_last[pi], gate_buf.data() + row0 * NR,
+        second_stage_and_store(plans[pi], pi, channel_last[pi], gate_buf.data() + row0 * NR,
                                out_buf.data() + row0 * NR, group_on[pi]);
         row0 += int64_t(plans[pi].outputs.size());
       }
     } else {
-      second_stage_and_store(*joint_second, joint_off2, channel_last[plans.size()], gate_buf.data(),
+      second_stage_and_store(*joint_second, plans.size(), channel_last[plans.size()], gate_buf.data(),
                              out_buf.data(), on_all);
     }
   });
