@@ -325,6 +325,30 @@ def test_pg_conv_wide_layers_run_on_a_fast_path(geom, bits, frac):
         assert delegated_conv_runs() >= delegated_before + n * (1 if frac == 0.0 else 2)
 
 
+def test_pg_conv_one_session_follows_changing_input_sizes():
+    """The int8 path keeps its layout and output tables per weights and geometry (pg_int8.cc
+    TablesFor): one session fed 12x10, then 7x9, then 12x10 again (dynamic H, W) must match the
+    reference each time, which tables kept from the previous size would not."""
+    rng = np.random.default_rng(5)
+    c, o, abits, pred = 32, 40, 3, 2
+    w = quantize_weights(rng.standard_normal((o, c, 3, 3)).astype(np.float32), 8)
+    attrs = dict(conv_attrs((1, 1), (1, 1, 1, 1), (1, 1)), abits=abits, pred_bits=pred,
+                 static_scale=0.0)
+    thr = np.full(o, 0.05, np.float32)
+    sess = open_session(single_node_model("PGConv", None, [w, thr], attrs, dynamic_x=True), threads=2)
+    int8_before = pg_int8_runs()
+    for h, wd in [(12, 10), (7, 9), (12, 10)]:
+        x = np.clip(rng.standard_normal((1, c, h, wd)), 0, 2.5).astype(np.float32)
+        x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
+        msb = ref.conv2d(x_hb, w, (1, 1), (1, 1, 1, 1), (1, 1))
+        y = sess.run(None, {"x": x})[0]
+        assert y.shape == (1, o, h, wd)
+        y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, (1, 1), (1, 1, 1, 1), (1, 1))
+        assert_close_with_ties(y, y_ref, msb, thr)
+    if INT8_EXPECTED and not AMX_EXPECTED:
+        assert pg_int8_runs() == int8_before + 3
+
+
 def pg_path_cases_model(tmp_path) -> tuple[str, dict[str, np.ndarray]]:
     """Several PGConv layers in one model, chosen to cover the AMX path's layout cases: K split
     into several chunks and a short one, output channels not a multiple of 16 or 32, stride,

@@ -20,7 +20,8 @@ Beside the goals, the machine's peak multiply-add rate (large dense convs, timed
 blocks) and the ceiling it puts on any form: the groups' MACs at that rate; and a roofline
 ceiling that also counts memory: each conv of the group models takes at least its MACs at
 the peak rate or its weights read at the machine's read bandwidth (a ReduceSum over 256 MiB,
-timed in the same blocks), whichever is longer.
+timed in the same blocks), whichever is longer; the same roofline for the fused model's own
+(padded) convolutions, and how close the fused form ran to it.
 
 Every model goes through gate2deploy.compile (target onnx, verified). Timing: alternating
 blocks, medians (minima in brackets; gate2deploy/benchmark.py). Also checks that every
@@ -198,6 +199,12 @@ def bench(name, models, threads, repeats, batches, spin_modes):
         roof = conv_roofline(compiled["branches"].onnx_model, x.shape)
         roof_ms = sum(max(m / (peak * 1e6), b / (bandwidth * 1e6)) for m, b in roof)
         wbytes = sum(b for _, b in roof)
+        # The same floor for the fused model's own (padded) convolutions: what fusing can
+        # reach at best once its padding (each group's widths rounded up to whole NCHWc
+        # blocks, then to the widest group) is paid for.
+        roof_fused = conv_roofline(compiled["fused"].onnx_model, x.shape)
+        roof_fused_ms = sum(max(m / (peak * 1e6), b / (bandwidth * 1e6)) for m, b in roof_fused)
+        wbytes_fused = sum(b for _, b in roof_fused)
         for spin in spin_modes:
             tag = "" if spin else "-nospin"
             forms = [f for f in FORMS if f in compiled]
@@ -220,6 +227,10 @@ def bench(name, models, threads, repeats, batches, spin_modes):
                   f"{wbytes / 1e6:.0f} MB of conv weights): >= {roof_ms:.2f} ms, so sequential/any form <= "
                   f"{seq / roof_ms:.2f}x (goal 2: {'reachable' if seq / roof_ms >= 2 else 'NOT reachable here'}), "
                   f"branches/any form <= {br / roof_ms:.2f}x")
+            print(f"      fused form's own convs ({wbytes_fused / 1e6:.0f} MB of padded weights, "
+                  f"{macs['fused'] / macs['branches']:.2f}x the groups' MACs): roofline >= {roof_fused_ms:.2f} ms, "
+                  f"so sequential/fused <= {seq / roof_fused_ms:.2f}x; fused ran at {roof_fused_ms / med['fused' + tag]:.0%} "
+                  f"of its roofline")
 
 
 def main() -> int:

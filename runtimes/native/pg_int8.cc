@@ -477,36 +477,47 @@ bool PGInt8Fits(const PGInt8Weights& w, PGInt8Isa k, int64_t max_count) {
   return k == PGInt8Isa::kVnni || 2 * int64_t(w.wmax) * max_count <= 32767;
 }
 
-void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const ConvGeom& g,
-               const float* x, const PGSplit& split, int64_t msb_max, int64_t lsb_max,
-               float scale1, float scale2, const float* threshold, float* y) {
-#if G2D_HAVE_INT8
-  if (g.sh != 1 || g.sw != 1) throw OpError("PGConv: int8 path called for a strided layer");
-  const uint64_t call_clock = StageClockNow();
-  uint64_t pad_clock = call_clock;  // "pad": the tables and each sample's int8 layout fill
+// RunPGInt8's tables for one geometry: the int8 layout, each k step's and tap's offsets, and
+// where each position's output goes. They depend on the geometry only, so they are built once
+// per weights and geometry (w.tables) instead of on every call.
+struct PGInt8Tables {
+  ConvGeom g;  // the geometry they were built for (N ignored)
+  PGActLayout L;
+  std::vector<int64_t> koff, row_off;
+  AlignedVec<int32_t> out_index, valid;
+  std::vector<VecRuns> runs;
+};
+
+namespace {
+bool SameGeometry(const ConvGeom& a, const ConvGeom& b) {
+  return a.C == b.C && a.H == b.H && a.W == b.W && a.O == b.O && a.Cw == b.Cw && a.kh == b.kh &&
+         a.kw == b.kw && a.sh == b.sh && a.sw == b.sw && a.pt == b.pt && a.pl == b.pl &&
+         a.pb == b.pb && a.pr == b.pr && a.dh == b.dh && a.dw == b.dw && a.group == b.group &&
+         a.OH == b.OH && a.OW == b.OW;
+}
+
+std::shared_ptr<const PGInt8Tables> BuildTables(const PGInt8Weights& w, const ConvGeom& g) {
+  auto t = std::make_shared<PGInt8Tables>();
+  t->g = g;
   std::vector<int64_t> tap_off;
-  const PGActLayout L = MakePGActLayout(g, 4 * w.groups, kBlock, &tap_off);
-  std::vector<int64_t> koff(size_t(w.K));
+  t->L = MakePGActLayout(g, 4 * w.groups, kBlock, &tap_off);
+  const PGActLayout& L = t->L;
+  std::vector<int64_t>& koff = t->koff;
+  koff.resize(size_t(w.K));
   for (int64_t c4 = 0; c4 < w.groups; ++c4)
     for (int64_t t = 0; t < w.kk; ++t)
       koff[size_t(c4 * w.kk + t)] = c4 * L.PlaneBytes() + tap_off[size_t(t)];
-  AlignedVec<int8_t>& act1 = Scratch<int8_t, 41>();
-  AlignedVec<int8_t>& act2 = Scratch<int8_t, 42>();
-  AlignedVec<int8_t>& act2_rows = Scratch<int8_t, 45>();
-  act1.resize(size_t(L.Bytes()));
-  act2.resize(size_t(L.Bytes()));
-  act2_rows.resize(size_t(L.phases * L.plane_len * w.Cp));
   // Position-major offsets: the same layout with one channel group (plane_len does not depend
   // on the channel count), in positions, times Cp bytes.
-  std::vector<int64_t> row_off;
+  std::vector<int64_t>& row_off = t->row_off;
   MakePGActLayout(g, 4, kBlock, &row_off);
   for (int64_t& off : row_off) off = off / 4 * w.Cp;
 
   // Output pixel of each position (padding columns and the tail are none), and each
   // vector's runs of consecutive output pixels.
   const int64_t npos = L.blocks * kBlock, nvec = npos / kVec;
-  AlignedVec<int32_t>& out_index = Scratch<int32_t, 43>();
-  AlignedVec<int32_t>& valid = Scratch<int32_t, 44>();
+  AlignedVec<int32_t>& out_index = t->out_index;
+  AlignedVec<int32_t>& valid = t->valid;
   out_index.assign(size_t(npos), -1);
   valid.assign(size_t(npos), 0);
   for (int64_t oh = 0; oh < g.OH; ++oh)
@@ -514,7 +525,8 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
       out_index[size_t(oh * L.Ws + ow)] = int32_t(oh * g.OW + ow);
       valid[size_t(oh * L.Ws + ow)] = -1;
     }
-  std::vector<VecRuns> runs(static_cast<size_t>(nvec));
+  std::vector<VecRuns>& runs = t->runs;
+  runs.resize(static_cast<size_t>(nvec));
   for (int64_t v = 0; v < nvec; ++v) {
     VecRuns& run = runs[size_t(v)];
     std::memset(&run, 0, sizeof(run));
@@ -535,6 +547,37 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
     }
     run.full = run.count == 1 && std::all_of(run.mask[0], run.mask[0] + kVec, [](int32_t m) { return m == -1; });
   }
+
+  return t;
+}
+
+std::shared_ptr<const PGInt8Tables> TablesFor(const PGInt8Weights& w, const ConvGeom& g) {
+  std::lock_guard<std::mutex> lock(w.tables_mutex);
+  if (!w.tables || !SameGeometry(w.tables->g, g)) w.tables = BuildTables(w, g);
+  return w.tables;
+}
+}  // namespace
+
+void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const ConvGeom& g,
+               const float* x, const PGSplit& split, int64_t msb_max, int64_t lsb_max,
+               float scale1, float scale2, const float* threshold, float* y) {
+#if G2D_HAVE_INT8
+  if (g.sh != 1 || g.sw != 1) throw OpError("PGConv: int8 path called for a strided layer");
+  const uint64_t call_clock = StageClockNow();
+  uint64_t pad_clock = call_clock;  // "pad": the tables and each sample's int8 layout fill
+  const std::shared_ptr<const PGInt8Tables> tables = TablesFor(w, g);
+  const PGActLayout& L = tables->L;
+  const std::vector<int64_t>& koff = tables->koff;
+  const std::vector<int64_t>& row_off = tables->row_off;
+  const AlignedVec<int32_t>& out_index = tables->out_index;
+  const AlignedVec<int32_t>& valid = tables->valid;
+  const std::vector<VecRuns>& runs = tables->runs;
+  AlignedVec<int8_t>& act1 = Scratch<int8_t, 41>();
+  AlignedVec<int8_t>& act2 = Scratch<int8_t, 42>();
+  AlignedVec<int8_t>& act2_rows = Scratch<int8_t, 45>();
+  act1.resize(size_t(L.Bytes()));
+  act2.resize(size_t(L.Bytes()));
+  act2_rows.resize(size_t(L.phases * L.plane_len * w.Cp));
 
   auto steps = [&](int64_t max_count) {  // AVX2: k steps whose int16 sums cannot saturate
     const int64_t pair = std::max<int64_t>(1, 2 * int64_t(w.wmax) * max_count);
