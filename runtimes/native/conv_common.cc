@@ -1250,12 +1250,19 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     uint8_t valid[kMaxSpanPanels * 64];  // column is an output pixel (indirect panels skip
                                              // the padding columns)
     int32_t base[kMaxSpanPanels * 64];  // channel-last pixel index of column t (w2_taps)
+    // Column t's output pixel (oh, ow), stepped along the span: a division and a remainder
+    // per column (four with the pixel's own) cost ~6 us per call of a 16-channel 32x32 layer.
+    const int64_t row_len = src1.indirect ? src1.Wp : g.OW;  // columns per output row
+    int64_t oh = q0 / row_len, ow = q0 % row_len;
     for (int64_t t = 0; t < NR; ++t) {
-      pix[t] = t < ncols ? src1.Pixel(q0 + t) : -1;
-      valid[t] = pix[t] >= 0;
-      base[t] = valid[t] ? int32_t((pix[t] / g.OW) * g.sh * (g.W + g.pl + g.pr) +
-                                   (pix[t] % g.OW) * g.sw)
-                         : 0;
+      const bool in_span = t < ncols && ow < g.OW;  // indirect rows' padding columns are none
+      pix[t] = in_span ? oh * g.OW + ow : -1;
+      valid[t] = in_span;
+      base[t] = in_span ? int32_t(oh * g.sh * (g.W + g.pl + g.pr) + ow * g.sw) : 0;
+      if (++ow == row_len) {
+        ow = 0;
+        ++oh;
+      }
     }
     AlignedVec<Acc>& tile = Scratch<Acc, 1>();  // panel j's [M_pad, nr] at j * stride
     const int64_t stride = RoundUp(buffer_rows, mr) * nr;
