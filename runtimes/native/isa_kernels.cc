@@ -582,12 +582,26 @@ void pg_split(const float* x, int64_t n, float s, float levels, int shift, float
 }
 
 namespace {
-// Four horizontal sums: out[p] = sum of the lanes of s[p].
+#if defined(__AVX512F__)
+// A vector's two 256-bit halves added: the first step of the transposing sums below.
+inline __m256 AddHalves(vf v) {
+  const __m512 z = __m512(v);
+  return _mm256_add_ps(_mm512_castps512_ps256(z),
+                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+}
+#endif
+
+// Four horizontal sums: out[p] = sum of the lanes of s[p]. AVX-512 halves each vector first,
+// then both tiers share the transposing hadd reduction (per 128-bit lane, hadd(a, b) = [a0+a1,
+// a2+a3, b0+b1, b2+b3]; two rounds leave one partial sum of each vector per 128-bit lane).
 inline void hsum4(const vf s[4], float* out) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-  const __m256 h01 = _mm256_hadd_ps(__m256(s[0]), __m256(s[1]));
-  const __m256 h23 = _mm256_hadd_ps(__m256(s[2]), __m256(s[3]));
-  const __m256 h = _mm256_hadd_ps(h01, h23);  // lanes 0-3 and 4-7: halves of the 4 sums
+#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX512F__)
+  const __m256 h0 = AddHalves(s[0]), h1 = AddHalves(s[1]), h2 = AddHalves(s[2]), h3 = AddHalves(s[3]);
+#else
+  const __m256 h0 = __m256(s[0]), h1 = __m256(s[1]), h2 = __m256(s[2]), h3 = __m256(s[3]);
+#endif
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(h0, h1), _mm256_hadd_ps(h2, h3));
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 #else
   for (int p = 0; p < 4; ++p) out[p] = hsum(s[p]);
@@ -595,19 +609,13 @@ inline void hsum4(const vf s[4], float* out) {
 }
 
 #if defined(__AVX512F__)
-// Eight horizontal sums at once: out[p] = sum of the lanes of s[p]. A transposing reduction
-// (halves added, then three rounds of pairwise adds) takes ~20 instructions for the eight,
-// where eight _mm512_reduce_add_ps take ~50 (perf, sparse_dots on a 16-channel CG layer: the
+// Eight horizontal sums at once: out[p] = sum of the lanes of s[p], as hsum4 for two sets of
+// four, the final halves combined across the sets: ~20 instructions for the eight, where
+// eight _mm512_reduce_add_ps take ~50 (perf, sparse_dots on a 16-channel CG layer: the
 // reductions were a sixth of the function).
 inline void hsum8(const vf s[8], float* out) {
   __m256 h[8];
-  for (int p = 0; p < 8; ++p) {
-    const __m512 v = __m512(s[p]);
-    h[p] = _mm256_add_ps(_mm512_castps512_ps256(v),
-                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  }
-  // Per 128-bit lane: hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3], so two rounds leave each
-  // 128-bit lane with one partial sum of each of four vectors.
+  for (int p = 0; p < 8; ++p) h[p] = AddHalves(s[p]);
   const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
   const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
   _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20),
