@@ -51,7 +51,7 @@ std::atomic<int64_t> int8_runs{0};
 // were slower: vmaskmovps stores are microcoded on AMD Zen, and the lane-by-lane stores took
 // the "store" stage (G2D_STAGE_TIMES) of ResNet-20's PG layers from 9.0 to 6.6 us at 16
 // channels 32x32 and from 4.6 to 3.0 at 64 channels 8x8 (AMD EPYC Zen 4, 1 thread).
-struct VecRuns {
+struct VecStore {
   enum Kind : int32_t { kNone = 0, kFull = 1, kLanes = -1 } kind;
   int32_t base;  // kFull: output index of lane 0
 };
@@ -69,7 +69,7 @@ struct Job {
   const int64_t* koff;       // per k step: byte offset of (group, tap) from a position's own
   const int32_t* out_index;  // per position: output pixel, -1 for none
   const int32_t* valid;      // per position: -1 if an output pixel, else 0
-  const VecRuns* runs;       // per position vector
+  const VecStore* stores;    // per position vector
   int64_t P;
   int m1, m2;  // AVX2: k steps per int16 accumulation, per stage
   float scale1, scale2;
@@ -306,12 +306,12 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0
     }
     for (int p = 0; p < kP; ++p) {
       const int64_t vec = q0 / kVec + p;
-      const VecRuns& runs = j.runs[vec];
-      if (runs.kind == VecRuns::kNone) continue;
+      const VecStore& store = j.stores[vec];
+      if (store.kind == VecStore::kNone) continue;
       for (int r = 0; r < rows; ++r) {
         float* yo = j.y + (ob * kR + r) * j.P;
-        if (runs.kind == VecRuns::kFull) {
-          _mm256_storeu_ps(yo + runs.base, v[r][p]);
+        if (store.kind == VecStore::kFull) {
+          _mm256_storeu_ps(yo + store.base, v[r][p]);
           continue;
         }
         _mm256_store_ps(lanes, v[r][p]);
@@ -477,7 +477,7 @@ struct PGInt8Tables {
   PGActLayout L;
   std::vector<int64_t> koff, row_off;
   AlignedVec<int32_t> out_index, valid;
-  std::vector<VecRuns> runs;
+  std::vector<VecStore> stores;
 };
 
 namespace {
@@ -506,7 +506,7 @@ std::shared_ptr<const PGInt8Tables> BuildTables(const PGInt8Weights& w, const Co
   for (int64_t& off : row_off) off = off / 4 * w.Cp;
 
   // Output pixel of each position (padding columns and the tail are none), and how each
-  // vector is stored (VecRuns).
+  // vector is stored (VecStore).
   const int64_t npos = L.blocks * kBlock, nvec = npos / kVec;
   AlignedVec<int32_t>& out_index = t->out_index;
   AlignedVec<int32_t>& valid = t->valid;
@@ -517,8 +517,8 @@ std::shared_ptr<const PGInt8Tables> BuildTables(const PGInt8Weights& w, const Co
       out_index[size_t(oh * L.Ws + ow)] = int32_t(oh * g.OW + ow);
       valid[size_t(oh * L.Ws + ow)] = -1;
     }
-  std::vector<VecRuns>& runs = t->runs;
-  runs.resize(static_cast<size_t>(nvec));
+  std::vector<VecStore>& stores = t->stores;
+  stores.resize(static_cast<size_t>(nvec));
   for (int64_t v = 0; v < nvec; ++v) {
     const int32_t* index = out_index.data() + v * kVec;
     int valid_lanes = 0;
@@ -527,9 +527,9 @@ std::shared_ptr<const PGInt8Tables> BuildTables(const PGInt8Weights& w, const Co
       valid_lanes += index[i] >= 0;
       consecutive = consecutive && index[i] == index[0] + i;
     }
-    runs[size_t(v)] = VecRuns{valid_lanes == 0 ? VecRuns::kNone
-                       : consecutive    ? VecRuns::kFull
-                                        : VecRuns::kLanes,
+    stores[size_t(v)] = VecStore{valid_lanes == 0 ? VecStore::kNone
+                       : consecutive    ? VecStore::kFull
+                                        : VecStore::kLanes,
                        index[0]};
   }
 
@@ -556,7 +556,7 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
   const std::vector<int64_t>& row_off = tables->row_off;
   const AlignedVec<int32_t>& out_index = tables->out_index;
   const AlignedVec<int32_t>& valid = tables->valid;
-  const std::vector<VecRuns>& runs = tables->runs;
+  const std::vector<VecStore>& stores = tables->stores;
   AlignedVec<int8_t>& act1 = Scratch<int8_t, 41>();
   AlignedVec<int8_t>& act2 = Scratch<int8_t, 42>();
   AlignedVec<int8_t>& act2_rows = Scratch<int8_t, 45>();
@@ -598,7 +598,7 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
                   koff.data(),
                   out_index.data(),
                   valid.data(),
-                  runs.data(),
+                  stores.data(),
                   g.P(),
                   steps(msb_max),
                   steps(lsb_max),

@@ -28,7 +28,7 @@
 // epilogue (v = scale1 * acc1; y = v + [v > threshold] * (scale2 * acc2), the same float
 // operations as the other integer paths, no FMA), written to NCHW output: a plain store per
 // vector of 8 consecutive output pixels, lane by lane for vectors crossing a row end
-// (pg_int8.cc VecRuns). G2D_SECOND_STAGE=sparse|dense forces one kind.
+// (pg_int8.cc VecStore). G2D_SECOND_STAGE=sparse|dense forces one kind.
 #pragma once
 #include "conv_common.h"
 #include "pg_amx.h"
