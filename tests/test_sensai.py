@@ -237,6 +237,44 @@ def test_fusion_pads_groups_exactly():
     assert isinstance(models[0], ResNet)
 
 
+def test_fused_grouped_convs_run_blocked_in_onnx_runtime(tmp_path):
+    """Groups narrower than one NCHWc block (a bottleneck ResNet's first stage pruned to 13-15
+    channels): every grouped conv of the fused model must be one ONNX Runtime runs in its
+    blocked layout. The judge is ONNX Runtime's own layout transformer (the optimized graph it
+    writes), not the fusion's width rule: MLAS runs a grouped conv blocked only with whole
+    blocks per group, and fell back to im2col with groups rounded to 4 (importers/sensai.py
+    `_block_width`)."""
+    from gate2deploy.importers.sensai import grouped_model
+
+    groups = [[0, 1], [2, 3], [4, 5]]
+    models = group_models("resnet", groups, 6, seed=32, depth=11)
+    narrow = [m.layer1[0].conv1.out_channels for m in models]
+    assert max(narrow) < 16 and any(c % 8 for c in narrow), narrow  # below a block, ragged
+    x = torch.randn(1, 3, 32, 32)
+    gm = grouped_model(models, groups, x, form="fused")
+    assert gm.plan["form"] == "fused" and gm.plan["fused"] == [[0, 1, 2]]
+    compiled = gate2deploy.compile(gm, x, target="onnx")
+    np.testing.assert_allclose(compiled.run(x)[0], seed_grouped_eval(models, groups, x), rtol=0, atol=1e-5)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(compiled.onnx_model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    if not any(n.domain == "com.microsoft.nchwc" for n in optimized.graph.node):
+        pytest.skip("ONNX Runtime uses no NCHWc kernels on this CPU")
+
+    def group(node):
+        return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+    # the heads (Linear layers, a grouped 1x1 conv on 1x1 maps) keep their rows: the logits
+    heads = [f"/{name}/" for name, m in models[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    grouped = [n for n in optimized.graph.node if "Conv" in n.op_type and group(n) > 1
+               and not any(h in n.name for h in heads)]
+    assert len(grouped) >= 6, [n.name for n in grouped]  # the blocks' convs
+    unblocked = [f"{n.op_type} {n.name}" for n in grouped if n.domain != "com.microsoft.nchwc"]
+    assert not unblocked, unblocked
+
+
 def seed_apoz_candidates(model, batches):
     """apoz_policy.py, written anew: hooks on every ReLU (call order); per batch
     apoz = 100 * mean over (N, H, W) of |a| <= 0.005 and avg = mean |a|; both averaged over the

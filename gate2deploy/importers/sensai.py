@@ -525,13 +525,18 @@ def _pad_stack(tensors: list[torch.Tensor], sizes: tuple[int, ...], fill: float 
     return out
 
 
-def _block_width(c: int) -> int:
+def _block_width(c: int, groups: int) -> int:
     """Each group's channel block: the widest group's width rounded up to ONNX Runtime's NCHWc
-    block (passes/choose_widths.py; 4 below a block). MLAS runs a grouped conv in the blocked
+    block (passes/choose_widths.py). MLAS runs a grouped conv (groups > 1) in the blocked
     layout only when every group's channels are whole blocks, otherwise im2col (measured, ORT
     1.31, AVX2, 10 groups of 3x3 at 8x8, no spinning: 56 channels 0.85 ms, 64 1.04 ms, 60
-    1.52 ms); the padding costs only its MACs."""
-    step = BLOCK if c >= BLOCK else MIN_MULTIPLE
+    1.52 ms); the padding costs only its MACs. That holds below one block too: the fused
+    bottleneck ResNet-56's first stage (groups of 8-12 channels) had been rounded to 4 as a
+    plain conv may be, so its grouped convs ran im2col between layout reorders; whole blocks of
+    16 took the fused model from 7.4 to 5.8 ms (2 threads, batch 1, Intel Xeon AVX-512,
+    2026-12-05). A plain conv (one group: the padded form) runs blocked from 4 channels, so
+    below a block it is rounded to 4 only."""
+    step = BLOCK if c >= BLOCK or groups > 1 else MIN_MULTIPLE
     return -(-c // step) * step
 
 
@@ -547,8 +552,8 @@ def _fuse_conv(layers: list[nn.Conv2d], reads_input: bool) -> nn.Conv2d:
     if layers[0].groups != 1 or any((m.bias is None) != (layers[0].bias is None) for m in layers):
         raise _NotFusable("grouped convolutions or mixed conv biases inside the group models")
     n = len(layers)
-    cout = _block_width(max(m.out_channels for m in layers))
-    cin = max(m.in_channels for m in layers) if reads_input else _block_width(max(m.in_channels for m in layers))
+    cout = _block_width(max(m.out_channels for m in layers), n)
+    cin = max(m.in_channels for m in layers) if reads_input else _block_width(max(m.in_channels for m in layers), n)
     if reads_input and len({m.in_channels for m in layers}) > 1:
         raise _NotFusable("the first convolutions read different numbers of input channels")
     w = _pad_stack([m.weight.detach() for m in layers], (cout, cin, *layers[0].kernel_size))
@@ -565,7 +570,8 @@ def _fuse_bn(layers: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     _same(layers, "eps", "affine", "track_running_stats")
     if layers[0].running_mean is None:
         raise _NotFusable("BatchNorm without running statistics")
-    n, c = len(layers), _block_width(max(m.num_features for m in layers))
+    n = len(layers)
+    c = _block_width(max(m.num_features for m in layers), n)
     fused = nn.BatchNorm2d(n * c, eps=layers[0].eps, affine=layers[0].affine)
     fused.running_mean.data = _pad_stack([m.running_mean for m in layers], (c,)).reshape(-1)
     fused.running_var.data = _pad_stack([m.running_var for m in layers], (c,), fill=1.0).reshape(-1)
