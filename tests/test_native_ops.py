@@ -642,6 +642,19 @@ def test_fbs_conv_wide_layers_run_on_ort_nchwc_conv(geom, density):
         assert delegated_conv_runs() > before
 
 
+@pytest.mark.parametrize("dead", [None, 1])
+def test_fbs_stem_nchw_input_with_and_without_a_dead_channel(dead):
+    """The delegate's NCHW input form (fewer channels than a block): with every channel live,
+    in order, the kernel hands X over as it is (no copy); with a channel zero in every sample
+    it gathers the live ones. Both equal the reference."""
+    geom = (2, 3, 64, 23, 21, 7, (2, 2), (3, 3, 3, 3), (1, 1))
+    zero = np.arange(3) == dead if dead is not None else np.zeros(3, bool)
+    before = delegated_conv_runs()
+    check_fbs_against_reference(geom, 0.5, "avg", 9, zero)
+    if ORT_CONV_EXPECTED:
+        assert delegated_conv_runs() > before
+
+
 # ----------------------------------------------------------------------------- SparseInputConv
 
 SPARSE_GEOMETRIES = GEOMETRIES + [

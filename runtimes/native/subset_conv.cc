@@ -27,12 +27,20 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
     const auto f = filter_cache_.Get(w_const_, outputs, in, [&](NchwcFilter* reuse) {
       return nchwc_.PackFilter(ctx, w, g, outputs, in, reuse);
     });
-    AlignedVec<float>& xb = Scratch<float, 16>();
     AlignedVec<float>& yb = Scratch<float, 17>();
-    xb.resize(size_t(f->C * g.H * g.W));
     yb.resize(size_t(f->O * Np));
-    nchwc_.GatherBlocked(ctx, isa, x, g, in, xb.data());
-    nchwc_.Run(ctx, g, *f, xb.data(), yb.data());
+    // Below one block the delegate reads plain NCHW: with every channel, in order, that is x
+    // itself, and the copy is skipped (a network's RGB stem: 224x224x3 copied per call).
+    bool x_as_is = int64_t(in.size()) == g.C && g.C < nchwc_.Block();
+    for (size_t c = 0; x_as_is && c < in.size(); ++c) x_as_is = in[c] == int(c);
+    const float* xin = x;
+    if (!x_as_is) {
+      AlignedVec<float>& xb = Scratch<float, 16>();
+      xb.resize(size_t(f->C * g.H * g.W));
+      nchwc_.GatherBlocked(ctx, isa, x, g, in, xb.data());
+      xin = xb.data();
+    }
+    nchwc_.Run(ctx, g, *f, xin, yb.data());
     // Back from the blocked layout to the destination rows, then the epilogue on each row.
     const int64_t B = nchwc_.Block();
     ParallelFor(ParallelIfLarge(ctx, na * Np), size_t((na + B - 1) / B), [&](size_t blk) {
