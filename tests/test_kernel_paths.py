@@ -365,3 +365,35 @@ if __name__ == "__main__":
         _child_pg_int8()
     else:
         _child(sys.argv[1])
+
+
+EXPECTED_CONFIG = {  # what the library reports (G2DKernelConfig) under each tier's forcing
+    "amx": ("isa=avx512", "amx=yes"),
+    "avx512_vnni": ("isa=avx512", "amx=no", "pg_int8=vnni"),
+    "avx2": ("isa=avx2", "amx=no", "pg_int8=avx2"),
+}
+
+
+def test_bench_tiers_force_the_library_to_each_tier():
+    """tools/bench_gated_ops.py --tiers runs once per tier this CPU has, and in each run the
+    library itself reports that tier's kernels (its configuration line, not the script's
+    table); a tier this CPU lacks or an unknown name is one line and exit 2."""
+    from gate2deploy.profiling.device import isa_tiers
+
+    script = HERE.parent / "tools" / "bench_gated_ops.py"
+    have = [t for t in isa_tiers() if t in EXPECTED_CONFIG]
+    if not have:
+        pytest.skip("no native-kernel tier on this CPU")
+    out = subprocess.run([sys.executable, str(script), "--tiers", "all", "--ops", "none"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sections = out.stdout.split("=== tier ")[1:]
+    assert [s.split()[0] for s in sections] == have
+    for tier, section in zip(have, sections):
+        config = next(line for line in section.splitlines() if line.startswith("native kernels:"))
+        assert all(part in config for part in EXPECTED_CONFIG[tier]), (tier, config)
+    lacking = next((t for t in EXPECTED_CONFIG if t not in have), "avx9")
+    bad = subprocess.run([sys.executable, str(script), "--tiers", lacking, "--ops", "none"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and lacking in bad.stderr

@@ -54,6 +54,15 @@ CG/PG/FBS layer keeps the faster of its native kernel and its standard-op form o
 `--net-batches 1,8 --net-threads 1,2` sweep batch and threads (defaults 1 and --threads);
 `--net-points` picks offsets by index (default all).
 
+ISA tiers side by side (`--tiers all`, or a list such as `amx,avx512_vnni`): the whole
+benchmark once per native-kernel tier this CPU has (gate2deploy/profiling/device.py
+isa_tiers), widest first, each in a child process with the library's forcing variables
+(TIER_ENV; the library reads them when it loads). The dense baseline is ONNX Runtime's own
+best kernels every time: a forced tier as wide as the machine's vectors (`avx512_vnni` on an
+AMX machine: everything but the tiles) is that tier's speed on this core; `avx2` on an
+AVX-512 machine runs against an AVX-512 dense conv, so it is printed for its paths and
+numerics, not as that tier's speed.
+
 Threading: ONNX Runtime's default (intra-op workers spin between ops, as in a deployment);
 `--spin off` disables spinning in every session, the figure for hosts that run so.
 
@@ -78,6 +87,42 @@ from gate2deploy.runtimes import reference as ref
 from gate2deploy.runtimes.ort import open_session
 
 FRACTIONS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
+# Native-kernel tiers (profiling/device.py names) and the variables that force the library
+# down to each (runtimes/native: G2D_AMX in pg_amx.cc, G2D_ISA in conv_common.cc; PG's int8
+# kernel follows the ISA table).
+TIER_ENV = {
+    "amx": {},
+    "avx512_vnni": {"G2D_AMX": "0"},
+    "avx2": {"G2D_AMX": "0", "G2D_ISA": "avx2"},
+}
+
+
+def run_tiers(spec: str, argv: list[str]) -> int:
+    """The benchmark with `argv` once per tier in `spec` ("all": every tier in TIER_ENV this
+    CPU has, widest first), each in a child process with TIER_ENV's variables."""
+    import os
+    import subprocess
+
+    from gate2deploy.profiling.device import isa_tiers
+
+    have = [t for t in isa_tiers() if t in TIER_ENV]
+    tiers = have if spec == "all" else spec.split(",")
+    unknown = [t for t in tiers if t not in TIER_ENV]
+    missing = [t for t in tiers if t in TIER_ENV and t not in have]
+    if unknown or missing:
+        print(f"bench_gated_ops: --tiers: {', '.join(unknown + missing)}: "
+              f"{'unknown' if unknown else 'not on this CPU'} (this CPU: {', '.join(have) or 'none'})",
+              file=sys.stderr)
+        return 2
+    status = 0
+    for tier in tiers:
+        env = TIER_ENV[tier]
+        forced = " ".join(f"{k}={v}" for k, v in env.items()) or "none"
+        note = ("; the dense baseline runs ONNX Runtime's AVX-512 kernels: paths and numerics, "
+                "not this tier's speed" if tier == "avx2" and "avx512_vnni" in have else "")
+        print(f"\n=== tier {tier} (forced: {forced}){note} ===", flush=True)
+        status |= subprocess.run([sys.executable, __file__, *argv], env={**os.environ, **env}).returncode
+    return status
 
 
 def node_model(op, domain, x_shape, inits, attrs) -> onnx.ModelProto:
@@ -408,7 +453,20 @@ def main(argv=None) -> int:
                    help="networks: indices into the threshold offsets to run (default all)")
     p.add_argument("--spin", choices=["on", "off"], default="on",
                    help="ONNX Runtime intra-op thread spinning in every session (default on, as ORT)")
+    p.add_argument("--tiers", default=None,
+                   help="run everything once per native-kernel tier: all, or a list of "
+                        f"{', '.join(TIER_ENV)} (default: the widest this CPU has)")
     args = p.parse_args(argv)
+    if args.tiers:
+        rest = list(sys.argv[1:] if argv is None else argv)
+        for i, a in enumerate(rest):  # the same arguments without --tiers
+            if a == "--tiers":
+                del rest[i:i + 2]
+                break
+            if a.startswith("--tiers="):
+                del rest[i]
+                break
+        return run_tiers(args.tiers, rest)
     args.net_threads = args.net_threads or [args.threads]
     if args.spin == "off":
         SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"

@@ -16,7 +16,8 @@ echo "cores: $(nproc); tier flags: $(grep -m1 -o -w 'avx2\|avx512f\|avx512_vnni\
 python -c "import onnxruntime, torch; print('onnxruntime', onnxruntime.__version__, 'torch', torch.__version__)"
 status=0
 python -m pytest -q -p no:cacheprovider tests/test_kernel_paths.py || status=1
-python tools/bench_gated_ops.py --fractions 0,0.2,0.5,1 --repeats "${REPEATS:-15}" --threads "${THREADS:-2}" || status=1
+# every native-kernel tier this CPU has, side by side (the widest is this tier's speed)
+python tools/bench_gated_ops.py --tiers all --fractions 0,0.2,0.5,1 --repeats "${REPEATS:-15}" --threads "${THREADS:-2}" || status=1
 # The CG ResNet-20 layer by layer on this tier (each gated node vs its dense twin, per stage).
 if [ "${LAYERS:-1}" = 1 ]; then
     python tools/bench_network_layers.py --net cg --repeats 50 --threads 1 || status=1
