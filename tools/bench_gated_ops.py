@@ -105,7 +105,8 @@ def run_tiers(spec: str, argv: list[str]) -> int:
 
     from gate2deploy.profiling.device import isa_tiers
 
-    have = [t for t in isa_tiers() if t in TIER_ENV]
+    cpu = isa_tiers()
+    have = [t for t in cpu if t in TIER_ENV]
     tiers = have if spec == "all" else spec.split(",")
     unknown = [t for t in tiers if t not in TIER_ENV]
     missing = [t for t in tiers if t in TIER_ENV and t not in have]
@@ -119,7 +120,7 @@ def run_tiers(spec: str, argv: list[str]) -> int:
         env = TIER_ENV[tier]
         forced = " ".join(f"{k}={v}" for k, v in env.items()) or "none"
         note = ("; the dense baseline runs ONNX Runtime's AVX-512 kernels: paths and numerics, "
-                "not this tier's speed" if tier == "avx2" and "avx512_vnni" in have else "")
+                "not this tier's speed" if tier == "avx2" and "avx512" in cpu else "")
         print(f"\n=== tier {tier} (forced: {forced}){note} ===", flush=True)
         status |= subprocess.run([sys.executable, __file__, *argv], env={**os.environ, **env}).returncode
     return status
