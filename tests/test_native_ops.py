@@ -203,12 +203,14 @@ def test_cg_conv_with_irregular_base_groups(frac):
     assert_close_with_ties(y, y_ref, yp, thr)
 
 
-@pytest.mark.parametrize("op", ["CGConv", "PGConv"])
+@pytest.mark.parametrize("op, block_diagonal, frac", [("CGConv", False, 0.3), ("CGConv", True, 0.3),
+                                                      ("CGConv", True, 0.9), ("PGConv", False, 0.3)])
 @pytest.mark.parametrize("affine, activation", [(True, "Relu"), (True, ""), (False, "Relu")])
-def test_gated_ops_apply_the_fused_epilogue(op, affine, activation):
+def test_gated_ops_apply_the_fused_epilogue(op, block_diagonal, frac, affine, activation):
     """The optional epilogue (a BatchNorm and Relu fused by passes/fuse_gated_epilogue.py):
     act(post_scale * Y + post_shift), applied after the gate decided, on every path (AMX and
-    the delegate for wide PG, our GEMM for CG); scales of both signs, a zero scale."""
+    the delegate for wide PG, our GEMM for CG: the joint second stage of block-diagonal masks
+    and, at 90% on, the dense one included); scales of both signs, a zero scale."""
     rng = np.random.default_rng(11)
     for geom in [(2, 32, 48, 12, 10, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
                  (1, 8, 12, 9, 7, 3, (2, 1), (1, 0, 2, 1), (1, 2))]:
@@ -221,9 +223,9 @@ def test_gated_ops_apply_the_fused_epilogue(op, affine, activation):
         post = dict(post_scale=post_scale, post_shift=post_shift) if affine else {}
         attrs = dict(conv_attrs(s, p, d), **({"activation": activation} if activation else {}))
         if op == "CGConv":
-            mask = cg_base_mask(o, c, 4, False)
+            mask = cg_base_mask(o, c, 4, block_diagonal)
             yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
-            thr = ref.thresholds_for_fraction(yp, 0.3)
+            thr = ref.thresholds_for_fraction(yp, frac)
             y = run_node(op, x, [w, mask, thr, *post.values()], attrs)
             y_ref = ref.cg_conv_reference(x, w, mask, thr, s, p, d, activation=activation, **post)
         else:
