@@ -41,6 +41,14 @@ Decisions (the issue leaves them open):
   on a shared machine let transients pick a slower network); report: `network` (`kept`, the
   three medians, the confirming round's `confirm_ms`), each overridden layer's `why`.
 - The choices and timings go into the export report (`kernel_choice`).
+- Whether gating pays here at all (`dense_twin`): the exported network is also timed against
+  its dense twin (`dense_twin`: the same graph with every gated node a plain Conv of the same
+  weights, the benchmarks' baseline, tools/bench_gated_ops.py). Neither choice above can
+  make a gated layer cheaper than its own kernels, and the twin computes another function
+  (no gates), so it is never exported: the figure is reported, and the CLI warns when the
+  gated network is slower, because a user deploying for speed then learns that the gates
+  cost more than they skip on this machine (measured: CG ResNet-20 at 0.71x on an Intel
+  Xeon, tools/bench_gated_ops.py --networks cg). Cached with the choices.
 """
 from __future__ import annotations
 
@@ -308,8 +316,46 @@ def choose_gated_kernels(model: onnx.ModelProto, example: np.ndarray, threads: i
             row["choice"] = "standard" if row["node"] in final else "native"
             if row["choice"] != was:
                 row["why"] = f"the network ran fastest as {net['kept'].replace('_', ' ')}"
+    entry["dense_twin"] = {**_against_dense_twin(model, out, example, threads, seen), "threads": threads}
     _store_cache(cache_path, cache)
     return out, entry
+
+
+def dense_twin(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with every gate2deploy node replaced by a plain Conv(X, W) of the same
+    weight and conv attributes: the dense network the gated kernels are compared against
+    (for PG, its quantized weights in fp32; a SparseInputConv's bias and residual dropped)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    conv_attrs = {"strides", "pads", "dilations", "group"}
+    nodes = []
+    for node in out.graph.node:
+        if node.domain != DOMAIN:
+            nodes.append(node)
+            continue
+        conv = helper.make_node("Conv", list(node.input[:2]), list(node.output), name=node.name + "_dense")
+        conv.attribute.extend(a for a in node.attribute if a.name in conv_attrs)
+        nodes.append(conv)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    keep = [o for o in out.opset_import if o.domain != DOMAIN]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
+
+
+def _against_dense_twin(model: onnx.ModelProto, exported: onnx.ModelProto, example, threads: int,
+                        seen: dict) -> dict:
+    """{gated_ms, dense_ms, speedup (dense / gated), cached}: `exported` (the kernel choice's
+    result) and the dense twin of `model`, timed in alternating blocks like the choices."""
+    sig = "dense_twin:" + _network_signature(exported, set(), example)
+    if isinstance(seen.get(sig), dict) and "speedup" in seen[sig]:
+        return {**seen[sig], "cached": True}
+    gated_ms, dense_ms = _time_dense_twin(exported, dense_twin(model), np.asarray(example, np.float32), threads)
+    result = {"gated_ms": round(gated_ms, 4), "dense_ms": round(dense_ms, 4),
+              "speedup": round(dense_ms / gated_ms, 3)}
+    seen[sig] = result
+    return {**result, "cached": False}
 
 
 def _network_signature(model: onnx.ModelProto, chosen: set[str], example) -> str:
@@ -320,9 +366,21 @@ def _network_signature(model: onnx.ModelProto, chosen: set[str], example) -> str
 
 
 def _time_networks(variants: dict[str, onnx.ModelProto], x: np.ndarray, threads: int) -> dict[str, float]:
+    return _median_ms(variants, x, threads)
+
+
+def _time_dense_twin(exported: onnx.ModelProto, twin: onnx.ModelProto, x: np.ndarray,
+                     threads: int) -> tuple[float, float]:
+    """(exported ms, dense twin ms)."""
+    ms = _median_ms({"exported": exported, "dense": twin}, x, threads)
+    return ms["exported"], ms["dense"]
+
+
+def _median_ms(variants: dict[str, onnx.ModelProto], x: np.ndarray, threads: int) -> dict[str, float]:
+    """Median ms of each model, timed in alternating blocks (RUNS runs each)."""
     from .runtimes.ort import open_session
 
     sessions = {k: open_session(m, threads=threads) for k, m in variants.items()}
-    name = sessions["native"].get_inputs()[0].name
+    name = next(iter(sessions.values())).get_inputs()[0].name
     times = time_sessions(sessions, {k: [{name: x}] for k in sessions}, runs=RUNS)
     return {k: statistics.median(t) for k, t in times.items()}

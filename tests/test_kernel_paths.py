@@ -200,9 +200,13 @@ def test_measured_kernel_choice_keeps_the_function(tmp_path, monkeypatch):
     # a layer chose "standard" exactly when its custom node is gone from the deployed graph
     remaining = {n.name for n in first.onnx_model.graph.node if n.op_type == "CGConv"}
     assert {r["node"] for r in layers if r["choice"] == "native"} == remaining, (layers, remaining)
+    twin = first.report["kernel_choice"]["dense_twin"]
+    assert twin["gated_ms"] > 0 and twin["dense_ms"] > 0 and not twin["cached"], twin
+    assert twin["speedup"] == pytest.approx(twin["dense_ms"] / twin["gated_ms"], rel=1e-2)
     second = g2d_compile(model, x, target="ort", gated_kernels="measured")
     again = second.report["kernel_choice"]["layers"]
     assert [r["choice"] for r in again] == [r["choice"] for r in layers] and all(r["cached"] for r in again)
+    assert second.report["kernel_choice"]["dense_twin"]["cached"]
     # another build of the native library (same configuration string): timed again, never the
     # old build's choices
     monkeypatch.setattr(kc, "library_identity", lambda: "another-build")
@@ -397,3 +401,52 @@ def test_bench_tiers_force_the_library_to_each_tier():
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and lacking in bad.stderr
+
+
+def test_dense_twin_is_the_graph_with_plain_convs():
+    """kernel_choice.dense_twin (the benchmarks' baseline): every gated node becomes Conv(X, W)
+    with its conv attributes; run in stock ONNX Runtime it equals the reference's plain
+    convolution of the same weights (runtimes/reference.py conv2d), not the gated function."""
+    import onnxruntime as ort
+
+    from gate2deploy.api import compile as g2d_compile
+    from gate2deploy.kernel_choice import dense_twin
+    from gate2deploy.runtimes import reference as ref
+
+    model, x = two_cg_layer_model()
+    ort_model = g2d_compile(model, x, target="ort", verify=False).onnx_model
+    twin = dense_twin(ort_model)
+    assert not any(n.domain == "gate2deploy" for n in twin.graph.node)
+    assert all(o.domain != "gate2deploy" for o in twin.opset_import)
+    session = ort.InferenceSession(twin.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    # the same network by hand: conv + bias, ReLU, the first CG layer's full conv (its
+    # weights, no gate), ReLU, the second's
+    w = [model[i].weight.detach().numpy() for i in (0, 2, 4)]
+    h = np.maximum(ref.conv2d(x.numpy(), w[0], pads=[1] * 4)
+                   + model[0].bias.detach().numpy()[None, :, None, None], 0)
+    h = np.maximum(ref.conv2d(h, w[1], pads=[1] * 4), 0)
+    h = ref.conv2d(h, w[2], pads=[1] * 4)
+    np.testing.assert_allclose(y, h, rtol=1e-4, atol=1e-4)
+
+
+def test_export_warns_when_the_gated_network_is_slower_than_its_dense_twin(tmp_path, cli, monkeypatch):
+    """The CLI prints the dense-twin comparison of --gated-kernels measured, and one warning
+    line on stderr when the gated network ran slower (timings stubbed: 2 ms gated, 1 ms dense)."""
+    import torch
+
+    import gate2deploy.kernel_choice as kc
+
+    monkeypatch.setattr(kc, "_cache_path", lambda: tmp_path / "kernel_choice.json")
+    monkeypatch.setattr(kc, "_time_dense_twin", lambda exported, twin, x, threads: (2.0, 1.0))
+    from test_dnn_gating_import import seed_resnet20_state_dict
+
+    ckpt = tmp_path / "cg.pth"
+    torch.save(seed_resnet20_state_dict("cg"), ckpt)
+    code, out, err = cli("export", ckpt, "--model", "gate2deploy.models.dnn_gating:resnet20_cg",
+                         "--model-kwargs", '{"partitions": 4, "shuffle": false}', "--target", "ort",
+                         "--gated-kernels", "measured", "--input-shape", "1,3,32,32", "-o", tmp_path / "m.onnx")
+    assert code == 0, err
+    assert "gated vs dense twin" in out and "(0.50x)" in out
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "0.50x" in warnings[0] and "dense twin" in warnings[0], err

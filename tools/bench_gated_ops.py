@@ -83,6 +83,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from gate2deploy.benchmark import time_sessions, whole_blocks
+from gate2deploy.kernel_choice import dense_twin as dense_equivalent
 from gate2deploy.runtimes import reference as ref
 from gate2deploy.runtimes.ort import open_session
 
@@ -223,29 +224,6 @@ def sweep(name, make_op, dense, x, args, goal=None, bound=None):
 CG_OFFSETS = [4.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.5, -4.0]  # added to CG's threshold (BN units)
 PG_OFFSETS = [50.0, 2.0, 1.0, 0.5, 0.25, 0.0, -0.5, -50.0]  # added to PG's threshold
 FBS_DENSITIES = [0.25, 0.5, 0.75, 1.0]
-
-
-def dense_equivalent(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph with every gate2deploy node replaced by a plain Conv(X, W) of the same
-    weight and conv attributes: the dense network the gated kernels are compared against."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    conv_attrs = {"strides", "pads", "dilations", "group"}
-    nodes = []
-    for node in out.graph.node:
-        if node.domain != "gate2deploy":
-            nodes.append(node)
-            continue
-        conv = helper.make_node("Conv", list(node.input[:2]), list(node.output),
-                                name=node.name + "_dense")
-        conv.attribute.extend(a for a in node.attribute if a.name in conv_attrs)
-        nodes.append(conv)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    keep = [o for o in out.opset_import if o.domain != "gate2deploy"]
-    del out.opset_import[:]
-    out.opset_import.extend(keep)
-    return out
 
 
 def plain_session(model: onnx.ModelProto, threads: int):
