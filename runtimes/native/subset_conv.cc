@@ -41,15 +41,24 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
       xin = xb.data();
     }
     nchwc_.Run(ctx, g, *f, xin, yb.data());
-    // Back from the blocked layout to the destination rows, then the epilogue on each row.
+    // Back from the blocked layout to the destination rows, then the epilogue on each row,
+    // chunk by chunk of pixels: a block's rows of one chunk (16 x kChunk floats) are still in
+    // L1 when the epilogue reads them back, where whole rows (ResNet-18's stem: 12544 pixels)
+    // had left it.
     const int64_t B = nchwc_.Block();
+    constexpr int64_t kChunk = 512;
     ParallelFor(ParallelIfLarge(ctx, na * Np), size_t((na + B - 1) / B), [&](size_t blk) {
       const int64_t a0 = int64_t(blk) * B;
       const int valid = int(std::min<int64_t>(B, na - a0));
       float* rows[64];
       for (int l = 0; l < valid; ++l) rows[l] = ep.y + int64_t(ep.rows[a0 + l]) * ep.ld;
-      isa.scatter_lanes(yb.data() + a0 * Np, B, Np, rows, valid);
-      for (int l = 0; l < valid; ++l) ep.ApplyToRun(isa, a0 + l, rows[l], 0, Np);
+      float* at[64];
+      for (int64_t p0 = 0; p0 < Np; p0 += kChunk) {
+        const int64_t n = std::min(kChunk, Np - p0);
+        for (int l = 0; l < valid; ++l) at[l] = rows[l] + p0;
+        isa.scatter_lanes(yb.data() + a0 * Np + p0 * B, B, n, at, valid);
+        for (int l = 0; l < valid; ++l) ep.ApplyToRun(isa, a0 + l, at[l], p0, n);
+      }
     });
     return;
   }
