@@ -174,6 +174,12 @@ struct ConvGeom {
   int64_t OH, OW;
   int64_t kk() const { return kh * kw; }
   int64_t P() const { return OH * OW; }
+  // Every field but the batch N equal: tables built for one layer shape serve the other.
+  bool SameLayer(const ConvGeom& o) const {
+    return C == o.C && H == o.H && W == o.W && O == o.O && Cw == o.Cw && kh == o.kh &&
+           kw == o.kw && sh == o.sh && sw == o.sw && pt == o.pt && pl == o.pl && pb == o.pb &&
+           pr == o.pr && dh == o.dh && dw == o.dw && group == o.group && OH == o.OH && OW == o.OW;
+  }
 };
 
 // Largest number of elements of any buffer a kernel allocates for one call (the output, the

@@ -481,13 +481,6 @@ struct PGInt8Tables {
 };
 
 namespace {
-bool SameGeometry(const ConvGeom& a, const ConvGeom& b) {
-  return a.C == b.C && a.H == b.H && a.W == b.W && a.O == b.O && a.Cw == b.Cw && a.kh == b.kh &&
-         a.kw == b.kw && a.sh == b.sh && a.sw == b.sw && a.pt == b.pt && a.pl == b.pl &&
-         a.pb == b.pb && a.pr == b.pr && a.dh == b.dh && a.dw == b.dw && a.group == b.group &&
-         a.OH == b.OH && a.OW == b.OW;
-}
-
 std::shared_ptr<const PGInt8Tables> BuildTables(const PGInt8Weights& w, const ConvGeom& g) {
   auto t = std::make_shared<PGInt8Tables>();
   t->g = g;
@@ -538,7 +531,7 @@ std::shared_ptr<const PGInt8Tables> BuildTables(const PGInt8Weights& w, const Co
 
 std::shared_ptr<const PGInt8Tables> TablesFor(const PGInt8Weights& w, const ConvGeom& g) {
   std::lock_guard<std::mutex> lock(w.tables_mutex);
-  if (!w.tables || !SameGeometry(w.tables->g, g)) w.tables = BuildTables(w, g);
+  if (!w.tables || !w.tables->g.SameLayer(g)) w.tables = BuildTables(w, g);
   return w.tables;
 }
 }  // namespace
