@@ -396,6 +396,10 @@ def test_bench_tiers_force_the_library_to_each_tier():
     for tier, section in zip(have, sections):
         config = next(line for line in section.splitlines() if line.startswith("native kernels:"))
         assert all(part in config for part in EXPECTED_CONFIG[tier]), (tier, config)
+    # the flag abbreviated, as argparse accepts it: one run of that tier, no nested children
+    one = subprocess.run([sys.executable, str(script), "--tier", have[-1], "--ops", "none"],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and one.stdout.count("=== tier ") == 1, one.stdout[-2000:]
     lacking = next((t for t in EXPECTED_CONFIG if t not in have), "avx9")
     bad = subprocess.run([sys.executable, str(script), "--tiers", lacking, "--ops", "none"],
                          capture_output=True, text=True, timeout=300)

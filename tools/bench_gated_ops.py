@@ -73,6 +73,7 @@ Threading: ONNX Runtime's default (intra-op workers spin between ops, as in a de
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -98,10 +99,14 @@ TIER_ENV = {
 }
 
 
+# Set in run_tiers' children: they run the benchmark itself with the same arguments (--tiers
+# included, however abbreviated) instead of starting children of their own.
+TIER_CHILD = "G2D_BENCH_TIER"
+
+
 def run_tiers(spec: str, argv: list[str]) -> int:
     """The benchmark with `argv` once per tier in `spec` ("all": every tier in TIER_ENV this
     CPU has, widest first), each in a child process with TIER_ENV's variables."""
-    import os
     import subprocess
 
     from gate2deploy.profiling.device import isa_tiers
@@ -123,7 +128,8 @@ def run_tiers(spec: str, argv: list[str]) -> int:
         note = ("; the dense baseline runs ONNX Runtime's AVX-512 kernels: paths and numerics, "
                 "not this tier's speed" if tier == "avx2" and "avx512" in cpu else "")
         print(f"\n=== tier {tier} (forced: {forced}){note} ===", flush=True)
-        status |= subprocess.run([sys.executable, __file__, *argv], env={**os.environ, **env}).returncode
+        status |= subprocess.run([sys.executable, __file__, *argv],
+                                 env={**os.environ, **env, TIER_CHILD: tier}).returncode
     return status
 
 
@@ -436,16 +442,8 @@ def main(argv=None) -> int:
                    help="run everything once per native-kernel tier: all, or a list of "
                         f"{', '.join(TIER_ENV)} (default: the widest this CPU has)")
     args = p.parse_args(argv)
-    if args.tiers:
-        rest = list(sys.argv[1:] if argv is None else argv)
-        for i, a in enumerate(rest):  # the same arguments without --tiers
-            if a == "--tiers":
-                del rest[i:i + 2]
-                break
-            if a.startswith("--tiers="):
-                del rest[i]
-                break
-        return run_tiers(args.tiers, rest)
+    if args.tiers and TIER_CHILD not in os.environ:  # a child runs its one tier, as given
+        return run_tiers(args.tiers, list(sys.argv[1:] if argv is None else argv))
     args.net_threads = args.net_threads or [args.threads]
     if args.spin == "off":
         SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"
