@@ -181,9 +181,6 @@ def _export_trt(args, plan: _TrtPlan, compiled: CompiledModel) -> int:
     return 0
 
 
-SLOWER_THAN_DENSE_MARGIN = 0.05  # timing noise: warn below 0.95x
-
-
 def print_summary(s: dict) -> None:
     ratio = lambda a, b: a / b if b else 1.0  # noqa: E731
     print(f"MACs   {s['macs_before']:,} -> {s['macs_after']:,} ({ratio(s['macs_after'], s['macs_before']):.3f}x)")
@@ -200,7 +197,7 @@ def print_summary(s: dict) -> None:
     if twin:
         print(f"gated vs dense twin (measured here, {twin['threads']} threads): {twin['gated_ms']:.3f} vs "
               f"{twin['dense_ms']:.3f} ms ({twin['speedup']:.2f}x)")
-        if twin["speedup"] < 1 - SLOWER_THAN_DENSE_MARGIN:
+        if twin["slower"]:
             print(f"warning: the gated network ran at {twin['speedup']:.2f}x the speed of its dense twin "
                   "(the same graph with plain convs) on this machine: its gates cost more than they skip "
                   "here (report: kernel_choice.dense_twin)", file=sys.stderr)
