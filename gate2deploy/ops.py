@@ -142,6 +142,9 @@ _GATED_RUNTIMES = frozenset({"ort", "trt", "portable"})
 # its default: `activation` "Relu" (default) | "Identity", `pool_pads` 4 ints (default
 # zeros), `threshold` float (absent: the online top-k by `density`).
 FBS_GATE_ATTRS = (Attr("activation", "string"), Attr("pool_pads", "ints"), Attr("threshold", "float"))
+# Set only by the session-time layout pass (runtimes/ort_layout.py), never in an export: X / Y
+# in ONNX Runtime's blocked NCHWc layout of this CPU's block size (0: NCHW).
+_LAYOUT_ATTRS = (Attr("input_block", "int"), Attr("output_block", "int"))
 FBS_POOLS = ("avg", "max", "l1", "l2")
 FBS_ACTIVATIONS = ("Relu", "Identity")
 
@@ -162,12 +165,13 @@ CATALOG: dict[str, OpSpec] = {spec.name: spec for spec in [
            conv_like_output, channel_rule="conv", macs="conv", runtimes=_GATED_RUNTIMES,
            reference="pg_conv_reference"),
     OpSpec("FBSConv", ("X", "W", "fc_W", "fc_b", "bn_scale", "bn_shift", "beta"),
-           (Attr("density", "float", True), Attr("pool", "string"), *FBS_GATE_ATTRS, *_CONV_ATTRS),
+           (Attr("density", "float", True), Attr("pool", "string"), *FBS_GATE_ATTRS, *_CONV_ATTRS,
+            *_LAYOUT_ATTRS),
            "FBS: per-sample top-k (or fixed-threshold) output channels by a pooled saliency; "
            "others exactly 0 (OPS.md).",
            conv_like_output, channel_rule="conv", macs="conv", runtimes=_GATED_RUNTIMES,
            reference="fbs_conv_reference"),
-    OpSpec("SparseInputConv", ("X", "W", "B", "R?"), (Attr("activation", "string"), *_CONV_ATTRS),
+    OpSpec("SparseInputConv", ("X", "W", "B", "R?"), (Attr("activation", "string"), *_CONV_ATTRS, *_LAYOUT_ATTRS),
            "Y = act(Conv(X, W, B) + R): ONNX Conv (group 1, bias B), optional residual R, activation "
            "'Relu' or none; the kernel reads only each sample's non-zero input channels (the consumer "
            "of an FBS layer).",

@@ -33,6 +33,7 @@ import onnxruntime as ort
 from gate2deploy.errors import UserError
 
 from .native_build import build_library
+from .ort_layout import BLOCKED_OPS, nchwc_block, optimized_and_rewritten
 
 from gate2deploy.ops import CATALOG, DOMAIN
 
@@ -135,11 +136,17 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: in
                  optimization: str = "all", library_variant: str = "release",
                  profile: bool = False, log_severity: int = 3,
                  config: dict[str, str] | None = None, custom_ops: bool | str = "auto",
-                 profile_prefix: str | None = None, optimized_path: str | None = None) -> ort.InferenceSession:
+                 profile_prefix: str | None = None, optimized_path: str | None = None,
+                 layout: str = "auto") -> ort.InferenceSession:
     """THE ONNX Runtime CPU session factory of gate2deploy: a session for `model` (path,
     ModelProto or serialized bytes) with gate2deploy's kernels registered when it uses them
     (`custom_ops="auto"`; True / False force it: the native library is compiled on first
-    registration, so stock models do not pay for it)."""
+    registration, so stock models do not pay for it). `layout="auto"` (with every optimization
+    on) lets FBSConv and SparseInputConv run in ONNX Runtime's blocked layout where that
+    removes conversions (runtimes/ort_layout.py); "nchw" leaves the graph as ONNX Runtime makes
+    it."""
+    if layout not in ("auto", "nchw"):
+        raise UserError(f"layout must be auto or nchw, not {layout!r}")
     if isinstance(model, onnx.ModelProto):
         payload: str | bytes = model.SerializeToString()
         proto = model
@@ -157,6 +164,17 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: in
     opts = session_options(threads, optimization, library_variant, profile, log_severity, config, bool(custom_ops),
                            profile_prefix, optimized_path)
     try:
+        if layout == "auto" and custom_ops and optimization == "all" and proto is not None and \
+                any(n.domain == DOMAIN and n.op_type in BLOCKED_OPS for n in proto.graph.node):
+            block = nchwc_block(custom_ops_library_path(library_variant))
+            rewritten = optimized_and_rewritten(
+                payload, session_options(threads, "all", library_variant, False, log_severity, config, True),
+                block) if block else None
+            if rewritten is not None:
+                check_custom_op_attributes(rewritten)
+                opts = session_options(threads, "disable", library_variant, profile, log_severity, config, True,
+                                       profile_prefix, optimized_path)
+                return ort.InferenceSession(rewritten.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for invalid models
         first = (str(exc).strip().splitlines() or ["unknown error"])[0]

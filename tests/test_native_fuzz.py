@@ -133,6 +133,13 @@ def cases(draw):
         if pool not in ("avg", "max"):
             problems.append("bad pool")
 
+    # The layout attributes (runtimes/ort_layout.py sets them at session creation): a value
+    # that is not this CPU's block, or a blocked input with an NCHW output, is refused.
+    if op in ("FBSConv", "SparseInputConv") and draw(st.integers(0, 9)) == 0:
+        name = draw(st.sampled_from(["input_block", "output_block"]))
+        attrs[name] = draw(st.sampled_from([3, 7, 32, 64, *EXTREME_INTS[:-1]]))  # not 0, not 8 or 16
+        problems.append(f"{name} not this CPU's block")
+
     # Schema violations: an unknown name, a wrong type, a missing required attribute.
     damage = draw(st.integers(0, 19))
     if damage == 0:

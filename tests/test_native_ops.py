@@ -33,6 +33,7 @@ from gate2deploy.capture import IR_VERSION
 from gate2deploy.errors import UserError
 from gate2deploy.runtimes import reference as ref
 from gate2deploy.runtimes.ort import custom_ops_library_path, open_session
+from gate2deploy.runtimes.ort_layout import nchwc_block
 from nan_compare import assert_nonfinite_match, normwise_error
 
 RTOL = 1e-4
@@ -492,6 +493,7 @@ STAGE_TIMES_SCRIPT = r"""
 import ctypes, json, sys
 import numpy as np
 from gate2deploy.runtimes.ort import custom_ops_library_path, open_session
+from gate2deploy.runtimes.ort_layout import nchwc_block
 lib = ctypes.CDLL(str(custom_ops_library_path()))
 lib.G2DStageTimesReport.restype = ctypes.c_char_p
 lib.G2DPGInt8Runs.restype = ctypes.c_int64
@@ -1062,6 +1064,167 @@ def test_cli_run_errors_are_one_line(cli, tmp_path, args, message):
 def test_cli_run_missing_file(cli, tmp_path):
     code, _, stderr = cli("run", tmp_path / "nope.onnx")
     assert code == 2 and "does not exist" in stderr
+
+
+# ----------------------------------------------------------------------------- blocked layout
+# FBSConv and SparseInputConv in ONNX Runtime's NCHWc layout (input_block / output_block, set
+# by runtimes/ort_layout.py at session creation): the same function as in NCHW, bit for bit
+# (the kernels compute the same float operations in either layout), and the reference's.
+
+LAYOUT_BLOCK = nchwc_block(custom_ops_library_path())  # 16 with AVX-512F, 8 with AVX2, 0 none
+needs_layout = pytest.mark.skipif(LAYOUT_BLOCK == 0, reason="no NCHWc layout on this CPU")
+# (N, C, O, H, W, k, strides, pads, dilations): whole blocks (ONNX Runtime's conv reads X and
+# writes Y in place), a partial last block of outputs with a stride (still delegated: padding
+# adds <= 25%), channel counts whose padding would add more (our own GEMM, through NCHW
+# planes), and a 3-channel stem (its input stays NCHW: fewer than a block)
+LAYOUT_GEOMETRIES = [
+    (2, 32, 32, 9, 7, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 48, 40, 8, 8, 3, (2, 2), (1, 1, 1, 1), (1, 1)),
+    (2, 24, 20, 9, 7, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 3, 32, 12, 12, 5, (2, 2), (2, 2, 2, 2), (1, 1)),
+]
+
+
+def blocked_model(op, x_shape, initializers, attrs, in_block, out_block, out_channels, r_shape=None):
+    """x -> [ReorderInput] -> op with input_block / output_block -> [ReorderOutput] -> y, as
+    the layout pass leaves an op between ONNX Runtime's blocked nodes (NCHW at both ends)."""
+    nchwc = "com.microsoft.nchwc"
+    names = [f"in{i}" for i in range(len(initializers))]
+    nodes, x_in = [], "x"
+    if in_block:
+        nodes.append(helper.make_node("ReorderInput", ["x"], ["xb"], domain=nchwc, channels_last=0))
+        x_in = "xb"
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))]
+    op_inputs = [x_in, *names]
+    if r_shape is not None:
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, list(r_shape)))
+        if out_block:
+            nodes.append(helper.make_node("ReorderInput", ["r"], ["rb"], domain=nchwc, channels_last=0))
+        op_inputs.append("rb" if out_block else "r")
+    nodes.append(helper.make_node(op, op_inputs, ["yb" if out_block else "y"], domain="gate2deploy",
+                                  input_block=in_block, output_block=out_block, **attrs))
+    if out_block:
+        nodes.append(helper.make_node("ReorderOutput", ["yb"], ["y"], domain=nchwc,
+                                      channels=out_channels, channels_last=0))
+    graph = helper.make_graph(
+        nodes, op, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel()) for n, a in zip(names, initializers)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("gate2deploy", 1),
+                                                    helper.make_opsetid(nchwc, 1)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+def run_blocked(op, feeds, initializers, attrs, in_block, out_block, out_channels):
+    model = blocked_model(op, feeds["x"].shape, initializers, attrs, in_block, out_block, out_channels,
+                          feeds["r"].shape if "r" in feeds else None)
+    return open_session(model, threads=2, optimization="disable", layout="nchw").run(None, feeds)[0]
+
+
+def layout_cases(geom):
+    """The layouts a layer can get: NCHW in and blocked out, blocked both (not for a stem)."""
+    return [(0, LAYOUT_BLOCK)] + ([(LAYOUT_BLOCK, LAYOUT_BLOCK)] if geom[1] >= LAYOUT_BLOCK else [])
+
+
+@needs_layout
+@pytest.mark.parametrize("pool", ["avg", "max", "l1", "l2"])
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("gi", range(len(LAYOUT_GEOMETRIES)))
+def test_fbs_conv_blocked_layout_computes_the_nchw_result_bit_for_bit(gi, density, pool):
+    """Blocked X and / or Y: every output bit as the NCHW op (whose agreement with the
+    reference the tests above check), switched-off input channels included (density 0.1: few
+    active outputs, the own-GEMM path; 1.0: the delegate reads X and writes Y in place); at
+    density 1 (no top-k ties) also within tolerance of the reference itself."""
+    geom = LAYOUT_GEOMETRIES[gi]
+    rng, x, w, s, p, d = random_case(geom, seed=700 + gi)
+    o, c = w.shape[:2]
+    if c > 3:
+        x[:, rng.permutation(c)[: c // 3]] = 0.0  # a previous FBS layer switched them off
+    fc_w = rng.standard_normal((o, c)).astype(np.float32)
+    fc_b = (rng.standard_normal(o) + 0.5).astype(np.float32)
+    bn_scale, bn_shift, beta = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
+    inits = [w, fc_w, fc_b, bn_scale, bn_shift, beta]
+    attrs = dict(conv_attrs(s, p, d), density=float(np.float32(density)), pool=pool)
+    y_nchw = run_node("FBSConv", x, inits, attrs)
+    for in_block, out_block in layout_cases(geom):
+        y = run_blocked("FBSConv", {"x": x}, inits, attrs, in_block, out_block, o)
+        np.testing.assert_array_equal(y, y_nchw, err_msg=f"layout in {in_block} out {out_block}")
+    if density == 1.0:
+        y_ref = ref.fbs_conv_reference(x, w, *inits[1:], 1.0, pool, s, p, d)
+        assert np.abs(y_nchw - y_ref).max() <= RTOL * max(float(np.abs(y_ref).max()), 1e-30)
+
+
+@needs_layout
+def test_fbs_conv_blocked_layout_keeps_the_reference_nan():
+    """A sample holding NaN takes the reference path in either layout: the same NaNs, the
+    other sample unchanged."""
+    geom = LAYOUT_GEOMETRIES[0]
+    rng, x, w, s, p, d = random_case(geom, seed=710)
+    o, c = w.shape[:2]
+    x[1, 5, 2, 3] = np.nan
+    inits = [w, rng.standard_normal((o, c)).astype(np.float32), (rng.standard_normal(o) + 0.5).astype(np.float32),
+             *(rng.standard_normal(o).astype(np.float32) for _ in range(3))]
+    attrs = dict(conv_attrs(s, p, d), density=0.5, pool="max")
+    y_nchw = run_node("FBSConv", x, inits, attrs)
+    assert np.isnan(y_nchw[1]).any() and not np.isnan(y_nchw[0]).any()
+    for in_block, out_block in layout_cases(geom):
+        np.testing.assert_array_equal(run_blocked("FBSConv", {"x": x}, inits, attrs, in_block, out_block, o), y_nchw)
+
+
+@needs_layout
+@pytest.mark.parametrize("case", ["plain", "residual_relu", "nan_weight"])
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.5])
+@pytest.mark.parametrize("gi", range(len(LAYOUT_GEOMETRIES)))
+def test_sparse_input_conv_blocked_layout_computes_the_nchw_result_bit_for_bit(gi, zero_fraction, case):
+    """SparseInputConv with blocked X / R / Y: bit for bit the NCHW op, and within tolerance
+    of the reference (act(Conv(X, W, B) + R)); an inf weight (the plain dense path) keeps
+    the reference's NaN where a zero channel meets it."""
+    geom = LAYOUT_GEOMETRIES[gi]
+    rng, x, w, s, p, d = random_case(geom, seed=720 + gi)
+    o, c = w.shape[:2]
+    x[:, rng.permutation(c)[: int(round(zero_fraction * c))]] = 0.0
+    if case == "nan_weight":
+        w[1, 0, 0, 0] = np.inf
+    b = rng.standard_normal(o).astype(np.float32)
+    y_shape = ref.sparse_input_conv_reference(x, w, b, s, p, d).shape
+    feeds = {"x": x}
+    attrs = conv_attrs(s, p, d)
+    attrs.pop("group")
+    residual = None
+    if case == "residual_relu":
+        residual = rng.standard_normal(y_shape).astype(np.float32)
+        feeds["r"] = residual
+        attrs["activation"] = "Relu"
+    model = single_node_model("SparseInputConv", x.shape, [w, b], attrs)
+    if residual is not None:
+        model.graph.input.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, list(y_shape)))
+        model.graph.node[0].input.append("r")
+    y_nchw = open_session(model, threads=2, layout="nchw").run(None, feeds)[0]
+    y_ref = ref.sparse_input_conv_reference(x, w, b, s, p, d, residual=residual, activation=attrs.get("activation"))
+    assert_nonfinite_match(y_nchw, y_ref)
+    finite = np.isfinite(y_ref)
+    assert np.abs(y_nchw[finite] - y_ref[finite]).max() <= RTOL * float(np.abs(y_ref[finite]).max())
+    for in_block, out_block in layout_cases(geom):
+        y = run_blocked("SparseInputConv", feeds, [w, b], attrs, in_block, out_block, o)
+        np.testing.assert_array_equal(y, y_nchw, err_msg=f"layout in {in_block} out {out_block}")
+
+
+@needs_layout
+@pytest.mark.parametrize("in_block, out_block, message", [
+    (0, "other", "not this CPU's NCHWc block"),
+    ("block", 0, "input_block needs output_block"),
+])
+def test_blocked_layout_attributes_are_checked(in_block, out_block, message):
+    """A layout the kernels cannot read (another machine's block size; a blocked input with an
+    NCHW output, which the pass never writes) is an error naming the attribute, not a crash."""
+    geom = LAYOUT_GEOMETRIES[0]
+    rng, x, w, s, p, d = random_case(geom, seed=730)
+    o = w.shape[0]
+    block = {"other": 2 * LAYOUT_BLOCK, "block": LAYOUT_BLOCK, 0: 0}
+    model = single_node_model("SparseInputConv", x.shape, [w, np.zeros(o, np.float32)],
+                              dict(input_block=block[in_block], output_block=block[out_block]))
+    with pytest.raises(Exception, match=message):
+        open_session(model, threads=1, optimization="disable", layout="nchw").run(None, {"x": x})
 
 
 # ----------------------------------------------------------------------------- reruns

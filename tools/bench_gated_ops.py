@@ -155,7 +155,8 @@ def _native():
     from gate2deploy.runtimes.ort import custom_ops_library_path
 
     lib = ctypes.CDLL(str(custom_ops_library_path()))
-    for name in ("G2DSecondStageRuns", "G2DDelegatedConvRuns", "G2DAmxConvRuns", "G2DPGInt8Runs"):
+    for name in ("G2DSecondStageRuns", "G2DDelegatedConvRuns", "G2DAmxConvRuns", "G2DPGInt8Runs",
+                 "G2DBlockedLayoutRuns"):
         getattr(lib, name).restype = ctypes.c_int64
     lib.G2DKernelConfig.restype = ctypes.c_char_p
     return lib
@@ -163,11 +164,11 @@ def _native():
 
 def path_counts() -> dict[str, int]:
     """The native library's per-path run counters (conv_common.cc, nchwc_conv.cc, pg_amx.cc,
-    pg_int8.cc)."""
+    pg_int8.cc; "blocked": FBS layers in ONNX Runtime's blocked layout, runtimes/ort_layout.py)."""
     lib = _native()
     return {"s": lib.G2DSecondStageRuns(0), "d": lib.G2DSecondStageRuns(1),
             "nchwc": lib.G2DDelegatedConvRuns(), "amx": lib.G2DAmxConvRuns(),
-            "int8": lib.G2DPGInt8Runs()}
+            "int8": lib.G2DPGInt8Runs(), "blocked": lib.G2DBlockedLayoutRuns()}
 
 
 def paths_since(before: dict[str, int]) -> str:
@@ -180,8 +181,8 @@ def dense_session(w, x_shape, threads, conv_attrs):
     return plain_session(node_model("Conv", "", x_shape, [w], conv_attrs), threads)
 
 
-def custom_session(model, threads):
-    return open_session(model, threads, config=SESSION_CONFIG)
+def custom_session(model, threads, layout="auto"):
+    return open_session(model, threads, config=SESSION_CONFIG, layout=layout)
 
 
 def time_pair(dense, op, x, repeats):
@@ -282,19 +283,25 @@ def gate_figures(model, x, ort_model) -> tuple[float, float | None]:
     return fraction, network / executed
 
 
-def network_sweep(title, points, args):
+def network_sweep(title, points, args, layout_ab=False):
     """points: iterable of (label fraction, MAC bound or None, input or list of inputs, ort
-    model, portable model, measured-choice model or None); prints one row each."""
+    model, portable model, measured-choice model or None); prints one row each. With
+    `layout_ab` (FBS networks), also the ort model as ONNX Runtime lays it out by itself
+    ("nchw": no blocked layout for the FBS layers, runtimes/ort_layout.py), timed in the same
+    alternating blocks."""
     print(f"\n{title}")
-    print(f"  {'on%':>5} {'bound':>6} {'dense ms':>9} {'ort ms':>9} {'onnx ms':>9} {'meas ms':>9} "
-          f"{'ort x':>7} {'onnx x':>7} {'meas x':>7}  native paths")
+    ab = f" {'nchw ms':>9}" if layout_ab else ""
+    ab_x = f" {'nchw x':>7}" if layout_ab else ""
+    print(f"  {'on%':>5} {'bound':>6} {'dense ms':>9} {'ort ms':>9} {'onnx ms':>9} {'meas ms':>9}{ab} "
+          f"{'ort x':>7} {'onnx x':>7} {'meas x':>7}{ab_x}  native paths")
     rows = []
     for frac, bound, x, ort_model, portable, measured in points:
         sessions = [plain_session(dense_equivalent(ort_model), args.threads),
                     custom_session(ort_model, args.threads),
-                    plain_session(portable, args.threads)]
-        if measured is not None:
-            sessions.append(custom_session(measured, args.threads))
+                    plain_session(portable, args.threads),
+                    custom_session(measured if measured is not None else ort_model, args.threads)]
+        if layout_ab:
+            sessions.append(custom_session(ort_model, args.threads, layout="nchw"))
         name = sessions[0].get_inputs()[0].name
         feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
         before = path_counts()
@@ -302,10 +309,12 @@ def network_sweep(title, points, args):
         path = paths_since(before)
         td, to, tp = times[:3]
         tm = times[3] if measured is not None else float("nan")
+        tn = f" {times[4]:9.3f}" if layout_ab else ""
+        tn_x = f" {td / times[4]:7.2f}" if layout_ab else ""
         rows.append((frac, td / to))
         b = f"{bound:6.2f}" if bound else f"{'':6}"
-        print(f"  {frac * 100:5.1f} {b} {td:9.3f} {to:9.3f} {tp:9.3f} {tm:9.3f} {td / to:7.2f} {td / tp:7.2f} "
-              f"{td / tm:7.2f}  {path}", flush=True)
+        print(f"  {frac * 100:5.1f} {b} {td:9.3f} {to:9.3f} {tp:9.3f} {tm:9.3f}{tn} {td / to:7.2f} {td / tp:7.2f} "
+              f"{td / tm:7.2f}{tn_x}  {path}", flush=True)
     rows.sort()
     c = crossover(rows)
     print(f"  crossover (--target ort slower than dense above): "
@@ -412,7 +421,7 @@ def network_benchmarks(args) -> None:
                         points.append((density, bound, example.numpy() if feeds is None else
                                        [v.numpy() for v in feeds], ort_model, portable, measured))
                     network_sweep(f"{title}, batch {batch}, {threads} threads, 224x224; "
-                                  f"on% = density", points, args)
+                                  f"on% = density", points, args, layout_ab=True)
 
 
 def main(argv=None) -> int:

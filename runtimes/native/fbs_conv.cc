@@ -49,6 +49,7 @@ FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   threshold_ = ReadFloatAttr(info, "threshold", 0.f, &attr_error_);
   pool_ = pool == "max" ? kPoolMax : pool == "l1" ? kPoolAbsSum : pool == "l2" ? kPoolSquareSum : kPoolSum;
   relu_ = activation == "Relu";
+  layout_ = ReadLayoutAttrs(info, &attr_error_);
   w_const_ = InputIsConstant(info, 1);
   conv_ = std::make_unique<SubsetConv>(info, attrs_, w_const_);
   const bool pads_ok = pool_pads_.size() == 4 &&
@@ -111,7 +112,11 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
   return Guarded("FBSConv", [&] {
     if (!attr_error_.empty()) throw OpError("FBSConv: " + attr_error_);
     if (attrs_.group != 1) throw OpError("FBSConv: group must be 1 (W is [O, C, kh, kw])");
-    const ConvGeom g = MakeGeom("FBSConv", X.Shape(), W.Shape(), attrs_);
+    CheckLayout("FBSConv", layout_);
+    const int64_t Bi = layout_.input_block, Bo = layout_.output_block;
+    if (W.Shape().size() != 4) throw OpError("FBSConv: W must be 4-D [O, C, kh, kw]");
+    const ConvGeom g = MakeGeom("FBSConv", PlanesShape("FBSConv", "X", X.Shape(), W.Shape()[1], Bi),
+                                W.Shape(), attrs_);
     ExpectShape("FBSConv", "fc_W", fc_W.Shape(), {g.O, g.C});
     ExpectShape("FBSConv", "fc_b", fc_b.Shape(), {g.O});
     ExpectShape("FBSConv", "bn_scale", bn_scale.Shape(), {g.O});
@@ -122,7 +127,8 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     // k = ceil(O * density), density being the float32 attribute, product taken in double.
     const int64_t k = int64_t(std::ceil(double(g.O) * double(density_)));
     const IsaKernels& isa = BestKernels();
-    float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
+    const int64_t Cx = Bi ? RoundUp(g.C, Bi) : g.C, Oy = Bo ? RoundUp(g.O, Bo) : g.O;
+    float* y = Y.Allocate({g.N, Oy, g.OH, g.OW});
     const int64_t HW = g.H * g.W, Np = g.P();
     // The saliency pools X zero-padded by pool_pads: the mean divides by the padded area
     // (checked: pads up to 2^31 - 1 each), the max also sees the zeros.
@@ -149,26 +155,54 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     std::vector<uint8_t> channel_finite(size_t(g.C));
 
     for (int64_t n = 0; n < g.N; ++n) {
-      const float* xn = X.Data() + n * g.C * HW;
-      float* yn = y + n * g.O * Np;
+      const float* xn = X.Data() + n * Cx * HW;
+      float* yn = y + n * Oy * Np;
+      // The sample as NCHW planes, for the paths that read channels one by one (non-finite
+      // data): X itself, or converted from the blocked layout once, when first needed.
+      const float* planes = Bi ? nullptr : xn;
+      auto xplanes = [&]() {
+        if (!planes) {
+          AlignedVec<float>& buf = Scratch<float, 46>();
+          buf.resize(size_t(g.C * HW));
+          BlockedToPlanes(ctx, isa, xn, g.C, HW, Bi, buf.data());
+          planes = buf.data();
+        }
+        return planes;
+      };
       // Saliency, and which input channels carry anything at all (channels switched off
       // upstream are all zero; the scan stops at the first non-zero value of a live channel).
       // An average pool is non-finite iff some value is; a max pool may skip NaN and -inf, so
       // its channels are scanned.
-      ParallelFor(ParallelIfLarge(ctx, g.C * HW), size_t(g.C), [&](size_t c) {
-        const float* xc = xn + int64_t(c) * HW;
-        live[c] = isa.has_nonzero(xc, HW);
-        // Of zeros every pool is 0. A sum of |x| or x * x is non-finite iff some value is or
-        // it overflows (then the sample takes the reference path, which is exact anyway).
-        const double r = live[c] ? isa.pool_channel(xc, HW, pool_) : 0.0;
-        pooled[c] = max_pool ? float(r) : float(r / double(pool_area));
-        channel_finite[c] = !live[c] || (max_pool ? AllFinite(xc, HW) : std::isfinite(pooled[c]));
-      });
+      if (Bi) {  // blocked X: the same figures, a block of channels at a time
+        ParallelFor(ParallelIfLarge(ctx, g.C * HW), size_t((g.C + Bi - 1) / Bi), [&](size_t blk) {
+          const int64_t c0 = int64_t(blk) * Bi;
+          const int valid = int(std::min(Bi, g.C - c0));
+          double raw[64];
+          uint8_t fin[64];
+          isa.block_channel_stats(xn + c0 * HW, HW, int(Bi), valid, pool_, live.data() + c0, raw, fin);
+          for (int l = 0; l < valid; ++l) {
+            const size_t c = size_t(c0 + l);
+            const double r = live[c] ? raw[l] : 0.0;
+            pooled[c] = max_pool ? float(r) : float(r / double(pool_area));
+            channel_finite[c] = !live[c] || (max_pool ? fin[l] != 0 : std::isfinite(pooled[c]));
+          }
+        });
+      } else {
+        ParallelFor(ParallelIfLarge(ctx, g.C * HW), size_t(g.C), [&](size_t c) {
+          const float* xc = xn + int64_t(c) * HW;
+          live[c] = isa.has_nonzero(xc, HW);
+          // Of zeros every pool is 0. A sum of |x| or x * x is non-finite iff some value is or
+          // it overflows (then the sample takes the reference path, which is exact anyway).
+          const double r = live[c] ? isa.pool_channel(xc, HW, pool_) : 0.0;
+          pooled[c] = max_pool ? float(r) : float(r / double(pool_area));
+          channel_finite[c] = !live[c] || (max_pool ? AllFinite(xc, HW) : std::isfinite(pooled[c]));
+        });
+      }
       bool finite = params_finite;
       for (int64_t c = 0; c < g.C && finite; ++c) finite = channel_finite[size_t(c)];
       if (!finite && max_pool) {  // the reference's max: NaN if any value is NaN
         for (int64_t c = 0; c < g.C; ++c) {
-          const float* xc = xn + c * HW;
+          const float* xc = xplanes() + c * HW;
           for (int64_t i = 0; i < HW; ++i)
             if (xc[i] != xc[i]) pooled[size_t(c)] = xc[i];
         }
@@ -197,8 +231,24 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
           if (gamma[o] > cut) out_active.push_back(int(o));
       }
       if (!finite) {
-        ReferenceSample(ctx, isa, W.Data(), xn, g, gamma, out_active, bn_scale.Data(),
-                        bn_shift.Data(), beta.Data(), yn);
+        if (!Bo) {
+          ReferenceSample(ctx, isa, W.Data(), xplanes(), g, gamma, out_active, bn_scale.Data(),
+                          bn_shift.Data(), beta.Data(), yn);
+          continue;
+        }
+        AlignedVec<float>& yp = Scratch<float, 47>();
+        yp.resize(size_t(g.O * Np));
+        ReferenceSample(ctx, isa, W.Data(), xplanes(), g, gamma, out_active, bn_scale.Data(),
+                        bn_shift.Data(), beta.Data(), yp.data());
+        std::vector<int64_t> offs(size_t(g.O));
+        for (int64_t o = 0; o < g.O; ++o) offs[size_t(o)] = o * Np;
+        PlanesToBlocked(ctx, isa, yp.data(), offs.data(), g.O, Np, Bo, yn);
+        continue;
+      }
+      if (Bo) {  // blocked Y: the subset conv writes every channel (inactive ones as zeros)
+        BlockedEpilogue eb{yn, Bo, gamma.data(), bn_scale.Data(), bn_shift.Data(), beta.Data()};
+        eb.relu = relu_;
+        conv_->RunBlocked(ctx, isa, W.Data(), xn, Bi, g, out_active, in_active, eb);
         continue;
       }
       // Inactive output channels are exact zeros; active ones are written by the conv below.

@@ -32,6 +32,7 @@ struct FBSConvKernel {
   std::vector<int64_t> pool_pads_{0, 0, 0, 0};  // saliency-only zero padding (t, l, b, r)
   bool fixed_threshold_ = false;  // attribute threshold given: active = g > threshold_
   float threshold_ = 0.f;
+  LayoutAttrs layout_;    // NCHW or blocked X / Y (runtimes/ort_layout.py)
   bool w_const_ = false;  // W a constant initializer: prepared weights are cached
   std::unique_ptr<SubsetConv> conv_;  // active outputs x active inputs
 };

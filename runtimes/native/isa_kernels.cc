@@ -699,13 +699,173 @@ void sparse_dots(const float* w, int64_t ld, int64_t len, int ntaps, const int64
   if (i < n) sparse_dots_group<1>(w, ld, len, ntaps, toff, x, pix + i, out + i);
 }
 
+// ---------------------------------------------------------------- ONNX Runtime's NCHWc layout
+// A block of channels as MLAS's NCHWc kernels store it: pixel p, lane l at p * B + l.
+
+namespace {
+template <int kKind>
+void BlockSums(const float* x, int64_t n, int B, int valid, double* pooled) {
+  // pool_channel's order for each lane's channel: 16 float partials by pixel index mod 16
+  // over the whole 16-pixel steps, the tail summed in double first, then the partials in
+  // order (SumChannel): the same saliency bit for bit whichever layout a layer reads.
+  auto term = [](float v) {
+    if constexpr (kKind == kPoolAbsSum) return std::fabs(v);
+    else if constexpr (kKind == kPoolSquareSum) return v * v;
+    else return v;
+  };
+  constexpr int kLanes = 16, kMaxB = 64;
+  float part[kLanes][kMaxB] = {};
+  const int64_t n16 = n / kLanes * kLanes;
+  for (int64_t i = 0; i < n16; i += kLanes)
+    for (int m = 0; m < kLanes; ++m)
+      for (int l = 0; l < B; ++l) part[m][l] += term(x[(i + m) * B + l]);
+  for (int l = 0; l < valid; ++l) {
+    double sum = 0.0;
+    for (int64_t i = n16; i < n; ++i) sum += term(x[i * B + l]);
+    for (int m = 0; m < kLanes; ++m) sum += part[m][l];
+    pooled[l] = sum;
+  }
+}
+
+void BlockMax(const float* x, int64_t n, int B, int valid, double* pooled) {
+  constexpr int kLanes = 16, kMaxB = 64;  // pool_channel's max, lane by lane
+  float mxp[kLanes][kMaxB];
+  for (int m = 0; m < kLanes; ++m)
+    for (int l = 0; l < B; ++l) mxp[m][l] = x[l];
+  const int64_t n16 = n / kLanes * kLanes;
+  for (int64_t i = 0; i < n16; i += kLanes)
+    for (int m = 0; m < kLanes; ++m)
+      for (int l = 0; l < B; ++l) {
+        const float v = x[(i + m) * B + l];
+        mxp[m][l] = mxp[m][l] < v ? v : mxp[m][l];
+      }
+  for (int l = 0; l < valid; ++l) {
+    float mx = x[l];
+    for (int64_t i = n16; i < n; ++i) mx = std::max(mx, x[i * B + l]);
+    for (int m = 0; m < kLanes; ++m) mx = std::max(mx, mxp[m][l]);
+    pooled[l] = mx;
+  }
+}
+}  // namespace
+
+void block_channel_stats(const float* x, int64_t n, int B, int valid, int kind, uint8_t* live,
+                         double* pooled, uint8_t* finite) {
+  constexpr int kMaxB = 64;
+  uint32_t any[kMaxB] = {}, bad[kMaxB] = {};
+  // Liveness alone (no pool, no finiteness): stop once every channel has shown a non-zero
+  // value, checked every 64 pixels (has_nonzero stops likewise per channel).
+  const bool live_only = !pooled && !finite;
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t i1 = std::min(n, i0 + 64);
+    for (int64_t i = i0; i < i1; ++i)
+      for (int l = 0; l < B; ++l) {
+        uint32_t bits;
+        std::memcpy(&bits, x + i * B + l, 4);
+        any[l] |= bits & 0x7fffffffu;
+        bad[l] |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
+      }
+    if (live_only) {
+      bool all = true;
+      for (int l = 0; l < valid; ++l) all = all && any[l] != 0;
+      if (all) break;
+    }
+  }
+  for (int l = 0; l < valid; ++l) {
+    live[l] = any[l] != 0;
+    if (finite) finite[l] = bad[l] == 0;
+  }
+  if (!pooled || n == 0) return;
+  if (kind == kPoolAbsSum) BlockSums<kPoolAbsSum>(x, n, B, valid, pooled);
+  else if (kind == kPoolSquareSum) BlockSums<kPoolSquareSum>(x, n, B, valid, pooled);
+  else if (kind == kPoolMax) BlockMax(x, n, B, valid, pooled);
+  else BlockSums<kPoolSum>(x, n, B, valid, pooled);
+}
+
+void epilogue_block(float* v, int64_t n, int B, int valid, const float* g, const float* s,
+                    const float* sh, const float* b, const float* r, bool relu) {
+  // epilogue_row's operations lane by lane (the same expression: the same rounding and
+  // contraction), the padding lanes set to exact zeros.
+  constexpr int kMaxB = 64;
+  float gl[kMaxB] = {}, sl[kMaxB] = {}, shl[kMaxB] = {}, bl[kMaxB] = {};
+  for (int l = 0; l < valid; ++l) gl[l] = g[l], sl[l] = s[l], shl[l] = sh[l], bl[l] = b[l];
+  for (int64_t i = 0; i < n; ++i) {
+    float* vp = v + i * B;
+    const float* rp = r ? r + i * B : nullptr;
+    if (rp && relu)
+      for (int l = 0; l < B; ++l) vp[l] = std::max(gl[l] * (sl[l] * vp[l] + shl[l]) + bl[l] + rp[l], 0.f);
+    else if (rp)
+      for (int l = 0; l < B; ++l) vp[l] = gl[l] * (sl[l] * vp[l] + shl[l]) + bl[l] + rp[l];
+    else if (relu)
+      for (int l = 0; l < B; ++l) vp[l] = std::max(gl[l] * (sl[l] * vp[l] + shl[l]) + bl[l], 0.f);
+    else
+      for (int l = 0; l < B; ++l) vp[l] = gl[l] * (sl[l] * vp[l] + shl[l]) + bl[l];
+    for (int l = valid; l < B; ++l) vp[l] = 0.f;
+  }
+}
+
+void permute_lanes(const float* const* src, int nsrc, const int32_t* idx, int64_t n, int B,
+                   float* dst) {
+#if defined(__AVX512F__)
+  if (B == 16) {
+    __m512i iv[64];
+    __mmask16 mk[64];
+    for (int s = 0; s < nsrc; ++s) {
+      alignas(64) int32_t lanes[16];
+      uint32_t m = 0;
+      for (int l = 0; l < 16; ++l) {
+        lanes[l] = idx[s * 16 + l] < 0 ? 0 : idx[s * 16 + l];
+        if (idx[s * 16 + l] >= 0) m |= 1u << l;
+      }
+      iv[s] = _mm512_load_si512(lanes);
+      mk[s] = __mmask16(m);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int s = 0; s < nsrc; ++s)
+        acc = _mm512_mask_permutexvar_ps(acc, mk[s], iv[s], _mm512_loadu_ps(src[s] + i * 16));
+      _mm512_storeu_ps(dst + i * 16, acc);
+    }
+    return;
+  }
+#elif defined(__AVX2__)
+  if (B == 8) {
+    __m256i iv[64], mk[64];
+    for (int s = 0; s < nsrc; ++s) {
+      alignas(32) int32_t lanes[8], mask[8];
+      for (int l = 0; l < 8; ++l) {
+        lanes[l] = idx[s * 8 + l] < 0 ? 0 : idx[s * 8 + l];
+        mask[l] = idx[s * 8 + l] >= 0 ? -1 : 0;
+      }
+      iv[s] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+      mk[s] = _mm256_load_si256(reinterpret_cast<const __m256i*>(mask));
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int s = 0; s < nsrc; ++s)
+        acc = _mm256_blendv_ps(acc, _mm256_permutevar8x32_ps(_mm256_loadu_ps(src[s] + i * 8), iv[s]),
+                               _mm256_castsi256_ps(mk[s]));
+      _mm256_storeu_ps(dst + i * 8, acc);
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i)
+    for (int l = 0; l < B; ++l) {
+      float v = 0.f;
+      for (int s = 0; s < nsrc; ++s)
+        if (idx[s * B + l] >= 0) v = src[s][i * B + idx[s * B + l]];
+      dst[i * B + l] = v;
+    }
+}
+
 extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kIMR,          kINR,        kVW,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
                                     igemm_micro,   gather_fields, gate_panel,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
                                     pack_filter_tile, epilogue_row, has_nonzero, pool_channel,
-                                    pg_split,      sparse_dots, abs_max};
+                                    pg_split,      sparse_dots, abs_max, block_channel_stats,
+                                    epilogue_block, permute_lanes};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

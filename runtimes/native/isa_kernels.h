@@ -98,6 +98,24 @@ struct IsaKernels {
   // max |x[i]| over i < n (0 for n = 0); NaN if some x[i] is NaN. PG's dynamic scale: in
   // pg_conv.cc's baseline build this loop took ~5% of a 16-channel 32x32 layer's call (perf).
   float (*abs_max)(const float* x, int64_t n);
+
+  // ONNX Runtime's NCHWc layout (a block of B <= 64 channels: pixel p, lane l at p * B + l;
+  // the layout runtimes/ort_layout.py lets FBSConv and SparseInputConv read and write).
+  // For the `valid` channels (lanes) of one block of n pixels: live[l] = has_nonzero of the
+  // channel, finite[l] (if non-null) = every value finite, pooled[l] (if non-null) =
+  // pool_channel(channel, n, kind) computed with the same float operations in the same order
+  // (so a saliency is the same bit for bit in either layout).
+  void (*block_channel_stats)(const float* x, int64_t n, int B, int valid, int kind,
+                              uint8_t* live, double* pooled, uint8_t* finite);
+  // epilogue_row over one block of n pixels with per-lane parameters g, s, sh, b [valid]
+  // (r: a residual block in the same layout, or null); lanes valid..B-1 become 0.
+  void (*epilogue_block)(float* v, int64_t n, int B, int valid, const float* g, const float* s,
+                         const float* sh, const float* b, const float* r, bool relu);
+  // dst[p * B + l] = src[s][p * B + idx[s * B + l]] for the source s whose idx is >= 0 at
+  // lane l (at most one), 0 if none, for p < n: lanes of up to `nsrc` (<= 64) blocks
+  // gathered into one (a subset of channels in, or an active subset out).
+  void (*permute_lanes)(const float* const* src, int nsrc, const int32_t* idx, int64_t n, int B,
+                        float* dst);
 };
 
 namespace isa_generic { extern const IsaKernels kKernels; }

@@ -84,30 +84,100 @@ NchwcFilter NchwcConv::PackFilter(OrtKernelContext* ctx, const float* w, const C
   return f;
 }
 
+LayoutAttrs ReadLayoutAttrs(const OrtKernelInfo* info, std::string* error) {
+  LayoutAttrs l;
+  l.input_block = ReadIntAttr(info, "input_block", 0, error);
+  l.output_block = ReadIntAttr(info, "output_block", 0, error);
+  return l;
+}
+
+void CheckLayout(const char* op, const LayoutAttrs& layout) {
+  const int64_t B = NchwcBlock();
+  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"input_block", layout.input_block},
+                                    {"output_block", layout.output_block}})
+    if (value != 0 && value != B)
+      throw OpError(std::string(op) + ": attribute " + name + " " + std::to_string(value) +
+                    " is not this CPU's NCHWc block (" + std::to_string(B) +
+                    "): the layout pass ran on another machine");
+  if (layout.input_block && !layout.output_block)
+    throw OpError(std::string(op) + ": input_block needs output_block");
+}
+
+std::vector<int64_t> PlanesShape(const char* op, const char* what, const std::vector<int64_t>& x_shape,
+                                 int64_t channels, int64_t block) {
+  if (!block) return x_shape;
+  if (x_shape.size() != 4 || x_shape[1] != RoundUp(channels, block))
+    throw OpError(std::string(op) + ": blocked " + what + " must have " +
+                  std::to_string(RoundUp(channels, block)) + " channels (" + std::to_string(channels) +
+                  " in blocks of " + std::to_string(block) + ")");
+  std::vector<int64_t> s = x_shape;
+  s[1] = channels;
+  return s;
+}
+
+void PlanesToBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,
+                     const int64_t* offs, int64_t nc, int64_t HW, int64_t B, float* xb) {
+  // Whole panels of isa.nr pixels go through the ISA's register transpose
+  // (isa.gather_fields); the tail pixels are copied. Parallel over blocks only when large.
+  ParallelFor(ParallelIfLarge(ctx, nc * HW), size_t((nc + B - 1) / B), [&](size_t blk_index) {
+    const int64_t blk = int64_t(blk_index), valid = std::min(B, nc - blk * B);
+    const int64_t* off = offs + blk * B;
+    float* dst = xb + blk * HW * B;
+    int64_t p0 = 0;
+    for (; p0 + isa.nr <= HW; p0 += isa.nr) isa.gather_fields(x + p0, off, valid, B, dst + p0 * B);
+    for (; p0 < HW; ++p0)
+      for (int64_t l = 0; l < B; ++l) dst[p0 * B + l] = l < valid ? x[off[l] + p0] : 0.f;
+  });
+}
+
+void BlockedToPlanes(OrtKernelContext* ctx, const IsaKernels& isa, const float* xb, int64_t C,
+                     int64_t HW, int64_t B, float* x) {
+  ParallelFor(ParallelIfLarge(ctx, C * HW), size_t((C + B - 1) / B), [&](size_t blk_index) {
+    const int64_t blk = int64_t(blk_index);
+    const int valid = int(std::min(B, C - blk * B));
+    float* rows[64];
+    for (int l = 0; l < valid; ++l) rows[l] = x + (blk * B + l) * HW;
+    isa.scatter_lanes(xb + blk * HW * B, B, HW, rows, valid);
+  });
+}
+
+void BlockedSubset(OrtKernelContext* ctx, const IsaKernels& isa, const float* xb,
+                   const std::vector<int>& chans, int64_t HW, int64_t B, float* dst) {
+  const int64_t nc = int64_t(chans.size());
+  ParallelFor(ParallelIfLarge(ctx, nc * HW), size_t((nc + B - 1) / B), [&](size_t blk_index) {
+    const int64_t first = int64_t(blk_index) * B, valid = std::min(B, nc - first);
+    // The source blocks this block's channels live in (ascending channels: a run of blocks).
+    const float* src[64];
+    int32_t idx[64 * 64];
+    int nsrc = 0;
+    int64_t last_block = -1;
+    for (int64_t l = 0; l < valid; ++l) {
+      const int64_t c = chans[size_t(first + l)], sb = c / B;
+      if (sb != last_block) {
+        src[nsrc] = xb + sb * HW * B;
+        std::fill(idx + nsrc * B, idx + (nsrc + 1) * B, -1);
+        ++nsrc;
+        last_block = sb;
+      }
+      idx[(nsrc - 1) * B + l] = int32_t(c % B);
+    }
+    isa.permute_lanes(src, nsrc, idx, HW, int(B), dst + int64_t(blk_index) * HW * B);
+  });
+}
+
 void NchwcConv::GatherBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,
                               const ConvGeom& g, const std::vector<int>& chans,
                               float* xb) const {
-  // Whole panels of isa.nr pixels go through the ISA's register transpose
-  // (isa.gather_fields); the tail pixels are copied. Parallel over blocks only when large.
   const int64_t B = block_, HW = g.H * g.W, nc = int64_t(chans.size());
-  OrtKernelContext* par = ParallelIfLarge(ctx, nc * HW);
   if (nc < B) {  // the NCHW-input form: the channels' rows, in order
-    ParallelFor(par, size_t(nc), [&](size_t c) {
+    ParallelFor(ParallelIfLarge(ctx, nc * HW), size_t(nc), [&](size_t c) {
       std::memcpy(xb + int64_t(c) * HW, x + int64_t(chans[c]) * HW, sizeof(float) * size_t(HW));
     });
     return;
   }
-  ParallelFor(par, size_t((nc + B - 1) / B), [&](size_t blk_index) {
-    const int64_t blk = int64_t(blk_index), valid = std::min(B, nc - blk * B);
-    int64_t off[64];
-    for (int64_t l = 0; l < valid; ++l) off[l] = int64_t(chans[size_t(blk * B + l)]) * HW;
-    float* dst = xb + blk * HW * B;
-    int64_t p0 = 0;
-    for (; p0 + isa.nr <= HW; p0 += isa.nr)
-      isa.gather_fields(x + p0, off, valid, B, dst + p0 * B);
-    for (; p0 < HW; ++p0)
-      for (int64_t l = 0; l < B; ++l) dst[p0 * B + l] = l < valid ? x[off[l] + p0] : 0.f;
-  });
+  std::vector<int64_t> offs(chans.size());
+  for (size_t i = 0; i < chans.size(); ++i) offs[i] = int64_t(chans[i]) * HW;
+  PlanesToBlocked(ctx, isa, x, offs.data(), nc, HW, B, xb);
 }
 
 void NchwcConv::Run(OrtKernelContext* ctx, const ConvGeom& g, const NchwcFilter& f,
@@ -199,3 +269,7 @@ bool NchwcConv::SelfCheckWith(OrtKernelContext* ctx, int64_t C) const {
 extern "C" __attribute__((visibility("default"))) int64_t G2DDelegatedConvRuns() {
   return g2d::delegated_runs.load(std::memory_order_relaxed);
 }
+
+// The NCHWc block the kernels' blocked layout uses on this CPU (0: none), for
+// runtimes/ort_layout.py.
+extern "C" __attribute__((visibility("default"))) int G2DNchwcBlock() { return g2d::NchwcBlock(); }

@@ -46,6 +46,33 @@ struct NchwcFilter {
   UninitAlignedVec<float> data;
 };
 
+// The layout attributes of the ops the layout pass rewrites (runtimes/ort_layout.py):
+// `input_block` / `output_block` 0 (NCHW) or the NCHWc block of this CPU (the tensor is then
+// [N, C rounded up to the block, H, W], channel c at lane c % B of block c / B). Read by the
+// kernel's constructor (errors into *error); CheckLayout refuses another block size (a model
+// rewritten on another machine) and a blocked input with an NCHW output (never emitted).
+struct LayoutAttrs {
+  int64_t input_block = 0, output_block = 0;
+};
+LayoutAttrs ReadLayoutAttrs(const OrtKernelInfo* info, std::string* error);
+void CheckLayout(const char* op, const LayoutAttrs& layout);
+// X's shape as NCHW planes of `channels` (W's input channels): x_shape itself when not blocked,
+// else checked to hold them rounded up to whole blocks.
+std::vector<int64_t> PlanesShape(const char* op, const char* what, const std::vector<int64_t>& x_shape,
+                                 int64_t channels, int64_t block);
+
+// Layout conversions between NCHW planes and the blocked layout ([ceil(C / B)][HW][B], the
+// padding lanes zero), parallel over blocks when large.
+// xb = channels at plane offsets offs[0..nc) of x (offs[i] = channel * HW), blocked.
+void PlanesToBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,
+                     const int64_t* offs, int64_t nc, int64_t HW, int64_t B, float* xb);
+// x[C, HW] = the C channels of the blocked xb.
+void BlockedToPlanes(OrtKernelContext* ctx, const IsaKernels& isa, const float* xb, int64_t C,
+                     int64_t HW, int64_t B, float* x);
+// dst (blocked, chans.size() channels) = channels `chans` (ascending) of the blocked xb.
+void BlockedSubset(OrtKernelContext* ctx, const IsaKernels& isa, const float* xb,
+                   const std::vector<int>& chans, int64_t HW, int64_t B, float* dst);
+
 class NchwcConv {
  public:
   // Creates the ORT op with the conv attributes (group must be 1; otherwise unavailable).

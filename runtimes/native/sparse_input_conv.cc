@@ -12,6 +12,7 @@ namespace g2d {
 SparseInputConvKernel::SparseInputConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   attrs_ = ReadConvAttrs(info, &attr_error_);
   relu_ = ReadReluAttr(info, &attr_error_);
+  layout_ = ReadLayoutAttrs(info, &attr_error_);
   w_const_ = InputIsConstant(info, 1);
   conv_ = std::make_unique<SubsetConv>(info, attrs_, w_const_);
 }
@@ -24,15 +25,21 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
   return Guarded("SparseInputConv", [&] {
     if (!attr_error_.empty()) throw OpError("SparseInputConv: " + attr_error_);
     if (attrs_.group != 1) throw OpError("SparseInputConv: group must be 1 (W is [O, C, kh, kw])");
-    const ConvGeom g = MakeGeom("SparseInputConv", X.Shape(), W.Shape(), attrs_);
+    CheckLayout("SparseInputConv", layout_);
+    const int64_t Bi = layout_.input_block, Bo = layout_.output_block;
+    if (W.Shape().size() != 4) throw OpError("SparseInputConv: W must be 4-D [O, C, kh, kw]");
+    const ConvGeom g = MakeGeom("SparseInputConv",
+                                PlanesShape("SparseInputConv", "X", X.Shape(), W.Shape()[1], Bi),
+                                W.Shape(), attrs_);
     ExpectShape("SparseInputConv", "B", B.Shape(), {g.O});
+    const int64_t Cx = Bi ? RoundUp(g.C, Bi) : g.C, Oy = Bo ? RoundUp(g.O, Bo) : g.O;
     const float* residual = nullptr;
     if (const Ort::Custom::Tensor<float>* r = OptionalInput(R)) {
-      ExpectShape("SparseInputConv", "R", r->Shape(), {g.N, g.O, g.OH, g.OW});
+      ExpectShape("SparseInputConv", "R", r->Shape(), {g.N, Oy, g.OH, g.OW});
       residual = r->Data();
     }
     const IsaKernels& isa = BestKernels();
-    float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
+    float* y = Y.Allocate({g.N, Oy, g.OH, g.OW});
     const int64_t HW = g.H * g.W, Np = g.P();
     const std::vector<int> outputs = Indices(g.O);
     const std::vector<float> ones(size_t(g.O), 1.f), zeros(size_t(g.O), 0.f);
@@ -44,19 +51,64 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
       if (w_const_) w_finite_.store(w_finite, std::memory_order_release);  // scanned once
     }
     for (int64_t n = 0; n < g.N; ++n) {
-      const float* xn = X.Data() + n * g.C * HW;
-      RowEpilogue ep{outputs.data(), y + n * g.O * Np, Np, ones.data(), ones.data(),
-                     zeros.data(), B.Data()};
-      ep.relu = relu_;
-      if (residual) ep.residual = residual + n * g.O * Np;
-      if (!w_finite) {
-        DenseConvSample(ctx, isa, W.Data(), xn, g, ep.y);
-        for (int64_t o = 0; o < g.O; ++o) ep.ApplyToRun(isa, o, ep.y + o * Np, 0, Np);
+      const float* xn = X.Data() + n * Cx * HW;
+      float* yn = y + n * Oy * Np;
+      const float* rn = residual ? residual + n * Oy * Np : nullptr;
+      if (!w_finite) {  // NCHW planes through the plain dense path, blocked back if asked
+        const float* planes = xn;
+        if (Bi) {
+          AlignedVec<float>& xp = Scratch<float, 48>();
+          xp.resize(size_t(g.C * HW));
+          BlockedToPlanes(ctx, isa, xn, g.C, HW, Bi, xp.data());
+          planes = xp.data();
+        }
+        AlignedVec<float>& yp = Scratch<float, 49>();
+        float* out = yn;
+        if (Bo) {
+          yp.resize(size_t(g.O * Np));
+          out = yp.data();
+        }
+        RowEpilogue ep{outputs.data(), out, Np, ones.data(), ones.data(), zeros.data(), B.Data()};
+        ep.relu = relu_;
+        std::vector<float> rplanes;
+        if (rn && Bo) {
+          rplanes.resize(size_t(g.O * Np));
+          BlockedToPlanes(ctx, isa, rn, g.O, Np, Bo, rplanes.data());
+          ep.residual = rplanes.data();
+        } else {
+          ep.residual = rn;
+        }
+        DenseConvSample(ctx, isa, W.Data(), planes, g, out);
+        for (int64_t o = 0; o < g.O; ++o) ep.ApplyToRun(isa, o, out + o * Np, 0, Np);
+        if (Bo) {
+          std::vector<int64_t> offs(size_t(g.O));
+          for (int64_t o = 0; o < g.O; ++o) offs[size_t(o)] = o * Np;
+          PlanesToBlocked(ctx, isa, out, offs.data(), g.O, Np, Bo, yn);
+        }
         continue;
       }
       std::vector<int> live;
-      for (int64_t c = 0; c < g.C; ++c)
-        if (isa.has_nonzero(xn + c * HW, HW)) live.push_back(int(c));
+      if (Bi) {
+        std::vector<uint8_t> on(size_t(RoundUp(g.C, Bi)));
+        for (int64_t c0 = 0; c0 < g.C; c0 += Bi)
+          isa.block_channel_stats(xn + c0 * HW, HW, int(Bi), int(std::min(Bi, g.C - c0)), kPoolSum,
+                                  on.data() + c0, nullptr, nullptr);
+        for (int64_t c = 0; c < g.C; ++c)
+          if (on[size_t(c)]) live.push_back(int(c));
+      } else {
+        for (int64_t c = 0; c < g.C; ++c)
+          if (isa.has_nonzero(xn + c * HW, HW)) live.push_back(int(c));
+      }
+      if (Bo) {
+        BlockedEpilogue eb{yn, Bo, ones.data(), ones.data(), zeros.data(), B.Data()};
+        eb.residual = rn;
+        eb.relu = relu_;
+        conv_->RunBlocked(ctx, isa, W.Data(), xn, Bi, g, outputs, live, eb);
+        continue;
+      }
+      RowEpilogue ep{outputs.data(), yn, Np, ones.data(), ones.data(), zeros.data(), B.Data()};
+      ep.relu = relu_;
+      ep.residual = rn;
       conv_->Run(ctx, isa, W.Data(), xn, g, outputs, live, ep);
     }
   });

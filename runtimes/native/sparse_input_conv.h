@@ -14,6 +14,7 @@ struct SparseInputConvKernel {
   ConvAttrs attrs_;
   std::string attr_error_;
   bool relu_ = false;  // attribute activation = "Relu"
+  LayoutAttrs layout_;  // NCHW or blocked X / R / Y (runtimes/ort_layout.py)
   bool w_const_ = false;
   std::atomic<int> w_finite_{-1};  // constant W: all finite (1) or not (0); -1 not scanned
   std::unique_ptr<SubsetConv> conv_;  // all outputs x the sample's non-zero inputs

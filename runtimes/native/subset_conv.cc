@@ -2,10 +2,14 @@
 #include "subset_conv.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 namespace g2d {
 
+namespace {
+std::atomic<int64_t> blocked_runs{0};  // samples RunBlocked computed (G2DBlockedLayoutRuns)
+}  // namespace
 
 SubsetConv::SubsetConv(const OrtKernelInfo* info, const ConvAttrs& attrs, bool w_const)
     : w_const_(w_const), nchwc_(info, attrs) {}
@@ -68,4 +72,153 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
   ConvByPanels(ctx, isa, *packed, x, g, in, ep);
 }
 
+void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* w,
+                            const float* x, int64_t x_block, const ConvGeom& g,
+                            const std::vector<int>& outputs, const std::vector<int>& chans,
+                            const BlockedEpilogue& ep) {
+  const int64_t na = int64_t(outputs.size()), Np = g.P(), HW = g.H * g.W, B = ep.B;
+  const int64_t oblocks = (g.O + B - 1) / B;
+  blocked_runs.fetch_add(1, std::memory_order_relaxed);
+  if (na == 0) {
+    std::memset(ep.y, 0, sizeof(float) * size_t(oblocks * Np * B));
+    return;
+  }
+  const bool read_all = double(chans.size()) > kReadAllInputsAbove * double(g.C) &&
+                        int64_t(chans.size()) < g.C && g.group == 1;
+  const std::vector<int> all_chans = read_all ? Indices(g.C) : std::vector<int>();
+  const std::vector<int>& in = read_all ? all_chans : chans;
+  const bool all_in = int64_t(in.size()) == g.C;  // ascending and unique: every channel
+  // Channel o's active index, -1 if inactive.
+  std::vector<int> at(size_t(g.O), -1);
+  for (int64_t a = 0; a < na; ++a) at[size_t(outputs[size_t(a)])] = int(a);
+  // Per block of outputs: the epilogue's parameters by lane, zeros for inactive outputs (their
+  // lanes hold zeros, which then stay zeros).
+  auto block_params = [&](int64_t ob, float* gl, float* sl, float* shl, float* bl) {
+    const int valid = int(std::min(B, g.O - ob * B));
+    for (int l = 0; l < valid; ++l) {
+      const int64_t o = ob * B + l;
+      const bool on = at[size_t(o)] >= 0;
+      gl[l] = on ? ep.gain[o] : 0.f;
+      sl[l] = on ? ep.scale[o] : 0.f;
+      shl[l] = on ? ep.shift[o] : 0.f;
+      bl[l] = on ? ep.bias[o] : 0.f;
+    }
+    return valid;
+  };
+  if (nchwc_.Block() == B && nchwc_.Suits(ctx, na, int64_t(in.size()))) {
+    const auto f = filter_cache_.Get(w_const_, outputs, in, [&](NchwcFilter* reuse) {
+      return nchwc_.PackFilter(ctx, w, g, outputs, in, reuse);
+    });
+    const float* xin = x;
+    if (!x_block) {
+      bool x_as_is = all_in && g.C < B;  // the delegate's NCHW-input form is x itself
+      if (!x_as_is) {
+        AlignedVec<float>& xb = Scratch<float, 16>();
+        xb.resize(size_t(f->C * HW));
+        nchwc_.GatherBlocked(ctx, isa, x, g, in, xb.data());
+        xin = xb.data();
+      }
+    } else if (int64_t(in.size()) < B) {  // the delegate reads fewer than a block as NCHW
+      AlignedVec<float>& xb = Scratch<float, 16>();
+      xb.resize(size_t(g.C * HW));
+      BlockedToPlanes(ctx, isa, x, g.C, HW, B, xb.data());
+      AlignedVec<float>& xs = Scratch<float, 18>();
+      xs.resize(size_t(f->C * HW));
+      nchwc_.GatherBlocked(ctx, isa, xb.data(), g, in, xs.data());
+      xin = xs.data();
+    } else if (!all_in) {
+      AlignedVec<float>& xb = Scratch<float, 16>();
+      xb.resize(size_t(f->C * HW));
+      BlockedSubset(ctx, isa, x, in, HW, B, xb.data());
+      xin = xb.data();
+    }
+    if (na == g.O) {  // every output: the delegate writes y, the epilogue runs in place
+      nchwc_.Run(ctx, g, *f, xin, ep.y);
+      ParallelFor(ParallelIfLarge(ctx, g.O * Np), size_t(oblocks), [&](size_t ob) {
+        float gl[64], sl[64], shl[64], bl[64];
+        const int valid = block_params(int64_t(ob), gl, sl, shl, bl);
+        const int64_t o0 = int64_t(ob) * B;
+        isa.epilogue_block(ep.y + o0 * Np, Np, int(B), valid, gl, sl, shl, bl,
+                           ep.residual ? ep.residual + o0 * Np : nullptr, ep.relu);
+      });
+      return;
+    }
+    AlignedVec<float>& yb = Scratch<float, 17>();
+    yb.resize(size_t(f->O * Np));
+    nchwc_.Run(ctx, g, *f, xin, yb.data());
+    // Each block of outputs takes its active channels' lanes from (at most two) blocks of the
+    // active-only result, chunk by chunk of pixels (the chunk is still in L1 for the epilogue).
+    constexpr int64_t kChunk = 512;
+    ParallelFor(ParallelIfLarge(ctx, g.O * Np), size_t(oblocks), [&](size_t ob) {
+      float gl[64], sl[64], shl[64], bl[64];
+      const int valid = block_params(int64_t(ob), gl, sl, shl, bl);
+      const int64_t o0 = int64_t(ob) * B;
+      const float* src[2];
+      int64_t src_block[2];
+      int32_t idx[2 * 64];
+      int nsrc = 0;
+      for (int l = 0; l < valid; ++l) {
+        const int a = at[size_t(o0 + l)];
+        if (a < 0) continue;
+        if (nsrc == 0 || src_block[nsrc - 1] != a / B) {
+          src_block[nsrc] = a / B;
+          std::fill(idx + nsrc * B, idx + (nsrc + 1) * B, -1);
+          ++nsrc;
+        }
+        idx[(nsrc - 1) * B + l] = int32_t(a % B);
+      }
+      float* dst = ep.y + o0 * Np;
+      if (nsrc == 0) {
+        std::memset(dst, 0, sizeof(float) * size_t(Np * B));
+        return;
+      }
+      for (int64_t p0 = 0; p0 < Np; p0 += kChunk) {
+        const int64_t n = std::min(kChunk, Np - p0);
+        for (int s = 0; s < nsrc; ++s) src[s] = yb.data() + (src_block[s] * Np + p0) * B;
+        isa.permute_lanes(src, nsrc, idx, n, int(B), dst + p0 * B);
+        isa.epilogue_block(dst + p0 * B, n, int(B), valid, gl, sl, shl, bl,
+                           ep.residual ? ep.residual + o0 * Np + p0 * B : nullptr, ep.relu);
+      }
+    });
+    return;
+  }
+  // No delegate for this subset: our GEMM on NCHW planes, converted on the way in and out.
+  const float* planes = x;
+  if (x_block) {
+    AlignedVec<float>& xp = Scratch<float, 18>();
+    xp.resize(size_t(g.C * HW));
+    BlockedToPlanes(ctx, isa, x, g.C, HW, B, xp.data());
+    planes = xp.data();
+  }
+  AlignedVec<float>& yp = Scratch<float, 19>();
+  yp.assign(size_t(g.O * Np), 0.f);  // inactive outputs stay zero
+  std::vector<float> gain(static_cast<size_t>(na)), scale(gain), shift(gain), bias(gain);
+  for (int64_t a = 0; a < na; ++a) {
+    const int o = outputs[size_t(a)];
+    gain[size_t(a)] = ep.gain[o], scale[size_t(a)] = ep.scale[o];
+    shift[size_t(a)] = ep.shift[o], bias[size_t(a)] = ep.bias[o];
+  }
+  RowEpilogue rows{outputs.data(), yp.data(), Np, gain.data(), scale.data(), shift.data(), bias.data()};
+  rows.relu = ep.relu;
+  if (ep.residual) {
+    AlignedVec<float>& rp = Scratch<float, 20>();
+    rp.resize(size_t(g.O * Np));
+    BlockedToPlanes(ctx, isa, ep.residual, g.O, Np, B, rp.data());
+    rows.residual = rp.data();
+  }
+  const auto packed = packed_cache_.Get(w_const_, outputs, in, [&](PackedWeights<float>*) {
+    return PackWeights(isa, w, g, outputs, in);
+  });
+  ConvByPanels(ctx, isa, *packed, planes, g, in, rows);
+  std::vector<int64_t> offs(size_t(g.O));
+  for (int64_t o = 0; o < g.O; ++o) offs[size_t(o)] = o * Np;
+  PlanesToBlocked(ctx, isa, yp.data(), offs.data(), g.O, Np, B, ep.y);
+}
+
 }  // namespace g2d
+
+// Samples computed in the blocked layout since load (runtimes/ort_layout.py; benchmarks print
+// it as the "blocked" path).
+extern "C" __attribute__((visibility("default"))) int64_t G2DBlockedLayoutRuns() {
+  return g2d::blocked_runs.load(std::memory_order_relaxed);
+}

@@ -48,6 +48,18 @@ class LastSubsetCache {
   std::shared_ptr<V> value_;  // handed out as shared_ptr<const V>
 };
 
+// Where RunBlocked writes: y in ONNX Runtime's NCHWc layout ([ceil(O / B)][P][B], B the
+// delegate's block), every channel: the active outputs through the RowEpilogue's formula with
+// per-channel parameters (gain[o] * (scale[o] * acc + shift[o]) + bias[o] (+ the residual),
+// ReLU if relu), the other outputs and the padding lanes exact zeros.
+struct BlockedEpilogue {
+  float* y;
+  int64_t B;
+  const float *gain, *scale, *shift, *bias;  // [O], by output channel
+  const float* residual = nullptr;           // y's layout and shape, or null
+  bool relu = false;
+};
+
 class SubsetConv {
  public:
   // Above this fraction of live input channels, all inputs are read (see Run).
@@ -67,6 +79,14 @@ class SubsetConv {
   void Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* w, const float* x,
            const ConvGeom& g, const std::vector<int>& outputs, const std::vector<int>& chans,
            const RowEpilogue& ep);
+  // The same for the layout pass (runtimes/ort_layout.py): x is the sample's NCHW planes
+  // (x_block 0) or its blocked tensor (x_block = the block, C padded to whole blocks), the
+  // result is the blocked `ep.y`. Nothing is converted on the way when x is blocked, every
+  // input channel is read and every output computed (FBS at density 1, SparseInputConv):
+  // the delegate reads x and writes y in place.
+  void RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* w, const float* x,
+                  int64_t x_block, const ConvGeom& g, const std::vector<int>& outputs,
+                  const std::vector<int>& chans, const BlockedEpilogue& ep);
 
  private:
   bool w_const_;

@@ -1,0 +1,96 @@
+"""The session-time layout pass (runtimes/ort_layout.py): an FBS network opened by
+`open_session` runs its FBSConv / SparseInputConv layers in ONNX Runtime's blocked layout,
+with the same outputs bit for bit as the NCHW session ONNX Runtime makes of the same model,
+and without the conversions the pass removes.
+
+Expected values: the NCHW session of the same exported model (the kernel tests in
+test_native_ops.py check each op against the reference in both layouts) and the PyTorch
+module, which the export's verification already compares within tolerance.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import gate2deploy
+from gate2deploy.runtimes.ort import custom_ops_library_path, open_session
+from gate2deploy.runtimes.ort_layout import BLOCKED_OPS, NCHWC_DOMAIN, nchwc_block, rewrite
+
+BLOCK = nchwc_block(custom_ops_library_path())
+pytestmark = pytest.mark.skipif(BLOCK == 0, reason="no NCHWc layout on this CPU")
+
+
+@pytest.fixture(scope="module")
+def fbs_export():
+    """An FBS ResNet-18 at density 0.5 with input-dependent saliency (random predictor and
+    BatchNorm, as a trained one differs per input), exported for --target ort."""
+    import torchvision
+
+    from gate2deploy.importers.fbs import fbs_state_dict_from_dense
+    from gate2deploy.loading import load_weights
+    from gate2deploy.models.fbs import fbs_resnet18
+
+    g = torch.Generator().manual_seed(0)
+    dense = torchvision.models.resnet18(num_classes=10).eval()
+    for m in dense.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.uniform_(-0.1, 0.1, generator=g)
+    sd = fbs_state_dict_from_dense(dense.state_dict())
+    for name, t in sd.items():
+        if name.endswith("gate.weight"):
+            sd[name] = torch.randn(t.shape, generator=g) * 0.5 / t.shape[1] ** 0.5
+    model = fbs_resnet18(num_classes=10, density=0.5).eval()
+    load_weights(model, sd, "fbs")
+    x = torch.randn(1, 3, 64, 64, generator=g)
+    return model, gate2deploy.compile(model, x, target="ort").onnx_model
+
+
+def _optimized(model, tmp_path, layout):
+    path = tmp_path / f"{layout}.onnx"
+    session = open_session(model, threads=2, layout=layout, optimized_path=str(path))
+    return session, onnx.load(str(path))
+
+
+def test_fbs_network_runs_blocked_with_the_nchw_outputs(fbs_export, tmp_path):
+    torch_model, model = fbs_export
+    blocked, graph_b = _optimized(model, tmp_path, "auto")
+    nchw, graph_n = _optimized(model, tmp_path, "nchw")
+    rng = np.random.default_rng(1)
+    for _ in range(3):  # inputs whose active channels differ
+        x = rng.standard_normal((1, 3, 64, 64)).astype(np.float32)
+        y_b = blocked.run(None, {"input": x})[0]
+        np.testing.assert_array_equal(y_b, nchw.run(None, {"input": x})[0])
+        with torch.no_grad():
+            y_t = torch_model(torch.from_numpy(x)).numpy()
+        assert np.abs(y_b - y_t).max() <= 1e-3 * np.abs(y_t).max()
+    ops = [n for n in graph_b.graph.node if n.domain == "gate2deploy" and n.op_type in BLOCKED_OPS]
+    assert len(ops) == 17  # 9 FBSConv + 8 SparseInputConv
+    blocks = {n.name: {a.name: a.i for a in n.attribute if a.name.endswith("_block")} for n in ops}
+    assert all(b.get("output_block") == BLOCK for b in blocks.values()), blocks
+    # every layer but the stem (its input is the 3-channel image) reads X blocked
+    assert [name for name, b in blocks.items() if b.get("input_block") != BLOCK] == ["/conv1/FBSConv"]
+    reorders = {g: sum(n.domain == NCHWC_DOMAIN and n.op_type.startswith("Reorder") for n in m.graph.node)
+                for g, m in (("blocked", graph_b), ("nchw", graph_n))}
+    assert reorders["blocked"] < reorders["nchw"], reorders
+
+
+def test_the_pass_leaves_a_single_op_as_it_is(fbs_export):
+    """One FBSConv between the graph's NCHW input and output: blocking it would only move its
+    conversion into a ReorderOutput, so `rewrite` declines."""
+    _, model = fbs_export
+    node = next(n for n in model.graph.node if n.op_type == "FBSConv" and n.name != "/conv1/FBSConv")
+    inits = {i.name: i for i in model.graph.initializer}
+    single = onnx.helper.make_model(
+        onnx.helper.make_graph([node], "one", [onnx.helper.make_tensor_value_info(node.input[0], 1, None)],
+                               [onnx.helper.make_tensor_value_info(node.output[0], 1, None)],
+                               [inits[i] for i in node.input[1:] if i in inits]),
+        opset_imports=list(model.opset_import))
+    assert rewrite(single, BLOCK) is None
+    assert Counter(n.op_type for n in rewrite(model, BLOCK).graph.node)["ReorderOutput"] >= 1
