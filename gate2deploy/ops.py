@@ -145,6 +145,7 @@ FBS_GATE_ATTRS = (Attr("activation", "string"), Attr("pool_pads", "ints"), Attr(
 # Set only by the session-time layout pass (runtimes/ort_layout.py), never in an export: X / Y
 # in ONNX Runtime's blocked NCHWc layout of this CPU's block size (0: NCHW).
 _LAYOUT_ATTRS = (Attr("input_block", "int"), Attr("output_block", "int"))
+LAYOUT_ATTRIBUTES = tuple(a.name for a in _LAYOUT_ATTRS)  # not TensorRT plugin fields
 FBS_POOLS = ("avg", "max", "l1", "l2")
 FBS_ACTIVATIONS = ("Relu", "Identity")
 

@@ -161,8 +161,10 @@ def test_trt_onnx_plugin_nodes_match_the_plugin_declaration(trt_export):
         assert [i.name for i in schema.inputs if i.name not in epilogue] == list(spec.inputs)
         # CGConv / FBSConv take `group` only as 1 (OPS.md): their plugins leave it out.
         # FBSConv's `activation` is its own (a plugin field), not CG/PG's CPU-only epilogue;
-        # its fixed `threshold` is refused by name (tensorrt_plugins.py).
-        left_out = {"group", "threshold"} if op == "FBSConv" else epilogue | ({"group"} if op == "CGConv" else set())
+        # its fixed `threshold` is refused by name (tensorrt_plugins.py); the layout attributes
+        # exist in ONNX Runtime sessions only (runtimes/ort_layout.py), never in an export.
+        left_out = ({"group", "threshold", *opdefs.LAYOUT_ATTRIBUTES} if op == "FBSConv"
+                    else epilogue | ({"group"} if op == "CGConv" else set()))
         assert {n: schema_types[a.type] for n, a in schema.attributes.items() if n not in left_out} == \
             {n: k for n, k, _ in spec.attributes}
         # the signature tensorrt.plugin reads: tensors, then attributes with their types

@@ -703,90 +703,98 @@ void sparse_dots(const float* w, int64_t ld, int64_t len, int ntaps, const int64
 // A block of channels as MLAS's NCHWc kernels store it: pixel p, lane l at p * B + l.
 
 namespace {
+constexpr int kMaxBlock = 64;
+
+// One pass over a block's n pixels: which lanes hold a non-zero value (`any`), a non-finite
+// one (`bad`), and the pool: pool_channel's order for each lane's channel, i.e. 16 float
+// partials by pixel index mod 16 over the whole 16-pixel steps, the tail summed in double
+// first, then the partials in order (SumChannel; max: pool_channel's running maxima), so a
+// saliency is the same bit for bit whichever layout a layer reads.
 template <int kKind>
-void BlockSums(const float* x, int64_t n, int B, int valid, double* pooled) {
-  // pool_channel's order for each lane's channel: 16 float partials by pixel index mod 16
-  // over the whole 16-pixel steps, the tail summed in double first, then the partials in
-  // order (SumChannel): the same saliency bit for bit whichever layout a layer reads.
+void BlockPass(const float* x, int64_t n, int B, int valid, uint32_t* any, uint32_t* bad,
+               double* pooled) {
   auto term = [](float v) {
     if constexpr (kKind == kPoolAbsSum) return std::fabs(v);
     else if constexpr (kKind == kPoolSquareSum) return v * v;
     else return v;
   };
-  constexpr int kLanes = 16, kMaxB = 64;
-  float part[kLanes][kMaxB] = {};
-  const int64_t n16 = n / kLanes * kLanes;
-  for (int64_t i = 0; i < n16; i += kLanes)
-    for (int m = 0; m < kLanes; ++m)
-      for (int l = 0; l < B; ++l) part[m][l] += term(x[(i + m) * B + l]);
-  for (int l = 0; l < valid; ++l) {
-    double sum = 0.0;
-    for (int64_t i = n16; i < n; ++i) sum += term(x[i * B + l]);
-    for (int m = 0; m < kLanes; ++m) sum += part[m][l];
-    pooled[l] = sum;
-  }
-}
-
-void BlockMax(const float* x, int64_t n, int B, int valid, double* pooled) {
-  constexpr int kLanes = 16, kMaxB = 64;  // pool_channel's max, lane by lane
-  float mxp[kLanes][kMaxB];
+  constexpr int kLanes = 16;
+  float part[kLanes][kMaxBlock];
   for (int m = 0; m < kLanes; ++m)
-    for (int l = 0; l < B; ++l) mxp[m][l] = x[l];
+    for (int l = 0; l < B; ++l) part[m][l] = kKind == kPoolMax ? x[l] : 0.f;
   const int64_t n16 = n / kLanes * kLanes;
+  auto scan = [&](const float* v) {
+    for (int l = 0; l < B; ++l) {
+      uint32_t bits;
+      std::memcpy(&bits, v + l, 4);
+      any[l] |= bits & 0x7fffffffu;
+      bad[l] |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
+    }
+  };
   for (int64_t i = 0; i < n16; i += kLanes)
-    for (int m = 0; m < kLanes; ++m)
-      for (int l = 0; l < B; ++l) {
-        const float v = x[(i + m) * B + l];
-        mxp[m][l] = mxp[m][l] < v ? v : mxp[m][l];
-      }
+    for (int m = 0; m < kLanes; ++m) {
+      const float* v = x + (i + m) * B;
+      scan(v);
+      if constexpr (kKind == kPoolMax)
+        for (int l = 0; l < B; ++l) part[m][l] = part[m][l] < v[l] ? v[l] : part[m][l];
+      else
+        for (int l = 0; l < B; ++l) part[m][l] += term(v[l]);
+    }
+  for (int64_t i = n16; i < n; ++i) scan(x + i * B);
   for (int l = 0; l < valid; ++l) {
-    float mx = x[l];
-    for (int64_t i = n16; i < n; ++i) mx = std::max(mx, x[i * B + l]);
-    for (int m = 0; m < kLanes; ++m) mx = std::max(mx, mxp[m][l]);
-    pooled[l] = mx;
+    if constexpr (kKind == kPoolMax) {
+      float mx = x[l];
+      for (int64_t i = n16; i < n; ++i) mx = std::max(mx, x[i * B + l]);
+      for (int m = 0; m < kLanes; ++m) mx = std::max(mx, part[m][l]);
+      pooled[l] = mx;
+    } else {
+      double sum = 0.0;
+      for (int64_t i = n16; i < n; ++i) sum += term(x[i * B + l]);
+      for (int m = 0; m < kLanes; ++m) sum += part[m][l];
+      pooled[l] = sum;
+    }
   }
 }
 }  // namespace
 
 void block_channel_stats(const float* x, int64_t n, int B, int valid, int kind, uint8_t* live,
                          double* pooled, uint8_t* finite) {
-  constexpr int kMaxB = 64;
-  uint32_t any[kMaxB] = {}, bad[kMaxB] = {};
-  // Liveness alone (no pool, no finiteness): stop once every channel has shown a non-zero
-  // value, checked every 64 pixels (has_nonzero stops likewise per channel).
-  const bool live_only = !pooled && !finite;
-  for (int64_t i0 = 0; i0 < n; i0 += 64) {
-    const int64_t i1 = std::min(n, i0 + 64);
-    for (int64_t i = i0; i < i1; ++i)
-      for (int l = 0; l < B; ++l) {
-        uint32_t bits;
-        std::memcpy(&bits, x + i * B + l, 4);
-        any[l] |= bits & 0x7fffffffu;
-        bad[l] |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
+  uint32_t any[kMaxBlock] = {}, bad[kMaxBlock] = {};
+  if (pooled && n > 0) {
+    if (kind == kPoolAbsSum) BlockPass<kPoolAbsSum>(x, n, B, valid, any, bad, pooled);
+    else if (kind == kPoolSquareSum) BlockPass<kPoolSquareSum>(x, n, B, valid, any, bad, pooled);
+    else if (kind == kPoolMax) BlockPass<kPoolMax>(x, n, B, valid, any, bad, pooled);
+    else BlockPass<kPoolSum>(x, n, B, valid, any, bad, pooled);
+  } else {
+    // Liveness (and finiteness) alone: without finiteness, stop once every channel has shown
+    // a non-zero value, checked every 64 pixels (has_nonzero stops likewise per channel).
+    for (int64_t i0 = 0; i0 < n; i0 += 64) {
+      const int64_t i1 = std::min(n, i0 + 64);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int l = 0; l < B; ++l) {
+          uint32_t bits;
+          std::memcpy(&bits, x + i * B + l, 4);
+          any[l] |= bits & 0x7fffffffu;
+          bad[l] |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
+        }
+      if (!finite) {
+        bool all = true;
+        for (int l = 0; l < valid; ++l) all = all && any[l] != 0;
+        if (all) break;
       }
-    if (live_only) {
-      bool all = true;
-      for (int l = 0; l < valid; ++l) all = all && any[l] != 0;
-      if (all) break;
     }
   }
   for (int l = 0; l < valid; ++l) {
     live[l] = any[l] != 0;
     if (finite) finite[l] = bad[l] == 0;
   }
-  if (!pooled || n == 0) return;
-  if (kind == kPoolAbsSum) BlockSums<kPoolAbsSum>(x, n, B, valid, pooled);
-  else if (kind == kPoolSquareSum) BlockSums<kPoolSquareSum>(x, n, B, valid, pooled);
-  else if (kind == kPoolMax) BlockMax(x, n, B, valid, pooled);
-  else BlockSums<kPoolSum>(x, n, B, valid, pooled);
 }
 
 void epilogue_block(float* v, int64_t n, int B, int valid, const float* g, const float* s,
                     const float* sh, const float* b, const float* r, bool relu) {
   // epilogue_row's operations lane by lane (the same expression: the same rounding and
   // contraction), the padding lanes set to exact zeros.
-  constexpr int kMaxB = 64;
-  float gl[kMaxB] = {}, sl[kMaxB] = {}, shl[kMaxB] = {}, bl[kMaxB] = {};
+  float gl[kMaxBlock] = {}, sl[kMaxBlock] = {}, shl[kMaxBlock] = {}, bl[kMaxBlock] = {};
   for (int l = 0; l < valid; ++l) gl[l] = g[l], sl[l] = s[l], shl[l] = sh[l], bl[l] = b[l];
   for (int64_t i = 0; i < n; ++i) {
     float* vp = v + i * B;
