@@ -130,6 +130,21 @@ void PlanesToBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
   });
 }
 
+void AllPlanesToBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* planes,
+                        int64_t C, int64_t HW, int64_t B, float* xb) {
+  std::vector<int64_t> offs(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) offs[size_t(c)] = c * HW;
+  PlanesToBlocked(ctx, isa, planes, offs.data(), C, HW, B, xb);
+}
+
+const float* AsPlanes(OrtKernelContext* ctx, const IsaKernels& isa, const float* x, int64_t C,
+                      int64_t HW, int64_t block, AlignedVec<float>& buf) {
+  if (!block) return x;
+  buf.resize(size_t(C * HW));
+  BlockedToPlanes(ctx, isa, x, C, HW, block, buf.data());
+  return buf.data();
+}
+
 void BlockedToPlanes(OrtKernelContext* ctx, const IsaKernels& isa, const float* xb, int64_t C,
                      int64_t HW, int64_t B, float* x) {
   ParallelFor(ParallelIfLarge(ctx, C * HW), size_t((C + B - 1) / B), [&](size_t blk_index) {

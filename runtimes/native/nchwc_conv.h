@@ -66,6 +66,12 @@ std::vector<int64_t> PlanesShape(const char* op, const char* what, const std::ve
 // xb = channels at plane offsets offs[0..nc) of x (offs[i] = channel * HW), blocked.
 void PlanesToBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,
                      const int64_t* offs, int64_t nc, int64_t HW, int64_t B, float* xb);
+// The C channels of planes[C, HW], blocked.
+void AllPlanesToBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* planes,
+                        int64_t C, int64_t HW, int64_t B, float* xb);
+// x itself when block is 0, else its C channels as NCHW planes in `buf` (resized).
+const float* AsPlanes(OrtKernelContext* ctx, const IsaKernels& isa, const float* x, int64_t C,
+                      int64_t HW, int64_t block, AlignedVec<float>& buf);
 // x[C, HW] = the C channels of the blocked xb.
 void BlockedToPlanes(OrtKernelContext* ctx, const IsaKernels& isa, const float* xb, int64_t C,
                      int64_t HW, int64_t B, float* x);

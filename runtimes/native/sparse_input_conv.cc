@@ -55,13 +55,7 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
       float* yn = y + n * Oy * Np;
       const float* rn = residual ? residual + n * Oy * Np : nullptr;
       if (!w_finite) {  // NCHW planes through the plain dense path, blocked back if asked
-        const float* planes = xn;
-        if (Bi) {
-          AlignedVec<float>& xp = Scratch<float, 48>();
-          xp.resize(size_t(g.C * HW));
-          BlockedToPlanes(ctx, isa, xn, g.C, HW, Bi, xp.data());
-          planes = xp.data();
-        }
+        const float* planes = AsPlanes(ctx, isa, xn, g.C, HW, Bi, Scratch<float, 48>());
         AlignedVec<float>& yp = Scratch<float, 49>();
         float* out = yn;
         if (Bo) {
@@ -70,21 +64,10 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
         }
         RowEpilogue ep{outputs.data(), out, Np, ones.data(), ones.data(), zeros.data(), B.Data()};
         ep.relu = relu_;
-        std::vector<float> rplanes;
-        if (rn && Bo) {
-          rplanes.resize(size_t(g.O * Np));
-          BlockedToPlanes(ctx, isa, rn, g.O, Np, Bo, rplanes.data());
-          ep.residual = rplanes.data();
-        } else {
-          ep.residual = rn;
-        }
+        ep.residual = rn ? AsPlanes(ctx, isa, rn, g.O, Np, Bo, Scratch<float, 50>()) : nullptr;
         DenseConvSample(ctx, isa, W.Data(), planes, g, out);
         for (int64_t o = 0; o < g.O; ++o) ep.ApplyToRun(isa, o, out + o * Np, 0, Np);
-        if (Bo) {
-          std::vector<int64_t> offs(size_t(g.O));
-          for (int64_t o = 0; o < g.O; ++o) offs[size_t(o)] = o * Np;
-          PlanesToBlocked(ctx, isa, out, offs.data(), g.O, Np, Bo, yn);
-        }
+        if (Bo) AllPlanesToBlocked(ctx, isa, out, g.O, Np, Bo, yn);
         continue;
       }
       std::vector<int> live;

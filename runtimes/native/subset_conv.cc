@@ -183,13 +183,7 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
     return;
   }
   // No delegate for this subset: our GEMM on NCHW planes, converted on the way in and out.
-  const float* planes = x;
-  if (x_block) {
-    AlignedVec<float>& xp = Scratch<float, 18>();
-    xp.resize(size_t(g.C * HW));
-    BlockedToPlanes(ctx, isa, x, g.C, HW, B, xp.data());
-    planes = xp.data();
-  }
+  const float* planes = AsPlanes(ctx, isa, x, g.C, HW, x_block, Scratch<float, 18>());
   AlignedVec<float>& yp = Scratch<float, 19>();
   yp.assign(size_t(g.O * Np), 0.f);  // inactive outputs stay zero
   std::vector<float> gain(static_cast<size_t>(na)), scale(gain), shift(gain), bias(gain);
@@ -200,19 +194,12 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
   }
   RowEpilogue rows{outputs.data(), yp.data(), Np, gain.data(), scale.data(), shift.data(), bias.data()};
   rows.relu = ep.relu;
-  if (ep.residual) {
-    AlignedVec<float>& rp = Scratch<float, 20>();
-    rp.resize(size_t(g.O * Np));
-    BlockedToPlanes(ctx, isa, ep.residual, g.O, Np, B, rp.data());
-    rows.residual = rp.data();
-  }
+  if (ep.residual) rows.residual = AsPlanes(ctx, isa, ep.residual, g.O, Np, B, Scratch<float, 20>());
   const auto packed = packed_cache_.Get(w_const_, outputs, in, [&](PackedWeights<float>*) {
     return PackWeights(isa, w, g, outputs, in);
   });
   ConvByPanels(ctx, isa, *packed, planes, g, in, rows);
-  std::vector<int64_t> offs(size_t(g.O));
-  for (int64_t o = 0; o < g.O; ++o) offs[size_t(o)] = o * Np;
-  PlanesToBlocked(ctx, isa, yp.data(), offs.data(), g.O, Np, B, ep.y);
+  AllPlanesToBlocked(ctx, isa, yp.data(), g.O, Np, B, ep.y);
 }
 
 }  // namespace g2d
