@@ -191,6 +191,7 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
         "physical_widths": ctx.widths,
         "sparse_input_convs": ctx.sparse_input_convs,
         "fused_epilogues": ctx.fused_epilogues,
+        "fused_quantizers": ctx.fused_quantizers,
         "layers": rep.compare(before, after),
         "batch": {"axis": "dynamic" if dynamic else "static", "captured": shape[0],
                   "verified": [] if check is None else [shape[0]] + ([shape[0] + 1] if second else []),

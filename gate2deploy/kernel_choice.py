@@ -323,15 +323,18 @@ def choose_gated_kernels(model: onnx.ModelProto, example: np.ndarray, threads: i
 
 
 def dense_twin(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph with every gate2deploy node replaced by a plain Conv(X, W) of the same
-    weight and conv attributes: the dense network the gated kernels are compared against
-    (for PG, its quantized weights in fp32; a SparseInputConv's bias and residual dropped)."""
+    """The same graph with every gate2deploy convolution (an op of the catalog's "conv"
+    channel rule) replaced by a plain Conv(X, W) of the same weight and conv attributes: the
+    dense network the gated kernels are compared against (for PG, its quantized weights in
+    fp32; a SparseInputConv's bias and residual dropped). Other gate2deploy nodes (the fused
+    activation quantizer) stay: they are not gates, and the twin runs them as the export does,
+    so the ratio measures what the gates save."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     conv_attrs = {"strides", "pads", "dilations", "group"}
     nodes = []
     for node in out.graph.node:
-        if node.domain != DOMAIN:
+        if node.domain != DOMAIN or CATALOG[node.op_type].channel_rule != "conv":
             nodes.append(node)
             continue
         conv = helper.make_node("Conv", list(node.input[:2]), list(node.output), name=node.name + "_dense")
@@ -339,9 +342,10 @@ def dense_twin(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(conv)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    keep = [o for o in out.opset_import if o.domain != DOMAIN]
-    del out.opset_import[:]
-    out.opset_import.extend(keep)
+    if not any(n.domain == DOMAIN for n in nodes):
+        keep = [o for o in out.opset_import if o.domain != DOMAIN]
+        del out.opset_import[:]
+        out.opset_import.extend(keep)
     return out
 
 

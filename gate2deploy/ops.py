@@ -178,6 +178,12 @@ CATALOG: dict[str, OpSpec] = {spec.name: spec for spec in [
            "of an FBS layer).",
            conv_like_output, channel_rule="conv", macs="conv", runtimes=frozenset({"ort", "portable"}),
            reference="sparse_input_conv_reference"),
+    OpSpec("QuantizeActivation", ("X",), (Attr("levels", "float", True), Attr("scale", "float"), Attr("eps", "float")),
+           "Y = sign(X) * (round(clip(|X| / s, 0, 1) * levels) / levels) * s, s = scale if > 0 else "
+           "max|X| + eps over the whole tensor: the seed's sign-magnitude activation quantizer, fused "
+           "from its chain of standard ops for --target ort (OPS.md).",
+           same_as_input0, channel_rule="elementwise", macs="none", runtimes=frozenset({"ort", "portable"}),
+           reference="quantize_activation_reference"),
 ]}
 
 GATED_OPS = ("CGConv", "PGConv", "FBSConv")  # the dynamic gates

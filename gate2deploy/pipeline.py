@@ -35,6 +35,7 @@ from gate2deploy.passes.choose_widths import choose_padding
 from gate2deploy.passes.cleanup import cleanup
 from gate2deploy.passes.dynamic_batch import BatchAxisError, relax_batch
 from gate2deploy.passes.fold_masks import FoldResult, fold_static_masks
+from gate2deploy.passes.fuse_activation_quantizer import fuse_activation_quantizer
 from gate2deploy.passes.fuse_gated_epilogue import fuse_gated_epilogue
 from gate2deploy.passes.lower_portable import LoweringResult, lower_portable
 from gate2deploy.passes.resolve_static_shapes import resolve_static_shapes
@@ -54,6 +55,7 @@ class PassContext:
     lowering: LoweringResult = field(default_factory=LoweringResult)  # CG/PG/FBS -> standard ops
     sparse_input_convs: list[str] = field(default_factory=list)  # Conv after FBS -> SparseInputConv
     fused_epilogues: list[str] = field(default_factory=list)  # CG/PG nodes that took BN (+ Relu)
+    fused_quantizers: list[str] = field(default_factory=list)  # quantizer chains -> QuantizeActivation
     timings: dict[str, float] = field(default_factory=dict)  # pass name -> seconds
     debug_dir: str | None = None  # --debug-passes: dump and re-check the graph after each pass
     batch_axis: bool = False  # relax the batch dimension at the end (passes/dynamic_batch.py)
@@ -97,6 +99,8 @@ FOLD_STATIC_MASKS = GraphPass(
 LOWER_PORTABLE = GraphPass("lower_portable", lambda g, ctx: lower_portable(g, ctx.lowering), ("fold_static_masks",))
 SPARSE_FBS_CONSUMERS = GraphPass("sparse_fbs_consumers", _collect("sparse_input_convs", sparse_fbs_consumers),
                                  ("fold_static_masks",))
+FUSE_ACTIVATION_QUANTIZER = GraphPass("fuse_activation_quantizer",
+                                      _collect("fused_quantizers", fuse_activation_quantizer), ("fold_static_masks",))
 FUSE_GATED_EPILOGUE = GraphPass("fuse_gated_epilogue", _collect("fused_epilogues", fuse_gated_epilogue),
                                 ("fold_static_masks",))
 
@@ -107,8 +111,9 @@ PIPELINES: dict[str, list[GraphPass]] = {
     "onnx": FOLD_PIPELINE + [LOWER_PORTABLE],
     # ONNX Runtime with the gate2deploy custom-op library: CGConv/PGConv/FBSConv nodes stay,
     # plain convs reading an FBS output skip its zero channels, and the BatchNorm + Relu after
-    # a CG/PG node join it as its epilogue (CPU-only features of the native kernels).
-    "ort": FOLD_PIPELINE + [SPARSE_FBS_CONSUMERS, FUSE_GATED_EPILOGUE],
+    # a CG/PG node join it as its epilogue, and the seed's activation quantizer chains become
+    # single QuantizeActivation nodes (CPU-only features of the native kernels).
+    "ort": FOLD_PIPELINE + [SPARSE_FBS_CONSUMERS, FUSE_GATED_EPILOGUE, FUSE_ACTIVATION_QUANTIZER],
     # TensorRT with the gate2deploy plugins: CGConv/PGConv/FBSConv nodes stay.
     "trt": list(FOLD_PIPELINE),
 }

@@ -37,7 +37,7 @@ from gate2deploy.ops import DOMAIN, FBS_ACTIVATIONS, FBS_POOLS, GATED_OPS
 from .fuse_gated_epilogue import EPILOGUE_INPUTS_AT, activation_name
 from .ir import const_value
 
-LOWERED_OPS = (*GATED_OPS, "SparseInputConv")
+LOWERED_OPS = (*GATED_OPS, "SparseInputConv", "QuantizeActivation")
 
 
 @dataclass
@@ -270,6 +270,24 @@ def _lower_sparse_input_conv(b: _Builder, node: gs.Node, y: gs.Variable) -> None
         b.op("Relu", [v], out=y)
 
 
+def _lower_quantize_activation(b: _Builder, node: gs.Node, y: gs.Variable) -> None:
+    """QuantizeActivation (OPS.md) as the chain of standard ops it was fused from
+    (passes/fuse_activation_quantizer.py), the same float32 operations in the same order."""
+    x = node.inputs[0]
+    levels = b.const("levels", np.array(node.attrs["levels"], np.float32))
+    sign = b.op("Sign", [x])
+    mag = b.op("Abs", [x])
+    if float(node.attrs.get("scale", 0.0)) > 0:
+        s = b.const("scale", np.array(node.attrs["scale"], np.float32))
+    else:
+        s = b.op("Add", [b.op("ReduceMax", [mag], {"keepdims": 0}),
+                         b.const("eps", np.array(node.attrs.get("eps", 1e-7), np.float32))])
+    c = b.op("Clip", [b.op("Div", [mag, s]), b.const("zero", np.array(0, np.float32)),
+                      b.const("one", np.array(1, np.float32))])
+    q = b.op("Div", [b.op("Round", [b.op("Mul", [c, levels])]), levels])
+    b.op("Mul", [b.op("Mul", [q, s]), sign], out=y)
+
+
 def _epilogue_target(b: _Builder, node: gs.Node, y: gs.Variable):
     """(tensor the gated op's lowering writes, function finishing y) for CG/PG's optional
     epilogue (OPS.md: act(post_scale * Y + post_shift)); (y, None) without one."""
@@ -311,6 +329,8 @@ def lower_portable(graph: gs.Graph, result: LoweringResult | None = None,
             gate = _lower_pg(b, node, target)
         elif node.op == "FBSConv":
             gate = _lower_fbs(b, node, y, expose_gates)
+        elif node.op == "QuantizeActivation":
+            gate = _lower_quantize_activation(b, node, y)
         else:
             gate = _lower_sparse_input_conv(b, node, y)
         if finish is not None:

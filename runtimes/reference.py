@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["conv2d", "cg_conv_reference", "pg_conv_reference", "fbs_conv_reference",
-           "sparse_input_conv_reference",
+           "sparse_input_conv_reference", "quantize_activation_reference",
            "pg_split_activations", "fbs_active_channels", "fbs_pool"]
 
 
@@ -279,6 +279,23 @@ def sparse_input_conv_reference(x, w, b, strides=(1, 1), pads=(0, 0, 0, 0), dila
             raise ValueError(f"R must have shape {y.shape}, not {residual.shape}")
         y = y + residual
     return _activation(y, activation).astype(np.float32)
+
+
+def quantize_activation_reference(x, levels: float, scale: float = 0.0, eps: float = 1e-7) -> np.ndarray:
+    """QuantizeActivation (OPS.md): the seed's sign-magnitude quantizer (gate2deploy.gated.
+    quantize_sign_magnitude; dnn-gating utils/pg_utils.py TorchQuantize) in its float32
+    operations, one by one, as the ONNX chain it replaces computes them: s = scale if > 0 else
+    max|X| + eps (float32 sum); d = |X| / s; c = clip(d, 0, 1); r = round_half_even(c * levels);
+    Y = ((r / levels) * s) * sign(X)."""
+    x = _f32("X", x)
+    f32 = np.float32
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        mag = np.abs(x)
+        s = f32(scale) if scale > 0 else (mag.max() if mag.size else f32(0)) + f32(eps)
+        s = f32(s)
+        c = np.clip(mag / s, f32(0), f32(1))
+        r = np.round(c * f32(levels))  # numpy rounds half to even, as ONNX Round
+        return ((r / f32(levels)) * s * np.sign(x)).astype(np.float32)
 
 
 def thresholds_for_fraction(stage1: np.ndarray, frac: float) -> np.ndarray:

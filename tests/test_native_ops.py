@@ -1066,6 +1066,61 @@ def test_cli_run_missing_file(cli, tmp_path):
     assert code == 2 and "does not exist" in stderr
 
 
+# ----------------------------------------------------------------------------- QuantizeActivation
+
+@pytest.mark.parametrize("abits", [2, 3, 8])
+@pytest.mark.parametrize("static", [False, True])
+def test_quantize_activation_is_the_seeds_quantizer_bit_for_bit(abits, static):
+    """The fused quantizer equals, bit for bit, the PyTorch module's quantizer
+    (gate2deploy.gated.quantize_sign_magnitude, the seed's TorchQuantize operation order) and
+    the reference, on data with zeros, negative zeros and exact rounding ties (levels * |x| / s
+    on k + 0.5: round half to even), dynamic scale over the whole batch or a static one; a
+    tensor large enough to be split over the thread pool."""
+    import torch
+
+    from gate2deploy.gated import quantize_sign_magnitude
+
+    rng = np.random.default_rng(abits)
+    levels = float(2 ** abits - 1)
+    x = rng.standard_normal((3, 16, 40, 40)).astype(np.float32)
+    x.flat[:50] = 0.0
+    x.flat[50:100] = -0.0
+    scale = 2.0 if static else float(np.abs(x).max() + np.float32(1e-7))
+    ties = ((np.arange(200) % int(levels)) + 0.5) / levels * 2.0  # |x| / 2 * levels = k + 0.5
+    x.flat[100:300] = (ties * np.where(np.arange(200) % 2, 1, -1)).astype(np.float32)
+    attrs = {"levels": levels, **({"scale": 2.0} if static else {})}
+    model = single_node_model("QuantizeActivation", x.shape, [], attrs)
+    y = open_session(model, threads=2).run(None, {"x": x})[0]
+    expected = quantize_sign_magnitude(torch.from_numpy(x), abits, 2.0 if static else None).numpy()
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(y, ref.quantize_activation_reference(x, levels, 2.0 if static else 0.0))
+    assert len(np.unique(np.abs(y))) <= levels + 1  # on the grid
+    del scale
+
+
+def test_quantize_activation_nan_follows_the_chain():
+    """A NaN makes the dynamic scale NaN, hence every output (the chain's max is NaN); with a
+    static scale only that element is NaN."""
+    x = np.linspace(-2, 2, 60, dtype=np.float32).reshape(1, 3, 4, 5)
+    x[0, 1, 2, 3] = np.nan
+    y = open_session(single_node_model("QuantizeActivation", x.shape, [], {"levels": 7.0})).run(None, {"x": x})[0]
+    assert np.isnan(y).all()
+    y = open_session(single_node_model("QuantizeActivation", x.shape, [], {"levels": 7.0, "scale": 2.0})).run(
+        None, {"x": x})[0]
+    assert np.isnan(y).sum() == 1 and np.isnan(y[0, 1, 2, 3])
+    np.testing.assert_array_equal(y, ref.quantize_activation_reference(x, 7.0, 2.0))
+
+
+@pytest.mark.parametrize("attrs, message", [({}, "missing attribute .levels."), ({"levels": 0.5}, "levels must be"),
+                                            ({"levels": 7.0, "scale": -1.0}, "scale must be"),
+                                            ({"levels": 7.0, "eps": float("nan")}, "eps must be")])
+def test_quantize_activation_attributes_are_checked(attrs, message):
+    x = np.ones((1, 2, 3, 3), np.float32)
+    model = single_node_model("QuantizeActivation", x.shape, [], attrs)
+    with pytest.raises(Exception, match=message):
+        open_session(model, threads=1).run(None, {"x": x})
+
+
 # ----------------------------------------------------------------------------- blocked layout
 # FBSConv and SparseInputConv in ONNX Runtime's NCHWc layout (input_block / output_block, set
 # by runtimes/ort_layout.py at session creation): the same function as in NCHW, bit for bit

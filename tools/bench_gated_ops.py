@@ -283,25 +283,27 @@ def gate_figures(model, x, ort_model) -> tuple[float, float | None]:
     return fraction, network / executed
 
 
-def network_sweep(title, points, args, layout_ab=False):
+def network_sweep(title, points, args, extra=None):
     """points: iterable of (label fraction, MAC bound or None, input or list of inputs, ort
-    model, portable model, measured-choice model or None); prints one row each. With
-    `layout_ab` (FBS networks), also the ort model as ONNX Runtime lays it out by itself
-    ("nchw": no blocked layout for the FBS layers, runtimes/ort_layout.py), timed in the same
-    alternating blocks."""
+    model, portable model, measured-choice model or None); prints one row each. `extra`:
+    {column name: function(ort model, threads) -> session}, further variants of the ort model
+    timed in the same alternating blocks (the FBS networks: "nchw", the model in ONNX Runtime's
+    own layout, runtimes/ort_layout.py; the PG networks: "unfused", the seed's activation
+    quantizers as their standard-op chains, passes/fuse_activation_quantizer.py)."""
+    extra = extra or {}
     print(f"\n{title}")
-    ab = f" {'nchw ms':>9}" if layout_ab else ""
-    ab_x = f" {'nchw x':>7}" if layout_ab else ""
+    ab = "".join(f" {k + ' ms':>9}" for k in extra)
+    ab_x = "".join(f" {k + ' x':>7}" for k in extra)
     print(f"  {'on%':>5} {'bound':>6} {'dense ms':>9} {'ort ms':>9} {'onnx ms':>9} {'meas ms':>9}{ab} "
           f"{'ort x':>7} {'onnx x':>7} {'meas x':>7}{ab_x}  native paths")
     rows = []
     for frac, bound, x, ort_model, portable, measured in points:
-        sessions = [plain_session(dense_equivalent(ort_model), args.threads),
+        sessions = [custom_session(dense_equivalent(ort_model), args.threads),  # stock ops, but a
+                    # fused activation quantizer (not a gate) stays in the twin as in the export
                     custom_session(ort_model, args.threads),
                     plain_session(portable, args.threads),
                     custom_session(measured if measured is not None else ort_model, args.threads)]
-        if layout_ab:
-            sessions.append(custom_session(ort_model, args.threads, layout="nchw"))
+        sessions += [make(ort_model, args.threads) for make in extra.values()]
         name = sessions[0].get_inputs()[0].name
         feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
         before = path_counts()
@@ -309,16 +311,28 @@ def network_sweep(title, points, args, layout_ab=False):
         path = paths_since(before)
         td, to, tp = times[:3]
         tm = times[3] if measured is not None else float("nan")
-        tn = f" {times[4]:9.3f}" if layout_ab else ""
-        tn_x = f" {td / times[4]:7.2f}" if layout_ab else ""
+        te = times[4:]
         rows.append((frac, td / to))
         b = f"{bound:6.2f}" if bound else f"{'':6}"
-        print(f"  {frac * 100:5.1f} {b} {td:9.3f} {to:9.3f} {tp:9.3f} {tm:9.3f}{tn} {td / to:7.2f} {td / tp:7.2f} "
-              f"{td / tm:7.2f}{tn_x}  {path}", flush=True)
+        print(f"  {frac * 100:5.1f} {b} {td:9.3f} {to:9.3f} {tp:9.3f} {tm:9.3f}"
+              + "".join(f" {t:9.3f}" for t in te) + f" {td / to:7.2f} {td / tp:7.2f} {td / tm:7.2f}"
+              + "".join(f" {td / t:7.2f}" for t in te) + f"  {path}", flush=True)
     rows.sort()
     c = crossover(rows)
     print(f"  crossover (--target ort slower than dense above): "
           f"{'never (faster at 100%)' if c is None else f'{c * 100:.0f}% gated on'}")
+
+
+def unfused_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The ort model with its QuantizeActivation nodes expanded back into the standard-op
+    chains they were fused from (what the export wrote before that pass)."""
+    from gate2deploy import ops
+    from gate2deploy.passes import ir
+    from gate2deploy.passes.lower_portable import lower_portable
+
+    graph = ir.import_graph(model)
+    names = {n.name for n in graph.nodes if n.op == "QuantizeActivation"}
+    return ops.finalize(ir.export_model(lower_portable(graph, only=names)))
 
 
 def with_threshold_offset(model, offset):
@@ -370,7 +384,9 @@ def network_benchmarks(args) -> None:
                         points.append((frac, bound, x.numpy(), ort_model, portable, measured))
                     label = ("ResNet-20 CG (p = 4, block-diagonal; 9 CGConv)" if name == "cg" else
                              "ResNet-20 PG (abits 3 / pred 2, wbits 8; 9 PGConv)")
-                    network_sweep(f"{label}, batch {batch}, {threads} threads, 32x32", points, args)
+                    extra = ({"unfused": lambda m, t: custom_session(unfused_quantizers(m), t)}
+                             if name == "pg" else None)
+                    network_sweep(f"{label}, batch {batch}, {threads} threads, 32x32", points, args, extra)
     if "fbs" in nets:
         import torchvision
 
@@ -421,7 +437,8 @@ def network_benchmarks(args) -> None:
                         points.append((density, bound, example.numpy() if feeds is None else
                                        [v.numpy() for v in feeds], ort_model, portable, measured))
                     network_sweep(f"{title}, batch {batch}, {threads} threads, 224x224; "
-                                  f"on% = density", points, args, layout_ab=True)
+                                  f"on% = density", points, args,
+                                  extra={"nchw": lambda m, t: custom_session(m, t, layout="nchw")})
 
 
 def main(argv=None) -> int:

@@ -866,6 +866,20 @@ void permute_lanes(const float* const* src, int nsrc, const int32_t* idx, int64_
     }
 }
 
+void quantize_sign_magnitude(const float* x, int64_t n, float s, float levels, float* y) {
+  // Plain C++ the compiler vectorizes (vroundps / vrndscaleps for nearbyint, which rounds half
+  // to even in the default rounding mode, as ONNX Round); no add follows a product, so FMA
+  // contraction cannot change a result.
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float sign = v > 0.f ? 1.f : v < 0.f ? -1.f : v == 0.f ? 0.f : v;  // NaN stays NaN
+    float c = std::fabs(v) / s;
+    c = c < 0.f ? 0.f : c;  // Clip(d, 0, 1) as ONNX Runtime's min(max(d, 0), 1): NaN passes
+    c = 1.f < c ? 1.f : c;
+    y[i] = ((std::nearbyint(c * levels) / levels) * s) * sign;
+  }
+}
+
 extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kIMR,          kINR,        kVW,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
@@ -873,7 +887,7 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
                                     pack_filter_tile, epilogue_row, has_nonzero, pool_channel,
                                     pg_split,      sparse_dots, abs_max, block_channel_stats,
-                                    epilogue_block, permute_lanes};
+                                    epilogue_block, permute_lanes, quantize_sign_magnitude};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

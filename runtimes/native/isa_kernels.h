@@ -116,6 +116,10 @@ struct IsaKernels {
   // gathered into one (a subset of channels in, or an active subset out).
   void (*permute_lanes)(const float* const* src, int nsrc, const int32_t* idx, int64_t n, int B,
                         float* dst);
+  // The seed's sign-magnitude quantizer (QuantizeActivation, runtimes/OPS.md) for i < n, in
+  // the chain's float operations: y = ((round_half_even(clip(|x| / s, 0, 1) * levels) /
+  // levels) * s) * sign(x), sign(0) = 0, NaN propagated.
+  void (*quantize_sign_magnitude)(const float* x, int64_t n, float s, float levels, float* y);
 };
 
 namespace isa_generic { extern const IsaKernels kKernels; }

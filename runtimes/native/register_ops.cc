@@ -1,6 +1,6 @@
 // Entry point ONNX Runtime calls when the library is registered
-// (SessionOptions.register_custom_ops_library): adds CGConv, PGConv, FBSConv and
-// SparseInputConv to the `gate2deploy` domain for the CPU execution provider.
+// (SessionOptions.register_custom_ops_library): adds CGConv, PGConv, FBSConv, SparseInputConv
+// and QuantizeActivation to the `gate2deploy` domain for the CPU execution provider.
 //
 // Built against the ONNX Runtime 1.21 headers (ORT_API_VERSION 21); the C API is versioned
 // and backward compatible, so the library loads into newer runtimes (1.31 tested).
@@ -10,6 +10,7 @@
 #include "cg_conv.h"
 #include "fbs_conv.h"
 #include "pg_conv.h"
+#include "quantize_activation.h"
 #include "sparse_input_conv.h"
 
 namespace {
@@ -24,12 +25,16 @@ struct Registry {
   std::unique_ptr<Ort::Custom::OrtLiteCustomOp> sparse_input{
       Ort::Custom::CreateLiteCustomOp<g2d::SparseInputConvKernel>("SparseInputConv",
                                                                   "CPUExecutionProvider")};
+  std::unique_ptr<Ort::Custom::OrtLiteCustomOp> quantize{
+      Ort::Custom::CreateLiteCustomOp<g2d::QuantizeActivationKernel>("QuantizeActivation",
+                                                                     "CPUExecutionProvider")};
   Ort::CustomOpDomain domain{"gate2deploy"};
   Registry() {
     domain.Add(cg.get());
     domain.Add(pg.get());
     domain.Add(fbs.get());
     domain.Add(sparse_input.get());
+    domain.Add(quantize.get());
   }
 };
 }  // namespace
