@@ -26,6 +26,7 @@ from gate2deploy.capture import capture
 from gate2deploy.gate_stats import gate_statistics, onnx_gate_statistics
 from gate2deploy.gated_verify import verify_gated_layers
 from gate2deploy.loading import build_model, load_checkpoint, load_weights
+from gate2deploy.ops import GATED_OPS
 from gate2deploy.pipeline import PassContext, run_pipeline
 from gate2deploy.runtimes.ort import open_session
 
@@ -115,10 +116,14 @@ def test_seed_checkpoint_loads_and_exports_with_both_lowerings(tmp_path, kind, d
 
     ort_ctx = PassContext()
     ort_model = run_pipeline(captured, "ort", ort_ctx)
-    assert Counter(n.op_type for n in ort_model.graph.node if n.domain == "gate2deploy") == {op: count}
+    assert Counter(n.op_type for n in ort_model.graph.node if n.domain == "gate2deploy"
+                   and n.op_type in GATED_OPS) == {op: count}
     # Every gated conv is followed by its BatchNorm, fused into it (with the ReLU after conv1).
     assert len(ort_ctx.fused_epilogues) == count
-    gated_outputs = {n.output[0] for n in ort_model.graph.node if n.domain == "gate2deploy"}
+    # PG: each block's quantized conv2 quantizes its input with the seed's quantizer, fused
+    # into one QuantizeActivation node (passes/fuse_activation_quantizer.py)
+    assert len(ort_ctx.fused_quantizers) == (count if op == "PGConv" else 0)
+    gated_outputs = {n.output[0] for n in ort_model.graph.node if n.op_type in GATED_OPS}
     assert not [n for n in ort_model.graph.node
                 if n.op_type == "BatchNormalization" and n.input[0] in gated_outputs]
 

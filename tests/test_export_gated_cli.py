@@ -39,10 +39,14 @@ def test_pg_checkpoint_with_calibrated_static_scale(tmp_path, cli, samples, targ
     stats = r["gate_statistics"]["summary"]
     assert stats["gated_layers"] == 9 and stats["expected_macs"] > stats["dense_macs"] * 1.0  # MSB pass + some LSB
     assert stats["bit_weighted_over_dense"] < 1.0
-    nodes = [n for n in onnx.load(str(out)).graph.node if n.domain == "gate2deploy"]
+    nodes = [n for n in onnx.load(str(out)).graph.node if n.op_type == "PGConv"]
     assert len(nodes) == custom_nodes
-    # --target ort fuses each PG layer's BatchNorm + ReLU into it (and still verifies above).
+    # --target ort fuses each PG layer's BatchNorm + ReLU into it (and still verifies above),
+    # and each quantized conv's input quantizer (calibrated: a static scale) into one node.
     assert len(r["fused_epilogues"]) == custom_nodes
+    quantizers = [n for n in onnx.load(str(out)).graph.node if n.op_type == "QuantizeActivation"]
+    assert len(r.get("fused_quantizers", [])) == len(quantizers) == custom_nodes
+    assert all(any(a.name == "scale" and a.f > 0 for a in n.attribute) for n in quantizers)
     assert all(n.attribute and len(n.input) == 5 for n in nodes)
     assert "gated layers: 9" in stdout
 

@@ -83,7 +83,9 @@ def _ort_vs_seed(net, out, shape, seed_value=7):
 
 
 def _gated_nodes(out):
-    return Counter(n.op_type for n in onnx.load(str(out)).graph.node if n.domain == "gate2deploy")
+    from gate2deploy.ops import GATED_OPS
+
+    return Counter(n.op_type for n in onnx.load(str(out)).graph.node if n.op_type in GATED_OPS)
 
 
 DNN_GATING = {
