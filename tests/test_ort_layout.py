@@ -33,16 +33,13 @@ def fbs_export():
     from gate2deploy.importers.fbs import fbs_state_dict_from_dense
     from gate2deploy.loading import load_weights
     from gate2deploy.models.fbs import fbs_resnet18
+    from models.cifar_nets import randomize_batchnorm
 
-    g = torch.Generator().manual_seed(0)
-    dense = torchvision.models.resnet18(num_classes=10).eval()
-    for m in dense.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1, generator=g)
-            m.running_var.uniform_(0.5, 1.5, generator=g)
-            m.weight.data.uniform_(0.5, 1.5, generator=g)
-            m.bias.data.uniform_(-0.1, 0.1, generator=g)
+    # BN scales around 1 (the FBS saliency of a dense ResNet: torchvision's all-ones would tie)
+    dense = randomize_batchnorm(torchvision.models.resnet18(num_classes=10), seed=0, gamma_mean=1.0,
+                                gamma_std=0.25)
     sd = fbs_state_dict_from_dense(dense.state_dict())
+    g = torch.Generator().manual_seed(0)
     for name, t in sd.items():
         if name.endswith("gate.weight"):
             sd[name] = torch.randn(t.shape, generator=g) * 0.5 / t.shape[1] ** 0.5
