@@ -167,9 +167,14 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: in
         if layout == "auto" and custom_ops and optimization == "all" and proto is not None and \
                 any(n.domain == DOMAIN and n.op_type in BLOCKED_OPS for n in proto.graph.node):
             block = nchwc_block(custom_ops_library_path(library_variant))
-            rewritten = optimized_and_rewritten(
-                payload, session_options(threads, "all", library_variant, False, log_severity, config, True),
-                block) if block else None
+            try:
+                rewritten = optimized_and_rewritten(
+                    payload, session_options(threads, "all", library_variant, False, log_severity, config, True),
+                    block) if block else None
+            except Exception:  # noqa: BLE001 - e.g. ONNX Runtime cannot write the optimized graph
+                # (over protobuf's 2 GB): the layout is an optimization, the session below
+                # opens as ONNX Runtime lays the model out itself (and reports a real error)
+                rewritten = None
             if rewritten is not None:
                 check_custom_op_attributes(rewritten)
                 opts = session_options(threads, "disable", library_variant, profile, log_severity, config, True,

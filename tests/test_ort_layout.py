@@ -91,3 +91,19 @@ def test_the_pass_leaves_a_single_op_as_it_is(fbs_export):
         opset_imports=list(model.opset_import))
     assert rewrite(single, BLOCK) is None
     assert Counter(n.op_type for n in rewrite(model, BLOCK).graph.node)["ReorderOutput"] >= 1
+
+
+def test_a_failing_layout_step_leaves_the_session_as_onnx_runtime_makes_it(fbs_export, monkeypatch):
+    """Writing ONNX Runtime's optimized graph can fail (a model over protobuf's 2 GB): the
+    session then opens in ONNX Runtime's own layout, with the same outputs."""
+    from gate2deploy.runtimes import ort as ort_runtime
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("cannot save the optimized model")
+
+    _, model = fbs_export
+    monkeypatch.setattr(ort_runtime, "optimized_and_rewritten", fail)
+    x = np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    fallback = ort_runtime.open_session(model, threads=1)
+    np.testing.assert_array_equal(fallback.run(None, {"input": x})[0],
+                                  open_session(model, threads=1, layout="nchw").run(None, {"input": x})[0])
