@@ -112,11 +112,10 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
   return Guarded("FBSConv", [&] {
     if (!attr_error_.empty()) throw OpError("FBSConv: " + attr_error_);
     if (attrs_.group != 1) throw OpError("FBSConv: group must be 1 (W is [O, C, kh, kw])");
-    CheckLayout("FBSConv", layout_);
+    const LayoutGeom lg = MakeLayoutGeom("FBSConv", layout_, X.Shape(), W.Shape(), attrs_);
+    const ConvGeom& g = lg.g;
     const int64_t Bi = layout_.input_block, Bo = layout_.output_block;
-    if (W.Shape().size() != 4) throw OpError("FBSConv: W must be 4-D [O, C, kh, kw]");
-    const ConvGeom g = MakeGeom("FBSConv", PlanesShape("FBSConv", "X", X.Shape(), W.Shape()[1], Bi),
-                                W.Shape(), attrs_);
+    const int64_t Cx = lg.x_channels, Oy = lg.y_channels;
     ExpectShape("FBSConv", "fc_W", fc_W.Shape(), {g.O, g.C});
     ExpectShape("FBSConv", "fc_b", fc_b.Shape(), {g.O});
     ExpectShape("FBSConv", "bn_scale", bn_scale.Shape(), {g.O});
@@ -127,7 +126,6 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     // k = ceil(O * density), density being the float32 attribute, product taken in double.
     const int64_t k = int64_t(std::ceil(double(g.O) * double(density_)));
     const IsaKernels& isa = BestKernels();
-    const int64_t Cx = Bi ? RoundUp(g.C, Bi) : g.C, Oy = Bo ? RoundUp(g.O, Bo) : g.O;
     float* y = Y.Allocate({g.N, Oy, g.OH, g.OW});
     const int64_t HW = g.H * g.W, Np = g.P();
     // The saliency pools X zero-padded by pool_pads: the mean divides by the padded area

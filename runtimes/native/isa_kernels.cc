@@ -460,14 +460,19 @@ bool has_nonzero(const float* x, int64_t n) {
 
 // pool_channel (isa_kernels.h): 16 independent partials (a loop the compiler vectorizes),
 // combined at the end (the sum in double).
+// The term a sum pool adds per value (pool_channel's and block_channel_stats': one definition,
+// so both layouts round alike).
+template <int kKind>
+inline float PoolTerm(float v) {
+  if constexpr (kKind == kPoolAbsSum) return std::fabs(v);
+  else if constexpr (kKind == kPoolSquareSum) return v * v;
+  else return v;
+}
+
 template <int kKind>
 double SumChannel(const float* x, int64_t n) {
   constexpr int kLanes = 16;
-  auto term = [](float v) {
-    if constexpr (kKind == kPoolAbsSum) return std::fabs(v);
-    else if constexpr (kKind == kPoolSquareSum) return v * v;
-    else return v;
-  };
+  auto term = PoolTerm<kKind>;
   int64_t i = 0;
   float part[kLanes] = {};
   for (; i + kLanes <= n; i += kLanes)
@@ -710,27 +715,27 @@ constexpr int kMaxBlock = 64;
 // partials by pixel index mod 16 over the whole 16-pixel steps, the tail summed in double
 // first, then the partials in order (SumChannel; max: pool_channel's running maxima), so a
 // saliency is the same bit for bit whichever layout a layer reads.
+// One pixel's B lanes into the per-lane flags: any non-zero value (-0.0 counts as zero, NaN
+// as non-zero, as has_nonzero), any non-finite one.
+inline void ScanLanes(const float* v, int B, uint32_t* any, uint32_t* bad) {
+  for (int l = 0; l < B; ++l) {
+    uint32_t bits;
+    std::memcpy(&bits, v + l, 4);
+    any[l] |= bits & 0x7fffffffu;
+    bad[l] |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
+  }
+}
+
 template <int kKind>
 void BlockPass(const float* x, int64_t n, int B, int valid, uint32_t* any, uint32_t* bad,
                double* pooled) {
-  auto term = [](float v) {
-    if constexpr (kKind == kPoolAbsSum) return std::fabs(v);
-    else if constexpr (kKind == kPoolSquareSum) return v * v;
-    else return v;
-  };
+  auto term = PoolTerm<kKind>;
   constexpr int kLanes = 16;
   float part[kLanes][kMaxBlock];
   for (int m = 0; m < kLanes; ++m)
     for (int l = 0; l < B; ++l) part[m][l] = kKind == kPoolMax ? x[l] : 0.f;
   const int64_t n16 = n / kLanes * kLanes;
-  auto scan = [&](const float* v) {
-    for (int l = 0; l < B; ++l) {
-      uint32_t bits;
-      std::memcpy(&bits, v + l, 4);
-      any[l] |= bits & 0x7fffffffu;
-      bad[l] |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
-    }
-  };
+  auto scan = [&](const float* v) { ScanLanes(v, B, any, bad); };
   for (int64_t i = 0; i < n16; i += kLanes)
     for (int m = 0; m < kLanes; ++m) {
       const float* v = x + (i + m) * B;
@@ -770,13 +775,7 @@ void block_channel_stats(const float* x, int64_t n, int B, int valid, int kind, 
     // a non-zero value, checked every 64 pixels (has_nonzero stops likewise per channel).
     for (int64_t i0 = 0; i0 < n; i0 += 64) {
       const int64_t i1 = std::min(n, i0 + 64);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int l = 0; l < B; ++l) {
-          uint32_t bits;
-          std::memcpy(&bits, x + i * B + l, 4);
-          any[l] |= bits & 0x7fffffffu;
-          bad[l] |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
-        }
+      for (int64_t i = i0; i < i1; ++i) ScanLanes(x + i * B, B, any, bad);
       if (!finite) {
         bool all = true;
         for (int l = 0; l < valid; ++l) all = all && any[l] != 0;

@@ -103,16 +103,24 @@ void CheckLayout(const char* op, const LayoutAttrs& layout) {
     throw OpError(std::string(op) + ": input_block needs output_block");
 }
 
-std::vector<int64_t> PlanesShape(const char* op, const char* what, const std::vector<int64_t>& x_shape,
-                                 int64_t channels, int64_t block) {
-  if (!block) return x_shape;
-  if (x_shape.size() != 4 || x_shape[1] != RoundUp(channels, block))
-    throw OpError(std::string(op) + ": blocked " + what + " must have " +
-                  std::to_string(RoundUp(channels, block)) + " channels (" + std::to_string(channels) +
-                  " in blocks of " + std::to_string(block) + ")");
-  std::vector<int64_t> s = x_shape;
-  s[1] = channels;
-  return s;
+LayoutGeom MakeLayoutGeom(const char* op, const LayoutAttrs& layout,
+                          const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape,
+                          const ConvAttrs& attrs) {
+  CheckLayout(op, layout);
+  if (w_shape.size() != 4) throw OpError(std::string(op) + ": W must be 4-D [O, C, kh, kw]");
+  const int64_t Bi = layout.input_block, Bo = layout.output_block;
+  std::vector<int64_t> planes = x_shape;
+  if (Bi) {
+    const int64_t channels = w_shape[1];
+    if (x_shape.size() != 4 || x_shape[1] != RoundUp(channels, Bi))
+      throw OpError(std::string(op) + ": blocked X must have " + std::to_string(RoundUp(channels, Bi)) +
+                    " channels (" + std::to_string(channels) + " in blocks of " + std::to_string(Bi) + ")");
+    planes[1] = channels;
+  }
+  LayoutGeom lg{MakeGeom(op, planes, w_shape, attrs), 0, 0};
+  lg.x_channels = Bi ? RoundUp(lg.g.C, Bi) : lg.g.C;
+  lg.y_channels = Bo ? RoundUp(lg.g.O, Bo) : lg.g.O;
+  return lg;
 }
 
 void PlanesToBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,
@@ -156,26 +164,33 @@ void BlockedToPlanes(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
   });
 }
 
+int LaneSources(const int64_t* source, int valid, int64_t B, int64_t* src_block, int32_t* idx) {
+  int nsrc = 0;
+  for (int l = 0; l < valid; ++l) {
+    if (source[l] < 0) continue;
+    const int64_t sb = source[l] / B;
+    if (nsrc == 0 || src_block[nsrc - 1] != sb) {
+      src_block[nsrc] = sb;
+      std::fill(idx + nsrc * B, idx + (nsrc + 1) * B, -1);
+      ++nsrc;
+    }
+    idx[(nsrc - 1) * B + l] = int32_t(source[l] % B);
+  }
+  return nsrc;
+}
+
 void BlockedSubset(OrtKernelContext* ctx, const IsaKernels& isa, const float* xb,
                    const std::vector<int>& chans, int64_t HW, int64_t B, float* dst) {
   const int64_t nc = int64_t(chans.size());
   ParallelFor(ParallelIfLarge(ctx, nc * HW), size_t((nc + B - 1) / B), [&](size_t blk_index) {
-    const int64_t first = int64_t(blk_index) * B, valid = std::min(B, nc - first);
-    // The source blocks this block's channels live in (ascending channels: a run of blocks).
-    const float* src[64];
+    const int64_t first = int64_t(blk_index) * B;
+    const int valid = int(std::min(B, nc - first));
+    int64_t source[64], src_block[64];
+    for (int l = 0; l < valid; ++l) source[l] = chans[size_t(first + l)];
     int32_t idx[64 * 64];
-    int nsrc = 0;
-    int64_t last_block = -1;
-    for (int64_t l = 0; l < valid; ++l) {
-      const int64_t c = chans[size_t(first + l)], sb = c / B;
-      if (sb != last_block) {
-        src[nsrc] = xb + sb * HW * B;
-        std::fill(idx + nsrc * B, idx + (nsrc + 1) * B, -1);
-        ++nsrc;
-        last_block = sb;
-      }
-      idx[(nsrc - 1) * B + l] = int32_t(c % B);
-    }
+    const int nsrc = LaneSources(source, valid, B, src_block, idx);
+    const float* src[64];
+    for (int s = 0; s < nsrc; ++s) src[s] = xb + src_block[s] * HW * B;
     isa.permute_lanes(src, nsrc, idx, HW, int(B), dst + int64_t(blk_index) * HW * B);
   });
 }

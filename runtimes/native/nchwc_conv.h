@@ -56,10 +56,16 @@ struct LayoutAttrs {
 };
 LayoutAttrs ReadLayoutAttrs(const OrtKernelInfo* info, std::string* error);
 void CheckLayout(const char* op, const LayoutAttrs& layout);
-// X's shape as NCHW planes of `channels` (W's input channels): x_shape itself when not blocked,
-// else checked to hold them rounded up to whole blocks.
-std::vector<int64_t> PlanesShape(const char* op, const char* what, const std::vector<int64_t>& x_shape,
-                                 int64_t channels, int64_t block);
+// The geometry of a group-1 conv whose X / Y may be blocked: the layout checked, then
+// MakeGeom on X as NCHW planes of W's input channels (a blocked X must hold them rounded up to
+// whole blocks); x_channels / y_channels: the channel counts X and Y are stored with.
+struct LayoutGeom {
+  ConvGeom g;
+  int64_t x_channels, y_channels;
+};
+LayoutGeom MakeLayoutGeom(const char* op, const LayoutAttrs& layout,
+                          const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape,
+                          const ConvAttrs& attrs);
 
 // Layout conversions between NCHW planes and the blocked layout ([ceil(C / B)][HW][B], the
 // padding lanes zero), parallel over blocks when large.
@@ -75,6 +81,11 @@ const float* AsPlanes(OrtKernelContext* ctx, const IsaKernels& isa, const float*
 // x[C, HW] = the C channels of the blocked xb.
 void BlockedToPlanes(OrtKernelContext* ctx, const IsaKernels& isa, const float* xb, int64_t C,
                      int64_t HW, int64_t B, float* x);
+// One destination block's lanes gathered from a blocked array: lane l < valid takes its
+// element source[l] (-1: none, the lane is zero; the others ascending), i.e. lane source[l] % B
+// of block source[l] / B. Fills the blocks read (src_block, at most `valid`) and
+// isa.permute_lanes' table idx [nsrc][B]; returns nsrc.
+int LaneSources(const int64_t* source, int valid, int64_t B, int64_t* src_block, int32_t* idx);
 // dst (blocked, chans.size() channels) = channels `chans` (ascending) of the blocked xb.
 void BlockedSubset(OrtKernelContext* ctx, const IsaKernels& isa, const float* xb,
                    const std::vector<int>& chans, int64_t HW, int64_t B, float* dst);

@@ -25,14 +25,11 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
   return Guarded("SparseInputConv", [&] {
     if (!attr_error_.empty()) throw OpError("SparseInputConv: " + attr_error_);
     if (attrs_.group != 1) throw OpError("SparseInputConv: group must be 1 (W is [O, C, kh, kw])");
-    CheckLayout("SparseInputConv", layout_);
+    const LayoutGeom lg = MakeLayoutGeom("SparseInputConv", layout_, X.Shape(), W.Shape(), attrs_);
+    const ConvGeom& g = lg.g;
     const int64_t Bi = layout_.input_block, Bo = layout_.output_block;
-    if (W.Shape().size() != 4) throw OpError("SparseInputConv: W must be 4-D [O, C, kh, kw]");
-    const ConvGeom g = MakeGeom("SparseInputConv",
-                                PlanesShape("SparseInputConv", "X", X.Shape(), W.Shape()[1], Bi),
-                                W.Shape(), attrs_);
+    const int64_t Cx = lg.x_channels, Oy = lg.y_channels;
     ExpectShape("SparseInputConv", "B", B.Shape(), {g.O});
-    const int64_t Cx = Bi ? RoundUp(g.C, Bi) : g.C, Oy = Bo ? RoundUp(g.O, Bo) : g.O;
     const float* residual = nullptr;
     if (const Ort::Custom::Tensor<float>* r = OptionalInput(R)) {
       ExpectShape("SparseInputConv", "R", r->Shape(), {g.N, Oy, g.OH, g.OW});

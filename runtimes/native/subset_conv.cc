@@ -14,36 +14,63 @@ std::atomic<int64_t> blocked_runs{0};  // samples RunBlocked computed (G2DBlocke
 SubsetConv::SubsetConv(const OrtKernelInfo* info, const ConvAttrs& attrs, bool w_const)
     : w_const_(w_const), nchwc_(info, attrs) {}
 
-void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* w,
-                     const float* x, const ConvGeom& g, const std::vector<int>& outputs,
-                     const std::vector<int>& chans, const RowEpilogue& ep) {
-  const int64_t na = int64_t(outputs.size()), Np = g.P();
-  if (na == 0) return;
+const std::vector<int>& SubsetConv::InputsToRead(const ConvGeom& g, const std::vector<int>& chans,
+                                                 std::vector<int>* all) {
   // Nearly every input live: read them all (zero channels add exact zeros). Skipping the few
   // dead ones would save little and key the prepared weights on a set that changes from input
   // to input (measured: FBS ResNet-18 at density 1 with input-dependent saliency ran at half
   // speed, repacking every layer's weights on every run).
   const bool read_all = double(chans.size()) > kReadAllInputsAbove * double(g.C) &&
                         int64_t(chans.size()) < g.C && g.group == 1;
-  const std::vector<int> all_chans = read_all ? Indices(g.C) : std::vector<int>();
-  const std::vector<int>& in = read_all ? all_chans : chans;
+  if (!read_all) return chans;
+  *all = Indices(g.C);
+  return *all;
+}
+
+std::shared_ptr<const NchwcFilter> SubsetConv::Filter(OrtKernelContext* ctx, const float* w,
+                                                      const ConvGeom& g,
+                                                      const std::vector<int>& outputs,
+                                                      const std::vector<int>& in) {
+  return filter_cache_.Get(w_const_, outputs, in, [&](NchwcFilter* reuse) {
+    return nchwc_.PackFilter(ctx, w, g, outputs, in, reuse);
+  });
+}
+
+std::shared_ptr<const PackedWeights<float>> SubsetConv::Packed(const IsaKernels& isa,
+                                                               const float* w, const ConvGeom& g,
+                                                               const std::vector<int>& outputs,
+                                                               const std::vector<int>& in) {
+  return packed_cache_.Get(w_const_, outputs, in, [&](PackedWeights<float>*) {
+    return PackWeights(isa, w, g, outputs, in);
+  });
+}
+
+const float* SubsetConv::DelegateInput(OrtKernelContext* ctx, const IsaKernels& isa,
+                                       const float* x, const ConvGeom& g,
+                                       const std::vector<int>& in, const NchwcFilter& f) const {
+  // Below one block the delegate reads plain NCHW: with every channel, in order, that is x
+  // itself, and the copy is skipped (a network's RGB stem: 224x224x3 copied per call).
+  bool x_as_is = int64_t(in.size()) == g.C && g.C < nchwc_.Block();
+  for (size_t c = 0; x_as_is && c < in.size(); ++c) x_as_is = in[c] == int(c);
+  if (x_as_is) return x;
+  AlignedVec<float>& xb = Scratch<float, 16>();
+  xb.resize(size_t(f.C * g.H * g.W));
+  nchwc_.GatherBlocked(ctx, isa, x, g, in, xb.data());
+  return xb.data();
+}
+
+void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* w,
+                     const float* x, const ConvGeom& g, const std::vector<int>& outputs,
+                     const std::vector<int>& chans, const RowEpilogue& ep) {
+  const int64_t na = int64_t(outputs.size()), Np = g.P();
+  if (na == 0) return;
+  std::vector<int> all_chans;
+  const std::vector<int>& in = InputsToRead(g, chans, &all_chans);
   if (nchwc_.Suits(ctx, na, int64_t(in.size()))) {
-    const auto f = filter_cache_.Get(w_const_, outputs, in, [&](NchwcFilter* reuse) {
-      return nchwc_.PackFilter(ctx, w, g, outputs, in, reuse);
-    });
+    const auto f = Filter(ctx, w, g, outputs, in);
     AlignedVec<float>& yb = Scratch<float, 17>();
     yb.resize(size_t(f->O * Np));
-    // Below one block the delegate reads plain NCHW: with every channel, in order, that is x
-    // itself, and the copy is skipped (a network's RGB stem: 224x224x3 copied per call).
-    bool x_as_is = int64_t(in.size()) == g.C && g.C < nchwc_.Block();
-    for (size_t c = 0; x_as_is && c < in.size(); ++c) x_as_is = in[c] == int(c);
-    const float* xin = x;
-    if (!x_as_is) {
-      AlignedVec<float>& xb = Scratch<float, 16>();
-      xb.resize(size_t(f->C * g.H * g.W));
-      nchwc_.GatherBlocked(ctx, isa, x, g, in, xb.data());
-      xin = xb.data();
-    }
+    const float* xin = DelegateInput(ctx, isa, x, g, in, *f);
     nchwc_.Run(ctx, g, *f, xin, yb.data());
     // Back from the blocked layout to the destination rows, then the epilogue on each row,
     // chunk by chunk of pixels: a block's rows of one chunk (16 x kChunk floats) are still in
@@ -66,10 +93,7 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
     });
     return;
   }
-  const auto packed = packed_cache_.Get(w_const_, outputs, in, [&](PackedWeights<float>*) {
-    return PackWeights(isa, w, g, outputs, in);
-  });
-  ConvByPanels(ctx, isa, *packed, x, g, in, ep);
+  ConvByPanels(ctx, isa, *Packed(isa, w, g, outputs, in), x, g, in, ep);
 }
 
 void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* w,
@@ -83,10 +107,8 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
     std::memset(ep.y, 0, sizeof(float) * size_t(oblocks * Np * B));
     return;
   }
-  const bool read_all = double(chans.size()) > kReadAllInputsAbove * double(g.C) &&
-                        int64_t(chans.size()) < g.C && g.group == 1;
-  const std::vector<int> all_chans = read_all ? Indices(g.C) : std::vector<int>();
-  const std::vector<int>& in = read_all ? all_chans : chans;
+  std::vector<int> all_chans;
+  const std::vector<int>& in = InputsToRead(g, chans, &all_chans);
   const bool all_in = int64_t(in.size()) == g.C;  // ascending and unique: every channel
   // Channel o's active index, -1 if inactive.
   std::vector<int> at(size_t(g.O), -1);
@@ -106,26 +128,11 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
     return valid;
   };
   if (nchwc_.Block() == B && nchwc_.Suits(ctx, na, int64_t(in.size()))) {
-    const auto f = filter_cache_.Get(w_const_, outputs, in, [&](NchwcFilter* reuse) {
-      return nchwc_.PackFilter(ctx, w, g, outputs, in, reuse);
-    });
-    const float* xin = x;
-    if (!x_block) {
-      bool x_as_is = all_in && g.C < B;  // the delegate's NCHW-input form is x itself
-      if (!x_as_is) {
-        AlignedVec<float>& xb = Scratch<float, 16>();
-        xb.resize(size_t(f->C * HW));
-        nchwc_.GatherBlocked(ctx, isa, x, g, in, xb.data());
-        xin = xb.data();
-      }
-    } else if (int64_t(in.size()) < B) {  // the delegate reads fewer than a block as NCHW
-      AlignedVec<float>& xb = Scratch<float, 16>();
-      xb.resize(size_t(g.C * HW));
-      BlockedToPlanes(ctx, isa, x, g.C, HW, B, xb.data());
-      AlignedVec<float>& xs = Scratch<float, 18>();
-      xs.resize(size_t(f->C * HW));
-      nchwc_.GatherBlocked(ctx, isa, xb.data(), g, in, xs.data());
-      xin = xs.data();
+    const auto f = Filter(ctx, w, g, outputs, in);
+    const float* xin = x;  // blocked x with every channel: the delegate's input as it is
+    if (!x_block || int64_t(in.size()) < B) {  // NCHW x, or fewer than a block (read as NCHW)
+      xin = DelegateInput(ctx, isa, AsPlanes(ctx, isa, x, g.C, HW, x_block, Scratch<float, 18>()),
+                          g, in, *f);
     } else if (!all_in) {
       AlignedVec<float>& xb = Scratch<float, 16>();
       xb.resize(size_t(f->C * HW));
@@ -153,20 +160,12 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
       float gl[64], sl[64], shl[64], bl[64];
       const int valid = block_params(int64_t(ob), gl, sl, shl, bl);
       const int64_t o0 = int64_t(ob) * B;
-      const float* src[2];
-      int64_t src_block[2];
-      int32_t idx[2 * 64];
-      int nsrc = 0;
-      for (int l = 0; l < valid; ++l) {
-        const int a = at[size_t(o0 + l)];
-        if (a < 0) continue;
-        if (nsrc == 0 || src_block[nsrc - 1] != a / B) {
-          src_block[nsrc] = a / B;
-          std::fill(idx + nsrc * B, idx + (nsrc + 1) * B, -1);
-          ++nsrc;
-        }
-        idx[(nsrc - 1) * B + l] = int32_t(a % B);
-      }
+      // (sorted outputs: a block's active indices are a run, within at most two blocks)
+      int64_t source[64], src_block[64];
+      for (int l = 0; l < valid; ++l) source[l] = at[size_t(o0 + l)];
+      int32_t idx[64 * 64];
+      const int nsrc = LaneSources(source, valid, B, src_block, idx);
+      const float* src[64];
       float* dst = ep.y + o0 * Np;
       if (nsrc == 0) {
         std::memset(dst, 0, sizeof(float) * size_t(Np * B));
@@ -195,10 +194,7 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
   RowEpilogue rows{outputs.data(), yp.data(), Np, gain.data(), scale.data(), shift.data(), bias.data()};
   rows.relu = ep.relu;
   if (ep.residual) rows.residual = AsPlanes(ctx, isa, ep.residual, g.O, Np, B, Scratch<float, 20>());
-  const auto packed = packed_cache_.Get(w_const_, outputs, in, [&](PackedWeights<float>*) {
-    return PackWeights(isa, w, g, outputs, in);
-  });
-  ConvByPanels(ctx, isa, *packed, planes, g, in, rows);
+  ConvByPanels(ctx, isa, *Packed(isa, w, g, outputs, in), planes, g, in, rows);
   AllPlanesToBlocked(ctx, isa, yp.data(), g.O, Np, B, ep.y);
 }
 

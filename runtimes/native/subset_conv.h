@@ -89,6 +89,25 @@ class SubsetConv {
                   const std::vector<int>& chans, const BlockedEpilogue& ep);
 
  private:
+  // The input channels a subset conv reads: `chans`, or every channel when nearly all are
+  // live (kReadAllInputsAbove; `all` holds them then).
+  static const std::vector<int>& InputsToRead(const ConvGeom& g, const std::vector<int>& chans,
+                                              std::vector<int>* all);
+  // The prepared weights of (outputs, in), cached when W is constant: the delegate's filter,
+  // our GEMM's packing.
+  std::shared_ptr<const NchwcFilter> Filter(OrtKernelContext* ctx, const float* w,
+                                            const ConvGeom& g, const std::vector<int>& outputs,
+                                            const std::vector<int>& in);
+  std::shared_ptr<const PackedWeights<float>> Packed(const IsaKernels& isa, const float* w,
+                                                     const ConvGeom& g,
+                                                     const std::vector<int>& outputs,
+                                                     const std::vector<int>& in);
+  // The delegate's input for channels `in` of NCHW planes x: x itself when it already is that
+  // form (every channel, in order, fewer than a block), else gathered into Scratch slot 16.
+  const float* DelegateInput(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,
+                             const ConvGeom& g, const std::vector<int>& in,
+                             const NchwcFilter& f) const;
+
   bool w_const_;
   NchwcConv nchwc_;
   LastSubsetCache<PackedWeights<float>> packed_cache_;
