@@ -18,7 +18,7 @@ chain's float32 operations in its order; OPS.md). The chain's intermediate tenso
 no other readers and not be graph outputs. Every other node is untouched. Returns the new
 nodes' names.
 
-Pattern (the chain quantize_sign_magnitude exports, declared as data below):
+Pattern (the chain quantize_sign_magnitude exports; _match below walks it back from y):
     sign = Sign(X); mag = Abs(X)
     s    = Add(ReduceMax(mag) over every axis, eps)   |   a constant scalar scale
     y    = Mul(Mul(Div(Round(Mul(Clip(Div(mag, s), 0, 1), L)), L), s), sign)
@@ -32,12 +32,6 @@ import onnx_graphsurgeon as gs
 from gate2deploy.ops import DOMAIN
 
 from .ir import const_value
-
-# The chain from its last node back to X, as (op, which input continues the chain); the
-# other input of each binary op is named and checked in _match.
-CHAIN = [("Mul", "y = m1 * sign"), ("Mul", "m1 = q * s"), ("Div", "q = r / L"), ("Round", "r"),
-         ("Mul", "m = c * L"), ("Clip", "c = clip(d, 0, 1)"), ("Div", "d = mag / s"), ("Abs", "mag")]
-
 
 def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
     if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
@@ -134,11 +128,9 @@ def _private(graph: gs.Graph, nodes: list[gs.Node], final: gs.Node) -> bool:
 
 
 def fuse_activation_quantizer(graph: gs.Graph) -> list[str]:
-    fused = []
+    fused, taken = [], set()
     for node in [n for n in graph.nodes if n.op == "Mul"]:
-        if node not in graph.nodes:  # taken by an earlier match
-            continue
-        found = _match(graph, node)
+        found = None if id(node) in taken else _match(graph, node)
         if found is None:
             continue
         y = node.outputs[0]
@@ -146,10 +138,11 @@ def fuse_activation_quantizer(graph: gs.Graph) -> list[str]:
         for n in found["nodes"]:
             n.inputs.clear()
             n.outputs.clear()
-        graph.nodes = [n for n in graph.nodes if n not in found["nodes"]]
+        taken.update(id(n) for n in found["nodes"])
         graph.nodes.append(gs.Node("QuantizeActivation", name, found["attrs"], inputs=[found["x"]],
                                    outputs=[y], domain=DOMAIN))
         fused.append(name)
     if fused:
+        graph.nodes = [n for n in graph.nodes if id(n) not in taken]  # by identity, once
         graph.cleanup().toposort()
     return fused

@@ -132,6 +132,23 @@ def _parse(data: bytes) -> onnx.ModelProto | None:
         return None
 
 
+def _blocked_layout(payload: str | bytes, threads: int, library_variant: str, log_severity: int,
+                    config: dict[str, str] | None) -> onnx.ModelProto | None:
+    """ONNX Runtime's optimized graph of `payload` with the FBS ops in its blocked layout
+    (runtimes/ort_layout.py), or None: no NCHWc block on this CPU, the rewrite does not pay, or
+    the step failed (e.g. ONNX Runtime cannot write the optimized graph of a model over
+    protobuf's 2 GB). The layout is an optimization: without it the session opens as ONNX
+    Runtime lays the model out itself (and reports a real error as such)."""
+    block = nchwc_block(custom_ops_library_path(library_variant))
+    if not block:
+        return None
+    try:
+        return optimized_and_rewritten(
+            payload, session_options(threads, "all", library_variant, False, log_severity, config, True), block)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+
+
 def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: int = 2,
                  optimization: str = "all", library_variant: str = "release",
                  profile: bool = False, log_severity: int = 3,
@@ -161,25 +178,15 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: in
         check_custom_op_attributes(proto)
     if custom_ops == "auto":
         custom_ops = proto is not None and uses_custom_ops(proto)
+    if layout == "auto" and custom_ops and optimization == "all" and proto is not None and \
+            any(n.domain == DOMAIN and n.op_type in BLOCKED_OPS for n in proto.graph.node):
+        rewritten = _blocked_layout(payload, threads, library_variant, log_severity, config)
+        if rewritten is not None:  # already optimized: ONNX Runtime runs it as it is
+            check_custom_op_attributes(rewritten)
+            payload, optimization = rewritten.SerializeToString(), "disable"
     opts = session_options(threads, optimization, library_variant, profile, log_severity, config, bool(custom_ops),
                            profile_prefix, optimized_path)
     try:
-        if layout == "auto" and custom_ops and optimization == "all" and proto is not None and \
-                any(n.domain == DOMAIN and n.op_type in BLOCKED_OPS for n in proto.graph.node):
-            block = nchwc_block(custom_ops_library_path(library_variant))
-            try:
-                rewritten = optimized_and_rewritten(
-                    payload, session_options(threads, "all", library_variant, False, log_severity, config, True),
-                    block) if block else None
-            except Exception:  # noqa: BLE001 - e.g. ONNX Runtime cannot write the optimized graph
-                # (over protobuf's 2 GB): the layout is an optimization, the session below
-                # opens as ONNX Runtime lays the model out itself (and reports a real error)
-                rewritten = None
-            if rewritten is not None:
-                check_custom_op_attributes(rewritten)
-                opts = session_options(threads, "disable", library_variant, profile, log_severity, config, True,
-                                       profile_prefix, optimized_path)
-                return ort.InferenceSession(rewritten.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for invalid models
         first = (str(exc).strip().splitlines() or ["unknown error"])[0]

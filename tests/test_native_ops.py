@@ -1073,29 +1073,37 @@ def test_cli_run_missing_file(cli, tmp_path):
 def test_quantize_activation_is_the_seeds_quantizer_bit_for_bit(abits, static):
     """The fused quantizer equals, bit for bit, the PyTorch module's quantizer
     (gate2deploy.gated.quantize_sign_magnitude, the seed's TorchQuantize operation order) and
-    the reference, on data with zeros, negative zeros and exact rounding ties (levels * |x| / s
-    on k + 0.5: round half to even), dynamic scale over the whole batch or a static one; a
-    tensor large enough to be split over the thread pool."""
+    the reference, on data with zeros, negative zeros and values whose |x| / s * levels is
+    k + 0.5 exactly under the static scale s = 2 (round half to even, as torch.round in the
+    seed's TorchRoundToBits: the level is the even neighbour), dynamic scale over the whole
+    batch or a static one; a tensor large enough to be split over the thread pool."""
     import torch
 
     from gate2deploy.gated import quantize_sign_magnitude
 
     rng = np.random.default_rng(abits)
-    levels = float(2 ** abits - 1)
+    levels = np.float32(2 ** abits - 1)
     x = rng.standard_normal((3, 16, 40, 40)).astype(np.float32)
     x.flat[:50] = 0.0
     x.flat[50:100] = -0.0
-    scale = 2.0 if static else float(np.abs(x).max() + np.float32(1e-7))
-    ties = ((np.arange(200) % int(levels)) + 0.5) / levels * 2.0  # |x| / 2 * levels = k + 0.5
-    x.flat[100:300] = (ties * np.where(np.arange(200) % 2, 1, -1)).astype(np.float32)
-    attrs = {"levels": levels, **({"scale": 2.0} if static else {})}
+    # ties: m = (k + 0.5) / levels in float32 where m * levels is k + 0.5 exactly; x = 2 m
+    k = np.arange(200) % int(levels)
+    m = ((k + 0.5) / levels).astype(np.float32)
+    exact = (m * levels) == (k + 0.5)
+    assert exact.sum() >= 20
+    ties = (2 * m[exact] * np.where(np.arange(exact.sum()) % 2, 1, -1)).astype(np.float32)
+    x.flat[100:100 + ties.size] = ties
+    attrs = {"levels": float(levels), **({"scale": 2.0} if static else {})}
     model = single_node_model("QuantizeActivation", x.shape, [], attrs)
     y = open_session(model, threads=2).run(None, {"x": x})[0]
     expected = quantize_sign_magnitude(torch.from_numpy(x), abits, 2.0 if static else None).numpy()
     np.testing.assert_array_equal(y, expected)
-    np.testing.assert_array_equal(y, ref.quantize_activation_reference(x, levels, 2.0 if static else 0.0))
+    np.testing.assert_array_equal(y, ref.quantize_activation_reference(x, float(levels), 2.0 if static else 0.0))
     assert len(np.unique(np.abs(y))) <= levels + 1  # on the grid
-    del scale
+    if static:  # each tie took its even level
+        got_level = np.rint(np.abs(y.flat[100:100 + ties.size]) / 2 * levels)
+        kt = k[exact]
+        np.testing.assert_array_equal(got_level, kt + kt % 2)
 
 
 def test_quantize_activation_nan_follows_the_chain():

@@ -298,20 +298,21 @@ def network_sweep(title, points, args, extra=None):
           f"{'ort x':>7} {'onnx x':>7} {'meas x':>7}{ab_x}  native paths")
     rows = []
     for frac, bound, x, ort_model, portable, measured in points:
-        sessions = [custom_session(dense_equivalent(ort_model), args.threads),  # stock ops, but a
-                    # fused activation quantizer (not a gate) stays in the twin as in the export
-                    custom_session(ort_model, args.threads),
-                    plain_session(portable, args.threads),
-                    custom_session(measured if measured is not None else ort_model, args.threads)]
-        sessions += [make(ort_model, args.threads) for make in extra.values()]
-        name = sessions[0].get_inputs()[0].name
+        sessions = {"dense": custom_session(dense_equivalent(ort_model), args.threads),  # stock ops,
+                    # but a fused activation quantizer (not a gate) stays in the twin as in the export
+                    "ort": custom_session(ort_model, args.threads),
+                    "onnx": plain_session(portable, args.threads)}
+        if measured is not None:
+            sessions["meas"] = custom_session(measured, args.threads)
+        sessions.update({k: make(ort_model, args.threads) for k, make in extra.items()})
+        name = sessions["dense"].get_inputs()[0].name
         feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
         before = path_counts()
-        times = median_ms_in_blocks(sessions, feeds, args.repeats)
+        times = dict(zip(sessions, median_ms_in_blocks(list(sessions.values()), feeds, args.repeats)))
         path = paths_since(before)
-        td, to, tp = times[:3]
-        tm = times[3] if measured is not None else float("nan")
-        te = times[4:]
+        td, to, tp = times["dense"], times["ort"], times["onnx"]
+        tm = times.get("meas", float("nan"))
+        te = [times[k] for k in extra]
         rows.append((frac, td / to))
         b = f"{bound:6.2f}" if bound else f"{'':6}"
         print(f"  {frac * 100:5.1f} {b} {td:9.3f} {to:9.3f} {tp:9.3f} {tm:9.3f}"
