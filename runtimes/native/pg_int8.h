@@ -1,5 +1,5 @@
 // PG's two integer stages on 8-bit SIMD where AMX is absent: AVX2 (vpmaddubsw) and AVX-512
-// VNNI (vpdpbusd, on 256-bit vectors).
+// VNNI (vpdpbusd: stage 1 on 512-bit vectors, stage 2's dot products on 256-bit ones).
 //
 // Both stages are integer sums of activation counts (|count| <= 2^pred_bits - 1 for the MSB
 // stage, 2^(abits - pred_bits) - 1 for the LSB stage) times the weights' grid integers q_w
@@ -54,6 +54,9 @@ struct PGInt8Weights {
   int64_t oblocks = 0;  // output blocks of 4
   int32_t wmax = 0;     // max |q_w|
   AlignedVec<int32_t> mag, sgn;  // [oblock][k][4 outputs]: 4 bytes |q_w| / sign(q_w)
+  // The same index: bit 4 * lane + i set where channel i's q_w < 0, in each of 16 lanes (the
+  // byte mask of the 512-bit VNNI stage's negation).
+  AlignedVec<uint64_t> neg;
   // The same per output row, for stage 2's sparse dot products: [o][tap][Cp] bytes.
   int64_t Cp = 0;  // C rounded up to 32
   AlignedVec<uint8_t> row_mag;
