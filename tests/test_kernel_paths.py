@@ -94,8 +94,10 @@ def print_counts() -> None:
 
 def _child_pg_int8() -> None:
     """Runs in the subprocess: PG layers at gate-on 0, 0.2 and 1, signed and post-ReLU inputs,
-    weights within int8 (wbits 7) and 9-bit (wbits 8), dilation 1 and 2, vs the reference (the
-    int8 kernels take stride-1 layers only)."""
+    weights within int8 (wbits 7) and 9-bit (wbits 8), dilation 1 and 2, 24 and 72 input
+    channels (the VNNI stage 2 reads 64 channels of a tap per 512-bit step and the rest, 32, on
+    256 bits: 72 channels take both), vs the reference (the int8 kernels take stride-1 layers
+    only)."""
     sys.path.insert(0, str(HERE))
     import test_native_ops as t
     from gate2deploy.runtimes import reference as ref
@@ -103,12 +105,12 @@ def _child_pg_int8() -> None:
     rng = np.random.default_rng(9)
     for frac in (0.0, 0.2, 1.0):
         for signed in (False, True):
-            for wbits, dil in [(7, (2, 2)), (8, (1, 1))]:
+            for wbits, dil, c in [(7, (2, 2), 24), (8, (1, 1), 24), (8, (2, 1), 72)]:
                 for abits, pred in [(3, 2), (8, 4)]:
-                    x = rng.standard_normal((2, 24, 10, 9)).astype(np.float32)
+                    x = rng.standard_normal((2, c, 10, 9)).astype(np.float32)
                     if not signed:
                         x = np.clip(x, 0, 2.5)
-                    w = t.quantize_weights(rng.standard_normal((20, 24, 3, 3)).astype(np.float32), wbits)
+                    w = t.quantize_weights(rng.standard_normal((20, c, 3, 3)).astype(np.float32), wbits)
                     x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
                     msb = ref.conv2d(x_hb, w, (1, 1), (2, 1, 2, 1), dil)
                     thr = ref.thresholds_for_fraction(msb, frac)
@@ -142,8 +144,9 @@ def test_forced_pg_int8_path_matches_reference(tier, stage):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert f"pg_int8={kernel}" in counts["config"], counts
-    # every sample of every case (3 fractions x 2 signs x 2 weight widths x 2 bit splits x batch 2)
-    assert counts["int8"] == 48 and counts["amx"] == 0, counts
+    # every sample of every case (3 fractions x 2 signs x 3 weight widths / channel counts x 2 bit
+    # splits x batch 2)
+    assert counts["int8"] == 72 and counts["amx"] == 0, counts
     assert counts[stage] > 0 and counts["dense" if stage == "sparse" else "sparse"] == 0, counts
 
 

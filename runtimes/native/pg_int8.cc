@@ -213,16 +213,32 @@ G2D_INT8_AVX2 inline void DotsAvx2(const Job& j, int64_t o, const int32_t* q, in
     out[i] = SumLanes(_mm256_add_epi32(total[i], _mm256_madd_epi16(acc[i], ones)));
 }
 
+// 64 channels of a tap per step on 512-bit vectors (the sign as in StageVnni: a masked byte
+// negation, its mask the sign bytes' top bits), a last 32 on 256-bit ones with vpsignb.
 template <int N>
 G2D_INT8_VNNI inline void DotsVnni(const Job& j, int64_t o, const int32_t* q, int32_t* out) {
   const PGInt8Weights& w = *j.w;
   const uint8_t* wm = w.row_mag.data() + o * w.kk * w.Cp;
   const int8_t* ws = w.row_sgn.data() + o * w.kk * w.Cp;
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i wide[N];
   __m256i total[N];
-  for (int i = 0; i < N; ++i) total[i] = _mm256_setzero_si256();
+  for (int i = 0; i < N; ++i) {
+    wide[i] = zero;
+    total[i] = _mm256_setzero_si256();
+  }
   for (int64_t t = 0; t < w.kk; ++t) {
     const int8_t* xt = j.act2_rows + j.row_off[t];
-    for (int64_t c = 0; c < w.Cp; c += 32, wm += 32, ws += 32) {
+    int64_t c = 0;
+    for (; c + 64 <= w.Cp; c += 64, wm += 64, ws += 64) {
+      const __m512i a = _mm512_loadu_si512(wm);
+      const __mmask64 neg = _mm512_movepi8_mask(_mm512_loadu_si512(ws));
+      for (int i = 0; i < N; ++i) {
+        const __m512i x = _mm512_loadu_si512(xt + q[i] * w.Cp + c);
+        wide[i] = _mm512_dpbusd_epi32(wide[i], a, _mm512_mask_sub_epi8(x, neg, zero, x));
+      }
+    }
+    if (c < w.Cp) {  // Cp is a multiple of 32
       const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(wm));
       const __m256i s = _mm256_load_si256(reinterpret_cast<const __m256i*>(ws));
       for (int i = 0; i < N; ++i) {
@@ -230,9 +246,12 @@ G2D_INT8_VNNI inline void DotsVnni(const Job& j, int64_t o, const int32_t* q, in
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + q[i] * w.Cp + c));
         total[i] = _mm256_dpbusd_epi32(total[i], a, _mm256_sign_epi8(x, s));
       }
+      wm += 32;
+      ws += 32;
     }
   }
-  for (int i = 0; i < N; ++i) out[i] = SumLanes(total[i]);
+  for (int i = 0; i < N; ++i)
+    out[i] = _mm512_reduce_add_epi32(wide[i]) + SumLanes(total[i]);
 }
 
 // Stage 2 of output o at n positions q (out[i] for q[i]), four at a time.

@@ -1,5 +1,5 @@
 // PG's two integer stages on 8-bit SIMD where AMX is absent: AVX2 (vpmaddubsw) and AVX-512
-// VNNI (vpdpbusd: stage 1 on 512-bit vectors, stage 2's dot products on 256-bit ones).
+// VNNI (vpdpbusd on 512-bit vectors; stage 2's dot products take a tap's last 32 channels on 256-bit ones).
 //
 // Both stages are integer sums of activation counts (|count| <= 2^pred_bits - 1 for the MSB
 // stage, 2^(abits - pred_bits) - 1 for the LSB stage) times the weights' grid integers q_w
