@@ -130,32 +130,33 @@ G2D_INT8_AVX2 void StageAvx2(const Job& j, const int8_t* act, int64_t ob, int64_
   }
 }
 
-// The same with vpdpbusd on 512-bit vectors: u8 x s8 products summed into int32 directly (no
-// saturation); one vector is the block's 16 positions x 4 channels. AVX-512 has no vpsignb, so
-// q_w's sign is applied to the counts by a masked byte negation (0 - count where q_w < 0; the
-// mask `neg` packed with the weights). Per k step that is 2 vector instructions per 64
-// products against the 256-bit form's 2 per 32 (vpsignb + vpdpbusd), whose port pressure held
-// the stage at the dense fp32 conv's rate (forced G2D_AMX=0 on an Intel Xeon with VNNI,
-// tools/bench_gated_ops.py --ops pg). Two accumulator sets (even and odd k) so that no
-// vpdpbusd waits on the previous one's latency.
+// The same with vpdpbusd on 512-bit vectors, one vector the block's 16 positions x 4 channels,
+// in the other operand order: the counts are the unsigned operand and q_w the signed one, so
+// no per-row sign instruction is needed (AVX-512 has no vpsignb: a masked negation per row and
+// k step held this stage at the dense fp32 conv's rate, forced G2D_AMX=0 on an Intel Xeon).
+// The counts are signed: each byte is offset by 128 (x ^ 0x80 = x + 128, one instruction per
+// k step for all four rows), and 128 * sum(q_w) is taken off each output's total (w.offset).
+// q_w needs 9 bits: it is split as c + 2 * e with c in [-128, 127] (PackPGInt8Weights); the
+// e words, nonzero only where |q_w| > 127 (a few percent of the weights), are listed per
+// output block (w.hi) and added in a second, short pass. All sums wrap modulo 2^32 and the
+// result fits in int32 (PGInt8Fits), so the total is exact.
 G2D_INT8_VNNI void StageVnni(const Job& j, const int8_t* act, int64_t ob, int64_t q0, int,
                              int32_t* sums) {
   static_assert(kBlock == 16, "one 512-bit vector of int32 sums per output row");
   const PGInt8Weights& w = *j.w;
-  const int32_t* wm = w.mag.data() + ob * w.K * kR;
-  const uint64_t* wn = w.neg.data() + ob * w.K * kR;
+  const int32_t* wc = w.lo.data() + ob * w.K * kR;
   const int8_t* base = act + q0 * 4;
-  const __m512i zero = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(char(0x80)), zero = _mm512_setzero_si512();
   __m512i e0 = zero, e1 = zero, e2 = zero, e3 = zero, o0 = zero, o1 = zero, o2 = zero, o3 = zero;
-#define G2D_PG_VNNI_STEP(k, a0, a1, a2, a3)                                                    \
-  {                                                                                          \
-    const __m512i x = _mm512_loadu_si512(base + j.koff[k]);                                  \
-    const int32_t* mk = wm + (k) * kR;                                                       \
-    const uint64_t* nk = wn + (k) * kR;                                                      \
-    a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(mk[0]), _mm512_mask_sub_epi8(x, nk[0], zero, x)); \
-    a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(mk[1]), _mm512_mask_sub_epi8(x, nk[1], zero, x)); \
-    a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(mk[2]), _mm512_mask_sub_epi8(x, nk[2], zero, x)); \
-    a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(mk[3]), _mm512_mask_sub_epi8(x, nk[3], zero, x)); \
+  // Two accumulator sets (even and odd k) so that no vpdpbusd waits on the previous one.
+#define G2D_PG_VNNI_STEP(k, a0, a1, a2, a3)                                          \
+  {                                                                                \
+    const __m512i x = _mm512_xor_si512(_mm512_loadu_si512(base + j.koff[k]), flip); \
+    const int32_t* ck = wc + (k) * kR;                                             \
+    a0 = _mm512_dpbusd_epi32(a0, x, _mm512_set1_epi32(ck[0]));                     \
+    a1 = _mm512_dpbusd_epi32(a1, x, _mm512_set1_epi32(ck[1]));                     \
+    a2 = _mm512_dpbusd_epi32(a2, x, _mm512_set1_epi32(ck[2]));                     \
+    a3 = _mm512_dpbusd_epi32(a3, x, _mm512_set1_epi32(ck[3]));                     \
   }
   int64_t k = 0;
   for (; k + 2 <= w.K; k += 2) {
@@ -164,10 +165,19 @@ G2D_INT8_VNNI void StageVnni(const Job& j, const int8_t* act, int64_t ob, int64_
   }
   if (k < w.K) G2D_PG_VNNI_STEP(k, e0, e1, e2, e3)
 #undef G2D_PG_VNNI_STEP
-  _mm512_storeu_si512(sums + 0 * kBlock, _mm512_add_epi32(e0, o0));
-  _mm512_storeu_si512(sums + 1 * kBlock, _mm512_add_epi32(e1, o1));
-  _mm512_storeu_si512(sums + 2 * kBlock, _mm512_add_epi32(e2, o2));
-  _mm512_storeu_si512(sums + 3 * kBlock, _mm512_add_epi32(e3, o3));
+  __m512i hi[kR] = {zero, zero, zero, zero};
+  for (uint32_t i = w.hi_start[size_t(ob)]; i < w.hi_start[size_t(ob) + 1]; ++i) {
+    const PGInt8Weights::HiWord& h = w.hi[i];
+    const __m512i x = _mm512_xor_si512(_mm512_loadu_si512(base + j.koff[h.k]), flip);
+    hi[h.r] = _mm512_dpbusd_epi32(hi[h.r], x, _mm512_set1_epi32(h.word));
+  }
+  const __m512i acc[kR] = {_mm512_add_epi32(e0, o0), _mm512_add_epi32(e1, o1),
+                           _mm512_add_epi32(e2, o2), _mm512_add_epi32(e3, o3)};
+  for (int r = 0; r < kR; ++r) {
+    const __m512i total = _mm512_add_epi32(acc[r], _mm512_slli_epi32(hi[r], 1));
+    _mm512_storeu_si512(sums + r * kBlock,
+                        _mm512_sub_epi32(total, _mm512_set1_epi32(w.offset[size_t(ob * kR + r)])));
+  }
 }
 
 // Stage 2 of output o at positions q[0 .. N-1]: dot products of o's weight row with the LSB
@@ -465,7 +475,9 @@ std::shared_ptr<const PGInt8Weights> PackPGInt8Weights(const int16_t* w_q, const
   if (w->wmax > 255) return nullptr;
   w->mag.assign(size_t(w->oblocks * w->K * kR), 0);
   w->sgn.assign(size_t(w->oblocks * w->K * kR), 0);
-  w->neg.assign(size_t(w->oblocks * w->K * kR), 0);
+  w->lo.assign(size_t(w->oblocks * w->K * kR), 0);
+  std::vector<int64_t> offset(size_t(w->oblocks * kR), 0);
+  std::vector<std::vector<PGInt8Weights::HiWord>> hi_words(size_t(w->oblocks));
   for (int64_t ob = 0; ob < w->oblocks; ++ob)
     for (int64_t c4 = 0; c4 < w->groups; ++c4)
       for (int64_t t = 0; t < w->kk; ++t)
@@ -481,11 +493,26 @@ std::shared_ptr<const PGInt8Weights> PackPGInt8Weights(const int16_t* w_q, const
           }
           w->mag[size_t(at)] = int32_t(mag);
           w->sgn[size_t(at)] = int32_t(sgn);
-          uint64_t neg = 0;  // the 4 channels' sign bits, in each of the 16 lanes
-          for (int64_t i = 0; i < 4; ++i)
-            if (int8_t(sgn >> (8 * i)) < 0) neg |= uint64_t(1) << i;
-          w->neg[size_t(at)] = neg * 0x1111111111111111ull;
+          // VNNI: q = c + 2 * e, c in [-128, 127] with q's parity (|q| <= 127: c = q, e = 0).
+          uint32_t lo = 0, hi = 0;
+          for (int64_t i = 0; i < 4; ++i) {
+            const int64_t c = 4 * c4 + i;
+            const int q = o < g.O && c < g.C ? w_q[(o * g.C + c) * w->kk + t] : 0;
+            const int lo_q = q > 127 ? 127 - (q & 1 ? 0 : 1) : q < -128 ? -128 + (q & 1 ? 1 : 0) : q;
+            lo |= uint32_t(uint8_t(int8_t(lo_q))) << (8 * i);
+            hi |= uint32_t(uint8_t(int8_t((q - lo_q) / 2))) << (8 * i);
+            if (o < g.O) offset[size_t(o)] += 128 * int64_t(q);
+          }
+          w->lo[size_t(at)] = int32_t(lo);
+          if (hi != 0) hi_words[size_t(ob)].push_back({int32_t(c4 * w->kk + t), int32_t(r), int32_t(hi)});
         }
+  // Kept modulo 2^32, as the stage's int32 sums wrap (the true totals fit: PGInt8Fits).
+  for (int64_t v : offset) w->offset.push_back(int32_t(uint32_t(uint64_t(v))));
+  w->hi_start.assign(1, 0);
+  for (const auto& words : hi_words) {
+    w->hi.insert(w->hi.end(), words.begin(), words.end());
+    w->hi_start.push_back(uint32_t(w->hi.size()));
+  }
   w->Cp = RoundUp(g.C, 32);
   w->row_mag.assign(size_t(g.O * w->kk * w->Cp), 0);
   w->row_sgn.assign(size_t(g.O * w->kk * w->Cp), 0);

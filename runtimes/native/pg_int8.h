@@ -54,9 +54,16 @@ struct PGInt8Weights {
   int64_t oblocks = 0;  // output blocks of 4
   int32_t wmax = 0;     // max |q_w|
   AlignedVec<int32_t> mag, sgn;  // [oblock][k][4 outputs]: 4 bytes |q_w| / sign(q_w)
-  // The same index: bit 4 * lane + i set where channel i's q_w < 0, in each of 16 lanes (the
-  // byte mask of the 512-bit VNNI stage's negation).
-  AlignedVec<uint64_t> neg;
+  // The VNNI stage's split of each q_w = c + 2 * e (pg_int8.cc StageVnni): lo, the same index
+  // as mag, 4 bytes c; hi, the nonzero e words of output block ob at [hi_start[ob],
+  // hi_start[ob + 1]); offset[o] = 128 * the sum of output o's q_w (the counts' +128 offset).
+  struct HiWord {
+    int32_t k, r, word;
+  };
+  AlignedVec<int32_t> lo;
+  std::vector<HiWord> hi;
+  std::vector<uint32_t> hi_start;
+  std::vector<int32_t> offset;
   // The same per output row, for stage 2's sparse dot products: [o][tap][Cp] bytes.
   int64_t Cp = 0;  // C rounded up to 32
   AlignedVec<uint8_t> row_mag;
