@@ -150,6 +150,31 @@ def test_forced_pg_int8_path_matches_reference(tier, stage):
     assert counts[stage] > 0 and counts["dense" if stage == "sparse" else "sparse"] == 0, counts
 
 
+@pytest.mark.sanitizer
+@pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
+@pytest.mark.parametrize("tier", ["avx512-vnni", "avx2"])
+def test_forced_pg_int8_path_sanitizer_clean(tier):
+    """The int8 kernels (pg_int8.cc) under -fsanitize=address,undefined: the sanitizer rerun of
+    test_native_ops runs PG on this machine's default path (AMX where present), so the int8
+    paths get their own run of the cases above (both stage-2 forms run: 20% and 100% on)."""
+    from gate2deploy.runtimes.native_build import asan_preload, build_library
+
+    supported, env_tier, kernel = INT8_TIERS[tier]
+    if not supported:
+        pytest.skip(f"this CPU lacks the {tier} tier; the test runs on a machine that has it")
+    env = dict(os.environ, GATE2DEPLOY_OPS_LIBRARY=str(build_library("asan")), LD_PRELOAD=asan_preload(),
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1", **env_tier)
+    proc = subprocess.run([sys.executable, __file__, "pg_int8"], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=HERE.parent)
+    report = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    assert "ERROR: AddressSanitizer" not in proc.stderr and "runtime error:" not in proc.stderr, report
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"pg_int8={kernel}" in counts["config"] and counts["int8"] == 72, counts
+    assert counts["sparse"] > 0 and counts["dense"] > 0, counts
+
+
 @pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
 @pytest.mark.parametrize("stage", ["sparse", "dense"])
 @pytest.mark.parametrize("tier", list(TIERS))
