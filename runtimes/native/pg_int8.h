@@ -1,25 +1,32 @@
 // PG's two integer stages on 8-bit SIMD where AMX is absent: AVX2 (vpmaddubsw) and AVX-512
-// VNNI (vpdpbusd on 512-bit vectors; stage 2's dot products take a tap's last 32 channels on 256-bit ones).
+// VNNI (vpdpbusd on 512-bit vectors; stage 2's dot products take a tap's last 32 channels on
+// 256-bit ones).
 //
 // Both stages are integer sums of activation counts (|count| <= 2^pred_bits - 1 for the MSB
 // stage, 2^(abits - pred_bits) - 1 for the LSB stage) times the weights' grid integers q_w
 // (|q_w| <= 255). vpmaddubsw / vpdpbusd multiply an UNSIGNED byte by a signed byte; neither
-// operand is unsigned here, and q_w needs 9 bits. So the unsigned operand is |q_w| (u8 holds
-// 255) and the signed one is the count with q_w's sign applied (vpsignb, one cheap ALU
-// instruction per product vector): |q_w| * (sign(q_w) * count) = q_w * count, exact, with no
-// weight split and no activation bias.
+// operand is unsigned here, and q_w needs 9 bits. Two ways round it:
+// - AVX2 (both stages) and VNNI's stage-2 dot products: the unsigned operand is |q_w| (u8
+//   holds 255) and the signed one the count with q_w's sign applied (vpsignb; on 512-bit
+//   vectors, which lack it, a masked byte negation): |q_w| * (sign(q_w) * count) = q_w * count.
+// - VNNI's stage 1 (and stage 2 as whole blocks): the count + 128 is the unsigned operand (one
+//   xor per k step, shared by the block's rows), q_w = c + 2e is split into two signed bytes
+//   (e nonzero only where |q_w| > 127: a short second pass over the listed words), and 128 *
+//   sum(q_w) is taken off each output: no instruction per row besides the products (the sign
+//   instruction per row and k step had held this stage at the dense fp32 conv's rate).
 //
 // Exactness bounds (checked per call; PGInt8Fits): AVX2's vpmaddubsw adds two products into a
 // SATURATING int16, so 2 * max|q_w| * max|count| <= 32767 (counts up to 64 with 8-bit
 // weights); its int16 sums are then accumulated for m k-steps with m * 2 * max|q_w| * max|count|
 // <= 32767 and widened to int32 (vpmaddwd with ones). VNNI sums into int32 directly. Every
-// int32 total is below K * 255 * max|count| < 2^31 (checked).
+// int32 total is below K * 255 * max|count| < 2^31 (checked); VNNI's offset partial sums may
+// pass 2^31 on the way, but vector adds wrap modulo 2^32, so the total is still exact.
 //
 // Layout: the activations are written once per sample as int8 in pg_amx.h's PGActLayout
 // ([channel / 4][position][4]; stride 1 only, see pg_conv.cc): one 32-byte load is 8
 // positions x 4 channels, and a tap (any dilation) is a constant offset, so no im2col. Weights: [output block of 4][k = group * kk + tap][4
-// outputs] as int32 words of 4 channels' |q_w| bytes (and a twin of sign bytes), broadcast per
-// output. A block is 4 output channels x 16 positions: stage 1 in registers, the gate, then
+// outputs] as int32 words of 4 channels' |q_w| bytes (and a twin of sign bytes; VNNI: the c
+// bytes), broadcast per output. A block is 4 output channels x 16 positions: stage 1 in registers, the gate, then
 // stage 2: nothing if no gate of the block is on; for a few gates on (fewer than a cost
 // model in pg_int8.cc puts at break-even: about half the block's 64 at 128 channels, 15% at
 // 16), one dot product per gated-on output over the LSB
