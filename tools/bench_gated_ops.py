@@ -63,6 +63,10 @@ AMX machine: everything but the tiles) is that tier's speed on this core; `avx2`
 AVX-512 machine runs against an AVX-512 dense conv, so it is printed for its paths and
 numerics, not as that tier's speed.
 
+A/B of two builds (`--baseline-library PATH`, CG and PG layers): each op is also timed on
+another build of the native library (e.g. the previous commit's, left in
+~/.cache/gate2deploy/native) in the same alternating blocks; "new/old" = before / op.
+
 Threading: ONNX Runtime's default (intra-op workers spin between ops, as in a deployment);
 `--spin off` disables spinning in every session, the figure for hosts that run so.
 
@@ -86,7 +90,7 @@ from onnx import TensorProto, helper
 from gate2deploy.benchmark import time_sessions, whole_blocks
 from gate2deploy.kernel_choice import dense_twin as dense_equivalent
 from gate2deploy.runtimes import reference as ref
-from gate2deploy.runtimes.ort import open_session
+from gate2deploy.runtimes.ort import open_session, session_options
 
 FRACTIONS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
 # Native-kernel tiers (profiling/device.py names) and the variables that force the library
@@ -185,6 +189,18 @@ def custom_session(model, threads, layout="auto"):
     return open_session(model, threads, config=SESSION_CONFIG, layout=layout)
 
 
+def library_session(model: onnx.ModelProto, library: str | None, threads: int) -> ort.InferenceSession:
+    """The project's session options (runtimes/ort.py) with `library` (a build of the native
+    library, maybe not this checkout's) registered: the same options for every build compared
+    (`--baseline-library`; ONNX Runtime's own layout, as a single CG / PG node has no other)."""
+    opts = session_options(threads=threads, custom_ops=False)
+    for key, value in SESSION_CONFIG.items():  # --spin off
+        opts.add_session_config_entry(key, value)
+    if library:
+        opts.register_custom_ops_library(library)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def time_pair(dense, op, x, repeats):
     """Median ms of dense and op, timed in one run; x is one input or a list cycled through."""
     feeds = [{"x": v} for v in (x if isinstance(x, list) else [x])]
@@ -205,21 +221,30 @@ def crossover(rows):
     return None if rows[-1][1] >= 1 else rows[0][0]
 
 
-def sweep(name, make_op, dense, x, args, goal=None, bound=None):
+def sweep(name, make_model, dense, x, args, goal=None, bound=None):
+    """One op's rows: make_model(fraction) -> its single-node model. With --baseline-library,
+    the same model on that build is timed in the same alternating blocks ("before" columns)."""
+    base = args.baseline_library
     print(f"\n{name}")
-    print(f"  {'on%':>5} {'dense ms':>9} {'op ms':>9} {'speed-up':>9} {'bound':>6}  path")
+    extra = f" {'before ms':>9} {'new/old':>7}" if base else ""
+    print(f"  {'on%':>5} {'dense ms':>9} {'op ms':>9} {'speed-up':>9} {'bound':>6}{extra}  path")
     rows = []
     for frac in args.fractions:
-        op = make_op(frac)
+        model = make_model(frac)
+        sessions = [dense, custom_session(model, args.threads)]
+        if base:
+            sessions.append(library_session(model, base, args.threads))
         before = path_counts()
-        td, to = time_pair(dense, op, x, args.repeats)
+        times = median_ms_in_blocks(sessions, [{"x": x}], args.repeats)
         path = paths_since(before)
+        td, to = times[:2]
         rows.append((frac, td / to))
         mark = ""
         if goal and abs(frac - goal[0]) < 1e-9:
             mark = f"   goal >= {goal[1]}x: {'MET' if td / to >= goal[1] else 'MISSED'}"
         b = f"{bound(frac):6.2f}" if bound else f"{'':6}"
-        print(f"  {frac * 100:5.0f} {td:9.3f} {to:9.3f} {td / to:9.2f} {b}  {path}{mark}", flush=True)
+        old = f" {times[2]:9.3f} {times[2] / to:7.2f}" if base else ""
+        print(f"  {frac * 100:5.0f} {td:9.3f} {to:9.3f} {td / to:9.2f} {b}{old}  {path}{mark}", flush=True)
     c = crossover(rows)
     print(f"  crossover (op slower than dense above): "
           f"{'never (faster at 100%)' if c is None else f'{c * 100:.0f}% gated on'}")
@@ -465,6 +490,10 @@ def main(argv=None) -> int:
                    help="networks: indices into the threshold offsets to run (default all)")
     p.add_argument("--spin", choices=["on", "off"], default="on",
                    help="ONNX Runtime intra-op thread spinning in every session (default on, as ORT)")
+    p.add_argument("--baseline-library", default=None,
+                   help="CG / PG layers: also time each op on this build of the native library "
+                        "(e.g. the previous commit's, from ~/.cache/gate2deploy/native) in the same "
+                        "blocks: 'before ms' and 'new/old' (before / op)")
     p.add_argument("--tiers", default=None,
                    help="run everything once per native-kernel tier: all, or a list of "
                         f"{', '.join(TIER_ENV)} (default: the widest this CPU has)")
@@ -496,8 +525,8 @@ def main(argv=None) -> int:
         yp = ref.conv2d(x, w * mask[:, :, None, None], pads=conv["pads"])
         dense = dense_session(w, x_shape, args.threads, conv)
         sweep(f"CGConv p={args.cg_p} (base path = first 1/{args.cg_p} of input channels)",
-              lambda f: custom_session(node_model("CGConv", "gate2deploy", x_shape,
-                                                [w, mask, ref.thresholds_for_fraction(yp, f)], conv), args.threads),
+              lambda f: node_model("CGConv", "gate2deploy", x_shape, [w, mask, ref.thresholds_for_fraction(yp, f)],
+                                   conv),
               dense, x, args, goal=(0.2, 1.6),
               bound=lambda f: 1 / (1 / args.cg_p + (1 - 1 / args.cg_p) * f))
 
@@ -510,8 +539,8 @@ def main(argv=None) -> int:
             msb = ref.conv2d(x_hb, wq, pads=conv["pads"])
             attrs = dict(conv, abits=abits, pred_bits=pred, static_scale=0.0)
             sweep(f"PGConv abits {abits} / pred {pred}, wbits {args.wbits or 'float'}",
-                  lambda f: custom_session(node_model("PGConv", "gate2deploy", x_shape,
-                                                    [wq, ref.thresholds_for_fraction(msb, f)], attrs), args.threads),
+                  lambda f: node_model("PGConv", "gate2deploy", x_shape,
+                                       [wq, ref.thresholds_for_fraction(msb, f)], attrs),
                   dense, xa, args, goal=(0.2, 1.3),
                   bound=lambda f, a=abits, p=pred: a / (p + (a - p) * f))
 

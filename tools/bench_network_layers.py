@@ -42,18 +42,7 @@ import bench_gated_ops as nets  # noqa: E402  (the networks, their export and de
 
 from gate2deploy.benchmark import time_sessions  # noqa: E402
 from gate2deploy.kernel_choice import _constants, _gated_inputs, _single_node  # noqa: E402
-from gate2deploy.runtimes.ort import custom_ops_library_path, session_options  # noqa: E402
-
-
-def session(model: onnx.ModelProto, library: str | None, threads: int) -> ort.InferenceSession:
-    """The project's session options (runtimes/ort.py) with `library` (a build of the native
-    library, maybe not this checkout's) registered: the same options for every build compared."""
-    opts = session_options(threads=threads, custom_ops=False)
-    for key, value in nets.SESSION_CONFIG.items():  # --spin off (bench_gated_ops' setting)
-        opts.add_session_config_entry(key, value)
-    if library:
-        opts.register_custom_ops_library(library)
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+from gate2deploy.runtimes.ort import custom_ops_library_path  # noqa: E402
 
 
 def dense_twin(model: onnx.ModelProto, node: onnx.NodeProto, feeds: dict) -> onnx.ModelProto:
@@ -123,10 +112,10 @@ def main(argv=None) -> int:
         a = acts[node.input[0]]
         feed = [{node.input[0]: a}]
         single = _single_node(ort_model, node, feed[0])
-        sessions = {"dense": session(dense_twin(ort_model, node, feed[0]), None, args.threads),
-                    "gated": session(single, library, args.threads)}
+        sessions = {"dense": nets.library_session(dense_twin(ort_model, node, feed[0]), None, args.threads),
+                    "gated": nets.library_session(single, library, args.threads)}
         if args.baseline_library:
-            sessions["before"] = session(single, args.baseline_library, args.threads)
+            sessions["before"] = nets.library_session(single, args.baseline_library, args.threads)
         times = time_sessions(sessions, {k: feed for k in sessions}, runs=args.repeats)
         ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
         stages = stage_times(lib, sessions["gated"], feed[0], args.repeats)
