@@ -36,6 +36,40 @@ std::shared_ptr<const NchwcFilter> SubsetConv::Filter(OrtKernelContext* ctx, con
   });
 }
 
+// MAC-equivalents of packing one weight of a subset's filter (nchwc_conv.cc PackFilter): the
+// pack streams W from memory, gathers and writes the tile. Measured on an Intel Xeon (1
+// thread, FBS ResNet-18 at density 0.75 with input-dependent active sets, ONNX Runtime node
+// profile): repacking on every run cost +1.4-1.6 ms per layer4 conv (7x7 outputs, 1.33 M
+// weights packed: ~1.1 ns each) against ~0.01 ns per MAC in the conv, so ~110; the extra
+// MACs of the whole layer (all outputs and inputs) then win where a weight is used by few
+// output pixels (layer4, 49: whole; layer3, 196: subset at density 0.75).
+constexpr double kPackMacsPerWeight = 110.0;
+
+std::shared_ptr<const NchwcFilter> SubsetConv::WholeFilter(OrtKernelContext* ctx, const float* w,
+                                                           const ConvGeom& g) {
+  std::call_once(whole_once_, [&] {
+    w_finite_ = AllFinite(w, g.O * g.Cw * g.kk());
+    whole_filter_ = std::make_shared<const NchwcFilter>(
+        nchwc_.PackFilter(ctx, w, g, Indices(g.O), Indices(g.C)));
+  });
+  return whole_filter_;
+}
+
+bool SubsetConv::UseWhole(OrtKernelContext* ctx, const float* w, const ConvGeom& g,
+                          const std::vector<int>& outputs, const std::vector<int>& in) {
+  const int64_t na = int64_t(outputs.size()), nc = int64_t(in.size());
+  if (!w_const_ || g.group != 1 || g.C < nchwc_.Block() || (na == g.O && nc == g.C)) return false;
+  // Extra MACs of the whole layer against the pack of the subset (per output pixel: weights).
+  const double subset = double(na) * double(nc), whole = double(g.O) * double(g.C);
+  if ((whole - subset) * double(g.P()) >= kPackMacsPerWeight * subset) return false;
+  if (!nchwc_.Suits(ctx, g.O, g.C) || filter_cache_.HoldsLocked(outputs, in)) return false;
+  WholeFilter(ctx, w, g);
+  // Non-finite weights of an input that is all zeros would give NaN (0 * inf), which the
+  // subset never reads (FBSConv and SparseInputConv take such weights to their dense path
+  // before they get here; the check keeps SubsetConv's own contract for any caller).
+  return w_finite_;
+}
+
 std::shared_ptr<const PackedWeights<float>> SubsetConv::Packed(const IsaKernels& isa,
                                                                const float* w, const ConvGeom& g,
                                                                const std::vector<int>& outputs,
@@ -67,28 +101,44 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
   std::vector<int> all_chans;
   const std::vector<int>& in = InputsToRead(g, chans, &all_chans);
   if (nchwc_.Suits(ctx, na, int64_t(in.size()))) {
-    const auto f = Filter(ctx, w, g, outputs, in);
+    // The whole layer (UseWhole): every output from every input; row a of the product is
+    // then the result's row outputs[a], else row a.
+    const bool whole = UseWhole(ctx, w, g, outputs, in);
+    std::vector<int> every;
+    const std::vector<int>& read = whole ? (every = Indices(g.C)) : in;
+    const auto f = whole ? WholeFilter(ctx, w, g) : Filter(ctx, w, g, outputs, in);
+    const int64_t rows_out = whole ? g.O : na;
+    std::vector<int> index_of(size_t(rows_out), -1);  // result row -> product row a, or -1
+    for (int64_t a = 0; a < na; ++a) index_of[size_t(whole ? outputs[size_t(a)] : a)] = int(a);
     AlignedVec<float>& yb = Scratch<float, 17>();
     yb.resize(size_t(f->O * Np));
-    const float* xin = DelegateInput(ctx, isa, x, g, in, *f);
+    const float* xin = DelegateInput(ctx, isa, x, g, read, *f);
     nchwc_.Run(ctx, g, *f, xin, yb.data());
     // Back from the blocked layout to the destination rows, then the epilogue on each row,
     // chunk by chunk of pixels: a block's rows of one chunk (16 x kChunk floats) are still in
     // L1 when the epilogue reads them back, where whole rows (ResNet-18's stem: 12544 pixels)
-    // had left it.
+    // had left it. Result rows of inactive outputs (the whole layer) go to a scratch row.
     const int64_t B = nchwc_.Block();
     constexpr int64_t kChunk = 512;
-    ParallelFor(ParallelIfLarge(ctx, na * Np), size_t((na + B - 1) / B), [&](size_t blk) {
-      const int64_t a0 = int64_t(blk) * B;
-      const int valid = int(std::min<int64_t>(B, na - a0));
+    ParallelFor(ParallelIfLarge(ctx, rows_out * Np), size_t((rows_out + B - 1) / B), [&](size_t blk) {
+      const int64_t r0 = int64_t(blk) * B;
+      int valid = 0;  // lanes up to the block's last product row
+      for (int l = 0; l < int(std::min<int64_t>(B, rows_out - r0)); ++l)
+        if (index_of[size_t(r0 + l)] >= 0) valid = l + 1;
+      if (valid == 0) return;
       float* rows[64];
-      for (int l = 0; l < valid; ++l) rows[l] = ep.y + int64_t(ep.rows[a0 + l]) * ep.ld;
+      float discard[kChunk];
+      for (int l = 0; l < valid; ++l) {
+        const int a = index_of[size_t(r0 + l)];
+        rows[l] = a >= 0 ? ep.y + int64_t(ep.rows[a]) * ep.ld : nullptr;
+      }
       float* at[64];
       for (int64_t p0 = 0; p0 < Np; p0 += kChunk) {
         const int64_t n = std::min(kChunk, Np - p0);
-        for (int l = 0; l < valid; ++l) at[l] = rows[l] + p0;
-        isa.scatter_lanes(yb.data() + a0 * Np + p0 * B, B, n, at, valid);
-        for (int l = 0; l < valid; ++l) ep.ApplyToRun(isa, a0 + l, at[l], p0, n);
+        for (int l = 0; l < valid; ++l) at[l] = rows[l] ? rows[l] + p0 : discard;
+        isa.scatter_lanes(yb.data() + r0 * Np + p0 * B, B, n, at, valid);
+        for (int l = 0; l < valid; ++l)
+          if (rows[l]) ep.ApplyToRun(isa, index_of[size_t(r0 + l)], at[l], p0, n);
       }
     });
     return;
@@ -128,12 +178,18 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
     return valid;
   };
   if (nchwc_.Block() == B && nchwc_.Suits(ctx, na, int64_t(in.size()))) {
-    const auto f = Filter(ctx, w, g, outputs, in);
+    // The whole layer (UseWhole): every output from every input, the inactive outputs'
+    // lanes then dropped like the lanes of a subset's result.
+    const bool whole = UseWhole(ctx, w, g, outputs, in);
+    std::vector<int> every;
+    const std::vector<int>& read = whole ? (every = Indices(g.C)) : in;
+    const auto f = whole ? WholeFilter(ctx, w, g) : Filter(ctx, w, g, outputs, in);
+    const bool read_all = whole || all_in;
     const float* xin = x;  // blocked x with every channel: the delegate's input as it is
-    if (!x_block || int64_t(in.size()) < B) {  // NCHW x, or fewer than a block (read as NCHW)
+    if (!x_block || int64_t(read.size()) < B) {  // NCHW x, or fewer than a block (read as NCHW)
       xin = DelegateInput(ctx, isa, AsPlanes(ctx, isa, x, g.C, HW, x_block, Scratch<float, 18>()),
-                          g, in, *f);
-    } else if (!all_in) {
+                          g, read, *f);
+    } else if (!read_all) {
       AlignedVec<float>& xb = Scratch<float, 16>();
       xb.resize(size_t(f->C * HW));
       BlockedSubset(ctx, isa, x, in, HW, B, xb.data());
@@ -162,7 +218,8 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
       const int64_t o0 = int64_t(ob) * B;
       // (sorted outputs: a block's active indices are a run, within at most two blocks)
       int64_t source[64], src_block[64];
-      for (int l = 0; l < valid; ++l) source[l] = at[size_t(o0 + l)];
+      for (int l = 0; l < valid; ++l)
+        source[l] = at[size_t(o0 + l)] < 0 ? -1 : whole ? o0 + l : at[size_t(o0 + l)];
       int32_t idx[64 * 64];
       const int nsrc = LaneSources(source, valid, B, src_block, idx);
       const float* src[64];

@@ -33,13 +33,21 @@ class LastSubsetCache {
                                Make make) {
     if (!keep) return std::make_shared<const V>(make(nullptr));
     std::lock_guard<std::mutex> lock(mu_);
-    if (!value_ || out != out_ || in != in_) {
+    if (!Holds(out, in)) {
       std::shared_ptr<V> old = std::move(value_);
       value_ = std::make_shared<V>(make(old && old.use_count() == 1 ? old.get() : nullptr));
       out_ = out;
       in_ = in;
     }
     return value_;
+  }
+  // True if the value kept is the one of (out, in) (callers lock; Get calls it under its lock).
+  bool Holds(const std::vector<int>& out, const std::vector<int>& in) const {
+    return value_ && out == out_ && in == in_;
+  }
+  bool HoldsLocked(const std::vector<int>& out, const std::vector<int>& in) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return Holds(out, in);
   }
 
  private:
@@ -102,6 +110,14 @@ class SubsetConv {
                                                      const ConvGeom& g,
                                                      const std::vector<int>& outputs,
                                                      const std::vector<int>& in);
+  // Whether this run computes every output from every input on the whole layer's filter
+  // (packed once) instead of the (outputs, in) subset: W constant and finite, the subset's
+  // filter not the one kept (it would be packed on this run), and the extra MACs cheaper than
+  // that pack by the cost model in subset_conv.cc.
+  bool UseWhole(OrtKernelContext* ctx, const float* w, const ConvGeom& g,
+                const std::vector<int>& outputs, const std::vector<int>& in);
+  std::shared_ptr<const NchwcFilter> WholeFilter(OrtKernelContext* ctx, const float* w,
+                                                 const ConvGeom& g);
   // The delegate's input for channels `in` of NCHW planes x: x itself when it already is that
   // form (every channel, in order, fewer than a block), else gathered into Scratch slot 16.
   const float* DelegateInput(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,
@@ -112,6 +128,9 @@ class SubsetConv {
   NchwcConv nchwc_;
   LastSubsetCache<PackedWeights<float>> packed_cache_;
   LastSubsetCache<NchwcFilter> filter_cache_;
+  std::once_flag whole_once_;
+  std::shared_ptr<const NchwcFilter> whole_filter_;
+  bool w_finite_ = false;  // set with whole_filter_
 };
 
 }  // namespace g2d
