@@ -113,7 +113,9 @@ class SubsetConv {
   // Whether this run computes every output from every input on the whole layer's filter
   // (packed once) instead of the (outputs, in) subset: W constant and finite, the subset's
   // filter not the one kept (it would be packed on this run), and the extra MACs cheaper than
-  // that pack by the cost model in subset_conv.cc.
+  // that pack by the cost model in subset_conv.cc. Exact for the same reason as reading every
+  // input (InputsToRead): the inputs outside `chans` are all zero (the callers pass the
+  // non-zero ones), and the extra outputs are dropped.
   bool UseWhole(OrtKernelContext* ctx, const float* w, const ConvGeom& g,
                 const std::vector<int>& outputs, const std::vector<int>& in);
   std::shared_ptr<const NchwcFilter> WholeFilter(OrtKernelContext* ctx, const float* w,
