@@ -738,6 +738,51 @@ def test_fbs_conv_packed_weight_cache_follows_the_active_channels():
     assert len(set(actives)) > 1, "the inputs should switch different output channels on"
 
 
+@pytest.mark.parametrize("op", ["FBSConv", "SparseInputConv"])
+def test_changing_subsets_of_a_small_output_run_as_the_whole_layer(op):
+    """Active sets that change from run to run on a layer with few output pixels (7x7, as
+    ResNet-18's last stage): the kernel computes every output from every input on the whole
+    layer's filter instead of repacking the subset's (runtimes/native/subset_conv.cc UseWhole),
+    and every run still equals the reference, inactive FBS outputs exact zeros."""
+    rng = np.random.default_rng(31)
+    c = o = 64
+    w = (rng.standard_normal((o, c, 3, 3)) / 24).astype(np.float32)
+    fc_w = rng.standard_normal((o, c)).astype(np.float32)
+    fc_b = (rng.standard_normal(o) + 4.0).astype(np.float32)
+    bn_scale, bn_shift, beta = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
+    bias = rng.standard_normal(o).astype(np.float32)
+    attrs = dict(conv_attrs((1, 1), (1, 1, 1, 1), (1, 1)))
+    if op == "FBSConv":
+        attrs.update(density=0.75, pool="avg")
+        inits = [w, fc_w, fc_b, bn_scale, bn_shift, beta]
+    else:
+        attrs.pop("group")
+        inits = [w, bias]
+    sess = open_session(single_node_model(op, (1, c, 7, 7), inits, attrs), threads=2)
+    before = native_counter("G2DWholeLayerRuns")
+    inputs = []
+    for seed in range(3):
+        xi = np.random.default_rng(200 + seed).standard_normal((1, c, 7, 7)).astype(np.float32)
+        if op == "SparseInputConv":  # a different half of the inputs switched off each time
+            xi[:, np.random.default_rng(seed).permutation(c)[: c // 2]] = 0.0
+        inputs.append(xi)
+    actives = []
+    for xi in inputs + inputs[::-1]:
+        y = sess.run(None, {"x": xi})[0]
+        if op == "FBSConv":
+            y_ref, active = ref.fbs_conv_reference(xi, w, fc_w, fc_b, bn_scale, bn_shift, beta, 0.75,
+                                                   "avg", (1, 1), (1, 1, 1, 1), (1, 1), return_gate=True)
+            assert (y[~active] == 0).all()
+            actives.append(active.tobytes())
+        else:
+            y_ref = ref.sparse_input_conv_reference(xi, w, bias, pads=(1, 1, 1, 1))
+            actives.append((xi != 0).any(axis=(2, 3)).tobytes())
+        np.testing.assert_allclose(y, y_ref, rtol=0, atol=RTOL * np.abs(y_ref).max())
+    assert len(set(actives)) > 1, "the inputs should change the active sets"
+    if ORT_CONV_EXPECTED:
+        assert native_counter("G2DWholeLayerRuns") > before
+
+
 def test_fbs_conv_all_inputs_zero_and_single_output():
     x = np.zeros((2, 4, 5, 5), np.float32)
     rng = np.random.default_rng(0)

@@ -9,6 +9,7 @@ namespace g2d {
 
 namespace {
 std::atomic<int64_t> blocked_runs{0};  // samples RunBlocked computed (G2DBlockedLayoutRuns)
+std::atomic<int64_t> whole_runs{0};    // samples computed as the whole layer (G2DWholeLayerRuns)
 }  // namespace
 
 SubsetConv::SubsetConv(const OrtKernelInfo* info, const ConvAttrs& attrs, bool w_const)
@@ -64,6 +65,7 @@ bool SubsetConv::UseWhole(OrtKernelContext* ctx, const float* w, const ConvGeom&
   if ((whole - subset) * double(g.P()) >= kPackMacsPerWeight * subset) return false;
   if (!nchwc_.Suits(ctx, g.O, g.C) || filter_cache_.HoldsLocked(outputs, in)) return false;
   WholeFilter(ctx, w, g);
+  if (w_finite_) whole_runs.fetch_add(1, std::memory_order_relaxed);
   // Non-finite weights of an input that is all zeros would give NaN (0 * inf), which the
   // subset never reads (FBSConv and SparseInputConv take such weights to their dense path
   // before they get here; the check keeps SubsetConv's own contract for any caller).
@@ -261,4 +263,10 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
 // it as the "blocked" path).
 extern "C" __attribute__((visibility("default"))) int64_t G2DBlockedLayoutRuns() {
   return g2d::blocked_runs.load(std::memory_order_relaxed);
+}
+
+// Samples SubsetConv computed as the whole layer instead of repacking a subset (UseWhole;
+// tests check that the path runs).
+extern "C" __attribute__((visibility("default"))) int64_t G2DWholeLayerRuns() {
+  return g2d::whole_runs.load(std::memory_order_relaxed);
 }
