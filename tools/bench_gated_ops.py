@@ -42,7 +42,8 @@ G2D_SECOND_STAGE=sparse|dense force narrower paths, for numerics on tiers
 the machine lacks: their speed there says nothing about the tier). Each layer row says which
 paths ran while it was timed: second-stage spans sparse (s) / dense GEMM + select (d), convs
 delegated to ONNX Runtime's NCHWc conv (nchwc), samples on AMX tiles (amx) or on PG's int8
-kernel (int8); "bound" is the
+kernel (int8), FBS layers in ONNX Runtime's blocked layout (blocked) and FBS subsets computed
+as the whole layer instead of repacked (whole); "bound" is the
 layer's MAC bound (CG: 1 / (1/p + (1 - 1/p) r); PG: abits / (pred + (abits - pred) r), in
 abits-bit MAC equivalents, gate_stats' bit_weighted_macs; FBS: 1 / (in x out density)).
 
