@@ -38,13 +38,15 @@ std::shared_ptr<const NchwcFilter> SubsetConv::Filter(OrtKernelContext* ctx, con
 }
 
 // MAC-equivalents of packing one weight of a subset's filter (nchwc_conv.cc PackFilter): the
-// pack streams W from memory, gathers and writes the tile. Measured on an Intel Xeon (1
-// thread, FBS ResNet-18 at density 0.75 with input-dependent active sets, ONNX Runtime node
-// profile): repacking on every run cost +1.4-1.6 ms per layer4 conv (7x7 outputs, 1.33 M
-// weights packed: ~1.1 ns each) against ~0.01 ns per MAC in the conv, so ~110; the extra
-// MACs of the whole layer (all outputs and inputs) then win where a weight is used by few
-// output pixels (layer4, 49: whole; layer3, 196: subset at density 0.75).
-constexpr double kPackMacsPerWeight = 110.0;
+// pack streams W from memory, gathers and writes the tile. The whole layer runs where its
+// extra MACs per output pixel, (O * C - subset) * OH * OW, are below this many times the
+// subset's weights. Fitted on an Intel Xeon (FBS ResNet-18, active sets changing per input,
+// builds timed in alternating blocks): at density 0.75 the 7x7 layers gain as the whole layer
+// (FBSConv: 21 extra MACs per subset weight; repacking had cost +1.4-1.6 ms per conv, ~1.1 ns
+// per weight), while a SparseInputConv reading half of its inputs (49 extra MACs per weight)
+// ran 3-5% slower that way at density 0.5: so between 38 and 49. A heuristic of this machine;
+// timing both forms per layer on the target would be the general answer.
+constexpr double kPackMacsPerWeight = 45.0;
 
 std::shared_ptr<const NchwcFilter> SubsetConv::WholeFilter(OrtKernelContext* ctx, const float* w,
                                                            const ConvGeom& g) {
@@ -64,6 +66,17 @@ bool SubsetConv::UseWhole(OrtKernelContext* ctx, const float* w, const ConvGeom&
   const double subset = double(na) * double(nc), whole = double(g.O) * double(g.C);
   if ((whole - subset) * double(g.P()) >= kPackMacsPerWeight * subset) return false;
   if (!nchwc_.Suits(ctx, g.O, g.C) || filter_cache_.HoldsLocked(outputs, in)) return false;
+  {
+    // The same subset twice in a row (fixed active sets: the common case where saliencies do
+    // not depend on the input) is packed and kept: its later runs then hit the cache. Without
+    // this the whole layer ran on every run, since it never fills the cache (measured: FBS
+    // ResNet-18 at density 0.5 with fixed sets 9% slower).
+    std::lock_guard<std::mutex> lock(last_mu_);
+    const bool repeated = outputs == last_out_ && in == last_in_;
+    last_out_ = outputs;
+    last_in_ = in;
+    if (repeated) return false;
+  }
   WholeFilter(ctx, w, g);
   if (w_finite_) whole_runs.fetch_add(1, std::memory_order_relaxed);
   // Non-finite weights of an input that is all zeros would give NaN (0 * inf), which the

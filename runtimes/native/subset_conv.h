@@ -112,8 +112,9 @@ class SubsetConv {
                                                      const std::vector<int>& in);
   // Whether this run computes every output from every input on the whole layer's filter
   // (packed once) instead of the (outputs, in) subset: W constant and finite, the subset's
-  // filter not the one kept (it would be packed on this run), and the extra MACs cheaper than
-  // that pack by the cost model in subset_conv.cc. Exact for the same reason as reading every
+  // filter not the one kept (it would be packed on this run) and not the subset of the run
+  // before (a repeated subset is packed and kept), and the extra MACs cheaper than that pack
+  // by the cost model in subset_conv.cc. Exact for the same reason as reading every
   // input (InputsToRead): the inputs outside `chans` are all zero (the callers pass the
   // non-zero ones), and the extra outputs are dropped.
   bool UseWhole(OrtKernelContext* ctx, const float* w, const ConvGeom& g,
@@ -133,6 +134,8 @@ class SubsetConv {
   std::once_flag whole_once_;
   std::shared_ptr<const NchwcFilter> whole_filter_;
   bool w_finite_ = false;  // set with whole_filter_
+  std::mutex last_mu_;  // the subset UseWhole was last asked about
+  std::vector<int> last_out_, last_in_;
 };
 
 }  // namespace g2d
