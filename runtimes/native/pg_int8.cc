@@ -223,8 +223,10 @@ G2D_INT8_AVX2 inline void DotsAvx2(const Job& j, int64_t o, const int32_t* q, in
     out[i] = SumLanes(_mm256_add_epi32(total[i], _mm256_madd_epi16(acc[i], ones)));
 }
 
-// 64 channels of a tap per step on 512-bit vectors (the sign as in StageVnni: a masked byte
-// negation, its mask the sign bytes' top bits), a last 32 on 256-bit ones with vpsignb.
+// 64 channels of a tap per step on 512-bit vectors, a last 32 on 256-bit ones. Here the counts
+// stay the signed operand, q_w's sign applied to them (512 bits: a masked byte negation, its
+// mask the sign bytes' top bits; 256 bits: vpsignb): each weight load serves N positions, and
+// the offset form of StageVnni would need a second product for the e bytes of most rows.
 template <int N>
 G2D_INT8_VNNI inline void DotsVnni(const Job& j, int64_t o, const int32_t* q, int32_t* out) {
   const PGInt8Weights& w = *j.w;
