@@ -65,7 +65,7 @@ bool SubsetConv::UseWhole(OrtKernelContext* ctx, const float* w, const ConvGeom&
   // Extra MACs of the whole layer against the pack of the subset (per output pixel: weights).
   const double subset = double(na) * double(nc), whole = double(g.O) * double(g.C);
   if ((whole - subset) * double(g.P()) >= kPackMacsPerWeight * subset) return false;
-  if (!nchwc_.Suits(ctx, g.O, g.C) || filter_cache_.HoldsLocked(outputs, in)) return false;
+  if (!nchwc_.Suits(ctx, g.O, g.C) || filter_cache_.Holds(outputs, in)) return false;
   {
     // The same subset twice in a row (fixed active sets: the common case where saliencies do
     // not depend on the input) is packed and kept: its later runs then hit the cache. Without
@@ -225,13 +225,15 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
     yb.resize(size_t(f->O * Np));
     nchwc_.Run(ctx, g, *f, xin, yb.data());
     // Each block of outputs takes its active channels' lanes from (at most two) blocks of the
-    // active-only result, chunk by chunk of pixels (the chunk is still in L1 for the epilogue).
+    // active-only result, or from its own block of the whole layer's result, chunk by chunk of
+    // pixels (the chunk is still in L1 for the epilogue).
     constexpr int64_t kChunk = 512;
     ParallelFor(ParallelIfLarge(ctx, g.O * Np), size_t(oblocks), [&](size_t ob) {
       float gl[64], sl[64], shl[64], bl[64];
       const int valid = block_params(int64_t(ob), gl, sl, shl, bl);
       const int64_t o0 = int64_t(ob) * B;
-      // (sorted outputs: a block's active indices are a run, within at most two blocks)
+      // (sorted outputs: a block's active indices are a run, within at most two blocks; in the
+      // whole result, channel o is at o)
       int64_t source[64], src_block[64];
       for (int l = 0; l < valid; ++l)
         source[l] = at[size_t(o0 + l)] < 0 ? -1 : whole ? o0 + l : at[size_t(o0 + l)];

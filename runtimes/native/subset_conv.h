@@ -33,7 +33,7 @@ class LastSubsetCache {
                                Make make) {
     if (!keep) return std::make_shared<const V>(make(nullptr));
     std::lock_guard<std::mutex> lock(mu_);
-    if (!Holds(out, in)) {
+    if (!HoldsUnlocked(out, in)) {
       std::shared_ptr<V> old = std::move(value_);
       value_ = std::make_shared<V>(make(old && old.use_count() == 1 ? old.get() : nullptr));
       out_ = out;
@@ -41,16 +41,16 @@ class LastSubsetCache {
     }
     return value_;
   }
-  // True if the value kept is the one of (out, in) (callers lock; Get calls it under its lock).
-  bool Holds(const std::vector<int>& out, const std::vector<int>& in) const {
-    return value_ && out == out_ && in == in_;
-  }
-  bool HoldsLocked(const std::vector<int>& out, const std::vector<int>& in) {
+  // True if the value kept is the one of (out, in): Get would not make a new one.
+  bool Holds(const std::vector<int>& out, const std::vector<int>& in) {
     std::lock_guard<std::mutex> lock(mu_);
-    return Holds(out, in);
+    return HoldsUnlocked(out, in);
   }
 
  private:
+  bool HoldsUnlocked(const std::vector<int>& out, const std::vector<int>& in) const {
+    return value_ && out == out_ && in == in_;
+  }
   std::mutex mu_;
   std::vector<int> out_, in_;
   std::shared_ptr<V> value_;  // handed out as shared_ptr<const V>
