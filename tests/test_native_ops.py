@@ -588,6 +588,41 @@ def test_cg_conv_sparse_second_stage_long_rows(geom, frac):
     assert_close_with_ties(y, ref.cg_conv_reference(x, w, mask, thr, s, p, d), yp, thr)
 
 
+@pytest.mark.parametrize("block_diagonal", [False, True])
+@pytest.mark.parametrize("geom", [(1, 8, 8, 24, 40, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+                                  (1, 8, 8, 30, 44, 3, (2, 2), (2, 2, 2, 2), (2, 2))],
+                         ids=["stride1", "stride2_dilation2"])
+def test_cg_channel_last_rows_filled_for_every_gated_span(geom, block_diagonal):
+    """The channel-last copy of the second stage's channels is filled row by row, by the first
+    span whose gated-on outputs read those rows (conv_common.cc, need_channel_last_rows), in
+    a scratch buffer that keeps the previous call's rows. A first call with gates on all over
+    fills every row with one input; then, for each position of a two-row band of non-zero
+    input (zero elsewhere, so only outputs whose fields overlap the band are gated on), the
+    output must match the reference: a span that filled fewer rows than its fields cover
+    would read the first input's stale rows."""
+    n, c, o, h, w_, k, s, p, d = geom
+    rng, x_all, w, s, p, d = random_case(geom, seed=23)
+    mask = cg_base_mask(o, c, 4, block_diagonal)
+    thr_all = ref.thresholds_for_fraction(ref.conv2d(x_all, w * mask[:, :, None, None], s, p, d), 0.2)
+    import ctypes
+
+    runs = ctypes.CDLL(str(custom_ops_library_path())).G2DSecondStageRuns
+    runs.restype = ctypes.c_int64
+    channel_last_spans = 0
+    for r0 in range(0, h - 1):
+        run_node("CGConv", x_all, [w, mask, thr_all], conv_attrs(s, p, d))  # every row stale
+        before = runs(2)
+        x = np.zeros_like(x_all)
+        x[:, :, r0:r0 + 2] = rng.standard_normal((n, c, 2, w_)).astype(np.float32)
+        yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
+        # ~10% of the non-zero partial sums on; zero partial sums (away from the band) off
+        thr = np.array([np.quantile(np.abs(yp[:, i]), 0.95) for i in range(o)], np.float32)
+        y = run_node("CGConv", x, [w, mask, thr], conv_attrs(s, p, d))
+        channel_last_spans += runs(2) - before
+        assert_close_with_ties(y, ref.cg_conv_reference(x, w, mask, thr, s, p, d), yp, thr)
+    assert channel_last_spans > 0  # the band calls ran the channel-last sparse stage
+
+
 # ----------------------------------------------------------------------------- FBSConv
 
 def check_fbs_against_reference(geom, density, pool, seed, zero_channels):

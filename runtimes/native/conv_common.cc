@@ -588,6 +588,16 @@ inline void ZeroFloats(float* dst, int64_t n) {
   for (; i < n; ++i) _mm_store_ss(dst + i, _mm_setzero_ps());
 }
 
+// dst[i] = src[2 * i] for i < n, reading no further than src[2 * n - 2] (SSE2: this file is
+// built for baseline x86-64).
+inline void EveryOther(const float* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 4 < n; i += 4)  // reads src[2i .. 2i + 7]: within 2n - 2 while i + 4 < n
+    _mm_storeu_ps(dst + i, _mm_shuffle_ps(_mm_loadu_ps(src + 2 * i), _mm_loadu_ps(src + 2 * i + 4),
+                                          _MM_SHUFFLE(2, 0, 2, 0)));
+  for (; i < n; ++i) dst[i] = src[2 * i];
+}
+
 // Copies the channels `chans` (those MakeSource laid out) of src.x into src's padded planes.
 // Only the padding border is zeroed (the buffer is reused, the interior is overwritten).
 template <class T>
@@ -626,6 +636,31 @@ void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
         // Phase planes (stride 1: the one padded plane): (a, b) at plane + (a * sw + b) *
         // plane_size, padded pixel (r * sh + a, s * sw + b) at row r, column s; outside the
         // input (padding, the round-up) zero.
+        if (g.sw == 2) {
+          // The common stride: phase rows of every other input pixel, four at a time from the
+          // input row (SSE2: the file is built for baseline x86-64). The generic loop below
+          // took 7-8 us of a 40 us stride-2 ResNet-20 CG layer (perf); a zero-padded copy of
+          // the row split afterwards was no faster (its loads straddled the copy's stores,
+          // which store-to-load forwarding cannot serve).
+          for (int64_t a = 0; a < g.sh; ++a)
+            for (int64_t b = 0; b < 2; ++b) {
+              float* ph = plane + (a * 2 + b) * plane_size;
+              const int64_t s_lo = std::max<int64_t>(0, (g.pl - b + 1) / 2);
+              const int64_t s_hi = std::clamp<int64_t>((g.W + g.pl - b + 1) / 2, s_lo, Wp);
+              for (int64_t r = 0; r < src.Hp; ++r) {
+                float* row = ph + r * Wp;
+                const int64_t ih = r * g.sh + a - g.pt;
+                if (ih < 0 || ih >= g.H) {
+                  ZeroFloats(row, Wp);
+                  continue;
+                }
+                ZeroFloats(row, s_lo);
+                EveryOther(xc + ih * g.W + (s_lo * 2 + b - g.pl), s_hi - s_lo, row + s_lo);
+                ZeroFloats(row + s_hi, Wp - s_hi);
+              }
+            }
+          continue;
+        }
         for (int64_t a = 0; a < g.sh; ++a)
           for (int64_t b = 0; b < g.sw; ++b) {
             float* ph = plane + (a * g.sw + b) * plane_size;
@@ -643,8 +678,6 @@ void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
               for (int64_t t = 0; t < s_lo; ++t) row[t] = 0.f;
               if (g.sw == 1) {
                 std::memcpy(row + s_lo, in, sizeof(float) * size_t(s_hi - s_lo));
-              } else if (g.sw == 2) {  // the common stride, as a constant (the loop vectorizes)
-                for (int64_t t = s_lo; t < s_hi; ++t) row[t] = in[(t - s_lo) * 2];
               } else {
                 for (int64_t t = s_lo; t < s_hi; ++t) row[t] = in[(t - s_lo) * g.sw];
               }
@@ -969,47 +1002,60 @@ void SparseSecondStageRows(const IsaKernels& isa, const GatedStagePlan<T>& plan,
 // dilation along the width (dw = 1) a kernel row's kw taps are adjacent pixels, one run of
 // kw * Cs floats: the field is kh runs (toff[i] = i * dh * Wp, run_len = kw * Cs), matching
 // TapRows' [kh, kw, Cs] order; else kh * kw runs of Cs.
+//
+// The copy is filled row by row when a span's sparse second stage first reads those rows
+// (RunGatedConv: once per row, under the span tasks' threads): at low gate-on fractions most
+// spans never do, and the whole copy made up front was about half of a ResNet-20 CG layer's
+// fixed cost before stage 1 (tools/bench_network_layers.py, "pad").
 struct ChannelLast {
-  const float* x = nullptr;
-  int64_t Cs = 0, Wp = 0, run_len = 0;
-  std::vector<int64_t> toff;  // one entry per run
+  const float* x = nullptr;    // the copy
+  const float* src = nullptr;  // the sample, NCHW
+  int64_t Cs = 0, Hp = 0, Wp = 0, run_len = 0;
+  std::vector<int64_t> toff;      // one entry per run
+  std::vector<int64_t> chan_off;  // copy channel i = src + chan_off[i]
 };
 
-ChannelLast MakeChannelLast(const IsaKernels& isa, const float* x, const ConvGeom& g,
-                            const std::vector<int>& chans, int64_t Cs, float* dst,
-                            OrtKernelContext* ctx) {
+// The layout of `chans`' channel-last copy in dst ([Hp, Wp, Cs]); FillChannelLastRows copies.
+ChannelLast LayoutChannelLast(const float* x, const ConvGeom& g, const std::vector<int>& chans,
+                              int64_t Cs, float* dst) {
   ChannelLast cl;
   cl.x = dst;
+  cl.src = x;
   cl.Cs = Cs;
-  const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr, nc = int64_t(chans.size());
+  const int64_t Wp = g.W + g.pl + g.pr;
+  cl.Hp = g.H + g.pt + g.pb;
   cl.Wp = Wp;
   cl.run_len = g.dw == 1 ? g.kw * Cs : Cs;
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < (g.dw == 1 ? 1 : g.kw); ++j) cl.toff.push_back(i * g.dh * Wp + j * g.dw);
-  std::vector<int64_t> off(static_cast<size_t>(nc));
-  for (int64_t i = 0; i < nc; ++i) off[size_t(i)] = int64_t(chans[size_t(i)]) * g.H * g.W;
-  const int64_t nr = isa.nr;
-  ParallelFor(ParallelIfLarge(ctx, Cs * Hp * Wp), size_t(Hp), [&](size_t hi) {
-    const int64_t h = int64_t(hi), ih = h - g.pt;
-    float* row = dst + h * Wp * Cs;
-    if (ih < 0 || ih >= g.H) {
-      std::memset(row, 0, sizeof(float) * size_t(Wp * Cs));
-      return;
-    }
-    std::memset(row, 0, sizeof(float) * size_t(g.pl * Cs));
-    std::memset(row + (g.pl + g.W) * Cs, 0, sizeof(float) * size_t(g.pr * Cs));
-    // Whole runs of nr pixels through the ISA's transpose (it reads nr pixels of every
-    // channel and writes nr rows of Cs); the rest pixel by pixel.
-    int64_t w0 = 0;
-    for (; w0 + nr <= g.W; w0 += nr)
-      isa.gather_fields(x + ih * g.W + w0, off.data(), nc, Cs, row + (g.pl + w0) * Cs);
-    for (; w0 < g.W; ++w0) {
-      float* px = row + (g.pl + w0) * Cs;
-      for (int64_t i = 0; i < nc; ++i) px[i] = x[off[size_t(i)] + ih * g.W + w0];
-      for (int64_t i = nc; i < Cs; ++i) px[i] = 0.f;
-    }
-  });
+  cl.chan_off.resize(chans.size());
+  for (size_t i = 0; i < chans.size(); ++i) cl.chan_off[i] = int64_t(chans[i]) * g.H * g.W;
   return cl;
+}
+
+// Copies padded row h of the channel-last copy (zeros in the padding).
+void FillChannelLastRow(const IsaKernels& isa, const ConvGeom& g, const ChannelLast& cl, int64_t h) {
+  const int64_t Wp = cl.Wp, Cs = cl.Cs, nc = int64_t(cl.chan_off.size()), ih = h - g.pt;
+  const float* const x = cl.src;
+  const int64_t* const off = cl.chan_off.data();
+  float* row = const_cast<float*>(cl.x) + h * Wp * Cs;  // the caller's scratch buffer
+  if (ih < 0 || ih >= g.H) {
+    std::memset(row, 0, sizeof(float) * size_t(Wp * Cs));
+    return;
+  }
+  std::memset(row, 0, sizeof(float) * size_t(g.pl * Cs));
+  std::memset(row + (g.pl + g.W) * Cs, 0, sizeof(float) * size_t(g.pr * Cs));
+  // Whole runs of nr pixels through the ISA's transpose (it reads nr pixels of every
+  // channel and writes nr rows of Cs); the rest pixel by pixel.
+  const int64_t nr = isa.nr;
+  int64_t w0 = 0;
+  for (; w0 + nr <= g.W; w0 += nr)
+    isa.gather_fields(x + ih * g.W + w0, off, nc, Cs, row + (g.pl + w0) * Cs);
+  for (; w0 < g.W; ++w0) {
+    float* px = row + (g.pl + w0) * Cs;
+    for (int64_t i = 0; i < nc; ++i) px[i] = x[off[i] + ih * g.W + w0];
+    for (int64_t i = nc; i < Cs; ++i) px[i] = 0.f;
+  }
 }
 
 // Sparse second stage from the channel-last copy (fp32, plans with w2_taps): per output row,
@@ -1210,6 +1256,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   // Channel-last copies of the stage-2 channels for the plans that read them (w2_taps), one
   // per plan (and one for the joint second stage), in one buffer.
   std::vector<ChannelLast> channel_last(plans.size() + 1);
+  std::unique_ptr<std::atomic<uint8_t>[]> channel_last_rows;  // [plans + 1, Hp]
   if constexpr (std::is_same<T, float>::value) {
     const int64_t plane = (g.H + g.pt + g.pb) * (g.W + g.pl + g.pr);
     std::vector<int64_t> at(plans.size() + 2, 0);
@@ -1226,11 +1273,30 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       for (size_t i = 0; i <= plans.size(); ++i) {
         const GatedStagePlan<T>* plan = plan_at(i);
         if (plan && !plan->w2_taps.empty())
-          channel_last[i] = MakeChannelLast(isa, x2, g, plan->chans2, plan->w2_taps.Cs,
-                                            buf.data() + at[i], ctx);
+          channel_last[i] = LayoutChannelLast(x2, g, plan->chans2, plan->w2_taps.Cs, buf.data() + at[i]);
       }
+      const size_t rows = (plans.size() + 1) * size_t(g.H + g.pt + g.pb);
+      channel_last_rows.reset(new std::atomic<uint8_t>[rows]);
+      for (size_t r = 0; r < rows; ++r) channel_last_rows[r].store(0, std::memory_order_relaxed);
     }
   }
+  // Rows [h0, h1] of channel_last[i], each copied by the first span that needs it (0: not
+  // yet, 1: being copied, 2: there). Not std::call_once: glibc's once ends in a futex wake
+  // system call, which per row made the layer ~10% slower than the copy it deferred.
+  auto need_channel_last_rows = [&](size_t i, int64_t h0, int64_t h1) {
+    const ChannelLast& cl = channel_last[i];
+    for (int64_t h = std::max<int64_t>(h0, 0); h <= std::min(h1, cl.Hp - 1); ++h) {
+      std::atomic<uint8_t>& state = channel_last_rows[size_t(int64_t(i) * cl.Hp + h)];
+      if (state.load(std::memory_order_acquire) == 2) continue;
+      uint8_t expected = 0;
+      if (state.compare_exchange_strong(expected, 1, std::memory_order_acquire)) {
+        FillChannelLastRow(isa, g, cl, h);
+        state.store(2, std::memory_order_release);
+      } else {
+        while (state.load(std::memory_order_acquire) != 2) _mm_pause();  // a row: < 1 us
+      }
+    }
+  };
   AddStageTime(kTimePad, pad_clock);
   // With a joint second stage, every plan's stage 1 writes its rows of one [all_rows, NR]
   // span buffer (rows in plan order, joint_second->outputs' order), and stage 2 runs once.
@@ -1254,6 +1320,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     // per column (four with the pixel's own) cost ~6 us per call of a 16-channel 32x32 layer.
     const int64_t row_len = src1.indirect ? src1.Wp : g.OW;  // columns per output row
     int64_t oh = q0 / row_len, ow = q0 % row_len;
+    const int64_t first_oh = oh;  // the span's output rows: first_oh .. oh at the end
     for (int64_t t = 0; t < NR; ++t) {
       const bool in_span = t < ncols && ow < g.OW;  // indirect rows' padding columns are none
       pix[t] = in_span ? oh * g.OW + ow : -1;
@@ -1316,6 +1383,9 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         } else if constexpr (std::is_same<T, float>::value) {
           if (!plan.w2_taps.empty()) {
             second_stage_runs[2].fetch_add(1, std::memory_order_relaxed);
+            // The padded input rows the span's receptive fields cover (its last output row
+            // may be oh or, where the span ended at a row's end, oh - 1: a row more is cheap).
+            need_channel_last_rows(plan_index, first_oh * g.sh, oh * g.sh + (g.kh - 1) * g.dh);
             SparseSecondStageTaps(isa, plan.w2_taps, cl, base, ncols, NR, gate, s2, out);
           } else {
             need_src2();
