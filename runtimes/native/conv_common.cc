@@ -1186,6 +1186,36 @@ void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
   }
 }
 
+// Runs its function once among the threads of one kernel call; the others wait for it,
+// spinning (what it guards takes microseconds). Not std::call_once: glibc ends every first
+// call of a once with a futex wake system call, which, once per padded row of the
+// channel-last copy, made a ResNet-20 CG layer ~10% slower than the copy it deferred.
+class SpinOnce {
+ public:
+  template <class F>
+  void operator()(F&& f) {
+    for (;;) {
+      uint8_t state = state_.load(std::memory_order_acquire);
+      if (state == kDone) return;
+      if (state == kNotYet && state_.compare_exchange_weak(state, kRunning, std::memory_order_acquire)) {
+        try {
+          f();
+        } catch (...) {
+          state_.store(kNotYet, std::memory_order_release);  // a waiter tries again
+          throw;
+        }
+        state_.store(kDone, std::memory_order_release);
+        return;
+      }
+      _mm_pause();
+    }
+  }
+
+ private:
+  static constexpr uint8_t kNotYet = 0, kRunning = 1, kDone = 2;
+  std::atomic<uint8_t> state_{kNotYet};
+};
+
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
                   const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
@@ -1227,9 +1257,9 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       split_sources ? MakeSource(x2, g, nr, Scratch<float, 8>(), &chans2_used, ctx, true)
       : x2 == x1    ? src1
                     : MakeSource(x2, g, nr, Scratch<float, 8>(), nullptr, ctx);
-  std::once_flag src2_filled;
+  SpinOnce src2_filled;
   auto need_src2 = [&] {  // before any read of src2's planes
-    if (split_sources) std::call_once(src2_filled, [&] { FillSource(src2, chans2_used, nullptr); });
+    if (split_sources) src2_filled([&] { FillSource(src2, chans2_used, nullptr); });
   };
   std::vector<std::vector<int64_t>> offs1;
   std::vector<std::vector<float>> thresholds;
@@ -1246,9 +1276,9 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   // block-diagonal plans these lists were most of the offsets' cost (1.5-4.5 us of a 50 us
   // ResNet-20 CG layer, G2D_STAGE_TIMES).
   std::vector<std::vector<int64_t>> offs2(plans.size() + 1);
-  std::unique_ptr<std::once_flag[]> offs2_made(new std::once_flag[plans.size() + 1]);
+  std::unique_ptr<SpinOnce[]> offs2_made(new SpinOnce[plans.size() + 1]);
   auto off2_of = [&](size_t i) -> const std::vector<int64_t>& {
-    std::call_once(offs2_made[i], [&] {
+    offs2_made[i]([&] {
       offs2[i] = Offsets(src2, i < plans.size() ? plans[i].chans2 : joint_second->chans2);
     });
     return offs2[i];
@@ -1256,7 +1286,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   // Channel-last copies of the stage-2 channels for the plans that read them (w2_taps), one
   // per plan (and one for the joint second stage), in one buffer.
   std::vector<ChannelLast> channel_last(plans.size() + 1);
-  std::unique_ptr<std::atomic<uint8_t>[]> channel_last_rows;  // [plans + 1, Hp]
+  std::unique_ptr<SpinOnce[]> channel_last_rows;  // [plans + 1, Hp]
   if constexpr (std::is_same<T, float>::value) {
     const int64_t plane = (g.H + g.pt + g.pb) * (g.W + g.pl + g.pr);
     std::vector<int64_t> at(plans.size() + 2, 0);
@@ -1276,26 +1306,14 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
           channel_last[i] = LayoutChannelLast(x2, g, plan->chans2, plan->w2_taps.Cs, buf.data() + at[i]);
       }
       const size_t rows = (plans.size() + 1) * size_t(g.H + g.pt + g.pb);
-      channel_last_rows.reset(new std::atomic<uint8_t>[rows]);
-      for (size_t r = 0; r < rows; ++r) channel_last_rows[r].store(0, std::memory_order_relaxed);
+      channel_last_rows.reset(new SpinOnce[rows]);
     }
   }
-  // Rows [h0, h1] of channel_last[i], each copied by the first span that needs it (0: not
-  // yet, 1: being copied, 2: there). Not std::call_once: glibc's once ends in a futex wake
-  // system call, which per row made the layer ~10% slower than the copy it deferred.
+  // Rows [h0, h1] of channel_last[i], each copied by the first span that needs it.
   auto need_channel_last_rows = [&](size_t i, int64_t h0, int64_t h1) {
     const ChannelLast& cl = channel_last[i];
-    for (int64_t h = std::max<int64_t>(h0, 0); h <= std::min(h1, cl.Hp - 1); ++h) {
-      std::atomic<uint8_t>& state = channel_last_rows[size_t(int64_t(i) * cl.Hp + h)];
-      if (state.load(std::memory_order_acquire) == 2) continue;
-      uint8_t expected = 0;
-      if (state.compare_exchange_strong(expected, 1, std::memory_order_acquire)) {
-        FillChannelLastRow(isa, g, cl, h);
-        state.store(2, std::memory_order_release);
-      } else {
-        while (state.load(std::memory_order_acquire) != 2) _mm_pause();  // a row: < 1 us
-      }
-    }
+    for (int64_t h = std::max<int64_t>(h0, 0); h <= std::min(h1, cl.Hp - 1); ++h)
+      channel_last_rows[size_t(int64_t(i) * cl.Hp + h)]([&] { FillChannelLastRow(isa, g, cl, h); });
   };
   AddStageTime(kTimePad, pad_clock);
   // With a joint second stage, every plan's stage 1 writes its rows of one [all_rows, NR]
