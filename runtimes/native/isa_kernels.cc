@@ -331,7 +331,12 @@ void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpa
 #if defined(__AVX512F__)
 typedef __m512i vi;
 inline vi iload(const void* p) { return _mm512_loadu_si512(p); }
-inline vi madd_acc(vi acc, vi a, vi b) { return _mm512_dpwssd_epi32(acc, a, b); }
+// vpdpwssd through inline assembly: GCC 12's intrinsic moved each accumulator to another
+// register and back around every product (objdump of the int16 GEMM), as in pg_int8.cc.
+inline vi madd_acc(vi acc, vi a, vi b) {
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
 inline vi ibroadcast(const int16_t* pair) {
   int32_t v;
   std::memcpy(&v, pair, 4);
