@@ -40,6 +40,12 @@ constexpr int64_t kBlocksPerTask = 8;
 // whole block up to ~65% on, so the model errs toward whole blocks, within a few percent
 // there); at 16 channels (one 32-channel step half empty) about 6.5x (break-even near 15%).
 constexpr double kBlockStep = 12.0, kDotStep = 2.1, kDotFixed = 25.0;
+// VNNI's whole block (StageVnni: one vpdpbusd per row and k step, its weight word an embedded
+// broadcast) costs less per k step, relative to its dot products, than AVX2's: forcing each
+// kind (G2D_SECOND_STAGE, G2D_AMX=0, Intel Xeon, 1 thread, tools/bench_gated_ops.py) put the
+// break-even near 34% on at 128 channels 28x28, 35-40% at 64 channels 8x8 and under 10% at
+// 16 channels 32x32, where the AVX2 figure gave 54%, 43% and 15%.
+constexpr double kBlockStepVnni = 8.0;
 // Layers below this many multiply-adds per stage run on the calling thread (waking a pool
 // thread costs more than it takes over).
 constexpr double kParallelMacs = double(1 << 20);
@@ -662,7 +668,7 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
   const DotFn dot = k == PGInt8Isa::kVnni ? DotVnni : DotAvx2;
   double dense_above = DenseSecondStageAbove(false);  // forced (G2D_SECOND_STAGE) or auto
   if (dense_above >= 0.0 && dense_above <= 1.0)
-    dense_above = double(w.K) * kBlockStep /
+    dense_above = double(w.K) * (k == PGInt8Isa::kVnni ? kBlockStepVnni : kBlockStep) /
                   (double(w.Cp / 32 * w.kk) * kDotStep + kDotFixed) / double(kR * kBlock);
   const int sparse_max = int(std::min(double(kR * kBlock), dense_above * double(kR * kBlock)));
   const IsaKernels& isa = BestKernels();
