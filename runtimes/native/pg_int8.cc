@@ -146,15 +146,15 @@ G2D_INT8_VNNI inline __m512i DpbusdBroadcast(__m512i acc, __m512i x, const int32
 }
 
 // StageAvx2's stage with vpdpbusd on 512-bit vectors, one vector the block's 16 positions x 4
-// channels, in the other operand order: the counts are the unsigned operand and q_w the signed one, so
-// no per-row sign instruction is needed (AVX-512 has no vpsignb: a masked negation per row and
-// k step held this stage at the dense fp32 conv's rate, forced G2D_AMX=0 on an Intel Xeon).
-// The counts are signed: each byte is offset by 128 (x ^ 0x80 = x + 128, one instruction per
-// k step for all four rows), and 128 * sum(q_w) is taken off each output's total (w.offset).
-// q_w needs 9 bits: it is split as c + 2 * e with c in [-128, 127] (PackPGInt8Weights); the
-// e words, nonzero only where |q_w| > 127 (a few percent of the weights), are listed per
-// output block and row (w.hi) and added in a second, short pass. All sums wrap modulo 2^32
-// and the result fits in int32 (PGInt8Fits), so the total is exact.
+// channels, in the other operand order: the counts are the unsigned operand and q_w the signed one,
+// so no per-row sign instruction is needed (AVX-512 has no vpsignb: a masked negation per row and k
+// step held this stage at the dense fp32 conv's rate, forced G2D_AMX=0 on an Intel Xeon). The
+// counts are signed: each byte is offset by 128 (x ^ 0x80 = x + 128, one instruction per k step for
+// all four rows), and 128 * sum(q_w) is taken off each output's total (w.offset). q_w needs 9 bits:
+// it is split as c + 2 * e with c in [-128, 127] (PackPGInt8Weights); the e words, nonzero only
+// where |q_w| > 127 (a few percent of the weights), are listed per output block and row (w.hi) and
+// added in a second, short pass. All sums wrap modulo 2^32 and the result fits in int32
+// (PGInt8Fits), so the total is exact.
 G2D_INT8_VNNI void StageVnni(const Job& j, const int8_t* act, int64_t ob, int64_t q0, int,
                              int32_t* sums) {
   static_assert(kBlock == 16, "one 512-bit vector of int32 sums per output row");
