@@ -68,13 +68,14 @@ def run_node(op, x, initializers, attrs, dynamic_x=False):
     return sess.run(None, {"x": x})[0]
 
 
-def native_counter(symbol: str) -> int:
-    """One of the native library's int64 run counters (exported C functions, read via ctypes)."""
+def native_counter(symbol: str, *args: int) -> int:
+    """One of the native library's int64 run counters (exported C functions, read via ctypes;
+    `args`: the counter's int arguments, e.g. G2DSecondStageRuns' kind)."""
     import ctypes
 
     fn = getattr(ctypes.CDLL(str(custom_ops_library_path())), symbol)
     fn.restype = ctypes.c_int64
-    return fn()
+    return fn(*args)
 
 
 def delegated_conv_runs() -> int:
@@ -604,21 +605,17 @@ def test_cg_channel_last_rows_filled_for_every_gated_span(geom, block_diagonal):
     rng, x_all, w, s, p, d = random_case(geom, seed=23)
     mask = cg_base_mask(o, c, 4, block_diagonal)
     thr_all = ref.thresholds_for_fraction(ref.conv2d(x_all, w * mask[:, :, None, None], s, p, d), 0.2)
-    import ctypes
-
-    runs = ctypes.CDLL(str(custom_ops_library_path())).G2DSecondStageRuns
-    runs.restype = ctypes.c_int64
     channel_last_spans = 0
     for r0 in range(0, h - 1):
         run_node("CGConv", x_all, [w, mask, thr_all], conv_attrs(s, p, d))  # every row stale
-        before = runs(2)
+        before = native_counter("G2DSecondStageRuns", 2)
         x = np.zeros_like(x_all)
         x[:, :, r0:r0 + 2] = rng.standard_normal((n, c, 2, w_)).astype(np.float32)
         yp = ref.conv2d(x, w * mask[:, :, None, None], s, p, d)
         # ~10% of the non-zero partial sums on; zero partial sums (away from the band) off
         thr = np.array([np.quantile(np.abs(yp[:, i]), 0.95) for i in range(o)], np.float32)
         y = run_node("CGConv", x, [w, mask, thr], conv_attrs(s, p, d))
-        channel_last_spans += runs(2) - before
+        channel_last_spans += native_counter("G2DSecondStageRuns", 2) - before
         assert_close_with_ties(y, ref.cg_conv_reference(x, w, mask, thr, s, p, d), yp, thr)
     assert channel_last_spans > 0  # the band calls ran the channel-last sparse stage
 

@@ -186,8 +186,7 @@ G2D_INT8_VNNI void StageVnni(const Job& j, const int8_t* act, int64_t ob, int64_
   // per word: a quarter of the stage's time, perf).
   const PGInt8Weights::HiWord* h = w.hi.data();
   const uint32_t* at = w.hi_start.data() + ob * kR;
-  const PGInt8Weights::HiWord *p0 = h + at[0], *p1 = h + at[1], *p2 = h + at[2], *p3 = h + at[3],
-                              *end = h + at[4];
+  const PGInt8Weights::HiWord *p0 = h + at[0], *p1 = h + at[1], *p2 = h + at[2], *p3 = h + at[3];
   __m512i h0 = zero, h1 = zero, h2 = zero, h3 = zero;
 #define G2D_PG_VNNI_HI(acc, p, stop)                                                         \
   if (p < stop) {                                                                            \
@@ -201,7 +200,7 @@ G2D_INT8_VNNI void StageVnni(const Job& j, const int8_t* act, int64_t ob, int64_
     G2D_PG_VNNI_HI(h0, p0, h + at[1])
     G2D_PG_VNNI_HI(h1, p1, h + at[2])
     G2D_PG_VNNI_HI(h2, p2, h + at[3])
-    G2D_PG_VNNI_HI(h3, p3, end)
+    G2D_PG_VNNI_HI(h3, p3, h + at[4])
   }
 #undef G2D_PG_VNNI_HI
   const __m512i hi[kR] = {h0, h1, h2, h3};
@@ -513,7 +512,8 @@ std::shared_ptr<const PGInt8Weights> PackPGInt8Weights(const int16_t* w_q, const
   w->sgn.assign(size_t(w->oblocks * w->K * kR), 0);
   w->lo.assign(size_t(w->oblocks * w->K * kR), 0);
   std::vector<int64_t> offset(size_t(w->oblocks * kR), 0);
-  std::vector<std::vector<PGInt8Weights::HiWord>> hi_words(size_t(w->oblocks));
+  // per output row o = ob * kR + r (StageVnni runs one chain per row)
+  std::vector<std::vector<PGInt8Weights::HiWord>> hi_words(size_t(w->oblocks * kR));
   for (int64_t ob = 0; ob < w->oblocks; ++ob)
     for (int64_t c4 = 0; c4 < w->groups; ++c4)
       for (int64_t t = 0; t < w->kk; ++t)
@@ -540,17 +540,15 @@ std::shared_ptr<const PGInt8Weights> PackPGInt8Weights(const int16_t* w_q, const
             if (o < g.O) offset[size_t(o)] += 128 * int64_t(q);
           }
           w->lo[size_t(at)] = int32_t(lo);
-          if (hi != 0) hi_words[size_t(ob)].push_back({int32_t(c4 * w->kk + t), int32_t(r), int32_t(hi)});
+          if (hi != 0) hi_words[size_t(o)].push_back({int32_t(c4 * w->kk + t), int32_t(hi)});
         }
   // Kept modulo 2^32, as the stage's int32 sums wrap (the true totals fit: PGInt8Fits).
   for (int64_t v : offset) w->offset.push_back(int32_t(uint32_t(uint64_t(v))));
   w->hi_start.assign(1, 0);
-  for (const auto& words : hi_words)  // row by row within the output block (StageVnni)
-    for (int32_t r = 0; r < kR; ++r) {
-      for (const auto& word : words)
-        if (word.r == r) w->hi.push_back(word);
-      w->hi_start.push_back(uint32_t(w->hi.size()));
-    }
+  for (const auto& words : hi_words) {
+    w->hi.insert(w->hi.end(), words.begin(), words.end());
+    w->hi_start.push_back(uint32_t(w->hi.size()));
+  }
   w->Cp = RoundUp(g.C, 32);
   w->row_mag.assign(size_t(g.O * w->kk * w->Cp), 0);
   w->row_sgn.assign(size_t(g.O * w->kk * w->Cp), 0);

@@ -62,11 +62,11 @@ struct PGInt8Weights {
   int32_t wmax = 0;     // max |q_w|
   AlignedVec<int32_t> mag, sgn;  // [oblock][k][4 outputs]: 4 bytes |q_w| / sign(q_w)
   // The VNNI stage's split of each q_w = c + 2 * e (pg_int8.cc StageVnni): lo, the same index
-  // as mag, 4 bytes c; hi, the nonzero e words of output block ob, row by row: row r's at
-  // [hi_start[ob * 4 + r], hi_start[ob * 4 + r + 1]); offset[o] = 128 * the sum of output o's
-  // q_w (the counts' +128 offset).
+  // as mag, 4 bytes c; hi, the nonzero e words (k step, word) of output o at [hi_start[o],
+  // hi_start[o + 1]) (o = ob * 4 + r, padded to whole blocks); offset[o] = 128 * the sum of
+  // output o's q_w (the counts' +128 offset).
   struct HiWord {
-    int32_t k, r, word;
+    int32_t k, word;
   };
   AlignedVec<int32_t> lo;
   std::vector<HiWord> hi;
