@@ -52,8 +52,9 @@ std::shared_ptr<const NchwcFilter> SubsetConv::WholeFilter(OrtKernelContext* ctx
                                                            const ConvGeom& g) {
   std::call_once(whole_once_, [&] {
     w_finite_ = AllFinite(w, g.O * g.Cw * g.kk());
+    whole_inputs_ = Indices(g.C);
     whole_filter_ = std::make_shared<const NchwcFilter>(
-        nchwc_.PackFilter(ctx, w, g, Indices(g.O), Indices(g.C)));
+        nchwc_.PackFilter(ctx, w, g, Indices(g.O), whole_inputs_));
   });
   return whole_filter_;
 }
@@ -119,8 +120,7 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
     // The whole layer (UseWhole): every output from every input; row a of the product is
     // then the result's row outputs[a], else row a.
     const bool whole = UseWhole(ctx, w, g, outputs, in);
-    std::vector<int> every;
-    const std::vector<int>& read = whole ? (every = Indices(g.C)) : in;
+    const std::vector<int>& read = whole ? whole_inputs_ : in;  // set with the whole filter
     const auto f = whole ? WholeFilter(ctx, w, g) : Filter(ctx, w, g, outputs, in);
     const int64_t rows_out = whole ? g.O : na;
     std::vector<int> index_of(size_t(rows_out), -1);  // result row -> product row a, or -1
@@ -196,8 +196,7 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
     // The whole layer (UseWhole): every output from every input, the inactive outputs'
     // lanes then dropped like the lanes of a subset's result.
     const bool whole = UseWhole(ctx, w, g, outputs, in);
-    std::vector<int> every;
-    const std::vector<int>& read = whole ? (every = Indices(g.C)) : in;
+    const std::vector<int>& read = whole ? whole_inputs_ : in;  // set with the whole filter
     const auto f = whole ? WholeFilter(ctx, w, g) : Filter(ctx, w, g, outputs, in);
     const bool read_all = whole || all_in;
     const float* xin = x;  // blocked x with every channel: the delegate's input as it is

@@ -133,7 +133,8 @@ class SubsetConv {
   LastSubsetCache<NchwcFilter> filter_cache_;
   std::once_flag whole_once_;
   std::shared_ptr<const NchwcFilter> whole_filter_;
-  bool w_finite_ = false;  // set with whole_filter_
+  std::vector<int> whole_inputs_;  // 0 .. C - 1, the inputs it reads; set with whole_filter_
+  bool w_finite_ = false;          // set with whole_filter_
   std::mutex last_mu_;  // the subset UseWhole was last asked about
   std::vector<int> last_out_, last_in_;
 };
