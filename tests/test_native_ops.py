@@ -979,6 +979,37 @@ def test_cg_and_sparse_nonfinite_input_follow_the_reference(op):
     assert normwise_error(y, y_ref) <= RTOL
 
 
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (3, 3), (5, 5)])
+@pytest.mark.parametrize("block_diagonal", [False, True])
+def test_cg_nonfinite_anywhere_in_x_follows_the_reference(strides, block_diagonal):
+    """A NaN or inf anywhere in X, for each way CGConv reads X (stride 1: padded rows; 2:
+    phase planes; 3: the generic phase loop; 5: im2col panels) and both base-mask kinds (one
+    base set: stage 2's channels copied only when a span needs them; block-diagonal: the joint
+    second stage), with the fused affine epilogue. Sample n holds one NaN (two: inf) in channel
+    n, at a different place per sample (first / last row and column included). Expected:
+    runtimes/reference.py (cg_conv_reference: Yf * d + Yp * (1 - d), NaN where 0 * inf)."""
+    rng = np.random.default_rng(5)
+    o, c, h, wd = 8, 8, 13, 15
+    w = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    mask = cg_base_mask(o, c, 4, block_diagonal)
+    thr = np.zeros(o, np.float32)
+    post = [rng.uniform(0.5, 2, o).astype(np.float32), rng.standard_normal(o).astype(np.float32)]
+    x = rng.standard_normal((c, c, h, wd)).astype(np.float32)
+    spots = [(0, 0), (h - 1, wd - 1), (0, wd - 1), (h - 1, 0), (6, 7), (1, wd - 2), (h - 2, 1), (5, 12)]
+    for n in range(c):
+        x[n, n, spots[n][0], spots[n][1]] = np.inf if n in (1, 5) else np.nan
+    attrs = conv_attrs(strides, (1, 1, 1, 1), (1, 1))  # no Relu: it would clip a -inf
+    y = run_node("CGConv", x, [w, mask, thr, *post], attrs)
+    with np.errstate(invalid="ignore", over="ignore"):
+        y_ref = ref.cg_conv_reference(x, w, mask, thr, strides, (1, 1, 1, 1), (1, 1),
+                                      post_scale=post[0], post_shift=post[1])
+    # Some samples' values reach their output (at strides 2-5 some spots lie in no
+    # receptive field: the output stays finite, and must stay so).
+    assert sum(not np.isfinite(y_ref[n]).all() for n in range(c)) >= 2
+    assert_nonfinite_match(y, y_ref)
+    assert normwise_error(y, y_ref) <= RTOL
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 @pytest.mark.parametrize("op", ["CGConv", "PGConv", "SparseInputConv"])
 def test_nonfinite_weight_follows_the_reference(op, value):

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Where a gated network's time goes by op type (issue 18): ONNX Runtime's own node profile of
+the CG or PG ResNet-20 of tools/bench_gated_ops.py and of its dense twin (each gated node a plain
+Conv of its weights), per op type the node count and microseconds per run, summed over
+`--runs` runs. It separates the gated kernels' own time from what ONNX Runtime adds around
+them (the NCHWc ReorderInput / ReorderOutput pairs it places around each custom op).
+Profiling adds its own overhead per node: compare the two columns of one run, not absolute
+times with tools/bench_gated_ops.py.
+
+    python tools/profile_gated_network.py --net cg --offsets 3.0,1.0 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gated_ops as nets  # noqa: E402  (the networks, their export and dense twin)
+
+from gate2deploy.runtimes.ort import custom_ops_library_path  # noqa: E402
+
+
+def node_times(model, library: str | None, feed: dict, threads: int, runs: int) -> dict[str, tuple[float, float]]:
+    """{op type: (nodes per run, us per run)} from ONNX Runtime's profile of `runs` runs."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.enable_profiling = True
+    so.log_severity_level = 3
+    if library:
+        so.register_custom_ops_library(library)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        sess.run(None, feed)
+    path = sess.end_profiling()
+    try:
+        events = json.load(open(path))
+    finally:
+        os.remove(path)
+    per_op = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]].append(e["dur"])
+    return {op: (len(d) / runs, sum(d) / runs) for op, d in per_op.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--net", choices=["cg", "pg"], default="cg")
+    p.add_argument("--offsets", default="3.0,1.0",
+                   help="threshold offsets (CG: 3.0 ~1%% on, 1.0 ~20%%; PG: 0.5 ~36%%)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=int, default=300)
+    args = p.parse_args(argv)
+    import torch
+
+    from gate2deploy.models.dnn_gating import resnet20_cg, resnet20_pg
+
+    torch.manual_seed(0)
+    base = (resnet20_cg(partitions=4, shuffle=False) if args.net == "cg"
+            else resnet20_pg(wbits=8, abits=3, pred_bits=2)).eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    library = str(custom_ops_library_path())
+    for offset in (float(o) for o in args.offsets.split(",")):
+        model = nets.with_threshold_offset(base, offset)
+        ort_model, _ = nets.export_both(model, x)
+        frac, bound = nets.gate_figures(model, x, ort_model)
+        feed = {ort_model.graph.input[0].name: x.numpy()}
+        gated = node_times(ort_model, library, feed, args.threads, args.runs)
+        dense = node_times(nets.dense_equivalent(ort_model), None, feed, args.threads, args.runs)
+        print(f"ResNet-20 {args.net.upper()}, batch 1, {args.threads} thread(s), gate-on {frac * 100:.1f}% "
+              f"(MAC bound {bound:.2f}); us per run (nodes per run), {args.runs} runs")
+        print(f"  {'op type':16s} {'gated':>14s} {'dense twin':>14s}")
+        for op in sorted(set(gated) | set(dense), key=lambda k: -max(gated.get(k, (0, 0))[1], dense.get(k, (0, 0))[1])):
+            g, d = gated.get(op, (0, 0.0)), dense.get(op, (0, 0.0))
+            print(f"  {op:16s} {g[1]:8.0f} ({g[0]:2.0f}) {d[1]:8.0f} ({d[0]:2.0f})")
+        print(f"  {'all nodes':16s} {sum(v[1] for v in gated.values()):8.0f}      "
+              f"{sum(v[1] for v in dense.values()):8.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
