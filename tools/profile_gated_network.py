@@ -23,13 +23,14 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gated_ops as nets  # noqa: E402  (the networks, their export and dense twin)
 
-from gate2deploy.runtimes.ort import custom_ops_library_path  # noqa: E402
+from gate2deploy.runtimes.ort import custom_ops_library_path, session_options  # noqa: E402
 
 
-def node_times(model, library: str | None, feed: dict, threads: int, runs: int) -> dict[str, tuple[float, float]]:
-    """{op type: (nodes per run, us per run)} from ONNX Runtime's profile of `runs` runs."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+def node_times(model, library: str, feed: dict, threads: int, runs: int) -> dict[str, tuple[float, float]]:
+    """{op type: (nodes per run, us per run)} from ONNX Runtime's profile of `runs` runs. The
+    library is registered for the dense twin too: a PG network's twin keeps its fused
+    QuantizeActivation nodes (bench_gated_ops.py)."""
+    so = session_options(threads=threads, custom_ops=False)  # the project's, as the benchmarks
     so.enable_profiling = True
     so.log_severity_level = 3
     if library:
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         frac, bound = nets.gate_figures(model, x, ort_model)
         feed = {ort_model.graph.input[0].name: x.numpy()}
         gated = node_times(ort_model, library, feed, args.threads, args.runs)
-        dense = node_times(nets.dense_equivalent(ort_model), None, feed, args.threads, args.runs)
+        dense = node_times(nets.dense_equivalent(ort_model), library, feed, args.threads, args.runs)
         print(f"ResNet-20 {args.net.upper()}, batch 1, {args.threads} thread(s), gate-on {frac * 100:.1f}% "
               f"(MAC bound {bound:.2f}); us per run (nodes per run), {args.runs} runs")
         print(f"  {'op type':16s} {'gated':>14s} {'dense twin':>14s}")
