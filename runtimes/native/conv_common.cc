@@ -588,16 +588,6 @@ inline void ZeroFloats(float* dst, int64_t n) {
   for (; i < n; ++i) _mm_store_ss(dst + i, _mm_setzero_ps());
 }
 
-// dst[i] = src[2 * i] for i < n, reading no further than src[2 * n - 2] (SSE2: this file is
-// built for baseline x86-64).
-inline void EveryOther(const float* src, int64_t n, float* dst) {
-  int64_t i = 0;
-  for (; i + 4 < n; i += 4)  // reads src[2i .. 2i + 7]: within 2n - 2 while i + 4 < n
-    _mm_storeu_ps(dst + i, _mm_shuffle_ps(_mm_loadu_ps(src + 2 * i), _mm_loadu_ps(src + 2 * i + 4),
-                                          _MM_SHUFFLE(2, 0, 2, 0)));
-  for (; i < n; ++i) dst[i] = src[2 * i];
-}
-
 // Copies the channels `chans` (those MakeSource laid out) of src.x into src's padded planes.
 // Only the padding border is zeroed (the buffer is reused, the interior is overwritten).
 template <class T>
@@ -637,28 +627,48 @@ void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
         // plane_size, padded pixel (r * sh + a, s * sw + b) at row r, column s; outside the
         // input (padding, the round-up) zero.
         if (g.sw == 2) {
-          // The common stride: phase rows of every other input pixel, four at a time from the
-          // input row (SSE2: the file is built for baseline x86-64). The generic loop below
-          // took 7-8 us of a 40 us stride-2 ResNet-20 CG layer (perf); a zero-padded copy of
-          // the row split afterwards was no faster (its loads straddled the copy's stores,
-          // which store-to-load forwarding cannot serve).
-          for (int64_t a = 0; a < g.sh; ++a)
-            for (int64_t b = 0; b < 2; ++b) {
-              float* ph = plane + (a * 2 + b) * plane_size;
-              const int64_t s_lo = std::max<int64_t>(0, (g.pl - b + 1) / 2);
-              const int64_t s_hi = std::clamp<int64_t>((g.W + g.pl - b + 1) / 2, s_lo, Wp);
-              for (int64_t r = 0; r < src.Hp; ++r) {
-                float* row = ph + r * Wp;
-                const int64_t ih = r * g.sh + a - g.pt;
-                if (ih < 0 || ih >= g.H) {
-                  ZeroFloats(row, Wp);
-                  continue;
-                }
-                ZeroFloats(row, s_lo);
-                EveryOther(xc + ih * g.W + (s_lo * 2 + b - g.pl), s_hi - s_lo, row + s_lo);
-                ZeroFloats(row + s_hi, Wp - s_hi);
+          // The common stride: each input row split once into its two phase rows, its even and
+          // odd pixels from one pair of loads, four of each at a time (SSE2: the file is built
+          // for baseline x86-64). Input column iw is padded column iw + pl: phase (iw + pl) % 2,
+          // column (iw + pl) / 2, so even pixels fill phase pl % 2 from column pl / 2 and odd
+          // ones the other phase from (pl + 1) / 2; both runs end within Wp = ceil((W + pl +
+          // pr) / 2). The generic loop below took 7-8 us of a 40 us stride-2 ResNet-20 CG
+          // layer (perf); one pass per phase row, each reading the whole input row, ~10 us of
+          // 33 (G2D_STAGE_TIMES "pad"); a zero-padded copy of the row split afterwards was no
+          // faster (its loads straddled the copy's stores: no store-to-load forwarding).
+          const int64_t b_even = g.pl % 2, at_even = g.pl / 2, n_even = (g.W + 1) / 2;
+          const int64_t at_odd = (g.pl + 1) / 2, n_odd = g.W / 2;
+          for (int64_t a = 0; a < g.sh; ++a) {
+            float* const ph_even = plane + (a * 2 + b_even) * plane_size;
+            float* const ph_odd = plane + (a * 2 + 1 - b_even) * plane_size;
+            for (int64_t r = 0; r < src.Hp; ++r) {
+              float* even = ph_even + r * Wp;
+              float* odd = ph_odd + r * Wp;
+              const int64_t ih = r * g.sh + a - g.pt;
+              if (ih < 0 || ih >= g.H) {
+                ZeroFloats(even, Wp);
+                ZeroFloats(odd, Wp);
+                continue;
+              }
+              ZeroFloats(even, at_even);
+              ZeroFloats(odd, at_odd);
+              ZeroFloats(even + at_even + n_even, Wp - at_even - n_even);
+              ZeroFloats(odd + at_odd + n_odd, Wp - at_odd - n_odd);
+              const float* in = xc + ih * g.W;
+              even += at_even;
+              odd += at_odd;
+              int64_t k = 0;
+              for (; 2 * k + 8 <= g.W; k += 4) {
+                const __m128 lo = _mm_loadu_ps(in + 2 * k), hi = _mm_loadu_ps(in + 2 * k + 4);
+                _mm_storeu_ps(even + k, _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)));
+                _mm_storeu_ps(odd + k, _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
+              }
+              for (; 2 * k < g.W; ++k) {
+                even[k] = in[2 * k];
+                if (2 * k + 1 < g.W) odd[k] = in[2 * k + 1];
               }
             }
+          }
           continue;
         }
         for (int64_t a = 0; a < g.sh; ++a)
