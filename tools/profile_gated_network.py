@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
@@ -32,6 +33,7 @@ def node_times(model, library: str, feed: dict, threads: int, runs: int) -> dict
     QuantizeActivation nodes (bench_gated_ops.py)."""
     so = session_options(threads=threads, custom_ops=False)  # the project's, as the benchmarks
     so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "g2d_node_profile")  # removed below
     so.log_severity_level = 3
     if library:
         so.register_custom_ops_library(library)
