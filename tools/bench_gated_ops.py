@@ -64,9 +64,11 @@ AMX machine: everything but the tiles) is that tier's speed on this core; `avx2`
 AVX-512 machine runs against an AVX-512 dense conv, so it is printed for its paths and
 numerics, not as that tier's speed.
 
-A/B of two builds (`--baseline-library PATH`, CG and PG layers): each op is also timed on
-another build of the native library (e.g. the previous commit's, left in
-~/.cache/gate2deploy/native) in the same alternating blocks; "new/old" = before / op.
+A/B of two builds (`--baseline-library PATH`, CG and PG layers and networks): each op, and
+each CG / PG network, is also timed on another build of the native library (e.g. the previous
+commit's, left in ~/.cache/gate2deploy/native) in the same alternating blocks; layers print
+"new/old" = before / op, networks a "before" column beside "ort" (FBS networks are not
+compared: their blocked-layout rewrite binds this checkout's library).
 
 Threading: ONNX Runtime's default (intra-op workers spin between ops, as in a deployment);
 `--spin off` disables spinning in every session, the figure for hosts that run so.
@@ -414,7 +416,9 @@ def network_benchmarks(args) -> None:
                     label = ("ResNet-20 CG (p = 4, block-diagonal; 9 CGConv)" if name == "cg" else
                              "ResNet-20 PG (abits 3 / pred 2, wbits 8; 9 PGConv)")
                     extra = ({"unfused": lambda m, t: custom_session(unfused_quantizers(m), t)}
-                             if name == "pg" else None)
+                             if name == "pg" else {})
+                    if args.baseline_library:  # the same network on the other build, same blocks
+                        extra["before"] = lambda m, t: library_session(m, args.baseline_library, t)
                     network_sweep(f"{label}, batch {batch}, {threads} threads, 32x32", points, args, extra)
     if "fbs" in nets:
         import torchvision
@@ -494,9 +498,10 @@ def main(argv=None) -> int:
     p.add_argument("--spin", choices=["on", "off"], default="on",
                    help="ONNX Runtime intra-op thread spinning in every session (default on, as ORT)")
     p.add_argument("--baseline-library", default=None,
-                   help="CG / PG layers: also time each op on this build of the native library "
-                        "(e.g. the previous commit's, from ~/.cache/gate2deploy/native) in the same "
-                        "blocks: 'before ms' and 'new/old' (before / op)")
+                   help="CG / PG layers and networks: also time each op (each CG / PG network) on "
+                        "this build of the native library (e.g. the previous commit's, from "
+                        "~/.cache/gate2deploy/native) in the same blocks: layers 'before ms' and "
+                        "'new/old' (before / op), networks 'before ms' and 'before x' (dense / before)")
     p.add_argument("--tiers", default=None,
                    help="run everything once per native-kernel tier: all, or a list of "
                         f"{', '.join(TIER_ENV)} (default: the widest this CPU has)")
