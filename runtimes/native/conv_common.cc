@@ -1299,7 +1299,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   std::vector<ChannelLast> channel_last(plans.size() + 1);
   std::unique_ptr<SpinOnce[]> channel_last_rows;  // [plans + 1, Hp]
   if constexpr (std::is_same<T, float>::value) {
-    const int64_t plane = (g.H + g.pt + g.pb) * (g.W + g.pl + g.pr);
+    const int64_t Hp = g.H + g.pt + g.pb, plane = Hp * (g.W + g.pl + g.pr);
     std::vector<int64_t> at(plans.size() + 2, 0);
     auto plan_at = [&](size_t i) -> const GatedStagePlan<T>* {
       return i < plans.size() ? &plans[i] : joint_second;
@@ -1316,8 +1316,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         if (plan && !plan->w2_taps.empty())
           channel_last[i] = LayoutChannelLast(x2, g, plan->chans2, plan->w2_taps.Cs, buf.data() + at[i]);
       }
-      const size_t rows = (plans.size() + 1) * size_t(g.H + g.pt + g.pb);
-      channel_last_rows.reset(new SpinOnce[rows]);
+      channel_last_rows.reset(new SpinOnce[(plans.size() + 1) * size_t(Hp)]);
     }
   }
   // Rows [h0, h1] of channel_last[i], each copied by the first span that needs it.

@@ -120,8 +120,8 @@ void SubsetConv::Run(OrtKernelContext* ctx, const IsaKernels& isa, const float* 
     // The whole layer (UseWhole): every output from every input; row a of the product is
     // then the result's row outputs[a], else row a.
     const bool whole = UseWhole(ctx, w, g, outputs, in);
-    const std::vector<int>& read = whole ? whole_inputs_ : in;  // set with the whole filter
     const auto f = whole ? WholeFilter(ctx, w, g) : Filter(ctx, w, g, outputs, in);
+    const std::vector<int>& read = whole ? whole_inputs_ : in;  // set by WholeFilter
     const int64_t rows_out = whole ? g.O : na;
     std::vector<int> index_of(size_t(rows_out), -1);  // result row -> product row a, or -1
     for (int64_t a = 0; a < na; ++a) index_of[size_t(whole ? outputs[size_t(a)] : a)] = int(a);
@@ -196,8 +196,8 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
     // The whole layer (UseWhole): every output from every input, the inactive outputs'
     // lanes then dropped like the lanes of a subset's result.
     const bool whole = UseWhole(ctx, w, g, outputs, in);
-    const std::vector<int>& read = whole ? whole_inputs_ : in;  // set with the whole filter
     const auto f = whole ? WholeFilter(ctx, w, g) : Filter(ctx, w, g, outputs, in);
+    const std::vector<int>& read = whole ? whole_inputs_ : in;  // set by WholeFilter
     const bool read_all = whole || all_in;
     const float* xin = x;  // blocked x with every channel: the delegate's input as it is
     if (!x_block || int64_t(read.size()) < B) {  // NCHW x, or fewer than a block (read as NCHW)
