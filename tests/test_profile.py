@@ -77,8 +77,14 @@ def _conv_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int, int]]:
 # ---------------------------------------------------------------------------------------
 # Edges
 # ---------------------------------------------------------------------------------------
-def test_resnet50_edges_are_gators_37_hyper_edges_in_order():
+@pytest.fixture(scope="module")
+def resnet50_table():
     table, _ = build_table(torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224))
+    return table
+
+
+def test_resnet50_edges_are_gators_37_hyper_edges_in_order(resnet50_table):
+    table = resnet50_table
     assert table.edge_source == "gator hyper-edges"
     assert len(table.edges) == 37
     names = [e.name for e in table.edges]
@@ -231,6 +237,9 @@ def read_gator_config(path: Path, n_edges: int) -> dict:
     for key in ("criteria_weight", "gradient_multiplier", "gate_init_prob"):
         assert isinstance(config[key], float)
     assert config["static_total_cost"] is None or isinstance(config["static_total_cost"], float)
+    # Gator builds its hyper-edges from no_last_conv (default False) and asserts one multiplier
+    # per edge (models/gate_wrapped_module.py create_wrapped_net)
+    assert isinstance(config["no_last_conv"], bool)
     assert isinstance(config["edge_multipliers"], list) and len(config["edge_multipliers"]) == n_edges
     assert all(isinstance(m, float) and math.isfinite(m) for m in config["edge_multipliers"])
     return config
@@ -260,31 +269,72 @@ def test_profile_writes_every_output(tiny_profile):
     assert {e["kernel"] for e in lut["entries"].values()} == {"nchwc", "nchw"}
 
 
-def test_multipliers_follow_gators_rule(tiny_profile):
-    lut = lutmod.load_lut(tiny_profile / "lut.json")
-    table = lutmod.table_of(lut)
-    named = json.loads((tiny_profile / "edge_multipliers_by_name.json").read_text())
-    from gate2deploy.profiling.edges import total_macs
+# Gator's published figures for torchvision's ResNet-50 at 224x224 (seed 002, EliPassov/gator):
+# the full network's FLOPs cost (cfg/resnet_50_flops_rel_timing_config_batch_32.json
+# "static_total_cost"; analysis/time_nets.ipynb `original_cost = 76848.00`) and, per
+# hyper-edge halved, the configuration's cost in percent of it, as time_nets.ipynb printed
+# them with models/custom_resnet.py `compute_flops_memory` (the first run's rows 1..37 of
+# models/data/timinig_resnet_50_edges_7_runs_batch_32.csv).
+GATOR_RESNET50_COST = 76848.0
+GATOR_RESNET50_HALVED_PERCENT = [
+    97.6369, 98.3344, 97.8347, 97.8347, 97.8347, 97.8347, 97.8347, 94.3369, 98.1678, 97.8347,
+    97.8347, 97.8347, 97.8347, 97.8347, 97.8347, 97.8347, 92.3381, 98.1678, 97.8347, 97.8347,
+    97.8347, 97.8347, 97.8347, 97.8347, 97.8347, 97.8347, 97.8347, 97.8347, 97.8347, 89.6731,
+    98.1678, 97.8347, 97.8347, 97.8347, 97.8347, 97.8347, 95.3362]
+
+
+def test_gator_flops_cost_is_gators_own(resnet50_table):
+    """The FLOPs the multipliers divide by are Gator's cost, which counts layerN.0.conv1 at
+    the stage's resolution (0.7x a true-MAC saving on those edges): checked against the
+    seed's published figures, not against our MAC count."""
+    table = resnet50_table
     full = table.full_channels()
-    t0, f0 = lutmod.predict(lut, full, table), total_macs(table, full)
-    for edge, row in zip(table.edges, named["edges"]):
+    assert gator_outputs.gator_flops_cost(table, full) == pytest.approx(GATOR_RESNET50_COST, abs=1e-6)
+    halved = []
+    for edge in table.edges:
         cfg = list(full)
-        cfg[edge.index] = edge.channels // 2
-        lat = (t0 - lutmod.predict(lut, cfg, table)) / t0
-        flops = (f0 - total_macs(table, cfg)) / f0
-        assert row["multiplier"] == pytest.approx(lat / flops, rel=1e-4, abs=1e-6)
+        cfg[edge.index] = int(edge.channels * 0.5)  # time_nets.ipynb's halving
+        halved.append(round(100 * gator_outputs.gator_flops_cost(table, cfg) / GATOR_RESNET50_COST, 4))
+    assert halved == GATOR_RESNET50_HALVED_PERCENT
 
 
-def test_timing_csv_has_gators_columns(tiny_profile):
+def gators_rel_factors(timing_csv: Path) -> list[float]:
+    """analysis/timing_results_analysis.ipynb on our timing.csv: read without a header
+    (columns edge, flops_percent, ms), the unmodified network is edge 0, then for i in
+    1..max edge `100 * (T0 - T_i) / T0 / (100 - flops_percent_i)` (one row per edge here, so
+    the notebook's outlier filter over repeated runs has nothing to remove)."""
+    rows = [[float(v) for v in r] for r in csv.reader(timing_csv.open())]
+    assert all(len(r) == 3 for r in rows)  # no header row: every row is numbers
+    orig = [ms for edge, _, ms in rows if edge == 0]
+    assert len(orig) == 1
+    factors = []
+    for i in range(1, int(max(r[0] for r in rows)) + 1):
+        (_, flops_percent, ms), = [r for r in rows if r[0] == i]
+        factor = 100 * (orig[0] - ms) / orig[0] / (100 - flops_percent)
+        # what the file's rounding (ms to 6 decimals, percent to 4) can move it by
+        rounding = abs(factor) * (2 * 5e-7 / max(abs(orig[0] - ms), 1e-12) + 5e-7 / orig[0]
+                                  + 5e-5 / (100 - flops_percent))
+        factors.append((factor, rounding))
+    return factors
+
+
+def test_multipliers_are_what_gators_notebook_computes_from_timing_csv(tiny_profile):
+    config = json.loads((tiny_profile / "gator_config.json").read_text())
+    expected = gators_rel_factors(tiny_profile / "timing.csv")
+    assert len(expected) == len(config["edge_multipliers"])
+    for multiplier, (factor, rounding) in zip(config["edge_multipliers"], expected):
+        assert abs(multiplier - factor) <= 2 * rounding + 1e-6  # the config's 6 decimals
+
+
+def test_timing_csv_is_the_table_gators_notebook_reads(tiny_profile):
     lut = lutmod.load_lut(tiny_profile / "lut.json")
-    with open(tiny_profile / "timing.csv") as f:
-        rows = list(csv.reader(f))
-    assert tuple(rows[0]) == gator_outputs.TIMING_COLUMNS
-    assert len(rows) == 2 + len(lut["table"]["edges"])
-    assert rows[1][:2] == ["-1", "100.0"]
-    assert float(rows[1][2]) == pytest.approx(lut["calibration"]["whole_model_ms"], rel=1e-3)
-    assert [int(r[0]) for r in rows[2:]] == list(range(len(lut["table"]["edges"])))
-    assert all(0 < float(r[1]) < 100 for r in rows[2:])
+    lines = (tiny_profile / "timing.csv").read_text().splitlines()
+    rows = list(csv.reader(lines))
+    assert len(rows) == 1 + len(lut["table"]["edges"])
+    assert lines[0].startswith(" 0, 100.0000, ")  # time_nets.ipynb's "{:2d}, {:8.4f}, {:8.4f}"
+    assert float(rows[0][2]) == pytest.approx(lut["calibration"]["whole_model_ms"], rel=1e-3)
+    assert [int(r[0]) for r in rows] == list(range(len(rows)))
+    assert all(0 < float(r[1]) < 100 for r in rows[1:])
 
 
 def test_predict_command(tiny_profile, tmp_path, capsys):
@@ -371,10 +421,32 @@ def test_gator_checkpoint_resnet50(tmp_path, capsys):
     assert code == 0
     assert "checkpoint's gated configuration: predicted" in capsys.readouterr().out
     config = read_gator_config(out / "gator_config.json", 37)
-    assert len(config["edge_multipliers"]) == 37
+    assert len(config["edge_multipliers"]) == 37 and config["no_last_conv"] is False
     lut = lutmod.load_lut(out / "lut.json")
     kept = [int(sd[f"module.forward_hooks.{i}.gating_module.active_channels_mask"].sum()) for i in range(37)]
     assert lut["model"]["checkpoint_channels"] == kept
+
+
+def test_gator_config_carries_no_last_conv(tmp_path):
+    """A checkpoint trained with no_last_conv (ResNet-18: 11 gates, not 12): the config says so,
+    since Gator's wrapper builds its hyper-edges from that key (default False) and asserts one
+    multiplier per edge (models/gate_wrapped_module.py create_wrapped_net): without it, Gator
+    would build 12 edges and stop at the assert."""
+    net = torchvision.models.resnet18()
+    from gate2deploy.importers.gator import hyper_edges
+    edges = hyper_edges(net, no_last_conv=True)
+    assert len(edges) == 11
+    sd = {f"module.net.{k}": v for k, v in net.state_dict().items()}
+    for i, e in enumerate(edges):
+        sd[f"module.forward_hooks.{i}.gating_module.gating_weights"] = torch.ones(e.channels)
+        sd[f"module.forward_hooks.{i}.gating_module.active_channels_mask"] = torch.ones(e.channels, dtype=torch.bool)
+    ckpt = tmp_path / "gator18.pth"
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": sd}, ckpt)
+    out = tmp_path / "latency"
+    assert main(["profile", str(ckpt), "--model", "torchvision.models:resnet18", "--input-shape", "1,3,64,64",
+                 "--target", "ort-cpu", "-o", str(out), "--widths", "0.5,1", "--no-report", *FAST]) == 0
+    config = read_gator_config(out / "gator_config.json", 11)
+    assert config["no_last_conv"] is True
 
 
 @pytest.mark.parametrize("target", ["trt", "tensorrt"])

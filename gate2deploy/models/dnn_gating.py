@@ -8,8 +8,10 @@ option B), `linear.weight/bias`; PACT adds `relu.upper_bound` and `layerX.Y.relu
 
 - `resnet20_pg`: conv1 of each block is a `PGConv2d` (+ `threshold`), conv2 a statically
   quantized `QuantizedConv2d` (weights wbits, activations abits with a per-tensor scale), stem and
-  linear float; ReLUs are PACT (`pact=True`, the seed script's `-pact`). Seed script defaults:
-  `-w 8 -a 3 -pb 2`.
+  linear float; ReLUs are PACT (`pact=True`, the seed script's `-pact`). The seed's PG recipe
+  (scripts/train_pg_pact.sh) trains with `-w 8 -a 3 -pb 2 -pact`; pg-cifar10.py's own argparse
+  defaults are `--wbits 0 --abits 0 --pbits 4` without PACT (a checkpoint trained without PACT
+  lacks the `relu.upper_bound` keys: pass `pact=False`).
 - `resnet20_cg`: conv1 of each block is a `CGConv2d` (9 gated layers), conv2 plain.
 - `resnet20_cg_postact`: both convs of each block are `CGConv2d` and the block is
   relu(bn2(conv2(.))) + shortcut (no ReLU after the addition).

@@ -224,7 +224,7 @@ def finish(lut: dict, plan: Plan, out: Path, options: ProfileOptions, current_ch
 
     emit("lut.json", dumps(lut))
     config = gout.gator_config(savings, options.criteria_weight, options.gradient_multiplier,
-                               options.gate_init_prob, options.static_total_cost)
+                               options.gate_init_prob, options.static_total_cost, options.gator_no_last_conv)
     emit("gator_config.json", json.dumps(config, indent=1))
     emit("edge_multipliers_by_name.json", json.dumps(gout.named_multipliers(savings), indent=1))
     emit("timing.csv", gout.timing_csv(whole["ms"], f0, savings))
