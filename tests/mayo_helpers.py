@@ -317,12 +317,18 @@ def add_conv(a: Arrays, scope: str, k: int, cin: int, cout: int, bn="scale_cente
         a[f"{scope}/activations/NetworkSlimmer.enable"] = np.array(True)
 
 
-def add_gated(a: Arrays, scope: str, k: int, cin: int, cout: int):
+def add_gated(a: Arrays, scope: str, k: int, cin: int, cout: int, hidden: int = 0):
+    """hidden > 0: the predictor's first FC (gate_params.factor: hidden = ceil(cout / factor))."""
     a.add(f"{scope}/weights", (k, k, cin, cout))
     a.add(f"{scope}/BatchNorm/moving_mean", (cout,), trainable=False)
     a.add(f"{scope}/BatchNorm/moving_variance", (cout,), "var", trainable=False)
     # saliencies near 1 and a small shift keep activations O(1) through deep random nets (a
     # gamma growing with its input compounds layer after layer), so 1e-5 relative is a fair bar
+    if hidden:
+        a.add(f"{scope}/gate/factor/weights", (1, 1, cin, hidden))
+        a[f"{scope}/gate/factor/weights"] *= 0.2
+        a.add(f"{scope}/gate/factor/biases", (hidden,), "gate_bias")
+        cin = hidden
     a.add(f"{scope}/gate/weights", (1, 1, cin, cout))
     a[f"{scope}/gate/weights"] *= 0.2
     a.add(f"{scope}/gate/biases", (cout,), "gate_bias")
@@ -351,12 +357,18 @@ def ref_conv(a, scope, x, stride, padding, eps, act=True, slim=False):
 
 def ref_gated(a, scope, x, stride, padding, eps, density, act=True, pool="avg", threshold=None):
     """Mayo's ParametricGatedConvolution with threshold online (gate/base.py subsample,
-    _predictor, _find_threshold, bool_actives; parametric.py normalize, activate)."""
+    _predictor, _find_threshold, bool_actives; parametric.py normalize, activate). With
+    `<scope>/gate/factor/weights` in `a` (gate_params.factor > 0), _predictor's first FC of
+    ceil(C / factor) outputs, with the layer's activation, comes before the gate's."""
     if isinstance(padding, int):
         x = tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
         padding = "VALID"
     # subsample: avg pool over the (numerically padded) input; l1 of |x|, l2 of x^2 (no root)
     pooled = tf.reduce_mean({"avg": x, "l1": tf.abs(x), "l2": tf.square(x)}[pool], axis=[1, 2])
+    if f"{scope}/gate/factor/weights" in a:
+        pooled = tf.matmul(pooled, a[f"{scope}/gate/factor/weights"][0, 0]) + a[f"{scope}/gate/factor/biases"]
+        if act:
+            pooled = tf.nn.relu(pooled)
     gamma = tf.matmul(pooled, a[f"{scope}/gate/weights"][0, 0]) + a[f"{scope}/gate/biases"]
     if act:
         gamma = tf.nn.relu(gamma)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 import triton  # noqa: E402,F401 - before TensorFlow, or loading it later crashes (importers/mayo.py _tensorflow)
 
@@ -55,13 +56,13 @@ def _inputs(batch, seed=0):
 
 # ---- netslim CIFAR net ---------------------------------------------------------------
 
-def cifarnet_arrays(seed, slimmed=range(8), gated=(), keep_fraction=0.6):
+def cifarnet_arrays(seed, slimmed=range(8), gated=(), keep_fraction=0.6, factor=0):
     a = Arrays(seed)
     cin = 3
     for i, w in enumerate(CIFAR_WIDTHS):
         scope = f"cifarnet/conv{i}"
         if i in gated:
-            add_gated(a, scope, 3, cin, w)
+            add_gated(a, scope, 3, cin, w, hidden=math.ceil(w / factor) if factor > 0 else 0)
         else:
             keep = a.rng.random(w) < keep_fraction
             keep[0] = True
@@ -276,6 +277,29 @@ def test_gated_cifarnet_pools_thresholds_and_asymmetric_same(root, tmp_path, cli
     _compare(_run_onnx(out, x), cifarnet_reference(a, x, **ref),
              fp32_reference=cifarnet_reference(a, x, **ref, dtype=np.float32))
     assert [n.op_type for n in onnx.load(str(out)).graph.node].count("FBSConv") == 8
+
+
+@pytest.mark.parametrize("factor", [1.5, 2])
+def test_gated_cifarnet_with_a_predictor_factor(root, tmp_path, cli, factor):
+    """gate_params.factor > 0: a hidden FC of ceil(C / factor) outputs before the gate's
+    (gate/base.py _predictor: `math.ceil(self.num_outputs / self.factor)`, any number, 1.5
+    included). The model builds as Mayo computes it; the export refuses it by name (an
+    FBSConv has one gate layer)."""
+    a = cifarnet_arrays(9, slimmed=(), gated=range(8), factor=factor)
+    prefix = write_checkpoint(tmp_path / "ckpt" / "checkpoint-6", a, a.trainable)
+    sets = ["_gate.density=0.5", f"_gate.factor={factor}", *CIFAR_SET]
+    args = sum((["--mayo-set", v] for v in sets), [])
+    from gate2deploy.importers import mayo as importer
+
+    built = importer.build(prefix, [str(root / "models/gate/cifarnet.yaml")], sets, None, torch.zeros(1, 3, 32, 32))
+    x = _inputs(4, seed=21)
+    with torch.no_grad():
+        got = built.model(torch.from_numpy(x)).numpy()
+    ref = dict(gated=range(8), density=0.5)
+    _compare(got, cifarnet_reference(a, x, **ref), fp32_reference=cifarnet_reference(a, x, **ref, dtype=np.float32))
+    code, _, err = cli("export", prefix, "--mayo-model", root / "models/gate/cifarnet.yaml", *args,
+                       "--input-shape", "1,3,32,32", "--target", "ort", "-o", tmp_path / "f.onnx")
+    assert code == 2 and "hidden layer (Mayo `factor` > 0)" in err, err
 
 
 # ---- bad input -----------------------------------------------------------------------

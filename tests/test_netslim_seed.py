@@ -94,3 +94,42 @@ def test_netslim_resnet_equals_mayos_rule_on_uncoupled_layers(tmp_path, cli):
     masks = mayo_masks([modules[n] for n in names], 0.4)
     _mask_after_relu(model, names, masks)
     _export_and_compare(cli, tmp_path, ckpt, model, f"{CIFAR}:resnet20", (1, 3, 32, 32), 0.4)
+
+
+def test_overriders_update_shares_the_first_global_slimmers_threshold():
+    """Slimmers of other densities and flags (--mayo-overriders-update): Mayo's estimator
+    semantics written out from mayo/override/prune/netslim.py. Every slimmer registers its
+    gamma; session.overriders_update calls update() in layer order; the first global one
+    (`_global_threshold`, estimator.max_len(gamma) > 0) pools every should_update slimmer's
+    gamma (masked by the stored mask when *its* incremental is set), takes _threshold with
+    *its* density, flushes the gammas and stores the threshold; the later ones find no gammas
+    and reuse it. `_updated_mask`: gamma > threshold, and with the stored mask if incremental."""
+    from gate2deploy.importers.mayo import _recompute_slim_masks
+    from gate2deploy.nn import ChannelMask
+
+    rng = np.random.default_rng(0)
+    specs = [("a", 0.5, False), ("b", 0.25, True), ("c", 0.9, False)]  # (layer, density, incremental)
+    slimmers = []
+    for layer, density, incremental in specs:
+        gamma = rng.standard_normal(16)
+        stored = rng.random(16) < 0.7
+        slimmers.append({"layer": layer, "module": ChannelMask(torch.ones(16)), "stored": stored.copy(),
+                         "gamma": gamma, "enable": True, "density": density, "should_update": True,
+                         "global_threshold": True, "incremental": incremental})
+    registered = {s["layer"]: (s["gamma"].copy(), s["stored"].copy()) for s in slimmers}  # the estimator
+    stored_threshold, expected = None, {}
+    for layer, density, incremental in specs:
+        gamma, mask = registered[layer]
+        if stored_threshold is None:  # the first update(): gammas still registered
+            values = []
+            for g, m in registered.values():
+                values += (g[m] if incremental else g).tolist()
+            stored_threshold = mayo_threshold(values, density)
+        new = gamma > stored_threshold
+        expected[layer] = (new & mask) if incremental else new
+    thresholds = _recompute_slim_masks(slimmers)
+    assert set(thresholds.values()) == {stored_threshold}
+    for s in slimmers:
+        np.testing.assert_array_equal(s["module"].mask.numpy().astype(bool), expected[s["layer"]], err_msg=s["layer"])
+    # the densities differ, so a per-slimmer threshold would have kept other channels
+    assert mayo_threshold(np.concatenate([s["gamma"] for s in slimmers]).tolist(), 0.25) != stored_threshold

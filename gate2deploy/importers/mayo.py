@@ -45,9 +45,10 @@ Names, shapes and semantics (facts read from Mayo's code; citations per item):
   normalised output by `activations/NetworkSlimmer.mask` (bool [C]) before the activation,
   when `activations/NetworkSlimmer.enable` is true. The stored mask is what Mayo's forward
   applies; `--mayo-overriders-update` instead recomputes it as Mayo's `overriders-update`
-  does (NetworkSlimmer._threshold / _updated_mask: k = ceil(n * density) over the raw
-  BatchNorm gammas of every slimmer with should_update, global by default, threshold the
-  (k+1)-th largest (0 when k = n), keep gamma > threshold). Gradient overriders act only in
+  does (NetworkSlimmer._threshold / _global_threshold / _updated_mask: k = ceil(n * density)
+  over the raw BatchNorm gammas of every slimmer with should_update, global by default,
+  threshold the (k+1)-th largest (0 when k = n), keep gamma > threshold; the global threshold
+  is the first updating slimmer's, by its density, reused by all later ones). Gradient overriders act only in
   training: ignored. Quantizers are refused by name; so is anything else.
   A NetworkSlimmer on a gated convolution cannot run in Mayo (its parametric BatchNorm has no
   gamma for NetworkSlimmer.gamma, and the gate reuses the activation): refused.
@@ -696,7 +697,9 @@ class Builder:
             raise UserError(f"Mayo layer {layer}: gate pool {pool!r} is not one of {FBSConv2d.POOLS}")
         threshold_mode = g.get("threshold", "online")
         enable = bool(g.get("enable", True))
-        factor = int(g.get("factor", 0) or 0)
+        factor = g.get("factor", 0) or 0  # Mayo: `if self.factor > 0`, ceil(num_outputs / factor): any number
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+            raise UserError(f"Mayo layer {layer}: gate_params.factor must be a number, not {factor!r}")
         if _fn_name(p.get("normalizer_fn")) not in BATCH_NORM:
             raise UserError(f"Mayo layer {layer}: the parametric gate needs normalizer_fn slim.batch_norm")
         nparams = dict(p.get("normalizer_params") or {})
@@ -939,11 +942,19 @@ def _recompute_slim_masks(slimmers: list[dict]) -> dict:
 
     summary = {}
     updating = [s for s in slimmers if s["should_update"]]
-    pool = np.concatenate([s["gamma"][s["stored"]] if s["incremental"] else s["gamma"] for s in updating]) \
-        if updating else np.zeros(0)
+    # One global threshold for all: session.overriders_update calls update() layer by layer;
+    # the first global slimmer's _global_threshold pools every updating slimmer's gammas
+    # (filtered by the active masks if *its own* `incremental` is set), thresholds them by
+    # *its own* density, then flushes the gammas and stores the threshold in the estimator,
+    # which every later global slimmer reuses (estimator.max_len == 0): later slimmers'
+    # densities and flags do not change it.
+    shared = None
     for s in updating:
         if s["global_threshold"]:
-            t = threshold(pool, s["density"])
+            if shared is None:
+                pool = np.concatenate([u["gamma"][u["stored"]] if s["incremental"] else u["gamma"] for u in updating])
+                shared = threshold(pool, s["density"])
+            t = shared
         else:
             own = s["gamma"][s["stored"]] if s["incremental"] else s["gamma"]
             t = threshold(own, s["density"])
