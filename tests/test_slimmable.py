@@ -429,6 +429,22 @@ def test_bad_sweep_writes_nothing(cli, r20, tmp_path, flags, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_width_sweep_finds_the_model_on_model_path(cli, r20, tmp_path):
+    """--model-path holds for a sweep as for one export (the sweep checks every width on the
+    architecture before compiling: that build had left --model-path out)."""
+    lib = tmp_path / "lib" / "slimnets"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text("")
+    (lib / "cifar.py").write_text("from gate2deploy.models.slimmable import resnet20  # noqa: F401\n")
+    out = tmp_path / "out" / "r20.onnx"
+    out.parent.mkdir()
+    code, _, err = cli("export", r20["ckpt"], "--model", "slimnets.cifar:resnet20", "--model-path", tmp_path / "lib",
+                       "--input-shape", "1,3,32,32", "--width-sweep", "0.5,1.0", "-o", out)
+    assert code == 0, err
+    sweep = json.loads((tmp_path / "out" / "r20_sweep.json").read_text())
+    assert len(sweep["points"]) == 2
+
+
 def test_python_api_width_on_a_model_object():
     """gate2deploy.compile with a slimmable module in hand: the same options by name."""
     import gate2deploy
@@ -464,3 +480,14 @@ def test_population_filters_that_do_not_fit(cli, r20, tmp_path, filters, message
                        "--population", "0", "-o", tmp_path / "m.onnx")
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_smallest_width_hint_keeps_a_channel():
+    """The 0-channel refusal names the smallest width that keeps one: decoded by the seed's
+    rule (decode_wm: int(w * c)) it must give a channel, and it is 1 / c to 4 digits."""
+    from gate2deploy.importers.slimmable import _smallest_width_text
+
+    for channels in range(1, 2049):
+        shown = float(_smallest_width_text(channels))
+        assert int(shown * channels) >= 1, channels
+        assert shown == pytest.approx(1 / channels, rel=2e-3)

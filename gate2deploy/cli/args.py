@@ -80,8 +80,8 @@ def add_slimmable_arguments(p: argparse.ArgumentParser) -> None:
                    help="slimmable model: a JSON list with one width multiplier per search dimension, "
                         "decoded to channels as Joslim does")
     p.add_argument("--population", metavar="N",
-                   help="slimmable model: the N-th configuration stored in the checkpoint's population_data "
-                        "(`info` lists them)")
+                   help="slimmable model: configuration N (counted from 0) of the checkpoint's population_data "
+                        "(`info` lists them), or `all` for a sweep over every one")
     p.add_argument("--recalibration-batches", type=int,
                    help="slimmable model: BatchNorm recalibration passes over --sample-inputs (default: all batches)")
     p.add_argument("--recalibration-batch-size", type=int,

@@ -312,7 +312,7 @@ def check_decodes(opts: CompileOptions, widths: list[float]) -> None:
 
     if not opts.model:
         return  # a pickled module: each point is checked when it is compiled
-    arch = build_model(opts.model, opts.model_kwargs)
+    arch = build_model(opts.model, opts.model_kwargs, opts.model_path)
     if not is_slimmable(arch):
         raise OptionError(f"--width-sweep needs a slimmable model (Joslim's channel_space and set_real_ch); "
                           f"{type(arch).__name__} is not one")

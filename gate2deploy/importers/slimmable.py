@@ -61,6 +61,7 @@ exported input shape; for a population entry the checkpoint's own `flops` is lis
 from __future__ import annotations
 
 import copy
+import math
 import sys
 
 import numpy as np
@@ -168,8 +169,20 @@ def decode(model: nn.Module, wm) -> list:
         flat_slots = [s for g in slots for s in (g if isinstance(g, list) else [g])]
         dim, channels = next(s for s in flat_slots if count(s) < 1)
         raise OptionError(f"width {float(wm[dim]):g} of search dimension {dim} ({channels} channels) decodes to "
-                          f"0 channels; the smallest width that keeps a channel there is {1 / channels:.4g}")
+                          f"0 channels; the smallest width that keeps a channel there is "
+                          f"{_smallest_width_text(channels)}")
     return real
+
+
+def _smallest_width_text(channels: int) -> str:
+    """1 / channels to 4 significant digits, rounded up so that the width shown decodes to a
+    channel (int(w * channels) >= 1; 1/144 to 4 digits, 0.006944, decodes to 0)."""
+    w = 1 / channels
+    step = 10.0 ** (math.floor(math.log10(w)) - 3)
+    shown = float(f"{w:.4g}")
+    while int(shown * channels) < 1:
+        shown = float(f"{shown + step:.4g}")
+    return f"{shown:.4g}"
 
 
 def _flat(real) -> list[int]:
