@@ -19,8 +19,10 @@ coupled group, which is not network slimming's rule; like Liu et al.'s ResNet ex
 only independent layers are slimmed. The analysis that decides this is the compiler's own
 channel analysis on the captured graph, so the choice is exact for any architecture.
 
-The mask multiplies the BatchNorm's output. The seed applies it after the activation:
-identical for activations with act(0) = 0 (ReLU, ReLU6, SiLU, Hardswish, GELU, LeakyReLU).
+The mask multiplies the BatchNorm's output, as Mayo's activation overrider does (before the
+layer's activation: mayo/net/tf/transform.py composes the overrider, then activation_fn);
+Liu et al. rebuild the network with the kept channels, which is the same for activations with
+act(0) = 0 (ReLU, ReLU6, SiLU, Hardswish, GELU, LeakyReLU).
 """
 from __future__ import annotations
 
