@@ -7,6 +7,9 @@ keeps torchvision's ResNet-18 names wherever a layer is unchanged. Gated layers 
 each BasicBlock (9 layers). conv2 of each block stays a plain conv + BN (the layout this
 builder's checkpoints have); Mayo's own gated ResNet-18 also gates conv2 and the downsample
 shortcut, which `FBSConv2d(activation=None)` expresses (no ReLU before the residual add).
+The saliency pools the unpadded input here, where Mayo's YAML pads first (`padding: 3` /
+`padding: 1`, numeric padding) and pools the zeros too: weights trained in Mayo go through
+`--mayo-model` (importers/mayo.py), which reproduces that (`pool_pads`), not this builder.
 
 Keys: `conv1.conv.weight`, `conv1.bn.running_mean/var/num_batches_tracked`, `conv1.beta`,
 `conv1.gate.weight/bias`; `layerS.B.conv1.*` likewise; `layerS.B.conv2.weight`, `.bn2.*`,
