@@ -45,9 +45,10 @@ Recognition rules (seed files and the functions they follow)
   zeroes the k = int(O * (1 - rate)) least salient output channels (saliency relu(gate(
   avgpool|x|))) and scales the others by O * g / sum(kept g). At a rate with k = 0 it is
   exactly its dense `contents` (listed as "dense"). Otherwise it is NOT lowered: the FBSConv
-  op (runtimes/OPS.md, Mayo's FBS) pools x rather than |x|, has no per-sample renormalisation
-  O / sum(kept g), applies an affine-free BN with the ReLU outside the gate and always a
-  ReLU, none of which matches; so these blocks are warned about and listed as unlowered.
+  op (runtimes/OPS.md, Mayo's FBS) has pools of |x| (`pool="l1"`) and an optional ReLU, but
+  no per-sample renormalisation O / sum(kept g), and it gates an affine-free BN (gamma, then
+  beta, before the ReLU) where PyTorch-FBS scales after its conv + BN + ReLU; so these blocks
+  are warned about and listed as unlowered.
 
 Hyper-parameters that are not in the checkpoint (issue 12 point 3)
 ------------------------------------------------------------------
@@ -226,7 +227,7 @@ def _as_pytorch_fbs(name: str, m: nn.Module, fbs_rate: float | None) -> _Found:
         return _Found(name, m, "dense", hyper=hyper)
     return _Found(name, m, "pytorch-fbs", hyper=hyper, reason=(
         f"PyTorch-FBS ChannelPruning at rate {rate:g} (drops {k} of {m.out_channels} channels): the FBSConv op "
-        "computes Mayo's FBS, which pools x not |x| and has no per-sample renormalisation O/sum(kept saliency)"))
+        "computes Mayo's FBS, which has no per-sample renormalisation O/sum(kept saliency)"))
 
 
 def _gate_like(m: nn.Module) -> str | None:
