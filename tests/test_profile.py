@@ -326,6 +326,21 @@ def test_multipliers_are_what_gators_notebook_computes_from_timing_csv(tiny_prof
         assert abs(multiplier - factor) <= 2 * rounding + 1e-6  # the config's 6 decimals
 
 
+def test_a_model_without_convs_is_profiled_by_its_macs(tmp_path):
+    """Gator's cost counts convs only; a Linear-only model falls back to its MACs instead of
+    dividing by a zero cost: halving the 32-wide hidden layer of 16 -> 32 -> 10 halves them."""
+    net = tmp_path / "mlp.py"
+    net.write_text("import torch\nfrom torch import nn\n\nclass MLP(nn.Module):\n"
+                   "    def __init__(self):\n        super().__init__()\n"
+                   "        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 10)\n\n"
+                   "    def forward(self, x):\n        return self.b(torch.relu(self.a(x)))\n")
+    out = tmp_path / "prof"
+    assert main(["profile", "--model", f"{net}:MLP", "--input-shape", "1,16", "-o", str(out), "--no-report",
+                 *FAST]) == 0
+    rows = list(csv.reader((out / "timing.csv").read_text().splitlines()))
+    assert [float(r[1]) for r in rows] == [100.0, 100.0 * (16 * 16 + 16 * 10) / (16 * 32 + 32 * 10)]
+
+
 def test_timing_csv_is_the_table_gators_notebook_reads(tiny_profile):
     lut = lutmod.load_lut(tiny_profile / "lut.json")
     lines = (tiny_profile / "timing.csv").read_text().splitlines()

@@ -106,12 +106,15 @@ def edge_savings(lut: dict, table: ModelTable) -> tuple[float, float, list[EdgeS
     """(predicted full latency, Gator's full cost, one saving per edge halved). Halved as
     time_nets.ipynb does (int(channels * 0.5)), at least one channel kept."""
     full = table.full_channels()
-    t0, f0 = predict(lut, full, table), gator_flops_cost(table, full)
+    # A model without convs (Gemm layers only) has no Gator cost (its mappers map Conv2d
+    # only): its true MACs stand in.
+    cost = gator_flops_cost if gator_flops_cost(table, full) > 0 else total_macs
+    t0, f0 = predict(lut, full, table), float(cost(table, full))
     out = []
     for edge in table.edges:
         channels = list(full)
         channels[edge.index] = max(1, edge.channels // 2)
-        t, f = predict(lut, channels, table), gator_flops_cost(table, channels)
+        t, f = predict(lut, channels, table), float(cost(table, channels))
         lat, flops = (t0 - t) / t0, (f0 - f) / f0
         mult = lat / flops if flops > 0 else 1.0
         out.append(EdgeSaving(edge.index, edge.name, edge.channels, channels[edge.index], t,
