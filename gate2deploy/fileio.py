@@ -27,25 +27,56 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_distinct_outputs(outputs: dict[str, str | os.PathLike], inputs: dict[str, object]) -> None:
+    """Fail early if two outputs are one file, or an output is one of the inputs: writing it
+    would replace the checkpoint (or the other output) the user still has. `outputs`: flag
+    -> path (None entries skipped); `inputs`: flag -> the values given for it (a path, a list
+    of paths, anything else: only values naming an existing file count)."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise UserError(f"{flag} {path} is also {seen[resolved]}'s path; give each output its own name")
+        seen[resolved] = flag
+    for flag, value in inputs.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(v, (str, os.PathLike)) or not str(v) or not Path(v).is_file():
+                continue
+            resolved = Path(v).resolve()
+            if resolved in seen:
+                raise UserError(f"{seen[resolved]} {v} is also an input ({flag}): writing it would replace that "
+                                "file; give the output another name")
+
+
+# Longest file name most file systems take (NAME_MAX); a temporary name adds ~15 characters.
+_NAME_MAX = 255
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path; on success rename it to `path`, on failure delete it.
 
     The result gets the mode a plain `open()` would give it (0666 less the umask), not
     mkstemp's private 0600. Any exception, KeyboardInterrupt and the CLI's SIGTERM
-    (cli.Terminated) included, removes the temporary file."""
+    (cli.Terminated) included, removes the temporary file. An OSError while writing (a full
+    disk, a read-only file system, a name too long) is the one-line error naming `path`."""
     path = check_writable(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the temporary name keeps a prefix of the destination's, short enough for NAME_MAX
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:_NAME_MAX - 40]}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
 
 

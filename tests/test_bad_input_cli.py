@@ -79,3 +79,43 @@ def test_demo_into_an_unwritable_place_is_one_line(tmp_path, cli):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_one_line_exit_2(cli("demo", "-o", blocker / "sub"), "cannot create")
+
+
+def test_an_output_onto_an_input_is_refused(tmp_path, cli):
+    """-o naming the checkpoint itself, or the TensorRT model's config onto the report: the
+    checkpoint (or the other output) would be replaced, with exit 0 before."""
+    ckpt = _ckpt(tmp_path)
+    before = ckpt.read_bytes()
+    code, _, err = _export(cli, ckpt, "-o", ckpt)
+    assert code == 2 and "is also an input (checkpoint)" in err and len(err.strip().splitlines()) == 1
+    assert ckpt.read_bytes() == before
+    engine = tmp_path / "m.engine"
+    code, _, err = _export(cli, ckpt, "--target", "trt", "-o", engine, "--report", tmp_path / "m.trt.json")
+    assert code == 2 and "--report" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.pt"]
+
+
+def test_a_long_output_name_is_written(tmp_path, cli):
+    """A name of 250 characters is a valid file name: the temporary name beside it must not
+    exceed the file system's 255 (it added ~15 characters to the whole name)."""
+    out = tmp_path / ("m" * 245 + ".onnx")
+    code, _, err = _export(cli, _ckpt(tmp_path), "-o", out)
+    assert code == 0, err
+    assert out.is_file() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_failing_write_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk (ENOSPC) while writing: one line naming the file, no temporary left."""
+    import errno
+
+    import pytest
+
+    from gate2deploy.errors import UserError
+    from gate2deploy.fileio import atomic_path
+
+    out = tmp_path / "r.json"
+    with pytest.raises(UserError, match=r"cannot write .*r\.json: No space left on device"):
+        with atomic_path(out) as tmp:
+            tmp.write_text("{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []

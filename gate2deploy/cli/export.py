@@ -28,7 +28,7 @@ import torch
 from .. import report as rep
 from ..api import CompiledModel, compile_with
 from ..errors import OptionError
-from ..fileio import atomic_path, check_writable, write_text
+from ..fileio import atomic_path, check_distinct_outputs, check_writable, write_text
 from ..frontend import checkpoint_paths, parse_shape
 from ..importers.slimmable import population as population_entries
 from ..importers.slimmable import uniform_sweep
@@ -98,10 +98,11 @@ def run(args) -> int:
     check_writable(args.output)
     if args.report:
         check_writable(args.report)
-        if Path(args.report).resolve() == Path(args.output).resolve():
-            raise OptionError(f"--report {args.report} is the model's own path (-o); give the report another name")
-    opts = from_namespace(CompileOptions, args)
     plan = _trt_plan(args) if args.target == "trt" else None  # checked before any expensive work
+    outputs = ({"-o": args.output} if plan is None else
+               {"-o": plan.engine_path, "the TensorRT model": plan.onnx_path, "its build config": plan.json_path})
+    check_distinct_outputs({**outputs, "--report": args.report}, _inputs_of(args))
+    opts = from_namespace(CompileOptions, args)
     compiled = compile_with(None, None, opts)
     if compiled.report["batch"].get("note"):
         print(f"note: the batch stays static at {compiled.input_shape[0]}: {compiled.report['batch']['note']}")
@@ -110,6 +111,12 @@ def run(args) -> int:
     compiled.save(args.output)
     _report_and_print(args, compiled.report)
     return 0
+
+
+def _inputs_of(args) -> dict:
+    """The command's arguments that may name input files (everything but its outputs)."""
+    return {("checkpoint" if k == "checkpoint" else "--" + k.replace("_", "-")): v for k, v in vars(args).items()
+            if k not in ("output", "report", "func", "command", "debug_passes")}
 
 
 def _report_and_print(args, summary: dict) -> None:
@@ -257,6 +264,8 @@ def run_sweep(args) -> int:
     files = [Path(f"{stem}_{label}{Path(args.output).suffix or '.onnx'}") for label, _ in points]
     for path in files + [report_path, plot_path]:
         check_writable(path)
+    check_distinct_outputs({**{f"point {label}": f for (label, _), f in zip(points, files)},
+                            "the sweep report": report_path, "the sweep plot": plot_path}, _inputs_of(args))
     fleet = device = None
     if args.ray:  # connected and the class checked before anything is compiled
         from ..profiling.fleet import Fleet
