@@ -119,3 +119,34 @@ def test_a_failing_write_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
             tmp.write_text("{")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def _identity_model(path, output_name="y", shape=(1, 4)):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], [output_name])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, list(shape))])
+    import onnx
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what ONNX Runtime reads, whatever the onnx package writes
+    onnx.save(model, str(path))
+    return path
+
+
+def test_run_saves_an_output_named_like_savez_parameters(tmp_path, cli):
+    """An output named `file` (np.savez's own first parameter) is saved under its name."""
+    import numpy as np
+
+    model = _identity_model(tmp_path / "m.onnx", output_name="file")
+    code, _, err = cli("run", model, "--save-outputs", tmp_path / "o.npz")
+    assert code == 0, err
+    with np.load(tmp_path / "o.npz") as data:
+        assert list(data) == ["file"] and data["file"].shape == (1, 4)
+
+
+def test_run_refuses_a_huge_declared_shape(tmp_path, cli):
+    """A fixed input shape in the model is held to --max-input-elements like a given one."""
+    model = _identity_model(tmp_path / "m.onnx", shape=(100000, 100000, 10))
+    code, _, err = cli("run", model)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

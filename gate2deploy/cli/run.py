@@ -112,6 +112,7 @@ def _feeds(sess, shapes: list[str], files: list[str], max_elements: int = MAX_IN
                 raise UserError(f"--input-shape for {inp.name}: {shape} does not fit the model's {declared}")
         elif all(isinstance(d, int) for d in inp.shape):
             shape = tuple(inp.shape)
+            check_input_elements(shape, max_elements)  # a declared shape is as big as any given one
         else:
             raise UserError(f"input {inp.name} has symbolic shape {inp.shape}: give --input-shape")
         if np.issubdtype(dtype, np.floating):
@@ -119,6 +120,18 @@ def _feeds(sess, shapes: list[str], files: list[str], max_elements: int = MAX_IN
         else:
             feeds[inp.name] = np.zeros(shape, dtype)
     return feeds
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez's file (an uncompressed zip of NAME.npy members), written member by member:
+    np.savez takes the names as keyword arguments, so an output named `file` or
+    `allow_pickle` collided with its own parameters."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 
 def _run_once(sess, feeds):
@@ -149,8 +162,7 @@ def run(args) -> int:
     if args.save_outputs:
         from ..fileio import atomic_path
         with atomic_path(args.save_outputs) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **dict(zip(names, outputs)))
+            _write_npz(tmp, dict(zip(names, outputs)))
         print(f"outputs written to {args.save_outputs}")
     if args.bench:
         for _ in range(args.warmup):
