@@ -581,6 +581,8 @@ def test_profile_into_a_read_only_folder_is_one_line(tiny_net_file, tmp_path, cl
     ('{"format": "gate2deploy-lut/1", "entries": {"bogus": {"ms": 1.0}}}', ["'bogus' is not a LUT layer key"]),
     ('{"format": "gate2deploy-lut/1", "entries": {}, "whole_models": {"full": {"ms": "x"}}}', ["whole-model"]),
     ('{"format": "gate2deploy-lut/1", "entries": {}, "runtime": 7}', ["'runtime'"]),
+    ('{"format": "gate2deploy-lut/1", "entries": {}, "whole_models": {}, "whole_models_after": true}',
+     ["no full-model timing"]),
     ("\x00\xff garbage", ["damaged"]),
 ])
 def test_resume_with_a_malformed_partial_file_is_one_line(tiny_net_file, tmp_path, cli, damage, words):
@@ -654,3 +656,25 @@ def test_ray_missing_is_one_line(tiny_net_file, tmp_path, cli, monkeypatch):
     assert_one_line_exit_2(cli("profile", "--model", f"{tiny_net_file}:Net", "--input-shape", "1,3,32,32", "-o", out,
                                "--ray", "127.0.0.1:6379", *FAST), "pip install 'gate2deploy[ray]'")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda lut: lut.pop("batch"), ["'batch'", "damaged"]),
+    (lambda lut: lut.__setitem__("machine", None), ["'machine'", "damaged"]),
+    (lambda lut: lut.__setitem__("table", [1, 2]), ["layer table is damaged"]),
+    (lambda lut: lut["table"]["edges"][0].__setitem__("channels", "x"), ["edge 0", "damaged"]),
+    (lambda lut: lut["calibration"].__setitem__("scales", {"all": None}), ["calibration scales", "damaged"]),
+    (lambda lut: [e.__setitem__("ms", 0) for e in lut["entries"].values()], ["all zero"]),
+])
+def test_predict_with_a_damaged_lut_is_one_line(tiny_profile, tmp_path, cli, damage, words):
+    """A LUT edited by hand or cut short: one line naming the field (these were KeyError,
+    TypeError and ZeroDivisionError tracebacks)."""
+    from cli_checks import assert_one_line_exit_2
+
+    lut = json.loads((tiny_profile / "lut.json").read_text())
+    damage(lut)
+    path = tmp_path / "lut.json"
+    path.write_text(json.dumps(lut))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps([1] * len(json.loads((tiny_profile / "lut.json").read_text())["table"]["edges"])))
+    assert_one_line_exit_2(cli("profile", "--predict", path, "--channels", cfg, "--allow-other-device"), *words)

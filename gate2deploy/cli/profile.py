@@ -141,6 +141,9 @@ def _predict(args) -> int:
     channels = parse_channels(table, data)
     ms = predict(lut, channels, table)
     full = predict(lut, None, table)
+    if not full > 0:
+        raise UserError(f"{args.predict}: the LUT predicts {full} ms for the unpruned model: its timings are all "
+                        "zero, nothing to predict from")
     if args.per_layer:
         for name, key, kernel, layer_ms in layer_latencies(lut, channels, table):
             print(f"{name}\t{key}\t{kernel}\t{layer_ms:.4f} ms")

@@ -401,7 +401,34 @@ def load_lut(path: str | Path) -> dict:
     if not isinstance(lut, dict) or lut.get("format") != FORMAT or not isinstance(lut.get("entries"), dict):
         raise UserError(f"{path} is not a gate2deploy LUT (format {FORMAT})")
     check_entries(lut["entries"], str(path))
+    check_structure(lut, str(path))
     return lut
+
+
+# The fields a LUT's readers index, and their JSON types (a damaged file is one line naming
+# the field, not a KeyError deep in the predictor).
+_FIELDS = {"target": str, "threads": int, "batch": int, "machine": dict, "settings": dict}
+
+
+def check_structure(lut: dict, where: str) -> None:
+    for name, kind in _FIELDS.items():
+        value = lut.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{where}: field {name!r} is {value!r}, not a JSON {kind.__name__}; the LUT is damaged")
+    if "table" in lut:
+        try:
+            table = ModelTable.from_json(lut["table"])
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise UserError(f"{where}: its layer table is damaged ({type(exc).__name__}: {exc})") from None
+        if not table.layers:
+            raise UserError(f"{where}: its layer table has no layers; the LUT is damaged")
+        for edge in table.edges:
+            if not isinstance(edge.channels, int) or isinstance(edge.channels, bool) or edge.channels < 1:
+                raise UserError(f"{where}: edge {edge.index} has {edge.channels!r} channels; the LUT is damaged")
+    calibration = lut.get("calibration", {})
+    scales = calibration.get("scales", {}) if isinstance(calibration, dict) else None
+    if not isinstance(scales, dict) or not all(valid_ms(v) for v in scales.values()):
+        raise UserError(f"{where}: its calibration scales {scales!r} are not finite numbers >= 0; the LUT is damaged")
 
 
 def valid_ms(ms) -> bool:

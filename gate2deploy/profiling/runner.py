@@ -295,6 +295,8 @@ def _check_partial(old) -> None:
     whole = old.get("whole_models", {})
     if not isinstance(whole, dict) or not all(isinstance(m, dict) and valid_ms(m.get("ms")) for m in whole.values()):
         raise UserError("its whole-model timings are not finite and >= 0 ms")
+    if old.get("whole_models_after") and "full" not in whole:
+        raise UserError("it says the whole models were timed after the layers, but holds no full-model timing")
     for key in ("runtime", "model", "table"):
         if not isinstance(old.get(key, {}), dict):
             raise UserError(f"its {key!r} is not a JSON object")
