@@ -129,6 +129,30 @@ def test_build_engine_without_tensorrt_exits_3_after_checking_its_input(trt_expo
     assert code == 2 and "lonely.trt.json" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("engine", "../../elsewhere.engine", ["engine", "not a file name"]),
+    ("engine", 5, ["engine"]),
+    ("rtol", "abc", ["rtol"]),
+    ("plugins", "x", ["plugins"]),
+    ("inputs", None, ["shapes"]),
+])
+def test_build_engine_with_a_damaged_config_is_one_line(trt_export, tmp_path, field, value, words):
+    """model.trt.json edited by hand: one line naming the field, before TensorRT is looked
+    for (these were KeyError / TypeError / ValueError tracebacks, and an engine name with
+    `..` would have been written outside the folder)."""
+    out, *_ = trt_export
+    cfg = json.loads((out / "model.trt.json").read_text())
+    if field == "inputs":
+        cfg["inputs"] = {name: 3 for name in cfg["inputs"]}
+    else:
+        cfg[field] = value
+    (tmp_path / "m.trt.onnx").write_bytes((out / "model.trt.onnx").read_bytes())
+    (tmp_path / "m.trt.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli("build-engine", tmp_path / "m.trt.onnx")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+
+
 def test_trt_onnx_plugin_nodes_match_the_plugin_declaration(trt_export):
     """Every gated node of model.trt.onnx is what runtimes/tensorrt_plugins.py registers: op,
     namespace, version, inputs, attributes and their ONNX types; and the declaration agrees

@@ -21,6 +21,7 @@ missing: one line naming what is missing and the command to run elsewhere, exit 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +168,36 @@ def _load(onnx_path: Path):
     names = [i.name for i in model.graph.input]
     if not isinstance(inputs, dict) or sorted(inputs) != sorted(names):
         raise UserError(f"{cfg_path}: its inputs {sorted(inputs or {})} are not the model's {names}")
+    _check_config(cfg, cfg_path)
     return model, cfg, cfg_path
+
+
+def _dims(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
+
+
+def _check_config(cfg: dict, cfg_path: Path) -> None:
+    """The fields `run` reads, each of the type export --target trt writes (a file edited by
+    hand is one line naming the field, not a KeyError or TypeError)."""
+    def bad(field, why):
+        raise UserError(f"{cfg_path}: {field} {cfg.get(field)!r} {why}; re-export with --target trt or mend it")
+    engine = cfg.get("engine")
+    if not isinstance(engine, str) or not engine or Path(engine).name != engine or engine in (".", ".."):
+        bad("engine", "is not a file name beside the configuration")
+    if cfg.get("precision", "fp32") not in ("fp32", "fp16"):
+        bad("precision", "is not fp32 or fp16")
+    rtol = cfg.get("rtol", 1e-4)
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not math.isfinite(rtol) or rtol <= 0:
+        bad("rtol", "is not a finite number > 0")
+    if not isinstance(cfg.get("plugins", {}), dict):
+        bad("plugins", "is not a JSON object")
+    if "verification_shape" in cfg and not _dims(cfg["verification_shape"]):
+        bad("verification_shape", "is not a list of positive integers")
+    for name, shapes in cfg["inputs"].items():
+        if not isinstance(shapes, dict) or not all(_dims(shapes.get(k)) for k in ("min", "opt", "max")):
+            raise UserError(f"{cfg_path}: input {name}'s shapes {shapes!r} are not min/opt/max lists of positive "
+                            "integers; re-export with --target trt or mend it")
 
 
 def run(args) -> int:
@@ -185,6 +215,9 @@ def run(args) -> int:
     shapes = cfg["inputs"][name]
     static = cfg.get("batch_axis") == "static"
     if args.batch:
+        if "verification_shape" not in cfg:
+            raise UserError(f"{cfg_path}: --batch needs its verification_shape (the captured batch); re-export "
+                            "with --target trt")
         captured = int(cfg["verification_shape"][0])
         shapes = profile_shapes(shapes["opt"], parse_batch_profile(args.batch, captured, static))
     plugins = args.plugins or (cfg.get("plugins") or {}).get("implementation", "auto")
