@@ -1,6 +1,7 @@
 """sensAI (seed 004): group models written as sensAI writes them -> one ONNX model equal to
 the seed's grouped evaluation (gate2deploy/importers/sensai.py)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -541,3 +542,35 @@ def test_no_fuse_contradicting_form(tmp_path, cli):
     (tmp_path / "out").mkdir()
     _assert_clean_failure(export(cli, [folder], grouping, tmp_path / "out" / "m.onnx", 1, "--sensai-no-fuse",
                                  "--sensai-form", "fused"), tmp_path / "out", "--sensai-no-fuse")
+
+
+@pytest.mark.parametrize("case", ["arch_escape", "arch_slash", "arch_is_a_file", "file_model"])
+def test_sensai_prune_bad_output_names_before_the_work(tmp_path, cli, case):
+    """An --arch that is a path (`../x` wrote the group models outside -o), an -o whose <arch>
+    entry is a file, or a model class from a file given by path (whole pickled modules cannot
+    name it: torch.save failed after all the pruning): one line, nothing written."""
+    from models.sensai_nets import VGG
+
+    np.save(tmp_path / "x.npy", np.zeros((8, 3, 32, 32), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(8) % 4)
+    (tmp_path / "g.json").write_text("[[0, 1], [2, 3]]")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--sensai-grouping", tmp_path / "g.json", "--sample-inputs", tmp_path / "x.npy",
+            "--labels", tmp_path / "y.npy", "-o", out / "p"]
+    if case == "file_model":
+        torch.save(VGG(num_classes=4).state_dict(), tmp_path / "base.pth")
+        model = ["--model", f"{Path(__file__).parent / 'models' / 'sensai_nets.py'}:VGG",
+                 "--model-kwargs", '{"num_classes": 4}']
+        result = cli("sensai-prune", tmp_path / "base.pth", *model, *args)
+        _assert_clean_failure(result, out, "whole pickled modules")
+    else:
+        torch.save(VGG(num_classes=4), tmp_path / "base.pth")
+        arch = {"arch_escape": "../escape", "arch_slash": "a/b", "arch_is_a_file": "vgg"}[case]
+        if case == "arch_is_a_file":
+            (out / "p").mkdir()
+            (out / "p" / "vgg").write_text("x")
+        result = cli("sensai-prune", tmp_path / "base.pth", "--trust-pickle", *args, "--arch", arch)
+        _assert_clean_failure(result, out, "--arch" if case != "arch_is_a_file" else "is a file")
+    assert not (tmp_path / "escape").exists() and not list(out.rglob("*.pth"))
+    assert not list(out.rglob("grouping_config*"))

@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
                    "state_dict (with --model)")
     p.add_argument("--model", help="architecture for a state_dict: package.module:callable or file.py:callable")
     p.add_argument("--model-kwargs", help="JSON keyword arguments for the --model callable")
+    p.add_argument("--model-path", action="append", default=[], metavar="DIR",
+                   help="folder to import --model's code from (repeatable), as for export")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that unpickle Python objects (runs code from the file)")
     p.add_argument("--sensai-grouping", required=True, metavar="NPY|JSON",
@@ -66,14 +68,19 @@ def run(args) -> int:
         raise UserError(f"--sample-inputs {args.sample_inputs}: expected (M, C, H, W) images, got {images.shape}")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"--labels {args.labels}: expected a 1-d integer array, got {labels.dtype} {labels.shape}")
-    ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+    ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle, model_paths=args.model_path)
     model = ckpt.module
     if model is None:
         if not args.model:
             raise OptionError(f"{ckpt.path} holds only weights: pass --model package.module:callable")
-        model = build_model(args.model, args.model_kwargs)
+        model = build_model(args.model, args.model_kwargs, args.model_path)
         load_weights(model, ckpt.state_dict, str(ckpt.path))
     arch = args.arch or type(model).__name__.lower()
+    if not arch or arch in (".", "..") or Path(arch).name != arch or len(arch) > 100:
+        raise OptionError(f"--arch {arch!r}: a name for the files <arch>_<g>_pruned_model.pth inside -o "
+                          "(no path separators, at most 100 characters)")
+    _check_out(Path(args.out), arch)
+    _check_picklable(model)
     pruned = sensai.prune_groups(model, groups, images, labels, args.apoz_threshold, args.mean_threshold,
                                  args.batch_size, args.seed)
     _write(Path(args.out), arch, groups, [m for m, _ in pruned])
@@ -82,6 +89,32 @@ def run(args) -> int:
         print(f"group {g} {groups[g]}: pruned {sum(len(c) for c in cands)} channels, {kept:,} parameters")
     print(f"wrote {len(pruned)} group models to {Path(args.out) / arch}")
     return 0
+
+
+def _check_out(out: Path, arch: str) -> None:
+    """Before any work: -o can be made a folder (or is one, writable), and its <arch> entry is
+    not a file."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} is a file, not a folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {out}: directory {parent} does not exist")
+    for folder in (out, parent):
+        if folder.is_dir() and not os.access(folder, os.W_OK):
+            raise UserError(f"cannot write {out}: directory {folder} is not writable")
+    if (out / arch).exists() and not (out / arch).is_dir():
+        raise UserError(f"cannot write {out / arch}: it is a file, and the group models go into that folder")
+
+
+def _check_picklable(model) -> None:
+    """sensAI's group files are whole pickled modules, which name their class by module path:
+    a class from `--model path/file.py:fn` lives in a module made up for that import, which
+    no reader could import again (torch.save fails on it, after the pruning)."""
+    module = type(model).__module__
+    if module.startswith("gate2deploy_user_"):
+        raise OptionError(f"the group models are saved as whole pickled modules (sensAI's format), and "
+                          f"{type(model).__name__} comes from a file given by path; give --model as "
+                          "package.module:callable with its repository on --model-path or PYTHONPATH")
 
 
 def _write(out: Path, arch: str, groups: list[list[int]], models) -> None:
