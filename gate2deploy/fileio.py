@@ -104,6 +104,26 @@ def read_json(path: str | os.PathLike, what: str):
         raise UserError(f"{what} {path} is not JSON: {exc}") from None
 
 
+def pickle_protocol(path: str | os.PathLike) -> int | None:
+    """The pickle protocol of torch.save's data.pkl (zip format) or of a raw pickle stream,
+    from its PROTO opcode; None if unreadable. torch's safe loader (weights_only) reads
+    protocol 2 (torch.save's default) and fails on 4 and 5 as on a damaged file."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                with z.open(name) as f:
+                    head = f.read(2)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(2)
+    except (OSError, StopIteration, zipfile.BadZipFile, ValueError):
+        return None
+    return head[1] if len(head) == 2 and head[0] == 0x80 else None
+
+
 def read_array(path: str | os.PathLike, what: str, kinds=(".npy", ".npz", ".pt", ".pth")):
     """The one loader for arrays the user names (sample inputs, `run --input`, groupings):
     .npy, .npz (its only array, or the first) or a .pt/.pth tensor, as a numpy array.
@@ -152,6 +172,10 @@ def read_array(path: str | os.PathLike, what: str, kinds=(".npy", ".npz", ".pt",
         if not (isinstance(exc, pickle.UnpicklingError) or "Object arrays" in str(exc) or starts_as_pickle):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"{what} {path} cannot be read (truncated or damaged?): {first[:200]}") from None
+        protocol = pickle_protocol(path) if suffix in (".pt", ".pth") else None
+        if protocol is not None and protocol > 2:
+            raise UserError(f"{what} {path} was saved with pickle protocol {protocol}, which torch's safe loader "
+                            "cannot read: save it with torch.save's default protocol, or as .npy") from None
         raise UserError(f"{what} {path} pickles Python objects, which data files are never allowed to "
                         "(loading them runs code): save a plain array (.npy) or tensor") from None
     except Exception as exc:  # noqa: BLE001 - numpy, zipfile and torch fail in many ways on damaged bytes

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .fileio import pickle_protocol
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "net", "model")
 
@@ -93,7 +94,10 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
         obj = _load_trusted(path, model_paths)
     else:
         try:
-            with torch.serialization.safe_globals(_numpy_safe_globals()):
+            # torch warns (two lines on stderr) about pickle protocols above 2; the outcome is
+            # reported below in one line
+            with torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise UserError(_needs_trust_message(path, exc)) from None
@@ -160,7 +164,12 @@ def _needs_trust_message(path: Path, exc: BaseException) -> str:
                   if n not in allowed and n not in names]
     except Exception:  # noqa: BLE001 - legacy format: torch's message is all there is
         pass
-    if not names:  # nothing in the file needs trust: the pickle itself is broken
+    if not names:  # nothing in the file needs trust: the pickle itself is broken, or newer
+        protocol = pickle_protocol(path)
+        if protocol is not None and protocol > 2:
+            return (f"{path} was saved with pickle protocol {protocol}, which torch's safe loader "
+                    "(weights_only) cannot read: save it again with torch.save's default protocol, or pass "
+                    "--trust-pickle if you trust the file")
         return f"{path} is not a readable PyTorch checkpoint (truncated or damaged): {_one_line(exc)}"
     # The user's own classes first: they are what needs trust (and what must be importable).
     names = sorted(names, key=lambda n: n.startswith(("torch.", "collections.", "builtins.")))

@@ -115,6 +115,21 @@ def test_damaged_or_pickled_sample_inputs_are_one_line_and_run_nothing(tiny, cli
     assert not marker.exists() and not (tmp_path / "m.onnx").exists()
 
 
+def test_pickle_protocol_4_is_named_not_called_damaged(tiny, cli):
+    """torch.save(..., pickle_protocol=4): torch's safe loader (weights_only) cannot read it
+    and warned on stderr (three lines in all); the file is neither damaged nor pickling
+    objects: one line naming the protocol, for checkpoints and tensor inputs alike; with
+    --trust-pickle the checkpoint loads."""
+    tmp_path, module = tiny
+    torch.save(module.net().state_dict(), tmp_path / "p4.pt", pickle_protocol=4)
+    torch.save(torch.randn(2, 3, 8, 8), tmp_path / "x4.pt", pickle_protocol=4)
+    assert_one_line_exit_2(_export(cli, tmp_path, tmp_path / "p4.pt"), "pickle protocol 4")
+    assert_one_line_exit_2(_export(cli, tmp_path, tmp_path / "ok.pt", "--sample-inputs", tmp_path / "x4.pt"),
+                           "pickle protocol 4")
+    code, _, err = _export(cli, tmp_path, tmp_path / "p4.pt", "--trust-pickle")
+    assert code == 0, err
+
+
 def test_run_input_files_of_other_kinds(tiny, cli):
     tmp_path, _ = tiny
     code, _, err = _export(cli, tmp_path, tmp_path / "ok.pt", "--static-batch")
