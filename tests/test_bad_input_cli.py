@@ -150,3 +150,11 @@ def test_run_refuses_a_huge_declared_shape(tmp_path, cli):
     model = _identity_model(tmp_path / "m.onnx", shape=(100000, 100000, 10))
     code, _, err = cli("run", model)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_debug_passes_onto_a_file_is_one_line(tmp_path, cli):
+    blocker = tmp_path / "dump"
+    blocker.write_text("x")
+    code, _, err = _export(cli, _ckpt(tmp_path), "-o", tmp_path / "m.onnx", "--debug-passes", blocker)
+    assert code == 2 and "--debug-passes" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m.onnx").exists()

@@ -98,6 +98,8 @@ def run(args) -> int:
     check_writable(args.output)
     if args.report:
         check_writable(args.report)
+    if args.debug_passes:
+        _check_debug_folder(args.debug_passes)
     plan = _trt_plan(args) if args.target == "trt" else None  # checked before any expensive work
     outputs = ({"-o": args.output} if plan is None else
                {"-o": plan.engine_path, "the TensorRT model": plan.onnx_path, "its build config": plan.json_path})
@@ -111,6 +113,16 @@ def run(args) -> int:
     compiled.save(args.output)
     _report_and_print(args, compiled.report)
     return 0
+
+
+def _check_debug_folder(folder: str) -> None:
+    """--debug-passes DIR: a folder that exists or can be made, and is writable."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"--debug-passes {folder} is a file; give a folder for the graphs")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OptionError(f"--debug-passes {folder}: {existing} is not a writable folder")
 
 
 def _inputs_of(args) -> dict:
