@@ -158,3 +158,11 @@ def test_debug_passes_onto_a_file_is_one_line(tmp_path, cli):
     code, _, err = _export(cli, _ckpt(tmp_path), "-o", tmp_path / "m.onnx", "--debug-passes", blocker)
     assert code == 2 and "--debug-passes" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_demo_with_a_shape_resnet18_cannot_take_leaves_nothing(tmp_path, cli):
+    """One channel instead of three: refused before the 45 MB checkpoint is written (it was
+    left behind after the export failed)."""
+    out = tmp_path / "d"
+    assert_one_line_exit_2(cli("demo", "--input-shape", "1,1,32,32", "-o", out), "N,3,H,W")
+    assert not out.exists()

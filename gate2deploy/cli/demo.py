@@ -34,7 +34,10 @@ def run(args) -> int:
     if not 0 < args.keep <= 1:
         raise UserError(f"--keep must be in (0, 1], not {args.keep}")
     shape = parse_shape(args.input_shape)  # before the 45 MB checkpoint is written
+    if len(shape) != 4 or shape[1] != 3:
+        raise UserError(f"--input-shape {args.input_shape}: the demo's ResNet-18 takes N,3,H,W images")
     out = Path(args.out_dir)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -48,7 +51,10 @@ def run(args) -> int:
            "-o", str(onnx_path), "--input-shape", args.input_shape, "--report", str(report)]
     print("$ gate2deploy " + " ".join(cmd))
     code = cli_main(cmd)
-    if code:
+    if code:  # the export said why; the checkpoint made for it goes too (nothing half-done stays)
+        ckpt.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
         return code
 
     import onnx
