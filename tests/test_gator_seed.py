@@ -254,6 +254,13 @@ def _edit_state(ckpt, fn):
     (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("forward_hooks.3.")], "gates [3] are missing"),
     (lambda sd: sd["forward_hooks.4.gating_module.active_channels_mask"].mul_(0.5),
      "gate 4: active_channels_mask holds values other than 0 and 1"),
+    # a key naming gate 10**9: named in one line, without a list of every index up to it
+    (lambda sd: sd.__setitem__("forward_hooks.1000000000.gating_module.gating_weights", torch.ones(4)),
+     "gates [12, 13, 14, 15, 16] are missing"),
+    (lambda sd: sd.__setitem__("forward_hooks.2.gating_module.gating_weights",
+                               torch.complex(sd["forward_hooks.2.gating_module.gating_weights"].float(),
+                                             torch.ones_like(sd["forward_hooks.2.gating_module.gating_weights"]))),
+     "gate 2: its gating tensors hold a complex tensor"),
 ])
 def test_damaged_gator_gates_are_one_line(tmp_path, cli, damage, message):
     ckpt, _ = _write(tmp_path, torchvision.models.resnet18(), seed=2)

@@ -170,9 +170,20 @@ def split_checkpoint(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, tor
             base[key] = value
     indices = sorted(set(active) | set(weights))
     if indices != list(range(len(indices))):
-        missing = sorted(set(range(max(indices) + 1)) - set(indices))
+        # the first missing ones, found without listing every index up to the largest (a
+        # damaged key can name gate 10**9)
+        missing, expected = [], 0
+        for i in indices:
+            missing += range(expected, min(i, expected + 5 - len(missing)))
+            expected = i + 1
+            if len(missing) >= 5:
+                break
         raise UserError(f"Gator checkpoint: gates {missing[:5]} are missing (gate indices run 0..{max(indices)} "
                         "with gaps); the file is damaged or not written by Gator")
+    for i, tensor in [*weights.items(), *active.items()]:
+        if not isinstance(tensor, torch.Tensor) or tensor.is_complex():
+            what = "a complex tensor" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise UserError(f"Gator gate {i}: its gating tensors hold {what}, not real numbers")
     masks = {}
     for i in indices:
         w = weights.get(i)
