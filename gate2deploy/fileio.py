@@ -200,15 +200,19 @@ def cast_values(data, dtype, what: str):
 
     import numpy as np
 
+    import warnings
+
     dtype = np.dtype(dtype)
-    out = data.astype(dtype, copy=False)
-    if out.dtype == data.dtype or data.size == 0:
-        return out
-    back = out.astype(np.float64)
-    orig = data.astype(np.float64)
-    moved = ~((back == orig) | (np.isnan(back) & np.isnan(orig)))
-    if moved.any():
+    with warnings.catch_warnings():  # numpy's overflow warnings: the one line below says it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = data.astype(dtype, copy=False)
+        if out.dtype == data.dtype or data.size == 0:
+            return out
+        back = out.astype(np.float64)
+        orig = data.astype(np.float64)
+        moved = ~((back == orig) | (np.isnan(back) & np.isnan(orig)))
         change = np.abs(back[moved] - orig[moved]) / np.maximum(np.abs(orig[moved]), np.finfo(np.float64).tiny)
+    if moved.any():
         largest = float(np.nanmax(change)) if np.isfinite(change).any() else float("inf")
         print(f"warning: {what}: {int(moved.sum())} of {data.size} {data.dtype} values change when "
               f"converted to the model's {dtype} (largest relative change {largest:.2g})", file=sys.stderr)

@@ -166,3 +166,18 @@ def test_demo_with_a_shape_resnet18_cannot_take_leaves_nothing(tmp_path, cli):
     out = tmp_path / "d"
     assert_one_line_exit_2(cli("demo", "--input-shape", "1,1,32,32", "-o", out), "N,3,H,W")
     assert not out.exists()
+
+
+def test_an_error_naming_a_path_with_a_newline_is_one_line(tmp_path, cli):
+    assert_one_line_exit_2(_export(cli, tmp_path / "no\nsuch.pt", "-o", tmp_path / "m.onnx"), "no\\nsuch.pt")
+
+
+def test_float64_inputs_out_of_float32_range_warn_in_one_line(tmp_path, cli, recwarn):
+    """1e39 does not fit float32: the `warning:` line says so; numpy's own overflow warning
+    is not passed on."""
+    import numpy as np
+
+    np.save(tmp_path / "big.npy", np.full((1, 3, 32, 32), 1e39))
+    code, _, err = _export(cli, _ckpt(tmp_path), "-o", tmp_path / "m.onnx", "--sample-inputs", tmp_path / "big.npy")
+    assert err.count("warning:") == 1 and "largest relative change inf" in err, err
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning) and "overflow" in str(w.message)]

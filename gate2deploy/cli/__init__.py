@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"gate2deploy {args.command}: error: {exc}", file=sys.stderr)
+        # one line, whatever a path or a library's message carried (a file name may hold "\n")
+        text = str(exc).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"gate2deploy {args.command}: error: {text}", file=sys.stderr)
         return exc.exit_code
     except SystemExit as exc:  # gate2deploy never calls sys.exit below main: the user's code did
         print(f"gate2deploy {args.command}: error: the model's code called sys.exit({exc.code!r}) at "
