@@ -181,3 +181,20 @@ def test_float64_inputs_out_of_float32_range_warn_in_one_line(tmp_path, cli, rec
     code, _, err = _export(cli, _ckpt(tmp_path), "-o", tmp_path / "m.onnx", "--sample-inputs", tmp_path / "big.npy")
     assert err.count("warning:") == 1 and "largest relative change inf" in err, err
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning) and "overflow" in str(w.message)]
+
+
+def test_a_report_that_cannot_be_written_takes_the_model_with_it(tmp_path, cli, monkeypatch):
+    """The model is written, then the report fails (a full disk, as fileio.atomic_path reports
+    it): nothing is left, as for any failed export."""
+    from gate2deploy.cli import export as export_cli
+    from gate2deploy.errors import UserError
+
+    def full_disk(path, text):
+        raise UserError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(export_cli, "write_text", full_disk)
+    out, report = tmp_path / "out" / "m.onnx", tmp_path / "out" / "r.json"
+    out.parent.mkdir()
+    code, _, err = _export(cli, _ckpt(tmp_path), "-o", out, "--report", report)
+    assert code == 2 and "No space left" in err and len(err.strip().splitlines()) == 1, err
+    assert list(out.parent.iterdir()) == []

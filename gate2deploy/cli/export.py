@@ -111,7 +111,11 @@ def run(args) -> int:
     if plan is not None:
         return _export_trt(args, plan, compiled)
     compiled.save(args.output)
-    _report_and_print(args, compiled.report)
+    try:
+        _report_and_print(args, compiled.report)
+    except BaseException:  # the report could not be written (a full disk): no model without it
+        Path(args.output).unlink(missing_ok=True)
+        raise
     return 0
 
 
