@@ -42,9 +42,14 @@ def check_distinct_outputs(outputs: dict[str, str | os.PathLike], inputs: dict[s
         seen[resolved] = flag
     for flag, value in inputs.items():
         for v in value if isinstance(value, (list, tuple)) else [value]:
-            if not isinstance(v, (str, os.PathLike)) or not str(v) or not Path(v).is_file():
+            if not isinstance(v, (str, os.PathLike)) or not str(v):
                 continue
-            resolved = Path(v).resolve()
+            try:  # any argument's text is looked at: JSON, a name too long for a path, a NUL byte
+                if not Path(v).is_file():
+                    continue
+                resolved = Path(v).resolve()
+            except (OSError, ValueError):
+                continue
             if resolved in seen:
                 raise UserError(f"{seen[resolved]} {v} is also an input ({flag}): writing it would replace that "
                                 "file; give the output another name")
