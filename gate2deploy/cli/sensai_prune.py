@@ -124,7 +124,14 @@ def _write(out: Path, arch: str, groups: list[list[int]], models) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"cannot write {out}: directory {parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    try:
+        _write_staged(out, parent, arch, groups, models)
+    except OSError as exc:  # a full disk, a folder turned read-only meanwhile: one line, no traceback
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+def _write_staged(out: Path, parent: Path, arch: str, groups: list[list[int]], models) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:200]}.", dir=parent))
     try:
         (tmp / arch).mkdir()
         if len({len(g) for g in groups}) == 1:
