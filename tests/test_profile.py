@@ -678,3 +678,16 @@ def test_predict_with_a_damaged_lut_is_one_line(tiny_profile, tmp_path, cli, dam
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps([1] * len(json.loads((tiny_profile / "lut.json").read_text())["table"]["edges"])))
     assert_one_line_exit_2(cli("profile", "--predict", path, "--channels", cfg, "--allow-other-device"), *words)
+
+
+def test_a_naive_mapper_profile_says_gator_cannot_run_it(tmp_path, capsys):
+    """A VGG-style chain gets Gator's naive sequential hyper-edges; Gator's own
+    NaiveSequentialGatesModulesMapper calls create_hyper_edge(channels, tuples) without the
+    conv_names its signature requires (models/gates_mapper.py), so the profile says so."""
+    net = tmp_path / "chain.py"
+    net.write_text("from torch import nn\n\ndef net():\n    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), "
+                   "nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), "
+                   "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))\n")
+    assert main(["profile", "--model", f"{net}:net", "--input-shape", "1,3,16,16", "--edges", "gator",
+                 "-o", str(tmp_path / "prof"), "--no-report", *FAST]) == 0
+    assert "Gator's naive sequential mapper" in capsys.readouterr().out

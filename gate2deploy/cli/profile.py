@@ -119,6 +119,11 @@ def _print_result(result) -> None:
           + f", {result.unstable} unstable")
     print(f"whole model: {cal['whole_model_ms']:.3f} ms ({cal['whole_model_method']}), "
           f"layer sum {cal['layer_sum_ms']:.3f} ms, in-graph scales {cal['scales']}")
+    if result.table.edge_source == "gator hyper-edges" and result.table.edges[0].name != "stem":
+        # the naive sequential mapper's edges (a ResNet's always open with the stem edge)
+        print("note: the edges follow Gator's naive sequential mapper (models/gates_mapper.py), which Gator's "
+              "own code cannot run at its published HEAD (create_hyper_edge without conv_names): "
+              "gator_config.json is in its order, for a Gator with that mended")
     config = json.loads((result.out_dir / "gator_config.json").read_text())
     slower = [str(i) for i, m in enumerate(config["edge_multipliers"]) if m <= 0]
     if slower:
