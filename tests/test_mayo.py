@@ -302,6 +302,28 @@ def test_gated_cifarnet_with_a_predictor_factor(root, tmp_path, cli, factor):
     assert code == 2 and "hidden layer (Mayo `factor` > 0)" in err, err
 
 
+def test_disabled_local_gates_with_a_stored_threshold(root, tmp_path, cli):
+    """gate_params.enable: false with threshold local: Mayo's forward uses no actives (gamma
+    scales every channel; parametric.py `if self.enable`), but its sparsity regularizer calls
+    actives(), which creates `<layer>/gate/threshold` (gate/sparse.py regularize,
+    gate/base.py _threshold_variable): the checkpoint holds it, and it is not an unknown
+    variable. Reference: the gated forward with every channel active (density 1)."""
+    a = cifarnet_arrays(10, slimmed=(), gated=range(8))
+    for i in range(8):
+        a[f"cifarnet/conv{i}/gate/threshold"] = np.array(0.9, np.float32)
+    prefix = write_checkpoint(tmp_path / "ckpt" / "checkpoint-7", a, a.trainable)
+    out = tmp_path / "off.onnx"
+    code, _, err = cli("export", prefix, "--mayo-model", root / "models/gate/cifarnet.yaml",
+                       "--mayo-set", "_gate.density=0.5", "--mayo-set", "_gate.threshold=local",
+                       "--mayo-set", "_gate.enable=false", *sum((["--mayo-set", s] for s in CIFAR_SET), []),
+                       "--input-shape", "1,3,32,32", "--target", "onnx", "-o", out)
+    assert code == 0, err
+    x = _inputs(2, seed=22)
+    ref = dict(gated=range(8), density=1.0)
+    _compare(_run_onnx(out, x), cifarnet_reference(a, x, **ref),
+             fp32_reference=cifarnet_reference(a, x, **ref, dtype=np.float32))
+
+
 # ---- bad input -----------------------------------------------------------------------
 
 def _small_cifarnet(tmp_path, mutate=None):

@@ -735,6 +735,11 @@ class Builder:
         hidden = math.ceil(cout / factor) if factor > 0 else None
         eps = float(nparams.get("epsilon", 0.001))
         threshold = None
+        if not enable and threshold_mode == "local" and self.v.has(f"{scope}/gate/threshold"):
+            # A disabled gate computes no actives in its forward, but its sparsity regularizer
+            # does (gate/sparse.py regularize -> actives -> _threshold_variable), which
+            # creates the layer's threshold variable: in the checkpoint, and unused here.
+            self.v.get(f"{scope}/gate/threshold", layer, ())
         if enable and threshold_mode == "local":
             threshold = float(self.v.get(f"{scope}/gate/threshold", layer, ()))
         elif enable and threshold_mode == "global":
