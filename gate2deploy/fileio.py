@@ -59,6 +59,12 @@ def check_distinct_outputs(outputs: dict[str, str | os.PathLike], inputs: dict[s
 _NAME_MAX = 255
 
 
+def temporary_prefix(name: str) -> str:
+    """The prefix of a temporary file or folder made beside `name` (mkstemp / mkdtemp add a
+    random part and a suffix): hidden, recognisable, and short enough for NAME_MAX."""
+    return f".{name[:_NAME_MAX - 40]}."
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path; on success rename it to `path`, on failure delete it.
@@ -70,8 +76,7 @@ def atomic_path(path: str | os.PathLike):
     path = check_writable(path)
     tmp = None
     try:
-        # the temporary name keeps a prefix of the destination's, short enough for NAME_MAX
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:_NAME_MAX - 40]}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
         yield Path(tmp)
@@ -203,9 +208,9 @@ def cast_values(data, dtype, what: str):
     moved. NaN stays NaN and counts as unchanged."""
     import sys
 
-    import numpy as np
-
     import warnings
+
+    import numpy as np
 
     dtype = np.dtype(dtype)
     with warnings.catch_warnings():  # numpy's overflow warnings: the one line below says it

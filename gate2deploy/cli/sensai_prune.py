@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import OptionError, UserError
-from ..fileio import read_array
+from ..fileio import read_array, temporary_prefix
 from ..importers import sensai
 from ..loading import build_model, load_checkpoint, load_weights
 
@@ -118,12 +118,9 @@ def _check_picklable(model) -> None:
 
 
 def _write(out: Path, arch: str, groups: list[list[int]], models) -> None:
-    """Everything into a temporary folder beside `out`, then moved in: no partial output."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"-o {out} is a file, not a folder")
+    """Everything into a temporary folder beside `out`, then moved in: no partial output
+    (`out` checked by _check_out before the work)."""
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {out}: directory {parent} does not exist")
     try:
         _write_staged(out, parent, arch, groups, models)
     except OSError as exc:  # a full disk, a folder turned read-only meanwhile: one line, no traceback
@@ -131,7 +128,7 @@ def _write(out: Path, arch: str, groups: list[list[int]], models) -> None:
 
 
 def _write_staged(out: Path, parent: Path, arch: str, groups: list[list[int]], models) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:200]}.", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out.name), dir=parent))
     try:
         (tmp / arch).mkdir()
         if len({len(g) for g in groups}) == 1:

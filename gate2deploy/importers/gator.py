@@ -170,14 +170,10 @@ def split_checkpoint(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, tor
             base[key] = value
     indices = sorted(set(active) | set(weights))
     if indices != list(range(len(indices))):
-        # the first missing ones, found without listing every index up to the largest (a
-        # damaged key can name gate 10**9)
-        missing, expected = [], 0
-        for i in indices:
-            missing += range(expected, min(i, expected + 5 - len(missing)))
-            expected = i + 1
-            if len(missing) >= 5:
-                break
+        # with a gap, the first five missing indices lie below len(indices) + 5 (and below the
+        # largest): no list of every index up to it (a damaged key can name gate 10**9)
+        present = set(indices)
+        missing = [i for i in range(min(len(indices) + 5, indices[-1])) if i not in present]
         raise UserError(f"Gator checkpoint: gates {missing[:5]} are missing (gate indices run 0..{max(indices)} "
                         "with gaps); the file is damaged or not written by Gator")
     for i, tensor in [*weights.items(), *active.items()]:

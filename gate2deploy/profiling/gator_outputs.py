@@ -43,9 +43,6 @@ from .lut import predict
 
 GATOR_KEYS = ("factor_type", "criteria_weight", "gradient_multiplier", "gate_init_prob",
               "static_total_cost", "no_last_conv", "edge_multipliers")
-# timing.csv's columns (the names the copy under Gator's results/ gives them in a header; the
-# file the notebook reads has none)
-TIMING_COLUMNS = ("edge (layer) removed", "flops cost percentage", "run time")
 _STAGE = re.compile(r"^/?layer(\d+)/")  # a torchvision ResNet stage's nodes: /layerN/...
 
 
@@ -106,10 +103,10 @@ def edge_savings(lut: dict, table: ModelTable) -> tuple[float, float, list[EdgeS
     """(predicted full latency, Gator's full cost, one saving per edge halved). Halved as
     time_nets.ipynb does (int(channels * 0.5)), at least one channel kept."""
     full = table.full_channels()
-    # A model without convs (Gemm layers only) has no Gator cost (its mappers map Conv2d
-    # only): its true MACs stand in.
-    cost = gator_flops_cost if gator_flops_cost(table, full) > 0 else total_macs
-    t0, f0 = predict(lut, full, table), float(cost(table, full))
+    cost, f0 = gator_flops_cost, gator_flops_cost(table, full)
+    if f0 <= 0:  # no convs (Gemm layers only): no Gator cost (its mappers map Conv2d only), MACs stand in
+        cost, f0 = total_macs, float(total_macs(table, full))
+    t0 = predict(lut, full, table)
     out = []
     for edge in table.edges:
         channels = list(full)
