@@ -145,8 +145,9 @@ G2D_INT8_VNNI inline __m512i DpbusdBroadcast(__m512i acc, __m512i x, const int32
   return acc;
 }
 
-// StageAvx2's stage with vpdpbusd on 512-bit vectors, one vector the block's 16 positions x 4
-// channels, in the other operand order: the counts are the unsigned operand and q_w the signed one,
+// StageAvx2's stage with vpdpbusd on 512-bit vectors (VNNI's stage 2 in whole blocks; its stage 1
+// runs on StageVnniTile), one vector the block's 16 positions x 4 channels, in the other operand
+// order: the counts are the unsigned operand and q_w the signed one,
 // so no per-row sign instruction is needed (AVX-512 has no vpsignb: a masked negation per row and k
 // step held this stage at the dense fp32 conv's rate, forced G2D_AMX=0 on an Intel Xeon). The
 // counts are signed: each byte is offset by 128 (x ^ 0x80 = x + 128, one instruction per k step for
@@ -210,6 +211,97 @@ G2D_INT8_VNNI void StageVnni(const Job& j, const int8_t* act, int64_t ob, int64_
     const __m512i total = _mm512_add_epi32(acc[r], _mm512_slli_epi32(hi[r], 1));
     _mm512_storeu_si512(sums + r * kBlock,
                         _mm512_sub_epi32(total, _mm512_set1_epi32(w.offset[size_t(ob * kR + r)])));
+  }
+}
+
+// Stage 1 on VNNI for NOB consecutive output blocks and NV consecutive position blocks, from
+// output block ob and position q0: a register tile of NOB * kR x NV accumulators, each k step's
+// weight words broadcast into registers once, each position vector loaded once for all rows.
+// Output block ob + i, position block v: sums[(i * kTileStride + v) * kR * kBlock + r * kBlock +
+// t], as StageVnni writes one block. Why: StageVnni's 4 x 1 tile loads a broadcast word per
+// product and a 64-byte position vector per four, and every output block streams the whole
+// layer's counts from L2 again; with vpdpbusd at two per cycle (as vfmadd231ps: Intel Xeon
+// Emerald Rapids, microbenchmark) its stage 1 ran at ~150 G multiply-adds/s, ~40% of that rate
+// (G2D_STAGE_TIMES, 128 ch 28x28, G2D_AMX=0, 1 thread).
+constexpr int64_t kTileStride = kBlocksPerTask;  // position blocks per output block in sums
+
+G2D_INT8_VNNI inline __m512i Dpbusd(__m512i acc, __m512i x, __m512i w) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));  // see DpbusdBroadcast
+  return acc;
+}
+
+template <int NOB, int NV>
+G2D_INT8_VNNI void StageVnniTile(const Job& j, const int8_t* act, int64_t ob, int64_t q0,
+                                 int32_t* sums) {
+  static_assert(kBlock == 16 && NOB * kR * NV <= 16, "one 512-bit vector per row and block");
+  constexpr int kRows = NOB * kR;
+  const PGInt8Weights& w = *j.w;
+  const int32_t* wc[NOB];
+  for (int i = 0; i < NOB; ++i) wc[i] = w.lo.data() + (ob + i) * w.K * kR;
+  const int8_t* base = act + q0 * 4;
+  const __m512i flip = _mm512_set1_epi8(char(0x80)), zero = _mm512_setzero_si512();
+  __m512i acc[kRows][NV];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = zero;
+  for (int64_t k = 0; k < w.K; ++k) {
+    const int8_t* xk = base + j.koff[k];
+    __m512i x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = _mm512_xor_si512(_mm512_loadu_si512(xk + 64 * v), flip);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i wr = _mm512_set1_epi32(wc[r / kR][k * kR + r % kR]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Dpbusd(acc[r][v], x[v], wr);
+    }
+  }
+  auto sums_at = [&](int r, int v) {
+    return sums + ((r / kR) * kTileStride + v) * kR * kBlock + (r % kR) * kBlock;
+  };
+  for (int r = 0; r < kRows; ++r) {
+    const __m512i offset = _mm512_set1_epi32(w.offset[size_t(ob * kR + r)]);
+    for (int v = 0; v < NV; ++v)
+      _mm512_storeu_si512(sums_at(r, v), _mm512_sub_epi32(acc[r][v], offset));
+  }
+  // The e words (StageVnni), added to the stored sums: one word of each row per round, so that
+  // the rows' chains of vpdpbusd are independent.
+  const PGInt8Weights::HiWord* h = w.hi.data();
+  const PGInt8Weights::HiWord *p[kRows], *stop[kRows];
+  __m512i hi[kRows][NV];
+  for (int r = 0; r < kRows; ++r) {
+    p[r] = h + w.hi_start[size_t(ob * kR + r)];
+    stop[r] = h + w.hi_start[size_t(ob * kR + r + 1)];
+    for (int v = 0; v < NV; ++v) hi[r][v] = zero;
+  }
+  for (bool more = true; more;) {
+    more = false;
+    for (int r = 0; r < kRows; ++r) {
+      if (p[r] == stop[r]) continue;
+      const int8_t* xk = base + j.koff[p[r]->k];
+      const __m512i word = _mm512_set1_epi32(p[r]->word);
+      for (int v = 0; v < NV; ++v)
+        hi[r][v] = Dpbusd(hi[r][v], _mm512_xor_si512(_mm512_loadu_si512(xk + 64 * v), flip), word);
+      ++p[r];
+      more = true;
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < NV; ++v)
+      _mm512_storeu_si512(sums_at(r, v), _mm512_add_epi32(_mm512_loadu_si512(sums_at(r, v)),
+                                                          _mm512_slli_epi32(hi[r][v], 1)));
+}
+
+// Stage 1 of output blocks ob .. ob + nob - 1 (nob <= kTileOBlocks) at position blocks b0 ..
+// b1 - 1 (at most kTileStride) into sums (StageVnniTile's layout), two position blocks per tile
+// where there are two: 8 x 2 vectors (the fastest of 4 x 4, 8 x 2 and 16 x 1, G2D_STAGE_TIMES
+// stage1 595 / 580 / 720 us, 128 ch 28x28, G2D_AMX=0, Intel Xeon Emerald Rapids, 1 thread).
+constexpr int kTileOBlocks = 2;
+G2D_INT8_VNNI void StageVnniChunk(const Job& j, int64_t ob, int nob, int64_t b0, int64_t b1,
+                                  int32_t* sums) {
+  for (int64_t b = b0; b < b1; b += 2) {
+    int32_t* at = sums + (b - b0) * kR * kBlock;
+    const int64_t q0 = b * kBlock;
+    if (b + 2 <= b1)
+      (nob == 2 ? StageVnniTile<2, 2> : StageVnniTile<1, 2>)(j, j.act1, ob, q0, at);
+    else
+      (nob == 2 ? StageVnniTile<2, 1> : StageVnniTile<1, 1>)(j, j.act1, ob, q0, at);
   }
 }
 
@@ -314,9 +406,14 @@ G2D_INT8_VNNI void DotVnni(const Job& j, int64_t o, const int32_t* q, int n, int
   if (n == 1) DotsVnni<1>(j, o, q, out);
 }
 
-// Blocks [b0, b1) of output block ob: stage 1, the gate, stage 2 where some gate is on, the
-// epilogue (mul then add, no FMA: this function's target has none).
-G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0, int64_t b1) {
+// Blocks [b0, b1) of output blocks ob0 .. ob0 + nob - 1: stage 1, the gate, stage 2 where some
+// gate is on, the epilogue (mul then add, no FMA: this function's target has none). Block by
+// block, each output block in turn (their stage 2 reads the same receptive fields; measured, the
+// order made no difference to stage 2 at 128 channels 28x28).
+// s1_done: stage 1's sums, output block ob0 + i's block b at s1_done + (i * kTileStride + b -
+// b0) * kR * kBlock (StageVnniChunk), or null: computed here by `stage`.
+G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, int64_t b0,
+                             int64_t b1, const int32_t* s1_done) {
   bool ran[2] = {false, false};  // stage 2 as dot products / as a block, for the counters
   // Per-stage cycles (G2D_STAGE_TIMES=1), summed here and added once: a block is too short
   // for an atomic add per stage. Off: one predictable branch per stage.
@@ -329,14 +426,19 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob, int64_t b0
       clock = now;
     }
   };
-  alignas(32) int32_t s1[kR * kBlock], s2[kR * kBlock];
+  alignas(32) int32_t s1_one[kR * kBlock], s2[kR * kBlock];
   alignas(32) float lanes[kVec];
   const int64_t O = j.w->O;
-  const int rows = int(std::min<int64_t>(kR, O - ob * kR));
   const __m256 sc1 = _mm256_set1_ps(j.scale1), sc2 = _mm256_set1_ps(j.scale2);
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t i = 0; i < (b1 - b0) * nob; ++i) {  // block by block, output block by output block
+    const int64_t b = b0 + i / nob, ob = ob0 + i % nob;
+    const int rows = int(std::min<int64_t>(kR, O - ob * kR));
     const int64_t q0 = b * kBlock;
-    stage(j, j.act1, ob, q0, j.m1, s1);
+    const int32_t* s1 = s1_one;
+    if (s1_done)
+      s1 = s1_done + ((ob - ob0) * kTileStride + b - b0) * kR * kBlock;
+    else
+      stage(j, j.act1, ob, q0, j.m1, s1_one);
     lap(kTimeStage1);
     __m256 v[kR][kP], gate[kR][kP];
     int any_on = 0, on = 0;
@@ -664,6 +766,7 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
   };
   const StageFn stage = k == PGInt8Isa::kVnni ? StageVnni : StageAvx2;
   const DotFn dot = k == PGInt8Isa::kVnni ? DotVnni : DotAvx2;
+  const bool tiles = k == PGInt8Isa::kVnni;
   double dense_above = DenseSecondStageAbove(false);  // forced (G2D_SECOND_STAGE) or auto
   if (dense_above >= 0.0 && dense_above <= 1.0)
     dense_above = double(w.K) * (k == PGInt8Isa::kVnni ? kBlockStepVnni : kBlockStep) /
@@ -700,10 +803,24 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
                   scale2,
                   threshold,
                   y + n * g.O * g.P()};
-    ParallelFor(parallel ? ctx : nullptr, size_t(w.oblocks * chunks), [&](size_t i) {
-      const int64_t ob = int64_t(i) / chunks, b0 = (int64_t(i) % chunks) * kBlocksPerTask;
-      RunBlocks(job, stage, ob, b0, std::min(L.blocks, b0 + kBlocksPerTask));
-    });
+    if (tiles) {  // stage 1 of kTileOBlocks output blocks at a time (StageVnniTile), then the rest
+      const int64_t groups = (w.oblocks + kTileOBlocks - 1) / kTileOBlocks;
+      ParallelFor(parallel ? ctx : nullptr, size_t(groups * chunks), [&](size_t i) {
+        const int64_t ob = int64_t(i) / chunks * kTileOBlocks, b0 = (int64_t(i) % chunks) * kBlocksPerTask;
+        const int64_t b1 = std::min(L.blocks, b0 + kBlocksPerTask);
+        const int nob = int(std::min<int64_t>(kTileOBlocks, w.oblocks - ob));
+        alignas(64) int32_t s1[kTileOBlocks * kTileStride * kR * kBlock];
+        const uint64_t clock = StageClockNow();
+        StageVnniChunk(job, ob, nob, b0, b1, s1);
+        AddStageTime(kTimeStage1, clock);
+        RunBlocks(job, stage, ob, nob, b0, b1, s1);
+      });
+    } else {
+      ParallelFor(parallel ? ctx : nullptr, size_t(w.oblocks * chunks), [&](size_t i) {
+        const int64_t ob = int64_t(i) / chunks, b0 = (int64_t(i) % chunks) * kBlocksPerTask;
+        RunBlocks(job, stage, ob, 1, b0, std::min(L.blocks, b0 + kBlocksPerTask), nullptr);
+      });
+    }
     int8_runs.fetch_add(1, std::memory_order_relaxed);
   }
   AddStageTime(kTimeCall, call_clock);
