@@ -427,6 +427,10 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
     }
   };
   alignas(32) int32_t s1_one[kR * kBlock], s2[kR * kBlock];
+  // Stage 2 in whole blocks on VNNI: kAhead blocks at a time per output block (below).
+  constexpr int kAhead = 4;
+  alignas(64) int32_t s2_ahead[kTileOBlocks * kAhead * kR * kBlock];
+  int64_t s2_ahead_first[kTileOBlocks] = {-kAhead, -kAhead};
   alignas(32) float lanes[kVec];
   const int64_t O = j.w->O;
   const __m256 sc1 = _mm256_set1_ps(j.scale1), sc2 = _mm256_set1_ps(j.scale2);
@@ -458,8 +462,22 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
     lap(kTimeGate);
     if (any_on) {
       ran[on > j.sparse_max] = true;
+      const int32_t* s2_read = s2;
       if (on > j.sparse_max) {
-        stage(j, j.act2, ob, q0, j.m2, s2);
+        // VNNI (s1_done): blocks b .. b + 3 on one StageVnniTile<1, 4> (16 independent
+        // accumulators, each vector load serving four rows), the others' sums kept for when they
+        // need them too; else (the last blocks) one block.
+        int32_t* ahead = s2_ahead + (ob - ob0) * kAhead * kR * kBlock;
+        const int64_t first = s2_ahead_first[ob - ob0];
+        if (s1_done && b > first && b < first + kAhead) {
+          s2_read = ahead + (b - first) * kR * kBlock;
+        } else if (s1_done && b + kAhead <= b1) {
+          StageVnniTile<1, kAhead>(j, j.act2, ob, q0, ahead);
+          s2_ahead_first[ob - ob0] = b;
+          s2_read = ahead;
+        } else {
+          stage(j, j.act2, ob, q0, j.m2, s2);
+        }
         lap(kTimeDense2);
       } else {  // only the gated-on sums (the others are masked off below)
         for (int r = 0; r < rows; ++r) {
@@ -480,7 +498,7 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
       for (int r = 0; r < rows; ++r)
         for (int p = 0; p < kP; ++p) {
           const __m256 add = _mm256_mul_ps(sc2, _mm256_cvtepi32_ps(_mm256_load_si256(
-                                                    reinterpret_cast<const __m256i*>(s2 + r * kBlock + p * kVec))));
+                                                    reinterpret_cast<const __m256i*>(s2_read + r * kBlock + p * kVec))));
           v[r][p] = _mm256_add_ps(v[r][p], _mm256_and_ps(gate[r][p], add));  // off: v + 0
         }
     }
