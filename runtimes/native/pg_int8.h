@@ -26,7 +26,8 @@
 // ([channel / 4][position][4]; stride 1 only, see pg_conv.cc): one 32-byte load is 8
 // positions x 4 channels, and a tap (any dilation) is a constant offset, so no im2col. Weights: [output block of 4][k = group * kk + tap][4
 // outputs] as int32 words of 4 channels' |q_w| bytes (and a twin of sign bytes; VNNI: the c
-// bytes), broadcast per output. A block is 4 output channels x 16 positions: stage 1 in registers, the gate, then
+// bytes), broadcast per output. A block is 4 output channels x 16 positions: stage 1 in registers
+// (VNNI: two output blocks x two blocks per register tile, pg_int8.cc StageVnniTile), the gate, then
 // stage 2: nothing if no gate of the block is on; for a few gates on (fewer than a cost
 // model in pg_int8.cc puts at break-even: about half the block's 64 at 128 channels, 15% at
 // 16), one dot product per gated-on output over the LSB
