@@ -100,12 +100,21 @@ def compile(model_or_checkpoint, example_inputs=None, target: str = "ort", **opt
 
 
 def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> CompiledModel:
+    # Every option is checked before any work (loading, tracing), from the CLI and from Python alike.
     tgt = get_target(opts.target)
     _check_physical_widths(opts.physical_widths)
     if tgt.name != "trt" and (opts.batch or opts.fp16):
         raise OptionError("--batch and --fp16 are TensorRT build options: only with --target trt")
     if opts.pg_static_scale and not opts.sample_inputs:
         raise OptionError("--pg-static-scale needs --sample-inputs to calibrate on")
+    if opts.gated_kernels not in ("native", "measured"):
+        raise OptionError(f"--gated-kernels must be native or measured, not {opts.gated_kernels!r}")
+    if opts.gated_kernels == "measured" and tgt.name != "ort":
+        raise OptionError("--gated-kernels measured times the native kernels: only with --target ort")
+    if opts.kernel_threads < 1:
+        raise OptionError(f"--kernel-threads must be at least 1, not {opts.kernel_threads}")
+    if opts.debug_passes:
+        _check_debug_folder(opts.debug_passes)
     gated = _gated(model_or_checkpoint, example_inputs, opts)
     samples = load_samples(opts.sample_inputs, gated)
     if opts.pg_static_scale:
@@ -113,12 +122,6 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
     batch_note = None if opts.static_batch else _other_batch_problem(gated.model, gated.example)
     start = time.perf_counter()
     captured = capture(gated.model, gated.example)
-    if opts.gated_kernels not in ("native", "measured"):
-        raise OptionError(f"--gated-kernels must be native or measured, not {opts.gated_kernels!r}")
-    if opts.gated_kernels == "measured" and tgt.name != "ort":
-        raise OptionError("--gated-kernels measured times the native kernels: only with --target ort")
-    if opts.kernel_threads < 1:
-        raise OptionError(f"--kernel-threads must be at least 1, not {opts.kernel_threads}")
     kernel_report: dict = {}
     twins: list[onnx.ModelProto | None] = [None]  # the pipeline's model before the kernel choice
 
@@ -200,6 +203,16 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
         **kernel_report,
     }
     return CompiledModel(compiled, tgt, report, gated.model, shape, samples)
+
+
+def _check_debug_folder(folder: str) -> None:
+    """--debug-passes DIR: a folder that exists or can be made, and is writable."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"--debug-passes {folder} is a file; give a folder for the graphs")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OptionError(f"--debug-passes {folder}: {existing} is not a writable folder")
 
 
 def _check_physical_widths(value: str) -> None:

@@ -126,6 +126,21 @@ def test_debug_passes_flag_dumps_every_pass(tmp_path, cli):
     assert len(list((tmp_path / "dbg").iterdir())) == len(PIPELINES["onnx"])
 
 
+def test_python_api_checks_options_before_any_work(tmp_path):
+    """gate2deploy.compile checks its options before it loads or traces anything (as the CLI
+    does): a --debug-passes path that is a file, or a bad --gated-kernels, is reported even for a
+    checkpoint that does not exist (checked first, these would be a missing file instead)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(OptionError, match="--debug-passes"):
+        gate2deploy.compile(str(missing), (1, 3, 8, 8), debug_passes=str(blocker))
+    with pytest.raises(OptionError, match="--gated-kernels"):
+        gate2deploy.compile(str(missing), (1, 3, 8, 8), gated_kernels="fastest")
+    with pytest.raises(OptionError, match="--kernel-threads"):
+        gate2deploy.compile(str(missing), (1, 3, 8, 8), kernel_threads=0)
+
+
 def test_profile_old_target_names_are_aliases():
     from gate2deploy.targets import get_target
     assert get_target("ort-cpu").name == "ort" and get_target("tensorrt").name == "trt"

@@ -98,8 +98,6 @@ def run(args) -> int:
     check_writable(args.output)
     if args.report:
         check_writable(args.report)
-    if args.debug_passes:
-        _check_debug_folder(args.debug_passes)
     plan = _trt_plan(args) if args.target == "trt" else None  # checked before any expensive work
     outputs = ({"-o": args.output} if plan is None else
                {"-o": plan.engine_path, "the TensorRT model": plan.onnx_path, "its build config": plan.json_path})
@@ -117,16 +115,6 @@ def run(args) -> int:
         Path(args.output).unlink(missing_ok=True)
         raise
     return 0
-
-
-def _check_debug_folder(folder: str) -> None:
-    """--debug-passes DIR: a folder that exists or can be made, and is writable."""
-    path = Path(folder)
-    if path.exists() and not path.is_dir():
-        raise OptionError(f"--debug-passes {folder} is a file; give a folder for the graphs")
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise OptionError(f"--debug-passes {folder}: {existing} is not a writable folder")
 
 
 def _inputs_of(args) -> dict:
