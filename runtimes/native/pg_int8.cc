@@ -40,12 +40,14 @@ constexpr int64_t kBlocksPerTask = 8;
 // whole block up to ~65% on, so the model errs toward whole blocks, within a few percent
 // there); at 16 channels (one 32-channel step half empty) about 6.5x (break-even near 15%).
 constexpr double kBlockStep = 12.0, kDotStep = 2.1, kDotFixed = 25.0;
-// VNNI's whole block (StageVnni: one vpdpbusd per row and k step, its weight word an embedded
-// broadcast) costs less per k step, relative to its dot products, than AVX2's: forcing each
-// kind (G2D_SECOND_STAGE, G2D_AMX=0, Intel Xeon, 1 thread, tools/bench_gated_ops.py) put the
-// break-even near 34% on at 128 channels 28x28, 35-40% at 64 channels 8x8 and under 10% at
-// 16 channels 32x32, where the AVX2 figure gave 54%, 43% and 15%.
-constexpr double kBlockStepVnni = 8.0;
+// VNNI's whole block (one vpdpbusd per row and k step) costs less per k step, relative to its
+// dot products, than AVX2's: forcing each kind (G2D_SECOND_STAGE, G2D_AMX=0, Intel Xeon Emerald
+// Rapids, 1 thread, tools/bench_gated_ops.py --tiers avx512_vnni, two runs each) put the
+// break-even between 20% and 30% on at 128 channels 28x28, near 15-20% at 64 channels 8x8 and
+// at or below 5-10% at 16 channels 32x32 once whole blocks ran on StageVnniTile (before, on
+// StageVnni's 4 x 1 tile: 34%, 35-40%, under 10%, with 8.0 here); the AVX2 figures are 54%, 43%
+// and 15%. 5.5 puts it at 25%, 20% and 7%.
+constexpr double kBlockStepVnni = 5.5;
 // Layers below this many multiply-adds per stage run on the calling thread (waking a pool
 // thread costs more than it takes over).
 constexpr double kParallelMacs = double(1 << 20);
@@ -406,6 +408,30 @@ G2D_INT8_VNNI void DotVnni(const Job& j, int64_t o, const int32_t* q, int n, int
   if (n == 1) DotsVnni<1>(j, o, q, out);
 }
 
+// The gates of row r's position vector p of the block at q0 of output block ob (v: its stage-1
+// values, scale1 * s1).
+G2D_INT8_AVX2 inline __m256 BlockGate(const Job& j, __m256 sc1, const int32_t* s1, int64_t ob,
+                                      int64_t q0, int r, int p, __m256* v) {
+  *v = _mm256_mul_ps(sc1, _mm256_cvtepi32_ps(_mm256_load_si256(
+                              reinterpret_cast<const __m256i*>(s1 + r * kBlock + p * kVec))));
+  const __m256 valid = _mm256_castsi256_ps(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.valid + q0 + p * kVec)));
+  return _mm256_and_ps(valid, _mm256_cmp_ps(*v, _mm256_set1_ps(j.thr[ob * kR + r]), _CMP_GT_OQ));
+}
+
+// How many gates of that block are on (its first `rows` rows), as RunBlocks counts them.
+G2D_INT8_AVX2 int CountOn(const Job& j, const int32_t* s1, int64_t ob, int64_t q0, int rows) {
+  const __m256 sc1 = _mm256_set1_ps(j.scale1);
+  int on = 0;
+  for (int r = 0; r < rows; ++r)
+    for (int p = 0; p < kP; ++p) {
+      __m256 v;
+      const __m256 gate = BlockGate(j, sc1, s1, ob, q0, r, p, &v);
+      on += __builtin_popcount(unsigned(_mm256_movemask_ps(gate)));
+    }
+  return on;
+}
+
 // Blocks [b0, b1) of output blocks ob0 .. ob0 + nob - 1: stage 1, the gate, stage 2 where some
 // gate is on, the epilogue (mul then add, no FMA: this function's target has none). Block by
 // block, each output block in turn (their stage 2 reads the same receptive fields; measured, the
@@ -427,13 +453,23 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
     }
   };
   alignas(32) int32_t s1_one[kR * kBlock], s2[kR * kBlock];
-  // Stage 2 in whole blocks on VNNI: kAhead blocks at a time per output block (below).
-  constexpr int kAhead = 4;
-  alignas(64) int32_t s2_ahead[kTileOBlocks * kAhead * kR * kBlock];
-  int64_t s2_ahead_first[kTileOBlocks] = {-kAhead, -kAhead};
   alignas(32) float lanes[kVec];
   const int64_t O = j.w->O;
   const __m256 sc1 = _mm256_set1_ps(j.scale1), sc2 = _mm256_set1_ps(j.scale2);
+  // VNNI (s1_done): stage 2 in whole blocks runs up to kAhead consecutive blocks of an output
+  // block on one StageVnniTile<1, n> (n vectors x 4 rows of independent accumulators, each
+  // vector load serving four rows; StageVnni, one block, has 8 chains), the later blocks' sums
+  // kept until their turn. How many of the next blocks run whole is counted when a block first
+  // does (stage 1's sums of the chunk are ready): counting every block up front cost 3-5% of the
+  // layer at 10% on, where no block runs whole.
+  constexpr int kAhead = 4;
+  alignas(64) int32_t s2_ahead[kTileOBlocks * kAhead * kR * kBlock];
+  int64_t s2_ahead_first[kTileOBlocks] = {-kAhead, -kAhead}, s2_ahead_len[kTileOBlocks] = {0, 0};
+  auto runs_whole = [&](int64_t ob, int64_t b) {  // more than sparse_max gates on
+    const int32_t* s1 = s1_done + ((ob - ob0) * kTileStride + b - b0) * kR * kBlock;
+    const int rows = int(std::min<int64_t>(kR, O - ob * kR));
+    return CountOn(j, s1, ob, b * kBlock, rows) > j.sparse_max;
+  };
   for (int64_t i = 0; i < (b1 - b0) * nob; ++i) {  // block by block, output block by output block
     const int64_t b = b0 + i / nob, ob = ob0 + i % nob;
     const int rows = int(std::min<int64_t>(kR, O - ob * kR));
@@ -447,13 +483,8 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
     __m256 v[kR][kP], gate[kR][kP];
     int any_on = 0, on = 0;
     for (int r = 0; r < rows; ++r) {
-      const __m256 t = _mm256_set1_ps(j.thr[ob * kR + r]);
       for (int p = 0; p < kP; ++p) {
-        v[r][p] = _mm256_mul_ps(sc1, _mm256_cvtepi32_ps(_mm256_load_si256(
-                                         reinterpret_cast<const __m256i*>(s1 + r * kBlock + p * kVec))));
-        const __m256 valid = _mm256_castsi256_ps(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.valid + q0 + p * kVec)));
-        gate[r][p] = _mm256_and_ps(valid, _mm256_cmp_ps(v[r][p], t, _CMP_GT_OQ));
+        gate[r][p] = BlockGate(j, sc1, s1, ob, q0, r, p, &v[r][p]);
         const int bits = _mm256_movemask_ps(gate[r][p]);
         any_on |= bits;
         on += __builtin_popcount(unsigned(bits));
@@ -464,16 +495,19 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
       ran[on > j.sparse_max] = true;
       const int32_t* s2_read = s2;
       if (on > j.sparse_max) {
-        // VNNI (s1_done): blocks b .. b + 3 on one StageVnniTile<1, 4> (16 independent
-        // accumulators, each vector load serving four rows), the others' sums kept for when they
-        // need them too; else (the last blocks) one block.
         int32_t* ahead = s2_ahead + (ob - ob0) * kAhead * kR * kBlock;
         const int64_t first = s2_ahead_first[ob - ob0];
-        if (s1_done && b > first && b < first + kAhead) {
+        if (s1_done && b > first && b < first + s2_ahead_len[ob - ob0]) {
           s2_read = ahead + (b - first) * kR * kBlock;
-        } else if (s1_done && b + kAhead <= b1) {
-          StageVnniTile<1, kAhead>(j, j.act2, ob, q0, ahead);
+        } else if (s1_done && b + 1 < b1 && runs_whole(ob, b + 1)) {
+          int run = 2;  // consecutive blocks from b that run whole (above)
+          while (run < kAhead && b + run < b1 && runs_whole(ob, b + run)) ++run;
+          using Tile = void (*)(const Job&, const int8_t*, int64_t, int64_t, int32_t*);
+          static constexpr Tile kTiles[kAhead + 1] = {nullptr, nullptr, StageVnniTile<1, 2>,
+                                                      StageVnniTile<1, 3>, StageVnniTile<1, 4>};
+          kTiles[run](j, j.act2, ob, q0, ahead);
           s2_ahead_first[ob - ob0] = b;
+          s2_ahead_len[ob - ob0] = run;
           s2_read = ahead;
         } else {
           stage(j, j.act2, ob, q0, j.m2, s2);
@@ -497,8 +531,9 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
       }
       for (int r = 0; r < rows; ++r)
         for (int p = 0; p < kP; ++p) {
-          const __m256 add = _mm256_mul_ps(sc2, _mm256_cvtepi32_ps(_mm256_load_si256(
-                                                    reinterpret_cast<const __m256i*>(s2_read + r * kBlock + p * kVec))));
+          const __m256i sums =
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(s2_read + r * kBlock + p * kVec));
+          const __m256 add = _mm256_mul_ps(sc2, _mm256_cvtepi32_ps(sums));
           v[r][p] = _mm256_add_ps(v[r][p], _mm256_and_ps(gate[r][p], add));  // off: v + 0
         }
     }
@@ -824,7 +859,8 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
     if (tiles) {  // stage 1 of kTileOBlocks output blocks at a time (StageVnniTile), then the rest
       const int64_t groups = (w.oblocks + kTileOBlocks - 1) / kTileOBlocks;
       ParallelFor(parallel ? ctx : nullptr, size_t(groups * chunks), [&](size_t i) {
-        const int64_t ob = int64_t(i) / chunks * kTileOBlocks, b0 = (int64_t(i) % chunks) * kBlocksPerTask;
+        const int64_t ob = int64_t(i) / chunks * kTileOBlocks;
+        const int64_t b0 = (int64_t(i) % chunks) * kBlocksPerTask;
         const int64_t b1 = std::min(L.blocks, b0 + kBlocksPerTask);
         const int nob = int(std::min<int64_t>(kTileOBlocks, w.oblocks - ob));
         alignas(64) int32_t s1[kTileOBlocks * kTileStride * kR * kBlock];
