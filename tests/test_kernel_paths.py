@@ -96,8 +96,9 @@ def _child_pg_int8() -> None:
     """Runs in the subprocess: PG layers at gate-on 0, 0.2 and 1, signed and post-ReLU inputs,
     weights within int8 (wbits 7) and 9-bit (wbits 8), dilation 1 and 2, 24 and 72 input
     channels (the VNNI stage 2 reads 64 channels of a tap per 512-bit step and the rest, 32, on
-    256 bits: 72 channels take both), vs the reference (the int8 kernels take stride-1 layers
-    only)."""
+    256 bits: 72 channels take both), 20 and 6 outputs (five blocks of 4 outputs: VNNI's stage 1
+    tiles two at a time and one alone; six: a tile whose second block has two real rows), vs the
+    reference (the int8 kernels take stride-1 layers only)."""
     sys.path.insert(0, str(HERE))
     import test_native_ops as t
     from gate2deploy.runtimes import reference as ref
@@ -105,12 +106,12 @@ def _child_pg_int8() -> None:
     rng = np.random.default_rng(9)
     for frac in (0.0, 0.2, 1.0):
         for signed in (False, True):
-            for wbits, dil, c in [(7, (2, 2), 24), (8, (1, 1), 24), (8, (2, 1), 72)]:
+            for wbits, dil, c, o in [(7, (2, 2), 24, 20), (8, (1, 1), 24, 6), (8, (2, 1), 72, 20)]:
                 for abits, pred in [(3, 2), (8, 4)]:
                     x = rng.standard_normal((2, c, 10, 9)).astype(np.float32)
                     if not signed:
                         x = np.clip(x, 0, 2.5)
-                    w = t.quantize_weights(rng.standard_normal((20, c, 3, 3)).astype(np.float32), wbits)
+                    w = t.quantize_weights(rng.standard_normal((o, c, 3, 3)).astype(np.float32), wbits)
                     x_hb, _, _ = ref.pg_split_activations(x, abits, pred)
                     msb = ref.conv2d(x_hb, w, (1, 1), (2, 1, 2, 1), dil)
                     thr = ref.thresholds_for_fraction(msb, frac)
