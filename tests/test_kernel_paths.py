@@ -97,8 +97,9 @@ def _child_pg_int8() -> None:
     weights within int8 (wbits 7) and 9-bit (wbits 8), dilation 1 and 2, 24 and 72 input
     channels (the VNNI stage 2 reads 64 channels of a tap per 512-bit step and the rest, 32, on
     256 bits: 72 channels take both), 20 and 6 outputs (five blocks of 4 outputs: VNNI's stage 1
-    tiles two at a time and one alone; six: a tile whose second block has two real rows), vs the
-    reference (the int8 kernels take stride-1 layers only)."""
+    tiles two at a time and one alone; six: a tile whose second block has two real rows), inputs
+    9 and 11 wide (11: ten position blocks, so VNNI's whole-block stage 2 ends a chunk on a run
+    of two), vs the reference (the int8 kernels take stride-1 layers only)."""
     sys.path.insert(0, str(HERE))
     import test_native_ops as t
     from gate2deploy.runtimes import reference as ref
@@ -106,9 +107,10 @@ def _child_pg_int8() -> None:
     rng = np.random.default_rng(9)
     for frac in (0.0, 0.2, 1.0):
         for signed in (False, True):
-            for wbits, dil, c, o in [(7, (2, 2), 24, 20), (8, (1, 1), 24, 6), (8, (2, 1), 72, 20)]:
+            for wbits, dil, c, o, width in [(7, (2, 2), 24, 20, 9), (8, (1, 1), 24, 6, 9),
+                                            (8, (2, 1), 72, 20, 9), (8, (1, 1), 24, 20, 11)]:
                 for abits, pred in [(3, 2), (8, 4)]:
-                    x = rng.standard_normal((2, c, 10, 9)).astype(np.float32)
+                    x = rng.standard_normal((2, c, 10, width)).astype(np.float32)
                     if not signed:
                         x = np.clip(x, 0, 2.5)
                     w = t.quantize_weights(rng.standard_normal((o, c, 3, 3)).astype(np.float32), wbits)
@@ -132,23 +134,28 @@ INT8_TIERS = {  # supported, environment, the int8 kernel expected
 
 
 @pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
-@pytest.mark.parametrize("stage", ["sparse", "dense"])
+@pytest.mark.parametrize("stage", ["sparse", "dense", "auto"])
 @pytest.mark.parametrize("tier", list(INT8_TIERS))
 def test_forced_pg_int8_path_matches_reference(tier, stage):
-    """The int8 kernels with stage 2 forced to dot products (sparse) or whole blocks (dense)."""
+    """The int8 kernels with stage 2 forced to dot products (sparse) or whole blocks (dense), or
+    chosen block by block by the cost model (auto: both kinds side by side in one layer)."""
     supported, env_tier, kernel = INT8_TIERS[tier]
     if not supported:
         pytest.skip(f"this CPU lacks the {tier} tier; the test runs on a machine that has it")
-    proc = subprocess.run([sys.executable, __file__, "pg_int8"],
-                          env=dict(os.environ, G2D_SECOND_STAGE=stage, **env_tier),
+    env = {k: v for k, v in os.environ.items() if k != "G2D_SECOND_STAGE"}
+    if stage != "auto":
+        env["G2D_SECOND_STAGE"] = stage
+    proc = subprocess.run([sys.executable, __file__, "pg_int8"], env=dict(env, **env_tier),
                           capture_output=True, text=True, timeout=300, cwd=HERE.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert f"pg_int8={kernel}" in counts["config"], counts
-    # every sample of every case (3 fractions x 2 signs x 3 weight widths / channel counts x 2 bit
-    # splits x batch 2)
-    assert counts["int8"] == 72 and counts["amx"] == 0, counts
-    assert counts[stage] > 0 and counts["dense" if stage == "sparse" else "sparse"] == 0, counts
+    # every sample of every case (3 fractions x 2 signs x 4 layer shapes x 2 bit splits x batch 2)
+    assert counts["int8"] == 96 and counts["amx"] == 0, counts
+    if stage == "auto":
+        assert counts["sparse"] > 0 and counts["dense"] > 0, counts
+    else:
+        assert counts[stage] > 0 and counts["dense" if stage == "sparse" else "sparse"] == 0, counts
 
 
 @pytest.mark.sanitizer
@@ -172,7 +179,7 @@ def test_forced_pg_int8_path_sanitizer_clean(tier):
     assert proc.returncode == 0, report
     assert "ERROR: AddressSanitizer" not in proc.stderr and "runtime error:" not in proc.stderr, report
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert f"pg_int8={kernel}" in counts["config"] and counts["int8"] == 72, counts
+    assert f"pg_int8={kernel}" in counts["config"] and counts["int8"] == 96, counts
     assert counts["sparse"] > 0 and counts["dense"] > 0, counts
 
 

@@ -262,32 +262,46 @@ G2D_INT8_VNNI void StageVnniTile(const Job& j, const int8_t* act, int64_t ob, in
     for (int v = 0; v < NV; ++v)
       _mm512_storeu_si512(sums_at(r, v), _mm512_sub_epi32(acc[r][v], offset));
   }
-  // The e words (StageVnni), added to the stored sums: one word of each row per round, so that
-  // the rows' chains of vpdpbusd are independent.
+  // The e words (StageVnni), added to the stored sums, output block by output block: one word
+  // of each of its four rows per round, so that the rows' chains of vpdpbusd are independent
+  // and their accumulators stay in registers (all the tile's rows at once spilled them: a
+  // store and a load around every product).
   const PGInt8Weights::HiWord* h = w.hi.data();
-  const PGInt8Weights::HiWord *p[kRows], *stop[kRows];
-  __m512i hi[kRows][NV];
-  for (int r = 0; r < kRows; ++r) {
-    p[r] = h + w.hi_start[size_t(ob * kR + r)];
-    stop[r] = h + w.hi_start[size_t(ob * kR + r + 1)];
-    for (int v = 0; v < NV; ++v) hi[r][v] = zero;
-  }
-  for (bool more = true; more;) {
-    more = false;
-    for (int r = 0; r < kRows; ++r) {
-      if (p[r] == stop[r]) continue;
-      const int8_t* xk = base + j.koff[p[r]->k];
-      const __m512i word = _mm512_set1_epi32(p[r]->word);
-      for (int v = 0; v < NV; ++v)
-        hi[r][v] = Dpbusd(hi[r][v], _mm512_xor_si512(_mm512_loadu_si512(xk + 64 * v), flip), word);
-      ++p[r];
-      more = true;
+  for (int i = 0; i < NOB; ++i) {
+    const PGInt8Weights::HiWord *p[kR], *stop[kR];
+    __m512i hi[kR][NV];
+#pragma GCC unroll 4
+    for (int r = 0; r < kR; ++r) {
+      p[r] = h + w.hi_start[size_t((ob + i) * kR + r)];
+      stop[r] = h + w.hi_start[size_t((ob + i) * kR + r + 1)];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) hi[r][v] = zero;
     }
+    for (bool more = true; more;) {
+      more = false;
+#pragma GCC unroll 4
+      for (int r = 0; r < kR; ++r) {
+        if (p[r] != stop[r]) {
+          const int8_t* xk = base + j.koff[p[r]->k];
+          const __m512i word = _mm512_set1_epi32(p[r]->word);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v)
+            hi[r][v] =
+                Dpbusd(hi[r][v], _mm512_xor_si512(_mm512_loadu_si512(xk + 64 * v), flip), word);
+          ++p[r];
+          more = true;
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        int32_t* at = sums_at(i * kR + r, v);
+        const __m512i twice = _mm512_slli_epi32(hi[r][v], 1);
+        _mm512_storeu_si512(at, _mm512_add_epi32(_mm512_loadu_si512(at), twice));
+      }
   }
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < NV; ++v)
-      _mm512_storeu_si512(sums_at(r, v), _mm512_add_epi32(_mm512_loadu_si512(sums_at(r, v)),
-                                                          _mm512_slli_epi32(hi[r][v], 1)));
 }
 
 // Stage 1 of output blocks ob .. ob + nob - 1 (nob <= kTileOBlocks) at position blocks b0 ..
@@ -465,10 +479,11 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
   constexpr int kAhead = 4;
   alignas(64) int32_t s2_ahead[kTileOBlocks * kAhead * kR * kBlock];
   int64_t s2_ahead_first[kTileOBlocks] = {-kAhead, -kAhead}, s2_ahead_len[kTileOBlocks] = {0, 0};
-  auto runs_whole = [&](int64_t ob, int64_t b) {  // more than sparse_max gates on
+  auto runs_whole = [&](int64_t ob, int64_t b) {  // some gate on, more than sparse_max
     const int32_t* s1 = s1_done + ((ob - ob0) * kTileStride + b - b0) * kR * kBlock;
     const int rows = int(std::min<int64_t>(kR, O - ob * kR));
-    return CountOn(j, s1, ob, b * kBlock, rows) > j.sparse_max;
+    const int on = CountOn(j, s1, ob, b * kBlock, rows);
+    return on > 0 && on > j.sparse_max;  // none on: the block skips stage 2 (forced dense too)
   };
   for (int64_t i = 0; i < (b1 - b0) * nob; ++i) {  // block by block, output block by output block
     const int64_t b = b0 + i / nob, ob = ob0 + i % nob;

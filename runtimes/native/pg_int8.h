@@ -29,8 +29,8 @@
 // bytes), broadcast per output. A block is 4 output channels x 16 positions: stage 1 in registers
 // (VNNI: two output blocks x two blocks per register tile, pg_int8.cc StageVnniTile), the gate, then
 // stage 2: nothing if no gate of the block is on; for a few gates on (fewer than a cost
-// model in pg_int8.cc puts at break-even: about half the block's 64 at 128 channels, 15% at
-// 16), one dot product per gated-on output over the LSB
+// model in pg_int8.cc puts at break-even: AVX2 about half the block's 64 at 128 channels, 15%
+// at 16; VNNI 25% and 7%), one dot product per gated-on output over the LSB
 // counts stored a second time position-major ([position][Cp], 32 channels of a tap
 // per load, against the output's weight row); else the block as in stage 1. Then the
 // epilogue (v = scale1 * acc1; y = v + [v > threshold] * (scale2 * acc2), the same float
