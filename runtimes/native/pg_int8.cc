@@ -216,8 +216,8 @@ G2D_INT8_VNNI void StageVnni(const Job& j, const int8_t* act, int64_t ob, int64_
   }
 }
 
-// Stage 1 on VNNI for NOB consecutive output blocks and NV consecutive position blocks, from
-// output block ob and position q0: a register tile of NOB * kR x NV accumulators, each k step's
+// Stage 1 on VNNI (and stage 2 in whole blocks: RunBlocks, on act2) for NOB consecutive output
+// blocks and NV consecutive position blocks, from output block ob and position q0: a register tile of NOB * kR x NV accumulators, each k step's
 // weight words broadcast into registers once, each position vector loaded once for all rows.
 // Output block ob + i, position block v: sums[(i * kTileStride + v) * kR * kBlock + r * kBlock +
 // t], as StageVnni writes one block. Why: StageVnni's 4 x 1 tile loads a broadcast word per
