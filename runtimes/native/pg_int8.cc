@@ -871,25 +871,26 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
                   scale2,
                   threshold,
                   y + n * g.O * g.P()};
-    if (tiles) {  // stage 1 of kTileOBlocks output blocks at a time (StageVnniTile), then the rest
-      const int64_t groups = (w.oblocks + kTileOBlocks - 1) / kTileOBlocks;
-      ParallelFor(parallel ? ctx : nullptr, size_t(groups * chunks), [&](size_t i) {
-        const int64_t ob = int64_t(i) / chunks * kTileOBlocks;
-        const int64_t b0 = (int64_t(i) % chunks) * kBlocksPerTask;
-        const int64_t b1 = std::min(L.blocks, b0 + kBlocksPerTask);
-        const int nob = int(std::min<int64_t>(kTileOBlocks, w.oblocks - ob));
-        alignas(64) int32_t s1[kTileOBlocks * kTileStride * kR * kBlock];
-        const uint64_t clock = StageClockNow();
-        StageVnniChunk(job, ob, nob, b0, b1, s1);
-        AddStageTime(kTimeStage1, clock);
-        RunBlocks(job, stage, ob, nob, b0, b1, s1);
-      });
-    } else {
-      ParallelFor(parallel ? ctx : nullptr, size_t(w.oblocks * chunks), [&](size_t i) {
-        const int64_t ob = int64_t(i) / chunks, b0 = (int64_t(i) % chunks) * kBlocksPerTask;
-        RunBlocks(job, stage, ob, 1, b0, std::min(L.blocks, b0 + kBlocksPerTask), nullptr);
-      });
-    }
+    // A task: a chunk of position blocks of `group` output blocks. VNNI computes their stage 1
+    // first, kTileOBlocks output blocks per tile (StageVnniTile), then RunBlocks does the rest;
+    // AVX2 runs stage 1 block by block inside RunBlocks.
+    const int64_t group = tiles ? kTileOBlocks : 1;
+    const int64_t groups = (w.oblocks + group - 1) / group;
+    ParallelFor(parallel ? ctx : nullptr, size_t(groups * chunks), [&](size_t i) {
+      const int64_t ob = int64_t(i) / chunks * group;
+      const int64_t b0 = (int64_t(i) % chunks) * kBlocksPerTask;
+      const int64_t b1 = std::min(L.blocks, b0 + kBlocksPerTask);
+      const int nob = int(std::min<int64_t>(group, w.oblocks - ob));
+      if (!tiles) {
+        RunBlocks(job, stage, ob, nob, b0, b1, nullptr);
+        return;
+      }
+      alignas(64) int32_t s1[kTileOBlocks * kTileStride * kR * kBlock];
+      const uint64_t clock = StageClockNow();
+      StageVnniChunk(job, ob, nob, b0, b1, s1);
+      AddStageTime(kTimeStage1, clock);
+      RunBlocks(job, stage, ob, nob, b0, b1, s1);
+    });
     int8_runs.fetch_add(1, std::memory_order_relaxed);
   }
   AddStageTime(kTimeCall, call_clock);
