@@ -7,6 +7,7 @@
 #include "pg_int8.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -41,13 +42,16 @@ constexpr int64_t kBlocksPerTask = 8;
 // there); at 16 channels (one 32-channel step half empty) about 6.5x (break-even near 15%).
 constexpr double kBlockStep = 12.0, kDotStep = 2.1, kDotFixed = 25.0;
 // VNNI's whole block (one vpdpbusd per row and k step) costs less per k step, relative to its
-// dot products, than AVX2's: forcing each kind (G2D_SECOND_STAGE, G2D_AMX=0, Intel Xeon Emerald
-// Rapids, 1 thread, tools/bench_gated_ops.py --tiers avx512_vnni, two runs each) put the
-// break-even between 20% and 30% on at 128 channels 28x28, near 15-20% at 64 channels 8x8 and
-// at or below 5-10% at 16 channels 32x32 once whole blocks ran on StageVnniTile (before, on
-// StageVnni's 4 x 1 tile: 34%, 35-40%, under 10%, with 8.0 here); the AVX2 figures are 54%, 43%
-// and 15%. 5.5 puts it at 25%, 20% and 7%.
-constexpr double kBlockStepVnni = 5.5;
+// dot products, than AVX2's, and a run of 2-4 whole blocks on one tile (RunBlocks) less than a
+// block alone: a block runs whole when it joins a run with more than kBlockStepVnni's break-even
+// on, or alone with more than kBlockStepVnniAlone's (model: 21 and 27 of 64 at 128 channels 3x3).
+// Fitted in one process, two builds' sessions alternating run by run (G2D_AMX=0, Intel Xeon
+// Emerald Rapids, 1 thread, 128 ch 28x28, 200 runs per fraction), once stage 2's dot products
+// ran over a task's blocks (RunBlocks): one threshold of 5.5 (the value before) against 9.0,
+// 9.0 was 7-12% faster at 20-30% on and 6-7% slower at 40-50% (it broke runs); 7.0 / 9.0 as here
+// was within 1-2% of 9.0 at 15-40% and 8% faster at 50%. The AVX2 figures are 54%, 43% and 15%
+// at 128 ch 28x28, 64 ch 8x8 and 16 ch 32x32 (one threshold: no runs there).
+constexpr double kBlockStepVnni = 7.0, kBlockStepVnniAlone = 9.0;
 // Layers below this many multiply-adds per stage run on the calling thread (waking a pool
 // thread costs more than it takes over).
 constexpr double kParallelMacs = double(1 << 20);
@@ -64,6 +68,12 @@ struct VecStore {
   int32_t base;  // kFull: output index of lane 0
 };
 
+// A chunk of a stage-2 dot product: its bytes' offsets in act2_rows from the position's own
+// (x) and in the weight row (w).
+struct ChunkOff {
+  int64_t x, w;
+};
+
 struct Job;
 using DotFn = void (*)(const Job&, int64_t o, const int32_t* q, int n, int32_t* out);
 
@@ -72,8 +82,13 @@ struct Job {
   const int8_t *act1, *act2;
   const int8_t* act2_rows;   // LSB counts position-major: [position][Cp]
   const int64_t* row_off;    // per tap: byte offset in act2_rows from a position's own
+  const ChunkOff* chunks;    // VNNI dot products: each tap's 64-channel chunks, in order
+  int64_t nchunks;
+  const ChunkOff* tails;     // and each tap's last 32 channels where Cp % 64 == 32
+  int64_t ntails;
   DotFn dot;
-  int sparse_max;            // most gates on in a block for its stage 2 as dot products
+  int sparse_max;            // most gates on in a block for its stage 2 as dot products,
+  int sparse_max_alone;      // in a run of whole blocks (VNNI) / alone
   const int64_t* koff;       // per k step: byte offset of (group, tap) from a position's own
   const int32_t* out_index;  // per position: output pixel, -1 for none
   const int32_t* valid;      // per position: -1 if an output pixel, else 0
@@ -364,15 +379,31 @@ G2D_INT8_AVX2 inline void DotsAvx2(const Job& j, int64_t o, const int32_t* q, in
     out[i] = SumLanes(_mm256_add_epi32(total[i], _mm256_madd_epi16(acc[i], ones)));
 }
 
-// 64 channels of a tap per step on 512-bit vectors, a last 32 on 256-bit ones. Here the counts
-// stay the signed operand, q_w's sign applied to them (512 bits: a masked byte negation, its
-// mask the sign bytes' top bits; 256 bits: vpsignb): each weight load serves N positions, and
-// the offset form of StageVnni would need a second product for the e bytes of most rows.
+// 64 channels of a tap per step on 512-bit vectors (Job::chunks), a last 32 on 256-bit ones
+// (Job::tails). Here the counts stay the signed operand, q_w's sign applied to them (512 bits: a
+// masked byte negation, its mask the sign bytes' top bits; 256 bits: vpsignb): each weight load
+// serves N positions, and the offset form of StageVnni would need a second product for the e
+// bytes of most rows. N = 8 or 4: the lane sums of all N positions in one hadd tree.
+// One chunk of N dot products (DotsVnni).
+template <int N>
+G2D_INT8_VNNI inline void DotChunk(const uint8_t* wm, const int8_t* ws, const int8_t* const* xq,
+                                   const ChunkOff& at, __m512i* acc) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i m = _mm512_loadu_si512(wm + at.w);
+  const __mmask64 neg = _mm512_movepi8_mask(_mm512_loadu_si512(ws + at.w));
+  for (int i = 0; i < N; ++i) {
+    const __m512i x = _mm512_loadu_si512(xq[i] + at.x);
+    acc[i] = _mm512_dpbusd_epi32(acc[i], m, _mm512_mask_sub_epi8(x, neg, zero, x));
+  }
+}
+
 template <int N>
 G2D_INT8_VNNI inline void DotsVnni(const Job& j, int64_t o, const int32_t* q, int32_t* out) {
   const PGInt8Weights& w = *j.w;
   const uint8_t* wm = w.row_mag.data() + o * w.kk * w.Cp;
   const int8_t* ws = w.row_sgn.data() + o * w.kk * w.Cp;
+  const int8_t* xq[N];
+  for (int i = 0; i < N; ++i) xq[i] = j.act2_rows + int64_t(q[i]) * w.Cp;
   const __m512i zero = _mm512_setzero_si512();
   __m512i wide[N];
   __m256i total[N];
@@ -380,31 +411,36 @@ G2D_INT8_VNNI inline void DotsVnni(const Job& j, int64_t o, const int32_t* q, in
     wide[i] = zero;
     total[i] = _mm256_setzero_si256();
   }
-  for (int64_t t = 0; t < w.kk; ++t) {
-    const int8_t* xt = j.act2_rows + j.row_off[t];
-    int64_t c = 0;
-    for (; c + 64 <= w.Cp; c += 64, wm += 64, ws += 64) {
-      const __m512i a = _mm512_loadu_si512(wm);
-      const __mmask64 neg = _mm512_movepi8_mask(_mm512_loadu_si512(ws));
-      for (int i = 0; i < N; ++i) {
-        const __m512i x = _mm512_loadu_si512(xt + q[i] * w.Cp + c);
-        wide[i] = _mm512_dpbusd_epi32(wide[i], a, _mm512_mask_sub_epi8(x, neg, zero, x));
-      }
-    }
-    if (c < w.Cp) {  // Cp is a multiple of 32
-      const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(wm));
-      const __m256i s = _mm256_load_si256(reinterpret_cast<const __m256i*>(ws));
-      for (int i = 0; i < N; ++i) {
-        const __m256i x =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + q[i] * w.Cp + c));
-        total[i] = _mm256_dpbusd_epi32(total[i], a, _mm256_sign_epi8(x, s));
-      }
-      wm += 32;
-      ws += 32;
+  for (int64_t k = 0; k < j.nchunks; ++k) DotChunk<N>(wm, ws, xq, j.chunks[k], wide);
+  for (int64_t t = 0; t < j.ntails; ++t) {  // Cp % 64 == 32: each tap's last 32 channels
+    const ChunkOff& at = j.tails[t];
+    const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wm + at.w));
+    const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + at.w));
+    for (int i = 0; i < N; ++i) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[i] + at.x));
+      total[i] = _mm256_dpbusd_epi32(total[i], m, _mm256_sign_epi8(x, s));
     }
   }
+  __m256i y[N];  // each position's sums folded to 8 lanes
   for (int i = 0; i < N; ++i)
-    out[i] = _mm512_reduce_add_epi32(wide[i]) + SumLanes(total[i]);
+    y[i] = _mm256_add_epi32(total[i], _mm256_add_epi32(_mm512_castsi512_si256(wide[i]),
+                                                       _mm512_extracti64x4_epi64(wide[i], 1)));
+  if constexpr (N == 8 || N == 4) {  // the lanes summed for all positions at once (hadd tree)
+    __m256i h[N / 2];
+    for (int i = 0; i < N / 2; ++i) h[i] = _mm256_hadd_epi32(y[2 * i], y[2 * i + 1]);
+    const __m256i lo = _mm256_hadd_epi32(h[0], h[1]);  // per 128-bit half: positions 0-3
+    if constexpr (N == 8) {
+      const __m256i hi = _mm256_hadd_epi32(h[2], h[3]);  // positions 4-7
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                          _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20),
+                                           _mm256_permute2x128_si256(lo, hi, 0x31)));
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                       _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1)));
+    }
+  } else {
+    for (int i = 0; i < N; ++i) out[i] = SumLanes(y[i]);
+  }
 }
 
 // Stage 2 of output o at n positions q (out[i] for q[i]), four at a time.
@@ -416,7 +452,11 @@ G2D_INT8_AVX2 void DotAvx2(const Job& j, int64_t o, const int32_t* q, int n, int
 }
 
 G2D_INT8_VNNI void DotVnni(const Job& j, int64_t o, const int32_t* q, int n, int32_t* out) {
-  for (; n >= 4; n -= 4, q += 4, out += 4) DotsVnni<4>(j, o, q, out);
+  for (; n >= 8; n -= 8, q += 8, out += 8) DotsVnni<8>(j, o, q, out);
+  if (n >= 4) {
+    DotsVnni<4>(j, o, q, out);
+    n -= 4, q += 4, out += 4;
+  }
   if (n == 3) DotsVnni<3>(j, o, q, out);
   if (n == 2) DotsVnni<2>(j, o, q, out);
   if (n == 1) DotsVnni<1>(j, o, q, out);
@@ -433,6 +473,25 @@ G2D_INT8_AVX2 inline __m256 BlockGate(const Job& j, __m256 sc1, const int32_t* s
   return _mm256_and_ps(valid, _mm256_cmp_ps(*v, _mm256_set1_ps(j.thr[ob * kR + r]), _CMP_GT_OQ));
 }
 
+// The lanes of an 8-lane vector whose bits are set in `bits`, in order, as vpermd indices (the
+// rest: don't care): a branchless compress. Appending each set bit with a loop over them
+// mispredicted its exit once per row and vector (1-2 gated-on lanes of 8 at 20% on).
+constexpr std::array<uint64_t, 256> MakeCompressTable() {
+  std::array<uint64_t, 256> t{};
+  for (unsigned bits = 0; bits < 256; ++bits) {
+    int n = 0;
+    for (unsigned lane = 0; lane < 8; ++lane)
+      if (bits >> lane & 1) t[bits] |= uint64_t(lane) << (8 * n++);
+  }
+  return t;
+}
+constexpr std::array<uint64_t, 256> kCompressTable = MakeCompressTable();
+
+G2D_INT8_AVX2 inline __m256i CompressIndex(unsigned bits) {
+  return _mm256_cvtepu8_epi32(
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kCompressTable[bits])));
+}
+
 // How many gates of that block are on (its first `rows` rows), as RunBlocks counts them.
 G2D_INT8_AVX2 int CountOn(const Job& j, const int32_t* s1, int64_t ob, int64_t q0, int rows) {
   const __m256 sc1 = _mm256_set1_ps(j.scale1);
@@ -446,10 +505,52 @@ G2D_INT8_AVX2 int CountOn(const Job& j, const int32_t* s1, int64_t ob, int64_t q
   return on;
 }
 
-// Blocks [b0, b1) of output blocks ob0 .. ob0 + nob - 1: stage 1, the gate, stage 2 where some
-// gate is on, the epilogue (mul then add, no FMA: this function's target has none). Block by
-// block, each output block in turn (their stage 2 reads the same receptive fields; measured, the
-// order made no difference to stage 2 at 128 channels 28x28).
+// The end of block b of output block ob: stage 2's sums (s2, null where no gate is on) added
+// where the gate is on (mul then add, no FMA: this function's target has none), the store.
+G2D_INT8_AVX2 inline void FinishBlock(const Job& j, int64_t ob, int64_t b, int rows,
+                                      __m256 (&v)[kR][kP], const __m256 (&gate)[kR][kP],
+                                      const int32_t* s2) {
+  const int64_t q0 = b * kBlock;
+  if (s2) {
+    const __m256 sc2 = _mm256_set1_ps(j.scale2);
+    for (int r = 0; r < rows; ++r)
+      for (int p = 0; p < kP; ++p) {
+        const __m256i sums =
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(s2 + r * kBlock + p * kVec));
+        const __m256 add = _mm256_mul_ps(sc2, _mm256_cvtepi32_ps(sums));
+        v[r][p] = _mm256_add_ps(v[r][p], _mm256_and_ps(gate[r][p], add));  // off: v + 0
+      }
+  }
+  for (int p = 0; p < kP; ++p) {
+    const int64_t vec = q0 / kVec + p;
+    const VecStore& store = j.stores[vec];
+    if (store.kind == VecStore::kNone) continue;
+    for (int r = 0; r < rows; ++r) {
+      float* yo = j.y + (ob * kR + r) * j.P;
+      if (store.kind == VecStore::kFull) {
+        _mm256_storeu_ps(yo + store.base, v[r][p]);
+        continue;
+      }
+      alignas(32) float lanes[kVec];
+      _mm256_store_ps(lanes, v[r][p]);
+      for (int l = 0; l < kVec; ++l) {
+        const int32_t at = j.out_index[vec * kVec + l];
+        if (at >= 0) yo[at] = lanes[l];
+      }
+    }
+  }
+}
+
+// Blocks [b0, b1) of output blocks ob0 .. ob0 + nob - 1 (nob <= kTileOBlocks, at most
+// kTileStride blocks): stage 1, the gate, stage 2 where some gate is on, the epilogue and store
+// (FinishBlock). Three passes over the task's blocks:
+//   1. block by block, each output block in turn: stage 1 (AVX2; VNNI's is done: s1_done), the
+//      gates; blocks with no gate on and blocks whose stage 2 runs whole are finished here;
+//      the others add their gated-on positions to their rows' lists (a branchless compress);
+//   2. the dot products row by row over the whole task: a row's weights are loaded once per
+//      four of its positions across all the task's blocks (block by block, a row had ~3 gated-on
+//      positions per block at 20% on, so most calls ran one to three positions);
+//   3. the blocks of pass 2 are finished.
 // s1_done: stage 1's sums, output block ob0 + i's block b at s1_done + (i * kTileStride + b -
 // b0) * kR * kBlock (StageVnniChunk), or null: computed here by `stage`.
 G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, int64_t b0,
@@ -466,111 +567,125 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
       clock = now;
     }
   };
-  alignas(32) int32_t s1_one[kR * kBlock], s2[kR * kBlock];
-  alignas(32) float lanes[kVec];
+  // Per slot (output block ob0 + i, block b: slot i * kTileStride + b - b0, StageVnniTile's
+  // order): stage 2's sums; for the slots finished in pass 3, the stage-1 values and gates.
+  constexpr int64_t kSlots = kTileOBlocks * kTileStride;
+  alignas(64) int32_t s2[kSlots * kR * kBlock];
+  __m256 v[kSlots][kR][kP], gate[kSlots][kR][kP];  // the slots of pass 2 (dots[])
+  int64_t dots[kSlots];
+  int ndots = 0;
+  // per row: gated-on positions (dots); each vector store of 8 may run 7 past the last one
+  int32_t list[kTileOBlocks * kR][kTileStride * kBlock + kVec];
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int nlist[kTileOBlocks * kR] = {};
+  alignas(32) int32_t s1_one[kR * kBlock];
   const int64_t O = j.w->O;
-  const __m256 sc1 = _mm256_set1_ps(j.scale1), sc2 = _mm256_set1_ps(j.scale2);
+  const __m256 sc1 = _mm256_set1_ps(j.scale1);
   // VNNI (s1_done): stage 2 in whole blocks runs up to kAhead consecutive blocks of an output
   // block on one StageVnniTile<1, n> (n vectors x 4 rows of independent accumulators, each
-  // vector load serving four rows; StageVnni, one block, has 8 chains), the later blocks' sums
-  // kept until their turn. How many of the next blocks run whole is counted when a block first
-  // does (stage 1's sums of the chunk are ready): counting every block up front cost 3-5% of the
-  // layer at 10% on, where no block runs whole.
+  // vector load serving four rows; StageVnni, one block, has 8 chains), writing their slots.
+  // How many of the next blocks run whole is counted when a block first does (stage 1's sums of
+  // the chunk are ready): counting every block up front cost 3-5% of the layer at 10% on, where
+  // no block runs whole.
   constexpr int kAhead = 4;
-  alignas(64) int32_t s2_ahead[kTileOBlocks * kAhead * kR * kBlock];
-  int64_t s2_ahead_first[kTileOBlocks] = {-kAhead, -kAhead}, s2_ahead_len[kTileOBlocks] = {0, 0};
+  int64_t whole_until[kTileOBlocks] = {b0, b0};  // blocks before it ran whole in a run
+  auto slot_of = [&](int64_t ob, int64_t b) { return (ob - ob0) * kTileStride + (b - b0); };
   auto runs_whole = [&](int64_t ob, int64_t b) {  // some gate on, more than sparse_max
-    const int32_t* s1 = s1_done + ((ob - ob0) * kTileStride + b - b0) * kR * kBlock;
+    const int32_t* s1 = s1_done + slot_of(ob, b) * kR * kBlock;
     const int rows = int(std::min<int64_t>(kR, O - ob * kR));
     const int on = CountOn(j, s1, ob, b * kBlock, rows);
     return on > 0 && on > j.sparse_max;  // none on: the block skips stage 2 (forced dense too)
   };
-  for (int64_t i = 0; i < (b1 - b0) * nob; ++i) {  // block by block, output block by output block
-    const int64_t b = b0 + i / nob, ob = ob0 + i % nob;
+  for (int64_t i = 0; i < (b1 - b0) * nob; ++i) {  // pass 1
+    const int64_t b = b0 + i / nob, ob = ob0 + i % nob, slot = slot_of(ob, b);
     const int rows = int(std::min<int64_t>(kR, O - ob * kR));
     const int64_t q0 = b * kBlock;
     const int32_t* s1 = s1_one;
     if (s1_done)
-      s1 = s1_done + ((ob - ob0) * kTileStride + b - b0) * kR * kBlock;
+      s1 = s1_done + slot * kR * kBlock;
     else
       stage(j, j.act1, ob, q0, j.m1, s1_one);
     lap(kTimeStage1);
-    __m256 v[kR][kP], gate[kR][kP];
     int any_on = 0, on = 0;
+    __m256 vb[kR][kP], gb[kR][kP];
     for (int r = 0; r < rows; ++r) {
       for (int p = 0; p < kP; ++p) {
-        gate[r][p] = BlockGate(j, sc1, s1, ob, q0, r, p, &v[r][p]);
-        const int bits = _mm256_movemask_ps(gate[r][p]);
+        gb[r][p] = BlockGate(j, sc1, s1, ob, q0, r, p, &vb[r][p]);
+        const int bits = _mm256_movemask_ps(gb[r][p]);
         any_on |= bits;
         on += __builtin_popcount(unsigned(bits));
       }
     }
     lap(kTimeGate);
-    if (any_on) {
-      ran[on > j.sparse_max] = true;
-      const int32_t* s2_read = s2;
-      if (on > j.sparse_max) {
-        int32_t* ahead = s2_ahead + (ob - ob0) * kAhead * kR * kBlock;
-        const int64_t first = s2_ahead_first[ob - ob0];
-        if (s1_done && b > first && b < first + s2_ahead_len[ob - ob0]) {
-          s2_read = ahead + (b - first) * kR * kBlock;
-        } else if (s1_done && b + 1 < b1 && runs_whole(ob, b + 1)) {
-          int run = 2;  // consecutive blocks from b that run whole (above)
-          while (run < kAhead && b + run < b1 && runs_whole(ob, b + run)) ++run;
-          using Tile = void (*)(const Job&, const int8_t*, int64_t, int64_t, int32_t*);
-          static constexpr Tile kTiles[kAhead + 1] = {nullptr, nullptr, StageVnniTile<1, 2>,
-                                                      StageVnniTile<1, 3>, StageVnniTile<1, 4>};
-          kTiles[run](j, j.act2, ob, q0, ahead);
-          s2_ahead_first[ob - ob0] = b;
-          s2_ahead_len[ob - ob0] = run;
-          s2_read = ahead;
-        } else {
-          stage(j, j.act2, ob, q0, j.m2, s2);
-        }
-        lap(kTimeDense2);
-      } else {  // only the gated-on sums (the others are masked off below)
-        for (int r = 0; r < rows; ++r) {
-          int32_t lane[kBlock], q[kBlock], sum[kBlock];
-          int n = 0;
-          for (int p = 0; p < kP; ++p)
-            for (unsigned bits = unsigned(_mm256_movemask_ps(gate[r][p])); bits; bits &= bits - 1) {
-              lane[n] = p * kVec + __builtin_ctz(bits);
-              q[n] = int32_t(q0 + lane[n]);
-              ++n;
-            }
-          if (n == 0) continue;
-          j.dot(j, ob * kR + r, q, n, sum);
-          for (int i = 0; i < n; ++i) s2[r * kBlock + lane[i]] = sum[i];
-        }
-        lap(kTimeSparse);
-      }
-      for (int r = 0; r < rows; ++r)
-        for (int p = 0; p < kP; ++p) {
-          const __m256i sums =
-              _mm256_load_si256(reinterpret_cast<const __m256i*>(s2_read + r * kBlock + p * kVec));
-          const __m256 add = _mm256_mul_ps(sc2, _mm256_cvtepi32_ps(sums));
-          v[r][p] = _mm256_add_ps(v[r][p], _mm256_and_ps(gate[r][p], add));  // off: v + 0
-        }
+    if (!any_on) {
+      FinishBlock(j, ob, b, rows, vb, gb, nullptr);
+      lap(kTimeStore);
+      continue;
     }
-    for (int p = 0; p < kP; ++p) {
-      const int64_t vec = q0 / kVec + p;
-      const VecStore& store = j.stores[vec];
-      if (store.kind == VecStore::kNone) continue;
+    int64_t& until = whole_until[ob - ob0];
+    // A block runs whole when it is in a run of whole blocks (more than sparse_max on: its own
+    // and the next), or alone when it has more than sparse_max_alone on.
+    const bool in_run = b < until;
+    const bool starts_run = !in_run && on > j.sparse_max && s1_done && b + 1 < b1 &&
+                            runs_whole(ob, b + 1);
+    if (in_run || starts_run || on > j.sparse_max_alone) {
+      ran[1] = true;
+      int32_t* out = s2 + slot * kR * kBlock;
+      if (in_run) {
+        // computed by the run that started at an earlier block
+      } else if (starts_run) {
+        int run = 2;  // consecutive blocks from b that run whole (above)
+        while (run < kAhead && b + run < b1 && runs_whole(ob, b + run)) ++run;
+        using Tile = void (*)(const Job&, const int8_t*, int64_t, int64_t, int32_t*);
+        static constexpr Tile kTiles[kAhead + 1] = {nullptr, nullptr, StageVnniTile<1, 2>,
+                                                    StageVnniTile<1, 3>, StageVnniTile<1, 4>};
+        kTiles[run](j, j.act2, ob, q0, out);
+        until = b + run;
+      } else {
+        stage(j, j.act2, ob, q0, j.m2, out);
+      }
+      lap(kTimeDense2);
+      FinishBlock(j, ob, b, rows, vb, gb, out);
+      lap(kTimeStore);
+    } else {
+      ran[0] = true;
+      dots[ndots++] = slot;
+      std::memcpy(v[slot], vb, sizeof vb);
+      std::memcpy(gate[slot], gb, sizeof gb);
       for (int r = 0; r < rows; ++r) {
-        float* yo = j.y + (ob * kR + r) * j.P;
-        if (store.kind == VecStore::kFull) {
-          _mm256_storeu_ps(yo + store.base, v[r][p]);
-          continue;
+        int32_t* row_list = list[(ob - ob0) * kR + r];
+        int n = nlist[(ob - ob0) * kR + r];
+        for (int p = 0; p < kP; ++p) {
+          const unsigned bits = unsigned(_mm256_movemask_ps(gb[r][p]));
+          const __m256i at = _mm256_add_epi32(_mm256_set1_epi32(int32_t(q0 + p * kVec)), iota);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(row_list + n),
+                              _mm256_permutevar8x32_epi32(at, CompressIndex(bits)));
+          n += __builtin_popcount(bits);
         }
-        _mm256_store_ps(lanes, v[r][p]);
-        for (int i = 0; i < kVec; ++i) {
-          const int32_t at = j.out_index[vec * kVec + i];
-          if (at >= 0) yo[at] = lanes[i];
-        }
+        nlist[(ob - ob0) * kR + r] = n;
       }
+      lap(kTimeSparse);
     }
-    lap(kTimeStore);
   }
+  for (int rr = 0; rr < nob * kR; ++rr) {  // pass 2: the dot products, row by row
+    const int n = nlist[rr];
+    if (n == 0) continue;
+    const int64_t ob = ob0 + rr / kR;
+    const int r = rr % kR;
+    int32_t sum[kTileStride * kBlock];
+    j.dot(j, ob * kR + r, list[rr], n, sum);
+    for (int i = 0; i < n; ++i) {
+      const int64_t q = list[rr][i];
+      s2[slot_of(ob, q / kBlock) * kR * kBlock + r * kBlock + q % kBlock] = sum[i];
+    }
+  }
+  lap(kTimeSparse);
+  for (int d = 0; d < ndots; ++d) {  // pass 3
+    const int64_t slot = dots[d], ob = ob0 + slot / kTileStride, b = b0 + slot % kTileStride;
+    const int rows = int(std::min<int64_t>(kR, O - ob * kR));
+    FinishBlock(j, ob, b, rows, v[slot], gate[slot], s2 + slot * kR * kBlock);
+  }
+  lap(kTimeStore);
   for (int dense = 0; dense < 2; ++dense)
     if (ran[dense]) CountSecondStage(dense == 1);
   for (int t = 0; t < kStageTimers; ++t) AddStageCycles(StageTimer(t), cycles[t]);
@@ -629,16 +744,46 @@ G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSpli
 }
 
 // act2_rows [position][Cp bytes] from act2 [group][position][4 bytes] (stride 1: one phase):
-// every word written, the channels past C as zeros, so the buffer needs no clearing.
-void TransposeLsbCounts(const PGActLayout& L, int64_t Cp, const int8_t* act2, int8_t* act2_rows) {
+// every word written, the channels past C as zeros, so the buffer needs no clearing. 8 x 8
+// words at a time (one load per group, one store per position): word by word, its reads
+// strided by a plane, it took 3% of a 128 ch 28x28 layer at 0% on (perf, G2D_AMX=0).
+G2D_INT8_AVX2 void TransposeLsbCounts(const PGActLayout& L, int64_t Cp, const int8_t* act2,
+                                      int8_t* act2_rows) {
   const int32_t* src = reinterpret_cast<const int32_t*>(act2);
   int32_t* dst = reinterpret_cast<int32_t*>(act2_rows);
-  const int64_t words = Cp / 4;
-  for (int64_t q = 0; q < L.plane_len; ++q) {
+  const int64_t words = Cp / 4, P = L.plane_len;
+  auto scalar = [&](int64_t q, int64_t c4_from) {  // position q, groups c4_from .. words - 1
     int32_t* row = dst + q * words;
-    for (int64_t c4 = 0; c4 < L.groups; ++c4) row[c4] = src[c4 * L.plane_len + q];
-    for (int64_t c4 = L.groups; c4 < words; ++c4) row[c4] = 0;
+    for (int64_t c4 = c4_from; c4 < L.groups; ++c4) row[c4] = src[c4 * P + q];
+    for (int64_t c4 = std::max(c4_from, L.groups); c4 < words; ++c4) row[c4] = 0;
+  };
+  int64_t q = 0;
+  for (; q + 8 <= P; q += 8) {
+    int64_t c4 = 0;
+    for (; c4 + 8 <= L.groups; c4 += 8) {
+      __m256i r[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (c4 + i) * P + q));
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {  // u[i + k]: groups i .. i + 3 of positions k, k + 4
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+      }
+      for (int k = 0; k < 4; ++k) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (q + k) * words + c4),
+                            _mm256_permute2x128_si256(u[k], u[k + 4], 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (q + k + 4) * words + c4),
+                            _mm256_permute2x128_si256(u[k], u[k + 4], 0x31));
+      }
+    }
+    for (int i = 0; i < 8; ++i) scalar(q + i, c4);
   }
+  for (; q < P; ++q) scalar(q, 0);
 }
 
 #endif  // G2D_HAVE_INT8
@@ -747,6 +892,7 @@ struct PGInt8Tables {
   ConvGeom g;  // the geometry they were built for (N ignored)
   PGActLayout L;
   std::vector<int64_t> koff, row_off;
+  std::vector<ChunkOff> chunks, tails;  // Job::chunks, Job::tails
   AlignedVec<int32_t> out_index, valid;
   std::vector<VecStore> stores;
 };
@@ -768,6 +914,11 @@ std::shared_ptr<const PGInt8Tables> BuildTables(const PGInt8Weights& w, const Co
   std::vector<int64_t>& row_off = t->row_off;
   MakePGActLayout(g, 4, kBlock, &row_off);
   for (int64_t& off : row_off) off = off / 4 * w.Cp;
+  for (int64_t tap = 0; tap < w.kk; ++tap) {
+    int64_t c = 0;
+    for (; c + 64 <= w.Cp; c += 64) t->chunks.push_back({row_off[size_t(tap)] + c, tap * w.Cp + c});
+    if (c < w.Cp) t->tails.push_back({row_off[size_t(tap)] + c, tap * w.Cp + c});
+  }
 
   // Output pixel of each position (padding columns and the tail are none), and how each
   // vector is stored (VecStore).
@@ -834,12 +985,17 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
   };
   const StageFn stage = k == PGInt8Isa::kVnni ? StageVnni : StageAvx2;
   const DotFn dot = k == PGInt8Isa::kVnni ? DotVnni : DotAvx2;
-  const bool tiles = k == PGInt8Isa::kVnni;
-  double dense_above = DenseSecondStageAbove(false);  // forced (G2D_SECOND_STAGE) or auto
-  if (dense_above >= 0.0 && dense_above <= 1.0)
-    dense_above = double(w.K) * (k == PGInt8Isa::kVnni ? kBlockStepVnni : kBlockStep) /
-                  (double(w.Cp / 32 * w.kk) * kDotStep + kDotFixed) / double(kR * kBlock);
-  const int sparse_max = int(std::min(double(kR * kBlock), dense_above * double(kR * kBlock)));
+  const bool tiles = k == PGInt8Isa::kVnni;  // VNNI: stage 1 (and runs of whole blocks) on tiles
+  const double forced = DenseSecondStageAbove(false);  // forced (G2D_SECOND_STAGE) or auto
+  auto sparse_max_for = [&](double block_step) {
+    double dense_above = forced;
+    if (forced >= 0.0 && forced <= 1.0)
+      dense_above = double(w.K) * block_step / (double(w.Cp / 32 * w.kk) * kDotStep + kDotFixed) /
+                    double(kR * kBlock);
+    return int(std::min(double(kR * kBlock), dense_above * double(kR * kBlock)));
+  };
+  const int sparse_max = sparse_max_for(tiles ? kBlockStepVnni : kBlockStep);
+  const int sparse_max_alone = sparse_max_for(tiles ? kBlockStepVnniAlone : kBlockStep);
   const IsaKernels& isa = BestKernels();
   const int64_t chunks = (L.blocks + kBlocksPerTask - 1) / kBlocksPerTask;
   const bool parallel = double(g.O) * double(g.C) * double(g.kk()) * double(L.nq) >= kParallelMacs;
@@ -858,8 +1014,13 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
                   act2.data(),
                   act2_rows.data(),
                   row_off.data(),
+                  tables->chunks.data(),
+                  int64_t(tables->chunks.size()),
+                  tables->tails.data(),
+                  int64_t(tables->tails.size()),
                   dot,
                   sparse_max,
+                  sparse_max_alone,
                   koff.data(),
                   out_index.data(),
                   valid.data(),
