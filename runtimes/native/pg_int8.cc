@@ -44,7 +44,7 @@ constexpr double kBlockStep = 12.0, kDotStep = 2.1, kDotFixed = 25.0;
 // VNNI's whole block (one vpdpbusd per row and k step) costs less per k step, relative to its
 // dot products, than AVX2's, and a run of 2-4 whole blocks on one tile (RunBlocks) less than a
 // block alone: a block runs whole when it joins a run with more than kBlockStepVnni's break-even
-// on, or alone with more than kBlockStepVnniAlone's (model: 21 and 27 of 64 at 128 channels 3x3).
+// on, or alone with more than kBlockStepVnniAlone's (model: 20 and 25 of 64 at 128 channels 3x3).
 // Fitted in one process, two builds' sessions alternating run by run (G2D_AMX=0, Intel Xeon
 // Emerald Rapids, 1 thread, 128 ch 28x28, 200 runs per fraction), once stage 2's dot products
 // ran over a task's blocks (RunBlocks): one threshold of 5.5 (the value before) against 9.0,
