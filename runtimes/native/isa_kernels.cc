@@ -564,22 +564,30 @@ void pack_filter_tile(const float* w, const int64_t* out_off, int n_out, const i
             li < n_in && lo < n_out ? w[out_off[lo] + in_off[li] + t] : 0.f;
 }
 
+typedef int32_t vi32 __attribute__((vector_size(kVW * 4)));
+
+// PG's split of kVW activations (pg_split): q = round_half_even(min(|x| / s, 1) * levels), 0
+// for NaN; negative: lanes where x < 0 (all ones). The scalar tail of pg_split in vector
+// extensions: GCC does not vectorize the scalar form itself (its comparisons may trap under the
+// default -ftrapping-math); the same operations in the same order, so the same values.
+inline vi32 pg_split_q(vf v, vf vs, vf vlevels, vi32* negative) {
+  const vf one = vf{} + 1.f, zero = vf{}, magic = vf{} + 8388608.0f;
+  const vf a = vf(vi32(v) & 0x7fffffff) / vs;  // |x| / s
+  const vf r0 = (one < a ? one : a) * vlevels;  // std::min(a, 1): NaN stays NaN
+  const vf r = r0 == r0 ? r0 : zero;
+  *negative = v < zero;
+  return __builtin_convertvector((r + magic) - magic, vi32);
+}
+
 void pg_split(const float* x, int64_t n, float s, float levels, int shift, float* hb,
               float* lb) {
   const int32_t low_mask = (int32_t(1) << shift) - 1;
-  // The scalar loop below, kVW lanes at a time in vector extensions: GCC does not vectorize
-  // the scalar form itself (its comparisons may trap under the default -ftrapping-math). The
-  // same operations in the same order, so the same values as the tail.
-  typedef int32_t vi32 __attribute__((vector_size(kVW * 4)));
-  const vf one = vf{} + 1.f, zero = vf{}, vs = vf{} + s, vlevels = vf{} + levels;
-  const vf magic = vf{} + 8388608.0f;
+  const vf zero = vf{}, vs = vf{} + s, vlevels = vf{} + levels;
   int64_t i = 0;
   for (; i + kVW <= n; i += kVW) {
     const vf v = load(x + i);
-    const vf a = vf(vi32(v) & 0x7fffffff) / vs;  // |x| / s
-    const vf r0 = (one < a ? one : a) * vlevels;  // std::min(a, 1): NaN stays NaN
-    const vf r = r0 == r0 ? r0 : zero;
-    const vi32 q = __builtin_convertvector((r + magic) - magic, vi32);
+    vi32 negative;
+    const vi32 q = pg_split_q(v, vs, vlevels, &negative);
     const vf sign = __builtin_convertvector(v < zero, vf) - __builtin_convertvector(v > zero, vf);
     store(hb + i, sign * __builtin_convertvector(q >> shift, vf));
     store(lb + i, sign * __builtin_convertvector(q & low_mask, vf));
@@ -595,6 +603,37 @@ void pg_split(const float* x, int64_t n, float s, float levels, int shift, float
     const float sign = x[i] > 0.f ? 1.f : (x[i] < 0.f ? -1.f : 0.f);
     hb[i] = sign * float(q >> shift);
     lb[i] = sign * float(q & low_mask);
+  }
+}
+
+void pg_split_words(const float* const* x, int64_t n, float s, float levels, int shift,
+                    int32_t* msb, int32_t* lsb) {
+  typedef int32_t vw __attribute__((vector_size(kVW * 4), aligned(4), may_alias));
+  const int32_t low_mask = (int32_t(1) << shift) - 1;
+  const vf vs = vf{} + s, vlevels = vf{} + levels;
+  auto words = [&](const float* const* xc, int64_t at, int32_t* hb, int32_t* lb) {
+    vi32 hi = vi32{}, lo = vi32{};
+    for (int c = 0; c < 4; ++c) {
+      vi32 negative;
+      const vi32 q = pg_split_q(load(xc[c] + at), vs, vlevels, &negative);
+      // sign(x) * count in two's complement ((v ^ m) - m, m all ones where x < 0; q is 0 where
+      // x is 0), its low byte into byte c of the word
+      hi |= ((((q >> shift) ^ negative) - negative) & 0xff) << (8 * c);
+      lo |= ((((q & low_mask) ^ negative) - negative) & 0xff) << (8 * c);
+    }
+    *reinterpret_cast<vw*>(hb) = hi;
+    *reinterpret_cast<vw*>(lb) = lo;
+  };
+  int64_t i = 0;
+  for (; i + kVW <= n; i += kVW) words(x, i, msb + i, lsb + i);
+  if (i < n) {  // the last n - i activations through one zero-padded vector
+    float tail[4][kVW] = {};
+    const float* xt[4] = {tail[0], tail[1], tail[2], tail[3]};
+    for (int c = 0; c < 4; ++c) std::memcpy(tail[c], x[c] + i, size_t(n - i) * sizeof(float));
+    int32_t hb[kVW], lb[kVW];
+    words(xt, 0, hb, lb);
+    std::memcpy(msb + i, hb, size_t(n - i) * sizeof(int32_t));
+    std::memcpy(lsb + i, lb, size_t(n - i) * sizeof(int32_t));
   }
 }
 
@@ -890,7 +929,7 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     igemm_micro,   gather_fields, gate_panel,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
                                     pack_filter_tile, epilogue_row, has_nonzero, pool_channel,
-                                    pg_split,      sparse_dots, abs_max, block_channel_stats,
+                                    pg_split,      pg_split_words, sparse_dots, abs_max, block_channel_stats,
                                     epilogue_block, permute_lanes, quantize_sign_magnitude};
 
 }  // namespace G2D_ISA_NS

@@ -87,6 +87,12 @@ struct IsaKernels {
   // Plain C++ the compiler vectorizes with the table's ISA.
   void (*pg_split)(const float* x, int64_t n, float s, float levels, int shift, float* hb,
                    float* lb);
+  // The same split of four channels x[0..3] (n activations each) as int8 counts, four channels
+  // to an int32 word (channel c in byte c, two's complement): msb[i] byte c = sign * (q >> shift)
+  // and lsb[i] byte c = sign * (q & (2^shift - 1)) of x[c][i] (PG's int8 layout; the caller
+  // keeps |count| <= 127). The same arithmetic as pg_split (one inline helper), no float planes.
+  void (*pg_split_words)(const float* const* x, int64_t n, float s, float levels, int shift,
+                         int32_t* msb, int32_t* lsb);
   // Sampled dense-dense product read from a channel-last (NHWC) copy of the input, for i < n:
   //   out[i] = sum over t < ntaps, c < len of w[t * len + c] * x[(pix[i] + toff[t]) * ld + c]
   // len a multiple of vw (ld: floats from one pixel to the next). A pixel's field is ntaps

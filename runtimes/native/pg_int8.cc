@@ -691,61 +691,43 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
   for (int t = 0; t < kStageTimers; ++t) AddStageCycles(StageTimer(t), cycles[t]);
 }
 
-// Channels 4 * c4 .. 4 * c4 + 3 of the sample x [C, H, W], split by isa.pg_split (the one
-// implementation of PG's activation split; a few rows at a time so the counts stay in L1),
-// as int8 words of 4 channels into group c4 of act1 (MSB counts) and act2 (LSB counts). The
-// buffers are zero beforehand (padding). The position-major copy of the LSB counts is made
-// afterwards (TransposeLsbCounts), not here: groups filled on different threads writing
-// their 4 bytes into the same 64-byte lines of it made the fill 3x slower with 2 threads
-// than with 1 (false sharing; G2D_STAGE_TIMES "pad", 128 ch 28x28 on AMD EPYC Zen 4).
-G2D_INT8_AVX2 void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split,
-                             const ConvGeom& g, const PGActLayout& L, int64_t c4,
-                             int8_t* act1, int8_t* act2) {
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(g.H, 2048 / g.W));
-  const int64_t chunk = rows * g.W, stride = chunk + kVec;  // slack: whole-vector loads
-  AlignedVec<float>& counts = Scratch<float, 40>();  // [channel i][MSB, LSB][stride]
-  // Channels past C are zeros; the slack past a row chunk's end is read but never stored.
-  counts.resize(size_t(8 * stride));
-  for (int i = 0; i < 4; ++i)
-    if (4 * c4 + i >= g.C)
-      std::fill(counts.begin() + 2 * i * stride, counts.begin() + (2 * i + 2) * stride, 0.f);
-  int32_t* out[2] = {reinterpret_cast<int32_t*>(act1), reinterpret_cast<int32_t*>(act2)};
-  for (int64_t h0 = 0; h0 < g.H; h0 += rows) {
-    const int64_t nrows = std::min(rows, g.H - h0);
+// Channels 4 * c4 .. 4 * c4 + 3 of the sample x [C, H, W], split by isa.pg_split_words row by
+// row straight into group c4 of act1 (MSB counts) and act2 (LSB counts), int8 words of 4
+// channels (through float planes and a repack, the split took as long as stage 1 at 16
+// channels 32x32: perf, G2D_AMX=0), and the padding around the rows zeroed (the planes are
+// scratch shared with other layers; clearing the whole buffers first cost 4% of the 16 channel
+// layer). The position-major
+// copy of the LSB counts is made afterwards (TransposeLsbCounts), not here: groups filled on
+// different threads writing their 4 bytes into the same 64-byte lines of it made the fill 3x
+// slower with 2 threads than with 1 (false sharing; G2D_STAGE_TIMES "pad", 128 ch 28x28 on
+// AMD EPYC Zen 4).
+void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, const ConvGeom& g,
+               const PGActLayout& L, int64_t c4, int8_t* act1, int8_t* act2) {
+  AlignedVec<float>& zeros = Scratch<float, 40>();  // the channels past C
+  if (4 * c4 + 3 >= g.C) zeros.assign(size_t(g.W), 0.f);
+  int32_t* msb = reinterpret_cast<int32_t*>(act1) + c4 * L.plane_len;
+  int32_t* lsb = reinterpret_cast<int32_t*>(act2) + c4 * L.plane_len;
+  auto zero = [&](int64_t from, int64_t to) {  // positions [from, to) of both planes
+    std::memset(msb + from, 0, size_t(to - from) * sizeof(int32_t));
+    std::memset(lsb + from, 0, size_t(to - from) * sizeof(int32_t));
+  };
+  int64_t done = 0;  // positions before it are written
+  for (int64_t h = 0; h < g.H; ++h) {
+    const float* rows[4];
     for (int i = 0; i < 4; ++i)
-      if (4 * c4 + i < g.C)
-        isa.pg_split(x + ((4 * c4 + i) * g.H + h0) * g.W, nrows * g.W, split.s, split.levels,
-                     split.shift, counts.data() + (2 * i) * stride,
-                     counts.data() + (2 * i + 1) * stride);
-    for (int plane = 0; plane < 2; ++plane)
-      for (int64_t h = h0; h < h0 + nrows; ++h) {
-        const int64_t row_pos = (h + g.pt) * L.Ws + g.pl;  // stride 1: one phase
-        for (int64_t w0 = 0; w0 < g.W; w0 += kVec) {
-          const int n = int(std::min<int64_t>(kVec, g.W - w0));
-          const int64_t at = (h - h0) * g.W + w0;
-          // Integer-valued floats (|count| <= 127) to bytes, 4 channels per int32 word.
-          __m256i word = _mm256_setzero_si256();
-          for (int i = 0; i < 4; ++i) {
-            const __m256i c =
-                _mm256_cvtps_epi32(_mm256_loadu_ps(counts.data() + (2 * i + plane) * stride + at));
-            word = _mm256_or_si256(
-                word, _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0xff)), 8 * i));
-          }
-          int32_t* dst = out[plane] + c4 * L.plane_len + row_pos + w0;
-          if (n == kVec) {
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), word);
-          } else {
-            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            _mm256_maskstore_epi32(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane), word);
-          }
-        }
-      }
+      rows[i] = 4 * c4 + i < g.C ? x + ((4 * c4 + i) * g.H + h) * g.W : zeros.data();
+    const int64_t row_pos = (h + g.pt) * L.Ws + g.pl;  // stride 1: one phase
+    zero(done, row_pos);
+    isa.pg_split_words(rows, g.W, split.s, split.levels, split.shift, msb + row_pos,
+                       lsb + row_pos);
+    done = row_pos + g.W;
   }
+  zero(done, L.plane_len);
 }
 
 // act2_rows [position][Cp bytes] from act2 [group][position][4 bytes] (stride 1: one phase):
 // every word written, the channels past C as zeros, so the buffer needs no clearing. 8 x 8
-// words at a time (one load per group, one store per position): word by word, its reads
+// (then 4 x 4) words at a time (one load per group, one store per position): word by word, its reads
 // strided by a plane, it took 3% of a 128 ch 28x28 layer at 0% on (perf, G2D_AMX=0).
 G2D_INT8_AVX2 void TransposeLsbCounts(const PGActLayout& L, int64_t Cp, const int8_t* act2,
                                       int8_t* act2_rows) {
@@ -781,6 +763,18 @@ G2D_INT8_AVX2 void TransposeLsbCounts(const PGActLayout& L, int64_t Cp, const in
                             _mm256_permute2x128_si256(u[k], u[k + 4], 0x31));
       }
     }
+    for (; c4 + 4 <= L.groups; c4 += 4)  // 4 x 4 words (16 channel layers have 4 groups)
+      for (int64_t q4 = q; q4 < q + 8; q4 += 4) {
+        __m128i r[4];
+        for (int i = 0; i < 4; ++i)
+          r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (c4 + i) * P + q4));
+        const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
+        const __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
+        const __m128i u[4] = {_mm_unpacklo_epi64(t0, t2), _mm_unpackhi_epi64(t0, t2),
+                              _mm_unpacklo_epi64(t1, t3), _mm_unpackhi_epi64(t1, t3)};
+        for (int k = 0; k < 4; ++k)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (q4 + k) * words + c4), u[k]);
+      }
     for (int i = 0; i < 8; ++i) scalar(q + i, c4);
   }
   for (; q < P; ++q) scalar(q, 0);
@@ -1001,8 +995,6 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
   const bool parallel = double(g.O) * double(g.C) * double(g.kk()) * double(L.nq) >= kParallelMacs;
   for (int64_t n = 0; n < g.N; ++n) {
     if (n > 0) pad_clock = StageClockNow();
-    std::memset(act1.data(), 0, act1.size());
-    std::memset(act2.data(), 0, act2.size());
     const float* xn = x + n * g.C * g.H * g.W;
     ParallelFor(ParallelIfLarge(ctx, 4 * g.C * g.H * g.W), size_t(w.groups), [&](size_t c4) {
       FillGroup(isa, xn, split, g, L, int64_t(c4), act1.data(), act2.data());
