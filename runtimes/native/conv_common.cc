@@ -1071,20 +1071,15 @@ void FillChannelLastRow(const IsaKernels& isa, const ConvGeom& g, const ChannelL
 // Sparse second stage from the channel-last copy (fp32, plans with w2_taps): per output row,
 // its gated-on columns of the span (base[t]: column t's output pixel as a channel-last pixel
 // index), dot products by isa.sparse_dots, added into out [M, ld].
-// For each byte value: the positions of its set bits, in order (padded to 8), and their count.
-struct SetBitTable {
-  alignas(16) int32_t at[256][8];
-  int32_t count[256];
-  SetBitTable() {
-    for (int v = 0; v < 256; ++v) {
-      int n = 0;
-      for (int b = 0; b < 8; ++b)
-        if (v >> b & 1) at[v][n++] = b;
-      for (int k = n; k < 8; ++k) at[v][k] = 0;
-      count[v] = n;
-    }
+SetBitTable::SetBitTable() {
+  for (int v = 0; v < 256; ++v) {
+    int n = 0;
+    for (int b = 0; b < 8; ++b)
+      if (v >> b & 1) at[v][n++] = b;
+    for (int k = n; k < 8; ++k) at[v][k] = 0;
+    count[v] = n;
   }
-};
+}
 const SetBitTable kSetBitPositions;
 
 void SparseSecondStageTaps(const IsaKernels& isa, const TapRows& rows, const ChannelLast& cl,

@@ -376,6 +376,16 @@ AlignedVec<T>& Scratch() {
   return buffer;
 }
 
+// For each byte value: the positions of its set bits, in order (padded to 8 with zeros), and
+// their count: a branch-free list of the gated-on columns (a loop over the set bits
+// mispredicts its exit once per byte). CG's sparse second stage and PG's int8 stage 2.
+struct SetBitTable {
+  alignas(32) int32_t at[256][8];
+  int32_t count[256];
+  SetBitTable();
+};
+extern const SetBitTable kSetBitPositions;
+
 // True if input `index` of the node is a constant initializer (weights can be prepared once).
 bool InputIsConstant(const OrtKernelInfo* info, size_t index);
 

@@ -7,7 +7,6 @@
 #include "pg_int8.h"
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -473,25 +472,6 @@ G2D_INT8_AVX2 inline __m256 BlockGate(const Job& j, __m256 sc1, const int32_t* s
   return _mm256_and_ps(valid, _mm256_cmp_ps(*v, _mm256_set1_ps(j.thr[ob * kR + r]), _CMP_GT_OQ));
 }
 
-// The lanes of an 8-lane vector whose bits are set in `bits`, in order, as vpermd indices (the
-// rest: don't care): a branchless compress. Appending each set bit with a loop over them
-// mispredicted its exit once per row and vector (1-2 gated-on lanes of 8 at 20% on).
-constexpr std::array<uint64_t, 256> MakeCompressTable() {
-  std::array<uint64_t, 256> t{};
-  for (unsigned bits = 0; bits < 256; ++bits) {
-    int n = 0;
-    for (unsigned lane = 0; lane < 8; ++lane)
-      if (bits >> lane & 1) t[bits] |= uint64_t(lane) << (8 * n++);
-  }
-  return t;
-}
-constexpr std::array<uint64_t, 256> kCompressTable = MakeCompressTable();
-
-G2D_INT8_AVX2 inline __m256i CompressIndex(unsigned bits) {
-  return _mm256_cvtepu8_epi32(
-      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kCompressTable[bits])));
-}
-
 // How many gates of that block are on (its first `rows` rows), as RunBlocks counts them.
 G2D_INT8_AVX2 int CountOn(const Job& j, const int32_t* s1, int64_t ob, int64_t q0, int rows) {
   const __m256 sc1 = _mm256_set1_ps(j.scale1);
@@ -546,10 +526,12 @@ G2D_INT8_AVX2 inline void FinishBlock(const Job& j, int64_t ob, int64_t b, int r
 // (FinishBlock). Three passes over the task's blocks:
 //   1. block by block, each output block in turn: stage 1 (AVX2; VNNI's is done: s1_done), the
 //      gates; blocks with no gate on and blocks whose stage 2 runs whole are finished here;
-//      the others add their gated-on positions to their rows' lists (a branchless compress);
+//      the others add their gated-on positions to their rows' lists (branch-free, with
+//      kSetBitPositions: a loop over the set bits, mispredicting its exit once per row and
+//      vector, had cost ~30% of stage 2 at 20% on);
 //   2. the dot products row by row over the whole task: a row's weights are loaded once per
-//      four of its positions across all the task's blocks (block by block, a row had ~3 gated-on
-//      positions per block at 20% on, so most calls ran one to three positions);
+//      eight (or four) of its positions across all the task's blocks (block by block, a row had
+//      ~3 gated-on positions per block at 20% on, so most calls ran one to three positions);
 //   3. the blocks of pass 2 are finished.
 // s1_done: stage 1's sums, output block ob0 + i's block b at s1_done + (i * kTileStride + b -
 // b0) * kR * kBlock (StageVnniChunk), or null: computed here by `stage`.
@@ -658,9 +640,11 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
         for (int p = 0; p < kP; ++p) {
           const unsigned bits = unsigned(_mm256_movemask_ps(gb[r][p]));
           const __m256i at = _mm256_add_epi32(_mm256_set1_epi32(int32_t(q0 + p * kVec)), iota);
+          const __m256i lanes =  // the set lanes first (vpermd indices)
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(kSetBitPositions.at[bits]));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(row_list + n),
-                              _mm256_permutevar8x32_epi32(at, CompressIndex(bits)));
-          n += __builtin_popcount(bits);
+                              _mm256_permutevar8x32_epi32(at, lanes));
+          n += kSetBitPositions.count[bits];
         }
         nlist[(ob - ob0) * kR + r] = n;
       }
