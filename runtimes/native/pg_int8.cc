@@ -86,8 +86,9 @@ struct Job {
   const ChunkOff* tails;     // and each tap's last 32 channels where Cp % 64 == 32
   int64_t ntails;
   DotFn dot;
-  int sparse_max;            // most gates on in a block for its stage 2 as dot products,
-  int sparse_max_alone;      // in a run of whole blocks (VNNI) / alone
+  int sparse_max;            // most gates on for a block to stay out of a run of whole blocks
+                             // (VNNI; AVX2: the only threshold, no runs)
+  int sparse_max_alone;      // most gates on for dot products outside a run
   const int64_t* koff;       // per k step: byte offset of (group, tap) from a position's own
   const int32_t* out_index;  // per position: output pixel, -1 for none
   const int32_t* valid;      // per position: -1 if an output pixel, else 0
@@ -335,9 +336,6 @@ G2D_INT8_VNNI void StageVnniChunk(const Job& j, int64_t ob, int nob, int64_t b0,
   }
 }
 
-// Stage 2 of output o at positions q[0 .. N-1]: dot products of o's weight row with the LSB
-// counts of each position's receptive field, 32 channels of a tap per step; each weight load
-// serves the N positions (int16 partial sums as StageAvx2).
 // The sum of the 8 int32 lanes of v (the end of each stage-2 dot product, both kernels).
 G2D_INT8_AVX2 inline int32_t SumLanes(__m256i v) {
   __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -346,6 +344,9 @@ G2D_INT8_AVX2 inline int32_t SumLanes(__m256i v) {
   return _mm_cvtsi128_si32(h);
 }
 
+// Stage 2 of output o at positions q[0 .. N-1]: dot products of o's weight row with the LSB
+// counts of each position's receptive field, 32 channels of a tap per step; each weight load
+// serves the N positions (int16 partial sums as StageAvx2).
 template <int N>
 G2D_INT8_AVX2 inline void DotsAvx2(const Job& j, int64_t o, const int32_t* q, int32_t* out) {
   const PGInt8Weights& w = *j.w;
@@ -378,12 +379,8 @@ G2D_INT8_AVX2 inline void DotsAvx2(const Job& j, int64_t o, const int32_t* q, in
     out[i] = SumLanes(_mm256_add_epi32(total[i], _mm256_madd_epi16(acc[i], ones)));
 }
 
-// 64 channels of a tap per step on 512-bit vectors (Job::chunks), a last 32 on 256-bit ones
-// (Job::tails). Here the counts stay the signed operand, q_w's sign applied to them (512 bits: a
-// masked byte negation, its mask the sign bytes' top bits; 256 bits: vpsignb): each weight load
-// serves N positions, and the offset form of StageVnni would need a second product for the e
-// bytes of most rows. N = 8 or 4: the lane sums of all N positions in one hadd tree.
-// One chunk of N dot products (DotsVnni).
+// One 64-channel chunk of N dot products (DotsVnni): the counts negated where q_w < 0 (a masked
+// byte negation, its mask the sign bytes' top bits), times |q_w|.
 template <int N>
 G2D_INT8_VNNI inline void DotChunk(const uint8_t* wm, const int8_t* ws, const int8_t* const* xq,
                                    const ChunkOff& at, __m512i* acc) {
@@ -396,6 +393,11 @@ G2D_INT8_VNNI inline void DotChunk(const uint8_t* wm, const int8_t* ws, const in
   }
 }
 
+// Stage 2 of output o at positions q[0 .. N-1]: 64 channels of a tap per step on 512-bit
+// vectors (Job::chunks), a last 32 on 256-bit ones (Job::tails, vpsignb for the sign). Here the
+// counts stay the signed operand, q_w's sign applied to them: each weight load serves N
+// positions, and the offset form of StageVnni would need a second product for the e bytes of
+// most rows. N = 8 or 4: the lane sums of all N positions in one hadd tree.
 template <int N>
 G2D_INT8_VNNI inline void DotsVnni(const Job& j, int64_t o, const int32_t* q, int32_t* out) {
   const PGInt8Weights& w = *j.w;
@@ -556,7 +558,8 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
   __m256 v[kSlots][kR][kP], gate[kSlots][kR][kP];  // the slots of pass 2 (dots[])
   int64_t dots[kSlots];
   int ndots = 0;
-  // per row: gated-on positions (dots); each vector store of 8 may run 7 past the last one
+  // per row: gated-on positions (dots), at most kTileStride * kBlock; appended 8 lanes at a
+  // time (the lanes past the set ones are never read), kVec of slack for safety only
   int32_t list[kTileOBlocks * kR][kTileStride * kBlock + kVec];
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   int nlist[kTileOBlocks * kR] = {};

@@ -30,9 +30,11 @@
 // (VNNI: two output blocks x two blocks per register tile, pg_int8.cc StageVnniTile), the gate, then
 // stage 2: nothing if no gate of the block is on; for a few gates on (fewer than a cost
 // model in pg_int8.cc puts at break-even: AVX2 about half the block's 64 at 128 channels, 15%
-// at 16; VNNI 25% and 7%), one dot product per gated-on output over the LSB
-// counts stored a second time position-major ([position][Cp], 32 channels of a tap
-// per load, against the output's weight row); else the block as in stage 1. Then the
+// at 16; VNNI 31% to join a run of whole blocks, 39% alone at 128 channels, 8% and 11% at 16),
+// one dot product per gated-on output over the LSB counts stored a second time
+// position-major ([position][Cp], 32 channels of a tap per load on AVX2, 64 on VNNI, against
+// the output's weight row; a row's dot products run over all blocks of a task at once); else
+// the block as in stage 1. Then the
 // epilogue (v = scale1 * acc1; y = v + [v > threshold] * (scale2 * acc2), the same float
 // operations as the other integer paths, no FMA), written to NCHW output: a plain store per
 // vector of 8 consecutive output pixels, lane by lane for vectors crossing a row end
