@@ -40,6 +40,7 @@ constexpr int kINR = 2 * kVW;  // int32 lanes: one lane per column, each lane a 
 // GCC vector extension: one source for every width; may_alias + aligned(4) so any float*
 // can be loaded without alignment requirements.
 typedef float vf __attribute__((vector_size(kVW * 4), aligned(4), may_alias));
+typedef int32_t vi32 __attribute__((vector_size(kVW * 4)));  // int32 lanes, as vf
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
@@ -112,7 +113,6 @@ void sgemm_indirect_micro(int64_t K, const float* a, const float* base, const in
 
 int64_t gate_panel(const float* acc, int64_t M, float scale, const float* thr,
                    const uint8_t* valid, float* out, uint8_t* gate, int64_t ld) {
-  typedef int32_t vi32 __attribute__((vector_size(kVW * 4)));
   typedef uint8_t vu8 __attribute__((vector_size(kVW)));
   vi32 valid_mask[2];
   for (int h = 0; h < 2; ++h)
@@ -509,7 +509,6 @@ double pool_channel(const float* x, int64_t n, int kind) {
 // a != a` compiled to scalar branches). A loop over a lane array, left to the compiler,
 // came out scalar (vmaxss per element; perf: 3% of a 16-channel 32x32 PG layer).
 float abs_max(const float* x, int64_t n) {
-  typedef int32_t vi32 __attribute__((vector_size(kVW * 4)));
   constexpr int kAcc = 4;
   vf m[kAcc] = {};
   vi32 nan = {};
@@ -563,8 +562,6 @@ void pack_filter_tile(const float* w, const int64_t* out_off, int n_out, const i
         dst[(t * B + li) * B + lo] =
             li < n_in && lo < n_out ? w[out_off[lo] + in_off[li] + t] : 0.f;
 }
-
-typedef int32_t vi32 __attribute__((vector_size(kVW * 4)));
 
 // PG's split of kVW activations (pg_split): q = round_half_even(min(|x| / s, 1) * levels), 0
 // for NaN; negative: lanes where x < 0 (all ones). The scalar tail of pg_split in vector

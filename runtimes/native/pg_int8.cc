@@ -683,11 +683,10 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
 // channels (through float planes and a repack, the split took as long as stage 1 at 16
 // channels 32x32: perf, G2D_AMX=0), and the padding around the rows zeroed (the planes are
 // scratch shared with other layers; clearing the whole buffers first cost 4% of the 16 channel
-// layer). The position-major
-// copy of the LSB counts is made afterwards (TransposeLsbCounts), not here: groups filled on
-// different threads writing their 4 bytes into the same 64-byte lines of it made the fill 3x
-// slower with 2 threads than with 1 (false sharing; G2D_STAGE_TIMES "pad", 128 ch 28x28 on
-// AMD EPYC Zen 4).
+// layer). The position-major copy of the LSB counts is made afterwards (TransposeLsbCounts),
+// not here: groups filled on different threads writing their 4 bytes into the same 64-byte
+// lines of it made the fill 3x slower with 2 threads than with 1 (false sharing;
+// G2D_STAGE_TIMES "pad", 128 ch 28x28 on AMD EPYC Zen 4).
 void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, const ConvGeom& g,
                const PGActLayout& L, int64_t c4, int8_t* act1, int8_t* act2) {
   AlignedVec<float>& zeros = Scratch<float, 40>();  // the channels past C
@@ -714,8 +713,8 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
 
 // act2_rows [position][Cp bytes] from act2 [group][position][4 bytes] (stride 1: one phase):
 // every word written, the channels past C as zeros, so the buffer needs no clearing. 8 x 8
-// (then 4 x 4) words at a time (one load per group, one store per position): word by word, its reads
-// strided by a plane, it took 3% of a 128 ch 28x28 layer at 0% on (perf, G2D_AMX=0).
+// (then 4 x 4) words at a time (one load per group, one store per position): word by word,
+// its reads strided by a plane, it took 3% of a 128 ch 28x28 layer at 0% on (perf, G2D_AMX=0).
 G2D_INT8_AVX2 void TransposeLsbCounts(const PGActLayout& L, int64_t Cp, const int8_t* act2,
                                       int8_t* act2_rows) {
   const int32_t* src = reinterpret_cast<const int32_t*>(act2);
