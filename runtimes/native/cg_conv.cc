@@ -162,7 +162,7 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * g.C * g.H * g.W;
       float* yn = y + n * g.O * g.P();
-      if (w_finite && AllFinite(xn, g.C * g.H * g.W))
+      if (w_finite && AllFinite(isa, xn, g.C * g.H * g.W))
         RunGatedConv(ctx, isa, g, plans->groups, xn, xn, 1.f, 1.f, threshold.Data(), yn,
                      plans->joint_second.get());
       else

@@ -599,6 +599,7 @@ void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
     const T* const x = src.x;
     const int64_t Wp = src.Wp, plane_size = src.plane;
     float* const buf = const_cast<float*>(src.xpad);  // the caller's scratch buffer
+    const IsaKernels& isa = BestKernels();
     // Split over the thread pool when asked (in blocks of channels, so a small copy stays on
     // one thread): the copy is otherwise a serial step before the parallel GEMM.
     constexpr size_t kChannelsPerTask = 8;
@@ -610,16 +611,10 @@ void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
         const float* xc = x + c * g.H * g.W;
         if (g.sh == 1 && g.sw == 1) {
           // Stride 1: one plane of [pl zeros | W inputs | pr zeros] rows, one row's right
-          // padding and the next one's left adjacent. Inline copies and zero runs, not a
-          // memcpy and a memset call per row: CIFAR rows are 8-32 floats, and the calls made
-          // this copy ~4 us of a 50 us ResNet-20 CG layer (G2D_STAGE_TIMES, 1 thread).
-          const int64_t W = g.W, gap = g.pr + g.pl;
-          float* row = plane + g.pt * Wp + g.pl;
+          // padding and the next one's left adjacent (isa.pad_rows: not a memcpy and a memset
+          // call per row, which made this copy ~4 us of a 50 us ResNet-20 CG layer).
           std::fill_n(plane, g.pt * Wp + g.pl, 0.f);
-          for (int64_t ih = 0; ih < g.H; ++ih, row += Wp) {
-            CopyFloats(xc + ih * W, row, W);
-            ZeroFloats(row + W, ih + 1 < g.H ? gap : g.pr);
-          }
+          isa.pad_rows(xc, g.H, g.W, plane + g.pt * Wp + g.pl, Wp, g.pr + g.pl, g.pr);
           std::fill_n(plane + (g.pt + g.H) * Wp, g.pb * Wp, 0.f);
           continue;
         }
@@ -1036,6 +1031,7 @@ ChannelLast LayoutChannelLast(const float* x, const ConvGeom& g, const std::vect
   cl.Hp = g.H + g.pt + g.pb;
   cl.Wp = Wp;
   cl.run_len = g.dw == 1 ? g.kw * Cs : Cs;
+  cl.toff.reserve(size_t(g.dw == 1 ? g.kh : g.kk()));
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < (g.dw == 1 ? 1 : g.kw); ++j) cl.toff.push_back(i * g.dh * Wp + j * g.dw);
   cl.chan_off.resize(chans.size());
@@ -1068,9 +1064,6 @@ void FillChannelLastRow(const IsaKernels& isa, const ConvGeom& g, const ChannelL
   }
 }
 
-// Sparse second stage from the channel-last copy (fp32, plans with w2_taps): per output row,
-// its gated-on columns of the span (base[t]: column t's output pixel as a channel-last pixel
-// index), dot products by isa.sparse_dots, added into out [M, ld].
 SetBitTable::SetBitTable() {
   for (int v = 0; v < 256; ++v) {
     int n = 0;
@@ -1082,49 +1075,33 @@ SetBitTable::SetBitTable() {
 }
 const SetBitTable kSetBitPositions;
 
+// Sparse second stage from the channel-last copy (fp32, plans with w2_taps): per output row,
+// its gated-on columns of the span, dot products by isa.sparse_dots, added into out [M, ld].
+// Column t's output pixel as a channel-last pixel index: q0 + t where `base` is null (stride
+// 1: the span's columns run over the padded width, as the copy's pixels do), else base[t].
 void SparseSecondStageTaps(const IsaKernels& isa, const TapRows& rows, const ChannelLast& cl,
-                           const int32_t* base, int64_t ncols, int64_t ld, const uint8_t* gate,
-                           float s2, float* out) {
+                           const int32_t* base, int64_t q0, int64_t ncols, int64_t ld,
+                           const uint8_t* gate, float s2, float* out) {
   uint64_t clock = StageClockNow();
   const int64_t M = rows.M;
   AlignedVec<int32_t>& cols_buf = Scratch<int32_t, 4>();  // gated-on columns, row by row
   AlignedVec<int32_t>& bases_buf = Scratch<int32_t, 5>();  // their channel-last pixels
   AlignedVec<int32_t>& start_buf = Scratch<int32_t, 12>();  // row m: [start[m], start[m + 1])
   AlignedVec<float>& dots_buf = Scratch<float, 13>();
-  cols_buf.resize(size_t(M * ncols + 8));  // the table's stores write up to 8 past the end
-  bases_buf.resize(size_t(M * ncols + 8));
+  cols_buf.resize(size_t(M * ncols + 16));  // whole vectors are stored past the last
   start_buf.resize(size_t(M + 1));
   int32_t* const cols = cols_buf.data();
-  int32_t* const bases = bases_buf.data();
   int32_t* const start = start_buf.data();
-  int32_t pos = 0;
-  for (int64_t m = 0; m < M; ++m) {
-    start[m] = pos;
-    const uint8_t* gm = gate + m * ld;
-    // 16 gates at a time to a bit mask (SSE2: the gates are 0/1 bytes); each byte of it
-    // appends its set columns with two 16-byte stores from a table of positions (branch-free:
-    // a loop over the set bits mispredicted its exit once per 16 columns, and a loop over
-    // every column cost 15% of the sparse product itself).
-    int64_t t0 = 0;
-    for (; t0 + 16 <= ncols; t0 += 16) {
-      const __m128i g16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gm + t0));
-      const uint32_t bits = uint32_t(_mm_movemask_epi8(_mm_slli_epi16(g16, 7)));
-      for (int half = 0; half < 2; ++half) {
-        const uint32_t byte = (bits >> (8 * half)) & 0xffu;
-        const __m128i at = _mm_set1_epi32(int32_t(t0 + 8 * half));
-        const __m128i* entry = reinterpret_cast<const __m128i*>(kSetBitPositions.at[byte]);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(cols + pos), _mm_add_epi32(entry[0], at));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(cols + pos + 4), _mm_add_epi32(entry[1], at));
-        pos += kSetBitPositions.count[byte];
-      }
-    }
-    for (int64_t t = t0; t < ncols; ++t) {
-      cols[pos] = int32_t(t);
-      pos += gm[t];
-    }
-    for (int32_t e = start[m]; e < pos; ++e) bases[e] = base[cols[e]];
+  isa.gated_columns(gate, ld, M, ncols, cols, start);
+  const int32_t pos = start[M];
+  const int32_t* pix = cols;  // pixel indices relative to x
+  const float* x = cl.x + q0 * cl.Cs;
+  if (base) {
+    bases_buf.resize(size_t(pos) + 1);
+    for (int32_t e = 0; e < pos; ++e) bases_buf[size_t(e)] = base[cols[e]];
+    pix = bases_buf.data();
+    x = cl.x;
   }
-  start[M] = pos;
   dots_buf.resize(size_t(pos) + 1);
   float* const dots = dots_buf.data();
   AddStageTime(kTimeLists, clock);
@@ -1134,7 +1111,7 @@ void SparseSecondStageTaps(const IsaKernels& isa, const TapRows& rows, const Cha
     const int n = start[m + 1] - start[m];
     if (n == 0) continue;
     isa.sparse_dots(rows.data.data() + m * row_len, rows.Cs, cl.run_len, int(cl.toff.size()),
-                    cl.toff.data(), cl.x, bases + start[m], n, dots + start[m]);
+                    cl.toff.data(), x, pix + start[m], n, dots + start[m]);
     float* om = out + m * ld;
     for (int32_t e = start[m]; e < start[m + 1]; ++e) om[cols[e]] += s2 * dots[e];
   }
@@ -1243,8 +1220,12 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   // and the copy of the other (p - 1) / p of the channels was a quarter of the call's fixed
   // cost (128 ch 28x28).
   const bool split_sources = uses_taps && x2 == x1;
+  // (The per-call vectors below are reserved to size: with growth by push_back, a CG layer of
+  // ResNet-20 made ~50 allocations per call here, ~2% of its time with their frees.)
   std::vector<int> chans1_used, chans2_used;
   if (split_sources) {
+    chans1_used.reserve(size_t(g.C));
+    chans2_used.reserve(size_t(g.C));
     std::vector<bool> in1(size_t(g.C), false), in2(size_t(g.C), false);
     for (const auto& plan : plans) {
       for (int c : plan.chans1) in1[size_t(c)] = true;
@@ -1269,11 +1250,13 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   };
   std::vector<std::vector<int64_t>> offs1;
   std::vector<std::vector<float>> thresholds;
+  offs1.reserve(plans.size());
+  thresholds.reserve(plans.size());
   int64_t max_rows = 0, all_rows = 0;
   for (const auto& plan : plans) {
     offs1.push_back(Offsets(src1, plan.chans1));
-    thresholds.emplace_back();
-    for (int o : plan.outputs) thresholds.back().push_back(threshold[o]);
+    thresholds.emplace_back(plan.outputs.size());
+    for (size_t m = 0; m < plan.outputs.size(); ++m) thresholds.back()[m] = threshold[plan.outputs[m]];
     max_rows = std::max<int64_t>(max_rows, int64_t(plan.outputs.size()));
     all_rows += int64_t(plan.outputs.size());
   }
@@ -1339,6 +1322,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     uint8_t valid[kMaxSpanPanels * 64];  // column is an output pixel (indirect panels skip
                                              // the padding columns)
     int32_t base[kMaxSpanPanels * 64];  // channel-last pixel index of column t (w2_taps)
+    // Stride 1 on the padded width: column q's channel-last pixel is q itself (base unused).
+    const bool base_is_column = src1.indirect && g.sh == 1 && g.sw == 1;
     // Column t's output pixel (oh, ow), stepped along the span: a division and a remainder
     // per column (four with the pixel's own) cost ~6 us per call of a 16-channel 32x32 layer.
     const int64_t row_len = src1.indirect ? src1.Wp : g.OW;  // columns per output row
@@ -1409,7 +1394,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
             // The padded input rows the span's receptive fields cover (its last output row
             // may be oh or, where the span ended at a row's end, oh - 1: a row more is cheap).
             need_channel_last_rows(plan_index, first_oh * g.sh, oh * g.sh + (g.kh - 1) * g.dh);
-            SparseSecondStageTaps(isa, plan.w2_taps, cl, base, ncols, NR, gate, s2, out);
+            SparseSecondStageTaps(isa, plan.w2_taps, cl, base_is_column ? nullptr : base, q0,
+                                  ncols, NR, gate, s2, out);
           } else {
             need_src2();
             SparseSecondStageRows(isa, plan, src2, off2_of(plan_index), q0, ncols, NR, gate, s2, out);

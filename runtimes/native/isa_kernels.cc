@@ -11,6 +11,8 @@
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#else
+#include <emmintrin.h>  // SSE2, part of every x86-64 CPU
 #endif
 
 #ifndef G2D_ISA_NS
@@ -745,6 +747,80 @@ void sparse_dots(const float* w, int64_t ld, int64_t len, int ntaps, const int64
   if (i < n) sparse_dots_group<1>(w, ld, len, ntaps, toff, x, pix + i, out + i);
 }
 
+void gated_columns(const uint8_t* gate, int64_t ld, int64_t M, int64_t n, int32_t* cols,
+                   int32_t* start) {
+  int32_t pos = 0;
+#if defined(__AVX512F__)
+  // 16 gates to a mask (vptestmb), the columns compressed by it (vpcompressd into a register,
+  // then a whole-vector store: the memory form is microcoded on Intel). The only dependency
+  // from one step to the next is pos's add.
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m128i ones = _mm_set1_epi8(1);
+  for (int64_t m = 0; m < M; ++m) {
+    start[m] = pos;
+    const uint8_t* gm = gate + m * ld;
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+      const __mmask16 valid = n - t0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - t0)) - 1);
+      const __mmask16 on = _mm_mask_test_epi8_mask(valid, _mm_maskz_loadu_epi8(valid, gm + t0), ones);
+      const __m512i t = _mm512_add_epi32(iota, _mm512_set1_epi32(int32_t(t0)));
+      _mm512_storeu_si512(cols + pos, _mm512_maskz_compress_epi32(on, t));
+      pos += __builtin_popcount(unsigned(on));
+    }
+  }
+#else
+  // 16 gates to a bit mask (SSE2), each byte of it appending its set columns with two 16-byte
+  // stores from the table of positions (a loop over the set bits mispredicted its exit once per
+  // 16 columns, and a loop over every column cost 15% of the sparse product itself).
+  for (int64_t m = 0; m < M; ++m) {
+    start[m] = pos;
+    const uint8_t* gm = gate + m * ld;
+    int64_t t0 = 0;
+    for (; t0 + 16 <= n; t0 += 16) {
+      const __m128i g16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gm + t0));
+      const uint32_t bits = uint32_t(_mm_movemask_epi8(_mm_slli_epi16(g16, 7)));
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t byte = (bits >> (8 * half)) & 0xffu;
+        const __m128i at = _mm_set1_epi32(int32_t(t0 + 8 * half));
+        const __m128i* entry = reinterpret_cast<const __m128i*>(kSetBitPositions.at[byte]);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cols + pos), _mm_add_epi32(entry[0], at));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cols + pos + 4), _mm_add_epi32(entry[1], at));
+        pos += kSetBitPositions.count[byte];
+      }
+    }
+    for (int64_t t = t0; t < n; ++t) {
+      cols[pos] = int32_t(t);
+      pos += gm[t];
+    }
+  }
+#endif
+  start[M] = pos;
+}
+
+void pad_rows(const float* x, int64_t H, int64_t W, float* dst, int64_t Wp, int64_t gap,
+              int64_t last_gap) {
+  for (int64_t r = 0; r < H; ++r) {
+    const float* in = x + r * W;
+    float* out = dst + r * Wp;
+    const int64_t zeros = r + 1 < H ? gap : last_gap;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= W; j += 16) _mm512_storeu_ps(out + j, _mm512_loadu_ps(in + j));
+    if (j < W) {
+      const __mmask16 tail = __mmask16((1u << (W - j)) - 1);
+      _mm512_mask_storeu_ps(out + j, tail, _mm512_maskz_loadu_ps(tail, in + j));
+    }
+    for (int64_t z = 0; z < zeros; z += 16) {
+      const __mmask16 n = __mmask16((1u << std::min<int64_t>(16, zeros - z)) - 1);
+      _mm512_mask_storeu_ps(out + W + z, n, _mm512_setzero_ps());
+    }
+#else
+    for (; j + kVW <= W; j += kVW) store(out + j, load(in + j));
+    for (; j < W; ++j) out[j] = in[j];
+    for (int64_t z = 0; z < zeros; ++z) out[W + z] = 0.f;
+#endif
+  }
+}
+
 // ---------------------------------------------------------------- ONNX Runtime's NCHWc layout
 // A block of channels as MLAS's NCHWc kernels store it: pixel p, lane l at p * B + l.
 
@@ -926,7 +1002,7 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     igemm_micro,   gather_fields, gate_panel,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
                                     pack_filter_tile, epilogue_row, has_nonzero, pool_channel,
-                                    pg_split,      pg_split_words, sparse_dots, abs_max, block_channel_stats,
+                                    pg_split,      pg_split_words, sparse_dots, gated_columns, pad_rows, abs_max, block_channel_stats,
                                     epilogue_block, permute_lanes, quantize_sign_magnitude};
 
 }  // namespace G2D_ISA_NS

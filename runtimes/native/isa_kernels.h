@@ -18,6 +18,17 @@ namespace g2d {
 
 enum PoolKind { kPoolSum = 0, kPoolMax = 1, kPoolAbsSum = 2, kPoolSquareSum = 3 };
 
+// For each byte value: the positions of its set bits, in order (padded to 8 with zeros), and
+// their count: a branch-free list of the gated-on columns (a loop over the set bits
+// mispredicts its exit once per byte). gated_columns below (without AVX-512) and PG's int8
+// stage 2 (pg_int8.cc). Defined in conv_common.cc.
+struct SetBitTable {
+  alignas(32) int32_t at[256][8];
+  int32_t count[256];
+  SetBitTable();
+};
+extern const SetBitTable kSetBitPositions;
+
 struct IsaKernels {
   const char* name;
   int mr, nr;  // fp32 micro-tile: mr rows x nr columns
@@ -101,6 +112,20 @@ struct IsaKernels {
   // memory).
   void (*sparse_dots)(const float* w, int64_t ld, int64_t len, int ntaps, const int64_t* toff,
                       const float* x, const int32_t* pix, int n, float* out);
+  // The gated-on columns of gate [M, ld] (bytes 0 / 1), row by row: the k-th (k counting over
+  // all rows, m = 0 first) in cols[k], ascending within a row; start[m] = row m's first k,
+  // start[M] = the count. cols needs M * n + 16 entries (whole vectors are stored past the
+  // last). Branch-free (the gates are unpredictable): AVX-512 compresses 16 columns per
+  // instruction, the others go through kSetBitPositions.
+  void (*gated_columns)(const uint8_t* gate, int64_t ld, int64_t M, int64_t n, int32_t* cols,
+                        int32_t* start);
+  // Rows r < H of a zero-padded plane: dst[r * Wp + j] = x[r * W + j] for j < W, then `gap`
+  // zeros (a row's right padding and the next one's left), `last_gap` after the last row.
+  // Stores nothing else. The stride-1 padded copy of the fp32 convs (conv_common.cc
+  // FillSource), whose rows are 8-32 floats in CIFAR networks: masked vectors on AVX-512
+  // (the baseline build's 4-float copies took ~5 us of a 16-channel 32x32 CG layer, perf).
+  void (*pad_rows)(const float* x, int64_t H, int64_t W, float* dst, int64_t Wp, int64_t gap,
+                   int64_t last_gap);
   // max |x[i]| over i < n (0 for n = 0); NaN if some x[i] is NaN. PG's dynamic scale: in
   // pg_conv.cc's baseline build this loop took ~5% of a 16-channel 32x32 layer's call (perf).
   float (*abs_max)(const float* x, int64_t n);
