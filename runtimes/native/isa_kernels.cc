@@ -763,8 +763,8 @@ void gated_columns(const uint8_t* gate, int64_t ld, int64_t M, int64_t n, int32_
   int32_t pos = 0;
 #if defined(__AVX512F__)
   // 16 gates to a mask (vptestmb), the columns compressed by it (vpcompressd into a register,
-  // then a whole-vector store: the memory form is microcoded on Intel). The only dependency
-  // from one step to the next is pos's add.
+  // then a whole-vector store: the memory form is microcoded, and slow, on AMD Zen 4). The
+  // only dependency from one step to the next is pos's add.
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m128i ones = _mm_set1_epi8(1);
   for (int64_t m = 0; m < M; ++m) {
