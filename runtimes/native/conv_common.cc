@@ -1313,6 +1313,10 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   // single parallel section per call, the span's data in cache. The span's outputs are
   // assembled in `out` [M, NR] (contiguous rows, so the gate and select loops vectorize) and
   // copied to y once, run by run of consecutive pixels.
+  // The channel-last sparse stage's pixel of each column: at stride 1 on the padded width,
+  // column q's channel-last pixel is q itself; otherwise a per-span table (base).
+  const bool base_is_column = src1.indirect && g.sh == 1 && g.sw == 1;
+  const bool fill_base = uses_taps && !base_is_column;
   const int64_t panels = (src1.columns + nr - 1) / nr;
   const int64_t NR =
       (panels >= kWideSpanMinPanels ? (uses_taps ? kTapSpanPanels : kSecondStagePanels) : 1) * nr;
@@ -1321,9 +1325,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     int64_t pix[kMaxSpanPanels * 64];
     uint8_t valid[kMaxSpanPanels * 64];  // column is an output pixel (indirect panels skip
                                              // the padding columns)
-    int32_t base[kMaxSpanPanels * 64];  // channel-last pixel index of column t (w2_taps)
-    // Stride 1 on the padded width: column q's channel-last pixel is q itself (base unused).
-    const bool base_is_column = src1.indirect && g.sh == 1 && g.sw == 1;
+    int32_t base[kMaxSpanPanels * 64];  // channel-last pixel index of column t (fill_base)
     // Column t's output pixel (oh, ow), stepped along the span: a division and a remainder
     // per column (four with the pixel's own) cost ~6 us per call of a 16-channel 32x32 layer.
     const int64_t row_len = src1.indirect ? src1.Wp : g.OW;  // columns per output row
@@ -1333,7 +1335,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       const bool in_span = t < ncols && ow < g.OW;  // indirect rows' padding columns are none
       pix[t] = in_span ? oh * g.OW + ow : -1;
       valid[t] = in_span;
-      base[t] = in_span ? int32_t(oh * g.sh * (g.W + g.pl + g.pr) + ow * g.sw) : 0;
+      if (fill_base) base[t] = in_span ? int32_t(oh * g.sh * (g.W + g.pl + g.pr) + ow * g.sw) : 0;
       if (++ow == row_len) {
         ow = 0;
         ++oh;

@@ -772,7 +772,7 @@ void gated_columns(const uint8_t* gate, int64_t ld, int64_t M, int64_t n, int32_
     const uint8_t* gm = gate + m * ld;
     for (int64_t t0 = 0; t0 < n; t0 += 16) {
       const __mmask16 valid = n - t0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - t0)) - 1);
-      const __mmask16 on = _mm_mask_test_epi8_mask(valid, _mm_maskz_loadu_epi8(valid, gm + t0), ones);
+      const __mmask16 on = _mm_test_epi8_mask(_mm_maskz_loadu_epi8(valid, gm + t0), ones);
       const __m512i t = _mm512_add_epi32(iota, _mm512_set1_epi32(int32_t(t0)));
       _mm512_storeu_si512(cols + pos, _mm512_maskz_compress_epi32(on, t));
       pos += __builtin_popcount(unsigned(on));
