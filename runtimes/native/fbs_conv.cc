@@ -147,9 +147,9 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     // computed as the reference writes it (every output channel convolved, over every input
     // channel: a zero channel times an inf weight is NaN); finite samples take the fast path.
     const bool params_finite =
-        WeightsFinite(W.Data(), g.O * g.Cw * g.kk()) && AllFinite(fc_W.Data(), g.O * g.C) &&
-        AllFinite(fc_b.Data(), g.O) && AllFinite(bn_scale.Data(), g.O) &&
-        AllFinite(bn_shift.Data(), g.O) && AllFinite(beta.Data(), g.O);
+        WeightsFinite(W.Data(), g.O * g.Cw * g.kk()) && AllFinite(isa, fc_W.Data(), g.O * g.C) &&
+        AllFinite(isa, fc_b.Data(), g.O) && AllFinite(isa, bn_scale.Data(), g.O) &&
+        AllFinite(isa, bn_shift.Data(), g.O) && AllFinite(isa, beta.Data(), g.O);
     std::vector<uint8_t> channel_finite(size_t(g.C));
 
     for (int64_t n = 0; n < g.N; ++n) {
@@ -188,7 +188,7 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
           // it overflows (then the sample takes the reference path, which is exact anyway).
           const double r = live[c] ? isa.pool_channel(xc, HW, pool_) : 0.0;
           pooled[c] = max_pool ? float(r) : float(r / double(pool_area));
-          channel_finite[c] = !live[c] || (max_pool ? AllFinite(xc, HW) : std::isfinite(pooled[c]));
+          channel_finite[c] = !live[c] || (max_pool ? AllFinite(isa, xc, HW) : std::isfinite(pooled[c]));
         });
       }
       bool finite = params_finite;
