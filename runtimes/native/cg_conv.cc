@@ -159,15 +159,20 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     } else {
       w_finite = AllFinite(W.Data(), g.O * g.C * g.kk());
     }
-    for (int64_t n = 0; n < g.N; ++n) {
+    // Small layers in a batch: one task per sample (ParallelOverSamples); else each sample's
+    // spans in parallel.
+    const bool by_sample = ParallelOverSamples(g);
+    OrtKernelContext* inner = by_sample ? nullptr : ctx;
+    ParallelFor(by_sample ? ctx : nullptr, size_t(g.N), [&](size_t s) {
+      const int64_t n = int64_t(s);
       const float* xn = X.Data() + n * g.C * g.H * g.W;
       float* yn = y + n * g.O * g.P();
       if (w_finite && AllFinite(isa, xn, g.C * g.H * g.W))
-        RunGatedConv(ctx, isa, g, plans->groups, xn, xn, 1.f, 1.f, threshold.Data(), yn,
+        RunGatedConv(inner, isa, g, plans->groups, xn, xn, 1.f, 1.f, threshold.Data(), yn,
                      plans->joint_second.get());
       else
-        NonFiniteSample(ctx, isa, g, W.Data(), mask, threshold.Data(), xn, yn);
-    }
+        NonFiniteSample(inner, isa, g, W.Data(), mask, threshold.Data(), xn, yn);
+    });
     ApplyPostEpilogue(ctx, isa, post, y, g.N, g.O, g.P());
   });
 }

@@ -944,7 +944,6 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
 #if G2D_HAVE_INT8
   if (g.sh != 1 || g.sw != 1) throw OpError("PGConv: int8 path called for a strided layer");
   const uint64_t call_clock = StageClockNow();
-  uint64_t pad_clock = call_clock;  // "pad": the tables and each sample's int8 layout fill
   const std::shared_ptr<const PGInt8Tables> tables = TablesFor(w, g);
   const PGActLayout& L = tables->L;
   const std::vector<int64_t>& koff = tables->koff;
@@ -952,12 +951,6 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
   const AlignedVec<int32_t>& out_index = tables->out_index;
   const AlignedVec<int32_t>& valid = tables->valid;
   const std::vector<VecStore>& stores = tables->stores;
-  AlignedVec<int8_t>& act1 = Scratch<int8_t, 41>();
-  AlignedVec<int8_t>& act2 = Scratch<int8_t, 42>();
-  AlignedVec<int8_t>& act2_rows = Scratch<int8_t, 45>();
-  act1.resize(size_t(L.Bytes()));
-  act2.resize(size_t(L.Bytes()));
-  act2_rows.resize(size_t(L.phases * L.plane_len * w.Cp));
 
   auto steps = [&](int64_t max_count) {  // AVX2: k steps whose int16 sums cannot saturate
     const int64_t pair = std::max<int64_t>(1, 2 * int64_t(w.wmax) * max_count);
@@ -979,10 +972,21 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
   const IsaKernels& isa = BestKernels();
   const int64_t chunks = (L.blocks + kBlocksPerTask - 1) / kBlocksPerTask;
   const bool parallel = double(g.O) * double(g.C) * double(g.kk()) * double(L.nq) >= kParallelMacs;
-  for (int64_t n = 0; n < g.N; ++n) {
-    if (n > 0) pad_clock = StageClockNow();
+  // Small layers in a batch: one task per sample, each on its own thread's buffers
+  // (ParallelOverSamples); else each sample's blocks in parallel.
+  const bool by_sample = ParallelOverSamples(g);
+  OrtKernelContext* const inner = by_sample ? nullptr : ctx;
+  ParallelFor(by_sample ? ctx : nullptr, size_t(g.N), [&](size_t sample) {
+    const int64_t n = int64_t(sample);
+    uint64_t pad_clock = n == 0 ? call_clock : StageClockNow();  // sample 0's includes the tables
+    AlignedVec<int8_t>& act1 = Scratch<int8_t, 41>();
+    AlignedVec<int8_t>& act2 = Scratch<int8_t, 42>();
+    AlignedVec<int8_t>& act2_rows = Scratch<int8_t, 45>();
+    act1.resize(size_t(L.Bytes()));
+    act2.resize(size_t(L.Bytes()));
+    act2_rows.resize(size_t(L.phases * L.plane_len * w.Cp));
     const float* xn = x + n * g.C * g.H * g.W;
-    ParallelFor(ParallelIfLarge(ctx, 4 * g.C * g.H * g.W), size_t(w.groups), [&](size_t c4) {
+    ParallelFor(ParallelIfLarge(inner, 4 * g.C * g.H * g.W), size_t(w.groups), [&](size_t c4) {
       FillGroup(isa, xn, split, g, L, int64_t(c4), act1.data(), act2.data());
     });
     TransposeLsbCounts(L, w.Cp, act2.data(), act2_rows.data());
@@ -1015,7 +1019,7 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
     // AVX2 runs stage 1 block by block inside RunBlocks.
     const int64_t group = tiles ? kTileOBlocks : 1;
     const int64_t groups = (w.oblocks + group - 1) / group;
-    ParallelFor(parallel ? ctx : nullptr, size_t(groups * chunks), [&](size_t i) {
+    ParallelFor(parallel ? inner : nullptr, size_t(groups * chunks), [&](size_t i) {
       const int64_t ob = int64_t(i) / chunks * group;
       const int64_t b0 = (int64_t(i) % chunks) * kBlocksPerTask;
       const int64_t b1 = std::min(L.blocks, b0 + kBlocksPerTask);
@@ -1031,7 +1035,7 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
       RunBlocks(job, stage, ob, nob, b0, b1, s1);
     });
     int8_runs.fetch_add(1, std::memory_order_relaxed);
-  }
+  });
   AddStageTime(kTimeCall, call_clock);
 #else
   throw OpError("PGConv: int8 path called on a build without x86 SIMD support");
