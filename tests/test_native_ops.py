@@ -306,8 +306,8 @@ def test_pg_conv_matches_reference(gi, bits, frac):
 ])
 def test_pg_conv_wide_layers_run_on_a_fast_path(geom, bits, frac):
     """Group-1 layers run their integer stages on AMX int8 tiles where the CPU has them, else
-    on the int8 AVX2 / VNNI kernels (stride 1), else (whole channel blocks) as fp32 convs on
-    ONNX Runtime's NCHWc conv; all exact. Negative inputs included."""
+    on the int8 VNNI kernel (any stride) / AVX2 kernel (stride 1), else (whole channel blocks)
+    as fp32 convs on ONNX Runtime's NCHWc conv; all exact. Negative inputs included."""
     abits, pred, wbits = bits
     n, c, o, h, wd, k, s, p, d = geom
     rng = np.random.default_rng(c + o)
@@ -323,7 +323,7 @@ def test_pg_conv_wide_layers_run_on_a_fast_path(geom, bits, frac):
     assert_close_with_ties(y, y_ref, msb, thr)
     if AMX_EXPECTED:
         assert amx_conv_runs() == amx_before + n
-    elif INT8_EXPECTED and s == (1, 1):  # the int8 kernels take stride-1 layers only
+    elif INT8_EXPECTED and (s == (1, 1) or pg_int8_kernel() == "vnni"):  # AVX2: stride 1 only
         assert pg_int8_runs() == int8_before + n
     elif ORT_CONV_EXPECTED:
         assert delegated_conv_runs() >= delegated_before + n * (1 if frac == 0.0 else 2)
@@ -420,8 +420,9 @@ def test_pg_conv_fast_paths_are_bitwise_equal(tmp_path, other):
     ys = open_session(path, threads=2).run(None, feeds)
     if AMX_EXPECTED:
         assert amx_conv_runs() == amx_before + 2 + 2 + 2 + 1 + 1  # every layer, every sample
-    elif INT8_EXPECTED:
-        assert pg_int8_runs() == int8_before + 2 + 1 + 1  # the stride-1 layers, every sample
+    elif INT8_EXPECTED:  # every layer and sample on VNNI; AVX2: the stride-1 layers
+        assert pg_int8_runs() == int8_before + (2 + 2 + 2 + 1 + 1 if pg_int8_kernel() == "vnni"
+                                                else 2 + 1 + 1)
     else:
         assert delegated_conv_runs() > delegated_before
     for i, y in enumerate(ys):

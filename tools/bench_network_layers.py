@@ -10,7 +10,7 @@ of the native library (e.g. the main branch's, from ~/.cache/gate2deploy/native)
 the same alternating blocks, with the largest output difference between the two builds, and
 that build's stage times after the new one's ("| before:"). PG's int8 path (pg_int8.cc)
 times pad (its tables and int8 layout fill), stage1 (MSB), gate, sparse2 (dot products) /
-dense2 (block) for the LSB stage, store and call; its strided layers (the NCHWc delegate)
+dense2 (block) for the LSB stage, store and call; strided layers on the NCHWc delegate (AVX2 tier)
 show the wall times only.
 
 Timing: the sessions of one layer in alternating blocks of 10 runs (gate2deploy.benchmark),

@@ -17,8 +17,8 @@
 //     weights are split in two). Both stages on tiles, stage 2 skipped per block of 32
 //     positions x 32 outputs with no gate on. Measured: 1.8x dense fp32 at 20% on, 2.5x at 0%.
 //  2. int8 SIMD where AMX is absent (pg_int8.h): AVX-512 VNNI vpdpbusd under the avx512
-//     table, AVX2 vpmaddubsw under the avx2 table; group 1, stride 1 (measured: strided
-//     layers ran slower than on path 3), |counts| <= 127 and, on AVX2,
+//     table, AVX2 vpmaddubsw under the avx2 table; group 1, any stride on VNNI, stride 1 on
+//     AVX2 (measured: its strided layers ran slower than on path 3), |counts| <= 127 and, on AVX2,
 //     2 * max|q_w| * max|count| <= 32767 (its saturating int16 pair sums). Stage 2 per block
 //     of 4 outputs x 16 positions: skipped with no gate on, dot products of the gated-on
 //     outputs while a cost model says that is cheaper, else whole. Measured on AVX2 (AMD
@@ -28,7 +28,7 @@
 //     0.32 / 0.33x for path 4; ResNet-20's 16-64 channel stride-1 layers 15-35% faster than on
 //     path 3, its stride-2 layers slower (0.44x dense against 0.56x at 16 -> 32 ch, 0.67x
 //     against 0.79x at 128 ch 28x28; the stride-phase fill of the whole input costs more
-//     than the quartered conv saves), so strided layers take path 3. An int8 stage costs
+//     than the quartered conv saves), so AVX2's strided layers take path 3. An int8 stage costs
 //     about one dense fp32 conv here: per 32 multiply-adds vpsignb + vpmaddubsw + vpaddw
 //     against four FMAs on Zen 3's two full-rate FMA pipes, so the gain is stage 2's skipped
 //     work, not stage 1. The VNNI kernel is checked for numerics only (no AVX-512 machine
@@ -245,11 +245,14 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
   // Integer stages on 8-bit SIMD (pg_int8.h: AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd): exact
   // int32 sums, the same result. Where AMX is absent, the fastest exact path measured at
   // every gate-on fraction (see the top of this file).
-  // Strided layers stay on the paths below: measured on ResNet-20's 16 -> 32 channel stride-2
-  // layer (32x32), the int8 kernel's stride-phase layout fill took longer than the whole
-  // dense conv (0.44x dense at 0% on, against 0.56x on the NCHWc path).
-  const bool int8_fits = int_path && g.group == 1 && g.sh == 1 && g.sw == 1;
-  const PGInt8Isa int8 = int8_fits ? PGInt8For(isa) : PGInt8Isa::kNone;
+  // Strided layers: on the VNNI kernel (its phase-plane fill, pg_int8.cc FillGroup), 1.5-2.0x
+  // faster than the NCHWc path below at 0 / 36 / 100% on, bit for bit the same, on ResNet-20's
+  // two stride-2 layers (AMD EPYC Zen 4, 1 and 2 threads; the network 6-8% faster at 1
+  // thread). The AVX2 kernel keeps them on the paths below: measured there (Zen 3, with an
+  // earlier fill), its stride-2 layer ran 0.44x dense against 0.56x on the NCHWc path.
+  const PGInt8Isa int8_isa = int_path && g.group == 1 ? PGInt8For(isa) : PGInt8Isa::kNone;
+  const PGInt8Isa int8 =
+      (g.sh == 1 && g.sw == 1) || int8_isa == PGInt8Isa::kVnni ? int8_isa : PGInt8Isa::kNone;
   if (int8 != PGInt8Isa::kNone) {
     const std::shared_ptr<const PGInt8Weights> w8 = PackedWeightsOnce(
         w_const_, plans_mutex_, int8_packed_, int8_w_, [&] { return PackPGInt8Weights(w_q->data(), g); });

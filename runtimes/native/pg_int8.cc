@@ -697,11 +697,51 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
     std::memset(msb + from, 0, size_t(to - from) * sizeof(int32_t));
     std::memset(lsb + from, 0, size_t(to - from) * sizeof(int32_t));
   };
+  auto rows_of = [&](int64_t h, const float* rows[4]) {
+    for (int i = 0; i < 4; ++i)
+      rows[i] = 4 * c4 + i < g.C ? x + ((4 * c4 + i) * g.H + h) * g.W : zeros.data();
+  };
+  if (L.phases > 1) {
+    // Strided: the layout's phase planes (MakePGActLayout: padded pixel (hp, wp) at row
+    // hp / sh, column wp / sw of phase (hp % sh, wp % sw); the group's plane of phase f at
+    // (f * groups + c4) * plane_len). Each row is split into words once, then dealt to its
+    // phases' rows; the group's planes are cleared first (the padding, the round-up).
+    AlignedVec<int32_t>& row_msb = Scratch<int32_t, 51>();
+    AlignedVec<int32_t>& row_lsb = Scratch<int32_t, 52>();
+    row_msb.resize(size_t(g.W));
+    row_lsb.resize(size_t(g.W));
+    int32_t* const msb0 = reinterpret_cast<int32_t*>(act1);
+    int32_t* const lsb0 = reinterpret_cast<int32_t*>(act2);
+    for (int64_t f = 0; f < L.phases; ++f) {
+      const int64_t at = (f * L.groups + c4) * L.plane_len;
+      std::memset(msb0 + at, 0, size_t(L.plane_len) * sizeof(int32_t));
+      std::memset(lsb0 + at, 0, size_t(L.plane_len) * sizeof(int32_t));
+    }
+    for (int64_t h = 0; h < g.H; ++h) {
+      const float* rows[4];
+      rows_of(h, rows);
+      isa.pg_split_words(rows, g.W, split.s, split.levels, split.shift, row_msb.data(),
+                         row_lsb.data());
+      const int64_t hp = h + g.pt, a = hp % g.sh, r = hp / g.sh;
+      for (int64_t b = 0; b < g.sw; ++b) {
+        // Input columns w with (w + pl) % sw == b, at column (w + pl) / sw of phase (a, b).
+        const int64_t w0 = ((b - g.pl) % g.sw + g.sw) % g.sw;
+        if (w0 >= g.W) continue;
+        const int64_t at = ((a * g.sw + b) * L.groups + c4) * L.plane_len + r * L.Ws + (w0 + g.pl) / g.sw;
+        int32_t* const m = msb0 + at;
+        int32_t* const l = lsb0 + at;
+        for (int64_t w = w0, s = 0; w < g.W; w += g.sw, ++s) {
+          m[s] = row_msb[size_t(w)];
+          l[s] = row_lsb[size_t(w)];
+        }
+      }
+    }
+    return;
+  }
   int64_t done = 0;  // positions before it are written
   for (int64_t h = 0; h < g.H; ++h) {
     const float* rows[4];
-    for (int i = 0; i < 4; ++i)
-      rows[i] = 4 * c4 + i < g.C ? x + ((4 * c4 + i) * g.H + h) * g.W : zeros.data();
+    rows_of(h, rows);
     const int64_t row_pos = (h + g.pt) * L.Ws + g.pl;  // stride 1: one phase
     zero(done, row_pos);
     isa.pg_split_words(rows, g.W, split.s, split.levels, split.shift, msb + row_pos,
@@ -711,7 +751,8 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
   zero(done, L.plane_len);
 }
 
-// act2_rows [position][Cp bytes] from act2 [group][position][4 bytes] (stride 1: one phase):
+// act2_rows [position][Cp bytes] from act2 [group][position][4 bytes], one phase (the caller
+// runs it per phase):
 // every word written, the channels past C as zeros, so the buffer needs no clearing. 8 x 8
 // (then 4 x 4) words at a time (one load per group, one store per position): word by word,
 // its reads strided by a plane, it took 3% of a 128 ch 28x28 layer at 0% on (perf, G2D_AMX=0).
@@ -942,7 +983,6 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
                const float* x, const PGSplit& split, int64_t msb_max, int64_t lsb_max,
                float scale1, float scale2, const float* threshold, float* y) {
 #if G2D_HAVE_INT8
-  if (g.sh != 1 || g.sw != 1) throw OpError("PGConv: int8 path called for a strided layer");
   const uint64_t call_clock = StageClockNow();
   const std::shared_ptr<const PGInt8Tables> tables = TablesFor(w, g);
   const PGActLayout& L = tables->L;
@@ -989,7 +1029,9 @@ void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const
     ParallelFor(ParallelIfLarge(inner, 4 * g.C * g.H * g.W), size_t(w.groups), [&](size_t c4) {
       FillGroup(isa, xn, split, g, L, int64_t(c4), act1.data(), act2.data());
     });
-    TransposeLsbCounts(L, w.Cp, act2.data(), act2_rows.data());
+    for (int64_t f = 0; f < L.phases; ++f)  // phase by phase (strided layers have several)
+      TransposeLsbCounts(L, w.Cp, act2.data() + f * L.groups * L.PlaneBytes(),
+                         act2_rows.data() + f * L.plane_len * w.Cp);
     AddStageTime(kTimePad, pad_clock);
     const Job job{&w,
                   act1.data(),

@@ -23,7 +23,8 @@
 // pass 2^31 on the way, but vector adds wrap modulo 2^32, so the total is still exact.
 //
 // Layout: the activations are written once per sample as int8 in pg_amx.h's PGActLayout
-// ([channel / 4][position][4]; stride 1 only, see pg_conv.cc): one 32-byte load is 8
+// ([phase][channel / 4][position][4]; strided layers in stride-phase planes, one phase at stride
+// 1; pg_conv.cc says which kernel takes them): one 32-byte load is 8
 // positions x 4 channels, and a tap (any dilation) is a constant offset, so no im2col. Weights: [output block of 4][k = group * kk + tap][4
 // outputs] as int32 words of 4 channels' |q_w| bytes (and a twin of sign bytes; VNNI: the c
 // bytes), broadcast per output. A block is 4 output channels x 16 positions: stage 1 in registers
@@ -92,8 +93,8 @@ std::shared_ptr<const PGInt8Weights> PackPGInt8Weights(const int16_t* w_q, const
 // True if kernel k computes both stages exactly for counts up to max_count (bounds above).
 bool PGInt8Fits(const PGInt8Weights& w, PGInt8Isa k, int64_t max_count);
 
-// Both stages of every sample of x [N, C, H, W] into y [N, O, OH, OW] (as RunPGAmx), for a
-// stride-1 layer; msb_max / lsb_max bound the stages' |counts|.
+// Both stages of every sample of x [N, C, H, W] into y [N, O, OH, OW] (as RunPGAmx), any
+// stride; msb_max / lsb_max bound the stages' |counts|.
 void RunPGInt8(OrtKernelContext* ctx, PGInt8Isa k, const PGInt8Weights& w, const ConvGeom& g,
                const float* x, const PGSplit& split, int64_t msb_max, int64_t lsb_max,
                float scale1, float scale2, const float* threshold, float* y);
