@@ -749,10 +749,7 @@ ColumnSource<T> MakeSource(const T* x, const ConvGeom& g, int nr, AlignedVec<flo
         src.plane_base[chans[slot]] = int64_t(slot) * phases * src.plane;
       std::memset(buf + used, 0, sizeof(float) * size_t(nr + 16));
       src.xpad = buf;
-      // A copy below kParallelCopyMin values stays on the calling thread: waking the pool
-      // for it cost more than the copy (a 16-channel 32x32 ResNet-20 CG layer's copy, 3-5 us
-      // on one thread, took 11-43 us split over two, AMD EPYC Zen 4, G2D_STAGE_TIMES "pad").
-      if (!defer_copy) FillSource(src, chans, ParallelIfLarge(parallel_ctx, used));
+      if (!defer_copy) FillSource(src, chans, parallel_ctx);
     }
   }
   return src;
