@@ -387,7 +387,9 @@ def network_benchmarks(args) -> None:
     from gate2deploy.kernel_choice import choose_gated_kernels
 
     nets = args.networks.split(",")
-    torch.manual_seed(0)
+    # Each network is built right after seeding, so its weights (and gate-on rows) do not
+    # depend on which other networks the run includes (tools/bench_network_layers.py and
+    # kernel_choice build theirs the same way).
     if "cg" in nets or "pg" in nets:
         from gate2deploy.models.dnn_gating import resnet20_cg, resnet20_pg
 
@@ -396,6 +398,7 @@ def network_benchmarks(args) -> None:
                                       PG_OFFSETS)]:
             if name not in nets:
                 continue
+            torch.manual_seed(0)
             base = build().eval()
             if args.net_points:
                 offsets = [offsets[i] for i in args.net_points]
@@ -426,6 +429,7 @@ def network_benchmarks(args) -> None:
         from gate2deploy.importers.fbs import fbs_state_dict_from_dense
         from gate2deploy.models.fbs import fbs_resnet18
 
+        torch.manual_seed(0)
         sd = torchvision.models.resnet18(weights=None).state_dict()
         gen = torch.Generator().manual_seed(0)
         for key in [k for k in sd if k.endswith("running_var")]:
