@@ -388,8 +388,8 @@ def network_benchmarks(args) -> None:
 
     nets = args.networks.split(",")
     # Each network is built right after seeding, so its weights (and gate-on rows) do not
-    # depend on which other networks the run includes (tools/bench_network_layers.py and
-    # kernel_choice build theirs the same way).
+    # depend on which other networks the run includes (tools/bench_network_layers.py builds
+    # its one network the same way).
     if "cg" in nets or "pg" in nets:
         from gate2deploy.models.dnn_gating import resnet20_cg, resnet20_pg
 
