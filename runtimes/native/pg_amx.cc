@@ -79,20 +79,19 @@ G2D_AMX_TARGET inline __m512i InterleaveRun(const float* const rows[4], int64_t 
 // compressed into that phase's row.
 G2D_AMX_TARGET inline void StoreRun(__m512i z, const ConvGeom& g, const ActLayout& L,
                                     int64_t hp, int64_t w0, int n, int64_t group, int8_t* buf) {
-  const int64_t row_phase = (hp % g.sh) * g.sw, row_pos = (hp / g.sh) * L.Ws;
   if (g.sw == 1) {
-    int8_t* dst = buf + ((row_phase * L.groups + group) * L.plane_len + row_pos + w0 + g.pl) * 4;
+    int8_t* dst = buf + L.WordOf(g, hp, w0 + g.pl, group) * 4;
     _mm512_mask_storeu_epi32(dst, __mmask16((1u << n) - 1), z);
     return;
   }
   for (int64_t r = 0; r < g.sw; ++r) {
-    // Lanes i with (w0 + i + pl) % sw == r, the first of them at lane `first`.
+    // Lanes i with (w0 + i + pl) % sw == r, the first of them at lane `first`: consecutive
+    // words of that column phase's row.
     const int64_t first = ((r - (w0 + g.pl)) % g.sw + g.sw) % g.sw;
     if (first >= n) continue;
     __mmask16 phase_lanes = 0;
     for (int64_t i = first; i < n; i += g.sw) phase_lanes |= __mmask16(1u << i);
-    int8_t* dst = buf + (((row_phase + r) * L.groups + group) * L.plane_len + row_pos +
-                         (w0 + first + g.pl) / g.sw) * 4;
+    int8_t* dst = buf + L.WordOf(g, hp, w0 + first + g.pl, group) * 4;
     _mm512_mask_compressstoreu_epi32(dst, phase_lanes, z);
   }
 }
@@ -103,7 +102,7 @@ void ZeroPadding(const ConvGeom& g, const ActLayout& L, int64_t group, int8_t* b
   int8_t* plane = buf + group * L.PlaneBytes();
   int64_t pos = 0;  // positions before `pos` are written or zeroed
   for (int64_t h = 0; h < g.H; ++h) {
-    const int64_t start = (h + g.pt) * L.Ws + g.pl;
+    const int64_t start = L.WordOf(g, h + g.pt, g.pl, group) - group * L.plane_len;
     std::memset(plane + pos * 4, 0, size_t(start - pos) * 4);
     pos = start + g.W;
   }
@@ -326,20 +325,19 @@ PGActLayout MakePGActLayout(const ConvGeom& g, int64_t stored_channels, int64_t 
   L.groups = stored_channels / 4;
   L.nq = g.OH * L.Ws;
   L.blocks = (L.nq + block_positions - 1) / block_positions;
+  // A tap (dy, dx) reads padded pixel (oh * sh + dy * dh, ow * sw + dx * dw): phase
+  // (dy * dh % sh, dx * dw % sw), (dy * dh / sh) rows and (dx * dw / sw) columns on from the
+  // output position's own word (WordOf).
   int64_t max_shift = 0;
-  std::vector<int64_t> phase(size_t(g.kk())), shift(size_t(g.kk()));
   for (int64_t dy = 0; dy < g.kh; ++dy)
-    for (int64_t dx = 0; dx < g.kw; ++dx) {
-      const int64_t hy = dy * g.dh, wx = dx * g.dw, t = dy * g.kw + dx;
-      phase[size_t(t)] = (hy % g.sh) * g.sw + wx % g.sw;
-      shift[size_t(t)] = (hy / g.sh) * L.Ws + wx / g.sw;
-      max_shift = std::max(max_shift, shift[size_t(t)]);
-    }
+    for (int64_t dx = 0; dx < g.kw; ++dx)
+      max_shift = std::max(max_shift, (dy * g.dh / g.sh) * L.Ws + dx * g.dw / g.sw);
   // Every block's loads stay inside the plane: the last block's last position plus any shift.
   L.plane_len = RoundUp(std::max(Hs * L.Ws, L.blocks * block_positions + max_shift), 16);
   tap_off->resize(size_t(g.kk()));
-  for (int64_t t = 0; t < g.kk(); ++t)
-    (*tap_off)[size_t(t)] = (phase[size_t(t)] * L.groups * L.plane_len + shift[size_t(t)]) * 4;
+  for (int64_t dy = 0; dy < g.kh; ++dy)
+    for (int64_t dx = 0; dx < g.kw; ++dx)
+      (*tap_off)[size_t(dy * g.kw + dx)] = L.WordOf(g, dy * g.dh, dx * g.dw, 0) * 4;
   return L;
 }
 

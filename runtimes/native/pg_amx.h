@@ -64,6 +64,14 @@ struct PGActLayout {
   int64_t phases, Ws, nq, blocks, plane_len, groups;
   int64_t PlaneBytes() const { return plane_len * 4; }
   int64_t Bytes() const { return phases * groups * PlaneBytes(); }
+  // The word of padded input pixel (hp, wp) (padding included: hp = ih + pt, wp = iw + pl) in
+  // channel group `group`, counted from the buffer's start: row hp / sh, column wp / sw of
+  // phase (hp % sh, wp % sw). The layout's one definition: both kernels' fills (pg_amx.cc,
+  // pg_int8.cc) write through it, and a tap's offset is the word of its (dy * dh, dx * dw).
+  int64_t WordOf(const ConvGeom& g, int64_t hp, int64_t wp, int64_t group) const {
+    return (((hp % g.sh) * g.sw + wp % g.sw) * groups + group) * plane_len + (hp / g.sh) * Ws +
+           wp / g.sw;
+  }
 };
 PGActLayout MakePGActLayout(const ConvGeom& g, int64_t stored_channels, int64_t block_positions,
                             std::vector<int64_t>* tap_off);

@@ -702,10 +702,9 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
       rows[i] = 4 * c4 + i < g.C ? x + ((4 * c4 + i) * g.H + h) * g.W : zeros.data();
   };
   if (L.phases > 1) {
-    // Strided: the layout's phase planes (MakePGActLayout: padded pixel (hp, wp) at row
-    // hp / sh, column wp / sw of phase (hp % sh, wp % sw); the group's plane of phase f at
-    // (f * groups + c4) * plane_len). Each row is split into words once, then dealt to its
-    // phases' rows; the group's planes are cleared first (the padding, the round-up).
+    // Strided: the layout's phase planes (PGActLayout::WordOf). Each row is split into words
+    // once, then dealt to its phases' rows; the group's plane of phase f, at (f * groups + c4)
+    // * plane_len, is cleared first (the padding, the round-up).
     AlignedVec<int32_t>& row_msb = Scratch<int32_t, 51>();
     AlignedVec<int32_t>& row_lsb = Scratch<int32_t, 52>();
     row_msb.resize(size_t(g.W));
@@ -722,12 +721,11 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
       rows_of(h, rows);
       isa.pg_split_words(rows, g.W, split.s, split.levels, split.shift, row_msb.data(),
                          row_lsb.data());
-      const int64_t hp = h + g.pt, a = hp % g.sh, r = hp / g.sh;
       for (int64_t b = 0; b < g.sw; ++b) {
-        // Input columns w with (w + pl) % sw == b, at column (w + pl) / sw of phase (a, b).
+        // Input columns w with (w + pl) % sw == b: consecutive words of phase (., b)'s row.
         const int64_t w0 = ((b - g.pl) % g.sw + g.sw) % g.sw;
         if (w0 >= g.W) continue;
-        const int64_t at = ((a * g.sw + b) * L.groups + c4) * L.plane_len + r * L.Ws + (w0 + g.pl) / g.sw;
+        const int64_t at = L.WordOf(g, h + g.pt, w0 + g.pl, c4);
         int32_t* const m = msb0 + at;
         int32_t* const l = lsb0 + at;
         for (int64_t w = w0, s = 0; w < g.W; w += g.sw, ++s) {
@@ -742,7 +740,7 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
   for (int64_t h = 0; h < g.H; ++h) {
     const float* rows[4];
     rows_of(h, rows);
-    const int64_t row_pos = (h + g.pt) * L.Ws + g.pl;  // stride 1: one phase
+    const int64_t row_pos = L.WordOf(g, h + g.pt, g.pl, c4) - c4 * L.plane_len;  // in msb / lsb
     zero(done, row_pos);
     isa.pg_split_words(rows, g.W, split.s, split.levels, split.shift, msb + row_pos,
                        lsb + row_pos);
