@@ -1355,6 +1355,21 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         ++oh;
       }
     }
+    // The span's runs of consecutive output pixels (columns run_at[r] .. + run_len[r]): where
+    // the store copies to y, the same for every plan.
+    int32_t run_at[kMaxSpanPanels * 64], run_len[kMaxSpanPanels * 64];
+    int nruns = 0;
+    for (int64_t t0 = 0; t0 < ncols;) {
+      if (pix[t0] < 0) {
+        ++t0;
+        continue;
+      }
+      int64_t len = 1;
+      while (t0 + len < ncols && pix[t0 + len] == pix[t0] + len) ++len;
+      run_at[nruns] = int32_t(t0);
+      run_len[nruns++] = int32_t(len);
+      t0 += len;
+    }
     AlignedVec<Acc>& tile = Scratch<Acc, 1>();  // panel j's [M_pad, nr] at j * stride
     const int64_t stride = RoundUp(buffer_rows, mr) * nr;
     tile.resize(size_t(stride * (NR / nr)));
@@ -1420,18 +1435,12 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
           SparseSecondStageDots(isa, plan, src2, off2_of(plan_index), q0, ncols, NR, gate, s2, out);
         }
       }
-      // Copy out to y, run by run of consecutive output pixels.
+      // Copy out to y, run by run of consecutive output pixels (runs: found once per span).
       const uint64_t store_clock = StageClockNow();
-      for (int64_t t0 = 0; t0 < ncols;) {
-        if (pix[t0] < 0) {
-          ++t0;
-          continue;
-        }
-        int64_t len = 1;
-        while (t0 + len < ncols && pix[t0 + len] == pix[t0] + len) ++len;
-        for (int64_t m = 0; m < M; ++m)
-          CopyFloats(out + m * NR + t0, y + int64_t(plan.outputs[m]) * Np + pix[t0], len);
-        t0 += len;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* om = out + m * NR;
+        float* ym = y + int64_t(plan.outputs[m]) * Np;
+        for (int r = 0; r < nruns; ++r) CopyFloats(om + run_at[r], ym + pix[run_at[r]], run_len[r]);
       }
       AddStageTime(kTimeStore, store_clock);
     };
