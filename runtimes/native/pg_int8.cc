@@ -690,7 +690,7 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
 void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, const ConvGeom& g,
                const PGActLayout& L, int64_t c4, int8_t* act1, int8_t* act2) {
   AlignedVec<float>& zeros = Scratch<float, 40>();  // the channels past C
-  if (4 * c4 + 3 >= g.C) zeros.assign(size_t(g.W), 0.f);
+  if (4 * c4 + 3 >= g.C) zeros.assign(size_t(g.H * g.W), 0.f);  // a whole plane (see below)
   int32_t* msb = reinterpret_cast<int32_t*>(act1) + c4 * L.plane_len;
   int32_t* lsb = reinterpret_cast<int32_t*>(act2) + c4 * L.plane_len;
   auto zero = [&](int64_t from, int64_t to) {  // positions [from, to) of both planes
@@ -736,14 +736,34 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
     }
     return;
   }
+  // Rows that end in a partial vector (W not a multiple of the vector width: 8x8, 28x28 maps)
+  // are split all at once from the channels' contiguous planes into `words`, then copied row by
+  // row: row by row, pg_split_words' tail (a zero-padded copy in and out) cost more than the
+  // row itself at 8x8 (the "pad" stage of ResNet-20's 64-channel 8x8 PG layers, Zen 4).
+  const int64_t HW = g.H * g.W;
+  const bool whole_plane = g.W % isa.vw != 0;
+  int32_t* words = nullptr;  // [msb words of the plane | lsb words]
+  if (whole_plane) {
+    AlignedVec<int32_t>& buf = Scratch<int32_t, 53>();
+    buf.resize(size_t(2 * HW));
+    words = buf.data();
+    const float* planes[4];
+    rows_of(0, planes);
+    isa.pg_split_words(planes, HW, split.s, split.levels, split.shift, words, words + HW);
+  }
   int64_t done = 0;  // positions before it are written
   for (int64_t h = 0; h < g.H; ++h) {
-    const float* rows[4];
-    rows_of(h, rows);
     const int64_t row_pos = L.WordOf(g, h + g.pt, g.pl, c4) - c4 * L.plane_len;  // in msb / lsb
     zero(done, row_pos);
-    isa.pg_split_words(rows, g.W, split.s, split.levels, split.shift, msb + row_pos,
-                       lsb + row_pos);
+    if (whole_plane) {
+      std::memcpy(msb + row_pos, words + h * g.W, size_t(g.W) * sizeof(int32_t));
+      std::memcpy(lsb + row_pos, words + HW + h * g.W, size_t(g.W) * sizeof(int32_t));
+    } else {
+      const float* rows[4];
+      rows_of(h, rows);
+      isa.pg_split_words(rows, g.W, split.s, split.levels, split.shift, msb + row_pos,
+                         lsb + row_pos);
+    }
     done = row_pos + g.W;
   }
   zero(done, L.plane_len);
