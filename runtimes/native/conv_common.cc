@@ -1332,8 +1332,15 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   const bool base_is_column = src1.indirect && g.sh == 1 && g.sw == 1;
   const bool fill_base = uses_taps && !base_is_column;
   const int64_t panels = (src1.columns + nr - 1) / nr;
+  const double macs_per_wide_span =
+      double(g.O) * double(g.C) * double(g.kk()) * double(g.P()) * double(kTapSpanPanels) /
+      double(panels);
+  const int64_t tap_panels =
+      panels < kTapSpanPanels * kTapSpanMinSpans && macs_per_wide_span >= kTapSpanSplitMacs
+          ? kTapSpanPanels / 2
+          : kTapSpanPanels;
   const int64_t NR =
-      (panels >= kWideSpanMinPanels ? (uses_taps ? kTapSpanPanels : kSecondStagePanels) : 1) * nr;
+      (panels >= kWideSpanMinPanels ? (uses_taps ? tap_panels : kSecondStagePanels) : 1) * nr;
   ParallelFor(ctx, size_t((src1.columns + NR - 1) / NR), [&](size_t span) {
     const int64_t q0 = int64_t(span) * NR, ncols = std::min<int64_t>(NR, src1.columns - q0);
     int64_t pix[kMaxSpanPanels * 64];

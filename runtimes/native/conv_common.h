@@ -130,8 +130,18 @@ constexpr int64_t kWideSpanMinPanels = 24;
 // The channel-last sparse second stage (TapRows) reads no gathered fields, so its spans can
 // be wider (its cost per output row and span, a call and a stream of the row's weights, is
 // shared among more gated-on columns). Measured (128 ch 28x28, 20% on, 1 thread): 4 and 8
-// panels alike; 4 keeps 14 tasks for two threads.
+// panels alike. But a large layer needs enough spans to share among threads (the spans'
+// gate-on counts differ): half as wide when 4-panel spans would be fewer than
+// kTapSpanMinSpans and each holds at least kTapSpanSplitMacs dense multiply-adds. On AVX-512
+// (32-column panels) 128 ch 28x28 had 7 spans, 4 + 3 at 2 threads; in 14 spans it ran 1.03x
+// faster at 10 and 20% on (medians of seven runs at 2 threads, 0.94-1.10x: AMD EPYC Zen 4,
+// tools/bench_gated_ops.py --ops cg), 0.97-1.02x at 1 thread. Small layers keep the width: a
+// 16 channel 32x32 layer (9 spans of 0.26 M multiply-adds) ran 0.93-0.95x at 1 thread in 17
+// (tools/bench_network_layers.py); 64 ch 56x56 has 26 spans (narrower: 0.97-0.99x at 1
+// thread, 0.99-1.02x at 2).
 constexpr int kTapSpanPanels = 4;
+constexpr int64_t kTapSpanMinSpans = 12;
+constexpr double kTapSpanSplitMacs = double(1 << 22);
 // (Measured, 128 ch 28x28, 20% on: cutting the channels into blocks whose input band fits in
 // L1 made the product slower, 1.21-1.24x dense against 1.40x unblocked: the calls and the
 // scatter-adds per block cost more than the L2 reads they save.)
