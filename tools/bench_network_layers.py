@@ -4,7 +4,8 @@ PG ResNet-20 (tools/bench_gated_ops.py's networks, batch 1, 32x32) timed alone o
 activation it receives in the network, against a plain ONNX Conv of the same weight (the
 dense twin's layer), with the native kernel's per-stage times (G2D_STAGE_TIMES=1: padded /
 channel-last copies, stage 1, gate, gated-on lists, sparse and dense stage 2, copy to Y) and
-the layer's own gate-on fraction (`on%`, from runtimes/reference.py on the same input).
+the layer's own gate-on fraction (`on%`, gate2deploy.gate_stats.onnx_gate_statistics: the
+network's gated nodes lowered to standard ops, gates exposed, on the same input).
 
 `--baseline-library old.so` adds a before/after column: the same node run by another build
 of the native library (e.g. the main branch's, from ~/.cache/gate2deploy/native), timed in
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gated_ops as nets  # noqa: E402  (the networks, their export and dense twin)
 
 from gate2deploy.benchmark import time_sessions  # noqa: E402
+from gate2deploy.gate_stats import onnx_gate_statistics  # noqa: E402
 from gate2deploy.kernel_choice import _constants, _gated_inputs, _single_node  # noqa: E402
 from gate2deploy.runtimes.ort import custom_ops_library_path  # noqa: E402
 
@@ -60,28 +62,6 @@ def stage_times(lib, sess: ort.InferenceSession, feed: dict, repeats: int) -> st
         sess.run(None, feed)
     stages = lib.G2DStageTimesReport(repeats).decode()
     return " ".join(f for f in stages.split() if "=" in f and not f.endswith("=0.0"))
-
-
-def layer_on_fraction(node: onnx.NodeProto, x: np.ndarray, consts: dict) -> float:
-    """The layer's gate-on fraction on its network input x, from runtimes/reference.py (an
-    implementation separate from the kernels): for CG, of its gated (second-stage) elements;
-    for PG, of its outputs."""
-    from onnx import numpy_helper
-
-    from gate2deploy.runtimes import reference
-
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    conv = dict(strides=tuple(attrs.get("strides", (1, 1))), pads=tuple(attrs.get("pads", (0, 0, 0, 0))),
-                dilations=tuple(attrs.get("dilations", (1, 1))))
-    value = [numpy_helper.to_array(consts[name]).copy() for name in node.input[1:3]]  # writable: torch
-    if node.op_type == "CGConv":
-        _, gate = reference.cg_conv_reference(x, value[0], value[1], numpy_helper.to_array(consts[node.input[3]]).copy(),
-                                              return_gate=True, **conv)
-    else:
-        _, gate = reference.pg_conv_reference(x, value[0], value[1], int(attrs["abits"]), int(attrs["pred_bits"]),
-                                              float(attrs.get("static_scale", 0.0)),
-                                              group=int(attrs.get("group", 1)), return_gate=True, **conv)
-    return float(gate.mean())
 
 
 def main(argv=None) -> int:
@@ -124,6 +104,9 @@ def main(argv=None) -> int:
     nodes = [n for n in ort_model.graph.node if n.op_type == op]
     acts = _gated_inputs(ort_model, nodes, x.numpy(), args.threads)
     consts = _constants(ort_model)
+    # Each layer's gate-on fraction: the export's gate statistics (the nodes lowered to
+    # standard ops with their gates exposed, run in ONNX Runtime), not the native kernels.
+    on = {s.name: s.gate_on_fraction for s in onnx_gate_statistics(ort_model, x.numpy())}
     print(f"native kernels: {lib.G2DKernelConfig().decode()}; library {Path(library).name}")
     print(f"ResNet-20 {args.net.upper()}, batch 1, {args.threads} thread(s): gate-on {frac * 100:.1f}% "
           f"(MAC-weighted), network MAC bound {bound:.2f}; medians of {args.repeats} runs, us")
@@ -147,7 +130,7 @@ def main(argv=None) -> int:
         w = consts[node.input[1]].dims
         strides = next((list(at.ints) for at in node.attribute if at.name == "strides"), [1, 1])
         row = (f"  {node.name[-26:]:26s} {str(list(w)):>14s} {a.shape[2]:>3d}x{a.shape[3]:<2d} "
-               f"{strides[0]:>3d} {100 * layer_on_fraction(node, a, consts):5.1f} {ms['dense']:7.1f} {ms['gated']:7.1f} {ms['dense'] / ms['gated']:5.2f}")
+               f"{strides[0]:>3d} {100 * on[node.name]:5.1f} {ms['dense']:7.1f} {ms['gated']:7.1f} {ms['dense'] / ms['gated']:5.2f}")
         if args.baseline_library:
             diff = np.abs(sessions["gated"].run(None, feed[0])[0] - sessions["before"].run(None, feed[0])[0]).max()
             row += (f" {ms['before']:7.1f} {ms['dense'] / ms['before']:5.2f} "
