@@ -678,8 +678,8 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
   for (int t = 0; t < kStageTimers; ++t) AddStageCycles(StageTimer(t), cycles[t]);
 }
 
-// Channels 4 * c4 .. 4 * c4 + 3 of the sample x [C, H, W], split by isa.pg_split_words row by
-// row straight into group c4 of act1 (MSB counts) and act2 (LSB counts), int8 words of 4
+// Channels 4 * c4 .. 4 * c4 + 3 of the sample x [C, H, W], split by isa.pg_split_words (row by
+// row where it can, see below) into group c4 of act1 (MSB counts) and act2 (LSB counts), int8 words of 4
 // channels (through float planes and a repack, the split took as long as stage 1 at 16
 // channels 32x32: perf, G2D_AMX=0), and the padding around the rows zeroed (the planes are
 // scratch shared with other layers; clearing the whole buffers first cost 4% of the 16 channel
@@ -690,7 +690,7 @@ G2D_INT8_AVX2 void RunBlocks(const Job& j, StageFn stage, int64_t ob0, int nob, 
 void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, const ConvGeom& g,
                const PGActLayout& L, int64_t c4, int8_t* act1, int8_t* act2) {
   AlignedVec<float>& zeros = Scratch<float, 40>();  // the channels past C
-  if (4 * c4 + 3 >= g.C) zeros.assign(size_t(g.H * g.W), 0.f);  // a whole plane (see below)
+  if (4 * c4 + 3 >= g.C) zeros.assign(size_t(g.H * g.W), 0.f);  // a whole plane (words)
   int32_t* msb = reinterpret_cast<int32_t*>(act1) + c4 * L.plane_len;
   int32_t* lsb = reinterpret_cast<int32_t*>(act2) + c4 * L.plane_len;
   auto zero = [&](int64_t from, int64_t to) {  // positions [from, to) of both planes
@@ -701,14 +701,26 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
     for (int i = 0; i < 4; ++i)
       rows[i] = 4 * c4 + i < g.C ? x + ((4 * c4 + i) * g.H + h) * g.W : zeros.data();
   };
+  // The words go straight into their rows where those are stride-1 rows of whole vectors.
+  // Otherwise the channels' contiguous planes are split all at once into `words`, then dealt
+  // to the layout's rows: strided layers' phase rows, and stride-1 rows that end in a partial
+  // vector (8x8, 28x28 maps), where pg_split_words' tail (a zero-padded copy in and out) cost
+  // more than the row itself at 8x8, row by row (the "pad" stage of ResNet-20's 64-channel 8x8
+  // PG layers, Zen 4).
+  const int64_t HW = g.H * g.W;
+  const bool direct = L.phases == 1 && g.W % isa.vw == 0;
+  int32_t* words = nullptr;  // [msb words of the plane | lsb words]
+  if (!direct) {
+    AlignedVec<int32_t>& buf = Scratch<int32_t, 53>();
+    buf.resize(size_t(2 * HW));
+    words = buf.data();
+    const float* planes[4];
+    rows_of(0, planes);
+    isa.pg_split_words(planes, HW, split.s, split.levels, split.shift, words, words + HW);
+  }
   if (L.phases > 1) {
-    // Strided: the layout's phase planes (PGActLayout::WordOf). Each row is split into words
-    // once, then dealt to its phases' rows; the group's plane of phase f, at (f * groups + c4)
-    // * plane_len, is cleared first (the padding, the round-up).
-    AlignedVec<int32_t>& row_msb = Scratch<int32_t, 51>();
-    AlignedVec<int32_t>& row_lsb = Scratch<int32_t, 52>();
-    row_msb.resize(size_t(g.W));
-    row_lsb.resize(size_t(g.W));
+    // Strided: the layout's phase planes (PGActLayout::WordOf); the group's plane of phase f,
+    // at (f * groups + c4) * plane_len, cleared first (the padding, the round-up).
     int32_t* const msb0 = reinterpret_cast<int32_t*>(act1);
     int32_t* const lsb0 = reinterpret_cast<int32_t*>(act2);
     for (int64_t f = 0; f < L.phases; ++f) {
@@ -717,10 +729,8 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
       std::memset(lsb0 + at, 0, size_t(L.plane_len) * sizeof(int32_t));
     }
     for (int64_t h = 0; h < g.H; ++h) {
-      const float* rows[4];
-      rows_of(h, rows);
-      isa.pg_split_words(rows, g.W, split.s, split.levels, split.shift, row_msb.data(),
-                         row_lsb.data());
+      const int32_t* const row_msb = words + h * g.W;
+      const int32_t* const row_lsb = words + HW + h * g.W;
       for (int64_t b = 0; b < g.sw; ++b) {
         // Input columns w with (w + pl) % sw == b: consecutive words of phase (., b)'s row.
         const int64_t w0 = ((b - g.pl) % g.sw + g.sw) % g.sw;
@@ -729,40 +739,25 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
         int32_t* const m = msb0 + at;
         int32_t* const l = lsb0 + at;
         for (int64_t w = w0, s = 0; w < g.W; w += g.sw, ++s) {
-          m[s] = row_msb[size_t(w)];
-          l[s] = row_lsb[size_t(w)];
+          m[s] = row_msb[w];
+          l[s] = row_lsb[w];
         }
       }
     }
     return;
   }
-  // Rows that end in a partial vector (W not a multiple of the vector width: 8x8, 28x28 maps)
-  // are split all at once from the channels' contiguous planes into `words`, then copied row by
-  // row: row by row, pg_split_words' tail (a zero-padded copy in and out) cost more than the
-  // row itself at 8x8 (the "pad" stage of ResNet-20's 64-channel 8x8 PG layers, Zen 4).
-  const int64_t HW = g.H * g.W;
-  const bool whole_plane = g.W % isa.vw != 0;
-  int32_t* words = nullptr;  // [msb words of the plane | lsb words]
-  if (whole_plane) {
-    AlignedVec<int32_t>& buf = Scratch<int32_t, 53>();
-    buf.resize(size_t(2 * HW));
-    words = buf.data();
-    const float* planes[4];
-    rows_of(0, planes);
-    isa.pg_split_words(planes, HW, split.s, split.levels, split.shift, words, words + HW);
-  }
   int64_t done = 0;  // positions before it are written
   for (int64_t h = 0; h < g.H; ++h) {
     const int64_t row_pos = L.WordOf(g, h + g.pt, g.pl, c4) - c4 * L.plane_len;  // in msb / lsb
     zero(done, row_pos);
-    if (whole_plane) {
-      std::memcpy(msb + row_pos, words + h * g.W, size_t(g.W) * sizeof(int32_t));
-      std::memcpy(lsb + row_pos, words + HW + h * g.W, size_t(g.W) * sizeof(int32_t));
-    } else {
+    if (direct) {
       const float* rows[4];
       rows_of(h, rows);
       isa.pg_split_words(rows, g.W, split.s, split.levels, split.shift, msb + row_pos,
                          lsb + row_pos);
+    } else {
+      std::memcpy(msb + row_pos, words + h * g.W, size_t(g.W) * sizeof(int32_t));
+      std::memcpy(lsb + row_pos, words + HW + h * g.W, size_t(g.W) * sizeof(int32_t));
     }
     done = row_pos + g.W;
   }
