@@ -167,13 +167,14 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
       const int64_t n = int64_t(s);
       const float* xn = X.Data() + n * g.C * g.H * g.W;
       float* yn = y + n * g.O * g.P();
-      if (w_finite && AllFinite(isa, xn, g.C * g.H * g.W))
+      if (w_finite && AllFinite(isa, xn, g.C * g.H * g.W)) {
         RunGatedConv(inner, isa, g, plans->groups, xn, xn, 1.f, 1.f, threshold.Data(), yn,
-                     plans->joint_second.get());
-      else
+                     plans->joint_second.get(), &post);  // the epilogue with the copy to Y
+      } else {
         NonFiniteSample(inner, isa, g, W.Data(), mask, threshold.Data(), xn, yn);
+        ApplyPostEpilogue(inner, isa, post, yn, 1, g.O, g.P());
+      }
     });
-    ApplyPostEpilogue(ctx, isa, post, y, g.N, g.O, g.P());
   });
 }
 

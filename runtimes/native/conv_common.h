@@ -356,6 +356,18 @@ struct GatedStagePlan {
   TapRows w2_taps;
 };
 
+// CGConv / PGConv's optional epilogue (OPS.md): y[n, o, :] <- act(scale[o] * y + shift[o]),
+// act = ReLU if relu; a fused BatchNormalization (+ Relu). Applied after the op's gated
+// computation (the gate is decided before it): by RunGatedConv's copy to Y where it is given
+// one (isa.store_runs), else in a pass over Y (ApplyPostEpilogue, isa.epilogue_row); both
+// round alike.
+struct PostEpilogue {
+  const float* scale = nullptr;  // with shift; both null: no affine part
+  const float* shift = nullptr;
+  bool relu = false;
+  bool Active() const { return scale != nullptr || relu; }
+};
+
 // Computes y[o, :] for o in every plan's outputs of one sample (y points at the sample's
 // [O, P]); stage sums are multiplied by scale1 / scale2 (PG's integer-to-float factors; 1 for
 // CG). All plans share one padded copy of the input and one parallel section. With
@@ -367,22 +379,15 @@ struct GatedStagePlan {
 // 10-40% on: 1.3x faster). Spans with most gates on still run per-plan GEMMs.
 // (Measured: CG's stage 1 on ONNX Runtime's NCHWc conv, fed back into these panels, was
 // slower than computing it in-panel: 1.49x vs 2.0x dense at 0% on, 128 ch 28x28, p = 4.)
+// `post` (if non-null): the op's epilogue, applied as the outputs are copied to y.
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
                   const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
                   float scale1, float scale2, const float* threshold, float* y,
-                  const GatedStagePlan<T>* joint_second = nullptr);
+                  const GatedStagePlan<T>* joint_second = nullptr,
+                  const PostEpilogue* post = nullptr);
 
 
-// CGConv / PGConv's optional epilogue (OPS.md): y[n, o, :] <- act(scale[o] * y + shift[o]),
-// act = ReLU if relu; a fused BatchNormalization (+ Relu). Applied after the op's gated
-// computation (the gate is decided before it), with isa.epilogue_row.
-struct PostEpilogue {
-  const float* scale = nullptr;  // with shift; both null: no affine part
-  const float* shift = nullptr;
-  bool relu = false;
-  bool Active() const { return scale != nullptr || relu; }
-};
 // Reads the "activation" attribute ("Relu" or absent); a bad value goes to *error.
 bool ReadReluAttr(const OrtKernelInfo* info, std::string* error);
 // An optional input of a lite custom op, as ONNX Runtime passes it; OptionalInput gives its

@@ -158,6 +158,44 @@ int64_t gate_panel(const float* acc, int64_t M, float scale, const float* thr,
   return total;
 }
 
+void select_add(const float* acc, int64_t M, float scale, const uint8_t* gate, float* out,
+                int64_t ld) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* am = acc + m * kNR;
+    const uint8_t* gm = gate + m * ld;
+    float* om = out + m * ld;
+#if defined(__AVX512F__)
+    // A masked add (a builtin, never contracted with the product into an FMA).
+    const __m128i ones = _mm_set1_epi8(1);
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int h = 0; h < kNR; h += 16) {
+      const __mmask16 on = _mm_test_epi8_mask(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(gm + h)), ones);
+      const __m512 o = _mm512_loadu_ps(om + h);
+      _mm512_storeu_ps(om + h, _mm512_mask_add_ps(o, on, o, _mm512_mul_ps(s, _mm512_loadu_ps(am + h))));
+    }
+#else
+    // The product masked to +0 where the gate is off (bit operations: no contraction), added,
+    // and the sum kept only where the gate is on (out + 0 would turn -0.0 into +0.0).
+    for (int64_t t = 0; t < kNR; ++t) {
+      const float v = scale * am[t];
+      uint32_t vb, ob;
+      std::memcpy(&vb, &v, 4);
+      const uint32_t on = 0u - uint32_t(gm[t]);
+      vb &= on;
+      float masked, sum;
+      std::memcpy(&masked, &vb, 4);
+      sum = om[t] + masked;
+      uint32_t sb;
+      std::memcpy(&sb, &sum, 4);
+      std::memcpy(&ob, om + t, 4);
+      ob = (sb & on) | (ob & ~on);
+      std::memcpy(om + t, &ob, 4);
+    }
+#endif
+  }
+}
+
 // Horizontal sum of one vector.
 inline float hsum(vf v) {
 #if defined(__AVX512F__)
@@ -445,17 +483,72 @@ void idot_rows(const int16_t* x, const int16_t* const* rows, int nrows, int64_t 
 
 }  // namespace
 
+namespace {
+// The epilogue's affine part on a float or a vector: one definition for epilogue_row and
+// store_runs, so a fused store rounds as the separate pass does.
+template <class V>
+inline V Affine(V v, float g, float s, float sh, float b) {
+  return g * (s * v + sh) + b;
+}
+// std::max(v, 0.f) lane by lane (NaN stays NaN, -0.0 stays -0.0).
+inline vf ReluVec(vf v) { return v < vf{} ? vf{} : v; }
+}  // namespace
+
 void epilogue_row(float* v, int64_t n, float g, float s, float sh, float b, const float* r,
                   bool relu) {
   // Four loops without branches inside, so each vectorizes.
   if (r && relu)
-    for (int64_t i = 0; i < n; ++i) v[i] = std::max(g * (s * v[i] + sh) + b + r[i], 0.f);
+    for (int64_t i = 0; i < n; ++i) v[i] = std::max(Affine(v[i], g, s, sh, b) + r[i], 0.f);
   else if (r)
-    for (int64_t i = 0; i < n; ++i) v[i] = g * (s * v[i] + sh) + b + r[i];
+    for (int64_t i = 0; i < n; ++i) v[i] = Affine(v[i], g, s, sh, b) + r[i];
   else if (relu)
-    for (int64_t i = 0; i < n; ++i) v[i] = std::max(g * (s * v[i] + sh) + b, 0.f);
+    for (int64_t i = 0; i < n; ++i) v[i] = std::max(Affine(v[i], g, s, sh, b), 0.f);
   else
-    for (int64_t i = 0; i < n; ++i) v[i] = g * (s * v[i] + sh) + b;
+    for (int64_t i = 0; i < n; ++i) v[i] = Affine(v[i], g, s, sh, b);
+}
+
+namespace {
+template <bool kAffine, bool kRelu>
+void StoreRuns(const float* src, int64_t ld, int64_t M, const int* rows, const int32_t* at,
+               const int32_t* len, const int64_t* dst, int nruns, const float* scale,
+               const float* shift, float* y, int64_t ld_y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* sm = src + m * ld;
+    float* ym = y + int64_t(rows[m]) * ld_y;
+    const float s = kAffine ? scale[rows[m]] : 1.f, b = kAffine ? shift[rows[m]] : 0.f;
+    auto value = [s, b](vf v) {
+      if (kAffine) v = Affine(v, 1.f, s, 0.f, b);
+      return kRelu ? ReluVec(v) : v;
+    };
+    for (int r = 0; r < nruns; ++r) {
+      const float* in = sm + at[r];
+      float* out = ym + dst[r];
+      const int64_t n = len[r];
+      int64_t i = 0;
+      for (; i + kVW <= n; i += kVW) store(out + i, value(load(in + i)));
+      if (i == n) continue;
+#if defined(__AVX512F__)
+      const __mmask16 tail = __mmask16((1u << (n - i)) - 1);
+      _mm512_mask_storeu_ps(out + i, tail, __m512(value(vf(_mm512_maskz_loadu_ps(tail, in + i)))));
+#else
+      for (; i < n; ++i) {
+        float v = in[i];
+        if (kAffine) v = Affine(v, 1.f, s, 0.f, b);
+        out[i] = kRelu ? std::max(v, 0.f) : v;
+      }
+#endif
+    }
+  }
+}
+}  // namespace
+
+void store_runs(const float* src, int64_t ld, int64_t M, const int* rows, const int32_t* at,
+                const int32_t* len, const int64_t* dst, int nruns, const float* scale,
+                const float* shift, bool relu, float* y, int64_t ld_y) {
+  const bool affine = scale != nullptr;
+  auto run = affine ? (relu ? StoreRuns<true, true> : StoreRuns<true, false>)
+                    : (relu ? StoreRuns<false, true> : StoreRuns<false, false>);
+  run(src, ld, M, rows, at, len, dst, nruns, scale, shift, y, ld_y);
 }
 
 bool has_nonzero(const float* x, int64_t n) {
@@ -1033,10 +1126,11 @@ void quantize_sign_magnitude(const float* x, int64_t n, float s, float levels, f
 extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kIMR,          kINR,        kVW,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
-                                    igemm_micro,   gather_fields, gate_panel,
+                                    igemm_micro,   gather_fields, gate_panel,    select_add,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
                                     pack_filter_tile, epilogue_row, has_nonzero, pool_channel,
-                                    pg_split,      pg_split_words, sparse_dots, gated_columns, pad_rows, abs_max, block_channel_stats,
+                                    pg_split,      pg_split_words, sparse_dots, gated_columns, pad_rows,
+                                    store_runs,    abs_max, block_channel_stats,
                                     epilogue_block, permute_lanes, quantize_sign_magnitude};
 
 }  // namespace G2D_ISA_NS

@@ -57,6 +57,13 @@ struct IsaKernels {
   // the number of gated-on elements.
   int64_t (*gate_panel)(const float* acc, int64_t M, float scale, const float* thr,
                         const uint8_t* valid, float* out, uint8_t* gate, int64_t ld);
+  // A gated convolution's dense second stage selected into its outputs, one panel [M, nr]
+  // (acc's row stride nr; out and gate rows ld apart): for m < M, t < nr,
+  //   out[m * ld + t] += scale * acc[m * nr + t]  where gate[m * ld + t] is 1 (0: unchanged).
+  // Branch-free (the gates are unpredictable); the product is rounded before the add on every
+  // ISA (no fused multiply-add), so all tables give the same bits.
+  void (*select_add)(const float* acc, int64_t M, float scale, const uint8_t* gate, float* out,
+                     int64_t ld);
   // Sampled dense-dense product, one weight row chunk at a time: for i < n,
   //   acc_i = lanewise sum over v < nvec of w[v*vw ..] * fields[cols[i]*ld + v*vw ..]
   //   (+ partial[i*vw ..] if accumulate); then out[i] = horizontal sum of acc_i if out is
@@ -126,6 +133,17 @@ struct IsaKernels {
   // (the baseline build's 4-float copies took ~5 us of a 16-channel 32x32 CG layer, perf).
   void (*pad_rows)(const float* x, int64_t H, int64_t W, float* dst, int64_t Wp, int64_t gap,
                    int64_t last_gap);
+  // A gated convolution's span rows copied to Y, run by run of consecutive output pixels, its
+  // post-epilogue fused into the copy (CGConv: no second pass over Y): for m < M, r < nruns,
+  // i < len[r]:
+  //   y[rows[m] * ld_y + dst[r] + i] = act(epi(src[m * ld + at[r] + i])),
+  // epi(v) = 1 * (scale[o] * v + 0) + shift[o] (o = rows[m]: epilogue_row's arithmetic, so the
+  // fused form rounds as the separate pass did) where scale (and shift) are non-null, else v;
+  // act = ReLU if relu. (The baseline build's 4-float copy loop and the separate pass were ~10%
+  // of a 16-channel 32x32 CG layer's call at 20% gated on, perf.)
+  void (*store_runs)(const float* src, int64_t ld, int64_t M, const int* rows, const int32_t* at,
+                     const int32_t* len, const int64_t* dst, int nruns, const float* scale,
+                     const float* shift, bool relu, float* y, int64_t ld_y);
   // max |x[i]| over i < n (0 for n = 0); NaN if some x[i] is NaN. PG's dynamic scale: in
   // pg_conv.cc's baseline build this loop took ~5% of a 16-channel 32x32 layer's call (perf).
   float (*abs_max)(const float* x, int64_t n);
