@@ -1334,8 +1334,20 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
           : kTapSpanPanels;
   const int64_t NR =
       (panels >= kWideSpanMinPanels ? (uses_taps ? tap_panels : kSecondStagePanels) : 1) * nr;
+  // The joint second stage's dot products run over the union of the plans' stage-2 channels
+  // (zeros where a plan does not read one): per gated-on element they cost 1 / joint_density
+  // times a plan's own, so the per-plan GEMMs win from joint_density times the usual fraction
+  // on (block-diagonal CG, p = 4: 3/4. Measured, ResNet-20's 16-channel 32x32 layers, 1
+  // thread: the two forms break even at ~45-50% on, where the threshold said 60%).
+  double joint_density = 1.0;
+  if (joint_second && !joint_second->chans2.empty() && all_rows > 0) {
+    double used = 0.0;
+    for (const auto& plan : plans) used += double(plan.outputs.size()) * double(plan.chans2.size());
+    joint_density = used / (double(all_rows) * double(joint_second->chans2.size()));
+  }
   ParallelFor(ctx, size_t((src1.columns + NR - 1) / NR), [&](size_t span) {
     const int64_t q0 = int64_t(span) * NR, ncols = std::min<int64_t>(NR, src1.columns - q0);
+    const int64_t computed_cols = RoundUp(ncols, int64_t(nr));  // what a GEMM over the span computes
     int64_t pix[kMaxSpanPanels * 64];
     uint8_t valid[kMaxSpanPanels * 64];  // column is an output pixel (indirect panels skip
                                              // the padding columns)
@@ -1384,15 +1396,18 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     Acc* const acc = tile.data();
 
     // Stage 2 over `plan`'s rows of out / gate (`on` of them gated on), then the copy to y.
-    // plan_index: the plan's index in plans, plans.size() for the joint second stage.
+    // plan_index: the plan's index in plans, plans.size() for the joint second stage;
+    // force_dense: the GEMM + select whatever the plan's own fraction (the joint stage chose it).
     auto second_stage_and_store = [&](const GatedStagePlan<T>& plan, size_t plan_index,
                                       const ChannelLast& cl, uint8_t* gate, float* out,
-                                      int64_t on) {
+                                      int64_t on, bool force_dense) {
       const int64_t M = int64_t(plan.outputs.size());
       if (on > 0 && !plan.chans2.empty()) {
         const double dense_above =
             DenseSecondStageAbove(!std::is_same<T, float>::value, !plan.w2_taps.empty());
-        const bool dense = double(on) > dense_above * double(M * ncols);
+        // The GEMM's cost counts every column it computes (a span's last panel in full), the
+        // sparse form's only the gated-on elements.
+        const bool dense = force_dense || double(on) > dense_above * double(M * computed_cols);
         CountSecondStage(dense);
         if (dense) {
           const uint64_t dense_clock = StageClockNow();
@@ -1496,22 +1511,23 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         on_all += on;
         group_on[pi] = on;
       } else {
-        second_stage_and_store(plan, pi, channel_last[pi], gate, out, on);
+        second_stage_and_store(plan, pi, channel_last[pi], gate, out, on, false);
       }
     }
     if (!joint_second) return;
-    if (double(on_all) >
-        DenseSecondStageAbove(false, !joint_second->w2_taps.empty()) * double(all_rows * ncols)) {
-      // Most gates on: per-plan GEMMs, which skip the joint weights' zeros.
+    if (double(on_all) > DenseSecondStageAbove(false, !joint_second->w2_taps.empty()) *
+                             joint_density * double(all_rows * computed_cols)) {
+      // Most gates on: per-plan GEMMs, which skip the joint weights' zeros (all of them: a
+      // plan's own sparse form, gathered fields, is slower still).
       row0 = 0;
       for (size_t pi = 0; pi < plans.size(); ++pi) {
         second_stage_and_store(plans[pi], pi, channel_last[pi], gate_buf.data() + row0 * NR,
-                               out_buf.data() + row0 * NR, group_on[pi]);
+                               out_buf.data() + row0 * NR, group_on[pi], true);
         row0 += int64_t(plans[pi].outputs.size());
       }
     } else {
       second_stage_and_store(*joint_second, plans.size(), channel_last[plans.size()], gate_buf.data(),
-                             out_buf.data(), on_all);
+                             out_buf.data(), on_all, false);
     }
   });
   AddStageTime(kTimeCall, call_clock);

@@ -93,7 +93,9 @@ constexpr double kDenseSecondStageFraction = 0.50;
 constexpr double kDenseSecondStageFractionInt16 = 0.10;
 // CG's channel-last sparse form (TapRows) stays ahead of the GEMM + select up to ~60% on
 // (measured, 128 ch 28x28, 1 thread: 0.94x / 0.96x dense at 50% on and 0.81x / 0.87x at 60%
-// with the switch at 0.5 / 0.6; at 70% the GEMM wins).
+// with the switch at 0.5 / 0.6; at 70% the GEMM wins). The fractions count a span's gated-on
+// elements against every element the GEMM would compute (its last panel in full); a joint
+// second stage scales its fraction by its weights' density (RunGatedConv).
 constexpr double kDenseSecondStageFractionTaps = 0.60;
 // The fraction actually used: the constants above, or with G2D_SECOND_STAGE=sparse (never
 // dense) / =dense (always dense) one path forced, so that tests and benchmarks can run each
