@@ -843,7 +843,7 @@ void PanelFields(const IsaKernels& isa, const ColumnSource<T>& src, const std::v
                  int64_t Lpad, AlignedVec<T>& panel, T* fields) {
   if constexpr (std::is_same<T, float>::value) {
     if (src.indirect) {  // all nr rows are written; rows >= nv are never read
-      isa.gather_fields(src.xpad + q0, off.data(), K, Lpad, fields);
+      isa.gather_fields(src.xpad + q0, off.data(), K, Lpad, fields, int(nr));
       return;
     }
   }
@@ -1058,17 +1058,13 @@ void FillChannelLastRow(const IsaKernels& isa, const ConvGeom& g, const ChannelL
   }
   std::memset(row, 0, sizeof(float) * size_t(g.pl * Cs));
   std::memset(row + (g.pl + g.W) * Cs, 0, sizeof(float) * size_t(g.pr * Cs));
-  // Whole runs of nr pixels through the ISA's transpose (it reads nr pixels of every
-  // channel and writes nr rows of Cs); the rest pixel by pixel.
+  // Runs of up to nr pixels through the ISA's transpose (it reads the run's pixels of every
+  // channel and writes a row of Cs for each; a 16- or 8-pixel row in one call: pixel by
+  // pixel, the copy of ResNet-20's 16x16 and 8x8 layers was scalar).
   const int64_t nr = isa.nr;
-  int64_t w0 = 0;
-  for (; w0 + nr <= g.W; w0 += nr)
-    isa.gather_fields(x + ih * g.W + w0, off, nc, Cs, row + (g.pl + w0) * Cs);
-  for (; w0 < g.W; ++w0) {
-    float* px = row + (g.pl + w0) * Cs;
-    for (int64_t i = 0; i < nc; ++i) px[i] = x[off[i] + ih * g.W + w0];
-    for (int64_t i = nc; i < Cs; ++i) px[i] = 0.f;
-  }
+  for (int64_t w0 = 0; w0 < g.W; w0 += nr)
+    isa.gather_fields(x + ih * g.W + w0, off, nc, Cs, row + (g.pl + w0) * Cs,
+                      int(std::min(nr, g.W - w0)));
 }
 
 SetBitTable::SetBitTable() {

@@ -305,17 +305,22 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpad, float* fields) {
+void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpad, float* fields,
+                   int n) {
   int64_t k0 = 0;
   for (; k0 + 16 <= K; k0 += 16) {
-    for (int tb = 0; tb < kNR; tb += 16) {
+    for (int tb = 0; tb < n; tb += 16) {
+      // A partial block (n not a multiple of 16: a 16- or 8-pixel row of a CIFAR layer's
+      // channel-last copy) by masked loads, not column by column.
+      const int cols = std::min(16, n - tb);
+      const __mmask16 m = __mmask16((1u << cols) - 1);
       __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(base + off[k0 + i] + tb);
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(m, base + off[k0 + i] + tb);
       transpose16(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(fields + (tb + j) * Lpad + k0, r[j]);
+      for (int j = 0; j < cols; ++j) _mm512_storeu_ps(fields + (tb + j) * Lpad + k0, r[j]);
     }
   }
-  for (int t = 0; t < kNR; ++t) {
+  for (int t = 0; t < n; ++t) {
     for (int64_t k = k0; k < K; ++k) fields[t * Lpad + k] = base[off[k] + t];
     for (int64_t k = K; k < Lpad; ++k) fields[t * Lpad + k] = 0.f;
   }
@@ -342,13 +347,17 @@ void scatter_lanes(const float* src, int64_t ld, int64_t n, float* const* dst, i
       for (int64_t t = t0; t < std::min(n, t0 + kTile); ++t) dst[l][t] = src[t * ld + l];
 }
 
-void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpad, float* fields) {
+void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpad, float* fields,
+                   int n) {
   int64_t k0 = 0;
 #if defined(__AVX2__)
   // 8 x 8 register transposes (unpack, shuffle, 128-bit permute); the scalar loop below did
   // one strided store per value (CGConv's channel-last copy, FBS's NCHWc gather).
+  const int n8 = n / 8 * 8;
   for (; k0 + 8 <= K; k0 += 8) {
-    for (int tb = 0; tb < kNR; tb += 8) {
+    for (int t = n8; t < n; ++t)  // columns past the last whole block of 8
+      for (int i = 0; i < 8; ++i) fields[t * Lpad + k0 + i] = base[off[k0 + i] + t];
+    for (int tb = 0; tb < n8; tb += 8) {
       __m256 r[8], t[8], u[8];
       for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(base + off[k0 + i] + tb);
       for (int i = 0; i < 4; ++i) {
@@ -372,9 +381,9 @@ void gather_fields(const float* base, const int64_t* off, int64_t K, int64_t Lpa
 #endif
   for (int64_t k = k0; k < K; ++k) {
     const float* s = base + off[k];
-    for (int t = 0; t < kNR; ++t) fields[t * Lpad + k] = s[t];
+    for (int t = 0; t < n; ++t) fields[t * Lpad + k] = s[t];
   }
-  for (int t = 0; t < kNR; ++t)
+  for (int t = 0; t < n; ++t)
     for (int64_t k = K; k < Lpad; ++k) fields[t * Lpad + k] = 0.f;
 }
 #endif

@@ -46,11 +46,12 @@ struct IsaKernels {
   // int32 C = int16 A * int16 B; Kp even, counts pairs of k
   void (*igemm_micro)(int64_t Kp, const int16_t* a, const int16_t* b, int32_t* c, int64_t ldc,
                       int m_valid, int n_valid, bool accumulate);
-  // fields[t * Lpad + k] = base[off[k] + t] for t < nr, k < K; zeros for K <= k < Lpad:
-  // the receptive fields of a panel's columns, one contiguous row each (AVX-512: 16 x 16
-  // register transposes).
+  // fields[t * Lpad + k] = base[off[k] + t] for t < n (n <= nr), k < K; zeros for K <= k <
+  // Lpad; rows t >= n are not written: the receptive fields of a panel's columns, one
+  // contiguous row each, or a channel-last copy of n pixels (AVX-512: 16 x 16 register
+  // transposes, a partial block by masked loads; AVX2: 8 x 8 for whole blocks of 8 columns).
   void (*gather_fields)(const float* base, const int64_t* off, int64_t K, int64_t Lpad,
-                        float* fields);
+                        float* fields, int n);
   // Stage 1 epilogue of a gated convolution over one panel [M, nr] (acc's row stride nr; out
   // and gate rows ld apart, so they land in the caller's span buffers directly):
   // out = scale * acc; gate[m, t] = out[m, t] > thr[m] and valid[t] (0/1 bytes); returns

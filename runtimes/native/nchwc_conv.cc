@@ -125,16 +125,14 @@ LayoutGeom MakeLayoutGeom(const char* op, const LayoutAttrs& layout,
 
 void PlanesToBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,
                      const int64_t* offs, int64_t nc, int64_t HW, int64_t B, float* xb) {
-  // Whole panels of isa.nr pixels go through the ISA's register transpose
-  // (isa.gather_fields); the tail pixels are copied. Parallel over blocks only when large.
+  // Panels of up to isa.nr pixels go through the ISA's register transpose
+  // (isa.gather_fields). Parallel over blocks only when large.
   ParallelFor(ParallelIfLarge(ctx, nc * HW), size_t((nc + B - 1) / B), [&](size_t blk_index) {
     const int64_t blk = int64_t(blk_index), valid = std::min(B, nc - blk * B);
     const int64_t* off = offs + blk * B;
     float* dst = xb + blk * HW * B;
-    int64_t p0 = 0;
-    for (; p0 + isa.nr <= HW; p0 += isa.nr) isa.gather_fields(x + p0, off, valid, B, dst + p0 * B);
-    for (; p0 < HW; ++p0)
-      for (int64_t l = 0; l < B; ++l) dst[p0 * B + l] = l < valid ? x[off[l] + p0] : 0.f;
+    for (int64_t p0 = 0; p0 < HW; p0 += isa.nr)
+      isa.gather_fields(x + p0, off, valid, B, dst + p0 * B, int(std::min<int64_t>(isa.nr, HW - p0)));
   });
 }
 
