@@ -81,11 +81,14 @@ def test_fleet_luts_match_a_serial_profile(cluster, net, tmp_path, cli):
         for key in ("cpu", "cores", "isa", "gpu"):
             assert lut["machine"][key] == serial["machine"][key], key
         assert lut["machine"]["isa"] == _isa_from_cpuinfo()
-        # Same machine, same protocol: the median per-entry ratio is near 1. The bound is wide
-        # (0.5-2) because this machine is shared and the two runs are minutes apart.
+        # Same machine, same protocol: the median per-entry ratio is near 1. What this guards
+        # is the unit and the protocol (seconds for ms: 1000x; a batch's time for one run: 8x
+        # and more), so the bound is wide (1/4-4): the machine is shared, the two runs are
+        # minutes apart, and the serial run shares the 2 vCPUs with the live Ray cluster's
+        # processes (measured 0.4996 once, 2026-12-06, on a noisy 2-vCPU machine).
         ratio = statistics.median(lut["entries"][k]["ms"] / max(serial["entries"][k]["ms"], 1e-6)
                                   for k in serial["entries"])
-        assert 0.5 < ratio < 2.0, ratio
+        assert 0.25 < ratio < 4.0, ratio
         for name in ("gator_config.json", "edge_multipliers_by_name.json", "timing.csv"):
             assert (tmp_path / "fleet" / cls / name).is_file()
         assert not (tmp_path / "fleet" / cls / "lut.partial.json").exists()
