@@ -499,8 +499,9 @@ template <class V>
 inline V Affine(V v, float g, float s, float sh, float b) {
   return g * (s * v + sh) + b;
 }
-// std::max(v, 0.f) lane by lane (NaN stays NaN, -0.0 stays -0.0).
-inline vf ReluVec(vf v) { return v < vf{} ? vf{} : v; }
+// std::max(v, 0.f), on a float or lane by lane (NaN stays NaN, -0.0 stays -0.0).
+inline float Relu(float v) { return std::max(v, 0.f); }
+inline vf Relu(vf v) { return v < vf{} ? vf{} : v; }
 }  // namespace
 
 void epilogue_row(float* v, int64_t n, float g, float s, float sh, float b, const float* r,
@@ -525,9 +526,9 @@ void StoreRuns(const float* src, int64_t ld, int64_t M, const int* rows, const i
     const float* sm = src + m * ld;
     float* ym = y + int64_t(rows[m]) * ld_y;
     const float s = kAffine ? scale[rows[m]] : 1.f, b = kAffine ? shift[rows[m]] : 0.f;
-    auto value = [s, b](vf v) {
+    auto value = [s, b](auto v) {  // a float or a vector
       if (kAffine) v = Affine(v, 1.f, s, 0.f, b);
-      return kRelu ? ReluVec(v) : v;
+      return kRelu ? Relu(v) : v;
     };
     for (int r = 0; r < nruns; ++r) {
       const float* in = sm + at[r];
@@ -540,11 +541,7 @@ void StoreRuns(const float* src, int64_t ld, int64_t M, const int* rows, const i
       const __mmask16 tail = __mmask16((1u << (n - i)) - 1);
       _mm512_mask_storeu_ps(out + i, tail, __m512(value(vf(_mm512_maskz_loadu_ps(tail, in + i)))));
 #else
-      for (; i < n; ++i) {
-        float v = in[i];
-        if (kAffine) v = Affine(v, 1.f, s, 0.f, b);
-        out[i] = kRelu ? std::max(v, 0.f) : v;
-      }
+      for (; i < n; ++i) out[i] = value(in[i]);
 #endif
     }
   }
