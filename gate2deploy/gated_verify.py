@@ -14,7 +14,9 @@ checks per layer:
 - every element (CG, PG) or (sample, channel) (FBS) that differs more is a flipped gate at a
   tie: its decision value (CG: the partial sum against rm + delta*sqrt(rv+eps); PG: out_msb
   against delta; FBS: the saliency against the per-sample (k+1)-th largest) is within
-  tie_eps * max|decision| (default 1e-5) of its threshold;
+  tie_eps * max|decision| (default 1e-5) of its threshold; with a fused quantizer in the
+  layer's epilogue (passes/fuse_gated_epilogue.py), an element whose quantizer input lies
+  within tie_eps * levels of half-way between two levels is at a tie too;
 - flipped gates are rare: at most max(2, 0.1% of the layer's gates);
 - non-finite values match: an element NaN or inf on one side only (or NaN against inf, or
   infs of opposite sign) fails the layer outright (counted as a flip off any tie); NaN in
@@ -37,7 +39,7 @@ from torch import nn
 from . import ops
 from .gated import (CGConv2d, FBSConv2d, PGConv2d, _cg_seed_eval, _fbs_active, _pg_seed_eval,
                     truncate_msb)
-from .passes.fuse_gated_epilogue import EPILOGUE_INPUTS_AT, activation_name
+from .passes.fuse_gated_epilogue import EPILOGUE_ATTRS, EPILOGUE_INPUTS_AT, activation_name
 from .runtimes.reference import gated_post_epilogue
 from .compare import compare_outputs, nonfinite_agree, nonfinite_mismatch
 
@@ -163,6 +165,26 @@ class _Epilogue:
     scale: np.ndarray | None
     shift: np.ndarray | None
     activation: str
+    steps: dict  # clip_max, quantize_* (OPS.md), as the node has them
+
+    def apply(self, y: np.ndarray, quantize: bool = True) -> np.ndarray:
+        steps = self.steps if quantize else {k: v for k, v in self.steps.items() if not k.startswith("quantize_")}
+        return gated_post_epilogue(y, self.scale, self.shift, self.activation, **steps)
+
+    def quantizer_ties(self, y: np.ndarray, band: float) -> np.ndarray | None:
+        """Where the fused quantizer's input (the epilogue before it, of the PyTorch layer's
+        y) lies within `band` of half-way between two levels: a rounding difference there
+        moves the output by a whole level (this module's docstring), so a difference there is
+        a tie, like a gate's. None without a quantizer."""
+        levels = self.steps.get("quantize_levels")
+        if levels is None:
+            return None
+        pre = self.apply(y, quantize=False)
+        finite = np.abs(pre[np.isfinite(pre)])
+        scale = float(self.steps.get("quantize_scale", 0.0)) or (
+            float(finite.max()) if finite.size else 0.0) + float(self.steps.get("quantize_eps", 1e-7))
+        r = np.clip(np.abs(pre) / np.float32(scale), 0, 1) * np.float32(levels)
+        return np.abs(r - np.floor(r) - 0.5) <= band * max(1.0, float(levels))
 
 
 def _fused_epilogue(compiled: onnx.ModelProto, captured_node) -> _Epilogue | None:
@@ -176,7 +198,8 @@ def _fused_epilogue(compiled: onnx.ModelProto, captured_node) -> _Epilogue | Non
     plain = EPILOGUE_INPUTS_AT[twin.op_type]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in twin.attribute}
     activation = activation_name(attrs.get("activation"))
-    if len(twin.input) <= plain and not activation:
+    steps = {k: float(attrs[k]) for k in EPILOGUE_ATTRS if k in attrs}
+    if len(twin.input) <= plain and not activation and not steps:
         return None
     scale = shift = None
     if len(twin.input) > plain:
@@ -185,7 +208,7 @@ def _fused_epilogue(compiled: onnx.ModelProto, captured_node) -> _Epilogue | Non
         if len(found) != 2:
             return None
         scale, shift = (onnx.numpy_helper.to_array(found[name]) for name in names)
-    return _Epilogue(twin.output[0], scale, shift, activation)
+    return _Epilogue(twin.output[0], scale, shift, activation, steps)
 
 
 def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: onnx.ModelProto,
@@ -242,8 +265,10 @@ def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: o
                 continue
             x_in = _unfolded_input(module, values[x_name], compiled, node)
             y, gate, decision, threshold = (t.detach().numpy() for t in _layer_eval(module, torch.from_numpy(x_in)))
-            if epilogue:  # the fused BatchNorm (+ Relu) after the layer, on the PyTorch side too
-                y = gated_post_epilogue(y, epilogue.scale, epilogue.shift, epilogue.activation)
+            quantizer_ties = None
+            if epilogue:  # the fused BatchNorm, Relu, ... after the layer, on the PyTorch side too
+                quantizer_ties = epilogue.quantizer_ties(y, tie_eps)
+                y = epilogue.apply(y)
             y_onnx = values[y_name]
             stats = per_layer[i]
             finite_y = np.abs(y[np.isfinite(y)])
@@ -259,6 +284,8 @@ def verify_gated_layers(model: nn.Module, captured: onnx.ModelProto, compiled: o
             finite_decision = np.abs(decision[np.isfinite(decision)])
             band = tie_eps * max(1.0, float(finite_decision.max()) if finite_decision.size else 1.0)
             at_tie = (np.abs(decision - threshold) <= band) & ~broken
+            if quantizer_ties is not None:
+                at_tie |= quantizer_ties & ~broken
             stats["gates"] += gate.size
             stats["flipped"] += int(differs.sum())
             stats["off_tie"] += int((differs & ~at_tie).sum())

@@ -328,9 +328,16 @@ def dense_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     dense network the gated kernels are compared against (for PG, its quantized weights in
     fp32; a SparseInputConv's bias and residual dropped). Other gate2deploy nodes (the fused
     activation quantizer) stay: they are not gates, and the twin runs them as the export does,
-    so the ratio measures what the gates save."""
+    so the ratio measures what the gates save. A CG/PG node's fused epilogue becomes its nodes
+    again after the Conv (passes/fuse_gated_epilogue.split_gated_epilogues): ONNX Runtime folds
+    the BatchNorm's Mul and Add and the Relu into its Conv, as in a dense export, and runs the
+    clamp and the quantizer as nodes, which only the gated kernels fuse."""
+    from gate2deploy.passes.fuse_gated_epilogue import split_gated_epilogues
+    from gate2deploy.passes.ir import export_model, import_graph
+
+    graph = import_graph(model)
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out.CopyFrom(export_model(graph) if split_gated_epilogues(graph) else model)
     conv_attrs = {"strides", "pads", "dilations", "group"}
     nodes = []
     for node in out.graph.node:

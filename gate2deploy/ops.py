@@ -133,10 +133,14 @@ def conv_like_output(ctx) -> None:
 # OPS.md's common conv attributes include `group`; CGConv, FBSConv and SparseInputConv accept
 # only 1 (the kernels check the value), PGConv any divisor.
 _CONV_ATTRS = (Attr("strides", "ints"), Attr("pads", "ints"), Attr("dilations", "ints"), Attr("group", "int"))
-# CGConv / PGConv's optional epilogue (a following BatchNormalization and Relu, fused for
-# --target ort by passes/fuse_gated_epilogue.py): per-channel [O] vectors and "Relu" or none.
+# CGConv / PGConv's optional epilogue (a following BatchNormalization, Relu, Min and
+# QuantizeActivation, fused for --target ort by passes/fuse_gated_epilogue.py): per-channel
+# [O] vectors, "Relu" or none, the clamp's bound, the quantizer's attributes (OPS.md).
 _POST_INPUTS = ("post_scale?", "post_shift?")
-_POST_ATTRS = (Attr("activation", "string"),)
+_POST_ATTRS = (Attr("activation", "string"), Attr("clip_max", "float"), Attr("quantize_levels", "float"),
+               Attr("quantize_scale", "float"), Attr("quantize_eps", "float"))
+EPILOGUE_INPUTS = tuple(i.rstrip("?") for i in _POST_INPUTS)  # CPU only: not TensorRT
+EPILOGUE_ATTRIBUTES = tuple(a.name for a in _POST_ATTRS)      # plugin fields
 _GATED_RUNTIMES = frozenset({"ort", "trt", "portable"})
 # FBSConv's Mayo options (OPS.md), each optional with the behaviour before they existed as
 # its default: `activation` "Relu" (default) | "Identity", `pool_pads` 4 ints (default
@@ -155,14 +159,14 @@ CATALOG: dict[str, OpSpec] = {spec.name: spec for spec in [
            same_as_input0, channel_rule="elementwise", macs="none", runtimes=frozenset({"portable"})),
     OpSpec("CGConv", ("X", "W", "base_mask", "threshold", *_POST_INPUTS), (*_POST_ATTRS, *_CONV_ATTRS),
            "Channel Gating: Yp = conv(X, W*base_mask); Y = where(Yp > threshold, conv(X, W), Yp); "
-           "then act(post_scale * Y + post_shift) when given (OPS.md).",
+           "then its optional epilogue (OPS.md).",
            conv_like_output, channel_rule="conv", macs="conv", runtimes=_GATED_RUNTIMES,
            reference="cg_conv_reference"),
     OpSpec("PGConv", ("X", "W", "threshold", *_POST_INPUTS),
            (Attr("abits", "int", True), Attr("pred_bits", "int", True), Attr("static_scale", "float"),
             *_POST_ATTRS, *_CONV_ATTRS),
            "Precision Gating: Y = conv(x_msb, W) + [conv(x_msb, W) > threshold] * conv(x_lsb, W); "
-           "then act(post_scale * Y + post_shift) when given (OPS.md).",
+           "then its optional epilogue (OPS.md).",
            conv_like_output, channel_rule="conv", macs="conv", runtimes=_GATED_RUNTIMES,
            reference="pg_conv_reference"),
     OpSpec("FBSConv", ("X", "W", "fc_W", "fc_b", "bn_scale", "bn_shift", "beta"),

@@ -101,8 +101,9 @@ SPARSE_FBS_CONSUMERS = GraphPass("sparse_fbs_consumers", _collect("sparse_input_
                                  ("fold_static_masks",))
 FUSE_ACTIVATION_QUANTIZER = GraphPass("fuse_activation_quantizer",
                                       _collect("fused_quantizers", fuse_activation_quantizer), ("fold_static_masks",))
+# After the quantizer fusion: a quantizer after a gated conv joins its epilogue as one node.
 FUSE_GATED_EPILOGUE = GraphPass("fuse_gated_epilogue", _collect("fused_epilogues", fuse_gated_epilogue),
-                                ("fold_static_masks",))
+                                ("fold_static_masks", "fuse_activation_quantizer"))
 
 FOLD_PIPELINE = [CLEANUP, RESOLVE_STATIC_SHAPES, CANONICALIZE_CHANNEL_SHUFFLE, FOLD_STATIC_MASKS]
 
@@ -110,10 +111,11 @@ PIPELINES: dict[str, list[GraphPass]] = {
     # Portable: every gate2deploy op becomes standard ONNX ops (stock onnxruntime, no plugin).
     "onnx": FOLD_PIPELINE + [LOWER_PORTABLE],
     # ONNX Runtime with the gate2deploy custom-op library: CGConv/PGConv/FBSConv nodes stay,
-    # plain convs reading an FBS output skip its zero channels, and the BatchNorm + Relu after
-    # a CG/PG node join it as its epilogue, and the seed's activation quantizer chains become
-    # single QuantizeActivation nodes (CPU-only features of the native kernels).
-    "ort": FOLD_PIPELINE + [SPARSE_FBS_CONSUMERS, FUSE_GATED_EPILOGUE, FUSE_ACTIVATION_QUANTIZER],
+    # plain convs reading an FBS output skip its zero channels, the seed's activation
+    # quantizer chains become single QuantizeActivation nodes, and the BatchNorm, Relu, clamp
+    # and quantizer after a CG/PG node join it as its epilogue (CPU-only features of the
+    # native kernels).
+    "ort": FOLD_PIPELINE + [SPARSE_FBS_CONSUMERS, FUSE_ACTIVATION_QUANTIZER, FUSE_GATED_EPILOGUE],
     # TensorRT with the gate2deploy plugins: CGConv/PGConv/FBSConv nodes stay.
     "trt": list(FOLD_PIPELINE),
 }

@@ -146,3 +146,15 @@ def fuse_activation_quantizer(graph: gs.Graph) -> list[str]:
         graph.nodes = [n for n in graph.nodes if id(n) not in taken]  # by identity, once
         graph.cleanup().toposort()
     return fused
+
+
+def expand_quantizers(graph: gs.Graph) -> gs.Graph:
+    """The inverse of this pass: every quantizer of the graph as the seed's standard-op chain
+    again, those fused into a CG/PG node's epilogue (passes/fuse_gated_epilogue.py) split out
+    first. For comparisons with the export before these fusions (tests, the benchmarks)."""
+    from .fuse_gated_epilogue import split_gated_epilogues
+    from .lower_portable import lower_portable
+
+    split_gated_epilogues(graph, output_steps_only=True)
+    names = {n.name for n in graph.nodes if n.op == "QuantizeActivation"}
+    return lower_portable(graph, only=names)

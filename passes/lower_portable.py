@@ -17,8 +17,9 @@ The decomposition computes every path (it is exact, not fast: speed needs `--tar
 CG's base path is a physically smaller conv where its constant mask has structure (one
 channel subset for all outputs, or block-diagonal), the full-size masked conv otherwise; with
 one channel subset, the full path is base + the complement conv (one dense conv's MACs in all).
-CG/PG's optional epilogue (post_scale, post_shift, activation: only `--target ort` emits it)
-becomes Mul, Add and Relu after the lowered op.
+CG/PG's optional epilogue (post_scale, post_shift, activation, clip_max, quantize_*: only
+`--target ort` emits it) becomes Mul, Add, Relu, Min and the quantizer's chain after the
+lowered op.
 With `expose_gates=True` each op's boolean gate becomes an extra graph output named
 `<node name>/gate` ([N, O, Ho, Wo] for CG and PG, [N, O] for FBS), which
 `gate2deploy.gate_stats.onnx_gate_statistics` reads; the deployed model never has them.
@@ -34,7 +35,7 @@ import onnx_graphsurgeon as gs
 
 from gate2deploy.ops import DOMAIN, FBS_ACTIVATIONS, FBS_POOLS, GATED_OPS
 
-from .fuse_gated_epilogue import EPILOGUE_INPUTS_AT, activation_name
+from .fuse_gated_epilogue import EPILOGUE_INPUTS_AT, activation_name, split_gated_epilogue
 from .ir import const_value
 
 LOWERED_OPS = (*GATED_OPS, "SparseInputConv", "QuantizeActivation")
@@ -288,53 +289,36 @@ def _lower_quantize_activation(b: _Builder, node: gs.Node, y: gs.Variable) -> No
     b.op("Mul", [b.op("Mul", [q, s]), sign], out=y)
 
 
-def _epilogue_target(b: _Builder, node: gs.Node, y: gs.Variable):
-    """(tensor the gated op's lowering writes, function finishing y) for CG/PG's optional
-    epilogue (OPS.md: act(post_scale * Y + post_shift)); (y, None) without one."""
-    at = EPILOGUE_INPUTS_AT.get(node.op)
-    activation = activation_name(node.attrs.get("activation"))
-    if at is None or (len(node.inputs) <= at and not activation):
-        return y, None
-    pre = gs.Variable(b._name("pre_epilogue"), dtype=np.float32)
-
-    def finish():
-        v = pre
-        if len(node.inputs) > at:
-            v = b.op("Add", [b.op("Mul", [b.per_channel("post_scale", node.inputs[at]), v]),
-                             b.per_channel("post_shift", node.inputs[at + 1])])
-        if activation == "Relu":
-            b.op("Relu", [v], out=y)
-        else:
-            b.op("Identity", [v], out=y)
-    return pre, finish
-
-
 def lower_portable(graph: gs.Graph, result: LoweringResult | None = None,
                    expose_gates: bool = False, only: set[str] | None = None) -> gs.Graph:
     """Lowers every gated op, or with `only` just the nodes of those names (the layers for
     which gate2deploy.kernel_choice measured the standard ops faster than the native kernel)."""
     result = result if result is not None else LoweringResult()
-    targets = [n for n in graph.nodes if n.domain == DOMAIN and n.op in LOWERED_OPS
-               and (only is None or n.name in only)]
-    for index, node in enumerate(targets):
-        if not node.name:
-            node.name = f"{node.op}_{index}"
+
+    def targets() -> list[gs.Node]:
+        return [n for n in graph.nodes if n.domain == DOMAIN and n.op in LOWERED_OPS
+                and (only is None or n.name in only)]
+    for index, node in enumerate(targets()):
+        node.name = node.name or f"{node.op}_{index}"
+    # A fused epilogue becomes its nodes again first: its QuantizeActivation (if any) is then
+    # lowered with the rest, or with `only` stays native, as the unfused export has it.
+    for node in targets():
+        if node.op in EPILOGUE_INPUTS_AT:
+            split_gated_epilogue(graph, node)
+    for node in targets():
         y = node.outputs[0]
         node.outputs.clear()  # detach first so that the new nodes can write `y`
         b = _Builder(graph, node.name)
-        target, finish = _epilogue_target(b, node, y)
         if node.op == "CGConv":
-            gate = _lower_cg(b, node, target)
+            gate = _lower_cg(b, node, y)
         elif node.op == "PGConv":
-            gate = _lower_pg(b, node, target)
+            gate = _lower_pg(b, node, y)
         elif node.op == "FBSConv":
             gate = _lower_fbs(b, node, y, expose_gates)
         elif node.op == "QuantizeActivation":
             gate = _lower_quantize_activation(b, node, y)
         else:
             gate = _lower_sparse_input_conv(b, node, y)
-        if finish is not None:
-            finish()
         node.inputs.clear()
         result.lowered.append((node.name, node.op))
         if expose_gates and gate is not None:

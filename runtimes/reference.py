@@ -94,10 +94,15 @@ def _activation(y: np.ndarray, activation: str | None) -> np.ndarray:
     return np.maximum(y, np.float32(0)) if activation == "Relu" else y
 
 
-def gated_post_epilogue(y, post_scale=None, post_shift=None, activation: str | None = None):
-    """The optional epilogue of CGConv and PGConv (OPS.md): act(post_scale[o] * Y +
-    post_shift[o]), act = ReLU for activation "Relu"; Y unchanged without it. A following
-    BatchNormalization (and Relu) fused by passes/fuse_gated_epilogue.py."""
+def gated_post_epilogue(y, post_scale=None, post_shift=None, activation: str | None = None,
+                        clip_max: float | None = None, quantize_levels: float | None = None,
+                        quantize_scale: float = 0.0, quantize_eps: float = 1e-7):
+    """The optional epilogue of CGConv and PGConv (OPS.md), in order: act(post_scale[o] * Y +
+    post_shift[o]) (act = ReLU for activation "Relu"); then min(Y, clip_max) (ONNX Min: NaN
+    stays NaN); then QuantizeActivation(levels=quantize_levels, scale=quantize_scale,
+    eps=quantize_eps) over the whole tensor. Each step only when given. What
+    passes/fuse_gated_epilogue.py fuses: a following BatchNormalization, Relu, Min (PACT's
+    clamp) and the next quantized conv's activation quantizer."""
     if (post_scale is None) != (post_shift is None):
         raise ValueError("post_scale and post_shift come together")
     if post_scale is not None:
@@ -105,19 +110,27 @@ def gated_post_epilogue(y, post_scale=None, post_shift=None, activation: str | N
         a = _per_channel("post_scale", post_scale, o)
         b = _per_channel("post_shift", post_shift, o)
         y = a * y + b
-    return _activation(y, activation).astype(np.float32)
+    y = _activation(y, activation).astype(np.float32)
+    if clip_max is not None:
+        if np.isnan(clip_max):
+            raise ValueError("clip_max must not be NaN")
+        y = np.minimum(y, np.float32(clip_max))  # NaN propagates, as ONNX Min
+    if quantize_levels is not None:
+        y = quantize_activation_reference(y, quantize_levels, quantize_scale, quantize_eps)
+    return y.astype(np.float32)
 
 
 def cg_conv_reference(x, w, base_mask, threshold, strides=(1, 1), pads=(0, 0, 0, 0),
                       dilations=(1, 1), return_gate: bool = False, post_scale=None,
-                      post_shift=None, activation: str | None = None):
+                      post_shift=None, activation: str | None = None, **epilogue):
     """CGConv (OPS.md, semantics §3): the partial sum Yp over the base-path channels decides,
     per output element, whether the full sum Yf replaces it:
 
         Yp = conv(X, W * base_mask[:, :, None, None]); Yf = conv(X, W)
         Y = where(Yp > threshold[o], Yf, Yp)
 
-    then the optional epilogue (gated_post_epilogue). Evaluated as the seed (and
+    then the optional epilogue (gated_post_epilogue, `epilogue`: its clip_max and quantize_*
+    keywords). Evaluated as the seed (and
     gate2deploy.gated's CGConv2d) writes it, Y = Yf * d + Yp * (1 - d) with d = (Yp > thr):
     the same values for finite data, and NaN wherever Yp or Yf is NaN or inf (0 * inf), as
     PyTorch gives; a plain `where` would keep a finite Yp beside a NaN Yf. (Changed from
@@ -135,7 +148,7 @@ def cg_conv_reference(x, w, base_mask, threshold, strides=(1, 1), pads=(0, 0, 0,
     d = gate.astype(np.float32)
     with np.errstate(invalid="ignore"):  # 0 * inf -> NaN is the intended result
         y = (yf * d + yp * (np.float32(1) - d)).astype(np.float32)
-    y = gated_post_epilogue(y, post_scale, post_shift, activation)
+    y = gated_post_epilogue(y, post_scale, post_shift, activation, **epilogue)
     return (y, gate) if return_gate else y
 
 
@@ -170,13 +183,14 @@ def pg_split_activations(x, abits: int, pred_bits: int, static_scale: float = 0.
 def pg_conv_reference(x, w, threshold, abits: int, pred_bits: int, static_scale: float = 0.0,
                       strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
                       return_gate: bool = False, post_scale=None, post_shift=None,
-                      activation: str | None = None):
+                      activation: str | None = None, **epilogue):
     """PGConv (OPS.md, semantics §4). W is already quantized (float values).
 
         out_msb = conv(x_hb, W); gate = out_msb > threshold[o]
         Y = out_msb + gate * conv(x_lb, W)
 
-    then the optional epilogue (gated_post_epilogue).
+    then the optional epilogue (gated_post_epilogue, `epilogue`: its clip_max and quantize_*
+    keywords).
     """
     w = _f32("W", w)
     thr = _per_channel("threshold", threshold, w.shape[0])
@@ -185,7 +199,7 @@ def pg_conv_reference(x, w, threshold, abits: int, pred_bits: int, static_scale:
     gate = out_msb > thr
     out_lsb = conv2d(x_lb, w, strides, pads, dilations, group)
     y = (out_msb + gate.astype(np.float32) * out_lsb).astype(np.float32)
-    y = gated_post_epilogue(y, post_scale, post_shift, activation)
+    y = gated_post_epilogue(y, post_scale, post_shift, activation, **epilogue)
     return (y, gate) if return_gate else y
 
 

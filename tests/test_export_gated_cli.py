@@ -41,12 +41,14 @@ def test_pg_checkpoint_with_calibrated_static_scale(tmp_path, cli, samples, targ
     assert stats["bit_weighted_over_dense"] < 1.0
     nodes = [n for n in onnx.load(str(out)).graph.node if n.op_type == "PGConv"]
     assert len(nodes) == custom_nodes
-    # --target ort fuses each PG layer's BatchNorm + ReLU into it (and still verifies above),
-    # and each quantized conv's input quantizer (calibrated: a static scale) into one node.
+    # --target ort fuses each quantized conv's input quantizer (calibrated: a static scale)
+    # into one node, and each PG layer's BatchNorm, ReLU, PACT clamp and that quantizer (which
+    # follows it) into the PG node (and still verifies above).
     assert len(r["fused_epilogues"]) == custom_nodes
-    quantizers = [n for n in onnx.load(str(out)).graph.node if n.op_type == "QuantizeActivation"]
+    quantizers = [n for n in onnx.load(str(out)).graph.node if n.op_type == "QuantizeActivation"
+                  or any(a.name == "quantize_levels" for a in n.attribute)]
     assert len(r.get("fused_quantizers", [])) == len(quantizers) == custom_nodes
-    assert all(any(a.name == "scale" and a.f > 0 for a in n.attribute) for n in quantizers)
+    assert all(any(a.name in ("scale", "quantize_scale") and a.f > 0 for a in n.attribute) for n in quantizers)
     assert all(n.attribute and len(n.input) == 5 for n in nodes)
     assert "gated layers: 9" in stdout
 

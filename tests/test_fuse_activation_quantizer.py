@@ -18,7 +18,7 @@ from gate2deploy import ops
 from gate2deploy.gated import QuantizedConv2d
 from gate2deploy.models.dnn_gating import resnet20_pg
 from gate2deploy.passes import ir
-from gate2deploy.passes.lower_portable import lower_portable
+from gate2deploy.passes.fuse_activation_quantizer import expand_quantizers
 from gate2deploy.runtimes.ort import open_session
 
 
@@ -33,9 +33,7 @@ def _pg_resnet20(static_scale: float = 0.0):
 
 
 def _unfused(model):
-    graph = ir.import_graph(model)
-    names = {n.name for n in graph.nodes if n.op == "QuantizeActivation"}
-    return ops.finalize(ir.export_model(lower_portable(graph, only=names)))
+    return ops.finalize(ir.export_model(expand_quantizers(ir.import_graph(model))))
 
 
 @pytest.mark.parametrize("static_scale", [0.0, 1.5])
@@ -45,12 +43,15 @@ def test_pg_resnet20_quantizers_fuse_and_compute_the_chain_bit_for_bit(static_sc
     compiled = gate2deploy.compile(model, x, target="ort")  # verified against PyTorch
     counts = Counter(n.op_type for n in compiled.onnx_model.graph.node)
     quantized = sum(isinstance(m, QuantizedConv2d) for m in model.modules())
-    assert counts["QuantizeActivation"] == quantized == 9
+    # Each conv2's quantizer follows its block's PGConv (BatchNorm, Relu, PACT's Min): it
+    # then joins that node's epilogue (passes/fuse_gated_epilogue.py) with its attributes.
+    quantizers = [{a.name.removeprefix("quantize_") for a in n.attribute}
+                  for n in compiled.onnx_model.graph.node
+                  if n.op_type == "QuantizeActivation" or any(a.name == "quantize_levels" for a in n.attribute)]
+    assert len(quantizers) == quantized == 9 and counts["QuantizeActivation"] == 0
     assert counts["Sign"] == counts["Round"] == counts["ReduceMax"] == 0
     assert len(compiled.report["fused_quantizers"]) == 9
-    attrs = [{a.name for a in n.attribute} for n in compiled.onnx_model.graph.node
-             if n.op_type == "QuantizeActivation"]
-    assert all(("scale" in a) == bool(static_scale) and ("eps" in a) != bool(static_scale) for a in attrs)
+    assert all(("scale" in a) == bool(static_scale) and ("eps" in a) != bool(static_scale) for a in quantizers)
     unfused = _unfused(compiled.onnx_model)
     assert Counter(n.op_type for n in unfused.graph.node)["Sign"] == 9
     fused_s, unfused_s = open_session(compiled.onnx_model), open_session(unfused)

@@ -107,6 +107,24 @@ def cases(draw):
         attrs["activation"] = activation
         if activation == "Tanh":
             problems.append("bad activation")
+    if op in ("CGConv", "PGConv") and draw(st.integers(0, 3)) == 0:  # the epilogue's clamp
+        clip = draw(st.sampled_from([6.0, 0.25, -1.0, math.inf, math.nan]))
+        attrs["clip_max"] = clip
+        if math.isnan(clip):
+            problems.append("clip_max NaN")
+    if op in ("CGConv", "PGConv") and draw(st.integers(0, 3)) == 0:  # and its quantizer
+        levels = draw(st.sampled_from([7.0, 255.0, 1.0, None, 0.5, math.nan, math.inf]))
+        scale = draw(st.sampled_from([None, None, 0.0, 2.0, -1.0, math.nan]))
+        eps = draw(st.sampled_from([None, None, 0.0, 1e-3, -1.0]))
+        for name, value in (("quantize_levels", levels), ("quantize_scale", scale), ("quantize_eps", eps)):
+            if value is not None:
+                attrs[name] = value
+        if levels is None and (scale is not None or eps is not None):
+            problems.append("quantize_scale / eps without levels")
+        elif levels is not None and not (math.isfinite(levels) and levels >= 1):
+            problems.append("quantize_levels invalid")
+        elif levels is not None and any(v is not None and not (math.isfinite(v) and v >= 0) for v in (scale, eps)):
+            problems.append("quantize_scale / eps invalid")
     if op == "PGConv":
         rare = draw(st.integers(0, 5)) == 0  # a sixth of the PG cases: a bad or edge value
         abits = draw(st.sampled_from([1, 9, 16, 17, 2**40]) if rare else st.integers(2, 8))
@@ -222,6 +240,7 @@ def reference(case):
                 dilations=a.get("dilations", (1, 1)))
     x, inits, op = case["x"], case["inits"], case["op"]
     post = dict(post_scale=inits[-2], post_shift=inits[-1]) if case["post"] else {}
+    post.update({k: a[k] for k in ("clip_max", "quantize_levels", "quantize_scale", "quantize_eps") if k in a})
     with np.errstate(invalid="ignore", over="ignore"):
         if op == "CGConv":
             return ref.cg_conv_reference(x, *inits[:3], **conv, activation=a.get("activation"), **post)

@@ -176,7 +176,7 @@ def test_trt_onnx_plugin_nodes_match_the_plugin_declaration(trt_export):
     assert seen == set(tp.PLUGINS)
 
     opdefs.register_all()
-    epilogue = {"post_scale", "post_shift", "activation"}
+    epilogue = {*opdefs.EPILOGUE_INPUTS, *opdefs.EPILOGUE_ATTRIBUTES}
     schema_types = {onnx.defs.OpSchema.AttrType.INTS: "ints", onnx.defs.OpSchema.AttrType.INT: "int",
                     onnx.defs.OpSchema.AttrType.FLOAT: "float", onnx.defs.OpSchema.AttrType.STRING: "string"}
     sentinel = {k: k for k in ("desc", "tensor", "ints", "int", "float", "string", "outputs", "stream", "return")}

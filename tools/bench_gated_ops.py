@@ -355,15 +355,26 @@ def network_sweep(title, points, args, extra=None):
 
 
 def unfused_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The ort model with its QuantizeActivation nodes expanded back into the standard-op
-    chains they were fused from (what the export wrote before that pass)."""
+    """The ort model with its activation quantizers expanded back into the standard-op chains
+    they were fused from (passes/fuse_activation_quantizer.py expand_quantizers)."""
     from gate2deploy import ops
     from gate2deploy.passes import ir
-    from gate2deploy.passes.lower_portable import lower_portable
+    from gate2deploy.passes.fuse_activation_quantizer import expand_quantizers
+
+    return ops.finalize(ir.export_model(expand_quantizers(ir.import_graph(model))))
+
+
+def epilogue_as_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The ort model with each gated node's fused clamp and quantizer as nodes after it
+    (passes/fuse_gated_epilogue.py split_gated_epilogues, output steps only): the export
+    before those two steps were fused."""
+    from gate2deploy import ops
+    from gate2deploy.passes import ir
+    from gate2deploy.passes.fuse_gated_epilogue import split_gated_epilogues
 
     graph = ir.import_graph(model)
-    names = {n.name for n in graph.nodes if n.op == "QuantizeActivation"}
-    return ops.finalize(ir.export_model(lower_portable(graph, only=names)))
+    split_gated_epilogues(graph, output_steps_only=True)
+    return ops.finalize(ir.export_model(graph))
 
 
 def with_threshold_offset(model, offset):
@@ -418,7 +429,8 @@ def network_benchmarks(args) -> None:
                         points.append((frac, bound, x.numpy(), ort_model, portable, measured))
                     label = ("ResNet-20 CG (p = 4, block-diagonal; 9 CGConv)" if name == "cg" else
                              "ResNet-20 PG (abits 3 / pred 2, wbits 8; 9 PGConv)")
-                    extra = ({"unfused": lambda m, t: custom_session(unfused_quantizers(m), t)}
+                    extra = ({"unfused": lambda m, t: custom_session(unfused_quantizers(m), t),
+                              "epi-nodes": lambda m, t: custom_session(epilogue_as_nodes(m), t)}
                              if name == "pg" else {})
                     if args.baseline_library:  # the same network on the other build, same blocks
                         extra["before"] = lambda m, t: library_session(m, args.baseline_library, t)

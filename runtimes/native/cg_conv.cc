@@ -31,7 +31,7 @@ namespace g2d {
 
 CGConvKernel::CGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   attrs_ = ReadConvAttrs(info, &attr_error_);
-  relu_ = ReadReluAttr(info, &attr_error_);
+  post_attrs_ = ReadPostAttrs(info, &attr_error_);
   weights_const_ = InputIsConstant(info, 1) && InputIsConstant(info, 2);
 }
 
@@ -133,7 +133,7 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     const ConvGeom g = MakeGeom("CGConv", X.Shape(), W.Shape(), attrs_);
     ExpectShape("CGConv", "base_mask", base_mask.Shape(), {g.O, g.C});
     ExpectShape("CGConv", "threshold", threshold.Shape(), {g.O});
-    const PostEpilogue post = MakePostEpilogue("CGConv", post_scale, post_shift, g.O, relu_);
+    const PostEpilogue post = MakePostEpilogue("CGConv", post_scale, post_shift, g.O, post_attrs_);
     const float* mask = base_mask.Data();
     auto checked_plans = [&] {  // a constant mask is checked once, with its cached plans
       for (int64_t i = 0; i < g.O * g.C; ++i)
@@ -163,18 +163,20 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     // spans in parallel.
     const bool by_sample = ParallelOverSamples(g);
     OrtKernelContext* inner = by_sample ? nullptr : ctx;
+    const PostEpilogue channel = post.ChannelPart();
     ParallelFor(by_sample ? ctx : nullptr, size_t(g.N), [&](size_t s) {
       const int64_t n = int64_t(s);
       const float* xn = X.Data() + n * g.C * g.H * g.W;
       float* yn = y + n * g.O * g.P();
       if (w_finite && AllFinite(isa, xn, g.C * g.H * g.W)) {
         RunGatedConv(inner, isa, g, plans->groups, xn, xn, 1.f, 1.f, threshold.Data(), yn,
-                     plans->joint_second.get(), &post);  // the epilogue with the copy to Y
+                     plans->joint_second.get(), &channel);  // with the copy to Y
       } else {
         NonFiniteSample(inner, isa, g, W.Data(), mask, threshold.Data(), xn, yn);
-        ApplyPostEpilogue(inner, isa, post, yn, 1, g.O, g.P());
+        ApplyPostEpilogue(inner, isa, channel, yn, 1, g.O, g.P());
       }
     });
+    ApplyPostEpilogue(ctx, isa, post.OutputPart(), y, g.N, g.O, g.P());  // clamp, quantizer
   });
 }
 

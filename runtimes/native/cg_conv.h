@@ -29,7 +29,7 @@ struct CGConvKernel {
   std::atomic<int> w_finite_{-1};  // constant W: all finite (1) or not (0); -1 not scanned
   ConvAttrs attrs_;
   std::string attr_error_;
-  bool relu_ = false;  // attribute activation = "Relu" (the optional epilogue, OPS.md)
+  PostAttrs post_attrs_;  // the optional epilogue's attributes (OPS.md)
   // W and base_mask constant initializers: plans (packed weights) are built once.
   bool weights_const_ = false;
   std::mutex plans_mutex_;

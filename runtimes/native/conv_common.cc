@@ -350,14 +350,59 @@ bool ReadReluAttr(const OrtKernelInfo* info, std::string* error) {
   return activation == "Relu";
 }
 
+QuantizerAttrs ReadQuantizerAttrs(const OrtKernelInfo* info, const std::string& prefix,
+                                  bool required, std::string* error) {
+  const std::string levels = prefix + "levels", scale = prefix + "scale", eps = prefix + "eps";
+  QuantizerAttrs q;
+  const bool has_levels = HasAttr(info, levels.c_str());
+  if (!has_levels) {
+    if (required)
+      SetError(error, "attribute " + levels + " is required");
+    else if (HasAttr(info, scale.c_str()) || HasAttr(info, eps.c_str()))
+      SetError(error, "attributes " + scale + " and " + eps + " need " + levels);
+    return q;
+  }
+  q.levels = ReadFloatAttr(info, levels.c_str(), 0.f, error);
+  q.scale = ReadFloatAttr(info, scale.c_str(), 0.f, error);
+  q.eps = ReadFloatAttr(info, eps.c_str(), 1e-7f, error);
+  if (!(std::isfinite(q.levels) && q.levels >= 1.f))
+    SetError(error, "attribute " + levels + " must be finite and >= 1, got " + std::to_string(q.levels));
+  else if (!(std::isfinite(q.scale) && q.scale >= 0.f))
+    SetError(error, "attribute " + scale + " must be finite and >= 0, got " + std::to_string(q.scale));
+  else if (!(std::isfinite(q.eps) && q.eps >= 0.f))
+    SetError(error, "attribute " + eps + " must be finite and >= 0, got " + std::to_string(q.eps));
+  if (!error->empty()) q.levels = 0.f;
+  return q;
+}
+
+float CombineAbsMax(const std::vector<float>& parts) {
+  float mx = parts.empty() ? 0.f : parts[0];
+  for (float v : parts) mx = (v != v || mx != mx) ? std::nanf("") : std::max(mx, v);
+  return mx;
+}
+
+PostAttrs ReadPostAttrs(const OrtKernelInfo* info, std::string* error) {
+  PostAttrs a;
+  a.relu = ReadReluAttr(info, error);
+  a.clip = HasAttr(info, "clip_max");
+  a.clip_max = ReadFloatAttr(info, "clip_max", 0.f, error);
+  // min(y, NaN) would be NaN in ONNX Min but y in the kernels' clamp: refused, not guessed.
+  if (a.clip && std::isnan(a.clip_max)) SetError(error, "attribute clip_max must not be NaN");
+  a.quantize = ReadQuantizerAttrs(info, "quantize_", false, error);
+  return a;
+}
+
 PostEpilogue MakePostEpilogue(const char* op, const OptionalTensor& post_scale,
-                              const OptionalTensor& post_shift, int64_t O, bool relu) {
+                              const OptionalTensor& post_shift, int64_t O, const PostAttrs& attrs) {
   const Ort::Custom::Tensor<float>* scale = OptionalInput(post_scale);
   const Ort::Custom::Tensor<float>* shift = OptionalInput(post_shift);
   if ((scale == nullptr) != (shift == nullptr))
     throw OpError(std::string(op) + ": post_scale and post_shift must be given together");
   PostEpilogue post;
-  post.relu = relu;
+  post.relu = attrs.relu;
+  post.clip = attrs.clip;
+  post.clip_max = attrs.clip_max;
+  post.quantize = attrs.quantize;
   if (scale) {
     ExpectShape(op, "post_scale", scale->Shape(), {O});
     ExpectShape(op, "post_shift", shift->Shape(), {O});
@@ -369,12 +414,28 @@ PostEpilogue MakePostEpilogue(const char* op, const OptionalTensor& post_scale,
 
 void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostEpilogue& post,
                        float* y, int64_t N, int64_t O, int64_t P) {
-  if (!post.Active()) return;
-  ParallelFor(ParallelIfLarge(ctx, N * O * P), size_t(N * O), [&](size_t i) {
-    const int64_t o = int64_t(i) % O;
-    // act(1 * (scale * v + 0) + shift): the one vectorized epilogue implementation.
-    isa.epilogue_row(y + int64_t(i) * P, P, 1.f, post.scale ? post.scale[o] : 1.f, 0.f,
-                     post.shift ? post.shift[o] : 0.f, nullptr, post.relu);
+  const size_t rows = size_t(N * O);
+  if (!post.Active() || rows == 0 || P == 0) return;
+  const QuantizerAttrs& q = post.quantize;
+  const bool dynamic = q.Active() && !(q.scale > 0.f);
+  std::vector<float> row_max(dynamic ? rows : 0);
+  OrtKernelContext* par = ParallelIfLarge(ctx, N * O * P);
+  if (post.ChannelActive() || post.clip || dynamic)
+    ParallelFor(par, rows, [&](size_t i) {
+      float* v = y + int64_t(i) * P;
+      const int64_t o = int64_t(i) % O;
+      // act(1 * (scale * v + 0) + shift): the one vectorized epilogue implementation.
+      if (post.ChannelActive())
+        isa.epilogue_row(v, P, 1.f, post.scale ? post.scale[o] : 1.f, 0.f,
+                         post.shift ? post.shift[o] : 0.f, nullptr, post.relu);
+      if (post.clip) isa.clip_max_row(v, P, post.clip_max);
+      if (dynamic) row_max[i] = isa.abs_max(v, P);  // while the row is in L1
+    });
+  if (!q.Active()) return;
+  const float s = dynamic ? CombineAbsMax(row_max) + q.eps : q.scale;
+  ParallelFor(par, rows, [&](size_t i) {
+    float* v = y + int64_t(i) * P;
+    isa.quantize_sign_magnitude(v, P, s, q.levels, v);
   });
 }
 

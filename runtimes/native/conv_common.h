@@ -358,17 +358,60 @@ struct GatedStagePlan {
   TapRows w2_taps;
 };
 
-// CGConv / PGConv's optional epilogue (OPS.md): y[n, o, :] <- act(scale[o] * y + shift[o]),
-// act = ReLU if relu; a fused BatchNormalization (+ Relu). Applied after the op's gated
-// computation (the gate is decided before it): by RunGatedConv's copy to Y where it is given
-// one (isa.store_runs), else in a pass over Y (ApplyPostEpilogue, isa.epilogue_row); both
-// round alike.
+// The seed's activation quantizer's attributes (OPS.md, QuantizeActivation): `levels`
+// (finite, >= 1; 0 here: none), `scale` (finite, >= 0; 0: dynamic, max |Y| over the whole
+// tensor + eps), `eps` (finite, >= 0). Read by the QuantizeActivation kernel (names without a
+// prefix) and by CGConv / PGConv as their fused epilogue's last step ("quantize_" prefix).
+struct QuantizerAttrs {
+  float levels = 0.f, scale = 0.f, eps = 1e-7f;
+  bool Active() const { return levels > 0.f; }
+};
+// `required`: levels must be present (QuantizeActivation); else absent levels = no quantizer,
+// and a scale or eps without levels is an error.
+QuantizerAttrs ReadQuantizerAttrs(const OrtKernelInfo* info, const std::string& prefix,
+                                  bool required, std::string* error);
+// max over per-part maxima of |x| (isa.abs_max of each part), NaN if any part is NaN: the
+// dynamic scale's maximum, exact in any partition.
+float CombineAbsMax(const std::vector<float>& parts);
+
+// CGConv / PGConv's optional epilogue (OPS.md), in this order: y[n, o, :] <- act(scale[o] * y +
+// shift[o]), act = ReLU if relu (the channel part: a fused BatchNormalization + Relu); then
+// y <- min(y, clip_max) (a fused Min: PACT's clamp); then the seed's activation quantizer over
+// the whole output (a fused QuantizeActivation: the next quantized conv's input). Applied
+// after the op's gated computation (the gate is decided before it): the channel part by
+// RunGatedConv's copy to Y where it is given one (isa.store_runs), else in a pass over Y
+// (ApplyPostEpilogue, isa.epilogue_row; both round alike); the output part always by
+// ApplyPostEpilogue, after every sample (the quantizer's dynamic scale spans the batch).
 struct PostEpilogue {
   const float* scale = nullptr;  // with shift; both null: no affine part
   const float* shift = nullptr;
   bool relu = false;
-  bool Active() const { return scale != nullptr || relu; }
+  bool clip = false;
+  float clip_max = 0.f;
+  QuantizerAttrs quantize;
+  bool ChannelActive() const { return scale != nullptr || relu; }
+  bool Active() const { return ChannelActive() || clip || quantize.Active(); }
+  PostEpilogue ChannelPart() const {
+    PostEpilogue p;
+    p.scale = scale, p.shift = shift, p.relu = relu;
+    return p;
+  }
+  PostEpilogue OutputPart() const {
+    PostEpilogue p = *this;
+    p.scale = p.shift = nullptr, p.relu = false;
+    return p;
+  }
 };
+
+// The epilogue's attributes: activation ("Relu" or absent), clip_max (absent: no clamp; not
+// NaN), quantize_levels / quantize_scale / quantize_eps (ReadQuantizerAttrs). Read once per node.
+struct PostAttrs {
+  bool relu = false;
+  bool clip = false;
+  float clip_max = 0.f;
+  QuantizerAttrs quantize;
+};
+PostAttrs ReadPostAttrs(const OrtKernelInfo* info, std::string* error);
 
 // Computes y[o, :] for o in every plan's outputs of one sample (y points at the sample's
 // [O, P]); stage sums are multiplied by scale1 / scale2 (PG's integer-to-float factors; 1 for
@@ -400,7 +443,9 @@ inline const Ort::Custom::Tensor<float>* OptionalInput(const OptionalTensor& t) 
 }
 // Validates the optional post_scale / post_shift inputs ([O] each, both or neither).
 PostEpilogue MakePostEpilogue(const char* op, const OptionalTensor& post_scale,
-                              const OptionalTensor& post_shift, int64_t O, bool relu);
+                              const OptionalTensor& post_shift, int64_t O, const PostAttrs& attrs);
+// The epilogue over y [N, O, P]: the channel part and the clamp row by row (with each row's
+// max |y| when the quantizer's scale is dynamic), then the quantizer.
 void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostEpilogue& post,
                        float* y, int64_t N, int64_t O, int64_t P);
 

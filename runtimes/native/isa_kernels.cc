@@ -1129,6 +1129,18 @@ void quantize_sign_magnitude(const float* x, int64_t n, float s, float levels, f
   }
 }
 
+void clip_max_row(float* v, int64_t n, float c) {
+  // c < v ? c : v: v where v is NaN (the comparison is false), as x86's minps(c, v). Vector
+  // extensions: GCC does not vectorize the scalar form (the comparison may trap).
+  const vf vc = vf{} + c;
+  int64_t i = 0;
+  for (; i + kVW <= n; i += kVW) {
+    const vf x = load(v + i);
+    store(v + i, vc < x ? vc : x);
+  }
+  for (; i < n; ++i) v[i] = c < v[i] ? c : v[i];
+}
+
 extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     kIMR,          kINR,        kVW,
                                     kSddmmMaxVecs, sgemm_micro, sgemm_indirect_micro,
@@ -1137,7 +1149,8 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     pack_filter_tile, epilogue_row, has_nonzero, pool_channel,
                                     pg_split,      pg_split_words, sparse_dots, gated_columns, pad_rows,
                                     store_runs,    abs_max, block_channel_stats,
-                                    epilogue_block, permute_lanes, quantize_sign_magnitude};
+                                    epilogue_block, permute_lanes, quantize_sign_magnitude,
+                                    clip_max_row};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

@@ -170,6 +170,9 @@ struct IsaKernels {
   // the chain's float operations: y = ((round_half_even(clip(|x| / s, 0, 1) * levels) /
   // levels) * s) * sign(x), sign(0) = 0, NaN propagated.
   void (*quantize_sign_magnitude)(const float* x, int64_t n, float s, float levels, float* y);
+  // v[i] = min(v[i], c) for i < n as ONNX Min: NaN in v stays NaN (c is never NaN). A gated
+  // conv's fused clamp (PostEpilogue::clip_max).
+  void (*clip_max_row)(float* v, int64_t n, float c);
 };
 
 namespace isa_generic { extern const IsaKernels kKernels; }

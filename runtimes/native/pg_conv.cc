@@ -134,7 +134,7 @@ PGConvKernel::PGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   abits_ = ReadIntAttr(info, "abits", -1, &attr_error_);
   pred_bits_ = ReadIntAttr(info, "pred_bits", -1, &attr_error_);
   static_scale_ = ReadFloatAttr(info, "static_scale", 0.f, &attr_error_);
-  relu_ = ReadReluAttr(info, &attr_error_);
+  post_attrs_ = ReadPostAttrs(info, &attr_error_);
   if (attr_error_.empty() && (!HasAttr(info, "abits") || !HasAttr(info, "pred_bits")))
     attr_error_ = "attributes abits and pred_bits are required";
   else if (attr_error_.empty() && (abits_ < 2 || abits_ > 16))
@@ -178,7 +178,7 @@ Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     if (!attr_error_.empty()) throw OpError("PGConv: " + attr_error_);
     const ConvGeom g = MakeGeom("PGConv", X.Shape(), W.Shape(), attrs_);
     ExpectShape("PGConv", "threshold", threshold.Shape(), {g.O});
-    const PostEpilogue post = MakePostEpilogue("PGConv", post_scale, post_shift, g.O, relu_);
+    const PostEpilogue post = MakePostEpilogue("PGConv", post_scale, post_shift, g.O, post_attrs_);
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const IsaKernels& isa = BestKernels();
     RunStages(ctx, isa, g, X.Data(), W.Data(), threshold.Data(), y);

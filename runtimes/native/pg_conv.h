@@ -24,7 +24,7 @@ struct PGConvKernel {
   std::atomic<int> w_finite_{-1};                 // -1: not scanned yet
   ConvAttrs attrs_;
   std::string attr_error_;
-  bool relu_ = false;  // attribute activation = "Relu" (the optional epilogue, OPS.md)
+  PostAttrs post_attrs_;  // the optional epilogue's attributes (OPS.md)
   int64_t abits_, pred_bits_;
   float static_scale_;
   // Integer weights found at session creation when W is a constant initializer.

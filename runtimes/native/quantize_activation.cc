@@ -16,17 +16,8 @@
 namespace g2d {
 
 QuantizeActivationKernel::QuantizeActivationKernel(const OrtApi*, const OrtKernelInfo* info) {
-  if (!HasAttr(info, "levels")) attr_error_ = "attribute levels is required";
-  levels_ = ReadFloatAttr(info, "levels", 0.f, &attr_error_);
-  scale_ = ReadFloatAttr(info, "scale", 0.f, &attr_error_);
-  eps_ = ReadFloatAttr(info, "eps", 1e-7f, &attr_error_);
-  if (!attr_error_.empty()) return;
-  if (!(std::isfinite(levels_) && levels_ >= 1.f))
-    attr_error_ = "attribute levels must be finite and >= 1, got " + std::to_string(levels_);
-  else if (!(std::isfinite(scale_) && scale_ >= 0.f))
-    attr_error_ = "attribute scale must be finite and >= 0, got " + std::to_string(scale_);
-  else if (!(std::isfinite(eps_) && eps_ >= 0.f))
-    attr_error_ = "attribute eps must be finite and >= 0, got " + std::to_string(eps_);
+  const QuantizerAttrs q = ReadQuantizerAttrs(info, "", true, &attr_error_);
+  levels_ = q.levels, scale_ = q.scale, eps_ = q.eps;
 }
 
 Ort::Status QuantizeActivationKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
@@ -50,9 +41,7 @@ Ort::Status QuantizeActivationKernel::Compute(OrtKernelContext* ctx, const Ort::
         const int64_t i0 = int64_t(c) * kChunk;
         part[c] = isa.abs_max(x + i0, std::min(kChunk, n - i0));
       });
-      float mx = part[0];
-      for (float v : part) mx = (v != v || mx != mx) ? std::nanf("") : std::max(mx, v);
-      s = mx + eps_;
+      s = CombineAbsMax(part) + eps_;
     }
     ParallelFor(par, chunks, [&](size_t c) {
       const int64_t i0 = int64_t(c) * kChunk;
