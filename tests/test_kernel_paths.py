@@ -76,6 +76,7 @@ def _child(stage: str) -> None:
             y = t.run_node("PGConv", x, [w, thr], attrs)
             y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, (1, 1), (1, 1, 1, 1), (1, 1), 1)
             t.assert_close_with_ties(y, y_ref, msb, thr)
+    t.check_quantizer_at_level_boundaries()
     print_counts()
 
 
@@ -123,6 +124,7 @@ def _child_pg_int8() -> None:
                     y = t.run_node("PGConv", x, [w, thr], attrs)
                     y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, (1, 1), (2, 1, 2, 1), dil, 1)
                     t.assert_close_with_ties(y, y_ref, msb, thr)
+    t.check_quantizer_at_level_boundaries()
     print_counts()
 
 

@@ -1223,6 +1223,48 @@ def test_quantize_activation_is_the_seeds_quantizer_bit_for_bit(abits, static):
         np.testing.assert_array_equal(got_level, kt + kt % 2)
 
 
+def quantizer_boundary_values(levels: float, s: float) -> np.ndarray:
+    """Inputs at and around every level boundary of the quantizer with scale s: for each level
+    k, the float nearest (k + 0.5) / levels * s and 24 floats on either side (where the kernel's
+    division-free levels (isa_kernels.h QuantLevels) must switch exactly where the division
+    does), both signs; plus 0, -0, s, values past s, the largest float, inf, NaN and
+    subnormals."""
+    f32 = np.float32
+    centers = ((np.arange(int(np.rint(levels)) + 1) + f32(0.5)) / f32(levels) * f32(s)).astype(f32)
+    around = [centers]
+    for direction in (np.inf, -np.inf):
+        v = centers.copy()
+        for _ in range(24):
+            v = np.nextafter(v, f32(direction))
+            around.append(v.copy())
+    special = np.array([0.0, -0.0, s, s * 1.5, 3.4e38, np.inf, -np.inf, np.nan, 1e-45, 1e-39, 1e-30],
+                       dtype=f32)
+    v = np.concatenate([*around, special])
+    return np.concatenate([v, -v]).astype(f32)
+
+
+def check_quantizer_at_level_boundaries() -> None:
+    """QuantizeActivation against the reference (an IEEE division per element), bit for bit,
+    on quantizer_boundary_values: levels 1, 3, 7 and 15 (one vector's lanes: the kernels' level
+    table), 7.5 (levels not an integer) and 255 (past the table: the division path), static
+    scales 2, 0.37, 3e-3 and 1e5, and a dynamic scale (max |x| + eps). Also run by
+    test_kernel_paths.py under each forced ISA tier."""
+    for levels in (1.0, 3.0, 7.0, 7.5, 15.0, 255.0):
+        for scale in (2.0, 0.37, 3e-3, 1e5, 0.0):
+            x = quantizer_boundary_values(levels, scale if scale else 1.0)
+            if not scale:
+                x = x[np.isfinite(x)]  # the dynamic scale: max |x| + eps, finite
+            x = x.reshape(1, 1, 1, -1)
+            attrs = {"levels": levels, **({"scale": scale} if scale else {})}
+            y = open_session(single_node_model("QuantizeActivation", x.shape, [], attrs)).run(None, {"x": x})[0]
+            np.testing.assert_array_equal(y, ref.quantize_activation_reference(x, levels, scale),
+                                          err_msg=f"levels {levels}, scale {scale}")
+
+
+def test_quantize_activation_levels_switch_where_the_division_does():
+    check_quantizer_at_level_boundaries()
+
+
 def test_quantize_activation_nan_follows_the_chain():
     """A NaN makes the dynamic scale NaN, hence every output (the chain's max is NaN); with a
     static scale only that element is NaN."""

@@ -49,8 +49,9 @@ from gate2deploy.runtimes.ort import custom_ops_library_path  # noqa: E402
 
 
 def dense_twin(model: onnx.ModelProto, node: onnx.NodeProto, feeds: dict) -> onnx.ModelProto:
-    """The node's dense twin alone: Conv(X, W) with its conv attributes (bench_gated_ops'
-    dense_equivalent, on the single-node model)."""
+    """The node's dense twin alone: Conv(X, W) with its conv attributes, then its fused
+    epilogue as nodes (bench_gated_ops' dense_equivalent, on the single-node model; the
+    quantizer of a PG layer's epilogue needs the library)."""
     return nets.dense_equivalent(_single_node(model, node, feeds))
 
 
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
         a = acts[node.input[0]]
         feed = [{node.input[0]: a}]
         single = _single_node(ort_model, node, feed[0])
-        sessions = {"dense": nets.library_session(dense_twin(ort_model, node, feed[0]), None, args.threads),
+        sessions = {"dense": nets.library_session(dense_twin(ort_model, node, feed[0]), library, args.threads),
                     "gated": nets.library_session(single, library, args.threads)}
         if args.baseline_library:
             sessions["before"] = nets.library_session(single, args.baseline_library, args.threads)

@@ -350,6 +350,74 @@ bool ReadReluAttr(const OrtKernelInfo* info, std::string* error) {
   return activation == "Relu";
 }
 
+namespace {
+// The seeds' level of a >= 0, scalar, as QuantLevels states it (and as the kernels' division
+// path computes it: IEEE division and rounding are the same in every ISA).
+float SeedLevel(float a, float s, float levels) {
+  const float d = a / s;
+  return std::nearbyint((1.f < d ? 1.f : d) * levels);
+}
+
+uint32_t Bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
+
+float FromBits(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+}  // namespace
+
+QuantLevels MakeQuantLevels(float s, float levels, int lanes) {
+  QuantLevels q;
+  q.s = s, q.levels = levels;
+  if (!(std::isfinite(s) && s > 0.f && std::isfinite(levels) && levels >= 1.f)) return q;
+  const float inf = std::numeric_limits<float>::infinity();
+  const float top = SeedLevel(inf, s, levels);  // round(levels): the highest level
+  if (!(top + 1.f <= float(std::min(lanes, QuantLevels::kMaxEntries)))) return q;
+  const int R = int(top);
+  // t_k, the least float of level >= k: a search over the bit patterns of [0, inf] (ordered
+  // as the floats; SeedLevel is monotone), from the estimate ((k - 0.5) / levels) * s,
+  // widening by doubling steps until the boundary is bracketed, then bisecting. A few
+  // evaluations per level: the estimate is within a few ulps.
+  const uint32_t inf_bits = Bits(inf);
+  for (int k = 1; k <= R; ++k) {
+    auto reaches = [&](uint32_t b) { return SeedLevel(FromBits(b), s, levels) >= float(k); };
+    uint32_t lo = 0, hi = inf_bits;  // level(lo) < k <= level(hi)
+    const uint32_t guess = std::min(Bits(((float(k) - 0.5f) / levels) * s), inf_bits);
+    if (reaches(guess)) {
+      hi = guess;
+      for (uint32_t step = 1; hi > 0; step = step < (1u << 30) ? 2 * step : step) {
+        const uint32_t cand = hi > step ? hi - step : 0;
+        if (!reaches(cand)) { lo = cand; break; }
+        hi = cand;
+      }
+    } else {
+      lo = guess;
+      for (uint32_t step = 1;; step = step < (1u << 30) ? 2 * step : step) {
+        const uint32_t cand = inf_bits - lo > step ? lo + step : inf_bits;
+        if (reaches(cand)) { hi = cand; break; }
+        lo = cand;
+      }
+    }
+    if (reaches(lo)) return q;  // level(0) = 0 < k: cannot happen; the division path stays
+    while (hi - lo > 1) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      (reaches(mid) ? hi : lo) = mid;
+    }
+    q.lo[k] = FromBits(hi);
+    q.hi[k - 1] = FromBits(hi);
+  }
+  for (int j = R; j < QuantLevels::kMaxEntries; ++j) q.hi[j] = std::nanf("");
+  for (int j = 0; j <= R; ++j) q.value[j] = (float(j) / levels) * s;
+  q.inv = levels / s;
+  q.R = R;
+  return q;
+}
+
 QuantizerAttrs ReadQuantizerAttrs(const OrtKernelInfo* info, const std::string& prefix,
                                   bool required, std::string* error) {
   const std::string levels = prefix + "levels", scale = prefix + "scale", eps = prefix + "eps";
@@ -432,10 +500,11 @@ void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostE
       if (dynamic) row_max[i] = isa.abs_max(v, P);  // while the row is in L1
     });
   if (!q.Active()) return;
-  const float s = dynamic ? CombineAbsMax(row_max) + q.eps : q.scale;
+  const QuantLevels levels = MakeQuantLevels(dynamic ? CombineAbsMax(row_max) + q.eps : q.scale,
+                                             q.levels, isa.vw);
   ParallelFor(par, rows, [&](size_t i) {
     float* v = y + int64_t(i) * P;
-    isa.quantize_sign_magnitude(v, P, s, q.levels, v);
+    isa.quantize_sign_magnitude(v, P, levels, v);
   });
 }
 

@@ -1115,11 +1115,44 @@ void permute_lanes(const float* const* src, int nsrc, const int32_t* idx, int64_
     }
 }
 
-void quantize_sign_magnitude(const float* x, int64_t n, float s, float levels, float* y) {
+// QuantLevels' table in vectors, loaded once per call.
+struct LevelVectors {
+  vf inv, top, lo, hi, value;
+  explicit LevelVectors(const QuantLevels& q)
+      : inv(vf{} + q.inv), top(vf{} + float(q.R)), lo(load(q.lo)), hi(load(q.hi)),
+        value(load(q.value)) {}
+};
+
+// The level of a >= 0 (or NaN: 0) by the table: r0 = round(min(a * inv, R)), within one level
+// of r (QuantLevels), corrected by the thresholds t_r0 and t_(r0 + 1) (hi NaN: never above R).
+inline vi32 level_by_table(vf a, const LevelVectors& t) {
+  const vf magic = vf{} + 8388608.0f;
+  vf f = a * t.inv;
+  f = t.top < f ? t.top : f;  // inf -> R
+  f = f == f ? f : vf{};      // NaN -> 0
+  const vi32 r0 = __builtin_convertvector((f + magic) - magic, vi32);
+  const vi32 above = a >= __builtin_shuffle(t.hi, r0);  // all ones where a reaches t_(r0 + 1)
+  const vi32 below = a < __builtin_shuffle(t.lo, r0);   // all ones where a is under t_r0
+  return r0 - above + below;
+}
+
+void quantize_sign_magnitude(const float* x, int64_t n, const QuantLevels& q, float* y) {
+  int64_t i = 0;
+  if (q.R >= 0) {  // the levels by the table, their magnitudes (j / levels) * s by lookup
+    const LevelVectors t(q);
+    const vf zero = vf{}, one = vf{} + 1.f;
+    for (; i + kVW <= n; i += kVW) {
+      const vf v = load(x + i);
+      const vf magnitude = __builtin_shuffle(t.value, level_by_table(vf(vi32(v) & 0x7fffffff), t));
+      const vf sign = v > zero ? one : v < zero ? -one : v == zero ? zero : v;  // NaN stays NaN
+      store(y + i, magnitude * sign);
+    }
+  }
   // Plain C++ the compiler vectorizes (vroundps / vrndscaleps for nearbyint, which rounds half
   // to even in the default rounding mode, as ONNX Round); no add follows a product, so FMA
   // contraction cannot change a result.
-  for (int64_t i = 0; i < n; ++i) {
+  const float s = q.s, levels = q.levels;
+  for (; i < n; ++i) {
     const float v = x[i];
     const float sign = v > 0.f ? 1.f : v < 0.f ? -1.f : v == 0.f ? 0.f : v;  // NaN stays NaN
     float c = std::fabs(v) / s;

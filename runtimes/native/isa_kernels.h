@@ -29,6 +29,28 @@ struct SetBitTable {
 };
 extern const SetBitTable kSetBitPositions;
 
+// The sign-magnitude quantizer's parameters as quantize_sign_magnitude takes them: the level of
+// a >= 0 is, as the seeds compute it,
+//   r(a) = round_half_even(min(a / s, 1) * levels)     (a / s an IEEE division)
+// and where the table applies (R >= 0), the kernels find the same r without dividing: an IEEE
+// division per element was most of QuantizeActivation's time (perf, PG ResNet-20, AMD EPYC
+// Zen 4). r is monotone in a, so r(a) = #{k >= 1 : a >= t_k} with t_k the least float of level
+// k; a kernel rounds r0 = min(a * inv, R) (one rounding more than r: never more than one level
+// off) and corrects it by lo[r0] = t_r0 and hi[r0] = t_(r0 + 1). MakeQuantLevels
+// (conv_common.cc) finds each t_k exactly with the scalar r, once per call; R < 0 (s not finite
+// and positive, or more levels than a vector's lanes): the kernels divide.
+struct QuantLevels {
+  static constexpr int kMaxEntries = 16;  // levels 0 .. R in one AVX-512 vector
+  float s = 0.f, levels = 0.f;
+  int R = -1;
+  float inv = 0.f;                         // levels / s
+  alignas(64) float lo[kMaxEntries] = {};  // lo[j] = t_j (lo[0] = 0)
+  alignas(64) float hi[kMaxEntries] = {};  // hi[j] = t_(j + 1), NaN for j >= R (no level above)
+  alignas(64) float value[kMaxEntries] = {};  // (j / levels) * s: QuantizeActivation's magnitude
+};
+// `lanes`: the vector width of the kernels that will read the table (IsaKernels::vw).
+QuantLevels MakeQuantLevels(float s, float levels, int lanes);
+
 struct IsaKernels {
   const char* name;
   int mr, nr;  // fp32 micro-tile: mr rows x nr columns
@@ -168,8 +190,9 @@ struct IsaKernels {
                         float* dst);
   // The seed's sign-magnitude quantizer (QuantizeActivation, runtimes/OPS.md) for i < n, in
   // the chain's float operations: y = ((round_half_even(clip(|x| / s, 0, 1) * levels) /
-  // levels) * s) * sign(x), sign(0) = 0, NaN propagated.
-  void (*quantize_sign_magnitude)(const float* x, int64_t n, float s, float levels, float* y);
+  // levels) * s) * sign(x), sign(0) = 0, NaN propagated; s and levels from q, whose table
+  // (where it applies) gives the levels without the divisions, and the same bits.
+  void (*quantize_sign_magnitude)(const float* x, int64_t n, const QuantLevels& q, float* y);
   // v[i] = min(v[i], c) for i < n as ONNX Min: NaN in v stays NaN (c is never NaN). A gated
   // conv's fused clamp (PostEpilogue::clip_max).
   void (*clip_max_row)(float* v, int64_t n, float c);

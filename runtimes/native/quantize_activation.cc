@@ -43,9 +43,10 @@ Ort::Status QuantizeActivationKernel::Compute(OrtKernelContext* ctx, const Ort::
       });
       s = CombineAbsMax(part) + eps_;
     }
+    const QuantLevels levels = MakeQuantLevels(s, levels_, isa.vw);
     ParallelFor(par, chunks, [&](size_t c) {
       const int64_t i0 = int64_t(c) * kChunk;
-      isa.quantize_sign_magnitude(x + i0, std::min(kChunk, n - i0), s, levels_, y + i0);
+      isa.quantize_sign_magnitude(x + i0, std::min(kChunk, n - i0), levels, y + i0);
     });
   });
 }
