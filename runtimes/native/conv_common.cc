@@ -486,22 +486,25 @@ void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostE
   if (!post.Active() || rows == 0 || P == 0) return;
   const QuantizerAttrs& q = post.quantize;
   const bool dynamic = q.Active() && !(q.scale > 0.f);
+  // A static scale is known now: each row is quantized in the same pass, while it is in L1.
+  const QuantLevels fixed = q.Active() && !dynamic ? MakeQuantLevels(q.scale, q.levels, isa.vw)
+                                                   : QuantLevels{};
   std::vector<float> row_max(dynamic ? rows : 0);
   OrtKernelContext* par = ParallelIfLarge(ctx, N * O * P);
-  if (post.ChannelActive() || post.clip || dynamic)
-    ParallelFor(par, rows, [&](size_t i) {
-      float* v = y + int64_t(i) * P;
-      const int64_t o = int64_t(i) % O;
-      // act(1 * (scale * v + 0) + shift): the one vectorized epilogue implementation.
-      if (post.ChannelActive())
-        isa.epilogue_row(v, P, 1.f, post.scale ? post.scale[o] : 1.f, 0.f,
-                         post.shift ? post.shift[o] : 0.f, nullptr, post.relu);
-      if (post.clip) isa.clip_max_row(v, P, post.clip_max);
-      if (dynamic) row_max[i] = isa.abs_max(v, P);  // while the row is in L1
-    });
-  if (!q.Active()) return;
-  const QuantLevels levels = MakeQuantLevels(dynamic ? CombineAbsMax(row_max) + q.eps : q.scale,
-                                             q.levels, isa.vw);
+  ParallelFor(par, rows, [&](size_t i) {
+    float* v = y + int64_t(i) * P;
+    const int64_t o = int64_t(i) % O;
+    // act(1 * (scale * v + 0) + shift): the one vectorized epilogue implementation.
+    if (post.ChannelActive())
+      isa.epilogue_row(v, P, 1.f, post.scale ? post.scale[o] : 1.f, 0.f,
+                       post.shift ? post.shift[o] : 0.f, nullptr, post.relu);
+    if (post.clip) isa.clip_max_row(v, P, post.clip_max);
+    if (dynamic) row_max[i] = isa.abs_max(v, P);
+    else if (q.Active()) isa.quantize_sign_magnitude(v, P, fixed, v);
+  });
+  if (!dynamic) return;
+  // The dynamic scale spans the whole output (every sample): a second pass.
+  const QuantLevels levels = MakeQuantLevels(CombineAbsMax(row_max) + q.eps, q.levels, isa.vw);
   ParallelFor(par, rows, [&](size_t i) {
     float* v = y + int64_t(i) * P;
     isa.quantize_sign_magnitude(v, P, levels, v);
