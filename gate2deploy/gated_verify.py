@@ -39,7 +39,7 @@ from torch import nn
 from . import ops
 from .gated import (CGConv2d, FBSConv2d, PGConv2d, _cg_seed_eval, _fbs_active, _pg_seed_eval,
                     truncate_msb)
-from .passes.fuse_gated_epilogue import EPILOGUE_ATTRS, EPILOGUE_INPUTS_AT, activation_name
+from .passes.fuse_gated_epilogue import EPILOGUE_INPUTS_AT, OUTPUT_STEP_ATTRS, activation_name
 from .runtimes.reference import gated_post_epilogue
 from .compare import compare_outputs, nonfinite_agree, nonfinite_mismatch
 
@@ -198,7 +198,7 @@ def _fused_epilogue(compiled: onnx.ModelProto, captured_node) -> _Epilogue | Non
     plain = EPILOGUE_INPUTS_AT[twin.op_type]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in twin.attribute}
     activation = activation_name(attrs.get("activation"))
-    steps = {k: float(attrs[k]) for k in EPILOGUE_ATTRS if k in attrs}
+    steps = {k: float(attrs[k]) for k in OUTPUT_STEP_ATTRS if k in attrs}
     if len(twin.input) <= plain and not activation and not steps:
         return None
     scale = shift = None

@@ -45,8 +45,8 @@ from .ir import const_value, remove_fused, sole_consumer
 # Where CGConv / PGConv's optional epilogue inputs (post_scale, post_shift) start (OPS.md):
 # the op's input count without an epilogue. Read also by the portable lowering and gated_verify.
 EPILOGUE_INPUTS_AT = {"CGConv": 4, "PGConv": 3}
-# The epilogue's attributes besides `activation` (OPS.md), in step order.
-EPILOGUE_ATTRS = tuple(a for a in EPILOGUE_ATTRIBUTES if a != "activation")
+# The epilogue's attributes after the channel part (OPS.md): the clamp's and the quantizer's.
+OUTPUT_STEP_ATTRS = tuple(a for a in EPILOGUE_ATTRIBUTES if a != "activation")
 PATTERN = {
     "producers": {(DOMAIN, op): at for op, at in EPILOGUE_INPUTS_AT.items()},
     "steps": [("", "BatchNormalization"), ("", "Relu"), ("", "Min"), (DOMAIN, "QuantizeActivation")],
@@ -109,7 +109,7 @@ def fuse_gated_epilogue(graph: gs.Graph) -> list[str]:
     for node in list(graph.nodes):
         plain_inputs = PATTERN["producers"].get((node.domain, node.op))
         if (plain_inputs is None or len(node.inputs) != plain_inputs or node.attrs.get("activation")
-                or any(a in node.attrs for a in EPILOGUE_ATTRS)):
+                or any(a in node.attrs for a in OUTPUT_STEP_ATTRS)):
             continue
         channels = _channels(node)
         removed: list[gs.Node] = []
@@ -158,9 +158,10 @@ def split_gated_epilogue(graph: gs.Graph, node: gs.Node, output_steps_only: bool
     fused: the export as it was before those two steps were fused, for comparisons).
     Returns the new nodes ([] without an epilogue); the caller toposorts."""
     at = EPILOGUE_INPUTS_AT[node.op]
-    activation = "" if output_steps_only else activation_name(node.attrs.get("activation"))
-    steps = {k: node.attrs[k] for k in EPILOGUE_ATTRS if k in node.attrs}
-    if (output_steps_only or len(node.inputs) <= at) and not activation and not steps:
+    affine = len(node.inputs) > at and not output_steps_only
+    relu = activation_name(node.attrs.get("activation")) == "Relu" and not output_steps_only
+    steps = {k: node.attrs[k] for k in OUTPUT_STEP_ATTRS if k in node.attrs}
+    if not (affine or relu or steps):
         return []
     name = node.name or node.op
     added: list[gs.Node] = []
@@ -181,12 +182,12 @@ def split_gated_epilogue(graph: gs.Graph, node: gs.Node, output_steps_only: bool
     y = node.outputs[0]
     v = gs.Variable(f"{name}/pre_epilogue", dtype=np.float32)
     node.outputs = [v]
-    if len(node.inputs) > at and not output_steps_only:
+    if affine:
         scale, shift = node.inputs[at:at + 2]
         v = step("Add", [step("Mul", [v, per_channel("post_scale", scale)]), per_channel("post_shift", shift)])
         while len(node.inputs) > at:  # (graphsurgeon lists take no slice deletion)
             node.inputs.pop()
-    if activation == "Relu":
+    if relu:
         v = step("Relu", [v])
     if "clip_max" in steps:
         v = step("Min", [v, gs.Constant(f"{name}/epilogue/clip_max", np.array(steps["clip_max"], np.float32))])
@@ -194,11 +195,8 @@ def split_gated_epilogue(graph: gs.Graph, node: gs.Node, output_steps_only: bool
         attrs = {"levels": float(steps["quantize_levels"])}
         attrs.update({k: float(steps[f"quantize_{k}"]) for k in ("scale", "eps") if f"quantize_{k}" in steps})
         v = step("QuantizeActivation", [v], attrs, domain=DOMAIN)
-    for key in (*([] if output_steps_only else ["activation"]), *EPILOGUE_ATTRS):
+    for key in (*(["activation"] if relu else []), *OUTPUT_STEP_ATTRS):
         node.attrs.pop(key, None)
-    if not added:  # nothing but an empty activation attribute
-        node.outputs = [y]
-        return []
     added[-1].outputs = [y]
     graph.nodes.extend(added)
     return added

@@ -266,3 +266,17 @@ def test_dense_twin_runs_the_epilogue_as_nodes():
     y_twin = ort.InferenceSession(twin.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     y_gated = run(graph, x)
     np.testing.assert_allclose(y_twin, y_gated, rtol=0, atol=1e-5 * np.abs(y_gated).max())
+
+
+def test_verification_takes_a_quantizer_rounding_tie_for_a_tie():
+    """gate2deploy.gated_verify: with a fused quantizer, an element whose quantizer input sits
+    half-way between two levels may round either way under a different summation order (a
+    whole level apart), so the layer check excuses it like a gate at its threshold; elsewhere
+    it does not. Levels 7, static scale 7: the quantizer input v is at level v exactly."""
+    from gate2deploy.gated_verify import _Epilogue
+    epilogue = _Epilogue("y", None, None, "", {"quantize_levels": 7.0, "quantize_scale": 7.0})
+    y = np.array([2.5, 2.5 + 4e-6, 2.5 + 1e-3, 3.0, -4.5, 0.2], np.float32).reshape(1, 1, 1, 6)
+    ties = epilogue.quantizer_ties(y, band=1e-6)
+    np.testing.assert_array_equal(ties.ravel(), [True, True, False, False, True, False])
+    assert epilogue.quantizer_ties(y, band=0.0).ravel().tolist() == [True, False, False, False, True, False]
+    assert _Epilogue("y", None, None, "Relu", {}).quantizer_ties(y, 1e-6) is None
