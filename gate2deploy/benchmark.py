@@ -59,6 +59,36 @@ def time_sessions(sessions: dict, feeds: dict[str, list[dict]], runs: int = 60, 
     return times
 
 
+def time_paired(sessions: dict, feeds: dict[str, list[dict]], rounds: int = 200,
+                warm: int = 3) -> dict[str, list[float]]:
+    """Timed run durations in ms per session, one per round: each round runs every session
+    once (in the sessions' order in even rounds, reversed in odd ones, so that no session
+    always follows the same one), each timed run right after `warm` untimed runs of the same
+    session (its weights back in the caches). The runs of a round are adjacent in time and
+    see the same machine, so the median of per-round ratios (paired_ratio) ranks two builds
+    that differ by a few percent, which the medians of blocks cannot on a shared machine whose
+    speed drifts by more than that between blocks. For one intra-op thread, or spinning off:
+    a spinning session's workers spin on for ~25 ms after its last run (above), longer than
+    the warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    names = list(sessions)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            session, inputs = sessions[name], feeds[name]
+            for i in range(warm):
+                session.run(None, inputs[i % len(inputs)])
+            t0 = time.perf_counter()
+            session.run(None, inputs[r % len(inputs)])
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """The median over rounds of times[numerator][r] / times[denominator][r] (time_paired):
+    with the dense model as numerator, the gated one's speed-up."""
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator], strict=True))
+
+
 def latencies_ms(models: dict[str, onnx.ModelProto], input_shape, runs: int = 60, block: int = BLOCK,
                  threads: int = 2, spinning: bool = True) -> tuple[dict[str, float], dict[str, float]]:
     """(median, minimum) latency in ms per model on one random normal input."""

@@ -53,3 +53,32 @@ def test_latencies_of_real_sessions():
     medians, minima = latencies_ms({"one": model, "two": model}, (1, 4), runs=6, block=3)
     assert set(medians) == set(minima) == {"one", "two"}
     assert all(0 < minima[n] <= medians[n] for n in medians)
+
+
+def test_paired_rounds_alternate_after_warm_runs_and_ratios_are_per_round():
+    """time_paired: one timed run per session per round, each after `warm` untimed runs of
+    that session, the order reversed every other round; paired_ratio takes the median of the
+    per-round ratios (not the ratio of medians)."""
+    from gate2deploy.benchmark import paired_ratio, time_paired
+
+    log = []
+
+    class Session:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, _, feed):
+            log.append((self.name, feed["x"]))
+
+    sessions = {"a": Session("a"), "b": Session("b"), "c": Session("c")}
+    feeds = {k: [{"x": 0}, {"x": 1}] for k in sessions}
+    times = time_paired(sessions, feeds, rounds=4, warm=2)
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert len(log) == 4 * 3 * 3
+    order = [log[i][0] for i in range(0, len(log), 3)]
+    assert order == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
+    assert all(log[i][0] == log[i + 1][0] == log[i + 2][0] for i in range(0, len(log), 3))
+    assert [log[i + 2][1] for i in range(0, 9, 3)] == [0, 0, 0] and log[9 + 2][1] == 1  # cycled
+    made_up = {"dense": [1.0, 2.0, 10.0], "gated": [2.0, 1.0, 4.0]}
+    # per-round ratios 0.5, 2, 2.5: median 2; the ratio of the medians would be 2 / 2 = 1
+    assert paired_ratio(made_up, "dense", "gated") == 2.0

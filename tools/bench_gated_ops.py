@@ -90,7 +90,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from gate2deploy.benchmark import time_sessions, whole_blocks
+from gate2deploy.benchmark import paired_ratio, time_paired, time_sessions, whole_blocks
 from gate2deploy.kernel_choice import dense_twin as dense_equivalent
 from gate2deploy.runtimes import reference as ref
 from gate2deploy.runtimes.ort import open_session, session_options
@@ -315,7 +315,9 @@ def gate_figures(model, x, ort_model) -> tuple[float, float | None]:
 
 def network_sweep(title, points, args, extra=None):
     """points: iterable of (label fraction, MAC bound or None, input or list of inputs, ort
-    model, portable model, measured-choice model or None); prints one row each. `extra`:
+    model, portable model, measured-choice model or None); prints one row each (with
+    --paired: the sessions timed run by run, the "x" columns medians of per-round ratios to
+    the dense twin). `extra`:
     {column name: function(ort model, threads) -> session}, further variants of the ort model
     timed in the same alternating blocks (the FBS networks: "nchw", the model in ONNX Runtime's
     own layout, runtimes/ort_layout.py; the PG networks: "unfused", the seed's activation
@@ -338,16 +340,23 @@ def network_sweep(title, points, args, extra=None):
         name = sessions["dense"].get_inputs()[0].name
         feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
         before = path_counts()
-        times = dict(zip(sessions, median_ms_in_blocks(list(sessions.values()), feeds, args.repeats)))
+        if args.paired:  # run by run: medians, and the speed-ups as medians of per-round ratios
+            runs = time_paired(sessions, {k: feeds if isinstance(feeds, list) else [feeds] for k in sessions},
+                               rounds=args.paired)
+            times = {k: statistics.median(v) for k, v in runs.items()}
+            speedup = {k: paired_ratio(runs, "dense", k) for k in sessions}
+        else:
+            times = dict(zip(sessions, median_ms_in_blocks(list(sessions.values()), feeds, args.repeats)))
+            speedup = {k: times["dense"] / t for k, t in times.items()}
         path = paths_since(before)
         td, to, tp = times["dense"], times["ort"], times["onnx"]
         tm = times.get("meas", float("nan"))
-        te = [times[k] for k in extra]
-        rows.append((frac, td / to))
+        rows.append((frac, speedup["ort"]))
         b = f"{bound:6.2f}" if bound else f"{'':6}"
         print(f"  {frac * 100:5.1f} {b} {td:9.3f} {to:9.3f} {tp:9.3f} {tm:9.3f}"
-              + "".join(f" {t:9.3f}" for t in te) + f" {td / to:7.2f} {td / tp:7.2f} {td / tm:7.2f}"
-              + "".join(f" {td / t:7.2f}" for t in te) + f"  {path}", flush=True)
+              + "".join(f" {times[k]:9.3f}" for k in extra)
+              + f" {speedup['ort']:7.2f} {speedup['onnx']:7.2f} {speedup.get('meas', float('nan')):7.2f}"
+              + "".join(f" {speedup[k]:7.2f}" for k in extra) + f"  {path}", flush=True)
     rows.sort()
     c = crossover(rows)
     print(f"  crossover (--target ort slower than dense above): "
@@ -511,6 +520,10 @@ def main(argv=None) -> int:
     p.add_argument("--net-threads", type=ints, default=None, help="networks: thread counts (default --threads)")
     p.add_argument("--net-points", type=ints, default=None,
                    help="networks: indices into the threshold offsets to run (default all)")
+    p.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                   help="networks: time run by run for ROUNDS rounds (gate2deploy.benchmark."
+                        "time_paired; 1 thread or --spin off) and print speed-ups as medians of "
+                        "per-round ratios, instead of alternating blocks of 10 (default)")
     p.add_argument("--spin", choices=["on", "off"], default="on",
                    help="ONNX Runtime intra-op thread spinning in every session (default on, as ORT)")
     p.add_argument("--baseline-library", default=None,
@@ -541,7 +554,9 @@ def main(argv=None) -> int:
           f"{__import__('gate2deploy.kernel_choice', fromlist=['cpu_model']).cpu_model()}")
     print(f"layer: batch {args.batch}, {c}->{o} channels, {hw}x{hw}, {k}x{k}, pad {pad}; "
           f"ONNX Runtime {ort.__version__} CPU, {args.threads} threads; "
-          f"spinning {args.spin}; medians of {whole_blocks(args.repeats)} runs in alternating blocks of 10")
+          f"spinning {args.spin}; medians of {whole_blocks(args.repeats)} runs in alternating blocks of 10"
+          + (f" (networks: {args.paired} rounds run by run, speed-ups = medians of per-round ratios)"
+             if args.paired else ""))
 
     if "cg" in ops:
         mask = np.zeros((o, c), np.float32)
