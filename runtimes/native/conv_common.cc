@@ -467,10 +467,7 @@ PostEpilogue MakePostEpilogue(const char* op, const OptionalTensor& post_scale,
   if ((scale == nullptr) != (shift == nullptr))
     throw OpError(std::string(op) + ": post_scale and post_shift must be given together");
   PostEpilogue post;
-  post.relu = attrs.relu;
-  post.clip = attrs.clip;
-  post.clip_max = attrs.clip_max;
-  post.quantize = attrs.quantize;
+  post.ops = attrs;
   if (scale) {
     ExpectShape(op, "post_scale", scale->Shape(), {O});
     ExpectShape(op, "post_shift", shift->Shape(), {O});
@@ -484,7 +481,7 @@ void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostE
                        float* y, int64_t N, int64_t O, int64_t P) {
   const size_t rows = size_t(N * O);
   if (!post.Active() || rows == 0 || P == 0) return;
-  const QuantizerAttrs& q = post.quantize;
+  const QuantizerAttrs& q = post.ops.quantize;
   const bool dynamic = q.Active() && !(q.scale > 0.f);
   // A static scale is known now: each row is quantized in the same pass, while it is in L1.
   const QuantLevels fixed = q.Active() && !dynamic ? MakeQuantLevels(q.scale, q.levels, isa.vw)
@@ -497,8 +494,8 @@ void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostE
     // act(1 * (scale * v + 0) + shift): the one vectorized epilogue implementation.
     if (post.ChannelActive())
       isa.epilogue_row(v, P, 1.f, post.scale ? post.scale[o] : 1.f, 0.f,
-                       post.shift ? post.shift[o] : 0.f, nullptr, post.relu);
-    if (post.clip) isa.clip_max_row(v, P, post.clip_max);
+                       post.shift ? post.shift[o] : 0.f, nullptr, post.ops.relu);
+    if (post.ops.clip) isa.clip_max_row(v, P, post.ops.clip_max);
     if (dynamic) row_max[i] = isa.abs_max(v, P);
     else if (q.Active()) isa.quantize_sign_magnitude(v, P, fixed, v);
   });
@@ -1592,7 +1589,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       const uint64_t store_clock = StageClockNow();
       isa.store_runs(out, NR, M, plan.outputs.data(), run_at, run_len, run_pix, nruns,
                      post ? post->scale : nullptr, post ? post->shift : nullptr,
-                     post && post->relu, y, Np);
+                     post && post->ops.relu, y, Np);
       AddStageTime(kTimeStore, store_clock);
     };
 

@@ -374,6 +374,15 @@ QuantizerAttrs ReadQuantizerAttrs(const OrtKernelInfo* info, const std::string& 
 // dynamic scale's maximum, exact in any partition.
 float CombineAbsMax(const std::vector<float>& parts);
 
+// The epilogue's attributes: activation ("Relu" or absent), clip_max (absent: no clamp; not
+// NaN), quantize_levels / quantize_scale / quantize_eps (ReadQuantizerAttrs). Read once per node.
+struct PostAttrs {
+  bool relu = false;
+  bool clip = false;
+  float clip_max = 0.f;
+  QuantizerAttrs quantize;
+};
+
 // CGConv / PGConv's optional epilogue (OPS.md), in this order: y[n, o, :] <- act(scale[o] * y +
 // shift[o]), act = ReLU if relu (the channel part: a fused BatchNormalization + Relu); then
 // y <- min(y, clip_max) (a fused Min: PACT's clamp); then the seed's activation quantizer over
@@ -385,32 +394,22 @@ float CombineAbsMax(const std::vector<float>& parts);
 struct PostEpilogue {
   const float* scale = nullptr;  // with shift; both null: no affine part
   const float* shift = nullptr;
-  bool relu = false;
-  bool clip = false;
-  float clip_max = 0.f;
-  QuantizerAttrs quantize;
-  bool ChannelActive() const { return scale != nullptr || relu; }
-  bool Active() const { return ChannelActive() || clip || quantize.Active(); }
+  PostAttrs ops;                 // relu, clamp, quantizer
+  bool ChannelActive() const { return scale != nullptr || ops.relu; }
+  bool Active() const { return ChannelActive() || ops.clip || ops.quantize.Active(); }
   PostEpilogue ChannelPart() const {
     PostEpilogue p;
-    p.scale = scale, p.shift = shift, p.relu = relu;
+    p.scale = scale, p.shift = shift, p.ops.relu = ops.relu;
     return p;
   }
   PostEpilogue OutputPart() const {
-    PostEpilogue p = *this;
-    p.scale = p.shift = nullptr, p.relu = false;
+    PostEpilogue p;
+    p.ops = ops;
+    p.ops.relu = false;
     return p;
   }
 };
 
-// The epilogue's attributes: activation ("Relu" or absent), clip_max (absent: no clamp; not
-// NaN), quantize_levels / quantize_scale / quantize_eps (ReadQuantizerAttrs). Read once per node.
-struct PostAttrs {
-  bool relu = false;
-  bool clip = false;
-  float clip_max = 0.f;
-  QuantizerAttrs quantize;
-};
 PostAttrs ReadPostAttrs(const OrtKernelInfo* info, std::string* error);
 
 // Computes y[o, :] for o in every plan's outputs of one sample (y points at the sample's

@@ -16,8 +16,7 @@
 namespace g2d {
 
 QuantizeActivationKernel::QuantizeActivationKernel(const OrtApi*, const OrtKernelInfo* info) {
-  const QuantizerAttrs q = ReadQuantizerAttrs(info, "", true, &attr_error_);
-  levels_ = q.levels, scale_ = q.scale, eps_ = q.eps;
+  attrs_ = ReadQuantizerAttrs(info, "", true, &attr_error_);
 }
 
 Ort::Status QuantizeActivationKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
@@ -34,16 +33,16 @@ Ort::Status QuantizeActivationKernel::Compute(OrtKernelContext* ctx, const Ort::
     constexpr int64_t kChunk = int64_t(1) << 15;
     const size_t chunks = size_t((n + kChunk - 1) / kChunk);
     OrtKernelContext* par = ParallelIfLarge(ctx, n);
-    float s = scale_;
+    float s = attrs_.scale;
     if (!(s > 0.f)) {  // the dynamic scale: max |X| + eps (max is exact in any order; NaN sticks)
       std::vector<float> part(chunks);
       ParallelFor(par, chunks, [&](size_t c) {
         const int64_t i0 = int64_t(c) * kChunk;
         part[c] = isa.abs_max(x + i0, std::min(kChunk, n - i0));
       });
-      s = CombineAbsMax(part) + eps_;
+      s = CombineAbsMax(part) + attrs_.eps;
     }
-    const QuantLevels levels = MakeQuantLevels(s, levels_, isa.vw);
+    const QuantLevels levels = MakeQuantLevels(s, attrs_.levels, isa.vw);
     ParallelFor(par, chunks, [&](size_t c) {
       const int64_t i0 = int64_t(c) * kChunk;
       isa.quantize_sign_magnitude(x + i0, std::min(kChunk, n - i0), levels, y + i0);

@@ -7,7 +7,7 @@ struct QuantizeActivationKernel {
   QuantizeActivationKernel(const OrtApi* api, const OrtKernelInfo* info);
   Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
                       Ort::Custom::Tensor<float>& Y);
-  float levels_ = 0.f, scale_ = 0.f, eps_ = 1e-7f;
+  QuantizerAttrs attrs_;
   std::string attr_error_;
 };
 }  // namespace g2d
