@@ -329,6 +329,32 @@ def test_pg_conv_wide_layers_run_on_a_fast_path(geom, bits, frac):
         assert delegated_conv_runs() >= delegated_before + n * (1 if frac == 0.0 else 2)
 
 
+@pytest.mark.parametrize("geom", [  # (W, strides, pads): W 32 at stride 2 is two whole vectors
+    (32, (2, 2), (1, 1, 1, 1)), (33, (2, 2), (1, 0, 1, 2)), (31, (2, 2), (0, 1, 2, 0)),
+    (40, (2, 2), (1, 1, 1, 1)), (5, (2, 2), (1, 1, 1, 1)), (17, (3, 2), (1, 1, 1, 1)),
+    (19, (2, 3), (1, 2, 1, 1))])
+def test_pg_int8_strided_layers_fill_their_phase_planes(geom):
+    """Strided layers on the VNNI kernel: the split rows are dealt to the stride phases' planes
+    (pg_int8.cc FillGroup, isa.deal_words: step 2 by permutes with masked ends, other steps word
+    by word), for widths whose phase rows are whole vectors, a vector and a tail, or shorter,
+    each padding parity; against runtimes/reference.py at three gate-on fractions."""
+    width, strides, pads = geom
+    rng = np.random.default_rng(width)
+    x = rng.standard_normal((2, 12, 9, width)).astype(np.float32)
+    w = quantize_weights(rng.standard_normal((8, 12, 3, 3)).astype(np.float32), 8)
+    x_hb, _, _ = ref.pg_split_activations(x, 3, 2)
+    msb = ref.conv2d(x_hb, w, strides, pads, (1, 1))
+    for frac in (0.0, 0.3, 1.0):
+        thr = ref.thresholds_for_fraction(msb, frac)
+        before = pg_int8_runs()
+        attrs = dict(conv_attrs(strides, pads, (1, 1)), abits=3, pred_bits=2, static_scale=0.0)
+        y = run_node("PGConv", x, [w, thr], attrs)
+        assert_close_with_ties(y, ref.pg_conv_reference(x, w, thr, 3, 2, 0.0, strides, pads, (1, 1)),
+                               msb, thr)
+        if INT8_EXPECTED and pg_int8_kernel() == "vnni":
+            assert pg_int8_runs() == before + 2
+
+
 def test_pg_conv_one_session_follows_changing_input_sizes():
     """The int8 path keeps its layout and output tables per weights and geometry (pg_int8.cc
     TablesFor): one session fed 12x10, then 7x9, then 12x10 again (dynamic H, W) must match the
@@ -1259,6 +1285,55 @@ def check_quantizer_at_level_boundaries() -> None:
             y = open_session(single_node_model("QuantizeActivation", x.shape, [], attrs)).run(None, {"x": x})[0]
             np.testing.assert_array_equal(y, ref.quantize_activation_reference(x, levels, scale),
                                           err_msg=f"levels {levels}, scale {scale}")
+
+
+def check_pg_split_at_level_boundaries() -> None:
+    """PGConv's split of X into MSB and LSB counts (on the int8 kernels: isa_kernels.cc
+    pg_split_words) against runtimes/reference.py pg_split_activations (the seed's formula, an
+    IEEE division per element, numpy's half-to-even round), at every level boundary of the
+    quantizer (quantizer_boundary_values: each boundary +-24 ulps, both signs, 0, -0, inf,
+    subnormals): abits 3 / pred 2, 8 / 4, 8 / 1 and 8 / 7, static scales and a dynamic one.
+    A 1x1 convolution with identity weights passes each channel through: with every gate off
+    Y = X's MSB part, with every gate on its MSB + LSB parts, so a count one level off is off by
+    s / levels, far above the stages' float rounding (the tolerance). Planes 32 wide (split row
+    by row) and 19 wide (a whole plane, a partial last vector), 6 channels (a last group of four
+    half past C). Also run by test_kernel_paths.py under each forced ISA tier."""
+    for abits, pred in ((3, 2), (8, 4), (8, 1), (8, 7)):
+        levels = float(2 ** abits - 1)
+        for scale in (2.0, 0.37, 1e5, 0.0):
+            if scale:
+                v = quantizer_boundary_values(levels, scale)
+                v = v[~np.isnan(v)]  # NaN takes the fp32 path (PGConv's nan_planes)
+            else:  # the dynamic scale max |X| + 1e-7: boundaries of that s, |X| <= 1
+                s = np.float32(1.0) + np.float32(1e-7)
+                v = quantizer_boundary_values(levels, float(s))
+                v = np.concatenate([v[np.isfinite(v) & (np.abs(v) <= 1.0)], np.float32([1.0])])
+            for channels, width in ((8, 32), (6, 19)):
+                per_plane = 4 * width
+                planes = -(-v.size // per_plane)
+                flat = np.zeros(planes * per_plane, np.float32)
+                flat[:v.size] = v
+                flat = np.concatenate([flat, np.zeros((-planes) % channels * per_plane, np.float32)])
+                x = flat.reshape(-1, channels, 4, width)
+                w = np.eye(channels, dtype=np.float32).reshape(channels, channels, 1, 1)
+                attrs = dict(conv_attrs((1, 1), (0, 0, 0, 0), (1, 1)), abits=abits, pred_bits=pred,
+                             static_scale=scale)
+                for gates_on in (False, True):
+                    thr = np.full(channels, -np.inf if gates_on else np.inf, np.float32)
+                    before = pg_int8_runs()
+                    y = run_node("PGConv", x, [w, thr], attrs)
+                    if INT8_EXPECTED:
+                        assert pg_int8_runs() == before + x.shape[0], (abits, pred, scale)
+                    x_hb, x_lb, s = ref.pg_split_activations(x, abits, pred, scale)
+                    y_ref = x_hb + x_lb if gates_on else x_hb
+                    assert_nonfinite_match(y, y_ref)
+                    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-4 * s / levels,
+                                               err_msg=f"abits {abits}, pred {pred}, scale {scale}, "
+                                                       f"{width} wide, gates {'on' if gates_on else 'off'}")
+
+
+def test_pg_split_counts_switch_where_the_division_does():
+    check_pg_split_at_level_boundaries()
 
 
 def test_quantize_activation_levels_switch_where_the_division_does():

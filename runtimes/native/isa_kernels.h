@@ -131,9 +131,15 @@ struct IsaKernels {
   // The same split of four channels x[0..3] (n activations each) as int8 counts, four channels
   // to an int32 word (channel c in byte c, two's complement): msb[i] byte c = sign * (q >> shift)
   // and lsb[i] byte c = sign * (q & (2^shift - 1)) of x[c][i] (PG's int8 layout; the caller
-  // keeps |count| <= 127). The same arithmetic as pg_split (one inline helper), no float planes.
+  // keeps |count| <= 127). The same values as pg_split, no float planes (AVX2 / AVX-512:
+  // intrinsics that pack the counts into words; the generic tier: pg_split's inline helper).
   void (*pg_split_words)(const float* const* x, int64_t n, float s, float levels, int shift,
                          int32_t* msb, int32_t* lsb);
+  // Every step-th word of `rows` rows: dst[r * dst_ld + i] = src[r * src_ld + i * step] for
+  // i < n, reading no word of a row past its last dealt one (PG's strided layers deal their
+  // split rows to the stride phases' planes). AVX-512: step 2 by two-source permutes.
+  void (*deal_words)(const int32_t* src, int64_t src_ld, int64_t rows, int64_t n, int64_t step,
+                     int32_t* dst, int64_t dst_ld);
   // Sampled dense-dense product read from a channel-last (NHWC) copy of the input, for i < n:
   //   out[i] = sum over t < ntaps, c < len of w[t * len + c] * x[(pix[i] + toff[t]) * ld + c]
   // len a multiple of vw (ld: floats from one pixel to the next). A pixel's field is ntaps

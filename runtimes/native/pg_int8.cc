@@ -728,20 +728,19 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
       std::memset(msb0 + at, 0, size_t(L.plane_len) * sizeof(int32_t));
       std::memset(lsb0 + at, 0, size_t(L.plane_len) * sizeof(int32_t));
     }
-    for (int64_t h = 0; h < g.H; ++h) {
-      const int32_t* const row_msb = words + h * g.W;
-      const int32_t* const row_lsb = words + HW + h * g.W;
-      for (int64_t b = 0; b < g.sw; ++b) {
-        // Input columns w with (w + pl) % sw == b: consecutive words of phase (., b)'s row.
-        const int64_t w0 = ((b - g.pl) % g.sw + g.sw) % g.sw;
-        if (w0 >= g.W) continue;
-        const int64_t at = L.WordOf(g, h + g.pt, w0 + g.pl, c4);
-        int32_t* const m = msb0 + at;
-        int32_t* const l = lsb0 + at;
-        for (int64_t w = w0, s = 0; w < g.W; w += g.sw, ++s) {
-          m[s] = row_msb[w];
-          l[s] = row_lsb[w];
-        }
+    // Input columns w with (w + pl) % sw == b: consecutive words of a phase (., b) row; input
+    // rows h0, h0 + sh, ...: consecutive rows (Ws words apart) of one phase plane. So each
+    // (h0, b) is one isa.deal_words call (word by word, with WordOf's divisions per row, this
+    // took half the "pad" stage of ResNet-20's stride-2 PG layers, perf on AMD EPYC Zen 4).
+    for (int64_t b = 0; b < g.sw; ++b) {
+      const int64_t w0 = ((b - g.pl) % g.sw + g.sw) % g.sw;
+      if (w0 >= g.W) continue;
+      const int64_t n = (g.W - w0 + g.sw - 1) / g.sw;
+      for (int64_t h0 = 0; h0 < std::min(g.sh, g.H); ++h0) {
+        const int64_t rows = (g.H - h0 + g.sh - 1) / g.sh;
+        const int64_t at = L.WordOf(g, h0 + g.pt, w0 + g.pl, c4);
+        isa.deal_words(words + h0 * g.W + w0, g.sh * g.W, rows, n, g.sw, msb0 + at, L.Ws);
+        isa.deal_words(words + HW + h0 * g.W + w0, g.sh * g.W, rows, n, g.sw, lsb0 + at, L.Ws);
       }
     }
     return;
@@ -767,25 +766,30 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
 // act2_rows [position][Cp bytes] from act2 [group][position][4 bytes], one phase (the caller
 // runs it per phase):
 // every word written, the channels past C as zeros, so the buffer needs no clearing. 8 x 8
-// (then 4 x 4) words at a time (one load per group, one store per position): word by word,
-// its reads strided by a plane, it took 3% of a 128 ch 28x28 layer at 0% on (perf, G2D_AMX=0).
+// words at a time (one load per group, one store per position; word by word, its reads
+// strided by a plane, it took 3% of a 128 ch 28x28 layer at 0% on: perf, G2D_AMX=0). Cp is a
+// multiple of 32 channels, so a position's row is whole blocks of 8 words: the groups past the
+// layer's (the zero channels) go through the same transpose as zero registers. Before, they
+// were zeroed position by position (a memset call per position: the transpose took as long as
+// the input split at 16 channels, 32x32, perf on AMD EPYC Zen 4).
 G2D_INT8_AVX2 void TransposeLsbCounts(const PGActLayout& L, int64_t Cp, const int8_t* act2,
                                       int8_t* act2_rows) {
   const int32_t* src = reinterpret_cast<const int32_t*>(act2);
   int32_t* dst = reinterpret_cast<int32_t*>(act2_rows);
   const int64_t words = Cp / 4, P = L.plane_len;
-  auto scalar = [&](int64_t q, int64_t c4_from) {  // position q, groups c4_from .. words - 1
+  auto scalar = [&](int64_t q, int64_t c4_from) {  // position q, words c4_from .. words - 1
     int32_t* row = dst + q * words;
-    for (int64_t c4 = c4_from; c4 < L.groups; ++c4) row[c4] = src[c4 * P + q];
-    for (int64_t c4 = std::max(c4_from, L.groups); c4 < words; ++c4) row[c4] = 0;
+    for (int64_t c4 = c4_from; c4 < words; ++c4) row[c4] = c4 < L.groups ? src[c4 * P + q] : 0;
   };
   int64_t q = 0;
   for (; q + 8 <= P; q += 8) {
     int64_t c4 = 0;
-    for (; c4 + 8 <= L.groups; c4 += 8) {
+    for (; c4 + 8 <= words; c4 += 8) {
       __m256i r[8], t[8], u[8];
       for (int i = 0; i < 8; ++i)
-        r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (c4 + i) * P + q));
+        r[i] = c4 + i < L.groups
+                   ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (c4 + i) * P + q))
+                   : _mm256_setzero_si256();
       for (int i = 0; i < 8; i += 2) {
         t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
         t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
@@ -803,19 +807,8 @@ G2D_INT8_AVX2 void TransposeLsbCounts(const PGActLayout& L, int64_t Cp, const in
                             _mm256_permute2x128_si256(u[k], u[k + 4], 0x31));
       }
     }
-    for (; c4 + 4 <= L.groups; c4 += 4)  // 4 x 4 words (16 channel layers have 4 groups)
-      for (int64_t q4 = q; q4 < q + 8; q4 += 4) {
-        __m128i r[4];
-        for (int i = 0; i < 4; ++i)
-          r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (c4 + i) * P + q4));
-        const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
-        const __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
-        const __m128i u[4] = {_mm_unpacklo_epi64(t0, t2), _mm_unpackhi_epi64(t0, t2),
-                              _mm_unpacklo_epi64(t1, t3), _mm_unpackhi_epi64(t1, t3)};
-        for (int k = 0; k < 4; ++k)
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (q4 + k) * words + c4), u[k]);
-      }
-    for (int i = 0; i < 8; ++i) scalar(q + i, c4);
+    if (c4 < words)  // not reached while Cp is a multiple of 32
+      for (int i = 0; i < 8; ++i) scalar(q + i, c4);
   }
   for (; q < P; ++q) scalar(q, 0);
 }
