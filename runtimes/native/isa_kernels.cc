@@ -848,7 +848,16 @@ void deal_words(const int32_t* src, int64_t src_ld, int64_t rows, int64_t n, int
                                  _mm512_permutex2var_epi32(a, even, b));
       }
     }
+    if (step == 1)  // a copy, 16 words at a time
+      for (; i < n; i += 16) {
+        const __mmask16 m = __mmask16((1u << std::min<int64_t>(n - i, 16)) - 1u);
+        _mm512_mask_storeu_epi32(dst + i, m, _mm512_maskz_loadu_epi32(m, src + i));
+      }
 #endif
+    if (step == 1) {
+      if (i < n) std::memcpy(dst + i, src + i, size_t(n - i) * sizeof(int32_t));
+      continue;
+    }
     for (; i < n; ++i) dst[i] = src[i * step];
   }
 }

@@ -137,7 +137,8 @@ struct IsaKernels {
                          int32_t* msb, int32_t* lsb);
   // Every step-th word of `rows` rows: dst[r * dst_ld + i] = src[r * src_ld + i * step] for
   // i < n, reading no word of a row past its last dealt one (PG's strided layers deal their
-  // split rows to the stride phases' planes). AVX-512: step 2 by two-source permutes.
+  // split rows to the stride phases' planes, and copy stride-1 rows into their padded layout).
+  // AVX-512: step 2 by two-source permutes, step 1 by masked copies.
   void (*deal_words)(const int32_t* src, int64_t src_ld, int64_t rows, int64_t n, int64_t step,
                      int32_t* dst, int64_t dst_ld);
   // Sampled dense-dense product read from a channel-last (NHWC) copy of the input, for i < n:

@@ -705,8 +705,8 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
   // Otherwise the channels' contiguous planes are split all at once into `words`, then dealt
   // to the layout's rows: strided layers' phase rows, and stride-1 rows that end in a partial
   // vector (8x8, 28x28 maps), where pg_split_words' tail (a zero-padded copy in and out) cost
-  // more than the row itself at 8x8, row by row (the "pad" stage of ResNet-20's 64-channel 8x8
-  // PG layers, Zen 4).
+  // more than the row itself at 8x8 (the "pad" stage of ResNet-20's 64-channel 8x8 PG layers,
+  // Zen 4).
   const int64_t HW = g.H * g.W;
   const bool direct = L.phases == 1 && g.W % isa.vw == 0;
   int32_t* words = nullptr;  // [msb words of the plane | lsb words]
@@ -745,19 +745,25 @@ void FillGroup(const IsaKernels& isa, const float* x, const PGSplit& split, cons
     }
     return;
   }
+  if (!direct) {
+    // Rows ending in a partial vector: the plane cleared, then the split rows copied to their
+    // places (Ws words apart) by one isa.deal_words per plane (row by row, a memcpy and the
+    // padding's two memsets per row were most of the "pad" stage of ResNet-20's 8x8 PG layers,
+    // perf on AMD EPYC Zen 4).
+    const int64_t row0 = L.WordOf(g, g.pt, g.pl, c4) - c4 * L.plane_len;  // in msb / lsb
+    zero(0, L.plane_len);
+    isa.deal_words(words, g.W, g.H, g.W, 1, msb + row0, L.Ws);
+    isa.deal_words(words + HW, g.W, g.H, g.W, 1, lsb + row0, L.Ws);
+    return;
+  }
   int64_t done = 0;  // positions before it are written
   for (int64_t h = 0; h < g.H; ++h) {
     const int64_t row_pos = L.WordOf(g, h + g.pt, g.pl, c4) - c4 * L.plane_len;  // in msb / lsb
     zero(done, row_pos);
-    if (direct) {
-      const float* rows[4];
-      rows_of(h, rows);
-      isa.pg_split_words(rows, g.W, split.s, split.levels, split.shift, msb + row_pos,
-                         lsb + row_pos);
-    } else {
-      std::memcpy(msb + row_pos, words + h * g.W, size_t(g.W) * sizeof(int32_t));
-      std::memcpy(lsb + row_pos, words + HW + h * g.W, size_t(g.W) * sizeof(int32_t));
-    }
+    const float* rows[4];
+    rows_of(h, rows);
+    isa.pg_split_words(rows, g.W, split.s, split.levels, split.shift, msb + row_pos,
+                       lsb + row_pos);
     done = row_pos + g.W;
   }
   zero(done, L.plane_len);
