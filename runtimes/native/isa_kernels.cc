@@ -715,7 +715,6 @@ void pg_split(const float* x, int64_t n, float s, float levels, int shift, float
   }
 }
 
-#if defined(__AVX512BW__) || defined(__AVX2__)
 // pg_split_words' vectors with intrinsics (AVX-512BW: 16 words, AVX2: 8): the same values as
 // pg_split_q and the sign rule above, in about half the instructions (perf, PG ResNet-20 on AMD
 // EPYC Zen 4: the split was the largest part of the PG layers' "pad" stage, and most of its
@@ -724,24 +723,19 @@ void pg_split(const float* x, int64_t n, float s, float levels, int shift, float
 // where |x| / s is NaN or 0, signed by x's sign bit (counts of +-0 and NaN are 0 anyway), and
 // packed four channels to a word by two saturating packs (the counts fit in int8: exact) and
 // one in-lane byte shuffle: per 128-bit lane the packs leave [ch0 p0..p3 | ch1 p0..p3 | ch2 ..
-// | ch3 ..], the shuffle makes it [p0 ch0..ch3 | p1 ..].
+// | ch3 ..], the shuffle makes it [p0 ch0..ch3 | p1 ..]. SplitWordsIsa: the tier's vector types
+// and the operations that differ between the tiers; SplitWordsVec: the split, once.
 #if defined(__AVX512BW__)
-struct SplitWordsVec {
+struct SplitWordsIsa {
   static constexpr int kN = 16;
-  __m512 vs, vlevels, one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
-  __m512i low_mask, by_position;
-  __m128i shift;
-  SplitWordsVec(float s, float levels, int sh)
-      : vs(_mm512_set1_ps(s)), vlevels(_mm512_set1_ps(levels)),
-        low_mask(_mm512_set1_epi32((int32_t(1) << sh) - 1)),
-        by_position(_mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15))),
-        shift(_mm_cvtsi32_si128(sh)) {}
-  // Channel c's signed MSB and LSB counts at 16 positions.
-  void Counts(const float* x, __m512i* hi, __m512i* lo) const {
-    const __m512 v = _mm512_loadu_ps(x);
+  using VF = __m512;
+  using VI = __m512i;
+  // Channel values x at 16 positions: their signed MSB and LSB counts.
+  static void Counts(const float* x, VF vs, VF vlevels, __m128i shift, VI low_mask, VI* hi, VI* lo) {
+    const __m512 v = _mm512_loadu_ps(x), zero = _mm512_setzero_ps();
     const __m512 a = _mm512_div_ps(_mm512_abs_ps(v), vs);
     const __mmask16 counted = _mm512_cmp_ps_mask(a, zero, _CMP_GT_OQ);  // not NaN, not 0
-    const __m512 r = _mm512_mul_ps(_mm512_min_ps(a, one), vlevels);   // a NaN: masked off
+    const __m512 r = _mm512_mul_ps(_mm512_min_ps(a, _mm512_set1_ps(1.f)), vlevels);  // NaN: masked off
     const __m512i q =
         _mm512_maskz_cvt_roundps_epi32(counted, r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __mmask16 negative = _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
@@ -749,28 +743,22 @@ struct SplitWordsVec {
     *hi = _mm512_mask_sub_epi32(h, negative, _mm512_setzero_si512(), h);
     *lo = _mm512_mask_sub_epi32(l, negative, _mm512_setzero_si512(), l);
   }
-  __m512i Pack(const __m512i c[4]) const {
-    const __m512i b = _mm512_packs_epi16(_mm512_packs_epi32(c[0], c[1]), _mm512_packs_epi32(c[2], c[3]));
-    return _mm512_shuffle_epi8(b, by_position);
+  static VI PackBytes(VI c0, VI c1, VI c2, VI c3) {
+    return _mm512_packs_epi16(_mm512_packs_epi32(c0, c1), _mm512_packs_epi32(c2, c3));
   }
-  static void Store(int32_t* p, __m512i v) { _mm512_storeu_si512(p, v); }
+  static VI ShuffleBytes(VI v, VI index) { return _mm512_shuffle_epi8(v, index); }
+  static void Store(int32_t* p, VI v) { _mm512_storeu_si512(p, v); }
 };
-#else
-struct SplitWordsVec {
+#elif defined(__AVX2__)
+struct SplitWordsIsa {
   static constexpr int kN = 8;
-  __m256 vs, vlevels, one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-  __m256i low_mask, by_position;
-  __m128i shift;
-  SplitWordsVec(float s, float levels, int sh)
-      : vs(_mm256_set1_ps(s)), vlevels(_mm256_set1_ps(levels)),
-        low_mask(_mm256_set1_epi32((int32_t(1) << sh) - 1)),
-        by_position(_mm256_broadcastsi128_si256(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15))),
-        shift(_mm_cvtsi32_si128(sh)) {}
-  void Counts(const float* x, __m256i* hi, __m256i* lo) const {
+  using VF = __m256;
+  using VI = __m256i;
+  static void Counts(const float* x, VF vs, VF vlevels, __m128i shift, VI low_mask, VI* hi, VI* lo) {
     const __m256 v = _mm256_loadu_ps(x);
     const __m256 a = _mm256_div_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), v), vs);
-    const __m256i counted = _mm256_castps_si256(_mm256_cmp_ps(a, zero, _CMP_GT_OQ));
-    const __m256 r = _mm256_mul_ps(_mm256_min_ps(a, one), vlevels);
+    const __m256i counted = _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ));
+    const __m256 r = _mm256_mul_ps(_mm256_min_ps(a, _mm256_set1_ps(1.f)), vlevels);
     // integral after the rounding, so the conversion is exact
     const __m256i q = _mm256_and_si256(
         counted, _mm256_cvttps_epi32(_mm256_round_ps(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
@@ -779,13 +767,38 @@ struct SplitWordsVec {
     *hi = _mm256_sign_epi32(_mm256_srl_epi32(q, shift), bits);
     *lo = _mm256_sign_epi32(_mm256_and_si256(q, low_mask), bits);
   }
-  __m256i Pack(const __m256i c[4]) const {
-    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-    return _mm256_shuffle_epi8(b, by_position);
+  static VI PackBytes(VI c0, VI c1, VI c2, VI c3) {
+    return _mm256_packs_epi16(_mm256_packs_epi32(c0, c1), _mm256_packs_epi32(c2, c3));
   }
-  static void Store(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static VI ShuffleBytes(VI v, VI index) { return _mm256_shuffle_epi8(v, index); }
+  static void Store(int32_t* p, VI v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 };
 #endif
+
+#if defined(__AVX512BW__) || defined(__AVX2__)
+// One split of four channels into their MSB and LSB words, the tier's SplitWordsIsa.
+struct SplitWordsVec {
+  using I = SplitWordsIsa;
+  static constexpr int kN = I::kN;
+  I::VF vs, vlevels;
+  I::VI low_mask, by_position;
+  __m128i shift;
+  SplitWordsVec(float s, float levels, int sh)
+      : vs(vf{} + s), vlevels(vf{} + levels), low_mask(I::VI(vi32{} + ((int32_t(1) << sh) - 1))),
+        shift(_mm_cvtsi32_si128(sh)) {
+    // within each 128-bit lane, output byte 4 * k + c (position k, channel c) from input byte
+    // 4 * c + k (pshufb reads an index's low four bits: its own lane)
+    alignas(64) int8_t index[4 * kVW];
+    for (int i = 0; i < 4 * kVW; ++i) index[i] = int8_t(4 * (i & 3) + ((i >> 2) & 3));
+    std::memcpy(&by_position, index, sizeof index);
+  }
+  void Words(const float* const* xc, int64_t at, int32_t* hb, int32_t* lb) const {
+    I::VI hi[4], lo[4];
+    for (int c = 0; c < 4; ++c) I::Counts(xc[c] + at, vs, vlevels, shift, low_mask, &hi[c], &lo[c]);
+    I::Store(hb, I::ShuffleBytes(I::PackBytes(hi[0], hi[1], hi[2], hi[3]), by_position));
+    I::Store(lb, I::ShuffleBytes(I::PackBytes(lo[0], lo[1], lo[2], lo[3]), by_position));
+  }
+};
 #endif
 
 void pg_split_words(const float* const* x, int64_t n, float s, float levels, int shift,
@@ -793,10 +806,7 @@ void pg_split_words(const float* const* x, int64_t n, float s, float levels, int
 #if defined(__AVX512BW__) || defined(__AVX2__)
   const SplitWordsVec k(s, levels, shift);
   auto words = [&](const float* const* xc, int64_t at, int32_t* hb, int32_t* lb) {
-    decltype(k.low_mask) hi[4], lo[4];
-    for (int c = 0; c < 4; ++c) k.Counts(xc[c] + at, &hi[c], &lo[c]);
-    SplitWordsVec::Store(hb, k.Pack(hi));
-    SplitWordsVec::Store(lb, k.Pack(lo));
+    k.Words(xc, at, hb, lb);
   };
   constexpr int kN = SplitWordsVec::kN;
 #else
