@@ -31,13 +31,13 @@ import onnx_graphsurgeon as gs
 
 from gate2deploy.ops import DOMAIN
 
-from .ir import const_value
+from .ir import STANDARD_DOMAINS, const_value
 
 def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
     if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
         return None
     node = t.inputs[0]
-    return node if node.op == op and node.domain in ("", "ai.onnx", None) else None
+    return node if node.op == op and node.domain in STANDARD_DOMAINS else None
 
 
 def _scalar(t) -> float | None:

@@ -81,16 +81,6 @@ def _channels(node: gs.Node) -> int | None:
     return int(shape[0]) if shape is not None and isinstance(shape[0], int) else None
 
 
-def _sole_reader(graph: gs.Graph, tensor: gs.Tensor, step: tuple[str, str]) -> gs.Node | None:
-    domain, op = step
-    if domain == "":
-        return sole_consumer(graph, tensor, op)
-    if tensor in graph.outputs or len(tensor.outputs) != 1:
-        return None
-    node = tensor.outputs[0]
-    return node if node.op == op and node.domain == domain else None
-
-
 def _clip_bound(node: gs.Node, x: gs.Tensor) -> float | None:
     """c of Min(x, c) / Min(c, x) with a constant one-element c that keeps x's shape, else None."""
     if len(node.inputs) != 2 or len(node.outputs) != 1:
@@ -114,25 +104,25 @@ def fuse_gated_epilogue(graph: gs.Graph) -> list[str]:
         channels = _channels(node)
         removed: list[gs.Node] = []
         out = node.outputs[0]
-        bn = _sole_reader(graph, out, bn_step)
+        bn = sole_consumer(graph, out, bn_step[1], domain=bn_step[0])
         folded = _folded_batchnorm(bn, channels) if bn is not None and channels is not None else None
         if folded is not None:
             node.inputs.extend([gs.Constant(f"{node.name}/post_scale", folded[0]),
                                 gs.Constant(f"{node.name}/post_shift", folded[1])])
             removed.append(bn)
             out = bn.outputs[0]
-        relu = _sole_reader(graph, out, relu_step)
+        relu = sole_consumer(graph, out, relu_step[1], domain=relu_step[0])
         if relu is not None:
             node.attrs["activation"] = "Relu"
             removed.append(relu)
             out = relu.outputs[0]
-        clamp = _sole_reader(graph, out, min_step)
+        clamp = sole_consumer(graph, out, min_step[1], domain=min_step[0])
         bound = _clip_bound(clamp, out) if clamp is not None else None
         if bound is not None:
             node.attrs["clip_max"] = bound
             removed.append(clamp)
             out = clamp.outputs[0]
-        quantizer = _sole_reader(graph, out, quantize_step)
+        quantizer = sole_consumer(graph, out, quantize_step[1], domain=quantize_step[0])
         if quantizer is not None and "levels" in quantizer.attrs:
             node.attrs["quantize_levels"] = float(quantizer.attrs["levels"])
             for name in ("scale", "eps"):

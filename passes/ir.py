@@ -43,13 +43,19 @@ def shape_of(tensor) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape)
 
 
-def sole_consumer(graph: gs.Graph, tensor: gs.Tensor, op: str) -> gs.Node | None:
-    """The only node reading `tensor`, if it is a standard-domain `op` and `tensor` is not a
-    graph output (so fusing that node into the producer changes nothing else)."""
+# The standard ONNX domain under each spelling a graph may carry.
+STANDARD_DOMAINS = ("", "ai.onnx", None)
+
+
+def sole_consumer(graph: gs.Graph, tensor: gs.Tensor, op: str, domain: str = "") -> gs.Node | None:
+    """The only node reading `tensor`, if it is `op` of `domain` (the standard domain by
+    default, under any of its spellings) and `tensor` is not a graph output (so fusing that
+    node into the producer changes nothing else)."""
     if tensor in graph.outputs or len(tensor.outputs) != 1:
         return None
     node = tensor.outputs[0]
-    return node if node.op == op and node.domain in ("", "ai.onnx", None) else None
+    domains = STANDARD_DOMAINS if domain in STANDARD_DOMAINS else (domain,)
+    return node if node.op == op and node.domain in domains else None
 
 
 def remove_fused(graph: gs.Graph, nodes) -> None:

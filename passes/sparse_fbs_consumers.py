@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 
 from gate2deploy.ops import DOMAIN
 
-from .ir import const_value, remove_fused, sole_consumer
+from .ir import STANDARD_DOMAINS, const_value, remove_fused, sole_consumer
 
 PATTERN = {
     "op": "Conv",
@@ -53,7 +53,7 @@ def _bias(node: gs.Node) -> gs.Tensor | None:
 
 
 def _matches(node: gs.Node) -> bool:
-    if node.op != PATTERN["op"] or node.domain not in ("", "ai.onnx", None):
+    if node.op != PATTERN["op"] or node.domain not in STANDARD_DOMAINS:
         return False
     x = node.inputs[0]
     if len(x.inputs) != 1:
