@@ -1289,7 +1289,8 @@ def check_quantizer_at_level_boundaries() -> None:
 
 def check_pg_split_at_level_boundaries() -> None:
     """PGConv's split of X into MSB and LSB counts (on the int8 kernels: isa_kernels.cc
-    pg_split_words) against runtimes/reference.py pg_split_activations (the seed's formula, an
+    pg_split_words) against runtimes/reference.py pg_split_activations (the seed's quantizer
+    and truncation, dnn-gating utils/pg_utils.py TorchQuantize / TorchTruncate, in float32: an
     IEEE division per element, numpy's half-to-even round), at every level boundary of the
     quantizer (quantizer_boundary_values: each boundary +-24 ulps, both signs, 0, -0, inf,
     subnormals): abits 3 / pred 2, 8 / 4, 8 / 1 and 8 / 7, static scales and a dynamic one.
