@@ -77,6 +77,7 @@ def _child(stage: str) -> None:
             y_ref = ref.pg_conv_reference(x, w, thr, abits, pred, 0.0, (1, 1), (1, 1, 1, 1), (1, 1), 1)
             t.assert_close_with_ties(y, y_ref, msb, thr)
     t.check_quantizer_at_level_boundaries()
+    t.check_cg_strided_phase_planes()
     print_counts()
 
 

@@ -355,6 +355,41 @@ def test_pg_int8_strided_layers_fill_their_phase_planes(geom):
             assert pg_int8_runs() == before + 2
 
 
+# (W, strides, pads as ONNX's [top, left, bottom, right]): at stride 2, each padding parity and
+# widths whose even / odd split is whole steps of four (32, 40), has a tail (33, 31) or is a tail
+# alone (5); strides 3 and 4 and (2, 1) take FillSource's general loop.
+CG_STRIDED_GEOMS = [
+    (32, (2, 2), (1, 1, 1, 1)), (33, (2, 2), (1, 0, 1, 2)), (31, (2, 2), (0, 1, 2, 0)),
+    (40, (2, 2), (1, 1, 1, 1)), (5, (2, 2), (1, 1, 1, 1)), (17, (3, 2), (1, 1, 1, 1)),
+    (19, (2, 3), (1, 2, 1, 1)), (21, (2, 1), (1, 1, 1, 1)), (23, (4, 4), (2, 1, 2, 3))]
+
+
+def check_cg_strided_phase_planes(geoms=CG_STRIDED_GEOMS) -> None:
+    """Strided fp32 layers read the stride phases' planes of the padded input (conv_common.cc
+    FillSource: stride 2 splits each input row into its even and odd phase rows, other strides
+    copy pixel by pixel; the padding zeroed around them): CGConv at each geometry, with and
+    without a block-diagonal base path, at three gate-on fractions, against
+    runtimes/reference.py (its own strided, padded convolution). Also run under each forced ISA
+    tier (test_kernel_paths.py)."""
+    for width, strides, pads in geoms:
+        rng = np.random.default_rng(width)
+        x = rng.standard_normal((2, 8, 11, width)).astype(np.float32)
+        w = (rng.standard_normal((8, 8, 3, 3)) / np.sqrt(72)).astype(np.float32)
+        for block_diagonal in (False, True):
+            mask = cg_base_mask(8, 8, 4, block_diagonal)
+            yp = ref.conv2d(x, w * mask[:, :, None, None], strides, pads, (1, 1))
+            for frac in (0.0, 0.3, 1.0):
+                thr = ref.thresholds_for_fraction(yp, frac)
+                y = run_node("CGConv", x, [w, mask, thr], conv_attrs(strides, pads, (1, 1)))
+                y_ref = ref.cg_conv_reference(x, w, mask, thr, strides=strides, pads=pads)
+                assert_close_with_ties(y, y_ref, yp, thr)
+
+
+@pytest.mark.parametrize("geom", CG_STRIDED_GEOMS)
+def test_cg_strided_layers_fill_their_phase_planes(geom):
+    check_cg_strided_phase_planes([geom])
+
+
 def test_pg_conv_one_session_follows_changing_input_sizes():
     """The int8 path keeps its layout and output tables per weights and geometry (pg_int8.cc
     TablesFor): one session fed 12x10, then 7x9, then 12x10 again (dynamic H, W) must match the

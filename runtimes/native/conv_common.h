@@ -113,7 +113,7 @@ bool CGTapSecondStage();
 // G2DStageTimesReport (tools and the per-stage breakdown in cg_conv.cc's header comment).
 enum StageTimer {
   kTimePad, kTimeStage1, kTimeGate, kTimeLists, kTimeGather, kTimeSparse, kTimeScatter,
-  kTimeDense2, kTimeStore, kTimeCall, kStageTimers
+  kTimeDense2, kTimeStore, kTimeCall, kTimeSpan, kStageTimers
 };
 bool StageTimesOn();
 uint64_t StageClockNow();  // TSC, or 0 when the timers are off
