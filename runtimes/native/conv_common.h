@@ -111,6 +111,8 @@ bool CGTapSecondStage();
 // Where a gated convolution's time goes, per stage (G2D_STAGE_TIMES=1; off by default, then
 // one predictable branch per stage): TSC cycles summed over all threads, read through
 // G2DStageTimesReport (tools and the per-stage breakdown in cg_conv.cc's header comment).
+// "gather": the sparse second stage's input (CG: the channel-last copy; the gathered-fields
+// form: its fields); "span": each span's bookkeeping (valid columns, store runs).
 enum StageTimer {
   kTimePad, kTimeStage1, kTimeGate, kTimeLists, kTimeGather, kTimeSparse, kTimeScatter,
   kTimeDense2, kTimeStore, kTimeCall, kTimeSpan, kStageTimers
