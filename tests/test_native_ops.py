@@ -357,7 +357,7 @@ def test_pg_int8_strided_layers_fill_their_phase_planes(geom):
 
 # (W, strides, pads as ONNX's [top, left, bottom, right]): at stride 2, each padding parity and
 # widths whose even / odd split is whole steps of four (32, 40), has a tail (33, 31) or is a tail
-# alone (5); strides 3 and 4 and (2, 1) take FillSource's general loop.
+# alone (5), also with row stride 3; column strides 3, 4 and 1 take FillSource's general loop.
 CG_STRIDED_GEOMS = [
     (32, (2, 2), (1, 1, 1, 1)), (33, (2, 2), (1, 0, 1, 2)), (31, (2, 2), (0, 1, 2, 0)),
     (40, (2, 2), (1, 1, 1, 1)), (5, (2, 2), (1, 1, 1, 1)), (17, (3, 2), (1, 1, 1, 1)),
