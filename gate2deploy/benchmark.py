@@ -19,10 +19,21 @@ Why blocks with a settling time, not round-robin single runs (this project's ear
   models of many small ops, which folded models are (MobileNetV2 folded: 2.67 ms without
   spinning, 1.69 ms with). It is kept as an option, as the figure for hosts that run with
   spinning off.
+- With more than one intra-op thread, sessions in one process still share the cores with
+  each other's workers, spinning or not. `time_isolated` runs each model in a process of its
+  own, one session at a time, as a deployment runs it (ONNX Runtime's default threading): the
+  figure for 2 threads on a 2-core machine. Measured there (AMD EPYC Zen 4, 2 vCPUs, CG
+  ResNet-20 at 20% gated on): in-process blocks put the gated network at 0.80-0.82x its dense
+  twin with spinning off, 0.40-0.71x with spinning on; isolated, 0.67-0.73x (the dense twin
+  0.46-0.48 ms at 2 threads against 0.77-0.79 ms at 1).
 """
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -83,6 +94,55 @@ def time_paired(sessions: dict, feeds: dict[str, list[dict]], rounds: int = 200,
     return times
 
 
+def time_isolated(models: dict[str, tuple[str, str | None]], feed: dict[str, np.ndarray], rounds: int = 10,
+                  runs: int = 400, threads: int = 2, warm: int = 100) -> dict[str, list[float]]:
+    """Per model, one median run time in ms per round, each measured by a process of its own
+    holding that one session (`models`: name -> (ONNX file, a build of the native library to
+    register instead of this checkout's, or None: runtimes.ort.open_session's session);
+    `warm` untimed runs, then `runs` timed ones on `feed`). The models' order alternates from
+    round to round; paired_ratio of the result gives the speed-ups (a round's processes run
+    minutes apart at most, so the machine's drift falls on each round's pair alike)."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    with tempfile.TemporaryDirectory(prefix="g2d_isolated_") as tmp:
+        feed_path = os.path.join(tmp, "feed.npz")
+        np.savez(feed_path, **feed)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                path, library = models[name]
+                cmd = [sys.executable, "-m", "gate2deploy.benchmark", path, feed_path, str(threads), str(runs),
+                       str(warm), *([library] if library else [])]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"timing {name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+                times[name].append(float(done.stdout.split()[-1]))
+    return times
+
+
+def _time_one(argv: list[str]) -> None:
+    """time_isolated's child: prints the median ms of one session's timed runs."""
+    import onnxruntime as ort
+
+    from .runtimes.ort import open_session, session_options
+
+    path, feed_path, threads, runs, warm, *library = argv
+    if library:
+        options = session_options(threads=int(threads), custom_ops=False)
+        options.register_custom_ops_library(library[0])
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    else:
+        session = open_session(path, threads=int(threads))
+    feed = dict(np.load(feed_path))
+    for _ in range(int(warm)):
+        session.run(None, feed)
+    durations = []
+    for _ in range(int(runs)):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        durations.append(time.perf_counter() - t0)
+    print(statistics.median(durations) * 1e3)
+
+
 def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
     """The median over rounds of times[numerator][r] / times[denominator][r] (time_paired):
     with the dense model as numerator, the gated one's speed-up."""
@@ -100,3 +160,7 @@ def latencies_ms(models: dict[str, onnx.ModelProto], input_shape, runs: int = 60
     times = time_sessions(sessions, feeds, runs, block)
     return ({n: statistics.median(t) for n, t in times.items()}, {n: min(t) for n, t in times.items()})
 
+
+
+if __name__ == "__main__":  # time_isolated's child process
+    _time_one(sys.argv[1:])

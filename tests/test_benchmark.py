@@ -82,3 +82,31 @@ def test_paired_rounds_alternate_after_warm_runs_and_ratios_are_per_round():
     made_up = {"dense": [1.0, 2.0, 10.0], "gated": [2.0, 1.0, 4.0]}
     # per-round ratios 0.5, 2, 2.5: median 2; the ratio of the medians would be 2 / 2 = 1
     assert paired_ratio(made_up, "dense", "gated") == 2.0
+
+
+def test_isolated_timing_runs_each_model_in_a_process_of_its_own(tmp_path):
+    """time_isolated: per model one median per round, each from a child process that opens
+    only that model's session; a child that fails is an error naming the model and the
+    child's last line (here open_session's: the file does not exist)."""
+    import os
+
+    import numpy as np
+    import pytest
+
+    from gate2deploy.benchmark import time_isolated
+
+    node = helper.make_node("Relu", ["input"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, str(path))
+    feed = {"input": np.ones((1, 4), np.float32)}
+    times = time_isolated({"a": (str(path), None), "b": (str(path), None)}, feed, rounds=3, runs=5, warm=1,
+                          threads=1)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert all(t > 0 for t in itertools.chain(*times.values()))
+    with pytest.raises(RuntimeError, match="timing missing failed: .*does not exist"):
+        time_isolated({"a": (str(path), None), "missing": (os.fspath(tmp_path / "none.onnx"), None)}, feed,
+                      rounds=1, runs=1, warm=0, threads=1)

@@ -90,7 +90,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from gate2deploy.benchmark import paired_ratio, time_paired, time_sessions, whole_blocks
+from gate2deploy.benchmark import paired_ratio, time_isolated, time_paired, time_sessions, whole_blocks
 from gate2deploy.kernel_choice import dense_twin as dense_equivalent
 from gate2deploy.runtimes import reference as ref
 from gate2deploy.runtimes.ort import open_session, session_options
@@ -323,6 +323,8 @@ def network_sweep(title, points, args, extra=None):
     own layout, runtimes/ort_layout.py; the PG networks: "unfused", the seed's activation
     quantizers as their standard-op chains, passes/fuse_activation_quantizer.py)."""
     extra = extra or {}
+    if args.isolated:  # variants that are other models than the ort one are not timed there
+        extra = {k: v for k, v in extra.items() if k == "before"}
     print(f"\n{title}")
     ab = "".join(f" {k + ' ms':>9}" for k in extra)
     ab_x = "".join(f" {k + ' x':>7}" for k in extra)
@@ -330,6 +332,16 @@ def network_sweep(title, points, args, extra=None):
           f"{'ort x':>7} {'onnx x':>7} {'meas x':>7}{ab_x}  native paths")
     rows = []
     for frac, bound, x, ort_model, portable, measured in points:
+        if args.isolated:
+            times, speedup = isolated_point(ort_model, measured, x[0] if isinstance(x, list) else x, args)
+            td, to, tm = times["dense"], times["ort"], times.get("meas", float("nan"))
+            rows.append((frac, speedup["ort"]))
+            b = f"{bound:6.2f}" if bound else f"{'':6}"
+            old = (f" {times['before']:9.3f}" if "before" in times else "")
+            old_x = (f" {speedup['before']:7.2f}" if "before" in speedup else "")
+            print(f"  {frac * 100:5.1f} {b} {td:9.3f} {to:9.3f} {'-':>9} {tm:9.3f}{old} {speedup['ort']:7.2f} "
+                  f"{'-':>7} {speedup.get('meas', float('nan')):7.2f}{old_x}  (isolated)", flush=True)
+            continue
         sessions = {"dense": custom_session(dense_equivalent(ort_model), args.threads),  # stock ops,
                     # but a fused activation quantizer (not a gate) stays in the twin as in the export
                     "ort": custom_session(ort_model, args.threads),
@@ -361,6 +373,27 @@ def network_sweep(title, points, args, extra=None):
     c = crossover(rows)
     print(f"  crossover (--target ort slower than dense above): "
           f"{'never (faster at 100%)' if c is None else f'{c * 100:.0f}% gated on'}")
+
+
+def isolated_point(ort_model, measured, x, args):
+    """--isolated: the dense twin, the ort model, the measured choice and (--baseline-library)
+    the ort model on that build, each timed alone in a process of its own for --isolated
+    rounds (gate2deploy.benchmark.time_isolated); (median ms, speed-up as the median of
+    per-round ratios to the dense twin) per variant."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="g2d_bench_") as tmp:
+        models = {}
+        for key, model, library in [("dense", dense_equivalent(ort_model), None), ("ort", ort_model, None),
+                                    ("meas", measured, None),
+                                    ("before", ort_model if args.baseline_library else None, args.baseline_library)]:
+            if model is not None:
+                path = os.path.join(tmp, f"{key}.onnx")
+                onnx.save(model, path)
+                models[key] = (path, library)
+        runs = time_isolated(models, {ort_model.graph.input[0].name: x}, rounds=args.isolated,
+                             threads=args.threads)
+    return ({k: statistics.median(v) for k, v in runs.items()}, {k: paired_ratio(runs, "dense", k) for k in runs})
 
 
 def unfused_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -524,6 +557,12 @@ def main(argv=None) -> int:
                    help="networks: time run by run for ROUNDS rounds (gate2deploy.benchmark."
                         "time_paired; 1 thread or --spin off) and print speed-ups as medians of "
                         "per-round ratios, instead of alternating blocks of 10 (default)")
+    p.add_argument("--isolated", type=int, default=0, metavar="ROUNDS",
+                   help="networks: time the dense twin, the ort model, the measured choice (and "
+                        "--baseline-library's build) each in a process of its own holding only that "
+                        "session, ROUNDS rounds, speed-ups as medians of per-round ratios "
+                        "(gate2deploy.benchmark.time_isolated): ONNX Runtime's default threading "
+                        "without other sessions' workers on the cores, the figure for 2+ threads")
     p.add_argument("--spin", choices=["on", "off"], default="on",
                    help="ONNX Runtime intra-op thread spinning in every session (default on, as ORT)")
     p.add_argument("--baseline-library", default=None,
@@ -556,7 +595,9 @@ def main(argv=None) -> int:
           f"ONNX Runtime {ort.__version__} CPU, {args.threads} threads; "
           f"spinning {args.spin}; medians of {whole_blocks(args.repeats)} runs in alternating blocks of 10"
           + (f" (networks: {args.paired} rounds run by run, speed-ups = medians of per-round ratios)"
-             if args.paired else ""))
+             if args.paired else "")
+          + (f" (networks: each variant in a process of its own, {args.isolated} rounds, speed-ups = "
+             "medians of per-round ratios; onnx not timed)" if args.isolated else ""))
 
     if "cg" in ops:
         mask = np.zeros((o, c), np.float32)

@@ -4,8 +4,13 @@ the CG or PG ResNet-20 of tools/bench_gated_ops.py and of its dense twin (each g
 Conv of its weights), per op type the node count and microseconds per run, summed over
 `--runs` runs. It separates the gated kernels' own time from what ONNX Runtime adds around
 them (the NCHWc ReorderInput / ReorderOutput pairs it places around each custom op).
-Profiling adds its own overhead per node: compare the two columns of one run, not absolute
-times with tools/bench_gated_ops.py.
+Profiling adds its own overhead per node, and it is large beside these networks' small nodes:
+the last lines print each session's unprofiled wall time (median of the same number of runs)
+and the profiled node sum's excess over it per node (AMD EPYC Zen 4, 1 thread, 2026-12-06:
+~2.8 us per node, so ONNX Runtime's 21 NCHWc reorders around the CG ResNet-20's custom ops,
+76 us in the profile, cost ~17 us of wall time; a CGConv reading and writing the blocked layout
+itself, which removed 13 of them, was no faster as a whole: docs/performance.md, twenty-fourth
+session). Compare node types within a run, and wall times with tools/bench_gated_ops.py.
 
     python tools/profile_gated_network.py --net cg --offsets 3.0,1.0 --threads 1
 """
@@ -52,6 +57,26 @@ def node_times(model, library: str, feed: dict, threads: int, runs: int) -> dict
     return {op: (len(d) / runs, sum(d) / runs) for op, d in per_op.items()}
 
 
+def wall_us(model, library: str, feed: dict, threads: int, runs: int) -> float:
+    """Median wall time in us of `runs` runs of an unprofiled session (the same options)."""
+    import statistics
+    import time
+
+    so = session_options(threads=threads, custom_ops=False)
+    so.log_severity_level = 3
+    if library:
+        so.register_custom_ops_library(library)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    for _ in range(20):
+        sess.run(None, feed)
+    durations = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        durations.append(time.perf_counter() - t0)
+    return statistics.median(durations) * 1e6
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--net", choices=["cg", "pg"], default="cg")
@@ -83,7 +108,14 @@ def main(argv=None) -> int:
             g, d = gated.get(op, (0, 0.0)), dense.get(op, (0, 0.0))
             print(f"  {op:16s} {g[1]:8.0f} ({g[0]:2.0f}) {d[1]:8.0f} ({d[0]:2.0f})")
         print(f"  {'all nodes':16s} {sum(v[1] for v in gated.values()):8.0f}      "
-              f"{sum(v[1] for v in dense.values()):8.0f}", flush=True)
+              f"{sum(v[1] for v in dense.values()):8.0f}")
+        twin = nets.dense_equivalent(ort_model)
+        walls = [wall_us(m, library, feed, args.threads, args.runs) for m in (ort_model, twin)]
+        print(f"  {'wall, unprofiled':16s} {walls[0]:8.0f}      {walls[1]:8.0f}")
+        per_node = [(sum(v[1] for v in t.values()) - w) / max(sum(v[0] for v in t.values()), 1)
+                    for t, w in zip((gated, dense), walls)]
+        print(f"  {'profiler us/node':16s} {per_node[0]:8.1f}      {per_node[1]:8.1f}   "
+              "(node sum - wall, per node: in every node's figure above)", flush=True)
     return 0
 
 
