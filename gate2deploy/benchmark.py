@@ -161,6 +161,5 @@ def latencies_ms(models: dict[str, onnx.ModelProto], input_shape, runs: int = 60
     return ({n: statistics.median(t) for n, t in times.items()}, {n: min(t) for n, t in times.items()})
 
 
-
 if __name__ == "__main__":  # time_isolated's child process
     _time_one(sys.argv[1:])

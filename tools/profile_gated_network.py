@@ -7,7 +7,7 @@ them (the NCHWc ReorderInput / ReorderOutput pairs it places around each custom 
 Profiling adds its own overhead per node, and it is large beside these networks' small nodes:
 the last lines print each session's unprofiled wall time (median of the same number of runs)
 and the profiled node sum's excess over it per node (AMD EPYC Zen 4, 1 thread, 2026-12-06:
-~2.8 us per node, so ONNX Runtime's 21 NCHWc reorders around the CG ResNet-20's custom ops,
+~2.7 us per node, so ONNX Runtime's 21 NCHWc reorders around the CG ResNet-20's custom ops,
 76 us in the profile, cost ~17 us of wall time; a CGConv reading and writing the blocked layout
 itself, which removed 13 of them, was no faster as a whole: docs/performance.md, twenty-fourth
 session). Compare node types within a run, and wall times with tools/bench_gated_ops.py.
@@ -32,17 +32,23 @@ import bench_gated_ops as nets  # noqa: E402  (the networks, their export and de
 from gate2deploy.runtimes.ort import custom_ops_library_path, session_options  # noqa: E402
 
 
-def node_times(model, library: str, feed: dict, threads: int, runs: int) -> dict[str, tuple[float, float]]:
-    """{op type: (nodes per run, us per run)} from ONNX Runtime's profile of `runs` runs. The
-    library is registered for the dense twin too: a PG network's twin keeps its fused
-    QuantizeActivation nodes (bench_gated_ops.py)."""
-    so = session_options(threads=threads, custom_ops=False)  # the project's, as the benchmarks
-    so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "g2d_node_profile")  # removed below
+def _session(model, library: str, threads: int, profile: bool) -> ort.InferenceSession:
+    """The project's session options, as the benchmarks use them, with `library` registered
+    (for the dense twin too: a PG network's twin keeps its fused QuantizeActivation nodes,
+    bench_gated_ops.py)."""
+    so = session_options(threads=threads, custom_ops=False)
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "g2d_node_profile")  # removed below
     so.log_severity_level = 3
     if library:
         so.register_custom_ops_library(library)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def node_times(model, library: str, feed: dict, threads: int, runs: int) -> dict[str, tuple[float, float]]:
+    """{op type: (nodes per run, us per run)} from ONNX Runtime's profile of `runs` runs."""
+    sess = _session(model, library, threads, profile=True)
     for _ in range(runs):
         sess.run(None, feed)
     path = sess.end_profiling()
@@ -62,11 +68,7 @@ def wall_us(model, library: str, feed: dict, threads: int, runs: int) -> float:
     import statistics
     import time
 
-    so = session_options(threads=threads, custom_ops=False)
-    so.log_severity_level = 3
-    if library:
-        so.register_custom_ops_library(library)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _session(model, library, threads, profile=False)
     for _ in range(20):
         sess.run(None, feed)
     durations = []
