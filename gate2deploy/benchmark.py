@@ -94,19 +94,21 @@ def time_paired(sessions: dict, feeds: dict[str, list[dict]], rounds: int = 200,
     return times
 
 
-def time_isolated(models: dict[str, tuple[str, str | None]], feed: dict[str, np.ndarray], rounds: int = 10,
-                  runs: int = 400, threads: int = 2, warm: int = 100) -> dict[str, list[float]]:
+def time_isolated(models: dict[str, tuple[str, str | None]], feeds: dict[str, np.ndarray] | list[dict],
+                  rounds: int = 10, runs: int = 400, threads: int = 2, warm: int = 100) -> dict[str, list[float]]:
     """Per model, one median run time in ms per round, each measured by a process of its own
     holding that one session (`models`: name -> (ONNX file, a build of the native library to
     register instead of this checkout's, or None: runtimes.ort.open_session's session);
-    `warm` untimed runs, then `runs` timed ones on `feed`). The models' order alternates from
-    round to round; paired_ratio of the result gives the speed-ups (a round's processes run
-    minutes apart at most, so the machine's drift falls on each round's pair alike)."""
+    `warm` untimed runs, then `runs` timed ones on `feeds`, one feed dict or a list cycled
+    through from run to run). The models' order alternates from round to round; paired_ratio
+    of the result gives the speed-ups (a round's processes run minutes apart at most, so the
+    machine's drift falls on each round's pair alike)."""
     times: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
+    feeds = feeds if isinstance(feeds, list) else [feeds]
     with tempfile.TemporaryDirectory(prefix="g2d_isolated_") as tmp:
-        feed_path = os.path.join(tmp, "feed.npz")
-        np.savez(feed_path, **feed)
+        feed_path = os.path.join(tmp, "feeds.npz")  # feed i's input `name` as "i/name"
+        np.savez(feed_path, **{f"{i}/{name}": v for i, feed in enumerate(feeds) for name, v in feed.items()})
         for r in range(rounds):
             for name in names if r % 2 == 0 else names[::-1]:
                 path, library = models[name]
@@ -114,9 +116,19 @@ def time_isolated(models: dict[str, tuple[str, str | None]], feed: dict[str, np.
                        str(warm), *([library] if library else [])]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
-                    raise RuntimeError(f"timing {name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+                    raise RuntimeError(f"timing {name} failed: {_exception_line(done.stderr)}")
                 times[name].append(float(done.stdout.split()[-1]))
     return times
+
+
+def _exception_line(stderr: str) -> str:
+    """The line of a child's traceback naming its exception ("module.Error: message"; an ONNX
+    Runtime message goes on over more lines), else its last line."""
+    import re
+
+    lines = [line for line in stderr.strip().splitlines() if line.strip()] or ["no output"]
+    named = [line for line in lines if re.match(r"[A-Za-z_][\w.]*: ", line)]
+    return (named or lines)[-1]
 
 
 def _time_one(argv: list[str]) -> None:
@@ -132,13 +144,18 @@ def _time_one(argv: list[str]) -> None:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     else:
         session = open_session(path, threads=int(threads))
-    feed = dict(np.load(feed_path))
-    for _ in range(int(warm)):
-        session.run(None, feed)
+    stored = np.load(feed_path)
+    feeds: dict[int, dict] = {}
+    for key in stored.files:
+        index, name = key.split("/", 1)
+        feeds.setdefault(int(index), {})[name] = stored[key]
+    cycle = [feeds[i] for i in sorted(feeds)]
+    for i in range(int(warm)):
+        session.run(None, cycle[i % len(cycle)])
     durations = []
-    for _ in range(int(runs)):
+    for i in range(int(runs)):
         t0 = time.perf_counter()
-        session.run(None, feed)
+        session.run(None, cycle[i % len(cycle)])
         durations.append(time.perf_counter() - t0)
     print(statistics.median(durations) * 1e3)
 

@@ -86,8 +86,9 @@ def test_paired_rounds_alternate_after_warm_runs_and_ratios_are_per_round():
 
 def test_isolated_timing_runs_each_model_in_a_process_of_its_own(tmp_path):
     """time_isolated: per model one median per round, each from a child process that opens
-    only that model's session; a child that fails is an error naming the model and the
-    child's last line (here open_session's: the file does not exist)."""
+    only that model's session and runs the feeds in turn (a list of two: a second input of
+    another shape, which the model refuses, fails the child, so it was run); a child that fails
+    is an error naming the model and the child's exception (ONNX Runtime's, open_session's)."""
     import os
 
     import numpy as np
@@ -107,6 +108,11 @@ def test_isolated_timing_runs_each_model_in_a_process_of_its_own(tmp_path):
                           threads=1)
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
     assert all(t > 0 for t in itertools.chain(*times.values()))
+    bad = [feed, {"input": np.ones((1, 5), np.float32)}]
+    with pytest.raises(RuntimeError, match="timing a failed: .*INVALID_ARGUMENT"):
+        time_isolated({"a": (str(path), None)}, bad, rounds=1, runs=2, warm=0, threads=1)
+    times = time_isolated({"a": (str(path), None)}, [feed, feed], rounds=1, runs=2, warm=0, threads=1)
+    assert len(times["a"]) == 1
     with pytest.raises(RuntimeError, match="timing missing failed: .*does not exist"):
         time_isolated({"a": (str(path), None), "missing": (os.fspath(tmp_path / "none.onnx"), None)}, feed,
                       rounds=1, runs=1, warm=0, threads=1)

@@ -333,7 +333,7 @@ def network_sweep(title, points, args, extra=None):
     rows = []
     for frac, bound, x, ort_model, portable, measured in points:
         if args.isolated:
-            times, speedup = isolated_point(ort_model, measured, x[0] if isinstance(x, list) else x, args)
+            times, speedup = isolated_point(ort_model, measured, x, args)
             td, to, tm = times["dense"], times["ort"], times.get("meas", float("nan"))
             rows.append((frac, speedup["ort"]))
             b = f"{bound:6.2f}" if bound else f"{'':6}"
@@ -379,7 +379,7 @@ def isolated_point(ort_model, measured, x, args):
     """--isolated: the dense twin, the ort model, the measured choice and (--baseline-library)
     the ort model on that build, each timed alone in a process of its own for --isolated
     rounds (gate2deploy.benchmark.time_isolated); (median ms, speed-up as the median of
-    per-round ratios to the dense twin) per variant."""
+    per-round ratios to the dense twin) per variant. `x`: one input or a list cycled through."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="g2d_bench_") as tmp:
@@ -391,8 +391,9 @@ def isolated_point(ort_model, measured, x, args):
                 path = os.path.join(tmp, f"{key}.onnx")
                 onnx.save(model, path)
                 models[key] = (path, library)
-        runs = time_isolated(models, {ort_model.graph.input[0].name: x}, rounds=args.isolated,
-                             threads=args.threads)
+        name = ort_model.graph.input[0].name
+        feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
+        runs = time_isolated(models, feeds, rounds=args.isolated, threads=args.threads)
     return ({k: statistics.median(v) for k, v in runs.items()}, {k: paired_ratio(runs, "dense", k) for k in runs})
 
 
