@@ -152,12 +152,8 @@ def _time_one(argv: list[str]) -> None:
     cycle = [feeds[i] for i in sorted(feeds)]
     for i in range(int(warm)):
         session.run(None, cycle[i % len(cycle)])
-    durations = []
-    for i in range(int(runs)):
-        t0 = time.perf_counter()
-        session.run(None, cycle[i % len(cycle)])
-        durations.append(time.perf_counter() - t0)
-    print(statistics.median(durations) * 1e3)
+    durations = time_sessions({"one": session}, {"one": cycle}, runs=int(runs), block=int(runs), settle_s=0.0)
+    print(statistics.median(durations["one"]))
 
 
 def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:

@@ -334,13 +334,8 @@ def network_sweep(title, points, args, extra=None):
     for frac, bound, x, ort_model, portable, measured in points:
         if args.isolated:
             times, speedup = isolated_point(ort_model, measured, x, args)
-            td, to, tm = times["dense"], times["ort"], times.get("meas", float("nan"))
+            print_network_row(frac, bound, times, speedup, extra, "(isolated)")
             rows.append((frac, speedup["ort"]))
-            b = f"{bound:6.2f}" if bound else f"{'':6}"
-            old = (f" {times['before']:9.3f}" if "before" in times else "")
-            old_x = (f" {speedup['before']:7.2f}" if "before" in speedup else "")
-            print(f"  {frac * 100:5.1f} {b} {td:9.3f} {to:9.3f} {'-':>9} {tm:9.3f}{old} {speedup['ort']:7.2f} "
-                  f"{'-':>7} {speedup.get('meas', float('nan')):7.2f}{old_x}  (isolated)", flush=True)
             continue
         sessions = {"dense": custom_session(dense_equivalent(ort_model), args.threads),  # stock ops,
                     # but a fused activation quantizer (not a gate) stays in the twin as in the export
@@ -360,19 +355,26 @@ def network_sweep(title, points, args, extra=None):
         else:
             times = dict(zip(sessions, median_ms_in_blocks(list(sessions.values()), feeds, args.repeats)))
             speedup = {k: times["dense"] / t for k, t in times.items()}
-        path = paths_since(before)
-        td, to, tp = times["dense"], times["ort"], times["onnx"]
-        tm = times.get("meas", float("nan"))
+        print_network_row(frac, bound, times, speedup, extra, paths_since(before))
         rows.append((frac, speedup["ort"]))
-        b = f"{bound:6.2f}" if bound else f"{'':6}"
-        print(f"  {frac * 100:5.1f} {b} {td:9.3f} {to:9.3f} {tp:9.3f} {tm:9.3f}"
-              + "".join(f" {times[k]:9.3f}" for k in extra)
-              + f" {speedup['ort']:7.2f} {speedup['onnx']:7.2f} {speedup.get('meas', float('nan')):7.2f}"
-              + "".join(f" {speedup[k]:7.2f}" for k in extra) + f"  {path}", flush=True)
     rows.sort()
     c = crossover(rows)
     print(f"  crossover (--target ort slower than dense above): "
           f"{'never (faster at 100%)' if c is None else f'{c * 100:.0f}% gated on'}")
+
+
+def print_network_row(frac, bound, times, speedup, extra, path):
+    """One row of network_sweep's table: ms and speed-up per variant ("-" where a variant was
+    not timed: no measured choice, or the onnx model under --isolated)."""
+    def ms(k):
+        return f" {times[k]:9.3f}" if k in times else f" {'-':>9}"
+
+    def x(k):
+        return f" {speedup[k]:7.2f}" if k in speedup else f" {'-':>7}"
+
+    b = f"{bound:6.2f}" if bound else f"{'':6}"
+    print(f"  {frac * 100:5.1f} {b}" + "".join(ms(k) for k in ("dense", "ort", "onnx", "meas", *extra))
+          + "".join(x(k) for k in ("ort", "onnx", "meas", *extra)) + f"  {path}", flush=True)
 
 
 def isolated_point(ort_model, measured, x, args):

@@ -64,19 +64,17 @@ def node_times(model, library: str, feed: dict, threads: int, runs: int) -> dict
 
 
 def wall_us(model, library: str, feed: dict, threads: int, runs: int) -> float:
-    """Median wall time in us of `runs` runs of an unprofiled session (the same options)."""
+    """Median wall time in us of `runs` runs of an unprofiled session (the same options), after
+    20 untimed ones."""
     import statistics
-    import time
+
+    from gate2deploy.benchmark import time_sessions
 
     sess = _session(model, library, threads, profile=False)
     for _ in range(20):
         sess.run(None, feed)
-    durations = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        durations.append(time.perf_counter() - t0)
-    return statistics.median(durations) * 1e6
+    return statistics.median(time_sessions({"one": sess}, {"one": [feed]}, runs=runs, block=runs,
+                                           settle_s=0.0)["one"]) * 1e3
 
 
 def main(argv=None) -> int:
