@@ -405,8 +405,70 @@ def test_cg_sparse_second_stage_forms_match_reference(tier, form):
     assert (counts["taps"] > 0) == (form == "taps"), counts
 
 
+def _cg_split_child() -> None:
+    """Runs in the subprocess: block-diagonal CG layers small enough to have fewer than
+    kFewGatedSpans spans (conv_common.h), whose span tasks G2D_SPLIT_SPANS=always splits by plan,
+    vs the reference; prints the counters."""
+    sys.path.insert(0, str(HERE))
+    import test_native_ops as t
+    from gate2deploy.runtimes import reference as ref
+    from gate2deploy.runtimes.ort import custom_ops_library_path
+
+    rng = np.random.default_rng(5)
+    # p = 4: one joint second stage over the four plans (each part runs its rows of it); p = 2:
+    # two plans with their own second stages; stride 2 (the channel-last pixel table); outputs
+    # of 3x3 to 6x6: fewer than 4 spans on the AVX-512 and AVX2 tiers' panel widths, the
+    # smaller ones on the generic tier's too
+    cases = [(32, 32, 6, 4, (1, 1)), (32, 32, 3, 4, (1, 1)), (16, 24, 5, 2, (1, 1)),
+             (16, 24, 3, 2, (1, 1)), (16, 32, 12, 4, (2, 2)), (16, 32, 6, 4, (2, 2))]
+    for c, o, hw, p, strides in cases:
+        for batch in (1, 2):
+            # 0.9: most of a part's gates on, its plans' dense GEMMs instead of the joint stage
+            for frac in (0.05, 0.3, 0.9):
+                x = rng.standard_normal((batch, c, hw, hw)).astype(np.float32)
+                w = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+                mask = t.cg_base_mask(o, c, p, True)
+                pads = (1, 1, 1, 1)
+                yp = ref.conv2d(x, w * mask[:, :, None, None], strides, pads, (1, 1))
+                thr = ref.thresholds_for_fraction(yp, frac)
+                y = t.run_node("CGConv", x, [w, mask, thr], t.conv_attrs(strides, pads, (1, 1)))
+                y_ref = ref.cg_conv_reference(x, w, mask, thr, strides=strides, pads=pads)
+                t.assert_close_with_ties(y, y_ref, yp, thr)
+    lib = ctypes.CDLL(str(custom_ops_library_path()))
+    lib.G2DSplitSpanCalls.restype = ctypes.c_int64
+    lib.G2DSecondStageRuns.restype = ctypes.c_int64
+    lib.G2DKernelConfig.restype = ctypes.c_char_p
+    print(json.dumps({"config": lib.G2DKernelConfig().decode(), "split": lib.G2DSplitSpanCalls(),
+                      "dense": lib.G2DSecondStageRuns(1), "taps": lib.G2DSecondStageRuns(2)}))
+
+
+@pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
+@pytest.mark.parametrize("setting", ["always", "never"])
+@pytest.mark.parametrize("tier", ["generic", "avx2", "avx512"])
+def test_cg_spans_split_by_plan_match_reference(tier, setting):
+    """A few-span layer's span tasks split by plan (conv_common.cc, GatedTaskParts: each part
+    runs its plans' stage 1 and its rows of the joint second stage, or its plans' own second
+    stages), forced with G2D_SPLIT_SPANS=always on each ISA tier the CPU has, against the
+    reference, and not split with =never; the counter proves which ran."""
+    supported, env_tier = TIERS[tier]
+    if not supported:
+        pytest.skip(f"this CPU lacks the {tier} tier; the test runs on a machine that has it")
+    env = dict(os.environ, G2D_SPLIT_SPANS=setting, G2D_ORT_CONV="0", **env_tier)
+    for key in ("G2D_CG_SECOND", "G2D_SECOND_STAGE"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, __file__, "cg-split"], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=HERE.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"split_spans={setting}" in counts["config"], counts
+    assert (counts["split"] > 0) == (setting == "always"), counts
+    assert counts["taps"] > 0 and counts["dense"] > 0, counts  # both second-stage forms ran
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "cg-forms":
+    if sys.argv[1] == "cg-split":
+        _cg_split_child()
+    elif sys.argv[1] == "cg-forms":
         _cg_forms_child()
     elif sys.argv[1] == "pg_int8":
         _child_pg_int8()

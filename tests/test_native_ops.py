@@ -682,6 +682,28 @@ def test_cg_channel_last_rows_filled_for_every_gated_span(geom, block_diagonal):
     assert channel_last_spans > 0  # the band calls ran the channel-last sparse stage
 
 
+def test_cg_few_span_layer_not_split_on_one_thread():
+    """A block-diagonal CG layer with fewer than kFewGatedSpans spans splits its span tasks by
+    plan only while another pool thread runs some of them (conv_common.h, GatedTaskParts): on a
+    1-thread session, where the split only adds per-task cost, at most the first call splits
+    (before the kernel has seen its pool). The output matches the reference on every call."""
+    if os.environ.get("G2D_SPLIT_SPANS"):
+        pytest.skip("G2D_SPLIT_SPANS forces the choice")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 32, 6, 6)).astype(np.float32)
+    w = (rng.standard_normal((32, 32, 3, 3)) / np.sqrt(288)).astype(np.float32)
+    mask = cg_base_mask(32, 32, 4, True)
+    yp = ref.conv2d(x, w * mask[:, :, None, None], (1, 1), (1, 1, 1, 1), (1, 1))
+    thr = ref.thresholds_for_fraction(yp, 0.2)
+    sess = open_session(single_node_model("CGConv", x.shape, [w, mask, thr],
+                                          conv_attrs((1, 1), (1, 1, 1, 1), (1, 1))), threads=1)
+    before = native_counter("G2DSplitSpanCalls")
+    for _ in range(5):
+        y_ref = ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1))
+        assert_close_with_ties(sess.run(None, {"x": x})[0], y_ref, yp, thr)
+    assert native_counter("G2DSplitSpanCalls") - before <= 1
+
+
 # ----------------------------------------------------------------------------- FBSConv
 
 def check_fbs_against_reference(geom, density, pool, seed, zero_channels):

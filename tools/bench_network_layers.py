@@ -16,7 +16,11 @@ dense2 (block) for the LSB stage, store and call; strided layers on the NCHWc de
 show the wall times only.
 
 Timing: the sessions of one layer in alternating blocks of 10 runs (gate2deploy.benchmark),
-medians; 1 intra-op thread by default. Stage times come from `--repeats` further runs of the
+medians; 1 intra-op thread by default. With 2+ threads the sessions of one process compete for
+the cores (each one's spinning workers), so `--isolated ROUNDS` times each session in a process
+of its own instead (gate2deploy.benchmark.time_isolated: the dense twin, the gated node and
+`--baseline-library`'s build of it, ONNX Runtime's default threading, ROUNDS rounds), the
+speed-ups medians of per-round ratios; the stage times still come from runs in this process. Stage times come from `--repeats` further runs of the
 gated node (summed, divided by the count); they cover the kernel call only (the session's own overhead is in
 the wall times of both the gated and the dense node).
 
@@ -30,6 +34,7 @@ import ctypes
 import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("G2D_STAGE_TIMES", "1")  # read once by the library, before it loads
@@ -42,7 +47,7 @@ from onnx import helper  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gated_ops as nets  # noqa: E402  (the networks, their export and dense twin)
 
-from gate2deploy.benchmark import time_sessions  # noqa: E402
+from gate2deploy.benchmark import paired_ratio, time_isolated, time_sessions  # noqa: E402
 from gate2deploy.gate_stats import onnx_gate_statistics  # noqa: E402
 from gate2deploy.kernel_choice import _constants, _gated_inputs, _single_node  # noqa: E402
 from gate2deploy.runtimes.ort import custom_ops_library_path  # noqa: E402
@@ -65,6 +70,26 @@ def stage_times(lib, sess: ort.InferenceSession, feed: dict, repeats: int) -> st
     return " ".join(f for f in stages.split() if "=" in f and not f.endswith("=0.0"))
 
 
+def isolated_layer_times(dense: onnx.ModelProto, gated: onnx.ModelProto, feed: dict, library: str,
+                         args) -> tuple[dict[str, float], dict[str, float]]:
+    """`--isolated`: the layer's sessions each timed in a process of its own (time_isolated):
+    medians in us, and the speed-ups as medians of per-round ratios."""
+    with tempfile.TemporaryDirectory(prefix="g2d_layers_") as tmp:
+        paths = {}
+        for name, model in [("dense", dense), ("gated", gated)]:
+            paths[name] = os.path.join(tmp, f"{name}.onnx")
+            onnx.save(model, paths[name])
+        models = {"dense": (paths["dense"], library), "gated": (paths["gated"], library)}
+        if args.baseline_library:
+            models["before"] = (paths["gated"], args.baseline_library)
+        times = time_isolated(models, feed, rounds=args.isolated, runs=args.repeats, threads=args.threads)
+    ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+    ratio = {"gated": paired_ratio(times, "dense", "gated")}
+    if args.baseline_library:
+        ratio.update(before=paired_ratio(times, "dense", "before"), new_old=paired_ratio(times, "before", "gated"))
+    return ms, ratio
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--net", choices=["cg", "pg"], default="cg")
@@ -73,6 +98,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=200, help="timed runs per session")
     p.add_argument("--baseline-library", default=None, help="another build of the native library")
+    p.add_argument("--isolated", type=int, default=0, metavar="ROUNDS",
+                   help="time each session in a process of its own, ROUNDS rounds (the figure for 2+ "
+                        "threads); speed-ups are medians of per-round ratios")
     p.add_argument("--spin", choices=["on", "off"], default="on",
                    help="ONNX Runtime intra-op thread spinning (default on, as ORT). With 2+ threads on a "
                         "machine with as many cores, the idle sessions' spinning workers compete with the "
@@ -110,7 +138,9 @@ def main(argv=None) -> int:
     on = {s.name: s.gate_on_fraction for s in onnx_gate_statistics(ort_model, x.numpy())}
     print(f"native kernels: {lib.G2DKernelConfig().decode()}; library {Path(library).name}")
     print(f"ResNet-20 {args.net.upper()}, batch 1, {args.threads} thread(s): gate-on {frac * 100:.1f}% "
-          f"(MAC-weighted), network MAC bound {bound:.2f}; medians of {args.repeats} runs, us")
+          f"(MAC-weighted), network MAC bound {bound:.2f}; medians of {args.repeats} runs, us"
+          + (f", each session in a process of its own, {args.isolated} rounds (speed-ups: medians of "
+             f"per-round ratios)" if args.isolated else ""))
     head = f"  {'layer':26s} {'W':>14s} {'in':>6s} {'s':>3s} {'on%':>5s} {'dense':>7s} {'gated':>7s} {'x':>5s}"
     if args.baseline_library:
         head += f" {'before':>7s} {'x':>5s} {'new/old':>7s} {'max|d|':>8s}"
@@ -123,19 +153,25 @@ def main(argv=None) -> int:
                     "gated": nets.library_session(single, library, args.threads)}
         if args.baseline_library:
             sessions["before"] = nets.library_session(single, args.baseline_library, args.threads)
-        times = time_sessions(sessions, {k: feed for k in sessions}, runs=args.repeats)
-        ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+        if args.isolated:
+            ms, ratio = isolated_layer_times(dense_twin(ort_model, node, feed[0]), single, feed[0], library,
+                                             args)
+        else:
+            times = time_sessions(sessions, {k: feed for k in sessions}, runs=args.repeats)
+            ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+            ratio = {"gated": ms["dense"] / ms["gated"]}
+            if args.baseline_library:
+                ratio.update(before=ms["dense"] / ms["before"], new_old=ms["before"] / ms["gated"])
         stages = stage_times(lib, sessions["gated"], feed[0], args.repeats)
         if args.baseline_library:
             stages += "  | before: " + stage_times(base_lib, sessions["before"], feed[0], args.repeats)
         w = consts[node.input[1]].dims
         strides = next((list(at.ints) for at in node.attribute if at.name == "strides"), [1, 1])
         row = (f"  {node.name[-26:]:26s} {str(list(w)):>14s} {a.shape[2]:>3d}x{a.shape[3]:<2d} "
-               f"{strides[0]:>3d} {100 * on[node.name]:5.1f} {ms['dense']:7.1f} {ms['gated']:7.1f} {ms['dense'] / ms['gated']:5.2f}")
+               f"{strides[0]:>3d} {100 * on[node.name]:5.1f} {ms['dense']:7.1f} {ms['gated']:7.1f} {ratio['gated']:5.2f}")
         if args.baseline_library:
             diff = np.abs(sessions["gated"].run(None, feed[0])[0] - sessions["before"].run(None, feed[0])[0]).max()
-            row += (f" {ms['before']:7.1f} {ms['dense'] / ms['before']:5.2f} "
-                    f"{ms['before'] / ms['gated']:7.2f} {diff:8.1e}")
+            row += f" {ms['before']:7.1f} {ratio['before']:5.2f} {ratio['new_old']:7.2f} {diff:8.1e}"
         print(row + "  " + stages, flush=True)
     return 0
 

@@ -170,7 +170,7 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
       float* yn = y + n * g.O * g.P();
       if (w_finite && AllFinite(isa, xn, g.C * g.H * g.W)) {
         RunGatedConv(inner, isa, g, plans->groups, xn, xn, 1.f, 1.f, threshold.Data(), yn,
-                     plans->joint_second.get(), &channel);  // with the copy to Y
+                     plans->joint_second.get(), &channel, &pool_helped_);  // with the copy to Y
       } else {
         NonFiniteSample(inner, isa, g, W.Data(), mask, threshold.Data(), xn, yn);
         ApplyPostEpilogue(inner, isa, channel, yn, 1, g.O, g.P());

@@ -27,6 +27,8 @@ struct CGConvKernel {
                        const float* w, const float* mask, const float* threshold,
                        const float* xn, float* yn);
   std::atomic<int> w_finite_{-1};  // constant W: all finite (1) or not (0); -1 not scanned
+  // Whether another pool thread ran span tasks in the last call (RunGatedConv): first assumed.
+  std::atomic<bool> pool_helped_{true};
   ConvAttrs attrs_;
   std::string attr_error_;
   PostAttrs post_attrs_;  // the optional epilogue's attributes (OPS.md)

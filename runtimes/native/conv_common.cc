@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <atomic>
+#include <thread>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -317,11 +318,22 @@ bool InputIsConstant(const OrtKernelInfo* info, size_t index) {
 
 // ---------------------------------------------------------------- threads and errors
 
-void ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
-  if (total == 0) return;
+SplitSpans SplitSpansSetting() {
+  static const SplitSpans value = [] {
+    const char* v = std::getenv("G2D_SPLIT_SPANS");
+    if (v && std::strcmp(v, "always") == 0) return SplitSpans::kAlways;
+    if (v && std::strcmp(v, "never") == 0) return SplitSpans::kNever;
+    return SplitSpans::kAuto;
+  }();
+  return value;
+}
+std::atomic<int64_t> split_span_calls{0};  // calls whose spans ran split by plan
+
+bool ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
+  if (total == 0) return false;
   if (total == 1 || ctx == nullptr) {
     for (size_t i = 0; i < total; ++i) fn(i);
-    return;
+    return false;
   }
   // An exception must not leave a pool thread (ONNX Runtime's workers do not catch): the
   // first one is kept and rethrown here, on the calling thread, once every task has run.
@@ -329,9 +341,12 @@ void ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(s
     const std::function<void(size_t)>* fn;
     std::mutex mutex;
     std::exception_ptr error;
-  } shared{&fn, {}, nullptr};
+    std::thread::id caller;
+    std::atomic<bool> helped;
+  } shared{&fn, {}, nullptr, std::this_thread::get_id(), {false}};
   auto trampoline = [](void* data, size_t i) {
     Shared& s = *static_cast<Shared*>(data);
+    if (std::this_thread::get_id() != s.caller) s.helped.store(true, std::memory_order_relaxed);
     try {
       (*s.fn)(i);
     } catch (...) {
@@ -341,6 +356,7 @@ void ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(s
   };
   Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx, trampoline, total, 0, &shared));
   if (shared.error) std::rethrow_exception(shared.error);
+  return shared.helped.load(std::memory_order_relaxed);
 }
 
 bool ReadReluAttr(const OrtKernelInfo* info, std::string* error) {
@@ -1212,11 +1228,11 @@ const SetBitTable kSetBitPositions;
 // its gated-on columns of the span, dot products by isa.sparse_dots, added into out [M, ld].
 // Column t's output pixel as a channel-last pixel index: q0 + t where `base` is null (stride
 // 1: the span's columns run over the padded width, as the copy's pixels do), else base[t].
-void SparseSecondStageTaps(const IsaKernels& isa, const TapRows& rows, const ChannelLast& cl,
-                           const int32_t* base, int64_t q0, int64_t ncols, int64_t ld,
-                           const uint8_t* gate, float s2, float* out) {
+// Rows m0 .. m0 + M - 1 of `rows` (out and gate hold those M rows).
+void SparseSecondStageTaps(const IsaKernels& isa, const TapRows& rows, int64_t m0, int64_t M,
+                           const ChannelLast& cl, const int32_t* base, int64_t q0, int64_t ncols,
+                           int64_t ld, const uint8_t* gate, float s2, float* out) {
   uint64_t clock = StageClockNow();
-  const int64_t M = rows.M;
   AlignedVec<int32_t>& cols_buf = Scratch<int32_t, 4>();  // gated-on columns, row by row
   AlignedVec<int32_t>& bases_buf = Scratch<int32_t, 5>();  // their channel-last pixels
   AlignedVec<int32_t>& start_buf = Scratch<int32_t, 12>();  // row m: [start[m], start[m + 1])
@@ -1240,10 +1256,11 @@ void SparseSecondStageTaps(const IsaKernels& isa, const TapRows& rows, const Cha
   AddStageTime(kTimeLists, clock);
   clock = StageClockNow();
   const int64_t row_len = rows.kk * rows.Cs;
+  const float* const row_data = rows.data.data() + m0 * row_len;
   for (int64_t m = 0; m < M; ++m) {
     const int n = start[m + 1] - start[m];
     if (n == 0) continue;
-    isa.sparse_dots(rows.data.data() + m * row_len, rows.Cs, cl.run_len, int(cl.toff.size()),
+    isa.sparse_dots(row_data + m * row_len, rows.Cs, cl.run_len, int(cl.toff.size()),
                     cl.toff.data(), x, pix + start[m], n, dots + start[m]);
     float* om = out + m * ld;
     for (int32_t e = start[m]; e < start[m + 1]; ++e) om[cols[e]] += s2 * dots[e];
@@ -1336,7 +1353,8 @@ template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
                   const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
                   float scale1, float scale2, const float* threshold, float* y,
-                  const GatedStagePlan<T>* joint_second, const PostEpilogue* post) {
+                  const GatedStagePlan<T>* joint_second, const PostEpilogue* post,
+                  std::atomic<bool>* pool_helped) {
   using Acc = typename AccOf<T>::type;
   const int64_t Np = g.P();
   const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
@@ -1471,8 +1489,27 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     for (const auto& plan : plans) used += double(plan.outputs.size()) * double(plan.chans2.size());
     joint_density = used / (double(all_rows) * double(joint_second->chans2.size()));
   }
-  ParallelFor(ctx, size_t((src1.columns + NR - 1) / NR), [&](size_t span) {
+  // Tasks: each span's plans in `parts` contiguous groups (GatedTaskParts), task i = part
+  // i / spans of span i % spans (part-major: at the same time the threads work on different
+  // spans, not on the same span's channel-last rows).
+  const int64_t spans = (src1.columns + NR - 1) / NR;
+  const SplitSpans split_setting = SplitSpansSetting();
+  const bool pool_may_help = split_setting == SplitSpans::kAlways ||
+      (split_setting == SplitSpans::kAuto && ctx && pool_helped &&
+       pool_helped->load(std::memory_order_relaxed));
+  // (Only the joint stage's channel-last form runs on part of a plan's rows.)
+  const size_t parts = pool_may_help && (!joint_second || !joint_second->w2_taps.empty())
+                           ? GatedTaskParts(plans.size(), spans) : 1;
+  if (parts > 1) split_span_calls.fetch_add(1, std::memory_order_relaxed);
+  std::vector<size_t> part_plan(parts + 1);  // part k: plans part_plan[k] .. part_plan[k + 1] - 1
+  std::vector<int64_t> plan_row(plans.size() + 1, 0);  // plan pi: rows plan_row[pi] .. (joint order)
+  for (size_t k = 0; k <= parts; ++k) part_plan[k] = k * plans.size() / parts;
+  for (size_t pi = 0; pi < plans.size(); ++pi)
+    plan_row[pi + 1] = plan_row[pi] + int64_t(plans[pi].outputs.size());
+  const bool helped = ParallelFor(ctx, size_t(spans) * parts, [&](size_t task) {
     const uint64_t span_clock = StageClockNow();
+    const size_t span = task % size_t(spans), part = task / size_t(spans);
+    const size_t plan_begin = part_plan[part], plan_end = part_plan[part + 1];
     const int64_t q0 = int64_t(span) * NR, ncols = std::min<int64_t>(NR, src1.columns - q0);
     const int64_t computed_cols = RoundUp(ncols, int64_t(nr));  // what a GEMM over the span computes
     uint8_t valid[kMaxSpanPanels * 64];  // column is an output pixel (indirect panels skip
@@ -1524,19 +1561,22 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     // otherwise be re-fetched through __tls_get_addr inside the loops.
     Acc* const acc = tile.data();
 
-    // Stage 2 over `plan`'s rows of out / gate (`on` of them gated on), then the copy to y.
-    // plan_index: the plan's index in plans, plans.size() for the joint second stage;
-    // force_dense: the GEMM + select whatever the plan's own fraction (the joint stage chose it).
+    // Stage 2 over rows m0 .. m0 + M - 1 of `plan` (out / gate hold those rows; `on` of them
+    // gated on), then the copy to y. plan_index: the plan's index in plans, plans.size() for
+    // the joint second stage; force_dense: the GEMM + select whatever the plan's own fraction
+    // (the joint stage chose it). Only the joint stage's channel-last form runs on a part of
+    // a plan's rows (GatedTaskParts): the other forms take whole plans.
     auto second_stage_and_store = [&](const GatedStagePlan<T>& plan, size_t plan_index,
                                       const ChannelLast& cl, uint8_t* gate, float* out,
-                                      int64_t on, bool force_dense) {
-      const int64_t M = int64_t(plan.outputs.size());
+                                      int64_t on, bool force_dense, int64_t m0, int64_t M) {
+      const bool whole_plan = m0 == 0 && M == int64_t(plan.outputs.size());
       if (on > 0 && !plan.chans2.empty()) {
         const double dense_above =
             DenseSecondStageAbove(!std::is_same<T, float>::value, !plan.w2_taps.empty());
         // The GEMM's cost counts every column it computes (a span's last panel in full), the
         // sparse form's only the gated-on elements.
-        const bool dense = force_dense || double(on) > dense_above * double(M * computed_cols);
+        const bool dense =
+            whole_plan && (force_dense || double(on) > dense_above * double(M * computed_cols));
         CountSecondStage(dense);
         if (dense) {
           const uint64_t dense_clock = StageClockNow();
@@ -1579,9 +1619,10 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
             const uint64_t gather_clock = StageClockNow();  // the channel-last copy: "gather"
             need_channel_last_rows(plan_index, first_oh * g.sh, oh * g.sh + (g.kh - 1) * g.dh);
             AddStageTime(kTimeGather, gather_clock);
-            SparseSecondStageTaps(isa, plan.w2_taps, cl, base_is_column ? nullptr : base, q0,
-                                  ncols, NR, gate, s2, out);
+            SparseSecondStageTaps(isa, plan.w2_taps, m0, M, cl, base_is_column ? nullptr : base,
+                                  q0, ncols, NR, gate, s2, out);
           } else {
+            if (!whole_plan) throw OpError("internal: a gathered-fields second stage on part of a plan");
             need_src2();
             SparseSecondStageRows(isa, plan, src2, off2_of(plan_index), q0, ncols, NR, gate, s2, out);
           }
@@ -1592,7 +1633,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       // Copy out to y, run by run of consecutive output pixels (runs: found once per span),
       // with the epilogue.
       const uint64_t store_clock = StageClockNow();
-      isa.store_runs(out, NR, M, plan.outputs.data(), run_at, run_len, run_pix, nruns,
+      isa.store_runs(out, NR, M, plan.outputs.data() + m0, run_at, run_len, run_pix, nruns,
                      post ? post->scale : nullptr, post ? post->shift : nullptr,
                      post && post->ops.relu, y, Np);
       AddStageTime(kTimeStore, store_clock);
@@ -1601,8 +1642,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     AlignedVec<int64_t>& group_on = Scratch<int64_t, 31>();  // joint: gates on per plan
     group_on.assign(plans.size(), 0);
     AddStageTime(kTimeSpan, span_clock);
-    int64_t row0 = 0, on_all = 0;
-    for (size_t pi = 0; pi < plans.size(); ++pi) {
+    int64_t row0 = 0, on_all = 0;  // rows of out / gate: the part's plans' from 0
+    for (size_t pi = plan_begin; pi < plan_end; ++pi) {
       const GatedStagePlan<T>& plan = plans[pi];
       const std::vector<int64_t>& off1 = offs1[pi];
       const std::vector<float>& row_threshold = thresholds[pi];
@@ -1643,25 +1684,28 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         on_all += on;
         group_on[pi] = on;
       } else {
-        second_stage_and_store(plan, pi, channel_last[pi], gate, out, on, false);
+        second_stage_and_store(plan, pi, channel_last[pi], gate, out, on, false, 0, M);
       }
     }
     if (!joint_second) return;
+    const int64_t part_rows = plan_row[plan_end] - plan_row[plan_begin];
     if (double(on_all) > DenseSecondStageAbove(false, !joint_second->w2_taps.empty()) *
-                             joint_density * double(all_rows * computed_cols)) {
+                             joint_density * double(part_rows * computed_cols)) {
       // Most gates on: per-plan GEMMs, which skip the joint weights' zeros (all of them: a
       // plan's own sparse form, gathered fields, is slower still).
       row0 = 0;
-      for (size_t pi = 0; pi < plans.size(); ++pi) {
+      for (size_t pi = plan_begin; pi < plan_end; ++pi) {
+        const int64_t M = int64_t(plans[pi].outputs.size());
         second_stage_and_store(plans[pi], pi, channel_last[pi], gate_buf.data() + row0 * NR,
-                               out_buf.data() + row0 * NR, group_on[pi], true);
-        row0 += int64_t(plans[pi].outputs.size());
+                               out_buf.data() + row0 * NR, group_on[pi], true, 0, M);
+        row0 += M;
       }
     } else {
       second_stage_and_store(*joint_second, plans.size(), channel_last[plans.size()], gate_buf.data(),
-                             out_buf.data(), on_all, false);
+                             out_buf.data(), on_all, false, plan_row[plan_begin], part_rows);
     }
   });
+  if (ctx && pool_helped) pool_helped->store(helped, std::memory_order_relaxed);
   AddStageTime(kTimeCall, call_clock);
 }
 
@@ -1677,7 +1721,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   template void RunGatedConv<T>(OrtKernelContext*, const IsaKernels&, const ConvGeom&,           \
                                 const std::vector<GatedStagePlan<T>>&, const T*, const T*,       \
                                 float, float, const float*, float*,                              \
-                                const GatedStagePlan<T>*, const PostEpilogue*);
+                                const GatedStagePlan<T>*, const PostEpilogue*,                   \
+                                std::atomic<bool>*);
 G2D_INSTANTIATE(float)
 G2D_INSTANTIATE(int16_t)
 #undef G2D_INSTANTIATE
@@ -1696,7 +1741,10 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
            " pg_int8=" + g2d::PGInt8Name(g2d::PGInt8For(g2d::BestKernels())) +
            " ort_nchwc_conv=" + (ort_conv && std::strcmp(ort_conv, "0") == 0 ? "off" : "on") +
            " second_stage=" + (stage && (std::strcmp(stage, "sparse") == 0 || std::strcmp(stage, "dense") == 0) ? stage : "auto") +
-           " cg_second=" + (g2d::CGTapSecondStage() ? "taps" : "fields");
+           " cg_second=" + (g2d::CGTapSecondStage() ? "taps" : "fields") +
+           " split_spans=" + (g2d::SplitSpansSetting() == g2d::SplitSpans::kAlways  ? "always"
+                              : g2d::SplitSpansSetting() == g2d::SplitSpans::kNever ? "never"
+                                                                                    : "auto");
   }();
   return text.c_str();
 }
@@ -1705,6 +1753,11 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
 // sparse ones that read channel-last rows (CGConv, isa.sparse_dots).
 extern "C" __attribute__((visibility("default"))) int64_t G2DSecondStageRuns(int dense) {
   return g2d::second_stage_runs[dense == 2 ? 2 : dense ? 1 : 0].load(std::memory_order_relaxed);
+}
+
+// RunGatedConv calls whose spans ran split by plan (GatedTaskParts, G2D_SPLIT_SPANS).
+extern "C" __attribute__((visibility("default"))) int64_t G2DSplitSpanCalls() {
+  return g2d::split_span_calls.load(std::memory_order_relaxed);
 }
 
 

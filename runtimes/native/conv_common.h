@@ -32,6 +32,7 @@
 #include <onnxruntime_lite_custom_op.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -146,6 +147,24 @@ constexpr int64_t kWideSpanMinPanels = 24;
 constexpr int kTapSpanPanels = 4;
 constexpr int64_t kTapSpanMinSpans = 12;
 constexpr double kTapSpanSplitMacs = double(1 << 22);
+// Layers with fewer than kFewGatedSpans spans (ResNet-20's 64-channel 8x8 CG layers: 3
+// one-panel spans) split each span's plans (block-diagonal CG: p output groups, one joint
+// second stage) into one task per plan, where the pool has other threads: with 3 tasks on 2
+// threads one thread ran two spans, the other one. Not at 1 thread, where the split only costs
+// (~3% of such a layer: per-task set-up, and each plan's dense-or-sparse choice made on its own
+// gates); RunGatedConv's `pool_helped` says whether another thread ran tasks the last time.
+// G2D_SPLIT_SPANS=always splits them whatever the pool (tests: the split's numerics at any
+// thread count), =never never does. Measured (CG ResNet-20, batch 1, AMD EPYC Zen 4, one
+// session, split and unsplit alternating run by run): the network 1.011-1.031x as fast at 2
+// threads (six runs, ~5 / 20 / 50% on), 0.999-1.001x at 1; an 8x8 layer alone 1.02-1.15x at 2
+// threads (0.97x at 1 before the split followed the pool). Splitting the 9-span 16x16 and 32x32
+// layers in two as well lost 0-13% per layer at 2 threads.
+constexpr int64_t kFewGatedSpans = 4;
+enum class SplitSpans { kAuto, kAlways, kNever };
+SplitSpans SplitSpansSetting();  // G2D_SPLIT_SPANS, read once
+inline size_t GatedTaskParts(size_t plans, int64_t spans) {
+  return plans >= 2 && spans > 0 && spans < kFewGatedSpans ? plans : 1;
+}
 // (Measured, 128 ch 28x28, 20% on: cutting the channels into blocks whose input band fits in
 // L1 made the product slower, 1.21-1.24x dense against 1.40x unblocked: the calls and the
 // scatter-adds per block cost more than the L2 reads they save.)
@@ -211,7 +230,9 @@ void ExpectShape(const char* op, const char* what, const std::vector<int64_t>& s
 
 // Runs fn(i) for i in [0, total) on the session's intra-op thread pool (serially where ctx is
 // null). If fn throws, the first exception is rethrown on the caller after every task ran.
-void ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn);
+// Returns whether a thread other than the caller ran any of the tasks (false for a pool of one
+// thread, the caller's).
+bool ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn);
 
 // Memory-bound helper loops (layout copies, pooling, zero-filling) touching fewer values than
 // this run serially: waking a pool thread costs more than it saves (measured: FBSConv at
@@ -426,12 +447,15 @@ PostAttrs ReadPostAttrs(const OrtKernelInfo* info, std::string* error);
 // (Measured: CG's stage 1 on ONNX Runtime's NCHWc conv, fed back into these panels, was
 // slower than computing it in-panel: 1.49x vs 2.0x dense at 0% on, 128 ch 28x28, p = 4.)
 // `post` (if non-null): the op's epilogue, applied as the outputs are copied to y.
+// `pool_helped` (if non-null, with a ctx): the kernel's record of whether a thread other than
+// the caller ran any span task in its last call; a few-span layer's spans are split by plan
+// (GatedTaskParts) only where one did.
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
                   const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
                   float scale1, float scale2, const float* threshold, float* y,
                   const GatedStagePlan<T>* joint_second = nullptr,
-                  const PostEpilogue* post = nullptr);
+                  const PostEpilogue* post = nullptr, std::atomic<bool>* pool_helped = nullptr);
 
 
 // Reads the "activation" attribute ("Relu" or absent); a bad value goes to *error.
