@@ -116,3 +116,28 @@ def test_isolated_timing_runs_each_model_in_a_process_of_its_own(tmp_path):
     with pytest.raises(RuntimeError, match="timing missing failed: .*does not exist"):
         time_isolated({"a": (str(path), None), "missing": (os.fspath(tmp_path / "none.onnx"), None)}, feed,
                       rounds=1, runs=1, warm=0, threads=1)
+
+
+def test_native_setting_ab_switches_the_setting_run_by_run():
+    """tools/ab_native_setting.py times the values of a native setting in one session: one
+    row per point and thread count with a ratio per value after the first, the outputs of the
+    values compared (the same function: a split span may differ in the last bits only), and an unknown value refused with
+    exit code 2 before anything is timed."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "ab_native_setting.py"
+    done = subprocess.run([sys.executable, str(tool), "--setting", "split_spans=never,auto,always", "--layer", "7",
+                           "--points", "2", "--threads", "1,2", "--rounds", "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if "thread(s)" in line]
+    assert len(rows) == 2, done.stdout
+    for row in rows:
+        assert len(re.findall(r"\(\d+\.\d+x\)", row)) == 2, row
+        assert float(row.rsplit("max|d| ", 1)[1]) < 1e-4, row  # the same function under each value
+    bad = subprocess.run([sys.executable, str(tool), "--setting", "split_spans=never,bogus"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no setting split_spans=bogus" in bad.stderr, bad.stderr

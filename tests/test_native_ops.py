@@ -686,7 +686,12 @@ def test_cg_few_span_layer_not_split_on_one_thread():
     """A block-diagonal CG layer with fewer than kFewGatedSpans spans splits its span tasks by
     plan only while another pool thread runs some of them (conv_common.h, GatedTaskParts): on a
     1-thread session, where the split only adds per-task cost, at most the first call splits
-    (before the kernel has seen its pool). The output matches the reference on every call."""
+    (before the kernel has seen its pool). G2DSetSetting("split_spans", ...) switches the
+    choice between runs of one session (tools/ab_native_setting.py): "always" splits every
+    call, "never" none; an unknown name or value is refused and changes nothing. The output
+    matches the reference on every call."""
+    import ctypes
+
     if os.environ.get("G2D_SPLIT_SPANS"):
         pytest.skip("G2D_SPLIT_SPANS forces the choice")
     rng = np.random.default_rng(3)
@@ -697,11 +702,30 @@ def test_cg_few_span_layer_not_split_on_one_thread():
     thr = ref.thresholds_for_fraction(yp, 0.2)
     sess = open_session(single_node_model("CGConv", x.shape, [w, mask, thr],
                                           conv_attrs((1, 1), (1, 1, 1, 1), (1, 1))), threads=1)
-    before = native_counter("G2DSplitSpanCalls")
-    for _ in range(5):
-        y_ref = ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1))
-        assert_close_with_ties(sess.run(None, {"x": x})[0], y_ref, yp, thr)
-    assert native_counter("G2DSplitSpanCalls") - before <= 1
+    y_ref = ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1))
+
+    def split_calls(runs: int) -> int:
+        before = native_counter("G2DSplitSpanCalls")
+        for _ in range(runs):
+            assert_close_with_ties(sess.run(None, {"x": x})[0], y_ref, yp, thr)
+        return native_counter("G2DSplitSpanCalls") - before
+
+    assert split_calls(5) <= 1
+    lib = ctypes.CDLL(str(custom_ops_library_path()))
+    lib.G2DSetSetting.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    lib.G2DKernelConfig.restype = ctypes.c_char_p
+    try:
+        assert lib.G2DSetSetting(b"split_spans", b"always") == 0
+        assert "split_spans=always" in lib.G2DKernelConfig().decode()
+        assert split_calls(4) == 4
+        assert lib.G2DSetSetting(b"split_spans", b"sometimes") == -1
+        assert lib.G2DSetSetting(b"no_such_setting", b"always") == -1
+        assert split_calls(2) == 2  # still "always"
+        assert lib.G2DSetSetting(b"split_spans", b"never") == 0
+        assert split_calls(3) == 0
+    finally:
+        lib.G2DSetSetting(b"split_spans", b"auto")
+    assert "split_spans=auto" in lib.G2DKernelConfig().decode()
 
 
 # ----------------------------------------------------------------------------- FBSConv

@@ -318,15 +318,17 @@ bool InputIsConstant(const OrtKernelInfo* info, size_t index) {
 
 // ---------------------------------------------------------------- threads and errors
 
-SplitSpans SplitSpansSetting() {
-  static const SplitSpans value = [] {
-    const char* v = std::getenv("G2D_SPLIT_SPANS");
-    if (v && std::strcmp(v, "always") == 0) return SplitSpans::kAlways;
-    if (v && std::strcmp(v, "never") == 0) return SplitSpans::kNever;
-    return SplitSpans::kAuto;
-  }();
-  return value;
+namespace {
+// "auto" / "always" / "never" (nullptr: auto); -1 for anything else.
+int ParseSplitSpans(const char* v) {
+  if (v == nullptr || std::strcmp(v, "auto") == 0) return int(SplitSpans::kAuto);
+  if (std::strcmp(v, "always") == 0) return int(SplitSpans::kAlways);
+  if (std::strcmp(v, "never") == 0) return int(SplitSpans::kNever);
+  return -1;
 }
+std::atomic<int> split_spans_setting{std::max(0, ParseSplitSpans(std::getenv("G2D_SPLIT_SPANS")))};
+}  // namespace
+SplitSpans SplitSpansSetting() { return SplitSpans(split_spans_setting.load(std::memory_order_relaxed)); }
 std::atomic<int64_t> split_span_calls{0};  // calls whose spans ran split by plan
 
 bool ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
@@ -1733,7 +1735,8 @@ G2D_INSTANTIATE(int16_t)
 // the ISA table (G2D_ISA may force a narrower one), whether AMX tiles and ONNX Runtime's
 // NCHWc conv may be used, and the second-stage setting (G2D_SECOND_STAGE).
 extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() {
-  static const std::string text = [] {
+  static thread_local std::string text;  // rebuilt per call: G2DSetSetting may change a setting
+  text = [] {
     const char* stage = std::getenv("G2D_SECOND_STAGE");
     const char* ort_conv = std::getenv("G2D_ORT_CONV");
     return std::string("isa=") + g2d::BestKernels().name +
@@ -1758,6 +1761,21 @@ extern "C" __attribute__((visibility("default"))) int64_t G2DSecondStageRuns(int
 // RunGatedConv calls whose spans ran split by plan (GatedTaskParts, G2D_SPLIT_SPANS).
 extern "C" __attribute__((visibility("default"))) int64_t G2DSplitSpanCalls() {
   return g2d::split_span_calls.load(std::memory_order_relaxed);
+}
+
+// Switches a setting read per call, for benchmarks that compare two settings run by run in one
+// session (tools/ab_native_setting.py: no process or time between the two to add noise):
+// "split_spans" = "auto" | "always" | "never" (G2D_SPLIT_SPANS). Returns 0, or -1 for an
+// unknown name or value (nothing changed).
+extern "C" __attribute__((visibility("default"))) int G2DSetSetting(const char* name, const char* value) {
+  if (name == nullptr || value == nullptr) return -1;
+  if (std::strcmp(name, "split_spans") == 0) {
+    const int v = g2d::ParseSplitSpans(value);
+    if (v < 0) return -1;
+    g2d::split_spans_setting.store(v, std::memory_order_relaxed);
+    return 0;
+  }
+  return -1;
 }
 
 

@@ -161,7 +161,7 @@ constexpr double kTapSpanSplitMacs = double(1 << 22);
 // layers in two as well lost 0-13% per layer at 2 threads.
 constexpr int64_t kFewGatedSpans = 4;
 enum class SplitSpans { kAuto, kAlways, kNever };
-SplitSpans SplitSpansSetting();  // G2D_SPLIT_SPANS, read once
+SplitSpans SplitSpansSetting();  // G2D_SPLIT_SPANS; G2DSetSetting("split_spans", ...) switches it
 inline size_t GatedTaskParts(size_t plans, int64_t spans) {
   return plans >= 2 && spans > 0 && spans < kFewGatedSpans ? plans : 1;
 }
