@@ -6,8 +6,9 @@ machine lacks are skipped, the test runs there on a machine that has them) x the
 of CGConv / PGConv's integer path (G2D_SECOND_STAGE=sparse|dense, conv_common.cc), PG on its
 int16 stages (G2D_ORT_CONV=0, G2D_PG_INT8=0) or, for the AMX tier, on tiles; and PG's int8
 kernels (runtimes/native/pg_int8.h: AVX2, AVX-512 VNNI, and the AVX2 kernel under the avx512
-table with G2D_PG_INT8=avx2). Each combination runs in a
-subprocess (the settings are read once per process) that computes CG and PG layers at gate-on
+table with G2D_PG_INT8=avx2); CG's span tasks split by plan (G2D_SPLIT_SPANS=always|never).
+Each combination runs in a subprocess (the settings are read once per process) that computes
+CG and PG layers at gate-on
 fractions where the automatic choice would take the other path, compares them with the
 reference (tests/test_native_ops.py's tolerance and tie rule), and reports the library's path
 counters (G2DSecondStageRuns, G2DAmxConvRuns), so the test also proves the forced path ran.
