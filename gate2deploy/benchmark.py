@@ -95,14 +95,16 @@ def time_paired(sessions: dict, feeds: dict[str, list[dict]], rounds: int = 200,
 
 
 def time_isolated(models: dict[str, tuple[str, str | None]], feeds: dict[str, np.ndarray] | list[dict],
-                  rounds: int = 10, runs: int = 400, threads: int = 2, warm: int = 100) -> dict[str, list[float]]:
+                  rounds: int = 10, runs: int = 400, threads: int = 2, warm: int = 100,
+                  env: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Per model, one median run time in ms per round, each measured by a process of its own
     holding that one session (`models`: name -> (ONNX file, a build of the native library to
     register instead of this checkout's, or None: runtimes.ort.open_session's session);
     `warm` untimed runs, then `runs` timed ones on `feeds`, one feed dict or a list cycled
     through from run to run). The models' order alternates from round to round; paired_ratio
     of the result gives the speed-ups (a round's processes run minutes apart at most, so the
-    machine's drift falls on each round's pair alike)."""
+    machine's drift falls on each round's pair alike). `env`: variables set for the children
+    (over this process's environment)."""
     times: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
     feeds = feeds if isinstance(feeds, list) else [feeds]
@@ -114,7 +116,8 @@ def time_isolated(models: dict[str, tuple[str, str | None]], feeds: dict[str, np
                 path, library = models[name]
                 cmd = [sys.executable, "-m", "gate2deploy.benchmark", path, feed_path, str(threads), str(runs),
                        str(warm), *([library] if library else [])]
-                done = subprocess.run(cmd, capture_output=True, text=True)
+                done = subprocess.run(cmd, capture_output=True, text=True,
+                                      env={**os.environ, **env} if env else None)
                 if done.returncode != 0:
                     raise RuntimeError(f"timing {name} failed: {_exception_line(done.stderr)}")
                 times[name].append(float(done.stdout.split()[-1]))

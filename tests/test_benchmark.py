@@ -88,7 +88,8 @@ def test_isolated_timing_runs_each_model_in_a_process_of_its_own(tmp_path):
     """time_isolated: per model one median per round, each from a child process that opens
     only that model's session and runs the feeds in turn (a list of two: a second input of
     another shape, which the model refuses, fails the child, so it was run); a child that fails
-    is an error naming the model and the child's exception (ONNX Runtime's, open_session's)."""
+    is an error naming the model and the child's exception (ONNX Runtime's, open_session's);
+    `env` sets variables for the children."""
     import os
 
     import numpy as np
@@ -116,13 +117,20 @@ def test_isolated_timing_runs_each_model_in_a_process_of_its_own(tmp_path):
     with pytest.raises(RuntimeError, match="timing missing failed: .*does not exist"):
         time_isolated({"a": (str(path), None), "missing": (os.fspath(tmp_path / "none.onnx"), None)}, feed,
                       rounds=1, runs=1, warm=0, threads=1)
+    # `env` reaches the children: a PYTHONPATH whose onnxruntime refuses to import fails them
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "onnxruntime.py").write_text("raise ImportError('shadowed onnxruntime')\n")
+    with pytest.raises(RuntimeError, match="timing a failed: .*shadowed onnxruntime"):
+        time_isolated({"a": (str(path), None)}, feed, rounds=1, runs=1, warm=0, threads=1,
+                      env={"PYTHONPATH": str(shadow)})
 
 
 def test_native_setting_ab_switches_the_setting_run_by_run():
     """tools/ab_native_setting.py times the values of a native setting in one session: one
     row per point and thread count with a ratio per value after the first, the outputs of the
-    values compared (the same function: a split span may differ in the last bits only), and an unknown value refused with
-    exit code 2 before anything is timed."""
+    values compared (the same function: a split span may differ in the last bits only), and
+    an unknown value refused with exit code 2 before anything is timed."""
     import re
     import subprocess
     import sys

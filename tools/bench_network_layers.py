@@ -82,7 +82,9 @@ def isolated_layer_times(dense: onnx.ModelProto, gated: onnx.ModelProto, feed: d
         models = {"dense": (paths["dense"], library), "gated": (paths["gated"], library)}
         if args.baseline_library:
             models["before"] = (paths["gated"], args.baseline_library)
-        times = time_isolated(models, feed, rounds=args.isolated, runs=args.repeats, threads=args.threads)
+        # (the children without this process's stage timers: their shared counters cost time)
+        times = time_isolated(models, feed, rounds=args.isolated, runs=args.repeats, threads=args.threads,
+                              env={"G2D_STAGE_TIMES": "0"})
     ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
     ratio = {"gated": paired_ratio(times, "dense", "gated")}
     if args.baseline_library:
