@@ -1752,7 +1752,7 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
   return text.c_str();
 }
 
-// Second-stage spans run sparse (dense = 0) or as a dense GEMM + select (dense = 1); 2: the
+// Second-stage span tasks run sparse (dense = 0) or as a dense GEMM + select (dense = 1); 2: the
 // sparse ones that read channel-last rows (CGConv, isa.sparse_dots).
 extern "C" __attribute__((visibility("default"))) int64_t G2DSecondStageRuns(int dense) {
   return g2d::second_stage_runs[dense == 2 ? 2 : dense ? 1 : 0].load(std::memory_order_relaxed);

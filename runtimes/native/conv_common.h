@@ -102,7 +102,8 @@ constexpr double kDenseSecondStageFractionTaps = 0.60;
 // dense) / =dense (always dense) one path forced, so that tests and benchmarks can run each
 // path on any machine (both compute the same function; see RunGatedConv).
 double DenseSecondStageAbove(bool int16, bool taps = false);
-// Spans whose second stage ran sparse (0) / dense (1) since load (G2DSecondStageRuns).
+// Span tasks (a span, or one plan of a split few-span layer: GatedTaskParts) whose second stage
+// ran sparse (0) / dense (1) since load (G2DSecondStageRuns).
 void CountSecondStage(bool dense);
 // CGConv's sparse second stage on channel-last rows (TapRows, isa.sparse_dots): true unless
 // G2D_CG_SECOND=fields asks for the gathered-fields form (isa.sddmm_chunk), so that tests and
