@@ -146,9 +146,12 @@ def _predict(args) -> int:
     channels = parse_channels(table, data)
     ms = predict(lut, channels, table)
     full = predict(lut, None, table)
-    if not full > 0:
-        raise UserError(f"{args.predict}: the LUT predicts {full} ms for the unpruned model: its timings are all "
-                        "zero, nothing to predict from")
+    # The layers' own timings, without the calibration's intercept: a fit of the profile's
+    # timings may give a positive intercept, which alone would predict a constant.
+    layers_ms = sum(layer_ms for *_, layer_ms in layer_latencies(lut, None, table))
+    if not layers_ms > 0:
+        raise UserError(f"{args.predict}: the LUT's layer timings for the unpruned model sum to {layers_ms} ms: "
+                        "they are all zero, nothing to predict from")
     if args.per_layer:
         for name, key, kernel, layer_ms in layer_latencies(lut, channels, table):
             print(f"{name}\t{key}\t{kernel}\t{layer_ms:.4f} ms")
