@@ -1503,15 +1503,12 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   const size_t parts = pool_may_help && (!joint_second || !joint_second->w2_taps.empty())
                            ? GatedTaskParts(plans.size(), spans) : 1;
   if (parts > 1) split_span_calls.fetch_add(1, std::memory_order_relaxed);
-  std::vector<size_t> part_plan(parts + 1);  // part k: plans part_plan[k] .. part_plan[k + 1] - 1
-  std::vector<int64_t> plan_row(plans.size() + 1, 0);  // plan pi: rows plan_row[pi] .. (joint order)
-  for (size_t k = 0; k <= parts; ++k) part_plan[k] = k * plans.size() / parts;
-  for (size_t pi = 0; pi < plans.size(); ++pi)
-    plan_row[pi + 1] = plan_row[pi] + int64_t(plans[pi].outputs.size());
   const bool helped = ParallelFor(ctx, size_t(spans) * parts, [&](size_t task) {
     const uint64_t span_clock = StageClockNow();
     const size_t span = task % size_t(spans), part = task / size_t(spans);
-    const size_t plan_begin = part_plan[part], plan_end = part_plan[part + 1];
+    // part k: plans k * n / parts .. (k + 1) * n / parts - 1 (no per-call tables: a vector
+    // allocation per call is a measurable share of these small layers' set-up)
+    const size_t plan_begin = part * plans.size() / parts, plan_end = (part + 1) * plans.size() / parts;
     const int64_t q0 = int64_t(span) * NR, ncols = std::min<int64_t>(NR, src1.columns - q0);
     const int64_t computed_cols = RoundUp(ncols, int64_t(nr));  // what a GEMM over the span computes
     uint8_t valid[kMaxSpanPanels * 64];  // column is an output pixel (indirect panels skip
@@ -1690,7 +1687,9 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       }
     }
     if (!joint_second) return;
-    const int64_t part_rows = plan_row[plan_end] - plan_row[plan_begin];
+    const int64_t part_rows = row0;  // the part's plans' rows (the loop above counted them)
+    int64_t first_row = 0;           // and where they start in the joint stage's rows
+    for (size_t pi = 0; pi < plan_begin; ++pi) first_row += int64_t(plans[pi].outputs.size());
     if (double(on_all) > DenseSecondStageAbove(false, !joint_second->w2_taps.empty()) *
                              joint_density * double(part_rows * computed_cols)) {
       // Most gates on: per-plan GEMMs, which skip the joint weights' zeros (all of them: a
@@ -1704,7 +1703,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       }
     } else {
       second_stage_and_store(*joint_second, plans.size(), channel_last[plans.size()], gate_buf.data(),
-                             out_buf.data(), on_all, false, plan_row[plan_begin], part_rows);
+                             out_buf.data(), on_all, false, first_row, part_rows);
     }
   });
   if (ctx && pool_helped) pool_helped->store(helped, std::memory_order_relaxed);
