@@ -94,12 +94,13 @@ def time_paired(sessions: dict, feeds: dict[str, list[dict]], rounds: int = 200,
     return times
 
 
-def time_isolated(models: dict[str, tuple[str, str | None]], feeds: dict[str, np.ndarray] | list[dict],
+def time_isolated(models: dict[str, tuple[str | onnx.ModelProto, str | None]], feeds: dict[str, np.ndarray] | list[dict],
                   rounds: int = 10, runs: int = 400, threads: int = 2, warm: int = 100,
                   env: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Per model, one median run time in ms per round, each measured by a process of its own
-    holding that one session (`models`: name -> (ONNX file, a build of the native library to
-    register instead of this checkout's, or None: runtimes.ort.open_session's session);
+    holding that one session (`models`: name -> (ONNX file or ModelProto, a build of the native
+    library to register instead of this checkout's, or None: runtimes.ort.open_session's
+    session); a ModelProto is saved once, in a temporary folder, whoever else names it);
     `warm` untimed runs, then `runs` timed ones on `feeds`, one feed dict or a list cycled
     through from run to run). The models' order alternates from round to round; paired_ratio
     of the result gives the speed-ups (a round's processes run minutes apart at most, so the
@@ -111,9 +112,15 @@ def time_isolated(models: dict[str, tuple[str, str | None]], feeds: dict[str, np
     with tempfile.TemporaryDirectory(prefix="g2d_isolated_") as tmp:
         feed_path = os.path.join(tmp, "feeds.npz")  # feed i's input `name` as "i/name"
         np.savez(feed_path, **{f"{i}/{name}": v for i, feed in enumerate(feeds) for name, v in feed.items()})
+        paths: dict[int, str] = {}  # id(ModelProto) -> its file: a model named twice is saved once
+        for model, _ in models.values():
+            if isinstance(model, onnx.ModelProto) and id(model) not in paths:
+                paths[id(model)] = os.path.join(tmp, f"model{len(paths)}.onnx")
+                onnx.save(model, paths[id(model)])
         for r in range(rounds):
             for name in names if r % 2 == 0 else names[::-1]:
-                path, library = models[name]
+                model, library = models[name]
+                path = paths[id(model)] if isinstance(model, onnx.ModelProto) else str(model)
                 cmd = [sys.executable, "-m", "gate2deploy.benchmark", path, feed_path, str(threads), str(runs),
                        str(warm), *([library] if library else [])]
                 done = subprocess.run(cmd, capture_output=True, text=True,
@@ -142,8 +149,7 @@ def _time_one(argv: list[str]) -> None:
 
     path, feed_path, threads, runs, warm, *library = argv
     if library:
-        options = session_options(threads=int(threads), custom_ops=False)
-        options.register_custom_ops_library(library[0])
+        options = session_options(threads=int(threads), library=library[0])
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     else:
         session = open_session(path, threads=int(threads))

@@ -86,11 +86,13 @@ def custom_ops_library_path(variant: str = "release") -> Path:
 def session_options(threads: int = 2, optimization: str = "all", library_variant: str = "release",
                     profile: bool = False, log_severity: int = 3,
                     config: dict[str, str] | None = None, custom_ops: bool = True,
-                    profile_prefix: str | None = None, optimized_path: str | None = None) -> ort.SessionOptions:
+                    profile_prefix: str | None = None, optimized_path: str | None = None,
+                    library: str | os.PathLike | None = None) -> ort.SessionOptions:
     """SessionOptions with a fixed thread count and (`custom_ops`) the custom ops registered;
     `config` entries go to add_session_config_entry (e.g. {"session.intra_op.allow_spinning":
     "0"}); `profile_prefix` / `optimized_path`: where ONNX Runtime writes its profile / the
-    optimized graph."""
+    optimized graph; `library`: another build of the native library to register instead of
+    this checkout's (the benchmarks' `--baseline-library`; implies `custom_ops`)."""
     if threads < 1:
         raise UserError(f"threads must be >= 1, not {threads}")
     cores = os.cpu_count() or 1
@@ -114,7 +116,9 @@ def session_options(threads: int = 2, optimization: str = "all", library_variant
         opts.optimized_model_filepath = optimized_path
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
-    if custom_ops:
+    if library:
+        opts.register_custom_ops_library(str(library))
+    elif custom_ops:
         opts.register_custom_ops_library(str(custom_ops_library_path(library_variant)))
     return opts
 

@@ -60,13 +60,7 @@ def _child(stage: str) -> None:
     # fractions on both sides of the automatic switch (fp32 0.5, int16 0.1 of a span's gates)
     for frac in (0.05, 0.3, 0.8):
         for c, o, hw, block_diagonal in [(16, 24, 9, False), (32, 32, 12, True)]:
-            x = rng.standard_normal((2, c, hw, hw)).astype(np.float32)
-            w = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
-            mask = t.cg_base_mask(o, c, 4, block_diagonal)
-            yp = ref.conv2d(x, w * mask[:, :, None, None], (1, 1), (1, 1, 1, 1), (1, 1))
-            thr = ref.thresholds_for_fraction(yp, frac)
-            y = t.run_node("CGConv", x, [w, mask, thr], t.conv_attrs((1, 1), (1, 1, 1, 1), (1, 1)))
-            t.assert_close_with_ties(y, ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1)), yp, thr)
+            _check_cg_layer(rng, 2, c, o, hw, 4, block_diagonal, frac)
         for abits, pred in [(3, 2), (8, 4)]:
             x = np.clip(rng.standard_normal((1, 32, 10, 10)), 0, 2.5).astype(np.float32)
             w = t.quantize_weights(rng.standard_normal((48, 32, 3, 3)).astype(np.float32), 8)
@@ -85,15 +79,45 @@ def _child(stage: str) -> None:
 def print_counts(int8_excluded: int = 0) -> None:
     """Prints the library configuration and its path counters as one JSON line (the int8 runs
     less `int8_excluded`: those of checks that count their own)."""
+    _print_native_counters(sparse=("G2DSecondStageRuns", 0), dense=("G2DSecondStageRuns", 1),
+                           amx=("G2DAmxConvRuns", None), int8=("G2DPGInt8Runs", None), int8_excluded=int8_excluded)
+
+
+def _check_cg_layer(rng, batch: int, c: int, o: int, hw: int, p: int, block_diagonal: bool, frac: float,
+                    k: int = 3, strides=(1, 1), dilations=(1, 1)) -> None:
+    """One random CGConv layer (c -> o channels, hw x hw, k x k, 1/p base path) with thresholds
+    putting `frac` of its gates on, run on the native kernel and checked against
+    runtimes/reference.py (ties at the threshold allowed either way)."""
+    import test_native_ops as t
+    from gate2deploy.runtimes import reference as ref
+
+    x = rng.standard_normal((batch, c, hw, hw)).astype(np.float32)
+    w = (rng.standard_normal((o, c, k, k)) / np.sqrt(k * k * c)).astype(np.float32)
+    mask = t.cg_base_mask(o, c, p, block_diagonal)
+    pads = (k // 2,) * 4
+    yp = ref.conv2d(x, w * mask[:, :, None, None], strides, pads, dilations)
+    thr = ref.thresholds_for_fraction(yp, frac)
+    y = t.run_node("CGConv", x, [w, mask, thr], t.conv_attrs(strides, pads, dilations))
+    y_ref = ref.cg_conv_reference(x, w, mask, thr, strides=strides, pads=pads, dilations=dilations)
+    t.assert_close_with_ties(y, y_ref, yp, thr)
+
+
+def _print_native_counters(int8_excluded: int = 0, **counters) -> None:
+    """Prints the native library's kernel config and the named counters (name -> (export,
+    argument or None)) as one JSON line, for the parent test; an "int8" counter less
+    `int8_excluded`."""
     from gate2deploy.runtimes.ort import custom_ops_library_path
 
     lib = ctypes.CDLL(str(custom_ops_library_path()))
-    for name in ("G2DSecondStageRuns", "G2DAmxConvRuns", "G2DPGInt8Runs"):
-        getattr(lib, name).restype = ctypes.c_int64
     lib.G2DKernelConfig.restype = ctypes.c_char_p
-    print(json.dumps({"config": lib.G2DKernelConfig().decode(), "sparse": lib.G2DSecondStageRuns(0),
-                      "dense": lib.G2DSecondStageRuns(1), "amx": lib.G2DAmxConvRuns(),
-                      "int8": lib.G2DPGInt8Runs() - int8_excluded}))
+    values = {}
+    for name, (export, arg) in counters.items():
+        fn = getattr(lib, export)
+        fn.restype = ctypes.c_int64
+        values[name] = fn() if arg is None else fn(arg)
+    if "int8" in values:
+        values["int8"] -= int8_excluded
+    print(json.dumps({"config": lib.G2DKernelConfig().decode(), **values}))
 
 
 def _child_pg_int8() -> None:
@@ -351,10 +375,6 @@ def _cg_forms_child() -> None:
     """Runs in the subprocess: CG layers whose sparse second stage takes the channel-last rows
     (or, with G2D_CG_SECOND=fields, the gathered fields) vs the reference; prints the counters."""
     sys.path.insert(0, str(HERE))
-    import test_native_ops as t
-    from gate2deploy.runtimes import reference as ref
-    from gate2deploy.runtimes.ort import custom_ops_library_path
-
     rng = np.random.default_rng(11)
     # base path = first C/4 (one group), block-diagonal p = 2 (two groups, each with its own
     # sparse stage) and p = 4 (joint second stage); 3x3 with and without width dilation (one
@@ -364,20 +384,8 @@ def _cg_forms_child() -> None:
              (8, 12, 13, 4, False, 5, (2, 2), (1, 1))]
     for c, o, hw, p, block_diagonal, k, strides, dilations in cases:
         for frac in (0.05, 0.3):
-            x = rng.standard_normal((2, c, hw, hw)).astype(np.float32)
-            w = (rng.standard_normal((o, c, k, k)) / np.sqrt(k * k * c)).astype(np.float32)
-            mask = t.cg_base_mask(o, c, p, block_diagonal)
-            pads = (k // 2,) * 4
-            yp = ref.conv2d(x, w * mask[:, :, None, None], strides, pads, dilations)
-            thr = ref.thresholds_for_fraction(yp, frac)
-            y = t.run_node("CGConv", x, [w, mask, thr], t.conv_attrs(strides, pads, dilations))
-            y_ref = ref.cg_conv_reference(x, w, mask, thr, strides=strides, pads=pads, dilations=dilations)
-            t.assert_close_with_ties(y, y_ref, yp, thr)
-    lib = ctypes.CDLL(str(custom_ops_library_path()))
-    lib.G2DSecondStageRuns.restype = ctypes.c_int64
-    lib.G2DKernelConfig.restype = ctypes.c_char_p
-    print(json.dumps({"config": lib.G2DKernelConfig().decode(), "sparse": lib.G2DSecondStageRuns(0),
-                      "taps": lib.G2DSecondStageRuns(2)}))
+            _check_cg_layer(rng, 2, c, o, hw, p, block_diagonal, frac, k, strides, dilations)
+    _print_native_counters(sparse=("G2DSecondStageRuns", 0), taps=("G2DSecondStageRuns", 2))
 
 
 @pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
@@ -411,10 +419,6 @@ def _cg_split_child() -> None:
     kFewGatedSpans spans (conv_common.h), whose span tasks G2D_SPLIT_SPANS=always splits by plan,
     vs the reference; prints the counters."""
     sys.path.insert(0, str(HERE))
-    import test_native_ops as t
-    from gate2deploy.runtimes import reference as ref
-    from gate2deploy.runtimes.ort import custom_ops_library_path
-
     rng = np.random.default_rng(5)
     # p = 4: one joint second stage over the four plans (each part runs its rows of it); p = 2:
     # two plans with their own second stages; stride 2 (the channel-last pixel table); outputs
@@ -426,21 +430,9 @@ def _cg_split_child() -> None:
         for batch in (1, 2):
             # 0.9: most of a part's gates on, its plans' dense GEMMs instead of the joint stage
             for frac in (0.05, 0.3, 0.9):
-                x = rng.standard_normal((batch, c, hw, hw)).astype(np.float32)
-                w = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
-                mask = t.cg_base_mask(o, c, p, True)
-                pads = (1, 1, 1, 1)
-                yp = ref.conv2d(x, w * mask[:, :, None, None], strides, pads, (1, 1))
-                thr = ref.thresholds_for_fraction(yp, frac)
-                y = t.run_node("CGConv", x, [w, mask, thr], t.conv_attrs(strides, pads, (1, 1)))
-                y_ref = ref.cg_conv_reference(x, w, mask, thr, strides=strides, pads=pads)
-                t.assert_close_with_ties(y, y_ref, yp, thr)
-    lib = ctypes.CDLL(str(custom_ops_library_path()))
-    lib.G2DSplitSpanCalls.restype = ctypes.c_int64
-    lib.G2DSecondStageRuns.restype = ctypes.c_int64
-    lib.G2DKernelConfig.restype = ctypes.c_char_p
-    print(json.dumps({"config": lib.G2DKernelConfig().decode(), "split": lib.G2DSplitSpanCalls(),
-                      "dense": lib.G2DSecondStageRuns(1), "taps": lib.G2DSecondStageRuns(2)}))
+                _check_cg_layer(rng, batch, c, o, hw, p, True, frac, strides=strides)
+    _print_native_counters(split=("G2DSplitSpanCalls", None), dense=("G2DSecondStageRuns", 1),
+                           taps=("G2DSecondStageRuns", 2))
 
 
 @pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")

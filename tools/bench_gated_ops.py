@@ -198,11 +198,7 @@ def library_session(model: onnx.ModelProto, library: str | None, threads: int) -
     """The project's session options (runtimes/ort.py) with `library` (a build of the native
     library, maybe not this checkout's) registered: the same options for every build compared
     (`--baseline-library`; ONNX Runtime's own layout, as a single CG / PG node has no other)."""
-    opts = session_options(threads=threads, custom_ops=False)
-    for key, value in SESSION_CONFIG.items():  # --spin off
-        opts.add_session_config_entry(key, value)
-    if library:
-        opts.register_custom_ops_library(library)
+    opts = session_options(threads=threads, config=SESSION_CONFIG, custom_ops=False, library=library)  # --spin off
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -382,20 +378,12 @@ def isolated_point(ort_model, measured, x, args):
     the ort model on that build, each timed alone in a process of its own for --isolated
     rounds (gate2deploy.benchmark.time_isolated); (median ms, speed-up as the median of
     per-round ratios to the dense twin) per variant. `x`: one input or a list cycled through."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="g2d_bench_") as tmp:
-        models = {}
-        for key, model, library in [("dense", dense_equivalent(ort_model), None), ("ort", ort_model, None),
-                                    ("meas", measured, None),
-                                    ("before", ort_model if args.baseline_library else None, args.baseline_library)]:
-            if model is not None:
-                path = os.path.join(tmp, f"{key}.onnx")
-                onnx.save(model, path)
-                models[key] = (path, library)
-        name = ort_model.graph.input[0].name
-        feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
-        runs = time_isolated(models, feeds, rounds=args.isolated, threads=args.threads)
+    variants = {"dense": (dense_equivalent(ort_model), None), "ort": (ort_model, None), "meas": (measured, None),
+                "before": (ort_model, args.baseline_library) if args.baseline_library else (None, None)}
+    models = {key: variant for key, variant in variants.items() if variant[0] is not None}
+    name = ort_model.graph.input[0].name
+    feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
+    runs = time_isolated(models, feeds, rounds=args.isolated, threads=args.threads)
     return ({k: statistics.median(v) for k, v in runs.items()}, {k: paired_ratio(runs, "dense", k) for k in runs})
 
 

@@ -34,7 +34,6 @@ import ctypes
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("G2D_STAGE_TIMES", "1")  # read once by the library, before it loads
@@ -74,17 +73,12 @@ def isolated_layer_times(dense: onnx.ModelProto, gated: onnx.ModelProto, feed: d
                          args) -> tuple[dict[str, float], dict[str, float]]:
     """`--isolated`: the layer's sessions each timed in a process of its own (time_isolated):
     medians in us, and the speed-ups as medians of per-round ratios."""
-    with tempfile.TemporaryDirectory(prefix="g2d_layers_") as tmp:
-        paths = {}
-        for name, model in [("dense", dense), ("gated", gated)]:
-            paths[name] = os.path.join(tmp, f"{name}.onnx")
-            onnx.save(model, paths[name])
-        models = {"dense": (paths["dense"], library), "gated": (paths["gated"], library)}
-        if args.baseline_library:
-            models["before"] = (paths["gated"], args.baseline_library)
-        # (the children without this process's stage timers: their shared counters cost time)
-        times = time_isolated(models, feed, rounds=args.isolated, runs=args.repeats, threads=args.threads,
-                              env={"G2D_STAGE_TIMES": "0"})
+    models = {"dense": (dense, library), "gated": (gated, library)}
+    if args.baseline_library:
+        models["before"] = (gated, args.baseline_library)
+    # (the children without this process's stage timers: their shared counters cost time)
+    times = time_isolated(models, feed, rounds=args.isolated, runs=args.repeats, threads=args.threads,
+                          env={"G2D_STAGE_TIMES": "0"})
     ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
     ratio = {"gated": paired_ratio(times, "dense", "gated")}
     if args.baseline_library:
@@ -151,14 +145,16 @@ def main(argv=None) -> int:
         a = acts[node.input[0]]
         feed = [{node.input[0]: a}]
         single = _single_node(ort_model, node, feed[0])
-        sessions = {"dense": nets.library_session(dense_twin(ort_model, node, feed[0]), library, args.threads),
-                    "gated": nets.library_session(single, library, args.threads)}
+        dense = dense_twin(ort_model, node, feed[0])
+        # in-process sessions: the gated one (and its baseline) for the stage times and max|d|;
+        # the dense one only when timed here
+        sessions = {"gated": nets.library_session(single, library, args.threads)}
         if args.baseline_library:
             sessions["before"] = nets.library_session(single, args.baseline_library, args.threads)
         if args.isolated:
-            ms, ratio = isolated_layer_times(dense_twin(ort_model, node, feed[0]), single, feed[0], library,
-                                             args)
+            ms, ratio = isolated_layer_times(dense, single, feed[0], library, args)
         else:
+            sessions["dense"] = nets.library_session(dense, library, args.threads)
             times = time_sessions(sessions, {k: feed for k in sessions}, runs=args.repeats)
             ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
             ratio = {"gated": ms["dense"] / ms["gated"]}

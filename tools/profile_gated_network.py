@@ -36,13 +36,8 @@ def _session(model, library: str, threads: int, profile: bool) -> ort.InferenceS
     """The project's session options, as the benchmarks use them, with `library` registered
     (for the dense twin too: a PG network's twin keeps its fused QuantizeActivation nodes,
     bench_gated_ops.py)."""
-    so = session_options(threads=threads, custom_ops=False)
-    if profile:
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "g2d_node_profile")  # removed below
-    so.log_severity_level = 3
-    if library:
-        so.register_custom_ops_library(library)
+    prefix = os.path.join(tempfile.gettempdir(), "g2d_node_profile")  # the profile is removed below
+    so = session_options(threads=threads, profile=profile, profile_prefix=prefix, custom_ops=False, library=library)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
