@@ -143,16 +143,10 @@ def _exception_line(stderr: str) -> str:
 
 def _time_one(argv: list[str]) -> None:
     """time_isolated's child: prints the median ms of one session's timed runs."""
-    import onnxruntime as ort
-
-    from .runtimes.ort import open_session, session_options
+    from .runtimes.ort import open_session
 
     path, feed_path, threads, runs, warm, *library = argv
-    if library:
-        options = session_options(threads=int(threads), library=library[0])
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    else:
-        session = open_session(path, threads=int(threads))
+    session = open_session(path, threads=int(threads), library=library[0] if library else None)
     stored = np.load(feed_path)
     feeds: dict[int, dict] = {}
     for key in stored.files:

@@ -137,18 +137,21 @@ def _parse(data: bytes) -> onnx.ModelProto | None:
 
 
 def _blocked_layout(payload: str | bytes, threads: int, library_variant: str, log_severity: int,
-                    config: dict[str, str] | None) -> onnx.ModelProto | None:
+                    config: dict[str, str] | None, library: str | os.PathLike | None = None) -> onnx.ModelProto | None:
     """ONNX Runtime's optimized graph of `payload` with the FBS ops in its blocked layout
     (runtimes/ort_layout.py), or None: no NCHWc block on this CPU, the rewrite does not pay, or
     the step failed (e.g. ONNX Runtime cannot write the optimized graph of a model over
     protobuf's 2 GB). The layout is an optimization: without it the session opens as ONNX
-    Runtime lays the model out itself (and reports a real error as such)."""
-    block = nchwc_block(custom_ops_library_path(library_variant))
+    Runtime lays the model out itself (and reports a real error as such). `library`: the
+    native build to ask and register (default this checkout's)."""
+    lib = library or custom_ops_library_path(library_variant)
+    block = nchwc_block(lib)
     if not block:
         return None
     try:
         return optimized_and_rewritten(
-            payload, session_options(threads, "all", library_variant, False, log_severity, config, True), block)
+            payload, session_options(threads, "all", library_variant, False, log_severity, config, True,
+                                     library=library), block)
     except Exception:  # noqa: BLE001 - see the docstring
         return None
 
@@ -158,14 +161,15 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: in
                  profile: bool = False, log_severity: int = 3,
                  config: dict[str, str] | None = None, custom_ops: bool | str = "auto",
                  profile_prefix: str | None = None, optimized_path: str | None = None,
-                 layout: str = "auto") -> ort.InferenceSession:
+                 layout: str = "auto", library: str | os.PathLike | None = None) -> ort.InferenceSession:
     """THE ONNX Runtime CPU session factory of gate2deploy: a session for `model` (path,
     ModelProto or serialized bytes) with gate2deploy's kernels registered when it uses them
     (`custom_ops="auto"`; True / False force it: the native library is compiled on first
     registration, so stock models do not pay for it). `layout="auto"` (with every optimization
     on) lets FBSConv and SparseInputConv run in ONNX Runtime's blocked layout where that
     removes conversions (runtimes/ort_layout.py); "nchw" leaves the graph as ONNX Runtime makes
-    it."""
+    it. `library`: another build of the native library, registered (and asked for its layout)
+    instead of this checkout's (the benchmarks' `--baseline-library`)."""
     if layout not in ("auto", "nchw"):
         raise UserError(f"layout must be auto or nchw, not {layout!r}")
     if isinstance(model, onnx.ModelProto):
@@ -184,12 +188,12 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, threads: in
         custom_ops = proto is not None and uses_custom_ops(proto)
     if layout == "auto" and custom_ops and optimization == "all" and proto is not None and \
             any(n.domain == DOMAIN and n.op_type in BLOCKED_OPS for n in proto.graph.node):
-        rewritten = _blocked_layout(payload, threads, library_variant, log_severity, config)
+        rewritten = _blocked_layout(payload, threads, library_variant, log_severity, config, library)
         if rewritten is not None:  # already optimized: ONNX Runtime runs it as it is
             check_custom_op_attributes(rewritten)
             payload, optimization = rewritten.SerializeToString(), "disable"
     opts = session_options(threads, optimization, library_variant, profile, log_severity, config, bool(custom_ops),
-                           profile_prefix, optimized_path)
+                           profile_prefix, optimized_path, library if custom_ops else None)
     try:
         return ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for invalid models

@@ -1070,6 +1070,30 @@ def test_fbs_nonfinite_parameter_follows_the_reference():
     assert normwise_error(y, y_ref) <= RTOL
 
 
+def test_fbs_parameters_fed_at_run_time_are_checked_on_every_run():
+    """FBSConv scans its saliency and epilogue parameters for non-finite values once when they
+    are constant initializers (fbs_conv.cc, ParamsFinite); fed as graph inputs they can change
+    from run to run: one session, first a finite bn_shift, then one with inf on a channel the
+    top-k switches off, must follow the reference both times (0 * inf is NaN there)."""
+    w, _, _ = _cg_inputs()
+    x = np.random.default_rng(1).standard_normal((2, 8, 5, 5)).astype(np.float32)
+    fc_w = np.zeros((4, 8), np.float32)
+    fc_b = np.array([4, 3, 2, 1], np.float32)  # channels 0, 1 active at density 0.5
+    scale, beta = np.ones(4, np.float32), np.zeros(4, np.float32)
+    model = single_node_model("FBSConv", x.shape, [w, fc_w, fc_b, scale], {"density": 0.5})
+    model.graph.node[0].input.extend(["shift_in", "beta_in"])
+    for name in ("shift_in", "beta_in"):
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [4]))
+    sess = open_session(model)
+    for shift in (np.full(4, 0.25, np.float32), np.array([0, 0, 0, np.inf], np.float32)):
+        y = sess.run(None, {"x": x, "shift_in": shift, "beta_in": beta})[0]
+        with np.errstate(invalid="ignore"):
+            y_ref = ref.fbs_conv_reference(x, w, fc_w, fc_b, scale, shift, beta, 0.5)
+        assert_nonfinite_match(y, y_ref)
+        assert normwise_error(y, y_ref) <= RTOL
+    assert np.isnan(y_ref[:, 3]).all()  # the second run's case is not vacuous
+
+
 @pytest.mark.parametrize("op", ["CGConv", "SparseInputConv"])
 def test_cg_and_sparse_nonfinite_input_follow_the_reference(op):
     w, mask, thr = _cg_inputs()

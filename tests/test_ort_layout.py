@@ -107,3 +107,26 @@ def test_a_failing_layout_step_leaves_the_session_as_onnx_runtime_makes_it(fbs_e
     fallback = ort_runtime.open_session(model, threads=1)
     np.testing.assert_array_equal(fallback.run(None, {"input": x})[0],
                                   open_session(model, threads=1, layout="nchw").run(None, {"input": x})[0])
+
+
+def test_another_library_build_runs_the_blocked_network(fbs_export, tmp_path):
+    """open_session(library=...) (the benchmarks' --baseline-library) registers that build of
+    the native library, and lays the network out for it, instead of this checkout's: a copy at
+    another path is a separate library instance, so its own counter of blocked-layout samples
+    counts the runs and this checkout's stays where it was; the outputs are the same."""
+    import ctypes
+    import shutil
+
+    _, model = fbs_export
+    copy = tmp_path / "libgate2deploy_copy.so"
+    shutil.copy(custom_ops_library_path(), copy)
+    counters = {}
+    for name, path in (("this", custom_ops_library_path()), ("copy", copy)):
+        counters[name] = ctypes.CDLL(str(path)).G2DBlockedLayoutRuns
+        counters[name].restype = ctypes.c_int64
+    before = {name: counter() for name, counter in counters.items()}
+    x = np.random.default_rng(3).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    y_copy = open_session(model, threads=1, library=copy).run(None, {"input": x})[0]
+    assert counters["copy"]() - before["copy"] == 17  # every FBSConv and SparseInputConv, blocked
+    assert counters["this"]() == before["this"]
+    np.testing.assert_array_equal(y_copy, open_session(model, threads=1).run(None, {"input": x})[0])

@@ -64,11 +64,11 @@ AMX machine: everything but the tiles) is that tier's speed on this core; `avx2`
 AVX-512 machine runs against an AVX-512 dense conv, so it is printed for its paths and
 numerics, not as that tier's speed.
 
-A/B of two builds (`--baseline-library PATH`, CG and PG layers and networks): each op, and
-each CG / PG network, is also timed on another build of the native library (e.g. the previous
-commit's, left in ~/.cache/gate2deploy/native) in the same alternating blocks; layers print
-"new/old" = before / op, networks a "before" column beside "ort" (FBS networks are not
-compared: their blocked-layout rewrite binds this checkout's library).
+A/B of two builds (`--baseline-library PATH`, CG and PG layers, all networks): each op, and
+each network, is also timed on another build of the native library (e.g. the previous
+commit's, left in ~/.cache/gate2deploy/native) in the same alternating blocks, under the same
+session options (FBS networks: that build asked for its blocked layout and registered);
+layers print "new/old" = before / op, networks a "before" column beside "ort".
 
 Threading: ONNX Runtime's default (intra-op workers spin between ops, as in a deployment);
 `--spin off` disables spinning in every session, the figure for hosts that run so.
@@ -93,7 +93,7 @@ from onnx import TensorProto, helper
 from gate2deploy.benchmark import paired_ratio, time_isolated, time_paired, time_sessions, whole_blocks
 from gate2deploy.kernel_choice import dense_twin as dense_equivalent
 from gate2deploy.runtimes import reference as ref
-from gate2deploy.runtimes.ort import open_session, session_options
+from gate2deploy.runtimes.ort import open_session
 
 FRACTIONS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
 # Native-kernel tiers (profiling/device.py names) and the variables that force the library
@@ -190,16 +190,12 @@ def dense_session(w, x_shape, threads, conv_attrs):
     return plain_session(node_model("Conv", "", x_shape, [w], conv_attrs), threads)
 
 
-def custom_session(model, threads, layout="auto"):
-    return open_session(model, threads, config=SESSION_CONFIG, layout=layout)
-
-
-def library_session(model: onnx.ModelProto, library: str | None, threads: int) -> ort.InferenceSession:
-    """The project's session options (runtimes/ort.py) with `library` (a build of the native
-    library, maybe not this checkout's) registered: the same options for every build compared
-    (`--baseline-library`; ONNX Runtime's own layout, as a single CG / PG node has no other)."""
-    opts = session_options(threads=threads, config=SESSION_CONFIG, custom_ops=False, library=library)  # --spin off
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+def custom_session(model, threads, layout="auto", library=None):
+    """The project's session (runtimes.ort.open_session, FBS in the blocked layout where it
+    pays) with --spin's setting; `library`: another build of the native library registered
+    (and asked for its layout) instead of this checkout's, so every build compared
+    (`--baseline-library`) runs under the same options."""
+    return open_session(model, threads, config=SESSION_CONFIG, layout=layout, library=library)
 
 
 def time_pair(dense, op, x, repeats):
@@ -234,7 +230,7 @@ def sweep(name, make_model, dense, x, args, goal=None, bound=None):
         model = make_model(frac)
         sessions = [dense, custom_session(model, args.threads)]
         if base:
-            sessions.append(library_session(model, base, args.threads))
+            sessions.append(custom_session(model, args.threads, library=base))
         before = path_counts()
         times = median_ms_in_blocks(sessions, [{"x": x}], args.repeats)
         path = paths_since(before)
@@ -466,7 +462,7 @@ def network_benchmarks(args) -> None:
                               "epi-nodes": lambda m, t: custom_session(epilogue_as_nodes(m), t)}
                              if name == "pg" else {})
                     if args.baseline_library:  # the same network on the other build, same blocks
-                        extra["before"] = lambda m, t: library_session(m, args.baseline_library, t)
+                        extra["before"] = lambda m, t: custom_session(m, t, library=args.baseline_library)
                     network_sweep(f"{label}, batch {batch}, {threads} threads, 32x32", points, args, extra)
     if "fbs" in nets:
         import torchvision
@@ -520,7 +516,9 @@ def network_benchmarks(args) -> None:
                                        [v.numpy() for v in feeds], ort_model, portable, measured))
                     network_sweep(f"{title}, batch {batch}, {threads} threads, 224x224; "
                                   f"on% = density", points, args,
-                                  extra={"nchw": lambda m, t: custom_session(m, t, layout="nchw")})
+                                  extra={"nchw": lambda m, t: custom_session(m, t, layout="nchw"),
+                                         **({"before": lambda m, t: custom_session(m, t, library=args.baseline_library)}
+                                            if args.baseline_library else {})})
 
 
 def main(argv=None) -> int:
@@ -557,7 +555,7 @@ def main(argv=None) -> int:
     p.add_argument("--spin", choices=["on", "off"], default="on",
                    help="ONNX Runtime intra-op thread spinning in every session (default on, as ORT)")
     p.add_argument("--baseline-library", default=None,
-                   help="CG / PG layers and networks: also time each op (each CG / PG network) on "
+                   help="CG / PG layers and every network: also time each op (each network) on "
                         "this build of the native library (e.g. the previous commit's, from "
                         "~/.cache/gate2deploy/native) in the same blocks: layers 'before ms' and "
                         "'new/old' (before / op), networks 'before ms' and 'before x' (dense / before)")

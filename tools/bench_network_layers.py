@@ -148,13 +148,13 @@ def main(argv=None) -> int:
         dense = dense_twin(ort_model, node, feed[0])
         # in-process sessions: the gated one (and its baseline) for the stage times and max|d|;
         # the dense one only when timed here
-        sessions = {"gated": nets.library_session(single, library, args.threads)}
+        sessions = {"gated": nets.custom_session(single, args.threads, library=library)}
         if args.baseline_library:
-            sessions["before"] = nets.library_session(single, args.baseline_library, args.threads)
+            sessions["before"] = nets.custom_session(single, args.threads, library=args.baseline_library)
         if args.isolated:
             ms, ratio = isolated_layer_times(dense, single, feed[0], library, args)
         else:
-            sessions["dense"] = nets.library_session(dense, library, args.threads)
+            sessions["dense"] = nets.custom_session(dense, args.threads, library=library)
             times = time_sessions(sessions, {k: feed for k in sessions}, runs=args.repeats)
             ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
             ratio = {"gated": ms["dense"] / ms["gated"]}

@@ -51,6 +51,8 @@ FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   relu_ = activation == "Relu";
   layout_ = ReadLayoutAttrs(info, &attr_error_);
   w_const_ = InputIsConstant(info, 1);
+  params_const_ = InputIsConstant(info, 2) && InputIsConstant(info, 3) && InputIsConstant(info, 4) &&
+                  InputIsConstant(info, 5) && InputIsConstant(info, 6);
   conv_ = std::make_unique<SubsetConv>(info, attrs_, w_const_);
   const bool pads_ok = pool_pads_.size() == 4 &&
                        std::all_of(pool_pads_.begin(), pool_pads_.end(),
@@ -77,6 +79,22 @@ bool FBSConvKernel::WeightsFinite(const float* w, int64_t n) {
   if (known < 0) {
     known = AllFinite(w, n) ? 1 : 0;
     w_finite_.store(known, std::memory_order_release);
+  }
+  return known == 1;
+}
+
+bool FBSConvKernel::ParamsFinite(const IsaKernels& isa, int64_t O, int64_t C, const float* fc_w,
+                                 const float* fc_b, const float* bn_scale, const float* bn_shift,
+                                 const float* beta) {
+  auto scan = [&] {
+    return AllFinite(isa, fc_w, O * C) && AllFinite(isa, fc_b, O) && AllFinite(isa, bn_scale, O) &&
+           AllFinite(isa, bn_shift, O) && AllFinite(isa, beta, O);
+  };
+  if (!params_const_) return scan();
+  int known = params_finite_.load(std::memory_order_acquire);
+  if (known < 0) {
+    known = scan() ? 1 : 0;
+    params_finite_.store(known, std::memory_order_release);
   }
   return known == 1;
 }
@@ -147,9 +165,8 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     // computed as the reference writes it (every output channel convolved, over every input
     // channel: a zero channel times an inf weight is NaN); finite samples take the fast path.
     const bool params_finite =
-        WeightsFinite(W.Data(), g.O * g.Cw * g.kk()) && AllFinite(isa, fc_W.Data(), g.O * g.C) &&
-        AllFinite(isa, fc_b.Data(), g.O) && AllFinite(isa, bn_scale.Data(), g.O) &&
-        AllFinite(isa, bn_shift.Data(), g.O) && AllFinite(isa, beta.Data(), g.O);
+        WeightsFinite(W.Data(), g.O * g.Cw * g.kk()) &&
+        ParamsFinite(isa, g.O, g.C, fc_W.Data(), fc_b.Data(), bn_scale.Data(), bn_shift.Data(), beta.Data());
     std::vector<uint8_t> channel_finite(size_t(g.C));
 
     for (int64_t n = 0; n < g.N; ++n) {
