@@ -70,11 +70,25 @@ def time_sessions(sessions: dict, feeds: dict[str, list[dict]], runs: int = 60, 
     return times
 
 
+def paired_order(names: list[str], r: int) -> list[str]:
+    """The order of round r in time_paired: the names rotated by r (each session in each
+    position equally often over len(names) rounds), in the given order for rounds in even
+    blocks of len(names) and reversed in odd ones (so no session always follows the same one).
+    With three or more sessions no session runs last in one round and first in the next: the
+    earlier scheme, reversed every other round, ran the first and last sessions twice in a row
+    at the round boundaries and kept every other session in the middle (an asymmetry whose
+    effect was below the noise: A/As of two copies of one build came out 0-3 points apart under
+    either scheme, docs/performance.md, twenty-sixth session)."""
+    n = len(names)
+    base = names if (r // n) % 2 == 0 else names[::-1]
+    i = r % n
+    return base[i:] + base[:i]
+
+
 def time_paired(sessions: dict, feeds: dict[str, list[dict]], rounds: int = 200,
                 warm: int = 3) -> dict[str, list[float]]:
     """Timed run durations in ms per session, one per round: each round runs every session
-    once (in the sessions' order in even rounds, reversed in odd ones, so that no session
-    always follows the same one), each timed run right after `warm` untimed runs of the same
+    once (in paired_order), each timed run right after `warm` untimed runs of the same
     session (its weights back in the caches). The runs of a round are adjacent in time and
     see the same machine, so the median of per-round ratios (paired_ratio) ranks two builds
     that differ by a few percent, which the medians of blocks cannot on a shared machine whose
@@ -84,7 +98,7 @@ def time_paired(sessions: dict, feeds: dict[str, list[dict]], rounds: int = 200,
     times: dict[str, list[float]] = {name: [] for name in sessions}
     names = list(sessions)
     for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
+        for name in paired_order(names, r):
             session, inputs = sessions[name], feeds[name]
             for i in range(warm):
                 session.run(None, inputs[i % len(inputs)])

@@ -4,6 +4,7 @@ import itertools
 import time
 
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from gate2deploy.benchmark import latencies_ms, time_sessions, whole_blocks
@@ -57,8 +58,9 @@ def test_latencies_of_real_sessions():
 
 def test_paired_rounds_alternate_after_warm_runs_and_ratios_are_per_round():
     """time_paired: one timed run per session per round, each after `warm` untimed runs of
-    that session, the order reversed every other round; paired_ratio takes the median of the
-    per-round ratios (not the ratio of medians)."""
+    that session, the order rotated from round to round and reversed every len(sessions)
+    rounds (paired_order); paired_ratio takes the median of the per-round ratios (not the
+    ratio of medians)."""
     from gate2deploy.benchmark import paired_ratio, time_paired
 
     log = []
@@ -76,12 +78,31 @@ def test_paired_rounds_alternate_after_warm_runs_and_ratios_are_per_round():
     assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
     assert len(log) == 4 * 3 * 3
     order = [log[i][0] for i in range(0, len(log), 3)]
-    assert order == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "c", "b", "a"]
     assert all(log[i][0] == log[i + 1][0] == log[i + 2][0] for i in range(0, len(log), 3))
     assert [log[i + 2][1] for i in range(0, 9, 3)] == [0, 0, 0] and log[9 + 2][1] == 1  # cycled
     made_up = {"dense": [1.0, 2.0, 10.0], "gated": [2.0, 1.0, 4.0]}
     # per-round ratios 0.5, 2, 2.5: median 2; the ratio of the medians would be 2 / 2 = 1
     assert paired_ratio(made_up, "dense", "gated") == 2.0
+
+
+@pytest.mark.parametrize("n", [3, 4, 7])
+def test_paired_order_balances_positions_and_never_repeats_a_session_across_rounds(n):
+    """Over 2n rounds of paired_order every session is first, and last, exactly twice, and the
+    last session of a round is never the first of the next (with the order merely reversed
+    every other round, the first and last sessions ran twice in a row there and were never in
+    the middle)."""
+    from gate2deploy.benchmark import paired_order
+
+    names = [f"s{i}" for i in range(n)]
+    rounds = [paired_order(names, r) for r in range(2 * n)]
+    assert all(sorted(order) == sorted(names) for order in rounds)
+    assert all(sum(order[0] == name for order in rounds) == 2 for name in names)
+    assert all(sum(order[-1] == name for order in rounds) == 2 for name in names)
+    assert all(a[-1] != b[0] for a, b in zip(rounds, rounds[1:] + [paired_order(names, 2 * n)]))
+    # not always the same predecessor: some session follows two different ones
+    followers = {(order[i], order[i + 1]) for order in rounds for i in range(n - 1)}
+    assert len(followers) > n - 1
 
 
 def test_isolated_timing_runs_each_model_in_a_process_of_its_own(tmp_path):
@@ -93,7 +114,6 @@ def test_isolated_timing_runs_each_model_in_a_process_of_its_own(tmp_path):
     import os
 
     import numpy as np
-    import pytest
 
     from gate2deploy.benchmark import time_isolated
 

@@ -68,7 +68,12 @@ A/B of two builds (`--baseline-library PATH`, CG and PG layers, all networks): e
 each network, is also timed on another build of the native library (e.g. the previous
 commit's, left in ~/.cache/gate2deploy/native) in the same alternating blocks, under the same
 session options (FBS networks: that build asked for its blocked layout and registered);
-layers print "new/old" = before / op, networks a "before" column beside "ort".
+layers print "new/old" = before / op; networks "before" and "after" columns, "after" being
+this checkout's build as a private copy holding one session, as "before" does (compare those
+two: the build that "ort" and the other variants share reads 0-4 points slower than such a
+copy of itself, build_ab_variants; two copies of one build still come out up to ~3 points
+apart at 300 paired rounds; under --isolated every process holds one build once, and "ort" is
+the after).
 
 Threading: ONNX Runtime's default (intra-op workers spin between ops, as in a deployment);
 `--spin off` disables spinning in every session, the figure for hosts that run so.
@@ -198,6 +203,39 @@ def custom_session(model, threads, layout="auto", library=None):
     return open_session(model, threads, config=SESSION_CONFIG, layout=layout, library=library)
 
 
+_PRIVATE_COPY: list[str] = []
+
+
+def private_library_copy() -> str:
+    """This checkout's native library copied to a temporary path (once per process, removed at
+    exit): loaded from there it is an instance of its own. In-process A/B of two builds needs
+    it: the build every other session of the run shares (ort, meas, nchw, ...) read 0-4 points
+    slower than copies of itself holding one session each, in 8 of 9 comparisons (A/As of the
+    CG and PG ResNet-20s, 300 paired rounds, Intel Xeon, 2026-12-07), while two such copies
+    came out 0-3 points apart either way: so "before" is set against "after", this copy, never
+    against "ort"."""
+    if not _PRIVATE_COPY:
+        import atexit
+        import shutil
+        import tempfile
+
+        from gate2deploy.runtimes.ort import custom_ops_library_path
+
+        folder = tempfile.mkdtemp(prefix="g2d_after_")
+        atexit.register(shutil.rmtree, folder, True)
+        _PRIVATE_COPY.append(shutil.copy(custom_ops_library_path(), os.path.join(folder, "after.so")))
+    return _PRIVATE_COPY[0]
+
+
+def build_ab_variants(args) -> dict:
+    """--baseline-library's two network variants: "after", this checkout's build (a private
+    copy), and "before", the other build, each holding only that session."""
+    if not args.baseline_library:
+        return {}
+    return {"after": lambda m, t: custom_session(m, t, library=private_library_copy()),
+            "before": lambda m, t: custom_session(m, t, library=args.baseline_library)}
+
+
 def time_pair(dense, op, x, repeats):
     """Median ms of dense and op, timed in one run; x is one input or a list cycled through."""
     feeds = [{"x": v} for v in (x if isinstance(x, list) else [x])]
@@ -316,6 +354,7 @@ def network_sweep(title, points, args, extra=None):
     quantizers as their standard-op chains, passes/fuse_activation_quantizer.py)."""
     extra = extra or {}
     if args.isolated:  # variants that are other models than the ort one are not timed there
+        # (and each process holds one instance of one build: "ort" is the "after" there)
         extra = {k: v for k, v in extra.items() if k == "before"}
     print(f"\n{title}")
     ab = "".join(f" {k + ' ms':>9}" for k in extra)
@@ -461,8 +500,7 @@ def network_benchmarks(args) -> None:
                     extra = ({"unfused": lambda m, t: custom_session(unfused_quantizers(m), t),
                               "epi-nodes": lambda m, t: custom_session(epilogue_as_nodes(m), t)}
                              if name == "pg" else {})
-                    if args.baseline_library:  # the same network on the other build, same blocks
-                        extra["before"] = lambda m, t: custom_session(m, t, library=args.baseline_library)
+                    extra.update(build_ab_variants(args))  # --baseline-library: both builds, same blocks
                     network_sweep(f"{label}, batch {batch}, {threads} threads, 32x32", points, args, extra)
     if "fbs" in nets:
         import torchvision
@@ -517,8 +555,7 @@ def network_benchmarks(args) -> None:
                     network_sweep(f"{title}, batch {batch}, {threads} threads, 224x224; "
                                   f"on% = density", points, args,
                                   extra={"nchw": lambda m, t: custom_session(m, t, layout="nchw"),
-                                         **({"before": lambda m, t: custom_session(m, t, library=args.baseline_library)}
-                                            if args.baseline_library else {})})
+                                         **build_ab_variants(args)})
 
 
 def main(argv=None) -> int:
