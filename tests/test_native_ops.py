@@ -728,6 +728,58 @@ def test_cg_few_span_layer_not_split_on_one_thread():
     assert "split_spans=auto" in lib.G2DKernelConfig().decode()
 
 
+CG_POOL_MIN_MACS = 0.7e6  # runtimes/native/conv_common.h, kCGPoolMinMacs
+
+
+@pytest.mark.parametrize("frac", [0.01, 0.9])
+def test_cg_small_call_runs_on_the_calling_thread(frac):
+    """A CG call expected to execute fewer than kCGPoolMinMacs multiply-adds runs on the
+    calling thread (its parallel sections cost more than they save); the expectation is stage
+    1 plus the previous call's gated-on elements times their second-stage MACs, so the first
+    call uses the pool. A 32-channel 16x16 layer with a 1/8 base path: stage 1 is 32 x 4 x 9 x
+    256 = 0.29 M MACs, the whole layer 2.36 M: at 1% on ~0.32 M (one thread from the second
+    call on), at 90% on ~2.2 M (always the pool). G2DSetSetting("cg_pool", "never" / "always")
+    forces it; outputs match the reference on every call."""
+    import ctypes
+
+    if os.environ.get("G2D_CG_POOL"):
+        pytest.skip("G2D_CG_POOL forces the choice")
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 32, 16, 16)).astype(np.float32)
+    w = (rng.standard_normal((32, 32, 3, 3)) / np.sqrt(288)).astype(np.float32)
+    mask = cg_base_mask(32, 32, 8, True)
+    yp = ref.conv2d(x, w * mask[:, :, None, None], (1, 1), (1, 1, 1, 1), (1, 1))
+    thr = ref.thresholds_for_fraction(yp, frac)
+    on = float((yp > thr[None, :, None, None]).mean())
+    stage1, whole = 32 * 4 * 9 * 256, 32 * 32 * 9 * 256
+    small = stage1 + on * (whole - stage1) < CG_POOL_MIN_MACS
+    assert small == (frac < 0.5), on  # the two cases straddle the threshold
+    sess = open_session(single_node_model("CGConv", x.shape, [w, mask, thr],
+                                          conv_attrs((1, 1), (1, 1, 1, 1), (1, 1))), threads=1)
+    y_ref = ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1))
+
+    def serial_calls(runs: int) -> int:
+        before = native_counter("G2DSerialCGCalls")
+        for _ in range(runs):
+            assert_close_with_ties(sess.run(None, {"x": x})[0], y_ref, yp, thr)
+        return native_counter("G2DSerialCGCalls") - before
+
+    assert serial_calls(4) == (3 if small else 0)
+    lib = ctypes.CDLL(str(custom_ops_library_path()))
+    lib.G2DSetSetting.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    lib.G2DKernelConfig.restype = ctypes.c_char_p
+    try:
+        assert lib.G2DSetSetting(b"cg_pool", b"never") == 0
+        assert "cg_pool=never" in lib.G2DKernelConfig().decode()
+        assert serial_calls(2) == 0  # forced, not the rule's choice: not counted
+        assert lib.G2DSetSetting(b"cg_pool", b"always") == 0
+        assert serial_calls(2) == 0
+        assert lib.G2DSetSetting(b"cg_pool", b"sometimes") == -1
+    finally:
+        lib.G2DSetSetting(b"cg_pool", b"auto")
+    assert "cg_pool=auto" in lib.G2DKernelConfig().decode()
+
+
 # ----------------------------------------------------------------------------- FBSConv
 
 def check_fbs_against_reference(geom, density, pool, seed, zero_channels):

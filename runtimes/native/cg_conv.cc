@@ -162,7 +162,8 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     // Small layers in a batch: one task per sample (ParallelOverSamples); else each sample's
     // spans in parallel.
     const bool by_sample = ParallelOverSamples(g);
-    OrtKernelContext* inner = by_sample ? nullptr : ctx;
+    OrtKernelContext* const pool = !by_sample && OnCallingThread(g, *plans) ? nullptr : ctx;
+    OrtKernelContext* inner = by_sample ? nullptr : pool;
     const PostEpilogue channel = post.ChannelPart();
     ParallelFor(by_sample ? ctx : nullptr, size_t(g.N), [&](size_t s) {
       const int64_t n = int64_t(s);
@@ -170,14 +171,32 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
       float* yn = y + n * g.O * g.P();
       if (w_finite && AllFinite(isa, xn, g.C * g.H * g.W)) {
         RunGatedConv(inner, isa, g, plans->groups, xn, xn, 1.f, 1.f, threshold.Data(), yn,
-                     plans->joint_second.get(), &channel, &pool_helped_);  // with the copy to Y
+                     plans->joint_second.get(), &channel, &last_call_);  // with the copy to Y
       } else {
         NonFiniteSample(inner, isa, g, W.Data(), mask, threshold.Data(), xn, yn);
         ApplyPostEpilogue(inner, isa, channel, yn, 1, g.O, g.P());
       }
     });
-    ApplyPostEpilogue(ctx, isa, post.OutputPart(), y, g.N, g.O, g.P());  // clamp, quantizer
+    ApplyPostEpilogue(pool, isa, post.OutputPart(), y, g.N, g.O, g.P());  // clamp, quantizer
   });
+}
+
+bool CGConvKernel::OnCallingThread(const ConvGeom& g, const CGPlans& plans) const {
+  const CGPool setting = CGPoolSetting();
+  if (setting != CGPool::kAuto) return setting == CGPool::kNever;
+  const int64_t on = last_call_.gates_on.load(std::memory_order_relaxed);
+  if (on < 0) return false;  // first call: the pool, as before the rule
+  // Stage 1: each plan's outputs x its base-path channels; stage 2: per gated-on element, the
+  // rest of its output's receptive field (the whole layer's MACs less stage 1's, per element).
+  const double per_pixel = double(g.kk()) * double(g.P());
+  double stage1 = 0.0;
+  for (const auto& plan : plans.groups) stage1 += double(plan.outputs.size()) * double(plan.chans1.size()) * per_pixel;
+  const double elements = double(g.O) * double(g.P());
+  const double whole = double(g.O) * double(g.Cw) * per_pixel;
+  const double macs = stage1 + double(on) * (whole - stage1) / std::max(elements, 1.0);
+  if (macs >= kCGPoolMinMacs) return false;
+  CountSerialCGCall();
+  return true;
 }
 
 }  // namespace g2d

@@ -27,8 +27,10 @@ struct CGConvKernel {
                        const float* w, const float* mask, const float* threshold,
                        const float* xn, float* yn);
   std::atomic<int> w_finite_{-1};  // constant W: all finite (1) or not (0); -1 not scanned
-  // Whether another pool thread ran span tasks in the last call (RunGatedConv): first assumed.
-  std::atomic<bool> pool_helped_{true};
+  // The last call (RunGatedConv): whether another pool thread ran span tasks, gates on.
+  GatedCallRecord last_call_;
+  // Whether this call runs on the calling thread (kCGPoolMinMacs, conv_common.h).
+  bool OnCallingThread(const ConvGeom& g, const CGPlans& plans) const;
   ConvAttrs attrs_;
   std::string attr_error_;
   PostAttrs post_attrs_;  // the optional epilogue's attributes (OPS.md)

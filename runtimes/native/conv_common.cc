@@ -331,6 +331,20 @@ std::atomic<int> split_spans_setting{std::max(0, ParseSplitSpans(std::getenv("G2
 SplitSpans SplitSpansSetting() { return SplitSpans(split_spans_setting.load(std::memory_order_relaxed)); }
 std::atomic<int64_t> split_span_calls{0};  // calls whose spans ran split by plan
 
+namespace {
+// "auto" / "always" / "never" (nullptr: auto); -1 for anything else.
+int ParseCGPool(const char* v) {
+  if (v == nullptr || std::strcmp(v, "auto") == 0) return int(CGPool::kAuto);
+  if (std::strcmp(v, "always") == 0) return int(CGPool::kAlways);
+  if (std::strcmp(v, "never") == 0) return int(CGPool::kNever);
+  return -1;
+}
+std::atomic<int> cg_pool_setting{std::max(0, ParseCGPool(std::getenv("G2D_CG_POOL")))};
+std::atomic<int64_t> serial_cg_calls{0};  // CG calls the MAC rule kept on one thread
+}  // namespace
+CGPool CGPoolSetting() { return CGPool(cg_pool_setting.load(std::memory_order_relaxed)); }
+void CountSerialCGCall() { serial_cg_calls.fetch_add(1, std::memory_order_relaxed); }
+
 bool ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
   if (total == 0) return false;
   if (total == 1 || ctx == nullptr) {
@@ -1356,7 +1370,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
                   const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
                   float scale1, float scale2, const float* threshold, float* y,
                   const GatedStagePlan<T>* joint_second, const PostEpilogue* post,
-                  std::atomic<bool>* pool_helped) {
+                  GatedCallRecord* record) {
   using Acc = typename AccOf<T>::type;
   const int64_t Np = g.P();
   const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
@@ -1497,12 +1511,13 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   const int64_t spans = (src1.columns + NR - 1) / NR;
   const SplitSpans split_setting = SplitSpansSetting();
   const bool pool_may_help = split_setting == SplitSpans::kAlways ||
-      (split_setting == SplitSpans::kAuto && ctx && pool_helped &&
-       pool_helped->load(std::memory_order_relaxed));
+      (split_setting == SplitSpans::kAuto && ctx && record &&
+       record->pool_helped.load(std::memory_order_relaxed));
   // (Only the joint stage's channel-last form runs on part of a plan's rows.)
   const size_t parts = pool_may_help && (!joint_second || !joint_second->w2_taps.empty())
                            ? GatedTaskParts(plans.size(), spans) : 1;
   if (parts > 1) split_span_calls.fetch_add(1, std::memory_order_relaxed);
+  std::atomic<int64_t> gates_on{0};  // summed over the tasks, for the record
   const bool helped = ParallelFor(ctx, size_t(spans) * parts, [&](size_t task) {
     const uint64_t span_clock = StageClockNow();
     const size_t span = task % size_t(spans), part = task / size_t(spans);
@@ -1678,6 +1693,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         }
       }
       AddStageTime(kTimeGate, clock);
+      if (record) gates_on.fetch_add(on, std::memory_order_relaxed);
       if (joint_second) {
         row0 += M;
         on_all += on;
@@ -1706,7 +1722,10 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
                              out_buf.data(), on_all, false, first_row, part_rows);
     }
   });
-  if (ctx && pool_helped) pool_helped->store(helped, std::memory_order_relaxed);
+  if (record) {
+    if (ctx) record->pool_helped.store(helped, std::memory_order_relaxed);
+    record->gates_on.store(gates_on.load(std::memory_order_relaxed), std::memory_order_relaxed);
+  }
   AddStageTime(kTimeCall, call_clock);
 }
 
@@ -1723,7 +1742,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
                                 const std::vector<GatedStagePlan<T>>&, const T*, const T*,       \
                                 float, float, const float*, float*,                              \
                                 const GatedStagePlan<T>*, const PostEpilogue*,                   \
-                                std::atomic<bool>*);
+                                GatedCallRecord*);
 G2D_INSTANTIATE(float)
 G2D_INSTANTIATE(int16_t)
 #undef G2D_INSTANTIATE
@@ -1746,7 +1765,10 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
            " cg_second=" + (g2d::CGTapSecondStage() ? "taps" : "fields") +
            " split_spans=" + (g2d::SplitSpansSetting() == g2d::SplitSpans::kAlways  ? "always"
                               : g2d::SplitSpansSetting() == g2d::SplitSpans::kNever ? "never"
-                                                                                    : "auto");
+                                                                                    : "auto") +
+           " cg_pool=" + (g2d::CGPoolSetting() == g2d::CGPool::kAlways  ? "always"
+                          : g2d::CGPoolSetting() == g2d::CGPool::kNever ? "never"
+                                                                        : "auto");
   }();
   return text.c_str();
 }
@@ -1755,6 +1777,11 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
 // sparse ones that read channel-last rows (CGConv, isa.sparse_dots).
 extern "C" __attribute__((visibility("default"))) int64_t G2DSecondStageRuns(int dense) {
   return g2d::second_stage_runs[dense == 2 ? 2 : dense ? 1 : 0].load(std::memory_order_relaxed);
+}
+
+// CGConv calls run on the calling thread by the MAC rule (kCGPoolMinMacs, G2D_CG_POOL).
+extern "C" __attribute__((visibility("default"))) int64_t G2DSerialCGCalls() {
+  return g2d::serial_cg_calls.load(std::memory_order_relaxed);
 }
 
 // RunGatedConv calls whose spans ran split by plan (GatedTaskParts, G2D_SPLIT_SPANS).
@@ -1772,6 +1799,12 @@ extern "C" __attribute__((visibility("default"))) int G2DSetSetting(const char* 
     const int v = g2d::ParseSplitSpans(value);
     if (v < 0) return -1;
     g2d::split_spans_setting.store(v, std::memory_order_relaxed);
+    return 0;
+  }
+  if (std::strcmp(name, "cg_pool") == 0) {
+    const int v = g2d::ParseCGPool(value);
+    if (v < 0) return -1;
+    g2d::cg_pool_setting.store(v, std::memory_order_relaxed);
     return 0;
   }
   return -1;

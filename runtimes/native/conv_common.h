@@ -153,7 +153,7 @@ constexpr double kTapSpanSplitMacs = double(1 << 22);
 // second stage) into one task per plan, where the pool has other threads: with 3 tasks on 2
 // threads one thread ran two spans, the other one. Not at 1 thread, where the split only costs
 // (~3% of such a layer: per-task set-up, and each plan's dense-or-sparse choice made on its own
-// gates); RunGatedConv's `pool_helped` says whether another thread ran tasks the last time.
+// gates); RunGatedConv's record (GatedCallRecord) says whether another thread ran tasks the last time.
 // G2D_SPLIT_SPANS=always splits them whatever the pool (tests: the split's numerics at any
 // thread count), =never never does. Measured (CG ResNet-20, batch 1, AMD EPYC Zen 4, one
 // session, split and unsplit alternating run by run): the network 1.011-1.031x as fast at 2
@@ -448,15 +448,34 @@ PostAttrs ReadPostAttrs(const OrtKernelInfo* info, std::string* error);
 // (Measured: CG's stage 1 on ONNX Runtime's NCHWc conv, fed back into these panels, was
 // slower than computing it in-panel: 1.49x vs 2.0x dense at 0% on, 128 ch 28x28, p = 4.)
 // `post` (if non-null): the op's epilogue, applied as the outputs are copied to y.
-// `pool_helped` (if non-null, with a ctx): the kernel's record of whether a thread other than
-// the caller ran any span task in its last call; a few-span layer's spans are split by plan
-// (GatedTaskParts) only where one did.
+// `record` (if non-null): the kernel's record of its last call, which RunGatedConv updates:
+// whether a thread other than the caller ran any span task (with a ctx; a few-span layer's
+// spans are split by plan, GatedTaskParts, only where one did) and how many gates were on.
+struct GatedCallRecord {
+  std::atomic<bool> pool_helped{true};  // first assumed
+  std::atomic<int64_t> gates_on{-1};    // -1: no call yet
+};
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
                   const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
                   float scale1, float scale2, const float* threshold, float* y,
                   const GatedStagePlan<T>* joint_second = nullptr,
-                  const PostEpilogue* post = nullptr, std::atomic<bool>* pool_helped = nullptr);
+                  const PostEpilogue* post = nullptr, GatedCallRecord* record = nullptr);
+
+// A CG call whose expected multiply-adds (stage 1, plus the last call's gated-on elements
+// times their second-stage MACs) are below kCGPoolMinMacs runs on the calling thread: its
+// parallel sections (padded copy, channel-last rows, spans, epilogue) cost more to start and
+// join than a second thread saves. Measured (Intel Xeon with AMX, 2 threads, ResNet-20's nine
+// CG layers, tools/ab_native_setting.py --setting cg_pool=always,never --layer N, one session
+// switched run by run): at 0.3% on (0.3-0.6 M MACs) one thread was 1.07-1.38x faster on every
+// layer; at 20% on the stride-2 layers (~0.56 M) 1.02-1.11x, the 16-channel 32x32 ones (~0.8 M)
+// 0.95-1.01x; at 90% on (1.1-2.2 M) 0.88-1.10x. G2D_CG_POOL=always|never forces one way
+// (tests; G2DSetSetting("cg_pool", ...) switches it between runs); G2DSerialCGCalls counts the
+// calls the rule kept on one thread.
+constexpr double kCGPoolMinMacs = 0.7e6;
+enum class CGPool { kAuto, kAlways, kNever };
+CGPool CGPoolSetting();
+void CountSerialCGCall();
 
 
 // Reads the "activation" attribute ("Relu" or absent); a bad value goes to *error.
