@@ -6,8 +6,8 @@ Between processes (`bench_gated_ops.py --isolated`) this 2-vCPU machine spreads 
 figure at 2 threads, more than most kernel changes are worth; within one process, two
 sessions' thread pools compete for the cores. Here one session of the CG or PG ResNet-20
 (tools/bench_gated_ops.py's networks, or one gated layer of it with `--layer`) runs every
-value of `--setting NAME=A,B,...` (runtimes/native: G2DSetSetting, e.g. `split_spans` =
-auto / always / never) in each round, in alternating order, each timed run after `--warm`
+value of `--setting NAME=A,B,...` (runtimes/native: G2DSetSetting: `split_spans` or `cg_pool`,
+auto / always / never) in each round, in time_paired's rotating order, each timed run after `--warm`
 untimed ones (gate2deploy.benchmark.time_paired); the speed-ups are medians of per-round ratios
 against the first value, the thread pool and the caches the same for all. The largest output
 difference between the values is printed too (a setting that changes a summation order may

@@ -319,27 +319,24 @@ bool InputIsConstant(const OrtKernelInfo* info, size_t index) {
 // ---------------------------------------------------------------- threads and errors
 
 namespace {
-// "auto" / "always" / "never" (nullptr: auto); -1 for anything else.
-int ParseSplitSpans(const char* v) {
-  if (v == nullptr || std::strcmp(v, "auto") == 0) return int(SplitSpans::kAuto);
-  if (std::strcmp(v, "always") == 0) return int(SplitSpans::kAlways);
-  if (std::strcmp(v, "never") == 0) return int(SplitSpans::kNever);
+// The run-time settings' values: "auto" / "always" / "never" as 0 / 1 / 2 (SplitSpans and
+// CGPool number them so; nullptr: auto), -1 for anything else.
+int ParseAutoAlwaysNever(const char* v) {
+  if (v == nullptr || std::strcmp(v, "auto") == 0) return 0;
+  if (std::strcmp(v, "always") == 0) return 1;
+  if (std::strcmp(v, "never") == 0) return 2;
   return -1;
 }
-std::atomic<int> split_spans_setting{std::max(0, ParseSplitSpans(std::getenv("G2D_SPLIT_SPANS")))};
+const char* AutoAlwaysNeverName(int v) { return v == 1 ? "always" : v == 2 ? "never" : "auto"; }
+static_assert(int(SplitSpans::kAlways) == 1 && int(SplitSpans::kNever) == 2, "ParseAutoAlwaysNever");
+static_assert(int(CGPool::kAlways) == 1 && int(CGPool::kNever) == 2, "ParseAutoAlwaysNever");
+std::atomic<int> split_spans_setting{std::max(0, ParseAutoAlwaysNever(std::getenv("G2D_SPLIT_SPANS")))};
 }  // namespace
 SplitSpans SplitSpansSetting() { return SplitSpans(split_spans_setting.load(std::memory_order_relaxed)); }
 std::atomic<int64_t> split_span_calls{0};  // calls whose spans ran split by plan
 
 namespace {
-// "auto" / "always" / "never" (nullptr: auto); -1 for anything else.
-int ParseCGPool(const char* v) {
-  if (v == nullptr || std::strcmp(v, "auto") == 0) return int(CGPool::kAuto);
-  if (std::strcmp(v, "always") == 0) return int(CGPool::kAlways);
-  if (std::strcmp(v, "never") == 0) return int(CGPool::kNever);
-  return -1;
-}
-std::atomic<int> cg_pool_setting{std::max(0, ParseCGPool(std::getenv("G2D_CG_POOL")))};
+std::atomic<int> cg_pool_setting{std::max(0, ParseAutoAlwaysNever(std::getenv("G2D_CG_POOL")))};
 std::atomic<int64_t> serial_cg_calls{0};  // CG calls the MAC rule kept on one thread
 }  // namespace
 CGPool CGPoolSetting() { return CGPool(cg_pool_setting.load(std::memory_order_relaxed)); }
@@ -1763,12 +1760,8 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
            " ort_nchwc_conv=" + (ort_conv && std::strcmp(ort_conv, "0") == 0 ? "off" : "on") +
            " second_stage=" + (stage && (std::strcmp(stage, "sparse") == 0 || std::strcmp(stage, "dense") == 0) ? stage : "auto") +
            " cg_second=" + (g2d::CGTapSecondStage() ? "taps" : "fields") +
-           " split_spans=" + (g2d::SplitSpansSetting() == g2d::SplitSpans::kAlways  ? "always"
-                              : g2d::SplitSpansSetting() == g2d::SplitSpans::kNever ? "never"
-                                                                                    : "auto") +
-           " cg_pool=" + (g2d::CGPoolSetting() == g2d::CGPool::kAlways  ? "always"
-                          : g2d::CGPoolSetting() == g2d::CGPool::kNever ? "never"
-                                                                        : "auto");
+           " split_spans=" + g2d::AutoAlwaysNeverName(int(g2d::SplitSpansSetting())) +
+           " cg_pool=" + g2d::AutoAlwaysNeverName(int(g2d::CGPoolSetting()));
   }();
   return text.c_str();
 }
@@ -1791,23 +1784,17 @@ extern "C" __attribute__((visibility("default"))) int64_t G2DSplitSpanCalls() {
 
 // Switches a setting read per call, for benchmarks that compare two settings run by run in one
 // session (tools/ab_native_setting.py: no process or time between the two to add noise):
-// "split_spans" = "auto" | "always" | "never" (G2D_SPLIT_SPANS). Returns 0, or -1 for an
-// unknown name or value (nothing changed).
+// "split_spans" (G2D_SPLIT_SPANS) and "cg_pool" (G2D_CG_POOL), each "auto" | "always" |
+// "never". Returns 0, or -1 for an unknown name or value (nothing changed).
 extern "C" __attribute__((visibility("default"))) int G2DSetSetting(const char* name, const char* value) {
   if (name == nullptr || value == nullptr) return -1;
-  if (std::strcmp(name, "split_spans") == 0) {
-    const int v = g2d::ParseSplitSpans(value);
-    if (v < 0) return -1;
-    g2d::split_spans_setting.store(v, std::memory_order_relaxed);
-    return 0;
-  }
-  if (std::strcmp(name, "cg_pool") == 0) {
-    const int v = g2d::ParseCGPool(value);
-    if (v < 0) return -1;
-    g2d::cg_pool_setting.store(v, std::memory_order_relaxed);
-    return 0;
-  }
-  return -1;
+  std::atomic<int>* setting = std::strcmp(name, "split_spans") == 0 ? &g2d::split_spans_setting
+                              : std::strcmp(name, "cg_pool") == 0   ? &g2d::cg_pool_setting
+                                                                    : nullptr;
+  const int v = g2d::ParseAutoAlwaysNever(value);
+  if (setting == nullptr || v < 0) return -1;
+  setting->store(v, std::memory_order_relaxed);
+  return 0;
 }
 
 
