@@ -682,6 +682,36 @@ def test_cg_channel_last_rows_filled_for_every_gated_span(geom, block_diagonal):
     assert channel_last_spans > 0  # the band calls ran the channel-last sparse stage
 
 
+def native_settings():
+    """The native library (ctypes) with G2DSetSetting and G2DKernelConfig typed: the run-time
+    settings and the configuration line that shows them."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(custom_ops_library_path()))
+    lib.G2DSetSetting.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    lib.G2DKernelConfig.restype = ctypes.c_char_p
+    return lib
+
+
+def cg_counted_runs(x, w, mask, frac):
+    """A 1-thread session of one 3x3 CGConv (pads 1) whose thresholds put `frac` of its gates
+    on: (the gate-on fraction, runs) where runs(counter, n) runs it n times, checks every
+    output against the reference and returns how much the native counter grew."""
+    yp = ref.conv2d(x, w * mask[:, :, None, None], (1, 1), (1, 1, 1, 1), (1, 1))
+    thr = ref.thresholds_for_fraction(yp, frac)
+    sess = open_session(single_node_model("CGConv", x.shape, [w, mask, thr],
+                                          conv_attrs((1, 1), (1, 1, 1, 1), (1, 1))), threads=1)
+    y_ref = ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1))
+
+    def runs(counter: str, n: int) -> int:
+        before = native_counter(counter)
+        for _ in range(n):
+            assert_close_with_ties(sess.run(None, {"x": x})[0], y_ref, yp, thr)
+        return native_counter(counter) - before
+
+    return float((yp > thr[None, :, None, None]).mean()), runs
+
+
 def test_cg_few_span_layer_not_split_on_one_thread():
     """A block-diagonal CG layer with fewer than kFewGatedSpans spans splits its span tasks by
     plan only while another pool thread runs some of them (conv_common.h, GatedTaskParts): on a
@@ -690,30 +720,18 @@ def test_cg_few_span_layer_not_split_on_one_thread():
     choice between runs of one session (tools/ab_native_setting.py): "always" splits every
     call, "never" none; an unknown name or value is refused and changes nothing. The output
     matches the reference on every call."""
-    import ctypes
-
     if os.environ.get("G2D_SPLIT_SPANS"):
         pytest.skip("G2D_SPLIT_SPANS forces the choice")
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1, 32, 3, 3)).astype(np.float32)  # 13 columns: 1-2 spans on every tier
     w = (rng.standard_normal((32, 32, 3, 3)) / np.sqrt(288)).astype(np.float32)
-    mask = cg_base_mask(32, 32, 4, True)
-    yp = ref.conv2d(x, w * mask[:, :, None, None], (1, 1), (1, 1, 1, 1), (1, 1))
-    thr = ref.thresholds_for_fraction(yp, 0.2)
-    sess = open_session(single_node_model("CGConv", x.shape, [w, mask, thr],
-                                          conv_attrs((1, 1), (1, 1, 1, 1), (1, 1))), threads=1)
-    y_ref = ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1))
+    _, counted_runs = cg_counted_runs(x, w, cg_base_mask(32, 32, 4, True), 0.2)
 
     def split_calls(runs: int) -> int:
-        before = native_counter("G2DSplitSpanCalls")
-        for _ in range(runs):
-            assert_close_with_ties(sess.run(None, {"x": x})[0], y_ref, yp, thr)
-        return native_counter("G2DSplitSpanCalls") - before
+        return counted_runs("G2DSplitSpanCalls", runs)
 
     assert split_calls(5) <= 1
-    lib = ctypes.CDLL(str(custom_ops_library_path()))
-    lib.G2DSetSetting.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-    lib.G2DKernelConfig.restype = ctypes.c_char_p
+    lib = native_settings()
     try:
         assert lib.G2DSetSetting(b"split_spans", b"always") == 0
         assert "split_spans=always" in lib.G2DKernelConfig().decode()
@@ -740,34 +758,21 @@ def test_cg_small_call_runs_on_the_calling_thread(frac):
     256 = 0.29 M MACs, the whole layer 2.36 M: at 1% on ~0.32 M (one thread from the second
     call on), at 90% on ~2.2 M (always the pool). G2DSetSetting("cg_pool", "never" / "always")
     forces it; outputs match the reference on every call."""
-    import ctypes
-
     if os.environ.get("G2D_CG_POOL"):
         pytest.skip("G2D_CG_POOL forces the choice")
     rng = np.random.default_rng(8)
     x = rng.standard_normal((1, 32, 16, 16)).astype(np.float32)
     w = (rng.standard_normal((32, 32, 3, 3)) / np.sqrt(288)).astype(np.float32)
-    mask = cg_base_mask(32, 32, 8, True)
-    yp = ref.conv2d(x, w * mask[:, :, None, None], (1, 1), (1, 1, 1, 1), (1, 1))
-    thr = ref.thresholds_for_fraction(yp, frac)
-    on = float((yp > thr[None, :, None, None]).mean())
+    on, counted_runs = cg_counted_runs(x, w, cg_base_mask(32, 32, 8, True), frac)
     stage1, whole = 32 * 4 * 9 * 256, 32 * 32 * 9 * 256
     small = stage1 + on * (whole - stage1) < CG_POOL_MIN_MACS
     assert small == (frac < 0.5), on  # the two cases straddle the threshold
-    sess = open_session(single_node_model("CGConv", x.shape, [w, mask, thr],
-                                          conv_attrs((1, 1), (1, 1, 1, 1), (1, 1))), threads=1)
-    y_ref = ref.cg_conv_reference(x, w, mask, thr, pads=(1, 1, 1, 1))
 
     def serial_calls(runs: int) -> int:
-        before = native_counter("G2DSerialCGCalls")
-        for _ in range(runs):
-            assert_close_with_ties(sess.run(None, {"x": x})[0], y_ref, yp, thr)
-        return native_counter("G2DSerialCGCalls") - before
+        return counted_runs("G2DSerialCGCalls", runs)
 
     assert serial_calls(4) == (3 if small else 0)
-    lib = ctypes.CDLL(str(custom_ops_library_path()))
-    lib.G2DSetSetting.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-    lib.G2DKernelConfig.restype = ctypes.c_char_p
+    lib = native_settings()
     try:
         assert lib.G2DSetSetting(b"cg_pool", b"never") == 0
         assert "cg_pool=never" in lib.G2DKernelConfig().decode()
