@@ -151,14 +151,8 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     }
     const IsaKernels& isa = BestKernels();
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
-    bool w_finite;
-    if (weights_const_) {
-      int known = w_finite_.load(std::memory_order_acquire);  // constant W: scanned once
-      if (known < 0) w_finite_.store(known = AllFinite(W.Data(), g.O * g.C * g.kk()) ? 1 : 0);
-      w_finite = known == 1;
-    } else {
-      w_finite = AllFinite(W.Data(), g.O * g.C * g.kk());
-    }
+    const bool w_finite = CheckedOnceIfConstant(weights_const_, w_finite_,
+                                                [&] { return AllFinite(W.Data(), g.O * g.C * g.kk()); });
     // Small layers in a batch: one task per sample (ParallelOverSamples); else each sample's
     // spans in parallel.
     const bool by_sample = ParallelOverSamples(g);

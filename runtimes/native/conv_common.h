@@ -367,6 +367,20 @@ inline bool AllFinite(const IsaKernels& isa, const float* x, int64_t n) {
   return std::isfinite(isa.abs_max(x, n));
 }
 
+// check() for inputs that are constant initializers is run once and its answer kept in
+// `known` (-1: not run yet, 0 / 1); for inputs fed at run time, on every call. The kernels'
+// scans of their weights and parameters for NaN / inf.
+template <class Check>
+bool CheckedOnceIfConstant(bool constant, std::atomic<int>& known, Check&& check) {
+  if (!constant) return check();
+  int v = known.load(std::memory_order_acquire);
+  if (v < 0) {
+    v = check() ? 1 : 0;
+    known.store(v, std::memory_order_release);
+  }
+  return v == 1;
+}
+
 // One output group of a gated two-stage convolution (see the top of this file).
 template <class T>
 struct GatedStagePlan {

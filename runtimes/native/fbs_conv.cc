@@ -73,32 +73,6 @@ FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {
     attr_error_ = "attribute threshold must be finite, got " + std::to_string(threshold_);
 }
 
-bool FBSConvKernel::WeightsFinite(const float* w, int64_t n) {
-  if (!w_const_) return AllFinite(w, n);
-  int known = w_finite_.load(std::memory_order_acquire);  // constant W: scanned once
-  if (known < 0) {
-    known = AllFinite(w, n) ? 1 : 0;
-    w_finite_.store(known, std::memory_order_release);
-  }
-  return known == 1;
-}
-
-bool FBSConvKernel::ParamsFinite(const IsaKernels& isa, int64_t O, int64_t C, const float* fc_w,
-                                 const float* fc_b, const float* bn_scale, const float* bn_shift,
-                                 const float* beta) {
-  auto scan = [&] {
-    return AllFinite(isa, fc_w, O * C) && AllFinite(isa, fc_b, O) && AllFinite(isa, bn_scale, O) &&
-           AllFinite(isa, bn_shift, O) && AllFinite(isa, beta, O);
-  };
-  if (!params_const_) return scan();
-  int known = params_finite_.load(std::memory_order_acquire);
-  if (known < 0) {
-    known = scan() ? 1 : 0;
-    params_finite_.store(known, std::memory_order_release);
-  }
-  return known == 1;
-}
-
 void FBSConvKernel::ReferenceSample(OrtKernelContext* ctx, const IsaKernels& isa, const float* w,
                                     const float* xn, const ConvGeom& g,
                                     const std::vector<float>& gamma,
@@ -164,9 +138,16 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     // it. A sample whose X, saliency or parameters hold a non-finite value is therefore
     // computed as the reference writes it (every output channel convolved, over every input
     // channel: a zero channel times an inf weight is NaN); finite samples take the fast path.
+    // (Scanned once where constant: per call, fc_W's scan alone was ~0.6% of FBS ResNet-18's
+    // time at density 1, perf, Intel Xeon.)
     const bool params_finite =
-        WeightsFinite(W.Data(), g.O * g.Cw * g.kk()) &&
-        ParamsFinite(isa, g.O, g.C, fc_W.Data(), fc_b.Data(), bn_scale.Data(), bn_shift.Data(), beta.Data());
+        CheckedOnceIfConstant(w_const_, w_finite_,
+                              [&] { return AllFinite(W.Data(), g.O * g.Cw * g.kk()); }) &&
+        CheckedOnceIfConstant(params_const_, params_finite_, [&] {
+          return AllFinite(isa, fc_W.Data(), g.O * g.C) && AllFinite(isa, fc_b.Data(), g.O) &&
+                 AllFinite(isa, bn_scale.Data(), g.O) && AllFinite(isa, bn_shift.Data(), g.O) &&
+                 AllFinite(isa, beta.Data(), g.O);
+        });
     std::vector<uint8_t> channel_finite(size_t(g.C));
 
     for (int64_t n = 0; n < g.N; ++n) {

@@ -20,13 +20,8 @@ struct FBSConvKernel {
                        const float* xn, const ConvGeom& g, const std::vector<float>& gamma,
                        const std::vector<int>& out_active, const float* bn_scale,
                        const float* bn_shift, const float* beta, float* yn);
-  bool WeightsFinite(const float* w, int64_t n);  // cached when W is constant
-  // fc_W [O, C], fc_b, bn_scale, bn_shift and beta [O] all finite: scanned once when all five
-  // are constant initializers (scanning them on every call, fc_W above all, was ~0.6% of FBS
-  // ResNet-18's time at density 1, perf, Intel Xeon), else on every call.
-  bool ParamsFinite(const IsaKernels& isa, int64_t O, int64_t C, const float* fc_w,
-                    const float* fc_b, const float* bn_scale, const float* bn_shift,
-                    const float* beta);
+  // W, and fc_W / fc_b / bn_scale / bn_shift / beta, all finite: scanned once where they are
+  // constant initializers (CheckedOnceIfConstant), else on every call.
   std::atomic<int> w_finite_{-1};       // -1: not scanned yet
   std::atomic<int> params_finite_{-1};  // -1: not scanned yet
   bool params_const_ = false;           // inputs 2-6 constant initializers

@@ -162,13 +162,6 @@ PGConvKernel::PGConvKernel(const OrtApi*, const OrtKernelInfo* info) {
   conv_ = std::make_unique<SubsetConv>(info, attrs_, w_const_);
 }
 
-bool PGConvKernel::WeightsFinite(const float* w, int64_t n) {
-  if (!w_const_) return AllFinite(w, n);
-  int known = w_finite_.load(std::memory_order_acquire);  // constant W: scanned once
-  if (known < 0) w_finite_.store(known = AllFinite(w, n) ? 1 : 0, std::memory_order_release);
-  return known == 1;
-}
-
 Ort::Status PGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
                                   const Ort::Custom::Tensor<float>& W,
                                   const Ort::Custom::Tensor<float>& threshold,
@@ -358,7 +351,7 @@ void PGConvKernel::RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const
     if (nan_planes && std::isfinite(s))  // (a non-finite s made every plane value NaN above)
       for (int64_t i = 0; i < nx; ++i)
         if (x[i] != x[i]) msb[size_t(i)] = lsb[size_t(i)] = std::numeric_limits<float>::quiet_NaN();
-    if (nan_planes || !WeightsFinite(w_data, nw)) {
+    if (nan_planes || !CheckedOnceIfConstant(w_const_, w_finite_, [&] { return AllFinite(w_data, nw); })) {
       // The reference's Y = out_msb + gate * out_lsb element for element: gate * out_lsb is
       // NaN where out_lsb is, even with the gate off (0 * NaN), which the two-stage kernel
       // (stage 2 only where the gate is on) would not give.

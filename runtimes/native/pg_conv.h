@@ -20,8 +20,7 @@ struct PGConvKernel {
   // Both stages into y (every sample), on the first path that applies.
   void RunStages(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g, const float* x,
                  const float* w_data, const float* thr_data, float* y);
-  bool WeightsFinite(const float* w, int64_t n);  // cached when W is constant
-  std::atomic<int> w_finite_{-1};                 // -1: not scanned yet
+  std::atomic<int> w_finite_{-1};  // W all finite (CheckedOnceIfConstant); -1: not scanned yet
   ConvAttrs attrs_;
   std::string attr_error_;
   PostAttrs post_attrs_;  // the optional epilogue's attributes (OPS.md)

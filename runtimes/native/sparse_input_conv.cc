@@ -42,11 +42,8 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
     const std::vector<float> ones(size_t(g.O), 1.f), zeros(size_t(g.O), 0.f);
     // A NaN or inf weight makes a zero channel (and a padding tap) contribute NaN (0 * inf),
     // as in the reference: then every channel and tap is multiplied (DenseConvSample).
-    int w_finite = w_finite_.load(std::memory_order_acquire);
-    if (w_finite < 0) {
-      w_finite = AllFinite(W.Data(), g.O * g.C * g.kk()) ? 1 : 0;
-      if (w_const_) w_finite_.store(w_finite, std::memory_order_release);  // scanned once
-    }
+    const bool w_finite = CheckedOnceIfConstant(w_const_, w_finite_,
+                                                [&] { return AllFinite(W.Data(), g.O * g.C * g.kk()); });
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * Cx * HW;
       float* yn = y + n * Oy * Np;
