@@ -117,6 +117,8 @@ def session_options(threads: int = 2, optimization: str = "all", library_variant
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
     if library:
+        if not Path(library).is_file():
+            raise UserError(f"native library {library} does not exist")
         opts.register_custom_ops_library(str(library))
     elif custom_ops:
         opts.register_custom_ops_library(str(custom_ops_library_path(library_variant)))

@@ -169,3 +169,26 @@ def test_native_setting_ab_switches_the_setting_run_by_run():
     bad = subprocess.run([sys.executable, str(tool), "--setting", "split_spans=never,bogus"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no setting split_spans=bogus" in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("tool", ["bench_gated_ops.py", "bench_network_layers.py"])
+def test_a_missing_baseline_library_is_one_line(tool, tmp_path):
+    """--baseline-library naming no file: the usage and one error line naming it, exit 2,
+    before anything is built or timed (ONNX Runtime's own refusal was a traceback); the
+    session factory refuses it by name too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gate2deploy.errors import UserError
+    from gate2deploy.runtimes.ort import session_options
+
+    missing = tmp_path / "libnone.so"
+    script = Path(__file__).resolve().parent.parent / "tools" / tool
+    done = subprocess.run([sys.executable, str(script), "--baseline-library", str(missing)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(f"--baseline-library {missing} does not exist")
+    with pytest.raises(UserError, match="libnone.so does not exist"):
+        session_options(threads=1, library=missing)

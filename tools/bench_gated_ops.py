@@ -600,6 +600,8 @@ def main(argv=None) -> int:
                    help="run everything once per native-kernel tier: all, or a list of "
                         f"{', '.join(TIER_ENV)} (default: the widest this CPU has)")
     args = p.parse_args(argv)
+    if args.baseline_library and not os.path.isfile(args.baseline_library):
+        p.error(f"--baseline-library {args.baseline_library} does not exist")
     if args.tiers and TIER_CHILD not in os.environ:  # a child runs its one tier, as given
         return run_tiers(args.tiers, list(sys.argv[1:] if argv is None else argv))
     args.net_threads = args.net_threads or [args.threads]
