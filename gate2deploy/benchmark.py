@@ -116,7 +116,8 @@ def time_isolated(models: dict[str, tuple[str | onnx.ModelProto, str | None]], f
     library to register instead of this checkout's, or None: runtimes.ort.open_session's
     session); a ModelProto is saved once, in a temporary folder, whoever else names it);
     `warm` untimed runs, then `runs` timed ones on `feeds`, one feed dict or a list cycled
-    through from run to run). The models' order alternates from round to round; paired_ratio
+    through from run to run). The models' order changes from round to round as time_paired's
+    does (paired_order: each model in each position equally often); paired_ratio
     of the result gives the speed-ups (a round's processes run minutes apart at most, so the
     machine's drift falls on each round's pair alike). `env`: variables set for the children
     (over this process's environment)."""
@@ -132,7 +133,7 @@ def time_isolated(models: dict[str, tuple[str | onnx.ModelProto, str | None]], f
                 paths[id(model)] = os.path.join(tmp, f"model{len(paths)}.onnx")
                 onnx.save(model, paths[id(model)])
         for r in range(rounds):
-            for name in names if r % 2 == 0 else names[::-1]:
+            for name in paired_order(names, r):
                 model, library = models[name]
                 path = paths[id(model)] if isinstance(model, onnx.ModelProto) else str(model)
                 cmd = [sys.executable, "-m", "gate2deploy.benchmark", path, feed_path, str(threads), str(runs),

@@ -146,6 +146,73 @@ def test_isolated_timing_runs_each_model_in_a_process_of_its_own(tmp_path):
                       env={"PYTHONPATH": str(shadow)})
 
 
+def test_isolated_timing_rotates_the_order_of_its_children(monkeypatch, tmp_path):
+    """time_isolated starts its children in a balanced order: over 2n rounds of n models each
+    model is started first, and last, exactly twice, and no model's child runs twice in a row
+    across a round boundary (with the order merely reversed every other round, the first and
+    last models did, and the others were never first or last). The children are spied on,
+    not run."""
+    import subprocess
+    import types
+
+    import numpy as np
+
+    from gate2deploy import benchmark
+
+    started = []
+
+    def fake_run(cmd, **kwargs):
+        started.append(cmd[cmd.index("-m") + 2])  # the model file the child would open
+        return types.SimpleNamespace(returncode=0, stdout="1.0\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    paths = {}
+    for name in ("a", "b", "c"):
+        paths[name] = tmp_path / f"{name}.onnx"
+        paths[name].write_bytes(b"")
+    n, rounds = 3, 6
+    times = benchmark.time_isolated({k: (str(p), None) for k, p in paths.items()},
+                                    {"input": np.ones(1, np.float32)}, rounds=rounds, runs=1, warm=0)
+    assert {k: len(v) for k, v in times.items()} == {"a": rounds, "b": rounds, "c": rounds}
+    order = [[next(k for k, p in paths.items() if str(p) == s) for s in started[r * n:(r + 1) * n]]
+             for r in range(rounds)]
+    assert all(sorted(o) == ["a", "b", "c"] for o in order)
+    for name in paths:
+        assert sum(o[0] == name for o in order) == 2, order
+        assert sum(o[-1] == name for o in order) == 2, order
+    assert all(x[-1] != y[0] for x, y in zip(order, order[1:])), order
+
+
+@pytest.mark.parametrize("net,point,convs", [
+    # ResNet-20 (dnn-gating's resnet20_cg): the stem and 9 blocks of two 3x3 convs, option-A
+    # shortcuts (no 1x1 conv), CG on each block's conv1
+    ("cg", ["--offsets", "1.0"], {"CGConv": 9, "Conv": 10}),
+    # ResNet-18: the stem, 8 blocks of two convs, 3 downsampling 1x1 convs; FBS on the stem and
+    # each block's conv1 (models/fbs.py), each conv2 reading an FBS output a SparseInputConv
+    ("fbs", ["--densities", "0.5"], {"FBSConv": 9, "SparseInputConv": 8, "Conv": 3}),
+])
+def test_node_profile_pairs_every_conv_with_its_twin(net, point, convs):
+    """tools/profile_gated_network.py --per-node: one row per conv node of the gated network,
+    each beside the dense twin's conv of the same layer, though ONNX Runtime renames the
+    twin's convs it moves to its blocked layout (after their output tensor) and runs them in
+    another order (the FBS twin's downsampling convs)."""
+    import re
+    import subprocess
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "tools" / "profile_gated_network.py"
+    done = subprocess.run([sys.executable, str(script), "--net", net, *point, "--runs", "2", "--per-node"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = done.stdout.split("conv node (gated network)", 1)[1].splitlines()[1:]  # after the header
+    pattern = re.compile(r"^\s+\S+\s+(\w+)\s+(\d+)\s+(\d+)\s+(\d+\.\d+)$")
+    parsed = [pattern.match(row) for row in rows]
+    assert all(parsed), rows  # a row whose twin was not found prints "-" and fails here
+    assert Counter(m.group(1) for m in parsed) == Counter(convs)
+
+
 def test_native_setting_ab_switches_the_setting_run_by_run():
     """tools/ab_native_setting.py times the values of a native setting in one session: one
     row per point and thread count with a ratio per value after the first, the outputs of the

@@ -460,6 +460,36 @@ def with_threshold_offset(model, offset):
     return shifted
 
 
+def fbs_resnet18_states(gen) -> tuple[dict, dict]:
+    """The FBS ResNet-18's two state dicts (module docstring): torchvision's ResNet-18 with
+    random init and random BatchNorm (torchvision initializes every BN scale to 1: FBS's
+    saliency, the BN scale here, would tie everywhere and top-k would keep no channel),
+    mapped by fbs_state_dict_from_dense (fixed saliency: each layer keeps the same top-k
+    channels for every input); and the same with random predictor weights, as a trained FBS
+    layer has (the active channels then change with the input). `gen`: the torch.Generator
+    drawn from (seeded 0 by the benchmarks; the varying inputs are drawn after)."""
+    import torch
+    import torchvision
+
+    from gate2deploy.importers.fbs import fbs_state_dict_from_dense
+
+    torch.manual_seed(0)
+    sd = torchvision.models.resnet18(weights=None).state_dict()
+    for key in [k for k in sd if k.endswith("running_var")]:
+        bn = key[: -len("running_var")]
+        c = sd[key].numel()
+        sd[bn + "weight"] = torch.empty(c).uniform_(0.5, 1.5, generator=gen)
+        sd[bn + "bias"] = torch.empty(c).uniform_(-0.1, 0.1, generator=gen)
+        sd[bn + "running_mean"] = torch.empty(c).uniform_(-0.1, 0.1, generator=gen)
+        sd[key] = torch.empty(c).uniform_(0.5, 2.0, generator=gen)
+    dense_sd = fbs_state_dict_from_dense(sd)
+    varying_sd = dict(dense_sd)
+    for key, t in dense_sd.items():
+        if key.endswith("gate.weight"):
+            varying_sd[key] = torch.randn(t.shape, generator=gen) * 0.5 / t.shape[1] ** 0.5
+    return dense_sd, varying_sd
+
+
 def network_benchmarks(args) -> None:
     import torch
 
@@ -503,30 +533,10 @@ def network_benchmarks(args) -> None:
                     extra.update(build_ab_variants(args))  # --baseline-library: both builds, same blocks
                     network_sweep(f"{label}, batch {batch}, {threads} threads, 32x32", points, args, extra)
     if "fbs" in nets:
-        import torchvision
-
-        from gate2deploy.importers.fbs import fbs_state_dict_from_dense
         from gate2deploy.models.fbs import fbs_resnet18
 
-        torch.manual_seed(0)
-        sd = torchvision.models.resnet18(weights=None).state_dict()
         gen = torch.Generator().manual_seed(0)
-        for key in [k for k in sd if k.endswith("running_var")]:
-            # torchvision initializes every BN scale to 1: FBS's saliency (= the BN scale
-            # here) would tie everywhere and top-k would keep no channel. Random BN instead.
-            bn = key[: -len("running_var")]
-            c = sd[key].numel()
-            sd[bn + "weight"] = torch.empty(c).uniform_(0.5, 1.5, generator=gen)
-            sd[bn + "bias"] = torch.empty(c).uniform_(-0.1, 0.1, generator=gen)
-            sd[bn + "running_mean"] = torch.empty(c).uniform_(-0.1, 0.1, generator=gen)
-            sd[key] = torch.empty(c).uniform_(0.5, 2.0, generator=gen)
-        dense_sd = fbs_state_dict_from_dense(sd)
-        # Input-dependent saliencies (random predictor weights, as a trained FBS layer has):
-        # four inputs cycled, so the active channels change from run to run, as with data.
-        varying_sd = dict(dense_sd)
-        for key, t in dense_sd.items():
-            if key.endswith("gate.weight"):
-                varying_sd[key] = torch.randn(t.shape, generator=gen) * 0.5 / t.shape[1] ** 0.5
+        dense_sd, varying_sd = fbs_resnet18_states(gen)
         for batch in args.net_batches:
             x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
             inputs = [torch.randn(batch, 3, 224, 224, generator=gen) for _ in range(4)]

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Where a gated network's time goes by op type (issue 18): ONNX Runtime's own node profile of
-the CG or PG ResNet-20 of tools/bench_gated_ops.py and of its dense twin (each gated node a plain
-Conv of its weights), per op type the node count and microseconds per run, summed over
-`--runs` runs. It separates the gated kernels' own time from what ONNX Runtime adds around
+the CG or PG ResNet-20 or the FBS ResNet-18 of tools/bench_gated_ops.py and of its dense twin
+(each gated node a plain Conv of its weights), per op type the node count and microseconds per
+run, summed over `--runs` runs; `--per-node` adds each conv node's time beside its twin's
+(same node name). Sessions are opened as a deployment opens them (runtimes/ort.py
+open_session: FBS layers in ONNX Runtime's blocked layout where that pays). It separates the gated kernels' own time from what ONNX Runtime adds around
 them (the NCHWc ReorderInput / ReorderOutput pairs it places around each custom op).
 Profiling adds its own overhead per node, and it is large beside these networks' small nodes:
 the last lines print each session's unprofiled wall time (median of the same number of runs)
@@ -13,6 +15,7 @@ itself, which removed 13 of them, was no faster as a whole: docs/performance.md,
 session). Compare node types within a run, and wall times with tools/bench_gated_ops.py.
 
     python tools/profile_gated_network.py --net cg --offsets 3.0,1.0 --threads 1
+    python tools/profile_gated_network.py --net fbs --densities 1.0,0.5 --runs 40 --per-node
 """
 from __future__ import annotations
 
@@ -29,20 +32,22 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gated_ops as nets  # noqa: E402  (the networks, their export and dense twin)
 
-from gate2deploy.runtimes.ort import custom_ops_library_path, session_options  # noqa: E402
+from gate2deploy.runtimes.ort import custom_ops_library_path, open_session  # noqa: E402
+
+CONV_OPS = ("Conv", "CGConv", "PGConv", "FBSConv", "SparseInputConv")
 
 
 def _session(model, library: str, threads: int, profile: bool) -> ort.InferenceSession:
-    """The project's session options, as the benchmarks use them, with `library` registered
-    (for the dense twin too: a PG network's twin keeps its fused QuantizeActivation nodes,
-    bench_gated_ops.py)."""
+    """A session as a deployment opens it (open_session: the custom ops registered where the
+    model uses them, a PG network's twin included, which keeps its fused QuantizeActivation
+    nodes; FBS layers blocked where that pays), from `library`."""
     prefix = os.path.join(tempfile.gettempdir(), "g2d_node_profile")  # the profile is removed below
-    so = session_options(threads=threads, profile=profile, profile_prefix=prefix, custom_ops=False, library=library)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return open_session(model, threads=threads, profile=profile, profile_prefix=prefix, library=library)
 
 
-def node_times(model, library: str, feed: dict, threads: int, runs: int) -> dict[str, tuple[float, float]]:
-    """{op type: (nodes per run, us per run)} from ONNX Runtime's profile of `runs` runs."""
+def node_profile(model, library: str, feed: dict, threads: int, runs: int) -> dict[str, tuple[str, list[float]]]:
+    """{node name: (op type, its kernel times in us, one per run)} from ONNX Runtime's profile
+    of `runs` runs."""
     sess = _session(model, library, threads, profile=True)
     for _ in range(runs):
         sess.run(None, feed)
@@ -51,11 +56,40 @@ def node_times(model, library: str, feed: dict, threads: int, runs: int) -> dict
         events = json.load(open(path))
     finally:
         os.remove(path)
-    per_op = collections.defaultdict(list)
+    nodes: dict[str, tuple[str, list[float]]] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per_op[e["args"]["op_name"]].append(e["dur"])
+            name = e["name"][: -len("_kernel_time")]
+            nodes.setdefault(name, (e["args"]["op_name"], []))[1].append(e["dur"])
+    return nodes
+
+
+def node_times(nodes: dict[str, tuple[str, list[float]]], runs: int) -> dict[str, tuple[float, float]]:
+    """{op type: (nodes per run, us per run)} of a node_profile."""
+    per_op = collections.defaultdict(list)
+    for op, durations in nodes.values():
+        per_op[op] += durations
     return {op: (len(d) / runs, sum(d) / runs) for op, d in per_op.items()}
+
+
+def print_per_node(gated: dict, dense: dict, exported) -> None:
+    """Each conv node of the gated network (median us over the runs) beside the twin's conv of
+    the same layer: the node of the same name, or the one ONNX Runtime named after the tensor
+    the gated node writes (it names a conv it moved to its blocked layout by its output, with
+    "_nchwc"; a fused Add / Relu moves that output to theirs, which a fused gated node writes
+    too)."""
+    import statistics
+
+    output_of = {n.name: n.output[0] for n in exported.graph.node if n.output}
+    twin = {name: statistics.median(d) for name, (op, d) in dense.items() if op in CONV_OPS}
+    print(f"  {'conv node (gated network)':48s} {'op':>16s} {'gated us':>9s} {'twin us':>8s} {'ratio':>6s}")
+    for name, (op, d) in gated.items():
+        if op not in CONV_OPS:
+            continue
+        out = output_of.get(name, "")
+        t = next((twin[k] for k in (name, out + "_nchwc", out) if k in twin), None)
+        g = statistics.median(d)
+        print(f"  {name[-48:]:48s} {op:>16s} {g:9.0f} " + (f"{t:8.0f} {g / t:6.2f}" if t else f"{'-':>8s} {'-':>6s}"))
 
 
 def wall_us(model, library: str, feed: dict, threads: int, runs: int) -> float:
@@ -74,29 +108,26 @@ def wall_us(model, library: str, feed: dict, threads: int, runs: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--net", choices=["cg", "pg"], default="cg")
+    p.add_argument("--net", choices=["cg", "pg", "fbs"], default="cg")
     p.add_argument("--offsets", default="3.0,1.0",
-                   help="threshold offsets (CG: 3.0 ~1%% on, 1.0 ~20%%; PG: 0.5 ~36%%)")
+                   help="CG / PG: threshold offsets (CG: 3.0 ~1%% on, 1.0 ~20%%; PG: 0.5 ~36%%)")
+    p.add_argument("--densities", default="1.0,0.5", help="FBS: the densities (fixed saliency)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=300)
+    p.add_argument("--per-node", action="store_true", help="each conv node beside its twin's")
     args = p.parse_args(argv)
     import torch
 
-    from gate2deploy.models.dnn_gating import resnet20_cg, resnet20_pg
-
-    torch.manual_seed(0)
-    base = (resnet20_cg(partitions=4, shuffle=False) if args.net == "cg"
-            else resnet20_pg(wbits=8, abits=3, pred_bits=2)).eval()
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     library = str(custom_ops_library_path())
-    for offset in (float(o) for o in args.offsets.split(",")):
-        model = nets.with_threshold_offset(base, offset)
+    for title, model, x in networks(args):
         ort_model, _ = nets.export_both(model, x)
         frac, bound = nets.gate_figures(model, x, ort_model)
         feed = {ort_model.graph.input[0].name: x.numpy()}
-        gated = node_times(ort_model, library, feed, args.threads, args.runs)
-        dense = node_times(nets.dense_equivalent(ort_model), library, feed, args.threads, args.runs)
-        print(f"ResNet-20 {args.net.upper()}, batch 1, {args.threads} thread(s), gate-on {frac * 100:.1f}% "
+        twin = nets.dense_equivalent(ort_model)
+        gated_nodes = node_profile(ort_model, library, feed, args.threads, args.runs)
+        dense_nodes = node_profile(twin, library, feed, args.threads, args.runs)
+        gated, dense = node_times(gated_nodes, args.runs), node_times(dense_nodes, args.runs)
+        print(f"{title}, batch 1, {args.threads} thread(s), gate-on {frac * 100:.1f}% "
               f"(MAC bound {bound:.2f}); us per run (nodes per run), {args.runs} runs")
         print(f"  {'op type':16s} {'gated':>14s} {'dense twin':>14s}")
         for op in sorted(set(gated) | set(dense), key=lambda k: -max(gated.get(k, (0, 0))[1], dense.get(k, (0, 0))[1])):
@@ -104,14 +135,41 @@ def main(argv=None) -> int:
             print(f"  {op:16s} {g[1]:8.0f} ({g[0]:2.0f}) {d[1]:8.0f} ({d[0]:2.0f})")
         print(f"  {'all nodes':16s} {sum(v[1] for v in gated.values()):8.0f}      "
               f"{sum(v[1] for v in dense.values()):8.0f}")
-        twin = nets.dense_equivalent(ort_model)
         walls = [wall_us(m, library, feed, args.threads, args.runs) for m in (ort_model, twin)]
         print(f"  {'wall, unprofiled':16s} {walls[0]:8.0f}      {walls[1]:8.0f}")
         per_node = [(sum(v[1] for v in t.values()) - w) / max(sum(v[0] for v in t.values()), 1)
                     for t, w in zip((gated, dense), walls)]
         print(f"  {'profiler us/node':16s} {per_node[0]:8.1f}      {per_node[1]:8.1f}   "
               "(node sum - wall, per node: in every node's figure above)", flush=True)
+        if args.per_node:
+            print_per_node(gated_nodes, dense_nodes, ort_model)
     return 0
+
+
+def networks(args):
+    """(title, torch model, input) per point: the CG / PG ResNet-20 at each threshold offset,
+    or the FBS ResNet-18 (fixed saliency) at each density, as tools/bench_gated_ops.py builds
+    them."""
+    import torch
+
+    if args.net == "fbs":
+        from gate2deploy.models.fbs import fbs_resnet18
+
+        dense_sd, _ = nets.fbs_resnet18_states(torch.Generator().manual_seed(0))
+        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        for density in (float(d) for d in args.densities.split(",")):
+            model = fbs_resnet18(density=density).eval()
+            model.load_state_dict(dense_sd)
+            yield f"ResNet-18 FBS, density {density}", model, x
+        return
+    from gate2deploy.models.dnn_gating import resnet20_cg, resnet20_pg
+
+    torch.manual_seed(0)
+    base = (resnet20_cg(partitions=4, shuffle=False) if args.net == "cg"
+            else resnet20_pg(wbits=8, abits=3, pred_bits=2)).eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for offset in (float(o) for o in args.offsets.split(",")):
+        yield f"ResNet-20 {args.net.upper()}", nets.with_threshold_offset(base, offset), x
 
 
 if __name__ == "__main__":
