@@ -745,15 +745,6 @@ struct ColumnSource {
   }
 };
 
-// dst[0:n] = 0 for short runs: inlined vector stores instead of a memset call per run (a
-// plain zeroing loop is turned into one by the compiler; a call cost more than zeroing a
-// 28-float row).
-inline void ZeroFloats(float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) _mm_storeu_ps(dst + i, _mm_setzero_ps());
-  for (; i < n; ++i) _mm_store_ss(dst + i, _mm_setzero_ps());
-}
-
 // Copies the channels `chans` (those MakeSource laid out) of src.x into src's padded planes.
 // Only the padding border is zeroed (the buffer is reused, the interior is overwritten).
 template <class T>
@@ -788,46 +779,23 @@ void FillSource(const ColumnSource<T>& src, const std::vector<int>& chans,
         // plane_size, padded pixel (r * sh + a, s * sw + b) at row r, column s; outside the
         // input (padding, the round-up) zero.
         if (g.sw == 2) {
-          // The common stride: each input row split once into its two phase rows, its even and
-          // odd pixels from one pair of loads, four of each at a time (SSE2: the file is built
-          // for baseline x86-64). Input column iw is padded column iw + pl: phase (iw + pl) % 2,
+          // The common stride: each input row split once into its two phase rows
+          // (isa.split_pairs). Input column iw is padded column iw + pl: phase (iw + pl) % 2,
           // column (iw + pl) / 2, so even pixels fill phase pl % 2 from column pl / 2 and odd
           // ones the other phase from (pl + 1) / 2; both runs end within Wp = ceil((W + pl +
           // pr) / 2). The generic loop below took 7-8 us of a 40 us stride-2 ResNet-20 CG
           // layer (perf); one pass per phase row, each reading the whole input row, ~10 us of
           // 33 (G2D_STAGE_TIMES "pad"); a zero-padded copy of the row split afterwards was no
           // faster (its loads straddled the copy's stores: no store-to-load forwarding).
-          const int64_t b_even = g.pl % 2, at_even = g.pl / 2, n_even = (g.W + 1) / 2;
-          const int64_t at_odd = (g.pl + 1) / 2, n_odd = g.W / 2;
+          const int64_t b_even = g.pl % 2, at_even = g.pl / 2, at_odd = (g.pl + 1) / 2;
           for (int64_t a = 0; a < g.sh; ++a) {
             float* const ph_even = plane + (a * 2 + b_even) * plane_size;
             float* const ph_odd = plane + (a * 2 + 1 - b_even) * plane_size;
             for (int64_t r = 0; r < src.Hp; ++r) {
-              float* even = ph_even + r * Wp;
-              float* odd = ph_odd + r * Wp;
               const int64_t ih = r * g.sh + a - g.pt;
-              if (ih < 0 || ih >= g.H) {
-                ZeroFloats(even, Wp);
-                ZeroFloats(odd, Wp);
-                continue;
-              }
-              ZeroFloats(even, at_even);
-              ZeroFloats(odd, at_odd);
-              ZeroFloats(even + at_even + n_even, Wp - at_even - n_even);
-              ZeroFloats(odd + at_odd + n_odd, Wp - at_odd - n_odd);
-              const float* in = xc + ih * g.W;
-              even += at_even;
-              odd += at_odd;
-              int64_t k = 0;
-              for (; 2 * k + 8 <= g.W; k += 4) {
-                const __m128 lo = _mm_loadu_ps(in + 2 * k), hi = _mm_loadu_ps(in + 2 * k + 4);
-                _mm_storeu_ps(even + k, _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)));
-                _mm_storeu_ps(odd + k, _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
-              }
-              for (; 2 * k < g.W; ++k) {
-                even[k] = in[2 * k];
-                if (2 * k + 1 < g.W) odd[k] = in[2 * k + 1];
-              }
+              const bool inside = ih >= 0 && ih < g.H;  // else the rows are padding: zeros
+              isa.split_pairs(inside ? xc + ih * g.W : nullptr, inside ? g.W : 0, ph_even + r * Wp,
+                              ph_odd + r * Wp, at_even, at_odd, Wp);
             }
           }
           continue;

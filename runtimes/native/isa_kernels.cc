@@ -1080,6 +1080,56 @@ void pad_rows(const float* x, int64_t H, int64_t W, float* dst, int64_t Wp, int6
   }
 }
 
+void split_pairs(const float* x, int64_t n, float* even, float* odd, int64_t at_even,
+                 int64_t at_odd, int64_t Wp) {
+#if defined(__AVX512F__)
+  for (int64_t j = 0; j < Wp; j += 16) {  // the rows zeroed, then the values stored over them
+    const __mmask16 m = __mmask16(Wp - j >= 16 ? 0xFFFFu : (1u << (Wp - j)) - 1);
+    _mm512_mask_storeu_ps(even + j, m, _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(odd + j, m, _mm512_setzero_ps());
+  }
+  even += at_even;
+  odd += at_odd;
+  const __m512i take_even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i take_odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  int64_t k = 0;  // values of each phase done
+  for (; 2 * k + 32 <= n; k += 16) {
+    const __m512 lo = _mm512_loadu_ps(x + 2 * k), hi = _mm512_loadu_ps(x + 2 * k + 16);
+    _mm512_storeu_ps(even + k, _mm512_permutex2var_ps(lo, take_even, hi));
+    _mm512_storeu_ps(odd + k, _mm512_permutex2var_ps(lo, take_odd, hi));
+  }
+  const int64_t rest = n - 2 * k;  // 0 .. 31 floats: masked loads and stores
+  if (rest > 0) {
+    const __mmask16 lo_mask = __mmask16(rest >= 16 ? 0xFFFFu : (1u << rest) - 1);
+    const __mmask16 hi_mask = __mmask16(rest > 16 ? (1u << (rest - 16)) - 1 : 0u);
+    const __m512 lo = _mm512_maskz_loadu_ps(lo_mask, x + 2 * k);
+    const __m512 hi = _mm512_maskz_loadu_ps(hi_mask, x + 2 * k + 16);
+    const unsigned n_even = unsigned(rest + 1) / 2, n_odd = unsigned(rest) / 2;  // <= 16, <= 15
+    _mm512_mask_storeu_ps(even + k, __mmask16((1u << n_even) - 1), _mm512_permutex2var_ps(lo, take_even, hi));
+    _mm512_mask_storeu_ps(odd + k, __mmask16((1u << n_odd) - 1), _mm512_permutex2var_ps(lo, take_odd, hi));
+  }
+#else
+  const int64_t n_even = (n + 1) / 2, n_odd = n / 2;
+  for (int64_t j = 0; j < at_even; ++j) even[j] = 0.f;
+  for (int64_t j = at_even + n_even; j < Wp; ++j) even[j] = 0.f;
+  for (int64_t j = 0; j < at_odd; ++j) odd[j] = 0.f;
+  for (int64_t j = at_odd + n_odd; j < Wp; ++j) odd[j] = 0.f;
+  even += at_even;
+  odd += at_odd;
+  int64_t k = 0;
+  // SSE2 (every x86-64 CPU): the even and odd pixels of eight floats from one pair of loads.
+  for (; 2 * k + 8 <= n; k += 4) {
+    const __m128 lo = _mm_loadu_ps(x + 2 * k), hi = _mm_loadu_ps(x + 2 * k + 4);
+    _mm_storeu_ps(even + k, _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm_storeu_ps(odd + k, _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  for (; 2 * k < n; ++k) {
+    even[k] = x[2 * k];
+    if (2 * k + 1 < n) odd[k] = x[2 * k + 1];
+  }
+#endif
+}
+
 // ---------------------------------------------------------------- ONNX Runtime's NCHWc layout
 // A block of channels as MLAS's NCHWc kernels store it: pixel p, lane l at p * B + l.
 
@@ -1306,7 +1356,7 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     igemm_micro,   gather_fields, gate_panel,    select_add,
                                     sddmm_chunk,   idot_rows,   scatter_lanes,
                                     pack_filter_tile, epilogue_row, has_nonzero, pool_channel,
-                                    pg_split,      pg_split_words, deal_words, sparse_dots, gated_columns, pad_rows,
+                                    pg_split,      pg_split_words, deal_words, sparse_dots, gated_columns, pad_rows, split_pairs,
                                     store_runs,    abs_max, block_channel_stats,
                                     epilogue_block, permute_lanes, quantize_sign_magnitude,
                                     clip_max_row};

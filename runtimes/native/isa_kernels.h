@@ -163,6 +163,16 @@ struct IsaKernels {
   // (the baseline build's 4-float copies took ~5 us of a 16-channel 32x32 CG layer, perf).
   void (*pad_rows)(const float* x, int64_t H, int64_t W, float* dst, int64_t Wp, int64_t gap,
                    int64_t last_gap);
+  // One input row's two stride-2 phase rows, padding included: even[0 .. Wp) = at_even zeros,
+  // x[0], x[2], ..., then zeros; odd[0 .. Wp) = at_odd zeros, x[1], x[3], ..., then zeros
+  // ((n + 1) / 2 and n / 2 values, which the caller fits in Wp; n = 0: two rows of zeros,
+  // x unread). The phase planes of the fp32 convs at stride 2 (conv_common.cc FillSource),
+  // whose rows are 8-17 floats in CIFAR networks: on AVX-512 a 32-float input row is two
+  // loads, two two-register permutes and a few masked stores. In FillSource's own loop, per
+  // row four zero runs (which GCC made memset calls) and an SSE2 split took 8.6% of a stride-2
+  // ResNet-20 CG layer's samples (perf; the kernel ~65%).
+  void (*split_pairs)(const float* x, int64_t n, float* even, float* odd, int64_t at_even,
+                      int64_t at_odd, int64_t Wp);
   // A gated convolution's span rows copied to Y, run by run of consecutive output pixels, its
   // post-epilogue fused into the copy (CGConv: no second pass over Y): for m < M, r < nruns,
   // i < len[r]:
