@@ -106,18 +106,32 @@ def wall_us(model, library: str, feed: dict, threads: int, runs: int) -> float:
                                            settle_s=0.0)["one"]) * 1e3
 
 
+def _floats(text: str) -> list[float]:
+    """A comma-separated list of numbers (argparse type: a bad one is a usage error)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--net", choices=["cg", "pg", "fbs"], default="cg")
-    p.add_argument("--offsets", default="3.0,1.0",
+    p.add_argument("--offsets", default="3.0,1.0", type=_floats,
                    help="CG / PG: threshold offsets (CG: 3.0 ~1%% on, 1.0 ~20%%; PG: 0.5 ~36%%)")
-    p.add_argument("--densities", default="1.0,0.5", help="FBS: the densities (fixed saliency)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--runs", type=int, default=300)
+    p.add_argument("--densities", default="1.0,0.5", type=_floats, help="FBS: the densities (fixed saliency)")
+    p.add_argument("--threads", type=_positive, default=1)
+    p.add_argument("--runs", type=_positive, default=300)
     p.add_argument("--per-node", action="store_true", help="each conv node beside its twin's")
     args = p.parse_args(argv)
-    import torch
-
+    if args.net == "fbs" and not all(0 < d <= 1 for d in args.densities):
+        p.error(f"--densities must lie in (0, 1], got {args.densities}")
     library = str(custom_ops_library_path())
     for title, model, x in networks(args):
         ort_model, _ = nets.export_both(model, x)
@@ -157,7 +171,7 @@ def networks(args):
 
         dense_sd, _ = nets.fbs_resnet18_states(torch.Generator().manual_seed(0))
         x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-        for density in (float(d) for d in args.densities.split(",")):
+        for density in args.densities:
             model = fbs_resnet18(density=density).eval()
             model.load_state_dict(dense_sd)
             yield f"ResNet-18 FBS, density {density}", model, x
@@ -168,7 +182,7 @@ def networks(args):
     base = (resnet20_cg(partitions=4, shuffle=False) if args.net == "cg"
             else resnet20_pg(wbits=8, abits=3, pred_bits=2)).eval()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    for offset in (float(o) for o in args.offsets.split(",")):
+    for offset in args.offsets:
         yield f"ResNet-20 {args.net.upper()}", nets.with_threshold_offset(base, offset), x
 
 
