@@ -2,10 +2,11 @@
 """Where a gated network's time goes by op type (issue 18): ONNX Runtime's own node profile of
 the CG or PG ResNet-20 or the FBS ResNet-18 of tools/bench_gated_ops.py and of its dense twin
 (each gated node a plain Conv of its weights), per op type the node count and microseconds per
-run, summed over `--runs` runs; `--per-node` adds each conv node's time beside its twin's
-(same node name). Sessions are opened as a deployment opens them (runtimes/ort.py
-open_session: FBS layers in ONNX Runtime's blocked layout where that pays). It separates the gated kernels' own time from what ONNX Runtime adds around
-them (the NCHWc ReorderInput / ReorderOutput pairs it places around each custom op).
+run, summed over `--runs` runs; `--per-node` adds each conv node's time beside the twin's conv
+of the same layer (print_per_node says how they are paired). Sessions are opened as a deployment
+opens them (runtimes/ort.py open_session: FBS layers in ONNX Runtime's blocked layout where that
+pays). It separates the gated kernels' own time from what ONNX Runtime adds around them (the
+NCHWc ReorderInput / ReorderOutput pairs it places around each custom op).
 Profiling adds its own overhead per node, and it is large beside these networks' small nodes:
 the last lines print each session's unprofiled wall time (median of the same number of runs)
 and the profiled node sum's excess over it per node (AMD EPYC Zen 4, 1 thread, 2026-12-06:
