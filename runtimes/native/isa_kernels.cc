@@ -1282,13 +1282,15 @@ void permute_lanes(const float* const* src, int nsrc, const int32_t* idx, int64_
     return;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i)
+  for (int64_t i = 0; i < n; ++i) {
+    float v[64];  // the pixel's lanes read before any is written: dst may be a source
     for (int l = 0; l < B; ++l) {
-      float v = 0.f;
+      v[l] = 0.f;
       for (int s = 0; s < nsrc; ++s)
-        if (idx[s * B + l] >= 0) v = src[s][i * B + idx[s * B + l]];
-      dst[i * B + l] = v;
+        if (idx[s * B + l] >= 0) v[l] = src[s][i * B + idx[s * B + l]];
     }
+    for (int l = 0; l < B; ++l) dst[i * B + l] = v[l];
+  }
 }
 
 // QuantLevels' table in vectors, loaded once per call.

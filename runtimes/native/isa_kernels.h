@@ -202,7 +202,9 @@ struct IsaKernels {
                          const float* sh, const float* b, const float* r, bool relu);
   // dst[p * B + l] = src[s][p * B + idx[s * B + l]] for the source s whose idx is >= 0 at
   // lane l (at most one), 0 if none, for p < n: lanes of up to `nsrc` (<= 64) blocks
-  // gathered into one (a subset of channels in, or an active subset out).
+  // gathered into one (a subset of channels in, or an active subset out). dst may be one of
+  // the sources (each pixel is read whole before it is written; SubsetConv::RunBlocked fills
+  // Y in place).
   void (*permute_lanes)(const float* const* src, int nsrc, const int32_t* idx, int64_t n, int B,
                         float* dst);
   // The seed's sign-magnitude quantizer (QuantizeActivation, runtimes/OPS.md) for i < n, in
