@@ -33,7 +33,7 @@ import tempfile
 import numpy as np
 import onnx
 
-from .profiling.measure import summarize
+from .profiling.measure import node_kernel_durations, summarize
 from .report import model_cost
 
 DENSE, GROUPED = "dense Conv", "grouped/depthwise Conv"
@@ -55,17 +55,10 @@ def kernel_ms_by_kind(model: onnx.ModelProto, x: np.ndarray, runs: int, threads:
         optimized = onnx.load(optimized_path, load_external_data=False)
     grouped = {n.name for n in optimized.graph.node if n.op_type in ("Conv", "FusedConv")
                and next((a.i for a in n.attribute if a.name == "group"), 1) > 1}
-    per_node: dict[str, list[float]] = collections.defaultdict(list)
-    kind_of: dict[str, str] = {}
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
-        node, op = e["name"][: -len("_kernel_time")], e["args"].get("op_name", "?")
-        kind_of[node] = (GROUPED if node in grouped else DENSE) if op in ("Conv", "FusedConv") else op
-        per_node[node].append(e["dur"] / 1e3)
     totals: dict[str, float] = collections.defaultdict(float)
-    for node, durations in per_node.items():
-        totals[kind_of[node]] += summarize(durations[-runs:])[0]
+    for node, (op, durations) in node_kernel_durations(events).items():
+        kind = (GROUPED if node in grouped else DENSE) if op in ("Conv", "FusedConv") else op
+        totals[kind] += summarize([d / 1e3 for d in durations[-runs:]])[0]
     return dict(totals)
 
 

@@ -33,6 +33,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gated_ops as nets  # noqa: E402  (the networks, their export and dense twin)
 
+from gate2deploy.profiling.measure import node_kernel_durations  # noqa: E402
 from gate2deploy.runtimes.ort import custom_ops_library_path, open_session  # noqa: E402
 
 CONV_OPS = ("Conv", "CGConv", "PGConv", "FBSConv", "SparseInputConv")
@@ -57,12 +58,7 @@ def node_profile(model, library: str, feed: dict, threads: int, runs: int) -> di
         events = json.load(open(path))
     finally:
         os.remove(path)
-    nodes: dict[str, tuple[str, list[float]]] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            name = e["name"][: -len("_kernel_time")]
-            nodes.setdefault(name, (e["args"]["op_name"], []))[1].append(e["dur"])
-    return nodes
+    return node_kernel_durations(events)
 
 
 def node_times(nodes: dict[str, tuple[str, list[float]]], runs: int) -> dict[str, tuple[float, float]]:

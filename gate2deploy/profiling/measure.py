@@ -216,10 +216,8 @@ class OrtCpuBackend:
                 sess.run(None, feeds)
             with open(sess.end_profiling()) as f:
                 events = json.load(f)
-        per_node: dict[str, list[float]] = {}
-        for ev in events:
-            if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-                per_node.setdefault(ev["name"], []).append(ev["dur"] / 1e3)
+        per_node = {name: [d / 1e3 for d in durations]
+                    for name, (_, durations) in node_kernel_durations(events).items()}
         return sum_of_node_medians(per_node, runs, settings.max_cv)
 
     def measure_layer(self, spec: LayerSpec) -> tuple[Measurement, str]:
@@ -234,6 +232,18 @@ class OrtCpuBackend:
         path = "nchwc" if "ReorderInput" in ops or "ReorderOutput" in ops else "nchw"
         feeds = _feeds(model, self.rng)
         return measure(lambda: sess.run(None, feeds), self.settings), path
+
+
+def node_kernel_durations(events: list[dict]) -> dict[str, tuple[str, list[float]]]:
+    """Per node of an ONNX Runtime profile (its events, as json-loaded): (op type, the node's
+    kernel durations in us, in run order). Only the `*_kernel_time` events count: the kernel,
+    without session entry, scheduling or hand-off between nodes."""
+    nodes: dict[str, tuple[str, list[float]]] = {}
+    for ev in events:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            name = ev["name"][: -len("_kernel_time")]
+            nodes.setdefault(name, (ev.get("args", {}).get("op_name", "?"), []))[1].append(ev["dur"])
+    return nodes
 
 
 def sum_of_node_medians(per_node: dict[str, list[float]], runs: int, max_cv: float) -> Measurement:
