@@ -213,6 +213,35 @@ def test_node_profile_pairs_every_conv_with_its_twin(net, point, convs):
     assert Counter(m.group(1) for m in parsed) == Counter(convs)
 
 
+def test_node_profile_with_a_baseline_library_adds_each_nodes_time_on_that_build(tmp_path):
+    """tools/profile_gated_network.py --baseline-library: the gated network profiled on the
+    other build too, a "before" column per op type and a before time and ratio per conv node
+    (the same graph, so every node is found on both builds: a row missing one prints "-" and
+    fails the pattern)."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gate2deploy.runtimes.ort import custom_ops_library_path
+
+    copy = tmp_path / "libcopy.so"  # another path: a separate instance of the same build
+    shutil.copy(custom_ops_library_path(), copy)
+    script = Path(__file__).resolve().parent.parent / "tools" / "profile_gated_network.py"
+    done = subprocess.run([sys.executable, str(script), "--net", "cg", "--offsets", "1.0", "--runs", "2",
+                           "--per-node", "--baseline-library", str(copy)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    header = next(line for line in done.stdout.splitlines() if line.strip().startswith("op type"))
+    assert header.split()[-3:] == ["dense", "twin", "before"], header
+    rows = done.stdout.split("conv node (gated network)", 1)[1].splitlines()[1:]
+    pattern = re.compile(r"^\s+\S+\s+(\w+)\s+(\d+)\s+(\d+)\s+(\d+\.\d+)\s+(\d+)\s+(\d+\.\d+)$")
+    parsed = [pattern.match(row) for row in rows]
+    assert all(parsed), rows
+    assert len(parsed) == 19  # 9 CGConv + 10 Conv (test above)
+
+
 def test_native_setting_ab_switches_the_setting_run_by_run():
     """tools/ab_native_setting.py times the values of a native setting in one session: one
     row per point and thread count with a ratio per value after the first, the outputs of the
@@ -238,7 +267,7 @@ def test_native_setting_ab_switches_the_setting_run_by_run():
     assert bad.returncode == 2 and "no setting split_spans=bogus" in bad.stderr, bad.stderr
 
 
-@pytest.mark.parametrize("tool", ["bench_gated_ops.py", "bench_network_layers.py"])
+@pytest.mark.parametrize("tool", ["bench_gated_ops.py", "bench_network_layers.py", "profile_gated_network.py"])
 def test_a_missing_baseline_library_is_one_line(tool, tmp_path):
     """--baseline-library naming no file: the usage and one error line naming it, exit 2,
     before anything is built or timed (ONNX Runtime's own refusal was a traceback); the

@@ -13,10 +13,15 @@ and the profiled node sum's excess over it per node (AMD EPYC Zen 4, 1 thread, 2
 ~2.7 us per node, so ONNX Runtime's 21 NCHWc reorders around the CG ResNet-20's custom ops,
 76 us in the profile, cost ~17 us of wall time; a CGConv reading and writing the blocked layout
 itself, which removed 13 of them, was no faster as a whole: docs/performance.md, twenty-fourth
-session). Compare node types within a run, and wall times with tools/bench_gated_ops.py.
+session; a CGConv writing it, removing the 9 ReorderInputs after the CG layers, was within
+0.99-1.01x at 1 thread on an Intel Xeon with AMX as well: twenty-eighth session). Compare node types within a run, and wall times with tools/bench_gated_ops.py.
+`--baseline-library old.so` profiles the gated network on that build too and adds a "before"
+column (per op type, per node with `--per-node`, and the wall time): where a kernel change
+went, node by node, the two builds' profiles taken one after the other in the same run.
 
     python tools/profile_gated_network.py --net cg --offsets 3.0,1.0 --threads 1
     python tools/profile_gated_network.py --net fbs --densities 1.0,0.5 --runs 40 --per-node
+    python tools/profile_gated_network.py --net fbs --densities 1.0 --per-node --baseline-library old.so
 """
 from __future__ import annotations
 
@@ -69,24 +74,31 @@ def node_times(nodes: dict[str, tuple[str, list[float]]], runs: int) -> dict[str
     return {op: (len(d) / runs, sum(d) / runs) for op, d in per_op.items()}
 
 
-def print_per_node(gated: dict, dense: dict, exported) -> None:
+def print_per_node(gated: dict, dense: dict, exported, before: dict | None = None) -> None:
     """Each conv node of the gated network (median us over the runs) beside the twin's conv of
     the same layer: the node of the same name, or the one ONNX Runtime named after the tensor
     the gated node writes (it names a conv it moved to its blocked layout by its output, with
     "_nchwc"; a fused Add / Relu moves that output to theirs, which a fused gated node writes
-    too)."""
+    too). `before`: the gated network's profile on --baseline-library's build (the same graph:
+    nodes of the same name), printed with the ratio gated / before."""
     import statistics
 
     output_of = {n.name: n.output[0] for n in exported.graph.node if n.output}
     twin = {name: statistics.median(d) for name, (op, d) in dense.items() if op in CONV_OPS}
-    print(f"  {'conv node (gated network)':48s} {'op':>16s} {'gated us':>9s} {'twin us':>8s} {'ratio':>6s}")
+    old = {name: statistics.median(d) for name, (op, d) in (before or {}).items() if op in CONV_OPS}
+    ab = f" {'before us':>9s} {'/before':>7s}" if before is not None else ""
+    print(f"  {'conv node (gated network)':48s} {'op':>16s} {'gated us':>9s} {'twin us':>8s} {'ratio':>6s}{ab}")
     for name, (op, d) in gated.items():
         if op not in CONV_OPS:
             continue
         out = output_of.get(name, "")
         t = next((twin[k] for k in (name, out + "_nchwc", out) if k in twin), None)
         g = statistics.median(d)
-        print(f"  {name[-48:]:48s} {op:>16s} {g:9.0f} " + (f"{t:8.0f} {g / t:6.2f}" if t else f"{'-':>8s} {'-':>6s}"))
+        row = f"  {name[-48:]:48s} {op:>16s} {g:9.0f} " + (f"{t:8.0f} {g / t:6.2f}" if t else f"{'-':>8s} {'-':>6s}")
+        if before is not None:
+            b = old.get(name)
+            row += f" {b:9.0f} {g / b:7.2f}" if b else f" {'-':>9s} {'-':>7s}"
+        print(row)
 
 
 def wall_us(model, library: str, feed: dict, threads: int, runs: int) -> float:
@@ -126,34 +138,45 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=_positive, default=1)
     p.add_argument("--runs", type=_positive, default=300)
     p.add_argument("--per-node", action="store_true", help="each conv node beside its twin's")
+    p.add_argument("--baseline-library", default=None,
+                   help="another build of the native library: the gated network profiled on it too")
     args = p.parse_args(argv)
     if args.net == "fbs" and not all(0 < d <= 1 for d in args.densities):
         p.error(f"--densities must lie in (0, 1], got {args.densities}")
+    if args.baseline_library and not os.path.isfile(args.baseline_library):
+        p.error(f"--baseline-library {args.baseline_library} does not exist")
     library = str(custom_ops_library_path())
+    baseline = args.baseline_library
     for title, model, x in networks(args):
         ort_model, _ = nets.export_both(model, x)
         frac, bound = nets.gate_figures(model, x, ort_model)
         feed = {ort_model.graph.input[0].name: x.numpy()}
         twin = nets.dense_equivalent(ort_model)
-        gated_nodes = node_profile(ort_model, library, feed, args.threads, args.runs)
-        dense_nodes = node_profile(twin, library, feed, args.threads, args.runs)
-        gated, dense = node_times(gated_nodes, args.runs), node_times(dense_nodes, args.runs)
+        # (model, library) per column: the gated network, the dense twin, and with
+        # --baseline-library the gated network on that build
+        columns = {"gated": (ort_model, library), "dense twin": (twin, library)}
+        if baseline:
+            columns["before"] = (ort_model, baseline)
+        nodes = {k: node_profile(m, lib, feed, args.threads, args.runs) for k, (m, lib) in columns.items()}
+        per_op = {k: node_times(v, args.runs) for k, v in nodes.items()}
         print(f"{title}, batch 1, {args.threads} thread(s), gate-on {frac * 100:.1f}% "
-              f"(MAC bound {bound:.2f}); us per run (nodes per run), {args.runs} runs")
-        print(f"  {'op type':16s} {'gated':>14s} {'dense twin':>14s}")
-        for op in sorted(set(gated) | set(dense), key=lambda k: -max(gated.get(k, (0, 0))[1], dense.get(k, (0, 0))[1])):
-            g, d = gated.get(op, (0, 0.0)), dense.get(op, (0, 0.0))
-            print(f"  {op:16s} {g[1]:8.0f} ({g[0]:2.0f}) {d[1]:8.0f} ({d[0]:2.0f})")
-        print(f"  {'all nodes':16s} {sum(v[1] for v in gated.values()):8.0f}      "
-              f"{sum(v[1] for v in dense.values()):8.0f}")
-        walls = [wall_us(m, library, feed, args.threads, args.runs) for m in (ort_model, twin)]
-        print(f"  {'wall, unprofiled':16s} {walls[0]:8.0f}      {walls[1]:8.0f}")
+              f"(MAC bound {bound:.2f}); us per run (nodes per run), {args.runs} runs"
+              + (f"; before: {baseline}" if baseline else ""))
+        print(f"  {'op type':16s}" + "".join(f" {k:>14s}" for k in columns))
+        ops = set().union(*per_op.values())
+        for op in sorted(ops, key=lambda k: -max(t.get(k, (0, 0))[1] for t in per_op.values())):
+            print(f"  {op:16s}" + "".join(f" {t.get(op, (0, 0.0))[1]:8.0f} ({t.get(op, (0, 0.0))[0]:2.0f})"
+                                          for t in per_op.values()))
+        print(f"  {'all nodes':16s}" + "".join(f" {sum(v[1] for v in t.values()):8.0f}     "
+                                               for t in per_op.values()))
+        walls = [wall_us(m, lib, feed, args.threads, args.runs) for m, lib in columns.values()]
+        print(f"  {'wall, unprofiled':16s}" + "".join(f" {w:8.0f}     " for w in walls))
         per_node = [(sum(v[1] for v in t.values()) - w) / max(sum(v[0] for v in t.values()), 1)
-                    for t, w in zip((gated, dense), walls)]
-        print(f"  {'profiler us/node':16s} {per_node[0]:8.1f}      {per_node[1]:8.1f}   "
-              "(node sum - wall, per node: in every node's figure above)", flush=True)
+                    for t, w in zip(per_op.values(), walls)]
+        print(f"  {'profiler us/node':16s}" + "".join(f" {v:8.1f}     " for v in per_node)
+              + "  (node sum - wall, per node: in every node's figure above)", flush=True)
         if args.per_node:
-            print_per_node(gated_nodes, dense_nodes, ort_model)
+            print_per_node(nodes["gated"], nodes["dense twin"], ort_model, nodes.get("before"))
     return 0
 
 
