@@ -60,7 +60,8 @@ def node_profile(model, library: str, feed: dict, threads: int, runs: int) -> di
         sess.run(None, feed)
     path = sess.end_profiling()
     try:
-        events = json.load(open(path))
+        with open(path) as f:
+            events = json.load(f)
     finally:
         os.remove(path)
     return node_kernel_durations(events)
