@@ -288,3 +288,45 @@ def test_a_missing_baseline_library_is_one_line(tool, tmp_path):
     assert done.stderr.strip().splitlines()[-1].endswith(f"--baseline-library {missing} does not exist")
     with pytest.raises(UserError, match="libnone.so does not exist"):
         session_options(threads=1, library=missing)
+
+
+def test_a_variant_computing_another_function_is_flagged_not_compared():
+    """tools/bench_gated_ops.py's variants_disagreeing: a variant timing the ort model on
+    another build or layout ("after", "before", "nchw") must compute its function. A build that
+    ignores an attribute the graph sets writes another layout (here: the same values in another
+    order), which is flagged; a few elements moved as by a gate flipping near its threshold, or
+    last-bit differences, are not; NaN where the reference has none is; the dense twin and other
+    variants are not compared at all."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    bench = importlib.import_module("bench_gated_ops")
+
+    class Returns:
+        def __init__(self, y):
+            self.y = y
+
+        def run(self, outputs, feed):
+            return [self.y]
+
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((1, 32, 8, 8)).astype(np.float32)
+    flipped = y.copy()
+    flipped.flat[[3, 700]] += 1.0  # two gates near their thresholds went the other way
+    with_nan = y.copy()
+    with_nan.flat[5] = np.nan
+    sessions = {"ort": Returns(y), "dense": Returns(-y), "meas": Returns(2 * y),
+                "after": Returns(y * (1 + 1e-7)), "nchw": Returns(flipped),
+                "before": Returns(y.reshape(1, 2, 16, 64).transpose(0, 2, 1, 3).reshape(y.shape))}
+    assert bench.variants_disagreeing(sessions, {"x": None}) == ["before"]
+    sessions["before"] = Returns(with_nan)
+    assert bench.variants_disagreeing(sessions, {"x": None}) == ["before"]
+    sessions["before"] = Returns(y[:, :16])
+    assert bench.variants_disagreeing(sessions, {"x": None}) == ["before"]
+    sessions["before"] = Returns(y.copy())
+    assert bench.variants_disagreeing(sessions, {"x": None}) == []
+    assert "before" in bench.disagreement_note(["before"]) and bench.disagreement_note([]) == ""

@@ -73,7 +73,10 @@ this checkout's build as a private copy holding one session, as "before" does (c
 two: the build that "ort" and the other variants share reads 0-4 points slower than such a
 copy of itself, build_ab_variants; two copies of one build still come out up to ~3 points
 apart at 300 paired rounds; under --isolated every process holds one build once, and "ort" is
-the after).
+the after). Before timing, the variants that run the ort model itself on another build or
+layout ("after", "before", "nchw") are run once and compared with it; a row whose variant
+computes another function (a build ignoring an attribute the graph sets) says "OUTPUTS
+DIFFER" after its path (variants_disagreeing).
 
 Threading: ONNX Runtime's default (intra-op workers spin between ops, as in a deployment);
 `--spin off` disables spinning in every session, the figure for hosts that run so.
@@ -236,6 +239,43 @@ def build_ab_variants(args) -> dict:
             "before": lambda m, t: custom_session(m, t, library=args.baseline_library)}
 
 
+# The variants that time the ort model itself on another build or layout: they compute the
+# function of its own kernels, so their outputs must be the ort session's.
+SAME_FUNCTION_VARIANTS = ("after", "before", "nchw")
+AGREE_RTOL = 0.1  # relative L2 difference of an output still called "the same function"
+
+
+def variants_disagreeing(sessions: dict, feed: dict, reference: str = "ort",
+                         names=SAME_FUNCTION_VARIANTS) -> list[str]:
+    """The variants among `names` whose first output on `feed` is not `reference`'s: a
+    relative L2 difference above AGREE_RTOL, another shape, or NaN where the reference has
+    none (or the reverse). Why: a build that ignores an attribute the graph sets (a layout
+    attribute newer than the build, say) computes another function, and its time must not be
+    printed as the same model's (2026-12-07: an older build given `output_block` wrote NCHW
+    where the graph read blocked, and its "before" column timed that). The tolerance is coarse
+    on purpose: summation order may flip a gate near its threshold between builds, which moves
+    an output far less than a wrong layout does."""
+    ref = np.asarray(sessions[reference].run(None, feed)[0], dtype=np.float64)
+    bad = []
+    for name in names:
+        if name not in sessions:
+            continue
+        out = np.asarray(sessions[name].run(None, feed)[0], dtype=np.float64)
+        if out.shape != ref.shape or not np.array_equal(np.isnan(out), np.isnan(ref)):
+            bad.append(name)
+            continue
+        keep = ~np.isnan(ref)
+        diff = np.linalg.norm(out[keep] - ref[keep])
+        if not diff <= AGREE_RTOL * max(float(np.linalg.norm(ref[keep])), 1e-30):  # inf - inf: NaN, never
+            bad.append(name)
+    return bad
+
+
+def disagreement_note(bad: list[str]) -> str:
+    """What a row says after its path column when variants_disagreeing found any."""
+    return f"  OUTPUTS DIFFER from ort: {', '.join(bad)} (another function: not comparable)" if bad else ""
+
+
 def time_pair(dense, op, x, repeats):
     """Median ms of dense and op, timed in one run; x is one input or a list cycled through."""
     feeds = [{"x": v} for v in (x if isinstance(x, list) else [x])]
@@ -269,9 +309,10 @@ def sweep(name, make_model, dense, x, args, goal=None, bound=None):
         sessions = [dense, custom_session(model, args.threads)]
         if base:
             sessions.append(custom_session(model, args.threads, library=base))
+        bad = variants_disagreeing({"ort": sessions[1], "before": sessions[2]}, {"x": x}) if base else []
         before = path_counts()
         times = median_ms_in_blocks(sessions, [{"x": x}], args.repeats)
-        path = paths_since(before)
+        path = paths_since(before) + disagreement_note(bad)
         td, to = times[:2]
         rows.append((frac, td / to))
         mark = ""
@@ -364,8 +405,8 @@ def network_sweep(title, points, args, extra=None):
     rows = []
     for frac, bound, x, ort_model, portable, measured in points:
         if args.isolated:
-            times, speedup = isolated_point(ort_model, measured, x, args)
-            print_network_row(frac, bound, times, speedup, extra, "(isolated)")
+            times, speedup, bad = isolated_point(ort_model, measured, x, args)
+            print_network_row(frac, bound, times, speedup, extra, "(isolated)" + disagreement_note(bad))
             rows.append((frac, speedup["ort"]))
             continue
         sessions = {"dense": custom_session(dense_equivalent(ort_model), args.threads),  # stock ops,
@@ -377,6 +418,7 @@ def network_sweep(title, points, args, extra=None):
         sessions.update({k: make(ort_model, args.threads) for k, make in extra.items()})
         name = sessions["dense"].get_inputs()[0].name
         feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
+        bad = variants_disagreeing(sessions, feeds[0] if isinstance(feeds, list) else feeds)
         before = path_counts()
         if args.paired:  # run by run: medians, and the speed-ups as medians of per-round ratios
             runs = time_paired(sessions, {k: feeds if isinstance(feeds, list) else [feeds] for k in sessions},
@@ -386,7 +428,7 @@ def network_sweep(title, points, args, extra=None):
         else:
             times = dict(zip(sessions, median_ms_in_blocks(list(sessions.values()), feeds, args.repeats)))
             speedup = {k: times["dense"] / t for k, t in times.items()}
-        print_network_row(frac, bound, times, speedup, extra, paths_since(before))
+        print_network_row(frac, bound, times, speedup, extra, paths_since(before) + disagreement_note(bad))
         rows.append((frac, speedup["ort"]))
     rows.sort()
     c = crossover(rows)
@@ -412,14 +454,23 @@ def isolated_point(ort_model, measured, x, args):
     """--isolated: the dense twin, the ort model, the measured choice and (--baseline-library)
     the ort model on that build, each timed alone in a process of its own for --isolated
     rounds (gate2deploy.benchmark.time_isolated); (median ms, speed-up as the median of
-    per-round ratios to the dense twin) per variant. `x`: one input or a list cycled through."""
+    per-round ratios to the dense twin) per variant, and variants_disagreeing's list for
+    "before" (checked here first, both builds in this process, before any timing). `x`: one
+    input or a list cycled through."""
     variants = {"dense": (dense_equivalent(ort_model), None), "ort": (ort_model, None), "meas": (measured, None),
                 "before": (ort_model, args.baseline_library) if args.baseline_library else (None, None)}
     models = {key: variant for key, variant in variants.items() if variant[0] is not None}
     name = ort_model.graph.input[0].name
     feeds = [{name: v} for v in x] if isinstance(x, list) else {name: x}
+    bad = []
+    if args.baseline_library:
+        pair = {"ort": custom_session(ort_model, args.threads),
+                "before": custom_session(ort_model, args.threads, library=args.baseline_library)}
+        bad = variants_disagreeing(pair, feeds[0] if isinstance(feeds, list) else feeds)
+        del pair
     runs = time_isolated(models, feeds, rounds=args.isolated, threads=args.threads)
-    return ({k: statistics.median(v) for k, v in runs.items()}, {k: paired_ratio(runs, "dense", k) for k in runs})
+    return ({k: statistics.median(v) for k, v in runs.items()}, {k: paired_ratio(runs, "dense", k) for k in runs},
+            bad)
 
 
 def unfused_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
