@@ -14,7 +14,8 @@ and the profiled node sum's excess over it per node (AMD EPYC Zen 4, 1 thread, 2
 76 us in the profile, cost ~17 us of wall time; a CGConv reading and writing the blocked layout
 itself, which removed 13 of them, was no faster as a whole: docs/performance.md, twenty-fourth
 session; a CGConv writing it, removing the 9 ReorderInputs after the CG layers, was within
-0.99-1.01x at 1 thread on an Intel Xeon with AMX as well: twenty-eighth session). Compare node types within a run, and wall times with tools/bench_gated_ops.py.
+0.99-1.01x at 1 thread on an Intel Xeon with AMX as well: twenty-eighth session). Compare node
+types within a run, and wall times with tools/bench_gated_ops.py.
 `--baseline-library old.so` profiles the gated network on that build too and adds a "before"
 column (per op type, per node with `--per-node`, and the wall time): where a kernel change
 went, node by node, the two builds' profiles taken one after the other in the same run.
