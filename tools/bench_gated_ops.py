@@ -251,10 +251,11 @@ def variants_disagreeing(sessions: dict, feed: dict, reference: str = "ort",
     relative L2 difference above AGREE_RTOL, another shape, or NaN where the reference has
     none (or the reverse). Why: a build that ignores an attribute the graph sets (a layout
     attribute newer than the build, say) computes another function, and its time must not be
-    printed as the same model's (2026-12-07: an older build given `output_block` wrote NCHW
-    where the graph read blocked, and its "before" column timed that). The tolerance is coarse
-    on purpose: summation order may flip a gate near its threshold between builds, which moves
-    an output far less than a wrong layout does."""
+    printed as the same model's (2026-12-07, a trial of CGConv writing the blocked layout: the
+    session-start build, given the new `output_block`, wrote NCHW where the graph read blocked,
+    and its "before" column timed that; docs/performance.md, twenty-eighth session). The
+    tolerance is coarse on purpose: summation order may flip a gate near its threshold between
+    builds, which moves an output far less than a wrong layout does."""
     ref = np.asarray(sessions[reference].run(None, feed)[0], dtype=np.float64)
     bad = []
     for name in names:
