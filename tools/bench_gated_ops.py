@@ -230,6 +230,14 @@ def private_library_copy() -> str:
     return _PRIVATE_COPY[0]
 
 
+def check_baseline_library(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """--baseline-library (this tool's and the tools that import it) must name a file: else
+    the usage and one line naming it, exit 2, before anything is built or timed (ONNX
+    Runtime's own refusal was a traceback)."""
+    if path and not os.path.isfile(path):
+        parser.error(f"--baseline-library {path} does not exist")
+
+
 def build_ab_variants(args) -> dict:
     """--baseline-library's two network variants: "after", this checkout's build (a private
     copy), and "before", the other build, each holding only that session."""
@@ -662,8 +670,7 @@ def main(argv=None) -> int:
                    help="run everything once per native-kernel tier: all, or a list of "
                         f"{', '.join(TIER_ENV)} (default: the widest this CPU has)")
     args = p.parse_args(argv)
-    if args.baseline_library and not os.path.isfile(args.baseline_library):
-        p.error(f"--baseline-library {args.baseline_library} does not exist")
+    check_baseline_library(p, args.baseline_library)
     if args.tiers and TIER_CHILD not in os.environ:  # a child runs its one tier, as given
         return run_tiers(args.tiers, list(sys.argv[1:] if argv is None else argv))
     args.net_threads = args.net_threads or [args.threads]

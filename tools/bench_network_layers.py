@@ -102,8 +102,7 @@ def main(argv=None) -> int:
                         "machine with as many cores, the idle sessions' spinning workers compete with the "
                         "timed one in the alternating blocks: off separates the kernels' own cost")
     args = p.parse_args(argv)
-    if args.baseline_library and not os.path.isfile(args.baseline_library):
-        p.error(f"--baseline-library {args.baseline_library} does not exist")
+    nets.check_baseline_library(p, args.baseline_library)
     if args.spin == "off":
         nets.SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"
 

@@ -145,8 +145,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.net == "fbs" and not all(0 < d <= 1 for d in args.densities):
         p.error(f"--densities must lie in (0, 1], got {args.densities}")
-    if args.baseline_library and not os.path.isfile(args.baseline_library):
-        p.error(f"--baseline-library {args.baseline_library} does not exist")
+    nets.check_baseline_library(p, args.baseline_library)
     library = str(custom_ops_library_path())
     baseline = args.baseline_library
     for title, model, x in networks(args):
