@@ -99,6 +99,9 @@ def compile(model_or_checkpoint, example_inputs=None, target: str = "ort", **opt
     return compile_with(model_or_checkpoint, example_inputs, from_kwargs(CompileOptions, target=target, **options))
 
 
+STREAM_CONVS = ("auto", "on", "off")  # --stream-convs (auto: measured, kernel_choice.choose_stream_convs)
+
+
 def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> CompiledModel:
     # Every option is checked before any work (loading, tracing), from the CLI and from Python alike.
     tgt = get_target(opts.target)
@@ -111,6 +114,8 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
         raise OptionError(f"--gated-kernels must be native or measured, not {opts.gated_kernels!r}")
     if opts.gated_kernels == "measured" and tgt.name != "ort":
         raise OptionError("--gated-kernels measured times the native kernels: only with --target ort")
+    if opts.stream_convs not in STREAM_CONVS:
+        raise OptionError(f"--stream-convs must be one of {', '.join(STREAM_CONVS)}, not {opts.stream_convs!r}")
     if opts.kernel_threads < 1:
         raise OptionError(f"--kernel-threads must be at least 1, not {opts.kernel_threads}")
     if opts.debug_passes:
@@ -125,14 +130,23 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
     kernel_report: dict = {}
     twins: list[onnx.ModelProto | None] = [None]  # the pipeline's model before the kernel choice
 
+    stream = tgt.name == "ort" and opts.stream_convs != "off"
+
     def run_passes(batch_axis: bool) -> tuple[onnx.ModelProto, PassContext]:
         def make_ctx():
             return PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
                                choose_widths=opts.physical_widths == "fast", debug_dir=opts.debug_passes,
-                               batch_axis=batch_axis)
+                               batch_axis=batch_axis, stream_convs=stream)
         compiled, ctx = _fold(captured, tgt.pipeline, tgt.name, opts.physical_widths, make_ctx,
                               tuple(gated.example.shape))
         twins[0] = None
+        kernel_report["stream_convs"] = {"asked": opts.stream_convs, "convs": ctx.streamed_convs,
+                                         "kept": bool(ctx.streamed_convs)}
+        if opts.stream_convs == "auto" and ctx.streamed_convs:
+            from .kernel_choice import choose_stream_convs
+
+            compiled, measured = choose_stream_convs(compiled, gated.example.numpy(), threads=opts.kernel_threads)
+            kernel_report["stream_convs"].update(measured)
         if opts.gated_kernels == "measured":
             from .kernel_choice import choose_gated_kernels
 

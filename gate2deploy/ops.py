@@ -131,7 +131,7 @@ def conv_like_output(ctx) -> None:
 
 
 # OPS.md's common conv attributes include `group`; CGConv, FBSConv and SparseInputConv accept
-# only 1 (the kernels check the value), PGConv any divisor.
+# only 1 (the kernels check the value), PGConv and StreamConv any divisor.
 _CONV_ATTRS = (Attr("strides", "ints"), Attr("pads", "ints"), Attr("dilations", "ints"), Attr("group", "int"))
 # CGConv / PGConv's optional epilogue (a following BatchNormalization, Relu, Min and
 # QuantizeActivation, fused for --target ort by passes/fuse_gated_epilogue.py): per-channel
@@ -182,6 +182,12 @@ CATALOG: dict[str, OpSpec] = {spec.name: spec for spec in [
            "of an FBS layer).",
            conv_like_output, channel_rule="conv", macs="conv", runtimes=frozenset({"ort", "portable"}),
            reference="sparse_input_conv_reference"),
+    OpSpec("StreamConv", ("X", "W", "B"), (Attr("activation", "string"), *_CONV_ATTRS),
+           "Y = act(Conv(X, W, B)): ONNX Conv (any group, bias B), activation 'Relu' or none; the kernel "
+           "reads each weight once per call and multiplies it into up to 16 output pixels (layers whose "
+           "weights dwarf their few output pixels: passes/stream_weight_convs.py).",
+           conv_like_output, channel_rule="conv", macs="conv", runtimes=frozenset({"ort", "portable"}),
+           reference="stream_conv_reference"),
     OpSpec("QuantizeActivation", ("X",), (Attr("levels", "float", True), Attr("scale", "float"), Attr("eps", "float")),
            "Y = sign(X) * (round(clip(|X| / s, 0, 1) * levels) / levels) * s, s = scale if > 0 else "
            "max|X| + eps over the whole tensor: the seed's sign-magnitude activation quantizer, fused "

@@ -64,7 +64,10 @@ class CompileOptions(ModelOptions):
     keep_unfoldable: bool = False
     physical_widths: str = "fast"  # "fast" | "exact" | "measured"
     gated_kernels: str = "native"  # "native" | "measured" (gate2deploy/kernel_choice.py; --target ort)
-    kernel_threads: int = 2  # intra-op threads the measured choice times with (the deployment's)
+    kernel_threads: int = 2  # intra-op threads the measured choices time with (the deployment's)
+    # --target ort: convs whose weights dwarf their output as StreamConv (passes/stream_weight_convs.py):
+    # "auto" where the native library runs its AVX-512 kernels here, "on", "off"
+    stream_convs: str = "auto"
     sample_inputs: str | None = None
     pg_static_scale: bool = False
     debug_passes: str | None = None  # folder: dump and re-check the graph after each pass

@@ -40,6 +40,7 @@ from gate2deploy.passes.fuse_gated_epilogue import fuse_gated_epilogue
 from gate2deploy.passes.lower_portable import LoweringResult, lower_portable
 from gate2deploy.passes.resolve_static_shapes import resolve_static_shapes
 from gate2deploy.passes.sparse_fbs_consumers import sparse_fbs_consumers
+from gate2deploy.passes.stream_weight_convs import stream_weight_convs
 
 from .errors import UserError
 
@@ -56,6 +57,8 @@ class PassContext:
     sparse_input_convs: list[str] = field(default_factory=list)  # Conv after FBS -> SparseInputConv
     fused_epilogues: list[str] = field(default_factory=list)  # CG/PG nodes that took BN (+ Relu)
     fused_quantizers: list[str] = field(default_factory=list)  # quantizer chains -> QuantizeActivation
+    stream_convs: bool = False  # Convs whose weights dwarf their output -> StreamConv (--stream-convs)
+    streamed_convs: list[str] = field(default_factory=list)  # the Convs rewritten so
     timings: dict[str, float] = field(default_factory=dict)  # pass name -> seconds
     debug_dir: str | None = None  # --debug-passes: dump and re-check the graph after each pass
     batch_axis: bool = False  # relax the batch dimension at the end (passes/dynamic_batch.py)
@@ -104,6 +107,11 @@ FUSE_ACTIVATION_QUANTIZER = GraphPass("fuse_activation_quantizer",
 # After the quantizer fusion: a quantizer after a gated conv joins its epilogue as one node.
 FUSE_GATED_EPILOGUE = GraphPass("fuse_gated_epilogue", _collect("fused_epilogues", fuse_gated_epilogue),
                                 ("fold_static_masks", "fuse_activation_quantizer"))
+# After the FBS consumers: a Conv reading an FBS output skips its zero channels instead.
+STREAM_WEIGHT_CONVS = GraphPass(
+    "stream_weight_convs",
+    lambda g, ctx: (ctx.streamed_convs.extend(stream_weight_convs(g)) if ctx.stream_convs else None) or g,
+    ("resolve_static_shapes", "fold_static_masks", "sparse_fbs_consumers"))
 
 FOLD_PIPELINE = [CLEANUP, RESOLVE_STATIC_SHAPES, CANONICALIZE_CHANNEL_SHUFFLE, FOLD_STATIC_MASKS]
 
@@ -112,10 +120,12 @@ PIPELINES: dict[str, list[GraphPass]] = {
     "onnx": FOLD_PIPELINE + [LOWER_PORTABLE],
     # ONNX Runtime with the gate2deploy custom-op library: CGConv/PGConv/FBSConv nodes stay,
     # plain convs reading an FBS output skip its zero channels, the seed's activation
-    # quantizer chains become single QuantizeActivation nodes, and the BatchNorm, Relu, clamp
-    # and quantizer after a CG/PG node join it as its epilogue (CPU-only features of the
-    # native kernels).
-    "ort": FOLD_PIPELINE + [SPARSE_FBS_CONSUMERS, FUSE_ACTIVATION_QUANTIZER, FUSE_GATED_EPILOGUE],
+    # quantizer chains become single QuantizeActivation nodes, the BatchNorm, Relu, clamp
+    # and quantizer after a CG/PG node join it as its epilogue, and (with ctx.stream_convs)
+    # convs whose weights dwarf their output read them once per call (CPU-only features of
+    # the native kernels).
+    "ort": FOLD_PIPELINE + [SPARSE_FBS_CONSUMERS, FUSE_ACTIVATION_QUANTIZER, FUSE_GATED_EPILOGUE,
+                            STREAM_WEIGHT_CONVS],
     # TensorRT with the gate2deploy plugins: CGConv/PGConv/FBSConv nodes stay.
     "trt": list(FOLD_PIPELINE),
 }

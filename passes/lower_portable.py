@@ -3,10 +3,11 @@
 Expects: a graph possibly containing `gate2deploy::CGConv`, `PGConv` and `FBSConv` nodes
 (runtimes/OPS.md); their weights may be constants or computed tensors. Also
 `SparseInputConv` (only `--target ort` emits it, for an FBS layer's consumer; lowered when
-gate2deploy.kernel_choice finds the plain Conv faster, e.g. at FBS density 1).
+gate2deploy.kernel_choice finds the plain Conv faster, e.g. at FBS density 1) and `StreamConv`
+(only `--target ort` emits it, passes/stream_weight_convs.py).
 
-Guarantees: no node of those ops remains (SparseInputConv becomes exactly what it is: Conv,
-then Add of R and Relu when it has them); each gated op is replaced by a decomposition into
+Guarantees: no node of those ops remains (SparseInputConv and StreamConv become exactly what
+they are: Conv, then Add of R and Relu when they have them); each gated op is replaced by a decomposition into
 standard ONNX ops (opset 17: Conv, Greater, Where, Abs, Sign, ReduceMax, Div, Min, Round,
 Floor, Mul, Sub, Add, Cast, ReduceMean, Gemm, Relu, TopK, Slice, Gather, Unsqueeze, Pad,
 Identity) that stock ONNX
@@ -38,7 +39,7 @@ from gate2deploy.ops import DOMAIN, FBS_ACTIVATIONS, FBS_POOLS, GATED_OPS
 from .fuse_gated_epilogue import EPILOGUE_INPUTS_AT, activation_name, split_gated_epilogue
 from .ir import const_value
 
-LOWERED_OPS = (*GATED_OPS, "SparseInputConv", "QuantizeActivation")
+LOWERED_OPS = (*GATED_OPS, "SparseInputConv", "StreamConv", "QuantizeActivation")
 
 
 @dataclass
@@ -257,13 +258,14 @@ def _lower_fbs(b: _Builder, node: gs.Node, y: gs.Variable, expose_gates: bool) -
     return gate
 
 
-def _lower_sparse_input_conv(b: _Builder, node: gs.Node, y: gs.Variable) -> None:
-    """SparseInputConv (OPS.md: act(Conv(X, W, B) + R)) as the ops it stands for: a plain
-    Conv reads the zero input channels it skips, same function. No gate."""
+def _lower_plain_conv(b: _Builder, node: gs.Node, y: gs.Variable) -> None:
+    """SparseInputConv (OPS.md: act(Conv(X, W, B) + R)) and StreamConv (act(Conv(X, W, B)))
+    as the ops they stand for: a plain Conv (reading the zero input channels SparseInputConv
+    skips), the Add of R, the Relu; the same function. No gate."""
     x, w, bias = node.inputs[:3]
     r = node.inputs[3] if len(node.inputs) > 3 else None
     relu = activation_name(node.attrs.get("activation")) == "Relu"
-    attrs = {**_conv_attrs(node), "group": 1}
+    attrs = {**_conv_attrs(node), "group": int(node.attrs.get("group", 1))}
     v = b.op("Conv", [x, w, bias], attrs, out=y if r is None and not relu else None)
     if r is not None:
         v = b.op("Add", [v, r], out=y if not relu else None)
@@ -318,7 +320,7 @@ def lower_portable(graph: gs.Graph, result: LoweringResult | None = None,
         elif node.op == "QuantizeActivation":
             gate = _lower_quantize_activation(b, node, y)
         else:
-            gate = _lower_sparse_input_conv(b, node, y)
+            gate = _lower_plain_conv(b, node, y)
         node.inputs.clear()
         result.lowered.append((node.name, node.op))
         if expose_gates and gate is not None:

@@ -295,6 +295,16 @@ def sparse_input_conv_reference(x, w, b, strides=(1, 1), pads=(0, 0, 0, 0), dila
     return _activation(y, activation).astype(np.float32)
 
 
+def stream_conv_reference(x, w, b, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
+                          activation: str | None = None):
+    """StreamConv (OPS.md): act(Conv(X, W, B)), ONNX Conv with any group."""
+    b = _f32("B", b).reshape(-1)
+    if b.size != np.asarray(w).shape[0]:
+        raise ValueError(f"B must have {np.asarray(w).shape[0]} values, not {b.size}")
+    y = conv2d(x, w, strides, pads, dilations, group) + b[None, :, None, None]
+    return _activation(y, activation).astype(np.float32)
+
+
 def quantize_activation_reference(x, levels: float, scale: float = 0.0, eps: float = 1e-7) -> np.ndarray:
     """QuantizeActivation (OPS.md): the seed's sign-magnitude quantizer (gate2deploy.gated.
     quantize_sign_magnitude; dnn-gating utils/pg_utils.py TorchQuantize) in its float32

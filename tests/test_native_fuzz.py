@@ -1,4 +1,5 @@
-"""Property-based fuzzing of the native custom ops (CGConv, PGConv, FBSConv, SparseInputConv)
+"""Property-based fuzzing of the native custom ops (CGConv, PGConv, FBSConv, SparseInputConv,
+StreamConv)
 over their attributes, shapes and input values, extreme integers included.
 
 Every generated single-node model must either
@@ -52,6 +53,7 @@ MAX_WORK = 2**34
 SMALL_OUTPUT = 2**15
 SMALL_PADDED = 2**18
 
+GROUPED_OPS = ("PGConv", "StreamConv")  # OPS.md: the ops that take group > 1
 EXTREME_INTS = [2**31 - 1, 2**31, 2**32 + 3, 2**62, 2**63 - 1, -1, -(2**31), -(2**63), 0]
 
 
@@ -59,11 +61,11 @@ EXTREME_INTS = [2**31 - 1, 2**31, 2**32 + 3, 2**62, 2**63 - 1, -1, -(2**31), -(2
 
 @st.composite
 def cases(draw):
-    op = draw(st.sampled_from(["CGConv", "PGConv", "FBSConv", "SparseInputConv"]))
+    op = draw(st.sampled_from(["CGConv", "PGConv", "FBSConv", "SparseInputConv", "StreamConv"]))
     problems: list[str] = []  # why this case is invalid (empty: valid)
     group = 1
     attrs: dict = {}
-    if op == "PGConv":
+    if op in GROUPED_OPS:
         group = draw(st.sampled_from([1, 1, 2, 3]))
     cg = draw(st.integers(1, 4))
     og = draw(st.integers(1, 4))
@@ -92,7 +94,7 @@ def cases(draw):
     if group != 1 or draw(st.integers(0, 9)) == 0:
         attrs["group"] = group if draw(st.integers(0, 9)) else draw(st.sampled_from(EXTREME_INTS))
         group_attr = attrs["group"]
-        if op != "PGConv" and group_attr != 1:
+        if op not in GROUPED_OPS and group_attr != 1:
             problems.append("group != 1")
         elif group_attr != group:
             problems.append("group does not fit W")
@@ -102,7 +104,7 @@ def cases(draw):
         if any(not lo <= v <= MAX_ATTR for v in values):
             problems.append(f"{name} out of range")
 
-    if op in ("CGConv", "PGConv", "SparseInputConv") and draw(st.integers(0, 3)) == 0:
+    if op in ("CGConv", "PGConv", "SparseInputConv", "StreamConv") and draw(st.integers(0, 3)) == 0:
         activation = draw(st.sampled_from(["Relu", "Relu", "", "", "Tanh"]))
         attrs["activation"] = activation
         if activation == "Tanh":
@@ -251,6 +253,8 @@ def reference(case):
         if op == "FBSConv":
             return ref.fbs_conv_reference(x, *inits, float(np.float32(a["density"])),
                                           a.get("pool", "avg"), **conv)
+        if op == "StreamConv":
+            return ref.stream_conv_reference(x, *inits, **conv, group=a.get("group", 1), activation=a.get("activation"))
         return ref.sparse_input_conv_reference(x, *inits, **conv, activation=a.get("activation"))
 
 

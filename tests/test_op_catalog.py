@@ -46,6 +46,7 @@ EXAMPLES = {
     "PGConv": ([(1, 8, 6, 6), (4, 8, 3, 3), (4,)], {"abits": 4, "pred_bits": 2, "pads": [1, 1, 1, 1]}),
     "FBSConv": ([(1, 8, 6, 6), (4, 8, 3, 3), (4, 8), (4,), (4,), (4,), (4,)], {"density": 0.5}),
     "SparseInputConv": ([(1, 8, 6, 6), (4, 8, 1, 1), (4,)], {}),
+    "StreamConv": ([(1, 8, 3, 3), (6, 4, 3, 3), (6,)], {"group": 2, "pads": [1, 1, 1, 1], "activation": "Relu"}),
     "QuantizeActivation": ([(2, 3, 5, 4)], {"levels": 7.0}),
 }
 

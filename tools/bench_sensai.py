@@ -14,7 +14,11 @@ batch 1 (--batch 1 8 for both), ONNX Runtime CPU, the same thread count everywhe
 - sequential: the N group models as N ONNX models run one after another (plus the
               combination in numpy), as sensAI's evaluate.py runs them.
 The export's default (--sensai-form auto) keeps the fastest of fused / hybrid / padded / branches,
-timed the same way; the "chosen" line is that choice on this run's figures.
+timed the same way; the "chosen" line is that choice on this run's figures. The same forms
+and the sequential group models are also exported for --target ort (the native library;
+`--stream-convs` as given, default auto: the big-weight small-map convs as StreamConv where
+the export measures that faster) and timed in the same blocks ("<form> ort"; --stream-convs
+skip leaves them out).
 
 Beside the goals, the machine's peak multiply-add rate (large dense convs, timed in the same
 blocks) and the ceiling it puts on any form: the groups' MACs at that rate; and a roofline
@@ -172,7 +176,7 @@ def conv_roofline(model, example_shape) -> list[tuple[int, int]]:
     return out
 
 
-def bench(name, models, threads, repeats, batches, spin_modes):
+def bench(name, models, threads, repeats, batches, spin_modes, stream="auto"):
     example = torch.randn(1, 3, 32, 32)
     built = {form: grouped_model(models, GROUPS, example, form=form, threads=threads) for form in FORMS}
     assert built["fused"].plan["fused"] == [list(range(10))], built["fused"].plan
@@ -184,6 +188,13 @@ def bench(name, models, threads, repeats, batches, spin_modes):
         compiled = {form: gate2deploy.compile(m, x_t, target="onnx") for form, m in built.items()
                     if form != "hybrid" or split}
         singles = [gate2deploy.compile(m, x_t, target="onnx").onnx_model for m in models]
+        # The same forms for --target ort (the native library: convs whose weights dwarf
+        # their output as StreamConv, passes/stream_weight_convs.py), and the group models so
+        # exported run one after another.
+        on_ort = {form: gate2deploy.compile(m, x_t, target="ort", stream_convs=stream)
+                  for form, m in built.items() if form != "hybrid" or split} if stream != "skip" else {}
+        singles_ort = [gate2deploy.compile(m, x_t, target="ort", stream_convs=stream).onnx_model
+                       for m in models] if on_ort else []
         macs = {form: c.report["macs_after"] for form, c in compiled.items()}
         x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
         sessions = {}
@@ -191,8 +202,13 @@ def bench(name, models, threads, repeats, batches, spin_modes):
             tag = "" if spin else "-nospin"
             for form, c in compiled.items():
                 sessions[form + tag] = make_session(c.onnx_model, threads=threads, spinning=spin)
+            for form, c in on_ort.items():
+                sessions[form + " ort" + tag] = make_session(c.onnx_model, threads=threads, spinning=spin)
             sessions["sequential" + tag] = Sequential([make_session(m, threads=threads, spinning=spin)
                                                        for m in singles], GROUPS)
+            if singles_ort:
+                sessions["sequential ort" + tag] = Sequential([make_session(m, threads=threads, spinning=spin)
+                                                               for m in singles_ort], GROUPS)
         outs = {k: s.run(None, {"input": x})[0] for k, s in sessions.items()}
         # the seed's combination of the group models' own outputs (Sequential) is the reference
         ref = outs["sequential" + ("" if spin_modes[0] else "-nospin")]
@@ -253,6 +269,19 @@ def bench(name, models, threads, repeats, batches, spin_modes):
                   f"{wbytes / 1e6:.0f} MB of conv weights): >= {roof_ms:.2f} ms, so sequential/any form <= "
                   f"{seq / roof_ms:.2f}x (goal 2: {'reachable' if seq / roof_ms >= 2 else 'NOT reachable here'}), "
                   f"branches/any form <= {br / roof_ms:.2f}x")
+            if on_ort:
+                ort_forms = [f for f in forms if f in on_ort]
+                kept = min(ort_forms, key=lambda f: med[f + " ort" + tag])
+                streamed = {f: sum(n.op_type == "StreamConv" for n in on_ort[f].onnx_model.graph.node)
+                            for f in ort_forms}  # kept (auto keeps them only where measured faster)
+                k = med[kept + " ort" + tag]
+                print(f"      --target ort (--stream-convs {stream}; StreamConv nodes: "
+                      + ", ".join(f"{f} {n}" for f, n in streamed.items()) + "): "
+                      + " | ".join(f"{f} {med[f + ' ort' + tag]:.2f} ({low[f + ' ort' + tag]:.2f})" for f in ort_forms)
+                      + f" | sequential ort {med['sequential ort' + tag]:.2f}")
+                print(f"      fastest on ort: {kept}; sequential/{kept} {seq / k:.2f}x (goal >= 2), branches/{kept} "
+                      f"{br / k:.2f}x (goal >= 1.3), against the onnx forms above; sequential ort/{kept} "
+                      f"{med['sequential ort' + tag] / k:.2f}x, branches ort/{kept} {med['branches ort' + tag] / k:.2f}x")
             print(f"      fused form's own convs ({wbytes_fused / 1e6:.0f} MB of padded weights, "
                   f"{macs['fused'] / macs['branches']:.2f}x the groups' MACs): roofline >= {roof_fused_ms:.2f} ms, "
                   f"so sequential/fused <= {seq / roof_fused_ms:.2f}x; fused ran at {roof_fused_ms / med['fused' + tag]:.0%} "
@@ -270,6 +299,8 @@ def main() -> int:
     ap.add_argument("--spread", type=float, default=0.05,
                     help="group models pruned per layer 30-70%% +- this per group (how far the groups' widths "
                          "differ, which the fused model pads); negative: each group 0-40%% at random")
+    ap.add_argument("--stream-convs", choices=("auto", "on", "off", "skip"), default="auto",
+                    help="the --target ort forms' --stream-convs (skip: time the onnx forms only)")
     args = ap.parse_args()
     from models.sensai_nets import CFG_E, group_models
 
@@ -279,10 +310,10 @@ def main() -> int:
     spread = None if args.spread < 0 else args.spread
     print(f"pruning: {'uniform 0-40% per group and layer' if spread is None else f'per layer 30-70%, +-{spread:.0%} per group'}")
     bench("VGG-19-BN", group_models("vgg", GROUPS, 100, seed=1, layer_spread=spread, cfg=CFG_E),
-          args.threads, args.repeats, args.batch, spin_modes)
+          args.threads, args.repeats, args.batch, spin_modes, args.stream_convs)
     bench(f"ResNet-{args.resnet_depth} (bottleneck)",
           group_models("resnet", GROUPS, 100, seed=2, layer_spread=spread, depth=args.resnet_depth),
-          args.threads, args.repeats, args.batch, spin_modes)
+          args.threads, args.repeats, args.batch, spin_modes, args.stream_convs)
     return 0
 
 

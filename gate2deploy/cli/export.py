@@ -69,7 +69,12 @@ def add_parser(sub) -> None:
                         "CG/PG/FBS layer's native kernel against its standard-op form on this machine and keep the "
                         "faster (gate2deploy/kernel_choice.py; choices and timings in the report, cached per CPU)")
     p.add_argument("--kernel-threads", type=int, default=2,
-                   help="intra-op threads --gated-kernels measured times with (default %(default)s)")
+                   help="intra-op threads --gated-kernels measured and --stream-convs auto time with (default %(default)s)")
+    p.add_argument("--stream-convs", choices=("auto", "on", "off"), default="auto",
+                   help="--target ort: convs with >= 1 MiB of weights and <= 16 output pixels per sample (batch-1 "
+                        "CIFAR VGG's last stages, sensAI's fused groups) as StreamConv, which reads each weight once "
+                        "per call; auto (default): kept only where the network measures faster with them on this "
+                        "machine (timed with --kernel-threads threads; report: stream_convs); on: always; off: never")
     p.add_argument("--pg-static-scale", action="store_true",
                    help="Precision Gating: replace the per-batch dynamic activation scale by one calibrated "
                         "on --sample-inputs (outputs then no longer depend on the rest of the batch)")

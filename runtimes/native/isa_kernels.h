@@ -215,6 +215,15 @@ struct IsaKernels {
   // v[i] = min(v[i], c) for i < n as ONNX Min: NaN in v stays NaN (c is never NaN). A gated
   // conv's fused clamp (PostEpilogue::clip_max).
   void (*clip_max_row)(float* v, int64_t n, float c);
+
+  // StreamConv (stream_conv.cc): one block of vw output channels over np pixels, np a power
+  // of two <= stream_pixels (16 on AVX-512's 32 registers, 8 on the 16-register tiers):
+  //   out[p * vw + l] = sum over k < K of w[k * vw + l] * cols[k * np + p]   for p < np.
+  // Each weight vector is loaded once and multiplied into all np accumulators, which stay in
+  // registers over the whole K: a layer whose weights dwarf its few output pixels reads
+  // them from memory once. Fused multiply-adds where the tier has them.
+  int stream_pixels;
+  void (*stream_block)(int64_t K, const float* w, const float* cols, int np, float* out);
 };
 
 namespace isa_generic { extern const IsaKernels kKernels; }

@@ -1,6 +1,6 @@
 // Entry point ONNX Runtime calls when the library is registered
-// (SessionOptions.register_custom_ops_library): adds CGConv, PGConv, FBSConv, SparseInputConv
-// and QuantizeActivation to the `gate2deploy` domain for the CPU execution provider.
+// (SessionOptions.register_custom_ops_library): adds CGConv, PGConv, FBSConv, SparseInputConv,
+// QuantizeActivation and StreamConv to the `gate2deploy` domain for the CPU execution provider.
 //
 // Built against the ONNX Runtime 1.21 headers (ORT_API_VERSION 21); the C API is versioned
 // and backward compatible, so the library loads into newer runtimes (1.31 tested).
@@ -12,6 +12,7 @@
 #include "pg_conv.h"
 #include "quantize_activation.h"
 #include "sparse_input_conv.h"
+#include "stream_conv.h"
 
 namespace {
 // The op objects must outlive every session that uses them: keep them for the process.
@@ -28,6 +29,8 @@ struct Registry {
   std::unique_ptr<Ort::Custom::OrtLiteCustomOp> quantize{
       Ort::Custom::CreateLiteCustomOp<g2d::QuantizeActivationKernel>("QuantizeActivation",
                                                                      "CPUExecutionProvider")};
+  std::unique_ptr<Ort::Custom::OrtLiteCustomOp> stream{
+      Ort::Custom::CreateLiteCustomOp<g2d::StreamConvKernel>("StreamConv", "CPUExecutionProvider")};
   Ort::CustomOpDomain domain{"gate2deploy"};
   Registry() {
     domain.Add(cg.get());
@@ -35,6 +38,7 @@ struct Registry {
     domain.Add(fbs.get());
     domain.Add(sparse_input.get());
     domain.Add(quantize.get());
+    domain.Add(stream.get());
   }
 };
 }  // namespace

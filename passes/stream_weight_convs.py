@@ -1,0 +1,100 @@
+"""Pass: convolutions whose weights dwarf their output become `gate2deploy::StreamConv`
+(the `--target ort` path, `--stream-convs`).
+
+Why: at batch 1, the last stages of a CIFAR VGG (and of sensAI's fused group models, issue
+16) are 3x3 convs over 4x4 and 2x2 maps with megabytes of weights each: the layer is a matter
+of reading its weights once. ONNX Runtime's NCHWc conv computes one output row at a time and
+the border pixels (all of them, on such maps) one by one, so it reads each weight several
+times per call: a chain of eight sensAI-style grouped convs (295 MB of weights) ran at 11 GB/s
+per thread there. StreamConv's kernel reads each weight once per 16 output pixels of the call
+(runtimes/native/stream_conv.cc): 1.11x (2 threads) and 1.22x (1 thread) on that chain.
+Where the weights stay in the last-level cache between runs, ONNX Runtime's conv is faster
+(it skips the padding's products): whether to keep the rewrite is measured on the whole
+network (gate2deploy/kernel_choice.py choose_stream_convs).
+
+Expects: a graph after the fold pipeline with static shapes (resolve_static_shapes).
+
+Guarantees: every node matching the pattern below becomes a StreamConv node with the same X,
+W, B (a zero constant when the Conv had none) and conv attributes; the function is unchanged
+(OPS.md: StreamConv is exactly Conv, then the fused Relu). Every other node is untouched.
+Returns the rewritten nodes' names.
+
+Pattern (what is rewritten, declared as data):
+    Conv(X, W = constant 4-D float32 of >= MIN_WEIGHT_BYTES, B = constant or absent)
+    with a static output of <= MAX_PIXELS pixels per sample, no auto_pad.
+When the conv's output feeds only a Relu (and is not a graph output), the Relu becomes
+`activation="Relu"` and the node writes its output.
+
+Decisions:
+- MAX_PIXELS = 16: the kernel's register tile on AVX-512 (16 accumulators); with more pixels
+  each weight block is read again from L2 per 16 pixels, which ONNX Runtime's own kernels
+  (at their best on larger maps) do as well.
+- MIN_WEIGHT_BYTES = 1 MiB: below, the weights stay in the private caches between runs and
+  the layer is not a matter of memory (not measured below that size: left to ONNX Runtime).
+- Whether to run at all is the caller's (gate2deploy/api.py, `--stream-convs auto|on|off`):
+  "auto" rewrites, then keeps the rewrite only where the network measured faster with it on
+  the exporting machine (kernel_choice.choose_stream_convs); "on" keeps it unmeasured.
+  Measured on the AVX-512 tier only (a forced AVX2 kernel on the same CPU ran the chain at
+  0.86x ONNX Runtime's AVX-512 conv, which says nothing of an AVX2-only CPU; "auto" measures
+  there too).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from gate2deploy.ops import DOMAIN
+
+from .ir import STANDARD_DOMAINS, const_value, remove_fused, shape_of, sole_consumer
+
+MAX_PIXELS = 16
+MIN_WEIGHT_BYTES = 1 << 20
+
+PATTERN = {
+    "op": "Conv",
+    "weight": "constant 4-D float32, >= MIN_WEIGHT_BYTES",
+    "output_pixels_per_sample": "<= MAX_PIXELS",
+    "attrs": {"auto_pad": ("NOTSET", b"NOTSET")},
+}
+
+
+def _bias(node: gs.Node) -> gs.Tensor | None:
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        return node.inputs[2]
+    return None
+
+
+def _matches(node: gs.Node) -> bool:
+    if node.op != PATTERN["op"] or node.domain not in STANDARD_DOMAINS:
+        return False
+    if node.attrs.get("auto_pad", "NOTSET") not in PATTERN["attrs"]["auto_pad"]:
+        return False
+    w = const_value(node.inputs[1])
+    if w is None or w.ndim != 4 or w.dtype != np.float32 or w.nbytes < MIN_WEIGHT_BYTES:
+        return False
+    if _bias(node) is not None:
+        b = const_value(_bias(node))
+        if b is None or b.dtype != np.float32:
+            return False
+    y = shape_of(node.outputs[0])
+    return y is not None and len(y) == 4 and y[2] * y[3] <= MAX_PIXELS
+
+
+def stream_weight_convs(graph: gs.Graph) -> list[str]:
+    rewritten = []
+    for node in [n for n in graph.nodes if _matches(n)]:
+        w = const_value(node.inputs[1])
+        bias = _bias(node)
+        if bias is None:
+            bias = gs.Constant(f"{node.name}/zero_bias", np.zeros(w.shape[0], np.float32))
+        attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations", "group") if k in node.attrs}
+        node.op, node.domain = "StreamConv", DOMAIN
+        node.inputs = [node.inputs[0], node.inputs[1], bias]
+        node.attrs = attrs
+        relu = sole_consumer(graph, node.outputs[0], "Relu")
+        if relu is not None:
+            node.attrs["activation"] = "Relu"
+            node.outputs = [relu.outputs[0]]
+            remove_fused(graph, (relu,))
+        rewritten.append(node.name)
+    return rewritten

@@ -1,0 +1,225 @@
+// StreamConv(X, W, B) -> Y: exactly ONNX Conv (any group, bias B) with an optional "Relu"
+// (runtimes/OPS.md; reference runtimes/reference.py::stream_conv_reference), for layers
+// whose weights outweigh everything else they touch: batch 1 (or a few samples) and output
+// maps of a few pixels, the late layers of a CIFAR VGG and of sensAI's fused group models
+// (passes/stream_weight_convs.py picks them).
+//
+// Why: such a layer is a matter of reading its weights. ONNX Runtime's NCHWc conv works on
+// one output row at a time and treats the pixels at a border (every pixel of a 2x2 or 4x4
+// map) one by one, so it reads each weight from cache several times per call and ran these
+// layers at 11 GB/s per thread (a chain of sensAI-style grouped 3x3 convs, 295 MB of weights
+// at 4x4 and 2x2, Intel Xeon, 2026-12-07). Here the weights are packed once as
+// [group][block of vw outputs][C/group * kh * kw][vw], and isa.stream_block multiplies each
+// weight vector into up to 16 output pixels held in registers: one pass over the weights per
+// call (per 16 pixels; a block's weights then come from L2 for the next chunk of pixels).
+//
+// The input side is an im2col of the few pixels (cols [K][np] per group and chunk of
+// pixels, zeros at the padding): small next to the weights (np values per k against
+// vw * blocks weights). A NaN or inf weight would make a padding zero's product NaN where
+// ONNX Runtime's Conv and the reference never multiply the padding: W with any non-finite
+// value runs the plain loops of DirectConv instead (checked once for a constant W). Results
+// differ from the reference in summation order only.
+#include "stream_conv.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <new>
+
+#include <sys/mman.h>
+
+namespace g2d {
+
+namespace {
+
+std::atomic<int64_t> runs[2];  // calls on the streamed path (0) and on DirectConv (1)
+
+// Tasks of the im2col fill: this many input channels each.
+constexpr int64_t kFillChannels = 64;
+
+int64_t Checked(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  if (__builtin_mul_overflow(a, b, &r) || r > kMaxBufferElements)
+    throw OpError(std::string("StreamConv: ") + what + " exceeds the kernel's buffer limit");
+  return r;
+}
+
+// The smallest power of two >= n (n <= 16).
+int PixelsRounded(int64_t n) {
+  int np = 1;
+  while (np < n) np *= 2;
+  return np;
+}
+
+// Storage for the packed weights in 2 MiB pages where the kernel allows it (transparent huge
+// pages on request, "madvise" mode): the kernel streams hundreds of megabytes per run, and
+// with 4 KiB pages every 64 cache lines cost a TLB miss.
+float* HugeAlloc(int64_t floats) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = (size_t(floats) * sizeof(float) + kHuge - 1) / kHuge * kHuge;
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, bytes) != 0) throw std::bad_alloc();
+  madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+  return static_cast<float*>(p);
+}
+
+std::shared_ptr<const StreamWeights> Pack(const float* w, const ConvGeom& g, int vw) {
+  auto p = std::make_shared<StreamWeights>();
+  p->vw = vw;
+  p->O = g.O;
+  p->Cw = g.Cw;
+  p->kk = g.kk();
+  p->group = g.group;
+  p->source = w;
+  const int64_t og = g.O / g.group;
+  p->blocks = (og + vw - 1) / vw;
+  p->K = g.Cw * g.kk();
+  const int64_t size = Checked(Checked(g.group * p->blocks, p->K, "W packed"), vw, "W packed");
+  p->data.reset(HugeAlloc(size));
+  for (int64_t gi = 0; gi < g.group; ++gi)
+    for (int64_t b = 0; b < p->blocks; ++b) {
+      float* dst = p->data.get() + (gi * p->blocks + b) * p->K * vw;
+      for (int l = 0; l < vw; ++l) {
+        const int64_t o = b * vw + l;
+        const float* src = o < og ? w + (gi * og + o) * p->K : nullptr;
+        for (int64_t k = 0; k < p->K; ++k) dst[k * vw + l] = src ? src[k] : 0.f;
+      }
+    }
+  return p;
+}
+
+// y = conv(x, w) + bias over the taps that read the input only (the non-finite W path).
+void DirectConv(const float* x, const float* w, const float* bias, const ConvGeom& g, float* y) {
+  const int64_t og = g.O / g.group, HW = g.H * g.W;
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t o = 0; o < g.O; ++o) {
+      const int64_t gi = o / og;
+      for (int64_t oh = 0; oh < g.OH; ++oh)
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          float acc = 0.f;
+          for (int64_t c = 0; c < g.Cw; ++c) {
+            const float* plane = x + (n * g.C + gi * g.Cw + c) * HW;
+            const float* wc = w + (o * g.Cw + c) * g.kk();
+            for (int64_t i = 0; i < g.kh; ++i) {
+              const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+              if (ih < 0 || ih >= g.H) continue;
+              for (int64_t j = 0; j < g.kw; ++j) {
+                const int64_t iw = ow * g.sw - g.pl + j * g.dw;
+                if (iw >= 0 && iw < g.W) acc += wc[i * g.kw + j] * plane[ih * g.W + iw];
+              }
+            }
+          }
+          y[((n * g.O + o) * g.OH + oh) * g.OW + ow] = acc + bias[o];
+        }
+    }
+}
+
+float Relu(float v) { return v > 0.f ? v : (v == v ? 0.f : v); }  // ONNX Relu: NaN stays NaN
+
+}  // namespace
+
+StreamConvKernel::StreamConvKernel(const OrtApi*, const OrtKernelInfo* info) {
+  attrs_ = ReadConvAttrs(info, &attr_error_);
+  relu_ = ReadReluAttr(info, &attr_error_);
+  w_const_ = InputIsConstant(info, 1);
+}
+
+Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
+                                      const Ort::Custom::Tensor<float>& W,
+                                      const Ort::Custom::Tensor<float>& B,
+                                      Ort::Custom::Tensor<float>& Y) {
+  return Guarded("StreamConv", [&] {
+    if (!attr_error_.empty()) throw OpError("StreamConv: " + attr_error_);
+    const ConvGeom g = MakeGeom("StreamConv", X.Shape(), W.Shape(), attrs_);
+    ExpectShape("StreamConv", "B", B.Shape(), {g.O});
+    const IsaKernels& isa = BestKernels();
+    const int vw = isa.vw, np_max = isa.stream_pixels;
+    const int64_t w_size = Checked(g.O, g.Cw * g.kk(), "W");
+    if (!CheckedOnceIfConstant(w_const_, w_finite_, [&] { return AllFinite(isa, W.Data(), w_size); })) {
+      float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
+      runs[1].fetch_add(1, std::memory_order_relaxed);
+      DirectConv(X.Data(), W.Data(), B.Data(), g, y);
+      if (relu_)
+        for (int64_t i = 0, n = g.N * g.O * g.P(); i < n; ++i) y[i] = Relu(y[i]);
+      return;
+    }
+    std::shared_ptr<const StreamWeights> packed;
+    if (w_const_) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!packed_ || packed_->vw != vw || packed_->source != W.Data()) packed_ = Pack(W.Data(), g, vw);
+      packed = packed_;
+    } else {
+      packed = Pack(W.Data(), g, vw);
+    }
+    runs[0].fetch_add(1, std::memory_order_relaxed);
+    float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
+    const int64_t P = g.P(), T = Checked(g.N, P, "N * output pixels");
+    if (T == 0 || g.O == 0) return;
+    const int64_t HW = g.H * g.W, kk = g.kk(), K = packed->K, og = g.O / g.group;
+    const int64_t chunks = (T + np_max - 1) / np_max;
+    // Where each chunk's pixel j reads tap t: an offset from its channel's plane in sample 0
+    // (the sample's offset included), -1 at the padding and past the last pixel.
+    std::vector<int64_t>& at = *[] { static thread_local std::vector<int64_t> v; return &v; }();
+    at.assign(size_t(Checked(Checked(chunks, kk, "taps"), np_max, "taps")), -1);
+    const int64_t sample = Checked(g.C, HW, "X");
+    for (int64_t q = 0; q < T; ++q) {
+      const int64_t n = q / P, p = q % P, oh = p / g.OW, ow = p % g.OW;
+      const int64_t c = q / np_max, j = q % np_max;
+      for (int64_t t = 0; t < kk; ++t) {
+        const int64_t ih = oh * g.sh - g.pt + (t / g.kw) * g.dh, iw = ow * g.sw - g.pl + (t % g.kw) * g.dw;
+        if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
+          at[size_t((c * kk + t) * np_max + j)] = n * sample + ih * g.W + iw;
+      }
+    }
+    const int64_t chunk_size = Checked(K, np_max, "im2col");
+    AlignedVec<float>& cols = Scratch<float, 51>();
+    cols.resize(size_t(Checked(Checked(g.group, chunks, "im2col"), chunk_size, "im2col")));
+    const int last_np = PixelsRounded(T - (chunks - 1) * np_max);
+    auto np_of = [&](int64_t c) { return c + 1 < chunks ? np_max : last_np; };
+    const int64_t fill_parts = (g.Cw + kFillChannels - 1) / kFillChannels;
+    const float* x = X.Data();
+    ParallelFor(ctx, size_t(g.group * chunks * fill_parts), [&](size_t task) {
+      const int64_t part = int64_t(task) % fill_parts, gc = int64_t(task) / fill_parts;
+      const int64_t gi = gc / chunks, c = gc % chunks;
+      const int np = np_of(c);
+      float* dst = cols.data() + gc * chunk_size;
+      const int64_t* a = at.data() + c * kk * np_max;
+      for (int64_t ci = part * kFillChannels; ci < std::min(g.Cw, (part + 1) * kFillChannels); ++ci) {
+        const float* plane = x + (gi * g.Cw + ci) * HW;
+        for (int64_t t = 0; t < kk; ++t) {
+          float* row = dst + (ci * kk + t) * np;
+          const int64_t* src = a + t * np_max;
+          for (int j = 0; j < np; ++j) row[j] = src[j] >= 0 ? plane[src[j]] : 0.f;
+        }
+      }
+    });
+    const float* bias = B.Data();
+    ParallelFor(ctx, size_t(g.group * packed->blocks), [&](size_t job) {
+      const int64_t gi = int64_t(job) / packed->blocks, b = int64_t(job) % packed->blocks;
+      const float* wb = packed->data.get() + int64_t(job) * K * vw;
+      const int lanes = int(std::min<int64_t>(vw, og - b * vw));
+      alignas(64) float tile[16 * 16];
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int np = np_of(c);
+        isa.stream_block(K, wb, cols.data() + (gi * chunks + c) * chunk_size, np, tile);
+        const int64_t valid = std::min<int64_t>(np_max, T - c * np_max);
+        for (int l = 0; l < lanes; ++l) {
+          const int64_t o = gi * og + b * vw + l;
+          for (int64_t j = 0; j < valid; ++j) {
+            const int64_t q = c * np_max + j, n = q / P, p = q % P;
+            const float v = tile[j * vw + l] + bias[o];
+            y[(n * g.O + o) * P + p] = relu_ ? Relu(v) : v;
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace g2d
+
+// StreamConv calls so far on the streamed path (direct = 0) or the non-finite-W loops (1),
+// for tests (ctypes).
+extern "C" __attribute__((visibility("default"))) int64_t G2DStreamConvRuns(int direct) {
+  return g2d::runs[direct ? 1 : 0].load(std::memory_order_relaxed);
+}

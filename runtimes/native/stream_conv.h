@@ -1,0 +1,37 @@
+#pragma once
+#include "conv_common.h"  // first: it sets ORT_API_MANUAL_INIT for the ORT headers
+#include <onnxruntime_lite_custom_op.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+
+namespace g2d {
+
+// W packed for isa.stream_block: for group g, output block b (vw channels of the group, the
+// last one padded with zero lanes) and k = c * kk + t, the vw weights at
+// ((g * blocks + b) * K + k) * vw.
+struct StreamWeights {
+  int vw = 0;
+  int64_t O = 0, Cw = 0, kk = 0, group = 0, blocks = 0, K = 0;
+  const float* source = nullptr;  // the W it was packed from (a constant's storage is stable)
+  std::unique_ptr<float, void (*)(void*)> data{nullptr, std::free};  // 2 MiB aligned (HugeAlloc)
+};
+
+struct StreamConvKernel {
+  StreamConvKernel(const OrtApi* api, const OrtKernelInfo* info);
+  Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
+                      const Ort::Custom::Tensor<float>& W, const Ort::Custom::Tensor<float>& B,
+                      Ort::Custom::Tensor<float>& Y);
+  ConvAttrs attrs_;
+  std::string attr_error_;
+  bool relu_ = false;  // attribute activation = "Relu"
+  bool w_const_ = false;
+  std::atomic<int> w_finite_{-1};  // constant W: all finite (1) or not (0); -1 not scanned
+  std::mutex mu_;  // guards packed_ (sessions may run concurrently)
+  std::shared_ptr<const StreamWeights> packed_;  // constant W: packed on the first call
+};
+
+}  // namespace g2d

@@ -1,0 +1,230 @@
+"""StreamConv (runtimes/OPS.md; runtimes/native/stream_conv.cc) and the pass that emits it
+(passes/stream_weight_convs.py, `--stream-convs`).
+
+Expected values come from `direct_conv` below, an ONNX Conv written out here as loops over
+the taps that read the input (ONNX's Conv: the padding is not multiplied), not from
+runtimes/reference.py or the kernel; the exports are checked against PyTorch by the export's
+own verification."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from test_kernel_paths import TIERS, _print_native_counters  # noqa: E402
+from test_native_ops import run_node  # noqa: E402
+
+
+def direct_conv(x, w, b, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, relu=False):
+    """ONNX Conv + bias (+ Relu) in float64, tap by tap over the output pixels whose tap
+    reads inside the input."""
+    n, c, h, wd = x.shape
+    o, cw, kh, kw = w.shape
+    oh = (h + pads[0] + pads[2] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (wd + pads[1] + pads[3] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    y = np.zeros((n, o, oh, ow)) + b.astype(np.float64)[None, :, None, None]
+    og = o // group
+    rows, cols = np.arange(oh), np.arange(ow)
+    for g in range(group):
+        xs = x[:, g * cw:(g + 1) * cw].astype(np.float64)
+        ws = w[g * og:(g + 1) * og].astype(np.float64)
+        for i in range(kh):
+            ih = rows * strides[0] - pads[0] + i * dilations[0]
+            r = (ih >= 0) & (ih < h)
+            for j in range(kw):
+                iw = cols * strides[1] - pads[1] + j * dilations[1]
+                q = (iw >= 0) & (iw < wd)
+                if not r.any() or not q.any():
+                    continue
+                patch = xs[:, :, ih[r]][:, :, :, iw[q]]  # [n, cw, rows, cols]
+                contrib = np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
+                y[:, g * og:(g + 1) * og, np.ix_(r)[0][:, None], np.ix_(q)[0][None, :]] += contrib
+    if relu:
+        y = np.where(np.isnan(y), y, np.maximum(y, 0))
+    return y.astype(np.float32)
+
+
+def attrs_of(strides, pads, dilations, group, relu):
+    a = {"strides": list(strides), "pads": list(pads), "dilations": list(dilations), "group": group}
+    if relu:
+        a["activation"] = "Relu"
+    return a
+
+
+# (batch, C, O, side, group, kernel, strides, pads, dilations, relu): groups whose widths are
+# not whole vectors, strided / dilated / asymmetric geometry, a batch whose pixels (3 x 25)
+# span several 16-pixel chunks and end in a partial one, a 1x1 output.
+CASES = [
+    (1, 40, 48, 4, 2, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
+    (3, 17, 33, 5, 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), False),
+    (2, 18, 21, 7, 3, 3, (2, 1), (0, 2, 1, 0), (1, 2), True),
+    (1, 8, 20, 2, 4, 1, (1, 1), (0, 0, 0, 0), (1, 1), False),
+    (1, 64, 70, 1, 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
+]
+
+
+def check_cases() -> None:
+    rng = np.random.default_rng(3)
+    for n, c, o, side, group, k, strides, pads, dil, relu in CASES:
+        x = rng.standard_normal((n, c, side, side)).astype(np.float32)
+        w = rng.standard_normal((o, c // group, k, k)).astype(np.float32)
+        b = rng.standard_normal(o).astype(np.float32)
+        got = run_node("StreamConv", x, [w, b], attrs_of(strides, pads, dil, group, relu))
+        want = direct_conv(x, w, b, strides, pads, dil, group, relu)
+        assert got.shape == want.shape, (got.shape, want.shape)
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= 2e-6 * scale, (n, c, o, side, group, np.abs(got - want).max(), scale)
+
+
+def check_nonfinite() -> None:
+    """An inf weight whose tap reads only padding for some outputs: those stay finite (ONNX
+    Conv does not multiply the padding); a NaN input reaches exactly the outputs reading it."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 4, 2, 2)).astype(np.float32)
+    w = rng.standard_normal((16, 4, 3, 3)).astype(np.float32)
+    b = np.zeros(16, np.float32)
+    w[3, 1, 0, 0] = np.inf  # tap (0, 0) reads the input only for output pixel (1, 1)
+    got = run_node("StreamConv", x, [w, b], attrs_of((1, 1), (1, 1, 1, 1), (1, 1), 1, False))
+    want = direct_conv(x, w, b, pads=(1, 1, 1, 1))
+    assert np.isfinite(got[0, 3, :1]).all() and np.isfinite(got[0, 3, 1, 0])
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    finite = np.isfinite(want)
+    assert np.abs(got[finite] - want[finite]).max() <= 2e-6 * np.abs(want[finite]).max()
+    x = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+    x[0, 2, 0, 1] = np.nan  # read by the outputs of rows 0-1, columns 0-2 only
+    w[3, 1, 0, 0] = 1.0
+    got = run_node("StreamConv", x, [w, b], attrs_of((1, 1), (1, 1, 1, 1), (1, 1), 1, True))
+    want = direct_conv(x, w, b, pads=(1, 1, 1, 1), relu=True)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got).any() and not np.isnan(got).all()
+
+
+def _child() -> None:
+    check_cases()
+    check_nonfinite()
+    _print_native_counters(streamed=("G2DStreamConvRuns", 0), direct=("G2DStreamConvRuns", 1))
+
+
+@pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
+@pytest.mark.parametrize("tier", [t for t in TIERS if t != "amx"])
+def test_stream_conv_matches_a_direct_conv_on_each_tier(tier):
+    supported, env_tier = TIERS[tier]
+    if not supported:
+        pytest.skip(f"this CPU lacks the {tier} tier; the test runs on a machine that has it")
+    proc = subprocess.run([sys.executable, __file__], env=dict(os.environ, **env_tier), capture_output=True,
+                          text=True, timeout=300, cwd=HERE.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"isa={tier}" in counts["config"], counts
+    # every case and the NaN input on the streamed path; the inf weight on the direct loops
+    assert counts["streamed"] == len(CASES) + 1 and counts["direct"] == 1, counts
+
+
+def test_wrong_bias_and_attributes_are_errors_not_crashes():
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
+
+    x = np.ones((1, 4, 2, 2), np.float32)
+    w = np.ones((8, 2, 3, 3), np.float32)
+    with pytest.raises((InvalidArgument, Fail), match="B"):
+        run_node("StreamConv", x, [w, np.zeros(7, np.float32)], {"group": 2, "pads": [1, 1, 1, 1]})
+    with pytest.raises((InvalidArgument, Fail), match="group|channels"):
+        run_node("StreamConv", x, [w, np.zeros(8, np.float32)], {"group": 3})
+    with pytest.raises((InvalidArgument, Fail), match="activation"):
+        run_node("StreamConv", x, [w, np.zeros(8, np.float32)], {"group": 2, "activation": "Tanh"})
+
+
+# ---------------------------------------------------------------------------- the pass
+
+
+def small_map_net(width: int = 192, side: int = 4) -> torch.nn.Module:
+    """A conv at side x side (big weights: width x width x 3 x 3 floats, 1.3 MiB at 192), ReLU,
+    then a small conv (weights under 1 MiB) and a linear head."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(width, 16, 3, padding=1), torch.nn.Flatten(),
+        torch.nn.Linear(16 * side * side, 10)).eval()
+
+
+def op_types(model) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def test_pass_rewrites_the_big_weight_conv_and_fuses_its_relu():
+    import gate2deploy
+
+    model = small_map_net()
+    c = gate2deploy.compile(model, torch.randn(2, 3, 4, 4), target="ort", stream_convs="on")
+    ops = op_types(c.onnx_model)
+    # the 3->192 conv (20 KiB) and 192->16 (108 KiB) stay; 192->192 (1.3 MiB) is streamed
+    assert ops.count("StreamConv") == 1 and ops.count("Conv") == 2, ops
+    node = next(n for n in c.onnx_model.graph.node if n.op_type == "StreamConv")
+    assert {a.name: a.s for a in node.attribute if a.name == "activation"} == {"activation": b"Relu"}
+    assert ops.count("Relu") == 1  # the first conv's (ONNX Runtime fuses that one itself)
+    assert c.report["stream_convs"]["convs"] == [node.name] and c.report["stream_convs"]["kept"]
+    assert c.report["verification"].startswith("max abs err")  # verified against PyTorch
+    # the exported model (dynamic batch) at another batch size
+    x = torch.randn(3, 3, 4, 4)
+    got = c.session().run(None, {c.onnx_model.graph.input[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["large map", "off", "onnx target"])
+def test_pass_leaves_other_convs_alone(case):
+    import gate2deploy
+
+    side = 8 if case == "large map" else 4  # 64 output pixels: more than MAX_PIXELS
+    options = {"stream_convs": "off"} if case == "off" else {}
+    target = "onnx" if case == "onnx target" else "ort"
+    if case != "onnx target":
+        options.setdefault("stream_convs", "on")
+    c = gate2deploy.compile(small_map_net(side=side), torch.randn(1, 3, side, side), target=target, **options)
+    assert "StreamConv" not in op_types(c.onnx_model)
+    assert c.report["stream_convs"]["convs"] == [] and not c.report["stream_convs"]["kept"]
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_auto_keeps_the_streamed_network_only_where_it_measures_faster(tmp_path, monkeypatch, faster):
+    import gate2deploy
+    import gate2deploy.kernel_choice as kc
+
+    monkeypatch.setattr(kc, "_cache_path", lambda: tmp_path / "kernel_choice.json")
+    calls = []
+
+    def timer(variants, x, threads):
+        calls.append(sorted(variants))
+        assert "StreamConv" in op_types(variants["stream"]) and "StreamConv" not in op_types(variants["plain"])
+        return {"stream": 1.0 if faster else 1.2, "plain": 1.2 if faster else 1.0}
+
+    monkeypatch.setattr(kc, "_time_networks", timer)
+    c = gate2deploy.compile(small_map_net(), torch.randn(1, 3, 4, 4), target="ort")  # auto, the default
+    assert ("StreamConv" in op_types(c.onnx_model)) == faster
+    report = c.report["stream_convs"]
+    assert report["asked"] == "auto" and report["kept"] == faster and not report["cached"]
+    assert len(calls) == (2 if faster else 1)  # a win is confirmed in a second round
+    # the same model again: the choice comes from the cache, nothing is timed
+    c = gate2deploy.compile(small_map_net(), torch.randn(1, 3, 4, 4), target="ort")
+    assert c.report["stream_convs"]["cached"] and len(calls) == (2 if faster else 1)
+    assert ("StreamConv" in op_types(c.onnx_model)) == faster
+
+
+def test_unknown_stream_convs_value_is_an_option_error():
+    import gate2deploy
+    from gate2deploy.errors import OptionError
+
+    with pytest.raises(OptionError, match="--stream-convs"):
+        gate2deploy.compile(small_map_net(), torch.randn(1, 3, 4, 4), target="ort", stream_convs="always")
+
+
+if __name__ == "__main__":
+    _child()
