@@ -3,7 +3,6 @@
 // CPU supports those flags (BestKernels() in conv_common.cc checks cpuid).
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <utility>
@@ -1399,7 +1398,12 @@ void stream_block(int64_t K, const float* w, const float* cols, int np, float* o
     case 1: stream_block_n<1>(K, w, cols, out); return;
     default: break;
   }
-  std::abort();  // the caller passes a power of two <= kStreamPixels (stream_conv.cc)
+  // stream_conv.cc passes a power of two <= kStreamPixels; any other count, pixel by pixel
+  for (int p = 0; p < np; ++p) {
+    vf acc = vf{};
+    for (int64_t k = 0; k < K; ++k) acc = multiply_add(load(w + k * kVW), cols[k * np + p], acc);
+    store(out + p * kVW, acc);
+  }
 }
 
 extern const IsaKernels kKernels = {kName,         kMR,         kNR,
