@@ -139,6 +139,8 @@ def test_python_api_checks_options_before_any_work(tmp_path):
         gate2deploy.compile(str(missing), (1, 3, 8, 8), gated_kernels="fastest")
     with pytest.raises(OptionError, match="--kernel-threads"):
         gate2deploy.compile(str(missing), (1, 3, 8, 8), kernel_threads=0)
+    with pytest.raises(OptionError, match="--stream-convs"):
+        gate2deploy.compile(str(missing), (1, 3, 8, 8), stream_convs="always")
 
 
 def test_profile_old_target_names_are_aliases():

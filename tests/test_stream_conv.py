@@ -218,12 +218,38 @@ def test_auto_keeps_the_streamed_network_only_where_it_measures_faster(tmp_path,
     assert ("StreamConv" in op_types(c.onnx_model)) == faster
 
 
-def test_unknown_stream_convs_value_is_an_option_error():
-    import gate2deploy
-    from gate2deploy.errors import OptionError
+def test_export_cli_says_what_it_did_with_the_streamed_convs(tmp_path, cli, capsys, monkeypatch):
+    """`export --target ort`: one line on the StreamConvs (kept or left as Conv, with the
+    measured times under auto), none with --stream-convs off; a bad value is one line, exit 2.
+    A CIFAR VGG-16-BN at width 0.5: its last six convs (128-256 channels at 4x4 and 2x2) have
+    1.2-2.4 MB of weights each."""
+    from models.cifar_nets import vgg16_bn
 
-    with pytest.raises(OptionError, match="--stream-convs"):
-        gate2deploy.compile(small_map_net(), torch.randn(1, 3, 4, 4), target="ort", stream_convs="always")
+    import gate2deploy.kernel_choice as kc
+
+    monkeypatch.setattr(kc, "_cache_path", lambda: tmp_path / "kernel_choice.json")
+    monkeypatch.setattr(kc, "_time_networks", lambda variants, x, threads: {"stream": 2.0, "plain": 1.0})
+    ckpt = tmp_path / "vgg.pt"
+    torch.save(vgg16_bn(width=0.5).state_dict(), ckpt)
+    common = ["export", ckpt, "--model", "tests/models/cifar_nets.py:vgg16_bn", "--model-kwargs", '{"width": 0.5}',
+              "--target", "ort", "--input-shape", "1,3,32,32"]
+    for mode, line in [("on", "StreamConv: 6 convs with >= 1 MiB of weights and <= 16 output pixels kept"),
+                       ("auto", "StreamConv: 6 convs with >= 1 MiB of weights and <= 16 output pixels left as Conv "
+                                "(measured here, 2 threads: 2.000 vs 1.000 ms as Conv)"),
+                       ("off", None)]:
+        out = tmp_path / f"{mode}.onnx"
+        code, stdout, err = cli(*common, "--stream-convs", mode, "-o", out)
+        assert code == 0, err
+        lines = [x for x in stdout.splitlines() if x.startswith("StreamConv:")]
+        assert lines == ([line] if line else []), stdout
+        import onnx
+        streamed = sum(n.op_type == "StreamConv" for n in onnx.load(str(out)).graph.node)
+        assert streamed == (6 if mode == "on" else 0)
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error
+        cli(*common, "--stream-convs", "sometimes", "-o", tmp_path / "bad.onnx")
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.strip().splitlines()) == 1 and "--stream-convs" in err
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 if __name__ == "__main__":

@@ -217,6 +217,14 @@ def print_summary(s: dict) -> None:
             print(f"warning: the gated network ran at {twin['speedup']:.2f}x the speed of its dense twin "
                   "(the same graph with plain convs) on this machine: its gates cost more than they skip "
                   "here (report: kernel_choice.dense_twin)", file=sys.stderr)
+    stream = s.get("stream_convs") or {}
+    if stream.get("convs"):
+        n = len(stream["convs"])
+        timed = (f" (measured here, {stream['machine'].rsplit('| ', 1)[-1]}: {stream['stream_ms']:.3f} vs "
+                 f"{stream['plain_ms']:.3f} ms as Conv" + (", cached" if stream.get("cached") else "") + ")"
+                 if "stream_ms" in stream else "")
+        print(f"StreamConv: {n} conv{'s' * (n > 1)} with >= 1 MiB of weights and <= 16 output pixels "
+              + ("kept" if stream["kept"] else "left as Conv") + timed)
     if s["mask_sources"].get("slimmable"):
         print(slimmable_summary(s["mask_sources"]["slimmable"]))
     for u in s["fold"]["unfoldable"]:
