@@ -92,3 +92,39 @@ def bypass(graph: gs.Graph, node: gs.Node) -> None:
                 consumer.inputs[i] = src
     node.outputs.clear()
     node.inputs.clear()
+
+
+def conv_bias(node: gs.Node) -> gs.Tensor | None:
+    """A Conv node's bias input, or None when it has none (absent or an empty name)."""
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        return node.inputs[2]
+    return None
+
+
+def constant_conv_weights(node: gs.Node) -> np.ndarray | None:
+    """W of a Conv node whose weights are a constant 4-D float32 tensor and whose bias is a
+    float32 constant or absent (what the passes that rewrite a Conv into a gate2deploy op
+    with X, W, B take), else None."""
+    w = const_value(node.inputs[1])
+    if w is None or w.ndim != 4 or w.dtype != np.float32:
+        return None
+    bias = conv_bias(node)
+    if bias is not None:
+        b = const_value(bias)
+        if b is None or b.dtype != np.float32:
+            return None
+    return w
+
+
+def conv_as_custom_op(node: gs.Node, op: str, attrs: tuple[str, ...]) -> None:
+    """Rewrite a Conv node (constant_conv_weights) in place as gate2deploy::`op`(X, W, B)
+    with B a zero constant where the Conv had no bias, keeping the named attributes."""
+    bias = conv_bias(node)
+    if bias is None:
+        w = const_value(node.inputs[1])
+        bias = gs.Constant(f"{node.name}/zero_bias", np.zeros(w.shape[0], np.float32))
+    kept = {k: node.attrs[k] for k in attrs if k in node.attrs}
+    node.op, node.domain = op, ops.DOMAIN
+    node.inputs = [node.inputs[0], node.inputs[1], bias]
+    node.attrs = kept
+

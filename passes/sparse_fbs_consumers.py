@@ -31,25 +31,17 @@ are two more full passes over the tensor per block.
 """
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from gate2deploy.ops import DOMAIN
 
-from .ir import STANDARD_DOMAINS, const_value, remove_fused, sole_consumer
+from .ir import STANDARD_DOMAINS, constant_conv_weights, conv_as_custom_op, remove_fused, sole_consumer
 
 PATTERN = {
     "op": "Conv",
     "input_producer": (DOMAIN, "FBSConv"),
     "attrs": {"group": 1, "auto_pad": ("NOTSET", b"NOTSET")},
 }
-
-
-def _bias(node: gs.Node) -> gs.Tensor | None:
-    """The Conv's bias input, or None when it has none (absent or an empty name)."""
-    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-        return node.inputs[2]
-    return None
 
 
 def _matches(node: gs.Node) -> bool:
@@ -65,14 +57,7 @@ def _matches(node: gs.Node) -> bool:
         return False
     if node.attrs.get("auto_pad", "NOTSET") not in PATTERN["attrs"]["auto_pad"]:
         return False
-    w = const_value(node.inputs[1])
-    if w is None or w.ndim != 4 or w.dtype != np.float32:
-        return False
-    if _bias(node) is not None:
-        b = const_value(_bias(node))
-        if b is None or b.dtype != np.float32:
-            return False
-    return True
+    return constant_conv_weights(node) is not None
 
 
 def _fuse_epilogue(graph: gs.Graph, node: gs.Node) -> None:
@@ -98,14 +83,7 @@ def _fuse_epilogue(graph: gs.Graph, node: gs.Node) -> None:
 def sparse_fbs_consumers(graph: gs.Graph) -> list[str]:
     rewritten = []
     for node in [n for n in graph.nodes if _matches(n)]:
-        w = const_value(node.inputs[1])
-        bias = _bias(node)
-        if bias is None:
-            bias = gs.Constant(f"{node.name}/zero_bias", np.zeros(w.shape[0], np.float32))
-        attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations") if k in node.attrs}
-        node.op, node.domain = "SparseInputConv", DOMAIN
-        node.inputs = [node.inputs[0], node.inputs[1], bias]
-        node.attrs = attrs
+        conv_as_custom_op(node, "SparseInputConv", ("strides", "pads", "dilations"))
         _fuse_epilogue(graph, node)
         rewritten.append(node.name)
     return rewritten

@@ -40,12 +40,9 @@ Decisions:
 """
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from gate2deploy.ops import DOMAIN
-
-from .ir import STANDARD_DOMAINS, const_value, remove_fused, shape_of, sole_consumer
+from .ir import STANDARD_DOMAINS, constant_conv_weights, conv_as_custom_op, remove_fused, shape_of, sole_consumer
 
 MAX_PIXELS = 16
 MIN_WEIGHT_BYTES = 1 << 20
@@ -58,24 +55,14 @@ PATTERN = {
 }
 
 
-def _bias(node: gs.Node) -> gs.Tensor | None:
-    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-        return node.inputs[2]
-    return None
-
-
 def _matches(node: gs.Node) -> bool:
     if node.op != PATTERN["op"] or node.domain not in STANDARD_DOMAINS:
         return False
     if node.attrs.get("auto_pad", "NOTSET") not in PATTERN["attrs"]["auto_pad"]:
         return False
-    w = const_value(node.inputs[1])
-    if w is None or w.ndim != 4 or w.dtype != np.float32 or w.nbytes < MIN_WEIGHT_BYTES:
+    w = constant_conv_weights(node)
+    if w is None or w.nbytes < MIN_WEIGHT_BYTES:
         return False
-    if _bias(node) is not None:
-        b = const_value(_bias(node))
-        if b is None or b.dtype != np.float32:
-            return False
     y = shape_of(node.outputs[0])
     return y is not None and len(y) == 4 and y[2] * y[3] <= MAX_PIXELS
 
@@ -83,14 +70,7 @@ def _matches(node: gs.Node) -> bool:
 def stream_weight_convs(graph: gs.Graph) -> list[str]:
     rewritten = []
     for node in [n for n in graph.nodes if _matches(n)]:
-        w = const_value(node.inputs[1])
-        bias = _bias(node)
-        if bias is None:
-            bias = gs.Constant(f"{node.name}/zero_bias", np.zeros(w.shape[0], np.float32))
-        attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations", "group") if k in node.attrs}
-        node.op, node.domain = "StreamConv", DOMAIN
-        node.inputs = [node.inputs[0], node.inputs[1], bias]
-        node.attrs = attrs
+        conv_as_custom_op(node, "StreamConv", ("strides", "pads", "dilations", "group"))
         relu = sole_consumer(graph, node.outputs[0], "Relu")
         if relu is not None:
             node.attrs["activation"] = "Relu"
