@@ -62,9 +62,11 @@ def attrs_of(strides, pads, dilations, group, relu):
 
 # (batch, C, O, side, group, kernel, strides, pads, dilations, relu): groups whose widths are
 # not whole vectors, strided / dilated / asymmetric geometry, a batch whose pixels (3 x 25)
-# span several 16-pixel chunks and end in a partial one, a 1x1 output.
+# span several 16-pixel chunks and end in a partial one, a 1x1 output; the first two on the
+# 3x3 path (stream_block_3x3: 4x4 where the ISA holds 16 pixels, 2x2 everywhere).
 CASES = [
     (1, 40, 48, 4, 2, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
+    (3, 24, 40, 2, 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
     (3, 17, 33, 5, 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), False),
     (2, 18, 21, 7, 3, 3, (2, 1), (0, 2, 1, 0), (1, 2), True),
     (1, 8, 20, 2, 4, 1, (1, 1), (0, 0, 0, 0), (1, 1), False),
@@ -111,7 +113,8 @@ def check_nonfinite() -> None:
 def _child() -> None:
     check_cases()
     check_nonfinite()
-    _print_native_counters(streamed=("G2DStreamConvRuns", 0), direct=("G2DStreamConvRuns", 1))
+    _print_native_counters(im2col=("G2DStreamConvRuns", 0), direct=("G2DStreamConvRuns", 1),
+                           three=("G2DStreamConvRuns", 2))
 
 
 @pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
@@ -125,8 +128,11 @@ def test_stream_conv_matches_a_direct_conv_on_each_tier(tier):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert f"isa={tier}" in counts["config"], counts
-    # every case and the NaN input on the streamed path; the inf weight on the direct loops
-    assert counts["streamed"] == len(CASES) + 1 and counts["direct"] == 1, counts
+    # the inf weight on the direct loops; the 3x3 cases (and the NaN input, 3x3 at 4x4) on
+    # stream_block_3x3 where the ISA takes their map, every other call on the im2col path
+    three = 1 + (tier == "avx512") * 2  # the 2x2 case; the 4x4 one and the NaN input on AVX-512
+    assert counts["direct"] == 1 and counts["three"] == three, counts
+    assert counts["im2col"] + counts["three"] == len(CASES) + 1, counts
 
 
 def test_wrong_bias_and_attributes_are_errors_not_crashes():

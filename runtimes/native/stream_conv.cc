@@ -32,7 +32,8 @@ namespace g2d {
 
 namespace {
 
-std::atomic<int64_t> runs[2];  // calls on the streamed path (0) and on DirectConv (1)
+// Calls on the im2col path (0), on DirectConv (1), on stream_block_3x3 (2).
+std::atomic<int64_t> runs[3];
 
 // Tasks of the im2col fill: this many input channels each.
 constexpr int64_t kFillChannels = 64;
@@ -114,6 +115,13 @@ void DirectConv(const float* x, const float* w, const float* bias, const ConvGeo
     }
 }
 
+// Whether isa.stream_block_3x3 takes the layer: 3x3, stride 1, dilation 1, padding 1 on a
+// 2x2 or 4x4 map (the output is the map), within the ISA's register tile.
+bool ThreeByThree(const ConvGeom& g, int np_max) {
+  return g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.pt == 1 &&
+         g.pl == 1 && g.pb == 1 && g.pr == 1 && g.H == g.W && (g.H == 2 || g.H == 4) && g.H * g.W <= np_max;
+}
+
 float Relu(float v) { return v > 0.f ? v : (v == v ? 0.f : v); }  // ONNX Relu: NaN stays NaN
 
 }  // namespace
@@ -151,45 +159,62 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
     } else {
       packed = Pack(W.Data(), g, vw);
     }
-    runs[0].fetch_add(1, std::memory_order_relaxed);
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const int64_t P = g.P(), T = Checked(g.N, P, "N * output pixels");
     if (T == 0 || g.O == 0) return;
     const int64_t HW = g.H * g.W, kk = g.kk(), K = packed->K, og = g.O / g.group;
-    const int64_t chunks = (T + np_max - 1) / np_max;
-    // Where each chunk's pixel j reads tap t: an offset from its channel's plane in sample 0
-    // (the sample's offset included), -1 at the padding and past the last pixel.
+    // The input as each chunk of pixels reads it: one sample's zero-padded planes where
+    // isa.stream_block_3x3 takes the geometry (only the products inside the map), else an
+    // im2col of chunk_px pixels (padding zeros multiplied).
+    const bool three = ThreeByThree(g, np_max);
+    runs[three ? 2 : 0].fetch_add(1, std::memory_order_relaxed);
+    const int64_t chunk_px = three ? P : np_max, chunks = (T + chunk_px - 1) / chunk_px;
+    const int64_t plane = (g.H + 2) * (g.W + 2);
+    const int64_t chunk_size = three ? Checked(g.Cw, plane, "padded planes") : Checked(K, np_max, "im2col");
+    AlignedVec<float>& source = Scratch<float, 51>();
+    source.resize(size_t(Checked(Checked(g.group, chunks, "im2col"), chunk_size, "im2col")));
+    // Where each chunk's pixel j reads tap t (im2col): an offset from its channel's plane in
+    // sample 0 (the sample's offset included), -1 at the padding and past the last pixel.
     std::vector<int64_t>& at = *[] { static thread_local std::vector<int64_t> v; return &v; }();
-    at.assign(size_t(Checked(Checked(chunks, kk, "taps"), np_max, "taps")), -1);
     const int64_t sample = Checked(g.C, HW, "X");
-    for (int64_t q = 0; q < T; ++q) {
-      const int64_t n = q / P, p = q % P, oh = p / g.OW, ow = p % g.OW;
-      const int64_t c = q / np_max, j = q % np_max;
-      for (int64_t t = 0; t < kk; ++t) {
-        const int64_t ih = oh * g.sh - g.pt + (t / g.kw) * g.dh, iw = ow * g.sw - g.pl + (t % g.kw) * g.dw;
-        if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
-          at[size_t((c * kk + t) * np_max + j)] = n * sample + ih * g.W + iw;
+    if (!three) {
+      at.assign(size_t(Checked(Checked(chunks, kk, "taps"), np_max, "taps")), -1);
+      for (int64_t q = 0; q < T; ++q) {
+        const int64_t n = q / P, p = q % P, oh = p / g.OW, ow = p % g.OW;
+        const int64_t c = q / np_max, j = q % np_max;
+        for (int64_t t = 0; t < kk; ++t) {
+          const int64_t ih = oh * g.sh - g.pt + (t / g.kw) * g.dh, iw = ow * g.sw - g.pl + (t % g.kw) * g.dw;
+          if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
+            at[size_t((c * kk + t) * np_max + j)] = n * sample + ih * g.W + iw;
+        }
       }
     }
-    const int64_t chunk_size = Checked(K, np_max, "im2col");
-    AlignedVec<float>& cols = Scratch<float, 51>();
-    cols.resize(size_t(Checked(Checked(g.group, chunks, "im2col"), chunk_size, "im2col")));
-    const int last_np = PixelsRounded(T - (chunks - 1) * np_max);
-    auto np_of = [&](int64_t c) { return c + 1 < chunks ? np_max : last_np; };
+    const int last_np = PixelsRounded(T - (chunks - 1) * chunk_px);
+    auto np_of = [&](int64_t c) { return c + 1 < chunks ? int(chunk_px) : last_np; };
     const int64_t fill_parts = (g.Cw + kFillChannels - 1) / kFillChannels;
     const float* x = X.Data();
     ParallelFor(ctx, size_t(g.group * chunks * fill_parts), [&](size_t task) {
       const int64_t part = int64_t(task) % fill_parts, gc = int64_t(task) / fill_parts;
       const int64_t gi = gc / chunks, c = gc % chunks;
+      float* dst = source.data() + gc * chunk_size;
+      const int64_t c_end = std::min(g.Cw, (part + 1) * kFillChannels);
+      if (three) {  // chunk c is sample c
+        for (int64_t ci = part * kFillChannels; ci < c_end; ++ci) {
+          const float* in = x + c * sample + (gi * g.Cw + ci) * HW;
+          float* out = dst + ci * plane;
+          std::fill(out, out + plane, 0.f);
+          for (int64_t h = 0; h < g.H; ++h) std::copy(in + h * g.W, in + (h + 1) * g.W, out + (h + 1) * (g.W + 2) + 1);
+        }
+        return;
+      }
       const int np = np_of(c);
-      float* dst = cols.data() + gc * chunk_size;
       const int64_t* a = at.data() + c * kk * np_max;
-      for (int64_t ci = part * kFillChannels; ci < std::min(g.Cw, (part + 1) * kFillChannels); ++ci) {
-        const float* plane = x + (gi * g.Cw + ci) * HW;
+      for (int64_t ci = part * kFillChannels; ci < c_end; ++ci) {
+        const float* in = x + (gi * g.Cw + ci) * HW;
         for (int64_t t = 0; t < kk; ++t) {
           float* row = dst + (ci * kk + t) * np;
           const int64_t* src = a + t * np_max;
-          for (int j = 0; j < np; ++j) row[j] = src[j] >= 0 ? plane[src[j]] : 0.f;
+          for (int j = 0; j < np; ++j) row[j] = src[j] >= 0 ? in[src[j]] : 0.f;
         }
       }
     });
@@ -200,13 +225,16 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
       const int lanes = int(std::min<int64_t>(vw, og - b * vw));
       alignas(64) float tile[16 * 16];
       for (int64_t c = 0; c < chunks; ++c) {
-        const int np = np_of(c);
-        isa.stream_block(K, wb, cols.data() + (gi * chunks + c) * chunk_size, np, tile);
-        const int64_t valid = std::min<int64_t>(np_max, T - c * np_max);
+        const float* in = source.data() + (gi * chunks + c) * chunk_size;
+        if (three)
+          isa.stream_block_3x3(g.Cw, wb, in, int(g.H), tile);
+        else
+          isa.stream_block(K, wb, in, np_of(c), tile);
+        const int64_t valid = std::min<int64_t>(chunk_px, T - c * chunk_px);
         for (int l = 0; l < lanes; ++l) {
           const int64_t o = gi * og + b * vw + l;
           for (int64_t j = 0; j < valid; ++j) {
-            const int64_t q = c * np_max + j, n = q / P, p = q % P;
+            const int64_t q = c * chunk_px + j, n = q / P, p = q % P;
             const float v = tile[j * vw + l] + bias[o];
             y[(n * g.O + o) * P + p] = relu_ ? Relu(v) : v;
           }
@@ -218,8 +246,8 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
 
 }  // namespace g2d
 
-// StreamConv calls so far on the streamed path (direct = 0) or the non-finite-W loops (1),
-// for tests (ctypes).
-extern "C" __attribute__((visibility("default"))) int64_t G2DStreamConvRuns(int direct) {
-  return g2d::runs[direct ? 1 : 0].load(std::memory_order_relaxed);
+// StreamConv calls so far on the im2col path (path 0), the non-finite-W loops (1) or the
+// 3x3 path (2), for tests (ctypes).
+extern "C" __attribute__((visibility("default"))) int64_t G2DStreamConvRuns(int path) {
+  return path >= 0 && path <= 2 ? g2d::runs[path].load(std::memory_order_relaxed) : -1;
 }
