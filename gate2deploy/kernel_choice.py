@@ -329,14 +329,16 @@ def choose_stream_convs(model: onnx.ModelProto, example: np.ndarray, threads: in
     Conv it stands for; the report entry (machine key, the nodes, `kept`, both medians).
 
     Why the network and not each layer: whether a layer's weights come from memory, where
-    StreamConv reads them once and ONNX Runtime's conv several times, or stay in the
-    last-level cache between runs, where ONNX Runtime's conv is faster (it skips the
-    padding's products), depends on the whole model's weights against this machine's cache.
-    Measured (Intel Xeon, 2 vCPU, batch 1): a CIFAR VGG-19 with 80 MB of weights ran 1.09x
-    (1 thread) and 1.02x (2 threads) faster with StreamConv, the same at half width (20 MB)
-    0.87x; a layer timed alone keeps its weights in cache. The streamed form must win by
-    MARGIN, in a first round and again in a second (as choose_gated_kernels' network check);
-    the choice is cached like the gated layers'."""
+    StreamConv reads them once, or stay in the last-level cache between runs, where ONNX
+    Runtime's conv is at its best, depends on the whole model's weights against this
+    machine's cache, and a layer timed alone keeps its weights in cache. Measured (Intel
+    Xeon, 2 vCPU, batch 1, tools/bench_stream_conv.py): before StreamConv skipped the
+    padding's products of 3x3 layers, a CIFAR VGG-19 with 80 MB of weights ran 1.02x
+    (1 thread) and 0.98x (2 threads) with it, the same at half width (20 MB) 0.91 / 0.90x;
+    since, 1.26 / 1.20x and 1.10 / 1.11x. Other geometries still take the path that
+    multiplies the padding. The streamed form must win by MARGIN, in a first round and again
+    in a second (as choose_gated_kernels' network check); the choice is cached like the
+    gated layers'."""
     names = {n.name for n in model.graph.node if n.domain == DOMAIN and n.op_type == "StreamConv"}
     key = machine_key(threads)
     entry: dict = {"machine": key, "convs": sorted(names)}

@@ -6,11 +6,12 @@ Why: at batch 1, the last stages of a CIFAR VGG (and of sensAI's fused group mod
 of reading its weights once. ONNX Runtime's NCHWc conv computes one output row at a time and
 the border pixels (all of them, on such maps) one by one, so it reads each weight several
 times per call: a chain of eight sensAI-style grouped convs (295 MB of weights) ran at 11 GB/s
-per thread there. StreamConv's kernel reads each weight once per 16 output pixels of the call
-(runtimes/native/stream_conv.cc): 1.11x (2 threads) and 1.22x (1 thread) on that chain.
-Where the weights stay in the last-level cache between runs, ONNX Runtime's conv is faster
-(it skips the padding's products): whether to keep the rewrite is measured on the whole
-network (gate2deploy/kernel_choice.py choose_stream_convs).
+per thread there. StreamConv's kernel reads each weight from memory once per call
+(runtimes/native/stream_conv.cc): on that chain 1.19x (1 thread) and 1.08x (2 threads) at
+batch 1, 2.08x / 2.04x at batch 8 (tools/bench_stream_conv.py). Whether to keep the rewrite
+is measured on the whole network (gate2deploy/kernel_choice.py choose_stream_convs): the
+kernel's path for geometries other than a 3x3 on a 2x2 / 4x4 map multiplies the padding's
+zeros, and lost to ONNX Runtime's conv where the weights stay in cache.
 
 Expects: a graph after the fold pipeline with static shapes (resolve_static_shapes).
 

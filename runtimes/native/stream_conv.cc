@@ -4,21 +4,28 @@
 // maps of a few pixels, the late layers of a CIFAR VGG and of sensAI's fused group models
 // (passes/stream_weight_convs.py picks them).
 //
-// Why: such a layer is a matter of reading its weights. ONNX Runtime's NCHWc conv works on
-// one output row at a time and treats the pixels at a border (every pixel of a 2x2 or 4x4
-// map) one by one, so it reads each weight from cache several times per call and ran these
-// layers at 11 GB/s per thread (a chain of sensAI-style grouped 3x3 convs, 295 MB of weights
-// at 4x4 and 2x2, Intel Xeon, 2026-12-07). Here the weights are packed once as
-// [group][block of vw outputs][C/group * kh * kw][vw], and isa.stream_block multiplies each
-// weight vector into up to 16 output pixels held in registers: one pass over the weights per
-// call (per 16 pixels; a block's weights then come from L2 for the next chunk of pixels).
+// Why: such a layer is mostly a matter of reading its weights. ONNX Runtime's NCHWc conv works
+// on one output row at a time and treats the pixels at a border (every pixel of a 2x2 or 4x4
+// map) one by one, and ran these layers at 11 GB/s per thread (a chain of sensAI-style
+// grouped 3x3 convs, 295 MB of weights at 4x4 and 2x2, Intel Xeon, 2026-12-07). Here the
+// weights are packed once as [group][block of vw outputs][C/group * kh * kw][vw] (huge pages;
+// the kernels prefetch 4 KiB ahead), and each weight vector is multiplied into up to 16
+// output pixels held in registers: one pass over the weights from memory per call, a
+// block's weights coming from L2 for the next chunk of pixels (the next samples).
 //
-// The input side is an im2col of the few pixels (cols [K][np] per group and chunk of
-// pixels, zeros at the padding): small next to the weights (np values per k against
-// vw * blocks weights). A NaN or inf weight would make a padding zero's product NaN where
-// ONNX Runtime's Conv and the reference never multiply the padding: W with any non-finite
-// value runs the plain loops of DirectConv instead (checked once for a constant W). Results
-// differ from the reference in summation order only.
+// The input side, per chunk of pixels:
+// - 3x3, stride 1, dilation 1, padding 1 on a 2x2 or 4x4 map (a CIFAR VGG's last stages; the
+//   whole sample within the ISA's register tile): one sample's zero-padded planes, and
+//   isa.stream_block_3x3 computes only the products inside the map (the padding is 31% of a
+//   4x4 map's taps, 56% of a 2x2's: with them the kernel lost to ONNX Runtime's where the
+//   weights stay in cache);
+// - anything else: an im2col of up to 16 pixels (cols [K][np] per group and chunk, zeros at
+//   the padding; small next to the weights: np values per k against vw * blocks weights),
+//   for isa.stream_block, padding products included.
+// A NaN or inf weight would make a padding zero's product NaN where ONNX Runtime's Conv and
+// the reference never multiply the padding: W with any non-finite value runs the plain loops
+// of DirectConv instead (checked once for a constant W). Results differ from the reference
+// in summation order only. tools/bench_stream_conv.py measures it against ONNX Runtime's conv.
 #include "stream_conv.h"
 
 #include <algorithm>
