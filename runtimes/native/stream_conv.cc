@@ -62,12 +62,15 @@ int PixelsRounded(int64_t n) {
 // Storage for the packed weights in 2 MiB pages where the kernel allows it (transparent huge
 // pages on request, "madvise" mode): the kernel streams hundreds of megabytes per run, and
 // with 4 KiB pages every 64 cache lines cost a TLB miss.
+// Below one huge page, plain 64-byte aligned storage.
 float* HugeAlloc(int64_t floats) {
   constexpr size_t kHuge = size_t(2) << 20;
-  const size_t bytes = (size_t(floats) * sizeof(float) + kHuge - 1) / kHuge * kHuge;
+  const size_t need = size_t(floats) * sizeof(float);
+  const bool huge = need >= kHuge;
+  const size_t bytes = huge ? (need + kHuge - 1) / kHuge * kHuge : (need + 63) / 64 * 64;
   void* p = nullptr;
-  if (posix_memalign(&p, kHuge, bytes) != 0) throw std::bad_alloc();
-  madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+  if (posix_memalign(&p, huge ? kHuge : 64, bytes ? bytes : 64) != 0) throw std::bad_alloc();
+  if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
   return static_cast<float*>(p);
 }
 
