@@ -68,6 +68,7 @@ from .benchmark import time_sessions
 from .ops import CATALOG, DOMAIN
 
 CHOOSABLE_OPS = ("CGConv", "PGConv", "FBSConv", "SparseInputConv")
+NOT_GATES = ("StreamConv",)  # gate2deploy convs the dense twin keeps (a dense conv's own kernel)
 MARGIN = 0.05  # "standard" replaces "native" only when faster by more than this fraction;
 # the dense twin counts as faster (the gates do not pay) likewise
 RUNS = 20      # timed runs per candidate (two alternating blocks of 10)
@@ -373,8 +374,8 @@ def dense_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     channel rule) replaced by a plain Conv(X, W) of the same weight and conv attributes: the
     dense network the gated kernels are compared against (for PG, its quantized weights in
     fp32; a SparseInputConv's bias and residual dropped). Other gate2deploy nodes (the fused
-    activation quantizer) stay: they are not gates, and the twin runs them as the export does,
-    so the ratio measures what the gates save. A CG/PG node's fused epilogue becomes its nodes
+    activation quantizer, StreamConv) stay: they are not gates, and the twin runs them as the
+    export does, so the ratio measures what the gates save. A CG/PG node's fused epilogue becomes its nodes
     again after the Conv (passes/fuse_gated_epilogue.split_gated_epilogues): ONNX Runtime folds
     the BatchNorm's Mul and Add and the Relu into its Conv, as in a dense export, and runs the
     clamp and the quantizer as nodes, which only the gated kernels fuse."""
@@ -387,7 +388,7 @@ def dense_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     conv_attrs = {"strides", "pads", "dilations", "group"}
     nodes = []
     for node in out.graph.node:
-        if node.domain != DOMAIN or CATALOG[node.op_type].channel_rule != "conv":
+        if node.domain != DOMAIN or node.op_type in NOT_GATES or CATALOG[node.op_type].channel_rule != "conv":
             nodes.append(node)
             continue
         conv = helper.make_node("Conv", list(node.input[:2]), list(node.output), name=node.name + "_dense")

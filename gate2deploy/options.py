@@ -66,7 +66,7 @@ class CompileOptions(ModelOptions):
     gated_kernels: str = "native"  # "native" | "measured" (gate2deploy/kernel_choice.py; --target ort)
     kernel_threads: int = 2  # intra-op threads the measured choices time with (the deployment's)
     # --target ort: convs whose weights dwarf their output as StreamConv (passes/stream_weight_convs.py):
-    # "auto" where the native library runs its AVX-512 kernels here, "on", "off"
+    # "auto" kept where the network measures faster (kernel_choice.choose_stream_convs), "on", "off"
     stream_convs: str = "auto"
     sample_inputs: str | None = None
     pg_static_scale: bool = False

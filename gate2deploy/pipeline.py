@@ -107,11 +107,17 @@ FUSE_ACTIVATION_QUANTIZER = GraphPass("fuse_activation_quantizer",
 # After the quantizer fusion: a quantizer after a gated conv joins its epilogue as one node.
 FUSE_GATED_EPILOGUE = GraphPass("fuse_gated_epilogue", _collect("fused_epilogues", fuse_gated_epilogue),
                                 ("fold_static_masks", "fuse_activation_quantizer"))
+
+
+def _stream_weight_convs(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+    if ctx.stream_convs:  # --stream-convs on / auto (gate2deploy/api.py)
+        ctx.streamed_convs.extend(stream_weight_convs(graph))
+    return graph
+
+
 # After the FBS consumers: a Conv reading an FBS output skips its zero channels instead.
-STREAM_WEIGHT_CONVS = GraphPass(
-    "stream_weight_convs",
-    lambda g, ctx: (ctx.streamed_convs.extend(stream_weight_convs(g)) if ctx.stream_convs else None) or g,
-    ("resolve_static_shapes", "fold_static_masks", "sparse_fbs_consumers"))
+STREAM_WEIGHT_CONVS = GraphPass("stream_weight_convs", _stream_weight_convs,
+                                ("resolve_static_shapes", "fold_static_masks", "sparse_fbs_consumers"))
 
 FOLD_PIPELINE = [CLEANUP, RESOLVE_STATIC_SHAPES, CANONICALIZE_CHANNEL_SHUFFLE, FOLD_STATIC_MASKS]
 

@@ -127,4 +127,3 @@ def conv_as_custom_op(node: gs.Node, op: str, attrs: tuple[str, ...]) -> None:
     node.op, node.domain = op, ops.DOMAIN
     node.inputs = [node.inputs[0], node.inputs[1], bias]
     node.attrs = kept
-

@@ -199,6 +199,19 @@ def test_pass_leaves_other_convs_alone(case):
     assert c.report["stream_convs"]["convs"] == [] and not c.report["stream_convs"]["kept"]
 
 
+def test_dense_twin_keeps_streamconv_which_is_not_a_gate():
+    """kernel_choice.dense_twin (the gated benchmarks' baseline) replaces gates by plain Convs
+    without bias; a StreamConv is no gate and stays whole, bias and ReLU included."""
+    import gate2deploy
+    from gate2deploy.kernel_choice import dense_twin
+
+    model = gate2deploy.compile(small_map_net(), torch.randn(1, 3, 4, 4), target="ort", stream_convs="on").onnx_model
+    twin = dense_twin(model)
+    before = [(n.op_type, list(n.input)) for n in model.graph.node if n.op_type == "StreamConv"]
+    after = [(n.op_type, list(n.input)) for n in twin.graph.node if n.op_type == "StreamConv"]
+    assert len(before) == 1 and after == before
+
+
 @pytest.mark.parametrize("faster", [True, False])
 def test_auto_keeps_the_streamed_network_only_where_it_measures_faster(tmp_path, monkeypatch, faster):
     import gate2deploy
