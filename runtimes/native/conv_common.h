@@ -512,7 +512,7 @@ void ApplyPostEpilogue(OrtKernelContext* ctx, const IsaKernels& isa, const PostE
 // large buffers are not page-faulted in again on every call. `Slot` separates uses; a slot
 // must not be shared by two buffers alive at once (in use: 0-2, 4-8, 12-14, 31-32 conv_common.cc;
 // 10-11, 15, 21-22 pg_conv.cc; 16-20 subset_conv.cc; 23-29 pg_amx.cc; 40-45 pg_int8.cc;
-// 46-47 fbs_conv.cc; 48-50 sparse_input_conv.cc; 51 stream_conv.cc).
+// 46-47 fbs_conv.cc; 48-50 sparse_input_conv.cc; 51-52 stream_conv.cc).
 template <class T, int Slot>
 AlignedVec<T>& Scratch() {
   static thread_local AlignedVec<T> buffer;

@@ -185,7 +185,7 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
     source.resize(size_t(Checked(Checked(g.group, chunks, "im2col"), chunk_size, "im2col")));
     // Where each chunk's pixel j reads tap t (im2col): an offset from its channel's plane in
     // sample 0 (the sample's offset included), -1 at the padding and past the last pixel.
-    std::vector<int64_t>& at = *[] { static thread_local std::vector<int64_t> v; return &v; }();
+    AlignedVec<int64_t>& at = Scratch<int64_t, 52>();
     const int64_t sample = Checked(g.C, HW, "X");
     if (!three) {
       at.assign(size_t(Checked(Checked(chunks, kk, "taps"), np_max, "taps")), -1);
