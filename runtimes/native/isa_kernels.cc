@@ -1406,49 +1406,58 @@ void stream_block(int64_t K, const float* w, const float* cols, int np, float* o
   }
 }
 
-// One sample's side x side output of a 3x3, stride-1, pad-1 conv (isa_kernels.h): every
+// M samples' side x side outputs of a 3x3, stride-1, pad-1 conv (isa_kernels.h): every
 // (pixel, tap) pair whose input lies inside the map, unrolled at compile time, so the
-// accumulators stay in registers and no product of the padding is computed.
-template <int S>
-void stream_block_3x3_n(int64_t C, const float* w, const float* xpad, float* out) {
+// accumulators stay in registers and no product of the padding is computed; each weight
+// vector serves all M samples (a 2x2 map alone gives it 4 products).
+template <int S, int M>
+void stream_block_3x3_n(int64_t C, const float* w, const float* xpad, int64_t stride, float* out) {
   constexpr int P = S * S, Wp = S + 2, Plane = Wp * Wp;
-  vf acc[P];
-  for (int p = 0; p < P; ++p) acc[p] = vf{};
+  vf acc[M * P];
+  for (int i = 0; i < M * P; ++i) acc[i] = vf{};
   for (int64_t c = 0; c < C; ++c) {
     const float* wc = w + c * 9 * kVW;
-    const float* xc = xpad + c * Plane;
 #pragma GCC unroll 9
     for (int t = 0; t < 9; ++t) {
       __builtin_prefetch(wc + (t + kStreamAhead) * kVW);
       const vf wt = load(wc + t * kVW);
       const int kh = t / 3, kw = t % 3;
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        const float* xc = xpad + m * stride + c * Plane;
 #pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) {
-        const int ih = p / S + kh, iw = p % S + kw;  // in the padded plane: 1..S is the map
-        if (ih >= 1 && ih <= S && iw >= 1 && iw <= S) acc[p] = multiply_add(wt, xc[ih * Wp + iw], acc[p]);
+        for (int p = 0; p < P; ++p) {
+          const int ih = p / S + kh, iw = p % S + kw;  // in the padded plane: 1..S is the map
+          if (ih >= 1 && ih <= S && iw >= 1 && iw <= S)
+            acc[m * P + p] = multiply_add(wt, xc[ih * Wp + iw], acc[m * P + p]);
+        }
       }
     }
   }
-  for (int p = 0; p < P; ++p) store(out + p * kVW, acc[p]);
+  for (int i = 0; i < M * P; ++i) store(out + i * kVW, acc[i]);
 }
 
-void stream_block_3x3(int64_t C, const float* w, const float* xpad, int side, float* out) {
-  if (side == 2) return stream_block_3x3_n<2>(C, w, xpad, out);
+void stream_block_3x3(int64_t C, const float* w, const float* xpad, int64_t stride, int side, int samples,
+                      float* out) {
+  if (side == 2 && samples == 1) return stream_block_3x3_n<2, 1>(C, w, xpad, stride, out);
+  if (side == 2 && samples == 2) return stream_block_3x3_n<2, 2>(C, w, xpad, stride, out);
   if constexpr (kStreamPixels >= 16) {
-    if (side == 4) return stream_block_3x3_n<4>(C, w, xpad, out);
+    if (side == 2 && samples == 4) return stream_block_3x3_n<2, 4>(C, w, xpad, stride, out);
+    if (side == 4 && samples == 1) return stream_block_3x3_n<4, 1>(C, w, xpad, stride, out);
   }
-  // other sides (not passed by stream_conv.cc), pixel by pixel
-  const int Wp = side + 2;
-  for (int p = 0; p < side * side; ++p) {
-    vf acc = vf{};
-    for (int64_t c = 0; c < C; ++c)
-      for (int t = 0; t < 9; ++t) {
-        const int ih = p / side + t / 3, iw = p % side + t % 3;
-        if (ih >= 1 && ih <= side && iw >= 1 && iw <= side)
-          acc = multiply_add(load(w + (c * 9 + t) * kVW), xpad[(c * Wp + ih) * Wp + iw], acc);
-      }
-    store(out + p * kVW, acc);
-  }
+  // other shapes (not passed by stream_conv.cc), pixel by pixel
+  const int Wp = side + 2, P = side * side;
+  for (int m = 0; m < samples; ++m)
+    for (int p = 0; p < P; ++p) {
+      vf acc = vf{};
+      for (int64_t c = 0; c < C; ++c)
+        for (int t = 0; t < 9; ++t) {
+          const int ih = p / side + t / 3, iw = p % side + t % 3;
+          if (ih >= 1 && ih <= side && iw >= 1 && iw <= side)
+            acc = multiply_add(load(w + (c * 9 + t) * kVW), xpad[m * stride + (c * Wp + ih) * Wp + iw], acc);
+        }
+      store(out + (m * P + p) * kVW, acc);
+    }
 }
 
 extern const IsaKernels kKernels = {kName,         kMR,         kNR,

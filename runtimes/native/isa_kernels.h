@@ -224,14 +224,16 @@ struct IsaKernels {
   // them from memory once. Fused multiply-adds where the tier has them.
   int stream_pixels;
   void (*stream_block)(int64_t K, const float* w, const float* cols, int np, float* out);
-  // The same for one sample of a 3x3 conv with stride 1, dilation 1 and padding 1 on a
-  // side x side map (side 2 or 4, side * side <= stream_pixels), reading the input from its
-  // zero-padded planes xpad [C][(side + 2)^2] instead of an im2col: for p < side * side,
-  //   out[p * vw + l] = sum over c < C, taps t whose input is inside the map of
-  //                     w[(c * 9 + t) * vw + l] * xpad[c][tap t's padded position of p].
+  // The same for `samples` samples of a 3x3 conv with stride 1, dilation 1 and padding 1 on
+  // a side x side map (side 2 with 1, 2 or 4 samples, side 4 with 1; samples * side * side
+  // <= stream_pixels), reading the input from zero-padded planes (sample m's channel c at
+  // xpad + m * stride + c * (side + 2)^2) instead of an im2col: for m < samples, p < side^2,
+  //   out[(m * side^2 + p) * vw + l] = sum over c < C, taps t whose input is inside the map of
+  //                                    w[(c * 9 + t) * vw + l] * (sample m's padded input).
   // Only those products: a 4x4 map's border taps are 31% of all, a 2x2 map's 56%, which the
   // im2col path multiplies by its zeros (the padding is not multiplied, as ONNX's Conv).
-  void (*stream_block_3x3)(int64_t C, const float* w, const float* xpad, int side, float* out);
+  void (*stream_block_3x3)(int64_t C, const float* w, const float* xpad, int64_t stride, int side,
+                           int samples, float* out);
 };
 
 namespace isa_generic { extern const IsaKernels kKernels; }

@@ -234,21 +234,31 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
       const float* wb = packed->data.get() + int64_t(job) * K * vw;
       const int lanes = int(std::min<int64_t>(vw, og - b * vw));
       alignas(64) float tile[16 * 16];
-      for (int64_t c = 0; c < chunks; ++c) {
-        const float* in = source.data() + (gi * chunks + c) * chunk_size;
-        if (three)
-          isa.stream_block_3x3(g.Cw, wb, in, int(g.H), tile);
-        else
-          isa.stream_block(K, wb, in, np_of(c), tile);
-        const int64_t valid = std::min<int64_t>(chunk_px, T - c * chunk_px);
+      // tile pixel j is pixel q0 + j of the batch's N * P (sample-major)
+      auto store = [&](int64_t q0, int64_t count) {
         for (int l = 0; l < lanes; ++l) {
           const int64_t o = gi * og + b * vw + l;
-          for (int64_t j = 0; j < valid; ++j) {
-            const int64_t q = c * chunk_px + j, n = q / P, p = q % P;
+          for (int64_t j = 0; j < count; ++j) {
+            const int64_t q = q0 + j, n = q / P, p = q % P;
             const float v = tile[j * vw + l] + bias[o];
             y[(n * g.O + o) * P + p] = relu_ ? Relu(v) : v;
           }
         }
+      };
+      if (three) {  // up to np_max / P samples per call, in powers of two
+        for (int64_t n = 0; n < g.N;) {
+          int m = 1;
+          while (m < 4 && 2 * m * P <= np_max && n + 2 * m <= g.N) m *= 2;
+          isa.stream_block_3x3(g.Cw, wb, source.data() + (gi * chunks + n) * chunk_size, chunk_size, int(g.H), m,
+                               tile);
+          store(n * P, m * P);
+          n += m;
+        }
+        return;
+      }
+      for (int64_t c = 0; c < chunks; ++c) {
+        isa.stream_block(K, wb, source.data() + (gi * chunks + c) * chunk_size, np_of(c), tile);
+        store(c * chunk_px, std::min<int64_t>(chunk_px, T - c * chunk_px));
       }
     });
   });
