@@ -116,6 +116,8 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
         raise OptionError("--gated-kernels measured times the native kernels: only with --target ort")
     if opts.stream_convs not in STREAM_CONVS:
         raise OptionError(f"--stream-convs must be one of {', '.join(STREAM_CONVS)}, not {opts.stream_convs!r}")
+    if opts.stream_convs == "on" and tgt.name != "ort":  # auto / off: nothing to do on other targets
+        raise OptionError("--stream-convs on needs --target ort (StreamConv is an op of the native library)")
     if opts.kernel_threads < 1:
         raise OptionError(f"--kernel-threads must be at least 1, not {opts.kernel_threads}")
     if opts.debug_passes:

@@ -213,6 +213,14 @@ def test_dense_twin_keeps_streamconv_which_is_not_a_gate():
     assert len(before) == 1 and after == before
 
 
+def test_stream_convs_on_needs_the_ort_target():
+    import gate2deploy
+    from gate2deploy.errors import OptionError
+
+    with pytest.raises(OptionError, match="--stream-convs on needs --target ort"):
+        gate2deploy.compile(small_map_net(), torch.randn(1, 3, 4, 4), target="onnx", stream_convs="on")
+
+
 @pytest.mark.parametrize("faster", [True, False])
 def test_auto_keeps_the_streamed_network_only_where_it_measures_faster(tmp_path, monkeypatch, faster):
     import gate2deploy
