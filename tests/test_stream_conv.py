@@ -129,7 +129,7 @@ def test_stream_conv_matches_a_direct_conv_on_each_tier(tier):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert f"isa={tier}" in counts["config"], counts
-    # the inf weight on the direct loops; the 3x3 cases (and the NaN input, 3x3 at 4x4) on
+    # the inf weight on the dense path (DenseConvSample); the 3x3 cases (and the NaN input, 3x3 at 4x4) on
     # stream_block_3x3 where the ISA takes their map, every other call on the im2col path
     three = 1 + (tier == "avx512") * 2  # the 2x2 case; the 4x4 one and the NaN input on AVX-512
     assert counts["direct"] == 1 and counts["three"] == three, counts

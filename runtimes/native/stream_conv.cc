@@ -23,8 +23,9 @@
 //   the padding; small next to the weights: np values per k against vw * blocks weights),
 //   for isa.stream_block, padding products included.
 // A NaN or inf weight would make a padding zero's product NaN where ONNX Runtime's Conv and
-// the reference never multiply the padding: W with any non-finite value runs the plain loops
-// of DirectConv instead (checked once for a constant W). Results differ from the reference
+// the reference never multiply the padding: W with any non-finite value runs the library's
+// plain dense path instead (DenseConvSample, which adds those weights' products over the taps
+// that read the input only; checked once for a constant W). Results differ from the reference
 // in summation order only. tools/bench_stream_conv.py measures it against ONNX Runtime's conv.
 #include "stream_conv.h"
 
@@ -39,7 +40,7 @@ namespace g2d {
 
 namespace {
 
-// Calls on the im2col path (0), on DirectConv (1), on stream_block_3x3 (2).
+// Calls on the im2col path (0), on DenseConvSample (1: non-finite W), on stream_block_3x3 (2).
 std::atomic<int64_t> runs[3];
 
 // Tasks of the im2col fill: this many input channels each.
@@ -77,10 +78,6 @@ float* HugeAlloc(int64_t floats) {
 std::shared_ptr<const StreamWeights> Pack(const float* w, const ConvGeom& g, int vw) {
   auto p = std::make_shared<StreamWeights>();
   p->vw = vw;
-  p->O = g.O;
-  p->Cw = g.Cw;
-  p->kk = g.kk();
-  p->group = g.group;
   p->source = w;
   const int64_t og = g.O / g.group;
   p->blocks = (og + vw - 1) / vw;
@@ -97,32 +94,6 @@ std::shared_ptr<const StreamWeights> Pack(const float* w, const ConvGeom& g, int
       }
     }
   return p;
-}
-
-// y = conv(x, w) + bias over the taps that read the input only (the non-finite W path).
-void DirectConv(const float* x, const float* w, const float* bias, const ConvGeom& g, float* y) {
-  const int64_t og = g.O / g.group, HW = g.H * g.W;
-  for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t o = 0; o < g.O; ++o) {
-      const int64_t gi = o / og;
-      for (int64_t oh = 0; oh < g.OH; ++oh)
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
-          float acc = 0.f;
-          for (int64_t c = 0; c < g.Cw; ++c) {
-            const float* plane = x + (n * g.C + gi * g.Cw + c) * HW;
-            const float* wc = w + (o * g.Cw + c) * g.kk();
-            for (int64_t i = 0; i < g.kh; ++i) {
-              const int64_t ih = oh * g.sh - g.pt + i * g.dh;
-              if (ih < 0 || ih >= g.H) continue;
-              for (int64_t j = 0; j < g.kw; ++j) {
-                const int64_t iw = ow * g.sw - g.pl + j * g.dw;
-                if (iw >= 0 && iw < g.W) acc += wc[i * g.kw + j] * plane[ih * g.W + iw];
-              }
-            }
-          }
-          y[((n * g.O + o) * g.OH + oh) * g.OW + ow] = acc + bias[o];
-        }
-    }
 }
 
 // Whether isa.stream_block_3x3 takes the layer: 3x3, stride 1, dilation 1, padding 1 on a
@@ -156,9 +127,13 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
     if (!CheckedOnceIfConstant(w_const_, w_finite_, [&] { return AllFinite(isa, W.Data(), w_size); })) {
       float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
       runs[1].fetch_add(1, std::memory_order_relaxed);
-      DirectConv(X.Data(), W.Data(), B.Data(), g, y);
-      if (relu_)
-        for (int64_t i = 0, n = g.N * g.O * g.P(); i < n; ++i) y[i] = Relu(y[i]);
+      const int64_t P = g.P();
+      for (int64_t n = 0; n < g.N; ++n) {
+        float* yn = y + n * g.O * P;
+        DenseConvSample(ctx, isa, W.Data(), X.Data() + n * g.C * g.H * g.W, g, yn);
+        for (int64_t o = 0; o < g.O; ++o)
+          isa.epilogue_row(yn + o * P, P, 1.f, 1.f, 0.f, B.Data()[o], nullptr, relu_);
+      }
       return;
     }
     std::shared_ptr<const StreamWeights> packed;
@@ -266,7 +241,7 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
 
 }  // namespace g2d
 
-// StreamConv calls so far on the im2col path (path 0), the non-finite-W loops (1) or the
+// StreamConv calls so far on the im2col path (path 0), the non-finite-W dense path (1) or the
 // 3x3 path (2), for tests (ctypes).
 extern "C" __attribute__((visibility("default"))) int64_t G2DStreamConvRuns(int path) {
   return path >= 0 && path <= 2 ? g2d::runs[path].load(std::memory_order_relaxed) : -1;

@@ -15,7 +15,7 @@ namespace g2d {
 // ((g * blocks + b) * K + k) * vw.
 struct StreamWeights {
   int vw = 0;
-  int64_t O = 0, Cw = 0, kk = 0, group = 0, blocks = 0, K = 0;
+  int64_t blocks = 0, K = 0;
   const float* source = nullptr;  // the W it was packed from (a constant's storage is stable)
   std::unique_ptr<float, void (*)(void*)> data{nullptr, std::free};  // 2 MiB aligned (HugeAlloc)
 };
