@@ -36,9 +36,6 @@ from gate2deploy.kernel_choice import MARGIN, cpu_model  # noqa: E402
 from gate2deploy.ops import DOMAIN, IR_VERSION, opset_imports  # noqa: E402
 from gate2deploy.verify import make_session  # noqa: E402
 
-CFG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
-
-
 def chain(batch: int, stream: bool):
     """The chain as ONNX (StreamConv nodes or Conv + Relu) and its input."""
     groups, width, maps = 10, 320, [4, 4, 4, 4, 2, 2, 2, 2]
@@ -67,18 +64,12 @@ def chain(batch: int, stream: bool):
 
 
 def vgg19(width: float) -> torch.nn.Module:
-    torch.manual_seed(0)
-    layers, c = [], 3
-    for v in CFG19:
-        if v == "M":
-            layers.append(torch.nn.MaxPool2d(2))
-            continue
-        v = int(v * width)
-        bn = torch.nn.BatchNorm2d(v)
-        bn.running_var.uniform_(0.5, 2)
-        layers += [torch.nn.Conv2d(c, v, 3, padding=1), bn, torch.nn.ReLU()]
-        c = v
-    return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(c * 4, 10)).eval()
+    """sensAI's CIFAR VGG-19-BN (tests/models/sensai_nets.py, cfg "E"), `width` times its
+    channels, trained-looking BatchNorms."""
+    from models.sensai_nets import CFG_E, VGG, randomize
+
+    torch.manual_seed(0)  # the conv weights: the same model in every run
+    return randomize(VGG([v if v == "M" else int(v * width) for v in CFG_E]), seed=0)
 
 
 def sensai_fused() -> torch.nn.Module:
