@@ -349,11 +349,12 @@ def choose_stream_convs(model: onnx.ModelProto, example: np.ndarray, threads: in
     cache = _load_cache(cache_path)
     seen = cache.setdefault(key, {})
     sig = "stream:" + _network_signature(model, names, example)
-    plain = _lowered(model, names)
+    plain = None  # the model with every StreamConv lowered: built only when timed or returned
     if "kept" in seen.get(sig, {}):
         net = {**seen[sig], "cached": True}
     else:
         x = np.asarray(example, np.float32)
+        plain = _lowered(model, names)
         variants = {"stream": model, "plain": plain}
         ms = _time_networks(variants, x, threads)
         net = {f"{k}_ms": round(v, 4) for k, v in ms.items()}
@@ -366,7 +367,9 @@ def choose_stream_convs(model: onnx.ModelProto, example: np.ndarray, threads: in
         seen[sig] = net
         _store_cache(cache_path, cache)
         net = {**net, "cached": False}
-    return (model if net["kept"] else plain), {**entry, **net}
+    if net["kept"]:
+        return model, {**entry, **net}
+    return (plain if plain is not None else _lowered(model, names)), {**entry, **net}
 
 
 def dense_twin(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -375,10 +378,10 @@ def dense_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     dense network the gated kernels are compared against (for PG, its quantized weights in
     fp32; a SparseInputConv's bias and residual dropped). Other gate2deploy nodes (the fused
     activation quantizer, StreamConv) stay: they are not gates, and the twin runs them as the
-    export does, so the ratio measures what the gates save. A CG/PG node's fused epilogue becomes its nodes
-    again after the Conv (passes/fuse_gated_epilogue.split_gated_epilogues): ONNX Runtime folds
-    the BatchNorm's Mul and Add and the Relu into its Conv, as in a dense export, and runs the
-    clamp and the quantizer as nodes, which only the gated kernels fuse."""
+    export does, so the ratio measures what the gates save. A CG/PG node's fused epilogue
+    becomes its nodes again after the Conv (passes/fuse_gated_epilogue.split_gated_epilogues):
+    ONNX Runtime folds the BatchNorm's Mul and Add and the Relu into its Conv, as in a dense
+    export, and runs the clamp and the quantizer as nodes, which only the gated kernels fuse."""
     from gate2deploy.passes.fuse_gated_epilogue import split_gated_epilogues
     from gate2deploy.passes.ir import export_model, import_graph
 
