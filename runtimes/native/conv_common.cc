@@ -264,6 +264,12 @@ void Bounded(const std::string& op, const char* what, int64_t elements) {
 }
 }  // namespace
 
+int64_t BufferElements(const char* op, const char* what, int64_t a, int64_t b) {
+  const int64_t n = Mul(op, a, b);
+  Bounded(op, what, n);
+  return n;
+}
+
 ConvGeom MakeGeom(const char* op, const std::vector<int64_t>& xs, const std::vector<int64_t>& ws,
                   const ConvAttrs& a) {
   const std::string o = op;

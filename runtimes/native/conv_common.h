@@ -226,6 +226,9 @@ constexpr int64_t kMaxBufferElements = int64_t(1) << 31;
 // arithmetic is overflow-checked (an overflow or a layer over the limits is an OpError).
 ConvGeom MakeGeom(const char* op, const std::vector<int64_t>& x_shape,
                   const std::vector<int64_t>& w_shape, const ConvAttrs& attrs);
+// a * b (non-negative) as the size of a buffer `what`: an OpError naming `op` on int64
+// overflow or above kMaxBufferElements (MakeGeom's checks, for a kernel's own buffers).
+int64_t BufferElements(const char* op, const char* what, int64_t a, int64_t b);
 void ExpectShape(const char* op, const char* what, const std::vector<int64_t>& shape,
                  const std::vector<int64_t>& expected);
 

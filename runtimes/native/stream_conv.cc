@@ -46,12 +46,7 @@ std::atomic<int64_t> runs[3];
 // Tasks of the im2col fill: this many input channels each.
 constexpr int64_t kFillChannels = 64;
 
-int64_t Checked(int64_t a, int64_t b, const char* what) {
-  int64_t r = 0;
-  if (__builtin_mul_overflow(a, b, &r) || r > kMaxBufferElements)
-    throw OpError(std::string("StreamConv: ") + what + " exceeds the kernel's buffer limit");
-  return r;
-}
+int64_t Checked(int64_t a, int64_t b, const char* what) { return BufferElements("StreamConv", what, a, b); }
 
 // The smallest power of two >= n (n <= 16).
 int PixelsRounded(int64_t n) {
