@@ -111,11 +111,59 @@ def check_nonfinite() -> None:
     assert np.isnan(got).any() and not np.isnan(got).all()
 
 
+# Zero tails (stream_conv.h, StreamWeights::live): sensAI's fused layers pad each group's
+# channels with zero weights at the end. (batch, C, O, side, group, kernel, pads): a 2x2 map
+# (the 3x3 path on every tier) and a 5x5 one (the im2col path).
+ZERO_TAIL_CASES = [(2, 80, 96, 2, 2, 3, (1, 1, 1, 1)), (1, 48, 40, 5, 2, 3, (1, 1, 1, 1))]
+
+
+def zero_tail_weights(rng, c, o, group, k):
+    """W whose groups read fewer channels than they are given: group 0's outputs read 23 of
+    its channels, its last outputs (from 32 on) none (whole blocks zero where the group has
+    48); group 1's first outputs read all, its others a different prefix per output
+    (so a block's reach is its widest output's)."""
+    cw, og = c // group, o // group
+    w = rng.standard_normal((o, cw, k, k)).astype(np.float32)
+    w[:og, 23:] = 0
+    w[32:og] = 0
+    for j in range(og // 2, og):
+        w[og + j, 5 + j % 11:] = 0
+    return w
+
+
+def check_zero_tails() -> None:
+    """Outputs against direct_conv; then inf inputs in channels that some block of group 0
+    skips: ONNX's Conv multiplies them by the zero weights (NaN), so the group reads all its
+    channels in that call. Channel 10 is skipped only by the all-zero blocks of the 2x2 case
+    (read by the others), the last channel by every block."""
+    rng = np.random.default_rng(5)
+    for n, c, o, side, group, k, pads in ZERO_TAIL_CASES:
+        x = rng.standard_normal((n, c, side, side)).astype(np.float32)
+        w = zero_tail_weights(rng, c, o, group, k)
+        b = rng.standard_normal(o).astype(np.float32)
+        a = attrs_of((1, 1), pads, (1, 1), group, True)
+        got = run_node("StreamConv", x, [w, b], a)
+        want = direct_conv(x, w, b, pads=pads, group=group, relu=True)
+        assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max(), (c, o, side, np.abs(got - want).max())
+        w[o // group:] = rng.standard_normal(w[o // group:].shape)  # group 1 reads everything
+        for channel in (10, c // group - 1):
+            xi = x.copy()
+            xi[-1, channel, side // 2, side // 2] = np.inf
+            got = run_node("StreamConv", xi, [w, b], a)
+            want = direct_conv(xi, w, b, pads=pads, group=group, relu=True)
+            assert np.isnan(want[-1, :o // group]).any() or channel == 10
+            for kind in (np.isnan, np.isposinf):
+                np.testing.assert_array_equal(kind(got), kind(want))
+            finite = np.isfinite(want)
+            assert np.abs(got[finite] - want[finite]).max() <= 2e-6 * np.abs(want[finite]).max()
+
+
 def _child() -> None:
     check_cases()
     check_nonfinite()
+    check_zero_tails()
     _print_native_counters(im2col=("G2DStreamConvRuns", 0), direct=("G2DStreamConvRuns", 1),
-                           three=("G2DStreamConvRuns", 2))
+                           three=("G2DStreamConvRuns", 2), skipped=("G2DStreamConvRuns", 3))
 
 
 @pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
@@ -131,9 +179,13 @@ def test_stream_conv_matches_a_direct_conv_on_each_tier(tier):
     assert f"isa={tier}" in counts["config"], counts
     # the inf weight on the dense path (DenseConvSample); the 3x3 cases (and the NaN input, 3x3 at 4x4) on
     # stream_block_3x3 where the ISA takes their map, every other call on the im2col path
-    three = 1 + (tier == "avx512") * 2  # the 2x2 case; the 4x4 one and the NaN input on AVX-512
+    # and the zero-tail cases: 2x2 (3x3 path, three calls), 5x5 (im2col, three)
+    three = 1 + (tier == "avx512") * 2 + 3  # the 2x2 case; the 4x4 one and the NaN input on AVX-512
     assert counts["direct"] == 1 and counts["three"] == three, counts
-    assert counts["im2col"] + counts["three"] == len(CASES) + 1, counts
+    assert counts["im2col"] + counts["three"] == len(CASES) + 1 + 3 * len(ZERO_TAIL_CASES), counts
+    # skipped: each case's first call, and the 5x5 case's inf in channel 10 (which every
+    # block there reads); not an inf in a channel some block skips (group 1 reads all of its)
+    assert counts["skipped"] == len(ZERO_TAIL_CASES) + 1, counts
 
 
 def test_wrong_bias_and_attributes_are_errors_not_crashes():

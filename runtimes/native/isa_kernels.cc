@@ -1372,7 +1372,11 @@ constexpr int kStreamPixels = 8;   // of 16
 // Weights are prefetched 4 KiB ahead: the hardware prefetchers stop at every 4 KiB page
 // boundary of the stream. Measured (tools/bench_stream_conv.py's chain, Intel Xeon, 2
 // threads): the kernel without it 0.87x ONNX Runtime's conv, with it 1.11x; 2 or 8 KiB ahead
-// within 3% of 4.
+// within 3% of 4. Into L2 (prefetcht1), not L1: the 4x4 maps' layers, which multiply each
+// weight vector ~11 times, read 18-20 GB/s with prefetcht0 and 22-25 with prefetcht1 (L1's
+// few fill buffers held by prefetches stall the broadcast loads); the fused sensAI VGG at
+// batch 1 ran 1.06x faster (2 threads) and 1.04x (1 thread), the same network with both
+// builds in one run (2026-12-07, thirtieth session).
 constexpr int64_t kStreamAhead = 4096 / (kVW * 4);
 
 template <int NP>
@@ -1380,7 +1384,7 @@ void stream_block_n(int64_t K, const float* w, const float* cols, float* out) {
   vf acc[NP];
   for (int p = 0; p < NP; ++p) acc[p] = vf{};
   for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch(w + (k + kStreamAhead) * kVW);
+    __builtin_prefetch(w + (k + kStreamAhead) * kVW, 0, 2);
     const vf wk = load(w + k * kVW);
     const float* ck = cols + k * NP;
 #pragma GCC unroll 16
@@ -1419,7 +1423,7 @@ void stream_block_3x3_n(int64_t C, const float* w, const float* xpad, int64_t st
     const float* wc = w + c * 9 * kVW;
 #pragma GCC unroll 9
     for (int t = 0; t < 9; ++t) {
-      __builtin_prefetch(wc + (t + kStreamAhead) * kVW);
+      __builtin_prefetch(wc + (t + kStreamAhead) * kVW, 0, 2);
       const vf wt = load(wc + t * kVW);
       const int kh = t / 3, kw = t % 3;
 #pragma GCC unroll 4

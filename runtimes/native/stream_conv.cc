@@ -22,6 +22,10 @@
 // - anything else: an im2col of up to 16 pixels (cols [K][np] per group and chunk, zeros at
 //   the padding; small next to the weights: np values per k against vw * blocks weights),
 //   for isa.stream_block, padding products included.
+// Zero tails: a block of outputs whose weights are zero from some input channel of its group
+// on (sensAI's fused layers pad every group with zero channels at the end: 18% of a fused
+// VGG's late weights) reads only the channels before it (StreamWeights::live), unless one of
+// the skipped channels holds an inf or NaN in this call (0 * inf is NaN in ONNX's Conv).
 // A NaN or inf weight would make a padding zero's product NaN where ONNX Runtime's Conv and
 // the reference never multiply the padding: W with any non-finite value runs the library's
 // plain dense path instead (DenseConvSample, which adds those weights' products over the taps
@@ -40,8 +44,9 @@ namespace g2d {
 
 namespace {
 
-// Calls on the im2col path (0), on DenseConvSample (1: non-finite W), on stream_block_3x3 (2).
-std::atomic<int64_t> runs[3];
+// Calls on the im2col path (0), on DenseConvSample (1: non-finite W), on stream_block_3x3 (2);
+// calls that skipped a zero tail of the weights (3; StreamWeights::live).
+std::atomic<int64_t> runs[4];
 
 // Tasks of the im2col fill: this many input channels each.
 constexpr int64_t kFillChannels = 64;
@@ -88,6 +93,18 @@ std::shared_ptr<const StreamWeights> Pack(const float* w, const ConvGeom& g, int
         for (int64_t k = 0; k < p->K; ++k) dst[k * vw + l] = src ? src[k] : 0.f;
       }
     }
+  // Zero tails (StreamWeights::live): the packed block's last nonzero word, in whole channels.
+  const int64_t kk = g.kk();
+  p->live.assign(size_t(g.group * p->blocks), 0);
+  p->min_live.assign(size_t(g.group), g.Cw);
+  for (int64_t gb = 0; gb < g.group * p->blocks; ++gb) {
+    const float* block = p->data.get() + gb * p->K * vw;
+    int64_t k = p->K * vw;
+    while (k > 0 && block[k - 1] == 0.f) --k;  // -0.f too: a signed zero's products are zeros
+    p->live[size_t(gb)] = (k + kk * vw - 1) / (kk * vw);
+    int64_t& m = p->min_live[size_t(gb / p->blocks)];
+    m = std::min(m, p->live[size_t(gb)]);
+  }
   return p;
 }
 
@@ -198,10 +215,27 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
         }
       }
     });
+    // Zero tails: a block reads its group's first live channels only, which leaves the result
+    // unchanged unless a skipped channel holds an inf or NaN (0 * inf is NaN in ONNX's Conv);
+    // a group whose skipped channels are not all finite reads them all in this call.
+    AlignedVec<int64_t>& reads = Scratch<int64_t, 53>();
+    reads.assign(size_t(g.group), 0);  // 1: every block of the group reads all g.Cw channels
+    bool skipped = false;
+    for (int64_t gi = 0; gi < g.group; ++gi) {
+      const int64_t from = packed->min_live[size_t(gi)];
+      if (from == g.Cw) continue;
+      bool finite = true;
+      for (int64_t n = 0; n < g.N && finite; ++n)
+        finite = AllFinite(isa, x + n * sample + (gi * g.Cw + from) * HW, (g.Cw - from) * HW);
+      reads[size_t(gi)] = !finite;
+      skipped |= finite;
+    }
+    if (skipped) runs[3].fetch_add(1, std::memory_order_relaxed);
     const float* bias = B.Data();
     ParallelFor(ctx, size_t(g.group * packed->blocks), [&](size_t job) {
       const int64_t gi = int64_t(job) / packed->blocks, b = int64_t(job) % packed->blocks;
       const float* wb = packed->data.get() + int64_t(job) * K * vw;
+      const int64_t live = reads[size_t(gi)] ? g.Cw : packed->live[job];  // input channels read
       const int lanes = int(std::min<int64_t>(vw, og - b * vw));
       alignas(64) float tile[16 * 16];
       // tile pixel j is pixel q0 + j of the batch's N * P (sample-major)
@@ -219,7 +253,7 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
         for (int64_t n = 0; n < g.N;) {
           int m = 1;
           while (m < 4 && 2 * m * P <= np_max && n + 2 * m <= g.N) m *= 2;
-          isa.stream_block_3x3(g.Cw, wb, source.data() + (gi * chunks + n) * chunk_size, chunk_size, int(g.H), m,
+          isa.stream_block_3x3(live, wb, source.data() + (gi * chunks + n) * chunk_size, chunk_size, int(g.H), m,
                                tile);
           store(n * P, m * P);
           n += m;
@@ -227,7 +261,7 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
         return;
       }
       for (int64_t c = 0; c < chunks; ++c) {
-        isa.stream_block(K, wb, source.data() + (gi * chunks + c) * chunk_size, np_of(c), tile);
+        isa.stream_block(live * kk, wb, source.data() + (gi * chunks + c) * chunk_size, np_of(c), tile);
         store(c * chunk_px, std::min<int64_t>(chunk_px, T - c * chunk_px));
       }
     });
@@ -237,7 +271,7 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
 }  // namespace g2d
 
 // StreamConv calls so far on the im2col path (path 0), the non-finite-W dense path (1) or the
-// 3x3 path (2), for tests (ctypes).
+// 3x3 path (2), and those that skipped a zero tail of the weights (3), for tests (ctypes).
 extern "C" __attribute__((visibility("default"))) int64_t G2DStreamConvRuns(int path) {
-  return path >= 0 && path <= 2 ? g2d::runs[path].load(std::memory_order_relaxed) : -1;
+  return path >= 0 && path <= 3 ? g2d::runs[path].load(std::memory_order_relaxed) : -1;
 }

@@ -7,6 +7,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace g2d {
 
@@ -16,6 +17,13 @@ namespace g2d {
 struct StreamWeights {
   int vw = 0;
   int64_t blocks = 0, K = 0;
+  // Zero tails: live[g * blocks + b] = 1 + the last input channel of group g (0..C/group-1)
+  // with a nonzero weight in block b (0: the block's weights are all zero); the kernels read
+  // only the channels below it. sensAI's fused layers pad every group's channels with zero
+  // weights at the end (importers/sensai.py), 18% of a fused VGG's late weights.
+  // min_live[g]: the fewest channels any block of group g reads (the channels the run-time
+  // input check covers).
+  std::vector<int64_t> live, min_live;
   const float* source = nullptr;  // the W it was packed from (a constant's storage is stable)
   std::unique_ptr<float, void (*)(void*)> data{nullptr, std::free};  // 2 MiB aligned (HugeAlloc)
 };
