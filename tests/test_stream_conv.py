@@ -121,21 +121,23 @@ def zero_tail_weights(rng, c, o, group, k):
     """W whose groups read fewer channels than they are given: group 0's outputs read 23 of
     its channels, its last outputs (from 32 on) none (whole blocks zero where the group has
     48); group 1's first outputs read all, its others a different prefix per output
-    (so a block's reach is its widest output's)."""
+    (so a block's reach is its widest output's), each ending inside a channel's taps."""
     cw, og = c // group, o // group
     w = rng.standard_normal((o, cw, k, k)).astype(np.float32)
     w[:og, 23:] = 0
+    w[:og, 22, -1] = 0  # the last live channel's last kernel row: the zeros end inside a channel
     w[32:og] = 0
     for j in range(og // 2, og):
         w[og + j, 5 + j % 11:] = 0
+        w[og + j, 4 + j % 11].flat[1:] = 0  # of the last live channel, only its first tap
     return w
 
 
 def check_zero_tails() -> None:
     """Outputs against direct_conv; then inf inputs in channels that some block of group 0
-    skips: ONNX's Conv multiplies them by the zero weights (NaN), so the group reads all its
-    channels in that call. Channel 10 is skipped only by the all-zero blocks of the 2x2 case
-    (read by the others), the last channel by every block."""
+    leaves out: ONNX's Conv multiplies them by the zero weights (NaN), so that call takes the
+    plain dense path. Channel 10 is left out only by the all-zero blocks of the 2x2 case (read
+    by the others), the last channel by every block."""
     rng = np.random.default_rng(5)
     for n, c, o, side, group, k, pads in ZERO_TAIL_CASES:
         x = rng.standard_normal((n, c, side, side)).astype(np.float32)
@@ -179,12 +181,12 @@ def test_stream_conv_matches_a_direct_conv_on_each_tier(tier):
     assert f"isa={tier}" in counts["config"], counts
     # the inf weight on the dense path (DenseConvSample); the 3x3 cases (and the NaN input, 3x3 at 4x4) on
     # stream_block_3x3 where the ISA takes their map, every other call on the im2col path
-    # and the zero-tail cases: 2x2 (3x3 path, three calls), 5x5 (im2col, three)
-    three = 1 + (tier == "avx512") * 2 + 3  # the 2x2 case; the 4x4 one and the NaN input on AVX-512
-    assert counts["direct"] == 1 and counts["three"] == three, counts
-    assert counts["im2col"] + counts["three"] == len(CASES) + 1 + 3 * len(ZERO_TAIL_CASES), counts
-    # skipped: each case's first call, and the 5x5 case's inf in channel 10 (which every
-    # block there reads); not an inf in a channel some block skips (group 1 reads all of its)
+    # The zero-tail cases: each case's first call and the 5x5 case's inf in channel 10 (which
+    # every block there reads) run the stream kernels, skipping; the other three infs lie in
+    # channels some block skips: the dense path (the 2x2 case on stream_block_3x3, 5x5 im2col).
+    three = 1 + (tier == "avx512") * 2 + 1  # the 2x2 case; the 4x4 one and the NaN input on AVX-512
+    assert counts["direct"] == 1 + 3 and counts["three"] == three, counts
+    assert counts["im2col"] + counts["three"] == len(CASES) + 1 + 3, counts
     assert counts["skipped"] == len(ZERO_TAIL_CASES) + 1, counts
 
 

@@ -23,9 +23,10 @@
 //   the padding; small next to the weights: np values per k against vw * blocks weights),
 //   for isa.stream_block, padding products included.
 // Zero tails: a block of outputs whose weights are zero from some input channel of its group
-// on (sensAI's fused layers pad every group with zero channels at the end: 18% of a fused
-// VGG's late weights) reads only the channels before it (StreamWeights::live), unless one of
-// the skipped channels holds an inf or NaN in this call (0 * inf is NaN in ONNX's Conv).
+// on (sensAI's fused layers pad every group with zero channels at the end: 16% of a fused
+// VGG's late weights) is packed and read only up to that channel (StreamWeights::live); a call
+// whose input holds an inf or NaN in a left-out channel (0 * inf is NaN in ONNX's Conv) takes
+// the plain dense path below.
 // A NaN or inf weight would make a padding zero's product NaN where ONNX Runtime's Conv and
 // the reference never multiply the padding: W with any non-finite value runs the library's
 // plain dense path instead (DenseConvSample, which adds those weights' products over the taps
@@ -44,8 +45,9 @@ namespace g2d {
 
 namespace {
 
-// Calls on the im2col path (0), on DenseConvSample (1: non-finite W), on stream_block_3x3 (2);
-// calls that skipped a zero tail of the weights (3; StreamWeights::live).
+// Calls on the im2col path (0), on DenseConvSample (1: non-finite W, or a non-finite input where
+// zero weights were left out), on stream_block_3x3 (2); calls that left out a zero tail of the
+// weights (3; StreamWeights::live).
 std::atomic<int64_t> runs[4];
 
 // Tasks of the im2col fill: this many input channels each.
@@ -79,31 +81,34 @@ std::shared_ptr<const StreamWeights> Pack(const float* w, const ConvGeom& g, int
   auto p = std::make_shared<StreamWeights>();
   p->vw = vw;
   p->source = w;
-  const int64_t og = g.O / g.group;
+  const int64_t og = g.O / g.group, kk = g.kk();
   p->blocks = (og + vw - 1) / vw;
-  p->K = g.Cw * g.kk();
-  const int64_t size = Checked(Checked(g.group * p->blocks, p->K, "W packed"), vw, "W packed");
-  p->data.reset(HugeAlloc(size));
-  for (int64_t gi = 0; gi < g.group; ++gi)
-    for (int64_t b = 0; b < p->blocks; ++b) {
-      float* dst = p->data.get() + (gi * p->blocks + b) * p->K * vw;
-      for (int l = 0; l < vw; ++l) {
-        const int64_t o = b * vw + l;
-        const float* src = o < og ? w + (gi * og + o) * p->K : nullptr;
-        for (int64_t k = 0; k < p->K; ++k) dst[k * vw + l] = src ? src[k] : 0.f;
-      }
-    }
-  // Zero tails (StreamWeights::live): the packed block's last nonzero word, in whole channels.
-  const int64_t kk = g.kk();
-  p->live.assign(size_t(g.group * p->blocks), 0);
+  p->K = g.Cw * kk;
+  const int64_t nb = Checked(g.group, p->blocks, "W packed");
+  p->live.assign(size_t(nb), 0);
+  p->offset.assign(size_t(nb) + 1, 0);
   p->min_live.assign(size_t(g.group), g.Cw);
-  for (int64_t gb = 0; gb < g.group * p->blocks; ++gb) {
-    const float* block = p->data.get() + gb * p->K * vw;
-    int64_t k = p->K * vw;
-    while (k > 0 && block[k - 1] == 0.f) --k;  // -0.f too: a signed zero's products are zeros
-    p->live[size_t(gb)] = (k + kk * vw - 1) / (kk * vw);
-    int64_t& m = p->min_live[size_t(gb / p->blocks)];
-    m = std::min(m, p->live[size_t(gb)]);
+  for (int64_t gb = 0; gb < nb; ++gb) {  // zero tails: each block's last channel with a nonzero weight
+    const int64_t gi = gb / p->blocks, o_end = std::min(og, (gb % p->blocks + 1) * vw);
+    int64_t& live = p->live[size_t(gb)];
+    for (int64_t o = (gb % p->blocks) * vw; o < o_end; ++o) {
+      const float* row = w + (gi * og + o) * p->K;
+      int64_t k = p->K;
+      while (k > live * kk && row[k - 1] == 0.f) --k;  // -0.f too: a signed zero's products are zeros
+      live = std::max(live, (k + kk - 1) / kk);
+    }
+    p->offset[size_t(gb) + 1] = p->offset[size_t(gb)] + live * kk;
+    p->min_live[size_t(gi)] = std::min(p->min_live[size_t(gi)], live);
+  }
+  p->data.reset(HugeAlloc(Checked(std::max<int64_t>(p->offset.back(), 1), vw, "W packed")));
+  for (int64_t gb = 0; gb < nb; ++gb) {
+    const int64_t gi = gb / p->blocks, b = gb % p->blocks, words = p->live[size_t(gb)] * kk;
+    float* dst = p->data.get() + p->offset[size_t(gb)] * vw;
+    for (int l = 0; l < vw; ++l) {
+      const int64_t o = b * vw + l;
+      const float* src = o < og ? w + (gi * og + o) * p->K : nullptr;
+      for (int64_t k = 0; k < words; ++k) dst[k * vw + l] = src ? src[k] : 0.f;
+    }
   }
   return p;
 }
@@ -136,18 +141,24 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
     const IsaKernels& isa = BestKernels();
     const int vw = isa.vw, np_max = isa.stream_pixels;
     const int64_t w_size = Checked(g.O, g.Cw * g.kk(), "W");
-    if (!CheckedOnceIfConstant(w_const_, w_finite_, [&] { return AllFinite(isa, W.Data(), w_size); })) {
+    const int64_t HW = g.H * g.W, sample = Checked(g.C, HW, "X");
+    const float* x = X.Data();
+    // The library's plain path (DenseConvSample: no product of the padding, every zero weight
+    // multiplied), for what the stream kernels would get wrong: non-finite weights, and a
+    // non-finite input in a channel the packed weights left out (zero tails: 0 * inf is NaN).
+    auto dense = [&] {
       float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
       runs[1].fetch_add(1, std::memory_order_relaxed);
       const int64_t P = g.P();
       for (int64_t n = 0; n < g.N; ++n) {
         float* yn = y + n * g.O * P;
-        DenseConvSample(ctx, isa, W.Data(), X.Data() + n * g.C * g.H * g.W, g, yn);
+        DenseConvSample(ctx, isa, W.Data(), x + n * sample, g, yn);
         for (int64_t o = 0; o < g.O; ++o)
           isa.epilogue_row(yn + o * P, P, 1.f, 1.f, 0.f, B.Data()[o], nullptr, relu_);
       }
-      return;
-    }
+    };
+    if (!CheckedOnceIfConstant(w_const_, w_finite_, [&] { return AllFinite(isa, W.Data(), w_size); }))
+      return dense();
     std::shared_ptr<const StreamWeights> packed;
     if (w_const_) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -156,10 +167,19 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
     } else {
       packed = Pack(W.Data(), g, vw);
     }
+    bool skipped = false;  // zero tails: the channels no block of a group reads, checked finite
+    for (int64_t gi = 0; gi < g.group; ++gi) {
+      const int64_t from = packed->min_live[size_t(gi)];
+      if (from == g.Cw) continue;
+      for (int64_t n = 0; n < g.N; ++n)
+        if (!AllFinite(isa, x + n * sample + (gi * g.Cw + from) * HW, (g.Cw - from) * HW)) return dense();
+      skipped = true;
+    }
+    if (skipped) runs[3].fetch_add(1, std::memory_order_relaxed);
     float* y = Y.Allocate({g.N, g.O, g.OH, g.OW});
     const int64_t P = g.P(), T = Checked(g.N, P, "N * output pixels");
     if (T == 0 || g.O == 0) return;
-    const int64_t HW = g.H * g.W, kk = g.kk(), K = packed->K, og = g.O / g.group;
+    const int64_t kk = g.kk(), K = packed->K, og = g.O / g.group;
     // The input as each chunk of pixels reads it: one sample's zero-padded planes where
     // isa.stream_block_3x3 takes the geometry (only the products inside the map), else an
     // im2col of chunk_px pixels (padding zeros multiplied).
@@ -173,7 +193,6 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
     // Where each chunk's pixel j reads tap t (im2col): an offset from its channel's plane in
     // sample 0 (the sample's offset included), -1 at the padding and past the last pixel.
     AlignedVec<int64_t>& at = Scratch<int64_t, 52>();
-    const int64_t sample = Checked(g.C, HW, "X");
     if (!three) {
       at.assign(size_t(Checked(Checked(chunks, kk, "taps"), np_max, "taps")), -1);
       for (int64_t q = 0; q < T; ++q) {
@@ -189,7 +208,6 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
     const int last_np = PixelsRounded(T - (chunks - 1) * chunk_px);
     auto np_of = [&](int64_t c) { return c + 1 < chunks ? int(chunk_px) : last_np; };
     const int64_t fill_parts = (g.Cw + kFillChannels - 1) / kFillChannels;
-    const float* x = X.Data();
     ParallelFor(ctx, size_t(g.group * chunks * fill_parts), [&](size_t task) {
       const int64_t part = int64_t(task) % fill_parts, gc = int64_t(task) / fill_parts;
       const int64_t gi = gc / chunks, c = gc % chunks;
@@ -215,27 +233,11 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
         }
       }
     });
-    // Zero tails: a block reads its group's first live channels only, which leaves the result
-    // unchanged unless a skipped channel holds an inf or NaN (0 * inf is NaN in ONNX's Conv);
-    // a group whose skipped channels are not all finite reads them all in this call.
-    AlignedVec<int64_t>& reads = Scratch<int64_t, 53>();
-    reads.assign(size_t(g.group), 0);  // 1: every block of the group reads all g.Cw channels
-    bool skipped = false;
-    for (int64_t gi = 0; gi < g.group; ++gi) {
-      const int64_t from = packed->min_live[size_t(gi)];
-      if (from == g.Cw) continue;
-      bool finite = true;
-      for (int64_t n = 0; n < g.N && finite; ++n)
-        finite = AllFinite(isa, x + n * sample + (gi * g.Cw + from) * HW, (g.Cw - from) * HW);
-      reads[size_t(gi)] = !finite;
-      skipped |= finite;
-    }
-    if (skipped) runs[3].fetch_add(1, std::memory_order_relaxed);
     const float* bias = B.Data();
     ParallelFor(ctx, size_t(g.group * packed->blocks), [&](size_t job) {
       const int64_t gi = int64_t(job) / packed->blocks, b = int64_t(job) % packed->blocks;
-      const float* wb = packed->data.get() + int64_t(job) * K * vw;
-      const int64_t live = reads[size_t(gi)] ? g.Cw : packed->live[job];  // input channels read
+      const float* wb = packed->data.get() + packed->offset[job] * vw;
+      const int64_t live = packed->live[job];  // input channels read
       const int lanes = int(std::min<int64_t>(vw, og - b * vw));
       alignas(64) float tile[16 * 16];
       // tile pixel j is pixel q0 + j of the batch's N * P (sample-major)
@@ -270,7 +272,7 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
 
 }  // namespace g2d
 
-// StreamConv calls so far on the im2col path (path 0), the non-finite-W dense path (1) or the
+// StreamConv calls so far on the im2col path (path 0), the dense path (1) or the
 // 3x3 path (2), and those that skipped a zero tail of the weights (3), for tests (ctypes).
 extern "C" __attribute__((visibility("default"))) int64_t G2DStreamConvRuns(int path) {
   return path >= 0 && path <= 3 ? g2d::runs[path].load(std::memory_order_relaxed) : -1;

@@ -11,19 +11,18 @@
 
 namespace g2d {
 
-// W packed for isa.stream_block: for group g, output block b (vw channels of the group, the
-// last one padded with zero lanes) and k = c * kk + t, the vw weights at
-// ((g * blocks + b) * K + k) * vw.
+// W packed for isa.stream_block: for group g and output block b (vw channels of the group,
+// the last one padded with zero lanes), block gb = g * blocks + b holds k = c * kk + t for the
+// block's live input channels c < live[gb] only, its vw weights at (offset[gb] + k) * vw.
+// Zero tails: live[gb] = 1 + the last input channel of the group (0..C/group-1) with a nonzero
+// weight in the block (0: all zero); the channels after it are neither stored nor read.
+// sensAI's fused layers pad every group's channels with zero weights at the end
+// (importers/sensai.py): 16% of a fused VGG's late weights. min_live[g]: the fewest channels a
+// block of group g reads (from it on, the run-time input check covers the channels).
 struct StreamWeights {
   int vw = 0;
-  int64_t blocks = 0, K = 0;
-  // Zero tails: live[g * blocks + b] = 1 + the last input channel of group g (0..C/group-1)
-  // with a nonzero weight in block b (0: the block's weights are all zero); the kernels read
-  // only the channels below it. sensAI's fused layers pad every group's channels with zero
-  // weights at the end (importers/sensai.py), 18% of a fused VGG's late weights.
-  // min_live[g]: the fewest channels any block of group g reads (the channels the run-time
-  // input check covers).
-  std::vector<int64_t> live, min_live;
+  int64_t blocks = 0, K = 0;  // K: C/group * kh * kw, a block's words when every channel is live
+  std::vector<int64_t> live, offset, min_live;
   const float* source = nullptr;  // the W it was packed from (a constant's storage is stable)
   std::unique_ptr<float, void (*)(void*)> data{nullptr, std::free};  // 2 MiB aligned (HugeAlloc)
 };
