@@ -15,6 +15,7 @@ underscores). Errors are gate2deploy.errors.UserError subclasses (the CLI's exit
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -82,14 +83,37 @@ def _example(example_inputs) -> torch.Tensor | None:
     return example_inputs.detach().float()
 
 
-def _gated(model_or_checkpoint, example_inputs, opts) -> GatedModel:
+def _gated(model_or_checkpoint, example_inputs, opts, form_timer=None) -> GatedModel:
     example = _example(example_inputs)
     if isinstance(model_or_checkpoint, nn.Module):
         return build_gated_model(opts, module=model_or_checkpoint, example=example)
     if model_or_checkpoint is not None:
         opts.checkpoint = ([str(p) for p in model_or_checkpoint] if isinstance(model_or_checkpoint, (list, tuple))
                            else str(model_or_checkpoint))  # several: sensAI group models
-    return build_gated_model(opts, example=example)
+    return build_gated_model(opts, example=example, form_timer=form_timer)
+
+
+def _sensai_form_timer(tgt: Target, opts: CompileOptions, stream: bool):
+    """`--sensai-form auto` times each candidate form (and each hybrid layer) as this export
+    makes it: captured, then through the target's pipeline (folds, custom ops, StreamConv where
+    the pass puts it; `--stream-convs auto` measures its own choice afterwards, on the chosen
+    form; `--physical-widths measured` is timed as `fast`), on ONNX Runtime CPU. Why: the
+    forms' order can differ between the plain graph and the target's (sensAI VGG-19-BN, batch
+    8, Intel Xeon, 2026-12-07: padded fastest as captured, fused fastest on `--target ort`,
+    tools/bench_sensai.py). TensorRT's engines are not timed here: its forms are timed as
+    captured (None: importers/sensai.py's default)."""
+    if tgt.name == "trt":
+        return None
+    from .importers.sensai import time_forms
+
+    def prepare(captured: onnx.ModelProto) -> onnx.ModelProto:
+        ctx = PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
+                          choose_widths=opts.physical_widths != "exact", stream_convs=stream)
+        return tgt.prepare(run_pipeline(captured, tgt.pipeline, ctx))
+
+    timer = functools.partial(time_forms, prepare=prepare)
+    timer.label = f"the --target {tgt.name} pipeline on ONNX Runtime CPU"
+    return timer
 
 
 def compile(model_or_checkpoint, example_inputs=None, target: str = "ort", **options) -> CompiledModel:  # noqa: A001
@@ -122,7 +146,8 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
         raise OptionError(f"--kernel-threads must be at least 1, not {opts.kernel_threads}")
     if opts.debug_passes:
         _check_debug_folder(opts.debug_passes)
-    gated = _gated(model_or_checkpoint, example_inputs, opts)
+    stream = tgt.name == "ort" and opts.stream_convs != "off"
+    gated = _gated(model_or_checkpoint, example_inputs, opts, _sensai_form_timer(tgt, opts, stream))
     samples = load_samples(opts.sample_inputs, gated)
     if opts.pg_static_scale:
         gate_stats.calibrate_pg_scales(gated.model, [torch.from_numpy(b) for b in samples])
@@ -131,8 +156,6 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
     captured = capture(gated.model, gated.example)
     kernel_report: dict = {}
     twins: list[onnx.ModelProto | None] = [None]  # the pipeline's model before the kernel choice
-
-    stream = tgt.name == "ort" and opts.stream_convs != "off"
 
     def run_passes(batch_axis: bool) -> tuple[onnx.ModelProto, PassContext]:
         def make_ctx():

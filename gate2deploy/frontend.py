@@ -71,11 +71,13 @@ def check_input_elements(shape, max_elements: int = MAX_INPUT_ELEMENTS) -> None:
 
 
 def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
-                      example: torch.Tensor | None = None) -> GatedModel:
+                      example: torch.Tensor | None = None, form_timer=None) -> GatedModel:
     """The gated PyTorch model and its static masks, from a checkpoint (`opts.checkpoint`,
     `opts.model`, ...) or from a model object the caller already has (`module`, as
     gate2deploy.compile receives it). `example` (else a normal sample of
-    `opts.input_shape`) is the capture's example input."""
+    `opts.input_shape`) is the capture's example input. `form_timer`: how sensAI's forms are
+    timed (importers/sensai.py time_forms, default: as captured; the export passes its target
+    pipeline's)."""
     if example is None:
         if not opts.input_shape:
             raise OptionError("an input shape is needed: --input-shape N,C,H,W (or example inputs)")
@@ -90,7 +92,7 @@ def build_gated_model(opts: ModelOptions, module: nn.Module | None = None,
     if module is not None:
         model, sources = module, {"checkpoint": None, "format": "module"}
     elif opts.sensai_grouping:
-        model, sources = _load_sensai(opts, example)
+        model, sources = _load_sensai(opts, example, form_timer)
     elif opts.mayo_model:
         model, sources = _load_mayo(opts, example)
     else:
@@ -169,7 +171,7 @@ def checkpoint_paths(opts: ModelOptions) -> list[str]:
     return [str(p) for p in paths]
 
 
-def _load_sensai(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, dict]:
+def _load_sensai(opts: ModelOptions, example: torch.Tensor, timer=None) -> tuple[nn.Module, dict]:
     """sensAI group models (whole pickled modules) + grouping -> the combined module."""
     if opts.model:
         raise OptionError("--model is not used with --sensai-grouping: sensAI group models are whole "
@@ -187,7 +189,7 @@ def _load_sensai(opts: ModelOptions, example: torch.Tensor) -> tuple[nn.Module, 
         raise OptionError(f"--sensai-threads {opts.sensai_threads}: expected at least 1")
     form = "branches" if opts.sensai_no_fuse else opts.sensai_form
     grouped, files = sensai.from_files(checkpoint_paths(opts), opts.sensai_grouping, load, example,
-                                       form=form, threads=opts.sensai_threads)
+                                       form=form, threads=opts.sensai_threads, timer=timer)
     plan = grouped.plan
     timed = ", ".join(f"{k} {v['ms']:.2f} ms" for k, v in plan["candidates"].items() if "ms" in v)
     print(f"gate2deploy: sensAI form {plan['form']} ({plan['chosen_by']}{': ' + timed if timed else ''})",

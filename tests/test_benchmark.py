@@ -267,7 +267,8 @@ def test_native_setting_ab_switches_the_setting_run_by_run():
     assert bad.returncode == 2 and "no setting split_spans=bogus" in bad.stderr, bad.stderr
 
 
-@pytest.mark.parametrize("tool", ["bench_gated_ops.py", "bench_network_layers.py", "profile_gated_network.py"])
+@pytest.mark.parametrize("tool", ["bench_gated_ops.py", "bench_network_layers.py", "profile_gated_network.py",
+                                  "bench_stream_conv.py"])
 def test_a_missing_baseline_library_is_one_line(tool, tmp_path):
     """--baseline-library naming no file: the usage and one error line naming it, exit 2,
     before anything is built or timed (ONNX Runtime's own refusal was a traceback); the

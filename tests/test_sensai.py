@@ -574,3 +574,41 @@ def test_sensai_prune_bad_output_names_before_the_work(tmp_path, cli, case):
         _assert_clean_failure(result, out, "--arch" if case != "arch_is_a_file" else "is a file")
     assert not (tmp_path / "escape").exists() and not list(out.rglob("*.pth"))
     assert not list(out.rglob("grouping_config*"))
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_auto_times_the_forms_as_the_export_target_makes_them(tmp_path, monkeypatch, target):
+    """--sensai-form auto times each candidate through the export's target pipeline
+    (api._sensai_form_timer): on `--target ort` the timed graphs hold the library's ops
+    (StreamConv here, its size threshold lowered so the small VGG's 4x4 / 2x2 convs qualify),
+    on `--target onnx` standard ops only; the plan says which pipeline timed them."""
+    from gate2deploy.importers import sensai
+    from gate2deploy.ops import DOMAIN
+    from gate2deploy.passes import stream_weight_convs
+
+    monkeypatch.setattr(stream_weight_convs, "MIN_WEIGHT_BYTES", 0)
+    timed: dict[str, set[str]] = {}  # form -> the gate2deploy ops of the graph that was timed
+    real = sensai.time_forms
+
+    def spy(modules, example, threads, prepare=None, **kwargs):
+        names = iter(modules)
+
+        def recording(model):
+            out = prepare(model) if prepare else model
+            timed[next(names)] = {n.op_type for n in out.graph.node if n.domain == DOMAIN}
+            return out
+        return real(modules, example, threads, prepare=recording, **kwargs)
+
+    monkeypatch.setattr(sensai, "time_forms", spy)
+    models = group_models("vgg", GROUPS5, 10, seed=31)
+    _, files, grouping = save_group_models(tmp_path, "vgg19", models, GROUPS5)
+    extra = {"stream_convs": "on"} if target == "ort" else {}
+    compiled = gate2deploy.compile([str(f) for f in files], input_shape="1,3,32,32", target=target,
+                                   sensai_grouping=str(grouping), trust_pickle=True, **extra)
+    plan = compiled.report["mask_sources"]["sensai"]
+    assert plan["chosen_by"].startswith(f"timing: the --target {target} pipeline"), plan["chosen_by"]
+    assert set(plan["candidates"]) <= set(timed) and len(plan["candidates"]) >= 3, (plan["candidates"], timed)
+    for form in plan["candidates"]:
+        assert ("StreamConv" in timed[form]) == (target == "ort"), (target, timed)
+    x = torch.randn(1, 3, 32, 32)
+    np.testing.assert_allclose(compiled.run(x)[0], seed_grouped_eval(models, GROUPS5, x), rtol=0, atol=1e-5)

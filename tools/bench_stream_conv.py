@@ -13,7 +13,13 @@ medians; plain / stream > 1 means StreamConv is faster. Models:
 Prints the native library's ISA table (G2DKernelConfig: which kernel path ran) and, per row,
 what `--stream-convs auto` would keep (faster by kernel_choice.MARGIN).
 
+`--baseline-library old.so` (another build of the native library, e.g. a copy of the cached
+one before a kernel change) adds a "before" session: the stream model on that build, timed in
+the same blocks, so a change's effect is read as before / stream in one run ("stream" is then a
+private copy of this checkout's build, as `before` is: tools/bench_gated_ops.py's A/B method).
+
     python tools/bench_stream_conv.py [--threads 1 2] [--batch 1 8] [--runs 30] [--models chain vgg19 sensai]
+                                      [--baseline-library old.so]
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from bench_gated_ops import check_baseline_library, private_library_copy  # noqa: E402  (the A/B method)
 import gate2deploy  # noqa: E402
 from gate2deploy.benchmark import time_sessions  # noqa: E402
 from gate2deploy.kernel_choice import MARGIN, cpu_model  # noqa: E402
@@ -88,18 +95,28 @@ def exported(module: torch.nn.Module, batch: int):
     return both, x.numpy()
 
 
-def row(name: str, models: dict, x: np.ndarray, threads: int, runs: int) -> None:
+def row(name: str, models: dict, x: np.ndarray, threads: int, runs: int, libraries: dict) -> None:
+    """libraries: {"stream": this build's private copy, "before": the baseline} or {}."""
+    from gate2deploy.runtimes.ort import open_session
+
+    nospin = {"session.intra_op.allow_spinning": "0"}
     sessions = {k: make_session(m, threads=threads, spinning=False) for k, m in models.items()}
+    for k, library in libraries.items():
+        sessions[k] = open_session(models["stream"], threads=threads, config=nospin, library=library)
     feed = {sessions["plain"].get_inputs()[0].name: x}
     out = {k: s.run(None, feed)[0] for k, s in sessions.items()}
-    err = float(np.abs(out["stream"] - out["plain"]).max() / max(np.abs(out["plain"]).max(), 1e-30))
+    scale = max(np.abs(out["plain"]).max(), 1e-30)
+    err = max(float(np.abs(o - out["plain"]).max() / scale) for o in out.values())
     times = time_sessions(sessions, {k: [feed] for k in sessions}, runs=runs)
     med = {k: statistics.median(t) for k, t in times.items()}
     n = sum(node.op_type == "StreamConv" for node in models["stream"].graph.node)
     ratio = med["plain"] / med["stream"]
     auto = "stream" if med["stream"] < (1 - MARGIN) * med["plain"] else "plain"
+    before = (f"  before {med['before']:8.2f} ms  before/stream {med['before'] / med['stream']:5.3f}x"
+              if "before" in med else "")
     print(f"  {name:34s} threads {threads}: plain {med['plain']:8.2f} ms  stream {med['stream']:8.2f} ms  "
-          f"plain/stream {ratio:5.2f}x  ({n} StreamConv; auto would keep {auto}; max rel diff {err:.1e})", flush=True)
+          f"plain/stream {ratio:5.2f}x{before}  ({n} StreamConv; auto would keep {auto}; max rel diff {err:.1e})",
+          flush=True)
 
 
 def main() -> int:
@@ -108,12 +125,19 @@ def main() -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=30, help="timed runs per model, in blocks of 10")
     ap.add_argument("--models", nargs="+", default=["chain", "vgg19", "sensai"], choices=["chain", "vgg19", "sensai"])
+    ap.add_argument("--baseline-library", help="another build of the native library: its stream model "
+                                               "timed beside this build's (before / stream)")
     args = ap.parse_args()
+    check_baseline_library(ap, args.baseline_library)
     torch.set_num_threads(1)
     from gate2deploy.runtimes.ort import custom_ops_library_path
     lib = ctypes.CDLL(str(custom_ops_library_path()))
     lib.G2DKernelConfig.restype = ctypes.c_char_p
     print(f"CPU: {cpu_model()}; native library: {lib.G2DKernelConfig().decode()}; spinning off")
+    libraries = {}
+    if args.baseline_library:
+        libraries = {"stream": private_library_copy(), "before": args.baseline_library}
+        print(f"before: {args.baseline_library}")
     for batch in args.batch:
         print(f"batch {batch}")
         cases = []
@@ -129,7 +153,7 @@ def main() -> int:
             cases.append(("sensAI VGG-19-BN, 10 groups fused", models, x))
         for name, models, x in cases:
             for threads in args.threads:
-                row(name, models, x, threads, args.runs)
+                row(name, models, x, threads, args.runs, libraries)
     return 0
 
 

@@ -237,15 +237,16 @@ def head_rows(models: list[nn.Module], groups: list[list[int]], example: torch.T
 
 
 def from_files(paths: list[str], grouping: str | Path, load, example: torch.Tensor,
-               form: str = "auto", threads: int = TIMING_THREADS) -> tuple["GroupedModel", list[Path]]:
+               form: str = "auto", threads: int = TIMING_THREADS, timer=None) -> tuple["GroupedModel", list[Path]]:
     """The combined module from group model files (a folder or several files) and the
     grouping file; `load(path) -> nn.Module` reads one group model (the front end's safe
-    loader). Returns it and the files in group order."""
+    loader); `timer`: grouped_model's. Returns it and the files in group order."""
     groups = load_grouping(grouping)
     check_grouping(groups)
     files = group_files(paths, len(groups))
     models = [load(f) for f in files]
-    return grouped_model(models, groups, example, names=[f.name for f in files], form=form, threads=threads), files
+    return grouped_model(models, groups, example, names=[f.name for f in files], form=form, threads=threads,
+                         timer=timer), files
 
 
 # --------------------------------------------------------------------------- combination
@@ -341,8 +342,9 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
     """The combined module of sensAI group models (`models[g]` for `groups[g]`) in `form`
     (FORMS; `fuse=False` is form "branches"). "auto" builds the fused, hybrid, padded and branch forms
     and keeps the fastest on ONNX Runtime CPU at `example`'s batch with `threads` threads
-    (`timer`, default `time_forms`; where timing fails, the fewest MACs). The plan records the
-    form, how it was chosen and every candidate's time and MACs."""
+    (`timer`, default `time_forms`, its `label` attribute naming what it times in the plan;
+    where timing fails, the fewest MACs). The plan records the form, how it was chosen and
+    every candidate's time and MACs."""
     if form not in FORMS:
         raise OptionError(f"--sensai-form {form!r}: expected one of {', '.join(FORMS)}")
     form = form if fuse else "branches"
@@ -417,8 +419,8 @@ def grouped_model(models: list[nn.Module], groups: list[list[int]], example: tor
         timings, failure = timer(candidates, example, threads)
         if timings:
             chosen = min(timings, key=timings.get)
-            chosen_by = (f"timing: ONNX Runtime CPU, {threads} threads, batch {example.shape[0]}, "
-                         "median of interleaved runs")
+            chosen_by = (f"timing: {getattr(timer, 'label', 'ONNX Runtime CPU')}, {threads} threads, "
+                         f"batch {example.shape[0]}, median of interleaved runs")
         else:
             chosen = min(candidates, key=lambda k: (macs[k], FORM_PREFERENCE.index(k)))
             chosen_by = f"MACs (timing failed: {failure})"
@@ -865,16 +867,20 @@ def module_macs(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def time_forms(modules: dict[str, nn.Module], example: torch.Tensor, threads: int = TIMING_THREADS,
-               runs: int = TIMING_RUNS, settle_s: float = 0.1, stat=np.median) -> tuple[dict[str, float], str]:
+               runs: int = TIMING_RUNS, settle_s: float = 0.1, stat=np.median,
+               prepare=None) -> tuple[dict[str, float], str]:
     """`stat` (median) of the ms per module on ONNX Runtime CPU (captured as the export
-    captures, default spinning, `threads` threads), timed in interleaved blocks; ({}, why)
-    where they cannot be timed."""
+    captures, then `prepare(onnx_model)` if given: the export's target pipeline, api.py;
+    default spinning, `threads` threads), timed in interleaved blocks; ({}, why) where they
+    cannot be timed."""
     from ..benchmark import time_sessions
     from ..capture import capture
     from ..verify import make_session
 
+    prepare = prepare or (lambda model: model)
     try:
-        sessions = {k: make_session(capture(m.eval(), example), threads=threads) for k, m in modules.items()}
+        sessions = {k: make_session(prepare(capture(m.eval(), example)), threads=threads)
+                    for k, m in modules.items()}
         feed = [{"input": example.numpy()}]
         times = time_sessions(sessions, {k: feed for k in sessions}, runs=runs, block=5, settle_s=settle_s)
     except Exception as exc:  # noqa: BLE001 - capture or ONNX Runtime failing here only costs the timing
