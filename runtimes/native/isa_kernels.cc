@@ -1372,11 +1372,12 @@ constexpr int kStreamPixels = 8;   // of 16
 // Weights are prefetched 4 KiB ahead: the hardware prefetchers stop at every 4 KiB page
 // boundary of the stream. Measured (tools/bench_stream_conv.py's chain, Intel Xeon, 2
 // threads): the kernel without it 0.87x ONNX Runtime's conv, with it 1.11x; 2 or 8 KiB ahead
-// within 3% of 4. Into L2 (prefetcht1), not L1: the 4x4 maps' layers, which multiply each
-// weight vector ~11 times, read 18-20 GB/s with prefetcht0 and 22-25 with prefetcht1 (L1's
-// few fill buffers held by prefetches stall the broadcast loads); the fused sensAI VGG at
-// batch 1 ran 1.06x faster (2 threads) and 1.04x (1 thread), the same network with both
-// builds in one run (2026-12-07, thirtieth session).
+// within 3% of 4. Into L2 (prefetcht1) rather than L1: where the weights come from DRAM it
+// did a little better (the fused sensAI VGG at batch 1, whose late layers stream ~210 MB:
+// 1.02-1.06x in three of four in-process A/Bs of the two builds, 0.98x in the fourth; its 4x4
+// layers read 18-20 GB/s with prefetcht0 and 22-25 with prefetcht1 in one per-node profile),
+// where they stay in the last-level cache a little worse (VGG-19 at half width, 20 MB: 0.95-
+// 0.99x); StreamConv is for the former (2026-12-07, thirtieth session; docs/performance.md).
 constexpr int64_t kStreamAhead = 4096 / (kVW * 4);
 
 template <int NP>
