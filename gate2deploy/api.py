@@ -31,7 +31,7 @@ from . import report as rep
 from .capture import capture
 from .errors import OptionError, VerificationError
 from .frontend import GatedModel, check_runs, build_gated_model
-from .options import PHYSICAL_WIDTHS, CompileOptions, InfoOptions, from_kwargs
+from .options import PHYSICAL_WIDTHS, STREAM_CONVS, CompileOptions, InfoOptions, from_kwargs
 from .pipeline import FOLD_ONLY, PassContext, run_pipeline, with_static_shapes
 from .targets import Target, get_target
 from .passes.dynamic_batch import pin_batch
@@ -123,8 +123,6 @@ def compile(model_or_checkpoint, example_inputs=None, target: str = "ort", **opt
     `example_inputs`: a tensor (or a shape), else `input_shape=` in options."""
     return compile_with(model_or_checkpoint, example_inputs, from_kwargs(CompileOptions, target=target, **options))
 
-
-STREAM_CONVS = ("auto", "on", "off")  # --stream-convs (auto: measured, kernel_choice.choose_stream_convs)
 
 
 def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> CompiledModel:

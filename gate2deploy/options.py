@@ -15,6 +15,7 @@ from .errors import OptionError
 
 
 PHYSICAL_WIDTHS = ("fast", "exact", "measured")  # --physical-widths / physical_widths=
+STREAM_CONVS = ("auto", "on", "off")  # --stream-convs / stream_convs= (auto: kernel_choice.choose_stream_convs)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from ..fileio import atomic_path, check_distinct_outputs, check_writable, write_
 from ..frontend import checkpoint_paths, parse_shape
 from ..importers.slimmable import population as population_entries
 from ..importers.slimmable import uniform_sweep
-from ..options import CompileOptions, from_namespace, replace
+from ..options import STREAM_CONVS, CompileOptions, from_namespace, replace
 from ..runtimes import PLUGIN_KINDS
 from ..targets import TARGETS
 from ..verify import DEFAULT_RTOL, random_inputs
@@ -70,7 +70,7 @@ def add_parser(sub) -> None:
                         "faster (gate2deploy/kernel_choice.py; choices and timings in the report, cached per CPU)")
     p.add_argument("--kernel-threads", type=int, default=2,
                    help="intra-op threads --gated-kernels measured and --stream-convs auto time with (default %(default)s)")
-    p.add_argument("--stream-convs", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--stream-convs", choices=STREAM_CONVS, default="auto",
                    help="--target ort: convs with >= 1 MiB of weights and <= 16 output pixels per sample (batch-1 "
                         "CIFAR VGG's last stages, sensAI's fused groups) as StreamConv, which reads each weight once "
                         "per call; auto (default): kept only where the network measures faster with them on this "
