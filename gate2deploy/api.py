@@ -93,6 +93,13 @@ def _gated(model_or_checkpoint, example_inputs, opts, form_timer=None) -> GatedM
     return build_gated_model(opts, example=example, form_timer=form_timer)
 
 
+def _pass_context(opts: CompileOptions, stream: bool, choose_widths: bool, **more) -> PassContext:
+    """The export's PassContext: its --keep-unfoldable policy and StreamConv switch, the
+    physical-width switch as the caller runs the pipeline, and `more` (debug folder, batch axis)."""
+    return PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
+                       choose_widths=choose_widths, stream_convs=stream, **more)
+
+
 def _sensai_form_timer(tgt: Target, opts: CompileOptions, stream: bool):
     """`--sensai-form auto` times each candidate form (and each hybrid layer) as this export
     makes it: captured, then through the target's pipeline (folds, custom ops, StreamConv where
@@ -108,8 +115,7 @@ def _sensai_form_timer(tgt: Target, opts: CompileOptions, stream: bool):
     from .importers.sensai import time_forms
 
     def prepare(captured: onnx.ModelProto) -> onnx.ModelProto:
-        ctx = PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
-                          choose_widths=opts.physical_widths != "exact", stream_convs=stream)
+        ctx = _pass_context(opts, stream, choose_widths=opts.physical_widths != "exact")
         return tgt.prepare(run_pipeline(captured, tgt.pipeline, ctx))
 
     timer = functools.partial(time_forms, prepare=prepare)
@@ -122,7 +128,6 @@ def compile(model_or_checkpoint, example_inputs=None, target: str = "ort", **opt
     the PyTorch model. `model_or_checkpoint`: an nn.Module or a checkpoint path;
     `example_inputs`: a tensor (or a shape), else `input_shape=` in options."""
     return compile_with(model_or_checkpoint, example_inputs, from_kwargs(CompileOptions, target=target, **options))
-
 
 
 def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> CompiledModel:
@@ -157,10 +162,9 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
     twins: list[onnx.ModelProto | None] = [None]  # the pipeline's model before the kernel choice
 
     def run_passes(batch_axis: bool) -> tuple[onnx.ModelProto, PassContext]:
-        def make_ctx():
-            return PassContext(unfoldable_policy="keep" if opts.keep_unfoldable else "error",
-                               choose_widths=opts.physical_widths == "fast", debug_dir=opts.debug_passes,
-                               batch_axis=batch_axis, stream_convs=stream)
+        def make_ctx():  # `measured` widths: _fold's width chooser
+            return _pass_context(opts, stream, choose_widths=opts.physical_widths == "fast",
+                                 debug_dir=opts.debug_passes, batch_axis=batch_axis)
         compiled, ctx = _fold(captured, tgt.pipeline, tgt.name, opts.physical_widths, make_ctx,
                               tuple(gated.example.shape))
         twins[0] = None
