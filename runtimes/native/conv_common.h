@@ -495,6 +495,10 @@ CGPool CGPoolSetting();
 void CountSerialCGCall();
 
 
+// max(v, 0) that keeps NaN, as ONNX Relu, np.maximum and torch.relu (the kernels' scalar
+// epilogues; the ISA tables have their own vector forms).
+inline float Relu(float v) { return v < 0.f ? 0.f : v; }
+
 // Reads the "activation" attribute ("Relu" or absent); a bad value goes to *error.
 bool ReadReluAttr(const OrtKernelInfo* info, std::string* error);
 // An optional input of a lite custom op, as ONNX Runtime passes it; OptionalInput gives its

@@ -34,9 +34,6 @@ float Dot(const float* a, const float* b, int64_t n) {
 // put NaN last in ascending order): a strict weak order even with NaN, which std::greater is
 // not, so nth_element stays defined and the cut is the reference's.
 bool RanksBefore(float a, float b) { return a != a ? b == b : a > b; }
-
-// max(v, 0) that keeps NaN (np.maximum and torch.relu do).
-inline float Relu(float v) { return v < 0.f ? 0.f : v; }
 }  // namespace
 
 FBSConvKernel::FBSConvKernel(const OrtApi*, const OrtKernelInfo* info) {

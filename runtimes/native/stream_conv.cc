@@ -120,8 +120,6 @@ bool ThreeByThree(const ConvGeom& g, int np_max) {
          g.pl == 1 && g.pb == 1 && g.pr == 1 && g.H == g.W && (g.H == 2 || g.H == 4) && g.H * g.W <= np_max;
 }
 
-float Relu(float v) { return v > 0.f ? v : (v == v ? 0.f : v); }  // ONNX Relu: NaN stays NaN
-
 }  // namespace
 
 StreamConvKernel::StreamConvKernel(const OrtApi*, const OrtKernelInfo* info) {
