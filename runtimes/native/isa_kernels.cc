@@ -1416,8 +1416,8 @@ void stream_block(int64_t K, const float* w, const float* cols, int np, float* o
 // accumulators stay in registers and no product of the padding is computed; each weight
 // vector serves all M samples (a 2x2 map alone gives it 4 products).
 template <int S, int M>
-void stream_block_3x3_n(int64_t C, const float* w, const float* xpad, int64_t stride, float* out) {
-  constexpr int P = S * S, Wp = S + 2, Plane = Wp * Wp;
+void stream_block_3x3_n(int64_t C, const float* w, const float* x, int64_t stride, float* out) {
+  constexpr int P = S * S;
   vf acc[M * P];
   for (int i = 0; i < M * P; ++i) acc[i] = vf{};
   for (int64_t c = 0; c < C; ++c) {
@@ -1429,12 +1429,12 @@ void stream_block_3x3_n(int64_t C, const float* w, const float* xpad, int64_t st
       const int kh = t / 3, kw = t % 3;
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
-        const float* xc = xpad + m * stride + c * Plane;
+        const float* xc = x + m * stride + c * P;
 #pragma GCC unroll 16
         for (int p = 0; p < P; ++p) {
-          const int ih = p / S + kh, iw = p % S + kw;  // in the padded plane: 1..S is the map
-          if (ih >= 1 && ih <= S && iw >= 1 && iw <= S)
-            acc[m * P + p] = multiply_add(wt, xc[ih * Wp + iw], acc[m * P + p]);
+          const int ih = p / S + kh - 1, iw = p % S + kw - 1;
+          if (ih >= 0 && ih < S && iw >= 0 && iw < S)
+            acc[m * P + p] = multiply_add(wt, xc[ih * S + iw], acc[m * P + p]);
         }
       }
     }
@@ -1442,24 +1442,24 @@ void stream_block_3x3_n(int64_t C, const float* w, const float* xpad, int64_t st
   for (int i = 0; i < M * P; ++i) store(out + i * kVW, acc[i]);
 }
 
-void stream_block_3x3(int64_t C, const float* w, const float* xpad, int64_t stride, int side, int samples,
+void stream_block_3x3(int64_t C, const float* w, const float* x, int64_t stride, int side, int samples,
                       float* out) {
-  if (side == 2 && samples == 1) return stream_block_3x3_n<2, 1>(C, w, xpad, stride, out);
-  if (side == 2 && samples == 2) return stream_block_3x3_n<2, 2>(C, w, xpad, stride, out);
+  if (side == 2 && samples == 1) return stream_block_3x3_n<2, 1>(C, w, x, stride, out);
+  if (side == 2 && samples == 2) return stream_block_3x3_n<2, 2>(C, w, x, stride, out);
   if constexpr (kStreamPixels >= 16) {
-    if (side == 2 && samples == 4) return stream_block_3x3_n<2, 4>(C, w, xpad, stride, out);
-    if (side == 4 && samples == 1) return stream_block_3x3_n<4, 1>(C, w, xpad, stride, out);
+    if (side == 2 && samples == 4) return stream_block_3x3_n<2, 4>(C, w, x, stride, out);
+    if (side == 4 && samples == 1) return stream_block_3x3_n<4, 1>(C, w, x, stride, out);
   }
   // other shapes (not passed by stream_conv.cc), pixel by pixel
-  const int Wp = side + 2, P = side * side;
+  const int P = side * side;
   for (int m = 0; m < samples; ++m)
     for (int p = 0; p < P; ++p) {
       vf acc = vf{};
       for (int64_t c = 0; c < C; ++c)
         for (int t = 0; t < 9; ++t) {
-          const int ih = p / side + t / 3, iw = p % side + t % 3;
-          if (ih >= 1 && ih <= side && iw >= 1 && iw <= side)
-            acc = multiply_add(load(w + (c * 9 + t) * kVW), xpad[m * stride + (c * Wp + ih) * Wp + iw], acc);
+          const int ih = p / side + t / 3 - 1, iw = p % side + t % 3 - 1;
+          if (ih >= 0 && ih < side && iw >= 0 && iw < side)
+            acc = multiply_add(load(w + (c * 9 + t) * kVW), x[m * stride + (c * side + ih) * side + iw], acc);
         }
       store(out + (m * P + p) * kVW, acc);
     }

@@ -226,13 +226,14 @@ struct IsaKernels {
   void (*stream_block)(int64_t K, const float* w, const float* cols, int np, float* out);
   // The same for `samples` samples of a 3x3 conv with stride 1, dilation 1 and padding 1 on
   // a side x side map (side 2 with 1, 2 or 4 samples, side 4 with 1; samples * side * side
-  // <= stream_pixels), reading the input from zero-padded planes (sample m's channel c at
-  // xpad + m * stride + c * (side + 2)^2) instead of an im2col: for m < samples, p < side^2,
+  // <= stream_pixels), reading the input maps themselves (sample m's channel c at
+  // x + m * stride + c * side^2, as the layer's NCHW input holds them) instead of an im2col:
+  // for m < samples, p < side^2,
   //   out[(m * side^2 + p) * vw + l] = sum over c < C, taps t whose input is inside the map of
-  //                                    w[(c * 9 + t) * vw + l] * (sample m's padded input).
+  //                                    w[(c * 9 + t) * vw + l] * (sample m's input there).
   // Only those products: a 4x4 map's border taps are 31% of all, a 2x2 map's 56%, which the
   // im2col path multiplies by its zeros (the padding is not multiplied, as ONNX's Conv).
-  void (*stream_block_3x3)(int64_t C, const float* w, const float* xpad, int64_t stride, int side,
+  void (*stream_block_3x3)(int64_t C, const float* w, const float* x, int64_t stride, int side,
                            int samples, float* out);
 };
 

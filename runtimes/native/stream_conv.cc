@@ -15,9 +15,9 @@
 //
 // The input side, per chunk of pixels:
 // - 3x3, stride 1, dilation 1, padding 1 on a 2x2 or 4x4 map (a CIFAR VGG's last stages; the
-//   whole sample within the ISA's register tile): one sample's zero-padded planes, and
-//   isa.stream_block_3x3 computes only the products inside the map (the padding is 31% of a
-//   4x4 map's taps, 56% of a 2x2's: with them the kernel lost to ONNX Runtime's where the
+//   whole sample within the ISA's register tile): isa.stream_block_3x3 reads the input maps
+//   as they are and computes only the products inside the map (the padding is 31% of a 4x4
+//   map's taps, 56% of a 2x2's: with them the kernel lost to ONNX Runtime's where the
 //   weights stay in cache);
 // - anything else: an im2col of up to 16 pixels (cols [K][np] per group and chunk, zeros at
 //   the padding; small next to the weights: np values per k against vw * blocks weights),
@@ -178,20 +178,22 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
     const int64_t P = g.P(), T = Checked(g.N, P, "N * output pixels");
     if (T == 0 || g.O == 0) return;
     const int64_t kk = g.kk(), K = packed->K, og = g.O / g.group;
-    // The input as each chunk of pixels reads it: one sample's zero-padded planes where
-    // isa.stream_block_3x3 takes the geometry (only the products inside the map), else an
-    // im2col of chunk_px pixels (padding zeros multiplied).
+    // The input as each chunk of pixels reads it: the input maps themselves where
+    // isa.stream_block_3x3 takes the geometry (only the products inside the map; each
+    // channel's 4x4 map is one cache line, and a group's input stays in L1 beside the weight
+    // stream), else an im2col of chunk_px pixels (padding zeros multiplied).
     const bool three = ThreeByThree(g, np_max);
     runs[three ? 2 : 0].fetch_add(1, std::memory_order_relaxed);
     const int64_t chunk_px = three ? P : np_max, chunks = (T + chunk_px - 1) / chunk_px;
-    const int64_t plane = (g.H + 2) * (g.W + 2);
-    const int64_t chunk_size = three ? Checked(g.Cw, plane, "padded planes") : Checked(K, np_max, "im2col");
+    const int64_t chunk_size = three ? 0 : Checked(K, np_max, "im2col");
     AlignedVec<float>& source = Scratch<float, 51>();
-    source.resize(size_t(Checked(Checked(g.group, chunks, "im2col"), chunk_size, "im2col")));
     // Where each chunk's pixel j reads tap t (im2col): an offset from its channel's plane in
     // sample 0 (the sample's offset included), -1 at the padding and past the last pixel.
     AlignedVec<int64_t>& at = Scratch<int64_t, 52>();
+    const int last_np = PixelsRounded(T - (chunks - 1) * chunk_px);
+    auto np_of = [&](int64_t c) { return c + 1 < chunks ? int(chunk_px) : last_np; };
     if (!three) {
+      source.resize(size_t(Checked(Checked(g.group, chunks, "im2col"), chunk_size, "im2col")));
       at.assign(size_t(Checked(Checked(chunks, kk, "taps"), np_max, "taps")), -1);
       for (int64_t q = 0; q < T; ++q) {
         const int64_t n = q / P, p = q % P, oh = p / g.OW, ow = p % g.OW;
@@ -202,35 +204,24 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
             at[size_t((c * kk + t) * np_max + j)] = n * sample + ih * g.W + iw;
         }
       }
-    }
-    const int last_np = PixelsRounded(T - (chunks - 1) * chunk_px);
-    auto np_of = [&](int64_t c) { return c + 1 < chunks ? int(chunk_px) : last_np; };
-    const int64_t fill_parts = (g.Cw + kFillChannels - 1) / kFillChannels;
-    ParallelFor(ctx, size_t(g.group * chunks * fill_parts), [&](size_t task) {
-      const int64_t part = int64_t(task) % fill_parts, gc = int64_t(task) / fill_parts;
-      const int64_t gi = gc / chunks, c = gc % chunks;
-      float* dst = source.data() + gc * chunk_size;
-      const int64_t c_end = std::min(g.Cw, (part + 1) * kFillChannels);
-      if (three) {  // chunk c is sample c
+      const int64_t fill_parts = (g.Cw + kFillChannels - 1) / kFillChannels;
+      ParallelFor(ctx, size_t(g.group * chunks * fill_parts), [&](size_t task) {
+        const int64_t part = int64_t(task) % fill_parts, gc = int64_t(task) / fill_parts;
+        const int64_t gi = gc / chunks, c = gc % chunks;
+        float* dst = source.data() + gc * chunk_size;
+        const int64_t c_end = std::min(g.Cw, (part + 1) * kFillChannels);
+        const int np = np_of(c);
+        const int64_t* a = at.data() + c * kk * np_max;
         for (int64_t ci = part * kFillChannels; ci < c_end; ++ci) {
-          const float* in = x + c * sample + (gi * g.Cw + ci) * HW;
-          float* out = dst + ci * plane;
-          std::fill(out, out + plane, 0.f);
-          for (int64_t h = 0; h < g.H; ++h) std::copy(in + h * g.W, in + (h + 1) * g.W, out + (h + 1) * (g.W + 2) + 1);
+          const float* in = x + (gi * g.Cw + ci) * HW;
+          for (int64_t t = 0; t < kk; ++t) {
+            float* row = dst + (ci * kk + t) * np;
+            const int64_t* src = a + t * np_max;
+            for (int j = 0; j < np; ++j) row[j] = src[j] >= 0 ? in[src[j]] : 0.f;
+          }
         }
-        return;
-      }
-      const int np = np_of(c);
-      const int64_t* a = at.data() + c * kk * np_max;
-      for (int64_t ci = part * kFillChannels; ci < c_end; ++ci) {
-        const float* in = x + (gi * g.Cw + ci) * HW;
-        for (int64_t t = 0; t < kk; ++t) {
-          float* row = dst + (ci * kk + t) * np;
-          const int64_t* src = a + t * np_max;
-          for (int j = 0; j < np; ++j) row[j] = src[j] >= 0 ? in[src[j]] : 0.f;
-        }
-      }
-    });
+      });
+    }
     const float* bias = B.Data();
     ParallelFor(ctx, size_t(g.group * packed->blocks), [&](size_t job) {
       const int64_t gi = int64_t(job) / packed->blocks, b = int64_t(job) % packed->blocks;
@@ -253,8 +244,7 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
         for (int64_t n = 0; n < g.N;) {
           int m = 1;
           while (m < 4 && 2 * m * P <= np_max && n + 2 * m <= g.N) m *= 2;
-          isa.stream_block_3x3(live, wb, source.data() + (gi * chunks + n) * chunk_size, chunk_size, int(g.H), m,
-                               tile);
+          isa.stream_block_3x3(live, wb, x + n * sample + gi * g.Cw * HW, sample, int(g.H), m, tile);
           store(n * P, m * P);
           n += m;
         }
