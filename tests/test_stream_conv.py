@@ -64,7 +64,12 @@ def attrs_of(strides, pads, dilations, group, relu):
 # not whole vectors, strided / dilated / asymmetric geometry, a batch whose pixels (3 x 25)
 # span several 16-pixel chunks and end in a partial one, a 1x1 output; the first two on the
 # 3x3 path (stream_block_3x3: 4x4 where the ISA holds 16 pixels, 2x2 everywhere; 7 samples of
-# 2x2: calls of 4, 2 and 1 samples on AVX-512, of 2 and 1 on the others).
+# 2x2: calls of 4, 2 and 1 samples on AVX-512, of 2 and 1 on the others). The last six (side
+# (height, width) where not square) are 3x3 same-padded convs on maps 8 or 16 wide, for the
+# bands of rows (stream_block_rows: 2 rows of 8 or 1 of 16 on AVX-512, 1 row of 8 on the
+# others, where the height is whole bands; the rest on the im2col path): first / middle /
+# last bands, a band that is both (2x8 on AVX-512, 1x8 on the others), heights 5 and 1 that
+# AVX-512's two-row bands do not divide.
 CASES = [
     (1, 40, 48, 4, 2, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
     (7, 24, 40, 2, 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
@@ -72,13 +77,20 @@ CASES = [
     (2, 18, 21, 7, 3, 3, (2, 1), (0, 2, 1, 0), (1, 2), True),
     (1, 8, 20, 2, 4, 1, (1, 1), (0, 0, 0, 0), (1, 1), False),
     (1, 64, 70, 1, 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
+    (2, 24, 40, 8, 2, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
+    (1, 20, 36, 16, 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), False),
+    (1, 12, 20, (6, 8), 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
+    (2, 10, 18, (5, 8), 2, 3, (1, 1), (1, 1, 1, 1), (1, 1), False),
+    (1, 16, 24, (1, 8), 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
+    (1, 12, 20, (2, 8), 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
 ]
+BAND_CASES = {"avx512": 4, "other": 5}  # the cases above on stream_block_rows, per tier
 
 
 def check_cases() -> None:
     rng = np.random.default_rng(3)
     for n, c, o, side, group, k, strides, pads, dil, relu in CASES:
-        x = rng.standard_normal((n, c, side, side)).astype(np.float32)
+        x = rng.standard_normal((n, c, *(side if isinstance(side, tuple) else (side, side)))).astype(np.float32)
         w = rng.standard_normal((o, c // group, k, k)).astype(np.float32)
         b = rng.standard_normal(o).astype(np.float32)
         got = run_node("StreamConv", x, [w, b], attrs_of(strides, pads, dil, group, relu))
@@ -109,6 +121,14 @@ def check_nonfinite() -> None:
     want = direct_conv(x, w, b, pads=(1, 1, 1, 1), relu=True)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     assert np.isnan(got).any() and not np.isnan(got).all()
+    # bands of rows: a NaN in the last row of the first two-row band (AVX-512) reaches the
+    # next band's first row through the row it reads above itself, and no further
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    x[0, 2, 1, 7] = np.nan
+    got = run_node("StreamConv", x, [w, b], attrs_of((1, 1), (1, 1, 1, 1), (1, 1), 1, True))
+    want = direct_conv(x, w, b, pads=(1, 1, 1, 1), relu=True)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[0, :, 2]).any() and not np.isnan(got[0, :, 3:]).any()
 
 
 # Zero tails (stream_conv.h, StreamWeights::live): sensAI's fused layers pad each group's
@@ -165,7 +185,8 @@ def _child() -> None:
     check_nonfinite()
     check_zero_tails()
     _print_native_counters(im2col=("G2DStreamConvRuns", 0), direct=("G2DStreamConvRuns", 1),
-                           three=("G2DStreamConvRuns", 2), skipped=("G2DStreamConvRuns", 3))
+                           three=("G2DStreamConvRuns", 2), skipped=("G2DStreamConvRuns", 3),
+                           rows=("G2DStreamConvRuns", 4))
 
 
 @pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
@@ -180,13 +201,15 @@ def test_stream_conv_matches_a_direct_conv_on_each_tier(tier):
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert f"isa={tier}" in counts["config"], counts
     # the inf weight on the dense path (DenseConvSample); the 3x3 cases (and the NaN input, 3x3 at 4x4) on
-    # stream_block_3x3 where the ISA takes their map, every other call on the im2col path
+    # stream_block_3x3 where the ISA takes their map, the band cases and the NaN input at 8x8 on
+    # stream_block_rows, every other call on the im2col path
     # The zero-tail cases: each case's first call and the 5x5 case's inf in channel 10 (which
     # every block there reads) run the stream kernels, skipping; the other three infs lie in
     # channels some block skips: the dense path (the 2x2 case on stream_block_3x3, 5x5 im2col).
     three = 1 + (tier == "avx512") * 2 + 1  # the 2x2 case; the 4x4 one and the NaN input on AVX-512
-    assert counts["direct"] == 1 + 3 and counts["three"] == three, counts
-    assert counts["im2col"] + counts["three"] == len(CASES) + 1 + 3, counts
+    rows = BAND_CASES["avx512" if tier == "avx512" else "other"] + 1
+    assert counts["direct"] == 1 + 3 and counts["three"] == three and counts["rows"] == rows, counts
+    assert counts["im2col"] + counts["three"] + counts["rows"] == len(CASES) + 2 + 3, counts
     assert counts["skipped"] == len(ZERO_TAIL_CASES) + 1, counts
 
 
@@ -221,11 +244,14 @@ def op_types(model) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
-def test_pass_rewrites_the_big_weight_conv_and_fuses_its_relu():
+@pytest.mark.parametrize("side", [4, 8, 16])
+def test_pass_rewrites_the_big_weight_conv_and_fuses_its_relu(side):
+    """At most 16 output pixels (4x4), or a 3x3 same-padded conv on a map 8 or 16 wide (the
+    kernel's bands of rows: passes/stream_weight_convs.py BAND_WIDTHS)."""
     import gate2deploy
 
-    model = small_map_net()
-    c = gate2deploy.compile(model, torch.randn(2, 3, 4, 4), target="ort", stream_convs="on")
+    model = small_map_net(side=side)
+    c = gate2deploy.compile(model, torch.randn(2, 3, side, side), target="ort", stream_convs="on")
     ops = op_types(c.onnx_model)
     # the 3->192 conv (20 KiB) and 192->16 (108 KiB) stay; 192->192 (1.3 MiB) is streamed
     assert ops.count("StreamConv") == 1 and ops.count("Conv") == 2, ops
@@ -235,21 +261,26 @@ def test_pass_rewrites_the_big_weight_conv_and_fuses_its_relu():
     assert c.report["stream_convs"]["convs"] == [node.name] and c.report["stream_convs"]["kept"]
     assert c.report["verification"].startswith("max abs err")  # verified against PyTorch
     # the exported model (dynamic batch) at another batch size
-    x = torch.randn(3, 3, 4, 4)
+    x = torch.randn(3, 3, side, side)
     got = c.session().run(None, {c.onnx_model.graph.input[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["large map", "off", "onnx target"])
+@pytest.mark.parametrize("case", ["large map", "strided", "off", "onnx target"])
 def test_pass_leaves_other_convs_alone(case):
     import gate2deploy
 
-    side = 8 if case == "large map" else 4  # 64 output pixels: more than MAX_PIXELS
+    # 12x12: 144 output pixels, more than MAX_PIXELS, on a map no band width fits
+    side = 12 if case == "large map" else 16 if case == "strided" else 4
+    model = small_map_net(side=side)
+    if case == "strided":  # an 8x8 output (a band width), but of a stride-2 conv: no band
+        model[2] = torch.nn.Conv2d(192, 192, 3, padding=1, stride=2)
+        model[6] = torch.nn.Linear(16 * 8 * 8, 10)
     options = {"stream_convs": "off"} if case == "off" else {}
     target = "onnx" if case == "onnx target" else "ort"
     if case != "onnx target":
         options.setdefault("stream_convs", "on")
-    c = gate2deploy.compile(small_map_net(side=side), torch.randn(1, 3, side, side), target=target, **options)
+    c = gate2deploy.compile(model, torch.randn(1, 3, side, side), target=target, **options)
     assert "StreamConv" not in op_types(c.onnx_model)
     assert c.report["stream_convs"]["convs"] == [] and not c.report["stream_convs"]["kept"]
 

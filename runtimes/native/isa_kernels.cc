@@ -1442,6 +1442,61 @@ void stream_block_3x3_n(int64_t C, const float* w, const float* x, int64_t strid
   for (int i = 0; i < M * P; ++i) store(out + i * kVW, acc[i]);
 }
 
+// R output rows of a 3x3, stride-1, pad-1 conv on a map W wide (isa_kernels.h), R * W the
+// register tile: the products of taps inside the map only, columns decided at compile time,
+// rows too (TOP: the band holds the map's first row, so the row above is padding; BOTTOM: its
+// last). x is the band's first row in channel 0; the rows around it are read where they exist.
+template <int W, int R, bool TOP, bool BOTTOM>
+void stream_block_rows_n(int64_t C, const float* w, const float* x, int64_t plane, float* out) {
+  vf acc[R * W];
+  for (int i = 0; i < R * W; ++i) acc[i] = vf{};
+  for (int64_t c = 0; c < C; ++c) {
+    const float* wc = w + c * 9 * kVW;
+    const float* xc = x + c * plane;
+#pragma GCC unroll 9
+    for (int t = 0; t < 9; ++t) {
+      __builtin_prefetch(wc + (t + kStreamAhead) * kVW, 0, 2);
+      const vf wt = load(wc + t * kVW);
+      const int kh = t / 3, kw = t % 3;
+#pragma GCC unroll 16
+      for (int p = 0; p < R * W; ++p) {
+        const int r = p / W + kh - 1, col = p % W + kw - 1;  // input row from the band's first
+        if (col >= 0 && col < W && (!TOP || r >= 0) && (!BOTTOM || r < R))
+          acc[p] = multiply_add(wt, xc[r * W + col], acc[p]);
+      }
+    }
+  }
+  for (int p = 0; p < R * W; ++p) store(out + p * kVW, acc[p]);
+}
+
+template <int W, int R>
+void stream_block_rows_edges(int64_t C, const float* w, const float* x, int64_t plane, bool top, bool bottom,
+                             float* out) {
+  if (top && bottom) return stream_block_rows_n<W, R, true, true>(C, w, x, plane, out);
+  if (top) return stream_block_rows_n<W, R, true, false>(C, w, x, plane, out);
+  if (bottom) return stream_block_rows_n<W, R, false, true>(C, w, x, plane, out);
+  stream_block_rows_n<W, R, false, false>(C, w, x, plane, out);
+}
+
+void stream_block_rows(int64_t C, const float* w, const float* x, int64_t plane, int width, bool top, bool bottom,
+                       float* out) {
+  if (width == 8) return stream_block_rows_edges<8, kStreamPixels / 8>(C, w, x, plane, top, bottom, out);
+  if constexpr (kStreamPixels >= 16) {
+    if (width == 16) return stream_block_rows_edges<16, 1>(C, w, x, plane, top, bottom, out);
+  }
+  // other widths (not passed by stream_conv.cc), pixel by pixel over one row
+  for (int p = 0; p < width; ++p) {
+    vf acc = vf{};
+    for (int64_t c = 0; c < C; ++c)
+      for (int t = 0; t < 9; ++t) {
+        const int r = t / 3 - 1, col = p + t % 3 - 1;
+        if (col >= 0 && col < width && (!top || r >= 0) && (!bottom || r <= 0))
+          acc = multiply_add(load(w + (c * 9 + t) * kVW), x[c * plane + r * width + col], acc);
+      }
+    store(out + p * kVW, acc);
+  }
+}
+
 void stream_block_3x3(int64_t C, const float* w, const float* x, int64_t stride, int side, int samples,
                       float* out) {
   if (side == 2 && samples == 1) return stream_block_3x3_n<2, 1>(C, w, x, stride, out);
@@ -1474,7 +1529,8 @@ extern const IsaKernels kKernels = {kName,         kMR,         kNR,
                                     pg_split,      pg_split_words, deal_words, sparse_dots, gated_columns, pad_rows, split_pairs,
                                     store_runs,    abs_max, block_channel_stats,
                                     epilogue_block, permute_lanes, quantize_sign_magnitude,
-                                    clip_max_row,  kStreamPixels, stream_block, stream_block_3x3};
+                                    clip_max_row,  kStreamPixels, stream_block, stream_block_3x3,
+                                    stream_block_rows};
 
 }  // namespace G2D_ISA_NS
 }  // namespace g2d

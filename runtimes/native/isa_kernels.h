@@ -235,6 +235,13 @@ struct IsaKernels {
   // im2col path multiplies by its zeros (the padding is not multiplied, as ONNX's Conv).
   void (*stream_block_3x3)(int64_t C, const float* w, const float* x, int64_t stride, int side,
                            int samples, float* out);
+  // The same conv on a map `width` wide (8, or 16 where stream_pixels is 16), one band of
+  // stream_pixels / width output rows of one sample: x is the band's first row of channel 0's
+  // map (channel c at x + c * plane); top: the band holds the map's first row, bottom: its
+  // last (the rows beyond are padding, never read); every other row above and below it is
+  // read from the map. Only the products inside the map, as above.
+  void (*stream_block_rows)(int64_t C, const float* w, const float* x, int64_t plane, int width, bool top,
+                            bool bottom, float* out);
 };
 
 namespace isa_generic { extern const IsaKernels kKernels; }

@@ -19,6 +19,9 @@
 //   as they are and computes only the products inside the map (the padding is 31% of a 4x4
 //   map's taps, 56% of a 2x2's: with them the kernel lost to ONNX Runtime's where the
 //   weights stay in cache);
+// - the same conv on a map 8 or 16 wide (a CIFAR VGG's 8x8 and 16x16 stages): bands of
+//   np_max / width rows of a sample, isa.stream_block_rows, the rows above and below the band
+//   read from the map itself; a block's weights come from L2 for every band after the first;
 // - anything else: an im2col of up to 16 pixels (cols [K][np] per group and chunk, zeros at
 //   the padding; small next to the weights: np values per k against vw * blocks weights),
 //   for isa.stream_block, padding products included.
@@ -46,9 +49,9 @@ namespace g2d {
 namespace {
 
 // Calls on the im2col path (0), on DenseConvSample (1: non-finite W, or a non-finite input where
-// zero weights were left out), on stream_block_3x3 (2); calls that left out a zero tail of the
-// weights (3; StreamWeights::live).
-std::atomic<int64_t> runs[4];
+// zero weights were left out), on stream_block_3x3 (2), on stream_block_rows (4); calls that
+// left out a zero tail of the weights (3; StreamWeights::live).
+std::atomic<int64_t> runs[5];
 
 // Tasks of the im2col fill: this many input channels each.
 constexpr int64_t kFillChannels = 64;
@@ -113,11 +116,23 @@ std::shared_ptr<const StreamWeights> Pack(const float* w, const ConvGeom& g, int
   return p;
 }
 
-// Whether isa.stream_block_3x3 takes the layer: 3x3, stride 1, dilation 1, padding 1 on a
-// 2x2 or 4x4 map (the output is the map), within the ISA's register tile.
-bool ThreeByThree(const ConvGeom& g, int np_max) {
+bool SamePadded3x3(const ConvGeom& g) {  // 3x3, stride 1, dilation 1, padding 1: the output is the map
   return g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.pt == 1 &&
-         g.pl == 1 && g.pb == 1 && g.pr == 1 && g.H == g.W && (g.H == 2 || g.H == 4) && g.H * g.W <= np_max;
+         g.pl == 1 && g.pb == 1 && g.pr == 1;
+}
+
+// Whether isa.stream_block_3x3 takes the layer: that conv on a 2x2 or 4x4 map, within the
+// ISA's register tile.
+bool ThreeByThree(const ConvGeom& g, int np_max) {
+  return SamePadded3x3(g) && g.H == g.W && (g.H == 2 || g.H == 4) && g.H * g.W <= np_max;
+}
+
+// Otherwise, the rows of isa.stream_block_rows per call where it takes the layer (the same
+// conv on a map 8 or 16 wide, in bands of np_max / width rows), else 0.
+int64_t BandRows(const ConvGeom& g, int np_max) {
+  if (!SamePadded3x3(g) || !(g.W == 8 || (g.W == 16 && np_max >= 16))) return 0;
+  const int64_t rows = np_max / g.W;
+  return g.H % rows == 0 ? rows : 0;
 }
 
 }  // namespace
@@ -179,20 +194,23 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
     if (T == 0 || g.O == 0) return;
     const int64_t kk = g.kk(), K = packed->K, og = g.O / g.group;
     // The input as each chunk of pixels reads it: the input maps themselves where
-    // isa.stream_block_3x3 takes the geometry (only the products inside the map; each
-    // channel's 4x4 map is one cache line, and a group's input stays in L1 beside the weight
-    // stream), else an im2col of chunk_px pixels (padding zeros multiplied).
+    // isa.stream_block_3x3 or isa.stream_block_rows takes the geometry (only the products
+    // inside the map; each channel's 4x4 map is one cache line, and a group's input stays in
+    // L1 beside the weight stream), else an im2col of chunk_px pixels (padding zeros
+    // multiplied). Bands of rows read a block's weights once per band, from L2 after the
+    // first (a block's weights are live * 9 vectors: 83 KB at 144 channels).
     const bool three = ThreeByThree(g, np_max);
-    runs[three ? 2 : 0].fetch_add(1, std::memory_order_relaxed);
+    const int64_t bands = three ? 0 : BandRows(g, np_max);  // rows per band
+    runs[three ? 2 : bands ? 4 : 0].fetch_add(1, std::memory_order_relaxed);
     const int64_t chunk_px = three ? P : np_max, chunks = (T + chunk_px - 1) / chunk_px;
-    const int64_t chunk_size = three ? 0 : Checked(K, np_max, "im2col");
+    const int64_t chunk_size = three || bands ? 0 : Checked(K, np_max, "im2col");
     AlignedVec<float>& source = Scratch<float, 51>();
     // Where each chunk's pixel j reads tap t (im2col): an offset from its channel's plane in
     // sample 0 (the sample's offset included), -1 at the padding and past the last pixel.
     AlignedVec<int64_t>& at = Scratch<int64_t, 52>();
     const int last_np = PixelsRounded(T - (chunks - 1) * chunk_px);
     auto np_of = [&](int64_t c) { return c + 1 < chunks ? int(chunk_px) : last_np; };
-    if (!three) {
+    if (!three && !bands) {
       source.resize(size_t(Checked(Checked(g.group, chunks, "im2col"), chunk_size, "im2col")));
       at.assign(size_t(Checked(Checked(chunks, kk, "taps"), np_max, "taps")), -1);
       for (int64_t q = 0; q < T; ++q) {
@@ -264,6 +282,15 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
         }
         return;
       }
+      if (bands) {
+        for (int64_t n = 0; n < g.N; ++n)
+          for (int64_t r = 0; r < g.H; r += bands) {
+            isa.stream_block_rows(live, wb, x + n * sample + gi * g.Cw * HW + r * g.W, HW, int(g.W), r == 0,
+                                  r + bands == g.H, tile);
+            store(n * P + r * g.W, bands * g.W);
+          }
+        return;
+      }
       for (int64_t c = 0; c < chunks; ++c) {
         isa.stream_block(live * kk, wb, source.data() + (gi * chunks + c) * chunk_size, np_of(c), tile);
         store(c * chunk_px, std::min<int64_t>(chunk_px, T - c * chunk_px));
@@ -274,8 +301,9 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
 
 }  // namespace g2d
 
-// StreamConv calls so far on the im2col path (path 0), the dense path (1) or the
-// 3x3 path (2), and those that skipped a zero tail of the weights (3), for tests (ctypes).
+// StreamConv calls so far on the im2col path (path 0), the dense path (1), the 3x3 path (2)
+// or the 3x3 bands of rows (4), and those that skipped a zero tail of the weights (3), for
+// tests (ctypes).
 extern "C" __attribute__((visibility("default"))) int64_t G2DStreamConvRuns(int path) {
-  return path >= 0 && path <= 3 ? g2d::runs[path].load(std::memory_order_relaxed) : -1;
+  return path >= 0 && path <= 4 ? g2d::runs[path].load(std::memory_order_relaxed) : -1;
 }
