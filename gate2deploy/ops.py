@@ -185,7 +185,8 @@ CATALOG: dict[str, OpSpec] = {spec.name: spec for spec in [
     OpSpec("StreamConv", ("X", "W", "B"), (Attr("activation", "string"), *_CONV_ATTRS),
            "Y = act(Conv(X, W, B)): ONNX Conv (any group, bias B), activation 'Relu' or none; the kernel "
            "reads each weight once per call and multiplies it into up to 16 output pixels (layers whose "
-           "weights dwarf their few output pixels: passes/stream_weight_convs.py).",
+           "weights dwarf their few output pixels; 3x3 same-padded convs on maps 8-32 wide a band of "
+           "16 pixels at a time: passes/stream_weight_convs.py).",
            conv_like_output, channel_rule="conv", macs="conv", runtimes=frozenset({"ort", "portable"}),
            reference="stream_conv_reference"),
     OpSpec("QuantizeActivation", ("X",), (Attr("levels", "float", True), Attr("scale", "float"), Attr("eps", "float")),

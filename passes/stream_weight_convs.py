@@ -32,14 +32,17 @@ Decisions:
 - MAX_PIXELS = 16: the kernel's register tile on AVX-512 (16 accumulators); with more pixels
   each weight block is read again from L2 per 16 pixels, which ONNX Runtime's own kernels
   (at their best on larger maps) do as well.
-- BAND_WIDTHS = (8, 16): except for 3x3 same-padded convs on maps 8 or 16 wide, which the
-  kernel takes a band of rows at a time (2 rows of 8, 1 of 16), multiplying only the taps
-  inside the map and leaving out sensAI's zero channels: the fused sensAI VGG's 8x8 and
-  16x16 layers ran 1.06-1.59x faster per node than ONNX Runtime's conv, the model 1.06x; a
-  CIFAR VGG-19-BN 1.03x (one-off A/B, 2 threads, batch 1, Intel Xeon, 2026-12-07). The
-  network-level check below still decides.
-- MIN_WEIGHT_BYTES = 1 MiB: below, the weights stay in the private caches between runs and
-  the layer is not a matter of memory (not measured below that size: left to ONNX Runtime).
+- BAND_WIDTHS = (8, 16, 32): except for 3x3 same-padded convs on maps 8, 16 or 32 wide,
+  which the kernel takes 16 pixels at a time (2 rows of 8, a row of 16, half a row of 32),
+  multiplying only the taps inside the map and leaving out sensAI's zero channels: the fused
+  sensAI VGG's 8x8 and 16x16 layers ran 1.06-1.59x faster per node than ONNX Runtime's conv,
+  the model 1.06x, a CIFAR VGG-19-BN 1.03x (8 and 16 wide, >= 1 MiB); with 32 wide and
+  >= 256 KiB another 1.014x / 1.009x, the VGG at half width 1.053x; >= 64 KiB was slower on
+  the VGG (0.97x): its small early layers stay ONNX Runtime's (one-off A/Bs, 2 threads,
+  batch 1, Intel Xeon, 2026-12-07). The network-level check below still decides.
+- MIN_WEIGHT_BYTES = 256 KiB: below, the weights stay in the private caches between runs and
+  the layer is not a matter of memory; ONNX Runtime's conv is as fast there (the small-map
+  rule was 1 MiB, unmeasured below, until the bands: see BAND_WIDTHS).
 - Whether to run at all is the caller's (gate2deploy/api.py, `--stream-convs auto|on|off`):
   "auto" rewrites, then keeps the rewrite only where the network measured faster with it on
   the exporting machine (kernel_choice.choose_stream_convs); "on" keeps it unmeasured.
@@ -54,8 +57,12 @@ import onnx_graphsurgeon as gs
 from .ir import STANDARD_DOMAINS, constant_conv_weights, conv_as_custom_op, remove_fused, shape_of, sole_consumer
 
 MAX_PIXELS = 16
-BAND_WIDTHS = (8, 16)
-MIN_WEIGHT_BYTES = 1 << 20
+BAND_WIDTHS = (8, 16, 32)
+MIN_WEIGHT_BYTES = 1 << 18
+
+# What the pass takes, in words (the CLI's help and its line after an export).
+SUMMARY = (f"convs with >= {MIN_WEIGHT_BYTES >> 10} KiB of weights and <= {MAX_PIXELS} output pixels per "
+           f"sample, or 3x3 same-padded on maps {' / '.join(map(str, BAND_WIDTHS))} wide")
 
 PATTERN = {
     "op": "Conv",

@@ -65,11 +65,12 @@ def attrs_of(strides, pads, dilations, group, relu):
 # span several 16-pixel chunks and end in a partial one, a 1x1 output; the first two on the
 # 3x3 path (stream_block_3x3: 4x4 where the ISA holds 16 pixels, 2x2 everywhere; 7 samples of
 # 2x2: calls of 4, 2 and 1 samples on AVX-512, of 2 and 1 on the others). The last six (side
-# (height, width) where not square) are 3x3 same-padded convs on maps 8 or 16 wide, for the
-# bands of rows (stream_block_rows: 2 rows of 8 or 1 of 16 on AVX-512, 1 row of 8 on the
-# others, where the height is whole bands; the rest on the im2col path): first / middle /
-# last bands, a band that is both (2x8 on AVX-512, 1x8 on the others), heights 5 and 1 that
-# AVX-512's two-row bands do not divide.
+# (height, width) where not square) are 3x3 same-padded convs on maps 8, 16 or 32 wide, for
+# the bands (stream_block_rows: 2 rows of 8, 1 of 16 or half a row of 32 on AVX-512; 8
+# columns of a row on the others; where the height is whole bands, the rest on the im2col
+# path): first / middle / last rows, a band that is both (2x8 on AVX-512, 1x8 and 1x32 on
+# the others), heights 5 and 1 that AVX-512's two-row bands do not divide, a row split into
+# a first and last band (AVX-512) or also inner ones (the others).
 CASES = [
     (1, 40, 48, 4, 2, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
     (7, 24, 40, 2, 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
@@ -83,8 +84,10 @@ CASES = [
     (2, 10, 18, (5, 8), 2, 3, (1, 1), (1, 1, 1, 1), (1, 1), False),
     (1, 16, 24, (1, 8), 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
     (1, 12, 20, (2, 8), 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
+    (1, 18, 20, (3, 32), 2, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
+    (2, 8, 16, (1, 32), 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), False),
 ]
-BAND_CASES = {"avx512": 4, "other": 5}  # the cases above on stream_block_rows, per tier
+BAND_CASES = {"avx512": 6, "other": 8}  # the cases above on stream_block_rows, per tier
 
 
 def check_cases() -> None:
@@ -244,10 +247,10 @@ def op_types(model) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
-@pytest.mark.parametrize("side", [4, 8, 16])
+@pytest.mark.parametrize("side", [4, 8, 16, 32])
 def test_pass_rewrites_the_big_weight_conv_and_fuses_its_relu(side):
-    """At most 16 output pixels (4x4), or a 3x3 same-padded conv on a map 8 or 16 wide (the
-    kernel's bands of rows: passes/stream_weight_convs.py BAND_WIDTHS)."""
+    """At most 16 output pixels (4x4), or a 3x3 same-padded conv on a map 8, 16 or 32 wide
+    (the kernel's bands: passes/stream_weight_convs.py BAND_WIDTHS)."""
     import gate2deploy
 
     model = small_map_net(side=side)
@@ -335,7 +338,8 @@ def test_export_cli_says_what_it_did_with_the_streamed_convs(tmp_path, cli, caps
     """`export --target ort`: one line on the StreamConvs (kept or left as Conv, with the
     measured times under auto), none with --stream-convs off; a bad value is one line, exit 2.
     A CIFAR VGG-16-BN at width 0.5: its last six convs (128-256 channels at 4x4 and 2x2) have
-    1.2-2.4 MB of weights each."""
+    1.2-2.4 MB of weights each, the three before them (128 channels at 8x8) 295-590 KB: nine
+    StreamConvs; its 32x32 and 16x16 convs (up to 147 KB) stay."""
     from models.cifar_nets import vgg16_bn
 
     import gate2deploy.kernel_choice as kc
@@ -346,8 +350,10 @@ def test_export_cli_says_what_it_did_with_the_streamed_convs(tmp_path, cli, caps
     torch.save(vgg16_bn(width=0.5).state_dict(), ckpt)
     common = ["export", ckpt, "--model", "tests/models/cifar_nets.py:vgg16_bn", "--model-kwargs", '{"width": 0.5}',
               "--target", "ort", "--input-shape", "1,3,32,32"]
-    for mode, line in [("on", "StreamConv: 6 convs with >= 1 MiB of weights and <= 16 output pixels kept"),
-                       ("auto", "StreamConv: 6 convs with >= 1 MiB of weights and <= 16 output pixels left as Conv "
+    rule = ("convs with >= 256 KiB of weights and <= 16 output pixels per sample, or 3x3 same-padded on maps "
+            "8 / 16 / 32 wide")
+    for mode, line in [("on", f"StreamConv: 9 convs ({rule}) kept"),
+                       ("auto", f"StreamConv: 9 convs ({rule}) left as Conv "
                                 "(measured here, 2 threads: 2.000 vs 1.000 ms as Conv)"),
                        ("off", None)]:
         out = tmp_path / f"{mode}.onnx"
@@ -357,7 +363,7 @@ def test_export_cli_says_what_it_did_with_the_streamed_convs(tmp_path, cli, caps
         assert lines == ([line] if line else []), stdout
         import onnx
         streamed = sum(n.op_type == "StreamConv" for n in onnx.load(str(out)).graph.node)
-        assert streamed == (6 if mode == "on" else 0)
+        assert streamed == (9 if mode == "on" else 0)
     with pytest.raises(SystemExit) as exited:  # argparse's usage error
         cli(*common, "--stream-convs", "sometimes", "-o", tmp_path / "bad.onnx")
     err = capsys.readouterr().err

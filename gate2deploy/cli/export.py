@@ -33,6 +33,7 @@ from ..frontend import checkpoint_paths, parse_shape
 from ..importers.slimmable import population as population_entries
 from ..importers.slimmable import uniform_sweep
 from ..options import STREAM_CONVS, CompileOptions, from_namespace, replace
+from ..passes.stream_weight_convs import SUMMARY as STREAM_CONV_RULE
 from ..runtimes import PLUGIN_KINDS
 from ..targets import TARGETS
 from ..verify import DEFAULT_RTOL, random_inputs
@@ -71,9 +72,9 @@ def add_parser(sub) -> None:
     p.add_argument("--kernel-threads", type=int, default=2,
                    help="intra-op threads --gated-kernels measured and --stream-convs auto time with (default %(default)s)")
     p.add_argument("--stream-convs", choices=STREAM_CONVS, default="auto",
-                   help="--target ort: convs with >= 1 MiB of weights and <= 16 output pixels per sample (batch-1 "
-                        "CIFAR VGG's last stages, sensAI's fused groups) as StreamConv, which reads each weight once "
-                        "per call; auto (default): kept only where the network measures faster with them on this "
+                   help=f"--target ort: {STREAM_CONV_RULE} (batch-1 CIFAR VGGs, sensAI's fused groups) as "
+                        "StreamConv, which reads each weight once per call and multiplies only the taps inside "
+                        "the map; auto (default): kept only where the network measures faster with them on this "
                         "machine (timed with --kernel-threads threads; report: stream_convs); on: always; off: never")
     p.add_argument("--pg-static-scale", action="store_true",
                    help="Precision Gating: replace the per-batch dynamic activation scale by one calibrated "
@@ -223,7 +224,7 @@ def print_summary(s: dict) -> None:
         timed = (f" (measured here, {stream['machine'].rsplit('| ', 1)[-1]}: {stream['stream_ms']:.3f} vs "
                  f"{stream['plain_ms']:.3f} ms as Conv" + (", cached" if stream.get("cached") else "") + ")"
                  if "stream_ms" in stream else "")
-        print(f"StreamConv: {n} conv{'s' * (n > 1)} with >= 1 MiB of weights and <= 16 output pixels "
+        print(f"StreamConv: {n} conv{'s' * (n > 1)} ({STREAM_CONV_RULE}) "
               + ("kept" if stream["kept"] else "left as Conv") + timed)
     if s["mask_sources"].get("slimmable"):
         print(slimmable_summary(s["mask_sources"]["slimmable"]))

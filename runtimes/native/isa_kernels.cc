@@ -1442,14 +1442,15 @@ void stream_block_3x3_n(int64_t C, const float* w, const float* x, int64_t strid
   for (int i = 0; i < M * P; ++i) store(out + i * kVW, acc[i]);
 }
 
-// R output rows of a 3x3, stride-1, pad-1 conv on a map W wide (isa_kernels.h), R * W the
-// register tile: the products of taps inside the map only, columns decided at compile time,
-// rows too (TOP: the band holds the map's first row, so the row above is padding; BOTTOM: its
-// last). x is the band's first row in channel 0; the rows around it are read where they exist.
-template <int W, int R, bool TOP, bool BOTTOM>
+// A band of R rows x BW columns (the register tile) of a 3x3, stride-1, pad-1 conv on a map
+// MW wide (isa_kernels.h): the products of taps inside the map only, decided at compile time
+// (TOP: the band holds the map's first row, so the row above is padding; BOTTOM: its last;
+// LEFT / RIGHT: its first / last column). x is the band's first pixel in channel 0; the
+// rows and columns around it are read where they exist.
+template <int MW, int BW, int R, bool TOP, bool BOTTOM, bool LEFT, bool RIGHT>
 void stream_block_rows_n(int64_t C, const float* w, const float* x, int64_t plane, float* out) {
-  vf acc[R * W];
-  for (int i = 0; i < R * W; ++i) acc[i] = vf{};
+  vf acc[R * BW];
+  for (int i = 0; i < R * BW; ++i) acc[i] = vf{};
   for (int64_t c = 0; c < C; ++c) {
     const float* wc = w + c * 9 * kVW;
     const float* xc = x + c * plane;
@@ -1459,38 +1460,54 @@ void stream_block_rows_n(int64_t C, const float* w, const float* x, int64_t plan
       const vf wt = load(wc + t * kVW);
       const int kh = t / 3, kw = t % 3;
 #pragma GCC unroll 16
-      for (int p = 0; p < R * W; ++p) {
-        const int r = p / W + kh - 1, col = p % W + kw - 1;  // input row from the band's first
-        if (col >= 0 && col < W && (!TOP || r >= 0) && (!BOTTOM || r < R))
-          acc[p] = multiply_add(wt, xc[r * W + col], acc[p]);
+      for (int p = 0; p < R * BW; ++p) {
+        const int r = p / BW + kh - 1, col = p % BW + kw - 1;  // from the band's first pixel
+        if ((!TOP || r >= 0) && (!BOTTOM || r < R) && (!LEFT || col >= 0) && (!RIGHT || col < BW))
+          acc[p] = multiply_add(wt, xc[r * MW + col], acc[p]);
       }
     }
   }
-  for (int p = 0; p < R * W; ++p) store(out + p * kVW, acc[p]);
+  for (int p = 0; p < R * BW; ++p) store(out + p * kVW, acc[p]);
 }
 
-template <int W, int R>
-void stream_block_rows_edges(int64_t C, const float* w, const float* x, int64_t plane, bool top, bool bottom,
-                             float* out) {
-  if (top && bottom) return stream_block_rows_n<W, R, true, true>(C, w, x, plane, out);
-  if (top) return stream_block_rows_n<W, R, true, false>(C, w, x, plane, out);
-  if (bottom) return stream_block_rows_n<W, R, false, true>(C, w, x, plane, out);
-  stream_block_rows_n<W, R, false, false>(C, w, x, plane, out);
+template <int MW, int BW, int R, bool LEFT, bool RIGHT>
+void stream_block_rows_at(int64_t C, const float* w, const float* x, int64_t plane, bool top, bool bottom,
+                          float* out) {
+  if (top && bottom) return stream_block_rows_n<MW, BW, R, true, true, LEFT, RIGHT>(C, w, x, plane, out);
+  if (top) return stream_block_rows_n<MW, BW, R, true, false, LEFT, RIGHT>(C, w, x, plane, out);
+  if (bottom) return stream_block_rows_n<MW, BW, R, false, true, LEFT, RIGHT>(C, w, x, plane, out);
+  stream_block_rows_n<MW, BW, R, false, false, LEFT, RIGHT>(C, w, x, plane, out);
 }
 
-void stream_block_rows(int64_t C, const float* w, const float* x, int64_t plane, int width, bool top, bool bottom,
-                       float* out) {
-  if (width == 8) return stream_block_rows_edges<8, kStreamPixels / 8>(C, w, x, plane, top, bottom, out);
-  if constexpr (kStreamPixels >= 16) {
-    if (width == 16) return stream_block_rows_edges<16, 1>(C, w, x, plane, top, bottom, out);
+// The map MW wide in bands of the register tile: whole rows (R of them) where a row fits,
+// else one row's first, inner and last BW columns.
+template <int MW>
+void stream_block_rows_of(int64_t C, const float* w, const float* x, int64_t plane, int edges, float* out) {
+  constexpr int BW = MW < kStreamPixels ? MW : kStreamPixels, R = kStreamPixels / BW;
+  const bool top = edges & kBandTop, bottom = edges & kBandBottom;
+  if constexpr (BW == MW) {
+    stream_block_rows_at<MW, BW, R, true, true>(C, w, x, plane, top, bottom, out);
+  } else if (edges & kBandLeft) {
+    stream_block_rows_at<MW, BW, R, true, false>(C, w, x, plane, top, bottom, out);
+  } else if (edges & kBandRight) {
+    stream_block_rows_at<MW, BW, R, false, true>(C, w, x, plane, top, bottom, out);
+  } else {
+    stream_block_rows_at<MW, BW, R, false, false>(C, w, x, plane, top, bottom, out);
   }
-  // other widths (not passed by stream_conv.cc), pixel by pixel over one row
+}
+
+void stream_block_rows(int64_t C, const float* w, const float* x, int64_t plane, int width, int edges,
+                       float* out) {
+  if (width == 8) return stream_block_rows_of<8>(C, w, x, plane, edges, out);
+  if (width == 16) return stream_block_rows_of<16>(C, w, x, plane, edges, out);
+  if (width == 32) return stream_block_rows_of<32>(C, w, x, plane, edges, out);
+  // other widths (not passed by stream_conv.cc), pixel by pixel over one row of the map
   for (int p = 0; p < width; ++p) {
     vf acc = vf{};
     for (int64_t c = 0; c < C; ++c)
       for (int t = 0; t < 9; ++t) {
         const int r = t / 3 - 1, col = p + t % 3 - 1;
-        if (col >= 0 && col < width && (!top || r >= 0) && (!bottom || r <= 0))
+        if (col >= 0 && col < width && (!(edges & kBandTop) || r >= 0) && (!(edges & kBandBottom) || r <= 0))
           acc = multiply_add(load(w + (c * 9 + t) * kVW), x[c * plane + r * width + col], acc);
       }
     store(out + p * kVW, acc);

@@ -51,6 +51,9 @@ struct QuantLevels {
 // `lanes`: the vector width of the kernels that will read the table (IsaKernels::vw).
 QuantLevels MakeQuantLevels(float s, float levels, int lanes);
 
+// isa.stream_block_rows' edges: which borders of the map its band touches.
+constexpr int kBandTop = 1, kBandBottom = 2, kBandLeft = 4, kBandRight = 8;
+
 struct IsaKernels {
   const char* name;
   int mr, nr;  // fp32 micro-tile: mr rows x nr columns
@@ -235,13 +238,15 @@ struct IsaKernels {
   // im2col path multiplies by its zeros (the padding is not multiplied, as ONNX's Conv).
   void (*stream_block_3x3)(int64_t C, const float* w, const float* x, int64_t stride, int side,
                            int samples, float* out);
-  // The same conv on a map `width` wide (8, or 16 where stream_pixels is 16), one band of
-  // stream_pixels / width output rows of one sample: x is the band's first row of channel 0's
-  // map (channel c at x + c * plane); top: the band holds the map's first row, bottom: its
-  // last (the rows beyond are padding, never read); every other row above and below it is
-  // read from the map. Only the products inside the map, as above.
-  void (*stream_block_rows)(int64_t C, const float* w, const float* x, int64_t plane, int width, bool top,
-                            bool bottom, float* out);
+  // The same conv on a map `width` wide (8, 16 or 32), one band of stream_pixels pixels of
+  // one sample: stream_pixels / width whole rows where a row fits, else stream_pixels columns
+  // of one row. x is the band's first pixel in channel 0's map (channel c at x + c * plane);
+  // edges (kBand* bits): the band holds the map's first row / last row / first column /
+  // last column, beyond which is padding, never read; every other neighbouring row and
+  // column is read from the map. Out: the band's pixels in row-major order. Only the
+  // products inside the map, as above.
+  void (*stream_block_rows)(int64_t C, const float* w, const float* x, int64_t plane, int width, int edges,
+                            float* out);
 };
 
 namespace isa_generic { extern const IsaKernels kKernels; }

@@ -19,9 +19,10 @@
 //   as they are and computes only the products inside the map (the padding is 31% of a 4x4
 //   map's taps, 56% of a 2x2's: with them the kernel lost to ONNX Runtime's where the
 //   weights stay in cache);
-// - the same conv on a map 8 or 16 wide (a CIFAR VGG's 8x8 and 16x16 stages): bands of
-//   np_max / width rows of a sample, isa.stream_block_rows, the rows above and below the band
-//   read from the map itself; a block's weights come from L2 for every band after the first;
+// - the same conv on a map 8, 16 or 32 wide (a CIFAR VGG's 8x8 to 32x32 stages): bands of
+//   np_max pixels of a sample (whole rows, or part of a row), isa.stream_block_rows, the rows
+//   and columns around the band read from the map itself; a block's weights come from L2
+//   (or L1) for every band after the first;
 // - anything else: an im2col of up to 16 pixels (cols [K][np] per group and chunk, zeros at
 //   the padding; small next to the weights: np values per k against vw * blocks weights),
 //   for isa.stream_block, padding products included.
@@ -127,11 +128,12 @@ bool ThreeByThree(const ConvGeom& g, int np_max) {
   return SamePadded3x3(g) && g.H == g.W && (g.H == 2 || g.H == 4) && g.H * g.W <= np_max;
 }
 
-// Otherwise, the rows of isa.stream_block_rows per call where it takes the layer (the same
-// conv on a map 8 or 16 wide, in bands of np_max / width rows), else 0.
+// Otherwise, the rows of isa.stream_block_rows' bands where it takes the layer (the same conv
+// on a map 8, 16 or 32 wide: bands of np_max / width whole rows, or of np_max columns of a
+// row where the row is wider), else 0.
 int64_t BandRows(const ConvGeom& g, int np_max) {
-  if (!SamePadded3x3(g) || !(g.W == 8 || (g.W == 16 && np_max >= 16))) return 0;
-  const int64_t rows = np_max / g.W;
+  if (!SamePadded3x3(g) || !(g.W == 8 || g.W == 16 || g.W == 32)) return 0;
+  const int64_t rows = std::max<int64_t>(1, np_max / g.W);
   return g.H % rows == 0 ? rows : 0;
 }
 
@@ -282,13 +284,17 @@ Ort::Status StreamConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::
         }
         return;
       }
-      if (bands) {
+      if (bands) {  // a band's pixels are consecutive in the sample's map (whole rows, or part of one)
+        const int64_t cols = std::min<int64_t>(g.W, np_max);
         for (int64_t n = 0; n < g.N; ++n)
-          for (int64_t r = 0; r < g.H; r += bands) {
-            isa.stream_block_rows(live, wb, x + n * sample + gi * g.Cw * HW + r * g.W, HW, int(g.W), r == 0,
-                                  r + bands == g.H, tile);
-            store(n * P + r * g.W, bands * g.W);
-          }
+          for (int64_t r = 0; r < g.H; r += bands)
+            for (int64_t c0 = 0; c0 < g.W; c0 += cols) {
+              const int edges = (r == 0 ? kBandTop : 0) | (r + bands == g.H ? kBandBottom : 0) |
+                                (c0 == 0 ? kBandLeft : 0) | (c0 + cols == g.W ? kBandRight : 0);
+              isa.stream_block_rows(live, wb, x + n * sample + gi * g.Cw * HW + r * g.W + c0, HW, int(g.W), edges,
+                                    tile);
+              store(n * P + r * g.W + c0, bands * cols);
+            }
         return;
       }
       for (int64_t c = 0; c < chunks; ++c) {
