@@ -1094,6 +1094,25 @@ def test_pg_nonfinite_input_follows_the_reference(value, spots, static_scale, in
     assert normwise_error(y, y_ref) <= RTOL
 
 
+@pytest.mark.parametrize("others", ["zero", "grid"])
+def test_pg_nan_weight_is_not_taken_for_a_zero_one(others):
+    """A NaN weight among zeros (or among weights on a 2-bit grid) is no integer weight: the
+    output is NaN where it multiplies the input, as the reference's. (The grid search took the
+    largest |w| with std::max, which drops NaN, so W = {NaN, 0, ...} passed as all zeros and
+    gave finite outputs: found by the fuzzer at 1500 examples.)"""
+    x = np.random.default_rng(8).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    w = np.zeros((2, 3, 1, 1), np.float32) if others == "zero" else \
+        np.array([-1, 1, 0.5, -0.5, 0, 1], np.float32).reshape(2, 3, 1, 1)
+    w[1, 2, 0, 0] = np.nan
+    thr = np.full(2, 0.1, np.float32)
+    y = run_node("PGConv", x, [w, thr], {"abits": 2, "pred_bits": 1, "static_scale": 0.7})
+    with np.errstate(invalid="ignore"):
+        y_ref = ref.pg_conv_reference(x, w, thr, 2, 1, 0.7)
+    assert np.isnan(y_ref[0, 1]).all() and np.isfinite(y_ref[0, 0]).all()  # not vacuous
+    assert_nonfinite_match(y, y_ref)
+    assert normwise_error(y, y_ref) <= RTOL
+
+
 @pytest.mark.parametrize("spots", SPOTS)
 @pytest.mark.parametrize("value", NONFINITE)
 @pytest.mark.parametrize("pool", ["avg", "max"])
