@@ -1411,13 +1411,17 @@ void stream_block(int64_t K, const float* w, const float* cols, int np, float* o
   }
 }
 
-// M samples' side x side outputs of a 3x3, stride-1, pad-1 conv (isa_kernels.h): every
-// (pixel, tap) pair whose input lies inside the map, unrolled at compile time, so the
-// accumulators stay in registers and no product of the padding is computed; each weight
-// vector serves all M samples (a 2x2 map alone gives it 4 products).
-template <int S, int M>
-void stream_block_3x3_n(int64_t C, const float* w, const float* x, int64_t stride, float* out) {
-  constexpr int P = S * S;
+// A band of R rows x BW columns of a 3x3, stride-1, pad-1 conv on a map MW wide, in each of
+// M samples (sample m's band at x + m * stride; channel c at + c * plane), the register tile
+// R * BW * M (isa_kernels.h: stream_block_3x3 and stream_block_rows). Every (pixel, tap) pair
+// whose input lies inside the map, unrolled at compile time, so the accumulators stay in
+// registers and no product of the padding is computed (TOP: the band holds the map's first
+// row, so the row above is padding; BOTTOM: its last; LEFT / RIGHT: its first / last column;
+// the rows and columns around the band are read where they exist). Each weight vector serves
+// all M samples (a 2x2 map alone gives it 4 products).
+template <int MW, int BW, int R, int M, bool TOP, bool BOTTOM, bool LEFT, bool RIGHT>
+void stream_block_band(int64_t C, const float* w, const float* x, int64_t plane, int64_t stride, float* out) {
+  constexpr int P = R * BW;
   vf acc[M * P];
   for (int i = 0; i < M * P; ++i) acc[i] = vf{};
   for (int64_t c = 0; c < C; ++c) {
@@ -1429,12 +1433,12 @@ void stream_block_3x3_n(int64_t C, const float* w, const float* x, int64_t strid
       const int kh = t / 3, kw = t % 3;
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
-        const float* xc = x + m * stride + c * P;
+        const float* xc = x + m * stride + c * plane;
 #pragma GCC unroll 16
         for (int p = 0; p < P; ++p) {
-          const int ih = p / S + kh - 1, iw = p % S + kw - 1;
-          if (ih >= 0 && ih < S && iw >= 0 && iw < S)
-            acc[m * P + p] = multiply_add(wt, xc[ih * S + iw], acc[m * P + p]);
+          const int r = p / BW + kh - 1, col = p % BW + kw - 1;  // from the band's first pixel
+          if ((!TOP || r >= 0) && (!BOTTOM || r < R) && (!LEFT || col >= 0) && (!RIGHT || col < BW))
+            acc[m * P + p] = multiply_add(wt, xc[r * MW + col], acc[m * P + p]);
         }
       }
     }
@@ -1442,41 +1446,19 @@ void stream_block_3x3_n(int64_t C, const float* w, const float* x, int64_t strid
   for (int i = 0; i < M * P; ++i) store(out + i * kVW, acc[i]);
 }
 
-// A band of R rows x BW columns (the register tile) of a 3x3, stride-1, pad-1 conv on a map
-// MW wide (isa_kernels.h): the products of taps inside the map only, decided at compile time
-// (TOP: the band holds the map's first row, so the row above is padding; BOTTOM: its last;
-// LEFT / RIGHT: its first / last column). x is the band's first pixel in channel 0; the
-// rows and columns around it are read where they exist.
-template <int MW, int BW, int R, bool TOP, bool BOTTOM, bool LEFT, bool RIGHT>
-void stream_block_rows_n(int64_t C, const float* w, const float* x, int64_t plane, float* out) {
-  vf acc[R * BW];
-  for (int i = 0; i < R * BW; ++i) acc[i] = vf{};
-  for (int64_t c = 0; c < C; ++c) {
-    const float* wc = w + c * 9 * kVW;
-    const float* xc = x + c * plane;
-#pragma GCC unroll 9
-    for (int t = 0; t < 9; ++t) {
-      __builtin_prefetch(wc + (t + kStreamAhead) * kVW, 0, 2);
-      const vf wt = load(wc + t * kVW);
-      const int kh = t / 3, kw = t % 3;
-#pragma GCC unroll 16
-      for (int p = 0; p < R * BW; ++p) {
-        const int r = p / BW + kh - 1, col = p % BW + kw - 1;  // from the band's first pixel
-        if ((!TOP || r >= 0) && (!BOTTOM || r < R) && (!LEFT || col >= 0) && (!RIGHT || col < BW))
-          acc[p] = multiply_add(wt, xc[r * MW + col], acc[p]);
-      }
-    }
-  }
-  for (int p = 0; p < R * BW; ++p) store(out + p * kVW, acc[p]);
+// M samples' whole side x side maps.
+template <int S, int M>
+void stream_block_3x3_n(int64_t C, const float* w, const float* x, int64_t stride, float* out) {
+  stream_block_band<S, S, S, M, true, true, true, true>(C, w, x, S * S, stride, out);
 }
 
 template <int MW, int BW, int R, bool LEFT, bool RIGHT>
 void stream_block_rows_at(int64_t C, const float* w, const float* x, int64_t plane, bool top, bool bottom,
                           float* out) {
-  if (top && bottom) return stream_block_rows_n<MW, BW, R, true, true, LEFT, RIGHT>(C, w, x, plane, out);
-  if (top) return stream_block_rows_n<MW, BW, R, true, false, LEFT, RIGHT>(C, w, x, plane, out);
-  if (bottom) return stream_block_rows_n<MW, BW, R, false, true, LEFT, RIGHT>(C, w, x, plane, out);
-  stream_block_rows_n<MW, BW, R, false, false, LEFT, RIGHT>(C, w, x, plane, out);
+  if (top && bottom) return stream_block_band<MW, BW, R, 1, true, true, LEFT, RIGHT>(C, w, x, plane, 0, out);
+  if (top) return stream_block_band<MW, BW, R, 1, true, false, LEFT, RIGHT>(C, w, x, plane, 0, out);
+  if (bottom) return stream_block_band<MW, BW, R, 1, false, true, LEFT, RIGHT>(C, w, x, plane, 0, out);
+  stream_block_band<MW, BW, R, 1, false, false, LEFT, RIGHT>(C, w, x, plane, 0, out);
 }
 
 // The map MW wide in bands of the register tile: whole rows (R of them) where a row fits,
