@@ -10,8 +10,8 @@ per thread there. StreamConv's kernel reads each weight from memory once per cal
 (runtimes/native/stream_conv.cc): on that chain 1.19x (1 thread) and 1.08x (2 threads) at
 batch 1, 2.08x / 2.04x at batch 8 (tools/bench_stream_conv.py). Whether to keep the rewrite
 is measured on the whole network (gate2deploy/kernel_choice.py choose_stream_convs): the
-kernel's path for geometries other than a 3x3 same-padded conv on a 2x2 / 4x4 map or a map 8
-or 16 wide multiplies the padding's zeros, and lost to ONNX Runtime's conv where the weights
+kernel's path for geometries other than a 3x3 same-padded conv on a 2x2 / 4x4 map or a map 8,
+16 or 32 wide multiplies the padding's zeros, and lost to ONNX Runtime's conv where the weights
 stay in cache.
 
 Expects: a graph after the fold pipeline with static shapes (resolve_static_shapes).
