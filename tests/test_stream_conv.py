@@ -64,7 +64,7 @@ def attrs_of(strides, pads, dilations, group, relu):
 # not whole vectors, strided / dilated / asymmetric geometry, a batch whose pixels (3 x 25)
 # span several 16-pixel chunks and end in a partial one, a 1x1 output; the first two on the
 # 3x3 path (stream_block_3x3: 4x4 where the ISA holds 16 pixels, 2x2 everywhere; 7 samples of
-# 2x2: calls of 4, 2 and 1 samples on AVX-512, of 2 and 1 on the others). The last six (side
+# 2x2: calls of 4, 2 and 1 samples on AVX-512, of 2 and 1 on the others). The last eight (side
 # (height, width) where not square) are 3x3 same-padded convs on maps 8, 16 or 32 wide, for
 # the bands (stream_block_rows: 2 rows of 8, 1 of 16 or half a row of 32 on AVX-512; 8
 # columns of a row on the others; where the height is whole bands, the rest on the im2col

@@ -1483,13 +1483,16 @@ void stream_block_rows(int64_t C, const float* w, const float* x, int64_t plane,
   if (width == 8) return stream_block_rows_of<8>(C, w, x, plane, edges, out);
   if (width == 16) return stream_block_rows_of<16>(C, w, x, plane, edges, out);
   if (width == 32) return stream_block_rows_of<32>(C, w, x, plane, edges, out);
-  // other widths (not passed by stream_conv.cc), pixel by pixel over one row of the map
-  for (int p = 0; p < width; ++p) {
+  // other widths (not passed by stream_conv.cc): the same band, its shape and edges at run
+  // time, pixel by pixel (never more than the register tile's pixels, all four edges honoured)
+  const int bw = width < kStreamPixels ? width : kStreamPixels, rows = kStreamPixels / bw;
+  for (int p = 0; p < rows * bw; ++p) {
     vf acc = vf{};
     for (int64_t c = 0; c < C; ++c)
       for (int t = 0; t < 9; ++t) {
-        const int r = t / 3 - 1, col = p + t % 3 - 1;
-        if (col >= 0 && col < width && (!(edges & kBandTop) || r >= 0) && (!(edges & kBandBottom) || r <= 0))
+        const int r = p / bw + t / 3 - 1, col = p % bw + t % 3 - 1;
+        if ((!(edges & kBandTop) || r >= 0) && (!(edges & kBandBottom) || r < rows) &&
+            (!(edges & kBandLeft) || col >= 0) && (!(edges & kBandRight) || col < bw))
           acc = multiply_add(load(w + (c * 9 + t) * kVW), x[c * plane + r * width + col], acc);
       }
     store(out + p * kVW, acc);
