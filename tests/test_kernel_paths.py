@@ -385,6 +385,12 @@ def _cg_forms_child() -> None:
     for c, o, hw, p, block_diagonal, k, strides, dilations in cases:
         for frac in (0.05, 0.3):
             _check_cg_layer(rng, 2, c, o, hw, p, block_diagonal, frac, k, strides, dilations)
+    # Wide layers, p = 4: a tap row of the 3/4 C second-stage channels is 3 x 48, 96, 192, 384
+    # floats, the run lengths isa_kernels.cc's sparse_dots compiles as constants (9, 18, 36,
+    # 72 vectors on AVX-512; 18, 36, 72 on AVX2; 36, 72 on the generic tier's 4-float vectors);
+    # few outputs and a small map keep the reference cheap.
+    for c in (64, 128, 256, 512):
+        _check_cg_layer(rng, 1, c, 6, 7, 4, False, 0.3)
     _print_native_counters(sparse=("G2DSecondStageRuns", 0), taps=("G2DSecondStageRuns", 2))
 
 
@@ -458,9 +464,88 @@ def test_cg_spans_split_by_plan_match_reference(tier, setting):
     assert counts["taps"] > 0 and counts["dense"] > 0, counts  # both second-stage forms ran
 
 
+def _cg_large_weight_child(threads: int) -> None:
+    """Runs in the subprocess: CG layers run through the large-weight span rule (conv_common.h,
+    kLargeWeightL2Share: one span per pool thread, as wide as the columns allow) where
+    G2D_L2_BYTES makes their weights count as large, each session run several times (the rule
+    reads the session's earlier calls: the first call has the default spans), vs the
+    reference; prints the counters."""
+    sys.path.insert(0, str(HERE))
+    import test_native_ops as t
+    from gate2deploy.runtimes import reference as ref
+    from gate2deploy.runtimes.ort import open_session
+
+    rng = np.random.default_rng(3)
+    # 14 x 14: 224 padded columns (7 AVX-512 panels: one span at 1 thread, 4 + 3 panels at 2);
+    # 20 x 20: 440 columns, more than the widest span holds (kMaxSpanColumns); stride 2 (the
+    # spans' pixel table); 0.9 on: the dense second stage over a wide span
+    for c, o, hw, strides in [(32, 24, 14, (1, 1)), (16, 16, 20, (1, 1)), (24, 16, 15, (2, 2))]:
+        w = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+        mask = t.cg_base_mask(o, c, 4, False)
+        pads = (1, 1, 1, 1)
+        attrs = t.conv_attrs(strides, pads, (1, 1))
+        x0 = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+        for frac in (0.05, 0.3, 0.9):
+            thr = ref.thresholds_for_fraction(ref.conv2d(x0, w * mask[:, :, None, None], strides, pads), frac)
+            sess = open_session(t.single_node_model("CGConv", x0.shape, [w, mask, thr], attrs), threads=threads)
+            for run in range(3):
+                x = x0 if run == 0 else rng.standard_normal(x0.shape).astype(np.float32)
+                yp = ref.conv2d(x, w * mask[:, :, None, None], strides, pads)
+                y_ref = ref.cg_conv_reference(x, w, mask, thr, strides=strides, pads=pads)
+                t.assert_close_with_ties(sess.run(None, {"x": x})[0], y_ref, yp, thr)
+    _print_native_counters(large=("G2DLargeWeightSpanCalls", None), dense=("G2DSecondStageRuns", 1),
+                           taps=("G2DSecondStageRuns", 2))
+
+
+@pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
+@pytest.mark.parametrize("threads,l2", [(1, "4096"), (2, "4096"), (1, "system")])
+@pytest.mark.parametrize("tier", ["generic", "avx2", "avx512"])
+def test_cg_large_weight_spans_match_reference(tier, threads, l2):
+    """CG layers whose weights exceed half the L2 run one span per thread, each as wide as the
+    columns allow (conv_common.cc, RunGatedConv; the thread count from the session's earlier
+    calls, ParallelForThreads), forced on small layers with G2D_L2_BYTES=4096 on each ISA tier
+    the CPU has, at 1 and 2 threads (every call on the pool, G2D_CG_POOL=always), against the
+    reference; with the system's L2 these layers keep the default spans. The counter proves
+    which ran."""
+    supported, env_tier = TIERS[tier]
+    if not supported:
+        pytest.skip(f"this CPU lacks the {tier} tier; the test runs on a machine that has it")
+    env = dict(os.environ, G2D_ORT_CONV="0", G2D_CG_POOL="always", **env_tier)
+    for key in ("G2D_CG_SECOND", "G2D_SECOND_STAGE", "G2D_SPLIT_SPANS", "G2D_L2_BYTES"):
+        env.pop(key, None)
+    if l2 != "system":
+        env["G2D_L2_BYTES"] = l2
+    proc = subprocess.run([sys.executable, __file__, "cg-large", str(threads)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=HERE.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (counts["large"] > 0) == (l2 != "system"), counts
+    assert counts["taps"] > 0 and counts["dense"] > 0, counts  # both second-stage forms ran
+
+
+@pytest.mark.sanitizer
+@pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
+def test_cg_large_weight_spans_sanitizer_clean():
+    """The wide spans of the large-weight rule under -fsanitize=address,undefined (the span's
+    column arrays hold kMaxSpanColumns: a span wider than that writes past them, which the
+    numerics alone need not show), 1 thread: the widest spans."""
+    from gate2deploy.runtimes.native_build import asan_preload, build_library
+
+    env = dict(os.environ, GATE2DEPLOY_OPS_LIBRARY=str(build_library("asan")), LD_PRELOAD=asan_preload(),
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+               G2D_ORT_CONV="0", G2D_CG_POOL="always", G2D_L2_BYTES="4096")
+    proc = subprocess.run([sys.executable, __file__, "cg-large", "1"], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=HERE.parent)
+    report = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    assert "ERROR: AddressSanitizer" not in proc.stderr and "runtime error:" not in proc.stderr, report
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["large"] > 0, report
+
 if __name__ == "__main__":
     if sys.argv[1] == "cg-split":
         _cg_split_child()
+    elif sys.argv[1] == "cg-large":
+        _cg_large_weight_child(int(sys.argv[2]))
     elif sys.argv[1] == "cg-forms":
         _cg_forms_child()
     elif sys.argv[1] == "pg_int8":

@@ -7,7 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <atomic>
-#include <thread>
+#include <unistd.h>  // sysconf: the L2 size
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -340,6 +340,7 @@ std::atomic<int> split_spans_setting{std::max(0, ParseAutoAlwaysNever(std::geten
 }  // namespace
 SplitSpans SplitSpansSetting() { return SplitSpans(split_spans_setting.load(std::memory_order_relaxed)); }
 std::atomic<int64_t> split_span_calls{0};  // calls whose spans ran split by plan
+std::atomic<int64_t> large_weight_span_calls{0};  // calls with one span per thread (kLargeWeightL2Share)
 
 namespace {
 std::atomic<int> cg_pool_setting{std::max(0, ParseAutoAlwaysNever(std::getenv("G2D_CG_POOL")))};
@@ -348,24 +349,34 @@ std::atomic<int64_t> serial_cg_calls{0};  // CG calls the MAC rule kept on one t
 CGPool CGPoolSetting() { return CGPool(cg_pool_setting.load(std::memory_order_relaxed)); }
 void CountSerialCGCall() { serial_cg_calls.fetch_add(1, std::memory_order_relaxed); }
 
-bool ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
-  if (total == 0) return false;
+namespace {
+std::atomic<uint64_t> parallel_for_calls{0};  // numbers each ParallelForThreads call
+}  // namespace
+
+int ParallelForThreads(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
+  if (total == 0) return 0;
   if (total == 1 || ctx == nullptr) {
     for (size_t i = 0; i < total; ++i) fn(i);
-    return false;
+    return 1;
   }
   // An exception must not leave a pool thread (ONNX Runtime's workers do not catch): the
   // first one is kept and rethrown here, on the calling thread, once every task has run.
+  // A thread counts itself at its first task of this call (the call's number against the last
+  // one it saw: the address of `shared` repeats from call to call).
   struct Shared {
     const std::function<void(size_t)>* fn;
     std::mutex mutex;
     std::exception_ptr error;
-    std::thread::id caller;
-    std::atomic<bool> helped;
-  } shared{&fn, {}, nullptr, std::this_thread::get_id(), {false}};
+    uint64_t call;
+    std::atomic<int> threads;
+  } shared{&fn, {}, nullptr, parallel_for_calls.fetch_add(1, std::memory_order_relaxed) + 1, {0}};
   auto trampoline = [](void* data, size_t i) {
     Shared& s = *static_cast<Shared*>(data);
-    if (std::this_thread::get_id() != s.caller) s.helped.store(true, std::memory_order_relaxed);
+    thread_local uint64_t last_call = 0;
+    if (last_call != s.call) {
+      last_call = s.call;
+      s.threads.fetch_add(1, std::memory_order_relaxed);
+    }
     try {
       (*s.fn)(i);
     } catch (...) {
@@ -375,7 +386,22 @@ bool ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(s
   };
   Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx, trampoline, total, 0, &shared));
   if (shared.error) std::rethrow_exception(shared.error);
-  return shared.helped.load(std::memory_order_relaxed);
+  return shared.threads.load(std::memory_order_relaxed);
+}
+
+bool ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
+  return ParallelForThreads(ctx, total, fn) > 1;
+}
+
+int64_t L2CacheBytes() {
+  static const int64_t bytes = [] {
+    // G2D_L2_BYTES: another size, for tests (small layers through the large-weight rules)
+    const char* forced = std::getenv("G2D_L2_BYTES");
+    if (forced && std::atoll(forced) > 0) return int64_t(std::atoll(forced));
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return reported > 0 ? int64_t(reported) : int64_t(2) << 20;
+  }();
+  return bytes;
 }
 
 bool ReadReluAttr(const OrtKernelInfo* info, std::string* error) {
@@ -1267,7 +1293,7 @@ void SparseSecondStageDots(const IsaKernels& isa, const GatedStagePlan<T>& plan,
   const int64_t M = int64_t(plan.outputs.size());
   // Prefix sums of the gated-on outputs per column (a span has at most kSecondStagePanels
   // panels of at most 64 columns).
-  int32_t counts[kMaxSpanPanels * 64 + 1] = {};
+  int32_t counts[kMaxSpanColumns + 1] = {};
   for (int64_t m = 0; m < M; ++m)
     for (int64_t t = 0; t < ncols; ++t) counts[t + 1] += gate[m * ld + t];
   for (int64_t t = 0; t < ncols; ++t) counts[t + 1] += counts[t];
@@ -1463,8 +1489,21 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       panels < kTapSpanPanels * kTapSpanMinSpans && macs_per_wide_span >= kTapSpanSplitMacs
           ? kTapSpanPanels / 2
           : kTapSpanPanels;
-  const int64_t NR =
-      (panels >= kWideSpanMinPanels ? (uses_taps ? tap_panels : kSecondStagePanels) : 1) * nr;
+  int64_t span_panels = panels >= kWideSpanMinPanels ? (uses_taps ? tap_panels : kSecondStagePanels) : 1;
+  int64_t call_number = 0;
+  if (record) call_number = record->calls.fetch_add(1, std::memory_order_relaxed);
+  if (uses_taps && record &&
+      double(g.O) * double(g.Cw) * double(g.kk()) * double(sizeof(T)) >
+          kLargeWeightL2Share * double(L2CacheBytes())) {
+    // (Without a ctx every task runs on the caller: one span.)
+    int threads = ctx ? record->threads_seen.load(std::memory_order_relaxed) : 1;
+    if (threads == 1 && ctx && call_number % kLargeWeightProbeCalls == 0) threads = 2;
+    if (threads > 0) {
+      span_panels = std::min((panels + threads - 1) / threads, kMaxSpanColumns / nr);
+      large_weight_span_calls.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  const int64_t NR = span_panels * nr;
   // The joint second stage's dot products run over the union of the plans' stage-2 channels
   // (zeros where a plan does not read one): per gated-on element they cost 1 / joint_density
   // times a plan's own, so the per-plan GEMMs win from joint_density times the usual fraction
@@ -1489,7 +1528,8 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
                            ? GatedTaskParts(plans.size(), spans) : 1;
   if (parts > 1) split_span_calls.fetch_add(1, std::memory_order_relaxed);
   std::atomic<int64_t> gates_on{0};  // summed over the tasks, for the record
-  const bool helped = ParallelFor(ctx, size_t(spans) * parts, [&](size_t task) {
+  const size_t tasks = size_t(spans) * parts;
+  const int threads = ParallelForThreads(ctx, tasks, [&](size_t task) {
     const uint64_t span_clock = StageClockNow();
     const size_t span = task % size_t(spans), part = task / size_t(spans);
     // part k: plans k * n / parts .. (k + 1) * n / parts - 1 (no per-call tables: a vector
@@ -1497,17 +1537,17 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     const size_t plan_begin = part * plans.size() / parts, plan_end = (part + 1) * plans.size() / parts;
     const int64_t q0 = int64_t(span) * NR, ncols = std::min<int64_t>(NR, src1.columns - q0);
     const int64_t computed_cols = RoundUp(ncols, int64_t(nr));  // what a GEMM over the span computes
-    uint8_t valid[kMaxSpanPanels * 64];  // column is an output pixel (indirect panels skip
-                                         // the padding columns)
-    int32_t base[kMaxSpanPanels * 64];  // channel-last pixel index of column t (fill_base)
+    uint8_t valid[kMaxSpanColumns];  // column is an output pixel (indirect panels skip
+                                     // the padding columns)
+    int32_t base[kMaxSpanColumns];  // channel-last pixel index of column t (fill_base)
     // The span's runs of consecutive output pixels (columns run_at[r] .. + run_len[r], output
     // pixels from run_pix[r]): where the store copies to y, the same for every plan. Found
     // row segment by row segment (a span crosses a few output rows), not column by column: the
     // per-column loop with its branches took 2.4-2.6 us of a 16-channel 32x32 ResNet-20 CG
     // layer's ~40 (G2D_STAGE_TIMES "span", now 0.6; before it, with a division and a
     // remainder per column, ~6 us).
-    int32_t run_at[kMaxSpanPanels * 64], run_len[kMaxSpanPanels * 64];
-    int64_t run_pix[kMaxSpanPanels * 64];
+    int32_t run_at[kMaxSpanColumns], run_len[kMaxSpanColumns];
+    int64_t run_pix[kMaxSpanColumns];
     int nruns = 0;
     const int64_t row_len = src1.indirect ? src1.Wp : g.OW;  // columns per output row
     const int64_t first_oh = q0 / row_len;  // the span's output rows: first_oh .. oh
@@ -1694,7 +1734,11 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     }
   });
   if (record) {
-    if (ctx) record->pool_helped.store(helped, std::memory_order_relaxed);
+    if (ctx) record->pool_helped.store(threads > 1, std::memory_order_relaxed);
+    // (A call of one task runs on the caller whatever the pool: it says nothing of its size.)
+    if (ctx && tasks > 1)
+      record->threads_seen.store(std::max(threads, record->threads_seen.load(std::memory_order_relaxed)),
+                                 std::memory_order_relaxed);
     record->gates_on.store(gates_on.load(std::memory_order_relaxed), std::memory_order_relaxed);
   }
   AddStageTime(kTimeCall, call_clock);
@@ -1744,6 +1788,11 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
 // sparse ones that read channel-last rows (CGConv, isa.sparse_dots).
 extern "C" __attribute__((visibility("default"))) int64_t G2DSecondStageRuns(int dense) {
   return g2d::second_stage_runs[dense == 2 ? 2 : dense ? 1 : 0].load(std::memory_order_relaxed);
+}
+
+// RunGatedConv calls that ran one span per thread (large weights: kLargeWeightL2Share).
+extern "C" __attribute__((visibility("default"))) int64_t G2DLargeWeightSpanCalls() {
+  return g2d::large_weight_span_calls.load(std::memory_order_relaxed);
 }
 
 // CGConv calls run on the calling thread by the MAC rule (kCGPoolMinMacs, G2D_CG_POOL).

@@ -169,8 +169,6 @@ inline size_t GatedTaskParts(size_t plans, int64_t spans) {
 // (Measured, 128 ch 28x28, 20% on: cutting the channels into blocks whose input band fits in
 // L1 made the product slower, 1.21-1.24x dense against 1.40x unblocked: the calls and the
 // scatter-adds per block cost more than the L2 reads they save.)
-// Widest span, for the span's fixed-size column arrays.
-constexpr int kMaxSpanPanels = kTapSpanPanels > kSecondStagePanels ? kTapSpanPanels : kSecondStagePanels;
 
 struct ConvAttrs {
   std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
@@ -237,6 +235,13 @@ void ExpectShape(const char* op, const char* what, const std::vector<int64_t>& s
 // Returns whether a thread other than the caller ran any of the tasks (false for a pool of one
 // thread, the caller's).
 bool ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn);
+// ParallelFor returning how many threads ran its tasks (1: the caller alone; 0 for no task).
+// ONNX Runtime does not tell a custom op its pool's size; a call with more tasks than threads
+// shows it, unless a worker is too late to take any task.
+int ParallelForThreads(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn);
+
+// The size of the core's L2 cache in bytes (sysconf; 2 MiB where the system does not say).
+int64_t L2CacheBytes();
 
 // Memory-bound helper loops (layout copies, pooling, zero-filling) touching fewer values than
 // this run serially: waking a pool thread costs more than it saves (measured: FBSConv at
@@ -467,11 +472,32 @@ PostAttrs ReadPostAttrs(const OrtKernelInfo* info, std::string* error);
 // `post` (if non-null): the op's epilogue, applied as the outputs are copied to y.
 // `record` (if non-null): the kernel's record of its last call, which RunGatedConv updates:
 // whether a thread other than the caller ran any span task (with a ctx; a few-span layer's
-// spans are split by plan, GatedTaskParts, only where one did) and how many gates were on.
+// spans are split by plan, GatedTaskParts, only where one did) and how many gates were on;
+// the most threads seen running one call's span tasks (kLargeWeightSpans) and the calls.
 struct GatedCallRecord {
   std::atomic<bool> pool_helped{true};  // first assumed
   std::atomic<int64_t> gates_on{-1};    // -1: no call yet
+  std::atomic<int> threads_seen{0};     // 0: no call with two or more tasks yet
+  std::atomic<int64_t> calls{0};
 };
+// Layers whose weights outgrow the core's L2 (more than kLargeWeightL2Share of it: 256 ch
+// 14x14 has 2.4 MB, 512 ch 7x7 9.4 MB) with the channel-last second stage: every span task
+// reads all the layer's weights (stage 1's panels, then the tap rows), from L3 once they no
+// longer fit in L2, so such a layer runs one span per thread (as many spans as the most
+// threads seen running one call's tasks, GatedCallRecord::threads_seen), each as wide as the
+// columns allow, instead of the default narrow spans (1 or 2-4 panels). Measured (Intel Xeon
+// with AMX, 2 MB L2, p = 4, `tools/bench_gated_ops.py --ops cg --channels C --size S
+// --baseline-library <the build before>`, 10-50% on): 256 ch 14x14 1.25-1.48x faster at 1
+// thread (one span against 7), 1.13-1.32x at 2 (two against 7); 512 ch 7x7 1.09-1.22x at 1
+// thread (one span against 2; at 2 threads the default's two already). One-off runs of the
+// whole-image span on smaller layers, 1 thread, 20% on: 192 ch 14x14 (1.3 MB) 1.19x, 160 ch
+// 14x14 (0.9 MB) 0.88x, 128 ch 28x28 (0.6 MB) 0.95x: hence half the L2. A pool that seemed
+// to have one thread is tried with two spans every kLargeWeightProbeCalls calls (a worker
+// that was asleep in the first calls shows up there).
+constexpr double kLargeWeightL2Share = 0.5;
+constexpr int64_t kLargeWeightProbeCalls = 64;
+// The widest span's columns (its fixed-size arrays): 8 AVX-512 panels.
+constexpr int64_t kMaxSpanColumns = 256;
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
                   const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
