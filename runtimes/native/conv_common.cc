@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <atomic>
+#include <thread>
 #include <unistd.h>  // sysconf: the L2 size
 #include <cmath>
 #include <cstdlib>
@@ -350,10 +351,14 @@ CGPool CGPoolSetting() { return CGPool(cg_pool_setting.load(std::memory_order_re
 void CountSerialCGCall() { serial_cg_calls.fetch_add(1, std::memory_order_relaxed); }
 
 namespace {
-std::atomic<uint64_t> parallel_for_calls{0};  // numbers each ParallelForThreads call
-}  // namespace
+std::atomic<uint64_t> parallel_for_calls{0};  // numbers each call that counts its threads
 
-int ParallelForThreads(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
+// ParallelFor's body. kCount: returns how many threads ran tasks (each counts itself at its
+// first task of this call: the call's number against the last one the thread saw, since the
+// address of `shared` repeats from call to call); otherwise 2 where a thread other than the
+// caller ran any, else 1 (a thread id compare per task, no thread-local state).
+template <bool kCount>
+int RunOnPool(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
   if (total == 0) return 0;
   if (total == 1 || ctx == nullptr) {
     for (size_t i = 0; i < total; ++i) fn(i);
@@ -361,21 +366,25 @@ int ParallelForThreads(OrtKernelContext* ctx, size_t total, const std::function<
   }
   // An exception must not leave a pool thread (ONNX Runtime's workers do not catch): the
   // first one is kept and rethrown here, on the calling thread, once every task has run.
-  // A thread counts itself at its first task of this call (the call's number against the last
-  // one it saw: the address of `shared` repeats from call to call).
   struct Shared {
     const std::function<void(size_t)>* fn;
     std::mutex mutex;
     std::exception_ptr error;
+    std::thread::id caller;
     uint64_t call;
-    std::atomic<int> threads;
-  } shared{&fn, {}, nullptr, parallel_for_calls.fetch_add(1, std::memory_order_relaxed) + 1, {0}};
+    std::atomic<int> threads;  // kCount: threads seen; otherwise 1, or 2 once another helped
+  } shared{&fn, {}, nullptr, std::this_thread::get_id(),
+           kCount ? parallel_for_calls.fetch_add(1, std::memory_order_relaxed) + 1 : 0, {kCount ? 0 : 1}};
   auto trampoline = [](void* data, size_t i) {
     Shared& s = *static_cast<Shared*>(data);
-    thread_local uint64_t last_call = 0;
-    if (last_call != s.call) {
-      last_call = s.call;
-      s.threads.fetch_add(1, std::memory_order_relaxed);
+    if constexpr (kCount) {
+      thread_local uint64_t last_call = 0;
+      if (last_call != s.call) {
+        last_call = s.call;
+        s.threads.fetch_add(1, std::memory_order_relaxed);
+      }
+    } else if (std::this_thread::get_id() != s.caller) {
+      s.threads.store(2, std::memory_order_relaxed);
     }
     try {
       (*s.fn)(i);
@@ -388,10 +397,22 @@ int ParallelForThreads(OrtKernelContext* ctx, size_t total, const std::function<
   if (shared.error) std::rethrow_exception(shared.error);
   return shared.threads.load(std::memory_order_relaxed);
 }
+}  // namespace
+
+int ParallelForThreads(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
+  return RunOnPool<true>(ctx, total, fn);
+}
 
 bool ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
-  return ParallelForThreads(ctx, total, fn) > 1;
+  return RunOnPool<false>(ctx, total, fn) > 1;
 }
+
+namespace {
+// ParallelFor as ParallelForThreads' type: 2 where another thread helped, else 1.
+int RunOnPoolHelped(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
+  return RunOnPool<false>(ctx, total, fn);
+}
+}  // namespace
 
 int64_t L2CacheBytes() {
   static const int64_t bytes = [] {
@@ -1490,11 +1511,11 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
           ? kTapSpanPanels / 2
           : kTapSpanPanels;
   int64_t span_panels = panels >= kWideSpanMinPanels ? (uses_taps ? tap_panels : kSecondStagePanels) : 1;
-  int64_t call_number = 0;
-  if (record) call_number = record->calls.fetch_add(1, std::memory_order_relaxed);
-  if (uses_taps && record &&
+  const bool large_weights = uses_taps && record &&
       double(g.O) * double(g.Cw) * double(g.kk()) * double(sizeof(T)) >
-          kLargeWeightL2Share * double(L2CacheBytes())) {
+          kLargeWeightL2Share * double(L2CacheBytes());
+  if (large_weights) {
+    const int64_t call_number = record->calls.fetch_add(1, std::memory_order_relaxed);
     // (Without a ctx every task runs on the caller: one span.)
     int threads = ctx ? record->threads_seen.load(std::memory_order_relaxed) : 1;
     if (threads == 1 && ctx && call_number % kLargeWeightProbeCalls == 0) threads = 2;
@@ -1529,7 +1550,9 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   if (parts > 1) split_span_calls.fetch_add(1, std::memory_order_relaxed);
   std::atomic<int64_t> gates_on{0};  // summed over the tasks, for the record
   const size_t tasks = size_t(spans) * parts;
-  const int threads = ParallelForThreads(ctx, tasks, [&](size_t task) {
+  // (Only the large-weight rule reads the thread count: other layers take the cheaper form.)
+  const auto run_tasks = large_weights ? ParallelForThreads : RunOnPoolHelped;
+  const int threads = run_tasks(ctx, tasks, [&](size_t task) {
     const uint64_t span_clock = StageClockNow();
     const size_t span = task % size_t(spans), part = task / size_t(spans);
     // part k: plans k * n / parts .. (k + 1) * n / parts - 1 (no per-call tables: a vector
@@ -1736,7 +1759,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   if (record) {
     if (ctx) record->pool_helped.store(threads > 1, std::memory_order_relaxed);
     // (A call of one task runs on the caller whatever the pool: it says nothing of its size.)
-    if (ctx && tasks > 1)
+    if (large_weights && ctx && tasks > 1)
       record->threads_seen.store(std::max(threads, record->threads_seen.load(std::memory_order_relaxed)),
                                  std::memory_order_relaxed);
     record->gates_on.store(gates_on.load(std::memory_order_relaxed), std::memory_order_relaxed);

@@ -473,7 +473,8 @@ PostAttrs ReadPostAttrs(const OrtKernelInfo* info, std::string* error);
 // `record` (if non-null): the kernel's record of its last call, which RunGatedConv updates:
 // whether a thread other than the caller ran any span task (with a ctx; a few-span layer's
 // spans are split by plan, GatedTaskParts, only where one did) and how many gates were on;
-// the most threads seen running one call's span tasks (kLargeWeightSpans) and the calls.
+// for a layer under the large-weight rule (kLargeWeightL2Share), the most threads seen running
+// one call's span tasks and its calls.
 struct GatedCallRecord {
   std::atomic<bool> pool_helped{true};  // first assumed
   std::atomic<int64_t> gates_on{-1};    // -1: no call yet
