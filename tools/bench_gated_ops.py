@@ -16,7 +16,9 @@ hits both alike; medians reported. The gate-on fraction is swept from
           (the active sets, and the op's prepared-weight cache, stay the same); "sets vary"
           cycles through four inputs with different saliencies, as real data does.
 It prints the speed-up (dense time / op time) per fraction and the crossover (the gate-on
-fraction above which the op is slower than dense, linearly interpolated).
+fraction above which the op is slower than dense, linearly interpolated). One shape by default
+(`--channels` x `--size`, 128 x 28); `--shapes 16x32,32x16,64x8,64x56,128x28,256x14,512x7` runs
+the CIFAR ResNet-20's and the ImageNet ResNet-18's 3x3 layer shapes one after another.
 
 Whole networks (`--networks cg,pg,fbs`, batch 1): the seed's CIFAR ResNet-20 with Channel
 Gating (gate2deploy.models.dnn_gating.resnet20_cg, p = 4, block-diagonal base paths: CG on
@@ -628,73 +630,22 @@ def network_benchmarks(args) -> None:
                                          **build_ab_variants(args)})
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ops", default="cg,pg,fbs")
-    p.add_argument("--channels", type=int, default=128)
-    p.add_argument("--size", type=int, default=28)
-    p.add_argument("--kernel", type=int, default=3)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--cg-p", type=int, default=4, help="CG: 1/p of input channels in the base path")
-    p.add_argument("--wbits", type=int, default=8, help="PG: weight bits (0 = float weights)")
-    p.add_argument("--fbs-in-density", type=float, default=None,
-                   help="FBS: fraction of non-zero input channels (default: = output density)")
-    p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=FRACTIONS)
-    p.add_argument("--networks", default="",
-                   help="whole networks to sweep: any of cg,pg,fbs (default: none)")
-    ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
-    p.add_argument("--net-batches", type=ints, default=[1], help="networks: batch sizes (default 1)")
-    p.add_argument("--net-threads", type=ints, default=None, help="networks: thread counts (default --threads)")
-    p.add_argument("--net-points", type=ints, default=None,
-                   help="networks: indices into the threshold offsets to run (default all)")
-    p.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
-                   help="networks: time run by run for ROUNDS rounds (gate2deploy.benchmark."
-                        "time_paired; 1 thread or --spin off) and print speed-ups as medians of "
-                        "per-round ratios, instead of alternating blocks of 10 (default)")
-    p.add_argument("--isolated", type=int, default=0, metavar="ROUNDS",
-                   help="networks: time the dense twin, the ort model, the measured choice (and "
-                        "--baseline-library's build) each in a process of its own holding only that "
-                        "session, ROUNDS rounds, speed-ups as medians of per-round ratios "
-                        "(gate2deploy.benchmark.time_isolated): ONNX Runtime's default threading "
-                        "without other sessions' workers on the cores, the figure for 2+ threads")
-    p.add_argument("--spin", choices=["on", "off"], default="on",
-                   help="ONNX Runtime intra-op thread spinning in every session (default on, as ORT)")
-    p.add_argument("--baseline-library", default=None,
-                   help="CG / PG layers and every network: also time each op (each network) on "
-                        "this build of the native library (e.g. the previous commit's, from "
-                        "~/.cache/gate2deploy/native) in the same blocks: layers 'before ms' and "
-                        "'new/old' (before / op), networks 'before ms' and 'before x' (dense / before)")
-    p.add_argument("--tiers", default=None,
-                   help="run everything once per native-kernel tier: all, or a list of "
-                        f"{', '.join(TIER_ENV)} (default: the widest this CPU has)")
-    args = p.parse_args(argv)
-    check_baseline_library(p, args.baseline_library)
-    if args.tiers and TIER_CHILD not in os.environ:  # a child runs its one tier, as given
-        return run_tiers(args.tiers, list(sys.argv[1:] if argv is None else argv))
-    args.net_threads = args.net_threads or [args.threads]
-    if args.spin == "off":
-        SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"
+RESNET_SHAPES = "16x32,32x16,64x8,64x56,128x28,256x14,512x7"
 
-    c = o = args.channels
-    k, hw = args.kernel, args.size
+
+def layer_benchmarks(args, ops: list[str], c: int, hw: int) -> None:
+    """The layer sweeps (CG, PG, FBS) of one shape: c -> c channels, hw x hw, --kernel."""
+    o = c
+    k = args.kernel
     rng = np.random.default_rng(0)
     x_shape = (args.batch, c, hw, hw)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = (rng.standard_normal((o, c, k, k)) / np.sqrt(c * k * k)).astype(np.float32)
     pad = k // 2
     conv = dict(strides=[1, 1], pads=[pad] * 4, dilations=[1, 1])
-    ops = args.ops.split(",")
-    print(f"native kernels: {_native().G2DKernelConfig().decode()}; CPU: "
-          f"{__import__('gate2deploy.kernel_choice', fromlist=['cpu_model']).cpu_model()}")
-    print(f"layer: batch {args.batch}, {c}->{o} channels, {hw}x{hw}, {k}x{k}, pad {pad}; "
+    print(f"\nlayer: batch {args.batch}, {c}->{o} channels, {hw}x{hw}, {k}x{k}, pad {pad}; "
           f"ONNX Runtime {ort.__version__} CPU, {args.threads} threads; "
-          f"spinning {args.spin}; medians of {whole_blocks(args.repeats)} runs in alternating blocks of 10"
-          + (f" (networks: {args.paired} rounds run by run, speed-ups = medians of per-round ratios)"
-             if args.paired else "")
-          + (f" (networks: each variant in a process of its own, {args.isolated} rounds, speed-ups = "
-             "medians of per-round ratios; onnx not timed)" if args.isolated else ""))
+          f"spinning {args.spin}; medians of {whole_blocks(args.repeats)} runs in alternating blocks of 10")
 
     if "cg" in ops:
         mask = np.zeros((o, c), np.float32)
@@ -756,6 +707,73 @@ def main(argv=None) -> int:
         cx = crossover(rows)
         print(f"  crossover (op slower than dense above): "
               f"{'never (faster at 100%)' if cx is None else f'{cx * 100:.0f}% density'}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default="cg,pg,fbs")
+    p.add_argument("--channels", type=int, default=128)
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--shapes", type=lambda v: [tuple(int(n) for n in t.split("x")) for t in v.split(",")],
+                   default=None, metavar="CxS,...",
+                   help="layers: several shapes in one run, channels x map side each (e.g. "
+                        f"{RESNET_SHAPES}: the CIFAR ResNet-20's and the ImageNet ResNet-18's 3x3 "
+                        "layers); default --channels x --size")
+    p.add_argument("--kernel", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--cg-p", type=int, default=4, help="CG: 1/p of input channels in the base path")
+    p.add_argument("--wbits", type=int, default=8, help="PG: weight bits (0 = float weights)")
+    p.add_argument("--fbs-in-density", type=float, default=None,
+                   help="FBS: fraction of non-zero input channels (default: = output density)")
+    p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=FRACTIONS)
+    p.add_argument("--networks", default="",
+                   help="whole networks to sweep: any of cg,pg,fbs (default: none)")
+    ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
+    p.add_argument("--net-batches", type=ints, default=[1], help="networks: batch sizes (default 1)")
+    p.add_argument("--net-threads", type=ints, default=None, help="networks: thread counts (default --threads)")
+    p.add_argument("--net-points", type=ints, default=None,
+                   help="networks: indices into the threshold offsets to run (default all)")
+    p.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                   help="networks: time run by run for ROUNDS rounds (gate2deploy.benchmark."
+                        "time_paired; 1 thread or --spin off) and print speed-ups as medians of "
+                        "per-round ratios, instead of alternating blocks of 10 (default)")
+    p.add_argument("--isolated", type=int, default=0, metavar="ROUNDS",
+                   help="networks: time the dense twin, the ort model, the measured choice (and "
+                        "--baseline-library's build) each in a process of its own holding only that "
+                        "session, ROUNDS rounds, speed-ups as medians of per-round ratios "
+                        "(gate2deploy.benchmark.time_isolated): ONNX Runtime's default threading "
+                        "without other sessions' workers on the cores, the figure for 2+ threads")
+    p.add_argument("--spin", choices=["on", "off"], default="on",
+                   help="ONNX Runtime intra-op thread spinning in every session (default on, as ORT)")
+    p.add_argument("--baseline-library", default=None,
+                   help="CG / PG layers and every network: also time each op (each network) on "
+                        "this build of the native library (e.g. the previous commit's, from "
+                        "~/.cache/gate2deploy/native) in the same blocks: layers 'before ms' and "
+                        "'new/old' (before / op), networks 'before ms' and 'before x' (dense / before)")
+    p.add_argument("--tiers", default=None,
+                   help="run everything once per native-kernel tier: all, or a list of "
+                        f"{', '.join(TIER_ENV)} (default: the widest this CPU has)")
+    args = p.parse_args(argv)
+    check_baseline_library(p, args.baseline_library)
+    if args.tiers and TIER_CHILD not in os.environ:  # a child runs its one tier, as given
+        return run_tiers(args.tiers, list(sys.argv[1:] if argv is None else argv))
+    args.net_threads = args.net_threads or [args.threads]
+    if args.spin == "off":
+        SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"
+
+    ops = [op for op in args.ops.split(",") if op and op != "none"]
+    print(f"native kernels: {_native().G2DKernelConfig().decode()}; CPU: "
+          f"{__import__('gate2deploy.kernel_choice', fromlist=['cpu_model']).cpu_model()}")
+    shapes = args.shapes or [(args.channels, args.size)]
+    for c, hw in shapes if ops else []:
+        layer_benchmarks(args, ops, c, hw)
+    if args.networks and (args.paired or args.isolated):
+        print(f"\nnetworks: {args.paired} rounds run by run, speed-ups = medians of per-round ratios"
+              if args.paired else
+              f"\nnetworks: each variant in a process of its own, {args.isolated} rounds, speed-ups = "
+              "medians of per-round ratios; onnx not timed")
     if args.networks:
         network_benchmarks(args)
     return 0
