@@ -519,6 +519,7 @@ def test_cg_large_weight_spans_match_reference(tier, threads, l2):
                           capture_output=True, text=True, timeout=300, cwd=HERE.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ("l2=4KiB" in counts["config"]) == (l2 != "system"), counts  # the size the rule read
     assert (counts["large"] > 0) == (l2 != "system"), counts
     assert counts["taps"] > 0 and counts["dense"] > 0, counts  # both second-stage forms ran
 

@@ -1789,7 +1789,8 @@ G2D_INSTANTIATE(int16_t)
 
 // Which kernel paths this process uses and has used, for benchmarks and tests (ctypes):
 // the ISA table (G2D_ISA may force a narrower one), whether AMX tiles and ONNX Runtime's
-// NCHWc conv may be used, and the second-stage setting (G2D_SECOND_STAGE).
+// NCHWc conv may be used, the second-stage setting (G2D_SECOND_STAGE) and the others, and the
+// L2 size the large-weight rule plans for (G2D_L2_BYTES or the system's).
 extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() {
   static thread_local std::string text;  // rebuilt per call: G2DSetSetting may change a setting
   text = [] {
@@ -1802,7 +1803,8 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
            " second_stage=" + (stage && (std::strcmp(stage, "sparse") == 0 || std::strcmp(stage, "dense") == 0) ? stage : "auto") +
            " cg_second=" + (g2d::CGTapSecondStage() ? "taps" : "fields") +
            " split_spans=" + g2d::AutoAlwaysNeverName(int(g2d::SplitSpansSetting())) +
-           " cg_pool=" + g2d::AutoAlwaysNeverName(int(g2d::CGPoolSetting()));
+           " cg_pool=" + g2d::AutoAlwaysNeverName(int(g2d::CGPoolSetting())) +
+           " l2=" + std::to_string(g2d::L2CacheBytes() >> 10) + "KiB";
   }();
   return text.c_str();
 }
