@@ -497,8 +497,11 @@ struct GatedCallRecord {
 // that was asleep in the first calls shows up there).
 constexpr double kLargeWeightL2Share = 0.5;
 constexpr int64_t kLargeWeightProbeCalls = 64;
-// The widest span's columns (its fixed-size arrays): 8 AVX-512 panels.
+// The widest span's columns (its fixed-size arrays): 8 AVX-512 panels. The default spans
+// (panels of at most 64 columns) fit whatever the tier.
 constexpr int64_t kMaxSpanColumns = 256;
+static_assert(kTapSpanPanels * 64 <= kMaxSpanColumns && kSecondStagePanels * 64 <= kMaxSpanColumns,
+              "a default span must fit the span arrays");
 template <class T>
 void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
                   const std::vector<GatedStagePlan<T>>& plans, const T* x1, const T* x2,
