@@ -542,6 +542,7 @@ def test_cg_large_weight_spans_sanitizer_clean():
     assert "ERROR: AddressSanitizer" not in proc.stderr and "runtime error:" not in proc.stderr, report
     assert json.loads(proc.stdout.strip().splitlines()[-1])["large"] > 0, report
 
+
 if __name__ == "__main__":
     if sys.argv[1] == "cg-split":
         _cg_split_child()
