@@ -407,13 +407,6 @@ bool ParallelFor(OrtKernelContext* ctx, size_t total, const std::function<void(s
   return RunOnPool<false>(ctx, total, fn) > 1;
 }
 
-namespace {
-// ParallelFor as ParallelForThreads' type: 2 where another thread helped, else 1.
-int RunOnPoolHelped(OrtKernelContext* ctx, size_t total, const std::function<void(size_t)>& fn) {
-  return RunOnPool<false>(ctx, total, fn);
-}
-}  // namespace
-
 int64_t L2CacheBytes() {
   static const int64_t bytes = [] {
     // G2D_L2_BYTES: another size, for tests (small layers through the large-weight rules)
@@ -1550,9 +1543,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   if (parts > 1) split_span_calls.fetch_add(1, std::memory_order_relaxed);
   std::atomic<int64_t> gates_on{0};  // summed over the tasks, for the record
   const size_t tasks = size_t(spans) * parts;
-  // (Only the large-weight rule reads the thread count: other layers take the cheaper form.)
-  const auto run_tasks = large_weights ? ParallelForThreads : RunOnPoolHelped;
-  const int threads = run_tasks(ctx, tasks, [&](size_t task) {
+  const auto span_task = [&](size_t task) {
     const uint64_t span_clock = StageClockNow();
     const size_t span = task % size_t(spans), part = task / size_t(spans);
     // part k: plans k * n / parts .. (k + 1) * n / parts - 1 (no per-call tables: a vector
@@ -1755,7 +1746,10 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       second_stage_and_store(*joint_second, plans.size(), channel_last[plans.size()], gate_buf.data(),
                              out_buf.data(), on_all, false, first_row, part_rows);
     }
-  });
+  };
+  // (Only the large-weight rule reads the thread count: other layers take the cheaper form.)
+  const int threads = large_weights ? ParallelForThreads(ctx, tasks, span_task)
+                                    : RunOnPool<false>(ctx, tasks, span_task);
   if (record) {
     if (ctx) record->pool_helped.store(threads > 1, std::memory_order_relaxed);
     // (A call of one task runs on the caller whatever the pool: it says nothing of its size.)
