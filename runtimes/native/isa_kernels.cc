@@ -1486,14 +1486,11 @@ void stream_block_rows_of(int64_t C, const float* w, const float* x, int64_t pla
   }
 }
 
-void stream_block_rows(int64_t C, const float* w, const float* x, int64_t plane, int width, int edges,
-                       float* out) {
-  if (width == 8) return stream_block_rows_of<8>(C, w, x, plane, edges, out);
-  if (width == 16) return stream_block_rows_of<16>(C, w, x, plane, edges, out);
-  if (width == 32) return stream_block_rows_of<32>(C, w, x, plane, edges, out);
-  // other widths (not passed by stream_conv.cc): the same band, its shape and edges at run
-  // time, pixel by pixel (never more than the register tile's pixels, all four edges honoured)
-  const int bw = width < kStreamPixels ? width : kStreamPixels, rows = kStreamPixels / bw;
+// stream_block_band with its shape and edges at run time, pixel by pixel: the two kernels'
+// answer for shapes stream_conv.cc does not pass (never more than the band's pixels, all four
+// edges honoured).
+void stream_band_by_pixels(int64_t C, const float* w, const float* x, int64_t plane, int map_width, int rows,
+                           int bw, int edges, float* out) {
   for (int p = 0; p < rows * bw; ++p) {
     vf acc = vf{};
     for (int64_t c = 0; c < C; ++c)
@@ -1501,10 +1498,19 @@ void stream_block_rows(int64_t C, const float* w, const float* x, int64_t plane,
         const int r = p / bw + t / 3 - 1, col = p % bw + t % 3 - 1;
         if ((!(edges & kBandTop) || r >= 0) && (!(edges & kBandBottom) || r < rows) &&
             (!(edges & kBandLeft) || col >= 0) && (!(edges & kBandRight) || col < bw))
-          acc = multiply_add(load(w + (c * 9 + t) * kVW), x[c * plane + r * width + col], acc);
+          acc = multiply_add(load(w + (c * 9 + t) * kVW), x[c * plane + r * map_width + col], acc);
       }
     store(out + p * kVW, acc);
   }
+}
+
+void stream_block_rows(int64_t C, const float* w, const float* x, int64_t plane, int width, int edges,
+                       float* out) {
+  if (width == 8) return stream_block_rows_of<8>(C, w, x, plane, edges, out);
+  if (width == 16) return stream_block_rows_of<16>(C, w, x, plane, edges, out);
+  if (width == 32) return stream_block_rows_of<32>(C, w, x, plane, edges, out);
+  const int bw = width < kStreamPixels ? width : kStreamPixels;  // other widths
+  stream_band_by_pixels(C, w, x, plane, width, kStreamPixels / bw, bw, edges, out);
 }
 
 void stream_block_3x3(int64_t C, const float* w, const float* x, int64_t stride, int side, int samples,
@@ -1515,19 +1521,9 @@ void stream_block_3x3(int64_t C, const float* w, const float* x, int64_t stride,
     if (side == 2 && samples == 4) return stream_block_3x3_n<2, 4>(C, w, x, stride, out);
     if (side == 4 && samples == 1) return stream_block_3x3_n<4, 1>(C, w, x, stride, out);
   }
-  // other shapes (not passed by stream_conv.cc), pixel by pixel
-  const int P = side * side;
-  for (int m = 0; m < samples; ++m)
-    for (int p = 0; p < P; ++p) {
-      vf acc = vf{};
-      for (int64_t c = 0; c < C; ++c)
-        for (int t = 0; t < 9; ++t) {
-          const int ih = p / side + t / 3 - 1, iw = p % side + t % 3 - 1;
-          if (ih >= 0 && ih < side && iw >= 0 && iw < side)
-            acc = multiply_add(load(w + (c * 9 + t) * kVW), x[m * stride + (c * side + ih) * side + iw], acc);
-        }
-      store(out + (m * P + p) * kVW, acc);
-    }
+  for (int m = 0; m < samples; ++m)  // other shapes: each sample's map a band of all four edges
+    stream_band_by_pixels(C, w, x + m * stride, side * side, side, side, side,
+                          kBandTop | kBandBottom | kBandLeft | kBandRight, out + m * side * side * kVW);
 }
 
 extern const IsaKernels kKernels = {kName,         kMR,         kNR,
