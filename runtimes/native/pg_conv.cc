@@ -54,12 +54,12 @@ namespace {
 // Finds step and q with w == step * q (to 1e-3 of a step) for the smallest wbits in 1..8.
 bool FindWeightGrid(const float* w, int64_t n, std::vector<int16_t>* q, float* step) {
   float wmax = 0.f;
-  bool finite = true;  // (std::max drops a NaN: W = {NaN} had passed as all zeros, found by the fuzzer)
   for (int64_t i = 0; i < n; ++i) {
-    finite = finite && std::isfinite(w[i]);
+    // (each value checked: std::max drops a NaN, and W = {NaN} had passed as all zeros, found
+    // by the fuzzer)
+    if (!std::isfinite(w[i])) return false;
     wmax = std::max(wmax, std::fabs(w[i]));
   }
-  if (!finite) return false;
   q->assign(size_t(n), 0);
   if (wmax == 0.f) {
     *step = 1.f;
