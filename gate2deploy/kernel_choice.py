@@ -338,8 +338,8 @@ def choose_stream_convs(model: onnx.ModelProto, example: np.ndarray, threads: in
     (1 thread) and 0.98x (2 threads) with it, the same at half width (20 MB) 0.91 / 0.90x;
     since, 0.98-1.28x / 1.09-1.22x and 0.99-1.10x / 1.03-1.11x (six runs; batch 1 at 1 thread
     swings most); with the 3x3 layers on maps 8-32 wide in bands too (thirty-first session),
-the VGG at half width 1.02x at 2 threads, so "auto" keeps Conv there. Other geometries take
-the path that multiplies the padding. The streamed form must win by MARGIN, in a
+    the VGG at half width 1.02x at 2 threads, so "auto" keeps Conv there. Other geometries take
+    the path that multiplies the padding. The streamed form must win by MARGIN, in a
     first round and again in a second (as choose_gated_kernels' network check); the choice
     is cached like the gated layers'."""
     names = {n.name for n in model.graph.node if n.domain == DOMAIN and n.op_type == "StreamConv"}
