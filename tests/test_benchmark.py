@@ -331,3 +331,29 @@ def test_a_variant_computing_another_function_is_flagged_not_compared():
     sessions["before"] = Returns(y.copy())
     assert bench.variants_disagreeing(sessions, {"x": None}) == []
     assert "before" in bench.disagreement_note(["before"]) and bench.disagreement_note([]) == ""
+
+
+def test_the_network_goal_verdict_reads_the_goal_point_and_every_point():
+    """tools/bench_gated_ops.py's network_goal: issue 18's network goals, speed-up >= 0.8 of the
+    MAC bound at the goal point (the row nearest it) and >= 0.95x dense at every row, judged per
+    variant. Expected verdicts worked out by hand from the issue's two numbers, not from the
+    function: 1.20x / bound 1.39 = 0.86 (met), 1.00x / 1.39 = 0.72 (missed); a 0.94x row
+    anywhere misses the floor, 0.95x exactly meets it."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    bench = importlib.import_module("bench_gated_ops")
+    rows = [(0.003, 1.53, {"ort": 1.30, "meas": 1.30}),
+            (0.203, 1.39, {"ort": 1.20, "meas": 1.00}),
+            (0.903, 1.04, {"ort": 0.95, "meas": 0.94})]
+    ort, meas = bench.network_goal(rows, 0.2)
+    assert ort.startswith("  goal, ort: at 20.3% on 1.20x = 0.86 of the bound 1.39 (>= 0.8: MET)")
+    assert ort.endswith("lowest 0.95x at 90.3% on (>= 0.95x: MET)")
+    assert "= 0.72 of the bound 1.39 (>= 0.8: MISSED)" in meas
+    assert meas.endswith("lowest 0.94x at 90.3% on (>= 0.95x: MISSED)")
+    # No bound known (a network without MAC figures): the floor alone; a variant some row lacks
+    # (no measured choice) is not judged.
+    only = bench.network_goal([(0.5, None, {"ort": 1.1}), (1.0, None, {"ort": 0.9, "meas": 1.0})], 0.5)
+    assert only == ["  goal, ort: lowest 0.90x at 100.0% on (>= 0.95x: MISSED)"]

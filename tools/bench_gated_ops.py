@@ -35,7 +35,10 @@ a whole network comes from its thresholds: CG and PG add an offset to every gate
 threshold (sweeping the fraction), FBS sets the density; the printed on% is the measured
 MAC-weighted gate-on fraction over the gated layers (gate2deploy.gate_stats on the
 benchmark input; FBS: the density). Weights are random (kaiming init), so fractions come
-from the offsets, not from training.
+from the offsets, not from training. Each network's table ends with issue 18's verdict per
+variant (the default export "ort", and "meas", --gated-kernels measured): the speed-up as a
+share of the MAC bound at the goal point (the row nearest 20% on for CG and PG, density 0.5
+for FBS; goal >= 0.8) and the lowest speed-up of the sweep (goal >= 0.95x), each MET or MISSED.
 
 Kernel paths: the first line prints the native library's configuration (ISA table: avx512 /
 avx2 / generic, AMX, PG's int8 kernel (pg_int8=avx2|vnni|off), ONNX Runtime NCHWc delegation,
@@ -307,6 +310,37 @@ def crossover(rows):
     return None if rows[-1][1] >= 1 else rows[0][0]
 
 
+# Issue 18's network goals: at the goal point (CG and PG ResNet-20: ~20% gated on; FBS
+# ResNet-18: density 0.5) a speed-up of at least this share of the MAC bound, and at every
+# point at least this speed-up (where gating cannot pay, the dense path).
+NETWORK_BOUND_SHARE = 0.8
+NETWORK_FLOOR = 0.95
+
+
+def network_goal(rows, at):
+    """Issue 18's verdict on one network's rows [(gate-on fraction, MAC bound or None,
+    {variant: speed-up})], per variant ("ort": the default export; "meas": --gated-kernels
+    measured): lines saying the speed-up / bound at the row nearest `at` (the goal point) and
+    the lowest speed-up of all rows, each MET or MISSED."""
+    goal_row = min(rows, key=lambda r: abs(r[0] - at))
+    lines = []
+    for variant in ("ort", "meas"):
+        if not all(variant in r[2] for r in rows):
+            continue
+        frac, bound, speedup = goal_row
+        parts = []
+        if bound:
+            share = speedup[variant] / bound
+            parts.append(f"at {frac * 100:.1f}% on {speedup[variant]:.2f}x = {share:.2f} of the bound "
+                         f"{bound:.2f} (>= {NETWORK_BOUND_SHARE}: "
+                         f"{'MET' if share >= NETWORK_BOUND_SHARE else 'MISSED'})")
+        low = min(rows, key=lambda r: r[2][variant])
+        parts.append(f"lowest {low[2][variant]:.2f}x at {low[0] * 100:.1f}% on (>= {NETWORK_FLOOR}x: "
+                     f"{'MET' if low[2][variant] >= NETWORK_FLOOR else 'MISSED'})")
+        lines.append(f"  goal, {variant}: " + "; ".join(parts))
+    return lines
+
+
 def sweep(name, make_model, dense, x, args, goal=None, bound=None):
     """One op's rows: make_model(fraction) -> its single-node model. With --baseline-library,
     the same model on that build is timed in the same alternating blocks ("before" columns)."""
@@ -395,7 +429,7 @@ def gate_figures(model, x, ort_model) -> tuple[float, float | None]:
     return fraction, network / executed
 
 
-def network_sweep(title, points, args, extra=None):
+def network_sweep(title, points, args, extra=None, goal_at=None):
     """points: iterable of (label fraction, MAC bound or None, input or list of inputs, ort
     model, portable model, measured-choice model or None); prints one row each (with
     --paired: the sessions timed run by run, the "x" columns medians of per-round ratios to
@@ -403,7 +437,9 @@ def network_sweep(title, points, args, extra=None):
     {column name: function(ort model, threads) -> session}, further variants of the ort model
     timed in the same alternating blocks (the FBS networks: "nchw", the model in ONNX Runtime's
     own layout, runtimes/ort_layout.py; the PG networks: "unfused", the seed's activation
-    quantizers as their standard-op chains, passes/fuse_activation_quantizer.py)."""
+    quantizers as their standard-op chains, passes/fuse_activation_quantizer.py). `goal_at`:
+    the gate-on fraction of issue 18's goal point; the verdict (network_goal) follows the
+    table."""
     extra = extra or {}
     if args.isolated:  # variants that are other models than the ort one are not timed there
         # (and each process holds one instance of one build: "ort" is the "after" there)
@@ -418,7 +454,7 @@ def network_sweep(title, points, args, extra=None):
         if args.isolated:
             times, speedup, bad = isolated_point(ort_model, measured, x, args)
             print_network_row(frac, bound, times, speedup, extra, "(isolated)" + disagreement_note(bad))
-            rows.append((frac, speedup["ort"]))
+            rows.append((frac, bound, speedup))
             continue
         sessions = {"dense": custom_session(dense_equivalent(ort_model), args.threads),  # stock ops,
                     # but a fused activation quantizer (not a gate) stays in the twin as in the export
@@ -440,11 +476,14 @@ def network_sweep(title, points, args, extra=None):
             times = dict(zip(sessions, median_ms_in_blocks(list(sessions.values()), feeds, args.repeats)))
             speedup = {k: times["dense"] / t for k, t in times.items()}
         print_network_row(frac, bound, times, speedup, extra, paths_since(before) + disagreement_note(bad))
-        rows.append((frac, speedup["ort"]))
-    rows.sort()
-    c = crossover(rows)
+        rows.append((frac, bound, speedup))
+    rows.sort(key=lambda r: r[0])
+    c = crossover([(frac, speedup["ort"]) for frac, _, speedup in rows])
     print(f"  crossover (--target ort slower than dense above): "
           f"{'never (faster at 100%)' if c is None else f'{c * 100:.0f}% gated on'}")
+    if goal_at is not None:
+        for line in network_goal(rows, goal_at):
+            print(line)
 
 
 def print_network_row(frac, bound, times, speedup, extra, path):
@@ -593,7 +632,8 @@ def network_benchmarks(args) -> None:
                               "epi-nodes": lambda m, t: custom_session(epilogue_as_nodes(m), t)}
                              if name == "pg" else {})
                     extra.update(build_ab_variants(args))  # --baseline-library: both builds, same blocks
-                    network_sweep(f"{label}, batch {batch}, {threads} threads, 32x32", points, args, extra)
+                    network_sweep(f"{label}, batch {batch}, {threads} threads, 32x32", points, args, extra,
+                                  goal_at=0.2)
     if "fbs" in nets:
         from gate2deploy.models.fbs import fbs_resnet18
 
@@ -627,7 +667,7 @@ def network_benchmarks(args) -> None:
                     network_sweep(f"{title}, batch {batch}, {threads} threads, 224x224; "
                                   f"on% = density", points, args,
                                   extra={"nchw": lambda m, t: custom_session(m, t, layout="nchw"),
-                                         **build_ab_variants(args)})
+                                         **build_ab_variants(args)}, goal_at=0.5)
 
 
 RESNET_SHAPES = "16x32,32x16,64x8,64x56,128x28,256x14,512x7"
