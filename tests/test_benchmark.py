@@ -357,3 +357,6 @@ def test_the_network_goal_verdict_reads_the_goal_point_and_every_point():
     # (no measured choice) is not judged.
     only = bench.network_goal([(0.5, None, {"ort": 1.1}), (1.0, None, {"ort": 0.9, "meas": 1.0})], 0.5)
     assert only == ["  goal, ort: lowest 0.90x at 100.0% on (>= 0.95x: MISSED)"]
+    # A sweep without a row near the goal point (--net-points 0,7) judges the floor alone.
+    far = bench.network_goal([rows[0], rows[2]], 0.2)
+    assert far[0] == "  goal, ort: lowest 0.95x at 90.3% on (>= 0.95x: MET)"

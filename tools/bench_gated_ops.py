@@ -315,14 +315,18 @@ def crossover(rows):
 # point at least this speed-up (where gating cannot pay, the dense path).
 NETWORK_BOUND_SHARE = 0.8
 NETWORK_FLOOR = 0.95
+NETWORK_GOAL_NEAR = 0.05  # a row this close to the goal point stands for it (--net-points)
 
 
 def network_goal(rows, at):
     """Issue 18's verdict on one network's rows [(gate-on fraction, MAC bound or None,
     {variant: speed-up})], per variant ("ort": the default export; "meas": --gated-kernels
-    measured): lines saying the speed-up / bound at the row nearest `at` (the goal point) and
+    measured): lines saying the speed-up / bound at the row nearest `at` (the goal point; none
+    judged when no row lies within NETWORK_GOAL_NEAR of it, as --net-points may leave out) and
     the lowest speed-up of all rows, each MET or MISSED."""
     goal_row = min(rows, key=lambda r: abs(r[0] - at))
+    if abs(goal_row[0] - at) > NETWORK_GOAL_NEAR:
+        goal_row = (goal_row[0], None, goal_row[2])  # too far: no share of the bound judged
     lines = []
     for variant in ("ort", "meas"):
         if not all(variant in r[2] for r in rows):
