@@ -324,16 +324,14 @@ def network_goal(rows, at):
     measured): lines saying the speed-up / bound at the row nearest `at` (the goal point; none
     judged when no row lies within NETWORK_GOAL_NEAR of it, as --net-points may leave out) and
     the lowest speed-up of all rows, each MET or MISSED."""
-    goal_row = min(rows, key=lambda r: abs(r[0] - at))
-    if abs(goal_row[0] - at) > NETWORK_GOAL_NEAR:
-        goal_row = (goal_row[0], None, goal_row[2])  # too far: no share of the bound judged
+    frac, bound, speedup = min(rows, key=lambda r: abs(r[0] - at))
+    near = abs(frac - at) <= NETWORK_GOAL_NEAR
     lines = []
     for variant in ("ort", "meas"):
         if not all(variant in r[2] for r in rows):
             continue
-        frac, bound, speedup = goal_row
         parts = []
-        if bound:
+        if bound and near:
             share = speedup[variant] / bound
             parts.append(f"at {frac * 100:.1f}% on {speedup[variant]:.2f}x = {share:.2f} of the bound "
                          f"{bound:.2f} (>= {NETWORK_BOUND_SHARE}: "
