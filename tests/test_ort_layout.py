@@ -24,10 +24,10 @@ BLOCK = nchwc_block(custom_ops_library_path())
 pytestmark = pytest.mark.skipif(BLOCK == 0, reason="no NCHWc layout on this CPU")
 
 
-@pytest.fixture(scope="module")
-def fbs_export():
-    """An FBS ResNet-18 at density 0.5 with input-dependent saliency (random predictor and
-    BatchNorm, as a trained one differs per input), exported for --target ort."""
+def _fbs_resnet18_export(density: float, seed: int):
+    """An FBS ResNet-18 (10 classes) at `density` with input-dependent saliency (random
+    predictor and BatchNorm, as a trained one differs per input), exported for --target ort:
+    (the PyTorch module, the ONNX model)."""
     import torchvision
 
     from gate2deploy.importers.fbs import fbs_state_dict_from_dense
@@ -39,14 +39,20 @@ def fbs_export():
     dense = randomize_batchnorm(torchvision.models.resnet18(num_classes=10), seed=0, gamma_mean=1.0,
                                 gamma_std=0.25)
     sd = fbs_state_dict_from_dense(dense.state_dict())
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     for name, t in sd.items():
         if name.endswith("gate.weight"):
             sd[name] = torch.randn(t.shape, generator=g) * 0.5 / t.shape[1] ** 0.5
-    model = fbs_resnet18(num_classes=10, density=0.5).eval()
+    model = fbs_resnet18(num_classes=10, density=density).eval()
     load_weights(model, sd, "fbs")
     x = torch.randn(1, 3, 64, 64, generator=g)
     return model, gate2deploy.compile(model, x, target="ort").onnx_model
+
+
+@pytest.fixture(scope="module")
+def fbs_export():
+    """The FBS ResNet-18 at density 0.5."""
+    return _fbs_resnet18_export(0.5, seed=0)
 
 
 def _optimized(model, tmp_path, layout):
@@ -130,3 +136,37 @@ def test_another_library_build_runs_the_blocked_network(fbs_export, tmp_path):
     assert counters["copy"]() - before["copy"] == 17  # every FBSConv and SparseInputConv, blocked
     assert counters["this"]() == before["this"]
     np.testing.assert_array_equal(y_copy, open_session(model, threads=1).run(None, {"input": x})[0])
+
+
+@pytest.fixture(scope="module")
+def fbs_dense_export():
+    """The FBS ResNet-18 at density 1 (every output active in every sample: the blocked convs
+    read every input channel)."""
+    return _fbs_resnet18_export(1.0, seed=3)
+
+
+def test_a_batch_of_dense_samples_shares_the_delegate_calls_with_the_same_bits(fbs_dense_export):
+    """At density 1 the blocked FBSConv / SparseInputConv of consecutive samples run as one
+    batch of ONNX Runtime's NCHWc conv (SubsetConv::RunBlockedSamples). Expected values, bit for
+    bit: each sample run alone in the same session (one sample per delegate call), and the NCHW
+    session (per-sample planes, another code path); a NaN sample in the middle splits the batch
+    (it takes the reference path alone) and leaves the others' bits as they are."""
+    import ctypes
+
+    torch_model, model = fbs_dense_export
+    batched = ctypes.CDLL(str(custom_ops_library_path())).G2DBatchedBlockedRuns
+    batched.restype = ctypes.c_int64
+    blocked = open_session(model, threads=2)
+    nchw = open_session(model, threads=2, layout="nchw")
+    x = np.random.default_rng(5).standard_normal((5, 3, 64, 64)).astype(np.float32)
+    x[2, 1, 7, 9] = np.nan
+    before = batched()
+    y = blocked.run(None, {"input": x})[0]
+    assert batched() - before >= 2 * 17, "no layer ran its samples as a batch"
+    alone = np.concatenate([blocked.run(None, {"input": x[i:i + 1]})[0] for i in range(5)])
+    np.testing.assert_array_equal(y, alone)
+    np.testing.assert_array_equal(y, nchw.run(None, {"input": x})[0])
+    assert np.isnan(y[2]).all() and np.isfinite(y[[0, 1, 3, 4]]).all()
+    with torch.no_grad():
+        y_t = torch_model(torch.from_numpy(x[[0, 1, 3, 4]])).numpy()
+    assert np.abs(y[[0, 1, 3, 4]] - y_t).max() <= 1e-3 * np.abs(y_t).max()

@@ -2,8 +2,10 @@
 """Where a gated network's time goes, layer by layer (issue 18): each gated node of the CG or
 PG ResNet-20 (tools/bench_gated_ops.py's networks, batch 1, 32x32) timed alone on the
 activation it receives in the network, against a plain ONNX Conv of the same weight (the
-dense twin's layer), with the native kernel's per-stage times (G2D_STAGE_TIMES=1: padded /
-channel-last copies, stage 1, gate, gated-on lists, sparse and dense stage 2, copy to Y) and
+dense twin's layer), with the native kernel's per-stage times (G2D_STAGE_TIMES=1: padded
+copies, the rest of the set-up ("setup"), channel-last copies, stage 1, gate, gated-on lists,
+sparse and dense stage 2, copy to Y, the whole RunGatedConv ("call") and for CG the whole op
+("op": op - call is its checks and the output's allocation)) and
 the layer's own gate-on fraction (`on%`, gate2deploy.gate_stats.onnx_gate_statistics: the
 network's gated nodes lowered to standard ops, gates exposed, on the same input).
 

@@ -127,7 +127,8 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
                                   const Ort::Custom::Tensor<float>& threshold,
                                   OptionalTensor post_scale, OptionalTensor post_shift,
                                   Ort::Custom::Tensor<float>& Y) {
-  return Guarded("CGConv", [&] {
+  const uint64_t op_clock = StageClockNow();
+  Ort::Status status = Guarded("CGConv", [&] {
     if (!attr_error_.empty()) throw OpError("CGConv: " + attr_error_);
     if (attrs_.group != 1) throw OpError("CGConv: group must be 1 (W is [O, C, kh, kw])");
     const ConvGeom g = MakeGeom("CGConv", X.Shape(), W.Shape(), attrs_);
@@ -173,6 +174,8 @@ Ort::Status CGConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Tens
     });
     ApplyPostEpilogue(pool, isa, post.OutputPart(), y, g.N, g.O, g.P());  // clamp, quantizer
   });
+  AddStageTime(kTimeOp, op_clock);
+  return status;
 }
 
 bool CGConvKernel::OnCallingThread(const ConvGeom& g, const CGPlans& plans) const {

@@ -1416,12 +1416,16 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       if (in2[size_t(c)]) chans2_used.push_back(c);
     }
   }
+  AddStageTime(kTimeSetup, pad_clock);
+  pad_clock = StageClockNow();
   const ColumnSource<T> src1 = MakeSource(x1, g, nr, Scratch<float, 7>(),
                                           split_sources ? &chans1_used : nullptr, ctx);
   const ColumnSource<T> src2 =
       split_sources ? MakeSource(x2, g, nr, Scratch<float, 8>(), &chans2_used, ctx, true)
       : x2 == x1    ? src1
                     : MakeSource(x2, g, nr, Scratch<float, 8>(), nullptr, ctx);
+  AddStageTime(kTimePad, pad_clock);
+  pad_clock = StageClockNow();
   SpinOnce src2_filled;
   auto need_src2 = [&] {  // before any read of src2's planes
     if (split_sources) src2_filled([&] { FillSource(src2, chans2_used, nullptr); });
@@ -1481,7 +1485,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     for (int64_t h = std::max<int64_t>(h0, 0); h <= std::min(h1, cl.Hp - 1); ++h)
       channel_last_rows[size_t(int64_t(i) * cl.Hp + h)]([&] { FillChannelLastRow(isa, g, cl, h); });
   };
-  AddStageTime(kTimePad, pad_clock);
+  AddStageTime(kTimeSetup, pad_clock);
   // With a joint second stage, every plan's stage 1 writes its rows of one [all_rows, NR]
   // span buffer (rows in plan order, joint_second->outputs' order), and stage 2 runs once.
   const int64_t buffer_rows = joint_second ? all_rows : max_rows;
@@ -1852,7 +1856,8 @@ extern "C" __attribute__((visibility("default"))) const char* G2DStageTimesRepor
     return double(__rdtsc() - c0) / us;
   }();
   static const char* names[] = {"pad", "stage1", "gate", "lists", "gather", "sparse2",
-                                "scatter", "dense2", "store", "call", "span"};
+                                "scatter", "dense2", "store", "call", "span", "setup", "op"};
+  static_assert(sizeof(names) / sizeof(names[0]) == g2d::kStageTimers, "a name per StageTimer");
   static thread_local std::string text;
   text.clear();
   for (int i = 0; i < g2d::kStageTimers; ++i) {

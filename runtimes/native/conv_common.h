@@ -114,10 +114,14 @@ bool CGTapSecondStage();
 // one predictable branch per stage): TSC cycles summed over all threads, read through
 // G2DStageTimesReport (tools and the per-stage breakdown in cg_conv.cc's header comment).
 // "gather": the sparse second stage's input (CG: the channel-last copy; the gathered-fields
-// form: its fields); "span": each span's bookkeeping (valid columns, store runs).
+// form: its fields); "span": each span's bookkeeping (valid columns, store runs). In
+// RunGatedConv "pad" is the padded copies of the sample alone, "setup" the rest of its work
+// before the span tasks (channel lists, offsets, thresholds, the channel-last layout) and
+// "call" all of it; "op" is CGConv's whole Compute (its checks of shapes, weights and X, the
+// output's allocation), so op - call is CGConv's own cost per call outside the convolution.
 enum StageTimer {
   kTimePad, kTimeStage1, kTimeGate, kTimeLists, kTimeGather, kTimeSparse, kTimeScatter,
-  kTimeDense2, kTimeStore, kTimeCall, kTimeSpan, kStageTimers
+  kTimeDense2, kTimeStore, kTimeCall, kTimeSpan, kTimeSetup, kTimeOp, kStageTimers
 };
 bool StageTimesOn();
 uint64_t StageClockNow();  // TSC, or 0 when the timers are off

@@ -209,19 +209,19 @@ void NchwcConv::GatherBlocked(OrtKernelContext* ctx, const IsaKernels& isa, cons
 }
 
 void NchwcConv::Run(OrtKernelContext* ctx, const ConvGeom& g, const NchwcFilter& f,
-                    const float* xb, float* yb) const {
+                    const float* xb, float* yb, int64_t batch) const {
   const Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
-  const int64_t x_shape[] = {1, f.C, g.H, g.W};
+  const int64_t x_shape[] = {batch, f.C, g.H, g.W};
   const int64_t w_shape[] = {f.O, f.C, f.kh, f.kw};
-  const int64_t y_shape[] = {1, f.O, g.OH, g.OW};
+  const int64_t y_shape[] = {batch, f.O, g.OH, g.OW};
+  // (Sizes: at most the caller's tensors, whose element counts MakeGeom bounded.)
+  const size_t x_size = size_t(batch * f.C * g.H * g.W), y_size = size_t(batch * f.O * g.OH * g.OW);
   // The op reads X and W only; the casts are what the C API's Value wrapper asks for.
   Ort::Value inputs[] = {
-      Ort::Value::CreateTensor<float>(mem, const_cast<float*>(xb), size_t(f.C * g.H * g.W),
-                                      x_shape, 4),
+      Ort::Value::CreateTensor<float>(mem, const_cast<float*>(xb), x_size, x_shape, 4),
       Ort::Value::CreateTensor<float>(mem, const_cast<float*>(f.data.data()), f.data.size(),
                                       w_shape, 4)};
-  Ort::Value outputs[] = {
-      Ort::Value::CreateTensor<float>(mem, yb, size_t(f.O * g.OH * g.OW), y_shape, 4)};
+  Ort::Value outputs[] = {Ort::Value::CreateTensor<float>(mem, yb, y_size, y_shape, 4)};
   const_cast<Ort::Op&>(op_).Invoke(ctx, inputs, 2, outputs, 1);
   delegated_runs.fetch_add(1, std::memory_order_relaxed);
 }

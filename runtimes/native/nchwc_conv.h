@@ -114,8 +114,11 @@ class NchwcConv {
   void GatherBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const float* x,
                      const ConvGeom& g, const std::vector<int>& chans, float* xb) const;
   // yb[f.O * OH * OW] (blocked) = conv of xb with f, geometry from g (C, O taken from f).
+  // With batch > 1, that many samples follow one another in xb (f.C * H * W floats each) and
+  // in yb (f.O * OH * OW each): one call of the op, which computes each sample of a batch with
+  // the same operations as alone (tests/test_ort_layout.py compares bit for bit).
   void Run(OrtKernelContext* ctx, const ConvGeom& g, const NchwcFilter& f, const float* xb,
-           float* yb) const;
+           float* yb, int64_t batch = 1) const;
 
  private:
   bool SelfCheck(OrtKernelContext* ctx) const;

@@ -44,6 +44,15 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
     // as in the reference: then every channel and tap is multiplied (DenseConvSample).
     const bool w_finite = CheckedOnceIfConstant(w_const_, w_finite_,
                                                 [&] { return AllFinite(W.Data(), g.O * g.C * g.kk()); });
+    // Consecutive samples that read every input channel in the blocked layout run as one
+    // batch of the delegate (SubsetConv::InPlaceBlocked): pending from sample `first`.
+    std::vector<BlockedEpilogue> pending;
+    int64_t first = 0;
+    auto flush = [&] {
+      conv_->RunBlockedSamples(ctx, isa, W.Data(), X.Data() + first * Cx * HW, g, int64_t(pending.size()),
+                               pending.data());
+      pending.clear();
+    };
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * Cx * HW;
       float* yn = y + n * Oy * Np;
@@ -80,6 +89,12 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
         BlockedEpilogue eb{yn, Bo, ones.data(), ones.data(), zeros.data(), B.Data()};
         eb.residual = rn;
         eb.relu = relu_;
+        if (conv_->InPlaceBlocked(ctx, g, Bi, Bo, g.O, live)) {
+          if (pending.empty()) first = n;
+          pending.push_back(eb);
+          continue;
+        }
+        if (!pending.empty()) flush();
         conv_->RunBlocked(ctx, isa, W.Data(), xn, Bi, g, outputs, live, eb);
         continue;
       }
@@ -88,6 +103,7 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
       ep.residual = rn;
       conv_->Run(ctx, isa, W.Data(), xn, g, outputs, live, ep);
     }
+    if (!pending.empty()) flush();
   });
 }
 

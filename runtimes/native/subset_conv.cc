@@ -10,6 +10,7 @@ namespace g2d {
 namespace {
 std::atomic<int64_t> blocked_runs{0};  // samples RunBlocked computed (G2DBlockedLayoutRuns)
 std::atomic<int64_t> whole_runs{0};    // samples computed as the whole layer (G2DWholeLayerRuns)
+std::atomic<int64_t> batched_runs{0};  // samples that shared a delegate call (G2DBatchedBlockedRuns)
 }  // namespace
 
 SubsetConv::SubsetConv(const OrtKernelInfo* info, const ConvAttrs& attrs, bool w_const)
@@ -167,6 +168,7 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
                             const BlockedEpilogue& ep) {
   const int64_t na = int64_t(outputs.size()), Np = g.P(), HW = g.H * g.W, B = ep.B;
   const int64_t oblocks = (g.O + B - 1) / B;
+  if (InPlaceBlocked(ctx, g, x_block, B, na, chans)) return RunBlockedSamples(ctx, isa, w, x, g, 1, &ep);
   blocked_runs.fetch_add(1, std::memory_order_relaxed);
   if (na == 0) {
     std::memset(ep.y, 0, sizeof(float) * size_t(oblocks * Np * B));
@@ -274,12 +276,52 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
   AllPlanesToBlocked(ctx, isa, yp.data(), g.O, Np, B, ep.y);
 }
 
+bool SubsetConv::InPlaceBlocked(OrtKernelContext* ctx, const ConvGeom& g, int64_t x_block,
+                                int64_t B, int64_t na, const std::vector<int>& chans) const {
+  // RunBlocked's conditions for its in-place form with every input read (InputsToRead), the
+  // whole layer's filter being the (all outputs, all inputs) subset's: UseWhole declines it.
+  const bool all_inputs = int64_t(chans.size()) == g.C ||
+                          (double(chans.size()) > kReadAllInputsAbove * double(g.C) && g.group == 1);
+  return na == g.O && all_inputs && x_block != 0 && x_block == B && nchwc_.Block() == B &&
+         g.C >= B && nchwc_.Suits(ctx, g.O, g.C);
+}
+
+void SubsetConv::RunBlockedSamples(OrtKernelContext* ctx, const IsaKernels& isa, const float* w,
+                                   const float* x, const ConvGeom& g, int64_t samples,
+                                   const BlockedEpilogue* eps) {
+  if (samples < 1) return;
+  const int64_t Np = g.P(), B = eps[0].B, oblocks = (g.O + B - 1) / B;
+  blocked_runs.fetch_add(samples, std::memory_order_relaxed);
+  if (samples > 1) batched_runs.fetch_add(samples, std::memory_order_relaxed);
+  const auto f = Filter(ctx, w, g, Indices(g.O), Indices(g.C));
+  float* const y = eps[0].y;
+  const int64_t y_sample = f->O * Np;  // == RoundUp(O, B) * Np: Y's channels, blocked
+  nchwc_.Run(ctx, g, *f, x, y, samples);
+  // Per sample and block of outputs, the epilogue in place (every output active: each lane's
+  // parameters are its channel's), as RunBlocked's in-place form does for one sample.
+  ParallelFor(ParallelIfLarge(ctx, samples * g.O * Np), size_t(samples * oblocks), [&](size_t task) {
+    const int64_t s = int64_t(task) / oblocks, ob = int64_t(task) % oblocks;
+    const BlockedEpilogue& ep = eps[s];
+    const int64_t o0 = ob * B;
+    const int valid = int(std::min(B, g.O - o0));
+    isa.epilogue_block(y + s * y_sample + o0 * Np, Np, int(B), valid, ep.gain + o0, ep.scale + o0,
+                       ep.shift + o0, ep.bias + o0, ep.residual ? ep.residual + o0 * Np : nullptr,
+                       ep.relu);
+  });
+}
+
 }  // namespace g2d
 
 // Samples computed in the blocked layout since load (runtimes/ort_layout.py; benchmarks print
 // it as the "blocked" path).
 extern "C" __attribute__((visibility("default"))) int64_t G2DBlockedLayoutRuns() {
   return g2d::blocked_runs.load(std::memory_order_relaxed);
+}
+
+// Samples SubsetConv's in-place blocked form ran in one delegate call with another sample
+// (RunBlockedSamples; tests check that the path runs).
+extern "C" __attribute__((visibility("default"))) int64_t G2DBatchedBlockedRuns() {
+  return g2d::batched_runs.load(std::memory_order_relaxed);
 }
 
 // Samples SubsetConv computed as the whole layer instead of repacking a subset (UseWhole;
