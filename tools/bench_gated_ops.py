@@ -176,7 +176,7 @@ def _native():
 
     lib = ctypes.CDLL(str(custom_ops_library_path()))
     for name in ("G2DSecondStageRuns", "G2DDelegatedConvRuns", "G2DAmxConvRuns", "G2DPGInt8Runs",
-                 "G2DBlockedLayoutRuns", "G2DWholeLayerRuns"):
+                 "G2DBlockedLayoutRuns", "G2DWholeLayerRuns", "G2DBatchedBlockedRuns"):
         getattr(lib, name).restype = ctypes.c_int64
     lib.G2DKernelConfig.restype = ctypes.c_char_p
     return lib
@@ -185,12 +185,13 @@ def _native():
 def path_counts() -> dict[str, int]:
     """The native library's per-path run counters (conv_common.cc, nchwc_conv.cc, pg_amx.cc,
     pg_int8.cc; "blocked": FBS layers in ONNX Runtime's blocked layout, runtimes/ort_layout.py;
-    "whole": FBS subsets computed as the whole layer instead of repacked, subset_conv.cc)."""
+    "whole": FBS subsets computed as the whole layer instead of repacked; "batched": samples of
+    a batch sharing one delegate call, subset_conv.cc)."""
     lib = _native()
     return {"s": lib.G2DSecondStageRuns(0), "d": lib.G2DSecondStageRuns(1),
             "nchwc": lib.G2DDelegatedConvRuns(), "amx": lib.G2DAmxConvRuns(),
             "int8": lib.G2DPGInt8Runs(), "blocked": lib.G2DBlockedLayoutRuns(),
-            "whole": lib.G2DWholeLayerRuns()}
+            "whole": lib.G2DWholeLayerRuns(), "batched": lib.G2DBatchedBlockedRuns()}
 
 
 def paths_since(before: dict[str, int]) -> str:
