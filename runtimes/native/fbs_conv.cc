@@ -148,15 +148,9 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
     std::vector<uint8_t> channel_finite(size_t(g.C));
     // Consecutive finite samples with every output active that read every input channel in
     // the blocked layout (density 1) run as one batch of the delegate
-    // (SubsetConv::InPlaceBlocked): pending from sample `first`, each with its own saliency.
-    std::vector<BlockedEpilogue> pending;
-    std::vector<float> pending_gamma(Bo ? size_t(g.N * g.O) : 0);
-    int64_t first = 0;
-    auto flush = [&] {
-      conv_->RunBlockedSamples(ctx, isa, W.Data(), X.Data() + first * Cx * HW, g, int64_t(pending.size()),
-                               pending.data());
-      pending.clear();
-    };
+    // (SubsetConv::InPlaceBlocked), each with its own saliency (kept in batch_gamma).
+    InPlaceBatch batch(*conv_, ctx, isa, W.Data(), X.Data(), Cx * HW, g);
+    std::vector<float> batch_gamma(Bo ? size_t(g.N * g.O) : 0);
 
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * Cx * HW;
@@ -233,15 +227,14 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       }
       if (Bo && finite && int64_t(out_active.size()) == g.O &&
           conv_->InPlaceBlocked(ctx, g, Bi, Bo, g.O, in_active)) {
-        if (pending.empty()) first = n;
-        float* const gain = pending_gamma.data() + (n - first) * g.O;
+        float* const gain = batch_gamma.data() + n * g.O;
         std::copy(gamma.begin(), gamma.end(), gain);
         BlockedEpilogue eb{yn, Bo, gain, bn_scale.Data(), bn_shift.Data(), beta.Data()};
         eb.relu = relu_;
-        pending.push_back(eb);
+        batch.Add(n, eb);
         continue;
       }
-      if (!pending.empty()) flush();
+      batch.Flush();
       if (!finite) {
         if (!Bo) {
           ReferenceSample(ctx, isa, W.Data(), xplanes(), g, gamma, out_active, bn_scale.Data(),
@@ -288,7 +281,7 @@ Ort::Status FBSConvKernel::Compute(OrtKernelContext* ctx, const Ort::Custom::Ten
       ep.relu = relu_;
       conv_->Run(ctx, isa, W.Data(), xn, g, out_active, in_active, ep);
     }
-    if (!pending.empty()) flush();
+    batch.Flush();
   });
 }
 

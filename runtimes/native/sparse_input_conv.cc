@@ -45,14 +45,8 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
     const bool w_finite = CheckedOnceIfConstant(w_const_, w_finite_,
                                                 [&] { return AllFinite(W.Data(), g.O * g.C * g.kk()); });
     // Consecutive samples that read every input channel in the blocked layout run as one
-    // batch of the delegate (SubsetConv::InPlaceBlocked): pending from sample `first`.
-    std::vector<BlockedEpilogue> pending;
-    int64_t first = 0;
-    auto flush = [&] {
-      conv_->RunBlockedSamples(ctx, isa, W.Data(), X.Data() + first * Cx * HW, g, int64_t(pending.size()),
-                               pending.data());
-      pending.clear();
-    };
+    // batch of the delegate (SubsetConv::InPlaceBlocked).
+    InPlaceBatch batch(*conv_, ctx, isa, W.Data(), X.Data(), Cx * HW, g);
     for (int64_t n = 0; n < g.N; ++n) {
       const float* xn = X.Data() + n * Cx * HW;
       float* yn = y + n * Oy * Np;
@@ -90,11 +84,10 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
         eb.residual = rn;
         eb.relu = relu_;
         if (conv_->InPlaceBlocked(ctx, g, Bi, Bo, g.O, live)) {
-          if (pending.empty()) first = n;
-          pending.push_back(eb);
+          batch.Add(n, eb);
           continue;
         }
-        if (!pending.empty()) flush();
+        batch.Flush();
         conv_->RunBlocked(ctx, isa, W.Data(), xn, Bi, g, outputs, live, eb);
         continue;
       }
@@ -103,7 +96,7 @@ Ort::Status SparseInputConvKernel::Compute(OrtKernelContext* ctx,
       ep.residual = rn;
       conv_->Run(ctx, isa, W.Data(), xn, g, outputs, live, ep);
     }
-    if (!pending.empty()) flush();
+    batch.Flush();
   });
 }
 

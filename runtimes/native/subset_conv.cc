@@ -168,7 +168,6 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
                             const BlockedEpilogue& ep) {
   const int64_t na = int64_t(outputs.size()), Np = g.P(), HW = g.H * g.W, B = ep.B;
   const int64_t oblocks = (g.O + B - 1) / B;
-  if (InPlaceBlocked(ctx, g, x_block, B, na, chans)) return RunBlockedSamples(ctx, isa, w, x, g, 1, &ep);
   blocked_runs.fetch_add(1, std::memory_order_relaxed);
   if (na == 0) {
     std::memset(ep.y, 0, sizeof(float) * size_t(oblocks * Np * B));
@@ -211,17 +210,7 @@ void SubsetConv::RunBlocked(OrtKernelContext* ctx, const IsaKernels& isa, const 
       BlockedSubset(ctx, isa, x, in, HW, B, xb.data());
       xin = xb.data();
     }
-    if (na == g.O) {  // every output: the delegate writes y, the epilogue runs in place
-      nchwc_.Run(ctx, g, *f, xin, ep.y);
-      ParallelFor(ParallelIfLarge(ctx, g.O * Np), size_t(oblocks), [&](size_t ob) {
-        float gl[64], sl[64], shl[64], bl[64];
-        const int valid = block_params(int64_t(ob), gl, sl, shl, bl);
-        const int64_t o0 = int64_t(ob) * B;
-        isa.epilogue_block(ep.y + o0 * Np, Np, int(B), valid, gl, sl, shl, bl,
-                           ep.residual ? ep.residual + o0 * Np : nullptr, ep.relu);
-      });
-      return;
-    }
+    if (na == g.O) return RunInPlace(ctx, isa, g, *f, xin, 1, &ep);  // every output
     // The result (f->O <= Y's channels: the active ones, or the whole layer's) is written into
     // Y's own first blocks, and each block of Y then takes its active channels' lanes in place,
     // chunk by chunk of pixels (the chunk still in L1 for the epilogue), the last block first:
@@ -290,15 +279,21 @@ void SubsetConv::RunBlockedSamples(OrtKernelContext* ctx, const IsaKernels& isa,
                                    const float* x, const ConvGeom& g, int64_t samples,
                                    const BlockedEpilogue* eps) {
   if (samples < 1) return;
-  const int64_t Np = g.P(), B = eps[0].B, oblocks = (g.O + B - 1) / B;
   blocked_runs.fetch_add(samples, std::memory_order_relaxed);
   if (samples > 1) batched_runs.fetch_add(samples, std::memory_order_relaxed);
-  const auto f = Filter(ctx, w, g, Indices(g.O), Indices(g.C));
+  // RunBlocked's filter for every output from every input (the subset (all, all), cached).
+  RunInPlace(ctx, isa, g, *Filter(ctx, w, g, Indices(g.O), Indices(g.C)), x, samples, eps);
+}
+
+void SubsetConv::RunInPlace(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
+                            const NchwcFilter& f, const float* xin, int64_t samples,
+                            const BlockedEpilogue* eps) const {
+  const int64_t Np = g.P(), B = eps[0].B, oblocks = (g.O + B - 1) / B;
   float* const y = eps[0].y;
-  const int64_t y_sample = f->O * Np;  // == RoundUp(O, B) * Np: Y's channels, blocked
-  nchwc_.Run(ctx, g, *f, x, y, samples);
+  const int64_t y_sample = f.O * Np;  // == RoundUp(O, B) * Np: Y's channels, blocked
+  nchwc_.Run(ctx, g, f, xin, y, samples);
   // Per sample and block of outputs, the epilogue in place (every output active: each lane's
-  // parameters are its channel's), as RunBlocked's in-place form does for one sample.
+  // parameters are its channel's).
   ParallelFor(ParallelIfLarge(ctx, samples * g.O * Np), size_t(samples * oblocks), [&](size_t task) {
     const int64_t s = int64_t(task) / oblocks, ob = int64_t(task) % oblocks;
     const BlockedEpilogue& ep = eps[s];

@@ -124,6 +124,12 @@ class SubsetConv {
                                                      const ConvGeom& g,
                                                      const std::vector<int>& outputs,
                                                      const std::vector<int>& in);
+  // Every output of `samples` consecutive samples (xin and eps[0].y the first one's, the
+  // others following at whole samples of f's inputs and outputs): the delegate writes y with
+  // f (every output, channel o at o), then each sample's epilogue eps[i] in place.
+  void RunInPlace(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& g,
+                  const NchwcFilter& f, const float* xin, int64_t samples,
+                  const BlockedEpilogue* eps) const;
   // Whether this run computes every output from every input on the whole layer's filter
   // (packed once) instead of the (outputs, in) subset: W constant and finite, the subset's
   // filter not the one kept (it would be packed on this run) and not the subset of the run
@@ -151,6 +157,38 @@ class SubsetConv {
   bool w_finite_ = false;          // set with whole_filter_
   std::mutex last_mu_;  // the subset UseWhole was last asked about
   std::vector<int> last_out_, last_in_;
+};
+
+// Consecutive samples of RunBlocked's in-place form (SubsetConv::InPlaceBlocked), gathered as
+// a caller meets them and run as one call (RunBlockedSamples) by Flush: the caller flushes
+// before it runs any other sample's conv and after its last sample.
+class InPlaceBatch {
+ public:
+  // x: the batch's blocked input, x_sample floats per sample.
+  InPlaceBatch(SubsetConv& conv, OrtKernelContext* ctx, const IsaKernels& isa, const float* w,
+               const float* x, int64_t x_sample, const ConvGeom& g)
+      : conv_(conv), ctx_(ctx), isa_(isa), w_(w), x_(x), x_sample_(x_sample), g_(g) {}
+  // Sample n, the one after the last added (ep's parameter arrays valid until Flush).
+  void Add(int64_t n, const BlockedEpilogue& ep) {
+    if (eps_.empty()) first_ = n;
+    eps_.push_back(ep);
+  }
+  void Flush() {
+    if (eps_.empty()) return;
+    conv_.RunBlockedSamples(ctx_, isa_, w_, x_ + first_ * x_sample_, g_, int64_t(eps_.size()), eps_.data());
+    eps_.clear();
+  }
+
+ private:
+  SubsetConv& conv_;
+  OrtKernelContext* ctx_;
+  const IsaKernels& isa_;
+  const float* w_;
+  const float* x_;
+  int64_t x_sample_;
+  const ConvGeom& g_;
+  int64_t first_ = 0;
+  std::vector<BlockedEpilogue> eps_;
 };
 
 }  // namespace g2d
