@@ -337,11 +337,15 @@ int ParseAutoAlwaysNever(const char* v) {
 const char* AutoAlwaysNeverName(int v) { return v == 1 ? "always" : v == 2 ? "never" : "auto"; }
 static_assert(int(SplitSpans::kAlways) == 1 && int(SplitSpans::kNever) == 2, "ParseAutoAlwaysNever");
 static_assert(int(CGPool::kAlways) == 1 && int(CGPool::kNever) == 2, "ParseAutoAlwaysNever");
+static_assert(int(RowParts::kAlways) == 1 && int(RowParts::kNever) == 2, "ParseAutoAlwaysNever");
 std::atomic<int> split_spans_setting{std::max(0, ParseAutoAlwaysNever(std::getenv("G2D_SPLIT_SPANS")))};
+std::atomic<int> row_parts_setting{std::max(0, ParseAutoAlwaysNever(std::getenv("G2D_ROW_PARTS")))};
 }  // namespace
 SplitSpans SplitSpansSetting() { return SplitSpans(split_spans_setting.load(std::memory_order_relaxed)); }
+RowParts RowPartsSetting() { return RowParts(row_parts_setting.load(std::memory_order_relaxed)); }
 std::atomic<int64_t> split_span_calls{0};  // calls whose spans ran split by plan
 std::atomic<int64_t> large_weight_span_calls{0};  // calls with one span per thread (kLargeWeightL2Share)
+std::atomic<int64_t> row_part_calls{0};  // calls whose spans ran in row parts (RowParts)
 
 namespace {
 std::atomic<int> cg_pool_setting{std::max(0, ParseAutoAlwaysNever(std::getenv("G2D_CG_POOL")))};
@@ -982,18 +986,24 @@ void PanelProduct(const IsaKernels& isa, const PackedWeights<T>& w, const Column
 // once per span from L2 and reused from L1 by every panel: with per-panel products, stage
 // 2's weights (128 x 864 floats, 442 KB: more than L2 beside the input) streamed from L3 once
 // per panel, and the dense second stage ran at ~65% of ONNX Runtime's dense conv per MAC.
+// rows (indirect fp32 only, RowParts): the output rows [rows.first, rows.second) of a row
+// part, a multiple of mr apart from the end, computed in place (acc's other rows untouched);
+// {0, -1}: all.
 template <class T, class Acc>
 void SpanProduct(const IsaKernels& isa, const PackedWeights<T>& w, const ColumnSource<T>& src,
                  const std::vector<int>& chans, const std::vector<int64_t>& off, int64_t q0,
-                 int64_t ncols, AlignedVec<T>& panel, Acc* acc, int64_t stride) {
+                 int64_t ncols, AlignedVec<T>& panel, Acc* acc, int64_t stride,
+                 std::pair<int64_t, int64_t> rows = {0, -1}) {
   const int mr = TileRows<T>(isa), nr = TileCols<T>(isa);
+  const bool all_rows = rows.first == 0 && (rows.second < 0 || rows.second >= w.M);
   if constexpr (std::is_same<T, float>::value) {
     if (src.indirect) {
+      const int64_t row_end = all_rows ? w.M : rows.second;
       const int64_t kb = KBlock(w.Kp);
       for (int64_t k0 = 0; k0 < std::max<int64_t>(w.Kp, 1); k0 += kb) {
         const int64_t kc = std::min(kb, w.Kp - k0);
-        for (int64_t ip = 0; ip * mr < w.M; ++ip) {
-          const int mv = int(std::min<int64_t>(mr, w.M - ip * mr));
+        for (int64_t ip = rows.first / mr; ip * mr < row_end; ++ip) {
+          const int mv = int(std::min<int64_t>(mr, row_end - ip * mr));
           for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
             const int nv = int(std::min<int64_t>(nr, src.columns - q0 - c0));
             isa.sgemm_indirect_micro(kc, w.data.data() + ip * w.Kp * mr + k0 * mr,
@@ -1005,6 +1015,7 @@ void SpanProduct(const IsaKernels& isa, const PackedWeights<T>& w, const ColumnS
       return;
     }
   }
+  if (!all_rows) throw OpError("internal: a row part of a GEMM that is not indirect fp32");
   for (int64_t c0 = 0; c0 < ncols; c0 += nr)
     PanelProduct(isa, w, src, chans, off, q0 + c0, panel, acc + (c0 / nr) * stride, nr);
 }
@@ -1511,16 +1522,37 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
   const bool large_weights = uses_taps && record &&
       double(g.O) * double(g.Cw) * double(g.kk()) * double(sizeof(T)) >
           kLargeWeightL2Share * double(L2CacheBytes());
+  // Row parts (RowParts): one plan, no joint stage, its channel-last second stage, the
+  // indirect panels (SpanProduct's row ranges), rows for two tiles at least.
+  const RowParts row_setting = RowPartsSetting();
+  const bool row_parts_fit = std::is_same<T, float>::value && plans.size() == 1 && !joint_second &&
+                             !plans[0].w2_taps.empty() && src1.indirect && src2.indirect &&
+                             int64_t(plans[0].outputs.size()) > mr && row_setting != RowParts::kNever;
+  int64_t row_parts = row_parts_fit && row_setting == RowParts::kAlways ? 2 : 1;
   if (large_weights) {
     const int64_t call_number = record->calls.fetch_add(1, std::memory_order_relaxed);
     // (Without a ctx every task runs on the caller: one span.)
     int threads = ctx ? record->threads_seen.load(std::memory_order_relaxed) : 1;
     if (threads == 1 && ctx && call_number % kLargeWeightProbeCalls == 0) threads = 2;
     if (threads > 0) {
-      span_panels = std::min((panels + threads - 1) / threads, kMaxSpanColumns / nr);
+      // As few spans as the widest span allows, rounded up to whole rounds of the threads and
+      // cut evenly (128 ch 28x28 at 2 threads: 4 spans of 7 panels, not 8, 8, 8 and 3: one
+      // thread ran two wide spans while the other ran a wide and a narrow one).
+      const int64_t widest = kMaxSpanColumns / nr, fewest = (panels + widest - 1) / widest;
+      if (row_parts_fit && threads >= 2 && fewest < threads) {
+        span_panels = std::min(panels, widest);  // the whole map in as few spans as fit
+        row_parts = std::max<int64_t>(row_parts, threads);
+      } else {
+        const int64_t spans_wanted = RoundUp(fewest, int64_t(threads));
+        span_panels = (panels + spans_wanted - 1) / spans_wanted;
+      }
       large_weight_span_calls.fetch_add(1, std::memory_order_relaxed);
     }
   }
+  // Rows per part: whole tiles (the last part takes the rest); fewer parts if the rows run out.
+  const int64_t part_rows =
+      row_parts > 1 ? RoundUp((int64_t(plans[0].outputs.size()) + row_parts - 1) / row_parts, int64_t(mr)) : 0;
+  if (row_parts > 1) row_parts = (int64_t(plans[0].outputs.size()) + part_rows - 1) / part_rows;
   const int64_t NR = span_panels * nr;
   // The joint second stage's dot products run over the union of the plans' stage-2 channels
   // (zeros where a plan does not read one): per gated-on element they cost 1 / joint_density
@@ -1542,9 +1574,12 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
       (split_setting == SplitSpans::kAuto && ctx && record &&
        record->pool_helped.load(std::memory_order_relaxed));
   // (Only the joint stage's channel-last form runs on part of a plan's rows.)
-  const size_t parts = pool_may_help && (!joint_second || !joint_second->w2_taps.empty())
+  const bool row_split = row_parts > 1;
+  const size_t parts = row_split ? size_t(row_parts)
+                       : pool_may_help && (!joint_second || !joint_second->w2_taps.empty())
                            ? GatedTaskParts(plans.size(), spans) : 1;
-  if (parts > 1) split_span_calls.fetch_add(1, std::memory_order_relaxed);
+  if (row_split) row_part_calls.fetch_add(1, std::memory_order_relaxed);
+  else if (parts > 1) split_span_calls.fetch_add(1, std::memory_order_relaxed);
   std::atomic<int64_t> gates_on{0};  // summed over the tasks, for the record
   const size_t tasks = size_t(spans) * parts;
   const auto span_task = [&](size_t task) {
@@ -1552,7 +1587,10 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     const size_t span = task % size_t(spans), part = task / size_t(spans);
     // part k: plans k * n / parts .. (k + 1) * n / parts - 1 (no per-call tables: a vector
     // allocation per call is a measurable share of these small layers' set-up)
-    const size_t plan_begin = part * plans.size() / parts, plan_end = (part + 1) * plans.size() / parts;
+    // (Row parts: the one plan's rows part * part_rows ..., at most part_rows of them.)
+    const size_t plan_begin = row_split ? 0 : part * plans.size() / parts;
+    const size_t plan_end = row_split ? 1 : (part + 1) * plans.size() / parts;
+    const int64_t row_begin = row_split ? int64_t(part) * part_rows : 0;
     const int64_t q0 = int64_t(span) * NR, ncols = std::min<int64_t>(NR, src1.columns - q0);
     const int64_t computed_cols = RoundUp(ncols, int64_t(nr));  // what a GEMM over the span computes
     uint8_t valid[kMaxSpanColumns];  // column is an output pixel (indirect panels skip
@@ -1607,36 +1645,39 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     // Stage 2 over rows m0 .. m0 + M - 1 of `plan` (out / gate hold those rows; `on` of them
     // gated on), then the copy to y. plan_index: the plan's index in plans, plans.size() for
     // the joint second stage; force_dense: the GEMM + select whatever the plan's own fraction
-    // (the joint stage chose it). Only the joint stage's channel-last form runs on a part of
-    // a plan's rows (GatedTaskParts): the other forms take whole plans.
+    // (the joint stage chose it). Only the joint stage's channel-last form (GatedTaskParts)
+    // and a row part's channel-last form and GEMM (RowParts) run on a part of a plan's rows:
+    // the other forms take whole plans.
     auto second_stage_and_store = [&](const GatedStagePlan<T>& plan, size_t plan_index,
                                       const ChannelLast& cl, uint8_t* gate, float* out,
                                       int64_t on, bool force_dense, int64_t m0, int64_t M) {
       const bool whole_plan = m0 == 0 && M == int64_t(plan.outputs.size());
+      const bool dense_rows = whole_plan || row_split;  // the GEMM may take these rows
       if (on > 0 && !plan.chans2.empty()) {
         const double dense_above =
             DenseSecondStageAbove(!std::is_same<T, float>::value, !plan.w2_taps.empty());
         // The GEMM's cost counts every column it computes (a span's last panel in full), the
         // sparse form's only the gated-on elements.
         const bool dense =
-            whole_plan && (force_dense || double(on) > dense_above * double(M * computed_cols));
+            dense_rows && (force_dense || double(on) > dense_above * double(M * computed_cols));
         CountSecondStage(dense);
         if (dense) {
           const uint64_t dense_clock = StageClockNow();
           // Most gates on: the span's second stage as a GEMM, then select.
           need_src2();
           SpanProduct(isa, plan.w2_is_w1 ? plan.w1 : plan.w2, src2, plan.chans2, off2_of(plan_index), q0, ncols,
-                      Scratch<T, 0>(), acc, stride);
+                      Scratch<T, 0>(), acc, stride, {m0, m0 + M});
           for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
+            const Acc* const acc_rows = acc + (c0 / nr) * stride + m0 * nr;  // row m0's
             if constexpr (std::is_same<Acc, float>::value) {
               // (The baseline build's 4-float form of the loop below was ~10% of a 16-channel
               // 32x32 CG layer's call at 100% on, perf.)
-              isa.select_add(acc + (c0 / nr) * stride, M, s2, gate + c0, out + c0, NR);
+              isa.select_add(acc_rows, M, s2, gate + c0, out + c0, NR);
               continue;
             }
             for (int64_t m = 0; m < M; ++m) {
               float* om = out + m * NR + c0;
-              const Acc* am = acc + (c0 / nr) * stride + m * nr;
+              const Acc* am = acc_rows + m * nr;
               const uint8_t* gm = gate + m * NR + c0;
               // A select by bit mask, not a branch: the gates are unpredictable, and the ternary
               // this replaces compiled to a branch here (the file is built for baseline x86-64),
@@ -1689,21 +1730,24 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     for (size_t pi = plan_begin; pi < plan_end; ++pi) {
       const GatedStagePlan<T>& plan = plans[pi];
       const std::vector<int64_t>& off1 = offs1[pi];
-      const std::vector<float>& row_threshold = thresholds[pi];
-      const int64_t M = int64_t(plan.outputs.size());
-      if (M == 0) continue;
+      const int64_t m0 = row_begin;  // the task's first row (0 but in a row part)
+      const float* const row_threshold = thresholds[pi].data() + m0;
+      const int64_t M = row_split ? std::min(part_rows, int64_t(plan.outputs.size()) - m0)
+                                  : int64_t(plan.outputs.size());
+      if (M <= 0) continue;
       uint8_t* const gate = gate_buf.data() + row0 * NR;
       float* const out = out_buf.data() + row0 * NR;
       // Stage 1 and the gate, panel by panel, branch-free.
       int64_t on = 0;
       uint64_t clock = StageClockNow();
-      SpanProduct(isa, plan.w1, src1, plan.chans1, off1, q0, ncols, Scratch<T, 0>(), acc, stride);
+      SpanProduct(isa, plan.w1, src1, plan.chans1, off1, q0, ncols, Scratch<T, 0>(), acc, stride,
+                  {m0, m0 + M});
       AddStageTime(kTimeStage1, clock);
       clock = StageClockNow();
       for (int64_t c0 = 0; c0 < ncols; c0 += nr) {
-        const Acc* acc_panel = acc + (c0 / nr) * stride;
+        const Acc* acc_panel = acc + (c0 / nr) * stride + m0 * nr;  // row m0's
         if constexpr (std::is_same<Acc, float>::value) {
-          on += isa.gate_panel(acc_panel, M, s1, row_threshold.data(), valid + c0, out + c0,
+          on += isa.gate_panel(acc_panel, M, s1, row_threshold, valid + c0, out + c0,
                                gate + c0, NR);
         } else {
           const float scale_1 = s1;  // a local copy: the lambda's captures are references
@@ -1728,7 +1772,7 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
         on_all += on;
         group_on[pi] = on;
       } else {
-        second_stage_and_store(plan, pi, channel_last[pi], gate, out, on, false, 0, M);
+        second_stage_and_store(plan, pi, channel_last[pi], gate, out, on, false, m0, M);
       }
     }
     if (!joint_second) return;
@@ -1802,6 +1846,7 @@ extern "C" __attribute__((visibility("default"))) const char* G2DKernelConfig() 
            " cg_second=" + (g2d::CGTapSecondStage() ? "taps" : "fields") +
            " split_spans=" + g2d::AutoAlwaysNeverName(int(g2d::SplitSpansSetting())) +
            " cg_pool=" + g2d::AutoAlwaysNeverName(int(g2d::CGPoolSetting())) +
+           " row_parts=" + g2d::AutoAlwaysNeverName(int(g2d::RowPartsSetting())) +
            " l2=" + std::to_string(g2d::L2CacheBytes() >> 10) + "KiB";
   }();
   return text.c_str();
@@ -1828,14 +1873,20 @@ extern "C" __attribute__((visibility("default"))) int64_t G2DSplitSpanCalls() {
   return g2d::split_span_calls.load(std::memory_order_relaxed);
 }
 
+// RunGatedConv calls whose spans ran in row parts (RowParts, G2D_ROW_PARTS).
+extern "C" __attribute__((visibility("default"))) int64_t G2DRowPartCalls() {
+  return g2d::row_part_calls.load(std::memory_order_relaxed);
+}
+
 // Switches a setting read per call, for benchmarks that compare two settings run by run in one
 // session (tools/ab_native_setting.py: no process or time between the two to add noise):
-// "split_spans" (G2D_SPLIT_SPANS) and "cg_pool" (G2D_CG_POOL), each "auto" | "always" |
-// "never". Returns 0, or -1 for an unknown name or value (nothing changed).
+// "split_spans" (G2D_SPLIT_SPANS), "cg_pool" (G2D_CG_POOL) and "row_parts" (G2D_ROW_PARTS),
+// each "auto" | "always" | "never". Returns 0, or -1 for an unknown name or value (nothing changed).
 extern "C" __attribute__((visibility("default"))) int G2DSetSetting(const char* name, const char* value) {
   if (name == nullptr || value == nullptr) return -1;
   std::atomic<int>* setting = std::strcmp(name, "split_spans") == 0 ? &g2d::split_spans_setting
                               : std::strcmp(name, "cg_pool") == 0   ? &g2d::cg_pool_setting
+                              : std::strcmp(name, "row_parts") == 0 ? &g2d::row_parts_setting
                                                                     : nullptr;
   const int v = g2d::ParseAutoAlwaysNever(value);
   if (setting == nullptr || v < 0) return -1;

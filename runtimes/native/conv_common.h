@@ -501,6 +501,21 @@ struct GatedCallRecord {
 // that was asleep in the first calls shows up there).
 constexpr double kLargeWeightL2Share = 0.5;
 constexpr int64_t kLargeWeightProbeCalls = 64;
+// Such a layer whose whole map fits in fewer full-width spans than there are threads (256 ch
+// 14x14, 512 ch 7x7: one span of 224 or 63 columns) gave each thread a span anyway, and each
+// thread read all the weights: two threads streamed them twice, and the sparse second stage,
+// which reads them once per gated-on row, got slower with the second thread (AMD EPYC Zen 4,
+// 1 MB L2, 512 ch 7x7 at 20% on: 1.5x dense at 1 thread, 0.6-1.1x at 2). It runs in row
+// parts instead: one task per span and range of the plan's output rows (a multiple of the
+// GEMM's tile rows), each computing stage 1, the gate, the second stage and the store of its
+// rows only, so each thread reads its share of the weights. The same operations per output
+// element as a span of all rows (stage 1's row panels and the dot products are per row): the
+// same bits. Only for one plan without a joint second stage (the ImageNet-shaped layers; the
+// block-diagonal ones split by plan, GatedTaskParts) and the indirect fp32 panels.
+// G2D_ROW_PARTS=always splits every such layer in two (tests: the numerics at any thread
+// count), =never never does; G2DSetSetting("row_parts", ...) switches it.
+enum class RowParts { kAuto, kAlways, kNever };
+RowParts RowPartsSetting();
 // The widest span's columns (its fixed-size arrays): 8 AVX-512 panels. The default spans
 // (panels of at most 64 columns) fit whatever the tier.
 constexpr int64_t kMaxSpanColumns = 256;
