@@ -538,21 +538,25 @@ def test_cg_large_weight_spans_match_reference(tier, threads, l2, row_parts):
 
 @pytest.mark.sanitizer
 @pytest.mark.skipif(os.environ.get("G2D_NATIVE_SUBPROCESS") == "1", reason="already a rerun")
-def test_cg_large_weight_spans_sanitizer_clean():
+@pytest.mark.parametrize("row_parts", ["auto", "always"])
+def test_cg_large_weight_spans_sanitizer_clean(row_parts):
     """The wide spans of the large-weight rule under -fsanitize=address,undefined (the span's
     column arrays hold kMaxSpanColumns: a span wider than that writes past them, which the
-    numerics alone need not show), 1 thread: the widest spans."""
+    numerics alone need not show), 1 thread: the widest spans; with G2D_ROW_PARTS=always, each
+    in two row parts (a row range past the packed weights or the thresholds reads outside
+    them)."""
     from gate2deploy.runtimes.native_build import asan_preload, build_library
 
     env = dict(os.environ, GATE2DEPLOY_OPS_LIBRARY=str(build_library("asan")), LD_PRELOAD=asan_preload(),
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
-               G2D_ORT_CONV="0", G2D_CG_POOL="always", G2D_L2_BYTES="4096")
+               G2D_ORT_CONV="0", G2D_CG_POOL="always", G2D_L2_BYTES="4096", G2D_ROW_PARTS=row_parts)
     proc = subprocess.run([sys.executable, __file__, "cg-large", "1"], env=env, capture_output=True,
                           text=True, timeout=600, cwd=HERE.parent)
     report = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, report
     assert "ERROR: AddressSanitizer" not in proc.stderr and "runtime error:" not in proc.stderr, report
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["large"] > 0, report
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts["large"] > 0 and (counts["rows"] > 0) == (row_parts == "always"), report
 
 
 if __name__ == "__main__":

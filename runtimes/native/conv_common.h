@@ -510,7 +510,10 @@ constexpr int64_t kLargeWeightProbeCalls = 64;
 // GEMM's tile rows), each computing stage 1, the gate, the second stage and the store of its
 // rows only, so each thread reads its share of the weights. The same operations per output
 // element as a span of all rows (stage 1's row panels and the dot products are per row): the
-// same bits. Only for one plan without a joint second stage (the ImageNet-shaped layers; the
+// same bits as the same spans unsplit (G2D_ROW_PARTS=never). Against one span per thread the
+// sum order may differ where the sparse form runs: it takes a row's gated-on pixels of a span
+// in groups of eight, which a wider span groups differently (the span widths followed the
+// thread count before, too). Only for one plan without a joint second stage (the ImageNet-shaped layers; the
 // block-diagonal ones split by plan, GatedTaskParts) and the indirect fp32 panels.
 // G2D_ROW_PARTS=always splits every such layer in two (tests: the numerics at any thread
 // count), =never never does; G2DSetSetting("row_parts", ...) switches it.
