@@ -1565,15 +1565,16 @@ void RunGatedConv(OrtKernelContext* ctx, const IsaKernels& isa, const ConvGeom& 
     for (const auto& plan : plans) used += double(plan.outputs.size()) * double(plan.chans2.size());
     joint_density = used / (double(all_rows) * double(joint_second->chans2.size()));
   }
-  // Tasks: each span's plans in `parts` contiguous groups (GatedTaskParts), task i = part
-  // i / spans of span i % spans (part-major: at the same time the threads work on different
+  // Tasks: each span's plans in `parts` contiguous groups (GatedTaskParts), or its one plan's
+  // rows in `parts` ranges (RowParts), task i = part i / spans of span i % spans (part-major: at the same time the threads work on different
   // spans, not on the same span's channel-last rows).
   const int64_t spans = (src1.columns + NR - 1) / NR;
   const SplitSpans split_setting = SplitSpansSetting();
   const bool pool_may_help = split_setting == SplitSpans::kAlways ||
       (split_setting == SplitSpans::kAuto && ctx && record &&
        record->pool_helped.load(std::memory_order_relaxed));
-  // (Only the joint stage's channel-last form runs on part of a plan's rows.)
+  // (Of the plan splits, only the joint stage's channel-last form runs on part of a plan's
+  // rows; row parts take the place of the plan split.)
   const bool row_split = row_parts > 1;
   const size_t parts = row_split ? size_t(row_parts)
                        : pool_may_help && (!joint_second || !joint_second->w2_taps.empty())

@@ -513,10 +513,11 @@ constexpr int64_t kLargeWeightProbeCalls = 64;
 // same bits as the same spans unsplit (G2D_ROW_PARTS=never). Against one span per thread the
 // sum order may differ where the sparse form runs: it takes a row's gated-on pixels of a span
 // in groups of eight, which a wider span groups differently (the span widths followed the
-// thread count before, too). Only for one plan without a joint second stage (the ImageNet-shaped layers; the
-// block-diagonal ones split by plan, GatedTaskParts) and the indirect fp32 panels.
-// G2D_ROW_PARTS=always splits every such layer in two (tests: the numerics at any thread
-// count), =never never does; G2DSetSetting("row_parts", ...) switches it.
+// thread count before, too). Only for one plan without a joint second stage (the
+// ImageNet-shaped layers; the block-diagonal ones split by plan, GatedTaskParts) and the
+// indirect fp32 panels. G2D_ROW_PARTS=always splits every layer that qualifies so in at least
+// two, large weights or not (tests: the numerics at any thread count), =never never splits;
+// G2DSetSetting("row_parts", ...) switches it.
 enum class RowParts { kAuto, kAlways, kNever };
 RowParts RowPartsSetting();
 // The widest span's columns (its fixed-size arrays): 8 AVX-512 panels. The default spans
