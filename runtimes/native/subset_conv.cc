@@ -22,11 +22,14 @@ const std::vector<int>& SubsetConv::InputsToRead(const ConvGeom& g, const std::v
   // dead ones would save little and key the prepared weights on a set that changes from input
   // to input (measured: FBS ResNet-18 at density 1 with input-dependent saliency ran at half
   // speed, repacking every layer's weights on every run).
-  const bool read_all = double(chans.size()) > kReadAllInputsAbove * double(g.C) &&
-                        int64_t(chans.size()) < g.C && g.group == 1;
-  if (!read_all) return chans;
+  if (!ReadsAllInputs(g, chans) || int64_t(chans.size()) == g.C) return chans;
   *all = Indices(g.C);
   return *all;
+}
+
+bool SubsetConv::ReadsAllInputs(const ConvGeom& g, const std::vector<int>& chans) {
+  return int64_t(chans.size()) == g.C ||
+         (double(chans.size()) > kReadAllInputsAbove * double(g.C) && g.group == 1);
 }
 
 std::shared_ptr<const NchwcFilter> SubsetConv::Filter(OrtKernelContext* ctx, const float* w,
@@ -269,9 +272,7 @@ bool SubsetConv::InPlaceBlocked(OrtKernelContext* ctx, const ConvGeom& g, int64_
                                 int64_t B, int64_t na, const std::vector<int>& chans) const {
   // RunBlocked's conditions for its in-place form with every input read (InputsToRead), the
   // whole layer's filter being the (all outputs, all inputs) subset's: UseWhole declines it.
-  const bool all_inputs = int64_t(chans.size()) == g.C ||
-                          (double(chans.size()) > kReadAllInputsAbove * double(g.C) && g.group == 1);
-  return na == g.O && all_inputs && x_block != 0 && x_block == B && nchwc_.Block() == B &&
+  return na == g.O && ReadsAllInputs(g, chans) && x_block != 0 && x_block == B && nchwc_.Block() == B &&
          g.C >= B && nchwc_.Suits(ctx, g.O, g.C);
 }
 

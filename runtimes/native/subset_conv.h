@@ -115,6 +115,8 @@ class SubsetConv {
   // live (kReadAllInputsAbove; `all` holds them then).
   static const std::vector<int>& InputsToRead(const ConvGeom& g, const std::vector<int>& chans,
                                               std::vector<int>* all);
+  // Whether InputsToRead gives every channel (chans unique: all C of them, or nearly all).
+  static bool ReadsAllInputs(const ConvGeom& g, const std::vector<int>& chans);
   // The prepared weights of (outputs, in), cached when W is constant: the delegate's filter,
   // our GEMM's packing.
   std::shared_ptr<const NchwcFilter> Filter(OrtKernelContext* ctx, const float* w,
