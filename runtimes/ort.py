@@ -24,6 +24,7 @@ without this check still gets an error, never a silently ignored value, for thos
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -144,8 +145,9 @@ def _blocked_layout(payload: str | bytes, threads: int, library_variant: str, lo
     (runtimes/ort_layout.py), or None: no NCHWc block on this CPU, the rewrite does not pay, or
     the step failed (e.g. ONNX Runtime cannot write the optimized graph of a model over
     protobuf's 2 GB). The layout is an optimization: without it the session opens as ONNX
-    Runtime lays the model out itself (and reports a real error as such). `library`: the
-    native build to ask and register (default this checkout's)."""
+    Runtime lays the model out itself (and reports a real error as such); the failure is
+    logged (logger `gate2deploy.runtimes.ort`, one line) so that a slower session says why.
+    `library`: the native build to ask and register (default this checkout's)."""
     lib = library or custom_ops_library_path(library_variant)
     block = nchwc_block(lib)
     if not block:
@@ -154,7 +156,9 @@ def _blocked_layout(payload: str | bytes, threads: int, library_variant: str, lo
         return optimized_and_rewritten(
             payload, session_options(threads, "all", library_variant, False, log_severity, config, True,
                                      library=library), block)
-    except Exception:  # noqa: BLE001 - see the docstring
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        logging.getLogger(__name__).warning("blocked layout not used, ONNX Runtime lays the model out: %s", first)
         return None
 
 

@@ -99,9 +99,10 @@ def test_the_pass_leaves_a_single_op_as_it_is(fbs_export):
     assert Counter(n.op_type for n in rewrite(model, BLOCK).graph.node)["ReorderOutput"] >= 1
 
 
-def test_a_failing_layout_step_leaves_the_session_as_onnx_runtime_makes_it(fbs_export, monkeypatch):
+def test_a_failing_layout_step_leaves_the_session_as_onnx_runtime_makes_it(fbs_export, monkeypatch, caplog):
     """Writing ONNX Runtime's optimized graph can fail (a model over protobuf's 2 GB): the
-    session then opens in ONNX Runtime's own layout, with the same outputs."""
+    session then opens in ONNX Runtime's own layout, with the same outputs, and the failure
+    is logged (one line naming it)."""
     from gate2deploy.runtimes import ort as ort_runtime
 
     def fail(*args, **kwargs):
@@ -110,7 +111,10 @@ def test_a_failing_layout_step_leaves_the_session_as_onnx_runtime_makes_it(fbs_e
     _, model = fbs_export
     monkeypatch.setattr(ort_runtime, "optimized_and_rewritten", fail)
     x = np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype(np.float32)
-    fallback = ort_runtime.open_session(model, threads=1)
+    with caplog.at_level("WARNING", logger="gate2deploy.runtimes.ort"):
+        fallback = ort_runtime.open_session(model, threads=1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "blocked layout not used, ONNX Runtime lays the model out: cannot save the optimized model"]
     np.testing.assert_array_equal(fallback.run(None, {"input": x})[0],
                                   open_session(model, threads=1, layout="nchw").run(None, {"input": x})[0])
 
