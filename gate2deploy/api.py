@@ -29,7 +29,7 @@ from torch import nn
 from . import gate_stats
 from . import report as rep
 from .capture import capture
-from .errors import OptionError, VerificationError
+from .errors import OptionError, VerificationError, first_line
 from .frontend import GatedModel, check_runs, build_gated_model
 from .options import PHYSICAL_WIDTHS, STREAM_CONVS, CompileOptions, InfoOptions, from_kwargs
 from .pipeline import FOLD_ONLY, PassContext, run_pipeline, with_static_shapes
@@ -201,7 +201,7 @@ def compile_with(model_or_checkpoint, example_inputs, opts: CompileOptions) -> C
             except Exception as exc:  # noqa: BLE001 - the relaxed graph does not run at N + 1
                 # (a constant with the batch baked in that the batch pass did not recognise,
                 # e.g. a ScatterElements' indices): keep the static batch, verified at N above
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 batch_note = f"the relaxed graph does not run at batch {other[0]}: {first}"
                 dynamic = False
                 compiled, ctx = run_passes(False)
@@ -287,7 +287,7 @@ def _other_batch_problem(model: nn.Module, example: torch.Tensor) -> str | None:
         with torch.no_grad():
             model(other)
     except Exception as exc:  # noqa: BLE001 - any failure means "not at another batch"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         return f"the PyTorch model does not run at batch {other.shape[0]}: {first}"
     return None
 

@@ -10,6 +10,13 @@ This module is the bottom layer: it imports nothing.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name where the message is
+    empty: what a one-line error report quotes of an underlying failure."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class UserError(Exception):
     """A problem with the user's input, reported as one line, exit code 2."""
 

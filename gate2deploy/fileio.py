@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -180,7 +180,7 @@ def read_array(path: str | os.PathLike, what: str, kinds=(".npy", ".npz", ".pt",
         with open(path, "rb") as f:
             starts_as_pickle = f.read(1) == b"\x80"
         if not (isinstance(exc, pickle.UnpicklingError) or "Object arrays" in str(exc) or starts_as_pickle):
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise UserError(f"{what} {path} cannot be read (truncated or damaged?): {first[:200]}") from None
         protocol = pickle_protocol(path) if suffix in (".pt", ".pth") else None
         if protocol is not None and protocol > 2:
@@ -189,7 +189,7 @@ def read_array(path: str | os.PathLike, what: str, kinds=(".npy", ".npz", ".pt",
         raise UserError(f"{what} {path} pickles Python objects, which data files are never allowed to "
                         "(loading them runs code): save a plain array (.npy) or tensor") from None
     except Exception as exc:  # noqa: BLE001 - numpy, zipfile and torch fail in many ways on damaged bytes
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise UserError(f"{what} {path} cannot be read (truncated or damaged?): {first[:200]}") from None
     if not isinstance(data, np.ndarray):
         raise UserError(f"{what} {path} does not hold an array")

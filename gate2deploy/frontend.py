@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import memory
-from .errors import OptionError, UserError
+from .errors import OptionError, UserError, first_line
 from .gate_stats import load_sample_inputs
 from .importers import gator, sensai, seed_layers, slimmable
 from .importers.netslim import NetslimReport, netslim_specs
@@ -230,7 +230,7 @@ def check_runs(model: nn.Module, example: torch.Tensor) -> None:
         with torch.no_grad():
             model(example)
     except Exception as exc:  # noqa: BLE001 - any failure here is the shape not fitting
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise UserError(f"--input-shape {','.join(map(str, example.shape))} does not fit the model: {first}") from None
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import pickle_protocol
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "net", "model")
@@ -76,7 +76,7 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
             reason = _exported_program_pickles(path)
         except (zipfile.BadZipFile, zlib.error, UnicodeDecodeError, ValueError, OSError, EOFError) as exc:
             raise UserError(f"{path} is not a loadable torch.export program: a damaged archive "
-                            f"({_one_line(exc)})") from None
+                            f"({first_line(exc)})") from None
         if reason and not trust_pickle:
             raise UserError(f"{path}: a torch.export archive whose {reason}; loading it runs code from the file: "
                             "pass --trust-pickle if you trust it")
@@ -87,7 +87,7 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
                 warnings.simplefilter("ignore")
                 program = torch.export.load(str(path))
         except Exception as exc:  # noqa: BLE001 - any failure means "not loadable"
-            raise UserError(f"{path} is not a loadable torch.export program: {_one_line(exc)}") from None
+            raise UserError(f"{path} is not a loadable torch.export program: {first_line(exc)}") from None
         return Checkpoint(path, module=ExportedProgramModule(program.module()), meta={"format": "torch.export"})
     _check_torch_save_format(path)
     if trust_pickle:
@@ -103,7 +103,7 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
             raise UserError(_needs_trust_message(path, exc)) from None
         except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on foreign bytes
             raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or damaged): "
-                            f"{_one_line(exc)}") from None
+                            f"{first_line(exc)}") from None
     return _interpret(path, obj)
 
 
@@ -170,7 +170,7 @@ def _needs_trust_message(path: Path, exc: BaseException) -> str:
             return (f"{path} was saved with pickle protocol {protocol}, which torch's safe loader "
                     "(weights_only) cannot read: save it again with torch.save's default protocol, or pass "
                     "--trust-pickle if you trust the file")
-        return f"{path} is not a readable PyTorch checkpoint (truncated or damaged): {_one_line(exc)}"
+        return f"{path} is not a readable PyTorch checkpoint (truncated or damaged): {first_line(exc)}"
     # The user's own classes first: they are what needs trust (and what must be importable).
     names = sorted(names, key=lambda n: n.startswith(("torch.", "collections.", "builtins.")))
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -195,17 +195,17 @@ def _load_trusted(path: Path, model_paths: Sequence[str | Path]):
         try:
             return torch.load(str(path), map_location="cpu", weights_only=False)
         except ModuleNotFoundError as exc:
-            missing = exc.name or _one_line(exc)
+            missing = exc.name or first_line(exc)
             raise UserError(f"{path} pickles classes from module {missing!r}, which cannot be imported: "
                             f"{_where_hint(missing, [path.parent, Path.cwd()])}") from None
         except ImportError as exc:  # the module is there but fails to import
-            raise UserError(f"{path} pickles classes whose module fails to import ({_one_line(exc)}): "
+            raise UserError(f"{path} pickles classes whose module fails to import ({first_line(exc)}): "
                             "pass --model-path DIR with the code the file was saved with") from None
         except AttributeError as exc:  # the module exists but lacks the pickled class
-            raise UserError(f"{path} pickles a class its module does not define ({_one_line(exc)}): "
+            raise UserError(f"{path} pickles a class its module does not define ({first_line(exc)}): "
                             "pass --model-path DIR with the code the file was saved with") from None
         except Exception as exc:  # noqa: BLE001 - damaged files, or the pickled code itself failing
-            raise UserError(f"{path} could not be unpickled: {_one_line(exc)}") from None
+            raise UserError(f"{path} could not be unpickled: {first_line(exc)}") from None
 
 
 def _where_hint(missing: str, starts: Sequence[Path]) -> str:
@@ -337,7 +337,7 @@ def build_model(spec: str, kwargs_json: str | None = None, model_paths: Sequence
             raise UserError(f"--model {spec} failed to build: it reads option {exc} that was not given: "
                             "pass it in --model-kwargs") from None
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"--model {spec} failed to build: {type(exc).__name__}: {_one_line(exc)}") from None
+            raise UserError(f"--model {spec} failed to build: {type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
     return model
@@ -347,7 +347,7 @@ def _import_module(target: str):
     try:
         return importlib.import_module(target)
     except ImportError as exc:
-        raise UserError(f"--model module {target!r} cannot be imported: {_one_line(exc)}") from None
+        raise UserError(f"--model module {target!r} cannot be imported: {first_line(exc)}") from None
 
 
 def _import_file(file: Path, folders: list[Path], dotted: str | None):
@@ -363,11 +363,11 @@ def _import_file(file: Path, folders: list[Path], dotted: str | None):
         module_spec.loader.exec_module(module)
         return module
     except ModuleNotFoundError as exc:
-        missing = exc.name or _one_line(exc)
+        missing = exc.name or first_line(exc)
         raise UserError(f"--model file {file} imports module {missing!r}, which cannot be found: "
                         f"{_where_hint(missing, [file.parent])}") from None
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"--model file {file} fails to import: {_one_line(exc)}") from None
+        raise UserError(f"--model file {file} fails to import: {first_line(exc)}") from None
 
 
 def package_of(file: Path) -> tuple[Path, str | None]:
@@ -460,7 +460,7 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> li
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as exc:  # noqa: BLE001 - a module's own _load_from_state_dict refusing
-        raise UserError(f"{what} does not load into the model: {_one_line(exc)}") from None
+        raise UserError(f"{what} does not load into the model: {first_line(exc)}") from None
     return notes
 
 
@@ -571,6 +571,3 @@ def _quiet_logger(name: str):
         logger.setLevel(level)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

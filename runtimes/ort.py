@@ -31,7 +31,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from gate2deploy.errors import UserError
+from gate2deploy.errors import UserError, first_line
 
 from .native_build import build_library
 from .ort_layout import BLOCKED_OPS, nchwc_block, optimized_and_rewritten
@@ -157,7 +157,7 @@ def _blocked_layout(payload: str | bytes, threads: int, library_variant: str, lo
             payload, session_options(threads, "all", library_variant, False, log_severity, config, True,
                                      library=library), block)
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         logging.getLogger(__name__).warning("blocked layout not used, ONNX Runtime lays the model out: %s", first)
         return None
 

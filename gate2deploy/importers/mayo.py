@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..gated import FBSConv2d
 from ..nn import ChannelMask
 from . import mayo_config as mc
@@ -157,7 +157,7 @@ class Variables:
             self.reader = tf.train.load_checkpoint(prefix)
             self.shapes = {k: tuple(v) for k, v in self.reader.get_variable_to_shape_map().items()}
         except Exception as exc:  # noqa: BLE001 - TensorFlow's errors for damaged bundles vary
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise UserError(f"{prefix} is not a readable TensorFlow checkpoint: {first}") from None
         self.prefix = prefix
         self.used: set[str] = set()
@@ -993,7 +993,7 @@ def build(checkpoint: str, yamls: list[str], overrides: list[str], root: str | N
             try:
                 y = module(*xs)
             except Exception as exc:  # noqa: BLE001 - shapes not fitting the layer
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 raise UserError(f"Mayo layer {step.scope} does not fit its input "
                                 f"{[list(x.shape) for x in xs]}: {first}") from None
             values[step.output] = y

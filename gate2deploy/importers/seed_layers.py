@@ -74,7 +74,7 @@ import torch
 from torch import nn
 
 from .. import gated
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 PROBE_RTOL = 1e-6
 _NAME_HINT = re.compile(r"Gate|Gating|^gat(e|ed|ing)|CGConv|PGConv|FBS|ChannelPruning")
@@ -303,7 +303,7 @@ def _mismatch(new: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> str | 
         with torch.no_grad():
             got = new(x)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot stand in for the seed layer"
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return first_line(exc)
     if got.shape != expected.shape:
         return f"gives shape {tuple(got.shape)}, the seed layer {tuple(expected.shape)}"
     scale = float(expected.abs().max()) if expected.numel() else 0.0
@@ -326,7 +326,7 @@ def _build(found: _Found) -> nn.Module | str:
         new = found.build()
         new.load_state_dict(found.module.state_dict(), strict=True)
     except (ValueError, RuntimeError, UserError) as exc:
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return first_line(exc)
     ref = next(iter(found.module.parameters()), None)
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype)

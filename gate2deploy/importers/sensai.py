@@ -94,7 +94,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, OptionError, UserError
+from ..errors import CheckpointError, OptionError, UserError, first_line
 from ..fileio import read_array
 from ..gate_stats import run_with_hooks
 from ..passes.choose_widths import BLOCK, MIN_MULTIPLE
@@ -219,7 +219,7 @@ def head_rows(models: list[nn.Module], groups: list[list[int]], example: torch.T
             with torch.no_grad():
                 out = m(example)
         except Exception as exc:  # noqa: BLE001 - any failure here is the input not fitting
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise UserError(f"sensAI group {g} ({name}) does not run on input shape "
                             f"{tuple(example.shape)}: {first}") from None
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != example.shape[0]:
@@ -884,7 +884,7 @@ def time_forms(modules: dict[str, nn.Module], example: torch.Tensor, threads: in
         feed = [{"input": example.numpy()}]
         times = time_sessions(sessions, {k: feed for k in sessions}, runs=runs, block=5, settle_s=settle_s)
     except Exception as exc:  # noqa: BLE001 - capture or ONNX Runtime failing here only costs the timing
-        return {}, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return {}, first_line(exc)
     return {k: float(stat(t)) for k, t in times.items()}, ""
 
 
@@ -1067,7 +1067,7 @@ def prune_groups(model: nn.Module, groups: list[list[int]], images: np.ndarray, 
             raise
         except Exception as exc:  # noqa: BLE001 - the images do not fit the model
             raise UserError(f"sensai-prune: the model does not run on the images of shape "
-                            f"{tuple(images.shape[1:])}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+                            f"{tuple(images.shape[1:])}: {first_line(exc)}") from None
         candidates = prune_candidates(scores, apoz_threshold, mean_threshold)
         out.append((prune_group_model(model, candidates, group, single, generator), candidates))
     return out

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import OptionError, UserError
+from ..errors import OptionError, UserError, first_line
 
 FAMILIES = ("resnet", "mobilenetv2", "mobilenetv3")  # v3: the seed's own SlimMobileNetV3 class only
 DEFAULT_RECALIBRATION_BATCH = 32  # eval_checkpoints.py --batch_size default
@@ -424,7 +424,7 @@ def select_width(model: nn.Module, opts, meta: dict | None, example: torch.Tenso
         with torch.no_grad():
             reference = model(example)
     except Exception as exc:  # noqa: BLE001 - e.g. hand-edited filters whose residual widths disagree
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise UserError(f"the model does not run at channels {real}: {first}") from None
     narrow = narrow_copy(model)
     leftover = [n for n, m in narrow.named_modules() if _is_slim_conv(m) or _is_slim_bn(m)]

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..fileio import write_text
 from .lut import dumps, new_lut, parse_key
 from .measure import Settings, machine_info, make_backend
@@ -73,7 +73,7 @@ class Fleet:
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False, ignore_reinit_error=True)
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise UserError(f"--ray {address}: cannot connect to a Ray cluster there ({first})") from None
         fleet = cls(ray, address, [], target)
         try:
@@ -217,7 +217,7 @@ class Fleet:
                 except ray.exceptions.RayError as exc:  # its node or worker died: run it again
                     failures[(c, job)] = failures.get((c, job), 0) + 1
                     if failures[(c, job)] > SYSTEM_RETRIES:
-                        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                        first = first_line(exc)
                         raise UserError(f"device class {c}: job {job[1] or job[0]} failed {SYSTEM_RETRIES + 1} "
                                         f"times ({first}); rerun with --resume") from None
                     pending[submit(c, job)] = (c, job)
