@@ -198,3 +198,14 @@ def test_a_report_that_cannot_be_written_takes_the_model_with_it(tmp_path, cli, 
     code, _, err = _export(cli, _ckpt(tmp_path), "-o", out, "--report", report)
     assert code == 2 and "No space left" in err and len(err.strip().splitlines()) == 1, err
     assert list(out.parent.iterdir()) == []
+
+
+def test_first_line_quotes_one_line_of_an_underlying_failure():
+    """errors.first_line, which every one-line report of an underlying exception uses: the
+    message's first non-blank line (leading blank lines are not a message), else the type's name."""
+    from gate2deploy.errors import first_line
+
+    assert first_line(ValueError("bad header\n  at byte 12")) == "bad header"
+    assert first_line(OSError("\n\nno space left on device\nmore")) == "no space left on device"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(RuntimeError("   ")) == "RuntimeError"
