@@ -157,8 +157,8 @@ def _blocked_layout(payload: str | bytes, threads: int, library_variant: str, lo
             payload, session_options(threads, "all", library_variant, False, log_severity, config, True,
                                      library=library), block)
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        first = first_line(exc)
-        logging.getLogger(__name__).warning("blocked layout not used, ONNX Runtime lays the model out: %s", first)
+        logging.getLogger(__name__).warning("blocked layout not used, ONNX Runtime lays the model out: %s",
+                                            first_line(exc))
         return None
 
 
